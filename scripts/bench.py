@@ -1,0 +1,174 @@
+"""Benchmark: the trainer against a plain hand-written PyTorch loop, and the CLI's wall time.
+
+    python scripts/bench.py                       # digits/mlp, 2,000 steps, 5 rounds, + CLI
+    python scripts/bench.py --steps 500 --rounds 3 --no-cli
+    python scripts/bench.py data=synthetic model=cnn data.shape=[1,28,28]   # any overrides
+
+Both loops train the same model (same init), on the same in-memory data, batch size, batch order,
+optimizer and number of steps, validating after each epoch, in one process; the two alternate
+round by round so drift in machine speed hits both. The ratio is trainer time / plain time
+(median over rounds). The CLI part runs ``python scripts/train.py`` with its defaults as a user
+would and reports wall time (start-up included) and peak resident memory. Results are printed
+and written to outputs/bench/<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+import trainer  # noqa: F401  (registers the config schemas)
+from trainer.data.base import epoch_order
+from trainer.run import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_loop(t, steps: int) -> float:
+    """A hand-written loop over the trainer's own model, optimizer and data; returns seconds."""
+    model, opt, device = t.model, t.optimizer, t.device
+    train, val = t.train_loader, t.val_loader
+    x_all, y_all, bs, n = train.x, train.y, train.batch_size, train.num_samples
+    sync(device)
+    start = time.perf_counter()
+    step, epoch = 0, 0
+    while step < steps:
+        model.train()
+        order = epoch_order(n, train.seed, epoch).to(device)
+        for i in range(0, n, bs):
+            idx = order[i : i + bs]
+            loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step == steps:
+                break
+        model.eval()
+        with torch.no_grad():
+            correct = sum((model(x).argmax(1) == y).sum() for x, y, _ in val)
+        float(correct)  # the plain loop reads its val accuracy once per epoch too
+        epoch += 1
+    sync(device)
+    return time.perf_counter() - start
+
+
+def trainer_loop(t) -> float:
+    sync(t.device)
+    start = time.perf_counter()
+    t.fit()
+    sync(t.device)
+    return time.perf_counter() - start
+
+
+def build(overrides: list[str], steps: int, run_dir: Path):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"trainer.max_steps={steps}",
+                "trainer.max_epochs=1000000",
+                "logging.progress=false",
+                *overrides,
+            ],
+        )
+    return build_trainer(cfg, run_dir)
+
+
+def bench_loops(overrides: list[str], steps: int, rounds: int) -> dict:
+    times: dict[str, list[float]] = {"trainer": [], "plain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            # the same seed gives both loops the same initial weights and batch order
+            for kind in ("trainer", "plain") if r % 2 == 0 else ("plain", "trainer"):
+                t = build(overrides, steps, Path(tmp) / f"{kind}{r}")
+                if t.train_loader.__class__.__name__ != "InMemoryLoader":
+                    sys.exit("bench compares in-memory data sets only (set data.loader=memory)")
+                times[kind].append(trainer_loop(t) if kind == "trainer" else plain_loop(t, steps))
+                t.logger.close()
+    ratios = [a / b for a, b in zip(times["trainer"], times["plain"], strict=True)]
+    return {
+        "steps": steps,
+        "rounds": rounds,
+        "trainer_s": statistics.median(times["trainer"]),
+        "plain_s": statistics.median(times["plain"]),
+        "ratio_median": statistics.median(ratios),
+        "ratios": ratios,
+        "trainer_steps_per_s": steps / statistics.median(times["trainer"]),
+    }
+
+
+def bench_cli(repeats: int) -> dict:
+    walls, peaks, accs = [], [], []
+    for i in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={tmp}/run{i}"],
+                check=True, cwd=ROOT, capture_output=True,
+            )  # fmt: skip
+            walls.append(time.perf_counter() - start)
+            # ru_maxrss of children is the max over all finished children (KiB on Linux)
+            peaks.append(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+            accs.append(json.loads((Path(tmp) / f"run{i}" / "metrics.json").read_text())["val/acc"])
+    return {
+        "cli_wall_s_median": statistics.median(walls),
+        "cli_wall_s": walls,
+        "cli_peak_rss_mib": max(peaks) / 1024,
+        "cli_val_acc": accs,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--cli-repeats", type=int, default=3)
+    p.add_argument("--no-cli", action="store_true", help="skip timing python scripts/train.py")
+    p.add_argument("overrides", nargs="*", help="config overrides, as for scripts/train.py")
+    args = p.parse_args()
+
+    result = {
+        "overrides": args.overrides,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        **bench_loops(args.overrides, args.steps, args.rounds),
+    }
+    print(
+        f"trainer {result['trainer_s']:.3f} s  plain {result['plain_s']:.3f} s  "
+        f"ratio {result['ratio_median']:.3f} (median of {args.rounds}; per round "
+        + ", ".join(f"{r:.3f}" for r in result["ratios"])
+        + f")  {result['trainer_steps_per_s']:.0f} steps/s"
+    )
+    if not args.no_cli:
+        result.update(bench_cli(args.cli_repeats))
+        print(
+            f"python scripts/train.py: {result['cli_wall_s_median']:.2f} s wall (median of "
+            f"{args.cli_repeats}: " + ", ".join(f"{w:.2f}" for w in result["cli_wall_s"])
+            + f"), peak RSS {result['cli_peak_rss_mib']:.0f} MiB, val/acc {result['cli_val_acc']}"
+        )
+    out = ROOT / "outputs" / "bench" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written: {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

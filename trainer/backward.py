@@ -1,0 +1,70 @@
+"""The one place where a loss meets autograd.
+
+Two paths, both giving exactly the gradients the math says (see docs/gradients.md):
+
+* scalar: ``loss.backward()`` on a 0-d loss; autograd seeds it with an implicit 1.
+* vector: ``losses.backward(gradient=w)`` on the per-sample losses l of shape (B,) with detached
+  weights w of the same shape: a vector-Jacobian product, so each parameter receives
+  ``sum_i w_i * d l_i / d theta``, the gradient of ``(w * l).sum()``.
+
+``gradient`` is never broadcast: a weight vector whose shape, dtype or device differs from the
+losses' is an error naming both (the classic mistake is a (4,) vector for a (2, 2) loss).
+A GradScaler, when given, scales the root's gradient (the loss, or w) before backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class WeightError(ValueError):
+    """Gradient weights that do not fit the losses they weight."""
+
+
+def check_weights(losses: Tensor, weights: Tensor) -> None:
+    """Raise :class:`WeightError` unless ``weights`` can be passed as ``gradient=`` for ``losses``.
+
+    Checks only metadata (no host sync): shape equal (no broadcasting), dtype and device equal,
+    and no autograd history (weights are constants of the backward pass).
+    """
+    if not isinstance(weights, Tensor):
+        raise WeightError(f"gradient weights must be a Tensor, got {type(weights).__name__}")
+    if weights.shape != losses.shape:
+        raise WeightError(
+            f"gradient weights of shape {tuple(weights.shape)} do not match the losses of shape "
+            f"{tuple(losses.shape)}: backward(gradient=w) needs w of exactly the losses' shape "
+            "(one weight per loss element; nothing is broadcast)"
+        )
+    if weights.dtype != losses.dtype:
+        raise WeightError(
+            f"gradient weights have dtype {weights.dtype} but the losses {losses.dtype}; "
+            "cast the weights to the losses' dtype"
+        )
+    if weights.device != losses.device:
+        raise WeightError(
+            f"gradient weights are on {weights.device} but the losses on {losses.device}"
+        )
+    if weights.requires_grad:
+        raise WeightError(
+            "gradient weights require grad; detach them (weights are constants of the backward "
+            "pass, so gradients never flow into them)"
+        )
+
+
+def backward_scalar(loss: Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+    """``loss.backward()`` on a 0-d loss (scaled by the GradScaler under fp16)."""
+    if loss.ndim != 0:
+        raise WeightError(
+            f"scalar backward needs a 0-d loss, got shape {tuple(loss.shape)}; reduce it "
+            "(e.g. .mean()) or use loss.mode=vector with weights"
+        )
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def backward_vector(
+    losses: Tensor, weights: Tensor, scaler: torch.amp.GradScaler | None = None
+) -> None:
+    """``losses.backward(gradient=weights)``: the vector-Jacobian product w^T J."""
+    check_weights(losses, weights)
+    losses.backward(gradient=scaler.scale(weights) if scaler is not None else weights)

@@ -1,0 +1,457 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+Each config group (``configs/<group>/<choice>.yaml``) extends the schema stored here under
+``<group>/<choice>_schema``, so Hydra itself rejects an unknown key or a value of the wrong type
+while composing. Range and cross-field checks live in ``__post_init__`` and run when
+:func:`validate` turns the composed config into these dataclasses, before anything is built.
+Every error names the full key (``optimizer.lr``) and says what would be right.
+
+This module imports no torch: composing a config stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or inconsistent; the message names the key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    _check(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """Keys every data set has. ``batch_size`` is per optimizer micro-step."""
+
+    _target_: str = MISSING
+    batch_size: int = 64
+    #: batch size for validation (no gradients, so it can be larger)
+    eval_batch_size: int = 1024
+    #: ``auto``: tensors on the training device when the set fits and is not augmented,
+    #: else a DataLoader; ``memory`` / ``dataloader`` force one path.
+    loader: str = "auto"
+    #: DataLoader path only
+    num_workers: int = 2
+    #: DataLoader path only, and only when training on CUDA
+    pin_memory: bool = True
+    #: drop the last, smaller training batch of each epoch
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", f"got {self.batch_size}, must be >= 1")
+        _check(
+            self.eval_batch_size >= 1,
+            "data.eval_batch_size",
+            f"got {self.eval_batch_size}, must be >= 1",
+        )
+        _one_of(self.loader, ("auto", "memory", "dataloader"), "data.loader")
+        _check(self.num_workers >= 0, "data.num_workers", f"got {self.num_workers}, must be >= 0")
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): real data, no network."""
+
+    _target_: str = "trainer.data.digits.DigitsData"
+    #: fraction of the 1,797 images held out for validation
+    val_fraction: float = 0.2
+    #: seed of the train/val split (independent of the run's seed, so runs compare on one split)
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            0.0 < self.val_fraction < 1.0,
+            "data.val_fraction",
+            f"got {self.val_fraction}, must be in (0, 1)",
+        )
+
+
+@dataclass
+class TorchvisionConfig(DataConfig):
+    """MNIST, Fashion-MNIST or CIFAR-10 through torchvision's data set classes."""
+
+    _target_: str = "trainer.data.vision.TorchvisionData"
+    name: str = MISSING
+    #: folder holding the files (relative paths are relative to where you launch)
+    root: str = "outputs/data"
+    #: fetch missing files from the internet; off by default so a missing file is an error
+    download: bool = False
+    #: random crop (+ horizontal flip for CIFAR-10); augmented sets use the DataLoader path
+    augment: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _one_of(self.name, ("mnist", "fashion_mnist", "cifar10"), "data.name")
+        _check(bool(self.root), "data.root", "must be a folder path, got an empty string")
+        _check(
+            not (self.augment and self.loader == "memory"),
+            "data.loader",
+            "'memory' cannot apply per-sample augmentation; use data.loader=auto or dataloader",
+        )
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    """A generated, learnable task: Gaussian clusters around one random mean per class."""
+
+    _target_: str = "trainer.data.synthetic.SyntheticData"
+    num_train: int = 8192
+    num_val: int = 2048
+    num_classes: int = 10
+    #: shape of one input, e.g. [64] for vectors or [3, 32, 32] for images
+    shape: list[int] = field(default_factory=lambda: [64])
+    #: standard deviation of the noise around each class mean (the means have unit variance)
+    noise: float = 1.0
+    #: seed of the generated data (independent of the run's seed)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("num_train", "num_val"):
+            value = getattr(self, key)
+            _check(value >= 1, f"data.{key}", f"got {value}, must be >= 1")
+        _check(self.num_classes >= 2, "data.num_classes", f"got {self.num_classes}, must be >= 2")
+        _check(
+            len(self.shape) >= 1 and all(s >= 1 for s in self.shape),
+            "data.shape",
+            f"got {list(self.shape)}, must be a non-empty list of positive sizes",
+        )
+        _check(self.noise >= 0, "data.noise", f"got {self.noise}, must be >= 0")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "trainer.models.mlp.MLP"
+    hidden: list[int] = field(default_factory=lambda: [256, 128])
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(
+            all(h >= 1 for h in self.hidden),
+            "model.hidden",
+            f"got {list(self.hidden)}, every width must be >= 1",
+        )
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"got {self.dropout}, must be in [0, 1)")
+
+
+@dataclass
+class CNNConfig:
+    _target_: str = "trainer.models.cnn.CNN"
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    hidden: int = 128
+    batch_norm: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.channels) >= 1 and all(c >= 1 for c in self.channels),
+            "model.channels",
+            f"got {list(self.channels)}, must be a non-empty list of positive widths",
+        )
+        _check(self.hidden >= 1, "model.hidden", f"got {self.hidden}, must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"got {self.dropout}, must be in [0, 1)")
+
+
+@dataclass
+class ResNetConfig:
+    _target_: str = "trainer.models.resnet.resnet18"
+    #: ``auto``: a 3x3 stride-1 stem without max-pool for images up to 64 px (CIFAR-style),
+    #: torchvision's 7x7 stride-2 stem above; ``true``/``false`` force one.
+    small_input: str = "auto"
+
+    def __post_init__(self) -> None:
+        _one_of(str(self.small_input).lower(), ("auto", "true", "false"), "model.small_input")
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optimizer.lr", f"got {self.lr}, must be > 0")
+        _check(
+            self.weight_decay >= 0,
+            "optimizer.weight_decay",
+            f"got {self.weight_decay}, must be >= 0",
+        )
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            0 <= self.momentum < 1, "optimizer.momentum", f"got {self.momentum}, must be in [0, 1)"
+        )
+        _check(
+            not self.nesterov or self.momentum > 0,
+            "optimizer.nesterov",
+            "Nesterov momentum needs optimizer.momentum > 0",
+        )
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optimizer.betas",
+            f"got {list(self.betas)}, must be two numbers in [0, 1)",
+        )
+        _check(self.eps > 0, "optimizer.eps", f"got {self.eps}, must be > 0")
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+
+@dataclass
+class SchedulerConfig:
+    """``_target_: null`` means a constant learning rate. Schedulers step once per optimizer step."""
+
+    _target_: str | None = None
+    _partial_: bool = True
+
+
+@dataclass
+class CosineConfig(SchedulerConfig):
+    """Cosine decay from ``optimizer.lr`` to ``eta_min`` over the run's total optimizer steps."""
+
+    _target_: str | None = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    eta_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.eta_min >= 0, "scheduler.eta_min", f"got {self.eta_min}, must be >= 0")
+
+
+@dataclass
+class StepLRConfig(SchedulerConfig):
+    """Multiply the learning rate by ``gamma`` every ``step_size`` optimizer steps."""
+
+    _target_: str | None = "torch.optim.lr_scheduler.StepLR"
+    step_size: int = 1000
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.step_size >= 1, "scheduler.step_size", f"got {self.step_size}, must be >= 1")
+        _check(0 < self.gamma <= 1, "scheduler.gamma", f"got {self.gamma}, must be in (0, 1]")
+
+
+# ----------------------------------------------------------------------------- loss, weighting
+
+
+@dataclass
+class LossConfig:
+    """``scalar``: ``losses.mean().backward()``; ``vector``: ``losses.backward(gradient=w)``."""
+
+    mode: str = "scalar"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, ("scalar", "vector"), "loss.mode")
+        _check(
+            0.0 <= self.label_smoothing < 1.0,
+            "loss.label_smoothing",
+            f"got {self.label_smoothing}, must be in [0, 1)",
+        )
+
+
+@dataclass
+class WeightingConfig:
+    """Per-sample gradient weights for ``loss.mode=vector`` (see trainer/weighting.py)."""
+
+    _target_: str = MISSING
+    #: ``mean``: weights divided by their sum over the batch (uniform -> 1/B, equal to scalar
+    #: mode); ``none``: weights used as the strategy gives them.
+    normalize: str = "mean"
+
+    def __post_init__(self) -> None:
+        _one_of(self.normalize, ("mean", "none"), "weighting.normalize")
+
+
+@dataclass
+class UniformWeightingConfig(WeightingConfig):
+    _target_: str = "trainer.weighting.UniformWeighting"
+
+
+# ----------------------------------------------------------------------------- trainer, logging
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 20
+    #: stop after this many optimizer steps (-1: no limit); the first of the two limits wins
+    max_steps: int = -1
+    #: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``
+    device: str = "auto"
+    #: ``32`` (float32), ``bf16`` (bfloat16 autocast) or ``16`` (float16 autocast + GradScaler)
+    precision: str = "32"
+    #: clip the total gradient L2 norm to this value (0: no clipping)
+    grad_clip: float = 0.0
+    accumulate_grad_batches: int = 1
+    #: deterministic algorithms (torch.use_deterministic_algorithms); slower on GPU
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.max_epochs >= 1, "trainer.max_epochs", f"got {self.max_epochs}, must be >= 1")
+        _check(
+            self.max_steps == -1 or self.max_steps >= 1,
+            "trainer.max_steps",
+            f"got {self.max_steps}, must be >= 1, or -1 for no limit",
+        )
+        _check(
+            bool(_DEVICE.match(self.device)),
+            "trainer.device",
+            f"got {self.device!r}, expected auto, cpu, cuda, cuda:N or mps",
+        )
+        _one_of(str(self.precision), ("32", "bf16", "16"), "trainer.precision")
+        _check(self.grad_clip >= 0, "trainer.grad_clip", f"got {self.grad_clip}, must be >= 0")
+        _check(
+            self.accumulate_grad_batches >= 1,
+            "trainer.accumulate_grad_batches",
+            f"got {self.accumulate_grad_batches}, must be >= 1",
+        )
+
+
+@dataclass
+class LoggingConfig:
+    #: write train scalars (and read them back to the host) every N optimizer steps
+    every_n_steps: int = 10
+    #: tqdm bar while training (only when the terminal shows it; a line per epoch otherwise)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(
+            self.every_n_steps >= 1,
+            "logging.every_n_steps",
+            f"got {self.every_n_steps}, must be >= 1",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The composed run config (``configs/train.yaml``)."""
+
+    seed: int = 0
+    data: Any = MISSING
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    loss: LossConfig = field(default_factory=LossConfig)
+    weighting: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    GROUPS: ClassVar[tuple[str, ...]] = ("data", "model", "optimizer", "scheduler", "weighting")
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", f"got {self.seed}, must be >= 0")
+        for group in self.GROUPS:
+            node = getattr(self, group)
+            _check(
+                not isinstance(node, dict),
+                group,
+                "has no schema: choose a config from configs/" + group + "/",
+            )
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    schemas: dict[str, dict[str, type]] = {
+        "data": {
+            "digits": DigitsConfig,
+            "torchvision": TorchvisionConfig,
+            "synthetic": SyntheticConfig,
+        },
+        "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet": ResNetConfig},
+        "optimizer": {"sgd": SGDConfig, "adamw": AdamWConfig},
+        "scheduler": {"none": SchedulerConfig, "cosine": CosineConfig, "step": StepLRConfig},
+        "loss": {"loss": LossConfig},
+        "weighting": {"uniform": UniformWeightingConfig},
+        "trainer": {"trainer": TrainerConfig},
+    }
+    for group, nodes in schemas.items():
+        for name, node in nodes.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Check a composed config against the schemas; raise :class:`ConfigError` naming the key.
+
+    Hydra has already rejected unknown keys and wrong types for keys it composed; this also
+    catches keys appended with ``+key=value`` and runs every range and cross-field check.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        typed = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
+        if cause is not None:  # a __post_init__ check, wrapped by OmegaConf
+            raise cause from None
+        raise ConfigError(str(e).split("\n    full_key")[0] + _full_key(e)) from None
+    assert isinstance(typed, TrainConfig)
+    _reject_unknown_keys(cfg, typed, prefix="")
+    return typed
+
+
+def _reject_unknown_keys(node: Any, typed: Any, prefix: str) -> None:
+    """Keys appended with ``+key=value`` get past Hydra's struct check; refuse them here."""
+    known = {f.name: getattr(typed, f.name) for f in dataclasses.fields(typed)}
+    for key in node.keys():
+        _check(
+            key in known,
+            f"{prefix}{key}",
+            f"unknown key; valid keys here: {', '.join(sorted(known))}",
+        )
+        if dataclasses.is_dataclass(known[key]):
+            _reject_unknown_keys(node[key], known[key], prefix=f"{prefix}{key}.")
+
+
+def _full_key(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    return f" (key: {key})" if key else ""

@@ -1,0 +1,252 @@
+"""Data modules and the two loader paths.
+
+A data module loads a train and a val split. A split held as tensors (:class:`TensorSplit`) is
+batched by index on the training device (:class:`InMemoryLoader`: no per-sample
+``Dataset.__getitem__``, no host-to-device copy per step); any other ``Dataset`` (augmented or
+too large) goes through a ``DataLoader`` with workers and pinned memory (:class:`DeviceLoader`).
+Both yield :class:`Batch` ``(x, y, index)`` on the device, where ``index`` holds the samples'
+positions in their data set, and both draw the epoch's order from :func:`epoch_order`, so the
+same seed gives the same batches whichever path runs.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class Batch(NamedTuple):
+    x: Tensor  # (B, *input_shape)
+    y: Tensor  # (B,) int64 class labels
+    index: Tensor  # (B,) int64 positions in the data set
+
+
+@dataclass
+class TensorSplit:
+    """A split held as tensors; ``transform`` maps a batch of ``x`` (on the device) to inputs."""
+
+    x: Tensor  # (N, *input_shape), any dtype (uint8 images stay uint8 until batched)
+    y: Tensor  # (N,) int64
+    transform: Callable[[Tensor], Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class ByteNormalize:
+    """uint8 images (B, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel, on x's device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.mean.device != x.device:
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x.float().div_(255) - self.mean) / self.std
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The permutation of ``range(n)`` for one epoch: a function of (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class InMemoryLoader:
+    """Batches a :class:`TensorSplit` by index on its device."""
+
+    def __init__(
+        self,
+        split: TensorSplit,
+        batch_size: int,
+        device: torch.device,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        self.x = split.x.to(device)
+        self.y = split.y.to(device)
+        self.transform = split.transform
+        self.num_samples = len(split)
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return batch_count(self.num_samples, self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.shuffle:
+            order = epoch_order(self.num_samples, self.seed, self.epoch).to(self.device)
+        else:
+            order = torch.arange(self.num_samples, device=self.device)
+        bs = self.batch_size
+        for i in range(len(self)):
+            index = order[i * bs : (i + 1) * bs]
+            x = self.x[index]
+            if self.transform is not None:
+                x = self.transform(x)
+            yield Batch(x, self.y[index], index)
+
+
+def batch_count(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+
+
+class EpochSampler(Sampler[int]):
+    """Yields :func:`epoch_order` (or ``range(n)`` unshuffled) for the DataLoader path."""
+
+    def __init__(self, num_samples: int, shuffle: bool, seed: int = 0):
+        self.num_samples, self.shuffle, self.seed, self.epoch = num_samples, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            return iter(epoch_order(self.num_samples, self.seed, self.epoch).tolist())
+        return iter(range(self.num_samples))
+
+
+class IndexedDataset(Dataset):
+    """Wraps a data set so each item also carries its index: ``(x, y, i)``."""
+
+    def __init__(self, dataset: Dataset | TensorSplit):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        if isinstance(self.dataset, TensorSplit):
+            x = self.dataset.x[i]
+            if self.dataset.transform is not None:
+                x = self.dataset.transform(x.unsqueeze(0)).squeeze(0)
+            return x, int(self.dataset.y[i]), i
+        x, y = self.dataset[i]
+        return x, int(y), i
+
+
+class DeviceLoader:
+    """A DataLoader over an :class:`IndexedDataset` whose batches are moved to the device."""
+
+    def __init__(
+        self,
+        dataset: Dataset | TensorSplit,
+        batch_size: int,
+        device: torch.device,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+    ):
+        self.num_samples = len(dataset)  # type: ignore[arg-type]
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.device = device
+        self.sampler = EpochSampler(self.num_samples, shuffle, seed)
+        self.loader = DataLoader(
+            IndexedDataset(dataset),
+            batch_size=batch_size,
+            sampler=self.sampler,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            pin_memory=pin_memory and device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            # seeds the workers' RNGs (augmentation) from the run's seed
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        non_blocking = self.device.type == "cuda"
+        for x, y, index in self.loader:
+            yield Batch(
+                x.to(self.device, non_blocking=non_blocking),
+                y.to(self.device, non_blocking=non_blocking),
+                index.to(self.device, non_blocking=non_blocking),
+            )
+
+
+Loader = InMemoryLoader | DeviceLoader
+
+
+class DataModule(abc.ABC):
+    """Loads the splits (:meth:`load`) and builds the loaders (:meth:`setup`).
+
+    Subclasses take their own config keys plus the common ones below (``configs/data/*.yaml``).
+    """
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_loader: Loader
+    val_loader: Loader
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int = 1024,
+        loader: str = "auto",
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        drop_last: bool = False,
+    ):
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.loader = loader
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+
+    @abc.abstractmethod
+    def load(self) -> tuple[TensorSplit | Dataset, TensorSplit | Dataset]:
+        """Return (train, val); sets ``input_shape`` and ``num_classes``."""
+
+    def setup(self, device: torch.device, seed: int) -> None:
+        train, val = self.load()
+        self.train_loader = self._loader(train, self.batch_size, device, True, seed, self.drop_last)
+        self.val_loader = self._loader(val, self.eval_batch_size, device, False, seed, False)
+
+    def _loader(
+        self,
+        split: TensorSplit | Dataset,
+        batch_size: int,
+        device: torch.device,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+    ) -> Loader:
+        in_memory = isinstance(split, TensorSplit) and self.loader in ("auto", "memory")
+        if self.loader == "memory" and not in_memory:
+            raise ValueError(
+                "data.loader=memory: this split is not held as tensors (augmented or too large); "
+                "use data.loader=auto or data.loader=dataloader"
+            )
+        if in_memory:
+            assert isinstance(split, TensorSplit)
+            return InMemoryLoader(split, batch_size, device, shuffle, seed, drop_last)
+        return DeviceLoader(
+            split, batch_size, device, shuffle, seed, drop_last, self.num_workers, self.pin_memory
+        )

@@ -1,0 +1,60 @@
+"""scikit-learn's bundled 8x8 handwritten digits, read straight from the package's data file.
+
+The file ships inside scikit-learn (``sklearn/datasets/data/digits.csv.gz``: 1,797 rows of 64
+pixel values in 0..16 and the label), so no network is needed. It is read without importing
+scikit-learn, which would cost about a second of start-up.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.data.base import DataModule, TensorSplit
+
+NUM_CLASSES = 10
+INPUT_SHAPE = (1, 8, 8)
+
+
+def digits_file() -> Path:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "data=digits reads the digits file bundled with scikit-learn, which is not installed: "
+            "pip install scikit-learn"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"data=digits: scikit-learn's digits file is missing at {path}")
+    return path
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (1797, 64) float32 in 0..16 and labels (1797,) int64."""
+    with gzip.open(digits_file(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+class DigitsData(DataModule):
+    """Digits scaled to [0, 1], shape (1, 8, 8); a fixed random split of ``val_fraction``."""
+
+    def __init__(self, val_fraction: float = 0.2, split_seed: int = 0, **common):
+        super().__init__(**common)
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.input_shape = INPUT_SHAPE
+        self.num_classes = NUM_CLASSES
+
+    def load(self) -> tuple[TensorSplit, TensorSplit]:
+        pixels, labels = load_digits_arrays()
+        x = torch.from_numpy(pixels).div_(16.0).view(-1, *INPUT_SHAPE)
+        y = torch.from_numpy(labels)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = round(self.val_fraction * len(y))
+        val, train = order[:n_val], order[n_val:]
+        return TensorSplit(x[train], y[train]), TensorSplit(x[val], y[val])

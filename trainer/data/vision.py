@@ -1,0 +1,109 @@
+"""MNIST, Fashion-MNIST and CIFAR-10 through torchvision's own data set classes.
+
+torchvision reads its real on-disk formats (MNIST's idx files, CIFAR-10's pickled batches). Without
+augmentation the decoded images are kept as uint8 tensors and normalized per batch on the device
+(the in-memory path); with ``augment=true`` the training split goes through a DataLoader with
+torchvision transforms. torchvision is imported only when one of these sets is used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainer.data.base import ByteNormalize, DataModule, TensorSplit
+
+
+@dataclass(frozen=True)
+class _SetInfo:
+    cls: str  # torchvision.datasets class name
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+SETS = {
+    "mnist": _SetInfo("MNIST", (1, 28, 28), (0.1307,), (0.3081,)),
+    "fashion_mnist": _SetInfo("FashionMNIST", (1, 28, 28), (0.2860,), (0.3530,)),
+    "cifar10": _SetInfo("CIFAR10", (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+def expected_files(name: str, root: str) -> list[str]:
+    """Where torchvision looks for the set's files under ``root``."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, SETS[name].cls)
+    if hasattr(cls, "resources"):  # MNIST family: uncompressed idx files in <root>/<Class>/raw
+        raw = os.path.join(root, cls.__name__, "raw")
+        return [os.path.join(raw, os.path.splitext(fname)[0]) for fname, _ in cls.resources]
+    folder = os.path.join(root, cls.base_folder)  # CIFAR: pickled batches + meta
+    names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    return [os.path.join(folder, f) for f in names]
+
+
+class TorchvisionData(DataModule):
+    """One of :data:`SETS`; the official test split serves as the validation split."""
+
+    def __init__(
+        self,
+        name: str,
+        root: str = "outputs/data",
+        download: bool = False,
+        augment: bool = False,
+        **common: Any,
+    ):
+        super().__init__(**common)
+        if name not in SETS:
+            raise ValueError(f"data.name: got {name!r}, expected one of {', '.join(SETS)}")
+        self.name, self.root, self.download, self.augment = name, root, download, augment
+        info = SETS[name]
+        self.input_shape = info.shape
+        self.num_classes = 10
+        self.normalize = ByteNormalize(info.mean, info.std)
+
+    def _open(self, train: bool, transform: Any = None) -> Any:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, SETS[self.name].cls)
+        try:
+            return cls(self.root, train=train, transform=transform, download=self.download)
+        except RuntimeError as e:
+            if "download=True" not in str(e):
+                raise
+            missing = [p for p in expected_files(self.name, self.root) if not os.path.isfile(p)]
+            listing = "\n  ".join(missing or expected_files(self.name, self.root))
+            raise FileNotFoundError(
+                f"data={self.name}: files not found or corrupted under data.root="
+                f"{os.path.abspath(self.root)}. Expected (missing ones listed):\n  {listing}\n"
+                "Put the files there, point data.root at a folder that has them, or set "
+                "data.download=true (needs internet)."
+            ) from None
+        except OSError as e:  # a download that could not reach the network
+            raise ConnectionError(
+                f"data={self.name}: download to {os.path.abspath(self.root)} failed ({e}). "
+                "Without internet, copy the files there yourself (see README, 'Data')."
+            ) from e
+
+    def _as_tensors(self, ds: Any) -> TensorSplit:
+        x = torch.as_tensor(ds.data)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # -> (N, C, H, W) uint8
+        return TensorSplit(x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64),
+                           self.normalize)
+
+    def load(self) -> tuple[Any, TensorSplit]:
+        val = self._as_tensors(self._open(train=False))
+        if not self.augment:
+            return self._as_tensors(self._open(train=True)), val
+        import torchvision.transforms as T
+
+        info = SETS[self.name]
+        size = info.shape[-1]
+        aug = [T.RandomCrop(size, padding=size // 8)]
+        if self.name == "cifar10":
+            aug.append(T.RandomHorizontalFlip())
+        transform = T.Compose([*aug, T.ToTensor(), T.Normalize(info.mean, info.std)])
+        return self._open(train=True, transform=transform), val

@@ -1,0 +1,80 @@
+"""TensorBoard writer and progress output.
+
+:class:`TensorBoardLogger` takes scalars as Python floats or 0-d tensors; the tensors of one call
+are read back to the host in a single batched transfer (the only host sync of a logging step).
+:class:`Progress` draws a tqdm bar over optimizer steps when its stream is a terminal and
+otherwise stays silent, leaving a plain log line per epoch (written by the Trainer).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def to_floats(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
+    """Python floats for a mapping of floats and 0-d tensors, with one device-to-host copy."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
+    if tensors:
+        stacked = torch.stack([t.detach().reshape(()).float() for t in tensors.values()])
+        out.update(zip(tensors, stacked.tolist(), strict=True))  # host sync: logging steps only
+    return out
+
+
+class TensorBoardLogger:
+    """A ``SummaryWriter`` into ``log_dir`` (the run's ``tb/``)."""
+
+    def __init__(self, log_dir: str | Path, flush_secs: int = 30):
+        from torch.utils.tensorboard import SummaryWriter  # ~0.1 s; only when a run logs
+
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(str(self.log_dir), flush_secs=flush_secs)
+
+    def log_scalars(self, values: Mapping[str, Tensor | float | int], step: int) -> dict[str, float]:
+        floats = to_floats(values)
+        for tag, value in floats.items():
+            self.writer.add_scalar(tag, value, step)
+        return floats
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Progress:
+    """A tqdm bar over optimizer steps, drawn only when ``stream`` is a terminal."""
+
+    def __init__(self, enabled: bool, total_steps: int, stream: TextIO | None = None):
+        stream = stream if stream is not None else sys.stderr
+        self.active = enabled and stream.isatty()
+        self.bar = tqdm(
+            total=total_steps,
+            unit="step",
+            file=stream,
+            dynamic_ncols=True,
+            disable=not self.active,
+            leave=True,
+        )
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def show(self, epoch: int, max_epochs: int, **postfix: float) -> None:
+        if self.active:
+            self.bar.set_description(f"epoch {epoch + 1}/{max_epochs}", refresh=False)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()

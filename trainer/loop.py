@@ -1,0 +1,335 @@
+"""The training loop: ``fit -> train_epoch -> train_step -> optimizer_step``; ``evaluate``.
+
+One optimizer step, in order (the body never changes for instrumentation; callbacks hang off the
+named hooks):
+
+1. forward under autocast: ``logits = model(x)``; ``losses = criterion(logits, y)``, shape (B,)
+2. backward (trainer/backward.py): scalar ``losses.mean().backward()`` or vector
+   ``losses.backward(gradient=w)``; with gradient accumulation each micro-batch is scaled by its
+   share of the samples in its accumulation window, so the accumulated gradient is that of the
+   mean over the window
+3. ``on_after_backward`` (every micro-batch)
+4. last micro-batch of the window: unscale (fp16) -> ``on_before_optimizer_step``, the one point
+   where gradients are measured: after accumulation and unscaling, before clipping
+5. clip by total norm (the returned pre-clip norm is what ``grad_norm/total`` logs)
+6. ``optimizer.step()``, ``scheduler.step()``, ``zero_grad(set_to_none=True)``
+7. ``on_train_step_end``; train scalars on the logging cadence (the only host sync of a step)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import clip_grad_norm_, get_total_norm
+
+from trainer.backward import backward_scalar, backward_vector
+from trainer.data.base import Batch, Loader, batch_count
+from trainer.logger import Progress, TensorBoardLogger, to_floats
+from trainer.weighting import Weighting
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """What ``on_train_step_end`` receives about the optimizer step just taken."""
+
+    step: int  # optimizer steps taken, this one included
+    epoch: int  # 0-based epoch of this step
+    batch: Batch  # the window's last micro-batch
+    losses: Tensor  # (B,) detached per-sample losses of that micro-batch
+    weights: Tensor | None  # (B,) its gradient weights (vector mode), as passed to backward
+    grad_norm: Tensor | None  # 0-d total L2 norm before clipping (when clipping or logging)
+    should_log: bool
+
+
+class Callback:
+    """Base class for callbacks: override any hook; each is called as ``hook(trainer, ...)``.
+
+    Hooks, in the order they fire:
+
+    * ``on_fit_start(trainer)``
+    * ``on_train_epoch_start(trainer, epoch)``
+    * ``on_after_backward(trainer, batch, losses, weights)``: every micro-batch, right after its
+      backward; ``losses`` (B,) detached, ``weights`` (B,) or None in scalar mode
+    * ``on_before_optimizer_step(trainer, optimizer)``: gradients final (accumulated, unscaled),
+      not yet clipped
+    * ``on_train_step_end(trainer, out: StepOutput)``: after step, scheduler and zero_grad
+    * ``on_validation_end(trainer, metrics)``: after each epoch's validation
+    * ``on_fit_end(trainer, metrics)``
+    """
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_after_backward(
+        self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
+    ) -> None: ...
+    def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None: ...
+    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_fit_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+
+HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
+
+_AMP_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def planned_steps(batches_per_epoch: int, accumulate: int, max_epochs: int, max_steps: int) -> int:
+    """Optimizer steps a run will take: the first of ``max_epochs`` and ``max_steps`` wins."""
+    total = max_epochs * math.ceil(batches_per_epoch / accumulate)
+    return min(total, max_steps) if max_steps > 0 else total
+
+
+def window_sizes(num_samples: int, batch_size: int, drop_last: bool, accumulate: int) -> list[int]:
+    """For each batch of an epoch, the number of samples in its accumulation window."""
+    n = batch_count(num_samples, batch_size, drop_last)
+    sizes = [min(batch_size, num_samples - i * batch_size) for i in range(n)]
+    out: list[int] = []
+    for start in range(0, n, accumulate):
+        window = sizes[start : start + accumulate]
+        out += [sum(window)] * len(window)
+    return out
+
+
+class Trainer:
+    """Trains ``model`` on ``train_loader``, validating on ``val_loader`` after each epoch.
+
+    Args:
+        criterion: per-sample loss, ``(logits, y) -> (B,)`` (``reduction="none"``).
+        weighting: gradient weights for vector mode; ``None`` selects scalar mode.
+        precision: ``"32"``, ``"bf16"`` (autocast) or ``"16"`` (autocast + GradScaler).
+        grad_clip: max total gradient L2 norm (0: no clipping).
+        log_every_n_steps: train scalars every N optimizer steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_loader: Loader,
+        val_loader: Loader,
+        *,
+        criterion: Callable[[Tensor, Tensor], Tensor],
+        device: torch.device,
+        weighting: Weighting | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        precision: str = "32",
+        grad_clip: float = 0.0,
+        accumulate_grad_batches: int = 1,
+        max_epochs: int = 1,
+        max_steps: int = -1,
+        log_every_n_steps: int = 10,
+        logger: TensorBoardLogger | None = None,
+        progress: bool = False,
+        callbacks: Sequence[Callback] = (),
+    ):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.criterion, self.weighting, self.device = criterion, weighting, device
+        self.amp_dtype = _AMP_DTYPES[str(precision)]
+        self.scaler = torch.amp.GradScaler(device.type) if str(precision) == "16" else None
+        self.grad_clip = grad_clip
+        self.accumulate = accumulate_grad_batches
+        self.max_epochs, self.max_steps = max_epochs, max_steps
+        self.log_every_n_steps = log_every_n_steps
+        self.logger = logger
+        self.show_progress = progress
+        self.callbacks = list(callbacks)
+        self._hooks: dict[str, list[Callable[..., Any]]] = {
+            name: [
+                getattr(cb, name)
+                for cb in self.callbacks
+                if getattr(type(cb), name) is not getattr(Callback, name)
+            ]
+            for name in HOOKS
+        }
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.global_step = 0
+        self.epoch = 0
+        self.metrics: dict[str, float] = {}
+        self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
+        # device-side running sums, read back only on logging steps and at validation
+        self._loss_sum = torch.zeros((), device=device)
+        self._loss_sum_at_log = torch.zeros((), device=device)
+        self._samples = 0
+        self._samples_at_log = 0
+        self._time_at_log = 0.0
+        self._null = contextlib.nullcontext()
+        self.progress = Progress(False, self.total_steps)  # replaced by fit()
+
+    # ------------------------------------------------------------------ events and cadence
+    def _fire(self, name: str, *args: Any) -> None:
+        for hook in self._hooks[name]:
+            hook(self, *args)
+
+    def should_log(self, step: int) -> bool:
+        return step % self.log_every_n_steps == 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return self._null
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _done(self) -> bool:
+        return 0 < self.max_steps <= self.global_step
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        """Train until ``max_epochs`` or ``max_steps``; return the final metrics."""
+        self.progress = Progress(self.show_progress, self.total_steps)
+        redirect: contextlib.AbstractContextManager[Any] = self._null
+        if self.progress.active:  # log lines go above the bar instead of through it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect = logging_redirect_tqdm()
+        self._fire("on_fit_start")
+        self._time_at_log = time.perf_counter()
+        try:
+            with redirect:
+                while self.epoch < self.max_epochs and not self._done():
+                    self.train_epoch()
+                    self.metrics = self.evaluate()
+                    if self.logger is not None:
+                        self.logger.log_scalars(
+                            {k: self.metrics[k] for k in ("val/loss", "val/acc")}, self.global_step
+                        )
+                    log.info(
+                        "epoch %d/%d  step %d  train/loss %.4f  val/loss %.4f  val/acc %.4f",
+                        self.epoch + 1, self.max_epochs, self.global_step,
+                        self.metrics["train/loss"], self.metrics["val/loss"], self.metrics["val/acc"],
+                    )  # fmt: skip
+                    self._fire("on_validation_end", self.metrics)
+                    self.epoch += 1
+        finally:
+            self.progress.close()
+        self.metrics.update(step=self.global_step, epoch=self.epoch)
+        self._fire("on_fit_end", self.metrics)
+        return self.metrics
+
+    def train_epoch(self) -> None:
+        self.model.train()
+        loader = self.train_loader
+        loader.set_epoch(self.epoch)
+        windows = window_sizes(
+            loader.num_samples, loader.batch_size, loader.drop_last, self.accumulate
+        )
+        self._loss_sum.zero_()
+        self._loss_sum_at_log.zero_()
+        self._samples = self._samples_at_log = 0
+        self._fire("on_train_epoch_start", self.epoch)
+        last = len(windows) - 1
+        for i, batch in enumerate(loader):
+            step_now = (i + 1) % self.accumulate == 0 or i == last
+            self.train_step(batch, windows[i], step_now)
+            if self._done():
+                break
+
+    def train_step(self, batch: Batch, window_samples: int, step_now: bool) -> None:
+        """Forward and backward of one micro-batch; the optimizer step when ``step_now``."""
+        x, y, index = batch
+        with self._autocast():
+            logits = self.model(x)  # (B, K)
+            losses = self.criterion(logits, y)  # (B,)
+        share = y.shape[0] / window_samples  # 1.0 without accumulation
+        weights = None
+        if self.weighting is None:
+            loss = losses.mean()
+            backward_scalar(loss if share == 1.0 else loss * share, self.scaler)
+        else:
+            weights = self.weighting(losses, logits, y, index)
+            if share != 1.0:
+                weights = weights * share
+            backward_vector(losses, weights, self.scaler)
+        losses = losses.detach()
+        self._loss_sum.add_(losses.sum())
+        self._samples += y.shape[0]
+        self._fire("on_after_backward", batch, losses, weights)
+        if step_now:
+            self.optimizer_step(batch, losses, weights)
+
+    def optimizer_step(self, batch: Batch, losses: Tensor, weights: Tensor | None) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # everything below sees true gradients
+        self._fire("on_before_optimizer_step", self.optimizer)
+        self.global_step += 1
+        should_log = self.should_log(self.global_step)
+        grad_norm = None
+        if self.grad_clip > 0:
+            grad_norm = clip_grad_norm_(self.params, self.grad_clip)
+        elif should_log:
+            grad_norm = get_total_norm([p.grad for p in self.params if p.grad is not None])
+        lr = self.optimizer.param_groups[0]["lr"] if should_log else 0.0  # the lr of this step
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = StepOutput(
+            self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log
+        )
+        self._fire("on_train_step_end", out)
+        if should_log:
+            self._log_step(out, lr)
+        self.progress.update()
+
+    def _log_step(self, out: StepOutput, lr: float) -> None:
+        samples = self._samples - self._samples_at_log
+        values: dict[str, Tensor | float] = {
+            "train/loss": (self._loss_sum - self._loss_sum_at_log) / max(samples, 1),
+            "lr": lr,
+        }
+        if out.grad_norm is not None:
+            values["grad_norm/total"] = out.grad_norm
+        if out.weights is not None:
+            w_min, w_max = torch.aminmax(out.weights)
+            values.update({"weights/mean": out.weights.mean(), "weights/min": w_min,
+                           "weights/max": w_max})  # fmt: skip
+        if self.logger is not None:
+            floats = self.logger.log_scalars(values, out.step)
+        else:
+            floats = to_floats(values)  # host sync: logging steps only
+        now = time.perf_counter()
+        self.progress.show(
+            self.epoch, self.max_epochs, loss=floats["train/loss"],
+            grad_norm=floats.get("grad_norm/total", float("nan")),
+            samples_per_s=samples / max(now - self._time_at_log, 1e-9),
+        )  # fmt: skip
+        self._loss_sum_at_log.copy_(self._loss_sum)
+        self._samples_at_log = self._samples
+        self._time_at_log = now
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """val/loss (plain cross-entropy), val/acc, and the epoch's mean train/loss."""
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        n = 0
+        for x, y, _ in self.val_loader:
+            with self._autocast():
+                logits = self.model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(dim=1) == y).sum()
+            n += y.shape[0]
+        val_loss, val_correct, train_sum = torch.stack(
+            [loss_sum, correct, self._loss_sum]
+        ).tolist()  # host sync: once per validation
+        return {
+            "train/loss": train_sum / max(self._samples, 1),
+            "val/loss": val_loss / max(n, 1),
+            "val/acc": val_correct / max(n, 1),
+        }
+

@@ -1,0 +1,1 @@
+"""Models; each takes ``in_shape`` and ``num_classes`` from the data plus its config keys."""

@@ -1,0 +1,186 @@
+"""``run(cfg) -> dict``: build everything from a composed config, train, write the run's files.
+
+Called by ``scripts/train.py`` (through ``@hydra.main``) and directly by the tests. A run writes
+into its run dir: ``tb/`` (TensorBoard events), ``checkpoints/last.pt`` (model, optimizer,
+scheduler, scaler, step, epoch, config), ``metrics.json`` (final metrics and status); Hydra adds
+``.hydra/`` and the log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from trainer.checkpoint import save_checkpoint, write_json
+from trainer.config import ConfigError, validate
+from trainer.data.base import DataModule
+from trainer.logger import TensorBoardLogger
+from trainer.loop import Callback, Trainer, planned_steps
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; a device that is not there is a ConfigError."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer.device: got {spec!r} but CUDA is not available on this machine; "
+                "use trainer.device=auto or cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"trainer.device: got {spec!r} but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"trainer.device: got {spec!r} but MPS is not available")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs this workspace setting for deterministic matmuls (see README)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build_scheduler(
+    cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if cfg.get("_target_") is None:
+        return None
+    kwargs = {"T_max": max(total_steps, 1)} if "eta_min" in cfg else {}
+    return instantiate(cfg)(optimizer, **kwargs)
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def run(
+    cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = ()
+) -> dict[str, Any]:
+    """Train as ``cfg`` says and return the final metrics (also written to metrics.json).
+
+    Args:
+        cfg: the composed config (``configs/train.yaml`` plus overrides).
+        run_dir: where the run writes; defaults to Hydra's output dir of the current job.
+        callbacks: extra callbacks for the Trainer.
+    """
+    start = time.perf_counter()
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = build_trainer(cfg, run_dir, callbacks)
+        try:
+            metrics = trainer.fit()
+        finally:
+            if trainer.logger is not None:
+                trainer.logger.close()  # flushes the events, also when training failed
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        write_json(
+            run_dir / "metrics.json",
+            {"status": status, "error": f"{type(e).__name__}: {e}",
+             "wall_s": time.perf_counter() - start},
+        )  # fmt: skip
+        raise
+    save_checkpoint(
+        run_dir / "checkpoints" / "last.pt",
+        {
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
+            "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+            "step": trainer.global_step,
+            "epoch": trainer.epoch,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        },
+    )
+    result: dict[str, Any] = {
+        "train/loss": metrics["train/loss"],
+        "val/loss": metrics["val/loss"],
+        "val/acc": metrics["val/acc"],
+        "step": trainer.global_step,
+        "epoch": trainer.epoch,
+        "wall_s": time.perf_counter() - start,
+        "status": "completed",
+    }
+    write_json(run_dir / "metrics.json", result)
+    shown = _display(run_dir)
+    log.info(
+        "done: val/acc %.4f  val/loss %.4f  train/loss %.4f  (%d epochs, %d steps, %.1f s)",
+        result["val/acc"], result["val/loss"], result["train/loss"],
+        result["epoch"], result["step"], result["wall_s"],
+    )  # fmt: skip
+    log.info("run dir: %s", shown)
+    log.info("view it: tensorboard --logdir %s", shown)
+    return result
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()
+) -> Trainer:
+    """Validate ``cfg`` and build data, model, optimizer, scheduler, logger and Trainer."""
+    typed = validate(cfg)  # every config error surfaces here, before anything is built
+    device = resolve_device(typed.trainer.device)
+    seed_everything(typed.seed, typed.trainer.deterministic)
+
+    data: DataModule = instantiate(cfg.data)
+    data.setup(device, typed.seed)
+    model: nn.Module = instantiate(
+        cfg.model, in_shape=list(data.input_shape), num_classes=data.num_classes
+    ).to(device)
+    optimizer = instantiate(cfg.optimizer, _convert_="all")(model.parameters())
+    tc = typed.trainer
+    total_steps = planned_steps(
+        len(data.train_loader), tc.accumulate_grad_batches, tc.max_epochs, tc.max_steps
+    )
+    scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
+    vector = typed.loss.mode == "vector"
+    return Trainer(
+        model,
+        optimizer,
+        data.train_loader,
+        data.val_loader,
+        criterion=nn.CrossEntropyLoss(reduction="none", label_smoothing=typed.loss.label_smoothing),
+        device=device,
+        weighting=instantiate(cfg.weighting) if vector else None,
+        scheduler=scheduler,
+        precision=tc.precision,
+        grad_clip=tc.grad_clip,
+        accumulate_grad_batches=tc.accumulate_grad_batches,
+        max_epochs=tc.max_epochs,
+        max_steps=tc.max_steps,
+        log_every_n_steps=typed.logging.every_n_steps,
+        logger=TensorBoardLogger(run_dir / "tb"),
+        progress=typed.logging.progress,
+        callbacks=callbacks,
+    )
