@@ -161,7 +161,8 @@ def main() -> None:
         result.update(bench_cli(args.cli_repeats))
         print(
             f"python scripts/train.py: {result['cli_wall_s_median']:.2f} s wall (median of "
-            f"{args.cli_repeats}: " + ", ".join(f"{w:.2f}" for w in result["cli_wall_s"])
+            f"{args.cli_repeats}: "
+            + ", ".join(f"{w:.2f}" for w in result["cli_wall_s"])
             + f"), peak RSS {result['cli_peak_rss_mib']:.0f} MiB, val/acc {result['cli_val_acc']}"
         )
     out = ROOT / "outputs" / "bench" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"

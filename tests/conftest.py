@@ -34,3 +34,25 @@ def _few_threads():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def train(run_dir: Path, *overrides: str, callbacks=()) -> dict:
+    """Run the trainer in-process into ``run_dir`` and return its final metrics."""
+    from trainer.run import run
+
+    return run(make_cfg(*overrides), run_dir=run_dir, callbacks=callbacks)
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    from trainer.checkpoint import load_checkpoint
+
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the run's event files, read back with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -246,7 +246,7 @@ class AdamWConfig(OptimizerConfig):
 
 @dataclass
 class SchedulerConfig:
-    """``_target_: null`` means a constant learning rate. Schedulers step once per optimizer step."""
+    """``_target_: null``: a constant learning rate. Schedulers step once per optimizer step."""
 
     _target_: str | None = None
     _partial_: bool = True
@@ -442,7 +442,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
 def _reject_unknown_keys(node: Any, typed: Any, prefix: str) -> None:
     """Keys appended with ``+key=value`` get past Hydra's struct check; refuse them here."""
     known = {f.name: getattr(typed, f.name) for f in dataclasses.fields(typed)}
-    for key in node.keys():
+    for key in node:
         _check(
             key in known,
             f"{prefix}{key}",

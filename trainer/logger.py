@@ -40,7 +40,9 @@ class TensorBoardLogger:
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(str(self.log_dir), flush_secs=flush_secs)
 
-    def log_scalars(self, values: Mapping[str, Tensor | float | int], step: int) -> dict[str, float]:
+    def log_scalars(
+        self, values: Mapping[str, Tensor | float | int], step: int
+    ) -> dict[str, float]:
         floats = to_floats(values)
         for tag, value in floats.items():
             self.writer.add_scalar(tag, value, step)

@@ -73,7 +73,9 @@ class Callback:
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
     ) -> None: ...
-    def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_before_optimizer_step(
+        self, trainer: Trainer, optimizer: torch.optim.Optimizer
+    ) -> None: ...
     def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None: ...
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
     def on_fit_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
@@ -198,23 +200,25 @@ class Trainer:
             with redirect:
                 while self.epoch < self.max_epochs and not self._done():
                     self.train_epoch()
-                    self.metrics = self.evaluate()
-                    if self.logger is not None:
-                        self.logger.log_scalars(
-                            {k: self.metrics[k] for k in ("val/loss", "val/acc")}, self.global_step
-                        )
-                    log.info(
-                        "epoch %d/%d  step %d  train/loss %.4f  val/loss %.4f  val/acc %.4f",
-                        self.epoch + 1, self.max_epochs, self.global_step,
-                        self.metrics["train/loss"], self.metrics["val/loss"], self.metrics["val/acc"],
-                    )  # fmt: skip
-                    self._fire("on_validation_end", self.metrics)
+                    self.validate()
                     self.epoch += 1
         finally:
             self.progress.close()
         self.metrics.update(step=self.global_step, epoch=self.epoch)
         self._fire("on_fit_end", self.metrics)
         return self.metrics
+
+    def validate(self) -> None:
+        """Evaluate, log val/* at the current step, write the epoch's line, fire the hook."""
+        m = self.metrics = self.evaluate()
+        if self.logger is not None:
+            self.logger.log_scalars({k: m[k] for k in ("val/loss", "val/acc")}, self.global_step)
+        log.info(
+            "epoch %d/%d  step %d  train/loss %.4f  val/loss %.4f  val/acc %.4f",
+            self.epoch + 1, self.max_epochs, self.global_step,
+            m["train/loss"], m["val/loss"], m["val/acc"],
+        )  # fmt: skip
+        self._fire("on_validation_end", m)
 
     def train_epoch(self) -> None:
         self.model.train()
@@ -332,4 +336,3 @@ class Trainer:
             "val/loss": val_loss / max(n, 1),
             "val/acc": val_correct / max(n, 1),
         }
-

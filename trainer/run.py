@@ -145,9 +145,7 @@ def run(
     return result
 
 
-def build_trainer(
-    cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()
-) -> Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> Trainer:
     """Validate ``cfg`` and build data, model, optimizer, scheduler, logger and Trainer."""
     typed = validate(cfg)  # every config error surfaces here, before anything is built
     device = resolve_device(typed.trainer.device)

@@ -41,7 +41,7 @@ class TensorSplit:
 
 
 class ByteNormalize:
-    """uint8 images (B, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel, on x's device."""
+    """uint8 images (B, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel, on x's device"""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         self.mean = torch.tensor(mean).view(-1, 1, 1)

@@ -73,6 +73,8 @@ class TorchvisionData(DataModule):
             return cls(self.root, train=train, transform=transform, download=self.download)
         except RuntimeError as e:
             if "download=True" not in str(e):
+                if self.download:  # the MNIST family wraps a failed download in RuntimeError
+                    raise self._download_failed(e) from e
                 raise
             missing = [p for p in expected_files(self.name, self.root) if not os.path.isfile(p)]
             listing = "\n  ".join(missing or expected_files(self.name, self.root))
@@ -82,17 +84,21 @@ class TorchvisionData(DataModule):
                 "Put the files there, point data.root at a folder that has them, or set "
                 "data.download=true (needs internet)."
             ) from None
-        except OSError as e:  # a download that could not reach the network
-            raise ConnectionError(
-                f"data={self.name}: download to {os.path.abspath(self.root)} failed ({e}). "
-                "Without internet, copy the files there yourself (see README, 'Data')."
-            ) from e
+        except OSError as e:  # CIFAR-10: a download that could not reach the network
+            raise self._download_failed(e) from e
+
+    def _download_failed(self, e: Exception) -> ConnectionError:
+        return ConnectionError(
+            f"data={self.name}: download to {os.path.abspath(self.root)} failed ({e}). "
+            "Without internet, copy the files there yourself (see README, 'Data')."
+        )
 
     def _as_tensors(self, ds: Any) -> TensorSplit:
         x = torch.as_tensor(ds.data)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # -> (N, C, H, W) uint8
-        return TensorSplit(x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64),
-                           self.normalize)
+        return TensorSplit(
+            x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64), self.normalize
+        )
 
     def load(self) -> tuple[Any, TensorSplit]:
         val = self._as_tensors(self._open(train=False))

@@ -21,7 +21,8 @@ def resnet18(
     """
     if len(in_shape) != 3:
         raise ValueError(
-            f"model=resnet18 needs image inputs of shape (C, H, W); the data gives {tuple(in_shape)}"
+            "model=resnet18 needs image inputs of shape (C, H, W); "
+            f"the data gives {tuple(in_shape)}"
         )
     from torchvision.models import resnet18 as tv_resnet18
 

@@ -1,0 +1,186 @@
+"""Scalar and vector backward give exactly the gradients the math says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import final_params, read_scalars, train
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from trainer.backward import WeightError, backward_scalar, backward_vector, check_weights
+from trainer.loop import Callback
+from trainer.weighting import UniformWeighting
+
+
+def tiny_problem(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    for p in model.parameters():
+        nn.init.normal_(p, generator=g)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (6,), generator=g)
+    w = torch.rand(6, generator=g, dtype=torch.float64)
+    return model, x, y, w
+
+
+def per_sample_losses(model, x, y):
+    return nn.functional.cross_entropy(model(x), y, reduction="none")  # (B,)
+
+
+def grads_of(model) -> list[torch.Tensor]:
+    out = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_vector_backward_is_the_vjp_of_the_weighted_sum() -> None:
+    model, x, y, w = tiny_problem()
+    backward_vector(per_sample_losses(model, x, y), w)
+    vjp = grads_of(model)
+
+    (w * per_sample_losses(model, x, y)).sum().backward()
+    weighted_sum = grads_of(model)
+
+    by_grad = torch.autograd.grad(
+        per_sample_losses(model, x, y), list(model.parameters()), grad_outputs=w
+    )
+
+    # independent reference: per-sample gradients from torch.func, weighted by hand
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    reference = [torch.einsum("b,b...->...", w, per_sample[k]) for k in params]
+
+    for a, b, c, ref in zip(vjp, weighted_sum, by_grad, reference, strict=True):
+        torch.testing.assert_close(a, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_uniform_mean_weights_equal_scalar_mean_backward() -> None:
+    model, x, y, _ = tiny_problem(1)
+    losses = per_sample_losses(model, x, y)
+    w = UniformWeighting("mean")(losses, model(x), y, torch.arange(6))
+    assert torch.equal(w, torch.ones(6, dtype=w.dtype) / 6)
+    backward_vector(losses, w)
+    vector = grads_of(model)
+    backward_scalar(per_sample_losses(model, x, y).mean())
+    scalar = grads_of(model)
+    for a, b in zip(vector, scalar, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_uniform_none_weights_give_the_gradient_of_the_sum() -> None:
+    model, x, y, _ = tiny_problem(2)
+    losses = per_sample_losses(model, x, y)
+    backward_vector(losses, UniformWeighting("none")(losses, losses, y, y))
+    vector = grads_of(model)
+    per_sample_losses(model, x, y).sum().backward()
+    for a, b in zip(vector, grads_of(model), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_the_classic_shape_mistake_names_both_shapes() -> None:
+    # ERRATA: a (4,) vector for a (2, 2) loss; PyTorch itself would only say "Mismatch in shape"
+    x = torch.randn(2, 2, requires_grad=True)
+    losses = x.pow(2)
+    with pytest.raises(WeightError, match=r"\(4,\).*\(2, 2\)"):
+        backward_vector(losses, torch.tensor([0.1, 0.5, 0.2, 0.3]))
+    assert x.grad is None  # nothing ran
+    v = torch.tensor([[0.1, 0.5], [0.2, 0.3]])
+    backward_vector(losses, v)
+    torch.testing.assert_close(x.grad, 2 * x.detach() * v)  # the VJP v^T J, elementwise here
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        (torch.ones(3), r"\(3,\).*\(3, 1\)"),  # would broadcast silently without the check
+        (torch.ones(3, 1, dtype=torch.float64), "dtype"),
+        (torch.ones(3, 1, device="meta"), "meta"),
+        (torch.ones(3, 1, requires_grad=True), "detach"),
+    ],
+)
+def test_weights_that_do_not_fit_are_refused(weights: torch.Tensor, match: str) -> None:
+    losses = torch.ones(3, 1, requires_grad=True) * 2
+    with pytest.raises(WeightError, match=match):
+        check_weights(losses, weights)
+
+
+def test_scalar_backward_refuses_a_vector_loss() -> None:
+    with pytest.raises(WeightError, match=r"0-d loss, got shape \(3,\)"):
+        backward_scalar(torch.ones(3, requires_grad=True) * 1)
+
+
+STEPS50 = ["trainer.max_steps=50", "logging.every_n_steps=1", "optimizer=sgd", "optimizer.lr=0.05"]
+
+
+def test_scalar_and_vector_uniform_train_the_same(tmp_path) -> None:
+    train(tmp_path / "scalar", *STEPS50, "loss.mode=scalar")
+    train(tmp_path / "vector", *STEPS50, "loss.mode=vector", "weighting=uniform")
+    a, b = final_params(tmp_path / "scalar"), final_params(tmp_path / "vector")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    la, lb = read_scalars(tmp_path / "scalar"), read_scalars(tmp_path / "vector")
+    assert [s for s, _ in la["train/loss"]] == list(range(1, 51))
+    assert la["train/loss"] == lb["train/loss"]
+    # vector mode also logs its weights: uniform 1/B, B = 64 except the epoch's last batch (30)
+    expected = [(s, 1 / 30 if s % 23 == 0 else 1 / 64) for s in range(1, 51)]
+    for tag in ("weights/mean", "weights/min", "weights/max"):
+        assert [(s, pytest.approx(v)) for s, v in lb[tag]] == expected
+    assert "weights/mean" not in la
+
+
+class GradRecorder(Callback):
+    """Records parameter gradients where the trainer measures them (before clipping)."""
+
+    def __init__(self) -> None:
+        self.grads: list[list[torch.Tensor]] = []
+        self.norms: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        grads = [p.grad.detach().clone() for p in trainer.params]
+        self.grads.append(grads)
+        self.norms.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+
+
+@pytest.mark.parametrize("mode", ["scalar", "vector"])
+def test_accumulation_equals_one_big_batch(tmp_path, mode: str) -> None:
+    common = ["optimizer=sgd", "optimizer.lr=0.05", "trainer.max_epochs=1", f"loss.mode={mode}"]
+    big, small = GradRecorder(), GradRecorder()
+    train(tmp_path / "big", *common, "data.batch_size=64", callbacks=[big])
+    train(tmp_path / "acc", *common, "data.batch_size=32", "trainer.accumulate_grad_batches=2",
+          callbacks=[small])  # fmt: skip
+    assert len(big.grads) == len(small.grads) == 23  # 1,438 train samples: 22 x 64 + 30
+    for ga, gb in zip(big.grads, small.grads, strict=True):
+        for a, b in zip(ga, gb, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    a, b = final_params(tmp_path / "big"), final_params(tmp_path / "acc")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_logged_grad_norm_is_the_norm_before_clipping(tmp_path) -> None:
+    rec = GradRecorder()
+    train(tmp_path, "trainer.max_steps=5", "logging.every_n_steps=1", "trainer.grad_clip=0.01",
+          callbacks=[rec])  # fmt: skip
+    logged = [v for _, v in read_scalars(tmp_path)["grad_norm/total"]]
+    assert logged == pytest.approx([float(n) for n in rec.norms], rel=1e-5)
+    assert min(logged) > 0.01  # so clipping really happened on each step
+
+
+@pytest.mark.parametrize("precision", ["16", "bf16"])
+def test_mixed_precision_measures_unscaled_gradients(tmp_path, precision: str) -> None:
+    full, mixed = GradRecorder(), GradRecorder()
+    common = ["trainer.max_steps=1", "logging.every_n_steps=1"]
+    train(tmp_path / "32", *common, callbacks=[full])
+    train(tmp_path / precision, *common, f"trainer.precision={precision}", callbacks=[mixed])
+    # fp16's GradScaler multiplies the loss by 2**16; the measured norm must not be
+    ratio = float(mixed.norms[0] / full.norms[0])
+    assert ratio == pytest.approx(1.0, abs=0.05)
+    logged = read_scalars(tmp_path / precision)["grad_norm/total"][0][1]
+    assert logged == pytest.approx(float(mixed.norms[0]), rel=1e-5)

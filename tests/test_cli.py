@@ -1,0 +1,74 @@
+"""The real CLI, as a user runs it, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import ROOT, read_scalars
+
+
+def cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) come before overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *flags, "trainer.device=cpu",
+         *overrides],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_single_run_prints_a_summary_and_writes_its_run_dir(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    proc = cli("trainer.max_epochs=2", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    # stdout is a pipe here: no bar redraws, a plain line per epoch and a final summary
+    assert "\r" not in out
+    assert "epoch 1/2" in out and "epoch 2/2" in out
+    assert "done: val/acc" in out and f"tensorboard --logdir {run_dir}" in out
+    for path in (".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoints/last.pt",
+                 "metrics.json", "train.log"):  # fmt: skip
+        assert (run_dir / path).is_file(), path
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+    assert "epoch 2/2" in (run_dir / "train.log").read_text()
+
+
+def test_multirun_gives_each_job_its_own_dir_and_tensorboard_run(tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", "optimizer.lr=0.01,0.1", "loss.mode=scalar,vector", "trainer.max_steps=4",
+               "logging.every_n_steps=2", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        seen.add(tuple(sorted(o for o in overrides if o.startswith(("optimizer.lr", "loss.mode")))))
+        assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
+        assert [s for s, _ in read_scalars(job)["train/loss"]] == [2, 4]
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("optimizer.lr=0", "optimizer.lr"), ("data.batch_sise=3", "data.batch_sise"),
+     ("optimizer.lr=abc", "optimizer.lr"), ("trainer.device=gpu", "trainer.device")],
+)  # fmt: skip
+def test_bad_override_exits_nonzero_naming_the_key(tmp_path, override: str, key: str) -> None:
+    proc = cli(override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    assert key in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "tb").exists()
+
+
+def test_missing_torchvision_files_say_where_to_put_them(tmp_path) -> None:
+    proc = cli("data=mnist", f"data.root={tmp_path / 'nodata'}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "train-images-idx3-ubyte" in err and "data.download=true" in err

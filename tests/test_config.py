@@ -1,0 +1,139 @@
+"""Every config file composes and instantiates; bad values fail before training, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONFIGS, make_cfg
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from trainer.config import ConfigError, validate
+from trainer.run import build_scheduler, resolve_device
+
+GROUPS = ["data", "model", "optimizer", "scheduler", "loss", "weighting", "trainer"]
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("group", "choice"), [(g, c) for g in GROUPS for c in choices(g)], ids=lambda v: str(v)
+)
+def test_every_config_file_composes_and_validates(group: str, choice: str) -> None:
+    cfg = make_cfg(f"{group}={choice}")
+    typed = validate(cfg)
+    assert getattr(typed, group) is not None
+
+
+@pytest.mark.parametrize("model", choices("model"))
+def test_every_model_instantiates_with_shapes_from_the_data(model: str) -> None:
+    cfg = make_cfg(f"model={model}")
+    net = instantiate(cfg.model, in_shape=[1, 8, 8], num_classes=10)
+    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("optimizer", choices("optimizer"))
+@pytest.mark.parametrize("scheduler", choices("scheduler"))
+def test_every_optimizer_and_scheduler_instantiates(optimizer: str, scheduler: str) -> None:
+    cfg = make_cfg(f"optimizer={optimizer}", f"scheduler={scheduler}", "optimizer.lr=0.5")
+    params = [torch.nn.Parameter(torch.ones(3))]
+    opt = instantiate(cfg.optimizer, _convert_="all")(params)
+    assert opt.param_groups[0]["lr"] == 0.5
+    sched = build_scheduler(cfg.scheduler, opt, total_steps=10)
+    assert (sched is None) == (scheduler == "none")
+    if scheduler == "cosine":  # T_max is the run's step count: lr reaches eta_min at the end
+        for _ in range(10):
+            opt.step()
+            sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(cfg.scheduler.eta_min)
+
+
+def test_every_data_config_instantiates() -> None:
+    for choice in choices("data"):
+        data = instantiate(make_cfg(f"data={choice}").data)
+        assert data.batch_size >= 1
+
+
+def test_every_config_file_extends_its_schema() -> None:
+    # without the schema in its defaults list a file would escape type and range checks
+    for group in GROUPS:
+        for choice in choices(group):
+            node = OmegaConf.load(CONFIGS / group / f"{choice}.yaml")
+            assert "defaults" in node, f"{group}/{choice}.yaml must extend its schema"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("optimizer.lr=-0.1", "optimizer.lr"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("trainer.device=gpu", "trainer.device"),
+        ("trainer.device=cuda:x", "trainer.device"),
+        ("trainer.precision=8", "trainer.precision"),
+        ("trainer.max_epochs=0", "trainer.max_epochs"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("trainer.grad_clip=-1", "trainer.grad_clip"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+        ("loss.mode=vectr", "loss.mode"),
+        ("loss.label_smoothing=1.5", "loss.label_smoothing"),
+        ("weighting.normalize=max", "weighting.normalize"),
+        ("logging.every_n_steps=0", "logging.every_n_steps"),
+        ("data.val_fraction=1.0", "data.val_fraction"),
+        ("data.loader=disk", "data.loader"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
+        ("seed=-1", "seed"),
+        ("+optimizer.lrr=0.1", "optimizer.lrr"),
+        ("+trainer.max_epoch=3", "trainer.max_epoch"),
+        ("+foo=1", "foo"),
+    ],
+)
+def test_out_of_range_or_unknown_values_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key.replace('.', '[.]')}: "):
+        validate(make_cfg(override))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optimizer.lr=abc", "optimizer.lr"),
+        ("data.batch_size=1.5", "data.batch_size"),
+        ("trainer.max_epochs=many", "trainer.max_epochs"),
+        ("data.batch_sise=3", "data.batch_sise"),
+        ("trainer.max_epoch=3", "trainer.max_epoch"),
+    ],
+)
+def test_typos_and_wrong_types_fail_while_composing(override: str, key: str) -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        make_cfg(override)
+    text = f"{info.value} {info.value.__cause__}"
+    assert key in text
+
+
+def test_unknown_group_choice_lists_the_options() -> None:
+    with pytest.raises(MissingConfigException) as info:
+        make_cfg("model=mlpp")
+    assert "mlpp" in str(info.value) and "cnn" in str(info.value)
+    assert "schema" not in str(info.value).split("Config search path")[0]
+
+
+def test_unavailable_cuda_is_an_error_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="trainer.device"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_sgd_nesterov_needs_momentum() -> None:
+    with pytest.raises(ConfigError, match="optimizer.nesterov"):
+        validate(make_cfg("optimizer=sgd", "optimizer.nesterov=true", "optimizer.momentum=0"))
+
+
+def test_configs_dir_has_no_stray_files() -> None:
+    stray = [p for p in Path(CONFIGS).rglob("*") if p.is_file() and p.suffix != ".yaml"]
+    assert not stray

@@ -1,0 +1,119 @@
+"""Digits and synthetic data, the in-memory loader and the DataLoader path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.data.base import DeviceLoader, InMemoryLoader, TensorSplit, epoch_order
+from trainer.data.digits import DigitsData
+from trainer.data.synthetic import SyntheticData
+from trainer.loop import window_sizes
+
+CPU = torch.device("cpu")
+
+
+def test_digits_are_scikit_learns_digits() -> None:
+    from sklearn.datasets import load_digits  # the independent reference
+
+    ref = load_digits()
+    train, val = DigitsData(val_fraction=0.2).load()
+    assert len(train) + len(val) == 1797 and len(val) == 359
+    x = torch.cat([train.x, val.x]).view(-1, 64) * 16
+    y = torch.cat([train.y, val.y])
+    ref_x, ref_y = torch.tensor(ref.data, dtype=torch.float32), torch.tensor(ref.target)
+    # the same 1,797 (image, label) pairs, in some order
+    key = lambda xs, ys: sorted(map(tuple, torch.cat([xs, ys[:, None].float()], 1).tolist()))  # noqa: E731
+    assert key(x, y) == key(ref_x, ref_y)
+    assert set(y.tolist()) == set(range(10))
+
+
+def test_digits_split_is_deterministic_and_disjoint() -> None:
+    a_train, a_val = DigitsData(split_seed=0).load()
+    b_train, b_val = DigitsData(split_seed=0).load()
+    assert torch.equal(a_val.x, b_val.x) and torch.equal(a_train.y, b_train.y)
+    c_train, c_val = DigitsData(split_seed=1).load()
+    assert not torch.equal(a_val.x, c_val.x)
+    train_rows = {tuple(r) for r in a_train.x.view(-1, 64).tolist()}
+    leaked = sum(tuple(r) in train_rows for r in a_val.x.view(-1, 64).tolist())
+    assert leaked < 10  # only the few images that occur twice in the data set itself
+
+
+def split(n: int = 10) -> TensorSplit:
+    return TensorSplit(torch.arange(n, dtype=torch.float32)[:, None] * 10, torch.arange(n) % 3)
+
+
+def test_in_memory_loader_visits_each_sample_once_and_carries_indices() -> None:
+    loader = InMemoryLoader(split(), batch_size=4, device=CPU, shuffle=True, seed=7)
+    batches = list(loader)
+    assert [len(b.y) for b in batches] == [4, 4, 2] and len(loader) == 3
+    seen = torch.cat([b.index for b in batches])
+    assert sorted(seen.tolist()) == list(range(10))
+    for b in batches:  # each row belongs to the index it carries
+        assert torch.equal(b.x[:, 0], b.index.float() * 10) and torch.equal(b.y, b.index % 3)
+    assert torch.equal(seen, epoch_order(10, 7, 0))
+
+
+def test_same_seed_same_order_other_epoch_other_order() -> None:
+    a = InMemoryLoader(split(50), batch_size=8, device=CPU, shuffle=True, seed=1)
+    b = InMemoryLoader(split(50), batch_size=8, device=CPU, shuffle=True, seed=1)
+    order = lambda ld: torch.cat([bt.index for bt in ld]).tolist()  # noqa: E731
+    assert order(a) == order(b)
+    first = order(a)
+    a.set_epoch(1)
+    assert order(a) != first and sorted(order(a)) == sorted(first)
+
+
+def test_drop_last_and_unshuffled_validation() -> None:
+    loader = InMemoryLoader(split(), batch_size=4, device=CPU, shuffle=True, drop_last=True)
+    assert [len(b.y) for b in loader] == [4, 4]
+    val = InMemoryLoader(split(), batch_size=4, device=CPU, shuffle=False)
+    assert torch.cat([b.index for b in val]).tolist() == list(range(10))
+
+
+def test_dataloader_path_gives_the_same_batches() -> None:
+    mem = InMemoryLoader(split(23), batch_size=5, device=CPU, shuffle=True, seed=3)
+    dl = DeviceLoader(split(23), batch_size=5, device=CPU, shuffle=True, seed=3, num_workers=0)
+    for epoch in (0, 1):
+        mem.set_epoch(epoch)
+        dl.set_epoch(epoch)
+        for a, b in zip(mem, dl, strict=True):
+            assert torch.equal(a.index, b.index) and torch.equal(a.x, b.x)
+            assert torch.equal(a.y, b.y)
+
+
+def test_dataloader_path_with_workers() -> None:
+    dl = DeviceLoader(split(12), batch_size=4, device=CPU, shuffle=True, seed=0, num_workers=2)
+    got = torch.cat([b.index for b in dl])
+    assert torch.equal(got, epoch_order(12, 0, 0))
+
+
+def test_synthetic_is_reproducible_and_shaped() -> None:
+    d = SyntheticData(num_train=100, num_val=20, num_classes=4, shape=[3, 5, 5], seed=2)
+    train, val = d.load()
+    assert train.x.shape == (100, 3, 5, 5) and val.x.shape == (20, 3, 5, 5)
+    assert d.input_shape == (3, 5, 5) and int(train.y.max()) <= 3
+    again, _ = SyntheticData(
+        num_train=100, num_val=20, num_classes=4, shape=[3, 5, 5], seed=2
+    ).load()
+    assert torch.equal(train.x, again.x)
+
+
+def test_synthetic_is_learnable_by_nearest_class_mean() -> None:
+    train, val = SyntheticData(num_train=2000, num_val=500, shape=[64], noise=1.0).load()
+    means = torch.stack([train.x[train.y == c].mean(0) for c in range(10)])
+    pred = torch.cdist(val.x, means).argmin(1)
+    assert (pred == val.y).float().mean() > 0.9
+
+
+@pytest.mark.parametrize(
+    ("n", "bs", "drop", "acc", "expected"),
+    [
+        (10, 4, False, 1, [4, 4, 2]),
+        (10, 4, False, 2, [8, 8, 2]),
+        (10, 4, True, 2, [8, 8]),
+        (23, 5, False, 3, [15, 15, 15, 8, 8]),
+    ],
+)
+def test_accumulation_windows(n, bs, drop, acc, expected) -> None:
+    assert window_sizes(n, bs, drop, acc) == expected
