@@ -1,6 +1,6 @@
 """Benchmark: the trainer against a plain hand-written PyTorch loop, and the CLI's wall time.
 
-    python scripts/bench.py                       # digits/mlp, 2,000 steps, 5 rounds, + CLI
+    python scripts/bench.py                       # digits/mlp, 2,000 steps, 10 rounds, + CLI
     python scripts/bench.py --steps 500 --rounds 3 --no-cli
     python scripts/bench.py data=synthetic model=cnn data.shape=[1,28,28]   # any overrides
 
@@ -139,7 +139,7 @@ def bench_cli(repeats: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--cli-repeats", type=int, default=3)
     p.add_argument("--no-cli", action="store_true", help="skip timing python scripts/train.py")
     p.add_argument("overrides", nargs="*", help="config overrides, as for scripts/train.py")

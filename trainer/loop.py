@@ -160,11 +160,11 @@ class Trainer:
         self.epoch = 0
         self.metrics: dict[str, float] = {}
         self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
-        # device-side running sums, read back only on logging steps and at validation
+        # per-sample losses since the last log stay on the device (no op per step); folded into
+        # the epoch's device-side sum when logging and at validation
+        self._pending: list[Tensor] = []
         self._loss_sum = torch.zeros((), device=device)
-        self._loss_sum_at_log = torch.zeros((), device=device)
         self._samples = 0
-        self._samples_at_log = 0
         self._time_at_log = 0.0
         self._null = contextlib.nullcontext()
         self.progress = Progress(False, self.total_steps)  # replaced by fit()
@@ -213,6 +213,7 @@ class Trainer:
         m = self.metrics = self.evaluate()
         if self.logger is not None:
             self.logger.log_scalars({k: m[k] for k in ("val/loss", "val/acc")}, self.global_step)
+            self.logger.flush()  # the epoch's events reach the disk now
         log.info(
             "epoch %d/%d  step %d  train/loss %.4f  val/loss %.4f  val/acc %.4f",
             self.epoch + 1, self.max_epochs, self.global_step,
@@ -227,9 +228,9 @@ class Trainer:
         windows = window_sizes(
             loader.num_samples, loader.batch_size, loader.drop_last, self.accumulate
         )
+        self._pending.clear()
         self._loss_sum.zero_()
-        self._loss_sum_at_log.zero_()
-        self._samples = self._samples_at_log = 0
+        self._samples = 0
         self._fire("on_train_epoch_start", self.epoch)
         last = len(windows) - 1
         for i, batch in enumerate(loader):
@@ -255,8 +256,7 @@ class Trainer:
                 weights = weights * share
             backward_vector(losses, weights, self.scaler)
         losses = losses.detach()
-        self._loss_sum.add_(losses.sum())
-        self._samples += y.shape[0]
+        self._pending.append(losses)
         self._fire("on_after_backward", batch, losses, weights)
         if step_now:
             self.optimizer_step(batch, losses, weights)
@@ -290,11 +290,9 @@ class Trainer:
         self.progress.update()
 
     def _log_step(self, out: StepOutput, lr: float) -> None:
-        samples = self._samples - self._samples_at_log
-        values: dict[str, Tensor | float] = {
-            "train/loss": (self._loss_sum - self._loss_sum_at_log) / max(samples, 1),
-            "lr": lr,
-        }
+        samples = sum(t.numel() for t in self._pending)
+        values: dict[str, Tensor | float] = {"train/loss": self._fold_pending() / max(samples, 1),
+                                             "lr": lr}  # fmt: skip
         if out.grad_norm is not None:
             values["grad_norm/total"] = out.grad_norm
         if out.weights is not None:
@@ -311,14 +309,23 @@ class Trainer:
             grad_norm=floats.get("grad_norm/total", float("nan")),
             samples_per_s=samples / max(now - self._time_at_log, 1e-9),
         )  # fmt: skip
-        self._loss_sum_at_log.copy_(self._loss_sum)
-        self._samples_at_log = self._samples
         self._time_at_log = now
+
+    def _fold_pending(self) -> Tensor:
+        """Sum of the per-sample losses since the last fold; added into the epoch's sum."""
+        if not self._pending:
+            return torch.zeros((), device=self.device)
+        interval = torch.cat(self._pending).sum()
+        self._loss_sum += interval
+        self._samples += sum(t.numel() for t in self._pending)
+        self._pending.clear()
+        return interval
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """val/loss (plain cross-entropy), val/acc, and the epoch's mean train/loss."""
         self.model.eval()
+        self._fold_pending()  # the epoch's train losses not yet logged
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         n = 0
