@@ -173,10 +173,11 @@ def test_progress_bar_only_on_a_terminal() -> None:
         p = Progress(True, total_steps=3, stream=stream)
         for _ in range(3):
             p.update()
-        p.show(0, 1, loss=0.5)
+        p.show(0, 1, {"loss": 0.5, "samples/s": 12345.6})
         p.close()
     assert plain.getvalue() == ""
     assert "3/3" in tty.getvalue() and "\r" in tty.getvalue()
+    assert "loss=0.5" in tty.getvalue() and "samples/s=12346" in tty.getvalue()
     off = Tty()
     Progress(False, total_steps=3, stream=off).close()
     assert off.getvalue() == ""

@@ -95,10 +95,11 @@ class Progress:
     def update(self) -> None:
         self.bar.update(1)
 
-    def show(self, epoch: int, max_epochs: int, **postfix: float) -> None:
+    def show(self, epoch: int, max_epochs: int, postfix: Mapping[str, float]) -> None:
         if self.active:
             self.bar.set_description(f"epoch {epoch + 1}/{max_epochs}", refresh=False)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            text = {k: f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}" for k, v in postfix.items()}
+            self.bar.set_postfix(text, refresh=False)
 
     def close(self) -> None:
         self.bar.close()

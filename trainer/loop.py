@@ -304,11 +304,11 @@ class Trainer:
         else:
             floats = to_floats(values)  # host sync: logging steps only
         now = time.perf_counter()
-        self.progress.show(
-            self.epoch, self.max_epochs, loss=floats["train/loss"],
-            grad_norm=floats.get("grad_norm/total", float("nan")),
-            samples_per_s=samples / max(now - self._time_at_log, 1e-9),
-        )  # fmt: skip
+        elapsed = max(now - self._time_at_log, 1e-9)
+        postfix = {"loss": floats["train/loss"], "samples/s": samples / elapsed}
+        if "grad_norm/total" in floats:
+            postfix["grad_norm"] = floats["grad_norm/total"]
+        self.progress.show(self.epoch, self.max_epochs, postfix)
         self._time_at_log = now
 
     def _fold_pending(self) -> Tensor:

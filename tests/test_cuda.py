@@ -1,0 +1,32 @@
+"""The CUDA path; every test here skips cleanly on a machine without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_cfg, read_scalars, requires_cuda
+
+from trainer.run import build_trainer
+
+pytestmark = requires_cuda
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16", "16"])
+def test_cuda_run_keeps_data_on_the_gpu_and_logs_unscaled_norms(tmp_path, precision) -> None:
+    norms = {}
+    for p in ("32", precision):
+        cfg = make_cfg("trainer.device=cuda", f"trainer.precision={p}", "trainer.max_steps=3",
+                       "logging.every_n_steps=1")  # fmt: skip
+        t = build_trainer(cfg, tmp_path / p)
+        assert t.train_loader.x.device.type == "cuda"  # in-memory data resident on the GPU
+        t.fit()
+        t.logger.close()
+        norms[p] = [v for _, v in read_scalars(tmp_path / p)["grad_norm/total"]]
+    assert norms[precision][0] == pytest.approx(norms["32"][0], rel=0.05)
+
+
+def test_auto_device_picks_cuda(tmp_path) -> None:
+    t = build_trainer(make_cfg("trainer.device=auto", "trainer.max_steps=1"), tmp_path)
+    assert next(t.model.parameters()).device.type == "cuda"
+    t.logger.close()
+    assert torch.cuda.is_available()
