@@ -45,9 +45,11 @@ class DataConfig:
     batch_size: int = 64
     #: batch size for validation (no gradients, so it can be larger)
     eval_batch_size: int = 1024
-    #: ``auto``: tensors on the training device when the set fits and is not augmented,
-    #: else a DataLoader; ``memory`` / ``dataloader`` force one path.
+    #: ``auto``: tensors on the training device when the set is held as tensors (not augmented)
+    #: and its inputs take at most ``memory_limit_mb``, else a DataLoader; ``memory`` /
+    #: ``dataloader`` force one path.
     loader: str = "auto"
+    memory_limit_mb: int = 4096
     #: DataLoader path only
     num_workers: int = 2
     #: DataLoader path only, and only when training on CUDA
@@ -63,6 +65,11 @@ class DataConfig:
             f"got {self.eval_batch_size}, must be >= 1",
         )
         _one_of(self.loader, ("auto", "memory", "dataloader"), "data.loader")
+        _check(
+            self.memory_limit_mb >= 0,
+            "data.memory_limit_mb",
+            f"got {self.memory_limit_mb}, must be >= 0",
+        )
         _check(self.num_workers >= 0, "data.num_workers", f"got {self.num_workers}, must be >= 0")
 
 

@@ -156,15 +156,23 @@ class Trainer:
             for name in HOOKS
         }
         self.params = [p for p in model.parameters() if p.requires_grad]
+        #: optimizer steps taken; inside a step's hooks, the number of the step being taken
         self.global_step = 0
+        #: epochs completed (between epochs: the 0-based index of the next one)
         self.epoch = 0
+        #: micro-batches of the current epoch done: the position in the epoch's data order
+        self.batch_in_epoch = 0
+        #: whether the optimizer step being taken logs (set before on_before_optimizer_step)
+        self.logging_step = False
         self.metrics: dict[str, float] = {}
         self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
-        # per-sample losses since the last log stay on the device (no op per step); folded into
-        # the epoch's device-side sum when logging and at validation
-        self._pending: list[Tensor] = []
-        self._loss_sum = torch.zeros((), device=device)
-        self._samples = 0
+        # per-sample losses stay on the device, no kernel per step: since the last log (for
+        # train/loss) and since the epoch's start (folded into a device-side sum on log steps,
+        # for the epoch's mean read at validation)
+        self._pending_log: list[Tensor] = []
+        self._pending_epoch: list[Tensor] = []
+        self._epoch_loss_sum = torch.zeros((), device=device)
+        self._epoch_samples = 0
         self._time_at_log = 0.0
         self._null = contextlib.nullcontext()
         self.progress = Progress(False, self.total_steps)  # replaced by fit()
@@ -200,8 +208,12 @@ class Trainer:
             with redirect:
                 while self.epoch < self.max_epochs and not self._done():
                     self.train_epoch()
+                    started = time.perf_counter()
                     self.validate()
-                    self.epoch += 1
+                    self._time_at_log += time.perf_counter() - started  # not in samples/s
+                    if self.batch_in_epoch == len(self.train_loader):  # ran to the epoch's end
+                        self.epoch += 1
+                        self.batch_in_epoch = 0
         finally:
             self.progress.close()
         self.metrics.update(step=self.global_step, epoch=self.epoch)
@@ -228,14 +240,15 @@ class Trainer:
         windows = window_sizes(
             loader.num_samples, loader.batch_size, loader.drop_last, self.accumulate
         )
-        self._pending.clear()
-        self._loss_sum.zero_()
-        self._samples = 0
+        self._pending_epoch.clear()
+        self._epoch_loss_sum.zero_()
+        self._epoch_samples = 0
         self._fire("on_train_epoch_start", self.epoch)
         last = len(windows) - 1
         for i, batch in enumerate(loader):
             step_now = (i + 1) % self.accumulate == 0 or i == last
             self.train_step(batch, windows[i], step_now)
+            self.batch_in_epoch = i + 1
             if self._done():
                 break
 
@@ -252,11 +265,12 @@ class Trainer:
             backward_scalar(loss if share == 1.0 else loss * share, self.scaler)
         else:
             weights = self.weighting(losses, logits, y, index)
-            if share != 1.0:
-                weights = weights * share
+            if share != 1.0 and self.weighting.normalize == "mean":
+                weights = weights * share  # normalize=none: the window's weights, unscaled
             backward_vector(losses, weights, self.scaler)
         losses = losses.detach()
-        self._pending.append(losses)
+        self._pending_log.append(losses)
+        self._pending_epoch.append(losses)
         self._fire("on_after_backward", batch, losses, weights)
         if step_now:
             self.optimizer_step(batch, losses, weights)
@@ -264,9 +278,9 @@ class Trainer:
     def optimizer_step(self, batch: Batch, losses: Tensor, weights: Tensor | None) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # everything below sees true gradients
-        self._fire("on_before_optimizer_step", self.optimizer)
         self.global_step += 1
-        should_log = self.should_log(self.global_step)
+        self.logging_step = should_log = self.should_log(self.global_step)
+        self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
         if self.grad_clip > 0:
             grad_norm = clip_grad_norm_(self.params, self.grad_clip)
@@ -290,9 +304,11 @@ class Trainer:
         self.progress.update()
 
     def _log_step(self, out: StepOutput, lr: float) -> None:
-        samples = sum(t.numel() for t in self._pending)
-        values: dict[str, Tensor | float] = {"train/loss": self._fold_pending() / max(samples, 1),
-                                             "lr": lr}  # fmt: skip
+        interval = torch.cat(self._pending_log)  # (samples since the last log,)
+        self._pending_log.clear()
+        self._fold_epoch_losses()
+        samples = interval.numel()
+        values: dict[str, Tensor | float] = {"train/loss": interval.mean(), "lr": lr}
         if out.grad_norm is not None:
             values["grad_norm/total"] = out.grad_norm
         if out.weights is not None:
@@ -311,21 +327,18 @@ class Trainer:
         self.progress.show(self.epoch, self.max_epochs, postfix)
         self._time_at_log = now
 
-    def _fold_pending(self) -> Tensor:
-        """Sum of the per-sample losses since the last fold; added into the epoch's sum."""
-        if not self._pending:
-            return torch.zeros((), device=self.device)
-        interval = torch.cat(self._pending).sum()
-        self._loss_sum += interval
-        self._samples += sum(t.numel() for t in self._pending)
-        self._pending.clear()
-        return interval
+    def _fold_epoch_losses(self) -> None:
+        """Add the epoch's pending per-sample losses into its device-side sum."""
+        if self._pending_epoch:
+            self._epoch_loss_sum += torch.cat(self._pending_epoch).sum()
+            self._epoch_samples += sum(t.numel() for t in self._pending_epoch)
+            self._pending_epoch.clear()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """val/loss (plain cross-entropy), val/acc, and the epoch's mean train/loss."""
         self.model.eval()
-        self._fold_pending()  # the epoch's train losses not yet logged
+        self._fold_epoch_losses()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         n = 0
@@ -336,10 +349,10 @@ class Trainer:
             correct += (logits.argmax(dim=1) == y).sum()
             n += y.shape[0]
         val_loss, val_correct, train_sum = torch.stack(
-            [loss_sum, correct, self._loss_sum]
+            [loss_sum, correct, self._epoch_loss_sum]
         ).tolist()  # host sync: once per validation
         return {
-            "train/loss": train_sum / max(self._samples, 1),
+            "train/loss": train_sum / max(self._epoch_samples, 1),
             "val/loss": val_loss / max(n, 1),
             "val/acc": val_correct / max(n, 1),
         }

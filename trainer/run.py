@@ -60,10 +60,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
-        # cuBLAS needs this workspace setting for deterministic matmuls (see README)
+        # cuBLAS needs this workspace setting for deterministic matmuls (see README); it takes
+        # effect only if set before the process first uses cuBLAS
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    # set both ways: the jobs of a sweep share one process
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def build_scheduler(
@@ -99,6 +101,7 @@ def run(
         run_dir = HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    trainer: Trainer | None = None
     try:
         trainer = build_trainer(cfg, run_dir, callbacks)
         try:
@@ -106,26 +109,29 @@ def run(
         finally:
             if trainer.logger is not None:
                 trainer.logger.close()  # flushes the events, also when training failed
+        save_checkpoint(
+            run_dir / "checkpoints" / "last.pt",
+            {
+                "model": trainer.model.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
+                "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+                "step": trainer.global_step,
+                "epoch": trainer.epoch,
+                "batch_in_epoch": trainer.batch_in_epoch,
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            },
+        )
     except BaseException as e:
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        write_json(
-            run_dir / "metrics.json",
-            {"status": status, "error": f"{type(e).__name__}: {e}",
-             "wall_s": time.perf_counter() - start},
-        )  # fmt: skip
+        failed: dict[str, Any] = {
+            "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+            "error": f"{type(e).__name__}: {e}",
+            "wall_s": time.perf_counter() - start,
+        }
+        if trainer is not None:  # how far it got
+            failed.update(step=trainer.global_step, epoch=trainer.epoch)
+        write_json(run_dir / "metrics.json", failed)
         raise
-    save_checkpoint(
-        run_dir / "checkpoints" / "last.pt",
-        {
-            "model": trainer.model.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
-            "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
-            "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
-            "step": trainer.global_step,
-            "epoch": trainer.epoch,
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        },
-    )
     result: dict[str, Any] = {
         "train/loss": metrics["train/loss"],
         "val/loss": metrics["val/loss"],
@@ -155,6 +161,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
 
     data: DataModule = instantiate(cfg.data)
     data.setup(device, typed.seed)
+    if len(data.train_loader) == 0:
+        raise ConfigError(
+            f"data.batch_size: {typed.data.batch_size} is larger than the training split "
+            f"({data.train_loader.num_samples} samples) with data.drop_last=true: no batch left"
+        )
+    if data.val_loader.num_samples == 0:
+        raise ConfigError("data: the validation split is empty; give it at least one sample")
     model: nn.Module = instantiate(
         cfg.model, in_shape=list(data.input_shape), num_classes=data.num_classes
     ).to(device)

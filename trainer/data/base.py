@@ -1,12 +1,12 @@
 """Data modules and the two loader paths.
 
-A data module loads a train and a val split. A split held as tensors (:class:`TensorSplit`) is
-batched by index on the training device (:class:`InMemoryLoader`: no per-sample
-``Dataset.__getitem__``, no host-to-device copy per step); any other ``Dataset`` (augmented or
-too large) goes through a ``DataLoader`` with workers and pinned memory (:class:`DeviceLoader`).
-Both yield :class:`Batch` ``(x, y, index)`` on the device, where ``index`` holds the samples'
-positions in their data set, and both draw the epoch's order from :func:`epoch_order`, so the
-same seed gives the same batches whichever path runs.
+A data module loads a train and a val split. A split held as tensors (:class:`TensorSplit`)
+within ``data.memory_limit_mb`` is batched by index on the training device
+(:class:`InMemoryLoader`: no per-sample ``Dataset.__getitem__``, no host-to-device copy per
+step); any other ``Dataset`` (augmented or too large) goes through a ``DataLoader`` with workers
+and pinned memory (:class:`DeviceLoader`). Both yield :class:`Batch` ``(x, y, index)`` on the
+device, where ``index`` holds the samples' positions in their split, and both draw the epoch's
+order from :func:`epoch_order`, so the same seed gives the same batches whichever path runs.
 """
 
 from __future__ import annotations
@@ -209,6 +209,7 @@ class DataModule(abc.ABC):
         batch_size: int = 64,
         eval_batch_size: int = 1024,
         loader: str = "auto",
+        memory_limit_mb: int = 4096,
         num_workers: int = 2,
         pin_memory: bool = True,
         drop_last: bool = False,
@@ -216,6 +217,7 @@ class DataModule(abc.ABC):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.loader = loader
+        self.memory_limit_mb = memory_limit_mb
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.drop_last = drop_last
@@ -238,7 +240,10 @@ class DataModule(abc.ABC):
         seed: int,
         drop_last: bool,
     ) -> Loader:
-        in_memory = isinstance(split, TensorSplit) and self.loader in ("auto", "memory")
+        in_memory = isinstance(split, TensorSplit) and (
+            self.loader == "memory"
+            or (self.loader == "auto" and split.x.nbytes <= self.memory_limit_mb * 2**20)
+        )
         if self.loader == "memory" and not in_memory:
             raise ValueError(
                 "data.loader=memory: this split is not held as tensors (augmented or too large); "

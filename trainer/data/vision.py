@@ -84,8 +84,10 @@ class TorchvisionData(DataModule):
                 "Put the files there, point data.root at a folder that has them, or set "
                 "data.download=true (needs internet)."
             ) from None
-        except OSError as e:  # CIFAR-10: a download that could not reach the network
-            raise self._download_failed(e) from e
+        except OSError as e:
+            if not self.download:
+                raise
+            raise self._download_failed(e) from e  # CIFAR-10: could not reach the network
 
     def _download_failed(self, e: Exception) -> ConnectionError:
         return ConnectionError(
