@@ -2,7 +2,11 @@
 
     python scripts/bench.py                       # digits/mlp, 2,000 steps, 10 rounds, + CLI
     python scripts/bench.py --steps 500 --rounds 3 --no-cli
-    python scripts/bench.py data=synthetic model=cnn data.shape=[1,28,28]   # any overrides
+    python scripts/bench.py data=synthetic model=cnn data.shape=[1,28,28]   # other data/models
+
+The plain loop mirrors the trainer's defaults (scalar mode, float32, no accumulation, clipping or
+scheduler): overrides that change those change only the trainer's side, so compare like with
+like (data, model, optimizer and batch-size overrides apply to both).
 
 Both loops train the same model (same init), on the same in-memory data, batch size, batch order,
 optimizer and number of steps, validating after each epoch, in one process; the two alternate

@@ -148,9 +148,13 @@ class GradRecorder(Callback):
         self.norms.append(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
 
 
-@pytest.mark.parametrize("mode", ["scalar", "vector"])
+@pytest.mark.parametrize(
+    "mode", ["loss.mode=scalar", "loss.mode=vector", "weighting.normalize=none"]
+)
 def test_accumulation_equals_one_big_batch(tmp_path, mode: str) -> None:
-    common = ["optimizer=sgd", "optimizer.lr=0.05", "trainer.max_epochs=1", f"loss.mode={mode}"]
+    # normalize=none: the gradient of the window's summed loss, like one batch's summed loss
+    lr = "optimizer.lr=0.001" if "none" in mode else "optimizer.lr=0.05"
+    common = ["optimizer=sgd", lr, "trainer.max_epochs=1", "loss.mode=vector", mode]
     big, small = GradRecorder(), GradRecorder()
     train(tmp_path / "big", *common, "data.batch_size=64", callbacks=[big])
     train(tmp_path / "acc", *common, "data.batch_size=32", "trainer.accumulate_grad_batches=2",
@@ -164,13 +168,33 @@ def test_accumulation_equals_one_big_batch(tmp_path, mode: str) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
 
 
+class UpdateRecorder(GradRecorder):
+    """Also records the size of each parameter update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        super().on_before_optimizer_step(trainer, optimizer)
+        self._before = [p.detach().clone() for p in trainer.params]
+
+    def on_train_step_end(self, trainer, out) -> None:
+        delta = [p.detach() - b for p, b in zip(trainer.params, self._before, strict=True)]
+        self.updates.append(
+            float(torch.linalg.vector_norm(torch.cat([d.flatten() for d in delta])))
+        )
+
+
 def test_logged_grad_norm_is_the_norm_before_clipping(tmp_path) -> None:
-    rec = GradRecorder()
+    rec = UpdateRecorder()
     train(tmp_path, "trainer.max_steps=5", "logging.every_n_steps=1", "trainer.grad_clip=0.01",
-          callbacks=[rec])  # fmt: skip
+          "optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.5", callbacks=[rec])  # fmt: skip
     logged = [v for _, v in read_scalars(tmp_path)["grad_norm/total"]]
     assert logged == pytest.approx([float(n) for n in rec.norms], rel=1e-5)
     assert min(logged) > 0.01  # so clipping really happened on each step
+    # plain SGD moves by lr * (clipped gradient), whose norm is the clip value
+    assert rec.updates == pytest.approx([0.5 * 0.01] * 5, rel=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["16", "bf16"])

@@ -53,6 +53,15 @@ def test_every_optimizer_and_scheduler_instantiates(optimizer: str, scheduler: s
         assert opt.param_groups[0]["lr"] == pytest.approx(cfg.scheduler.eta_min)
 
 
+@pytest.mark.parametrize("weighting", choices("weighting"))
+def test_every_weighting_instantiates_and_gives_detached_weights(weighting: str) -> None:
+    w = instantiate(make_cfg(f"weighting={weighting}").weighting)
+    losses = torch.rand(5, requires_grad=True)
+    weights = w(losses, torch.randn(5, 3), torch.arange(5) % 3, torch.arange(5))
+    assert weights.shape == (5,) and not weights.requires_grad
+    assert float(weights.sum()) == pytest.approx(1.0)  # normalize=mean by default
+
+
 def test_every_data_config_instantiates() -> None:
     for choice in choices("data"):
         data = instantiate(make_cfg(f"data={choice}").data)

@@ -60,9 +60,11 @@ class Callback:
     * ``on_fit_start(trainer)``
     * ``on_train_epoch_start(trainer, epoch)``
     * ``on_after_backward(trainer, batch, losses, weights)``: every micro-batch, right after its
-      backward; ``losses`` (B,) detached, ``weights`` (B,) or None in scalar mode
+      backward; ``losses`` (B,) detached, ``weights`` (B,) or None in scalar mode; gradients are
+      still accumulating and, under fp16, multiplied by ``trainer.scaler.get_scale()``
     * ``on_before_optimizer_step(trainer, optimizer)``: gradients final (accumulated, unscaled),
-      not yet clipped
+      not yet clipped; ``trainer.global_step`` is the step being taken, ``trainer.logging_step``
+      whether it logs
     * ``on_train_step_end(trainer, out: StepOutput)``: after step, scheduler and zero_grad
     * ``on_validation_end(trainer, metrics)``: after each epoch's validation
     * ``on_fit_end(trainer, metrics)``
