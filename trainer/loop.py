@@ -208,26 +208,32 @@ class Trainer:
         self._time_at_log = time.perf_counter()
         try:
             with redirect:
-                while self.epoch < self.max_epochs and not self._done():
-                    self.train_epoch()
-                    started = time.perf_counter()
-                    self.validate()
-                    self._time_at_log += time.perf_counter() - started  # not in samples/s
-                    if self.batch_in_epoch == len(self.train_loader):  # ran to the epoch's end
-                        self.epoch += 1
-                        self.batch_in_epoch = 0
+                while not self.finished():
+                    self.run_epoch()
         finally:
             self.progress.close()
         self.metrics.update(step=self.global_step, epoch=self.epoch)
         self._fire("on_fit_end", self.metrics)
         return self.metrics
 
+    def finished(self) -> bool:
+        return self.epoch >= self.max_epochs or self._done()
+
+    def run_epoch(self) -> None:
+        """Train one epoch (or up to ``max_steps``), then validate."""
+        self.train_epoch()
+        started = time.perf_counter()
+        self.validate()
+        self._time_at_log += time.perf_counter() - started  # validation is not in samples/s
+        if self.batch_in_epoch == len(self.train_loader):  # ran to the epoch's end
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
     def validate(self) -> None:
         """Evaluate, log val/* at the current step, write the epoch's line, fire the hook."""
         m = self.metrics = self.evaluate()
         if self.logger is not None:
             self.logger.log_scalars({k: m[k] for k in ("val/loss", "val/acc")}, self.global_step)
-            self.logger.flush()  # the epoch's events reach the disk now
         log.info(
             "epoch %d/%d  step %d  train/loss %.4f  val/loss %.4f  val/acc %.4f",
             self.epoch + 1, self.max_epochs, self.global_step,
