@@ -36,12 +36,12 @@ def to_floats(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
 class TensorBoardLogger:
     """A ``SummaryWriter`` into ``log_dir`` (the run's ``tb/``), fed in bursts.
 
-    Scalars are buffered in memory and handed to the writer by :meth:`flush`, which the Trainer
-    calls after each validation, and which :meth:`log_scalars` calls itself once ``flush_secs``
-    have passed; :meth:`close` flushes too, also when a run fails. Writing each event as it comes
-    wakes the writer's background thread for every scalar; on a 2-core CPU that thread fights
-    the training threads for the GIL and the cores and slowed small-model training by 10-40 %.
-    A burst, waited for, costs a few milliseconds instead.
+    Scalars are buffered in memory and handed to the writer by :meth:`flush`, which
+    :meth:`log_scalars` calls once ``flush_secs`` have passed and :meth:`close` calls at the end,
+    also when a run fails. Writing each event as it comes wakes the writer's background thread
+    for every scalar; on a 2-core CPU that thread fought the training threads for the GIL and
+    the cores and slowed small-model training by 10-40 %. A burst, waited for, costs well under
+    a millisecond.
     """
 
     def __init__(self, log_dir: str | Path, flush_secs: float = 30.0):
