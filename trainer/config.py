@@ -12,6 +12,7 @@ This module imports no torch: composing a config stays cheap.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -304,20 +305,90 @@ class LossConfig:
 
 @dataclass
 class WeightingConfig:
-    """Per-sample gradient weights for ``loss.mode=vector`` (see trainer/weighting.py)."""
+    """Per-sample gradient weights for ``loss.mode=vector`` (formulas: trainer/weighting.py)."""
 
     _target_: str = MISSING
-    #: ``mean``: weights divided by their sum over the batch (uniform -> 1/B, equal to scalar
-    #: mode); ``none``: weights used as the strategy gives them.
+    #: ``mean``: w = r / sum(r), weights sum to 1 (uniform -> 1/B, equal to scalar mode);
+    #: ``sum``: w = B r / sum(r), weights average 1; ``none``: w = r
     normalize: str = "mean"
 
     def __post_init__(self) -> None:
-        _one_of(self.normalize, ("mean", "none"), "weighting.normalize")
+        _one_of(self.normalize, ("mean", "sum", "none"), "weighting.normalize")
 
 
 @dataclass
 class UniformWeightingConfig(WeightingConfig):
     _target_: str = "trainer.weighting.UniformWeighting"
+
+
+@dataclass
+class ClassBalancedWeightingConfig(WeightingConfig):
+    _target_: str = "trainer.weighting.ClassBalancedWeighting"
+
+
+@dataclass
+class PerClassWeightingConfig(WeightingConfig):
+    _target_: str = "trainer.weighting.PerClassWeighting"
+    #: one weight per class, finite and >= 0 (the length is checked against the data)
+    weights: list[float] = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, w in enumerate(self.weights):
+            _check(
+                math.isfinite(w) and w >= 0,
+                f"weighting.weights[{i}]",
+                f"got {w}, every class weight must be finite and >= 0",
+            )
+        _check(len(self.weights) >= 1, "weighting.weights", "give one weight per class")
+
+
+@dataclass
+class PerSampleWeightingConfig(WeightingConfig):
+    _target_: str = "trainer.weighting.PerSampleWeighting"
+    #: .pt, .npy or .csv file with one weight per training sample (checked when the run starts)
+    path: str = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.path.lower().endswith((".pt", ".npy", ".csv")),
+            "weighting.path",
+            f"got {self.path!r}, expected a .pt, .npy or .csv file",
+        )
+
+
+@dataclass
+class FocalWeightingConfig(WeightingConfig):
+    _target_: str = "trainer.weighting.FocalWeighting"
+    #: focusing exponent: r = (1 - p_true)^gamma (0: uniform)
+    gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            math.isfinite(self.gamma) and self.gamma >= 0,
+            "weighting.gamma",
+            f"got {self.gamma}, must be finite and >= 0",
+        )
+
+
+@dataclass
+class HardTopKWeightingConfig(WeightingConfig):
+    _target_: str = "trainer.weighting.HardTopKWeighting"
+    #: keep the k highest-loss samples of each batch; k > 0 takes precedence over ``fraction``
+    k: int = 0
+    #: with k = 0: keep ceil(fraction * B) of them
+    fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.k >= 0, "weighting.k", f"got {self.k}, must be >= 0")
+        _check(
+            self.k > 0 or 0.0 < self.fraction <= 1.0,
+            "weighting.fraction",
+            f"got {self.fraction}, must be in (0, 1] (or set weighting.k > 0)",
+        )
 
 
 # ----------------------------------------------------------------------------- trainer, logging
@@ -394,6 +465,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", f"got {self.seed}, must be >= 0")
+        weighting = self.weighting
+        if self.loss.mode == "scalar" and isinstance(weighting, WeightingConfig):
+            uniform_mean = type(weighting) is UniformWeightingConfig and (
+                weighting.normalize == "mean"
+            )
+            _check(
+                uniform_mean,
+                "weighting",
+                f"{type(weighting).__name__.removesuffix('WeightingConfig').lower() or 'this'} "
+                f"weighting (normalize={weighting.normalize}) needs loss.mode=vector; scalar "
+                "mode always backpropagates the plain mean of the losses",
+            )
         for group in self.GROUPS:
             node = getattr(self, group)
             _check(
@@ -417,7 +500,14 @@ def register_configs() -> None:
         "optimizer": {"sgd": SGDConfig, "adamw": AdamWConfig},
         "scheduler": {"none": SchedulerConfig, "cosine": CosineConfig, "step": StepLRConfig},
         "loss": {"loss": LossConfig},
-        "weighting": {"uniform": UniformWeightingConfig},
+        "weighting": {
+            "uniform": UniformWeightingConfig,
+            "class_balanced": ClassBalancedWeightingConfig,
+            "per_class": PerClassWeightingConfig,
+            "per_sample": PerSampleWeightingConfig,
+            "focal": FocalWeightingConfig,
+            "hard_topk": HardTopKWeightingConfig,
+        },
         "trainer": {"trainer": TrainerConfig},
     }
     for group, nodes in schemas.items():

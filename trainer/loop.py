@@ -274,7 +274,7 @@ class Trainer:
         else:
             weights = self.weighting(losses, logits, y, index)
             if share != 1.0 and self.weighting.normalize == "mean":
-                weights = weights * share  # normalize=none: the window's weights, unscaled
+                weights = weights * share  # sum/none: each micro-batch's weights as given
             backward_vector(losses, weights, self.scaler)
         losses = losses.detach()
         self._pending_log.append(losses)

@@ -29,6 +29,7 @@ from trainer.config import ConfigError, validate
 from trainer.data.base import DataModule
 from trainer.logger import TensorBoardLogger
 from trainer.loop import Callback, Trainer, planned_steps
+from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
         len(data.train_loader), tc.accumulate_grad_batches, tc.max_epochs, tc.max_steps
     )
     scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
-    vector = typed.loss.mode == "vector"
+    weighting: Weighting | None = None
+    if typed.loss.mode == "vector":
+        weighting = instantiate(cfg.weighting)
+        weighting.setup(data, device)  # class counts, per-class lengths, per-sample files
     return Trainer(
         model,
         optimizer,
@@ -188,7 +192,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
             F.cross_entropy, reduction="none", label_smoothing=typed.loss.label_smoothing
         ),
         device=device,
-        weighting=instantiate(cfg.weighting) if vector else None,
+        weighting=weighting,
         scheduler=scheduler,
         precision=tc.precision,
         grad_clip=tc.grad_clip,

@@ -1,41 +1,97 @@
-"""Weighting strategies for ``loss.mode=vector``: per-sample losses -> detached weights.
+"""Weighting strategies for ``loss.mode=vector``: per-sample losses -> detached gradient weights.
 
-A strategy maps ``(losses, logits, targets, indices)`` of one batch to raw weights r of shape
-(B,), which ``normalize`` then turns into the gradient weights w:
+A strategy maps one batch's ``(losses, logits, targets, indices)`` to raw weights r >= 0 of shape
+(B,); ``normalize`` turns them into the weights w passed to ``losses.backward(gradient=w)``:
 
-* ``mean``: w_i = r_i / sum_j r_j (the weights sum to 1 over the batch; uniform gives 1/B,
-  the same gradients as ``loss.mode=scalar``);
-* ``none``: w_i = r_i (uniform gives 1: the gradient of the summed loss).
+* ``mean``: w_i = r_i / sum_j r_j. The weights sum to 1 over the batch (a weighted mean of the
+  losses); uniform gives 1/B, the same gradients as ``loss.mode=scalar``.
+* ``sum``: w_i = B r_i / sum_j r_j. The weights average 1 (a weighted sum of the losses); uniform
+  gives 1, the gradient of the summed loss.
+* ``none``: w_i = r_i, as the strategy gives them.
 
-The weights never carry autograd history.
+A batch whose raw weights are all 0 gets w = 0 (it contributes nothing) under every mode. The
+batch total sum_j r_j is taken by :meth:`Weighting.batch_total`, the one place a data-parallel run
+replaces by a sum over the global batch. Weights never carry autograd history.
+
+Strategies (r_i for sample i with label y_i, data-set index n_i):
+
+* ``uniform``: r_i = 1.
+* ``class_balanced``: r_i = N / (K n_{y_i}), inverse class frequency over the training split (N
+  samples, K classes, n_k samples of class k; a class absent from it gets 0). Under ``mean`` this
+  is ``CrossEntropyLoss(weight=c, reduction="mean")``, which divides by the sum of the selected
+  class weights.
+* ``per_class``: r_i = c_{y_i} for an explicit list c of K weights.
+* ``per_sample``: r_i = s_{n_i}, from a file of one weight per training sample.
+* ``focal``: r_i = (1 - p_i)^gamma, p_i the detached softmax probability of the true class.
+* ``hard_topk``: r_i = 1 for the k highest-loss samples of the batch (or a fraction of it), else 0.
+
+To add a strategy: subclass :class:`Weighting`, implement :meth:`~Weighting.raw` (and
+:meth:`~Weighting.setup` if it needs the data), add a schema to trainer/config.py and a file to
+configs/weighting/.
 """
 
 from __future__ import annotations
 
 import abc
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from trainer.data.base import DataModule
+
+NORMALIZE = ("mean", "sum", "none")
+
+
+class WeightFileError(ValueError):
+    """A per-sample weight file that cannot be used; the message names the file and the cause."""
+
+
+def _describe_bad(values: Tensor, what: str) -> str | None:
+    """None if every value is finite and >= 0, else a message naming the first bad indices."""
+    bad = (~torch.isfinite(values)) | (values < 0)
+    if not bool(bad.any()):
+        return None
+    idx = bad.nonzero().flatten()
+    shown = ", ".join(f"[{i}]={values[i].item():g}" for i in idx[:5].tolist())
+    more = f" and {len(idx) - 5} more" if len(idx) > 5 else ""
+    return f"{what} must be finite and >= 0; bad at {shown}{more}"
 
 
 class Weighting(abc.ABC):
-    """Base class: subclasses implement :meth:`raw`; :meth:`__call__` normalizes and detaches."""
+    """Base class: subclasses implement :meth:`raw`; :meth:`__call__` normalizes."""
 
     def __init__(self, normalize: str = "mean"):
-        if normalize not in ("mean", "none"):
-            raise ValueError(f"weighting.normalize: got {normalize!r}, expected mean or none")
+        if normalize not in NORMALIZE:
+            raise ValueError(
+                f"weighting.normalize: got {normalize!r}, expected one of {', '.join(NORMALIZE)}"
+            )
         self.normalize = normalize
+
+    def setup(self, data: DataModule, device: torch.device) -> None:  # noqa: B027
+        """Read what the strategy needs from the training split (once, before training)."""
 
     @abc.abstractmethod
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
-        """Raw weights r, shape (B,), same dtype and device as ``losses``."""
+        """Raw weights r >= 0, shape (B,), same dtype and device as ``losses``."""
+
+    def batch_total(self, r: Tensor) -> Tensor:
+        """sum_j r_j over the batch (over the global batch when data-parallel)."""
+        return r.sum()
 
     @torch.no_grad()
     def __call__(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
-        r = self.raw(losses.detach(), logits.detach(), targets, indices)
-        if self.normalize == "mean":
-            r = r / r.sum()
-        return r
+        r = self.raw(losses.detach(), logits.detach(), targets, indices).to(losses.dtype)
+        if self.normalize == "none":
+            return r
+        # an all-zero batch gives w = 0 instead of 0/0
+        total = self.batch_total(r).clamp_min(torch.finfo(r.dtype).tiny)
+        w = r / total
+        return w * r.numel() if self.normalize == "sum" else w
 
 
 class UniformWeighting(Weighting):
@@ -45,6 +101,147 @@ class UniformWeighting(Weighting):
         return torch.ones_like(losses)
 
     def __call__(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
-        # one fill instead of ones / ones.sum(): the same values (1/B is exact either way)
+        # one fill instead of ones / ones.sum(): the same values (tested), one kernel
         value = 1.0 / losses.numel() if self.normalize == "mean" else 1.0
         return torch.full_like(losses, value, requires_grad=False)
+
+
+class _ClassTable(Weighting):
+    """r_i = table[y_i] for a per-class table on the device."""
+
+    table: Tensor  # (K,)
+
+    def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        return self.table[targets]
+
+
+class ClassBalancedWeighting(_ClassTable):
+    """r_i = N / (K n_{y_i}): inverse class frequency over the training split."""
+
+    def setup(self, data: DataModule, device: torch.device) -> None:
+        counts = torch.bincount(data.train_targets.cpu(), minlength=data.num_classes).double()
+        n, k = counts.sum(), data.num_classes
+        table = torch.where(counts > 0, n / (k * counts.clamp_min(1)), 0.0)
+        self.class_weights = table.float()  # (K,), what CrossEntropyLoss(weight=...) would take
+        self.table = self.class_weights.to(device)
+
+
+class PerClassWeighting(_ClassTable):
+    """r_i = weights[y_i] for an explicit list of one weight per class."""
+
+    def __init__(self, weights: list[float], normalize: str = "mean"):
+        super().__init__(normalize)
+        self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+        problem = _describe_bad(self.weights, "weighting.weights")
+        if problem:
+            raise ValueError(problem)
+
+    def setup(self, data: DataModule, device: torch.device) -> None:
+        if len(self.weights) != data.num_classes:
+            raise ValueError(
+                f"weighting.weights: got {len(self.weights)} weights but the data has "
+                f"{data.num_classes} classes; give one weight per class"
+            )
+        self.table = self.weights.float().to(device)
+
+
+class PerSampleWeighting(Weighting):
+    """r_i = s[n_i], one weight per training sample, read from a .pt, .npy or .csv file.
+
+    The file holds a 1-D sequence of N numbers, N the size of the training split, indexed like
+    the batches' ``index`` (see README, "Data"). ``.pt`` loads with ``weights_only=True``; ``.csv``
+    holds one number per line (or comma-separated), no header.
+    """
+
+    def __init__(self, path: str, normalize: str = "mean"):
+        super().__init__(normalize)
+        self.path = Path(path)
+
+    def load(self) -> Tensor:
+        path = self.path
+        if not path.is_file():
+            raise WeightFileError(f"weighting.path: per-sample weight file {path} does not exist")
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".pt":
+                values = torch.load(path, map_location="cpu", weights_only=True)
+            elif suffix == ".npy":
+                import numpy as np
+
+                values = torch.from_numpy(np.load(path, allow_pickle=False))
+            elif suffix == ".csv":
+                text = path.read_text().replace(",", "\n").split()
+                values = torch.tensor([float(v) for v in text], dtype=torch.float64)
+            else:
+                raise WeightFileError(
+                    f"weighting.path: {path} has suffix {suffix!r}; expected .pt, .npy or .csv"
+                )
+        except WeightFileError:
+            raise
+        except Exception as e:
+            raise WeightFileError(f"weighting.path: could not read {path}: {e}") from e
+        numeric = isinstance(values, Tensor) and (
+            values.dtype.is_floating_point or values.dtype in (torch.int32, torch.int64)
+        )
+        if not numeric:
+            kind = values.dtype if isinstance(values, Tensor) else type(values).__name__
+            raise WeightFileError(
+                f"weighting.path: {path} must hold a 1-D tensor of numbers, got {kind}"
+            )
+        if values.ndim != 1:
+            raise WeightFileError(
+                f"weighting.path: {path} holds shape {tuple(values.shape)}; expected 1-D (N,)"
+            )
+        return values.double()
+
+    def setup(self, data: DataModule, device: torch.device) -> None:
+        values = self.load()
+        n = data.train_loader.num_samples
+        if len(values) != n:
+            raise WeightFileError(
+                f"weighting.path: {self.path} has {len(values)} weights but the training split "
+                f"has {n} samples; give one weight per training sample"
+            )
+        problem = _describe_bad(values, f"weights in {self.path}")
+        if problem:
+            raise WeightFileError(f"weighting.path: {problem}")
+        self.table = values.float().to(device)
+
+    def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        return self.table[indices]
+
+
+class FocalWeighting(Weighting):
+    """r_i = (1 - p_i)^gamma, p_i = softmax(logits_i)[y_i], detached (Lin et al., 2017)."""
+
+    def __init__(self, gamma: float = 2.0, normalize: str = "mean"):
+        super().__init__(normalize)
+        if not (gamma >= 0 and math.isfinite(gamma)):
+            raise ValueError(f"weighting.gamma: got {gamma}, must be finite and >= 0")
+        self.gamma = gamma
+
+    def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        p = F.softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)  # (B,)
+        return (1.0 - p).clamp_min(0.0).pow(self.gamma)
+
+
+class HardTopKWeighting(Weighting):
+    """r_i = 1 for the ``k`` (if > 0, else ``ceil(fraction * B)``) highest-loss samples."""
+
+    def __init__(self, k: int = 0, fraction: float = 0.25, normalize: str = "mean"):
+        super().__init__(normalize)
+        if k < 0 or (k == 0 and not 0.0 < fraction <= 1.0):
+            raise ValueError(
+                f"weighting: need weighting.k > 0 or weighting.fraction in (0, 1]; got k={k}, "
+                f"fraction={fraction}"
+            )
+        self.k, self.fraction = k, fraction
+
+    def count(self, batch_size: int) -> int:
+        if self.k > 0:
+            return min(self.k, batch_size)
+        return max(1, math.ceil(self.fraction * batch_size))
+
+    def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        top = torch.topk(losses, self.count(losses.numel()), sorted=False).indices
+        return torch.zeros_like(losses).index_fill_(0, top, 1.0)

@@ -201,6 +201,7 @@ class DataModule(abc.ABC):
 
     input_shape: tuple[int, ...]
     num_classes: int
+    train_targets: Tensor
     train_loader: Loader
     val_loader: Loader
 
@@ -228,6 +229,10 @@ class DataModule(abc.ABC):
 
     def setup(self, device: torch.device, seed: int) -> None:
         train, val = self.load()
+        #: (N,) labels of the training split, on the CPU (class counts, weighting)
+        self.train_targets = torch.as_tensor(
+            train.y if isinstance(train, TensorSplit) else train.targets  # type: ignore[attr-defined]
+        ).long()
         self.train_loader = self._loader(train, self.batch_size, device, True, seed, self.drop_last)
         self.val_loader = self._loader(val, self.eval_batch_size, device, False, seed, False)
 

@@ -1,0 +1,234 @@
+"""Weighting strategies: the weights each one gives, and the gradients they produce."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cfg, read_scalars, train
+from torch import nn
+
+from trainer.weighting import (
+    ClassBalancedWeighting,
+    FocalWeighting,
+    HardTopKWeighting,
+    PerClassWeighting,
+    PerSampleWeighting,
+    UniformWeighting,
+    WeightFileError,
+)
+
+K, N, B = 3, 40, 8
+CPU = torch.device("cpu")
+
+
+def fake_data(targets: torch.Tensor | None = None) -> SimpleNamespace:
+    targets = targets if targets is not None else torch.arange(N) % K
+    return SimpleNamespace(
+        num_classes=K, train_targets=targets, train_loader=SimpleNamespace(num_samples=N)
+    )
+
+
+def problem(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, K)).double()
+    for p in model.parameters():
+        nn.init.normal_(p, generator=g)
+    x = torch.randn(B, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])
+    index = torch.tensor([3, 17, 0, 39, 8, 21, 5, 30])
+    return model, x, y, index
+
+
+def strategies(tmp_path) -> dict[str, object]:
+    weights_file = tmp_path / "w.pt"
+    torch.save(torch.linspace(0.0, 2.0, N), weights_file)
+    return {
+        "uniform": UniformWeighting(),
+        "class_balanced": ClassBalancedWeighting(),
+        "per_class": PerClassWeighting([0.5, 2.0, 1.0]),
+        "per_sample": PerSampleWeighting(str(weights_file)),
+        "focal": FocalWeighting(gamma=2.0),
+        "hard_topk": HardTopKWeighting(k=3),
+    }
+
+
+def weights_for(strategy, model, x, y, index, normalize: str = "mean") -> torch.Tensor:
+    strategy.normalize = normalize
+    strategy.setup(fake_data(), CPU)
+    logits = model(x)
+    losses = nn.functional.cross_entropy(logits, y, reduction="none")
+    return strategy(losses, logits, y, index)
+
+
+@pytest.mark.parametrize(
+    "name", ["uniform", "class_balanced", "per_class", "per_sample", "focal", "hard_topk"]
+)
+@pytest.mark.parametrize("normalize", ["mean", "sum", "none"])
+def test_vjp_equals_weighted_sum_equals_autograd_grad(tmp_path, name, normalize) -> None:
+    model, x, y, index = problem()
+    w = weights_for(strategies(tmp_path)[name], model, x, y, index, normalize)
+    assert w.shape == (B,) and w.dtype == torch.float64 and not w.requires_grad
+    assert bool((w >= 0).all()) and bool(torch.isfinite(w).all())
+    if normalize == "mean":
+        assert float(w.sum()) == pytest.approx(1.0)
+    if normalize == "sum":
+        assert float(w.sum()) == pytest.approx(B)
+    params = list(model.parameters())
+
+    def losses():
+        return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    losses().backward(gradient=w)
+    vjp = [p.grad.clone() for p in params]
+    model.zero_grad()
+    (w * losses()).sum().backward()
+    weighted = [p.grad.clone() for p in params]
+    by_grad = torch.autograd.grad(losses(), params, grad_outputs=w)
+    for a, b, c in zip(vjp, weighted, by_grad, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
+
+
+def test_class_balanced_equals_weighted_cross_entropy() -> None:
+    model, x, y, index = problem(1)
+    targets = torch.tensor([0] * 25 + [1] * 10 + [2] * 5)  # imbalanced training split
+    strategy = ClassBalancedWeighting()
+    strategy.setup(fake_data(targets), CPU)
+    expected = torch.tensor([40 / (3 * 25), 40 / (3 * 10), 40 / (3 * 5)])
+    torch.testing.assert_close(strategy.class_weights, expected)
+
+    logits = model(x)
+    losses = nn.functional.cross_entropy(logits, y, reduction="none")
+    w = strategy(losses, logits, y, index)
+    losses.backward(gradient=w)
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference = nn.CrossEntropyLoss(weight=expected.double(), reduction="mean")(model(x), y)
+    reference.backward()
+    for a, p in zip(ours, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-12)
+    assert float((w * losses.detach()).sum()) == pytest.approx(float(reference.detach()))
+
+
+def test_per_class_all_ones_equals_uniform() -> None:
+    model, x, y, index = problem(2)
+    ones = weights_for(PerClassWeighting([1.0, 1.0, 1.0]), model, x, y, index)
+    uniform = weights_for(UniformWeighting(), model, x, y, index)
+    torch.testing.assert_close(ones, uniform, rtol=0, atol=1e-15)
+    assert torch.equal(uniform, torch.full((B,), 1 / B, dtype=torch.float64))
+
+
+def test_focal_and_topk_follow_their_formulas() -> None:
+    model, x, y, index = problem(3)
+    logits = model(x)
+    losses = nn.functional.cross_entropy(logits, y, reduction="none")
+    p_true = torch.softmax(logits, 1)[torch.arange(B), y]
+    focal = FocalWeighting(gamma=1.5, normalize="none")(losses, logits, y, index)
+    torch.testing.assert_close(focal, (1 - p_true.detach()) ** 1.5)
+
+    top = HardTopKWeighting(k=3, normalize="none")(losses, logits, y, index)
+    assert set(top.nonzero().flatten().tolist()) == set(losses.topk(3).indices.tolist())
+    frac = HardTopKWeighting(fraction=0.3, normalize="none")(losses, logits, y, index)
+    assert int(frac.sum()) == math.ceil(0.3 * B)
+
+
+def test_an_all_zero_batch_gets_zero_weights_not_nan() -> None:
+    model, x, y, index = problem()
+    for normalize in ("mean", "sum", "none"):
+        w = weights_for(PerClassWeighting([0.0, 0.0, 0.0]), model, x, y, index, normalize)
+        assert torch.equal(w, torch.zeros(B, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npy", ".csv"])
+def test_per_sample_files_in_every_format(tmp_path, suffix) -> None:
+    values = torch.arange(N, dtype=torch.float64) / 10
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pt":
+        torch.save(values, path)
+    elif suffix == ".npy":
+        np.save(path, values.numpy())
+    else:
+        path.write_text("\n".join(f"{v:.1f}" for v in values.tolist()) + "\n")
+    strategy = PerSampleWeighting(str(path), normalize="none")
+    strategy.setup(fake_data(), CPU)
+    model, x, y, index = problem()
+    w = strategy(torch.zeros(B, dtype=torch.float64), model(x), y, index)
+    torch.testing.assert_close(w, index.double() / 10)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (torch.ones(N - 1), rf"has {N - 1} weights but the training split has {N} samples"),
+        (torch.tensor([1.0] * 5 + [float("nan")] + [1.0] * (N - 6)), r"bad at \[5\]=nan"),
+        (torch.tensor([1.0, -2.0] + [1.0] * (N - 2)), r"bad at \[1\]=-2"),
+        (torch.ones(N, 2), r"expected 1-D"),
+        ({"weights": torch.ones(N)}, "1-D tensor of numbers"),
+    ],
+)
+def test_bad_per_sample_files_are_refused(tmp_path, content, match) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(content, path)
+    with pytest.raises(WeightFileError, match=match):
+        PerSampleWeighting(str(path)).setup(fake_data(), CPU)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_per_sample_file_that_would_run_code_is_refused(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(WeightFileError, match="could not read"):
+        PerSampleWeighting(str(path)).setup(fake_data(), CPU)
+    assert not marker.exists()
+
+
+def test_missing_file_and_wrong_class_count_are_named(tmp_path) -> None:
+    with pytest.raises(WeightFileError, match="does not exist"):
+        PerSampleWeighting(str(tmp_path / "nope.npy")).setup(fake_data(), CPU)
+    with pytest.raises(ValueError, match="got 2 weights but the data has 3 classes"):
+        PerClassWeighting([1.0, 2.0]).setup(fake_data(), CPU)
+
+
+def test_vector_mode_trains_with_every_strategy(tmp_path) -> None:
+    per_sample = tmp_path / "w.npy"
+    np.save(per_sample, np.linspace(0.5, 1.5, 1438))  # the digits training split's size
+    for name, extra in [
+        ("class_balanced", []),
+        ("per_class", ["weighting.weights=[1,1,1,1,1,1,1,1,1,3]"]),
+        ("per_sample", [f"weighting.path={per_sample}"]),
+        ("focal", []),
+        ("hard_topk", ["weighting.fraction=0.5"]),
+    ]:
+        run_dir = tmp_path / name
+        metrics = train(run_dir, "loss.mode=vector", f"weighting={name}", *extra,
+                        "trainer.max_epochs=2", "logging.every_n_steps=5")  # fmt: skip
+        assert metrics["val/acc"] > 0.5, name
+        scalars = read_scalars(run_dir)
+        for _, mean in scalars["weights/mean"]:  # normalize=mean: weights sum to 1
+            assert mean == pytest.approx(1 / 64, rel=1e-5)
+        if name == "hard_topk":
+            assert all(v == 0 for _, v in scalars["weights/min"])
+
+
+def test_wrong_length_weight_file_fails_before_the_first_step(tmp_path) -> None:
+    from trainer.run import run
+
+    bad = tmp_path / "w.npy"
+    np.save(bad, np.ones(100))
+    with pytest.raises(WeightFileError, match="has 100 weights"):
+        run(make_cfg("loss.mode=vector", "weighting=per_sample", f"weighting.path={bad}"),
+            run_dir=tmp_path / "run")  # fmt: skip
+    assert not (tmp_path / "run" / "tb").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
