@@ -473,9 +473,9 @@ class TrainConfig:
             _check(
                 uniform_mean,
                 "weighting",
-                f"{type(weighting).__name__.removesuffix('WeightingConfig').lower() or 'this'} "
-                f"weighting (normalize={weighting.normalize}) needs loss.mode=vector; scalar "
-                "mode always backpropagates the plain mean of the losses",
+                f"{weighting._target_.rsplit('.', 1)[-1]} (normalize={weighting.normalize}) "
+                "needs loss.mode=vector; scalar mode always backpropagates the plain mean of "
+                "the losses",
             )
         for group in self.GROUPS:
             node = getattr(self, group)
