@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from trainer.config import ConfigError, validate
 from trainer.run import build_scheduler, resolve_device
 
-GROUPS = ["data", "model", "optimizer", "scheduler", "loss", "weighting", "trainer"]
+GROUPS = ["data", "model", "optimizer", "scheduler", "loss", "weighting", "trainer", "regularizer"]
 
 
 def choices(group: str) -> list[str]:
@@ -107,6 +107,8 @@ def test_every_config_file_extends_its_schema() -> None:
         ("+optimizer.lrr=0.1", "optimizer.lrr"),
         ("+trainer.max_epoch=3", "trainer.max_epoch"),
         ("+foo=1", "foo"),
+        ("regularizer=[l2] regularizer.l2.coef=-0.1", "regularizer.l2.coef"),
+        ("regularizer=[l1] +regularizer.l1.coeff=1", "regularizer.l1.coeff"),
     ],
 )
 def test_out_of_range_or_unknown_values_name_the_key(override: str, key: str) -> None:
@@ -136,6 +138,12 @@ def test_unknown_group_choice_lists_the_options() -> None:
         make_cfg("model=mlpp")
     assert "mlpp" in str(info.value) and "cnn" in str(info.value)
     assert "schema" not in str(info.value).split("Config search path")[0]
+
+
+def test_unknown_regularizer_name_lists_the_options() -> None:
+    with pytest.raises(MissingConfigException) as info:
+        make_cfg("regularizer=[l2,l3]")
+    assert "regularizer/l3" in str(info.value)
 
 
 def test_unavailable_cuda_is_an_error_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,19 +52,35 @@ def check_weights(losses: Tensor, weights: Tensor) -> None:
         )
 
 
-def backward_scalar(loss: Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
-    """``loss.backward()`` on a 0-d loss (scaled by the GradScaler under fp16)."""
+def backward_scalar(
+    loss: Tensor, scaler: torch.amp.GradScaler | None = None, reg: Tensor | None = None
+) -> None:
+    """``(loss + reg).backward()`` on a 0-d loss (scaled by the GradScaler under fp16)."""
     if loss.ndim != 0:
         raise WeightError(
             f"scalar backward needs a 0-d loss, got shape {tuple(loss.shape)}; reduce it "
             "(e.g. .mean()) or use loss.mode=vector with weights"
         )
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+    total = loss if reg is None else loss + reg
+    (scaler.scale(total) if scaler is not None else total).backward()
 
 
 def backward_vector(
-    losses: Tensor, weights: Tensor, scaler: torch.amp.GradScaler | None = None
+    losses: Tensor,
+    weights: Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+    reg: Tensor | None = None,
 ) -> None:
-    """``losses.backward(gradient=weights)``: the vector-Jacobian product w^T J."""
+    """``losses.backward(gradient=weights)``: the vector-Jacobian product w^T J.
+
+    With a 0-d regularizer ``reg`` it joins the same backward pass as a second root:
+    ``torch.autograd.backward([losses, reg], grad_tensors=[w, 1])``.
+    """
     check_weights(losses, weights)
-    losses.backward(gradient=scaler.scale(weights) if scaler is not None else weights)
+    if reg is None:
+        losses.backward(gradient=scaler.scale(weights) if scaler is not None else weights)
+        return
+    one = torch.ones_like(reg)
+    if scaler is not None:
+        weights, one = scaler.scale(weights), scaler.scale(one)
+    torch.autograd.backward([losses, reg], grad_tensors=[weights, one])

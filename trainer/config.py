@@ -391,6 +391,23 @@ class HardTopKWeightingConfig(WeightingConfig):
         )
 
 
+@dataclass
+class RegularizerConfig:
+    """One entry of the ``regularizer`` list: ``coef * R(selected parameters)``."""
+
+    _target_: str = "trainer.regularizers.Regularizer"
+    #: the coefficient λ (>= 0)
+    coef: float = 1e-4
+    #: fnmatch patterns on parameter names; selected: matches an include, no exclude ...
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    #: ... and has at least this many dimensions (2 leaves out biases and norm-layer scales)
+    min_ndim: int = 2
+
+
+REGULARIZERS = ("l2", "l1", "orthogonal")
+
+
 # ----------------------------------------------------------------------------- trainer, logging
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -458,6 +475,8 @@ class TrainConfig:
     scheduler: Any = MISSING
     loss: LossConfig = field(default_factory=LossConfig)
     weighting: Any = MISSING
+    #: name -> regularizer config (``regularizer=[l2,orthogonal]``); empty by default
+    regularizer: dict[str, Any] = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -477,6 +496,19 @@ class TrainConfig:
                 "needs loss.mode=vector; scalar mode always backpropagates the plain mean of "
                 "the losses",
             )
+        for name, reg in self.regularizer.items():
+            _one_of(name, REGULARIZERS, "regularizer")
+            _check(
+                isinstance(reg, RegularizerConfig),
+                f"regularizer.{name}",
+                "choose it from configs/regularizer/ (regularizer=[l2,l1,orthogonal])",
+            )
+            _check(
+                math.isfinite(reg.coef) and reg.coef >= 0,
+                f"regularizer.{name}.coef",
+                f"got {reg.coef}, must be finite and >= 0",
+            )
+            _check(reg.min_ndim >= 0, f"regularizer.{name}.min_ndim", "must be >= 0")
         for group in self.GROUPS:
             node = getattr(self, group)
             _check(
@@ -509,6 +541,7 @@ def register_configs() -> None:
             "hard_topk": HardTopKWeightingConfig,
         },
         "trainer": {"trainer": TrainerConfig},
+        "regularizer": {"regularizer": RegularizerConfig},
     }
     for group, nodes in schemas.items():
         for name, node in nodes.items():
@@ -547,6 +580,10 @@ def _reject_unknown_keys(node: Any, typed: Any, prefix: str) -> None:
         )
         if dataclasses.is_dataclass(known[key]):
             _reject_unknown_keys(node[key], known[key], prefix=f"{prefix}{key}.")
+        elif isinstance(known[key], dict):  # name -> dataclass (the regularizer list)
+            for name, value in known[key].items():
+                if dataclasses.is_dataclass(value):
+                    _reject_unknown_keys(node[key][name], value, prefix=f"{prefix}{key}.{name}.")
 
 
 def _full_key(e: OmegaConfBaseException) -> str:

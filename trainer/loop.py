@@ -34,6 +34,7 @@ from torch.nn.utils import clip_grad_norm_, get_total_norm
 from trainer.backward import backward_scalar, backward_vector
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.logger import Progress, TensorBoardLogger, to_floats
+from trainer.regularizers import Regularizer
 from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,11 @@ class Trainer:
         logger: TensorBoardLogger | None = None,
         progress: bool = False,
         callbacks: Sequence[Callback] = (),
+        regularizers: Sequence[Regularizer] = (),
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.regularizers = list(regularizers)
+        self._reg_values: list[Tensor] = []  # the last optimizer step's λR, detached
         self.train_loader, self.val_loader = train_loader, val_loader
         self.criterion, self.weighting, self.device = criterion, weighting, device
         self.amp_dtype = _AMP_DTYPES[str(precision)]
@@ -268,20 +272,43 @@ class Trainer:
             losses = self.criterion(logits, y)  # (B,)
         share = y.shape[0] / window_samples  # 1.0 without accumulation
         weights = None
+        reg = self._regularization() if step_now and self.regularizers else None  # once a step
         if self.weighting is None:
             loss = losses.mean()
-            backward_scalar(loss if share == 1.0 else loss * share, self.scaler)
+            backward_scalar(loss if share == 1.0 else loss * share, self.scaler, reg)
         else:
             weights = self.weighting(losses, logits, y, index)
             if share != 1.0 and self.weighting.normalize == "mean":
                 weights = weights * share  # sum/none: each micro-batch's weights as given
-            backward_vector(losses, weights, self.scaler)
+            backward_vector(losses, weights, self.scaler, reg)
         losses = losses.detach()
         self._pending_log.append(losses)
         self._pending_epoch.append(losses)
         self._fire("on_after_backward", batch, losses, weights)
         if step_now:
             self.optimizer_step(batch, losses, weights)
+
+    def _regularization(self) -> Tensor:
+        """Σ λR over the regularizers (0-d), added once per optimizer step."""
+        values = [r.value() for r in self.regularizers]
+        self._reg_values = [v.detach() for v in values]
+        return torch.stack(values).sum()
+
+    def _data_and_reg_norms(self) -> dict[str, Tensor]:
+        """grad_norm/reg from the regularizers' analytic gradients, grad_norm/data = the rest."""
+        reg_grad: dict[int, Tensor] = {}
+        for r in self.regularizers:
+            for p, g in zip(r.params, r.grad(), strict=True):
+                reg_grad[id(p)] = reg_grad[id(p)] + g if id(p) in reg_grad else g
+        data = [
+            p.grad - reg_grad[id(p)] if id(p) in reg_grad else p.grad
+            for p in self.params
+            if p.grad is not None
+        ]
+        return {
+            "grad_norm/data": get_total_norm(data),
+            "grad_norm/reg": get_total_norm(list(reg_grad.values())),
+        }
 
     def optimizer_step(self, batch: Batch, losses: Tensor, weights: Tensor | None) -> None:
         if self.scaler is not None:
@@ -290,6 +317,7 @@ class Trainer:
         self.logging_step = should_log = self.should_log(self.global_step)
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
+        split_norms = self._data_and_reg_norms() if should_log and self.regularizers else {}
         if self.grad_clip > 0:
             grad_norm = clip_grad_norm_(self.params, self.grad_clip)
         elif should_log:
@@ -308,10 +336,10 @@ class Trainer:
         )
         self._fire("on_train_step_end", out)
         if should_log:
-            self._log_step(out, lr)
+            self._log_step(out, lr, split_norms)
         self.progress.update()
 
-    def _log_step(self, out: StepOutput, lr: float) -> None:
+    def _log_step(self, out: StepOutput, lr: float, extra: dict[str, Tensor]) -> None:
         interval = torch.cat(self._pending_log)  # (samples since the last log,)
         self._pending_log.clear()
         self._fold_epoch_losses()
@@ -319,6 +347,9 @@ class Trainer:
         values: dict[str, Tensor | float] = {"train/loss": interval.mean(), "lr": lr}
         if out.grad_norm is not None:
             values["grad_norm/total"] = out.grad_norm
+        values.update(extra)
+        for r, v in zip(self.regularizers, self._reg_values, strict=True):
+            values[f"reg/{r.name}"] = v
         if out.weights is not None:
             w_min, w_max = torch.aminmax(out.weights)
             values.update({"weights/mean": out.weights.mean(), "weights/min": w_min,

@@ -182,6 +182,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
     if typed.loss.mode == "vector":
         weighting = instantiate(cfg.weighting)
         weighting.setup(data, device)  # class counts, per-class lengths, per-sample files
+    regularizers = [
+        instantiate(node, name=name).bind(model)
+        for name, node in cfg.get("regularizer", {}).items()
+    ]
     return Trainer(
         model,
         optimizer,
@@ -203,4 +207,5 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
         logger=TensorBoardLogger(run_dir / "tb"),
         progress=typed.logging.progress,
         callbacks=callbacks,
+        regularizers=regularizers,
     )

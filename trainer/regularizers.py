@@ -1,0 +1,166 @@
+"""Parameter regularizers as custom autograd Functions with hand-written backward passes.
+
+Each Function is private and called through a public :class:`Regularizer`, which selects its
+parameters by name pattern and multiplies by its coefficient. Every backward is written with
+differentiable tensor ops, so the regularizers can be differentiated twice (``create_graph``);
+tests run ``gradcheck`` and ``gradgradcheck`` on each in float64.
+
+The gradient of each regularizer is also available analytically (:meth:`Regularizer.grad`),
+without a backward pass, so the trainer can log ``grad_norm/reg`` and ``grad_norm/data``
+(total gradient minus the regularizer's) on logging steps at the cost of a few vector ops.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Function
+
+
+class _L2(Function):
+    """R(θ) = ½ Σ_p ‖p‖²;  ∂R/∂p = p.  Inputs: any number of tensors; output: 0-d."""
+
+    @staticmethod
+    def forward(ctx, *params: Tensor) -> Tensor:
+        ctx.save_for_backward(*params)
+        return 0.5 * torch.stack([p.pow(2).sum() for p in params]).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+        return tuple(grad * p for p in ctx.saved_tensors)
+
+
+class _L1(Function):
+    """R(θ) = Σ_p ‖p‖₁;  ∂R/∂p = sign(p), the subgradient 0 at 0.  Output: 0-d."""
+
+    @staticmethod
+    def forward(ctx, *params: Tensor) -> Tensor:
+        ctx.save_for_backward(*params)
+        return torch.stack([p.abs().sum() for p in params]).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+        return tuple(grad * torch.sign(p) for p in ctx.saved_tensors)
+
+
+class _Orthogonal(Function):
+    """R(W) = Σ_W ‖WᵀW − I‖²_F over 2-D W (m, n);  ∂R/∂W = 4 W (WᵀW − I).  Output: 0-d.
+
+    Cost per W: two (n, m) x (m, n) products forward, one more backward.
+    """
+
+    @staticmethod
+    def forward(ctx, *weights: Tensor) -> Tensor:
+        ctx.save_for_backward(*weights)
+        total = weights[0].new_zeros(())
+        for w in weights:
+            gram = w.mT @ w  # (n, n)
+            total = (
+                total
+                + (gram - torch.eye(gram.shape[0], dtype=w.dtype, device=w.device)).pow(2).sum()
+            )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+        out = []
+        for w in ctx.saved_tensors:
+            eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+            out.append(grad * 4 * (w @ (w.mT @ w - eye)))
+        return tuple(out)
+
+
+def l2(*params: Tensor) -> Tensor:
+    """½ Σ‖p‖² through the custom Function."""
+    return _L2.apply(*params)
+
+
+def l1(*params: Tensor) -> Tensor:
+    """Σ‖p‖₁ through the custom Function."""
+    return _L1.apply(*params)
+
+
+def orthogonal(*weights: Tensor) -> Tensor:
+    """Σ‖WᵀW − I‖²_F over 2-D weights through the custom Function."""
+    for w in weights:
+        if w.ndim != 2:
+            raise ValueError(
+                f"orthogonal regularizer needs 2-D weights, got shape {tuple(w.shape)}"
+            )
+    return _Orthogonal.apply(*weights)
+
+
+class Regularizer:
+    """``coef * R(selected parameters)``.
+
+    Args:
+        name: the config name (``l2``, ``l1``, ``orthogonal``); logged as ``reg/<name>``.
+        coef: λ >= 0.
+        include: fnmatch patterns on parameter names (``named_parameters()``); a parameter is
+            selected if it matches one of them ...
+        exclude: ... none of these ...
+        min_ndim: ... and has at least this many dimensions (2 leaves out biases and norm
+            layers' scales).
+    """
+
+    KINDS = {"l2": l2, "l1": l1, "orthogonal": orthogonal}
+
+    def __init__(
+        self,
+        name: str,
+        coef: float,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        min_ndim: int = 2,
+    ):
+        if name not in self.KINDS:
+            raise ValueError(
+                f"regularizer: unknown {name!r}, expected one of {', '.join(self.KINDS)}"
+            )
+        if not coef >= 0:
+            raise ValueError(f"regularizer.{name}.coef: got {coef}, must be >= 0")
+        self.name, self.coef = name, coef
+        self.include, self.exclude, self.min_ndim = list(include), list(exclude), min_ndim
+        self.fn = self.KINDS[name]
+        self.names: list[str] = []
+        self.params: list[nn.Parameter] = []
+
+    def bind(self, model: nn.Module) -> Regularizer:
+        """Select the parameters; an empty selection is an error naming the patterns."""
+        for n, p in model.named_parameters():
+            if (
+                p.requires_grad
+                and p.ndim >= self.min_ndim
+                and any(fnmatch.fnmatchcase(n, pat) for pat in self.include)
+                and not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)
+            ):
+                if self.name == "orthogonal" and p.ndim != 2:
+                    continue  # conv kernels etc.: orthogonality is defined here for matrices
+                self.names.append(n)
+                self.params.append(p)
+        if not self.params:
+            raise ValueError(
+                f"regularizer.{self.name}: no parameter matches include={self.include}, "
+                f"exclude={self.exclude}, min_ndim={self.min_ndim}"
+            )
+        return self
+
+    def value(self) -> Tensor:
+        """λ R(θ), 0-d, differentiable (twice)."""
+        return self.coef * self.fn(*self.params)
+
+    @torch.no_grad()
+    def grad(self) -> list[Tensor]:
+        """λ ∂R/∂p for each selected parameter, computed analytically (no backward pass)."""
+        if self.name == "l2":
+            return [self.coef * p for p in self.params]
+        if self.name == "l1":
+            return [self.coef * torch.sign(p) for p in self.params]
+        out = []
+        for w in self.params:
+            eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+            out.append(self.coef * 4 * (w @ (w.mT @ w - eye)))
+        return out
