@@ -20,6 +20,19 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 
+def _l2_grad(p: Tensor) -> Tensor:
+    return p  # d(½‖p‖²)/dp
+
+
+def _l1_grad(p: Tensor) -> Tensor:
+    return torch.sign(p)  # d‖p‖₁/dp, 0 at 0
+
+
+def _orthogonal_grad(w: Tensor) -> Tensor:
+    eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+    return 4 * (w @ (w.mT @ w - eye))  # d‖WᵀW − I‖²_F/dW, (m, n)
+
+
 class _L2(Function):
     """R(θ) = ½ Σ_p ‖p‖²;  ∂R/∂p = p.  Inputs: any number of tensors; output: 0-d."""
 
@@ -30,7 +43,7 @@ class _L2(Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
-        return tuple(grad * p for p in ctx.saved_tensors)
+        return tuple(grad * _l2_grad(p) for p in ctx.saved_tensors)
 
 
 class _L1(Function):
@@ -43,7 +56,7 @@ class _L1(Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
-        return tuple(grad * torch.sign(p) for p in ctx.saved_tensors)
+        return tuple(grad * _l1_grad(p) for p in ctx.saved_tensors)
 
 
 class _Orthogonal(Function):
@@ -66,11 +79,7 @@ class _Orthogonal(Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
-        out = []
-        for w in ctx.saved_tensors:
-            eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-            out.append(grad * 4 * (w @ (w.mT @ w - eye)))
-        return tuple(out)
+        return tuple(grad * _orthogonal_grad(w) for w in ctx.saved_tensors)
 
 
 def l2(*params: Tensor) -> Tensor:
@@ -107,6 +116,7 @@ class Regularizer:
     """
 
     KINDS = {"l2": l2, "l1": l1, "orthogonal": orthogonal}
+    GRADS = {"l2": _l2_grad, "l1": _l1_grad, "orthogonal": _orthogonal_grad}
 
     def __init__(
         self,
@@ -125,6 +135,7 @@ class Regularizer:
         self.name, self.coef = name, coef
         self.include, self.exclude, self.min_ndim = list(include), list(exclude), min_ndim
         self.fn = self.KINDS[name]
+        self.grad_fn = self.GRADS[name]
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
 
@@ -155,12 +166,4 @@ class Regularizer:
     @torch.no_grad()
     def grad(self) -> list[Tensor]:
         """λ ∂R/∂p for each selected parameter, computed analytically (no backward pass)."""
-        if self.name == "l2":
-            return [self.coef * p for p in self.params]
-        if self.name == "l1":
-            return [self.coef * torch.sign(p) for p in self.params]
-        out = []
-        for w in self.params:
-            eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-            out.append(self.coef * 4 * (w @ (w.mT @ w - eye)))
-        return out
+        return [self.coef * self.grad_fn(p) for p in self.params]
