@@ -15,7 +15,10 @@ from omegaconf import OmegaConf
 from trainer.config import ConfigError, validate
 from trainer.run import build_scheduler, resolve_device
 
-GROUPS = ["data", "model", "optimizer", "scheduler", "loss", "weighting", "trainer", "regularizer"]
+GROUPS = [
+    "data", "model", "optimizer", "scheduler", "loss", "weighting", "trainer", "regularizer",
+    "instrument",
+]  # fmt: skip
 
 
 def choices(group: str) -> list[str]:
@@ -109,6 +112,15 @@ def test_every_config_file_extends_its_schema() -> None:
         ("+foo=1", "foo"),
         ("regularizer=[l2] regularizer.l2.coef=-0.1", "regularizer.l2.coef"),
         ("regularizer=[l1] +regularizer.l1.coeff=1", "regularizer.l1.coeff"),
+        ("regularizer=[input_grad_penalty] regularizer.input_grad_penalty.coef=-1",
+         "regularizer.input_grad_penalty.coef"),
+        ("regularizer=[input_grad_penalty] +regularizer.input_grad_penalty.min_ndim=2",
+         "regularizer.input_grad_penalty.min_ndim"),
+        ("instrument.curvature.every_n_steps=-1", "instrument.curvature.every_n_steps"),
+        ("instrument.curvature.power_iters=0", "instrument.curvature.power_iters"),
+        ("instrument.curvature.trace_probes=0", "instrument.curvature.trace_probes"),
+        ("instrument.curvature.tol=-1", "instrument.curvature.tol"),
+        ("+instrument.curvature.probes=3", "instrument.curvature.probes"),
     ],
 )
 def test_out_of_range_or_unknown_values_name_the_key(override: str, key: str) -> None:

@@ -14,12 +14,35 @@ A GradScaler, when given, scales the root's gradient (the loss, or w) before bac
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
 
 class WeightError(ValueError):
     """Gradient weights that do not fit the losses they weight."""
+
+
+class GraphFreedError(RuntimeError):
+    """A backward pass through a graph whose saved tensors an earlier backward already freed."""
+
+
+@contextlib.contextmanager
+def explain_freed_graph() -> Iterator[None]:
+    """Turn autograd's "backward through the graph a second time" error into a clear one."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "second time" not in str(e) and "already been freed" not in str(e):
+            raise
+        raise GraphFreedError(
+            "backward ran a second time through the same graph: the first backward freed the "
+            "activations it saved. Compute the losses again with a new forward pass (the "
+            "trainer does this every step), or, if two passes over one graph are really "
+            "intended, pass retain_graph=True to the first (it keeps every activation alive)"
+        ) from e
 
 
 def check_weights(losses: Tensor, weights: Tensor) -> None:
@@ -62,7 +85,8 @@ def backward_scalar(
             "(e.g. .mean()) or use loss.mode=vector with weights"
         )
     total = loss if reg is None else loss + reg
-    (scaler.scale(total) if scaler is not None else total).backward()
+    with explain_freed_graph():
+        (scaler.scale(total) if scaler is not None else total).backward()
 
 
 def backward_vector(
@@ -77,10 +101,11 @@ def backward_vector(
     ``torch.autograd.backward([losses, reg], grad_tensors=[w, 1])``.
     """
     check_weights(losses, weights)
-    if reg is None:
-        losses.backward(gradient=scaler.scale(weights) if scaler is not None else weights)
-        return
-    one = torch.ones_like(reg)
-    if scaler is not None:
-        weights, one = scaler.scale(weights), scaler.scale(one)
-    torch.autograd.backward([losses, reg], grad_tensors=[weights, one])
+    with explain_freed_graph():
+        if reg is None:
+            losses.backward(gradient=scaler.scale(weights) if scaler is not None else weights)
+            return
+        one = torch.ones_like(reg)
+        if scaler is not None:
+            weights, one = scaler.scale(weights), scaler.scale(one)
+        torch.autograd.backward([losses, reg], grad_tensors=[weights, one])

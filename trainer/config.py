@@ -405,7 +405,61 @@ class RegularizerConfig:
     min_ndim: int = 2
 
 
-REGULARIZERS = ("l2", "l1", "orthogonal")
+@dataclass
+class InputGradPenaltyConfig:
+    """``regularizer=[input_grad_penalty]``: λ · mean_i ‖∇_{x_i} ℓ‖² ("double backprop")."""
+
+    _target_: str = "trainer.regularizers.InputGradPenalty"
+    #: the coefficient λ (>= 0)
+    coef: float = 0.01
+
+
+#: regularizer name -> the schema its config file extends
+REGULARIZERS: dict[str, type] = {
+    "l2": RegularizerConfig,
+    "l1": RegularizerConfig,
+    "orthogonal": RegularizerConfig,
+    "input_grad_penalty": InputGradPenaltyConfig,
+}
+
+
+# ----------------------------------------------------------------------------- instrumentation
+
+
+@dataclass
+class CurvatureConfig:
+    """Hessian curvature of the training loss on the current batch (trainer/instrument/).
+
+    Runs on its own steps only; between them it costs nothing. Random probes and starting
+    vectors come from its own generator, so measuring never changes the trajectory.
+    """
+
+    #: measure every N optimizer steps (0: off)
+    every_n_steps: int = 0
+    #: power-iteration steps for ``curvature/top_eig`` (one Hessian-vector product each) ...
+    power_iters: int = 20
+    #: ... stopping early once the estimate changes by at most this relative amount
+    tol: float = 1e-3
+    #: Rademacher probes for Hutchinson's ``curvature/trace`` (one Hessian-vector product each)
+    trace_probes: int = 10
+    #: seed of the measurement's own random generator
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        key = "instrument.curvature."
+        _check(self.every_n_steps >= 0, key + "every_n_steps", "must be >= 0 (0: off)")
+        _check(self.power_iters >= 1, key + "power_iters", f"got {self.power_iters}, must be >= 1")
+        _check(self.tol >= 0, key + "tol", f"got {self.tol}, must be >= 0")
+        _check(
+            self.trace_probes >= 1, key + "trace_probes", f"got {self.trace_probes}, must be >= 1"
+        )
+
+
+@dataclass
+class InstrumentConfig:
+    """What is measured, each quantity on its own cadence (``instrument=default|none|full``)."""
+
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
 
 
 # ----------------------------------------------------------------------------- trainer, logging
@@ -477,6 +531,7 @@ class TrainConfig:
     weighting: Any = MISSING
     #: name -> regularizer config (``regularizer=[l2,orthogonal]``); empty by default
     regularizer: dict[str, Any] = field(default_factory=dict)
+    instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -497,18 +552,19 @@ class TrainConfig:
                 "the losses",
             )
         for name, reg in self.regularizer.items():
-            _one_of(name, REGULARIZERS, "regularizer")
+            _one_of(name, tuple(REGULARIZERS), "regularizer")
             _check(
-                isinstance(reg, RegularizerConfig),
+                isinstance(reg, REGULARIZERS[name]),
                 f"regularizer.{name}",
-                "choose it from configs/regularizer/ (regularizer=[l2,l1,orthogonal])",
+                f"choose it from configs/regularizer/ (regularizer=[{','.join(REGULARIZERS)}])",
             )
             _check(
                 math.isfinite(reg.coef) and reg.coef >= 0,
                 f"regularizer.{name}.coef",
                 f"got {reg.coef}, must be finite and >= 0",
             )
-            _check(reg.min_ndim >= 0, f"regularizer.{name}.min_ndim", "must be >= 0")
+            if isinstance(reg, RegularizerConfig):
+                _check(reg.min_ndim >= 0, f"regularizer.{name}.min_ndim", "must be >= 0")
         for group in self.GROUPS:
             node = getattr(self, group)
             _check(
@@ -541,7 +597,11 @@ def register_configs() -> None:
             "hard_topk": HardTopKWeightingConfig,
         },
         "trainer": {"trainer": TrainerConfig},
-        "regularizer": {"regularizer": RegularizerConfig},
+        "regularizer": {
+            "regularizer": RegularizerConfig,
+            "input_grad_penalty": InputGradPenaltyConfig,
+        },
+        "instrument": {"instrument": InstrumentConfig},
     }
     for group, nodes in schemas.items():
         for name, node in nodes.items():

@@ -34,7 +34,7 @@ from torch.nn.utils import clip_grad_norm_, get_total_norm
 from trainer.backward import backward_scalar, backward_vector
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.logger import Progress, TensorBoardLogger, to_floats
-from trainer.regularizers import Regularizer
+from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
@@ -137,11 +137,18 @@ class Trainer:
         logger: TensorBoardLogger | None = None,
         progress: bool = False,
         callbacks: Sequence[Callback] = (),
-        regularizers: Sequence[Regularizer] = (),
+        regularizers: Sequence[Regularizer | InputGradPenalty] = (),
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.regularizers = list(regularizers)
+        #: parameter regularizers, added once per optimizer step
+        self.regularizers = [r for r in regularizers if isinstance(r, Regularizer)]
         self._reg_values: list[Tensor] = []  # the last optimizer step's λR, detached
+        #: the input-gradient penalty, added on every micro-batch (it depends on the inputs)
+        self.input_penalty = next(
+            (r for r in regularizers if isinstance(r, InputGradPenalty)), None
+        )
+        self._penalty_window: list[Tensor] = []  # its detached values in the current window
+        self._penalty_grads: dict[int, Tensor] = {}  # its θ-gradient, windows that log only
         self.train_loader, self.val_loader = train_loader, val_loader
         self.criterion, self.weighting, self.device = criterion, weighting, device
         self.amp_dtype = _AMP_DTYPES[str(precision)]
@@ -190,6 +197,16 @@ class Trainer:
 
     def should_log(self, step: int) -> bool:
         return step % self.log_every_n_steps == 0
+
+    def log_scalars(
+        self, values: dict[str, Tensor | float], step: int | None = None
+    ) -> dict[str, float]:
+        """Write scalars at ``step`` (default: the current ``global_step``); returns them as
+        floats. One batched host read: call it on logging steps only."""
+        step = self.global_step if step is None else step
+        if self.logger is not None:
+            return self.logger.log_scalars(values, step)
+        return to_floats(values)  # host sync: logging steps only
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -267,12 +284,17 @@ class Trainer:
     def train_step(self, batch: Batch, window_samples: int, step_now: bool) -> None:
         """Forward and backward of one micro-batch; the optimizer step when ``step_now``."""
         x, y, index = batch
+        if self.input_penalty is not None:
+            x = self.input_penalty.prepare(x)  # a leaf to differentiate the loss with respect to
         with self._autocast():
             logits = self.model(x)  # (B, K)
             losses = self.criterion(logits, y)  # (B,)
         share = y.shape[0] / window_samples  # 1.0 without accumulation
         weights = None
         reg = self._regularization() if step_now and self.regularizers else None  # once a step
+        if self.input_penalty is not None:  # every micro-batch, by its share of the window
+            penalty = self._input_penalty(losses, x, share)
+            reg = penalty if reg is None else reg + penalty
         if self.weighting is None:
             loss = losses.mean()
             backward_scalar(loss if share == 1.0 else loss * share, self.scaler, reg)
@@ -294,9 +316,34 @@ class Trainer:
         self._reg_values = [v.detach() for v in values]
         return torch.stack(values).sum()
 
+    def _input_penalty(self, losses: Tensor, x: Tensor, share: float) -> Tensor:
+        """The micro-batch's input-gradient penalty times its share of the window (0-d).
+
+        On windows whose step logs, also its gradient with respect to θ, for grad_norm/reg:
+        one extra double-backward pass there (no analytic form exists), none on other steps.
+        """
+        assert self.input_penalty is not None
+        scale = None
+        if self.scaler is not None:  # fp16: keep the input gradient from underflowing
+            scale = self.scaler.scale(torch.ones((), device=losses.device))
+        penalty = self.input_penalty.value(losses, x, scale)
+        if share != 1.0:
+            penalty = penalty * share
+        self._penalty_window.append(penalty.detach())
+        if self.should_log(self.global_step + 1):  # the step this micro-batch belongs to logs
+            root = penalty if scale is None else penalty * scale  # fp16: scaled like the step
+            grads = torch.autograd.grad(root, self.params, retain_graph=True, allow_unused=True)
+            for p, g in zip(self.params, grads, strict=True):
+                if g is not None:
+                    g = g if scale is None else g / scale
+                    old = self._penalty_grads.get(id(p))
+                    self._penalty_grads[id(p)] = g if old is None else old + g
+        return penalty
+
     def _data_and_reg_norms(self) -> dict[str, Tensor]:
-        """grad_norm/reg from the regularizers' analytic gradients, grad_norm/data = the rest."""
-        reg_grad: dict[int, Tensor] = {}
+        """grad_norm/reg from the regularizers' analytic gradients (and the input penalty's,
+        taken on logging windows), grad_norm/data = the rest of the total gradient."""
+        reg_grad: dict[int, Tensor] = dict(self._penalty_grads)
         for r in self.regularizers:
             for p, g in zip(r.params, r.grad(), strict=True):
                 reg_grad[id(p)] = reg_grad[id(p)] + g if id(p) in reg_grad else g
@@ -317,7 +364,8 @@ class Trainer:
         self.logging_step = should_log = self.should_log(self.global_step)
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
-        split_norms = self._data_and_reg_norms() if should_log and self.regularizers else {}
+        has_reg = bool(self.regularizers) or self.input_penalty is not None
+        split_norms = self._data_and_reg_norms() if should_log and has_reg else {}
         if self.grad_clip > 0:
             grad_norm = clip_grad_norm_(self.params, self.grad_clip)
         elif should_log:
@@ -337,6 +385,8 @@ class Trainer:
         self._fire("on_train_step_end", out)
         if should_log:
             self._log_step(out, lr, split_norms)
+        self._penalty_window.clear()
+        self._penalty_grads.clear()
         self.progress.update()
 
     def _log_step(self, out: StepOutput, lr: float, extra: dict[str, Tensor]) -> None:
@@ -350,14 +400,13 @@ class Trainer:
         values.update(extra)
         for r, v in zip(self.regularizers, self._reg_values, strict=True):
             values[f"reg/{r.name}"] = v
+        if self.input_penalty is not None and self._penalty_window:
+            values[f"reg/{self.input_penalty.name}"] = torch.stack(self._penalty_window).sum()
         if out.weights is not None:
             w_min, w_max = torch.aminmax(out.weights)
             values.update({"weights/mean": out.weights.mean(), "weights/min": w_min,
                            "weights/max": w_max})  # fmt: skip
-        if self.logger is not None:
-            floats = self.logger.log_scalars(values, out.step)
-        else:
-            floats = to_floats(values)  # host sync: logging steps only
+        floats = self.log_scalars(values, out.step)  # host sync: logging steps only
         now = time.perf_counter()
         elapsed = max(now - self._time_at_log, 1e-9)
         postfix = {"loss": floats["train/loss"], "samples/s": samples / elapsed}

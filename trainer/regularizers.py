@@ -8,6 +8,10 @@ tests run ``gradcheck`` and ``gradgradcheck`` on each in float64.
 The gradient of each regularizer is also available analytically (:meth:`Regularizer.grad`),
 without a backward pass, so the trainer can log ``grad_norm/reg`` and ``grad_norm/data``
 (total gradient minus the regularizer's) on logging steps at the cost of a few vector ops.
+
+:class:`InputGradPenalty` is the one regularizer of the inputs rather than the parameters:
+λ · mean_i ‖∇_{x_i} ℓ‖², built on ``torch.autograd.grad(..., create_graph=True)`` ("double
+backprop"), so its own gradient flows through a second-order graph of the network.
 """
 
 from __future__ import annotations
@@ -167,3 +171,54 @@ class Regularizer:
     def grad(self) -> list[Tensor]:
         """λ ∂R/∂p for each selected parameter, computed analytically (no backward pass)."""
         return [self.coef * self.grad_fn(p) for p in self.params]
+
+
+class InputGradPenalty:
+    """λ · (1/B) Σ_i ‖∇_{x_i} L‖²,  L = Σ_j ℓ_j the batch's summed per-sample loss.
+
+    "Double backprop" (Drucker & LeCun, 1992): the gradient of the loss with respect to each input
+    is taken with ``create_graph=True``, so the penalty is itself differentiable in θ and joins
+    the step's backward pass like any other regularizer. For a model that treats samples
+    independently (no BatchNorm in training mode) ∇_{x_i} L = ∇_{x_i} ℓ_i, each sample's own
+    input gradient; the losses are the unweighted per-sample losses in both loss modes.
+
+    Args:
+        name: logged as ``reg/<name>``.
+        coef: λ >= 0.
+    """
+
+    def __init__(self, name: str = "input_grad_penalty", coef: float = 0.01):
+        if not coef >= 0:
+            raise ValueError(f"regularizer.{name}.coef: got {coef}, must be >= 0")
+        self.name, self.coef = name, coef
+
+    def bind(self, model: nn.Module) -> InputGradPenalty:
+        """Nothing to select: the penalty acts on the inputs (for symmetry with Regularizer)."""
+        return self
+
+    @staticmethod
+    def prepare(x: Tensor) -> Tensor:
+        """The input as a leaf that autograd differentiates with respect to."""
+        if not x.is_floating_point():
+            raise TypeError(
+                f"input_grad_penalty needs floating-point inputs to differentiate, got {x.dtype}"
+            )
+        return x.detach().requires_grad_(True)
+
+    def value(self, losses: Tensor, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        """λ · mean_i ‖∇_{x_i} Σ_j ℓ_j‖² (0-d, float32 or wider, differentiable in θ).
+
+        Args:
+            losses: (B,) per-sample losses computed from ``x`` (see :meth:`prepare`).
+            x: (B, ...) the input leaf.
+            scale: a loss scale (the GradScaler's, as a 0-d tensor) to keep the input gradient
+                representable under float16 autocast; it is divided out again.
+        """
+        if not x.requires_grad:
+            raise ValueError("input_grad_penalty: the input does not require grad; use prepare(x)")
+        total = losses.sum() if scale is None else losses.sum() * scale
+        (g,) = torch.autograd.grad(total, x, create_graph=True)
+        g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+        if scale is not None:
+            g = g / scale
+        return self.coef * g.pow(2).sum() / losses.numel()

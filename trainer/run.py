@@ -27,6 +27,7 @@ from torch import nn
 from trainer.checkpoint import save_checkpoint, write_json
 from trainer.config import ConfigError, validate
 from trainer.data.base import DataModule
+from trainer.instrument import build_callbacks
 from trainer.logger import TensorBoardLogger
 from trainer.loop import Callback, Trainer, planned_steps
 from trainer.weighting import Weighting
@@ -206,6 +207,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
         log_every_n_steps=typed.logging.every_n_steps,
         logger=TensorBoardLogger(run_dir / "tb"),
         progress=typed.logging.progress,
-        callbacks=callbacks,
+        callbacks=[*build_callbacks(typed.instrument), *callbacks],
         regularizers=regularizers,
     )

@@ -1,0 +1,193 @@
+"""Hessian curvature of the training loss: Hessian-vector products, power iteration, Hutchinson.
+
+The Hessian H of a loss L(θ) is never formed. Its product with a vector v comes from two reverse
+passes: first ∇L with ``create_graph=True`` (a graph of the gradient itself), then the gradient of
+⟨∇L, v⟩, which is Hv (Pearlmutter's trick; ``torch.autograd.grad(grads, params, v)``). On top:
+
+* :func:`top_eigenvalue`: power iteration v ← Hv/‖Hv‖. It converges to the eigenvalue of largest
+  magnitude (for a non-convex loss that can be a negative one; its sign is kept), at a rate set
+  by the gap |λ₂/λ₁|; the estimate is the Rayleigh quotient vᵀHv.
+* :func:`hutchinson_trace`: tr(H) = E[zᵀHz] for Rademacher z (entries ±1), averaged over probes;
+  its variance is 2(‖H‖²_F − Σᵢ Hᵢᵢ²) / probes.
+
+Random vectors come from a caller-owned ``torch.Generator``: the run's global random state is
+never touched, so measuring does not change the batch order, dropout masks or the trajectory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from trainer.backward import explain_freed_graph
+from trainer.loop import Callback
+
+if TYPE_CHECKING:
+    from trainer.data.base import Batch
+    from trainer.loop import Trainer
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
+
+
+def hvp(grads: Sequence[Tensor], params: Sequence[Tensor], v: Sequence[Tensor]) -> list[Tensor]:
+    """Hv for the Hessian of the loss whose gradients ``grads`` (wrt ``params``) were taken
+    with ``create_graph=True``. The graph is kept for further products.
+
+    A gradient that does not depend on θ contributes zero rows. Gradients that all carry no
+    graph are an error: they were taken without ``create_graph=True`` (for a loss truly linear
+    in θ, H = 0 and there is nothing to multiply).
+    """
+    pairs = [(g, u) for g, u in zip(grads, v, strict=True) if g.requires_grad]
+    if not pairs:
+        raise ValueError(
+            "hvp: none of the gradients carries an autograd graph; take them with "
+            "torch.autograd.grad(loss, params, create_graph=True) (if the loss is linear in the "
+            "parameters, its Hessian is 0)"
+        )
+    outputs, vectors = zip(*pairs, strict=True)
+    with explain_freed_graph():
+        return list(
+            torch.autograd.grad(
+                outputs, params, grad_outputs=vectors, retain_graph=True, materialize_grads=True
+            )
+        )
+
+
+def _randn_like(p: Tensor, generator: torch.Generator) -> Tensor:
+    return torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+
+
+def _rademacher_like(p: Tensor, generator: torch.Generator) -> Tensor:
+    bits = torch.randint(0, 2, p.shape, generator=generator, device=p.device)
+    return bits.to(p.dtype).mul_(2).sub_(1)
+
+
+def top_eigenvalue(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    generator: torch.Generator,
+    iters: int = 20,
+    tol: float = 1e-3,
+) -> Tensor:
+    """The Hessian's eigenvalue of largest magnitude by power iteration (0-d tensor).
+
+    Stops after ``iters`` products, or earlier once the estimate changes by at most ``tol``
+    relative to itself (``tol=0``: always ``iters`` products and no host sync until read).
+    """
+    v = [_randn_like(p, generator) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u) for u in v]))
+    v = [u / norm for u in v]
+    eig = torch.zeros((), device=params[0].device, dtype=params[0].dtype)
+    tiny = torch.finfo(eig.dtype).tiny
+    for i in range(iters):
+        hv = hvp(grads, params, v)
+        new = _dot(v, hv)  # the Rayleigh quotient, ‖v‖ = 1
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(h) for h in hv]))
+        v = [h / norm.clamp_min(tiny) for h in hv]  # Hv = 0 leaves v = 0 and the estimate 0
+        # host sync, on measuring steps only: one per iteration when tol > 0
+        converged = tol > 0 and i > 0 and bool((new - eig).abs() <= tol * new.abs())
+        eig = new
+        if converged:
+            break
+    return eig
+
+
+def hutchinson_trace(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    generator: torch.Generator,
+    probes: int = 10,
+) -> Tensor:
+    """Hutchinson's estimate of tr(H): the mean of zᵀHz over Rademacher probes z (0-d)."""
+    total = torch.zeros((), device=params[0].device, dtype=params[0].dtype)
+    for _ in range(probes):
+        z = [_rademacher_like(p, generator) for p in params]
+        total = total + _dot(z, hvp(grads, params, z))
+    return total / probes
+
+
+class Curvature(Callback):
+    """Logs ``curvature/top_eig`` and ``curvature/trace`` every ``every_n_steps`` optimizer steps.
+
+    What is measured: the Hessian, with respect to every trainable parameter, of the objective
+    the step's data gradient is the gradient of, on the step's (last) micro-batch and at the
+    parameters the step is about to update: ``mean(losses)`` in scalar mode, ``Σ wᵢ ℓᵢ`` with
+    the weighting's weights in vector mode. Regularizers are not included. It runs in
+    ``on_before_optimizer_step`` in full precision (no autocast), in the model's training mode;
+    BatchNorm running statistics are not updated (the forward runs on copies of the buffers)
+    and dropout draws from a forked random state, so a run's parameters are bitwise the same
+    with and without it. Steps it does not measure cost one integer comparison per micro-batch.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        power_iters: int = 20,
+        tol: float = 1e-3,
+        trace_probes: int = 10,
+        seed: int = 0,
+    ):
+        if every_n_steps < 1:
+            raise ValueError(
+                f"instrument.curvature.every_n_steps: got {every_n_steps}, must be >= 1"
+            )
+        self.every = every_n_steps
+        self.power_iters, self.tol, self.trace_probes = power_iters, tol, trace_probes
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._batch: Batch | None = None
+        self.last: dict[str, float] = {}
+
+    def _measures(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def on_after_backward(self, trainer: Trainer, batch: Batch, losses: Tensor, weights) -> None:
+        if self._measures(trainer.global_step + 1):  # the step this micro-batch belongs to
+            self._batch = batch  # the window's last micro-batch wins
+
+    def on_before_optimizer_step(self, trainer: Trainer, optimizer) -> None:
+        if not self._measures(trainer.global_step) or self._batch is None:
+            return
+        batch, self._batch = self._batch, None
+        values = self.measure(trainer, batch)
+        self.last = trainer.log_scalars(values)  # host sync: measuring steps only
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The measurement's own generator, seeded once (its stream continues across steps)."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def measure(self, trainer: Trainer, batch: Batch) -> dict[str, Tensor]:
+        model = trainer.model
+        x, y, index = batch
+        params = [p for p in model.parameters() if p.requires_grad]
+        state: dict[str, Tensor] = dict(model.named_parameters())
+        # copies: a BatchNorm in training mode updates its running statistics in place
+        state.update({n: b.clone() for n, b in model.named_buffers()})
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # dropout must not advance the run's RNG
+            logits = functional_call(model, state, (x,))
+        losses = trainer.criterion(logits, y)
+        if trainer.weighting is None:
+            objective = losses.mean()
+        else:
+            objective = (trainer.weighting(losses, logits, y, index) * losses).sum()
+        grads = torch.autograd.grad(objective, params, create_graph=True, allow_unused=True)
+        grads = [
+            g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)
+        ]
+        if not any(g.requires_grad for g in grads):  # the loss is linear in θ: H = 0
+            zero = torch.zeros((), device=params[0].device)
+            return {"curvature/top_eig": zero, "curvature/trace": zero}
+        gen = self.generator(params[0].device)
+        return {
+            "curvature/top_eig": top_eigenvalue(grads, params, gen, self.power_iters, self.tol),
+            "curvature/trace": hutchinson_trace(grads, params, gen, self.trace_probes),
+        }
