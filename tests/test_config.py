@@ -112,10 +112,14 @@ def test_every_config_file_extends_its_schema() -> None:
         ("+foo=1", "foo"),
         ("regularizer=[l2] regularizer.l2.coef=-0.1", "regularizer.l2.coef"),
         ("regularizer=[l1] +regularizer.l1.coeff=1", "regularizer.l1.coeff"),
-        ("regularizer=[input_grad_penalty] regularizer.input_grad_penalty.coef=-1",
-         "regularizer.input_grad_penalty.coef"),
-        ("regularizer=[input_grad_penalty] +regularizer.input_grad_penalty.min_ndim=2",
-         "regularizer.input_grad_penalty.min_ndim"),
+        (
+            "regularizer=[input_grad_penalty] regularizer.input_grad_penalty.coef=-1",
+            "regularizer.input_grad_penalty.coef",
+        ),
+        (
+            "regularizer=[input_grad_penalty] +regularizer.input_grad_penalty.min_ndim=2",
+            "regularizer.input_grad_penalty.min_ndim",
+        ),
         ("instrument.curvature.every_n_steps=-1", "instrument.curvature.every_n_steps"),
         ("instrument.curvature.power_iters=0", "instrument.curvature.power_iters"),
         ("instrument.curvature.trace_probes=0", "instrument.curvature.trace_probes"),

@@ -23,7 +23,5 @@ def build_callbacks(cfg: InstrumentConfig) -> list[Callback]:
     callbacks: list[Callback] = []
     c = cfg.curvature
     if c.every_n_steps > 0:
-        callbacks.append(
-            Curvature(c.every_n_steps, c.power_iters, c.tol, c.trace_probes, c.seed)
-        )
+        callbacks.append(Curvature(c.every_n_steps, c.power_iters, c.tol, c.trace_probes, c.seed))
     return callbacks
