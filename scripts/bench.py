@@ -3,6 +3,8 @@
     python scripts/bench.py                       # digits/mlp, 2,000 steps, 10 rounds, + CLI
     python scripts/bench.py --steps 500 --rounds 3 --no-cli
     python scripts/bench.py data=synthetic model=cnn data.shape=[1,28,28]   # other data/models
+    python scripts/bench.py --no-cli --variant "loss.mode=vector weighting=focal" \
+        --variant "regularizer=[l2]"             # settings against the default trainer too
 
 The plain loop mirrors the trainer's defaults (scalar mode, float32, no accumulation, clipping or
 scheduler): overrides that change those change only the trainer's side, so compare like with
@@ -10,10 +12,13 @@ like (data, model, optimizer and batch-size overrides apply to both).
 
 Both loops train the same model (same init), on the same in-memory data, batch size, batch order,
 optimizer and number of steps, validating after each epoch, in one process; the two alternate
-round by round so drift in machine speed hits both. The ratio is trainer time / plain time
-(median over rounds). The CLI part runs ``python scripts/train.py`` with its defaults as a user
-would and reports wall time (start-up included) and peak resident memory. Results are printed
-and written to outputs/bench/<time>.json.
+epoch by epoch so drift in machine speed hits both. The ratio is trainer time / plain time
+(median over rounds). Each ``--variant`` adds a third (fourth, ...) loop to the same alternation:
+the trainer with those overrides on top, reported against the plain loop and against the trainer
+without them (the per-round ratio's median), so a setting's cost is measured head to head.
+The CLI part runs ``python scripts/train.py`` with its defaults as a user would and reports wall
+time (start-up included) and peak resident memory. Results are printed and written to
+outputs/bench/<time>.json.
 """
 
 from __future__ import annotations
@@ -83,10 +88,10 @@ def trainer_epochs(t) -> Iterator[None]:
     t.logger.close()
 
 
-def timed_alternation(a: Iterator[None], b: Iterator[None], device: torch.device):
-    """Advance ``a`` and ``b`` an epoch at a time, alternately; seconds spent in each."""
-    spent = [0.0, 0.0]
-    live = [a, b]
+def timed_alternation(loops: list[Iterator[None]], device: torch.device) -> list[float]:
+    """Advance each loop an epoch at a time, in turn; seconds spent in each."""
+    spent = [0.0] * len(loops)
+    live: list[Iterator[None] | None] = list(loops)
     while any(live):
         for k, it in enumerate(live):
             if it is None:
@@ -116,33 +121,53 @@ def build(overrides: list[str], steps: int, run_dir: Path):
     return build_trainer(cfg, run_dir)
 
 
-def bench_loops(overrides: list[str], steps: int, rounds: int) -> dict:
-    times: dict[str, list[float]] = {"trainer": [], "plain": []}
+def bench_loops(overrides: list[str], steps: int, rounds: int, variants: list[str] = ()) -> dict:
+    names = ["trainer", "plain", *variants]
+    times: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            # the same seed gives both loops the same initial weights and batch order
+            # the same seed gives every loop the same initial weights and batch order
             t = build(overrides, steps, Path(tmp) / f"trainer{r}")
             p = build(overrides, steps, Path(tmp) / f"plain{r}")
+            vs = [
+                build([*overrides, *v.split()], steps, Path(tmp) / f"variant{r}_{i}")
+                for i, v in enumerate(variants)
+            ]
             if not isinstance(t.train_loader, InMemoryLoader):
                 sys.exit("bench compares in-memory data sets only (set data.loader=memory)")
-            # epoch by epoch, alternately, so drift in machine speed hits both loops alike
-            pair = [trainer_epochs(t), plain_epochs(p, steps)]
-            first = r % 2
-            spent = timed_alternation(pair[first], pair[1 - first], t.device)
-            times["trainer"].append(spent[first])
-            times["plain"].append(spent[1 - first])
+            loops = [trainer_epochs(t), plain_epochs(p, steps), *map(trainer_epochs, vs)]
+            # epoch by epoch, in turn, starting with a different loop each round, so drift in
+            # machine speed hits every loop alike
+            shift = r % len(loops)
+            order = list(range(shift, len(loops))) + list(range(shift))
+            spent = timed_alternation([loops[k] for k in order], t.device)
+            for k, sec in zip(order, spent, strict=True):
+                times[names[k]].append(sec)
             p.logger.close()
-    ratios = [a / b for a, b in zip(times["trainer"], times["plain"], strict=True)]
-    return {
+
+    def ratios(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(times[a], times[b], strict=True)]
+
+    result = {
         "steps": steps,
         "rounds": rounds,
         "trainer_s": statistics.median(times["trainer"]),
         "plain_s": statistics.median(times["plain"]),
-        "ratio_median": statistics.median(ratios),
+        "ratio_median": statistics.median(ratios("trainer", "plain")),
         "ratio_of_sums": sum(times["trainer"]) / sum(times["plain"]),
-        "ratios": ratios,
+        "ratios": ratios("trainer", "plain"),
         "trainer_steps_per_s": steps / statistics.median(times["trainer"]),
     }
+    result["variants"] = {
+        v: {
+            "s": statistics.median(times[v]),
+            "vs_plain": statistics.median(ratios(v, "plain")),
+            "vs_trainer": statistics.median(ratios(v, "trainer")),
+            "vs_trainer_per_round": ratios(v, "trainer"),
+        }
+        for v in variants
+    }
+    return result
 
 
 def bench_cli(repeats: int) -> dict:
@@ -173,6 +198,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--cli-repeats", type=int, default=3)
     p.add_argument("--no-cli", action="store_true", help="skip timing python scripts/train.py")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="OVERRIDES",
+        help="also time the trainer with these extra overrides (space-separated); repeatable",
+    )
+    p.add_argument("--out", type=Path, help="result file (default: outputs/bench/<time>.json)")
     p.add_argument("overrides", nargs="*", help="config overrides, as for scripts/train.py")
     args = p.parse_args()
 
@@ -180,7 +213,7 @@ def main() -> None:
         "overrides": args.overrides,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        **bench_loops(args.overrides, args.steps, args.rounds),
+        **bench_loops(args.overrides, args.steps, args.rounds, args.variant),
     }
     print(
         f"trainer {result['trainer_s']:.3f} s  plain {result['plain_s']:.3f} s  "
@@ -189,6 +222,13 @@ def main() -> None:
         + ", ".join(f"{r:.3f}" for r in result["ratios"])
         + f")  {result['trainer_steps_per_s']:.0f} steps/s"
     )
+    for v, r in result["variants"].items():
+        print(
+            f"  + {v}: {r['s']:.3f} s, {r['vs_plain']:.3f}x plain, {r['vs_trainer']:.3f}x the "
+            "trainer without it (per round "
+            + ", ".join(f"{x:.3f}" for x in r["vs_trainer_per_round"])
+            + ")"
+        )
     if not args.no_cli:
         result.update(bench_cli(args.cli_repeats))
         print(
@@ -197,10 +237,10 @@ def main() -> None:
             + ", ".join(f"{w:.2f}" for w in result["cli_wall_s"])
             + f"), peak RSS {result['cli_peak_rss_mib']:.0f} MiB, val/acc {result['cli_val_acc']}"
         )
-    out = ROOT / "outputs" / "bench" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
+    out = args.out or ROOT / "outputs" / "bench" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written: {out.relative_to(ROOT)}")
+    print(f"written: {out}")
 
 
 if __name__ == "__main__":

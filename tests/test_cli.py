@@ -72,3 +72,17 @@ def test_missing_torchvision_files_say_where_to_put_them(tmp_path) -> None:
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
     assert "train-images-idx3-ubyte" in err and "data.download=true" in err
+
+
+def test_bench_times_the_trainer_a_plain_loop_and_variants(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--no-cli", "--steps", "30",
+         "--rounds", "2", "--variant", "loss.mode=vector weighting=focal", "--out", str(out)],
+        check=True, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["steps"] == 30 and len(result["ratios"]) == 2
+    assert 0.2 < result["ratio_median"] < 5  # a ratio of two measured times, not a constant
+    variant = result["variants"]["loss.mode=vector weighting=focal"]
+    assert len(variant["vs_trainer_per_round"]) == 2 and variant["s"] > 0

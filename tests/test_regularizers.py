@@ -25,28 +25,29 @@ def inputs(*shapes: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, ...]:
 @pytest.mark.parametrize(
     ("fn", "shapes"),
     [
-        (_L2.apply, [(3, 4), (5,)]),
-        (_L1.apply, [(3, 4), (5,)]),
-        (_Orthogonal.apply, [(4, 3), (2, 2)]),
-        (_Orthogonal.apply, [(3, 5)]),
+        (_L2, [(3, 4), (5,)]),
+        (_L1, [(3, 4), (5,)]),
+        (_Orthogonal, [(4, 3), (2, 2)]),
+        (_Orthogonal, [(3, 5)]),
     ],
 )
-def test_gradcheck_and_gradgradcheck(fn, shapes) -> None:
+@pytest.mark.parametrize("coef", [1.0, 0.3])
+def test_gradcheck_and_gradgradcheck(fn, shapes, coef) -> None:
     xs = inputs(*shapes)
-    assert gradcheck(fn, xs)
-    assert gradgradcheck(fn, xs)
+    assert gradcheck(lambda *ps: fn.apply(coef, *ps), xs)
+    assert gradgradcheck(lambda *ps: fn.apply(coef, *ps), xs)
 
 
 def test_values_and_first_derivatives_match_their_formulas() -> None:
     (w,) = inputs((4, 3))
-    torch.testing.assert_close(_L2.apply(w), 0.5 * (w**2).sum())
-    torch.testing.assert_close(_L1.apply(w), w.abs().sum())
+    torch.testing.assert_close(_L2.apply(0.3, w), 0.3 * 0.5 * (w**2).sum())
+    torch.testing.assert_close(_L1.apply(0.3, w), 0.3 * w.abs().sum())
     eye = torch.eye(3, dtype=torch.float64)
-    torch.testing.assert_close(_Orthogonal.apply(w), ((w.T @ w - eye) ** 2).sum())
-    (g,) = torch.autograd.grad(_Orthogonal.apply(w), w)
-    torch.testing.assert_close(g, 4 * w @ (w.T @ w - eye))
+    torch.testing.assert_close(_Orthogonal.apply(0.3, w), 0.3 * ((w.T @ w - eye) ** 2).sum())
+    (g,) = torch.autograd.grad(_Orthogonal.apply(0.3, w), w)
+    torch.testing.assert_close(g, 0.3 * 4 * w @ (w.T @ w - eye))
     zero = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(_L1.apply(zero), zero)
+    (g,) = torch.autograd.grad(_L1.apply(1.0, zero), zero)
     assert torch.equal(g, torch.zeros(3, dtype=torch.float64))  # subgradient 0 at 0
 
 

@@ -131,11 +131,31 @@ def test_focal_and_topk_follow_their_formulas() -> None:
     p_true = torch.softmax(logits, 1)[torch.arange(B), y]
     focal = FocalWeighting(gamma=1.5, normalize="none")(losses, logits, y, index)
     torch.testing.assert_close(focal, (1 - p_true.detach()) ** 1.5)
+    # read off plain cross-entropy losses (p = exp(-l)) instead of a softmax: the same weights
+    from_losses = FocalWeighting(gamma=1.5, normalize="none")
+    from_losses.nll_losses = True
+    torch.testing.assert_close(from_losses(losses, logits, y, index), focal)
+    # normalized: hard_topk divides by its count, known without a kernel; the same as the sum
+    for normalize, scale in (("mean", 1 / 3), ("sum", B / 3)):
+        w = HardTopKWeighting(k=3, normalize=normalize)(losses, logits, y, index)
+        torch.testing.assert_close(w.sum(), torch.tensor(3 * scale, dtype=w.dtype))
 
     top = HardTopKWeighting(k=3, normalize="none")(losses, logits, y, index)
     assert set(top.nonzero().flatten().tolist()) == set(losses.topk(3).indices.tolist())
     frac = HardTopKWeighting(fraction=0.3, normalize="none")(losses, logits, y, index)
     assert int(frac.sum()) == math.ceil(0.3 * B)
+
+
+def test_the_trainer_reads_focal_weights_off_the_losses_only_without_label_smoothing(
+    tmp_path,
+) -> None:
+    from trainer.run import build_trainer
+
+    plain = build_trainer(make_cfg("loss.mode=vector", "weighting=focal"), tmp_path / "a")
+    smoothed = build_trainer(
+        make_cfg("loss.mode=vector", "weighting=focal", "loss.label_smoothing=0.1"), tmp_path / "b"
+    )
+    assert plain.weighting.nll_losses and not smoothed.weighting.nll_losses
 
 
 def test_an_all_zero_batch_gets_zero_weights_not_nan() -> None:

@@ -38,39 +38,45 @@ def _orthogonal_grad(w: Tensor) -> Tensor:
 
 
 class _L2(Function):
-    """R(θ) = ½ Σ_p ‖p‖²;  ∂R/∂p = p.  Inputs: any number of tensors; output: 0-d."""
+    """λ R(θ), R = ½ Σ_p ‖p‖²;  ∂/∂p = λ p.  Inputs: λ (a float), any number of tensors."""
 
     @staticmethod
-    def forward(ctx, *params: Tensor) -> Tensor:
+    def forward(ctx, coef: float, *params: Tensor) -> Tensor:
+        ctx.coef = coef
         ctx.save_for_backward(*params)
-        return 0.5 * torch.stack([p.pow(2).sum() for p in params]).sum()
+        norms = torch.stack([torch.linalg.vector_norm(p) for p in params])
+        return norms.square_().sum().mul_(0.5 * coef)  # 0-d
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
-        return tuple(grad * _l2_grad(p) for p in ctx.saved_tensors)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        scale = grad * ctx.coef  # one scalar kernel, then one per tensor
+        return (None, *(_l2_grad(p) * scale for p in ctx.saved_tensors))
 
 
 class _L1(Function):
-    """R(θ) = Σ_p ‖p‖₁;  ∂R/∂p = sign(p), the subgradient 0 at 0.  Output: 0-d."""
+    """λ R(θ), R = Σ_p ‖p‖₁;  ∂/∂p = λ sign(p), the subgradient 0 at 0."""
 
     @staticmethod
-    def forward(ctx, *params: Tensor) -> Tensor:
+    def forward(ctx, coef: float, *params: Tensor) -> Tensor:
+        ctx.coef = coef
         ctx.save_for_backward(*params)
-        return torch.stack([p.abs().sum() for p in params]).sum()
+        return torch.stack([p.abs().sum() for p in params]).sum().mul_(coef)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
-        return tuple(grad * _l1_grad(p) for p in ctx.saved_tensors)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        scale = grad * ctx.coef
+        return (None, *(_l1_grad(p) * scale for p in ctx.saved_tensors))
 
 
 class _Orthogonal(Function):
-    """R(W) = Σ_W ‖WᵀW − I‖²_F over 2-D W (m, n);  ∂R/∂W = 4 W (WᵀW − I).  Output: 0-d.
+    """λ R(W), R = Σ_W ‖WᵀW − I‖²_F over 2-D W (m, n);  ∂/∂W = 4 λ W (WᵀW − I).
 
     Cost per W: two (n, m) x (m, n) products forward, one more backward.
     """
 
     @staticmethod
-    def forward(ctx, *weights: Tensor) -> Tensor:
+    def forward(ctx, coef: float, *weights: Tensor) -> Tensor:
+        ctx.coef = coef
         ctx.save_for_backward(*weights)
         total = weights[0].new_zeros(())
         for w in weights:
@@ -79,31 +85,32 @@ class _Orthogonal(Function):
                 total
                 + (gram - torch.eye(gram.shape[0], dtype=w.dtype, device=w.device)).pow(2).sum()
             )
-        return total
+        return total * coef
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
-        return tuple(grad * _orthogonal_grad(w) for w in ctx.saved_tensors)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        scale = grad * ctx.coef
+        return (None, *(_orthogonal_grad(w) * scale for w in ctx.saved_tensors))
 
 
-def l2(*params: Tensor) -> Tensor:
-    """½ Σ‖p‖² through the custom Function."""
-    return _L2.apply(*params)
+def l2(*params: Tensor, coef: float = 1.0) -> Tensor:
+    """½ λ Σ‖p‖² through the custom Function."""
+    return _L2.apply(coef, *params)
 
 
-def l1(*params: Tensor) -> Tensor:
-    """Σ‖p‖₁ through the custom Function."""
-    return _L1.apply(*params)
+def l1(*params: Tensor, coef: float = 1.0) -> Tensor:
+    """λ Σ‖p‖₁ through the custom Function."""
+    return _L1.apply(coef, *params)
 
 
-def orthogonal(*weights: Tensor) -> Tensor:
-    """Σ‖WᵀW − I‖²_F over 2-D weights through the custom Function."""
+def orthogonal(*weights: Tensor, coef: float = 1.0) -> Tensor:
+    """λ Σ‖WᵀW − I‖²_F over 2-D weights through the custom Function."""
     for w in weights:
         if w.ndim != 2:
             raise ValueError(
                 f"orthogonal regularizer needs 2-D weights, got shape {tuple(w.shape)}"
             )
-    return _Orthogonal.apply(*weights)
+    return _Orthogonal.apply(coef, *weights)
 
 
 class Regularizer:
@@ -165,7 +172,7 @@ class Regularizer:
 
     def value(self) -> Tensor:
         """λ R(θ), 0-d, differentiable (twice)."""
-        return self.coef * self.fn(*self.params)
+        return self.fn(*self.params, coef=self.coef)
 
     @torch.no_grad()
     def grad(self) -> list[Tensor]:

@@ -183,6 +183,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
     if typed.loss.mode == "vector":
         weighting = instantiate(cfg.weighting)
         weighting.setup(data, device)  # class counts, per-class lengths, per-sample files
+        weighting.nll_losses = typed.loss.label_smoothing == 0  # losses are -log p_y exactly
     regularizers = [
         instantiate(node, name=name).bind(model)
         for name, node in cfg.get("regularizer", {}).items()

@@ -11,7 +11,8 @@ A strategy maps one batch's ``(losses, logits, targets, indices)`` to raw weight
 
 A batch whose raw weights are all 0 gets w = 0 (it contributes nothing) under every mode. The
 batch total sum_j r_j is taken by :meth:`Weighting.batch_total`, the one place a data-parallel run
-replaces by a sum over the global batch. Weights never carry autograd history.
+replaces by a sum over the global batch. Weights never carry autograd history: strategies receive
+detached tensors.
 
 Strategies (r_i for sample i with label y_i, data-set index n_i):
 
@@ -22,7 +23,8 @@ Strategies (r_i for sample i with label y_i, data-set index n_i):
   class weights.
 * ``per_class``: r_i = c_{y_i} for an explicit list c of K weights.
 * ``per_sample``: r_i = s_{n_i}, from a file of one weight per training sample.
-* ``focal``: r_i = (1 - p_i)^gamma, p_i the detached softmax probability of the true class.
+* ``focal``: r_i = (1 - p_i)^gamma, p_i the detached softmax probability of the true class
+  (read off the loss, p_i = exp(-l_i), when the losses are plain cross-entropy).
 * ``hard_topk``: r_i = 1 for the k highest-loss samples of the batch (or a fraction of it), else 0.
 
 To add a strategy: subclass :class:`Weighting`, implement :meth:`~Weighting.raw` (and
@@ -65,6 +67,10 @@ def _describe_bad(values: Tensor, what: str) -> str | None:
 class Weighting(abc.ABC):
     """Base class: subclasses implement :meth:`raw`; :meth:`__call__` normalizes."""
 
+    #: the losses are exactly -log p_{y_i} (cross-entropy without label smoothing), so a
+    #: strategy may read the true class's probability off them; set by the trainer's builder
+    nll_losses: bool = False
+
     def __init__(self, normalize: str = "mean"):
         if normalize not in NORMALIZE:
             raise ValueError(
@@ -79,18 +85,18 @@ class Weighting(abc.ABC):
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         """Raw weights r >= 0, shape (B,), same dtype and device as ``losses``."""
 
-    def batch_total(self, r: Tensor) -> Tensor:
-        """sum_j r_j over the batch (over the global batch when data-parallel)."""
-        return r.sum()
+    def batch_total(self, r: Tensor) -> Tensor | float:
+        """sum_j r_j over the batch (over the global batch when data-parallel). A strategy that
+        knows it on the host returns a float: one division kernel instead of three."""
+        # an all-zero batch gives w = 0 instead of 0/0
+        return r.sum().clamp_min(torch.finfo(r.dtype).tiny)
 
-    @torch.no_grad()
     def __call__(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        # detached inputs, so no autograd history (and no no_grad context to enter per step)
         r = self.raw(losses.detach(), logits.detach(), targets, indices).to(losses.dtype)
         if self.normalize == "none":
             return r
-        # an all-zero batch gives w = 0 instead of 0/0
-        total = self.batch_total(r).clamp_min(torch.finfo(r.dtype).tiny)
-        w = r / total
+        w = r / self.batch_total(r)
         return w * r.numel() if self.normalize == "sum" else w
 
 
@@ -221,6 +227,8 @@ class FocalWeighting(Weighting):
         self.gamma = gamma
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        if self.nll_losses:  # l_i = -log p_i, so 1 - p_i = -expm1(-l_i): 3 kernels, no softmax
+            return torch.expm1(-losses.float()).neg_().clamp_min_(0.0).pow_(self.gamma)
         p = F.softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)  # (B,)
         return (1.0 - p).clamp_min(0.0).pow(self.gamma)
 
@@ -245,3 +253,6 @@ class HardTopKWeighting(Weighting):
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         top = torch.topk(losses, self.count(losses.numel()), sorted=False).indices
         return torch.zeros_like(losses).index_fill_(0, top, 1.0)
+
+    def batch_total(self, r: Tensor) -> Tensor | float:
+        return float(self.count(r.numel()))  # exactly count() ones: known without a kernel
