@@ -4,10 +4,12 @@ One optimizer step, in order (the body never changes for instrumentation; callba
 named hooks):
 
 1. forward under autocast: ``logits = model(x)``; ``losses = criterion(logits, y)``, shape (B,)
+   (with ``input_grad_penalty``, ``x`` is first made a leaf that requires grad)
 2. backward (trainer/backward.py): scalar ``losses.mean().backward()`` or vector
    ``losses.backward(gradient=w)``; with gradient accumulation each micro-batch is scaled by its
    share of the samples in its accumulation window, so the accumulated gradient is that of the
-   mean over the window
+   mean over the window. Regularizers join the same pass: the parameter ones once per optimizer
+   step (last micro-batch), the input-gradient penalty on every micro-batch by its share
 3. ``on_after_backward`` (every micro-batch)
 4. last micro-batch of the window: unscale (fp16) -> ``on_before_optimizer_step``, the one point
    where gradients are measured: after accumulation and unscaling, before clipping
@@ -314,7 +316,7 @@ class Trainer:
         """Σ λR over the regularizers (0-d), added once per optimizer step."""
         values = [r.value() for r in self.regularizers]
         self._reg_values = [v.detach() for v in values]
-        return torch.stack(values).sum()
+        return values[0] if len(values) == 1 else torch.stack(values).sum()
 
     def _input_penalty(self, losses: Tensor, x: Tensor, share: float) -> Tensor:
         """The micro-batch's input-gradient penalty times its share of the window (0-d).
