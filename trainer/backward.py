@@ -15,7 +15,7 @@ A GradScaler, when given, scales the root's gradient (the loss, or w) before bac
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -76,9 +76,15 @@ def check_weights(losses: Tensor, weights: Tensor) -> None:
 
 
 def backward_scalar(
-    loss: Tensor, scaler: torch.amp.GradScaler | None = None, reg: Tensor | None = None
+    loss: Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+    reg: Tensor | None = None,
+    inputs: Sequence[Tensor] | None = None,
 ) -> None:
-    """``(loss + reg).backward()`` on a 0-d loss (scaled by the GradScaler under fp16)."""
+    """``(loss + reg).backward()`` on a 0-d loss (scaled by the GradScaler under fp16).
+
+    ``inputs``: accumulate into these leaves only (the default: every leaf that requires grad).
+    """
     if loss.ndim != 0:
         raise WeightError(
             f"scalar backward needs a 0-d loss, got shape {tuple(loss.shape)}; reduce it "
@@ -86,7 +92,7 @@ def backward_scalar(
         )
     total = loss if reg is None else loss + reg
     with explain_freed_graph():
-        (scaler.scale(total) if scaler is not None else total).backward()
+        (scaler.scale(total) if scaler is not None else total).backward(inputs=inputs)
 
 
 def backward_vector(
@@ -94,18 +100,22 @@ def backward_vector(
     weights: Tensor,
     scaler: torch.amp.GradScaler | None = None,
     reg: Tensor | None = None,
+    inputs: Sequence[Tensor] | None = None,
 ) -> None:
     """``losses.backward(gradient=weights)``: the vector-Jacobian product w^T J.
 
     With a 0-d regularizer ``reg`` it joins the same backward pass as a second root:
-    ``torch.autograd.backward([losses, reg], grad_tensors=[w, 1])``.
+    ``torch.autograd.backward([losses, reg], grad_tensors=[w, 1])``. ``inputs``: accumulate
+    into these leaves only.
     """
     check_weights(losses, weights)
     with explain_freed_graph():
         if reg is None:
-            losses.backward(gradient=scaler.scale(weights) if scaler is not None else weights)
+            losses.backward(
+                gradient=scaler.scale(weights) if scaler is not None else weights, inputs=inputs
+            )
             return
         one = torch.ones_like(reg)
         if scaler is not None:
             weights, one = scaler.scale(weights), scaler.scale(one)
-        torch.autograd.backward([losses, reg], grad_tensors=[weights, one])
+        torch.autograd.backward([losses, reg], grad_tensors=[weights, one], inputs=inputs)

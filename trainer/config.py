@@ -456,9 +456,109 @@ class CurvatureConfig:
 
 
 @dataclass
+class NormsConfig:
+    """Gradient and weight norms at the measuring point (after accumulation and unscaling,
+    before clipping), in one batched host read per measuring step."""
+
+    #: every N optimizer steps (0: off): grad_norm/<param>, grad_norm/total_clipped, ...
+    every_n_steps: int = 10
+    #: ... param_norm/<param> (the weights the step updates) ...
+    param_norm: bool = True
+    #: ... and update_ratio/<param> = ‖Δθ‖/‖θ‖ of the step (copies the weights on those steps)
+    update_ratio: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.every_n_steps >= 0, "instrument.norms.every_n_steps", "must be >= 0 (0: off)")
+
+
+HISTOGRAM_RANGES = ("minmax", "symmetric", "fixed")
+
+
+@dataclass
+class HistogramsConfig:
+    """Histograms of gradients and weights, binned on the training device."""
+
+    #: every N optimizer steps (0: off)
+    every_n_steps: int = 100
+    bins: int = 64
+    #: ``minmax``: [min, max] of the tensor; ``symmetric``: [-max|x|, max|x|]; ``fixed``:
+    #: [min, max] below, values outside counted in the first / last bucket
+    range: str = "minmax"
+    min: float = -1.0
+    max: float = 1.0
+    grads: bool = True
+    weights: bool = True
+
+    def __post_init__(self) -> None:
+        key = "instrument.histograms."
+        _check(self.every_n_steps >= 0, key + "every_n_steps", "must be >= 0 (0: off)")
+        _check(1 <= self.bins <= 10_000, key + "bins", f"got {self.bins}, must be in [1, 10000]")
+        _one_of(self.range, HISTOGRAM_RANGES, key + "range")
+        _check(
+            self.range != "fixed" or (math.isfinite(self.min) and math.isfinite(self.max)
+                                      and self.min < self.max),
+            key + "min",
+            f"got min={self.min}, max={self.max}: range=fixed needs finite min < max",
+        )  # fmt: skip
+
+
+PER_SAMPLE_LOSSES = ("weighted", "unweighted", "both")
+
+
+@dataclass
+class PerSampleConfig:
+    """Per-sample gradient norms from activations and output gradients seen by hooks."""
+
+    #: every N optimizer steps (0: off)
+    every_n_steps: int = 0
+    #: ``unweighted``: ‖∇θ ℓᵢ‖ (per_sample/grad_norm); ``weighted``: ‖∇θ(wᵢℓᵢ)‖, each sample's
+    #: share of the step's gradient (per_sample/weighted_grad_norm; scalar mode: wᵢ = 1/N); ``both``
+    loss: str = "unweighted"
+
+    def __post_init__(self) -> None:
+        key = "instrument.per_sample."
+        _check(self.every_n_steps >= 0, key + "every_n_steps", "must be >= 0 (0: off)")
+        _one_of(self.loss, PER_SAMPLE_LOSSES, key + "loss")
+
+
+NONFINITE_POLICIES = ("off", "raise", "skip")
+
+
+@dataclass
+class NonfiniteConfig:
+    """The guard against NaN/Inf in the loss or a gradient, checked before the optimizer step."""
+
+    #: ``raise``: stop with an error naming the step and the first non-finite parameter;
+    #: ``skip``: leave parameters, optimizer and scheduler untouched for that step; ``off``
+    policy: str = "raise"
+    #: check every N optimizer steps (each check reads one flag back to the host)
+    every_n_steps: int = 1
+    #: ``skip``: give up after this many skipped steps in a row
+    max_consecutive_skips: int = 10
+
+    def __post_init__(self) -> None:
+        key = "instrument.nonfinite."
+        _one_of(self.policy, NONFINITE_POLICIES, key + "policy")
+        _check(
+            self.every_n_steps >= 1,
+            key + "every_n_steps",
+            f"got {self.every_n_steps}, must be >= 1",
+        )
+        _check(
+            self.max_consecutive_skips >= 1,
+            key + "max_consecutive_skips",
+            f"got {self.max_consecutive_skips}, must be >= 1",
+        )
+
+
+@dataclass
 class InstrumentConfig:
     """What is measured, each quantity on its own cadence (``instrument=default|none|full``)."""
 
+    norms: NormsConfig = field(default_factory=NormsConfig)
+    histograms: HistogramsConfig = field(default_factory=HistogramsConfig)
+    per_sample: PerSampleConfig = field(default_factory=PerSampleConfig)
+    nonfinite: NonfiniteConfig = field(default_factory=NonfiniteConfig)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
 
 
@@ -565,6 +665,14 @@ class TrainConfig:
             )
             if isinstance(reg, RegularizerConfig):
                 _check(reg.min_ndim >= 0, f"regularizer.{name}.min_ndim", "must be >= 0")
+        _check(
+            self.instrument.per_sample.every_n_steps == 0
+            or "input_grad_penalty" not in self.regularizer,
+            "instrument.per_sample.every_n_steps",
+            "per-sample gradient norms read the data loss's gradient flowing through each layer; "
+            "input_grad_penalty's double backward flows through the same layers and would mix "
+            "into them: turn one of the two off",
+        )
         for group in self.GROUPS:
             node = getattr(self, group)
             _check(

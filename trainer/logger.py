@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ class TensorBoardLogger:
         self.flush_secs = flush_secs
         self.writer = SummaryWriter(str(self.log_dir), flush_secs=max(int(flush_secs), 1))
         self._scalars: list[tuple[str, float, int, float]] = []  # (tag, value, step, wall time)
+        self._histograms: list[tuple[str, Any, int, float]] = []  # (tag, RawHistogram, ...)
         self._last_flush = time.monotonic()
 
     def log_scalars(
@@ -64,11 +65,22 @@ class TensorBoardLogger:
             self.flush()
         return floats
 
+    def log_histogram_raw(self, tag: str, h: Any, step: int) -> None:
+        """Record a histogram binned elsewhere (``trainer.instrument.histograms.RawHistogram``)."""
+        self._histograms.append((tag, h, step, time.time()))
+
     def flush(self) -> None:
         """Write everything buffered to the event file and wait until it is on disk."""
         for tag, value, step, wall in self._scalars:
             self.writer.add_scalar(tag, value, step, walltime=wall)
         self._scalars.clear()
+        for tag, h, step, wall in self._histograms:
+            self.writer.add_histogram_raw(
+                tag, min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
+                bucket_limits=h.bucket_limits, bucket_counts=h.bucket_counts,
+                global_step=step, walltime=wall,
+            )  # fmt: skip
+        self._histograms.clear()
         self.writer.flush()
         self._last_flush = time.monotonic()
 

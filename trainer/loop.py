@@ -53,6 +53,7 @@ class StepOutput:
     weights: Tensor | None  # (B,) its gradient weights (vector mode), as passed to backward
     grad_norm: Tensor | None  # 0-d total L2 norm before clipping (when clipping or logging)
     should_log: bool
+    skipped: bool = False  # a callback (the non-finite guard) skipped the update
 
 
 class Callback:
@@ -62,19 +63,25 @@ class Callback:
 
     * ``on_fit_start(trainer)``
     * ``on_train_epoch_start(trainer, epoch)``
+    * ``on_train_batch_start(trainer, batch)``: every micro-batch, before its forward
     * ``on_after_backward(trainer, batch, losses, weights)``: every micro-batch, right after its
       backward; ``losses`` (B,) detached, ``weights`` (B,) or None in scalar mode; gradients are
       still accumulating and, under fp16, multiplied by ``trainer.scaler.get_scale()``
     * ``on_before_optimizer_step(trainer, optimizer)``: gradients final (accumulated, unscaled),
       not yet clipped; ``trainer.global_step`` is the step being taken, ``trainer.logging_step``
-      whether it logs
+      whether it logs. Setting ``trainer.skip_step = True`` skips the update (parameters,
+      optimizer and scheduler untouched)
     * ``on_train_step_end(trainer, out: StepOutput)``: after step, scheduler and zero_grad
+
+    Scalars a callback measures go through ``trainer.stage_scalars``: they are read back to the
+    host together with the step's own, in one transfer, at the end of the step.
     * ``on_validation_end(trainer, metrics)``: after each epoch's validation
     * ``on_fit_end(trainer, metrics)``
     """
 
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None: ...
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
     ) -> None: ...
@@ -146,9 +153,14 @@ class Trainer:
         self.regularizers = [r for r in regularizers if isinstance(r, Regularizer)]
         self._reg_values: list[Tensor] = []  # the last optimizer step's λR, detached
         #: the input-gradient penalty, added on every micro-batch (it depends on the inputs)
-        self.input_penalty = next(
-            (r for r in regularizers if isinstance(r, InputGradPenalty)), None
-        )
+        penalties = [r for r in regularizers if isinstance(r, InputGradPenalty)]
+        unknown = [r for r in regularizers if not isinstance(r, (Regularizer, InputGradPenalty))]
+        if unknown or len(penalties) > 1:
+            raise TypeError(
+                "regularizers: expected trainer.regularizers.Regularizer instances and at most "
+                f"one InputGradPenalty, got {[type(r).__name__ for r in regularizers]}"
+            )
+        self.input_penalty = penalties[0] if penalties else None
         self._penalty_window: list[Tensor] = []  # its detached values in the current window
         self._penalty_grads: dict[int, Tensor] = {}  # its θ-gradient, windows that log only
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -170,7 +182,10 @@ class Trainer:
             ]
             for name in HOOKS
         }
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        #: trainable parameters and their names (``named_parameters()``), in the same order
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         #: optimizer steps taken; inside a step's hooks, the number of the step being taken
         self.global_step = 0
         #: epochs completed (between epochs: the 0-based index of the next one)
@@ -179,6 +194,14 @@ class Trainer:
         self.batch_in_epoch = 0
         #: whether the optimizer step being taken logs (set before on_before_optimizer_step)
         self.logging_step = False
+        #: set by a callback in on_before_optimizer_step to skip this step's update
+        self.skip_step = False
+        #: set by a callback in on_before_optimizer_step to have the loop measure and stage
+        #: grad_norm/total_clipped (after clipping) for this step
+        self.measure_clipped_norm = False
+        self._staged: dict[str, Tensor | float] = {}
+        #: samples in the current accumulation window (scalar mode's root is Σℓ / this)
+        self.window_samples = 1
         self.metrics: dict[str, float] = {}
         self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
         # per-sample losses stay on the device, no kernel per step: since the last log (for
@@ -199,6 +222,11 @@ class Trainer:
 
     def should_log(self, step: int) -> bool:
         return step % self.log_every_n_steps == 0
+
+    def stage_scalars(self, values: dict[str, Tensor | float]) -> None:
+        """Queue scalars for the current step; they are read back to the host together with
+        the step's own scalars at its end, in one transfer (no sync here)."""
+        self._staged.update(values)
 
     def log_scalars(
         self, values: dict[str, Tensor | float], step: int | None = None
@@ -285,6 +313,8 @@ class Trainer:
 
     def train_step(self, batch: Batch, window_samples: int, step_now: bool) -> None:
         """Forward and backward of one micro-batch; the optimizer step when ``step_now``."""
+        self.window_samples = window_samples  # samples in this accumulation window
+        self._fire("on_train_batch_start", batch)
         x, y, index = batch
         if self.input_penalty is not None:
             x = self.input_penalty.prepare(x)  # a leaf to differentiate the loss with respect to
@@ -297,14 +327,16 @@ class Trainer:
         if self.input_penalty is not None:  # every micro-batch, by its share of the window
             penalty = self._input_penalty(losses, x, share)
             reg = penalty if reg is None else reg + penalty
+        # with the penalty, x requires grad: accumulate into the parameters only, not into x
+        inputs = self.params if self.input_penalty is not None else None
         if self.weighting is None:
             loss = losses.mean()
-            backward_scalar(loss if share == 1.0 else loss * share, self.scaler, reg)
+            backward_scalar(loss if share == 1.0 else loss * share, self.scaler, reg, inputs)
         else:
             weights = self.weighting(losses, logits, y, index)
             if share != 1.0 and self.weighting.normalize == "mean":
                 weights = weights * share  # sum/none: each micro-batch's weights as given
-            backward_vector(losses, weights, self.scaler, reg)
+            backward_vector(losses, weights, self.scaler, reg, inputs)
         losses = losses.detach()
         self._pending_log.append(losses)
         self._pending_epoch.append(losses)
@@ -325,15 +357,14 @@ class Trainer:
         one extra double-backward pass there (no analytic form exists), none on other steps.
         """
         assert self.input_penalty is not None
-        scale = None
-        if self.scaler is not None:  # fp16: keep the input gradient from underflowing
-            scale = self.scaler.scale(torch.ones((), device=losses.device))
-        penalty = self.input_penalty.value(losses, x, scale)
+        penalty = self.input_penalty.value(losses, x)  # scaled under fp16 with the whole root
         if share != 1.0:
             penalty = penalty * share
         self._penalty_window.append(penalty.detach())
         if self.should_log(self.global_step + 1):  # the step this micro-batch belongs to logs
-            root = penalty if scale is None else penalty * scale  # fp16: scaled like the step
+            # fp16: scaled like the step's backward, so the tangent does not underflow
+            root = penalty if self.scaler is None else self.scaler.scale(penalty)
+            scale = None if self.scaler is None else self.scaler.scale(torch.ones_like(penalty))
             grads = torch.autograd.grad(root, self.params, retain_graph=True, allow_unused=True)
             for p, g in zip(self.params, grads, strict=True):
                 if g is not None:
@@ -364,29 +395,46 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)  # everything below sees true gradients
         self.global_step += 1
         self.logging_step = should_log = self.should_log(self.global_step)
+        self.skip_step = self.measure_clipped_norm = False
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
         has_reg = bool(self.regularizers) or self.input_penalty is not None
-        split_norms = self._data_and_reg_norms() if should_log and has_reg else {}
-        if self.grad_clip > 0:
-            grad_norm = clip_grad_norm_(self.params, self.grad_clip)
-        elif should_log:
-            grad_norm = get_total_norm([p.grad for p in self.params if p.grad is not None])
+        split_norms = {}
         lr = self.optimizer.param_groups[0]["lr"] if should_log else 0.0  # the lr of this step
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if self.skip_step:  # parameters, optimizer state and scheduler stay as they are
+            if self.scaler is not None:
+                self.scaler.update()  # closes this step's unscale_ (and lowers the scale on inf)
         else:
-            self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+            split_norms = self._data_and_reg_norms() if should_log and has_reg else {}
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if self.grad_clip > 0:
+                grad_norm = clip_grad_norm_(self.params, self.grad_clip)
+                if self.measure_clipped_norm:  # measured after clipping, not inferred
+                    split_norms["grad_norm/total_clipped"] = get_total_norm(grads)
+            elif should_log or self.measure_clipped_norm:
+                grad_norm = get_total_norm(grads)
+                if self.measure_clipped_norm:
+                    split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
+            if self.measure_clipped_norm:  # the norms instrument's cadence: the total with it
+                split_norms["grad_norm/total"] = grad_norm
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = StepOutput(
-            self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log
-        )
+            self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
+            skipped=self.skip_step,
+        )  # fmt: skip
         self._fire("on_train_step_end", out)
         if should_log:
             self._log_step(out, lr, split_norms)
+        elif self._staged or split_norms:  # a quantity on its own cadence
+            self.log_scalars({**split_norms, **self._staged}, out.step)
+            self._staged.clear()
         self._penalty_window.clear()
         self._penalty_grads.clear()
         self.progress.update()
@@ -400,6 +448,8 @@ class Trainer:
         if out.grad_norm is not None:
             values["grad_norm/total"] = out.grad_norm
         values.update(extra)
+        values.update(self._staged)
+        self._staged.clear()
         for r, v in zip(self.regularizers, self._reg_values, strict=True):
             values[f"reg/{r.name}"] = v
         if self.input_penalty is not None and self._penalty_window:

@@ -212,20 +212,20 @@ class InputGradPenalty:
             )
         return x.detach().requires_grad_(True)
 
-    def value(self, losses: Tensor, x: Tensor, scale: Tensor | None = None) -> Tensor:
+    def value(self, losses: Tensor, x: Tensor) -> Tensor:
         """λ · mean_i ‖∇_{x_i} Σ_j ℓ_j‖² (0-d, float32 or wider, differentiable in θ).
 
         Args:
             losses: (B,) per-sample losses computed from ``x`` (see :meth:`prepare`).
             x: (B, ...) the input leaf.
-            scale: a loss scale (the GradScaler's, as a 0-d tensor) to keep the input gradient
-                representable under float16 autocast; it is divided out again.
+
+        Under float16 autocast the GradScaler's scale is applied to the whole objective (loss +
+        penalty) by the caller, as for any loss: that scales the tangent that flows back through
+        the double-backward graph. (Scaling the inner Σℓ instead and dividing g by the scale
+        again would leave that tangent unscaled, and it underflowed in float16.)
         """
         if not x.requires_grad:
             raise ValueError("input_grad_penalty: the input does not require grad; use prepare(x)")
-        total = losses.sum() if scale is None else losses.sum() * scale
-        (g,) = torch.autograd.grad(total, x, create_graph=True)
+        (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True)
         g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
-        if scale is not None:
-            g = g / scale
         return self.coef * g.pow(2).sum() / losses.numel()

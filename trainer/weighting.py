@@ -87,16 +87,18 @@ class Weighting(abc.ABC):
 
     def batch_total(self, r: Tensor) -> Tensor | float:
         """sum_j r_j over the batch (over the global batch when data-parallel). A strategy that
-        knows it on the host returns a float: one division kernel instead of three."""
-        # an all-zero batch gives w = 0 instead of 0/0
-        return r.sum().clamp_min(torch.finfo(r.dtype).tiny)
+        knows it on the host returns a float (> 0): one division kernel instead of three."""
+        return r.sum()
 
     def __call__(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         # detached inputs, so no autograd history (and no no_grad context to enter per step)
         r = self.raw(losses.detach(), logits.detach(), targets, indices).to(losses.dtype)
         if self.normalize == "none":
             return r
-        w = r / self.batch_total(r)
+        total = self.batch_total(r)
+        if isinstance(total, Tensor):  # an all-zero batch gives w = 0 instead of 0/0
+            total = total.clamp_min(torch.finfo(r.dtype).tiny)
+        w = r / total
         return w * r.numel() if self.normalize == "sum" else w
 
 

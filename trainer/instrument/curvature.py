@@ -142,7 +142,6 @@ class Curvature(Callback):
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._batch: Batch | None = None
-        self.last: dict[str, float] = {}
 
     def _measures(self, step: int) -> bool:
         return step % self.every == 0
@@ -155,8 +154,7 @@ class Curvature(Callback):
         if not self._measures(trainer.global_step) or self._batch is None:
             return
         batch, self._batch = self._batch, None
-        values = self.measure(trainer, batch)
-        self.last = trainer.log_scalars(values)  # host sync: measuring steps only
+        trainer.stage_scalars(self.measure(trainer, batch))  # read with the step's scalars
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The measurement's own generator, seeded once (its stream continues across steps)."""
@@ -171,8 +169,11 @@ class Curvature(Callback):
         state: dict[str, Tensor] = dict(model.named_parameters())
         # copies: a BatchNorm in training mode updates its running statistics in place
         state.update({n: b.clone() for n, b in model.named_buffers()})
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # dropout must not advance the run's RNG
+        accel = x.device.type != "cpu"  # CUDA, MPS, ...: fork that device's generator too
+        devices = [x.device.index or 0] if accel else []
+        with torch.random.fork_rng(  # dropout must not advance the run's RNG
+            devices=devices, device_type=x.device.type if accel else "cuda"
+        ):
             logits = functional_call(model, state, (x,))
         losses = trainer.criterion(logits, y)
         if trainer.weighting is None:

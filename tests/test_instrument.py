@@ -1,0 +1,411 @@
+"""Instrumentation: norms, histograms, per-sample gradient norms, the non-finite guard."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import final_params, read_scalars, train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from trainer.data.base import Batch
+from trainer.instrument import NonFiniteError, PerSampleNorms, histograms
+from trainer.loop import Callback
+from trainer.models.cnn import CNN
+from trainer.models.mlp import MLP
+
+
+def read_histograms(run_dir) -> dict[str, list]:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    return {tag: acc.Histograms(tag) for tag in acc.Tags()["histograms"]}
+
+
+class Grads(Callback):
+    """Copies of the gradients at the measuring point, and the weights before/after each step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+        self.before: dict[int, dict[str, torch.Tensor]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+        self.opt_steps: dict[int, list] = {}
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        named = zip(trainer.param_names, trainer.params, strict=True)
+        self.grads[trainer.global_step] = {n: p.grad.clone() for n, p in named}
+        self.before[trainer.global_step] = {
+            n: p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
+        }
+
+    def on_train_step_end(self, trainer, out) -> None:
+        self.after[out.step] = {
+            n: p.detach().clone() for n, p in zip(trainer.param_names, trainer.params, strict=True)
+        }
+        self.opt_steps[out.step] = [
+            float(s["step"]) for s in trainer.optimizer.state.values() if "step" in s
+        ]
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_norms_sum_to_the_total_which_is_clip_grad_norms_return(tmp_path, clip) -> None:
+    cap = Grads()
+    train(tmp_path, "trainer.max_steps=4", "instrument.norms.every_n_steps=1",
+          "logging.every_n_steps=2", f"trainer.grad_clip={clip}", callbacks=[cap])  # fmt: skip
+    s = read_scalars(tmp_path)
+    names = list(cap.grads[1])
+    for step in (1, 2, 3, 4):
+        per_param = [dict(s[f"grad_norm/{n}"])[step] for n in names]
+        total = dict(s["grad_norm/total"])[step]  # logged on every norms step, not only on logs
+        assert math.sqrt(sum(v * v for v in per_param)) == pytest.approx(total, rel=1e-5)
+        grads = [g.clone().requires_grad_() for g in cap.grads[step].values()]
+        for g, p in zip(grads, cap.grads[step].values(), strict=True):
+            g.grad = p.clone()
+        reference = float(torch.nn.utils.clip_grad_norm_(grads, clip if clip else math.inf))
+        assert total == pytest.approx(reference, rel=1e-6)
+        for n in names:
+            assert dict(s[f"grad_norm/{n}"])[step] == pytest.approx(
+                float(cap.grads[step][n].norm()), rel=1e-5
+            )
+        clipped = dict(s["grad_norm/total_clipped"])[step]
+        assert clipped == pytest.approx(min(total, clip) if clip else total, rel=1e-4)
+
+
+def test_param_norms_and_update_ratios_are_those_of_the_step(tmp_path) -> None:
+    cap = Grads()
+    train(tmp_path, "trainer.max_steps=3", "instrument.norms.every_n_steps=1",
+          "optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.3", callbacks=[cap])  # fmt: skip
+    s = read_scalars(tmp_path)
+    for step in (1, 2, 3):
+        for n, before in cap.before[step].items():
+            after = cap.after[step][n]
+            assert dict(s[f"param_norm/{n}"])[step] == pytest.approx(float(before.norm()), rel=1e-5)
+            ratio = float((after - before).norm() / before.norm())
+            assert dict(s[f"update_ratio/{n}"])[step] == pytest.approx(ratio, rel=1e-4)
+            # plain SGD: Δθ = −lr g, so the ratio is lr ‖g‖ / ‖θ‖
+            lr_g = 0.3 * float(cap.grads[step][n].norm()) / float(before.norm())
+            assert dict(s[f"update_ratio/{n}"])[step] == pytest.approx(lr_g, rel=1e-4)
+
+
+def test_norms_under_fp16_are_of_unscaled_gradients(tmp_path) -> None:
+    common = ["trainer.max_steps=1", "instrument.norms.every_n_steps=1"]
+    train(tmp_path / "32", *common)
+    train(tmp_path / "16", *common, "trainer.precision=16")
+    a, b = read_scalars(tmp_path / "32"), read_scalars(tmp_path / "16")
+    tags = [t for t in a if t.startswith("grad_norm/")]
+    assert len(tags) >= 7
+    for tag in tags:
+        assert b[tag][0][1] == pytest.approx(a[tag][0][1], rel=0.05), tag  # not 2¹⁶ times
+
+
+# ----------------------------------------------------------------------------- histograms
+
+
+@pytest.mark.parametrize("policy", ["minmax", "symmetric", "fixed"])
+def test_histogram_counts_cover_every_finite_value(policy) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g) * 3
+    x[[5, 17]] = torch.tensor([math.nan, math.inf])
+    (h,) = histograms([x], bins=20, range_policy=policy, fixed=(-2.0, 2.0))
+    finite = x[torch.isfinite(x)]
+    assert h.nonfinite == 2 and h.num == 998
+    assert sum(h.bucket_counts) == 998  # every finite value counted exactly once
+    assert h.min == pytest.approx(float(finite.min())) and h.max == pytest.approx(
+        float(finite.max())
+    )
+    assert h.sum == pytest.approx(float(finite.double().sum()), rel=1e-6)
+    assert h.sum_squares == pytest.approx(float((finite.double() ** 2).sum()), rel=1e-5)
+    width = h.bucket_limits[1] - h.bucket_limits[0]
+    left, right = h.bucket_limits[0] - width, h.bucket_limits[-1]
+    if policy != "fixed":  # the edges cover min and max
+        assert left <= h.min + 1e-5 and right >= h.max - 1e-5
+        reference = torch.histc(finite, bins=20, min=left, max=right)
+        assert h.bucket_counts == reference.tolist()
+    if policy == "symmetric":
+        assert left == pytest.approx(-right)
+    if policy == "fixed":  # outside values land in the edge buckets
+        assert (left, right) == pytest.approx((-2.0, 2.0))
+        assert h.bucket_counts[0] == pytest.approx(float((finite < -1.8).sum()))
+        assert h.bucket_counts[-1] == pytest.approx(float((finite >= 1.8).sum()))
+
+
+def test_a_constant_and_an_all_nan_tensor_do_not_crash() -> None:
+    const, nan = torch.full((10,), 0.5), torch.full((4,), math.nan)
+    h_const, h_nan = histograms([const, nan], bins=4)
+    assert sum(h_const.bucket_counts) == 10 and h_const.min == h_const.max == 0.5
+    assert h_nan.num == 0 and h_nan.nonfinite == 4 and sum(h_nan.bucket_counts) == 0
+
+
+def test_histograms_are_in_the_event_file(tmp_path) -> None:
+    train(tmp_path, "trainer.max_steps=4", "instrument.histograms.every_n_steps=2",
+          "instrument.histograms.bins=16")  # fmt: skip
+    hists = read_histograms(tmp_path)
+    model = MLP((1, 8, 8), 10)
+    for name, p in model.named_parameters():
+        for kind in ("grad", "weight"):
+            events = hists[f"{kind}_hist/{name}"]
+            assert [e.step for e in events] == [2, 4]
+            value = events[0].histogram_value
+            assert sum(value.bucket) == p.numel() == value.num
+            assert len(value.bucket) == 16 and value.min <= value.max
+
+
+# ----------------------------------------------------------------------------- per-sample norms
+
+
+def measure(model: nn.Module, x, y, weights=None, loss="both"):
+    """Run one measured step of PerSampleNorms by hand; returns its per-sample vectors."""
+    cb = PerSampleNorms(1, loss=loss)
+    trainer = SimpleNamespace(
+        model=model, global_step=0, scaler=None, window_samples=x.shape[0], logger=None,
+        stage_scalars=lambda values: staged.update(values),
+    )  # fmt: skip
+    staged: dict = {}
+    cb.on_fit_start(trainer)
+    batch = Batch(x, y, torch.arange(x.shape[0]))
+    cb.on_train_batch_start(trainer, batch)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    if weights is None:
+        losses.mean().backward()
+    else:
+        losses.backward(gradient=weights)
+    cb.on_after_backward(trainer, batch, losses.detach(), weights)
+    trainer.global_step = 1
+    cb.on_before_optimizer_step(trainer, None)
+    assert not cb._handles  # disarmed: no hooks outside measured steps
+    return cb.last, staged
+
+
+def reference_norms(model: nn.Module, x, y) -> torch.Tensor:
+    """‖∇θ ℓᵢ‖ per sample from torch.func, all parameters."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.sqrt(sum(v.pow(2).reshape(x.shape[0], -1).sum(1) for v in per.values()))
+
+
+class Seq(nn.Module):
+    """Linear layers over a sequence (B, T, d), with a LayerNorm and an Embedding (fallbacks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 5)
+        self.lin = nn.Linear(5, 6)
+        self.norm = nn.LayerNorm(6)
+        self.wide = nn.Linear(6, 40)  # T(in + out) > in·out: the direct per-sample form
+        self.head = nn.Linear(40, 3)
+
+    def forward(self, tokens):
+        h = self.norm(torch.tanh(self.lin(self.emb(tokens))))  # (B, T, 6)
+        return self.head(torch.tanh(self.wide(h)).mean(1))
+
+
+class Convs(nn.Module):
+    """Conv2d with padding modes, groups, 'same' padding, dilation, stride; a Conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
+        self.c2 = nn.Conv2d(4, 4, 3, padding="same", groups=2, dilation=2)
+        self.c3 = nn.Conv2d(4, 6, 2, stride=2, bias=False)
+        self.c4 = nn.Conv1d(6, 3, 3, padding=1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))  # (B, 6, 3, 3)
+        h = torch.relu(self.c4(h.flatten(2)))  # (B, 3, 9)
+        return self.head(h.mean(2))
+
+
+def problem(kind: str, b: int = 6):
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    if kind == "mlp":
+        return MLP((1, 8, 8), 3, hidden=[16, 8]), torch.randn(b, 1, 8, 8, generator=g)
+    if kind == "cnn":
+        return CNN((1, 8, 8), 3, channels=[4, 8], hidden=16), torch.randn(b, 1, 8, 8, generator=g)
+    if kind == "seq":
+        return Seq(), torch.randint(0, 7, (b, 4), generator=g)
+    return Convs(), torch.randn(b, 2, 6, 6, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq", "convs"])
+@pytest.mark.parametrize("mode", ["scalar", "vector"])
+def test_per_sample_norms_equal_torch_func(kind, mode) -> None:
+    model, x = problem(kind)
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    weights = None
+    if mode == "vector":  # non-uniform, one of them 0 (like hard_topk)
+        weights = torch.tensor([0.3, 0.0, 0.1, 0.25, 0.05, 0.3], dtype=torch.float64)
+    reference = reference_norms(copy.deepcopy(model), x, y)
+    last, staged = measure(model, x, y, weights)
+    unweighted, weighted = last["per_sample/grad_norm"], last["per_sample/weighted_grad_norm"]
+    w = torch.full((6,), 1 / 6, dtype=torch.float64) if weights is None else weights
+    torch.testing.assert_close(weighted.double(), w * reference, rtol=1e-5, atol=1e-12)
+    keep = w > 0
+    torch.testing.assert_close(unweighted[keep].double(), reference[keep], rtol=1e-5, atol=0)
+    assert torch.isnan(unweighted[~keep]).all()  # a weight-0 sample's gradient is not measurable
+    assert staged["per_sample/coverage"] == 1.0
+    assert staged["per_sample/grad_norm_max"] == pytest.approx(
+        float(reference[keep].max()), rel=1e-5
+    )
+
+
+def test_batchnorm_in_training_mode_is_reported_not_mixed(caplog) -> None:
+    # CNN: conv -> BatchNorm -> relu -> pool | flatten -> linear -> relu -> linear. The BatchNorm
+    # and the conv before it see gradients mixed across the batch; the head after it is exact.
+    torch.manual_seed(0)
+    model = CNN((1, 8, 8), 3, channels=[4], hidden=8, batch_norm=True).double()
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    with caplog.at_level("WARNING"):
+        last, staged = measure(model, x, y)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "'features.1'" in messages and "'features.0'" in messages and "BatchNorm" in messages
+    head = [n for n, _ in model.named_parameters() if n.startswith("head.")]
+    total = sum(p.numel() for p in model.parameters())
+    head_size = sum(p.numel() for n, p in model.named_parameters() if n in head)
+    assert staged["per_sample/coverage"] == pytest.approx(head_size / total)
+    # the head's per-sample gradients, from autograd on the same batch (batch statistics and all)
+    sq = torch.zeros(5, dtype=torch.float64)
+    for i in range(5):
+        params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+        loss = F.cross_entropy(functional_call(model, params, (x,)), y, reduction="none")[i]
+        grads = torch.autograd.grad(loss, [params[n] for n in head])
+        sq[i] = sum(g.pow(2).sum() for g in grads)
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), sq.sqrt(), rtol=1e-5, atol=0)
+
+
+def test_per_sample_norms_through_the_trainer(tmp_path) -> None:
+    train(tmp_path, "trainer.max_steps=4", "instrument.per_sample.every_n_steps=2",
+          "instrument.per_sample.loss=both", "loss.mode=vector", "weighting=focal")  # fmt: skip
+    s, hists = read_scalars(tmp_path), read_histograms(tmp_path)
+    for tag in ("per_sample/grad_norm", "per_sample/weighted_grad_norm"):
+        assert [e.step for e in hists[tag]] == [2, 4]
+        assert hists[tag][0].histogram_value.num == 64
+        assert [st for st, _ in s[f"{tag}_mean"]] == [2, 4]
+        assert s[f"{tag}_max"][0][1] >= s[f"{tag}_mean"][0][1] > 0
+
+
+def test_per_sample_norms_refuse_the_input_gradient_penalty(tmp_path) -> None:
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="instrument.per_sample.every_n_steps"):
+        train(tmp_path, "regularizer=[input_grad_penalty]", "instrument.per_sample.every_n_steps=1")
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+class Poison(Callback):
+    """Puts a NaN into a gradient (or the input) of one optimizer step."""
+
+    def __init__(self, step: int, where: str = "grad") -> None:
+        self.step, self.where = step, where
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        if self.where == "input" and trainer.global_step + 1 == self.step:
+            batch.x[0, 0] = math.nan
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if self.where == "grad" and trainer.global_step + 1 == self.step:
+            trainer.params[2].grad[0, 0] = math.inf  # net.3.weight
+
+
+@pytest.mark.parametrize(("where", "names"), [("grad", "gradient of net.3.weight"),
+                                              ("input", "non-finite loss")])  # fmt: skip
+def test_guard_raise_names_the_step_and_the_culprit(tmp_path, where, names) -> None:
+    cap = Grads()
+    with pytest.raises(NonFiniteError, match=rf"^step 3: .*{names}"):
+        train(tmp_path, "trainer.max_steps=6", callbacks=[Poison(3, where), cap])
+    assert max(cap.after) == 2  # stopped before step 3's update
+    metrics = (tmp_path / "metrics.json").read_text()
+    assert '"status": "failed"' in metrics and "step 3" in metrics
+
+
+@pytest.mark.parametrize("where", ["grad", "input"])
+def test_guard_skip_leaves_exactly_the_poisoned_step_out(tmp_path, where) -> None:
+    cap = Grads()
+    train(tmp_path, "trainer.max_steps=5", "instrument.nonfinite.policy=skip",
+          "scheduler=cosine", callbacks=[Poison(3, where), cap])  # fmt: skip
+    for n in cap.after[2]:
+        assert torch.equal(cap.after[3][n], cap.after[2][n])  # step 3 changed nothing
+        assert not torch.equal(cap.after[4][n], cap.after[3][n])  # step 4 trained
+    assert cap.opt_steps[3] == cap.opt_steps[2]  # AdamW's state untouched (its step count)
+    assert cap.opt_steps[4][0] == cap.opt_steps[2][0] + 1
+    s = read_scalars(tmp_path)
+    assert s["nonfinite/skipped_steps"] == [(3, 1.0)]
+
+
+def test_guard_gives_up_after_consecutive_skips(tmp_path) -> None:
+    class Always(Callback):
+        def on_after_backward(self, trainer, batch, losses, weights) -> None:
+            trainer.params[0].grad.fill_(math.nan)
+
+    with pytest.raises(NonFiniteError, match="3 steps in a row skipped"):
+        train(tmp_path, "trainer.max_steps=10", "instrument.nonfinite.policy=skip",
+              "instrument.nonfinite.max_consecutive_skips=3", callbacks=[Always()])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the whole set
+
+
+VARIED = ["loss.mode=vector", "weighting=focal", "model.dropout=0.2",
+          "trainer.accumulate_grad_batches=2", "trainer.grad_clip=0.1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [[], VARIED])
+def test_instrument_full_and_none_train_bitwise_alike(tmp_path, extra) -> None:
+    curvature = ["every_n_steps=5", "power_iters=3", "trace_probes=2"]
+    common = [*extra, "trainer.max_steps=12", *(f"instrument.curvature.{c}" for c in curvature)]
+    none = train(tmp_path / "none", *common, "instrument=none")
+    full = train(tmp_path / "full", *common, "instrument=full")
+    for (name, a), b in zip(final_params(tmp_path / "none").items(),
+                            final_params(tmp_path / "full").values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    assert full["val/loss"] == none["val/loss"]
+
+
+def test_instrument_full_writes_every_documented_tag(tmp_path) -> None:
+    train(tmp_path, "trainer.max_steps=50", "instrument=full", "loss.mode=vector",
+          "regularizer=[l2]", "trainer.grad_clip=1.0")  # fmt: skip
+    scalars, hists = set(read_scalars(tmp_path)), set(read_histograms(tmp_path))
+    names = [n for n, _ in MLP((1, 8, 8), 10).named_parameters()]
+    expected_scalars = {
+        "train/loss", "val/loss", "val/acc", "lr", "grad_norm/total", "grad_norm/total_clipped",
+        "grad_norm/data", "grad_norm/reg", "reg/l2", "weights/mean", "weights/min",
+        "weights/max", "per_sample/grad_norm_mean", "per_sample/grad_norm_max",
+        "per_sample/weighted_grad_norm_mean", "per_sample/weighted_grad_norm_max",
+        "per_sample/coverage", "curvature/top_eig", "curvature/trace",
+        *(f"{kind}/{n}" for kind in ("grad_norm", "param_norm", "update_ratio") for n in names),
+    }  # fmt: skip
+    assert expected_scalars <= scalars, expected_scalars - scalars
+    expected_hists = {
+        "per_sample/grad_norm", "per_sample/weighted_grad_norm",
+        *(f"{kind}_hist/{n}" for kind in ("grad", "weight") for n in names),
+    }  # fmt: skip
+    assert expected_hists <= hists, expected_hists - hists
+
+
+@pytest.mark.parametrize(("t", "ci", "co"), [(3, 8, 8), (30, 4, 5)])  # Gram form, direct form
+def test_both_forms_of_the_sequence_norm_agree_with_the_definition(t, ci, co) -> None:
+    from trainer.instrument.per_sample import _gram_or_direct
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 2, t, ci, generator=g, dtype=torch.float64)
+    go = torch.randn(4, 2, t, co, generator=g, dtype=torch.float64)
+    per_sample = torch.einsum("bgto,bgti->bgoi", go, a)  # Σ_t g_t a_tᵀ per sample and group
+    torch.testing.assert_close(_gram_or_direct(a, go), per_sample.pow(2).sum(dim=(1, 2, 3)))

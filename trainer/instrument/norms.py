@@ -1,0 +1,84 @@
+"""Per-parameter gradient norms, weight norms and update ratios, fused and read in one transfer.
+
+Measured in ``on_before_optimizer_step``: after backward, accumulation and fp16 unscaling, before
+clipping. ``torch._foreach_norm`` computes every tensor's norm in one call (one fused kernel per
+device and dtype on CUDA); the results go through ``trainer.stage_scalars`` and reach the host
+with the step's other scalars in a single transfer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from trainer.loop import Callback, StepOutput
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+
+class Norms(Callback):
+    """``grad_norm/<param>``, ``grad_norm/total_clipped``, ``param_norm/<param>`` and
+    ``update_ratio/<param>`` every ``every_n_steps`` optimizer steps.
+
+    * ``grad_norm/<param>``: ‖g‖₂ of each parameter with a gradient (the squares sum to
+      ``grad_norm/total``²).
+    * ``grad_norm/total_clipped``: the total norm measured again after clipping (equal to the
+      total when nothing is clipped).
+    * ``param_norm/<param>``: ‖θ‖₂ of the weights the step is about to update.
+    * ``update_ratio/<param>``: ‖θ_after − θ_before‖₂ / ‖θ_before‖₂ of the step just taken; it
+      copies the weights on measuring steps only (one transient copy of the parameters). A
+      step the non-finite guard skipped logs 0.
+    """
+
+    def __init__(self, every_n_steps: int, param_norm: bool = True, update_ratio: bool = True):
+        if every_n_steps < 1:
+            raise ValueError(f"instrument.norms.every_n_steps: got {every_n_steps}, must be >= 1")
+        self.every = every_n_steps
+        self.param_norm, self.update_ratio = param_norm, update_ratio
+        self._before: list[Tensor] | None = None
+        self._before_norms: Tensor | None = None
+
+    def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        if trainer.global_step % self.every:
+            return
+        trainer.measure_clipped_norm = True
+        with_grad = [
+            (n, p.grad)
+            for n, p in zip(trainer.param_names, trainer.params, strict=True)
+            if p.grad is not None
+        ]
+        values: dict[str, Tensor | float] = {}
+        if with_grad:
+            norms = torch._foreach_norm([g for _, g in with_grad])
+            values.update({f"grad_norm/{n}": v for (n, _), v in zip(with_grad, norms, strict=True)})
+        if self.param_norm or self.update_ratio:
+            weights = [p.detach() for p in trainer.params]
+            pnorms = torch._foreach_norm(weights)
+            if self.param_norm:
+                values.update(
+                    {f"param_norm/{n}": v for n, v in zip(trainer.param_names, pnorms, strict=True)}
+                )
+            if self.update_ratio:
+                self._before = [w.clone() for w in weights]
+                self._before_norms = torch.stack(pnorms)
+        trainer.stage_scalars(values)
+
+    def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None:
+        if self._before is None:
+            return
+        before, before_norms = self._before, self._before_norms
+        self._before = self._before_norms = None
+        assert before_norms is not None
+        delta = torch._foreach_sub([p.detach() for p in trainer.params], before)
+        ratios = torch.stack(torch._foreach_norm(delta)) / before_norms.clamp_min(
+            torch.finfo(before_norms.dtype).tiny
+        )  # a zero weight tensor that moved gives a huge ratio, never a division by 0
+        trainer.stage_scalars(
+            {
+                f"update_ratio/{n}": r
+                for n, r in zip(trainer.param_names, ratios.unbind(), strict=True)
+            }
+        )
