@@ -82,6 +82,7 @@ def plain_epochs(t, steps: int) -> Iterator[None]:
 
 def trainer_epochs(t) -> Iterator[None]:
     """The trainer at its default settings (what ``fit`` runs), one epoch per ``next``."""
+    t._fire("on_fit_start")  # as fit() does: callbacks set themselves up here
     while not t.finished():
         t.run_epoch()
         yield
@@ -170,6 +171,39 @@ def bench_loops(overrides: list[str], steps: int, rounds: int, variants: list[st
     return result
 
 
+def bench_histogram(n: int, repeats: int = 5) -> dict:
+    """One histogram of an n-element tensor: on-device binning + add_histogram_raw against
+    SummaryWriter.add_histogram (host copy, float64, NumPy binning), both written to disk."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from trainer.instrument import histograms
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    ours, theirs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = SummaryWriter(tmp)
+        for i in range(repeats):
+            start = time.perf_counter()
+            (h,) = histograms([x], bins=64)
+            writer.add_histogram_raw(
+                "ours", h.min, h.max, h.num, h.sum, h.sum_squares, h.bucket_limits,
+                h.bucket_counts, global_step=i,
+            )  # fmt: skip
+            writer.flush()
+            ours.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            writer.add_histogram("theirs", x, global_step=i)
+            writer.flush()
+            theirs.append(time.perf_counter() - start)
+        writer.close()
+    return {
+        "histogram_elements": n,
+        "histogram_ours_s": statistics.median(ours),
+        "histogram_add_histogram_s": statistics.median(theirs),
+        "histogram_speedup": statistics.median(theirs) / statistics.median(ours),
+    }
+
+
 def bench_cli(repeats: int) -> dict:
     walls, peaks, accs = [], [], []
     for i in range(repeats):
@@ -205,6 +239,13 @@ def main() -> None:
         metavar="OVERRIDES",
         help="also time the trainer with these extra overrides (space-separated); repeatable",
     )
+    p.add_argument(
+        "--histogram",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time one histogram of an N-element tensor against add_histogram",
+    )
     p.add_argument("--out", type=Path, help="result file (default: outputs/bench/<time>.json)")
     p.add_argument("overrides", nargs="*", help="config overrides, as for scripts/train.py")
     args = p.parse_args()
@@ -228,6 +269,13 @@ def main() -> None:
             "trainer without it (per round "
             + ", ".join(f"{x:.3f}" for x in r["vs_trainer_per_round"])
             + ")"
+        )
+    if args.histogram:
+        result.update(bench_histogram(args.histogram))
+        print(
+            f"histogram of {args.histogram:,} values: {result['histogram_ours_s'] * 1e3:.1f} ms "
+            f"on the device + add_histogram_raw vs {result['histogram_add_histogram_s'] * 1e3:.1f}"
+            f" ms add_histogram: {result['histogram_speedup']:.1f}x"
         )
     if not args.no_cli:
         result.update(bench_cli(args.cli_repeats))

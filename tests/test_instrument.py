@@ -409,3 +409,12 @@ def test_both_forms_of_the_sequence_norm_agree_with_the_definition(t, ci, co) ->
     go = torch.randn(4, 2, t, co, generator=g, dtype=torch.float64)
     per_sample = torch.einsum("bgto,bgti->bgoi", go, a)  # Σ_t g_t a_tᵀ per sample and group
     torch.testing.assert_close(_gram_or_direct(a, go), per_sample.pow(2).sum(dim=(1, 2, 3)))
+
+
+def test_per_sample_norms_under_fp16_are_unscaled(tmp_path) -> None:
+    common = ["trainer.max_steps=1", "instrument.per_sample.every_n_steps=1"]
+    train(tmp_path / "32", *common)
+    train(tmp_path / "16", *common, "trainer.precision=16")
+    a, b = read_scalars(tmp_path / "32"), read_scalars(tmp_path / "16")
+    for tag in ("per_sample/grad_norm_mean", "per_sample/grad_norm_max"):
+        assert b[tag][0][1] == pytest.approx(a[tag][0][1], rel=0.05), tag

@@ -110,6 +110,9 @@ def conv_sq_norms(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> Tensor
 def func_sq_norms(module: nn.Module, a: Tensor, g: Tensor) -> Tensor:
     """Per-sample ‖∇ℓᵢ‖² over ``module``'s own parameters by torch.func (one layer at a time)."""
     params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    dtype = next(iter(params.values())).dtype  # run it in its parameters' precision
+    a = a.to(dtype) if a.is_floating_point() else a
+    g = g.to(dtype)
 
     def inner(p: dict[str, Tensor], ai: Tensor, gi: Tensor) -> Tensor:
         out = functional_call(module, p, (ai.unsqueeze(0),))
@@ -226,7 +229,9 @@ class PerSampleNorms(Callback):
             )
             return
         with torch.no_grad():
-            g = g.detach()
+            # float16/bfloat16 under autocast (and GradScaler-scaled): square in float32
+            low = g.dtype in (torch.float16, torch.bfloat16)
+            g = g.detach().float() if low else g.detach()
             if isinstance(module, nn.Linear):
                 sq = linear_sq_norms(module, a.to(g.dtype), g)
             elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -247,9 +252,7 @@ class PerSampleNorms(Callback):
         self._disarm()
         for module, a, g in self._deferred:
             if self._names[module] not in self._excluded:
-                self._add(
-                    func_sq_norms(module, a, g.to(a.dtype) if a.is_floating_point() else g).float()
-                )
+                self._add(func_sq_norms(module, a, g).float())
         self._deferred.clear()
         self._report(trainer)
         b = losses.shape[0]
