@@ -23,13 +23,31 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
-def to_floats(values: Mapping[str, Tensor | float | int]) -> dict[str, float]:
-    """Python floats for a mapping of floats and 0-d tensors, with one device-to-host copy."""
-    tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
-    out = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
-    if tensors:
-        stacked = torch.stack([t.detach().reshape(()).float() for t in tensors.values()])
-        out.update(zip(tensors, stacked.tolist(), strict=True))  # host sync: logging steps only
+#: tag -> a float or a 0-d tensor; or a tuple of tags -> a 1-D tensor with one value per tag
+Scalars = Mapping[str | tuple[str, ...], Tensor | float | int]
+
+
+def to_floats(values: Scalars) -> dict[str, float]:
+    """Python floats for a mapping of floats and tensors, with one device-to-host copy.
+
+    A tuple of tags may map to a 1-D tensor holding their values: a callback that measured one
+    value per parameter hands them over as one tensor instead of one 0-d tensor each.
+    """
+    out: dict[str, float] = {}
+    tags: list[str] = []
+    parts: list[Tensor] = []
+    for key, v in values.items():
+        if not isinstance(v, Tensor):
+            out[key] = float(v)  # type: ignore[index]
+        elif isinstance(key, tuple):
+            tags.extend(key)
+            parts.append(v.detach().reshape(-1).float())
+        else:
+            tags.append(key)
+            parts.append(v.detach().reshape(1).float())
+    if parts:
+        flat = torch.cat(parts).tolist()  # host sync: logging steps only
+        out.update(zip(tags, flat, strict=True))
     return out
 
 
@@ -54,15 +72,17 @@ class TensorBoardLogger:
         self._histograms: list[tuple[str, Any, int, float]] = []  # (tag, RawHistogram, ...)
         self._last_flush = time.monotonic()
 
-    def log_scalars(
-        self, values: Mapping[str, Tensor | float | int], step: int
-    ) -> dict[str, float]:
+    def log_scalars(self, values: Scalars, step: int) -> dict[str, float]:
         """Record ``values`` at ``step``; returns them as floats (one host sync for tensors)."""
         floats = to_floats(values)
+        self.add_floats(floats, step)
+        return floats
+
+    def add_floats(self, floats: dict[str, float], step: int) -> None:
+        """Record scalars already on the host."""
         self._scalars.append((floats, step, time.time()))
         if time.monotonic() - self._last_flush > self.flush_secs:
             self.flush()
-        return floats
 
     def log_histogram_raw(self, tag: str, h: Any, step: int) -> None:
         """Record a histogram binned elsewhere (``trainer.instrument.histograms.RawHistogram``)."""

@@ -35,7 +35,7 @@ from torch.nn.utils import clip_grad_norm_, get_total_norm
 
 from trainer.backward import backward_scalar, backward_vector
 from trainer.data.base import Batch, Loader, batch_count
-from trainer.logger import Progress, TensorBoardLogger, to_floats
+from trainer.logger import Progress, Scalars, TensorBoardLogger, to_floats
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
 
@@ -199,7 +199,8 @@ class Trainer:
         #: set by a callback in on_before_optimizer_step to have the loop measure and stage
         #: grad_norm/total_clipped (after clipping) for this step
         self.measure_clipped_norm = False
-        self._staged: dict[str, Tensor | float] = {}
+        self._staged: dict[str | tuple[str, ...], Tensor | float] = {}
+        self._staged_histograms: dict[str, Tensor] = {}
         #: samples in the current accumulation window (scalar mode's root is Σℓ / this)
         self.window_samples = 1
         self.metrics: dict[str, float] = {}
@@ -223,20 +224,34 @@ class Trainer:
     def should_log(self, step: int) -> bool:
         return step % self.log_every_n_steps == 0
 
-    def stage_scalars(self, values: dict[str, Tensor | float]) -> None:
+    def stage_scalars(self, values: Scalars) -> None:
         """Queue scalars for the current step; they are read back to the host together with
-        the step's own scalars at its end, in one transfer (no sync here)."""
+        the step's own scalars at its end, in one transfer (no sync here). A tuple of tags may
+        map to a 1-D tensor of their values (see :func:`trainer.logger.to_floats`)."""
         self._staged.update(values)
 
-    def log_scalars(
-        self, values: dict[str, Tensor | float], step: int | None = None
-    ) -> dict[str, float]:
-        """Write scalars at ``step`` (default: the current ``global_step``); returns them as
-        floats. One batched host read: call it on logging steps only."""
+    def stage_histogram(self, tag: str, packed: Tensor) -> None:
+        """Queue a histogram computed on the device (``instrument.histograms.packed_histogram``);
+        it is read back with the step's scalars, in the same transfer."""
+        self._staged_histograms[tag] = packed
+
+    def log_scalars(self, values: Scalars, step: int | None = None) -> dict[str, float]:
+        """Write scalars (and staged histograms) at ``step`` (default: the current
+        ``global_step``); returns the scalars as floats. One batched host read: call it on
+        logging steps only."""
         step = self.global_step if step is None else step
+        histograms, self._staged_histograms = self._staged_histograms, {}
+        keys = {tag: tuple(f"\0{tag}\0{i}" for i in range(len(t))) for tag, t in histograms.items()}
+        values = {**values, **{keys[tag]: t for tag, t in histograms.items()}}
+        floats = to_floats(values)  # host sync: logging steps only
+        rows = {tag: [floats.pop(k) for k in ks] for tag, ks in keys.items()}
         if self.logger is not None:
-            return self.logger.log_scalars(values, step)
-        return to_floats(values)  # host sync: logging steps only
+            from trainer.instrument.histograms import unpack_histogram
+
+            self.logger.add_floats(floats, step)
+            for tag, row in rows.items():
+                self.logger.log_histogram_raw(tag, unpack_histogram(row), step)
+        return floats
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -432,7 +447,7 @@ class Trainer:
         self._fire("on_train_step_end", out)
         if should_log:
             self._log_step(out, lr, split_norms)
-        elif self._staged or split_norms:  # a quantity on its own cadence
+        elif self._staged or split_norms or self._staged_histograms:  # on its own cadence
             self.log_scalars({**split_norms, **self._staged}, out.step)
             self._staged.clear()
         self._penalty_window.clear()
@@ -444,7 +459,10 @@ class Trainer:
         self._pending_log.clear()
         self._fold_epoch_losses()
         samples = interval.numel()
-        values: dict[str, Tensor | float] = {"train/loss": interval.mean(), "lr": lr}
+        values: dict[str | tuple[str, ...], Tensor | float] = {
+            "train/loss": interval.mean(),
+            "lr": lr,
+        }
         if out.grad_norm is not None:
             values["grad_norm/total"] = out.grad_norm
         values.update(extra)

@@ -12,6 +12,7 @@ Non-finite values (NaN, ±Inf) are left out of the histogram and counted; the co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -95,6 +96,48 @@ def histograms(
             )
         )  # fmt: skip
     return out
+
+
+PACKED_HEAD = 8  # min, max, left edge, span, num, sum, sum of squares, non-finite count
+
+
+def packed_histogram(v: Tensor, bins: int = 64) -> Tensor:
+    """A histogram of ``v`` computed entirely on its device, without a host sync, packed into
+    one 1-D tensor of ``PACKED_HEAD + bins`` values (see :func:`unpack_histogram`).
+
+    Range [min, max] of the finite values; buckets by ``scatter_add_`` (``torch.histc`` would
+    need the range on the host). Meant for small vectors such as per-sample norms, whose
+    histogram then rides in the step's single host read.
+    """
+    v = v.detach().reshape(-1).float()
+    finite = torch.isfinite(v)
+    inf = torch.tensor(math.inf, device=v.device)
+    lo = torch.where(finite, v, inf).amin()
+    hi = torch.where(finite, v, -inf).amax()
+    span = hi - lo
+    ok = torch.isfinite(span) & (span > 0)
+    left = torch.where(ok, lo, torch.where(torch.isfinite(lo), lo - 0.5, 0.0))
+    span = torch.where(ok, span, 1.0)  # a constant (or empty) vector: one bucket around it
+    idx = ((v - left) / span * bins).floor().clamp(0, bins - 1)
+    idx = torch.where(finite, idx, bins).long()  # non-finite values into a discarded bucket
+    counts = torch.zeros(bins + 1, device=v.device).scatter_add_(0, idx, torch.ones_like(v))
+    vf = torch.where(finite, v, 0.0)
+    head = torch.stack([lo, hi, left, span, finite.sum().float(), vf.sum(), vf.dot(vf),
+                        (~finite).sum().float()])  # fmt: skip
+    return torch.cat([head, counts[:bins]])
+
+
+def unpack_histogram(row: list[float]) -> RawHistogram:
+    lo, hi, left, span, num, total, squares, bad = row[:PACKED_HEAD]
+    counts = row[PACKED_HEAD:]
+    bins = len(counts)
+    if num == 0:
+        lo = hi = 0.0
+    return RawHistogram(
+        min=lo, max=hi, num=int(num), sum=total, sum_squares=squares,
+        bucket_limits=[left + span * (k + 1) / bins for k in range(bins)],
+        bucket_counts=counts, nonfinite=int(bad),
+    )  # fmt: skip
 
 
 class Histograms(Callback):

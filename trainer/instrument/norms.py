@@ -40,31 +40,31 @@ class Norms(Callback):
         self.param_norm, self.update_ratio = param_norm, update_ratio
         self._before: list[Tensor] | None = None
         self._before_norms: Tensor | None = None
+        self._tags: dict[str, tuple[str, ...]] = {}
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        for kind in ("param_norm", "update_ratio"):
+            self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         if trainer.global_step % self.every:
             return
         trainer.measure_clipped_norm = True
-        with_grad = [
-            (n, p.grad)
-            for n, p in zip(trainer.param_names, trainer.params, strict=True)
-            if p.grad is not None
-        ]
-        values: dict[str, Tensor | float] = {}
-        if with_grad:
-            norms = torch._foreach_norm([g for _, g in with_grad])
-            values.update({f"grad_norm/{n}": v for (n, _), v in zip(with_grad, norms, strict=True)})
+        names, grads = [], []
+        for n, p in zip(trainer.param_names, trainer.params, strict=True):
+            if p.grad is not None:
+                names.append(f"grad_norm/{n}")
+                grads.append(p.grad)
+        if grads:  # one 1-D tensor for all: one entry in the step's single host read
+            trainer.stage_scalars({tuple(names): torch.stack(torch._foreach_norm(grads))})
         if self.param_norm or self.update_ratio:
             weights = [p.detach() for p in trainer.params]
-            pnorms = torch._foreach_norm(weights)
+            norms = torch.stack(torch._foreach_norm(weights))
             if self.param_norm:
-                values.update(
-                    {f"param_norm/{n}": v for n, v in zip(trainer.param_names, pnorms, strict=True)}
-                )
+                trainer.stage_scalars({self._tags["param_norm"]: norms})
             if self.update_ratio:
                 self._before = [w.clone() for w in weights]
-                self._before_norms = torch.stack(pnorms)
-        trainer.stage_scalars(values)
+                self._before_norms = norms
 
     def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         if self._before is None:
@@ -73,12 +73,8 @@ class Norms(Callback):
         self._before = self._before_norms = None
         assert before_norms is not None
         delta = torch._foreach_sub([p.detach() for p in trainer.params], before)
+        # a zero weight tensor that moved gives a huge ratio, never a division by 0
         ratios = torch.stack(torch._foreach_norm(delta)) / before_norms.clamp_min(
             torch.finfo(before_norms.dtype).tiny
-        )  # a zero weight tensor that moved gives a huge ratio, never a division by 0
-        trainer.stage_scalars(
-            {
-                f"update_ratio/{n}": r
-                for n, r in zip(trainer.param_names, ratios.unbind(), strict=True)
-            }
         )
+        trainer.stage_scalars({self._tags["update_ratio"]: ratios})

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from trainer.instrument.histograms import histograms
+from trainer.instrument.histograms import packed_histogram
 from trainer.loop import Callback
 
 if TYPE_CHECKING:
@@ -294,13 +294,10 @@ class PerSampleNorms(Callback):
             )
             series["per_sample/grad_norm"] = unweighted
         self.last = series
-        step = trainer.global_step
         for tag, v in series.items():
             finite = torch.where(torch.isnan(v), torch.zeros_like(v), v)
             count = (~torch.isnan(v)).sum().clamp_min(1)
             values[f"{tag}_mean"] = finite.sum() / count
             values[f"{tag}_max"] = finite.max()
-            if trainer.logger is not None:
-                (h,) = histograms([v], self.bins)
-                trainer.logger.log_histogram_raw(tag, h, step)
+            trainer.stage_histogram(tag, packed_histogram(v, self.bins))  # no sync here
         trainer.stage_scalars(values)
