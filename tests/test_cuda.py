@@ -30,3 +30,27 @@ def test_auto_device_picks_cuda(tmp_path) -> None:
     assert next(t.model.parameters()).device.type == "cuda"
     t.logger.close()
     assert torch.cuda.is_available()
+
+
+def test_no_host_sync_between_logging_steps(tmp_path) -> None:
+    # CUDA's sync debug mode raises on any device-to-host synchronization: it is on for every
+    # micro-batch of a step that does not log (norms, histograms and per-sample norms on their
+    # own cadence of 10; the guard, which reads one flag per step by design, off)
+    from conftest import train
+
+    from trainer.loop import Callback
+
+    class NoSync(Callback):
+        def on_train_batch_start(self, trainer, batch) -> None:
+            quiet = (trainer.global_step + 1) % 10 != 0
+            torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+
+        def on_train_step_end(self, trainer, out) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+
+    try:
+        train(tmp_path, "trainer.device=cuda", "trainer.max_steps=25", "logging.every_n_steps=10",
+              "instrument.nonfinite.policy=off", "instrument.histograms.every_n_steps=10",
+              "instrument.per_sample.every_n_steps=10", callbacks=[NoSync()])  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -230,10 +230,13 @@ class Trainer:
         map to a 1-D tensor of their values (see :func:`trainer.logger.to_floats`)."""
         self._staged.update(values)
 
-    def stage_histogram(self, tag: str, packed: Tensor) -> None:
-        """Queue a histogram computed on the device (``instrument.histograms.packed_histogram``);
-        it is read back with the step's scalars, in the same transfer."""
-        self._staged_histograms[tag] = packed
+    def stage_histogram(self, tag: str, values: Tensor) -> None:
+        """Queue a short 1-D tensor (a batch's per-sample values) to log as the histogram
+        ``tag`` with the scalars ``<tag>_mean`` and ``<tag>_max`` (over its finite values). It
+        is read back with the step's scalars, in the same transfer, and binned on the host: no
+        kernel and no sync here. For parameter-sized tensors use on-device binning instead
+        (``trainer.instrument.histograms``)."""
+        self._staged_histograms[tag] = values
 
     def log_scalars(self, values: Scalars, step: int | None = None) -> dict[str, float]:
         """Write scalars (and staged histograms) at ``step`` (default: the current
@@ -244,13 +247,17 @@ class Trainer:
         keys = {tag: tuple(f"\0{tag}\0{i}" for i in range(len(t))) for tag, t in histograms.items()}
         values = {**values, **{keys[tag]: t for tag, t in histograms.items()}}
         floats = to_floats(values)  # host sync: logging steps only
-        rows = {tag: [floats.pop(k) for k in ks] for tag, ks in keys.items()}
-        if self.logger is not None:
-            from trainer.instrument.histograms import unpack_histogram
+        if keys:
+            from trainer.instrument.histograms import host_histogram
 
+            for tag, ks in keys.items():
+                h = host_histogram([floats.pop(k) for k in ks])
+                floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
+                floats[f"{tag}_max"] = h.max if h.num else math.nan
+                if self.logger is not None:
+                    self.logger.log_histogram_raw(tag, h, step)
+        if self.logger is not None:
             self.logger.add_floats(floats, step)
-            for tag, row in rows.items():
-                self.logger.log_histogram_raw(tag, unpack_histogram(row), step)
         return floats
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from trainer.instrument.histograms import packed_histogram
 from trainer.loop import Callback
 
 if TYPE_CHECKING:
@@ -68,10 +67,9 @@ def _gram_or_direct(a: Tensor, g: Tensor) -> Tensor:
 def linear_sq_norms(module: nn.Linear, a: Tensor, g: Tensor) -> Tensor:
     """Per-sample ‖∇ℓᵢ‖² over the Linear's weight and bias, (B,)."""
     if a.ndim == 2:
-        sq = a.pow(2).sum(1) * g.pow(2).sum(1)
-        if module.bias is not None and module.bias.requires_grad:
-            sq = sq + g.pow(2).sum(1)
-        return sq
+        gg = (g * g).sum(1)
+        sq = (a * a).sum(1) * gg
+        return sq + gg if module.bias is not None and module.bias.requires_grad else sq
     b = a.shape[0]
     a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])  # (B, T, ·)
     sq = _gram_or_direct(a3.unsqueeze(1), g3.unsqueeze(1))
@@ -294,10 +292,6 @@ class PerSampleNorms(Callback):
             )
             series["per_sample/grad_norm"] = unweighted
         self.last = series
-        for tag, v in series.items():
-            finite = torch.where(torch.isnan(v), torch.zeros_like(v), v)
-            count = (~torch.isnan(v)).sum().clamp_min(1)
-            values[f"{tag}_mean"] = finite.sum() / count
-            values[f"{tag}_max"] = finite.max()
-            trainer.stage_histogram(tag, packed_histogram(v, self.bins))  # no sync here
         trainer.stage_scalars(values)
+        for tag, v in series.items():  # histogram, _mean and _max from the step's one host read
+            trainer.stage_histogram(tag, v)
