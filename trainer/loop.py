@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import clip_grad_norm_, get_total_norm
+from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 
 from trainer.backward import backward_scalar, backward_vector
 from trainer.data.base import Batch, Loader, batch_count
@@ -199,6 +199,9 @@ class Trainer:
         #: set by a callback in on_before_optimizer_step to have the loop measure and stage
         #: grad_norm/total_clipped (after clipping) for this step
         self.measure_clipped_norm = False
+        #: per-parameter gradient 2-norms (parameters with a gradient, in ``params`` order) when
+        #: a callback measured them in ``on_before_optimizer_step``; the total is taken from them
+        self.param_grad_norms: Tensor | None = None
         self._staged: dict[str | tuple[str, ...], Tensor | float] = {}
         self._staged_histograms: dict[str, Tensor] = {}
         #: samples in the current accumulation window (scalar mode's root is Σℓ / this)
@@ -418,6 +421,7 @@ class Trainer:
         self.global_step += 1
         self.logging_step = should_log = self.should_log(self.global_step)
         self.skip_step = self.measure_clipped_norm = False
+        self.param_grad_norms = None
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
         has_reg = bool(self.regularizers) or self.input_penalty is not None
@@ -429,12 +433,19 @@ class Trainer:
         else:
             split_norms = self._data_and_reg_norms() if should_log and has_reg else {}
             grads = [p.grad for p in self.params if p.grad is not None]
+            if self.param_grad_norms is not None:  # a callback measured them: reuse, as
+                # get_total_norm would compute it (the 2-norm of the per-tensor 2-norms)
+                grad_norm = torch.linalg.vector_norm(self.param_grad_norms)
             if self.grad_clip > 0:
-                grad_norm = clip_grad_norm_(self.params, self.grad_clip)
+                if grad_norm is None:
+                    grad_norm = clip_grad_norm_(self.params, self.grad_clip)
+                else:
+                    clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)
                 if self.measure_clipped_norm:  # measured after clipping, not inferred
                     split_norms["grad_norm/total_clipped"] = get_total_norm(grads)
             elif should_log or self.measure_clipped_norm:
-                grad_norm = get_total_norm(grads)
+                if grad_norm is None:
+                    grad_norm = get_total_norm(grads)
                 if self.measure_clipped_norm:
                     split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
             if self.measure_clipped_norm:  # the norms instrument's cadence: the total with it

@@ -4,7 +4,8 @@
 with NumPy (about 0.4 s for 10M values on a laptop-class CPU). Here each tensor is reduced on its
 own device: ``torch.aminmax`` for the range, ``torch.histc`` for the counts, the sum and the sum
 of squares; only the ``bins`` counts and five numbers per tensor reach the host, in two batched
-transfers per histogram step (ranges, then counts), and ``add_histogram_raw`` writes them.
+transfers per histogram step (ranges, then counts), and the logger writes them as the
+histogram proto ``SummaryWriter.add_histogram_raw`` would.
 
 Non-finite values (NaN, ±Inf) are left out of the histogram and counted; the count is logged as
 ``nonfinite/grad/<param>`` or ``nonfinite/weight/<param>`` when it is not 0. Never a crash.

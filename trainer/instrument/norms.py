@@ -41,8 +41,12 @@ class Norms(Callback):
         self._before: list[Tensor] | None = None
         self._before_norms: Tensor | None = None
         self._tags: dict[str, tuple[str, ...]] = {}
+        self._one_group = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        # get_total_norm sums per (device, dtype) group: with one group its total is the 2-norm
+        # of these per-parameter norms bit for bit, so the trainer may reuse them
+        self._one_group = len({(p.device, p.dtype) for p in trainer.params}) == 1
         for kind in ("param_norm", "update_ratio"):
             self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)
 
@@ -56,7 +60,10 @@ class Norms(Callback):
                 names.append(f"grad_norm/{n}")
                 grads.append(p.grad)
         if grads:  # one 1-D tensor for all: one entry in the step's single host read
-            trainer.stage_scalars({tuple(names): torch.stack(torch._foreach_norm(grads))})
+            norms = torch.stack(torch._foreach_norm(grads))
+            if self._one_group:  # the trainer takes grad_norm/total from these
+                trainer.param_grad_norms = norms
+            trainer.stage_scalars({tuple(names): norms})
         if self.param_norm or self.update_ratio:
             weights = [p.detach() for p in trainer.params]
             norms = torch.stack(torch._foreach_norm(weights))

@@ -1,0 +1,97 @@
+"""The event file: TensorBoard's format, read back with tensorboard's own readers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub import errors
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+from trainer.instrument.histograms import histograms
+from trainer.logger import TensorBoardLogger, to_floats
+
+
+def records(path) -> list[bytes]:
+    """Every record of a file through tensorboard's reader, which checks both checksums."""
+    reader, out = PyRecordReader_New(str(path)), []
+    while True:
+        try:
+            reader.GetNext()
+        except errors.OutOfRangeError:
+            return out
+        out.append(reader.record())
+
+
+def test_checksums_match_tensorboards_reader(tmp_path):
+    log = TensorBoardLogger(tmp_path)
+    for step in range(5):
+        log.add_floats({"a": float(step), "b/c": -step / 3}, step)
+    log.close()
+    assert len(records(log.file.path)) == 1 + 5  # the file_version event, then one per call
+
+
+def test_a_corrupted_byte_is_caught_by_the_reader(tmp_path):
+    """The reader verifies the checksums, so the test above can fail."""
+    log = TensorBoardLogger(tmp_path)
+    log.add_floats({"a": 1.0}, 1)
+    log.close()
+    data = bytearray(log.file.path.read_bytes())
+    data[-6] ^= 0xFF  # inside the last record's payload
+    log.file.path.write_bytes(bytes(data))
+    with pytest.raises(errors.DataLossError):
+        records(log.file.path)
+
+
+def test_scalars_and_histograms_read_back(tmp_path):
+    log = TensorBoardLogger(tmp_path)
+    log.log_scalars({"x": torch.tensor(2.5), ("p/0", "p/1"): torch.tensor([1.0, math.inf])}, 3)
+    values = torch.linspace(-1, 1, 101)
+    (h,) = histograms([values], bins=10)
+    log.log_histogram_raw("hist/v", h, 3)
+    log.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("x")] == [(3, 2.5)]
+    assert acc.Scalars("p/1")[0].value == math.inf
+    (event,) = acc.Histograms("hist/v")
+    assert event.step == 3
+    assert event.histogram_value.num == 101
+    assert sum(event.histogram_value.bucket) == 101
+    assert event.histogram_value.min == -1 and event.histogram_value.max == 1
+
+
+def test_purge_step_hides_the_older_files_later_steps(tmp_path):
+    """A resumed run's events replace the ones a killed run wrote past its checkpoint."""
+    first = TensorBoardLogger(tmp_path)
+    for step in range(1, 11):
+        first.add_floats({"loss": 1.0}, step)
+    first.close()
+    import time
+
+    time.sleep(1.1)  # event files are ordered by the second in their name
+    second = TensorBoardLogger(tmp_path, purge_step=6)
+    for step in range(6, 9):
+        second.add_floats({"loss": 2.0}, step)
+    second.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    seen = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert seen == [(s, 1.0) for s in range(1, 6)] + [(s, 2.0) for s in range(6, 9)]
+
+
+def test_floats_are_read_in_one_transfer():
+    out = to_floats({"a": 1, "b": torch.tensor(2.0), ("c", "d"): torch.tensor([3.0, 4.0])})
+    assert out == {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+
+
+def test_two_writers_in_the_same_second_get_their_own_files(tmp_path):
+    a, b = TensorBoardLogger(tmp_path), TensorBoardLogger(tmp_path)
+    a.add_floats({"a": 1.0}, 1)
+    b.add_floats({"b": 2.0}, 1)
+    a.close()
+    b.close()
+    assert a.file.path != b.file.path
+    assert len(records(a.file.path)) == len(records(b.file.path)) == 2
