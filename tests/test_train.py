@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 
 import pytest
@@ -232,21 +233,43 @@ def test_resnet18_trains_on_digits(tmp_path) -> None:
     assert metrics["step"] == 2 and math.isfinite(metrics["val/loss"])
 
 
-def test_progress_bar_only_on_a_terminal() -> None:
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
-    plain, tty = io.StringIO(), Tty()
+
+def test_progress_bar_only_on_a_terminal(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="trainer.logger")
+    plain, tty = io.StringIO(), _Tty()
     for stream in (plain, tty):
-        p = Progress(True, total_steps=3, stream=stream)
-        for _ in range(3):
+        p = Progress(True, total_steps=3, stream=stream, every_n_steps=2)
+        for step in range(1, 4):
             p.update()
-        p.show(0, 1, {"loss": 0.5, "samples/s": 12345.6})
+            p.show(0, 1, step, {"loss": 0.5, "grad_norm": 1.25, "samples/s": 12345.6})
         p.close()
-    assert plain.getvalue() == ""
+    assert plain.getvalue() == ""  # no redraws into a file ...
+    lines = [r.getMessage() for r in caplog.records if r.name == "trainer.logger"]
+    assert lines == ["step 2/3  epoch 1/1  loss 0.5  grad_norm 1.25  samples/s 12346"]  # ... lines
     assert "3/3" in tty.getvalue() and "\r" in tty.getvalue()
     assert "loss=0.5" in tty.getvalue() and "samples/s=12346" in tty.getvalue()
-    off = Tty()
+    assert "grad_norm=1.25" in tty.getvalue()
+    off = _Tty()
     Progress(False, total_steps=3, stream=off).close()
     assert off.getvalue() == ""
+
+
+def test_no_bar_in_a_parallel_sweep_but_labelled_lines(caplog) -> None:
+    """Jobs running side by side must not draw over each other: lines with the job number."""
+    caplog.set_level(logging.INFO, logger="trainer.logger")
+    tty = _Tty()
+    p = Progress(True, total_steps=10, stream=tty, bar=False, every_n_steps=5, label="job 3: ")
+    for step in range(1, 11):
+        p.update()
+        p.show(0, 2, step, {"loss": 0.25})
+    p.close()
+    assert tty.getvalue() == ""
+    lines = [r.getMessage() for r in caplog.records if r.name == "trainer.logger"]
+    assert lines == [
+        "job 3: step 5/10  epoch 1/2  loss 0.25",
+        "job 3: step 10/10  epoch 1/2  loss 0.25",
+    ]

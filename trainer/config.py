@@ -57,6 +57,9 @@ class DataConfig:
     pin_memory: bool = True
     #: drop the last, smaller training batch of each epoch
     drop_last: bool = False
+    #: train on the first N samples of the training split only (0: all of it); debug=overfit
+    #: sets it to one batch
+    train_subset: int = 0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", f"got {self.batch_size}, must be >= 1")
@@ -72,6 +75,11 @@ class DataConfig:
             f"got {self.memory_limit_mb}, must be >= 0",
         )
         _check(self.num_workers >= 0, "data.num_workers", f"got {self.num_workers}, must be >= 0")
+        _check(
+            self.train_subset >= 0,
+            "data.train_subset",
+            f"got {self.train_subset}, must be >= 0 (0: the whole training split)",
+        )
 
 
 @dataclass
@@ -83,6 +91,9 @@ class DigitsConfig(DataConfig):
     val_fraction: float = 0.2
     #: seed of the train/val split (independent of the run's seed, so runs compare on one split)
     split_seed: int = 0
+    #: a long-tailed training split: class c keeps a fraction ratio^(-c/9) of its samples, so
+    #: class 0 keeps all and class 9 about 1/ratio (1: balanced); validation stays balanced
+    imbalance_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,6 +101,11 @@ class DigitsConfig(DataConfig):
             0.0 < self.val_fraction < 1.0,
             "data.val_fraction",
             f"got {self.val_fraction}, must be in (0, 1)",
+        )
+        _check(
+            self.imbalance_ratio >= 1.0,
+            "data.imbalance_ratio",
+            f"got {self.imbalance_ratio}, must be >= 1 (1: balanced)",
         )
 
 
@@ -581,6 +597,9 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     #: deterministic algorithms (torch.use_deterministic_algorithms); slower on GPU
     deterministic: bool = False
+    #: torch.autograd.detect_anomaly around training: the first backward that produces a
+    #: NaN names the forward operation that caused it (slow; debug=anomaly)
+    detect_anomaly: bool = False
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "trainer.max_epochs", f"got {self.max_epochs}, must be >= 1")
@@ -607,14 +626,21 @@ class TrainerConfig:
 class LoggingConfig:
     #: write train scalars (and read them back to the host) every N optimizer steps
     every_n_steps: int = 10
-    #: tqdm bar while training (only when the terminal shows it; a line per epoch otherwise)
+    #: progress while training: a tqdm bar on a terminal; plain log lines every
+    #: ``progress_every_n_steps`` when the output is not a terminal or in a parallel sweep
     progress: bool = True
+    progress_every_n_steps: int = 100
 
     def __post_init__(self) -> None:
         _check(
             self.every_n_steps >= 1,
             "logging.every_n_steps",
             f"got {self.every_n_steps}, must be >= 1",
+        )
+        _check(
+            self.progress_every_n_steps >= 1,
+            "logging.progress_every_n_steps",
+            f"got {self.progress_every_n_steps}, must be >= 1",
         )
 
 

@@ -175,11 +175,29 @@ class TensorBoardLogger:
 
 
 class Progress:
-    """A tqdm bar over optimizer steps, drawn only when ``stream`` is a terminal."""
+    """Progress while training: a tqdm bar over optimizer steps, or plain log lines.
 
-    def __init__(self, enabled: bool, total_steps: int, stream: TextIO | None = None):
+    The bar is drawn when ``bar`` is allowed and ``stream`` is a terminal. Otherwise (output
+    redirected to a file, or a parallel sweep whose jobs would draw over each other) a log line
+    every ``every_n_steps`` steps says the same: step, epoch, loss, grad norm, samples/s,
+    prefixed with ``label`` (e.g. the sweep's job number). Values come from logging steps, so a
+    line appears at the first logging step at or after each multiple of ``every_n_steps``.
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        total_steps: int,
+        stream: TextIO | None = None,
+        bar: bool = True,
+        every_n_steps: int = 100,
+        label: str = "",
+    ):
         stream = stream if stream is not None else sys.stderr
-        self.active = enabled and stream.isatty()
+        self.active = enabled and bar and stream.isatty()  # the bar is drawn
+        self.lines = enabled and not self.active and every_n_steps > 0
+        self.total_steps, self.every, self.label = total_steps, every_n_steps, label
+        self._next_line = every_n_steps
         self.bar = tqdm(
             total=total_steps,
             unit="step",
@@ -192,11 +210,18 @@ class Progress:
     def update(self) -> None:
         self.bar.update(1)
 
-    def show(self, epoch: int, max_epochs: int, postfix: Mapping[str, float]) -> None:
+    def show(self, epoch: int, max_epochs: int, step: int, postfix: Mapping[str, float]) -> None:
+        text = {k: f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}" for k, v in postfix.items()}
         if self.active:
             self.bar.set_description(f"epoch {epoch + 1}/{max_epochs}", refresh=False)
-            text = {k: f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}" for k, v in postfix.items()}
             self.bar.set_postfix(text, refresh=False)
+        elif self.lines and step >= self._next_line:
+            self._next_line = (step // self.every + 1) * self.every
+            values = "  ".join(f"{k} {v}" for k, v in text.items())
+            log.info(
+                "%sstep %d/%d  epoch %d/%d  %s",
+                self.label, step, self.total_steps, epoch + 1, max_epochs, values,
+            )  # fmt: skip
 
     def close(self) -> None:
         self.bar.close()

@@ -145,6 +145,10 @@ class Trainer:
         log_every_n_steps: int = 10,
         logger: TensorBoardLogger | None = None,
         progress: bool = False,
+        progress_bar: bool = True,
+        progress_every_n_steps: int = 100,
+        progress_label: str = "",
+        detect_anomaly: bool = False,
         callbacks: Sequence[Callback] = (),
         regularizers: Sequence[Regularizer | InputGradPenalty] = (),
     ):
@@ -173,6 +177,11 @@ class Trainer:
         self.log_every_n_steps = log_every_n_steps
         self.logger = logger
         self.show_progress = progress
+        self.detect_anomaly = detect_anomaly
+        #: a tqdm bar when allowed and the stream is a terminal; else a line every N steps
+        self._progress_options = {
+            "bar": progress_bar, "every_n_steps": progress_every_n_steps, "label": progress_label,
+        }  # fmt: skip
         self.callbacks = list(callbacks)
         self._hooks: dict[str, list[Callable[..., Any]]] = {
             name: [
@@ -274,7 +283,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         """Train until ``max_epochs`` or ``max_steps``; return the final metrics."""
-        self.progress = Progress(self.show_progress, self.total_steps)
+        self.progress = Progress(self.show_progress, self.total_steps, **self._progress_options)
         redirect: contextlib.AbstractContextManager[Any] = self._null
         if self.progress.active:  # log lines go above the bar instead of through it
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -282,8 +291,11 @@ class Trainer:
             redirect = logging_redirect_tqdm()
         self._fire("on_fit_start")
         self._time_at_log = time.perf_counter()
+        anomaly: contextlib.AbstractContextManager[Any] = self._null
+        if self.detect_anomaly:  # names the forward op behind the first NaN in backward
+            anomaly = torch.autograd.detect_anomaly(check_nan=True)
         try:
-            with redirect:
+            with redirect, anomaly:
                 while not self.finished():
                     self.run_epoch()
         finally:
@@ -500,7 +512,7 @@ class Trainer:
         postfix = {"loss": floats["train/loss"], "samples/s": samples / elapsed}
         if "grad_norm/total" in floats:
             postfix["grad_norm"] = floats["grad_norm/total"]
-        self.progress.show(self.epoch, self.max_epochs, postfix)
+        self.progress.show(self.epoch, self.max_epochs, out.step, postfix)
         self._time_at_log = now
 
     def _fold_epoch_losses(self) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 from trainer.checkpoint import save_checkpoint, write_json
 from trainer.config import ConfigError, validate
 from trainer.data.base import DataModule
+from trainer.hparams import end_summary, hydra_hparams, start_summaries
 from trainer.instrument import build_callbacks
 from trainer.logger import TensorBoardLogger
 from trainer.loop import Callback, Trainer, planned_steps
@@ -66,8 +67,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         # effect only if set before the process first uses cuBLAS
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    # set both ways: the jobs of a sweep share one process
-    torch.use_deterministic_algorithms(deterministic)
+    # set both ways (the jobs of a sweep share one process), but only on a change: the call
+    # imports torch._inductor and torch._dynamo, 2 s of start-up on a small CPU
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def build_scheduler(
@@ -106,10 +109,16 @@ def run(
     trainer: Trainer | None = None
     try:
         trainer = build_trainer(cfg, run_dir, callbacks)
+        if trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
+            for summary in start_summaries(hydra_hparams(cfg)):
+                trainer.logger.add_summary(summary, 0)
+        completed = False
         try:
             metrics = trainer.fit()
+            completed = True
         finally:
             if trainer.logger is not None:
+                trainer.logger.add_summary(end_summary(completed), trainer.global_step)
                 trainer.logger.close()  # flushes the events, also when training failed
         save_checkpoint(
             run_dir / "checkpoints" / "last.pt",
@@ -153,6 +162,19 @@ def run(
     log.info("run dir: %s", shown)
     log.info("view it: tensorboard --logdir %s", shown)
     return result
+
+
+def _sweep_progress() -> dict[str, Any]:
+    """In a multirun: label lines with the job number; no bars when jobs run in parallel
+    (a launcher other than Hydra's basic one), where they would draw over each other."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return {}
+    hc = HydraConfig.get()
+    basic = str(hc.launcher.get("_target_", "")).endswith(".BasicLauncher")
+    return {"progress_bar": basic, "progress_label": f"job {hc.job.num}: "}
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> Trainer:
@@ -208,6 +230,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
         log_every_n_steps=typed.logging.every_n_steps,
         logger=TensorBoardLogger(run_dir / "tb"),
         progress=typed.logging.progress,
+        progress_every_n_steps=typed.logging.progress_every_n_steps,
+        detect_anomaly=tc.detect_anomaly,
+        **_sweep_progress(),
         callbacks=[*build_callbacks(typed.instrument), *callbacks],
         regularizers=regularizers,
     )

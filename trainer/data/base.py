@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 
 class Batch(NamedTuple):
@@ -214,8 +214,10 @@ class DataModule(abc.ABC):
         num_workers: int = 2,
         pin_memory: bool = True,
         drop_last: bool = False,
+        train_subset: int = 0,
     ):
         self.batch_size = batch_size
+        self.train_subset = train_subset
         self.eval_batch_size = eval_batch_size
         self.loader = loader
         self.memory_limit_mb = memory_limit_mb
@@ -229,12 +231,28 @@ class DataModule(abc.ABC):
 
     def setup(self, device: torch.device, seed: int) -> None:
         train, val = self.load()
+        if self.train_subset:
+            train = self._subset(train, self.train_subset)
         #: (N,) labels of the training split, on the CPU (class counts, weighting)
         self.train_targets = torch.as_tensor(
             train.y if isinstance(train, TensorSplit) else train.targets  # type: ignore[attr-defined]
         ).long()
         self.train_loader = self._loader(train, self.batch_size, device, True, seed, self.drop_last)
         self.val_loader = self._loader(val, self.eval_batch_size, device, False, seed, False)
+
+    @staticmethod
+    def _subset(split: TensorSplit | Dataset, n: int) -> TensorSplit | Dataset:
+        """The first ``n`` samples of ``split`` (``data.train_subset``)."""
+        total = len(split)  # type: ignore[arg-type]
+        if n > total:
+            raise ValueError(
+                f"data.train_subset: got {n}, but the training split has only {total} samples"
+            )
+        if isinstance(split, TensorSplit):
+            return TensorSplit(split.x[:n], split.y[:n], split.transform)
+        subset = Subset(split, range(n))
+        subset.targets = torch.as_tensor(split.targets)[:n]  # type: ignore[attr-defined]
+        return subset
 
     def _loader(
         self,

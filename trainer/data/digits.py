@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,13 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 class DigitsData(DataModule):
     """Digits scaled to [0, 1], shape (1, 8, 8); a fixed random split of ``val_fraction``."""
 
-    def __init__(self, val_fraction: float = 0.2, split_seed: int = 0, **common):
+    def __init__(
+        self, val_fraction: float = 0.2, split_seed: int = 0, imbalance_ratio: float = 1.0, **common
+    ):
         super().__init__(**common)
         self.val_fraction = val_fraction
         self.split_seed = split_seed
+        self.imbalance_ratio = imbalance_ratio
         self.input_shape = INPUT_SHAPE
         self.num_classes = NUM_CLASSES
 
@@ -57,4 +61,17 @@ class DigitsData(DataModule):
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
         n_val = round(self.val_fraction * len(y))
         val, train = order[:n_val], order[n_val:]
+        if self.imbalance_ratio > 1:
+            train = long_tail(train, y[train], self.imbalance_ratio)
         return TensorSplit(x[train], y[train]), TensorSplit(x[val], y[val])
+
+
+def long_tail(index: torch.Tensor, labels: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep the first ``ceil(n_c · ratio^(-c/(K-1)))`` samples of each class c (in ``index``'s
+    order, so the choice is fixed by the split's seed), keeping ``index``'s order."""
+    keep = torch.zeros(len(index), dtype=torch.bool)
+    for c in range(NUM_CLASSES):
+        members = (labels == c).nonzero().flatten()
+        n = math.ceil(len(members) * ratio ** (-c / (NUM_CLASSES - 1)))
+        keep[members[:n]] = True
+    return index[keep]

@@ -1,0 +1,284 @@
+"""scripts/report.py on fake sweeps: real event files, metrics.json and overrides.yaml on disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT
+
+from trainer import report
+from trainer.logger import TensorBoardLogger
+
+SCRIPT = ROOT / "scripts" / "report.py"
+
+
+OOM = "RuntimeError: CUDA out of memory.\nTried to allocate 2.00 GiB\n\n"
+
+
+def completed(acc: float, val_loss: float, train_loss: float, step: int = 40) -> dict[str, Any]:
+    return {"train/loss": train_loss, "val/loss": val_loss, "val/acc": acc, "step": step,
+            "epoch": 2, "wall_s": 1.0 + acc / 3, "status": "completed"}  # fmt: skip
+
+
+def make_run(
+    run_dir: Path,
+    metrics: dict[str, Any] | str | None,
+    overrides: list[str] | None = None,
+    steps: int = 40,
+    tags: tuple[str, ...] = ("train/loss", "val/acc"),
+) -> dict[str, list[tuple[int, float]]]:
+    """A run dir as trainer.run leaves it; returns the curves it logged, tag -> [(step, value)].
+
+    ``metrics`` is written as metrics.json (a str verbatim, None: no file); ``overrides`` as
+    .hydra/overrides.yaml (None: no file); the event file also holds tags the report ignores.
+    """
+    run_dir.mkdir(parents=True)
+    if overrides is not None:
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if isinstance(metrics, dict):
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    elif isinstance(metrics, str):
+        (run_dir / "metrics.json").write_text(metrics)
+    logged: dict[str, list[tuple[int, float]]] = {t: [] for t in tags}
+    logger = TensorBoardLogger(run_dir / "tb")
+    for step in range(2, steps + 1, 2):
+        scalars = {"lr": 0.1, "grad_norm/total": 1.0 / step}
+        if "train/loss" in tags:
+            scalars["train/loss"] = 2.0 / step
+        if "val/acc" in tags and step % 10 == 0:  # "once per epoch"
+            scalars["val/acc"] = 1.0 - 1.0 / step
+            scalars["val/loss"] = 1.0 / step
+        logger.add_floats(scalars, step)
+        for tag in tags:
+            if tag in scalars:
+                logged[tag].append((step, scalars[tag]))
+    logger.close()
+    return logged
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """A multirun dir: 3 completed jobs (one numbered 10), one failed, one missing, one unreadable.
+
+    best val/acc: job 1; best val/loss: job 10; best train/loss: job 0.
+    """
+    root = tmp_path / "multirun"
+    make_run(root / "0", completed(0.80, 0.50, 0.10), ["optimizer.lr=0.1", "model=mlp"])
+    make_run(root / "1", completed(0.90, 0.40, 0.20), ["optimizer.lr=0.01", "model=mlp"])
+    make_run(
+        root / "2",
+        {"status": "failed", "error": OOM, "wall_s": 0.5, "step": 4, "epoch": 0},
+        ["optimizer.lr=1.0", "model=mlp"],
+        steps=4,
+    )
+    (root / "3" / ".hydra").mkdir(parents=True)  # killed before anything but Hydra's files
+    (root / "3" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.5\n- model=mlp\n")
+    make_run(root / "4", '{"status": "compl', ["optimizer.lr=0.2", "model=cnn"], tags=())
+    make_run(root / "10", completed(0.85, 0.30, 0.30), ["optimizer.lr=0.001", "model=cnn"])
+    (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    (root / "optimization_results.yaml").write_text("name: optuna\nbest_value: 0.9\n")
+    return root
+
+
+def table_rows(table: str) -> list[tuple[str, str, str]]:
+    """(mark, job, status) per row of a rendered table, in order."""
+    header, *lines = table.splitlines()
+    rows = []
+    for line in lines:
+        if not line.strip():
+            break
+        mark, rest = line[:1].strip(), line[1:].split()
+        rows.append((mark, rest[0], rest[1]))
+    return rows
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_jobs_are_read_in_numeric_order_with_status_overrides_and_curves(sweep) -> None:
+    runs = report.collect_runs(sweep)
+    assert [r.name for r in runs] == ["0", "1", "2", "3", "4", "10"]  # 10 after 2
+    assert [r.status for r in runs] == [
+        "completed", "completed", "failed", "missing", "unreadable", "completed",
+    ]  # fmt: skip
+    assert runs[0].overrides == ["optimizer.lr=0.1", "model=mlp"]
+    assert runs[3].overrides == ["optimizer.lr=0.5", "model=mlp"]
+    assert runs[0].metrics == json.loads((sweep / "0" / "metrics.json").read_text())
+    # curves are the logged points (float32 in the event file), only the two plotted tags
+    assert set(runs[0].curves) == {"train/loss", "val/acc"}
+    loss = runs[0].curves["train/loss"]
+    assert [s for s, _ in loss] == list(range(2, 41, 2))
+    assert [v for _, v in loss] == pytest.approx([2.0 / s for s in range(2, 41, 2)], rel=1e-6)
+    assert [s for s, _ in runs[0].curves["val/acc"]] == [10, 20, 30, 40]
+    assert runs[3].curves == {}  # no tb/
+    assert runs[4].curves == {}  # tb/ without those tags
+
+
+def test_ranks_by_val_acc_highest_first_and_marks_the_best(sweep) -> None:
+    ranked = report.rank_runs(report.collect_runs(sweep, curves=False), "val/acc", "auto")
+    table = report.render_table(ranked, "val/acc", "auto")
+    rows = table_rows(table)
+    assert [job for _, job, _ in rows] == ["1", "10", "0", "2", "3", "4"]
+    assert [job for mark, job, _ in rows if mark == "*"] == ["1"]
+    assert "best: job 1 (val/acc 0.9, highest)" in table
+    assert "optimizer.lr=0.01 model=mlp" in table
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "order"),
+    [("val/loss", "auto", ["10", "1", "0"]), ("train/loss", "auto", ["0", "1", "10"]),
+     ("val/loss", "max", ["0", "1", "10"]), ("val/acc", "min", ["0", "10", "1"])],
+)  # fmt: skip
+def test_ranks_by_any_metric_either_way(sweep, metric: str, mode: str, order: list[str]) -> None:
+    ranked = report.rank_runs(report.collect_runs(sweep, curves=False), metric, mode)
+    rows = table_rows(report.render_table(ranked, metric, mode))
+    assert [job for _, job, _ in rows] == [*order, "2", "3", "4"]  # the others last, job order
+    assert [job for mark, job, _ in rows if mark == "*"] == [order[0]]
+
+
+def test_mode_auto_maximizes_accuracies_and_minimizes_the_rest() -> None:
+    assert report.resolve_mode("val/acc", "auto") == "max"
+    assert report.resolve_mode("train/acc_top5", "auto") == "max"
+    assert report.resolve_mode("val/loss", "auto") == "min"
+    assert report.resolve_mode("wall_s", "auto") == "min"
+    assert report.resolve_mode("val/loss", "max") == "max"
+
+
+def test_a_diverged_job_is_never_the_best(tmp_path) -> None:
+    make_run(tmp_path / "0", completed(0.5, math.nan, math.nan))  # json writes NaN, reads it back
+    make_run(tmp_path / "1", completed(0.6, 0.7, 0.8))
+    ranked = report.rank_runs(report.collect_runs(tmp_path, curves=False), "val/loss", "auto")
+    assert [r.name for r in ranked] == ["1", "0"]
+    assert report.best_run(ranked, "val/loss").name == "1"
+    assert " nan " in report.render_table(ranked, "val/loss", "auto")
+
+
+def test_failed_missing_and_unreadable_jobs_are_listed_with_the_reason(sweep, capsys) -> None:
+    assert report.main([str(sweep)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:7]}
+    assert set(lines) == {"*", "10", "0", "2", "3", "4"}  # every job has its row
+    assert "failed" in lines["2"] and "Tried to allocate 2.00 GiB" in lines["2"]
+    assert "out of memory" not in lines["2"]  # the last non-empty line, not the first
+    assert "missing" in lines["3"] and "optimizer.lr=0.5" in lines["3"]
+    assert "unreadable" in lines["4"] and "JSONDecodeError" in lines["4"]
+    rows = {r["job"]: r for r in read_csv(sweep / "summary.csv")}
+    assert rows["2"]["error"] == OOM  # the CSV keeps the whole error
+    assert rows["2"]["step"] == "4" and rows["2"]["val/acc"] == ""
+    assert rows["3"]["status"] == "missing" and rows["3"]["error"] == ""
+    assert rows["4"]["status"] == "unreadable" and "metrics.json" in rows["4"]["error"]
+
+
+def test_summary_csv_holds_the_ranked_rows_at_full_precision(sweep) -> None:
+    assert report.main([str(sweep), "--metric", "val/loss"]) == 0
+    rows = read_csv(sweep / "summary.csv")
+    assert [r["job"] for r in rows] == ["10", "1", "0", "2", "3", "4"]
+    assert [r["best"] for r in rows] == ["*", "", "", "", "", ""]
+    for row in rows[:3]:
+        metrics = json.loads((sweep / row["job"] / "metrics.json").read_text())
+        for key in ("train/loss", "val/loss", "val/acc", "wall_s"):
+            assert float(row[key]) == metrics[key], key  # exact: no rounding on the way
+        assert int(row["step"]) == metrics["step"]
+        assert row["status"] == "completed"
+    assert rows[0]["overrides"] == "optimizer.lr=0.001 model=cnn"
+
+
+def test_curves_png_is_a_real_image(sweep) -> None:
+    import matplotlib.image
+
+    assert report.main([str(sweep)]) == 0
+    png = sweep / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 20_000  # axes, lines and a legend, not a blank canvas
+    image = matplotlib.image.imread(png)
+    assert image.shape[1] == 1200 and 450 < image.shape[0] < 700 and image.shape[2] in (3, 4)
+    assert image[..., :3].std() > 0.05  # more than one colour
+
+
+def test_an_empty_numbered_dir_is_a_missing_job(tmp_path) -> None:
+    make_run(tmp_path / "0", completed(0.7, 0.6, 0.5), ["optimizer.lr=0.1"])
+    (tmp_path / "1").mkdir()  # a launcher made the dir, the job never started
+    (tmp_path / "logs").mkdir()  # not a job dir: neither numbered nor holding run files
+    runs = report.collect_runs(tmp_path)
+    assert [(r.name, r.status) for r in runs] == [("0", "completed"), ("1", "missing")]
+
+
+def test_legend_labels_keep_the_overrides_that_tell_jobs_apart(tmp_path) -> None:
+    common = ["trainer.device=cpu", "trainer.max_steps=30"]
+    runs = [
+        report.Run("0", tmp_path, "completed", overrides=[*common, "optimizer.lr=0.1"]),
+        report.Run("1", tmp_path, "failed", overrides=[*common, "optimizer.lr=0.01", "model=cnn"]),
+    ]
+    labels, shared = report.curve_labels(runs)
+    assert labels == ["0 optimizer.lr=0.1", "1 optimizer.lr=0.01 model=cnn"]
+    assert shared == common
+    # a single run keeps all of its overrides in its label
+    assert report.curve_labels(runs[:1]) == (["0 " + " ".join(runs[0].overrides)], [])
+
+
+def test_a_diverged_curve_does_not_set_the_y_range(tmp_path) -> None:
+    ok = report.Run("0", tmp_path, "completed", curves={"train/loss": [(1, 2.0), (2, 0.5)]})
+    blown = report.Run("1", tmp_path, "failed", curves={"train/loss": [(1, 2.0), (2, 1e30)]})
+    lo, hi = report.y_limits([ok, blown], "train/loss")
+    assert lo < 0.5 and 2.0 < hi < 5.0  # the completed curve's span, widened at most once
+    near = report.Run("2", tmp_path, "failed", curves={"train/loss": [(1, 2.5)]})
+    lo, hi = report.y_limits([ok, near], "train/loss")
+    assert 2.5 < hi < 2.7  # a failed job within reach still fits
+    assert report.y_limits([ok], "val/acc") is None
+
+
+def test_a_single_run_dir_is_one_job(tmp_path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    make_run(run_dir, completed(0.7, 0.6, 0.5), overrides=None)  # not launched through Hydra
+    assert report.main([str(run_dir)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows == [("*", "run", "completed")]
+    (row,) = read_csv(run_dir / "summary.csv")
+    assert row["job"] == "run" and row["overrides"] == "" and float(row["val/acc"]) == 0.7
+    assert (run_dir / "curves.png").stat().st_size > 0
+
+
+def test_an_unknown_metric_is_refused_naming_the_choices(sweep, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(sweep), "--metric", "val/accuracy"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "'val/accuracy'" in err and "val/acc" in err and "val/loss" in err
+    assert not (sweep / "summary.csv").exists()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_cli_prints_the_table_and_writes_its_files(sweep) -> None:
+    proc = cli(str(sweep), "--metric", "val/loss")
+    assert proc.returncode == 0, proc.stderr
+    rows = table_rows(proc.stdout)
+    assert rows[0] == ("*", "10", "completed") and len(rows) == 6
+    assert "best: job 10 (val/loss 0.3, lowest)" in proc.stdout
+    assert (sweep / "summary.csv").is_file() and (sweep / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["nonexistent", "empty"])
+def test_cli_refuses_a_dir_without_runs_naming_it(tmp_path, kind: str) -> None:
+    target = tmp_path / kind
+    if kind == "empty":
+        target.mkdir()
+        (target / "notes.txt").write_text("not a run")
+    proc = cli(str(target))
+    assert proc.returncode != 0
+    assert str(target) in proc.stderr
+    assert proc.stdout == ""

@@ -1,0 +1,232 @@
+"""Presets, sweepers, launchers, failure isolation and HPARAMS, through the real CLI.
+
+Every experiment and debug preset runs as a user would start it (a subprocess of
+``scripts/train.py``) with a tiny step budget; a 3-trial Optuna sweep and a 2-job joblib sweep
+run on the CPU; a sweep with failing jobs keeps the others' outputs and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT, make_cfg, train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2, metadata
+from test_data_vision import _write_cifar, _write_mnist
+
+from trainer.loop import Callback
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+DEBUG = sorted(p.stem for p in (ROOT / "configs" / "debug").glob("*.yaml"))
+VISION = {"fashion_mnist_cnn", "cifar10_resnet18"}
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *flags, "trainer.device=cpu",
+         *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+
+
+def jobs(sweep: Path) -> dict[int, Path]:
+    """The sweep's job dirs by job number, in order."""
+    return dict(sorted((int(d.name), d) for d in sweep.iterdir() if d.name.isdigit()))
+
+
+def status(job: Path) -> dict:
+    return json.loads((job / "metrics.json").read_text())
+
+
+def test_the_presets_are_the_ones_documented() -> None:
+    assert set(EXPERIMENTS) >= {"digits_scalar", "digits_vector", "digits_imbalanced_uniform",
+                                "digits_imbalanced_class_balanced", "digits_imbalanced_focal",
+                                *VISION}  # fmt: skip
+    assert DEBUG == ["anomaly", "fast", "overfit"]
+
+
+def test_every_digits_experiment_and_debug_preset_runs_through_the_cli(tmp_path) -> None:
+    digits = [e for e in EXPERIMENTS if e not in VISION]
+    sweep = tmp_path / "sweep"  # one multirun, a job per preset
+    proc = cli("-m", f"hydra.sweep.dir={sweep}", "trainer.max_steps=3",
+               "experiment=" + ",".join(digits))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = jobs(sweep)
+    assert len(done) == len(digits)
+    config = {}
+    for job in done.values():
+        assert status(job)["status"] == "completed" and status(job)["step"] == 3
+        choice = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())[-1]
+        config[choice.split("=")[1]] = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+    assert config["digits_scalar"]["loss"]["mode"] == "scalar"
+    assert config["digits_vector"]["loss"]["mode"] == "vector"
+    assert config["digits_imbalanced_focal"]["weighting"]["gamma"] == 2.0
+    assert config["digits_imbalanced_class_balanced"]["data"]["imbalance_ratio"] == 10
+    debug = tmp_path / "debug"
+    proc = cli("-m", f"hydra.sweep.dir={debug}", "trainer.max_steps=3",
+               "debug=" + ",".join(DEBUG))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [status(j)["status"] for j in jobs(debug).values()] == ["completed"] * len(DEBUG)
+
+
+SKIP_CIFAR_MD5 = """\
+# CIFAR-10's loader checks each file's md5 against the official archive's, which these tiny
+# files cannot match; only that check becomes "the file exists" (see test_data_vision.py).
+import os
+import torchvision.datasets.cifar as tv_cifar
+tv_cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
+"""
+
+
+def test_the_vision_experiments_run_on_tiny_files_in_the_real_formats(tmp_path) -> None:
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    _write_mnist(root, "FashionMNIST", rng)
+    _write_cifar(root, rng)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SKIP_CIFAR_MD5)
+    env = {**__import__("os").environ, "PYTHONPATH": str(shim)}
+    done = {}
+    for name in ("fashion_mnist_cnn", "cifar10_resnet18"):  # single runs: the data group
+        # differs, so a multirun's shared base config could not take data.root
+        done[name] = tmp_path / name
+        proc = cli(f"experiment={name}", f"hydra.run.dir={done[name]}", f"data.root={root}",
+                   "trainer.max_steps=2", "data.num_workers=0", "data.batch_size=8",
+                   env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert status(done[name])["status"] == "completed" and status(done[name])["step"] == 2
+    cifar = yaml.safe_load((done["cifar10_resnet18"] / ".hydra" / "config.yaml").read_text())
+    assert cifar["data"]["name"] == "cifar10" and "resnet" in cifar["model"]["_target_"].lower()
+    assert cifar["trainer"]["precision"] == "bf16" and cifar["data"]["augment"] is True
+
+
+def test_overfit_drives_the_loss_of_one_batch_to_zero(tmp_path) -> None:
+    cfg = make_cfg("debug=overfit", "trainer.max_epochs=150", "logging.progress=false")
+    assert cfg.data.train_subset == cfg.data.batch_size == 64
+    from trainer.run import run
+
+    metrics = run(cfg, tmp_path)
+    assert metrics["step"] == 150  # one batch per epoch
+    assert metrics["train/loss"] < 0.02  # from ~2.3 (log 10)
+
+
+def test_anomaly_preset_turns_on_detection_and_every_instrument(tmp_path) -> None:
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, batch) -> None:
+            seen.append(torch.is_anomaly_enabled())
+
+    cfg = make_cfg("debug=anomaly", "trainer.max_steps=2")
+    assert cfg.trainer.detect_anomaly and cfg.logging.every_n_steps == 1
+    for q in ("norms", "histograms", "per_sample", "curvature"):
+        assert cfg.instrument[q].every_n_steps == 1, q
+    train(tmp_path, "debug=anomaly", "trainer.max_steps=2", callbacks=[Probe()])
+    assert seen == [True, True]
+    assert not torch.is_anomaly_enabled()  # switched off again after the run
+
+
+def test_a_sweep_with_failing_jobs_keeps_the_others_and_says_how_many_failed(tmp_path) -> None:
+    """A bad value (lr < 0, refused before training) and a NaN (lr 1e30, stopped by the
+    non-finite guard) among good jobs: the good ones complete, the sweep exits 1 with a count."""
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", f"hydra.sweep.dir={sweep}", "trainer.max_steps=4",
+               "optimizer.lr=0.01,-1,1e30,0.02")  # fmt: skip
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "2 of 4 jobs failed" in out
+    done = jobs(sweep)
+    assert [status(done[i])["status"] for i in range(4)] == [
+        "completed", "failed", "failed", "completed"]  # fmt: skip
+    assert "optimizer.lr" in status(done[1])["error"]
+    assert status(done[2])["error"].startswith("NonFiniteError")
+    for i in (0, 3):
+        assert list((done[i] / "tb").glob("events.out.tfevents.*"))
+        assert (done[i] / "checkpoints" / "last.pt").is_file()
+    # the report lists the failed jobs with the last line of their error
+    rep = subprocess.run([sys.executable, "scripts/report.py", str(sweep)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert rep.returncode == 0, rep.stderr
+    assert rep.stdout.count("failed") >= 2 and "NonFiniteError" in rep.stdout
+
+
+def session_hparams(run_dir: Path) -> tuple[dict, list[str], int]:
+    """(hparams, metric tags, end status) of a run, from its own event file."""
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    contents = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(contents[metadata.SESSION_START_INFO_TAG])
+    experiment = metadata.parse_experiment_plugin_data(contents[metadata.EXPERIMENT_TAG])
+    end = metadata.parse_session_end_info_plugin_data(contents[metadata.SESSION_END_INFO_TAG])
+    values = {}
+    for k, v in start.hparams.items():
+        kind = v.WhichOneof("kind")
+        values[k] = getattr(v, kind)
+    assert sorted(values) == sorted(i.name for i in experiment.hparam_infos)
+    return values, [m.name.tag for m in experiment.metric_infos], end.status
+
+
+def test_optuna_sweep_of_three_trials_maximizes_val_acc(tmp_path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "optuna"
+    proc = cli("-m", "hparams_search=digits_optuna", "hydra.sweeper.n_trials=3",
+               "trainer.max_steps=5", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = jobs(sweep)
+    assert sorted(done) == [0, 1, 2]
+    accs = [status(j)["val/acc"] for j in done.values()]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_value"] == pytest.approx(max(accs))
+    # the HPARAMS tab: the same keys for every trial, each with its sampled values
+    params = [session_hparams(done[i])[0] for i in range(3)]
+    assert all(p.keys() == params[0].keys() for p in params)
+    assert {"optimizer.lr", "optimizer.weight_decay", "data.batch_size"} <= params[0].keys()
+    lrs = [p["optimizer.lr"] for p in params]
+    configs = [yaml.safe_load((done[i] / ".hydra" / "config.yaml").read_text()) for i in range(3)]
+    assert lrs == [c["optimizer"]["lr"] for c in configs]
+    assert len(set(lrs)) == 3
+
+
+def test_joblib_sweep_runs_two_jobs_side_by_side_with_labelled_progress(tmp_path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "joblib"
+    proc = cli("-m", "hydra/launcher=parallel", "optimizer.lr=0.01,0.02", "trainer.max_steps=4",
+               "logging.every_n_steps=1", "logging.progress_every_n_steps=2",
+               f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = jobs(sweep)
+    for i, job in done.items():
+        assert status(job)["status"] == "completed"
+        log = (job / "train.log").read_text()
+        # plain lines, labelled with the job, at steps 2 and 4: no bar redraws
+        assert f"job {i}: step 2/4" in log and f"job {i}: step 4/4" in log and "\r" not in log
+    assert "\r" not in proc.stdout + proc.stderr
+
+
+def test_hparams_are_in_the_run_dir_with_the_same_keys_and_the_end_status(tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", f"hydra.sweep.dir={sweep}", "trainer.max_steps=3", "model=mlp,cnn",
+               "optimizer.lr=0.01,1e30")  # fmt: skip
+    assert proc.returncode == 1  # the two lr=1e30 jobs fail (NaN) but are in HPARAMS too
+    done = jobs(sweep)
+    seen = [session_hparams(done[i]) for i in range(4)]
+    for job, (values, metrics, end) in zip(done.values(), seen, strict=True):
+        assert not [d for d in (job / "tb").iterdir() if d.is_dir()]  # no extra sub-run
+        assert metrics == ["val/acc", "val/loss", "train/loss"]
+        cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        assert values["optimizer.lr"] == cfg["optimizer"]["lr"]
+        assert values["model"] in ("mlp", "cnn") and values["loss.mode"] == "scalar"
+        ok = status(job)["status"] == "completed"
+        assert end == (api_pb2.STATUS_SUCCESS if ok else api_pb2.STATUS_FAILURE)
+    assert len({tuple(sorted(v)) for v, _, _ in seen}) == 1  # the same keys for every job
+    assert [e for _, _, e in seen].count(api_pb2.STATUS_SUCCESS) == 2

@@ -1,0 +1,416 @@
+"""Summarize a sweep (or one run): a ranked table, ``summary.csv`` and ``curves.png``.
+
+    python scripts/report.py outputs/sweep                      # rank by val/acc, best first
+    python scripts/report.py outputs/sweep --metric val/loss    # lowest val/loss first
+    python scripts/report.py outputs/run                        # a single run dir works too
+
+``<dir>`` is a Hydra multirun dir (job subdirs ``0/ 1/ 2/ ...``, ordered numerically) or one run
+dir (it holds ``metrics.json``, ``tb/`` or ``.hydra/``). Per job, the final metrics come from
+``metrics.json``, the overrides from ``.hydra/overrides.yaml`` and the learning curves from the
+event files in ``tb/``, read with tensorboard's own reader. A job's status is that of its
+``metrics.json`` (``completed``, ``failed``, ``interrupted``), ``missing`` when there is none
+(killed hard) and ``unreadable`` when it cannot be parsed; such jobs are still listed, after the
+ranked ones. The table goes to stdout; ``summary.csv`` (full precision, full error text) and
+``curves.png`` (train/loss and val/acc against step, one line per job) go into ``<dir>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: columns of the table and the CSV, in order; the ranking metric is added when not among them
+METRICS = ("train/loss", "val/loss", "val/acc", "step", "wall_s")
+#: the panels of curves.png, read from the event files
+CURVE_TAGS = ("train/loss", "val/acc")
+MAX_LABEL = 70  # characters of a legend label; a sweep's overrides can run long
+
+
+class ReportError(Exception):
+    """Input the report cannot work with; the message names the path and what was expected."""
+
+
+@dataclass(eq=False)  # runs compare by identity
+class Run:
+    """One job of a sweep, as read from its run dir."""
+
+    name: str
+    """The job's subdir name (``"3"``), or the run dir's own name for a single run."""
+    path: Path
+    status: str
+    """metrics.json's (completed, failed, interrupted), or missing (none) or unreadable."""
+    overrides: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """metrics.json as written by ``trainer.run`` (empty when missing or unreadable)."""
+    error: str = ""
+    """The error of a failed job, or why its metrics.json could not be read."""
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """tag -> [(step, value)] from the event files; a tag that was not logged is absent."""
+
+    def value(self, key: str) -> float | None:
+        """``metrics[key]`` as a float; None when absent, not a number, or NaN."""
+        v = self.metrics.get(key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+            return None
+        return float(v)
+
+    @property
+    def error_line(self) -> str:
+        """The last non-empty line of the error (of a traceback, the one that says what)."""
+        lines = [line.strip() for line in self.error.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run dir holds what a job writes: metrics.json, tb/, or Hydra's .hydra/ (written first)."""
+    return (path / "metrics.json").is_file() or (path / "tb").is_dir() or (path / ".hydra").is_dir()
+
+
+def _job_order(path: Path) -> tuple[int, int, str]:
+    # numbered jobs by number (2 before 10), then any other job dirs by name
+    return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """``[root]`` for a run dir; for a sweep dir its job dirs, numerically ordered.
+
+    Job dirs are the numbered subdirs (even empty ones: a job killed before writing anything is
+    reported as missing) and any other subdir that is a run dir (a custom ``hydra.sweep.subdir``).
+
+    Raises:
+        ReportError: ``root`` does not exist, is not a directory, or holds no run dirs.
+    """
+    if not root.exists():
+        raise ReportError(f"{root}: no such directory")
+    if not root.is_dir():
+        raise ReportError(f"{root}: not a directory; give a sweep dir or a run dir")
+    if is_run_dir(root):
+        return [root]
+    jobs = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p.name.isdigit() or is_run_dir(p))
+    ]
+    if not jobs:
+        raise ReportError(
+            f"{root}: no run dirs here; expected a run dir (metrics.json, tb/ or .hydra/) or a "
+            "sweep dir with numbered job dirs 0/ 1/ ..."
+        )
+    return sorted(jobs, key=_job_order)
+
+
+def read_overrides(run_dir: Path) -> list[str]:
+    """The job's Hydra overrides; [] when the run was not launched through Hydra."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    try:
+        overrides = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        print(f"warning: {path}: cannot read it ({type(e).__name__}); no overrides shown",
+              file=sys.stderr)  # fmt: skip
+        return []
+    if not isinstance(overrides, list):
+        return [] if overrides is None else [str(overrides)]
+    return [str(o) for o in overrides]
+
+
+def load_run(run_dir: Path, name: str | None = None) -> Run:
+    """The run's status, final metrics and overrides (no curves: see :func:`read_curves`)."""
+    run = Run(name=name or run_dir.name, path=run_dir, status="missing")
+    run.overrides = read_overrides(run_dir)
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return run
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        run.status, run.error = "unreadable", f"metrics.json: {type(e).__name__}: {e}"
+        return run
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("status"), str):
+        got = type(metrics).__name__ if not isinstance(metrics, dict) else "no status string"
+        run.status = "unreadable"
+        run.error = f"metrics.json: expected an object with a 'status' string, got {got}"
+        return run
+    run.metrics, run.status = metrics, metrics["status"]
+    run.error = str(metrics.get("error") or "")
+    return run
+
+
+def read_curves(run_dir: Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    """``tag -> [(step, value)]`` for those ``tags`` found in the event files of ``run_dir/tb``."""
+    tb = run_dir / "tb"
+    if not tb.is_dir():
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # every scalar kept; the others (histograms of an instrumented run) are parsed anyway, so
+    # keep one of each instead of the default hundreds in memory
+    guidance = {"scalars": 0, "histograms": 1, "compressedHistograms": 1, "tensors": 1,
+                "images": 1, "audio": 1}  # fmt: skip
+    acc = EventAccumulator(str(tb), size_guidance=guidance)
+    try:
+        acc.Reload()
+    except Exception as e:  # a truncated file is handled by the reader; anything else is not fatal
+        print(f"warning: {tb}: cannot read the event files ({type(e).__name__}: {e})",
+              file=sys.stderr)  # fmt: skip
+        return {}
+    present = set(acc.Tags()["scalars"])
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags if t in present}
+
+
+def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
+    """Every job under ``root`` (a sweep dir or a run dir), in job order.
+
+    Raises:
+        ReportError: see :func:`find_run_dirs`.
+    """
+    root = Path(root)
+    runs = []
+    for run_dir in find_run_dirs(root):
+        run = load_run(run_dir)
+        if curves:
+            run.curves = read_curves(run_dir, CURVE_TAGS)
+        runs.append(run)
+    return runs
+
+
+def resolve_mode(metric: str, mode: str) -> str:
+    """``max`` or ``min``; ``auto`` is max for an accuracy (``acc`` in the name), else min."""
+    if mode == "auto":
+        return "max" if "acc" in metric else "min"
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode: got {mode!r}; use auto, max or min")
+    return mode
+
+
+def rank_runs(runs: Sequence[Run], metric: str, mode: str) -> list[Run]:
+    """Completed runs with a value for ``metric``, best first; then the rest in job order."""
+    ranked = [r for r in runs if r.status == "completed" and r.value(metric) is not None]
+    sign = -1.0 if resolve_mode(metric, mode) == "max" else 1.0
+    ranked.sort(key=lambda r: sign * r.value(metric))  # type: ignore[operator]  (None filtered)
+    kept = {id(r) for r in ranked}
+    return ranked + [r for r in runs if id(r) not in kept]
+
+
+def best_run(ranked: Sequence[Run], metric: str) -> Run | None:
+    """The first of :func:`rank_runs`'s list, if it has a value for ``metric`` at all."""
+    if ranked and ranked[0].status == "completed" and ranked[0].value(metric) is not None:
+        return ranked[0]
+    return None
+
+
+def columns_for(metric: str) -> tuple[str, ...]:
+    return METRICS if metric in METRICS else (*METRICS, metric)
+
+
+def format_number(v: Any) -> str:
+    """4 significant digits; whole numbers from 1000 up without exponent; ``-`` for none."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if math.isfinite(v) and abs(v) >= 1000:
+        return f"{v:.0f}"
+    return f"{v:.4g}"
+
+
+def render_table(ranked: Sequence[Run], metric: str, mode: str) -> str:
+    """The ranked runs as an aligned text table, ``*`` on the best, and a closing line."""
+    best = best_run(ranked, metric)
+    cols = columns_for(metric)
+    header = ["", "job", "status", *cols, "overrides", "error"]
+    rows = [header]
+    for r in ranked:
+        numbers = [format_number(r.metrics.get(c)) for c in cols]
+        mark = "*" if r is best else ""
+        rows.append([mark, r.name, r.status, *numbers, " ".join(r.overrides), r.error_line])
+    # drop the error column when no job has one
+    if not any(row[-1] for row in rows[1:]):
+        rows = [row[:-1] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    numeric = range(3, 3 + len(cols))
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(w) if i in numeric else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    direction = "highest" if resolve_mode(metric, mode) == "max" else "lowest"
+    if best is not None:
+        shown = format_number(best.value(metric))
+        summary = f"best: job {best.name} ({metric} {shown}, {direction})"
+    else:
+        summary = f"best: none (no completed job has a value for {metric})"
+    counts: dict[str, int] = {}
+    for r in ranked:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    tally = ", ".join(f"{n} {s}" for s, n in counts.items())
+    return "\n".join([*lines, "", f"{len(ranked)} jobs ({tally}); {summary}"])
+
+
+def write_csv(ranked: Sequence[Run], metric: str, path: Path) -> None:
+    """The table's rows at full precision (``repr`` of the floats), with the full error text."""
+    best = best_run(ranked, metric)
+    cols = columns_for(metric)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["best", "job", "status", *cols, "overrides", "error", "path"])
+        for r in ranked:
+            numbers = ["" if r.metrics.get(c) is None else r.metrics[c] for c in cols]
+            w.writerow(["*" if r is best else "", r.name, r.status, *numbers,
+                        " ".join(r.overrides), r.error, str(r.path)])  # fmt: skip
+
+
+def curve_labels(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
+    """Legend labels (job name + the overrides that tell it apart) and the overrides all share.
+
+    A sweep's jobs usually share most overrides (``trainer.device=cpu ...``); in the legend
+    they would push the ones that differ past the truncation, so they are named once instead.
+    """
+    shared = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
+    common = [o for o in runs[0].overrides if o in shared] if runs else []
+    labels = []
+    for r in runs:
+        text = " ".join([r.name, *(o for o in r.overrides if o not in shared)])
+        labels.append(text if len(text) <= MAX_LABEL else text[: MAX_LABEL - 1] + "…")
+    return labels, common
+
+
+def y_limits(runs: Sequence[Run], tag: str) -> tuple[float, float] | None:
+    """The y-range of a panel: the completed jobs' values, widened by the others' at most one
+    span each way, so a diverged job (loss 1e30 at its last step) does not flatten the rest."""
+
+    def finite(rs: Sequence[Run]) -> list[float]:
+        return [v for r in rs for _, v in r.curves.get(tag, []) if math.isfinite(v)]
+
+    every = finite(runs)
+    kept = finite([r for r in runs if r.status == "completed"]) or every
+    if not kept:
+        return None
+    lo, hi = min(kept), max(kept)
+    span = max(hi - lo, 0.1 * abs(hi), 1e-6)
+    lo, hi = max(min(every), lo - span), min(max(every), hi + span)
+    pad = 0.05 * max(hi - lo, 0.1 * abs(hi), 1e-6)
+    return lo - pad, hi + pad
+
+
+def plot_curves(ranked: Sequence[Run], metric: str, path: Path) -> None:
+    """Write ``path`` (PNG): a panel per tag of :data:`CURVE_TAGS`, a line per job, one legend."""
+    # matplotlib is imported here: ~1 s that --help and the tests of the table don't need; the
+    # Agg canvas is used directly, so no pyplot and no global backend switch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    best = best_run(ranked, metric)
+    plotted = [r for r in ranked if any(r.curves.get(tag) for tag in CURVE_TAGS)]
+    labels, common = curve_labels(plotted)
+    colors = _colors(len(plotted))
+    legend_h = 0.22 * math.ceil(len(plotted) / 2) + 0.2 if plotted else 0.0  # inches, 2 columns
+    fig = Figure(figsize=(12, 4.5 + legend_h))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(CURVE_TAGS))
+    handles = []
+    for r, label, color in zip(plotted, labels, colors, strict=True):
+        style = {"color": color, "linewidth": 2.2 if r is best else 1.2}
+        for ax, tag in zip(axes, CURVE_TAGS, strict=True):
+            points = r.curves.get(tag)
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, marker="." if len(points) < 30 else None, **style)
+        mark = "* " if r is best else ""
+        status = "" if r.status == "completed" else f" ({r.status})"
+        handles.append(Line2D([], [], label=mark + label + status, **style))
+    for ax, tag in zip(axes, CURVE_TAGS, strict=True):
+        ax.set_title(tag)
+        ax.set_xlabel("step")
+        ax.set_ylabel(tag)
+        ax.grid(alpha=0.3)
+        limits = y_limits(plotted, tag)
+        if limits is None:
+            ax.text(0.5, 0.5, f"no {tag} logged", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")  # fmt: skip
+        else:
+            ax.set_ylim(*limits)
+    if common:
+        shown = " ".join(common)
+        shown = shown if len(shown) <= 2 * MAX_LABEL else shown[: 2 * MAX_LABEL - 1] + "…"
+        fig.suptitle(f"all jobs: {shown}", fontsize="small")
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, legend_h / (4.5 + legend_h), 1, 1))  # the bottom strip: legend
+    fig.savefig(path, dpi=100)
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["viridis"](i / (n - 1)) for i in range(n)]
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="scripts/report.py",
+        description="Rank the jobs of a sweep (or one run) by a final metric; write "
+        "summary.csv and curves.png into the dir.",
+    )
+    parser.add_argument("dir", type=Path, help="a Hydra multirun dir (0/ 1/ ...) or one run dir")
+    parser.add_argument("--metric", default="val/acc", help="metrics.json key to rank by")
+    parser.add_argument(
+        "--mode", choices=("auto", "max", "min"), default="auto",
+        help="whether the highest or lowest is best; auto: max if the name contains 'acc'",
+    )  # fmt: skip
+    return parser, parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; returns 0, or exits with status 2 and a message on bad input (argparse-style)."""
+    parser, args = parse_args(argv)
+    try:
+        runs = collect_runs(args.dir)
+    except ReportError as e:
+        parser.error(str(e))
+    completed = [r for r in runs if r.status == "completed"]
+    if completed and all(args.metric not in r.metrics for r in completed):
+        known = sorted({k for r in completed for k in r.metrics if r.value(k) is not None})
+        parser.error(
+            f"--metric: no completed job's metrics.json has {args.metric!r}; "
+            f"choose one of {', '.join(known)}"
+        )
+    ranked = rank_runs(runs, args.metric, args.mode)
+    print(render_table(ranked, args.metric, args.mode))
+    root: Path = args.dir
+    try:
+        write_csv(ranked, args.metric, root / "summary.csv")
+        plot_curves(ranked, args.metric, root / "curves.png")
+    except OSError as e:
+        parser.exit(1, f"{parser.prog}: error: cannot write into {root}: {e}\n")
+    print(f"wrote {root / 'summary.csv'} and {root / 'curves.png'}")
+    return 0
+
+
+def cli() -> None:
+    """``python scripts/report.py``: :func:`main` with the exit status it returns."""
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # stdout closed early (``| head``): not an error of the report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -1,0 +1,69 @@
+"""Sweeps that survive their failures: a failed job is recorded and the sweep goes on.
+
+In a multirun, :func:`run_job` catches a job's exception (after :func:`trainer.run` has written
+``metrics.json`` with ``status: failed`` and the error), logs it and returns NaN, so the other
+jobs run and keep their outputs, and the Optuna sweeper records the trial as failed instead of
+stopping. :class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in ``configs/train.yaml``)
+then reads every job's ``metrics.json`` when the sweep ends, says how many jobs failed and why,
+and exits with status 1 if any did. A single run still raises as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from trainer.report import ReportError, collect_runs
+
+log = logging.getLogger(__name__)
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_job(cfg: DictConfig) -> float:
+    """Train (``trainer.run``) and return val/acc; in a multirun a failure returns NaN."""
+    from trainer.run import run
+
+    try:
+        return run(cfg)["val/acc"]
+    except Exception as e:
+        if not in_multirun():
+            raise
+        log.exception("job failed, the sweep goes on (its metrics.json says why): %s", e)
+        return math.nan
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: one line on how many jobs failed, and exit 1 if any."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        try:
+            jobs = collect_runs(sweep_dir, curves=False)
+        except ReportError:  # no job got as far as its run dir
+            return
+        failed = [r for r in jobs if r.status != "completed"]
+        if not failed:
+            log.info("sweep finished: all %d jobs completed (%s)", len(jobs), sweep_dir)
+            return
+        for r in failed:
+            last = next((ln for ln in reversed(r.error.splitlines()) if ln.strip()), "")
+            log.error("job %s %s: %s", r.name, r.status, last)
+        message = (
+            f"sweep finished: {len(failed)} of {len(jobs)} jobs failed; the others' outputs "
+            f"are in {sweep_dir} (python scripts/report.py {sweep_dir})"
+        )
+        log.error(message)
+        raise SystemExit(message)
