@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -229,6 +231,34 @@ def bench_cli(repeats: int) -> dict:
     }
 
 
+def bench_startup(repeats: int) -> dict:
+    """Process start to the end of the first training step of ``python scripts/train.py``:
+    what a user waits for before training, in every job of a sweep. The job logs a progress
+    line after step 1 (output is not a terminal here); its timestamp ends the interval."""
+    stamp = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\].* step 1/1 ", re.M)
+    firsts, walls = [], []
+    for i in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            start, t0 = time.time(), time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={tmp}/run{i}",
+                 "trainer.max_steps=1", "logging.every_n_steps=1",
+                 "logging.progress_every_n_steps=1"],
+                check=True, cwd=ROOT, capture_output=True, text=True,
+            )  # fmt: skip
+            walls.append(time.perf_counter() - t0)
+            found = stamp.search(proc.stdout + proc.stderr)
+            if found is None:
+                raise RuntimeError(f"no 'step 1/1' line in the output:\n{proc.stdout[-2000:]}")
+            logged = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            firsts.append(logged - start)
+    return {
+        "startup_to_first_step_s_median": statistics.median(firsts),
+        "startup_to_first_step_s": firsts,
+        "startup_one_step_run_wall_s": walls,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
@@ -248,6 +278,13 @@ def main() -> None:
         default=0,
         metavar="N",
         help="also time one histogram of an N-element tensor against add_histogram",
+    )
+    p.add_argument(
+        "--startup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time process start to the first training step of the CLI, N times",
     )
     p.add_argument("--out", type=Path, help="result file (default: outputs/bench/<time>.json)")
     p.add_argument("overrides", nargs="*", help="config overrides, as for scripts/train.py")
@@ -287,6 +324,14 @@ def main() -> None:
             f"{args.cli_repeats}: "
             + ", ".join(f"{w:.2f}" for w in result["cli_wall_s"])
             + f"), peak RSS {result['cli_peak_rss_mib']:.0f} MiB, val/acc {result['cli_val_acc']}"
+        )
+    if args.startup:
+        result.update(bench_startup(args.startup))
+        print(
+            "python scripts/train.py, process start to the end of step 1: "
+            f"{result['startup_to_first_step_s_median']:.2f} s (median of {args.startup}: "
+            + ", ".join(f"{w:.2f}" for w in result["startup_to_first_step_s"])
+            + ")"
         )
     out = args.out or ROOT / "outputs" / "bench" / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
