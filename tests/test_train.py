@@ -23,7 +23,7 @@ def test_default_run_learns_digits_and_writes_its_files(tmp_path) -> None:
     assert metrics["val/acc"] >= 0.9
     assert metrics["status"] == "completed" and metrics["epoch"] == 8 and metrics["step"] == 8 * 23
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    assert on_disk == pytest.approx(metrics)
+    assert on_disk == metrics
     assert set(on_disk) == {
         "train/loss",
         "val/loss",
@@ -32,12 +32,17 @@ def test_default_run_learns_digits_and_writes_its_files(tmp_path) -> None:
         "epoch",
         "wall_s",
         "status",
+        "run_id",
+        "checkpoint",
     }
+    assert on_disk["checkpoint"] == str(tmp_path / "checkpoints" / "last.pt")
 
     # the checkpoint loads with weights_only=True and reproduces val/acc independently
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["step"] == metrics["step"] and ckpt["config"]["data"]["batch_size"] == 64
-    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "epoch", "config"}
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "epoch", "config", "rng",
+                         "batch_in_epoch", "run_id", "format"}  # fmt: skip
+    assert ckpt["run_id"] == metrics["run_id"]
     model = MLP((1, 8, 8), 10)
     model.load_state_dict(ckpt["model"])
     _, val = DigitsData().load()

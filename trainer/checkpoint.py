@@ -1,4 +1,4 @@
-"""Atomic checkpoint writes and safe loads.
+"""Atomic checkpoint writes and safe loads; what a resumable training checkpoint holds.
 
 A checkpoint is written to a temporary file in the same folder, fsynced, then moved over the
 final name with ``os.replace``: a crash mid-write leaves the previous file intact and never a
@@ -9,13 +9,20 @@ refuses pickles that would run code; there is no fallback.
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
+import logging
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -63,3 +70,205 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+# ----------------------------------------------------------------------------- training state
+
+#: checkpoint layout version, checked when resuming
+FORMAT = 1
+#: keys every training checkpoint has (besides those of ``Trainer.state_dict``)
+REQUIRED = ("format", "run_id", "model", "optimizer", "step", "epoch", "batch_in_epoch", "rng")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's and torch's (CPU and every CUDA device's) RNG states, in a form
+    ``torch.load(weights_only=True)`` accepts: tuples, ints, floats, strings and tensors (NumPy's
+    key array becomes an int64 tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },  # fmt: skip
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+#: config keys that do not change what a run computes: left out of the derived run id
+_NOT_IDENTITY = (
+    ("trainer", "resume"), ("trainer", "run_id"), ("trainer", "checkpoint"),
+    ("logging", "progress"), ("logging", "progress_every_n_steps"),
+)  # fmt: skip
+
+
+def derive_run_id(config: dict[str, Any]) -> str:
+    """A stable id for a resolved config: 12 hex digits of a hash of everything but the keys
+    that do not change the computation (resume, run_id, checkpointing, progress output)."""
+    config = copy.deepcopy(config)
+    for section, key in _NOT_IDENTITY:
+        config.get(section, {}).pop(key, None)
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def step_path(directory: Path, step: int) -> Path:
+    return directory / f"step_{step:09d}.pt"
+
+
+def _step_of(path: Path) -> int | None:
+    stem = path.stem
+    if path.suffix == ".pt" and stem.startswith("step_") and stem[5:].isdigit():
+        return int(stem[5:])
+    return None
+
+
+def prune(directory: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` step checkpoints; returns the deleted ones."""
+    steps = sorted((s, p) for p in directory.glob("step_*.pt") if (s := _step_of(p)) is not None)
+    doomed = [p for _, p in steps[: max(len(steps) - keep_last, 0)]]
+    for p in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return doomed
+
+
+def write_run_marker(directory: Path, run_id: str, run_dir: Path) -> None:
+    """``checkpoints/run.json``: how ``resume=auto`` finds this run's checkpoints."""
+    write_json(directory / "run.json", {"run_id": run_id, "run_dir": str(run_dir)})
+
+
+def find_checkpoints(search_dir: Path, run_id: str) -> list[Path]:
+    """Step checkpoints of run ``run_id`` anywhere under ``search_dir``, newest first."""
+    found: list[tuple[int, float, Path]] = []
+    for marker in search_dir.rglob("checkpoints/run.json"):
+        try:
+            if json.loads(marker.read_text()).get("run_id") != run_id:
+                continue
+        except (OSError, ValueError):
+            continue
+        for p in marker.parent.glob("step_*.pt"):
+            step = _step_of(p)
+            if step is not None:
+                with contextlib.suppress(OSError):
+                    found.append((step, p.stat().st_mtime, p))
+    return [p for _, _, p in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """:func:`load_checkpoint` plus the checks a resume needs: the layout version and every
+    required key. Errors name the file and the cause."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} is not a training checkpoint of this trainer: it lacks "
+            f"{', '.join(missing)}"
+        )
+    if state["format"] != FORMAT:
+        raise ValueError(f"checkpoint {path} has layout version {state['format']}, not {FORMAT}")
+    return state
+
+
+def select_resume(
+    resume: str, search_dir: Path, run_id: str
+) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The checkpoint ``trainer.resume`` names: (path, state, notes on refused files).
+
+    A path must load (else the error names it). ``auto`` takes the newest step checkpoint of
+    ``run_id`` under ``search_dir`` that loads and is complete, skipping (and noting) broken
+    ones; (None, None, notes) when there is none.
+    """
+    if resume != "auto":
+        path = Path(resume)
+        return path, load_training_checkpoint(path), []
+    notes = []
+    for path in find_checkpoints(search_dir, run_id):
+        try:
+            return path, load_training_checkpoint(path), notes
+        except (OSError, ValueError) as e:
+            notes.append(str(e))
+    return None, None, notes
+
+
+class CheckpointWriter:
+    """Writes a trainer's checkpoints into ``directory`` and keeps the newest ``keep_last``.
+
+    Before each write the TensorBoard events are flushed, so everything logged up to the
+    checkpoint's step is on disk when the checkpoint exists (a resumed run purges only later
+    steps). A periodic checkpoint that cannot be written (disk full, I/O error) is reported and
+    training goes on: the previous checkpoint is intact (writes are atomic). The final one must
+    succeed.
+    """
+
+    def __init__(
+        self, trainer: Any, directory: Path, run_id: str, config: dict[str, Any], keep_last: int
+    ):
+        self.trainer, self.directory, self.run_id = trainer, directory, run_id
+        self.config, self.keep_last = config, keep_last
+        self.saving = False  # a signal handler reads it: a second Ctrl-C waits for the save
+        self.failures: list[str] = []
+        self.last: Path | None = None
+
+    def state(self) -> dict[str, Any]:
+        state = self.trainer.state_dict()
+        state.update(format=FORMAT, run_id=self.run_id, config=self.config, rng=rng_state())
+        return state
+
+    def write(self, path: Path) -> Path:
+        if self.trainer.logger is not None:
+            self.trainer.logger.flush()
+        self.saving = True
+        try:
+            save_checkpoint(path, self.state())
+        finally:
+            self.saving = False
+        self.last = path
+        prune(self.directory, self.keep_last)
+        return path
+
+    def periodic(self, trainer: Any) -> Path | None:
+        """The ``checkpoint_fn`` of the Trainer: a step checkpoint, failures reported."""
+        step = trainer.global_step
+        try:
+            return self.write(step_path(self.directory, step))
+        except OSError as e:
+            kept = f"the previous one, {self.last}, is intact" if self.last else "none is kept"
+            message = f"step {step}: checkpoint not written ({e}); {kept}"
+            self.failures.append(message)
+            log.error("%s; training goes on", message)
+            return None
+
+    def final(self) -> Path:
+        """The step checkpoint of the last step (if not written yet) and ``last.pt``."""
+        step = self.trainer.global_step
+        path = step_path(self.directory, step)
+        if self.last != path:
+            self.write(path)
+        last = self.directory / "last.pt"
+        tmp = self.directory / ".last.pt.link"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:  # the same file under a second name, swapped in atomically
+            os.link(path, tmp)
+            os.replace(tmp, last)
+        except OSError:  # no hard links here: a copy, written atomically
+            data = path.read_bytes()
+            _atomic_write(last, lambda f: f.write(data))
+        return last

@@ -584,6 +584,30 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass
+class CheckpointConfig:
+    #: a checkpoint every N optimizer steps (0: only the final one), at a point a resumed run
+    #: continues from exactly; always one at the end (``last.pt``) and on SIGTERM/SIGINT/SIGUSR1
+    every_n_steps: int = 200
+    #: periodic checkpoints kept (the oldest are deleted once a newer one is safely written)
+    keep_last: int = 3
+    #: where ``trainer.resume=auto`` looks for earlier runs' checkpoints (relative to the
+    #: working directory, as Hydra's output dirs are)
+    search_dir: str = "outputs"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.every_n_steps >= 0,
+            "trainer.checkpoint.every_n_steps",
+            f"got {self.every_n_steps}, must be >= 0 (0: only at the end)",
+        )
+        _check(
+            self.keep_last >= 1,
+            "trainer.checkpoint.keep_last",
+            f"got {self.keep_last}, must be >= 1",
+        )
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 20
     #: stop after this many optimizer steps (-1: no limit); the first of the two limits wins
@@ -600,6 +624,14 @@ class TrainerConfig:
     #: torch.autograd.detect_anomaly around training: the first backward that produces a
     #: NaN names the forward operation that caused it (slow; debug=anomaly)
     detect_anomaly: bool = False
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    #: continue from a checkpoint: a path, or ``auto`` (the newest valid checkpoint of the run
+    #: with this ``run_id`` under ``trainer.checkpoint.search_dir``; a fresh start if none)
+    resume: str | None = None
+    #: the run's stable identity across restarts (Hydra gives each start a new dir); null:
+    #: derived from the config (a hash of everything but the resume, run_id, checkpoint and
+    #: progress keys), so the same command resumes the same run
+    run_id: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "trainer.max_epochs", f"got {self.max_epochs}, must be >= 1")

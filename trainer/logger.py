@@ -102,6 +102,8 @@ class EventFile:
 
     def write(self, events: list[Any]) -> None:
         """Append ``events`` (``Event`` protos) and flush them to the operating system."""
+        if not events:
+            return
         self._file.write(b"".join(tfrecord(e.SerializeToString()) for e in events))
         self._file.flush()
 

@@ -79,6 +79,13 @@ class Callback:
     * ``on_fit_end(trainer, metrics)``
     """
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must keep for a resumed run to continue exactly (an RNG's
+        state, a counter); tensors, containers and primitives only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None: ...
@@ -149,6 +156,8 @@ class Trainer:
         progress_every_n_steps: int = 100,
         progress_label: str = "",
         detect_anomaly: bool = False,
+        checkpoint_every_n_steps: int = 0,
+        checkpoint_fn: Callable[[Trainer], Any] | None = None,
         callbacks: Sequence[Callback] = (),
         regularizers: Sequence[Regularizer | InputGradPenalty] = (),
     ):
@@ -178,6 +187,15 @@ class Trainer:
         self.logger = logger
         self.show_progress = progress
         self.detect_anomaly = detect_anomaly
+        #: ``checkpoint_fn(trainer)`` runs every ``checkpoint_every_n_steps`` optimizer steps, at
+        #: a point a resumed run can continue from exactly (after the step and its logging; at
+        #: an epoch's last step, after its validation)
+        self.checkpoint_every = checkpoint_every_n_steps
+        self.checkpoint_fn = checkpoint_fn
+        self._checkpointed_step = -1
+        #: set (to the signal number) by a signal handler: the run stops after the current
+        #: optimizer step, at a point it can be checkpointed and resumed from
+        self.stop_signal: int | None = None
         #: a tqdm bar when allowed and the stream is a terminal; else a line every N steps
         self._progress_options = {
             "bar": progress_bar, "every_n_steps": progress_every_n_steps, "label": progress_label,
@@ -296,7 +314,7 @@ class Trainer:
             anomaly = torch.autograd.detect_anomaly(check_nan=True)
         try:
             with redirect, anomaly:
-                while not self.finished():
+                while not self.finished() and self.stop_signal is None:
                     self.run_epoch()
         finally:
             self.progress.close()
@@ -308,14 +326,29 @@ class Trainer:
         return self.epoch >= self.max_epochs or self._done()
 
     def run_epoch(self) -> None:
-        """Train one epoch (or up to ``max_steps``), then validate."""
+        """Train one epoch (or up to ``max_steps``, or until a stop signal), then validate."""
         self.train_epoch()
+        ended = self.batch_in_epoch == len(self.train_loader)  # ran to the epoch's end
+        if self.stop_signal is not None and not ended and not self._done():
+            return  # stopped mid-epoch: no validation; a checkpoint keeps the position
         started = time.perf_counter()
         self.validate()
         self._time_at_log += time.perf_counter() - started  # validation is not in samples/s
-        if self.batch_in_epoch == len(self.train_loader):  # ran to the epoch's end
+        if ended:
             self.epoch += 1
             self.batch_in_epoch = 0
+        self._checkpoint_if_due()
+
+    def _checkpoint_if_due(self) -> None:
+        every = self.checkpoint_every
+        if (
+            self.checkpoint_fn is not None
+            and every > 0
+            and self.global_step % every == 0
+            and self.global_step != self._checkpointed_step
+        ):
+            self.checkpoint_fn(self)
+            self._checkpointed_step = self.global_step
 
     def validate(self) -> None:
         """Evaluate, log val/* at the current step, write the epoch's line, fire the hook."""
@@ -332,21 +365,27 @@ class Trainer:
     def train_epoch(self) -> None:
         self.model.train()
         loader = self.train_loader
-        loader.set_epoch(self.epoch)
+        start = self.batch_in_epoch  # > 0 only in a run resumed mid-epoch
+        loader.set_epoch(self.epoch, start)
         windows = window_sizes(
             loader.num_samples, loader.batch_size, loader.drop_last, self.accumulate
         )
-        self._pending_epoch.clear()
-        self._epoch_loss_sum.zero_()
-        self._epoch_samples = 0
-        self._fire("on_train_epoch_start", self.epoch)
+        if start == 0:
+            self._pending_epoch.clear()
+            self._epoch_loss_sum.zero_()
+            self._epoch_samples = 0
+            self._fire("on_train_epoch_start", self.epoch)
         last = len(windows) - 1
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(loader, start):
             step_now = (i + 1) % self.accumulate == 0 or i == last
             self.train_step(batch, windows[i], step_now)
             self.batch_in_epoch = i + 1
             if self._done():
                 break
+            if step_now and i != last:  # an epoch's last step: after its validation
+                if self.stop_signal is not None:
+                    break
+                self._checkpoint_if_due()
 
     def train_step(self, batch: Batch, window_samples: int, step_now: bool) -> None:
         """Forward and backward of one micro-batch; the optimizer step when ``step_now``."""
@@ -514,6 +553,68 @@ class Trainer:
             postfix["grad_norm"] = floats["grad_norm/total"]
         self.progress.show(self.epoch, self.max_epochs, out.step, postfix)
         self._time_at_log = now
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly as if it had not stopped: the
+        model, optimizer, scheduler and GradScaler states, the position (step, epoch, batch in
+        the epoch), the per-sample losses not yet logged or folded, the last metrics, the
+        loader's and the callbacks' states. (RNG states: :func:`trainer.checkpoint.rng_state`.)"""
+        cat = lambda ts: torch.cat(ts) if ts else torch.zeros(0, device=self.device)  # noqa: E731
+        loader_state = getattr(self.train_loader, "state_dict", None)
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "step": self.global_step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "pending_log": cat(self._pending_log),
+            "pending_epoch": cat(self._pending_epoch),
+            "epoch_loss_sum": self._epoch_loss_sum.clone(),
+            "epoch_samples": self._epoch_samples,
+            "metrics": dict(self.metrics),
+            "loader": loader_state() if loader_state else None,
+            "callbacks": [[type(cb).__name__, cb.state_dict()] for cb in self.callbacks],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (strict: every key and shape must match)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, obj in (("scheduler", self.scheduler), ("scaler", self.scaler)):
+            if (obj is None) != (state[name] is None):
+                raise ValueError(
+                    f"the checkpoint was written {'with' if state[name] is not None else 'without'}"
+                    f" a {name} and this run is configured {'with' if obj else 'without'} one"
+                )
+            if obj is not None:
+                obj.load_state_dict(state[name])
+        self.global_step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        if not 0 <= self.batch_in_epoch <= len(self.train_loader):
+            raise ValueError(
+                f"batch_in_epoch {self.batch_in_epoch} is outside this data's epoch of "
+                f"{len(self.train_loader)} batches (another data set or batch size?)"
+            )
+        pending_log, pending_epoch = state["pending_log"], state["pending_epoch"]
+        self._pending_log = [pending_log.to(self.device)] if pending_log.numel() else []
+        self._pending_epoch = [pending_epoch.to(self.device)] if pending_epoch.numel() else []
+        self._epoch_loss_sum = state["epoch_loss_sum"].to(self.device)
+        self._epoch_samples = int(state["epoch_samples"])
+        self.metrics = dict(state["metrics"])
+        if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(state["loader"])
+        saved = [tuple(entry) for entry in state["callbacks"]]  # (class name, state)
+        for cb in self.callbacks:  # by class, in order: a resume may add or drop instruments
+            name = type(cb).__name__
+            match = next((i for i, (n, _) in enumerate(saved) if n == name), None)
+            if match is None:
+                log.warning("the checkpoint holds no state for callback %s: it starts fresh", name)
+                continue
+            cb.load_state_dict(saved.pop(match)[1])
+        self._checkpointed_step = self.global_step
 
     def _fold_epoch_losses(self) -> None:
         """Add the epoch's pending per-sample losses into its device-side sum."""

@@ -8,11 +8,16 @@ scheduler, scaler, step, epoch, config), ``metrics.json`` (final metrics and sta
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import random
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from trainer.checkpoint import save_checkpoint, write_json
+from trainer.checkpoint import (
+    CheckpointWriter,
+    derive_run_id,
+    select_resume,
+    set_rng_state,
+    step_path,
+    write_json,
+    write_run_marker,
+)
 from trainer.config import ConfigError, validate
 from trainer.data.base import DataModule
 from trainer.hparams import end_summary, hydra_hparams, start_summaries
@@ -89,10 +102,80 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+class Interrupted(SystemExit):
+    """A run stopped by SIGTERM, SIGINT or SIGUSR1 after checkpointing: exit status 128 + N."""
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` and prove a file can be written there, before anything runs."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"the run dir {run_dir} cannot be written: {e.strerror or e}") from e
+
+
+def check_free_space(trainer: Trainer, directory: Path, keep_last: int) -> None:
+    """Refuse to start when the disk cannot hold a checkpoint; warn when it cannot hold
+    ``keep_last`` + 1 (the newest ones and the one being written)."""
+    params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in trainer.model.buffers())
+    # model + optimizer state (Adam keeps two moments per parameter) + slack for the rest
+    one = 3 * params + buffers + 2**20
+    free = shutil.disk_usage(directory).free
+    if free < one:
+        raise OSError(
+            errno.ENOSPC,
+            f"{directory} has {free / 2**20:.1f} MiB free, less than one checkpoint of this "
+            f"run (about {one / 2**20:.1f} MiB)",
+        )
+    if free < one * (keep_last + 1):
+        log.warning(
+            "%s has %.1f MiB free: fewer than trainer.checkpoint.keep_last + 1 = %d checkpoints "
+            "of about %.1f MiB fit", directory, free / 2**20, keep_last + 1, one / 2**20,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer, writer: CheckpointWriter) -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGUSR1 ask the run to stop after its current optimizer step; a
+    second SIGINT stops at once, except while a checkpoint is being written (then the save
+    finishes first). Main thread only (Python delivers signals there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if trainer.stop_signal is None:
+            trainer.stop_signal = signum
+            log.warning("%s: finishing the current step, then a checkpoint, then exit", name)
+        elif writer.saving:
+            log.warning("%s again: a checkpoint is being written; it finishes first", name)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C outside a save: stop now
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 def run(
     cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = ()
 ) -> dict[str, Any]:
     """Train as ``cfg`` says and return the final metrics (also written to metrics.json).
+
+    With ``trainer.resume`` the run continues from a checkpoint, in the run dir that holds it.
+    A stop signal ends it after the current step with a checkpoint, ``metrics.json`` saying
+    ``interrupted`` and :class:`Interrupted` (exit status 128 + the signal's number).
 
     Args:
         cfg: the composed config (``configs/train.yaml`` plus overrides).
@@ -105,34 +188,82 @@ def run(
 
         run_dir = HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
     trainer: Trainer | None = None
     try:
-        trainer = build_trainer(cfg, run_dir, callbacks)
-        if trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
+        typed = validate(cfg)  # every config error surfaces here, before anything is built
+        tc = typed.trainer
+        config = OmegaConf.to_container(cfg, resolve=True)
+        run_id = tc.run_id or derive_run_id(config)  # type: ignore[arg-type]
+        resume_path, resume_state = None, None
+        if tc.resume:
+            resume_path, resume_state, refused = select_resume(
+                tc.resume, Path(tc.checkpoint.search_dir), run_id
+            )
+            for note in refused:
+                log.warning("resume: skipped %s", note)
+            if resume_state is None:
+                log.info(
+                    "resume=auto: no usable checkpoint of run %s under %s; starting from scratch",
+                    run_id, tc.checkpoint.search_dir,
+                )  # fmt: skip
+            else:
+                assert resume_path is not None
+                if resume_path.parent.name == "checkpoints":  # continue in the run's own dir
+                    run_dir = resume_path.parent.parent
+                log.info(
+                    "resuming run %s from %s (step %d); it continues in %s",
+                    resume_state["run_id"], resume_path, resume_state["step"], _display(run_dir),
+                )  # fmt: skip
+        purge_step = int(resume_state["step"]) + 1 if resume_state is not None else None
+        trainer = build_trainer(cfg, run_dir, callbacks, purge_step=purge_step)
+        directory = run_dir / "checkpoints"
+        writer = CheckpointWriter(trainer, directory, run_id, config, tc.checkpoint.keep_last)  # type: ignore[arg-type]
+        trainer.checkpoint_every, trainer.checkpoint_fn = (
+            tc.checkpoint.every_n_steps,
+            writer.periodic,
+        )
+        if resume_state is not None:
+            try:
+                trainer.load_state_dict(resume_state)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"checkpoint {resume_path} does not fit this run: {e}") from e
+            set_rng_state(resume_state["rng"])
+            writer.last = resume_path
+        elif trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
             for summary in start_summaries(hydra_hparams(cfg)):
                 trainer.logger.add_summary(summary, 0)
+        write_run_marker(directory, run_id, run_dir)
+        check_free_space(trainer, directory, tc.checkpoint.keep_last)
         completed = False
         try:
-            metrics = trainer.fit()
-            completed = True
+            with stop_on_signals(trainer, writer):
+                metrics = trainer.fit()
+                if trainer.stop_signal is not None:  # the handler stays on: a 2nd ^C waits
+                    stopped_at = writer.last
+                    if trainer._checkpointed_step != trainer.global_step or stopped_at is None:
+                        stopped_at = writer.write(step_path(directory, trainer.global_step))
+            completed = trainer.stop_signal is None
         finally:
             if trainer.logger is not None:
-                trainer.logger.add_summary(end_summary(completed), trainer.global_step)
+                if completed or trainer.stop_signal is None:  # an interrupted run goes on later
+                    trainer.logger.add_summary(end_summary(completed), trainer.global_step)
                 trainer.logger.close()  # flushes the events, also when training failed
-        save_checkpoint(
-            run_dir / "checkpoints" / "last.pt",
-            {
-                "model": trainer.model.state_dict(),
-                "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
-                "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
-                "step": trainer.global_step,
-                "epoch": trainer.epoch,
-                "batch_in_epoch": trainer.batch_in_epoch,
-                "config": OmegaConf.to_container(cfg, resolve=True),
-            },
-        )
+        if trainer.stop_signal is not None:
+            name = signal.Signals(trainer.stop_signal).name
+            write_json(run_dir / "metrics.json", {
+                "status": "interrupted", "signal": name, "step": trainer.global_step,
+                "epoch": trainer.epoch, "checkpoint": str(stopped_at), "run_id": run_id,
+                "wall_s": time.perf_counter() - start,
+            })  # fmt: skip
+            log.warning(
+                "stopped by %s at step %d; checkpoint %s; continue with trainer.resume=auto",
+                name, trainer.global_step, _display(stopped_at),
+            )  # fmt: skip
+            raise Interrupted(128 + trainer.stop_signal)
+        last = writer.final()
+    except Interrupted:
+        raise
     except BaseException as e:
         failed: dict[str, Any] = {
             "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
@@ -141,7 +272,8 @@ def run(
         }
         if trainer is not None:  # how far it got
             failed.update(step=trainer.global_step, epoch=trainer.epoch)
-        write_json(run_dir / "metrics.json", failed)
+        with contextlib.suppress(OSError):  # a full disk must not hide the first error
+            write_json(run_dir / "metrics.json", failed)
         raise
     result: dict[str, Any] = {
         "train/loss": metrics["train/loss"],
@@ -151,7 +283,11 @@ def run(
         "epoch": trainer.epoch,
         "wall_s": time.perf_counter() - start,
         "status": "completed",
+        "run_id": run_id,
+        "checkpoint": str(last),
     }
+    if writer.failures:
+        result["checkpoint_failures"] = writer.failures
     write_json(run_dir / "metrics.json", result)
     shown = _display(run_dir)
     log.info(
@@ -177,7 +313,12 @@ def _sweep_progress() -> dict[str, Any]:
     return {"progress_bar": basic, "progress_label": f"job {hc.job.num}: "}
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> Trainer:
+def build_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    callbacks: Sequence[Callback] = (),
+    purge_step: int | None = None,
+) -> Trainer:
     """Validate ``cfg`` and build data, model, optimizer, scheduler, logger and Trainer."""
     typed = validate(cfg)  # every config error surfaces here, before anything is built
     device = resolve_device(typed.trainer.device)
@@ -228,7 +369,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] 
         max_epochs=tc.max_epochs,
         max_steps=tc.max_steps,
         log_every_n_steps=typed.logging.every_n_steps,
-        logger=TensorBoardLogger(run_dir / "tb"),
+        logger=TensorBoardLogger(run_dir / "tb", purge_step=purge_step),
         progress=typed.logging.progress,
         progress_every_n_steps=typed.logging.progress_every_n_steps,
         detect_anomaly=tc.detect_anomaly,

@@ -81,9 +81,12 @@ class InMemoryLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration is epoch ``epoch``'s order, from batch ``start_batch`` on (a run
+        resumed mid-epoch continues where it stopped)."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         return batch_count(self.num_samples, self.batch_size, self.drop_last)
@@ -94,7 +97,7 @@ class InMemoryLoader:
         else:
             order = torch.arange(self.num_samples, device=self.device)
         bs = self.batch_size
-        for i in range(len(self)):
+        for i in range(self.start_batch, len(self)):
             index = order[i * bs : (i + 1) * bs]
             x = self.x[index]
             if self.transform is not None:
@@ -111,17 +114,20 @@ class EpochSampler(Sampler[int]):
 
     def __init__(self, num_samples: int, shuffle: bool, seed: int = 0):
         self.num_samples, self.shuffle, self.seed, self.epoch = num_samples, shuffle, seed, 0
+        self.start = 0  # samples of the epoch's order to leave out (a resumed epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.start
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
-            return iter(epoch_order(self.num_samples, self.seed, self.epoch).tolist())
-        return iter(range(self.num_samples))
+            order = epoch_order(self.num_samples, self.seed, self.epoch).tolist()
+        else:
+            order = list(range(self.num_samples))
+        return iter(order[self.start :])
 
 
 class IndexedDataset(Dataset):
@@ -173,15 +179,29 @@ class DeviceLoader:
             # seeds the workers' RNGs (augmentation) from the run's seed
             generator=torch.Generator().manual_seed(seed),
         )
+        self._epoch_generator_state = self.loader.generator.get_state()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """As :meth:`InMemoryLoader.set_epoch`. With augmentation, a resumed epoch has the same
+        samples in the same order but not the same random crops and flips (the workers' seeds
+        are drawn when the epoch's iteration starts)."""
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
-    def __len__(self) -> int:
-        return len(self.loader)
+    def __len__(self) -> int:  # the whole epoch's batches, whatever the start
+        return batch_count(self.num_samples, self.batch_size, self.drop_last)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The workers' seed generator as the current epoch found it (for a resume)."""
+        return {"generator": self._epoch_generator_state}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.loader.generator.set_state(state["generator"])
 
     def __iter__(self) -> Iterator[Batch]:
         non_blocking = self.device.type == "cuda"
+        # the iterator draws the workers' base seed from the generator: keep its state from
+        # before the draw, so a resumed epoch draws the same seed
+        self._epoch_generator_state = self.loader.generator.get_state()
         for x, y, index in self.loader:
             yield Batch(
                 x.to(self.device, non_blocking=non_blocking),

@@ -17,7 +17,7 @@ never touched, so measuring does not change the batch order, dropout masks or th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -155,6 +155,19 @@ class Curvature(Callback):
             return
         batch, self._batch = self._batch, None
         trainer.stage_scalars(self.measure(trainer, batch))  # read with the step's scalars
+
+    def state_dict(self) -> dict[str, Any]:
+        """The probe generator's state (None before the first measurement)."""
+        g = self._generator
+        return {
+            "generator": None if g is None else g.get_state(),
+            "device": str(g.device) if g else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["generator"] is not None:
+            self._generator = torch.Generator(device=state["device"])
+            self._generator.set_state(state["generator"])
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The measurement's own generator, seeded once (its stream continues across steps)."""

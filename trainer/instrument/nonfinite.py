@@ -48,6 +48,12 @@ class NonfiniteGuard(Callback):
         self.consecutive = 0
         self._loss_ok: Tensor | None = None
 
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+
     def _checks(self, step: int) -> bool:
         return step % self.every == 0
 
