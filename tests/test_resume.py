@@ -1,0 +1,233 @@
+"""Nothing lost: runs killed with SIGKILL resume bitwise; stop signals checkpoint and exit.
+
+The runs are separate processes: children forked from the test process (they inherit its
+imports, which saves the 4 s start-up of a fresh interpreter per run), each training on one
+thread (GNU OpenMP's thread pool does not survive a fork, and one thread everywhere makes the
+reference and the resumed runs comparable bit for bit). One test drives the real CLI too.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo  # noqa: F401  (imported once here, not in every child: torch.optim uses it)
+from conftest import ROOT, make_cfg, read_scalars
+
+from trainer.checkpoint import load_checkpoint
+from trainer.loop import Callback
+
+FORK = mp.get_context("fork")
+# digits / MLP at batch 8: 180 steps per epoch; checkpoints every 25 steps land mid-epoch
+COMMON = (
+    "trainer.max_epochs=2", "data.batch_size=8", "trainer.checkpoint.every_n_steps=25",
+    "trainer.checkpoint.keep_last=2", "logging.every_n_steps=3", "logging.progress=false",
+)  # fmt: skip
+MODES = {
+    "scalar": (),
+    # vector mode with class-balanced weights, an l2 regularizer, dropout (torch's RNG state
+    # must survive the kill) and curvature measurements (so must their probe generator's)
+    "vector": (
+        "loss.mode=vector",
+        "model.dropout=0.2",
+        "weighting=class_balanced",
+        "regularizer=[l2]",
+        "instrument.curvature.every_n_steps=40",
+        "instrument.curvature.power_iters=5",
+        "instrument.curvature.trace_probes=2",
+    ),  # fmt: skip
+}
+STEPS_PER_EPOCH = 180
+
+
+class _StartedMarker(Callback):
+    """Touches a file once the run has taken ``after`` optimizer steps."""
+
+    def __init__(self, path: Path, after: int):
+        self.path, self.after = path, after
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if trainer.global_step == self.after:
+            self.path.touch()
+
+
+def _child(overrides: tuple[str, ...], run_dir: str, marker: str | None) -> None:
+    torch.set_num_threads(1)
+    from trainer.run import run
+
+    callbacks = [_StartedMarker(Path(marker), 5)] if marker else []
+    run(make_cfg(*overrides), run_dir, callbacks=callbacks)
+
+
+def start(overrides, run_dir: Path, marker: Path | None = None):
+    p = FORK.Process(target=_child, args=(tuple(overrides), str(run_dir), marker and str(marker)))
+    p.start()
+    return p
+
+
+def finish(p, timeout: float = 120) -> int:
+    p.join(timeout)
+    if p.exitcode is None:
+        p.kill()
+        pytest.fail("the run did not finish")
+    return p.exitcode
+
+
+def steps_on_disk(ckpt_dir: Path) -> list[int]:
+    return sorted(int(p.stem[5:]) for p in ckpt_dir.glob("step_*.pt"))
+
+
+def same_params(a: Path, b: Path) -> bool:
+    pa, pb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_killed_at_random_steps_and_resumed_ends_bitwise_equal(tmp_path, mode) -> None:
+    extra = (*COMMON, *MODES[mode])
+    ref = tmp_path / "ref"
+    assert finish(start([*extra, "trainer.run_id=ref", f"trainer.checkpoint.search_dir={ref}"],
+                        ref)) == 0  # fmt: skip
+    runs = tmp_path / "runs"
+    resumable = [*extra, "trainer.run_id=k", "trainer.resume=auto",
+                 f"trainer.checkpoint.search_dir={runs}"]  # fmt: skip
+    home = runs / "start0"  # where the first start writes, and every resume continues
+    rng = random.Random(0)
+    killed_after = []
+    for attempt in range(3):  # three SIGKILLs, each a little after a fresh checkpoint
+        seen = steps_on_disk(home / "checkpoints")
+        p = start(resumable, runs / f"start{attempt}")
+        deadline = time.monotonic() + 60
+        while not [s for s in steps_on_disk(home / "checkpoints") if s > max(seen, default=0)]:
+            assert p.is_alive(), "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.02))
+        os.kill(p.pid, signal.SIGKILL)
+        assert finish(p) == -signal.SIGKILL
+        killed_after.append(max(steps_on_disk(home / "checkpoints")))
+    assert any(s % STEPS_PER_EPOCH for s in killed_after)  # mid-epoch
+    assert killed_after == sorted(set(killed_after))  # each resume got further
+    assert finish(start(resumable, runs / "final")) == 0
+    # the same parameters, bit for bit, as the run that was never interrupted
+    assert same_params(home / "checkpoints" / "last.pt", ref / "checkpoints" / "last.pt")
+    metrics = json.loads((home / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["step"] == 2 * STEPS_PER_EPOCH
+    assert metrics == {**json.loads((ref / "metrics.json").read_text()), "run_id": "k",
+                       "wall_s": metrics["wall_s"],
+                       "checkpoint": str(home / "checkpoints" / "last.pt")}  # fmt: skip
+    # TensorBoard: every step once (the killed starts' later events purged), the same values
+    got, want = read_scalars(home), read_scalars(ref)
+    assert got.keys() == want.keys()
+    for tag in want:
+        assert got[tag] == want[tag], tag
+    # the resumed starts' own dirs got no events or checkpoints of their own
+    for d in (runs / "start1", runs / "start2", runs / "final"):
+        assert not (d / "tb").exists() and not (d / "checkpoints").exists()
+
+
+def _reference(tmp_path: Path) -> Path:
+    ref = tmp_path / "ref"
+    assert finish(start([*COMMON, "trainer.run_id=ref", f"trainer.checkpoint.search_dir={ref}"],
+                        ref)) == 0  # fmt: skip
+    return ref
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1],
+                         ids=lambda s: s.name)  # fmt: skip
+def test_a_stop_signal_finishes_the_step_checkpoints_and_exits(tmp_path, sig) -> None:
+    run_dir, marker = tmp_path / "run", tmp_path / "started"
+    every = ["trainer.checkpoint.every_n_steps=0"]  # the only step checkpoint: the signal's
+    p = start([*COMMON, *every, "trainer.run_id=s", f"trainer.checkpoint.search_dir={tmp_path}"],
+              run_dir, marker)  # fmt: skip
+    while not marker.exists():
+        assert p.is_alive()
+        time.sleep(0.002)
+    os.kill(p.pid, sig)
+    assert finish(p) == 128 + sig  # 143 for SIGTERM, 130 SIGINT, 138 SIGUSR1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["signal"] == sig.name
+    step = metrics["step"]
+    assert 5 <= step < 2 * STEPS_PER_EPOCH
+    ckpt = load_checkpoint(metrics["checkpoint"])
+    assert ckpt["step"] == step and steps_on_disk(run_dir / "checkpoints") == [step]
+    assert not (run_dir / "checkpoints" / "last.pt").exists()  # the run is not finished
+    if sig == signal.SIGTERM:  # and it continues as if never stopped
+        resumed = [*COMMON, *every, "trainer.run_id=s", "trainer.resume=auto",
+                   f"trainer.checkpoint.search_dir={tmp_path}"]  # fmt: skip
+        assert finish(start(resumed, tmp_path / "again")) == 0
+        ref = _reference(tmp_path)
+        assert same_params(run_dir / "checkpoints" / "last.pt", ref / "checkpoints" / "last.pt")
+        assert read_scalars(run_dir) == read_scalars(ref)
+
+
+class _CtrlCTwice(Callback):
+    """Ctrl-C at step 5, and again while the checkpoint it triggers is being written."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if trainer.global_step == 5:
+            import trainer.checkpoint as ck
+
+            save = ck.save_checkpoint
+
+            def save_with_ctrl_c(path, state):
+                os.kill(os.getpid(), signal.SIGINT)  # delivered during the write
+                time.sleep(0.05)
+                return save(path, state)
+
+            ck.save_checkpoint = save_with_ctrl_c
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _child_ctrl_c(run_dir: str) -> None:
+    torch.set_num_threads(1)
+    from trainer.run import run
+
+    run(make_cfg(*COMMON, "trainer.checkpoint.every_n_steps=0"), run_dir, callbacks=[_CtrlCTwice()])
+
+
+def test_a_second_ctrl_c_during_the_save_does_not_corrupt_it(tmp_path) -> None:
+    p = FORK.Process(target=_child_ctrl_c, args=(str(tmp_path),))
+    p.start()
+    assert finish(p) == 128 + signal.SIGINT
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["step"] == 5
+    assert load_checkpoint(metrics["checkpoint"])["step"] == 5  # complete and loadable
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_sigterm_through_the_real_cli_exits_143_and_resumes(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "scripts" / "train.py"), "trainer.device=cpu",
+            *COMMON, "trainer.max_epochs=20", "trainer.run_id=cli",
+            f"trainer.checkpoint.search_dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(
+        [*args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not steps_on_disk(run_dir / "checkpoints"):  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out[-2000:]
+    assert "SIGTERM: finishing the current step" in out
+    stopped = json.loads((run_dir / "metrics.json").read_text())
+    assert stopped["status"] == "interrupted"
+    again = subprocess.run([*args, "trainer.max_epochs=20", "trainer.max_steps=" +
+                            str(stopped["step"] + 10), "trainer.resume=auto",
+                            f"hydra.run.dir={tmp_path / 'again'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"(step {stopped['step']}); it continues in" in again.stdout + again.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["step"] == stopped["step"] + 10
