@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import yaml
 from conftest import ROOT, read_scalars
 
@@ -52,19 +51,6 @@ def test_multirun_gives_each_job_its_own_dir_and_tensorboard_run(tmp_path) -> No
         assert json.loads((job / "metrics.json").read_text())["status"] == "completed"
         assert [s for s, _ in read_scalars(job)["train/loss"]] == [2, 4]
     assert len(seen) == 4
-
-
-@pytest.mark.parametrize(
-    ("override", "key"),
-    [("optimizer.lr=0", "optimizer.lr"), ("data.batch_sise=3", "data.batch_sise"),
-     ("optimizer.lr=abc", "optimizer.lr"), ("trainer.device=gpu", "trainer.device")],
-)  # fmt: skip
-def test_bad_override_exits_nonzero_naming_the_key(tmp_path, override: str, key: str) -> None:
-    proc = cli(override, f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode != 0
-    assert key in proc.stderr + proc.stdout
-    assert not (tmp_path / "run" / "checkpoints").exists()
-    assert not (tmp_path / "run" / "tb").exists()
 
 
 def test_missing_torchvision_files_say_where_to_put_them(tmp_path) -> None:

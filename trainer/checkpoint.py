@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -55,12 +56,30 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; errors name the file and the cause."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a folder; give a checkpoint file (.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's text advises weights_only=False, never an option here: keep only its cause
+        skip = ("Weights only load failed", "Check the documentation", "Please file an issue")
+        lines = [ln.strip() for ln in str(e).splitlines()]
+        lines = [ln.split("WeightsUnpickler error:", 1)[-1].strip() for ln in lines]
+        cause = " ".join(ln for ln in lines if ln and not ln.startswith(skip)) or "no reason given"
+        raise ValueError(
+            f"checkpoint {path} was refused by torch.load(weights_only=True): it is corrupt or "
+            f"holds more than tensors and plain containers: {cause}"
+        ) from e
     except Exception as e:
-        raise ValueError(f"checkpoint {path} could not be loaded safely: {e}") from e
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"checkpoint {path} is not a readable PyTorch checkpoint (corrupt or truncated?): "
+            f"{cause}"
+        ) from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state
@@ -138,14 +157,27 @@ def _step_of(path: Path) -> int | None:
     return None
 
 
-def prune(directory: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` step checkpoints; returns the deleted ones."""
+def prune(directory: Path, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` step checkpoints, never ``keep`` (the one
+    just written); returns the deleted ones."""
     steps = sorted((s, p) for p in directory.glob("step_*.pt") if (s := _step_of(p)) is not None)
-    doomed = [p for _, p in steps[: max(len(steps) - keep_last, 0)]]
+    doomed = [p for _, p in steps[: max(len(steps) - keep_last, 0)] if p != keep]
     for p in doomed:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     return doomed
+
+
+def set_aside_later(directory: Path, step: int) -> list[Path]:
+    """Move the step checkpoints after ``step`` into ``directory/abandoned/``: a run resumed
+    from ``step`` replaces that stretch (as TensorBoard's purge_step replaces its events), and
+    they must neither be resumed from nor outrank the new ones when old ones are pruned."""
+    later = [p for p in directory.glob("step_*.pt") if (_step_of(p) or 0) > step]
+    if later:
+        (directory / "abandoned").mkdir(exist_ok=True)
+    for p in later:
+        os.replace(p, directory / "abandoned" / p.name)
+    return later
 
 
 def write_run_marker(directory: Path, run_id: str, run_dir: Path) -> None:
@@ -240,7 +272,7 @@ class CheckpointWriter:
         finally:
             self.saving = False
         self.last = path
-        prune(self.directory, self.keep_last)
+        prune(self.directory, self.keep_last, keep=path)
         return path
 
     def periodic(self, trainer: Any) -> Path | None:

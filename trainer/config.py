@@ -103,9 +103,9 @@ class DigitsConfig(DataConfig):
             f"got {self.val_fraction}, must be in (0, 1)",
         )
         _check(
-            self.imbalance_ratio >= 1.0,
+            1.0 <= self.imbalance_ratio < math.inf,
             "data.imbalance_ratio",
-            f"got {self.imbalance_ratio}, must be >= 1 (1: balanced)",
+            f"got {self.imbalance_ratio}, must be finite and >= 1 (1: balanced)",
         )
 
 
@@ -159,7 +159,9 @@ class SyntheticConfig(DataConfig):
             "data.shape",
             f"got {list(self.shape)}, must be a non-empty list of positive sizes",
         )
-        _check(self.noise >= 0, "data.noise", f"got {self.noise}, must be >= 0")
+        _check(
+            0 <= self.noise < math.inf, "data.noise", f"got {self.noise}, must be finite and >= 0"
+        )
 
 
 # ----------------------------------------------------------------------------- model
@@ -220,11 +222,11 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optimizer.lr", f"got {self.lr}, must be > 0")
+        _check(0 < self.lr < math.inf, "optimizer.lr", f"got {self.lr}, must be finite and > 0")
         _check(
-            self.weight_decay >= 0,
+            0 <= self.weight_decay < math.inf,
             "optimizer.weight_decay",
-            f"got {self.weight_decay}, must be >= 0",
+            f"got {self.weight_decay}, must be finite and >= 0",
         )
 
 
@@ -262,7 +264,7 @@ class AdamWConfig(OptimizerConfig):
             "optimizer.betas",
             f"got {list(self.betas)}, must be two numbers in [0, 1)",
         )
-        _check(self.eps > 0, "optimizer.eps", f"got {self.eps}, must be > 0")
+        _check(0 < self.eps < math.inf, "optimizer.eps", f"got {self.eps}, must be finite and > 0")
 
 
 # ----------------------------------------------------------------------------- scheduler
@@ -284,7 +286,11 @@ class CosineConfig(SchedulerConfig):
     eta_min: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.eta_min >= 0, "scheduler.eta_min", f"got {self.eta_min}, must be >= 0")
+        _check(
+            0 <= self.eta_min < math.inf,
+            "scheduler.eta_min",
+            f"got {self.eta_min}, must be finite and >= 0",
+        )
 
 
 @dataclass
@@ -357,6 +363,11 @@ class PerClassWeightingConfig(WeightingConfig):
                 f"got {w}, every class weight must be finite and >= 0",
             )
         _check(len(self.weights) >= 1, "weighting.weights", "give one weight per class")
+        _check(
+            sum(self.weights) > 0,
+            "weighting.weights",
+            "every class weight is 0: no sample would contribute to any gradient",
+        )
 
 
 @dataclass
@@ -696,7 +707,7 @@ class TrainConfig:
     GROUPS: ClassVar[tuple[str, ...]] = ("data", "model", "optimizer", "scheduler", "weighting")
 
     def __post_init__(self) -> None:
-        _check(self.seed >= 0, "seed", f"got {self.seed}, must be >= 0")
+        _check(0 <= self.seed < 2**32, "seed", f"got {self.seed}, must be in [0, 2**32)")
         weighting = self.weighting
         if self.loss.mode == "scalar" and isinstance(weighting, WeightingConfig):
             uniform_mean = type(weighting) is UniformWeightingConfig and (

@@ -33,6 +33,7 @@ from trainer.checkpoint import (
     CheckpointWriter,
     derive_run_id,
     select_resume,
+    set_aside_later,
     set_rng_state,
     step_path,
     write_json,
@@ -168,6 +169,25 @@ def stop_on_signals(trainer: Trainer, writer: CheckpointWriter) -> Iterator[None
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+def refuse_repeated_choices() -> None:
+    """A list group given an option twice (``regularizer=[l2,l2]``) composes to one entry,
+    silently: refuse it from the command line's own overrides (when Hydra runs the job)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return
+    for o in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        value = o.value()
+        if o.key_or_group == "regularizer" and isinstance(value, list):
+            repeated = sorted({str(v) for v in value if value.count(v) > 1})
+            if repeated:
+                raise ConfigError(
+                    f"regularizer: {', '.join(repeated)} listed more than once in {o.input_line}; "
+                    "give each once and set its coef (e.g. regularizer.l2.coef=...)"
+                )
+
+
 def run(
     cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = ()
 ) -> dict[str, Any]:
@@ -191,6 +211,7 @@ def run(
     check_writable(run_dir)
     trainer: Trainer | None = None
     try:
+        refuse_repeated_choices()
         typed = validate(cfg)  # every config error surfaces here, before anything is built
         tc = typed.trainer
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -207,30 +228,39 @@ def run(
                     "resume=auto: no usable checkpoint of run %s under %s; starting from scratch",
                     run_id, tc.checkpoint.search_dir,
                 )  # fmt: skip
-            else:
-                assert resume_path is not None
-                if resume_path.parent.name == "checkpoints":  # continue in the run's own dir
-                    run_dir = resume_path.parent.parent
-                log.info(
-                    "resuming run %s from %s (step %d); it continues in %s",
-                    resume_state["run_id"], resume_path, resume_state["step"], _display(run_dir),
-                )  # fmt: skip
-        purge_step = int(resume_state["step"]) + 1 if resume_state is not None else None
-        trainer = build_trainer(cfg, run_dir, callbacks, purge_step=purge_step)
-        directory = run_dir / "checkpoints"
-        writer = CheckpointWriter(trainer, directory, run_id, config, tc.checkpoint.keep_last)  # type: ignore[arg-type]
-        trainer.checkpoint_every, trainer.checkpoint_fn = (
-            tc.checkpoint.every_n_steps,
-            writer.periodic,
-        )
+        # built without a logger: a checkpoint that does not fit must not touch the run it
+        # came from (its metrics.json, its events)
+        trainer = build_trainer(cfg, run_dir, callbacks, with_logger=False)
+        purge_step = None
         if resume_state is not None:
+            assert resume_path is not None
             try:
                 trainer.load_state_dict(resume_state)
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"checkpoint {resume_path} does not fit this run: {e}") from e
             set_rng_state(resume_state["rng"])
+            if resume_path.parent.name == "checkpoints":  # continue in the run's own dir
+                run_dir = resume_path.parent.parent
+                set_aside_later(resume_path.parent, int(resume_state["step"]))
+            purge_step = int(resume_state["step"]) + 1  # its later events are replaced
+            log.info(
+                "resuming run %s from %s (step %d); it continues in %s",
+                resume_state["run_id"], resume_path, resume_state["step"], _display(run_dir),
+            )  # fmt: skip
+        trainer.logger = TensorBoardLogger(run_dir / "tb", purge_step=purge_step)
+        directory = run_dir / "checkpoints"
+        writer = CheckpointWriter(
+            trainer,
+            directory,
+            run_id,
+            config,
+            tc.checkpoint.keep_last,  # type: ignore[arg-type]
+        )
+        trainer.checkpoint_every = tc.checkpoint.every_n_steps
+        trainer.checkpoint_fn = writer.periodic
+        if resume_state is not None:
             writer.last = resume_path
-        elif trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
+        else:  # HPARAMS: this run's values, before it can fail
             for summary in start_summaries(hydra_hparams(cfg)):
                 trainer.logger.add_summary(summary, 0)
         write_run_marker(directory, run_id, run_dir)
@@ -318,8 +348,10 @@ def build_trainer(
     run_dir: Path,
     callbacks: Sequence[Callback] = (),
     purge_step: int | None = None,
+    with_logger: bool = True,
 ) -> Trainer:
-    """Validate ``cfg`` and build data, model, optimizer, scheduler, logger and Trainer."""
+    """Validate ``cfg`` and build data, model, optimizer, scheduler, logger (unless
+    ``with_logger`` is false: ``trainer.logger`` is then None until set) and Trainer."""
     typed = validate(cfg)  # every config error surfaces here, before anything is built
     device = resolve_device(typed.trainer.device)
     seed_everything(typed.seed, typed.trainer.deterministic)
@@ -369,7 +401,7 @@ def build_trainer(
         max_epochs=tc.max_epochs,
         max_steps=tc.max_steps,
         log_every_n_steps=typed.logging.every_n_steps,
-        logger=TensorBoardLogger(run_dir / "tb", purge_step=purge_step),
+        logger=TensorBoardLogger(run_dir / "tb", purge_step=purge_step) if with_logger else None,
         progress=typed.logging.progress,
         progress_every_n_steps=typed.logging.progress_every_n_steps,
         detect_anomaly=tc.detect_anomaly,

@@ -213,6 +213,11 @@ class PerSampleWeighting(Weighting):
         problem = _describe_bad(values, f"weights in {self.path}")
         if problem:
             raise WeightFileError(f"weighting.path: {problem}")
+        if not values.any():
+            raise WeightFileError(
+                f"weighting.path: every weight in {self.path} is 0: no sample would contribute "
+                "to any gradient"
+            )
         self.table = values.float().to(device)
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:

@@ -1,0 +1,464 @@
+"""Checkpoint safety: bad files given to ``trainer.resume`` are refused before training (and a
+pickle that would run code never runs), ``resume=auto`` falls back past broken checkpoints,
+``keep_last`` prunes, writes stay atomic under a full disk or a crash, and the run-dir and
+free-space checks stop a run before its first step."""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import errno
+import importlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, read_scalars, train
+
+import trainer.checkpoint as checkpoint_module
+from trainer.checkpoint import load_checkpoint, step_path
+
+# `trainer.run` the attribute is the function (trainer/__init__.py re-exports it); the module:
+run_module = importlib.import_module("trainer.run")
+
+#: what ``shutil.disk_usage`` returns
+DiskUsage = collections.namedtuple("DiskUsage", "total used free")
+
+# checkpoints every 2 steps, train/loss every step: one step of training would leave a trace
+FAST = ("trainer.checkpoint.every_n_steps=2", "logging.every_n_steps=1")
+
+
+REFUSED = "refused by torch.load(weights_only=True)"  # the start of the error
+
+
+def cli(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "trainer.device=cpu", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def step_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("step_*.pt"))
+
+
+def assert_nothing_trained(root: Path) -> None:
+    """No step checkpoint and no train/loss event anywhere under ``root``."""
+    assert not list(root.rglob("step_*.pt"))
+    assert not list(root.rglob("last.pt"))
+    for tb in root.rglob("tb"):
+        assert "train/loss" not in read_scalars(tb.parent)
+
+
+def assert_no_temp_files(directory: Path) -> None:
+    """None of what writes leave while in flight (``.<name>.*.tmp``, ``.last.pt.link``)."""
+    assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == []
+
+
+# ----------------------------------------------------------------------------- payloads
+
+
+class _RunsShell:
+    """Unpickling calls ``os.system`` (what a malicious checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _RunsPython:
+    """Unpickling calls ``exec`` on a line that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+class _OddDict(collections.OrderedDict):
+    """Looks like a state dict, but is a class ``weights_only`` does not know."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory) -> Path:
+    """A finished 4-step run of the default config (mlp): checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("mlp") / "run"
+    train(run_dir, *FAST, "trainer.max_steps=4")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cnn") / "run"
+    train(run_dir, *FAST, "model=cnn", "trainer.max_steps=2")
+    return run_dir
+
+
+def write_bad(kind: str, path: Path, mlp_run: Path, cnn_run: Path, marker: Path) -> None:
+    real = mlp_run / "checkpoints" / "step_000000002.pt"
+    state = load_checkpoint(real)
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        data = real.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "runs_shell_torch_save":
+        torch.save({**state, "model": _RunsShell(marker)}, path)
+    elif kind == "runs_python_pickle_dump":
+        with open(path, "wb") as f:  # protocol 2: a GLOBAL opcode torch's legacy reader parses
+            pickle.dump({**state, "model": _RunsPython(marker)}, f, protocol=2)
+    elif kind == "wrong_shape":
+        name = next(iter(state["model"]))
+        state["model"] = {**state["model"], name: torch.zeros(3, 3)}
+        torch.save(state, path)
+    elif kind in ("no_optimizer", "no_rng"):
+        del state[kind.removeprefix("no_")]
+        torch.save(state, path)
+    elif kind == "other_model":
+        shutil.copy(cnn_run / "checkpoints" / "last.pt", path)
+    elif kind == "plain_tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind != "missing":
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "causes"),
+    [
+        ("empty", ["empty (0 bytes)"]),
+        ("missing", ["does not exist"]),
+        ("truncated", ["not a readable PyTorch checkpoint", "central directory"]),
+        ("random_bytes", [REFUSED, "Unsupported operand"]),
+        ("runs_shell_torch_save", [REFUSED, "GLOBAL", ".system"]),
+        ("runs_python_pickle_dump", [REFUSED, "GLOBAL exec"]),
+        ("wrong_shape", ["does not fit this run", "size mismatch for net.1.weight"]),
+        ("no_optimizer", ["not a training checkpoint", "lacks optimizer"]),
+        ("no_rng", ["not a training checkpoint", "lacks rng"]),
+        ("other_model", ["does not fit this run", "Missing key(s)"]),
+        ("plain_tensor", ["holds a Tensor, not a dict"]),
+    ],
+)  # fmt: skip
+def test_a_bad_resume_file_is_refused_naming_it_and_the_cause_before_training(
+    tmp_path, mlp_run, cnn_run, kind: str, causes: list[str]
+) -> None:
+    bad, marker = tmp_path / "bad" / "ckpt.pt", tmp_path / "pwned"
+    bad.parent.mkdir()
+    write_bad(kind, bad, mlp_run, cnn_run, marker)
+    run_dir = tmp_path / "run"
+    with pytest.raises((ValueError, OSError)) as info:
+        train(run_dir, *FAST, f"trainer.resume={bad}", "trainer.max_steps=6")
+    message = str(info.value)
+    assert str(bad) in message
+    cause = message.replace(str(bad), "<path>")  # the file's name must not pass for the cause
+    for expected in causes:
+        assert expected in cause
+    assert not marker.exists()  # weights_only=True refused the pickle: nothing ran
+    assert_nothing_trained(tmp_path)
+    assert step_files(mlp_run / "checkpoints") == ["step_000000002.pt", "step_000000004.pt"]
+    failed = json.loads((run_dir / "metrics.json").read_text())
+    assert failed["status"] == "failed" and str(bad) in failed["error"]
+
+
+def test_the_code_running_payloads_do_run_code_when_unpickled_unsafely(tmp_path) -> None:
+    """The control for the security cases above: these files are real exploits."""
+    shell, python = tmp_path / "shell", tmp_path / "python"
+    torch.save({"model": _RunsShell(shell)}, tmp_path / "a.pt")
+    torch.load(tmp_path / "a.pt", weights_only=False)
+    assert shell.exists()
+    with open(tmp_path / "b.pt", "wb") as f:
+        pickle.dump({"model": _RunsPython(python)}, f, protocol=2)
+    with open(tmp_path / "b.pt", "rb") as f:
+        pickle.load(f)
+    assert python.exists()
+
+
+def test_cli_refuses_a_code_running_checkpoint_with_nonzero_exit_and_no_side_effect(
+    tmp_path,
+) -> None:
+    bad, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    torch.save({"model": _RunsShell(marker)}, bad)
+    proc = cli(f"trainer.resume={bad}", "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'run'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"checkpoint {bad} was {REFUSED}" in out and "GLOBAL" in out
+    assert not marker.exists()
+    assert_nothing_trained(tmp_path)
+
+
+def test_a_failed_resume_leaves_the_run_it_came_from_untouched(tmp_path) -> None:
+    """A checkpoint that does not fit (here: an mlp run resuming a cnn run's checkpoint, the
+    command a user gets wrong) is refused; the cnn run's record must survive that."""
+    cnn = tmp_path / "cnn"
+    train(cnn, *FAST, "model=cnn", "trainer.max_steps=4")
+    metrics = (cnn / "metrics.json").read_bytes()
+    tb_files = sorted(p.name for p in (cnn / "tb").iterdir())
+    with pytest.raises(ValueError, match="does not fit this run"):
+        train(tmp_path / "mlp", *FAST, f"trainer.resume={step_path(cnn / 'checkpoints', 2)}")
+    assert (cnn / "metrics.json").read_bytes() == metrics
+    assert sorted(p.name for p in (cnn / "tb").iterdir()) == tb_files
+    assert [s for s, _ in read_scalars(cnn)["train/loss"]] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- resume=auto
+
+
+def auto(search: Path, *overrides: str) -> tuple[str, ...]:
+    return (*FAST, "trainer.run_id=x", f"trainer.checkpoint.search_dir={search}", *overrides)
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # in place: last.pt, a hard link to it, breaks too
+
+
+def test_resume_auto_skips_a_truncated_newest_checkpoint_and_continues_from_the_next(
+    tmp_path, caplog
+) -> None:
+    search = tmp_path / "outputs"
+    first = search / "first"
+    train(first, *auto(search, "trainer.checkpoint.keep_last=3", "trainer.max_steps=6"))
+    ckpts = first / "checkpoints"
+    assert step_files(ckpts) == ["step_000000002.pt", "step_000000004.pt", "step_000000006.pt"]
+    truncate(step_path(ckpts, 6))
+
+    caplog.set_level(logging.INFO)
+    result = train(search / "second", *auto(search, "trainer.resume=auto", "trainer.max_steps=8"))
+    skipped = [r for r in caplog.records if r.getMessage().startswith("resume: skipped")]
+    assert len(skipped) == 1 and skipped[0].levelno == logging.WARNING
+    assert (
+        f"checkpoint {step_path(ckpts, 6)} is not a readable PyTorch checkpoint"
+        in skipped[0].getMessage()
+    )
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        m.startswith(f"resuming run x from {step_path(ckpts, 4)} (step 4)") for m in messages
+    )
+    assert result["status"] == "completed" and result["step"] == 8
+    # it continued in the first run's dir: steps 5 and 6 rewritten, the broken file replaced
+    assert json.loads((first / "metrics.json").read_text())["step"] == 8
+    assert step_files(ckpts) == ["step_000000004.pt", "step_000000006.pt", "step_000000008.pt"]
+    assert load_checkpoint(step_path(ckpts, 6))["step"] == 6
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 8
+    assert [s for s, _ in read_scalars(first)["train/loss"]] == list(range(1, 9))
+
+
+def test_resume_auto_with_every_checkpoint_corrupt_starts_from_scratch_and_says_so(
+    tmp_path, caplog
+) -> None:
+    search = tmp_path / "outputs"
+    first = search / "first"
+    train(first, *auto(search, "trainer.max_steps=4"))
+    ckpts = first / "checkpoints"
+    truncate(step_path(ckpts, 4))
+    step_path(ckpts, 2).write_bytes(b"\0" * 100)
+
+    caplog.set_level(logging.INFO)
+    second = search / "second"
+    result = train(second, *auto(search, "trainer.resume=auto", "trainer.max_steps=2"))
+    skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for step in (4, 2):  # newest first
+        assert any(str(step_path(ckpts, step)) in m for m in skipped), skipped
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(m.startswith("resuming run") for m in messages)
+    assert any(
+        "no usable checkpoint of run x" in m and "starting from scratch" in m for m in messages
+    )
+    assert result["step"] == 2 and json.loads((second / "metrics.json").read_text())["step"] == 2
+    assert [s for s, _ in read_scalars(second)["train/loss"]] == [1, 2]
+
+
+def test_resume_auto_without_checkpoints_starts_from_scratch(tmp_path, caplog) -> None:
+    search = tmp_path / "outputs"
+    search.mkdir()
+    caplog.set_level(logging.INFO)
+    result = train(search / "run", *auto(search, "trainer.resume=auto", "trainer.max_steps=2"))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        "no usable checkpoint of run x" in m and "starting from scratch" in m for m in messages
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert result["status"] == "completed" and result["step"] == 2
+
+
+def test_resume_auto_past_a_corrupt_newer_checkpoint_keeps_the_new_ones(tmp_path) -> None:
+    search = tmp_path / "outputs"
+    first = search / "first"
+    train(first, *auto(search, "trainer.checkpoint.keep_last=2", "trainer.max_steps=6"))
+    ckpts = first / "checkpoints"
+    truncate(step_path(ckpts, 6))
+    overrides = ("trainer.checkpoint.keep_last=1", "trainer.resume=auto", "trainer.max_steps=5")
+    result = train(search / "second", *auto(search, *overrides))
+    assert result["step"] == 5
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 5
+    assert step_files(ckpts) == ["step_000000005.pt"]
+
+
+# ----------------------------------------------------------------------------- keep_last
+
+
+def test_keep_last_leaves_the_newest_step_files_and_last_pt_of_the_final_step(tmp_path) -> None:
+    train(tmp_path, *FAST, "trainer.checkpoint.keep_last=2", "trainer.max_steps=10")
+    ckpts = tmp_path / "checkpoints"  # exactly these: no temp file either
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.pt", "run.json", "step_000000008.pt", "step_000000010.pt",
+    ]  # fmt: skip
+    last = load_checkpoint(ckpts / "last.pt")
+    assert last["step"] == 10
+    assert torch.equal(
+        last["model"]["net.1.weight"],
+        load_checkpoint(step_path(ckpts, 10))["model"]["net.1.weight"],
+    )
+    assert load_checkpoint(step_path(ckpts, 8))["step"] == 8
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def fail_nth_save(monkeypatch, n: int, error: BaseException) -> list[int]:
+    """``torch.save`` (as trainer.checkpoint calls it) writes some bytes, then raises ``error``
+    on its ``n``-th call; returns the steps it was called for."""
+    real, steps = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        steps.append(obj.get("step") if isinstance(obj, dict) else None)
+        if len(steps) == n:
+            f.write(b"PK\x03\x04" + b"\0" * 1000)  # the start of a zip, then the disk is full
+            raise error
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    return steps
+
+
+def test_disk_full_on_a_periodic_checkpoint_is_reported_and_training_goes_on(
+    tmp_path, monkeypatch
+) -> None:
+    steps = fail_nth_save(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device"))
+    result = train(tmp_path, *FAST, "trainer.checkpoint.keep_last=3", "trainer.max_steps=6")
+    assert steps == [2, 4, 6]
+    assert result["status"] == "completed" and result["step"] == 6
+    ckpts = tmp_path / "checkpoints"
+    assert step_files(ckpts) == ["step_000000002.pt", "step_000000006.pt"]  # no step 4
+    assert_no_temp_files(ckpts)
+    assert load_checkpoint(step_path(ckpts, 2))["step"] == 2
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 6
+    failures = json.loads((tmp_path / "metrics.json").read_text())["checkpoint_failures"]
+    assert failures == result["checkpoint_failures"] and len(failures) == 1
+    assert failures[0].startswith("step 4: checkpoint not written")
+    assert "No space left on device" in failures[0] and str(step_path(ckpts, 2)) in failures[0]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("crash mid-write"), KeyboardInterrupt()])
+def test_a_crash_while_writing_the_final_checkpoint_leaves_the_previous_one_intact(
+    tmp_path, monkeypatch, error: BaseException
+) -> None:
+    steps = fail_nth_save(monkeypatch, 3, error)
+    with pytest.raises(type(error)):
+        train(tmp_path, *FAST, "trainer.max_steps=5")
+    assert steps == [2, 4, 5]
+    ckpts = tmp_path / "checkpoints"
+    # no step 5, no last.pt, no temp file
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "run.json", "step_000000002.pt", "step_000000004.pt",
+    ]  # fmt: skip
+    assert load_checkpoint(step_path(ckpts, 4))["step"] == 4
+    failed = json.loads((tmp_path / "metrics.json").read_text())
+    assert failed["status"] == ("failed" if isinstance(error, Exception) else "interrupted")
+    assert failed["step"] == 5
+
+
+# ----------------------------------------------------------------------------- before step 1
+
+
+def test_a_run_dir_under_a_regular_file_is_refused_naming_it(tmp_path) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    run_dir = tmp_path / "afile" / "run"
+    with pytest.raises(OSError) as info:
+        train(run_dir, *FAST, "trainer.max_steps=2")
+    assert f"the run dir {run_dir} cannot be written" in str(info.value)
+    assert info.value.errno == errno.ENOTDIR
+    assert_nothing_trained(tmp_path)
+
+
+def test_cli_exits_nonzero_naming_a_run_dir_that_cannot_be_created(tmp_path) -> None:
+    (tmp_path / "afile").write_text("not a directory")
+    run_dir = tmp_path / "afile" / "run"
+    proc = cli("trainer.max_steps=2", f"hydra.run.dir={run_dir}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert str(run_dir) in out and "Not a directory" in out
+    assert_nothing_trained(tmp_path)
+
+
+def test_too_little_free_space_stops_the_run_before_the_first_step(tmp_path, monkeypatch) -> None:
+    seen = []
+
+    def disk_usage(path):
+        seen.append(Path(path))
+        return DiskUsage(total=2**30, used=2**30 - 4096, free=4096)
+
+    monkeypatch.setattr(run_module.shutil, "disk_usage", disk_usage)
+    with pytest.raises(OSError) as info:
+        train(tmp_path, *FAST, "trainer.max_steps=4")
+    ckpts = tmp_path / "checkpoints"
+    assert seen == [ckpts]
+    assert info.value.errno == errno.ENOSPC
+    assert f"{ckpts} has 0.0 MiB free" in str(info.value)
+    assert_nothing_trained(tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 0
+
+
+def test_room_for_fewer_than_keep_last_checkpoints_warns_and_trains(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    free = 3 * 2**20  # one checkpoint of the mlp (about 1.6 MiB with slack) fits, 4 do not
+    usage = DiskUsage(total=2**30, used=2**30 - free, free=free)
+    monkeypatch.setattr(run_module.shutil, "disk_usage", lambda path: usage)
+    caplog.set_level(logging.WARNING)
+    result = train(tmp_path, *FAST, "trainer.max_steps=2")
+    assert result["status"] == "completed"
+    assert any(
+        "3.0 MiB free" in r.getMessage() and "keep_last + 1 = 4" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+# ----------------------------------------------------------------------------- safe loads
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [(_OddDict(w=torch.zeros(2)), "_OddDict"), ({"model": np.arange(3)}, "numpy")],
+    ids=["ordered_dict_subclass", "numpy_array"],
+)
+def test_load_checkpoint_refuses_what_weights_only_does_not_allow(
+    tmp_path, payload, named: str
+) -> None:
+    path = tmp_path / "ckpt.pt"
+    torch.save(payload, path)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"checkpoint {path} was {REFUSED}")
+    assert named in str(info.value)
+
+
+def test_load_checkpoint_takes_a_plain_ordered_dict_of_tensors(tmp_path) -> None:
+    """The contrast: a state dict is an OrderedDict, which weights_only allows."""
+    torch.save(collections.OrderedDict(w=torch.ones(2)), tmp_path / "ok.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "ok.pt")["w"], torch.ones(2))
