@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_nor
 
 from trainer.backward import backward_scalar, backward_vector
 from trainer.data.base import Batch, Loader, batch_count
+from trainer.distributed import SINGLE, World, all_reduce_sum
 from trainer.logger import Progress, Scalars, TensorBoardLogger, to_floats
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
@@ -158,10 +160,17 @@ class Trainer:
         detect_anomaly: bool = False,
         checkpoint_every_n_steps: int = 0,
         checkpoint_fn: Callable[[Trainer], Any] | None = None,
+        world: World = SINGLE,
+        forward_model: nn.Module | None = None,
         callbacks: Sequence[Callback] = (),
         regularizers: Sequence[Regularizer | InputGradPenalty] = (),
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        #: data-parallel: this process's rank and the world size; ``forward_model`` is the
+        #: DistributedDataParallel wrapper the training forward goes through (``model`` stays
+        #: the plain module: names, state dicts, evaluation)
+        self.world = world
+        self.forward_model = forward_model if forward_model is not None else model
         #: parameter regularizers, added once per optimizer step
         self.regularizers = [r for r in regularizers if isinstance(r, Regularizer)]
         self._reg_values: list[Tensor] = []  # the last optimizer step's λR, detached
@@ -339,6 +348,18 @@ class Trainer:
             self.batch_in_epoch = 0
         self._checkpoint_if_due()
 
+    def _stop_agreed(self) -> bool:
+        """Whether to stop here; data-parallel, every rank stops at the same step if any got
+        a signal (one small all-reduce per step, a host read: DDP runs only)."""
+        if not self.world.distributed:
+            return self.stop_signal is not None
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        if all_reduce_sum(flag).item() > 0:  # host sync: data-parallel runs, every step
+            if self.stop_signal is None:
+                self.stop_signal = signal.SIGTERM  # another rank was asked to stop
+            return True
+        return False
+
     def _checkpoint_if_due(self) -> None:
         every = self.checkpoint_every
         if (
@@ -368,7 +389,7 @@ class Trainer:
         start = self.batch_in_epoch  # > 0 only in a run resumed mid-epoch
         loader.set_epoch(self.epoch, start)
         windows = window_sizes(
-            loader.num_samples, loader.batch_size, loader.drop_last, self.accumulate
+            loader.num_samples, loader.global_batch_size, loader.drop_last, self.accumulate
         )
         if start == 0:
             self._pending_epoch.clear()
@@ -383,7 +404,7 @@ class Trainer:
             if self._done():
                 break
             if step_now and i != last:  # an epoch's last step: after its validation
-                if self.stop_signal is not None:
+                if self._stop_agreed():
                     break
                 self._checkpoint_if_due()
 
@@ -395,9 +416,14 @@ class Trainer:
         if self.input_penalty is not None:
             x = self.input_penalty.prepare(x)  # a leaf to differentiate the loss with respect to
         with self._autocast():
-            logits = self.model(x)  # (B, K)
+            logits = self.forward_model(x)  # (B, K)
             losses = self.criterion(logits, y)  # (B,)
         share = y.shape[0] / window_samples  # 1.0 without accumulation
+        # data-parallel: DDP averages the ranks' gradients, so each backpropagates world size x
+        # its part of the global objective; the share is the global batch's
+        ddp = self.world.size if self.world.distributed else 0
+        if ddp:
+            share = self.train_loader.current_global_size / window_samples
         weights = None
         reg = self._regularization() if step_now and self.regularizers else None  # once a step
         if self.input_penalty is not None:  # every micro-batch, by its share of the window
@@ -406,12 +432,18 @@ class Trainer:
         # with the penalty, x requires grad: accumulate into the parameters only, not into x
         inputs = self.params if self.input_penalty is not None else None
         if self.weighting is None:
-            loss = losses.mean()
-            backward_scalar(loss if share == 1.0 else loss * share, self.scaler, reg, inputs)
+            if ddp:  # Σ_local ℓ · W / n_window (also right for an empty or ragged part)
+                loss = losses.sum() * (ddp / window_samples)
+            else:
+                loss = losses.mean()
+                loss = loss if share == 1.0 else loss * share
+            backward_scalar(loss, self.scaler, reg, inputs)
         else:
             weights = self.weighting(losses, logits, y, index)
             if share != 1.0 and self.weighting.normalize == "mean":
                 weights = weights * share  # sum/none: each micro-batch's weights as given
+            if ddp:
+                weights = weights * ddp
             backward_vector(losses, weights, self.scaler, reg, inputs)
         losses = losses.detach()
         self._pending_log.append(losses)
@@ -528,8 +560,13 @@ class Trainer:
         self._pending_log.clear()
         self._fold_epoch_losses()
         samples = interval.numel()
+        train_loss = interval.mean()
+        if self.world.distributed:  # the mean over every rank's samples
+            count = torch.full((), float(samples), device=interval.device)
+            total, n = all_reduce_sum(torch.stack([interval.sum(), count]))
+            train_loss, samples = total / n, samples * self.world.size
         values: dict[str | tuple[str, ...], Tensor | float] = {
-            "train/loss": interval.mean(),
+            "train/loss": train_loss,
             "lr": lr,
         }
         if out.grad_norm is not None:
@@ -637,11 +674,13 @@ class Trainer:
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(dim=1) == y).sum()
             n += y.shape[0]
-        val_loss, val_correct, train_sum = torch.stack(
-            [loss_sum, correct, self._epoch_loss_sum]
-        ).tolist()  # host sync: once per validation
+        counts = torch.tensor([float(n), float(self._epoch_samples)], device=self.device)
+        sums = torch.cat([torch.stack([loss_sum, correct, self._epoch_loss_sum]), counts])
+        val_loss, val_correct, train_sum, n, train_n = all_reduce_sum(
+            sums
+        ).tolist()  # host sync: once per validation (data-parallel: summed over the ranks)
         return {
-            "train/loss": train_sum / max(self._epoch_samples, 1),
+            "train/loss": train_sum / max(train_n, 1),
             "val/loss": val_loss / max(n, 1),
             "val/acc": val_correct / max(n, 1),
         }

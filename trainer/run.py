@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from trainer import distributed
 from trainer.checkpoint import (
     CheckpointWriter,
     derive_run_id,
@@ -169,6 +170,27 @@ def stop_on_signals(trainer: Trainer, writer: CheckpointWriter) -> Iterator[None
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+def refuse_under_ddp(typed: Any, cfg: DictConfig) -> None:
+    """What data-parallel runs do not support yet: an error naming it, before anything runs."""
+    problems = []
+    if typed.loss.mode == "vector" and str(cfg.weighting.get("_target_", "")).endswith(
+        "HardTopKWeighting"
+    ):
+        problems.append("weighting=hard_topk (its top-k must be taken over the global batch)")
+    if "input_grad_penalty" in cfg.get("regularizer", {}):
+        problems.append("regularizer=[input_grad_penalty]")
+    if typed.instrument.per_sample.every_n_steps:
+        problems.append("instrument.per_sample (per-sample norms gathered from the ranks)")
+    if typed.instrument.curvature.every_n_steps:
+        problems.append("instrument.curvature (Hessian-vector products reduced over the ranks)")
+    if problems:
+        raise ConfigError(
+            "data-parallel (torchrun) runs do not support yet: "
+            + "; ".join(problems)
+            + ". Run them in one process, or leave them out."
+        )
+
+
 def refuse_repeated_choices() -> None:
     """A list group given an option twice (``regularizer=[l2,l2]``) composes to one entry,
     silently: refuse it from the command line's own overrides (when Hydra runs the job)."""
@@ -209,6 +231,7 @@ def run(
         run_dir = HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
     check_writable(run_dir)
+    main = distributed.from_env().is_main
     trainer: Trainer | None = None
     try:
         refuse_repeated_choices()
@@ -247,7 +270,8 @@ def run(
                 "resuming run %s from %s (step %d); it continues in %s",
                 resume_state["run_id"], resume_path, resume_state["step"], _display(run_dir),
             )  # fmt: skip
-        trainer.logger = TensorBoardLogger(run_dir / "tb", purge_step=purge_step)
+        if main:  # data-parallel: rank 0 alone writes events, checkpoints and metrics.json
+            trainer.logger = TensorBoardLogger(run_dir / "tb", purge_step=purge_step)
         directory = run_dir / "checkpoints"
         writer = CheckpointWriter(
             trainer,
@@ -257,19 +281,20 @@ def run(
             tc.checkpoint.keep_last,  # type: ignore[arg-type]
         )
         trainer.checkpoint_every = tc.checkpoint.every_n_steps
-        trainer.checkpoint_fn = writer.periodic
+        trainer.checkpoint_fn = writer.periodic if main else None
         if resume_state is not None:
             writer.last = resume_path
-        else:  # HPARAMS: this run's values, before it can fail
+        elif trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
             for summary in start_summaries(hydra_hparams(cfg)):
                 trainer.logger.add_summary(summary, 0)
-        write_run_marker(directory, run_id, run_dir)
-        check_free_space(trainer, directory, tc.checkpoint.keep_last)
+        if main:
+            write_run_marker(directory, run_id, run_dir)
+            check_free_space(trainer, directory, tc.checkpoint.keep_last)
         completed = False
         try:
             with stop_on_signals(trainer, writer):
                 metrics = trainer.fit()
-                if trainer.stop_signal is not None:  # the handler stays on: a 2nd ^C waits
+                if trainer.stop_signal is not None and main:  # the handler stays on
                     stopped_at = writer.last
                     if trainer._checkpointed_step != trainer.global_step or stopped_at is None:
                         stopped_at = writer.write(step_path(directory, trainer.global_step))
@@ -279,6 +304,8 @@ def run(
                 if completed or trainer.stop_signal is None:  # an interrupted run goes on later
                     trainer.logger.add_summary(end_summary(completed), trainer.global_step)
                 trainer.logger.close()  # flushes the events, also when training failed
+        if trainer.stop_signal is not None and not main:
+            raise Interrupted(128 + trainer.stop_signal)
         if trainer.stop_signal is not None:
             name = signal.Signals(trainer.stop_signal).name
             write_json(run_dir / "metrics.json", {
@@ -291,7 +318,7 @@ def run(
                 name, trainer.global_step, _display(stopped_at),
             )  # fmt: skip
             raise Interrupted(128 + trainer.stop_signal)
-        last = writer.final()
+        last = writer.final() if main else None
     except Interrupted:
         raise
     except BaseException as e:
@@ -302,8 +329,9 @@ def run(
         }
         if trainer is not None:  # how far it got
             failed.update(step=trainer.global_step, epoch=trainer.epoch)
-        with contextlib.suppress(OSError):  # a full disk must not hide the first error
-            write_json(run_dir / "metrics.json", failed)
+        if main:
+            with contextlib.suppress(OSError):  # a full disk must not hide the first error
+                write_json(run_dir / "metrics.json", failed)
         raise
     result: dict[str, Any] = {
         "train/loss": metrics["train/loss"],
@@ -318,6 +346,8 @@ def run(
     }
     if writer.failures:
         result["checkpoint_failures"] = writer.failures
+    if not main:
+        return result
     write_json(run_dir / "metrics.json", result)
     shown = _display(run_dir)
     log.info(
@@ -353,11 +383,14 @@ def build_trainer(
     """Validate ``cfg`` and build data, model, optimizer, scheduler, logger (unless
     ``with_logger`` is false: ``trainer.logger`` is then None until set) and Trainer."""
     typed = validate(cfg)  # every config error surfaces here, before anything is built
-    device = resolve_device(typed.trainer.device)
+    world = distributed.from_env()
+    if world.distributed:
+        refuse_under_ddp(typed, cfg)
+    device = distributed.setup(world, resolve_device(typed.trainer.device))
     seed_everything(typed.seed, typed.trainer.deterministic)
 
     data: DataModule = instantiate(cfg.data)
-    data.setup(device, typed.seed)
+    data.setup(device, typed.seed, world)
     if len(data.train_loader) == 0:
         raise ConfigError(
             f"data.batch_size: {typed.data.batch_size} is larger than the training split "
@@ -379,10 +412,18 @@ def build_trainer(
         weighting = instantiate(cfg.weighting)
         weighting.setup(data, device)  # class counts, per-class lengths, per-sample files
         weighting.nll_losses = typed.loss.label_smoothing == 0  # losses are -log p_y exactly
+        weighting.world = world  # normalized over the global batch
     regularizers = [
         instantiate(node, name=name).bind(model)
         for name, node in cfg.get("regularizer", {}).items()
     ]
+    forward_model = None
+    if world.distributed:  # gradients all-reduced (averaged) during backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward_model = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     return Trainer(
         model,
         optimizer,
@@ -407,5 +448,7 @@ def build_trainer(
         detect_anomaly=tc.detect_anomaly,
         **_sweep_progress(),
         callbacks=[*build_callbacks(typed.instrument), *callbacks],
+        world=world,
+        forward_model=forward_model,
         regularizers=regularizers,
     )

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.distributed import SINGLE, World, all_reduce_sum
+
 if TYPE_CHECKING:
     from trainer.data.base import DataModule
 
@@ -70,6 +72,8 @@ class Weighting(abc.ABC):
     #: the losses are exactly -log p_{y_i} (cross-entropy without label smoothing), so a
     #: strategy may read the true class's probability off them; set by the trainer's builder
     nll_losses: bool = False
+    #: data-parallel: normalize over the global batch (all ranks' samples); set by the builder
+    world: World = SINGLE
 
     def __init__(self, normalize: str = "mean"):
         if normalize not in NORMALIZE:
@@ -95,6 +99,11 @@ class Weighting(abc.ABC):
         r = self.raw(losses.detach(), logits.detach(), targets, indices).to(losses.dtype)
         if self.normalize == "none":
             return r
+        if self.world.distributed:  # Σr and the sample count over every rank's part
+            count = torch.full((), float(r.numel()), dtype=r.dtype, device=r.device)
+            r_sum, n = all_reduce_sum(torch.stack([r.sum(), count]))
+            w = r / r_sum.clamp_min(torch.finfo(r.dtype).tiny)
+            return w * n if self.normalize == "sum" else w
         total = self.batch_total(r)
         if isinstance(total, Tensor):  # an all-zero batch gives w = 0 instead of 0/0
             total = total.clamp_min(torch.finfo(r.dtype).tiny)
@@ -109,6 +118,8 @@ class UniformWeighting(Weighting):
         return torch.ones_like(losses)
 
     def __call__(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        if self.world.distributed:  # 1 / the global batch's size, which needs the ranks' counts
+            return super().__call__(losses, logits, targets, indices)
         # one fill instead of ones / ones.sum(): the same values (tested), one kernel
         value = 1.0 / losses.numel() if self.normalize == "mean" else 1.0
         return torch.full_like(losses, value, requires_grad=False)

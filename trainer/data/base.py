@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from trainer.distributed import SINGLE, World, shard
+
 
 class Batch(NamedTuple):
     x: Tensor  # (B, *input_shape)
@@ -70,6 +72,7 @@ class InMemoryLoader:
         shuffle: bool,
         seed: int = 0,
         drop_last: bool = False,
+        world: World = SINGLE,
     ):
         self.x = split.x.to(device)
         self.y = split.y.to(device)
@@ -82,6 +85,12 @@ class InMemoryLoader:
         self.drop_last = drop_last
         self.epoch = 0
         self.start_batch = 0
+        #: data-parallel: each batch is this rank's slice of a global batch of
+        #: ``world.size × batch_size`` samples (see :func:`trainer.distributed.shard`)
+        self.world = world
+        self.global_batch_size = batch_size * world.size
+        #: samples in the global batch last yielded (all ranks' together)
+        self.current_global_size = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The next iteration is epoch ``epoch``'s order, from batch ``start_batch`` on (a run
@@ -89,16 +98,20 @@ class InMemoryLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return batch_count(self.num_samples, self.batch_size, self.drop_last)
+        return batch_count(self.num_samples, self.global_batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.shuffle:
             order = epoch_order(self.num_samples, self.seed, self.epoch).to(self.device)
         else:
             order = torch.arange(self.num_samples, device=self.device)
-        bs = self.batch_size
+        gbs = self.global_batch_size
         for i in range(self.start_batch, len(self)):
-            index = order[i * bs : (i + 1) * bs]
+            start, stop = i * gbs, min((i + 1) * gbs, self.num_samples)
+            self.current_global_size = stop - start
+            if self.world.distributed:  # may be empty on a rank for a ragged last batch
+                start, stop = shard(start, stop, self.world)
+            index = order[start:stop]
             x = self.x[index]
             if self.transform is not None:
                 x = self.transform(x)
@@ -167,6 +180,7 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.device = device
+        self.global_batch_size = batch_size  # one process (data-parallel: in-memory only)
         self.sampler = EpochSampler(self.num_samples, shuffle, seed)
         self.loader = DataLoader(
             IndexedDataset(dataset),
@@ -203,6 +217,7 @@ class DeviceLoader:
         # before the draw, so a resumed epoch draws the same seed
         self._epoch_generator_state = self.loader.generator.get_state()
         for x, y, index in self.loader:
+            self.current_global_size = len(y)
             yield Batch(
                 x.to(self.device, non_blocking=non_blocking),
                 y.to(self.device, non_blocking=non_blocking),
@@ -249,7 +264,10 @@ class DataModule(abc.ABC):
     def load(self) -> tuple[TensorSplit | Dataset, TensorSplit | Dataset]:
         """Return (train, val); sets ``input_shape`` and ``num_classes``."""
 
-    def setup(self, device: torch.device, seed: int) -> None:
+    def setup(self, device: torch.device, seed: int, world: World = SINGLE) -> None:
+        """Load the splits and build the loaders; data-parallel (``world``), each rank's
+        loaders yield its slices of the global batches."""
+        self.world = world
         train, val = self.load()
         if self.train_subset:
             train = self._subset(train, self.train_subset)
@@ -292,9 +310,16 @@ class DataModule(abc.ABC):
                 "data.loader=memory: this split is not held as tensors (augmented or too large); "
                 "use data.loader=auto or data.loader=dataloader"
             )
+        world = getattr(self, "world", SINGLE)
         if in_memory:
             assert isinstance(split, TensorSplit)
-            return InMemoryLoader(split, batch_size, device, shuffle, seed, drop_last)
+            return InMemoryLoader(split, batch_size, device, shuffle, seed, drop_last, world)
+        if world.distributed:
+            raise ValueError(
+                "data-parallel training reads in-memory data sets only so far (this split goes "
+                "through a DataLoader: augmented or over data.memory_limit_mb); use "
+                "data.loader=memory with augment off, or a single process"
+            )
         return DeviceLoader(
             split, batch_size, device, shuffle, seed, drop_last, self.num_workers, self.pin_memory
         )

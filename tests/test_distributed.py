@@ -1,0 +1,139 @@
+"""Data parallel on 2 CPU processes (gloo): exactly the gradients of one process on the global
+batch, rank 0 alone writing, and a dead rank ending the job.
+
+The ranks are children forked from the test process (its imports come along: no 4 s start-up
+per process), each on one thread (GNU OpenMP's pool does not survive a fork), joined into a gloo
+process group through the same environment variables torchrun sets. One test launches the real
+``torchrun``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo  # noqa: F401  (imported once here, not in every child)
+from conftest import ROOT, make_cfg, read_scalars
+
+from trainer.checkpoint import load_checkpoint
+
+FORK = mp.get_context("fork")
+B = 32  # per process; the single-process reference takes 2 * B
+COMMON = ("trainer.max_steps=20", "logging.every_n_steps=5", "logging.progress=false",
+          "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, overrides: tuple[str, ...], run_dir: str) -> None:
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    from trainer.run import run
+
+    run(make_cfg(*overrides), run_dir)
+
+
+def launch(world: int, overrides, run_dirs: list[Path]) -> list[int]:
+    port = free_port()
+    procs = [FORK.Process(target=_rank, args=(r, world, port, tuple(overrides), str(run_dirs[r])))
+             for r in range(world)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    return [p.exitcode for p in procs]
+
+
+CASES = {
+    "scalar": (),
+    "vector-class_balanced": ("loss.mode=vector", "weighting=class_balanced"),
+    "vector-focal": ("loss.mode=vector", "weighting=focal"),
+    "scalar-l2": ("regularizer=[l2]", "regularizer.l2.coef=0.01"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_of_b_train_like_one_of_2b(tmp_path, case) -> None:
+    extra = (*COMMON, *CASES[case])
+    one = tmp_path / "one"
+    assert launch(1, [*extra, f"data.batch_size={2 * B}"], [one]) == [0]
+    ranks = [tmp_path / "rank0", tmp_path / "rank1"]
+    assert launch(2, [*extra, f"data.batch_size={B}"], ranks) == [0, 0]
+    want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
+    got = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
+    for k in want:
+        assert (got[k] - want[k]).abs().max() <= 1e-6, k
+    # rank 0 alone writes; its logged scalars are of the global batch
+    assert not (ranks[1] / "tb").exists() and not (ranks[1] / "metrics.json").exists()
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((ranks[0] / "metrics.json").read_text())
+    assert m2["step"] == m1["step"] == 20
+    for key in ("val/acc", "val/loss", "train/loss"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
+    s1, s2 = read_scalars(one), read_scalars(ranks[0])
+    for tag in ("train/loss", "grad_norm/total"):
+        assert [s for s, _ in s2[tag]] == [s for s, _ in s1[tag]]
+        assert [v for _, v in s2[tag]] == pytest.approx([v for _, v in s1[tag]], rel=1e-5), tag
+
+
+def test_a_ragged_last_batch_and_a_rank_without_samples(tmp_path) -> None:
+    """1,437 training samples in global batches of 2 x 700: the last has 37, split 19 / 18;
+    with 2 x 718 it has 1, so rank 1 gets none; both still equal one process."""
+    for b in (700, 718):
+        extra = (*COMMON, "trainer.max_steps=-1", "trainer.max_epochs=2")
+        one, ranks = tmp_path / f"one{b}", [tmp_path / f"r0_{b}", tmp_path / f"r1_{b}"]
+        assert launch(1, [*extra, f"data.batch_size={2 * b}"], [one]) == [0]
+        assert launch(2, [*extra, f"data.batch_size={b}"], ranks) == [0, 0]
+        want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
+        got = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
+        assert all((got[k] - want[k]).abs().max() <= 1e-6 for k in want), b
+
+
+def test_unsupported_settings_are_refused_under_ddp(tmp_path) -> None:
+    codes = launch(2, [*COMMON, "loss.mode=vector", "weighting=hard_topk"],
+                   [tmp_path / "a", tmp_path / "b"])  # fmt: skip
+    assert codes == [1, 1]
+
+
+def torchrun(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_port", str(free_port()), str(ROOT / "scripts" / "train.py"),
+         "trainer.device=cpu", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw,
+    )  # fmt: skip
+
+
+def test_torchrun_trains_and_a_dead_rank_ends_the_job_quickly(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    proc = torchrun(f"hydra.run.dir={run_dir}", "trainer.max_epochs=200", "data.batch_size=16",
+                    "trainer.checkpoint.every_n_steps=10", "logging.progress=false")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list((run_dir / "checkpoints").glob("step_*.pt")):  # both ranks are training
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert len(pids) == 2
+    killed = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode != 0, out[-3000:]
+    assert time.monotonic() - killed < 60
+    assert read_scalars(run_dir)["train/loss"]  # rank 0 wrote what it had logged

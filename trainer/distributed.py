@@ -1,0 +1,88 @@
+"""Data-parallel training on PyTorch's own engine: ``torch.distributed`` + DDP, under torchrun.
+
+``torchrun --nproc_per_node=N scripts/train.py ...`` starts N processes and sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`setup` joins them into
+one process group (nccl on CUDA, gloo on CPU). ``data.batch_size`` is per process: a step's
+global batch is ``WORLD_SIZE × data.batch_size`` samples, the same ones, in the same order, as
+one process with that batch size would take (each rank takes its slice of the global batch).
+
+DDP averages gradients over the ranks. Every objective here is defined over the global batch,
+so each rank backpropagates ``WORLD_SIZE ×`` its own share of it: scalar mode
+``W · Σ_local ℓ_i / n_global``, vector mode ``W · w_i`` with the weights normalized by
+:func:`all_reduce_sum` of the raw weights, so the averaged gradient is the single-process one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes TensorBoard, checkpoints and metrics.json."""
+        return self.rank == 0
+
+
+#: the world of a single process
+SINGLE = World()
+
+
+def from_env() -> World:
+    """The world torchrun describes in the environment (one process without it)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return SINGLE
+    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup(world: World, device: torch.device, timeout_s: float = 60.0) -> torch.device:
+    """Join the process group (once per process) and return this rank's device: ``cuda`` means
+    ``cuda:LOCAL_RANK`` under torchrun. Collectives time out after ``timeout_s``, so a rank that
+    died cannot hang the others for long."""
+    if not world.distributed:
+        return device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return device
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Σ over the ranks of ``t`` (a new tensor; ``t`` itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def shard(start: int, stop: int, world: World) -> tuple[int, int]:
+    """This rank's contiguous part of the global batch ``[start, stop)``: the first ranks get
+    one sample more when it does not divide evenly (a ragged last batch)."""
+    n = stop - start
+    base, extra = divmod(n, world.size)
+    lo = start + world.rank * base + min(world.rank, extra)
+    return lo, lo + base + (1 if world.rank < extra else 0)
