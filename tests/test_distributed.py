@@ -28,8 +28,18 @@ from trainer.checkpoint import load_checkpoint
 
 FORK = mp.get_context("fork")
 B = 32  # per process; the single-process reference takes 2 * B
-COMMON = ("trainer.max_steps=20", "logging.every_n_steps=5", "logging.progress=false",
-          "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+COMMON = (
+    "trainer.max_steps=20", "logging.every_n_steps=5", "logging.progress=false",
+    "trainer.checkpoint.every_n_steps=0",
+    # instruments under DDP: norms of the all-reduced gradient, per-sample norms gathered
+    "instrument.norms.every_n_steps=5", "instrument.per_sample.every_n_steps=5",
+    "instrument.per_sample.loss=both",
+)  # fmt: skip
+#: logged scalars that must match the single process's
+COMPARED = ("train/loss", "grad_norm/total", "grad_norm/net.1.weight", "grad_norm/total_clipped",
+            "param_norm/net.1.weight", "update_ratio/net.5.weight",
+            "per_sample/grad_norm_mean", "per_sample/grad_norm_max",
+            "per_sample/weighted_grad_norm_mean", "per_sample/weighted_grad_norm_max")  # fmt: skip
 
 
 def free_port() -> int:
@@ -63,6 +73,7 @@ CASES = {
     "scalar": (),
     "vector-class_balanced": ("loss.mode=vector", "weighting=class_balanced"),
     "vector-focal": ("loss.mode=vector", "weighting=focal"),
+    "vector-hard_topk": ("loss.mode=vector", "weighting=hard_topk", "weighting.fraction=0.3"),
     "scalar-l2": ("regularizer=[l2]", "regularizer.l2.coef=0.01"),
 }
 
@@ -86,7 +97,7 @@ def test_two_processes_of_b_train_like_one_of_2b(tmp_path, case) -> None:
     for key in ("val/acc", "val/loss", "train/loss"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
     s1, s2 = read_scalars(one), read_scalars(ranks[0])
-    for tag in ("train/loss", "grad_norm/total"):
+    for tag in COMPARED:
         assert [s for s, _ in s2[tag]] == [s for s, _ in s1[tag]]
         assert [v for _, v in s2[tag]] == pytest.approx([v for _, v in s1[tag]], rel=1e-5), tag
 
@@ -105,7 +116,7 @@ def test_a_ragged_last_batch_and_a_rank_without_samples(tmp_path) -> None:
 
 
 def test_unsupported_settings_are_refused_under_ddp(tmp_path) -> None:
-    codes = launch(2, [*COMMON, "loss.mode=vector", "weighting=hard_topk"],
+    codes = launch(2, [*COMMON, "instrument.curvature.every_n_steps=1"],
                    [tmp_path / "a", tmp_path / "b"])  # fmt: skip
     assert codes == [1, 1]
 
@@ -137,3 +148,24 @@ def test_torchrun_trains_and_a_dead_rank_ends_the_job_quickly(tmp_path) -> None:
     assert proc.returncode != 0, out[-3000:]
     assert time.monotonic() - killed < 60
     assert read_scalars(run_dir)["train/loss"]  # rank 0 wrote what it had logged
+
+
+def test_a_slurm_task_started_by_submitit_finds_its_rank(monkeypatch) -> None:
+    """Hydra's submitit launcher with tasks_per_node > 1: each SLURM task is one rank."""
+    pytest.importorskip("submitit")
+    from trainer.distributed import World, from_env
+
+    # what submitit exports: set and removed through monkeypatch, so they are undone after
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT"):  # fmt: skip
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8",
+        "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
+    }  # fmt: skip
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert from_env() == World(rank=5, size=8, local_rank=1)
+    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from trainer.data.base import Batch
+from trainer.distributed import SINGLE
 from trainer.instrument import NonFiniteError, PerSampleNorms, histograms
 from trainer.instrument.histograms import host_histogram
 from trainer.loop import Callback
@@ -184,7 +185,7 @@ def measure(model: nn.Module, x, y, weights=None, loss="both"):
     cb = PerSampleNorms(1, loss=loss)
     trainer = SimpleNamespace(
         model=model, global_step=0, scaler=None, window_samples=x.shape[0], logger=None,
-        stage_scalars=lambda values: staged.update(values),
+        world=SINGLE, stage_scalars=lambda values: staged.update(values),
         stage_histogram=lambda tag, v: staged.update(
             {f"{tag}_max": float(v[~torch.isnan(v)].max()), tag: host_histogram(v.tolist())}
         ),

@@ -1,4 +1,5 @@
-"""Data-parallel training on PyTorch's own engine: ``torch.distributed`` + DDP, under torchrun.
+"""Data-parallel training on PyTorch's own engine: ``torch.distributed`` + DDP, under torchrun
+(or one SLURM task per GPU through submitit).
 
 ``torchrun --nproc_per_node=N scripts/train.py ...`` starts N processes and sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`setup` joins them into
@@ -46,7 +47,16 @@ SINGLE = World()
 
 
 def from_env() -> World:
-    """The world torchrun describes in the environment (one process without it)."""
+    """The world torchrun describes in the environment (one process without it). In a SLURM
+    job of several tasks started by submitit (Hydra's submitit launcher, ``tasks_per_node``
+    > 1), submitit's ``TorchDistributedEnvironment`` first exports the same variables from
+    SLURM's (rank = the task's, master = the job's first host)."""
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if "WORLD_SIZE" not in os.environ and slurm_tasks > 1 and os.environ.get("SUBMITIT_EXECUTOR"):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # every task sees all the node's GPUs and takes cuda:LOCAL_RANK (see setup)
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return SINGLE
@@ -86,3 +96,21 @@ def shard(start: int, stop: int, world: World) -> tuple[int, int]:
     base, extra = divmod(n, world.size)
     lo = start + world.rank * base + min(world.rank, extra)
     return lo, lo + base + (1 if world.rank < extra else 0)
+
+
+def all_gather_cat(t: Tensor) -> tuple[Tensor, int]:
+    """Every rank's 1-D ``t`` concatenated in rank order (sizes may differ), and the offset of
+    this rank's part in it. One process: ``(t, 0)``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t, 0
+    size = torch.tensor([t.numel()], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    counts = [int(c) for c in torch.cat(sizes).tolist()]  # host sync: the parts' sizes
+    longest = max(counts)
+    padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
+    padded[: t.numel()] = t.detach()
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    whole = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+    return whole, sum(counts[: dist.get_rank()])

@@ -173,14 +173,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 def refuse_under_ddp(typed: Any, cfg: DictConfig) -> None:
     """What data-parallel runs do not support yet: an error naming it, before anything runs."""
     problems = []
-    if typed.loss.mode == "vector" and str(cfg.weighting.get("_target_", "")).endswith(
-        "HardTopKWeighting"
-    ):
-        problems.append("weighting=hard_topk (its top-k must be taken over the global batch)")
     if "input_grad_penalty" in cfg.get("regularizer", {}):
         problems.append("regularizer=[input_grad_penalty]")
-    if typed.instrument.per_sample.every_n_steps:
-        problems.append("instrument.per_sample (per-sample norms gathered from the ranks)")
     if typed.instrument.curvature.every_n_steps:
         problems.append("instrument.curvature (Hessian-vector products reduced over the ranks)")
     if problems:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.distributed import SINGLE, World, all_reduce_sum
+from trainer.distributed import SINGLE, World, all_gather_cat, all_reduce_sum
 
 if TYPE_CHECKING:
     from trainer.data.base import DataModule
@@ -269,6 +269,11 @@ class HardTopKWeighting(Weighting):
         return max(1, math.ceil(self.fraction * batch_size))
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        if self.world.distributed:  # the top k of the global batch: every rank's losses
+            everyone, offset = all_gather_cat(losses)
+            top = torch.topk(everyone, self.count(everyone.numel()), sorted=False).indices
+            mask = torch.zeros_like(everyone).index_fill_(0, top, 1.0)
+            return mask[offset : offset + losses.numel()]
         top = torch.topk(losses, self.count(losses.numel()), sorted=False).indices
         return torch.zeros_like(losses).index_fill_(0, top, 1.0)
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from trainer.distributed import all_gather_cat
 from trainer.loop import Callback
 
 if TYPE_CHECKING:
@@ -259,8 +260,11 @@ class PerSampleNorms(Callback):
         norms = sq.clamp_min(0).sqrt()
         if trainer.scaler is not None:  # the root's gradient was multiplied by the loss scale
             norms = norms / trainer.scaler.get_scale()  # host read: measuring steps only
-        if weights is None:  # scalar mode: the root is mean(ℓ) × share = Σ ℓᵢ / N
-            w = torch.full_like(norms, 1.0 / trainer.window_samples)
+        # each ℓᵢ's coefficient in the root that was backpropagated; data-parallel, the root
+        # is world size × this rank's part of the global objective (see trainer.distributed)
+        world = trainer.world.size
+        if weights is None:  # scalar mode: the root is mean(ℓ) × share = Σ ℓᵢ / N (× W)
+            w = torch.full_like(norms, world / trainer.window_samples)
         else:
             w = weights.detach().float()
         self._weighted.append(norms)
@@ -275,9 +279,13 @@ class PerSampleNorms(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         if not self._weighted:
             return
-        weighted, w = torch.cat(self._weighted), torch.cat(self._weights)
+        root, w = torch.cat(self._weighted), torch.cat(self._weights)
         self._weighted.clear()
         self._weights.clear()
+        if trainer.world.distributed:  # one series over the global batch, in its order
+            root, _ = all_gather_cat(root)
+            w, _ = all_gather_cat(w)
+        weighted = root / trainer.world.size  # the sample's share of the averaged gradient
         total = sum(self._sizes.values())
         excluded = sum(self._sizes[m] for n, m in self.modules if n in self._excluded)
         values: dict[str, Tensor | float] = {"per_sample/coverage": 1.0 - excluded / max(total, 1)}
@@ -286,9 +294,9 @@ class PerSampleNorms(Callback):
             series["per_sample/weighted_grad_norm"] = weighted
         if self.loss in ("unweighted", "both"):
             positive = w > 0
-            # unweighted = weighted / w for w > 0; a weight-0 sample has no gradient to measure
+            # unweighted = root / w for w > 0; a weight-0 sample has no gradient to measure
             unweighted = torch.where(
-                positive, weighted / w.clamp_min(torch.finfo(w.dtype).tiny), torch.nan
+                positive, root / w.clamp_min(torch.finfo(w.dtype).tiny), torch.nan
             )
             series["per_sample/grad_norm"] = unweighted
         self.last = series
