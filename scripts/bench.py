@@ -5,6 +5,7 @@
     python scripts/bench.py data=synthetic model=cnn data.shape=[1,28,28]   # other data/models
     python scripts/bench.py --no-cli --variant "loss.mode=vector weighting=focal" \
         --variant "regularizer=[l2]"             # settings against the default trainer too
+    python scripts/bench.py --device cuda --no-cli --variant "instrument.norms.every_n_steps=1"
 
 The plain loop mirrors the trainer's defaults (scalar mode, float32, no accumulation, clipping or
 scheduler): overrides that change those change only the trainer's side, so compare like with
@@ -286,9 +287,16 @@ def main() -> None:
         metavar="N",
         help="also time process start to the first training step of the CLI, N times",
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="trainer.device for both loops (e.g. cuda; in-memory data then lives on the GPU)",
+    )
     p.add_argument("--out", type=Path, help="result file (default: outputs/bench/<time>.json)")
     p.add_argument("overrides", nargs="*", help="config overrides, as for scripts/train.py")
     args = p.parse_args()
+    if args.device:
+        args.overrides = [*args.overrides, f"trainer.device={args.device}"]
 
     result = {
         "overrides": args.overrides,

@@ -75,6 +75,13 @@ CASES = {
     "vector-focal": ("loss.mode=vector", "weighting=focal"),
     "vector-hard_topk": ("loss.mode=vector", "weighting=hard_topk", "weighting.fraction=0.3"),
     "scalar-l2": ("regularizer=[l2]", "regularizer.l2.coef=0.01"),
+    # the DataLoader path (what augmented and large sets use) shards the same way
+    "dataloader-vector-focal": (
+        "data.loader=dataloader",
+        "data.num_workers=0",
+        "loss.mode=vector",
+        "weighting=focal",
+    ),
 }
 
 
@@ -169,3 +176,37 @@ def test_a_slurm_task_started_by_submitit_finds_its_rank(monkeypatch) -> None:
         monkeypatch.setenv(key, value)
     assert from_env() == World(rank=5, size=8, local_rank=1)
     assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_both_loader_paths_slice_the_same_global_batches_per_rank(drop_last) -> None:
+    """Each rank's batches, on either path, from any start batch: its contiguous slice of the
+    single process's batch of 2 x B; together exactly every sample once per epoch."""
+    from trainer.data.base import DeviceLoader, InMemoryLoader, TensorSplit
+    from trainer.distributed import World
+
+    n, b = 103, 8
+    split = TensorSplit(torch.arange(n).float()[:, None], torch.zeros(n, dtype=torch.long))
+    cpu = torch.device("cpu")
+    one = InMemoryLoader(split, 2 * b, cpu, True, seed=3, drop_last=drop_last)
+    one.set_epoch(2)
+    want = [batch.index.tolist() for batch in one]
+    for start in (0, 4):
+        got = []
+        for rank in (0, 1):
+            world = World(rank, 2, rank)
+            loaders = [
+                InMemoryLoader(split, b, cpu, True, 3, drop_last, world),
+                DeviceLoader(split, b, cpu, True, 3, drop_last, 0, False, world),
+            ]
+            per_path = []
+            for loader in loaders:
+                loader.set_epoch(2, start)
+                per_path.append([(bt.index.tolist(), loader.current_global_size) for bt in loader])
+            assert per_path[0] == per_path[1]
+            got.append(per_path[0])
+        for i, (mine, theirs) in enumerate(zip(*got, strict=True)):
+            assert mine[0] + theirs[0] == want[start + i]
+            assert mine[1] == theirs[1] == len(want[start + i])
+    seen = sorted(i for batch in want for i in batch)
+    assert seen == list(range(len(seen))) or drop_last

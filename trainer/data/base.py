@@ -122,25 +122,57 @@ def batch_count(num_samples: int, batch_size: int, drop_last: bool) -> int:
     return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
 
 
-class EpochSampler(Sampler[int]):
-    """Yields :func:`epoch_order` (or ``range(n)`` unshuffled) for the DataLoader path."""
+class EpochBatchSampler(Sampler[list[int]]):
+    """The DataLoader path's batches: epoch ``epoch``'s order (:func:`epoch_order`, or
+    ``range(n)`` unshuffled) cut into global batches of ``world.size × batch_size``, each rank
+    taking its slice (:func:`trainer.distributed.shard`), from batch ``start_batch`` on: the
+    same batches as :class:`InMemoryLoader` yields."""
 
-    def __init__(self, num_samples: int, shuffle: bool, seed: int = 0):
-        self.num_samples, self.shuffle, self.seed, self.epoch = num_samples, shuffle, seed, 0
-        self.start = 0  # samples of the epoch's order to leave out (a resumed epoch)
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        world: World = SINGLE,
+    ):
+        self.num_samples, self.batch_size, self.shuffle = num_samples, batch_size, shuffle
+        self.seed, self.drop_last, self.world = seed, drop_last, world
+        self.global_batch_size = batch_size * world.size
+        self.epoch = self.start_batch = 0
+        ragged = 0 if drop_last else num_samples % self.global_batch_size
+        if world.distributed and 0 < ragged < world.size:
+            raise ValueError(
+                f"data: the last global batch of an epoch has {ragged} sample(s) for "
+                f"{world.size} processes, so a rank would get none, which the DataLoader path "
+                "cannot yield; set data.drop_last=true or another data.batch_size"
+            )
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return (
+            batch_count(self.num_samples, self.global_batch_size, self.drop_last) - self.start_batch
+        )
 
-    def __iter__(self) -> Iterator[int]:
+    def global_size(self, i: int) -> int:
+        """Samples in global batch ``i`` (all ranks' together)."""
+        return min(self.global_batch_size, self.num_samples - i * self.global_batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
             order = epoch_order(self.num_samples, self.seed, self.epoch).tolist()
         else:
             order = list(range(self.num_samples))
-        return iter(order[self.start :])
+        gbs = self.global_batch_size
+        n = batch_count(self.num_samples, gbs, self.drop_last)
+        for i in range(self.start_batch, n):
+            start, stop = i * gbs, min((i + 1) * gbs, self.num_samples)
+            if self.world.distributed:
+                start, stop = shard(start, stop, self.world)
+            yield order[start:stop]
 
 
 class IndexedDataset(Dataset):
@@ -175,18 +207,20 @@ class DeviceLoader:
         drop_last: bool = False,
         num_workers: int = 2,
         pin_memory: bool = True,
+        world: World = SINGLE,
     ):
         self.num_samples = len(dataset)  # type: ignore[arg-type]
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.device = device
-        self.global_batch_size = batch_size  # one process (data-parallel: in-memory only)
-        self.sampler = EpochSampler(self.num_samples, shuffle, seed)
+        self.sampler = EpochBatchSampler(
+            self.num_samples, batch_size, shuffle, seed, drop_last, world
+        )
+        self.global_batch_size = self.sampler.global_batch_size
+        self.current_global_size = 0
         self.loader = DataLoader(
             IndexedDataset(dataset),
-            batch_size=batch_size,
-            sampler=self.sampler,
-            drop_last=drop_last,
+            batch_sampler=self.sampler,
             num_workers=num_workers,
             pin_memory=pin_memory and device.type == "cuda",
             persistent_workers=num_workers > 0,
@@ -199,10 +233,10 @@ class DeviceLoader:
         """As :meth:`InMemoryLoader.set_epoch`. With augmentation, a resumed epoch has the same
         samples in the same order but not the same random crops and flips (the workers' seeds
         are drawn when the epoch's iteration starts)."""
-        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+        self.sampler.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:  # the whole epoch's batches, whatever the start
-        return batch_count(self.num_samples, self.batch_size, self.drop_last)
+        return batch_count(self.num_samples, self.global_batch_size, self.drop_last)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The workers' seed generator as the current epoch found it (for a resume)."""
@@ -216,8 +250,8 @@ class DeviceLoader:
         # the iterator draws the workers' base seed from the generator: keep its state from
         # before the draw, so a resumed epoch draws the same seed
         self._epoch_generator_state = self.loader.generator.get_state()
-        for x, y, index in self.loader:
-            self.current_global_size = len(y)
+        for i, (x, y, index) in enumerate(self.loader, self.sampler.start_batch):
+            self.current_global_size = self.sampler.global_size(i)
             yield Batch(
                 x.to(self.device, non_blocking=non_blocking),
                 y.to(self.device, non_blocking=non_blocking),
@@ -314,12 +348,7 @@ class DataModule(abc.ABC):
         if in_memory:
             assert isinstance(split, TensorSplit)
             return InMemoryLoader(split, batch_size, device, shuffle, seed, drop_last, world)
-        if world.distributed:
-            raise ValueError(
-                "data-parallel training reads in-memory data sets only so far (this split goes "
-                "through a DataLoader: augmented or over data.memory_limit_mb); use "
-                "data.loader=memory with augment off, or a single process"
-            )
         return DeviceLoader(
-            split, batch_size, device, shuffle, seed, drop_last, self.num_workers, self.pin_memory
-        )
+            split, batch_size, device, shuffle, seed, drop_last, self.num_workers,
+            self.pin_memory, world,
+        )  # fmt: skip
