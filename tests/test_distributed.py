@@ -75,6 +75,21 @@ CASES = {
     "vector-focal": ("loss.mode=vector", "weighting=focal"),
     "vector-hard_topk": ("loss.mode=vector", "weighting=hard_topk", "weighting.fraction=0.3"),
     "scalar-l2": ("regularizer=[l2]", "regularizer.l2.coef=0.01"),
+    # curvature of the global batch's objective: the ranks' Hessian-vector products summed
+    "scalar-curvature": (
+        "instrument.curvature.every_n_steps=10",
+        "instrument.curvature.tol=0",
+        "instrument.curvature.power_iters=8",
+        "instrument.curvature.trace_probes=3",
+    ),
+    "vector-curvature": (
+        "loss.mode=vector",
+        "weighting=class_balanced",
+        "instrument.curvature.every_n_steps=10",
+        "instrument.curvature.tol=0",
+        "instrument.curvature.power_iters=8",
+        "instrument.curvature.trace_probes=3",
+    ),
     # the DataLoader path (what augmented and large sets use) shards the same way
     "dataloader-vector-focal": (
         "data.loader=dataloader",
@@ -104,7 +119,9 @@ def test_two_processes_of_b_train_like_one_of_2b(tmp_path, case) -> None:
     for key in ("val/acc", "val/loss", "train/loss"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
     s1, s2 = read_scalars(one), read_scalars(ranks[0])
-    for tag in COMPARED:
+    compared = [*COMPARED, *(t for t in ("curvature/top_eig", "curvature/trace") if t in s1)]
+    assert ("curvature/trace" in s1) == ("curvature" in case) == ("curvature/trace" in s2)
+    for tag in compared:
         assert [s for s, _ in s2[tag]] == [s for s, _ in s1[tag]]
         assert [v for _, v in s2[tag]] == pytest.approx([v for _, v in s1[tag]], rel=1e-5), tag
 
@@ -123,7 +140,7 @@ def test_a_ragged_last_batch_and_a_rank_without_samples(tmp_path) -> None:
 
 
 def test_unsupported_settings_are_refused_under_ddp(tmp_path) -> None:
-    codes = launch(2, [*COMMON, "instrument.curvature.every_n_steps=1"],
+    codes = launch(2, [*COMMON, "regularizer=[input_grad_penalty]"],
                    [tmp_path / "a", tmp_path / "b"])  # fmt: skip
     assert codes == [1, 1]
 

@@ -175,8 +175,6 @@ def refuse_under_ddp(typed: Any, cfg: DictConfig) -> None:
     problems = []
     if "input_grad_penalty" in cfg.get("regularizer", {}):
         problems.append("regularizer=[input_grad_penalty]")
-    if typed.instrument.curvature.every_n_steps:
-        problems.append("instrument.curvature (Hessian-vector products reduced over the ranks)")
     if problems:
         raise ConfigError(
             "data-parallel (torchrun) runs do not support yet: "

@@ -16,7 +16,7 @@ never touched, so measuring does not change the batch order, dropout masks or th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from trainer.backward import explain_freed_graph
+from trainer.distributed import all_reduce_sum
 from trainer.loop import Callback
 
 if TYPE_CHECKING:
@@ -74,19 +75,22 @@ def top_eigenvalue(
     generator: torch.Generator,
     iters: int = 20,
     tol: float = 1e-3,
+    product: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> Tensor:
     """The Hessian's eigenvalue of largest magnitude by power iteration (0-d tensor).
 
     Stops after ``iters`` products, or earlier once the estimate changes by at most ``tol``
     relative to itself (``tol=0``: always ``iters`` products and no host sync until read).
+    ``product(v)`` replaces ``hvp(grads, params, v)`` (data-parallel: summed over the ranks).
     """
     v = [_randn_like(p, generator) for p in params]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u) for u in v]))
     v = [u / norm for u in v]
     eig = torch.zeros((), device=params[0].device, dtype=params[0].dtype)
     tiny = torch.finfo(eig.dtype).tiny
+    product = product or (lambda u: hvp(grads, params, u))
     for i in range(iters):
-        hv = hvp(grads, params, v)
+        hv = product(v)
         new = _dot(v, hv)  # the Rayleigh quotient, ‖v‖ = 1
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(h) for h in hv]))
         v = [h / norm.clamp_min(tiny) for h in hv]  # Hv = 0 leaves v = 0 and the estimate 0
@@ -103,12 +107,15 @@ def hutchinson_trace(
     params: Sequence[Tensor],
     generator: torch.Generator,
     probes: int = 10,
+    product: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> Tensor:
-    """Hutchinson's estimate of tr(H): the mean of zᵀHz over Rademacher probes z (0-d)."""
+    """Hutchinson's estimate of tr(H): the mean of zᵀHz over Rademacher probes z (0-d);
+    ``product`` as in :func:`top_eigenvalue`."""
+    product = product or (lambda u: hvp(grads, params, u))
     total = torch.zeros((), device=params[0].device, dtype=params[0].dtype)
     for _ in range(probes):
         z = [_rademacher_like(p, generator) for p in params]
-        total = total + _dot(z, hvp(grads, params, z))
+        total = total + _dot(z, product(z))
     return total / probes
 
 
@@ -189,19 +196,36 @@ class Curvature(Callback):
         ):
             logits = functional_call(model, state, (x,))
         losses = trainer.criterion(logits, y)
-        if trainer.weighting is None:
-            objective = losses.mean()
-        else:
+        ddp = trainer.world.distributed
+        if trainer.weighting is not None:  # normalized over the global batch under DDP
             objective = (trainer.weighting(losses, logits, y, index) * losses).sum()
+        elif ddp:  # this rank's part of the global batch's mean
+            objective = losses.sum() / trainer.train_loader.current_global_size
+        else:
+            objective = losses.mean()
         grads = torch.autograd.grad(objective, params, create_graph=True, allow_unused=True)
         grads = [
             g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)
         ]
-        if not any(g.requires_grad for g in grads):  # the loss is linear in θ: H = 0
+        curved = any(g.requires_grad for g in grads)
+        if not curved and not ddp:  # the loss is linear in θ: H = 0
             zero = torch.zeros((), device=params[0].device)
             return {"curvature/top_eig": zero, "curvature/trace": zero}
+
+        def product(v: list[Tensor]) -> list[Tensor]:
+            # data-parallel: H v of the global objective, the sum of the ranks' parts (every
+            # rank takes part, also one whose part is empty or linear)
+            hv = hvp(grads, params, v) if curved else [torch.zeros_like(u) for u in v]
+            if not ddp:
+                return hv
+            flat = all_reduce_sum(torch.cat([h.reshape(-1) for h in hv]))
+            parts = flat.split([h.numel() for h in hv])
+            return [f.view_as(h) for f, h in zip(parts, hv, strict=True)]
+
         gen = self.generator(params[0].device)
         return {
-            "curvature/top_eig": top_eigenvalue(grads, params, gen, self.power_iters, self.tol),
-            "curvature/trace": hutchinson_trace(grads, params, gen, self.trace_probes),
+            "curvature/top_eig": top_eigenvalue(
+                grads, params, gen, self.power_iters, self.tol, product
+            ),
+            "curvature/trace": hutchinson_trace(grads, params, gen, self.trace_probes, product),
         }
