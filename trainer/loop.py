@@ -427,7 +427,16 @@ class Trainer:
         weights = None
         reg = self._regularization() if step_now and self.regularizers else None  # once a step
         if self.input_penalty is not None:  # every micro-batch, by its share of the window
-            penalty = self._input_penalty(losses, x, share)
+            if ddp:  # this rank's part of the global mean (× W for DDP's average)
+                n_local = y.shape[0]
+                part = (
+                    self._input_penalty(losses, x, n_local / window_samples)
+                    if n_local
+                    else losses.sum() * 0.0  # no sample here: nothing to penalize
+                )
+                penalty = part * ddp
+            else:
+                penalty = self._input_penalty(losses, x, share)
             reg = penalty if reg is None else reg + penalty
         # with the penalty, x requires grad: accumulate into the parameters only, not into x
         inputs = self.params if self.input_penalty is not None else None
@@ -484,7 +493,8 @@ class Trainer:
     def _data_and_reg_norms(self) -> dict[str, Tensor]:
         """grad_norm/reg from the regularizers' analytic gradients (and the input penalty's,
         taken on logging windows), grad_norm/data = the rest of the total gradient."""
-        reg_grad: dict[int, Tensor] = dict(self._penalty_grads)
+        # the input penalty's gradient: data-parallel, the sum of the ranks' parts
+        reg_grad: dict[int, Tensor] = {k: all_reduce_sum(g) for k, g in self._penalty_grads.items()}
         for r in self.regularizers:
             for p, g in zip(r.params, r.grad(), strict=True):
                 reg_grad[id(p)] = reg_grad[id(p)] + g if id(p) in reg_grad else g
@@ -577,7 +587,10 @@ class Trainer:
         for r, v in zip(self.regularizers, self._reg_values, strict=True):
             values[f"reg/{r.name}"] = v
         if self.input_penalty is not None and self._penalty_window:
-            values[f"reg/{self.input_penalty.name}"] = torch.stack(self._penalty_window).sum()
+            # data-parallel: each rank holds its part of the global penalty
+            values[f"reg/{self.input_penalty.name}"] = all_reduce_sum(
+                torch.stack(self._penalty_window).sum()
+            )
         if out.weights is not None:
             w_min, w_max = torch.aminmax(out.weights)
             values.update({"weights/mean": out.weights.mean(), "weights/min": w_min,

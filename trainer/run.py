@@ -170,19 +170,6 @@ def stop_on_signals(trainer: Trainer, writer: CheckpointWriter) -> Iterator[None
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-def refuse_under_ddp(typed: Any, cfg: DictConfig) -> None:
-    """What data-parallel runs do not support yet: an error naming it, before anything runs."""
-    problems = []
-    if "input_grad_penalty" in cfg.get("regularizer", {}):
-        problems.append("regularizer=[input_grad_penalty]")
-    if problems:
-        raise ConfigError(
-            "data-parallel (torchrun) runs do not support yet: "
-            + "; ".join(problems)
-            + ". Run them in one process, or leave them out."
-        )
-
-
 def refuse_repeated_choices() -> None:
     """A list group given an option twice (``regularizer=[l2,l2]``) composes to one entry,
     silently: refuse it from the command line's own overrides (when Hydra runs the job)."""
@@ -376,8 +363,6 @@ def build_trainer(
     ``with_logger`` is false: ``trainer.logger`` is then None until set) and Trainer."""
     typed = validate(cfg)  # every config error surfaces here, before anything is built
     world = distributed.from_env()
-    if world.distributed:
-        refuse_under_ddp(typed, cfg)
     device = distributed.setup(world, resolve_device(typed.trainer.device))
     seed_everything(typed.seed, typed.trainer.deterministic)
 
