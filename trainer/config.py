@@ -635,6 +635,13 @@ class TrainerConfig:
     #: torch.autograd.detect_anomaly around training: the first backward that produces a
     #: NaN names the forward operation that caused it (slow; debug=anomaly)
     detect_anomaly: bool = False
+    #: CNNs: weights and 4-D inputs in channels-last memory order (faster convolutions with
+    #: tensor cores on GPUs; the same values)
+    channels_last: bool = False
+    #: run the training forward through torch.compile (``compile_backend``: inductor, or e.g.
+    #: eager / aot_eager to check a model traces); per-sample norms are refused with it
+    compile: bool = False
+    compile_backend: str = "inductor"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     #: continue from a checkpoint: a path, or ``auto`` (the newest valid checkpoint of the run
     #: with this ``run_id`` under ``trainer.checkpoint.search_dir``; a fresh start if none)

@@ -162,6 +162,7 @@ class Trainer:
         checkpoint_fn: Callable[[Trainer], Any] | None = None,
         world: World = SINGLE,
         forward_model: nn.Module | None = None,
+        channels_last: bool = False,
         callbacks: Sequence[Callback] = (),
         regularizers: Sequence[Regularizer | InputGradPenalty] = (),
     ):
@@ -171,6 +172,8 @@ class Trainer:
         #: the plain module: names, state dicts, evaluation)
         self.world = world
         self.forward_model = forward_model if forward_model is not None else model
+        #: 4-D inputs go in channels-last memory order (the model's weights already are)
+        self.channels_last = channels_last
         #: parameter regularizers, added once per optimizer step
         self.regularizers = [r for r in regularizers if isinstance(r, Regularizer)]
         self._reg_values: list[Tensor] = []  # the last optimizer step's λR, detached
@@ -413,6 +416,8 @@ class Trainer:
         self.window_samples = window_samples  # samples in this accumulation window
         self._fire("on_train_batch_start", batch)
         x, y, index = batch
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.input_penalty is not None:
             x = self.input_penalty.prepare(x)  # a leaf to differentiate the loss with respect to
         with self._autocast():
@@ -682,6 +687,8 @@ class Trainer:
         correct = torch.zeros((), device=self.device)
         n = 0
         for x, y, _ in self.val_loader:
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 logits = self.model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")

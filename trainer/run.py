@@ -394,12 +394,23 @@ def build_trainer(
         instantiate(node, name=name).bind(model)
         for name, node in cfg.get("regularizer", {}).items()
     ]
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     forward_model = None
     if world.distributed:  # gradients all-reduced (averaged) during backward
         from torch.nn.parallel import DistributedDataParallel
 
         forward_model = DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
+        )
+    if tc.compile:
+        if typed.instrument.per_sample.every_n_steps:
+            raise ConfigError(
+                "trainer.compile: per-sample gradient norms (instrument.per_sample) arm module "
+                "hooks on their steps, which a compiled forward does not call; turn one off"
+            )
+        forward_model = torch.compile(
+            forward_model if forward_model is not None else model, backend=tc.compile_backend
         )
     return Trainer(
         model,
@@ -427,5 +438,6 @@ def build_trainer(
         callbacks=[*build_callbacks(typed.instrument), *callbacks],
         world=world,
         forward_model=forward_model,
+        channels_last=tc.channels_last,
         regularizers=regularizers,
     )
