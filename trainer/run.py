@@ -243,7 +243,8 @@ def run(
             set_rng_state(resume_state["rng"])
             if resume_path.parent.name == "checkpoints":  # continue in the run's own dir
                 run_dir = resume_path.parent.parent
-                set_aside_later(resume_path.parent, int(resume_state["step"]))
+                if main:  # one process moves the files
+                    set_aside_later(resume_path.parent, int(resume_state["step"]))
             purge_step = int(resume_state["step"]) + 1  # its later events are replaced
             log.info(
                 "resuming run %s from %s (step %d); it continues in %s",
