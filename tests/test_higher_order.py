@@ -14,6 +14,7 @@ from torch.func import functional_call, grad, vmap
 
 from trainer.backward import GraphFreedError, backward_scalar, backward_vector
 from trainer.data.base import Batch
+from trainer.distributed import SINGLE
 from trainer.instrument import Curvature, hutchinson_trace, hvp, top_eigenvalue
 from trainer.loop import Callback
 from trainer.models.mlp import MLP
@@ -262,8 +263,9 @@ def test_curvature_callback_measures_the_training_objective() -> None:
     # the callback's own measurement, on least squares through the Trainer's interface
     x, t, model, h = least_squares()
     trainer = SimpleNamespace(
-        model=model, criterion=lambda out, y: (out.squeeze(1) - y) ** 2, weighting=None
-    )
+        model=model, criterion=lambda out, y: (out.squeeze(1) - y) ** 2, weighting=None,
+        world=SINGLE,
+    )  # fmt: skip
     batch = Batch(x, t, torch.arange(x.shape[0]))
     values = Curvature(1, power_iters=20, tol=1e-3, trace_probes=100).measure(trainer, batch)
     eigs = torch.linalg.eigvalsh(h)
