@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch._dynamo  # noqa: F401  (imported once here, not in every child)
 from conftest import ROOT, make_cfg, read_scalars
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.checkpoint import load_checkpoint
 
@@ -33,13 +34,19 @@ COMMON = (
     "trainer.checkpoint.every_n_steps=0",
     # instruments under DDP: norms of the all-reduced gradient, per-sample norms gathered
     "instrument.norms.every_n_steps=5", "instrument.per_sample.every_n_steps=5",
-    "instrument.per_sample.loss=both",
+    "instrument.per_sample.loss=both", "instrument.histograms.every_n_steps=10",
 )  # fmt: skip
 #: logged scalars that must match the single process's
 COMPARED = ("train/loss", "grad_norm/total", "grad_norm/net.1.weight", "grad_norm/total_clipped",
             "param_norm/net.1.weight", "update_ratio/net.5.weight",
             "per_sample/grad_norm_mean", "per_sample/grad_norm_max",
             "per_sample/weighted_grad_norm_mean", "per_sample/weighted_grad_norm_max")  # fmt: skip
+
+
+def histograms(run_dir: Path, tag: str) -> list:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    return acc.Histograms(tag)
 
 
 def free_port() -> int:
@@ -138,6 +145,14 @@ def test_two_processes_of_b_train_like_one_of_2b(tmp_path, case) -> None:
     compared = [t for t in (*COMPARED, *extra_tags) if t in s1]
     assert set(compared) >= {"train/loss", "grad_norm/total"}
     assert ("curvature/trace" in s1) == ("curvature" in case) == ("curvature/trace" in s2)
+    for tag in ("grad_hist/net.1.weight", "weight_hist/net.5.weight"):  # of the reduced grads
+        h1, h2 = histograms(one, tag), histograms(ranks[0], tag)
+        assert [e.step for e in h2] == [e.step for e in h1] == [10, 20]
+        for a, b in zip(h1, h2, strict=True):
+            a, b = a.histogram_value, b.histogram_value
+            assert b.num == a.num and b.min == pytest.approx(a.min, rel=1e-5, abs=1e-9)
+            assert b.max == pytest.approx(a.max, rel=1e-5) and b.sum == pytest.approx(
+                a.sum, rel=1e-4, abs=1e-6)  # fmt: skip
     for tag in compared:
         assert [s for s, _ in s2[tag]] == [s for s, _ in s1[tag]]
         assert [v for _, v in s2[tag]] == pytest.approx([v for _, v in s1[tag]], rel=1e-5), tag
