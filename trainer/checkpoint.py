@@ -65,7 +65,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's text advises weights_only=False, never an option here: keep only its cause
+        # torch's text advises turning weights_only off, never an option here: keep its cause
         skip = ("Weights only load failed", "Check the documentation", "Please file an issue")
         lines = [ln.strip() for ln in str(e).splitlines()]
         lines = [ln.split("WeightsUnpickler error:", 1)[-1].strip() for ln in lines]

@@ -98,19 +98,26 @@ def shard(start: int, stop: int, world: World) -> tuple[int, int]:
     return lo, lo + base + (1 if world.rank < extra else 0)
 
 
-def all_gather_cat(t: Tensor) -> tuple[Tensor, int]:
+def all_gather_cat(t: Tensor, sizes: list[int] | None = None) -> tuple[Tensor, int]:
     """Every rank's 1-D ``t`` concatenated in rank order (sizes may differ), and the offset of
-    this rank's part in it. One process: ``(t, 0)``."""
+    this rank's part in it. One process: ``(t, 0)``. ``sizes`` (each rank's length, when the
+    caller knows them) saves exchanging them, and with it a host sync."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t, 0
-    size = torch.tensor([t.numel()], device=t.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    counts = [int(c) for c in torch.cat(sizes).tolist()]  # host sync: the parts' sizes
-    longest = max(counts)
+    if sizes is None:
+        size = torch.tensor([t.numel()], device=t.device)
+        parts_sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts_sizes, size)
+        sizes = [int(c) for c in torch.cat(parts_sizes).tolist()]  # host sync: the sizes
+    longest = max(sizes)
     padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
     padded[: t.numel()] = t.detach()
-    parts = [torch.empty_like(padded) for _ in counts]
+    parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    whole = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
-    return whole, sum(counts[: dist.get_rank()])
+    whole = torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+    return whole, sum(sizes[: dist.get_rank()])
+
+
+def shard_sizes(n: int, world: World) -> list[int]:
+    """Each rank's number of samples of a global batch of ``n`` (see :func:`shard`)."""
+    return [hi - lo for lo, hi in (shard(0, n, World(r, world.size, r)) for r in range(world.size))]

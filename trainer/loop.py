@@ -204,7 +204,8 @@ class Trainer:
         #: an epoch's last step, after its validation)
         self.checkpoint_every = checkpoint_every_n_steps
         self.checkpoint_fn = checkpoint_fn
-        self._checkpointed_step = -1
+        #: the step of the last checkpoint written (or resumed from); -1: none
+        self.checkpointed_step = -1
         #: set (to the signal number) by a signal handler: the run stops after the current
         #: optimizer step, at a point it can be checkpointed and resumed from
         self.stop_signal: int | None = None
@@ -369,10 +370,10 @@ class Trainer:
             self.checkpoint_fn is not None
             and every > 0
             and self.global_step % every == 0
-            and self.global_step != self._checkpointed_step
+            and self.global_step != self.checkpointed_step
         ):
             self.checkpoint_fn(self)
-            self._checkpointed_step = self.global_step
+            self.checkpointed_step = self.global_step
 
     def validate(self) -> None:
         """Evaluate, log val/* at the current step, write the epoch's line, fire the hook."""
@@ -453,6 +454,8 @@ class Trainer:
                 loss = loss if share == 1.0 else loss * share
             backward_scalar(loss, self.scaler, reg, inputs)
         else:
+            if ddp:  # the sizes of the ranks' parts: known here, no exchange needed
+                self.weighting.global_size = self.train_loader.current_global_size
             weights = self.weighting(losses, logits, y, index)
             if share != 1.0 and self.weighting.normalize == "mean":
                 weights = weights * share  # sum/none: each micro-batch's weights as given
@@ -669,7 +672,7 @@ class Trainer:
                 log.warning("the checkpoint holds no state for callback %s: it starts fresh", name)
                 continue
             cb.load_state_dict(saved.pop(match)[1])
-        self._checkpointed_step = self.global_step
+        self.checkpointed_step = self.global_step
 
     def _fold_epoch_losses(self) -> None:
         """Add the epoch's pending per-sample losses into its device-side sum."""

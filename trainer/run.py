@@ -276,7 +276,7 @@ def run(
                 metrics = trainer.fit()
                 if trainer.stop_signal is not None and main:  # the handler stays on
                     stopped_at = writer.last
-                    if trainer._checkpointed_step != trainer.global_step or stopped_at is None:
+                    if trainer.checkpointed_step != trainer.global_step or stopped_at is None:
                         stopped_at = writer.write(step_path(directory, trainer.global_step))
             completed = trainer.stop_signal is None
         finally:
@@ -357,7 +357,6 @@ def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
     callbacks: Sequence[Callback] = (),
-    purge_step: int | None = None,
     with_logger: bool = True,
 ) -> Trainer:
     """Validate ``cfg`` and build data, model, optimizer, scheduler, logger (unless
@@ -431,7 +430,7 @@ def build_trainer(
         max_epochs=tc.max_epochs,
         max_steps=tc.max_steps,
         log_every_n_steps=typed.logging.every_n_steps,
-        logger=TensorBoardLogger(run_dir / "tb", purge_step=purge_step) if with_logger else None,
+        logger=TensorBoardLogger(run_dir / "tb") if with_logger else None,
         progress=typed.logging.progress,
         progress_every_n_steps=typed.logging.progress_every_n_steps,
         detect_anomaly=tc.detect_anomaly,

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.distributed import SINGLE, World, all_gather_cat, all_reduce_sum
+from trainer.distributed import SINGLE, World, all_gather_cat, all_reduce_sum, shard_sizes
 
 if TYPE_CHECKING:
     from trainer.data.base import DataModule
@@ -74,6 +74,8 @@ class Weighting(abc.ABC):
     nll_losses: bool = False
     #: data-parallel: normalize over the global batch (all ranks' samples); set by the builder
     world: World = SINGLE
+    #: data-parallel: samples in the current global batch, set by the trainer before each call
+    global_size: int = 0
 
     def __init__(self, normalize: str = "mean"):
         if normalize not in NORMALIZE:
@@ -270,7 +272,7 @@ class HardTopKWeighting(Weighting):
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         if self.world.distributed:  # the top k of the global batch: every rank's losses
-            everyone, offset = all_gather_cat(losses)
+            everyone, offset = all_gather_cat(losses, shard_sizes(self.global_size, self.world))
             top = torch.topk(everyone, self.count(everyone.numel()), sorted=False).indices
             mask = torch.zeros_like(everyone).index_fill_(0, top, 1.0)
             return mask[offset : offset + losses.numel()]
