@@ -21,15 +21,37 @@ CNN = ("data=synthetic", "model=cnn", "data.shape=[1,12,12]", "data.num_train=25
        "logging.every_n_steps=1", "instrument.norms.every_n_steps=1")  # fmt: skip
 
 
-def test_channels_last_trains_the_same_cnn(tmp_path) -> None:
-    train(tmp_path / "a", *CNN)
-    train(tmp_path / "b", *CNN, "trainer.channels_last=true")
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # data (synthetic draws in it) and weights
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_channels_last_trains_the_same_cnn(tmp_path, float64) -> None:
+    # The two layouts run different convolution kernels whose sums round differently, so the
+    # comparison needs a bound on rounding, not a tolerance that happened to pass once (in
+    # float32 with AdamW, whose update divides by sqrt(v) + eps, a 1-ulp gradient difference
+    # became a 2e-4 relative parameter difference). In float64 with plain SGD the bound is
+    # small and derivable: every reduction here (conv sums over B·H·W = 64·144 positions, the
+    # BatchNorm statistics over as many) has n <= 1e4 terms, so each gradient entry differs by
+    # at most γ_n·Σ|terms| <= 1e4 · 1.1e-16 · 10 ≈ 1e-11; SGD (lr 0.1, no momentum) moves a
+    # weight by lr·g per step, so 6 steps differ by at most 6 · 0.1 · 1e-11 ≈ 6e-13 (observed:
+    # a few ulp, ~2e-16). atol 1e-10 sits 100x above that bound and far below what a layout bug
+    # gives (wrong values, differences of order 1e-3 and more).
+    sgd = ("optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.1")
+    train(tmp_path / "a", *CNN, *sgd)
+    train(tmp_path / "b", *CNN, *sgd, "trainer.channels_last=true")
     a, b = final_params(tmp_path / "a"), final_params(tmp_path / "b")
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+        assert a[k].dtype in (torch.float64, torch.int64), k  # really trained in float64
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10)
     sa, sb = read_scalars(tmp_path / "a"), read_scalars(tmp_path / "b")
     for tag in ("train/loss", "grad_norm/total", "val/acc"):
-        assert [v for _, v in sb[tag]] == pytest.approx([v for _, v in sa[tag]], rel=1e-4), tag
+        # TensorBoard stores scalars as float32: equal after rounding to it, but for a value
+        # sitting on a float32 rounding boundary (one float32 ulp, 1.2e-7 relative)
+        assert [v for _, v in sb[tag]] == pytest.approx([v for _, v in sa[tag]], rel=2.4e-7), tag
 
 
 @pytest.mark.parametrize("extra", [(), ("loss.mode=vector", "weighting=focal")])
