@@ -30,6 +30,7 @@ NEEDS = {
     "weighting": ["loss.mode=vector"],
     "per_class": ["weighting.weights=[1,1,1,1,1,1,1,1,1,2]"],
     "per_sample": ["weighting.path=weights.pt"],
+    "tensors": ["data.path=data.pt"],
 }
 
 
@@ -45,7 +46,7 @@ def test_every_config_file_composes_and_validates(group: str, choice: str) -> No
 @pytest.mark.parametrize("model", choices("model"))
 def test_every_model_instantiates_with_shapes_from_the_data(model: str) -> None:
     cfg = make_cfg(f"model={model}")
-    net = instantiate(cfg.model, in_shape=[1, 8, 8], num_classes=10)
+    net = instantiate(cfg.model, in_shape=[1, 8, 8], out_dim=10)
     assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
@@ -67,7 +68,7 @@ def test_every_optimizer_and_scheduler_instantiates(optimizer: str, scheduler: s
 
 def test_every_data_config_instantiates() -> None:
     for choice in choices("data"):
-        data = instantiate(make_cfg(f"data={choice}").data)
+        data = instantiate(make_cfg(f"data={choice}", *NEEDS.get(choice, [])).data)
         assert data.batch_size >= 1
 
 

@@ -50,7 +50,9 @@ STEPS_PER_EPOCH = 180
 
 
 class _StartedMarker(Callback):
-    """Touches a file once the run has taken ``after`` optimizer steps."""
+    """Touches a file once the run has taken ``after`` optimizer steps, then waits there for
+    the parent's signal (so a slow parent cannot let the run finish first; bounded, so a lost
+    signal fails the test instead of hanging it)."""
 
     def __init__(self, path: Path, after: int):
         self.path, self.after = path, after
@@ -58,6 +60,9 @@ class _StartedMarker(Callback):
     def on_train_step_end(self, trainer, out) -> None:
         if trainer.global_step == self.after:
             self.path.touch()
+            deadline = time.monotonic() + 120
+            while trainer.stop_signal is None and time.monotonic() < deadline:
+                time.sleep(0.001)  # the signal handler runs in this (main) thread
 
 
 def _child(overrides: tuple[str, ...], run_dir: str, marker: str | None) -> None:
@@ -149,8 +154,9 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_exits(tmp_path, sig) ->
     every = ["trainer.checkpoint.every_n_steps=0"]  # the only step checkpoint: the signal's
     p = start([*COMMON, *every, "trainer.run_id=s", f"trainer.checkpoint.search_dir={tmp_path}"],
               run_dir, marker)  # fmt: skip
+    deadline = time.monotonic() + 120
     while not marker.exists():
-        assert p.is_alive()
+        assert p.is_alive() and time.monotonic() < deadline
         time.sleep(0.002)
     os.kill(p.pid, sig)
     assert finish(p) == 128 + sig  # 143 for SIGTERM, 130 SIGINT, 138 SIGUSR1

@@ -43,17 +43,29 @@ def served(tmp_path):
         deadline = time.monotonic() + 90
         while True:
             try:
-                if "tb" in get(url, "/data/runs"):
+                if _loaded(url):
                     break
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError, KeyError):
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()  # a live server's stdout would block the read below
                 pytest.fail(f"tensorboard did not come up: {server.stdout.read()[-2000:]}")
             time.sleep(0.25)
         yield url, metrics, final_params(tmp_path)[PARAM].numel()
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _loaded(url: str) -> bool:
+    """The run's whole event file is loaded: the data server lists a run before it has read
+    it, so wait for the last scalar and the last histogram rather than for the run's name."""
+    if "tb" not in get(url, "/data/runs"):
+        return False
+    loss = get(url, "/data/plugin/scalars/scalars?run=tb&tag=train/loss")
+    hist = get(url, f"/data/plugin/histograms/histograms?run=tb&tag=grad_hist/{PARAM}")
+    acc = get(url, "/data/plugin/scalars/scalars?run=tb&tag=val/acc")
+    return len(loss) == 6 and len(hist) == 2 and acc[-1][1] == 6
 
 
 def get(url: str, path: str, body: dict | None = None):

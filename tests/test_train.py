@@ -28,6 +28,7 @@ def test_default_run_learns_digits_and_writes_its_files(tmp_path) -> None:
         "train/loss",
         "val/loss",
         "val/acc",
+        "monitor",
         "step",
         "epoch",
         "wall_s",

@@ -164,6 +164,54 @@ class SyntheticConfig(DataConfig):
         )
 
 
+@dataclass
+class DiabetesConfig(DataConfig):
+    """scikit-learn's bundled diabetes data (442 samples, 10 features): regression, no network."""
+
+    _target_: str = "trainer.data.diabetes.DiabetesData"
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            0.0 < self.val_fraction < 1.0,
+            "data.val_fraction",
+            f"got {self.val_fraction}, must be in (0, 1)",
+        )
+
+
+@dataclass
+class TensorsConfig(DataConfig):
+    """Your tensors from a .pt or .npz file holding x, y (and optionally x_val, y_val)."""
+
+    _target_: str = "trainer.data.tensors.TensorsData"
+    path: str = MISSING
+    #: without x_val/y_val in the file: the fraction of samples held out for validation
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    #: classes of int64 labels (null: the largest label + 1)
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.path.lower().endswith((".pt", ".npz")),
+            "data.path",
+            f"got {self.path!r}, expected a .pt or .npz file",
+        )
+        _check(
+            0.0 < self.val_fraction < 1.0,
+            "data.val_fraction",
+            f"got {self.val_fraction}, must be in (0, 1)",
+        )
+        _check(
+            self.num_classes is None or self.num_classes >= 2,
+            "data.num_classes",
+            f"got {self.num_classes}, must be >= 2 (or null: read off the labels)",
+        )
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -309,20 +357,44 @@ class StepLRConfig(SchedulerConfig):
 # ----------------------------------------------------------------------------- loss, weighting
 
 
+LOSS_MODES = ("scalar", "vector")
+
+
 @dataclass
 class LossConfig:
-    """``scalar``: ``losses.mean().backward()``; ``vector``: ``losses.backward(gradient=w)``."""
+    """Keys every loss has. ``mode`` is read by the trainer, not passed to the loss:
+    ``scalar``: ``losses.mean().backward()``; ``vector``: ``losses.backward(gradient=w)``.
+    A loss of your own needs no schema: ``_target_`` plus its constructor's keys (``mode``
+    comes from configs/train.yaml)."""
 
+    _target_: str = MISSING
     mode: str = "scalar"
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, LOSS_MODES, "loss.mode")
+
+
+@dataclass
+class CrossEntropyConfig(LossConfig):
+    """Per-sample cross-entropy over class logits (classification; trainer/losses.py)."""
+
+    _target_: str = "trainer.losses.CrossEntropy"
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        _one_of(self.mode, ("scalar", "vector"), "loss.mode")
+        super().__post_init__()
         _check(
             0.0 <= self.label_smoothing < 1.0,
             "loss.label_smoothing",
             f"got {self.label_smoothing}, must be in [0, 1)",
         )
+
+
+@dataclass
+class MSEConfig(LossConfig):
+    """Per-sample mean squared error (regression; trainer/losses.py)."""
+
+    _target_: str = "trainer.losses.MSE"
 
 
 @dataclass
@@ -703,20 +775,32 @@ class TrainConfig:
     model: Any = MISSING
     optimizer: Any = MISSING
     scheduler: Any = MISSING
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: Any = MISSING
     weighting: Any = MISSING
     #: name -> regularizer config (``regularizer=[l2,orthogonal]``); empty by default
     regularizer: dict[str, Any] = field(default_factory=dict)
     instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: name -> a callback's config (``_target_`` + its keys), built and added to the run's
+    #: callbacks after the instruments (``callbacks=<file>``, configs/callbacks/)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    #: the metric a run returns to a sweeper (Optuna optimizes it) and HPARAMS lists first;
+    #: null: the loss's task decides (val/acc for classification, val/mse for regression)
+    monitor: str | None = None
 
-    GROUPS: ClassVar[tuple[str, ...]] = ("data", "model", "optimizer", "scheduler", "weighting")
+    #: groups whose choice builds an object with ``_target_``: a schema of the project's own,
+    #: or any user ``_target_`` (checked against its signature by :func:`validate`)
+    GROUPS: ClassVar[tuple[str, ...]] = (
+        "data", "model", "optimizer", "scheduler", "loss", "weighting",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "seed", f"got {self.seed}, must be in [0, 2**32)")
+        mode = self.loss.get("mode") if isinstance(self.loss, dict) else self.loss.mode
+        _one_of(mode, LOSS_MODES, "loss.mode")
         weighting = self.weighting
-        if self.loss.mode == "scalar" and isinstance(weighting, WeightingConfig):
+        if mode == "scalar" and isinstance(weighting, WeightingConfig):
             uniform_mean = type(weighting) is UniformWeightingConfig and (
                 weighting.normalize == "mean"
             )
@@ -726,6 +810,13 @@ class TrainConfig:
                 f"{weighting._target_.rsplit('.', 1)[-1]} (normalize={weighting.normalize}) "
                 "needs loss.mode=vector; scalar mode always backpropagates the plain mean of "
                 "the losses",
+            )
+        if mode == "scalar" and isinstance(weighting, dict):
+            _check(
+                False,
+                "weighting",
+                f"{weighting.get('_target_')} needs loss.mode=vector; scalar mode always "
+                "backpropagates the plain mean of the losses",
             )
         for name, reg in self.regularizer.items():
             _one_of(name, tuple(REGULARIZERS), "regularizer")
@@ -749,13 +840,36 @@ class TrainConfig:
             "input_grad_penalty's double backward flows through the same layers and would mix "
             "into them: turn one of the two off",
         )
-        for group in self.GROUPS:
-            node = getattr(self, group)
+        for name, node in self.callbacks.items():
             _check(
-                not isinstance(node, dict),
-                group,
-                "has no schema: choose a config from configs/" + group + "/",
+                isinstance(node, dict) and "_target_" in node,
+                f"callbacks.{name}",
+                "must be a _target_ (a Callback class) plus its keys",
             )
+
+    @property
+    def loss_mode(self) -> str:
+        return str(self.loss.get("mode") if isinstance(self.loss, dict) else self.loss.mode)
+
+
+#: keys of a group's node the project reads itself, not passed to a user target
+RESERVED_KEYS: dict[str, tuple[str, ...]] = {"loss": ("mode",)}
+#: keyword arguments the builder passes from the data, to a model that asks for them
+MODEL_PROVIDED = ("in_shape", "out_dim", "num_classes", "vocab_size")
+
+
+def _check_user_components(typed: TrainConfig) -> None:
+    """Import each user ``_target_`` (a group's node without a schema, and every callback) and
+    check its keys against the target's signature."""
+    from trainer.components import check_component
+
+    for group in TrainConfig.GROUPS:
+        node = getattr(typed, group)
+        if isinstance(node, dict):
+            provided = MODEL_PROVIDED if group == "model" else ()
+            check_component(group, node, RESERVED_KEYS.get(group, ()), provided)
+    for name, node in typed.callbacks.items():
+        check_component(f"callbacks.{name}", node)
 
 
 def register_configs() -> None:
@@ -767,11 +881,13 @@ def register_configs() -> None:
             "digits": DigitsConfig,
             "torchvision": TorchvisionConfig,
             "synthetic": SyntheticConfig,
+            "diabetes": DiabetesConfig,
+            "tensors": TensorsConfig,
         },
         "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet": ResNetConfig},
         "optimizer": {"sgd": SGDConfig, "adamw": AdamWConfig},
         "scheduler": {"none": SchedulerConfig, "cosine": CosineConfig, "step": StepLRConfig},
-        "loss": {"loss": LossConfig},
+        "loss": {"cross_entropy": CrossEntropyConfig, "mse": MSEConfig},
         "weighting": {
             "uniform": UniformWeightingConfig,
             "class_balanced": ClassBalancedWeightingConfig,
@@ -810,6 +926,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(str(e).split("\n    full_key")[0] + _full_key(e)) from None
     assert isinstance(typed, TrainConfig)
     _reject_unknown_keys(cfg, typed, prefix="")
+    _check_user_components(typed)
     return typed
 
 

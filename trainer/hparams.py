@@ -20,7 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-#: the metrics the HPARAMS tab shows, read from the run's scalars
+#: the metrics the HPARAMS tab shows for a classification run, read from the run's scalars
+#: (a run passes its task's own: trainer.losses.Loss.metrics)
 METRICS = ("val/acc", "val/loss", "train/loss")
 #: config groups whose choice is a hyperparameter (when the run was composed by Hydra)
 GROUPS = (
@@ -105,8 +106,11 @@ def _plugin_summary(tag: str, data: Any) -> Any:
     return Summary(value=[value])
 
 
-def start_summaries(hparams: Mapping[str, HParamValue]) -> list[Any]:
-    """The experiment and session-start ``Summary`` protos for ``hparams``."""
+def start_summaries(
+    hparams: Mapping[str, HParamValue], metrics: Iterable[str] = METRICS
+) -> list[Any]:
+    """The experiment and session-start ``Summary`` protos for ``hparams``; ``metrics``: the
+    run's scalars the HPARAMS tab shows (the task's, the monitored one first)."""
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
     from tensorboard.plugins.hparams import summary_v2 as hp
 
@@ -117,7 +121,7 @@ def start_summaries(hparams: Mapping[str, HParamValue]) -> list[Any]:
 
     experiment = api_pb2.Experiment(
         hparam_infos=[api_pb2.HParamInfo(name=k, type=dtype(hparams[k])) for k in sorted(hparams)],
-        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in METRICS],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metrics],
         time_created_secs=time.time(),
     )
     data = plugin_data_pb2.HParamsPluginData(experiment=experiment)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 
@@ -38,6 +37,7 @@ from trainer.backward import backward_scalar, backward_vector
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.distributed import SINGLE, World, all_reduce_sum
 from trainer.logger import Progress, Scalars, TensorBoardLogger, to_floats
+from trainer.losses import Loss, as_loss
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
 
@@ -128,7 +128,9 @@ class Trainer:
     """Trains ``model`` on ``train_loader``, validating on ``val_loader`` after each epoch.
 
     Args:
-        criterion: per-sample loss, ``(logits, y) -> (B,)`` (``reduction="none"``).
+        criterion: the loss, ``(output, y) -> (B,)`` per-sample losses: a
+            :class:`trainer.losses.Loss` (its task gives the validation metrics) or any
+            callable (validation then reports val/loss only).
         weighting: gradient weights for vector mode; ``None`` selects scalar mode.
         precision: ``"32"``, ``"bf16"`` (autocast) or ``"16"`` (autocast + GradScaler).
         grad_clip: max total gradient L2 norm (0: no clipping).
@@ -142,7 +144,7 @@ class Trainer:
         train_loader: Loader,
         val_loader: Loader,
         *,
-        criterion: Callable[[Tensor, Tensor], Tensor],
+        criterion: Loss | Callable[[Tensor, Tensor], Tensor],
         device: torch.device,
         weighting: Weighting | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -189,7 +191,9 @@ class Trainer:
         self._penalty_window: list[Tensor] = []  # its detached values in the current window
         self._penalty_grads: dict[int, Tensor] = {}  # its θ-gradient, windows that log only
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.criterion, self.weighting, self.device = criterion, weighting, device
+        #: the loss component (trainer.losses.Loss; a plain callable is wrapped)
+        self.criterion = as_loss(criterion)
+        self.weighting, self.device = weighting, device
         self.amp_dtype = _AMP_DTYPES[str(precision)]
         self.scaler = torch.amp.GradScaler(device.type) if str(precision) == "16" else None
         self.grad_clip = grad_clip
@@ -379,11 +383,12 @@ class Trainer:
         """Evaluate, log val/* at the current step, write the epoch's line, fire the hook."""
         m = self.metrics = self.evaluate()
         if self.logger is not None:
-            self.logger.log_scalars({k: m[k] for k in ("val/loss", "val/acc")}, self.global_step)
+            self.logger.log_scalars({k: v for k, v in m.items() if k.startswith("val/")},
+                                    self.global_step)  # fmt: skip
         log.info(
-            "epoch %d/%d  step %d  train/loss %.4f  val/loss %.4f  val/acc %.4f",
-            self.epoch + 1, self.max_epochs, self.global_step,
-            m["train/loss"], m["val/loss"], m["val/acc"],
+            "epoch %d/%d  step %d  train/loss %.4f  %s",
+            self.epoch + 1, self.max_epochs, self.global_step, m["train/loss"],
+            "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val/")),
         )  # fmt: skip
         self._fire("on_validation_end", m)
 
@@ -422,8 +427,14 @@ class Trainer:
         if self.input_penalty is not None:
             x = self.input_penalty.prepare(x)  # a leaf to differentiate the loss with respect to
         with self._autocast():
-            logits = self.forward_model(x)  # (B, K)
+            logits = self.forward_model(x)  # (B, K) class logits, or any output the loss takes
             losses = self.criterion(logits, y)  # (B,)
+        if losses.shape != y.shape[:1]:  # metadata only, no sync
+            raise ValueError(
+                f"loss {type(self.criterion).__name__} returned shape {tuple(losses.shape)} for "
+                f"a batch of {y.shape[0]}; it must return one loss per sample, shape (B,) "
+                "(reduction='none')"
+            )
         share = y.shape[0] / window_samples  # 1.0 without accumulation
         # data-parallel: DDP averages the ranks' gradients, so each backpropagates world size x
         # its part of the global objective; the share is the global batch's
@@ -683,27 +694,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """val/loss (plain cross-entropy), val/acc, and the epoch's mean train/loss."""
+        """The loss's validation metrics (val/loss, and val/acc or val/mse by task) and the
+        epoch's mean train/loss."""
         self.model.eval()
         self._fold_epoch_losses()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        n = 0
+        names = self.criterion.metrics
+        sums = torch.zeros(len(names), 2, device=self.device)  # (metric, [sum, count])
         for x, y, _ in self.val_loader:
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                logits = self.model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            correct += (logits.argmax(dim=1) == y).sum()
-            n += y.shape[0]
-        counts = torch.tensor([float(n), float(self._epoch_samples)], device=self.device)
-        sums = torch.cat([torch.stack([loss_sum, correct, self._epoch_loss_sum]), counts])
-        val_loss, val_correct, train_sum, n, train_n = all_reduce_sum(
-            sums
-        ).tolist()  # host sync: once per validation (data-parallel: summed over the ranks)
-        return {
-            "train/loss": train_sum / max(train_n, 1),
-            "val/loss": val_loss / max(n, 1),
-            "val/acc": val_correct / max(n, 1),
-        }
+                output = self.model(x)
+            batch = self.criterion.val_sums(output, y)
+            sums += torch.stack([batch[k] for k in names])
+        train = torch.stack([self._epoch_loss_sum, torch.tensor(float(self._epoch_samples))])
+        both = all_reduce_sum(torch.cat([sums, train.to(self.device)[None]]))
+        # host sync: once per validation (data-parallel: summed over the ranks)
+        rows = both.tolist()
+        values = {k: s / max(n, 1) for k, (s, n) in zip(names, rows[:-1], strict=True)}
+        train_sum, train_n = rows[-1]
+        return {"train/loss": train_sum / max(train_n, 1), **self.criterion.finalize(values)}

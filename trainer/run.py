@@ -18,13 +18,11 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -40,12 +38,14 @@ from trainer.checkpoint import (
     write_json,
     write_run_marker,
 )
+from trainer.components import build
 from trainer.config import ConfigError, validate
 from trainer.data.base import DataModule
 from trainer.hparams import end_summary, hydra_hparams, start_summaries
 from trainer.instrument import build_callbacks
 from trainer.logger import TensorBoardLogger
 from trainer.loop import Callback, Trainer, planned_steps
+from trainer.losses import Loss, as_loss
 from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,13 @@ def run(
         # built without a logger: a checkpoint that does not fit must not touch the run it
         # came from (its metrics.json, its events)
         trainer = build_trainer(cfg, run_dir, callbacks, with_logger=False)
+        metric_names = (*trainer.criterion.metrics, "train/loss")
+        monitor = typed.monitor or trainer.criterion.monitor
+        if monitor not in metric_names:
+            raise ConfigError(
+                f"monitor: got {monitor!r}, but this run reports {', '.join(metric_names)} "
+                f"(loss: {type(trainer.criterion).__name__}, task {trainer.criterion.task})"
+            )
         purge_step = None
         if resume_state is not None:
             assert resume_path is not None
@@ -265,7 +272,8 @@ def run(
         if resume_state is not None:
             writer.last = resume_path
         elif trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
-            for summary in start_summaries(hydra_hparams(cfg)):
+            listed = (monitor, *[m for m in metric_names if m != monitor])
+            for summary in start_summaries(hydra_hparams(cfg), listed):
                 trainer.logger.add_summary(summary, 0)
         if main:
             write_run_marker(directory, run_id, run_dir)
@@ -315,8 +323,8 @@ def run(
         raise
     result: dict[str, Any] = {
         "train/loss": metrics["train/loss"],
-        "val/loss": metrics["val/loss"],
-        "val/acc": metrics["val/acc"],
+        **{k: metrics[k] for k in trainer.criterion.metrics},
+        "monitor": monitor,
         "step": trainer.global_step,
         "epoch": trainer.epoch,
         "wall_s": time.perf_counter() - start,
@@ -330,10 +338,12 @@ def run(
         return result
     write_json(run_dir / "metrics.json", result)
     shown = _display(run_dir)
+    shown_metrics = "  ".join(
+        f"{k} {result[k]:.4f}" for k in (*trainer.criterion.metrics[::-1], "train/loss")
+    )
     log.info(
-        "done: val/acc %.4f  val/loss %.4f  train/loss %.4f  (%d epochs, %d steps, %.1f s)",
-        result["val/acc"], result["val/loss"], result["train/loss"],
-        result["epoch"], result["step"], result["wall_s"],
+        "done: %s  (%d epochs, %d steps, %.1f s)",
+        shown_metrics, result["epoch"], result["step"], result["wall_s"],
     )  # fmt: skip
     log.info("run dir: %s", shown)
     log.info("view it: tensorboard --logdir %s", shown)
@@ -353,6 +363,28 @@ def _sweep_progress() -> dict[str, Any]:
     return {"progress_bar": basic, "progress_label": f"job {hc.job.num}: "}
 
 
+def build_loss(node: DictConfig) -> Loss:
+    """The loss component from ``cfg.loss`` (its ``mode`` is the trainer's, not passed on)."""
+    spec = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(spec, dict)
+    spec.pop("mode", None)
+    return as_loss(build("loss", spec))
+
+
+def build_user_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The ``callbacks`` group's entries, each ``_target_`` + keys, in the order given."""
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        cb = build(f"callbacks.{name}", node)
+        if not isinstance(cb, Callback):
+            raise ConfigError(
+                f"callbacks.{name}._target_: {node._target_} built a {type(cb).__name__}, not a "
+                "trainer.loop.Callback (subclass it and override the hooks you need)"
+            )
+        out.append(cb)
+    return out
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -366,18 +398,23 @@ def build_trainer(
     device = distributed.setup(world, resolve_device(typed.trainer.device))
     seed_everything(typed.seed, typed.trainer.deterministic)
 
-    data: DataModule = instantiate(cfg.data)
+    data = build("data", cfg.data)
+    if not isinstance(data, DataModule):
+        raise ConfigError(
+            f"data._target_: {cfg.data._target_} built a {type(data).__name__}, not a "
+            "trainer.data.base.DataModule (subclass it; README, 'Bring your own')"
+        )
     data.setup(device, typed.seed, world)
     if len(data.train_loader) == 0:
         raise ConfigError(
-            f"data.batch_size: {typed.data.batch_size} is larger than the training split "
+            f"data.batch_size: {data.batch_size} is larger than the training split "
             f"({data.train_loader.num_samples} samples) with data.drop_last=true: no batch left"
         )
     if data.val_loader.num_samples == 0:
         raise ConfigError("data: the validation split is empty; give it at least one sample")
-    model: nn.Module = instantiate(
-        cfg.model, in_shape=list(data.input_shape), num_classes=data.num_classes
-    ).to(device)
+    loss = build_loss(cfg.loss)
+    loss.check(data)
+    model: nn.Module = build("model", cfg.model, provided=data.provides()).to(device)
     optimizer = instantiate(cfg.optimizer, _convert_="all")(model.parameters())
     tc = typed.trainer
     total_steps = planned_steps(
@@ -385,10 +422,16 @@ def build_trainer(
     )
     scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     weighting: Weighting | None = None
-    if typed.loss.mode == "vector":
-        weighting = instantiate(cfg.weighting)
+    if typed.loss_mode == "vector":
+        weighting = build("weighting", cfg.weighting)
+        if not isinstance(weighting, Weighting):
+            raise ConfigError(
+                f"weighting._target_: built a {type(weighting).__name__}, not a "
+                "trainer.weighting.Weighting (subclass it and implement raw())"
+            )
+        weighting.check_loss(loss)
         weighting.setup(data, device)  # class counts, per-class lengths, per-sample files
-        weighting.nll_losses = typed.loss.label_smoothing == 0  # losses are -log p_y exactly
+        weighting.nll_losses = loss.nll  # losses are -log p_y exactly
         weighting.world = world  # normalized over the global batch
     regularizers = [
         instantiate(node, name=name).bind(model)
@@ -417,10 +460,7 @@ def build_trainer(
         optimizer,
         data.train_loader,
         data.val_loader,
-        # functional, not nn.CrossEntropyLoss: one module call less per step
-        criterion=partial(
-            F.cross_entropy, reduction="none", label_smoothing=typed.loss.label_smoothing
-        ),
+        criterion=loss,
         device=device,
         weighting=weighting,
         scheduler=scheduler,
@@ -435,7 +475,7 @@ def build_trainer(
         progress_every_n_steps=typed.logging.progress_every_n_steps,
         detect_anomaly=tc.detect_anomaly,
         **_sweep_progress(),
-        callbacks=[*build_callbacks(typed.instrument), *callbacks],
+        callbacks=[*build_callbacks(typed.instrument), *build_user_callbacks(cfg), *callbacks],
         world=world,
         forward_model=forward_model,
         channels_last=tc.channels_last,

@@ -31,11 +31,13 @@ def in_multirun() -> bool:
 
 
 def run_job(cfg: DictConfig) -> float:
-    """Train (``trainer.run``) and return val/acc; in a multirun a failure returns NaN."""
+    """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
+    classification, val/mse for regression); in a multirun a failure returns NaN."""
     from trainer.run import run
 
     try:
-        return run(cfg)["val/acc"]
+        result = run(cfg)
+        return result[result["monitor"]]
     except Exception as e:
         if not in_multirun():
             raise

@@ -47,6 +47,7 @@ from trainer.distributed import SINGLE, World, all_gather_cat, all_reduce_sum, s
 
 if TYPE_CHECKING:
     from trainer.data.base import DataModule
+    from trainer.losses import Loss
 
 NORMALIZE = ("mean", "sum", "none")
 
@@ -84,8 +85,21 @@ class Weighting(abc.ABC):
             )
         self.normalize = normalize
 
+    #: the strategy reads class labels (a per-class table, the true class's probability):
+    #: classification losses only
+    needs_classes: bool = False
+
     def setup(self, data: DataModule, device: torch.device) -> None:  # noqa: B027
         """Read what the strategy needs from the training split (once, before training)."""
+
+    def check_loss(self, loss: Loss) -> None:
+        """Refuse a loss this strategy cannot weight (called once, before training)."""
+        if self.needs_classes and loss.task != "classification":
+            raise ValueError(
+                f"weighting={_config_name(self)} reads class labels, but the loss "
+                f"{type(loss).__name__} is not a classification loss (task {loss.task}); use "
+                "weighting=uniform, per_sample or hard_topk"
+            )
 
     @abc.abstractmethod
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
@@ -127,10 +141,29 @@ class UniformWeighting(Weighting):
         return torch.full_like(losses, value, requires_grad=False)
 
 
+def _config_name(w: Weighting) -> str:
+    """``ClassBalancedWeighting`` -> ``class_balanced``."""
+    import re
+
+    name = type(w).__name__.removesuffix("Weighting")
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _class_count(data: DataModule, strategy: str) -> int:
+    if data.num_classes is None or data.train_targets is None:
+        raise ValueError(
+            f"weighting={strategy} needs class counts: the data module "
+            f"{type(data).__name__} sets no num_classes (and int64 labels as train targets); "
+            "set num_classes in it, or use weighting=uniform, per_sample or hard_topk"
+        )
+    return data.num_classes
+
+
 class _ClassTable(Weighting):
     """r_i = table[y_i] for a per-class table on the device."""
 
     table: Tensor  # (K,)
+    needs_classes = True
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         return self.table[targets]
@@ -140,8 +173,10 @@ class ClassBalancedWeighting(_ClassTable):
     """r_i = N / (K n_{y_i}): inverse class frequency over the training split."""
 
     def setup(self, data: DataModule, device: torch.device) -> None:
-        counts = torch.bincount(data.train_targets.cpu(), minlength=data.num_classes).double()
-        n, k = counts.sum(), data.num_classes
+        k = _class_count(data, "class_balanced")
+        assert data.train_targets is not None
+        counts = torch.bincount(data.train_targets.cpu().long(), minlength=k).double()
+        n = counts.sum()
         table = torch.where(counts > 0, n / (k * counts.clamp_min(1)), 0.0)
         self.class_weights = table.float()  # (K,), what CrossEntropyLoss(weight=...) would take
         self.table = self.class_weights.to(device)
@@ -158,6 +193,7 @@ class PerClassWeighting(_ClassTable):
             raise ValueError(problem)
 
     def setup(self, data: DataModule, device: torch.device) -> None:
+        _class_count(data, "per_class")
         if len(self.weights) != data.num_classes:
             raise ValueError(
                 f"weighting.weights: got {len(self.weights)} weights but the data has "
@@ -239,6 +275,8 @@ class PerSampleWeighting(Weighting):
 
 class FocalWeighting(Weighting):
     """r_i = (1 - p_i)^gamma, p_i = softmax(logits_i)[y_i], detached (Lin et al., 2017)."""
+
+    needs_classes = True
 
     def __init__(self, gamma: float = 2.0, normalize: str = "mean"):
         super().__init__(normalize)

@@ -15,7 +15,7 @@ import abc
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from trainer.distributed import SINGLE, World, shard
 
 class Batch(NamedTuple):
     x: Tensor  # (B, *input_shape)
-    y: Tensor  # (B,) int64 class labels
+    y: Tensor  # (B, ...) targets: int64 class labels (B,), float vectors (B, D), tokens (B, T)
     index: Tensor  # (B,) int64 positions in the data set
 
 
@@ -35,7 +35,7 @@ class TensorSplit:
     """A split held as tensors; ``transform`` maps a batch of ``x`` (on the device) to inputs."""
 
     x: Tensor  # (N, *input_shape), any dtype (uint8 images stay uint8 until batched)
-    y: Tensor  # (N,) int64
+    y: Tensor  # (N, ...) targets of any dtype and shape (class labels, vectors, tokens)
     transform: Callable[[Tensor], Tensor] | None = None
 
     def __len__(self) -> int:
@@ -184,14 +184,14 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, Any, int]:
         if isinstance(self.dataset, TensorSplit):
             x = self.dataset.x[i]
             if self.dataset.transform is not None:
                 x = self.dataset.transform(x.unsqueeze(0)).squeeze(0)
-            return x, int(self.dataset.y[i]), i
-        x, y = self.dataset[i]
-        return x, int(y), i
+            return x, self.dataset.y[i], i
+        x, y = self.dataset[i]  # an int label collates to int64, a tensor target as it is
+        return x, y, i
 
 
 class DeviceLoader:
@@ -262,15 +262,44 @@ class DeviceLoader:
 Loader = InMemoryLoader | DeviceLoader
 
 
+def _first_sample(split: TensorSplit | Dataset) -> tuple[Tensor, Any]:
+    """One training sample ``(x, y)`` as the model sees it (after a split's transform)."""
+    if isinstance(split, TensorSplit):
+        x = split.x[:1]
+        if split.transform is not None:
+            x = split.transform(x)
+        return x[0], split.y[0]
+    if len(split) == 0:  # type: ignore[arg-type]
+        raise ValueError("data: the training split is empty")
+    x, y = split[0]
+    return torch.as_tensor(x), y
+
+
 class DataModule(abc.ABC):
     """Loads the splits (:meth:`load`) and builds the loaders (:meth:`setup`).
 
-    Subclasses take their own config keys plus the common ones below (``configs/data/*.yaml``).
+    The whole contract for a data set of your own (see README, "Bring your own"): subclass,
+    take your keys plus ``**common`` (the loader keys below) in ``__init__``, and return
+    ``(train, val)`` from :meth:`load`, each a :class:`TensorSplit` ``(x, y)`` or any
+    ``torch.utils.data.Dataset`` of ``(x, y)`` pairs. ``y`` may be class labels (int64, (N,)),
+    float vectors (regression) or token sequences. Set ``num_classes`` for classification
+    (class-based weightings need it); ``input_shape`` and ``out_dim`` are read off the data when
+    not set. A model's constructor receives ``in_shape``, ``out_dim``, ``num_classes`` and
+    ``vocab_size`` from here, each only if it asks for it (:meth:`provides`).
     """
 
-    input_shape: tuple[int, ...]
-    num_classes: int
-    train_targets: Tensor
+    #: shape of one input; None: read off the training split after :meth:`load`
+    input_shape: tuple[int, ...] | None = None
+    #: classes of a classification task (int64 labels in [0, num_classes)); None: not one
+    num_classes: int | None = None
+    #: outputs a model needs: num_classes for classification, else the size of one target
+    #: (1 for scalar regression targets); None: read off the data after :meth:`load`
+    out_dim: int | None = None
+    #: tokens of a sequence task; None: not one
+    vocab_size: int | None = None
+    #: (N, ...) targets of the training split, on the CPU (class counts); None for a
+    #: ``Dataset`` without a ``targets`` attribute
+    train_targets: Tensor | None
     train_loader: Loader
     val_loader: Loader
 
@@ -296,7 +325,7 @@ class DataModule(abc.ABC):
 
     @abc.abstractmethod
     def load(self) -> tuple[TensorSplit | Dataset, TensorSplit | Dataset]:
-        """Return (train, val); sets ``input_shape`` and ``num_classes``."""
+        """Return (train, val)."""
 
     def setup(self, device: torch.device, seed: int, world: World = SINGLE) -> None:
         """Load the splits and build the loaders; data-parallel (``world``), each rank's
@@ -305,12 +334,27 @@ class DataModule(abc.ABC):
         train, val = self.load()
         if self.train_subset:
             train = self._subset(train, self.train_subset)
-        #: (N,) labels of the training split, on the CPU (class counts, weighting)
-        self.train_targets = torch.as_tensor(
-            train.y if isinstance(train, TensorSplit) else train.targets  # type: ignore[attr-defined]
-        ).long()
+        targets = train.y if isinstance(train, TensorSplit) else getattr(train, "targets", None)
+        self.train_targets = None if targets is None else torch.as_tensor(targets)
+        if self.out_dim is None and self.num_classes is not None:
+            self.out_dim = self.num_classes
+        if self.input_shape is None or self.out_dim is None:
+            x0, y0 = _first_sample(train)
+            if self.input_shape is None:
+                self.input_shape = tuple(x0.shape)
+            if self.out_dim is None:  # the size of one target (a scalar target: 1)
+                self.out_dim = max(1, torch.as_tensor(y0).numel())
         self.train_loader = self._loader(train, self.batch_size, device, True, seed, self.drop_last)
         self.val_loader = self._loader(val, self.eval_batch_size, device, False, seed, False)
+
+    def provides(self) -> dict[str, Any]:
+        """What a model's constructor may ask for by name (after :meth:`setup`)."""
+        out: dict[str, Any] = {"in_shape": list(self.input_shape or ()), "out_dim": self.out_dim}
+        if self.num_classes is not None:
+            out["num_classes"] = self.num_classes
+        if self.vocab_size is not None:
+            out["vocab_size"] = self.vocab_size
+        return out
 
     @staticmethod
     def _subset(split: TensorSplit | Dataset, n: int) -> TensorSplit | Dataset:
@@ -323,7 +367,8 @@ class DataModule(abc.ABC):
         if isinstance(split, TensorSplit):
             return TensorSplit(split.x[:n], split.y[:n], split.transform)
         subset = Subset(split, range(n))
-        subset.targets = torch.as_tensor(split.targets)[:n]  # type: ignore[attr-defined]
+        if hasattr(split, "targets"):
+            subset.targets = torch.as_tensor(split.targets)[:n]  # type: ignore[attr-defined]
         return subset
 
     def _loader(

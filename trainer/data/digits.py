@@ -21,17 +21,23 @@ NUM_CLASSES = 10
 INPUT_SHAPE = (1, 8, 8)
 
 
-def digits_file() -> Path:
+def sklearn_data_file(name: str, data: str = "digits") -> Path:
+    """A data file bundled inside the scikit-learn package (``sklearn/datasets/data/<name>``),
+    found without importing scikit-learn (about a second of start-up)."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "data=digits reads the digits file bundled with scikit-learn, which is not installed: "
+            f"data={data} reads a file bundled with scikit-learn, which is not installed: "
             "pip install scikit-learn"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / name
     if not path.is_file():
-        raise FileNotFoundError(f"data=digits: scikit-learn's digits file is missing at {path}")
+        raise FileNotFoundError(f"data={data}: scikit-learn's {name} is missing at {path}")
     return path
+
+
+def digits_file() -> Path:
+    return sklearn_data_file("digits.csv.gz")
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:

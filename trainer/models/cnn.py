@@ -13,7 +13,7 @@ class CNN(nn.Module):
 
     Args:
         in_shape: (C, H, W) of one input (from the data).
-        num_classes: number of outputs (from the data).
+        out_dim: number of outputs (from the data: the class count, or the size of a target).
         channels: output channels of each conv block.
         hidden: width of the hidden layer of the head.
         batch_norm: BatchNorm2d after each conv.
@@ -23,7 +23,7 @@ class CNN(nn.Module):
     def __init__(
         self,
         in_shape: Sequence[int],
-        num_classes: int,
+        out_dim: int,
         channels: Sequence[int] = (32, 64),
         hidden: int = 128,
         batch_norm: bool = False,
@@ -48,9 +48,9 @@ class CNN(nn.Module):
         head: list[nn.Module] = [nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU()]
         if dropout > 0:
             head.append(nn.Dropout(dropout))
-        head.append(nn.Linear(hidden, num_classes))
+        head.append(nn.Linear(hidden, out_dim))
         self.features = nn.Sequential(*blocks)
         self.head = nn.Sequential(*head)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, out_dim)
         return self.head(self.features(x))

@@ -13,7 +13,7 @@ class MLP(nn.Module):
 
     Args:
         in_shape: shape of one input (from the data), e.g. (1, 8, 8).
-        num_classes: number of outputs (from the data).
+        out_dim: number of outputs (from the data: the class count, or the size of a target).
         hidden: widths of the hidden layers.
         dropout: dropout probability after each hidden layer (0: none).
     """
@@ -21,7 +21,7 @@ class MLP(nn.Module):
     def __init__(
         self,
         in_shape: Sequence[int],
-        num_classes: int,
+        out_dim: int,
         hidden: Sequence[int] = (256, 128),
         dropout: float = 0.0,
     ):
@@ -33,8 +33,8 @@ class MLP(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h
-        layers.append(nn.Linear(width, num_classes))
+        layers.append(nn.Linear(width, out_dim))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, *in_shape) -> (B, num_classes)
+    def forward(self, x: Tensor) -> Tensor:  # (B, *in_shape) -> (B, out_dim)
         return self.net(x)

@@ -1,0 +1,198 @@
+"""Bring your own: user components by _target_ (examples/byo), tensors files, regression.
+
+The example package lives outside the trainer (examples/byo/byo) and is selected through the
+real CLI with --config-dir, as README's "Bring your own" section shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, final_params, make_cfg, read_scalars, train
+
+from trainer.config import ConfigError, validate
+
+BYO = ROOT / "examples" / "byo"
+BYO_CHOICES = ("model=sine_net", "data=noisy_sine", "loss=huber")
+
+
+def byo_cfg(*overrides: str):
+    """The composed config with examples/byo/configs on the search path (as --config-dir does)."""
+    return make_cfg(f"hydra.searchpath=[file://{BYO / 'configs'}]", *overrides)
+
+
+@pytest.fixture
+def byo_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(BYO))
+
+
+def test_a_user_package_trains_through_the_cli_with_config_dir(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(BYO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config-dir", str(BYO / "configs"), *BYO_CHOICES,
+         "callbacks=byo", "trainer.max_epochs=20", "optimizer.lr=1e-2", "trainer.device=cpu",
+         "logging.progress=false", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # regression metrics from the user loss's task; y = sin(x) + 0.1·noise: the noise's variance
+    # (0.01) is the floor of val/mse, predicting 0 scores E[sin²] ≈ 0.5
+    assert metrics["monitor"] == "val/mse" and "val/acc" not in metrics
+    assert metrics["val/mse"] < 0.1
+    scalars = read_scalars(run_dir)
+    assert [s for s, _ in scalars["byo/output_std"]] == list(range(10, metrics["step"] + 1, 10))
+    assert {"val/loss", "val/mse", "train/loss"} <= scalars.keys()
+
+
+def test_a_user_package_that_is_not_importable_says_so_and_where_python_looked(tmp_path) -> None:
+    with pytest.raises(ConfigError) as e:
+        validate(byo_cfg(*BYO_CHOICES))
+    message = str(e.value)
+    assert "no module named 'byo'" in message and "PYTHONPATH" in message
+    assert "pip install -e" in message and "Python looked in" in message
+
+
+def test_a_user_key_is_checked_against_the_signature(byo_importable) -> None:
+    with pytest.raises(ConfigError, match=r"model\.widht: byo\.nets\.SineNet has no parameter "
+                       r"'widht'; its parameters: in_shape, out_dim, width"):  # fmt: skip
+        validate(byo_cfg(*BYO_CHOICES, "+model.widht=3"))
+    # forwarded **common reaches DataModule's own keys, which are accepted; others are not
+    validate(byo_cfg(*BYO_CHOICES, "data.batch_size=8"))
+    with pytest.raises(ConfigError, match=r"data\.bach_size: byo\.data\.NoisySine has no "):
+        validate(byo_cfg(*BYO_CHOICES, "+data.bach_size=8"))
+    with pytest.raises(ConfigError, match=r"model\._target_: module 'byo\.nets' has no "
+                       "'SineNett'; it defines: .*SineNet"):  # fmt: skip
+        validate(byo_cfg(*BYO_CHOICES, "model._target_=byo.nets.SineNett"))
+    with pytest.raises(ConfigError, match=r"callbacks\.x\.every: byo\.callbacks\.OutputScale "
+                       "has no parameter 'every'"):  # fmt: skip
+        validate(byo_cfg(*BYO_CHOICES, "+callbacks.x._target_=byo.callbacks.OutputScale",
+                         "+callbacks.x.every=3"))  # fmt: skip
+
+
+def test_a_required_argument_nobody_gives_is_named(byo_importable) -> None:
+    # CallableLoss(fn) as a loss: fn is neither in the config nor something the data provides
+    with pytest.raises(ConfigError, match=r"loss: trainer\.losses\.CallableLoss needs fn, "
+                       "which the config does not set"):  # fmt: skip
+        validate(byo_cfg(*BYO_CHOICES, "loss._target_=trainer.losses.CallableLoss", "~loss.delta"))
+
+
+def test_the_model_gets_only_what_its_constructor_asks_for(tmp_path, byo_importable) -> None:
+    from trainer.run import build_trainer
+
+    t = build_trainer(byo_cfg(*BYO_CHOICES, "trainer.max_steps=1"), tmp_path, with_logger=False)
+    # in_shape [1] and out_dim 1, read off the tensors; num_classes (not asked for) not passed
+    assert (t.model.net[0].in_features, t.model.net[-1].out_features) == (1, 1)
+
+
+def test_a_callback_that_is_not_a_callback_is_refused(tmp_path, byo_importable) -> None:
+    with pytest.raises(
+        ConfigError, match=r"callbacks\.n\._target_: .*not a trainer\.loop\.Callback"
+    ):
+        train(tmp_path, f"hydra.searchpath=[file://{BYO / 'configs'}]", *BYO_CHOICES,
+              "+callbacks.n._target_=collections.OrderedDict")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data=tensors
+
+
+def _classes(n: int = 300, k: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(k, (n,), generator=g)
+    x = torch.randn(k, 5, generator=g)[y] * 3 + torch.randn(n, 5, generator=g)
+    return x, y
+
+
+def test_tensors_from_a_pt_file_train_a_classifier(tmp_path) -> None:
+    x, y = _classes()
+    torch.save({"x": x, "y": y}, tmp_path / "d.pt")
+    m = train(tmp_path / "run", "data=tensors", f"data.path={tmp_path / 'd.pt'}",
+              "trainer.max_epochs=5", "data.batch_size=32")  # fmt: skip
+    assert m["monitor"] == "val/acc" and m["val/acc"] > 0.9  # three separated clusters
+
+
+def test_tensors_from_an_npz_file_train_a_regression_with_its_own_val_split(tmp_path) -> None:
+    g = np.random.default_rng(0)
+    x = g.standard_normal((256, 4)).astype(np.float32)
+    w = np.array([[1.0], [-2.0], [0.5], [0.0]], dtype=np.float32)
+    np.savez(tmp_path / "d.npz", x=x[:200], y=x[:200] @ w, x_val=x[200:], y_val=x[200:] @ w)
+    m = train(tmp_path / "run", "data=tensors", f"data.path={tmp_path / 'd.npz'}", "loss=mse",
+              "trainer.max_epochs=40", "data.batch_size=32", "optimizer.lr=1e-2")  # fmt: skip
+    assert m["monitor"] == "val/mse" and "val/acc" not in m
+    assert m["val/mse"] < 0.05  # a noiseless linear target: predicting 0 scores 5.25
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ({"x": torch.zeros(4, 2)}, "must hold a dict with tensors 'x' and 'y'"),
+        ({"x": torch.zeros(4, 2), "y": torch.zeros(3)}, "'x' has 4 samples but 'y' 3"),
+        ({"x": torch.zeros(4, 2), "y": torch.zeros(4), "z": torch.zeros(1)}, "unknown keys"),
+        ({"x": torch.zeros(4, 2), "y": torch.zeros(4), "x_val": torch.zeros(1, 2)}, "only one of"),
+    ],
+)
+def test_a_bad_tensors_file_is_named_with_its_cause(tmp_path, content, match) -> None:
+    torch.save(content, tmp_path / "d.pt")
+    with pytest.raises(ValueError, match=match):
+        train(tmp_path / "run", "data=tensors", f"data.path={tmp_path / 'd.pt'}")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_a_loss_that_does_not_fit_the_targets_is_refused_before_training(tmp_path) -> None:
+    x, y = _classes()
+    torch.save({"x": x, "y": y}, tmp_path / "c.pt")
+    torch.save({"x": x, "y": y[:, None].float()}, tmp_path / "r.pt")
+    with pytest.raises(ConfigError, match="loss=mse needs float targets"):
+        train(tmp_path / "a", "data=tensors", f"data.path={tmp_path / 'c.pt'}", "loss=mse")
+    with pytest.raises(ConfigError, match="loss=cross_entropy needs int64 class labels"):
+        train(tmp_path / "b", "data=tensors", f"data.path={tmp_path / 'r.pt'}")
+    with pytest.raises(ValueError, match="weighting=class_balanced reads class labels"):
+        train(tmp_path / "c", "data=tensors", f"data.path={tmp_path / 'r.pt'}", "loss=mse",
+              "loss.mode=vector", "weighting=class_balanced")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- regression
+
+
+def test_the_diabetes_preset_learns_and_minimizes_val_mse(tmp_path) -> None:
+    m = train(tmp_path, "experiment=diabetes_mse")
+    # standardized target: the training mean scores about 1 on validation
+    assert m["monitor"] == "val/mse" and m["val/mse"] < 0.65
+    assert m["val/loss"] == m["val/mse"]  # the MSE loss is the metric
+
+
+def test_mse_scalar_and_vector_uniform_train_the_same(tmp_path) -> None:
+    steps = ("data=diabetes", "loss=mse", "trainer.max_steps=30", "logging.every_n_steps=1",
+             "optimizer=sgd", "optimizer.lr=0.05")  # fmt: skip
+    train(tmp_path / "s", *steps)
+    train(tmp_path / "v", *steps, "loss.mode=vector")
+    a, b = final_params(tmp_path / "s"), final_params(tmp_path / "v")
+    for name in a:  # the same assertion as for cross-entropy (tests/test_backward.py)
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    assert read_scalars(tmp_path / "s")["train/loss"] == read_scalars(tmp_path / "v")["train/loss"]
+
+
+def test_mse_losses_are_per_sample_and_never_broadcast() -> None:
+    from trainer.losses import MSE
+
+    out = torch.randn(6, 1, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, dtype=torch.float64)
+    losses = MSE()(out, y)
+    assert losses.shape == (6,)
+    torch.testing.assert_close(losses, (out.squeeze(1) - y) ** 2)
+    with pytest.raises(ValueError, match=r"output of shape \(6, 2\) does not match the targets"):
+        MSE()(torch.zeros(6, 2), y)
+
+
+def test_a_bad_monitor_names_what_the_run_reports(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"monitor: got 'val/mse', but this run reports "
+                       "val/loss, val/acc, train/loss"):  # fmt: skip
+        train(tmp_path, "monitor=val/mse", "trainer.max_steps=1")

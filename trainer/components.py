@@ -1,0 +1,191 @@
+"""User components by ``_target_``: import them, check their keys, build them with what the data
+provides.
+
+A config node of a user's own component is ``_target_`` (a dotted path to a class or function in
+the user's package) plus the keys of its constructor, with no schema registered anywhere. Before
+anything is built, :func:`check_component` imports the target and checks the node's keys
+against the target's signature (``inspect.signature``), so a typo fails at once, naming the key
+and the parameters that exist; a module that cannot be imported fails naming the module and
+where Python looked. :func:`build` then instantiates it with Hydra, passing in what the data
+provides (``in_shape``, ``out_dim``, ``num_classes``, ``vocab_size``) only to a constructor that
+asks for it by name.
+
+This module imports no torch itself (a user's module may).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from trainer.config import ConfigError
+
+#: keys Hydra's ``instantiate`` reads itself
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
+
+
+def resolve_target(group: str, path: Any) -> Any:
+    """The object ``path`` (``pkg.module.Name``) names; a :class:`ConfigError` that says why not
+    and how to fix it otherwise."""
+    key = f"{group}._target_"
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(f"{key}: got {path!r}; give a dotted path such as mypkg.nets.MyNet")
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ConfigError(
+            f"{key}: got {path!r}, which names no module; give the full dotted path "
+            "(mypkg.nets.MyNet, not MyNet)"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or module_name
+        looked = "\n  ".join(p or "(the working directory)" for p in sys.path)
+        raise ConfigError(
+            f"{key}: cannot import {module_name!r} for {path!r}: no module named {missing!r}. "
+            f"Make it importable: install your package (pip install -e /path/to/your/project) "
+            f"or put the folder that holds {missing.split('.')[0]!r} on PYTHONPATH "
+            f"(PYTHONPATH=/path/to/folder python scripts/train.py ...). Python looked in:\n  "
+            f"{looked}"
+        ) from None
+    except Exception as e:  # the user's module raised while importing
+        raise ConfigError(
+            f"{key}: importing {module_name!r} for {path!r} failed: {type(e).__name__}: {e}"
+        ) from e
+    if not hasattr(module, attr):
+        public = sorted(n for n in vars(module) if not n.startswith("_"))
+        raise ConfigError(
+            f"{key}: module {module_name!r} has no {attr!r}; it defines: "
+            f"{', '.join(public) or 'nothing public'}"
+        )
+    return getattr(module, attr)
+
+
+def accepted_keys(target: Any) -> tuple[list[str], bool]:
+    """The keyword parameters ``target`` accepts, and whether it takes any keyword at all.
+
+    A class that forwards ``**kwargs`` to its base class accepts the base's parameters too (the
+    walk follows the MRO while each ``__init__`` has ``**kwargs``); ``object`` and
+    ``torch.nn.Module`` end the walk, since they refuse unknown keywords.
+    """
+    if not inspect.isclass(target):
+        return _named(target)
+    names: list[str] = []
+    for cls in target.__mro__:
+        if (
+            cls is object
+            or f"{cls.__module__}.{cls.__qualname__}" == "torch.nn.modules.module.Module"
+        ):
+            return names, False
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        own, var_kw = _named(init)
+        names += [n for n in own if n not in names and n != "self"]
+        if not var_kw:
+            return names, False
+    return names, False
+
+
+def _named(fn: Callable[..., Any]) -> tuple[list[str], bool]:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: cannot check
+        return [], True
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = [p.name for p in sig.parameters.values() if p.kind in kinds]
+    var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    return names, var_kw
+
+
+def required_keys(target: Any) -> list[str]:
+    """Parameters without a default (of the constructor, for a class)."""
+    fn = target.__init__ if inspect.isclass(target) else target
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.kind in kinds and p.default is inspect.Parameter.empty and p.name != "self"
+    ]
+
+
+def check_component(
+    group: str,
+    node: Mapping[str, Any],
+    reserved: Iterable[str] = (),
+    provided: Iterable[str] = (),
+) -> Any:
+    """Import ``node['_target_']`` and check the node's keys against its signature; return the
+    target.
+
+    Args:
+        group: the config key of the node (``model``, ``callbacks.printer``), for messages.
+        reserved: keys of the node the project reads itself (``loss.mode``), not passed on.
+        provided: keyword arguments the builder may pass from the data (``in_shape``, ...).
+    """
+    if "_target_" not in node:
+        raise ConfigError(
+            f"{group}: has neither a schema nor a _target_; choose a config from "
+            f"configs/{group.split('.')[0]}/ or give _target_: your.module.Class plus its "
+            "constructor's keys"
+        )
+    target = resolve_target(group, node["_target_"])
+    if not callable(target):
+        raise ConfigError(f"{group}._target_: {node['_target_']!r} is not a class or function")
+    names, any_key = accepted_keys(target)
+    if any_key:
+        return target
+    skip = HYDRA_KEYS | set(reserved)
+    shown = _name(target)
+    for key in node:
+        if key in skip:
+            continue
+        if key not in names:
+            raise ConfigError(
+                f"{group}.{key}: {shown} has no parameter {key!r}; its parameters: "
+                f"{', '.join(names) or 'none'}"
+            )
+    if not node.get("_partial_", False):
+        provided = set(provided)
+        missing = [k for k in required_keys(target) if k not in node and k not in provided]
+        if missing:
+            raise ConfigError(
+                f"{group}: {shown} needs {', '.join(missing)}, which the config does not set; "
+                f"add {missing[0]}: ... to its YAML file or {group}.{missing[0]}=... to the "
+                "command line"
+            )
+    return target
+
+
+def build(group: str, node: Any, provided: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node)``, passing each of ``provided`` (what the data gives:
+    ``in_shape``, ``out_dim``, ...) that the target's signature names and the node does not set,
+    and ``kwargs`` as they are. A constructor that still misses a required argument is an error
+    naming it and what the data provides."""
+    from hydra.utils import instantiate
+
+    target = resolve_target(group, node["_target_"])
+    names, _ = accepted_keys(target)
+    given = {k: v for k, v in (provided or {}).items() if k in names and k not in node}
+    missing = [
+        k for k in required_keys(target) if k not in node and k not in given and k not in kwargs
+    ]
+    if missing and not node.get("_partial_", False):
+        offered = ", ".join(f"{k}={v!r}" for k, v in (provided or {}).items()) or "nothing"
+        raise ConfigError(
+            f"{group}: {_name(target)} needs {', '.join(missing)}, which neither the config "
+            f"sets nor the data provides (it provides {offered}); set {group}.{missing[0]}=... "
+            "or have the data module provide it"
+        )
+    return instantiate(node, **given, **kwargs)
+
+
+def _name(target: Any) -> str:
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"

@@ -1,0 +1,179 @@
+"""Loss components: per-sample losses for backward, and the task's validation metrics.
+
+A loss maps the model's output and the batch's targets to one loss per sample, shape (B,)
+(``reduction="none"``): scalar mode backpropagates their mean, vector mode a weighted sum
+(trainer/backward.py). Its ``task`` says what validation reports besides ``val/loss``:
+
+* ``classification``: ``val/acc`` (argmax of the output against int64 labels);
+* ``regression``: ``val/mse`` (mean over samples of the mean squared error over a target's
+  elements);
+* ``None``: ``val/loss`` only.
+
+``monitor`` is the metric a sweep optimizes by default (``val/acc`` maximized, else the first
+metric minimized); the top-level config key ``monitor`` overrides it.
+
+A loss of your own (README, "Bring your own"): subclass :class:`Loss` and implement
+:meth:`Loss.forward`, or point ``loss._target_`` at any callable ``(output, target) -> (B,)``
+(a function with ``_partial_: true``), which reports ``val/loss`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer.config import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.data.base import DataModule
+
+TASKS = ("classification", "regression", None)
+
+
+class Loss:
+    """Base class: per-sample losses (:meth:`forward`) and validation metrics (:meth:`val_sums`).
+
+    ``val_sums`` returns, for one validation batch, each metric's (sum, count) as a (2,)
+    tensor; the loop adds them over the batches and the processes and divides. The base class
+    gives ``val/loss`` (the mean of :meth:`val_losses`) and the task's metric.
+    """
+
+    #: ``classification``, ``regression`` or None (see the module docstring)
+    task: str | None = None
+    #: the losses are exactly -log p_y of a softmax over the output (plain cross-entropy): a
+    #: weighting may read the true class's probability off them
+    nll: bool = False
+
+    def forward(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-sample losses (B,), differentiable in ``output``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(output, target)")
+
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
+        return self.forward(output, target)
+
+    def check(self, data: DataModule) -> None:
+        """Raise :class:`ConfigError` if this loss cannot train on ``data`` (called once)."""
+
+    def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        """The per-sample losses validation averages into ``val/loss`` (default: forward's)."""
+        return self.forward(output, target)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The names :meth:`val_sums` reports, ``val/loss`` first."""
+        extra = {"classification": ("val/acc",), "regression": ("val/mse",)}.get(self.task, ())
+        return ("val/loss", *extra)
+
+    @property
+    def monitor(self) -> str:
+        return "val/acc" if self.task == "classification" else self.metrics[-1]
+
+    def val_sums(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        output = output.float()
+        n = torch.full((), float(target.shape[0]), device=output.device)
+        sums = {"val/loss": torch.stack([self.val_losses(output, target).float().sum(), n])}
+        if self.task == "classification":
+            correct = (output.argmax(dim=1) == target).sum().float()
+            sums["val/acc"] = torch.stack([correct, n])
+        elif self.task == "regression":
+            sums["val/mse"] = torch.stack([squared_error(output, target).sum(), n])
+        return sums
+
+    def finalize(self, values: dict[str, float]) -> dict[str, float]:
+        """Derived metrics from the averaged ones (e.g. perplexity = exp(loss))."""
+        return values
+
+
+def squared_error(output: Tensor, target: Tensor) -> Tensor:
+    """Per-sample mean of ``(output - target)²`` over a target's elements, (B,).
+
+    ``output`` and ``target`` must hold as many elements per sample; a (B, 1) output against
+    a (B,) target (one scalar per sample) is the usual case. Anything else is an error naming
+    both shapes, never a broadcast (a (B, 1) - (B,) difference would silently be (B, B)).
+    """
+    b = target.shape[0]
+    if output.shape[0] != b or output.numel() != target.numel():
+        raise ValueError(
+            f"loss=mse: the model's output of shape {tuple(output.shape)} does not match the "
+            f"targets of shape {tuple(target.shape)} (one output per target element; nothing "
+            "is broadcast)"
+        )
+    diff = output.reshape(b, -1) - target.reshape(b, -1).to(output.dtype)
+    return diff.square().mean(dim=1)
+
+
+class CrossEntropy(Loss):
+    """ℓᵢ = −log softmax(outputᵢ)[yᵢ] (with label smoothing ε: the cross-entropy against
+    (1 − ε)·onehot(yᵢ) + ε/K). ``val/loss`` is the plain cross-entropy (no smoothing)."""
+
+    task = "classification"
+
+    def __init__(self, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing: got {label_smoothing}, must be in [0, 1)")
+        self.label_smoothing = label_smoothing
+        self.nll = label_smoothing == 0
+
+    def forward(self, output: Tensor, target: Tensor) -> Tensor:
+        # functional, not nn.CrossEntropyLoss: one module call less per step
+        return F.cross_entropy(
+            output, target, reduction="none", label_smoothing=self.label_smoothing
+        )
+
+    def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output, target, reduction="none")
+
+    def check(self, data: DataModule) -> None:
+        targets = data.train_targets
+        if targets is not None and (targets.is_floating_point() or targets.ndim != 1):
+            raise ConfigError(
+                f"loss=cross_entropy needs int64 class labels of shape (N,); the data's targets "
+                f"are {targets.dtype} of shape {tuple(targets.shape)} (regression targets: "
+                "loss=mse)"
+            )
+
+
+class MSE(Loss):
+    """ℓᵢ = mean over the target's elements of (outputᵢ − yᵢ)² (regression)."""
+
+    task = "regression"
+
+    def forward(self, output: Tensor, target: Tensor) -> Tensor:
+        return squared_error(output, target)
+
+    def check(self, data: DataModule) -> None:
+        targets = data.train_targets
+        if targets is not None and not targets.is_floating_point():
+            raise ConfigError(
+                f"loss=mse needs float targets; the data's targets are {targets.dtype} (class "
+                "labels: loss=cross_entropy)"
+            )
+
+
+class CallableLoss(Loss):
+    """Any ``(output, target) -> (B,)`` callable as a loss; validation reports ``val/loss``."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], task: str | None = None):
+        self.fn, self.task = fn, task
+
+    def forward(self, output: Tensor, target: Tensor) -> Tensor:
+        return self.fn(output, target)
+
+
+def as_loss(obj: Any) -> Loss:
+    """``obj`` as a :class:`Loss`: a Loss as it is, a plain callable wrapped."""
+    if isinstance(obj, Loss):
+        if obj.task not in TASKS:
+            raise ConfigError(f"loss: {type(obj).__name__}.task is {obj.task!r}; expected one "
+                              f"of {', '.join(map(str, TASKS))}")  # fmt: skip
+        return obj
+    if callable(obj):
+        return CallableLoss(obj)
+    raise ConfigError(
+        f"loss: got {type(obj).__name__}, expected a trainer.losses.Loss or a callable "
+        "(output, target) -> per-sample losses (B,)"
+    )
