@@ -707,8 +707,9 @@ class Trainer:
                 output = self.model(x)
             batch = self.criterion.val_sums(output, y)
             sums += torch.stack([batch[k] for k in names])
-        train = torch.stack([self._epoch_loss_sum, torch.tensor(float(self._epoch_samples))])
-        both = all_reduce_sum(torch.cat([sums, train.to(self.device)[None]]))
+        count = torch.full((), float(self._epoch_samples), device=self.device)
+        train = torch.stack([self._epoch_loss_sum.float(), count])  # on the device (no copy)
+        both = all_reduce_sum(torch.cat([sums, train[None]]))
         # host sync: once per validation (data-parallel: summed over the ranks)
         rows = both.tolist()
         values = {k: s / max(n, 1) for k, (s, n) in zip(names, rows[:-1], strict=True)}
