@@ -31,6 +31,10 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_val_fraction(value: float) -> None:
+    _check(0.0 < value < 1.0, "data.val_fraction", f"got {value}, must be in (0, 1)")
+
+
 def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
     _check(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
 
@@ -97,11 +101,7 @@ class DigitsConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(
-            0.0 < self.val_fraction < 1.0,
-            "data.val_fraction",
-            f"got {self.val_fraction}, must be in (0, 1)",
-        )
+        _check_val_fraction(self.val_fraction)
         _check(
             1.0 <= self.imbalance_ratio < math.inf,
             "data.imbalance_ratio",
@@ -174,11 +174,7 @@ class DiabetesConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(
-            0.0 < self.val_fraction < 1.0,
-            "data.val_fraction",
-            f"got {self.val_fraction}, must be in (0, 1)",
-        )
+        _check_val_fraction(self.val_fraction)
 
 
 @dataclass
@@ -200,11 +196,7 @@ class TensorsConfig(DataConfig):
             "data.path",
             f"got {self.path!r}, expected a .pt or .npz file",
         )
-        _check(
-            0.0 < self.val_fraction < 1.0,
-            "data.val_fraction",
-            f"got {self.val_fraction}, must be in (0, 1)",
-        )
+        _check_val_fraction(self.val_fraction)
         _check(
             self.num_classes is None or self.num_classes >= 2,
             "data.num_classes",
