@@ -43,11 +43,22 @@ def test_every_config_file_composes_and_validates(group: str, choice: str) -> No
     assert getattr(typed, group) is not None
 
 
+# what each model's data provides, an input batch and the output's shape
+IMAGES = ({"in_shape": [1, 8, 8], "out_dim": 10}, torch.zeros(2, 1, 8, 8), (2, 10))
+SEQUENCES = (
+    {"in_shape": [12], "vocab_size": 10},
+    torch.zeros(2, 12, dtype=torch.long),
+    (2, 12, 10),
+)
+MODEL_DATA = {"char_transformer": SEQUENCES}
+
+
 @pytest.mark.parametrize("model", choices("model"))
 def test_every_model_instantiates_with_shapes_from_the_data(model: str) -> None:
     cfg = make_cfg(f"model={model}")
-    net = instantiate(cfg.model, in_shape=[1, 8, 8], out_dim=10)
-    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    provided, x, shape = MODEL_DATA.get(model, IMAGES)
+    net = instantiate(cfg.model, **provided)
+    assert net(x).shape == shape
 
 
 @pytest.mark.parametrize("optimizer", choices("optimizer"))

@@ -17,7 +17,9 @@ from trainer.data.base import Batch
 from trainer.distributed import SINGLE
 from trainer.instrument import Curvature, hutchinson_trace, hvp, top_eigenvalue
 from trainer.loop import Callback
+from trainer.losses import as_loss
 from trainer.models.mlp import MLP
+from trainer.objective import Objective
 from trainer.regularizers import InputGradPenalty
 
 # ----------------------------------------------------------------------------- input penalty
@@ -262,9 +264,10 @@ def test_power_iteration_and_hutchinson_on_least_squares() -> None:
 def test_curvature_callback_measures_the_training_objective() -> None:
     # the callback's own measurement, on least squares through the Trainer's interface
     x, t, model, h = least_squares()
+    criterion = as_loss(lambda out, y: (out.squeeze(1) - y) ** 2)
     trainer = SimpleNamespace(
-        model=model, criterion=lambda out, y: (out.squeeze(1) - y) ** 2, weighting=None,
-        world=SINGLE,
+        model=model, criterion=criterion, world=SINGLE,
+        objective=Objective(criterion, None, (), list(model.parameters())),
     )  # fmt: skip
     batch = Batch(x, t, torch.arange(x.shape[0]))
     values = Curvature(1, power_iters=20, tol=1e-3, trace_probes=100).measure(trainer, batch)

@@ -204,6 +204,27 @@ class TensorsConfig(DataConfig):
         )
 
 
+@dataclass
+class CharsConfig(DataConfig):
+    """Next-character prediction on text bundled with scikit-learn (trainer/data/chars.py)."""
+
+    _target_: str = "trainer.data.chars.CharText"
+    #: characters per sample (the model's context)
+    block_size: int = 64
+    #: training windows start every ``stride`` characters (< block_size: they overlap)
+    stride: int = 32
+    #: the last fraction of the text, held out for validation
+    val_fraction: float = 0.1
+    #: the target id of padding (must equal loss.ignore_index)
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_val_fraction(self.val_fraction)
+        _check(self.block_size >= 1, "data.block_size", f"got {self.block_size}, must be >= 1")
+        _check(self.stride >= 1, "data.stride", f"got {self.stride}, must be >= 1")
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -237,6 +258,27 @@ class CNNConfig:
             f"got {list(self.channels)}, must be a non-empty list of positive widths",
         )
         _check(self.hidden >= 1, "model.hidden", f"got {self.hidden}, must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"got {self.dropout}, must be in [0, 1)")
+
+
+@dataclass
+class CharTransformerConfig:
+    _target_: str = "trainer.models.char_lm.CharTransformer"
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    dim_feedforward: int = 256
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("d_model", "n_heads", "n_layers", "dim_feedforward"):
+            value = getattr(self, key)
+            _check(value >= 1, f"model.{key}", f"got {value}, must be >= 1")
+        _check(
+            self.d_model % self.n_heads == 0,
+            "model.n_heads",
+            f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}",
+        )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"got {self.dropout}, must be in [0, 1)")
 
 
@@ -390,6 +432,27 @@ class MSEConfig(LossConfig):
 
 
 @dataclass
+class TokenCrossEntropyConfig(LossConfig):
+    """Per-token cross-entropy (B, T) with padding (sequences; trainer/losses.py)."""
+
+    _target_: str = "trainer.losses.TokenCrossEntropy"
+    #: ``tokens``: Σℓ / valid tokens; ``sequences``: the mean of each sequence's mean
+    average: str = "tokens"
+    #: the target id that marks padding (loss 0, no gradient, not counted)
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _one_of(self.average, ("tokens", "sequences"), "loss.average")
+        _check(
+            0.0 <= self.label_smoothing < 1.0,
+            "loss.label_smoothing",
+            f"got {self.label_smoothing}, must be in [0, 1)",
+        )
+
+
+@dataclass
 class WeightingConfig:
     """Per-sample gradient weights for ``loss.mode=vector`` (formulas: trainer/weighting.py)."""
 
@@ -462,6 +525,17 @@ class FocalWeightingConfig(WeightingConfig):
             "weighting.gamma",
             f"got {self.gamma}, must be finite and >= 0",
         )
+
+
+@dataclass
+class PerTokenWeightingConfig(WeightingConfig):
+    _target_: str = "trainer.weighting.PerTokenWeighting"
+    #: r = (inverse target-token frequency)^power: 0 uniform, 1 fully inverse
+    power: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0.0 <= self.power < math.inf, "weighting.power", f"got {self.power}, must be >= 0")
 
 
 @dataclass
@@ -875,11 +949,21 @@ def register_configs() -> None:
             "synthetic": SyntheticConfig,
             "diabetes": DiabetesConfig,
             "tensors": TensorsConfig,
+            "chars": CharsConfig,
         },
-        "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet": ResNetConfig},
+        "model": {
+            "mlp": MLPConfig,
+            "cnn": CNNConfig,
+            "resnet": ResNetConfig,
+            "char_transformer": CharTransformerConfig,
+        },
         "optimizer": {"sgd": SGDConfig, "adamw": AdamWConfig},
         "scheduler": {"none": SchedulerConfig, "cosine": CosineConfig, "step": StepLRConfig},
-        "loss": {"cross_entropy": CrossEntropyConfig, "mse": MSEConfig},
+        "loss": {
+            "cross_entropy": CrossEntropyConfig,
+            "mse": MSEConfig,
+            "token_cross_entropy": TokenCrossEntropyConfig,
+        },
         "weighting": {
             "uniform": UniformWeightingConfig,
             "class_balanced": ClassBalancedWeightingConfig,
@@ -887,6 +971,7 @@ def register_configs() -> None:
             "per_sample": PerSampleWeightingConfig,
             "focal": FocalWeightingConfig,
             "hard_topk": HardTopKWeightingConfig,
+            "per_token": PerTokenWeightingConfig,
         },
         "trainer": {"trainer": TrainerConfig},
         "regularizer": {

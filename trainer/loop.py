@@ -4,12 +4,14 @@ One optimizer step, in order (the body never changes for instrumentation; callba
 named hooks):
 
 1. forward under autocast: ``logits = model(x)``; ``losses = criterion(logits, y)``, shape (B,)
-   (with ``input_grad_penalty``, ``x`` is first made a leaf that requires grad)
-2. backward (trainer/backward.py): scalar ``losses.mean().backward()`` or vector
-   ``losses.backward(gradient=w)``; with gradient accumulation each micro-batch is scaled by its
-   share of the samples in its accumulation window, so the accumulated gradient is that of the
-   mean over the window. Regularizers join the same pass: the parameter ones once per optimizer
-   step (last micro-batch), the input-gradient penalty on every micro-batch by its share
+   or, per token, (B, T) (with ``input_grad_penalty``, ``x`` is first made a leaf that requires
+   grad)
+2. objective -> backward (trainer/objective.py, the one owner of the roots): scalar, the loss's
+   average; vector, ``losses.backward(gradient=w)`` with w of the losses' shape. With gradient
+   accumulation each micro-batch counts by its share of its window (samples, or valid tokens,
+   read ahead), so the accumulated gradient is that of the window's average. Regularizers join
+   the same pass: the parameter ones once per optimizer step (last micro-batch), the
+   input-gradient penalty on every micro-batch by its share
 3. ``on_after_backward`` (every micro-batch)
 4. last micro-batch of the window: unscale (fp16) -> ``on_before_optimizer_step``, the one point
    where gradients are measured: after accumulation and unscaling, before clipping
@@ -25,7 +27,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +35,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 
-from trainer.backward import backward_scalar, backward_vector
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.distributed import SINGLE, World, all_reduce_sum
 from trainer.logger import Progress, Scalars, TensorBoardLogger, to_floats
 from trainer.losses import Loss, as_loss
+from trainer.objective import Objective, Window
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
 
@@ -176,20 +178,6 @@ class Trainer:
         self.forward_model = forward_model if forward_model is not None else model
         #: 4-D inputs go in channels-last memory order (the model's weights already are)
         self.channels_last = channels_last
-        #: parameter regularizers, added once per optimizer step
-        self.regularizers = [r for r in regularizers if isinstance(r, Regularizer)]
-        self._reg_values: list[Tensor] = []  # the last optimizer step's λR, detached
-        #: the input-gradient penalty, added on every micro-batch (it depends on the inputs)
-        penalties = [r for r in regularizers if isinstance(r, InputGradPenalty)]
-        unknown = [r for r in regularizers if not isinstance(r, (Regularizer, InputGradPenalty))]
-        if unknown or len(penalties) > 1:
-            raise TypeError(
-                "regularizers: expected trainer.regularizers.Regularizer instances and at most "
-                f"one InputGradPenalty, got {[type(r).__name__ for r in regularizers]}"
-            )
-        self.input_penalty = penalties[0] if penalties else None
-        self._penalty_window: list[Tensor] = []  # its detached values in the current window
-        self._penalty_grads: dict[int, Tensor] = {}  # its θ-gradient, windows that log only
         self.train_loader, self.val_loader = train_loader, val_loader
         #: the loss component (trainer.losses.Loss; a plain callable is wrapped)
         self.criterion = as_loss(criterion)
@@ -230,6 +218,14 @@ class Trainer:
         #: trainable parameters and their names (``named_parameters()``), in the same order
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        #: the backward roots and each loss element's coefficient in them (trainer/objective.py)
+        self.objective = Objective(
+            self.criterion, weighting, regularizers, self.params, world=world,
+            scaler=self.scaler, global_batch_size=lambda: self.train_loader.current_global_size,
+        )  # fmt: skip
+        self.input_penalty = self.objective.input_penalty
+        #: per-token losses (the loss defines unit weights): train/loss is Σ u ℓ / Σ u
+        self.token_losses = type(self.criterion).units is not Loss.units
         #: optimizer steps taken; inside a step's hooks, the number of the step being taken
         self.global_step = 0
         #: epochs completed (between epochs: the 0-based index of the next one)
@@ -248,8 +244,8 @@ class Trainer:
         self.param_grad_norms: Tensor | None = None
         self._staged: dict[str | tuple[str, ...], Tensor | float] = {}
         self._staged_histograms: dict[str, Tensor] = {}
-        #: samples in the current accumulation window (scalar mode's root is Σℓ / this)
-        self.window_samples = 1
+        #: the current accumulation window (its samples; per-token losses: its Σu)
+        self.window = Window(samples=1)
         self.metrics: dict[str, float] = {}
         self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
         # per-sample losses stay on the device, no kernel per step: since the last log (for
@@ -259,6 +255,9 @@ class Trainer:
         self._pending_epoch: list[Tensor] = []
         self._epoch_loss_sum = torch.zeros((), device=device)
         self._epoch_samples = 0
+        # per-token losses: Σu since the last log and since the epoch's start (the denominators)
+        self._units_log = torch.zeros((), device=device)
+        self._units_epoch = torch.zeros((), device=device)
         self._time_at_log = 0.0
         self._null = contextlib.nullcontext()
         self.progress = Progress(False, self.total_steps)  # replaced by fit()
@@ -403,12 +402,13 @@ class Trainer:
         if start == 0:
             self._pending_epoch.clear()
             self._epoch_loss_sum.zero_()
+            self._units_epoch.zero_()
             self._epoch_samples = 0
             self._fire("on_train_epoch_start", self.epoch)
         last = len(windows) - 1
-        for i, batch in enumerate(loader, start):
+        for i, batch, window in self._with_windows(enumerate(loader, start), windows):
             step_now = (i + 1) % self.accumulate == 0 or i == last
-            self.train_step(batch, windows[i], step_now)
+            self.train_step(batch, window, step_now)
             self.batch_in_epoch = i + 1
             if self._done():
                 break
@@ -417,9 +417,31 @@ class Trainer:
                     break
                 self._checkpoint_if_due()
 
-    def train_step(self, batch: Batch, window_samples: int, step_now: bool) -> None:
+    def _with_windows(
+        self, batches: Iterator[tuple[int, Batch]], sizes: list[int]
+    ) -> Iterator[tuple[int, Batch, Window]]:
+        """Each micro-batch with its accumulation window. Per-token losses need the window's
+        Σu before its first backward: its micro-batches are read first (a window of up to
+        ``accumulate_grad_batches`` batches held at once, as torchtitan counts its global valid
+        tokens); per-sample losses know the window's size on the host and read none ahead."""
+        if not self.token_losses:
+            for i, batch in batches:
+                first = i - i % self.accumulate  # windows start at multiples of accumulate
+                yield i, batch, Window(sizes[i], min(self.accumulate, len(sizes) - first))
+            return
+        held: list[tuple[int, Batch]] = []
+        for i, batch in batches:
+            held.append((i, batch))
+            if (i + 1) % self.accumulate == 0 or i == len(sizes) - 1:
+                units = self.objective.window_units([b.y for _, b in held])
+                window = Window(sizes[i], len(held), units)
+                for j, b in held:
+                    yield j, b, window
+                held = []
+
+    def train_step(self, batch: Batch, window: Window, step_now: bool) -> None:
         """Forward and backward of one micro-batch; the optimizer step when ``step_now``."""
-        self.window_samples = window_samples  # samples in this accumulation window
+        self.window = window  # the accumulation window this micro-batch belongs to
         self._fire("on_train_batch_start", batch)
         x, y, index = batch
         if self.channels_last and x.dim() == 4:
@@ -429,103 +451,24 @@ class Trainer:
         with self._autocast():
             logits = self.forward_model(x)  # (B, K) class logits, or any output the loss takes
             losses = self.criterion(logits, y)  # (B,)
-        if losses.shape != y.shape[:1]:  # metadata only, no sync
-            raise ValueError(
-                f"loss {type(self.criterion).__name__} returned shape {tuple(losses.shape)} for "
-                f"a batch of {y.shape[0]}; it must return one loss per sample, shape (B,) "
-                "(reduction='none')"
-            )
-        share = y.shape[0] / window_samples  # 1.0 without accumulation
-        # data-parallel: DDP averages the ranks' gradients, so each backpropagates world size x
-        # its part of the global objective; the share is the global batch's
-        ddp = self.world.size if self.world.distributed else 0
-        if ddp:
-            share = self.train_loader.current_global_size / window_samples
-        weights = None
-        reg = self._regularization() if step_now and self.regularizers else None  # once a step
-        if self.input_penalty is not None:  # every micro-batch, by its share of the window
-            if ddp:  # this rank's part of the global mean (× W for DDP's average)
-                n_local = y.shape[0]
-                part = (
-                    self._input_penalty(losses, x, n_local / window_samples)
-                    if n_local
-                    else losses.sum() * 0.0  # no sample here: nothing to penalize
-                )
-                penalty = part * ddp
-            else:
-                penalty = self._input_penalty(losses, x, share)
-            reg = penalty if reg is None else reg + penalty
-        # with the penalty, x requires grad: accumulate into the parameters only, not into x
-        inputs = self.params if self.input_penalty is not None else None
-        if self.weighting is None:
-            if ddp:  # Σ_local ℓ · W / n_window (also right for an empty or ragged part)
-                loss = losses.sum() * (ddp / window_samples)
-            else:
-                loss = losses.mean()
-                loss = loss if share == 1.0 else loss * share
-            backward_scalar(loss, self.scaler, reg, inputs)
-        else:
-            if ddp:  # the sizes of the ranks' parts: known here, no exchange needed
-                self.weighting.global_size = self.train_loader.current_global_size
-            weights = self.weighting(losses, logits, y, index)
-            if share != 1.0 and self.weighting.normalize == "mean":
-                weights = weights * share  # sum/none: each micro-batch's weights as given
-            if ddp:
-                weights = weights * ddp
-            backward_vector(losses, weights, self.scaler, reg, inputs)
+        # the roots (data loss, regularizers) and their one backward pass: trainer/objective.py
+        weights, units = self.objective.backward(
+            losses, logits, (x, y, index), window, last=step_now,
+            logs=self.should_log(self.global_step + 1),  # the step this micro-batch belongs to
+        )  # fmt: skip
         losses = losses.detach()
-        self._pending_log.append(losses)
-        self._pending_epoch.append(losses)
+        if units is not None:  # per-token: the log and the epoch average Σ u ℓ / Σ u
+            kept = losses * units
+            units_sum = units.sum()
+            self._units_log += units_sum
+            self._units_epoch += units_sum
+        else:
+            kept = losses
+        self._pending_log.append(kept)
+        self._pending_epoch.append(kept)
         self._fire("on_after_backward", batch, losses, weights)
         if step_now:
             self.optimizer_step(batch, losses, weights)
-
-    def _regularization(self) -> Tensor:
-        """Σ λR over the regularizers (0-d), added once per optimizer step."""
-        values = [r.value() for r in self.regularizers]
-        self._reg_values = [v.detach() for v in values]
-        return values[0] if len(values) == 1 else torch.stack(values).sum()
-
-    def _input_penalty(self, losses: Tensor, x: Tensor, share: float) -> Tensor:
-        """The micro-batch's input-gradient penalty times its share of the window (0-d).
-
-        On windows whose step logs, also its gradient with respect to θ, for grad_norm/reg:
-        one extra double-backward pass there (no analytic form exists), none on other steps.
-        """
-        assert self.input_penalty is not None
-        penalty = self.input_penalty.value(losses, x)  # scaled under fp16 with the whole root
-        if share != 1.0:
-            penalty = penalty * share
-        self._penalty_window.append(penalty.detach())
-        if self.should_log(self.global_step + 1):  # the step this micro-batch belongs to logs
-            # fp16: scaled like the step's backward, so the tangent does not underflow
-            root = penalty if self.scaler is None else self.scaler.scale(penalty)
-            scale = None if self.scaler is None else self.scaler.scale(torch.ones_like(penalty))
-            grads = torch.autograd.grad(root, self.params, retain_graph=True, allow_unused=True)
-            for p, g in zip(self.params, grads, strict=True):
-                if g is not None:
-                    g = g if scale is None else g / scale
-                    old = self._penalty_grads.get(id(p))
-                    self._penalty_grads[id(p)] = g if old is None else old + g
-        return penalty
-
-    def _data_and_reg_norms(self) -> dict[str, Tensor]:
-        """grad_norm/reg from the regularizers' analytic gradients (and the input penalty's,
-        taken on logging windows), grad_norm/data = the rest of the total gradient."""
-        # the input penalty's gradient: data-parallel, the sum of the ranks' parts
-        reg_grad: dict[int, Tensor] = {k: all_reduce_sum(g) for k, g in self._penalty_grads.items()}
-        for r in self.regularizers:
-            for p, g in zip(r.params, r.grad(), strict=True):
-                reg_grad[id(p)] = reg_grad[id(p)] + g if id(p) in reg_grad else g
-        data = [
-            p.grad - reg_grad[id(p)] if id(p) in reg_grad else p.grad
-            for p in self.params
-            if p.grad is not None
-        ]
-        return {
-            "grad_norm/data": get_total_norm(data),
-            "grad_norm/reg": get_total_norm(list(reg_grad.values())),
-        }
 
     def optimizer_step(self, batch: Batch, losses: Tensor, weights: Tensor | None) -> None:
         if self.scaler is not None:
@@ -536,14 +479,14 @@ class Trainer:
         self.param_grad_norms = None
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
-        has_reg = bool(self.regularizers) or self.input_penalty is not None
+        has_reg = self.objective.has_regularizers
         split_norms = {}
         lr = self.optimizer.param_groups[0]["lr"] if should_log else 0.0  # the lr of this step
         if self.skip_step:  # parameters, optimizer state and scheduler stay as they are
             if self.scaler is not None:
                 self.scaler.update()  # closes this step's unscale_ (and lowers the scale on inf)
         else:
-            split_norms = self._data_and_reg_norms() if should_log and has_reg else {}
+            split_norms = self.objective.split_norms() if should_log and has_reg else {}
             grads = [p.grad for p in self.params if p.grad is not None]
             if self.param_grad_norms is not None:  # a callback measured them: reuse, as
                 # get_total_norm would compute it (the 2-norm of the per-tensor 2-norms)
@@ -580,16 +523,20 @@ class Trainer:
         elif self._staged or split_norms or self._staged_histograms:  # on its own cadence
             self.log_scalars({**split_norms, **self._staged}, out.step)
             self._staged.clear()
-        self._penalty_window.clear()
-        self._penalty_grads.clear()
+        self.objective.end_step()
         self.progress.update()
 
     def _log_step(self, out: StepOutput, lr: float, extra: dict[str, Tensor]) -> None:
-        interval = torch.cat(self._pending_log)  # (samples since the last log,)
+        samples = sum(t.shape[0] for t in self._pending_log)
+        if self.token_losses:  # (B, T) u ℓ per micro-batch: Σ u ℓ / Σ u
+            interval = torch.cat([t.reshape(-1) for t in self._pending_log])
+            train_loss = interval.sum() / self._units_log.clamp_min(torch.finfo().tiny)
+            self._units_log.zero_()
+        else:
+            interval = torch.cat(self._pending_log)  # (samples since the last log,)
+            train_loss = interval.mean()
         self._pending_log.clear()
         self._fold_epoch_losses()
-        samples = interval.numel()
-        train_loss = interval.mean()
         if self.world.distributed:  # the mean over every rank's samples
             count = torch.full((), float(samples), device=interval.device)
             total, n = all_reduce_sum(torch.stack([interval.sum(), count]))
@@ -603,13 +550,7 @@ class Trainer:
         values.update(extra)
         values.update(self._staged)
         self._staged.clear()
-        for r, v in zip(self.regularizers, self._reg_values, strict=True):
-            values[f"reg/{r.name}"] = v
-        if self.input_penalty is not None and self._penalty_window:
-            # data-parallel: each rank holds its part of the global penalty
-            values[f"reg/{self.input_penalty.name}"] = all_reduce_sum(
-                torch.stack(self._penalty_window).sum()
-            )
+        values.update(self.objective.reg_scalars())
         if out.weights is not None:
             w_min, w_max = torch.aminmax(out.weights)
             values.update({"weights/mean": out.weights.mean(), "weights/min": w_min,
@@ -629,7 +570,9 @@ class Trainer:
         model, optimizer, scheduler and GradScaler states, the position (step, epoch, batch in
         the epoch), the per-sample losses not yet logged or folded, the last metrics, the
         loader's and the callbacks' states. (RNG states: :func:`trainer.checkpoint.rng_state`.)"""
-        cat = lambda ts: torch.cat(ts) if ts else torch.zeros(0, device=self.device)  # noqa: E731
+        cat = lambda ts: (  # noqa: E731
+            torch.cat([t.reshape(-1) for t in ts]) if ts else torch.zeros(0, device=self.device)
+        )
         loader_state = getattr(self.train_loader, "state_dict", None)
         return {
             "model": self.model.state_dict(),
@@ -643,6 +586,8 @@ class Trainer:
             "pending_epoch": cat(self._pending_epoch),
             "epoch_loss_sum": self._epoch_loss_sum.clone(),
             "epoch_samples": self._epoch_samples,
+            "units_log": self._units_log.clone(),
+            "units_epoch": self._units_epoch.clone(),
             "metrics": dict(self.metrics),
             "loader": loader_state() if loader_state else None,
             "callbacks": [[type(cb).__name__, cb.state_dict()] for cb in self.callbacks],
@@ -672,6 +617,8 @@ class Trainer:
         self._pending_epoch = [pending_epoch.to(self.device)] if pending_epoch.numel() else []
         self._epoch_loss_sum = state["epoch_loss_sum"].to(self.device)
         self._epoch_samples = int(state["epoch_samples"])
+        self._units_log = state["units_log"].to(self.device)
+        self._units_epoch = state["units_epoch"].to(self.device)
         self.metrics = dict(state["metrics"])
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
@@ -688,7 +635,7 @@ class Trainer:
     def _fold_epoch_losses(self) -> None:
         """Add the epoch's pending per-sample losses into its device-side sum."""
         if self._pending_epoch:
-            self._epoch_loss_sum += torch.cat(self._pending_epoch).sum()
+            self._epoch_loss_sum += torch.cat([t.reshape(-1) for t in self._pending_epoch]).sum()
             self._epoch_samples += sum(t.numel() for t in self._pending_epoch)
             self._pending_epoch.clear()
 
@@ -707,7 +654,10 @@ class Trainer:
                 output = self.model(x)
             batch = self.criterion.val_sums(output, y)
             sums += torch.stack([batch[k] for k in names])
-        count = torch.full((), float(self._epoch_samples), device=self.device)
+        if self.token_losses:  # Σu of the epoch's tokens
+            count = self._units_epoch.float()
+        else:
+            count = torch.full((), float(self._epoch_samples), device=self.device)
         train = torch.stack([self._epoch_loss_sum.float(), count])  # on the device (no copy)
         both = all_reduce_sum(torch.cat([sums, train[None]]))
         # host sync: once per validation (data-parallel: summed over the ranks)

@@ -1,16 +1,29 @@
 """Loss components: per-sample losses for backward, and the task's validation metrics.
 
-A loss maps the model's output and the batch's targets to one loss per sample, shape (B,)
-(``reduction="none"``): scalar mode backpropagates their mean, vector mode a weighted sum
-(trainer/backward.py). Its ``task`` says what validation reports besides ``val/loss``:
+A loss maps the model's output and the batch's targets to one loss per element,
+``reduction="none"``: per sample, shape (B,), or per token, shape (B, T) for sequence models.
+Scalar mode backpropagates the loss's own average, vector mode a weighted sum with weights of
+the losses' full shape (trainer/objective.py). The average is defined by :meth:`Loss.units`:
+each element's unit weight u (None: every element 1), the average being Σ u ℓ / Σ u. For
+per-token losses u masks out padding, and ``average`` says what is averaged:
+
+* ``tokens``: u = 1 on every valid (non-padding) token: Σ ℓ / (valid tokens), the usual
+  language-model loss (every token counts the same, so long sequences count more);
+* ``sequences``: u = 1 / nᵢ on sequence i's nᵢ valid tokens: the mean over sequences of each
+  sequence's mean token loss (every sequence counts the same).
+
+Its ``task`` says what validation reports besides ``val/loss``:
 
 * ``classification``: ``val/acc`` (argmax of the output against int64 labels);
 * ``regression``: ``val/mse`` (mean over samples of the mean squared error over a target's
   elements);
+* ``sequence``: ``val/ppl`` = exp(val/loss) with val/loss the mean over valid tokens, and
+  ``val/token_acc`` (argmax over the vocabulary against the next token);
 * ``None``: ``val/loss`` only.
 
-``monitor`` is the metric a sweep optimizes by default (``val/acc`` maximized, else the first
-metric minimized); the top-level config key ``monitor`` overrides it.
+``monitor`` is the metric a sweep optimizes by default (``val/acc`` maximized; ``val/ppl`` for
+sequences, ``val/mse`` for regression, minimized); the top-level config key ``monitor``
+overrides it.
 
 A loss of your own (README, "Bring your own"): subclass :class:`Loss` and implement
 :meth:`Loss.forward`, or point ``loss._target_`` at any callable ``(output, target) -> (B,)``
@@ -19,6 +32,7 @@ A loss of your own (README, "Bring your own"): subclass :class:`Loss` and implem
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +45,8 @@ from trainer.config import ConfigError
 if TYPE_CHECKING:
     from trainer.data.base import DataModule
 
-TASKS = ("classification", "regression", None)
+TASKS = ("classification", "regression", "sequence", None)
+AVERAGES = ("tokens", "sequences")
 
 
 class Loss:
@@ -49,7 +64,7 @@ class Loss:
     nll: bool = False
 
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
-        """Per-sample losses (B,), differentiable in ``output``."""
+        """Per-element losses, (B,) or (B, T), differentiable in ``output``."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward(output, target)")
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
@@ -58,6 +73,12 @@ class Loss:
     def check(self, data: DataModule) -> None:
         """Raise :class:`ConfigError` if this loss cannot train on ``data`` (called once)."""
 
+    def units(self, target: Tensor, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """Each loss element's unit weight u in the loss's own average Σ u ℓ / Σ u, detached,
+        of the losses' shape, in ``dtype`` (the losses'); None: per-sample losses, every unit 1
+        (the plain mean)."""
+        return None
+
     def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
         """The per-sample losses validation averages into ``val/loss`` (default: forward's)."""
         return self.forward(output, target)
@@ -65,12 +86,16 @@ class Loss:
     @property
     def metrics(self) -> tuple[str, ...]:
         """The names :meth:`val_sums` reports, ``val/loss`` first."""
-        extra = {"classification": ("val/acc",), "regression": ("val/mse",)}.get(self.task, ())
+        extra = {
+            "classification": ("val/acc",),
+            "regression": ("val/mse",),
+            "sequence": ("val/ppl", "val/token_acc"),
+        }.get(self.task, ())
         return ("val/loss", *extra)
 
     @property
     def monitor(self) -> str:
-        return "val/acc" if self.task == "classification" else self.metrics[-1]
+        return {"classification": "val/acc", "sequence": "val/ppl"}.get(self.task, self.metrics[-1])
 
     def val_sums(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
         output = output.float()
@@ -154,8 +179,89 @@ class MSE(Loss):
             )
 
 
+class TokenCrossEntropy(Loss):
+    """Per-token cross-entropy for sequence models: logits (B, T, V) against next-token targets
+    (B, T) -> losses (B, T), 0 where the target is ``ignore_index`` (padding).
+
+    ``average`` (``tokens`` or ``sequences``) defines the scalar objective (module docstring)
+    and, in vector mode, the unit weights a weighting starts from. Validation averages over
+    valid tokens whatever ``average`` is: ``val/loss`` is the mean next-token NLL (nats),
+    ``val/ppl`` its exp, ``val/token_acc`` the share of tokens predicted exactly.
+    """
+
+    task = "sequence"
+
+    def __init__(
+        self, average: str = "tokens", ignore_index: int = -100, label_smoothing: float = 0.0
+    ):
+        if average not in AVERAGES:
+            raise ValueError(f"loss.average: got {average!r}, expected tokens or sequences")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing: got {label_smoothing}, must be in [0, 1)")
+        self.average, self.ignore_index = average, ignore_index
+        self.label_smoothing = label_smoothing
+
+    def _check_shapes(self, output: Tensor, target: Tensor) -> None:
+        if output.ndim != 3 or target.ndim != 2 or output.shape[:2] != target.shape:
+            raise ValueError(
+                f"loss=token_cross_entropy: needs logits (B, T, V) and targets (B, T); got "
+                f"{tuple(output.shape)} and {tuple(target.shape)}"
+            )
+
+    def forward(self, output: Tensor, target: Tensor) -> Tensor:
+        self._check_shapes(output, target)  # metadata only
+        b, t, v = output.shape
+        losses = F.cross_entropy(
+            output.reshape(b * t, v), target.reshape(b * t), reduction="none",
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+        )  # fmt: skip
+        return losses.view(b, t)  # (B, T), 0 on padding
+
+    def units(self, target: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        mask = (target != self.ignore_index).to(dtype)  # (B, T)
+        if self.average == "tokens":
+            return mask
+        return mask / mask.sum(dim=1, keepdim=True).clamp_min(1.0)  # each sequence sums to 1
+
+    def val_sums(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        self._check_shapes(output, target)
+        output = output.float()
+        b, t, v = output.shape
+        valid = target != self.ignore_index
+        n = valid.sum().float()
+        nll = F.cross_entropy(
+            output.reshape(b * t, v), target.reshape(b * t), reduction="sum",
+            ignore_index=self.ignore_index,
+        )  # fmt: skip
+        correct = ((output.argmax(dim=-1) == target) & valid).sum().float()
+        loss = torch.stack([nll, n])
+        # val/ppl is finished from val/loss (exp of the token mean, not a mean of exps)
+        return {"val/loss": loss, "val/ppl": loss, "val/token_acc": torch.stack([correct, n])}
+
+    def finalize(self, values: dict[str, float]) -> dict[str, float]:
+        loss = values["val/loss"]
+        return {**values, "val/ppl": math.exp(loss) if loss < 700 else math.inf}
+
+    def check(self, data: DataModule) -> None:
+        targets = data.train_targets
+        if targets is not None and (targets.is_floating_point() or targets.ndim != 2):
+            raise ConfigError(
+                f"loss=token_cross_entropy needs int64 token targets of shape (N, T); the "
+                f"data's targets are {targets.dtype} of shape {tuple(targets.shape)}"
+            )
+        if targets is not None and data.vocab_size is not None:
+            valid = targets[targets != self.ignore_index]
+            if valid.numel() and not 0 <= int(valid.min()) <= int(valid.max()) < data.vocab_size:
+                raise ConfigError(
+                    f"loss=token_cross_entropy: target ids span [{int(valid.min())}, "
+                    f"{int(valid.max())}] but the vocabulary has {data.vocab_size} tokens "
+                    f"(padding must be loss.ignore_index={self.ignore_index})"
+                )
+
+
 class CallableLoss(Loss):
-    """Any ``(output, target) -> (B,)`` callable as a loss; validation reports ``val/loss``."""
+    """Any ``(output, target) -> (B,)`` callable as a loss; validation reports ``val/loss``.
+    (Per-token losses need :meth:`Loss.units`: subclass :class:`Loss` for them.)"""
 
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], task: str | None = None):
         self.fn, self.task = fn, task

@@ -9,6 +9,14 @@ A strategy maps one batch's ``(losses, logits, targets, indices)`` to raw weight
   gives 1, the gradient of the summed loss.
 * ``none``: w_i = r_i, as the strategy gives them.
 
+Per-token losses (B, T) (trainer/losses.py) take weights of their full shape (B, T). The loss
+gives each token a unit weight u (1 on valid tokens, 0 on padding; 1/nᵢ on sequence i's tokens
+with ``loss.average=sequences``) and a strategy's raw weights multiply it: a per-sequence
+strategy's r of shape (B,) is broadcast explicitly, r_i u_it, a per-token one's r of shape
+(B, T) elementwise, r_it u_it. Sums run over every element: ``mean`` gives w = r u / Σ r u
+(uniform: the loss's own average, the same gradients as scalar mode), ``sum`` scales that by Σ u
+(uniform: w = u), ``none`` gives r u. Raw weights of any other shape are an error.
+
 A batch whose raw weights are all 0 gets w = 0 (it contributes nothing) under every mode. The
 batch total sum_j r_j is taken by :meth:`Weighting.batch_total`, the one place a data-parallel run
 replaces by a sum over the global batch. Weights never carry autograd history: strategies receive
@@ -26,6 +34,10 @@ Strategies (r_i for sample i with label y_i, data-set index n_i):
 * ``focal``: r_i = (1 - p_i)^gamma, p_i the detached softmax probability of the true class
   (read off the loss, p_i = exp(-l_i), when the losses are plain cross-entropy).
 * ``hard_topk``: r_i = 1 for the k highest-loss samples of the batch (or a fraction of it), else 0.
+* ``per_token`` (sequence losses): r_it = (N / (V' n_{y_it}))^power, the inverse frequency of
+  the target token y_it over the training split's N valid target tokens (n_v of token v, V'
+  distinct tokens seen; power 0.5 by default, a smoothed inverse frequency): rare tokens count
+  more.
 
 To add a strategy: subclass :class:`Weighting`, implement :meth:`~Weighting.raw` (and
 :meth:`~Weighting.setup` if it needs the data), add a schema to trainer/config.py and a file to
@@ -94,6 +106,12 @@ class Weighting(abc.ABC):
 
     def check_loss(self, loss: Loss) -> None:
         """Refuse a loss this strategy cannot weight (called once, before training)."""
+        if self.per_sample_only and loss.task == "sequence":
+            raise ValueError(
+                f"weighting={_config_name(self)} ranks whole samples' losses; it is not defined "
+                f"for the per-token losses of {type(loss).__name__}; use weighting=uniform, "
+                "per_sample (one weight per sequence) or per_token"
+            )
         if self.needs_classes and loss.task != "classification":
             raise ValueError(
                 f"weighting={_config_name(self)} reads class labels, but the loss "
@@ -105,16 +123,44 @@ class Weighting(abc.ABC):
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         """Raw weights r >= 0, shape (B,), same dtype and device as ``losses``."""
 
+    def _with_units(self, r: Tensor, units: Tensor) -> Tensor:
+        """Raw weights times the loss's unit weights, broadcast explicitly (module docstring)."""
+        if r.shape == units.shape:  # one raw weight per token
+            return r * units
+        if r.shape == units.shape[:1]:  # one per sequence, on each of its tokens
+            return r[:, None] * units
+        raise ValueError(
+            f"weighting={_config_name(self)}: raw weights of shape {tuple(r.shape)} fit neither "
+            f"the losses {tuple(units.shape)} nor their sequences {tuple(units.shape[:1])}"
+        )
+
     def batch_total(self, r: Tensor) -> Tensor | float:
         """sum_j r_j over the batch (over the global batch when data-parallel). A strategy that
         knows it on the host returns a float (> 0): one division kernel instead of three."""
         return r.sum()
 
-    def __call__(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+    #: the strategy weights per-sample losses only (it ranks or reads whole samples' losses)
+    per_sample_only: bool = False
+
+    def __call__(
+        self,
+        losses: Tensor,
+        logits: Tensor,
+        targets: Tensor,
+        indices: Tensor,
+        units: Tensor | None = None,
+    ) -> Tensor:
+        """The weights w, of the losses' shape; ``units``: the loss's unit weights (None for
+        per-sample losses, see :meth:`trainer.losses.Loss.units`)."""
         # detached inputs, so no autograd history (and no no_grad context to enter per step)
         r = self.raw(losses.detach(), logits.detach(), targets, indices).to(losses.dtype)
+        if units is not None:
+            r = self._with_units(r, units.to(losses.dtype))
         if self.normalize == "none":
             return r
+        if units is not None:  # sums over every element; uniform sum-normalized: w = u
+            total = r.sum().clamp_min(torch.finfo(r.dtype).tiny)
+            return r * (units.sum() / total) if self.normalize == "sum" else r / total
         if self.world.distributed:  # Σr and the sample count over every rank's part
             count = torch.full((), float(r.numel()), dtype=r.dtype, device=r.device)
             r_sum, n = all_reduce_sum(torch.stack([r.sum(), count]))
@@ -133,7 +179,19 @@ class UniformWeighting(Weighting):
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         return torch.ones_like(losses)
 
-    def __call__(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+    def __call__(
+        self,
+        losses: Tensor,
+        logits: Tensor,
+        targets: Tensor,
+        indices: Tensor,
+        units: Tensor | None = None,
+    ) -> Tensor:
+        if units is not None:  # the loss's own average: w = u / Σu (mean), u (sum, none)
+            u = units.to(losses.dtype)
+            if self.normalize != "mean":
+                return u
+            return u / u.sum().clamp_min(torch.finfo(u.dtype).tiny)
         if self.world.distributed:  # 1 / the global batch's size, which needs the ranks' counts
             return super().__call__(losses, logits, targets, indices)
         # one fill instead of ones / ones.sum(): the same values (tested), one kernel
@@ -294,6 +352,8 @@ class FocalWeighting(Weighting):
 class HardTopKWeighting(Weighting):
     """r_i = 1 for the ``k`` (if > 0, else ``ceil(fraction * B)``) highest-loss samples."""
 
+    per_sample_only = True
+
     def __init__(self, k: int = 0, fraction: float = 0.25, normalize: str = "mean"):
         super().__init__(normalize)
         if k < 0 or (k == 0 and not 0.0 < fraction <= 1.0):
@@ -319,3 +379,40 @@ class HardTopKWeighting(Weighting):
 
     def batch_total(self, r: Tensor) -> Tensor | float:
         return float(self.count(r.numel()))  # exactly count() ones: known without a kernel
+
+
+class PerTokenWeighting(Weighting):
+    """r_it = (N / (V' n_{y_it}))^power: inverse target-token frequency (sequence losses)."""
+
+    def __init__(self, power: float = 0.5, normalize: str = "mean"):
+        super().__init__(normalize)
+        if not (power >= 0 and math.isfinite(power)):
+            raise ValueError(f"weighting.power: got {power}, must be finite and >= 0")
+        self.power = power
+        self.ignore_index: int | None = None
+
+    def check_loss(self, loss: Loss) -> None:
+        if loss.task != "sequence" or not hasattr(loss, "ignore_index"):
+            raise ValueError(
+                f"weighting=per_token weights the tokens of a sequence loss; the loss "
+                f"{type(loss).__name__} (task {loss.task}) is not one (loss=token_cross_entropy)"
+            )
+        self.ignore_index = loss.ignore_index
+
+    def setup(self, data: DataModule, device: torch.device) -> None:
+        if data.vocab_size is None or data.train_targets is None:
+            raise ValueError(
+                f"weighting=per_token needs the vocabulary size and the training targets: the "
+                f"data module {type(data).__name__} sets no vocab_size (or holds no targets)"
+            )
+        tokens = data.train_targets.reshape(-1).long()
+        tokens = tokens[tokens != self.ignore_index]
+        counts = torch.bincount(tokens, minlength=data.vocab_size).double()
+        seen = int((counts > 0).sum())
+        freq = torch.where(counts > 0, counts.sum() / (seen * counts.clamp_min(1)), 0.0)
+        self.token_weights = freq.pow(self.power).float()  # (V,), 0 for unseen tokens
+        self.table = self.token_weights.to(device)
+
+    def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        # padding ids (e.g. -100) index nothing: any valid id stands in, the units zero them
+        return self.table[targets.clamp(0, self.table.numel() - 1)]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.backward import explain_freed_graph
 from trainer.distributed import all_reduce_sum
@@ -191,18 +192,19 @@ class Curvature(Callback):
         state.update({n: b.clone() for n, b in model.named_buffers()})
         accel = x.device.type != "cpu"  # CUDA, MPS, ...: fork that device's generator too
         devices = [x.device.index or 0] if accel else []
-        with torch.random.fork_rng(  # dropout must not advance the run's RNG
-            devices=devices, device_type=x.device.type if accel else "cuda"
+        with (
+            torch.random.fork_rng(  # dropout must not advance the run's RNG
+                devices=devices, device_type=x.device.type if accel else "cuda"
+            ),
+            # attention through the math kernel: the fused ones (flash, memory-efficient) have
+            # no double backward, which Hessian-vector products need
+            sdpa_kernel(SDPBackend.MATH),
         ):
             logits = functional_call(model, state, (x,))
         losses = trainer.criterion(logits, y)
         ddp = trainer.world.distributed
-        if trainer.weighting is not None:  # normalized over the global batch under DDP
-            objective = (trainer.weighting(losses, logits, y, index) * losses).sum()
-        elif ddp:  # this rank's part of the global batch's mean
-            objective = losses.sum() / trainer.train_loader.current_global_size
-        else:
-            objective = losses.mean()
+        # the micro-batch's data objective, as the step's root weighs it (trainer/objective.py)
+        objective = trainer.objective.batch_objective(losses, logits, y, index)
         grads = torch.autograd.grad(objective, params, create_graph=True, allow_unused=True)
         grads = [
             g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)

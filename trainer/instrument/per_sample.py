@@ -16,7 +16,9 @@ layer, the squared norm of each sample's parameter gradient follows from (a, g):
   upstream of it mixes the samples too, so a per-sample gradient is not defined there. Such a
   BatchNorm and every module whose forward ran before it (a superset of its upstream layers) are
   left out, as are modules called more than once per forward or with several tensor inputs:
-  reported (a warning, and ``per_sample/coverage``, the share of parameter elements included),
+  reported (a warning, and ``per_sample/coverage``, the share of parameter elements whose
+  per-sample gradient was captured: a module whose hook never saw its output's gradient counts as
+  left out, e.g. attention returning a tuple, or a weight used outside its module's forward),
   never mixed in silently. Layers after the last such BatchNorm are exact.
 
 The hooks see the gradient of the step's backward root, Σᵢ wᵢℓᵢ (scalar mode: wᵢ = 1/N over the
@@ -121,6 +123,24 @@ def func_sq_norms(module: nn.Module, a: Tensor, g: Tensor) -> Tensor:
     return sum(v.pow(2).reshape(v.shape[0], -1).sum(1) for v in per_sample.values())
 
 
+def sample_coefficients(c: Tensor) -> Tensor:
+    """One coefficient per sample, (B,), from the loss elements' coefficients.
+
+    Per-sample losses: c itself. Per-token losses (B, T): sample i's gradient is that of
+    Σ_t c_it ℓ_it; when its nonzero coefficients are all equal (any uniform weighting, either
+    ``loss.average``) that is cᵢ ∇Σ_t ℓ_it and cᵢ is returned, so the unweighted norm is that
+    of the sequence's summed token loss. Tokens weighted unequally (``per_token``) have no
+    such factor: NaN (the unweighted norm is then not reported for that sequence; the weighted
+    one still is).
+    """
+    if c.ndim == 1:
+        return c
+    flat = c.reshape(c.shape[0], -1)
+    top = flat.abs().amax(dim=1)  # (B,)
+    equal = ((flat != 0) & (flat != top[:, None])).sum(dim=1) == 0
+    return torch.where(equal, top, torch.nan)
+
+
 # ----------------------------------------------------------------------------- the callback
 
 
@@ -149,6 +169,7 @@ class PerSampleNorms(Callback):
         self._order: dict[nn.Module, int] = {}  # forward order within the micro-batch
         self._mixing: list[tuple[int, str]] = []  # (order, name) of training-mode BatchNorms
         self._excluded: dict[str, str] = {}  # module name -> why, for the current micro-batch
+        self._captured: set[nn.Module] = set()  # modules whose per-sample part was added
         self._weighted: list[Tensor] = []  # per micro-batch, (B,) weighted norms
         self._weights: list[Tensor] = []  # per micro-batch, (B,) effective weights
         self._reported: set[str] = set()
@@ -179,6 +200,7 @@ class PerSampleNorms(Callback):
         self._order.clear()
         self._mixing.clear()
         self._excluded.clear()
+        self._captured.clear()
         for _, m in self.modules:
             self._handles.append(m.register_forward_hook(self._forward_hook))
 
@@ -239,6 +261,7 @@ class PerSampleNorms(Callback):
                 self._deferred.append((module, a, g))
                 return
             self._add(sq.float())
+            self._captured.add(module)
 
     def _add(self, sq: Tensor) -> None:
         self._sq = sq if self._sq is None else self._sq + sq
@@ -250,9 +273,29 @@ class PerSampleNorms(Callback):
             return
         self._disarm()
         for module, a, g in self._deferred:
-            if self._names[module] not in self._excluded:
-                self._add(func_sq_norms(module, a, g).float())
+            name = self._names[module]
+            if name in self._excluded:
+                continue
+            try:
+                sq = func_sq_norms(module, a, g)
+            except RuntimeError as e:  # its forward cannot be recomputed per sample
+                if "randomness" not in str(e):
+                    raise
+                self._excluded[name] = (
+                    "its forward draws random numbers (dropout inside it), which a per-sample "
+                    "recomputation cannot reproduce"
+                )
+                continue
+            self._add(sq.float())
+            self._captured.add(module)
         self._deferred.clear()
+        for name, m in self.modules:  # coverage counts what was captured, not what was visited
+            if m not in self._captured and name not in self._excluded:
+                self._excluded[name] = (
+                    "no per-sample gradient was captured: its forward gave no single tensor "
+                    "output on the loss's path (e.g. attention returning a tuple), or its "
+                    "parameters are used outside its own forward"
+                )
         self._report(trainer)
         b = losses.shape[0]
         sq = self._sq if self._sq is not None else torch.zeros(b, device=losses.device)
@@ -260,13 +303,11 @@ class PerSampleNorms(Callback):
         norms = sq.clamp_min(0).sqrt()
         if trainer.scaler is not None:  # the root's gradient was multiplied by the loss scale
             norms = norms / trainer.scaler.get_scale()  # host read: measuring steps only
-        # each ℓᵢ's coefficient in the root that was backpropagated; data-parallel, the root
-        # is world size × this rank's part of the global objective (see trainer.distributed)
-        world = trainer.world.size
-        if weights is None:  # scalar mode: the root is mean(ℓ) × share = Σ ℓᵢ / N (× W)
-            w = torch.full_like(norms, world / trainer.window_samples)
-        else:
-            w = weights.detach().float()
+        # each loss element's coefficient in the root that was backpropagated, as the
+        # objective defines it (vector mode: the weights; data-parallel, × world size)
+        if weights is None:
+            weights = trainer.objective.coefficients(losses, batch.y, trainer.window)
+        w = sample_coefficients(weights.detach().float())
         self._weighted.append(norms)
         self._weights.append(w)
 
@@ -293,7 +334,7 @@ class PerSampleNorms(Callback):
         if self.loss in ("weighted", "both"):
             series["per_sample/weighted_grad_norm"] = weighted
         if self.loss in ("unweighted", "both"):
-            positive = w > 0
+            positive = w > 0  # False for NaN (unequal token weights)
             # unweighted = root / w for w > 0; a weight-0 sample has no gradient to measure
             unweighted = torch.where(
                 positive, root / w.clamp_min(torch.finfo(w.dtype).tiny), torch.nan

@@ -1,0 +1,307 @@
+"""The objective: the one owner of the backward roots and of each loss element's coefficient.
+
+A micro-batch's data root is Σ cᵢ ℓᵢ over its loss elements (samples (B,), or tokens (B, T)),
+and every instrument that needs "what did loss element i count for in this step's gradient"
+(per-sample norms, curvature) asks :class:`Objective` instead of re-deriving it:
+
+* scalar mode: the loss's own average over the accumulation window. Per-sample losses:
+  ``mean(ℓ) × share`` with share = B / N (N samples in the window), so cᵢ = 1 / N. Per-token
+  losses with unit weights u (trainer/losses.py): Σ u ℓ / U, U = Σ u over the window, so
+  c = u / U.
+* vector mode: ``losses.backward(gradient=w)`` with w = the weighting's weights of the losses'
+  shape (trainer/weighting.py), times the micro-batch's share of the window under
+  ``normalize=mean`` (B / N, or Σu / U for tokens), so c = w.
+* data-parallel: the window is the global one (every rank's samples), and each rank's root is
+  the world size W times its part of the global objective, because DDP averages the ranks'
+  gradients: c carries the factor W. This is the only place data parallelism enters.
+
+Regularizers join the same backward pass as a second root: parameter regularizers λR(θ) once per
+optimizer step (on the window's last micro-batch), the input-gradient penalty on every
+micro-batch by its share. On logging steps the objective also knows ``grad_norm/data`` and
+``grad_norm/reg`` (the regularizers' analytic gradients; the penalty's taken by one extra
+double-backward pass on those steps only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils import get_total_norm
+
+from trainer.backward import backward_scalar, backward_vector
+from trainer.config import ConfigError
+from trainer.distributed import SINGLE, World, all_reduce_sum
+from trainer.losses import Loss
+from trainer.regularizers import InputGradPenalty, Regularizer
+from trainer.weighting import Weighting
+
+
+@dataclass
+class Window:
+    """The accumulation window a micro-batch belongs to (its global one, data-parallel)."""
+
+    samples: int  # samples in the window, known on the host
+    batches: int = 1  # micro-batches in it
+    units: Tensor | None = None  # 0-d Σu over the window: per-token losses only (device)
+
+
+class Objective:
+    """Builds each micro-batch's backward roots and runs the backward (module docstring).
+
+    Args:
+        loss: the loss component; its :meth:`~trainer.losses.Loss.units` define its average.
+        weighting: the weighting (vector mode), or None (scalar mode).
+        regularizers: parameter regularizers and at most one input-gradient penalty.
+        params: the trainable parameters backward accumulates into.
+        global_batch_size: data-parallel, the current global batch's size (all ranks).
+    """
+
+    def __init__(
+        self,
+        loss: Loss,
+        weighting: Weighting | None,
+        regularizers: Sequence[Regularizer | InputGradPenalty],
+        params: Sequence[Tensor],
+        *,
+        world: World = SINGLE,
+        scaler: torch.amp.GradScaler | None = None,
+        global_batch_size: Callable[[], int] = lambda: 0,
+    ):
+        self.loss, self.weighting = loss, weighting
+        #: parameter regularizers, added once per optimizer step
+        self.regularizers = [r for r in regularizers if isinstance(r, Regularizer)]
+        #: the input-gradient penalty, added on every micro-batch (it depends on the inputs)
+        penalties = [r for r in regularizers if isinstance(r, InputGradPenalty)]
+        unknown = [r for r in regularizers if not isinstance(r, (Regularizer, InputGradPenalty))]
+        if unknown or len(penalties) > 1:
+            raise TypeError(
+                "regularizers: expected trainer.regularizers.Regularizer instances and at most "
+                f"one InputGradPenalty, got {[type(r).__name__ for r in regularizers]}"
+            )
+        self.input_penalty = penalties[0] if penalties else None
+        self.params = list(params)
+        self.world, self.scaler = world, scaler
+        self.global_batch_size = global_batch_size
+        #: the last optimizer step's λR per parameter regularizer, detached
+        self.reg_values: list[Tensor] = []
+        self._penalty_window: list[Tensor] = []  # the penalty's detached values this window
+        self._penalty_grads: dict[int, Tensor] = {}  # its θ-gradient, windows that log only
+
+    @property
+    def has_regularizers(self) -> bool:
+        return bool(self.regularizers) or self.input_penalty is not None
+
+    # ------------------------------------------------------------------ the window
+    def window_units(self, targets: Sequence[Tensor]) -> Tensor | None:
+        """U = Σu over a window's micro-batches (their targets), a 0-d device tensor without a
+        host sync; None for per-sample losses, whose window size is known on the host."""
+        # counts in float64 (exact), except where a device has none (MPS)
+        exact = torch.float32 if targets[0].device.type == "mps" else torch.float64
+        units = [self.loss.units(y, exact) for y in targets]
+        if units[0] is None:
+            return None
+        if self.world.distributed:
+            raise ConfigError(
+                f"loss: {type(self.loss).__name__} averages per-token losses; data-parallel "
+                "training of per-token losses is not supported yet (run one process)"
+            )
+        return torch.stack([u.sum() for u in units if u is not None]).sum()
+
+    def _ddp(self) -> int:
+        """W when data-parallel (the factor of DDP's average), else 0."""
+        return self.world.size if self.world.distributed else 0
+
+    def _share(self, y: Tensor, window: Window) -> float:
+        """The micro-batch's (global batch's) share of the window's samples."""
+        n = self.global_batch_size() if self.world.distributed else y.shape[0]
+        return n / window.samples  # 1.0 without accumulation
+
+    # ------------------------------------------------------------------ roots and coefficients
+    def check_losses(self, losses: Tensor, y: Tensor) -> Tensor | None:
+        """The loss's unit weights for ``y``, after checking the losses' shape (metadata only)."""
+        units = self.loss.units(y, losses.dtype)  # a float64 model's in float64
+        expected = tuple(y.shape[:1]) if units is None else tuple(units.shape)
+        if tuple(losses.shape) != expected:
+            raise ValueError(
+                f"loss {type(self.loss).__name__} returned shape {tuple(losses.shape)} for a "
+                f"batch of {y.shape[0]}; it must return one loss per element, shape {expected} "
+                "(reduction='none'; per-token losses: Loss.units gives their shape)"
+            )
+        return units
+
+    def scalar_root(self, losses: Tensor, units: Tensor | None, y: Tensor, window: Window):
+        """Scalar mode's 0-d data root for one micro-batch."""
+        if units is not None:  # Σ (u / U) ℓ over the window: c = u / U
+            return (losses * (units / self._window_units(units, window))).sum()
+        ddp = self._ddp()
+        if ddp:  # Σ_local ℓ · W / N (also right for an empty or ragged part)
+            return losses.sum() * (ddp / window.samples)
+        loss = losses.mean()
+        share = self._share(y, window)
+        return loss if share == 1.0 else loss * share
+
+    @staticmethod
+    def _window_units(units: Tensor, window: Window) -> Tensor:
+        """U; for a window of one micro-batch Σu computed as the uniform weighting does, so
+        scalar mode and vector-uniform mode give the same coefficients bit for bit."""
+        if window.batches == 1:
+            return units.sum()
+        assert window.units is not None
+        return window.units.to(units.dtype)
+
+    def vector_weights(
+        self,
+        losses: Tensor,
+        output: Tensor,
+        y: Tensor,
+        index: Tensor,
+        units: Tensor | None,
+        window: Window,
+    ) -> Tensor:
+        """Vector mode's gradient weights for one micro-batch, of the losses' shape."""
+        assert self.weighting is not None
+        ddp = self._ddp()
+        if ddp:  # the sizes of the ranks' parts: known here, no exchange needed
+            self.weighting.global_size = self.global_batch_size()
+        weights = self.weighting(losses, output, y, index, units)
+        if self.weighting.normalize == "mean":  # sum/none: each micro-batch's as given
+            if units is None:
+                share = self._share(y, window)
+                weights = weights if share == 1.0 else weights * share
+            elif window.batches > 1:  # this micro-batch's units' share of the window's
+                weights = weights * (units.sum() / self._window_units(units, window))
+        if ddp:
+            weights = weights * ddp
+        return weights
+
+    def coefficients(self, losses: Tensor, y: Tensor, window: Window) -> Tensor:
+        """Scalar mode: each loss element's coefficient c in the micro-batch's root (× W
+        data-parallel), of the losses' shape. (Vector mode's are the weights themselves.)"""
+        units = self.loss.units(y, losses.dtype)
+        if units is not None:
+            return units / self._window_units(units, window)
+        return torch.full_like(losses, max(self._ddp(), 1) / window.samples)
+
+    def batch_objective(self, losses: Tensor, output: Tensor, y: Tensor, index: Tensor) -> Tensor:
+        """One micro-batch's data objective on its own, as if it were the whole window (this
+        rank's part of its global batch's, without DDP's factor W): what curvature measures."""
+        units = self.loss.units(y, losses.dtype)
+        if self.weighting is not None:  # normalized over the global batch under DDP
+            return (self.weighting(losses, output, y, index, units) * losses).sum()
+        if units is not None:
+            return (losses * (units / units.sum())).sum()
+        if self.world.distributed:  # this rank's part of the global batch's mean
+            return losses.sum() / self.global_batch_size()
+        return losses.mean()
+
+    # ------------------------------------------------------------------ backward
+    def backward(
+        self,
+        losses: Tensor,
+        output: Tensor,
+        batch: tuple[Tensor, Tensor, Tensor],
+        window: Window,
+        *,
+        last: bool,
+        logs: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """One backward pass of the micro-batch's roots: the data root, and the regularizers
+        (``last``: the window's last micro-batch; ``logs``: the step logs). Returns the
+        gradient weights (vector mode; None in scalar mode) and the loss's unit weights (None
+        for per-sample losses)."""
+        x, y, index = batch
+        units = self.check_losses(losses, y)
+        reg = self._regularization() if last and self.regularizers else None  # once a step
+        if self.input_penalty is not None:  # every micro-batch, by its share of the window
+            penalty = self._penalized(losses, x, y, window, logs)
+            reg = penalty if reg is None else reg + penalty
+        # with the penalty, x requires grad: accumulate into the parameters only, not into x
+        inputs = self.params if self.input_penalty is not None else None
+        if self.weighting is None:
+            backward_scalar(self.scalar_root(losses, units, y, window), self.scaler, reg, inputs)
+            return None, units
+        weights = self.vector_weights(losses, output, y, index, units, window)
+        backward_vector(losses, weights, self.scaler, reg, inputs)
+        return weights, units
+
+    def _regularization(self) -> Tensor:
+        """Σ λR over the regularizers (0-d), added once per optimizer step."""
+        values = [r.value() for r in self.regularizers]
+        self.reg_values = [v.detach() for v in values]
+        return values[0] if len(values) == 1 else torch.stack(values).sum()
+
+    def _penalized(self, losses: Tensor, x: Tensor, y: Tensor, window: Window, logs: bool):
+        """The micro-batch's input-gradient penalty, by its share of the window (× W)."""
+        ddp = self._ddp()
+        if not ddp:
+            return self._input_penalty(losses, x, self._share(y, window), logs)
+        # data-parallel: this rank's part of the global mean (× W for DDP's average)
+        n_local = y.shape[0]
+        part = (
+            self._input_penalty(losses, x, n_local / window.samples, logs)
+            if n_local
+            else losses.sum() * 0.0  # no sample here: nothing to penalize
+        )
+        return part * ddp
+
+    def _input_penalty(self, losses: Tensor, x: Tensor, share: float, logs: bool) -> Tensor:
+        """The input-gradient penalty times its share of the window (0-d).
+
+        On windows whose step logs, also its gradient with respect to θ, for grad_norm/reg:
+        one extra double-backward pass there (no analytic form exists), none on other steps.
+        """
+        assert self.input_penalty is not None
+        penalty = self.input_penalty.value(losses, x)  # scaled under fp16 with the whole root
+        if share != 1.0:
+            penalty = penalty * share
+        self._penalty_window.append(penalty.detach())
+        if logs:
+            # fp16: scaled like the step's backward, so the tangent does not underflow
+            root = penalty if self.scaler is None else self.scaler.scale(penalty)
+            scale = None if self.scaler is None else self.scaler.scale(torch.ones_like(penalty))
+            grads = torch.autograd.grad(root, self.params, retain_graph=True, allow_unused=True)
+            for p, g in zip(self.params, grads, strict=True):
+                if g is not None:
+                    g = g if scale is None else g / scale
+                    old = self._penalty_grads.get(id(p))
+                    self._penalty_grads[id(p)] = g if old is None else old + g
+        return penalty
+
+    # ------------------------------------------------------------------ what a logging step reads
+    def split_norms(self) -> dict[str, Tensor]:
+        """grad_norm/reg from the regularizers' analytic gradients (and the input penalty's,
+        taken on logging windows), grad_norm/data = the rest of the total gradient."""
+        # the input penalty's gradient: data-parallel, the sum of the ranks' parts
+        reg_grad: dict[int, Tensor] = {k: all_reduce_sum(g) for k, g in self._penalty_grads.items()}
+        for r in self.regularizers:
+            for p, g in zip(r.params, r.grad(), strict=True):
+                reg_grad[id(p)] = reg_grad[id(p)] + g if id(p) in reg_grad else g
+        data = [
+            p.grad - reg_grad[id(p)] if id(p) in reg_grad else p.grad
+            for p in self.params
+            if p.grad is not None
+        ]
+        return {
+            "grad_norm/data": get_total_norm(data),
+            "grad_norm/reg": get_total_norm(list(reg_grad.values())),
+        }
+
+    def reg_scalars(self) -> dict[str, Tensor]:
+        """``reg/<name>`` of the step just taken (device tensors)."""
+        values = {
+            f"reg/{r.name}": v for r, v in zip(self.regularizers, self.reg_values, strict=True)
+        }
+        if self.input_penalty is not None and self._penalty_window:
+            # data-parallel: each rank holds its part of the global penalty
+            values[f"reg/{self.input_penalty.name}"] = all_reduce_sum(
+                torch.stack(self._penalty_window).sum()
+            )
+        return values
+
+    def end_step(self) -> None:
+        """Forget the window's penalty values and gradients (after the step's logging)."""
+        self._penalty_window.clear()
+        self._penalty_grads.clear()
