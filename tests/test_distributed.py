@@ -108,6 +108,17 @@ CASES = {
         "instrument.curvature.power_iters=8",
         "instrument.curvature.trace_probes=3",
     ),
+    # gradient accumulation: the ranks all-reduce once per step (no_sync on the first
+    # micro-batch of each window), still the gradient of the global window's mean. Plain SGD:
+    # summing locally before the all-reduce rounds differently, and Adam's g/√v turns a
+    # rounding difference in a near-zero gradient into an lr-sized one (1.4e-5 seen)
+    "scalar-accumulate": ("trainer.accumulate_grad_batches=2", "optimizer=sgd"),
+    "vector-accumulate-class_balanced": (
+        "loss.mode=vector",
+        "weighting=class_balanced",
+        "trainer.accumulate_grad_batches=2",
+        "optimizer=sgd",
+    ),
     # the DataLoader path (what augmented and large sets use) shards the same way
     "dataloader-vector-focal": (
         "data.loader=dataloader",

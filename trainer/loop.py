@@ -28,83 +28,25 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 
+from trainer.callbacks import HOOKS, Callback, Every, StepOutput
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.distributed import SINGLE, World, all_reduce_sum
+from trainer.instrument.histograms import host_histogram
 from trainer.logger import Progress, Scalars, TensorBoardLogger, to_floats
 from trainer.losses import Loss, as_loss
+from trainer.metrics import LossTally
 from trainer.objective import Objective, Window
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class StepOutput:
-    """What ``on_train_step_end`` receives about the optimizer step just taken."""
-
-    step: int  # optimizer steps taken, this one included
-    epoch: int  # 0-based epoch of this step
-    batch: Batch  # the window's last micro-batch
-    losses: Tensor  # (B,) detached per-sample losses of that micro-batch
-    weights: Tensor | None  # (B,) its gradient weights (vector mode), as passed to backward
-    grad_norm: Tensor | None  # 0-d total L2 norm before clipping (when clipping or logging)
-    should_log: bool
-    skipped: bool = False  # a callback (the non-finite guard) skipped the update
-
-
-class Callback:
-    """Base class for callbacks: override any hook; each is called as ``hook(trainer, ...)``.
-
-    Hooks, in the order they fire:
-
-    * ``on_fit_start(trainer)``
-    * ``on_train_epoch_start(trainer, epoch)``
-    * ``on_train_batch_start(trainer, batch)``: every micro-batch, before its forward
-    * ``on_after_backward(trainer, batch, losses, weights)``: every micro-batch, right after its
-      backward; ``losses`` (B,) detached, ``weights`` (B,) or None in scalar mode; gradients are
-      still accumulating and, under fp16, multiplied by ``trainer.scaler.get_scale()``
-    * ``on_before_optimizer_step(trainer, optimizer)``: gradients final (accumulated, unscaled),
-      not yet clipped; ``trainer.global_step`` is the step being taken, ``trainer.logging_step``
-      whether it logs. Setting ``trainer.skip_step = True`` skips the update (parameters,
-      optimizer and scheduler untouched)
-    * ``on_train_step_end(trainer, out: StepOutput)``: after step, scheduler and zero_grad
-
-    Scalars a callback measures go through ``trainer.stage_scalars``: they are read back to the
-    host together with the step's own, in one transfer, at the end of the step.
-    * ``on_validation_end(trainer, metrics)``: after each epoch's validation
-    * ``on_fit_end(trainer, metrics)``
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint must keep for a resumed run to continue exactly (an RNG's
-        state, a counter); tensors, containers and primitives only."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def on_fit_start(self, trainer: Trainer) -> None: ...
-    def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
-    def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None: ...
-    def on_after_backward(
-        self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
-    ) -> None: ...
-    def on_before_optimizer_step(
-        self, trainer: Trainer, optimizer: torch.optim.Optimizer
-    ) -> None: ...
-    def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None: ...
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
-    def on_fit_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
-
-
-HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
 
 _AMP_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
@@ -187,7 +129,7 @@ class Trainer:
         self.grad_clip = grad_clip
         self.accumulate = accumulate_grad_batches
         self.max_epochs, self.max_steps = max_epochs, max_steps
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every = Every(log_every_n_steps)  # the train scalars' cadence
         self.logger = logger
         self.show_progress = progress
         self.detect_anomaly = detect_anomaly
@@ -248,16 +190,8 @@ class Trainer:
         self.window = Window(samples=1)
         self.metrics: dict[str, float] = {}
         self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
-        # per-sample losses stay on the device, no kernel per step: since the last log (for
-        # train/loss) and since the epoch's start (folded into a device-side sum on log steps,
-        # for the epoch's mean read at validation)
-        self._pending_log: list[Tensor] = []
-        self._pending_epoch: list[Tensor] = []
-        self._epoch_loss_sum = torch.zeros((), device=device)
-        self._epoch_samples = 0
-        # per-token losses: Σu since the last log and since the epoch's start (the denominators)
-        self._units_log = torch.zeros((), device=device)
-        self._units_epoch = torch.zeros((), device=device)
+        #: train/loss since the last log and since the epoch's start, on the device
+        self.tally = LossTally(device, self.token_losses)
         self._time_at_log = 0.0
         self._null = contextlib.nullcontext()
         self.progress = Progress(False, self.total_steps)  # replaced by fit()
@@ -268,7 +202,7 @@ class Trainer:
             hook(self, *args)
 
     def should_log(self, step: int) -> bool:
-        return step % self.log_every_n_steps == 0
+        return self.log_every.due(step)
 
     def stage_scalars(self, values: Scalars) -> None:
         """Queue scalars for the current step; they are read back to the host together with
@@ -294,8 +228,6 @@ class Trainer:
         values = {**values, **{keys[tag]: t for tag, t in histograms.items()}}
         floats = to_floats(values)  # host sync: logging steps only
         if keys:
-            from trainer.instrument.histograms import host_histogram
-
             for tag, ks in keys.items():
                 h = host_histogram([floats.pop(k) for k in ks])
                 floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
@@ -368,11 +300,9 @@ class Trainer:
         return False
 
     def _checkpoint_if_due(self) -> None:
-        every = self.checkpoint_every
         if (
             self.checkpoint_fn is not None
-            and every > 0
-            and self.global_step % every == 0
+            and Every(self.checkpoint_every).due(self.global_step)
             and self.global_step != self.checkpointed_step
         ):
             self.checkpoint_fn(self)
@@ -400,10 +330,7 @@ class Trainer:
             loader.num_samples, loader.global_batch_size, loader.drop_last, self.accumulate
         )
         if start == 0:
-            self._pending_epoch.clear()
-            self._epoch_loss_sum.zero_()
-            self._units_epoch.zero_()
-            self._epoch_samples = 0
+            self.tally.start_epoch()
             self._fire("on_train_epoch_start", self.epoch)
         last = len(windows) - 1
         for i, batch, window in self._with_windows(enumerate(loader, start), windows):
@@ -448,24 +375,20 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.input_penalty is not None:
             x = self.input_penalty.prepare(x)  # a leaf to differentiate the loss with respect to
-        with self._autocast():
-            logits = self.forward_model(x)  # (B, K) class logits, or any output the loss takes
-            losses = self.criterion(logits, y)  # (B,)
-        # the roots (data loss, regularizers) and their one backward pass: trainer/objective.py
-        weights, units = self.objective.backward(
-            losses, logits, (x, y, index), window, last=step_now,
-            logs=self.should_log(self.global_step + 1),  # the step this micro-batch belongs to
-        )  # fmt: skip
+        # data-parallel: the ranks' gradients are all-reduced once per optimizer step, in the
+        # window's last backward; the others accumulate locally (DDP's no_sync)
+        local = not step_now and self.world.distributed
+        with self.forward_model.no_sync() if local else self._null:  # type: ignore[operator]
+            with self._autocast():
+                logits = self.forward_model(x)  # (B, K) logits, or any output the loss takes
+                losses = self.criterion(logits, y)  # (B,), or per token (B, T)
+            # the roots (data loss, regularizers) and their one backward pass: trainer/objective
+            weights, units = self.objective.backward(
+                losses, logits, (x, y, index), window, last=step_now,
+                logs=self.should_log(self.global_step + 1),  # the step this micro-batch is in
+            )  # fmt: skip
         losses = losses.detach()
-        if units is not None:  # per-token: the log and the epoch average Σ u ℓ / Σ u
-            kept = losses * units
-            units_sum = units.sum()
-            self._units_log += units_sum
-            self._units_epoch += units_sum
-        else:
-            kept = losses
-        self._pending_log.append(kept)
-        self._pending_epoch.append(kept)
+        self.tally.add(losses, units)
         self._fire("on_after_backward", batch, losses, weights)
         if step_now:
             self.optimizer_step(batch, losses, weights)
@@ -527,19 +450,9 @@ class Trainer:
         self.progress.update()
 
     def _log_step(self, out: StepOutput, lr: float, extra: dict[str, Tensor]) -> None:
-        samples = sum(t.shape[0] for t in self._pending_log)
-        if self.token_losses:  # (B, T) u ℓ per micro-batch: Σ u ℓ / Σ u
-            interval = torch.cat([t.reshape(-1) for t in self._pending_log])
-            train_loss = interval.sum() / self._units_log.clamp_min(torch.finfo().tiny)
-            self._units_log.zero_()
-        else:
-            interval = torch.cat(self._pending_log)  # (samples since the last log,)
-            train_loss = interval.mean()
-        self._pending_log.clear()
-        self._fold_epoch_losses()
-        if self.world.distributed:  # the mean over every rank's samples
-            count = torch.full((), float(samples), device=interval.device)
-            total, n = all_reduce_sum(torch.stack([interval.sum(), count]))
+        train_loss, total, count, samples = self.tally.take_log()
+        if self.world.distributed:  # the mean over every rank's samples (tokens)
+            total, n = all_reduce_sum(torch.stack([total, count]))
             train_loss, samples = total / n, samples * self.world.size
         values: dict[str | tuple[str, ...], Tensor | float] = {
             "train/loss": train_loss,
@@ -570,9 +483,6 @@ class Trainer:
         model, optimizer, scheduler and GradScaler states, the position (step, epoch, batch in
         the epoch), the per-sample losses not yet logged or folded, the last metrics, the
         loader's and the callbacks' states. (RNG states: :func:`trainer.checkpoint.rng_state`.)"""
-        cat = lambda ts: (  # noqa: E731
-            torch.cat([t.reshape(-1) for t in ts]) if ts else torch.zeros(0, device=self.device)
-        )
         loader_state = getattr(self.train_loader, "state_dict", None)
         return {
             "model": self.model.state_dict(),
@@ -582,12 +492,7 @@ class Trainer:
             "step": self.global_step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "pending_log": cat(self._pending_log),
-            "pending_epoch": cat(self._pending_epoch),
-            "epoch_loss_sum": self._epoch_loss_sum.clone(),
-            "epoch_samples": self._epoch_samples,
-            "units_log": self._units_log.clone(),
-            "units_epoch": self._units_epoch.clone(),
+            **self.tally.state_dict(),
             "metrics": dict(self.metrics),
             "loader": loader_state() if loader_state else None,
             "callbacks": [[type(cb).__name__, cb.state_dict()] for cb in self.callbacks],
@@ -612,13 +517,7 @@ class Trainer:
                 f"batch_in_epoch {self.batch_in_epoch} is outside this data's epoch of "
                 f"{len(self.train_loader)} batches (another data set or batch size?)"
             )
-        pending_log, pending_epoch = state["pending_log"], state["pending_epoch"]
-        self._pending_log = [pending_log.to(self.device)] if pending_log.numel() else []
-        self._pending_epoch = [pending_epoch.to(self.device)] if pending_epoch.numel() else []
-        self._epoch_loss_sum = state["epoch_loss_sum"].to(self.device)
-        self._epoch_samples = int(state["epoch_samples"])
-        self._units_log = state["units_log"].to(self.device)
-        self._units_epoch = state["units_epoch"].to(self.device)
+        self.tally.load_state_dict(state)
         self.metrics = dict(state["metrics"])
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
@@ -632,19 +531,11 @@ class Trainer:
             cb.load_state_dict(saved.pop(match)[1])
         self.checkpointed_step = self.global_step
 
-    def _fold_epoch_losses(self) -> None:
-        """Add the epoch's pending per-sample losses into its device-side sum."""
-        if self._pending_epoch:
-            self._epoch_loss_sum += torch.cat([t.reshape(-1) for t in self._pending_epoch]).sum()
-            self._epoch_samples += sum(t.numel() for t in self._pending_epoch)
-            self._pending_epoch.clear()
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The loss's validation metrics (val/loss, and val/acc or val/mse by task) and the
         epoch's mean train/loss."""
         self.model.eval()
-        self._fold_epoch_losses()
         names = self.criterion.metrics
         sums = torch.zeros(len(names), 2, device=self.device)  # (metric, [sum, count])
         for x, y, _ in self.val_loader:
@@ -654,11 +545,7 @@ class Trainer:
                 output = self.model(x)
             batch = self.criterion.val_sums(output, y)
             sums += torch.stack([batch[k] for k in names])
-        if self.token_losses:  # Σu of the epoch's tokens
-            count = self._units_epoch.float()
-        else:
-            count = torch.full((), float(self._epoch_samples), device=self.device)
-        train = torch.stack([self._epoch_loss_sum.float(), count])  # on the device (no copy)
+        train = self.tally.epoch_parts()  # [Σ, count] on the device (no copy)
         both = all_reduce_sum(torch.cat([sums, train[None]]))
         # host sync: once per validation (data-parallel: summed over the ranks)
         rows = both.tolist()

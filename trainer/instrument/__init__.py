@@ -19,8 +19,8 @@ from trainer.instrument.norms import Norms
 from trainer.instrument.per_sample import PerSampleNorms
 
 if TYPE_CHECKING:
+    from trainer.callbacks import Callback
     from trainer.config import InstrumentConfig
-    from trainer.loop import Callback
 
 __all__ = [
     "Curvature",

@@ -25,8 +25,8 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.backward import explain_freed_graph
+from trainer.callbacks import Callback, Every
 from trainer.distributed import all_reduce_sum
-from trainer.loop import Callback
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -145,21 +145,18 @@ class Curvature(Callback):
             raise ValueError(
                 f"instrument.curvature.every_n_steps: got {every_n_steps}, must be >= 1"
             )
-        self.every = every_n_steps
+        self.every = Every(every_n_steps)
         self.power_iters, self.tol, self.trace_probes = power_iters, tol, trace_probes
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._batch: Batch | None = None
 
-    def _measures(self, step: int) -> bool:
-        return step % self.every == 0
-
     def on_after_backward(self, trainer: Trainer, batch: Batch, losses: Tensor, weights) -> None:
-        if self._measures(trainer.global_step + 1):  # the step this micro-batch belongs to
+        if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
             self._batch = batch  # the window's last micro-batch wins
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer) -> None:
-        if not self._measures(trainer.global_step) or self._batch is None:
+        if not self.every.due(trainer.global_step) or self._batch is None:
             return
         batch, self._batch = self._batch, None
         trainer.stage_scalars(self.measure(trainer, batch))  # read with the step's scalars

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trainer.loop import Callback
+from trainer.callbacks import Callback, Every
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -141,7 +141,7 @@ class Histograms(Callback):
                 f"instrument.histograms.every_n_steps: got {every_n_steps}, must be >= 1"
             )
         self.every, self.bins, self.range_policy, self.fixed = (
-            every_n_steps,
+            Every(every_n_steps),
             bins,
             range_policy,
             fixed,
@@ -149,7 +149,7 @@ class Histograms(Callback):
         self.grads, self.weights = grads, weights
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
-        if trainer.global_step % self.every or trainer.logger is None:
+        if not self.every.due(trainer.global_step) or trainer.logger is None:
             return
         tags, tensors = [], []
         for name, p in zip(trainer.param_names, trainer.params, strict=True):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trainer.loop import Callback
+from trainer.callbacks import Callback, Every
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -43,7 +43,8 @@ class NonfiniteGuard(Callback):
     ):
         if policy not in ("raise", "skip"):
             raise ValueError(f"instrument.nonfinite.policy: got {policy!r}, expected raise or skip")
-        self.policy, self.every, self.max_consecutive = policy, every_n_steps, max_consecutive_skips
+        self.policy, self.max_consecutive = policy, max_consecutive_skips
+        self.every = Every(every_n_steps)
         self.skipped = 0
         self.consecutive = 0
         self._loss_ok: Tensor | None = None
@@ -54,18 +55,15 @@ class NonfiniteGuard(Callback):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
 
-    def _checks(self, step: int) -> bool:
-        return step % self.every == 0
-
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
     ) -> None:
-        if self._checks(trainer.global_step + 1):  # the step this micro-batch belongs to
+        if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
             ok = torch.isfinite(losses).all()
             self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
-        if not self._checks(trainer.global_step):
+        if not self.every.due(trainer.global_step):
             return
         loss_ok, self._loss_ok = self._loss_ok, None
         named = [(n, p.grad) for n, p in zip(trainer.param_names, trainer.params, strict=True)

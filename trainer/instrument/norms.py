@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trainer.loop import Callback, StepOutput
+from trainer.callbacks import Callback, Every, StepOutput
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -36,7 +36,7 @@ class Norms(Callback):
     def __init__(self, every_n_steps: int, param_norm: bool = True, update_ratio: bool = True):
         if every_n_steps < 1:
             raise ValueError(f"instrument.norms.every_n_steps: got {every_n_steps}, must be >= 1")
-        self.every = every_n_steps
+        self.every = Every(every_n_steps)
         self.param_norm, self.update_ratio = param_norm, update_ratio
         self._before: list[Tensor] | None = None
         self._before_norms: Tensor | None = None
@@ -51,7 +51,7 @@ class Norms(Callback):
             self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
-        if trainer.global_step % self.every:
+        if not self.every.due(trainer.global_step):
             return
         trainer.measure_clipped_norm = True
         names, grads = [], []

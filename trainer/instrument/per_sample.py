@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from trainer.callbacks import Callback, Every
 from trainer.distributed import all_gather_cat
-from trainer.loop import Callback
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -160,7 +160,7 @@ class PerSampleNorms(Callback):
             )
         if loss not in ("weighted", "unweighted", "both"):
             raise ValueError(f"instrument.per_sample.loss: got {loss!r}")
-        self.every, self.loss, self.bins = every_n_steps, loss, bins
+        self.every, self.loss, self.bins = Every(every_n_steps), loss, bins
         self.modules: list[tuple[str, nn.Module]] = []
         self._handles: list[Any] = []
         self._sq: Tensor | None = None  # (B,) of the current micro-batch
@@ -187,12 +187,9 @@ class PerSampleNorms(Callback):
                 self._names[m] = name
                 self._sizes[m] = sum(p.numel() for p in own)
 
-    def _measures(self, step: int) -> bool:
-        return step % self.every == 0
-
     # ---- arming: hooks exist only while a measured micro-batch runs its forward and backward
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
-        if not self._measures(trainer.global_step + 1):
+        if not self.every.due_next(trainer.global_step):
             return
         self._sq = None
         self._deferred.clear()

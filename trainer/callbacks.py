@@ -1,0 +1,103 @@
+"""Callbacks: the hooks a training run calls, what they receive, and when they are due.
+
+Instrumentation, user callbacks and the trainer's own periodic jobs all hang off these hooks;
+none of them edits the step body. This module imports no part of the loop, so a callback module
+imports it without a cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from trainer.data.base import Batch
+    from trainer.loop import Trainer
+
+
+@dataclass(frozen=True)
+class Every:
+    """A cadence: due on every ``n``-th optimizer step (steps count from 1; ``n=0``: never).
+
+    ``due(step)`` is asked inside a step's hooks, where ``trainer.global_step`` is the step being
+    taken; ``due_next(step)`` before it, from a micro-batch whose step is ``step + 1``.
+    """
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError(f"every_n_steps: got {self.n}, must be >= 0 (0: never)")
+
+    def due(self, step: int) -> bool:
+        return self.n > 0 and step % self.n == 0
+
+    def due_next(self, step: int) -> bool:
+        return self.due(step + 1)
+
+
+@dataclass
+class StepOutput:
+    """What ``on_train_step_end`` receives about the optimizer step just taken."""
+
+    step: int  # optimizer steps taken, this one included
+    epoch: int  # 0-based epoch of this step
+    batch: Batch  # the window's last micro-batch
+    losses: Tensor  # (B,) or (B, T) detached losses of that micro-batch
+    weights: Tensor | None  # its gradient weights (vector mode), as passed to backward
+    grad_norm: Tensor | None  # 0-d total L2 norm before clipping (when clipping or logging)
+    should_log: bool
+    skipped: bool = False  # a callback (the non-finite guard) skipped the update
+
+
+class Callback:
+    """Base class for callbacks: override any hook; each is called as ``hook(trainer, ...)``.
+
+    Hooks, in the order they fire:
+
+    * ``on_fit_start(trainer)``
+    * ``on_train_epoch_start(trainer, epoch)``
+    * ``on_train_batch_start(trainer, batch)``: every micro-batch, before its forward
+    * ``on_after_backward(trainer, batch, losses, weights)``: every micro-batch, right after its
+      backward; ``losses`` (B,) or (B, T) detached, ``weights`` of their shape or None in scalar
+      mode; gradients are still accumulating and, under fp16, multiplied by
+      ``trainer.scaler.get_scale()``
+    * ``on_before_optimizer_step(trainer, optimizer)``: gradients final (accumulated, unscaled),
+      not yet clipped; ``trainer.global_step`` is the step being taken, ``trainer.logging_step``
+      whether it logs. Setting ``trainer.skip_step = True`` skips the update (parameters,
+      optimizer and scheduler untouched)
+    * ``on_train_step_end(trainer, out: StepOutput)``: after step, scheduler and zero_grad
+    * ``on_validation_end(trainer, metrics)``: after each epoch's validation
+    * ``on_fit_end(trainer, metrics)``
+
+    Scalars a callback measures go through ``trainer.stage_scalars``: they are read back to the
+    host together with the step's own, in one transfer, at the end of the step. A callback's
+    cadence is an :class:`Every`. Per-token losses (B, T) reach the hooks with that shape, and
+    so do their weights.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must keep for a resumed run to continue exactly (an RNG's
+        state, a counter); tensors, containers and primitives only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None: ...
+    def on_after_backward(
+        self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
+    ) -> None: ...
+    def on_before_optimizer_step(
+        self, trainer: Trainer, optimizer: torch.optim.Optimizer
+    ) -> None: ...
+    def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None: ...
+    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_fit_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+
+HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))

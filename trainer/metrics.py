@@ -1,0 +1,106 @@
+"""The training loss as the loop reports it: kept on the device, read on logging steps only.
+
+Each micro-batch's detached losses are appended as they are (no kernel per step for per-sample
+losses); a logging step concatenates those since the previous log into ``train/loss`` and folds
+them into the epoch's device-side sum, which validation reads with its own metrics in one
+transfer. Per-token losses (B, T) are kept as u·ℓ with their Σu in a device scalar, so
+``train/loss`` is the loss's own average Σuℓ/Σu, never a mean over padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class LossTally:
+    """Losses since the last log and since the epoch's start (see the module docstring)."""
+
+    def __init__(self, device: torch.device, per_token: bool):
+        self.device, self.per_token = device, per_token
+        self._log: list[Tensor] = []  # per micro-batch: losses (B,), or u·ℓ (B, T)
+        self._epoch: list[Tensor] = []  # the same, not yet folded into the epoch's sum
+        self._epoch_sum = torch.zeros((), device=device)
+        self._epoch_samples = 0  # per-sample losses: the epoch's count, on the host
+        self._units_log = torch.zeros((), device=device)  # per-token: Σu since the last log
+        self._units_epoch = torch.zeros((), device=device)  # per-token: Σu of the epoch
+
+    def add(self, losses: Tensor, units: Tensor | None) -> None:
+        """One micro-batch's detached losses (and the loss's unit weights, per-token)."""
+        if units is not None:
+            kept = losses * units
+            units_sum = units.sum()
+            self._units_log += units_sum
+            self._units_epoch += units_sum
+        else:
+            kept = losses  # no kernel
+        self._log.append(kept)
+        self._epoch.append(kept)
+
+    def start_epoch(self) -> None:
+        self._epoch.clear()
+        self._epoch_sum.zero_()
+        self._units_epoch.zero_()
+        self._epoch_samples = 0
+
+    def take_log(self) -> tuple[Tensor, Tensor, Tensor, int]:
+        """(train/loss, its numerator, its denominator, samples) since the last log, all on the
+        device but the sample count; the window is then folded into the epoch's sum. The
+        numerator and denominator are what a data-parallel run sums over the ranks."""
+        samples = sum(t.shape[0] for t in self._log)
+        if self.per_token:  # Σuℓ / Σu
+            interval = torch.cat([t.reshape(-1) for t in self._log])
+            total, count = interval.sum(), self._units_log.clone()
+            mean = total / count.clamp_min(torch.finfo(count.dtype).tiny)
+            self._units_log.zero_()
+        else:
+            interval = torch.cat(self._log)  # (samples since the last log,)
+            mean, total = interval.mean(), interval.sum()
+            count = torch.full((), float(samples), device=interval.device)
+        self._log.clear()
+        self.fold()
+        return mean, total, count, samples
+
+    def fold(self) -> None:
+        """Add the epoch's pending losses into its device-side sum."""
+        if self._epoch:
+            self._epoch_sum += torch.cat([t.reshape(-1) for t in self._epoch]).sum()
+            self._epoch_samples += sum(t.numel() for t in self._epoch)
+            self._epoch.clear()
+
+    def epoch_parts(self) -> Tensor:
+        """[Σ, count] of the epoch's losses so far, (2,) on the device (no copy)."""
+        self.fold()
+        if self.per_token:  # Σu of the epoch's tokens
+            count = self._units_epoch.float()
+        else:
+            count = torch.full((), float(self._epoch_samples), device=self.device)
+        return torch.stack([self._epoch_sum.float(), count])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The losses not yet logged or folded, as they are (a resumed run logs the same)."""
+
+        def cat(ts: list[Tensor]) -> Tensor:
+            if not ts:
+                return torch.zeros(0, device=self.device)
+            return torch.cat([t.reshape(-1) for t in ts])
+
+        return {
+            "pending_log": cat(self._log),
+            "pending_epoch": cat(self._epoch),
+            "epoch_loss_sum": self._epoch_sum.clone(),
+            "epoch_samples": self._epoch_samples,
+            "units_log": self._units_log.clone(),
+            "units_epoch": self._units_epoch.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pending_log, pending_epoch = state["pending_log"], state["pending_epoch"]
+        self._log = [pending_log.to(self.device)] if pending_log.numel() else []
+        self._epoch = [pending_epoch.to(self.device)] if pending_epoch.numel() else []
+        self._epoch_sum = state["epoch_loss_sum"].to(self.device)
+        self._epoch_samples = int(state["epoch_samples"])
+        self._units_log = state["units_log"].to(self.device)
+        self._units_epoch = state["units_epoch"].to(self.device)
