@@ -36,7 +36,7 @@ class Every:
         return self.n > 0 and step % self.n == 0
 
     def due_next(self, step: int) -> bool:
-        return self.due(step + 1)
+        return self.n > 0 and (step + 1) % self.n == 0
 
 
 @dataclass

@@ -23,6 +23,7 @@ named hooks):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import signal
@@ -333,7 +334,7 @@ class Trainer:
             self.tally.start_epoch()
             self._fire("on_train_epoch_start", self.epoch)
         last = len(windows) - 1
-        for i, batch, window in self._with_windows(enumerate(loader, start), windows):
+        for i, batch, window in self._with_windows(loader, start, windows):
             step_now = (i + 1) % self.accumulate == 0 or i == last
             self.train_step(batch, window, step_now)
             self.batch_in_epoch = i + 1
@@ -345,19 +346,25 @@ class Trainer:
                 self._checkpoint_if_due()
 
     def _with_windows(
-        self, batches: Iterator[tuple[int, Batch]], sizes: list[int]
+        self, loader: Loader, start: int, sizes: list[int]
     ) -> Iterator[tuple[int, Batch, Window]]:
         """Each micro-batch with its accumulation window. Per-token losses need the window's
         Σu before its first backward: its micro-batches are read first (a window of up to
         ``accumulate_grad_batches`` batches held at once, as torchtitan counts its global valid
         tokens); per-sample losses know the window's size on the host and read none ahead."""
-        if not self.token_losses:
-            for i, batch in batches:
-                first = i - i % self.accumulate  # windows start at multiples of accumulate
-                yield i, batch, Window(sizes[i], min(self.accumulate, len(sizes) - first))
-            return
+        n, k = len(sizes), self.accumulate
+        if not self.token_losses:  # one Window per window, zipped in C (no frame per batch)
+            per_window = [Window(sizes[j], min(k, n - j)) for j in range(0, n, k)]
+            return zip(
+                itertools.count(start), loader, [per_window[i // k] for i in range(start, n)]
+            )
+        return self._read_ahead(loader, start, sizes)
+
+    def _read_ahead(
+        self, loader: Loader, start: int, sizes: list[int]
+    ) -> Iterator[tuple[int, Batch, Window]]:
         held: list[tuple[int, Batch]] = []
-        for i, batch in batches:
+        for i, batch in enumerate(loader, start):
             held.append((i, batch))
             if (i + 1) % self.accumulate == 0 or i == len(sizes) - 1:
                 units = self.objective.window_units([b.y for _, b in held])
@@ -383,10 +390,11 @@ class Trainer:
                 logits = self.forward_model(x)  # (B, K) logits, or any output the loss takes
                 losses = self.criterion(logits, y)  # (B,), or per token (B, T)
             # the roots (data loss, regularizers) and their one backward pass: trainer/objective
+            # (``logs``: the step this micro-batch is in logs, which only the penalty reads)
+            logs = self.input_penalty is not None and self.log_every.due_next(self.global_step)
             weights, units = self.objective.backward(
-                losses, logits, (x, y, index), window, last=step_now,
-                logs=self.should_log(self.global_step + 1),  # the step this micro-batch is in
-            )  # fmt: skip
+                losses, logits, (x, y, index), window, last=step_now, logs=logs
+            )
         losses = losses.detach()
         self.tally.add(losses, units)
         self._fire("on_after_backward", batch, losses, weights)

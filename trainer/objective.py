@@ -123,11 +123,12 @@ class Objective:
     def check_losses(self, losses: Tensor, y: Tensor) -> Tensor | None:
         """The loss's unit weights for ``y``, after checking the losses' shape (metadata only)."""
         units = self.loss.units(y, losses.dtype)  # a float64 model's in float64
-        expected = tuple(y.shape[:1]) if units is None else tuple(units.shape)
-        if tuple(losses.shape) != expected:
+        expected = y.shape[:1] if units is None else units.shape
+        if losses.shape != expected:  # metadata only, no sync
             raise ValueError(
                 f"loss {type(self.loss).__name__} returned shape {tuple(losses.shape)} for a "
-                f"batch of {y.shape[0]}; it must return one loss per element, shape {expected} "
+                f"batch of {y.shape[0]}; it must return one loss per element, shape "
+                f"{tuple(expected)} "
                 "(reduction='none'; per-token losses: Loss.units gives their shape)"
             )
         return units
@@ -136,11 +137,10 @@ class Objective:
         """Scalar mode's 0-d data root for one micro-batch."""
         if units is not None:  # Σ (u / U) ℓ over the window: c = u / U
             return (losses * (units / self._window_units(units, window))).sum()
-        ddp = self._ddp()
-        if ddp:  # Σ_local ℓ · W / N (also right for an empty or ragged part)
-            return losses.sum() * (ddp / window.samples)
+        if self.world.distributed:  # Σ_local ℓ · W / N (also right for an empty or ragged part)
+            return losses.sum() * (self.world.size / window.samples)
         loss = losses.mean()
-        share = self._share(y, window)
+        share = y.shape[0] / window.samples  # 1.0 without accumulation
         return loss if share == 1.0 else loss * share
 
     @staticmethod
