@@ -22,6 +22,7 @@ from trainer.instrument.per_sample import PerSampleNorms, sample_coefficients
 from trainer.loop import Trainer
 from trainer.losses import TokenCrossEntropy
 from trainer.objective import Objective, Window
+from trainer.run import build_trainer
 from trainer.weighting import PerSampleWeighting, PerTokenWeighting, UniformWeighting, Weighting
 
 PAD = -100
@@ -208,13 +209,13 @@ def test_weightings_that_do_not_fit_token_losses_are_refused() -> None:
         ("class_balanced", "reads class labels"),
     ]:
         with pytest.raises(ValueError, match=message):
-            from trainer.run import build_trainer
-
             build_trainer(make_cfg(*base, f"weighting={weighting}"), run_dir=None)
     with pytest.raises(ValueError, match="weights the tokens of a sequence loss"):
         PerTokenWeighting().check_loss(__import__("trainer.losses").losses.CrossEntropy())
     with pytest.raises(ConfigError, match="needs int64 token targets of shape"):
         TokenCrossEntropy().check(_digits())
+    with pytest.raises(ConfigError, match=r"\(token sequences: loss=token_cross_entropy\)"):
+        build_trainer(make_cfg("data=chars", "model=char_transformer"), run_dir=None)
 
 
 def _digits():

@@ -155,10 +155,14 @@ class CrossEntropy(Loss):
     def check(self, data: DataModule) -> None:
         targets = data.train_targets
         if targets is not None and (targets.is_floating_point() or targets.ndim != 1):
+            fix = (
+                "token sequences: loss=token_cross_entropy"
+                if targets.ndim == 2 and not (targets.is_floating_point())
+                else "regression targets: loss=mse"
+            )
             raise ConfigError(
                 f"loss=cross_entropy needs int64 class labels of shape (N,); the data's targets "
-                f"are {targets.dtype} of shape {tuple(targets.shape)} (regression targets: "
-                "loss=mse)"
+                f"are {targets.dtype} of shape {tuple(targets.shape)} ({fix})"
             )
 
 
