@@ -90,12 +90,13 @@ class Loss:
             "classification": ("val/acc",),
             "regression": ("val/mse",),
             "sequence": ("val/ppl", "val/token_acc"),
-        }.get(self.task, ())
+        }.get(self.task or "", ())
         return ("val/loss", *extra)
 
     @property
     def monitor(self) -> str:
-        return {"classification": "val/acc", "sequence": "val/ppl"}.get(self.task, self.metrics[-1])
+        by_task = {"classification": "val/acc", "sequence": "val/ppl"}
+        return by_task.get(self.task or "", self.metrics[-1])
 
     def val_sums(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
         output = output.float()
