@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, vmap
 
 from trainer.data.base import Batch
 from trainer.distributed import SINGLE
-from trainer.instrument import NonFiniteError, PerSampleNorms, histograms
+from trainer.instrument import NonFiniteError, Norms, PerSampleNorms, histograms
 from trainer.instrument.histograms import host_histogram
 from trainer.loop import Callback
 from trainer.losses import CrossEntropy
@@ -462,3 +462,39 @@ def test_a_module_whose_forward_draws_random_numbers_is_left_out_and_named(caplo
         _, staged = measure(model, x, y)
     assert "draws random numbers" in caplog.text and "'1'" in caplog.text
     assert staged["per_sample/coverage"] == pytest.approx(1 - 8 / (4 * 8 + 8 + 8 + 8 * 3 + 3))
+
+
+class _LabelledNorms(Norms):
+    """A user's variant of a built-in instrument: the same keys, one more scalar."""
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        super().on_before_optimizer_step(trainer, optimizer)
+        if self.every.due(trainer.global_step):
+            trainer.stage_scalars({"mine/norms_ran": 1.0})
+
+
+class _EveryOnly(Callback):
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+
+
+def test_instruments_are_built_from_their_target_like_user_callbacks(tmp_path) -> None:
+    from conftest import make_cfg
+
+    from trainer.config import ConfigError, validate
+    from trainer.instrument import build_callbacks
+
+    built = build_callbacks(validate(make_cfg("instrument=full")).instrument)
+    assert [type(c).__name__ for c in built] == [
+        "NonfiniteGuard", "Norms", "Histograms", "PerSampleNorms", "Curvature",
+    ]  # fmt: skip
+    # your own class in an instrument's place, with its keys
+    target = f"instrument.norms._target_={__name__}._LabelledNorms"
+    train(tmp_path, "trainer.max_steps=4", "logging.every_n_steps=2", target)
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["mine/norms_ran"]] == [2, 4]
+    assert [s for s, _ in scalars["grad_norm/total_clipped"]] == [2, 4]
+    # keys the class does not take are named before anything is built
+    cfg = make_cfg(f"instrument.norms._target_={__name__}._EveryOnly")
+    with pytest.raises(ConfigError, match=r"instrument\.norms\.param_norm: .*_EveryOnly"):
+        build_callbacks(validate(cfg).instrument)

@@ -599,6 +599,8 @@ class CurvatureConfig:
     vectors come from its own generator, so measuring never changes the trajectory.
     """
 
+    #: the callback built from these keys, like a user callback (your own class may stand in)
+    _target_: str = "trainer.instrument.Curvature"
     #: measure every N optimizer steps (0: off)
     every_n_steps: int = 0
     #: power-iteration steps for ``curvature/top_eig`` (one Hessian-vector product each) ...
@@ -625,6 +627,7 @@ class NormsConfig:
     """Gradient and weight norms at the measuring point (after accumulation and unscaling,
     before clipping), in one batched host read per measuring step."""
 
+    _target_: str = "trainer.instrument.Norms"
     #: every N optimizer steps (0: off): grad_norm/<param>, grad_norm/total_clipped, ...
     every_n_steps: int = 10
     #: ... param_norm/<param> (the weights the step updates) ...
@@ -643,6 +646,7 @@ HISTOGRAM_RANGES = ("minmax", "symmetric", "fixed")
 class HistogramsConfig:
     """Histograms of gradients and weights, binned on the training device."""
 
+    _target_: str = "trainer.instrument.Histograms"
     #: every N optimizer steps (0: off)
     every_n_steps: int = 100
     bins: int = 64
@@ -674,6 +678,7 @@ PER_SAMPLE_LOSSES = ("weighted", "unweighted", "both")
 class PerSampleConfig:
     """Per-sample gradient norms from activations and output gradients seen by hooks."""
 
+    _target_: str = "trainer.instrument.PerSampleNorms"
     #: every N optimizer steps (0: off)
     every_n_steps: int = 0
     #: ``unweighted``: ‖∇θ ℓᵢ‖ (per_sample/grad_norm); ``weighted``: ‖∇θ(wᵢℓᵢ)‖, each sample's
@@ -692,6 +697,8 @@ NONFINITE_POLICIES = ("off", "raise", "skip")
 @dataclass
 class NonfiniteConfig:
     """The guard against NaN/Inf in the loss or a gradient, checked before the optimizer step."""
+
+    _target_: str = "trainer.instrument.NonfiniteGuard"
 
     #: ``raise``: stop with an error naming the step and the first non-finite parameter;
     #: ``skip``: leave parameters, optimizer and scheduler untouched for that step; ``off``
@@ -718,7 +725,8 @@ class NonfiniteConfig:
 
 @dataclass
 class InstrumentConfig:
-    """What is measured, each quantity on its own cadence (``instrument=default|none|full``)."""
+    """What is measured, each quantity on its own cadence (``instrument=default|none|full``).
+    Each quantity is a callback built from its ``_target_`` and keys, as a user callback is."""
 
     norms: NormsConfig = field(default_factory=NormsConfig)
     histograms: HistogramsConfig = field(default_factory=HistogramsConfig)

@@ -10,8 +10,10 @@ See docs/instrumentation.md.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
+from trainer.callbacks import Callback
 from trainer.instrument.curvature import Curvature, hutchinson_trace, hvp, top_eigenvalue
 from trainer.instrument.histograms import Histograms, RawHistogram, histograms
 from trainer.instrument.nonfinite import NonFiniteError, NonfiniteGuard
@@ -19,7 +21,6 @@ from trainer.instrument.norms import Norms
 from trainer.instrument.per_sample import PerSampleNorms
 
 if TYPE_CHECKING:
-    from trainer.callbacks import Callback
     from trainer.config import InstrumentConfig
 
 __all__ = [
@@ -38,25 +39,39 @@ __all__ = [
 ]
 
 
+#: the instruments, in the order they are built and fire: the guard first, so it can skip a
+#: step before anything else reads it
+INSTRUMENTS = ("nonfinite", "norms", "histograms", "per_sample", "curvature")
+
+
+def _switched_on(name: str, node: dict) -> bool:
+    if name == "nonfinite":
+        return node["policy"] != "off"
+    if name == "histograms" and not (node["grads"] or node["weights"]):
+        return False
+    return node["every_n_steps"] > 0
+
+
 def build_callbacks(cfg: InstrumentConfig) -> list[Callback]:
-    """The callbacks the config switches on; the guard first, so it can skip a step before
-    anything else reads it."""
+    """The callbacks the config switches on, each built from its ``_target_`` and keys the way
+    a user callback is (``instrument.<name>._target_`` may name your own class; its keys are
+    checked against that class's signature first). Per-sample norms take the histograms'
+    ``bins`` if their class asks for it."""
+    from trainer.components import build, check_component
+
     callbacks: list[Callback] = []
-    g = cfg.nonfinite
-    if g.policy != "off":
-        callbacks.append(NonfiniteGuard(g.policy, g.every_n_steps, g.max_consecutive_skips))
-    n = cfg.norms
-    if n.every_n_steps > 0:
-        callbacks.append(Norms(n.every_n_steps, n.param_norm, n.update_ratio))
-    h = cfg.histograms
-    if h.every_n_steps > 0 and (h.grads or h.weights):
-        callbacks.append(
-            Histograms(h.every_n_steps, h.bins, h.range, (h.min, h.max), h.grads, h.weights)
-        )
-    p = cfg.per_sample
-    if p.every_n_steps > 0:
-        callbacks.append(PerSampleNorms(p.every_n_steps, p.loss, h.bins))
-    c = cfg.curvature
-    if c.every_n_steps > 0:
-        callbacks.append(Curvature(c.every_n_steps, c.power_iters, c.tol, c.trace_probes, c.seed))
+    for name in INSTRUMENTS:
+        node = dataclasses.asdict(getattr(cfg, name))
+        if not _switched_on(name, node):
+            continue
+        group = f"instrument.{name}"
+        bins = {"bins": cfg.histograms.bins} if name == "per_sample" else {}
+        check_component(group, node, provided=bins)
+        callback = build(group, node, provided=bins)
+        if not isinstance(callback, Callback):
+            raise TypeError(
+                f"{group}._target_: {node['_target_']} built a {type(callback).__name__}, not a "
+                "trainer.callbacks.Callback"
+            )
+        callbacks.append(callback)
     return callbacks

@@ -131,21 +131,20 @@ class Histograms(Callback):
         self,
         every_n_steps: int,
         bins: int = 64,
-        range_policy: str = "minmax",
-        fixed: tuple[float, float] = (-1.0, 1.0),
+        range: str = "minmax",  # noqa: A002  (the config key's name)
+        min: float = -1.0,  # noqa: A002
+        max: float = 1.0,  # noqa: A002
         grads: bool = True,
         weights: bool = True,
     ):
+        """Keys as ``instrument.histograms.*``: ``range`` ``minmax``, ``symmetric`` or
+        ``fixed`` (to [``min``, ``max``]; see :func:`histograms`)."""
         if every_n_steps < 1:
             raise ValueError(
                 f"instrument.histograms.every_n_steps: got {every_n_steps}, must be >= 1"
             )
-        self.every, self.bins, self.range_policy, self.fixed = (
-            Every(every_n_steps),
-            bins,
-            range_policy,
-            fixed,
-        )
+        self.every, self.bins = Every(every_n_steps), bins
+        self.range_policy, self.fixed = range, (min, max)
         self.grads, self.weights = grads, weights
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
