@@ -133,7 +133,9 @@ class Objective:
             )
         return units
 
-    def scalar_root(self, losses: Tensor, units: Tensor | None, y: Tensor, window: Window):
+    def scalar_root(
+        self, losses: Tensor, units: Tensor | None, y: Tensor, window: Window
+    ) -> Tensor:
         """Scalar mode's 0-d data root for one micro-batch."""
         if units is not None:  # Σ (u / U) ℓ over the window: c = u / U
             return (losses * (units / self._window_units(units, window))).sum()
