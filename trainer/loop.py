@@ -124,7 +124,7 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         #: the loss component (trainer.losses.Loss; a plain callable is wrapped)
         self.criterion = as_loss(criterion)
-        self.weighting, self.device = weighting, device
+        self.device = device
         self.amp_dtype = _AMP_DTYPES[str(precision)]
         self.scaler = torch.amp.GradScaler(device.type) if str(precision) == "16" else None
         self.grad_clip = grad_clip
@@ -166,7 +166,6 @@ class Trainer:
             self.criterion, weighting, regularizers, self.params, world=world,
             scaler=self.scaler, global_batch_size=lambda: self.train_loader.current_global_size,
         )  # fmt: skip
-        self.input_penalty = self.objective.input_penalty
         #: per-token losses (the loss defines unit weights): train/loss is Σ u ℓ / Σ u
         self.token_losses = type(self.criterion).units is not Loss.units
         #: optimizer steps taken; inside a step's hooks, the number of the step being taken
@@ -196,6 +195,15 @@ class Trainer:
         self._time_at_log = 0.0
         self._null = contextlib.nullcontext()
         self.progress = Progress(False, self.total_steps)  # replaced by fit()
+
+    @property
+    def weighting(self) -> Weighting | None:
+        """The weighting (vector mode), or None (scalar mode): the objective's."""
+        return self.objective.weighting
+
+    @property
+    def input_penalty(self) -> InputGradPenalty | None:
+        return self.objective.input_penalty
 
     # ------------------------------------------------------------------ events and cadence
     def _fire(self, name: str, *args: Any) -> None:
