@@ -25,7 +25,8 @@ import torch._dynamo  # noqa: F401  (imported once here, not in every child)
 from conftest import ROOT, make_cfg, read_scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import load_checkpoint, step_path
+from trainer.data.chars import CharText
 
 FORK = mp.get_context("fork")
 B = 32  # per process; the single-process reference takes 2 * B
@@ -180,6 +181,116 @@ def test_a_ragged_last_batch_and_a_rank_without_samples(tmp_path) -> None:
         want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
         got = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
         assert all((got[k] - want[k]).abs().max() <= 1e-6 for k in want), b
+
+
+class RaggedChars(CharText):
+    """The character windows with a seeded random number of trailing targets masked out, so
+    sequences, micro-batches and ranks hold different numbers of tokens (the global token
+    count is then not W times a rank's)."""
+
+    def load(self):
+        train, val = super().load()
+        n, t = train.y.shape
+        keep = torch.randint(1, t + 1, (n,), generator=torch.Generator().manual_seed(0))
+        train.y[torch.arange(t) >= keep[:, None]] = self.ignore_index
+        return train, val
+
+
+TOKENS = (
+    "data=chars", f"data._target_={__name__}.RaggedChars", "data.block_size=12",
+    "data.stride=12", "model=char_transformer", "model.d_model=16", "model.n_heads=2",
+    "model.dim_feedforward=32", "loss=token_cross_entropy", "optimizer=sgd", "optimizer.lr=0.5",
+    "trainer.max_steps=12", "logging.every_n_steps=3", "logging.progress=false",
+    "trainer.checkpoint.every_n_steps=0", "instrument.norms.every_n_steps=3",
+)  # fmt: skip
+
+
+MEASURED = (
+    "instrument.per_sample.every_n_steps=3", "instrument.curvature.every_n_steps=6",
+    "instrument.curvature.tol=0", "instrument.curvature.power_iters=4",
+    "instrument.curvature.trace_probes=2",
+)  # fmt: skip
+TOKEN_CASES = {
+    "scalar": (),
+    "vector-per_token": ("loss.mode=vector", "weighting=per_token"),
+    "scalar-accumulate": ("trainer.accumulate_grad_batches=2",),
+    "vector-accumulate": (
+        "loss.mode=vector",
+        "weighting=per_token",
+        "trainer.accumulate_grad_batches=2",
+    ),  # fmt: skip
+    "sequences": ("loss.average=sequences", "trainer.accumulate_grad_batches=2"),
+    # per-sequence norms gathered over the ranks; curvature of the global batch's objective
+    "scalar-instruments": MEASURED,
+    "vector-uniform-instruments": ("loss.mode=vector", *MEASURED),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKEN_CASES))
+def test_per_token_losses_on_two_processes_train_like_one(tmp_path, case) -> None:
+    """The window's token count is all-reduced and per-token weights are normalized over the
+    global batch: 2 processes x B sequences equal 1 x 2B, with ragged token counts."""
+    case = TOKEN_CASES[case]
+    one, ranks = tmp_path / "one", [tmp_path / "r0", tmp_path / "r1"]
+    assert launch(1, [*TOKENS, *case, "data.batch_size=16"], [one]) == [0]
+    assert launch(2, [*TOKENS, *case, "data.batch_size=8"], ranks) == [0, 0]
+    want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
+    got = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
+    assert all((got[k] - want[k]).abs().max() <= 1e-5 for k in want)
+    s1, s2 = read_scalars(one), read_scalars(ranks[0])
+    tags = ["train/loss", "grad_norm/total", "val/loss", "val/ppl"]
+    tags += [t for t in s1 if t.startswith(("curvature/", "per_sample/"))]
+    measured = {"curvature/top_eig", "per_sample/grad_norm_mean"} <= set(tags)
+    assert measured == any(o.startswith("instrument.curvature") for o in case)
+    for tag in tags:
+        assert [s for s, _ in s2[tag]] == [s for s, _ in s1[tag]], tag
+        assert [v for _, v in s2[tag]] == pytest.approx([v for _, v in s1[tag]], rel=1e-5), tag
+
+
+def _rank_asked_to_stop(rank, world, port, overrides, run_dir, at_step) -> None:
+    """A rank whose stop request (as a signal handler sets it) comes at ``at_step``, on rank 1
+    only: the other rank must stop at the same rest point."""
+    from trainer.callbacks import Callback
+
+    class AskToStop(Callback):
+        def on_train_step_end(self, trainer, out) -> None:
+            if rank == 1 and out.step == at_step:
+                trainer.stop_signal = signal.SIGUSR1
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    from trainer.run import run
+
+    run(make_cfg(*overrides), run_dir, callbacks=[AskToStop()])
+
+
+@pytest.mark.parametrize("at_step", [5, 12])  # mid-epoch; an epoch's last (12 per epoch)
+def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_rest_point(
+    tmp_path, at_step
+) -> None:
+    port, dirs = free_port(), [tmp_path / "r0", tmp_path / "r1"]
+    procs = [
+        FORK.Process(
+            target=_rank_asked_to_stop,
+            args=(r, 2, port, (*COMMON, "trainer.max_steps=40"), str(dirs[r]), at_step),
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [128 + signal.SIGUSR1] * 2
+    metrics = json.loads((dirs[0] / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["signal"] == "SIGUSR1"
+    assert metrics["step"] == at_step
+    assert Path(metrics["checkpoint"]) == step_path(dirs[0] / "checkpoints", at_step)
+    state = load_checkpoint(metrics["checkpoint"])
+    assert state["step"] == at_step
+    # at an epoch's last step the rest point is after its validation: the next epoch is next
+    assert (state["epoch"], state["batch_in_epoch"]) == ((1, 0) if at_step == 12 else (0, 5))
+    assert not list(dirs[1].glob("**/*.pt"))  # rank 0 alone writes
 
 
 def torchrun(*args: str, **kw) -> subprocess.Popen:

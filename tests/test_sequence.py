@@ -431,14 +431,6 @@ def test_every_instrument_runs_on_the_char_lm_and_per_sample_coverage_is_honest(
     assert 0 < scalars["per_sample/coverage"][-1][1] < 1
 
 
-def test_data_parallel_token_losses_are_refused() -> None:
-    from trainer.distributed import World
-
-    objective = Objective(TokenCrossEntropy(), None, (), [], world=World(0, 2))
-    with pytest.raises(ConfigError, match="data-parallel training of per-token losses"):
-        objective.window_units([torch.zeros(2, 3, dtype=torch.long)])
-
-
 def test_the_presets_validate() -> None:
     for preset in ("chars_lm", "chars_lm_per_token"):
         typed = validate(make_cfg(f"experiment={preset}"))

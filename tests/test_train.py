@@ -92,16 +92,47 @@ def test_hooks_fire_in_the_documented_order(tmp_path) -> None:
         setattr(Recorder, name, lambda self, trainer, *args, _n=name: events.append(_n))
     train(tmp_path, "trainer.max_epochs=1", "trainer.accumulate_grad_batches=12",
           callbacks=[Recorder()])  # fmt: skip
-    # 23 batches, accumulated 12 at a time: 2 optimizer steps (12 + 11 micro-batches)
+    # 23 batches, accumulated 12 at a time: 2 optimizer steps (12 + 11 micro-batches); the
+    # rest points: after the first step, and after the epoch's validation (its last step)
     expected = (
         ["on_fit_start", "on_train_epoch_start"]
         + ["on_train_batch_start", "on_after_backward"] * 12
-        + ["on_before_optimizer_step", "on_train_step_end"]
+        + ["on_before_optimizer_step", "on_train_step_end", "on_rest_point"]
         + ["on_train_batch_start", "on_after_backward"] * 11
         + ["on_before_optimizer_step", "on_train_step_end"]
-        + ["on_validation_end", "on_fit_end"]
+        + ["on_validation_end", "on_rest_point", "on_fit_end"]
     )  # fmt: skip
     assert events == expected
+
+
+def test_a_failing_fit_fires_on_exception_and_restores_the_signal_handlers(tmp_path) -> None:
+    import signal
+
+    seen: list[str] = []
+
+    class Fails(Callback):
+        def on_train_step_end(self, trainer, out) -> None:
+            if out.step == 2:
+                raise RuntimeError("boom at step 2")
+
+        def on_fit_end(self, trainer, metrics) -> None:
+            seen.append("fit_end")
+
+        def on_exception(self, trainer, error) -> None:
+            seen.append(f"exception: {error}")
+
+    def mine(signum, frame) -> None: ...
+
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        with pytest.raises(RuntimeError, match="boom at step 2"):
+            train(tmp_path, "trainer.max_steps=4", callbacks=[Fails()])
+        # run() stops on signals while fit runs (trainer.checkpoint.StopOnSignals), and puts
+        # the previous handler back after the failure
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen == ["exception: boom at step 2"]
 
 
 def test_same_seed_same_run_and_other_seed_differs(tmp_path) -> None:

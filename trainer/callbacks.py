@@ -71,7 +71,13 @@ class Callback:
       optimizer and scheduler untouched)
     * ``on_train_step_end(trainer, out: StepOutput)``: after step, scheduler and zero_grad
     * ``on_validation_end(trainer, metrics)``: after each epoch's validation
-    * ``on_fit_end(trainer, metrics)``
+    * ``on_rest_point(trainer)``: a point the run can be checkpointed at and resumed from
+      exactly: after an optimizer step and its logging, except an epoch's last step, whose
+      rest point is after the epoch's validation. ``trainer.stopped_by`` (set here, the same on
+      every rank) says the run stops at this one (a stop signal)
+    * ``on_fit_end(trainer, metrics)``: training over, also when stopped by a signal
+    * ``on_exception(trainer, error)``: instead of ``on_fit_end`` when ``fit`` raises (then
+      re-raised): release what ``on_fit_start`` took
 
     Scalars a callback measures go through ``trainer.stage_scalars``: they are read back to the
     host together with the step's own, in one transfer, at the end of the step. A callback's
@@ -97,7 +103,9 @@ class Callback:
     ) -> None: ...
     def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None: ...
     def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_rest_point(self, trainer: Trainer) -> None: ...
     def on_fit_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None: ...
 
 
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))

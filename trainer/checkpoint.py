@@ -16,12 +16,16 @@ import logging
 import os
 import pickle
 import random
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from trainer.callbacks import Callback, Every
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +280,7 @@ class CheckpointWriter:
         return path
 
     def periodic(self, trainer: Any) -> Path | None:
-        """The ``checkpoint_fn`` of the Trainer: a step checkpoint, failures reported."""
+        """A periodic step checkpoint; a failure is reported and training goes on."""
         step = trainer.global_step
         try:
             return self.write(step_path(self.directory, step))
@@ -304,3 +308,73 @@ class CheckpointWriter:
             data = path.read_bytes()
             _atomic_write(last, lambda f: f.write(data))
         return last
+
+
+class PeriodicCheckpoints(Callback):
+    """Checkpoint cadence: at rest points (trainer/callbacks.py) every ``every_n_steps``
+    optimizer steps (0: none), and at the rest point a stop signal ends the run at (that one
+    must be written); when the run completes, the last step's checkpoint and ``last.pt``
+    (:attr:`final`). Data-parallel, rank 0 alone has one."""
+
+    def __init__(self, writer: CheckpointWriter, every_n_steps: int):
+        self.writer, self.every = writer, Every(every_n_steps)
+        #: ``last.pt`` of a completed run, once written
+        self.final: Path | None = None
+
+    def _written(self, step: int) -> bool:
+        return self.writer.last == step_path(self.writer.directory, step)
+
+    def on_rest_point(self, trainer: Any) -> None:
+        step = trainer.global_step
+        if self._written(step):
+            return
+        if trainer.stopped_by is not None:  # the run goes on later from here: no failure allowed
+            self.writer.write(step_path(self.writer.directory, step))
+        elif self.every.due(step):
+            self.writer.periodic(trainer)
+
+    def on_fit_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        if trainer.stopped_by is None:
+            self.final = self.writer.final()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopOnSignals(Callback):
+    """While ``fit`` runs, SIGTERM, SIGINT and SIGUSR1 ask the run to stop at its next rest
+    point (after the current optimizer step; every rank stops at the same one), where
+    :class:`PeriodicCheckpoints` writes a checkpoint. A second SIGINT stops at once, except while
+    a checkpoint is being written (then the save finishes first). The previous handlers come
+    back when ``fit`` ends or fails. Main thread only (Python delivers signals there)."""
+
+    def __init__(self, writer: CheckpointWriter | None = None, signals=STOP_SIGNALS):
+        self.writer, self.signals = writer, tuple(signals)
+        self._previous: dict[int, Any] = {}
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if trainer.stop_signal is None:
+                trainer.stop_signal = signum
+                log.warning("%s: finishing the current step, then a checkpoint, then exit", name)
+            elif self.writer is not None and self.writer.saving:
+                log.warning("%s again: a checkpoint is being written; it finishes first", name)
+            elif signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C outside a save: stop now
+
+        self._previous = {s: signal.signal(s, handler) for s in self.signals}
+
+    def _restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def on_fit_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Any, error: BaseException) -> None:
+        self._restore()

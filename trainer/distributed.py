@@ -89,6 +89,15 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return out
 
 
+def all_reduce_max(t: Tensor) -> Tensor:
+    """The elementwise max over the ranks of ``t`` (``t`` itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def shard(start: int, stop: int, world: World) -> tuple[int, int]:
     """This rank's contiguous part of the global batch ``[start, stop)``: the first ranks get
     one sample more when it does not divide evenly (a ragged last batch)."""

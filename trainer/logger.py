@@ -17,6 +17,7 @@ import struct
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -174,6 +175,16 @@ class TensorBoardLogger:
     def close(self) -> None:
         self.flush()
         self.file.close()
+
+
+@dataclass(frozen=True)
+class ProgressOptions:
+    """How a run shows its progress (:class:`Progress`): off unless ``enabled``."""
+
+    enabled: bool = False
+    bar: bool = True  # a tqdm bar when the stream is a terminal
+    every_n_steps: int = 100  # otherwise a log line every N steps
+    label: str = ""  # the lines' prefix (a sweep's job number)
 
 
 class Progress:

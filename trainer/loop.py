@@ -26,7 +26,6 @@ import contextlib
 import itertools
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -37,9 +36,9 @@ from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_nor
 
 from trainer.callbacks import HOOKS, Callback, Every, StepOutput
 from trainer.data.base import Batch, Loader, batch_count
-from trainer.distributed import SINGLE, World, all_reduce_sum
+from trainer.distributed import SINGLE, World, all_reduce_max, all_reduce_sum
 from trainer.instrument.histograms import host_histogram
-from trainer.logger import Progress, Scalars, TensorBoardLogger, to_floats
+from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger, to_floats
 from trainer.losses import Loss, as_loss
 from trainer.metrics import LossTally
 from trainer.objective import Objective, Window
@@ -80,6 +79,12 @@ class Trainer:
         precision: ``"32"``, ``"bf16"`` (autocast) or ``"16"`` (autocast + GradScaler).
         grad_clip: max total gradient L2 norm (0: no clipping).
         log_every_n_steps: train scalars every N optimizer steps.
+        progress: a progress bar (or lines) while training: ``True``, or its options.
+        world, forward_model: data-parallel, this process's rank and the world size, and the
+            DistributedDataParallel wrapper the training forward goes through (``model`` stays
+            the plain module: names, state dicts, evaluation).
+        callbacks: the hooks' listeners (trainer/callbacks.py), called in this order; periodic
+            checkpoints and stop signals are callbacks too (trainer/checkpoint.py).
     """
 
     def __init__(
@@ -100,13 +105,8 @@ class Trainer:
         max_steps: int = -1,
         log_every_n_steps: int = 10,
         logger: TensorBoardLogger | None = None,
-        progress: bool = False,
-        progress_bar: bool = True,
-        progress_every_n_steps: int = 100,
-        progress_label: str = "",
+        progress: bool | ProgressOptions = False,
         detect_anomaly: bool = False,
-        checkpoint_every_n_steps: int = 0,
-        checkpoint_fn: Callable[[Trainer], Any] | None = None,
         world: World = SINGLE,
         forward_model: nn.Module | None = None,
         channels_last: bool = False,
@@ -114,9 +114,6 @@ class Trainer:
         regularizers: Sequence[Regularizer | InputGradPenalty] = (),
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        #: data-parallel: this process's rank and the world size; ``forward_model`` is the
-        #: DistributedDataParallel wrapper the training forward goes through (``model`` stays
-        #: the plain module: names, state dicts, evaluation)
         self.world = world
         self.forward_model = forward_model if forward_model is not None else model
         #: 4-D inputs go in channels-last memory order (the model's weights already are)
@@ -132,31 +129,18 @@ class Trainer:
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.log_every = Every(log_every_n_steps)  # the train scalars' cadence
         self.logger = logger
-        self.show_progress = progress
+        self.progress_options = (
+            progress if isinstance(progress, ProgressOptions) else ProgressOptions(progress)
+        )
         self.detect_anomaly = detect_anomaly
-        #: ``checkpoint_fn(trainer)`` runs every ``checkpoint_every_n_steps`` optimizer steps, at
-        #: a point a resumed run can continue from exactly (after the step and its logging; at
-        #: an epoch's last step, after its validation)
-        self.checkpoint_every = checkpoint_every_n_steps
-        self.checkpoint_fn = checkpoint_fn
-        #: the step of the last checkpoint written (or resumed from); -1: none
-        self.checkpointed_step = -1
-        #: set (to the signal number) by a signal handler: the run stops after the current
-        #: optimizer step, at a point it can be checkpointed and resumed from
+        #: a stop request (the signal's number), set by a signal handler on any rank
         self.stop_signal: int | None = None
-        #: a tqdm bar when allowed and the stream is a terminal; else a line every N steps
-        self._progress_options = {
-            "bar": progress_bar, "every_n_steps": progress_every_n_steps, "label": progress_label,
-        }  # fmt: skip
-        self.callbacks = list(callbacks)
-        self._hooks: dict[str, list[Callable[..., Any]]] = {
-            name: [
-                getattr(cb, name)
-                for cb in self.callbacks
-                if getattr(type(cb), name) is not getattr(Callback, name)
-            ]
-            for name in HOOKS
-        }
+        #: the signal the run stopped for, agreed by every rank at a rest point; None: not
+        #: stopped
+        self.stopped_by: int | None = None
+        self.callbacks: list[Callback] = []
+        self._hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOKS}
+        self.add_callbacks(*callbacks)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         #: trainable parameters and their names (``named_parameters()``), in the same order
         self.param_names = [n for n, _ in named]
@@ -206,6 +190,19 @@ class Trainer:
         return self.objective.input_penalty
 
     # ------------------------------------------------------------------ events and cadence
+    def add_callbacks(self, *callbacks: Callback) -> None:
+        """Append callbacks (after those given to the constructor; before ``fit``)."""
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(
+                    f"callbacks: {type(cb).__name__} is not a trainer.callbacks.Callback "
+                    "(subclass it and override the hooks it needs)"
+                )
+            self.callbacks.append(cb)
+            for name in HOOKS:  # only the hooks it overrides are called
+                if getattr(type(cb), name) is not getattr(Callback, name):
+                    self._hooks[name].append(getattr(cb, name))
+
     def _fire(self, name: str, *args: Any) -> None:
         for hook in self._hooks[name]:
             hook(self, *args)
@@ -258,7 +255,11 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         """Train until ``max_epochs`` or ``max_steps``; return the final metrics."""
-        self.progress = Progress(self.show_progress, self.total_steps, **self._progress_options)
+        opts = self.progress_options
+        self.progress = Progress(
+            opts.enabled, self.total_steps, bar=opts.bar, every_n_steps=opts.every_n_steps,
+            label=opts.label,
+        )  # fmt: skip
         redirect: contextlib.AbstractContextManager[Any] = self._null
         if self.progress.active:  # log lines go above the bar instead of through it
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -270,13 +271,17 @@ class Trainer:
         if self.detect_anomaly:  # names the forward op behind the first NaN in backward
             anomaly = torch.autograd.detect_anomaly(check_nan=True)
         try:
-            with redirect, anomaly:
-                while not self.finished() and self.stop_signal is None:
-                    self.run_epoch()
-        finally:
-            self.progress.close()
-        self.metrics.update(step=self.global_step, epoch=self.epoch)
-        self._fire("on_fit_end", self.metrics)
+            try:
+                with redirect, anomaly:
+                    while not self.finished() and self.stopped_by is None:
+                        self.run_epoch()
+            finally:
+                self.progress.close()
+            self.metrics.update(step=self.global_step, epoch=self.epoch)
+            self._fire("on_fit_end", self.metrics)
+        except BaseException as e:
+            self._fire("on_exception", e)
+            raise
         return self.metrics
 
     def finished(self) -> bool:
@@ -286,36 +291,33 @@ class Trainer:
         """Train one epoch (or up to ``max_steps``, or until a stop signal), then validate."""
         self.train_epoch()
         ended = self.batch_in_epoch == len(self.train_loader)  # ran to the epoch's end
-        if self.stop_signal is not None and not ended and not self._done():
-            return  # stopped mid-epoch: no validation; a checkpoint keeps the position
+        if self.stopped_by is not None:
+            return  # stopped mid-epoch at a rest point: no validation; the position is kept
         started = time.perf_counter()
         self.validate()
         self._time_at_log += time.perf_counter() - started  # validation is not in samples/s
         if ended:
             self.epoch += 1
             self.batch_in_epoch = 0
-        self._checkpoint_if_due()
+        self._rest_point()
 
-    def _stop_agreed(self) -> bool:
-        """Whether to stop here; data-parallel, every rank stops at the same step if any got
-        a signal (one small all-reduce per step, a host read: DDP runs only)."""
+    def _rest_point(self) -> bool:
+        """A point a resumed run continues from exactly: decide (every rank alike) whether
+        the run stops here, then ``on_rest_point`` (periodic checkpoints, the stop's
+        checkpoint). Returns whether to stop."""
+        self.stopped_by = self._stop_agreed()
+        self._fire("on_rest_point")
+        return self.stopped_by is not None
+
+    def _stop_agreed(self) -> int | None:
+        """The signal to stop for here, or None; data-parallel, every rank stops at the same
+        rest point if any got a signal (one small all-reduce per step, a host read: DDP runs
+        only)."""
         if not self.world.distributed:
-            return self.stop_signal is not None
-        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
-        if all_reduce_sum(flag).item() > 0:  # host sync: data-parallel runs, every step
-            if self.stop_signal is None:
-                self.stop_signal = signal.SIGTERM  # another rank was asked to stop
-            return True
-        return False
-
-    def _checkpoint_if_due(self) -> None:
-        if (
-            self.checkpoint_fn is not None
-            and Every(self.checkpoint_every).due(self.global_step)
-            and self.global_step != self.checkpointed_step
-        ):
-            self.checkpoint_fn(self)
-            self.checkpointed_step = self.global_step
+            return self.stop_signal
+        flag = torch.tensor(float(self.stop_signal or 0), device=self.device)
+        agreed = int(all_reduce_max(flag).item())  # host sync: data-parallel runs, every step
+        return agreed or None  # the highest signal number any rank got: the same on all
 
     def validate(self) -> None:
         """Evaluate, log val/* at the current step, write the epoch's line, fire the hook."""
@@ -348,10 +350,8 @@ class Trainer:
             self.batch_in_epoch = i + 1
             if self._done():
                 break
-            if step_now and i != last:  # an epoch's last step: after its validation
-                if self._stop_agreed():
-                    break
-                self._checkpoint_if_due()
+            if step_now and i != last and self._rest_point():  # an epoch's last step's rest
+                break  # point: after its validation
 
     def _with_windows(
         self, loader: Loader, start: int, sizes: list[int]
@@ -541,11 +541,10 @@ class Trainer:
         for cb in self.callbacks:  # by class, in order: a resume may add or drop instruments
             name = type(cb).__name__
             match = next((i for i, (n, _) in enumerate(saved) if n == name), None)
-            if match is None:
+            if match is None and cb.state_dict():  # one that keeps no state is not missed
                 log.warning("the checkpoint holds no state for callback %s: it starts fresh", name)
                 continue
             cb.load_state_dict(saved.pop(match)[1])
-        self.checkpointed_step = self.global_step
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -32,7 +32,6 @@ from torch import Tensor
 from torch.nn.utils import get_total_norm
 
 from trainer.backward import backward_scalar, backward_vector
-from trainer.config import ConfigError
 from trainer.distributed import SINGLE, World, all_reduce_sum
 from trainer.losses import Loss
 from trainer.regularizers import InputGradPenalty, Regularizer
@@ -103,12 +102,9 @@ class Objective:
         units = [self.loss.units(y, exact) for y in targets]
         if units[0] is None:
             return None
-        if self.world.distributed:
-            raise ConfigError(
-                f"loss: {type(self.loss).__name__} averages per-token losses; data-parallel "
-                "training of per-token losses is not supported yet (run one process)"
-            )
-        return torch.stack([u.sum() for u in units if u is not None]).sum()
+        total = torch.stack([u.sum() for u in units if u is not None]).sum()
+        # data-parallel: the global window's (one small all-reduce per window, no host sync)
+        return all_reduce_sum(total)
 
     def _ddp(self) -> int:
         """W when data-parallel (the factor of DDP's average), else 0."""
@@ -137,19 +133,20 @@ class Objective:
         self, losses: Tensor, units: Tensor | None, y: Tensor, window: Window
     ) -> Tensor:
         """Scalar mode's 0-d data root for one micro-batch."""
-        if units is not None:  # Σ (u / U) ℓ over the window: c = u / U
-            return (losses * (units / self._window_units(units, window))).sum()
+        if units is not None:  # Σ (u / U) ℓ over the window: c = u / U (× W data-parallel)
+            root = (losses * (units / self._window_units(units, window))).sum()
+            return root * self.world.size if self.world.distributed else root
         if self.world.distributed:  # Σ_local ℓ · W / N (also right for an empty or ragged part)
             return losses.sum() * (self.world.size / window.samples)
         loss = losses.mean()
         share = y.shape[0] / window.samples  # 1.0 without accumulation
         return loss if share == 1.0 else loss * share
 
-    @staticmethod
-    def _window_units(units: Tensor, window: Window) -> Tensor:
+    def _window_units(self, units: Tensor, window: Window) -> Tensor:
         """U; for a window of one micro-batch Σu computed as the uniform weighting does, so
-        scalar mode and vector-uniform mode give the same coefficients bit for bit."""
-        if window.batches == 1:
+        scalar mode and vector-uniform mode give the same coefficients bit for bit (one
+        process; data-parallel, U is the global window's, summed over the ranks)."""
+        if window.batches == 1 and not self.world.distributed:
             return units.sum()
         assert window.units is not None
         return window.units.to(units.dtype)
@@ -174,7 +171,10 @@ class Objective:
                 share = self._share(y, window)
                 weights = weights if share == 1.0 else weights * share
             elif window.batches > 1:  # this micro-batch's units' share of the window's
-                weights = weights * (units.sum() / self._window_units(units, window))
+                # (data-parallel: its global batch's, one more small all-reduce)
+                weights = weights * (
+                    all_reduce_sum(units.sum()) / self._window_units(units, window)
+                )
         if ddp:
             weights = weights * ddp
         return weights
@@ -184,7 +184,8 @@ class Objective:
         data-parallel), of the losses' shape. (Vector mode's are the weights themselves.)"""
         units = self.loss.units(y, losses.dtype)
         if units is not None:
-            return units / self._window_units(units, window)
+            c = units / self._window_units(units, window)
+            return c * self.world.size if self.world.distributed else c
         return torch.full_like(losses, max(self._ddp(), 1) / window.samples)
 
     def batch_objective(self, losses: Tensor, output: Tensor, y: Tensor, index: Tensor) -> Tensor:
@@ -193,8 +194,8 @@ class Objective:
         units = self.loss.units(y, losses.dtype)
         if self.weighting is not None:  # normalized over the global batch under DDP
             return (self.weighting(losses, output, y, index, units) * losses).sum()
-        if units is not None:
-            return (losses * (units / units.sum())).sum()
+        if units is not None:  # data-parallel: the global batch's Σu
+            return (losses * (units / all_reduce_sum(units.sum()))).sum()
         if self.world.distributed:  # this rank's part of the global batch's mean
             return losses.sum() / self.global_batch_size()
         return losses.mean()

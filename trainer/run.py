@@ -15,9 +15,8 @@ import os
 import random
 import shutil
 import signal
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,12 @@ from torch import nn
 from trainer import distributed
 from trainer.checkpoint import (
     CheckpointWriter,
+    PeriodicCheckpoints,
+    StopOnSignals,
     derive_run_id,
     select_resume,
     set_aside_later,
     set_rng_state,
-    step_path,
     write_json,
     write_run_marker,
 )
@@ -43,7 +43,7 @@ from trainer.config import ConfigError, validate
 from trainer.data.base import DataModule
 from trainer.hparams import end_summary, hydra_hparams, start_summaries
 from trainer.instrument import build_callbacks
-from trainer.logger import TensorBoardLogger
+from trainer.logger import ProgressOptions, TensorBoardLogger
 from trainer.loop import Callback, Trainer, planned_steps
 from trainer.losses import Loss, as_loss
 from trainer.weighting import Weighting
@@ -138,36 +138,6 @@ def check_free_space(trainer: Trainer, directory: Path, keep_last: int) -> None:
             "%s has %.1f MiB free: fewer than trainer.checkpoint.keep_last + 1 = %d checkpoints "
             "of about %.1f MiB fit", directory, free / 2**20, keep_last + 1, one / 2**20,
         )  # fmt: skip
-
-
-@contextlib.contextmanager
-def stop_on_signals(trainer: Trainer, writer: CheckpointWriter) -> Iterator[None]:
-    """SIGTERM, SIGINT and SIGUSR1 ask the run to stop after its current optimizer step; a
-    second SIGINT stops at once, except while a checkpoint is being written (then the save
-    finishes first). Main thread only (Python delivers signals there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if trainer.stop_signal is None:
-            trainer.stop_signal = signum
-            log.warning("%s: finishing the current step, then a checkpoint, then exit", name)
-        elif writer.saving:
-            log.warning("%s again: a checkpoint is being written; it finishes first", name)
-        elif signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C outside a save: stop now
-
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def refuse_repeated_choices() -> None:
@@ -267,8 +237,9 @@ def run(
             config,
             tc.checkpoint.keep_last,  # type: ignore[arg-type]
         )
-        trainer.checkpoint_every = tc.checkpoint.every_n_steps
-        trainer.checkpoint_fn = writer.periodic if main else None
+        checkpoints = PeriodicCheckpoints(writer, tc.checkpoint.every_n_steps)
+        # rank 0 writes checkpoints; every rank stops on a signal (at the same rest point)
+        trainer.add_callbacks(*([checkpoints] if main else []), StopOnSignals(writer))
         if resume_state is not None:
             writer.last = resume_path
         elif trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
@@ -279,34 +250,28 @@ def run(
             write_run_marker(directory, run_id, run_dir)
             check_free_space(trainer, directory, tc.checkpoint.keep_last)
         completed = False
-        try:
-            with stop_on_signals(trainer, writer):
-                metrics = trainer.fit()
-                if trainer.stop_signal is not None and main:  # the handler stays on
-                    stopped_at = writer.last
-                    if trainer.checkpointed_step != trainer.global_step or stopped_at is None:
-                        stopped_at = writer.write(step_path(directory, trainer.global_step))
-            completed = trainer.stop_signal is None
+        try:  # checkpoints (periodic, at a stop, final) and stop signals: the callbacks above
+            metrics = trainer.fit()
+            completed = trainer.stopped_by is None
         finally:
             if trainer.logger is not None:
-                if completed or trainer.stop_signal is None:  # an interrupted run goes on later
+                if completed or trainer.stopped_by is None:  # an interrupted run goes on later
                     trainer.logger.add_summary(end_summary(completed), trainer.global_step)
                 trainer.logger.close()  # flushes the events, also when training failed
-        if trainer.stop_signal is not None and not main:
-            raise Interrupted(128 + trainer.stop_signal)
-        if trainer.stop_signal is not None:
-            name = signal.Signals(trainer.stop_signal).name
-            write_json(run_dir / "metrics.json", {
-                "status": "interrupted", "signal": name, "step": trainer.global_step,
-                "epoch": trainer.epoch, "checkpoint": str(stopped_at), "run_id": run_id,
-                "wall_s": time.perf_counter() - start,
-            })  # fmt: skip
-            log.warning(
-                "stopped by %s at step %d; checkpoint %s; continue with trainer.resume=auto",
-                name, trainer.global_step, _display(stopped_at),
-            )  # fmt: skip
-            raise Interrupted(128 + trainer.stop_signal)
-        last = writer.final() if main else None
+        if trainer.stopped_by is not None:
+            if main:
+                name = signal.Signals(trainer.stopped_by).name
+                write_json(run_dir / "metrics.json", {
+                    "status": "interrupted", "signal": name, "step": trainer.global_step,
+                    "epoch": trainer.epoch, "checkpoint": str(writer.last), "run_id": run_id,
+                    "wall_s": time.perf_counter() - start,
+                })  # fmt: skip
+                log.warning(
+                    "stopped by %s at step %d; checkpoint %s; continue with trainer.resume=auto",
+                    name, trainer.global_step, _display(writer.last),
+                )  # fmt: skip
+            raise Interrupted(128 + trainer.stopped_by)
+        last = checkpoints.final
     except Interrupted:
         raise
     except BaseException as e:
@@ -360,7 +325,7 @@ def _sweep_progress() -> dict[str, Any]:
         return {}
     hc = HydraConfig.get()
     basic = str(hc.launcher.get("_target_", "")).endswith(".BasicLauncher")
-    return {"progress_bar": basic, "progress_label": f"job {hc.job.num}: "}
+    return {"bar": basic, "label": f"job {hc.job.num}: "}
 
 
 def build_loss(node: DictConfig) -> Loss:
@@ -471,10 +436,12 @@ def build_trainer(
         max_steps=tc.max_steps,
         log_every_n_steps=typed.logging.every_n_steps,
         logger=TensorBoardLogger(run_dir / "tb") if with_logger else None,
-        progress=typed.logging.progress,
-        progress_every_n_steps=typed.logging.progress_every_n_steps,
+        progress=ProgressOptions(
+            typed.logging.progress,
+            every_n_steps=typed.logging.progress_every_n_steps,
+            **_sweep_progress(),
+        ),
         detect_anomaly=tc.detect_anomaly,
-        **_sweep_progress(),
         callbacks=[*build_callbacks(typed.instrument), *build_user_callbacks(cfg), *callbacks],
         world=world,
         forward_model=forward_model,

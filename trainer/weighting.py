@@ -159,8 +159,11 @@ class Weighting(abc.ABC):
         if self.normalize == "none":
             return r
         if units is not None:  # sums over every element; uniform sum-normalized: w = u
-            total = r.sum().clamp_min(torch.finfo(r.dtype).tiny)
-            return r * (units.sum() / total) if self.normalize == "sum" else r / total
+            r_sum, u_sum = r.sum(), units.sum()
+            if self.world.distributed:  # over every rank's tokens
+                r_sum, u_sum = all_reduce_sum(torch.stack([r_sum, u_sum.to(r.dtype)]))
+            total = r_sum.clamp_min(torch.finfo(r.dtype).tiny)
+            return r * (u_sum / total) if self.normalize == "sum" else r / total
         if self.world.distributed:  # Σr and the sample count over every rank's part
             count = torch.full((), float(r.numel()), dtype=r.dtype, device=r.device)
             r_sum, n = all_reduce_sum(torch.stack([r.sum(), count]))
@@ -191,7 +194,8 @@ class UniformWeighting(Weighting):
             u = units.to(losses.dtype)
             if self.normalize != "mean":
                 return u
-            return u / u.sum().clamp_min(torch.finfo(u.dtype).tiny)
+            # data-parallel: Σu over every rank's tokens
+            return u / all_reduce_sum(u.sum()).clamp_min(torch.finfo(u.dtype).tiny)
         if self.world.distributed:  # 1 / the global batch's size, which needs the ranks' counts
             return super().__call__(losses, logits, targets, indices)
         # one fill instead of ones / ones.sum(): the same values (tested), one kernel
