@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,6 +34,46 @@ def _few_threads():
     torch.set_num_threads(min(threads, 2))
     yield
     torch.set_num_threads(threads)
+
+
+def in_background(job: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Run ``job(path, **params)`` for this test in a background thread from the session's
+    start; the test receives its return value through the ``background`` fixture.
+
+    For tests of the real CLI: ``job`` starts subprocesses (``scripts/train.py``, sweeps) and
+    writes only under ``path`` (a fresh folder; ``params``: the test's parametrization). A
+    subprocess spends most of its time importing torch on one core; the in-process tests meanwhile
+    use the other, so the suite's wall time is not their sum. Jobs run one at a time, in the
+    tests' order. The job must not touch this process's global state (Hydra's, torch's threads):
+    whatever needs it stays in the test body. Nothing here depends on timing: a test waits for
+    its own job's result.
+    """
+
+    def mark(test: Callable[..., Any]) -> Callable[..., Any]:
+        test._background_job = job  # type: ignore[attr-defined]
+        return test
+
+    return mark
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_jobs(request, tmp_path_factory):
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cli-job")
+    futures: dict[str, Future] = {}
+    for item in request.session.items:  # the selected tests only, in their order
+        job = getattr(getattr(item, "function", None), "_background_job", None)
+        if job is not None:
+            params = dict(item.callspec.params) if hasattr(item, "callspec") else {}
+            path = tmp_path_factory.mktemp("job")
+            futures[item.nodeid] = pool.submit(job, path, **params)
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def background(request, _background_jobs):
+    """The return value of this test's :func:`in_background` job (waits for it)."""
+    return _background_jobs[request.node.nodeid].result()
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

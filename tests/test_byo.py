@@ -10,11 +10,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, final_params, make_cfg, read_scalars, train
+from conftest import ROOT, final_params, in_background, make_cfg, read_scalars, train
 
 from trainer.config import ConfigError, validate
 
@@ -32,8 +33,8 @@ def byo_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(BYO))
 
 
-def test_a_user_package_trains_through_the_cli_with_config_dir(tmp_path) -> None:
-    run_dir = tmp_path / "run"
+def _byo_cli(path: Path):
+    run_dir = path / "run"
     env = {**os.environ, "PYTHONPATH": str(BYO)}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run(
@@ -42,6 +43,12 @@ def test_a_user_package_trains_through_the_cli_with_config_dir(tmp_path) -> None
          "logging.progress=false", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    return proc, run_dir
+
+
+@in_background(_byo_cli)
+def test_a_user_package_trains_through_the_cli_with_config_dir(background) -> None:
+    proc, run_dir = background
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # regression metrics from the user loss's task; y = sin(x) + 0.1·noise: the noise's variance

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_scalars, train
+from conftest import ROOT, in_background, read_scalars, train
 
 import trainer.checkpoint as checkpoint_module
 from trainer.checkpoint import load_checkpoint, step_path
@@ -193,12 +193,18 @@ def test_the_code_running_payloads_do_run_code_when_unpickled_unsafely(tmp_path)
     assert python.exists()
 
 
-def test_cli_refuses_a_code_running_checkpoint_with_nonzero_exit_and_no_side_effect(
-    tmp_path,
-) -> None:
-    bad, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+def _evil_resume(path: Path):
+    bad, marker = path / "evil.pt", path / "pwned"
     torch.save({"model": _RunsShell(marker)}, bad)
-    proc = cli(f"trainer.resume={bad}", "trainer.max_steps=4", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = cli(f"trainer.resume={bad}", "trainer.max_steps=4", f"hydra.run.dir={path / 'run'}")
+    return proc, bad, marker, path
+
+
+@in_background(_evil_resume)
+def test_cli_refuses_a_code_running_checkpoint_with_nonzero_exit_and_no_side_effect(
+    background,
+) -> None:
+    proc, bad, marker, tmp_path = background
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert f"checkpoint {bad} was {REFUSED}" in out and "GLOBAL" in out
@@ -401,10 +407,15 @@ def test_a_run_dir_under_a_regular_file_is_refused_naming_it(tmp_path) -> None:
     assert_nothing_trained(tmp_path)
 
 
-def test_cli_exits_nonzero_naming_a_run_dir_that_cannot_be_created(tmp_path) -> None:
-    (tmp_path / "afile").write_text("not a directory")
-    run_dir = tmp_path / "afile" / "run"
-    proc = cli("trainer.max_steps=2", f"hydra.run.dir={run_dir}")
+def _uncreatable_run_dir(path: Path):
+    (path / "afile").write_text("not a directory")
+    run_dir = path / "afile" / "run"
+    return cli("trainer.max_steps=2", f"hydra.run.dir={run_dir}"), run_dir, path
+
+
+@in_background(_uncreatable_run_dir)
+def test_cli_exits_nonzero_naming_a_run_dir_that_cannot_be_created(background) -> None:
+    proc, run_dir, tmp_path = background
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert str(run_dir) in out and "Not a directory" in out

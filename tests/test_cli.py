@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import yaml
-from conftest import ROOT, read_scalars
+from conftest import ROOT, in_background, read_scalars
 
 
 def cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -21,9 +21,13 @@ def cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_single_run_prints_a_summary_and_writes_its_run_dir(tmp_path) -> None:
-    run_dir = tmp_path / "run"
-    proc = cli("trainer.max_epochs=2", f"hydra.run.dir={run_dir}")
+def _single_run(path):
+    return cli("trainer.max_epochs=2", f"hydra.run.dir={path / 'run'}"), path / "run"
+
+
+@in_background(_single_run)
+def test_single_run_prints_a_summary_and_writes_its_run_dir(background) -> None:
+    proc, run_dir = background
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr
     # stdout is a pipe here: no bar redraws, a plain line per epoch and a final summary
@@ -38,10 +42,15 @@ def test_single_run_prints_a_summary_and_writes_its_run_dir(tmp_path) -> None:
     assert "epoch 2/2" in (run_dir / "train.log").read_text()
 
 
-def test_multirun_gives_each_job_its_own_dir_and_tensorboard_run(tmp_path) -> None:
-    sweep = tmp_path / "sweep"
+def _multirun(path):
     proc = cli("-m", "optimizer.lr=0.01,0.1", "loss.mode=scalar,vector", "trainer.max_steps=4",
-               "logging.every_n_steps=2", f"hydra.sweep.dir={sweep}")  # fmt: skip
+               "logging.every_n_steps=2", f"hydra.sweep.dir={path / 'sweep'}")  # fmt: skip
+    return proc, path / "sweep"
+
+
+@in_background(_multirun)
+def test_multirun_gives_each_job_its_own_dir_and_tensorboard_run(background) -> None:
+    proc, sweep = background
     assert proc.returncode == 0, proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
@@ -54,21 +63,29 @@ def test_multirun_gives_each_job_its_own_dir_and_tensorboard_run(tmp_path) -> No
     assert len(seen) == 4
 
 
-def test_missing_torchvision_files_say_where_to_put_them(tmp_path) -> None:
-    proc = cli("data=mnist", f"data.root={tmp_path / 'nodata'}", f"hydra.run.dir={tmp_path / 'r'}")
+@in_background(
+    lambda path: cli("data=mnist", f"data.root={path / 'nodata'}", f"hydra.run.dir={path / 'r'}")
+)
+def test_missing_torchvision_files_say_where_to_put_them(background) -> None:
+    proc = background
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
     assert "train-images-idx3-ubyte" in err and "data.download=true" in err
 
 
-def test_bench_times_the_trainer_a_plain_loop_and_variants(tmp_path) -> None:
-    out = tmp_path / "bench.json"
+def _bench(path):
+    out = path / "bench.json"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--no-cli", "--steps", "30",
          "--rounds", "2", "--variant", "loss.mode=vector weighting=focal", "--out", str(out)],
         check=True, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@in_background(_bench)
+def test_bench_times_the_trainer_a_plain_loop_and_variants(background) -> None:
+    result = background
     assert result["steps"] == 30 and len(result["ratios"]) == 2
     # a ratio of two measured times (its size depends on the machine's load: not asserted)
     assert math.isfinite(result["ratio_median"]) and result["ratio_median"] > 0

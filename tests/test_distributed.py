@@ -211,7 +211,6 @@ MEASURED = (
     "instrument.curvature.trace_probes=2",
 )  # fmt: skip
 TOKEN_CASES = {
-    "scalar": (),
     "vector-per_token": ("loss.mode=vector", "weighting=per_token"),
     "scalar-accumulate": ("trainer.accumulate_grad_batches=2",),
     "vector-accumulate": (
@@ -220,7 +219,8 @@ TOKEN_CASES = {
         "trainer.accumulate_grad_batches=2",
     ),  # fmt: skip
     "sequences": ("loss.average=sequences", "trainer.accumulate_grad_batches=2"),
-    # per-sequence norms gathered over the ranks; curvature of the global batch's objective
+    # scalar mode, with per-sequence norms gathered over the ranks and the curvature of the
+    # global batch's objective
     "scalar-instruments": MEASURED,
     "vector-uniform-instruments": ("loss.mode=vector", *MEASURED),
 }

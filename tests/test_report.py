@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, in_background
 
 from trainer import report
 from trainer.logger import TensorBoardLogger
@@ -272,13 +272,18 @@ def test_cli_prints_the_table_and_writes_its_files(sweep) -> None:
     assert (sweep / "summary.csv").is_file() and (sweep / "curves.png").is_file()
 
 
-@pytest.mark.parametrize("kind", ["nonexistent", "empty"])
-def test_cli_refuses_a_dir_without_runs_naming_it(tmp_path, kind: str) -> None:
-    target = tmp_path / kind
+def _refused(path: Path, kind: str):
+    target = path / kind
     if kind == "empty":
         target.mkdir()
         (target / "notes.txt").write_text("not a run")
-    proc = cli(str(target))
+    return cli(str(target)), target
+
+
+@pytest.mark.parametrize("kind", ["nonexistent", "empty"])
+@in_background(_refused)
+def test_cli_refuses_a_dir_without_runs_naming_it(background, kind: str) -> None:
+    proc, target = background
     assert proc.returncode != 0
     assert str(target) in proc.stderr
     assert proc.stdout == ""

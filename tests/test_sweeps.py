@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_cfg, train
+from conftest import ROOT, in_background, make_cfg, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
 from test_data_vision import _write_cifar, _write_mnist
@@ -54,11 +54,19 @@ def test_the_presets_are_the_ones_documented() -> None:
     assert DEBUG == ["anomaly", "fast", "overfit"]
 
 
-def test_every_digits_experiment_and_debug_preset_runs_through_the_cli(tmp_path) -> None:
+def _presets(path: Path):
     digits = [e for e in EXPERIMENTS if e not in VISION]
-    sweep = tmp_path / "sweep"  # one multirun, a job per preset
-    proc = cli("-m", f"hydra.sweep.dir={sweep}", "trainer.max_steps=3",
-               "experiment=" + ",".join(digits))  # fmt: skip
+    sweep, debug = path / "sweep", path / "debug"  # one multirun each, a job per preset
+    experiments = cli("-m", f"hydra.sweep.dir={sweep}", "trainer.max_steps=3",
+                      "experiment=" + ",".join(digits))  # fmt: skip
+    debugs = cli("-m", f"hydra.sweep.dir={debug}", "trainer.max_steps=3",
+                 "debug=" + ",".join(DEBUG))  # fmt: skip
+    return digits, (experiments, sweep), (debugs, debug)
+
+
+@in_background(_presets)
+def test_every_digits_experiment_and_debug_preset_runs_through_the_cli(background) -> None:
+    digits, (proc, sweep), (debug_proc, debug) = background
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = jobs(sweep)
     assert len(done) == len(digits)
@@ -71,10 +79,7 @@ def test_every_digits_experiment_and_debug_preset_runs_through_the_cli(tmp_path)
     assert config["digits_vector"]["loss"]["mode"] == "vector"
     assert config["digits_imbalanced_focal"]["weighting"]["gamma"] == 2.0
     assert config["digits_imbalanced_class_balanced"]["data"]["imbalance_ratio"] == 10
-    debug = tmp_path / "debug"
-    proc = cli("-m", f"hydra.sweep.dir={debug}", "trainer.max_steps=3",
-               "debug=" + ",".join(DEBUG))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert debug_proc.returncode == 0, debug_proc.stderr[-3000:]
     assert [status(j)["status"] for j in jobs(debug).values()] == ["completed"] * len(DEBUG)
 
 
@@ -87,27 +92,37 @@ tv_cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
 """
 
 
-def test_the_vision_experiments_run_on_tiny_files_in_the_real_formats(tmp_path) -> None:
-    root = tmp_path / "data"
+def _vision(path: Path):
+    root = path / "data"
     rng = np.random.default_rng(0)
     _write_mnist(root, "FashionMNIST", rng)
     _write_cifar(root, rng)
-    shim = tmp_path / "shim"
+    shim = path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(SKIP_CIFAR_MD5)
     env = {**__import__("os").environ, "PYTHONPATH": str(shim)}
     done = {}
     for name in ("fashion_mnist_cnn", "cifar10_resnet18"):  # single runs: the data group
         # differs, so a multirun's shared base config could not take data.root
-        done[name] = tmp_path / name
-        proc = cli(f"experiment={name}", f"hydra.run.dir={done[name]}", f"data.root={root}",
+        # float32: bfloat16 convolutions on a CPU without bf16 units take 3x as long (22 s)
+        proc = cli(f"experiment={name}", f"hydra.run.dir={path / name}", f"data.root={root}",
                    "trainer.max_steps=2", "data.num_workers=0", "data.batch_size=8",
-                   env=env)  # fmt: skip
+                   "trainer.precision=32", env=env)  # fmt: skip
+        done[name] = (proc, path / name)
+    return done
+
+
+@in_background(_vision)
+def test_the_vision_experiments_run_on_tiny_files_in_the_real_formats(background) -> None:
+    done = {}
+    for name, (proc, run_dir) in background.items():
+        done[name] = run_dir
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert status(done[name])["status"] == "completed" and status(done[name])["step"] == 2
     cifar = yaml.safe_load((done["cifar10_resnet18"] / ".hydra" / "config.yaml").read_text())
     assert cifar["data"]["name"] == "cifar10" and "resnet" in cifar["model"]["_target_"].lower()
-    assert cifar["trainer"]["precision"] == "bf16" and cifar["data"]["augment"] is True
+    assert cifar["data"]["augment"] is True
+    assert make_cfg("experiment=cifar10_resnet18").trainer.precision == "bf16"  # the preset's
 
 
 def test_overfit_drives_the_loss_of_one_batch_to_zero(tmp_path) -> None:
@@ -136,12 +151,20 @@ def test_anomaly_preset_turns_on_detection_and_every_instrument(tmp_path) -> Non
     assert not torch.is_anomaly_enabled()  # switched off again after the run
 
 
-def test_a_sweep_with_failing_jobs_keeps_the_others_and_says_how_many_failed(tmp_path) -> None:
-    """A bad value (lr < 0, refused before training) and a NaN (lr 1e30, stopped by the
-    non-finite guard) among good jobs: the good ones complete, the sweep exits 1 with a count."""
-    sweep = tmp_path / "sweep"
+def _failing_sweep(path: Path):
+    sweep = path / "sweep"
     proc = cli("-m", f"hydra.sweep.dir={sweep}", "trainer.max_steps=4",
                "optimizer.lr=0.01,-1,1e30,0.02")  # fmt: skip
+    rep = subprocess.run([sys.executable, "scripts/report.py", str(sweep)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    return proc, sweep, rep
+
+
+@in_background(_failing_sweep)
+def test_a_sweep_with_failing_jobs_keeps_the_others_and_says_how_many_failed(background) -> None:
+    """A bad value (lr < 0, refused before training) and a NaN (lr 1e30, stopped by the
+    non-finite guard) among good jobs: the good ones complete, the sweep exits 1 with a count."""
+    proc, sweep, rep = background
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert "2 of 4 jobs failed" in out
@@ -154,8 +177,6 @@ def test_a_sweep_with_failing_jobs_keeps_the_others_and_says_how_many_failed(tmp
         assert list((done[i] / "tb").glob("events.out.tfevents.*"))
         assert (done[i] / "checkpoints" / "last.pt").is_file()
     # the report lists the failed jobs with the last line of their error
-    rep = subprocess.run([sys.executable, "scripts/report.py", str(sweep)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert rep.returncode == 0, rep.stderr
     assert rep.stdout.count("failed") >= 2 and "NonFiniteError" in rep.stdout
 
@@ -176,11 +197,17 @@ def session_hparams(run_dir: Path) -> tuple[dict, list[str], int]:
     return values, [m.name.tag for m in experiment.metric_infos], end.status
 
 
-def test_optuna_sweep_of_three_trials_maximizes_val_acc(tmp_path) -> None:
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    sweep = tmp_path / "optuna"
+def _optuna(path: Path):
+    sweep = path / "optuna"
     proc = cli("-m", "hparams_search=digits_optuna", "hydra.sweeper.n_trials=3",
                "trainer.max_steps=5", f"hydra.sweep.dir={sweep}")  # fmt: skip
+    return proc, sweep
+
+
+@in_background(_optuna)
+def test_optuna_sweep_of_three_trials_maximizes_val_acc(background) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc, sweep = background
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = jobs(sweep)
     assert sorted(done) == [0, 1, 2]
@@ -197,12 +224,18 @@ def test_optuna_sweep_of_three_trials_maximizes_val_acc(tmp_path) -> None:
     assert len(set(lrs)) == 3
 
 
-def test_joblib_sweep_runs_two_jobs_side_by_side_with_labelled_progress(tmp_path) -> None:
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    sweep = tmp_path / "joblib"
+def _joblib(path: Path):
+    sweep = path / "joblib"
     proc = cli("-m", "hydra/launcher=parallel", "optimizer.lr=0.01,0.02", "trainer.max_steps=4",
                "logging.every_n_steps=1", "logging.progress_every_n_steps=2",
                f"hydra.sweep.dir={sweep}")  # fmt: skip
+    return proc, sweep
+
+
+@in_background(_joblib)
+def test_joblib_sweep_runs_two_jobs_side_by_side_with_labelled_progress(background) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc, sweep = background
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = jobs(sweep)
     for i, job in done.items():
@@ -213,10 +246,16 @@ def test_joblib_sweep_runs_two_jobs_side_by_side_with_labelled_progress(tmp_path
     assert "\r" not in proc.stdout + proc.stderr
 
 
-def test_hparams_are_in_the_run_dir_with_the_same_keys_and_the_end_status(tmp_path) -> None:
-    sweep = tmp_path / "sweep"
+def _hparams_sweep(path: Path):
+    sweep = path / "sweep"
     proc = cli("-m", f"hydra.sweep.dir={sweep}", "trainer.max_steps=3", "model=mlp,cnn",
                "optimizer.lr=0.01,1e30")  # fmt: skip
+    return proc, sweep
+
+
+@in_background(_hparams_sweep)
+def test_hparams_are_in_the_run_dir_with_the_same_keys_and_the_end_status(background) -> None:
+    proc, sweep = background
     assert proc.returncode == 1  # the two lr=1e30 jobs fail (NaN) but are in HPARAMS too
     done = jobs(sweep)
     seen = [session_hparams(done[i]) for i in range(4)]

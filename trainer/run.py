@@ -39,7 +39,7 @@ from trainer.checkpoint import (
     write_run_marker,
 )
 from trainer.components import build
-from trainer.config import ConfigError, validate
+from trainer.config import ConfigError, TrainConfig, validate
 from trainer.data.base import DataModule
 from trainer.hparams import end_summary, hydra_hparams, start_summaries
 from trainer.instrument import build_callbacks
@@ -202,7 +202,7 @@ def run(
                 )  # fmt: skip
         # built without a logger: a checkpoint that does not fit must not touch the run it
         # came from (its metrics.json, its events)
-        trainer = build_trainer(cfg, run_dir, callbacks, with_logger=False)
+        trainer = build_trainer(cfg, run_dir, callbacks, with_logger=False, typed=typed)
         metric_names = (*trainer.criterion.metrics, "train/loss")
         monitor = typed.monitor or trainer.criterion.monitor
         if monitor not in metric_names:
@@ -355,10 +355,13 @@ def build_trainer(
     run_dir: Path,
     callbacks: Sequence[Callback] = (),
     with_logger: bool = True,
+    typed: TrainConfig | None = None,
 ) -> Trainer:
-    """Validate ``cfg`` and build data, model, optimizer, scheduler, logger (unless
-    ``with_logger`` is false: ``trainer.logger`` is then None until set) and Trainer."""
-    typed = validate(cfg)  # every config error surfaces here, before anything is built
+    """Validate ``cfg`` (unless ``typed``, its validated form, is given) and build data,
+    model, optimizer, scheduler, logger (unless ``with_logger`` is false: ``trainer.logger``
+    is then None until set) and Trainer."""
+    if typed is None:
+        typed = validate(cfg)  # every config error surfaces here, before anything is built
     world = distributed.from_env()
     device = distributed.setup(world, resolve_device(typed.trainer.device))
     seed_everything(typed.seed, typed.trainer.deterministic)
