@@ -37,10 +37,9 @@ from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_nor
 from trainer.callbacks import HOOKS, Callback, Every, StepOutput
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.distributed import SINGLE, World, all_reduce_max, all_reduce_sum
-from trainer.instrument.histograms import host_histogram
-from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger, to_floats
+from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
 from trainer.losses import Loss, as_loss
-from trainer.metrics import LossTally
+from trainer.metrics import LossTally, Staging
 from trainer.objective import Objective, Window
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
@@ -168,8 +167,8 @@ class Trainer:
         #: per-parameter gradient 2-norms (parameters with a gradient, in ``params`` order) when
         #: a callback measured them in ``on_before_optimizer_step``; the total is taken from them
         self.param_grad_norms: Tensor | None = None
-        self._staged: dict[str | tuple[str, ...], Tensor | float] = {}
-        self._staged_histograms: dict[str, Tensor] = {}
+        #: what callbacks stage during a step (stage_scalars, stage_histogram)
+        self.staging = Staging()
         #: the current accumulation window (its samples; per-token losses: its Σu)
         self.window = Window(samples=1)
         self.metrics: dict[str, float] = {}
@@ -214,7 +213,7 @@ class Trainer:
         """Queue scalars for the current step; they are read back to the host together with
         the step's own scalars at its end, in one transfer (no sync here). A tuple of tags may
         map to a 1-D tensor of their values (see :func:`trainer.logger.to_floats`)."""
-        self._staged.update(values)
+        self.staging.scalars.update(values)
 
     def stage_histogram(self, tag: str, values: Tensor) -> None:
         """Queue a short 1-D tensor (a batch's per-sample values) to log as the histogram
@@ -222,27 +221,14 @@ class Trainer:
         is read back with the step's scalars, in the same transfer, and binned on the host: no
         kernel and no sync here. For parameter-sized tensors use on-device binning instead
         (``trainer.instrument.histograms``)."""
-        self._staged_histograms[tag] = values
+        self.staging.histograms[tag] = values
 
     def log_scalars(self, values: Scalars, step: int | None = None) -> dict[str, float]:
         """Write scalars (and staged histograms) at ``step`` (default: the current
         ``global_step``); returns the scalars as floats. One batched host read: call it on
         logging steps only."""
         step = self.global_step if step is None else step
-        histograms, self._staged_histograms = self._staged_histograms, {}
-        keys = {tag: tuple(f"\0{tag}\0{i}" for i in range(len(t))) for tag, t in histograms.items()}
-        values = {**values, **{keys[tag]: t for tag, t in histograms.items()}}
-        floats = to_floats(values)  # host sync: logging steps only
-        if keys:
-            for tag, ks in keys.items():
-                h = host_histogram([floats.pop(k) for k in ks])
-                floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
-                floats[f"{tag}_max"] = h.max if h.num else math.nan
-                if self.logger is not None:
-                    self.logger.log_histogram_raw(tag, h, step)
-        if self.logger is not None:
-            self.logger.add_floats(floats, step)
-        return floats
+        return self.staging.write(values, step, self.logger)  # host sync: logging steps only
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -459,9 +445,8 @@ class Trainer:
         self._fire("on_train_step_end", out)
         if should_log:
             self._log_step(out, lr, split_norms)
-        elif self._staged or split_norms or self._staged_histograms:  # on its own cadence
-            self.log_scalars({**split_norms, **self._staged}, out.step)
-            self._staged.clear()
+        elif split_norms or self.staging.pending():  # a callback's own cadence
+            self.log_scalars({**split_norms, **self.staging.take_scalars()}, out.step)
         self.objective.end_step()
         self.progress.update()
 
@@ -477,8 +462,7 @@ class Trainer:
         if out.grad_norm is not None:
             values["grad_norm/total"] = out.grad_norm
         values.update(extra)
-        values.update(self._staged)
-        self._staged.clear()
+        values.update(self.staging.take_scalars())
         values.update(self.objective.reg_scalars())
         if out.weights is not None:
             w_min, w_max = torch.aminmax(out.weights)

@@ -1,4 +1,7 @@
-"""The training loss as the loop reports it: kept on the device, read on logging steps only.
+"""What a step reports, kept on the device and read on the steps that write it.
+
+:class:`Staging` holds the scalars and short histograms callbacks stage during a step, for one
+batched host read at its end. :class:`LossTally` is the training loss:
 
 Each micro-batch's detached losses are appended as they are (no kernel per step for per-sample
 losses); a logging step concatenates those since the previous log into ``train/loss`` and folds
@@ -9,10 +12,52 @@ transfer. Per-token losses (B, T) are kept as u·ℓ with their Σu in a device 
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from trainer.instrument.histograms import host_histogram
+from trainer.logger import Scalars, to_floats
+
+if TYPE_CHECKING:
+    from trainer.logger import TensorBoardLogger
+
+
+class Staging:
+    """Scalars and short histograms staged during a step, written together at its end."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str | tuple[str, ...], Tensor | float] = {}
+        self.histograms: dict[str, Tensor] = {}
+
+    def pending(self) -> bool:
+        return bool(self.scalars or self.histograms)
+
+    def take_scalars(self) -> dict[str | tuple[str, ...], Tensor | float]:
+        out, self.scalars = self.scalars, {}
+        return out
+
+    def write(
+        self, values: Scalars, step: int, logger: TensorBoardLogger | None
+    ) -> dict[str, float]:
+        """Write ``values`` and the staged histograms (each with ``<tag>_mean`` and
+        ``<tag>_max`` over its finite values) at ``step``; returns the scalars as floats. One
+        batched host read: logging steps only."""
+        histograms, self.histograms = self.histograms, {}
+        keys = {tag: tuple(f"\0{tag}\0{i}" for i in range(len(t))) for tag, t in histograms.items()}
+        values = {**values, **{keys[tag]: t for tag, t in histograms.items()}}
+        floats = to_floats(values)  # host sync: logging steps only
+        for tag, ks in keys.items():
+            h = host_histogram([floats.pop(k) for k in ks])
+            floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
+            floats[f"{tag}_max"] = h.max if h.num else math.nan
+            if logger is not None:
+                logger.log_histogram_raw(tag, h, step)
+        if logger is not None:
+            logger.add_floats(floats, step)
+        return floats
 
 
 class LossTally:
