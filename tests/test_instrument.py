@@ -198,6 +198,7 @@ def measure(model: nn.Module, x, y, weights=None, loss="both"):
     batch = Batch(x, y, torch.arange(x.shape[0]))
     cb.on_train_batch_start(trainer, batch)
     losses = F.cross_entropy(model(x), y, reduction="none")
+    cb.on_before_backward(trainer, batch, losses)
     if weights is None:
         losses.mean().backward()
     else:

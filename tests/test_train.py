@@ -96,9 +96,9 @@ def test_hooks_fire_in_the_documented_order(tmp_path) -> None:
     # rest points: after the first step, and after the epoch's validation (its last step)
     expected = (
         ["on_fit_start", "on_train_epoch_start"]
-        + ["on_train_batch_start", "on_after_backward"] * 12
+        + ["on_train_batch_start", "on_before_backward", "on_after_backward"] * 12
         + ["on_before_optimizer_step", "on_train_step_end", "on_rest_point"]
-        + ["on_train_batch_start", "on_after_backward"] * 11
+        + ["on_train_batch_start", "on_before_backward", "on_after_backward"] * 11
         + ["on_before_optimizer_step", "on_train_step_end"]
         + ["on_validation_end", "on_rest_point", "on_fit_end"]
     )  # fmt: skip

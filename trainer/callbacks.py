@@ -61,6 +61,8 @@ class Callback:
     * ``on_fit_start(trainer)``
     * ``on_train_epoch_start(trainer, epoch)``
     * ``on_train_batch_start(trainer, batch)``: every micro-batch, before its forward
+    * ``on_before_backward(trainer, batch, losses)``: every micro-batch, after its forward and
+      loss (``losses`` (B,) or (B, T), still on the graph), before its backward
     * ``on_after_backward(trainer, batch, losses, weights)``: every micro-batch, right after its
       backward; ``losses`` (B,) or (B, T) detached, ``weights`` of their shape or None in scalar
       mode; gradients are still accumulating and, under fp16, multiplied by
@@ -95,6 +97,7 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None: ...
+    def on_before_backward(self, trainer: Trainer, batch: Batch, losses: Tensor) -> None: ...
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
     ) -> None: ...

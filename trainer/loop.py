@@ -383,6 +383,7 @@ class Trainer:
             with self._autocast():
                 logits = self.forward_model(x)  # (B, K) logits, or any output the loss takes
                 losses = self.criterion(logits, y)  # (B,), or per token (B, T)
+            self._fire("on_before_backward", batch, losses)
             # the roots (data loss, regularizers) and their one backward pass: trainer/objective
             # (``logs``: the step this micro-batch is in logs, which only the penalty reads)
             logs = self.input_penalty is not None and self.log_every.due_next(self.global_step)

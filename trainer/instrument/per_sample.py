@@ -1,8 +1,11 @@
 """Per-sample gradient norms from the step's own backward, never the whole model's per-sample grads.
 
-On a measuring step, forward hooks on every module that owns parameters keep its input a and put a
-hook on its output, which receives the output's gradient g during the step's own backward. Per
-layer, the squared norm of each sample's parameter gradient follows from (a, g):
+The model is split into *units*, each covering a set of parameters: ``nn.MultiheadAttention``
+and RNNs (``nn.RNN``/``LSTM``/``GRU``) cover all their parameters (attention's ``out_proj``
+included); any other module covers the parameters it owns itself. On a measuring micro-batch,
+hooks on every unit keep its inputs and put a hook on each of its tensor outputs, which receives
+that output's gradient g during the step's own backward. Per unit call, the per-sample gradient
+of its parameters follows from (inputs, g):
 
 * ``Linear`` on (B, in): ∇_W ℓᵢ = gᵢ aᵢᵀ, so ‖∇_W ℓᵢ‖² = ‖aᵢ‖² ‖gᵢ‖² and ‖∇_b ℓᵢ‖² = ‖gᵢ‖².
 * ``Linear`` on sequences (B, T, in) and ``Conv1d``/``Conv2d`` (unfolded into T = output
@@ -10,16 +13,29 @@ layer, the squared norm of each sample's parameter gradient follows from (a, g):
   Σ_{t,s} (a_t·a_s)(g_t·g_s) (cost T²(C·k + out) per sample) or the squared norm of that one
   layer's per-sample gradient (cost T·C·k·out, memory B·C·k·out), whichever is cheaper; bias:
   ‖Σ_t g_t‖².
-* any other module with parameters: ``torch.func.vmap(grad(...))`` of ⟨gᵢ, module(aᵢ)⟩ over its
-  own parameters, one module at a time.
+* attention and RNNs: the unit recomputed on each sample alone (its batch dimension from
+  ``batch_first``; masks sliced with it), differentiating Σ_k ⟨g_k, out_k⟩ over its outputs
+  (attention's output and weights; an RNN's output, h_n and c_n): one small backward per sample.
+* any other unit: ``torch.func.vmap(grad(...))`` of ⟨gᵢ, module(aᵢ)⟩ over its own parameters.
+* a parameter used more than once per forward (a weight registered in two modules, i.e. tied,
+  or a module called twice): its per-sample gradients from every use are materialized
+  (B × its size, up to ``MATERIALIZE_BYTES``) and summed before squaring, so the cross terms
+  are in.
+
+What cannot be measured is left out and named (a warning, and ``per_sample/coverage``, the share
+of parameter elements whose per-sample gradient was captured), never mixed in silently:
+
+* a parameter that enters a differentiable computation while none of its units is running
+  (``F.linear(x, child.weight)`` in a parent's forward, logits as ``h @ emb.weight.T``): a
+  ``TorchFunctionMode`` active during the measured forward sees every such use, and its unit
+  (every unit the parameter is registered in) is left out;
 * BatchNorm in training mode mixes the samples of a batch: the gradient reaching any layer
   upstream of it mixes the samples too, so a per-sample gradient is not defined there. Such a
-  BatchNorm and every module whose forward ran before it (a superset of its upstream layers) are
-  left out, as are modules called more than once per forward or with several tensor inputs:
-  reported (a warning, and ``per_sample/coverage``, the share of parameter elements whose
-  per-sample gradient was captured: a module whose hook never saw its output's gradient counts as
-  left out, e.g. attention returning a tuple, or a weight used outside its module's forward),
-  never mixed in silently. Layers after the last such BatchNorm are exact.
+  BatchNorm and every unit whose forward ran before it are left out;
+* a unit whose forward draws random numbers (dropout inside attention, between an RNN's layers,
+  or inside another unit) that a per-sample recomputation cannot reproduce;
+* a unit whose inputs do not carry the batch where expected (an RNN fed a PackedSequence,
+  several tensor inputs to a generic unit), or whose output never received a gradient.
 
 The hooks see the gradient of the step's backward root, Σᵢ wᵢℓᵢ (scalar mode: wᵢ = 1/N over the
 N samples of the accumulation window), so the direct result is the *weighted* norm ‖∇θ(wᵢℓᵢ)‖,
@@ -31,7 +47,10 @@ regularizers have no per-sample part, and the input-gradient penalty is refused 
 
 from __future__ import annotations
 
+import inspect
 import logging
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_gather_cat
@@ -108,21 +128,6 @@ def conv_sq_norms(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> Tensor
     return sq
 
 
-def func_sq_norms(module: nn.Module, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample ‖∇ℓᵢ‖² over ``module``'s own parameters by torch.func (one layer at a time)."""
-    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-    dtype = next(iter(params.values())).dtype  # run it in its parameters' precision
-    a = a.to(dtype) if a.is_floating_point() else a
-    g = g.to(dtype)
-
-    def inner(p: dict[str, Tensor], ai: Tensor, gi: Tensor) -> Tensor:
-        out = functional_call(module, p, (ai.unsqueeze(0),))
-        return (out * gi.unsqueeze(0)).sum()
-
-    per_sample = vmap(grad(inner), in_dims=(None, 0, 0))(params, a, g)
-    return sum(v.pow(2).reshape(v.shape[0], -1).sum(1) for v in per_sample.values())
-
-
 def sample_coefficients(c: Tensor) -> Tensor:
     """One coefficient per sample, (B,), from the loss elements' coefficients.
 
@@ -141,7 +146,105 @@ def sample_coefficients(c: Tensor) -> Tensor:
     return torch.where(equal, top, torch.nan)
 
 
-# ----------------------------------------------------------------------------- the callback
+# ----------------------------------------------------------------------------- units and calls
+
+#: materialize at most this many bytes of one parameter's per-sample gradients (B × its size),
+#: which a parameter used more than once per forward needs (tied weights, a layer called twice)
+MATERIALIZE_BYTES = 2**28
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    """The tensors in ``obj`` (a tensor, or nested tuples/lists/dicts of them), in order."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for x in obj for t in _tensors(x)]
+    if isinstance(obj, dict):
+        return [t for x in obj.values() for t in _tensors(x)]
+    return []
+
+
+class _OutsideUses(TorchFunctionMode):
+    """While a measured forward runs: records each parameter that enters a differentiable
+    computation while no unit covering it is running (``F.linear(x, child.weight)`` in a parent,
+    a weight tied by hand into another module's forward). Its per-sample part is not seen by any
+    hook, so it cannot be measured: the unit is left out and named."""
+
+    def __init__(self, units_of: dict[int, list[nn.Module]], active: dict[nn.Module, int]):
+        super().__init__()
+        self.units_of, self.active = units_of, active
+        self.outside: dict[nn.Module, str] = {}  # unit -> the function that used its parameter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(t.requires_grad for t in _tensors(out)):  # a use on the graph (not metadata)
+            for t in _tensors((args, kwargs)):
+                units = self.units_of.get(id(t), ())
+                if units and not any(self.active.get(u) for u in units):
+                    for unit in units:  # every unit the parameter is registered in
+                        self.outside.setdefault(unit, getattr(func, "__name__", str(func)))
+        return out
+
+
+def _unit_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention"
+    if isinstance(module, nn.RNNBase):
+        return "rnn"
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        return "closed"
+    return "func"
+
+
+@dataclass
+class _Call:
+    """One forward call of a unit on a measured micro-batch."""
+
+    unit: nn.Module
+    args: tuple[Any, ...]  # detached
+    kwargs: dict[str, Any]  # detached
+    outputs: list[Tensor]  # detached, the tensor outputs that require grad
+    dims: list[int]  # each output's batch dimension
+    grads: dict[int, Tensor] = field(default_factory=dict)  # output index -> its gradient
+
+
+def _slice_sample(x: Any, *, dim: int | None, i: int, group: int = 1) -> Any:
+    if dim is None or not isinstance(x, Tensor):
+        return x
+    return x.narrow(dim, i * group, group)
+
+
+class _Layout:
+    """Where the batch is in a unit's inputs and outputs (and whether it can be sliced)."""
+
+    def __init__(self, call_args: dict[str, tuple[int | None, int]], out_dims: list[int]):
+        self.args, self.out_dims = call_args, out_dims  # name -> (batch dim, group)
+
+
+def _attention_layout(m: nn.MultiheadAttention, bound: dict[str, Any], b: int) -> _Layout | str:
+    d = 0 if m.batch_first else 1
+    query = bound["query"]
+    if query.dim() != 3:
+        return "unbatched attention input"
+    dims: dict[str, tuple[int | None, int]] = {"query": (d, 1), "key": (d, 1), "value": (d, 1)}
+    if bound.get("key_padding_mask") is not None:
+        dims["key_padding_mask"] = (0, 1)
+    mask = bound.get("attn_mask")
+    if mask is not None and mask.dim() == 3:  # (B · heads, L, S)
+        dims["attn_mask"] = (0, m.num_heads)
+    return _Layout(dims, [d, 0])  # attn_output, attn_weights (B, ...)
+
+
+def _rnn_layout(m: nn.RNNBase, bound: dict[str, Any], b: int) -> _Layout | str:
+    x = bound["input"]
+    if not isinstance(x, Tensor):
+        return "a PackedSequence input (its samples are interleaved by length)"
+    if x.dim() != 3:
+        return "unbatched input"
+    d = 0 if m.batch_first else 1
+    dims: dict[str, tuple[int | None, int]] = {"input": (d, 1), "hx": (1, 1)}
+    return _Layout(dims, [d, 1, 1])  # output, h_n (and c_n): (layers · directions, B, H)
 
 
 class PerSampleNorms(Callback):
@@ -161,107 +264,276 @@ class PerSampleNorms(Callback):
         if loss not in ("weighted", "unweighted", "both"):
             raise ValueError(f"instrument.per_sample.loss: got {loss!r}")
         self.every, self.loss, self.bins = Every(every_n_steps), loss, bins
-        self.modules: list[tuple[str, nn.Module]] = []
+        #: (name, module, parameters it covers, kind) per unit
+        self.units: list[tuple[str, nn.Module, list[nn.Parameter], str]] = []
+        #: id(parameter) -> the units it is registered in (two for a tied weight)
+        self._units_by_param: dict[int, list[nn.Module]] = {}
+        self._covers: dict[nn.Module, list[nn.Parameter]] = {}
+        self._kind: dict[nn.Module, str] = {}
+        self._names: dict[nn.Module, str] = {}
+        self._param_names: dict[int, str] = {}
         self._handles: list[Any] = []
+        self._mode: _OutsideUses | None = None
+        self._active: dict[nn.Module, int] = {}
+        self._batch = 0  # samples in the measured micro-batch
         self._sq: Tensor | None = None  # (B,) of the current micro-batch
-        self._deferred: list[tuple[nn.Module, Tensor, Tensor]] = []
-        self._calls: dict[nn.Module, int] = {}
+        self._calls: list[_Call] = []
+        self._ncalls: dict[nn.Module, int] = {}
         self._order: dict[nn.Module, int] = {}  # forward order within the micro-batch
         self._mixing: list[tuple[int, str]] = []  # (order, name) of training-mode BatchNorms
-        self._excluded: dict[str, str] = {}  # module name -> why, for the current micro-batch
-        self._captured: set[nn.Module] = set()  # modules whose per-sample part was added
+        self._excluded: dict[str, str] = {}  # unit name -> why, for the current micro-batch
+        self._captured: set[nn.Module] = set()  # units whose per-sample part was added
+        self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
         self._weighted: list[Tensor] = []  # per micro-batch, (B,) weighted norms
         self._weights: list[Tensor] = []  # per micro-batch, (B,) effective weights
         self._reported: set[str] = set()
-        self._names: dict[nn.Module, str] = {}
-        self._sizes: dict[nn.Module, int] = {}
         #: the last measured step's per-sample norms, on the device: tag -> (N,) (NaN for a
         #: weight-0 sample's unweighted norm)
         self.last: dict[str, Tensor] = {}
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        self._param_names = names
+        inside: set[nn.Module] = set()  # submodules of attention / RNN units: theirs
         for name, m in trainer.model.named_modules():
-            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-            if own:
-                self.modules.append((name, m))
-                self._names[m] = name
-                self._sizes[m] = sum(p.numel() for p in own)
+            if m in inside:
+                continue
+            kind = _unit_kind(m)
+            recurse = kind in ("attention", "rnn")
+            if recurse:
+                inside.update(m.modules())
+            own = [p for p in m.parameters(recurse=recurse) if p.requires_grad]
+            if not own:
+                continue
+            self.units.append((name, m, own, kind))
+            self._covers[m], self._kind[m], self._names[m] = own, kind, name
+            for p in own:
+                self._units_by_param.setdefault(id(p), []).append(m)
 
     # ---- arming: hooks exist only while a measured micro-batch runs its forward and backward
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
         if not self.every.due_next(trainer.global_step):
             return
+        self._batch = batch.x.shape[0]
         self._sq = None
-        self._deferred.clear()
         self._calls.clear()
+        self._ncalls.clear()
         self._order.clear()
         self._mixing.clear()
         self._excluded.clear()
         self._captured.clear()
-        for _, m in self.modules:
-            self._handles.append(m.register_forward_hook(self._forward_hook))
+        self._shared.clear()
+        self._active.clear()
+        root = trainer.model  # the model's forward is watched for outside uses, nothing else
+        self._handles.append(root.register_forward_pre_hook(self._enter_mode))
+        for _, m, _, _ in self.units:
+            self._handles.append(m.register_forward_pre_hook(self._enter))
+            self._handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
+        self._handles.append(root.register_forward_hook(lambda *_: self._leave_mode()))
+
+    def _enter_mode(self, module: nn.Module, inputs: Any) -> None:
+        self._mode = _OutsideUses(self._units_by_param, self._active)
+        self._mode.__enter__()
+
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        self._leave_mode()
+        self._disarm()
+
+    def _leave_mode(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+            for unit, func in mode.outside.items():
+                self._excluded.setdefault(
+                    self._names[unit],
+                    f"a parameter of it enters {func}() outside its own forward (e.g. "
+                    "F.linear(x, module.weight), or a weight tied by hand): that use's "
+                    "per-sample part is seen by no hook",
+                )
 
     def _disarm(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if (
-            not torch.is_grad_enabled()
-            or not isinstance(output, Tensor)
-            or not output.requires_grad
-        ):
+    def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self._active[module] = self._active.get(module, 0) + 1
+
+    def _forward_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        self._active[module] -= 1
+        if not torch.is_grad_enabled():
+            return
+        outputs = [t for t in _tensors(output) if t.requires_grad]
+        if not outputs:
             return
         name = self._names[module]
-        self._calls[module] = self._calls.get(module, 0) + 1
+        self._ncalls[module] = self._ncalls.get(module, 0) + 1
         self._order.setdefault(module, len(self._order))
-        if self._calls[module] > 1:
-            self._excluded[name] = "called more than once per forward (shared weights)"
+        if name in self._excluded:
             return
         if isinstance(module, _BatchNorm) and module.training:
             self._excluded[name] = "BatchNorm in training mode mixes the samples of a batch"
             self._mixing.append((self._order[module], name))
             return
-        tensors = [x for x in inputs if isinstance(x, Tensor)]
-        if len(tensors) != 1 or tensors[0].shape[:1] != output.shape[:1]:
-            self._excluded[name] = "not one tensor input with the batch as its first dimension"
+        why = self._check(module, args, kwargs, outputs)
+        if why is not None:
+            self._excluded[name] = why
             return
-        a = tensors[0].detach()
-        output.register_hook(lambda g, m=module, a=a: self._on_output_grad(m, a, g))
+        flat = [t for t in _tensors(output) if t.requires_grad]
+        dims = self._out_dims(module, len(flat))
+        call = _Call(
+            module, _detach(args), _detach(kwargs), [t.detach() for t in flat], dims
+        )  # fmt: skip
+        self._calls.append(call)
+        for k, t in enumerate(flat):
+            t.register_hook(lambda g, c=call, k=k: self._on_output_grad(c, k, g))
+
+    def _bound(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return inspect.signature(module.forward).bind(*args, **kwargs).arguments
+
+    def _out_dims(self, module: nn.Module, n: int) -> list[int]:
+        kind = self._kind[module]
+        if kind == "attention":
+            return [0 if module.batch_first else 1, 0][:n]  # type: ignore[union-attr]
+        if kind == "rnn":
+            return [0 if module.batch_first else 1, *[1] * (n - 1)]  # type: ignore[union-attr]
+        return [0] * n
+
+    def _check(self, module: nn.Module, args: tuple, kwargs: dict, outputs: list[Tensor]):
+        """Why this call cannot be measured per sample, or None."""
+        kind, b = self._kind[module], self._batch
+        if kind == "attention":
+            m: Any = module
+            if m.training and m.dropout > 0:
+                return (
+                    "attention dropout (dropout > 0 in training) draws random numbers, which a "
+                    "per-sample recomputation cannot reproduce"
+                )
+            layout = _attention_layout(m, self._bound(module, args, kwargs), b)
+        elif kind == "rnn":
+            m = module
+            if m.training and m.dropout > 0 and m.num_layers > 1:
+                return (
+                    "dropout between its layers draws random numbers, which a per-sample "
+                    "recomputation cannot reproduce"
+                )
+            layout = _rnn_layout(m, self._bound(module, args, kwargs), b)
+        else:
+            tensors = _tensors((args, kwargs))
+            first = args[0] if args else None
+            if len(tensors) != 1 or len(outputs) != 1 or tensors[0] is not first:
+                return "not one tensor input (its first argument) and one tensor output"
+            if first.shape[:1] != (b,) or outputs[0].shape[:1] != (b,):
+                return f"its input or output does not have the batch ({b}) as dimension 0"
+            return None
+        if isinstance(layout, str):
+            return layout
+        bound = self._bound(module, args, kwargs)
+        for key, (dim, group) in layout.args.items():
+            for t in _tensors(bound.get(key)):
+                if dim is not None and t.shape[dim] != b * group:
+                    return f"its input {key!r} does not have the batch ({b}) at dimension {dim}"
+        return None
 
     def _upstream_of_mixing(self, module: nn.Module) -> str | None:
         """The training-mode BatchNorm whose forward ran after ``module``'s, if any."""
         later = [name for order, name in self._mixing if order > self._order[module]]
         return later[-1] if later else None
 
-    def _on_output_grad(self, module: nn.Module, a: Tensor, g: Tensor) -> None:
-        name = self._names[module]
-        if name in self._excluded:
-            return  # e.g. called twice: its parts cannot be combined per layer
-        mixing = self._upstream_of_mixing(module)
-        if mixing is not None:
-            self._excluded[name] = (
-                f"runs before {mixing!r} (BatchNorm in training mode), whose batch statistics "
-                "mix the samples' gradients"
-            )
+    def _single_use(self, module: nn.Module) -> bool:
+        """Each of the unit's parameters is used once in this forward: by this one call."""
+        return self._ncalls.get(module, 0) == 1 and all(
+            sum(self._ncalls.get(u, 0) for u in self._units_of(p)) == 1
+            for p in self._covers[module]
+        )
+
+    def _units_of(self, p: Tensor) -> list[nn.Module]:
+        return self._units_by_param[id(p)]
+
+    def _on_output_grad(self, call: _Call, k: int, g: Tensor) -> None:
+        call.grads[k] = g.detach()
+        module = call.unit
+        if self._kind[module] != "closed" or self._names[module] in self._excluded:
+            return  # after the backward, outside autograd's engine
+        if self._mode is not None:  # outside uses not known yet (no on_before_backward)
+            return
+        if not self._single_use(module) or self._upstream_of_mixing(module) is not None:
             return
         with torch.no_grad():
             # float16/bfloat16 under autocast (and GradScaler-scaled): square in float32
             low = g.dtype in (torch.float16, torch.bfloat16)
             g = g.detach().float() if low else g.detach()
+            a = call.args[0].to(g.dtype)
             if isinstance(module, nn.Linear):
-                sq = linear_sq_norms(module, a.to(g.dtype), g)
-            elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
-                sq = conv_sq_norms(module, a.to(g.dtype), g)
-            else:  # after the backward, outside autograd's engine
-                self._deferred.append((module, a, g))
-                return
+                sq = linear_sq_norms(module, a, g)
+            else:
+                sq = conv_sq_norms(module, a, g)  # type: ignore[arg-type]
             self._add(sq.float())
             self._captured.add(module)
+            call.grads.clear()  # done: nothing left for after the backward
 
     def _add(self, sq: Tensor) -> None:
         self._sq = sq if self._sq is None else self._sq + sq
+
+    def _per_sample_grads(self, call: _Call) -> dict[str, Tensor]:
+        """The unit's parameters' per-sample gradients from this call, (B, *shape) each."""
+        module = call.unit
+        params = {n: p for n, p in _named_covered(module, self._kind[module])}
+        if self._kind[module] in ("closed", "func"):
+            leaf = {n: p.detach() for n, p in params.items()}
+            g = call.grads.get(0)
+            if g is None:
+                g = torch.zeros_like(call.outputs[0])
+            dtype = next(iter(leaf.values())).dtype
+            a = call.args[0]
+            a = a.to(dtype) if a.is_floating_point() else a
+            g = g.to(dtype)
+
+            rest, kwargs = call.args[1:], call.kwargs  # not tensors (checked)
+
+            def inner(p: dict[str, Tensor], ai: Tensor, gi: Tensor) -> Tensor:
+                out = functional_call(module, p, (ai.unsqueeze(0), *rest), kwargs)
+                return (out * gi.unsqueeze(0)).sum()
+
+            return vmap(grad(inner), in_dims=(None, 0, 0))(leaf, a, g)
+        # attention, RNNs: one recomputation per sample (their kernels have no batching rule)
+        bound = self._bound(module, call.args, call.kwargs)
+        layout = (_attention_layout if self._kind[module] == "attention" else _rnn_layout)(
+            module,
+            bound,
+            self._batch,  # type: ignore[arg-type]
+        )
+        assert isinstance(layout, _Layout)
+        out: dict[str, list[Tensor]] = {n: [] for n in params}
+        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+        for i in range(self._batch):
+            sample = {
+                key: _map_tensors(v, partial(_slice_sample, dim=layout.args[key][0], i=i,
+                                             group=layout.args[key][1]))
+                if key in layout.args
+                else v
+                for key, v in bound.items()
+            }  # fmt: skip
+            with torch.enable_grad():
+                result = functional_call(module, leaves, (), sample)
+                outs = [t for t in _tensors(result) if t.requires_grad]
+                root = sum(
+                    (o * _slice_sample(call.grads[k].to(o.dtype), dim=call.dims[k], i=i)).sum()
+                    for k, o in enumerate(outs)
+                    if k in call.grads
+                )
+                names = list(leaves)
+                if not isinstance(root, Tensor):  # no gradient reached its outputs
+                    grads = [torch.zeros_like(leaves[n]) for n in names]
+                else:
+                    got = torch.autograd.grad(root, [leaves[n] for n in names], allow_unused=True)
+                    grads = [torch.zeros_like(leaves[n]) if x is None else x
+                             for n, x in zip(names, got, strict=True)]  # fmt: skip
+            for n, x in zip(names, grads, strict=True):
+                out[n].append(x)
+        return {n: torch.stack(v) for n, v in out.items()}
 
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
@@ -269,12 +541,33 @@ class PerSampleNorms(Callback):
         if not self._handles:
             return
         self._disarm()
-        for module, a, g in self._deferred:
+        self._leave_mode()  # (left when the model's forward returned; not if it never ran)
+        for call in self._calls:
+            module = call.unit
             name = self._names[module]
-            if name in self._excluded:
+            if name in self._excluded or not call.grads and module in self._captured:
                 continue
+            mixing = self._upstream_of_mixing(module)
+            if mixing is not None:
+                self._excluded[name] = (
+                    f"runs before {mixing!r} (BatchNorm in training mode), whose batch "
+                    "statistics mix the samples' gradients"
+                )
+                continue
+            single = self._single_use(module)
+            if not single:
+                b = self._batch
+                big = [p for p in self._covers[module]
+                       if b * p.numel() * p.element_size() > MATERIALIZE_BYTES]  # fmt: skip
+                if big:
+                    self._excluded[name] = (
+                        f"used more than once per forward, and {b} per-sample copies of "
+                        f"{self._param_names.get(id(big[0]), 'a parameter')} exceed "
+                        f"{MATERIALIZE_BYTES // 2**20} MiB"
+                    )
+                    continue
             try:
-                sq = func_sq_norms(module, a, g)
+                per_sample = self._per_sample_grads(call)
             except RuntimeError as e:  # its forward cannot be recomputed per sample
                 if "randomness" not in str(e):
                     raise
@@ -283,15 +576,22 @@ class PerSampleNorms(Callback):
                     "recomputation cannot reproduce"
                 )
                 continue
-            self._add(sq.float())
+            covered = dict(_named_covered(module, self._kind[module]))
+            if single:
+                self._add(sum(v.float().pow(2).reshape(v.shape[0], -1).sum(1)
+                              for v in per_sample.values()))  # fmt: skip
+            else:  # summed over the parameter's uses before squaring (the cross terms)
+                for n, v in per_sample.items():
+                    key = id(covered[n])
+                    self._shared[key] = v if key not in self._shared else self._shared[key] + v
             self._captured.add(module)
-        self._deferred.clear()
-        for name, m in self.modules:  # coverage counts what was captured, not what was visited
+        self._calls.clear()
+        self._finish_shared()
+        for name, m, _, _ in self.units:  # coverage counts what was captured, not visited
             if m not in self._captured and name not in self._excluded:
                 self._excluded[name] = (
-                    "no per-sample gradient was captured: its forward gave no single tensor "
-                    "output on the loss's path (e.g. attention returning a tuple), or its "
-                    "parameters are used outside its own forward"
+                    "no per-sample gradient was captured: its forward gave no output on the "
+                    "loss's path, or its parameters are used outside its own forward"
                 )
         self._report(trainer)
         b = losses.shape[0]
@@ -307,6 +607,20 @@ class PerSampleNorms(Callback):
         w = sample_coefficients(weights.detach().float())
         self._weighted.append(norms)
         self._weights.append(w)
+
+    def _finish_shared(self) -> None:
+        """Square the summed per-sample gradients of parameters used more than once, unless
+        one of their units was left out (then every unit sharing them is)."""
+        excluded = {id(p) for name, m, own, _ in self.units if name in self._excluded
+                    for p in own}  # fmt: skip
+        for name, _, own, _ in self.units:
+            shares = any(id(p) in excluded and id(p) in self._shared for p in own)
+            if name not in self._excluded and shares:
+                self._excluded[name] = "it shares a parameter with a unit left out"
+        for key, v in self._shared.items():
+            if key not in excluded:
+                self._add(v.float().pow(2).reshape(v.shape[0], -1).sum(1))
+        self._shared.clear()
 
     def _report(self, trainer: Trainer) -> None:
         new = {n: why for n, why in self._excluded.items() if n not in self._reported}
@@ -324,9 +638,7 @@ class PerSampleNorms(Callback):
             root, _ = all_gather_cat(root)
             w, _ = all_gather_cat(w)
         weighted = root / trainer.world.size  # the sample's share of the averaged gradient
-        total = sum(self._sizes.values())
-        excluded = sum(self._sizes[m] for n, m in self.modules if n in self._excluded)
-        values: dict[str, Tensor | float] = {"per_sample/coverage": 1.0 - excluded / max(total, 1)}
+        values: dict[str, Tensor | float] = {"per_sample/coverage": self.coverage()}
         series: dict[str, Tensor] = {}
         if self.loss in ("weighted", "both"):
             series["per_sample/weighted_grad_norm"] = weighted
@@ -341,3 +653,32 @@ class PerSampleNorms(Callback):
         trainer.stage_scalars(values)
         for tag, v in series.items():  # histogram, _mean and _max from the step's one host read
             trainer.stage_histogram(tag, v)
+
+    def coverage(self) -> float:
+        """The share of trainable parameter elements whose per-sample part was captured."""
+        params = {id(p): p for _, _, own, _ in self.units for p in own}
+        left_out = {id(p) for name, _, own, _ in self.units if name in self._excluded
+                    for p in own}  # fmt: skip
+        total = sum(p.numel() for p in params.values())
+        return 1.0 - sum(params[k].numel() for k in left_out) / max(total, 1)
+
+
+def _named_covered(module: nn.Module, kind: str) -> list[tuple[str, nn.Parameter]]:
+    recurse = kind in ("attention", "rnn")
+    return [(n, p) for n, p in module.named_parameters(recurse=recurse) if p.requires_grad]
+
+
+def _detach(obj: Any) -> Any:
+    return _map_tensors(obj, lambda t: t.detach())
+
+
+def _map_tensors(obj: Any, fn: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(x, fn) for x in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(x, fn) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
