@@ -304,3 +304,42 @@ def test_only_the_models_forward_is_watched_for_outside_uses(tmp_path) -> None:
     train(tmp_path, "trainer.max_steps=2", "instrument=none",
           callbacks=[per_sample, TouchesParameters()])  # fmt: skip
     assert per_sample.coverage() == 1.0
+
+
+def _func_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample ‖∇ℓᵢ‖² of ⟨gᵢ, module(aᵢ)⟩ over the module's parameters, by torch.func."""
+    params = {n: p.detach() for n, p in module.named_parameters()}
+
+    def inner(p, ai, gi):
+        return (functional_call(module, p, (ai.unsqueeze(0),)) * gi.unsqueeze(0)).sum()
+
+    per = vmap(grad(inner), in_dims=(None, 0, 0))(params, a, g)
+    return sum(v.pow(2).reshape(a.shape[0], -1).sum(1) for v in per.values())
+
+
+@pytest.mark.parametrize(
+    ("vocab", "dim", "t", "padding_idx"),
+    [(11, 8, 5, None), (11, 8, 5, 3), (4, 3, 9, None), (4, 3, 9, 0)],  # Gram, scattered forms
+)
+def test_embedding_closed_form_equals_torch_func(vocab, dim, t, padding_idx) -> None:
+    from trainer.instrument.per_sample import embedding_sq_norms
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(vocab, dim, padding_idx=padding_idx).double()
+    idx = torch.randint(0, vocab, (B, t))
+    g = torch.randn(B, t, dim, dtype=torch.float64)
+    torch.testing.assert_close(embedding_sq_norms(emb, idx, g), _func_sq_norms(emb, idx, g))
+
+
+@pytest.mark.parametrize("shape", [(8,), (3, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_closed_form_equals_torch_func(shape, bias) -> None:
+    from trainer.instrument.per_sample import layer_norm_sq_norms
+
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(shape, bias=bias).double()
+    with torch.no_grad():  # not the identity initialization
+        norm.weight.normal_()
+    a = torch.randn(B, T, *shape, dtype=torch.float64)
+    g = torch.randn(B, T, *shape, dtype=torch.float64)
+    torch.testing.assert_close(layer_norm_sq_norms(norm, a, g), _func_sq_norms(norm, a, g))

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
@@ -128,6 +129,40 @@ def conv_sq_norms(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> Tensor
     return sq
 
 
+def layer_norm_sq_norms(module: nn.LayerNorm, a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample ‖∇ℓᵢ‖² over a LayerNorm's weight γ and bias β, (B,): with x̂ the input
+    normalized over ``normalized_shape``, ∇γ ℓᵢ = Σ_t gᵢₜ ⊙ x̂ᵢₜ and ∇β ℓᵢ = Σ_t gᵢₜ."""
+    shape = tuple(module.normalized_shape)
+    dims = tuple(range(-len(shape), 0))
+    b = a.shape[0]
+    sq = torch.zeros(b, dtype=g.dtype, device=g.device)
+    if module.weight is not None and module.weight.requires_grad:
+        var, mean = torch.var_mean(a, dim=dims, unbiased=False, keepdim=True)
+        x_hat = (a - mean) * torch.rsqrt(var + module.eps)
+        sq = sq + (g * x_hat).reshape(b, -1, *shape).sum(1).pow(2).reshape(b, -1).sum(1)
+    if module.bias is not None and module.bias.requires_grad:
+        sq = sq + g.reshape(b, -1, *shape).sum(1).pow(2).reshape(b, -1).sum(1)
+    return sq
+
+
+def embedding_sq_norms(module: nn.Embedding, idx: Tensor, g: Tensor) -> Tensor:
+    """Per-sample ‖∇ℓᵢ‖² over an Embedding's table, (B,): row v of sample i's gradient is the
+    sum of gᵢₜ over its positions t holding token v (none for ``padding_idx``), so the squared
+    norm is Σ_{t,s} [idx_t = idx_s] (g_t·g_s) (cost T² per sample), or, when the table is
+    smaller than T², the squared norm of the scattered per-sample gradient."""
+    b = idx.shape[0]
+    i = idx.reshape(b, -1)
+    gg = g.reshape(b, i.shape[1], -1)
+    if module.padding_idx is not None:
+        gg = gg * (i != module.padding_idx).unsqueeze(-1).to(gg.dtype)
+    t, (v, d) = i.shape[1], module.weight.shape
+    if t * t <= v * d:  # the Gram form
+        same = (i.unsqueeze(2) == i.unsqueeze(1)).to(gg.dtype)
+        return (same * (gg @ gg.transpose(1, 2))).sum(dim=(1, 2))
+    table = gg.new_zeros(b, v, d).scatter_add_(1, i.unsqueeze(-1).expand(-1, -1, d), gg)
+    return table.pow(2).sum(dim=(1, 2))
+
+
 def sample_coefficients(c: Tensor) -> Tensor:
     """One coefficient per sample, (B,), from the loss elements' coefficients.
 
@@ -192,7 +227,9 @@ def _unit_kind(module: nn.Module) -> str:
         return "attention"
     if isinstance(module, nn.RNNBase):
         return "rnn"
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm)):
+        return "closed"
+    if isinstance(module, nn.Embedding) and not module.scale_grad_by_freq:
         return "closed"
     return "func"
 
@@ -465,11 +502,15 @@ class PerSampleNorms(Callback):
             # float16/bfloat16 under autocast (and GradScaler-scaled): square in float32
             low = g.dtype in (torch.float16, torch.bfloat16)
             g = g.detach().float() if low else g.detach()
-            a = call.args[0].to(g.dtype)
-            if isinstance(module, nn.Linear):
-                sq = linear_sq_norms(module, a, g)
+            a = call.args[0]
+            if isinstance(module, nn.Embedding):
+                sq = embedding_sq_norms(module, a, g)
+            elif isinstance(module, nn.LayerNorm):
+                sq = layer_norm_sq_norms(module, a.to(g.dtype), g)
+            elif isinstance(module, nn.Linear):
+                sq = linear_sq_norms(module, a.to(g.dtype), g)
             else:
-                sq = conv_sq_norms(module, a, g)  # type: ignore[arg-type]
+                sq = conv_sq_norms(module, a.to(g.dtype), g)  # type: ignore[arg-type]
             self._add(sq.float())
             self._captured.add(module)
             call.grads.clear()  # done: nothing left for after the backward
@@ -506,6 +547,8 @@ class PerSampleNorms(Callback):
             self._batch,  # type: ignore[arg-type]
         )
         assert isinstance(layout, _Layout)
+        if self._kind[module] == "attention":
+            return self._attention_vmap(call, params, bound, layout)
         out: dict[str, list[Tensor]] = {n: [] for n in params}
         leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
         for i in range(self._batch):
@@ -534,6 +577,38 @@ class PerSampleNorms(Callback):
             for n, x in zip(names, grads, strict=True):
                 out[n].append(x)
         return {n: torch.stack(v) for n, v in out.items()}
+
+    def _attention_vmap(
+        self, call: _Call, params: dict[str, Tensor], bound: dict[str, Any], layout: _Layout
+    ) -> dict[str, Tensor]:
+        """Attention's per-sample gradients in one ``vmap(grad(...))`` over the samples, each
+        seen unbatched by the module; the math attention kernel, which has batching rules."""
+        module = call.unit
+        keys = [k for k in layout.args if isinstance(bound.get(k), Tensor)]
+        xs, x_dims = [], []
+        for k in keys:
+            t, (dim, group) = bound[k], layout.args[k]
+            if group > 1:  # (B · heads, L, S) -> (B, heads, L, S)
+                t = t.reshape(-1, group, *t.shape[1:])
+            xs.append(t)
+            x_dims.append(dim)
+        got = sorted(call.grads)
+        if not got:  # no gradient reached its outputs: no per-sample gradient either
+            return {n: p.new_zeros(self._batch, *p.shape) for n, p in params.items()}
+        gs = [call.grads[k] for k in got]
+        leaves = {n: p.detach() for n, p in params.items()}
+        fixed = {k: v for k, v in bound.items() if k not in keys}
+
+        def inner(p: dict[str, Tensor], *tensors: Tensor) -> Tensor:
+            kwargs = {**fixed, **dict(zip(keys, tensors[: len(keys)], strict=True))}
+            outs = _tensors(functional_call(module, p, (), kwargs))
+            grads = tensors[len(keys) :]
+            parts = [(outs[k] * g.to(outs[k].dtype)).sum() for k, g in zip(got, grads, strict=True)]
+            return torch.stack(parts).sum()
+
+        dims = (None, *x_dims, *[call.dims[k] for k in got])
+        with sdpa_kernel(SDPBackend.MATH):
+            return vmap(grad(inner), in_dims=dims)(leaves, *xs, *gs)
 
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
