@@ -8,6 +8,7 @@ in a warning, and the norm exact over the parameters it covers. Scalar and vecto
 from __future__ import annotations
 
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -159,9 +160,9 @@ MODELS = {
 }
 
 
-def measure(model: nn.Module, x, y, weights=None):
+def measure(model: nn.Module, x, y, weights=None, cb=None):
     """One measured step of PerSampleNorms by hand (as the loop drives it)."""
-    cb = PerSampleNorms(1, loss="both")
+    cb = cb if cb is not None else PerSampleNorms(1, loss="both")
     staged: dict = {}
     trainer = SimpleNamespace(
         model=model, global_step=0, scaler=None, logger=None, window=Window(x.shape[0]),
@@ -169,7 +170,9 @@ def measure(model: nn.Module, x, y, weights=None):
         world=SINGLE, stage_scalars=staged.update,
         stage_histogram=lambda tag, v: staged.update({tag: host_histogram(v.tolist())}),
     )  # fmt: skip
-    cb.on_fit_start(trainer)
+    if not cb.units:
+        cb.on_fit_start(trainer)
+    model.zero_grad(set_to_none=True)
     batch = Batch(x, y, torch.arange(x.shape[0]))
     cb.on_train_batch_start(trainer, batch)
     losses = F.cross_entropy(model(x), y, reduction="none")
@@ -343,3 +346,57 @@ def test_layer_norm_closed_form_equals_torch_func(shape, bias) -> None:
     a = torch.randn(B, T, *shape, dtype=torch.float64)
     g = torch.randn(B, T, *shape, dtype=torch.float64)
     torch.testing.assert_close(layer_norm_sq_norms(norm, a, g), _func_sq_norms(norm, a, g))
+
+
+def brute_force_noise(model: nn.Module, x, y, skip: set[str] = frozenset()) -> tuple:
+    """(tr Σ, |G|², B_simple) from every sample's full gradient, over the parameters not under
+    a ``skip`` prefix: tr Σ = Σᵢ‖gᵢ − ḡ‖² / (n − 1), |G|² = ‖ḡ‖² − tr Σ / n."""
+    kept = [p for n, p in model.named_parameters() if n.split(".")[0] not in skip]
+    per = []
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        per.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, kept)]))
+    g = torch.stack(per)  # (n, P)
+    n, mean = g.shape[0], g.mean(0)
+    trace = (g - mean).pow(2).sum() / (n - 1)
+    signal = mean.pow(2).sum() - trace / n
+    return trace, signal, trace / signal
+
+
+@pytest.mark.parametrize("kind", ["transformer_layer", "functional_weight", "lstm"])
+@pytest.mark.parametrize("mode", ["scalar", "vector-uniform"])
+def test_the_noise_scale_equals_the_brute_force_estimate(kind, mode) -> None:
+    make, reduced = MODELS[kind]
+    torch.manual_seed(0)
+    model = make().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (B, T), generator=g)
+    y = torch.randint(0, 3, (B,), generator=g)
+    weights = torch.full((B,), 1 / B, dtype=torch.float64) if mode != "scalar" else None
+    skip = reduced[0] if reduced else set()  # over the covered parameters only
+    trace, signal, scale = brute_force_noise(copy.deepcopy(model), x, y, skip)
+    _, staged = measure(model, x, y, weights)
+    # float32 accumulation of the squared norms (eps 6e-8) on values of this size
+    assert staged["per_sample/grad_var_trace"] == pytest.approx(float(trace), rel=1e-5)
+    assert staged["per_sample/grad_signal"] == pytest.approx(float(signal), rel=1e-4)
+    assert staged["per_sample/noise_scale"] == pytest.approx(float(scale), rel=1e-4)
+
+
+def test_the_noise_scale_is_nan_with_unequal_weights_and_its_ema_skips_it() -> None:
+    torch.manual_seed(0)
+    model = Encoder().double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g))
+               for _ in range(3)]  # fmt: skip
+    cb = PerSampleNorms(1, loss="both", noise_ema=0.75)
+    first = brute_force_noise(copy.deepcopy(model), *batches[0])
+    _, s1 = measure(model, *batches[0], cb=cb)
+    unequal = torch.tensor([0.3, 0.1, 0.1, 0.25, 0.05, 0.2], dtype=torch.float64)
+    _, s2 = measure(model, *batches[1], weights=unequal, cb=cb)  # no estimate: NaN, EMA kept
+    assert math.isnan(s2["per_sample/noise_scale"])
+    assert s2["per_sample/noise_scale_ema"] == pytest.approx(float(first[2]), rel=1e-4)
+    third = brute_force_noise(copy.deepcopy(model), *batches[2])
+    _, s3 = measure(model, *batches[2], cb=cb)
+    trace = 0.75 * first[0] + 0.25 * third[0]
+    signal = 0.75 * first[1] + 0.25 * third[1]
+    assert s3["per_sample/noise_scale_ema"] == pytest.approx(float(trace / signal), rel=1e-4)

@@ -684,11 +684,14 @@ class PerSampleConfig:
     #: ``unweighted``: ‖∇θ ℓᵢ‖ (per_sample/grad_norm); ``weighted``: ‖∇θ(wᵢℓᵢ)‖, each sample's
     #: share of the step's gradient (per_sample/weighted_grad_norm; scalar mode: wᵢ = 1/N); ``both``
     loss: str = "unweighted"
+    #: the decay of the EMAs behind per_sample/noise_scale_ema (of tr(Σ) and |G|² separately)
+    noise_ema: float = 0.9
 
     def __post_init__(self) -> None:
         key = "instrument.per_sample."
         _check(self.every_n_steps >= 0, key + "every_n_steps", "must be >= 0 (0: off)")
         _one_of(self.loss, PER_SAMPLE_LOSSES, key + "loss")
+        _check(0 <= self.noise_ema < 1, key + "noise_ema", "must be in [0, 1)")
 
 
 NONFINITE_POLICIES = ("off", "raise", "skip")

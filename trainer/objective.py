@@ -274,14 +274,20 @@ class Objective:
         return penalty
 
     # ------------------------------------------------------------------ what a logging step reads
-    def split_norms(self) -> dict[str, Tensor]:
-        """grad_norm/reg from the regularizers' analytic gradients (and the input penalty's,
-        taken on logging windows), grad_norm/data = the rest of the total gradient."""
-        # the input penalty's gradient: data-parallel, the sum of the ranks' parts
+    def reg_grads(self) -> dict[int, Tensor]:
+        """The regularizers' part of each regularized parameter's gradient (``id(p)`` -> it):
+        the parameter regularizers' analytic gradients and the input penalty's, taken on
+        logging windows (data-parallel, summed over the ranks: a collective)."""
         reg_grad: dict[int, Tensor] = {k: all_reduce_sum(g) for k, g in self._penalty_grads.items()}
         for r in self.regularizers:
             for p, g in zip(r.params, r.grad(), strict=True):
                 reg_grad[id(p)] = reg_grad[id(p)] + g if id(p) in reg_grad else g
+        return reg_grad
+
+    def split_norms(self) -> dict[str, Tensor]:
+        """grad_norm/reg from the regularizers' analytic gradients (and the input penalty's,
+        taken on logging windows), grad_norm/data = the rest of the total gradient."""
+        reg_grad = self.reg_grads()
         data = [
             p.grad - reg_grad[id(p)] if id(p) in reg_grad else p.grad
             for p in self.params

@@ -293,14 +293,25 @@ class PerSampleNorms(Callback):
     Steps it does not measure run without hooks.
     """
 
-    def __init__(self, every_n_steps: int, loss: str = "unweighted", bins: int = 64):
+    def __init__(
+        self,
+        every_n_steps: int,
+        loss: str = "unweighted",
+        bins: int = 64,
+        noise_ema: float = 0.9,
+    ):
         if every_n_steps < 1:
             raise ValueError(
                 f"instrument.per_sample.every_n_steps: got {every_n_steps}, must be >= 1"
             )
         if loss not in ("weighted", "unweighted", "both"):
             raise ValueError(f"instrument.per_sample.loss: got {loss!r}")
+        if not 0 <= noise_ema < 1:
+            raise ValueError(f"instrument.per_sample.noise_ema: got {noise_ema}, must be in [0, 1)")
         self.every, self.loss, self.bins = Every(every_n_steps), loss, bins
+        self.noise_ema = noise_ema
+        #: the EMAs of the unbiased tr(Σ) and |G|² estimates (McCandlish et al. 2018, app. A)
+        self._ema: Tensor | None = None
         #: (name, module, parameters it covers, kind) per unit
         self.units: list[tuple[str, nn.Module, list[nn.Parameter], str]] = []
         #: id(parameter) -> the units it is registered in (two for a tied weight)
@@ -725,9 +736,50 @@ class PerSampleNorms(Callback):
             )
             series["per_sample/grad_norm"] = unweighted
         self.last = series
+        values.update(self._noise_scale(trainer, root, w))
         trainer.stage_scalars(values)
         for tag, v in series.items():  # histogram, _mean and _max from the step's one host read
             trainer.stage_histogram(tag, v)
+
+    def _noise_scale(self, trainer: Trainer, root: Tensor, w: Tensor) -> dict[str, Tensor]:
+        """The gradient noise scale B_simple = tr(Σ) / |G|² of the step's samples (module
+        docstring), on the device; NaN where their coefficients are not all equal."""
+        n = root.numel()
+        covered = {id(p): p for name, _, own, _ in self.units if name not in self._excluded
+                   for p in own}  # fmt: skip
+        reg = trainer.objective.reg_grads() if trainer.objective.has_regularizers else {}
+        data = [p.grad - reg[id(p)] if id(p) in reg else p.grad
+                for p in covered.values() if p.grad is not None]  # fmt: skip
+        if n < 2 or not data:
+            return {}
+        step_sq = torch.stack(torch._foreach_norm(data)).float().pow(2).sum()  # |G_step|²
+        w_max = w.amax()  # root = wᵢ‖gᵢ‖ (data-parallel, wᵢ carries DDP's factor W)
+        uniform = (w.amin() == w_max) & (w_max > 0)  # False with a NaN coefficient
+        per_sq = (root / w_max.clamp_min(torch.finfo(w.dtype).tiny)).pow(2)  # ‖gᵢ‖² if uniform
+        mean_sq = per_sq.mean()  # (1/n) Σ ‖gᵢ‖²
+        c = w_max / trainer.world.size  # the samples' coefficient in the (averaged) gradient
+        batch_sq = step_sq / (n * c).pow(2)  # ‖(1/n) Σ gᵢ‖²
+        trace = (mean_sq - batch_sq) * (n / (n - 1))  # unbiased tr(Σ)
+        signal = batch_sq - trace / n  # unbiased |G|²
+        nan = torch.full_like(trace, torch.nan)
+        estimate = torch.where(uniform, torch.stack([trace, signal]), nan)
+        if self._ema is None:
+            self._ema = estimate
+        else:  # a step without an estimate (NaN) leaves the averages as they were
+            mixed = self.noise_ema * self._ema + (1 - self.noise_ema) * estimate
+            self._ema = torch.where(torch.isfinite(estimate), mixed, self._ema)
+        return {
+            "per_sample/grad_var_trace": estimate[0],
+            "per_sample/grad_signal": estimate[1],
+            "per_sample/noise_scale": estimate[0] / estimate[1],
+            "per_sample/noise_scale_ema": self._ema[0] / self._ema[1],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"noise_ema": self._ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._ema = state["noise_ema"]
 
     def coverage(self) -> float:
         """The share of trainable parameter elements whose per-sample part was captured."""
