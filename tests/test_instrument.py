@@ -416,6 +416,8 @@ def test_instrument_full_writes_every_documented_tag(tmp_path) -> None:
         "weights/max", "per_sample/grad_norm_mean", "per_sample/grad_norm_max",
         "per_sample/weighted_grad_norm_mean", "per_sample/weighted_grad_norm_max",
         "per_sample/coverage", "curvature/top_eig", "curvature/trace",
+        "per_sample/noise_scale", "per_sample/noise_scale_ema", "per_sample/grad_var_trace",
+        "per_sample/grad_signal", "grad_agreement/consecutive", "grad_agreement/data_reg",
         *(f"{kind}/{n}" for kind in ("grad_norm", "param_norm", "update_ratio") for n in names),
     }  # fmt: skip
     assert expected_scalars <= scalars, expected_scalars - scalars
@@ -499,3 +501,59 @@ def test_instruments_are_built_from_their_target_like_user_callbacks(tmp_path) -
     cfg = make_cfg(f"instrument.norms._target_={__name__}._EveryOnly")
     with pytest.raises(ConfigError, match=r"instrument\.norms\.param_norm: .*_EveryOnly"):
         build_callbacks(validate(cfg).instrument)
+
+
+def test_gradient_agreement_cosines_against_the_captured_gradients(tmp_path) -> None:
+    """grad_agreement/consecutive = cos(G_t, G_{t-1}) and grad_agreement/data_reg = cos(G − λθ,
+    λθ) in the whole parameter space for the l2 regularizer (½λ‖θ‖² on weights with ndim ≥ 2,
+    0 elsewhere), from gradients and weights captured at the measuring point."""
+    seen: dict[int, tuple] = {}
+
+    class Capture(Callback):
+        def on_before_optimizer_step(self, trainer, optimizer) -> None:
+            seen[trainer.global_step] = (
+                [p.grad.detach().double().clone() for p in trainer.params],
+                [p.detach().double().clone() for p in trainer.params],
+            )
+
+    coef = 0.05
+    train(tmp_path, "trainer.max_steps=6", "instrument.norms.every_n_steps=2",
+          "instrument.norms.agreement=true", "regularizer=[l2]", f"regularizer.l2.coef={coef}",
+          "logging.every_n_steps=3", callbacks=[Capture()])  # fmt: skip
+    s = read_scalars(tmp_path)
+
+    def cos(a, b):
+        a, b = torch.cat([x.flatten() for x in a]), torch.cat([x.flatten() for x in b])
+        return float(a @ b / (a.norm() * b.norm()))
+
+    assert [st for st, _ in s["grad_agreement/consecutive"]] == [2, 4, 6]
+    for step, value in s["grad_agreement/consecutive"]:
+        assert value == pytest.approx(cos(seen[step][0], seen[step - 1][0]), rel=1e-5, abs=1e-6)
+    assert [st for st, _ in s["grad_agreement/data_reg"]] == [2, 4, 6]
+    for step, value in s["grad_agreement/data_reg"]:
+        grads, weights = seen[step]
+        reg = [coef * w if w.dim() >= 2 else torch.zeros_like(w) for w in weights]
+        data = [g - r for g, r in zip(grads, reg, strict=True)]
+        expected = cos(data, reg)  # in the whole parameter space
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_a_resumed_run_logs_the_same_agreement_and_noise_scale_ema(tmp_path) -> None:
+    """The state these statistics carry between steps (the gradients kept for the next
+    measuring step's cosine, the noise scale's EMAs) is checkpointed: resumed from step 3 (the
+    step before a measuring one, and between two EMA updates), the run logs what the
+    uninterrupted one logged."""
+    import shutil
+
+    common = ("trainer.max_steps=8", "trainer.checkpoint.every_n_steps=3",
+              "instrument.norms.every_n_steps=4", "instrument.norms.agreement=true",
+              "instrument.per_sample.every_n_steps=2", "logging.every_n_steps=4")  # fmt: skip
+    train(tmp_path / "a", *common)
+    saved = tmp_path / "saved" / "step3.pt"  # outside a checkpoints/ folder: a new run dir
+    saved.parent.mkdir()
+    shutil.copy(tmp_path / "a" / "checkpoints" / "step_000000003.pt", saved)
+    train(tmp_path / "b", *common, f"trainer.resume={saved}")
+    a, b = read_scalars(tmp_path / "a"), read_scalars(tmp_path / "b")
+    for tag in ("grad_agreement/consecutive", "per_sample/noise_scale_ema"):
+        after = [(s, v) for s, v in a[tag] if s > 3]
+        assert after and b[tag] == after, tag

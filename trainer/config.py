@@ -632,8 +632,12 @@ class NormsConfig:
     every_n_steps: int = 10
     #: ... param_norm/<param> (the weights the step updates) ...
     param_norm: bool = True
-    #: ... and update_ratio/<param> = ‖Δθ‖/‖θ‖ of the step (copies the weights on those steps)
+    #: ... and update_ratio/<param> = ‖Δθ‖/‖θ‖ of the step (copies the weights on those steps);
+    #: grad_agreement/consecutive and /data_reg, cosines between the step's gradient and the
+    #: previous step's, and between the data and regularizer gradients (one copy of the
+    #: gradients kept from the step before each measuring step)
     update_ratio: bool = True
+    agreement: bool = False
 
     def __post_init__(self) -> None:
         _check(self.every_n_steps >= 0, "instrument.norms.every_n_steps", "must be >= 0 (0: off)")

@@ -8,7 +8,7 @@ with the step's other scalars in a single transfer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -31,19 +31,41 @@ class Norms(Callback):
     * ``update_ratio/<param>``: ‖θ_after − θ_before‖₂ / ‖θ_before‖₂ of the step just taken; it
       copies the weights on measuring steps only (one transient copy of the parameters). A
       step the non-finite guard skipped logs 0.
+    * with ``agreement``: ``grad_agreement/consecutive``, the cosine between this step's
+      gradient and the previous step's (both as the optimizer receives them, before clipping;
+      the step before each measuring step keeps one copy of the gradients until it), and
+      ``grad_agreement/data_reg``, the cosine between the data loss's gradient and the
+      regularizers' (their analytic gradients; with the input-gradient penalty, whose gradient
+      is taken on logging steps, on logging steps only). Negative: they pull apart.
     """
 
-    def __init__(self, every_n_steps: int, param_norm: bool = True, update_ratio: bool = True):
+    def __init__(
+        self,
+        every_n_steps: int,
+        param_norm: bool = True,
+        update_ratio: bool = True,
+        agreement: bool = False,
+    ):
         if every_n_steps < 1:
             raise ValueError(f"instrument.norms.every_n_steps: got {every_n_steps}, must be >= 1")
         self.every = Every(every_n_steps)
         self.param_norm, self.update_ratio = param_norm, update_ratio
+        self.agreement = agreement
+        #: the previous step's gradients (id(param) -> copy), kept from the step before a
+        #: measuring step until it
+        self._previous: dict[int, Tensor] | None = None
+        self._pending: dict[int, Tensor] | None = None
+        self._positions: dict[int, int] = {}
         self._before: list[Tensor] | None = None
         self._before_norms: Tensor | None = None
         self._tags: dict[str, tuple[str, ...]] = {}
         self._one_group = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        self._positions = {id(p): i for i, p in enumerate(trainer.params)}
+        if self._pending is not None:  # a resumed run's kept gradients
+            self._previous = {id(trainer.params[i]): g for i, g in self._pending.items()}
+            self._pending = None
         # get_total_norm sums per (device, dtype) group: with one group its total is the 2-norm
         # of these per-parameter norms bit for bit, so the trainer may reuse them
         self._one_group = len({(p.device, p.dtype) for p in trainer.params}) == 1
@@ -51,6 +73,8 @@ class Norms(Callback):
             self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        if self.agreement:
+            self._agreement(trainer)
         if not self.every.due(trainer.global_step):
             return
         trainer.measure_clipped_norm = True
@@ -73,6 +97,44 @@ class Norms(Callback):
                 self._before = [w.clone() for w in weights]
                 self._before_norms = norms
 
+    def _agreement(self, trainer: Trainer) -> None:
+        with_grad = [p for p in trainer.params if p.grad is not None]
+        if self.every.due(trainer.global_step):
+            values: dict[str, Tensor] = {}
+            previous, self._previous = self._previous, None
+            if previous is not None:
+                both = [p for p in with_grad if id(p) in previous]
+                if both:
+                    values["grad_agreement/consecutive"] = _cosine(
+                        [p.grad for p in both],
+                        [previous[id(p)] for p in both],  # type: ignore[misc]
+                    )
+            objective = trainer.objective
+            penalty_known = objective.input_penalty is None or trainer.logging_step
+            if objective.has_regularizers and penalty_known:
+                reg = objective.reg_grads()
+                if reg:  # in the whole parameter space (0 where nothing regularizes)
+                    data = [p.grad - reg[id(p)] if id(p) in reg else p.grad for p in with_grad]
+                    regs = [reg.get(id(p), torch.zeros_like(p)) for p in with_grad]
+                    values["grad_agreement/data_reg"] = _cosine(data, regs)  # type: ignore[arg-type]
+            trainer.stage_scalars(values)
+        if self.every.due_next(trainer.global_step):  # the next step measures: keep this one's
+            self._previous = {id(p): p.grad.detach().clone() for p in with_grad}  # type: ignore[union-attr]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The kept gradients (between a step and the measuring step after it), by position in
+        the trainer's parameters: a resumed run measures the same cosine."""
+        return {"previous": self._previous_by_position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state.get("previous")  # mapped to the parameters in on_fit_start
+
+    @property
+    def _previous_by_position(self) -> dict[int, Tensor] | None:
+        if self._previous is None:
+            return None
+        return {self._positions[k]: g for k, g in self._previous.items()}
+
     def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         if self._before is None:
             return
@@ -85,3 +147,12 @@ class Norms(Callback):
             torch.finfo(before_norms.dtype).tiny
         )
         trainer.stage_scalars({self._tags["update_ratio"]: ratios})
+
+
+def _cosine(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """cos(a, b) of two gradients given as lists of tensors (0-d, on the device; 0 if either
+    is 0)."""
+    dot = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
+    na = torch.stack(torch._foreach_norm(a)).double().norm()
+    nb = torch.stack(torch._foreach_norm(b)).double().norm()
+    return (dot / (na * nb).clamp_min(torch.finfo(torch.float64).tiny)).float()
