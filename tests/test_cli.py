@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import ROOT, in_background, read_scalars
 
@@ -91,3 +92,26 @@ def test_bench_times_the_trainer_a_plain_loop_and_variants(background) -> None:
     assert math.isfinite(result["ratio_median"]) and result["ratio_median"] > 0
     variant = result["variants"]["loss.mode=vector weighting=focal"]
     assert len(variant["vs_trainer_per_round"]) == 2 and variant["s"] > 0
+
+
+def _noise_study(path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "noise_scale.py"), "--batch-sizes", "32", "128",
+         "--lrs", "0.4", "--target", "0.5", "--max-steps", "400", "--out", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return proc, path
+
+
+@in_background(_noise_study)
+def test_the_noise_scale_study_fits_its_curve_and_reads_the_instrument(background) -> None:
+    proc, out = background
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "noise_scale.json").read_text())
+    best = {r["batch_size"]: r for r in result["best"]}
+    assert sorted(best) == [32, 128] and all(r["steps"] for r in best.values())
+    s_min, b_noise = result["fit"]["s_min"], result["fit"]["b_noise"]
+    for b, r in best.items():  # two points: the fitted curve passes through both
+        assert s_min * (1 + b_noise / b) == pytest.approx(r["steps"], rel=1e-9)
+        assert math.isfinite(r["b_simple"])  # the instrument's estimate, read from the run
+    assert (out / "noise_scale.png").stat().st_size > 0

@@ -1,0 +1,135 @@
+"""Steps to a target loss against the batch size, and the gradient noise scale measured on the way.
+
+The worked example of docs/instrumentation.md: for each batch size, the digits MLP trains with
+plain SGD at each learning rate of a grid until the EMA of its training loss reaches the target;
+the fewest steps over the grid is S(B). McCandlish et al. (2018) predict
+S(B) = S_min (1 + B_noise / B): steps halve with each doubling of the batch while B << B_noise and
+stop improving once B >> B_noise. The fit of that curve to the measured S(B) gives B_noise; the
+trainer's own ``per_sample/noise_scale_ema`` (B_simple), read at the step each run reached the
+target, is the estimate the instrument gives without any of these runs.
+
+    python scripts/noise_scale.py                       # writes outputs/noise_scale/
+    python scripts/noise_scale.py --batch-sizes 16 64 256 --lrs 0.1 0.4 --target 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from trainer.callbacks import Callback
+from trainer.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StopAtTarget(Callback):
+    """Ends training once the EMA (decay 0.9) of the step's mean training loss is at or below
+    ``target`` (a host read per step: fine for a study, not for training)."""
+
+    def __init__(self, target: float):
+        self.target, self.ema, self.reached = target, None, None
+
+    def on_train_step_end(self, trainer, out) -> None:
+        loss = float(out.losses.float().mean())  # host sync: every step (a study)
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        if self.reached is None and self.ema <= self.target:
+            self.reached = out.step
+            trainer.max_steps = out.step  # the loop ends after this step
+
+
+def last_value(run_dir: Path, tag: str, until: int) -> float:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    values = [e.value for e in acc.Scalars(tag) if e.step <= until] if tag in acc.Tags()[
+        "scalars"] else []  # fmt: skip
+    finite = [v for v in values if math.isfinite(v)]
+    return finite[-1] if finite else math.nan
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
+    p.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.2, 0.4, 0.8, 1.6, 3.2])
+    p.add_argument("--target", type=float, default=0.1, help="train-loss EMA to reach")
+    p.add_argument("--max-steps", type=int, default=4000)
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "noise_scale")
+    args = p.parse_args()
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    rows = []
+    for b in args.batch_sizes:
+        for lr in args.lrs:
+            overrides = [
+                "trainer.device=cpu", "logging.progress=false", f"data.batch_size={b}",
+                "optimizer=sgd", "optimizer.momentum=0", f"optimizer.lr={lr}", "scheduler=none",
+                "trainer.max_epochs=100000", f"trainer.max_steps={args.max_steps}",
+                "instrument=none", "instrument.per_sample.every_n_steps=5",
+                "logging.every_n_steps=5", "trainer.checkpoint.every_n_steps=0",
+            ]  # fmt: skip
+            with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+                cfg = compose("train", overrides=overrides)
+            run_dir = args.out / f"b{b}_lr{lr}"
+            stop = StopAtTarget(args.target)
+            run(cfg, run_dir, callbacks=[stop])
+            noise = last_value(run_dir, "per_sample/noise_scale_ema", stop.reached or 0)
+            rows.append({"batch_size": b, "lr": lr, "steps": stop.reached, "b_simple": noise})
+            print(f"B={b:4d} lr={lr:<5} steps to target: {stop.reached}  B_simple {noise:.1f}")
+    best = {}
+    for r in rows:
+        if r["steps"] is not None and (
+            r["batch_size"] not in best or r["steps"] < best[r["batch_size"]]["steps"]
+        ):
+            best[r["batch_size"]] = r
+    bs = sorted(best)
+    if len(bs) < 2:
+        raise SystemExit("fewer than two batch sizes reached the target; raise --max-steps")
+    # S(B) = S_min + S_min·B_noise · (1/B): least squares in 1/B
+    x = torch.tensor([1 / b for b in bs], dtype=torch.float64)
+    y = torch.tensor([float(best[b]["steps"]) for b in bs], dtype=torch.float64)
+    slope, intercept = (
+        torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y.unsqueeze(1))
+        .solution.flatten()
+        .tolist()
+    )
+    s_min, b_noise = intercept, slope / intercept
+    b_simple = statistics.median(best[b]["b_simple"] for b in bs)
+    summary = {
+        "target": args.target,
+        "runs": rows,
+        "best": [best[b] for b in bs],
+        "fit": {"s_min": s_min, "b_noise": b_noise},
+        "b_simple_median": b_simple,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "noise_scale.json").write_text(json.dumps(summary, indent=2))
+    print(f"fit: S_min {s_min:.1f} steps, B_noise {b_noise:.1f}; measured B_simple {b_simple:.1f}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.loglog(bs, [best[b]["steps"] for b in bs], "o", label="steps to target (best lr)")
+    grid = torch.logspace(math.log10(bs[0]), math.log10(bs[-1]), 100).tolist()
+    ax.loglog(grid, [s_min * (1 + b_noise / g) for g in grid], "-",
+              label=f"S_min(1 + B_noise/B), B_noise = {b_noise:.0f}")  # fmt: skip
+    ax.axvline(b_simple, color="C2", ls="--", label=f"B_simple (instrument) = {b_simple:.0f}")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(f"optimizer steps to train-loss EMA {args.target}")
+    ax.set_title("digits / MLP, SGD")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "noise_scale.png", dpi=120)
+    print(f"wrote {args.out / 'noise_scale.png'} and noise_scale.json")
+
+
+if __name__ == "__main__":
+    main()
