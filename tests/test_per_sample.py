@@ -160,6 +160,14 @@ MODELS = {
 }
 
 
+def _expand(values: dict) -> dict:
+    """Staged scalars with a tuple of tags mapped to a 1-D tensor, one tag each."""
+    out = {}
+    for tag, v in values.items():
+        out.update(zip(tag, v.tolist(), strict=True) if isinstance(tag, tuple) else {tag: v})
+    return out
+
+
 def measure(model: nn.Module, x, y, weights=None, cb=None):
     """One measured step of PerSampleNorms by hand (as the loop drives it)."""
     cb = cb if cb is not None else PerSampleNorms(1, loss="both")
@@ -167,7 +175,7 @@ def measure(model: nn.Module, x, y, weights=None, cb=None):
     trainer = SimpleNamespace(
         model=model, global_step=0, scaler=None, logger=None, window=Window(x.shape[0]),
         objective=Objective(CrossEntropy(), None, (), list(model.parameters())),
-        world=SINGLE, stage_scalars=staged.update,
+        world=SINGLE, stage_scalars=lambda values: staged.update(_expand(values)),
         stage_histogram=lambda tag, v: staged.update({tag: host_histogram(v.tolist())}),
     )  # fmt: skip
     if not cb.units:

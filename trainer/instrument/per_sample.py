@@ -183,6 +183,10 @@ def sample_coefficients(c: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- units and calls
 
+#: the noise-scale scalars (PerSampleNorms._noise_scale), staged as one vector
+NOISE_TAGS = ("per_sample/grad_var_trace", "per_sample/grad_signal", "per_sample/noise_scale",
+              "per_sample/noise_scale_ema")  # fmt: skip
+
 #: materialize at most this many bytes of one parameter's per-sample gradients (B × its size),
 #: which a parameter used more than once per forward needs (tied weights, a layer called twice)
 MATERIALIZE_BYTES = 2**28
@@ -724,7 +728,9 @@ class PerSampleNorms(Callback):
             root, _ = all_gather_cat(root)
             w, _ = all_gather_cat(w)
         weighted = root / trainer.world.size  # the sample's share of the averaged gradient
-        values: dict[str, Tensor | float] = {"per_sample/coverage": self.coverage()}
+        values: dict[str | tuple[str, ...], Tensor | float] = {
+            "per_sample/coverage": self.coverage()
+        }
         series: dict[str, Tensor] = {}
         if self.loss in ("weighted", "both"):
             series["per_sample/weighted_grad_norm"] = weighted
@@ -741,7 +747,9 @@ class PerSampleNorms(Callback):
         for tag, v in series.items():  # histogram, _mean and _max from the step's one host read
             trainer.stage_histogram(tag, v)
 
-    def _noise_scale(self, trainer: Trainer, root: Tensor, w: Tensor) -> dict[str, Tensor]:
+    def _noise_scale(
+        self, trainer: Trainer, root: Tensor, w: Tensor
+    ) -> dict[str | tuple[str, ...], Tensor]:
         """The gradient noise scale B_simple = tr(Σ) / |G|² of the step's samples (module
         docstring), on the device; NaN where their coefficients are not all equal."""
         n = root.numel()
@@ -752,28 +760,24 @@ class PerSampleNorms(Callback):
                 for p in covered.values() if p.grad is not None]  # fmt: skip
         if n < 2 or not data:
             return {}
-        step_sq = torch.stack(torch._foreach_norm(data)).float().pow(2).sum()  # |G_step|²
-        w_max = w.amax()  # root = wᵢ‖gᵢ‖ (data-parallel, wᵢ carries DDP's factor W)
-        uniform = (w.amin() == w_max) & (w_max > 0)  # False with a NaN coefficient
-        per_sq = (root / w_max.clamp_min(torch.finfo(w.dtype).tiny)).pow(2)  # ‖gᵢ‖² if uniform
-        mean_sq = per_sq.mean()  # (1/n) Σ ‖gᵢ‖²
-        c = w_max / trainer.world.size  # the samples' coefficient in the (averaged) gradient
-        batch_sq = step_sq / (n * c).pow(2)  # ‖(1/n) Σ gᵢ‖²
+        step_sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(data))).square()
+        w_min, w_max = torch.aminmax(w)  # root = wᵢ‖gᵢ‖ (data-parallel, wᵢ carries W)
+        uniform = (w_min == w_max) & (w_max > 0)  # False with a NaN coefficient
+        inv = w_max.square().reciprocal()
+        mean_sq = root.square().mean() * inv  # (1/n) Σ ‖gᵢ‖², if the wᵢ are equal
+        # ‖(1/n) Σ gᵢ‖² = |G_step|² / (n c)², c = w / W the samples' coefficient in G_step
+        batch_sq = step_sq.float() * inv * (trainer.world.size / n) ** 2
         trace = (mean_sq - batch_sq) * (n / (n - 1))  # unbiased tr(Σ)
-        signal = batch_sq - trace / n  # unbiased |G|²
-        nan = torch.full_like(trace, torch.nan)
-        estimate = torch.where(uniform, torch.stack([trace, signal]), nan)
+        estimate = torch.stack([trace, batch_sq - trace / n])  # [tr(Σ), unbiased |G|²]
+        estimate = estimate.masked_fill(~uniform, torch.nan)
         if self._ema is None:
             self._ema = estimate
         else:  # a step without an estimate (NaN) leaves the averages as they were
-            mixed = self.noise_ema * self._ema + (1 - self.noise_ema) * estimate
-            self._ema = torch.where(torch.isfinite(estimate), mixed, self._ema)
-        return {
-            "per_sample/grad_var_trace": estimate[0],
-            "per_sample/grad_signal": estimate[1],
-            "per_sample/noise_scale": estimate[0] / estimate[1],
-            "per_sample/noise_scale_ema": self._ema[0] / self._ema[1],
-        }
+            mixed = torch.lerp(estimate, self._ema, self.noise_ema)  # β·ema + (1 − β)·estimate
+            self._ema = torch.where(estimate.isfinite(), mixed, self._ema)
+        both = torch.stack([estimate, self._ema])  # (2, 2)
+        values = torch.cat([estimate, both[:, 0] / both[:, 1]])
+        return {NOISE_TAGS: values}
 
     def state_dict(self) -> dict[str, Any]:
         return {"noise_ema": self._ema}
