@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import final_params, read_scalars, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_per_sample import measure  # one measured step of PerSampleNorms by hand
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from trainer.data.base import Batch
-from trainer.distributed import SINGLE
-from trainer.instrument import NonFiniteError, Norms, PerSampleNorms, histograms
+from trainer.instrument import NonFiniteError, Norms, histograms
 from trainer.instrument.histograms import host_histogram
 from trainer.loop import Callback
-from trainer.losses import CrossEntropy
 from trainer.models.cnn import CNN
 from trainer.models.mlp import MLP
-from trainer.objective import Objective, Window
 
 
 def read_histograms(run_dir) -> dict[str, list]:
@@ -180,34 +176,6 @@ def test_histograms_are_in_the_event_file(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- per-sample norms
-
-
-def measure(model: nn.Module, x, y, weights=None, loss="both"):
-    """Run one measured step of PerSampleNorms by hand; returns its per-sample vectors."""
-    cb = PerSampleNorms(1, loss=loss)
-    trainer = SimpleNamespace(
-        model=model, global_step=0, scaler=None, logger=None, window=Window(x.shape[0]),
-        objective=Objective(CrossEntropy(), None, (), list(model.parameters())),
-        world=SINGLE, stage_scalars=lambda values: staged.update(values),
-        stage_histogram=lambda tag, v: staged.update(
-            {f"{tag}_max": float(v[~torch.isnan(v)].max()), tag: host_histogram(v.tolist())}
-        ),
-    )  # fmt: skip
-    staged: dict = {}
-    cb.on_fit_start(trainer)
-    batch = Batch(x, y, torch.arange(x.shape[0]))
-    cb.on_train_batch_start(trainer, batch)
-    losses = F.cross_entropy(model(x), y, reduction="none")
-    cb.on_before_backward(trainer, batch, losses)
-    if weights is None:
-        losses.mean().backward()
-    else:
-        losses.backward(gradient=weights)
-    cb.on_after_backward(trainer, batch, losses.detach(), weights)
-    trainer.global_step = 1
-    cb.on_before_optimizer_step(trainer, None)
-    assert not cb._handles  # disarmed: no hooks outside measured steps
-    return cb.last, staged
 
 
 def reference_norms(model: nn.Module, x, y) -> torch.Tensor:

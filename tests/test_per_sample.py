@@ -176,7 +176,9 @@ def measure(model: nn.Module, x, y, weights=None, cb=None):
         model=model, global_step=0, scaler=None, logger=None, window=Window(x.shape[0]),
         objective=Objective(CrossEntropy(), None, (), list(model.parameters())),
         world=SINGLE, stage_scalars=lambda values: staged.update(_expand(values)),
-        stage_histogram=lambda tag, v: staged.update({tag: host_histogram(v.tolist())}),
+        stage_histogram=lambda tag, v: staged.update(
+            {f"{tag}_max": float(v[~torch.isnan(v)].max()), tag: host_histogram(v.tolist())}
+        ),
     )  # fmt: skip
     if not cb.units:
         cb.on_fit_start(trainer)
