@@ -196,6 +196,21 @@ class RaggedChars(CharText):
         return train, val
 
 
+class CharLSTM(torch.nn.Module):
+    """Embedding -> 2-layer LSTM (sequence-first) -> next-token logits: a recurrent unit, whose
+    per-sample gradients are recomputed per sequence."""
+
+    def __init__(self, vocab_size: int, in_shape, d_model: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, d_model)
+        self.rnn = torch.nn.LSTM(d_model, d_model, num_layers=2)
+        self.head = torch.nn.Linear(d_model, vocab_size)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.embed(tokens).transpose(0, 1))  # (T, B, d)
+        return self.head(out.transpose(0, 1))
+
+
 TOKENS = (
     "data=chars", f"data._target_={__name__}.RaggedChars", "data.block_size=12",
     "data.stride=12", "model=char_transformer", "model.d_model=16", "model.n_heads=2",
@@ -223,6 +238,8 @@ TOKEN_CASES = {
     # global batch's objective
     "scalar-instruments": MEASURED,
     "vector-uniform-instruments": ("loss.mode=vector", *MEASURED),
+    # a user's recurrent model instead of the Transformer
+    "lstm-instruments": ("~model", f"+model._target_={__name__}.CharLSTM", *MEASURED),
 }
 
 
@@ -231,17 +248,21 @@ def test_per_token_losses_on_two_processes_train_like_one(tmp_path, case) -> Non
     """The window's token count is all-reduced and per-token weights are normalized over the
     global batch: 2 processes x B sequences equal 1 x 2B, with ragged token counts."""
     case = TOKEN_CASES[case]
+    tokens = [o for o in TOKENS if "~model" not in case or not o.startswith("model")]
     one, ranks = tmp_path / "one", [tmp_path / "r0", tmp_path / "r1"]
-    assert launch(1, [*TOKENS, *case, "data.batch_size=16"], [one]) == [0]
-    assert launch(2, [*TOKENS, *case, "data.batch_size=8"], ranks) == [0, 0]
+    assert launch(1, [*tokens, *case, "data.batch_size=16"], [one]) == [0]
+    assert launch(2, [*tokens, *case, "data.batch_size=8"], ranks) == [0, 0]
     want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
     got = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
     assert all((got[k] - want[k]).abs().max() <= 1e-5 for k in want)
     s1, s2 = read_scalars(one), read_scalars(ranks[0])
     tags = ["train/loss", "grad_norm/total", "val/loss", "val/ppl"]
-    tags += [t for t in s1 if t.startswith(("curvature/", "per_sample/"))]
-    measured = {"curvature/top_eig", "per_sample/grad_norm_mean"} <= set(tags)
+    tags += [t for t in s1 if t.startswith(("curvature/", "per_sample/", "grad_snr/"))]
+    measured = {"curvature/top_eig", "per_sample/grad_norm_mean", "per_sample/noise_scale",
+                "grad_snr/head.weight"} <= set(tags)  # fmt: skip
     assert measured == any(o.startswith("instrument.curvature") for o in case)
+    if measured:  # every parameter covered: the LSTM recomputed per sequence on each rank
+        assert {v for _, v in s2["per_sample/coverage"]} == {1.0}
     for tag in tags:
         assert [s for s, _ in s2[tag]] == [s for s, _ in s1[tag]], tag
         assert [v for _, v in s2[tag]] == pytest.approx([v for _, v in s1[tag]], rel=1e-5), tag

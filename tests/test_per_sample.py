@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import train
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.data.base import Batch
 from trainer.distributed import SINGLE
@@ -295,7 +296,8 @@ def test_the_char_lm_is_fully_covered_and_exact_through_the_trainer(tmp_path) ->
         logits = functional_call(model, p, (xi.unsqueeze(0),))[0]  # (T, V)
         return F.cross_entropy(logits, yi, ignore_index=-100, reduction="sum")
 
-    per = vmap(grad(sequence_loss), in_dims=(None, 0, 0))(params, x, y)
+    with sdpa_kernel(SDPBackend.MATH):  # the kernel with batching rules
+        per = vmap(grad(sequence_loss), in_dims=(None, 0, 0))(params, x, y)
     reference = torch.sqrt(sum(v.pow(2).reshape(x.shape[0], -1).sum(1) for v in per.values()))
     assert per_sample.coverage() == 1.0
     # float32 training: each norm sums ~10^4 float32 products (eps 6e-8); 1e-5 leaves two
@@ -319,15 +321,38 @@ def test_only_the_models_forward_is_watched_for_outside_uses(tmp_path) -> None:
     assert per_sample.coverage() == 1.0
 
 
-def _func_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample ‖∇ℓᵢ‖² of ⟨gᵢ, module(aᵢ)⟩ over the module's parameters, by torch.func."""
+def _func_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
+    """Per-sample ‖∇ℓᵢ‖² of ⟨gᵢ, module(aᵢ)⟩, per parameter of the module, by torch.func."""
     params = {n: p.detach() for n, p in module.named_parameters()}
 
     def inner(p, ai, gi):
         return (functional_call(module, p, (ai.unsqueeze(0),)) * gi.unsqueeze(0)).sum()
 
     per = vmap(grad(inner), in_dims=(None, 0, 0))(params, a, g)
-    return sum(v.pow(2).reshape(a.shape[0], -1).sum(1) for v in per.values())
+    return {n: v.pow(2).reshape(a.shape[0], -1).sum(1) for n, v in per.items()}
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: nn.Linear(5, 3), (5,)),
+        (lambda: nn.Linear(5, 3, bias=False), (5,)),
+        (lambda: nn.Linear(6, 7), (2, 6)),  # T(in + out) <= in·out: the Gram form
+        (lambda: nn.Linear(3, 2), (9, 3)),  # the direct form
+        (lambda: nn.Conv1d(4, 6, 3, padding=1), (4, 7)),
+        (lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2), (4, 7, 7)),
+        (lambda: nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"), (2, 5, 5)),
+    ],
+)
+def test_linear_and_conv_closed_forms_equal_torch_func_per_tensor(make, shape) -> None:
+    from trainer.instrument.per_sample import conv_sq_norms, linear_sq_norms
+
+    torch.manual_seed(0)
+    module = make().double()
+    a = torch.randn(B, *shape, dtype=torch.float64)
+    g = torch.randn_like(module(a))
+    closed = linear_sq_norms if isinstance(module, nn.Linear) else conv_sq_norms
+    torch.testing.assert_close(closed(module, a, g), _func_sq_norms(module, a, g))
 
 
 @pytest.mark.parametrize(
@@ -358,24 +383,40 @@ def test_layer_norm_closed_form_equals_torch_func(shape, bias) -> None:
     torch.testing.assert_close(layer_norm_sq_norms(norm, a, g), _func_sq_norms(norm, a, g))
 
 
-def brute_force_noise(model: nn.Module, x, y, skip: set[str] = frozenset()) -> tuple:
-    """(tr Σ, |G|², B_simple) from every sample's full gradient, over the parameters not under
-    a ``skip`` prefix: tr Σ = Σᵢ‖gᵢ − ḡ‖² / (n − 1), |G|² = ‖ḡ‖² − tr Σ / n."""
-    kept = [p for n, p in model.named_parameters() if n.split(".")[0] not in skip]
+def per_sample_grads(model: nn.Module, x, y) -> dict:
+    """Every sample's full gradient by brute force, per parameter: name -> (n, *shape)."""
+    names = [n for n, _ in model.named_parameters()]
     per = []
     for i in range(x.shape[0]):
         loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        per.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, kept)]))
-    g = torch.stack(per)  # (n, P)
+        per.append(torch.autograd.grad(loss, list(model.parameters())))
+    return {n: torch.stack([g[k] for g in per]) for k, n in enumerate(names)}
+
+
+def brute_force_noise(model: nn.Module, x, y, skip: set[str] = frozenset()) -> tuple:
+    """(tr Σ, |G|², B_simple) from every sample's full gradient, over the parameters not under
+    a ``skip`` prefix: tr Σ = Σᵢ‖gᵢ − ḡ‖² / (n − 1), |G|² = ‖ḡ‖² − tr Σ / n."""
+    per = per_sample_grads(model, x, y)
+    g = torch.cat([v.flatten(1) for n, v in per.items() if n.split(".")[0] not in skip], 1)
     n, mean = g.shape[0], g.mean(0)
     trace = (g - mean).pow(2).sum() / (n - 1)
     signal = mean.pow(2).sum() - trace / n
     return trace, signal, trace / signal
 
 
-@pytest.mark.parametrize("kind", ["transformer_layer", "functional_weight", "lstm"])
+def brute_force_snr(model: nn.Module, x, y) -> dict:
+    """Per parameter tensor: ‖ḡ‖² / (Σᵢ‖gᵢ − ḡ‖² / (n − 1)) over the samples' gradients."""
+    out = {}
+    for name, v in per_sample_grads(model, x, y).items():
+        v = v.flatten(1)
+        mean = v.mean(0)
+        out[name] = float(mean.pow(2).sum() / ((v - mean).pow(2).sum() / (v.shape[0] - 1)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["transformer_layer", "functional_weight", "lstm", "tied"])
 @pytest.mark.parametrize("mode", ["scalar", "vector-uniform"])
-def test_the_noise_scale_equals_the_brute_force_estimate(kind, mode) -> None:
+def test_the_noise_scale_and_snr_equal_the_brute_force_estimates(kind, mode) -> None:
     make, reduced = MODELS[kind]
     torch.manual_seed(0)
     model = make().double()
@@ -385,11 +426,32 @@ def test_the_noise_scale_equals_the_brute_force_estimate(kind, mode) -> None:
     weights = torch.full((B,), 1 / B, dtype=torch.float64) if mode != "scalar" else None
     skip = reduced[0] if reduced else set()  # over the covered parameters only
     trace, signal, scale = brute_force_noise(copy.deepcopy(model), x, y, skip)
+    snr = brute_force_snr(copy.deepcopy(model), x, y)
     _, staged = measure(model, x, y, weights)
     # float32 accumulation of the squared norms (eps 6e-8) on values of this size
     assert staged["per_sample/grad_var_trace"] == pytest.approx(float(trace), rel=1e-5)
     assert staged["per_sample/grad_signal"] == pytest.approx(float(signal), rel=1e-4)
     assert staged["per_sample/noise_scale"] == pytest.approx(float(scale), rel=1e-4)
+    # SNR = ‖ḡ‖² / tr(S), tr(S) from (1/n)Σ‖gᵢ‖² − ‖ḡ‖², each from float32 squared norms
+    # (a few roundings each): |error| <= 4 eps (mean + ‖ḡ‖²) on tr(S), so relative to the
+    # SNR <= 4 eps (1 + 2 SNR) + 3 eps
+    eps = torch.finfo(torch.float32).eps
+    assert {t.removeprefix("grad_snr/") for t in staged if t.startswith("grad_snr/")} == set(snr)
+    for name, want in snr.items():
+        got = staged[f"grad_snr/{name}"]
+        if name.split(".")[0] in skip:  # left out: no number rather than a wrong one
+            assert math.isnan(got), name
+        else:
+            assert got == pytest.approx(want, rel=8 * eps * (1 + 2 * want)), name
+
+
+def test_snr_can_be_switched_off() -> None:
+    torch.manual_seed(0)
+    model = Encoder().double()
+    x, y = torch.randint(0, V, (B, T)), torch.randint(0, 3, (B,))
+    _, staged = measure(model, x, y, cb=PerSampleNorms(1, snr=False))
+    assert "per_sample/noise_scale" in staged
+    assert not [t for t in staged if t.startswith("grad_snr/")]
 
 
 def test_the_noise_scale_is_nan_with_unequal_weights_and_its_ema_skips_it() -> None:
@@ -404,6 +466,7 @@ def test_the_noise_scale_is_nan_with_unequal_weights_and_its_ema_skips_it() -> N
     unequal = torch.tensor([0.3, 0.1, 0.1, 0.25, 0.05, 0.2], dtype=torch.float64)
     _, s2 = measure(model, *batches[1], weights=unequal, cb=cb)  # no estimate: NaN, EMA kept
     assert math.isnan(s2["per_sample/noise_scale"])
+    assert all(math.isnan(v) for t, v in s2.items() if t.startswith("grad_snr/"))
     assert s2["per_sample/noise_scale_ema"] == pytest.approx(float(first[2]), rel=1e-4)
     third = brute_force_noise(copy.deepcopy(model), *batches[2])
     _, s3 = measure(model, *batches[2], cb=cb)

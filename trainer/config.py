@@ -690,6 +690,8 @@ class PerSampleConfig:
     loss: str = "unweighted"
     #: the decay of the EMAs behind per_sample/noise_scale_ema (of tr(Σ) and |G|² separately)
     noise_ema: float = 0.9
+    #: grad_snr/<param>: per parameter tensor, ‖ḡ‖² / tr(S) over the step's samples
+    snr: bool = True
 
     def __post_init__(self) -> None:
         key = "instrument.per_sample."

@@ -43,6 +43,10 @@ sample i's share of the step's gradient; the *unweighted* ‖∇θ ℓᵢ‖ is 
 samples with wᵢ > 0 (a sample of weight 0, e.g. outside hard_topk's top k, contributes no gradient
 and is left out of the unweighted statistics). Only the data loss is measured: parameter
 regularizers have no per-sample part, and the input-gradient penalty is refused by the config.
+
+The squared norms are kept per parameter tensor, (B, parameters), so that besides the total
+norm the step's statistics come per tensor: the gradient noise scale B_simple = tr(Σ)/|G|² over
+the covered parameters and each tensor's SNR ‖ḡ‖²/tr(S) (docs/instrumentation.md).
 """
 
 from __future__ import annotations
@@ -88,22 +92,22 @@ def _gram_or_direct(a: Tensor, g: Tensor) -> Tensor:
     return per_sample.pow(2).sum(dim=(1, 2, 3))
 
 
-def linear_sq_norms(module: nn.Linear, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample ‖∇ℓᵢ‖² over the Linear's weight and bias, (B,)."""
+def linear_sq_norms(module: nn.Linear, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Per-sample ‖∇ℓᵢ‖² of the Linear's weight and bias, (B,) each."""
+    bias = module.bias is not None and module.bias.requires_grad
     if a.ndim == 2:
         gg = (g * g).sum(1)
-        sq = (a * a).sum(1) * gg
-        return sq + gg if module.bias is not None and module.bias.requires_grad else sq
+        return {"weight": (a * a).sum(1) * gg, **({"bias": gg} if bias else {})}
     b = a.shape[0]
     a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])  # (B, T, ·)
-    sq = _gram_or_direct(a3.unsqueeze(1), g3.unsqueeze(1))
-    if module.bias is not None and module.bias.requires_grad:
-        sq = sq + g3.sum(1).pow(2).sum(1)
-    return sq
+    out = {"weight": _gram_or_direct(a3.unsqueeze(1), g3.unsqueeze(1))}
+    if bias:
+        out["bias"] = g3.sum(1).pow(2).sum(1)
+    return out
 
 
-def conv_sq_norms(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample ‖∇ℓᵢ‖² over a Conv1d/Conv2d's weight and bias, (B,)."""
+def conv_sq_norms(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Per-sample ‖∇ℓᵢ‖² of a Conv1d/Conv2d's weight and bias, (B,) each."""
     if isinstance(module, nn.Conv1d):  # as a Conv2d over (1, L)
         a, g = a.unsqueeze(2), g.unsqueeze(2)
         kernel, stride = (1, *module.kernel_size), (1, *module.stride)
@@ -123,30 +127,30 @@ def conv_sq_norms(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> Tensor
     gout = g.reshape(b, g.shape[1], -1)  # (B, out, T)
     cols = cols.reshape(b, groups, -1, cols.shape[-1]).transpose(-1, -2)  # (B, G, T, C·k/G)
     g4 = gout.reshape(b, groups, -1, gout.shape[-1]).transpose(-1, -2)  # (B, G, T, out/G)
-    sq = _gram_or_direct(cols, g4)
+    out = {"weight": _gram_or_direct(cols, g4)}
     if module.bias is not None and module.bias.requires_grad:
-        sq = sq + gout.sum(2).pow(2).sum(1)
-    return sq
+        out["bias"] = gout.sum(2).pow(2).sum(1)
+    return out
 
 
-def layer_norm_sq_norms(module: nn.LayerNorm, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample ‖∇ℓᵢ‖² over a LayerNorm's weight γ and bias β, (B,): with x̂ the input
+def layer_norm_sq_norms(module: nn.LayerNorm, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Per-sample ‖∇ℓᵢ‖² of a LayerNorm's weight γ and bias β, (B,) each: with x̂ the input
     normalized over ``normalized_shape``, ∇γ ℓᵢ = Σ_t gᵢₜ ⊙ x̂ᵢₜ and ∇β ℓᵢ = Σ_t gᵢₜ."""
     shape = tuple(module.normalized_shape)
     dims = tuple(range(-len(shape), 0))
     b = a.shape[0]
-    sq = torch.zeros(b, dtype=g.dtype, device=g.device)
+    out = {}
     if module.weight is not None and module.weight.requires_grad:
         var, mean = torch.var_mean(a, dim=dims, unbiased=False, keepdim=True)
         x_hat = (a - mean) * torch.rsqrt(var + module.eps)
-        sq = sq + (g * x_hat).reshape(b, -1, *shape).sum(1).pow(2).reshape(b, -1).sum(1)
+        out["weight"] = (g * x_hat).reshape(b, -1, *shape).sum(1).pow(2).reshape(b, -1).sum(1)
     if module.bias is not None and module.bias.requires_grad:
-        sq = sq + g.reshape(b, -1, *shape).sum(1).pow(2).reshape(b, -1).sum(1)
-    return sq
+        out["bias"] = g.reshape(b, -1, *shape).sum(1).pow(2).reshape(b, -1).sum(1)
+    return out
 
 
-def embedding_sq_norms(module: nn.Embedding, idx: Tensor, g: Tensor) -> Tensor:
-    """Per-sample ‖∇ℓᵢ‖² over an Embedding's table, (B,): row v of sample i's gradient is the
+def embedding_sq_norms(module: nn.Embedding, idx: Tensor, g: Tensor) -> dict[str, Tensor]:
+    """Per-sample ‖∇ℓᵢ‖² of an Embedding's table, {"weight": (B,)}: row v of sample i's gradient is the
     sum of gᵢₜ over its positions t holding token v (none for ``padding_idx``), so the squared
     norm is Σ_{t,s} [idx_t = idx_s] (g_t·g_s) (cost T² per sample), or, when the table is
     smaller than T², the squared norm of the scattered per-sample gradient."""
@@ -158,9 +162,9 @@ def embedding_sq_norms(module: nn.Embedding, idx: Tensor, g: Tensor) -> Tensor:
     t, (v, d) = i.shape[1], module.weight.shape
     if t * t <= v * d:  # the Gram form
         same = (i.unsqueeze(2) == i.unsqueeze(1)).to(gg.dtype)
-        return (same * (gg @ gg.transpose(1, 2))).sum(dim=(1, 2))
+        return {"weight": (same * (gg @ gg.transpose(1, 2))).sum(dim=(1, 2))}
     table = gg.new_zeros(b, v, d).scatter_add_(1, i.unsqueeze(-1).expand(-1, -1, d), gg)
-    return table.pow(2).sum(dim=(1, 2))
+    return {"weight": table.pow(2).sum(dim=(1, 2))}
 
 
 def sample_coefficients(c: Tensor) -> Tensor:
@@ -183,7 +187,7 @@ def sample_coefficients(c: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- units and calls
 
-#: the noise-scale scalars (PerSampleNorms._noise_scale), staged as one vector
+#: the noise-scale scalars (PerSampleNorms._statistics), staged as one vector with the SNRs
 NOISE_TAGS = ("per_sample/grad_var_trace", "per_sample/grad_signal", "per_sample/noise_scale",
               "per_sample/noise_scale_ema")  # fmt: skip
 
@@ -256,11 +260,8 @@ def _slice_sample(x: Any, *, dim: int | None, i: int, group: int = 1) -> Any:
     return x.narrow(dim, i * group, group)
 
 
-class _Layout:
-    """Where the batch is in a unit's inputs and outputs (and whether it can be sliced)."""
-
-    def __init__(self, call_args: dict[str, tuple[int | None, int]], out_dims: list[int]):
-        self.args, self.out_dims = call_args, out_dims  # name -> (batch dim, group)
+#: where the batch is in a unit's inputs: argument name -> (batch dimension, samples per group)
+_Layout = dict[str, tuple[int | None, int]]
 
 
 def _attention_layout(m: nn.MultiheadAttention, bound: dict[str, Any], b: int) -> _Layout | str:
@@ -274,7 +275,7 @@ def _attention_layout(m: nn.MultiheadAttention, bound: dict[str, Any], b: int) -
     mask = bound.get("attn_mask")
     if mask is not None and mask.dim() == 3:  # (B · heads, L, S)
         dims["attn_mask"] = (0, m.num_heads)
-    return _Layout(dims, [d, 0])  # attn_output, attn_weights (B, ...)
+    return dims
 
 
 def _rnn_layout(m: nn.RNNBase, bound: dict[str, Any], b: int) -> _Layout | str:
@@ -285,7 +286,7 @@ def _rnn_layout(m: nn.RNNBase, bound: dict[str, Any], b: int) -> _Layout | str:
         return "unbatched input"
     d = 0 if m.batch_first else 1
     dims: dict[str, tuple[int | None, int]] = {"input": (d, 1), "hx": (1, 1)}
-    return _Layout(dims, [d, 1, 1])  # output, h_n (and c_n): (layers · directions, B, H)
+    return dims
 
 
 class PerSampleNorms(Callback):
@@ -303,6 +304,7 @@ class PerSampleNorms(Callback):
         loss: str = "unweighted",
         bins: int = 64,
         noise_ema: float = 0.9,
+        snr: bool = True,
     ):
         if every_n_steps < 1:
             raise ValueError(
@@ -313,7 +315,7 @@ class PerSampleNorms(Callback):
         if not 0 <= noise_ema < 1:
             raise ValueError(f"instrument.per_sample.noise_ema: got {noise_ema}, must be in [0, 1)")
         self.every, self.loss, self.bins = Every(every_n_steps), loss, bins
-        self.noise_ema = noise_ema
+        self.noise_ema, self.snr = noise_ema, snr
         #: the EMAs of the unbiased tr(Σ) and |G|² estimates (McCandlish et al. 2018, app. A)
         self._ema: Tensor | None = None
         #: (name, module, parameters it covers, kind) per unit
@@ -324,11 +326,14 @@ class PerSampleNorms(Callback):
         self._kind: dict[nn.Module, str] = {}
         self._names: dict[nn.Module, str] = {}
         self._param_names: dict[int, str] = {}
+        self._params: list[nn.Parameter] = []  # every unit's parameters, each once, in order
+        self._param_by_id: dict[int, nn.Parameter] = {}
+        self._tags: tuple[str, ...] = NOISE_TAGS  # the statistics staged as one vector
         self._handles: list[Any] = []
         self._mode: _OutsideUses | None = None
         self._active: dict[nn.Module, int] = {}
         self._batch = 0  # samples in the measured micro-batch
-        self._sq: Tensor | None = None  # (B,) of the current micro-batch
+        self._sq: dict[int, Tensor] = {}  # id(param) -> (B,) squared norms, this micro-batch
         self._calls: list[_Call] = []
         self._ncalls: dict[nn.Module, int] = {}
         self._order: dict[nn.Module, int] = {}  # forward order within the micro-batch
@@ -336,7 +341,7 @@ class PerSampleNorms(Callback):
         self._excluded: dict[str, str] = {}  # unit name -> why, for the current micro-batch
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
-        self._weighted: list[Tensor] = []  # per micro-batch, (B,) weighted norms
+        self._weighted: list[Tensor] = []  # per micro-batch, (B, params) squared weighted norms
         self._weights: list[Tensor] = []  # per micro-batch, (B,) effective weights
         self._reported: set[str] = set()
         #: the last measured step's per-sample norms, on the device: tag -> (N,) (NaN for a
@@ -361,13 +366,17 @@ class PerSampleNorms(Callback):
             self._covers[m], self._kind[m], self._names[m] = own, kind, name
             for p in own:
                 self._units_by_param.setdefault(id(p), []).append(m)
+        self._param_by_id = {id(p): p for _, _, own, _ in self.units for p in own}
+        self._params = list(self._param_by_id.values())
+        if self.snr:
+            self._tags = NOISE_TAGS + tuple(f"grad_snr/{names[id(p)]}" for p in self._params)
 
     # ---- arming: hooks exist only while a measured micro-batch runs its forward and backward
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
         if not self.every.due_next(trainer.global_step):
             return
         self._batch = batch.x.shape[0]
-        self._sq = None
+        self._sq.clear()
         self._calls.clear()
         self._ncalls.clear()
         self._order.clear()
@@ -446,10 +455,12 @@ class PerSampleNorms(Callback):
         return inspect.signature(module.forward).bind(*args, **kwargs).arguments
 
     def _out_dims(self, module: nn.Module, n: int) -> list[int]:
+        """The batch dimension of each of the unit's ``n`` tensor outputs."""
         kind = self._kind[module]
         if kind == "attention":
+            # attn_output (batch_first or not), attn_weights (B, ...)
             return [0 if module.batch_first else 1, 0][:n]  # type: ignore[union-attr]
-        if kind == "rnn":
+        if kind == "rnn":  # output, h_n (and c_n): (layers · directions, B, H)
             return [0 if module.batch_first else 1, *[1] * (n - 1)]  # type: ignore[union-attr]
         return [0] * n
 
@@ -483,7 +494,7 @@ class PerSampleNorms(Callback):
         if isinstance(layout, str):
             return layout
         bound = self._bound(module, args, kwargs)
-        for key, (dim, group) in layout.args.items():
+        for key, (dim, group) in layout.items():
             for t in _tensors(bound.get(key)):
                 if dim is not None and t.shape[dim] != b * group:
                     return f"its input {key!r} does not have the batch ({b}) at dimension {dim}"
@@ -519,19 +530,22 @@ class PerSampleNorms(Callback):
             g = g.detach().float() if low else g.detach()
             a = call.args[0]
             if isinstance(module, nn.Embedding):
-                sq = embedding_sq_norms(module, a, g)
+                parts = embedding_sq_norms(module, a, g)
             elif isinstance(module, nn.LayerNorm):
-                sq = layer_norm_sq_norms(module, a.to(g.dtype), g)
+                parts = layer_norm_sq_norms(module, a.to(g.dtype), g)
             elif isinstance(module, nn.Linear):
-                sq = linear_sq_norms(module, a.to(g.dtype), g)
+                parts = linear_sq_norms(module, a.to(g.dtype), g)
             else:
-                sq = conv_sq_norms(module, a.to(g.dtype), g)  # type: ignore[arg-type]
-            self._add(sq.float())
+                parts = conv_sq_norms(module, a.to(g.dtype), g)  # type: ignore[arg-type]
+            for n, sq in parts.items():
+                self._add(getattr(module, n), sq)
             self._captured.add(module)
             call.grads.clear()  # done: nothing left for after the backward
 
-    def _add(self, sq: Tensor) -> None:
-        self._sq = sq if self._sq is None else self._sq + sq
+    def _add(self, p: Tensor, sq: Tensor) -> None:
+        """Add (B,) per-sample squared norms of parameter ``p`` (float32)."""
+        sq = sq.float()
+        self._sq[id(p)] = sq if id(p) not in self._sq else self._sq[id(p)] + sq
 
     def _per_sample_grads(self, call: _Call) -> dict[str, Tensor]:
         """The unit's parameters' per-sample gradients from this call, (B, *shape) each."""
@@ -561,16 +575,16 @@ class PerSampleNorms(Callback):
             bound,
             self._batch,  # type: ignore[arg-type]
         )
-        assert isinstance(layout, _Layout)
+        assert not isinstance(layout, str)
         if self._kind[module] == "attention":
             return self._attention_vmap(call, params, bound, layout)
         out: dict[str, list[Tensor]] = {n: [] for n in params}
         leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
         for i in range(self._batch):
             sample = {
-                key: _map_tensors(v, partial(_slice_sample, dim=layout.args[key][0], i=i,
-                                             group=layout.args[key][1]))
-                if key in layout.args
+                key: _map_tensors(v, partial(_slice_sample, dim=layout[key][0], i=i,
+                                             group=layout[key][1]))
+                if key in layout
                 else v
                 for key, v in bound.items()
             }  # fmt: skip
@@ -599,10 +613,10 @@ class PerSampleNorms(Callback):
         """Attention's per-sample gradients in one ``vmap(grad(...))`` over the samples, each
         seen unbatched by the module; the math attention kernel, which has batching rules."""
         module = call.unit
-        keys = [k for k in layout.args if isinstance(bound.get(k), Tensor)]
+        keys = [k for k in layout if isinstance(bound.get(k), Tensor)]
         xs, x_dims = [], []
         for k in keys:
-            t, (dim, group) = bound[k], layout.args[k]
+            t, (dim, group) = bound[k], layout[k]
             if group > 1:  # (B · heads, L, S) -> (B, heads, L, S)
                 t = t.reshape(-1, group, *t.shape[1:])
             xs.append(t)
@@ -668,8 +682,8 @@ class PerSampleNorms(Callback):
                 continue
             covered = dict(_named_covered(module, self._kind[module]))
             if single:
-                self._add(sum(v.float().pow(2).reshape(v.shape[0], -1).sum(1)
-                              for v in per_sample.values()))  # fmt: skip
+                for n, v in per_sample.items():
+                    self._add(covered[n], v.float().pow(2).reshape(v.shape[0], -1).sum(1))
             else:  # summed over the parameter's uses before squaring (the cross terms)
                 for n, v in per_sample.items():
                     key = id(covered[n])
@@ -684,18 +698,17 @@ class PerSampleNorms(Callback):
                     "loss's path, or its parameters are used outside its own forward"
                 )
         self._report(trainer)
-        b = losses.shape[0]
-        sq = self._sq if self._sq is not None else torch.zeros(b, device=losses.device)
-        self._sq = None
-        norms = sq.clamp_min(0).sqrt()
+        zero = torch.zeros(losses.shape[0], device=losses.device)
+        sq = torch.stack([self._sq.get(id(p), zero) for p in self._params], 1)  # (B, params)
+        self._sq.clear()
         if trainer.scaler is not None:  # the root's gradient was multiplied by the loss scale
-            norms = norms / trainer.scaler.get_scale()  # host read: measuring steps only
+            sq = sq / trainer.scaler.get_scale() ** 2  # host read: measuring steps only
         # each loss element's coefficient in the root that was backpropagated, as the
         # objective defines it (vector mode: the weights; data-parallel, × world size)
         if weights is None:
             weights = trainer.objective.coefficients(losses, batch.y, trainer.window)
         w = sample_coefficients(weights.detach().float())
-        self._weighted.append(norms)
+        self._weighted.append(sq)
         self._weights.append(w)
 
     def _finish_shared(self) -> None:
@@ -709,7 +722,7 @@ class PerSampleNorms(Callback):
                 self._excluded[name] = "it shares a parameter with a unit left out"
         for key, v in self._shared.items():
             if key not in excluded:
-                self._add(v.float().pow(2).reshape(v.shape[0], -1).sum(1))
+                self._add(self._param_by_id[key], v.float().pow(2).reshape(v.shape[0], -1).sum(1))
         self._shared.clear()
 
     def _report(self, trainer: Trainer) -> None:
@@ -721,12 +734,14 @@ class PerSampleNorms(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         if not self._weighted:
             return
-        root, w = torch.cat(self._weighted), torch.cat(self._weights)
+        sq, w = torch.cat(self._weighted), torch.cat(self._weights)  # (N, params), (N,)
         self._weighted.clear()
         self._weights.clear()
         if trainer.world.distributed:  # one series over the global batch, in its order
-            root, _ = all_gather_cat(root)
-            w, _ = all_gather_cat(w)
+            rows, _ = all_gather_cat(torch.cat([sq, w[:, None]], 1).flatten())
+            rows = rows.reshape(-1, sq.shape[1] + 1)
+            sq, w = rows[:, :-1], rows[:, -1]
+        root = sq.sum(1).clamp_min(0).sqrt()  # wᵢ‖∇ℓᵢ‖ over the covered parameters
         weighted = root / trainer.world.size  # the sample's share of the averaged gradient
         values: dict[str | tuple[str, ...], Tensor | float] = {
             "per_sample/coverage": self.coverage()
@@ -742,33 +757,38 @@ class PerSampleNorms(Callback):
             )
             series["per_sample/grad_norm"] = unweighted
         self.last = series
-        values.update(self._noise_scale(trainer, root, w))
+        values.update(self._statistics(trainer, sq, w))
         trainer.stage_scalars(values)
         for tag, v in series.items():  # histogram, _mean and _max from the step's one host read
             trainer.stage_histogram(tag, v)
 
-    def _noise_scale(
-        self, trainer: Trainer, root: Tensor, w: Tensor
+    def _statistics(
+        self, trainer: Trainer, sq: Tensor, w: Tensor
     ) -> dict[str | tuple[str, ...], Tensor]:
-        """The gradient noise scale B_simple = tr(Σ) / |G|² of the step's samples (module
-        docstring), on the device; NaN where their coefficients are not all equal."""
-        n = root.numel()
-        covered = {id(p): p for name, _, own, _ in self.units if name not in self._excluded
-                   for p in own}  # fmt: skip
-        reg = trainer.objective.reg_grads() if trainer.objective.has_regularizers else {}
-        data = [p.grad - reg[id(p)] if id(p) in reg else p.grad
-                for p in covered.values() if p.grad is not None]  # fmt: skip
-        if n < 2 or not data:
+        """The gradient noise scale B_simple = tr(Σ) / |G|² over the covered parameters and,
+        per parameter tensor, the SNR ‖ḡ‖² / tr(S) of the step's samples (module docstring),
+        on the device; NaN where their coefficients are not all equal, or (SNR) for a
+        parameter left out. ``sq``: (N, params) squared weighted per-sample norms."""
+        n = sq.shape[0]
+        if n < 2 or not self._params:
             return {}
-        step_sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(data))).square()
-        w_min, w_max = torch.aminmax(w)  # root = wᵢ‖gᵢ‖ (data-parallel, wᵢ carries W)
+        left_out = {id(p) for name, _, own, _ in self.units if name in self._excluded
+                    for p in own}  # fmt: skip
+        covered = torch.tensor([id(p) not in left_out for p in self._params], device=sq.device)
+        reg = trainer.objective.reg_grads() if trainer.objective.has_regularizers else {}
+        data = [p.new_zeros(()) if p.grad is None else p.grad - reg[id(p)] if id(p) in reg else p.grad
+                for p in self._params]  # fmt: skip
+        step_sq = torch.stack(torch._foreach_norm(data)).float().square()  # (params,)
+        w_min, w_max = torch.aminmax(w)  # sq = (wᵢ‖gᵢ‖)² (data-parallel, wᵢ carries W)
         uniform = (w_min == w_max) & (w_max > 0)  # False with a NaN coefficient
         inv = w_max.square().reciprocal()
-        mean_sq = root.square().mean() * inv  # (1/n) Σ ‖gᵢ‖², if the wᵢ are equal
+        mean_sq = sq.mean(0) * inv  # (1/n) Σ ‖gᵢ‖², per parameter, if the wᵢ are equal
         # ‖(1/n) Σ gᵢ‖² = |G_step|² / (n c)², c = w / W the samples' coefficient in G_step
-        batch_sq = step_sq.float() * inv * (trainer.world.size / n) ** 2
-        trace = (mean_sq - batch_sq) * (n / (n - 1))  # unbiased tr(Σ)
-        estimate = torch.stack([trace, batch_sq - trace / n])  # [tr(Σ), unbiased |G|²]
+        batch_sq = step_sq * inv * (trainer.world.size / n) ** 2
+        trace_p = (mean_sq - batch_sq) * (n / (n - 1))  # unbiased tr(S), per parameter
+        trace = trace_p.masked_fill(~covered, 0).sum()
+        batch = batch_sq.masked_fill(~covered, 0).sum()
+        estimate = torch.stack([trace, batch - trace / n])  # [tr(Σ), unbiased |G|²]
         estimate = estimate.masked_fill(~uniform, torch.nan)
         if self._ema is None:
             self._ema = estimate
@@ -776,8 +796,11 @@ class PerSampleNorms(Callback):
             mixed = torch.lerp(estimate, self._ema, self.noise_ema)  # β·ema + (1 − β)·estimate
             self._ema = torch.where(estimate.isfinite(), mixed, self._ema)
         both = torch.stack([estimate, self._ema])  # (2, 2)
-        values = torch.cat([estimate, both[:, 0] / both[:, 1]])
-        return {NOISE_TAGS: values}
+        parts = [estimate, both[:, 0] / both[:, 1]]
+        if self.snr:
+            snr = (batch_sq / trace_p).masked_fill(~(covered & uniform), torch.nan)
+            parts.append(snr)
+        return {self._tags: torch.cat(parts)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"noise_ema": self._ema}
