@@ -150,10 +150,11 @@ def layer_norm_sq_norms(module: nn.LayerNorm, a: Tensor, g: Tensor) -> dict[str,
 
 
 def embedding_sq_norms(module: nn.Embedding, idx: Tensor, g: Tensor) -> dict[str, Tensor]:
-    """Per-sample ‖∇ℓᵢ‖² of an Embedding's table, {"weight": (B,)}: row v of sample i's gradient is the
-    sum of gᵢₜ over its positions t holding token v (none for ``padding_idx``), so the squared
-    norm is Σ_{t,s} [idx_t = idx_s] (g_t·g_s) (cost T² per sample), or, when the table is
-    smaller than T², the squared norm of the scattered per-sample gradient."""
+    """Per-sample ‖∇ℓᵢ‖² of an Embedding's table, {"weight": (B,)}: row v of sample i's
+    gradient is the sum of gᵢₜ over its positions t holding token v (none for
+    ``padding_idx``), so the squared norm is Σ_{t,s} [idx_t = idx_s] (g_t·g_s) (cost T² per
+    sample), or, when the table is smaller than T², the squared norm of the scattered
+    per-sample gradient."""
     b = idx.shape[0]
     i = idx.reshape(b, -1)
     gg = g.reshape(b, i.shape[1], -1)
@@ -328,6 +329,7 @@ class PerSampleNorms(Callback):
         self._param_names: dict[int, str] = {}
         self._params: list[nn.Parameter] = []  # every unit's parameters, each once, in order
         self._param_by_id: dict[int, nn.Parameter] = {}
+        self._mask: tuple[Any, Tensor] | None = None  # (excluded units, covered mask)
         self._tags: tuple[str, ...] = NOISE_TAGS  # the statistics staged as one vector
         self._handles: list[Any] = []
         self._mode: _OutsideUses | None = None
@@ -772,35 +774,41 @@ class PerSampleNorms(Callback):
         n = sq.shape[0]
         if n < 2 or not self._params:
             return {}
-        left_out = {id(p) for name, _, own, _ in self.units if name in self._excluded
-                    for p in own}  # fmt: skip
-        covered = torch.tensor([id(p) not in left_out for p in self._params], device=sq.device)
+        covered = self._covered_mask(sq.device)  # (params,) 1.0 / 0.0 for a left-out one
         reg = trainer.objective.reg_grads() if trainer.objective.has_regularizers else {}
-        data = [p.new_zeros(()) if p.grad is None else p.grad - reg[id(p)] if id(p) in reg else p.grad
-                for p in self._params]  # fmt: skip
+        data = [p.new_zeros(()) if p.grad is None else p.grad - reg[id(p)] if id(p) in reg
+                else p.grad for p in self._params]  # fmt: skip
         step_sq = torch.stack(torch._foreach_norm(data)).float().square()  # (params,)
         w_min, w_max = torch.aminmax(w)  # sq = (wᵢ‖gᵢ‖)² (data-parallel, wᵢ carries W)
         uniform = (w_min == w_max) & (w_max > 0)  # False with a NaN coefficient
         inv = w_max.square().reciprocal()
         mean_sq = sq.mean(0) * inv  # (1/n) Σ ‖gᵢ‖², per parameter, if the wᵢ are equal
         # ‖(1/n) Σ gᵢ‖² = |G_step|² / (n c)², c = w / W the samples' coefficient in G_step
-        batch_sq = step_sq * inv * (trainer.world.size / n) ** 2
+        batch_sq = step_sq * (inv * (trainer.world.size / n) ** 2)
         trace_p = (mean_sq - batch_sq) * (n / (n - 1))  # unbiased tr(S), per parameter
-        trace = trace_p.masked_fill(~covered, 0).sum()
-        batch = batch_sq.masked_fill(~covered, 0).sum()
+        trace, batch = torch.stack([trace_p, batch_sq]) @ covered  # over the covered ones
         estimate = torch.stack([trace, batch - trace / n])  # [tr(Σ), unbiased |G|²]
-        estimate = estimate.masked_fill(~uniform, torch.nan)
+        estimate = torch.where(uniform, estimate, torch.nan)
         if self._ema is None:
             self._ema = estimate
         else:  # a step without an estimate (NaN) leaves the averages as they were
             mixed = torch.lerp(estimate, self._ema, self.noise_ema)  # β·ema + (1 − β)·estimate
-            self._ema = torch.where(estimate.isfinite(), mixed, self._ema)
+            self._ema = torch.where(uniform, mixed, self._ema)
         both = torch.stack([estimate, self._ema])  # (2, 2)
         parts = [estimate, both[:, 0] / both[:, 1]]
-        if self.snr:
-            snr = (batch_sq / trace_p).masked_fill(~(covered & uniform), torch.nan)
-            parts.append(snr)
+        if self.snr:  # NaN for a parameter left out: 0 / 0 is not what it would be
+            parts.append(torch.where(uniform & (covered > 0), batch_sq / trace_p, torch.nan))
         return {self._tags: torch.cat(parts)}
+
+    def _covered_mask(self, device: torch.device) -> Tensor:
+        """1.0 per covered parameter, 0.0 per one left out (built again when that changes)."""
+        key = (tuple(self._excluded), device)
+        if self._mask is None or self._mask[0] != key:
+            left_out = {id(p) for name, _, own, _ in self.units if name in self._excluded
+                        for p in own}  # fmt: skip
+            mask = torch.tensor([float(id(p) not in left_out) for p in self._params])
+            self._mask = (key, mask.to(device))
+        return self._mask[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {"noise_ema": self._ema}
