@@ -53,11 +53,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def plain_epochs(t, steps: int) -> Iterator[None]:
-    """A hand-written loop over the trainer's own model, optimizer and data; yields per epoch."""
+def plain_epochs(t, steps: int, log_dir: Path) -> Iterator[None]:
+    """A hand-written loop over the trainer's own model, optimizer and data, logging as such a
+    loop does: the step's loss every ``logging.every_n_steps`` steps and the validation loss and
+    accuracy after each epoch, to TensorBoard through ``SummaryWriter``; yields per epoch."""
+    from torch.utils.tensorboard import SummaryWriter
+
     model, opt, device = t.model, t.optimizer, t.device
     train, val = t.train_loader, t.val_loader
     x_all, y_all, bs, n = train.x, train.y, train.batch_size, train.num_samples
+    every = t.log_every.n
+    writer = SummaryWriter(str(log_dir))
     step, epoch = 0, 0
     while step < steps:
         model.train()
@@ -69,6 +75,8 @@ def plain_epochs(t, steps: int) -> Iterator[None]:
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            if step % every == 0:
+                writer.add_scalar("train/loss", loss.item(), step)  # host sync: logging steps
             if step == steps:
                 break
         model.eval()  # the same validation metrics as the trainer: val loss and accuracy
@@ -78,9 +86,11 @@ def plain_epochs(t, steps: int) -> Iterator[None]:
                 logits = model(x)
                 loss_sum += F.cross_entropy(logits, y, reduction="sum")
                 correct += (logits.argmax(1) == y).sum()
-        float(loss_sum), float(correct)  # read once per epoch, as the trainer does
+        writer.add_scalar("val/loss", float(loss_sum) / val.num_samples, step)
+        writer.add_scalar("val/acc", float(correct) / val.num_samples, step)
         epoch += 1
         yield
+    writer.close()
 
 
 def trainer_epochs(t) -> Iterator[None]:
@@ -139,7 +149,8 @@ def bench_loops(overrides: list[str], steps: int, rounds: int, variants: list[st
             ]
             if not isinstance(t.train_loader, InMemoryLoader):
                 sys.exit("bench compares in-memory data sets only (set data.loader=memory)")
-            loops = [trainer_epochs(t), plain_epochs(p, steps), *map(trainer_epochs, vs)]
+            loops = [trainer_epochs(t), plain_epochs(p, steps, Path(tmp) / f"plain{r}_tb"),
+                     *map(trainer_epochs, vs)]  # fmt: skip
             # epoch by epoch, in turn, starting with a different loop each round, so drift in
             # machine speed hits every loop alike
             shift = r % len(loops)

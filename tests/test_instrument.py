@@ -386,7 +386,8 @@ def test_instrument_full_writes_every_documented_tag(tmp_path) -> None:
         "per_sample/coverage", "curvature/top_eig", "curvature/trace",
         "per_sample/noise_scale", "per_sample/noise_scale_ema", "per_sample/grad_var_trace",
         "per_sample/grad_signal", "grad_agreement/consecutive", "grad_agreement/data_reg",
-        *(f"{kind}/{n}" for kind in ("grad_norm", "param_norm", "update_ratio") for n in names),
+        *(f"{kind}/{n}" for kind in ("grad_norm", "param_norm", "update_ratio", "grad_snr")
+          for n in names),
     }  # fmt: skip
     assert expected_scalars <= scalars, expected_scalars - scalars
     expected_hists = {

@@ -69,8 +69,9 @@ class Callback:
       ``trainer.scaler.get_scale()``
     * ``on_before_optimizer_step(trainer, optimizer)``: gradients final (accumulated, unscaled),
       not yet clipped; ``trainer.global_step`` is the step being taken, ``trainer.logging_step``
-      whether it logs. Setting ``trainer.skip_step = True`` skips the update (parameters,
-      optimizer and scheduler untouched)
+      whether it logs. Setting ``trainer.skip_step = True`` skips the update (parameters and
+      optimizer state untouched; the schedule advances), setting ``trainer.skip_step_where``
+      to a 0-d bool tensor skips it where that is True, decided on the device (no host read)
     * ``on_train_step_end(trainer, out: StepOutput)``: after step, scheduler and zero_grad
     * ``on_validation_end(trainer, metrics)``: after each epoch's validation
     * ``on_rest_point(trainer)``: a point the run can be checkpointed at and resumed from

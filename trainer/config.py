@@ -318,6 +318,8 @@ class SGDConfig(OptimizerConfig):
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
+    #: torch's fused implementation (one kernel for all parameters; None: torch's default)
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -338,6 +340,8 @@ class AdamWConfig(OptimizerConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.01
+    #: torch's fused implementation (one kernel for all parameters; None: torch's default)
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -701,6 +705,7 @@ class PerSampleConfig:
 
 
 NONFINITE_POLICIES = ("off", "raise", "skip")
+NONFINITE_SYNCS = ("auto", "step", "deferred")
 
 
 @dataclass
@@ -710,12 +715,15 @@ class NonfiniteConfig:
     _target_: str = "trainer.instrument.NonfiniteGuard"
 
     #: ``raise``: stop with an error naming the step and the first non-finite parameter;
-    #: ``skip``: leave parameters, optimizer and scheduler untouched for that step; ``off``
+    #: ``skip``: leave parameters and optimizer state untouched for that step; ``off``
     policy: str = "raise"
-    #: check every N optimizer steps (each check reads one flag back to the host)
+    #: check every N optimizer steps
     every_n_steps: int = 1
     #: ``skip``: give up after this many skipped steps in a row
     max_consecutive_skips: int = 10
+    #: ``step``: read the flag every checked step; ``deferred``: skip on the device, read the
+    #: flags on logging steps; ``auto``: deferred on an accelerator, step on a CPU
+    sync: str = "auto"
 
     def __post_init__(self) -> None:
         key = "instrument.nonfinite."
@@ -730,6 +738,7 @@ class NonfiniteConfig:
             key + "max_consecutive_skips",
             f"got {self.max_consecutive_skips}, must be >= 1",
         )
+        _one_of(self.sync, NONFINITE_SYNCS, key + "sync")
 
 
 @dataclass

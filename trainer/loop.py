@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from trainer.losses import Loss, as_loss
 from trainer.metrics import LossTally, Staging
 from trainer.objective import Objective, Window
 from trainer.regularizers import InputGradPenalty, Regularizer
+from trainer.update import conditional_step
 from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,9 @@ class Trainer:
         self.logging_step = False
         #: set by a callback in on_before_optimizer_step to skip this step's update
         self.skip_step = False
+        #: set by a callback in on_before_optimizer_step: a 0-d bool tensor on the device; the
+        #: update is skipped where it is True, without reading it (trainer/update.py)
+        self.skip_step_where: Tensor | None = None
         #: set by a callback in on_before_optimizer_step to have the loop measure and stage
         #: grad_norm/total_clipped (after clipping) for this step
         self.measure_clipped_norm = False
@@ -402,15 +407,16 @@ class Trainer:
         self.global_step += 1
         self.logging_step = should_log = self.should_log(self.global_step)
         self.skip_step = self.measure_clipped_norm = False
-        self.param_grad_norms = None
+        self.param_grad_norms = self.skip_step_where = None
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
         has_reg = self.objective.has_regularizers
         split_norms = {}
         lr = self.optimizer.param_groups[0]["lr"] if should_log else 0.0  # the lr of this step
-        if self.skip_step:  # parameters, optimizer state and scheduler stay as they are
+        if self.skip_step:  # parameters and optimizer state stay as they are
             if self.scaler is not None:
                 self.scaler.update()  # closes this step's unscale_ (and lowers the scale on inf)
+            self._advance_schedule()  # a skipped step is a step: the schedule goes on
         else:
             split_norms = self.objective.split_norms() if should_log and has_reg else {}
             grads = [p.grad for p in self.params if p.grad is not None]
@@ -434,10 +440,11 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+            elif self.skip_step_where is not None:  # decided on the device, never read here
+                conditional_step(self.optimizer, self.skip_step_where)
             else:
                 self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
+            self._advance_schedule()
         self.optimizer.zero_grad(set_to_none=True)
         out = StepOutput(
             self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
@@ -450,6 +457,16 @@ class Trainer:
             self.log_scalars({**split_norms, **self.staging.take_scalars()}, out.step)
         self.objective.end_step()
         self.progress.update()
+
+    def _advance_schedule(self) -> None:
+        if self.scheduler is None:
+            return
+        if getattr(self.optimizer, "_opt_called", False):  # (set by the scheduler's wrapper)
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():  # steps skipped so far: the order warning is moot
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
 
     def _log_step(self, out: StepOutput, lr: float, extra: dict[str, Tensor]) -> None:
         train_loss, total, count, samples = self.tally.take_log()

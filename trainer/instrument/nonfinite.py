@@ -1,16 +1,35 @@
 """The non-finite guard: NaN or Inf in the loss or a gradient, caught before the optimizer step.
 
-Every checked step costs a few device reductions and one host read of a single flag (the only
-per-step sync instrumentation makes; ``instrument.nonfinite.every_n_steps`` thins it out, and
-``policy=off`` removes it). Only a failing check looks further, to name the culprit.
+Every checked step costs a few device reductions: the 2-norm of every gradient and of the
+step's losses in one fused call (NaN/Inf if a tensor holds one), summed into one flag. What
+happens to the flag depends on ``sync``:
+
+* ``step`` (the default on a CPU, where reading a tensor waits for nothing): the flag is read
+  on the host every checked step; a failing check looks further, to name the culprit, and the
+  loop skips the update (or raises) right there.
+* ``deferred`` (the default on an accelerator): the flag is never read per step. The update is
+  made conditional on it on the device (trainer/update.py: the fused optimizers' ``found_inf``,
+  as ``GradScaler`` does it, or a copy put back with ``torch.where``), and the flags of the
+  steps since the last read are kept on the device, with each step's norms, and read on the
+  next logging step (at the latest every ``READ_EVERY`` steps, and at the end): the same steps
+  are skipped and the same parameters result as with ``step``, bit for bit, and each skipped
+  step is logged at its own step with its culprit, only later. With ``policy=raise`` every
+  update after the first non-finite step is skipped too, so the error, raised at the read,
+  leaves the parameters as they were before that step.
+
+``nonfinite/skipped_steps`` is written at each skipped step either way. A skipped step still
+counts as a step: ``global_step``, ``max_steps`` and the learning-rate schedule advance, as
+they do for a step ``GradScaler`` skips.
 
 Under ``trainer.precision=16`` the guard checks the loss only: gradients that overflow float16
-are the GradScaler's business (it skips those steps and lowers its scale), not an error.
+are the GradScaler's business (it skips those steps and lowers its scale, reading its own flag
+every step), not an error; ``deferred`` then is not available.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: deferred mode reads the kept flags at least this often (steps), whatever the logging cadence
+READ_EVERY = 1000
+
 
 class NonFiniteError(RuntimeError):
     """A NaN or Inf reached the loss or a gradient (policy ``raise``), or too many in a row
@@ -33,83 +55,179 @@ class NonFiniteError(RuntimeError):
 class NonfiniteGuard(Callback):
     """``policy="raise"``: stop before the update with an error naming the step and the loss or
     the first parameter with a non-finite gradient. ``policy="skip"``: skip the update (the
-    parameters, optimizer state and scheduler stay as they are), count it
-    (``nonfinite/skipped_steps``, logged with the step) and give up after
+    parameters and the optimizer state stay as they are), count it
+    (``nonfinite/skipped_steps``, logged at the step) and give up after
     ``max_consecutive_skips`` skipped steps in a row. Skipped steps still count as steps
-    (``global_step``, ``max_steps``)."""
+    (``global_step``, ``max_steps``, the schedule). ``sync``: ``step``, ``deferred`` or
+    ``auto`` (deferred on an accelerator, step on a CPU); see the module docstring."""
 
     def __init__(
-        self, policy: str = "raise", every_n_steps: int = 1, max_consecutive_skips: int = 10
+        self,
+        policy: str = "raise",
+        every_n_steps: int = 1,
+        max_consecutive_skips: int = 10,
+        sync: str = "auto",
     ):
         if policy not in ("raise", "skip"):
             raise ValueError(f"instrument.nonfinite.policy: got {policy!r}, expected raise or skip")
-        self.policy, self.max_consecutive = policy, max_consecutive_skips
+        if sync not in ("auto", "step", "deferred"):
+            raise ValueError(
+                f"instrument.nonfinite.sync: got {sync!r}, expected auto, step or deferred"
+            )
+        self.policy, self.max_consecutive, self.sync = policy, max_consecutive_skips, sync
         self.every = Every(every_n_steps)
         self.skipped = 0
         self.consecutive = 0
-        self._loss_ok: Tensor | None = None
+        #: whether the flags are read on logging steps only (resolved in on_fit_start)
+        self.deferred = False
+        self._losses: list[Tensor] = []  # the step's micro-batches' losses
+        #: deferred: (step, names, norms) of the checked steps not read yet
+        self._pending: list[tuple[int, list[str], Tensor]] = []
+        #: deferred, policy raise: whether a non-finite step has been seen (on the device)
+        self._latched: Tensor | None = None
 
-    def state_dict(self) -> dict[str, int]:
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
+    def on_fit_start(self, trainer: Trainer) -> None:
+        deferred = self.sync == "deferred" or (self.sync == "auto" and trainer.device.type != "cpu")
+        if deferred and trainer.scaler is not None:
+            if self.sync == "deferred":
+                raise ValueError(
+                    "instrument.nonfinite.sync=deferred does not go with trainer.precision=16: "
+                    "the GradScaler reads its own overflow flag every step (use sync=step)"
+                )
+            deferred = False
+        self.deferred = deferred
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, object]:
+        """The counts, and in deferred mode the flags not read yet (a resumed run reads them)."""
+        return {
+            "skipped": self.skipped,
+            "consecutive": self.consecutive,
+            "pending": [(step, names, norms) for step, names, norms in self._pending],
+            "latched": self._latched,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+        self._pending = [(int(s), list(n), t) for s, n, t in state.get("pending", [])]
+        self._latched = state.get("latched")
 
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
     ) -> None:
         if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
-            ok = torch.isfinite(losses).all()
-            self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
+            self._losses.append(losses)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
-        if not self.every.due(trainer.global_step):
+        if self.every.due(trainer.global_step):
+            self._check(trainer)
+        if (
+            self.deferred
+            and self._pending
+            and (trainer.logging_step or len(self._pending) >= READ_EVERY)
+        ):
+            self._read(trainer)
+
+    def on_fit_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if self.deferred:
+            self._read(trainer)
+
+    def _check(self, trainer: Trainer) -> None:
+        losses, self._losses = self._losses, []
+        names, tensors = [], []
+        if trainer.scaler is None:  # (fp16: overflowing gradients are the GradScaler's)
+            for n, p in zip(trainer.param_names, trainer.params, strict=True):
+                if p.grad is not None:
+                    names.append(n)
+                    tensors.append(p.grad)
+        names += [LOSS] * len(losses)
+        tensors += losses
+        if not tensors:
             return
-        loss_ok, self._loss_ok = self._loss_ok, None
-        named = [(n, p.grad) for n, p in zip(trainer.param_names, trainer.params, strict=True)
-                 if p.grad is not None]  # fmt: skip
-        flags = [] if loss_ok is None else [loss_ok]
-        if trainer.scaler is None and named:
-            # ‖g‖₂ per tensor (fused): NaN/Inf if the tensor holds one. A sum of squares can also
-            # overflow for huge finite gradients (|g| > 1e19 in float32): such an alarm is
-            # checked exactly below, on the failure path only. (max |g|, which cannot overflow,
-            # took 10x longer on CPU.)
-            norms = torch.stack(torch._foreach_norm([g for _, g in named]))
-            flags.append(torch.isfinite(norms).all())
-        if not flags or bool(torch.stack(flags).all()):  # host sync: once per checked step
+        # ‖t‖₂ per tensor (fused; float32 at least): NaN/Inf if the tensor holds one, and their
+        # sum too. A sum of squares can also overflow for huge finite values (|g| > 1e19 in
+        # float32): in step mode such an alarm is checked exactly on the failure path; deferred,
+        # it counts as non-finite. (max |g|, which cannot overflow, took 10x longer on CPU.)
+        low = (torch.float16, torch.bfloat16)
+        norms = torch.stack(torch._foreach_norm([t.float() if t.dtype in low else t
+                                                 for t in tensors]))  # fmt: skip
+        ok = torch.isfinite(norms.sum())
+        if self.deferred:  # no host read: the update is made conditional on the device
+            skip = ~ok
+            if self.policy == "raise":  # every update from the first non-finite step on
+                self._latched = skip if self._latched is None else self._latched | skip
+                skip = self._latched
+            trainer.skip_step_where = skip
+            self._pending.append((trainer.global_step, names, norms))
+            return
+        if bool(ok):  # host sync: once per checked step
             self.consecutive = 0
             return
-        cause = self._describe(trainer, loss_ok, named)
-        if not cause:  # an overflowing norm of finite gradients: not a non-finite value
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()
+        bad = [n for n, fine in zip(names, finite, strict=True) if not fine]
+        if not bad:  # an overflowing norm of finite values: not a non-finite value
             self.consecutive = 0
             return
+        self._skip(trainer, trainer.global_step, bad)
+        trainer.skip_step = True
+
+    def _read(self, trainer: Trainer) -> None:
+        """Deferred mode: the kept flags' steps, in order, as step mode would have met them."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        values = torch.cat([norms.float() for _, _, norms in pending]).tolist()  # host sync:
+        start = 0  # logging steps only (and every READ_EVERY steps, and at the end)
+        for step, names, norms in pending:
+            stop = start + norms.numel()
+            step_values = values[start:stop]
+            bad = [n for n, v in zip(names, step_values, strict=True) if not math.isfinite(v)]
+            start = stop
+            if not bad:
+                self.consecutive = 0
+                continue
+            self._skip(trainer, step, bad, read_at=trainer.global_step)
+
+    def _skip(self, trainer: Trainer, step: int, bad: list[str], read_at: int | None = None):
+        """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped."""
+        cause = _cause(bad)
         if self.policy == "raise":
+            later = (
+                ""
+                if read_at is None
+                else f" (read at step {read_at}, with instrument.nonfinite.sync=deferred: "
+                f"steps {step}-{read_at} updated nothing)"
+            )
             raise NonFiniteError(
-                f"step {trainer.global_step}: {cause}; stopped before the optimizer step "
+                f"step {step}: {cause}; stopped before the optimizer step{later} "
                 "(instrument.nonfinite.policy=skip skips such steps instead)"
             )
         self.skipped += 1
         self.consecutive += 1
-        trainer.skip_step = True
-        trainer.stage_scalars({"nonfinite/skipped_steps": float(self.skipped)})
-        log.warning("step %d skipped: %s", trainer.global_step, cause)
+        value = {"nonfinite/skipped_steps": float(self.skipped)}
+        if read_at is None:
+            trainer.stage_scalars(value)
+        elif trainer.logger is not None:  # written at its own step (nothing else staged)
+            trainer.logger.add_floats(value, step)
+        log.warning("step %d skipped: %s", step, cause)
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
-                f"step {trainer.global_step}: {self.consecutive} steps in a row skipped for "
+                f"step {step}: {self.consecutive} steps in a row skipped for "
                 f"non-finite values (instrument.nonfinite.max_consecutive_skips="
                 f"{self.max_consecutive}); the last: {cause}"
             )
 
-    @staticmethod
-    def _describe(trainer: Trainer, loss_ok: Tensor | None, named: list[tuple[str, Tensor]]) -> str:
-        """Which value went non-finite (on the failure path only, so its reads cost nothing)."""
-        parts = []
-        if loss_ok is not None and not bool(loss_ok):
-            parts.append("non-finite loss (NaN/Inf in the per-sample losses)")
-        if trainer.scaler is None and named:
-            finite = torch.stack([torch.isfinite(g).all() for _, g in named]).tolist()
-            bad = [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
-            if bad:
-                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-                parts.append(f"non-finite gradient of {bad[0]}{more}")
-        return "; ".join(parts)
+
+#: the name the step's losses go by among the checked tensors
+LOSS = "\0loss"
+
+
+def _cause(bad: list[str]) -> str:
+    """What went non-finite, in words."""
+    parts = []
+    if LOSS in bad:
+        parts.append("non-finite loss (NaN/Inf in the per-sample losses)")
+    grads = [n for n in bad if n != LOSS]
+    if grads:
+        more = f" (and {len(grads) - 1} more)" if len(grads) > 1 else ""
+        parts.append(f"non-finite gradient of {grads[0]}{more}")
+    return "; ".join(parts)

@@ -1,0 +1,192 @@
+"""The non-finite guard without a per-step host read (``instrument.nonfinite.sync=deferred``):
+the update made conditional on the device skips the same steps and leaves the same parameters
+and optimizer state as reading the flag every step, bit for bit; and nothing in a non-logging
+step reads a tensor back to the host."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import read_scalars, train
+from torch.overrides import TorchFunctionMode
+
+from trainer.callbacks import Callback
+from trainer.checkpoint import load_checkpoint
+from trainer.instrument.nonfinite import NonFiniteError
+from trainer.update import conditional_step
+
+COMMON = ("trainer.max_steps=12", "logging.every_n_steps=4", "scheduler=cosine")
+
+
+class Poison(Callback):
+    """NaN/Inf into a gradient (or the input, hence the loss) of the given optimizer steps."""
+
+    def __init__(self, steps: dict[int, str]) -> None:
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        if self.steps.get(trainer.global_step + 1) == "input":
+            batch.x[0, 0] = math.nan
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if self.steps.get(trainer.global_step + 1) == "grad":
+            trainer.params[2].grad[0, 0] = math.inf  # net.3.weight
+
+
+class After(Callback):
+    """The weights after each step."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_step_end(self, trainer, out) -> None:
+        named = zip(trainer.param_names, trainer.params, strict=True)
+        self.after[out.step] = {n: p.detach().clone() for n, p in named}
+
+
+def _state(run_dir) -> tuple[dict, list]:
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    opt = [v for s in ckpt["optimizer"]["state"].values() for v in s.values()]
+    return ckpt["model"], opt
+
+
+# step 1 creates the optimizer's state (read on the host there); 5-6 in a row; 8 the loss
+POISONED = {1: "grad", 5: "grad", 6: "input", 8: "input"}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw-fused", "sgd", "sgd-fused"])
+def test_deferred_skip_equals_step_mode_bitwise(tmp_path, optimizer, caplog) -> None:
+    name, _, fused = optimizer.partition("-")
+    opt = [f"optimizer={name}", *(["optimizer.fused=true"] if fused else [])]
+    runs = {}
+    for sync in ("step", "deferred"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            train(tmp_path / sync, *COMMON, *opt, "instrument.nonfinite.policy=skip",
+                  f"instrument.nonfinite.sync={sync}", callbacks=[Poison(POISONED)])  # fmt: skip
+        warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+        runs[sync] = (_state(tmp_path / sync), read_scalars(tmp_path / sync), warned)
+    (model_s, opt_s), scalars_s, warned_s = runs["step"]
+    (model_d, opt_d), scalars_d, warned_d = runs["deferred"]
+    for k in model_s:
+        assert torch.equal(model_s[k], model_d[k]), k
+    assert len(opt_s) == len(opt_d) > 0
+    assert all(torch.equal(a, b) for a, b in zip(opt_s, opt_d, strict=True))
+    skipped = [(s, v) for s, v in scalars_s["nonfinite/skipped_steps"]]
+    assert skipped == [(1, 1.0), (5, 2.0), (6, 3.0), (8, 4.0)]
+    assert sorted(scalars_d["nonfinite/skipped_steps"]) == skipped
+    assert warned_d == warned_s and len(warned_s) == 4
+    assert "step 6 skipped: non-finite loss" in warned_s[2]
+
+
+def test_deferred_raise_names_the_first_step_and_updates_nothing_from_it(tmp_path) -> None:
+    after = After()
+    with pytest.raises(NonFiniteError, match=r"^step 6: non-finite gradient of net\.3\.weight"
+                       r".*read at step 8"):  # fmt: skip
+        train(tmp_path, *COMMON, "instrument.nonfinite.sync=deferred",
+              callbacks=[Poison({6: "grad", 7: "input"}), after])  # fmt: skip
+    assert max(after.after) == 7  # steps 6 and 7 ran, the read at step 8 raised
+    for step in (6, 7):
+        for n, w in after.after[5].items():
+            assert torch.equal(after.after[step][n], w), (step, n)
+
+
+def test_deferred_gives_up_after_consecutive_skips(tmp_path) -> None:
+    class Always(Callback):
+        def on_after_backward(self, trainer, batch, losses, weights) -> None:
+            if trainer.global_step >= 2:
+                trainer.params[0].grad.fill_(math.nan)
+
+    with pytest.raises(NonFiniteError, match="^step 6: 4 steps in a row skipped"):
+        train(tmp_path, *COMMON, "instrument.nonfinite.policy=skip",
+              "instrument.nonfinite.sync=deferred", "instrument.nonfinite.max_consecutive_skips=4",
+              callbacks=[Always()])  # fmt: skip
+
+
+class NoHostReads(TorchFunctionMode):
+    """Records every read of a tensor's value by the host (bool, item, tolist, float, ...)."""
+
+    T = torch.Tensor
+    READS = {T.__bool__, T.item, T.tolist, T.__float__, T.__int__, T.__index__, T.cpu, T.numpy}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func in self.READS:
+            self.reads.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+class WatchSteps(Callback):
+    """Runs each optimizer step's micro-batch under :class:`NoHostReads`; the reads per step."""
+
+    def __init__(self) -> None:
+        self.mode: NoHostReads | None = None
+        self.reads: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        self.mode = NoHostReads()
+        self.mode.__enter__()
+
+    def on_train_step_end(self, trainer, out) -> None:
+        assert self.mode is not None
+        self.mode.__exit__(None, None, None)
+        self.reads[out.step] = self.mode.reads
+
+
+def test_no_host_read_in_a_step_that_does_not_log(tmp_path) -> None:
+    """The defaults (guard every step, deferred; norms on the logging steps) with the fused
+    SGD: the host reads a tensor on logging steps and on the first (the optimizer's state
+    is created there), never on any other step."""
+    watch = WatchSteps()
+    train(tmp_path, "trainer.max_steps=12", "logging.every_n_steps=4", "optimizer=sgd",
+          "optimizer.fused=true", "instrument.nonfinite.sync=deferred",
+          "instrument.histograms.every_n_steps=4", callbacks=[watch])  # fmt: skip
+    quiet = {s: r for s, r in watch.reads.items() if s % 4 and s != 1}
+    assert quiet and all(not r for r in quiet.values()), quiet
+    assert watch.reads[4]  # the logging steps read (this test can see reads)
+
+
+class ReplacesState(torch.optim.Optimizer):
+    """Momentum SGD that replaces its state tensor each step instead of updating it."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["buf"] = 0.9 * state.get("buf", torch.zeros_like(p)) + p.grad
+                p.sub_(group["lr"] * state["buf"])
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps), lambda ps: torch.optim.AdamW(ps, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True), ReplacesState,
+])  # fmt: skip
+def test_conditional_step_is_the_step_or_nothing(make) -> None:
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    opt_ref, opt = make(ref), make(mine)
+    for k, grad_nan in enumerate([False, False, True, False, True]):
+        grads = [torch.randn_like(p) for p in ref]
+        for ps in (ref, mine):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+                if grad_nan:
+                    p.grad[0] = math.nan
+        if not grad_nan:
+            opt_ref.step()
+        conditional_step(opt, torch.tensor(grad_nan))
+        for a, b in zip(ref, mine, strict=True):
+            assert torch.equal(a, b), k
+        for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
+            assert all(torch.equal(a[key], b[key]) for key in a), k

@@ -1,0 +1,61 @@
+"""An optimizer step that is skipped on the device, without reading anything back to the host.
+
+The non-finite guard in deferred mode (trainer/instrument/nonfinite.py) knows whether a step's
+gradients are finite only as a 0-d tensor on the device; reading it would make the host wait for
+the step's kernels every step. :func:`conditional_step` applies the update where the flag is
+False and leaves everything as it was where it is True:
+
+* an optimizer with a fused implementation (``fused=True`` on ``torch.optim.SGD``, ``Adam``,
+  ``AdamW``, ``Adagrad``) takes the flag as ``found_inf``, exactly as ``GradScaler`` hands it
+  over: its kernels skip the update of the parameters and the state and undo the step count;
+* any other optimizer steps unconditionally, after a copy of the parameters that have a gradient
+  and of their optimizer state, which are then put back where the flag is set (``torch.where``,
+  bit for bit, NaN-proof). That costs one copy of the parameters and the state per step, and
+  two kernels per tensor: affordable on a GPU, whose launches are asynchronous.
+
+A step that would create optimizer state (an optimizer's first step, a parameter's first
+gradient), or an optimizer keeping Python numbers in its state, cannot be undone on the device:
+there the flag is read on the host once (so a run reads it on its first step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """The optimizer's step skips itself on a ``found_inf`` flag (its fused implementation)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
+
+
+def conditional_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
+    """``optimizer.step()`` where the 0-d bool ``skip`` is False; nothing changes where it is
+    True (parameters and optimizer state; see the module docstring)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    states = [optimizer.state.get(p) for p in params]
+    if any(not s or not all(isinstance(v, Tensor) for v in s.values()) for s in states):
+        if bool(skip):  # host read: a step that creates state, or Python numbers in it
+            return
+        optimizer.step()
+        return
+    if takes_found_inf(optimizer):
+        optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+        optimizer.grad_scale = None  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+        return
+    with torch.no_grad():
+        saved_params = [p.clone() for p in params]
+        saved_states = [{k: v.clone() for k, v in s.items()} for s in states]  # type: ignore[union-attr]
+        optimizer.step()
+        for p, before in zip(params, saved_params, strict=True):
+            p.copy_(torch.where(skip, before, p))
+        for p, before in zip(params, saved_states, strict=True):
+            state = optimizer.state[p]  # a step may have replaced a state tensor, not updated it
+            for k, v in before.items():
+                state[k] = torch.where(skip, v, state[k])
