@@ -9,6 +9,7 @@ otherwise stays silent, leaving a plain log line per epoch (written by the Train
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -16,6 +17,7 @@ import socket
 import struct
 import sys
 import time
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,15 @@ def to_floats(values: Scalars) -> dict[str, float]:
         flat = torch.cat(parts).tolist()  # host sync: logging steps only
         out.update(zip(tags, flat, strict=True))
     return out
+
+
+@functools.cache
+def _protos() -> Any:
+    """TensorBoard's Event and Summary protos, imported on first use (not at start-up)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return types.SimpleNamespace(Event=Event, Summary=Summary)
 
 
 _file_ids = itertools.count()  # two files opened in the same second get different names
@@ -143,10 +154,10 @@ class TensorBoardLogger:
 
     def add_floats(self, floats: dict[str, float], step: int) -> None:
         """Record scalars already on the host, as one event."""
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        values = [Summary.Value(tag=t, simple_value=v) for t, v in floats.items()]
-        self.add_summary(Summary(value=values), step)
+        summary = _protos().Summary()
+        for t, v in floats.items():
+            summary.value.add(tag=t, simple_value=v)
+        self.add_summary(summary, step)
 
     def log_histogram_raw(self, tag: str, h: Any, step: int) -> None:
         """Record a histogram binned elsewhere (``trainer.instrument.histograms.RawHistogram``)."""
@@ -160,9 +171,7 @@ class TensorBoardLogger:
 
     def add_summary(self, summary: Any, step: int) -> None:
         """Record a ``Summary`` proto (scalars, histograms, plugin data) at ``step``."""
-        from tensorboard.compat.proto.event_pb2 import Event
-
-        self._events.append(Event(wall_time=time.time(), step=step, summary=summary))
+        self._events.append(_protos().Event(wall_time=time.time(), step=step, summary=summary))
         if time.monotonic() - self._last_flush > self.flush_secs:
             self.flush()
 

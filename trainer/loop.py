@@ -172,6 +172,9 @@ class Trainer:
         #: per-parameter gradient 2-norms (parameters with a gradient, in ``params`` order) when
         #: a callback measured them in ``on_before_optimizer_step``; the total is taken from them
         self.param_grad_norms: Tensor | None = None
+        #: the same norms when a callback computed them this step for its own use (the
+        #: non-finite guard): another callback may reuse them instead of computing them again
+        self.checked_grad_norms: Tensor | None = None
         #: what callbacks stage during a step (stage_scalars, stage_histogram)
         self.staging = Staging()
         #: the current accumulation window (its samples; per-token losses: its Σu)
@@ -407,7 +410,7 @@ class Trainer:
         self.global_step += 1
         self.logging_step = should_log = self.should_log(self.global_step)
         self.skip_step = self.measure_clipped_norm = False
-        self.param_grad_norms = self.skip_step_where = None
+        self.param_grad_norms = self.checked_grad_norms = self.skip_step_where = None
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
         has_reg = self.objective.has_regularizers

@@ -147,19 +147,23 @@ class NonfiniteGuard(Callback):
         # sum too. A sum of squares can also overflow for huge finite values (|g| > 1e19 in
         # float32): in step mode such an alarm is checked exactly on the failure path; deferred,
         # it counts as non-finite. (max |g|, which cannot overflow, took 10x longer on CPU.)
-        low = (torch.float16, torch.bfloat16)
-        norms = torch.stack(torch._foreach_norm([t.float() if t.dtype in low else t
-                                                 for t in tensors]))  # fmt: skip
-        ok = torch.isfinite(norms.sum())
+        low = [t.dtype in (torch.float16, torch.bfloat16) for t in tensors]
+        if any(low):
+            tensors = [t.float() if is_low else t for t, is_low in zip(tensors, low, strict=True)]
+        norms = torch.stack(torch._foreach_norm(tensors))
+        grads = len(tensors) - len(losses)
+        if grads and not any(low):  # the norms instrument's grad_norm/<param>, if it measures
+            trainer.checked_grad_norms = norms[:grads]
+        total = norms.sum()
         if self.deferred:  # no host read: the update is made conditional on the device
-            skip = ~ok
+            skip = ~torch.isfinite(total)
             if self.policy == "raise":  # every update from the first non-finite step on
                 self._latched = skip if self._latched is None else self._latched | skip
                 skip = self._latched
             trainer.skip_step_where = skip
             self._pending.append((trainer.global_step, names, norms))
             return
-        if bool(ok):  # host sync: once per checked step
+        if math.isfinite(float(total)):  # host sync: once per checked step
             self.consecutive = 0
             return
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()

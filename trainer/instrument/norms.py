@@ -69,7 +69,7 @@ class Norms(Callback):
         # get_total_norm sums per (device, dtype) group: with one group its total is the 2-norm
         # of these per-parameter norms bit for bit, so the trainer may reuse them
         self._one_group = len({(p.device, p.dtype) for p in trainer.params}) == 1
-        for kind in ("param_norm", "update_ratio"):
+        for kind in ("grad_norm", "param_norm", "update_ratio"):
             self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -78,23 +78,25 @@ class Norms(Callback):
         if not self.every.due(trainer.global_step):
             return
         trainer.measure_clipped_norm = True
-        names, grads = [], []
-        for n, p in zip(trainer.param_names, trainer.params, strict=True):
-            if p.grad is not None:
-                names.append(f"grad_norm/{n}")
-                grads.append(p.grad)
+        grads = [p.grad for p in trainer.params if p.grad is not None]
+        names = self._tags["grad_norm"]
+        if len(grads) < len(names):  # some parameters have no gradient this step
+            names = tuple(t for t, p in zip(names, trainer.params, strict=True)
+                          if p.grad is not None)  # fmt: skip
         if grads:  # one 1-D tensor for all: one entry in the step's single host read
-            norms = torch.stack(torch._foreach_norm(grads))
+            norms = trainer.checked_grad_norms  # the guard's, when it checked this step
+            if norms is None:
+                norms = torch.stack(torch._foreach_norm(grads))
             if self._one_group:  # the trainer takes grad_norm/total from these
                 trainer.param_grad_norms = norms
-            trainer.stage_scalars({tuple(names): norms})
+            trainer.stage_scalars({names: norms})
         if self.param_norm or self.update_ratio:
             weights = [p.detach() for p in trainer.params]
             norms = torch.stack(torch._foreach_norm(weights))
             if self.param_norm:
                 trainer.stage_scalars({self._tags["param_norm"]: norms})
             if self.update_ratio:
-                self._before = [w.clone() for w in weights]
+                self._before = torch._foreach_mul(weights, 1.0)  # a copy, in one call
                 self._before_norms = norms
 
     def _agreement(self, trainer: Trainer) -> None:
