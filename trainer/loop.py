@@ -172,8 +172,8 @@ class Trainer:
         #: per-parameter gradient 2-norms (parameters with a gradient, in ``params`` order) when
         #: a callback measured them in ``on_before_optimizer_step``; the total is taken from them
         self.param_grad_norms: Tensor | None = None
-        #: the same norms when a callback computed them this step for its own use (the
-        #: non-finite guard): another callback may reuse them instead of computing them again
+        #: the same norms, possibly followed by others, when a callback computed them this step
+        #: for its own use (the non-finite guard): another callback may reuse them
         self.checked_grad_norms: Tensor | None = None
         #: what callbacks stage during a step (stage_scalars, stage_histogram)
         self.staging = Staging()

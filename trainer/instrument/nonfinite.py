@@ -85,6 +85,7 @@ class NonfiniteGuard(Callback):
         self._pending: list[tuple[int, list[str], Tensor]] = []
         #: deferred, policy raise: whether a non-finite step has been seen (on the device)
         self._latched: Tensor | None = None
+        self._low_params = False  # float16/bfloat16 parameters (their gradients normed in float32)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         deferred = self.sync == "deferred" or (self.sync == "auto" and trainer.device.type != "cpu")
@@ -96,6 +97,7 @@ class NonfiniteGuard(Callback):
                 )
             deferred = False
         self.deferred = deferred
+        self._low_params = any(p.dtype in _LOW for p in trainer.params)
 
     def state_dict(self) -> dict[str, object]:
         """The counts, and in deferred mode the flags not read yet (a resumed run reads them)."""
@@ -133,27 +135,22 @@ class NonfiniteGuard(Callback):
 
     def _check(self, trainer: Trainer) -> None:
         losses, self._losses = self._losses, []
-        names, tensors = [], []
+        grads: list[Tensor] = []
         if trainer.scaler is None:  # (fp16: overflowing gradients are the GradScaler's)
-            for n, p in zip(trainer.param_names, trainer.params, strict=True):
-                if p.grad is not None:
-                    names.append(n)
-                    tensors.append(p.grad)
-        names += [LOSS] * len(losses)
-        tensors += losses
+            grads = [p.grad for p in trainer.params if p.grad is not None]
+        tensors = grads + losses
         if not tensors:
             return
         # ‖t‖₂ per tensor (fused; float32 at least): NaN/Inf if the tensor holds one, and their
         # sum too. A sum of squares can also overflow for huge finite values (|g| > 1e19 in
         # float32): in step mode such an alarm is checked exactly on the failure path; deferred,
         # it counts as non-finite. (max |g|, which cannot overflow, took 10x longer on CPU.)
-        low = [t.dtype in (torch.float16, torch.bfloat16) for t in tensors]
-        if any(low):
-            tensors = [t.float() if is_low else t for t, is_low in zip(tensors, low, strict=True)]
+        low = any(t.dtype in _LOW for t in losses) or (grads and self._low_params)
+        if low:
+            tensors = [t.float() if t.dtype in _LOW else t for t in tensors]
         norms = torch.stack(torch._foreach_norm(tensors))
-        grads = len(tensors) - len(losses)
-        if grads and not any(low):  # the norms instrument's grad_norm/<param>, if it measures
-            trainer.checked_grad_norms = norms[:grads]
+        if grads and not low:  # the norms instrument's grad_norm/<param>, if it measures
+            trainer.checked_grad_norms = norms  # (the gradients' first, then the losses')
         total = norms.sum()
         if self.deferred:  # no host read: the update is made conditional on the device
             skip = ~torch.isfinite(total)
@@ -161,11 +158,13 @@ class NonfiniteGuard(Callback):
                 self._latched = skip if self._latched is None else self._latched | skip
                 skip = self._latched
             trainer.skip_step_where = skip
+            names = self._names(trainer, len(grads), len(losses))
             self._pending.append((trainer.global_step, names, norms))
             return
         if math.isfinite(float(total)):  # host sync: once per checked step
             self.consecutive = 0
             return
+        names = self._names(trainer, len(grads), len(losses))
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()
         bad = [n for n, fine in zip(names, finite, strict=True) if not fine]
         if not bad:  # an overflowing norm of finite values: not a non-finite value
@@ -173,6 +172,15 @@ class NonfiniteGuard(Callback):
             return
         self._skip(trainer, trainer.global_step, bad)
         trainer.skip_step = True
+
+    def _names(self, trainer: Trainer, grads: int, losses: int) -> list[str]:
+        """The checked tensors' names: the parameters with a gradient, then the losses."""
+        if grads == len(trainer.params):
+            names = list(trainer.param_names)
+        else:
+            names = [n for n, p in zip(trainer.param_names, trainer.params, strict=True)
+                     if p.grad is not None][:grads]  # fmt: skip
+        return names + [LOSS] * losses
 
     def _read(self, trainer: Trainer) -> None:
         """Deferred mode: the kept flags' steps, in order, as step mode would have met them."""
@@ -220,6 +228,8 @@ class NonfiniteGuard(Callback):
                 f"{self.max_consecutive}); the last: {cause}"
             )
 
+
+_LOW = (torch.float16, torch.bfloat16)  # normed in float32
 
 #: the name the step's losses go by among the checked tensors
 LOSS = "\0loss"

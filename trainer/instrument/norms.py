@@ -84,8 +84,10 @@ class Norms(Callback):
             names = tuple(t for t, p in zip(names, trainer.params, strict=True)
                           if p.grad is not None)  # fmt: skip
         if grads:  # one 1-D tensor for all: one entry in the step's single host read
-            norms = trainer.checked_grad_norms  # the guard's, when it checked this step
-            if norms is None:
+            checked = trainer.checked_grad_norms  # the guard's, when it checked this step
+            if checked is not None:
+                norms = checked[: len(grads)]
+            else:
                 norms = torch.stack(torch._foreach_norm(grads))
             if self._one_group:  # the trainer takes grad_norm/total from these
                 trainer.param_grad_norms = norms
