@@ -14,8 +14,8 @@ A GradScaler, when given, scales the root's gradient (the loss, or w) before bac
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,14 +29,20 @@ class GraphFreedError(RuntimeError):
     """A backward pass through a graph whose saved tensors an earlier backward already freed."""
 
 
-@contextlib.contextmanager
-def explain_freed_graph() -> Iterator[None]:
-    """Turn autograd's "backward through the graph a second time" error into a clear one."""
-    try:
-        yield
-    except RuntimeError as e:
+class explain_freed_graph:  # noqa: N801  (used as a context manager, like a function)
+    """Turn autograd's "backward through the graph a second time" error into a clear one.
+
+    A class, not ``contextlib.contextmanager``: it wraps every backward, and a generator-based
+    context manager costs about 9 µs per use against well under 1 µs for this."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, e: BaseException | None, tb: Any) -> bool:
+        if not isinstance(e, RuntimeError):
+            return False
         if "second time" not in str(e) and "already been freed" not in str(e):
-            raise
+            return False
         raise GraphFreedError(
             "backward ran a second time through the same graph: the first backward freed the "
             "activations it saved. Compute the losses again with a new forward pass (the "

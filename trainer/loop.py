@@ -169,12 +169,11 @@ class Trainer:
         #: set by a callback in on_before_optimizer_step to have the loop measure and stage
         #: grad_norm/total_clipped (after clipping) for this step
         self.measure_clipped_norm = False
-        #: per-parameter gradient 2-norms (parameters with a gradient, in ``params`` order) when
-        #: a callback measured them in ``on_before_optimizer_step``; the total is taken from them
-        self.param_grad_norms: Tensor | None = None
-        #: the same norms, possibly followed by others, when a callback computed them this step
-        #: for its own use (the non-finite guard): another callback may reuse them
-        self.checked_grad_norms: Tensor | None = None
+        #: the step's gradient norms as a callback computed them (share_grad_norms)
+        self._grad_norms: tuple[list[Tensor], list[int], Tensor] | None = None
+        #: get_total_norm sums per (device, dtype) group: with one group its total is the 2-norm
+        #: of the per-parameter norms bit for bit, so the loop may take it from shared ones
+        self._one_group = len({(p.device, p.dtype) for p in self.params}) <= 1
         #: what callbacks stage during a step (stage_scalars, stage_histogram)
         self.staging = Staging()
         #: the current accumulation window (its samples; per-token losses: its Σu)
@@ -216,6 +215,26 @@ class Trainer:
 
     def should_log(self, step: int) -> bool:
         return self.log_every.due(step)
+
+    def share_grad_norms(self, grads: list[Tensor], norms: Tensor) -> None:
+        """For a callback in ``on_before_optimizer_step`` that computed the gradients' 2-norms
+        (``grads``: the parameters' gradients, those that exist, in ``params`` order;
+        ``norms``: 1-D, theirs first, possibly followed by others): later callbacks and the
+        loop's total (``grad_norm/total``, clipping) take them from :meth:`shared_grad_norms`
+        instead of computing them again."""
+        self._grad_norms = (grads, [g._version for g in grads], norms)
+
+    def shared_grad_norms(self, grads: list[Tensor]) -> Tensor | None:
+        """The shared norms of exactly these gradients, if a callback shared them this step and
+        none of them was replaced or changed in place since (their version counters)."""
+        if self._grad_norms is None:
+            return None
+        kept, versions, norms = self._grad_norms
+        if len(kept) != len(grads) or any(
+            a is not b or a._version != v for a, b, v in zip(kept, grads, versions, strict=True)
+        ):
+            return None
+        return norms[: len(grads)]
 
     def stage_scalars(self, values: Scalars) -> None:
         """Queue scalars for the current step; they are read back to the host together with
@@ -410,7 +429,7 @@ class Trainer:
         self.global_step += 1
         self.logging_step = should_log = self.should_log(self.global_step)
         self.skip_step = self.measure_clipped_norm = False
-        self.param_grad_norms = self.checked_grad_norms = self.skip_step_where = None
+        self._grad_norms = self.skip_step_where = None
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
         has_reg = self.objective.has_regularizers
@@ -423,9 +442,11 @@ class Trainer:
         else:
             split_norms = self.objective.split_norms() if should_log and has_reg else {}
             grads = [p.grad for p in self.params if p.grad is not None]
-            if self.param_grad_norms is not None:  # a callback measured them: reuse, as
-                # get_total_norm would compute it (the 2-norm of the per-tensor 2-norms)
-                grad_norm = torch.linalg.vector_norm(self.param_grad_norms)
+            if self.grad_clip > 0 or should_log or self.measure_clipped_norm:
+                shared = self.shared_grad_norms(grads) if self._one_group else None
+                if shared is not None:  # a callback measured them: reuse, as get_total_norm
+                    # would compute it (the 2-norm of the per-tensor 2-norms)
+                    grad_norm = torch.linalg.vector_norm(shared)
             if self.grad_clip > 0:
                 if grad_norm is None:
                     grad_norm = clip_grad_norm_(self.params, self.grad_clip)

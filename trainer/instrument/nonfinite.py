@@ -149,8 +149,8 @@ class NonfiniteGuard(Callback):
         if low:
             tensors = [t.float() if t.dtype in _LOW else t for t in tensors]
         norms = torch.stack(torch._foreach_norm(tensors))
-        if grads and not low:  # the norms instrument's grad_norm/<param>, if it measures
-            trainer.checked_grad_norms = norms  # (the gradients' first, then the losses')
+        if grads and not low:  # for grad_norm/<param> and grad_norm/total, when logged
+            trainer.share_grad_norms(grads, norms)
         total = norms.sum()
         if self.deferred:  # no host read: the update is made conditional on the device
             skip = ~torch.isfinite(total)

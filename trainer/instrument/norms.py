@@ -59,16 +59,12 @@ class Norms(Callback):
         self._before: list[Tensor] | None = None
         self._before_norms: Tensor | None = None
         self._tags: dict[str, tuple[str, ...]] = {}
-        self._one_group = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._positions = {id(p): i for i, p in enumerate(trainer.params)}
         if self._pending is not None:  # a resumed run's kept gradients
             self._previous = {id(trainer.params[i]): g for i, g in self._pending.items()}
             self._pending = None
-        # get_total_norm sums per (device, dtype) group: with one group its total is the 2-norm
-        # of these per-parameter norms bit for bit, so the trainer may reuse them
-        self._one_group = len({(p.device, p.dtype) for p in trainer.params}) == 1
         for kind in ("grad_norm", "param_norm", "update_ratio"):
             self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)
 
@@ -84,13 +80,10 @@ class Norms(Callback):
             names = tuple(t for t, p in zip(names, trainer.params, strict=True)
                           if p.grad is not None)  # fmt: skip
         if grads:  # one 1-D tensor for all: one entry in the step's single host read
-            checked = trainer.checked_grad_norms  # the guard's, when it checked this step
-            if checked is not None:
-                norms = checked[: len(grads)]
-            else:
+            norms = trainer.shared_grad_norms(grads)  # the guard's, when it checked this step
+            if norms is None:
                 norms = torch.stack(torch._foreach_norm(grads))
-            if self._one_group:  # the trainer takes grad_norm/total from these
-                trainer.param_grad_norms = norms
+                trainer.share_grad_norms(grads, norms)  # the total is taken from them
             trainer.stage_scalars({names: norms})
         if self.param_norm or self.update_ratio:
             weights = [p.detach() for p in trainer.params]
