@@ -161,15 +161,18 @@ def test_the_host_histogram_of_a_short_vector_matches_the_device_one(n) -> None:
     assert sum(abs(a - b) for a, b in pairs) <= 2  # a value on a bucket edge may round across
 
 
-def test_histograms_are_in_the_event_file(tmp_path) -> None:
-    train(tmp_path, "trainer.max_steps=4", "instrument.histograms.every_n_steps=2",
+@pytest.mark.parametrize(("steps", "every", "logged"), [(5, 2, [1, 2, 4, 5]), (3, 100, [1, 3])])
+def test_histograms_are_in_the_event_file(tmp_path, steps, every, logged) -> None:
+    """On their cadence and at the first and last step: a run shorter than two intervals
+    still has a distribution to show."""
+    train(tmp_path, f"trainer.max_steps={steps}", f"instrument.histograms.every_n_steps={every}",
           "instrument.histograms.bins=16")  # fmt: skip
     hists = read_histograms(tmp_path)
     model = MLP((1, 8, 8), 10)
     for name, p in model.named_parameters():
         for kind in ("grad", "weight"):
             events = hists[f"{kind}_hist/{name}"]
-            assert [e.step for e in events] == [2, 4]
+            assert [e.step for e in events] == logged
             value = events[0].histogram_value
             assert sum(value.bucket) == p.numel() == value.num
             assert len(value.bucket) == 16 and value.min <= value.max

@@ -65,7 +65,7 @@ def _loaded(url: str) -> bool:
     loss = get(url, "/data/plugin/scalars/scalars?run=tb&tag=train/loss")
     hist = get(url, f"/data/plugin/histograms/histograms?run=tb&tag=grad_hist/{PARAM}")
     acc = get(url, "/data/plugin/scalars/scalars?run=tb&tag=val/acc")
-    return len(loss) == 6 and len(hist) == 2 and acc[-1][1] == 6
+    return len(loss) == 6 and len(hist) == 3 and acc[-1][1] == 6
 
 
 def get(url: str, path: str, body: dict | None = None):
@@ -89,7 +89,7 @@ def test_scalars_histograms_and_hparams_are_served(served) -> None:
     hist_tags = get(url, "/data/plugin/histograms/tags")["tb"]
     assert f"grad_hist/{PARAM}" in hist_tags and f"weight_hist/{PARAM}" in hist_tags
     hist = get(url, f"/data/plugin/histograms/histograms?run=tb&tag=grad_hist/{PARAM}")
-    assert [step for _, step, _ in hist] == [3, 6]
+    assert [step for _, step, _ in hist] == [1, 3, 6]  # the cadence, the first and the last
     for _, _, buckets in hist:  # [left, right, count] per bucket: every element counted
         assert sum(count for _, _, count in buckets) == pytest.approx(numel)
 

@@ -61,11 +61,23 @@ def test_event_file_holds_the_documented_tags(tmp_path) -> None:
     per_step = ["train/loss", "lr", "grad_norm/total", "weights/mean", "weights/min", "weights/max"]
     assert set(scalars) == {*per_step, "val/loss", "val/acc"}
     for tag in per_step:
-        assert [s for s, _ in scalars[tag]] == list(range(5, 47, 5)), tag
+        # train/loss also over the last steps since a log (41-46), at the end
+        end = [46] if tag == "train/loss" else []
+        assert [s for s, _ in scalars[tag]] == [*range(5, 47, 5), *end], tag
     assert [s for s, _ in scalars["val/acc"]] == [23, 46]  # once per epoch, at its last step
+
     lrs = [v for _, v in scalars["lr"]]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3  # cosine decay, logged per step
     assert all(v > 0 for _, v in scalars["grad_norm/total"])
+
+
+def test_uniform_weights_log_a_constant_mean(tmp_path) -> None:
+    """Uniform weights 1/30 (whose float32 mean over 30 of them is not 1/30 in float32) on full
+    batches: their mean is formed in float64, the same number every step, not a zig-zag."""
+    train(tmp_path, "loss.mode=vector", "data.batch_size=30", "trainer.max_steps=6",
+          "logging.every_n_steps=1", "instrument=none")  # fmt: skip
+    means = [v for _, v in read_scalars(tmp_path)["weights/mean"]]
+    assert means == [float(torch.tensor(1 / 30))] * 6
 
 
 def test_logged_train_loss_is_the_mean_since_the_last_log(tmp_path) -> None:
@@ -75,10 +87,10 @@ def test_logged_train_loss_is_the_mean_since_the_last_log(tmp_path) -> None:
         def on_after_backward(self, trainer, batch, losses, weights) -> None:
             seen.append(losses.clone())
 
-    train(tmp_path, "trainer.max_steps=6", "logging.every_n_steps=3", callbacks=[Losses()])
+    train(tmp_path, "trainer.max_steps=7", "logging.every_n_steps=3", callbacks=[Losses()])
     logged = read_scalars(tmp_path)["train/loss"]
-    expected = [torch.cat(seen[:3]).mean().item(), torch.cat(seen[3:6]).mean().item()]
-    assert [s for s, _ in logged] == [3, 6]
+    expected = [torch.cat(part).mean().item() for part in (seen[:3], seen[3:6], seen[6:])]
+    assert [s for s, _ in logged] == [3, 6, 7]  # the last, partial window at the end
     assert [v for _, v in logged] == pytest.approx(expected, rel=1e-6)
 
 
@@ -185,8 +197,9 @@ def test_train_loss_across_an_epoch_boundary(tmp_path) -> None:
     metrics = train(tmp_path, "trainer.max_epochs=2", "logging.every_n_steps=20",
                     callbacks=[Losses()])  # fmt: skip
     logged = read_scalars(tmp_path)["train/loss"]
-    assert [s for s, _ in logged] == [20, 40]
+    assert [s for s, _ in logged] == [20, 40, 46]
     assert logged[1][1] == pytest.approx(torch.cat(seen[20:40]).mean().item(), rel=1e-6)
+    assert logged[2][1] == pytest.approx(torch.cat(seen[40:]).mean().item(), rel=1e-6)
     assert metrics["train/loss"] == pytest.approx(torch.cat(seen[23:]).mean().item(), rel=1e-6)
 
 

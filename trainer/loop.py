@@ -288,6 +288,8 @@ class Trainer:
                 with redirect, anomaly:
                     while not self.finished() and self.stopped_by is None:
                         self.run_epoch()
+                if self.finished() and self.tally.has_log():  # steps since the last log
+                    self.log_scalars({"train/loss": self._window_loss()[0]})  # host sync: once
             finally:
                 self.progress.close()
             self.metrics.update(step=self.global_step, epoch=self.epoch)
@@ -492,11 +494,16 @@ class Trainer:
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             self.scheduler.step()
 
-    def _log_step(self, out: StepOutput, lr: float, extra: dict[str, Tensor]) -> None:
+    def _window_loss(self) -> tuple[Tensor, int]:
+        """train/loss over the steps since the last log, and their samples (every rank's)."""
         train_loss, total, count, samples = self.tally.take_log()
         if self.world.distributed:  # the mean over every rank's samples (tokens)
             total, n = all_reduce_sum(torch.stack([total, count]))
             train_loss, samples = total / n, samples * self.world.size
+        return train_loss, samples
+
+    def _log_step(self, out: StepOutput, lr: float, extra: dict[str, Tensor]) -> None:
+        train_loss, samples = self._window_loss()
         values: dict[str | tuple[str, ...], Tensor | float] = {
             "train/loss": train_loss,
             "lr": lr,
@@ -508,8 +515,9 @@ class Trainer:
         values.update(self.objective.reg_scalars())
         if out.weights is not None:
             w_min, w_max = torch.aminmax(out.weights)
-            values.update({"weights/mean": out.weights.mean(), "weights/min": w_min,
-                           "weights/max": w_max})  # fmt: skip
+            # the mean in float64: B equal float32 weights average to exactly their value
+            mean = out.weights.mean(dtype=torch.float64)
+            values.update({"weights/mean": mean, "weights/min": w_min, "weights/max": w_max})
         floats = self.log_scalars(values, out.step)  # host sync: logging steps only
         now = time.perf_counter()
         elapsed = max(now - self._time_at_log, 1e-9)

@@ -84,6 +84,10 @@ class LossTally:
         self._log.append(kept)
         self._epoch.append(kept)
 
+    def has_log(self) -> bool:
+        """Losses were added since the last :meth:`take_log`."""
+        return bool(self._log)
+
     def start_epoch(self) -> None:
         self._epoch.clear()
         self._epoch_sum.zero_()

@@ -123,9 +123,10 @@ def host_histogram(values: list[float], bins: int = 64) -> RawHistogram:
 
 
 class Histograms(Callback):
-    """``grad_hist/<param>`` and ``weight_hist/<param>`` every ``every_n_steps`` steps, at the
-    measuring point (gradients after accumulation and unscaling, before clipping; the weights
-    the step is about to update)."""
+    """``grad_hist/<param>`` and ``weight_hist/<param>`` every ``every_n_steps`` steps and at
+    the run's first and last step (so a run shorter than two intervals still shows a
+    distribution), at the measuring point (gradients after accumulation and unscaling, before
+    clipping; the weights the step is about to update)."""
 
     def __init__(
         self,
@@ -148,7 +149,9 @@ class Histograms(Callback):
         self.grads, self.weights = grads, weights
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
-        if not self.every.due(trainer.global_step) or trainer.logger is None:
+        step = trainer.global_step
+        due = self.every.due(step) or step in (1, trainer.total_steps)
+        if not due or trainer.logger is None:
             return
         tags, tensors = [], []
         for name, p in zip(trainer.param_names, trainer.params, strict=True):
