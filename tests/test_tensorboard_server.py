@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import final_params, train
+from conftest import BASE, CONFIGS, final_params, train
 
 PARAM = "net.1.weight"  # the MLP's first Linear weight
 
@@ -110,3 +110,113 @@ def test_scalars_histograms_and_hparams_are_served(served) -> None:
     assert shown["val/acc"] == pytest.approx(metrics["val/acc"], rel=1e-6)
     assert shown["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-6)
     assert groups[0]["hparams"]["optimizer.lr"] == pytest.approx(1e-3)
+
+
+def hydra_run(run_dir, *overrides: str) -> None:
+    """A run as ``scripts/train.py`` makes it (Hydra's job config set: its group choices and
+    command-line overrides), in this process."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from trainer.run import run
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[*BASE, *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]
+        run(cfg, run_dir)
+    finally:
+        HydraConfig.instance().cfg = None  # type: ignore[assignment]
+
+
+def experiment_record(run_dir) -> list[str]:
+    """The hyperparameters a run's own experiment record lists, sorted."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.EXPERIMENT_TAG]
+    return sorted(h.name for h in metadata.parse_experiment_plugin_data(content).hparam_infos)
+
+
+def serve(logdir, sessions: int):
+    """A TensorBoard on ``logdir``, once its hparams plugin lists ``sessions`` ended sessions."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
+         "--port", str(port), "--host", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            groups = session_groups(url)
+            if (
+                sum(s["status"] == "STATUS_SUCCESS" for g in groups for s in g["sessions"])
+                == sessions
+            ):
+                return server, url
+        except (urllib.error.URLError, ConnectionError, KeyError):
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"tensorboard did not come up: {server.stdout.read()[-2000:]}")
+        time.sleep(0.25)
+
+
+def session_groups(url: str) -> list:
+    return get(url, "/data/plugin/hparams/session_groups", {
+        "experimentName": "", "startIndex": 0, "sliceSize": 100,
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
+                            "STATUS_RUNNING"],
+        "colParams": [{"metric": {"tag": "val/acc"}}],
+    })["sessionGroups"]  # fmt: skip
+
+
+def test_hparams_of_a_sweep_and_a_mixed_logdir(tmp_path) -> None:
+    """Two jobs of an lr sweep and a run that overrides other keys, in one logdir: whichever
+    run's experiment record TensorBoard picks lists every key any of them overrides (a
+    superset), marks that run's overridden keys as differing, shows integers as text and the
+    regularizers by name, leaves out presentation keys, and names each session group after its
+    run."""
+    sweep = [("sweep/0", "optimizer.lr=0.01"), ("sweep/1", "optimizer.lr=0.1")]
+    for name, lr in sweep:
+        hydra_run(tmp_path / name, lr, "trainer.max_steps=2")
+    hydra_run(tmp_path / "single", "trainer.max_steps=2", "instrument.per_sample.every_n_steps=2",
+              "regularizer=[l2,orthogonal]")  # fmt: skip
+    records = [experiment_record(tmp_path / d) for d in ("sweep/0", "sweep/1", "single")]
+    assert records[0] == records[1] == records[2]  # every run: the same superset of keys
+    assert "instrument.per_sample.every_n_steps" in records[0]
+    server, url = serve(tmp_path, sessions=3)
+    try:
+        experiment = get(url, "/data/plugin/hparams/experiment", {"experimentName": ""})
+        groups = session_groups(url)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    infos = {h["name"]: h for h in experiment["hparamInfos"]}
+    assert {"optimizer.lr", "instrument.per_sample.every_n_steps", "regularizer",
+            "trainer.max_steps", "data.batch_size"} <= infos.keys()  # fmt: skip
+    assert not [k for k in infos if k.startswith("logging.")]
+    differing = {k for k, h in infos.items() if h.get("differs")}
+    overridden = [{"trainer.device", "trainer.max_steps", "optimizer.lr"},
+                  {"trainer.device", "trainer.max_steps", "instrument.per_sample.every_n_steps",
+                   "regularizer"}]  # fmt: skip
+    assert differing in overridden  # the picked record's own command line
+    assert infos["data.batch_size"]["type"] == "DATA_TYPE_STRING"
+    by_name = {g["name"]: g["hparams"] for g in groups}
+    assert by_name.keys() == {
+        "sweep/0 trainer.device=cpu optimizer.lr=0.01 trainer.max_steps=2",
+        "sweep/1 trainer.device=cpu optimizer.lr=0.1 trainer.max_steps=2",
+        "single trainer.device=cpu trainer.max_steps=2 instrument.per_sample.every_n_steps=2 "
+        "regularizer=l2+orthogonal",
+    }  # fmt: skip
+    single = next(v for k, v in by_name.items() if k.startswith("single"))
+    assert single["regularizer"] == "l2+orthogonal" and single["data.batch_size"] == "64"
+    assert by_name["sweep/0 trainer.device=cpu optimizer.lr=0.01 trainer.max_steps=2"][
+        "optimizer.lr"] == pytest.approx(0.01)  # fmt: skip

@@ -6,16 +6,26 @@ values) when training starts, and the session end (completed or failed) when it 
 metrics are not copied: TensorBoard's HPARAMS tab reads the last value of the run's own
 ``val/acc``, ``val/loss`` and ``train/loss`` scalars, so what it shows is what was logged.
 
-The hyperparameters are the same keys for every job of a sweep, so the tab lists the jobs side
-by side: the choice of each config group, a fixed set of key values (:data:`KEY_VALUES`), and
-every key the command line overrides (in a sweep, the swept keys).
+TensorBoard shows one run's experiment record for a whole logdir (the first it finds), so every
+run lists the same superset of keys: the choice of each config group, every setting of the
+sections with a fixed schema (:data:`FIXED`: ``trainer.*``, ``instrument.*``) that changes
+what is trained (not :data:`NOT_HPARAMS`: presentation, bookkeeping, where files go), and
+:data:`KEY_VALUES` of the component groups (whose keys depend on the chosen component); a key
+that only some runs override is then still a column, unless it belongs to a component (e.g.
+``model.dropout``: a column only in the runs that set it). The keys this run set on the command
+line (in a sweep: the swept ones) are marked ``differs``, which the tab shows first and
+ticks. Integers are shown as text ("64", not TensorBoard's "64.000"); the regularizers as
+their names ("l2+orthogonal"). A session group is named after the run: its folder (a sweep's
+job number) and its overrides.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -28,25 +38,56 @@ GROUPS = (
     "experiment", "debug", "data", "model", "optimizer", "scheduler", "loss", "weighting",
     "regularizer", "instrument",
 )  # fmt: skip
-#: values logged for every run, overridden or not
+#: sections whose keys are the same for every run (fixed schemas): all their leaves are listed
+FIXED = ("trainer", "instrument")
+#: values listed for every run from the component groups, whose keys depend on the choice
 KEY_VALUES = (
     "seed", "loss.mode", "data.batch_size", "optimizer.lr", "optimizer.weight_decay",
-    "trainer.max_epochs", "trainer.max_steps", "trainer.precision", "trainer.grad_clip",
-    "trainer.accumulate_grad_batches",
+)  # fmt: skip
+#: config keys (and everything under them) that do not change what is trained
+NOT_HPARAMS = (
+    "hydra", "logging", "monitor", "trainer.checkpoint", "trainer.resume", "trainer.run_id",
+    "trainer.detect_anomaly", "data.root", "data.num_workers", "data.pin_memory",
+    "data.memory_limit_mb",
 )  # fmt: skip
 
 HParamValue = bool | float | str
 
 
+@dataclass
+class RunHParams:
+    """A run's hyperparameters and the keys of them its command line set."""
+
+    values: dict[str, HParamValue]
+    overridden: list[str] = field(default_factory=list)
+
+
 def _value(v: Any) -> HParamValue:
-    """A value TensorBoard can show: bool, number or string (None and containers as text)."""
-    if isinstance(v, bool | int | float | str):
+    """A value TensorBoard can show: bool, float or string (integers, None and containers as
+    text: TensorBoard prints every number with five digits, 64 as "64.000")."""
+    if isinstance(v, bool | float | str):
         return v
+    if isinstance(v, int):
+        return str(v)
     if v is None:
         return "none"
     if isinstance(v, DictConfig | ListConfig):
         v = OmegaConf.to_container(v, resolve=True)
     return json.dumps(v, sort_keys=True, default=str)
+
+
+def is_hparam(key: str) -> bool:
+    """Whether a config key changes what is trained (not one of :data:`NOT_HPARAMS`)."""
+    return not any(key == k or key.startswith(k + ".") for k in NOT_HPARAMS)
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, key + ".")
+        else:
+            yield key, v
 
 
 def override_keys(overrides: Iterable[str]) -> list[str]:
@@ -64,27 +105,48 @@ def override_keys(overrides: Iterable[str]) -> list[str]:
     return keys
 
 
+def _regularizers(cfg: DictConfig) -> str:
+    names = list(OmegaConf.select(cfg, "regularizer", default=None) or {})
+    return "+".join(names) if names else "none"
+
+
 def run_hparams(
     cfg: DictConfig, choices: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()
-) -> dict[str, HParamValue]:
-    """The run's hyperparameters: group choices, :data:`KEY_VALUES`, overridden keys.
+) -> RunHParams:
+    """The run's hyperparameters (module docstring): the config groups' choices,
+    :data:`KEY_VALUES`, the :data:`FIXED` sections' leaves (:func:`is_hparam`), and the
+    overridden keys (``differs``).
 
     ``choices`` is Hydra's ``hydra.runtime.choices`` (group -> chosen option) and
-    ``overrides`` its ``hydra.overrides.task``; without them (a run built in Python) only
-    :data:`KEY_VALUES` are reported.
+    ``overrides`` its ``hydra.overrides.task``; without them (a run built in Python) there are
+    no group choices and nothing is marked as overridden.
     """
     choices = dict(choices or {})
-    out: dict[str, HParamValue] = {}
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    values: dict[str, HParamValue] = {}
     for group in GROUPS if choices else ():  # all of them, so every job has the same keys
-        out[group] = _value(choices.get(group))
+        values[group] = _regularizers(cfg) if group == "regularizer" else _value(choices.get(group))
     for key in KEY_VALUES:
-        out[key] = _value(OmegaConf.select(cfg, key, default=None))
+        values[key] = _value(OmegaConf.select(cfg, key, default=None))
+    for key, v in _leaves({k: plain[k] for k in FIXED if k in plain}):
+        if is_hparam(key) and key.rsplit(".", 1)[-1] not in ("_target_", "_partial_"):
+            values[key] = _value(v)
+    overridden = []
     for key in override_keys(overrides):
-        out[key] = _value(choices[key] if key in choices else OmegaConf.select(cfg, key))
-    return out
+        if not is_hparam(key):
+            continue
+        if key == "regularizer":
+            values[key] = _regularizers(cfg)
+        elif key in choices:
+            values[key] = _value(choices[key])
+        else:
+            values[key] = _value(OmegaConf.select(cfg, key))
+        overridden.append(key)
+    return RunHParams(values, overridden)
 
 
-def hydra_hparams(cfg: DictConfig) -> dict[str, HParamValue]:
+def hydra_hparams(cfg: DictConfig) -> RunHParams:
     """:func:`run_hparams` with the current Hydra job's choices and overrides, if any."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -92,6 +154,14 @@ def hydra_hparams(cfg: DictConfig) -> dict[str, HParamValue]:
         return run_hparams(cfg)
     hc = HydraConfig.get()
     return run_hparams(cfg, hc.runtime.choices, hc.overrides.task)
+
+
+def run_name(run_dir: Path, hparams: RunHParams) -> str:
+    """A session group's name: the run's folder (in a sweep: the sweep's and the job's
+    number) and the values of the keys it overrides."""
+    where = f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() else run_dir.name
+    set_here = " ".join(f"{k}={hparams.values[k]}" for k in hparams.overridden)
+    return f"{where} {set_here}".strip()
 
 
 def _plugin_summary(tag: str, data: Any) -> Any:
@@ -107,27 +177,32 @@ def _plugin_summary(tag: str, data: Any) -> Any:
 
 
 def start_summaries(
-    hparams: Mapping[str, HParamValue], metrics: Iterable[str] = METRICS
+    hparams: RunHParams, metrics: Iterable[str] = METRICS, name: str | None = None
 ) -> list[Any]:
     """The experiment and session-start ``Summary`` protos for ``hparams``; ``metrics``: the
-    run's scalars the HPARAMS tab shows (the task's, the monitored one first)."""
+    run's scalars the HPARAMS tab shows (the task's, the monitored one first); ``name``: the
+    session group's name (default: TensorBoard's hash of the values)."""
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
     from tensorboard.plugins.hparams import summary_v2 as hp
 
     def dtype(v: HParamValue) -> int:
         if isinstance(v, bool):
             return api_pb2.DATA_TYPE_BOOL
-        return api_pb2.DATA_TYPE_FLOAT64 if isinstance(v, int | float) else api_pb2.DATA_TYPE_STRING
+        return api_pb2.DATA_TYPE_FLOAT64 if isinstance(v, float) else api_pb2.DATA_TYPE_STRING
 
+    values, differs = hparams.values, set(hparams.overridden)
+    order = sorted(values, key=lambda k: (k not in differs, k))  # the overridden ones first
     experiment = api_pb2.Experiment(
-        hparam_infos=[api_pb2.HParamInfo(name=k, type=dtype(hparams[k])) for k in sorted(hparams)],
+        hparam_infos=[
+            api_pb2.HParamInfo(name=k, type=dtype(values[k]), differs=k in differs) for k in order
+        ],  # fmt: skip
         metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metrics],
         time_created_secs=time.time(),
     )
     data = plugin_data_pb2.HParamsPluginData(experiment=experiment)
     return [
         _plugin_summary(metadata.EXPERIMENT_TAG, data),
-        hp.hparams_pb(dict(hparams), start_time_secs=time.time()),
+        hp.hparams_pb(dict(values), trial_id=name, start_time_secs=time.time()),
     ]
 
 

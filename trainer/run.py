@@ -41,7 +41,7 @@ from trainer.checkpoint import (
 from trainer.components import build
 from trainer.config import ConfigError, TrainConfig, validate
 from trainer.data.base import DataModule
-from trainer.hparams import end_summary, hydra_hparams, start_summaries
+from trainer.hparams import end_summary, hydra_hparams, run_name, start_summaries
 from trainer.instrument import build_callbacks
 from trainer.logger import ProgressOptions, TensorBoardLogger
 from trainer.loop import Callback, Trainer, planned_steps
@@ -244,7 +244,8 @@ def run(
             writer.last = resume_path
         elif trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
             listed = (monitor, *[m for m in metric_names if m != monitor])
-            for summary in start_summaries(hydra_hparams(cfg), listed):
+            hparams = hydra_hparams(cfg)
+            for summary in start_summaries(hparams, listed, run_name(run_dir, hparams)):
                 trainer.logger.add_summary(summary, 0)
         if main:
             write_run_marker(directory, run_id, run_dir)
