@@ -25,6 +25,7 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.callbacks import Callback
+from trainer.logger import event_dir
 from trainer.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ class StopAtTarget(Callback):
 
 
 def last_value(run_dir: Path, tag: str, until: int) -> float:
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(event_dir(run_dir)), size_guidance={"scalars": 0})
     acc.Reload()
     values = [e.value for e in acc.Scalars(tag) if e.step <= until] if tag in acc.Tags()[
         "scalars"] else []  # fmt: skip

@@ -26,6 +26,7 @@ from conftest import ROOT, in_background, read_scalars, train
 
 import trainer.checkpoint as checkpoint_module
 from trainer.checkpoint import load_checkpoint, step_path
+from trainer.logger import event_dir
 
 # `trainer.run` the attribute is the function (trainer/__init__.py re-exports it); the module:
 run_module = importlib.import_module("trainer.run")
@@ -218,11 +219,11 @@ def test_a_failed_resume_leaves_the_run_it_came_from_untouched(tmp_path) -> None
     cnn = tmp_path / "cnn"
     train(cnn, *FAST, "model=cnn", "trainer.max_steps=4")
     metrics = (cnn / "metrics.json").read_bytes()
-    tb_files = sorted(p.name for p in (cnn / "tb").iterdir())
+    tb_files = sorted(p.name for p in event_dir(cnn).iterdir())
     with pytest.raises(ValueError, match="does not fit this run"):
         train(tmp_path / "mlp", *FAST, f"trainer.resume={step_path(cnn / 'checkpoints', 2)}")
     assert (cnn / "metrics.json").read_bytes() == metrics
-    assert sorted(p.name for p in (cnn / "tb").iterdir()) == tb_files
+    assert sorted(p.name for p in event_dir(cnn).iterdir()) == tb_files
     assert [s for s, _ in read_scalars(cnn)["train/loss"]] == [1, 2, 3, 4]
 
 

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from conftest import ROOT, in_background, read_scalars
 
+from trainer.logger import event_dir
+
 
 def cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) come before overrides
@@ -38,7 +40,7 @@ def test_single_run_prints_a_summary_and_writes_its_run_dir(background) -> None:
     for path in (".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoints/last.pt",
                  "metrics.json", "train.log"):  # fmt: skip
         assert (run_dir / path).is_file(), path
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert list(event_dir(run_dir).glob("events.out.tfevents.*"))
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
     assert "epoch 2/2" in (run_dir / "train.log").read_text()
 

@@ -27,6 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from trainer.checkpoint import load_checkpoint, step_path
 from trainer.data.chars import CharText
+from trainer.logger import event_dir
 
 FORK = mp.get_context("fork")
 B = 32  # per process; the single-process reference takes 2 * B
@@ -45,7 +46,7 @@ COMPARED = ("train/loss", "grad_norm/total", "grad_norm/net.1.weight", "grad_nor
 
 
 def histograms(run_dir: Path, tag: str) -> list:
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0})
+    acc = EventAccumulator(str(event_dir(run_dir)), size_guidance={"histograms": 0})
     acc.Reload()
     return acc.Histograms(tag)
 

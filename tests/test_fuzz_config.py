@@ -26,6 +26,8 @@ from conftest import ROOT
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
+from trainer.logger import event_dir
+
 SCRIPT = ROOT / "scripts" / "train.py"
 
 # Before each case's own overrides, so a case that sets one of these keys wins. A case that
@@ -238,7 +240,7 @@ def assert_nothing_trained(run_dir: Path) -> None:
     if (run_dir / "tb").exists():
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        acc = EventAccumulator(str(run_dir / "tb"))
+        acc = EventAccumulator(str(event_dir(run_dir)))
         acc.Reload()
         assert "train/loss" not in acc.Tags()["scalars"], "a training step was logged"
 

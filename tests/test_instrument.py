@@ -16,13 +16,14 @@ from torch.func import functional_call, grad, vmap
 
 from trainer.instrument import NonFiniteError, Norms, histograms
 from trainer.instrument.histograms import host_histogram
+from trainer.logger import event_dir
 from trainer.loop import Callback
 from trainer.models.cnn import CNN
 from trainer.models.mlp import MLP
 
 
 def read_histograms(run_dir) -> dict[str, list]:
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0})
+    acc = EventAccumulator(str(event_dir(run_dir)), size_guidance={"histograms": 0})
     acc.Reload()
     return {tag: acc.Histograms(tag) for tag in acc.Tags()["histograms"]}
 

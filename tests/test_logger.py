@@ -63,15 +63,18 @@ def test_scalars_and_histograms_read_back(tmp_path):
     assert event.histogram_value.min == -1 and event.histogram_value.max == 1
 
 
-def test_purge_step_hides_the_older_files_later_steps(tmp_path):
-    """A resumed run's events replace the ones a killed run wrote past its checkpoint."""
+@pytest.mark.parametrize("late_name", [False, True])
+def test_purge_step_hides_the_older_files_later_steps(tmp_path, late_name):
+    """A resumed run's events replace the ones a killed run wrote past its checkpoint, also in
+    the same second and when the older file's name sorts late (TensorBoard reads a folder's
+    files in name order and skips one that sorts before the file it has read: a pid of 9999
+    sorts after 10001 as text)."""
     first = TensorBoardLogger(tmp_path)
     for step in range(1, 11):
         first.add_floats({"loss": 1.0}, step)
     first.close()
-    import time
-
-    time.sleep(1.1)  # event files are ordered by the second in their name
+    if late_name:
+        first.file.path.rename(tmp_path / "events.out.tfevents.9999999999.host.9999.0")
     second = TensorBoardLogger(tmp_path, purge_step=6)
     for step in range(6, 9):
         second.add_floats({"loss": 2.0}, step)

@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 from test_data_vision import _write_cifar, _write_mnist
 
+from trainer.logger import event_dir
 from trainer.loop import Callback
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -174,7 +175,7 @@ def test_a_sweep_with_failing_jobs_keeps_the_others_and_says_how_many_failed(bac
     assert "optimizer.lr" in status(done[1])["error"]
     assert status(done[2])["error"].startswith("NonFiniteError")
     for i in (0, 3):
-        assert list((done[i] / "tb").glob("events.out.tfevents.*"))
+        assert list(event_dir(done[i]).glob("events.out.tfevents.*"))
         assert (done[i] / "checkpoints" / "last.pt").is_file()
     # the report lists the failed jobs with the last line of their error
     assert rep.returncode == 0, rep.stderr
@@ -183,7 +184,7 @@ def test_a_sweep_with_failing_jobs_keeps_the_others_and_says_how_many_failed(bac
 
 def session_hparams(run_dir: Path) -> tuple[dict, list[str], int]:
     """(hparams, metric tags, end status) of a run, from its own event file."""
-    acc = EventAccumulator(str(run_dir / "tb"))
+    acc = EventAccumulator(str(event_dir(run_dir)))
     acc.Reload()
     contents = acc.PluginTagToContent(metadata.PLUGIN_NAME)
     start = metadata.parse_session_start_info_plugin_data(contents[metadata.SESSION_START_INFO_TAG])
@@ -260,7 +261,10 @@ def test_hparams_are_in_the_run_dir_with_the_same_keys_and_the_end_status(backgr
     done = jobs(sweep)
     seen = [session_hparams(done[i]) for i in range(4)]
     for job, (values, metrics, end) in zip(done.values(), seen, strict=True):
-        assert not [d for d in (job / "tb").iterdir() if d.is_dir()]  # no extra sub-run
+        # one event folder, named after the job's overrides, and no extra sub-run in it
+        assert list((job / "tb").iterdir()) == [event_dir(job)]
+        assert not [d for d in event_dir(job).iterdir() if d.is_dir()]
+        assert event_dir(job).name.startswith("trainer.max_steps=3,model=")
         assert metrics == ["val/acc", "val/loss", "train/loss"]
         cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         assert values["optimizer.lr"] == cfg["optimizer"]["lr"]

@@ -18,7 +18,10 @@ import urllib.request
 import pytest
 from conftest import BASE, CONFIGS, final_params, train
 
+from trainer.logger import event_dir
+
 PARAM = "net.1.weight"  # the MLP's first Linear weight
+RUN = "tb/run"  # the run's name in TensorBoard: its event folder (no overrides: "run")
 
 
 def free_port() -> int:
@@ -60,11 +63,11 @@ def served(tmp_path):
 def _loaded(url: str) -> bool:
     """The run's whole event file is loaded: the data server lists a run before it has read
     it, so wait for the last scalar and the last histogram rather than for the run's name."""
-    if "tb" not in get(url, "/data/runs"):
+    if RUN not in get(url, "/data/runs"):
         return False
-    loss = get(url, "/data/plugin/scalars/scalars?run=tb&tag=train/loss")
-    hist = get(url, f"/data/plugin/histograms/histograms?run=tb&tag=grad_hist/{PARAM}")
-    acc = get(url, "/data/plugin/scalars/scalars?run=tb&tag=val/acc")
+    loss = get(url, f"/data/plugin/scalars/scalars?run={RUN}&tag=train/loss")
+    hist = get(url, f"/data/plugin/histograms/histograms?run={RUN}&tag=grad_hist/{PARAM}")
+    acc = get(url, f"/data/plugin/scalars/scalars?run={RUN}&tag=val/acc")
     return len(loss) == 6 and len(hist) == 3 and acc[-1][1] == 6
 
 
@@ -78,17 +81,17 @@ def get(url: str, path: str, body: dict | None = None):
 
 def test_scalars_histograms_and_hparams_are_served(served) -> None:
     url, metrics, numel = served
-    tags = get(url, "/data/plugin/scalars/tags")["tb"]
+    tags = get(url, "/data/plugin/scalars/tags")[RUN]
     for tag in ("train/loss", "val/acc", "val/loss", "grad_norm/total", "lr"):
         assert tag in tags, tag
-    val_acc = get(url, "/data/plugin/scalars/scalars?run=tb&tag=val/acc")
+    val_acc = get(url, f"/data/plugin/scalars/scalars?run={RUN}&tag=val/acc")
     assert val_acc[-1][1] == 6 and val_acc[-1][2] == pytest.approx(metrics["val/acc"], rel=1e-6)
-    loss = get(url, "/data/plugin/scalars/scalars?run=tb&tag=train/loss")
+    loss = get(url, f"/data/plugin/scalars/scalars?run={RUN}&tag=train/loss")
     assert [step for _, step, _ in loss] == [1, 2, 3, 4, 5, 6]
 
-    hist_tags = get(url, "/data/plugin/histograms/tags")["tb"]
+    hist_tags = get(url, "/data/plugin/histograms/tags")[RUN]
     assert f"grad_hist/{PARAM}" in hist_tags and f"weight_hist/{PARAM}" in hist_tags
-    hist = get(url, f"/data/plugin/histograms/histograms?run=tb&tag=grad_hist/{PARAM}")
+    hist = get(url, f"/data/plugin/histograms/histograms?run={RUN}&tag=grad_hist/{PARAM}")
     assert [step for _, step, _ in hist] == [1, 3, 6]  # the cadence, the first and the last
     for _, _, buckets in hist:  # [left, right, count] per bucket: every element counted
         assert sum(count for _, _, count in buckets) == pytest.approx(numel)
@@ -105,7 +108,7 @@ def test_scalars_histograms_and_hparams_are_served(served) -> None:
         "colParams": [{"metric": {"tag": "val/acc"}}],
     })["sessionGroups"]  # fmt: skip
     (session,) = [s for g in groups for s in g["sessions"]]
-    assert session["name"] == "tb" and session["status"] == "STATUS_SUCCESS"
+    assert session["name"] == RUN and session["status"] == "STATUS_SUCCESS"
     shown = {m["name"]["tag"]: m["value"] for m in session["metricValues"]}
     assert shown["val/acc"] == pytest.approx(metrics["val/acc"], rel=1e-6)
     assert shown["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-6)
@@ -137,7 +140,7 @@ def experiment_record(run_dir) -> list[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
 
-    acc = EventAccumulator(str(run_dir / "tb"))
+    acc = EventAccumulator(str(event_dir(run_dir)))
     acc.Reload()
     content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.EXPERIMENT_TAG]
     return sorted(h.name for h in metadata.parse_experiment_plugin_data(content).hparam_infos)

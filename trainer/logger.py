@@ -10,6 +10,7 @@ otherwise stays silent, leaving a plain log line per epoch (written by the Train
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import logging
 import os
@@ -71,6 +72,24 @@ def _protos() -> Any:
 _file_ids = itertools.count()  # two files opened in the same second get different names
 
 
+def _event_file_name(log_dir: Path, now: float) -> str:
+    """A new event file's name, sorting after every event file already in ``log_dir``.
+
+    TensorBoard reads a folder's event files in name order and never goes back to a name that
+    sorts before the one it is reading, so a resumed run's file must sort last. ``SummaryWriter``
+    names files ``events.out.tfevents.<seconds>.<host>.<pid>``: two files opened in the same
+    second sort by pid as text (``10001`` before ``9999``), which put a resumed run's file
+    first and hid the run's earlier events. Here the time has microseconds and a name that
+    would not sort last is moved just past the last one.
+    """
+    host, pid = socket.gethostname(), os.getpid()
+    name = f"events.out.tfevents.{now:017.6f}.{host}.{pid}.{next(_file_ids)}"
+    existing = sorted(p.name for p in log_dir.glob("events.out.tfevents.*"))
+    if existing and name <= existing[-1]:
+        name = f"{existing[-1]}.{pid}.{next(_file_ids)}"  # a longer name with the same prefix
+    return name
+
+
 def _masked_crc(data: bytes) -> bytes:
     """The TFRecord checksum of ``data``: CRC-32C, rotated and offset ("masked")."""
     crc = google_crc32c.value(data)
@@ -101,8 +120,7 @@ class EventFile:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         now = time.time()
-        name = f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}"
-        self.path = self.log_dir / f"{name}.{next(_file_ids)}"
+        self.path = self.log_dir / _event_file_name(self.log_dir, now)
         self._file = open(self.path, "xb")  # noqa: SIM115 (closed by close())
         first = [Event(wall_time=now, file_version="brain.Event:2")]
         if purge_step is not None:  # TensorBoard drops this file's older events at steps >= it
@@ -123,6 +141,33 @@ class EventFile:
         if not self._file.closed:
             os.fsync(self._file.fileno())
             self._file.close()
+
+
+#: the event folder of a run without overrides (a run built in Python, the defaults)
+DEFAULT_EVENT_FOLDER = "run"
+
+
+def event_dir(run_dir: str | Path, label: str | None = None) -> Path:
+    """Where a run's event files are: ``run_dir/tb/<label>``, the label saying what the run set
+    (its command-line overrides, e.g. ``optimizer.lr=0.01,model=cnn``), so that TensorBoard's
+    run list tells runs apart by more than their folder number.
+
+    The folder that exists is found first: a resumed run continues in it, and a run of the
+    older layout wrote into ``tb/`` itself. With none, ``label`` names a new one (``/`` made
+    ``_``, at most 120 characters; default :data:`DEFAULT_EVENT_FOLDER`).
+    """
+    tb = Path(run_dir) / "tb"
+    if tb.is_dir():
+        if any(tb.glob("events.out.tfevents.*")):
+            return tb
+        found = sorted(d for d in tb.iterdir() if d.is_dir())
+        if found:
+            return found[0]
+    name = (label or DEFAULT_EVENT_FOLDER).replace("/", "_").replace(os.sep, "_").strip(". ")
+    if len(name) > 120:  # distinct, still readable
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[:110]}~{digest}"
+    return tb / (name or DEFAULT_EVENT_FOLDER)
 
 
 class TensorBoardLogger:

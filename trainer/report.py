@@ -148,8 +148,10 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
 
 
 def read_curves(run_dir: Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
-    """``tag -> [(step, value)]`` for those ``tags`` found in the event files of ``run_dir/tb``."""
-    tb = run_dir / "tb"
+    """``tag -> [(step, value)]`` for those ``tags`` found in the run's event files."""
+    from trainer.logger import event_dir
+
+    tb = event_dir(run_dir)
     if not tb.is_dir():
         return {}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

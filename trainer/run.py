@@ -43,7 +43,7 @@ from trainer.config import ConfigError, TrainConfig, validate
 from trainer.data.base import DataModule
 from trainer.hparams import end_summary, hydra_hparams, run_name, start_summaries
 from trainer.instrument import build_callbacks
-from trainer.logger import ProgressOptions, TensorBoardLogger
+from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir
 from trainer.loop import Callback, Trainer, planned_steps
 from trainer.losses import Loss, as_loss
 from trainer.weighting import Weighting
@@ -227,8 +227,10 @@ def run(
                 "resuming run %s from %s (step %d); it continues in %s",
                 resume_state["run_id"], resume_path, resume_state["step"], _display(run_dir),
             )  # fmt: skip
+        hparams = hydra_hparams(cfg)  # (the event folder is named after the overridden ones)
         if main:  # data-parallel: rank 0 alone writes events, checkpoints and metrics.json
-            trainer.logger = TensorBoardLogger(run_dir / "tb", purge_step=purge_step)
+            label = ",".join(f"{k}={hparams.values[k]}" for k in hparams.overridden)
+            trainer.logger = TensorBoardLogger(event_dir(run_dir, label), purge_step=purge_step)
         directory = run_dir / "checkpoints"
         writer = CheckpointWriter(
             trainer,
@@ -244,7 +246,6 @@ def run(
             writer.last = resume_path
         elif trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
             listed = (monitor, *[m for m in metric_names if m != monitor])
-            hparams = hydra_hparams(cfg)
             for summary in start_summaries(hparams, listed, run_name(run_dir, hparams)):
                 trainer.logger.add_summary(summary, 0)
         if main:
@@ -439,7 +440,7 @@ def build_trainer(
         max_epochs=tc.max_epochs,
         max_steps=tc.max_steps,
         log_every_n_steps=typed.logging.every_n_steps,
-        logger=TensorBoardLogger(run_dir / "tb") if with_logger else None,
+        logger=TensorBoardLogger(event_dir(run_dir)) if with_logger else None,
         progress=ProgressOptions(
             typed.logging.progress,
             every_n_steps=typed.logging.progress_every_n_steps,
