@@ -30,30 +30,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(logdir, ready) -> tuple[subprocess.Popen, str]:
+    """A TensorBoard serving ``logdir`` on a free loopback port, once ``ready(url)`` says it
+    has loaded what the test needs: (the server, its base URL)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
+         "--port", str(port), "--host", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if ready(url):
+                return server, url
+        except (urllib.error.URLError, ConnectionError, KeyError):
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()  # a live server's stdout would block the read below
+            pytest.fail(f"tensorboard did not come up: {server.stdout.read()[-2000:]}")
+        time.sleep(0.25)
+
+
 @pytest.fixture
 def served(tmp_path):
     """A finished run and a TensorBoard serving it: (base URL, final metrics, PARAM's size)."""
     metrics = train(tmp_path, "trainer.max_steps=6", "logging.every_n_steps=1",
                     "instrument.histograms.every_n_steps=3")  # fmt: skip
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path),
-         "--port", str(port), "--host", "127.0.0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    server, url = serve(tmp_path, _loaded)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if _loaded(url):
-                    break
-            except (urllib.error.URLError, ConnectionError, KeyError):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()  # a live server's stdout would block the read below
-                pytest.fail(f"tensorboard did not come up: {server.stdout.read()[-2000:]}")
-            time.sleep(0.25)
         yield url, metrics, final_params(tmp_path)[PARAM].numel()
     finally:
         server.terminate()
@@ -146,32 +152,6 @@ def experiment_record(run_dir) -> list[str]:
     return sorted(h.name for h in metadata.parse_experiment_plugin_data(content).hparam_infos)
 
 
-def serve(logdir, sessions: int):
-    """A TensorBoard on ``logdir``, once its hparams plugin lists ``sessions`` ended sessions."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
-         "--port", str(port), "--host", "127.0.0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            groups = session_groups(url)
-            if (
-                sum(s["status"] == "STATUS_SUCCESS" for g in groups for s in g["sessions"])
-                == sessions
-            ):
-                return server, url
-        except (urllib.error.URLError, ConnectionError, KeyError):
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"tensorboard did not come up: {server.stdout.read()[-2000:]}")
-        time.sleep(0.25)
-
-
 def session_groups(url: str) -> list:
     return get(url, "/data/plugin/hparams/session_groups", {
         "experimentName": "", "startIndex": 0, "sliceSize": 100,
@@ -195,7 +175,12 @@ def test_hparams_of_a_sweep_and_a_mixed_logdir(tmp_path) -> None:
     records = [experiment_record(tmp_path / d) for d in ("sweep/0", "sweep/1", "single")]
     assert records[0] == records[1] == records[2]  # every run: the same superset of keys
     assert "instrument.per_sample.every_n_steps" in records[0]
-    server, url = serve(tmp_path, sessions=3)
+
+    def ended(url: str) -> bool:  # the three sessions loaded, to their end
+        groups = session_groups(url)
+        return sum(s["status"] == "STATUS_SUCCESS" for g in groups for s in g["sessions"]) == 3
+
+    server, url = serve(tmp_path, ended)
     try:
         experiment = get(url, "/data/plugin/hparams/experiment", {"experimentName": ""})
         groups = session_groups(url)
