@@ -7,16 +7,16 @@ metrics are not copied: TensorBoard's HPARAMS tab reads the last value of the ru
 ``val/acc``, ``val/loss`` and ``train/loss`` scalars, so what it shows is what was logged.
 
 TensorBoard shows one run's experiment record for a whole logdir (the first it finds), so every
-run lists the same superset of keys: the choice of each config group, every setting of the
-sections with a fixed schema (:data:`FIXED`: ``trainer.*``, ``instrument.*``) that changes
-what is trained (not :data:`NOT_HPARAMS`: presentation, bookkeeping, where files go), and
-:data:`KEY_VALUES` of the component groups (whose keys depend on the chosen component); a key
-that only some runs override is then still a column, unless it belongs to a component (e.g.
-``model.dropout``: a column only in the runs that set it). The keys this run set on the command
-line (in a sweep: the swept ones) are marked ``differs``, which the tab shows first and
-ticks. Integers are shown as text ("64", not TensorBoard's "64.000"); the regularizers as
-their names ("l2+orthogonal"). A session group is named after the run: its folder (a sweep's
-job number) and its overrides.
+run lists every key it could override, not only the ones it did: the choice of each config
+group and every setting of the composed config that changes what is trained (not
+:data:`NOT_HPARAMS`: presentation, bookkeeping, where files go; a component's ``_target_`` only
+when overridden). A key another run overrides is then a column whichever run's record is
+picked, as long as both chose the same components: the keys of a component the picked run did
+not choose (``model.channels`` of ``model=cnn`` when an ``mlp`` run's record is picked) are
+missing. The keys this run set on the command line (in a sweep: the swept ones) are marked
+``differs``, which the tab shows first and ticks. Integers are shown as text ("64", not
+TensorBoard's "64.000"); the regularizers as their names ("l2+orthogonal"). A session group
+is named after the run: its folder (a sweep's job number) and its overrides.
 """
 
 from __future__ import annotations
@@ -38,9 +38,7 @@ GROUPS = (
     "experiment", "debug", "data", "model", "optimizer", "scheduler", "loss", "weighting",
     "regularizer", "instrument",
 )  # fmt: skip
-#: sections whose keys are the same for every run (fixed schemas): all their leaves are listed
-FIXED = ("trainer", "instrument")
-#: values listed for every run from the component groups, whose keys depend on the choice
+#: values listed for every run, also when a config lacks them (then "none")
 KEY_VALUES = (
     "seed", "loss.mode", "data.batch_size", "optimizer.lr", "optimizer.weight_decay",
 )  # fmt: skip
@@ -84,7 +82,7 @@ def is_hparam(key: str) -> bool:
 def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     for k, v in node.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):  # (an empty one, e.g. no callbacks: nothing to list)
             yield from _leaves(v, key + ".")
         else:
             yield key, v
@@ -114,8 +112,8 @@ def run_hparams(
     cfg: DictConfig, choices: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()
 ) -> RunHParams:
     """The run's hyperparameters (module docstring): the config groups' choices,
-    :data:`KEY_VALUES`, the :data:`FIXED` sections' leaves (:func:`is_hparam`), and the
-    overridden keys (``differs``).
+    :data:`KEY_VALUES`, every config leaf that is one (:func:`is_hparam`), and the overridden
+    keys (``differs``).
 
     ``choices`` is Hydra's ``hydra.runtime.choices`` (group -> chosen option) and
     ``overrides`` its ``hydra.overrides.task``; without them (a run built in Python) there are
@@ -129,7 +127,7 @@ def run_hparams(
         values[group] = _regularizers(cfg) if group == "regularizer" else _value(choices.get(group))
     for key in KEY_VALUES:
         values[key] = _value(OmegaConf.select(cfg, key, default=None))
-    for key, v in _leaves({k: plain[k] for k in FIXED if k in plain}):
+    for key, v in _leaves(plain):
         if is_hparam(key) and key.rsplit(".", 1)[-1] not in ("_target_", "_partial_"):
             values[key] = _value(v)
     overridden = []
