@@ -190,3 +190,23 @@ def test_conditional_step_is_the_step_or_nothing(make) -> None:
             assert torch.equal(a, b), k
         for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
             assert all(torch.equal(a[key], b[key]) for key in a), k
+
+
+class Huge(Callback):
+    """A finite gradient whose square overflows float32 (1e30² = inf), at step 3."""
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step + 1 == 3:
+            trainer.params[2].grad[0, 0] = 1e30
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_huge_finite_gradient_is_not_non_finite_in_step_mode(tmp_path, sync) -> None:
+    """Step mode checks the values themselves (exact); deferred mode's flag is the norms' sum,
+    which overflows for |g| above about 1e19 in float32 and counts as non-finite (documented)."""
+    after = After()
+    guard = ("instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}")
+    train(tmp_path, *COMMON, *guard, callbacks=[Huge(), after])
+    moved = any(not torch.equal(after.after[3][n], w) for n, w in after.after[2].items())
+    assert moved == (sync == "step")
+    assert ("nonfinite/skipped_steps" in read_scalars(tmp_path)) == (sync == "deferred")
