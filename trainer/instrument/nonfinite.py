@@ -188,8 +188,9 @@ class NonfiniteGuard(Callback):
         if any(t.device != device or t.is_sparse for t in tensors):
             return None
         if self._found is None or self._found.device != device:
-            self._found = torch.zeros((), device=device)
-            self._one = torch.ones((), device=device)
+            # float32 whatever the default dtype: the kernel takes nothing else
+            self._found = torch.zeros((), dtype=torch.float32, device=device)
+            self._one = torch.ones((), dtype=torch.float32, device=device)
         found = self._found.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
         return bool(found)  # host sync: once per checked step

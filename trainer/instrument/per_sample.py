@@ -700,7 +700,7 @@ class PerSampleNorms(Callback):
                     "loss's path, or its parameters are used outside its own forward"
                 )
         self._report(trainer)
-        zero = torch.zeros(losses.shape[0], device=losses.device)
+        zero = torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device)
         sq = torch.stack([self._sq.get(id(p), zero) for p in self._params], 1)  # (B, params)
         self._sq.clear()
         if trainer.scaler is not None:  # the root's gradient was multiplied by the loss scale
@@ -806,7 +806,9 @@ class PerSampleNorms(Callback):
         if self._mask is None or self._mask[0] != key:
             left_out = {id(p) for name, _, own, _ in self.units if name in self._excluded
                         for p in own}  # fmt: skip
-            mask = torch.tensor([float(id(p) not in left_out) for p in self._params])
+            mask = torch.tensor(
+                [float(id(p) not in left_out) for p in self._params], dtype=torch.float32
+            )
             self._mask = (key, mask.to(device))
         return self._mask[1]
 
