@@ -443,8 +443,9 @@ class Trainer:
             self._advance_schedule()  # a skipped step is a step: the schedule goes on
         else:
             split_norms = self.objective.split_norms() if should_log and has_reg else {}
-            grads = [p.grad for p in self.params if p.grad is not None]
+            grads: list[Tensor] = []  # (only where a norm is taken: not every step)
             if self.grad_clip > 0 or should_log or self.measure_clipped_norm:
+                grads = [p.grad for p in self.params if p.grad is not None]
                 shared = self.shared_grad_norms(grads) if self._one_group else None
                 if shared is not None:  # a callback measured them: reuse, as get_total_norm
                     # would compute it (the 2-norm of the per-tensor 2-norms)
