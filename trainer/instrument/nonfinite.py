@@ -1,21 +1,22 @@
 """The non-finite guard: NaN or Inf in the loss or a gradient, caught before the optimizer step.
 
-Every checked step costs a few device reductions: the 2-norm of every gradient and of the
-step's losses in one fused call (NaN/Inf if a tensor holds one), summed into one flag. What
-happens to the flag depends on ``sync``:
+What a check costs and when its flag is read depends on ``sync``:
 
-* ``step`` (the default on a CPU, where reading a tensor waits for nothing): the flag is read
-  on the host every checked step; a failing check looks further, to name the culprit, and the
-  loop skips the update (or raises) right there.
-* ``deferred`` (the default on an accelerator): the flag is never read per step. The update is
-  made conditional on it on the device (trainer/update.py: the fused optimizers' ``found_inf``,
-  as ``GradScaler`` does it, or a copy put back with ``torch.where``), and the flags of the
-  steps since the last read are kept on the device, with each step's norms, and read on the
-  next logging step (at the latest every ``READ_EVERY`` steps, and at the end): the same steps
-  are skipped and the same parameters result as with ``step``, bit for bit, and each skipped
-  step is logged at its own step with its culprit, only later. With ``policy=raise`` every
-  update after the first non-finite step is skipped too, so the error, raised at the read,
-  leaves the parameters as they were before that step.
+* ``step`` (the default on a CPU, where reading a tensor waits for nothing): one kernel,
+  GradScaler's own ``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1 over every
+  gradient and the step's losses (exact), and one read of its flag every checked step; a
+  failing check looks further, to name the culprit, and the loop skips the update (or raises)
+  right there.
+* ``deferred`` (the default on an accelerator): the 2-norm of every gradient and loss in one
+  fused call, summed into the flag, which is never read per step. The update is made
+  conditional on it on the device (trainer/update.py: the fused optimizers' ``found_inf``, as
+  ``GradScaler`` does it, or a copy put back with ``torch.where``), and the flags of the steps
+  since the last read are kept on the device, with each step's norms, and read on the next
+  logging step (at the latest every ``READ_EVERY`` steps, and at the end): the same steps are
+  skipped and the same parameters result as with ``step``, bit for bit, and each skipped step
+  is logged at its own step with its culprit, only later. With ``policy=raise`` every update
+  after the first non-finite step is skipped too, so the error, raised at the read, leaves
+  the parameters as they were before that step.
 
 ``nonfinite/skipped_steps`` is written at each skipped step either way. A skipped step still
 counts as a step: ``global_step``, ``max_steps`` and the learning-rate schedule advance, as
@@ -106,7 +107,7 @@ class NonfiniteGuard(Callback):
         return {
             "skipped": self.skipped,
             "consecutive": self.consecutive,
-            "pending": [(step, names, norms) for step, names, norms in self._pending],
+            "pending": list(self._pending),
             "latched": self._latched,
         }
 
@@ -143,22 +144,9 @@ class NonfiniteGuard(Callback):
         tensors = grads + losses
         if not tensors:
             return
-        if not self.deferred and self._any_nonfinite(tensors) is False:
-            self.consecutive = 0
-            return
-        # ‖t‖₂ per tensor (fused; float32 at least): NaN/Inf if the tensor holds one, and their
-        # sum too. A sum of squares can also overflow for huge finite values (|g| > 1e19 in
-        # float32): in step mode such an alarm is checked exactly on the failure path; deferred,
-        # it counts as non-finite. (max |g|, which cannot overflow, took 10x longer on CPU.)
-        low = any(t.dtype in _LOW for t in losses) or (grads and self._low_params)
-        if low:
-            tensors = [t.float() if t.dtype in _LOW else t for t in tensors]
-        norms = torch.stack(torch._foreach_norm(tensors))
-        if grads and not low:  # for grad_norm/<param> and grad_norm/total, when logged
-            trainer.share_grad_norms(grads, norms)
-        total = norms.sum()
         if self.deferred:  # no host read: the update is made conditional on the device
-            skip = ~torch.isfinite(total)
+            norms = self._norms(trainer, grads, losses, tensors)
+            skip = ~torch.isfinite(norms.sum())
             if self.policy == "raise":  # every update from the first non-finite step on
                 self._latched = skip if self._latched is None else self._latched | skip
                 skip = self._latched
@@ -166,7 +154,11 @@ class NonfiniteGuard(Callback):
             names = self._names(trainer, len(grads), len(losses))
             self._pending.append((trainer.global_step, names, norms))
             return
-        if math.isfinite(float(total)):  # host sync: once per checked step
+        found = self._any_nonfinite(tensors)
+        if found is None:  # tensors on several devices, sparse gradients: the norms' sum
+            total = self._norms(trainer, grads, losses, tensors).sum()
+            found = not math.isfinite(float(total))  # host sync: once per checked step
+        if not found:
             self.consecutive = 0
             return
         names = self._names(trainer, len(grads), len(losses))
@@ -177,6 +169,22 @@ class NonfiniteGuard(Callback):
             return
         self._skip(trainer, trainer.global_step, bad)
         trainer.skip_step = True
+
+    def _norms(
+        self, trainer: Trainer, grads: list[Tensor], losses: list[Tensor], tensors: list[Tensor]
+    ) -> Tensor:
+        """‖t‖₂ per checked tensor (one fused call; float16/bfloat16 in float32): NaN/Inf if the
+        tensor holds one, and their sum too. A sum of squares also overflows for huge finite
+        values (|g| > 1e19 in float32): deferred, that counts as non-finite. (max |g|, which
+        cannot overflow, took 10x longer on CPU.) The gradients' norms are shared with the
+        norms instrument and the loop's total."""
+        low = any(t.dtype in _LOW for t in losses) or (grads and self._low_params)
+        if low:
+            tensors = [t.float() if t.dtype in _LOW else t for t in tensors]
+        norms = torch.stack(torch._foreach_norm(tensors))
+        if grads and not low:
+            trainer.share_grad_norms(grads, norms)
+        return norms
 
     def _any_nonfinite(self, tensors: list[Tensor]) -> bool | None:
         """Step mode's check, exact and in one kernel: GradScaler's own
