@@ -67,15 +67,22 @@ def _rank(rank: int, world: int, port: int, overrides: tuple[str, ...], run_dir:
     run(make_cfg(*overrides), run_dir)
 
 
-def launch(world: int, overrides, run_dirs: list[Path]) -> list[int]:
-    port = free_port()
-    procs = [FORK.Process(target=_rank, args=(r, world, port, tuple(overrides), str(run_dirs[r])))
-             for r in range(world)]  # fmt: skip
-    for p in procs:
+def launch(*groups: tuple[int, list[str], list[Path]]) -> list[list[int]]:
+    """Start each group's ranks (world size, overrides, a run folder per rank) at once and wait
+    for all of them: a one-process reference runs alongside the two ranks it is compared with
+    (three single-threaded processes on two cores, instead of one after the other). Returns
+    each group's exit codes."""
+    procs = []
+    for world, overrides, run_dirs in groups:
+        port = free_port() if world > 1 else 0
+        procs.append([FORK.Process(target=_rank, args=(r, world, port, tuple(overrides),
+                                                       str(run_dirs[r])))
+                      for r in range(world)])  # fmt: skip
+    for p in (p for group in procs for p in group):
         p.start()
-    for p in procs:
+    for p in (p for group in procs for p in group):
         p.join(120)
-    return [p.exitcode for p in procs]
+    return [[p.exitcode for p in group] for group in procs]
 
 
 CASES = {
@@ -135,9 +142,11 @@ CASES = {
 def test_two_processes_of_b_train_like_one_of_2b(tmp_path, case) -> None:
     extra = (*COMMON, *CASES[case])
     one = tmp_path / "one"
-    assert launch(1, [*extra, f"data.batch_size={2 * B}"], [one]) == [0]
     ranks = [tmp_path / "rank0", tmp_path / "rank1"]
-    assert launch(2, [*extra, f"data.batch_size={B}"], ranks) == [0, 0]
+    assert launch(
+        (1, [*extra, f"data.batch_size={2 * B}"], [one]),
+        (2, [*extra, f"data.batch_size={B}"], ranks),
+    ) == [[0], [0, 0]]
     want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
     got = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
     # 1e-6 as the issue asks; the input penalty's double backward sums in another order on
@@ -177,8 +186,10 @@ def test_a_ragged_last_batch_and_a_rank_without_samples(tmp_path) -> None:
     for b in (700, 718):
         extra = (*COMMON, "trainer.max_steps=-1", "trainer.max_epochs=2")
         one, ranks = tmp_path / f"one{b}", [tmp_path / f"r0_{b}", tmp_path / f"r1_{b}"]
-        assert launch(1, [*extra, f"data.batch_size={2 * b}"], [one]) == [0]
-        assert launch(2, [*extra, f"data.batch_size={b}"], ranks) == [0, 0]
+        assert launch(
+            (1, [*extra, f"data.batch_size={2 * b}"], [one]),
+            (2, [*extra, f"data.batch_size={b}"], ranks),
+        ) == [[0], [0, 0]]
         want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
         got = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
         assert all((got[k] - want[k]).abs().max() <= 1e-6 for k in want), b
@@ -251,8 +262,10 @@ def test_per_token_losses_on_two_processes_train_like_one(tmp_path, case) -> Non
     case = TOKEN_CASES[case]
     tokens = [o for o in TOKENS if "~model" not in case or not o.startswith("model")]
     one, ranks = tmp_path / "one", [tmp_path / "r0", tmp_path / "r1"]
-    assert launch(1, [*tokens, *case, "data.batch_size=16"], [one]) == [0]
-    assert launch(2, [*tokens, *case, "data.batch_size=8"], ranks) == [0, 0]
+    assert launch(
+        (1, [*tokens, *case, "data.batch_size=16"], [one]),
+        (2, [*tokens, *case, "data.batch_size=8"], ranks),
+    ) == [[0], [0, 0]]
     want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
     got = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
     assert all((got[k] - want[k]).abs().max() <= 1e-5 for k in want)
