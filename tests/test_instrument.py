@@ -80,12 +80,14 @@ def test_norms_sum_to_the_total_which_is_clip_grad_norms_return(tmp_path, clip) 
         assert clipped == pytest.approx(min(total, clip) if clip else total, rel=1e-4)
 
 
-def test_param_norms_and_update_ratios_are_those_of_the_step(tmp_path) -> None:
+@pytest.mark.parametrize("every", [1, 2])  # the weights' copy kept from step to step, or not
+def test_param_norms_and_update_ratios_are_those_of_the_step(tmp_path, every) -> None:
     cap = Grads()
-    train(tmp_path, "trainer.max_steps=3", "instrument.norms.every_n_steps=1",
+    train(tmp_path, "trainer.max_steps=4", f"instrument.norms.every_n_steps={every}",
           "optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.3", callbacks=[cap])  # fmt: skip
     s = read_scalars(tmp_path)
-    for step in (1, 2, 3):
+    assert [step for step, _ in s["update_ratio/net.1.weight"]] == list(range(every, 5, every))
+    for step in range(every, 5, every):
         for n, before in cap.before[step].items():
             after = cap.after[step][n]
             assert dict(s[f"param_norm/{n}"])[step] == pytest.approx(float(before.norm()), rel=1e-5)

@@ -29,8 +29,9 @@ class Norms(Callback):
       total when nothing is clipped).
     * ``param_norm/<param>``: ‖θ‖₂ of the weights the step is about to update.
     * ``update_ratio/<param>``: ‖θ_after − θ_before‖₂ / ‖θ_before‖₂ of the step just taken; it
-      copies the weights on measuring steps only (one transient copy of the parameters). A
-      step the non-finite guard skipped logs 0.
+      copies the weights on measuring steps only (one transient copy of the parameters, kept
+      from one measuring step to the next only when they follow each other, so measuring every
+      step allocates nothing per step). A step the non-finite guard skipped logs 0.
     * with ``agreement``: ``grad_agreement/consecutive``, the cosine between this step's
       gradient and the previous step's (both as the optimizer receives them, before clipping;
       the step before each measuring step keeps one copy of the gradients until it), and
@@ -91,8 +92,11 @@ class Norms(Callback):
             if self.param_norm:
                 trainer.stage_scalars({self._tags["param_norm"]: norms})
             if self.update_ratio:
-                self._before = torch._foreach_mul(weights, 1.0)  # a copy, in one call
                 self._before_norms = norms
+                if self._before is None:
+                    self._before = [w.clone() for w in weights]
+                else:  # measuring step after measuring step: the same buffers, refilled
+                    torch._foreach_copy_(self._before, weights)
 
     def _agreement(self, trainer: Trainer) -> None:
         with_grad = [p for p in trainer.params if p.grad is not None]
@@ -133,12 +137,17 @@ class Norms(Callback):
         return {self._positions[k]: g for k, g in self._previous.items()}
 
     def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None:
-        if self._before is None:
+        before_norms = self._before_norms
+        if before_norms is None:
             return
-        before, before_norms = self._before, self._before_norms
-        self._before = self._before_norms = None
-        assert before_norms is not None
-        delta = torch._foreach_sub([p.detach() for p in trainer.params], before)
+        self._before_norms = None
+        assert self._before is not None
+        # θ_before − θ_after in place (its norm is that of the update), then the copy is freed
+        # unless the next step measures too (it refills it: no allocation per step)
+        torch._foreach_sub_(self._before, [p.detach() for p in trainer.params])
+        delta = self._before
+        if not self.every.due_next(out.step):
+            self._before = None
         # a zero weight tensor that moved gives a huge ratio, never a division by 0
         ratios = torch.stack(torch._foreach_norm(delta)) / before_norms.clamp_min(
             torch.finfo(before_norms.dtype).tiny
