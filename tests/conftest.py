@@ -31,7 +31,7 @@ def make_cfg(*overrides: str) -> DictConfig:
     return copy.deepcopy(_composed(tuple(overrides)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed(overrides: tuple[str, ...]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=[*BASE, *overrides])

@@ -13,7 +13,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 import torch._dynamo  # noqa: F401  (imported once here, not in every child)
 from conftest import ROOT, make_cfg, read_scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.distributed import TCPStore
 
 from trainer.checkpoint import load_checkpoint, step_path
 from trainer.data.chars import CharText
@@ -51,17 +51,23 @@ def histograms(run_dir: Path, tag: str) -> list:
     return acc.Histograms(tag)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def group_store() -> TCPStore:
+    """A rendezvous store served by this process on a port the system picked, as torchrun's
+    agent serves one: no free port is guessed and then raced for."""
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
+def join_group(rank: int, world: int, port: int) -> None:
+    """A forked rank's environment, as torchrun sets it, for the parent's store on ``port``."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True")  # fmt: skip
 
 
 def _rank(rank: int, world: int, port: int, overrides: tuple[str, ...], run_dir: str) -> None:
     torch.set_num_threads(1)
     if world > 1:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        join_group(rank, world, port)
     from trainer.run import run
 
     run(make_cfg(*overrides), run_dir)
@@ -71,10 +77,12 @@ def launch(*groups: tuple[int, list[str], list[Path]]) -> list[list[int]]:
     """Start each group's ranks (world size, overrides, a run folder per rank) at once and wait
     for all of them: a one-process reference runs alongside the two ranks it is compared with
     (three single-threaded processes on two cores, instead of one after the other). Returns
-    each group's exit codes."""
+    each group's exit codes. Each multi-process group rendezvouses through a store of its own
+    (:func:`group_store`)."""
+    stores = [group_store() if world > 1 else None for world, _, _ in groups]
     procs = []
-    for world, overrides, run_dirs in groups:
-        port = free_port() if world > 1 else 0
+    for (world, overrides, run_dirs), store in zip(groups, stores, strict=True):
+        port = store.port if store is not None else 0
         procs.append([FORK.Process(target=_rank, args=(r, world, port, tuple(overrides),
                                                        str(run_dirs[r])))
                       for r in range(world)])  # fmt: skip
@@ -293,8 +301,7 @@ def _rank_asked_to_stop(rank, world, port, overrides, run_dir, at_step) -> None:
                 trainer.stop_signal = signal.SIGUSR1
 
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    join_group(rank, world, port)
     from trainer.run import run
 
     run(make_cfg(*overrides), run_dir, callbacks=[AskToStop()])
@@ -304,7 +311,8 @@ def _rank_asked_to_stop(rank, world, port, overrides, run_dir, at_step) -> None:
 def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_rest_point(
     tmp_path, at_step
 ) -> None:
-    port, dirs = free_port(), [tmp_path / "r0", tmp_path / "r1"]
+    store, dirs = group_store(), [tmp_path / "r0", tmp_path / "r1"]
+    port = store.port
     procs = [
         FORK.Process(
             target=_rank_asked_to_stop,
@@ -329,9 +337,10 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_rest_point(
 
 
 def torchrun(*args: str, **kw) -> subprocess.Popen:
+    # --standalone: the agent's store binds a port the system picks (none guessed beforehand)
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_port", str(free_port()), str(ROOT / "scripts" / "train.py"),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "scripts" / "train.py"),
          "trainer.device=cpu", *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw,
     )  # fmt: skip

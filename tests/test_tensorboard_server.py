@@ -1,16 +1,19 @@
 """A real TensorBoard server on a run dir, queried through its HTTP data API.
 
-The server is started as a user starts it, on a free port of the loopback interface only
-(``--host 127.0.0.1``: the issue's ``--bind_all=false`` is the same thing, but this
-TensorBoard's ``--bind_all`` is a switch that takes no value), and stopped at the end.
+The server is started as a user starts it, on the loopback interface only (``--host
+127.0.0.1``: the issue's ``--bind_all=false`` is the same thing, but this TensorBoard's
+``--bind_all`` is a switch that takes no value), on a port it picks itself, and stopped at the
+end.
 """
 
 from __future__ import annotations
 
 import json
-import socket
+import queue
+import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,23 +27,32 @@ PARAM = "net.1.weight"  # the MLP's first Linear weight
 RUN = "tb/run"  # the run's name in TensorBoard: its event folder (no overrides: "run")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(logdir, ready) -> tuple[subprocess.Popen, str]:
-    """A TensorBoard serving ``logdir`` on a free loopback port, once ``ready(url)`` says it
-    has loaded what the test needs: (the server, its base URL)."""
-    port = free_port()
+    """A TensorBoard serving ``logdir`` on a loopback port it picks itself (``--port 0``), once
+    ``ready(url)`` says it has loaded what the test needs: (the server, its base URL)."""
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
-         "--port", str(port), "--host", "127.0.0.1"],
+         "--port", "0", "--host", "127.0.0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    output: queue.Queue[str] = queue.Queue()  # its lines, drained so the pipe never fills
+    drain = threading.Thread(target=lambda: [output.put(line) for line in server.stdout])
+    drain.daemon = True
+    drain.start()
     deadline = time.monotonic() + 90
+    seen: list[str] = []
+
+    def fail() -> None:
+        server.kill()
+        pytest.fail(f"tensorboard did not come up: {''.join(seen)[-2000:]}")
+
+    # it prints "TensorBoard <version> at http://127.0.0.1:<port>/" once it listens
+    while not (found := re.search(r"http://127\.0\.0\.1:\d+", seen[-1] if seen else "")):
+        try:
+            seen.append(output.get(timeout=max(deadline - time.monotonic(), 0.01)))
+        except queue.Empty:
+            fail()
+    url = found.group(0)
     while True:
         try:
             if ready(url):
@@ -48,8 +60,9 @@ def serve(logdir, ready) -> tuple[subprocess.Popen, str]:
         except (urllib.error.URLError, ConnectionError, KeyError):
             pass
         if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()  # a live server's stdout would block the read below
-            pytest.fail(f"tensorboard did not come up: {server.stdout.read()[-2000:]}")
+            while not output.empty():
+                seen.append(output.get())
+            fail()
         time.sleep(0.25)
 
 
