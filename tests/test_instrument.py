@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,6 +146,37 @@ def test_a_constant_and_an_all_nan_tensor_do_not_crash() -> None:
     h_const, h_nan = histograms([const, nan], bins=4)
     assert sum(h_const.bucket_counts) == 10 and h_const.min == h_const.max == 0.5
     assert h_nan.num == 0 and h_nan.nonfinite == 4 and sum(h_nan.bucket_counts) == 0
+
+
+#: (found by search) a middle value whose first bucket estimate, ⌊(v − min) / (max − min) · bins⌋,
+#: is one bucket off the linspace edges, so numpy's correction down (64 buckets) or up (10) decides
+EDGE_CORRECTED = {
+    64: [-0.16290994799305278, -0.02552479051715115, 0.1402848822985922],
+    10: [821.6181435011583, 821.6311178672031, 821.6325594634303],
+}
+
+
+@pytest.mark.parametrize("bins", [1, 7, 10, 64])
+def test_the_host_histogram_is_numpys_bucket_for_bucket(bins) -> None:
+    """Bit-for-bit numpy.histogram over [min, max] of the finite values: random values, values
+    on bucket edges (integers over an integer range), a linspace, tiny ones, a constant."""
+    rng = np.random.default_rng(bins)
+    cases = [rng.random(200) * 5, rng.integers(-3, 4, 300).astype(float),
+             np.linspace(-1.0, 1.0, 129), rng.standard_normal(64) * 1e-30, np.full(5, 0.25),
+             np.array([1.0, math.nan, -math.inf, 3.0])]  # fmt: skip
+    if bins in EDGE_CORRECTED:
+        cases.append(np.array(EDGE_CORRECTED[bins]))
+    for v in cases:
+        h = host_histogram(v.tolist(), bins=bins)
+        finite = v[np.isfinite(v)]
+        lo, hi = finite.min(), finite.max()
+        counts, edges = np.histogram(
+            finite, bins=bins, range=(lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+        )
+        assert h.bucket_counts == counts.astype(float).tolist()
+        assert h.bucket_limits == edges[1:].tolist()
+        assert (h.min, h.max, h.num, h.nonfinite) == (lo, hi, finite.size, v.size - finite.size)
+        assert h.sum == math.fsum(finite) and h.sum_squares == math.fsum(finite**2)
 
 
 @pytest.mark.parametrize("n", [1, 7, 1000])

@@ -19,7 +19,7 @@ import struct
 import sys
 import time
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +42,14 @@ def to_floats(values: Scalars) -> dict[str, float]:
     A tuple of tags may map to a 1-D tensor holding their values: a callback that measured one
     value per parameter hands them over as one tensor instead of one 0-d tensor each.
     """
+    return to_host(values)[0]
+
+
+def to_host(
+    values: Scalars, arrays: Sequence[Tensor] = ()
+) -> tuple[dict[str, float], list[list[float]]]:
+    """:func:`to_floats` of ``values``, and each of ``arrays`` (tensors of any shape) as a flat
+    list of floats, all in the same single device-to-host copy."""
     out: dict[str, float] = {}
     tags: list[str] = []
     parts: list[Tensor] = []
@@ -54,10 +62,17 @@ def to_floats(values: Scalars) -> dict[str, float]:
         else:
             tags.append(key)
             parts.append(v.detach().reshape(1).float())
+    sizes = [a.numel() for a in arrays]
+    parts += [a.detach().reshape(-1).float() for a in arrays]
+    lists: list[list[float]] = []
     if parts:
         flat = torch.cat(parts).tolist()  # host sync: logging steps only
-        out.update(zip(tags, flat, strict=True))
-    return out
+        out.update(zip(tags, flat, strict=False))
+        start = len(tags)
+        for n in sizes:
+            lists.append(flat[start : start + n])
+            start += n
+    return out, lists
 
 
 @functools.cache

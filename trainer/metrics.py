@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from trainer.instrument.histograms import host_histogram
-from trainer.logger import Scalars, to_floats
+from trainer.logger import Scalars, to_host
 
 if TYPE_CHECKING:
     from trainer.logger import TensorBoardLogger
@@ -46,11 +46,10 @@ class Staging:
         ``<tag>_max`` over its finite values) at ``step``; returns the scalars as floats. One
         batched host read: logging steps only."""
         histograms, self.histograms = self.histograms, {}
-        keys = {tag: tuple(f"\0{tag}\0{i}" for i in range(len(t))) for tag, t in histograms.items()}
-        values = {**values, **{keys[tag]: t for tag, t in histograms.items()}}
-        floats = to_floats(values)  # host sync: logging steps only
-        for tag, ks in keys.items():
-            h = host_histogram([floats.pop(k) for k in ks])
+        # host sync: logging steps only (the histograms' values in the same transfer)
+        floats, lists = to_host(values, list(histograms.values()))
+        for tag, host_values in zip(histograms, lists, strict=True):
+            h = host_histogram(host_values)
             floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
             floats[f"{tag}_max"] = h.max if h.num else math.nan
             if logger is not None:
