@@ -80,15 +80,19 @@ class Norms(Callback):
         if len(grads) < len(names):  # some parameters have no gradient this step
             names = tuple(t for t, p in zip(names, trainer.params, strict=True)
                           if p.grad is not None)  # fmt: skip
+        weights = (
+            [p.detach() for p in trainer.params] if self.param_norm or self.update_ratio else []
+        )
+        measured = None  # the weights' norms, when taken with the gradients' in one call
         if grads:  # one 1-D tensor for all: one entry in the step's single host read
             norms = trainer.shared_grad_norms(grads)  # the guard's, when it checked this step
-            if norms is None:
-                norms = torch.stack(torch._foreach_norm(grads))
-                trainer.share_grad_norms(grads, norms)  # the total is taken from them
+            if norms is None:  # the gradients' and the weights' norms in one call
+                both = torch.stack(torch._foreach_norm(grads + weights))
+                norms, measured = both[: len(grads)], both[len(grads) :]
+                trainer.share_grad_norms(grads, both)  # the total is taken from them
             trainer.stage_scalars({names: norms})
-        if self.param_norm or self.update_ratio:
-            weights = [p.detach() for p in trainer.params]
-            norms = torch.stack(torch._foreach_norm(weights))
+        if weights:
+            norms = torch.stack(torch._foreach_norm(weights)) if measured is None else measured
             if self.param_norm:
                 trainer.stage_scalars({self._tags["param_norm"]: norms})
             if self.update_ratio:
