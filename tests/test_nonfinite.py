@@ -210,3 +210,40 @@ def test_a_huge_finite_gradient_is_not_non_finite_in_step_mode(tmp_path, sync) -
     moved = any(not torch.equal(after.after[3][n], w) for n, w in after.after[2].items())
     assert moved == (sync == "step")
     assert ("nonfinite/skipped_steps" in read_scalars(tmp_path)) == (sync == "deferred")
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "fused", "device", "expected"),
+    [
+        ("adamw", "null", "cuda", True),  # on CUDA by default: the deferred skip costs no copy
+        ("sgd", "null", "cuda", True),
+        ("adamw", "false", "cuda", False),  # opted out
+        ("adamw", "null", "cpu", None),  # torch's own default on a CPU
+        ("sgd", "true", "cpu", True),
+    ],
+)
+def test_the_built_in_optimizers_are_fused_on_cuda_unless_told_otherwise(
+    optimizer, fused, device, expected
+) -> None:
+    """The choice, made from the run's device; the parameters here are on the CPU (which has
+    fused kernels too), so the optimizer that results is built and checked without a GPU."""
+    from conftest import make_cfg
+
+    from trainer.run import build_optimizer
+    from trainer.update import takes_found_inf
+
+    node = make_cfg(f"optimizer={optimizer}", f"optimizer.fused={fused}").optimizer
+    opt = build_optimizer(node, torch.nn.Linear(3, 2).parameters(), torch.device(device))
+    assert opt.defaults["fused"] is expected
+    assert takes_found_inf(opt) == bool(expected)
+
+
+def test_an_optimizer_without_a_fused_key_is_built_as_configured() -> None:
+    """A user's optimizer (here RMSprop, which has no fused implementation) is left alone."""
+    from omegaconf import OmegaConf
+
+    from trainer.run import build_optimizer
+
+    node = OmegaConf.create({"_target_": "torch.optim.RMSprop", "_partial_": True, "lr": 0.01})
+    opt = build_optimizer(node, torch.nn.Linear(3, 2).parameters(), torch.device("cuda"))
+    assert isinstance(opt, torch.optim.RMSprop) and "fused" not in opt.defaults

@@ -318,7 +318,8 @@ class SGDConfig(OptimizerConfig):
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
-    #: torch's fused implementation (one kernel for all parameters; None: torch's default)
+    #: torch's fused implementation (one kernel for all parameters); None: fused on a CUDA
+    #: device (the non-finite guard's deferred check then costs no copy), torch's default elsewhere
     fused: bool | None = None
 
     def __post_init__(self) -> None:
@@ -340,7 +341,8 @@ class AdamWConfig(OptimizerConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.01
-    #: torch's fused implementation (one kernel for all parameters; None: torch's default)
+    #: torch's fused implementation (one kernel for all parameters); None: fused on a CUDA
+    #: device (the non-finite guard's deferred check then costs no copy), torch's default elsewhere
     fused: bool | None = None
 
     def __post_init__(self) -> None:

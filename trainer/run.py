@@ -352,6 +352,28 @@ def build_user_callbacks(cfg: DictConfig) -> list[Callback]:
     return out
 
 
+#: devices whose fused optimizer kernels are taken by default (``optimizer.fused: null``)
+FUSED_BY_DEFAULT = ("cuda",)
+
+
+def build_optimizer(node: DictConfig, params: Any, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer from its config node (a partial ``_target_``; the parameters come here).
+
+    ``fused: null``, the built-in schemas' default, takes torch's fused implementation on a CUDA
+    device (one kernel for every parameter, where torch's own default is one per tensor): there
+    the non-finite guard defers its check (``instrument.nonfinite.sync=auto``), and a fused
+    step skips a bad update itself, from the flag on the device (``found_inf``, as
+    ``GradScaler`` hands it over), where any other step needs a copy of the parameters and
+    the optimizer state put back with ``torch.where`` (trainer/update.py). Elsewhere, and for
+    an optimizer whose config has no ``fused`` key, torch's default; ``fused: false`` opts out.
+    """
+    factory = instantiate(node, _convert_="all")
+    keywords = getattr(factory, "keywords", {})
+    if device.type in FUSED_BY_DEFAULT and "fused" in keywords and keywords["fused"] is None:
+        return factory(params, fused=True)
+    return factory(params)
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -385,7 +407,7 @@ def build_trainer(
     loss = build_loss(cfg.loss)
     loss.check(data)
     model: nn.Module = build("model", cfg.model, provided=data.provides()).to(device)
-    optimizer = instantiate(cfg.optimizer, _convert_="all")(model.parameters())
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), device)
     tc = typed.trainer
     total_steps = planned_steps(
         len(data.train_loader), tc.accumulate_grad_batches, tc.max_epochs, tc.max_steps

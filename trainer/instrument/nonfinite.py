@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from trainer.callbacks import Callback, Every
+from trainer.update import takes_found_inf
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -101,6 +102,13 @@ class NonfiniteGuard(Callback):
             deferred = False
         self.deferred = deferred
         self._low_params = any(p.dtype in _LOW for p in trainer.params)
+        if deferred and not takes_found_inf(trainer.optimizer):
+            log.info(
+                "instrument.nonfinite.sync=deferred with a %s that is not fused: each step copies "
+                "the parameters and the optimizer state, to put them back if the step was not "
+                "finite (optimizer.fused=true avoids it where torch has a fused kernel)",
+                type(trainer.optimizer).__name__,
+            )
 
     def state_dict(self) -> dict[str, object]:
         """The counts, and in deferred mode the flags not read yet (a resumed run reads them)."""
