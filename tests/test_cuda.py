@@ -54,3 +54,30 @@ def test_no_host_sync_between_logging_steps(tmp_path) -> None:
               "instrument.per_sample.every_n_steps=10", callbacks=[NoSync()])  # fmt: skip
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_default_guard_makes_no_host_sync_between_logging_steps(tmp_path) -> None:
+    """Issue 14 on a GPU: with every default instrument on, the guard included
+    (``sync=auto`` defers on CUDA, and the default AdamW is fused there, so a bad update is
+    skipped inside the step), CUDA's sync debug mode raises on any device-to-host
+    synchronization in a step that does not log. The first step is exempt: it creates the
+    optimizer state, which cannot be undone on the device, so its flag is read."""
+    from conftest import train
+
+    from trainer.loop import Callback
+
+    class NoSync(Callback):
+        def on_train_batch_start(self, trainer, batch) -> None:
+            quiet = trainer.global_step >= 1 and (trainer.global_step + 1) % 10 != 0
+            torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+
+        def on_train_step_end(self, trainer, out) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+            assert trainer.optimizer.defaults["fused"] is True
+
+    try:
+        metrics = train(tmp_path, "trainer.device=cuda", "trainer.max_steps=25",
+                        "logging.every_n_steps=10", callbacks=[NoSync()])  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert metrics["step"] == 25
