@@ -564,3 +564,30 @@ def test_a_resumed_run_logs_the_same_agreement_and_noise_scale_ema(tmp_path) -> 
     for tag in ("grad_agreement/consecutive", "per_sample/noise_scale_ema"):
         after = [(s, v) for s, v in a[tag] if s > 3]
         assert after and b[tag] == after, tag
+
+
+class StagesOnItsOwnCadence(Callback):
+    """Stages a running count every step, as a fresh tensor or (``in_place``) as one buffer
+    it keeps adding to: the second is read at the next logging step, after it changed."""
+
+    def __init__(self, in_place: bool) -> None:
+        self.in_place, self.count = in_place, torch.zeros(())
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        self.count = self.count.add_(1) if self.in_place else self.count + 1
+        trainer.stage_scalars({"custom/count": self.count})
+
+
+def test_scalars_of_steps_that_do_not_log_are_written_at_their_steps(tmp_path) -> None:
+    train(tmp_path, "trainer.max_steps=7", "logging.every_n_steps=3",
+          callbacks=[StagesOnItsOwnCadence(in_place=False)])  # fmt: skip
+    assert read_scalars(tmp_path)["custom/count"] == [(s, float(s)) for s in range(1, 8)]
+
+
+def test_a_staged_tensor_changed_before_it_is_read_is_an_error_not_a_wrong_number(
+    tmp_path,
+) -> None:
+    with pytest.raises(RuntimeError, match="step 1: the tensor staged as 'custom/count' was "
+                       "changed in place after it was staged"):  # fmt: skip
+        train(tmp_path, "trainer.max_steps=7", "logging.every_n_steps=3",
+              callbacks=[StagesOnItsOwnCadence(in_place=True)])  # fmt: skip

@@ -122,33 +122,61 @@ class NoHostReads(TorchFunctionMode):
 
 
 class WatchSteps(Callback):
-    """Runs each optimizer step's micro-batch under :class:`NoHostReads`; the reads per step."""
+    """Runs each optimizer step, from its micro-batch's start to the next one's (its logging
+    included), under :class:`NoHostReads`; the reads per step."""
 
     def __init__(self) -> None:
         self.mode: NoHostReads | None = None
         self.reads: dict[int, list[str]] = {}
 
+    def _stop(self, trainer) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.reads[trainer.global_step] = self.mode.reads  # the step just taken
+            self.mode = None
+
     def on_train_batch_start(self, trainer, batch) -> None:
+        self._stop(trainer)
         self.mode = NoHostReads()
         self.mode.__enter__()
 
-    def on_train_step_end(self, trainer, out) -> None:
-        assert self.mode is not None
-        self.mode.__exit__(None, None, None)
-        self.reads[out.step] = self.mode.reads
+    def on_validation_end(self, trainer, metrics) -> None:
+        self._stop(trainer)
+
+    def on_fit_end(self, trainer, metrics) -> None:
+        self._stop(trainer)
 
 
-def test_no_host_read_in_a_step_that_does_not_log(tmp_path) -> None:
-    """The defaults (guard every step, deferred; norms on the logging steps) with the fused
-    SGD: the host reads a tensor on logging steps and on the first (the optimizer's state
-    is created there), never on any other step."""
+@pytest.mark.parametrize(
+    ("measured", "norm_steps"),
+    [
+        ((), [4, 8, 12]),  # the defaults: norms on the logging cadence
+        # instruments measuring on steps that do not log: kept on the device and written at
+        # their steps with the next logging step's read
+        (("instrument.norms.every_n_steps=3",), [3, 6, 9, 12]),
+        (
+            ("instrument.norms.every_n_steps=1", "instrument.per_sample.every_n_steps=3"),
+            list(range(1, 13)),
+        ),
+    ],
+)
+def test_no_host_read_in_a_step_that_does_not_log(tmp_path, measured, norm_steps) -> None:
+    """The defaults (guard every step, deferred) with the fused SGD: the host reads a tensor
+    on logging steps and on the first (the optimizer's state is created there), never on any
+    other step, also where an instrument measures; every measured scalar is still written,
+    at its own step."""
     watch = WatchSteps()
     train(tmp_path, "trainer.max_steps=12", "logging.every_n_steps=4", "optimizer=sgd",
           "optimizer.fused=true", "instrument.nonfinite.sync=deferred",
-          "instrument.histograms.every_n_steps=4", callbacks=[watch])  # fmt: skip
+          "instrument.histograms.every_n_steps=4", *measured, callbacks=[watch])  # fmt: skip
     quiet = {s: r for s, r in watch.reads.items() if s % 4 and s != 1}
-    assert quiet and all(not r for r in quiet.values()), quiet
-    assert watch.reads[4]  # the logging steps read (this test can see reads)
+    assert len(quiet) == 8 and all(not r for r in quiet.values()), quiet
+    assert watch.reads[4] and watch.reads[8]  # the logging steps read (this test sees reads)
+    scalars = read_scalars(tmp_path)
+    for tag in ("grad_norm/net.1.weight", "update_ratio/net.5.weight"):
+        assert [s for s, _ in scalars[tag]] == norm_steps, tag
+    if "per_sample/grad_norm_mean" in scalars:
+        assert [s for s, _ in scalars["per_sample/grad_norm_mean"]] == [3, 6, 9, 12]
 
 
 class ReplacesState(torch.optim.Optimizer):

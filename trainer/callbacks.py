@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 
+#: what is measured on the device without being read (deferred flags, scalars of steps that do
+#: not log) is read at the next logging step, and at the latest every this many steps
+READ_EVERY = 1000
+
+
 @dataclass(frozen=True)
 class Every:
     """A cadence: due on every ``n``-th optimizer step (steps count from 1; ``n=0``: never).
@@ -83,9 +88,10 @@ class Callback:
       re-raised): release what ``on_fit_start`` took
 
     Scalars a callback measures go through ``trainer.stage_scalars``: they are read back to the
-    host together with the step's own, in one transfer, at the end of the step. A callback's
-    cadence is an :class:`Every`. Per-token losses (B, T) reach the hooks with that shape, and
-    so do their weights.
+    host together with the next logging step's own (this step's, if it logs), in one transfer,
+    and written at the step they were staged at; a staged tensor must stay as it is until then.
+    A callback's cadence is an :class:`Every`. Per-token losses (B, T) reach the hooks with that
+    shape, and so do their weights.
     """
 
     def state_dict(self) -> dict[str, Any]:

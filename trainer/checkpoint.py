@@ -246,8 +246,9 @@ def select_resume(
 class CheckpointWriter:
     """Writes a trainer's checkpoints into ``directory`` and keeps the newest ``keep_last``.
 
-    Before each write the TensorBoard events are flushed, so everything logged up to the
-    checkpoint's step is on disk when the checkpoint exists (a resumed run purges only later
+    Before each write the scalars measured on steps that did not log are written and the
+    TensorBoard events flushed, so everything logged up to the checkpoint's step is on disk when
+    the checkpoint exists (a resumed run purges only later
     steps). A periodic checkpoint that cannot be written (disk full, I/O error) is reported and
     training goes on: the previous checkpoint is intact (writes are atomic). The final one must
     succeed.
@@ -268,6 +269,9 @@ class CheckpointWriter:
         return state
 
     def write(self, path: Path) -> Path:
+        write_deferred = getattr(self.trainer, "write_deferred", None)
+        if write_deferred is not None:  # scalars of steps that did not log, into the events
+            write_deferred()
         if self.trainer.logger is not None:
             self.trainer.logger.flush()
         self.saving = True

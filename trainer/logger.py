@@ -50,29 +50,45 @@ def to_host(
 ) -> tuple[dict[str, float], list[list[float]]]:
     """:func:`to_floats` of ``values``, and each of ``arrays`` (tensors of any shape) as a flat
     list of floats, all in the same single device-to-host copy."""
-    out: dict[str, float] = {}
-    tags: list[str] = []
+    (floats,), lists = to_host_many([values], arrays)
+    return floats, lists
+
+
+def to_host_many(
+    batches: Sequence[Scalars], arrays: Sequence[Tensor] = ()
+) -> tuple[list[dict[str, float]], list[list[float]]]:
+    """:func:`to_host` of several mappings (the scalars of several steps) and ``arrays``, in
+    one device-to-host copy for all of them."""
+    outs: list[dict[str, float]] = []
+    tags: list[list[str]] = []
     parts: list[Tensor] = []
-    for key, v in values.items():
-        if not isinstance(v, Tensor):
-            out[key] = float(v)  # type: ignore[index]
-        elif isinstance(key, tuple):
-            tags.extend(key)
-            parts.append(v.detach().reshape(-1).float())
-        else:
-            tags.append(key)
-            parts.append(v.detach().reshape(1).float())
+    for values in batches:
+        out: dict[str, float] = {}
+        names: list[str] = []
+        for key, v in values.items():
+            if not isinstance(v, Tensor):
+                out[key] = float(v)  # type: ignore[index]
+            elif isinstance(key, tuple):
+                names.extend(key)
+                parts.append(v.detach().reshape(-1).float())
+            else:
+                names.append(key)
+                parts.append(v.detach().reshape(1).float())
+        outs.append(out)
+        tags.append(names)
     sizes = [a.numel() for a in arrays]
     parts += [a.detach().reshape(-1).float() for a in arrays]
     lists: list[list[float]] = []
     if parts:
         flat = torch.cat(parts).tolist()  # host sync: logging steps only
-        out.update(zip(tags, flat, strict=False))
-        start = len(tags)
+        start = 0
+        for out, names in zip(outs, tags, strict=True):
+            out.update(zip(names, flat[start : start + len(names)], strict=True))
+            start += len(names)
         for n in sizes:
             lists.append(flat[start : start + n])
             start += n
-    return out, lists
+    return outs, lists
 
 
 @functools.cache

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 
-from trainer.callbacks import HOOKS, Callback, Every, StepOutput
+from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, StepOutput
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.distributed import SINGLE, World, all_reduce_max, all_reduce_sum
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
@@ -238,8 +238,10 @@ class Trainer:
 
     def stage_scalars(self, values: Scalars) -> None:
         """Queue scalars for the current step; they are read back to the host together with
-        the step's own scalars at its end, in one transfer (no sync here). A tuple of tags may
-        map to a 1-D tensor of their values (see :func:`trainer.logger.to_floats`)."""
+        the step's own scalars at the end of the next logging step (this one, if it logs), in
+        one transfer, and written at this step (no sync here). A staged tensor must stay as it
+        is until then (an in-place change is an error). A tuple of tags may map to a 1-D tensor
+        of their values (see :func:`trainer.logger.to_floats`)."""
         self.staging.scalars.update(values)
 
     def stage_histogram(self, tag: str, values: Tensor) -> None:
@@ -249,6 +251,12 @@ class Trainer:
         kernel and no sync here. For parameter-sized tensors use on-device binning instead
         (``trainer.instrument.histograms``)."""
         self.staging.histograms[tag] = values
+
+    def write_deferred(self) -> None:
+        """Write the scalars and histograms measured on steps that did not log, each at its
+        step (one host read): the next logging step does it anyway; a checkpoint and the end
+        of the run do it first."""
+        self.staging.flush(self.logger)  # host sync: logging steps, checkpoints, the end
 
     def log_scalars(self, values: Scalars, step: int | None = None) -> dict[str, float]:
         """Write scalars (and staged histograms) at ``step`` (default: the current
@@ -290,11 +298,14 @@ class Trainer:
                         self.run_epoch()
                 if self.finished() and self.tally.has_log():  # steps since the last log
                     self.log_scalars({"train/loss": self._window_loss()[0]})  # host sync: once
+                self.write_deferred()
             finally:
                 self.progress.close()
             self.metrics.update(step=self.global_step, epoch=self.epoch)
             self._fire("on_fit_end", self.metrics)
         except BaseException as e:
+            with contextlib.suppress(Exception):  # what was measured before the failure
+                self.write_deferred()
             self._fire("on_exception", e)
             raise
         return self.metrics
@@ -480,8 +491,11 @@ class Trainer:
         self._fire("on_train_step_end", out)
         if should_log:
             self._log_step(out, lr, split_norms)
-        elif split_norms or self.staging.pending():  # a callback's own cadence
-            self.log_scalars({**split_norms, **self.staging.take_scalars()}, out.step)
+        elif split_norms or self.staging.pending():  # a callback's own cadence: kept on the
+            # device and written at this step with the next logging step's read (no sync here)
+            self.staging.defer({**split_norms, **self.staging.take_scalars()}, out.step)
+            if len(self.staging.deferred) >= READ_EVERY:
+                self.write_deferred()
         self.objective.end_step()
         self.progress.update()
 

@@ -13,24 +13,39 @@ transfer. Per-token losses (B, T) are kept as u·ℓ with their Σu in a device 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from trainer.instrument.histograms import host_histogram
-from trainer.logger import Scalars, to_host
+from trainer.logger import Scalars, to_host_many
 
 if TYPE_CHECKING:
     from trainer.logger import TensorBoardLogger
 
 
+@dataclass
+class _Deferred:
+    """A step's staged scalars and histograms, kept on the device until the next write."""
+
+    step: int
+    scalars: Scalars
+    histograms: dict[str, Tensor]
+    #: (tag, tensor, its version when staged): an in-place change before the read is an error
+    versions: list[tuple[str, Tensor, int]] = field(default_factory=list)
+
+
 class Staging:
-    """Scalars and short histograms staged during a step, written together at its end."""
+    """Scalars and short histograms staged during a step, written together at its end (a
+    logging step), or kept on the device and written, each at its own step, with the next
+    logging step's in the same transfer (:meth:`defer`)."""
 
     def __init__(self) -> None:
         self.scalars: dict[str | tuple[str, ...], Tensor | float] = {}
         self.histograms: dict[str, Tensor] = {}
+        self.deferred: list[_Deferred] = []
 
     def pending(self) -> bool:
         return bool(self.scalars or self.histograms)
@@ -39,24 +54,63 @@ class Staging:
         out, self.scalars = self.scalars, {}
         return out
 
+    def defer(self, values: Scalars, step: int) -> None:
+        """Keep ``values`` and the staged histograms of ``step`` (one that does not log) on the
+        device: no host read now; the next :meth:`write` or :meth:`flush` writes them at
+        ``step``. A staged tensor must not change in place until then (checked: its version
+        counter)."""
+        histograms, self.histograms = self.histograms, {}
+        versions = []
+        for key, v in [*values.items(), *histograms.items()]:
+            if isinstance(v, Tensor) and not v.is_inference():  # (no version counter)
+                versions.append((key if isinstance(key, str) else key[0], v, v._version))
+        self.deferred.append(_Deferred(step, dict(values), histograms, versions))
+
     def write(
         self, values: Scalars, step: int, logger: TensorBoardLogger | None
     ) -> dict[str, float]:
-        """Write ``values`` and the staged histograms (each with ``<tag>_mean`` and
-        ``<tag>_max`` over its finite values) at ``step``; returns the scalars as floats. One
-        batched host read: logging steps only."""
+        """Write the deferred steps (each at its own step), then ``values`` and the staged
+        histograms (each with ``<tag>_mean`` and ``<tag>_max`` over its finite values) at
+        ``step``; returns this step's scalars as floats. One batched host read for all:
+        logging steps only."""
         histograms, self.histograms = self.histograms, {}
-        # host sync: logging steps only (the histograms' values in the same transfer)
-        floats, lists = to_host(values, list(histograms.values()))
-        for tag, host_values in zip(histograms, lists, strict=True):
-            h = host_histogram(host_values)
-            floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
-            floats[f"{tag}_max"] = h.max if h.num else math.nan
-            if logger is not None:
-                logger.log_histogram_raw(tag, h, step)
-        if logger is not None:
-            logger.add_floats(floats, step)
-        return floats
+        entries = [*self._take_deferred(), _Deferred(step, values, histograms)]
+        return self._write(entries, logger)[-1]
+
+    def flush(self, logger: TensorBoardLogger | None) -> None:
+        """Write the deferred steps now (before a checkpoint, at the end of a run)."""
+        entries = self._take_deferred()
+        if entries:
+            self._write(entries, logger)
+
+    def _take_deferred(self) -> list[_Deferred]:
+        entries, self.deferred = self.deferred, []
+        for e in entries:
+            for tag, t, version in e.versions:
+                if t._version != version:
+                    raise RuntimeError(
+                        f"step {e.step}: the tensor staged as {tag!r} was changed in place "
+                        "after it was staged; a step that does not log is read at the next "
+                        "logging step, so stage a tensor that stays as it is (a copy)"
+                    )
+        return entries
+
+    def _write(
+        self, entries: list[_Deferred], logger: TensorBoardLogger | None
+    ) -> list[dict[str, float]]:
+        arrays = [t for e in entries for t in e.histograms.values()]
+        all_floats, lists = to_host_many([e.scalars for e in entries], arrays)  # host sync:
+        host_values = iter(lists)  # logging steps only (and before a checkpoint, at the end)
+        for e, floats in zip(entries, all_floats, strict=True):
+            for tag in e.histograms:
+                h = host_histogram(next(host_values))
+                floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
+                floats[f"{tag}_max"] = h.max if h.num else math.nan
+                if logger is not None:
+                    logger.log_histogram_raw(tag, h, e.step)
+            if logger is not None and floats:
+                logger.add_floats(floats, e.step)
+        return all_floats
 
 
 class LossTally:

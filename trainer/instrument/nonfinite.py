@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trainer.callbacks import Callback, Every
+from trainer.callbacks import READ_EVERY, Callback, Every
 from trainer.update import takes_found_inf
 
 if TYPE_CHECKING:
@@ -44,9 +44,6 @@ if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 log = logging.getLogger(__name__)
-
-#: deferred mode reads the kept flags at least this often (steps), whatever the logging cadence
-READ_EVERY = 1000
 
 
 class NonFiniteError(RuntimeError):
