@@ -704,7 +704,7 @@ class PerSampleNorms(Callback):
         sq = torch.stack([self._sq.get(id(p), zero) for p in self._params], 1)  # (B, params)
         self._sq.clear()
         if trainer.scaler is not None:  # the root's gradient was multiplied by the loss scale
-            sq = sq / trainer.scaler.get_scale() ** 2  # host read: measuring steps only
+            sq = sq / _loss_scale(trainer.scaler) ** 2
         # each loss element's coefficient in the root that was backpropagated, as the
         # objective defines it (vector mode: the weights; data-parallel, × world size)
         if weights is None:
@@ -825,6 +825,14 @@ class PerSampleNorms(Callback):
                     for p in own}  # fmt: skip
         total = sum(p.numel() for p in params.values())
         return 1.0 - sum(params[k].numel() for k in left_out) / max(total, 1)
+
+
+def _loss_scale(scaler: torch.amp.GradScaler) -> Tensor | float:
+    """The GradScaler's current scale as the tensor it keeps on the device (no host read), or
+    as ``get_scale()``'s float where that tensor is not available."""
+    scale = getattr(scaler, "_get_scale_async", None)
+    value = scale() if scale is not None else None
+    return value.float() if isinstance(value, Tensor) else scaler.get_scale()
 
 
 def _named_covered(module: nn.Module, kind: str) -> list[tuple[str, nn.Parameter]]:
