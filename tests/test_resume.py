@@ -235,3 +235,29 @@ def test_sigterm_through_the_real_cli_exits_143_with_a_checkpoint(tmp_path) -> N
     assert stopped["status"] == "interrupted" and stopped["signal"] == "SIGTERM"
     assert load_checkpoint(stopped["checkpoint"])["step"] == stopped["step"]
     assert "continue with trainer.resume=auto" in out
+
+
+def test_a_resume_may_add_and_drop_instruments(tmp_path, caplog) -> None:
+    """Resumed with histograms added (they keep no state), per-sample norms added (they do:
+    their noise-scale averages start fresh, with a warning naming them) and the non-finite
+    guard dropped (its saved counts are ignored): the run continues to its end."""
+    from conftest import train
+
+    train(tmp_path / "a", "trainer.max_steps=4", "instrument.histograms.every_n_steps=0")
+    resume = f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"
+    with caplog.at_level("WARNING", logger="trainer.loop"):
+        metrics = train(tmp_path / "b", "trainer.max_steps=8", resume,
+                        "instrument.histograms.every_n_steps=2",
+                        "instrument.per_sample.every_n_steps=2",
+                        "instrument.nonfinite.policy=off")  # fmt: skip
+    assert metrics["step"] == 8
+    warned = [r.getMessage() for r in caplog.records if "holds no state" in r.getMessage()]
+    assert warned == ["the checkpoint holds no state for callback PerSampleNorms: it starts fresh"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.logger import event_dir
+
+    # the resumed run writes into the run it continues
+    acc = EventAccumulator(str(event_dir(tmp_path / "a")), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Histograms("grad_hist/net.1.weight")] == [6, 8]

@@ -590,8 +590,10 @@ class Trainer:
         for cb in self.callbacks:  # by class, in order: a resume may add or drop instruments
             name = type(cb).__name__
             match = next((i for i, (n, _) in enumerate(saved) if n == name), None)
-            if match is None and cb.state_dict():  # one that keeps no state is not missed
-                log.warning("the checkpoint holds no state for callback %s: it starts fresh", name)
+            if match is None:  # added on this resume: one that keeps no state is not missed
+                if cb.state_dict():
+                    log.warning("the checkpoint holds no state for callback %s: it starts fresh",
+                                name)  # fmt: skip
                 continue
             cb.load_state_dict(saved.pop(match)[1])
 
