@@ -15,7 +15,7 @@ A GradScaler, when given, scales the root's gradient (the loss, or w) before bac
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ class explain_freed_graph:  # noqa: N801  (used as a context manager, like a fun
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type | None, e: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: type | None, e: BaseException | None, tb: Any) -> Literal[False]:
         if not isinstance(e, RuntimeError):
             return False
         if "second time" not in str(e) and "already been freed" not in str(e):

@@ -112,7 +112,7 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": {
             "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached),
@@ -234,7 +234,7 @@ def select_resume(
     if resume != "auto":
         path = Path(resume)
         return path, load_training_checkpoint(path), []
-    notes = []
+    notes: list[str] = []
     for path in find_checkpoints(search_dir, run_id):
         try:
             return path, load_training_checkpoint(path), notes

@@ -35,7 +35,7 @@ def _check_val_fraction(value: float) -> None:
     _check(0.0 < value < 1.0, "data.val_fraction", f"got {value}, must be in (0, 1)")
 
 
-def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+def _one_of(value: object, allowed: tuple[str, ...], key: str) -> None:
     _check(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
 
 

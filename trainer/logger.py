@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 
 #: tag -> a float or a 0-d tensor; or a tuple of tags -> a 1-D tensor with one value per tag
-Scalars = Mapping[str | tuple[str, ...], Tensor | float | int]
+#: (keys: ``str`` or ``tuple[str, ...]``; typed ``Any`` since ``Mapping`` is invariant in its
+#: key, so a plain ``dict[str, Tensor]`` would not match a union key type)
+Scalars = Mapping[Any, Tensor | float | int]
 
 
 def to_floats(values: Scalars) -> dict[str, float]:

@@ -473,8 +473,8 @@ class Trainer:
                     grad_norm = get_total_norm(grads)
                 if self.measure_clipped_norm:
                     split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
-            if self.measure_clipped_norm:  # the norms instrument's cadence: the total with it
-                split_norms["grad_norm/total"] = grad_norm
+            if self.measure_clipped_norm and grad_norm is not None:  # the norms instrument's
+                split_norms["grad_norm/total"] = grad_norm  # cadence: the total with it
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()

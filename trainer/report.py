@@ -200,7 +200,7 @@ def rank_runs(runs: Sequence[Run], metric: str, mode: str) -> list[Run]:
     """Completed runs with a value for ``metric``, best first; then the rest in job order."""
     ranked = [r for r in runs if r.status == "completed" and r.value(metric) is not None]
     sign = -1.0 if resolve_mode(metric, mode) == "max" else 1.0
-    ranked.sort(key=lambda r: sign * r.value(metric))  # type: ignore[operator]  (None filtered)
+    ranked.sort(key=lambda r: sign * r.value(metric))  # type: ignore[operator]  # None: above
     kept = {id(r) for r in ranked}
     return ranked + [r for r in runs if id(r) not in kept]
 

@@ -18,7 +18,7 @@ import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -97,7 +97,9 @@ def build_scheduler(
     return instantiate(cfg)(optimizer, **kwargs)
 
 
-def _display(path: Path) -> str:
+def _display(path: Path | None) -> str:
+    if path is None:  # (a stop whose checkpoint could not be written)
+        return "none"
     try:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
@@ -186,7 +188,7 @@ def run(
         refuse_repeated_choices()
         typed = validate(cfg)  # every config error surfaces here, before anything is built
         tc = typed.trainer
-        config = OmegaConf.to_container(cfg, resolve=True)
+        config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
         run_id = tc.run_id or derive_run_id(config)  # type: ignore[arg-type]
         resume_path, resume_state = None, None
         if tc.resume:
@@ -431,7 +433,7 @@ def build_trainer(
     ]
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    forward_model = None
+    forward_model: nn.Module | None = None
     if world.distributed:  # gradients all-reduced (averaged) during backward
         from torch.nn.parallel import DistributedDataParallel
 
@@ -444,8 +446,11 @@ def build_trainer(
                 "trainer.compile: per-sample gradient norms (instrument.per_sample) arm module "
                 "hooks on their steps, which a compiled forward does not call; turn one off"
             )
-        forward_model = torch.compile(
-            forward_model if forward_model is not None else model, backend=tc.compile_backend
+        forward_model = cast(  # an OptimizedModule: a Module
+            nn.Module,
+            torch.compile(
+                forward_model if forward_model is not None else model, backend=tc.compile_backend
+            ),
         )
     return Trainer(
         model,

@@ -169,10 +169,10 @@ class Weighting(abc.ABC):
             r_sum, n = all_reduce_sum(torch.stack([r.sum(), count]))
             w = r / r_sum.clamp_min(torch.finfo(r.dtype).tiny)
             return w * n if self.normalize == "sum" else w
-        total = self.batch_total(r)
-        if isinstance(total, Tensor):  # an all-zero batch gives w = 0 instead of 0/0
-            total = total.clamp_min(torch.finfo(r.dtype).tiny)
-        w = r / total
+        batch_total = self.batch_total(r)
+        if isinstance(batch_total, Tensor):  # an all-zero batch gives w = 0 instead of 0/0
+            batch_total = batch_total.clamp_min(torch.finfo(r.dtype).tiny)
+        w = r / batch_total
         return w * r.numel() if self.normalize == "sum" else w
 
 

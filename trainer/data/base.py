@@ -27,7 +27,7 @@ from trainer.distributed import SINGLE, World, shard
 class Batch(NamedTuple):
     x: Tensor  # (B, *input_shape)
     y: Tensor  # (B, ...) targets: int64 class labels (B,), float vectors (B, D), tokens (B, T)
-    index: Tensor  # (B,) int64 positions in the data set
+    index: Tensor  # type: ignore[assignment]  # (B,) int64 positions (shadows tuple.index)
 
 
 @dataclass

@@ -33,11 +33,13 @@ class SyntheticData(DataModule):
 
     def load(self) -> tuple[TensorSplit, TensorSplit]:
         g = torch.Generator().manual_seed(self.seed)
-        means = torch.randn(self.num_classes, *self.input_shape, generator=g)
+        k, shape = self.num_classes, self.input_shape
+        assert k is not None and shape is not None  # (set in __init__)
+        means = torch.randn(k, *shape, generator=g)
 
         def sample(n: int) -> TensorSplit:
-            y = torch.randint(self.num_classes, (n,), generator=g)
-            x = means[y] + self.noise * torch.randn(n, *self.input_shape, generator=g)
+            y = torch.randint(k, (n,), generator=g)
+            x = means[y] + self.noise * torch.randn(n, *shape, generator=g)
             return TensorSplit(x, y)
 
         return sample(self.num_train), sample(self.num_val)

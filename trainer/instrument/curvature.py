@@ -202,9 +202,9 @@ class Curvature(Callback):
         ddp = trainer.world.distributed
         # the micro-batch's data objective, as the step's root weighs it (trainer/objective.py)
         objective = trainer.objective.batch_objective(losses, logits, y, index)
-        grads = torch.autograd.grad(objective, params, create_graph=True, allow_unused=True)
+        taken = torch.autograd.grad(objective, params, create_graph=True, allow_unused=True)
         grads = [
-            g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)
+            g if g is not None else torch.zeros_like(p) for g, p in zip(taken, params, strict=True)
         ]
         curved = any(g.requires_grad for g in grads)
         if not curved and not ddp:  # the loss is linear in θ: H = 0

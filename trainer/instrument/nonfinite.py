@@ -205,6 +205,7 @@ class NonfiniteGuard(Callback):
             self._found = torch.zeros((), dtype=torch.float32, device=device)
             self._one = torch.ones((), dtype=torch.float32, device=device)
         found = self._found.zero_()
+        assert self._one is not None
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
         return bool(found)  # host sync: once per checked step
 

@@ -111,7 +111,7 @@ class Norms(Callback):
                 both = [p for p in with_grad if id(p) in previous]
                 if both:
                     values["grad_agreement/consecutive"] = _cosine(
-                        [p.grad for p in both],
+                        [p.grad for p in both],  # type: ignore[misc]  # (with_grad: not None)
                         [previous[id(p)] for p in both],  # type: ignore[misc]
                     )
             objective = trainer.objective
@@ -119,7 +119,8 @@ class Norms(Callback):
             if objective.has_regularizers and penalty_known:
                 reg = objective.reg_grads()
                 if reg:  # in the whole parameter space (0 where nothing regularizes)
-                    data = [p.grad - reg[id(p)] if id(p) in reg else p.grad for p in with_grad]
+                    data = [p.grad - reg[id(p)] if id(p) in reg else p.grad  # type: ignore[operator]
+                            for p in with_grad]  # fmt: skip
                     regs = [reg.get(id(p), torch.zeros_like(p)) for p in with_grad]
                     values["grad_agreement/data_reg"] = _cosine(data, regs)  # type: ignore[arg-type]
             trainer.stage_scalars(values)

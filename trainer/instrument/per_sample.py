@@ -53,9 +53,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -572,11 +573,10 @@ class PerSampleNorms(Callback):
             return vmap(grad(inner), in_dims=(None, 0, 0))(leaf, a, g)
         # attention, RNNs: one recomputation per sample (their kernels have no batching rule)
         bound = self._bound(module, call.args, call.kwargs)
-        layout = (_attention_layout if self._kind[module] == "attention" else _rnn_layout)(
-            module,
-            bound,
-            self._batch,  # type: ignore[arg-type]
-        )
+        if self._kind[module] == "attention":
+            layout = _attention_layout(cast(nn.MultiheadAttention, module), bound, self._batch)
+        else:
+            layout = _rnn_layout(cast(nn.RNNBase, module), bound, self._batch)
         assert not isinstance(layout, str)
         if self._kind[module] == "attention":
             return self._attention_vmap(call, params, bound, layout)
@@ -610,7 +610,7 @@ class PerSampleNorms(Callback):
         return {n: torch.stack(v) for n, v in out.items()}
 
     def _attention_vmap(
-        self, call: _Call, params: dict[str, Tensor], bound: dict[str, Any], layout: _Layout
+        self, call: _Call, params: Mapping[str, Tensor], bound: dict[str, Any], layout: _Layout
     ) -> dict[str, Tensor]:
         """Attention's per-sample gradients in one ``vmap(grad(...))`` over the samples, each
         seen unbatched by the module; the math attention kernel, which has batching rules."""
