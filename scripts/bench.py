@@ -9,7 +9,13 @@
 
 The plain loop mirrors the trainer's defaults (scalar mode, float32, no accumulation, clipping or
 scheduler): overrides that change those change only the trainer's side, so compare like with
-like (data, model, optimizer and batch-size overrides apply to both).
+like (data, model, loss, optimizer and batch-size overrides apply to both). It trains with the
+trainer's loss as a hand-written loop would write it (``F.cross_entropy``'s or ``F.mse_loss``'s
+own mean, per-token cross-entropy over the flattened tokens; a user's loss: its losses' own
+average), so classification, regression and sequence models are all compared:
+
+    python scripts/bench.py --no-cli experiment=diabetes_mse
+    python scripts/bench.py --no-cli --steps 200 experiment=chars_lm
 
 Both loops train the same model (same init), on the same in-memory data, batch size, batch order,
 optimizer and number of steps, validating after each epoch, in one process; the two alternate
@@ -43,6 +49,7 @@ from hydra import compose, initialize_config_dir
 
 import trainer  # noqa: F401  (registers the config schemas)
 from trainer.data.base import InMemoryLoader, epoch_order
+from trainer.losses import MSE, CrossEntropy, TokenCrossEntropy
 from trainer.run import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +60,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def plain_loss(criterion, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loss as a hand-written loop writes it for the trainer's loss: PyTorch's own
+    reduction, no per-sample losses kept. A loss it has none for (a user's) is its per-element
+    losses' own average (Σuℓ / Σu for per-token losses)."""
+    if isinstance(criterion, CrossEntropy):
+        return F.cross_entropy(output, y, label_smoothing=criterion.label_smoothing)
+    if isinstance(criterion, TokenCrossEntropy) and criterion.average == "tokens":
+        return F.cross_entropy(
+            output.flatten(0, 1), y.flatten(), ignore_index=criterion.ignore_index,
+            label_smoothing=criterion.label_smoothing,
+        )  # fmt: skip
+    if isinstance(criterion, MSE):
+        return F.mse_loss(output.reshape(y.shape), y)
+    losses = criterion(output, y)
+    units = criterion.units(y, losses.dtype)
+    return losses.mean() if units is None else (losses * units).sum() / units.sum()
+
+
 def plain_epochs(t, steps: int, log_dir: Path) -> Iterator[None]:
-    """A hand-written loop over the trainer's own model, optimizer and data, logging as such a
-    loop does: the step's loss every ``logging.every_n_steps`` steps and the validation loss and
-    accuracy after each epoch, to TensorBoard through ``SummaryWriter``; yields per epoch."""
+    """A hand-written loop over the trainer's own model, optimizer, data and loss, logging as
+    such a loop does: the step's loss every ``logging.every_n_steps`` steps and the validation
+    metrics after each epoch, to TensorBoard through ``SummaryWriter``; yields per epoch."""
     from torch.utils.tensorboard import SummaryWriter
 
-    model, opt, device = t.model, t.optimizer, t.device
+    model, opt, device, criterion = t.model, t.optimizer, t.device, t.criterion
     train, val = t.train_loader, t.val_loader
     x_all, y_all, bs, n = train.x, train.y, train.batch_size, train.num_samples
     every = t.log_every.n
@@ -70,7 +95,7 @@ def plain_epochs(t, steps: int, log_dir: Path) -> Iterator[None]:
         order = epoch_order(n, train.seed, epoch).to(device)
         for i in range(0, n, bs):
             idx = order[i : i + bs]
-            loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+            loss = plain_loss(criterion, model(x_all[idx]), y_all[idx])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -79,15 +104,15 @@ def plain_epochs(t, steps: int, log_dir: Path) -> Iterator[None]:
                 writer.add_scalar("train/loss", loss.item(), step)  # host sync: logging steps
             if step == steps:
                 break
-        model.eval()  # the same validation metrics as the trainer: val loss and accuracy
+        model.eval()  # the same validation metrics as the trainer (the loss's val_sums)
         with torch.no_grad():
-            loss_sum = correct = 0
+            sums: dict[str, torch.Tensor] = {}
             for x, y, _ in val:
-                logits = model(x)
-                loss_sum += F.cross_entropy(logits, y, reduction="sum")
-                correct += (logits.argmax(1) == y).sum()
-        writer.add_scalar("val/loss", float(loss_sum) / val.num_samples, step)
-        writer.add_scalar("val/acc", float(correct) / val.num_samples, step)
+                for k, v in criterion.val_sums(model(x), y).items():
+                    sums[k] = sums[k] + v if k in sums else v
+        values = {k: float(v[0]) / max(float(v[1]), 1.0) for k, v in sums.items()}
+        for k, v in criterion.finalize(values).items():
+            writer.add_scalar(k, v, step)
         epoch += 1
         yield
     writer.close()

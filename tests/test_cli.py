@@ -96,6 +96,36 @@ def test_bench_times_the_trainer_a_plain_loop_and_variants(background) -> None:
     assert len(variant["vs_trainer_per_round"]) == 2 and variant["s"] > 0
 
 
+@pytest.mark.parametrize("experiment", ["digits_scalar", "diabetes_mse", "chars_lm",
+                                        "chars_lm_per_token"])  # fmt: skip
+def test_the_bench_plain_loop_trains_on_the_trainers_own_loss(tmp_path, experiment) -> None:
+    """The plain loop's loss (PyTorch's own reduction) is the scalar the trainer
+    backpropagates for the same batch (its per-element losses' own average), for
+    classification, regression and per-token sequence losses. The two sum B (or B·T) float32
+    terms in different orders: within float32 rounding of a mean of a few hundred terms."""
+    import importlib.util
+
+    import torch
+    from conftest import make_cfg
+
+    from trainer.objective import Window
+    from trainer.run import build_trainer
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    t = build_trainer(make_cfg(f"experiment={experiment}"), tmp_path, with_logger=False)
+    x, y, _ = next(iter(t.train_loader))
+    with torch.no_grad():
+        output = t.model(x)
+        losses = t.criterion(output, y)
+        units = t.objective.check_losses(losses, y)
+        window = Window(y.shape[0], 1, None if units is None else units.sum())
+        root = t.objective.scalar_root(losses, units, y, window)
+        plain = bench.plain_loss(t.criterion, output, y)
+    torch.testing.assert_close(plain, root, rtol=1e-6, atol=0.0)
+
+
 def _noise_study(path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "noise_scale.py"), "--batch-sizes", "32", "128",
