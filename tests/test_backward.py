@@ -208,3 +208,26 @@ def test_mixed_precision_measures_unscaled_gradients(tmp_path, precision: str) -
     assert ratio == pytest.approx(1.0, abs=0.05)
     logged = read_scalars(tmp_path / precision)["grad_norm/total"][0][1]
     assert logged == pytest.approx(float(mixed.norms[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_scalar_root_has_the_means_gradient_bit_for_bit(dtype) -> None:
+    """Scalar mode's root for a micro-batch that is its whole window, Σ ℓᵢ·(1/B) (one autograd
+    node cheaper than mean()), backpropagates exactly what mean() does, for every B up to 300;
+    its value is the mean up to float rounding."""
+    from trainer.losses import CrossEntropy
+    from trainer.objective import Objective, Window
+
+    objective = Objective(CrossEntropy(), None, (), [])
+    g = torch.Generator().manual_seed(0)
+    for b in range(1, 301):
+        losses = torch.rand(b, generator=g, dtype=dtype).requires_grad_()
+        y = torch.zeros(b, dtype=torch.long)
+        root = objective.scalar_root(losses, None, y, Window(b))
+        (got,) = torch.autograd.grad(root, losses)
+        (want,) = torch.autograd.grad(losses.mean(), losses)
+        assert torch.equal(got, want), b
+        # two sums of b terms in [0, 1) in different orders: |Δ| <= 2 b ε mean (b ε each)
+        eps = torch.finfo(dtype).eps
+        value, mean = float(root.detach()), float(losses.detach().mean())
+        assert abs(value - mean) <= 2 * b * eps * mean

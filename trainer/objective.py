@@ -5,7 +5,9 @@ and every instrument that needs "what did loss element i count for in this step'
 (per-sample norms, curvature) asks :class:`Objective` instead of re-deriving it:
 
 * scalar mode: the loss's own average over the accumulation window. Per-sample losses:
-  ``mean(ℓ) × share`` with share = B / N (N samples in the window), so cᵢ = 1 / N. Per-token
+  ``mean(ℓ) × share`` with share = B / N (N samples in the window), so cᵢ = 1 / N (a window of
+  one micro-batch: ``Σ ℓᵢ · (1/B)``, a dot product with the same gradient as ``mean``, bit for
+  bit, and one autograd node less work). Per-token
   losses with unit weights u (trainer/losses.py): Σ u ℓ / U, U = Σ u over the window, so
   c = u / U.
 * vector mode: ``losses.backward(gradient=w)`` with w = the weighting's weights of the losses'
@@ -36,6 +38,10 @@ from trainer.distributed import SINGLE, World, all_reduce_sum
 from trainer.losses import Loss
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
+
+#: dtypes whose per-sample root is a dot product (half-precision losses keep mean(), which
+#: accumulates in float32)
+_DOT_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -88,6 +94,7 @@ class Objective:
         self.reg_values: list[Tensor] = []
         self._penalty_window: list[Tensor] = []  # the penalty's detached values this window
         self._penalty_grads: dict[int, Tensor] = {}  # its θ-gradient, windows that log only
+        self._inverse_counts: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
     @property
     def has_regularizers(self) -> bool:
@@ -138,9 +145,23 @@ class Objective:
             return root * self.world.size if self.world.distributed else root
         if self.world.distributed:  # Σ_local ℓ · W / N (also right for an empty or ragged part)
             return losses.sum() * (self.world.size / window.samples)
-        loss = losses.mean()
         share = y.shape[0] / window.samples  # 1.0 without accumulation
+        if share == 1.0 and losses.dtype in _DOT_DTYPES:
+            # the mean as Σ ℓᵢ · (1/B): the same gradient, 1/B per sample bit for bit (what
+            # mean's backward divides out, and what the uniform weighting passes), with one
+            # autograd node less work than mean() (≈ 25 µs of a CPU step)
+            return torch.dot(losses, self._inverse_count(losses))
+        loss = losses.mean()
         return loss if share == 1.0 else loss * share
+
+    def _inverse_count(self, losses: Tensor) -> Tensor:
+        """1/B in each of B elements, computed as ``ones / B`` in the losses' dtype (as the
+        mean's backward computes 1/B), kept per (B, dtype, device)."""
+        key = (losses.shape[0], losses.dtype, losses.device)
+        w = self._inverse_counts.get(key)
+        if w is None:
+            w = self._inverse_counts[key] = torch.ones(key[0], dtype=key[1], device=key[2]) / key[0]
+        return w
 
     def _window_units(self, units: Tensor, window: Window) -> Tensor:
         """U; for a window of one micro-batch Σu computed as the uniform weighting does, so
