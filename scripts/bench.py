@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -246,25 +245,65 @@ def bench_histogram(n: int, repeats: int = 5) -> dict:
     }
 
 
+#: what every PyTorch training script pays before its first step: importing torch and building
+#: an optimizer (which imports torch._dynamo)
+FLOOR = "import torch; torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)"
+
+
+#: runs its arguments as a command and prints [wall s, exit code, peak RSS KiB] of that child.
+#: A child's peak RSS counts what its parent had mapped when it forked (Linux keeps that high
+#: water mark through exec), so the command is started from this small interpreter, not from
+#: the bench's process with torch loaded
+_MEASURE = (
+    "import json, os, subprocess, sys, time\n"
+    "start = time.perf_counter()\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "print(json.dumps([time.perf_counter() - start, os.waitstatus_to_exitcode(status),"
+    " usage.ru_maxrss]))\n"
+)
+
+
+def measured_run(cmd: list[str], cwd: Path = ROOT) -> tuple[float, float]:
+    """Run ``cmd`` to completion (output discarded): its wall time (s) and its own peak resident
+    memory (MiB, ``wait4``'s resource usage of that one process, started from a small helper
+    interpreter, see ``_MEASURE``); a failure raises."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, *cmd], cwd=cwd, check=True, capture_output=True, text=True
+    )
+    wall, code, peak_kib = json.loads(out.stdout)
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
+    return wall, peak_kib / 1024  # ru_maxrss is in KiB on Linux
+
+
 def bench_cli(repeats: int) -> dict:
-    walls, peaks, accs = [], [], []
+    """``python scripts/train.py`` with its defaults, as a user runs it, alternated with the
+    floor (:data:`FLOOR`) run the same way, so the start-up is judged against what the machine
+    takes for torch alone at the same moment."""
+    walls, peaks, accs, floor_walls, floor_peaks = [], [], [], [], []
     for i in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            start = time.perf_counter()
-            subprocess.run(
-                [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={tmp}/run{i}"],
-                check=True, cwd=ROOT, capture_output=True,
-            )  # fmt: skip
-            walls.append(time.perf_counter() - start)
-            # ru_maxrss of children is the max over all finished children (KiB on Linux)
-            peaks.append(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+            wall, peak = measured_run(
+                [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={tmp}/run{i}"]
+            )
+            walls.append(wall)
+            peaks.append(peak)
             accs.append(json.loads((Path(tmp) / f"run{i}" / "metrics.json").read_text())["val/acc"])
+        wall, peak = measured_run([sys.executable, "-c", FLOOR])
+        floor_walls.append(wall)
+        floor_peaks.append(peak)
     return {
         "cli_wall_s_median": statistics.median(walls),
         "cli_wall_s": walls,
-        "cli_peak_rss_mib": max(peaks) / 1024,
+        "cli_peak_rss_mib": max(peaks),
         "cli_val_acc": accs,
+        "floor_wall_s_median": statistics.median(floor_walls),
+        "floor_wall_s": floor_walls,
+        "floor_peak_rss_mib": max(floor_peaks),
+        "cli_over_floor_s_median": statistics.median(
+            w - f for w, f in zip(walls, floor_walls, strict=True)
+        ),
     }
 
 
@@ -368,6 +407,11 @@ def main() -> None:
             f"{args.cli_repeats}: "
             + ", ".join(f"{w:.2f}" for w in result["cli_wall_s"])
             + f"), peak RSS {result['cli_peak_rss_mib']:.0f} MiB, val/acc {result['cli_val_acc']}"
+        )
+        print(
+            f"  floor (import torch, build an optimizer): {result['floor_wall_s_median']:.2f} s, "
+            f"{result['floor_peak_rss_mib']:.0f} MiB; the run takes "
+            f"{result['cli_over_floor_s_median']:.2f} s more (median of the pairs)"
         )
     if args.startup:
         result.update(bench_startup(args.startup))

@@ -96,6 +96,28 @@ def test_bench_times_the_trainer_a_plain_loop_and_variants(background) -> None:
     assert len(variant["vs_trainer_per_round"]) == 2 and variant["s"] > 0
 
 
+def _bench_module():
+    """scripts/bench.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_bench_measures_each_process_own_peak_memory() -> None:
+    """The start-up measurement's helper: a process that holds 200 MiB reports at least that,
+    a bare interpreter far less (its own peak: not this test process's ~500 MiB, which a child
+    forked straight from it would report), and a failing command raises."""
+    bench = _bench_module()
+    _, big = bench.measured_run([sys.executable, "-c", "x = b'1' * (200 * 2**20)"])
+    wall, small = bench.measured_run([sys.executable, "-c", "pass"])
+    assert big >= 200 and small < 100 and wall > 0
+    with pytest.raises(subprocess.CalledProcessError):
+        bench.measured_run([sys.executable, "-c", "raise SystemExit(3)"])
+
+
 @pytest.mark.parametrize("experiment", ["digits_scalar", "diabetes_mse", "chars_lm",
                                         "chars_lm_per_token"])  # fmt: skip
 def test_the_bench_plain_loop_trains_on_the_trainers_own_loss(tmp_path, experiment) -> None:
@@ -103,17 +125,13 @@ def test_the_bench_plain_loop_trains_on_the_trainers_own_loss(tmp_path, experime
     backpropagates for the same batch (its per-element losses' own average), for
     classification, regression and per-token sequence losses. The two sum B (or B·T) float32
     terms in different orders: within float32 rounding of a mean of a few hundred terms."""
-    import importlib.util
-
     import torch
     from conftest import make_cfg
 
     from trainer.objective import Window
     from trainer.run import build_trainer
 
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module()
     t = build_trainer(make_cfg(f"experiment={experiment}"), tmp_path, with_logger=False)
     x, y, _ = next(iter(t.train_loader))
     with torch.no_grad():
