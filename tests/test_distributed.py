@@ -10,6 +10,7 @@ process group through the same environment variables torchrun sets. One test lau
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -28,6 +29,7 @@ from torch.distributed import TCPStore
 from trainer.checkpoint import load_checkpoint, step_path
 from trainer.data.chars import CharText
 from trainer.logger import event_dir
+from trainer.losses import CrossEntropy
 
 FORK = mp.get_context("fork")
 B = 32  # per process; the single-process reference takes 2 * B
@@ -419,3 +421,45 @@ def test_both_loader_paths_slice_the_same_global_batches_per_rank(drop_last) -> 
             assert mine[1] == theirs[1] == len(want[start + i])
     seen = sorted(i for batch in want for i in batch)
     assert seen == list(range(len(seen))) or drop_last
+
+
+class InfLossOnce(CrossEntropy):
+    """Cross-entropy whose first sample's loss is +inf on the third training forward of rank 0
+    (that sample is the first of the global batch), with a finite gradient: only rank 0's guard
+    sees it, while the all-reduced gradients are finite on both ranks."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__(label_smoothing)
+        self.calls = 0
+
+    def forward(self, output, target):
+        losses = super().forward(output, target)
+        self.calls += 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if self.calls == 3 and rank == 0:
+            poison = torch.zeros_like(losses)
+            poison[0] = math.inf
+            losses = losses + poison  # a constant: no gradient path, the gradient stays finite
+        return losses
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, sync) -> None:
+    """The guard's decision is agreed over the ranks: rank 0 alone has the +inf loss at step 3,
+    both ranks skip it (else their parameters would part), and the run equals one process on
+    the global batch, which skips it too."""
+    extra = (*COMMON, f"loss._target_={__name__}.InfLossOnce",
+             "instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}")  # fmt: skip
+    one, ranks = tmp_path / "one", [tmp_path / "rank0", tmp_path / "rank1"]
+    assert launch(
+        (1, [*extra, f"data.batch_size={2 * B}"], [one]),
+        (2, [*extra, f"data.batch_size={B}"], ranks),
+    ) == [[0], [0, 0]]
+    # had rank 1 stepped, the ranks' parameters would part, and rank 0's later all-reduced
+    # gradients (half of them taken at rank 1's parameters) would move it off the one process
+    want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
+    got = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
+    for k in want:
+        assert (got[k] - want[k]).abs().max() <= 1e-6, k
+    for run in (one, ranks[0]):
+        assert read_scalars(run)["nonfinite/skipped_steps"] == [(3, 1.0)]

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from trainer.callbacks import READ_EVERY, Callback, Every
+from trainer.distributed import all_reduce_max
 from trainer.update import takes_found_inf
 
 if TYPE_CHECKING:
@@ -149,30 +150,36 @@ class NonfiniteGuard(Callback):
         tensors = grads + losses
         if not tensors:
             return
+        distributed = trainer.world.distributed
         if self.deferred:  # no host read: the update is made conditional on the device
             norms = self._norms(trainer, grads, losses, tensors)
             skip = ~torch.isfinite(norms.sum())
+            if distributed:  # every rank skips if any does (its losses are its own)
+                skip = all_reduce_max(skip.float()) > 0
             if self.policy == "raise":  # every update from the first non-finite step on
                 self._latched = skip if self._latched is None else self._latched | skip
                 skip = self._latched
             trainer.skip_step_where = skip
             names = self._names(trainer, len(grads), len(losses))
-            self._pending.append((trainer.global_step, names, norms))
+            # the agreed flag after the norms: a step skipped for another rank's values counts
+            kept = torch.cat([norms, skip.reshape(1).to(norms.dtype)])
+            self._pending.append((trainer.global_step, [*names, SKIPPED], kept))
             return
         found = self._any_nonfinite(tensors)
         if found is None:  # tensors on several devices, sparse gradients: the norms' sum
-            total = self._norms(trainer, grads, losses, tensors).sum()
-            found = not math.isfinite(float(total))  # host sync: once per checked step
-        if not found:
+            found = ~torch.isfinite(self._norms(trainer, grads, losses, tensors).sum())
+        if distributed:  # every rank skips if any does: one small all-reduce per checked step
+            found = all_reduce_max(found.float())
+        if not bool(found):  # host sync: once per checked step
             self.consecutive = 0
             return
         names = self._names(trainer, len(grads), len(losses))
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()
         bad = [n for n, fine in zip(names, finite, strict=True) if not fine]
-        if not bad:  # an overflowing norm of finite values: not a non-finite value
-            self.consecutive = 0
+        if not bad and not distributed:  # an overflowing norm of finite values: not a
+            self.consecutive = 0  # non-finite value
             return
-        self._skip(trainer, trainer.global_step, bad)
+        self._skip(trainer, trainer.global_step, bad or [ELSEWHERE])
         trainer.skip_step = True
 
     def _norms(
@@ -191,7 +198,7 @@ class NonfiniteGuard(Callback):
             trainer.share_grad_norms(grads, norms)
         return norms
 
-    def _any_nonfinite(self, tensors: list[Tensor]) -> bool | None:
+    def _any_nonfinite(self, tensors: list[Tensor]) -> Tensor | None:
         """Step mode's check, exact and in one kernel: GradScaler's own
         ``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1 (it multiplies every
         value by 1.0, which changes no bit), then one host read. 12 µs against 28 µs for the
@@ -207,7 +214,7 @@ class NonfiniteGuard(Callback):
         found = self._found.zero_()
         assert self._one is not None
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
-        return bool(found)  # host sync: once per checked step
+        return found  # (read by the caller: once per checked step)
 
     def _names(self, trainer: Trainer, grads: int, losses: int) -> list[str]:
         """The checked tensors' names: the parameters with a gradient, then the losses."""
@@ -228,8 +235,14 @@ class NonfiniteGuard(Callback):
         for step, names, norms in pending:
             stop = start + norms.numel()
             step_values = values[start:stop]
-            bad = [n for n, v in zip(names, step_values, strict=True) if not math.isfinite(v)]
             start = stop
+            skipped = False
+            if names and names[-1] == SKIPPED:  # the norms, then the flag all ranks agreed on
+                names, (*step_values, flag) = names[:-1], step_values
+                skipped = bool(flag)
+            bad = [n for n, v in zip(names, step_values, strict=True) if not math.isfinite(v)]
+            if skipped and not bad:  # another rank's values (data-parallel), or finite norms
+                bad = [ELSEWHERE if trainer.world.distributed else OVERFLOW]  # whose sum is not
             if not bad:
                 self.consecutive = 0
                 continue
@@ -269,14 +282,26 @@ _LOW = (torch.float16, torch.bfloat16)  # normed in float32
 
 #: the name the step's losses go by among the checked tensors
 LOSS = "\0loss"
+#: the culprit of a step skipped for another rank's values (data-parallel)
+ELSEWHERE = "\0another rank"
+#: deferred: finite norms whose sum overflowed (huge finite values: skipped, as documented)
+OVERFLOW = "\0overflow"
+#: deferred: the name of the kept step's skip flag, after its norms
+SKIPPED = "\0skipped"
 
 
 def _cause(bad: list[str]) -> str:
     """What went non-finite, in words."""
     parts = []
+    if OVERFLOW in bad:
+        parts.append("the checked norms overflowed float32 summed (finite values above about "
+                     "1e19; sync=deferred counts that as non-finite)")  # fmt: skip
+    if ELSEWHERE in bad:
+        parts.append("a non-finite loss or gradient on another rank (data-parallel: every rank "
+                     "skips the step together; that rank's log names it)")  # fmt: skip
     if LOSS in bad:
         parts.append("non-finite loss (NaN/Inf in the per-sample losses)")
-    grads = [n for n in bad if n != LOSS]
+    grads = [n for n in bad if n not in (LOSS, ELSEWHERE, OVERFLOW)]
     if grads:
         more = f" (and {len(grads) - 1} more)" if len(grads) > 1 else ""
         parts.append(f"non-finite gradient of {grads[0]}{more}")
