@@ -123,6 +123,7 @@ def trainer_epochs(t) -> Iterator[None]:
     while not t.finished():
         t.run_epoch()
         yield
+    t.write_deferred()  # as fit() does at the end: what was measured on steps that did not log
     t.logger.close()
 
 
