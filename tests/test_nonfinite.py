@@ -266,6 +266,22 @@ def test_the_built_in_optimizers_are_fused_on_cuda_unless_told_otherwise(
     assert takes_found_inf(opt) == bool(expected)
 
 
+def test_a_model_with_a_complex_parameter_keeps_torchs_default_on_cuda() -> None:
+    """torch's fused kernels take floating-point parameters only (a complex one fails at the
+    first step): such a model is not switched to fused, and its step runs."""
+    from conftest import make_cfg
+
+    from trainer.run import build_optimizer
+
+    weight = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    node = make_cfg("optimizer=adamw").optimizer
+    opt = build_optimizer(node, [weight], torch.device("cuda"))
+    assert opt.defaults["fused"] is None
+    weight.grad = torch.ones(3, dtype=torch.complex64)
+    opt.step()
+    assert not torch.equal(weight.detach(), torch.zeros(3, dtype=torch.complex64))
+
+
 def test_an_optimizer_without_a_fused_key_is_built_as_configured() -> None:
     """A user's optimizer (here RMSprop, which has no fused implementation) is left alone."""
     from omegaconf import OmegaConf

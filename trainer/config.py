@@ -319,7 +319,8 @@ class SGDConfig(OptimizerConfig):
     momentum: float = 0.9
     nesterov: bool = False
     #: torch's fused implementation (one kernel for all parameters); None: fused on a CUDA
-    #: device (the non-finite guard's deferred check then costs no copy), torch's default elsewhere
+    #: device with floating-point parameters (the non-finite guard's deferred check then costs
+    #: no copy), torch's default otherwise
     fused: bool | None = None
 
     def __post_init__(self) -> None:
@@ -342,7 +343,8 @@ class AdamWConfig(OptimizerConfig):
     eps: float = 1e-8
     weight_decay: float = 0.01
     #: torch's fused implementation (one kernel for all parameters); None: fused on a CUDA
-    #: device (the non-finite guard's deferred check then costs no copy), torch's default elsewhere
+    #: device with floating-point parameters (the non-finite guard's deferred check then costs
+    #: no copy), torch's default otherwise
     fused: bool | None = None
 
     def __post_init__(self) -> None:

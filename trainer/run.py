@@ -371,7 +371,16 @@ def build_optimizer(node: DictConfig, params: Any, device: torch.device) -> torc
     """
     factory = instantiate(node, _convert_="all")
     keywords = getattr(factory, "keywords", {})
-    if device.type in FUSED_BY_DEFAULT and "fused" in keywords and keywords["fused"] is None:
+    params = list(params)
+    # (torch's fused kernels take floating-point tensors only: a complex parameter would fail
+    # at the first step, so such a model keeps torch's default)
+    floating = all(isinstance(p, torch.Tensor) and p.is_floating_point() for p in params)
+    if (
+        device.type in FUSED_BY_DEFAULT
+        and "fused" in keywords
+        and keywords["fused"] is None
+        and floating
+    ):
         return factory(params, fused=True)
     return factory(params)
 
