@@ -44,23 +44,16 @@ def to_floats(values: Scalars) -> dict[str, float]:
     A tuple of tags may map to a 1-D tensor holding their values: a callback that measured one
     value per parameter hands them over as one tensor instead of one 0-d tensor each.
     """
-    return to_host(values)[0]
-
-
-def to_host(
-    values: Scalars, arrays: Sequence[Tensor] = ()
-) -> tuple[dict[str, float], list[list[float]]]:
-    """:func:`to_floats` of ``values``, and each of ``arrays`` (tensors of any shape) as a flat
-    list of floats, all in the same single device-to-host copy."""
-    (floats,), lists = to_host_many([values], arrays)
-    return floats, lists
+    (floats,), _ = to_host_many([values])
+    return floats
 
 
 def to_host_many(
     batches: Sequence[Scalars], arrays: Sequence[Tensor] = ()
 ) -> tuple[list[dict[str, float]], list[list[float]]]:
-    """:func:`to_host` of several mappings (the scalars of several steps) and ``arrays``, in
-    one device-to-host copy for all of them."""
+    """:func:`to_floats` of several mappings (the scalars of several steps), and each of
+    ``arrays`` (tensors of any shape) as a flat list of floats, all in one device-to-host
+    copy."""
     outs: list[dict[str, float]] = []
     tags: list[list[str]] = []
     parts: list[Tensor] = []
