@@ -99,6 +99,36 @@ def test_param_norms_and_update_ratios_are_those_of_the_step(tmp_path, every) ->
             assert dict(s[f"update_ratio/{n}"])[step] == pytest.approx(lr_g, rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("param_norm", "update_ratio", "sync"),
+    [(False, True, "step"), (True, False, "step"), (True, True, "deferred"),
+     (False, True, "deferred"), (False, False, "step")],
+)  # fmt: skip
+def test_each_kind_of_norm_alone_or_with_the_guards_norms(
+    tmp_path, param_norm, update_ratio, sync
+) -> None:
+    """The gradients' norms come with the weights' from one call, or from the guard's (deferred
+    mode); either way each tag holds its own values, and a kind switched off is absent."""
+    cap = Grads()
+    train(tmp_path, "trainer.max_steps=3", "instrument.norms.every_n_steps=1", "optimizer=sgd",
+          f"instrument.norms.param_norm={param_norm}", f"instrument.norms.update_ratio="
+          f"{update_ratio}", f"instrument.nonfinite.sync={sync}", callbacks=[cap])  # fmt: skip
+    s = read_scalars(tmp_path)
+    assert ("param_norm/net.1.weight" in s) == param_norm
+    assert ("update_ratio/net.1.weight" in s) == update_ratio
+    for step in (1, 2, 3):
+        for n, before in cap.before[step].items():
+            got = dict(s[f"grad_norm/{n}"])[step]
+            assert got == pytest.approx(float(cap.grads[step][n].norm()), rel=1e-5), (step, n)
+            if param_norm:
+                assert dict(s[f"param_norm/{n}"])[step] == pytest.approx(
+                    float(before.norm()), rel=1e-5
+                )
+            if update_ratio:
+                ratio = float((cap.after[step][n] - before).norm() / before.norm())
+                assert dict(s[f"update_ratio/{n}"])[step] == pytest.approx(ratio, rel=1e-4)
+
+
 def test_norms_under_fp16_are_of_unscaled_gradients(tmp_path) -> None:
     common = ["trainer.max_steps=1", "instrument.norms.every_n_steps=1"]
     train(tmp_path / "32", *common)

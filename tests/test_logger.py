@@ -11,7 +11,7 @@ from tensorboard.compat.tensorflow_stub import errors
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
 
 from trainer.instrument.histograms import histograms
-from trainer.logger import TensorBoardLogger, to_floats
+from trainer.logger import TensorBoardLogger, to_floats, to_host_many
 
 
 def records(path) -> list[bytes]:
@@ -88,6 +88,33 @@ def test_purge_step_hides_the_older_files_later_steps(tmp_path, late_name):
 def test_floats_are_read_in_one_transfer():
     out = to_floats({"a": 1, "b": torch.tensor(2.0), ("c", "d"): torch.tensor([3.0, 4.0])})
     assert out == {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+
+
+@pytest.mark.parametrize("others", [torch.float32, torch.float16])
+def test_every_value_is_rounded_to_float32_on_its_own_whatever_it_is_staged_with(others):
+    """One transfer for tensors of several dtypes, shapes and autograd states: each value is
+    what ``float(t.float())`` gives for it alone (an int64 beside float16 values is not
+    rounded to float16 first, as ``cat``'s promotion would)."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.tensor(2**24 + 1, dtype=torch.int64)  # not a float32, let alone a float16
+    values = {
+        "f64": torch.tensor(1 / 3, dtype=torch.float64),
+        "int": big,
+        "bf16": torch.randn((), generator=g).bfloat16(),
+        "grad": (torch.randn(3, generator=g, requires_grad=True) * 2).sum(),
+        ("m0", "m1", "m2", "m3"): torch.randn(2, 2, generator=g).to(others),
+        ("v0", "v1"): torch.randn(2, generator=g).to(others),
+    }
+    (out,), (array,) = to_host_many([values], [torch.arange(6.0).reshape(2, 3).to(others)])
+    expected = {}
+    for key, v in values.items():
+        flat = v.detach().reshape(-1).float().tolist()
+        expected.update(zip(key, flat, strict=True) if isinstance(key, tuple) else [(key, flat[0])])
+    assert out == expected
+    assert out["int"] == 2**24  # float32's rounding of 2²⁴ + 1, exactly once
+    assert array == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    (alone,), _ = to_host_many([{"int": big, ("h",): torch.ones(1, dtype=others)}])
+    assert alone == {"int": 2**24, "h": 1.0}  # (cat would make the int a float16: inf)
 
 
 def test_two_writers_in_the_same_second_get_their_own_files(tmp_path):

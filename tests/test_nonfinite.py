@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import read_scalars, train
+from conftest import read_scalars, requires_cuda, train
 from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback
@@ -56,10 +56,13 @@ def _state(run_dir) -> tuple[dict, list]:
 POISONED = {1: "grad", 5: "grad", 6: "input", 8: "input"}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw-fused", "sgd", "sgd-fused"])
-def test_deferred_skip_equals_step_mode_bitwise(tmp_path, optimizer, caplog) -> None:
+def test_deferred_skip_equals_step_mode_bitwise(tmp_path, optimizer, device, caplog) -> None:
+    """On CUDA, ``optimizer.fused: null`` is fused: every variant skips through ``found_inf``."""
     name, _, fused = optimizer.partition("-")
-    opt = [f"optimizer={name}", *(["optimizer.fused=true"] if fused else [])]
+    opt = [f"optimizer={name}", f"trainer.device={device}",
+           *(["optimizer.fused=true"] if fused else [])]  # fmt: skip
     runs = {}
     for sync in ("step", "deferred"):
         caplog.clear()

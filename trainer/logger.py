@@ -56,7 +56,7 @@ def to_host_many(
     copy."""
     outs: list[dict[str, float]] = []
     tags: list[list[str]] = []
-    parts: list[Tensor] = []
+    parts: list[Tensor] = []  # 1-D
     for values in batches:
         out: dict[str, float] = {}
         names: list[str] = []
@@ -65,17 +65,20 @@ def to_host_many(
                 out[key] = float(v)  # type: ignore[index]
             elif isinstance(key, tuple):
                 names.extend(key)
-                parts.append(v.detach().reshape(-1).float())
+                parts.append(v if v.dim() == 1 else v.reshape(-1))
             else:
                 names.append(key)
-                parts.append(v.detach().reshape(1).float())
+                parts.append(v.reshape(1))
         outs.append(out)
         tags.append(names)
     sizes = [a.numel() for a in arrays]
-    parts += [a.detach().reshape(-1).float() for a in arrays]
+    parts += [a if a.dim() == 1 else a.reshape(-1) for a in arrays]
     lists: list[list[float]] = []
     if parts:
-        flat = torch.cat(parts).tolist()  # host sync: logging steps only
+        if any(t.dtype != torch.float32 for t in parts):  # each cast on its own, as cat would
+            parts = [t.float() for t in parts]  # promote them all to one dtype first
+        with torch.no_grad():  # (a staged tensor may require grad: no graph for the copy)
+            flat = torch.cat(parts).tolist()  # host sync: logging steps only
         start = 0
         for out, names in zip(outs, tags, strict=True):
             out.update(zip(names, flat[start : start + len(names)], strict=True))
@@ -225,10 +228,11 @@ class TensorBoardLogger:
 
     def add_floats(self, floats: dict[str, float], step: int) -> None:
         """Record scalars already on the host, as one event."""
-        summary = _protos().Summary()
+        event = _protos().Event(wall_time=time.time(), step=step)
+        add = event.summary.value.add  # filled in place (an Event(summary=...) copies it)
         for t, v in floats.items():
-            summary.value.add(tag=t, simple_value=v)
-        self.add_summary(summary, step)
+            add(tag=t, simple_value=v)
+        self._add_event(event)
 
     def log_histogram_raw(self, tag: str, h: Any, step: int) -> None:
         """Record a histogram binned elsewhere (``trainer.instrument.histograms.RawHistogram``)."""
@@ -242,7 +246,10 @@ class TensorBoardLogger:
 
     def add_summary(self, summary: Any, step: int) -> None:
         """Record a ``Summary`` proto (scalars, histograms, plugin data) at ``step``."""
-        self._events.append(_protos().Event(wall_time=time.time(), step=step, summary=summary))
+        self._add_event(_protos().Event(wall_time=time.time(), step=step, summary=summary))
+
+    def _add_event(self, event: Any) -> None:
+        self._events.append(event)
         if time.monotonic() - self._last_flush > self.flush_secs:
             self.flush()
 

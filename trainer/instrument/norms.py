@@ -75,32 +75,45 @@ class Norms(Callback):
         if not self.every.due(trainer.global_step):
             return
         trainer.measure_clipped_norm = True
+        with torch.no_grad():  # (the weights themselves, no detached aliases: nothing recorded)
+            self._measure(trainer)
+
+    def _measure(self, trainer: Trainer) -> None:
         grads = [p.grad for p in trainer.params if p.grad is not None]
         names = self._tags["grad_norm"]
         if len(grads) < len(names):  # some parameters have no gradient this step
             names = tuple(t for t, p in zip(names, trainer.params, strict=True)
                           if p.grad is not None)  # fmt: skip
-        weights = (
-            [p.detach() for p in trainer.params] if self.param_norm or self.update_ratio else []
-        )
-        measured = None  # the weights' norms, when taken with the gradients' in one call
-        if grads:  # one 1-D tensor for all: one entry in the step's single host read
+        weights: list[Tensor] = [*trainer.params] if self.param_norm or self.update_ratio else []
+        # one 1-D tensor for all, the weights' norms after the gradients' when taken in the
+        # same call (from ``offset`` on): one entry in the step's single host read
+        norms, offset = None, 0
+        if grads:
             norms = trainer.shared_grad_norms(grads)  # the guard's, when it checked this step
             if norms is None:  # the gradients' and the weights' norms in one call
-                both = torch.stack(torch._foreach_norm(grads + weights))
-                norms, measured = both[: len(grads)], both[len(grads) :]
-                trainer.share_grad_norms(grads, both)  # the total is taken from them
-            trainer.stage_scalars({names: norms})
-        if weights:
-            norms = torch.stack(torch._foreach_norm(weights)) if measured is None else measured
+                norms = torch.stack(torch._foreach_norm(grads + weights))
+                trainer.share_grad_norms(grads, norms)  # the total is taken from them
+                offset = len(grads) if weights else 0
+            if offset and self.param_norm:  # both kinds as one entry
+                trainer.stage_scalars({names + self._tags["param_norm"]: norms})
+            else:
+                trainer.stage_scalars({names: norms[:offset] if offset else norms})
+        if not weights:
+            return
+        weight_norms = None
+        if not offset:  # (the gradients' norms came from the guard, or there are none)
+            weight_norms = torch.stack(torch._foreach_norm(weights))
             if self.param_norm:
-                trainer.stage_scalars({self._tags["param_norm"]: norms})
-            if self.update_ratio:
-                self._before_norms = norms
-                if self._before is None:
-                    self._before = [w.clone() for w in weights]
-                else:  # measuring step after measuring step: the same buffers, refilled
-                    torch._foreach_copy_(self._before, weights)
+                trainer.stage_scalars({self._tags["param_norm"]: weight_norms})
+        if self.update_ratio:
+            if weight_norms is None:
+                assert norms is not None
+                weight_norms = norms[offset:]
+            self._before_norms = weight_norms
+            if self._before is None:
+                self._before = [w.clone() for w in weights]
+            else:  # measuring step after measuring step: the same buffers, refilled
+                torch._foreach_copy_(self._before, weights)
 
     def _agreement(self, trainer: Trainer) -> None:
         with_grad = [p for p in trainer.params if p.grad is not None]
@@ -149,14 +162,15 @@ class Norms(Callback):
         assert self._before is not None
         # θ_before − θ_after in place (its norm is that of the update), then the copy is freed
         # unless the next step measures too (it refills it: no allocation per step)
-        torch._foreach_sub_(self._before, [p.detach() for p in trainer.params])
         delta = self._before
         if not self.every.due_next(out.step):
             self._before = None
-        # a zero weight tensor that moved gives a huge ratio, never a division by 0
-        ratios = torch.stack(torch._foreach_norm(delta)) / before_norms.clamp_min(
-            torch.finfo(before_norms.dtype).tiny
-        )
+        with torch.no_grad():
+            torch._foreach_sub_(delta, [*trainer.params])
+            # a zero weight tensor that moved gives a huge ratio, never a division by 0
+            ratios = torch.stack(torch._foreach_norm(delta)) / before_norms.clamp_min(
+                torch.finfo(before_norms.dtype).tiny
+            )
         trainer.stage_scalars({self._tags["update_ratio"]: ratios})
 
 
