@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA device, in one go, for a GPU machine with this project installed:
+# the CUDA tests (tests/test_cuda.py and the CUDA cases elsewhere: the deferred guard's skips
+# against step mode, bit for bit, with the fused optimizers), then the bench on the GPU (digits
+# MLP with SGD, the issue-14 variants; the character Transformer). Exits non-zero if any part
+# failed; logs and the bench's JSON go to the folder given (default outputs/gpu_check/<time>).
+#
+#     bash scripts/gpu_check.sh [out_dir]
+set -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+out=${1:-outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)}
+mkdir -p "$out" || exit 1
+export PYTHONUNBUFFERED=1
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
+print('torch', torch.__version__, 'on', torch.cuda.get_device_name())" 2>&1 | tee "$out/device.log" \
+  || exit 1
+status=0
+python -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_cuda.py \
+  tests/test_nonfinite.py::test_deferred_skip_equals_step_mode_bitwise 2>&1 | tee "$out/tests.log" \
+  || status=1
+python scripts/bench.py --device cuda --no-cli --steps 2000 --rounds 3 \
+  --out "$out/bench_mlp.json" optimizer=sgd --variant "instrument=none" \
+  --variant "instrument.norms.every_n_steps=1" --variant "instrument.per_sample.every_n_steps=10" \
+  --variant "instrument=none instrument.histograms.every_n_steps=100" 2>&1 \
+  | tee "$out/bench_mlp.log" || status=1
+python scripts/bench.py --device cuda --no-cli --steps 300 --rounds 3 \
+  --out "$out/bench_lm.json" experiment=chars_lm --variant "instrument=none" \
+  --variant "instrument.norms.every_n_steps=1" --variant "instrument.per_sample.every_n_steps=10" \
+  2>&1 | tee "$out/bench_lm.log" || status=1
+echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED), logs in $out"
+exit $status
