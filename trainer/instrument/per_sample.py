@@ -51,6 +51,7 @@ the covered parameters and each tensor's SNR ‖ḡ‖²/tr(S) (docs/instrumenta
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Mapping
@@ -445,13 +446,12 @@ class PerSampleNorms(Callback):
         if why is not None:
             self._excluded[name] = why
             return
-        flat = [t for t in _tensors(output) if t.requires_grad]
-        dims = self._out_dims(module, len(flat))
+        dims = self._out_dims(module, len(outputs))
         call = _Call(
-            module, _detach(args), _detach(kwargs), [t.detach() for t in flat], dims
+            module, _detach(args), _detach(kwargs), [t.detach() for t in outputs], dims
         )  # fmt: skip
         self._calls.append(call)
-        for k, t in enumerate(flat):
+        for k, t in enumerate(outputs):
             t.register_hook(lambda g, c=call, k=k: self._on_output_grad(c, k, g))
 
     def _bound(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -527,7 +527,8 @@ class PerSampleNorms(Callback):
             return
         if not self._single_use(module) or self._upstream_of_mixing(module) is not None:
             return
-        with torch.no_grad():
+        # (autograd runs hooks with grad mode off unless the backward builds a graph)
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             # float16/bfloat16 under autocast (and GradScaler-scaled): square in float32
             low = g.dtype in (torch.float16, torch.bfloat16)
             g = g.detach().float() if low else g.detach()
