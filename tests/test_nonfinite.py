@@ -182,6 +182,23 @@ def test_no_host_read_in_a_step_that_does_not_log(tmp_path, measured, norm_steps
         assert [s for s, _ in scalars["per_sample/grad_norm_mean"]] == [3, 6, 9, 12]
 
 
+def test_the_last_step_logs_so_its_histograms_read_nothing_on_a_quiet_step(tmp_path) -> None:
+    """A run whose last step (14) is off the logging cadence (4): that step logs (its train
+    scalars are written there), so the parameter histograms, which measure at the first and
+    the last step, read the host on a step that reads anyway; steps 2-13 off the cadence read
+    nothing."""
+    watch = WatchSteps()
+    train(tmp_path, "trainer.max_steps=14", "logging.every_n_steps=4", "optimizer=sgd",
+          "optimizer.fused=true", "instrument.nonfinite.sync=deferred",
+          callbacks=[watch])  # fmt: skip
+    quiet = {s: r for s, r in watch.reads.items() if s % 4 and s not in (1, 14)}
+    assert len(quiet) == 9 and all(not r for r in quiet.values()), quiet
+    assert watch.reads[14]  # the last step read its scalars and histograms
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["lr"]] == [4, 8, 12, 14]
+    assert [s for s, _ in scalars["train/loss"]] == [4, 8, 12, 14]
+
+
 class ReplacesState(torch.optim.Optimizer):
     """Momentum SGD that replaces its state tensor each step instead of updating it."""
 

@@ -79,7 +79,7 @@ class Trainer:
         weighting: gradient weights for vector mode; ``None`` selects scalar mode.
         precision: ``"32"``, ``"bf16"`` (autocast) or ``"16"`` (autocast + GradScaler).
         grad_clip: max total gradient L2 norm (0: no clipping).
-        log_every_n_steps: train scalars every N optimizer steps.
+        log_every_n_steps: train scalars every N optimizer steps (and at the last).
         progress: a progress bar (or lines) while training: ``True``, or its options.
         world, forward_model: data-parallel, this process's rank and the world size, and the
             DistributedDataParallel wrapper the training forward goes through (``model`` stays
@@ -214,7 +214,11 @@ class Trainer:
             hook(self, *args)
 
     def should_log(self, step: int) -> bool:
-        return self.log_every.due(step)
+        """Whether optimizer step ``step`` logs the train scalars: every
+        ``logging.every_n_steps``-th, and the run's last (the host reads what the step's
+        instruments measured there, parameter histograms included, and the run ends on
+        logged values)."""
+        return self.log_every.due(step) or step == self.total_steps
 
     def share_grad_norms(self, grads: list[Tensor], norms: Tensor) -> None:
         """For a callback in ``on_before_optimizer_step`` that computed the gradients' 2-norms
@@ -426,7 +430,7 @@ class Trainer:
             self._fire("on_before_backward", batch, losses)
             # the roots (data loss, regularizers) and their one backward pass: trainer/objective
             # (``logs``: the step this micro-batch is in logs, which only the penalty reads)
-            logs = self.input_penalty is not None and self.log_every.due_next(self.global_step)
+            logs = self.input_penalty is not None and self.should_log(self.global_step + 1)
             weights, units = self.objective.backward(
                 losses, logits, (x, y, index), window, last=step_now, logs=logs
             )
