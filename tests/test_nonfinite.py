@@ -302,6 +302,18 @@ def test_a_model_with_a_complex_parameter_keeps_torchs_default_on_cuda() -> None
     assert not torch.equal(weight.detach(), torch.zeros(3, dtype=torch.complex64))
 
 
+@pytest.mark.parametrize("key", ["foreach", "differentiable"])
+def test_a_user_asking_for_foreach_or_differentiable_is_not_given_fused_on_cuda(key) -> None:
+    """torch refuses ``fused=True`` with either (at construction): the default steps aside."""
+    from conftest import make_cfg
+
+    from trainer.run import build_optimizer
+
+    node = make_cfg("optimizer=adamw", f"+optimizer.{key}=true").optimizer
+    opt = build_optimizer(node, torch.nn.Linear(3, 2).parameters(), torch.device("cuda"))
+    assert opt.defaults["fused"] is None and opt.defaults[key] is True
+
+
 def test_an_optimizer_without_a_fused_key_is_built_as_configured() -> None:
     """A user's optimizer (here RMSprop, which has no fused implementation) is left alone."""
     from omegaconf import OmegaConf

@@ -373,13 +373,16 @@ def build_optimizer(node: DictConfig, params: Any, device: torch.device) -> torc
     keywords = getattr(factory, "keywords", {})
     params = list(params)
     # (torch's fused kernels take floating-point tensors only: a complex parameter would fail
-    # at the first step, so such a model keeps torch's default)
+    # at the first step, so such a model keeps torch's default; and torch refuses fused with
+    # foreach or differentiable, which a user may have asked for with +optimizer.<key>=true)
     floating = all(isinstance(p, torch.Tensor) and p.is_floating_point() for p in params)
     if (
         device.type in FUSED_BY_DEFAULT
         and "fused" in keywords
         and keywords["fused"] is None
         and floating
+        and not keywords.get("foreach")
+        and not keywords.get("differentiable")
     ):
         return factory(params, fused=True)
     return factory(params)
