@@ -86,3 +86,65 @@ def test_the_default_guard_makes_no_host_sync_between_logging_steps(tmp_path) ->
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert metrics["step"] == 25
+
+
+def test_a_run_resumed_between_logging_steps_continues_on_the_gpu(tmp_path) -> None:
+    """The deferred guard's unread flags, the norms' kept gradient (agreement) and the
+    per-sample averages come back from a checkpoint on the CPU: the resumed run moves them to
+    the GPU and ends where the uninterrupted run ends."""
+    import shutil
+
+    from conftest import final_params, train
+
+    common = ("trainer.device=cuda", "trainer.max_steps=15", "logging.every_n_steps=10",
+              "trainer.checkpoint.every_n_steps=5", "instrument.norms.agreement=true",
+              "instrument.norms.every_n_steps=3",
+              "instrument.per_sample.every_n_steps=2")  # fmt: skip
+    train(tmp_path / "full", *common)
+    shutil.copytree(tmp_path / "full", tmp_path / "again")
+    step5 = tmp_path / "again" / "checkpoints" / "step_000000005.pt"
+    metrics = train(tmp_path / "again", *common, f"trainer.resume={step5}")
+    assert metrics["step"] == 15
+    a, b = final_params(tmp_path / "full"), final_params(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deterministic_runs_bin_histograms_exactly_on_the_gpu(tmp_path) -> None:
+    """trainer.deterministic=true turns on torch.use_deterministic_algorithms, which refuses
+    torch.histc on CUDA; the histograms take it anyway (counts of at most 2**24 values per call:
+    exact in any order), and a bucket of more than 2**24 values is counted exactly."""
+    from conftest import train
+
+    from trainer.instrument.histograms import histograms
+
+    metrics = train(tmp_path, "trainer.device=cuda", "trainer.deterministic=true",
+                    "trainer.max_steps=3")  # fmt: skip
+    assert metrics["step"] == 3
+    x = torch.zeros(2**24 + 3, device="cuda")
+    x[0] = 1.0
+    (h,) = histograms([x], bins=2)
+    assert h.bucket_counts == [2**24 + 2, 1.0]
+
+
+def test_a_non_fused_adam_keeps_its_step_count_on_the_cpu_when_deferred(tmp_path) -> None:
+    """optimizer.fused=false, deferred guard: the copy-and-where path must not move the
+    optimizer's CPU step counts to the GPU (the optimizer would read them back every step);
+    such a step reads the flag instead, and trains as step mode does."""
+    from conftest import final_params, train
+
+    from trainer.loop import Callback
+
+    class Devices(Callback):
+        seen: set[str] = set()
+
+        def on_train_step_end(self, trainer, out) -> None:
+            for state in trainer.optimizer.state.values():
+                self.seen.add(state["step"].device.type)
+
+    common = ("trainer.device=cuda", "trainer.max_steps=6", "optimizer.fused=false")
+    train(tmp_path / "deferred", *common, "instrument.nonfinite.sync=deferred",
+          callbacks=[Devices()])  # fmt: skip
+    assert Devices.seen == {"cpu"}
+    train(tmp_path / "step", *common, "instrument.nonfinite.sync=step")
+    a, b = final_params(tmp_path / "deferred"), final_params(tmp_path / "step")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -171,6 +171,33 @@ def test_histogram_counts_cover_every_finite_value(policy) -> None:
         assert h.bucket_counts[-1] == pytest.approx(float((finite >= 1.8).sum()))
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_chunked_counts_equal_one_histc_and_leave_determinism_as_it_was(
+    monkeypatch, deterministic
+) -> None:
+    """Tensors over the per-call limit (2**24 values; 100 here) are binned in chunks whose
+    counts are summed in float64: the same histogram as one call; under
+    torch.use_deterministic_algorithms the setting is as it was afterwards."""
+    import importlib
+
+    module = importlib.import_module("trainer.instrument.histograms")  # (not the function)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1003, generator=g), torch.randn(57, generator=g), torch.randn(300, 3)]
+    whole = histograms(xs, bins=16)
+    monkeypatch.setattr(module, "HISTC_CHUNK", 100)
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
+    try:
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        chunked = histograms(xs, bins=16)
+        assert torch.are_deterministic_algorithms_enabled() == deterministic
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert [h.bucket_counts for h in chunked] == [h.bucket_counts for h in whole]
+    assert [(h.sum, h.sum_squares) for h in chunked] == [(h.sum, h.sum_squares) for h in whole]
+
+
 def test_a_constant_and_an_all_nan_tensor_do_not_crash() -> None:
     const, nan = torch.full((10,), 0.5), torch.full((4,), math.nan)
     h_const, h_nan = histograms([const, nan], bins=4)

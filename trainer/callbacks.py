@@ -96,7 +96,10 @@ class Callback:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must keep for a resumed run to continue exactly (an RNG's
-        state, a counter); tensors, containers and primitives only."""
+        state, a counter); tensors, containers and primitives only. A resumed run's
+        :meth:`load_state_dict` gets the tensors on the CPU (checkpoints load with
+        ``map_location="cpu"``): move those the callback keeps on the device in
+        :meth:`on_fit_start`, as the built-in instruments do."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -14,8 +14,10 @@ False and leaves everything as it was where it is True:
   two kernels per tensor: affordable on a GPU, whose launches are asynchronous.
 
 A step that would create optimizer state (an optimizer's first step, a parameter's first
-gradient), or an optimizer keeping Python numbers in its state, cannot be undone on the device:
-there the flag is read on the host once (so a run reads it on its first step).
+gradient), or an optimizer keeping Python numbers, or tensors on another device, in its state
+(a non-fused Adam keeps its step count on the CPU), cannot be undone on the device: there the
+flag is read on the host (so a run reads it on its first step, and such an optimizer on every
+step).
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ def conditional_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
     True (parameters and optimizer state; see the module docstring)."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     states = [optimizer.state.get(p) for p in params]
-    if any(not s or not all(isinstance(v, Tensor) for v in s.values()) for s in states):
-        if bool(skip):  # host read: a step that creates state, or Python numbers in it
+    if any(
+        not s or not all(isinstance(v, Tensor) and v.device == skip.device for v in s.values())
+        for s in states
+    ):  # (torch.where would move a CPU step count onto the GPU, where the optimizer then
+        # reads it back every step: a non-fused Adam's, say)
+        if bool(skip):  # host read: a step that creates state, or numbers elsewhere in it
             return
         optimizer.step()
         return

@@ -102,7 +102,9 @@ class InMemoryLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.shuffle:
-            order = epoch_order(self.num_samples, self.seed, self.epoch).to(self.device)
+            order = epoch_order(self.num_samples, self.seed, self.epoch).to(
+                self.device, non_blocking=True
+            )  # (no wait for the device's queue; the CPU tensor is not reused)
         else:
             order = torch.arange(self.num_samples, device=self.device)
         gbs = self.global_batch_size

@@ -13,7 +13,9 @@ Non-finite values (NaN, ±Inf) are left out of the histogram and counted; the co
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +40,38 @@ class RawHistogram:
     bucket_limits: list[float]  # right edge of each bucket
     bucket_counts: list[float]
     nonfinite: int  # NaN/Inf values left out
+
+
+#: at most this many values per ``torch.histc`` call: its counts are float32 (on CUDA added
+#: atomically), exact and independent of the order of the additions up to 2**24 per bucket
+HISTC_CHUNK = 2**24
+
+
+@contextlib.contextmanager
+def _histc_allowed() -> Iterator[None]:
+    """``torch.histc`` on CUDA is listed as nondeterministic (atomic float additions), so
+    ``torch.use_deterministic_algorithms(True)`` (``trainer.deterministic=true``) refuses it;
+    but its counts, at most :data:`HISTC_CHUNK` values per call, are sums of 1.0 that are exact
+    in any order: allowed here, and only here."""
+    if not torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+
+
+def _histc(x: Tensor, bins: int, left: float, right: float) -> Tensor:
+    """``torch.histc`` exact for any size: float32 counts per chunk of :data:`HISTC_CHUNK`
+    values, summed in float64 (exact) when there are several."""
+    with _histc_allowed():
+        if x.numel() <= HISTC_CHUNK:
+            return torch.histc(x, bins=bins, min=left, max=right)
+        chunks = [torch.histc(c, bins=bins, min=left, max=right) for c in x.split(HISTC_CHUNK)]
+        return torch.stack(chunks).double().sum(0)
 
 
 def histograms(
@@ -82,10 +116,13 @@ def histograms(
             left, right = left - 0.5, right + 0.5
         xf = x.float()
         xb = xf.clamp(left, right) if range_policy == "fixed" else xf  # outside: edge buckets
-        counts_all.append(torch.histc(xb, bins=bins, min=left, max=right))
+        counts_all.append(_histc(xb, bins, left, right))
         # float32 sums: a float64 accumulator (sum(dtype=float64)) took 50x longer on CPU
         sums_all += [xf.sum(), torch.dot(xf, xf)]
         edges_all.append((left, right))
+    if any(c.dtype != torch.float32 for c in counts_all):  # (a tensor of over 2**24 values)
+        counts_all = [c.double() for c in counts_all]
+        sums_all = [s.double() for s in sums_all]
     values = (  # host sync: histogram steps only
         torch.cat([torch.stack(counts_all).reshape(-1), torch.stack(sums_all)]).tolist()
         if counts_all

@@ -90,6 +90,11 @@ class NonfiniteGuard(Callback):
         self._one: Tensor | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        # a resumed run's unread flags come from the checkpoint on the CPU: onto the device,
+        # where this run's flags are (they are read together)
+        self._pending = [(s, n, t.to(trainer.device)) for s, n, t in self._pending]
+        if self._latched is not None:
+            self._latched = self._latched.to(trainer.device)
         deferred = self.sync == "deferred" or (self.sync == "auto" and trainer.device.type != "cpu")
         if deferred and trainer.scaler is not None:
             if self.sync == "deferred":

@@ -63,8 +63,9 @@ class Norms(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._positions = {id(p): i for i, p in enumerate(trainer.params)}
-        if self._pending is not None:  # a resumed run's kept gradients
-            self._previous = {id(trainer.params[i]): g for i, g in self._pending.items()}
+        if self._pending is not None:  # a resumed run's kept gradients (loaded on the CPU)
+            ps = trainer.params
+            self._previous = {id(ps[i]): g.to(ps[i].device) for i, g in self._pending.items()}
             self._pending = None
         for kind in ("grad_norm", "param_norm", "update_ratio"):
             self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)

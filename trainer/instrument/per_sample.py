@@ -353,6 +353,8 @@ class PerSampleNorms(Callback):
         self.last: dict[str, Tensor] = {}
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        if self._ema is not None:  # a resumed run's averages (loaded on the CPU)
+            self._ema = self._ema.to(trainer.device)
         names = {id(p): n for n, p in trainer.model.named_parameters()}
         self._param_names = names
         inside: set[nn.Module] = set()  # submodules of attention / RNN units: theirs
