@@ -250,8 +250,9 @@ class Huge(Callback):
 
 @pytest.mark.parametrize("sync", ["step", "deferred"])
 def test_a_huge_finite_gradient_is_not_non_finite_in_step_mode(tmp_path, sync) -> None:
-    """Step mode checks the values themselves (exact); deferred mode's flag is the norms' sum,
-    which overflows for |g| above about 1e19 in float32 and counts as non-finite (documented)."""
+    """Step mode checks the values themselves (exact); deferred mode's flag comes from each
+    tensor's norm, which overflows for |g| above about 1e19 in float32 and counts as
+    non-finite (documented)."""
     after = After()
     guard = ("instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}")
     train(tmp_path, *COMMON, *guard, callbacks=[Huge(), after])

@@ -34,8 +34,8 @@ def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def conditional_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
-    """``optimizer.step()`` where the 0-d bool ``skip`` is False; nothing changes where it is
-    True (parameters and optimizer state; see the module docstring)."""
+    """``optimizer.step()`` where the 0-d ``skip`` is False (or 0.0, as ``found_inf``); nothing
+    changes where it is True (1.0): parameters and optimizer state (see the module docstring)."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     states = [optimizer.state.get(p) for p in params]
     if any(
@@ -56,6 +56,7 @@ def conditional_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
             del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
         return
     with torch.no_grad():
+        skip = skip if skip.dtype == torch.bool else skip != 0  # (a found_inf-style 1.0/0.0)
         saved_params = [p.clone() for p in params]
         saved_states = [{k: v.clone() for k, v in s.items()} for s in states]  # type: ignore[union-attr]
         optimizer.step()

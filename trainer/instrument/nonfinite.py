@@ -8,7 +8,8 @@ What a check costs and when its flag is read depends on ``sync``:
   failing check looks further, to name the culprit, and the loop skips the update (or raises)
   right there.
 * ``deferred`` (the default on an accelerator): the 2-norm of every gradient and loss in one
-  fused call, summed into the flag, which is never read per step. The update is made
+  fused call, and the flag from them in one more kernel (the same check kernel, over the
+  norms), never read per step. The update is made
   conditional on it on the device (trainer/update.py: the fused optimizers' ``found_inf``, as
   ``GradScaler`` does it, or a copy put back with ``torch.where``), and the flags of the steps
   since the last read are kept on the device, with each step's norms, and read on the next
@@ -86,15 +87,16 @@ class NonfiniteGuard(Callback):
         #: deferred, policy raise: whether a non-finite step has been seen (on the device)
         self._latched: Tensor | None = None
         self._low_params = False  # float16/bfloat16 parameters (their gradients normed in float32)
-        self._found: Tensor | None = None  # step mode: the check's flag and scale, kept
-        self._one: Tensor | None = None
+        self._found: Tensor | None = None  # step mode: the check's flag, kept
+        self._one: Tensor | None = None  # the check's scale of 1
+        self._all_names: tuple[tuple[int, int], list[str]] | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
         # a resumed run's unread flags come from the checkpoint on the CPU: onto the device,
         # where this run's flags are (they are read together)
         self._pending = [(s, n, t.to(trainer.device)) for s, n, t in self._pending]
-        if self._latched is not None:
-            self._latched = self._latched.to(trainer.device)
+        if self._latched is not None:  # (float: the check kernel's flag)
+            self._latched = self._latched.to(trainer.device, torch.float32)
         deferred = self.sync == "deferred" or (self.sync == "auto" and trainer.device.type != "cpu")
         if deferred and trainer.scaler is not None:
             if self.sync == "deferred":
@@ -157,18 +159,7 @@ class NonfiniteGuard(Callback):
             return
         distributed = trainer.world.distributed
         if self.deferred:  # no host read: the update is made conditional on the device
-            norms = self._norms(trainer, grads, losses, tensors)
-            skip = ~torch.isfinite(norms.sum())
-            if distributed:  # every rank skips if any does (its losses are its own)
-                skip = all_reduce_max(skip.float()) > 0
-            if self.policy == "raise":  # every update from the first non-finite step on
-                self._latched = skip if self._latched is None else self._latched | skip
-                skip = self._latched
-            trainer.skip_step_where = skip
-            names = self._names(trainer, len(grads), len(losses))
-            # the agreed flag after the norms: a step skipped for another rank's values counts
-            kept = torch.cat([norms, skip.reshape(1).to(norms.dtype)])
-            self._pending.append((trainer.global_step, [*names, SKIPPED], kept))
+            self._defer(trainer, grads, losses, tensors)
             return
         found = self._any_nonfinite(tensors)
         if found is None:  # tensors on several devices, sparse gradients: the norms' sum
@@ -187,12 +178,52 @@ class NonfiniteGuard(Callback):
         self._skip(trainer, trainer.global_step, bad or [ELSEWHERE])
         trainer.skip_step = True
 
+    def _defer(
+        self, trainer: Trainer, grads: list[Tensor], losses: list[Tensor], tensors: list[Tensor]
+    ) -> None:
+        """Deferred mode's check: the per-tensor norms (kept, read on the next logging step)
+        and the step's skip flag, float 1.0/0.0, from them on the device: the fused optimizers
+        take it as ``found_inf`` as it is. Four kernels or so per step (the norms' fused call,
+        their stack, the flag's zeroing and check): on a launch-bound GPU step each counts."""
+        norms = self._norms(trainer, grads, losses, tensors)
+        one = self._ones(norms.device)
+        names = self._names(trainer, len(grads), len(losses))
+        if self.policy == "raise" and not trainer.world.distributed:
+            # every update from the first non-finite step on: the latch is the flag itself,
+            # set by the check and never cleared (the read raises)
+            if self._latched is None:
+                self._latched = torch.zeros((), dtype=torch.float32, device=norms.device)
+            torch._amp_foreach_non_finite_check_and_unscale_([norms], self._latched, one)
+            trainer.skip_step_where = self._latched
+            self._pending.append((trainer.global_step, names, norms))
+            return
+        flag = torch.zeros((), dtype=torch.float32, device=norms.device)
+        torch._amp_foreach_non_finite_check_and_unscale_([norms], flag, one)
+        if not trainer.world.distributed:
+            trainer.skip_step_where = flag
+            self._pending.append((trainer.global_step, names, norms))
+            return
+        flag = all_reduce_max(flag)  # every rank skips if any does (its losses are its own)
+        if self.policy == "raise":
+            self._latched = flag if self._latched is None else torch.maximum(self._latched, flag)
+            flag = self._latched
+        trainer.skip_step_where = flag
+        # the agreed flag after the norms: a step skipped for another rank's values counts
+        kept = torch.cat([norms, flag.reshape(1).to(norms.dtype)])
+        self._pending.append((trainer.global_step, [*names, SKIPPED], kept))
+
+    def _ones(self, device: torch.device) -> Tensor:
+        """The check kernel's scale of 1 (float32), kept."""
+        if self._one is None or self._one.device != device:
+            self._one = torch.ones((), dtype=torch.float32, device=device)
+        return self._one
+
     def _norms(
         self, trainer: Trainer, grads: list[Tensor], losses: list[Tensor], tensors: list[Tensor]
     ) -> Tensor:
         """‖t‖₂ per checked tensor (one fused call; float16/bfloat16 in float32): NaN/Inf if the
-        tensor holds one, and their sum too. A sum of squares also overflows for huge finite
-        values (|g| > 1e19 in float32): deferred, that counts as non-finite. (max |g|, which
+        tensor holds one. A sum of squares also overflows for huge finite values (|g| > 1e19 in
+        float32): deferred, that counts as non-finite. (max |g|, which
         cannot overflow, took 10x longer on CPU.) The gradients' norms are shared with the
         norms instrument and the loop's total."""
         low = any(t.dtype in _LOW for t in losses) or (grads and self._low_params)
@@ -215,19 +246,20 @@ class NonfiniteGuard(Callback):
         if self._found is None or self._found.device != device:
             # float32 whatever the default dtype: the kernel takes nothing else
             self._found = torch.zeros((), dtype=torch.float32, device=device)
-            self._one = torch.ones((), dtype=torch.float32, device=device)
         found = self._found.zero_()
-        assert self._one is not None
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._ones(device))
         return found  # (read by the caller: once per checked step)
 
     def _names(self, trainer: Trainer, grads: int, losses: int) -> list[str]:
-        """The checked tensors' names: the parameters with a gradient, then the losses."""
+        """The checked tensors' names: the parameters with a gradient, then the losses (kept
+        for the usual case, every parameter with a gradient; not to be changed)."""
         if grads == len(trainer.params):
-            names = list(trainer.param_names)
-        else:
-            names = [n for n, p in zip(trainer.param_names, trainer.params, strict=True)
-                     if p.grad is not None][:grads]  # fmt: skip
+            key = (grads, losses)
+            if self._all_names is None or self._all_names[0] != key:
+                self._all_names = (key, [*trainer.param_names, *[LOSS] * losses])
+            return self._all_names[1]
+        names = [n for n, p in zip(trainer.param_names, trainer.params, strict=True)
+                 if p.grad is not None][:grads]  # fmt: skip
         return names + [LOSS] * losses
 
     def _read(self, trainer: Trainer) -> None:
@@ -246,8 +278,8 @@ class NonfiniteGuard(Callback):
                 names, (*step_values, flag) = names[:-1], step_values
                 skipped = bool(flag)
             bad = [n for n, v in zip(names, step_values, strict=True) if not math.isfinite(v)]
-            if skipped and not bad:  # another rank's values (data-parallel), or finite norms
-                bad = [ELSEWHERE if trainer.world.distributed else OVERFLOW]  # whose sum is not
+            if skipped and not bad:  # another rank's values (data-parallel)
+                bad = [ELSEWHERE]
             if not bad:
                 self.consecutive = 0
                 continue
@@ -289,8 +321,6 @@ _LOW = (torch.float16, torch.bfloat16)  # normed in float32
 LOSS = "\0loss"
 #: the culprit of a step skipped for another rank's values (data-parallel)
 ELSEWHERE = "\0another rank"
-#: deferred: finite norms whose sum overflowed (huge finite values: skipped, as documented)
-OVERFLOW = "\0overflow"
 #: deferred: the name of the kept step's skip flag, after its norms
 SKIPPED = "\0skipped"
 
@@ -298,15 +328,12 @@ SKIPPED = "\0skipped"
 def _cause(bad: list[str]) -> str:
     """What went non-finite, in words."""
     parts = []
-    if OVERFLOW in bad:
-        parts.append("the checked norms overflowed float32 summed (finite values above about "
-                     "1e19; sync=deferred counts that as non-finite)")  # fmt: skip
     if ELSEWHERE in bad:
         parts.append("a non-finite loss or gradient on another rank (data-parallel: every rank "
                      "skips the step together; that rank's log names it)")  # fmt: skip
     if LOSS in bad:
         parts.append("non-finite loss (NaN/Inf in the per-sample losses)")
-    grads = [n for n in bad if n not in (LOSS, ELSEWHERE, OVERFLOW)]
+    grads = [n for n in bad if n not in (LOSS, ELSEWHERE)]
     if grads:
         more = f" (and {len(grads) - 1} more)" if len(grads) > 1 else ""
         parts.append(f"non-finite gradient of {grads[0]}{more}")
