@@ -186,20 +186,18 @@ class NonfiniteGuard(Callback):
         take it as ``found_inf`` as it is. Four kernels or so per step (the norms' fused call,
         their stack, the flag's zeroing and check): on a launch-bound GPU step each counts."""
         norms = self._norms(trainer, grads, losses, tensors)
-        one = self._ones(norms.device)
         names = self._names(trainer, len(grads), len(losses))
-        if self.policy == "raise" and not trainer.world.distributed:
+        distributed = trainer.world.distributed
+        if self.policy == "raise" and not distributed:
             # every update from the first non-finite step on: the latch is the flag itself,
             # set by the check and never cleared (the read raises)
             if self._latched is None:
                 self._latched = torch.zeros((), dtype=torch.float32, device=norms.device)
-            torch._amp_foreach_non_finite_check_and_unscale_([norms], self._latched, one)
-            trainer.skip_step_where = self._latched
-            self._pending.append((trainer.global_step, names, norms))
-            return
-        flag = torch.zeros((), dtype=torch.float32, device=norms.device)
-        torch._amp_foreach_non_finite_check_and_unscale_([norms], flag, one)
-        if not trainer.world.distributed:
+            flag = self._latched
+        else:
+            flag = torch.zeros((), dtype=torch.float32, device=norms.device)
+        torch._amp_foreach_non_finite_check_and_unscale_([norms], flag, self._ones(norms.device))
+        if not distributed:
             trainer.skip_step_where = flag
             self._pending.append((trainer.global_step, names, norms))
             return
