@@ -2,7 +2,8 @@
 # The checks that need a CUDA device, in one go, for a GPU machine with this project installed:
 # the CUDA tests (tests/test_cuda.py and the CUDA cases elsewhere: the deferred guard's skips
 # against step mode, bit for bit, with the fused optimizers), then the bench on the GPU (digits
-# MLP with SGD: the issue-14 variants, and the guard's share (off; reading its flag every step);
+# MLP with SGD: the issue-14 variants, and the guard's share (off; reading its flag every step;
+# fp16 with the flag deferred into GradScaler's found_inf and read every step);
 # the character Transformer). Exits non-zero if any part failed; logs and the bench's JSON go
 # to the folder given (default outputs/gpu_check/<time>).
 #
@@ -17,13 +18,17 @@ print('torch', torch.__version__, 'on', torch.cuda.get_device_name())" 2>&1 | te
   || exit 1
 status=0
 python -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_cuda.py \
-  tests/test_nonfinite.py::test_deferred_skip_equals_step_mode_bitwise 2>&1 | tee "$out/tests.log" \
+  tests/test_nonfinite.py::test_deferred_skip_equals_step_mode_bitwise \
+  tests/test_nonfinite.py::test_fp16_deferred_skip_equals_step_mode_bitwise 2>&1 \
+  | tee "$out/tests.log" \
   || status=1
 python scripts/bench.py --device cuda --no-cli --steps 2000 --rounds 3 \
   --out "$out/bench_mlp.json" optimizer=sgd --variant "instrument=none" \
   --variant "instrument.norms.every_n_steps=1" --variant "instrument.per_sample.every_n_steps=10" \
   --variant "instrument=none instrument.histograms.every_n_steps=100" \
-  --variant "instrument.nonfinite.policy=off" --variant "instrument.nonfinite.sync=step" 2>&1 \
+  --variant "instrument.nonfinite.policy=off" --variant "instrument.nonfinite.sync=step" \
+  --variant "trainer.precision=16" --variant "trainer.precision=16 instrument.nonfinite.sync=step" \
+  2>&1 \
   | tee "$out/bench_mlp.log" || status=1
 python scripts/bench.py --device cuda --no-cli --steps 300 --rounds 3 \
   --out "$out/bench_lm.json" experiment=chars_lm --variant "instrument=none" \

@@ -59,13 +59,15 @@ def test_no_host_sync_between_logging_steps(tmp_path) -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_the_default_guard_makes_no_host_sync_between_logging_steps(tmp_path) -> None:
+@pytest.mark.parametrize("precision", ["32", "16"])
+def test_the_default_guard_makes_no_host_sync_between_logging_steps(tmp_path, precision) -> None:
     """Issue 14 on a GPU: with every default instrument on, the guard included
     (``sync=auto`` defers on CUDA, and the default AdamW is fused there, so a bad update is
     skipped inside the step), CUDA's sync debug mode raises on any device-to-host
     synchronization in a step that does not log (the last step, 25, logs). The first step is
     exempt: it creates the optimizer state, which cannot be undone on the device, so its flag
-    is read (and the histograms measure there)."""
+    is read (and the histograms measure there). Under fp16 too: the loss's flag joins the
+    GradScaler's ``found_inf``."""
     from conftest import train
 
     from trainer.loop import Callback
@@ -82,7 +84,8 @@ def test_the_default_guard_makes_no_host_sync_between_logging_steps(tmp_path) ->
 
     try:
         metrics = train(tmp_path, "trainer.device=cuda", "trainer.max_steps=25",
-                        "logging.every_n_steps=10", callbacks=[NoSync()])  # fmt: skip
+                        "logging.every_n_steps=10", f"trainer.precision={precision}",
+                        callbacks=[NoSync()])  # fmt: skip
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert metrics["step"] == 25

@@ -31,8 +31,11 @@ class Poison(Callback):
             batch.x[0, 0] = math.nan
 
     def on_after_backward(self, trainer, batch, losses, weights) -> None:
-        if self.steps.get(trainer.global_step + 1) == "grad":
+        kind = self.steps.get(trainer.global_step + 1)
+        if kind == "grad":
             trainer.params[2].grad[0, 0] = math.inf  # net.3.weight
+        elif kind == "loss":  # a non-finite loss with finite gradients (the guard's losses)
+            losses[0] = math.nan
 
 
 class After(Callback):
@@ -82,6 +85,50 @@ def test_deferred_skip_equals_step_mode_bitwise(tmp_path, optimizer, device, cap
     assert sorted(scalars_d["nonfinite/skipped_steps"]) == skipped
     assert warned_d == warned_s and len(warned_s) == 4
     assert "step 6 skipped: non-finite loss" in warned_s[2]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_fp16_deferred_skip_equals_step_mode_bitwise(tmp_path, device, caplog) -> None:
+    """``trainer.precision=16`` with a fused optimizer: the loss's flag joins the ``found_inf``
+    GradScaler hands the optimizer, so the same steps are skipped and the same parameters,
+    optimizer state and scale result as reading the flag every step. Step 1: a NaN input
+    (state created: read on the host); 3 and 8: a NaN loss with finite gradients (the scale must
+    not drop for it); 5: an Inf gradient (the scaler's own skip, not the guard's); 6: a NaN
+    input (loss and gradients)."""
+    poisoned = {1: "input", 3: "loss", 5: "grad", 6: "input", 8: "loss"}
+    runs = {}
+    for sync in ("step", "deferred"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            train(tmp_path / sync, *COMMON, "optimizer=adamw", "optimizer.fused=true",
+                  "trainer.precision=16", f"trainer.device={device}",
+                  "instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}",
+                  callbacks=[Poison(poisoned)])  # fmt: skip
+        warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+        ckpt = load_checkpoint(tmp_path / sync / "checkpoints" / "last.pt")
+        runs[sync] = (_state(tmp_path / sync), ckpt["scaler"], read_scalars(tmp_path / sync),
+                      warned)  # fmt: skip
+    (model_s, opt_s), scaler_s, scalars_s, warned_s = runs["step"]
+    (model_d, opt_d), scaler_d, scalars_d, warned_d = runs["deferred"]
+    for k in model_s:
+        assert torch.equal(model_s[k], model_d[k]), k
+    assert len(opt_s) == len(opt_d) > 0
+    assert all(torch.equal(a, b) for a, b in zip(opt_s, opt_d, strict=True))
+    assert scaler_s == scaler_d
+    # the scale: halved at steps 1, 5 and 6 (non-finite gradients), not at 3 or 8
+    assert scaler_s["scale"] == 2.0**16 / 2**3, scaler_s
+    skipped = [(s, v) for s, v in scalars_s["nonfinite/skipped_steps"]]
+    assert skipped == [(1, 1.0), (3, 2.0), (6, 3.0), (8, 4.0)]
+    assert sorted(scalars_d["nonfinite/skipped_steps"]) == skipped
+    assert warned_d == warned_s and len(warned_s) == 4
+    assert all("non-finite loss" in w for w in warned_s)
+
+
+def test_fp16_deferred_needs_a_fused_optimizer(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"sync=deferred with trainer\.precision=16 needs a "
+                       r"fused optimizer \(optimizer\.fused=true\).*AdamW"):  # fmt: skip
+        train(tmp_path, *COMMON, "optimizer=adamw", "optimizer.fused=false",
+              "trainer.precision=16", "instrument.nonfinite.sync=deferred")  # fmt: skip
 
 
 def test_deferred_raise_names_the_first_step_and_updates_nothing_from_it(tmp_path) -> None:
@@ -163,15 +210,17 @@ class WatchSteps(Callback):
         ),
     ],
 )
-def test_no_host_read_in_a_step_that_does_not_log(tmp_path, measured, norm_steps) -> None:
+@pytest.mark.parametrize("precision", ["32", "16"])
+def test_no_host_read_in_a_step_that_does_not_log(tmp_path, measured, norm_steps, precision):
     """The defaults (guard every step, deferred) with the fused SGD: the host reads a tensor
     on logging steps and on the first (the optimizer's state is created there), never on any
     other step, also where an instrument measures; every measured scalar is still written,
-    at its own step."""
+    at its own step. Under fp16 too (GradScaler with a fused optimizer reads nothing)."""
     watch = WatchSteps()
     train(tmp_path, "trainer.max_steps=12", "logging.every_n_steps=4", "optimizer=sgd",
           "optimizer.fused=true", "instrument.nonfinite.sync=deferred",
-          "instrument.histograms.every_n_steps=4", *measured, callbacks=[watch])  # fmt: skip
+          f"trainer.precision={precision}", "instrument.histograms.every_n_steps=4", *measured,
+          callbacks=[watch])  # fmt: skip
     quiet = {s: r for s, r in watch.reads.items() if s % 4 and s != 1}
     assert len(quiet) == 8 and all(not r for r in quiet.values()), quiet
     assert watch.reads[4] and watch.reads[8]  # the logging steps read (this test sees reads)

@@ -43,7 +43,7 @@ from trainer.losses import Loss, as_loss
 from trainer.metrics import LossTally, Staging
 from trainer.objective import Objective, Window
 from trainer.regularizers import InputGradPenalty, Regularizer
-from trainer.update import conditional_step
+from trainer.update import conditional_step, scaled_step
 from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
@@ -479,7 +479,9 @@ class Trainer:
                     split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
             if self.measure_clipped_norm and grad_norm is not None:  # the norms instrument's
                 split_norms["grad_norm/total"] = grad_norm  # cadence: the total with it
-            if self.scaler is not None:
+            if self.scaler is not None and self.skip_step_where is not None:
+                scaled_step(self.scaler, self.optimizer, self.skip_step_where)  # (and update)
+            elif self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             elif self.skip_step_where is not None:  # decided on the device, never read here

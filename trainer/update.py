@@ -18,6 +18,11 @@ gradient), or an optimizer keeping Python numbers, or tensors on another device,
 (a non-fused Adam keeps its step count on the CPU), cannot be undone on the device: there the
 flag is read on the host (so a run reads it on its first step, and such an optimizer on every
 step).
+
+Under ``trainer.precision=16`` the step goes through ``GradScaler.step``: :func:`scaled_step`
+merges the flag into the ``found_inf`` the scaler hands a fused optimizer (no host read, as the
+scaler makes none there); with any other optimizer the scaler reads its own flag every step, and
+the flag is read with it.
 """
 
 from __future__ import annotations
@@ -33,16 +38,54 @@ def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
+def _stepped(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[dict | None]]:
+    """The parameters a step updates (those with a gradient) and their optimizer state."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return params, [optimizer.state.get(p) for p in params]
+
+
+def _undoable(states: list[dict | None], device: torch.device) -> bool:
+    """Whether a step over these states can be skipped on ``device`` without a host read: every
+    state exists (the step creates none) and holds tensors on that device only (torch.where
+    would move a CPU step count onto the GPU, where the optimizer then reads it back every
+    step: a non-fused Adam's, say)."""
+    return all(
+        s and all(isinstance(v, Tensor) and v.device == device for v in s.values()) for s in states
+    )
+
+
+def scaled_step(
+    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skip: Tensor
+) -> None:
+    """``scaler.step(optimizer)`` (``trainer.precision=16``, gradients already unscaled) where the
+    0-d ``skip`` is False (0.0), nothing where it is True (1.0); then ``scaler.update()``. The
+    scale follows the scaler's own overflow flag only, as when the caller skips the step on the
+    host (a step skipped for ``skip`` alone does not lower it).
+
+    A fused optimizer whose state exists gets ``skip`` merged into the ``found_inf`` that
+    ``GradScaler.step`` hands it (a step pre-hook, which runs after the scaler set it): no host
+    read, as the scaler itself makes none there. Any other optimizer reads ``skip`` on the host:
+    ``GradScaler.step`` reads its own flag there every step anyway."""
+    if takes_found_inf(optimizer) and _undoable(_stepped(optimizer)[1], skip.device):
+
+        def merge(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+            opt.found_inf = torch.maximum(opt.found_inf, skip.float())  # type: ignore[attr-defined]
+
+        handle = optimizer.register_step_pre_hook(merge)
+        try:
+            scaler.step(optimizer)
+        finally:
+            handle.remove()
+    elif not bool(skip):  # host read: a step that creates state; a non-fused optimizer
+        scaler.step(optimizer)
+    scaler.update()
+
+
 def conditional_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
     """``optimizer.step()`` where the 0-d ``skip`` is False (or 0.0, as ``found_inf``); nothing
     changes where it is True (1.0): parameters and optimizer state (see the module docstring)."""
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    states = [optimizer.state.get(p) for p in params]
-    if any(
-        not s or not all(isinstance(v, Tensor) and v.device == skip.device for v in s.values())
-        for s in states
-    ):  # (torch.where would move a CPU step count onto the GPU, where the optimizer then
-        # reads it back every step: a non-fused Adam's, say)
+    params, states = _stepped(optimizer)
+    if not _undoable(states, skip.device):
         if bool(skip):  # host read: a step that creates state, or numbers elsewhere in it
             return
         optimizer.step()
@@ -62,7 +105,7 @@ def conditional_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
         optimizer.step()
         for p, before in zip(params, saved_params, strict=True):
             p.copy_(torch.where(skip, before, p))
-        for p, before in zip(params, saved_states, strict=True):
+        for p, kept in zip(params, saved_states, strict=True):
             state = optimizer.state[p]  # a step may have replaced a state tensor, not updated it
-            for k, v in before.items():
+            for k, v in kept.items():
                 state[k] = torch.where(skip, v, state[k])

@@ -24,8 +24,10 @@ counts as a step: ``global_step``, ``max_steps`` and the learning-rate schedule 
 they do for a step ``GradScaler`` skips.
 
 Under ``trainer.precision=16`` the guard checks the loss only: gradients that overflow float16
-are the GradScaler's business (it skips those steps and lowers its scale, reading its own flag
-every step), not an error; ``deferred`` then is not available.
+are the GradScaler's business (it skips those steps and lowers its scale), not an error.
+``deferred`` then needs a fused optimizer (the default on CUDA): the loss's flag joins the
+``found_inf`` the scaler hands it (trainer/update.py), and neither makes a host read; with any
+other optimizer ``GradScaler.step`` reads its own flag every step, and ``auto`` picks ``step``.
 """
 
 from __future__ import annotations
@@ -98,16 +100,18 @@ class NonfiniteGuard(Callback):
         if self._latched is not None:  # (float: the check kernel's flag)
             self._latched = self._latched.to(trainer.device, torch.float32)
         deferred = self.sync == "deferred" or (self.sync == "auto" and trainer.device.type != "cpu")
-        if deferred and trainer.scaler is not None:
+        if deferred and trainer.scaler is not None and not takes_found_inf(trainer.optimizer):
             if self.sync == "deferred":
                 raise ValueError(
-                    "instrument.nonfinite.sync=deferred does not go with trainer.precision=16: "
-                    "the GradScaler reads its own overflow flag every step (use sync=step)"
+                    "instrument.nonfinite.sync=deferred with trainer.precision=16 needs a fused "
+                    f"optimizer (optimizer.fused=true): GradScaler.step reads its own overflow "
+                    f"flag every step with a {type(trainer.optimizer).__name__} that is not "
+                    "fused, so there is no sync to save (use sync=step)"
                 )
             deferred = False
         self.deferred = deferred
         self._low_params = any(p.dtype in _LOW for p in trainer.params)
-        if deferred and not takes_found_inf(trainer.optimizer):
+        if deferred and trainer.scaler is None and not takes_found_inf(trainer.optimizer):
             log.info(
                 "instrument.nonfinite.sync=deferred with a %s that is not fused: each step copies "
                 "the parameters and the optimizer state, to put them back if the step was not "
@@ -251,10 +255,10 @@ class NonfiniteGuard(Callback):
     def _names(self, trainer: Trainer, grads: int, losses: int) -> list[str]:
         """The checked tensors' names: the parameters with a gradient, then the losses (kept
         for the usual case, every parameter with a gradient; not to be changed)."""
-        if grads == len(trainer.params):
+        if grads in (0, len(trainer.params)):  # (0: fp16, the losses only)
             key = (grads, losses)
             if self._all_names is None or self._all_names[0] != key:
-                self._all_names = (key, [*trainer.param_names, *[LOSS] * losses])
+                self._all_names = (key, [*trainer.param_names[:grads], *[LOSS] * losses])
             return self._all_names[1]
         names = [n for n, p in zip(trainer.param_names, trainer.params, strict=True)
                  if p.grad is not None][:grads]  # fmt: skip
