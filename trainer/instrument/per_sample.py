@@ -220,10 +220,15 @@ class _OutsideUses(TorchFunctionMode):
         super().__init__()
         self.units_of, self.active = units_of, active
         self.outside: dict[nn.Module, str] = {}  # unit -> the function that used its parameter
+        #: set while the instrument's own forward hooks run: their calls (detach, shape checks,
+        #: register_hook, a tensor's properties) are not the model's, and pass straight through
+        self.paused = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.paused:
+            return out
         if any(t.requires_grad for t in _tensors(out)):  # a use on the graph (not metadata)
             for t in _tensors((args, kwargs)):
                 units = self.units_of.get(id(t), ())
@@ -432,6 +437,21 @@ class PerSampleNorms(Callback):
         self._active[module] -= 1
         if not torch.is_grad_enabled():
             return
+        mode = self._mode  # (None: a forward outside the model's, e.g. a user's own call)
+        if mode is None:
+            self._capture(module, args, kwargs, output)
+            return
+        mode.paused = True  # this hook's own calls are not uses of a parameter
+        try:
+            self._capture(module, args, kwargs, output)
+        finally:
+            mode.paused = False
+
+    def _capture(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        """After a unit's forward: check that it can be measured, keep its inputs and hook its
+        outputs' gradients."""
         outputs = [t for t in _tensors(output) if t.requires_grad]
         if not outputs:
             return
