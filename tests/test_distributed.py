@@ -450,3 +450,22 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, sy
         assert (got[k] - want[k]).abs().max() <= 1e-6, k
     for run in (one, ranks[0]):
         assert read_scalars(run)["nonfinite/skipped_steps"] == [(3, 1.0)]
+
+
+def test_fp16_deferred_on_two_processes_skips_as_step_mode_does(tmp_path) -> None:
+    """``trainer.precision=16`` with a fused AdamW, data-parallel: rank 0 alone has the +inf
+    loss at step 3; deferred, the agreed flag joins GradScaler's ``found_inf`` on both ranks,
+    and the run ends bit for bit where reading the flag every step ends."""
+    extra = (*COMMON, f"loss._target_={__name__}.InfLossOnce", "instrument.nonfinite.policy=skip",
+             "trainer.precision=16", "optimizer=adamw", "optimizer.fused=true",
+             f"data.batch_size={B}")  # fmt: skip
+    runs = {sync: [tmp_path / f"{sync}{r}" for r in (0, 1)] for sync in ("step", "deferred")}
+    assert launch(
+        *[(2, [*extra, f"instrument.nonfinite.sync={s}"], dirs) for s, dirs in runs.items()]
+    ) == [[0, 0], [0, 0]]
+    step, deferred = (load_checkpoint(d[0] / "checkpoints" / "last.pt") for d in runs.values())
+    for k in step["model"]:
+        assert torch.equal(step["model"][k], deferred["model"][k]), k
+    assert step["scaler"] == deferred["scaler"]
+    for dirs in runs.values():
+        assert read_scalars(dirs[0])["nonfinite/skipped_steps"] == [(3, 1.0)]
