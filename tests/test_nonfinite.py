@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from trainer.callbacks import Callback
 from trainer.checkpoint import load_checkpoint
 from trainer.instrument.nonfinite import NonFiniteError
-from trainer.update import conditional_step
+from trainer.update import conditional_step, scaled_step
 
 COMMON = ("trainer.max_steps=12", "logging.every_n_steps=4", "scheduler=cosine")
 
@@ -287,6 +287,45 @@ def test_conditional_step_is_the_step_or_nothing(make) -> None:
             assert torch.equal(a, b), k
         for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
             assert all(torch.equal(a[key], b[key]) for key in a), k
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_scaled_step_is_the_scalers_step_or_nothing(fused, enabled) -> None:
+    """``scaled_step`` (fp16, gradients unscaled): where ``skip`` is set the parameters and the
+    AdamW state stay as they are and the scale follows the scaler's own flag only (an Inf
+    gradient at step 4 halves it, a skip of finite gradients at step 2 does not); elsewhere it
+    is ``GradScaler.step`` exactly. A disabled scaler steps as :func:`conditional_step`."""
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    opt_ref, opt = (torch.optim.AdamW(ps, fused=fused) for ps in (ref, mine))
+    sc_ref, sc = (torch.amp.GradScaler("cpu", enabled=enabled) for _ in range(2))
+    plan = [(False, False), (True, False), (False, False), (False, True), (True, False)]
+    for k, (skip, inf_grad) in enumerate(plan, 1):
+        grads = [torch.randn_like(p) for p in ref]
+        for ps in (ref, mine):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+                if inf_grad:
+                    p.grad[0] = math.inf
+        for s, o in ((sc_ref, opt_ref), (sc, opt)):
+            s.scale(torch.ones(()))  # (the scale is made on its first use)
+            s.unscale_(o)  # (a disabled scaler does nothing)
+        if not skip:  # what the loop does on the host: skip the step, update the scale
+            sc_ref.step(opt_ref)
+        sc_ref.update()
+        scaled_step(sc, opt, torch.tensor(float(skip)))
+        same = {"rtol": 0, "atol": 0, "equal_nan": True}  # (disabled: the Inf step gives NaN)
+        for a, b in zip(ref, mine, strict=True):
+            torch.testing.assert_close(a, b, **same, msg=f"step {k}")
+        for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], **same, msg=f"step {k}")
+        assert sc.state_dict() == sc_ref.state_dict(), k
+    if enabled:
+        assert sc.get_scale() == 2.0**16 / 2  # the Inf gradient's halving only
+    assert not hasattr(opt, "found_inf")
 
 
 class Huge(Callback):

@@ -65,8 +65,11 @@ def scaled_step(
     A fused optimizer whose state exists gets ``skip`` merged into the ``found_inf`` that
     ``GradScaler.step`` hands it (a step pre-hook, which runs after the scaler set it): no host
     read, as the scaler itself makes none there. Any other optimizer reads ``skip`` on the host:
-    ``GradScaler.step`` reads its own flag there every step anyway."""
-    if takes_found_inf(optimizer) and _undoable(_stepped(optimizer)[1], skip.device):
+    ``GradScaler.step`` reads its own flag there every step anyway. A disabled scaler (which
+    steps the optimizer as it is) leaves it to :func:`conditional_step`."""
+    if not scaler.is_enabled():
+        conditional_step(optimizer, skip)
+    elif takes_found_inf(optimizer) and _undoable(_stepped(optimizer)[1], skip.device):
 
         def merge(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
             opt.found_inf = torch.maximum(opt.found_inf, skip.float())  # type: ignore[attr-defined]
