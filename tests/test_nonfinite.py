@@ -211,7 +211,9 @@ class WatchSteps(Callback):
     ],
 )
 @pytest.mark.parametrize("precision", ["32", "16"])
-def test_no_host_read_in_a_step_that_does_not_log(tmp_path, measured, norm_steps, precision):
+def test_no_host_read_in_a_step_that_does_not_log(
+    tmp_path, measured, norm_steps, precision, optimizer=()
+) -> None:
     """The defaults (guard every step, deferred) with the fused SGD: the host reads a tensor
     on logging steps and on the first (the optimizer's state is created there), never on any
     other step, also where an instrument measures; every measured scalar is still written,
@@ -220,7 +222,7 @@ def test_no_host_read_in_a_step_that_does_not_log(tmp_path, measured, norm_steps
     train(tmp_path, "trainer.max_steps=12", "logging.every_n_steps=4", "optimizer=sgd",
           "optimizer.fused=true", "instrument.nonfinite.sync=deferred",
           f"trainer.precision={precision}", "instrument.histograms.every_n_steps=4", *measured,
-          callbacks=[watch])  # fmt: skip
+          *optimizer, callbacks=[watch])  # fmt: skip
     quiet = {s: r for s, r in watch.reads.items() if s % 4 and s != 1}
     assert len(quiet) == 8 and all(not r for r in quiet.values()), quiet
     assert watch.reads[4] and watch.reads[8]  # the logging steps read (this test sees reads)
@@ -229,6 +231,16 @@ def test_no_host_read_in_a_step_that_does_not_log(tmp_path, measured, norm_steps
         assert [s for s, _ in scalars[tag]] == norm_steps, tag
     if "per_sample/grad_norm_mean" in scalars:
         assert [s for s, _ in scalars["per_sample/grad_norm_mean"]] == [3, 6, 9, 12]
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("32", "true"), ("32", "false"), ("16", "true")])
+def test_sgd_without_momentum_reads_nothing_on_a_quiet_step(tmp_path, precision, fused) -> None:
+    """SGD without momentum keeps no optimizer state: its empty state is not one a step would
+    create, so a deferred skip needs no host read there either (it read every step before)."""
+    test_no_host_read_in_a_step_that_does_not_log(
+        tmp_path, (), [4, 8, 12], precision,
+        ("optimizer.momentum=0", f"optimizer.fused={fused}"),
+    )  # fmt: skip
 
 
 def test_the_last_step_logs_so_its_histograms_read_nothing_on_a_quiet_step(tmp_path) -> None:
@@ -267,6 +279,8 @@ class ReplacesState(torch.optim.Optimizer):
     lambda ps: torch.optim.AdamW(ps), lambda ps: torch.optim.AdamW(ps, fused=True),
     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True), ReplacesState,
+    # without momentum (no state; its first step is skipped on the device too)
+    lambda ps: torch.optim.SGD(ps, lr=0.1), lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
 ])  # fmt: skip
 def test_conditional_step_is_the_step_or_nothing(make) -> None:
     torch.manual_seed(0)
@@ -285,6 +299,7 @@ def test_conditional_step_is_the_step_or_nothing(make) -> None:
         conditional_step(opt, torch.tensor(grad_nan))
         for a, b in zip(ref, mine, strict=True):
             assert torch.equal(a, b), k
+        assert len(opt_ref.state) == len(opt.state), k
         for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
             assert all(torch.equal(a[key], b[key]) for key in a), k
 

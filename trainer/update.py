@@ -14,7 +14,8 @@ False and leaves everything as it was where it is True:
   two kernels per tensor: affordable on a GPU, whose launches are asynchronous.
 
 A step that would create optimizer state (an optimizer's first step, a parameter's first
-gradient), or an optimizer keeping Python numbers, or tensors on another device, in its state
+gradient; not torch's SGD without momentum, which keeps none), or an optimizer keeping Python
+numbers, or tensors on another device, in its state
 (a non-fused Adam keeps its step count on the CPU), cannot be undone on the device: there the
 flag is read on the host (so a run reads it on its first step, and such an optimizer on every
 step).
@@ -39,18 +40,28 @@ def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _stepped(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[dict | None]]:
-    """The parameters a step updates (those with a gradient) and their optimizer state."""
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return params, [optimizer.state.get(p) for p in params]
+    """The parameters a step updates (those with a gradient) and their optimizer state: None
+    where the step would create it (an empty state, unless the optimizer keeps none: torch's
+    SGD without momentum)."""
+    params: list[Tensor] = []
+    states: list[dict | None] = []
+    for group in optimizer.param_groups:
+        stateless = isinstance(optimizer, torch.optim.SGD) and group.get("momentum", 0) == 0
+        for p in group["params"]:
+            if p.grad is not None:
+                params.append(p)
+                states.append(optimizer.state.get(p) or ({} if stateless else None))
+    return params, states
 
 
 def _undoable(states: list[dict | None], device: torch.device) -> bool:
-    """Whether a step over these states can be skipped on ``device`` without a host read: every
-    state exists (the step creates none) and holds tensors on that device only (torch.where
+    """Whether a step over these states can be skipped on ``device`` without a host read: the
+    step creates no state, and what there is holds tensors on that device only (torch.where
     would move a CPU step count onto the GPU, where the optimizer then reads it back every
     step: a non-fused Adam's, say)."""
     return all(
-        s and all(isinstance(v, Tensor) and v.device == device for v in s.values()) for s in states
+        s is not None and all(isinstance(v, Tensor) and v.device == device for v in s.values())
+        for s in states
     )
 
 
@@ -109,6 +120,8 @@ def conditional_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
         for p, before in zip(params, saved_params, strict=True):
             p.copy_(torch.where(skip, before, p))
         for p, kept in zip(params, saved_states, strict=True):
+            if not kept:  # (a stateless optimizer's: nothing to put back, no entry to add)
+                continue
             state = optimizer.state[p]  # a step may have replaced a state tensor, not updated it
             for k, v in kept.items():
                 state[k] = torch.where(skip, v, state[k])
