@@ -172,21 +172,24 @@ class NoHostReads(TorchFunctionMode):
 
 
 class WatchSteps(Callback):
-    """Runs each optimizer step, from its micro-batch's start to the next one's (its logging
-    included), under :class:`NoHostReads`; the reads per step."""
+    """Runs each optimizer step, from its first micro-batch's start to the next step's (its
+    logging included), under :class:`NoHostReads`; the reads per step (of all its
+    micro-batches)."""
 
     def __init__(self) -> None:
         self.mode: NoHostReads | None = None
+        self.step = 0  # the step the watched micro-batch belongs to
         self.reads: dict[int, list[str]] = {}
 
     def _stop(self, trainer) -> None:
         if self.mode is not None:
             self.mode.__exit__(None, None, None)
-            self.reads[trainer.global_step] = self.mode.reads  # the step just taken
+            self.reads.setdefault(self.step, []).extend(self.mode.reads)
             self.mode = None
 
     def on_train_batch_start(self, trainer, batch) -> None:
         self._stop(trainer)
+        self.step = trainer.global_step + 1
         self.mode = NoHostReads()
         self.mode.__enter__()
 
@@ -241,6 +244,31 @@ def test_sgd_without_momentum_reads_nothing_on_a_quiet_step(tmp_path, precision,
         tmp_path, (), [4, 8, 12], precision,
         ("optimizer.momentum=0", f"optimizer.fused={fused}"),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        ("loss.mode=vector", "weighting=hard_topk", "trainer.grad_clip=1.0", "scheduler=cosine",
+         "regularizer=[l2]"),
+        ("regularizer=[input_grad_penalty]", "trainer.accumulate_grad_batches=2",
+         "instrument=full", "instrument.per_sample.every_n_steps=0"),
+        ("experiment=chars_lm_per_token", "optimizer=sgd", "optimizer.fused=true",
+         "data.batch_size=8", "trainer.precision=bf16"),
+    ],
+    ids=["vector-clip-l2", "penalty-accumulate-full", "per_token-bf16"],
+)  # fmt: skip
+def test_no_host_read_on_a_quiet_step_with_the_frameworks_features(tmp_path, features) -> None:
+    """Not only the defaults: a weighting, clipping, a schedule and a regularizer; the
+    input-gradient penalty (its double backward) with accumulation and every other instrument
+    (per-sample norms refuse the penalty); a sequence model's per-token losses under bf16:
+    still no host read on a step that does not log."""
+    watch = WatchSteps()
+    train(tmp_path, "trainer.max_steps=12", "logging.every_n_steps=4", "optimizer=sgd",
+          "optimizer.fused=true", "instrument.nonfinite.sync=deferred", *features,
+          callbacks=[watch])  # fmt: skip
+    quiet = {s: r for s, r in watch.reads.items() if s % 4 and s != 1}
+    assert len(quiet) == 8 and all(not r for r in quiet.values()), quiet
 
 
 def test_the_last_step_logs_so_its_histograms_read_nothing_on_a_quiet_step(tmp_path) -> None:
