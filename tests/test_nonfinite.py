@@ -131,11 +131,14 @@ def test_fp16_deferred_needs_a_fused_optimizer(tmp_path) -> None:
               "trainer.precision=16", "instrument.nonfinite.sync=deferred")  # fmt: skip
 
 
-def test_deferred_raise_names_the_first_step_and_updates_nothing_from_it(tmp_path) -> None:
+@pytest.mark.parametrize("every", [1, 2])
+def test_deferred_raise_names_the_first_step_and_updates_nothing_from_it(tmp_path, every):
+    """Every 2 steps: step 7 is not checked, and updates nothing either (the latch)."""
     after = After()
     with pytest.raises(NonFiniteError, match=r"^step 6: non-finite gradient of net\.3\.weight"
                        r".*read at step 8"):  # fmt: skip
         train(tmp_path, *COMMON, "instrument.nonfinite.sync=deferred",
+              f"instrument.nonfinite.every_n_steps={every}",
               callbacks=[Poison({6: "grad", 7: "input"}), after])  # fmt: skip
     assert max(after.after) == 7  # steps 6 and 7 ran, the read at step 8 raised
     for step in (6, 7):
@@ -303,19 +306,32 @@ class ReplacesState(torch.optim.Optimizer):
                 p.sub_(group["lr"] * state["buf"])
 
 
+class SGDWithState(torch.optim.SGD):
+    """A user's SGD subclass keeping state of its own (without momentum)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["ema"] = 0.9 * state.get("ema", torch.zeros_like(p)) + p.grad
+        return super().step(closure)
+
+
 @pytest.mark.parametrize("make", [
     lambda ps: torch.optim.AdamW(ps), lambda ps: torch.optim.AdamW(ps, fused=True),
     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True), ReplacesState,
     # without momentum (no state; its first step is skipped on the device too)
     lambda ps: torch.optim.SGD(ps, lr=0.1), lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
+    lambda ps: SGDWithState(ps, lr=0.1),  # a subclass's empty state is not taken for none
 ])  # fmt: skip
 def test_conditional_step_is_the_step_or_nothing(make) -> None:
     torch.manual_seed(0)
     ref = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
     mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     opt_ref, opt = make(ref), make(mine)
-    for k, grad_nan in enumerate([False, False, True, False, True]):
+    for k, grad_nan in enumerate([True, False, False, True, False, True]):
         grads = [torch.randn_like(p) for p in ref]
         for ps in (ref, mine):
             for p, g in zip(ps, grads, strict=True):

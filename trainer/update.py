@@ -46,7 +46,8 @@ def _stepped(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[dict 
     params: list[Tensor] = []
     states: list[dict | None] = []
     for group in optimizer.param_groups:
-        stateless = isinstance(optimizer, torch.optim.SGD) and group.get("momentum", 0) == 0
+        # (torch's own SGD, not a subclass, which may keep state of its own)
+        stateless = type(optimizer) is torch.optim.SGD and group.get("momentum", 0) == 0
         for p in group["params"]:
             if p.grad is not None:
                 params.append(p)

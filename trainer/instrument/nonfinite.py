@@ -142,6 +142,9 @@ class NonfiniteGuard(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         if self.every.due(trainer.global_step):
             self._check(trainer)
+        elif self._latched is not None:  # deferred raise, a step not checked (every_n_steps >
+            # 1): no update after a non-finite step either, until the read raises
+            trainer.skip_step_where = self._latched
         if (
             self.deferred
             and self._pending
