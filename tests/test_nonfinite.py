@@ -124,6 +124,48 @@ def test_fp16_deferred_skip_equals_step_mode_bitwise(tmp_path, device, caplog) -
     assert all("non-finite loss" in w for w in warned_s)
 
 
+class FirstStep(Callback):
+    """An Inf gradient at step 1 (the GradScaler's own overflow); the weights before the run,
+    after step 1, and the momentum buffers and the unscaled gradients of step 2."""
+
+    def on_fit_start(self, trainer) -> None:
+        self.start = [p.detach().clone() for p in trainer.params]
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step == 0:
+            trainer.params[0].grad[0, 0] = math.inf
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        if trainer.global_step == 2:
+            self.grads = [p.grad.clone() for p in trainer.params]
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 1:
+            self.after_1 = [p.detach().clone() for p in trainer.params]
+            self.state_1 = len(trainer.optimizer.state)
+        if out.step == 2:
+            state = trainer.optimizer.state
+            self.buffers = [state[p]["momentum_buffer"].clone() for p in trainer.params]
+
+
+@pytest.mark.parametrize(
+    ("fused", "sync"), [("true", "step"), ("true", "deferred"), ("false", "step")]
+)
+def test_fp16_first_step_overflow_leaves_no_momentum_behind(tmp_path, fused, sync) -> None:
+    """torch's fused SGD makes its momentum buffers (``empty_like``) before its kernel sees
+    ``found_inf``: an fp16 overflow on the first step kept uninitialized memory as momentum and
+    the run went NaN. That step is now skipped on the host: no state, the weights untouched,
+    and step 2's momentum is exactly its gradient (SGD's first momentum step)."""
+    seen = FirstStep()
+    metrics = train(tmp_path, "trainer.max_steps=4", "logging.every_n_steps=2", "optimizer=sgd",
+                    f"optimizer.fused={fused}", "trainer.precision=16",
+                    f"instrument.nonfinite.sync={sync}", callbacks=[seen])  # fmt: skip
+    assert seen.state_1 == 0
+    assert all(torch.equal(a, b) for a, b in zip(seen.start, seen.after_1, strict=True))
+    assert all(torch.equal(b, g) for b, g in zip(seen.buffers, seen.grads, strict=True))
+    assert math.isfinite(metrics["train/loss"])
+
+
 def test_fp16_deferred_needs_a_fused_optimizer(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"sync=deferred with trainer\.precision=16 needs a "
                        r"fused optimizer \(optimizer\.fused=true\).*AdamW"):  # fmt: skip

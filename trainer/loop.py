@@ -479,11 +479,8 @@ class Trainer:
                     split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
             if self.measure_clipped_norm and grad_norm is not None:  # the norms instrument's
                 split_norms["grad_norm/total"] = grad_norm  # cadence: the total with it
-            if self.scaler is not None and self.skip_step_where is not None:
-                scaled_step(self.scaler, self.optimizer, self.skip_step_where)  # (and update)
-            elif self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            if self.scaler is not None:  # (and scaler.update(); trainer/update.py)
+                scaled_step(self.scaler, self.optimizer, self.skip_step_where)
             elif self.skip_step_where is not None:  # decided on the device, never read here
                 conditional_step(self.optimizer, self.skip_step_where)
             else:

@@ -67,33 +67,55 @@ def _undoable(states: list[dict | None], device: torch.device) -> bool:
 
 
 def scaled_step(
-    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skip: Tensor
+    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skip: Tensor | None = None
 ) -> None:
-    """``scaler.step(optimizer)`` (``trainer.precision=16``, gradients already unscaled) where the
-    0-d ``skip`` is False (0.0), nothing where it is True (1.0); then ``scaler.update()``. The
-    scale follows the scaler's own overflow flag only, as when the caller skips the step on the
-    host (a step skipped for ``skip`` alone does not lower it).
+    """``scaler.step(optimizer)``, then ``scaler.update()`` (``trainer.precision=16``, gradients
+    already unscaled); with a 0-d ``skip``, no update where it is True (1.0). The scale follows
+    the scaler's own overflow flag only, as when the caller skips the step on the host (a step
+    skipped for ``skip`` alone does not lower it).
 
     A fused optimizer whose state exists gets ``skip`` merged into the ``found_inf`` that
     ``GradScaler.step`` hands it (a step pre-hook, which runs after the scaler set it): no host
-    read, as the scaler itself makes none there. Any other optimizer reads ``skip`` on the host:
-    ``GradScaler.step`` reads its own flag there every step anyway. A disabled scaler (which
-    steps the optimizer as it is) leaves it to :func:`conditional_step`."""
-    if not scaler.is_enabled():
-        conditional_step(optimizer, skip)
-    elif takes_found_inf(optimizer) and _undoable(_stepped(optimizer)[1], skip.device):
+    read, as the scaler itself makes none there. Elsewhere ``skip`` is read on the host (with an
+    optimizer that is not fused, ``GradScaler.step`` reads its own flag every step anyway).
 
-        def merge(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-            opt.found_inf = torch.maximum(opt.found_inf, skip.float())  # type: ignore[attr-defined]
+    A fused optimizer's step that creates state is not left to ``found_inf``: torch's fused SGD
+    makes its momentum buffers with ``empty_like`` before its kernel looks at the flag, so an
+    overflow on its first step (common at the scaler's initial scale) would keep uninitialized
+    memory as momentum. Such a step reads the gradients' finiteness on the host (the scaler's
+    own flag: what ``unscale_`` found) and is skipped there on an overflow, as GradScaler skips
+    a step that is not fused."""
+    if scaler.is_enabled() and takes_found_inf(optimizer):
+        params, states = _stepped(optimizer)
+        if skip is not None and _undoable(states, skip.device):
 
-        handle = optimizer.register_step_pre_hook(merge)
-        try:
-            scaler.step(optimizer)
-        finally:
-            handle.remove()
-    elif not bool(skip):  # host read: a step that creates state; a non-fused optimizer
-        scaler.step(optimizer)
+            def merge(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+                opt.found_inf = torch.maximum(opt.found_inf, skip.float())  # type: ignore[attr-defined]
+
+            handle = optimizer.register_step_pre_hook(merge)
+            try:
+                scaler.step(optimizer)
+            finally:
+                handle.remove()
+            scaler.update()
+            return
+        if any(s is None for s in states) and not _finite([p.grad for p in params]):  # type: ignore[misc]
+            scaler.update()  # (lowers the scale: unscale_ found the overflow)
+            return
+    if skip is not None and bool(skip):  # host read: see above
+        scaler.update()
+        return
+    scaler.step(optimizer)
     scaler.update()
+
+
+def _finite(tensors: list[Tensor]) -> bool:
+    """Whether every value of these tensors is finite (one host read)."""
+    if not tensors:
+        return True
+    device = tensors[0].device
+    flags = torch.stack([torch.isfinite(t).all().to(device) for t in tensors])
+    return bool(flags.all())  # host read: a step that creates optimizer state
 
 
 def conditional_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
