@@ -400,7 +400,11 @@ class PerSampleNorms(Callback):
         self._handles.append(root.register_forward_pre_hook(self._enter_mode))
         for _, m, _, _ in self.units:
             self._handles.append(m.register_forward_pre_hook(self._enter))
-            self._handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
+            # first of the unit's forward hooks: a user's hook runs after the unit stopped
+            # counting as active, so its use of the unit's weights is seen as outside
+            self._handles.append(
+                m.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True)
+            )
         self._handles.append(root.register_forward_hook(lambda *_: self._leave_mode()))
 
     def _enter_mode(self, module: nn.Module, inputs: Any) -> None:
