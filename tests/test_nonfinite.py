@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from trainer.callbacks import Callback
 from trainer.checkpoint import load_checkpoint
 from trainer.instrument.nonfinite import NonFiniteError
-from trainer.update import conditional_step, scaled_step
+from trainer.update import conditional_step, scaled_step, step_optimizer
 
 COMMON = ("trainer.max_steps=12", "logging.every_n_steps=4", "scheduler=cosine")
 
@@ -164,6 +164,65 @@ def test_fp16_first_step_overflow_leaves_no_momentum_behind(tmp_path, fused, syn
     assert all(torch.equal(a, b) for a, b in zip(seen.start, seen.after_1, strict=True))
     assert all(torch.equal(b, g) for b, g in zip(seen.buffers, seen.grads, strict=True))
     assert math.isfinite(metrics["train/loss"])
+
+
+def test_step_optimizer_takes_a_late_first_gradient_with_the_fused_sgd() -> None:
+    """torch's fused SGD with momentum refuses a step where one parameter gets its first
+    gradient after the optimizer's first step (``TypeError``); ``step_optimizer`` takes that
+    step unfused (torch's own first-momentum-step semantics) and is fused again after. Against
+    the unfused SGD throughout: the same math, rounded in another order (≤ 8 ulps a step)."""
+    torch.manual_seed(0)
+    init = [torch.randn(5, 4), torch.randn(4)]
+    out = {}
+    for fused in (True, False):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        for k in range(5):
+            for i, p in enumerate(ps):  # the bias's first gradient at the second step
+                p.grad = torch.randn(p.shape, generator=g) if k > 0 or i == 0 else None
+            step_optimizer(opt)
+        assert opt.param_groups[0]["fused"] is fused
+        assert all("momentum_buffer" in opt.state[p] for p in ps)
+        out[fused] = ps
+    steps, eps = 5, torch.finfo(torch.float32).eps
+    for a, b in zip(*out.values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=8 * steps * eps, atol=8 * steps * eps * 4)
+
+
+class LateGradient(Callback):
+    """net.5.bias gets its first gradient at step 2 (none at step 1)."""
+
+    def on_fit_start(self, trainer) -> None:
+        self.bias_0 = trainer.params[5].detach().clone()
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step == 0:
+            trainer.params[5].grad = None
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 1:
+            self.bias_1 = trainer.params[5].detach().clone()
+        if out.step == 2:
+            self.bias_2 = trainer.params[5].detach().clone()
+
+
+@pytest.mark.parametrize(
+    "setting", ["instrument.nonfinite.sync=step", "instrument.nonfinite.sync=deferred",
+                "trainer.precision=16"],
+)  # fmt: skip
+def test_a_late_first_gradient_trains_with_the_fused_sgd(tmp_path, setting) -> None:
+    """The fused SGD (the default on CUDA) with a parameter whose first gradient comes at step
+    2: the run goes on (torch's fused kernel alone would raise there), the parameter is still
+    at its start after step 1 and moves at step 2."""
+    late = LateGradient()
+    metrics = train(tmp_path, "trainer.max_steps=4", "logging.every_n_steps=2", "optimizer=sgd",
+                    "optimizer.fused=true", setting, callbacks=[late])  # fmt: skip
+    end = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    assert all(torch.isfinite(v).all() for v in end.values())
+    assert torch.equal(late.bias_0, late.bias_1)
+    assert not torch.equal(late.bias_1, late.bias_2)
+    assert metrics["step"] == 4
 
 
 def test_fp16_deferred_needs_a_fused_optimizer(tmp_path) -> None:

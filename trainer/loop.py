@@ -43,7 +43,7 @@ from trainer.losses import Loss, as_loss
 from trainer.metrics import LossTally, Staging
 from trainer.objective import Objective, Window
 from trainer.regularizers import InputGradPenalty, Regularizer
-from trainer.update import conditional_step, scaled_step
+from trainer.update import conditional_step, scaled_step, step_optimizer
 from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
@@ -484,7 +484,7 @@ class Trainer:
             elif self.skip_step_where is not None:  # decided on the device, never read here
                 conditional_step(self.optimizer, self.skip_step_where)
             else:
-                self.optimizer.step()
+                step_optimizer(self.optimizer)  # (optimizer.step(); trainer/update.py)
             self._advance_schedule()
         self.optimizer.zero_grad(set_to_none=True)
         out = StepOutput(

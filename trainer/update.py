@@ -66,6 +66,44 @@ def _undoable(states: list[dict | None], device: torch.device) -> bool:
     )
 
 
+def step_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``; torch's fused SGD with momentum steps unfused where it would refuse:
+    a step in which some parameters with a gradient have a momentum buffer and others none yet
+    (a parameter's first gradient after the optimizer's first step: a branch or an expert not
+    used at first) raises ``TypeError: expected Tensor as element ...`` in torch's fused SGD.
+    That one step goes through torch's own unfused SGD, which makes the new buffers as any first
+    step does; later steps are fused again."""
+    if not _late_momentum(optimizer):
+        optimizer.step()
+        return
+    fused = [g for g in optimizer.param_groups if g.get("fused")]
+    for group in fused:
+        group["fused"] = False
+    try:
+        optimizer.step()
+    finally:
+        for group in fused:
+            group["fused"] = True
+
+
+def _late_momentum(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether torch's fused SGD would refuse this step (see :func:`step_optimizer`)."""
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    groups = [g for g in optimizer.param_groups if g.get("fused") and g["momentum"] != 0]
+    if not groups or len(optimizer.state) >= sum(len(g["params"]) for g in groups):
+        return False  # (every parameter has its buffer: nothing to check)
+    for group in groups:
+        have = [
+            optimizer.state.get(p, {}).get("momentum_buffer") is not None
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if any(have) and not all(have):
+            return True
+    return False
+
+
 def scaled_step(
     scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skip: Tensor | None = None
 ) -> None:
@@ -84,7 +122,9 @@ def scaled_step(
     overflow on its first step (common at the scaler's initial scale) would keep uninitialized
     memory as momentum. Such a step reads the gradients' finiteness on the host (the scaler's
     own flag: what ``unscale_`` found) and is skipped there on an overflow, as GradScaler skips
-    a step that is not fused."""
+    a step that is not fused; a finite one that torch's fused SGD would refuse
+    (:func:`step_optimizer`) is taken unfused, around the scaler (the gradients are unscaled
+    already)."""
     if scaler.is_enabled() and takes_found_inf(optimizer):
         params, states = _stepped(optimizer)
         if skip is not None and _undoable(states, skip.device):
@@ -101,6 +141,11 @@ def scaled_step(
             return
         if any(s is None for s in states) and not _finite([p.grad for p in params]):  # type: ignore[misc]
             scaler.update()  # (lowers the scale: unscale_ found the overflow)
+            return
+        if _late_momentum(optimizer):  # (the gradients were read finite just above)
+            if skip is None or not bool(skip):  # host read: a step that creates state
+                step_optimizer(optimizer)  # unfused, without GradScaler's found_inf
+            scaler.update()
             return
     if skip is not None and bool(skip):  # host read: see above
         scaler.update()
@@ -125,7 +170,7 @@ def conditional_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
     if not _undoable(states, skip.device):
         if bool(skip):  # host read: a step that creates state, or numbers elsewhere in it
             return
-        optimizer.step()
+        step_optimizer(optimizer)
         return
     if takes_found_inf(optimizer):
         optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
