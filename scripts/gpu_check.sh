@@ -19,7 +19,9 @@ print('torch', torch.__version__, 'on', torch.cuda.get_device_name())" 2>&1 | te
 status=0
 python -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_cuda.py \
   tests/test_nonfinite.py::test_deferred_skip_equals_step_mode_bitwise \
-  tests/test_nonfinite.py::test_fp16_deferred_skip_equals_step_mode_bitwise 2>&1 \
+  tests/test_nonfinite.py::test_fp16_deferred_skip_equals_step_mode_bitwise \
+  tests/test_nonfinite.py::test_fp16_first_step_overflow_leaves_no_momentum_behind \
+  tests/test_nonfinite.py::test_a_late_first_gradient_trains_with_the_fused_sgd 2>&1 \
   | tee "$out/tests.log" \
   || status=1
 python scripts/bench.py --device cuda --no-cli --steps 2000 --rounds 3 \

@@ -148,17 +148,18 @@ class FirstStep(Callback):
             self.buffers = [state[p]["momentum_buffer"].clone() for p in trainer.params]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize(
     ("fused", "sync"), [("true", "step"), ("true", "deferred"), ("false", "step")]
 )
-def test_fp16_first_step_overflow_leaves_no_momentum_behind(tmp_path, fused, sync) -> None:
+def test_fp16_first_step_overflow_leaves_no_momentum_behind(tmp_path, fused, sync, device):
     """torch's fused SGD makes its momentum buffers (``empty_like``) before its kernel sees
     ``found_inf``: an fp16 overflow on the first step kept uninitialized memory as momentum and
     the run went NaN. That step is now skipped on the host: no state, the weights untouched,
     and step 2's momentum is exactly its gradient (SGD's first momentum step)."""
     seen = FirstStep()
     metrics = train(tmp_path, "trainer.max_steps=4", "logging.every_n_steps=2", "optimizer=sgd",
-                    f"optimizer.fused={fused}", "trainer.precision=16",
+                    f"optimizer.fused={fused}", "trainer.precision=16", f"trainer.device={device}",
                     f"instrument.nonfinite.sync={sync}", callbacks=[seen])  # fmt: skip
     assert seen.state_1 == 0
     assert all(torch.equal(a, b) for a, b in zip(seen.start, seen.after_1, strict=True))
@@ -207,17 +208,19 @@ class LateGradient(Callback):
             self.bias_2 = trainer.params[5].detach().clone()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize(
     "setting", ["instrument.nonfinite.sync=step", "instrument.nonfinite.sync=deferred",
                 "trainer.precision=16"],
 )  # fmt: skip
-def test_a_late_first_gradient_trains_with_the_fused_sgd(tmp_path, setting) -> None:
+def test_a_late_first_gradient_trains_with_the_fused_sgd(tmp_path, setting, device) -> None:
     """The fused SGD (the default on CUDA) with a parameter whose first gradient comes at step
     2: the run goes on (torch's fused kernel alone would raise there), the parameter is still
     at its start after step 1 and moves at step 2."""
     late = LateGradient()
     metrics = train(tmp_path, "trainer.max_steps=4", "logging.every_n_steps=2", "optimizer=sgd",
-                    "optimizer.fused=true", setting, callbacks=[late])  # fmt: skip
+                    "optimizer.fused=true", setting, f"trainer.device={device}",
+                    callbacks=[late])  # fmt: skip
     end = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
     assert all(torch.isfinite(v).all() for v in end.values())
     assert torch.equal(late.bias_0, late.bias_1)
