@@ -395,6 +395,31 @@ def test_the_last_step_logs_so_its_histograms_read_nothing_on_a_quiet_step(tmp_p
     assert [s for s, _ in scalars["train/loss"]] == [4, 8, 12, 14]
 
 
+def _twins() -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The same two parameters twice: the reference's, and those of the code under test."""
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
+    return ref, [torch.nn.Parameter(p.detach().clone()) for p in ref]
+
+
+def _same_grads(ref: list, mine: list, bad: float | None) -> None:
+    """The same random gradients on both, with ``bad`` (NaN, Inf) in the first row if given."""
+    grads = [torch.randn_like(p) for p in ref]
+    for ps in (ref, mine):
+        for p, g in zip(ps, grads, strict=True):
+            p.grad = g.clone()
+            if bad is not None:
+                p.grad[0] = bad
+
+
+def _replace_ema(optimizer: torch.optim.Optimizer, key: str) -> None:
+    """state[key] = 0.9 · state[key] + grad, as a new tensor (replaced, not updated)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            state[key] = 0.9 * state.get(key, torch.zeros_like(p)) + p.grad
+
+
 class ReplacesState(torch.optim.Optimizer):
     """Momentum SGD that replaces its state tensor each step instead of updating it."""
 
@@ -403,11 +428,10 @@ class ReplacesState(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        _replace_ema(self, "buf")
         for group in self.param_groups:
             for p in group["params"]:
-                state = self.state[p]
-                state["buf"] = 0.9 * state.get("buf", torch.zeros_like(p)) + p.grad
-                p.sub_(group["lr"] * state["buf"])
+                p.sub_(group["lr"] * self.state[p]["buf"])
 
 
 class SGDWithState(torch.optim.SGD):
@@ -415,10 +439,7 @@ class SGDWithState(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                state["ema"] = 0.9 * state.get("ema", torch.zeros_like(p)) + p.grad
+        _replace_ema(self, "ema")
         return super().step(closure)
 
 
@@ -431,17 +452,10 @@ class SGDWithState(torch.optim.SGD):
     lambda ps: SGDWithState(ps, lr=0.1),  # a subclass's empty state is not taken for none
 ])  # fmt: skip
 def test_conditional_step_is_the_step_or_nothing(make) -> None:
-    torch.manual_seed(0)
-    ref = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
-    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    ref, mine = _twins()
     opt_ref, opt = make(ref), make(mine)
     for k, grad_nan in enumerate([True, False, False, True, False, True]):
-        grads = [torch.randn_like(p) for p in ref]
-        for ps in (ref, mine):
-            for p, g in zip(ps, grads, strict=True):
-                p.grad = g.clone()
-                if grad_nan:
-                    p.grad[0] = math.nan
+        _same_grads(ref, mine, math.nan if grad_nan else None)
         if not grad_nan:
             opt_ref.step()
         conditional_step(opt, torch.tensor(grad_nan))
@@ -459,19 +473,12 @@ def test_scaled_step_is_the_scalers_step_or_nothing(fused, enabled) -> None:
     AdamW state stay as they are and the scale follows the scaler's own flag only (an Inf
     gradient at step 4 halves it, a skip of finite gradients at step 2 does not); elsewhere it
     is ``GradScaler.step`` exactly. A disabled scaler steps as :func:`conditional_step`."""
-    torch.manual_seed(0)
-    ref = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
-    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    ref, mine = _twins()
     opt_ref, opt = (torch.optim.AdamW(ps, fused=fused) for ps in (ref, mine))
     sc_ref, sc = (torch.amp.GradScaler("cpu", enabled=enabled) for _ in range(2))
     plan = [(False, False), (True, False), (False, False), (False, True), (True, False)]
     for k, (skip, inf_grad) in enumerate(plan, 1):
-        grads = [torch.randn_like(p) for p in ref]
-        for ps in (ref, mine):
-            for p, g in zip(ps, grads, strict=True):
-                p.grad = g.clone()
-                if inf_grad:
-                    p.grad[0] = math.inf
+        _same_grads(ref, mine, math.inf if inf_grad else None)
         for s, o in ((sc_ref, opt_ref), (sc, opt)):
             s.scale(torch.ones(()))  # (the scale is made on its first use)
             s.unscale_(o)  # (a disabled scaler does nothing)
