@@ -306,6 +306,10 @@ def _rank_asked_to_stop(rank, world, port, overrides, run_dir, at_step) -> None:
 def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_rest_point(
     tmp_path, at_step
 ) -> None:
+    """Mid-epoch the ranks read the flag agreed at the previous rest point (no host wait for
+    the step's kernels), so they stop one step after the signal; at an epoch's end, after its
+    validation, at once."""
+    stop = at_step + 1 if at_step == 5 else at_step
     store, dirs = group_store(), [tmp_path / "r0", tmp_path / "r1"]
     port = store.port
     procs = [
@@ -322,12 +326,12 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_rest_point(
     assert [p.exitcode for p in procs] == [128 + signal.SIGUSR1] * 2
     metrics = json.loads((dirs[0] / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["signal"] == "SIGUSR1"
-    assert metrics["step"] == at_step
-    assert Path(metrics["checkpoint"]) == step_path(dirs[0] / "checkpoints", at_step)
+    assert metrics["step"] == stop
+    assert Path(metrics["checkpoint"]) == step_path(dirs[0] / "checkpoints", stop)
     state = load_checkpoint(metrics["checkpoint"])
-    assert state["step"] == at_step
+    assert state["step"] == stop
     # at an epoch's last step the rest point is after its validation: the next epoch is next
-    assert (state["epoch"], state["batch_in_epoch"]) == ((1, 0) if at_step == 12 else (0, 5))
+    assert (state["epoch"], state["batch_in_epoch"]) == ((1, 0) if at_step == 12 else (0, 6))
     assert not list(dirs[1].glob("**/*.pt"))  # rank 0 alone writes
 
 

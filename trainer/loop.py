@@ -139,6 +139,9 @@ class Trainer:
         #: the signal the run stopped for, agreed by every rank at a rest point; None: not
         #: stopped
         self.stopped_by: int | None = None
+        #: data-parallel: the stop flag agreed at the last rest point, on its way to the host
+        #: (the copy, and the CUDA event after it)
+        self._stop_in_flight: tuple[Tensor, Any] | None = None
         self.callbacks: list[Callback] = []
         self._hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOKS}
         self.add_callbacks(*callbacks)
@@ -329,25 +332,43 @@ class Trainer:
         if ended:
             self.epoch += 1
             self.batch_in_epoch = 0
-        self._rest_point()
+        self._rest_point(at_once=True)  # (after the validation, which read the host anyway)
 
-    def _rest_point(self) -> bool:
+    def _rest_point(self, at_once: bool = False) -> bool:
         """A point a resumed run continues from exactly: decide (every rank alike) whether
         the run stops here, then ``on_rest_point`` (periodic checkpoints, the stop's
         checkpoint). Returns whether to stop."""
-        self.stopped_by = self._stop_agreed()
+        self.stopped_by = self._stop_agreed(at_once)
         self._fire("on_rest_point")
         return self.stopped_by is not None
 
-    def _stop_agreed(self) -> int | None:
-        """The signal to stop for here, or None; data-parallel, every rank stops at the same
-        rest point if any got a signal (one small all-reduce per step, a host read: DDP runs
-        only)."""
+    def _stop_agreed(self, at_once: bool) -> int | None:
+        """The signal to stop for here, or None. Data-parallel, every rank stops at the same
+        rest point if any got a signal: the highest signal number any rank got, all-reduced
+        (max) at every rest point on the device. Between an epoch's steps the host takes the
+        value agreed at the previous rest point, copied to it in the meantime behind an event
+        (no wait for this step's kernels), so a stop lands one step after the signal;
+        ``at_once`` (an epoch's end) reads this one's. A signal is never lost: a rank's flag
+        stays set."""
         if not self.world.distributed:
             return self.stop_signal
         flag = torch.tensor(float(self.stop_signal or 0), device=self.device)
-        agreed = int(all_reduce_max(flag).item())  # host sync: data-parallel runs, every step
-        return agreed or None  # the highest signal number any rank got: the same on all
+        agreed = all_reduce_max(flag)
+        previous, self._stop_in_flight = self._stop_in_flight, None
+        if at_once:  # (what was in flight is in this value too: the flags stay set)
+            return int(agreed.item()) or None  # host sync: an epoch's end
+        event = None
+        host = agreed.to("cpu", non_blocking=True)
+        if agreed.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._stop_in_flight = (host, event)
+        if previous is None:
+            return None
+        host, event = previous
+        if event is not None:
+            event.synchronize()  # the previous rest point's all-reduce and copy only
+        return int(host.item()) or None  # (a host tensor)
 
     def validate(self) -> None:
         """Evaluate, log val/* at the current step, write the epoch's line, fire the hook."""
