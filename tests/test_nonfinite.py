@@ -6,6 +6,7 @@ step reads a tensor back to the host."""
 from __future__ import annotations
 
 import math
+import signal
 
 import pytest
 import torch
@@ -582,3 +583,73 @@ def test_an_optimizer_without_a_fused_key_is_built_as_configured() -> None:
     node = OmegaConf.create({"_target_": "torch.optim.RMSprop", "_partial_": True, "lr": 0.01})
     opt = build_optimizer(node, torch.nn.Linear(3, 2).parameters(), torch.device("cuda"))
     assert isinstance(opt, torch.optim.RMSprop) and "fused" not in opt.defaults
+
+
+class StopAt(Callback):
+    """A stop signal (as the handler sets it) at the end of step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == self.at:
+            trainer.stop_signal = signal.SIGTERM
+
+
+def test_unread_flags_are_written_before_a_checkpoint_and_not_again_after_resume(tmp_path):
+    """Deferred: step 6 skipped, a stop at step 7 checkpoints there. The guard's flags are read
+    before the checkpoint (on_flush), so it keeps none and the resumed run does not write step
+    6's skip a second time (it did: the first run read them at its end)."""
+    extra = ("trainer.max_steps=12", "logging.every_n_steps=4",
+             "instrument.nonfinite.sync=deferred", "instrument.nonfinite.policy=skip")  # fmt: skip
+    with pytest.raises(SystemExit):
+        train(tmp_path, *extra, callbacks=[Poison({6: "grad"}), StopAt(7)])
+    state = load_checkpoint(tmp_path / "checkpoints" / "step_000000007.pt")
+    guard = dict(state["callbacks"])["NonfiniteGuard"]
+    assert guard["pending"] == [] and guard["skipped"] == 1
+    train(tmp_path, *extra, "trainer.resume=auto", f"trainer.checkpoint.search_dir={tmp_path}")
+    assert read_scalars(tmp_path)["nonfinite/skipped_steps"] == [(6, 1.0)]
+
+
+class FailAt(Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == self.at:
+            raise RuntimeError("a user's callback failed")
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_failed_run_writes_what_was_measured_before_the_failure(tmp_path, sync) -> None:
+    """Skips at steps 2 and 6 (deferred: read at the failure, on_flush) and the norms of every
+    step up to the failing step 7 itself (staged there, not yet written) reach the events."""
+    with pytest.raises(RuntimeError, match="a user's callback failed"):
+        train(tmp_path, "trainer.max_steps=12", "logging.every_n_steps=4",
+              f"instrument.nonfinite.sync={sync}", "instrument.nonfinite.policy=skip",
+              "instrument.norms.every_n_steps=1",
+              callbacks=[Poison({2: "grad", 6: "grad"}), FailAt(7)])  # fmt: skip
+    scalars = read_scalars(tmp_path)
+    assert scalars["nonfinite/skipped_steps"] == [(2, 1.0), (6, 2.0)]
+    assert [s for s, _ in scalars["grad_norm/net.1.weight"]] == list(range(1, 8))
+
+
+def test_a_value_changed_in_place_is_named_and_the_others_are_still_written(tmp_path) -> None:
+    class ChangesIt(Callback):
+        def __init__(self) -> None:
+            self.c = torch.zeros(())
+
+        def on_before_optimizer_step(self, trainer, optimizer) -> None:
+            if trainer.global_step == 5:
+                trainer.stage_scalars({"custom/c": self.c})
+
+        def on_train_step_end(self, trainer, out) -> None:
+            if out.step == 6:
+                self.c.add_(1)
+
+    with pytest.raises(RuntimeError, match="step 5: the tensor staged as 'custom/c' was changed"):
+        train(tmp_path, "trainer.max_steps=12", "logging.every_n_steps=8",
+              "instrument.norms.every_n_steps=1", callbacks=[ChangesIt()])  # fmt: skip
+    scalars = read_scalars(tmp_path)
+    assert "custom/c" not in scalars
+    assert [s for s, _ in scalars["grad_norm/net.1.weight"]] == list(range(1, 9))

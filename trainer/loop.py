@@ -262,8 +262,10 @@ class Trainer:
     def write_deferred(self) -> None:
         """Write the scalars and histograms measured on steps that did not log, each at its
         step (one host read): the next logging step does it anyway; a checkpoint and the end
-        of the run do it first."""
+        of the run do it first. Then ``on_flush``: callbacks keeping unread values of their
+        own (the guard's flags) write them."""
         self.staging.flush(self.logger)  # host sync: logging steps, checkpoints, the end
+        self._fire("on_flush")
 
     def log_scalars(self, values: Scalars, step: int | None = None) -> dict[str, float]:
         """Write scalars (and staged histograms) at ``step`` (default: the current
@@ -311,7 +313,9 @@ class Trainer:
             self.metrics.update(step=self.global_step, epoch=self.epoch)
             self._fire("on_fit_end", self.metrics)
         except BaseException as e:
-            with contextlib.suppress(Exception):  # what was measured before the failure
+            with contextlib.suppress(Exception):  # what was measured before the failure,
+                if self.staging.pending():  # the failing step's own staged values included
+                    self.staging.defer(self.staging.take_scalars(), self.global_step)
                 self.write_deferred()
             self._fire("on_exception", e)
             raise

@@ -33,8 +33,8 @@ class _Deferred:
     step: int
     scalars: Scalars
     histograms: dict[str, Tensor]
-    #: (tag, tensor, its version when staged): an in-place change before the read is an error
-    versions: list[tuple[str, Tensor, int]] = field(default_factory=list)
+    #: (key, tensor, its version when staged): an in-place change before the read is an error
+    versions: list[tuple[str | tuple[str, ...], Tensor, int]] = field(default_factory=list)
 
 
 class Staging:
@@ -63,7 +63,7 @@ class Staging:
         versions = []
         for key, v in [*values.items(), *histograms.items()]:
             if isinstance(v, Tensor) and not v.is_inference():  # (no version counter)
-                versions.append((key if isinstance(key, str) else key[0], v, v._version))
+                versions.append((key, v, v._version))
         self.deferred.append(_Deferred(step, dict(values), histograms, versions))
 
     def write(
@@ -74,26 +74,40 @@ class Staging:
         ``step``; returns this step's scalars as floats. One batched host read for all:
         logging steps only."""
         histograms, self.histograms = self.histograms, {}
-        entries = [*self._take_deferred(), _Deferred(step, values, histograms)]
-        return self._write(entries, logger)[-1]
+        deferred, problem = self._take_deferred()
+        floats = self._write([*deferred, _Deferred(step, values, histograms)], logger)[-1]
+        if problem:
+            raise RuntimeError(problem)
+        return floats
 
     def flush(self, logger: TensorBoardLogger | None) -> None:
         """Write the deferred steps now (before a checkpoint, at the end of a run)."""
-        entries = self._take_deferred()
+        entries, problem = self._take_deferred()
         if entries:
             self._write(entries, logger)
+        if problem:
+            raise RuntimeError(problem)
 
-    def _take_deferred(self) -> list[_Deferred]:
+    def _take_deferred(self) -> tuple[list[_Deferred], str | None]:
+        """The deferred steps, less any value changed in place since it was staged (the
+        others are still written), and the error that names the first such value."""
         entries, self.deferred = self.deferred, []
+        problem = None
         for e in entries:
-            for tag, t, version in e.versions:
-                if t._version != version:
-                    raise RuntimeError(
+            for key, t, version in e.versions:
+                if t._version == version:
+                    continue
+                e.scalars = {k: v for k, v in e.scalars.items() if k != key}
+                e.histograms = {k: v for k, v in e.histograms.items() if k != key}
+                if problem is None:
+                    tag = key if isinstance(key, str) else key[0]
+                    problem = (
                         f"step {e.step}: the tensor staged as {tag!r} was changed in place "
-                        "after it was staged; a step that does not log is read at the next "
-                        "logging step, so stage a tensor that stays as it is (a copy)"
+                        "after it was staged (the other values were written); a step that "
+                        "does not log is read at the next logging step, so stage a tensor "
+                        "that stays as it is (a copy)"
                     )
-        return entries
+        return entries, problem
 
     def _write(
         self, entries: list[_Deferred], logger: TensorBoardLogger | None

@@ -152,6 +152,12 @@ class NonfiniteGuard(Callback):
         ):
             self._read(trainer)
 
+    def on_flush(self, trainer: Trainer) -> None:
+        # before a checkpoint (which then keeps no unread flag: a resumed run would write the
+        # same skips again), after a failure (nothing lost), every READ_EVERY steps
+        if self.deferred:
+            self._read(trainer)
+
     def on_fit_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if self.deferred:
             self._read(trainer)
