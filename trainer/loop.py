@@ -142,6 +142,8 @@ class Trainer:
         #: data-parallel: the stop flag agreed at the last rest point, on its way to the host
         #: (the copy, and the CUDA event after it)
         self._stop_in_flight: tuple[Tensor, Any] | None = None
+        #: data-parallel: this rank's stop flag on the device, and the signal written into it
+        self._stop_flag: tuple[Tensor, int | None] | None = None
         self.callbacks: list[Callback] = []
         self._hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOKS}
         self.add_callbacks(*callbacks)
@@ -356,7 +358,13 @@ class Trainer:
         stays set."""
         if not self.world.distributed:
             return self.stop_signal
-        flag = torch.tensor(float(self.stop_signal or 0), device=self.device)
+        if self._stop_flag is None:  # (made on the device: torch.tensor(x, device=...) would
+            # copy from pageable host memory, which waits for the device's queue)
+            self._stop_flag = (torch.zeros((), device=self.device), None)
+        flag, written = self._stop_flag
+        if written != self.stop_signal:  # (a kernel, no host wait)
+            flag.fill_(float(self.stop_signal or 0))
+            self._stop_flag = (flag, self.stop_signal)
         agreed = all_reduce_max(flag)
         previous, self._stop_in_flight = self._stop_in_flight, None
         if at_once:  # (what was in flight is in this value too: the flags stay set)
