@@ -83,9 +83,22 @@ def test_deferred_skip_equals_step_mode_bitwise(tmp_path, optimizer, device, cap
     assert all(torch.equal(a, b) for a, b in zip(opt_s, opt_d, strict=True))
     skipped = [(s, v) for s, v in scalars_s["nonfinite/skipped_steps"]]
     assert skipped == [(1, 1.0), (5, 2.0), (6, 3.0), (8, 4.0)]
-    assert sorted(scalars_d["nonfinite/skipped_steps"]) == skipped
+    assert_same_scalars(scalars_s, scalars_d)
+    # step 8 logs and is skipped: its non-finite total is logged in both modes
+    assert math.isnan(dict(scalars_s["grad_norm/total"])[8])
     assert warned_d == warned_s and len(warned_s) == 4
     assert "step 6 skipped: non-finite loss" in warned_s[2]
+
+
+def assert_same_scalars(a: dict, b: dict) -> None:
+    """Every tag at every step, bit for bit (NaN equal to NaN); each mode writes a value at
+    its own step, deferred ones later, so the order in the file may differ."""
+    assert sorted(a) == sorted(b)
+    for tag in a:
+        x, y = sorted(a[tag]), sorted(b[tag])
+        assert [s for s, _ in x] == [s for s, _ in y], tag
+        for (step, u), (_, v) in zip(x, y, strict=True):
+            assert u == v or (math.isnan(u) and math.isnan(v)), (tag, step, u, v)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
@@ -120,7 +133,7 @@ def test_fp16_deferred_skip_equals_step_mode_bitwise(tmp_path, device, caplog) -
     assert scaler_s["scale"] == 2.0**16 / 2**3, scaler_s
     skipped = [(s, v) for s, v in scalars_s["nonfinite/skipped_steps"]]
     assert skipped == [(1, 1.0), (3, 2.0), (6, 3.0), (8, 4.0)]
-    assert sorted(scalars_d["nonfinite/skipped_steps"]) == skipped
+    assert_same_scalars(scalars_s, scalars_d)
     assert warned_d == warned_s and len(warned_s) == 4
     assert all("non-finite loss" in w for w in warned_s)
 
@@ -251,16 +264,23 @@ def test_deferred_raise_names_the_first_step_and_updates_nothing_from_it(tmp_pat
             assert torch.equal(after.after[step][n], w), (step, n)
 
 
-def test_deferred_gives_up_after_consecutive_skips(tmp_path) -> None:
-    class Always(Callback):
-        def on_after_backward(self, trainer, batch, losses, weights) -> None:
-            if trainer.global_step >= 2:
-                trainer.params[0].grad.fill_(math.nan)
-
-    with pytest.raises(NonFiniteError, match="^step 6: 4 steps in a row skipped"):
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_gives_up_after_consecutive_skips_and_updates_nothing_from_there(tmp_path, sync):
+    """Steps 3-6 non-finite, 7 finite, ``max_consecutive_skips=4``: step mode raises at step 6;
+    deferred counts the skips on the device too, so step 7 does not update either, and the read
+    at step 8 raises naming step 6, as step mode does."""
+    after = After()
+    poison = Poison({s: "grad" for s in range(3, 7)})
+    read = r" \(read at step 8, .*steps 6-8 updated nothing\)" if sync == "deferred" else "$"
+    with pytest.raises(NonFiniteError, match=r"^step 6: 4 steps in a row skipped .*"
+                       r"the last: non-finite gradient of net\.3\.weight" + read):  # fmt: skip
         train(tmp_path, *COMMON, "instrument.nonfinite.policy=skip",
-              "instrument.nonfinite.sync=deferred", "instrument.nonfinite.max_consecutive_skips=4",
-              callbacks=[Always()])  # fmt: skip
+              f"instrument.nonfinite.sync={sync}", "instrument.nonfinite.max_consecutive_skips=4",
+              callbacks=[poison, after])  # fmt: skip
+    assert max(after.after) == (7 if sync == "deferred" else 5)
+    for step in range(3, max(after.after) + 1):
+        for n, w in after.after[2].items():
+            assert torch.equal(after.after[step][n], w), (step, n)
 
 
 class NoHostReads(TorchFunctionMode):

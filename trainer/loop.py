@@ -483,42 +483,42 @@ class Trainer:
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
         has_reg = self.objective.has_regularizers
-        split_norms = {}
         lr = self.optimizer.param_groups[0]["lr"] if should_log else 0.0  # the lr of this step
+        # the norms and the clipping are the same on a skipped step (a step the guard skips
+        # on the host logs the non-finite total it would log deferred, where the skip is
+        # decided on the device); only the update is left out
+        split_norms = self.objective.split_norms() if should_log and has_reg else {}
+        grads: list[Tensor] = []  # (only where a norm is taken: not every step)
+        if self.grad_clip > 0 or should_log or self.measure_clipped_norm:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            shared = self.shared_grad_norms(grads) if self._one_group else None
+            if shared is not None:  # a callback measured them: reuse, as get_total_norm
+                # would compute it (the 2-norm of the per-tensor 2-norms)
+                grad_norm = torch.linalg.vector_norm(shared)
+        if self.grad_clip > 0:
+            if grad_norm is None:
+                grad_norm = clip_grad_norm_(self.params, self.grad_clip)
+            else:
+                clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)
+            if self.measure_clipped_norm:  # measured after clipping, not inferred
+                split_norms["grad_norm/total_clipped"] = get_total_norm(grads)
+        elif should_log or self.measure_clipped_norm:
+            if grad_norm is None:
+                grad_norm = get_total_norm(grads)
+            if self.measure_clipped_norm:
+                split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
+        if self.measure_clipped_norm and grad_norm is not None:  # the norms instrument's
+            split_norms["grad_norm/total"] = grad_norm  # cadence: the total with it
         if self.skip_step:  # parameters and optimizer state stay as they are
             if self.scaler is not None:
                 self.scaler.update()  # closes this step's unscale_ (and lowers the scale on inf)
-            self._advance_schedule()  # a skipped step is a step: the schedule goes on
+        elif self.scaler is not None:  # (and scaler.update(); trainer/update.py)
+            scaled_step(self.scaler, self.optimizer, self.skip_step_where)
+        elif self.skip_step_where is not None:  # decided on the device, never read here
+            conditional_step(self.optimizer, self.skip_step_where)
         else:
-            split_norms = self.objective.split_norms() if should_log and has_reg else {}
-            grads: list[Tensor] = []  # (only where a norm is taken: not every step)
-            if self.grad_clip > 0 or should_log or self.measure_clipped_norm:
-                grads = [p.grad for p in self.params if p.grad is not None]
-                shared = self.shared_grad_norms(grads) if self._one_group else None
-                if shared is not None:  # a callback measured them: reuse, as get_total_norm
-                    # would compute it (the 2-norm of the per-tensor 2-norms)
-                    grad_norm = torch.linalg.vector_norm(shared)
-            if self.grad_clip > 0:
-                if grad_norm is None:
-                    grad_norm = clip_grad_norm_(self.params, self.grad_clip)
-                else:
-                    clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)
-                if self.measure_clipped_norm:  # measured after clipping, not inferred
-                    split_norms["grad_norm/total_clipped"] = get_total_norm(grads)
-            elif should_log or self.measure_clipped_norm:
-                if grad_norm is None:
-                    grad_norm = get_total_norm(grads)
-                if self.measure_clipped_norm:
-                    split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
-            if self.measure_clipped_norm and grad_norm is not None:  # the norms instrument's
-                split_norms["grad_norm/total"] = grad_norm  # cadence: the total with it
-            if self.scaler is not None:  # (and scaler.update(); trainer/update.py)
-                scaled_step(self.scaler, self.optimizer, self.skip_step_where)
-            elif self.skip_step_where is not None:  # decided on the device, never read here
-                conditional_step(self.optimizer, self.skip_step_where)
-            else:
-                step_optimizer(self.optimizer)  # (optimizer.step(); trainer/update.py)
-            self._advance_schedule()
+            step_optimizer(self.optimizer)  # (optimizer.step(); trainer/update.py)
+        self._advance_schedule()  # a skipped step is a step: the schedule goes on
         self.optimizer.zero_grad(set_to_none=True)
         out = StepOutput(
             self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,

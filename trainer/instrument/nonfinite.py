@@ -17,7 +17,9 @@ What a check costs and when its flag is read depends on ``sync``:
   skipped and the same parameters result as with ``step``, bit for bit, and each skipped step
   is logged at its own step with its culprit, only later. With ``policy=raise`` every update
   after the first non-finite step is skipped too, so the error, raised at the read, leaves
-  the parameters as they were before that step.
+  the parameters as they were before that step; with ``policy=skip`` the skipped steps in a
+  row are counted on the device as well, and every update from the step that reaches
+  ``max_consecutive_skips`` on is skipped, as step mode stops there.
 
 ``nonfinite/skipped_steps`` is written at each skipped step either way. A skipped step still
 counts as a step: ``global_step``, ``max_steps`` and the learning-rate schedule advance, as
@@ -86,9 +88,12 @@ class NonfiniteGuard(Callback):
         self._losses: list[Tensor] = []  # the step's micro-batches' losses
         #: deferred: (step, names, norms) of the checked steps not read yet
         self._pending: list[tuple[int, list[str], Tensor]] = []
-        #: deferred, policy raise: whether a non-finite step has been seen (on the device)
+        #: deferred: whether every later update is skipped (on the device; policy raise: a
+        #: non-finite step was seen; skip: ``max_consecutive_skips`` were reached)
         self._latched: Tensor | None = None
         self._low_params = False  # float16/bfloat16 parameters (their gradients normed in float32)
+        #: deferred, policy skip: the skipped steps in a row, counted on the device
+        self._run: Tensor | None = None
         self._found: Tensor | None = None  # step mode: the check's flag, kept
         self._one: Tensor | None = None  # the check's scale of 1
         self._all_names: tuple[tuple[int, int], list[str]] | None = None
@@ -142,8 +147,9 @@ class NonfiniteGuard(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         if self.every.due(trainer.global_step):
             self._check(trainer)
-        elif self._latched is not None:  # deferred raise, a step not checked (every_n_steps >
-            # 1): no update after a non-finite step either, until the read raises
+        elif self._latched is not None:  # deferred, a step not checked (every_n_steps > 1):
+            # no update after the latch either (a non-finite step with raise; skip: the limit
+            # of skips in a row), until the read raises
             trainer.skip_step_where = self._latched
         if (
             self.deferred
@@ -197,7 +203,8 @@ class NonfiniteGuard(Callback):
         """Deferred mode's check: the per-tensor norms (kept, read on the next logging step)
         and the step's skip flag, float 1.0/0.0, from them on the device: the fused optimizers
         take it as ``found_inf`` as it is. Four kernels or so per step (the norms' fused call,
-        their stack, the flag's zeroing and check): on a launch-bound GPU step each counts."""
+        their stack, the flag's zeroing and check; ``policy=skip`` five more, :meth:`_count`):
+        on a launch-bound GPU step each counts."""
         norms = self._norms(trainer, grads, losses, tensors)
         names = self._names(trainer, len(grads), len(losses))
         distributed = trainer.world.distributed
@@ -210,18 +217,35 @@ class NonfiniteGuard(Callback):
         else:
             flag = torch.zeros((), dtype=torch.float32, device=norms.device)
         torch._amp_foreach_non_finite_check_and_unscale_([norms], flag, self._ones(norms.device))
+        if distributed:
+            flag = all_reduce_max(flag)  # every rank skips if any does (its losses are its own)
+        if self.policy == "skip":
+            trainer.skip_step_where = self._count(flag)
+        elif distributed:
+            self._latched = flag if self._latched is None else torch.maximum(self._latched, flag)
+            trainer.skip_step_where = self._latched
+        else:
+            trainer.skip_step_where = flag  # (the latch itself)
         if not distributed:
-            trainer.skip_step_where = flag
             self._pending.append((trainer.global_step, names, norms))
             return
-        flag = all_reduce_max(flag)  # every rank skips if any does (its losses are its own)
-        if self.policy == "raise":
-            self._latched = flag if self._latched is None else torch.maximum(self._latched, flag)
-            flag = self._latched
-        trainer.skip_step_where = flag
         # the agreed flag after the norms: a step skipped for another rank's values counts
         kept = torch.cat([norms, flag.reshape(1).to(norms.dtype)])
         self._pending.append((trainer.global_step, [*names, SKIPPED], kept))
+
+    def _count(self, flag: Tensor) -> Tensor:
+        """Deferred ``policy=skip``: the skipped steps in a row counted on the device too (from
+        the host's count at the last read), so that from the step that reaches
+        ``max_consecutive_skips`` on, every update is skipped, as step mode stops there (the
+        read raises, naming that step); a latch, never cleared. Returns the step's skip flag.
+        Five small kernels a step (policy ``raise`` needs none: its flag is its latch)."""
+        if self._run is None or self._run.device != flag.device:
+            self._run = torch.full((), float(self.consecutive), device=flag.device)
+        run = self._run.add_(1.0).mul_(flag)  # (flag: 1.0 skipped, 0.0 not)
+        if self._latched is None:
+            self._latched = torch.zeros((), dtype=torch.float32, device=flag.device)
+        torch.maximum(self._latched, run >= self.max_consecutive, out=self._latched)
+        return torch.maximum(flag, self._latched)
 
     def _ones(self, device: torch.device) -> Tensor:
         """The check kernel's scale of 1 (float32), kept."""
@@ -319,10 +343,16 @@ class NonfiniteGuard(Callback):
             trainer.logger.add_floats(value, step)
         log.warning("step %d skipped: %s", step, cause)
         if self.consecutive >= self.max_consecutive:
+            later = (
+                ""
+                if read_at is None
+                else f" (read at step {read_at}, with instrument.nonfinite.sync=deferred: steps "
+                f"{step}-{read_at} updated nothing)"
+            )
             raise NonFiniteError(
                 f"step {step}: {self.consecutive} steps in a row skipped for "
                 f"non-finite values (instrument.nonfinite.max_consecutive_skips="
-                f"{self.max_consecutive}); the last: {cause}"
+                f"{self.max_consecutive}); the last: {cause}{later}"
             )
 
 
