@@ -648,3 +648,60 @@ def test_a_staged_tensor_changed_before_it_is_read_is_an_error_not_a_wrong_numbe
                        "changed in place after it was staged"):  # fmt: skip
         train(tmp_path, "trainer.max_steps=7", "logging.every_n_steps=3",
               callbacks=[StagesOnItsOwnCadence(in_place=True)])  # fmt: skip
+
+
+class ChangesWithinTheStep(Callback):
+    """Stages a tensor at step 3 (a logging step) or 2 (not), then changes it in place in the
+    same step's ``on_train_step_end``, before the step's read; another value beside it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        if trainer.global_step == self.step:
+            self.value = torch.ones(())
+            trainer.stage_scalars({"custom/changed": self.value, "custom/kept": torch.ones(())})
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == self.step:
+            self.value.add_(1)
+
+
+@pytest.mark.parametrize("step", [2, 3])
+def test_a_tensor_changed_in_place_in_the_step_it_was_staged_is_an_error(tmp_path, step):
+    """The version is taken when the value is staged, so a change before the step's own read
+    (a logging step) or before the deferred read is caught alike; the other values of that
+    read are still written."""
+    with pytest.raises(RuntimeError, match=f"step {step}: the tensor staged as 'custom/changed'"
+                       " was changed in place after it was staged"):  # fmt: skip
+        train(tmp_path, "trainer.max_steps=7", "logging.every_n_steps=3",
+              callbacks=[ChangesWithinTheStep(step)])  # fmt: skip
+    scalars = read_scalars(tmp_path)
+    assert scalars["custom/kept"] == [(step, 1.0)]
+    assert "custom/changed" not in scalars
+    assert [s for s, _ in scalars["train/loss"]] == [3]
+
+
+class StagesBetweenSteps(Callback):
+    """Stages a value in hooks outside an optimizer step: the step count it was staged after."""
+
+    def on_train_epoch_start(self, trainer, epoch) -> None:
+        trainer.stage_scalars({"between/epoch_start": torch.tensor(float(trainer.global_step))})
+
+    def on_validation_end(self, trainer, metrics) -> None:
+        trainer.stage_scalars({"between/validation": float(trainer.global_step)})
+
+    def on_fit_end(self, trainer, metrics) -> None:
+        trainer.stage_scalars({"between/fit_end": torch.tensor(float(trainer.global_step))})
+
+
+def test_values_staged_between_steps_are_written_at_the_step_they_follow(tmp_path) -> None:
+    """Before, they were written with the next step's read at its number, and those staged at
+    the last validation or at the end were lost. Digits: 23 batches of 64 an epoch; 30 steps,
+    logging every 4 (neither epoch ends on a logging step)."""
+    train(tmp_path, "trainer.max_steps=30", "trainer.max_epochs=2", "logging.every_n_steps=4",
+          "data.batch_size=64", callbacks=[StagesBetweenSteps()])  # fmt: skip
+    scalars = read_scalars(tmp_path)
+    assert scalars["between/epoch_start"] == [(0, 0.0), (23, 23.0)]
+    assert scalars["between/validation"] == [(23, 23.0), (30, 30.0)]
+    assert scalars["between/fit_end"] == [(30, 30.0)]

@@ -218,6 +218,13 @@ class Trainer:
         for hook in self._hooks[name]:
             hook(self, *args)
 
+    def _fire_between(self, name: str, *args: Any) -> None:
+        """A hook outside an optimizer step: what its callbacks stage is written at the last
+        step taken (``global_step``), with the next read (not at the next step's number)."""
+        self._fire(name, *args)
+        if self.staging.pending():
+            self.staging.defer(self.staging.take_scalars(), self.global_step)
+
     def should_log(self, step: int) -> bool:
         """Whether optimizer step ``step`` logs the train scalars: every
         ``logging.every_n_steps``-th, and the run's last (the host reads what the step's
@@ -249,9 +256,11 @@ class Trainer:
         """Queue scalars for the current step; they are read back to the host together with
         the step's own scalars at the end of the next logging step (this one, if it logs), in
         one transfer, and written at this step (no sync here). A staged tensor must stay as it
-        is until then (an in-place change is an error). A tuple of tags may map to a 1-D tensor
-        of their values (see :func:`trainer.logger.to_floats`)."""
-        self.staging.scalars.update(values)
+        is until then (an in-place change after staging is an error, naming it; the other
+        values are written). Staged in a hook outside a step (``on_validation_end``, say), they
+        are written at the last step taken. A tuple of tags may map to a 1-D tensor of their
+        values (see :func:`trainer.logger.to_floats`)."""
+        self.staging.stage(values)
 
     def stage_histogram(self, tag: str, values: Tensor) -> None:
         """Queue a short 1-D tensor (a batch's per-sample values) to log as the histogram
@@ -259,7 +268,7 @@ class Trainer:
         is read back with the step's scalars, in the same transfer, and binned on the host: no
         kernel and no sync here. For parameter-sized tensors use on-device binning instead
         (``trainer.instrument.histograms``)."""
-        self.staging.histograms[tag] = values
+        self.staging.stage_histogram(tag, values)
 
     def write_deferred(self) -> None:
         """Write the scalars and histograms measured on steps that did not log, each at its
@@ -297,7 +306,7 @@ class Trainer:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             redirect = logging_redirect_tqdm()
-        self._fire("on_fit_start")
+        self._fire_between("on_fit_start")
         self._time_at_log = time.perf_counter()
         anomaly: contextlib.AbstractContextManager[Any] = self._null
         if self.detect_anomaly:  # names the forward op behind the first NaN in backward
@@ -313,7 +322,8 @@ class Trainer:
             finally:
                 self.progress.close()
             self.metrics.update(step=self.global_step, epoch=self.epoch)
-            self._fire("on_fit_end", self.metrics)
+            self._fire_between("on_fit_end", self.metrics)
+            self.staging.flush(self.logger)  # (what on_fit_end staged; host sync: the end)
         except BaseException as e:
             with contextlib.suppress(Exception):  # what was measured before the failure,
                 if self.staging.pending():  # the failing step's own staged values included
@@ -345,7 +355,7 @@ class Trainer:
         the run stops here, then ``on_rest_point`` (periodic checkpoints, the stop's
         checkpoint). Returns whether to stop."""
         self.stopped_by = self._stop_agreed(at_once)
-        self._fire("on_rest_point")
+        self._fire_between("on_rest_point")
         return self.stopped_by is not None
 
     def _stop_agreed(self, at_once: bool) -> int | None:
@@ -393,7 +403,7 @@ class Trainer:
             self.epoch + 1, self.max_epochs, self.global_step, m["train/loss"],
             "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val/")),
         )  # fmt: skip
-        self._fire("on_validation_end", m)
+        self._fire_between("on_validation_end", m)
 
     def train_epoch(self) -> None:
         self.model.train()
@@ -405,7 +415,7 @@ class Trainer:
         )
         if start == 0:
             self.tally.start_epoch()
-            self._fire("on_train_epoch_start", self.epoch)
+            self._fire_between("on_train_epoch_start", self.epoch)
         last = len(windows) - 1
         for i, batch, window in self._with_windows(loader, start, windows):
             step_now = (i + 1) % self.accumulate == 0 or i == last

@@ -13,6 +13,7 @@ transfer. Per-token losses (B, T) are kept as u·ℓ with their Σu in a device 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,25 +47,53 @@ class Staging:
         self.scalars: dict[str | tuple[str, ...], Tensor | float] = {}
         self.histograms: dict[str, Tensor] = {}
         self.deferred: list[_Deferred] = []
+        #: each staged tensor and its version counter when it was staged, by key: one changed
+        #: in place before it is read is an error (its value would be written as it is then)
+        self._versions: dict[str | tuple[str, ...], tuple[Tensor, int]] = {}
 
     def pending(self) -> bool:
         return bool(self.scalars or self.histograms)
+
+    def stage(self, values: Scalars) -> None:
+        """Queue scalars (``Trainer.stage_scalars``)."""
+        self.scalars.update(values)
+        self._record(values.items())
+
+    def stage_histogram(self, tag: str, values: Tensor) -> None:
+        """Queue a short 1-D tensor to bin on the host (``Trainer.stage_histogram``)."""
+        self.histograms[tag] = values
+        self._record([(tag, values)])
+
+    def _record(self, items: Iterable[tuple[str | tuple[str, ...], object]]) -> None:
+        for key, v in items:
+            if isinstance(v, Tensor) and not v.is_inference():  # (no version counter)
+                self._versions[key] = (v, v._version)
+            else:  # (a number staged again under a tensor's key)
+                self._versions.pop(key, None)
 
     def take_scalars(self) -> dict[str | tuple[str, ...], Tensor | float]:
         out, self.scalars = self.scalars, {}
         return out
 
+    def _entry(self, step: int, values: Scalars, histograms: dict[str, Tensor]) -> _Deferred:
+        """``values`` and ``histograms`` of ``step``, with each tensor's version: as it was
+        staged, or, for one not staged (the loop's own), as it is now."""
+        staged, self._versions = self._versions, {}
+        versions = []
+        for key, v in [*values.items(), *histograms.items()]:
+            if isinstance(v, Tensor) and not v.is_inference():
+                kept = staged.get(key)
+                version = kept[1] if kept is not None and kept[0] is v else v._version
+                versions.append((key, v, version))
+        return _Deferred(step, dict(values), histograms, versions)
+
     def defer(self, values: Scalars, step: int) -> None:
         """Keep ``values`` and the staged histograms of ``step`` (one that does not log) on the
         device: no host read now; the next :meth:`write` or :meth:`flush` writes them at
         ``step``. A staged tensor must not change in place until then (checked: its version
-        counter)."""
+        counter, as it was when staged)."""
         histograms, self.histograms = self.histograms, {}
-        versions = []
-        for key, v in [*values.items(), *histograms.items()]:
-            if isinstance(v, Tensor) and not v.is_inference():  # (no version counter)
-                versions.append((key, v, v._version))
-        self.deferred.append(_Deferred(step, dict(values), histograms, versions))
+        self.deferred.append(self._entry(step, values, histograms))
 
     def write(
         self, values: Scalars, step: int, logger: TensorBoardLogger | None
@@ -72,42 +101,24 @@ class Staging:
         """Write the deferred steps (each at its own step), then ``values`` and the staged
         histograms (each with ``<tag>_mean`` and ``<tag>_max`` over its finite values) at
         ``step``; returns this step's scalars as floats. One batched host read for all:
-        logging steps only."""
+        logging steps only. A staged tensor changed in place since it was staged is left out
+        (the others are written) and named in the error raised after."""
         histograms, self.histograms = self.histograms, {}
-        deferred, problem = self._take_deferred()
-        floats = self._write([*deferred, _Deferred(step, values, histograms)], logger)[-1]
+        entries, self.deferred = [*self.deferred, self._entry(step, values, histograms)], []
+        problem = _drop_changed(entries)
+        floats = self._write(entries, logger)[-1]
         if problem:
             raise RuntimeError(problem)
         return floats
 
     def flush(self, logger: TensorBoardLogger | None) -> None:
         """Write the deferred steps now (before a checkpoint, at the end of a run)."""
-        entries, problem = self._take_deferred()
+        entries, self.deferred = self.deferred, []
+        problem = _drop_changed(entries)
         if entries:
             self._write(entries, logger)
         if problem:
             raise RuntimeError(problem)
-
-    def _take_deferred(self) -> tuple[list[_Deferred], str | None]:
-        """The deferred steps, less any value changed in place since it was staged (the
-        others are still written), and the error that names the first such value."""
-        entries, self.deferred = self.deferred, []
-        problem = None
-        for e in entries:
-            for key, t, version in e.versions:
-                if t._version == version:
-                    continue
-                e.scalars = {k: v for k, v in e.scalars.items() if k != key}
-                e.histograms = {k: v for k, v in e.histograms.items() if k != key}
-                if problem is None:
-                    tag = key if isinstance(key, str) else key[0]
-                    problem = (
-                        f"step {e.step}: the tensor staged as {tag!r} was changed in place "
-                        "after it was staged (the other values were written); a step that "
-                        "does not log is read at the next logging step, so stage a tensor "
-                        "that stays as it is (a copy)"
-                    )
-        return entries, problem
 
     def _write(
         self, entries: list[_Deferred], logger: TensorBoardLogger | None
@@ -125,6 +136,27 @@ class Staging:
             if logger is not None and floats:
                 logger.add_floats(floats, e.step)
         return all_floats
+
+
+def _drop_changed(entries: list[_Deferred]) -> str | None:
+    """Leave out of ``entries`` each tensor changed in place since it was staged (the others
+    are still written); the error that names the first such value, or None."""
+    problem = None
+    for e in entries:
+        for key, t, version in e.versions:
+            if t._version == version:
+                continue
+            e.scalars = {k: v for k, v in e.scalars.items() if k != key}
+            e.histograms = {k: v for k, v in e.histograms.items() if k != key}
+            if problem is None:
+                tag = key if isinstance(key, str) else key[0]
+                problem = (
+                    f"step {e.step}: the tensor staged as {tag!r} was changed in place after it "
+                    "was staged (the other values were written); staged values are read at the "
+                    "end of a logging step (a step that does not log: with the next one), so "
+                    "stage a tensor that stays as it is until then (a copy)"
+                )
+    return problem
 
 
 class LossTally:
