@@ -519,6 +519,73 @@ def test_scaled_step_is_the_scalers_step_or_nothing(fused, enabled) -> None:
     assert not hasattr(opt, "found_inf")
 
 
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),  # (no state at all)
+])  # fmt: skip
+def test_a_settled_fused_optimizer_is_stepped_without_a_pass_over_its_parameters(
+    make, monkeypatch
+) -> None:
+    """Once every parameter has its state, the deferred step takes the optimizer's census
+    instead of walking every parameter's state each step (O(parameters) of host time a GPU
+    step waits for): the same step or nothing, bit for bit, with the walk made to fail."""
+    import trainer.update as update
+
+    ref, mine = _twins()
+    opt_ref, opt = make(ref), make(mine)
+    sc_ref, sc = (torch.amp.GradScaler("cpu") for _ in range(2))
+    _same_grads(ref, mine, None)
+    opt_ref.step()
+    conditional_step(opt, torch.tensor(0.0))  # (the first: creates the state)
+
+    def walk(optimizer):
+        raise AssertionError("walked every parameter's state")
+
+    monkeypatch.setattr(update, "_stepped", walk)
+    for k, grad_nan in enumerate([False, True, False, True], 2):
+        _same_grads(ref, mine, math.nan if grad_nan else None)
+        if k < 4:
+            if not grad_nan:
+                opt_ref.step()
+            conditional_step(opt, torch.tensor(float(grad_nan)))
+        else:  # fp16's step (gradients already unscaled), the scaler's own flag finite
+            for s, o in ((sc_ref, opt_ref), (sc, opt)):
+                s.scale(torch.ones(()))
+                s.unscale_(o)
+            if not grad_nan:
+                sc_ref.step(opt_ref)
+            sc_ref.update()
+            scaled_step(sc, opt, torch.tensor(float(grad_nan)))
+        for a, b in zip(ref, mine, strict=True):
+            assert torch.equal(a, b), k
+        for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
+            assert all(torch.equal(a[key], b[key]) for key in a), k
+
+
+def test_the_census_is_taken_again_when_the_state_changes() -> None:
+    """Reused while the state mapping is the same object with as many entries; a new mapping
+    (load_state_dict) is counted again, and a parameter without state (a group added later)
+    sends the step the long way, where its first step is handled (a host read)."""
+    from trainer.update import _census
+
+    ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
+    opt = torch.optim.AdamW(ps, fused=True)
+    assert _census(opt) is None  # no state yet
+    for p in ps:
+        p.grad = torch.ones(3)
+    opt.step()
+    first = _census(opt)
+    assert first is not None and first.devices == {torch.device("cpu")}
+    assert _census(opt) is first
+    opt.load_state_dict(opt.state_dict())
+    again = _census(opt)
+    assert again is not None and again is not first and again.state is opt.state
+    late = torch.nn.Parameter(torch.randn(3))
+    opt.add_param_group({"params": [late]})
+    assert _census(opt) is None
+
+
 class Huge(Callback):
     """A finite gradient whose square overflows float32 (1e30² = inf), at step 3."""
 
