@@ -21,7 +21,8 @@ python -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_cuda.py \
   tests/test_nonfinite.py::test_deferred_skip_equals_step_mode_bitwise \
   tests/test_nonfinite.py::test_fp16_deferred_skip_equals_step_mode_bitwise \
   tests/test_nonfinite.py::test_fp16_first_step_overflow_leaves_no_momentum_behind \
-  tests/test_nonfinite.py::test_a_late_first_gradient_trains_with_the_fused_sgd 2>&1 \
+  tests/test_nonfinite.py::test_a_late_first_gradient_trains_with_the_fused_sgd \
+  tests/test_nonfinite.py::test_gives_up_after_consecutive_skips_and_updates_nothing_from_there 2>&1 \
   | tee "$out/tests.log" \
   || status=1
 python scripts/bench.py --device cuda --no-cli --steps 2000 --rounds 3 \

@@ -264,8 +264,9 @@ def test_deferred_raise_names_the_first_step_and_updates_nothing_from_it(tmp_pat
             assert torch.equal(after.after[step][n], w), (step, n)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("sync", ["step", "deferred"])
-def test_gives_up_after_consecutive_skips_and_updates_nothing_from_there(tmp_path, sync):
+def test_gives_up_after_consecutive_skips_and_updates_nothing_from_there(tmp_path, sync, device):
     """Steps 3-6 non-finite, 7 finite, ``max_consecutive_skips=4``: step mode raises at step 6;
     deferred counts the skips on the device too, so step 7 does not update either, and the read
     at step 8 raises naming step 6, as step mode does."""
@@ -274,7 +275,7 @@ def test_gives_up_after_consecutive_skips_and_updates_nothing_from_there(tmp_pat
     read = r" \(read at step 8, .*steps 6-8 updated nothing\)" if sync == "deferred" else "$"
     with pytest.raises(NonFiniteError, match=r"^step 6: 4 steps in a row skipped .*"
                        r"the last: non-finite gradient of net\.3\.weight" + read):  # fmt: skip
-        train(tmp_path, *COMMON, "instrument.nonfinite.policy=skip",
+        train(tmp_path, *COMMON, "instrument.nonfinite.policy=skip", f"trainer.device={device}",
               f"instrument.nonfinite.sync={sync}", "instrument.nonfinite.max_consecutive_skips=4",
               callbacks=[poison, after])  # fmt: skip
     assert max(after.after) == (7 if sync == "deferred" else 5)
