@@ -6,6 +6,8 @@
     python scripts/bench.py --no-cli --variant "loss.mode=vector weighting=focal" \
         --variant "regularizer=[l2]"             # settings against the default trainer too
     python scripts/bench.py --device cuda --no-cli --variant "instrument.norms.every_n_steps=1"
+    python scripts/bench.py --no-cli --rounds 1 --ops 3 +optimizer.fused=true \
+        instrument.nonfinite.sync=deferred      # + kernels and host reads per step, counted
 
 The plain loop mirrors the trainer's defaults (scalar mode, float32, no accumulation, clipping or
 scheduler): overrides that change those change only the trainer's side, so compare like with
@@ -246,6 +248,53 @@ def bench_histogram(n: int, repeats: int = 5) -> dict:
     }
 
 
+def bench_ops(overrides: list[str], epochs: int, variants: list[str] = ()) -> dict:
+    """Operations dispatched per optimizer step, counted (not timed): the kernels a GPU would
+    launch (view, alias and profiler operations left out) and the host reads
+    (``_local_scalar_dense``: ``.item()``, ``bool``, ...; ``tolist`` is not seen), for the plain
+    loop, the trainer and each variant, over ``epochs`` epochs after a first one (whose first
+    step creates the optimizer's state), their validation included. On a launch-bound GPU each
+    kernel costs its launch, so this is that cost counted on any machine; CPU and CUDA dispatch
+    the same operations (a foreach call is one operation on both)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernels = self.reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.reads += 1
+            elif not func.is_view and func.namespace != "profiler":
+                self.kernels += 1
+            return func(*args, **(kwargs or {}))
+
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in [("trainer", []), ("plain", None), *((v, v.split()) for v in variants)]:
+            probe = build([*overrides, *(extra or [])], 1, Path(tmp) / "probe")
+            per_epoch = len(probe.train_loader)
+            probe.logger.close()
+            steps = per_epoch * (epochs + 1)
+            t = build([*overrides, *(extra or [])], steps, Path(tmp) / f"ops_{len(out)}")
+            if t.accumulate != 1:
+                sys.exit("--ops counts runs without gradient accumulation")
+            loop = plain_epochs(t, steps, Path(tmp) / "ops_tb") if extra is None else (
+                trainer_epochs(t))  # fmt: skip
+            next(loop)  # the first epoch, not counted
+            mode = Count()
+            with mode:
+                for _ in loop:
+                    pass
+            if extra is None:
+                t.logger.close()
+            counted = steps - per_epoch
+            out[name] = {"kernels_per_step": mode.kernels / counted,
+                         "host_reads_per_step": mode.reads / counted}  # fmt: skip
+    return {"ops_epochs": epochs, "ops": out}
+
+
 #: what every PyTorch training script pays before its first step: importing torch and building
 #: an optimizer (which imports torch._dynamo)
 FLOOR = "import torch; torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)"
@@ -364,6 +413,14 @@ def main() -> None:
         help="also time process start to the first training step of the CLI, N times",
     )
     p.add_argument(
+        "--ops",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="also count the operations each loop dispatches per step (kernels a GPU would "
+        "launch, host reads) over EPOCHS epochs after a first one",
+    )
+    p.add_argument(
         "--device",
         default=None,
         help="trainer.device for both loops (e.g. cuda; in-memory data then lives on the GPU)",
@@ -394,6 +451,13 @@ def main() -> None:
             + ", ".join(f"{x:.3f}" for x in r["vs_trainer_per_round"])
             + ")"
         )
+    if args.ops:
+        result.update(bench_ops(args.overrides, args.ops, args.variant))
+        for name, r in result["ops"].items():
+            print(
+                f"{name}: {r['kernels_per_step']:.2f} kernels, {r['host_reads_per_step']:.2f} "
+                "host reads per step (counted, validation included)"
+            )
     if args.histogram:
         result.update(bench_histogram(args.histogram))
         print(

@@ -683,7 +683,7 @@ def test_a_tensor_changed_in_place_in_the_step_it_was_staged_is_an_error(tmp_pat
 
 
 class StagesBetweenSteps(Callback):
-    """Stages a value in hooks outside an optimizer step: the step count it was staged after."""
+    """Stages values in hooks outside an optimizer step: the step count it was staged after."""
 
     def on_train_epoch_start(self, trainer, epoch) -> None:
         trainer.stage_scalars({"between/epoch_start": torch.tensor(float(trainer.global_step))})
@@ -695,13 +695,102 @@ class StagesBetweenSteps(Callback):
         trainer.stage_scalars({"between/fit_end": torch.tensor(float(trainer.global_step))})
 
 
-def test_values_staged_between_steps_are_written_at_the_step_they_follow(tmp_path) -> None:
-    """Before, they were written with the next step's read at its number, and those staged at
-    the last validation or at the end were lost. Digits: 23 batches of 64 an epoch; 30 steps,
-    logging every 4 (neither epoch ends on a logging step)."""
+def test_values_staged_between_steps_are_written_at_the_step_they_belong_to(tmp_path) -> None:
+    """After a step (validation, the end): at that step; before one (an epoch's start): with
+    it. Before, validation's went with the next step, and those staged at the last validation
+    or at the end were lost. Digits: 23 batches of 64 an epoch; 30 steps, logging every 4
+    (neither epoch ends on a logging step)."""
     train(tmp_path, "trainer.max_steps=30", "trainer.max_epochs=2", "logging.every_n_steps=4",
           "data.batch_size=64", callbacks=[StagesBetweenSteps()])  # fmt: skip
     scalars = read_scalars(tmp_path)
-    assert scalars["between/epoch_start"] == [(0, 0.0), (23, 23.0)]
+    assert scalars["between/epoch_start"] == [(1, 0.0), (24, 23.0)]
     assert scalars["between/validation"] == [(23, 23.0), (30, 30.0)]
     assert scalars["between/fit_end"] == [(30, 30.0)]
+
+
+class FailsAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == self.step:
+            raise RuntimeError("boom")
+
+
+def test_a_run_resumed_at_an_epochs_end_writes_what_the_epochs_start_staged_once(tmp_path):
+    """The checkpoint at step 23 (the first epoch's end) comes before the second epoch's
+    start: a run resumed from it stages that value again, at step 24, which the event files
+    keep from the resumed run only (found by a review: at 23 it was written twice)."""
+    common = ("trainer.max_epochs=2", "data.batch_size=64", "logging.every_n_steps=4",
+              "trainer.checkpoint.every_n_steps=23")  # fmt: skip
+    train(tmp_path / "ref", *common, callbacks=[StagesBetweenSteps()])
+    runs = tmp_path / "runs"
+    again = ("trainer.run_id=k", "trainer.resume=auto", f"trainer.checkpoint.search_dir={runs}")
+    with pytest.raises(RuntimeError, match="boom"):
+        train(runs / "a", *common, *again, callbacks=[StagesBetweenSteps(), FailsAt(26)])
+    train(runs / "b", *common, *again, callbacks=[StagesBetweenSteps()])
+    want, got = read_scalars(tmp_path / "ref"), read_scalars(runs / "a")
+    for tag in ("between/epoch_start", "between/validation", "between/fit_end"):
+        assert got[tag] == want[tag], tag
+
+
+class FillsSlots(Callback):
+    """Fills a buffer slot by slot in one step, staging each slot as it is set (slot 0 does
+    not change after it is staged; filling slot 1 bumps the counter the slices share)."""
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        buf = torch.zeros(2)
+        buf[0] = float(trainer.global_step)
+        trainer.stage_scalars({"custom/a": buf[0]})
+        buf[1] = 2.0 * trainer.global_step
+        trainer.stage_scalars({"custom/b": buf[1]})
+
+
+def test_slices_of_one_buffer_filled_in_turn_are_no_false_alarm(tmp_path) -> None:
+    train(tmp_path, "trainer.max_steps=8", "logging.every_n_steps=4", callbacks=[FillsSlots()])
+    scalars = read_scalars(tmp_path)
+    assert scalars["custom/a"] == [(s, float(s)) for s in range(1, 9)]
+    assert scalars["custom/b"] == [(s, 2.0 * s) for s in range(1, 9)]
+
+
+class StagesAtTheEnd(Callback):
+    """Stages at the end of a run (changing it in place after, with ``change``) and when it
+    fails; records which of the two hooks ran."""
+
+    def __init__(self, change: bool = False) -> None:
+        self.change, self.hooks = change, []
+
+    def on_fit_end(self, trainer, metrics) -> None:
+        self.hooks.append("on_fit_end")
+        value = torch.zeros(())
+        trainer.stage_scalars({"custom/end": value, "custom/end_kept": torch.ones(())})
+        if self.change:
+            value.add_(1)
+
+    def on_exception(self, trainer, error) -> None:
+        self.hooks.append("on_exception")
+        trainer.stage_scalars({"custom/failed_at": float(trainer.global_step)})
+
+
+def test_a_value_changed_after_on_fit_end_staged_it_is_said_not_raised(tmp_path, caplog):
+    """The run is over: its status stays completed and on_exception does not fire; the value
+    is left out and the log names it; the others are written."""
+    import json
+
+    cb = StagesAtTheEnd(change=True)
+    with caplog.at_level("ERROR"):
+        train(tmp_path, "trainer.max_steps=4", "logging.every_n_steps=4", callbacks=[cb])
+    assert cb.hooks == ["on_fit_end"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+    assert any("'custom/end' was changed in place" in r.getMessage() for r in caplog.records)
+    scalars = read_scalars(tmp_path)
+    assert scalars["custom/end_kept"] == [(4, 1.0)] and "custom/end" not in scalars
+
+
+def test_what_on_exception_stages_is_written(tmp_path) -> None:
+    cb = StagesAtTheEnd()
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tmp_path, "trainer.max_steps=12", "logging.every_n_steps=4",
+              callbacks=[cb, FailsAt(6)])  # fmt: skip
+    assert cb.hooks == ["on_exception"]
+    assert read_scalars(tmp_path)["custom/failed_at"] == [(6, 6.0)]

@@ -219,8 +219,12 @@ class Trainer:
             hook(self, *args)
 
     def _fire_between(self, name: str, *args: Any) -> None:
-        """A hook outside an optimizer step: what its callbacks stage is written at the last
-        step taken (``global_step``), with the next read (not at the next step's number)."""
+        """A hook after an optimizer step and before the next one's window (validation, a rest
+        point, the end): what its callbacks stage is written at the last step taken
+        (``global_step``), with the next read, not at the next step's number. (What
+        ``on_fit_start`` and ``on_train_epoch_start`` stage goes with the step that follows:
+        a run resumed at an epoch's end fires them again, and its event files keep what was
+        written up to the checkpoint's step.)"""
         self._fire(name, *args)
         if self.staging.pending():
             self.staging.defer(self.staging.take_scalars(), self.global_step)
@@ -257,9 +261,10 @@ class Trainer:
         the step's own scalars at the end of the next logging step (this one, if it logs), in
         one transfer, and written at this step (no sync here). A staged tensor must stay as it
         is until then (an in-place change after staging is an error, naming it; the other
-        values are written). Staged in a hook outside a step (``on_validation_end``, say), they
-        are written at the last step taken. A tuple of tags may map to a 1-D tensor of their
-        values (see :func:`trainer.logger.to_floats`)."""
+        values are written). Staged in ``on_validation_end``, ``on_rest_point`` or
+        ``on_fit_end``, they are written at the last step taken; in ``on_fit_start`` or
+        ``on_train_epoch_start``, with the step that follows. A tuple of tags may map to a
+        1-D tensor of their values (see :func:`trainer.logger.to_floats`)."""
         self.staging.stage(values)
 
     def stage_histogram(self, tag: str, values: Tensor) -> None:
@@ -306,7 +311,7 @@ class Trainer:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             redirect = logging_redirect_tqdm()
-        self._fire_between("on_fit_start")
+        self._fire("on_fit_start")  # (what it stages: with the first step, at its number)
         self._time_at_log = time.perf_counter()
         anomaly: contextlib.AbstractContextManager[Any] = self._null
         if self.detect_anomaly:  # names the forward op behind the first NaN in backward
@@ -323,13 +328,19 @@ class Trainer:
                 self.progress.close()
             self.metrics.update(step=self.global_step, epoch=self.epoch)
             self._fire_between("on_fit_end", self.metrics)
-            self.staging.flush(self.logger)  # (what on_fit_end staged; host sync: the end)
+            problem = self.staging.flush(self.logger, strict=False)  # host sync: the end
+            if problem:  # (what on_fit_end staged: the run is over, so said, not raised)
+                log.error("%s", problem)
         except BaseException as e:
             with contextlib.suppress(Exception):  # what was measured before the failure,
                 if self.staging.pending():  # the failing step's own staged values included
                     self.staging.defer(self.staging.take_scalars(), self.global_step)
                 self.write_deferred()
             self._fire("on_exception", e)
+            with contextlib.suppress(Exception):  # what on_exception staged
+                if self.staging.pending():
+                    self.staging.defer(self.staging.take_scalars(), self.global_step)
+                self.staging.flush(self.logger, strict=False)
             raise
         return self.metrics
 
@@ -415,7 +426,7 @@ class Trainer:
         )
         if start == 0:
             self.tally.start_epoch()
-            self._fire_between("on_train_epoch_start", self.epoch)
+            self._fire("on_train_epoch_start", self.epoch)  # (staged: as on_fit_start)
         last = len(windows) - 1
         for i, batch, window in self._with_windows(loader, start, windows):
             step_now = (i + 1) % self.accumulate == 0 or i == last

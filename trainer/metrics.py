@@ -65,10 +65,13 @@ class Staging:
         self._record([(tag, values)])
 
     def _record(self, items: Iterable[tuple[str | tuple[str, ...], object]]) -> None:
+        """Each tensor's version as it is staged. A view shares its base's counter, so one
+        slice of a buffer staged before the next is filled would count as changed: a view's
+        version is taken at the end of its step instead (see :meth:`_entry`)."""
         for key, v in items:
-            if isinstance(v, Tensor) and not v.is_inference():  # (no version counter)
-                self._versions[key] = (v, v._version)
-            else:  # (a number staged again under a tensor's key)
+            if isinstance(v, Tensor) and not v.is_inference() and not v._is_view():
+                self._versions[key] = (v, v._version)  # (an inference tensor has no counter)
+            else:  # (a number, or a view, staged again under a tensor's key)
                 self._versions.pop(key, None)
 
     def take_scalars(self) -> dict[str | tuple[str, ...], Tensor | float]:
@@ -77,7 +80,7 @@ class Staging:
 
     def _entry(self, step: int, values: Scalars, histograms: dict[str, Tensor]) -> _Deferred:
         """``values`` and ``histograms`` of ``step``, with each tensor's version: as it was
-        staged, or, for one not staged (the loop's own), as it is now."""
+        staged, or, for a view or one not staged (the loop's own), as it is now."""
         staged, self._versions = self._versions, {}
         versions = []
         for key, v in [*values.items(), *histograms.items()]:
@@ -111,14 +114,17 @@ class Staging:
             raise RuntimeError(problem)
         return floats
 
-    def flush(self, logger: TensorBoardLogger | None) -> None:
-        """Write the deferred steps now (before a checkpoint, at the end of a run)."""
+    def flush(self, logger: TensorBoardLogger | None, strict: bool = True) -> str | None:
+        """Write the deferred steps now (before a checkpoint, at the end of a run). A value
+        changed in place since it was staged is left out and named: in the error raised after
+        the others are written, or (``strict=False``) in the message returned."""
         entries, self.deferred = self.deferred, []
         problem = _drop_changed(entries)
         if entries:
             self._write(entries, logger)
-        if problem:
+        if problem and strict:
             raise RuntimeError(problem)
+        return problem
 
     def _write(
         self, entries: list[_Deferred], logger: TensorBoardLogger | None
