@@ -250,24 +250,39 @@ def bench_histogram(n: int, repeats: int = 5) -> dict:
 
 def bench_ops(overrides: list[str], epochs: int, variants: list[str] = ()) -> dict:
     """Operations dispatched per optimizer step, counted (not timed): the kernels a GPU would
-    launch (view, alias and profiler operations left out) and the host reads
-    (``_local_scalar_dense``: ``.item()``, ``bool``, ...; ``tolist`` is not seen), for the plain
+    launch (view, alias, profiler and bare allocation operations left out) and the host reads
+    (``item``, ``tolist``, ``bool``, ``float``, ``cpu``, ... of a tensor), for the plain
     loop, the trainer and each variant, over ``epochs`` epochs after a first one (whose first
     step creates the optimizer's state), their validation included. On a launch-bound GPU each
     kernel costs its launch, so this is that cost counted on any machine; CPU and CUDA dispatch
     the same operations (a foreach call is one operation on both)."""
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    _ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default,  # (no kernel)
+                    aten.empty_strided.default, aten.new_empty.default}  # fmt: skip
 
     class Count(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
-            self.kernels = self.reads = 0
+            self.kernels = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                self.reads += 1
-            elif not func.is_view and func.namespace != "profiler":
+            if not (func.is_view or func.namespace == "profiler" or func in _ALLOCATIONS):
                 self.kernels += 1
+            return func(*args, **(kwargs or {}))
+
+    T = torch.Tensor
+    reads_of = {T.__bool__, T.item, T.tolist, T.__float__, T.__int__, T.__index__, T.cpu, T.numpy}
+
+    class Reads(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.reads += func in reads_of
             return func(*args, **(kwargs or {}))
 
     out: dict[str, dict[str, float]] = {}
@@ -283,15 +298,15 @@ def bench_ops(overrides: list[str], epochs: int, variants: list[str] = ()) -> di
             loop = plain_epochs(t, steps, Path(tmp) / "ops_tb") if extra is None else (
                 trainer_epochs(t))  # fmt: skip
             next(loop)  # the first epoch, not counted
-            mode = Count()
-            with mode:
+            kernels, reads = Count(), Reads()
+            with kernels, reads:
                 for _ in loop:
                     pass
             if extra is None:
                 t.logger.close()
             counted = steps - per_epoch
-            out[name] = {"kernels_per_step": mode.kernels / counted,
-                         "host_reads_per_step": mode.reads / counted}  # fmt: skip
+            out[name] = {"kernels_per_step": kernels.kernels / counted,
+                         "host_reads_per_step": reads.reads / counted}  # fmt: skip
     return {"ops_epochs": epochs, "ops": out}
 
 

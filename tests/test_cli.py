@@ -80,7 +80,8 @@ def _bench(path):
     out = path / "bench.json"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--no-cli", "--steps", "30",
-         "--rounds", "2", "--variant", "loss.mode=vector weighting=focal", "--out", str(out)],
+         "--rounds", "2", "--variant", "loss.mode=vector weighting=focal", "--ops", "1",
+         "--out", str(out)],
         check=True, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     return json.loads(out.read_text())
@@ -94,6 +95,13 @@ def test_bench_times_the_trainer_a_plain_loop_and_variants(background) -> None:
     assert math.isfinite(result["ratio_median"]) and result["ratio_median"] > 0
     variant = result["variants"]["loss.mode=vector weighting=focal"]
     assert len(variant["vs_trainer_per_round"]) == 2 and variant["s"] > 0
+    # counted, not timed: the trainer adds kernels to the plain loop's (the guard's check,
+    # the per-sample losses' root), the focal weighting more again
+    ops = result["ops"]
+    names = ("plain", "trainer", "loss.mode=vector weighting=focal")
+    plain, trainer, focal = (ops[k]["kernels_per_step"] for k in names)
+    assert 0 < plain < trainer < focal
+    assert all(r["host_reads_per_step"] > 0 for r in ops.values())  # (logging, validation)
 
 
 def _bench_module():

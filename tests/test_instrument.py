@@ -81,8 +81,15 @@ def test_norms_sum_to_the_total_which_is_clip_grad_norms_return(tmp_path, clip) 
         assert clipped == pytest.approx(min(total, clip) if clip else total, rel=1e-4)
 
 
+@pytest.mark.parametrize("one_launch", [False, True])  # the weights' copy as on a CPU, a GPU
 @pytest.mark.parametrize("every", [1, 2])  # the weights' copy kept from step to step, or not
-def test_param_norms_and_update_ratios_are_those_of_the_step(tmp_path, every) -> None:
+def test_param_norms_and_update_ratios_are_those_of_the_step(
+    tmp_path, every, one_launch, monkeypatch
+) -> None:
+    import trainer.instrument.norms as norms
+
+    copies = norms.copies
+    monkeypatch.setattr(norms, "copies", lambda ts, **_: copies(ts, one_launch=one_launch))
     cap = Grads()
     train(tmp_path, "trainer.max_steps=4", f"instrument.norms.every_n_steps={every}",
           "optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.3", callbacks=[cap])  # fmt: skip

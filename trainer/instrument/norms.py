@@ -112,7 +112,7 @@ class Norms(Callback):
                 weight_norms = norms[offset:]
             self._before_norms = weight_norms
             if self._before is None:
-                self._before = [w.clone() for w in weights]
+                self._before = copies(weights, one_launch=weights[0].device.type != "cpu")
             else:  # measuring step after measuring step: the same buffers, refilled
                 torch._foreach_copy_(self._before, weights)
 
@@ -173,6 +173,17 @@ class Norms(Callback):
                 torch.finfo(before_norms.dtype).tiny
             )
         trainer.stage_scalars({self._tags["update_ratio"]: ratios})
+
+
+def copies(tensors: list[Tensor], one_launch: bool) -> list[Tensor]:
+    """A copy of each tensor: a ``clone`` each (the quickest on a CPU), or (``one_launch``)
+    empty buffers filled by one ``_foreach_copy_``, a single kernel launch on a GPU for all of
+    them instead of one per tensor (a model of 150 parameter tensors: 1 launch, not 150)."""
+    if not one_launch:
+        return [t.clone() for t in tensors]
+    out = [torch.empty_like(t) for t in tensors]  # (allocations, no kernel)
+    torch._foreach_copy_(out, tensors)
+    return out
 
 
 def _cosine(a: list[Tensor], b: list[Tensor]) -> Tensor:
