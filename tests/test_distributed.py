@@ -473,3 +473,47 @@ def test_fp16_deferred_on_two_processes_skips_as_step_mode_does(tmp_path) -> Non
     assert step["scaler"] == deferred["scaler"]
     for dirs in runs.values():
         assert read_scalars(dirs[0])["nonfinite/skipped_steps"] == [(3, 1.0)]
+
+
+def _rank_watched(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
+    """A rank whose host reads are recorded per step (tests/test_nonfinite.py's watcher),
+    written to ``reads<rank>.json``."""
+    torch.set_num_threads(1)
+    join_group(rank, world, port)
+    from test_nonfinite import WatchSteps
+
+    from trainer.run import run
+
+    watch = WatchSteps()
+    run(make_cfg(*overrides), run_dir, callbacks=[watch])
+    (Path(run_dir) / f"reads{rank}.json").write_text(json.dumps(watch.reads))
+
+
+def test_per_sample_norms_add_no_host_read_on_two_processes(tmp_path) -> None:
+    """Gathering the ranks' per-sample rows needs each rank's count, which the host knows (the
+    loaders shard every global batch alike): a measured step that does not log reads nothing
+    but the stop flag agreed at the previous rest point (a host tensor already). Before, the
+    counts were exchanged and read on every measured step. Global batches of 2 x 100 in
+    windows of 2: 1,437 = 7 x 200 + 37, so each epoch's last window ends on a ragged batch
+    (19 / 18); two epochs of 4 steps, logging every 4, per-sample norms every step."""
+    extra = ("trainer.max_steps=-1", "trainer.max_epochs=2", "data.batch_size=100",
+             "trainer.accumulate_grad_batches=2", "optimizer=sgd", "optimizer.fused=true",
+             "instrument.nonfinite.sync=deferred", "instrument.per_sample.every_n_steps=1",
+             "instrument.norms.every_n_steps=1", "logging.every_n_steps=4",
+             "logging.progress=false", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+    store, dirs = group_store(), [tmp_path / "r0", tmp_path / "r1"]
+    procs = [FORK.Process(target=_rank_watched, args=(r, 2, store.port, extra, str(dirs[r])))
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for rank, run_dir in enumerate(dirs):
+        reads = json.loads((run_dir / f"reads{rank}.json").read_text())
+        assert sorted(map(int, reads)) == list(range(1, 9))
+        for step in (2, 3, 5, 6, 7):  # measured, not logging (step 1 creates the state)
+            assert set(reads[str(step)]) <= {"item"}, (rank, step, reads[str(step)])
+    s = read_scalars(dirs[0])
+    assert [st for st, _ in s["per_sample/grad_norm_mean"]] == list(range(1, 9))
+    assert {v for _, v in s["per_sample/coverage"]} == {1.0}

@@ -68,7 +68,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback, Every
-from trainer.distributed import all_gather_cat
+from trainer.distributed import all_gather_cat, shard_sizes
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -352,6 +352,9 @@ class PerSampleNorms(Callback):
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
         self._weighted: list[Tensor] = []  # per micro-batch, (B, params) squared weighted norms
         self._weights: list[Tensor] = []  # per micro-batch, (B,) effective weights
+        #: data-parallel: each rank's rows in ``_weighted`` (known on the host: the loaders
+        #: shard every global batch alike), so gathering them needs no exchange of sizes
+        self._rank_rows: list[int] = []
         self._reported: set[str] = set()
         #: the last measured step's per-sample norms, on the device: tag -> (N,) (NaN for a
         #: weight-0 sample's unweighted norm)
@@ -387,6 +390,8 @@ class PerSampleNorms(Callback):
         if not self.every.due_next(trainer.global_step):
             return
         self._batch = batch.x.shape[0]
+        if trainer.world.distributed:
+            self._count_rows(trainer, self._batch)
         self._sq.clear()
         self._calls.clear()
         self._ncalls.clear()
@@ -754,6 +759,26 @@ class PerSampleNorms(Callback):
                 self._add(self._param_by_id[key], v.float().pow(2).reshape(v.shape[0], -1).sum(1))
         self._shared.clear()
 
+    def _count_rows(self, trainer: Trainer, local: int) -> None:
+        """Add this micro-batch's samples on each rank to :attr:`_rank_rows`: its place in the
+        epoch (``batch_in_epoch``) gives its global batch, which every loader shards alike
+        (trainer.distributed.shard). A rank whose batch is not its shard says so (the others
+        would wait for it in the gather)."""
+        loader = trainer.train_loader
+        size = loader.global_batch_size
+        i = trainer.batch_in_epoch
+        sizes = shard_sizes(max(0, min(size, loader.num_samples - i * size)), trainer.world)
+        if sizes[trainer.world.rank] != local:
+            raise RuntimeError(
+                f"per-sample norms, data-parallel: rank {trainer.world.rank} has {local} samples "
+                f"in batch {i} of the epoch, not its shard's {sizes[trainer.world.rank]} of a "
+                f"global batch of {sum(sizes)} (a loader that does not shard with "
+                "trainer.distributed.shard)"
+            )
+        if not self._rank_rows:
+            self._rank_rows = [0] * len(sizes)
+        self._rank_rows = [a + b for a, b in zip(self._rank_rows, sizes, strict=True)]
+
     def _report(self, trainer: Trainer) -> None:
         new = {n: why for n, why in self._excluded.items() if n not in self._reported}
         for name, why in new.items():
@@ -761,13 +786,21 @@ class PerSampleNorms(Callback):
         self._reported.update(new)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        rank_rows, self._rank_rows = self._rank_rows, []
         if not self._weighted:
             return
         sq, w = torch.cat(self._weighted), torch.cat(self._weights)  # (N, params), (N,)
         self._weighted.clear()
         self._weights.clear()
         if trainer.world.distributed:  # one series over the global batch, in its order
-            rows, _ = all_gather_cat(torch.cat([sq, w[:, None]], 1).flatten())
+            if rank_rows[trainer.world.rank] != sq.shape[0]:  # (metadata: no sync)
+                raise RuntimeError(
+                    f"per-sample norms, data-parallel: {sq.shape[0]} rows measured on rank "
+                    f"{trainer.world.rank}, {rank_rows[trainer.world.rank]} counted"
+                )
+            width = sq.shape[1] + 1
+            sizes = [n * width for n in rank_rows]  # (no exchange, no host sync)
+            rows, _ = all_gather_cat(torch.cat([sq, w[:, None]], 1).flatten(), sizes)
             rows = rows.reshape(-1, sq.shape[1] + 1)
             sq, w = rows[:, :-1], rows[:, -1]
         root = sq.sum(1).clamp_min(0).sqrt()  # wᵢ‖∇ℓᵢ‖ over the covered parameters
