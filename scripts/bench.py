@@ -251,30 +251,37 @@ def bench_histogram(n: int, repeats: int = 5) -> dict:
 def bench_ops(overrides: list[str], epochs: int, variants: list[str] = ()) -> dict:
     """Operations dispatched per optimizer step, counted (not timed): the kernels a GPU would
     launch (view, alias, profiler and bare allocation operations left out) and the host reads
-    (``item``, ``tolist``, ``bool``, ``float``, ``cpu``, ... of a tensor), for the plain
-    loop, the trainer and each variant, over ``epochs`` epochs after a first one (whose first
-    step creates the optimizer's state), their validation included. On a launch-bound GPU each
-    kernel costs its launch, so this is that cost counted on any machine; CPU and CUDA dispatch
-    the same operations (a foreach call is one operation on both)."""
+    of a tensor's value (``item``, ``bool``, ``float``, f-strings: one ``_local_scalar_dense``
+    each; ``tolist``, ``numpy`` and ``cpu`` calls, one each, also of a tensor already on the
+    CPU), for the plain loop, the trainer and each variant, over ``epochs`` epochs after a
+    first one (whose first step creates the optimizer's state), their validation and the end
+    of the run included. On a launch-bound GPU each kernel costs its launch, so this is that
+    cost counted on any machine; CPU and CUDA dispatch the same operations (a foreach call is
+    one operation on both, one launch on CUDA where its tensors agree in dtype and device).
+    Not counted as reads: ``nonzero`` and boolean-mask indexing, which wait for a GPU too."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     aten = torch.ops.aten
-    _ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default,  # (no kernel)
-                    aten.empty_strided.default, aten.new_empty.default}  # fmt: skip
+    scalar_read = aten._local_scalar_dense.default
+    no_kernel = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
+                 aten.new_empty.default, aten.new_empty_strided.default,
+                 aten.empty_permuted.default, scalar_read}  # fmt: skip
 
     class Count(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
-            self.kernels = 0
+            self.kernels = self.reads = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not (func.is_view or func.namespace == "profiler" or func in _ALLOCATIONS):
+            if func is scalar_read:
+                self.reads += 1
+            elif not (func.is_view or func.namespace == "profiler" or func in no_kernel):
                 self.kernels += 1
             return func(*args, **(kwargs or {}))
 
     T = torch.Tensor
-    reads_of = {T.__bool__, T.item, T.tolist, T.__float__, T.__int__, T.__index__, T.cpu, T.numpy}
+    reads_of = {T.tolist, T.numpy, T.cpu}  # (the rest reach _local_scalar_dense)
 
     class Reads(TorchFunctionMode):
         def __init__(self) -> None:
@@ -305,8 +312,9 @@ def bench_ops(overrides: list[str], epochs: int, variants: list[str] = ()) -> di
             if extra is None:
                 t.logger.close()
             counted = steps - per_epoch
+            host_reads = kernels.reads + reads.reads
             out[name] = {"kernels_per_step": kernels.kernels / counted,
-                         "host_reads_per_step": reads.reads / counted}  # fmt: skip
+                         "host_reads_per_step": host_reads / counted}  # fmt: skip
     return {"ops_epochs": epochs, "ops": out}
 
 

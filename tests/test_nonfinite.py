@@ -581,10 +581,49 @@ def test_the_census_is_taken_again_when_the_state_changes() -> None:
     assert _census(opt) is first
     opt.load_state_dict(opt.state_dict())
     again = _census(opt)
-    assert again is not None and again is not first and again.state is opt.state
+    assert again is not None and again is not first and again.key[0] == id(opt.state)
+    opt.state[ps[0]] = {}  # a user's reset of one parameter's state: not settled
+    assert _census(opt) is None
+    opt.step()
+    assert _census(opt) is not None
+    swapped = torch.nn.Parameter(torch.randn(3))  # a parameter swapped in: it has no state
+    opt.param_groups[0]["params"][1] = swapped
+    assert _census(opt) is None
+    opt.param_groups[0]["params"][1] = ps[1]
+    assert _census(opt) is not None
     late = torch.nn.Parameter(torch.randn(3))
     opt.add_param_group({"params": [late]})
     assert _census(opt) is None
+
+
+@pytest.mark.parametrize("reset", ["all", "one"])
+def test_a_state_reset_after_the_census_is_handled_as_a_first_step(reset) -> None:
+    """A user empties the momentum of every parameter (or of one) after the optimizer settled:
+    the next step creates state again, so a skipped one reads its flag on the host and leaves
+    the state empty (torch's fused SGD would keep its empty_like memory as momentum), and a
+    taken one with a parameter lacking its buffer goes unfused (fused SGD refuses it: found
+    by a review; the old shortcut counted the emptied entries)."""
+    ref, mine = _twins()
+    opt_ref, opt = (torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=f)
+                    for ps, f in ((ref, False), (mine, True)))  # fmt: skip
+    for _ in range(2):
+        _same_grads(ref, mine, None)
+        opt_ref.step()
+        conditional_step(opt, torch.tensor(0.0))
+    emptied = mine if reset == "all" else mine[:1]
+    for o, ps in ((opt_ref, ref), (opt, mine)):
+        for p in ps[: len(emptied)]:
+            o.state[p] = {}
+    _same_grads(ref, mine, math.nan)  # skipped: nothing created, nothing changed
+    conditional_step(opt, torch.tensor(1.0))
+    assert all(opt.state[p] == {} for p in emptied)
+    _same_grads(ref, mine, None)  # taken: the buffers made again, as the unfused SGD does
+    opt_ref.step()
+    step_optimizer(opt) if reset == "one" else conditional_step(opt, torch.tensor(0.0))
+    for a, b in zip(ref, mine, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
+        torch.testing.assert_close(a["momentum_buffer"], b["momentum_buffer"], rtol=0, atol=1e-6)
 
 
 class Huge(Callback):
