@@ -517,3 +517,46 @@ def test_per_sample_norms_add_no_host_read_on_two_processes(tmp_path) -> None:
     s = read_scalars(dirs[0])
     assert [st for st, _ in s["per_sample/grad_norm_mean"]] == list(range(1, 9))
     assert {v for _, v in s["per_sample/coverage"]} == {1.0}
+
+
+def test_a_run_stopped_and_resumed_on_two_processes_logs_what_an_uninterrupted_one_does(
+    tmp_path,
+) -> None:
+    """Each rank's losses not logged yet are its own: the checkpoint (rank 0 writes it) keeps
+    every rank's, so the window spanning the resume (steps 6-10, logging every 5; stopped at 9)
+    and the epoch's train/loss come out as in the run never stopped, bit for bit, with every
+    other scalar. Before, every rank resumed with rank 0's losses (train/loss off by ~1e-4).
+    Accumulation over 2 micro-batches, per-sample norms every 2 steps (gathered from the ranks
+    at their shards' counts), a ragged last batch: 1,437 = 11 x 120 + 117."""
+    extra = (*COMMON, "trainer.max_steps=16", "instrument.per_sample.every_n_steps=2",
+             "data.batch_size=60", "trainer.accumulate_grad_batches=2",
+             "optimizer=sgd")  # fmt: skip
+    ref = [tmp_path / "a0", tmp_path / "a1"]
+    store, dirs = group_store(), [tmp_path / "b0", tmp_path / "b1"]
+    procs = [FORK.Process(target=_rank_asked_to_stop, args=(r, 2, store.port, extra,
+                                                            str(dirs[r]), 8))
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    assert launch((2, list(extra), ref)) == [[0, 0]]  # (alongside)
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [128 + signal.SIGUSR1] * 2
+    stopped = json.loads((dirs[0] / "metrics.json").read_text())
+    assert stopped["step"] == 9
+    resumed = [tmp_path / "c0", tmp_path / "c1"]
+    assert launch((2, [*extra, f"trainer.resume={stopped['checkpoint']}"], resumed)) == [[0, 0]]
+    want, got = read_scalars(ref[0]), read_scalars(dirs[0])  # (it continues in its own folder)
+    assert sorted(got) == sorted(want)
+    for tag in want:
+        assert sorted(got[tag]) == sorted(want[tag]), tag
+    final = json.loads((dirs[0] / "metrics.json").read_text())
+    assert final["train/loss"] == json.loads((ref[0] / "metrics.json").read_text())["train/loss"]
+    # resumed in one process on the global batch: every rank's losses on it, the same mean up
+    # to rounding (float32 sums in another order), as one process equals two everywhere
+    one = tmp_path / "one"
+    resume = f"trainer.resume={stopped['checkpoint']}"
+    assert launch((1, [*extra, "data.batch_size=120", resume], [one])) == [[0]]
+    got = dict(read_scalars(dirs[0])["train/loss"])  # (continued in the stopped run's folder)
+    for step, value in want["train/loss"]:
+        assert got[step] == pytest.approx(value, rel=1e-5), step

@@ -255,10 +255,19 @@ class CheckpointWriter:
     """
 
     def __init__(
-        self, trainer: Any, directory: Path, run_id: str, config: dict[str, Any], keep_last: int
+        self,
+        trainer: Any,
+        directory: Path,
+        run_id: str,
+        config: dict[str, Any],
+        keep_last: int,
+        main: bool = True,
     ):
         self.trainer, self.directory, self.run_id = trainer, directory, run_id
         self.config, self.keep_last = config, keep_last
+        #: data-parallel: whether this rank writes the files (rank 0); the others take part in
+        #: gathering what each rank keeps of its own (its losses not yet logged), and write none
+        self.main = main
         self.saving = False  # a signal handler reads it: a second Ctrl-C waits for the save
         self.failures: list[str] = []
         self.last: Path | None = None
@@ -274,9 +283,13 @@ class CheckpointWriter:
             write_deferred()
         if self.trainer.logger is not None:
             self.trainer.logger.flush()
+        state = self.state()  # (data-parallel: a collective, every rank's writer takes part)
+        if not self.main:
+            self.last = path
+            return path
         self.saving = True
         try:
-            save_checkpoint(path, self.state())
+            save_checkpoint(path, state)
         finally:
             self.saving = False
         self.last = path
@@ -301,6 +314,8 @@ class CheckpointWriter:
         path = step_path(self.directory, step)
         if self.last != path:
             self.write(path)
+        if not self.main:
+            return path
         last = self.directory / "last.pt"
         tmp = self.directory / ".last.pt.link"
         with contextlib.suppress(FileNotFoundError):
@@ -318,7 +333,8 @@ class PeriodicCheckpoints(Callback):
     """Checkpoint cadence: at rest points (trainer/callbacks.py) every ``every_n_steps``
     optimizer steps (0: none), and at the rest point a stop signal ends the run at (that one
     must be written); when the run completes, the last step's checkpoint and ``last.pt``
-    (:attr:`final`). Data-parallel, rank 0 alone has one."""
+    (:attr:`final`). Data-parallel, every rank has one (each rank's losses not yet logged
+    are gathered into the checkpoint), and rank 0's writer alone writes."""
 
     def __init__(self, writer: CheckpointWriter, every_n_steps: int):
         self.writer, self.every = writer, Every(every_n_steps)

@@ -127,6 +127,16 @@ def all_gather_cat(t: Tensor, sizes: list[int] | None = None) -> tuple[Tensor, i
     return whole, sum(sizes[: dist.get_rank()])
 
 
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order (one process: ``[obj]``). Tensors in it
+    should be on the CPU. For what a checkpoint keeps of each rank, not for a step's path."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shard_sizes(n: int, world: World) -> list[int]:
     """Each rank's number of samples of a global batch of ``n`` (see :func:`shard`)."""
     return [hi - lo for lo, hi in (shard(0, n, World(r, world.size, r)) for r in range(world.size))]

@@ -37,7 +37,13 @@ from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_nor
 
 from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, StepOutput
 from trainer.data.base import Batch, Loader, batch_count
-from trainer.distributed import SINGLE, World, all_reduce_max, all_reduce_sum
+from trainer.distributed import (
+    SINGLE,
+    World,
+    all_gather_objects,
+    all_reduce_max,
+    all_reduce_sum,
+)
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
 from trainer.losses import Loss, as_loss
 from trainer.metrics import LossTally, Staging
@@ -606,6 +612,11 @@ class Trainer:
         the epoch), the per-sample losses not yet logged or folded, the last metrics, the
         loader's and the callbacks' states. (RNG states: :func:`trainer.checkpoint.rng_state`.)"""
         loader_state = getattr(self.train_loader, "state_dict", None)
+        tally = self.tally.state_dict()
+        if self.world.distributed:  # each rank's losses not logged yet are its own: every rank
+            # takes part (a collective: every rank checkpoints together, rank 0 writes)
+            host = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in tally.items()}
+            tally = {**tally, "tally_ranks": all_gather_objects(host)}
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -614,7 +625,7 @@ class Trainer:
             "step": self.global_step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            **self.tally.state_dict(),
+            **tally,
             "metrics": dict(self.metrics),
             "loader": loader_state() if loader_state else None,
             "callbacks": [[type(cb).__name__, cb.state_dict()] for cb in self.callbacks],
@@ -639,7 +650,7 @@ class Trainer:
                 f"batch_in_epoch {self.batch_in_epoch} is outside this data's epoch of "
                 f"{len(self.train_loader)} batches (another data set or batch size?)"
             )
-        self.tally.load_state_dict(state)
+        self.tally.load_state_dict(self._tally_state(state))
         self.metrics = dict(state["metrics"])
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
@@ -653,6 +664,21 @@ class Trainer:
                                 name)  # fmt: skip
                 continue
             cb.load_state_dict(saved.pop(match)[1])
+
+    def _tally_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of the checkpoint's loss tally: its own (data-parallel, saved by
+        every rank), or, resumed on another number of processes, every saved rank's losses on
+        the first rank and none on the others (train/loss then averages the same losses, in
+        another order: equal up to rounding)."""
+        ranks = state.get("tally_ranks")
+        if ranks is None:  # one process saved it
+            return state
+        if self.world.distributed and len(ranks) == self.world.size:
+            return ranks[self.world.rank]
+        if self.world.rank != 0:
+            empty = LossTally(self.device, self.token_losses)
+            return empty.state_dict()
+        return LossTally.merged(ranks)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -250,6 +250,18 @@ class LossTally:
             "units_epoch": self._units_epoch.clone(),
         }
 
+    @staticmethod
+    def merged(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several tallies' states as one (their losses concatenated, their sums summed)."""
+        return {
+            "pending_log": torch.cat([s["pending_log"].cpu() for s in states]),
+            "pending_epoch": torch.cat([s["pending_epoch"].cpu() for s in states]),
+            "epoch_loss_sum": sum(s["epoch_loss_sum"].cpu() for s in states),
+            "epoch_samples": sum(int(s["epoch_samples"]) for s in states),
+            "units_log": sum(s["units_log"].cpu() for s in states),
+            "units_epoch": sum(s["units_epoch"].cpu() for s in states),
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pending_log, pending_epoch = state["pending_log"], state["pending_epoch"]
         self._log = [pending_log.to(self.device)] if pending_log.numel() else []

@@ -240,10 +240,12 @@ def run(
             run_id,
             config,
             tc.checkpoint.keep_last,  # type: ignore[arg-type]
+            main=main,
         )
         checkpoints = PeriodicCheckpoints(writer, tc.checkpoint.every_n_steps)
-        # rank 0 writes checkpoints; every rank stops on a signal (at the same rest point)
-        trainer.add_callbacks(*([checkpoints] if main else []), StopOnSignals(writer))
+        # every rank checkpoints together (rank 0 writes the files) and stops on a signal (at
+        # the same rest point)
+        trainer.add_callbacks(checkpoints, StopOnSignals(writer))
         if resume_state is not None:
             writer.last = resume_path
         elif trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
