@@ -286,17 +286,19 @@ def test_per_token_losses_on_two_processes_train_like_one(tmp_path, case) -> Non
 
 
 def _rank_asked_to_stop(rank, world, port, overrides, run_dir, at_step) -> None:
-    """A rank whose stop request (as a signal handler sets it) comes at ``at_step``, on rank 1
-    only: the other rank must stop at the same rest point."""
+    """A rank whose stop request (as a signal handler sets it) comes at ``at_step``, on the
+    last rank only (rank 1; one process: itself): the other rank must stop at the same rest
+    point."""
     from trainer.callbacks import Callback
 
     class AskToStop(Callback):
         def on_train_step_end(self, trainer, out) -> None:
-            if rank == 1 and out.step == at_step:
+            if rank == world - 1 and out.step == at_step:
                 trainer.stop_signal = signal.SIGUSR1
 
     torch.set_num_threads(1)
-    join_group(rank, world, port)
+    if world > 1:
+        join_group(rank, world, port)
     from trainer.run import run
 
     run(make_cfg(*overrides), run_dir, callbacks=[AskToStop()])
@@ -560,3 +562,77 @@ def test_a_run_stopped_and_resumed_on_two_processes_logs_what_an_uninterrupted_o
     got = dict(read_scalars(dirs[0])["train/loss"])  # (continued in the stopped run's folder)
     for step, value in want["train/loss"]:
         assert got[step] == pytest.approx(value, rel=1e-5), step
+    # and a checkpoint of one process resumed on two: its losses on the first rank only (each
+    # rank took them all, so they counted twice: found by a review)
+    stop_one = tmp_path / "stop_one"
+    one_proc = FORK.Process(
+        target=_rank_asked_to_stop,
+        args=(0, 1, 0, (*extra, "data.batch_size=120"), str(stop_one), 8),
+    )
+    one_proc.start()
+    one_proc.join(120)
+    assert one_proc.exitcode == 128 + signal.SIGUSR1
+    ckpt = json.loads((stop_one / "metrics.json").read_text())["checkpoint"]
+    assert launch((2, [*extra, f"trainer.resume={ckpt}"], [tmp_path / "d0", tmp_path / "d1"])) == [
+        [0, 0]
+    ]
+    got = dict(read_scalars(stop_one)["train/loss"])
+    for step, value in want["train/loss"]:
+        assert got[step] == pytest.approx(value, rel=1e-5), step
+
+
+def _rank_failing_once(rank, world, port, overrides, run_dir, what: str, at_step: int) -> None:
+    """A rank 0 whose disk fails once at ``at_step``: writing the checkpoint (``save``) or the
+    event file before it (``flush``)."""
+    torch.set_num_threads(1)
+    join_group(rank, world, port)
+    import trainer.checkpoint as checkpoint
+    from trainer.callbacks import Callback
+    from trainer.run import run
+
+    failed: list[int] = []
+
+    def once(step: int) -> None:
+        if rank == 0 and step == at_step and not failed:
+            failed.append(step)
+            raise OSError(28, "No space left on device (a test's)")
+
+    if what == "save":
+        save = checkpoint.save_checkpoint
+
+        def failing_save(path, state):
+            once(int(Path(path).stem[5:]))
+            return save(path, state)
+
+        checkpoint.save_checkpoint = failing_save
+
+    class FailingFlush(Callback):
+        def on_fit_start(self, trainer) -> None:
+            if what == "flush" and trainer.logger is not None:
+                flush = trainer.logger.flush
+                trainer.logger.flush = lambda: (once(trainer.global_step), flush())[1]
+
+    run(make_cfg(*overrides), run_dir, callbacks=[FailingFlush()])
+
+
+@pytest.mark.parametrize(("what", "at_step"), [("save", 8), ("flush", 4)])
+def test_a_checkpoint_failing_on_rank_0_lets_every_rank_go_on(tmp_path, what, at_step):
+    """Every rank takes part in a checkpoint (the ranks' losses are gathered), so rank 0's
+    failure must not leave the others waiting: writing the events before the gather (``flush``,
+    at step 4) or the file after it (``save``, at the last step, 8, where the final checkpoint
+    then writes it again) fails on rank 0 only; both ranks finish (found by a review: they
+    deadlocked)."""
+    extra = (*COMMON, "trainer.max_steps=8", "trainer.checkpoint.every_n_steps=4")
+    store, dirs = group_store(), [tmp_path / "r0", tmp_path / "r1"]
+    procs = [FORK.Process(target=_rank_failing_once,
+                          args=(r, 2, store.port, extra, str(dirs[r]), what, at_step))
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    metrics = json.loads((dirs[0] / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert (dirs[0] / "checkpoints" / "last.pt").exists()
+    assert load_checkpoint(dirs[0] / "checkpoints" / "last.pt")["step"] == 8

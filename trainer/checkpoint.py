@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from trainer.callbacks import Callback, Every
+from trainer.distributed import all_reduce_max
 
 log = logging.getLogger(__name__)
 
@@ -278,12 +279,19 @@ class CheckpointWriter:
         return state
 
     def write(self, path: Path) -> Path:
-        write_deferred = getattr(self.trainer, "write_deferred", None)
-        if write_deferred is not None:  # scalars of steps that did not log, into the events
-            write_deferred()
-        if self.trainer.logger is not None:
-            self.trainer.logger.flush()
-        state = self.state()  # (data-parallel: a collective, every rank's writer takes part)
+        failed: Exception | None = None
+        try:  # (data-parallel: a failure here, writing rank 0's events, must not keep this
+            # rank from the gather below, which every rank's writer takes part in)
+            write_deferred = getattr(self.trainer, "write_deferred", None)
+            if write_deferred is not None:  # scalars of steps that did not log, into the events
+                write_deferred()
+            if self.trainer.logger is not None:
+                self.trainer.logger.flush()
+        except Exception as e:
+            failed = e
+        state = self.state()  # (data-parallel: a collective)
+        if failed is not None:
+            raise failed
         if not self.main:
             self.last = path
             return path
@@ -295,6 +303,15 @@ class CheckpointWriter:
         self.last = path
         prune(self.directory, self.keep_last, keep=path)
         return path
+
+    def _anywhere(self, flag: bool) -> bool:
+        """``flag`` on any rank (data-parallel: one small all-reduce and a host read; for the
+        end of a run)."""
+        world = getattr(self.trainer, "world", None)
+        if world is None or not world.distributed:
+            return flag
+        value = torch.tensor(float(flag), device=self.trainer.device)
+        return bool(all_reduce_max(value))  # host sync: the end of a run
 
     def periodic(self, trainer: Any) -> Path | None:
         """A periodic step checkpoint; a failure is reported and training goes on."""
@@ -312,8 +329,8 @@ class CheckpointWriter:
         """The step checkpoint of the last step (if not written yet) and ``last.pt``."""
         step = self.trainer.global_step
         path = step_path(self.directory, step)
-        if self.last != path:
-            self.write(path)
+        if self._anywhere(self.last != path):  # (every rank alike: the write is a collective;
+            self.write(path)  # rank 0's periodic write of this step may have failed)
         if not self.main:
             return path
         last = self.directory / "last.pt"

@@ -616,7 +616,7 @@ class Trainer:
         if self.world.distributed:  # each rank's losses not logged yet are its own: every rank
             # takes part (a collective: every rank checkpoints together, rank 0 writes)
             host = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in tally.items()}
-            tally = {**tally, "tally_ranks": all_gather_objects(host)}
+            tally = {"tally_ranks": all_gather_objects(host)}
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -666,14 +666,13 @@ class Trainer:
             cb.load_state_dict(saved.pop(match)[1])
 
     def _tally_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """This rank's part of the checkpoint's loss tally: its own (data-parallel, saved by
-        every rank), or, resumed on another number of processes, every saved rank's losses on
-        the first rank and none on the others (train/loss then averages the same losses, in
-        another order: equal up to rounding)."""
-        ranks = state.get("tally_ranks")
-        if ranks is None:  # one process saved it
-            return state
-        if self.world.distributed and len(ranks) == self.world.size:
+        """This rank's part of the checkpoint's loss tally: its own (data-parallel, gathered
+        from every rank), or, resumed on another number of processes (one process's checkpoint
+        on several included), every saved rank's losses on the first rank and none on the
+        others (train/loss then averages the same losses, in another order: equal up to
+        rounding)."""
+        ranks = state.get("tally_ranks") or [state]  # (one process saved it)
+        if len(ranks) == self.world.size:
             return ranks[self.world.rank]
         if self.world.rank != 0:
             empty = LossTally(self.device, self.token_losses)
