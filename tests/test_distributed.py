@@ -95,6 +95,20 @@ def launch(*groups: tuple[int, list[str], list[Path]]) -> list[list[int]]:
     return [[p.exitcode for p in group] for group in procs]
 
 
+def ranks_of(target, overrides, dirs: list[Path], *extra) -> list[int | None]:
+    """Fork ``target(rank, world, port, overrides, run_dir, *extra)`` for each rank (one run
+    folder each, a store of their own) and wait for them: their exit codes."""
+    store = group_store()
+    procs = [FORK.Process(target=target, args=(r, len(dirs), store.port, tuple(overrides),
+                                               str(d), *extra))
+             for r, d in enumerate(dirs)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    return [p.exitcode for p in procs]
+
+
 CASES = {
     "scalar": (),
     "vector-class_balanced": ("loss.mode=vector", "weighting=class_balanced"),
@@ -312,20 +326,9 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_rest_point(
     the step's kernels), so they stop one step after the signal; at an epoch's end, after its
     validation, at once."""
     stop = at_step + 1 if at_step == 5 else at_step
-    store, dirs = group_store(), [tmp_path / "r0", tmp_path / "r1"]
-    port = store.port
-    procs = [
-        FORK.Process(
-            target=_rank_asked_to_stop,
-            args=(r, 2, port, (*COMMON, "trainer.max_steps=40"), str(dirs[r]), at_step),
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [128 + signal.SIGUSR1] * 2
+    dirs = [tmp_path / "r0", tmp_path / "r1"]
+    overrides = (*COMMON, "trainer.max_steps=40")
+    assert ranks_of(_rank_asked_to_stop, overrides, dirs, at_step) == [128 + signal.SIGUSR1] * 2
     metrics = json.loads((dirs[0] / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["signal"] == "SIGUSR1"
     assert metrics["step"] == stop
@@ -503,14 +506,8 @@ def test_per_sample_norms_add_no_host_read_on_two_processes(tmp_path) -> None:
              "instrument.nonfinite.sync=deferred", "instrument.per_sample.every_n_steps=1",
              "instrument.norms.every_n_steps=1", "logging.every_n_steps=4",
              "logging.progress=false", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
-    store, dirs = group_store(), [tmp_path / "r0", tmp_path / "r1"]
-    procs = [FORK.Process(target=_rank_watched, args=(r, 2, store.port, extra, str(dirs[r])))
-             for r in range(2)]  # fmt: skip
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    dirs = [tmp_path / "r0", tmp_path / "r1"]
+    assert ranks_of(_rank_watched, extra, dirs) == [0, 0]
     for rank, run_dir in enumerate(dirs):
         reads = json.loads((run_dir / f"reads{rank}.json").read_text())
         assert sorted(map(int, reads)) == list(range(1, 9))
@@ -533,17 +530,9 @@ def test_a_run_stopped_and_resumed_on_two_processes_logs_what_an_uninterrupted_o
     extra = (*COMMON, "trainer.max_steps=16", "instrument.per_sample.every_n_steps=2",
              "data.batch_size=60", "trainer.accumulate_grad_batches=2",
              "optimizer=sgd")  # fmt: skip
-    ref = [tmp_path / "a0", tmp_path / "a1"]
-    store, dirs = group_store(), [tmp_path / "b0", tmp_path / "b1"]
-    procs = [FORK.Process(target=_rank_asked_to_stop, args=(r, 2, store.port, extra,
-                                                            str(dirs[r]), 8))
-             for r in range(2)]  # fmt: skip
-    for p in procs:
-        p.start()
-    assert launch((2, list(extra), ref)) == [[0, 0]]  # (alongside)
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [128 + signal.SIGUSR1] * 2
+    ref, dirs = [tmp_path / "a0", tmp_path / "a1"], [tmp_path / "b0", tmp_path / "b1"]
+    assert launch((2, list(extra), ref)) == [[0, 0]]
+    assert ranks_of(_rank_asked_to_stop, extra, dirs, 8) == [128 + signal.SIGUSR1] * 2
     stopped = json.loads((dirs[0] / "metrics.json").read_text())
     assert stopped["step"] == 9
     resumed = [tmp_path / "c0", tmp_path / "c1"]
@@ -565,13 +554,8 @@ def test_a_run_stopped_and_resumed_on_two_processes_logs_what_an_uninterrupted_o
     # and a checkpoint of one process resumed on two: its losses on the first rank only (each
     # rank took them all, so they counted twice: found by a review)
     stop_one = tmp_path / "stop_one"
-    one_proc = FORK.Process(
-        target=_rank_asked_to_stop,
-        args=(0, 1, 0, (*extra, "data.batch_size=120"), str(stop_one), 8),
-    )
-    one_proc.start()
-    one_proc.join(120)
-    assert one_proc.exitcode == 128 + signal.SIGUSR1
+    on_one = (*extra, "data.batch_size=120")
+    assert ranks_of(_rank_asked_to_stop, on_one, [stop_one], 8) == [128 + signal.SIGUSR1]
     ckpt = json.loads((stop_one / "metrics.json").read_text())["checkpoint"]
     assert launch((2, [*extra, f"trainer.resume={ckpt}"], [tmp_path / "d0", tmp_path / "d1"])) == [
         [0, 0]
@@ -623,15 +607,8 @@ def test_a_checkpoint_failing_on_rank_0_lets_every_rank_go_on(tmp_path, what, at
     then writes it again) fails on rank 0 only; both ranks finish (found by a review: they
     deadlocked)."""
     extra = (*COMMON, "trainer.max_steps=8", "trainer.checkpoint.every_n_steps=4")
-    store, dirs = group_store(), [tmp_path / "r0", tmp_path / "r1"]
-    procs = [FORK.Process(target=_rank_failing_once,
-                          args=(r, 2, store.port, extra, str(dirs[r]), what, at_step))
-             for r in range(2)]  # fmt: skip
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    dirs = [tmp_path / "r0", tmp_path / "r1"]
+    assert ranks_of(_rank_failing_once, extra, dirs, what, at_step) == [0, 0]
     metrics = json.loads((dirs[0] / "metrics.json").read_text())
     assert metrics["status"] == "completed"
     assert (dirs[0] / "checkpoints" / "last.pt").exists()
