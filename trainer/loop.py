@@ -232,8 +232,7 @@ class Trainer:
         a run resumed at an epoch's end fires them again, and its event files keep what was
         written up to the checkpoint's step.)"""
         self._fire(name, *args)
-        if self.staging.pending():
-            self.staging.defer(self.staging.take_scalars(), self.global_step)
+        self.staging.defer_staged(self.global_step)
 
     def should_log(self, step: int) -> bool:
         """Whether optimizer step ``step`` logs the train scalars: every
@@ -339,13 +338,11 @@ class Trainer:
                 log.error("%s", problem)
         except BaseException as e:
             with contextlib.suppress(Exception):  # what was measured before the failure,
-                if self.staging.pending():  # the failing step's own staged values included
-                    self.staging.defer(self.staging.take_scalars(), self.global_step)
+                self.staging.defer_staged(self.global_step)  # the failing step's own included
                 self.write_deferred()
             self._fire("on_exception", e)
             with contextlib.suppress(Exception):  # what on_exception staged
-                if self.staging.pending():
-                    self.staging.defer(self.staging.take_scalars(), self.global_step)
+                self.staging.defer_staged(self.global_step)
                 self.staging.flush(self.logger, strict=False)
             raise
         return self.metrics

@@ -74,6 +74,11 @@ class Staging:
             else:  # (a number, or a view, staged again under a tensor's key)
                 self._versions.pop(key, None)
 
+    def defer_staged(self, step: int) -> None:
+        """:meth:`defer` what is staged now (if anything) at ``step``."""
+        if self.pending():
+            self.defer(self.take_scalars(), step)
+
     def take_scalars(self) -> dict[str | tuple[str, ...], Tensor | float]:
         out, self.scalars = self.scalars, {}
         return out

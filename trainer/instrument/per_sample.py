@@ -801,7 +801,7 @@ class PerSampleNorms(Callback):
             width = sq.shape[1] + 1
             sizes = [n * width for n in rank_rows]  # (no exchange, no host sync)
             rows, _ = all_gather_cat(torch.cat([sq, w[:, None]], 1).flatten(), sizes)
-            rows = rows.reshape(-1, sq.shape[1] + 1)
+            rows = rows.reshape(-1, width)
             sq, w = rows[:, :-1], rows[:, -1]
         root = sq.sum(1).clamp_min(0).sqrt()  # wᵢ‖∇ℓᵢ‖ over the covered parameters
         weighted = root / trainer.world.size  # the sample's share of the averaged gradient
