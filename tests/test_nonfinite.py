@@ -738,6 +738,28 @@ def test_unread_flags_are_written_before_a_checkpoint_and_not_again_after_resume
     assert read_scalars(tmp_path)["nonfinite/skipped_steps"] == [(6, 1.0)]
 
 
+def test_unread_flags_in_a_guards_state_are_read_after_loading_it() -> None:
+    """A deferred guard's unread flags (0-d norms per checked tensor, kept as the fused call
+    returned them) go into its state as one 1-D tensor per step, through the weights-only
+    loader, and the loaded guard reads them as the first would have: step 3's Inf loss is a
+    skip, step 4 is not."""
+    import io
+    from types import SimpleNamespace
+
+    from trainer.instrument.nonfinite import LOSS, NonfiniteGuard
+
+    guard = NonfiniteGuard(policy="skip", sync="deferred")
+    guard._pending = [(3, ["w", LOSS], [torch.tensor(1.5), torch.tensor(math.inf)]),
+                      (4, ["w", LOSS], [torch.tensor(2.0), torch.tensor(0.5)])]  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(guard.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = NonfiniteGuard(policy="skip", sync="deferred")
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    loaded._read(SimpleNamespace(global_step=5, logger=None))
+    assert (loaded.skipped, loaded.consecutive) == (1, 0)
+
+
 class FailAt(Callback):
     def __init__(self, at: int) -> None:
         self.at = at

@@ -204,6 +204,34 @@ def test_train_loss_across_an_epoch_boundary(tmp_path) -> None:
     assert metrics["train/loss"] == pytest.approx(torch.cat(seen[23:]).mean().item(), rel=1e-6)
 
 
+def test_the_epochs_loss_sum_is_folded_alike_whether_a_validation_read_it_or_not() -> None:
+    """A logging step folds its window into the epoch's sum with the window's own sum when the
+    epoch's pending losses are the window's (no validation since the last log), else by
+    folding them: the epoch's sum is bit for bit the sum of each fold's concatenation."""
+    from trainer.metrics import LossTally
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(64, generator=g) for _ in range(9)]
+    tally = LossTally(torch.device("cpu"), per_token=False)
+    expected = torch.zeros(())
+    for b in batches[:3]:
+        tally.add(b, None)
+    tally.take_log()  # the window is the epoch's pending part
+    expected += torch.cat(batches[:3]).sum()
+    for b in batches[3:5]:
+        tally.add(b, None)
+    tally.epoch_parts()  # a validation in the middle of a window folds what it has
+    expected += torch.cat(batches[3:5]).sum()
+    for b in batches[5:]:
+        tally.add(b, None)
+    mean, total, count, samples = tally.take_log()
+    expected += torch.cat(batches[5:]).sum()
+    assert torch.equal(tally.epoch_parts(), torch.stack([expected, torch.tensor(576.0)]))
+    assert count == samples == 384
+    assert torch.equal(total, torch.cat(batches[3:]).sum())
+    assert torch.equal(mean, torch.cat(batches[3:]).mean())
+
+
 def test_a_run_stopped_mid_epoch_counts_only_completed_epochs(tmp_path) -> None:
     metrics = train(tmp_path, "trainer.max_steps=30")
     assert metrics["step"] == 30 and metrics["epoch"] == 1

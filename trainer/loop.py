@@ -181,7 +181,7 @@ class Trainer:
         #: grad_norm/total_clipped (after clipping) for this step
         self.measure_clipped_norm = False
         #: the step's gradient norms as a callback computed them (share_grad_norms)
-        self._grad_norms: tuple[list[Tensor], list[int], Tensor] | None = None
+        self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor]] | None = None
         #: get_total_norm sums per (device, dtype) group: with one group its total is the 2-norm
         #: of the per-parameter norms bit for bit, so the loop may take it from shared ones
         self._one_group = len({(p.device, p.dtype) for p in self.params}) <= 1
@@ -241,12 +241,13 @@ class Trainer:
         logged values)."""
         return self.log_every.due(step) or step == self.total_steps
 
-    def share_grad_norms(self, grads: list[Tensor], norms: Tensor) -> None:
+    def share_grad_norms(self, grads: list[Tensor], norms: Tensor | list[Tensor]) -> None:
         """For a callback in ``on_before_optimizer_step`` that computed the gradients' 2-norms
         (``grads``: the parameters' gradients, those that exist, in ``params`` order;
-        ``norms``: 1-D, theirs first, possibly followed by others): later callbacks and the
-        loop's total (``grad_norm/total``, clipping) take them from :meth:`shared_grad_norms`
-        instead of computing them again."""
+        ``norms``: 1-D, theirs first, possibly followed by others; or the same as a list of
+        0-d tensors, as ``torch._foreach_norm`` returns them, stacked only if and when asked
+        for): later callbacks and the loop's total (``grad_norm/total``, clipping) take them
+        from :meth:`shared_grad_norms` instead of computing them again."""
         self._grad_norms = (grads, [g._version for g in grads], norms)
 
     def shared_grad_norms(self, grads: list[Tensor]) -> Tensor | None:
@@ -259,6 +260,9 @@ class Trainer:
             a is not b or a._version != v for a, b, v in zip(kept, grads, versions, strict=True)
         ):
             return None
+        if not isinstance(norms, Tensor):  # a list of 0-d norms: stacked once, when first asked
+            norms = torch.stack(norms)
+            self._grad_norms = (kept, versions, norms)
         return norms[: len(grads)]
 
     def stage_scalars(self, values: Scalars) -> None:
@@ -573,6 +577,8 @@ class Trainer:
         """train/loss over the steps since the last log, and their samples (every rank's)."""
         train_loss, total, count, samples = self.tally.take_log()
         if self.world.distributed:  # the mean over every rank's samples (tokens)
+            if not isinstance(count, Tensor):  # (per-sample losses: the count, on the host)
+                count = torch.full((), float(count), device=total.device)
             total, n = all_reduce_sum(torch.stack([total, count]))
             train_loss, samples = total / n, samples * self.world.size
         return train_loss, samples

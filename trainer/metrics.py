@@ -204,11 +204,13 @@ class LossTally:
         self._units_epoch.zero_()
         self._epoch_samples = 0
 
-    def take_log(self) -> tuple[Tensor, Tensor, Tensor, int]:
-        """(train/loss, its numerator, its denominator, samples) since the last log, all on the
-        device but the sample count; the window is then folded into the epoch's sum. The
-        numerator and denominator are what a data-parallel run sums over the ranks."""
+    def take_log(self) -> tuple[Tensor, Tensor, Tensor | int, int]:
+        """(train/loss, its numerator, its denominator, samples) since the last log, on the
+        device but the sample count (the denominator of per-sample losses is that count: an
+        int); the window is then folded into the epoch's sum. The numerator and denominator
+        are what a data-parallel run sums over the ranks."""
         samples = sum(t.shape[0] for t in self._log)
+        count: Tensor | int
         if self.per_token:  # Σuℓ / Σu
             interval = torch.cat([t.reshape(-1) for t in self._log])
             total, count = interval.sum(), self._units_log.clone()
@@ -216,8 +218,14 @@ class LossTally:
             self._units_log.zero_()
         else:
             interval = torch.cat(self._log)  # (samples since the last log,)
-            mean, total = interval.mean(), interval.sum()
-            count = torch.full((), float(samples), device=interval.device)
+            mean, total, count = interval.mean(), interval.sum(), samples
+        if len(self._epoch) == len(self._log) and all(
+            a is b for a, b in zip(self._epoch, self._log, strict=True)
+        ):  # the epoch's pending losses are the window's (no validation since the last log):
+            # their sum is ``total`` bit for bit (the same concatenation, summed alike)
+            self._epoch_sum += total
+            self._epoch_samples += interval.numel()
+            self._epoch.clear()
         self._log.clear()
         self.fold()
         return mean, total, count, samples

@@ -86,8 +86,9 @@ class NonfiniteGuard(Callback):
         #: whether the flags are read on logging steps only (resolved in on_fit_start)
         self.deferred = False
         self._losses: list[Tensor] = []  # the step's micro-batches' losses
-        #: deferred: (step, names, norms) of the checked steps not read yet
-        self._pending: list[tuple[int, list[str], Tensor]] = []
+        #: deferred: (step, names, norms) of the checked steps not read yet, the norms as the
+        #: fused call returned them (0-d each; stacked at the read, all steps' in one)
+        self._pending: list[tuple[int, list[str], list[Tensor]]] = []
         #: deferred: whether every later update is skipped (on the device; policy raise: a
         #: non-finite step was seen; skip: ``max_consecutive_skips`` were reached)
         self._latched: Tensor | None = None
@@ -95,13 +96,16 @@ class NonfiniteGuard(Callback):
         #: deferred, policy skip: the skipped steps in a row, counted on the device
         self._run: Tensor | None = None
         self._found: Tensor | None = None  # step mode: the check's flag, kept
+        #: step mode: whether the kept flag may be set (not read as 0 since the check kernel
+        #: last ran on it): zeroed before the next check then only
+        self._found_set = False
         self._one: Tensor | None = None  # the check's scale of 1
         self._all_names: tuple[tuple[int, int], list[str]] | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
         # a resumed run's unread flags come from the checkpoint on the CPU: onto the device,
         # where this run's flags are (they are read together)
-        self._pending = [(s, n, t.to(trainer.device)) for s, n, t in self._pending]
+        self._pending = [(s, n, [t.to(trainer.device) for t in ts]) for s, n, ts in self._pending]
         if self._latched is not None:  # (float: the check kernel's flag)
             self._latched = self._latched.to(trainer.device, torch.float32)
         deferred = self.sync == "deferred" or (self.sync == "auto" and trainer.device.type != "cpu")
@@ -129,13 +133,14 @@ class NonfiniteGuard(Callback):
         return {
             "skipped": self.skipped,
             "consecutive": self.consecutive,
-            "pending": list(self._pending),
+            "pending": [(s, n, torch.stack(ts)) for s, n, ts in self._pending],  # (1-D each)
             "latched": self._latched,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
-        self._pending = [(int(s), list(n), t) for s, n, t in state.get("pending", [])]
+        kept = state.get("pending", [])
+        self._pending = [(int(s), list(n), list(t.unbind())) for s, n, t in kept]
         self._latched = state.get("latched")
 
     def on_after_backward(
@@ -180,12 +185,14 @@ class NonfiniteGuard(Callback):
         if self.deferred:  # no host read: the update is made conditional on the device
             self._defer(trainer, grads, losses, tensors)
             return
-        found = self._any_nonfinite(tensors)
+        found = kept = self._any_nonfinite(tensors)
         if found is None:  # tensors on several devices, sparse gradients: the norms' sum
-            found = ~torch.isfinite(self._norms(trainer, grads, losses, tensors).sum())
+            found = ~torch.isfinite(torch.stack(self._norms(trainer, grads, losses, tensors)).sum())
         if distributed:  # every rank skips if any does: one small all-reduce per checked step
             found = all_reduce_max(found.float())
         if not bool(found):  # host sync: once per checked step
+            if kept is not None:  # (0 agreed: 0 here too) the kept flag needs no zeroing
+                self._found_set = False
             self.consecutive = 0
             return
         names = self._names(trainer, len(grads), len(losses))
@@ -202,9 +209,10 @@ class NonfiniteGuard(Callback):
     ) -> None:
         """Deferred mode's check: the per-tensor norms (kept, read on the next logging step)
         and the step's skip flag, float 1.0/0.0, from them on the device: the fused optimizers
-        take it as ``found_inf`` as it is. Four kernels or so per step (the norms' fused call,
-        their stack, the flag's zeroing and check; ``policy=skip`` five more, :meth:`_count`):
-        on a launch-bound GPU step each counts."""
+        take it as ``found_inf`` as it is. Two kernels per step with ``policy=raise`` (the
+        norms' fused call, and the check kernel over the list of norms: not stacked, as a step
+        that does not log never needs them as one tensor); ``policy=skip`` six more (the flag's
+        zeroing, :meth:`_count`): on a launch-bound GPU step each counts."""
         norms = self._norms(trainer, grads, losses, tensors)
         names = self._names(trainer, len(grads), len(losses))
         distributed = trainer.world.distributed
@@ -212,11 +220,12 @@ class NonfiniteGuard(Callback):
             # every update from the first non-finite step on: the latch is the flag itself,
             # set by the check and never cleared (the read raises)
             if self._latched is None:
-                self._latched = torch.zeros((), dtype=torch.float32, device=norms.device)
+                self._latched = torch.zeros((), dtype=torch.float32, device=norms[0].device)
             flag = self._latched
         else:
-            flag = torch.zeros((), dtype=torch.float32, device=norms.device)
-        torch._amp_foreach_non_finite_check_and_unscale_([norms], flag, self._ones(norms.device))
+            flag = torch.zeros((), dtype=torch.float32, device=norms[0].device)
+        # (×1 in place on each 0-d norm: no bit changes)
+        torch._amp_foreach_non_finite_check_and_unscale_(norms, flag, self._ones(flag.device))
         if distributed:
             flag = all_reduce_max(flag)  # every rank skips if any does (its losses are its own)
         if self.policy == "skip":
@@ -230,8 +239,7 @@ class NonfiniteGuard(Callback):
             self._pending.append((trainer.global_step, names, norms))
             return
         # the agreed flag after the norms: a step skipped for another rank's values counts
-        kept = torch.cat([norms, flag.reshape(1).to(norms.dtype)])
-        self._pending.append((trainer.global_step, [*names, SKIPPED], kept))
+        self._pending.append((trainer.global_step, [*names, SKIPPED], [*norms, flag]))
 
     def _count(self, flag: Tensor) -> Tensor:
         """Deferred ``policy=skip``: the skipped steps in a row counted on the device too (from
@@ -255,8 +263,9 @@ class NonfiniteGuard(Callback):
 
     def _norms(
         self, trainer: Trainer, grads: list[Tensor], losses: list[Tensor], tensors: list[Tensor]
-    ) -> Tensor:
-        """‖t‖₂ per checked tensor (one fused call; float16/bfloat16 in float32): NaN/Inf if the
+    ) -> list[Tensor]:
+        """‖t‖₂ per checked tensor, 0-d each (one fused call, not stacked; float16/bfloat16 in
+        float32): NaN/Inf if the
         tensor holds one. A sum of squares also overflows for huge finite values (|g| > 1e19 in
         float32): deferred, that counts as non-finite. (max |g|, which
         cannot overflow, took 10x longer on CPU.) The gradients' norms are shared with the
@@ -264,8 +273,8 @@ class NonfiniteGuard(Callback):
         low = any(t.dtype in _LOW for t in losses) or (grads and self._low_params)
         if low:
             tensors = [t.float() if t.dtype in _LOW else t for t in tensors]
-        norms = torch.stack(torch._foreach_norm(tensors))
-        if grads and not low:
+        norms = list(torch._foreach_norm(tensors))
+        if grads and not low:  # (stacked if and when a later callback or the loop asks)
             trainer.share_grad_norms(grads, norms)
         return norms
 
@@ -281,7 +290,11 @@ class NonfiniteGuard(Callback):
         if self._found is None or self._found.device != device:
             # float32 whatever the default dtype: the kernel takes nothing else
             self._found = torch.zeros((), dtype=torch.float32, device=device)
-        found = self._found.zero_()
+            self._found_set = False
+        found = self._found
+        if self._found_set:  # (the kernel only ever sets it: zeroed unless read as 0 since)
+            found.zero_()
+        self._found_set = True
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._ones(device))
         return found  # (read by the caller: once per checked step)
 
@@ -302,10 +315,11 @@ class NonfiniteGuard(Callback):
         pending, self._pending = self._pending, []
         if not pending:
             return
-        values = torch.cat([norms.float() for _, _, norms in pending]).tolist()  # host sync:
+        # (stack promotes: float64 norms of a float64 model read as they are)
+        values = torch.stack([t for _, _, ts in pending for t in ts]).tolist()  # host sync:
         start = 0  # logging steps only (and every READ_EVERY steps, and at the end)
         for step, names, norms in pending:
-            stop = start + norms.numel()
+            stop = start + len(norms)
             step_values = values[start:stop]
             start = stop
             skipped = False
