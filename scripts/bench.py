@@ -257,13 +257,18 @@ def bench_ops(overrides: list[str], epochs: int, variants: list[str] = ()) -> di
     first one (whose first step creates the optimizer's state), their validation and the end
     of the run included. On a launch-bound GPU each kernel costs its launch, so this is that
     cost counted on any machine; CPU and CUDA dispatch the same operations (a foreach call is
-    one operation on both, one launch on CUDA where its tensors agree in dtype and device).
-    Not counted as reads: ``nonzero`` and boolean-mask indexing, which wait for a GPU too."""
+    one operation on both, one launch on CUDA where its tensors agree in dtype and device). An
+    operation whose output size depends on the values (``nonzero``, ``masked_select``, indexing
+    with a boolean mask, read or written) waits for a GPU as well: a kernel and a host read."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     aten = torch.ops.aten
     scalar_read = aten._local_scalar_dense.default
+    sized_by_values = {aten.nonzero.default, aten.masked_select.default}
+    indexing = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default,
+                aten._index_put_impl_.default}  # fmt: skip
+    masks = (torch.bool, torch.uint8)
     no_kernel = {aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
                  aten.new_empty.default, aten.new_empty_strided.default,
                  aten.empty_permuted.default, scalar_read}  # fmt: skip
@@ -278,6 +283,10 @@ def bench_ops(overrides: list[str], epochs: int, variants: list[str] = ()) -> di
                 self.reads += 1
             elif not (func.is_view or func.namespace == "profiler" or func in no_kernel):
                 self.kernels += 1
+                if func in sized_by_values or (func in indexing and any(
+                    i is not None and i.dtype in masks for i in args[1]
+                )):  # fmt: skip
+                    self.reads += 1  # (the mask's count reaches the host first)
             return func(*args, **(kwargs or {}))
 
     T = torch.Tensor
