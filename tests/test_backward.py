@@ -74,6 +74,33 @@ def test_uniform_mean_weights_equal_scalar_mean_backward() -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
 
+def test_the_scalar_seed_is_1_and_never_becomes_a_leafs_gradient() -> None:
+    """Scalar backward seeds the root with a kept 1.0 (no ``ones_like`` per call): a 0-d leaf
+    loss gets 1 as its own gradient, accumulating twice gives 2, and the seed stays 1 for the
+    next root (had autograd taken the seed as the leaf's gradient, the accumulation would have
+    written into it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    leaf = torch.tensor(2.0, requires_grad=True)
+    backward_scalar(leaf)
+    backward_scalar(leaf)
+    assert leaf.grad.item() == 2.0
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    with Ops() as ops:
+        backward_scalar((x * x).sum())
+    assert x.grad.tolist() == [2.0, -4.0]
+    assert not any(name.startswith("ones_like") for name in ops.seen)
+
+
 def test_uniform_none_weights_give_the_gradient_of_the_sum() -> None:
     model, x, y, _ = tiny_problem(2)
     losses = per_sample_losses(model, x, y)

@@ -2,7 +2,9 @@
 
 Two paths, both giving exactly the gradients the math says (see docs/gradients.md):
 
-* scalar: ``loss.backward()`` on a 0-d loss; autograd seeds it with an implicit 1.
+* scalar: ``loss.backward()`` on a 0-d loss; autograd seeds it with an implicit 1 (here a kept
+  1.0 of the loss's dtype and device, passed as ``gradient``: the same seed, bit for bit,
+  without the ``ones_like`` kernel autograd launches for it on every call).
 * vector: ``losses.backward(gradient=w)`` on the per-sample losses l of shape (B,) with detached
   weights w of the same shape: a vector-Jacobian product, so each parameter receives
   ``sum_i w_i * d l_i / d theta``, the gradient of ``(w * l).sum()``.
@@ -81,6 +83,20 @@ def check_weights(losses: Tensor, weights: Tensor) -> None:
         )
 
 
+#: the scalar root's seed, 1.0, per (dtype, device): autograd only reads it (it is never a
+#: leaf's gradient to steal, and no hook sees the trainer's root)
+_ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _one(root: Tensor) -> Tensor:
+    """A kept 0-d 1.0 of ``root``'s dtype and device."""
+    key = (root.dtype, root.device)
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = torch.ones((), dtype=root.dtype, device=root.device)
+    return one
+
+
 def backward_scalar(
     loss: Tensor,
     scaler: torch.amp.GradScaler | None = None,
@@ -97,8 +113,9 @@ def backward_scalar(
             "(e.g. .mean()) or use loss.mode=vector with weights"
         )
     total = loss if reg is None else loss + reg
+    root = scaler.scale(total) if scaler is not None else total
     with explain_freed_graph():
-        (scaler.scale(total) if scaler is not None else total).backward(inputs=inputs)
+        root.backward(gradient=_one(root), inputs=inputs)
 
 
 def backward_vector(
