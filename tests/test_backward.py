@@ -74,11 +74,11 @@ def test_uniform_mean_weights_equal_scalar_mean_backward() -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
 
-def test_the_scalar_seed_is_1_and_never_becomes_a_leafs_gradient() -> None:
-    """Scalar backward seeds the root with a kept 1.0 (no ``ones_like`` per call): a 0-d leaf
-    loss gets 1 as its own gradient, accumulating twice gives 2, and the seed stays 1 for the
-    next root (had autograd taken the seed as the leaf's gradient, the accumulation would have
-    written into it)."""
+def test_the_scalar_seed_is_kept_only_where_no_leaf_can_hold_it() -> None:
+    """Scalar backward seeds a product's or a mean's root with a kept 1.0 (no ``ones_like``
+    per call). A root that could pass its seed on as it is (a view of a one-element
+    parameter, a sum, an addition) gets autograd's own: its leaf's gradient, accumulated
+    and zeroed in place, never writes into the seed of a later root."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -90,15 +90,21 @@ def test_the_scalar_seed_is_1_and_never_becomes_a_leafs_gradient() -> None:
             self.seen.append(func.__name__)
             return func(*args, **(kwargs or {}))
 
-    leaf = torch.tensor(2.0, requires_grad=True)
-    backward_scalar(leaf)
-    backward_scalar(leaf)
-    assert leaf.grad.item() == 2.0
-    x = torch.tensor([1.0, -2.0], requires_grad=True)
-    with Ops() as ops:
-        backward_scalar((x * x).sum())
-    assert x.grad.tolist() == [2.0, -4.0]
-    assert not any(name.startswith("ones_like") for name in ops.seen)
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    for root in (lambda: (w * w).sum() * 1.0, lambda: torch.dot(w, w), lambda: (w * w).mean()):
+        with Ops() as ops:
+            backward_scalar(root())
+        assert not any(name.startswith("ones_like") for name in ops.seen)
+    scale = torch.nn.Parameter(torch.tensor([2.0]))
+    for root in (lambda: scale.reshape(()), lambda: scale.sum(), lambda: scale.squeeze() + 0.0):
+        backward_scalar(root())
+        backward_scalar(root())  # accumulates into scale.grad in place
+        assert scale.grad.tolist() == [2.0]
+        scale.grad.zero_()
+        w.grad = None
+        backward_scalar((w * w).sum() * 1.0)
+        assert w.grad.tolist() == [2.0, -4.0]
+        scale.grad = None
 
 
 def test_uniform_none_weights_give_the_gradient_of_the_sum() -> None:

@@ -90,6 +90,68 @@ def test_deferred_skip_equals_step_mode_bitwise(tmp_path, optimizer, device, cap
     assert "step 6 skipped: non-finite loss" in warned_s[2]
 
 
+class SparseBag(torch.nn.Module):
+    """Digits through an ``Embedding(sparse=True)`` (each pixel's level, 0..16, is a token):
+    a sparse gradient, as word or recommendation embeddings have."""
+
+    def __init__(self, num_classes: int = 10, **_) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(17, 8, sparse=True)
+        self.head = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = (x.flatten(1) * 16).round().long().clamp(0, 16)
+        return self.head(self.emb(levels).mean(1))
+
+
+class PoisonSparse(Callback):
+    """Inf into one value of the embedding's sparse gradient at the given steps."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step + 1 in self.steps:
+            grad = trainer.params[0].grad
+            assert grad.is_sparse
+            grad._values()[0, 0] = math.inf
+
+
+def test_a_sparse_gradient_is_checked_measured_and_skipped_alike_in_both_modes(tmp_path) -> None:
+    """A sparse gradient (SGD with momentum, whose buffer is sparse too): the guard names it
+    and skips its steps in both modes (deferred reads the flag where a sparse momentum
+    cannot be put back on the device), the runs end bit for bit alike, and every default
+    instrument measures it (its histogram at the last step, the dense tensor's)."""
+    runs = {}
+    for sync in ("step", "deferred"):
+        train(tmp_path / sync, *COMMON, f"model._target_={__name__}.SparseBag", "optimizer=sgd",
+              "instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}",
+              "instrument.norms.every_n_steps=1", callbacks=[PoisonSparse({3, 7})])  # fmt: skip
+        runs[sync] = (_state(tmp_path / sync), read_scalars(tmp_path / sync))
+    (model_s, opt_s), scalars_s = runs["step"]
+    (model_d, opt_d), scalars_d = runs["deferred"]
+    for k in model_s:
+        assert torch.equal(model_s[k], model_d[k]), k
+    assert all(torch.equal(a.to_dense(), b.to_dense()) for a, b in zip(opt_s, opt_d, strict=True))
+    assert scalars_s["nonfinite/skipped_steps"] == [(3, 1.0), (7, 2.0)]
+    assert_same_scalars(scalars_s, scalars_d)
+    assert math.isinf(dict(scalars_s["grad_norm/emb.weight"])[7])
+    assert math.isfinite(dict(scalars_s["grad_norm/emb.weight"])[8])
+
+
+def test_a_sparse_tensors_histogram_is_its_dense_tensors() -> None:
+    """Rows a sparse gradient does not touch are zeros, counted as such (uncoalesced indices
+    summed)."""
+    from trainer.instrument.histograms import histograms
+
+    sparse = torch.sparse_coo_tensor(
+        [[0, 3, 0]], [[1.0, -2.0], [0.5, 4.0], [2.0, 1.0]], (5, 2), check_invariants=True
+    )
+    (got,), (want,) = histograms([sparse]), histograms([sparse.to_dense()])
+    assert got == want  # rows 0 (two entries, summed: [3, -1]) and 3, and six zeros
+    assert (got.num, got.min, got.max, got.sum) == (10, -1.0, 4.0, 6.5)
+
+
 def assert_same_scalars(a: dict, b: dict) -> None:
     """Every tag at every step, bit for bit (NaN equal to NaN); each mode writes a value at
     its own step, deferred ones later, so the order in the file may differ."""

@@ -2,9 +2,10 @@
 
 Two paths, both giving exactly the gradients the math says (see docs/gradients.md):
 
-* scalar: ``loss.backward()`` on a 0-d loss; autograd seeds it with an implicit 1 (here a kept
-  1.0 of the loss's dtype and device, passed as ``gradient``: the same seed, bit for bit,
-  without the ``ones_like`` kernel autograd launches for it on every call).
+* scalar: ``loss.backward()`` on a 0-d loss; autograd seeds it with an implicit 1 (for the
+  trainer's roots, a product or a quotient, a kept 1.0 of the loss's dtype and device passed
+  as ``gradient``: the same seed, bit for bit, without the ``ones_like`` kernel autograd
+  launches for it on every call).
 * vector: ``losses.backward(gradient=w)`` on the per-sample losses l of shape (B,) with detached
   weights w of the same shape: a vector-Jacobian product, so each parameter receives
   ``sum_i w_i * d l_i / d theta``, the gradient of ``(w * l).sum()``.
@@ -83,13 +84,21 @@ def check_weights(losses: Tensor, weights: Tensor) -> None:
         )
 
 
-#: the scalar root's seed, 1.0, per (dtype, device): autograd only reads it (it is never a
-#: leaf's gradient to steal, and no hook sees the trainer's root)
+#: the scalar root's seed, 1.0, per (dtype, device), for the roots in :data:`_FRESH`
 _ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
+#: roots whose backward node makes a new tensor of the gradient it receives (a product, a
+#: quotient, a mean's division): a kept seed goes no further than it. Anything else (a sum's
+#: expand, a view, an addition's pass-through, a leaf) could hand the seed itself to a leaf,
+#: which would keep it as its gradient and accumulate into it
+_FRESH = frozenset({"DotBackward0", "MulBackward0", "DivBackward0", "MeanBackward0"})
 
-def _one(root: Tensor) -> Tensor:
-    """A kept 0-d 1.0 of ``root``'s dtype and device."""
+
+def _seed(root: Tensor) -> Tensor | None:
+    """A kept 0-d 1.0 of ``root``'s dtype and device where only its backward node reads it
+    (and no tensor hook of the root sees it); None (autograd's own ``ones_like``) otherwise."""
+    if type(root.grad_fn).__name__ not in _FRESH or root._backward_hooks:
+        return None
     key = (root.dtype, root.device)
     one = _ONES.get(key)
     if one is None:
@@ -115,7 +124,7 @@ def backward_scalar(
     total = loss if reg is None else loss + reg
     root = scaler.scale(total) if scaler is not None else total
     with explain_freed_graph():
-        root.backward(gradient=_one(root), inputs=inputs)
+        root.backward(gradient=_seed(root), inputs=inputs)
 
 
 def backward_vector(

@@ -15,10 +15,10 @@ False and leaves everything as it was where it is True:
 
 A step that would create optimizer state (an optimizer's first step, a parameter's first
 gradient; not torch's SGD without momentum, which keeps none), or an optimizer keeping Python
-numbers, or tensors on another device, in its state
-(a non-fused Adam keeps its step count on the CPU), cannot be undone on the device: there the
-flag is read on the host (so a run reads it on its first step, and such an optimizer on every
-step).
+numbers, tensors on another device (a non-fused Adam keeps its step count on the CPU) or sparse
+tensors (SGD's momentum of an ``Embedding(sparse=True)``'s gradients: ``torch.where`` takes no
+sparse tensor) in its state, cannot be undone on the device: there the flag is read on the host
+(so a run reads it on its first step, and such an optimizer on every step).
 
 Whether a step would create state, and where the state lies, is asked every step: one lookup
 per parameter, with the devices of the state's tensors counted once per state mapping
@@ -68,17 +68,19 @@ def _undoable(states: list[dict | None], device: torch.device) -> bool:
     """Whether a step over these states can be skipped on ``device`` without a host read: the
     step creates no state, and what there is holds tensors on that device only (torch.where
     would move a CPU step count onto the GPU, where the optimizer then reads it back every
-    step: a non-fused Adam's, say)."""
-    return all(
-        s is not None and all(isinstance(v, Tensor) and v.device == device for v in s.values())
-        for s in states
-    )
+    step: a non-fused Adam's, say), none of them sparse (which ``torch.where`` does not take)."""
+    return all(s is not None and all(_dense_on(v, device) for v in s.values()) for s in states)
+
+
+def _dense_on(v: object, device: torch.device) -> bool:
+    return isinstance(v, Tensor) and v.layout == torch.strided and v.device == device
 
 
 @dataclass(frozen=True)
 class _Census:
     """The devices of an optimizer's state tensors (None: it also holds something else, a
-    Python number), as counted for ``key``: the state mapping's id and the parameters' ids."""
+    Python number or a sparse tensor), as counted for ``key``: the state mapping's id and the
+    parameters' ids."""
 
     key: tuple[int, tuple[int, ...]]
     devices: frozenset[torch.device] | None
@@ -118,7 +120,7 @@ def _census(optimizer: torch.optim.Optimizer) -> _Census | None:
     devices: set[torch.device] | None = set()
     for entry in state.values():
         for v in entry.values():
-            if not isinstance(v, Tensor):
+            if not isinstance(v, Tensor) or v.layout != torch.strided:
                 devices = None
             elif devices is not None:
                 devices.add(v.device)

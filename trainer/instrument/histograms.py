@@ -85,7 +85,9 @@ def histograms(
     ``range_policy``: ``minmax`` ([min, max] of the finite values), ``symmetric``
     ([-a, a], a = max |x|), or ``fixed`` (``fixed``; values outside go to the edge buckets).
     """
-    flat = [t.detach().reshape(-1) for t in tensors]
+    # (a sparse gradient, e.g. an ``Embedding(sparse=True)``'s, is binned as the dense tensor
+    # it stands for: its rows never touched count as the zeros they are)
+    flat = [(t.to_dense() if t.is_sparse else t).detach().reshape(-1) for t in tensors]
     # pass 1: the range of each tensor, one transfer for all. aminmax propagates NaN and shows
     # ±Inf, so finite bounds prove the tensor finite without a separate isfinite pass
     bounds = [torch.stack(torch.aminmax(x)).float() for x in flat]

@@ -196,7 +196,10 @@ class NonfiniteGuard(Callback):
             self.consecutive = 0
             return
         names = self._names(trainer, len(grads), len(losses))
-        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).tolist()
+        # (a sparse tensor's stored values: a non-finite one stays so in the sum it stands for)
+        finite = torch.stack(
+            [torch.isfinite(t._values() if t.is_sparse else t).all() for t in tensors]
+        ).tolist()
         bad = [n for n, fine in zip(names, finite, strict=True) if not fine]
         if not bad and not distributed:  # an overflowing norm of finite values: not a
             self.consecutive = 0  # non-finite value

@@ -804,7 +804,8 @@ class PerSampleNorms(Callback):
             rows = rows.reshape(-1, width)
             sq, w = rows[:, :-1], rows[:, -1]
         root = sq.sum(1).clamp_min(0).sqrt()  # wᵢ‖∇ℓᵢ‖ over the covered parameters
-        weighted = root / trainer.world.size  # the sample's share of the averaged gradient
+        # the sample's share of the averaged gradient (one process: root itself, x / 1 == x)
+        weighted = root / trainer.world.size if trainer.world.distributed else root
         values: dict[str | tuple[str, ...], Tensor | float] = {
             "per_sample/coverage": self.coverage()
         }
