@@ -793,3 +793,57 @@ def test_what_on_exception_stages_is_written(tmp_path) -> None:
               callbacks=[cb, FailAt(6)])  # fmt: skip
     assert cb.hooks == ["on_exception"]
     assert read_scalars(tmp_path)["custom/failed_at"] == [(6, 6.0)]
+
+
+class ComplexLinear(nn.Module):
+    """Digits through a complex Linear whose magnitude a real head reads."""
+
+    def __init__(self, num_classes: int = 10, **_) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 16, dtype=torch.cfloat)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lin(x.flatten(1).to(torch.cfloat)).abs())
+
+
+class PoisonComplex(Callback):
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step + 1 == 3:
+            trainer.params[0].grad[0, 0] = complex(math.nan, 0.0)
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_complex_parameter_is_checked_binned_and_left_out_where_it_must_be(
+    tmp_path, sync
+) -> None:
+    """Complex weights: the guard (whose step-mode kernel takes no complex tensor) names and
+    skips a NaN in one, histograms bin their real and imaginary parts, the per-sample norms
+    leave the complex unit out (coverage < 1) instead of a wrong number, and measuring changes
+    no parameter."""
+    common = ("trainer.max_steps=6", "logging.every_n_steps=2", "optimizer=sgd",
+              f"model._target_={__name__}.ComplexLinear", "instrument.nonfinite.policy=skip",
+              f"instrument.nonfinite.sync={sync}")  # fmt: skip
+    train(tmp_path / "full", *common, "instrument=full", callbacks=[PoisonComplex()])
+    train(tmp_path / "guard", *common, callbacks=[PoisonComplex()])
+    scalars = read_scalars(tmp_path / "full")
+    assert scalars["nonfinite/skipped_steps"] == [(3, 1.0)]
+    assert {"grad_hist/lin.weight/real", "weight_hist/lin.weight/imag"} <= set(
+        read_histograms(tmp_path / "full")
+    )
+    left_out = 64 * 16 + 16
+    assert scalars["per_sample/coverage"][-1][1] == pytest.approx(1 - left_out / (left_out + 170))
+    full, guard = final_params(tmp_path / "full"), final_params(tmp_path / "guard")
+    assert all(torch.equal(full[k], guard[k]) for k in full)
+
+
+def test_the_gradient_cosine_of_complex_tensors_is_that_of_their_real_parts() -> None:
+    from trainer.instrument.norms import _cosine
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(3, 2, dtype=torch.cfloat, generator=g), torch.randn(4, generator=g)]
+    b = [torch.randn(3, 2, dtype=torch.cfloat, generator=g).conj(), torch.randn(4, generator=g)]
+    flat = [torch.cat([torch.view_as_real(t.resolve_conj()).flatten() if t.is_complex()
+                       else t for t in ts]).double() for ts in (a, b)]  # fmt: skip
+    want = torch.dot(*flat) / (flat[0].norm() * flat[1].norm())
+    torch.testing.assert_close(_cosine(a, b).double(), want, rtol=1e-6, atol=0)

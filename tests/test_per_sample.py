@@ -7,6 +7,7 @@ in a warning, and the norm exact over the parameters it covers. Scalar and vecto
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from types import SimpleNamespace
@@ -163,6 +164,52 @@ class UserForwardHook(nn.Module):
         return self.head(torch.tanh(self.proj(self.emb(tokens).mean(1))))
 
 
+class LastState(nn.Module):
+    """A sequence-first LSTM whose output is not used, only its final hidden state: autograd
+    calls the output's gradient hook with None (it crashed the instrument)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.rnn = nn.LSTM(D, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        _, (h_n, _) = self.rnn(self.emb(tokens).transpose(0, 1))
+        return self.head(h_n[-1])
+
+
+class SpectralNorm(nn.Module):
+    """A spectral-normalized Linear (a parametrization whose power iteration updates its state
+    in training): left out and named; measuring must not run it again. Built in eval mode
+    here, so that the reference's forward per sample normalizes by the same σ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.proj = nn.utils.parametrizations.spectral_norm(nn.Linear(D, D))
+        self.head = nn.Linear(D, 3)
+        self.eval()
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.proj(self.emb(tokens).mean(1))))
+
+
+class ComplexProj(nn.Module):
+    """A complex Linear (its magnitude read by a real head): left out and named (its closed
+    form squared ``a·a``, not ``|a|²``, and dropped the imaginary part)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.proj = nn.Linear(D, D, dtype=torch.cdouble)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        h = self.emb(tokens).mean(1)
+        return self.head(self.proj(h.to(torch.cdouble)).abs())
+
+
 MODELS = {
     "attention-batch_first": (lambda: Attention(True), None),
     "attention-seq_first": (lambda: Attention(False), None),
@@ -171,10 +218,13 @@ MODELS = {
     "gru-2_layers": (lambda: Recurrent("gru"), None),
     "tied": (Tied, None),
     "linear_called_twice": (Twice, None),
+    "lstm-final_state_only": (LastState, None),
     # (the units left out, and a word their warning must contain)
     "functional_weight": (Functional, ({"proj"}, "linear")),
     "tied_by_hand": (TiedByHand, ({"emb"}, "outside its own forward")),
     "user_forward_hook": (UserForwardHook, ({"proj"}, "outside its own forward")),
+    "spectral_norm": (SpectralNorm, ({"proj"}, "parametrized")),
+    "complex_linear": (ComplexProj, ({"proj"}, "complex")),
 }
 
 
@@ -186,8 +236,9 @@ def _expand(values: dict) -> dict:
     return out
 
 
-def measure(model: nn.Module, x, y, weights=None, cb=None):
-    """One measured step of PerSampleNorms by hand (as the loop drives it)."""
+def measure(model: nn.Module, x, y, weights=None, cb=None, amp=contextlib.nullcontext):
+    """One measured step of PerSampleNorms by hand (as the loop drives it; the forward under
+    ``amp()``)."""
     cb = cb if cb is not None else PerSampleNorms(1, loss="both")
     staged: dict = {}
     trainer = SimpleNamespace(
@@ -203,7 +254,8 @@ def measure(model: nn.Module, x, y, weights=None, cb=None):
     model.zero_grad(set_to_none=True)
     batch = Batch(x, y, torch.arange(x.shape[0]))
     cb.on_train_batch_start(trainer, batch)
-    losses = F.cross_entropy(model(x), y, reduction="none")
+    with amp():
+        losses = F.cross_entropy(model(x), y, reduction="none")
     cb.on_before_backward(trainer, batch, losses)
     if weights is None:
         losses.mean().backward()
@@ -216,14 +268,17 @@ def measure(model: nn.Module, x, y, weights=None, cb=None):
     return cb.last, staged
 
 
-def reference_norms(model: nn.Module, x, y, skip: set[str]) -> torch.Tensor:
+def reference_norms(
+    model: nn.Module, x, y, skip: set[str], amp=contextlib.nullcontext
+) -> torch.Tensor:
     """‖∇θ ℓᵢ‖ per sample by brute force (one backward of the whole model per sample; vmap
     has no batching rule for the RNN kernels), over the parameters not under a ``skip`` prefix
     (a tied parameter counted once, as ``named_parameters`` lists it)."""
     kept = [p for n, p in model.named_parameters() if n.split(".")[0] not in skip]
     norms = []
     for i in range(x.shape[0]):
-        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        with amp():
+            loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
         grads = torch.autograd.grad(loss, kept)
         norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
     return torch.stack(norms)
@@ -258,6 +313,81 @@ def test_per_sample_norms_are_exact_or_honestly_reduced(kind, mode, caplog) -> N
         assert f"leave out {name!r}" in warned and word in warned
     if not skip:
         assert "leave out" not in warned
+
+
+def test_an_lstm_read_by_its_final_state_only_in_float32() -> None:
+    """In float32 (not float64) torch's LSTM calls its unused output's gradient hook with None:
+    measured without a crash, and exact up to float32 rounding (sums of ≤ 64 products, each
+    rounded at 2⁻²⁴: well within 1e-4 relative)."""
+    torch.manual_seed(0)
+    model = LastState()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (B, T), generator=g)
+    y = torch.randint(0, 3, (B,), generator=g)
+    reference = reference_norms(copy.deepcopy(model), x, y, set())
+    last, staged = measure(model, x, y)
+    assert staged["per_sample/coverage"] == 1.0
+    torch.testing.assert_close(last["per_sample/grad_norm"], reference, rtol=1e-4, atol=0)
+
+
+class AfterLinear(nn.Module):
+    """A GRU or an attention whose input comes from a Linear: under bf16 autocast that input is
+    bfloat16 (their per-sample recomputation ran outside autocast and refused it)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.inp = nn.Linear(D, D)
+        self.kind = kind
+        if kind == "gru":
+            self.mix = nn.GRU(D, D, batch_first=True)
+        else:
+            self.mix = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        h = self.inp(self.emb(tokens))
+        out = self.mix(h)[0] if self.kind == "gru" else self.mix(h, h, h)[0]
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("kind", ["gru", "attention"])
+def test_units_fed_by_autocast_are_measured_under_it(kind) -> None:
+    """bf16 autocast: the per-sample recomputation runs under the autocast its forward ran
+    under, and matches one backward per sample under the same autocast up to bfloat16
+    rounding (2⁻⁸ relative per rounded result; a batch and a single sample may round a few
+    of them differently: 2⁻⁵ relative)."""
+    torch.manual_seed(0)
+    model = AfterLinear(kind)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (B, T), generator=g)
+    y = torch.randint(0, 3, (B,), generator=g)
+
+    def amp():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    reference = reference_norms(copy.deepcopy(model), x, y, set(), amp)
+    last, staged = measure(model, x, y, amp=amp)
+    assert staged["per_sample/coverage"] == 1.0
+    torch.testing.assert_close(last["per_sample/grad_norm"], reference, rtol=2**-5, atol=0)
+
+
+def test_measuring_does_not_run_a_parametrization_again() -> None:
+    """In training, spectral_norm's power iteration updates its vectors at each computation of
+    the weight: a measured step leaves them, and the gradients, as an unmeasured step does
+    (the closed form's ``getattr(module, "weight")`` ran it once more per measured step)."""
+    torch.manual_seed(0)
+    measured = SpectralNorm().double().train()
+    plain = copy.deepcopy(measured)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (B, T), generator=g)
+    y = torch.randint(0, 3, (B,), generator=g)
+    measure(measured, x, y)
+    F.cross_entropy(plain(x), y).backward()
+    for (name, a), b in zip(measured.named_buffers(), plain.buffers(), strict=True):
+        assert torch.equal(a, b), name
+    for (name, p), q in zip(measured.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
 
 
 def test_attention_dropout_is_left_out_and_named(caplog) -> None:

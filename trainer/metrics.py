@@ -149,6 +149,14 @@ class Staging:
         return all_floats
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """float16/bfloat16 losses in float32, to be summed and averaged (others as they are)."""
+    return t.float() if t.dtype in _LOW else t
+
+
 def _drop_changed(entries: list[_Deferred]) -> str | None:
     """Leave out of ``entries`` each tensor changed in place since it was staged (the others
     are still written); the error that names the first such value, or None."""
@@ -183,8 +191,12 @@ class LossTally:
         self._units_epoch = torch.zeros((), device=device)  # per-token: Σu of the epoch
 
     def add(self, losses: Tensor, units: Tensor | None) -> None:
-        """One micro-batch's detached losses (and the loss's unit weights, per-token)."""
+        """One micro-batch's detached losses (and the loss's unit weights, per-token).
+        float16/bfloat16 losses are averaged in float32 (their own mean would round it to
+        their 8 or 11 bits)."""
         if units is not None:
+            if losses.dtype in _LOW:  # (a product of two such values is exact in float32)
+                losses, units = losses.float(), units.float()
             kept = losses * units
             units_sum = units.sum()
             self._units_log += units_sum
@@ -217,7 +229,7 @@ class LossTally:
             mean = total / count.clamp_min(torch.finfo(count.dtype).tiny)
             self._units_log.zero_()
         else:
-            interval = torch.cat(self._log)  # (samples since the last log,)
+            interval = _wide(torch.cat(self._log))  # (samples since the last log,)
             mean, total, count = interval.mean(), interval.sum(), samples
         if len(self._epoch) == len(self._log) and all(
             a is b for a, b in zip(self._epoch, self._log, strict=True)
@@ -233,7 +245,7 @@ class LossTally:
     def fold(self) -> None:
         """Add the epoch's pending losses into its device-side sum."""
         if self._epoch:
-            self._epoch_sum += torch.cat([t.reshape(-1) for t in self._epoch]).sum()
+            self._epoch_sum += _wide(torch.cat([t.reshape(-1) for t in self._epoch])).sum()
             self._epoch_samples += sum(t.numel() for t in self._epoch)
             self._epoch.clear()
 

@@ -130,7 +130,9 @@ class Curvature(Callback):
     ``on_before_optimizer_step`` in full precision (no autocast), in the model's training mode;
     BatchNorm running statistics are not updated (the forward runs on copies of the buffers)
     and dropout draws from a forked random state, so a run's parameters are bitwise the same
-    with and without it. Steps it does not measure cost one integer comparison per micro-batch.
+    with and without it, unless the model's forward changes Python state of its own (a call
+    counter it branches on), which a forward run again changes too. Steps it does not measure
+    cost one integer comparison per micro-batch.
     """
 
     def __init__(

@@ -214,14 +214,19 @@ class Histograms(Callback):
         due = self.every.due(step) or step in (1, trainer.total_steps)
         if not due or trainer.logger is None:
             return
-        tags, tensors = [], []
+        tags: list[tuple[str, str]] = []
+        tensors: list[Tensor] = []
         for name, p in zip(trainer.param_names, trainer.params, strict=True):
-            if self.grads and p.grad is not None:
-                tags.append(("grad", name))
-                tensors.append(p.grad)
-            if self.weights:
-                tags.append(("weight", name))
-                tensors.append(p)
+            kinds = [("grad", p.grad)] if self.grads and p.grad is not None else []
+            kinds += [("weight", p)] if self.weights else []
+            for kind, t in kinds:
+                if t.is_complex():  # its real and imaginary parts, each its own histogram
+                    parts = torch.view_as_real(t.detach().resolve_conj())
+                    tags += [(kind, f"{name}/real"), (kind, f"{name}/imag")]
+                    tensors += [parts[..., 0], parts[..., 1]]
+                else:
+                    tags.append((kind, name))
+                    tensors.append(t)
         hists = histograms(tensors, self.bins, self.range_policy, self.fixed)
         counts: dict[str, float] = {}
         for (kind, name), h in zip(tags, hists, strict=True):

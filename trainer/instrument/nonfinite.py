@@ -186,7 +186,8 @@ class NonfiniteGuard(Callback):
             self._defer(trainer, grads, losses, tensors)
             return
         found = kept = self._any_nonfinite(tensors)
-        if found is None:  # tensors on several devices, sparse gradients: the norms' sum
+        if found is None:  # sparse gradients: the norms' sum (a model split over several
+            # devices is not supported: this stack takes tensors on one device)
             found = ~torch.isfinite(torch.stack(self._norms(trainer, grads, losses, tensors)).sum())
         if distributed:  # every rank skips if any does: one small all-reduce per checked step
             found = all_reduce_max(found.float())
@@ -286,10 +287,10 @@ class NonfiniteGuard(Callback):
         ``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1 (it multiplies every
         value by 1.0, which changes no bit), then one host read. 12 µs against 28 µs for the
         norms on the digits MLP's CPU step. None where it does not apply (tensors on several
-        devices, sparse gradients): the caller checks with the norms instead."""
+        devices, sparse or complex gradients): the caller checks with the norms instead."""
         device = tensors[0].device
-        if any(t.device != device or t.is_sparse for t in tensors):
-            return None
+        if any(t.device != device or t.is_sparse or t.is_complex() for t in tensors):
+            return None  # (the kernel takes neither sparse nor complex tensors)
         if self._found is None or self._found.device != device:
             # float32 whatever the default dtype: the kernel takes nothing else
             self._found = torch.zeros((), dtype=torch.float32, device=device)

@@ -186,9 +186,15 @@ def copies(tensors: list[Tensor], one_launch: bool) -> list[Tensor]:
     return out
 
 
+def _real(x: Tensor) -> Tensor:
+    return torch.view_as_real(x.resolve_conj()) if x.is_complex() else x
+
+
 def _cosine(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """cos(a, b) of two gradients given as lists of tensors (0-d, on the device; 0 if either
-    is 0)."""
+    is 0). A complex tensor counts as its real and imaginary parts (Re⟨x, y⟩, the inner product
+    its norm belongs to)."""
+    a, b = [_real(x) for x in a], [_real(y) for y in b]
     dot = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
     na = torch.stack(torch._foreach_norm(a)).double().norm()
     nb = torch.stack(torch._foreach_norm(b)).double().norm()

@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback, Every
@@ -260,6 +261,14 @@ class _Call:
     outputs: list[Tensor]  # detached, the tensor outputs that require grad
     dims: list[int]  # each output's batch dimension
     grads: dict[int, Tensor] = field(default_factory=dict)  # output index -> its gradient
+    #: the autocast the forward ran under (device type, dtype), or None: a recomputation per
+    #: sample runs under it too (its saved inputs are in the dtype autocast gave them)
+    autocast: tuple[str, torch.dtype] | None = None
+
+    def autocast_again(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.autocast[0], dtype=self.autocast[1])
 
 
 def _slice_sample(x: Any, *, dim: int | None, i: int, group: int = 1) -> Any:
@@ -478,8 +487,15 @@ class PerSampleNorms(Callback):
             self._excluded[name] = why
             return
         dims = self._out_dims(module, len(outputs))
+        device = outputs[0].device.type
+        amp = (
+            (device, torch.get_autocast_dtype(device))
+            if torch.is_autocast_enabled(device)
+            else None
+        )
         call = _Call(
-            module, _detach(args), _detach(kwargs), [t.detach() for t in outputs], dims
+            module, _detach(args), _detach(kwargs), [t.detach() for t in outputs], dims,
+            autocast=amp,
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -500,6 +516,14 @@ class PerSampleNorms(Callback):
 
     def _check(self, module: nn.Module, args: tuple, kwargs: dict, outputs: list[Tensor]):
         """Why this call cannot be measured per sample, or None."""
+        if parametrize.is_parametrized(module):
+            return (
+                "a parametrized module (torch.nn.utils.parametrize): its weight is computed "
+                "anew at each access, and a parametrization may update its own state as it "
+                "runs (spectral_norm's power iteration in training), which measuring must not"
+            )
+        if any(p.is_complex() for p in self._covers[module]):
+            return "complex parameters (the per-sample norms are computed for real ones)"
         kind, b = self._kind[module], self._batch
         if kind == "attention":
             m: Any = module
@@ -549,7 +573,9 @@ class PerSampleNorms(Callback):
     def _units_of(self, p: Tensor) -> list[nn.Module]:
         return self._units_by_param[id(p)]
 
-    def _on_output_grad(self, call: _Call, k: int, g: Tensor) -> None:
+    def _on_output_grad(self, call: _Call, k: int, g: Tensor | None) -> None:
+        if g is None:  # no gradient reached this output (an LSTM's output when only its h_n is
+            return  # used): it adds nothing to the per-sample gradient
         call.grads[k] = g.detach()
         module = call.unit
         if self._kind[module] != "closed" or self._names[module] in self._excluded:
@@ -622,7 +648,7 @@ class PerSampleNorms(Callback):
                 else v
                 for key, v in bound.items()
             }  # fmt: skip
-            with torch.enable_grad():
+            with torch.enable_grad(), call.autocast_again():
                 result = functional_call(module, leaves, (), sample)
                 outs = [t for t in _tensors(result) if t.requires_grad]
                 root = sum(
@@ -670,7 +696,7 @@ class PerSampleNorms(Callback):
             return torch.stack(parts).sum()
 
         dims = (None, *x_dims, *[call.dims[k] for k in got])
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), call.autocast_again():
             return vmap(grad(inner), in_dims=dims)(leaves, *xs, *gs)
 
     def on_after_backward(
