@@ -105,19 +105,29 @@ class SparseBag(torch.nn.Module):
 
 
 class PoisonSparse(Callback):
-    """Inf into one value of the embedding's sparse gradient at the given steps."""
+    """Inf into one value of the embedding's sparse gradient at the given steps; or
+    (``overflow``) 3e38 into two stored values of one row, finite each, Inf summed."""
 
-    def __init__(self, steps: set[int]) -> None:
-        self.steps = steps
+    def __init__(self, steps: set[int], overflow: bool = False) -> None:
+        self.steps, self.overflow = steps, overflow
 
     def on_after_backward(self, trainer, batch, losses, weights) -> None:
-        if trainer.global_step + 1 in self.steps:
-            grad = trainer.params[0].grad
-            assert grad.is_sparse
+        if trainer.global_step + 1 not in self.steps:
+            return
+        grad = trainer.params[0].grad
+        assert grad.is_sparse and not grad.is_coalesced()
+        if not self.overflow:
             grad._values()[0, 0] = math.inf
+            return
+        rows = grad._indices()[0].tolist()
+        twin = rows.index(rows[0], 1)  # (64 pixels of 17 levels: a level repeats)
+        grad._values()[0, 0] = grad._values()[twin, 0] = 3e38
 
 
-def test_a_sparse_gradient_is_checked_measured_and_skipped_alike_in_both_modes(tmp_path) -> None:
+@pytest.mark.parametrize("overflow", [False, True])
+def test_a_sparse_gradient_is_checked_measured_and_skipped_alike_in_both_modes(
+    tmp_path, overflow
+) -> None:
     """A sparse gradient (SGD with momentum, whose buffer is sparse too): the guard names it
     and skips its steps in both modes (deferred reads the flag where a sparse momentum
     cannot be put back on the device), the runs end bit for bit alike, and every default
@@ -126,7 +136,8 @@ def test_a_sparse_gradient_is_checked_measured_and_skipped_alike_in_both_modes(t
     for sync in ("step", "deferred"):
         train(tmp_path / sync, *COMMON, f"model._target_={__name__}.SparseBag", "optimizer=sgd",
               "instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}",
-              "instrument.norms.every_n_steps=1", callbacks=[PoisonSparse({3, 7})])  # fmt: skip
+              "instrument.norms.every_n_steps=1",
+              callbacks=[PoisonSparse({3, 7}, overflow)])  # fmt: skip
         runs[sync] = (_state(tmp_path / sync), read_scalars(tmp_path / sync))
     (model_s, opt_s), scalars_s = runs["step"]
     (model_d, opt_d), scalars_d = runs["deferred"]

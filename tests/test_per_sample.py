@@ -210,6 +210,57 @@ class ComplexProj(nn.Module):
         return self.head(self.proj(h.to(torch.cdouble)).abs())
 
 
+class Scale(nn.Module):
+    """A parametrization with a parameter of its own (a learned per-row scale, LoRA-like)."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, rows)[:, None])
+
+    def forward(self, w):
+        return w * self.s
+
+
+class ScaledRows(nn.Module):
+    """A Linear with B output rows under a parametrization with its own parameter: the
+    parametrization is called on the weight, whose B rows looked like a batch to a generic
+    unit's check (its "per-sample" norms were counted, and coverage too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.proj = nn.Linear(D, B)
+        nn.utils.parametrize.register_parametrization(self.proj, "weight", Scale(B))
+        self.head = nn.Linear(B, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.proj(self.emb(tokens).mean(1))))
+
+
+class Phase(nn.Module):
+    """A real parameter applied to complex values (a learned phase): its closed form cannot
+    differentiate a complex output; left out, not a crash."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = nn.Parameter(torch.linspace(0.0, 1.0, D))
+
+    def forward(self, z):
+        return z * torch.polar(torch.ones_like(self.phase), self.phase)
+
+
+class PhaseModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.rot = Phase()
+        self.head = nn.Linear(2 * D, 3)
+
+    def forward(self, tokens):
+        z = self.rot(self.emb(tokens).mean(1).to(torch.cdouble))
+        return self.head(torch.cat([z.real, z.imag], 1))
+
+
 MODELS = {
     "attention-batch_first": (lambda: Attention(True), None),
     "attention-seq_first": (lambda: Attention(False), None),
@@ -225,6 +276,8 @@ MODELS = {
     "user_forward_hook": (UserForwardHook, ({"proj"}, "outside its own forward")),
     "spectral_norm": (SpectralNorm, ({"proj"}, "parametrized")),
     "complex_linear": (ComplexProj, ({"proj"}, "complex")),
+    "parametrization_with_a_parameter": (ScaledRows, ({"proj"}, "parametriz")),
+    "real_parameter_complex_values": (PhaseModel, ({"rot"}, "complex")),
 }
 
 
@@ -372,12 +425,30 @@ def test_units_fed_by_autocast_are_measured_under_it(kind) -> None:
     torch.testing.assert_close(last["per_sample/grad_norm"], reference, rtol=2**-5, atol=0)
 
 
-def test_measuring_does_not_run_a_parametrization_again() -> None:
+class NormalizedAttention(nn.Module):
+    """Attention whose output projection is spectral-normalized: the parametrization is inside
+    the attention unit, which is recomputed per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.att = nn.MultiheadAttention(D, 2, batch_first=True)
+        nn.utils.parametrizations.spectral_norm(self.att.out_proj)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        return self.head(self.att(h, h, h)[0][:, -1])
+
+
+@pytest.mark.parametrize("make", [SpectralNorm, NormalizedAttention])
+def test_measuring_does_not_run_a_parametrization_again(make) -> None:
     """In training, spectral_norm's power iteration updates its vectors at each computation of
     the weight: a measured step leaves them, and the gradients, as an unmeasured step does
-    (the closed form's ``getattr(module, "weight")`` ran it once more per measured step)."""
+    (the closed form's ``getattr(module, "weight")`` ran it once more per measured step; an
+    attention unit's recomputation per sample, once per sample)."""
     torch.manual_seed(0)
-    measured = SpectralNorm().double().train()
+    measured = make().double().train()
     plain = copy.deepcopy(measured)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, V, (B, T), generator=g)

@@ -197,9 +197,10 @@ class NonfiniteGuard(Callback):
             self.consecutive = 0
             return
         names = self._names(trainer, len(grads), len(losses))
-        # (a sparse tensor's stored values: a non-finite one stays so in the sum it stands for)
+        # (a sparse tensor's values once its repeated indices are summed: two finite ones
+        # may add up to Inf)
         finite = torch.stack(
-            [torch.isfinite(t._values() if t.is_sparse else t).all() for t in tensors]
+            [torch.isfinite(t.coalesce()._values() if t.is_sparse else t).all() for t in tensors]
         ).tolist()
         bad = [n for n, fine in zip(names, finite, strict=True) if not fine]
         if not bad and not distributed:  # an overflowing norm of finite values: not a

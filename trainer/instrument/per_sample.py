@@ -357,6 +357,7 @@ class PerSampleNorms(Callback):
         self._order: dict[nn.Module, int] = {}  # forward order within the micro-batch
         self._mixing: list[tuple[int, str]] = []  # (order, name) of training-mode BatchNorms
         self._excluded: dict[str, str] = {}  # unit name -> why, for the current micro-batch
+        self._parametrizing: set[nn.Module] = set()  # (set in on_fit_start)
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
         self._weighted: list[Tensor] = []  # per micro-batch, (B, params) squared weighted norms
@@ -390,6 +391,11 @@ class PerSampleNorms(Callback):
             for p in own:
                 self._units_by_param.setdefault(id(p), []).append(m)
         self._param_by_id = {id(p): p for _, _, own, _ in self.units for p in own}
+        #: the modules that compute a parametrized weight (never a per-sample unit)
+        self._parametrizing = {
+            sub for m in trainer.model.modules() if parametrize.is_parametrized(m)
+            for sub in m.parametrizations.modules()  # type: ignore[union-attr]
+        }  # fmt: skip
         self._params = list(self._param_by_id.values())
         if self.snr:
             self._tags = NOISE_TAGS + tuple(f"grad_snr/{names[id(p)]}" for p in self._params)
@@ -516,14 +522,22 @@ class PerSampleNorms(Callback):
 
     def _check(self, module: nn.Module, args: tuple, kwargs: dict, outputs: list[Tensor]):
         """Why this call cannot be measured per sample, or None."""
-        if parametrize.is_parametrized(module):
+        if module in self._parametrizing:
             return (
-                "a parametrized module (torch.nn.utils.parametrize): its weight is computed "
-                "anew at each access, and a parametrization may update its own state as it "
-                "runs (spectral_norm's power iteration in training), which measuring must not"
+                "part of a parametrization (torch.nn.utils.parametrize), called on a weight, "
+                "not on the batch"
             )
-        if any(p.is_complex() for p in self._covers[module]):
-            return "complex parameters (the per-sample norms are computed for real ones)"
+        if any(parametrize.is_parametrized(m) for m in module.modules()):
+            return (
+                "a parametrized module (torch.nn.utils.parametrize) in it: its weight is "
+                "computed anew at each access, and a parametrization may update its own state "
+                "as it runs (spectral_norm's power iteration in training), which measuring "
+                "must not"
+            )
+        if any(p.is_complex() for p in self._covers[module]) or any(
+            t.is_complex() for t in [*_tensors((args, kwargs)), *outputs]
+        ):
+            return "complex parameters or values (the per-sample norms are for real ones)"
         kind, b = self._kind[module], self._batch
         if kind == "attention":
             m: Any = module
