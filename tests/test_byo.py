@@ -203,3 +203,16 @@ def test_a_bad_monitor_names_what_the_run_reports(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"monitor: got 'val/mse', but this run reports "
                        "val/loss, val/acc, train/loss"):  # fmt: skip
         train(tmp_path, "monitor=val/mse", "trainer.max_steps=1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mse_of_a_half_precision_output_is_computed_in_float32(dtype) -> None:
+    """An autocast model's float16/bfloat16 output: the targets are not rounded to its 8 or 11
+    bits, and a difference beyond 256 does not overflow float16."""
+    from trainer.losses import MSE
+
+    out = torch.tensor([[1.5], [-2.0], [40.0]], dtype=dtype)
+    y = torch.tensor([300.3, 0.001, 39.9])
+    losses = MSE()(out, y)
+    assert losses.dtype == torch.float32
+    assert torch.equal(losses, (out.float().squeeze(1) - y) ** 2)

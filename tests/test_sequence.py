@@ -20,7 +20,7 @@ from trainer.data.chars import CharText, windows
 from trainer.distributed import SINGLE
 from trainer.instrument.per_sample import PerSampleNorms, sample_coefficients
 from trainer.loop import Trainer
-from trainer.losses import TokenCrossEntropy
+from trainer.losses import Loss, TokenCrossEntropy
 from trainer.objective import Objective, Window
 from trainer.run import build_trainer
 from trainer.weighting import PerSampleWeighting, PerTokenWeighting, UniformWeighting, Weighting
@@ -438,3 +438,88 @@ def test_the_presets_validate() -> None:
     for preset in ("chars_lm", "chars_lm_per_token"):
         typed = validate(make_cfg(f"experiment={preset}"))
         assert typed.loss.average == "tokens"
+
+
+class MaskedMSE(Loss):
+    """A user's per-element loss that masks by multiplying: a masked element's loss is 0 but
+    its gradient is not (unlike cross-entropy's ignore_index), so only its coefficient, 0,
+    keeps it out."""
+
+    task = "regression"
+
+    def forward(self, output, target):
+        return (output - torch.nan_to_num(target)) ** 2 * ~target.isnan()
+
+    def units(self, target, dtype=torch.float32):
+        return (~target.isnan()).to(dtype)
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_a_window_without_a_unit_gives_zero_gradients_in_both_modes(batches) -> None:
+    """Every element of the window masked (a ragged last batch of padding): the coefficients
+    u / Σu are 0 in scalar and vector-uniform mode alike (the uniform weighting clamped Σu,
+    scalar mode divided 0 by 0 and the run stopped on NaN gradients)."""
+    from trainer.objective import Objective
+
+    out = torch.randn(3, 2, requires_grad=True)
+    y = torch.full((3, 2), math.nan)
+    loss = MaskedMSE()
+    window = Window(samples=3 * batches, batches=batches, units=torch.zeros(()))
+    grads = []
+    for weighting in (None, UniformWeighting()):
+        objective = Objective(loss, weighting, (), [out])
+        losses = loss(out, y)
+        objective.backward(losses, out, (out, y, torch.arange(3)), window, last=True, logs=False)
+        grads.append(out.grad)
+        out.grad = None
+    assert all(torch.equal(g, torch.zeros_like(out)) for g in grads)
+
+
+def test_a_per_sample_weighting_refuses_any_per_element_loss_by_its_config_name() -> None:
+    """hard_topk ranks samples: a user's per-element loss (units, not a sequence task) is
+    refused before training, named as the config spells it (it failed at step 1 with
+    'selected index k out of range'); class-label weightings do not suggest it then."""
+    from trainer.weighting import FocalWeighting, HardTopKWeighting
+
+    with pytest.raises(ValueError, match=r"weighting=hard_topk ranks whole samples.*MaskedMSE"):
+        HardTopKWeighting().check_loss(MaskedMSE())
+    with pytest.raises(ValueError, match=r"use weighting=uniform or per_sample$"):
+        FocalWeighting().check_loss(MaskedMSE())
+
+
+def test_a_logging_window_without_a_unit_logs_nan_not_zero() -> None:
+    from trainer.metrics import LossTally
+
+    tally = LossTally(torch.device("cpu"), per_token=True)
+    tally.add(torch.ones(2, 3), torch.zeros(2, 3))
+    mean, total, count, _ = tally.take_log()
+    assert math.isnan(mean) and total == 0 and count == 0
+
+
+def test_a_users_loss_with_units_validates_on_its_own_average() -> None:
+    """The base validation metrics of a user's loss that defines units: val/loss is Σuℓ / Σu
+    (it was Σℓ / B), and a sequence task reports val/ppl and val/token_acc (it raised a
+    KeyError at the first validation, after an epoch of training)."""
+    out = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    y = torch.tensor([[2.0, math.nan], [1.0, 1.0]])
+    (s, n) = MaskedMSE().val_sums(out, y)["val/loss"].tolist()
+    assert (s, n) == (1.0 + 4.0 + 1.0, 3.0)
+
+    class MaskedTokens(Loss):
+        task = "sequence"
+
+        def forward(self, output, target):
+            nll = F.cross_entropy(output.flatten(0, 1), target.clamp_min(0).flatten(),
+                                  reduction="none").view(target.shape)  # fmt: skip
+            return nll * (target >= 0)
+
+        def units(self, target, dtype=torch.float32):
+            return (target >= 0).to(dtype)
+
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[0.0, 3.0], [1.0, 0.0]]])
+    tokens = torch.tensor([[0, 0], [1, -1]])
+    loss = MaskedTokens()
+    sums = {k: v.tolist() for k, v in loss.val_sums(logits, tokens).items()}
+    nll = loss(logits, tokens).sum().item()
+    assert sums == {"val/loss": [nll, 3.0], "val/ppl": [nll, 3.0], "val/token_acc": [2.0, 3.0]}
+    assert loss.finalize({"val/ppl": nll / 3})["val/ppl"] == pytest.approx(math.exp(nll / 3))

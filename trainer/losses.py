@@ -101,16 +101,35 @@ class Loss:
     def val_sums(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
         output = output.float()
         n = torch.full((), float(target.shape[0]), device=output.device)
-        sums = {"val/loss": torch.stack([self.val_losses(output, target).float().sum(), n])}
+        losses = self.val_losses(output, target).float()
+        units = self.units(target, losses.dtype)
+        if units is None:
+            sums = {"val/loss": torch.stack([losses.sum(), n])}
+        else:  # the loss's own average Σuℓ / Σu, as train/loss
+            sums = {"val/loss": torch.stack([(losses * units).sum(), units.sum()])}
         if self.task == "classification":
             correct = (output.argmax(dim=1) == target).sum().float()
             sums["val/acc"] = torch.stack([correct, n])
         elif self.task == "regression":
             sums["val/mse"] = torch.stack([squared_error(output, target).sum(), n])
+        elif self.task == "sequence":  # val/ppl: exp of val/loss (finalize)
+            if output.ndim != target.ndim + 1 or output.shape[:-1] != target.shape:
+                raise ValueError(
+                    f"loss {type(self).__name__} (task sequence): val/token_acc needs logits "
+                    f"(B, T, V) for targets (B, T); got {tuple(output.shape)} and "
+                    f"{tuple(target.shape)} (override val_sums and metrics for other outputs)"
+                )
+            counted = torch.ones_like(losses) if units is None else (units > 0).float()
+            hits = (output.argmax(dim=-1) == target).float() * counted
+            sums["val/ppl"] = sums["val/loss"]
+            sums["val/token_acc"] = torch.stack([hits.sum(), counted.sum()])
         return sums
 
     def finalize(self, values: dict[str, float]) -> dict[str, float]:
-        """Derived metrics from the averaged ones (e.g. perplexity = exp(loss))."""
+        """Derived metrics from the averaged ones (a sequence task's perplexity = exp(loss))."""
+        if self.task == "sequence" and "val/ppl" in values:
+            loss = values["val/ppl"]
+            return {**values, "val/ppl": math.exp(loss) if loss < 700 else math.inf}
         return values
 
 
@@ -128,7 +147,10 @@ def squared_error(output: Tensor, target: Tensor) -> Tensor:
             f"targets of shape {tuple(target.shape)} (one output per target element; nothing "
             "is broadcast)"
         )
-    diff = output.reshape(b, -1) - target.reshape(b, -1).to(output.dtype)
+    # in float32 at least (an autocast model's float16/bfloat16 output would round the
+    # targets to 8 or 11 bits, and float16 overflows beyond a difference of 256)
+    dtype = torch.promote_types(output.dtype, torch.float32)
+    diff = output.reshape(b, -1).to(dtype) - target.reshape(b, -1).to(dtype)
     return diff.square().mean(dim=1)
 
 

@@ -226,7 +226,7 @@ class LossTally:
         if self.per_token:  # Σuℓ / Σu
             interval = torch.cat([t.reshape(-1) for t in self._log])
             total, count = interval.sum(), self._units_log.clone()
-            mean = total / count.clamp_min(torch.finfo(count.dtype).tiny)
+            mean = total / count  # (a window without a unit: NaN, not a loss of 0)
             self._units_log.zero_()
         else:
             interval = _wide(torch.cat(self._log))  # (samples since the last log,)

@@ -166,11 +166,15 @@ class Objective:
     def _window_units(self, units: Tensor, window: Window) -> Tensor:
         """U; for a window of one micro-batch Σu computed as the uniform weighting does, so
         scalar mode and vector-uniform mode give the same coefficients bit for bit (one
-        process; data-parallel, U is the global window's, summed over the ranks)."""
+        process; data-parallel, U is the global window's, summed over the ranks). At least the
+        dtype's smallest normal number, as the uniform weighting's: a window without a unit
+        (every token padding) gives coefficients 0, not 0/0."""
         if window.batches == 1 and not self.world.distributed:
-            return units.sum()
-        assert window.units is not None
-        return window.units.to(units.dtype)
+            total = units.sum()
+        else:
+            assert window.units is not None
+            total = window.units.to(units.dtype)
+        return total.clamp_min(torch.finfo(total.dtype).tiny)
 
     def vector_weights(
         self,
@@ -215,8 +219,9 @@ class Objective:
         units = self.loss.units(y, losses.dtype)
         if self.weighting is not None:  # normalized over the global batch under DDP
             return (self.weighting(losses, output, y, index, units) * losses).sum()
-        if units is not None:  # data-parallel: the global batch's Σu
-            return (losses * (units / all_reduce_sum(units.sum()))).sum()
+        if units is not None:  # data-parallel: the global batch's Σu (0 units: 0, not 0/0)
+            total = all_reduce_sum(units.sum())
+            return (losses * (units / total.clamp_min(torch.finfo(total.dtype).tiny))).sum()
         if self.world.distributed:  # this rank's part of the global batch's mean
             return losses.sum() / self.global_batch_size()
         return losses.mean()

@@ -106,17 +106,21 @@ class Weighting(abc.ABC):
 
     def check_loss(self, loss: Loss) -> None:
         """Refuse a loss this strategy cannot weight (called once, before training)."""
-        if self.per_sample_only and loss.task == "sequence":
+        from trainer.losses import Loss  # (at run time: the module imports this one's users)
+
+        elements = type(loss).units is not Loss.units  # several losses per sample (tokens)
+        if self.per_sample_only and elements:
             raise ValueError(
                 f"weighting={_config_name(self)} ranks whole samples' losses; it is not defined "
-                f"for the per-token losses of {type(loss).__name__}; use weighting=uniform, "
-                "per_sample (one weight per sequence) or per_token"
+                f"for the per-element losses of {type(loss).__name__} (it defines units); use "
+                "weighting=uniform or per_sample (one weight per sample)"
+                + (" or per_token" if loss.task == "sequence" else "")
             )
         if self.needs_classes and loss.task != "classification":
             raise ValueError(
                 f"weighting={_config_name(self)} reads class labels, but the loss "
                 f"{type(loss).__name__} is not a classification loss (task {loss.task}); use "
-                "weighting=uniform, per_sample or hard_topk"
+                "weighting=uniform or per_sample" + ("" if elements else " or hard_topk")
             )
 
     @abc.abstractmethod
@@ -208,7 +212,11 @@ def _config_name(w: Weighting) -> str:
     import re
 
     name = type(w).__name__.removesuffix("Weighting")
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return _NAMES.get(name) or re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+#: the config names the rule above would spell otherwise
+_NAMES = {"HardTopK": "hard_topk"}
 
 
 def _class_count(data: DataModule, strategy: str) -> int:
