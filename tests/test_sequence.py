@@ -523,3 +523,36 @@ def test_a_users_loss_with_units_validates_on_its_own_average() -> None:
     nll = loss(logits, tokens).sum().item()
     assert sums == {"val/loss": [nll, 3.0], "val/ppl": [nll, 3.0], "val/token_acc": [2.0, 3.0]}
     assert loss.finalize({"val/ppl": nll / 3})["val/ppl"] == pytest.approx(math.exp(nll / 3))
+
+
+def test_base_validation_of_sequence_losses_without_matching_units() -> None:
+    """A sequence task whose losses are per sample (no units), and a loss with units whose
+    validation losses are per sample: token accuracy over the target's tokens, val/loss over
+    the samples (a review found them broadcast: B = T gave a token accuracy of 4.0)."""
+
+    class PerSequence(Loss):
+        task = "sequence"
+
+        def forward(self, output, target):
+            return F.cross_entropy(output.transpose(1, 2), target, reduction="none").mean(1)
+
+    class PerSequenceValidation(PerSequence):
+        def units(self, target, dtype=torch.float32):
+            return torch.ones(target.shape, dtype=dtype)
+
+        def forward(self, output, target):
+            return F.cross_entropy(output.transpose(1, 2), target, reduction="none")
+
+        def val_losses(self, output, target):
+            return self.forward(output, target).mean(1)
+
+    g = torch.Generator().manual_seed(0)
+    for b, t in [(4, 4), (3, 5)]:
+        logits = torch.randn(b, t, 3, generator=g)
+        tokens = logits.argmax(-1)
+        tokens[0, 0] = (tokens[0, 0] + 1) % 3  # one miss
+        for loss in (PerSequence(), PerSequenceValidation()):
+            sums = {k: v.tolist() for k, v in loss.val_sums(logits, tokens).items()}
+            per_sample = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").mean(1)
+            assert sums["val/loss"] == pytest.approx([per_sample.sum().item(), b], rel=1e-6)
+            assert sums["val/token_acc"] == [b * t - 1.0, float(b * t)]

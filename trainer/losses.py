@@ -103,6 +103,8 @@ class Loss:
         n = torch.full((), float(target.shape[0]), device=output.device)
         losses = self.val_losses(output, target).float()
         units = self.units(target, losses.dtype)
+        if units is not None and units.shape != losses.shape:  # (val_losses per sample)
+            units = None
         if units is None:
             sums = {"val/loss": torch.stack([losses.sum(), n])}
         else:  # the loss's own average Σuℓ / Σu, as train/loss
@@ -119,15 +121,20 @@ class Loss:
                     f"(B, T, V) for targets (B, T); got {tuple(output.shape)} and "
                     f"{tuple(target.shape)} (override val_sums and metrics for other outputs)"
                 )
-            counted = torch.ones_like(losses) if units is None else (units > 0).float()
+            counted = (
+                torch.ones(target.shape, device=output.device)
+                if units is None or units.shape != target.shape
+                else (units > 0).float()
+            )
             hits = (output.argmax(dim=-1) == target).float() * counted
             sums["val/ppl"] = sums["val/loss"]
             sums["val/token_acc"] = torch.stack([hits.sum(), counted.sum()])
         return sums
 
     def finalize(self, values: dict[str, float]) -> dict[str, float]:
-        """Derived metrics from the averaged ones (a sequence task's perplexity = exp(loss))."""
-        if self.task == "sequence" and "val/ppl" in values:
+        """Derived metrics from the averaged ones (a sequence task's perplexity = exp(loss), as
+        :meth:`val_sums` reports it: a loss pair, unless a subclass reports its own)."""
+        if self.task == "sequence" and "val/ppl" in values and type(self).val_sums is Loss.val_sums:
             loss = values["val/ppl"]
             return {**values, "val/ppl": math.exp(loss) if loss < 700 else math.inf}
         return values
