@@ -163,7 +163,7 @@ class Trainer:
             scaler=self.scaler, global_batch_size=lambda: self.train_loader.current_global_size,
         )  # fmt: skip
         #: per-token losses (the loss defines unit weights): train/loss is Σ u ℓ / Σ u
-        self.token_losses = type(self.criterion).units is not Loss.units
+        self.token_losses = self.criterion.has_units
         #: optimizer steps taken; inside a step's hooks, the number of the step being taken
         self.global_step = 0
         #: epochs completed (between epochs: the 0-based index of the next one)

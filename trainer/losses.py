@@ -135,9 +135,19 @@ class Loss:
         """Derived metrics from the averaged ones (a sequence task's perplexity = exp(loss), as
         :meth:`val_sums` reports it: a loss pair, unless a subclass reports its own)."""
         if self.task == "sequence" and "val/ppl" in values and type(self).val_sums is Loss.val_sums:
-            loss = values["val/ppl"]
-            return {**values, "val/ppl": math.exp(loss) if loss < 700 else math.inf}
+            return {**values, "val/ppl": perplexity(values["val/ppl"])}
         return values
+
+    @property
+    def has_units(self) -> bool:
+        """Whether the loss defines unit weights (:meth:`units`): several loss elements per
+        sample (tokens), averaged as Σuℓ / Σu."""
+        return type(self).units is not Loss.units
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean NLL), inf where it overflows."""
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 def squared_error(output: Tensor, target: Tensor) -> Tensor:
@@ -273,8 +283,7 @@ class TokenCrossEntropy(Loss):
         return {"val/loss": loss, "val/ppl": loss, "val/token_acc": torch.stack([correct, n])}
 
     def finalize(self, values: dict[str, float]) -> dict[str, float]:
-        loss = values["val/loss"]
-        return {**values, "val/ppl": math.exp(loss) if loss < 700 else math.inf}
+        return {**values, "val/ppl": perplexity(values["val/loss"])}
 
     def check(self, data: DataModule) -> None:
         targets = data.train_targets

@@ -106,9 +106,7 @@ class Weighting(abc.ABC):
 
     def check_loss(self, loss: Loss) -> None:
         """Refuse a loss this strategy cannot weight (called once, before training)."""
-        from trainer.losses import Loss  # (at run time: the module imports this one's users)
-
-        elements = type(loss).units is not Loss.units  # several losses per sample (tokens)
+        elements = loss.has_units  # several losses per sample (tokens)
         if self.per_sample_only and elements:
             raise ValueError(
                 f"weighting={_config_name(self)} ranks whole samples' losses; it is not defined "
