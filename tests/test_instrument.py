@@ -148,6 +148,102 @@ def test_norms_under_fp16_are_of_unscaled_gradients(tmp_path) -> None:
         assert b[tag][0][1] == pytest.approx(a[tag][0][1], rel=0.05), tag  # not 2¹⁶ times
 
 
+def test_norms_of_float16_and_bfloat16_tensors_are_taken_in_float32() -> None:
+    """A float16 tensor of finite values whose norm passes float16's 65504, a bfloat16 one
+    (whose own norm keeps 3 significant digits), beside float32, float64 and sparse ones: each
+    norm within n·2⁻²⁴ (float32 sums of n squares) of the float64 one, the float32 tensors'
+    bit for bit ``_foreach_norm``'s, the float64 one's in float64."""
+    from torch.nn.utils import get_total_norm
+
+    from trainer.instrument.norms import norms_of, total_norm
+
+    g = torch.Generator().manual_seed(0)
+    half = torch.full((640,), 3000.0, dtype=torch.float16)  # ‖·‖ = 75895: Inf in float16
+    bf16 = (torch.randn(1000, generator=g) * 3).bfloat16()
+    f32 = [torch.randn(77, generator=g), torch.randn(300, generator=g) * 1e3]
+    f64 = torch.randn(5, generator=g, dtype=torch.float64)
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 1, 1]]), torch.tensor([1.0, 2.0, 3.0]),
+                                     (4,), check_invariants=True).half()  # fmt: skip
+    assert torch.isinf(torch._foreach_norm([half])[0])  # what the dtype's own norm gives
+
+    def check(tensors: list[torch.Tensor]) -> None:
+        norms = norms_of(tensors)
+        for t, n in zip(tensors, norms, strict=True):
+            exact = t.to_dense().double().norm()
+            assert n.dtype == (torch.float64 if t.dtype == torch.float64 else torch.float32)
+            assert torch.isfinite(n) and abs(n.double() - exact) <= t.numel() * 2**-24 * exact
+            if t.dtype == torch.float32:
+                assert torch.equal(n, torch._foreach_norm([t])[0])
+        total = total_norm(tensors)
+        exact = torch.stack([t.to_dense().double().norm() for t in tensors]).norm()
+        assert abs(total.double() - exact) <= sum(t.numel() for t in tensors) * 2**-24 * exact
+
+    check([half, bf16, *f32])  # one call, dtype=float32
+    check([half, bf16, *f32, f64, sparse])  # the float16/bfloat16 ones copied to float32
+    assert torch.equal(total_norm(f32), get_total_norm(f32))  # no float16/bfloat16: torch's
+
+
+class _PlusOnTheWayBack(torch.autograd.Function):
+    """The identity, whose backward adds ``c`` to the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, c):
+        ctx.c = c
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g + ctx.c, None
+
+
+class LowPrecisionLogits(nn.Module):
+    """A float16 (or bfloat16) linear model whose weight's gradient gets 3000 added on the way
+    back: its 640 values stay near 3000, finite in float16, while their norm (≈ 3000·√640 =
+    75895) passes float16's 65504."""
+
+    dtype = torch.float16
+
+    def __init__(self, num_classes: int = 10, **_) -> None:
+        super().__init__()
+        self.net = nn.Linear(64, num_classes).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _PlusOnTheWayBack.apply(self.net.weight, 3000.0)
+        return F.linear(x.flatten(1).to(self.dtype), weight, self.net.bias)
+
+
+class Bfloat16LowPrecisionLogits(LowPrecisionLogits):
+    dtype = torch.bfloat16
+
+
+@pytest.mark.parametrize("model", ["LowPrecisionLogits", "Bfloat16LowPrecisionLogits"])
+def test_norms_and_clipping_of_a_float16_or_bfloat16_model_are_in_float32(tmp_path, model):
+    """A float16/bfloat16 model's logged gradient norms are those of its gradients in float32
+    (within n·2⁻²⁴ of float64), not Inf where a float16 norm overflows, nor rounded to
+    bfloat16's 8 bits (2⁻⁹); clipping to 1 leaves a total of 1 up to the rounding of the
+    clipped values to the dtype (2⁻¹¹ float16, 2⁻⁸ bfloat16) instead of zeroing the gradient
+    with float16's Inf total, as ``clip_grad_norm_`` in float16 does."""
+    cap = Grads()
+    train(tmp_path, f"model._target_={__name__}.{model}", "trainer.max_steps=3",
+          "instrument.norms.every_n_steps=1", "logging.every_n_steps=1", "optimizer=sgd",
+          "trainer.grad_clip=1.0", callbacks=[cap])  # fmt: skip
+    s = read_scalars(tmp_path)
+    dtype = LowPrecisionLogits.dtype if model == "LowPrecisionLogits" else torch.bfloat16
+    for step in (1, 2, 3):
+        grads = cap.grads[step]
+        assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads.values())
+        exact = {n: g.double().norm().item() for n, g in grads.items()}
+        total = math.sqrt(sum(v * v for v in exact.values()))
+        if dtype == torch.float16:
+            assert total > 65504  # the case: float16's own norm would be Inf
+        n = sum(g.numel() for g in grads.values())
+        assert dict(s["grad_norm/total"])[step] == pytest.approx(total, rel=n * 2**-24)
+        for name, v in exact.items():
+            assert dict(s[f"grad_norm/{name}"])[step] == pytest.approx(v, rel=n * 2**-24)
+        rounding = 2**-11 if dtype == torch.float16 else 2**-8
+        assert dict(s["grad_norm/total_clipped"])[step] == pytest.approx(1.0, abs=rounding)
+
+
 # ----------------------------------------------------------------------------- histograms
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
+from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_
 
 from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, StepOutput
 from trainer.data.base import Batch, Loader, batch_count
@@ -44,6 +44,7 @@ from trainer.distributed import (
     all_reduce_max,
     all_reduce_sum,
 )
+from trainer.instrument.norms import LOW_PRECISION, total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
 from trainer.losses import Loss, as_loss
 from trainer.metrics import LossTally, Staging
@@ -182,9 +183,13 @@ class Trainer:
         self.measure_clipped_norm = False
         #: the step's gradient norms as a callback computed them (share_grad_norms)
         self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor]] | None = None
-        #: get_total_norm sums per (device, dtype) group: with one group its total is the 2-norm
-        #: of the per-parameter norms bit for bit, so the loop may take it from shared ones
-        self._one_group = len({(p.device, p.dtype) for p in self.params}) <= 1
+        #: float16/bfloat16 parameters: their gradients' norms, the total and the clipping
+        #: coefficient are computed in float32 (trainer.instrument.norms.total_norm)
+        self._low = any(p.dtype in LOW_PRECISION for p in self.params)
+        #: whether the total is the 2-norm of shared per-parameter norms bit for bit, so the
+        #: loop may take it from them: get_total_norm sums per (device, dtype) group, so with
+        #: one group; total_norm (float16/bfloat16 parameters) always
+        self._one_group = self._low or len({(p.device, p.dtype) for p in self.params}) <= 1
         #: what callbacks stage during a step (stage_scalars, stage_histogram)
         self.staging = Staging()
         #: the current accumulation window (its samples; per-token losses: its Σu)
@@ -524,15 +529,17 @@ class Trainer:
                 # would compute it (the 2-norm of the per-tensor 2-norms)
                 grad_norm = torch.linalg.vector_norm(shared)
         if self.grad_clip > 0:
-            if grad_norm is None:
+            if grad_norm is None and not self._low:
                 grad_norm = clip_grad_norm_(self.params, self.grad_clip)
             else:
+                if grad_norm is None:  # (float16/bfloat16: the total in float32)
+                    grad_norm = total_norm(grads, low=True)
                 clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)
             if self.measure_clipped_norm:  # measured after clipping, not inferred
-                split_norms["grad_norm/total_clipped"] = get_total_norm(grads)
+                split_norms["grad_norm/total_clipped"] = total_norm(grads, self._low)
         elif should_log or self.measure_clipped_norm:
             if grad_norm is None:
-                grad_norm = get_total_norm(grads)
+                grad_norm = total_norm(grads, self._low)
             if self.measure_clipped_norm:
                 split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
         if self.measure_clipped_norm and grad_norm is not None:  # the norms instrument's

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn.utils import get_total_norm
 
 from trainer.backward import backward_scalar, backward_vector
 from trainer.distributed import SINGLE, World, all_reduce_sum
+from trainer.instrument.norms import total_norm
 from trainer.losses import Loss
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
@@ -320,8 +320,8 @@ class Objective:
             if p.grad is not None
         ]
         return {
-            "grad_norm/data": get_total_norm(data),
-            "grad_norm/reg": get_total_norm(list(reg_grad.values())),
+            "grad_norm/data": total_norm(data),
+            "grad_norm/reg": total_norm(list(reg_grad.values())),
         }
 
     def reg_scalars(self) -> dict[str, Tensor]:

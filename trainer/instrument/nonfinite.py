@@ -43,6 +43,7 @@ from torch import Tensor
 
 from trainer.callbacks import READ_EVERY, Callback, Every
 from trainer.distributed import all_reduce_max
+from trainer.instrument.norms import LOW_PRECISION, norms_of
 from trainer.update import takes_found_inf
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class NonfiniteGuard(Callback):
                 )
             deferred = False
         self.deferred = deferred
-        self._low_params = any(p.dtype in _LOW for p in trainer.params)
+        self._low_params = any(p.dtype in LOW_PRECISION for p in trainer.params)
         if deferred and trainer.scaler is None and not takes_found_inf(trainer.optimizer):
             log.info(
                 "instrument.nonfinite.sync=deferred with a %s that is not fused: each step copies "
@@ -275,11 +276,9 @@ class NonfiniteGuard(Callback):
         float32): deferred, that counts as non-finite. (max |g|, which
         cannot overflow, took 10x longer on CPU.) The gradients' norms are shared with the
         norms instrument and the loop's total."""
-        low = any(t.dtype in _LOW for t in losses) or (grads and self._low_params)
-        if low:
-            tensors = [t.float() if t.dtype in _LOW else t for t in tensors]
-        norms = list(torch._foreach_norm(tensors))
-        if grads and not low:  # (stacked if and when a later callback or the loop asks)
+        low = any(t.dtype in LOW_PRECISION for t in losses) or (grads and self._low_params)
+        norms = norms_of(tensors, low=bool(low))
+        if grads:  # (stacked if and when a later callback or the loop asks)
             trainer.share_grad_norms(grads, norms)
         return norms
 
@@ -374,8 +373,6 @@ class NonfiniteGuard(Callback):
                 f"{self.max_consecutive}); the last: {cause}{later}"
             )
 
-
-_LOW = (torch.float16, torch.bfloat16)  # normed in float32
 
 #: the name the step's losses go by among the checked tensors
 LOSS = "\0loss"

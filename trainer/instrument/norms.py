@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.nn.utils import get_total_norm
 
 from trainer.callbacks import Callback, Every, StepOutput
 
@@ -19,12 +20,45 @@ if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 
+#: normed in float32: a float16 gradient of finite values can have a norm past float16's 65504
+#: (Inf, and a clipping coefficient of 0), a bfloat16 norm keeps 3 significant digits
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+_DENSE_IN_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def norms_of(tensors: list[Tensor], low: bool | None = None) -> list[Tensor]:
+    """Each tensor's 2-norm, 0-d each, in one fused call (``torch._foreach_norm``): those of
+    float16/bfloat16 tensors computed and returned in float32, without copying them (``low``:
+    whether there are any, where the caller knows). The others' are what ``_foreach_norm``
+    gives them, float32 ones bit for bit."""
+    if low is None:
+        low = any(t.dtype in LOW_PRECISION for t in tensors)
+    if not low:
+        return list(torch._foreach_norm(tensors))
+    if all(t.dtype in _DENSE_IN_FLOAT32 and t.layout == torch.strided for t in tensors):
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    # (a float64, complex or sparse tensor among them, which dtype= does not take: the
+    # float16/bfloat16 ones copied to float32)
+    wide = [t.float() if t.dtype in LOW_PRECISION else t for t in tensors]
+    return list(torch._foreach_norm(wide))
+
+
+def total_norm(tensors: list[Tensor], low: bool | None = None) -> Tensor:
+    """The 2-norm of all of them (``torch.nn.utils.get_total_norm``'s, bit for bit, where none
+    is float16/bfloat16; else the 2-norm of :func:`norms_of`, in float32 at least)."""
+    if low is None:
+        low = any(t.dtype in LOW_PRECISION for t in tensors)
+    if not low:
+        return get_total_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack(norms_of(tensors, low=True)))
+
+
 class Norms(Callback):
     """``grad_norm/<param>``, ``grad_norm/total_clipped``, ``param_norm/<param>`` and
     ``update_ratio/<param>`` every ``every_n_steps`` optimizer steps.
 
     * ``grad_norm/<param>``: ‖g‖₂ of each parameter with a gradient (the squares sum to
-      ``grad_norm/total``²).
+      ``grad_norm/total``²). Every norm of a float16/bfloat16 tensor is computed in float32.
     * ``grad_norm/total_clipped``: the total norm measured again after clipping (equal to the
       total when nothing is clipped).
     * ``param_norm/<param>``: ‖θ‖₂ of the weights the step is about to update.
@@ -60,6 +94,7 @@ class Norms(Callback):
         self._before: list[Tensor] | None = None
         self._before_norms: Tensor | None = None
         self._tags: dict[str, tuple[str, ...]] = {}
+        self._low = False  # float16/bfloat16 parameters (normed in float32)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._positions = {id(p): i for i, p in enumerate(trainer.params)}
@@ -69,6 +104,7 @@ class Norms(Callback):
             self._pending = None
         for kind in ("grad_norm", "param_norm", "update_ratio"):
             self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)
+        self._low = any(p.dtype in LOW_PRECISION for p in trainer.params)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         if self.agreement:
@@ -92,7 +128,7 @@ class Norms(Callback):
         if grads:
             norms = trainer.shared_grad_norms(grads)  # the guard's, when it checked this step
             if norms is None:  # the gradients' and the weights' norms in one call
-                norms = torch.stack(torch._foreach_norm(grads + weights))
+                norms = torch.stack(norms_of(grads + weights, self._low))
                 trainer.share_grad_norms(grads, norms)  # the total is taken from them
                 offset = len(grads) if weights else 0
             if offset and self.param_norm:  # both kinds as one entry
@@ -103,7 +139,7 @@ class Norms(Callback):
             return
         weight_norms = None
         if not offset:  # (the gradients' norms came from the guard, or there are none)
-            weight_norms = torch.stack(torch._foreach_norm(weights))
+            weight_norms = torch.stack(norms_of(weights, self._low))
             if self.param_norm:
                 trainer.stage_scalars({self._tags["param_norm"]: weight_norms})
         if self.update_ratio:
@@ -169,7 +205,7 @@ class Norms(Callback):
         with torch.no_grad():
             torch._foreach_sub_(delta, [*trainer.params])
             # a zero weight tensor that moved gives a huge ratio, never a division by 0
-            ratios = torch.stack(torch._foreach_norm(delta)) / before_norms.clamp_min(
+            ratios = torch.stack(norms_of(delta, self._low)) / before_norms.clamp_min(
                 torch.finfo(before_norms.dtype).tiny
             )
         trainer.stage_scalars({self._tags["update_ratio"]: ratios})
@@ -196,6 +232,6 @@ def _cosine(a: list[Tensor], b: list[Tensor]) -> Tensor:
     its norm belongs to)."""
     a, b = [_real(x) for x in a], [_real(y) for y in b]
     dot = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
-    na = torch.stack(torch._foreach_norm(a)).double().norm()
-    nb = torch.stack(torch._foreach_norm(b)).double().norm()
+    na = torch.stack(norms_of(a)).double().norm()
+    nb = torch.stack(norms_of(b)).double().norm()
     return (dot / (na * nb).clamp_min(torch.finfo(torch.float64).tiny)).float()

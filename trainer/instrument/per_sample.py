@@ -70,6 +70,7 @@ from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_gather_cat, shard_sizes
+from trainer.instrument.norms import norms_of
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -879,7 +880,7 @@ class PerSampleNorms(Callback):
         reg = trainer.objective.reg_grads() if trainer.objective.has_regularizers else {}
         data = [p.new_zeros(()) if p.grad is None else p.grad - reg[id(p)] if id(p) in reg
                 else p.grad for p in self._params]  # fmt: skip
-        step_sq = torch.stack(torch._foreach_norm(data)).float().square()  # (params,)
+        step_sq = torch.stack(norms_of(data)).float().square()  # (params,)
         w_min, w_max = torch.aminmax(w)  # sq = (wᵢ‖gᵢ‖)² (data-parallel, wᵢ carries W)
         uniform = (w_min == w_max) & (w_max > 0)  # False with a NaN coefficient
         inv = w_max.square().reciprocal()
