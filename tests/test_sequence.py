@@ -556,3 +556,42 @@ def test_base_validation_of_sequence_losses_without_matching_units() -> None:
             per_sample = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").mean(1)
             assert sums["val/loss"] == pytest.approx([per_sample.sum().item(), b], rel=1e-6)
             assert sums["val/token_acc"] == [b * t - 1.0, float(b * t)]
+
+
+class ScaledUnitsMSE(Loss):
+    """Squared errors averaged over unit weights all equal to ``scale``: Σuℓ / Σu is the plain
+    mean whatever the scale, bit for bit for a power of two (every product and sum scales
+    exactly), and so are the coefficients u / Σu, hence training."""
+
+    task = "regression"
+    scale = 1.0
+
+    def __init__(self, **_) -> None:
+        pass
+
+    def forward(self, output, target):
+        return (output.reshape(target.shape) - target) ** 2
+
+    def units(self, target, dtype=torch.float32):
+        return torch.full(target.shape, self.scale, dtype=dtype, device=target.device)
+
+
+class TinyUnitsMSE(ScaledUnitsMSE):
+    scale = 2.0**-14  # an epoch's Σu, and a validation's, below 1
+
+
+def test_epoch_and_validation_means_divide_by_unit_sums_below_one(tmp_path) -> None:
+    """The epoch's train/loss and the validation metrics are Σ / count even where the count
+    is a sum of unit weights below 1 (they were divided by max(count, 1): this epoch's
+    train/loss read 0.019 for 0.879, val/loss 0.0037 for 0.680), and NaN where nothing was
+    counted."""
+    from trainer.metrics import mean_of
+
+    common = ("experiment=diabetes_mse", "trainer.max_epochs=1")
+    one = train(tmp_path / "one", *common, f"loss._target_={__name__}.ScaledUnitsMSE")
+    tiny = train(tmp_path / "tiny", *common, f"loss._target_={__name__}.TinyUnitsMSE")
+    keys = [k for k in one if k == "train/loss" or k.startswith("val/")]
+    assert {"train/loss", "val/loss"} <= set(keys)
+    assert {k: tiny[k] for k in keys} == {k: one[k] for k in keys}
+    assert 0 < one["train/loss"] < 10
+    assert math.isnan(mean_of(0.0, 0.0)) and mean_of(3.0, 0.25) == 12.0

@@ -47,7 +47,7 @@ from trainer.distributed import (
 from trainer.instrument.norms import LOW_PRECISION, total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
 from trainer.losses import Loss, as_loss
-from trainer.metrics import LossTally, Staging
+from trainer.metrics import LossTally, Staging, mean_of
 from trainer.objective import Objective, Window
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.update import conditional_step, scaled_step, step_optimizer
@@ -707,6 +707,5 @@ class Trainer:
         both = all_reduce_sum(torch.cat([sums, train[None]]))
         # host sync: once per validation (data-parallel: summed over the ranks)
         rows = both.tolist()
-        values = {k: s / max(n, 1) for k, (s, n) in zip(names, rows[:-1], strict=True)}
-        train_sum, train_n = rows[-1]
-        return {"train/loss": train_sum / max(train_n, 1), **self.criterion.finalize(values)}
+        values = {k: mean_of(s, n) for k, (s, n) in zip(names, rows[:-1], strict=True)}
+        return {"train/loss": mean_of(*rows[-1]), **self.criterion.finalize(values)}

@@ -146,8 +146,8 @@ class Loss:
 
 
 def perplexity(loss: float) -> float:
-    """exp(mean NLL), inf where it overflows."""
-    return math.exp(loss) if loss < 700 else math.inf
+    """exp(mean NLL), inf where it overflows (NaN stays NaN: nothing was averaged)."""
+    return math.inf if loss >= 700 else math.exp(loss)
 
 
 def squared_error(output: Tensor, target: Tensor) -> Tensor:

@@ -178,6 +178,12 @@ def _drop_changed(entries: list[_Deferred]) -> str | None:
     return problem
 
 
+def mean_of(total: float, count: float) -> float:
+    """``total / count``: a sum over a count of samples or a sum of unit weights (which may be
+    below 1); NaN where nothing was counted (every token padding, no batch), not a mean of 0."""
+    return total / count if count > 0 else math.nan
+
+
 class LossTally:
     """Losses since the last log and since the epoch's start (see the module docstring)."""
 
