@@ -8,34 +8,50 @@
 # to the folder given (default outputs/gpu_check/<time>).
 #
 #     bash scripts/gpu_check.sh [out_dir]
+#
+# Each part runs under a time limit (scaled by GPU_CHECK_LIMIT, default 1; a part that hangs is
+# stopped, reported and counted as failed, and the next one runs) and starts with a timestamped
+# line, so that a machine lent for a few minutes always returns what ran. PYTHON picks the
+# interpreter (default: python, else python3).
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 out=${1:-outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)}
 mkdir -p "$out" || exit 1
 export PYTHONUNBUFFERED=1
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
-print('torch', torch.__version__, 'on', torch.cuda.get_device_name())" 2>&1 | tee "$out/device.log" \
-  || exit 1
+py=${PYTHON:-$(command -v python || command -v python3)}
+scale=${GPU_CHECK_LIMIT:-1}
 status=0
-python -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_cuda.py \
+# part NAME SECONDS LOG CMD...: CMD under a limit of SECONDS × scale, its output also in LOG
+part() {
+  local name=$1 limit log=$3 code
+  limit=$(awk -v s="$2" -v k="$scale" 'BEGIN { printf "%d", s * k }')
+  shift 3
+  echo "== $(date +%T) $name (limit ${limit} s)"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$log"
+  code=$?
+  [ "$code" = 124 ] && echo "== $name: stopped at its limit of ${limit} s"
+  [ "$code" = 0 ] || status=1
+  return "$code"
+}
+part device 180 "$out/device.log" "$py" -c "import torch; assert torch.cuda.is_available(), \
+'no CUDA device'; print('torch', torch.__version__, 'on', torch.cuda.get_device_name()); \
+import trainer" || exit 1
+part tests 300 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -rs -k cuda \
+  tests/test_cuda.py \
   tests/test_nonfinite.py::test_deferred_skip_equals_step_mode_bitwise \
   tests/test_nonfinite.py::test_fp16_deferred_skip_equals_step_mode_bitwise \
   tests/test_nonfinite.py::test_fp16_first_step_overflow_leaves_no_momentum_behind \
   tests/test_nonfinite.py::test_a_late_first_gradient_trains_with_the_fused_sgd \
-  tests/test_nonfinite.py::test_gives_up_after_consecutive_skips_and_updates_nothing_from_there 2>&1 \
-  | tee "$out/tests.log" \
-  || status=1
-python scripts/bench.py --device cuda --no-cli --steps 2000 --rounds 3 \
-  --out "$out/bench_mlp.json" optimizer=sgd --variant "instrument=none" \
+  tests/test_nonfinite.py::test_gives_up_after_consecutive_skips_and_updates_nothing_from_there
+part bench_mlp 300 "$out/bench_mlp.log" "$py" scripts/bench.py --device cuda --no-cli \
+  --steps 2000 --rounds 3 --out "$out/bench_mlp.json" optimizer=sgd --variant "instrument=none" \
   --variant "instrument.norms.every_n_steps=1" --variant "instrument.per_sample.every_n_steps=10" \
   --variant "instrument=none instrument.histograms.every_n_steps=100" \
   --variant "instrument.nonfinite.policy=off" --variant "instrument.nonfinite.sync=step" \
-  --variant "trainer.precision=16" --variant "trainer.precision=16 instrument.nonfinite.sync=step" \
-  2>&1 \
-  | tee "$out/bench_mlp.log" || status=1
-python scripts/bench.py --device cuda --no-cli --steps 300 --rounds 3 \
-  --out "$out/bench_lm.json" experiment=chars_lm --variant "instrument=none" \
-  --variant "instrument.norms.every_n_steps=1" --variant "instrument.per_sample.every_n_steps=10" \
-  2>&1 | tee "$out/bench_lm.log" || status=1
-echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED), logs in $out"
+  --variant "trainer.precision=16" --variant "trainer.precision=16 instrument.nonfinite.sync=step"
+part bench_lm 240 "$out/bench_lm.log" "$py" scripts/bench.py --device cuda --no-cli \
+  --steps 300 --rounds 3 --out "$out/bench_lm.json" experiment=chars_lm \
+  --variant "instrument=none" --variant "instrument.norms.every_n_steps=1" \
+  --variant "instrument.per_sample.every_n_steps=10"
+echo "== $(date +%T) gpu_check: $([ $status = 0 ] && echo passed || echo FAILED), logs in $out"
 exit $status
