@@ -244,6 +244,42 @@ def test_norms_and_clipping_of_a_float16_or_bfloat16_model_are_in_float32(tmp_pa
         assert dict(s["grad_norm/total_clipped"])[step] == pytest.approx(1.0, abs=rounding)
 
 
+class DropsTheGradients(Callback):
+    """Sets every gradient to None before the update of step ``step`` (a step with none)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        if trainer.global_step == self.step:
+            for p in trainer.params:
+                p.grad = None
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_a_float16_model_without_gradients_at_a_step_logs_a_total_of_zero(tmp_path, clip):
+    """A logging (and clipping) step at which no parameter has a gradient: total 0, as
+    ``clip_grad_norm_`` gives for none (the float32 path for float16 models took the norms of
+    an empty list and crashed)."""
+    train(tmp_path, f"model._target_={__name__}.LowPrecisionLogits", "trainer.max_steps=3",
+          "logging.every_n_steps=1", "optimizer=sgd", f"trainer.grad_clip={clip}",
+          callbacks=[DropsTheGradients(2)])  # fmt: skip
+    totals = dict(read_scalars(tmp_path)["grad_norm/total"])
+    assert totals[2] == 0.0 and totals[1] > 65504 and totals[3] > 65504
+
+
+def test_a_float16_gradient_less_its_regularizers_part_is_taken_in_float32() -> None:
+    """``minus``: 1 - 3·2⁻⁹ needs 9 significant bits, bfloat16 has 8 (its own subtraction
+    rounds it to 1 - 2⁻⁸ or 1); float32 holds it exactly."""
+    from trainer.instrument.norms import minus
+
+    g, part = torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([3 * 2**-9]).bfloat16()
+    assert (g - part).item() != 1 - 3 * 2**-9
+    exact = minus(g, part)
+    assert exact.dtype == torch.float32 and exact.item() == 1 - 3 * 2**-9
+    assert minus(g.double(), part.double()).dtype == torch.float64
+
+
 # ----------------------------------------------------------------------------- histograms
 
 

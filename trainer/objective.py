@@ -34,7 +34,7 @@ from torch import Tensor
 
 from trainer.backward import backward_scalar, backward_vector
 from trainer.distributed import SINGLE, World, all_reduce_sum
-from trainer.instrument.norms import total_norm
+from trainer.instrument.norms import minus, total_norm
 from trainer.losses import Loss
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
@@ -315,7 +315,7 @@ class Objective:
         taken on logging windows), grad_norm/data = the rest of the total gradient."""
         reg_grad = self.reg_grads()
         data = [
-            p.grad - reg_grad[id(p)] if id(p) in reg_grad else p.grad
+            minus(p.grad, reg_grad[id(p)]) if id(p) in reg_grad else p.grad
             for p in self.params
             if p.grad is not None
         ]

@@ -31,6 +31,8 @@ def norms_of(tensors: list[Tensor], low: bool | None = None) -> list[Tensor]:
     float16/bfloat16 tensors computed and returned in float32, without copying them (``low``:
     whether there are any, where the caller knows). The others' are what ``_foreach_norm``
     gives them, float32 ones bit for bit."""
+    if not tensors:
+        return []
     if low is None:
         low = any(t.dtype in LOW_PRECISION for t in tensors)
     if not low:
@@ -43,12 +45,21 @@ def norms_of(tensors: list[Tensor], low: bool | None = None) -> list[Tensor]:
     return list(torch._foreach_norm(wide))
 
 
+def minus(grad: Tensor, part: Tensor) -> Tensor:
+    """``grad - part`` (a gradient less its regularizers' part), float16/bfloat16 ones in
+    float32: their own subtraction rounds the difference to the dtype's 8 or 11 bits (in
+    float32 it is exact unless their exponents are more than 15 apart)."""
+    if grad.dtype in LOW_PRECISION:
+        return grad.float() - part.float()
+    return grad - part
+
+
 def total_norm(tensors: list[Tensor], low: bool | None = None) -> Tensor:
     """The 2-norm of all of them (``torch.nn.utils.get_total_norm``'s, bit for bit, where none
     is float16/bfloat16; else the 2-norm of :func:`norms_of`, in float32 at least)."""
     if low is None:
         low = any(t.dtype in LOW_PRECISION for t in tensors)
-    if not low:
+    if not low or not tensors:  # (none: get_total_norm's 0)
         return get_total_norm(tensors)
     return torch.linalg.vector_norm(torch.stack(norms_of(tensors, low=True)))
 
@@ -169,7 +180,7 @@ class Norms(Callback):
             if objective.has_regularizers and penalty_known:
                 reg = objective.reg_grads()
                 if reg:  # in the whole parameter space (0 where nothing regularizes)
-                    data = [p.grad - reg[id(p)] if id(p) in reg else p.grad  # type: ignore[operator]
+                    data = [minus(p.grad, reg[id(p)]) if id(p) in reg else p.grad  # type: ignore[arg-type]
                             for p in with_grad]  # fmt: skip
                     regs = [reg.get(id(p), torch.zeros_like(p)) for p in with_grad]
                     values["grad_agreement/data_reg"] = _cosine(data, regs)  # type: ignore[arg-type]

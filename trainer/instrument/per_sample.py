@@ -70,7 +70,7 @@ from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_gather_cat, shard_sizes
-from trainer.instrument.norms import norms_of
+from trainer.instrument.norms import minus, norms_of
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -878,7 +878,7 @@ class PerSampleNorms(Callback):
             return {}
         covered = self._covered_mask(sq.device)  # (params,) 1.0 / 0.0 for a left-out one
         reg = trainer.objective.reg_grads() if trainer.objective.has_regularizers else {}
-        data = [p.new_zeros(()) if p.grad is None else p.grad - reg[id(p)] if id(p) in reg
+        data = [p.new_zeros(()) if p.grad is None else minus(p.grad, reg[id(p)]) if id(p) in reg
                 else p.grad for p in self._params]  # fmt: skip
         step_sq = torch.stack(norms_of(data)).float().square()  # (params,)
         w_min, w_max = torch.aminmax(w)  # sq = (wᵢ‖gᵢ‖)² (data-parallel, wᵢ carries W)
