@@ -217,8 +217,8 @@ class NonfiniteGuard(Callback):
         and the step's skip flag, float 1.0/0.0, from them on the device: the fused optimizers
         take it as ``found_inf`` as it is. Two kernels per step with ``policy=raise`` (the
         norms' fused call, and the check kernel over the list of norms: not stacked, as a step
-        that does not log never needs them as one tensor); ``policy=skip`` six more (the flag's
-        zeroing, :meth:`_count`): on a launch-bound GPU step each counts."""
+        that does not log never needs them as one tensor); ``policy=skip`` four more (the flag's
+        zeroing, :meth:`_count`'s three): on a launch-bound GPU step each counts."""
         norms = self._norms(trainer, grads, losses, tensors)
         names = self._names(trainer, len(grads), len(losses))
         distributed = trainer.world.distributed
@@ -252,14 +252,17 @@ class NonfiniteGuard(Callback):
         the host's count at the last read), so that from the step that reaches
         ``max_consecutive_skips`` on, every update is skipped, as step mode stops there (the
         read raises, naming that step); a latch, never cleared. Returns the step's skip flag.
-        Five small kernels a step (policy ``raise`` needs none: its flag is its latch)."""
+        Three small kernels a step (policy ``raise`` needs none: its flag is its latch): the
+        skip is the flag or the latch; a latched step counts as skipped, so the run only grows
+        from there and the latch, ``run >= max``, holds."""
         if self._run is None or self._run.device != flag.device:
             self._run = torch.full((), float(self.consecutive), device=flag.device)
-        run = self._run.add_(1.0).mul_(flag)  # (flag: 1.0 skipped, 0.0 not)
         if self._latched is None:
             self._latched = torch.zeros((), dtype=torch.float32, device=flag.device)
-        torch.maximum(self._latched, run >= self.max_consecutive, out=self._latched)
-        return torch.maximum(flag, self._latched)
+        skip = torch.maximum(flag, self._latched)  # (float 1.0 skipped, 0.0 not)
+        torch.addcmul(skip, self._run, skip, out=self._run)  # run = skip · (run + 1)
+        torch.ge(self._run, self.max_consecutive, out=self._latched)
+        return skip
 
     def _ones(self, device: torch.device) -> Tensor:
         """The check kernel's scale of 1 (float32), kept."""
