@@ -1,7 +1,7 @@
 """Train a model: ``python scripts/train.py [group=choice] [key=value] ...`` (see README).
 
 A thin ``@hydra.main`` over :func:`trainer.run`; returns val/acc for sweepers that optimize it.
-In a multirun (``-m``) a failed job returns NaN and the sweep goes on (:mod:`trainer.sweep`).
+In a multirun (``-m``) a failed job returns None and the sweep goes on (:mod:`trainer.sweep`).
 """
 
 import hydra
@@ -12,7 +12,7 @@ from trainer.sweep import run_job
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 
 

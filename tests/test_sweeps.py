@@ -8,6 +8,7 @@ run on the CPU; a sweep with failing jobs keeps the others' outputs and exits no
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -223,6 +224,53 @@ def test_optuna_sweep_of_three_trials_maximizes_val_acc(background) -> None:
     configs = [yaml.safe_load((done[i] / ".hydra" / "config.yaml").read_text()) for i in range(3)]
     assert lrs == [c["optimizer"]["lr"] for c in configs]
     assert len(set(lrs)) == 3
+
+
+def _optuna_with_a_failing_trial(path: Path):
+    sweep = path / "optuna_fail"
+    # seeded TPE: lr 0.01, then -1 (the grid sampler would pick the order at random, and its
+    # end of the grid after a failed last trial is a crash of the plugin's own)
+    proc = cli("-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=tpe",
+               "hydra.sweeper.sampler.seed=0",
+               "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2",
+               "trainer.max_steps=2", "optimizer.lr=choice(-1.0,0.01)",
+               f"hydra.sweep.dir={sweep}")  # fmt: skip
+    return proc, sweep
+
+
+@in_background(_optuna_with_a_failing_trial)
+def test_an_optuna_sweep_records_a_failed_trial_and_goes_on(background) -> None:
+    """A trial refused before training (lr -1): recorded as failed, the other trial runs and
+    is the study's best; the sweep then exits 1 with the count. (A NaN returned for the failed
+    job stopped the whole sweep: hydra-optuna-sweeper told optuna the NaN again with the
+    failed state, which optuna refuses.)"""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc, sweep = background
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "1 of 2 jobs failed" in out, out[-3000:]
+    done = jobs(sweep)
+    assert sorted(status(j)["status"] for j in done.values()) == ["completed", "failed"]
+    (good,) = [status(j) for j in done.values() if status(j)["status"] == "completed"]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_value"] == good["val/acc"]
+    assert result["best_params"] == {"optimizer.lr": 0.01}
+    assert status(done[1])["status"] == "failed"  # the last trial (it crashed the sweep)
+
+
+def test_a_job_without_a_monitored_value_gives_a_sweep_none(monkeypatch) -> None:
+    """In a multirun a completed job whose monitored metric is NaN (nothing was counted)
+    returns None, which the Optuna sweeper records as a failed trial; a single run returns
+    the NaN."""
+    import importlib
+
+    import trainer.sweep as sweep
+
+    result = {"monitor": "val/loss", "val/loss": math.nan, "status": "completed"}
+    monkeypatch.setattr(importlib.import_module("trainer.run"), "run", lambda cfg: result)
+    monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+    assert sweep.run_job(None) is None
+    monkeypatch.setattr(sweep, "in_multirun", lambda: False)
+    assert math.isnan(sweep.run_job(None))
 
 
 def _joblib(path: Path):

@@ -1,11 +1,15 @@
 """Sweeps that survive their failures: a failed job is recorded and the sweep goes on.
 
 In a multirun, :func:`run_job` catches a job's exception (after :func:`trainer.run` has written
-``metrics.json`` with ``status: failed`` and the error), logs it and returns NaN, so the other
-jobs run and keep their outputs, and the Optuna sweeper records the trial as failed instead of
-stopping. :class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in ``configs/train.yaml``)
-then reads every job's ``metrics.json`` when the sweep ends, says how many jobs failed and why,
-and exits with status 1 if any did. A single run still raises as usual.
+``metrics.json`` with ``status: failed`` and the error), logs it and returns None, so the other
+jobs run and keep their outputs, and the Optuna sweeper records the trial as failed and goes on
+(a NaN returned stops the whole Optuna sweep: hydra-optuna-sweeper 1.3 with optuna 2.10 tells
+the study the NaN again with the failed state, which optuna refuses). A completed job whose
+monitored metric is NaN (nothing was counted) returns None too: a failed trial, not a value.
+:class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in ``configs/train.yaml``) then
+reads every job's ``metrics.json`` when the sweep ends, says how many jobs failed and why (and
+which completed without a monitored value), and exits with status 1 if any failed. A single run
+still raises as usual, and returns its metric, NaN included.
 """
 
 from __future__ import annotations
@@ -30,19 +34,25 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_job(cfg: DictConfig) -> float:
+def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
-    classification, val/mse for regression); in a multirun a failure returns NaN."""
+    classification, val/mse for regression); in a multirun a failure, or a NaN metric,
+    returns None (a failed trial for the Optuna sweeper, which a NaN would stop)."""
     from trainer.run import run
 
     try:
         result = run(cfg)
-        return result[result["monitor"]]
     except Exception as e:
         if not in_multirun():
             raise
         log.exception("job failed, the sweep goes on (its metrics.json says why): %s", e)
-        return math.nan
+        return None
+    value = result[result["monitor"]]
+    if math.isnan(value) and in_multirun():
+        log.warning("%s is NaN (nothing was counted): this job gives the sweep no value",
+                    result["monitor"])  # fmt: skip
+        return None
+    return value
 
 
 class SweepSummary(Callback):
@@ -57,6 +67,11 @@ class SweepSummary(Callback):
         except ReportError:  # no job got as far as its run dir
             return
         failed = [r for r in jobs if r.status != "completed"]
+        unvalued = [r.name for r in jobs if r.status == "completed"
+                    and r.value(str(r.metrics.get("monitor"))) is None]  # fmt: skip
+        if unvalued:
+            log.warning("jobs %s completed without a value of the monitored metric (NaN: "
+                        "nothing was counted)", ", ".join(unvalued))  # fmt: skip
         if not failed:
             log.info("sweep finished: all %d jobs completed (%s)", len(jobs), sweep_dir)
             return
