@@ -256,6 +256,25 @@ def test_an_unknown_metric_is_refused_naming_the_choices(sweep, capsys) -> None:
     assert not (sweep / "summary.csv").exists()
 
 
+def test_a_metric_that_is_nan_in_every_job_is_still_a_known_choice(tmp_path, capsys) -> None:
+    """NaN (nothing counted) is a value of the metric: --metric's error lists it."""
+    sweep = tmp_path / "nan"
+    for i in range(2):
+        make_run(sweep / str(i), {**completed(0.7, 0.6, 0.5), "val/loss": math.nan})
+    with pytest.raises(SystemExit):
+        report.main([str(sweep), "--metric", "val/los"])
+    assert "val/loss" in capsys.readouterr().err.split("choose one of")[1]
+
+
+def test_a_panel_of_only_nan_values_says_so_not_that_nothing_was_logged() -> None:
+    nan = report.Run("0", Path("0"), "completed", curves={"train/loss": [(1, math.nan)]})
+    none = report.Run("1", Path("1"), "completed", curves={"val/acc": [(1, 0.5)]})
+    assert report.y_limits([nan, none], "train/loss") is None
+    assert report.empty_panel_note([nan, none], "train/loss") == (
+        "train/loss: no finite value (NaN or Inf)")  # fmt: skip
+    assert report.empty_panel_note([none], "train/loss") == "no train/loss logged"
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,

@@ -595,3 +595,36 @@ def test_epoch_and_validation_means_divide_by_unit_sums_below_one(tmp_path) -> N
     assert {k: tiny[k] for k in keys} == {k: one[k] for k in keys}
     assert 0 < one["train/loss"] < 10
     assert math.isnan(mean_of(0.0, 0.0)) and mean_of(3.0, 0.25) == 12.0
+
+
+class ElementsAsLosses(Loss):
+    """ℓ = the output itself, one unit per element: each element's gradient is its
+    coefficient u / Σu, exactly."""
+
+    task = "regression"
+
+    def forward(self, output, target):
+        return output.reshape(target.shape)
+
+    def units(self, target, dtype=torch.float32):
+        return torch.ones(target.shape, dtype=dtype, device=target.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float16_losses_over_more_than_65504_units_get_their_coefficients(dtype) -> None:
+    """80 × 1024 float16 (bfloat16) losses, one unit each: Σu = 81920 is Inf in float16, which
+    gave every coefficient 0 (and bfloat16 rounds it to 81920 ± 256); summed in float32, each
+    element's gradient is 1/81920 rounded once to the dtype, in scalar and vector-uniform mode
+    alike."""
+    from trainer.objective import Objective
+
+    out = torch.zeros(80, 1024, dtype=dtype, requires_grad=True)
+    y = torch.zeros(80, 1024)
+    loss = ElementsAsLosses()
+    expected = torch.full_like(out, 1 / 81920)  # (1/81920 rounded to the dtype once)
+    for weighting in (None, UniformWeighting()):
+        objective = Objective(loss, weighting, (), [out])
+        objective.backward(loss(out, y), out, (out, y, torch.arange(80)), Window(samples=80),
+                           last=True, logs=False)  # fmt: skip
+        assert torch.equal(out.grad, expected), weighting
+        out.grad = None

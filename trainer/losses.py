@@ -75,8 +75,8 @@ class Loss:
 
     def units(self, target: Tensor, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """Each loss element's unit weight u in the loss's own average Σ u ℓ / Σ u, detached,
-        of the losses' shape, in ``dtype`` (the losses'); None: per-sample losses, every unit 1
-        (the plain mean)."""
+        of the losses' shape, in ``dtype`` (the losses', float32 for float16/bfloat16 losses:
+        :func:`units_dtype`); None: per-sample losses, every unit 1 (the plain mean)."""
         return None
 
     def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
@@ -143,6 +143,13 @@ class Loss:
         """Whether the loss defines unit weights (:meth:`units`): several loss elements per
         sample (tokens), averaged as Σuℓ / Σu."""
         return type(self).units is not Loss.units
+
+
+def units_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype unit weights, their sums and the coefficients u / Σu are computed in for
+    losses of ``dtype``: float32 for float16/bfloat16 losses (a float16 Σu is Inf past 65504
+    tokens, which zeroed every coefficient; bfloat16 keeps 3 digits of it), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def perplexity(loss: float) -> float:

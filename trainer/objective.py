@@ -35,7 +35,7 @@ from torch import Tensor
 from trainer.backward import backward_scalar, backward_vector
 from trainer.distributed import SINGLE, World, all_reduce_sum
 from trainer.instrument.norms import minus, total_norm
-from trainer.losses import Loss
+from trainer.losses import Loss, units_dtype
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import Weighting
 
@@ -125,7 +125,7 @@ class Objective:
     # ------------------------------------------------------------------ roots and coefficients
     def check_losses(self, losses: Tensor, y: Tensor) -> Tensor | None:
         """The loss's unit weights for ``y``, after checking the losses' shape (metadata only)."""
-        units = self.loss.units(y, losses.dtype)  # a float64 model's in float64
+        units = self.loss.units(y, units_dtype(losses.dtype))  # (float64 losses: float64)
         expected = y.shape[:1] if units is None else units.shape
         if losses.shape != expected:  # metadata only, no sync
             raise ValueError(
@@ -202,12 +202,14 @@ class Objective:
                 )
         if ddp:
             weights = weights * ddp
-        return weights
+        # (float16/bfloat16 losses' weights were computed in float32: backward takes them in
+        # the losses' dtype, one rounding, as scalar mode's root rounds its coefficients)
+        return weights.to(losses.dtype)
 
     def coefficients(self, losses: Tensor, y: Tensor, window: Window) -> Tensor:
         """Scalar mode: each loss element's coefficient c in the micro-batch's root (× W
         data-parallel), of the losses' shape. (Vector mode's are the weights themselves.)"""
-        units = self.loss.units(y, losses.dtype)
+        units = self.loss.units(y, units_dtype(losses.dtype))
         if units is not None:
             c = units / self._window_units(units, window)
             return c * self.world.size if self.world.distributed else c
@@ -216,7 +218,7 @@ class Objective:
     def batch_objective(self, losses: Tensor, output: Tensor, y: Tensor, index: Tensor) -> Tensor:
         """One micro-batch's data objective on its own, as if it were the whole window (this
         rank's part of its global batch's, without DDP's factor W): what curvature measures."""
-        units = self.loss.units(y, losses.dtype)
+        units = self.loss.units(y, units_dtype(losses.dtype))
         if self.weighting is not None:  # normalized over the global batch under DDP
             return (self.weighting(losses, output, y, index, units) * losses).sum()
         if units is not None:  # data-parallel: the global batch's Σu (0 units: 0, not 0/0)

@@ -310,6 +310,13 @@ def y_limits(runs: Sequence[Run], tag: str) -> tuple[float, float] | None:
     return lo - pad, hi + pad
 
 
+def empty_panel_note(runs: Sequence[Run], tag: str) -> str:
+    """What a panel with no finite value to draw says: nothing logged, or only NaN/Inf."""
+    if any(r.curves.get(tag) for r in runs):
+        return f"{tag}: no finite value (NaN or Inf)"
+    return f"no {tag} logged"
+
+
 def plot_curves(ranked: Sequence[Run], metric: str, path: Path) -> None:
     """Write ``path`` (PNG): a panel per tag of :data:`CURVE_TAGS`, a line per job, one legend."""
     # matplotlib is imported here: ~1 s that --help and the tests of the table don't need; the
@@ -344,7 +351,7 @@ def plot_curves(ranked: Sequence[Run], metric: str, path: Path) -> None:
         ax.grid(alpha=0.3)
         limits = y_limits(plotted, tag)
         if limits is None:
-            ax.text(0.5, 0.5, f"no {tag} logged", ha="center", va="center",
+            ax.text(0.5, 0.5, empty_panel_note(plotted, tag), ha="center", va="center",
                     transform=ax.transAxes, color="gray")  # fmt: skip
         else:
             ax.set_ylim(*limits)
@@ -392,7 +399,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     completed = [r for r in runs if r.status == "completed"]
     if completed and all(args.metric not in r.metrics for r in completed):
-        known = sorted({k for r in completed for k in r.metrics if r.value(k) is not None})
+        known = sorted(
+            {
+                k
+                for r in completed
+                for k, v in r.metrics.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )  # (NaN too)
         parser.error(
             f"--metric: no completed job's metrics.json has {args.metric!r}; "
             f"choose one of {', '.join(known)}"

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.distributed import SINGLE, World, all_gather_cat, all_reduce_sum, shard_sizes
+from trainer.losses import units_dtype
 
 if TYPE_CHECKING:
     from trainer.data.base import DataModule
@@ -155,9 +156,12 @@ class Weighting(abc.ABC):
         """The weights w, of the losses' shape; ``units``: the loss's unit weights (None for
         per-sample losses, see :meth:`trainer.losses.Loss.units`)."""
         # detached inputs, so no autograd history (and no no_grad context to enter per step)
-        r = self.raw(losses.detach(), logits.detach(), targets, indices).to(losses.dtype)
+        # (with units, float16/bfloat16 losses' weights and sums in float32: units_dtype)
+        dtype = losses.dtype if units is None else units_dtype(losses.dtype)
+        r = self.raw(losses.detach(), logits.detach(), targets, indices).to(dtype)
         if units is not None:
-            r = self._with_units(r, units.to(losses.dtype))
+            units = units.to(dtype)
+            r = self._with_units(r, units)
         if self.normalize == "none":
             return r
         if units is not None:  # sums over every element; uniform sum-normalized: w = u
@@ -193,7 +197,7 @@ class UniformWeighting(Weighting):
         units: Tensor | None = None,
     ) -> Tensor:
         if units is not None:  # the loss's own average: w = u / Σu (mean), u (sum, none)
-            u = units.to(losses.dtype)
+            u = units.to(units_dtype(losses.dtype))
             if self.normalize != "mean":
                 return u
             # data-parallel: Σu over every rank's tokens
