@@ -610,21 +610,30 @@ class ElementsAsLosses(Loss):
         return torch.ones(target.shape, dtype=dtype, device=target.device)
 
 
+@pytest.mark.parametrize("scale", [None, 2.0**16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_float16_losses_over_more_than_65504_units_get_their_coefficients(dtype) -> None:
+def test_float16_losses_over_more_than_65504_units_get_their_coefficients(dtype, scale) -> None:
     """80 × 1024 float16 (bfloat16) losses, one unit each: Σu = 81920 is Inf in float16, which
     gave every coefficient 0 (and bfloat16 rounds it to 81920 ± 256); summed in float32, each
-    element's gradient is 1/81920 rounded once to the dtype, in scalar and vector-uniform mode
-    alike."""
+    element's gradient is 1/81920 (× a GradScaler's scale) rounded once to the dtype, in
+    scalar and vector-uniform mode alike (vector mode rounded the weight before scaling it: a
+    float16 subnormal, 4 bits short, then scaled)."""
     from trainer.objective import Objective
 
     out = torch.zeros(80, 1024, dtype=dtype, requires_grad=True)
     y = torch.zeros(80, 1024)
     loss = ElementsAsLosses()
-    expected = torch.full_like(out, 1 / 81920)  # (1/81920 rounded to the dtype once)
+    c = torch.tensor(1.0) / 81920  # float32, then scaled in float32, then rounded once
+    expected = torch.full_like(out, float(c if scale is None else c * scale))
+    reported = []  # what per-sample statistics see: the coefficients, rounded as applied
     for weighting in (None, UniformWeighting()):
-        objective = Objective(loss, weighting, (), [out])
-        objective.backward(loss(out, y), out, (out, y, torch.arange(80)), Window(samples=80),
-                           last=True, logs=False)  # fmt: skip
+        scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+        objective = Objective(loss, weighting, (), [out], scaler=scaler)
+        window = Window(samples=80)
+        weights, _ = objective.backward(loss(out, y), out, (out, y, torch.arange(80)), window,
+                                        last=True, logs=False)  # fmt: skip
         assert torch.equal(out.grad, expected), weighting
         out.grad = None
+        reported.append(objective.coefficients(loss(out, y), y, window) if weights is None
+                        else weights)  # fmt: skip
+    assert reported[0].dtype == dtype and torch.equal(reported[0], reported[1])

@@ -11,7 +11,10 @@ Two paths, both giving exactly the gradients the math says (see docs/gradients.m
   ``sum_i w_i * d l_i / d theta``, the gradient of ``(w * l).sum()``.
 
 ``gradient`` is never broadcast: a weight vector whose shape, dtype or device differs from the
-losses' is an error naming both (the classic mistake is a (4,) vector for a (2, 2) loss).
+losses' is an error naming both (the classic mistake is a (4,) vector for a (2, 2) loss); the
+one dtype allowed besides the losses' own is float32 for float16/bfloat16 losses (their
+weights u / Σu are computed in float32: ``trainer.losses.units_dtype``), rounded to the losses'
+dtype once, after the GradScaler's scale, as the scalar root's gradient is.
 A GradScaler, when given, scales the root's gradient (the loss, or w) before backward.
 """
 
@@ -68,10 +71,13 @@ def check_weights(losses: Tensor, weights: Tensor) -> None:
             f"{tuple(losses.shape)}: backward(gradient=w) needs w of exactly the losses' shape "
             "(one weight per loss element; nothing is broadcast)"
         )
-    if weights.dtype != losses.dtype:
+    if weights.dtype != losses.dtype and not (
+        losses.dtype in (torch.float16, torch.bfloat16) and weights.dtype == torch.float32
+    ):
         raise WeightError(
             f"gradient weights have dtype {weights.dtype} but the losses {losses.dtype}; "
-            "cast the weights to the losses' dtype"
+            "cast the weights to the losses' dtype (float16/bfloat16 losses also take float32 "
+            "weights)"
         )
     if weights.device != losses.device:
         raise WeightError(
@@ -141,13 +147,15 @@ def backward_vector(
     into these leaves only.
     """
     check_weights(losses, weights)
+    one = None if reg is None else torch.ones_like(reg)
+    if scaler is not None:
+        weights = scaler.scale(weights)
+        one = None if one is None else scaler.scale(one)
+    # (float32 weights of float16/bfloat16 losses: rounded once, after the scale; no kernel
+    # where the dtypes agree)
+    weights = weights.to(losses.dtype)
     with explain_freed_graph():
         if reg is None:
-            losses.backward(
-                gradient=scaler.scale(weights) if scaler is not None else weights, inputs=inputs
-            )
+            losses.backward(gradient=weights, inputs=inputs)
             return
-        one = torch.ones_like(reg)
-        if scaler is not None:
-            weights, one = scaler.scale(weights), scaler.scale(one)
         torch.autograd.backward([losses, reg], grad_tensors=[weights, one], inputs=inputs)

@@ -202,9 +202,9 @@ class Objective:
                 )
         if ddp:
             weights = weights * ddp
-        # (float16/bfloat16 losses' weights were computed in float32: backward takes them in
-        # the losses' dtype, one rounding, as scalar mode's root rounds its coefficients)
-        return weights.to(losses.dtype)
+        # (float16/bfloat16 losses with units: float32 weights, which backward_vector scales
+        # and then rounds to the losses' dtype once, as scalar mode's root does)
+        return weights
 
     def coefficients(self, losses: Tensor, y: Tensor, window: Window) -> Tensor:
         """Scalar mode: each loss element's coefficient c in the micro-batch's root (× W
@@ -212,7 +212,8 @@ class Objective:
         units = self.loss.units(y, units_dtype(losses.dtype))
         if units is not None:
             c = units / self._window_units(units, window)
-            return c * self.world.size if self.world.distributed else c
+            c = c * self.world.size if self.world.distributed else c
+            return c.to(losses.dtype)  # (as the backward applied them: float16 ones rounded)
         return torch.full_like(losses, max(self._ddp(), 1) / window.samples)
 
     def batch_objective(self, losses: Tensor, output: Tensor, y: Tensor, index: Tensor) -> Tensor:
@@ -256,7 +257,9 @@ class Objective:
             return None, units
         weights = self.vector_weights(losses, output, y, index, units, window)
         backward_vector(losses, weights, self.scaler, reg, inputs)
-        return weights, units
+        # (float32 weights of float16/bfloat16 losses: reported rounded to their dtype, as
+        # scalar mode's coefficients are)
+        return weights.to(losses.dtype), units
 
     def _regularization(self) -> Tensor:
         """Σ λR over the regularizers (0-d), added once per optimizer step."""
