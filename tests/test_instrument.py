@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import final_params, read_scalars, train
+from conftest import final_params, read_scalars, requires_cuda, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_nonfinite import FailAt  # a callback failing at a given step
 from test_per_sample import measure  # one measured step of PerSampleNorms by hand
@@ -181,6 +181,27 @@ def test_norms_of_float16_and_bfloat16_tensors_are_taken_in_float32() -> None:
     check([half, bf16, *f32])  # one call, dtype=float32
     check([half, bf16, *f32, f64, sparse])  # the float16/bfloat16 ones copied to float32
     assert torch.equal(total_norm(f32), get_total_norm(f32))  # no float16/bfloat16: torch's
+
+
+@requires_cuda
+def test_float32_norms_on_cuda_are_those_of_the_cpu() -> None:
+    """On CUDA too: a float32 tensor's norm in the one call with ``dtype=float32`` (a list that
+    holds float16/bfloat16 tensors) is bit for bit ``_foreach_norm``'s without it, and the
+    float16/bfloat16 ones' are within n·2⁻²⁴ of float64."""
+    from trainer.instrument.norms import norms_of
+
+    g = torch.Generator().manual_seed(0)
+    f32 = [
+        torch.randn(n, generator=g).cuda() * s for n, s in [(77, 1.0), (300, 1e3), (2**20, 1e-3)]
+    ]
+    low = [torch.full((640,), 3000.0, dtype=torch.float16).cuda(),
+           (torch.randn(1000, generator=g) * 3).bfloat16().cuda()]  # fmt: skip
+    norms = norms_of([*low, *f32])
+    for n, t in zip(norms[2:], f32, strict=True):
+        assert torch.equal(n, torch._foreach_norm([t])[0])
+    for n, t in zip(norms[:2], low, strict=True):
+        exact = t.double().norm()
+        assert n.dtype == torch.float32 and abs(n.double() - exact) <= t.numel() * 2**-24 * exact
 
 
 class _PlusOnTheWayBack(torch.autograd.Function):

@@ -875,3 +875,18 @@ def test_a_value_changed_in_place_is_named_and_the_others_are_still_written(tmp_
     scalars = read_scalars(tmp_path)
     assert "custom/c" not in scalars
     assert [s for s, _ in scalars["grad_norm/net.1.weight"]] == list(range(1, 9))
+
+
+def test_a_kept_latch_holds_on_a_run_count_rebuilt_from_the_host() -> None:
+    """Deferred policy=skip: a latch kept from before (a resumed run's) while the device's run
+    is rebuilt from the host's count keeps every later update skipped (the latch is
+    ``run >= max``: the rebuilt run starts at the limit)."""
+    from trainer.instrument.nonfinite import NonfiniteGuard
+
+    guard = NonfiniteGuard(policy="skip", max_consecutive_skips=3, sync="deferred")
+    guard._latched = torch.ones(())
+    skips = [float(guard._count(torch.zeros(()))) for _ in range(3)]
+    assert skips == [1.0, 1.0, 1.0]
+    fresh = NonfiniteGuard(policy="skip", max_consecutive_skips=3, sync="deferred")
+    flags = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]  # 3 in a row latch: skipped from there on
+    assert [float(fresh._count(torch.tensor(f))) for f in flags] == [1, 1, 0, 1, 1, 1, 1]

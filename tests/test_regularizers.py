@@ -128,3 +128,16 @@ def test_reg_values_and_split_norms_are_logged(tmp_path) -> None:
     reg_grad = torch.cat([(0.5 * w + 0.01 * torch.sign(w)).flatten() for w in weights])
     assert reg["grad_norm/reg"][0][1] == pytest.approx(float(reg_grad.norm()), rel=1e-5)
     assert "reg/l2" not in plain and "grad_norm/data" not in plain
+
+
+def test_l2_of_float16_parameters_is_summed_in_float32() -> None:
+    """½ λ Σ ‖p‖² of 65536 float16 ones: ‖p‖² = 65536 is Inf in float16 (it logged reg/l2 Inf);
+    in float32 it is exact, 0.5 · 1e-4 · 65536 up to float32's rounding of λ/2."""
+    from trainer.regularizers import l2
+
+    p = torch.ones(65536, dtype=torch.float16, requires_grad=True)
+    value = l2(p, coef=1e-4)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(0.5 * 1e-4 * 65536, rel=2**-23)
+    value.backward()
+    assert torch.equal(p.grad, torch.full_like(p, 1e-4))  # λ p, as before

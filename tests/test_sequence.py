@@ -617,7 +617,7 @@ def test_float16_losses_over_more_than_65504_units_get_their_coefficients(dtype,
     gave every coefficient 0 (and bfloat16 rounds it to 81920 ± 256); summed in float32, each
     element's gradient is 1/81920 (× a GradScaler's scale) rounded once to the dtype, in
     scalar and vector-uniform mode alike (vector mode rounded the weight before scaling it: a
-    float16 subnormal, 4 bits short, then scaled)."""
+    float16 subnormal, 4 bits short, then scaled); both report the float32 u / Σu."""
     from trainer.objective import Objective
 
     out = torch.zeros(80, 1024, dtype=dtype, requires_grad=True)
@@ -625,7 +625,7 @@ def test_float16_losses_over_more_than_65504_units_get_their_coefficients(dtype,
     loss = ElementsAsLosses()
     c = torch.tensor(1.0) / 81920  # float32, then scaled in float32, then rounded once
     expected = torch.full_like(out, float(c if scale is None else c * scale))
-    reported = []  # what per-sample statistics see: the coefficients, rounded as applied
+    reported = []  # what per-sample statistics see: the float32 coefficients u / Σu
     for weighting in (None, UniformWeighting()):
         scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
         objective = Objective(loss, weighting, (), [out], scaler=scaler)
@@ -636,4 +636,5 @@ def test_float16_losses_over_more_than_65504_units_get_their_coefficients(dtype,
         out.grad = None
         reported.append(objective.coefficients(loss(out, y), y, window) if weights is None
                         else weights)  # fmt: skip
-    assert reported[0].dtype == dtype and torch.equal(reported[0], reported[1])
+    assert torch.equal(reported[0], torch.full_like(out, float(c), dtype=torch.float32))
+    assert torch.equal(reported[0], reported[1])

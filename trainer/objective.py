@@ -212,8 +212,9 @@ class Objective:
         units = self.loss.units(y, units_dtype(losses.dtype))
         if units is not None:
             c = units / self._window_units(units, window)
-            c = c * self.world.size if self.world.distributed else c
-            return c.to(losses.dtype)  # (as the backward applied them: float16 ones rounded)
+            # (float16/bfloat16 losses: the float32 u / Σu, which the backward applies rounded
+            # to their dtype after a GradScaler's scale; vector mode reports the same)
+            return c * self.world.size if self.world.distributed else c
         return torch.full_like(losses, max(self._ddp(), 1) / window.samples)
 
     def batch_objective(self, losses: Tensor, output: Tensor, y: Tensor, index: Tensor) -> Tensor:
@@ -257,9 +258,7 @@ class Objective:
             return None, units
         weights = self.vector_weights(losses, output, y, index, units, window)
         backward_vector(losses, weights, self.scaler, reg, inputs)
-        # (float32 weights of float16/bfloat16 losses: reported rounded to their dtype, as
-        # scalar mode's coefficients are)
-        return weights.to(losses.dtype), units
+        return weights, units
 
     def _regularization(self) -> Tensor:
         """Σ λR over the regularizers (0-d), added once per optimizer step."""

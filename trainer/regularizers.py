@@ -37,6 +37,11 @@ def _orthogonal_grad(w: Tensor) -> Tensor:
     return 4 * (w @ (w.mT @ w - eye))  # d‖WᵀW − I‖²_F/dW, (m, n)
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype | None:
+    """float32 for float16/bfloat16 (their sums of squares overflow or round), else None."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
 class _L2(Function):
     """λ R(θ), R = ½ Σ_p ‖p‖²;  ∂/∂p = λ p.  Inputs: λ (a float), any number of tensors."""
 
@@ -44,7 +49,8 @@ class _L2(Function):
     def forward(ctx, coef: float, *params: Tensor) -> Tensor:
         ctx.coef = coef
         ctx.save_for_backward(*params)
-        norms = torch.stack([torch.linalg.vector_norm(p) for p in params])
+        # (float16/bfloat16 parameters' norms in float32: a float16 ‖p‖² is Inf past ‖p‖ = 256)
+        norms = torch.stack([torch.linalg.vector_norm(p, dtype=_wide(p.dtype)) for p in params])
         return norms.square_().sum().mul_(0.5 * coef)  # 0-d
 
     @staticmethod

@@ -5,7 +5,8 @@ In a multirun, :func:`run_job` catches a job's exception (after :func:`trainer.r
 jobs run and keep their outputs, and the Optuna sweeper records the trial as failed and goes on
 (a NaN returned stops the whole Optuna sweep: hydra-optuna-sweeper 1.3 with optuna 2.10 tells
 the study the NaN again with the failed state, which optuna refuses). A completed job whose
-monitored metric is NaN (nothing was counted) returns None too: a failed trial, not a value.
+monitored metric is NaN (nothing was counted, or the model diverged) returns None too: a
+failed trial, not a value.
 :class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in ``configs/train.yaml``) then
 reads every job's ``metrics.json`` when the sweep ends, says how many jobs failed and why (and
 which completed without a monitored value), and exits with status 1 if any failed. A single run
@@ -49,8 +50,8 @@ def run_job(cfg: DictConfig) -> float | None:
         return None
     value = result[result["monitor"]]
     if math.isnan(value) and in_multirun():
-        log.warning("%s is NaN (nothing was counted): this job gives the sweep no value",
-                    result["monitor"])  # fmt: skip
+        log.warning("%s is NaN (nothing was counted, or it diverged): this job gives the "
+                    "sweep no value", result["monitor"])  # fmt: skip
         return None
     return value
 
@@ -70,8 +71,8 @@ class SweepSummary(Callback):
         unvalued = [r.name for r in jobs if r.status == "completed"
                     and r.value(str(r.metrics.get("monitor"))) is None]  # fmt: skip
         if unvalued:
-            log.warning("jobs %s completed without a value of the monitored metric (NaN: "
-                        "nothing was counted)", ", ".join(unvalued))  # fmt: skip
+            log.warning("jobs %s completed without a value of the monitored metric (NaN or "
+                        "missing)", ", ".join(unvalued))  # fmt: skip
         if not failed:
             log.info("sweep finished: all %d jobs completed (%s)", len(jobs), sweep_dir)
             return

@@ -255,10 +255,12 @@ class NonfiniteGuard(Callback):
         Three small kernels a step (policy ``raise`` needs none: its flag is its latch): the
         skip is the flag or the latch; a latched step counts as skipped, so the run only grows
         from there and the latch, ``run >= max``, holds."""
-        if self._run is None or self._run.device != flag.device:
-            self._run = torch.full((), float(self.consecutive), device=flag.device)
         if self._latched is None:
             self._latched = torch.zeros((), dtype=torch.float32, device=flag.device)
+        if self._run is None or self._run.device != flag.device:  # (from the host's count; a
+            # latch kept from before, a resumed run's, starts it at the limit: it holds)
+            self._run = torch.full((), float(self.consecutive), device=flag.device)
+            self._run.add_(self._latched, alpha=self.max_consecutive)
         skip = torch.maximum(flag, self._latched)  # (float 1.0 skipped, 0.0 not)
         torch.addcmul(skip, self._run, skip, out=self._run)  # run = skip · (run + 1)
         torch.ge(self._run, self.max_consecutive, out=self._latched)
