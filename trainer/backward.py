@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from trainer.precision import LOW_PRECISION
+
 
 class WeightError(ValueError):
     """Gradient weights that do not fit the losses they weight."""
@@ -72,7 +74,7 @@ def check_weights(losses: Tensor, weights: Tensor) -> None:
             "(one weight per loss element; nothing is broadcast)"
         )
     if weights.dtype != losses.dtype and not (
-        losses.dtype in (torch.float16, torch.bfloat16) and weights.dtype == torch.float32
+        losses.dtype in LOW_PRECISION and weights.dtype == torch.float32
     ):
         raise WeightError(
             f"gradient weights have dtype {weights.dtype} but the losses {losses.dtype}; "

@@ -44,11 +44,12 @@ from trainer.distributed import (
     all_reduce_max,
     all_reduce_sum,
 )
-from trainer.instrument.norms import LOW_PRECISION, total_norm
+from trainer.instrument.norms import total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
 from trainer.losses import Loss, as_loss
 from trainer.metrics import LossTally, Staging, mean_of
 from trainer.objective import Objective, Window
+from trainer.precision import LOW_PRECISION
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.update import conditional_step, scaled_step, step_optimizer
 from trainer.weighting import Weighting

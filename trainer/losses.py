@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.config import ConfigError
+from trainer.precision import wide_dtype
 
 if TYPE_CHECKING:
     from trainer.data.base import DataModule
@@ -149,7 +150,7 @@ def units_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype unit weights, their sums and the coefficients u / Σu are computed in for
     losses of ``dtype``: float32 for float16/bfloat16 losses (a float16 Σu is Inf past 65504
     tokens, which zeroed every coefficient; bfloat16 keeps 3 digits of it), else ``dtype``."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return wide_dtype(dtype)
 
 
 def perplexity(loss: float) -> float:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from trainer.instrument.histograms import host_histogram
 from trainer.logger import Scalars, to_host_many
+from trainer.precision import LOW_PRECISION, widen
 
 if TYPE_CHECKING:
     from trainer.logger import TensorBoardLogger
@@ -149,14 +150,6 @@ class Staging:
         return all_floats
 
 
-_LOW = (torch.float16, torch.bfloat16)
-
-
-def _wide(t: Tensor) -> Tensor:
-    """float16/bfloat16 losses in float32, to be summed and averaged (others as they are)."""
-    return t.float() if t.dtype in _LOW else t
-
-
 def _drop_changed(entries: list[_Deferred]) -> str | None:
     """Leave out of ``entries`` each tensor changed in place since it was staged (the others
     are still written); the error that names the first such value, or None."""
@@ -201,7 +194,7 @@ class LossTally:
         float16/bfloat16 losses are averaged in float32 (their own mean would round it to
         their 8 or 11 bits)."""
         if units is not None:
-            if losses.dtype in _LOW:  # (a product of two such values is exact in float32)
+            if losses.dtype in LOW_PRECISION:  # (a product of two such values is exact in float32)
                 losses, units = losses.float(), units.float()
             kept = losses * units
             units_sum = units.sum()
@@ -235,7 +228,7 @@ class LossTally:
             mean = total / count  # (a window without a unit: NaN, not a loss of 0)
             self._units_log.zero_()
         else:
-            interval = _wide(torch.cat(self._log))  # (samples since the last log,)
+            interval = widen(torch.cat(self._log))  # (samples since the last log,)
             mean, total, count = interval.mean(), interval.sum(), samples
         if len(self._epoch) == len(self._log) and all(
             a is b for a, b in zip(self._epoch, self._log, strict=True)
@@ -251,7 +244,7 @@ class LossTally:
     def fold(self) -> None:
         """Add the epoch's pending losses into its device-side sum."""
         if self._epoch:
-            self._epoch_sum += _wide(torch.cat([t.reshape(-1) for t in self._epoch])).sum()
+            self._epoch_sum += widen(torch.cat([t.reshape(-1) for t in self._epoch])).sum()
             self._epoch_samples += sum(t.numel() for t in self._epoch)
             self._epoch.clear()
 

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
+from trainer.precision import wide_dtype, widen
+
 
 def _l2_grad(p: Tensor) -> Tensor:
     return p  # d(½‖p‖²)/dp
@@ -37,11 +39,6 @@ def _orthogonal_grad(w: Tensor) -> Tensor:
     return 4 * (w @ (w.mT @ w - eye))  # d‖WᵀW − I‖²_F/dW, (m, n)
 
 
-def _wide(dtype: torch.dtype) -> torch.dtype | None:
-    """float32 for float16/bfloat16 (their sums of squares overflow or round), else None."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-
-
 class _L2(Function):
     """λ R(θ), R = ½ Σ_p ‖p‖²;  ∂/∂p = λ p.  Inputs: λ (a float), any number of tensors."""
 
@@ -50,7 +47,9 @@ class _L2(Function):
         ctx.coef = coef
         ctx.save_for_backward(*params)
         # (float16/bfloat16 parameters' norms in float32: a float16 ‖p‖² is Inf past ‖p‖ = 256)
-        norms = torch.stack([torch.linalg.vector_norm(p, dtype=_wide(p.dtype)) for p in params])
+        norms = torch.stack(
+            [torch.linalg.vector_norm(p, dtype=wide_dtype(p.dtype)) for p in params]
+        )
         return norms.square_().sum().mul_(0.5 * coef)  # 0-d
 
     @staticmethod
@@ -233,5 +232,5 @@ class InputGradPenalty:
         if not x.requires_grad:
             raise ValueError("input_grad_penalty: the input does not require grad; use prepare(x)")
         (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True)
-        g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+        g = widen(g)
         return self.coef * g.pow(2).sum() / losses.numel()

@@ -43,7 +43,8 @@ from torch import Tensor
 
 from trainer.callbacks import READ_EVERY, Callback, Every
 from trainer.distributed import all_reduce_max
-from trainer.instrument.norms import LOW_PRECISION, norms_of
+from trainer.instrument.norms import norms_of
+from trainer.precision import LOW_PRECISION
 from trainer.update import takes_found_inf
 
 if TYPE_CHECKING:

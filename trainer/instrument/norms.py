@@ -15,15 +15,16 @@ from torch import Tensor
 from torch.nn.utils import get_total_norm
 
 from trainer.callbacks import Callback, Every, StepOutput
+from trainer.precision import LOW_PRECISION, widen
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 
-#: normed in float32: a float16 gradient of finite values can have a norm past float16's 65504
-#: (Inf, and a clipping coefficient of 0), a bfloat16 norm keeps 3 significant digits
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-_DENSE_IN_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
+#: LOW_PRECISION tensors are normed in float32: a float16 gradient of finite values can have a
+#: norm past float16's 65504 (Inf, and a clipping coefficient of 0), a bfloat16 norm keeps 3
+#: significant digits; a list of these dtypes alone takes one call with ``dtype=float32``
+_DENSE_IN_FLOAT32 = (*LOW_PRECISION, torch.float32)
 
 
 def norms_of(tensors: list[Tensor], low: bool | None = None) -> list[Tensor]:
@@ -49,9 +50,7 @@ def minus(grad: Tensor, part: Tensor) -> Tensor:
     """``grad - part`` (a gradient less its regularizers' part), float16/bfloat16 ones in
     float32: their own subtraction rounds the difference to the dtype's 8 or 11 bits (in
     float32 it is exact unless their exponents are more than 15 apart)."""
-    if grad.dtype in LOW_PRECISION:
-        return grad.float() - part.float()
-    return grad - part
+    return widen(grad) - widen(part) if grad.dtype in LOW_PRECISION else grad - part
 
 
 def total_norm(tensors: list[Tensor], low: bool | None = None) -> Tensor:

@@ -71,6 +71,7 @@ from torch.overrides import TorchFunctionMode
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_gather_cat, shard_sizes
 from trainer.instrument.norms import minus, norms_of
+from trainer.precision import LOW_PRECISION
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -602,7 +603,7 @@ class PerSampleNorms(Callback):
         # (autograd runs hooks with grad mode off unless the backward builds a graph)
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             # float16/bfloat16 under autocast (and GradScaler-scaled): square in float32
-            low = g.dtype in (torch.float16, torch.bfloat16)
+            low = g.dtype in LOW_PRECISION
             g = g.detach().float() if low else g.detach()
             a = call.args[0]
             if isinstance(module, nn.Embedding):
