@@ -50,7 +50,7 @@ def minus(grad: Tensor, part: Tensor) -> Tensor:
     """``grad - part`` (a gradient less its regularizers' part), float16/bfloat16 ones in
     float32: their own subtraction rounds the difference to the dtype's 8 or 11 bits (in
     float32 it is exact unless their exponents are more than 15 apart)."""
-    return widen(grad) - widen(part) if grad.dtype in LOW_PRECISION else grad - part
+    return widen(grad) - widen(part)
 
 
 def total_norm(tensors: list[Tensor], low: bool | None = None) -> Tensor:
