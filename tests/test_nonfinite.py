@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 from trainer.callbacks import Callback
 from trainer.checkpoint import load_checkpoint
 from trainer.instrument.nonfinite import NonFiniteError
-from trainer.update import conditional_step, scaled_step, step_optimizer
+from trainer.update import clear_grads, conditional_step, scaled_step, step_optimizer
 
 COMMON = ("trainer.max_steps=12", "logging.every_n_steps=4", "scheduler=cosine")
 
@@ -635,6 +635,44 @@ def test_a_settled_fused_optimizer_is_stepped_without_a_pass_over_its_parameters
             assert torch.equal(a, b), k
         for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
             assert all(torch.equal(a[key], b[key]) for key in a), k
+
+
+class ZeroesItsOwnWay(torch.optim.SGD):
+    """A user's optimizer whose zero_grad does more than torch's (it counts its calls)."""
+
+    calls = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        type(self).calls += 1
+        super().zero_grad(set_to_none)
+
+
+def test_clear_grads_is_zero_grad_set_to_none() -> None:
+    """Every gradient of every parameter group goes (a parameter without one stays without;
+    one that is not the optimizer's keeps its own), as torch's ``zero_grad(set_to_none=True)``
+    does; an optimizer's own ``zero_grad`` (a subclass's, or set on the instance) is called,
+    and while a profiler records, torch's with its range."""
+    ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
+    outside = torch.nn.Parameter(torch.randn(2))
+    opt = torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.5}], lr=0.1)
+    for p in (*ps[:3], outside):
+        p.grad = torch.ones_like(p)
+    clear_grads(opt)
+    assert [p.grad for p in ps] == [None] * 4
+    assert outside.grad is not None
+    own = ZeroesItsOwnWay(ps, lr=0.1)
+    clear_grads(own)
+    assert ZeroesItsOwnWay.calls == 1
+    called = []
+    opt.zero_grad = lambda set_to_none=True: called.append(set_to_none)
+    clear_grads(opt)
+    assert called == [True]
+    del opt.zero_grad
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ps[0].grad = torch.ones_like(ps[0])
+        clear_grads(opt)
+    assert ps[0].grad is None
+    assert "Optimizer.zero_grad#SGD.zero_grad" in {e.name for e in prof.events()}
 
 
 def test_the_census_is_taken_again_when_the_state_changes() -> None:

@@ -51,7 +51,7 @@ from trainer.metrics import LossTally, Staging, mean_of
 from trainer.objective import Objective, Window
 from trainer.precision import LOW_PRECISION
 from trainer.regularizers import InputGradPenalty, Regularizer
-from trainer.update import conditional_step, scaled_step, step_optimizer
+from trainer.update import clear_grads, conditional_step, scaled_step, step_optimizer
 from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
@@ -555,7 +555,7 @@ class Trainer:
         else:
             step_optimizer(self.optimizer)  # (optimizer.step(); trainer/update.py)
         self._advance_schedule()  # a skipped step is a step: the schedule goes on
-        self.optimizer.zero_grad(set_to_none=True)
+        clear_grads(self.optimizer)  # (optimizer.zero_grad(set_to_none=True))
         out = StepOutput(
             self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
             skipped=self.skip_step,

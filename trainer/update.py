@@ -159,6 +159,26 @@ def step_optimizer(optimizer: torch.optim.Optimizer) -> None:
             group["fused"] = True
 
 
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)``, as one loop setting each of the optimizer's
+    parameters' gradient to None: what torch's does with ``set_to_none=True``, without the
+    dynamo-disabling wrapper and the profiler range around it (1.7 µs instead of 10.8 µs per
+    step for the digits MLP's 6 tensors on this CPU). torch's own runs where it may do more: an
+    optimizer whose ``zero_grad`` is its own, and while a profiler records (its
+    ``Optimizer.zero_grad#...`` range stays in the trace)."""
+    if getattr(optimizer.zero_grad, "__func__", None) is not _ZERO_GRAD or (
+        torch.autograd._profiler_enabled()
+    ):
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+_ZERO_GRAD = torch.optim.Optimizer.zero_grad
+
+
 def _late_momentum(optimizer: torch.optim.Optimizer) -> bool:
     """Whether torch's fused SGD would refuse this step (see :func:`step_optimizer`)."""
     if type(optimizer) is not torch.optim.SGD:
