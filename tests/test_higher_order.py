@@ -17,10 +17,11 @@ from trainer.data.base import Batch
 from trainer.distributed import SINGLE
 from trainer.instrument import Curvature, hutchinson_trace, hvp, top_eigenvalue
 from trainer.loop import Callback
-from trainer.losses import as_loss
+from trainer.losses import CrossEntropy, as_loss
 from trainer.models.mlp import MLP
 from trainer.objective import Objective
 from trainer.regularizers import InputGradPenalty
+from trainer.weighting import Weighting
 
 # ----------------------------------------------------------------------------- input penalty
 
@@ -307,6 +308,73 @@ def test_curvature_never_changes_the_trajectory(tmp_path, overrides) -> None:
     for tag in ("curvature/top_eig", "curvature/trace"):
         assert [s for s, _ in scalars[tag]] == [3, 6], tag
     assert "curvature/top_eig" not in read_scalars(tmp_path / "off")
+
+
+class OverRunningMean(Weighting):
+    """A weighting keeping state of its own: r_i = ℓ_i / a running mean of the batch losses,
+    updated on every call."""
+
+    def __init__(self, normalize: str = "mean") -> None:
+        super().__init__(normalize=normalize)
+        self.mean: torch.Tensor | None = None
+
+    def raw(self, losses, logits, targets, indices):
+        m = losses.detach().mean()
+        self.mean = m if self.mean is None else 0.5 * self.mean + 0.5 * m
+        return losses.detach() / self.mean
+
+
+def test_curvature_takes_the_steps_weights_not_the_weighting_again(tmp_path) -> None:
+    """Curvature weighs its micro-batch by the weights its step computed: a weighting keeping
+    state is called once per micro-batch, with curvature on or off (it was called again on
+    every measured step, and the run trained differently)."""
+    common = ["loss.mode=vector", "weighting._target_=test_higher_order.OverRunningMean",
+              "trainer.max_steps=6", "optimizer=sgd", "instrument=none"]  # fmt: skip
+    train(tmp_path / "off", *common)
+    train(tmp_path / "on", *common, "instrument.curvature.every_n_steps=2",
+          "instrument.curvature.power_iters=2", "instrument.curvature.trace_probes=1")  # fmt: skip
+    for (name, a), b in zip(final_params(tmp_path / "off").items(),
+                            final_params(tmp_path / "on").values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    assert [s for s, _ in read_scalars(tmp_path / "on")["curvature/trace"]] == [2, 4, 6]
+
+
+class Checkpointed(nn.Module):
+    """A middle layer under torch.utils.checkpoint, reentrant or not."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.mid, self.b = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = torch.tanh(self.a(x))
+        h = checkpoint(lambda t: torch.tanh(self.mid(t)), h, use_reentrant=self.reentrant)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_curvature_through_activation_checkpointing(reentrant) -> None:
+    """The non-reentrant checkpoint (torch's recommended one) is differentiated twice like any
+    forward; the reentrant one refuses torch.autograd.grad, and the error says which
+    instrument needs it and what to change."""
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    criterion = CrossEntropy()
+    trainer = SimpleNamespace(
+        model=model, criterion=criterion, world=SINGLE,
+        objective=Objective(criterion, None, (), list(model.parameters())),
+    )  # fmt: skip
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    curvature = Curvature(1, power_iters=3, trace_probes=1)
+    if reentrant:
+        with pytest.raises(RuntimeError, match=r"use_reentrant=False.*every_n_steps=0"):
+            curvature.measure(trainer, Batch(x, y, torch.arange(5)))
+        return
+    values = curvature.measure(trainer, Batch(x, y, torch.arange(5)))
+    assert torch.isfinite(values["curvature/trace"]) and float(values["curvature/top_eig"]) > 0
 
 
 def test_uniform_vector_mode_measures_the_scalar_objective(tmp_path) -> None:

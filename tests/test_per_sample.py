@@ -296,6 +296,7 @@ def measure(model: nn.Module, x, y, weights=None, cb=None, amp=contextlib.nullco
     staged: dict = {}
     trainer = SimpleNamespace(
         model=model, global_step=0, scaler=None, logger=None, window=Window(x.shape[0]),
+        device=torch.device("cpu"),
         objective=Objective(CrossEntropy(), None, (), list(model.parameters())),
         world=SINGLE, stage_scalars=lambda values: staged.update(_expand(values)),
         stage_histogram=lambda tag, v: staged.update(
@@ -475,6 +476,127 @@ def test_attention_dropout_is_left_out_and_named(caplog) -> None:
     attn = sum(p.numel() for p in model.attn.parameters())
     total = sum(p.numel() for p in model.parameters())
     assert staged["per_sample/coverage"] == pytest.approx(1 - attn / total)
+
+
+class SequenceFirst(nn.Module):
+    """A TransformerEncoderLayer at its default ``batch_first=False``: its feed-forward Linears
+    and LayerNorms, and the Embedding of the transposed tokens, see (T, B, ·); the attention
+    knows its layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens):  # (B, T)
+        return self.head(self.layer(self.emb(tokens.t())).mean(0))
+
+
+SEQUENCE_FIRST_UNITS = ("emb", "layer.linear1", "layer.linear2", "layer.norm1", "layer.norm2")
+
+
+def _reference_over(model: nn.Module, x, y, left_out: tuple[str, ...]) -> torch.Tensor:
+    """‖∇θ ℓᵢ‖ by brute force over the parameters of the units not in ``left_out``."""
+    kept = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in left_out]
+    return torch.stack([
+        torch.sqrt(sum(g.pow(2).sum() for g in torch.autograd.grad(
+            F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), kept)))
+        for i in range(x.shape[0])
+    ])  # fmt: skip
+
+
+def _share(model: nn.Module, units: tuple[str, ...]) -> float:
+    out = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in units)
+    return 1 - out / sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("t", [T, B])
+def test_a_sequence_first_layer_is_never_taken_for_a_batch_first_one(t, caplog) -> None:
+    """Layers fed (T, B, ·) are left out and named, also when T = B, where dimension 0 has the
+    batch's size (they were measured with time taken for the samples: coverage 1, norms up to
+    15 % off); what is measured is exact."""
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, t), generator=g), torch.randint(0, 3, (B,), generator=g)
+    reference = _reference_over(copy.deepcopy(model), x, y, SEQUENCE_FIRST_UNITS)
+    with caplog.at_level("WARNING"):
+        last, staged = measure(model, x, y)
+    for name in SEQUENCE_FIRST_UNITS:
+        assert f"leave out {name!r}" in caplog.text
+    assert staged["per_sample/coverage"] == pytest.approx(_share(model, SEQUENCE_FIRST_UNITS))
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+
+
+def test_a_batch_first_layer_as_long_as_the_batch_is_measured_once_shown_batch_first(
+    caplog,
+) -> None:
+    """With T = B, shapes cannot tell a batch-first layer from a sequence-first one: until a
+    step with T ≠ B has shown dimension 0 to be the batch, such layers are left out and named;
+    from then on (in a resumed run too) they are measured, exactly."""
+    torch.manual_seed(0)
+    model = Encoder().double()
+    g = torch.Generator().manual_seed(1)
+    square = torch.randint(0, V, (B, B), generator=g), torch.randint(0, 3, (B,), generator=g)
+    other = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+    ambiguous = ("emb", "layer.linear1", "layer.linear2", "layer.norm1", "layer.norm2")
+    cb = PerSampleNorms(1, loss="both")
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, *square, cb=cb)
+    assert "at dimension 0 and at dimension 1" in caplog.text
+    assert staged["per_sample/coverage"] == pytest.approx(_share(model, ambiguous))
+    _, staged = measure(model, *other, cb=cb)  # shows them batch-first
+    assert staged["per_sample/coverage"] == 1.0
+    resumed = PerSampleNorms(1, loss="both")
+    resumed.load_state_dict(cb.state_dict())
+    for each in (cb, resumed):
+        last, staged = measure(model, *square, cb=each)
+        assert staged["per_sample/coverage"] == 1.0
+        reference = reference_norms(copy.deepcopy(model), *square, skip=set())
+        torch.testing.assert_close(
+            last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0
+        )
+
+
+def test_a_unit_left_out_of_one_micro_batch_is_out_of_the_whole_window() -> None:
+    """With accumulation, a unit left out of one measured micro-batch (here: T = B, not yet
+    shown batch-first) but measured in another is out of the step: coverage and every row's
+    norm leave it out (they took the last micro-batch's coverage, 1, while the first one's
+    rows held 0 for it)."""
+    torch.manual_seed(0)
+    model = Encoder().double()
+    g = torch.Generator().manual_seed(1)
+    parts = [
+        (torch.randint(0, V, (n, B), generator=g), torch.randint(0, 3, (n,), generator=g))
+        for n in (B, B - 1)
+    ]  # (the second, (5, 6), shows the layers batch-first)
+    n = sum(x.shape[0] for x, _ in parts)
+    staged: dict = {}
+    trainer = SimpleNamespace(
+        model=model, global_step=0, scaler=None, logger=None, window=Window(n, len(parts)),
+        objective=Objective(CrossEntropy(), None, (), list(model.parameters())),
+        world=SINGLE, stage_scalars=lambda values: staged.update(_expand(values)),
+        stage_histogram=lambda tag, v: None,
+    )  # fmt: skip
+    cb = PerSampleNorms(1, loss="weighted")
+    cb.on_fit_start(trainer)
+    model.zero_grad(set_to_none=True)
+    for x, y in parts:
+        batch = Batch(x, y, torch.arange(x.shape[0]))
+        cb.on_train_batch_start(trainer, batch)
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        cb.on_before_backward(trainer, batch, losses)
+        (losses.sum() / n).backward()
+        cb.on_after_backward(trainer, batch, losses.detach(), None)
+    trainer.global_step = 1
+    cb.on_before_optimizer_step(trainer, None)
+    ambiguous = ("emb", "layer.linear1", "layer.linear2", "layer.norm1", "layer.norm2")
+    assert staged["per_sample/coverage"] == pytest.approx(_share(model, ambiguous))
+    x, y = (torch.cat(t) for t in zip(*parts, strict=True))
+    reference = _reference_over(copy.deepcopy(model), x, y, ambiguous) / n
+    got = cb.last["per_sample/weighted_grad_norm"].double()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=0)
 
 
 def test_the_char_lm_is_fully_covered_and_exact_through_the_trainer(tmp_path) -> None:

@@ -95,6 +95,9 @@ class Objective:
         self._penalty_window: list[Tensor] = []  # the penalty's detached values this window
         self._penalty_grads: dict[int, Tensor] = {}  # its θ-gradient, windows that log only
         self._inverse_counts: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        #: vector mode: the weighting's weights of the last micro-batch backpropagated, as it
+        #: returned them (before the window's share and DDP's factor)
+        self.batch_weights: Tensor | None = None
 
     @property
     def has_regularizers(self) -> bool:
@@ -191,6 +194,7 @@ class Objective:
         if ddp:  # the sizes of the ranks' parts: known here, no exchange needed
             self.weighting.global_size = self.global_batch_size()
         weights = self.weighting(losses, output, y, index, units)
+        self.batch_weights = weights  # (the micro-batch's own, for batch_objective)
         if self.weighting.normalize == "mean":  # sum/none: each micro-batch's as given
             if units is None:
                 share = self._share(y, window)
@@ -217,12 +221,21 @@ class Objective:
             return c * self.world.size if self.world.distributed else c
         return torch.full_like(losses, max(self._ddp(), 1) / window.samples)
 
-    def batch_objective(self, losses: Tensor, output: Tensor, y: Tensor, index: Tensor) -> Tensor:
+    def batch_objective(
+        self, losses: Tensor, output: Tensor, y: Tensor, index: Tensor,
+        weights: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """One micro-batch's data objective on its own, as if it were the whole window (this
-        rank's part of its global batch's, without DDP's factor W): what curvature measures."""
+        rank's part of its global batch's, without DDP's factor W): what curvature measures.
+        Vector mode: ``weights``, the weighting's for that micro-batch as its step computed
+        them (:attr:`batch_weights`, kept by the caller after its backward), so that a
+        weighting keeping state of its own is not called again; without them, the weighting's
+        for these losses."""
         units = self.loss.units(y, units_dtype(losses.dtype))
         if self.weighting is not None:  # normalized over the global batch under DDP
-            return (self.weighting(losses, output, y, index, units) * losses).sum()
+            if weights is None:
+                weights = self.weighting(losses, output, y, index, units)
+            return (weights * losses).sum()
         if units is not None:  # data-parallel: the global batch's Σu (0 units: 0, not 0/0)
             total = all_reduce_sum(units.sum())
             return (losses * (units / total.clamp_min(torch.finfo(total.dtype).tiny))).sum()

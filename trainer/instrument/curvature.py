@@ -152,16 +152,21 @@ class Curvature(Callback):
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._batch: Batch | None = None
+        self._weights: Tensor | None = None
 
     def on_after_backward(self, trainer: Trainer, batch: Batch, losses: Tensor, weights) -> None:
         if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
             self._batch = batch  # the window's last micro-batch wins
+            # vector mode: its weighting's weights, as the step computed them
+            self._weights = trainer.objective.batch_weights if weights is not None else None
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer) -> None:
         if not self.every.due(trainer.global_step) or self._batch is None:
             return
         batch, self._batch = self._batch, None
-        trainer.stage_scalars(self.measure(trainer, batch))  # read with the step's scalars
+        weights, self._weights = self._weights, None
+        trainer.stage_scalars(self.measure(trainer, batch, weights))  # read with the step's
+        # scalars
 
     def state_dict(self) -> dict[str, Any]:
         """The probe generator's state (None before the first measurement)."""
@@ -182,7 +187,12 @@ class Curvature(Callback):
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
-    def measure(self, trainer: Trainer, batch: Batch) -> dict[str, Tensor]:
+    def measure(
+        self, trainer: Trainer, batch: Batch, weights: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The top eigenvalue and the trace of the Hessian of ``batch``'s objective (vector
+        mode: weighted by ``weights``, the step's own, or else by the weighting called again),
+        at the current parameters. The model's forward and the loss run again on the batch."""
         model = trainer.model
         x, y, index = batch
         params = [p for p in model.parameters() if p.requires_grad]
@@ -203,8 +213,18 @@ class Curvature(Callback):
         losses = trainer.criterion(logits, y)
         ddp = trainer.world.distributed
         # the micro-batch's data objective, as the step's root weighs it (trainer/objective.py)
-        objective = trainer.objective.batch_objective(losses, logits, y, index)
-        taken = torch.autograd.grad(objective, params, create_graph=True, allow_unused=True)
+        objective = trainer.objective.batch_objective(losses, logits, y, index, weights)
+        try:
+            taken = torch.autograd.grad(objective, params, create_graph=True, allow_unused=True)
+        except RuntimeError as e:
+            if "use_reentrant=True" not in str(e):
+                raise
+            raise RuntimeError(
+                "instrument.curvature: Hessian-vector products need torch.autograd.grad through "
+                "the model, which torch.utils.checkpoint(..., use_reentrant=True) in its forward "
+                "refuses; pass use_reentrant=False there (torch's recommended variant), or turn "
+                "curvature off (instrument.curvature.every_n_steps=0)"
+            ) from e
         grads = [
             g if g is not None else torch.zeros_like(p) for g, p in zip(taken, params, strict=True)
         ]

@@ -253,6 +253,23 @@ def _unit_kind(module: nn.Module) -> str:
     return "func"
 
 
+def _also_batch_sized(module: nn.Module, x: Tensor, b: int) -> list[int]:
+    """The dimensions of a unit's input besides 0 that have the batch's size ``b`` and could
+    hold the samples as well: all of an Embedding's index dimensions, a LayerNorm's before its
+    normalized ones, those between the first and the features of anything else (a Linear's,
+    a user module's); a convolution's batched input holds them at 0 only. Where there is one,
+    shapes cannot tell a batch-first (B, T, ·) input from a sequence-first (T, B, ·) one."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return []
+    if isinstance(module, nn.Embedding):
+        end = x.dim()
+    elif isinstance(module, nn.LayerNorm):
+        end = x.dim() - len(module.normalized_shape)
+    else:
+        end = x.dim() - 1
+    return [d for d in range(1, end) if x.shape[d] == b]
+
+
 @dataclass
 class _Call:
     """One forward call of a unit on a measured micro-batch."""
@@ -359,6 +376,12 @@ class PerSampleNorms(Callback):
         self._order: dict[nn.Module, int] = {}  # forward order within the micro-batch
         self._mixing: list[tuple[int, str]] = []  # (order, name) of training-mode BatchNorms
         self._excluded: dict[str, str] = {}  # unit name -> why, for the current micro-batch
+        #: unit name -> why, for any measured micro-batch of the current (or last) window: a
+        #: unit left out of one is left out of the step's statistics and coverage
+        self._window_excluded: dict[str, str] = {}
+        #: (unit name, call within the forward) shown to take the batch at dimension 0 by a
+        #: call whose shapes leave no doubt (no other dimension of the batch's size)
+        self._batch_first: set[tuple[str, int]] = set()
         self._parametrizing: set[nn.Module] = set()  # (set in on_fit_start)
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
@@ -409,6 +432,8 @@ class PerSampleNorms(Callback):
         self._batch = batch.x.shape[0]
         if trainer.world.distributed:
             self._count_rows(trainer, self._batch)
+        if not self._weighted:  # the window's first measured micro-batch
+            self._window_excluded.clear()
         self._sq.clear()
         self._calls.clear()
         self._ncalls.clear()
@@ -564,6 +589,21 @@ class PerSampleNorms(Callback):
                 return "not one tensor input (its first argument) and one tensor output"
             if first.shape[:1] != (b,) or outputs[0].shape[:1] != (b,):
                 return f"its input or output does not have the batch ({b}) as dimension 0"
+            if isinstance(module, (nn.Conv1d, nn.Conv2d)) and first.dim() != (
+                3 if isinstance(module, nn.Conv1d) else 4
+            ):
+                return "an unbatched input"
+            call = (self._names[module], self._ncalls[module])
+            also = _also_batch_sized(module, first, b)
+            if not also:
+                self._batch_first.add(call)
+            elif call not in self._batch_first:
+                return (
+                    f"its input {tuple(first.shape)} has the batch's size {b} at dimension 0 "
+                    f"and at dimension {also[0]}, so its shapes do not tell which holds the "
+                    "samples (a sequence-first layer with as many positions as samples); it is "
+                    "measured once a step with other sizes has shown dimension 0 to be the batch"
+                )
             return None
         if isinstance(layout, str):
             return layout
@@ -774,6 +814,8 @@ class PerSampleNorms(Callback):
                     "loss's path, or its parameters are used outside its own forward"
                 )
         self._report(trainer)
+        for name, why in self._excluded.items():
+            self._window_excluded.setdefault(name, why)
         zero = torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device)
         sq = torch.stack([self._sq.get(id(p), zero) for p in self._params], 1)  # (B, params)
         self._sq.clear()
@@ -845,6 +887,8 @@ class PerSampleNorms(Callback):
             rows, _ = all_gather_cat(torch.cat([sq, w[:, None]], 1).flatten(), sizes)
             rows = rows.reshape(-1, width)
             sq, w = rows[:, :-1], rows[:, -1]
+        if self._window_excluded:  # a unit left out of one micro-batch is out of every row
+            sq = sq * self._covered_mask(sq.device)
         root = sq.sum(1).clamp_min(0).sqrt()  # wᵢ‖∇ℓᵢ‖ over the covered parameters
         # the sample's share of the averaged gradient (one process: root itself, x / 1 == x)
         weighted = root / trainer.world.size if trainer.world.distributed else root
@@ -904,10 +948,11 @@ class PerSampleNorms(Callback):
         return {self._tags: torch.cat(parts)}
 
     def _covered_mask(self, device: torch.device) -> Tensor:
-        """1.0 per covered parameter, 0.0 per one left out (built again when that changes)."""
-        key = (tuple(self._excluded), device)
+        """1.0 per covered parameter, 0.0 per one left out of the window (built again when
+        that changes)."""
+        key = (tuple(self._window_excluded), device)
         if self._mask is None or self._mask[0] != key:
-            left_out = {id(p) for name, _, own, _ in self.units if name in self._excluded
+            left_out = {id(p) for name, _, own, _ in self.units if name in self._window_excluded
                         for p in own}  # fmt: skip
             mask = torch.tensor(
                 [float(id(p) not in left_out) for p in self._params], dtype=torch.float32
@@ -916,15 +961,19 @@ class PerSampleNorms(Callback):
         return self._mask[1]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"noise_ema": self._ema}
+        """The averages, and the unit calls shown to be batch-first (a resumed run measures
+        what the run would have)."""
+        return {"noise_ema": self._ema, "batch_first": sorted(self._batch_first)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ema = state["noise_ema"]
+        self._batch_first = {(str(n), int(k)) for n, k in state.get("batch_first", [])}
 
     def coverage(self) -> float:
-        """The share of trainable parameter elements whose per-sample part was captured."""
+        """The share of trainable parameter elements whose per-sample part was captured in
+        every measured micro-batch of the (last) measured window."""
         params = {id(p): p for _, _, own, _ in self.units for p in own}
-        left_out = {id(p) for name, _, own, _ in self.units if name in self._excluded
+        left_out = {id(p) for name, _, own, _ in self.units if name in self._window_excluded
                     for p in own}  # fmt: skip
         total = sum(p.numel() for p in params.values())
         return 1.0 - sum(params[k].numel() for k in left_out) / max(total, 1)
