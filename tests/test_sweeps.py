@@ -292,6 +292,8 @@ def test_joblib_sweep_runs_two_jobs_side_by_side_with_labelled_progress(backgrou
         log = (job / "train.log").read_text()
         # plain lines, labelled with the job, at steps 2 and 4: no bar redraws
         assert f"job {i}: step 2/4" in log and f"job {i}: step 4/4" in log and "\r" not in log
+        # the epoch line and the summary say whose they are too (the jobs' lines interleave)
+        assert f"job {i}: epoch 1/" in log and f"job {i}: done: " in log, log
     assert "\r" not in proc.stdout + proc.stderr
 
 

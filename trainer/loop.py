@@ -423,7 +423,7 @@ class Trainer:
             self.logger.log_scalars({k: v for k, v in m.items() if k.startswith("val/")},
                                     self.global_step)  # fmt: skip
         log.info(
-            "epoch %d/%d  step %d  train/loss %.4f  %s",
+            "%sepoch %d/%d  step %d  train/loss %.4f  %s", self.progress_options.label,
             self.epoch + 1, self.max_epochs, self.global_step, m["train/loss"],
             "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val/")),
         )  # fmt: skip

@@ -312,12 +312,13 @@ def run(
     shown_metrics = "  ".join(
         f"{k} {result[k]:.4f}" for k in (*trainer.criterion.metrics[::-1], "train/loss")
     )
+    job = trainer.progress_options.label  # (a sweep's job number: its lines say whose)
     log.info(
-        "done: %s  (%d epochs, %d steps, %.1f s)",
-        shown_metrics, result["epoch"], result["step"], result["wall_s"],
+        "%sdone: %s  (%d epochs, %d steps, %.1f s)",
+        job, shown_metrics, result["epoch"], result["step"], result["wall_s"],
     )  # fmt: skip
-    log.info("run dir: %s", shown)
-    log.info("view it: tensorboard --logdir %s", shown)
+    log.info("%srun dir: %s", job, shown)
+    log.info("%sview it: tensorboard --logdir %s", job, shown)
     return result
 
 
