@@ -494,6 +494,54 @@ def _rank_watched(rank: int, world: int, port: int, overrides, run_dir: str) -> 
     (Path(run_dir) / f"reads{rank}.json").write_text(json.dumps(watch.reads))
 
 
+class OutsideOnRank(torch.nn.Module):
+    """An MLP whose middle Linear is applied by hand (``F.linear`` with its weight, a use
+    outside its own forward that per-sample norms leave out) on the ranks in
+    ``functional_on``, and as a module elsewhere: the same arithmetic either way."""
+
+    def __init__(self, in_shape, out_dim: int, functional_on: tuple[int, ...] = ()):
+        super().__init__()
+        self.a = torch.nn.Linear(math.prod(in_shape), 32)
+        self.proj = torch.nn.Linear(32, 32)
+        self.head = torch.nn.Linear(32, out_dim)
+        self.functional_on = tuple(functional_on)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.flatten(1)))
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank in self.functional_on:
+            h = torch.nn.functional.linear(h, self.proj.weight, self.proj.bias)
+        else:
+            h = self.proj(h)
+        return self.head(torch.tanh(h))
+
+
+def test_a_unit_left_out_on_one_rank_is_left_out_on_every_rank(tmp_path) -> None:
+    """Per-sample norms leave a unit out where its rank could not measure it; data-parallel,
+    the gathered rows come from every rank, so one rank's exclusion is every rank's (an
+    all-reduce of the covered mask): rank 0's coverage and series equal one process's that
+    leaves the unit out everywhere. Before, rank 0 logged its own coverage (1.0) over rows of
+    which rank 1's lacked the unit."""
+    model = ("~model", f"+model._target_={__name__}.OutsideOnRank")
+    extra = (*COMMON, *model, "trainer.max_steps=10", "logging.every_n_steps=5")
+    one, ranks = tmp_path / "one", [tmp_path / "rank0", tmp_path / "rank1"]
+    assert launch(
+        (1, [*extra, "+model.functional_on=[0]", f"data.batch_size={2 * B}"], [one]),
+        (2, [*extra, "+model.functional_on=[1]", f"data.batch_size={B}"], ranks),
+    ) == [[0], [0, 0]]
+    s1, s2 = read_scalars(one), read_scalars(ranks[0])
+    left = 32 * 32 + 32
+    total = 64 * 32 + 32 + left + 32 * 10 + 10
+    for s in (s1, s2):
+        assert [v for _, v in s["per_sample/coverage"]] == pytest.approx([1 - left / total] * 2)
+    for tag in ("per_sample/grad_norm_mean", "per_sample/grad_norm_max",
+                "per_sample/noise_scale", "grad_snr/a.weight"):  # fmt: skip
+        assert [st for st, _ in s2[tag]] == [st for st, _ in s1[tag]] == [5, 10], tag
+        assert [v for _, v in s2[tag]] == pytest.approx([v for _, v in s1[tag]], rel=1e-5), tag
+    assert all(math.isnan(v) for _, v in s2["grad_snr/proj.weight"])
+
+
 def test_per_sample_norms_add_no_host_read_on_two_processes(tmp_path) -> None:
     """Gathering the ranks' per-sample rows needs each rank's count, which the host knows (the
     loaders shard every global batch alike): a measured step that does not log reads nothing

@@ -69,7 +69,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback, Every
-from trainer.distributed import all_gather_cat, shard_sizes
+from trainer.distributed import all_gather_cat, all_reduce_max, shard_sizes
 from trainer.instrument.norms import minus, norms_of
 from trainer.precision import LOW_PRECISION
 
@@ -365,6 +365,7 @@ class PerSampleNorms(Callback):
         self._params: list[nn.Parameter] = []  # every unit's parameters, each once, in order
         self._param_by_id: dict[int, nn.Parameter] = {}
         self._mask: tuple[Any, Tensor] | None = None  # (excluded units, covered mask)
+        self._sizes: Tensor | None = None  # each parameter's number of elements (data-parallel)
         self._tags: tuple[str, ...] = NOISE_TAGS  # the statistics staged as one vector
         self._handles: list[Any] = []
         self._mode: _OutsideUses | None = None
@@ -887,14 +888,20 @@ class PerSampleNorms(Callback):
             rows, _ = all_gather_cat(torch.cat([sq, w[:, None]], 1).flatten(), sizes)
             rows = rows.reshape(-1, width)
             sq, w = rows[:, :-1], rows[:, -1]
-        if self._window_excluded:  # a unit left out of one micro-batch is out of every row
-            sq = sq * self._covered_mask(sq.device)
+        covered = self._covered_mask(sq.device)  # (params,) 1.0 covered, 0.0 left out
+        coverage: Tensor | float = self.coverage()
+        if trainer.world.distributed:  # a unit left out on any rank is out on all (one small
+            # all-reduce, no host read): the rows of the ranks that measured it are dropped too
+            covered = 1 - all_reduce_max(1 - covered)
+            numels = self._numels(sq.device)
+            coverage = covered.double() @ numels / numels.sum()
+            sq = sq * covered
+        elif self._window_excluded:  # a unit left out of one micro-batch is out of every row
+            sq = sq * covered
         root = sq.sum(1).clamp_min(0).sqrt()  # wᵢ‖∇ℓᵢ‖ over the covered parameters
         # the sample's share of the averaged gradient (one process: root itself, x / 1 == x)
         weighted = root / trainer.world.size if trainer.world.distributed else root
-        values: dict[str | tuple[str, ...], Tensor | float] = {
-            "per_sample/coverage": self.coverage()
-        }
+        values: dict[str | tuple[str, ...], Tensor | float] = {"per_sample/coverage": coverage}
         series: dict[str, Tensor] = {}
         if self.loss in ("weighted", "both"):
             series["per_sample/weighted_grad_norm"] = weighted
@@ -906,22 +913,22 @@ class PerSampleNorms(Callback):
             )
             series["per_sample/grad_norm"] = unweighted
         self.last = series
-        values.update(self._statistics(trainer, sq, w))
+        values.update(self._statistics(trainer, sq, w, covered))
         trainer.stage_scalars(values)
         for tag, v in series.items():  # histogram, _mean and _max from the step's one host read
             trainer.stage_histogram(tag, v)
 
     def _statistics(
-        self, trainer: Trainer, sq: Tensor, w: Tensor
+        self, trainer: Trainer, sq: Tensor, w: Tensor, covered: Tensor
     ) -> dict[str | tuple[str, ...], Tensor]:
         """The gradient noise scale B_simple = tr(Σ) / |G|² over the covered parameters and,
         per parameter tensor, the SNR ‖ḡ‖² / tr(S) of the step's samples (module docstring),
         on the device; NaN where their coefficients are not all equal, or (SNR) for a
-        parameter left out. ``sq``: (N, params) squared weighted per-sample norms."""
+        parameter left out. ``sq``: (N, params) squared weighted per-sample norms; ``covered``:
+        (params,) 1.0 per covered parameter, 0.0 per one left out."""
         n = sq.shape[0]
         if n < 2 or not self._params:
             return {}
-        covered = self._covered_mask(sq.device)  # (params,) 1.0 / 0.0 for a left-out one
         reg = trainer.objective.reg_grads() if trainer.objective.has_regularizers else {}
         data = [p.new_zeros(()) if p.grad is None else minus(p.grad, reg[id(p)]) if id(p) in reg
                 else p.grad for p in self._params]  # fmt: skip
@@ -959,6 +966,13 @@ class PerSampleNorms(Callback):
             )
             self._mask = (key, mask.to(device))
         return self._mask[1]
+
+    def _numels(self, device: torch.device) -> Tensor:
+        """Each parameter's number of elements (float64: exact sums), on ``device``, kept."""
+        if self._sizes is None or self._sizes.device != device:
+            sizes = [float(p.numel()) for p in self._params]
+            self._sizes = torch.tensor(sizes, dtype=torch.float64, device=device)
+        return self._sizes
 
     def state_dict(self) -> dict[str, Any]:
         """The averages, and the unit calls shown to be batch-first (a resumed run measures
