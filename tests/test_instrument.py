@@ -763,6 +763,51 @@ def test_gradient_agreement_cosines_against_the_captured_gradients(tmp_path) -> 
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+class OddStepHead(torch.nn.Module):
+    """An MLP with a second head used on odd forwards only: its parameters have a gradient
+    on every other step (None on the others)."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(64, 16)
+        self.head = torch.nn.Linear(16, out_dim)
+        self.extra = torch.nn.Linear(16, out_dim)
+        self.calls = 0
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x.flatten(1)))
+        self.calls += 1
+        return self.head(h) + (self.extra(h) if self.calls % 2 else 0)
+
+
+def test_gradient_agreement_counts_a_missing_gradient_as_zero(tmp_path) -> None:
+    """grad_agreement/consecutive is the cosine in the whole parameter space: a parameter
+    with a gradient on one of the two steps only counts as 0 on the other (it was left out
+    of both norms, 15 % higher here)."""
+    seen: dict[int, list] = {}
+
+    class Capture(Callback):
+        def on_before_optimizer_step(self, trainer, optimizer) -> None:
+            seen[trainer.global_step] = [
+                torch.zeros_like(p, dtype=torch.float64) if p.grad is None
+                else p.grad.detach().double().clone() for p in trainer.params
+            ]  # fmt: skip
+
+    train(tmp_path, "~model", f"+model._target_={__name__}.OddStepHead", "optimizer=sgd",
+          "trainer.max_steps=4", "instrument.norms.every_n_steps=1",
+          "instrument.norms.agreement=true", "logging.every_n_steps=1",
+          callbacks=[Capture()])  # fmt: skip
+    s = read_scalars(tmp_path)
+    assert [st for st, _ in s["grad_agreement/consecutive"]] == [2, 3, 4]
+    for step, value in s["grad_agreement/consecutive"]:
+        a = torch.cat([g.flatten() for g in seen[step]])
+        b = torch.cat([g.flatten() for g in seen[step - 1]])
+        expected = float(a @ b / (a.norm() * b.norm()))
+        # float32 gradients, their cosine in float64: 1e-5 is far above float32's rounding
+        # of the inputs (2⁻²⁴ each) and far below the 15 % of leaving the head out
+        assert value == pytest.approx(expected, rel=1e-5), step
+
+
 def test_a_resumed_run_logs_the_same_agreement_and_noise_scale_ema(tmp_path) -> None:
     """The state these statistics carry between steps (the gradients kept for the next
     measuring step's cosine, the noise scale's EMAs) is checkpointed: resumed from step 3 (the

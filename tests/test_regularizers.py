@@ -130,6 +130,33 @@ def test_reg_values_and_split_norms_are_logged(tmp_path) -> None:
     assert "reg/l2" not in plain and "grad_norm/data" not in plain
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_l1_and_orthogonal_of_low_precision_parameters_are_summed_in_float32(dtype) -> None:
+    """Σ|p| of 131072 ones is Inf in float16 and 131072 only by luck in bfloat16 (it logged
+    reg/l1 Inf, or 3 digits); ‖WᵀW − I‖²_F below is Inf in float16. Both are now in float32,
+    exact here; the gradients are those of the float32 formulas, rounded once to the
+    parameters' dtype."""
+    from trainer.regularizers import l1, orthogonal
+
+    p = torch.full((131072,), -1.0, dtype=dtype, requires_grad=True)
+    value = l1(p, coef=1.0)
+    assert value.dtype == torch.float32 and value.item() == 131072.0
+    value.backward()
+    assert p.grad.dtype == dtype and torch.equal(p.grad, torch.full_like(p, -1.0))
+    w = torch.full((512, 64), 0.125, dtype=dtype, requires_grad=True)
+    value = orthogonal(w, coef=1.0)
+    wide = torch.full((512, 64), 0.125, requires_grad=True)
+    reference = orthogonal(wide, coef=1.0)  # the same float32 arithmetic
+    # WᵀW = 8 everywhere: the diagonal's 64 entries of WᵀW − I are 7, the other 64·63 are 8,
+    # so R = 261184 (Inf in float16), each sum exact in float32
+    assert value.dtype == torch.float32 and value.item() == reference.item() == 261184.0
+    value.backward()
+    reference.backward()
+    # 4 W (WᵀW − I) = 4 · 0.125 · (63 · 8 + 7) = 255.5 everywhere, in float32 and rounded once
+    assert w.grad.dtype == dtype and torch.equal(w.grad, wide.grad.to(dtype))
+    assert torch.equal(wide.grad, torch.full_like(wide, 255.5))
+
+
 def test_l2_of_float16_parameters_is_summed_in_float32() -> None:
     """½ λ Σ ‖p‖² of 65536 float16 ones: ‖p‖² = 65536 is Inf in float16 (it logged reg/l2 Inf);
     in float32 it is exact, 0.5 · 1e-4 · 65536 up to float32's rounding of λ/2."""

@@ -65,7 +65,9 @@ class _L1(Function):
     def forward(ctx, coef: float, *params: Tensor) -> Tensor:
         ctx.coef = coef
         ctx.save_for_backward(*params)
-        return torch.stack([p.abs().sum() for p in params]).sum().mul_(coef)
+        # (float16/bfloat16 parameters summed in float32: a float16 Σ|p| is Inf past 65504)
+        sums = [p.abs().sum(dtype=wide_dtype(p.dtype)) for p in params]
+        return torch.stack(sums).sum().mul_(coef)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -83,8 +85,9 @@ class _Orthogonal(Function):
     def forward(ctx, coef: float, *weights: Tensor) -> Tensor:
         ctx.coef = coef
         ctx.save_for_backward(*weights)
-        total = weights[0].new_zeros(())
+        total = weights[0].new_zeros((), dtype=wide_dtype(weights[0].dtype))
         for w in weights:
+            w = widen(w)  # (float16/bfloat16: the Gram matrix and its sum in float32)
             gram = w.mT @ w  # (n, n)
             total = (
                 total
@@ -94,8 +97,11 @@ class _Orthogonal(Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        scale = grad * ctx.coef
-        return (None, *(_orthogonal_grad(w) * scale for w in ctx.saved_tensors))
+        scale = grad * ctx.coef  # (float16/bfloat16: in float32, rounded once at the end)
+        return (
+            None,
+            *((_orthogonal_grad(widen(w)) * scale).to(w.dtype) for w in ctx.saved_tensors),
+        )
 
 
 def l2(*params: Tensor, coef: float = 1.0) -> Tensor:

@@ -168,12 +168,15 @@ class Norms(Callback):
             values: dict[str, Tensor] = {}
             previous, self._previous = self._previous, None
             if previous is not None:
-                both = [p for p in with_grad if id(p) in previous]
-                if both:
+                # in the whole parameter space: a parameter without a gradient on one of the
+                # two steps (a branch used on some steps) counts as 0 there, not as absent
+                union = [p for p in trainer.params if p.grad is not None or id(p) in previous]
+                if union:
                     values["grad_agreement/consecutive"] = _cosine(
-                        [p.grad for p in both],  # type: ignore[misc]  # (with_grad: not None)
-                        [previous[id(p)] for p in both],  # type: ignore[misc]
-                    )
+                        [torch.zeros_like(p) if p.grad is None else p.grad for p in union],
+                        [previous[id(p)] if id(p) in previous else torch.zeros_like(p)
+                         for p in union],
+                    )  # fmt: skip
             objective = trainer.objective
             penalty_known = objective.input_penalty is None or trainer.logging_step
             if objective.has_regularizers and penalty_known:
