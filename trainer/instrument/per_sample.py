@@ -185,7 +185,7 @@ def sample_coefficients(c: Tensor) -> Tensor:
     """
     if c.ndim == 1:
         return c
-    flat = c.reshape(c.shape[0], -1)
+    flat = c.flatten(1)  # (a data-parallel rank without samples here: (0, T), no reshape)
     top = flat.abs().amax(dim=1)  # (B,)
     equal = ((flat != 0) & (flat != top[:, None])).sum(dim=1) == 0
     return torch.where(equal, top, torch.nan)
@@ -253,23 +253,6 @@ def _unit_kind(module: nn.Module) -> str:
     return "func"
 
 
-def _also_batch_sized(module: nn.Module, x: Tensor, b: int) -> list[int]:
-    """The dimensions of a unit's input besides 0 that have the batch's size ``b`` and could
-    hold the samples as well: all of an Embedding's index dimensions, a LayerNorm's before its
-    normalized ones, those between the first and the features of anything else (a Linear's,
-    a user module's); a convolution's batched input holds them at 0 only. Where there is one,
-    shapes cannot tell a batch-first (B, T, ·) input from a sequence-first (T, B, ·) one."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return []
-    if isinstance(module, nn.Embedding):
-        end = x.dim()
-    elif isinstance(module, nn.LayerNorm):
-        end = x.dim() - len(module.normalized_shape)
-    else:
-        end = x.dim() - 1
-    return [d for d in range(1, end) if x.shape[d] == b]
-
-
 @dataclass
 class _Call:
     """One forward call of a unit on a measured micro-batch."""
@@ -283,6 +266,9 @@ class _Call:
     #: the autocast the forward ran under (device type, dtype), or None: a recomputation per
     #: sample runs under it too (its saved inputs are in the dtype autocast gave them)
     autocast: tuple[str, torch.dtype] | None = None
+    #: (unit name, call within the forward, input shape) when whether dimension 0 of its input
+    #: is the batch is not known yet (settled after the backward: :meth:`PerSampleNorms._verify`)
+    verify: tuple[str, int, tuple[int, ...]] | None = None
 
     def autocast_again(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast is None:
@@ -380,9 +366,10 @@ class PerSampleNorms(Callback):
         #: unit name -> why, for any measured micro-batch of the current (or last) window: a
         #: unit left out of one is left out of the step's statistics and coverage
         self._window_excluded: dict[str, str] = {}
-        #: (unit name, call within the forward) shown to take the batch at dimension 0 by a
-        #: call whose shapes leave no doubt (no other dimension of the batch's size)
-        self._batch_first: set[tuple[str, int]] = set()
+        #: (unit name, call within the forward, input shape) -> None where dimension 0 of that
+        #: input was seen to be the batch, or why it is not (:meth:`_verify`)
+        self._verdicts: dict[tuple[str, int, tuple[int, ...]], str | None] = {}
+        self._entered: dict[nn.Module, int] = {}  # each unit's calls in this forward so far
         self._parametrizing: set[nn.Module] = set()  # (set in on_fit_start)
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
@@ -444,6 +431,7 @@ class PerSampleNorms(Callback):
         self._captured.clear()
         self._shared.clear()
         self._active.clear()
+        self._entered.clear()
         root = trainer.model  # the model's forward is watched for outside uses, nothing else
         self._handles.append(root.register_forward_pre_hook(self._enter_mode))
         for _, m, _, _ in self.units:
@@ -482,6 +470,7 @@ class PerSampleNorms(Callback):
 
     def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         self._active[module] = self._active.get(module, 0) + 1
+        self._entered[module] = self._entered.get(module, 0) + 1
 
     def _forward_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -505,7 +494,7 @@ class PerSampleNorms(Callback):
         """After a unit's forward: check that it can be measured, keep its inputs and hook its
         outputs' gradients."""
         outputs = [t for t in _tensors(output) if t.requires_grad]
-        if not outputs:
+        if not outputs or self._batch == 0:  # (data-parallel: a rank without samples here)
             return
         name = self._names[module]
         self._ncalls[module] = self._ncalls.get(module, 0) + 1
@@ -517,6 +506,14 @@ class PerSampleNorms(Callback):
             self._mixing.append((self._order[module], name))
             return
         why = self._check(module, args, kwargs, outputs)
+        verify = None
+        if why is None and self._kind[module] in ("closed", "func") and self._batch > 1:
+            # dimension 0 has the batch's size: the batch, or a sequence as long as it (a
+            # sequence-first (T, B, ·) input with T = B), a table of B rows? Seen once per
+            # call and input shape (:meth:`_verify`)
+            verify = (name, self._entered.get(module, 0), tuple(args[0].shape))
+            if verify in self._verdicts:
+                why, verify = self._verdicts[verify], None
         if why is not None:
             self._excluded[name] = why
             return
@@ -529,7 +526,7 @@ class PerSampleNorms(Callback):
         )
         call = _Call(
             module, _detach(args), _detach(kwargs), [t.detach() for t in outputs], dims,
-            autocast=amp,
+            autocast=amp, verify=verify,
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -594,17 +591,6 @@ class PerSampleNorms(Callback):
                 3 if isinstance(module, nn.Conv1d) else 4
             ):
                 return "an unbatched input"
-            call = (self._names[module], self._ncalls[module])
-            also = _also_batch_sized(module, first, b)
-            if not also:
-                self._batch_first.add(call)
-            elif call not in self._batch_first:
-                return (
-                    f"its input {tuple(first.shape)} has the batch's size {b} at dimension 0 "
-                    f"and at dimension {also[0]}, so its shapes do not tell which holds the "
-                    "samples (a sequence-first layer with as many positions as samples); it is "
-                    "measured once a step with other sizes has shown dimension 0 to be the batch"
-                )
             return None
         if isinstance(layout, str):
             return layout
@@ -637,10 +623,16 @@ class PerSampleNorms(Callback):
         module = call.unit
         if self._kind[module] != "closed" or self._names[module] in self._excluded:
             return  # after the backward, outside autograd's engine
-        if self._mode is not None:  # outside uses not known yet (no on_before_backward)
-            return
+        if self._mode is not None or call.verify is not None:  # outside uses not known yet
+            return  # (no on_before_backward), or its layout (after the backward)
         if not self._single_use(module) or self._upstream_of_mixing(module) is not None:
             return
+        self._closed_form(call, g)
+
+    def _closed_form(self, call: _Call, g: Tensor) -> None:
+        """Add a single-use closed-form unit's per-sample squared norms from its input and
+        its output's gradient ``g``."""
+        module = call.unit
         # (autograd runs hooks with grad mode off unless the backward builds a graph)
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             # float16/bfloat16 under autocast (and GradScaler-scaled): square in float32
@@ -763,9 +755,14 @@ class PerSampleNorms(Callback):
             return
         self._disarm()
         self._leave_mode()  # (left when the model's forward returned; not if it never ran)
+        pending = {c.verify for c in self._calls if c.verify is not None}
+        if pending:
+            self._verify(trainer, batch, pending)  # type: ignore[arg-type]
         for call in self._calls:
             module = call.unit
             name = self._names[module]
+            if call.verify is not None and self._verdicts[call.verify] is not None:
+                self._excluded.setdefault(name, self._verdicts[call.verify])  # type: ignore[arg-type]
             if name in self._excluded or not call.grads and module in self._captured:
                 continue
             mixing = self._upstream_of_mixing(module)
@@ -776,6 +773,10 @@ class PerSampleNorms(Callback):
                 )
                 continue
             single = self._single_use(module)
+            fresh = call.verify is not None and self._kind[module] == "closed"
+            if single and fresh and 0 in call.grads:  # (shown batch-first just now: its
+                self._closed_form(call, call.grads[0])  # closed form, as the hook's)
+                continue
             if not single:
                 b = self._batch
                 big = [p for p in self._covers[module]
@@ -809,7 +810,7 @@ class PerSampleNorms(Callback):
         self._calls.clear()
         self._finish_shared()
         for name, m, _, _ in self.units:  # coverage counts what was captured, not visited
-            if m not in self._captured and name not in self._excluded:
+            if m not in self._captured and name not in self._excluded and self._batch > 0:
                 self._excluded[name] = (
                     "no per-sample gradient was captured: its forward gave no output on the "
                     "loss's path, or its parameters are used outside its own forward"
@@ -863,6 +864,66 @@ class PerSampleNorms(Callback):
         if not self._rank_rows:
             self._rank_rows = [0] * len(sizes)
         self._rank_rows = [a + b for a, b in zip(self._rank_rows, sizes, strict=True)]
+
+    def _verify(
+        self, trainer: Trainer, batch: Batch, pending: set[tuple[str, int, tuple[int, ...]]]
+    ) -> None:
+        """Settle, for each pending (unit, call, input shape), whether dimension 0 of that
+        input is the batch: the model's forward runs again on P samples of the batch (P = 2,
+        or 1 for a batch of 2), without gradients, on copies of its buffers, under a forked
+        random state, and a unit call is batch-first where its input then has shape
+        (P, *the rest as before). A sequence-first (T, B, ·) input with T = B keeps T; a
+        table of B rows keeps B; positions ``arange(T)`` with T = B keep T. Each verdict is
+        kept: a run pays this forward once per new input shape."""
+        b = self._batch
+        p = 2 if b > 2 else 1
+        model = trainer.model
+        seen: dict[tuple[str, int], tuple[int, ...]] = {}
+        counts: dict[nn.Module, int] = {}
+
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            counts[module] = counts.get(module, 0) + 1
+            if args and isinstance(args[0], Tensor):
+                seen[(self._names[module], counts[module])] = tuple(args[0].shape)
+
+        handles = [m.register_forward_pre_hook(record) for _, m, _, kind in self.units
+                   if kind in ("closed", "func")]  # fmt: skip
+        x = batch.x[:p]
+        accel = x.device.type != "cpu"
+        failed = None
+        try:
+            state = {**dict(model.named_parameters()),
+                     **{n: t.clone() for n, t in model.named_buffers()}}  # fmt: skip
+            with (
+                torch.no_grad(),
+                torch.random.fork_rng(
+                    devices=[x.device.index or 0] if accel else [],
+                    device_type=x.device.type if accel else "cuda",
+                ),
+            ):
+                functional_call(model, state, (x,))
+        except Exception as e:  # (a model that cannot run on P samples: nothing is settled)
+            failed = f"{type(e).__name__}: {e}"
+        finally:
+            for h in handles:
+                h.remove()
+        for key in pending:
+            name, k, shape = key
+            got = seen.get((name, k))
+            if failed is not None:
+                why = (
+                    "whether dimension 0 of its input is the batch could not be checked: the "
+                    f"model's forward on {p} sample(s) failed ({failed})"
+                )
+            elif got == (p, *shape[1:]):
+                why = None
+            else:
+                why = (
+                    f"dimension 0 of its input {shape} is not the batch: on {p} sample(s) of "
+                    f"the batch it was {got} (a sequence-first input as long as the batch, a "
+                    "table or positions of that length)"
+                )
+            self._verdicts[key] = why
 
     def _report(self, trainer: Trainer) -> None:
         new = {n: why for n, why in self._excluded.items() if n not in self._reported}
@@ -975,13 +1036,10 @@ class PerSampleNorms(Callback):
         return self._sizes
 
     def state_dict(self) -> dict[str, Any]:
-        """The averages, and the unit calls shown to be batch-first (a resumed run measures
-        what the run would have)."""
-        return {"noise_ema": self._ema, "batch_first": sorted(self._batch_first)}
+        return {"noise_ema": self._ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ema = state["noise_ema"]
-        self._batch_first = {(str(n), int(k)) for n, k in state.get("batch_first", [])}
 
     def coverage(self) -> float:
         """The share of trainable parameter elements whose per-sample part was captured in
