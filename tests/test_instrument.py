@@ -332,6 +332,37 @@ def test_histogram_counts_cover_every_finite_value(policy) -> None:
         assert h.bucket_counts[-1] == pytest.approx(float((finite >= 1.8).sum()))
 
 
+EXTREME = {
+    # (a float64 tensor's range, and its resolution, are not float32's: it crashed, or logged
+    # min = max with every value in one bucket)
+    "float64_beyond_float32": torch.tensor([1e39, -2e39, 0.5, 3e38], dtype=torch.float64),
+    "float64_tiny_spread": 1 + torch.linspace(-1e-12, 1e-12, 1000, dtype=torch.float64),
+    # (histc's (x − min) / (max − min) overflowed float32: every count was 0)
+    "float32_near_its_max": torch.tensor([-3e38, 0.0, 1e38, 3e38]),
+    # (Σx² overflowed float32 past |x| = 1.8e19: sum_squares Inf)
+    "float32_huge": torch.linspace(1e20, 4e20, 1000),
+}
+
+
+@pytest.mark.parametrize("kind", list(EXTREME))
+def test_histograms_of_extreme_finite_values_are_numpys(kind) -> None:
+    """Finite values at the edges of float32 (or beyond, in float64): the buckets are
+    NumPy's for the same range, computed in float64, and the sums within float32's rounding
+    of n values (n · 2⁻²⁴, relative) of the exact ones."""
+    x = EXTREME[kind]
+    (h,) = histograms([x], bins=8)
+    v = x.double().numpy()
+    counts, edges = np.histogram(v, bins=8, range=(v.min(), v.max()))
+    assert (h.min, h.max, h.num) == (v.min(), v.max(), v.size)
+    assert h.bucket_counts == counts.tolist()
+    assert h.bucket_limits == pytest.approx(edges[1:].tolist(), rel=1e-15)
+    exact_sum = math.fsum(v.tolist())
+    exact_sq = math.fsum(t * t for t in v.tolist())
+    rel = v.size * 2**-24
+    assert h.sum == pytest.approx(exact_sum, rel=rel, abs=rel * float(abs(v).max()))
+    assert h.sum_squares == pytest.approx(exact_sq, rel=rel)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_chunked_counts_equal_one_histc_and_leave_determinism_as_it_was(
     monkeypatch, deterministic

@@ -64,6 +64,9 @@ def _histc_allowed() -> Iterator[None]:
         torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
+_F32_MAX = torch.finfo(torch.float32).max
+
+
 def _histc(x: Tensor, bins: int, left: float, right: float) -> Tensor:
     """``torch.histc`` exact for any size: float32 counts per chunk of :data:`HISTC_CHUNK`
     values, summed in float64 (exact) when there are several."""
@@ -89,8 +92,13 @@ def histograms(
     # it stands for: its rows never touched count as the zeros they are)
     flat = [(t.to_dense() if t.is_sparse else t).detach().reshape(-1) for t in tensors]
     # pass 1: the range of each tensor, one transfer for all. aminmax propagates NaN and shows
-    # ±Inf, so finite bounds prove the tensor finite without a separate isfinite pass
-    bounds = [torch.stack(torch.aminmax(x)).float() for x in flat]
+    # ±Inf, so finite bounds prove the tensor finite without a separate isfinite pass (a
+    # float64 tensor's bounds as they are, beyond float32's range or resolution: the stack is
+    # then float64, the others' bounds exact in it)
+    bounds = [
+        torch.stack(torch.aminmax(x)) if x.dtype == torch.float64
+        else torch.stack(torch.aminmax(x)).float() for x in flat
+    ]  # fmt: skip
     ranges = torch.stack(bounds).tolist() if bounds else []  # host sync: histogram steps only
     finite = []
     for i, (x, (lo, hi)) in enumerate(zip(flat, ranges, strict=True)):
@@ -104,7 +112,8 @@ def histograms(
         finite.append(x)
     # pass 2: counts and sums on the device, one transfer for all
     counts_all: list[Tensor] = []
-    sums_all: list[Tensor] = []  # Σx, Σx² per tensor
+    sums_all: list[Tensor] = []  # Σx, Σx² per tensor (of x / scale)
+    scales: list[float] = []
     edges_all = []
     for x, (lo, hi, _) in zip(finite, ranges, strict=True):
         if range_policy == "symmetric":
@@ -116,13 +125,25 @@ def histograms(
             left, right = lo, hi
         if right <= left:  # a constant tensor: one bucket around its value
             left, right = left - 0.5, right + 0.5
-        xf = x.float()
+        # binned in float32, but float64 tensors in float64 (their range or resolution may be
+        # beyond float32's), and so is a float32 range wider than float32's largest value
+        # (histc's (x − min) / (max − min) overflows: every count was 0)
+        wide = x.dtype == torch.float64 or right - left > _F32_MAX
+        xf = x.double() if wide else x.float()
         xb = xf.clamp(left, right) if range_policy == "fixed" else xf  # outside: edge buckets
         counts_all.append(_histc(xb, bins, left, right))
-        # float32 sums: a float64 accumulator (sum(dtype=float64)) took 50x longer on CPU
-        sums_all += [xf.sum(), torch.dot(xf, xf)]
+        # float32 sums: a float64 accumulator (sum(dtype=float64)) took 50x longer on CPU.
+        # Values whose Σx or Σx² could pass float32's largest value (|x| > 1.8e19 gave
+        # sum_squares Inf) are summed as x / m (m = max |x|, |x / m| ≤ 1), times m or m² on
+        # the host
+        m = max(abs(lo), abs(hi))
+        scale = m if not wide and m * m * max(x.numel(), 1) > _F32_MAX else 1.0
+        xs = xf / scale if scale != 1.0 else xf
+        sums_all += [xs.sum(), torch.dot(xs, xs)]
+        scales.append(scale)
         edges_all.append((left, right))
-    if any(c.dtype != torch.float32 for c in counts_all):  # (a tensor of over 2**24 values)
+    if any(c.dtype != torch.float32 for c in counts_all + sums_all):  # (a tensor of over
+        # 2**24 values, or a float64 one)
         counts_all = [c.double() for c in counts_all]
         sums_all = [s.double() for s in sums_all]
     values = (  # host sync: histogram steps only
@@ -132,14 +153,14 @@ def histograms(
     )
     out = []
     sums = len(counts_all) * bins  # where the sums start
-    for i, (x, (lo, hi, bad), (left, right)) in enumerate(
-        zip(finite, ranges, edges_all, strict=True)
+    for i, (x, (lo, hi, bad), (left, right), scale) in enumerate(
+        zip(finite, ranges, edges_all, scales, strict=True)
     ):
         width = (right - left) / bins
         out.append(
             RawHistogram(
-                min=lo, max=hi, num=x.numel(), sum=values[sums + 2 * i],
-                sum_squares=values[sums + 2 * i + 1],
+                min=lo, max=hi, num=x.numel(), sum=values[sums + 2 * i] * scale,
+                sum_squares=values[sums + 2 * i + 1] * scale * scale,
                 bucket_limits=[left + width * (k + 1) for k in range(bins)],
                 bucket_counts=values[i * bins : (i + 1) * bins], nonfinite=int(bad),
             )
