@@ -293,6 +293,8 @@ def test_curvature_of_a_negative_definite_direction_keeps_its_sign() -> None:
         ["model.dropout=0.3"],  # dropout: the measurement's forward must not draw from the RNG
         ["model=cnn", "model.batch_norm=true", "data.batch_size=32"],  # BatchNorm: running stats
         ["loss.mode=vector", "weighting=focal"],
+        # layers skipped by Python's random and torch's: the measurement forks both
+        ["~model", "+model._target_=test_per_sample.LayerDrop"],
     ],
 )
 def test_curvature_never_changes_the_trajectory(tmp_path, overrides) -> None:

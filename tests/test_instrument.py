@@ -341,6 +341,14 @@ EXTREME = {
     "float32_near_its_max": torch.tensor([-3e38, 0.0, 1e38, 3e38]),
     # (Σx² overflowed float32 past |x| = 1.8e19: sum_squares Inf)
     "float32_huge": torch.linspace(1e20, 4e20, 1000),
+    # (a spread below float32's largest value whose width times the bins passes it: histc put
+    # nearly everything in the first bucket)
+    "float32_spread_times_bins_past_its_max": torch.rand(
+        4000, generator=torch.Generator().manual_seed(0)
+    )
+    * 3e38,
+    # (squares below float32's smallest normal value: sum_squares 0)
+    "float32_tiny": torch.linspace(1e-30, 4e-30, 1000),
 }
 
 
@@ -360,7 +368,7 @@ def test_histograms_of_extreme_finite_values_are_numpys(kind) -> None:
     exact_sq = math.fsum(t * t for t in v.tolist())
     rel = v.size * 2**-24
     assert h.sum == pytest.approx(exact_sum, rel=rel, abs=rel * float(abs(v).max()))
-    assert h.sum_squares == pytest.approx(exact_sq, rel=rel)
+    assert h.sum_squares == pytest.approx(exact_sq, rel=rel, abs=0)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import train
+from conftest import final_params, read_scalars, train
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -589,6 +590,54 @@ def test_inputs_whose_dimension_0_has_the_batchs_size_by_chance(make, left_out, 
         assert f"leave out {name!r}: dimension 0 of its input" in caplog.text
     if not left_out:
         assert "leave out" not in caplog.text
+
+
+class LayerDrop(nn.Module):
+    """An MLP whose three hidden blocks are each skipped in training with probability 0.5,
+    the first by Python's ``random``, the others by torch's generator (stochastic depth)."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 16)
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.head = nn.Linear(16, out_dim)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.flatten(1)))
+        for i, block in enumerate(self.blocks):
+            draw = random.random() if i == 0 else float(torch.rand(()))
+            if self.training and draw < 0.5:
+                continue
+            h = torch.tanh(block(h))
+        return self.head(h)
+
+
+def test_the_batch_check_leaves_training_and_resume_as_they_were(tmp_path) -> None:
+    """The check's extra forward draws from copies of every random state (Python's, NumPy's,
+    torch's): a model skipping layers at random trains bit for bit as without per-sample norms.
+    A block the check's forward skipped is settled on a later step, not left out for good
+    (coverage 1 on the steps where the real forward ran every block); a run resumed from a
+    checkpoint logs what the uninterrupted one does (the checks' findings are in it)."""
+    import shutil
+
+    common = ("~model", f"+model._target_={__name__}.LayerDrop", "trainer.max_steps=12",
+              "optimizer=sgd", "trainer.checkpoint.every_n_steps=4",
+              "logging.every_n_steps=4")  # fmt: skip
+    train(tmp_path / "none", *common, "instrument=none")
+    measured = (*common, "instrument=none", "instrument.per_sample.every_n_steps=1")
+    train(tmp_path / "a", *measured)
+    for (name, a), b in zip(final_params(tmp_path / "none").items(),
+                            final_params(tmp_path / "a").values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    coverage = read_scalars(tmp_path / "a")["per_sample/coverage"]
+    assert len(coverage) == 12 and 1.0 in [v for _, v in coverage[4:]]
+    saved = tmp_path / "saved" / "step4.pt"  # outside a checkpoints/ folder: a new run dir
+    saved.parent.mkdir()
+    shutil.copy(tmp_path / "a" / "checkpoints" / "step_000000004.pt", saved)
+    train(tmp_path / "b", *measured, f"trainer.resume={saved}")
+    a, b = read_scalars(tmp_path / "a"), read_scalars(tmp_path / "b")
+    for tag in [t for t in a if t.startswith("per_sample/")]:
+        assert b[tag] == [(st, v) for st, v in a[tag] if st > 4], tag
 
 
 def test_a_unit_left_out_of_one_micro_batch_is_out_of_the_whole_window(monkeypatch) -> None:

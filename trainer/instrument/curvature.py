@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trainer.backward import explain_freed_graph
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_reduce_sum
+from trainer.rng import forked_rng
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -199,12 +200,8 @@ class Curvature(Callback):
         state: dict[str, Tensor] = dict(model.named_parameters())
         # copies: a BatchNorm in training mode updates its running statistics in place
         state.update({n: b.clone() for n, b in model.named_buffers()})
-        accel = x.device.type != "cpu"  # CUDA, MPS, ...: fork that device's generator too
-        devices = [x.device.index or 0] if accel else []
         with (
-            torch.random.fork_rng(  # dropout must not advance the run's RNG
-                devices=devices, device_type=x.device.type if accel else "cuda"
-            ),
+            forked_rng(x.device),  # dropout (or Python's random) must not advance the run's
             # attention through the math kernel: the fused ones (flash, memory-efficient) have
             # no double backward, which Hessian-vector products need
             sdpa_kernel(SDPBackend.MATH),

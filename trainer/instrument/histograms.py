@@ -65,6 +65,7 @@ def _histc_allowed() -> Iterator[None]:
 
 
 _F32_MAX = torch.finfo(torch.float32).max
+_F32_TINY = torch.finfo(torch.float32).tiny
 
 
 def _histc(x: Tensor, bins: int, left: float, right: float) -> Tensor:
@@ -126,18 +127,20 @@ def histograms(
         if right <= left:  # a constant tensor: one bucket around its value
             left, right = left - 0.5, right + 0.5
         # binned in float32, but float64 tensors in float64 (their range or resolution may be
-        # beyond float32's), and so is a float32 range wider than float32's largest value
-        # (histc's (x − min) / (max − min) overflows: every count was 0)
-        wide = x.dtype == torch.float64 or right - left > _F32_MAX
+        # beyond float32's), and so is a float32 range whose width times the bins passes
+        # float32's largest value (histc's arithmetic overflowed: counts 0, or all in one end)
+        wide = x.dtype == torch.float64 or (right - left) * bins > _F32_MAX
         xf = x.double() if wide else x.float()
         xb = xf.clamp(left, right) if range_policy == "fixed" else xf  # outside: edge buckets
         counts_all.append(_histc(xb, bins, left, right))
         # float32 sums: a float64 accumulator (sum(dtype=float64)) took 50x longer on CPU.
-        # Values whose Σx or Σx² could pass float32's largest value (|x| > 1.8e19 gave
-        # sum_squares Inf) are summed as x / m (m = max |x|, |x / m| ≤ 1), times m or m² on
-        # the host
+        # Values whose Σx² could pass float32's largest value (|x| > 1.8e19 gave sum_squares
+        # Inf) or whose squares fall below its smallest normal one (|x| < 1e-19 gave 0) are
+        # summed as x / m (m = max |x|, |x / m| ≤ 1), times m or m² on the host
         m = max(abs(lo), abs(hi))
-        scale = m if not wide and m * m * max(x.numel(), 1) > _F32_MAX else 1.0
+        mm = m * m
+        huge, tiny = mm * max(x.numel(), 1) > _F32_MAX, 0 < mm < _F32_TINY
+        scale = m if not wide and (huge or tiny) else 1.0
         xs = xf / scale if scale != 1.0 else xf
         sums_all += [xs.sum(), torch.dot(xs, xs)]
         scales.append(scale)

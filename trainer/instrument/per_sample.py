@@ -72,6 +72,7 @@ from trainer.callbacks import Callback, Every
 from trainer.distributed import all_gather_cat, all_reduce_max, shard_sizes
 from trainer.instrument.norms import minus, norms_of
 from trainer.precision import LOW_PRECISION
+from trainer.rng import forked_rng
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -761,8 +762,9 @@ class PerSampleNorms(Callback):
         for call in self._calls:
             module = call.unit
             name = self._names[module]
-            if call.verify is not None and self._verdicts[call.verify] is not None:
-                self._excluded.setdefault(name, self._verdicts[call.verify])  # type: ignore[arg-type]
+            why = self._verdicts.get(call.verify) if call.verify is not None else None
+            if why is not None:
+                self._excluded.setdefault(name, why)
             if name in self._excluded or not call.grads and module in self._captured:
                 continue
             mixing = self._upstream_of_mixing(module)
@@ -870,13 +872,16 @@ class PerSampleNorms(Callback):
     ) -> None:
         """Settle, for each pending (unit, call, input shape), whether dimension 0 of that
         input is the batch: the model's forward runs again on P samples of the batch (P = 2,
-        or 1 for a batch of 2), without gradients, on copies of its buffers, under a forked
-        random state, and a unit call is batch-first where its input then has shape
-        (P, *the rest as before). A sequence-first (T, B, ·) input with T = B keeps T; a
-        table of B rows keeps B; positions ``arange(T)`` with T = B keep T. Each verdict is
-        kept: a run pays this forward once per new input shape."""
+        or 3 for a batch of 2, samples repeated), without gradients, on copies of its buffers,
+        every random state forked (:func:`trainer.rng.forked_rng`), and a unit call is
+        batch-first where its input then has shape (P, *the rest as before). A sequence-first
+        (T, B, ·) input with T = B keeps T; a table of B rows keeps B; positions ``arange(T)``
+        with T = B keep T. What was seen is kept (and checkpointed): a run pays this forward
+        once per new input shape. A call this forward did not make (a layer skipped at random,
+        a forward that failed before it) is settled on a later measured step; until then the
+        unit is left out."""
         b = self._batch
-        p = 2 if b > 2 else 1
+        p = 3 if b == 2 else 2
         model = trainer.model
         seen: dict[tuple[str, int], tuple[int, ...]] = {}
         counts: dict[nn.Module, int] = {}
@@ -888,42 +893,35 @@ class PerSampleNorms(Callback):
 
         handles = [m.register_forward_pre_hook(record) for _, m, _, kind in self.units
                    if kind in ("closed", "func")]  # fmt: skip
-        x = batch.x[:p]
-        accel = x.device.type != "cpu"
-        failed = None
+        x = batch.x[torch.arange(p, device=batch.x.device) % b]
+        failed = ""
         try:
             state = {**dict(model.named_parameters()),
                      **{n: t.clone() for n, t in model.named_buffers()}}  # fmt: skip
-            with (
-                torch.no_grad(),
-                torch.random.fork_rng(
-                    devices=[x.device.index or 0] if accel else [],
-                    device_type=x.device.type if accel else "cuda",
-                ),
-            ):
+            with torch.no_grad(), forked_rng(x.device):
                 functional_call(model, state, (x,))
-        except Exception as e:  # (a model that cannot run on P samples: nothing is settled)
-            failed = f"{type(e).__name__}: {e}"
+        except Exception as e:  # (a model that cannot run on P samples: what it saw counts)
+            failed = f"; the forward failed: {type(e).__name__}: {e}"
         finally:
             for h in handles:
                 h.remove()
         for key in pending:
             name, k, shape = key
             got = seen.get((name, k))
-            if failed is not None:
-                why = (
-                    "whether dimension 0 of its input is the batch could not be checked: the "
-                    f"model's forward on {p} sample(s) failed ({failed})"
+            if got is None:  # not settled: left out this step, asked again on the next one
+                self._excluded.setdefault(
+                    name,
+                    "whether dimension 0 of its input is the batch is not known yet: the "
+                    f"model's forward on {p} samples did not make this call{failed}",
                 )
-            elif got == (p, *shape[1:]):
-                why = None
-            else:
-                why = (
-                    f"dimension 0 of its input {shape} is not the batch: on {p} sample(s) of "
-                    f"the batch it was {got} (a sequence-first input as long as the batch, a "
-                    "table or positions of that length)"
-                )
-            self._verdicts[key] = why
+                continue
+            self._verdicts[key] = (
+                None
+                if got == (p, *shape[1:])
+                else f"dimension 0 of its input {shape} is not the batch: on {p} samples of the "
+                f"batch it was {got} (a sequence-first input as long as the batch, a table or "
+                "positions of that length)"
+            )
 
     def _report(self, trainer: Trainer) -> None:
         new = {n: why for n, why in self._excluded.items() if n not in self._reported}
@@ -1036,10 +1034,17 @@ class PerSampleNorms(Callback):
         return self._sizes
 
     def state_dict(self) -> dict[str, Any]:
-        return {"noise_ema": self._ema}
+        """The averages, and what the checks of unit calls' batch dimension found (a resumed
+        run measures what the run would have, without checking again)."""
+        verdicts = [(n, k, list(shape), why) for (n, k, shape), why in self._verdicts.items()]
+        return {"noise_ema": self._ema, "verdicts": verdicts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ema = state["noise_ema"]
+        self._verdicts = {
+            (str(n), int(k), tuple(int(d) for d in shape)): why
+            for n, k, shape, why in state.get("verdicts", [])
+        }
 
     def coverage(self) -> float:
         """The share of trainable parameter elements whose per-sample part was captured in
