@@ -379,7 +379,7 @@ class PerSampleNorms(Callback):
         #: data-parallel: each rank's rows in ``_weighted`` (known on the host: the loaders
         #: shard every global batch alike), so gathering them needs no exchange of sizes
         self._rank_rows: list[int] = []
-        self._reported: set[str] = set()
+        self._reported: set[tuple[str, str]] = set()  # (unit, why): each reason named once
         #: the last measured step's per-sample norms, on the device: tag -> (N,) (NaN for a
         #: weight-0 sample's unweighted norm)
         self.last: dict[str, Tensor] = {}
@@ -895,14 +895,21 @@ class PerSampleNorms(Callback):
                    if kind in ("closed", "func")]  # fmt: skip
         x = batch.x[torch.arange(p, device=batch.x.device) % b]
         failed = ""
+        # BatchNorms in eval mode for it: the same shapes, no batch statistics (a
+        # SyncBatchNorm would all-gather them, and only the ranks checking run this forward)
+        norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
         try:
             state = {**dict(model.named_parameters()),
                      **{n: t.clone() for n, t in model.named_buffers()}}  # fmt: skip
+            for m in norms:
+                m.training = False
             with torch.no_grad(), forked_rng(x.device):
                 functional_call(model, state, (x,))
         except Exception as e:  # (a model that cannot run on P samples: what it saw counts)
             failed = f"; the forward failed: {type(e).__name__}: {e}"
         finally:
+            for m in norms:
+                m.training = True
             for h in handles:
                 h.remove()
         for key in pending:
@@ -924,8 +931,8 @@ class PerSampleNorms(Callback):
             )
 
     def _report(self, trainer: Trainer) -> None:
-        new = {n: why for n, why in self._excluded.items() if n not in self._reported}
-        for name, why in new.items():
+        new = [(n, why) for n, why in self._excluded.items() if (n, why) not in self._reported]
+        for name, why in new:
             log.warning("per-sample gradient norms leave out %r: %s", name, why)
         self._reported.update(new)
 
