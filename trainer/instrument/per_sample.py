@@ -69,7 +69,12 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback, Every
-from trainer.distributed import all_gather_cat, all_reduce_max, shard_sizes
+from trainer.distributed import (
+    all_gather_cat,
+    all_gather_objects,
+    all_reduce_max,
+    shard_sizes,
+)
 from trainer.instrument.norms import minus, norms_of
 from trainer.precision import LOW_PRECISION
 from trainer.rng import forked_rng
@@ -1043,7 +1048,13 @@ class PerSampleNorms(Callback):
     def state_dict(self) -> dict[str, Any]:
         """The averages, and what the checks of unit calls' batch dimension found (a resumed
         run measures what the run would have, without checking again)."""
-        verdicts = [(n, k, list(shape), why) for (n, k, shape), why in self._verdicts.items()]
+        # data-parallel: every rank's (the checkpoint is a collective, every rank takes part):
+        # a rank's ragged shard has shapes of its own, and what was found of a shape is the same
+        # on every rank, so each resumed rank takes the union
+        mine = [(n, k, list(shape), why) for (n, k, shape), why in self._verdicts.items()]
+        union = {(n, k, tuple(shape)): why for part in all_gather_objects(mine)
+                 for n, k, shape, why in part}  # type: ignore[attr-defined]  # fmt: skip
+        verdicts = [(n, k, list(shape), why) for (n, k, shape), why in union.items()]
         return {"noise_ema": self._ema, "verdicts": verdicts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
