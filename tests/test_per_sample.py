@@ -876,6 +876,36 @@ def test_snr_can_be_switched_off() -> None:
     assert not [t for t in staged if t.startswith("grad_snr/")]
 
 
+def test_the_noise_scale_ema_starts_late_and_holds_through_a_step_that_is_not_finite() -> None:
+    """The EMAs start at the first step with an estimate (a first step with unequal weights
+    left them NaN for good), and a step whose gradient is not finite (one the guard or the
+    GradScaler skips) has no estimate: NaN, not −Inf, and the EMAs hold (they turned NaN for
+    the rest of the run)."""
+    torch.manual_seed(0)
+    model = Encoder().double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g))
+               for _ in range(4)]  # fmt: skip
+    cb = PerSampleNorms(1, loss="both", noise_ema=0.75)
+    unequal = torch.tensor([0.3, 0.1, 0.1, 0.25, 0.05, 0.2], dtype=torch.float64)
+    _, s1 = measure(model, *batches[0], weights=unequal, cb=cb)
+    assert math.isnan(s1["per_sample/noise_scale_ema"])
+    second = brute_force_noise(copy.deepcopy(model), *batches[1])
+    _, s2 = measure(model, *batches[1], cb=cb)
+    assert s2["per_sample/noise_scale_ema"] == pytest.approx(float(second[2]), rel=1e-4)
+    hook = model.head.bias.register_hook(lambda grad: grad * math.inf)  # the step's sum: Inf
+    _, s3 = measure(model, *batches[2], cb=cb)
+    hook.remove()
+    for tag in ("per_sample/noise_scale", "per_sample/grad_var_trace", "grad_snr/head.bias"):
+        assert math.isnan(s3[tag]), tag
+    assert s3["per_sample/noise_scale_ema"] == s2["per_sample/noise_scale_ema"]
+    fourth = brute_force_noise(copy.deepcopy(model), *batches[3])
+    _, s4 = measure(model, *batches[3], cb=cb)
+    trace = 0.75 * second[0] + 0.25 * fourth[0]
+    signal = 0.75 * second[1] + 0.25 * fourth[1]
+    assert s4["per_sample/noise_scale_ema"] == pytest.approx(float(trace / signal), rel=1e-4)
+
+
 def test_the_noise_scale_is_nan_with_unequal_weights_and_its_ema_skips_it() -> None:
     torch.manual_seed(0)
     model = Encoder().double()

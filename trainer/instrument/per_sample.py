@@ -1013,16 +1013,22 @@ class PerSampleNorms(Callback):
         trace_p = (mean_sq - batch_sq) * (n / (n - 1))  # unbiased tr(S), per parameter
         trace, batch = torch.stack([trace_p, batch_sq]) @ covered  # over the covered ones
         estimate = torch.stack([trace, batch - trace / n])  # [tr(Σ), unbiased |G|²]
-        estimate = torch.where(uniform, estimate, torch.nan)
+        # no estimate (NaN) with unequal coefficients, or a step whose gradient is not finite
+        # (a step the guard or the GradScaler skips: its sum overflowed, −Inf was logged)
+        ok = uniform & torch.isfinite(estimate).all()
+        estimate = torch.where(ok, estimate, torch.nan)
         if self._ema is None:
             self._ema = estimate
-        else:  # a step without an estimate (NaN) leaves the averages as they were
+        else:  # a step without an estimate leaves the averages as they were (they held NaN
+            # for the rest of the run after one); the first step with one starts them
             mixed = torch.lerp(estimate, self._ema, self.noise_ema)  # β·ema + (1 − β)·estimate
-            self._ema = torch.where(uniform, mixed, self._ema)
+            mixed = torch.where(torch.isnan(self._ema), estimate, mixed)
+            self._ema = torch.where(ok, mixed, self._ema)
         both = torch.stack([estimate, self._ema])  # (2, 2)
         parts = [estimate, both[:, 0] / both[:, 1]]
         if self.snr:  # NaN for a parameter left out: 0 / 0 is not what it would be
-            parts.append(torch.where(uniform & (covered > 0), batch_sq / trace_p, torch.nan))
+            ratio = batch_sq / trace_p
+            parts.append(torch.where(uniform & (covered > 0) & ratio.isfinite(), ratio, torch.nan))
         return {self._tags: torch.cat(parts)}
 
     def _covered_mask(self, device: torch.device) -> Tensor:
