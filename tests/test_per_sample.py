@@ -876,17 +876,23 @@ def test_snr_can_be_switched_off() -> None:
     assert not [t for t in staged if t.startswith("grad_snr/")]
 
 
+def _encoder_batches_and_ema(n: int) -> tuple[nn.Module, list, PerSampleNorms]:
+    """The Transformer layer, ``n`` batches of (B, T) tokens, and per-sample norms with an EMA
+    decay of 0.75."""
+    torch.manual_seed(0)
+    model = Encoder().double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g))
+               for _ in range(n)]  # fmt: skip
+    return model, batches, PerSampleNorms(1, loss="both", noise_ema=0.75)
+
+
 def test_the_noise_scale_ema_starts_late_and_holds_through_a_step_that_is_not_finite() -> None:
     """The EMAs start at the first step with an estimate (a first step with unequal weights
     left them NaN for good), and a step whose gradient is not finite (one the guard or the
     GradScaler skips) has no estimate: NaN, not −Inf, and the EMAs hold (they turned NaN for
     the rest of the run)."""
-    torch.manual_seed(0)
-    model = Encoder().double()
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g))
-               for _ in range(4)]  # fmt: skip
-    cb = PerSampleNorms(1, loss="both", noise_ema=0.75)
+    model, batches, cb = _encoder_batches_and_ema(4)
     unequal = torch.tensor([0.3, 0.1, 0.1, 0.25, 0.05, 0.2], dtype=torch.float64)
     _, s1 = measure(model, *batches[0], weights=unequal, cb=cb)
     assert math.isnan(s1["per_sample/noise_scale_ema"])
@@ -907,12 +913,7 @@ def test_the_noise_scale_ema_starts_late_and_holds_through_a_step_that_is_not_fi
 
 
 def test_the_noise_scale_is_nan_with_unequal_weights_and_its_ema_skips_it() -> None:
-    torch.manual_seed(0)
-    model = Encoder().double()
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g))
-               for _ in range(3)]  # fmt: skip
-    cb = PerSampleNorms(1, loss="both", noise_ema=0.75)
+    model, batches, cb = _encoder_batches_and_ema(3)
     first = brute_force_noise(copy.deepcopy(model), *batches[0])
     _, s1 = measure(model, *batches[0], cb=cb)
     unequal = torch.tensor([0.3, 0.1, 0.1, 0.25, 0.05, 0.2], dtype=torch.float64)
