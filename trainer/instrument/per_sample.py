@@ -960,15 +960,17 @@ class PerSampleNorms(Callback):
             rows = rows.reshape(-1, width)
             sq, w = rows[:, :-1], rows[:, -1]
         covered = self._covered_mask(sq.device)  # (params,) 1.0 covered, 0.0 left out
-        coverage: Tensor | float = self.coverage()
+        coverage: Tensor | float
         if trainer.world.distributed:  # a unit left out on any rank is out on all (one small
             # all-reduce, no host read): the rows of the ranks that measured it are dropped too
             covered = 1 - all_reduce_max(1 - covered)
             numels = self._numels(sq.device)
             coverage = covered.double() @ numels / numels.sum()
             sq = sq * covered
-        elif self._window_excluded:  # a unit left out of one micro-batch is out of every row
-            sq = sq * covered
+        else:
+            coverage = self.coverage()
+            if self._window_excluded:  # a unit left out of one micro-batch: out of every row
+                sq = sq * covered
         root = sq.sum(1).clamp_min(0).sqrt()  # wᵢ‖∇ℓᵢ‖ over the covered parameters
         # the sample's share of the averaged gradient (one process: root itself, x / 1 == x)
         weighted = root / trainer.world.size if trainer.world.distributed else root
