@@ -156,8 +156,7 @@ def test_scalar_and_vector_uniform_train_the_same(tmp_path) -> None:
     train(tmp_path / "scalar", *STEPS50, "loss.mode=scalar")
     train(tmp_path / "vector", *STEPS50, "loss.mode=vector", "weighting=uniform")
     a, b = final_params(tmp_path / "scalar"), final_params(tmp_path / "vector")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     la, lb = read_scalars(tmp_path / "scalar"), read_scalars(tmp_path / "vector")
     assert [s for s, _ in la["train/loss"]] == list(range(1, 51))
     assert la["train/loss"] == lb["train/loss"]
@@ -243,7 +242,7 @@ def test_mixed_precision_measures_unscaled_gradients(tmp_path, precision: str) -
     assert logged == pytest.approx(float(mixed.norms[0]), rel=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_the_scalar_root_has_the_means_gradient_bit_for_bit(dtype) -> None:
     """Scalar mode's root for a micro-batch that is its whole window, Σ ℓᵢ·(1/B) (one autograd
     node cheaper than mean()), backpropagates exactly what mean() does, for every B up to 300;
@@ -264,3 +263,82 @@ def test_the_scalar_root_has_the_means_gradient_bit_for_bit(dtype) -> None:
         eps = torch.finfo(dtype).eps
         value, mean = float(root.detach()), float(losses.detach().mean())
         assert abs(value - mean) <= 2 * b * eps * mean
+
+
+def _uniform_pair(loss):
+    from trainer.objective import Objective
+
+    return Objective(loss, None, (), []), Objective(loss, UniformWeighting(), (), [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_scalar_and_vector_uniform_apply_the_same_per_sample_coefficients_over_a_window(
+    dtype,
+) -> None:
+    """Over a window of several micro-batches (b samples of the window's N), scalar mode's root
+    backpropagates to each loss exactly the coefficient vector-uniform mode passes as its
+    weight and the per-sample instrument reads (``coefficients``): 1/N computed in the losses'
+    dtype. Before, scalar mode took mean() × b/N and vector mode (1/b) × b/N: each rounds
+    twice, differently (b = 3 of N = 9: a different last bit)."""
+    from trainer.losses import CrossEntropy
+    from trainer.objective import Window
+
+    scalar, vector = _uniform_pair(CrossEntropy())
+    g = torch.Generator().manual_seed(0)
+    for n in range(2, 80):
+        for b in {1, 2, 3, 5, 7, n // 2 or 1, n - 1}:
+            window = Window(samples=n, batches=-(-n // b))
+            losses = torch.rand(b, generator=g).to(dtype).requires_grad_()
+            y = torch.zeros(b, dtype=torch.long)
+            (got,) = torch.autograd.grad(scalar.scalar_root(losses, None, y, window), losses)
+            weights = vector.vector_weights(losses, losses, y, torch.arange(b), None, window)
+            assert torch.equal(got, weights), (n, b)
+            assert torch.equal(got, scalar.coefficients(losses, y, window)), (n, b)
+            assert torch.equal(got, torch.ones(b, dtype=dtype) / n), (n, b)
+
+
+@pytest.mark.parametrize("average", ["tokens", "sequences"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_scalar_and_vector_uniform_apply_the_same_per_token_coefficients_over_a_window(
+    average, dtype
+) -> None:
+    """The same for per-token losses with padding: u / U, U the window's Σu, in both modes and
+    in ``coefficients`` (before, vector mode took (u / Σu) × Σu / U: sequences of 6, 4 and 1
+    tokens over windows of two micro-batches differed in the last bit)."""
+    from trainer.losses import TokenCrossEntropy, units_dtype
+    from trainer.objective import Window
+
+    loss = TokenCrossEntropy(average=average)
+    scalar, vector = _uniform_pair(loss)
+    g = torch.Generator().manual_seed(0)
+    for seed in range(40):
+        b, t = 2 + seed % 5, 1 + seed % 7
+        y = torch.randint(5, (2, b, t), generator=g)  # two micro-batches
+        lengths = torch.randint(t + 1, (2, b), generator=g)
+        y[torch.arange(t) >= lengths[..., None]] = -100
+        total = sum(loss.units(part, torch.float64).sum() for part in y)
+        window = Window(samples=2 * b, batches=2, units=total)
+        for part in y:
+            losses = torch.rand(b, t, generator=g).to(dtype).requires_grad_()
+            units = loss.units(part, units_dtype(dtype))
+            (got,) = torch.autograd.grad(scalar.scalar_root(losses, units, part, window), losses)
+            weights = vector.vector_weights(losses, losses, part, torch.arange(b), units, window)
+            # (half losses: float32 coefficients, rounded to the losses' dtype by the backward)
+            assert torch.equal(got, weights.to(dtype)), seed
+            assert torch.equal(weights, scalar.coefficients(losses, part, window)), seed
+            want = units / total.to(units.dtype).clamp_min(torch.finfo(units.dtype).tiny)
+            assert torch.equal(weights, want), seed
+
+
+@pytest.mark.parametrize(
+    "shape", [("data.batch_size=7",), ("data=diabetes", "loss=mse", "data.batch_size=7")]
+)
+def test_scalar_and_vector_uniform_train_the_same_with_accumulation(tmp_path, shape) -> None:
+    """Bit for bit over windows of three micro-batches of 7 (N = 21), where mean() × 7/21 and
+    (1/7) × 7/21 round differently."""
+    steps = ["trainer.max_steps=8", "optimizer=sgd", "trainer.accumulate_grad_batches=3",
+             "instrument=none", *shape]  # fmt: skip
+    train(tmp_path / "s", *steps, "loss.mode=scalar")
+    train(tmp_path / "v", *steps, "loss.mode=vector", "weighting=uniform")
+    a, b = final_params(tmp_path / "s"), final_params(tmp_path / "v")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -182,8 +182,7 @@ def test_mse_scalar_and_vector_uniform_train_the_same(tmp_path) -> None:
     train(tmp_path / "s", *steps)
     train(tmp_path / "v", *steps, "loss.mode=vector")
     a, b = final_params(tmp_path / "s"), final_params(tmp_path / "v")
-    for name in a:  # the same assertion as for cross-entropy (tests/test_backward.py)
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # as for cross-entropy: bit for bit
     assert read_scalars(tmp_path / "s")["train/loss"] == read_scalars(tmp_path / "v")["train/loss"]
 
 

@@ -5,14 +5,15 @@ and every instrument that needs "what did loss element i count for in this step'
 (per-sample norms, curvature) asks :class:`Objective` instead of re-deriving it:
 
 * scalar mode: the loss's own average over the accumulation window. Per-sample losses:
-  ``mean(ℓ) × share`` with share = B / N (N samples in the window), so cᵢ = 1 / N (a window of
-  one micro-batch: ``Σ ℓᵢ · (1/B)``, a dot product with the same gradient as ``mean``, bit for
-  bit, and one autograd node less work). Per-token
-  losses with unit weights u (trainer/losses.py): Σ u ℓ / U, U = Σ u over the window, so
-  c = u / U.
+  ``Σ ℓᵢ · (1/N)`` (N samples in the window; a dot product), so cᵢ = 1 / N: for a window of
+  one micro-batch the same gradient as ``mean``, bit for bit, and one autograd node less work.
+  Per-token losses with unit weights u (trainer/losses.py): Σ u ℓ / U, U = Σ u over the
+  window, so c = u / U.
 * vector mode: ``losses.backward(gradient=w)`` with w = the weighting's weights of the losses'
   shape (trainer/weighting.py), times the micro-batch's share of the window under
-  ``normalize=mean`` (B / N, or Σu / U for tokens), so c = w.
+  ``normalize=mean`` (B / N, or Σu / U for tokens), so c = w. The uniform weighting's w are
+  scalar mode's c, computed by the same code: the two modes backpropagate the same
+  coefficients bit for bit, with or without accumulation.
 * data-parallel: the window is the global one (every rank's samples), and each rank's root is
   the world size W times its part of the global objective, because DDP averages the ranks'
   gradients: c carries the factor W. This is the only place data parallelism enters.
@@ -37,10 +38,10 @@ from trainer.distributed import SINGLE, World, all_reduce_sum
 from trainer.instrument.norms import minus, total_norm
 from trainer.losses import Loss, units_dtype
 from trainer.regularizers import InputGradPenalty, Regularizer
-from trainer.weighting import Weighting
+from trainer.weighting import UniformWeighting, Weighting
 
-#: dtypes whose per-sample root is a dot product (half-precision losses keep mean(), which
-#: accumulates in float32)
+#: dtypes whose per-sample root is a dot product (half-precision losses: a product and a sum,
+#: which accumulates in float32)
 _DOT_DTYPES = (torch.float32, torch.float64)
 
 
@@ -94,7 +95,7 @@ class Objective:
         self.reg_values: list[Tensor] = []
         self._penalty_window: list[Tensor] = []  # the penalty's detached values this window
         self._penalty_grads: dict[int, Tensor] = {}  # its θ-gradient, windows that log only
-        self._inverse_counts: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        self._inverse_counts: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
         #: vector mode: the weighting's weights of the last micro-batch backpropagated, as it
         #: returned them (before the window's share and DDP's factor)
         self.batch_weights: Tensor | None = None
@@ -148,22 +149,26 @@ class Objective:
             return root * self.world.size if self.world.distributed else root
         if self.world.distributed:  # Σ_local ℓ · W / N (also right for an empty or ragged part)
             return losses.sum() * (self.world.size / window.samples)
-        share = y.shape[0] / window.samples  # 1.0 without accumulation
-        if share == 1.0 and losses.dtype in _DOT_DTYPES:
-            # the mean as Σ ℓᵢ · (1/B): the same gradient, 1/B per sample bit for bit (what
-            # mean's backward divides out, and what the uniform weighting passes), with one
-            # autograd node less work than mean() (≈ 25 µs of a CPU step)
-            return torch.dot(losses, self._inverse_count(losses))
-        loss = losses.mean()
-        return loss if share == 1.0 else loss * share
+        # Σ ℓᵢ · (1/N), N the window's samples: for a window of one micro-batch the same
+        # gradient as mean(), 1/B per sample bit for bit (what mean's backward divides out), as
+        # a dot product with one autograd node less work (≈ 25 µs of a CPU step); with
+        # accumulation the coefficients 1/N the uniform weighting passes too (not mean() × B/N,
+        # which rounds twice)
+        c = self._inverse_count(losses, window.samples)
+        if losses.dtype in _DOT_DTYPES:
+            return torch.dot(losses, c)
+        return (losses * c).sum()  # (float16/bfloat16: the sum accumulates in float32)
 
-    def _inverse_count(self, losses: Tensor) -> Tensor:
-        """1/B in each of B elements, computed as ``ones / B`` in the losses' dtype (as the
-        mean's backward computes 1/B), kept per (B, dtype, device)."""
-        key = (losses.shape[0], losses.dtype, losses.device)
+    def _inverse_count(self, losses: Tensor, n: int) -> Tensor:
+        """1/n in each of the losses' B elements, computed as ``ones / n`` in the losses' dtype
+        (as the mean's backward computes 1/B), kept per (B, n, dtype, device)."""
+        key = (losses.shape[0], n, losses.dtype, losses.device)
         w = self._inverse_counts.get(key)
         if w is None:
-            w = self._inverse_counts[key] = torch.ones(key[0], dtype=key[1], device=key[2]) / key[0]
+            if len(self._inverse_counts) >= 64:  # (batch sizes that vary without end)
+                self._inverse_counts.clear()
+            w = torch.ones(key[0], dtype=key[2], device=key[3]) / n
+            self._inverse_counts[key] = w
         return w
 
     def _window_units(self, units: Tensor, window: Window) -> Tensor:
@@ -195,6 +200,12 @@ class Objective:
             self.weighting.global_size = self.global_batch_size()
         weights = self.weighting(losses, output, y, index, units)
         self.batch_weights = weights  # (the micro-batch's own, for batch_objective)
+        if self._uniform_mean:
+            # the loss's own average: scalar mode's coefficients, computed by the same code, so
+            # that vector-uniform mode backpropagates what scalar mode does bit for bit, also
+            # over a window of several micro-batches (the general path below scales the
+            # micro-batch's 1/B or u/Σu by its share, rounding twice); they include W
+            return self._uniform_coefficients(losses, units, window)
         if self.weighting.normalize == "mean":  # sum/none: each micro-batch's as given
             if units is None:
                 share = self._share(y, window)
@@ -214,12 +225,27 @@ class Objective:
         """Scalar mode: each loss element's coefficient c in the micro-batch's root (× W
         data-parallel), of the losses' shape. (Vector mode's are the weights themselves.)"""
         units = self.loss.units(y, units_dtype(losses.dtype))
+        return self._uniform_coefficients(losses, units, window)
+
+    @property
+    def _uniform_mean(self) -> bool:
+        """Vector mode with the uniform weighting averaging (not a subclass: its weights may
+        differ): its weights are scalar mode's coefficients."""
+        w = self.weighting
+        return type(w) is UniformWeighting and w.normalize == "mean"
+
+    def _uniform_coefficients(self, losses: Tensor, units: Tensor | None, window: Window) -> Tensor:
+        """c of every loss element under the loss's own average over the window (× W
+        data-parallel): u / U for per-token losses, 1/N for per-sample ones; the values scalar
+        mode's root applies (:meth:`scalar_root`), bit for bit."""
         if units is not None:
             c = units / self._window_units(units, window)
-            # (float16/bfloat16 losses: the float32 u / Σu, which the backward applies rounded
-            # to their dtype after a GradScaler's scale; vector mode reports the same)
+            # (float16/bfloat16 losses: the float32 u / U, which the backward applies rounded
+            # to their dtype after a GradScaler's scale, in both modes)
             return c * self.world.size if self.world.distributed else c
-        return torch.full_like(losses, max(self._ddp(), 1) / window.samples)
+        if self.world.distributed:
+            return torch.full_like(losses, self.world.size / window.samples)
+        return self._inverse_count(losses, window.samples)
 
     def batch_objective(
         self, losses: Tensor, output: Tensor, y: Tensor, index: Tensor,
