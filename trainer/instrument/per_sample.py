@@ -66,7 +66,8 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
+from torch.overrides import _get_current_function_mode as _current_function_mode
 
 from trainer.callbacks import Callback, Every
 from trainer.distributed import (
@@ -212,11 +213,21 @@ def _tensors(obj: Any) -> list[Tensor]:
     """The tensors in ``obj`` (a tensor, or nested tuples/lists/dicts of them), in order."""
     if isinstance(obj, Tensor):
         return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for x in obj for t in _tensors(x)]
     if isinstance(obj, dict):
-        return [t for x in obj.values() for t in _tensors(x)]
-    return []
+        obj = obj.values()
+    elif not isinstance(obj, (tuple, list)):
+        return []
+    out: list[Tensor] = []
+    for x in obj:  # (no call per leaf: this runs on each function of a measured forward)
+        if isinstance(x, Tensor):
+            out.append(x)
+        elif isinstance(x, (tuple, list, dict)):
+            out.extend(_tensors(x))
+    return out
+
+
+def _requires_grad(obj: Any) -> bool:
+    return any(t.requires_grad for t in _tensors(obj))
 
 
 class _OutsideUses(TorchFunctionMode):
@@ -234,14 +245,15 @@ class _OutsideUses(TorchFunctionMode):
         self.paused = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = func(*args, **kwargs) if kwargs else func(*args)
         if self.paused:
             return out
-        if any(t.requires_grad for t in _tensors(out)):  # a use on the graph (not metadata)
-            for t in _tensors((args, kwargs)):
-                units = self.units_of.get(id(t), ())
-                if units and not any(self.active.get(u) for u in units):
+        # a use on the graph (not metadata)
+        if out.requires_grad if isinstance(out, Tensor) else _requires_grad(out):
+            units_of, active = self.units_of, self.active
+            for t in _tensors((args, kwargs) if kwargs else args):
+                units = units_of.get(id(t))
+                if units and not any(active.get(u) for u in units):
                     for unit in units:  # every unit the parameter is registered in
                         self.outside.setdefault(unit, getattr(func, "__name__", str(func)))
         return out
@@ -487,6 +499,12 @@ class PerSampleNorms(Callback):
         mode = self._mode  # (None: a forward outside the model's, e.g. a user's own call)
         if mode is None:
             self._capture(module, args, kwargs, output)
+            return
+        if _current_function_mode() is mode:  # (the usual case: no mode of the model's own
+            # entered since): off the stack while this hook runs, its calls (detach, shape
+            # checks, register_hook) pass no Python function-mode dispatch, ≈ 5 µs a call
+            with _pop_mode_temporarily():
+                self._capture(module, args, kwargs, output)
             return
         mode.paused = True  # this hook's own calls are not uses of a parameter
         try:
