@@ -44,7 +44,8 @@ COMMON = (
 COMPARED = ("train/loss", "grad_norm/total", "grad_norm/net.1.weight", "grad_norm/total_clipped",
             "param_norm/net.1.weight", "update_ratio/net.5.weight",
             "per_sample/grad_norm_mean", "per_sample/grad_norm_max",
-            "per_sample/weighted_grad_norm_mean", "per_sample/weighted_grad_norm_max")  # fmt: skip
+            "per_sample/weighted_grad_norm_mean", "per_sample/weighted_grad_norm_max",
+            "weights/mean", "weights/min", "weights/max")  # fmt: skip
 
 
 def histograms(run_dir: Path, tag: str) -> list:
@@ -211,11 +212,19 @@ def test_two_processes_of_b_train_like_one_of_2b(tmp_path, case) -> None:
 
 def test_a_ragged_last_batch_and_a_rank_without_samples(tmp_path) -> None:
     """1,437 training samples in global batches of 2 x 700: the last has 37, split 19 / 18;
-    with 2 x 718 it has 1, so rank 1 gets none; both still equal one process."""
-    for b in (700, 718):
-        extra = (*COMMON, "trainer.max_steps=-1", "trainer.max_epochs=2")
-        _, _, want, got = one_and_two(tmp_path, extra, b, tag=str(b))
+    with 2 x 718 it has 1, so rank 1 gets none; both still equal one process. Vector mode
+    too, whose logged weights are the global batch's (rank 1 takes part with none)."""
+    vector = ("loss.mode=vector", "weighting=class_balanced", "logging.every_n_steps=1")
+    runs = [(700, ()), (718, ()), (718, vector)]
+    for b, mode in runs:
+        extra = (*COMMON, "trainer.max_steps=-1", "trainer.max_epochs=2", *mode)
+        one, ranks, want, got = one_and_two(tmp_path, extra, b, tag=f"{b}{len(mode)}")
         assert all((got[k] - want[k]).abs().max() <= 1e-6 for k in want), b
+        if mode:  # every step logs (the last of each epoch is the one-sample batch)
+            s1, s2 = read_scalars(one), read_scalars(ranks[0])
+            for tag in ("weights/mean", "weights/min", "weights/max"):
+                assert [s for s, _ in s2[tag]] == [s for s, _ in s1[tag]] == [1, 2, 3, 4]
+                assert [v for _, v in s2[tag]] == pytest.approx([v for _, v in s1[tag]], rel=1e-6)
 
 
 class RaggedChars(CharText):
@@ -288,6 +297,7 @@ def test_per_token_losses_on_two_processes_train_like_one(tmp_path, case) -> Non
     assert all((got[k] - want[k]).abs().max() <= 1e-5 for k in want)
     s1, s2 = read_scalars(one), read_scalars(ranks[0])
     tags = ["train/loss", "grad_norm/total", "val/loss", "val/ppl"]
+    tags += [t for t in ("weights/mean", "weights/min", "weights/max") if t in s1]
     tags += [t for t in s1 if t.startswith(("curvature/", "per_sample/", "grad_snr/"))]
     measured = {"curvature/top_eig", "per_sample/grad_norm_mean", "per_sample/noise_scale",
                 "grad_snr/head.weight"} <= set(tags)  # fmt: skip

@@ -591,6 +591,27 @@ class Trainer:
             train_loss, samples = total / n, samples * self.world.size
         return train_loss, samples
 
+    def _weight_stats(self, weights: Tensor) -> dict[str | tuple[str, ...], Tensor]:
+        """weights/mean, /min, /max of the step's last micro-batch: data-parallel, of its
+        global batch (every rank's weights, each without the factor W its backward carries
+        for DDP's average: the weights one process would have), and a rank without samples
+        takes part with none. The mean in float64: B equal float32 weights average to exactly
+        their value."""
+        w = weights.detach()
+        if not self.world.distributed:
+            w_min, w_max = torch.aminmax(w)
+            mean = w.mean(dtype=torch.float64)
+            return {"weights/mean": mean, "weights/min": w_min, "weights/max": w_max}
+        w = w.double().flatten() / self.world.size
+        if w.numel():
+            w_min, w_max = torch.aminmax(w)
+        else:  # (metadata: no sync) nothing here: the other ranks' decide
+            w_min = w_max = w.new_full((), torch.inf)
+            w_max = -w_max
+        total, count = all_reduce_sum(torch.stack([w.sum(), w.new_full((), float(w.numel()))]))
+        neg_min, w_max = all_reduce_max(torch.stack([-w_min, w_max]))
+        return {"weights/mean": total / count, "weights/min": -neg_min, "weights/max": w_max}
+
     def _log_step(self, out: StepOutput, lr: float, extra: dict[str, Tensor]) -> None:
         train_loss, samples = self._window_loss()
         values: dict[str | tuple[str, ...], Tensor | float] = {
@@ -603,10 +624,7 @@ class Trainer:
         values.update(self.staging.take_scalars())
         values.update(self.objective.reg_scalars())
         if out.weights is not None:
-            w_min, w_max = torch.aminmax(out.weights)
-            # the mean in float64: B equal float32 weights average to exactly their value
-            mean = out.weights.mean(dtype=torch.float64)
-            values.update({"weights/mean": mean, "weights/min": w_min, "weights/max": w_max})
+            values.update(self._weight_stats(out.weights))
         floats = self.log_scalars(values, out.step)  # host sync: logging steps only
         now = time.perf_counter()
         elapsed = max(now - self._time_at_log, 1e-9)
