@@ -56,6 +56,10 @@ class StepOutput:
     grad_norm: Tensor | None  # 0-d total L2 norm before clipping (when clipping or logging)
     should_log: bool
     skipped: bool = False  # a callback (the non-finite guard) skipped the update
+    #: where the skip was decided on the device, without a host read (the guard's deferred
+    #: mode, ``trainer.skip_step_where``): the 0-d flag, True where the update was skipped
+    #: (``skipped`` is then False: the host does not know); None otherwise
+    skip_where: Tensor | None = None
 
 
 class Callback:
@@ -65,6 +69,10 @@ class Callback:
 
     * ``on_fit_start(trainer)``
     * ``on_train_epoch_start(trainer, epoch)``
+    * ``on_params_change(trainer)``: the parameters' ``requires_grad`` flags changed (a layer
+      unfrozen or frozen by a callback), seen before a micro-batch or before an optimizer
+      step: ``trainer.params`` and ``trainer.param_names`` are the trainable ones again; a
+      callback keeping per-parameter state rebuilds it here
     * ``on_train_batch_start(trainer, batch)``: every micro-batch, before its forward
     * ``on_before_backward(trainer, batch, losses)``: every micro-batch, after its forward and
       loss (``losses`` (B,) or (B, T), still on the graph), before its backward
@@ -110,6 +118,7 @@ class Callback:
 
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_params_change(self, trainer: Trainer) -> None: ...
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None: ...
     def on_before_backward(self, trainer: Trainer, batch: Batch, losses: Tensor) -> None: ...
     def on_after_backward(

@@ -155,8 +155,12 @@ class Trainer:
         self.callbacks: list[Callback] = []
         self._hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOKS}
         self.add_callbacks(*callbacks)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        #: trainable parameters and their names (``named_parameters()``), in the same order
+        #: every parameter (``named_parameters()``), and which required grad when last seen
+        self._all_params = list(model.named_parameters())
+        self._trainable = [p.requires_grad for _, p in self._all_params]
+        named = [(n, p) for n, p in self._all_params if p.requires_grad]
+        #: trainable parameters and their names (``named_parameters()``), in the same order;
+        #: followed as the model's ``requires_grad`` flags change (:meth:`_follow_trainable`)
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
         #: the backward roots and each loss element's coefficient in them (trainer/objective.py)
@@ -478,9 +482,42 @@ class Trainer:
                     yield j, b, window
                 held = []
 
+    def _follow_trainable(self) -> None:
+        """Follow a change of the parameters' ``requires_grad`` (gradual unfreezing in a
+        callback): before each micro-batch and each optimizer step, :attr:`params` and
+        :attr:`param_names` are again the parameters that require grad, so the guard,
+        clipping, ``grad_norm/total`` and the instruments cover a layer unfrozen mid-run
+        (they then fire ``on_params_change``). One pass over the flags: O(parameters)."""
+        flags = [p.requires_grad for _, p in self._all_params]
+        if flags == self._trainable:
+            return
+        changed = [n for (n, _), a, b in zip(self._all_params, flags, self._trainable, strict=True)
+                   if a != b]  # fmt: skip
+        if self.world.distributed:
+            raise RuntimeError(
+                f"requires_grad of {changed[:5]} changed at step {self.global_step}: "
+                "DistributedDataParallel registers the parameters that require grad when it "
+                "wraps the model and cannot follow a change (unfreeze before the run starts, "
+                "or train the stages as separate runs resumed from each other's weights)"
+            )
+        self._trainable = flags
+        named = [(n, p) for n, p in self._all_params if p.requires_grad]
+        self.param_names[:] = [n for n, _ in named]  # (in place: the lists handed out)
+        self.params[:] = [p for _, p in named]
+        self.objective.params = list(self.params)
+        self._low = any(p.dtype in LOW_PRECISION for p in self.params)
+        self._one_group = self._low or len({(p.device, p.dtype) for p in self.params}) <= 1
+        log.info(
+            "trainable parameters changed at step %d (%s%s): %d tensors now",
+            self.global_step, ", ".join(changed[:5]), " …" if len(changed) > 5 else "",
+            len(self.params),
+        )  # fmt: skip
+        self._fire("on_params_change")
+
     def train_step(self, batch: Batch, window: Window, step_now: bool) -> None:
         """Forward and backward of one micro-batch; the optimizer step when ``step_now``."""
         self.window = window  # the accumulation window this micro-batch belongs to
+        self._follow_trainable()
         self._fire("on_train_batch_start", batch)
         x, y, index = batch
         if self.channels_last and x.dim() == 4:
@@ -514,6 +551,7 @@ class Trainer:
         self.logging_step = should_log = self.should_log(self.global_step)
         self.skip_step = self.measure_clipped_norm = False
         self._grad_norms = self.skip_step_where = None
+        self._follow_trainable()  # (a change made in this window's own hooks)
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
         has_reg = self.objective.has_regularizers
@@ -558,7 +596,7 @@ class Trainer:
         clear_grads(self.optimizer)  # (optimizer.zero_grad(set_to_none=True))
         out = StepOutput(
             self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
-            skipped=self.skip_step,
+            skipped=self.skip_step, skip_where=self.skip_step_where,
         )  # fmt: skip
         self._fire("on_train_step_end", out)
         if should_log:

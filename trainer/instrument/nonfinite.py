@@ -121,7 +121,7 @@ class NonfiniteGuard(Callback):
                 )
             deferred = False
         self.deferred = deferred
-        self._low_params = any(p.dtype in LOW_PRECISION for p in trainer.params)
+        self.on_params_change(trainer)
         if deferred and trainer.scaler is None and not takes_found_inf(trainer.optimizer):
             log.info(
                 "instrument.nonfinite.sync=deferred with a %s that is not fused: each step copies "
@@ -129,6 +129,11 @@ class NonfiniteGuard(Callback):
                 "finite (optimizer.fused=true avoids it where torch has a fused kernel)",
                 type(trainer.optimizer).__name__,
             )
+
+    def on_params_change(self, trainer: Trainer) -> None:
+        """Checks the gradients of the parameters trainable now (a layer unfrozen mid-run)."""
+        self._low_params = any(p.dtype in LOW_PRECISION for p in trainer.params)
+        self._all_names = None
 
     def state_dict(self) -> dict[str, object]:
         """The counts, and in deferred mode the flags not read yet (a resumed run reads them)."""

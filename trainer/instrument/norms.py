@@ -107,14 +107,20 @@ class Norms(Callback):
         self._low = False  # float16/bfloat16 parameters (normed in float32)
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        self._positions = {id(p): i for i, p in enumerate(trainer.params)}
+        self.on_params_change(trainer)
         if self._pending is not None:  # a resumed run's kept gradients (loaded on the CPU)
             ps = trainer.params
             self._previous = {id(ps[i]): g.to(ps[i].device) for i, g in self._pending.items()}
             self._pending = None
+
+    def on_params_change(self, trainer: Trainer) -> None:
+        """The trainable parameters' positions, tags and dtypes (a layer unfrozen mid-run
+        gets its tags from here on); the kept copy of the weights is of the old list."""
+        self._positions = {id(p): i for i, p in enumerate(trainer.params)}
         for kind in ("grad_norm", "param_norm", "update_ratio"):
             self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)
         self._low = any(p.dtype in LOW_PRECISION for p in trainer.params)
+        self._before = None  # (between steps: _before_norms is None)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         if self.agreement:

@@ -397,6 +397,8 @@ class PerSampleNorms(Callback):
         #: shard every global batch alike), so gathering them needs no exchange of sizes
         self._rank_rows: list[int] = []
         self._reported: set[tuple[str, str]] = set()  # (unit, why): each reason named once
+        #: the trainable parameters changed during this window: it is not measured
+        self._skip_window = False
         #: the last measured step's per-sample norms, on the device: tag -> (N,) (NaN for a
         #: weight-0 sample's unweighted norm)
         self.last: dict[str, Tensor] = {}
@@ -404,6 +406,22 @@ class PerSampleNorms(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         if self._ema is not None:  # a resumed run's averages (loaded on the CPU)
             self._ema = self._ema.to(trainer.device)
+        self._build_units(trainer)
+
+    def on_params_change(self, trainer: Trainer) -> None:
+        """The units again, of the parameters trainable now (a layer unfrozen mid-run is
+        measured from the next window on). A measured window under way when the change is
+        seen was measured for the old parameters: its step logs no per-sample values."""
+        if self._weighted:
+            self._weighted.clear()
+            self._weights.clear()
+            self._skip_window = True
+        self._build_units(trainer)
+
+    def _build_units(self, trainer: Trainer) -> None:
+        self.units = []
+        self._units_by_param, self._covers, self._kind, self._names = {}, {}, {}, {}
+        self._mask = self._sizes = None
         names = {id(p): n for n, p in trainer.model.named_parameters()}
         self._param_names = names
         inside: set[nn.Module] = set()  # submodules of attention / RNN units: theirs
@@ -433,7 +451,7 @@ class PerSampleNorms(Callback):
 
     # ---- arming: hooks exist only while a measured micro-batch runs its forward and backward
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
-        if not self.every.due_next(trainer.global_step):
+        if self._skip_window or not self.every.due_next(trainer.global_step):
             return
         self._batch = batch.x.shape[0]
         if trainer.world.distributed:
@@ -961,6 +979,13 @@ class PerSampleNorms(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         rank_rows, self._rank_rows = self._rank_rows, []
+        if self._skip_window:
+            self._skip_window = False
+            log.warning(
+                "per-sample gradient norms: step %d is not measured: the trainable parameters "
+                "changed during its window", trainer.global_step,
+            )  # fmt: skip
+            return
         if not self._weighted:
             return
         sq, w = torch.cat(self._weighted), torch.cat(self._weights)  # (N, params), (N,)
