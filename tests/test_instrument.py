@@ -1084,3 +1084,56 @@ def test_the_gradient_cosine_of_complex_tensors_is_that_of_their_real_parts() ->
                        else t for t in ts]).double() for ts in (a, b)]  # fmt: skip
     want = torch.dot(*flat) / (flat[0].norm() * flat[1].norm())
     torch.testing.assert_close(_cosine(a, b).double(), want, rtol=1e-6, atol=0)
+
+
+class RunningSumOnHost(Callback):
+    """Stages the step number on every step; on the host, a running sum of them (state kept
+    across calls, so calls out of order or twice would show); ``change`` changes the tensor
+    staged at that step in place after staging it."""
+
+    def __init__(self, change: int = 0) -> None:
+        self.total, self.calls, self.change = 0.0, [], change
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        self.value = torch.tensor([float(trainer.global_step), 2.0 * trainer.global_step])
+        trainer.stage_on_host(self.value, self.add)
+
+    def add(self, values: list[float]) -> dict[str, float]:
+        self.calls.append(values[0])
+        self.total += values[0]
+        return {"custom/running_sum": self.total, "custom/double": values[1]}
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == self.change:
+            self.value.add_(1)
+
+
+def test_values_staged_for_the_host_are_computed_once_each_in_step_order(tmp_path) -> None:
+    """Seven steps logging every 3: steps 1-2 and 4-5 are read with the next logging step,
+    7 (the last) on its own; the function sees each step once, in order."""
+    cb = RunningSumOnHost()
+    train(tmp_path, "trainer.max_steps=7", "logging.every_n_steps=3", callbacks=[cb])
+    assert cb.calls == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    scalars = read_scalars(tmp_path)
+    assert scalars["custom/running_sum"] == [(s, float(sum(range(1, s + 1)))) for s in range(1, 8)]
+    assert scalars["custom/double"] == [(s, 2.0 * s) for s in range(1, 8)]
+
+
+def test_a_tensor_staged_for_the_host_and_changed_in_place_is_an_error(tmp_path) -> None:
+    cb = RunningSumOnHost(change=2)
+    with pytest.raises(RuntimeError, match="step 2: the tensor staged as '<values 0 for "):
+        train(tmp_path, "trainer.max_steps=7", "logging.every_n_steps=3", callbacks=[cb])
+    assert cb.calls == [1.0, 3.0]  # step 2's left out, the others of that read written
+    assert [s for s, _ in read_scalars(tmp_path)["custom/double"]] == [1, 3]
+
+
+def test_a_checkpointed_noise_scale_average_of_an_earlier_version_loads() -> None:
+    """Before, the per-sample instrument kept its running averages as a device tensor (2,)
+    (checkpoints hold it on the CPU); now as host floats: both load to the same floats."""
+    from trainer.instrument.per_sample import PerSampleNorms
+
+    old, new = PerSampleNorms(1), PerSampleNorms(1)
+    old.load_state_dict({"noise_ema": torch.tensor([0.5, float("nan")])})
+    new.load_state_dict({"noise_ema": [0.5, float("nan")], "verdicts": []})
+    assert old.state_dict()["noise_ema"][0] == new.state_dict()["noise_ema"][0] == 0.5
+    assert math.isnan(old.state_dict()["noise_ema"][1])

@@ -300,6 +300,7 @@ def measure(model: nn.Module, x, y, weights=None, cb=None, amp=contextlib.nullco
         device=torch.device("cpu"),
         objective=Objective(CrossEntropy(), None, (), list(model.parameters())),
         world=SINGLE, stage_scalars=lambda values: staged.update(_expand(values)),
+        stage_on_host=lambda values, fn: staged.update(fn(values.tolist())),
         stage_histogram=lambda tag, v: staged.update(
             {f"{tag}_max": float(v[~torch.isnan(v)].max()), tag: host_histogram(v.tolist())}
         ),
@@ -659,6 +660,7 @@ def test_a_unit_left_out_of_one_micro_batch_is_out_of_the_whole_window(monkeypat
         model=model, global_step=0, scaler=None, logger=None, window=Window(n, len(parts)),
         objective=Objective(CrossEntropy(), None, (), list(model.parameters())),
         world=SINGLE, stage_scalars=lambda values: staged.update(_expand(values)),
+        stage_on_host=lambda values, fn: staged.update(fn(values.tolist())),
         stage_histogram=lambda tag, v: None,
     )  # fmt: skip
     cb = PerSampleNorms(1, loss="weighted")

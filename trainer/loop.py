@@ -47,7 +47,7 @@ from trainer.distributed import (
 from trainer.instrument.norms import total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
 from trainer.losses import Loss, as_loss
-from trainer.metrics import LossTally, Staging, mean_of
+from trainer.metrics import HostFn, LossTally, Staging, mean_of
 from trainer.objective import Objective, Window
 from trainer.precision import LOW_PRECISION
 from trainer.regularizers import InputGradPenalty, Regularizer
@@ -293,6 +293,15 @@ class Trainer:
         kernel and no sync here. For parameter-sized tensors use on-device binning instead
         (``trainer.instrument.histograms``)."""
         self.staging.stage_histogram(tag, values)
+
+    def stage_on_host(self, values: Tensor, fn: HostFn) -> None:
+        """Queue a 1-D tensor for the current step whose scalars are computed on the host:
+        it is read back with the step's scalars (in the same transfer, no sync here), and
+        ``fn(values as a list of floats)`` returns the scalars to write at this step. Each
+        staged step's ``fn`` runs once, in step order, on every rank, so it may keep state (a
+        running average: the per-sample noise scale's). A few device ops then do what tens
+        of small kernels would."""
+        self.staging.stage_on_host(values, fn)
 
     def write_deferred(self) -> None:
         """Write the scalars and histograms measured on steps that did not log, each at its

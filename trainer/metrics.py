@@ -13,7 +13,7 @@ transfer. Per-token losses (B, T) are kept as u·ℓ with their Σu in a device 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,12 @@ class _Deferred:
     histograms: dict[str, Tensor]
     #: (key, tensor, its version when staged): an in-place change before the read is an error
     versions: list[tuple[str | tuple[str, ...], Tensor, int]] = field(default_factory=list)
+    #: (key, 1-D tensor, function of its values on the host giving scalars) (stage_on_host)
+    host: list[tuple[str, Tensor, HostFn]] = field(default_factory=list)
+
+
+#: a function of a staged tensor's values, read to the host, giving the scalars to write
+HostFn = Callable[[list[float]], dict[str, float]]
 
 
 class Staging:
@@ -47,13 +53,14 @@ class Staging:
     def __init__(self) -> None:
         self.scalars: dict[str | tuple[str, ...], Tensor | float] = {}
         self.histograms: dict[str, Tensor] = {}
+        self.host: list[tuple[str, Tensor, HostFn]] = []
         self.deferred: list[_Deferred] = []
         #: each staged tensor and its version counter when it was staged, by key: one changed
         #: in place before it is read is an error (its value would be written as it is then)
         self._versions: dict[str | tuple[str, ...], tuple[Tensor, int]] = {}
 
     def pending(self) -> bool:
-        return bool(self.scalars or self.histograms)
+        return bool(self.scalars or self.histograms or self.host)
 
     def stage(self, values: Scalars) -> None:
         """Queue scalars (``Trainer.stage_scalars``)."""
@@ -64,6 +71,13 @@ class Staging:
         """Queue a short 1-D tensor to bin on the host (``Trainer.stage_histogram``)."""
         self.histograms[tag] = values
         self._record([(tag, values)])
+
+    def stage_on_host(self, values: Tensor, fn: HostFn) -> None:
+        """Queue a 1-D tensor whose scalars ``fn`` computes on the host from its values once
+        read (``Trainer.stage_on_host``)."""
+        key = f"<values {len(self.host)} for {getattr(fn, '__qualname__', 'a function')}>"
+        self.host.append((key, values, fn))
+        self._record([(key, values)])
 
     def _record(self, items: Iterable[tuple[str | tuple[str, ...], object]]) -> None:
         """Each tensor's version as it is staged. A view shares its base's counter, so one
@@ -85,16 +99,18 @@ class Staging:
         return out
 
     def _entry(self, step: int, values: Scalars, histograms: dict[str, Tensor]) -> _Deferred:
-        """``values`` and ``histograms`` of ``step``, with each tensor's version: as it was
-        staged, or, for a view or one not staged (the loop's own), as it is now."""
+        """``values``, ``histograms`` and the tensors staged for the host of ``step``, with
+        each tensor's version: as it was staged, or, for a view or one not staged (the loop's
+        own), as it is now."""
         staged, self._versions = self._versions, {}
+        host, self.host = self.host, []
         versions = []
-        for key, v in [*values.items(), *histograms.items()]:
+        for key, v in [*values.items(), *histograms.items(), *[(k, t) for k, t, _ in host]]:
             if isinstance(v, Tensor) and not v.is_inference():
                 kept = staged.get(key)
                 version = kept[1] if kept is not None and kept[0] is v else v._version
                 versions.append((key, v, version))
-        return _Deferred(step, dict(values), histograms, versions)
+        return _Deferred(step, dict(values), histograms, versions, host)
 
     def defer(self, values: Scalars, step: int) -> None:
         """Keep ``values`` and the staged histograms of ``step`` (one that does not log) on the
@@ -135,7 +151,7 @@ class Staging:
     def _write(
         self, entries: list[_Deferred], logger: TensorBoardLogger | None
     ) -> list[dict[str, float]]:
-        arrays = [t for e in entries for t in e.histograms.values()]
+        arrays = [t for e in entries for t in [*e.histograms.values(), *[v for _, v, _ in e.host]]]
         all_floats, lists = to_host_many([e.scalars for e in entries], arrays)  # host sync:
         host_values = iter(lists)  # logging steps only (and before a checkpoint, at the end)
         for e, floats in zip(entries, all_floats, strict=True):
@@ -145,6 +161,8 @@ class Staging:
                 floats[f"{tag}_max"] = h.max if h.num else math.nan
                 if logger is not None:
                     logger.log_histogram_raw(tag, h, e.step)
+            for _, _, fn in e.host:  # (in step order: a function may keep state, an average)
+                floats.update(fn(next(host_values)))
             if logger is not None and floats:
                 logger.add_floats(floats, e.step)
         return all_floats
@@ -160,6 +178,7 @@ def _drop_changed(entries: list[_Deferred]) -> str | None:
                 continue
             e.scalars = {k: v for k, v in e.scalars.items() if k != key}
             e.histograms = {k: v for k, v in e.histograms.items() if k != key}
+            e.host = [h for h in e.host if h[0] != key]
             if problem is None:
                 tag = key if isinstance(key, str) else key[0]
                 problem = (

@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -357,7 +358,7 @@ class PerSampleNorms(Callback):
         self.every, self.loss, self.bins = Every(every_n_steps), loss, bins
         self.noise_ema, self.snr = noise_ema, snr
         #: the EMAs of the unbiased tr(Σ) and |G|² estimates (McCandlish et al. 2018, app. A)
-        self._ema: Tensor | None = None
+        self._ema: list[float] | None = None
         #: (name, module, parameters it covers, kind) per unit
         self.units: list[tuple[str, nn.Module, list[nn.Parameter], str]] = []
         #: id(parameter) -> the units it is registered in (two for a tied weight)
@@ -404,8 +405,6 @@ class PerSampleNorms(Callback):
         self.last: dict[str, Tensor] = {}
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        if self._ema is not None:  # a resumed run's averages (loaded on the CPU)
-            self._ema = self._ema.to(trainer.device)
         self._build_units(trainer)
 
     def on_params_change(self, trainer: Trainer) -> None:
@@ -1029,52 +1028,77 @@ class PerSampleNorms(Callback):
             )
             series["per_sample/grad_norm"] = unweighted
         self.last = series
-        values.update(self._statistics(trainer, sq, w, covered))
+        self._statistics(trainer, sq, w, covered)
         trainer.stage_scalars(values)
         for tag, v in series.items():  # histogram, _mean and _max from the step's one host read
             trainer.stage_histogram(tag, v)
 
-    def _statistics(
-        self, trainer: Trainer, sq: Tensor, w: Tensor, covered: Tensor
-    ) -> dict[str | tuple[str, ...], Tensor]:
-        """The gradient noise scale B_simple = tr(Σ) / |G|² over the covered parameters and,
-        per parameter tensor, the SNR ‖ḡ‖² / tr(S) of the step's samples (module docstring),
-        on the device; NaN where their coefficients are not all equal, or (SNR) for a
-        parameter left out. ``sq``: (N, params) squared weighted per-sample norms; ``covered``:
-        (params,) 1.0 per covered parameter, 0.0 per one left out."""
+    def _statistics(self, trainer: Trainer, sq: Tensor, w: Tensor, covered: Tensor) -> None:
+        """Stage what the gradient noise scale and the SNRs need (:meth:`_noise_scale`
+        computes them on the host from it, when the step's values are read): a few device ops
+        instead of the ≈ 40 small kernels the same arithmetic took on the device. ``sq``:
+        (N, params) squared weighted per-sample norms; ``covered``: (params,) 1.0 per covered
+        parameter, 0.0 per one left out."""
         n = sq.shape[0]
         if n < 2 or not self._params:
-            return {}
+            return
         reg = trainer.objective.reg_grads() if trainer.objective.has_regularizers else {}
         data = [p.new_zeros(()) if p.grad is None else minus(p.grad, reg[id(p)]) if id(p) in reg
                 else p.grad for p in self._params]  # fmt: skip
-        step_sq = torch.stack(norms_of(data)).float().square()  # (params,)
         w_min, w_max = torch.aminmax(w)  # sq = (wᵢ‖gᵢ‖)² (data-parallel, wᵢ carries W)
-        uniform = (w_min == w_max) & (w_max > 0)  # False with a NaN coefficient
-        inv = w_max.square().reciprocal()
-        mean_sq = sq.mean(0) * inv  # (1/n) Σ ‖gᵢ‖², per parameter, if the wᵢ are equal
-        # ‖(1/n) Σ gᵢ‖² = |G_step|² / (n c)², c = w / W the samples' coefficient in G_step
-        batch_sq = step_sq * (inv * (trainer.world.size / n) ** 2)
-        trace_p = (mean_sq - batch_sq) * (n / (n - 1))  # unbiased tr(S), per parameter
-        trace, batch = torch.stack([trace_p, batch_sq]) @ covered  # over the covered ones
-        estimate = torch.stack([trace, batch - trace / n])  # [tr(Σ), unbiased |G|²]
+        # the spread in w's own dtype: 0 exactly where the coefficients are all equal (a
+        # float32 copy of float64 weights could make unequal ones equal)
+        spread = torch.stack([w_max - w_min, w_max]).float()
+        values = torch.cat(
+            [sq.mean(0).float(), torch.stack(norms_of(data)).float(), spread, covered.float()]
+        )
+        fn = partial(self._noise_scale, n, trainer.world.size, len(self._params))
+        trainer.stage_on_host(values, fn)
+
+    def _noise_scale(self, n: int, world: int, count: int, values: list[float]) -> dict[str, float]:
+        """On the host, in float64, in step order: the gradient noise scale B_simple =
+        tr(Σ) / |G|² over the covered parameters, its running average and, per parameter
+        tensor, the SNR ‖ḡ‖² / tr(S) of the step's samples (module docstring); NaN where the
+        samples' coefficients are not all equal, or (SNR) for a parameter left out. ``values``:
+        the per-parameter means of the squared weighted norms, the step's gradient norms, the
+        coefficients' spread and largest value, the covered mask (:meth:`_statistics`)."""
+        mean_sq, norms = values[:count], values[count : 2 * count]
+        spread, w_max = values[2 * count], values[2 * count + 1]
+        covered = values[2 * count + 2 : 3 * count + 2]
+        uniform = spread == 0 and w_max > 0  # False with a NaN coefficient
+        estimate, snr = [math.nan, math.nan], [math.nan] * count
+        if uniform:
+            inv = 1.0 / (w_max * w_max)
+            # ‖(1/n) Σ gᵢ‖² = |G_step|² / (n c)², c = w / W the samples' coefficient in G_step
+            scale = inv * (world / n) * (world / n)
+            batch_sq = [g * g * scale for g in norms]
+            # unbiased tr(S) per parameter: (1/n) Σ ‖gᵢ‖² − ‖ḡ‖², times n / (n − 1)
+            trace_p = [
+                (m * inv - b) * (n / (n - 1)) for m, b in zip(mean_sq, batch_sq, strict=True)
+            ]
+            trace = sum(t for t, c in zip(trace_p, covered, strict=True) if c > 0)
+            batch = sum(b for b, c in zip(batch_sq, covered, strict=True) if c > 0)
+            estimate = [trace, batch - trace / n]  # [tr(Σ), unbiased |G|²]
+            snr = [_div(b, t) if c > 0 else math.nan
+                   for b, t, c in zip(batch_sq, trace_p, covered, strict=True)]  # fmt: skip
+            snr = [r if math.isfinite(r) else math.nan for r in snr]
         # no estimate (NaN) with unequal coefficients, or a step whose gradient is not finite
         # (a step the guard or the GradScaler skips: its sum overflowed, −Inf was logged)
-        ok = uniform & torch.isfinite(estimate).all()
-        estimate = torch.where(ok, estimate, torch.nan)
+        ok = uniform and all(math.isfinite(x) for x in estimate)
+        if not ok:
+            estimate = [math.nan, math.nan]
         if self._ema is None:
-            self._ema = estimate
-        else:  # a step without an estimate leaves the averages as they were (they held NaN
+            self._ema = list(estimate)
+        elif ok:  # a step without an estimate leaves the averages as they were (they held NaN
             # for the rest of the run after one); the first step with one starts them
-            mixed = torch.lerp(estimate, self._ema, self.noise_ema)  # β·ema + (1 − β)·estimate
-            mixed = torch.where(torch.isnan(self._ema), estimate, mixed)
-            self._ema = torch.where(ok, mixed, self._ema)
-        both = torch.stack([estimate, self._ema])  # (2, 2)
-        parts = [estimate, both[:, 0] / both[:, 1]]
-        if self.snr:  # NaN for a parameter left out: 0 / 0 is not what it would be
-            ratio = batch_sq / trace_p
-            parts.append(torch.where(uniform & (covered > 0) & ratio.isfinite(), ratio, torch.nan))
-        return {self._tags: torch.cat(parts)}
+            b = self.noise_ema  # β·ema + (1 − β)·estimate
+            self._ema = [e if math.isnan(m) else b * m + (1 - b) * e
+                         for e, m in zip(estimate, self._ema, strict=True)]  # fmt: skip
+        ema = self._ema
+        row = [*estimate, _div(estimate[0], estimate[1]), _div(ema[0], ema[1])]
+        if not self.snr:
+            snr = []
+        return dict(zip(self._tags, [*row, *snr], strict=True))
 
     def _covered_mask(self, device: torch.device) -> Tensor:
         """1.0 per covered parameter, 0.0 per one left out of the window (built again when
@@ -1109,7 +1133,8 @@ class PerSampleNorms(Callback):
         return {"noise_ema": self._ema, "verdicts": verdicts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._ema = state["noise_ema"]
+        ema = state["noise_ema"]  # (a checkpoint of an earlier version: a tensor (2,))
+        self._ema = None if ema is None else [float(x) for x in ema]
         self._verdicts = {
             (str(n), int(k), tuple(int(d) for d in shape)): why
             for n, k, shape, why in state.get("verdicts", [])
@@ -1123,6 +1148,15 @@ class PerSampleNorms(Callback):
                     for p in own}  # fmt: skip
         total = sum(p.numel() for p in params.values())
         return 1.0 - sum(params[k].numel() for k in left_out) / max(total, 1)
+
+
+def _div(a: float, b: float) -> float:
+    """a / b as IEEE floats divide (±Inf, or NaN for 0 / 0), not an exception."""
+    if b != 0 or math.isnan(b):
+        return a / b
+    if a == 0 or math.isnan(a):
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
 
 
 def _loss_scale(scaler: torch.amp.GradScaler) -> Tensor | float:
