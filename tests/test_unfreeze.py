@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 
 import pytest
 import torch
-from conftest import read_scalars, train
+from conftest import final_params, read_scalars, train
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -161,3 +162,121 @@ def test_per_sample_norms_skip_a_window_whose_parameters_changed(tmp_path, caplo
     assert [v for _, v in scalars["per_sample/coverage"]] == [1.0, 1.0, 1.0]
     assert "step 2 is not measured: the trainable parameters changed" in caplog.text
     assert [s for s, _ in scalars["grad_norm/backbone.weight"]] == [2, 3, 4]
+
+
+class FreezeAfterBackward(Unfreeze):
+    """Freezes fc1 in step 2's on_after_backward, its gradient of the step already there (a
+    NaN put into it with ``nan``); records as Unfreeze does."""
+
+    def __init__(self, nan: bool = False) -> None:
+        super().__init__(after=0)
+        self.nan = nan
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step + 1 == 2:
+            if self.nan:
+                trainer.model.fc1.weight.grad.view(-1)[0] = float("nan")
+            trainer.model.fc1.requires_grad_(False)
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_a_layer_frozen_with_its_gradient_there_is_not_updated(tmp_path, nan) -> None:
+    """Its gradient of the step is dropped: not applied unclipped and unchecked (a reviewer
+    found fc1 moved by −lr·g, the clip left out, and a NaN there reached the weights)."""
+    rec = FreezeAfterBackward(nan=nan)
+    train(tmp_path, *STEPS, f"trainer.grad_clip={CLIP}", "instrument.nonfinite.policy=skip",
+          callbacks=[rec])  # fmt: skip
+    for step in (2, 3, 4):
+        assert "fc1.weight" not in rec.grads[step]
+        for name in ("fc1.weight", "fc1.bias"):
+            assert torch.equal(rec.updates[step][name], torch.zeros_like(rec.before[name]))
+        coef = CLIP / total(rec.grads[step])  # the others: clipped together, without fc1
+        update, g = rec.updates[step]["head.weight"], rec.grads[step]["head.weight"]
+        torch.testing.assert_close(update, -LR * coef * g, rtol=1e-4, atol=1e-7)
+    assert all(torch.isfinite(p).all() for p in rec.before.values())
+    assert "nonfinite/skipped_steps" not in read_scalars(tmp_path)
+
+
+class UnfreezeForResume(Callback):
+    """Unfreezes the backbone after step 1, and again when a run resumed past it starts (the
+    resumed model is built with it frozen)."""
+
+    def on_fit_start(self, trainer) -> None:
+        if trainer.global_step >= 1:
+            trainer.model.backbone.requires_grad_(True)
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 1:
+            trainer.model.backbone.requires_grad_(True)
+
+
+def test_a_run_resumed_after_unfreezing_measures_what_the_uninterrupted_one_does(tmp_path):
+    """The gradients kept for the next step's agreement are checkpointed by parameter name:
+    by position, the resumed run (built with fewer trainable parameters) crashed."""
+    steps = [*STEPS[:-2], "instrument.norms.every_n_steps=2", "instrument.norms.agreement=true",
+             "trainer.checkpoint.every_n_steps=3", "trainer.max_steps=6"]  # fmt: skip
+    train(tmp_path / "whole", *steps, callbacks=[UnfreezeForResume()])
+    shutil.copytree(tmp_path / "whole", tmp_path / "rest")
+    shutil.rmtree(tmp_path / "rest" / "tb")  # (only what the resumed run writes)
+    step3 = tmp_path / "rest" / "checkpoints" / "step_000000003.pt"
+    train(tmp_path / "rest", *steps, f"trainer.resume={step3}", callbacks=[UnfreezeForResume()])
+    whole, rest = read_scalars(tmp_path / "whole"), read_scalars(tmp_path / "rest")
+    tag = "grad_agreement/consecutive"
+    assert [s for s, _ in whole[tag]] == [2, 4, 6]
+    assert [(s, v) for s, v in whole[tag] if s > 3] == rest[tag]
+    a, b = final_params(tmp_path / "whole"), final_params(tmp_path / "rest")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class ChangeAtBatchStart(Callback):
+    """Unfreezes the backbone, or freezes fc1, in on_train_batch_start of step 3's micro-batch;
+    records the gradients the optimizer step sees."""
+
+    def __init__(self, freeze: bool) -> None:
+        self.freeze, self.grads = freeze, {}
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        if trainer.global_step + 1 == 3:
+            layer = trainer.model.fc1 if self.freeze else trainer.model.backbone
+            layer.requires_grad_(not self.freeze)
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        named = trainer.model.named_parameters()
+        self.grads[trainer.global_step] = {n for n, p in named if p.grad is not None}
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_the_input_penalty_backward_follows_a_change_made_before_it(tmp_path, freeze) -> None:
+    """The penalty's backward accumulates into the trainable parameters only (``inputs``): a
+    layer unfrozen in on_train_batch_start got no gradient that step, a layer frozen there
+    crashed its double backward (a reviewer's findings)."""
+    rec = ChangeAtBatchStart(freeze)
+    train(tmp_path, *STEPS[:-1], "regularizer=[input_grad_penalty]", callbacks=[rec])
+    changed = "fc1.weight" if freeze else "backbone.weight"
+    assert (changed in rec.grads[2]) == freeze
+    assert (changed in rec.grads[3]) != freeze
+    assert (changed in rec.grads[4]) != freeze
+
+
+class UnfreezeBeforeBackward(Unfreeze):
+    """Unfreezes the backbone in on_before_backward of step 2 (measured: between its forward
+    and its backward)."""
+
+    def on_before_backward(self, trainer, batch, losses) -> None:
+        if trainer.global_step + 1 == 2 and not trainer.model.backbone.weight.requires_grad:
+            trainer.model.backbone.requires_grad_(True)
+
+    def on_train_step_end(self, trainer, out) -> None:
+        self.updates[out.step] = {}
+
+
+def test_a_change_between_a_measured_forward_and_its_backward_leaves_the_step_out(
+    tmp_path, caplog
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, *STEPS, callbacks=[UnfreezeBeforeBackward()])
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["per_sample/grad_norm_mean"]] == [1, 3, 4]
+    assert "step 2 is not measured: the trainable parameters changed" in caplog.text
+    # (step 2's forward ran with the backbone frozen: its backward gives it no gradient)
+    assert [s for s, _ in scalars["grad_norm/backbone.weight"]] == [3, 4]

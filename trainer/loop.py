@@ -493,10 +493,12 @@ class Trainer:
 
     def _follow_trainable(self) -> None:
         """Follow a change of the parameters' ``requires_grad`` (gradual unfreezing in a
-        callback): before each micro-batch and each optimizer step, :attr:`params` and
-        :attr:`param_names` are again the parameters that require grad, so the guard,
-        clipping, ``grad_norm/total`` and the instruments cover a layer unfrozen mid-run
-        (they then fire ``on_params_change``). One pass over the flags: O(parameters)."""
+        callback): before each micro-batch, before its backward and before each optimizer
+        step, :attr:`params` and :attr:`param_names` are again the parameters that require
+        grad, so the guard, clipping, ``grad_norm/total`` and the instruments cover a layer
+        unfrozen mid-run (they then fire ``on_params_change``); a layer frozen while its
+        gradient of the window exists loses that gradient (it is not updated). One pass over
+        the flags: O(parameters)."""
         flags = [p.requires_grad for _, p in self._all_params]
         if flags == self._trainable:
             return
@@ -509,6 +511,9 @@ class Trainer:
                 "wraps the model and cannot follow a change (unfreeze before the run starts, "
                 "or train the stages as separate runs resumed from each other's weights)"
             )
+        for (_, p), now, before in zip(self._all_params, flags, self._trainable, strict=True):
+            if before and not now:  # frozen with this window's gradient already there: it is
+                p.grad = None  # dropped, not applied unclipped and unchecked (no update)
         self._trainable = flags
         named = [(n, p) for n, p in self._all_params if p.requires_grad]
         self.param_names[:] = [n for n, _ in named]  # (in place: the lists handed out)
@@ -541,6 +546,7 @@ class Trainer:
                 logits = self.forward_model(x)  # (B, K) logits, or any output the loss takes
                 losses = self.criterion(logits, y)  # (B,), or per token (B, T)
             self._fire("on_before_backward", batch, losses)
+            self._follow_trainable()  # (a change in this micro-batch's hooks: the backward's)
             # the roots (data loss, regularizers) and their one backward pass: trainer/objective
             # (``logs``: the step this micro-batch is in logs, which only the penalty reads)
             logs = self.input_penalty is not None and self.should_log(self.global_step + 1)

@@ -157,12 +157,14 @@ class Objective:
         c = self._inverse_count(losses, window.samples)
         if losses.dtype in _DOT_DTYPES:
             return torch.dot(losses, c)
-        return (losses * c).sum()  # (float16/bfloat16: the sum accumulates in float32)
+        return (losses * c).sum()  # (float16/bfloat16: float32 c, a float32 product and sum)
 
     def _inverse_count(self, losses: Tensor, n: int) -> Tensor:
         """1/n in each of the losses' B elements, computed as ``ones / n`` in the losses' dtype
-        (as the mean's backward computes 1/B), kept per (B, n, dtype, device)."""
-        key = (losses.shape[0], n, losses.dtype, losses.device)
+        (as the mean's backward computes 1/B; float16/bfloat16 losses: in float32, which the
+        backward rounds to their dtype once, after a GradScaler's scale: 1/n of a large
+        window is below float16's normal range), kept per (B, n, dtype, device)."""
+        key = (losses.shape[0], n, units_dtype(losses.dtype), losses.device)
         w = self._inverse_counts.get(key)
         if w is None:
             if len(self._inverse_counts) >= 64:  # (batch sizes that vary without end)

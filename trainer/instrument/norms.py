@@ -99,8 +99,8 @@ class Norms(Callback):
         #: the previous step's gradients (id(param) -> copy), kept from the step before a
         #: measuring step until it
         self._previous: dict[int, Tensor] | None = None
-        self._pending: dict[int, Tensor] | None = None
-        self._positions: dict[int, int] = {}
+        self._pending: dict[str | int, Tensor] | None = None
+        self._names: dict[int, str] = {}  # id(parameter) -> its name in the model
         self._before: list[Tensor] | None = None
         self._before_norms: Tensor | None = None
         self._tags: dict[str, tuple[str, ...]] = {}
@@ -108,15 +108,18 @@ class Norms(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.on_params_change(trainer)
-        if self._pending is not None:  # a resumed run's kept gradients (loaded on the CPU)
-            ps = trainer.params
-            self._previous = {id(ps[i]): g.to(ps[i].device) for i, g in self._pending.items()}
+        if self._pending is not None:  # a resumed run's kept gradients (loaded on the CPU), by
+            # parameter name (a checkpoint of an earlier version: by position in the params)
+            by_name = dict(trainer.model.named_parameters())
+            ps = [by_name[k] if isinstance(k, str) else trainer.params[k] for k in self._pending]
+            self._previous = {id(p): g.to(p.device) for p, g in zip(ps, self._pending.values(),
+                                                                     strict=True)}  # fmt: skip
             self._pending = None
 
     def on_params_change(self, trainer: Trainer) -> None:
         """The trainable parameters' positions, tags and dtypes (a layer unfrozen mid-run
         gets its tags from here on); the kept copy of the weights is of the old list."""
-        self._positions = {id(p): i for i, p in enumerate(trainer.params)}
+        self._names = {id(p): n for n, p in trainer.model.named_parameters()}
         for kind in ("grad_norm", "param_norm", "update_ratio"):
             self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)
         self._low = any(p.dtype in LOW_PRECISION for p in trainer.params)
@@ -197,18 +200,19 @@ class Norms(Callback):
             self._previous = {id(p): p.grad.detach().clone() for p in with_grad}  # type: ignore[union-attr]
 
     def state_dict(self) -> dict[str, Any]:
-        """The kept gradients (between a step and the measuring step after it), by position in
-        the trainer's parameters: a resumed run measures the same cosine."""
-        return {"previous": self._previous_by_position}
+        """The kept gradients (between a step and the measuring step after it), by parameter
+        name: a resumed run measures the same cosine (also where the trainable parameters
+        changed during the run: the resumed model may be built with other ones)."""
+        return {"previous": self._previous_by_name}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = state.get("previous")  # mapped to the parameters in on_fit_start
 
     @property
-    def _previous_by_position(self) -> dict[int, Tensor] | None:
+    def _previous_by_name(self) -> dict[str, Tensor] | None:
         if self._previous is None:
             return None
-        return {self._positions[k]: g for k, g in self._previous.items()}
+        return {self._names[k]: g for k, g in self._previous.items()}
 
     def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         before_norms = self._before_norms

@@ -411,6 +411,10 @@ class PerSampleNorms(Callback):
         """The units again, of the parameters trainable now (a layer unfrozen mid-run is
         measured from the next window on). A measured window under way when the change is
         seen was measured for the old parameters: its step logs no per-sample values."""
+        if self._handles:  # seen between a measured micro-batch's forward and its backward
+            self._disarm()
+            self._calls.clear()
+            self._skip_window = True
         if self._weighted:
             self._weighted.clear()
             self._weights.clear()
@@ -660,6 +664,8 @@ class PerSampleNorms(Callback):
     def _on_output_grad(self, call: _Call, k: int, g: Tensor | None) -> None:
         if g is None:  # no gradient reached this output (an LSTM's output when only its h_n is
             return  # used): it adds nothing to the per-sample gradient
+        if self._skip_window:  # (the parameters changed after this forward: not measured)
+            return
         call.grads[k] = g.detach()
         module = call.unit
         if self._kind[module] != "closed" or self._names[module] in self._excluded:
