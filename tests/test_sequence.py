@@ -639,3 +639,35 @@ def test_float16_losses_over_more_than_65504_units_get_their_coefficients(dtype,
                         else weights)  # fmt: skip
     assert torch.equal(reported[0], torch.full_like(out, float(c), dtype=torch.float32))
     assert torch.equal(reported[0], reported[1])
+
+
+def test_a_non_finite_output_makes_the_accuracy_nan_not_class_0() -> None:
+    """argmax reads a NaN row as class 0: a diverged model reported the share of class 0 as
+    its val/acc (a probe's finding). A non-finite score in a counted row makes the accuracy
+    NaN, as val/loss is; one at a padded token (not counted) changes nothing."""
+    from trainer.losses import CrossEntropy, TokenCrossEntropy
+
+    out = torch.tensor([[0.1, 2.0], [1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([1, 0, 0])
+    assert CrossEntropy().val_sums(out, y)["val/acc"].tolist() == [2.0, 3.0]
+    out[2, 0] = float("nan")  # row 2: argmax 0 would count as correct
+    acc = CrossEntropy().val_sums(out, y)["val/acc"]
+    assert math.isnan(acc[0]) and acc[1] == 3.0
+    out[2, 0] = float("inf")
+    assert math.isnan(CrossEntropy().val_sums(out, y)["val/acc"][0])
+
+    logits = torch.zeros(2, 3, 4)
+    logits[..., 1] = 1.0
+    target = torch.tensor([[1, 1, PAD], [1, 0, 1]])
+    loss = TokenCrossEntropy(ignore_index=PAD)
+    assert loss.val_sums(logits, target)["val/token_acc"].tolist() == [4.0, 5.0]
+    logits[0, 2, 0] = float("nan")  # a padded position: not counted
+    assert loss.val_sums(logits, target)["val/token_acc"].tolist() == [4.0, 5.0]
+    logits[1, 1, 0] = float("nan")  # a counted one
+    assert math.isnan(loss.val_sums(logits, target)["val/token_acc"][0])
+
+
+def test_a_diverged_model_reports_nan_accuracy(tmp_path) -> None:
+    metrics = train(tmp_path, "trainer.max_steps=3", "optimizer=sgd", "optimizer.lr=1e30",
+                    "instrument.nonfinite.policy=off")  # fmt: skip
+    assert math.isnan(metrics["val/loss"]) and math.isnan(metrics["val/acc"])

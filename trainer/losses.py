@@ -112,7 +112,7 @@ class Loss:
             sums = {"val/loss": torch.stack([(losses * units).sum(), units.sum()])}
         if self.task == "classification":
             correct = (output.argmax(dim=1) == target).sum().float()
-            sums["val/acc"] = torch.stack([correct, n])
+            sums["val/acc"] = torch.stack([_unless_nonfinite(correct, output), n])
         elif self.task == "regression":
             sums["val/mse"] = torch.stack([squared_error(output, target).sum(), n])
         elif self.task == "sequence":  # val/ppl: exp of val/loss (finalize)
@@ -129,7 +129,8 @@ class Loss:
             )
             hits = (output.argmax(dim=-1) == target).float() * counted
             sums["val/ppl"] = sums["val/loss"]
-            sums["val/token_acc"] = torch.stack([hits.sum(), counted.sum()])
+            correct = _unless_nonfinite(hits.sum(), output, counted > 0)
+            sums["val/token_acc"] = torch.stack([correct, counted.sum()])
         return sums
 
     def finalize(self, values: dict[str, float]) -> dict[str, float]:
@@ -144,6 +145,17 @@ class Loss:
         """Whether the loss defines unit weights (:meth:`units`): several loss elements per
         sample (tokens), averaged as Σuℓ / Σu."""
         return type(self).units is not Loss.units
+
+
+def _unless_nonfinite(correct: Tensor, output: Tensor, counted: Tensor | None = None) -> Tensor:
+    """The count of correct predictions, or NaN where a counted output row (the last
+    dimension: one sample's or token's scores) holds a NaN or an Inf: its argmax is no
+    prediction (NaN compares as the maximum, so such a row read as class 0, and a diverged
+    model reported the share of class 0 as its accuracy). On the device: no host read."""
+    bad = ~torch.isfinite(output).all(dim=-1)
+    if counted is not None:
+        bad = bad & counted
+    return torch.where(bad.any(), torch.nan, correct)
 
 
 def units_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -286,6 +298,7 @@ class TokenCrossEntropy(Loss):
             ignore_index=self.ignore_index,
         )  # fmt: skip
         correct = ((output.argmax(dim=-1) == target) & valid).sum().float()
+        correct = _unless_nonfinite(correct, output, valid)
         loss = torch.stack([nll, n])
         # val/ppl is finished from val/loss (exp of the token mean, not a mean of exps)
         return {"val/loss": loss, "val/ppl": loss, "val/token_acc": torch.stack([correct, n])}
