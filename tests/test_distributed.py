@@ -713,3 +713,25 @@ def test_a_checkpoint_failing_on_rank_0_lets_every_rank_go_on(tmp_path, what, at
     assert metrics["status"] == "completed"
     assert (dirs[0] / "checkpoints" / "last.pt").exists()
     assert load_checkpoint(dirs[0] / "checkpoints" / "last.pt")["step"] == 8
+
+
+def test_validation_on_two_processes_uses_the_batchnorm_statistics_rank_0_saves(tmp_path):
+    """After a step each rank's BatchNorm running statistics hold its own batch's update (DDP
+    sends rank 0's only before the next training forward): rank 1 validated its half with
+    others than the checkpoint's (a probe's finding: val/acc 0.1643 logged, 0.1671 from the
+    checkpoint). Rank 0's buffers are sent before validating; the logged metrics are those
+    of the saved model, evaluated in one process."""
+    from trainer.run import build_trainer
+
+    small = ["model=cnn", "model.batch_norm=true", "model.channels=[8]", "model.hidden=16",
+             "data.batch_size=2", "data.train_subset=9", "trainer.max_epochs=1",
+             "trainer.checkpoint.every_n_steps=0", "optimizer.lr=0.05", "logging.progress=false",
+             "instrument=none"]  # fmt: skip
+    ranks = [tmp_path / "r0", tmp_path / "r1"]
+    assert launch((2, small, ranks)) == [[0, 0]]
+    logged = json.loads((ranks[0] / "metrics.json").read_text())
+    t = build_trainer(make_cfg(*small), tmp_path / "one", with_logger=False)
+    t.model.load_state_dict(load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"])
+    again = t.evaluate()
+    for key in ("val/loss", "val/acc"):
+        assert logged[key] == pytest.approx(again[key], rel=1e-6, abs=1e-7), key

@@ -98,6 +98,16 @@ def all_reduce_max(t: Tensor) -> Tensor:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank, as DDP sends them
+    before each training forward: after a step, each rank's buffers hold its own batch's
+    update, and a validation must use the model rank 0 checkpoints. No-op in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for b in module.buffers():
+        dist.broadcast(b, src=0)
+
+
 def shard(start: int, stop: int, world: World) -> tuple[int, int]:
     """This rank's contiguous part of the global batch ``[start, stop)``: the first ranks get
     one sample more when it does not divide evenly (a ragged last batch)."""

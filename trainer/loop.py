@@ -43,6 +43,7 @@ from trainer.distributed import (
     all_gather_objects,
     all_reduce_max,
     all_reduce_sum,
+    broadcast_buffers,
 )
 from trainer.instrument.norms import total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
@@ -766,6 +767,7 @@ class Trainer:
         """The loss's validation metrics (val/loss, and val/acc or val/mse by task) and the
         epoch's mean train/loss."""
         self.model.eval()
+        broadcast_buffers(self.model)  # (data-parallel: the model rank 0 checkpoints)
         names = self.criterion.metrics
         sums = torch.zeros(len(names), 2, device=self.device)  # (metric, [sum, count])
         for x, y, _ in self.val_loader:
