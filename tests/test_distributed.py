@@ -735,3 +735,20 @@ def test_validation_on_two_processes_uses_the_batchnorm_statistics_rank_0_saves(
     again = t.evaluate()
     for key in ("val/loss", "val/acc"):
         assert logged[key] == pytest.approx(again[key], rel=1e-6, abs=1e-7), key
+
+
+def test_a_ragged_validation_batch_on_the_dataloader_path_names_eval_batch_size() -> None:
+    """Digits' 359 validation samples in global batches of 2 x 179 leave 1 for 2 ranks; the
+    error named data.drop_last and data.batch_size, neither of which applies to validation
+    (a probe's finding)."""
+    from trainer.data.digits import DigitsData
+    from trainer.distributed import World
+
+    data = DigitsData(batch_size=50, eval_batch_size=179, loader="dataloader", num_workers=0)
+    with pytest.raises(ValueError, match=r"validation split's last global batch \(2 x "
+                       r"data.eval_batch_size=179\) has 1 sample\(s\).*another "
+                       r"data.eval_batch_size"):  # fmt: skip
+        data.setup(torch.device("cpu"), seed=0, world=World(0, 2, 0))
+    data = DigitsData(batch_size=50, eval_batch_size=179, loader="memory")
+    data.setup(torch.device("cpu"), seed=0, world=World(1, 2, 1))  # (the in-memory path can)
+    assert sum(len(batch.y) for batch in data.val_loader) == 179

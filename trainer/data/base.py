@@ -124,6 +124,15 @@ def batch_count(num_samples: int, batch_size: int, drop_last: bool) -> int:
     return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
 
 
+class RaggedShardError(ValueError):
+    """A split's last global batch has fewer samples than there are ranks (the DataLoader
+    path cannot give a rank an empty batch)."""
+
+    def __init__(self, message: str, ragged: int):
+        super().__init__(message)
+        self.ragged = ragged
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """The DataLoader path's batches: epoch ``epoch``'s order (:func:`epoch_order`, or
     ``range(n)`` unshuffled) cut into global batches of ``world.size × batch_size``, each rank
@@ -145,10 +154,11 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.epoch = self.start_batch = 0
         ragged = 0 if drop_last else num_samples % self.global_batch_size
         if world.distributed and 0 < ragged < world.size:
-            raise ValueError(
+            raise RaggedShardError(
                 f"data: the last global batch of an epoch has {ragged} sample(s) for "
                 f"{world.size} processes, so a rank would get none, which the DataLoader path "
-                "cannot yield; set data.drop_last=true or another data.batch_size"
+                "cannot yield; set data.drop_last=true or another data.batch_size",
+                ragged,
             )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -347,7 +357,18 @@ class DataModule(abc.ABC):
             if self.out_dim is None:  # the size of one target (a scalar target: 1)
                 self.out_dim = max(1, torch.as_tensor(y0).numel())
         self.train_loader = self._loader(train, self.batch_size, device, True, seed, self.drop_last)
-        self.val_loader = self._loader(val, self.eval_batch_size, device, False, seed, False)
+        try:
+            self.val_loader = self._loader(val, self.eval_batch_size, device, False, seed, False)
+        except RaggedShardError as e:  # (validation keeps every sample: no drop_last)
+            world = getattr(self, "world", SINGLE)
+            raise ValueError(
+                f"data: the validation split's last global batch ({world.size} x "
+                f"data.eval_batch_size={self.eval_batch_size}) has {e.ragged} sample(s) for "
+                f"{world.size} processes, so a rank would get none, which the DataLoader path "
+                "cannot yield (validation keeps every sample: data.drop_last does not apply to "
+                "it); set another data.eval_batch_size, or data.loader=memory where the split "
+                "is held as tensors"
+            ) from None
 
     def provides(self) -> dict[str, Any]:
         """What a model's constructor may ask for by name (after :meth:`setup`)."""
