@@ -643,8 +643,9 @@ def test_float16_losses_over_more_than_65504_units_get_their_coefficients(dtype,
 
 def test_a_non_finite_output_makes_the_accuracy_nan_not_class_0() -> None:
     """argmax reads a NaN row as class 0: a diverged model reported the share of class 0 as
-    its val/acc (a probe's finding). A non-finite score in a counted row makes the accuracy
-    NaN, as val/loss is; one at a padded token (not counted) changes nothing."""
+    its val/acc (a probe's finding). A NaN score in a counted row makes the accuracy NaN, as
+    val/loss is; one at a padded token (not counted) changes nothing, and −Inf (a masked
+    class) is a score like any other."""
     from trainer.losses import CrossEntropy, TokenCrossEntropy
 
     out = torch.tensor([[0.1, 2.0], [1.0, 0.0], [0.0, 1.0]])
@@ -653,8 +654,8 @@ def test_a_non_finite_output_makes_the_accuracy_nan_not_class_0() -> None:
     out[2, 0] = float("nan")  # row 2: argmax 0 would count as correct
     acc = CrossEntropy().val_sums(out, y)["val/acc"]
     assert math.isnan(acc[0]) and acc[1] == 3.0
-    out[2, 0] = float("inf")
-    assert math.isnan(CrossEntropy().val_sums(out, y)["val/acc"][0])
+    out[2, 0] = -float("inf")  # a class masked out: the row still predicts (class 1)
+    assert CrossEntropy().val_sums(out, y)["val/acc"].tolist() == [2.0, 3.0]
 
     logits = torch.zeros(2, 3, 4)
     logits[..., 1] = 1.0
