@@ -1137,3 +1137,29 @@ def test_a_checkpointed_noise_scale_average_of_an_earlier_version_loads() -> Non
     new.load_state_dict({"noise_ema": [0.5, float("nan")], "verdicts": []})
     assert old.state_dict()["noise_ema"][0] == new.state_dict()["noise_ema"][0] == 0.5
     assert math.isnan(old.state_dict()["noise_ema"][1])
+
+
+def test_host_functions_run_for_every_step_read_even_when_a_write_fails() -> None:
+    """A write that fails (a full disk at a checkpoint's flush, which training survives) loses
+    what it writes, not a host function's step: a running average computed there skipped the
+    steps after the failing one (a review's finding)."""
+    from trainer.metrics import Staging
+
+    class FailsOnce:
+        failed = False
+
+        def add_floats(self, floats, step) -> None:
+            if not self.failed:
+                self.failed = True
+                raise OSError("disk full")
+
+        def log_histogram_raw(self, tag, h, step) -> None: ...
+
+    seen: list[float] = []
+    staging = Staging()
+    for step in (1, 2, 3):
+        staging.stage_on_host(torch.tensor([float(step)]), lambda v: seen.append(v[0]) or {})
+        staging.defer({"x": torch.tensor(float(step))}, step)
+    with pytest.raises(OSError, match="disk full"):
+        staging.flush(FailsOnce())
+    assert seen == [1.0, 2.0, 3.0]

@@ -643,9 +643,10 @@ def test_float16_losses_over_more_than_65504_units_get_their_coefficients(dtype,
 
 def test_a_non_finite_output_makes_the_accuracy_nan_not_class_0() -> None:
     """argmax reads a NaN row as class 0: a diverged model reported the share of class 0 as
-    its val/acc (a probe's finding). A NaN score in a counted row makes the accuracy NaN, as
-    val/loss is; one at a padded token (not counted) changes nothing, and −Inf (a masked
-    class) is a score like any other."""
+    its val/acc (a probe's finding). A counted row without a finite maximum (NaN, +Inf, all
+    −Inf) makes the accuracy NaN, as val/loss is; one at a padded token (not counted) changes
+    nothing, and −Inf of a masked class is a score like any other (a review's finding: it
+    made the accuracy NaN)."""
     from trainer.losses import CrossEntropy, TokenCrossEntropy
 
     out = torch.tensor([[0.1, 2.0], [1.0, 0.0], [0.0, 1.0]])
@@ -656,6 +657,9 @@ def test_a_non_finite_output_makes_the_accuracy_nan_not_class_0() -> None:
     assert math.isnan(acc[0]) and acc[1] == 3.0
     out[2, 0] = -float("inf")  # a class masked out: the row still predicts (class 1)
     assert CrossEntropy().val_sums(out, y)["val/acc"].tolist() == [2.0, 3.0]
+    for row in ([float("inf"), 0.0], [-float("inf"), -float("inf")]):  # no finite maximum
+        out[2] = torch.tensor(row)
+        assert math.isnan(CrossEntropy().val_sums(out, y)["val/acc"][0])
 
     logits = torch.zeros(2, 3, 4)
     logits[..., 1] = 1.0

@@ -280,3 +280,33 @@ def test_a_change_between_a_measured_forward_and_its_backward_leaves_the_step_ou
     assert "step 2 is not measured: the trainable parameters changed" in caplog.text
     # (step 2's forward ran with the backbone frozen: its backward gives it no gradient)
     assert [s for s, _ in scalars["grad_norm/backbone.weight"]] == [3, 4]
+
+
+class Swap(Callback):
+    """After step 3: freezes fc1 and unfreezes the backbone (the same number of tensors), or
+    (``unfreeze_only``) unfreezes the backbone (two tensors more)."""
+
+    def __init__(self, unfreeze_only: bool) -> None:
+        self.unfreeze_only = unfreeze_only
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 3:
+            trainer.model.fc1.requires_grad_(self.unfreeze_only)
+            trainer.model.backbone.requires_grad_(True)
+
+
+@pytest.mark.parametrize("unfreeze_only", [False, True])
+def test_noise_scale_values_read_after_a_change_keep_their_steps_tags(tmp_path, unfreeze_only):
+    """Per-sample norms every 3 steps, logging every 5: step 3's SNRs are read at step 5, after
+    the change; they went under the new parameters' tags (or crashed, with more tensors: a
+    review's finding). The same as logging every step."""
+    steps = [*STEPS[:-3], "instrument=none", "instrument.per_sample.every_n_steps=3",
+             "trainer.max_steps=6"]  # fmt: skip
+    train(tmp_path / "every", *steps, "logging.every_n_steps=1", callbacks=[Swap(unfreeze_only)])
+    train(tmp_path / "late", *steps, "logging.every_n_steps=5", callbacks=[Swap(unfreeze_only)])
+    every, late = read_scalars(tmp_path / "every"), read_scalars(tmp_path / "late")
+    snr = sorted(t for t in every if t.startswith("grad_snr/"))
+    assert snr == sorted(t for t in late if t.startswith("grad_snr/"))
+    assert [s for s, _ in every["grad_snr/fc1.weight"]] == ([3, 6] if unfreeze_only else [3])
+    for tag in [*snr, "per_sample/noise_scale", "per_sample/noise_scale_ema"]:
+        assert every[tag] == late[tag], tag

@@ -149,11 +149,12 @@ class Loss:
 
 def _unless_nonfinite(correct: Tensor, output: Tensor, counted: Tensor | None = None) -> Tensor:
     """The count of correct predictions, or NaN where a counted output row (the last
-    dimension: one sample's or token's scores) holds a NaN: its argmax is no prediction (NaN
-    compares as the maximum, so such a row read as class 0, and a diverged model reported the
-    share of class 0 as its accuracy). ±Inf scores still rank (−Inf: a class masked out, as
-    language models do), so they predict. On the device: no host read."""
-    bad = torch.isnan(output).any(dim=-1)
+    dimension: one sample's or token's scores) has no finite maximum: a NaN (which argmax reads
+    as the maximum, so such a row counted as class 0, and a diverged model reported the share
+    of class 0 as its accuracy), +Inf (an overflow) or every score −Inf; its loss is not
+    finite either. A −Inf score of a class masked out (as language models do) still ranks.
+    On the device: no host read."""
+    bad = ~torch.isfinite(output.amax(dim=-1))
     if counted is not None:
         bad = bad & counted
     return torch.where(bad.any(), torch.nan, correct)

@@ -154,17 +154,23 @@ class Staging:
         arrays = [t for e in entries for t in [*e.histograms.values(), *[v for _, v, _ in e.host]]]
         all_floats, lists = to_host_many([e.scalars for e in entries], arrays)  # host sync:
         host_values = iter(lists)  # logging steps only (and before a checkpoint, at the end)
+        binned = []
         for e, floats in zip(entries, all_floats, strict=True):
-            for tag in e.histograms:
-                h = host_histogram(next(host_values))
+            hists = {tag: host_histogram(next(host_values)) for tag in e.histograms}
+            for tag, h in hists.items():
                 floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
                 floats[f"{tag}_max"] = h.max if h.num else math.nan
-                if logger is not None:
-                    logger.log_histogram_raw(tag, h, e.step)
             for _, _, fn in e.host:  # (in step order: a function may keep state, an average)
                 floats.update(fn(next(host_values)))
-            if logger is not None and floats:
-                logger.add_floats(floats, e.step)
+            binned.append(hists)
+        # every step's values first, then the writes: a write that fails (a full disk) loses
+        # what it writes, not a host function's step (a running average would skip it)
+        for e, floats, hists in zip(entries, all_floats, binned, strict=True):
+            if logger is not None:
+                for tag, h in hists.items():
+                    logger.log_histogram_raw(tag, h, e.step)
+                if floats:
+                    logger.add_floats(floats, e.step)
         return all_floats
 
 

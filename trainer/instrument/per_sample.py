@@ -1058,16 +1058,21 @@ class PerSampleNorms(Callback):
         values = torch.cat(
             [sq.mean(0).float(), torch.stack(norms_of(data)).float(), spread, covered.float()]
         )
-        fn = partial(self._noise_scale, n, trainer.world.size, len(self._params))
+        # (the tags as they are now: the values may be read after the trainable parameters,
+        # and so the tags, changed)
+        fn = partial(self._noise_scale, n, trainer.world.size, self._tags)
         trainer.stage_on_host(values, fn)
 
-    def _noise_scale(self, n: int, world: int, count: int, values: list[float]) -> dict[str, float]:
+    def _noise_scale(
+        self, n: int, world: int, tags: tuple[str, ...], values: list[float]
+    ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
         tr(Σ) / |G|² over the covered parameters, its running average and, per parameter
         tensor, the SNR ‖ḡ‖² / tr(S) of the step's samples (module docstring); NaN where the
         samples' coefficients are not all equal, or (SNR) for a parameter left out. ``values``:
         the per-parameter means of the squared weighted norms, the step's gradient norms, the
         coefficients' spread and largest value, the covered mask (:meth:`_statistics`)."""
+        count = (len(values) - 2) // 3  # parameters (3 per parameter, 2 for the weights)
         mean_sq, norms = values[:count], values[count : 2 * count]
         spread, w_max = values[2 * count], values[2 * count + 1]
         covered = values[2 * count + 2 : 3 * count + 2]
@@ -1104,7 +1109,7 @@ class PerSampleNorms(Callback):
         row = [*estimate, _div(estimate[0], estimate[1]), _div(ema[0], ema[1])]
         if not self.snr:
             snr = []
-        return dict(zip(self._tags, [*row, *snr], strict=True))
+        return dict(zip(tags, [*row, *snr], strict=True))
 
     def _covered_mask(self, device: torch.device) -> Tensor:
         """1.0 per covered parameter, 0.0 per one left out of the window (built again when
