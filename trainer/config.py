@@ -612,7 +612,7 @@ class CurvatureConfig:
     #: measure every N optimizer steps (0: off)
     every_n_steps: int = 0
     #: power-iteration steps for ``curvature/top_eig`` (one Hessian-vector product each) ...
-    power_iters: int = 20
+    power_iters: int = 50
     #: ... stopping early once the estimate changes by at most this relative amount
     tol: float = 1e-3
     #: Rademacher probes for Hutchinson's ``curvature/trace`` (one Hessian-vector product each)

@@ -14,7 +14,13 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from trainer.callbacks import Callback
-from trainer.instrument.curvature import Curvature, hutchinson_trace, hvp, top_eigenvalue
+from trainer.instrument.curvature import (
+    Curvature,
+    hutchinson_trace,
+    hvp,
+    power_iteration,
+    top_eigenvalue,
+)
 from trainer.instrument.histograms import Histograms, RawHistogram, histograms
 from trainer.instrument.nonfinite import NonFiniteError, NonfiniteGuard
 from trainer.instrument.norms import Norms
@@ -35,6 +41,7 @@ __all__ = [
     "histograms",
     "hutchinson_trace",
     "hvp",
+    "power_iteration",
     "top_eigenvalue",
 ]
 
