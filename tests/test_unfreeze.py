@@ -310,3 +310,53 @@ def test_noise_scale_values_read_after_a_change_keep_their_steps_tags(tmp_path, 
     assert [s for s, _ in every["grad_snr/fc1.weight"]] == ([3, 6] if unfreeze_only else [3])
     for tag in [*snr, "per_sample/noise_scale", "per_sample/noise_scale_ema"]:
         assert every[tag] == late[tag], tag
+
+
+class RegRecorder(Callback):
+    """Unfreezes the backbone after step 2; records each step's weights, gradients, and the
+    data gradient alone (the batch's mean cross-entropy, by autograd on the same weights)."""
+
+    def __init__(self) -> None:
+        self.weights, self.grads, self.data = {}, {}, {}
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        self.batch = batch
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        model, step = trainer.model, trainer.global_step
+        named = dict(model.named_parameters())
+        self.weights[step] = {n: p.detach().clone() for n, p in named.items()}
+        self.grads[step] = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+        params = {n: p.detach().requires_grad_() for n, p in self.weights[step].items()}
+        out = functional_call(model, params, (self.batch.x,))
+        loss = torch.nn.functional.cross_entropy(out, self.batch.y)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        self.data[step] = dict(zip(params, grads, strict=True))
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 2:
+            trainer.model.backbone.requires_grad_(True)
+
+
+@pytest.mark.parametrize("include", ["*", "backbone.*"])
+def test_regularizers_select_again_among_the_trainable_parameters(tmp_path, include) -> None:
+    """l2 over the 2-D weights (``*``) or the backbone alone (frozen when the trainer is built:
+    λR 0 until then, not an error): after the unfreeze at step 2 the backbone's gradient is
+    its data gradient plus λθ, and reg/l2 = λ/2 Σ‖θ‖² counts it (a probe found it left out:
+    the data gradient only, and reg/l2 1.41 for 2.69)."""
+    rec, coef = RegRecorder(), 0.5
+    train(tmp_path, *STEPS[:-1], "regularizer=[l2]", f"regularizer.l2.coef={coef}",
+          f"regularizer.l2.include=[{include}]", callbacks=[rec])  # fmt: skip
+    reg = dict(read_scalars(tmp_path)["reg/l2"])
+    for step in (1, 2, 3, 4):
+        weights = rec.weights[step]
+        backbone = [n.startswith("backbone") for n in weights]
+        chosen = [n for (n, w), b in zip(weights.items(), backbone, strict=True)
+                  if w.ndim == 2 and (include == "*" or b) and (step > 2 or not b)]  # fmt: skip
+        want = coef / 2 * sum(float(weights[n].double().square().sum()) for n in chosen)
+        assert reg[step] == pytest.approx(want, rel=1e-5, abs=1e-12), step
+        for n in chosen:  # the applied gradient: data + λθ
+            torch.testing.assert_close(rec.grads[step][n],
+                                       rec.data[step][n] + coef * weights[n], rtol=1e-5,
+                                       atol=1e-6)  # fmt: skip
+    assert "backbone.weight" in rec.grads[3] and "backbone.weight" not in rec.grads[2]

@@ -520,6 +520,8 @@ class Trainer:
         self.param_names[:] = [n for n, _ in named]  # (in place: the lists handed out)
         self.params[:] = [p for _, p in named]
         self.objective.params = list(self.params)
+        for r in self.objective.regularizers:  # their patterns select among the trainable
+            r.bind(self.model, empty_ok=True)
         self._low = any(p.dtype in LOW_PRECISION for p in self.params)
         self._one_group = self._low or len({(p.device, p.dtype) for p in self.params}) <= 1
         log.info(

@@ -301,11 +301,13 @@ class Objective:
         backward_vector(losses, weights, self.scaler, reg, inputs)
         return weights, units
 
-    def _regularization(self) -> Tensor:
-        """Σ λR over the regularizers (0-d), added once per optimizer step."""
+    def _regularization(self) -> Tensor | None:
+        """Σ λR over the regularizers (0-d), added once per optimizer step; None while none
+        selects a trainable parameter (every layer it matches frozen: nothing to differentiate)."""
         values = [r.value() for r in self.regularizers]
         self.reg_values = [v.detach() for v in values]
-        return values[0] if len(values) == 1 else torch.stack(values).sum()
+        total = values[0] if len(values) == 1 else torch.stack(values).sum()
+        return total if total.requires_grad else None
 
     def _penalized(self, losses: Tensor, x: Tensor, y: Tensor, window: Window, logs: bool):
         """The micro-batch's input-gradient penalty, by its share of the window (× W)."""

@@ -160,21 +160,29 @@ class Regularizer:
         self.grad_fn = self.GRADS[name]
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
+        self._zero = torch.zeros(())
 
-    def bind(self, model: nn.Module) -> Regularizer:
-        """Select the parameters; an empty selection is an error naming the patterns."""
+    def bind(self, model: nn.Module, *, empty_ok: bool = False) -> Regularizer:
+        """Select the trainable parameters the patterns match. Patterns matching no parameter
+        are an error naming them; matching only frozen ones (a layer to be unfrozen mid-run)
+        select nothing for now: λR is 0 until the trainer selects again (``empty_ok``: after
+        the trainable parameters changed, every matched layer frozen)."""
+        self.names, self.params = [], []
+        self._zero = torch.zeros((), device=next(model.parameters()).device)
+        frozen = 0
         for n, p in model.named_parameters():
             if (
-                p.requires_grad
-                and p.ndim >= self.min_ndim
+                p.ndim >= self.min_ndim
                 and any(fnmatch.fnmatchcase(n, pat) for pat in self.include)
                 and not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)
-            ):
-                if self.name == "orthogonal" and p.ndim != 2:
-                    continue  # conv kernels etc.: orthogonality is defined here for matrices
+                and not (self.name == "orthogonal" and p.ndim != 2)
+            ):  # (orthogonality is defined here for matrices, not conv kernels)
+                if not p.requires_grad:
+                    frozen += 1
+                    continue
                 self.names.append(n)
                 self.params.append(p)
-        if not self.params:
+        if not self.params and not frozen and not empty_ok:
             raise ValueError(
                 f"regularizer.{self.name}: no parameter matches include={self.include}, "
                 f"exclude={self.exclude}, min_ndim={self.min_ndim}"
@@ -182,7 +190,9 @@ class Regularizer:
         return self
 
     def value(self) -> Tensor:
-        """λ R(θ), 0-d, differentiable (twice)."""
+        """λ R(θ), 0-d, differentiable (twice); 0 while nothing it selects is trainable."""
+        if not self.params:
+            return self._zero
         return self.fn(*self.params, coef=self.coef)
 
     @torch.no_grad()
