@@ -928,3 +928,36 @@ def test_the_noise_scale_is_nan_with_unequal_weights_and_its_ema_skips_it() -> N
     trace = 0.75 * first[0] + 0.25 * third[0]
     signal = 0.75 * first[1] + 0.25 * third[1]
     assert s3["per_sample/noise_scale_ema"] == pytest.approx(float(trace / signal), rel=1e-4)
+
+
+class Loud(nn.Module):
+    """An MLP whose logits are 2,000 times too large: under float16 and a GradScaler's 65,536,
+    the scaled backward overflows on the first steps (which the GradScaler skips)."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(math.prod(in_shape), 16)
+        self.fc2 = nn.Linear(16, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1)))) * 2000.0
+
+
+def test_a_step_whose_per_sample_norms_overflowed_logs_nan_not_the_finite_few(tmp_path):
+    """The histograms' mean and max are over finite values: on an overflowing float16 step
+    the few samples that did not overflow were logged as the step's (0.001 for a true
+    10,000, coverage 1; a probe's finding). Such a step now logs NaN, as grad_norm/total."""
+    train(tmp_path, "~model", f"+model._target_={__name__}.Loud", "data=synthetic",
+          "data.num_train=64", "data.num_val=16", "data.batch_size=16", "trainer.max_steps=2",
+          "logging.every_n_steps=1", "trainer.precision=16", "instrument.norms.every_n_steps=1",
+          "instrument.per_sample.every_n_steps=1", "instrument.per_sample.loss=both")  # fmt: skip
+    scalars = read_scalars(tmp_path)
+    assert all(math.isnan(v) for _, v in scalars["grad_norm/total"])  # (overflowed: skipped)
+    for tag in (
+        "per_sample/grad_norm_mean",
+        "per_sample/grad_norm_max",
+        "per_sample/weighted_grad_norm_mean",
+        "per_sample/weighted_grad_norm_max",
+    ):
+        assert [s for s, _ in scalars[tag]] == [1, 2], tag
+        assert all(math.isnan(v) for _, v in scalars[tag]), tag

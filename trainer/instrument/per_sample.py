@@ -1020,6 +1020,11 @@ class PerSampleNorms(Callback):
             if self._window_excluded:  # a unit left out of one micro-batch: out of every row
                 sq = sq * covered
         root = sq.sum(1).clamp_min(0).sqrt()  # wᵢ‖∇ℓᵢ‖ over the covered parameters
+        # a step where a sample's norm is not finite (a float16 backward that overflowed,
+        # which the GradScaler skips; a NaN gradient): no sample is measured. (The histograms'
+        # mean and max are over finite values, so the samples that overflowed would go
+        # unseen, and the few that did not read as the step's: 0.001 for a true 10,000.)
+        root = torch.where(torch.isfinite(root).all(), root, torch.nan)
         # the sample's share of the averaged gradient (one process: root itself, x / 1 == x)
         weighted = root / trainer.world.size if trainer.world.distributed else root
         values: dict[str | tuple[str, ...], Tensor | float] = {"per_sample/coverage": coverage}
