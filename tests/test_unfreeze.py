@@ -360,3 +360,25 @@ def test_regularizers_select_again_among_the_trainable_parameters(tmp_path, incl
                                        rec.data[step][n] + coef * weights[n], rtol=1e-5,
                                        atol=1e-6)  # fmt: skip
     assert "backbone.weight" in rec.grads[3] and "backbone.weight" not in rec.grads[2]
+
+
+class Half(Partly):
+    """The same MLP in float16."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__(in_shape, out_dim)
+        self.half()
+
+
+def test_a_float16_model_under_a_grad_scaler_is_refused_when_built(tmp_path) -> None:
+    """torch's GradScaler cannot unscale float16 gradients: the run failed at its first step
+    with torch's own message (a probe's finding); it is refused before training, naming the
+    way out."""
+    with pytest.raises(
+        ValueError,
+        match=r"trainer.precision=16 with float16 parameters "
+        r"\(fc1.weight, fc1.bias, backbone.weight …\).*trainer.precision=32 or bf16",
+    ):
+        train(tmp_path, "~model", f"+model._target_={__name__}.Half", "data=synthetic",
+              "data.num_train=64", "data.num_val=16", "trainer.max_steps=1",
+              "trainer.precision=16")  # fmt: skip

@@ -134,6 +134,15 @@ class Trainer:
         self.device = device
         self.amp_dtype = _AMP_DTYPES[str(precision)]
         self.scaler = torch.amp.GradScaler(device.type) if str(precision) == "16" else None
+        half = [n for n, p in model.named_parameters() if p.dtype == torch.float16]
+        if self.scaler is not None and half:  # (torch's unscale_ refuses them after a step)
+            raise ValueError(
+                f"trainer.precision=16 with float16 parameters ({', '.join(half[:3])}"
+                f"{' …' if len(half) > 3 else ''}): the GradScaler cannot unscale float16 "
+                "gradients (torch refuses it at the first step); keep the model in float32 "
+                "(autocast runs its matmuls in float16), or use trainer.precision=32 or bf16 "
+                "with a float16 model"
+            )
         self.grad_clip = grad_clip
         self.accumulate = accumulate_grad_batches
         self.max_epochs, self.max_steps = max_epochs, max_steps
