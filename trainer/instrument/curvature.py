@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trainer.backward import explain_freed_graph
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_reduce_sum
+from trainer.precision import widen
 from trainer.rng import forked_rng
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,9 @@ if TYPE_CHECKING:
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
+    """⟨a, b⟩ over lists of tensors, in float32 at least (float16/bfloat16 parameters: their
+    products in float32, summed in float32, as the norms are taken)."""
+    return torch.stack([(widen(x) * widen(y)).sum() for x, y in zip(a, b, strict=True)]).sum()
 
 
 def hvp(grads: Sequence[Tensor], params: Sequence[Tensor], v: Sequence[Tensor]) -> list[Tensor]:
@@ -92,16 +95,18 @@ def power_iteration(
     ``hvp(grads, params, v)`` (data-parallel: summed over the ranks).
     """
     v = [_randn_like(p, generator) for p in params]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u) for u in v]))
-    v = [u / norm for u in v]
-    eig = torch.zeros((), device=params[0].device, dtype=params[0].dtype)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(widen(u)) for u in v]))
+    v = [u / norm.to(u.dtype) for u in v]
+    eig = torch.zeros((), device=params[0].device, dtype=widen(params[0]).dtype)
     tiny = torch.finfo(eig.dtype).tiny
     product = product or (lambda u: hvp(grads, params, u))
     for i in range(iters):
         hv = product(v)
         new = _dot(v, hv)  # the Rayleigh quotient, ‖v‖ = 1
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(h) for h in hv]))
-        v = [h / norm.clamp_min(tiny) for h in hv]  # Hv = 0 leaves v = 0 and the estimate 0
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(widen(h)) for h in hv])
+        )
+        v = [(widen(h) / norm.clamp_min(tiny)).to(h.dtype) for h in hv]  # Hv = 0: v = 0, 0
         # host sync, on measuring steps only: one per iteration when tol > 0
         converged = tol > 0 and i > 0 and bool((new - eig).abs() <= tol * new.abs())
         eig = new
@@ -135,7 +140,7 @@ def hutchinson_trace(
     """Hutchinson's estimate of tr(H): the mean of zᵀHz over Rademacher probes z (0-d);
     ``product`` as in :func:`top_eigenvalue`."""
     product = product or (lambda u: hvp(grads, params, u))
-    total = torch.zeros((), device=params[0].device, dtype=params[0].dtype)
+    total = torch.zeros((), device=params[0].device, dtype=widen(params[0]).dtype)
     for _ in range(probes):
         z = [_rademacher_like(p, generator) for p in params]
         total = total + _dot(z, product(z))
