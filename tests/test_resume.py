@@ -43,6 +43,7 @@ MODES = {
         "regularizer=[l2]",
         "instrument.curvature.every_n_steps=40",
         "instrument.curvature.power_iters=5",
+        "instrument.curvature.tol=0",  # (5 products, unchecked: an estimate, compared exactly)
         "instrument.curvature.trace_probes=2",
         # norms on steps that do not log (every 5th; logs every 3rd): kept on the device, so
         # a checkpoint (every 25th) must write them first (step 25: a checkpoint, no log)
