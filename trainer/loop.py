@@ -178,6 +178,7 @@ class Trainer:
             self.criterion, weighting, regularizers, self.params, world=world,
             scaler=self.scaler, global_batch_size=lambda: self.train_loader.current_global_size,
         )  # fmt: skip
+        self._output_checked = False  # (the model's output checked against the loss: once)
         #: per-token losses (the loss defines unit weights): train/loss is Σ u ℓ / Σ u
         self.token_losses = self.criterion.has_units
         #: optimizer steps taken; inside a step's hooks, the number of the step being taken
@@ -556,6 +557,9 @@ class Trainer:
         with self.forward_model.no_sync() if local else self._null:  # type: ignore[operator]
             with self._autocast():
                 logits = self.forward_model(x)  # (B, K) logits, or any output the loss takes
+                if not self._output_checked:  # (the first step: not after an epoch's work)
+                    self._output_checked = True
+                    self.criterion.check_output(logits)
                 losses = self.criterion(logits, y)  # (B,), or per token (B, T)
             self._fire("on_before_backward", batch, losses)
             self._follow_trainable()  # (a change in this micro-batch's hooks: the backward's)

@@ -80,6 +80,18 @@ class Loss:
         :func:`units_dtype`); None: per-sample losses, every unit 1 (the plain mean)."""
         return None
 
+    def check_output(self, output: Any) -> None:
+        """Raise where the model's output cannot go through :meth:`val_sums` (checked on the
+        first training step, not after an epoch's training): the built-in metrics take one
+        tensor; a model returning a tuple or dict needs a loss overriding ``val_sums``."""
+        if not isinstance(output, Tensor) and type(self).val_sums is Loss.val_sums:
+            raise TypeError(
+                f"the model returned a {type(output).__name__}, not a tensor: "
+                f"{type(self).__name__}'s validation metrics (Loss.val_sums) take the model's "
+                "output as one tensor; return the logits (or predictions) as a tensor, or "
+                "override val_sums and metrics in your loss for this output"
+            )
+
     def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
         """The per-sample losses validation averages into ``val/loss`` (default: forward's)."""
         return self.forward(output, target)
@@ -226,6 +238,20 @@ class CrossEntropy(Loss):
                 f"loss=cross_entropy needs int64 class labels of shape (N,); the data's targets "
                 f"are {targets.dtype} of shape {tuple(targets.shape)} ({fix})"
             )
+        if targets is not None and targets.dtype != torch.int64:
+            raise ConfigError(
+                f"loss=cross_entropy needs int64 class labels; the data's are {targets.dtype} "
+                "(torch refuses them at the first step): cast them with .long() in the data module"
+            )
+        if targets is not None and targets.numel() and data.out_dim is not None:
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= data.out_dim:
+                raise ConfigError(
+                    f"loss=cross_entropy: the class labels span [{low}, {high}], but the model is "
+                    f"built with out_dim={data.out_dim} scores per sample; set num_classes (or "
+                    "out_dim) in the data module (without either, out_dim is the size of one "
+                    "target: 1 for a class label)"
+                )
 
 
 class MSE(Loss):

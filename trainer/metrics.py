@@ -63,7 +63,17 @@ class Staging:
         return bool(self.scalars or self.histograms or self.host)
 
     def stage(self, values: Scalars) -> None:
-        """Queue scalars (``Trainer.stage_scalars``)."""
+        """Queue scalars (``Trainer.stage_scalars``). A tuple of tags takes a tensor of as
+        many values, a tag one value: checked here (metadata, no sync), as the step's one
+        transfer is cut by those counts, and a tensor of another size shifted every value
+        after it (``train/loss`` included) onto other tags."""
+        for key, v in values.items():
+            if isinstance(v, Tensor) and v.numel() != (len(key) if isinstance(key, tuple) else 1):
+                what = f"{len(key)} tags" if isinstance(key, tuple) else "one tag"
+                raise ValueError(
+                    f"stage_scalars: {key!r} is {what}, staged with a tensor of "
+                    f"{v.numel()} value(s) (shape {tuple(v.shape)}); stage one value per tag"
+                )
         self.scalars.update(values)
         self._record(values.items())
 
@@ -154,14 +164,23 @@ class Staging:
         arrays = [t for e in entries for t in [*e.histograms.values(), *[v for _, v, _ in e.host]]]
         all_floats, lists = to_host_many([e.scalars for e in entries], arrays)  # host sync:
         host_values = iter(lists)  # logging steps only (and before a checkpoint, at the end)
-        binned = []
+        binned: list[dict[str, Any]] = []
+        problems: list[str] = []
         for e, floats in zip(entries, all_floats, strict=True):
             hists = {tag: host_histogram(next(host_values)) for tag in e.histograms}
             for tag, h in hists.items():
                 floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
                 floats[f"{tag}_max"] = h.max if h.num else math.nan
             for _, _, fn in e.host:  # (in step order: a function may keep state, an average)
-                floats.update(fn(next(host_values)))
+                got = fn(next(host_values))
+                if not isinstance(got, dict):
+                    problems.append(
+                        f"step {e.step}: stage_on_host's function {_name(fn)} returned "
+                        f"{type(got).__name__}, not a dict of tag -> value (the step's other "
+                        "values were written)"
+                    )
+                    continue
+                floats.update(got)
             binned.append(hists)
         # every step's values first, then the writes: a write that fails (a full disk) loses
         # what it writes, not a host function's step (a running average would skip it)
@@ -171,7 +190,15 @@ class Staging:
                     logger.log_histogram_raw(tag, h, e.step)
                 if floats:
                     logger.add_floats(floats, e.step)
+        if problems:
+            raise TypeError(problems[0])
         return all_floats
+
+
+def _name(fn: Any) -> str:
+    """A function's name for a message (a ``functools.partial``'s wrapped one)."""
+    inner = getattr(fn, "func", fn)
+    return str(getattr(inner, "__qualname__", repr(fn)))
 
 
 def _drop_changed(entries: list[_Deferred]) -> str | None:

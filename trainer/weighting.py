@@ -223,10 +223,15 @@ _NAMES = {"HardTopK": "hard_topk"}
 
 def _class_count(data: DataModule, strategy: str) -> int:
     if data.num_classes is None or data.train_targets is None:
+        missing = (
+            "sets no num_classes" if data.num_classes is None else
+            "has no training targets to count (a Dataset needs a .targets attribute of int64 "
+            "labels; tensors: TensorSplit's y)"
+        )  # fmt: skip
         raise ValueError(
             f"weighting={strategy} needs class counts: the data module "
-            f"{type(data).__name__} sets no num_classes (and int64 labels as train targets); "
-            "set num_classes in it, or use weighting=uniform, per_sample or hard_topk"
+            f"{type(data).__name__} {missing}; set it, or use weighting=uniform, per_sample or "
+            "hard_topk"
         )
     return data.num_classes
 

@@ -283,7 +283,18 @@ def _first_sample(split: TensorSplit | Dataset) -> tuple[Tensor, Any]:
         return x[0], split.y[0]
     if len(split) == 0:  # type: ignore[arg-type]
         raise ValueError("data: the training split is empty")
-    x, y = split[0]
+    sample = split[0]
+    if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+        got = (
+            type(sample).__name__
+            if not isinstance(sample, (tuple, list))
+            else (f"a {type(sample).__name__} of {len(sample)}")
+        )
+        raise TypeError(
+            f"data: a Dataset's samples must be (input, target) pairs; {type(split).__name__}"
+            f"[0] is {got} (wrap it: return sample['x'], sample['y'] from __getitem__)"
+        )
+    x, y = sample
     return torch.as_tensor(x), y
 
 
