@@ -24,6 +24,7 @@ import torch._dynamo  # noqa: F401  (imported once here, not in every child: tor
 from conftest import ROOT, make_cfg, read_scalars
 
 from trainer.checkpoint import load_checkpoint
+from trainer.config import ConfigError
 from trainer.loop import Callback
 
 FORK = mp.get_context("fork")
@@ -262,3 +263,20 @@ def test_a_resume_may_add_and_drop_instruments(tmp_path, caplog) -> None:
     acc = EventAccumulator(str(event_dir(tmp_path / "a")), size_guidance={"histograms": 0})
     acc.Reload()
     assert [e.step for e in acc.Histograms("grad_hist/net.1.weight")] == [6, 8]
+
+
+def test_resuming_with_changed_hyperparameters_is_refused_naming_them(tmp_path) -> None:
+    """Under a named run_id a resumed run kept the checkpoint's learning rate (its optimizer
+    state) whatever the command line said, and its records named the old one; a multirun with
+    a fixed run_id resumed job 0's checkpoint in every job and reported its result for each
+    (a probe's findings). Changing how long it trains, logging and instruments is allowed."""
+    from conftest import train
+
+    base = ["trainer.run_id=named", "trainer.resume=auto",
+            f"trainer.checkpoint.search_dir={tmp_path}", "optimizer=sgd"]  # fmt: skip
+    train(tmp_path / "a", *base, "trainer.max_steps=3", "optimizer.lr=0.01")
+    with pytest.raises(ConfigError, match=r"this run changes optimizer.lr: 0.01 -> 0.1"):
+        train(tmp_path / "b", *base, "trainer.max_steps=6", "optimizer.lr=0.1")
+    metrics = train(tmp_path / "c", *base, "trainer.max_steps=6", "optimizer.lr=0.01",
+                    "logging.every_n_steps=2", "instrument=none")  # fmt: skip
+    assert metrics["step"] == 6 and metrics["status"] == "completed"

@@ -151,6 +151,47 @@ def derive_run_id(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+#: keys a resumed run may change (how long it trains; what it logs and measures, which never
+#: changes the trajectory), besides those not part of its identity
+_RESUMABLE_CHANGES = (
+    ("trainer", "max_steps"), ("trainer", "max_epochs"), ("trainer", "device"),
+    ("logging", None), ("instrument", None),
+    # how batches are loaded, not which (the loader paths give the same batches, tested)
+    ("data", "num_workers"), ("data", "pin_memory"), ("data", "loader"),
+    ("data", "memory_limit_mb"), ("data", "eval_batch_size"),
+)  # fmt: skip
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def resume_changes(saved: dict[str, Any] | None, config: dict[str, Any]) -> list[str]:
+    """What this run's config changes of the one a checkpoint was trained with, as
+    ``key: old -> new``, leaving out the keys that are not part of a run's identity and those
+    a resumed run may change (training length, logging, instruments). A resumed run continues
+    the checkpoint's: its optimizer state would keep an old learning rate whatever the command
+    line says, and its hyperparameter record would name the old values. (None: a checkpoint
+    of an earlier format without its config.)"""
+    if saved is None:
+        return []
+    old, new = copy.deepcopy(saved), copy.deepcopy(config)
+    for tree in (old, new):
+        for section, key in (*_NOT_IDENTITY, *_RESUMABLE_CHANGES):
+            if key is None:
+                tree.pop(section, None)
+            elif isinstance(tree.get(section), dict):
+                tree[section].pop(key, None)
+    a, b = _flat(old), _flat(new)
+    changed = [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k]]
+    return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
+
+
 def step_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:09d}.pt"
 

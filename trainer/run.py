@@ -32,6 +32,7 @@ from trainer.checkpoint import (
     PeriodicCheckpoints,
     StopOnSignals,
     derive_run_id,
+    resume_changes,
     select_resume,
     set_aside_later,
     set_rng_state,
@@ -202,6 +203,18 @@ def run(
                     "resume=auto: no usable checkpoint of run %s under %s; starting from scratch",
                     run_id, tc.checkpoint.search_dir,
                 )  # fmt: skip
+            else:
+                changes = resume_changes(resume_state.get("config"), config)
+                if changes:
+                    raise ConfigError(
+                        f"resume: {resume_path} was trained with another config; this run "
+                        f"changes {'; '.join(changes[:6])}{' …' if len(changes) > 6 else ''}. A "
+                        "resumed run continues the checkpoint's exactly (its optimizer state "
+                        "keeps the old learning rate, its records name the old values); what "
+                        "may change is how long it trains, the device, logging.*, "
+                        "instrument.* and how data is loaded. Keep the checkpoint's values, or "
+                        "start a new run (another trainer.run_id, or no trainer.resume)"
+                    )
         # built without a logger: a checkpoint that does not fit must not touch the run it
         # came from (its metrics.json, its events)
         trainer = build_trainer(cfg, run_dir, callbacks, with_logger=False, typed=typed)
