@@ -152,7 +152,9 @@ def write_bad(kind: str, path: Path, mlp_run: Path, cnn_run: Path, marker: Path)
         ("wrong_shape", ["does not fit this run", "size mismatch for net.1.weight"]),
         ("no_optimizer", ["not a training checkpoint", "lacks optimizer"]),
         ("no_rng", ["not a training checkpoint", "lacks rng"]),
-        ("other_model", ["does not fit this run", "Missing key(s)"]),
+        # (refused by its config now, before its weights are tried: the changed keys named)
+        ("other_model", ["was trained with another config",
+                         "model._target_: trainer.models.cnn.CNN -> trainer.models.mlp.MLP"]),
         ("plain_tensor", ["holds a Tensor, not a dict"]),
     ],
 )  # fmt: skip
@@ -220,7 +222,8 @@ def test_a_failed_resume_leaves_the_run_it_came_from_untouched(tmp_path) -> None
     train(cnn, *FAST, "model=cnn", "trainer.max_steps=4")
     metrics = (cnn / "metrics.json").read_bytes()
     tb_files = sorted(p.name for p in event_dir(cnn).iterdir())
-    with pytest.raises(ValueError, match="does not fit this run"):
+    with pytest.raises(ValueError, match="was trained with another config; this run changes "
+                       "model._target_"):  # fmt: skip
         train(tmp_path / "mlp", *FAST, f"trainer.resume={step_path(cnn / 'checkpoints', 2)}")
     assert (cnn / "metrics.json").read_bytes() == metrics
     assert sorted(p.name for p in event_dir(cnn).iterdir()) == tb_files

@@ -171,13 +171,19 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_changes(saved: dict[str, Any] | None, config: dict[str, Any]) -> list[str]:
+def resume_changes(
+    saved: dict[str, Any] | None,
+    config: dict[str, Any],
+    saved_world: int = 1,
+    world: int = 1,
+) -> list[str]:
     """What this run's config changes of the one a checkpoint was trained with, as
     ``key: old -> new``, leaving out the keys that are not part of a run's identity and those
     a resumed run may change (training length, logging, instruments). A resumed run continues
     the checkpoint's: its optimizer state would keep an old learning rate whatever the command
-    line says, and its hyperparameter record would name the old values. (None: a checkpoint
-    of an earlier format without its config.)"""
+    line says, and its hyperparameter record would name the old values. ``saved_world`` and
+    ``world``: the processes the checkpoint's run and this one have (the global batch counts).
+    (None: a checkpoint of an earlier format without its config.)"""
     if saved is None:
         return []
     old, new = copy.deepcopy(saved), copy.deepcopy(config)
@@ -188,6 +194,12 @@ def resume_changes(saved: dict[str, Any] | None, config: dict[str, Any]) -> list
             elif isinstance(tree.get(section), dict):
                 tree[section].pop(key, None)
     a, b = _flat(old), _flat(new)
+    # on another number of processes the global batch is what must stay (data.batch_size is a
+    # rank's part of it: 2 x 60 resumed on 1 x 120)
+    key = "data.batch_size"
+    old_size, new_size = a.get(key), b.get(key)
+    if isinstance(old_size, int) and isinstance(new_size, int):
+        b[key] = old_size if old_size * saved_world == new_size * world else new_size
     changed = [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k]]
     return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
 

@@ -204,7 +204,11 @@ def run(
                     run_id, tc.checkpoint.search_dir,
                 )  # fmt: skip
             else:
-                changes = resume_changes(resume_state.get("config"), config)
+                saved_world = len(resume_state.get("tally_ranks") or [None])
+                world_size = distributed.from_env().size
+                changes = resume_changes(
+                    resume_state.get("config"), config, saved_world, world_size
+                )
                 if changes:
                     raise ConfigError(
                         f"resume: {resume_path} was trained with another config; this run "
