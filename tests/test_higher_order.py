@@ -264,15 +264,21 @@ def test_power_iteration_and_hutchinson_on_least_squares() -> None:
     assert float(trace) == pytest.approx(float(torch.trace(h)), rel=0.05)
 
 
-def test_curvature_callback_measures_the_training_objective() -> None:
-    # the callback's own measurement, on least squares through the Trainer's interface
+def least_squares_trainer():
+    """Least squares through the Trainer's interface the curvature callback uses: (trainer,
+    batch, H)."""
     x, t, model, h = least_squares()
     criterion = as_loss(lambda out, y: (out.squeeze(1) - y) ** 2)
     trainer = SimpleNamespace(
         model=model, criterion=criterion, world=SINGLE,
         objective=Objective(criterion, None, (), list(model.parameters())),
     )  # fmt: skip
-    batch = Batch(x, t, torch.arange(x.shape[0]))
+    return trainer, Batch(x, t, torch.arange(x.shape[0])), h
+
+
+def test_curvature_callback_measures_the_training_objective() -> None:
+    # the callback's own measurement, on least squares through the Trainer's interface
+    trainer, batch, h = least_squares_trainer()
     values = Curvature(1, power_iters=50, tol=1e-3, trace_probes=100).measure(trainer, batch)
     eigs = torch.linalg.eigvalsh(h)
     assert float(values["curvature/top_eig"]) == pytest.approx(float(eigs[-1]), rel=0.01)
@@ -416,13 +422,7 @@ def test_an_unconverged_power_iteration_is_nan_with_its_product_count() -> None:
 
 
 def test_the_curvature_callback_logs_nan_and_the_count_for_an_unconverged_step(caplog) -> None:
-    x, t, model, h = least_squares()
-    criterion = as_loss(lambda out, y: (out.squeeze(1) - y) ** 2)
-    trainer = SimpleNamespace(
-        model=model, criterion=criterion, world=SINGLE,
-        objective=Objective(criterion, None, (), list(model.parameters())),
-    )  # fmt: skip
-    batch = Batch(x, t, torch.arange(x.shape[0]))
+    trainer, batch, h = least_squares_trainer()
     with caplog.at_level(logging.WARNING):
         values = Curvature(1, power_iters=2, tol=1e-12).measure(trainer, batch)
     assert math.isnan(float(values["curvature/top_eig"]))
