@@ -280,3 +280,19 @@ def test_resuming_with_changed_hyperparameters_is_refused_naming_them(tmp_path) 
     metrics = train(tmp_path / "c", *base, "trainer.max_steps=6", "optimizer.lr=0.01",
                     "logging.every_n_steps=2", "instrument=none")  # fmt: skip
     assert metrics["step"] == 6 and metrics["status"] == "completed"
+
+
+def test_a_resumed_runs_wall_time_counts_its_earlier_processes(tmp_path) -> None:
+    """metrics.json's wall_s covered the last process only (a resumed completed run: 0.07 s for
+    a 0.7 s run, a probe's finding); each checkpoint keeps the run's wall time so far, and the
+    resumed run adds its own."""
+    from conftest import train
+
+    base = ["trainer.run_id=timed", "trainer.resume=auto",
+            f"trainer.checkpoint.search_dir={tmp_path}"]  # fmt: skip
+    first = train(tmp_path / "a", *base, "trainer.max_steps=3")
+    saved = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["wall_s"]
+    assert 0 < saved <= first["wall_s"]
+    second = train(tmp_path / "b", *base, "trainer.max_steps=6")
+    assert second["wall_s"] > saved
+    assert load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["wall_s"] > saved

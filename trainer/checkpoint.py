@@ -19,6 +19,7 @@ import random
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -316,8 +317,12 @@ class CheckpointWriter:
         config: dict[str, Any],
         keep_last: int,
         main: bool = True,
+        clock: Callable[[], float] | None = None,
     ):
         self.trainer, self.directory, self.run_id = trainer, directory, run_id
+        #: the run's wall time so far (kept in each checkpoint: a resumed run's wall_s counts
+        #: its earlier processes)
+        self.clock = clock
         self.config, self.keep_last = config, keep_last
         #: data-parallel: whether this rank writes the files (rank 0); the others take part in
         #: gathering what each rank keeps of its own (its losses not yet logged), and write none
@@ -329,6 +334,8 @@ class CheckpointWriter:
     def state(self) -> dict[str, Any]:
         state = self.trainer.state_dict()
         state.update(format=FORMAT, run_id=self.run_id, config=self.config, rng=rng_state())
+        if self.clock is not None:
+            state["wall_s"] = self.clock()
         return state
 
     def write(self, path: Path) -> Path:

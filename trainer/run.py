@@ -177,6 +177,13 @@ def run(
         callbacks: extra callbacks for the Trainer.
     """
     start = time.perf_counter()
+    before = [0.0]  # a resumed run's wall time until its checkpoint (its earlier processes)
+
+    def wall_s() -> float:
+        """The run's wall time: this process's, plus its earlier processes' until the
+        checkpoint it resumed from (the time after that checkpoint was redone)."""
+        return before[0] + time.perf_counter() - start
+
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
@@ -242,6 +249,7 @@ def run(
                 if main:  # one process moves the files
                     set_aside_later(resume_path.parent, int(resume_state["step"]))
             purge_step = int(resume_state["step"]) + 1  # its later events are replaced
+            before[0] = float(resume_state.get("wall_s", 0.0))
             log.info(
                 "resuming run %s from %s (step %d); it continues in %s",
                 resume_state["run_id"], resume_path, resume_state["step"], _display(run_dir),
@@ -258,6 +266,7 @@ def run(
             config,
             tc.checkpoint.keep_last,  # type: ignore[arg-type]
             main=main,
+            clock=wall_s,
         )
         checkpoints = PeriodicCheckpoints(writer, tc.checkpoint.every_n_steps)
         # every rank checkpoints together (rank 0 writes the files) and stops on a signal (at
@@ -287,7 +296,7 @@ def run(
                 write_json(run_dir / "metrics.json", {
                     "status": "interrupted", "signal": name, "step": trainer.global_step,
                     "epoch": trainer.epoch, "checkpoint": str(writer.last), "run_id": run_id,
-                    "wall_s": time.perf_counter() - start,
+                    "wall_s": wall_s(),
                 })  # fmt: skip
                 log.warning(
                     "stopped by %s at step %d; checkpoint %s; continue with trainer.resume=auto",
@@ -301,7 +310,7 @@ def run(
         failed: dict[str, Any] = {
             "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
             "error": f"{type(e).__name__}: {e}",
-            "wall_s": time.perf_counter() - start,
+            "wall_s": wall_s(),
         }
         if trainer is not None:  # how far it got
             failed.update(step=trainer.global_step, epoch=trainer.epoch)
@@ -315,7 +324,7 @@ def run(
         "monitor": monitor,
         "step": trainer.global_step,
         "epoch": trainer.epoch,
-        "wall_s": time.perf_counter() - start,
+        "wall_s": wall_s(),
         "status": "completed",
         "run_id": run_id,
         "checkpoint": str(last),
