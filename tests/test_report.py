@@ -306,3 +306,15 @@ def test_cli_refuses_a_dir_without_runs_naming_it(background, kind: str) -> None
     assert proc.returncode != 0
     assert str(target) in proc.stderr
     assert proc.stdout == ""
+
+
+def test_jobs_tied_with_the_best_are_named(tmp_path) -> None:
+    """The first of tied jobs (job order) is marked, and the summary says which tie with it:
+    before, job 1 was reported best with no word of job 3's equal value (a probe's finding)."""
+    root = tmp_path / "multirun"
+    for name, acc in (("0", 0.80), ("1", 0.90), ("2", 0.85), ("3", 0.90)):
+        make_run(root / name, completed(acc, 0.5, 0.1), [f"optimizer.lr=0.{name}1"])
+    ranked = report.rank_runs(report.collect_runs(root, curves=False), "val/acc", "auto")
+    table = report.render_table(ranked, "val/acc", "auto")
+    assert "best: job 1 (val/acc 0.9, highest), tied with job 3" in table
+    assert [job for mark, job, _ in table_rows(table) if mark == "*"] == ["1"]

@@ -255,6 +255,10 @@ def render_table(ranked: Sequence[Run], metric: str, mode: str) -> str:
     if best is not None:
         shown = format_number(best.value(metric))
         summary = f"best: job {best.name} ({metric} {shown}, {direction})"
+        tied = [r.name for r in ranked[1:] if r.status == "completed"
+                and r.value(metric) == best.value(metric)]  # fmt: skip
+        if tied:  # (the first in job order is marked; the others are as good)
+            summary += f", tied with job{'s' if len(tied) > 1 else ''} {', '.join(tied)}"
     else:
         summary = f"best: none (no completed job has a value for {metric})"
     counts: dict[str, int] = {}
