@@ -199,13 +199,7 @@ class Trainer:
         self.measure_clipped_norm = False
         #: the step's gradient norms as a callback computed them (share_grad_norms)
         self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor]] | None = None
-        #: float16/bfloat16 parameters: their gradients' norms, the total and the clipping
-        #: coefficient are computed in float32 (trainer.instrument.norms.total_norm)
-        self._low = any(p.dtype in LOW_PRECISION for p in self.params)
-        #: whether the total is the 2-norm of shared per-parameter norms bit for bit, so the
-        #: loop may take it from them: get_total_norm sums per (device, dtype) group, so with
-        #: one group; total_norm (float16/bfloat16 parameters) always
-        self._one_group = self._low or len({(p.device, p.dtype) for p in self.params}) <= 1
+        self._dtypes_of_params()
         #: what callbacks stage during a step (stage_scalars, stage_histogram)
         self.staging = Staging()
         #: the current accumulation window (its samples; per-token losses: its Σu)
@@ -502,6 +496,15 @@ class Trainer:
                     yield j, b, window
                 held = []
 
+    def _dtypes_of_params(self) -> None:
+        #: float16/bfloat16 parameters: their gradients' norms, the total and the clipping
+        #: coefficient are computed in float32 (trainer.instrument.norms.total_norm)
+        self._low = any(p.dtype in LOW_PRECISION for p in self.params)
+        #: whether the total is the 2-norm of shared per-parameter norms bit for bit, so the
+        #: loop may take it from them: get_total_norm sums per (device, dtype) group, so with
+        #: one group; total_norm (float16/bfloat16 parameters) always
+        self._one_group = self._low or len({(p.device, p.dtype) for p in self.params}) <= 1
+
     def _follow_trainable(self) -> None:
         """Follow a change of the parameters' ``requires_grad`` (gradual unfreezing in a
         callback): before each micro-batch, before its backward and before each optimizer
@@ -532,8 +535,7 @@ class Trainer:
         self.objective.params = list(self.params)
         for r in self.objective.regularizers:  # their patterns select among the trainable
             r.bind(self.model, empty_ok=True)
-        self._low = any(p.dtype in LOW_PRECISION for p in self.params)
-        self._one_group = self._low or len({(p.device, p.dtype) for p in self.params}) <= 1
+        self._dtypes_of_params()
         log.info(
             "trainable parameters changed at step %d (%s%s): %d tensors now",
             self.global_step, ", ".join(changed[:5]), " …" if len(changed) > 5 else "",
@@ -675,8 +677,7 @@ class Trainer:
         if w.numel():
             w_min, w_max = torch.aminmax(w)
         else:  # (metadata: no sync) nothing here: the other ranks' decide
-            w_min = w_max = w.new_full((), torch.inf)
-            w_max = -w_max
+            w_min, w_max = w.new_full((), torch.inf), w.new_full((), -torch.inf)
         total, count = all_reduce_sum(torch.stack([w.sum(), w.new_full((), float(w.numel()))]))
         neg_min, w_max = all_reduce_max(torch.stack([-w_min, w_max]))
         return {"weights/mean": total / count, "weights/min": -neg_min, "weights/max": w_max}

@@ -85,7 +85,7 @@ class Staging:
     def stage_on_host(self, values: Tensor, fn: HostFn) -> None:
         """Queue a 1-D tensor whose scalars ``fn`` computes on the host from its values once
         read (``Trainer.stage_on_host``)."""
-        key = f"<values {len(self.host)} for {getattr(fn, '__qualname__', 'a function')}>"
+        key = f"<values {len(self.host)} for {_name(fn)}>"
         self.host.append((key, values, fn))
         self._record([(key, values)])
 

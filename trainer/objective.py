@@ -138,18 +138,17 @@ class Objective:
                 f"{tuple(expected)} "
                 "(reduction='none'; per-token losses: Loss.units gives their shape)"
             )
-        if not losses.is_floating_point() or not losses.requires_grad:  # metadata only
+        if not losses.requires_grad and torch.is_grad_enabled():  # metadata only
             why = (
                 f"of dtype {losses.dtype} (integer losses have no gradient)"
                 if not losses.is_floating_point()
                 else "that do not require grad (detached from the model's graph: .detach(), "
                 ".item(), a NumPy round trip, or torch.no_grad)"
             )
-            if torch.is_grad_enabled():
-                raise ValueError(
-                    f"loss {type(self.loss).__name__} returned losses {why}; it must return "
-                    "floating-point per-sample losses computed from the model's output"
-                )
+            raise ValueError(
+                f"loss {type(self.loss).__name__} returned losses {why}; it must return "
+                "floating-point per-sample losses computed from the model's output"
+            )
         return units
 
     def scalar_root(
