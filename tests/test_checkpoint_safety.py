@@ -230,6 +230,61 @@ def test_a_failed_resume_leaves_the_run_it_came_from_untouched(tmp_path) -> None
     assert [s for s, _ in read_scalars(cnn)["train/loss"]] == [1, 2, 3, 4]
 
 
+def test_a_refused_resume_in_the_same_run_dir_leaves_that_run_untouched(tmp_path) -> None:
+    """The same refusal when the run dir given is the checkpoint's own (a fixed
+    ``hydra.run.dir`` with ``resume=auto``): its completed record is not replaced by the
+    refusal's failure."""
+    train(tmp_path, *FAST, "trainer.run_id=x", "trainer.max_steps=4")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="changes optimizer.lr"):
+        train(tmp_path, *FAST, "trainer.run_id=x", "trainer.max_steps=4", "optimizer.lr=0.5",
+              "trainer.resume=auto", f"trainer.checkpoint.search_dir={tmp_path}")  # fmt: skip
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_new_run_in_a_used_run_dir_sets_the_earlier_run_aside_whole(tmp_path) -> None:
+    """A fresh run given a folder holding another run's outputs writes its own events, HParams
+    and checkpoints, not into the other run's: before, its points joined the other run's event
+    folder (two values at each step, TensorBoard showing the first run's HParams) and its
+    checkpoints sat beside the other run's, where ``resume=auto`` would find them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    train(tmp_path, *FAST, "trainer.max_steps=4", "optimizer.lr=0.01")
+    first = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    train(tmp_path, *FAST, "trainer.max_steps=3", "optimizer.lr=0.02")
+    aside = tmp_path / "previous" / "1"
+    kept = {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()}
+    marker = Path("checkpoints") / "run.json"  # renamed: resume=auto no longer finds it
+    assert kept.pop(marker.with_name("superseded.json")) == first.pop(marker)
+    assert kept == first  # nothing of the first run lost or changed
+    # each folder holds one run: its own steps, once each, and its own HParams
+    assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == [1, 2, 3]
+    assert [s for s, _ in read_scalars(aside)["train/loss"]] == [1, 2, 3, 4]
+    for run_dir, lr in ((tmp_path, 0.02), (aside, 0.01)):
+        acc = EventAccumulator(str(event_dir(run_dir)))
+        acc.Reload()
+        content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+        start = metadata.parse_session_start_info_plugin_data(content)
+        assert start.hparams["optimizer.lr"].number_value == pytest.approx(lr, rel=1e-12)
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 3
+    assert step_files(tmp_path / "checkpoints") == ["step_000000002.pt", "step_000000003.pt"]
+    # resume=auto of the first run's config finds none of the set-aside checkpoints
+    first_id = load_checkpoint(aside / "checkpoints" / "last.pt")["run_id"]
+    assert checkpoint_module.find_checkpoints(tmp_path, first_id) == []
+
+
+def test_a_run_failing_early_in_a_used_run_dir_does_not_overwrite_its_record(tmp_path) -> None:
+    """A run refused before it starts (here: an unknown monitor) records its failure in its
+    own ``metrics.json``; the earlier run's is set aside, not overwritten."""
+    train(tmp_path, *FAST, "trainer.max_steps=2")
+    record = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(Exception, match="monitor"):
+        train(tmp_path, *FAST, "trainer.max_steps=2", "monitor=val/nothing")
+    assert (tmp_path / "previous" / "1" / "metrics.json").read_bytes() == record
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
 # ----------------------------------------------------------------------------- resume=auto
 
 

@@ -239,6 +239,41 @@ def set_aside_later(directory: Path, step: int) -> list[Path]:
     return later
 
 
+#: what a run writes into its run dir (Hydra's ``.hydra/`` and log file aside)
+RUN_OUTPUTS = ("tb", "checkpoints", "metrics.json")
+
+
+def set_aside_previous(run_dir: Path) -> Path | None:
+    """Move an earlier run's outputs in ``run_dir`` (``tb/``, ``checkpoints/``,
+    ``metrics.json``) into ``run_dir/previous/<n>/`` (n = 1, 2, ...) and return that folder,
+    or None when there were none.
+
+    A new run given a folder that holds another run's (a fixed ``hydra.run.dir``, a sweep
+    folder run again, ``run(cfg, run_dir=...)``) would otherwise write its events into the
+    other run's event folder, where TensorBoard shows both runs' points as one curve and keeps
+    the first run's HParams record, and would leave the other run's checkpoints where
+    ``resume=auto`` looks for its own. Set aside, the earlier run stays whole and is listed by
+    TensorBoard as a run of its own (``previous/<n>/tb/...``). Its ``checkpoints/run.json``
+    becomes ``superseded.json``: ``resume=auto`` no longer finds the set-aside checkpoints (a
+    run of the same config would otherwise continue the earlier run's newer one); a path to
+    one still resumes from it.
+    """
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not found:
+        return None
+    n = 1
+    while (run_dir / "previous" / str(n)).exists():
+        n += 1
+    dest = run_dir / "previous" / str(n)
+    dest.mkdir(parents=True)
+    for name in found:
+        os.replace(run_dir / name, dest / name)
+    marker = dest / "checkpoints" / "run.json"
+    if marker.exists():
+        os.replace(marker, marker.with_name("superseded.json"))
+    return dest
+
+
 def write_run_marker(directory: Path, run_id: str, run_dir: Path) -> None:
     """``checkpoints/run.json``: how ``resume=auto`` finds this run's checkpoints."""
     write_json(directory / "run.json", {"run_id": run_id, "run_dir": str(run_dir)})

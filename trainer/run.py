@@ -35,6 +35,7 @@ from trainer.checkpoint import (
     resume_changes,
     select_resume,
     set_aside_later,
+    set_aside_previous,
     set_rng_state,
     write_json,
     write_run_marker,
@@ -192,13 +193,15 @@ def run(
     check_writable(run_dir)
     main = distributed.from_env().is_main
     trainer: Trainer | None = None
+    resume_path = None
+    taken = False  # run_dir's outputs are this run's: an earlier run's set aside, or its own
     try:
         refuse_repeated_choices()
         typed = validate(cfg)  # every config error surfaces here, before anything is built
         tc = typed.trainer
         config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
         run_id = tc.run_id or derive_run_id(config)  # type: ignore[arg-type]
-        resume_path, resume_state = None, None
+        resume_state = None
         if tc.resume:
             resume_path, resume_state, refused = select_resume(
                 tc.resume, Path(tc.checkpoint.search_dir), run_id
@@ -244,8 +247,9 @@ def run(
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"checkpoint {resume_path} does not fit this run: {e}") from e
             set_rng_state(resume_state["rng"])
-            if resume_path.parent.name == "checkpoints":  # continue in the run's own dir
-                run_dir = resume_path.parent.parent
+            home = _home_of(resume_path)
+            if home is not None:  # continue in the run's own dir
+                run_dir = home
                 if main:  # one process moves the files
                     set_aside_later(resume_path.parent, int(resume_state["step"]))
             purge_step = int(resume_state["step"]) + 1  # its later events are replaced
@@ -254,6 +258,9 @@ def run(
                 "resuming run %s from %s (step %d); it continues in %s",
                 resume_state["run_id"], resume_path, resume_state["step"], _display(run_dir),
             )  # fmt: skip
+        if main and (resume_state is None or _home_of(resume_path) is None):
+            _set_aside_previous(run_dir)
+        taken = True
         hparams = hydra_hparams(cfg)  # (the event folder is named after the overridden ones)
         if main:  # data-parallel: rank 0 alone writes events, checkpoints and metrics.json
             label = ",".join(f"{k}={hparams.values[k]}" for k in hparams.overridden)
@@ -316,7 +323,14 @@ def run(
             failed.update(step=trainer.global_step, epoch=trainer.epoch)
         if main:
             with contextlib.suppress(OSError):  # a full disk must not hide the first error
-                write_json(run_dir / "metrics.json", failed)
+                if taken:
+                    write_json(run_dir / "metrics.json", failed)
+                elif (home := _home_of(resume_path)) and home.resolve() == run_dir.resolve():
+                    # refused before it took over: the run it was to continue stays as it was
+                    log.info("%s is left as it was", _display(run_dir / "metrics.json"))
+                else:  # an earlier run's metrics.json is set aside, not overwritten
+                    _set_aside_previous(run_dir)
+                    write_json(run_dir / "metrics.json", failed)
         raise
     result: dict[str, Any] = {
         "train/loss": metrics["train/loss"],
@@ -346,6 +360,24 @@ def run(
     log.info("%srun dir: %s", job, shown)
     log.info("%sview it: tensorboard --logdir %s", job, shown)
     return result
+
+
+def _home_of(checkpoint: Path | None) -> Path | None:
+    """The run dir a checkpoint was written in (``<run dir>/checkpoints/step_*.pt``), where a
+    run resumed from it continues; None for a checkpoint kept elsewhere."""
+    if checkpoint is None or checkpoint.parent.name != "checkpoints":
+        return None
+    return checkpoint.parent.parent
+
+
+def _set_aside_previous(run_dir: Path) -> None:
+    """:func:`set_aside_previous`, saying where the earlier run went."""
+    moved = set_aside_previous(run_dir)
+    if moved is not None:
+        log.warning(
+            "%s held an earlier run's outputs; they are set aside in %s (TensorBoard lists "
+            "them as a run of their own)", _display(run_dir), _display(moved),
+        )  # fmt: skip
 
 
 def _sweep_progress() -> dict[str, Any]:

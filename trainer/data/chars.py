@@ -11,7 +11,8 @@ Tokens are the text's distinct characters (sorted; about 90). A sample is a wind
 at each position); training windows start every ``stride`` characters. The last window of each
 split is cut short by the end of its text and padded: its missing targets are
 ``ignore_index`` (the loss's padding), its missing inputs token 0. Validation windows do not
-overlap, so each held-out character is predicted exactly once.
+overlap, so each held-out character but the first (the first window's input, whose previous
+character is the training text's last) is predicted exactly once.
 """
 
 from __future__ import annotations
