@@ -228,6 +228,45 @@ def test_a_run_resumed_after_unfreezing_measures_what_the_uninterrupted_one_does
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+class UnfreezeOnce(Callback):
+    """Unfreezes the backbone after step 1 and does nothing on a resume (the README's
+    pattern): a run resumed past step 1 relies on the checkpoint's ``requires_grad``."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 1:
+            trainer.model.backbone.requires_grad_(True)
+
+
+class UnfreezeFromStep(Callback):
+    """Unfreezes the backbone before each micro-batch from step 2 on (stateless)."""
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        if trainer.global_step >= 1:
+            trainer.model.backbone.requires_grad_(True)
+
+
+@pytest.mark.parametrize("callback", [UnfreezeOnce, UnfreezeFromStep])
+def test_a_resumed_run_keeps_the_trainable_flags_of_its_checkpoint(tmp_path, callback) -> None:
+    """The checkpoint keeps which parameters train. Before, a run resumed after an unfreezing
+    callback had fired trained the layer frozen (its tags stopped, its weights differed) with
+    no warning; re-applied by a callback before the first micro-batch, the change left that
+    step's per-sample norms out and shifted the noise scale's running average."""
+    steps = [*STEPS[:-1], "instrument.per_sample.every_n_steps=1",
+             "instrument.norms.every_n_steps=2", "trainer.checkpoint.every_n_steps=3",
+             "trainer.max_steps=6"]  # fmt: skip
+    train(tmp_path / "whole", *steps, callbacks=[callback()])
+    shutil.copytree(tmp_path / "whole", tmp_path / "rest")
+    shutil.rmtree(tmp_path / "rest" / "tb")  # (only what the resumed run writes)
+    step3 = tmp_path / "rest" / "checkpoints" / "step_000000003.pt"
+    train(tmp_path / "rest", *steps, f"trainer.resume={step3}", callbacks=[callback()])
+    whole, rest = read_scalars(tmp_path / "whole"), read_scalars(tmp_path / "rest")
+    assert "grad_norm/backbone.weight" in rest and "per_sample/noise_scale_ema" in rest
+    later = {tag: [(s, v) for s, v in points if s > 3] for tag, points in whole.items()}
+    assert rest == {tag: points for tag, points in later.items() if points}
+    a, b = final_params(tmp_path / "whole"), final_params(tmp_path / "rest")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 class ChangeAtBatchStart(Callback):
     """Unfreezes the backbone, or freezes fc1, in on_train_batch_start of step 3's micro-batch;
     records the gradients the optimizer step sees."""

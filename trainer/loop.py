@@ -505,14 +505,15 @@ class Trainer:
         #: one group; total_norm (float16/bfloat16 parameters) always
         self._one_group = self._low or len({(p.device, p.dtype) for p in self.params}) <= 1
 
-    def _follow_trainable(self) -> None:
+    def _follow_trainable(self, fire: bool = True) -> None:
         """Follow a change of the parameters' ``requires_grad`` (gradual unfreezing in a
         callback): before each micro-batch, before its backward and before each optimizer
         step, :attr:`params` and :attr:`param_names` are again the parameters that require
         grad, so the guard, clipping, ``grad_norm/total`` and the instruments cover a layer
         unfrozen mid-run (they then fire ``on_params_change``); a layer frozen while its
         gradient of the window exists loses that gradient (it is not updated). One pass over
-        the flags: O(parameters)."""
+        the flags: O(parameters). ``fire=False``: the flags restored from a checkpoint, before
+        the run starts (the callbacks build on the trainable parameters then)."""
         flags = [p.requires_grad for _, p in self._all_params]
         if flags == self._trainable:
             return
@@ -541,7 +542,8 @@ class Trainer:
             self.global_step, ", ".join(changed[:5]), " …" if len(changed) > 5 else "",
             len(self.params),
         )  # fmt: skip
-        self._fire("on_params_change")
+        if fire:
+            self._fire("on_params_change")
 
     def train_step(self, batch: Batch, window: Window, step_now: bool) -> None:
         """Forward and backward of one micro-batch; the optimizer step when ``step_now``."""
@@ -728,11 +730,15 @@ class Trainer:
             "metrics": dict(self.metrics),
             "loader": loader_state() if loader_state else None,
             "callbacks": [[type(cb).__name__, cb.state_dict()] for cb in self.callbacks],
+            # which parameters train (gradual unfreezing changes it): restored on resume, so a
+            # layer unfrozen before the checkpoint trains after it too
+            "trainable": {n: p.requires_grad for n, p in self._all_params},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (strict: every key and shape must match)."""
         self.model.load_state_dict(state["model"])
+        self._restore_trainable(state.get("trainable"))  # (older checkpoints: none kept)
         self.optimizer.load_state_dict(state["optimizer"])
         for name, obj in (("scheduler", self.scheduler), ("scaler", self.scaler)):
             if (obj is None) != (state[name] is None):
@@ -763,6 +769,29 @@ class Trainer:
                                 name)  # fmt: skip
                 continue
             cb.load_state_dict(saved.pop(match)[1])
+
+    def _restore_trainable(self, saved: dict[str, bool] | None) -> None:
+        """Set ``requires_grad`` as the checkpoint had it. A callback that unfroze a layer
+        mid-run (``on_train_step_end`` at step k) does not run again on a resume past k: without
+        this the resumed run trained that layer frozen, exact in nothing after the checkpoint."""
+        if saved is None:
+            return
+        names = [n for n, _ in self._all_params]
+        if sorted(saved) != sorted(names):
+            raise ValueError(
+                f"the checkpoint's parameters ({len(saved)}) are not this model's ({len(names)})"
+            )
+        restored = [n for n, p in self._all_params if p.requires_grad != bool(saved[n])]
+        if not restored:
+            return
+        for n, p in self._all_params:
+            p.requires_grad_(bool(saved[n]))
+        log.info(
+            "requires_grad as the checkpoint had it: %s%s",
+            ", ".join(f"{n}={bool(saved[n])}" for n in restored[:5]),
+            " …" if len(restored) > 5 else "",
+        )  # fmt: skip
+        self._follow_trainable(fire=False)
 
     def _tally_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """This rank's part of the checkpoint's loss tally: its own (data-parallel, gathered
