@@ -296,3 +296,34 @@ def test_a_resumed_runs_wall_time_counts_its_earlier_processes(tmp_path) -> None
     second = train(tmp_path / "b", *base, "trainer.max_steps=6")
     assert second["wall_s"] > saved
     assert load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["wall_s"] > saved
+
+
+def test_a_cosine_run_resumed_to_train_longer_is_refused_shorter_follows_its_schedule(
+    tmp_path, caplog
+) -> None:
+    """CosineAnnealingLR keeps T_max in its state: a run resumed to train longer (an allowed
+    change) got the checkpoint's T_max back, and past it the learning rate climbed again (a
+    probe: 0 at step 47, 9.99e-4 at step 92, where the 4-epoch run has 2.9e-7). Refused, naming
+    T_max; resumed to stop earlier, the learning rate is the longer run's, with a warning."""
+    from conftest import train
+
+    base = ["trainer.run_id=cos", "trainer.resume=auto", "scheduler=cosine", "optimizer=sgd",
+            f"trainer.checkpoint.search_dir={tmp_path}", "logging.every_n_steps=1"]  # fmt: skip
+    train(tmp_path / "a", *base, "trainer.max_steps=6", "trainer.checkpoint.every_n_steps=3")
+    with pytest.raises(ConfigError, match=r"over its run's 6 steps \(T_max\); this run would "
+                       r"train to step 8"):  # fmt: skip
+        train(tmp_path / "b", *base, "trainer.max_steps=8")
+    assert load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["step"] == 6
+    # shorter: a copy resumed from step 3 to stop at 5 has the 6-step run's learning rates
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    resume = f"trainer.resume={tmp_path / 'c' / 'checkpoints' / 'step_000000003.pt'}"
+    with caplog.at_level("WARNING", logger="trainer.run"):
+        train(tmp_path / "c", *base[2:], "trainer.max_steps=5", resume)
+    assert any("before it reaches eta_min" in r.getMessage() for r in caplog.records)
+    whole, short = (
+        dict(read_scalars(tmp_path / "a")["lr"]),
+        dict(read_scalars(tmp_path / "c")["lr"]),
+    )
+    assert [short[s] for s in (4, 5)] == [whole[s] for s in (4, 5)] and whole[5] > 0

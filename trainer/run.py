@@ -99,6 +99,31 @@ def build_scheduler(
     return instantiate(cfg)(optimizer, **kwargs)
 
 
+def _check_schedule_length(trainer: Trainer, checkpoint: Path) -> None:
+    """A cosine schedule anneals over the run's length, set when the run began (``T_max``, kept
+    in the checkpoint's scheduler state). Resumed to train longer, ``CosineAnnealingLR`` would
+    raise the learning rate again past ``T_max`` (it is periodic): refused. Resumed to train
+    less, the learning rate follows the checkpoint's schedule and stops short of ``eta_min``."""
+    t_max = getattr(trainer.scheduler, "T_max", None)
+    if not isinstance(trainer.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or (
+        t_max is None or trainer.total_steps == t_max
+    ):
+        return
+    if trainer.total_steps > t_max:
+        raise ConfigError(
+            f"resume: {checkpoint}'s cosine schedule anneals the learning rate over its run's "
+            f"{t_max} steps (T_max); this run would train to step {trainer.total_steps}, and "
+            f"past T_max CosineAnnealingLR raises the learning rate again. Resume with the "
+            "checkpoint's length (trainer.max_epochs / trainer.max_steps) or less, or start a "
+            "new run"
+        )
+    log.warning(
+        "resume: the learning rate follows the checkpoint's cosine schedule over %d steps "
+        "(T_max); this run stops at step %d, before it reaches eta_min",
+        t_max, trainer.total_steps,
+    )  # fmt: skip
+
+
 def _display(path: Path | None) -> str:
     if path is None:  # (a stop whose checkpoint could not be written)
         return "none"
@@ -246,6 +271,7 @@ def run(
                 trainer.load_state_dict(resume_state)
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"checkpoint {resume_path} does not fit this run: {e}") from e
+            _check_schedule_length(trainer, resume_path)
             set_rng_state(resume_state["rng"])
             home = _home_of(resume_path)
             if home is not None:  # continue in the run's own dir
