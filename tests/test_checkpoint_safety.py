@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
@@ -295,6 +296,38 @@ def auto(search: Path, *overrides: str) -> tuple[str, ...]:
 def truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # in place: last.pt, a hard link to it, breaks too
+
+
+def flip_a_bit(path: Path) -> None:
+    """One bit of the first tensor's bytes, in place: the file stays a readable zip."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    data[info.header_offset + 30 + name_len + extra_len] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_bit_flipped_checkpoint_is_refused_and_resume_auto_falls_back(tmp_path, caplog) -> None:
+    """``torch.load`` does not check the zip's CRC-32s: a checkpoint with one bit flipped in a
+    weight loaded and trained on without a word (a probe). Now it is refused naming the
+    damaged record, and ``resume=auto`` continues from the next newest."""
+    train(tmp_path / "a", *auto(tmp_path, "trainer.max_steps=4"))
+    newest = step_path(tmp_path / "a" / "checkpoints", 4)
+    state = load_checkpoint(newest)
+    flip_a_bit(newest)
+    with pytest.raises(ValueError, match=r"is corrupt: the bytes of .*/data/0 do not match"):
+        load_checkpoint(newest)
+    assert torch.load(newest, weights_only=True).keys() == state.keys()  # (loads unchecked)
+    with caplog.at_level(logging.WARNING):
+        metrics = train(
+            tmp_path / "b", *auto(tmp_path, "trainer.max_steps=6", "trainer.resume=auto")
+        )
+    assert metrics["step"] == 6
+    assert any("step_000000004.pt is corrupt" in r.getMessage() for r in caplog.records)
+    assert "train/loss" in read_scalars(tmp_path / "a")  # continued from step 2 in its own dir
 
 
 def test_resume_auto_skips_a_truncated_newest_checkpoint_and_continues_from_the_next(
