@@ -171,7 +171,173 @@ class ReturnsAFloat(Callback):
 
 
 def test_a_host_function_returning_no_dict_is_named_and_the_rest_is_written(tmp_path) -> None:
-    with pytest.raises(TypeError, match=r"step 1: stage_on_host's function .*<lambda> returned "
+    with pytest.raises(ValueError, match=r"step 1: stage_on_host's function .*<lambda> returned "
                        r"float, not a dict"):  # fmt: skip
         train(tmp_path, *TINY, callbacks=[ReturnsAFloat()])
     assert read_scalars(tmp_path)["u/kept"] == [(1, 1.0)]
+
+
+class Stages(Callback):
+    """Stages ``values`` (a function of the trainer) in ``on_before_optimizer_step``."""
+
+    def __init__(self, values) -> None:
+        self.values = values
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        trainer.stage_scalars(self.values(trainer))
+
+
+@pytest.mark.parametrize(
+    ("values", "error", "match"),
+    [
+        (lambda t: {"grad_norm/total": torch.tensor(123.0)}, ValueError,
+         "'grad_norm/total' is the trainer's own tag"),
+        (lambda t: {"train/loss": -1.0}, ValueError, "'train/loss' is the trainer's own tag"),
+        (lambda t: {("u/a", "val/acc"): torch.ones(2)}, ValueError, "'val/acc' is the trainer's"),
+        (lambda t: {"u/s": "abc"}, TypeError, "'u/s' staged with a str; stage a number"),
+        (lambda t: {("u/a", "u/b"): [1.0, 2.0]}, TypeError, r"\('u/a', 'u/b'\) staged with a list"),
+        (lambda t: {3: torch.ones(())}, TypeError, "a tag must be a string"),
+    ],
+)  # fmt: skip
+def test_a_staged_tag_of_the_trainers_or_a_value_of_no_number_is_refused_where_staged(
+    tmp_path, values, error, match
+) -> None:
+    """A callback's ``grad_norm/total`` replaced the trainer's at every step (progress line
+    too), ``train/loss`` -1 was written on steps that do not log, and a string failed at the
+    next logging step with float()'s message, losing that step's other values (a probe)."""
+    with pytest.raises(error, match=match):
+        train(tmp_path, *TINY, callbacks=[Stages(values)])
+
+
+def test_a_tag_staged_twice_in_a_step_is_refused(tmp_path) -> None:
+    """Two callbacks staging one tag: the later value replaced the earlier without a word."""
+    one = Stages(lambda t: {"u/x": torch.tensor(1.0)})
+    two = Stages(lambda t: {("u/y", "u/x"): torch.ones(2)})
+    with pytest.raises(ValueError, match="'u/x' was staged twice for this step"):
+        train(tmp_path, *TINY, callbacks=[one, two])
+
+
+class StagesGradSlice(Callback):
+    """Stages a gradient's element (a view) and its copy, before clipping."""
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        g = trainer.params[-1].grad  # (the output layer's bias: no gradient of 0)
+        trainer.stage_scalars({"u/view": g[0], "u/copy": g[0].clone()})
+        self.before = float(g[0])
+
+
+def test_a_staged_view_is_the_value_when_staged_not_after_clipping(tmp_path) -> None:
+    """A view shares its base's version counter, so its change in place (clipping, later in the
+    step) went unseen and the clipped value was written (1.51e-4 for 3.81e-3, a probe)."""
+    rec = StagesGradSlice()
+    train(tmp_path, *TINY, "trainer.max_steps=1", "trainer.grad_clip=1e-4", callbacks=[rec])
+    got = read_scalars(tmp_path)
+    assert got["u/view"] == got["u/copy"] == [(1, rec.before)]
+    assert abs(rec.before) > 1e-3  # (clipping to a total of 1e-4 changes it)
+
+
+class SharesTooFew(Callback):
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        grads = [p.grad for p in trainer.params if p.grad is not None]
+        trainer.share_grad_norms(grads, torch.stack(torch._foreach_norm(grads))[:2])
+
+
+def test_shared_norms_fewer_than_the_gradients_are_refused(tmp_path) -> None:
+    """Two norms for six gradients: grad_norm/total (and the clipping) took their total."""
+    with pytest.raises(ValueError, match="share_grad_norms: 6 gradients and 2 norms"):
+        train(tmp_path, *TINY, callbacks=[SharesTooFew()])
+
+
+class HostFunctions(Callback):
+    """A host function per step: ``bad(step)`` decides what it does; and a kept value."""
+
+    def __init__(self, bad) -> None:
+        self.bad = bad
+
+    def on_train_step_end(self, trainer, out) -> None:
+        step = out.step
+
+        def fn(values):
+            return self.bad(step) or {"u/host": values[0]}
+
+        trainer.stage_on_host(torch.full((2,), float(step)), fn)
+        trainer.stage_scalars({"u/kept": torch.tensor(float(step))})
+
+
+def fails_at_3(step):
+    if step == 3:
+        raise ZeroDivisionError("boom")
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (fails_at_3, r"step 3: stage_on_host's function .*fn raised ZeroDivisionError: boom"),
+        (lambda s: {"u/h": "abc"} if s == 3 else None, r"step 3: .*returned str for 'u/h'"),
+        (lambda s: {"train/loss": 9.0} if s == 3 else None, "'train/loss' is the trainer's own"),
+        (lambda s: {"u/kept": 9.0} if s == 3 else None, "'u/kept' was staged twice"),
+    ],
+)  # fmt: skip
+def test_a_failing_host_function_loses_nothing_else(tmp_path, bad, match) -> None:
+    """One host function raising at step 3 of a 4-step read lost every value of steps 1-4
+    (train/loss included: the event file had no scalars); a string it returned failed with
+    float()'s message and lost steps 3-4 (a probe). Now its step's other values and the
+    other steps are written, and the error names the step, the function and the tag."""
+    with pytest.raises(ValueError, match=match):
+        train(tmp_path, *TINY, "trainer.max_steps=4", "logging.every_n_steps=4",
+              callbacks=[HostFunctions(bad)])  # fmt: skip
+    got = read_scalars(tmp_path)
+    assert got["u/kept"] == [(s, float(s)) for s in (1, 2, 3, 4)]
+    assert got["u/host"] == [(s, float(s)) for s in (1, 2, 4)]
+    assert [s for s, _ in got["train/loss"]] == [4]
+
+
+class StagesHistogram(Callback):
+    def on_train_step_end(self, trainer, out) -> None:
+        v = torch.tensor([1.0, 2.0, math.nan, math.inf, 3.0, -math.inf, 4.0])
+        trainer.stage_histogram("u/h", v)
+        trainer.stage_histogram("u/quiet", v, count_nonfinite=False)
+
+
+def test_a_staged_histograms_nonfinite_values_are_counted(tmp_path) -> None:
+    """NaN and ±Inf are left out of the histogram and its _mean and _max: they were left
+    out without a trace (num 4 of 7, an Inf invisible); now ``<tag>_nonfinite`` counts them."""
+    train(tmp_path, *TINY, "trainer.max_steps=1", callbacks=[StagesHistogram()])
+    got = read_scalars(tmp_path)
+    assert got["u/h_nonfinite"] == [(1, 3.0)]
+    assert got["u/h_mean"] == [(1, 2.5)] and got["u/h_max"] == [(1, 4.0)]
+    assert "u/quiet_nonfinite" not in got and got["u/quiet_mean"] == [(1, 2.5)]
+
+
+class Empty(nn.Module):
+    """An MLP with a zero-size parameter (a layer of width 0 in a sweep over widths)."""
+
+    def __init__(self, in_shape, out_dim) -> None:
+        super().__init__()
+        self.fc = nn.Linear(math.prod(in_shape), out_dim)
+        self.unused = nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) + self.unused.sum()
+
+
+def test_a_zero_size_parameter_trains_with_the_default_instruments(tmp_path) -> None:
+    """Parameter histograms (step 1 under the defaults) crashed: aminmax of an empty tensor."""
+    train(tmp_path, "data.batch_size=16", "trainer.max_steps=2", "~model",
+          f"+model._target_={__name__}.Empty", "instrument.histograms.every_n_steps=1")  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.logger import event_dir
+
+    acc = EventAccumulator(str(event_dir(tmp_path)), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert "weight_hist/fc.weight" in acc.Tags()["histograms"]
+    assert not any("unused" in t for t in acc.Tags()["histograms"])
+
+
+def test_a_misspelled_histogram_range_is_refused_from_python() -> None:
+    import importlib
+
+    histograms = importlib.import_module("trainer.instrument.histograms")
+    with pytest.raises(ValueError, match="got 'symetric', must be one of minmax, symmetric"):
+        histograms.Histograms(1, range="symetric")

@@ -301,7 +301,7 @@ def measure(model: nn.Module, x, y, weights=None, cb=None, amp=contextlib.nullco
         objective=Objective(CrossEntropy(), None, (), list(model.parameters())),
         world=SINGLE, stage_scalars=lambda values: staged.update(_expand(values)),
         stage_on_host=lambda values, fn: staged.update(fn(values.tolist())),
-        stage_histogram=lambda tag, v: staged.update(
+        stage_histogram=lambda tag, v, count_nonfinite=True: staged.update(
             {f"{tag}_max": float(v[~torch.isnan(v)].max()), tag: host_histogram(v.tolist())}
         ),
     )  # fmt: skip
@@ -661,7 +661,7 @@ def test_a_unit_left_out_of_one_micro_batch_is_out_of_the_whole_window(monkeypat
         objective=Objective(CrossEntropy(), None, (), list(model.parameters())),
         world=SINGLE, stage_scalars=lambda values: staged.update(_expand(values)),
         stage_on_host=lambda values, fn: staged.update(fn(values.tolist())),
-        stage_histogram=lambda tag, v: None,
+        stage_histogram=lambda tag, v, count_nonfinite=True: None,
     )  # fmt: skip
     cb = PerSampleNorms(1, loss="weighted")
     cb.on_fit_start(trainer)

@@ -339,7 +339,7 @@ def Trainer_like(model, objective, window):
         model=model, global_step=0, scaler=None, logger=None, world=SINGLE, window=window,
         objective=objective, stage_scalars=lambda values: None,
         stage_on_host=lambda values, fn: fn(values.tolist()),
-        stage_histogram=lambda tag, v: None,
+        stage_histogram=lambda tag, v, count_nonfinite=True: None,
     )  # fmt: skip
 
 

@@ -263,6 +263,12 @@ class Trainer:
         0-d tensors, as ``torch._foreach_norm`` returns them, stacked only if and when asked
         for): later callbacks and the loop's total (``grad_norm/total``, clipping) take them
         from :meth:`shared_grad_norms` instead of computing them again."""
+        count = norms.numel() if isinstance(norms, Tensor) else len(norms)  # (metadata)
+        if count < len(grads):
+            raise ValueError(
+                f"share_grad_norms: {len(grads)} gradients and {count} norms; the norms must "
+                "hold one per gradient, in the same order (then possibly others)"
+            )
         self._grad_norms = (grads, [g._version for g in grads], norms)
 
     def shared_grad_norms(self, grads: list[Tensor]) -> Tensor | None:
@@ -288,16 +294,24 @@ class Trainer:
         values are written). Staged in ``on_validation_end``, ``on_rest_point`` or
         ``on_fit_end``, they are written at the last step taken; in ``on_fit_start`` or
         ``on_train_epoch_start``, with the step that follows. A tuple of tags may map to a
-        1-D tensor of their values (see :func:`trainer.logger.to_floats`)."""
+        1-D tensor of their values (see :func:`trainer.logger.to_floats`). Refused, naming the
+        tag: a tag staged twice in a step (two callbacks: one value would be lost), the
+        trainer's own (``train/loss``, ``lr``, ``grad_norm/total``, ``weights/*``,
+        ``val/*``, ``reg/*``: it would replace the trainer's value), a value that is neither
+        a number nor a tensor. A view (``p.grad[0]``) is copied when staged (one small
+        kernel): it shares its base's version counter, so a change in place could not be
+        told apart, and the value written was the one at the read (clipped, updated)."""
         self.staging.stage(values)
 
-    def stage_histogram(self, tag: str, values: Tensor) -> None:
+    def stage_histogram(self, tag: str, values: Tensor, count_nonfinite: bool = True) -> None:
         """Queue a short 1-D tensor (a batch's per-sample values) to log as the histogram
-        ``tag`` with the scalars ``<tag>_mean`` and ``<tag>_max`` (over its finite values). It
-        is read back with the step's scalars, in the same transfer, and binned on the host: no
-        kernel and no sync here. For parameter-sized tensors use on-device binning instead
-        (``trainer.instrument.histograms``)."""
-        self.staging.stage_histogram(tag, values)
+        ``tag`` with the scalars ``<tag>_mean`` and ``<tag>_max`` (over its finite values) and,
+        where some are NaN or ±Inf, ``<tag>_nonfinite``, their count (``count_nonfinite=False``:
+        not written, for values where NaN stands for a sample without one). It is read back
+        with the step's scalars, in the same transfer, and binned on the host: no kernel and no
+        sync here (a view is copied: one small kernel). For parameter-sized tensors use
+        on-device binning instead (``trainer.instrument.histograms``)."""
+        self.staging.stage_histogram(tag, values, count_nonfinite)
 
     def stage_on_host(self, values: Tensor, fn: HostFn) -> None:
         """Queue a 1-D tensor for the current step whose scalars are computed on the host:

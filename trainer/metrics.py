@@ -13,6 +13,7 @@ transfer. Per-token losses (B, T) are kept as u·ℓ with their Σu in a device 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,33 @@ class _Deferred:
 #: a function of a staged tensor's values, read to the host, giving the scalars to write
 HostFn = Callable[[list[float]], dict[str, float]]
 
+#: the loop's own tags (train/loss, the learning rate, the total norm, the weights' summary,
+#: the split of the norm by regularizers) and prefixes (validation metrics, regularizer values,
+#: HParams): a callback staging one would replace the loop's value or add points to its curve
+LOOP_TAGS = frozenset({
+    "train/loss", "lr", "grad_norm/total", "grad_norm/total_clipped", "grad_norm/data",
+    "grad_norm/reg", "weights/mean", "weights/min", "weights/max",
+})  # fmt: skip
+LOOP_PREFIXES = ("val/", "reg/", "_hparams_/")
+
+
+def _check_tags(tags: Iterable[object], taken: set[str], what: str) -> None:
+    """Each of ``tags`` a string, none the loop's own or already staged for this step."""
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise TypeError(f"{what}: a tag must be a string (or a tuple of them), got {tag!r}")
+        if tag in LOOP_TAGS or tag.startswith(LOOP_PREFIXES):
+            raise ValueError(
+                f"{what}: {tag!r} is the trainer's own tag; a staged value would replace the "
+                "trainer's or add points to its curve: name yours otherwise (e.g. "
+                f"'my/{tag.rsplit('/', 1)[-1]}')"
+            )
+        if tag in taken:
+            raise ValueError(
+                f"{what}: {tag!r} was staged twice for this step (by two callbacks, or twice by "
+                "one): the earlier value would be lost without a word"
+            )
+
 
 class Staging:
     """Scalars and short histograms staged during a step, written together at its end (a
@@ -58,6 +86,10 @@ class Staging:
         #: each staged tensor and its version counter when it was staged, by key: one changed
         #: in place before it is read is an error (its value would be written as it is then)
         self._versions: dict[str | tuple[str, ...], tuple[Tensor, int]] = {}
+        #: the tags staged for this step (each once; none the loop's own)
+        self._tags: set[str] = set()
+        #: histograms whose NaN values stand for samples without a value (not counted)
+        self._nan_means_none: set[str] = set()
 
     def pending(self) -> bool:
         return bool(self.scalars or self.histograms or self.host)
@@ -67,36 +99,62 @@ class Staging:
         many values, a tag one value: checked here (metadata, no sync), as the step's one
         transfer is cut by those counts, and a tensor of another size shifted every value
         after it (``train/loss`` included) onto other tags."""
+        staged = {}
         for key, v in values.items():
-            if isinstance(v, Tensor) and v.numel() != (len(key) if isinstance(key, tuple) else 1):
-                what = f"{len(key)} tags" if isinstance(key, tuple) else "one tag"
-                raise ValueError(
-                    f"stage_scalars: {key!r} is {what}, staged with a tensor of "
-                    f"{v.numel()} value(s) (shape {tuple(v.shape)}); stage one value per tag"
+            tags = key if isinstance(key, tuple) else (key,)
+            _check_tags(tags, self._tags, "stage_scalars")
+            if isinstance(v, Tensor):
+                if v.numel() != len(tags):
+                    what = f"{len(key)} tags" if isinstance(key, tuple) else "one tag"
+                    raise ValueError(
+                        f"stage_scalars: {key!r} is {what}, staged with a tensor of "
+                        f"{v.numel()} value(s) (shape {tuple(v.shape)}); stage one value per tag"
+                    )
+                staged[key] = _own(v)
+            elif isinstance(key, tuple) or not isinstance(v, numbers.Real):
+                raise TypeError(
+                    f"stage_scalars: {key!r} staged with a {type(v).__name__}; stage a number "
+                    "or a tensor (a tuple of tags: a tensor of their values)"
                 )
-        self.scalars.update(values)
-        self._record(values.items())
+            else:
+                staged[key] = v
+            self._tags.update(tags)
+        self.scalars.update(staged)
+        self._record(staged.items())
 
-    def stage_histogram(self, tag: str, values: Tensor) -> None:
+    def stage_histogram(self, tag: str, values: Tensor, count_nonfinite: bool = True) -> None:
         """Queue a short 1-D tensor to bin on the host (``Trainer.stage_histogram``)."""
-        self.histograms[tag] = values
+        if not count_nonfinite:
+            self._nan_means_none.add(tag)
+        tags = (tag, f"{tag}_mean", f"{tag}_max", f"{tag}_nonfinite")
+        _check_tags(tags, self._tags, "stage_histogram")
+        if not isinstance(values, Tensor):
+            raise TypeError(f"stage_histogram: {tag!r} staged with a {type(values).__name__}, "
+                            "not a tensor")  # fmt: skip
+        self._tags.update(tags)
+        self.histograms[tag] = values = _own(values)
         self._record([(tag, values)])
 
     def stage_on_host(self, values: Tensor, fn: HostFn) -> None:
         """Queue a 1-D tensor whose scalars ``fn`` computes on the host from its values once
         read (``Trainer.stage_on_host``)."""
+        if not isinstance(values, Tensor) or not callable(fn):
+            raise TypeError(
+                f"stage_on_host: takes a tensor and a function, got a {type(values).__name__} "
+                f"and a {type(fn).__name__}"
+            )
         key = f"<values {len(self.host)} for {_name(fn)}>"
+        values = _own(values)
         self.host.append((key, values, fn))
         self._record([(key, values)])
 
     def _record(self, items: Iterable[tuple[str | tuple[str, ...], object]]) -> None:
-        """Each tensor's version as it is staged. A view shares its base's counter, so one
-        slice of a buffer staged before the next is filled would count as changed: a view's
-        version is taken at the end of its step instead (see :meth:`_entry`)."""
+        """Each tensor's version as it is staged (views are copied when staged:
+        :func:`_own`)."""
         for key, v in items:
-            if isinstance(v, Tensor) and not v.is_inference() and not v._is_view():
+            if isinstance(v, Tensor) and not v.is_inference():
                 self._versions[key] = (v, v._version)  # (an inference tensor has no counter)
-            else:  # (a number, or a view, staged again under a tensor's key)
+            else:  # (a number staged again under a tensor's key)
                 self._versions.pop(key, None)
 
     def defer_staged(self, step: int) -> None:
@@ -106,6 +164,7 @@ class Staging:
 
     def take_scalars(self) -> dict[str | tuple[str, ...], Tensor | float]:
         out, self.scalars = self.scalars, {}
+        self._tags = set()
         return out
 
     def _entry(self, step: int, values: Scalars, histograms: dict[str, Tensor]) -> _Deferred:
@@ -171,16 +230,12 @@ class Staging:
             for tag, h in hists.items():
                 floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
                 floats[f"{tag}_max"] = h.max if h.num else math.nan
+                if h.nonfinite and tag not in self._nan_means_none:  # (left out of the above)
+                    floats[f"{tag}_nonfinite"] = float(h.nonfinite)
             for _, _, fn in e.host:  # (in step order: a function may keep state, an average)
-                got = fn(next(host_values))
-                if not isinstance(got, dict):
-                    problems.append(
-                        f"step {e.step}: stage_on_host's function {_name(fn)} returned "
-                        f"{type(got).__name__}, not a dict of tag -> value (the step's other "
-                        "values were written)"
-                    )
-                    continue
-                floats.update(got)
+                problem = _host_scalars(fn, next(host_values), floats, e.step)
+                if problem:  # (the step's other values, and the other steps', are written)
+                    problems.append(problem)
             binned.append(hists)
         # every step's values first, then the writes: a write that fails (a full disk) loses
         # what it writes, not a host function's step (a running average would skip it)
@@ -191,8 +246,40 @@ class Staging:
                 if floats:
                     logger.add_floats(floats, e.step)
         if problems:
-            raise TypeError(problems[0])
+            raise ValueError("; ".join(problems[:3]) + (" …" if len(problems) > 3 else ""))
         return all_floats
+
+
+def _host_scalars(fn: HostFn, values: list[float], floats: dict[str, float], step: int) -> str:
+    """Add what ``fn(values)`` (a ``stage_on_host`` function) returns to ``floats``, the
+    values of ``step``; what is wrong with it, naming the function and the tag (its values
+    are then left out), or ""."""
+    where = f"step {step}: stage_on_host's function {_name(fn)}"
+    try:
+        got = fn(values)
+    except Exception as e:  # noqa: BLE001 (named in the error raised after the writes)
+        return f"{where} raised {type(e).__name__}: {e}"
+    if not isinstance(got, dict):
+        return f"{where} returned {type(got).__name__}, not a dict of tag -> value"
+    out: dict[str, float] = {}
+    for tag, v in got.items():
+        if not isinstance(v, numbers.Real):
+            return f"{where} returned {type(v).__name__} for {tag!r}, not a number"
+        try:
+            _check_tags([tag], floats.keys() | out.keys(), "stage_on_host")
+        except (TypeError, ValueError) as e:
+            return f"{where}: {e}"
+        out[tag] = float(v)
+    floats.update(out)
+    return ""
+
+
+def _own(v: Tensor) -> Tensor:
+    """A staged view, copied (one small kernel; other tensors as they are): a view shares its
+    base's version counter, so a change to it in place (a gradient's slice, clipped later in
+    its step; a weight's, by the optimizer's update) could not be told from a change to
+    another slice of the base, and the value written was the one at the read."""
+    return v.detach().clone() if v._is_view() else v
 
 
 def _name(fn: Any) -> str:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from trainer.callbacks import Callback, Every
+from trainer.config import HISTOGRAM_RANGES
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -97,7 +98,8 @@ def histograms(
     # float64 tensor's bounds as they are, beyond float32's range or resolution: the stack is
     # then float64, the others' bounds exact in it)
     bounds = [
-        torch.stack(torch.aminmax(x)) if x.dtype == torch.float64
+        x.new_zeros(2, dtype=torch.float32) if not x.numel()  # (empty: nothing to bin)
+        else torch.stack(torch.aminmax(x)) if x.dtype == torch.float64
         else torch.stack(torch.aminmax(x)).float() for x in flat
     ]  # fmt: skip
     ranges = torch.stack(bounds).tolist() if bounds else []  # host sync: histogram steps only
@@ -229,6 +231,11 @@ class Histograms(Callback):
             raise ValueError(
                 f"instrument.histograms.every_n_steps: got {every_n_steps}, must be >= 1"
             )
+        if range not in HISTOGRAM_RANGES:
+            raise ValueError(
+                f"instrument.histograms.range: got {range!r}, must be one of "
+                f"{', '.join(HISTOGRAM_RANGES)}"
+            )
         self.every, self.bins = Every(every_n_steps), bins
         self.range_policy, self.fixed = range, (min, max)
         self.grads, self.weights = grads, weights
@@ -244,6 +251,8 @@ class Histograms(Callback):
             kinds = [("grad", p.grad)] if self.grads and p.grad is not None else []
             kinds += [("weight", p)] if self.weights else []
             for kind, t in kinds:
+                if not t.numel():  # a zero-size parameter: nothing to bin (aminmax raised)
+                    continue
                 if t.is_complex():  # its real and imaginary parts, each its own histogram
                     parts = torch.view_as_real(t.detach().resolve_conj())
                     tags += [(kind, f"{name}/real"), (kind, f"{name}/imag")]

@@ -1042,7 +1042,9 @@ class PerSampleNorms(Callback):
         self._statistics(trainer, sq, w, covered)
         trainer.stage_scalars(values)
         for tag, v in series.items():  # histogram, _mean and _max from the step's one host read
-            trainer.stage_histogram(tag, v)
+            # (NaN: a weight-0 sample's unweighted norm, or every sample's on a step with a
+            # non-finite one: not counted as values that are not finite)
+            trainer.stage_histogram(tag, v, count_nonfinite=False)
 
     def _statistics(self, trainer: Trainer, sq: Tensor, w: Tensor, covered: Tensor) -> None:
         """Stage what the gradient noise scale and the SNRs need (:meth:`_noise_scale`
