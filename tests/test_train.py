@@ -365,6 +365,23 @@ def test_progress_bar_only_on_a_terminal(caplog) -> None:
     assert off.getvalue() == ""
 
 
+def test_progress_of_a_resumed_run_starts_at_its_step_on_its_cadence(caplog) -> None:
+    """Resumed at step 503 (lines every 500): the first line came at the first logging step
+    (510, off the cadence) and the bar counted from 0, ending short of its total."""
+    caplog.set_level(logging.INFO, logger="trainer.logger")
+    plain, tty = io.StringIO(), _Tty()
+    for stream in (plain, tty):
+        p = Progress(True, total_steps=1005, stream=stream, every_n_steps=500, initial=503)
+        for step in range(504, 1006):
+            p.update()
+            if step % 10 == 0 or step == 1005:  # (the logging steps)
+                p.show(0, 1, step, {"loss": 0.5})
+        p.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "trainer.logger"]
+    assert lines == ["step 1000/1005  epoch 1/1  loss 0.5"]
+    assert "1005/1005" in tty.getvalue()
+
+
 def test_no_bar_in_a_parallel_sweep_but_labelled_lines(caplog) -> None:
     """Jobs running side by side must not draw over each other: lines with the job number."""
     caplog.set_level(logging.INFO, logger="trainer.logger")

@@ -292,14 +292,17 @@ class Progress:
         bar: bool = True,
         every_n_steps: int = 100,
         label: str = "",
+        initial: int = 0,
     ):
         stream = stream if stream is not None else sys.stderr
         self.active = enabled and bar and stream.isatty()  # the bar is drawn
         self.lines = enabled and not self.active and every_n_steps > 0
         self.total_steps, self.every, self.label = total_steps, every_n_steps, label
-        self._next_line = every_n_steps
+        # a resumed run (``initial``: the steps already taken) keeps the cadence and the count
+        self._next_line = (initial // every_n_steps + 1) * every_n_steps if every_n_steps > 0 else 0
         self.bar = tqdm(
             total=total_steps,
+            initial=initial,
             unit="step",
             file=stream,
             dynamic_ncols=True,

@@ -351,7 +351,7 @@ class Trainer:
         opts = self.progress_options
         self.progress = Progress(
             opts.enabled, self.total_steps, bar=opts.bar, every_n_steps=opts.every_n_steps,
-            label=opts.label,
+            label=opts.label, initial=self.global_step,
         )  # fmt: skip
         redirect: contextlib.AbstractContextManager[Any] = self._null
         if self.progress.active:  # log lines go above the bar instead of through it
