@@ -55,8 +55,8 @@ LOOP_TAGS = frozenset({
 LOOP_PREFIXES = ("val/", "reg/", "_hparams_/")
 
 
-def _check_tags(tags: Iterable[object], taken: set[str], what: str) -> None:
-    """Each of ``tags`` a string, none the loop's own or already staged for this step."""
+def _check_names(tags: Iterable[object], what: str) -> None:
+    """Each of ``tags`` a string, none the loop's own."""
     for tag in tags:
         if not isinstance(tag, str):
             raise TypeError(f"{what}: a tag must be a string (or a tuple of them), got {tag!r}")
@@ -66,11 +66,16 @@ def _check_tags(tags: Iterable[object], taken: set[str], what: str) -> None:
                 "trainer's or add points to its curve: name yours otherwise (e.g. "
                 f"'my/{tag.rsplit('/', 1)[-1]}')"
             )
-        if tag in taken:
-            raise ValueError(
-                f"{what}: {tag!r} was staged twice for this step (by two callbacks, or twice by "
-                "one): the earlier value would be lost without a word"
-            )
+
+
+def _check_new(tags: Iterable[str], taken: set[str] | Any, what: str) -> None:
+    """None of ``tags`` already in ``taken`` (staged for this step)."""
+    if not taken.isdisjoint(tags):
+        tag = next(t for t in tags if t in taken)
+        raise ValueError(
+            f"{what}: {tag!r} was staged twice for this step (by two callbacks, or twice by "
+            "one): the earlier value would be lost without a word"
+        )
 
 
 class Staging:
@@ -88,6 +93,8 @@ class Staging:
         self._versions: dict[str | tuple[str, ...], tuple[Tensor, int]] = {}
         #: the tags staged for this step (each once; none the loop's own)
         self._tags: set[str] = set()
+        #: keys whose tags were checked (strings, none the loop's own)
+        self._known: set[object] = set()
         #: histograms whose NaN values stand for samples without a value (not counted)
         self._nan_means_none: set[str] = set()
 
@@ -102,7 +109,7 @@ class Staging:
         staged = {}
         for key, v in values.items():
             tags = key if isinstance(key, tuple) else (key,)
-            _check_tags(tags, self._tags, "stage_scalars")
+            self._check(key, tags, "stage_scalars")
             if isinstance(v, Tensor):
                 if v.numel() != len(tags):
                     what = f"{len(key)} tags" if isinstance(key, tuple) else "one tag"
@@ -122,12 +129,24 @@ class Staging:
         self.scalars.update(staged)
         self._record(staged.items())
 
+    def _check(self, key: object, tags: tuple[Any, ...], what: str) -> None:
+        """``tags`` (of ``key``) strings, none the loop's own (checked once per key: an
+        instrument builds its tags once and stages them every step), none staged before
+        for this step."""
+        if key not in self._known:
+            _check_names(tags, what)
+            if len(self._known) > 4096:  # (tags made anew at each step: kept bounded)
+                self._known.clear()
+            self._known.add(key)
+        if not self._tags.isdisjoint(tags):
+            _check_new(tags, self._tags, what)
+
     def stage_histogram(self, tag: str, values: Tensor, count_nonfinite: bool = True) -> None:
         """Queue a short 1-D tensor to bin on the host (``Trainer.stage_histogram``)."""
         if not count_nonfinite:
             self._nan_means_none.add(tag)
         tags = (tag, f"{tag}_mean", f"{tag}_max", f"{tag}_nonfinite")
-        _check_tags(tags, self._tags, "stage_histogram")
+        self._check(tag, tags, "stage_histogram")
         if not isinstance(values, Tensor):
             raise TypeError(f"stage_histogram: {tag!r} staged with a {type(values).__name__}, "
                             "not a tensor")  # fmt: skip
@@ -266,7 +285,8 @@ def _host_scalars(fn: HostFn, values: list[float], floats: dict[str, float], ste
         if not isinstance(v, numbers.Real):
             return f"{where} returned {type(v).__name__} for {tag!r}, not a number"
         try:
-            _check_tags([tag], floats.keys() | out.keys(), "stage_on_host")
+            _check_names([tag], "stage_on_host")
+            _check_new([tag], floats.keys() | out.keys(), "stage_on_host")
         except (TypeError, ValueError) as e:
             return f"{where}: {e}"
         out[tag] = float(v)
