@@ -327,3 +327,22 @@ def test_a_cosine_run_resumed_to_train_longer_is_refused_shorter_follows_its_sch
         dict(read_scalars(tmp_path / "c")["lr"]),
     )
     assert [short[s] for s in (4, 5)] == [whole[s] for s in (4, 5)] and whole[5] > 0
+
+
+class _SigtermInLastValidation(Callback):
+    def on_validation_end(self, trainer, metrics) -> None:
+        if trainer.finished():
+            os.kill(os.getpid(), signal.SIGTERM)  # (the handler of StopOnSignals takes it)
+
+
+def test_a_signal_after_the_last_step_lets_the_run_complete(tmp_path, caplog) -> None:
+    """SIGTERM during the last validation stopped the run as interrupted (exit 143, no
+    last.pt) with all its training done, to be resumed for nothing (a probe); it completes."""
+    from conftest import train
+
+    with caplog.at_level("WARNING", logger="trainer.loop"):
+        metrics = train(tmp_path, "trainer.max_steps=4", callbacks=[_SigtermInLastValidation()])
+    assert metrics["status"] == "completed" and metrics["step"] == 4
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 4
+    assert any("SIGTERM after the last step" in r.getMessage() for r in caplog.records)

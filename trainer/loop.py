@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import math
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -409,8 +410,14 @@ class Trainer:
     def _rest_point(self, at_once: bool = False) -> bool:
         """A point a resumed run continues from exactly: decide (every rank alike) whether
         the run stops here, then ``on_rest_point`` (periodic checkpoints, the stop's
-        checkpoint). Returns whether to stop."""
-        self.stopped_by = self._stop_agreed(at_once)
+        checkpoint). Returns whether to stop. A signal that arrives after the last step (during
+        the last validation, say) does not stop the run: it completes (its final checkpoint,
+        ``metrics.json`` completed) instead of stopping to be resumed for nothing."""
+        stop = self._stop_agreed(at_once)
+        if stop is not None and self.finished():
+            log.warning("%s after the last step: the run completes", signal.Signals(stop).name)
+            stop = None
+        self.stopped_by = stop
         self._fire_between("on_rest_point")
         return self.stopped_by is not None
 
