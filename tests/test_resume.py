@@ -346,3 +346,44 @@ def test_a_signal_after_the_last_step_lets_the_run_complete(tmp_path, caplog) ->
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 4
     assert any("SIGTERM after the last step" in r.getMessage() for r in caplog.records)
+
+
+class _FailsAtStep3(Callback):
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 3:
+            raise RuntimeError("a crash at step 3")
+
+
+def _end_status(run_dir: Path) -> int:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from trainer.logger import event_dir
+
+    acc = EventAccumulator(str(event_dir(run_dir)))
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_END_INFO_TAG]
+    return metadata.parse_session_end_info_plugin_data(content).status
+
+
+def test_a_failed_run_resumed_to_completion_shows_success_in_hparams(tmp_path) -> None:
+    """TensorBoard keeps the first record of a tag: the failed process's STATUS_FAILURE stayed
+    in HPARAMS after the run was resumed and completed (a probe). The resumed run takes the
+    earlier end status out of its event files (every other record kept) before writing its own."""
+    from conftest import train
+    from tensorboard.plugins.hparams import api_pb2
+
+    base = ["trainer.run_id=f", "trainer.checkpoint.every_n_steps=2", "logging.every_n_steps=1",
+            f"trainer.checkpoint.search_dir={tmp_path}", "trainer.max_steps=5"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="a crash at step 3"):
+        train(tmp_path / "a", *base, callbacks=[_FailsAtStep3()])
+    assert _end_status(tmp_path / "a") == api_pb2.STATUS_FAILURE
+    before = read_scalars(tmp_path / "a")
+    metrics = train(tmp_path / "b", *base, "trainer.resume=auto")
+    assert metrics["status"] == "completed"
+    assert _end_status(tmp_path / "a") == api_pb2.STATUS_SUCCESS
+    after = read_scalars(tmp_path / "a")  # the earlier process's records are all there
+    assert {t: [p for p in v if p[0] <= 2] for t, v in before.items()} == {
+        t: [p for p in after[t] if p[0] <= 2] for t in before
+    }
+    assert [s for s, _ in after["train/loss"]] == [1, 2, 3, 4, 5]

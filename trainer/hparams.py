@@ -22,6 +22,7 @@ is named after the run: its folder (a sweep's job number) and its overrides.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -214,3 +215,43 @@ def end_summary(completed: bool) -> Any:
     )
     data = plugin_data_pb2.HParamsPluginData(session_end_info=info)
     return _plugin_summary(metadata.SESSION_END_INFO_TAG, data)
+
+
+def drop_end_status(directory: Path) -> list[Path]:
+    """Take the session-end records (the status a run had when a process of it stopped) out
+    of the event files in ``directory``, each file rewritten atomically with its other records
+    as they were; returns the files changed.
+
+    A run resumed in its own folder writes its own end status when it stops; TensorBoard keeps
+    the first record of a tag, so a run that failed and was resumed to completion showed
+    ``STATUS_FAILURE`` in HPARAMS. Called before the resumed run writes (the record it drops is
+    the earlier process's status, superseded; its events stay)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.plugins.hparams import metadata
+
+    from trainer.logger import tfrecord
+
+    tag = metadata.SESSION_END_INFO_TAG
+
+    def is_end(record: bytes) -> bool:
+        return tag.encode() in record and any(
+            v.tag == tag for v in Event.FromString(record).summary.value
+        )
+
+    changed = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        if tag.encode() not in path.read_bytes():  # (most files: none to drop)
+            continue
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if not is_end(r)]
+        if len(kept) == len(records):
+            continue
+        temporary = path.with_name(f".{path.name}.rewritten")
+        with open(temporary, "xb") as f:
+            f.write(b"".join(tfrecord(r) for r in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        changed.append(path)
+    return changed

@@ -43,7 +43,13 @@ from trainer.checkpoint import (
 from trainer.components import build
 from trainer.config import ConfigError, TrainConfig, validate
 from trainer.data.base import DataModule
-from trainer.hparams import end_summary, hydra_hparams, run_name, start_summaries
+from trainer.hparams import (
+    drop_end_status,
+    end_summary,
+    hydra_hparams,
+    run_name,
+    start_summaries,
+)
 from trainer.instrument import build_callbacks
 from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir
 from trainer.loop import Callback, Trainer, planned_steps
@@ -290,7 +296,10 @@ def run(
         hparams = hydra_hparams(cfg)  # (the event folder is named after the overridden ones)
         if main:  # data-parallel: rank 0 alone writes events, checkpoints and metrics.json
             label = ",".join(f"{k}={hparams.values[k]}" for k in hparams.overridden)
-            trainer.logger = TensorBoardLogger(event_dir(run_dir, label), purge_step=purge_step)
+            events = event_dir(run_dir, label)
+            if resume_state is not None and events.is_dir():  # its own end status comes later
+                drop_end_status(events)
+            trainer.logger = TensorBoardLogger(events, purge_step=purge_step)
         directory = run_dir / "checkpoints"
         writer = CheckpointWriter(
             trainer,
