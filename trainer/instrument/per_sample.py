@@ -237,9 +237,17 @@ class _OutsideUses(TorchFunctionMode):
     a weight tied by hand into another module's forward). Its per-sample part is not seen by any
     hook, so it cannot be measured: the unit is left out and named."""
 
-    def __init__(self, units_of: dict[int, list[nn.Module]], active: dict[nn.Module, int]):
+    def __init__(
+        self,
+        units_of: dict[int, list[nn.Module]],
+        active: dict[nn.Module, int],
+        on_mixing: Any = None,
+    ):
         super().__init__()
         self.units_of, self.active = units_of, active
+        #: called with the function's name when a normalization with the batch's statistics
+        #: runs (``F.batch_norm(training=True)``, in a BatchNorm or in a layer of one's own)
+        self.on_mixing = on_mixing
         self.outside: dict[nn.Module, str] = {}  # unit -> the function that used its parameter
         #: set while the instrument's own forward hooks run: their calls (detach, shape checks,
         #: register_hook, a tensor's properties) are not the model's, and pass straight through
@@ -249,6 +257,11 @@ class _OutsideUses(TorchFunctionMode):
         out = func(*args, **kwargs) if kwargs else func(*args)
         if self.paused:
             return out
+        if func in _BATCH_STATISTICS and self.on_mixing is not None and (
+            kwargs.get("training") if kwargs and "training" in kwargs
+            else len(args) > 5 and args[5]
+        ):  # fmt: skip
+            self.on_mixing(f"{getattr(func, '__name__', 'batch_norm')}(training=True)")
         # a use on the graph (not metadata)
         if out.requires_grad if isinstance(out, Tensor) else _requires_grad(out):
             units_of, active = self.units_of, self.active
@@ -258,6 +271,17 @@ class _OutsideUses(TorchFunctionMode):
                     for unit in units:  # every unit the parameter is registered in
                         self.outside.setdefault(unit, getattr(func, "__name__", str(func)))
         return out
+
+
+#: normalizations that may use the batch's statistics (their ``training`` flag: the 6th
+#: argument of both)
+_BATCH_STATISTICS = frozenset({F.batch_norm, torch.batch_norm})
+
+
+def _batch_statistics(module: _BatchNorm) -> bool:
+    """Whether a BatchNorm normalizes with the batch's statistics in its next forward: in
+    training mode, or without running statistics (``track_running_stats=False``) in either."""
+    return module.training or (module.running_mean is None and module.running_var is None)
 
 
 def _unit_kind(module: nn.Module) -> str:
@@ -379,8 +403,15 @@ class PerSampleNorms(Callback):
         self._sq: dict[int, Tensor] = {}  # id(param) -> (B,) squared norms, this micro-batch
         self._calls: list[_Call] = []
         self._ncalls: dict[nn.Module, int] = {}
-        self._order: dict[nn.Module, int] = {}  # forward order within the micro-batch
-        self._mixing: list[tuple[int, str]] = []  # (order, name) of training-mode BatchNorms
+        #: each unit's first forward start (a tick) within the micro-batch; a tick counts
+        #: forward starts and normalizations with the batch's statistics, in order
+        self._start: dict[nn.Module, int] = {}
+        self._tick = 0
+        #: (tick, name) of each normalization with the batch's statistics (a BatchNorm in
+        #: training mode or without running statistics, with or without parameters of its
+        #: own; ``F.batch_norm(training=True)`` anywhere in the forward)
+        self._mixing: list[tuple[int, str]] = []
+        self._batchnorms: list[tuple[str, _BatchNorm]] = []  # (set in on_fit_start)
         self._excluded: dict[str, str] = {}  # unit name -> why, for the current micro-batch
         #: unit name -> why, for any measured micro-batch of the current (or last) window: a
         #: unit left out of one is left out of the step's statistics and coverage
@@ -443,6 +474,9 @@ class PerSampleNorms(Callback):
             for p in own:
                 self._units_by_param.setdefault(id(p), []).append(m)
         self._param_by_id = {id(p): p for _, _, own, _ in self.units for p in own}
+        self._batchnorms = [
+            (name, m) for name, m in trainer.model.named_modules() if isinstance(m, _BatchNorm)
+        ]
         #: the modules that compute a parametrized weight (never a per-sample unit)
         self._parametrizing = {
             sub for m in trainer.model.modules() if parametrize.is_parametrized(m)
@@ -464,7 +498,8 @@ class PerSampleNorms(Callback):
         self._sq.clear()
         self._calls.clear()
         self._ncalls.clear()
-        self._order.clear()
+        self._start.clear()
+        self._tick = 0
         self._mixing.clear()
         self._excluded.clear()
         self._captured.clear()
@@ -480,11 +515,23 @@ class PerSampleNorms(Callback):
             self._handles.append(
                 m.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True)
             )
+        for name, bn in self._batchnorms:  # (those without parameters of their own too)
+            self._handles.append(bn.register_forward_pre_hook(partial(self._enter_bn, name)))
         self._handles.append(root.register_forward_hook(lambda *_: self._leave_mode()))
 
     def _enter_mode(self, module: nn.Module, inputs: Any) -> None:
-        self._mode = _OutsideUses(self._units_by_param, self._active)
+        self._mode = _OutsideUses(self._units_by_param, self._active, self._mix)
         self._mode.__enter__()
+
+    def _mix(self, name: str) -> None:
+        """A normalization with the batch's statistics runs now: each unit whose forward
+        started before it is upstream of it, its samples' gradients mixed."""
+        self._mixing.append((self._tick, name))
+        self._tick += 1
+
+    def _enter_bn(self, name: str, module: _BatchNorm, inputs: Any) -> None:
+        if _batch_statistics(module):
+            self._mix(f"{name} (BatchNorm with the batch's statistics)")
 
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:
         self._leave_mode()
@@ -510,6 +557,8 @@ class PerSampleNorms(Callback):
     def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         self._active[module] = self._active.get(module, 0) + 1
         self._entered[module] = self._entered.get(module, 0) + 1
+        self._start.setdefault(module, self._tick)
+        self._tick += 1
 
     def _forward_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -543,12 +592,13 @@ class PerSampleNorms(Callback):
             return
         name = self._names[module]
         self._ncalls[module] = self._ncalls.get(module, 0) + 1
-        self._order.setdefault(module, len(self._order))
         if name in self._excluded:
             return
-        if isinstance(module, _BatchNorm) and module.training:
-            self._excluded[name] = "BatchNorm in training mode mixes the samples of a batch"
-            self._mixing.append((self._order[module], name))
+        if isinstance(module, _BatchNorm) and _batch_statistics(module):
+            self._excluded[name] = (
+                "BatchNorm normalizing with the batch's statistics (training mode, or no "
+                "running statistics) mixes the samples of a batch"
+            )
             return
         why = self._check(module, args, kwargs, outputs)
         verify = None
@@ -647,8 +697,11 @@ class PerSampleNorms(Callback):
         return None
 
     def _upstream_of_mixing(self, module: nn.Module) -> str | None:
-        """The training-mode BatchNorm whose forward ran after ``module``'s, if any."""
-        later = [name for order, name in self._mixing if order > self._order[module]]
+        """The normalization with the batch's statistics that ran after ``module``'s forward
+        started (a module holding one counts as upstream of it: its parameters may be used
+        before it), if any."""
+        start = self._start.get(module, -1)
+        later = [name for tick, name in self._mixing if tick > start]
         return later[-1] if later else None
 
     def _single_use(self, module: nn.Module) -> bool:
@@ -816,8 +869,7 @@ class PerSampleNorms(Callback):
             mixing = self._upstream_of_mixing(module)
             if mixing is not None:
                 self._excluded[name] = (
-                    f"runs before {mixing!r} (BatchNorm in training mode), whose batch "
-                    "statistics mix the samples' gradients"
+                    f"runs before {mixing}, whose batch statistics mix the samples' gradients"
                 )
                 continue
             single = self._single_use(module)
@@ -839,12 +891,17 @@ class PerSampleNorms(Callback):
             try:
                 per_sample = self._per_sample_grads(call)
             except RuntimeError as e:  # its forward cannot be recomputed per sample
-                if "randomness" not in str(e):
-                    raise
-                self._excluded[name] = (
-                    "its forward draws random numbers (dropout inside it), which a per-sample "
-                    "recomputation cannot reproduce"
-                )
+                if "randomness" in str(e):
+                    self._excluded[name] = (
+                        "its forward draws random numbers (dropout inside it), which a "
+                        "per-sample recomputation cannot reproduce"
+                    )
+                else:  # (left out and named: a measurement never stops the training)
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    self._excluded[name] = (
+                        f"its forward cannot be recomputed per sample ({type(e).__name__}: "
+                        f"{first[:200]})"
+                    )
                 continue
             covered = dict(_named_covered(module, self._kind[module]))
             if single:
