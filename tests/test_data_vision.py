@@ -284,6 +284,42 @@ def test_augment_uses_dataloader_path(name, tmp_path, monkeypatch):
     )
 
 
+def _augmented_epochs(loader, start_batch: int = 0) -> list[list[torch.Tensor]]:
+    """Each epoch's inputs (0 and 1), epoch 0 from ``start_batch`` on."""
+    out = []
+    for epoch, start in ((0, start_batch), (1, 0)):
+        loader.set_epoch(epoch, start)
+        out.append([b.x.clone() for b in loader])
+    return out
+
+
+def test_augmentation_in_workers_is_the_same_after_a_resume_and_for_any_workers(
+    tmp_path, monkeypatch
+):
+    """The workers' RNGs are seeded per batch from (seed, rank, epoch, batch). Before, they
+    were seeded once (persistent workers) and a run resumed mid-epoch got other crops for the
+    rest of that epoch and for every later one (a probe; the README said later epochs were
+    exact again)."""
+    write_set("cifar10", tmp_path, monkeypatch)
+    loaders = {}
+    for workers in (1, 2):
+        d = make("cifar10", tmp_path, augment=True, num_workers=workers)
+        d.setup(torch.device("cpu"), seed=7)
+        loaders[workers] = d.train_loader
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+    whole = _augmented_epochs(loaders[2])
+    one_worker = _augmented_epochs(loaders[1])
+    assert same(one_worker[0], whole[0]) and same(one_worker[1], whole[1])
+    d = make("cifar10", tmp_path, augment=True, num_workers=2)  # a resumed run's loader
+    d.setup(torch.device("cpu"), seed=7)
+    rest, later = _augmented_epochs(d.train_loader, start_batch=3)
+    assert same(rest, whole[0][3:]) and same(later, whole[1])
+    assert not same(whole[0], whole[1])  # (each epoch its own crops and flips)
+
+
 def test_memory_loader_refuses_augmented_split(tmp_path, monkeypatch):
     write_set("mnist", tmp_path, monkeypatch)
     d = make("mnist", tmp_path, augment=True, loader="memory")

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import abc
 import math
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 
 from trainer.distributed import SINGLE, World, shard
 
@@ -184,19 +186,45 @@ class EpochBatchSampler(Sampler[list[int]]):
             start, stop = i * gbs, min((i + 1) * gbs, self.num_samples)
             if self.world.distributed:
                 start, stop = shard(start, stop, self.world)
-            yield order[start:stop]
+            # each index with its batch's (epoch, number): a worker seeds its RNGs from them
+            yield [(self.epoch, i, j) for j in order[start:stop]]  # type: ignore[misc]
+
+
+def seed_worker(seed: int, rank: int, epoch: int, batch: int) -> None:
+    """Seed a DataLoader worker's RNGs (torch, Python, NumPy) for one batch, from the run's
+    seed, the process's rank, the epoch and the batch's number."""
+    entropy = [seed % 2**64, rank, epoch, batch]
+    value = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
 
 
 class IndexedDataset(Dataset):
-    """Wraps a data set so each item also carries its index: ``(x, y, i)``."""
+    """Wraps a data set so each item also carries its index: ``(x, y, i)``.
 
-    def __init__(self, dataset: Dataset | TensorSplit):
-        self.dataset = dataset
+    Given ``(epoch, batch, i)`` (:class:`EpochBatchSampler`'s items) in a DataLoader worker, it
+    seeds the worker's RNGs for that batch first (:func:`seed_worker`): random augmentation
+    then depends on (seed, rank, epoch, batch) only, not on which worker took the batch or
+    what it drew before, so a run resumed mid-epoch gets the same crops and flips, and so does
+    a run with another number of workers. (In the main process, ``num_workers=0``, the
+    augmentation draws from the global RNG, which a checkpoint restores.)"""
+
+    def __init__(self, dataset: Dataset | TensorSplit, seed: int = 0, rank: int = 0):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+        self._seeded: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Any, int]:
+    def __getitem__(self, item: int | tuple[int, int, int]) -> tuple[Tensor, Any, int]:
+        if isinstance(item, tuple):
+            epoch, batch, i = item
+            if self._seeded != (epoch, batch) and get_worker_info() is not None:
+                seed_worker(self.seed, self.rank, epoch, batch)
+                self._seeded = (epoch, batch)
+        else:
+            i = item
         if isinstance(self.dataset, TensorSplit):
             x = self.dataset.x[i]
             if self.dataset.transform is not None:
@@ -231,20 +259,19 @@ class DeviceLoader:
         self.global_batch_size = self.sampler.global_batch_size
         self.current_global_size = 0
         self.loader = DataLoader(
-            IndexedDataset(dataset),
+            IndexedDataset(dataset, seed, world.rank),
             batch_sampler=self.sampler,
             num_workers=num_workers,
             pin_memory=pin_memory and device.type == "cuda",
             persistent_workers=num_workers > 0,
-            # seeds the workers' RNGs (augmentation) from the run's seed
+            # (the workers' RNGs are seeded per batch: IndexedDataset)
             generator=torch.Generator().manual_seed(seed),
         )
         self._epoch_generator_state = self.loader.generator.get_state()
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """As :meth:`InMemoryLoader.set_epoch`. With augmentation, a resumed epoch has the same
-        samples in the same order but not the same random crops and flips (the workers' seeds
-        are drawn when the epoch's iteration starts)."""
+        """As :meth:`InMemoryLoader.set_epoch`. With augmentation in workers, a resumed epoch
+        has the same samples, crops and flips (each batch's seed: :class:`IndexedDataset`)."""
         self.sampler.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:  # the whole epoch's batches, whatever the start
