@@ -341,3 +341,90 @@ def test_a_misspelled_histogram_range_is_refused_from_python() -> None:
     histograms = importlib.import_module("trainer.instrument.histograms")
     with pytest.raises(ValueError, match="got 'symetric', must be one of minmax, symmetric"):
         histograms.Histograms(1, range="symetric")
+
+
+class LabelPairs(torch.utils.data.Dataset):
+    """A Dataset without ``.targets``: (4-d input, label of ``dtype``) pairs."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(32, 4, generator=g)
+        self.y = (self.x[:, 0] > 0).to(dtype)
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class DatasetLabels(DigitsData):
+    """LabelPairs splits; ``classes``: num_classes (None: not set)."""
+
+    dtype, classes = torch.int64, 2
+
+    def __init__(self, **digits) -> None:
+        super().__init__(**digits)
+        self.input_shape, self.num_classes = None, self.classes
+
+    def load(self):
+        return LabelPairs(self.dtype), LabelPairs(self.dtype)
+
+
+class Int16DatasetLabels(DatasetLabels):
+    dtype = torch.int16
+
+
+class DatasetLabelsNoCount(DatasetLabels):
+    classes = None
+
+
+class EmptyTrain(Labels):
+    def load(self):
+        train, val = super().load()
+        return TensorSplit(train.x[:0], train.y[:0]), val
+
+
+@pytest.mark.parametrize(
+    ("cls", "error", "match"),
+    [
+        ("Int16DatasetLabels", ConfigError, r"int64 class labels; the data's are torch.int16"),
+        ("DatasetLabelsNoCount", ConfigError, r"out_dim=1 score per sample.*set num_classes"),
+        ("EmptyTrain", ValueError, r"data: the training split is empty"),
+    ],
+)  # fmt: skip
+def test_labels_a_dataset_without_targets_holds_are_checked_too(tmp_path, cls, error, match):
+    """A Dataset without ``.targets`` skipped the label checks: int16 labels failed at the
+    first step with torch's message, labels without num_classes with an IndexError; an empty
+    TensorSplit failed with an IndexError (a probe)."""
+    with pytest.raises(error, match=match):
+        train(tmp_path, *labels(cls))
+    assert not list(tmp_path.rglob("step_*.pt"))
+
+
+def test_validation_labels_past_the_classes_are_refused_before_training(tmp_path) -> None:
+    """``data=tensors`` with y_val reaching past num_classes trained an epoch, then crashed in
+    validation with an IndexError (a probe)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 4, generator=g), torch.arange(20) % 3
+    path = tmp_path / "t.pt"
+    torch.save({"x": x, "y": y, "x_val": x[:5], "y_val": torch.tensor([0, 1, 2, 5, 1])}, path)
+    with pytest.raises(ConfigError, match=r"the validation split's class labels span \[0, 5\].*"
+                       r"out_dim=3"):  # fmt: skip
+        train(tmp_path / "run", "data=tensors", f"data.path={path}", "data.num_classes=3", *TINY)
+
+
+def test_inputs_of_another_dtype_are_named_at_the_first_step(tmp_path) -> None:
+    """float64 features from an .npz file (NumPy's default) failed with "mat1 and mat2 must
+    have the same dtype", which names no data (a probe)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "t.npz"
+    np.savez(path, x=rng.normal(size=(40, 6)), y=rng.integers(0, 3, size=40))
+    with pytest.raises(
+        TypeError,
+        match=r"first forward failed on the data's inputs "
+        r"\(torch.float64; the model's parameters: torch.float32\).*np.float32",
+    ):
+        train(tmp_path / "run", "data=tensors", f"data.path={path}", *TINY)

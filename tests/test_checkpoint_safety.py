@@ -275,15 +275,22 @@ def test_a_new_run_in_a_used_run_dir_sets_the_earlier_run_aside_whole(tmp_path) 
     assert checkpoint_module.find_checkpoints(tmp_path, first_id) == []
 
 
-def test_a_run_failing_early_in_a_used_run_dir_does_not_overwrite_its_record(tmp_path) -> None:
-    """A run refused before it starts (here: an unknown monitor) records its failure in its
-    own ``metrics.json``; the earlier run's is set aside, not overwritten."""
-    train(tmp_path, *FAST, "trainer.max_steps=2")
-    record = (tmp_path / "metrics.json").read_bytes()
+def test_a_run_refused_early_in_a_used_run_dir_leaves_the_earlier_run_as_it_was(tmp_path):
+    """A run refused before it starts (an unknown monitor, a bad value) in a folder holding an
+    earlier run's outputs leaves them where and as they were: a first version of the set-aside
+    moved them, and a later ``resume=auto`` of the earlier run started from scratch (a probe)."""
+    named = ["trainer.run_id=x", f"trainer.checkpoint.search_dir={tmp_path}"]
+    train(tmp_path, *FAST, *named, "trainer.max_steps=2")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(Exception, match="monitor"):
-        train(tmp_path, *FAST, "trainer.max_steps=2", "monitor=val/nothing")
-    assert (tmp_path / "previous" / "1" / "metrics.json").read_bytes() == record
-    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+        train(tmp_path, *FAST, *named, "trainer.max_steps=2", "monitor=val/nothing")
+    with pytest.raises(Exception, match="optimizer.lr"):
+        train(tmp_path, *FAST, *named, "trainer.max_steps=2", "optimizer.lr=-1")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    metrics = train(tmp_path, *FAST, *named, "trainer.max_steps=4", "trainer.resume=auto")
+    assert metrics["step"] == 4
+    assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == [1, 2, 3, 4]
+    assert not (tmp_path / "previous").exists()
 
 
 # ----------------------------------------------------------------------------- resume=auto

@@ -526,6 +526,35 @@ class Trainer:
         #: one group; total_norm (float16/bfloat16 parameters) always
         self._one_group = self._low or len({(p.device, p.dtype) for p in self.params}) <= 1
 
+    def _first_forward(self, x: Tensor, y: Tensor) -> tuple[Any, Tensor]:
+        """The first micro-batch's forward and loss, with the output's check. A dtype the model
+        or the loss cannot take (float64 or uint8 inputs for a float32 model, int16 labels)
+        failed with torch's message, which names no data: re-raised naming the batch's."""
+        self._output_checked = True
+        try:
+            logits = self.forward_model(x)
+        except RuntimeError as e:
+            if "dtype" not in str(e) and "scalar type" not in str(e):
+                raise
+            weights = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+            raise TypeError(
+                f"the model's first forward failed on the data's inputs ({x.dtype}; the "
+                f"model's parameters: {', '.join(sorted(map(str, weights))) or 'none'}): cast "
+                "them in the data module (x.float(); np.float32 in a tensors file) or in the "
+                f"model's forward. torch: {str(e).splitlines()[0]}"
+            ) from e
+        self.criterion.check_output(logits)
+        try:
+            return logits, self.criterion(logits, y)
+        except (RuntimeError, IndexError) as e:
+            raise TypeError(
+                f"the loss ({type(self.criterion).__name__}) failed on the first batch: outputs "
+                f"{getattr(logits, 'dtype', type(logits).__name__)} of shape "
+                f"{tuple(getattr(logits, 'shape', ()))}, targets {y.dtype} of shape "
+                f"{tuple(y.shape)} (class labels: int64 in [0, out_dim)). torch: "
+                f"{str(e).splitlines()[0]}"
+            ) from e
+
     def _follow_trainable(self, fire: bool = True) -> None:
         """Follow a change of the parameters' ``requires_grad`` (gradual unfreezing in a
         callback): before each micro-batch, before its backward and before each optimizer
@@ -581,11 +610,11 @@ class Trainer:
         local = not step_now and self.world.distributed
         with self.forward_model.no_sync() if local else self._null:  # type: ignore[operator]
             with self._autocast():
-                logits = self.forward_model(x)  # (B, K) logits, or any output the loss takes
-                if not self._output_checked:  # (the first step: not after an epoch's work)
-                    self._output_checked = True
-                    self.criterion.check_output(logits)
-                losses = self.criterion(logits, y)  # (B,), or per token (B, T)
+                if self._output_checked:
+                    logits = self.forward_model(x)  # (B, K) logits, or any output the loss takes
+                    losses = self.criterion(logits, y)  # (B,), or per token (B, T)
+                else:  # (the first step: not after an epoch's work)
+                    logits, losses = self._first_forward(x, y)
             self._fire("on_before_backward", batch, losses)
             self._follow_trainable()  # (a change in this micro-batch's hooks: the backward's)
             # the roots (data loss, regularizers) and their one backward pass: trainer/objective

@@ -228,6 +228,8 @@ class CrossEntropy(Loss):
 
     def check(self, data: DataModule) -> None:
         targets = data.train_targets
+        if targets is None and data.first_target is not None:  # (a Dataset without .targets:
+            targets = data.first_target.unsqueeze(0)  # its first label's dtype and shape)
         if targets is not None and (targets.is_floating_point() or targets.ndim != 1):
             fix = (
                 "token sequences: loss=token_cross_entropy"
@@ -243,15 +245,30 @@ class CrossEntropy(Loss):
                 f"loss=cross_entropy needs int64 class labels; the data's are {targets.dtype} "
                 "(torch refuses them at the first step): cast them with .long() in the data module"
             )
-        if targets is not None and targets.numel() and data.out_dim is not None:
-            low, high = int(targets.min()), int(targets.max())
+        for split, labels in (("training", targets), ("validation", data.val_targets)):
+            if labels is None or not labels.numel() or data.out_dim is None:
+                continue
+            if split == "validation" and (labels.is_floating_point() or labels.ndim != 1):
+                raise ConfigError(
+                    f"loss=cross_entropy: the validation split's targets are {labels.dtype} of "
+                    f"shape {tuple(labels.shape)}, not class labels of shape (N,) as the "
+                    "training split's"
+                )
+            low, high = int(labels.min()), int(labels.max())
             if low < 0 or high >= data.out_dim:
                 raise ConfigError(
-                    f"loss=cross_entropy: the class labels span [{low}, {high}], but the model is "
-                    f"built with out_dim={data.out_dim} scores per sample; set num_classes (or "
-                    "out_dim) in the data module (without either, out_dim is the size of one "
-                    "target: 1 for a class label)"
+                    f"loss=cross_entropy: the {split} split's class labels span [{low}, {high}], "
+                    f"but the model is built with out_dim={data.out_dim} scores per sample; set "
+                    "num_classes (or out_dim) in the data module (without either, out_dim is the "
+                    "size of one target: 1 for a class label)"
                 )
+        if data.out_dim == 1:
+            raise ConfigError(
+                "loss=cross_entropy: the model would be built with out_dim=1 score per sample, "
+                "over which a softmax is 1 whatever the label (loss 0, nothing learned); set "
+                "num_classes (or out_dim) in the data module (without either, out_dim is the "
+                "size of one target: 1 for a class label)"
+            )
 
 
 class MSE(Loss):
@@ -341,13 +358,16 @@ class TokenCrossEntropy(Loss):
                 f"loss=token_cross_entropy needs int64 token targets of shape (N, T); the "
                 f"data's targets are {targets.dtype} of shape {tuple(targets.shape)}"
             )
-        if targets is not None and data.vocab_size is not None:
-            valid = targets[targets != self.ignore_index]
+        for split, ids in (("training", targets), ("validation", data.val_targets)):
+            if ids is None or data.vocab_size is None or ids.is_floating_point():
+                continue
+            valid = ids[ids != self.ignore_index]
             if valid.numel() and not 0 <= int(valid.min()) <= int(valid.max()) < data.vocab_size:
                 raise ConfigError(
-                    f"loss=token_cross_entropy: target ids span [{int(valid.min())}, "
-                    f"{int(valid.max())}] but the vocabulary has {data.vocab_size} tokens "
-                    f"(padding must be loss.ignore_index={self.ignore_index})"
+                    f"loss=token_cross_entropy: the {split} split's target ids span "
+                    f"[{int(valid.min())}, {int(valid.max())}] but the vocabulary has "
+                    f"{data.vocab_size} tokens (padding must be "
+                    f"loss.ignore_index={self.ignore_index})"
                 )
 
 

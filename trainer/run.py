@@ -28,6 +28,7 @@ from torch import nn
 
 from trainer import distributed
 from trainer.checkpoint import (
+    RUN_OUTPUTS,
     CheckpointWriter,
     PeriodicCheckpoints,
     StopOnSignals,
@@ -358,14 +359,12 @@ def run(
             failed.update(step=trainer.global_step, epoch=trainer.epoch)
         if main:
             with contextlib.suppress(OSError):  # a full disk must not hide the first error
-                if taken:
+                if taken or not any((run_dir / n).exists() for n in RUN_OUTPUTS):
                     write_json(run_dir / "metrics.json", failed)
-                elif (home := _home_of(resume_path)) and home.resolve() == run_dir.resolve():
-                    # refused before it took over: the run it was to continue stays as it was
-                    log.info("%s is left as it was", _display(run_dir / "metrics.json"))
-                else:  # an earlier run's metrics.json is set aside, not overwritten
-                    _set_aside_previous(run_dir)
-                    write_json(run_dir / "metrics.json", failed)
+                else:  # refused before it took the folder over: an earlier run's outputs there
+                    # (the one a resume was to continue, or another) stay as they were
+                    log.info("%s holds an earlier run's outputs: left as they were (this "
+                             "failure is not recorded there)", _display(run_dir))  # fmt: skip
         raise
     result: dict[str, Any] = {
         "train/loss": metrics["train/loss"],

@@ -301,15 +301,21 @@ class DeviceLoader:
 Loader = InMemoryLoader | DeviceLoader
 
 
+def _targets(split: TensorSplit | Dataset) -> Tensor | None:
+    """A split's targets (a TensorSplit's ``y``, a Dataset's ``targets``), or None."""
+    targets = split.y if isinstance(split, TensorSplit) else getattr(split, "targets", None)
+    return None if targets is None else torch.as_tensor(targets)
+
+
 def _first_sample(split: TensorSplit | Dataset) -> tuple[Tensor, Any]:
     """One training sample ``(x, y)`` as the model sees it (after a split's transform)."""
+    if len(split) == 0:  # type: ignore[arg-type]
+        raise ValueError("data: the training split is empty")
     if isinstance(split, TensorSplit):
         x = split.x[:1]
         if split.transform is not None:
             x = split.transform(x)
         return x[0], split.y[0]
-    if len(split) == 0:  # type: ignore[arg-type]
-        raise ValueError("data: the training split is empty")
     sample = split[0]
     if not isinstance(sample, (tuple, list)) or len(sample) != 2:
         got = (
@@ -350,6 +356,11 @@ class DataModule(abc.ABC):
     #: (N, ...) targets of the training split, on the CPU (class counts); None for a
     #: ``Dataset`` without a ``targets`` attribute
     train_targets: Tensor | None
+    #: the same of the validation split (checked as the training split's)
+    val_targets: Tensor | None = None
+    #: the first training sample's target, as a tensor (its dtype where ``train_targets`` is
+    #: None)
+    first_target: Tensor | None = None
     train_loader: Loader
     val_loader: Loader
 
@@ -384,16 +395,15 @@ class DataModule(abc.ABC):
         train, val = self.load()
         if self.train_subset:
             train = self._subset(train, self.train_subset)
-        targets = train.y if isinstance(train, TensorSplit) else getattr(train, "targets", None)
-        self.train_targets = None if targets is None else torch.as_tensor(targets)
+        self.train_targets, self.val_targets = _targets(train), _targets(val)
         if self.out_dim is None and self.num_classes is not None:
             self.out_dim = self.num_classes
-        if self.input_shape is None or self.out_dim is None:
-            x0, y0 = _first_sample(train)
-            if self.input_shape is None:
-                self.input_shape = tuple(x0.shape)
-            if self.out_dim is None:  # the size of one target (a scalar target: 1)
-                self.out_dim = max(1, torch.as_tensor(y0).numel())
+        x0, y0 = _first_sample(train)
+        self.first_target = torch.as_tensor(y0)  # (an int label collates to int64, as here)
+        if self.input_shape is None:
+            self.input_shape = tuple(x0.shape)
+        if self.out_dim is None:  # the size of one target (a scalar target: 1)
+            self.out_dim = max(1, self.first_target.numel())
         self.train_loader = self._loader(train, self.batch_size, device, True, seed, self.drop_last)
         try:
             self.val_loader = self._loader(val, self.eval_batch_size, device, False, seed, False)
