@@ -428,3 +428,27 @@ def test_inputs_of_another_dtype_are_named_at_the_first_step(tmp_path) -> None:
         r"\(torch.float64; the model's parameters: torch.float32\).*np.float32",
     ):
         train(tmp_path / "run", "data=tensors", f"data.path={path}", *TINY)
+
+
+class Narrow(nn.Module):
+    """``width`` scores per sample whatever the data's classes (or (B,) with width 0)."""
+
+    def __init__(self, in_shape, out_dim, width: int = 5) -> None:
+        super().__init__()
+        self.fc = nn.Linear(math.prod(in_shape), max(width, 1))
+        self.width = width
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        return out if self.width else out[:, 0]
+
+
+@pytest.mark.parametrize(("width", "shape"), [(5, r"\(16, 5\)"), (0, r"\(16,\)")])
+def test_a_model_with_fewer_scores_than_classes_is_refused_at_the_first_step(
+    tmp_path, width, shape
+) -> None:
+    """5 scores for digits' 10 classes failed with torch's "Target 6 is out of bounds" (a
+    device-side assert on CUDA); (B,) with a message about class probabilities (a probe)."""
+    with pytest.raises(ConfigError, match=rf"output has shape {shape}; it must be \(batch, 10\)"):
+        train(tmp_path, "~model", f"+model._target_={__name__}.Narrow", f"+model.width={width}",
+              *TINY)  # fmt: skip

@@ -318,3 +318,68 @@ def test_jobs_tied_with_the_best_are_named(tmp_path) -> None:
     table = report.render_table(ranked, "val/acc", "auto")
     assert "best: job 1 (val/acc 0.9, highest), tied with job 3" in table
     assert [job for mark, job, _ in table_rows(table) if mark == "*"] == ["1"]
+
+
+def regression(mse: float) -> dict[str, Any]:
+    return {"train/loss": mse * 0.9, "val/loss": mse, "val/mse": mse, "step": 40, "epoch": 2,
+            "wall_s": 1.0, "status": "completed", "monitor": "val/mse"}  # fmt: skip
+
+
+def test_the_report_ranks_by_the_jobs_monitor_with_its_direction_and_its_columns(
+    tmp_path, capsys
+) -> None:
+    """The report ranked by val/acc whatever the jobs monitored: a regression sweep's report
+    (the README's command) exited 2, and a sweep with monitor=val/loss was ranked by val/acc;
+    val/mse was no column (a probe)."""
+    root = tmp_path / "multirun"
+    for job, mse in enumerate((0.5, 0.2, 0.9)):
+        make_run(root / str(job), regression(mse), [f"optimizer.lr={job}"])
+    assert report.main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "best: job 1 (val/mse 0.2, lowest)" in out
+    rows = {r["job"]: r for r in read_csv(root / "summary.csv")}
+    assert rows["1"]["best"] == "*" and float(rows["2"]["val/mse"]) == 0.9
+    assert (root / "curves.png").is_file()
+
+
+def test_jobs_monitoring_different_metrics_need_a_metric(tmp_path) -> None:
+    root = tmp_path / "multirun"
+    make_run(root / "0", regression(0.5), [])
+    make_run(root / "1", {**completed(0.9, 0.4, 0.2), "monitor": "val/acc"}, [])
+    with pytest.raises(SystemExit):
+        report.main([str(root)])
+    assert not (root / "summary.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [("val/acc", "max"), ("val/token_acc", "max"), ("val/ppl", "min"), ("val/mse", "min"),
+     ("val/loss", "min"), ("val/f1", "max"), ("val/auc", "max"), ("val/error_rate", "min")],
+)  # fmt: skip
+def test_auto_takes_each_metrics_own_direction(metric, mode) -> None:
+    assert report.resolve_mode(metric, "auto") == mode
+
+
+def test_an_optimizing_sweeper_against_the_monitors_direction_is_refused(monkeypatch) -> None:
+    """The Optuna preset maximizes; with monitor=val/loss (or a regression's val/mse) the sweep
+    took its worst trial for the best, without a word (a probe)."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainer import sweep
+    from trainer.config import ConfigError
+
+    monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+    for direction in ("maximize", "minimize"):
+        hydra = SimpleNamespace(sweeper={"direction": direction})
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda h=hydra: h))
+        ok = {"maximize": ("val/acc", "my/score"), "minimize": ("val/loss", "val/mse", "val/ppl")}
+        for monitor in ok[direction]:
+            sweep.check_direction(monitor)  # agrees, or a metric of one's own: not checked
+        wrong = "val/loss" if direction == "maximize" else "val/acc"
+        with pytest.raises(ConfigError, match=f"direction={direction}, but the run reports "
+                           f"{wrong}"):  # fmt: skip
+            sweep.check_direction(wrong)
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(sweeper={})))
+    sweep.check_direction("val/loss")  # the basic sweeper: no direction

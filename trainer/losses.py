@@ -226,7 +226,24 @@ class CrossEntropy(Loss):
     def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target, reduction="none")
 
+    def check_output(self, output: Any) -> None:
+        """Also: (B, K) scores with at least the data's K classes. A model with fewer outputs
+        than classes failed with torch's IndexError at the first step (on CUDA, a device-side
+        assert); one returning (B,) with a message about class probabilities."""
+        super().check_output(output)
+        classes = getattr(self, "_classes", None)
+        if classes is None or not isinstance(output, Tensor):
+            return
+        if output.dim() != 2 or output.shape[1] < classes:
+            raise ConfigError(
+                f"loss=cross_entropy: the model's output has shape {tuple(output.shape)}; it "
+                f"must be (batch, {classes}): one score per class of the data (out_dim="
+                f"{classes}), which the built-in models take from the data (a model of your own: "
+                "its out_dim or num_classes argument)"
+            )
+
     def check(self, data: DataModule) -> None:
+        self._classes = data.out_dim  # (the scores check_output expects per sample)
         targets = data.train_targets
         if targets is None and data.first_target is not None:  # (a Dataset without .targets:
             targets = data.first_target.unsqueeze(0)  # its first label's dtype and shape)

@@ -29,10 +29,20 @@ from typing import Any
 
 import yaml
 
-#: columns of the table and the CSV, in order; the ranking metric is added when not among them
+#: columns of the table and the CSV, in order; the ranking metric and the other metrics the
+#: jobs report (val/mse, val/ppl, ...) are added when not among them
 METRICS = ("train/loss", "val/loss", "val/acc", "step", "wall_s")
-#: the panels of curves.png, read from the event files
+#: the panels of curves.png, read from the event files (:func:`curve_tags`: the ranking metric's)
 CURVE_TAGS = ("train/loss", "val/acc")
+#: whether the highest (max) or the lowest (min) is best, for the trainer's own metrics
+DIRECTIONS = {
+    "val/acc": "max", "val/token_acc": "max", "val/loss": "min", "val/mse": "min",
+    "val/ppl": "min", "train/loss": "min", "wall_s": "min",
+}  # fmt: skip
+#: words in a metric's name that make ``auto`` take the highest as best
+HIGHER_IS_BETTER = ("acc", "f1", "auc", "precision", "recall", "score", "iou", "map")
+#: keys of metrics.json that are not metrics (not shown as columns)
+NOT_METRICS = {"epoch", "monitor", "status", "run_id", "checkpoint", "error", "signal"}
 MAX_LABEL = 70  # characters of a legend label; a sweep's overrides can run long
 
 
@@ -188,9 +198,14 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
 
 
 def resolve_mode(metric: str, mode: str) -> str:
-    """``max`` or ``min``; ``auto`` is max for an accuracy (``acc`` in the name), else min."""
+    """``max`` or ``min``; ``auto``: the trainer's own metrics' direction
+    (:data:`DIRECTIONS`), else max for a name with a word of :data:`HIGHER_IS_BETTER` (an
+    accuracy, an F1 score), else min."""
     if mode == "auto":
-        return "max" if "acc" in metric else "min"
+        if metric in DIRECTIONS:
+            return DIRECTIONS[metric]
+        name = metric.rsplit("/", 1)[-1].lower()
+        return "max" if any(word in name for word in HIGHER_IS_BETTER) else "min"
     if mode not in ("max", "min"):
         raise ValueError(f"mode: got {mode!r}; use auto, max or min")
     return mode
@@ -212,8 +227,40 @@ def best_run(ranked: Sequence[Run], metric: str) -> Run | None:
     return None
 
 
-def columns_for(metric: str) -> tuple[str, ...]:
-    return METRICS if metric in METRICS else (*METRICS, metric)
+def columns_for(metric: str, runs: Sequence[Run] = ()) -> tuple[str, ...]:
+    """:data:`METRICS`, the ranking metric, and the other numbers the jobs' metrics.json
+    hold (val/mse of a regression, val/ppl and val/token_acc of a sequence model)."""
+    extra = sorted({
+        k for r in runs for k, v in r.metrics.items()
+        if k not in NOT_METRICS and isinstance(v, int | float) and not isinstance(v, bool)
+    } - {*METRICS, metric})  # fmt: skip
+    return (*METRICS, *([] if metric in METRICS else [metric]), *extra)
+
+
+def curve_tags(metric: str) -> tuple[str, str]:
+    """The panels of curves.png: train/loss and the ranking metric (val/loss when it is
+    train/loss itself or not a logged curve, e.g. ``step``)."""
+    return ("train/loss", metric if metric.startswith("val/") else "val/loss")
+
+
+def monitor_of(runs: Sequence[Run]) -> str:
+    """The metric the completed jobs monitored (``monitor`` in their metrics.json: val/acc
+    for classification, val/mse for regression, val/ppl for a sequence model, or the one the
+    sweep set); val/acc for jobs of an older layout without it.
+
+    Raises:
+        ReportError: the jobs monitored different metrics.
+    """
+    named = {
+        str(r.metrics["monitor"]) for r in runs
+        if r.status == "completed" and isinstance(r.metrics.get("monitor"), str)
+    }  # fmt: skip
+    if len(named) > 1:
+        raise ReportError(
+            f"the jobs monitored different metrics ({', '.join(sorted(named))}); choose one "
+            "with --metric"
+        )
+    return named.pop() if named else "val/acc"
 
 
 def format_number(v: Any) -> str:
@@ -232,7 +279,7 @@ def format_number(v: Any) -> str:
 def render_table(ranked: Sequence[Run], metric: str, mode: str) -> str:
     """The ranked runs as an aligned text table, ``*`` on the best, and a closing line."""
     best = best_run(ranked, metric)
-    cols = columns_for(metric)
+    cols = columns_for(metric, ranked)
     header = ["", "job", "status", *cols, "overrides", "error"]
     rows = [header]
     for r in ranked:
@@ -271,7 +318,7 @@ def render_table(ranked: Sequence[Run], metric: str, mode: str) -> str:
 def write_csv(ranked: Sequence[Run], metric: str, path: Path) -> None:
     """The table's rows at full precision (``repr`` of the floats), with the full error text."""
     best = best_run(ranked, metric)
-    cols = columns_for(metric)
+    cols = columns_for(metric, ranked)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["best", "job", "status", *cols, "overrides", "error", "path"])
@@ -322,7 +369,8 @@ def empty_panel_note(runs: Sequence[Run], tag: str) -> str:
 
 
 def plot_curves(ranked: Sequence[Run], metric: str, path: Path) -> None:
-    """Write ``path`` (PNG): a panel per tag of :data:`CURVE_TAGS`, a line per job, one legend."""
+    """Write ``path`` (PNG): a panel per tag of :func:`curve_tags` (the runs' ``curves``
+    read for them), a line per job, one legend."""
     # matplotlib is imported here: ~1 s that --help and the tests of the table don't need; the
     # Agg canvas is used directly, so no pyplot and no global backend switch
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -330,17 +378,18 @@ def plot_curves(ranked: Sequence[Run], metric: str, path: Path) -> None:
     from matplotlib.lines import Line2D
 
     best = best_run(ranked, metric)
-    plotted = [r for r in ranked if any(r.curves.get(tag) for tag in CURVE_TAGS)]
+    tags = curve_tags(metric)
+    plotted = [r for r in ranked if any(r.curves.get(tag) for tag in tags)]
     labels, common = curve_labels(plotted)
     colors = _colors(len(plotted))
     legend_h = 0.22 * math.ceil(len(plotted) / 2) + 0.2 if plotted else 0.0  # inches, 2 columns
     fig = Figure(figsize=(12, 4.5 + legend_h))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(CURVE_TAGS))
+    axes = fig.subplots(1, len(tags))
     handles = []
     for r, label, color in zip(plotted, labels, colors, strict=True):
         style = {"color": color, "linewidth": 2.2 if r is best else 1.2}
-        for ax, tag in zip(axes, CURVE_TAGS, strict=True):
+        for ax, tag in zip(axes, tags, strict=True):
             points = r.curves.get(tag)
             if points:
                 steps, values = zip(*points, strict=True)
@@ -348,7 +397,7 @@ def plot_curves(ranked: Sequence[Run], metric: str, path: Path) -> None:
         mark = "* " if r is best else ""
         status = "" if r.status == "completed" else f" ({r.status})"
         handles.append(Line2D([], [], label=mark + label + status, **style))
-    for ax, tag in zip(axes, CURVE_TAGS, strict=True):
+    for ax, tag in zip(axes, tags, strict=True):
         ax.set_title(tag)
         ax.set_xlabel("step")
         ax.set_ylabel(tag)
@@ -386,10 +435,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
         "summary.csv and curves.png into the dir.",
     )
     parser.add_argument("dir", type=Path, help="a Hydra multirun dir (0/ 1/ ...) or one run dir")
-    parser.add_argument("--metric", default="val/acc", help="metrics.json key to rank by")
+    parser.add_argument(
+        "--metric", default=None,
+        help="metrics.json key to rank by (default: the metric the jobs monitored, their "
+        "metrics.json's 'monitor': val/acc, val/mse, val/ppl, or the one the sweep set)",
+    )  # fmt: skip
     parser.add_argument(
         "--mode", choices=("auto", "max", "min"), default="auto",
-        help="whether the highest or lowest is best; auto: max if the name contains 'acc'",
+        help="whether the highest or lowest is best; auto: the trainer's metrics' own (max "
+        "for val/acc and val/token_acc, min for losses, val/mse, val/ppl), else max for a name "
+        "with acc, f1, auc, precision, recall, score, iou or map in it, else min",
     )  # fmt: skip
     return parser, parser.parse_args(argv)
 
@@ -398,9 +453,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The CLI; returns 0, or exits with status 2 and a message on bad input (argparse-style)."""
     parser, args = parse_args(argv)
     try:
-        runs = collect_runs(args.dir)
+        runs = collect_runs(args.dir, curves=False)
+        if args.metric is None:
+            args.metric = monitor_of(runs)
     except ReportError as e:
         parser.error(str(e))
+    if args.mode == "auto" and args.metric not in DIRECTIONS:
+        print(f"note: {args.metric!r} is not one of the trainer's own metrics: the "
+              f"{'highest' if resolve_mode(args.metric, 'auto') == 'max' else 'lowest'} is "
+              "taken as best (--mode max or min to say)", file=sys.stderr)  # fmt: skip
     completed = [r for r in runs if r.status == "completed"]
     if completed and all(args.metric not in r.metrics for r in completed):
         known = sorted(
@@ -415,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--metric: no completed job's metrics.json has {args.metric!r}; "
             f"choose one of {', '.join(known)}"
         )
+    for r in runs:
+        r.curves = read_curves(r.path, curve_tags(args.metric))
     ranked = rank_runs(runs, args.metric, args.mode)
     print(render_table(ranked, args.metric, args.mode))
     root: Path = args.dir

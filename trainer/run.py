@@ -55,6 +55,7 @@ from trainer.instrument import build_callbacks
 from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir
 from trainer.loop import Callback, Trainer, planned_steps
 from trainer.losses import Loss, as_loss
+from trainer.sweep import check_direction
 from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,7 @@ def run(
                 f"monitor: got {monitor!r}, but this run reports {', '.join(metric_names)} "
                 f"(loss: {type(trainer.criterion).__name__}, task {trainer.criterion.task})"
             )
+        check_direction(monitor)  # (an optimizing sweeper's direction agrees with it)
         purge_step = None
         if resume_state is not None:
             assert resume_path is not None

@@ -35,6 +35,31 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def check_direction(monitor: str) -> None:
+    """In a multirun whose sweeper optimizes (Optuna's ``hydra.sweeper.direction``), refuse a
+    direction opposite to the monitored metric's: with ``direction: maximize`` (the digits
+    preset's) and ``monitor=val/loss`` or a regression's val/mse, the sweep took the worst
+    trial as its best. A metric of one's own (no known direction) is not checked."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainer.config import ConfigError
+    from trainer.report import DIRECTIONS
+
+    if not in_multirun():
+        return
+    direction = HydraConfig.get().sweeper.get("direction")
+    wanted = {"max": "maximize", "min": "minimize"}.get(DIRECTIONS.get(monitor, ""))
+    if not isinstance(direction, str) or wanted is None:
+        return
+    if direction.lower() != wanted:
+        raise ConfigError(
+            f"hydra.sweeper.direction={direction}, but the run reports {monitor} (monitor), "
+            f"which is best when {'highest' if wanted == 'maximize' else 'lowest'}: the sweep "
+            f"would take its worst trial for its best; set hydra.sweeper.direction={wanted} "
+            "(or another monitor)"
+        )
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
     classification, val/mse for regression); in a multirun a failure, or a NaN metric,
