@@ -68,6 +68,17 @@ def test_a_user_package_that_is_not_importable_says_so_and_where_python_looked(t
     assert "pip install -e" in message and "Python looked in" in message
 
 
+def test_a_missing_submodule_of_an_importable_package_is_named_as_such(byo_importable) -> None:
+    """The package imports, one of its modules does not exist: the message said to put the
+    package's folder on PYTHONPATH, where it already was (a probe)."""
+    with pytest.raises(
+        ConfigError,
+        match=r"model._target_: cannot import 'byo.nope' for "
+        r"'byo.nope.Net': 'byo' imports \(from .*\) but has no module 'nope'",
+    ):
+        validate(byo_cfg(*BYO_CHOICES, "model._target_=byo.nope.Net"))
+
+
 def test_a_user_key_is_checked_against_the_signature(byo_importable) -> None:
     with pytest.raises(ConfigError, match=r"model\.widht: byo\.nets\.SineNet has no parameter "
                        r"'widht'; its parameters: in_shape, out_dim, width"):  # fmt: skip

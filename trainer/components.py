@@ -43,6 +43,18 @@ def resolve_target(group: str, path: Any) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         missing = e.name or module_name
+        parent = missing.rpartition(".")[0]
+        try:  # (the package imports: only its submodule is missing)
+            found = importlib.import_module(parent) if parent else None
+        except Exception:  # noqa: BLE001 (then the message below)
+            found = None
+        if found is not None:
+            where = getattr(found, "__path__", None) or [getattr(found, "__file__", "?")]
+            raise ConfigError(
+                f"{key}: cannot import {module_name!r} for {path!r}: {parent!r} imports (from "
+                f"{', '.join(map(str, where))}) but has no module {missing.rpartition('.')[2]!r}"
+                " (a typo in the path, or a file not there)"
+            ) from None
         looked = "\n  ".join(p or "(the working directory)" for p in sys.path)
         raise ConfigError(
             f"{key}: cannot import {module_name!r} for {path!r}: no module named {missing!r}. "
