@@ -195,7 +195,9 @@ def seed_worker(seed: int, rank: int, epoch: int, batch: int) -> None:
     seed, the process's rank, the epoch and the batch's number."""
     entropy = [seed % 2**64, rank, epoch, batch]
     value = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
-    torch.manual_seed(value)
+    # the CPU generator's own seed (a worker has no CUDA): torch.manual_seed's call into the
+    # CUDA seeding took 120 of its 125 µs here
+    torch.default_generator.manual_seed(value)
     random.seed(value)
     np.random.seed(value % 2**32)
 
