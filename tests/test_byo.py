@@ -79,6 +79,24 @@ def test_a_missing_submodule_of_an_importable_package_is_named_as_such(byo_impor
         validate(byo_cfg(*BYO_CHOICES, "model._target_=byo.nope.Net"))
 
 
+def test_a_missing_import_inside_a_users_module_is_not_taken_for_the_path(tmp_path) -> None:
+    """A user's module that itself imports a missing submodule (``import json.nothere``) was
+    reported as "'json' imports ... but has no module 'nothere'", blaming the _target_."""
+    import sys
+
+    (tmp_path / "mymod_x.py").write_text("import json.nothere\nclass Net: ...\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from trainer.components import resolve_target
+
+        with pytest.raises(ConfigError, match="no module named 'json.nothere'") as e:
+            resolve_target("model", "mymod_x.Net")
+        assert "but has no module" not in str(e.value)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("mymod_x", None)
+
+
 def test_a_user_key_is_checked_against_the_signature(byo_importable) -> None:
     with pytest.raises(ConfigError, match=r"model\.widht: byo\.nets\.SineNet has no parameter "
                        r"'widht'; its parameters: in_shape, out_dim, width"):  # fmt: skip

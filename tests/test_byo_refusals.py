@@ -389,7 +389,8 @@ class EmptyTrain(Labels):
     ("cls", "error", "match"),
     [
         ("Int16DatasetLabels", ConfigError, r"int64 class labels; the data's are torch.int16"),
-        ("DatasetLabelsNoCount", ConfigError, r"out_dim=1 score per sample.*set num_classes"),
+        ("DatasetLabelsNoCount", ConfigError, r"output has shape \(16, 1\): one score per "
+         r"sample.*set num_classes"),
         ("EmptyTrain", ValueError, r"data: the training split is empty"),
     ],
 )  # fmt: skip
@@ -452,3 +453,49 @@ def test_a_model_with_fewer_scores_than_classes_is_refused_at_the_first_step(
     with pytest.raises(ConfigError, match=rf"output has shape {shape}; it must be \(batch, 10\)"):
         train(tmp_path, "~model", f"+model._target_={__name__}.Narrow", f"+model.width={width}",
               *TINY)  # fmt: skip
+
+
+class RootTotal(nn.Module):
+    """A parameter named ``total`` at the model's root: its norm's tag would be the loop's
+    ``grad_norm/total``."""
+
+    def __init__(self, in_shape, out_dim) -> None:
+        super().__init__()
+        self.fc = nn.Linear(math.prod(in_shape), out_dim)
+        self.total = nn.Parameter(torch.ones(out_dim))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * self.total
+
+
+def test_a_parameter_named_like_a_loop_tag_gets_a_tag_of_its_own(tmp_path) -> None:
+    """The norms instrument staged ``grad_norm/total`` for it, which the staging check refused:
+    training stopped at the first norms step (a review)."""
+    train(tmp_path, "~model", f"+model._target_={__name__}.RootTotal",
+          "instrument.norms.every_n_steps=1", *TINY)  # fmt: skip
+    got = read_scalars(tmp_path)
+    assert [s for s, _ in got["grad_norm/total (parameter)"]] == [1, 2]
+    assert [s for s, _ in got["grad_norm/total"]] == [1, 2]
+
+
+class LossRaising(Loss):
+    """A loss of one's own raising ``error`` from its forward."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def forward(self, output, target):
+        if self.error == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        raise RuntimeError("my loss failed for a reason of its own")
+
+
+@pytest.mark.parametrize(("error", "kind"), [("oom", torch.OutOfMemoryError),
+                                             ("other", RuntimeError)])  # fmt: skip
+def test_a_first_step_error_of_ones_own_loss_is_not_relabelled(tmp_path, error, kind) -> None:
+    """Only dtype and index errors of the first step are re-raised naming the data; an
+    out-of-memory error or a loss's own error went out as a TypeError about class labels."""
+    with pytest.raises(kind) as e:
+        train(tmp_path, "~loss", f"+loss._target_={__name__}.LossRaising", f"+loss.error={error}",
+              *TINY)  # fmt: skip
+    assert type(e.value) is kind

@@ -337,6 +337,21 @@ def test_a_bit_flipped_checkpoint_is_refused_and_resume_auto_falls_back(tmp_path
     assert "train/loss" in read_scalars(tmp_path / "a")  # continued from step 2 in its own dir
 
 
+def test_a_checkpoint_saved_without_checksums_loads(tmp_path) -> None:
+    """``torch.utils.serialization.config.save.compute_crc32 = False`` (torch's documented
+    switch) stores every CRC as 0: the check must not call such a file corrupt."""
+    import torch.utils.serialization as serialization
+
+    serialization.config.save.compute_crc32 = False  # (its config object: no monkeypatch)
+    try:
+        path = checkpoint_module.save_checkpoint(tmp_path / "c.pt", {"w": torch.arange(4.0)})
+    finally:
+        serialization.config.save.compute_crc32 = True
+    with zipfile.ZipFile(path) as archive:
+        assert not any(i.CRC for i in archive.infolist())
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(4.0))
+
+
 def test_resume_auto_skips_a_truncated_newest_checkpoint_and_continues_from_the_next(
     tmp_path, caplog
 ) -> None:

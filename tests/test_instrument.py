@@ -662,6 +662,8 @@ def test_normalization_with_the_batchs_statistics_is_found_wherever_it_is(kind, 
     warned = " ".join(r.getMessage() for r in caplog.records)
     for name in left_out:
         assert f"leave out {name!r}" in warned
+    if kind == "affine_false":  # (the BatchNorm named, not the function it calls)
+        assert "runs before features.1 (BatchNorm with the batch's statistics)" in warned
     units = {n for n, m in model.named_modules() if any(
         p.requires_grad for p in m.parameters(recurse=False))}  # fmt: skip
     kept = [(n, p) for n, p in model.named_parameters()

@@ -354,7 +354,9 @@ def test_jobs_monitoring_different_metrics_need_a_metric(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("metric", "mode"),
     [("val/acc", "max"), ("val/token_acc", "max"), ("val/ppl", "min"), ("val/mse", "min"),
-     ("val/loss", "min"), ("val/f1", "max"), ("val/auc", "max"), ("val/error_rate", "min")],
+     ("val/loss", "min"), ("val/f1", "max"), ("val/auc", "max"), ("val/error_rate", "min"),
+     ("val/top1_acc", "max"), ("val/mape", "min"), ("val/heatmap_mse", "min"),
+     ("val/previous_loss", "min")],
 )  # fmt: skip
 def test_auto_takes_each_metrics_own_direction(metric, mode) -> None:
     assert report.resolve_mode(metric, "auto") == mode
@@ -381,5 +383,15 @@ def test_an_optimizing_sweeper_against_the_monitors_direction_is_refused(monkeyp
         with pytest.raises(ConfigError, match=f"direction={direction}, but the run reports "
                            f"{wrong}"):  # fmt: skip
             sweep.check_direction(wrong)
+    import enum
+
+    class Direction(enum.Enum):  # (as Optuna's sweeper config holds its default)
+        minimize = 1
+        maximize = 2
+
+    hydra = SimpleNamespace(sweeper={"direction": Direction.minimize})
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
+    with pytest.raises(ConfigError, match="direction=minimize, but the run reports val/acc"):
+        sweep.check_direction("val/acc")
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(sweeper={})))
     sweep.check_direction("val/loss")  # the basic sweeper: no direction

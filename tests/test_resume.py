@@ -8,6 +8,7 @@ reference and the resumed runs comparable bit for bit). One test drives the real
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -387,3 +388,42 @@ def test_a_failed_run_resumed_to_completion_shows_success_in_hparams(tmp_path) -
         t: [p for p in after[t] if p[0] <= 2] for t in before
     }
     assert [s for s, _ in after["train/loss"]] == [1, 2, 3, 4, 5]
+
+
+def test_dropping_the_end_status_keeps_every_other_byte_and_never_stops_a_resume(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """The rewrite keeps the other records byte for byte and a partial last record (a killed
+    writer's) after them; a failure of it (a review: a leftover temporary file blocked every
+    later resume) is a warning, and the resume goes on."""
+    from conftest import train
+    from tensorboard.plugins.hparams import metadata
+
+    from trainer.logger import event_dir
+
+    hparams = importlib.import_module("trainer.hparams")
+
+    base = ["trainer.run_id=g", "trainer.checkpoint.every_n_steps=2",
+            f"trainer.checkpoint.search_dir={tmp_path}", "trainer.max_steps=3"]  # fmt: skip
+    train(tmp_path / "a", *base)
+    (path,) = event_dir(tmp_path / "a").glob("events.out.tfevents.*")
+    data = path.read_bytes()
+    path.write_bytes(data + b"\x05\x00\x00")  # a partial record at the end
+    assert hparams.drop_end_status(path.parent) == [path]
+    rewritten = path.read_bytes()
+    assert metadata.SESSION_END_INFO_TAG.encode() not in rewritten
+    assert rewritten.endswith(b"\x05\x00\x00") and len(rewritten) < len(data)
+    frames, _ = hparams._frames(data)
+    kept = [data[a:b] for a, b in frames if metadata.SESSION_END_INFO_TAG.encode() not in data[a:b]]
+    assert rewritten == b"".join(kept) + b"\x05\x00\x00"
+    assert not [p for p in path.parent.iterdir() if p != path]  # no temporary file left
+
+    def broken(directory):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(importlib.import_module("trainer.run"), "drop_end_status", broken)
+    path.write_bytes(data)
+    with caplog.at_level("WARNING", logger="trainer.run"):
+        metrics = train(tmp_path / "b", *base[:-1], "trainer.max_steps=5", "trainer.resume=auto")
+    assert metrics["status"] == "completed" and metrics["step"] == 5
+    assert any("HPARAMS: the earlier end status" in r.getMessage() for r in caplog.records)

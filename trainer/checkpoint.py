@@ -105,6 +105,8 @@ def _crc_mismatch(path: Path) -> str | None:
     is wrong with them)."""
     try:
         with zipfile.ZipFile(path) as archive:
+            if not any(i.CRC for i in archive.infolist() if i.file_size):
+                return None  # (saved without checksums: compute_crc32 = False)
             return archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return None

@@ -44,8 +44,10 @@ def resolve_target(group: str, path: Any) -> Any:
     except ModuleNotFoundError as e:
         missing = e.name or module_name
         parent = missing.rpartition(".")[0]
-        try:  # (the package imports: only its submodule is missing)
-            found = importlib.import_module(parent) if parent else None
+        found = None
+        named = module_name == missing or module_name.startswith(missing + ".")
+        try:  # (the package imports: only the submodule the path names is missing)
+            found = importlib.import_module(parent) if parent and named else None
         except Exception:  # noqa: BLE001 (then the message below)
             found = None
         if found is not None:

@@ -79,6 +79,14 @@ def window_sizes(num_samples: int, batch_size: int, drop_last: bool, accumulate:
     return out
 
 
+#: what a first step's loss error adds, by task
+LABELS_HINT = {
+    "classification": " (class labels: int64 in [0, out_dim))",
+    "sequence": " (token ids: int64 (B, T) in [0, vocab_size), padding loss.ignore_index)",
+    "regression": " (float targets the output's shape)",
+}
+
+
 class Trainer:
     """Trains ``model`` on ``train_loader``, validating on ``val_loader`` after each epoch.
 
@@ -547,12 +555,18 @@ class Trainer:
         try:
             return logits, self.criterion(logits, y)
         except (RuntimeError, IndexError) as e:
+            text = str(e)
+            if isinstance(e, torch.OutOfMemoryError) or not (
+                isinstance(e, IndexError) or "dtype" in text or "scalar type" in text
+                or "out of bounds" in text or "for target" in text
+            ):  # fmt: skip
+                raise
             raise TypeError(
                 f"the loss ({type(self.criterion).__name__}) failed on the first batch: outputs "
                 f"{getattr(logits, 'dtype', type(logits).__name__)} of shape "
                 f"{tuple(getattr(logits, 'shape', ()))}, targets {y.dtype} of shape "
-                f"{tuple(y.shape)} (class labels: int64 in [0, out_dim)). torch: "
-                f"{str(e).splitlines()[0]}"
+                f"{tuple(y.shape)}{LABELS_HINT.get(self.criterion.task or '', '')}. torch: "
+                f"{text.splitlines()[0] if text else type(e).__name__}"
             ) from e
 
     def _follow_trainable(self, fire: bool = True) -> None:

@@ -234,6 +234,13 @@ class CrossEntropy(Loss):
         classes = getattr(self, "_classes", None)
         if classes is None or not isinstance(output, Tensor):
             return
+        if output.dim() == 2 and output.shape[1] == 1:
+            raise ConfigError(
+                f"loss=cross_entropy: the model's output has shape {tuple(output.shape)}: one "
+                "score per sample, over which a softmax is 1 whatever the label (loss 0, "
+                "nothing learned); set num_classes (or out_dim) in the data module (without "
+                "either, out_dim is the size of one target: 1 for a class label)"
+            )
         if output.dim() != 2 or output.shape[1] < classes:
             raise ConfigError(
                 f"loss=cross_entropy: the model's output has shape {tuple(output.shape)}; it "
@@ -279,13 +286,6 @@ class CrossEntropy(Loss):
                     "num_classes (or out_dim) in the data module (without either, out_dim is the "
                     "size of one target: 1 for a class label)"
                 )
-        if data.out_dim == 1:
-            raise ConfigError(
-                "loss=cross_entropy: the model would be built with out_dim=1 score per sample, "
-                "over which a softmax is 1 whatever the label (loss 0, nothing learned); set "
-                "num_classes (or out_dim) in the data module (without either, out_dim is the "
-                "size of one target: 1 for a class label)"
-            )
 
 
 class MSE(Loss):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from trainer.callbacks import LOOP_PREFIXES, LOOP_TAGS
 from trainer.instrument.histograms import host_histogram
 from trainer.logger import Scalars, to_host_many
 from trainer.precision import LOW_PRECISION, widen
@@ -44,15 +45,6 @@ class _Deferred:
 
 #: a function of a staged tensor's values, read to the host, giving the scalars to write
 HostFn = Callable[[list[float]], dict[str, float]]
-
-#: the loop's own tags (train/loss, the learning rate, the total norm, the weights' summary,
-#: the split of the norm by regularizers) and prefixes (validation metrics, regularizer values,
-#: HParams): a callback staging one would replace the loop's value or add points to its curve
-LOOP_TAGS = frozenset({
-    "train/loss", "lr", "grad_norm/total", "grad_norm/total_clipped", "grad_norm/data",
-    "grad_norm/reg", "weights/mean", "weights/min", "weights/max",
-})  # fmt: skip
-LOOP_PREFIXES = ("val/", "reg/", "_hparams_/")
 
 
 def _check_names(tags: Iterable[object], what: str) -> None:

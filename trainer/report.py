@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,8 +40,12 @@ DIRECTIONS = {
     "val/acc": "max", "val/token_acc": "max", "val/loss": "min", "val/mse": "min",
     "val/ppl": "min", "train/loss": "min", "wall_s": "min",
 }  # fmt: skip
-#: words in a metric's name that make ``auto`` take the highest as best
-HIGHER_IS_BETTER = ("acc", "f1", "auc", "precision", "recall", "score", "iou", "map")
+#: words (whole, of a name split at non-alphanumerics) that make ``auto`` take the highest
+#: as best
+HIGHER_IS_BETTER = frozenset({
+    "acc", "accuracy", "f1", "auc", "auroc", "precision", "recall", "score", "iou", "miou",
+    "map", "dice", "r2",
+})  # fmt: skip
 #: keys of metrics.json that are not metrics (not shown as columns)
 NOT_METRICS = {"epoch", "monitor", "status", "run_id", "checkpoint", "error", "signal"}
 MAX_LABEL = 70  # characters of a legend label; a sweep's overrides can run long
@@ -204,8 +209,8 @@ def resolve_mode(metric: str, mode: str) -> str:
     if mode == "auto":
         if metric in DIRECTIONS:
             return DIRECTIONS[metric]
-        name = metric.rsplit("/", 1)[-1].lower()
-        return "max" if any(word in name for word in HIGHER_IS_BETTER) else "min"
+        words = set(re.split(r"[^a-z0-9]+", metric.rsplit("/", 1)[-1].lower()))
+        return "max" if words & HIGHER_IS_BETTER else "min"
     if mode not in ("max", "min"):
         raise ValueError(f"mode: got {mode!r}; use auto, max or min")
     return mode

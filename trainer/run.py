@@ -301,7 +301,11 @@ def run(
             label = ",".join(f"{k}={hparams.values[k]}" for k in hparams.overridden)
             events = event_dir(run_dir, label)
             if resume_state is not None and events.is_dir():  # its own end status comes later
-                drop_end_status(events)
+                try:
+                    drop_end_status(events)
+                except Exception as e:  # noqa: BLE001 (HPARAMS' status: never stops a resume)
+                    log.warning("HPARAMS: the earlier end status in %s stays (%s: %s)",
+                                _display(events), type(e).__name__, e)  # fmt: skip
             trainer.logger = TensorBoardLogger(events, purge_step=purge_step)
         directory = run_dir / "checkpoints"
         writer = CheckpointWriter(

@@ -48,8 +48,9 @@ def check_direction(monitor: str) -> None:
     if not in_multirun():
         return
     direction = HydraConfig.get().sweeper.get("direction")
+    direction = getattr(direction, "name", direction)  # (Optuna's default: an enum member)
     wanted = {"max": "maximize", "min": "minimize"}.get(DIRECTIONS.get(monitor, ""))
-    if not isinstance(direction, str) or wanted is None:
+    if not isinstance(direction, str) or wanted is None:  # (a list: several objectives)
         return
     if direction.lower() != wanted:
         raise ConfigError(

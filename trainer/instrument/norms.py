@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import get_total_norm
 
-from trainer.callbacks import Callback, Every, StepOutput
+from trainer.callbacks import Callback, Every, StepOutput, param_tag
 from trainer.precision import LOW_PRECISION, widen
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class Norms(Callback):
         gets its tags from here on); the kept copy of the weights is of the old list."""
         self._names = {id(p): n for n, p in trainer.model.named_parameters()}
         for kind in ("grad_norm", "param_norm", "update_ratio"):
-            self._tags[kind] = tuple(f"{kind}/{n}" for n in trainer.param_names)
+            self._tags[kind] = tuple(param_tag(kind, n) for n in trainer.param_names)
         self._low = any(p.dtype in LOW_PRECISION for p in trainer.params)
         self._before = None  # (between steps: _before_norms is None)
 

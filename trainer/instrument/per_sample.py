@@ -702,7 +702,7 @@ class PerSampleNorms(Callback):
         before it), if any."""
         start = self._start.get(module, -1)
         later = [name for tick, name in self._mixing if tick > start]
-        return later[-1] if later else None
+        return later[0] if later else None  # (the first after it: a BatchNorm's module name)
 
     def _single_use(self, module: nn.Module) -> bool:
         """Each of the unit's parameters is used once in this forward: by this one call."""
