@@ -93,11 +93,12 @@ class Staging:
     def pending(self) -> bool:
         return bool(self.scalars or self.histograms or self.host)
 
-    def stage(self, values: Scalars) -> None:
+    def stage(self, values: Scalars, own: bool = True) -> None:
         """Queue scalars (``Trainer.stage_scalars``). A tuple of tags takes a tensor of as
         many values, a tag one value: checked here (metadata, no sync), as the step's one
         transfer is cut by those counts, and a tensor of another size shifted every value
-        after it (``train/loss`` included) onto other tags."""
+        after it (``train/loss`` included) onto other tags. ``own=False``: views staged as
+        they are (an instrument's slice of a tensor nothing writes to; :func:`_own`)."""
         staged = {}
         for key, v in values.items():
             tags = key if isinstance(key, tuple) else (key,)
@@ -109,7 +110,7 @@ class Staging:
                         f"stage_scalars: {key!r} is {what}, staged with a tensor of "
                         f"{v.numel()} value(s) (shape {tuple(v.shape)}); stage one value per tag"
                     )
-                staged[key] = _own(v)
+                staged[key] = _own(v) if own else v
             elif isinstance(key, tuple) or not isinstance(v, numbers.Real):
                 raise TypeError(
                     f"stage_scalars: {key!r} staged with a {type(v).__name__}; stage a number "
@@ -160,12 +161,13 @@ class Staging:
         self._record([(key, values)])
 
     def _record(self, items: Iterable[tuple[str | tuple[str, ...], object]]) -> None:
-        """Each tensor's version as it is staged (views are copied when staged:
-        :func:`_own`)."""
+        """Each tensor's version as it is staged (a user's views are copied when staged:
+        :func:`_own`; an instrument's view staged as it is shares its base's counter, and is
+        checked from the end of its step, :meth:`_entry`)."""
         for key, v in items:
-            if isinstance(v, Tensor) and not v.is_inference():
+            if isinstance(v, Tensor) and not v.is_inference() and not v._is_view():
                 self._versions[key] = (v, v._version)  # (an inference tensor has no counter)
-            else:  # (a number staged again under a tensor's key)
+            else:  # (a number, or a view, staged again under a tensor's key)
                 self._versions.pop(key, None)
 
     def defer_staged(self, step: int) -> None:

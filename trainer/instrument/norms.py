@@ -150,10 +150,12 @@ class Norms(Callback):
                 norms = torch.stack(norms_of(grads + weights, self._low))
                 trainer.share_grad_norms(grads, norms)  # the total is taken from them
                 offset = len(grads) if weights else 0
+            # (a stack of norms, or a slice of one, that nothing writes to: staged as it is,
+            # not copied as a user's view is)
             if offset and self.param_norm:  # both kinds as one entry
-                trainer.stage_scalars({names + self._tags["param_norm"]: norms})
+                trainer.staging.stage({names + self._tags["param_norm"]: norms}, own=False)
             else:
-                trainer.stage_scalars({names: norms[:offset] if offset else norms})
+                trainer.staging.stage({names: norms[:offset] if offset else norms}, own=False)
         if not weights:
             return
         weight_norms = None
