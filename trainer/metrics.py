@@ -60,8 +60,8 @@ def _check_names(tags: Iterable[object], what: str) -> None:
             )
 
 
-def _check_new(tags: Iterable[str], taken: set[str] | Any, what: str) -> None:
-    """None of ``tags`` already in ``taken`` (staged for this step)."""
+def _check_new(tags: Iterable[str], taken: Any, what: str) -> None:
+    """None of ``tags`` already in ``taken`` (a set or a dict's keys: staged for this step)."""
     if not taken.isdisjoint(tags):
         tag = next(t for t in tags if t in taken)
         raise ValueError(
@@ -246,7 +246,7 @@ class Staging:
                 if h.nonfinite and tag not in self._nan_means_none:  # (left out of the above)
                     floats[f"{tag}_nonfinite"] = float(h.nonfinite)
             for _, _, fn in e.host:  # (in step order: a function may keep state, an average)
-                problem = _host_scalars(fn, next(host_values), floats, e.step)
+                problem = _host_scalars(fn, next(host_values), floats, e.step, self._known)
                 if problem:  # (the step's other values, and the other steps', are written)
                     problems.append(problem)
             binned.append(hists)
@@ -263,29 +263,35 @@ class Staging:
         return all_floats
 
 
-def _host_scalars(fn: HostFn, values: list[float], floats: dict[str, float], step: int) -> str:
+def _host_scalars(
+    fn: HostFn, values: list[float], floats: dict[str, float], step: int, known: set[object]
+) -> str:
     """Add what ``fn(values)`` (a ``stage_on_host`` function) returns to ``floats``, the
     values of ``step``; what is wrong with it, naming the function and the tag (its values
-    are then left out), or ""."""
-    where = f"step {step}: stage_on_host's function {_name(fn)}"
+    are then left out), or "". ``known``: tags checked before (a function returns the same
+    ones at each step)."""
     try:
         got = fn(values)
     except Exception as e:  # noqa: BLE001 (named in the error raised after the writes)
-        return f"{where} raised {type(e).__name__}: {e}"
+        return f"{_where(fn, step)} raised {type(e).__name__}: {e}"
     if not isinstance(got, dict):
-        return f"{where} returned {type(got).__name__}, not a dict of tag -> value"
-    out: dict[str, float] = {}
-    for tag, v in got.items():
-        if not isinstance(v, numbers.Real):
-            return f"{where} returned {type(v).__name__} for {tag!r}, not a number"
-        try:
-            _check_names([tag], "stage_on_host")
-            _check_new([tag], floats.keys() | out.keys(), "stage_on_host")
-        except (TypeError, ValueError) as e:
-            return f"{where}: {e}"
-        out[tag] = float(v)
-    floats.update(out)
+        return f"{_where(fn, step)} returned {type(got).__name__}, not a dict of tag -> value"
+    try:
+        _check_new(got.keys(), floats.keys(), "stage_on_host")
+        for tag, v in got.items():
+            if type(v) is not float and not isinstance(v, numbers.Real):
+                return f"{_where(fn, step)} returned {type(v).__name__} for {tag!r}, not a number"
+            if tag not in known:
+                _check_names([tag], "stage_on_host")
+                known.add(tag)
+    except (TypeError, ValueError) as e:
+        return f"{_where(fn, step)}: {e}"
+    floats.update((tag, float(v)) for tag, v in got.items())
     return ""
+
+
+def _where(fn: HostFn, step: int) -> str:
+    return f"step {step}: stage_on_host's function {_name(fn)}"
 
 
 def _own(v: Tensor) -> Tensor:
