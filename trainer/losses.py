@@ -267,7 +267,8 @@ class CrossEntropy(Loss):
         if targets is not None and targets.dtype != torch.int64:
             raise ConfigError(
                 f"loss=cross_entropy needs int64 class labels; the data's are {targets.dtype} "
-                "(torch refuses them at the first step): cast them with .long() in the data module"
+                "(torch refuses them at the first step): cast them with .long() in the data module "
+                "(a data=tensors file: save them as int64, y.long() or np.int64)"
             )
         for split, labels in (("training", targets), ("validation", data.val_targets)):
             if labels is None or not labels.numel() or data.out_dim is None:
