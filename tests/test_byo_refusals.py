@@ -499,3 +499,28 @@ def test_a_first_step_error_of_ones_own_loss_is_not_relabelled(tmp_path, error, 
         train(tmp_path, "~loss", f"+loss._target_={__name__}.LossRaising", f"+loss.error={error}",
               *TINY)  # fmt: skip
     assert type(e.value) is kind
+
+
+def test_a_plain_dataloader_given_to_the_trainer_is_refused_naming_the_loaders() -> None:
+    """``Trainer(model, opt, DataLoader(...), ...)`` failed at fit() with "'DataLoader' object
+    has no attribute 'set_epoch'" (a probe)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from trainer.loop import Trainer
+
+    model = nn.Linear(4, 2)
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)), 4)
+    with pytest.raises(TypeError, match=r"train_loader is a DataLoader without set_epoch.*"
+                       r"a DataModule builds"):  # fmt: skip
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, loader,
+                criterion=F.cross_entropy, device=torch.device("cpu"))  # fmt: skip
+
+
+def test_a_float64_models_validation_metrics_are_in_float64() -> None:
+    """Scores apart by 1e-12 tied in float32 (val/acc 0.0 where float64 gives 1.0, a probe)."""
+    from trainer.losses import CrossEntropy
+
+    x = torch.linspace(1.0, 2.0, 8, dtype=torch.float64)
+    output = torch.stack([x, x * (1 + 1e-12)], 1)
+    sums = CrossEntropy().val_sums(output, torch.ones(8, dtype=torch.long))
+    assert sums["val/acc"].tolist() == [8.0, 8.0] and sums["val/loss"].dtype == torch.float64

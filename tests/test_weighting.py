@@ -190,6 +190,16 @@ def test_per_sample_files_in_every_format(tmp_path, suffix) -> None:
         (torch.tensor([1.0, -2.0] + [1.0] * (N - 2)), r"bad at \[1\]=-2"),
         (torch.ones(N, 2), r"expected 1-D"),
         ({"weights": torch.ones(N)}, "1-D tensor of numbers"),
+        # finite and >= 0 in float64, not in float32 (the losses' dtype): the run went NaN,
+        # or every gradient weight was 0 (a probe)
+        (
+            torch.tensor([1e40] + [1.0] * (N - 1), dtype=torch.float64),
+            r"representable in float32.*out of range at \[0\]=1e\+40",
+        ),
+        (
+            torch.full((N,), 1e-50, dtype=torch.float64),
+            r"representable in float32.*out of range at \[0\]=1e-50",
+        ),
     ],
 )
 def test_bad_per_sample_files_are_refused(tmp_path, content, match) -> None:
@@ -254,3 +264,38 @@ def test_wrong_length_weight_file_fails_before_the_first_step(tmp_path) -> None:
             run_dir=tmp_path / "run")  # fmt: skip
     assert not (tmp_path / "run" / "tb").exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_float64_losses_take_the_files_weights_as_given(tmp_path) -> None:
+    """The table was float32 whatever the losses: a float64 model's weights were the file's
+    rounded (0.1 as 0.10000000149...); now they are the file's, bit for bit."""
+    values = torch.arange(1, N + 1, dtype=torch.float64) / 10
+    path = tmp_path / "w.pt"
+    torch.save(values, path)
+    strategy = PerSampleWeighting(str(path), normalize="none")
+    strategy.setup(fake_data(), CPU)
+    model, x, y, index = problem()
+    w = strategy(torch.zeros(B, dtype=torch.float64), model(x), y, index)
+    assert torch.equal(w, values[index])
+    w32 = strategy(torch.zeros(B), model(x).float(), y, index)  # (float32 losses: rounded)
+    assert torch.equal(w32, values[index].float())
+
+
+def test_per_class_labels_past_the_table_are_refused_in_setup() -> None:
+    """From Python (no run() to check the labels first) a label past the table failed mid-step
+    with a bare IndexError (a device-side assert on CUDA), a probe."""
+    labels = torch.arange(N) % K
+    labels[7] = K + 1
+    with pytest.raises(ValueError, match=rf"training split's labels span \[0, {K + 1}\], past "
+                       rf"its {K} weights"):  # fmt: skip
+        PerClassWeighting([1.0] * K).setup(fake_data(labels), CPU)
+    with pytest.raises(ValueError, match="representable in float32"):
+        PerClassWeighting([1.0, 1e39] + [1.0] * (K - 2)).setup(fake_data(), CPU)
+
+
+def test_a_small_integer_weight_file_is_read(tmp_path) -> None:
+    path = tmp_path / "w.npy"
+    np.save(path, (np.arange(N) % 3).astype(np.int16))
+    strategy = PerSampleWeighting(str(path), normalize="none")
+    strategy.setup(fake_data(), CPU)
+    assert torch.equal(strategy.table, torch.from_numpy(np.arange(N) % 3).float())

@@ -79,6 +79,9 @@ def window_sizes(num_samples: int, batch_size: int, drop_last: bool, accumulate:
     return out
 
 
+#: what the trainer uses of its training loader (besides iterating it and its length)
+LOADER_API = ("set_epoch", "num_samples", "global_batch_size", "drop_last", "current_global_size")
+
 #: what a first step's loss error adds, by task
 LABELS_HINT = {
     "classification": " (class labels: int64 in [0, out_dim))",
@@ -214,6 +217,16 @@ class Trainer:
         #: the current accumulation window (its samples; per-token losses: its Σu)
         self.window = Window(samples=1)
         self.metrics: dict[str, float] = {}
+        missing = [a for a in LOADER_API if not hasattr(train_loader, a)]
+        if missing:
+            raise TypeError(
+                f"Trainer: train_loader is a {type(train_loader).__name__} without "
+                f"{', '.join(missing)}; it takes trainer.data's loaders (InMemoryLoader, "
+                "DeviceLoader: batches of (x, y, index), an epoch's order from set_epoch(epoch, "
+                "start_batch)), which a DataModule builds: data.setup(device, seed), then "
+                "data.train_loader and data.val_loader (a Dataset of your own: return it from "
+                "your DataModule's load())"
+            )
         self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
         #: train/loss since the last log and since the epoch's start, on the device
         self.tally = LossTally(device, self.token_losses)
@@ -878,7 +891,9 @@ class Trainer:
         self.model.eval()
         broadcast_buffers(self.model)  # (data-parallel: the model rank 0 checkpoints)
         names = self.criterion.metrics
-        sums = torch.zeros(len(names), 2, device=self.device)  # (metric, [sum, count])
+        # (metric, [sum, count]), summed over the batches in float64 (a float64 model's
+        # sums as they are; float32 ones without rounding their running total)
+        sums = torch.zeros(len(names), 2, dtype=torch.float64, device=self.device)
         for x, y, _ in self.val_loader:
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)

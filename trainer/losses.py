@@ -112,9 +112,11 @@ class Loss:
         return by_task.get(self.task or "", self.metrics[-1])
 
     def val_sums(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
-        output = output.float()
-        n = torch.full((), float(target.shape[0]), device=output.device)
-        losses = self.val_losses(output, target).float()
+        # float32 for float32 and lower (an argmax of float16 scores would tie more often),
+        # float64 as it is (a float64 model's metrics in its own precision)
+        output = output if output.dtype == torch.float64 else output.float()
+        n = torch.full((), float(target.shape[0]), dtype=output.dtype, device=output.device)
+        losses = self.val_losses(output, target).to(output.dtype)
         units = self.units(target, losses.dtype)
         if units is not None and units.shape != losses.shape:  # (val_losses per sample)
             units = None
@@ -123,7 +125,7 @@ class Loss:
         else:  # the loss's own average Σuℓ / Σu, as train/loss
             sums = {"val/loss": torch.stack([(losses * units).sum(), units.sum()])}
         if self.task == "classification":
-            correct = (output.argmax(dim=1) == target).sum().float()
+            correct = (output.argmax(dim=1) == target).sum().to(output.dtype)
             sums["val/acc"] = torch.stack([_unless_nonfinite(correct, output), n])
         elif self.task == "regression":
             sums["val/mse"] = torch.stack([squared_error(output, target).sum(), n])
@@ -135,11 +137,11 @@ class Loss:
                     f"{tuple(target.shape)} (override val_sums and metrics for other outputs)"
                 )
             counted = (
-                torch.ones(target.shape, device=output.device)
+                torch.ones(target.shape, dtype=output.dtype, device=output.device)
                 if units is None or units.shape != target.shape
-                else (units > 0).float()
+                else (units > 0).to(output.dtype)
             )
-            hits = (output.argmax(dim=-1) == target).float() * counted
+            hits = (output.argmax(dim=-1) == target).to(output.dtype) * counted
             sums["val/ppl"] = sums["val/loss"]
             correct = _unless_nonfinite(hits.sum(), output, counted > 0)
             sums["val/token_acc"] = torch.stack([correct, counted.sum()])
@@ -352,15 +354,15 @@ class TokenCrossEntropy(Loss):
 
     def val_sums(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
         self._check_shapes(output, target)
-        output = output.float()
+        output = output if output.dtype == torch.float64 else output.float()  # (as Loss's)
         b, t, v = output.shape
         valid = target != self.ignore_index
-        n = valid.sum().float()
+        n = valid.sum().to(output.dtype)
         nll = F.cross_entropy(
             output.reshape(b * t, v), target.reshape(b * t), reduction="sum",
             ignore_index=self.ignore_index,
         )  # fmt: skip
-        correct = ((output.argmax(dim=-1) == target) & valid).sum().float()
+        correct = ((output.argmax(dim=-1) == target) & valid).sum().to(output.dtype)
         correct = _unless_nonfinite(correct, output, valid)
         loss = torch.stack([nll, n])
         # val/ppl is finished from val/loss (exp of the token mean, not a mean of exps)

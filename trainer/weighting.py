@@ -80,6 +80,23 @@ def _describe_bad(values: Tensor, what: str) -> str | None:
     return f"{what} must be finite and >= 0; bad at {shown}{more}"
 
 
+def _check_float32(values: Tensor, what: str) -> None:
+    """Raise where a weight, finite and >= 0 in float64, is not in float32 (the losses' dtype
+    for float32 and bfloat16 models, whose weights are rounded to it): Inf past its largest
+    value (the run went NaN), 0 below its smallest (a file of 1e-50: every gradient 0)."""
+    f = values.float()
+    bad = (torch.isinf(f) & torch.isfinite(values)) | ((f == 0) & (values > 0))
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten()
+        shown = ", ".join(f"[{i}]={values[i].item():g}" for i in idx[:5].tolist())
+        raise ValueError(
+            f"{what} must be representable in float32, where the losses are weighted (between "
+            f"{torch.finfo(torch.float32).tiny:.3g} and {torch.finfo(torch.float32).max:.3g}, "
+            f"or 0): out of range at {shown}; rescale them (only their ratios matter with "
+            "normalize=mean or sum)"
+        )
+
+
 class Weighting(abc.ABC):
     """Base class: subclasses implement :meth:`raw`; :meth:`__call__` normalizes."""
 
@@ -236,14 +253,27 @@ def _class_count(data: DataModule, strategy: str) -> int:
     return data.num_classes
 
 
-class _ClassTable(Weighting):
+class _TableLookup(Weighting):
+    """A table of weights on the device, in float32 (float64 for float64 losses, from the
+    values as given: taken when the first such losses come)."""
+
+    table: Tensor
+    _exact: Tensor | None = None  # (float64, as given; None: a table computed in float32)
+
+    def _table_for(self, losses: Tensor) -> Tensor:
+        exact = self._exact
+        if exact is not None and losses.dtype == torch.float64 != self.table.dtype:
+            self.table = exact.to(self.table.device)
+        return self.table
+
+
+class _ClassTable(_TableLookup):
     """r_i = table[y_i] for a per-class table on the device."""
 
-    table: Tensor  # (K,)
     needs_classes = True
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
-        return self.table[targets]
+        return self._table_for(losses)[targets]
 
 
 class ClassBalancedWeighting(_ClassTable):
@@ -276,10 +306,24 @@ class PerClassWeighting(_ClassTable):
                 f"weighting.weights: got {len(self.weights)} weights but the data has "
                 f"{data.num_classes} classes; give one weight per class"
             )
+        _check_float32(self.weights, "weighting.weights")
+        for split, labels in (
+            ("training", getattr(data, "train_targets", None)),
+            ("validation", getattr(data, "val_targets", None)),
+        ):
+            if labels is not None and labels.numel() and labels.dtype != torch.bool and not (
+                labels.is_floating_point()
+            ) and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.weights):  # fmt: skip
+                raise ValueError(
+                    f"weighting=per_class: the {split} split's labels span "
+                    f"[{int(labels.min())}, {int(labels.max())}], past its {len(self.weights)} "
+                    "weights (one per class, 0 to num_classes - 1)"
+                )
+        self._exact = self.weights
         self.table = self.weights.float().to(device)
 
 
-class PerSampleWeighting(Weighting):
+class PerSampleWeighting(_TableLookup):
     """r_i = s[n_i], one weight per training sample, read from a .pt, .npy or .csv file.
 
     The file holds a 1-D sequence of N numbers, N the size of the training split, indexed like
@@ -315,7 +359,8 @@ class PerSampleWeighting(Weighting):
         except Exception as e:
             raise WeightFileError(f"weighting.path: could not read {path}: {e}") from e
         numeric = isinstance(values, Tensor) and (
-            values.dtype.is_floating_point or values.dtype in (torch.int32, torch.int64)
+            values.dtype.is_floating_point
+            or values.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
         )
         if not numeric:
             kind = values.dtype if isinstance(values, Tensor) else type(values).__name__
@@ -344,10 +389,15 @@ class PerSampleWeighting(Weighting):
                 f"weighting.path: every weight in {self.path} is 0: no sample would contribute "
                 "to any gradient"
             )
+        try:
+            _check_float32(values, f"weights in {self.path}")
+        except ValueError as e:
+            raise WeightFileError(f"weighting.path: {e}") from None
+        self._exact = values
         self.table = values.float().to(device)
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
-        return self.table[indices]
+        return self._table_for(losses)[indices]
 
 
 class FocalWeighting(Weighting):
