@@ -215,17 +215,24 @@ def test_a_run_resumed_after_unfreezing_measures_what_the_uninterrupted_one_does
     by position, the resumed run (built with fewer trainable parameters) crashed."""
     steps = [*STEPS[:-2], "instrument.norms.every_n_steps=2", "instrument.norms.agreement=true",
              "trainer.checkpoint.every_n_steps=3", "trainer.max_steps=6"]  # fmt: skip
-    train(tmp_path / "whole", *steps, callbacks=[UnfreezeForResume()])
-    shutil.copytree(tmp_path / "whole", tmp_path / "rest")
-    shutil.rmtree(tmp_path / "rest" / "tb")  # (only what the resumed run writes)
-    step3 = tmp_path / "rest" / "checkpoints" / "step_000000003.pt"
-    train(tmp_path / "rest", *steps, f"trainer.resume={step3}", callbacks=[UnfreezeForResume()])
-    whole, rest = read_scalars(tmp_path / "whole"), read_scalars(tmp_path / "rest")
+    whole, rest = whole_and_resumed(tmp_path, steps, UnfreezeForResume)
     tag = "grad_agreement/consecutive"
     assert [s for s, _ in whole[tag]] == [2, 4, 6]
     assert [(s, v) for s, v in whole[tag] if s > 3] == rest[tag]
+
+
+def whole_and_resumed(tmp_path, steps: list[str], callback) -> tuple[dict, dict]:
+    """A run of ``steps`` with ``callback()``, and a copy of it resumed from its step 3 with a
+    new ``callback()``: their scalars (the resumed one's: what it wrote); their final
+    parameters asserted bitwise equal."""
+    train(tmp_path / "whole", *steps, callbacks=[callback()])
+    shutil.copytree(tmp_path / "whole", tmp_path / "rest")
+    shutil.rmtree(tmp_path / "rest" / "tb")  # (only what the resumed run writes)
+    step3 = tmp_path / "rest" / "checkpoints" / "step_000000003.pt"
+    train(tmp_path / "rest", *steps, f"trainer.resume={step3}", callbacks=[callback()])
     a, b = final_params(tmp_path / "whole"), final_params(tmp_path / "rest")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    return read_scalars(tmp_path / "whole"), read_scalars(tmp_path / "rest")
 
 
 class UnfreezeOnce(Callback):
@@ -254,17 +261,10 @@ def test_a_resumed_run_keeps_the_trainable_flags_of_its_checkpoint(tmp_path, cal
     steps = [*STEPS[:-1], "instrument.per_sample.every_n_steps=1",
              "instrument.norms.every_n_steps=2", "trainer.checkpoint.every_n_steps=3",
              "trainer.max_steps=6"]  # fmt: skip
-    train(tmp_path / "whole", *steps, callbacks=[callback()])
-    shutil.copytree(tmp_path / "whole", tmp_path / "rest")
-    shutil.rmtree(tmp_path / "rest" / "tb")  # (only what the resumed run writes)
-    step3 = tmp_path / "rest" / "checkpoints" / "step_000000003.pt"
-    train(tmp_path / "rest", *steps, f"trainer.resume={step3}", callbacks=[callback()])
-    whole, rest = read_scalars(tmp_path / "whole"), read_scalars(tmp_path / "rest")
+    whole, rest = whole_and_resumed(tmp_path, steps, callback)
     assert "grad_norm/backbone.weight" in rest and "per_sample/noise_scale_ema" in rest
     later = {tag: [(s, v) for s, v in points if s > 3] for tag, points in whole.items()}
     assert rest == {tag: points for tag, points in later.items() if points}
-    a, b = final_params(tmp_path / "whole"), final_params(tmp_path / "rest")
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 class ChangeAtBatchStart(Callback):
