@@ -299,3 +299,24 @@ def test_a_small_integer_weight_file_is_read(tmp_path) -> None:
     strategy = PerSampleWeighting(str(path), normalize="none")
     strategy.setup(fake_data(), CPU)
     assert torch.equal(strategy.table, torch.from_numpy(np.arange(N) % 3).float())
+
+
+def test_weights_whose_batch_sum_passes_float32_are_refused() -> None:
+    """Each weight in float32, their sum over a batch not: r / Σr was 0 for every sample
+    (every gradient 0, a review)."""
+    with pytest.raises(ValueError, match=r"summed over a batch .* would pass float32's largest"):
+        PerClassWeighting([3e38, 3e38] + [1.0] * (K - 2)).setup(fake_data(), CPU)
+
+
+def test_a_weighting_used_for_float64_then_float32_losses_gives_each_its_table(tmp_path) -> None:
+    values = torch.arange(1, N + 1, dtype=torch.float64) / 10
+    path = tmp_path / "w.pt"
+    torch.save(values, path)
+    strategy = PerSampleWeighting(str(path), normalize="none")
+    strategy.setup(fake_data(), CPU)
+    model, x, y, index = problem()
+    assert torch.equal(strategy(torch.zeros(B, dtype=torch.float64), model(x), y, index),
+                       values[index])  # fmt: skip
+    w = strategy(torch.zeros(B), model(x).float(), y, index)
+    assert w.dtype == torch.float32 and torch.equal(w, values[index].float())
+    assert strategy.table.dtype == torch.float32  # (the float32 table kept)

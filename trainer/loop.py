@@ -893,7 +893,8 @@ class Trainer:
         names = self.criterion.metrics
         # (metric, [sum, count]), summed over the batches in float64 (a float64 model's
         # sums as they are; float32 ones without rounding their running total)
-        sums = torch.zeros(len(names), 2, dtype=torch.float64, device=self.device)
+        wide = torch.float32 if self.device.type == "mps" else torch.float64  # (MPS: no float64)
+        sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
         for x, y, _ in self.val_loader:
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)

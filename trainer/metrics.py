@@ -283,6 +283,8 @@ def _host_scalars(
                 return f"{_where(fn, step)} returned {type(v).__name__} for {tag!r}, not a number"
             if tag not in known:
                 _check_names([tag], "stage_on_host")
+                if len(known) > 4096:  # (tags made anew at each step: kept bounded)
+                    known.clear()
                 known.add(tag)
     except (TypeError, ValueError) as e:
         return f"{_where(fn, step)}: {e}"

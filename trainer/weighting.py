@@ -259,12 +259,29 @@ class _TableLookup(Weighting):
 
     table: Tensor
     _exact: Tensor | None = None  # (float64, as given; None: a table computed in float32)
+    _table64: Tensor | None = None  # (``_exact`` on the device, once float64 losses came)
 
     def _table_for(self, losses: Tensor) -> Tensor:
-        exact = self._exact
-        if exact is not None and losses.dtype == torch.float64 != self.table.dtype:
-            self.table = exact.to(self.table.device)
-        return self.table
+        if losses.dtype != torch.float64 or self._exact is None:
+            return self.table
+        if self._table64 is None or self._table64.device != self.table.device:
+            self._table64 = self._exact.to(self.table.device)
+        return self._table64
+
+    def _set_table(self, values: Tensor, device: torch.device, what: str, samples: int) -> None:
+        """``values`` (float64, checked finite and >= 0) as the table: float32 on ``device``,
+        and as given for float64 losses; refused where float32 cannot hold them, or their
+        sum over ``samples`` (a batch's at most) would pass its largest value (r / Σr = 0)."""
+        _check_float32(values, what)
+        if float(values.max()) * max(samples, 1) > torch.finfo(torch.float32).max:
+            raise ValueError(
+                f"{what}: the largest, {float(values.max()):g}, summed over a batch (up to "
+                f"{samples} samples) would pass float32's largest value, and every normalized "
+                "weight would be 0; rescale them (only their ratios matter with normalize=mean "
+                "or sum)"
+            )
+        self._exact, self._table64 = values, None
+        self.table = values.float().to(device)
 
 
 class _ClassTable(_TableLookup):
@@ -306,21 +323,16 @@ class PerClassWeighting(_ClassTable):
                 f"weighting.weights: got {len(self.weights)} weights but the data has "
                 f"{data.num_classes} classes; give one weight per class"
             )
-        _check_float32(self.weights, "weighting.weights")
-        for split, labels in (
-            ("training", getattr(data, "train_targets", None)),
-            ("validation", getattr(data, "val_targets", None)),
-        ):
-            if labels is not None and labels.numel() and labels.dtype != torch.bool and not (
-                labels.is_floating_point()
-            ) and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.weights):  # fmt: skip
-                raise ValueError(
-                    f"weighting=per_class: the {split} split's labels span "
-                    f"[{int(labels.min())}, {int(labels.max())}], past its {len(self.weights)} "
-                    "weights (one per class, 0 to num_classes - 1)"
-                )
-        self._exact = self.weights
-        self.table = self.weights.float().to(device)
+        labels = getattr(data, "train_targets", None)  # (validation is not weighted)
+        if labels is not None and labels.numel() and labels.dtype != torch.bool and not (
+            labels.is_floating_point()
+        ) and not 0 <= int(labels.min()) <= int(labels.max()) < len(self.weights):  # fmt: skip
+            raise ValueError(
+                f"weighting=per_class: the training split's labels span "
+                f"[{int(labels.min())}, {int(labels.max())}], past its {len(self.weights)} "
+                "weights (one per class, 0 to num_classes - 1)"
+            )
+        self._set_table(self.weights, device, "weighting.weights", data.train_loader.num_samples)
 
 
 class PerSampleWeighting(_TableLookup):
@@ -390,11 +402,9 @@ class PerSampleWeighting(_TableLookup):
                 "to any gradient"
             )
         try:
-            _check_float32(values, f"weights in {self.path}")
+            self._set_table(values, device, f"weights in {self.path}", n)
         except ValueError as e:
             raise WeightFileError(f"weighting.path: {e}") from None
-        self._exact = values
-        self.table = values.float().to(device)
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         return self._table_for(losses)[indices]
