@@ -266,21 +266,6 @@ def test_wrong_length_weight_file_fails_before_the_first_step(tmp_path) -> None:
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
 
 
-def test_float64_losses_take_the_files_weights_as_given(tmp_path) -> None:
-    """The table was float32 whatever the losses: a float64 model's weights were the file's
-    rounded (0.1 as 0.10000000149...); now they are the file's, bit for bit."""
-    values = torch.arange(1, N + 1, dtype=torch.float64) / 10
-    path = tmp_path / "w.pt"
-    torch.save(values, path)
-    strategy = PerSampleWeighting(str(path), normalize="none")
-    strategy.setup(fake_data(), CPU)
-    model, x, y, index = problem()
-    w = strategy(torch.zeros(B, dtype=torch.float64), model(x), y, index)
-    assert torch.equal(w, values[index])
-    w32 = strategy(torch.zeros(B), model(x).float(), y, index)  # (float32 losses: rounded)
-    assert torch.equal(w32, values[index].float())
-
-
 def test_per_class_labels_past_the_table_are_refused_in_setup() -> None:
     """From Python (no run() to check the labels first) a label past the table failed mid-step
     with a bare IndexError (a device-side assert on CUDA), a probe."""
@@ -309,6 +294,9 @@ def test_weights_whose_batch_sum_passes_float32_are_refused() -> None:
 
 
 def test_a_weighting_used_for_float64_then_float32_losses_gives_each_its_table(tmp_path) -> None:
+    """The table was float32 whatever the losses: a float64 model's weights were the file's
+    rounded (0.1 as 0.10000000149...); now they are the file's, bit for bit, and float32
+    losses after them still get the float32 table."""
     values = torch.arange(1, N + 1, dtype=torch.float64) / 10
     path = tmp_path / "w.pt"
     torch.save(values, path)
