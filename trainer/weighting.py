@@ -74,10 +74,14 @@ def _describe_bad(values: Tensor, what: str) -> str | None:
     bad = (~torch.isfinite(values)) | (values < 0)
     if not bool(bad.any()):
         return None
+    return f"{what} must be finite and >= 0; bad at {_shown(values, bad)}"
+
+
+def _shown(values: Tensor, bad: Tensor) -> str:
+    """The first bad entries of ``values`` as ``[i]=v``, and how many more."""
     idx = bad.nonzero().flatten()
     shown = ", ".join(f"[{i}]={values[i].item():g}" for i in idx[:5].tolist())
-    more = f" and {len(idx) - 5} more" if len(idx) > 5 else ""
-    return f"{what} must be finite and >= 0; bad at {shown}{more}"
+    return shown + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
 
 
 def _check_float32(values: Tensor, what: str) -> None:
@@ -87,13 +91,11 @@ def _check_float32(values: Tensor, what: str) -> None:
     f = values.float()
     bad = (torch.isinf(f) & torch.isfinite(values)) | ((f == 0) & (values > 0))
     if bool(bad.any()):
-        idx = bad.nonzero().flatten()
-        shown = ", ".join(f"[{i}]={values[i].item():g}" for i in idx[:5].tolist())
         raise ValueError(
             f"{what} must be representable in float32, where the losses are weighted (between "
             f"{torch.finfo(torch.float32).tiny:.3g} and {torch.finfo(torch.float32).max:.3g}, "
-            f"or 0): out of range at {shown}; rescale them (only their ratios matter with "
-            "normalize=mean or sum)"
+            f"or 0): out of range at {_shown(values, bad)}; rescale them (only their ratios "
+            "matter with normalize=mean or sum)"
         )
 
 
