@@ -77,6 +77,79 @@ def test_every_optimizer_and_scheduler_instantiates(optimizer: str, scheduler: s
         assert opt.param_groups[0]["lr"] == pytest.approx(cfg.scheduler.eta_min)
 
 
+def _lrs(sched: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[float]:
+    opt = sched.optimizer
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_a_scheduler_config_of_ones_own_keeps_its_length_and_gets_the_runs_where_it_has_none(
+) -> None:
+    """The trainer set ``T_max`` to the run's length for any config with ``eta_min``: a file's
+    own ``T_max: 3`` was replaced (the lr of a 6-step run followed T_max 6, no warning), and a
+    ``CosineAnnealingWarmRestarts`` (``eta_min``, no ``T_max``) failed with an unexpected
+    keyword. The length is set where the constructor takes it and the config does not give it;
+    OneCycleLR's ``total_steps`` likewise unless ``epochs`` is given. References: torch's
+    schedulers built by hand."""
+    from trainer.run import run_length_keys
+
+    def opt() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1e-3)
+
+    def cfg(**kw: object):
+        return OmegaConf.create({"_partial_": True, **kw})
+
+    S = torch.optim.lr_scheduler
+    own = cfg(_target_="torch.optim.lr_scheduler.CosineAnnealingLR", T_max=3, eta_min=0.0)
+    assert run_length_keys(own) == []
+    o = opt()
+    assert _lrs(build_scheduler(own, opt(), total_steps=6), 6) == _lrs(
+        S.CosineAnnealingLR(o, T_max=3, eta_min=0.0), 6
+    )
+    restarts = cfg(_target_="torch.optim.lr_scheduler.CosineAnnealingWarmRestarts", T_0=3,
+                   eta_min=0.0)  # fmt: skip
+    o = opt()
+    assert _lrs(build_scheduler(restarts, opt(), total_steps=6), 6) == _lrs(
+        S.CosineAnnealingWarmRestarts(o, T_0=3, eta_min=0.0), 6
+    )
+    cosine = cfg(_target_="torch.optim.lr_scheduler.CosineAnnealingLR")  # (no eta_min either)
+    assert run_length_keys(cosine) == ["T_max"]
+    assert build_scheduler(cosine, opt(), total_steps=6).T_max == 6
+    one_cycle = cfg(_target_="torch.optim.lr_scheduler.OneCycleLR", max_lr=0.1)
+    assert run_length_keys(one_cycle) == ["total_steps"]
+    o = opt()
+    assert _lrs(build_scheduler(one_cycle, opt(), total_steps=6), 6) == _lrs(
+        S.OneCycleLR(o, max_lr=0.1, total_steps=6), 6
+    )
+    by_epochs = cfg(_target_="torch.optim.lr_scheduler.OneCycleLR", max_lr=0.1, epochs=2,
+                    steps_per_epoch=3)  # fmt: skip
+    assert run_length_keys(by_epochs) == []
+    step = cfg(_target_="torch.optim.lr_scheduler.StepLR", step_size=2)
+    assert run_length_keys(step) == []
+
+
+def test_a_cosine_period_of_ones_own_is_not_checked_against_the_run_on_resume() -> None:
+    """The resume check refuses a run longer than the trainer's ``T_max`` (the learning rate
+    would climb again); a ``T_max`` the config sets is the user's period, climbing included."""
+    from types import SimpleNamespace
+
+    from trainer.run import _check_schedule_length
+
+    o = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1e-3)
+    trainer = SimpleNamespace(scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=3),
+                              total_steps=8)  # fmt: skip
+    target = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    own = OmegaConf.create({"_target_": target, "_partial_": True, "T_max": 3})
+    _check_schedule_length(trainer, Path("last.pt"), own)  # type: ignore[arg-type]
+    runs = OmegaConf.create({"_target_": target, "_partial_": True, "eta_min": 0.0})
+    with pytest.raises(ConfigError, match=r"over its run's 3 steps \(T_max\)"):
+        _check_schedule_length(trainer, Path("last.pt"), runs)  # type: ignore[arg-type]
+
+
 def test_every_data_config_instantiates() -> None:
     for choice in choices("data"):
         data = instantiate(make_cfg(f"data={choice}", *NEEDS.get(choice, [])).data)

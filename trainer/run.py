@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import random
@@ -22,7 +23,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -98,23 +99,42 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(deterministic)
 
 
+#: a scheduler's keyword for its length, set to the run's total optimizer steps where its
+#: constructor takes it and the config leaves it out (``CosineAnnealingLR``'s ``T_max``,
+#: ``OneCycleLR``'s ``total_steps`` unless ``epochs`` is given): one of the config's own is kept
+_LENGTH_KEYS = {"T_max": (), "total_steps": ("epochs", "steps_per_epoch")}
+
+
+def run_length_keys(cfg: DictConfig) -> list[str]:
+    """The keys of :data:`_LENGTH_KEYS` the trainer sets for the scheduler ``cfg`` builds."""
+    if cfg.get("_target_") is None:
+        return []
+    try:
+        parameters = inspect.signature(get_object(cfg._target_)).parameters
+    except (TypeError, ValueError):  # (no signature to read: the config is taken as it is)
+        return []
+    return [key for key, instead in _LENGTH_KEYS.items()
+            if key in parameters and key not in cfg and not any(k in cfg for k in instead)]  # fmt: skip
+
+
 def build_scheduler(
     cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     if cfg.get("_target_") is None:
         return None
-    kwargs = {"T_max": max(total_steps, 1)} if "eta_min" in cfg else {}
+    kwargs = dict.fromkeys(run_length_keys(cfg), max(total_steps, 1))
     return instantiate(cfg)(optimizer, **kwargs)
 
 
-def _check_schedule_length(trainer: Trainer, checkpoint: Path) -> None:
-    """A cosine schedule anneals over the run's length, set when the run began (``T_max``, kept
+def _check_schedule_length(trainer: Trainer, checkpoint: Path, cfg: DictConfig) -> None:
+    """A cosine schedule the trainer set to the run's length anneals over it (``T_max``, kept
     in the checkpoint's scheduler state). Resumed to train longer, ``CosineAnnealingLR`` would
     raise the learning rate again past ``T_max`` (it is periodic): refused. Resumed to train
-    less, the learning rate follows the checkpoint's schedule and stops short of ``eta_min``."""
+    less, the learning rate follows the checkpoint's schedule and stops short of ``eta_min``.
+    A ``T_max`` of the config's own is the user's period: not checked."""
     t_max = getattr(trainer.scheduler, "T_max", None)
     if not isinstance(trainer.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or (
-        t_max is None or trainer.total_steps == t_max
+        t_max is None or trainer.total_steps == t_max or "T_max" not in run_length_keys(cfg)
     ):
         return
     if trainer.total_steps > t_max:
@@ -280,7 +300,7 @@ def run(
                 trainer.load_state_dict(resume_state)
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"checkpoint {resume_path} does not fit this run: {e}") from e
-            _check_schedule_length(trainer, resume_path)
+            _check_schedule_length(trainer, resume_path, cfg.scheduler)
             set_rng_state(resume_state["rng"])
             home = _home_of(resume_path)
             if home is not None:  # continue in the run's own dir
