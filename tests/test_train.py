@@ -235,29 +235,65 @@ def test_bfloat16_losses_are_averaged_in_float32(tmp_path) -> None:
 def test_the_epochs_loss_sum_is_folded_alike_whether_a_validation_read_it_or_not() -> None:
     """A logging step folds its window into the epoch's sum with the window's own sum when the
     epoch's pending losses are the window's (no validation since the last log), else by
-    folding them: the epoch's sum is bit for bit the sum of each fold's concatenation."""
+    folding them: the epoch's sum is bit for bit the sum of each fold's concatenation, each
+    summed in float64 and added in float64."""
     from trainer.metrics import LossTally
 
     g = torch.Generator().manual_seed(0)
     batches = [torch.rand(64, generator=g) for _ in range(9)]
     tally = LossTally(torch.device("cpu"), per_token=False)
-    expected = torch.zeros(())
+    expected = torch.zeros((), dtype=torch.float64)
     for b in batches[:3]:
         tally.add(b, None)
     tally.take_log()  # the window is the epoch's pending part
-    expected += torch.cat(batches[:3]).sum()
+    expected += torch.cat(batches[:3]).sum(dtype=torch.float64)
     for b in batches[3:5]:
         tally.add(b, None)
     tally.epoch_parts()  # a validation in the middle of a window folds what it has
-    expected += torch.cat(batches[3:5]).sum()
+    expected += torch.cat(batches[3:5]).sum(dtype=torch.float64)
     for b in batches[5:]:
         tally.add(b, None)
     mean, total, count, samples = tally.take_log()
-    expected += torch.cat(batches[5:]).sum()
-    assert torch.equal(tally.epoch_parts(), torch.stack([expected, torch.tensor(576.0)]))
+    expected += torch.cat(batches[5:]).sum(dtype=torch.float64)
+    assert torch.equal(tally.epoch_parts(), torch.stack([expected, torch.tensor(576.0, dtype=torch.float64)]))
     assert count == samples == 384
-    assert torch.equal(total, torch.cat(batches[3:]).sum())
+    assert torch.equal(total, torch.cat(batches[3:]).sum(dtype=torch.float64))
     assert torch.equal(mean, torch.cat(batches[3:]).mean())
+
+
+def test_the_epochs_train_loss_is_summed_in_float64_and_a_resumed_window_counts_its_own_samples(
+) -> None:
+    """The epoch's mean train/loss (metrics.json, the epoch lines, "done:") was a float32
+    running total of its windows' sums: 2.2e-7 off an fsum of the same losses after one epoch
+    of B = 8 logged every step (a probe), growing with the windows; per-token unit counts
+    stopped being integers past 2²⁴. Summed in float64 now. A resumed run's first window
+    counted its flattened (B·T) pending losses as samples, and ones an earlier process trained:
+    samples/s 299,488 for 5,000–7,500."""
+    import math
+
+    from trainer.metrics import LossTally
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(8, generator=g) * 3 for _ in range(2000)]
+    tally = LossTally(torch.device("cpu"), per_token=False)
+    for b in batches:
+        tally.add(b, None)
+        tally.take_log()
+    total, count = tally.epoch_parts().tolist()
+    reference = math.fsum(v for b in batches for v in b.double().tolist())
+    # each window's float64 sum of 8 float32 values is exact (their exponents are within 2⁵²
+    # of each other), and the 2,000 float64 additions keep 2,000·2⁻⁵³ relative at most
+    assert count == 16000 and total == pytest.approx(reference, rel=2000 * 2.0**-53, abs=0)
+
+    units = torch.ones(2, 3)  # per-token: 2 sequences of 3 tokens
+    tally = LossTally(torch.device("cpu"), per_token=True)
+    tally.add(torch.rand(2, 3, generator=g), units)
+    resumed = LossTally(torch.device("cpu"), per_token=True)
+    resumed.load_state_dict(tally.state_dict())
+    resumed.add(torch.rand(2, 3, generator=g), units)
+    assert resumed.take_log()[3] == 2  # this process's 2 sequences (not 6 + 6 rows)
+    resumed.add(torch.rand(2, 3, generator=g), units)
+    assert resumed.take_log()[3] == 2
 
 
 def test_a_run_stopped_mid_epoch_counts_only_completed_epochs(tmp_path) -> None:

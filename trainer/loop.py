@@ -736,7 +736,7 @@ class Trainer:
         train_loss, total, count, samples = self.tally.take_log()
         if self.world.distributed:  # the mean over every rank's samples (tokens)
             if not isinstance(count, Tensor):  # (per-sample losses: the count, on the host)
-                count = torch.full((), float(count), device=total.device)
+                count = torch.full((), count, dtype=total.dtype, device=total.device)
             total, n = all_reduce_sum(torch.stack([total, count]))
             train_loss, samples = total / n, samples * self.world.size
         return train_loss, samples

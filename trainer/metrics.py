@@ -343,12 +343,19 @@ class LossTally:
 
     def __init__(self, device: torch.device, per_token: bool):
         self.device, self.per_token = device, per_token
+        #: the sums' dtype: float64 (a float32 running total of an epoch's windows drifts by
+        #: their count's roundings; float32 token counts stop at 2²⁴), float32 on MPS (none)
+        self.wide = torch.float32 if device.type == "mps" else torch.float64
         self._log: list[Tensor] = []  # per micro-batch: losses (B,), or u·ℓ (B, T)
         self._epoch: list[Tensor] = []  # the same, not yet folded into the epoch's sum
-        self._epoch_sum = torch.zeros((), device=device)
+        self._epoch_sum = torch.zeros((), dtype=self.wide, device=device)
         self._epoch_samples = 0  # per-sample losses: the epoch's count, on the host
-        self._units_log = torch.zeros((), device=device)  # per-token: Σu since the last log
-        self._units_epoch = torch.zeros((), device=device)  # per-token: Σu of the epoch
+        # per-token: Σu since the last log, and of the epoch
+        self._units_log = torch.zeros((), dtype=self.wide, device=device)
+        self._units_epoch = torch.zeros((), dtype=self.wide, device=device)
+        #: rows of a resumed run's first window that an earlier process trained (flattened:
+        #: not its samples), left out of the window's samples (samples/s is this process's)
+        self._resumed_rows = 0
 
     def add(self, losses: Tensor, units: Tensor | None) -> None:
         """One micro-batch's detached losses (and the loss's unit weights, per-token).
@@ -381,16 +388,17 @@ class LossTally:
         device but the sample count (the denominator of per-sample losses is that count: an
         int); the window is then folded into the epoch's sum. The numerator and denominator
         are what a data-parallel run sums over the ranks."""
-        samples = sum(t.shape[0] for t in self._log)
+        samples = sum(t.shape[0] for t in self._log) - self._resumed_rows
+        self._resumed_rows = 0
         count: Tensor | int
         if self.per_token:  # Σuℓ / Σu
             interval = torch.cat([t.reshape(-1) for t in self._log])
-            total, count = interval.sum(), self._units_log.clone()
+            total, count = interval.sum(dtype=self.wide), self._units_log.clone()
             mean = total / count  # (a window without a unit: NaN, not a loss of 0)
             self._units_log.zero_()
         else:
             interval = widen(torch.cat(self._log))  # (samples since the last log,)
-            mean, total, count = interval.mean(), interval.sum(), samples
+            mean, total, count = interval.mean(), interval.sum(dtype=self.wide), interval.numel()
         if len(self._epoch) == len(self._log) and all(
             a is b for a, b in zip(self._epoch, self._log, strict=True)
         ):  # the epoch's pending losses are the window's (no validation since the last log):
@@ -405,7 +413,8 @@ class LossTally:
     def fold(self) -> None:
         """Add the epoch's pending losses into its device-side sum."""
         if self._epoch:
-            self._epoch_sum += widen(torch.cat([t.reshape(-1) for t in self._epoch])).sum()
+            flat = widen(torch.cat([t.reshape(-1) for t in self._epoch]))
+            self._epoch_sum += flat.sum(dtype=self.wide)
             self._epoch_samples += sum(t.numel() for t in self._epoch)
             self._epoch.clear()
 
@@ -413,10 +422,10 @@ class LossTally:
         """[Σ, count] of the epoch's losses so far, (2,) on the device (no copy)."""
         self.fold()
         if self.per_token:  # Σu of the epoch's tokens
-            count = self._units_epoch.float()
+            count = self._units_epoch
         else:
-            count = torch.full((), float(self._epoch_samples), device=self.device)
-        return torch.stack([self._epoch_sum.float(), count])
+            count = torch.full((), self._epoch_samples, dtype=self.wide, device=self.device)
+        return torch.stack([self._epoch_sum, count])
 
     def state_dict(self) -> dict[str, Any]:
         """The losses not yet logged or folded, as they are (a resumed run logs the same)."""
@@ -450,8 +459,10 @@ class LossTally:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pending_log, pending_epoch = state["pending_log"], state["pending_epoch"]
         self._log = [pending_log.to(self.device)] if pending_log.numel() else []
+        self._resumed_rows = pending_log.numel()
         self._epoch = [pending_epoch.to(self.device)] if pending_epoch.numel() else []
-        self._epoch_sum = state["epoch_loss_sum"].to(self.device)
+        # (a checkpoint of an earlier version: float32 sums, widened exactly)
+        self._epoch_sum = state["epoch_loss_sum"].to(self.device, self.wide)
         self._epoch_samples = int(state["epoch_samples"])
-        self._units_log = state["units_log"].to(self.device)
-        self._units_epoch = state["units_epoch"].to(self.device)
+        self._units_log = state["units_log"].to(self.device, self.wide)
+        self._units_epoch = state["units_epoch"].to(self.device, self.wide)
