@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from trainer.callbacks import Callback
 from trainer.checkpoint import load_checkpoint
 from trainer.instrument.nonfinite import NonFiniteError
+from trainer.losses import Loss
 from trainer.update import clear_grads, conditional_step, scaled_step, step_optimizer
 
 COMMON = ("trainer.max_steps=12", "logging.every_n_steps=4", "scheduler=cosine")
@@ -928,3 +929,35 @@ def test_a_kept_latch_holds_on_a_run_count_rebuilt_from_the_host() -> None:
     fresh = NonfiniteGuard(policy="skip", max_consecutive_skips=3, sync="deferred")
     flags = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]  # 3 in a row latch: skipped from there on
     assert [float(fresh._count(torch.tensor(f))) for f in flags] == [1, 1, 0, 1, 1, 1, 1]
+
+
+class BatchLevelLoss(Loss):
+    """Cross-entropy's batch mean broadcast to the (B,) contract (an expanded view: its
+    elements share one memory location), +Inf on the third training forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, output, target):
+        loss = torch.nn.functional.cross_entropy(output, target)
+        self.calls += output.requires_grad
+        if self.calls == 3 and output.requires_grad:
+            loss = loss + math.inf
+        return loss.expand(output.shape[0])
+
+
+def test_the_step_guard_checks_an_expanded_loss(tmp_path) -> None:
+    """Step mode's check writes in place (GradScaler's kernel, × 1) and torch refuses that on
+    an expanded tensor: a loss broadcast from the batch's mean crashed the first step. Such a
+    tensor is checked as a copy: the run skips the +Inf step as the deferred guard does (which
+    writes nothing), bit for bit."""
+    common = ("~loss", f"+loss._target_={__name__}.BatchLevelLoss", "trainer.max_steps=5",
+              "logging.every_n_steps=1", "instrument.nonfinite.policy=skip")  # fmt: skip
+    train(tmp_path / "step", *common, "instrument.nonfinite.sync=step")
+    train(tmp_path / "deferred", *common, "instrument.nonfinite.sync=deferred")
+    step, deferred = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt")["model"]
+                      for d in ("step", "deferred"))  # fmt: skip
+    assert all(torch.equal(step[k], deferred[k]) for k in step)
+    for d in ("step", "deferred"):
+        assert read_scalars(tmp_path / d)["nonfinite/skipped_steps"] == [(3, 1.0)]

@@ -310,7 +310,16 @@ class NonfiniteGuard(Callback):
         if self._found_set:  # (the kernel only ever sets it: zeroed unless read as 0 since)
             found.zero_()
         self._found_set = True
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._ones(device))
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._ones(device))
+        except RuntimeError as e:  # an expanded tensor (a batch-level loss broadcast to (B,)):
+            # the kernel writes in place and refuses one whose elements share memory; those
+            # are checked as copies (the kernel only sets the flag: a pass it stopped in
+            # leaves it as the values it met had it)
+            if "single memory location" not in str(e):
+                raise
+            tensors = [t.clone() if _overlapping(t) else t for t in tensors]
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._ones(device))
         return found  # (read by the caller: once per checked step)
 
     def _names(self, trainer: Trainer, grads: int, losses: int) -> list[str]:
@@ -406,3 +415,8 @@ def _cause(bad: list[str]) -> str:
         more = f" (and {len(grads) - 1} more)" if len(grads) > 1 else ""
         parts.append(f"non-finite gradient of {grads[0]}{more}")
     return "; ".join(parts)
+
+
+def _overlapping(t: Tensor) -> bool:
+    """Whether elements of ``t`` share memory (a stride of 0 along a dimension of 2 or more)."""
+    return any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True))
