@@ -1269,3 +1269,33 @@ def test_host_functions_run_for_every_step_read_even_when_a_write_fails() -> Non
     with pytest.raises(OSError, match="disk full"):
         staging.flush(FailsOnce())
     assert seen == [1.0, 2.0, 3.0]
+
+
+class DropsTheGradientsAfterBackward(Callback):
+    """Sets every gradient to None after the backward of step ``step`` (before the scaler's
+    unscale_) and keeps the parameters after each step."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.params = step, []
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step + 1 == self.step:
+            for p in trainer.params:
+                p.grad = None
+
+    def on_train_step_end(self, trainer, out) -> None:
+        self.params.append([p.detach().clone() for p in trainer.params])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_float16_autocast_step_without_gradients_is_no_update(tmp_path, optimizer) -> None:
+    """``trainer.precision=16``: a step at which no parameter has a gradient when the scaler
+    would unscale them crashed (GradScaler asserts "No inf checks were recorded"). Nothing is
+    unscaled, checked or stepped: the parameters stay as they were, the total is 0, the run
+    goes on with the scale it had."""
+    keep = DropsTheGradientsAfterBackward(2)
+    train(tmp_path, "trainer.precision=16", "trainer.max_steps=3", "logging.every_n_steps=1",
+          f"optimizer={optimizer}", callbacks=[keep])  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(*keep.params[:2], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(*keep.params[1:], strict=True))
+    assert dict(read_scalars(tmp_path)["grad_norm/total"])[2] == 0.0

@@ -657,8 +657,14 @@ class Trainer:
             self.optimizer_step(batch, losses, weights)
 
     def optimizer_step(self, batch: Batch, losses: Tensor, weights: Tensor | None) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # everything below sees true gradients
+        scaler = self.scaler
+        if scaler is not None:
+            if any(p.grad is not None for p in self.params):
+                scaler.unscale_(self.optimizer)  # everything below sees true gradients
+            else:  # no gradient (a callback dropped them): nothing for the scaler to unscale,
+                # check or step (GradScaler asserts on a step without its checks); a gradient
+                # a hook sets below is a true one, stepped as without a scaler
+                scaler = None
         self.global_step += 1
         self.logging_step = should_log = self.should_log(self.global_step)
         self.skip_step = self.measure_clipped_norm = False
@@ -696,10 +702,10 @@ class Trainer:
         if self.measure_clipped_norm and grad_norm is not None:  # the norms instrument's
             split_norms["grad_norm/total"] = grad_norm  # cadence: the total with it
         if self.skip_step:  # parameters and optimizer state stay as they are
-            if self.scaler is not None:
-                self.scaler.update()  # closes this step's unscale_ (and lowers the scale on inf)
-        elif self.scaler is not None:  # (and scaler.update(); trainer/update.py)
-            scaled_step(self.scaler, self.optimizer, self.skip_step_where)
+            if scaler is not None:
+                scaler.update()  # closes this step's unscale_ (and lowers the scale on inf)
+        elif scaler is not None:  # (and scaler.update(); trainer/update.py)
+            scaled_step(scaler, self.optimizer, self.skip_step_where)
         elif self.skip_step_where is not None:  # decided on the device, never read here
             conditional_step(self.optimizer, self.skip_step_where)
         else:
