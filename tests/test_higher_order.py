@@ -421,6 +421,31 @@ def test_an_unconverged_power_iteration_is_nan_with_its_product_count() -> None:
     assert power_iteration(grads, params, gen, iters=3, tol=0)[1:] == (3, True)
 
 
+def test_power_iteration_does_not_call_a_mix_of_opposite_eigenvalues_converged() -> None:
+    """With eigenvalues ±λ at the top (a saddle: a two-layer linear net at 0), the iterate
+    keeps both components and θ = λ(c₁² − c₂²) stays put: the change rule alone called it
+    converged after 3 products (a probe logged +0.15, +0.68 and −0.30 for ±0.742 by seed).
+    ‖Hv‖ ≤ (1 + tol)|θ| is required too: such a step is NaN; a spectrum with one top
+    eigenvalue still converges to it, within tol. H given explicitly, float64."""
+    def run(eigenvalues: list[float], seed: int) -> tuple[float, int, bool]:
+        q, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(9),
+                                           dtype=torch.float64))  # fmt: skip
+        h = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+        params = [torch.zeros(5, dtype=torch.float64)]
+        eig, products, converged = power_iteration(
+            [], params, torch.Generator().manual_seed(seed), product=lambda v: [h @ v[0]]
+        )
+        return float(eig), products, converged
+
+    for seed in range(3):
+        eig, products, converged = run([0.742, -0.742, 0.3, -0.1, 0.0], seed)
+        assert (products, converged) == (50, False), (seed, eig)
+        eig, products, converged = run([3.0, -1.0, 0.5, 0.2, 0.0], seed)
+        assert converged and products < 50 and eig == pytest.approx(3.0, rel=1e-3)
+        eig, products, converged = run([-3.0, 1.0, 0.5, 0.2, 0.0], seed)  # the sign is kept
+        assert converged and products < 50 and eig == pytest.approx(-3.0, rel=1e-3)
+
+
 def test_the_curvature_callback_logs_nan_and_the_count_for_an_unconverged_step(caplog) -> None:
     trainer, batch, h = least_squares_trainer()
     with caplog.at_level(logging.WARNING):

@@ -88,11 +88,17 @@ def power_iteration(
     """The Hessian's eigenvalue of largest magnitude by power iteration: (the estimate, 0-d;
     the Hessian-vector products taken; whether it converged).
 
-    Stops after ``iters`` products, or earlier once the estimate changes by at most ``tol``
-    relative to itself: converged (a stopping rule, not an error bound: an estimate creeping
-    slowly can still be off by more). ``tol=0``: always ``iters`` products, no host sync until
-    read, and no convergence claimed or checked (True). ``product(v)`` replaces
-    ``hvp(grads, params, v)`` (data-parallel: summed over the ranks).
+    Stops after ``iters`` products, or earlier once the estimate θ = vᵀHv changes by at most
+    ``tol`` relative to itself **and** ‖Hv‖ ≤ (1 + tol)·|θ|: converged. The second condition
+    bounds the residual, ‖Hv − θv‖² = ‖Hv‖² − θ² ≤ (2 tol + tol²)·θ², so an eigenvalue of H
+    lies within √(2 tol + tol²)·|θ| of θ (4.5 % at 1e-3; much closer once the others are
+    further than that). Without it an iterate mixing eigenvalues of opposite signs (±λ, as at
+    a saddle) holds θ = λ(c₁² − c₂²) still, anywhere in (−λ, λ), and looked converged after 3
+    products. An estimate creeping slowly can still be off by more than ``tol`` from the
+    largest magnitude (a stopping rule for that, not an error bound). ``tol=0``: always
+    ``iters`` products, no host sync until read, and no convergence claimed or checked
+    (True). ``product(v)`` replaces ``hvp(grads, params, v)`` (data-parallel: summed over the
+    ranks).
     """
     v = [_randn_like(p, generator) for p in params]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(widen(u)) for u in v]))
@@ -108,7 +114,11 @@ def power_iteration(
         )
         v = [(widen(h) / norm.clamp_min(tiny)).to(h.dtype) for h in hv]  # Hv = 0: v = 0, 0
         # host sync, on measuring steps only: one per iteration when tol > 0
-        converged = tol > 0 and i > 0 and bool((new - eig).abs() <= tol * new.abs())
+        converged = (
+            tol > 0
+            and i > 0
+            and bool(((new - eig).abs() <= tol * new.abs()) & (norm <= (1 + tol) * new.abs()))
+        )
         eig = new
         if converged:
             return eig, i + 1, True
@@ -255,7 +265,8 @@ class Curvature(Callback):
         curved = any(g.requires_grad for g in grads)
         if not curved and not ddp:  # the loss is linear in θ: H = 0
             zero = torch.zeros((), device=params[0].device)
-            return {"curvature/top_eig": zero, "curvature/trace": zero}
+            return {"curvature/top_eig": zero, "curvature/top_eig_iters": 0.0,
+                    "curvature/trace": zero}  # fmt: skip
 
         def product(v: list[Tensor]) -> list[Tensor]:
             # data-parallel: H v of the global objective, the sum of the ranks' parts (every
