@@ -87,8 +87,7 @@ def _lrs(sched: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[float]
     return out
 
 
-def test_a_scheduler_config_of_ones_own_keeps_its_length_and_gets_the_runs_where_it_has_none(
-) -> None:
+def test_a_scheduler_file_keeps_its_own_length_and_gets_the_runs_where_it_has_none() -> None:
     """The trainer set ``T_max`` to the run's length for any config with ``eta_min``: a file's
     own ``T_max: 3`` was replaced (the lr of a 6-step run followed T_max 6, no warning), and a
     ``CosineAnnealingWarmRestarts`` (``eta_min``, no ``T_max``) failed with an unexpected

@@ -427,6 +427,7 @@ def test_power_iteration_does_not_call_a_mix_of_opposite_eigenvalues_converged()
     converged after 3 products (a probe logged +0.15, +0.68 and −0.30 for ±0.742 by seed).
     ‖Hv‖ ≤ (1 + tol)|θ| is required too: such a step is NaN; a spectrum with one top
     eigenvalue still converges to it, within tol. H given explicitly, float64."""
+
     def run(eigenvalues: list[float], seed: int) -> tuple[float, int, bool]:
         q, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(9),
                                            dtype=torch.float64))  # fmt: skip

@@ -255,14 +255,14 @@ def test_the_epochs_loss_sum_is_folded_alike_whether_a_validation_read_it_or_not
         tally.add(b, None)
     mean, total, count, samples = tally.take_log()
     expected += torch.cat(batches[5:]).sum(dtype=torch.float64)
-    assert torch.equal(tally.epoch_parts(), torch.stack([expected, torch.tensor(576.0, dtype=torch.float64)]))
+    count_ = torch.tensor(576.0, dtype=torch.float64)
+    assert torch.equal(tally.epoch_parts(), torch.stack([expected, count_]))
     assert count == samples == 384
     assert torch.equal(total, torch.cat(batches[3:]).sum(dtype=torch.float64))
     assert torch.equal(mean, torch.cat(batches[3:]).mean())
 
 
-def test_the_epochs_train_loss_is_summed_in_float64_and_a_resumed_window_counts_its_own_samples(
-) -> None:
+def test_the_epochs_loss_is_summed_in_float64_a_resumed_window_counts_its_samples() -> None:
     """The epoch's mean train/loss (metrics.json, the epoch lines, "done:") was a float32
     running total of its windows' sums: 2.2e-7 off an fsum of the same losses after one epoch
     of B = 8 logged every step (a probe), growing with the windows; per-token unit counts

@@ -113,8 +113,11 @@ def run_length_keys(cfg: DictConfig) -> list[str]:
         parameters = inspect.signature(get_object(cfg._target_)).parameters
     except (TypeError, ValueError):  # (no signature to read: the config is taken as it is)
         return []
-    return [key for key, instead in _LENGTH_KEYS.items()
-            if key in parameters and key not in cfg and not any(k in cfg for k in instead)]  # fmt: skip
+    return [
+        key
+        for key, instead in _LENGTH_KEYS.items()
+        if key in parameters and key not in cfg and not any(k in cfg for k in instead)
+    ]
 
 
 def build_scheduler(
