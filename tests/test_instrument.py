@@ -183,6 +183,66 @@ def test_norms_of_float16_and_bfloat16_tensors_are_taken_in_float32() -> None:
     assert torch.equal(total_norm(f32), get_total_norm(f32))  # no float16/bfloat16: torch's
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["square", "ragged", "transposed"])
+def test_a_long_tensors_norm_on_a_cpu_is_taken_by_rows(dtype, layout) -> None:
+    """torch's CPU 2-norm keeps one float32 running sum per SIMD lane (pytorch#169237): 2²⁰
+    ones after 64 entries of 4096 lose every 1 (each lane holds 2²⁴ first, and 2²⁴ + 1 rounds
+    back), 4.9e-4 low; random gradients of 2²⁰ elements were 1.3e-5 low. By rows of 1024:
+    each row of ones sums exactly (integers below 2²⁴), the first row loses at most its 960
+    ones of its 2³⁰ (≤ 9e-7 of the sum of squares), and the rows' norms (32 exactly, and one
+    rounded once) square and sum exactly in multiples of 128: within 1e-6 of the exact norm.
+    float16/bfloat16 alike (in float32); ragged lengths and copies of transposed tensors too."""
+    from trainer.instrument.norms import norms_of, total_norm
+    from trainer.precision import LONG, is_long
+
+    n = 1 << 20
+    t = torch.ones(n + (37 if layout == "ragged" else 0))
+    t[:64] = 4096.0
+    if layout == "transposed":  # the same values in column-major memory (the reshape copies)
+        t = t.view(1024, 1024).T.contiguous().T
+        assert not t.is_contiguous()
+    t = t.to(dtype)
+    exact = math.sqrt(64 * 4096.0**2 + (t.numel() - 64))
+    small = torch.randn(100)
+    assert is_long(t) and not is_long(small) and LONG == 1 << 17
+    long, short = norms_of([t, small])
+    assert long.dtype == torch.float32 and long.item() == pytest.approx(exact, rel=1e-6)
+    assert torch.equal(short, torch._foreach_norm([small])[0])  # (short ones: torch's)
+    both = math.sqrt(exact**2 + small.double().norm().item() ** 2)
+    assert total_norm([t, small]).item() == pytest.approx(both, rel=1e-6)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_norms_of_a_long_layer_are_taken_by_rows_in_the_loop(tmp_path, clip) -> None:
+    """A 1024 x 1024 layer (2²⁰ weights) on a CPU: its logged gradient and weight norms, the
+    total (with clipping: the one that scales the gradients) and the update ratio are those of
+    trainer.precision.long_norm, bit for bit; the short layers' are torch's own."""
+    from trainer.instrument.norms import norms_of
+    from trainer.precision import is_long, long_norm
+
+    cap = Grads()
+    train(tmp_path, "model.hidden=[1024,1024]", "trainer.max_steps=2", "logging.every_n_steps=1",
+          "instrument.norms.every_n_steps=1", f"trainer.grad_clip={clip}", "optimizer=sgd",
+          callbacks=[cap])  # fmt: skip
+    s = read_scalars(tmp_path)
+    for step in (1, 2):
+        grads = cap.grads[step]
+        assert sum(is_long(g) for g in grads.values()) == 1
+        for n, g in grads.items():
+            want = long_norm(g) if is_long(g) else torch._foreach_norm([g])[0]
+            assert dict(s[f"grad_norm/{n}"])[step] == want.item(), n
+            w = cap.before[step][n]
+            want = long_norm(w) if is_long(w) else torch._foreach_norm([w])[0]
+            assert dict(s[f"param_norm/{n}"])[step] == want.item(), n
+        total = torch.linalg.vector_norm(torch.stack(norms_of(list(grads.values()))))
+        assert dict(s["grad_norm/total"])[step] == total.item()
+        n = next(n for n, g in grads.items() if is_long(g))
+        before, after = cap.before[step][n], cap.after[step][n]
+        ratio = long_norm(before - after) / long_norm(before)
+        assert dict(s[f"update_ratio/{n}"])[step] == ratio.item()
+
+
 @requires_cuda
 def test_float32_norms_on_cuda_are_those_of_the_cpu() -> None:
     """On CUDA too: a float32 tensor's norm in the one call with ``dtype=float32`` (a list that

@@ -168,3 +168,32 @@ def test_l2_of_float16_parameters_is_summed_in_float32() -> None:
     assert value.item() == pytest.approx(0.5 * 1e-4 * 65536, rel=2**-23)
     value.backward()
     assert torch.equal(p.grad, torch.full_like(p, 1e-4))  # λ p, as before
+
+
+def test_the_analytic_gradient_of_a_float16_weight_does_not_overflow() -> None:
+    """``Regularizer.grad`` (grad_norm/reg, grad_norm/data, grad_agreement/data_reg) took
+    4W(WᵀW − I) in float16: Inf for a W of norm ~300 whose λ-scaled gradient is about 478, so
+    both split norms logged Inf. Now in float32 and rounded once to float16, as the Function's
+    backward gives it, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(64, 64, bias=False).half()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(64, 64, generator=g) * 5)
+    for name in ("orthogonal", "l2", "l1"):
+        reg = Regularizer(name, 1e-4).bind(model)
+        (backward,) = torch.autograd.grad(reg.value(), reg.params)
+        (analytic,) = reg.grad()
+        assert analytic.dtype == torch.float16 and torch.isfinite(analytic).all(), name
+        assert torch.equal(analytic, backward), name
+
+
+def test_l2_of_a_long_tensor_on_a_cpu_is_summed_by_rows() -> None:
+    """½ λ ‖p‖² of 2²⁰ ones after 64 entries of 4096: torch's CPU norm loses every 1 (one
+    float32 running sum per lane, pytorch#169237), reg/l2 9.8e-4 low; by rows (see
+    test_a_long_tensors_norm_on_a_cpu_is_taken_by_rows) within 2e-6 of the exact value."""
+    from trainer.regularizers import l2
+
+    p = torch.ones(1 << 20)
+    p[:64] = 4096.0
+    exact = 0.5 * (64 * 4096.0**2 + (p.numel() - 64))
+    assert l2(p, coef=1.0).item() == pytest.approx(exact, rel=2e-6)

@@ -46,12 +46,11 @@ from trainer.distributed import (
     all_reduce_sum,
     broadcast_buffers,
 )
-from trainer.instrument.norms import total_norm
+from trainer.instrument.norms import needs_care, total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
 from trainer.losses import Loss, as_loss
 from trainer.metrics import HostFn, LossTally, Staging, mean_of
 from trainer.objective import Objective, Window
-from trainer.precision import LOW_PRECISION
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.update import clear_grads, conditional_step, scaled_step, step_optimizer
 from trainer.weighting import Weighting
@@ -539,13 +538,14 @@ class Trainer:
                 held = []
 
     def _dtypes_of_params(self) -> None:
-        #: float16/bfloat16 parameters: their gradients' norms, the total and the clipping
-        #: coefficient are computed in float32 (trainer.instrument.norms.total_norm)
-        self._low = any(p.dtype in LOW_PRECISION for p in self.params)
+        #: float16/bfloat16 parameters, or long ones on a CPU: their gradients' norms, the
+        #: total and the clipping coefficient are computed by trainer.instrument.norms (in
+        #: float32; by rows), not by clip_grad_norm_
+        self._careful = needs_care(self.params)
         #: whether the total is the 2-norm of shared per-parameter norms bit for bit, so the
         #: loop may take it from them: get_total_norm sums per (device, dtype) group, so with
-        #: one group; total_norm (float16/bfloat16 parameters) always
-        self._one_group = self._low or len({(p.device, p.dtype) for p in self.params}) <= 1
+        #: one group; total_norm (careful) always
+        self._one_group = self._careful or len({(p.device, p.dtype) for p in self.params}) <= 1
 
     def _first_forward(self, x: Tensor, y: Tensor) -> tuple[Any, Tensor]:
         """The first micro-batch's forward and loss, with the output's check. A dtype the model
@@ -686,17 +686,17 @@ class Trainer:
                 # would compute it (the 2-norm of the per-tensor 2-norms)
                 grad_norm = torch.linalg.vector_norm(shared)
         if self.grad_clip > 0:
-            if grad_norm is None and not self._low:
+            if grad_norm is None and not self._careful:
                 grad_norm = clip_grad_norm_(self.params, self.grad_clip)
             else:
-                if grad_norm is None:  # (float16/bfloat16: the total in float32)
-                    grad_norm = total_norm(grads, low=True)
+                if grad_norm is None:  # (float16/bfloat16: the total in float32; by rows)
+                    grad_norm = total_norm(grads, careful=True)
                 clip_grads_with_norm_(self.params, self.grad_clip, grad_norm)
             if self.measure_clipped_norm:  # measured after clipping, not inferred
-                split_norms["grad_norm/total_clipped"] = total_norm(grads, self._low)
+                split_norms["grad_norm/total_clipped"] = total_norm(grads, self._careful)
         elif should_log or self.measure_clipped_norm:
             if grad_norm is None:
-                grad_norm = total_norm(grads, self._low)
+                grad_norm = total_norm(grads, self._careful)
             if self.measure_clipped_norm:
                 split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
         if self.measure_clipped_norm and grad_norm is not None:  # the norms instrument's

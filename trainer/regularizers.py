@@ -23,11 +23,16 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from trainer.precision import wide_dtype, widen
+from trainer.precision import is_long, long_norm, wide_dtype, widen
 
 
 def _l2_grad(p: Tensor) -> Tensor:
     return p  # d(½‖p‖²)/dp
+
+
+def _norm(p: Tensor) -> Tensor:
+    """‖p‖₂ (float32 for float16/bfloat16; by rows where long on a CPU)."""
+    return long_norm(p) if is_long(p) else torch.linalg.vector_norm(p, dtype=wide_dtype(p.dtype))
 
 
 def _l1_grad(p: Tensor) -> Tensor:
@@ -46,10 +51,9 @@ class _L2(Function):
     def forward(ctx, coef: float, *params: Tensor) -> Tensor:
         ctx.coef = coef
         ctx.save_for_backward(*params)
-        # (float16/bfloat16 parameters' norms in float32: a float16 ‖p‖² is Inf past ‖p‖ = 256)
-        norms = torch.stack(
-            [torch.linalg.vector_norm(p, dtype=wide_dtype(p.dtype)) for p in params]
-        )
+        # (float16/bfloat16 parameters' norms in float32: a float16 ‖p‖² is Inf past ‖p‖ = 256;
+        # long ones on a CPU by rows: torch's own norm is 1e-5 low at 10⁶ elements there)
+        norms = torch.stack([_norm(p) for p in params])
         return norms.square_().sum().mul_(0.5 * coef)  # 0-d
 
     @staticmethod
@@ -197,8 +201,10 @@ class Regularizer:
 
     @torch.no_grad()
     def grad(self) -> list[Tensor]:
-        """λ ∂R/∂p for each selected parameter, computed analytically (no backward pass)."""
-        return [self.coef * self.grad_fn(p) for p in self.params]
+        """λ ∂R/∂p for each selected parameter, computed analytically (no backward pass); of a
+        float16/bfloat16 parameter in float32, rounded once to its dtype as the Function's
+        backward does (4W(WᵀW − I) of a float16 W overflowed before λ scaled it)."""
+        return [(self.coef * self.grad_fn(widen(p))).to(p.dtype) for p in self.params]
 
 
 class InputGradPenalty:

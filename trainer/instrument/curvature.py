@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trainer.backward import explain_freed_graph
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_reduce_sum
+from trainer.instrument.norms import norms_of
 from trainer.precision import widen
 from trainer.rng import forked_rng
 
@@ -101,7 +102,7 @@ def power_iteration(
     ranks).
     """
     v = [_randn_like(p, generator) for p in params]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(widen(u)) for u in v]))
+    norm = torch.linalg.vector_norm(torch.stack(norms_of(v)))
     v = [u / norm.to(u.dtype) for u in v]
     eig = torch.zeros((), device=params[0].device, dtype=widen(params[0]).dtype)
     tiny = torch.finfo(eig.dtype).tiny
@@ -109,9 +110,7 @@ def power_iteration(
     for i in range(iters):
         hv = product(v)
         new = _dot(v, hv)  # the Rayleigh quotient, ‖v‖ = 1
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(widen(h)) for h in hv])
-        )
+        norm = torch.linalg.vector_norm(torch.stack(norms_of(hv)))  # (float32 at least; by rows)
         v = [(widen(h) / norm.clamp_min(tiny)).to(h.dtype) for h in hv]  # Hv = 0: v = 0, 0
         # host sync, on measuring steps only: one per iteration when tol > 0
         converged = (

@@ -43,8 +43,7 @@ from torch import Tensor
 
 from trainer.callbacks import READ_EVERY, Callback, Every
 from trainer.distributed import all_reduce_max
-from trainer.instrument.norms import norms_of
-from trainer.precision import LOW_PRECISION
+from trainer.instrument.norms import needs_care, norms_of
 from trainer.update import takes_found_inf
 
 if TYPE_CHECKING:
@@ -94,7 +93,8 @@ class NonfiniteGuard(Callback):
         #: deferred: whether every later update is skipped (on the device; policy raise: a
         #: non-finite step was seen; skip: ``max_consecutive_skips`` were reached)
         self._latched: Tensor | None = None
-        self._low_params = False  # float16/bfloat16 parameters (their gradients normed in float32)
+        #: float16/bfloat16 parameters, or long ones on a CPU (their gradients' norms: norms_of)
+        self._careful_params = False
         #: deferred, policy skip: the skipped steps in a row, counted on the device
         self._run: Tensor | None = None
         self._found: Tensor | None = None  # step mode: the check's flag, kept
@@ -132,7 +132,7 @@ class NonfiniteGuard(Callback):
 
     def on_params_change(self, trainer: Trainer) -> None:
         """Checks the gradients of the parameters trainable now (a layer unfrozen mid-run)."""
-        self._low_params = any(p.dtype in LOW_PRECISION for p in trainer.params)
+        self._careful_params = needs_care(trainer.params)
         self._all_names = None
 
     def state_dict(self) -> dict[str, object]:
@@ -287,8 +287,8 @@ class NonfiniteGuard(Callback):
         float32): deferred, that counts as non-finite. (max |g|, which
         cannot overflow, took 10x longer on CPU.) The gradients' norms are shared with the
         norms instrument and the loop's total."""
-        low = any(t.dtype in LOW_PRECISION for t in losses) or (grads and self._low_params)
-        norms = norms_of(tensors, low=bool(low))
+        careful = needs_care(losses) or (grads and self._careful_params)
+        norms = norms_of(tensors, careful=bool(careful))
         if grads:  # (stacked if and when a later callback or the loop asks)
             trainer.share_grad_norms(grads, norms)
         return norms

@@ -8,6 +8,7 @@ with the step's other scalars in a single transfer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 from torch.nn.utils import get_total_norm
 
 from trainer.callbacks import Callback, Every, StepOutput, param_tag
-from trainer.precision import LOW_PRECISION, widen
+from trainer.precision import LOW_PRECISION, is_long, long_norm, widen
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -27,17 +28,27 @@ if TYPE_CHECKING:
 _DENSE_IN_FLOAT32 = (*LOW_PRECISION, torch.float32)
 
 
-def norms_of(tensors: list[Tensor], low: bool | None = None) -> list[Tensor]:
+def needs_care(tensors: Sequence[Tensor]) -> bool:
+    """Whether :func:`norms_of` must look at the tensors one by one: float16/bfloat16 ones
+    (normed in float32), or long ones on a CPU (:func:`trainer.precision.long_norm`)."""
+    return any(t.dtype in LOW_PRECISION or is_long(t) for t in tensors)
+
+
+def norms_of(tensors: list[Tensor], careful: bool | None = None) -> list[Tensor]:
     """Each tensor's 2-norm, 0-d each, in one fused call (``torch._foreach_norm``): those of
-    float16/bfloat16 tensors computed and returned in float32, without copying them (``low``:
-    whether there are any, where the caller knows). The others' are what ``_foreach_norm``
-    gives them, float32 ones bit for bit."""
+    float16/bfloat16 tensors computed and returned in float32, without copying them, and those
+    of tensors long on a CPU by rows (:func:`trainer.precision.long_norm`; torch's own is 1e-5
+    to 1e-3 low there). ``careful``: whether there are any (:func:`needs_care`), where the caller
+    knows. The others' are what ``_foreach_norm`` gives them, float32 ones bit for bit."""
     if not tensors:
         return []
-    if low is None:
-        low = any(t.dtype in LOW_PRECISION for t in tensors)
-    if not low:
+    if careful is None:
+        careful = needs_care(tensors)
+    if not careful:
         return list(torch._foreach_norm(tensors))
+    if any(is_long(t) for t in tensors):
+        short = iter(norms_of([t for t in tensors if not is_long(t)]))
+        return [long_norm(t) if is_long(t) else next(short) for t in tensors]
     if all(t.dtype in _DENSE_IN_FLOAT32 and t.layout == torch.strided for t in tensors):
         return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
     # (a float64, complex or sparse tensor among them, which dtype= does not take: the
@@ -53,14 +64,15 @@ def minus(grad: Tensor, part: Tensor) -> Tensor:
     return widen(grad) - widen(part)
 
 
-def total_norm(tensors: list[Tensor], low: bool | None = None) -> Tensor:
+def total_norm(tensors: list[Tensor], careful: bool | None = None) -> Tensor:
     """The 2-norm of all of them (``torch.nn.utils.get_total_norm``'s, bit for bit, where none
-    is float16/bfloat16; else the 2-norm of :func:`norms_of`, in float32 at least)."""
-    if low is None:
-        low = any(t.dtype in LOW_PRECISION for t in tensors)
-    if not low or not tensors:  # (none: get_total_norm's 0)
+    is float16/bfloat16 or long on a CPU; else the 2-norm of :func:`norms_of`, in float32 at
+    least)."""
+    if careful is None:
+        careful = needs_care(tensors)
+    if not careful or not tensors:  # (none: get_total_norm's 0)
         return get_total_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack(norms_of(tensors, low=True)))
+    return torch.linalg.vector_norm(torch.stack(norms_of(tensors, careful=True)))
 
 
 class Norms(Callback):
@@ -104,7 +116,7 @@ class Norms(Callback):
         self._before: list[Tensor] | None = None
         self._before_norms: Tensor | None = None
         self._tags: dict[str, tuple[str, ...]] = {}
-        self._low = False  # float16/bfloat16 parameters (normed in float32)
+        self._careful = False  # float16/bfloat16 parameters, or long ones on a CPU
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.on_params_change(trainer)
@@ -122,7 +134,7 @@ class Norms(Callback):
         self._names = {id(p): n for n, p in trainer.model.named_parameters()}
         for kind in ("grad_norm", "param_norm", "update_ratio"):
             self._tags[kind] = tuple(param_tag(kind, n) for n in trainer.param_names)
-        self._low = any(p.dtype in LOW_PRECISION for p in trainer.params)
+        self._careful = needs_care(trainer.params)
         self._before = None  # (between steps: _before_norms is None)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -147,7 +159,7 @@ class Norms(Callback):
         if grads:
             norms = trainer.shared_grad_norms(grads)  # the guard's, when it checked this step
             if norms is None:  # the gradients' and the weights' norms in one call
-                norms = torch.stack(norms_of(grads + weights, self._low))
+                norms = torch.stack(norms_of(grads + weights, self._careful))
                 trainer.share_grad_norms(grads, norms)  # the total is taken from them
                 offset = len(grads) if weights else 0
             # (a stack of norms, or a slice of one, that nothing writes to: staged as it is,
@@ -160,7 +172,7 @@ class Norms(Callback):
             return
         weight_norms = None
         if not offset:  # (the gradients' norms came from the guard, or there are none)
-            weight_norms = torch.stack(norms_of(weights, self._low))
+            weight_norms = torch.stack(norms_of(weights, self._careful))
             if self.param_norm:
                 trainer.stage_scalars({self._tags["param_norm"]: weight_norms})
         if self.update_ratio:
@@ -230,7 +242,7 @@ class Norms(Callback):
         with torch.no_grad():
             torch._foreach_sub_(delta, [*trainer.params])
             # a zero weight tensor that moved gives a huge ratio, never a division by 0
-            ratios = torch.stack(norms_of(delta, self._low)) / before_norms.clamp_min(
+            ratios = torch.stack(norms_of(delta, self._careful)) / before_norms.clamp_min(
                 torch.finfo(before_norms.dtype).tiny
             )
         trainer.stage_scalars({self._tags["update_ratio"]: ratios})
