@@ -83,6 +83,17 @@ def test_penalty_refuses_inputs_it_cannot_differentiate() -> None:
         InputGradPenalty().prepare(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="coef: got -1"):
         InputGradPenalty(coef=-1.0)
+    # a forward that cuts the input off the graph (a frozen backbone under no_grad): torch's
+    # "appears to not have been used in the graph" crashed the step; named now
+    backbone, head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    pen = InputGradPenalty()
+    x = pen.prepare(torch.randn(5, 3))
+    with torch.no_grad():
+        features = backbone(x)
+    losses = F.cross_entropy(head(features), torch.zeros(5, dtype=torch.long), reduction="none")
+    with pytest.raises(ValueError, match=r"does not depend on the input through autograd.*"
+                       r"requires_grad_\(False\) instead"):  # fmt: skip
+        pen.value(losses, x)
 
 
 class Capture(Callback):

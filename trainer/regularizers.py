@@ -253,6 +253,14 @@ class InputGradPenalty:
         """
         if not x.requires_grad:
             raise ValueError("input_grad_penalty: the input does not require grad; use prepare(x)")
-        (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True, allow_unused=True)
+        if g is None:  # (torch: "appears to not have been used in the graph")
+            raise ValueError(
+                "input_grad_penalty: the loss does not depend on the input through autograd "
+                "(the model's forward cuts the input off the graph, e.g. a frozen backbone run "
+                "under torch.no_grad() or on x.detach()), so ∇ₓL cannot be taken; freeze such "
+                "a backbone with requires_grad_(False) instead (∇ₓL then flows through it), or "
+                "remove the penalty"
+            )
         g = widen(g)
         return self.coef * g.pow(2).sum() / losses.numel()
