@@ -592,3 +592,18 @@ def test_load_checkpoint_takes_a_plain_ordered_dict_of_tensors(tmp_path) -> None
     """The contrast: a state dict is an OrderedDict, which weights_only allows."""
     torch.save(collections.OrderedDict(w=torch.ones(2)), tmp_path / "ok.pt")
     assert torch.equal(load_checkpoint(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+def test_the_run_dir_check_leaves_another_processs_probe_alone(tmp_path) -> None:
+    """The ranks of a data-parallel run sharing one run dir check it at once: with one probe
+    name, a rank's unlink removed the other's probe and that rank was refused ("cannot be
+    written"; a probe's 2 processes x 2,000 checks failed 211 times). Each process writes a
+    probe of its own: one already there (another rank's, mid-check) is left as it is, and
+    none of the checker's stays."""
+    from trainer.run import check_writable
+
+    other = tmp_path / ".write_test"
+    other.write_bytes(b"another rank's")
+    check_writable(tmp_path)
+    assert other.read_bytes() == b"another rank's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".write_test"]

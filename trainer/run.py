@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,12 +170,17 @@ class Interrupted(SystemExit):
 
 
 def check_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` and prove a file can be written there, before anything runs."""
+    """Create ``run_dir`` and prove a file can be written there, before anything runs (a
+    probe file of the process's own: the ranks of a data-parallel run check the same dir at
+    once, and one rank's unlink of a shared name failed the other's)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=run_dir)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
         raise OSError(e.errno, f"the run dir {run_dir} cannot be written: {e.strerror or e}") from e
 
