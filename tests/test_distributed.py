@@ -24,6 +24,7 @@ import torch
 import torch._dynamo  # noqa: F401  (imported once here, not in every child)
 from conftest import ROOT, make_cfg, read_scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_unfreeze import STEPS as UNFREEZE_STEPS
 from torch.distributed import TCPStore
 
 from trainer.checkpoint import load_checkpoint, step_path
@@ -752,3 +753,26 @@ def test_a_ragged_validation_batch_on_the_dataloader_path_names_eval_batch_size(
     data = DigitsData(batch_size=50, eval_batch_size=179, loader="memory")
     data.setup(torch.device("cpu"), seed=0, world=World(1, 2, 1))  # (the in-memory path can)
     assert sum(len(batch.y) for batch in data.val_loader) == 179
+
+
+def test_a_one_process_checkpoint_after_unfreezing_resumes_on_two(tmp_path) -> None:
+    """DistributedDataParallel takes the trainable set when it wraps the model, which was
+    built frozen; the checkpoint's ``requires_grad`` came after, and the two ranks refused the
+    resume ("requires_grad ... changed at step 0"). The flags are set before the wrap: the
+    resumed two processes end where the uninterrupted one process does, within 1e-6."""
+    steps = [*(s for s in UNFREEZE_STEPS if not s.startswith(("data.batch_size", "trainer.max"))),
+             "+callbacks.u._target_=test_unfreeze.UnfreezeOnce", "trainer.max_steps=6",
+             "trainer.checkpoint.every_n_steps=2", "logging.progress=false",
+             "instrument.per_sample.every_n_steps=0"]  # fmt: skip
+    one = tmp_path / "one"
+    assert launch((1, [*steps, f"data.batch_size={2 * B}"], [one])) == [[0]]
+    step4 = one / "checkpoints" / "step_000000004.pt"
+    assert load_checkpoint(step4)["trainable"]["backbone.weight"] is True
+    want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
+    ranks = [tmp_path / "rank0", tmp_path / "rank1"]  # (the resumed run goes on in one/)
+    resume = f"trainer.resume={step4}"
+    assert launch((2, [*steps, f"data.batch_size={B}", resume], ranks)) == [[0, 0]]
+    resumed = load_checkpoint(one / "checkpoints" / "last.pt")
+    assert resumed["step"] == 6 and len(resumed["tally_ranks"]) == 2
+    for k in want:
+        assert (resumed["model"][k] - want[k]).abs().max() <= 1e-6, k

@@ -293,7 +293,10 @@ def run(
                     )
         # built without a logger: a checkpoint that does not fit must not touch the run it
         # came from (its metrics.json, its events)
-        trainer = build_trainer(cfg, run_dir, callbacks, with_logger=False, typed=typed)
+        trainable = resume_state.get("trainable") if resume_state is not None else None
+        trainer = build_trainer(
+            cfg, run_dir, callbacks, with_logger=False, typed=typed, trainable=trainable
+        )
         metric_names = (*trainer.criterion.metrics, "train/loss")
         monitor = typed.monitor or trainer.criterion.monitor
         if monitor not in metric_names:
@@ -518,16 +521,39 @@ def build_optimizer(node: DictConfig, params: Any, device: torch.device) -> torc
     return factory(params)
 
 
+def set_trainable(model: nn.Module, saved: dict[str, bool]) -> None:
+    """``requires_grad`` of each parameter as a checkpoint had it (a layer a callback unfroze
+    mid-run, which it will not do again on a resume past that step). Before a data-parallel
+    wrap: DistributedDataParallel takes the trainable set once, and a one-process checkpoint
+    taken after an unfreeze was refused on two. A checkpoint of another model's parameters
+    is left to ``Trainer.load_state_dict``, which names the mismatch."""
+    named = dict(model.named_parameters())
+    if sorted(saved) != sorted(named):
+        return
+    changed = [n for n, p in named.items() if p.requires_grad != bool(saved[n])]
+    for n in changed:
+        named[n].requires_grad_(bool(saved[n]))
+    if changed:
+        log.info(
+            "requires_grad as the checkpoint had it: %s%s",
+            ", ".join(f"{n}={bool(saved[n])}" for n in changed[:5]),
+            " …" if len(changed) > 5 else "",
+        )  # fmt: skip
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
     callbacks: Sequence[Callback] = (),
     with_logger: bool = True,
     typed: TrainConfig | None = None,
+    trainable: dict[str, bool] | None = None,
 ) -> Trainer:
     """Validate ``cfg`` (unless ``typed``, its validated form, is given) and build data,
     model, optimizer, scheduler, logger (unless ``with_logger`` is false: ``trainer.logger``
-    is then None until set) and Trainer."""
+    is then None until set) and Trainer. ``trainable``: a checkpoint's ``requires_grad`` by
+    parameter name, set on the model before anything selects among its parameters (the
+    regularizers, DistributedDataParallel's reducer, the Trainer)."""
     if typed is None:
         typed = validate(cfg)  # every config error surfaces here, before anything is built
     world = distributed.from_env()
@@ -551,6 +577,8 @@ def build_trainer(
     loss = build_loss(cfg.loss)
     loss.check(data)
     model: nn.Module = build("model", cfg.model, provided=data.provides()).to(device)
+    if trainable is not None:
+        set_trainable(model, trainable)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), device)
     tc = typed.trainer
     total_steps = planned_steps(
