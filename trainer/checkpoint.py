@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from trainer.callbacks import Callback, Every
-from trainer.distributed import all_reduce_max
+from trainer.distributed import all_gather_objects, all_reduce_max
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,16 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
     }
+
+
+def rank_rng_state(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """The RNG states a rank resumes with from checkpoint ``state``: its own where the
+    checkpoint has every rank's and as many ranks resume it, else the writer's (rank 0's;
+    resumed on another number of processes, the data order is not the saved one anyway)."""
+    ranks = state.get("rng_ranks")
+    if ranks and len(ranks) == world_size:
+        return ranks[rank]
+    return state["rng"]
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -389,7 +399,13 @@ class CheckpointWriter:
 
     def state(self) -> dict[str, Any]:
         state = self.trainer.state_dict()
-        state.update(format=FORMAT, run_id=self.run_id, config=self.config, rng=rng_state())
+        rng = rng_state()
+        state.update(format=FORMAT, run_id=self.run_id, config=self.config, rng=rng)
+        world = getattr(self.trainer, "world", None)
+        if world is not None and world.distributed:  # each rank's own (a collective): ranks
+            # drawing unevenly (augmentation in the main process over a ragged last batch;
+            # each rank's own CUDA device) no longer all resume with rank 0's states
+            state["rng_ranks"] = all_gather_objects(rng)
         if self.clock is not None:
             state["wall_s"] = self.clock()
         return state

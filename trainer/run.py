@@ -35,6 +35,7 @@ from trainer.checkpoint import (
     PeriodicCheckpoints,
     StopOnSignals,
     derive_run_id,
+    rank_rng_state,
     resume_changes,
     select_resume,
     set_aside_later,
@@ -313,7 +314,8 @@ def run(
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"checkpoint {resume_path} does not fit this run: {e}") from e
             _check_schedule_length(trainer, resume_path, cfg.scheduler)
-            set_rng_state(resume_state["rng"])
+            world = distributed.from_env()
+            set_rng_state(rank_rng_state(resume_state, world.rank, world.size))
             home = _home_of(resume_path)
             if home is not None:  # continue in the run's own dir
                 run_dir = home
