@@ -806,6 +806,9 @@ class TrainerConfig:
     #: CNNs: weights and 4-D inputs in channels-last memory order (faster convolutions with
     #: tensor cores on GPUs; the same values)
     channels_last: bool = False
+    #: data-parallel on CUDA: BatchNorms as SyncBatchNorm, normalizing over the global batch
+    #: (without it, as torch's DDP, each rank normalizes its own part: warned)
+    sync_batchnorm: bool = False
     #: run the training forward through torch.compile (``compile_backend``: inductor, or e.g.
     #: eager / aot_eager to check a model traces); per-sample norms are refused with it
     compile: bool = False

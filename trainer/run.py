@@ -543,6 +543,37 @@ def set_trainable(model: nn.Module, saved: dict[str, bool]) -> None:
         )  # fmt: skip
 
 
+def batchnorm_across_ranks(
+    model: nn.Module, distributed: bool, sync: bool, device: torch.device
+) -> nn.Module:
+    """Data-parallel, a BatchNorm in training mode normalizes each rank's part of the batch
+    (torch's DDP): the run is then not one process on the global batch (its 2 x B differed
+    from 1 x 2B by 1e-2 in the weights, silently). ``sync`` converts them to SyncBatchNorm
+    (the global batch's statistics; torch runs it on CUDA only); else a warning names them."""
+    if not distributed:
+        return model
+    names = [n or type(model).__name__ for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+    if sync:
+        if device.type != "cuda":
+            raise ConfigError(
+                f"trainer.sync_batchnorm: SyncBatchNorm runs on CUDA only (torch's DDP refuses "
+                f"it on {device.type}); turn it off (each rank then normalizes its own part "
+                "of the batch)"
+            )
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if names:
+        log.warning(
+            "data-parallel: %s normalize%s each rank's own part of the batch in training mode "
+            "(torch's DDP), so this run is not one process on the global batch (its gradients "
+            "and running statistics differ); trainer.sync_batchnorm=true (CUDA) normalizes "
+            "over the global batch",
+            ", ".join(names[:5]) + (" …" if len(names) > 5 else ""),
+            "s" if len(names) == 1 else "",
+        )  # fmt: skip
+    return model
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -579,6 +610,7 @@ def build_trainer(
     loss = build_loss(cfg.loss)
     loss.check(data)
     model: nn.Module = build("model", cfg.model, provided=data.provides()).to(device)
+    model = batchnorm_across_ranks(model, world.distributed, typed.trainer.sync_batchnorm, device)
     if trainable is not None:
         set_trainable(model, trainable)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), device)
