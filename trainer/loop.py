@@ -321,7 +321,9 @@ class Trainer:
         ``val/*``, ``reg/*``: it would replace the trainer's value), a value that is neither
         a number nor a tensor. A view (``p.grad[0]``) is copied when staged (one small
         kernel): it shares its base's version counter, so a change in place could not be
-        told apart, and the value written was the one at the read (clipped, updated)."""
+        told apart, and the value written was the one at the read (clipped, updated).
+        Data-parallel: rank 0's values are written (stage ones equal on every rank, or
+        all-reduce a batch statistic before staging it)."""
         self.staging.stage(values)
 
     def stage_histogram(self, tag: str, values: Tensor, count_nonfinite: bool = True) -> None:
