@@ -147,6 +147,17 @@ def test_a_cosine_period_of_ones_own_is_not_checked_against_the_run_on_resume() 
     runs = OmegaConf.create({"_target_": target, "_partial_": True, "eta_min": 0.0})
     with pytest.raises(ConfigError, match=r"over its run's 3 steps \(T_max\)"):
         _check_schedule_length(trainer, Path("last.pt"), runs)  # type: ignore[arg-type]
+    # OneCycleLR keeps total_steps in its state too: resumed longer it raised mid-run
+    # ("Tried to step 5 times"), after the run had trained up to there; refused up front now
+    one_cycle = OmegaConf.create(
+        {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True, "max_lr": 0.1}
+    )
+    trainer.scheduler = build_scheduler(one_cycle, o, total_steps=4)
+    with pytest.raises(ConfigError, match=r"OneCycleLR schedule runs over its run's 4 steps "
+                       r"\(total_steps\).*stops the run with an error"):  # fmt: skip
+        _check_schedule_length(trainer, Path("last.pt"), one_cycle)  # type: ignore[arg-type]
+    trainer.total_steps = 3  # shorter: follows the checkpoint's schedule (warned)
+    _check_schedule_length(trainer, Path("last.pt"), one_cycle)  # type: ignore[arg-type]
 
 
 def test_every_data_config_instantiates() -> None:

@@ -840,6 +840,8 @@ def test_batchnorm_across_ranks_is_named_or_synchronized(caplog) -> None:
     assert "trainer.sync_batchnorm=true" in caplog.text
     with pytest.raises(ConfigError, match="SyncBatchNorm runs on CUDA only"):
         batchnorm_across_ranks(model(), True, True, cpu)
+    plain = nn.Linear(3, 3)  # nothing to convert: no refusal on a CPU
+    assert batchnorm_across_ranks(plain, True, True, cpu) is plain
     m = model()
     weight = m[1].weight
     synced = batchnorm_across_ranks(m, True, True, cuda)  # (converted; not run here)

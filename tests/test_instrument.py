@@ -188,11 +188,12 @@ def test_norms_of_float16_and_bfloat16_tensors_are_taken_in_float32() -> None:
 def test_a_long_tensors_norm_on_a_cpu_is_taken_by_rows(dtype, layout) -> None:
     """torch's CPU 2-norm keeps one float32 running sum per SIMD lane (pytorch#169237): 2²⁰
     ones after 64 entries of 4096 lose every 1 (each lane holds 2²⁴ first, and 2²⁴ + 1 rounds
-    back), 4.9e-4 low; random gradients of 2²⁰ elements were 1.3e-5 low. By rows of 1024:
-    each row of ones sums exactly (integers below 2²⁴), the first row loses at most its 960
-    ones of its 2³⁰ (≤ 9e-7 of the sum of squares), and the rows' norms (32 exactly, and one
-    rounded once) square and sum exactly in multiples of 128: within 1e-6 of the exact norm.
-    float16/bfloat16 alike (in float32); ragged lengths and copies of transposed tensors too."""
+    back), 4.9e-4 low; random gradients of 2²⁰ elements were 1.3e-5 low. By rows of 256, then
+    rows of the rows' norms: each row of ones sums exactly (256), the first row loses at most
+    its 192 ones of its 2³⁰ (≤ 1.8e-7 of the sum of squares), the next levels' sums are exact
+    multiples of their ulp and each level's square roots round once (2⁻²⁴): within 1e-6 of the
+    exact norm. float16/bfloat16 alike (in float32); ragged lengths and copies of transposed
+    tensors too."""
     from trainer.instrument.norms import norms_of, total_norm
     from trainer.precision import LONG, is_long
 
@@ -1011,6 +1012,47 @@ def test_gradient_agreement_counts_a_missing_gradient_as_zero(tmp_path) -> None:
         # float32 gradients, their cosine in float64: 1e-5 is far above float32's rounding
         # of the inputs (2⁻²⁴ each) and far below the 15 % of leaving the head out
         assert value == pytest.approx(expected, rel=1e-5), step
+
+
+def test_agreement_after_a_resume_that_changed_it_is_the_previous_steps_or_nan(
+    tmp_path, caplog
+) -> None:
+    """The gradients kept for the next measuring step's cosine carry their step. Resumed with
+    agreement off, a run carried a checkpoint's kept gradients (step 4's) on into its own
+    checkpoint, and a later resume with it on took them as step 9's: 0.577 logged at step 10,
+    where the uninterrupted run has -0.267 (step 9's gradients, which the run without agreement
+    did not keep). Resumed with another norms cadence, the first measuring step had no kept
+    gradients and its point was left out silently. Both are NaN now, with a warning; the
+    steps after are the uninterrupted run's."""
+    common = (
+        "data.batch_size=8",
+        "logging.every_n_steps=1",
+        "optimizer=sgd",
+        "instrument.histograms.every_n_steps=0",
+        "instrument.norms.agreement=true",
+    )
+    every5 = "instrument.norms.every_n_steps=5"
+
+    def resume(d: str) -> str:
+        return f"trainer.resume={tmp_path / d / 'checkpoints' / 'last.pt'}"
+
+    train(tmp_path / "whole", *common, "trainer.max_steps=15", every5)
+    train(tmp_path / "a", *common, "trainer.max_steps=4", every5)
+    train(tmp_path / "a", *common, "trainer.max_steps=9", every5,
+          "instrument.norms.agreement=false", resume("a"))  # fmt: skip
+    train(tmp_path / "a", *common, "trainer.max_steps=15", every5, resume("a"))
+    whole = dict(read_scalars(tmp_path / "whole")["grad_agreement/consecutive"])
+    got = dict(read_scalars(tmp_path / "a")["grad_agreement/consecutive"])
+    assert math.isnan(got[10]) and got[15] == whole[15]
+    a, b = final_params(tmp_path / "whole"), final_params(tmp_path / "a")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    train(tmp_path / "c", *common, "trainer.max_steps=4", "instrument.norms.every_n_steps=2")
+    with caplog.at_level("WARNING"):
+        train(tmp_path / "c", *common, "trainer.max_steps=10", every5, resume("c"))
+    got = dict(read_scalars(tmp_path / "c")["grad_agreement/consecutive"])
+    assert sorted(got) == [2, 4, 5, 10] and math.isnan(got[5]) and got[10] == whole[10]
+    assert "step 4's gradients were not kept" in caplog.text
 
 
 def test_a_resumed_run_logs_the_same_agreement_and_noise_scale_ema(tmp_path) -> None:

@@ -6,8 +6,6 @@ their values is exact or within float32's rounding.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -25,10 +23,14 @@ def widen(t: Tensor) -> Tensor:
 
 
 #: torch's 2-norm of a float32 (or float16/bfloat16, in float32) tensor on a CPU keeps one float32
-#: running sum per SIMD lane (pytorch/pytorch#169237; ``sum`` is cascaded, the norm is not):
-#: measured here, 1.3e-5 relative low at 2²⁰ elements, 9e-5 at 2²², 7e-4 at 2²⁴, and below
-#: 1e-6 under 2¹⁷. Tensors of LONG elements or more are normed by :func:`long_norm`
+#: running sum per SIMD lane (pytorch/pytorch#169237; ``sum`` is cascaded, the norm is not). Its
+#: relative error, measured here, grows with the length: on varied values 1.3e-5 at 2²⁰ elements
+#: and 7e-4 at 2²⁴ (about 1e-6 at 2¹⁷); on equal values, the worst case, 4.6e-5 at 2¹⁶, 7.5e-4 at
+#: 2²⁰, 9.4e-3 at 2²⁴. Tensors of LONG elements or more are normed by :func:`long_norm`
 LONG = 1 << 17
+
+#: :func:`long_norm`'s row width: torch's norm of 256 equal values is 2.2e-7 off at most
+_ROW = 256
 
 
 def is_long(t: Tensor) -> bool:
@@ -43,16 +45,18 @@ def is_long(t: Tensor) -> bool:
 
 
 def long_norm(t: Tensor) -> Tensor:
-    """``t``'s 2-norm (0-d, float32 for float16/bfloat16), by rows of ⌊√n⌋ elements and then
-    the norm of the rows' norms: each float32 running sum takes about √n terms, not n over the
-    lanes (2²⁴ elements: 1.7e-7 relative, not 7e-4; and 2x quicker on this CPU). A tensor that
-    is not contiguous is copied by the reshape."""
-    n = t.numel()
-    width = math.isqrt(n)
-    rows = n // width
+    """``t``'s 2-norm (0-d, float32 for float16/bfloat16), by rows of 256 elements, then the
+    rows' norms by rows of 256, until 256 or fewer are left: each float32 running sum takes
+    at most 256 terms. Measured: within 4e-7 of the exact norm on equal values (the worst
+    case) and 1e-7 on varied ones from 2¹⁷ to 2²⁴ elements, and quicker than torch's own from
+    2¹⁹ on (1.1 against 2.2 ms at 2²⁴). A tensor that is not contiguous is copied by the
+    reshape."""
     flat, dtype = t.reshape(-1), wide_dtype(t.dtype)
-    parts = torch.linalg.vector_norm(flat[: rows * width].view(rows, width), dim=1, dtype=dtype)
-    if rows * width < n:
-        rest = torch.linalg.vector_norm(flat[rows * width :], dtype=dtype)
-        parts = torch.cat([parts, rest.reshape(1)])
-    return torch.linalg.vector_norm(parts)
+    while flat.numel() > _ROW:
+        rows = flat.numel() // _ROW
+        parts = torch.linalg.vector_norm(flat[: rows * _ROW].view(rows, _ROW), dim=1, dtype=dtype)
+        if rows * _ROW < flat.numel():
+            rest = torch.linalg.vector_norm(flat[rows * _ROW :], dtype=dtype)
+            parts = torch.cat([parts, rest.reshape(1)])
+        flat = parts
+    return torch.linalg.vector_norm(flat, dtype=dtype)

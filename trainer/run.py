@@ -131,30 +131,38 @@ def build_scheduler(
     return instantiate(cfg)(optimizer, **kwargs)
 
 
+#: what a scheduler does past the run's length the trainer set (its length key's)
+_PAST_LENGTH = {
+    "T_max": "CosineAnnealingLR raises the learning rate again (it is periodic)",
+    "total_steps": "OneCycleLR stops the run with an error at that step",
+}
+
+
 def _check_schedule_length(trainer: Trainer, checkpoint: Path, cfg: DictConfig) -> None:
-    """A cosine schedule the trainer set to the run's length anneals over it (``T_max``, kept
-    in the checkpoint's scheduler state). Resumed to train longer, ``CosineAnnealingLR`` would
-    raise the learning rate again past ``T_max`` (it is periodic): refused. Resumed to train
-    less, the learning rate follows the checkpoint's schedule and stops short of ``eta_min``.
-    A ``T_max`` of the config's own is the user's period: not checked."""
-    t_max = getattr(trainer.scheduler, "T_max", None)
-    if not isinstance(trainer.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or (
-        t_max is None or trainer.total_steps == t_max or "T_max" not in run_length_keys(cfg)
-    ):
-        return
-    if trainer.total_steps > t_max:
-        raise ConfigError(
-            f"resume: {checkpoint}'s cosine schedule anneals the learning rate over its run's "
-            f"{t_max} steps (T_max); this run would train to step {trainer.total_steps}, and "
-            f"past T_max CosineAnnealingLR raises the learning rate again. Resume with the "
-            "checkpoint's length (trainer.max_epochs / trainer.max_steps) or less, or start a "
-            "new run"
-        )
-    log.warning(
-        "resume: the learning rate follows the checkpoint's cosine schedule over %d steps "
-        "(T_max); this run stops at step %d, before it reaches eta_min",
-        t_max, trainer.total_steps,
-    )  # fmt: skip
+    """A schedule the trainer set to the run's length (``T_max``, ``total_steps``: kept in the
+    checkpoint's scheduler state) runs over the checkpoint's run. Resumed to train longer, past
+    it ``CosineAnnealingLR`` would raise the learning rate again and ``OneCycleLR`` raise an
+    error mid-run: refused. Resumed to train less, the learning rate follows the checkpoint's
+    schedule and stops short of its end. A length of the config's own is the user's: not
+    checked."""
+    for key in run_length_keys(cfg):
+        length = getattr(trainer.scheduler, key, None)
+        if not isinstance(length, int) or trainer.total_steps == length:
+            continue
+        name = type(trainer.scheduler).__name__
+        if trainer.total_steps > length:
+            raise ConfigError(
+                f"resume: {checkpoint}'s {name} schedule runs over its run's {length} steps "
+                f"({key}); this run would train to step {trainer.total_steps}, and past {key} "
+                f"{_PAST_LENGTH[key]}. Resume with the checkpoint's length "
+                "(trainer.max_epochs / trainer.max_steps) or less, or start a new run"
+            )
+        end = "before it reaches eta_min" if key == "T_max" else "before its schedule ends"
+        log.warning(
+            "resume: the learning rate follows the checkpoint's %s schedule over %d steps (%s); "
+            "this run stops at step %d, %s",
+            name, length, key, trainer.total_steps, end,
+        )  # fmt: skip
 
 
 def _display(path: Path | None) -> str:
@@ -549,12 +557,13 @@ def batchnorm_across_ranks(
     """Data-parallel, a BatchNorm in training mode normalizes each rank's part of the batch
     (torch's DDP): the run is then not one process on the global batch (its 2 x B differed
     from 1 x 2B by 1e-2 in the weights, silently). ``sync`` converts them to SyncBatchNorm
-    (the global batch's statistics; torch runs it on CUDA only); else a warning names them."""
+    (the global batch's statistics; torch runs it on CUDA only, and a model without one has
+    nothing to convert); else a warning names them."""
     if not distributed:
         return model
     names = [n or type(model).__name__ for n, m in model.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
-    if sync:
+    if sync and names:
         if device.type != "cuda":
             raise ConfigError(
                 f"trainer.sync_batchnorm: SyncBatchNorm runs on CUDA only (torch's DDP refuses "

@@ -8,6 +8,8 @@ with the step's other scalars in a single transfer.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,8 @@ from trainer.precision import LOW_PRECISION, is_long, long_norm, widen
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
+
+log = logging.getLogger(__name__)
 
 
 #: LOW_PRECISION tensors are normed in float32: a float16 gradient of finite values can have a
@@ -111,7 +115,10 @@ class Norms(Callback):
         #: the previous step's gradients (id(param) -> copy), kept from the step before a
         #: measuring step until it
         self._previous: dict[int, Tensor] | None = None
+        self._previous_step = -1  # the step whose gradients _previous holds
         self._pending: dict[str | int, Tensor] | None = None
+        self._pending_step: int | None = None
+        self._warned_gap = False
         self._names: dict[int, str] = {}  # id(parameter) -> its name in the model
         self._before: list[Tensor] | None = None
         self._before_norms: Tensor | None = None
@@ -120,13 +127,17 @@ class Norms(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.on_params_change(trainer)
-        if self._pending is not None:  # a resumed run's kept gradients (loaded on the CPU), by
+        if self._pending is not None and self.agreement:  # a resumed run's kept gradients
+            # (loaded on the CPU; unless this run does not measure agreement), by
             # parameter name (a checkpoint of an earlier version: by position in the params)
             by_name = dict(trainer.model.named_parameters())
             ps = [by_name[k] if isinstance(k, str) else trainer.params[k] for k in self._pending]
             self._previous = {id(p): g.to(p.device) for p, g in zip(ps, self._pending.values(),
                                                                      strict=True)}  # fmt: skip
-            self._pending = None
+            # (a checkpoint of an earlier version: kept at its own step, for the next one)
+            step = self._pending_step
+            self._previous_step = trainer.global_step if step is None else step
+        self._pending = None
 
     def on_params_change(self, trainer: Trainer) -> None:
         """The trainable parameters' positions, tags and dtypes (a layer unfrozen mid-run
@@ -190,6 +201,21 @@ class Norms(Callback):
         if self.every.due(trainer.global_step):
             values: dict[str, Tensor] = {}
             previous, self._previous = self._previous, None
+            if previous is not None and self._previous_step != trainer.global_step - 1:
+                previous = None  # (kept at another step: not this step's previous one)
+            if previous is None and trainer.global_step > 1:  # the step before was taken but
+                # its gradients were not kept (a run resumed with another cadence, or from a
+                # checkpoint that kept none): not available, said so, not left out silently
+                nan = torch.full((), math.nan, device=trainer.device)
+                values["grad_agreement/consecutive"] = nan
+                if not self._warned_gap:
+                    self._warned_gap = True
+                    log.warning(
+                        "grad_agreement/consecutive: step %d's gradients were not kept (a run "
+                        "resumed from a checkpoint of another norms cadence, or without "
+                        "agreement): NaN at step %d",
+                        trainer.global_step - 1, trainer.global_step,
+                    )  # fmt: skip
             if previous is not None:
                 # in the whole parameter space: a parameter without a gradient on one of the
                 # two steps (a branch used on some steps) counts as 0 there, not as absent
@@ -212,15 +238,17 @@ class Norms(Callback):
             trainer.stage_scalars(values)
         if self.every.due_next(trainer.global_step):  # the next step measures: keep this one's
             self._previous = {id(p): p.grad.detach().clone() for p in with_grad}  # type: ignore[union-attr]
+            self._previous_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
         """The kept gradients (between a step and the measuring step after it), by parameter
         name: a resumed run measures the same cosine (also where the trainable parameters
         changed during the run: the resumed model may be built with other ones)."""
-        return {"previous": self._previous_by_name}
+        return {"previous": self._previous_by_name, "previous_step": self._previous_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = state.get("previous")  # mapped to the parameters in on_fit_start
+        self._pending_step = state.get("previous_step")
 
     @property
     def _previous_by_name(self) -> dict[str, Tensor] | None:
