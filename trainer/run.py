@@ -290,6 +290,13 @@ def run(
                 changes = resume_changes(
                     resume_state.get("config"), config, saved_world, world_size
                 )
+                shared_id = (
+                    f". trainer.run_id={tc.run_id!r} is given by hand: resume=auto takes the "
+                    "newest checkpoint of every run that gives it, whatever its config; if "
+                    "another run uses this id, give each its own"
+                    if tc.run_id and tc.resume == "auto"
+                    else ""
+                )
                 if changes:
                     raise ConfigError(
                         f"resume: {resume_path} was trained with another config; this run "
@@ -298,7 +305,7 @@ def run(
                         "keeps the old learning rate, its records name the old values); what "
                         "may change is how long it trains, the device, logging.*, "
                         "instrument.* and how data is loaded. Keep the checkpoint's values, or "
-                        "start a new run (another trainer.run_id, or no trainer.resume)"
+                        "start a new run (another trainer.run_id, or no trainer.resume)" + shared_id
                     )
         # built without a logger: a checkpoint that does not fit must not touch the run it
         # came from (its metrics.json, its events)
