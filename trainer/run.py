@@ -58,6 +58,7 @@ from trainer.instrument import build_callbacks
 from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir
 from trainer.loop import Callback, Trainer, planned_steps
 from trainer.losses import Loss, as_loss
+from trainer.regularizers import InputGradPenalty
 from trainer.sweep import check_direction
 from trainer.weighting import Weighting
 
@@ -665,6 +666,15 @@ def build_trainer(
             raise ConfigError(
                 "trainer.compile: per-sample gradient norms (instrument.per_sample) arm module "
                 "hooks on their steps, which a compiled forward does not call; turn one off"
+            )
+        penalty = [r.name for r in regularizers if isinstance(r, InputGradPenalty)]
+        if penalty and tc.compile_backend != "eager":
+            raise ConfigError(
+                f"trainer.compile: regularizer {penalty[0]} differentiates the forward twice "
+                "(double backprop), which torch.compile's AOTAutograd backends "
+                f"({tc.compile_backend}) do not support (torch raised at the first step); "
+                "use trainer.compile_backend=eager (Dynamo without AOTAutograd: it trains as "
+                "uncompiled), or leave compile off"
             )
         forward_model = cast(  # an OptimizedModule: a Module
             nn.Module,
