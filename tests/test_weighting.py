@@ -30,8 +30,9 @@ CPU = torch.device("cpu")
 def fake_data(targets: torch.Tensor | None = None) -> SimpleNamespace:
     targets = targets if targets is not None else torch.arange(N) % K
     return SimpleNamespace(
-        num_classes=K, train_targets=targets, train_loader=SimpleNamespace(num_samples=N)
-    )
+        num_classes=K, train_targets=targets,
+        train_loader=SimpleNamespace(num_samples=N, global_batch_size=B),
+    )  # fmt: skip
 
 
 def problem(seed: int = 0):
@@ -109,7 +110,9 @@ def test_class_balanced_equals_weighted_cross_entropy() -> None:
     losses.backward(gradient=w)
     ours = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    reference = nn.CrossEntropyLoss(weight=expected.double(), reduction="mean")(model(x), y)
+    # (a float64 model: the float64 weights, not float32's rounding of them)
+    exact = torch.tensor([40 / (3 * 25), 40 / (3 * 10), 40 / (3 * 5)], dtype=torch.float64)
+    reference = nn.CrossEntropyLoss(weight=exact, reduction="mean")(model(x), y)
     reference.backward()
     for a, p in zip(ours, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-12)
@@ -308,3 +311,77 @@ def test_a_weighting_used_for_float64_then_float32_losses_gives_each_its_table(t
     w = strategy(torch.zeros(B), model(x).float(), y, index)
     assert w.dtype == torch.float32 and torch.equal(w, values[index].float())
     assert strategy.table.dtype == torch.float32  # (the float32 table kept)
+
+
+def test_a_tables_batch_sum_is_checked_over_a_batch_not_the_split() -> None:
+    """The float32 overflow check summed the largest weight over the training split's size:
+    [1e35, 1] on 10,000 samples was refused though a batch of 64 sums to 6.4e36. Over the
+    global batch now (its tokens, for a loss weighting each)."""
+    data = fake_data()
+    data.train_loader.num_samples = 10_000
+    PerClassWeighting([1e35, 1.0] + [1.0] * (K - 2)).setup(data, CPU)  # 8 x 1e35: fine
+    with pytest.raises(ValueError, match=r"summed over a batch \(up to 8 samples\)"):
+        PerClassWeighting([1e38, 1.0] + [1.0] * (K - 2)).setup(data, CPU)
+
+
+def test_hard_topk_keeps_ceil_of_the_fraction_as_written_and_warns_when_it_keeps_all(
+    caplog,
+) -> None:
+    """``math.ceil(0.28 * 25)`` is 8 (0.28 · 25 = 7.000000000000001 in binary floating point):
+    one sample too many for 15 (fraction, B) pairs up to 1,024 (a probe). The fraction is
+    taken as written (its shortest decimal): exact rational arithmetic is the reference. A
+    k that keeps every sample of the batch trains as uniform: warned."""
+    from fractions import Fraction
+
+    cases = [(0.28, 25, 7), (0.07, 100, 7), (0.14, 50, 7), (0.55, 100, 55), (0.56, 25, 14)]
+    for fraction, batch, kept in cases:
+        assert HardTopKWeighting(fraction=fraction).count(batch) == kept
+    for fraction in (0.01, 0.07, 0.1, 0.14, 0.25, 0.28, 0.3, 0.55, 0.56, 0.7, 0.9, 1.0):
+        for batch in range(1, 1025):
+            want = max(1, -(-Fraction(str(fraction)) * batch // 1))
+            assert HardTopKWeighting(fraction=fraction).count(batch) == want, (fraction, batch)
+    with caplog.at_level("WARNING", logger="trainer.weighting"):
+        HardTopKWeighting(k=B - 1).setup(fake_data(), CPU)
+        assert not caplog.records
+        HardTopKWeighting(k=B).setup(fake_data(), CPU)
+    assert f"k={B} keeps every sample of a batch of {B}" in caplog.text
+
+
+def test_class_balanced_focal_and_per_token_weights_of_float64_losses_are_float64() -> None:
+    """Their weights were float32 whatever the losses: a float64 model's focal gradients were
+    8e-8 to 1.7e-7 off, class-balanced weights of counts 7/3/11 2.3333332538 for 7/3. Now in
+    the losses' precision, against float64 formulas."""
+    from trainer.weighting import PerTokenWeighting
+
+    labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 11)
+    cb = ClassBalancedWeighting()
+    cb.setup(fake_data(labels), CPU)
+    losses = torch.rand(3, dtype=torch.float64)
+    got = cb.raw(losses, None, torch.tensor([0, 1, 2]), None)  # type: ignore[arg-type]
+    want = torch.tensor([21 / 21, 21 / 9, 21 / 33], dtype=torch.float64)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert cb.raw(losses.float(), None, torch.tensor([0, 1, 2]), None).dtype == torch.float32  # type: ignore[arg-type]
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, K, generator=g, dtype=torch.float64)
+    targets = torch.arange(6) % K
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    focal = FocalWeighting(gamma=2.0)
+    p = torch.softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    for nll_losses in (True, False):
+        focal.nll_losses = nll_losses
+        got = focal.raw(nll, logits, targets, None)  # type: ignore[arg-type]
+        # two float64 routes to (1 - p)²: within a few float64 ulps of each other
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, (1 - p) ** 2, rtol=1e-12, atol=0)
+
+    tokens = torch.tensor([[0, 1, 1], [2, 2, 2]])
+    per_token = PerTokenWeighting(power=1.0)
+    per_token.ignore_index = -100
+    data = SimpleNamespace(vocab_size=3, train_targets=tokens)
+    per_token.setup(data, CPU)  # type: ignore[arg-type]
+    got = per_token.raw(torch.rand(2, 3, dtype=torch.float64), None, tokens, None)  # type: ignore[arg-type]
+    counts = {0: 1, 1: 2, 2: 3}  # N / (V' n): 6 / (3 n)
+    want = torch.tensor([[6 / (3 * counts[int(t)]) for t in row] for row in tokens.tolist()],
+                        dtype=torch.float64)  # fmt: skip
+    assert got.dtype == torch.float64 and torch.equal(got, want)

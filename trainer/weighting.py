@@ -47,7 +47,9 @@ configs/weighting/.
 from __future__ import annotations
 
 import abc
+import logging
 import math
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,10 +59,13 @@ from torch import Tensor
 
 from trainer.distributed import SINGLE, World, all_gather_cat, all_reduce_sum, shard_sizes
 from trainer.losses import units_dtype
+from trainer.precision import widen
 
 if TYPE_CHECKING:
     from trainer.data.base import DataModule
     from trainer.losses import Loss
+
+log = logging.getLogger(__name__)
 
 NORMALIZE = ("mean", "sum", "none")
 
@@ -124,9 +129,12 @@ class Weighting(abc.ABC):
     def setup(self, data: DataModule, device: torch.device) -> None:  # noqa: B027
         """Read what the strategy needs from the training split (once, before training)."""
 
+    #: the loss has several losses per sample (tokens), each weighted (set by check_loss)
+    elements: bool = False
+
     def check_loss(self, loss: Loss) -> None:
         """Refuse a loss this strategy cannot weight (called once, before training)."""
-        elements = loss.has_units  # several losses per sample (tokens)
+        elements = self.elements = loss.has_units  # several losses per sample (tokens)
         if self.per_sample_only and elements:
             raise ValueError(
                 f"weighting={_config_name(self)} ranks whole samples' losses; it is not defined "
@@ -270,10 +278,20 @@ class _TableLookup(Weighting):
             self._table64 = self._exact.to(self.table.device)
         return self._table64
 
+    def _largest_batch(self, data: DataModule) -> int:
+        """The most weights one batch sums: the global batch's samples, times each one's
+        elements (tokens) for a loss that weights them one by one."""
+        n = data.train_loader.global_batch_size
+        targets = getattr(data, "train_targets", None)
+        if self.elements and targets is not None and targets.dim() > 1:
+            n *= targets[0].numel()
+        return n
+
     def _set_table(self, values: Tensor, device: torch.device, what: str, samples: int) -> None:
         """``values`` (float64, checked finite and >= 0) as the table: float32 on ``device``,
         and as given for float64 losses; refused where float32 cannot hold them, or their
-        sum over ``samples`` (a batch's at most) would pass its largest value (r / Σr = 0)."""
+        sum over ``samples`` (a batch's at most: :meth:`_largest_batch`) would pass its
+        largest value (r / Σr = 0)."""
         _check_float32(values, what)
         if float(values.max()) * max(samples, 1) > torch.finfo(torch.float32).max:
             raise ValueError(
@@ -306,6 +324,7 @@ class ClassBalancedWeighting(_ClassTable):
         table = torch.where(counts > 0, n / (k * counts.clamp_min(1)), 0.0)
         self.class_weights = table.float()  # (K,), what CrossEntropyLoss(weight=...) would take
         self.table = self.class_weights.to(device)
+        self._exact, self._table64 = table, None  # (float64 losses: the float64 ratios)
 
 
 class PerClassWeighting(_ClassTable):
@@ -334,7 +353,7 @@ class PerClassWeighting(_ClassTable):
                 f"[{int(labels.min())}, {int(labels.max())}], past its {len(self.weights)} "
                 "weights (one per class, 0 to num_classes - 1)"
             )
-        self._set_table(self.weights, device, "weighting.weights", data.train_loader.num_samples)
+        self._set_table(self.weights, device, "weighting.weights", self._largest_batch(data))
 
 
 class PerSampleWeighting(_TableLookup):
@@ -404,7 +423,7 @@ class PerSampleWeighting(_TableLookup):
                 "to any gradient"
             )
         try:
-            self._set_table(values, device, f"weights in {self.path}", n)
+            self._set_table(values, device, f"weights in {self.path}", self._largest_batch(data))
         except ValueError as e:
             raise WeightFileError(f"weighting.path: {e}") from None
 
@@ -424,9 +443,10 @@ class FocalWeighting(Weighting):
         self.gamma = gamma
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
+        # (in float32 at least: a float64 model's weights in float64)
         if self.nll_losses:  # l_i = -log p_i, so 1 - p_i = -expm1(-l_i): 3 kernels, no softmax
-            return torch.expm1(-losses.float()).neg_().clamp_min_(0.0).pow_(self.gamma)
-        p = F.softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)  # (B,)
+            return torch.expm1(-widen(losses)).neg_().clamp_min_(0.0).pow_(self.gamma)
+        p = F.softmax(widen(logits), dim=-1).gather(1, targets[:, None]).squeeze(1)  # (B,)
         return (1.0 - p).clamp_min(0.0).pow(self.gamma)
 
 
@@ -445,9 +465,20 @@ class HardTopKWeighting(Weighting):
         self.k, self.fraction = k, fraction
 
     def count(self, batch_size: int) -> int:
+        """k, or ⌈fraction · B⌉ of the fraction as written (0.28 · 25 is 7.000000000000001
+        in binary floating point: its ceiling kept 8 samples for 7)."""
         if self.k > 0:
             return min(self.k, batch_size)
-        return max(1, math.ceil(self.fraction * batch_size))
+        return max(1, math.ceil(Fraction(repr(self.fraction)) * batch_size))
+
+    def setup(self, data: DataModule, device: torch.device) -> None:
+        batch = data.train_loader.global_batch_size
+        if self.k >= batch:
+            log.warning(
+                "weighting=hard_topk: k=%d keeps every sample of a batch of %d, so it trains as "
+                "weighting=uniform; give k below the batch size, or a fraction",
+                self.k, batch,
+            )  # fmt: skip
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         if self.world.distributed:  # the top k of the global batch: every rank's losses
@@ -462,7 +493,7 @@ class HardTopKWeighting(Weighting):
         return float(self.count(r.numel()))  # exactly count() ones: known without a kernel
 
 
-class PerTokenWeighting(Weighting):
+class PerTokenWeighting(_TableLookup):
     """r_it = (N / (V' n_{y_it}))^power: inverse target-token frequency (sequence losses)."""
 
     def __init__(self, power: float = 0.5, normalize: str = "mean"):
@@ -491,9 +522,11 @@ class PerTokenWeighting(Weighting):
         counts = torch.bincount(tokens, minlength=data.vocab_size).double()
         seen = int((counts > 0).sum())
         freq = torch.where(counts > 0, counts.sum() / (seen * counts.clamp_min(1)), 0.0)
-        self.token_weights = freq.pow(self.power).float()  # (V,), 0 for unseen tokens
+        exact = freq.pow(self.power)
+        self.token_weights = exact.float()  # (V,), 0 for unseen tokens
         self.table = self.token_weights.to(device)
+        self._exact, self._table64 = exact, None  # (float64 losses: the float64 weights)
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         # padding ids (e.g. -100) index nothing: any valid id stands in, the units zero them
-        return self.table[targets.clamp(0, self.table.numel() - 1)]
+        return self._table_for(losses)[targets.clamp(0, self.table.numel() - 1)]
