@@ -284,16 +284,40 @@ def _batch_statistics(module: _BatchNorm) -> bool:
     return module.training or (module.running_mean is None and module.running_var is None)
 
 
+#: the layers with a closed form, and the methods of theirs it assumes (a subclass that
+#: overrides one uses its weight in its own way: weight standardization, a gain)
+_CLOSED_FORMS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.Linear: ("forward",),
+    nn.Conv1d: ("forward", "_conv_forward"),
+    nn.Conv2d: ("forward", "_conv_forward"),
+    nn.LayerNorm: ("forward",),
+    nn.Embedding: ("forward",),
+}
+
+
 def _unit_kind(module: nn.Module) -> str:
     if isinstance(module, nn.MultiheadAttention):
         return "attention"
     if isinstance(module, nn.RNNBase):
         return "rnn"
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm)):
-        return "closed"
-    if isinstance(module, nn.Embedding) and not module.scale_grad_by_freq:
-        return "closed"
+    for cls, methods in _CLOSED_FORMS.items():
+        if isinstance(module, cls):
+            stock = all(getattr(type(module), m) is getattr(cls, m) for m in methods)
+            if stock and not (cls is nn.Embedding and module.scale_grad_by_freq):  # type: ignore[union-attr]
+                return "closed"
+            break  # (a subclass of its own forward: recomputed per sample like any module)
     return "func"
+
+
+def _renormed_in_place(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of the weights a forward rewrites in place (an ``Embedding`` with ``max_norm``
+    renormalizes the rows it looks up, not exactly idempotently in float32), by name: a check's
+    extra forward runs on them, so measuring leaves the training's weights as they were."""
+    return {
+        f"{prefix}.weight" if prefix else "weight": m.weight.detach().clone()
+        for prefix, m in model.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    }
 
 
 @dataclass
@@ -600,7 +624,7 @@ class PerSampleNorms(Callback):
                 "running statistics) mixes the samples of a batch"
             )
             return
-        why = self._check(module, args, kwargs, outputs)
+        why = self._check(module, args, kwargs, outputs, output)
         verify = None
         if why is None and self._kind[module] in ("closed", "func") and self._batch > 1:
             # dimension 0 has the batch's size: the batch, or a sequence as long as it (a
@@ -640,7 +664,9 @@ class PerSampleNorms(Callback):
             return [0 if module.batch_first else 1, *[1] * (n - 1)]  # type: ignore[union-attr]
         return [0] * n
 
-    def _check(self, module: nn.Module, args: tuple, kwargs: dict, outputs: list[Tensor]):
+    def _check(
+        self, module: nn.Module, args: tuple, kwargs: dict, outputs: list[Tensor], output: Any
+    ) -> str | None:
         """Why this call cannot be measured per sample, or None."""
         if module in self._parametrizing:
             return (
@@ -678,7 +704,12 @@ class PerSampleNorms(Callback):
         else:
             tensors = _tensors((args, kwargs))
             first = args[0] if args else None
-            if len(tensors) != 1 or len(outputs) != 1 or tensors[0] is not first:
+            if (
+                len(tensors) != 1
+                or len(outputs) != 1
+                or tensors[0] is not first
+                or (not isinstance(output, Tensor))
+            ):  # (a dict or tuple output: its recomputation per sample returns one too)
                 return "not one tensor input (its first argument) and one tensor output"
             if first.shape[:1] != (b,) or outputs[0].shape[:1] != (b,):
                 return f"its input or output does not have the batch ({b}) as dimension 0"
@@ -890,7 +921,8 @@ class PerSampleNorms(Callback):
                     continue
             try:
                 per_sample = self._per_sample_grads(call)
-            except RuntimeError as e:  # its forward cannot be recomputed per sample
+            except (RuntimeError, TypeError, ValueError) as e:  # its forward cannot be
+                # recomputed per sample (vmap's errors; an output of an unexpected kind)
                 if "randomness" in str(e):
                     self._excluded[name] = (
                         "its forward draws random numbers (dropout inside it), which a "
@@ -1003,7 +1035,8 @@ class PerSampleNorms(Callback):
         norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
         try:
             state = {**dict(model.named_parameters()),
-                     **{n: t.clone() for n, t in model.named_buffers()}}  # fmt: skip
+                     **{n: t.clone() for n, t in model.named_buffers()},
+                     **_renormed_in_place(model)}  # fmt: skip
             for m in norms:
                 m.training = False
             with torch.no_grad(), forked_rng(x.device):
