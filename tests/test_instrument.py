@@ -1401,3 +1401,34 @@ def test_a_float16_autocast_step_without_gradients_is_no_update(tmp_path, optimi
     assert all(torch.equal(a, b) for a, b in zip(*keep.params[:2], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(*keep.params[1:], strict=True))
     assert dict(read_scalars(tmp_path)["grad_norm/total"])[2] == 0.0
+
+
+def test_histograms_of_constants_cancelling_sums_and_the_widest_float64_ranges() -> None:
+    """A probe's findings: a float32 constant of 1e8 was binned in bucket 0, below its written
+    limits (1e8 ± 0.5 is 1e8 in float32); Σx was a float32 sum, which cancelling values
+    throw off (1e6 ones, 1e6 minus ones and 1e-3 summed to ~0, relative error 1); a float64
+    range past float64's largest width lost every count (all limits Inf)."""
+    from trainer.logger import to_host_many
+
+    for v in (1e8, -3e7, 0.5):  # (0.5: NumPy's ± 0.5 range, as before)
+        (h,) = histograms([torch.full((10,), v)], bins=64)
+        k = next(i for i, c in enumerate(h.bucket_counts) if c)
+        assert h.bucket_counts[k] == 10 and h.num == 10
+        left = h.bucket_limits[k - 1] if k else 2 * h.bucket_limits[0] - h.bucket_limits[1]
+        assert left <= float(torch.tensor(v)) <= h.bucket_limits[k], v
+        if v == 0.5:
+            assert (left, h.bucket_limits[-1]) == (0.5, 1.0)  # [0, 1]: its bucket starts at it
+    x = torch.cat([torch.ones(10**6), -torch.ones(10**6), torch.tensor([1e-3])])
+    (h,) = histograms([x])
+    # float64 summation (cascaded): within log2(n)·2⁻⁵³·Σ|x| of the exact value
+    exact = float(torch.tensor(1e-3))
+    assert h.sum == pytest.approx(exact, rel=0, abs=21 * 2**-53 * 2e6)
+    wide = torch.tensor([1e308, -1e308, 1.7e308], dtype=torch.float64)
+    (h,) = histograms([wide], bins=8)
+    assert sum(h.bucket_counts) == 3 and h.bucket_counts[0] == 1 and h.bucket_counts[-1] == 1
+    assert all(math.isfinite(b) for b in h.bucket_limits) and h.bucket_limits[-1] == 1.7e308
+    # a staged float64 array reaches the host as it is; a scalar beside it rounded to float32
+    values = torch.tensor([1.0, 1 + 1e-12, 1e39, 1e-300], dtype=torch.float64)
+    (scalars,), (array,) = to_host_many([{"s": torch.tensor(1 / 3, dtype=torch.float64)}],
+                                        [values])  # fmt: skip
+    assert array == values.tolist() and scalars["s"] == float(torch.tensor(1 / 3).float())

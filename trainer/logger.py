@@ -72,11 +72,18 @@ def to_host_many(
         outs.append(out)
         tags.append(names)
     sizes = [a.numel() for a in arrays]
-    parts += [a if a.dim() == 1 else a.reshape(-1) for a in arrays]
+    flat_arrays = [a if a.dim() == 1 else a.reshape(-1) for a in arrays]
     lists: list[list[float]] = []
+    if any(a.dtype == torch.float64 for a in flat_arrays):  # float64 arrays reach the host as
+        # they are (a staged histogram of values 1e-12 apart was binned after rounding them
+        # to float32: one bucket; 1e39 counted as non-finite); the scalars, each rounded to
+        # float32 on its own as below, join them exactly
+        parts = [t.float().double() for t in parts] + [a.double() for a in flat_arrays]
+    else:
+        parts += flat_arrays
+        if any(t.dtype != torch.float32 for t in parts):  # each cast on its own, as cat
+            parts = [t.float() for t in parts]  # would promote them all to one dtype first
     if parts:
-        if any(t.dtype != torch.float32 for t in parts):  # each cast on its own, as cat would
-            parts = [t.float() for t in parts]  # promote them all to one dtype first
         with torch.no_grad():  # (a staged tensor may require grad: no graph for the copy)
             flat = torch.cat(parts).tolist()  # host sync: logging steps only
         start = 0
