@@ -846,3 +846,49 @@ def test_batchnorm_across_ranks_is_named_or_synchronized(caplog) -> None:
     weight = m[1].weight
     synced = batchnorm_across_ranks(m, True, True, cuda)  # (converted; not run here)
     assert isinstance(synced[1], nn.SyncBatchNorm) and synced[1].weight is weight
+
+
+def test_a_finished_one_process_checkpoint_resumed_on_two_logs_its_pending_window(
+    tmp_path,
+) -> None:
+    """Stopped at step 4 with logging every 3 (step 4's losses not logged yet) and resumed on
+    two processes with max_steps=4: finished at once, the first rank alone held the pending
+    losses and called the window's all-reduce while the other went on to the checkpoint's:
+    both hung until gloo's 60 s timeout. The ranks agree on whether a window is pending: the
+    run logs step 4's train/loss, the single process's mean of it (to rounding: the same
+    losses, summed in another order). One process resumed alike failed too: the stopped
+    step's validation had not run, and metrics.json had no train/loss (KeyError)."""
+    extra = [*TOKENS, "trainer.max_steps=10"]
+    stopped = tmp_path / "one"
+    assert ranks_of(_rank_asked_to_stop, [*extra, "data.batch_size=16"], [stopped], 4) == [
+        128 + signal.SIGUSR1
+    ]
+    checkpoint = json.loads((stopped / "metrics.json").read_text())["checkpoint"]
+    whole = tmp_path / "whole"
+    assert launch(
+        (1, [*extra, "trainer.max_steps=4", "data.batch_size=16"], [whole]),
+        (2, [*extra, "trainer.max_steps=4", "data.batch_size=8", f"trainer.resume={checkpoint}"],
+         [tmp_path / "r0", tmp_path / "r1"]),
+    ) == [[0], [0, 0]]  # fmt: skip
+    want, got = read_scalars(whole), read_scalars(stopped)  # (resumed: in the stopped dir)
+    for tag in ("train/loss", "val/loss"):  # (validated at its last step, as never stopped)
+        assert dict(got[tag])[4] == pytest.approx(dict(want[tag])[4], rel=1e-6), tag
+
+
+def test_a_run_resumed_at_its_last_step_validates_it(tmp_path) -> None:
+    """Stopped at step 4 and resumed with max_steps=4, one process: finished at once, it ran
+    no validation (the stop skipped it) and failed writing metrics.json (KeyError
+    'train/loss'). It validates its last step now, as the uninterrupted run did."""
+    extra = [*TOKENS, "trainer.max_steps=10", "data.batch_size=16"]
+    stopped, whole = tmp_path / "one", tmp_path / "whole"
+    assert ranks_of(_rank_asked_to_stop, extra, [stopped], 4) == [128 + signal.SIGUSR1]
+    checkpoint = json.loads((stopped / "metrics.json").read_text())["checkpoint"]
+    assert launch(
+        (1, [*extra, "trainer.max_steps=4"], [whole]),
+        (1, [*extra, "trainer.max_steps=4", f"trainer.resume={checkpoint}"], [tmp_path / "r"]),
+    ) == [[0], [0]]  # fmt: skip
+    want, got = read_scalars(whole), read_scalars(stopped)
+    for tag in ("train/loss", "val/loss"):
+        assert dict(got[tag])[4] == dict(want[tag])[4], tag
+    metrics = json.loads((stopped / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["step"] == 4

@@ -1432,3 +1432,21 @@ def test_histograms_of_constants_cancelling_sums_and_the_widest_float64_ranges()
     (scalars,), (array,) = to_host_many([{"s": torch.tensor(1 / 3, dtype=torch.float64)}],
                                         [values])  # fmt: skip
     assert array == values.tolist() and scalars["s"] == float(torch.tensor(1 / 3).float())
+
+
+@pytest.mark.parametrize("value", [3.4e38, -3.4e38, torch.finfo(torch.float64).max])
+def test_a_constant_tensor_at_its_dtypes_largest_values_is_binned(value) -> None:
+    """The constant range widened for resolution passed the dtype's largest value: histc
+    raised (float32) or got an infinite range (float64), and the histogram step stopped the
+    run (a review). The range takes the side it can."""
+    dtype = torch.float64 if abs(value) > 3.5e38 else torch.float32
+    (h,) = histograms([torch.full((5,), value, dtype=dtype)], bins=8)
+    v = float(torch.tensor(value, dtype=dtype))
+    k = next(i for i, c in enumerate(h.bucket_counts) if c)
+    assert h.bucket_counts[k] == 5 and all(math.isfinite(b) for b in h.bucket_limits)
+    left = (
+        h.bucket_limits[k - 1]
+        if k
+        else h.bucket_limits[0] - (h.bucket_limits[1] - h.bucket_limits[0])
+    )
+    assert left <= v <= h.bucket_limits[k]

@@ -1055,3 +1055,38 @@ def test_a_check_forward_leaves_a_max_norm_embedding_as_it_was() -> None:
     measure(measured, x, y)
     F.cross_entropy(plain(x), y).backward()
     assert torch.equal(measured.emb.weight, plain.emb.weight)
+
+
+def test_a_max_norm_embedding_tied_to_an_earlier_layer_keeps_the_others_measured(caplog) -> None:
+    """The copy the batch check runs on was named by the Embedding's path; tied to a layer
+    registered before it (``head.weight``), functional_call got two values for one tied
+    parameter, the check forward failed, and every unit waiting for it was left out: coverage
+    0 on every step (a review). Named as ``named_parameters`` lists it: only the tied pair,
+    used outside one forward, is left out."""
+
+    class TiedMaxNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(D, V)
+            self.mid = nn.Linear(D, D)
+            self.emb = nn.Embedding(V, D, max_norm=1.0)
+            self.emb.weight = self.head.weight
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.mid(self.emb(tokens).mean(1))))
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B,), generator=g)
+    torch.manual_seed(0)
+    model = TiedMaxNorm().double()
+    with torch.no_grad():
+        model.head.weight.mul_(5.0)  # rows above max_norm: renormalized by each lookup
+    plain = copy.deepcopy(model)
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y)
+    F.cross_entropy(plain(x), y).backward()  # (the tied pair's recomputation per sample runs
+    assert torch.equal(model.head.weight, plain.head.weight)  # on a copy of the table too)
+    mid = sum(p.numel() for p in model.mid.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert staged["per_sample/coverage"] == pytest.approx(mid / total)
+    assert "leave out 'mid'" not in caplog.text

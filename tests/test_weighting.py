@@ -336,6 +336,8 @@ def test_hard_topk_keeps_ceil_of_the_fraction_as_written_and_warns_when_it_keeps
     cases = [(0.28, 25, 7), (0.07, 100, 7), (0.14, 50, 7), (0.55, 100, 55), (0.56, 25, 14)]
     for fraction, batch, kept in cases:
         assert HardTopKWeighting(fraction=fraction).count(batch) == kept
+        # (a NumPy scalar, as a sweep from Python may give: its repr is no decimal)
+        assert HardTopKWeighting(fraction=np.float64(fraction)).count(batch) == kept
     for fraction in (0.01, 0.07, 0.1, 0.14, 0.25, 0.28, 0.3, 0.55, 0.56, 0.7, 0.9, 1.0):
         for batch in range(1, 1025):
             want = max(1, -(-Fraction(str(fraction)) * batch // 1))

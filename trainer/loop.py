@@ -168,6 +168,7 @@ class Trainer:
         #: the signal the run stopped for, agreed by every rank at a rest point; None: not
         #: stopped
         self.stopped_by: int | None = None
+        self._validated_at = -1  # the step of the last validation in this process
         #: data-parallel: the stop flag agreed at the last rest point, on its way to the host
         #: (the copy, and the CUDA event after it)
         self._stop_in_flight: tuple[Tensor, Any] | None = None
@@ -391,8 +392,20 @@ class Trainer:
                 with redirect, anomaly:
                     while not self.finished() and self.stopped_by is None:
                         self.run_epoch()
-                if self.finished() and self.tally.has_log():  # steps since the last log
+                pending = self.finished() and self.tally.has_log()  # steps since the last log
+                if self.world.distributed and self.finished():  # (a run resumed finished on
+                    # another number of processes: the first rank alone holds what is pending)
+                    flag = torch.tensor(float(pending), device=self.device)
+                    pending = bool(all_reduce_max(flag))  # host sync: the end of a run
+                if pending:
                     self.log_scalars({"train/loss": self._window_loss()[0]})  # host sync: once
+                if (
+                    self.finished()
+                    and self.stopped_by is None
+                    and self.global_step not in (self._validated_at, self.metrics.get("step"))
+                ):  # resumed from a checkpoint of its last step that was not validated (a
+                    # stop there): its last step's validation, as an uninterrupted run has
+                    self.validate()
                 self.write_deferred()
             finally:
                 self.progress.close()
@@ -480,6 +493,7 @@ class Trainer:
     def validate(self) -> None:
         """Evaluate, log val/* at the current step, write the epoch's line, fire the hook."""
         m = self.metrics = self.evaluate()
+        self._validated_at = self.global_step
         if self.logger is not None:
             self.logger.log_scalars({k: v for k, v in m.items() if k.startswith("val/")},
                                     self.global_step)  # fmt: skip

@@ -390,6 +390,8 @@ class LossTally:
         are what a data-parallel run sums over the ranks."""
         samples = sum(t.shape[0] for t in self._log) - self._resumed_rows
         self._resumed_rows = 0
+        if not self._log:  # (a data-parallel rank with nothing pending where another has)
+            self._log = [torch.zeros(0, device=self.device)]
         count: Tensor | int
         if self.per_token:  # Σuℓ / Σu
             interval = torch.cat([t.reshape(-1) for t in self._log])

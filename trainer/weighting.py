@@ -469,7 +469,7 @@ class HardTopKWeighting(Weighting):
         in binary floating point: its ceiling kept 8 samples for 7)."""
         if self.k > 0:
             return min(self.k, batch_size)
-        return max(1, math.ceil(Fraction(repr(self.fraction)) * batch_size))
+        return max(1, math.ceil(Fraction(repr(float(self.fraction))) * batch_size))
 
     def setup(self, data: DataModule, device: torch.device) -> None:
         batch = data.train_loader.global_batch_size

@@ -261,7 +261,9 @@ class Curvature(Callback):
         grads = [
             g if g is not None else torch.zeros_like(p) for g, p in zip(taken, params, strict=True)
         ]
-        curved = any(g.requires_grad for g in grads)
+        # (a data-parallel rank without samples: its part of H is 0, and the double
+        # backward of an empty batch's loss can fail on its reshapes, (0, T) to (0·T, V))
+        curved = x.shape[0] > 0 and any(g.requires_grad for g in grads)
         if not curved and not ddp:  # the loss is linear in θ: H = 0
             zero = torch.zeros((), device=params[0].device)
             return {"curvature/top_eig": zero, "curvature/top_eig_iters": 0.0,

@@ -121,7 +121,9 @@ def histograms(
             lo, hi = (x.min().item(), x.max().item()) if x.numel() else (0.0, 0.0)
         ranges[i] = [lo, hi, bad]
         finite.append(x)
-    # pass 2: counts and sums on the device, one transfer for all
+    # pass 2: counts and sums on the device, one transfer for all; Σx and the transfer in
+    # float64 (float32 on MPS, which has none)
+    acc = torch.float32 if flat and flat[0].device.type == "mps" else torch.float64
     counts_all: list[Tensor] = []
     sums_all: list[Tensor] = []  # Σx per tensor (of x / scale), float64
     squares_all: list[Tensor] = []  # Σx² per tensor (of x / scale)
@@ -139,7 +141,13 @@ def histograms(
             # takes it, wider where that is below the value's resolution (float32 1e8 ± 0.5
             # is 1e8: histc put it in bucket 0, below its written limits)
             half = max(0.5, abs(left) * 2**-10)
-            left, right = left - half, right + half
+            largest = _F64_MAX if x.dtype == torch.float64 else _F32_MAX
+            if abs(left) + half <= largest:
+                left, right = left - half, right + half
+            elif left > 0:  # (near the dtype's largest: the range on the side it can take)
+                left = left - 2 * half
+            else:
+                right = right + 2 * half
         # binned in float32, but float64 tensors in float64 (their range or resolution may be
         # beyond float32's), and so is a float32 range whose width times the bins passes
         # float32's largest value (histc's arithmetic overflowed: counts 0, or all in one end)
@@ -166,7 +174,7 @@ def histograms(
         tiny = 0 < mm < (_F64_TINY if wide else _F32_TINY)
         scale = m if huge or tiny else 1.0
         xs = xf / scale if scale != 1.0 else xf
-        sums_all.append(xs.sum(dtype=torch.float64))
+        sums_all.append(xs.sum(dtype=acc))
         squares_all.append(torch.dot(xs, xs))
         scales.append(scale)
         edges_all.append((left, right))
@@ -174,9 +182,9 @@ def histograms(
     values = (  # host sync: histogram steps only
         torch.cat(
             [
-                torch.stack(counts_all).double().reshape(-1),
+                torch.stack(counts_all).to(acc).reshape(-1),
                 torch.stack(sums_all),
-                torch.stack(squares_all).double(),
+                torch.stack(squares_all).to(acc),
             ]
         ).tolist()  # fmt: skip
         if counts_all

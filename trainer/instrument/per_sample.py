@@ -309,15 +309,23 @@ def _unit_kind(module: nn.Module) -> str:
     return "func"
 
 
+def _renorms(module: nn.Module) -> bool:
+    """An ``Embedding`` (or ``EmbeddingBag``) with ``max_norm``: its forward renormalizes the
+    rows it looks up, in place."""
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None
+
+
 def _renormed_in_place(model: nn.Module) -> dict[str, Tensor]:
     """Copies of the weights a forward rewrites in place (an ``Embedding`` with ``max_norm``
     renormalizes the rows it looks up, not exactly idempotently in float32), by name: a check's
     extra forward runs on them, so measuring leaves the training's weights as they were."""
-    return {
-        f"{prefix}.weight" if prefix else "weight": m.weight.detach().clone()
-        for prefix, m in model.named_modules()
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
-    }
+    names = {id(p): n for n, p in model.named_parameters()}  # (a tied weight: the name it
+    # is listed under, which may be another module's, as functional_call takes it)
+    copies = {}
+    for m in model.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and _renorms(m) and id(m.weight) in names:
+            copies[names[id(m.weight)]] = m.weight.detach().clone()
+    return copies
 
 
 @dataclass
@@ -794,6 +802,8 @@ class PerSampleNorms(Callback):
         params = {n: p for n, p in _named_covered(module, self._kind[module])}
         if self._kind[module] in ("closed", "func"):
             leaf = {n: p.detach() for n, p in params.items()}
+            if _renorms(module):  # (a copy: its forward rewrites the rows it looks up)
+                leaf = {n: p.clone() for n, p in leaf.items()}
             g = call.grads.get(0)
             if g is None:
                 g = torch.zeros_like(call.outputs[0])
