@@ -890,5 +890,6 @@ def test_a_run_resumed_at_its_last_step_validates_it(tmp_path) -> None:
     want, got = read_scalars(whole), read_scalars(stopped)
     for tag in ("train/loss", "val/loss"):
         assert dict(got[tag])[4] == dict(want[tag])[4], tag
+        assert [s for s, _ in got[tag]].count(4) == 1, tag  # (once: no second validation)
     metrics = json.loads((stopped / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["step"] == 4

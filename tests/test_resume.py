@@ -427,3 +427,33 @@ def test_dropping_the_end_status_keeps_every_other_byte_and_never_stops_a_resume
         metrics = train(tmp_path / "b", *base[:-1], "trainer.max_steps=5", "trainer.resume=auto")
     assert metrics["status"] == "completed" and metrics["step"] == 5
     assert any("HPARAMS: the earlier end status" in r.getMessage() for r in caplog.records)
+
+
+class _Validations(Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer, metrics) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def test_a_finished_run_resumed_from_its_validated_last_step_does_not_validate_it_again(
+    tmp_path,
+) -> None:
+    """A run resumed finished validates its last step only if that was not validated: the
+    checkpoint keeps the step of its last validation. Read from the metrics (which a
+    validation's checkpoint holds without a step), a completed run's periodic checkpoint at
+    its last step was validated again on every resume: a second, third val/loss point at
+    step 4, on_validation_end fired again (a review)."""
+    from conftest import train
+
+    common = ("trainer.max_steps=4", "trainer.checkpoint.every_n_steps=2", "data.batch_size=64")
+    first = _Validations()
+    train(tmp_path / "a", *common, callbacks=[first])
+    assert first.steps == [4]
+    step4 = tmp_path / "a" / "checkpoints" / "step_000000004.pt"
+    for i in range(2):
+        again = _Validations()
+        train(tmp_path / f"r{i}", *common, f"trainer.resume={step4}", callbacks=[again])
+        assert again.steps == []
+        assert [s for s, _ in read_scalars(tmp_path / "a")["val/loss"]] == [4]

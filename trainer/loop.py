@@ -168,7 +168,7 @@ class Trainer:
         #: the signal the run stopped for, agreed by every rank at a rest point; None: not
         #: stopped
         self.stopped_by: int | None = None
-        self._validated_at = -1  # the step of the last validation in this process
+        self._validated_at = -1  # the step of the last validation (checkpointed)
         #: data-parallel: the stop flag agreed at the last rest point, on its way to the host
         #: (the copy, and the CUDA event after it)
         self._stop_in_flight: tuple[Tensor, Any] | None = None
@@ -402,7 +402,7 @@ class Trainer:
                 if (
                     self.finished()
                     and self.stopped_by is None
-                    and self.global_step not in (self._validated_at, self.metrics.get("step"))
+                    and self.global_step != self._validated_at
                 ):  # resumed from a checkpoint of its last step that was not validated (a
                     # stop there): its last step's validation, as an uninterrupted run has
                     self.validate()
@@ -832,6 +832,9 @@ class Trainer:
             # which parameters train (gradual unfreezing changes it): restored on resume, so a
             # layer unfrozen before the checkpoint trains after it too
             "trainable": {n: p.requires_grad for n, p in self._all_params},
+            # the step of the last validation (a run resumed finished validates its last step
+            # unless that is it)
+            "validated_at": self._validated_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -856,6 +859,9 @@ class Trainer:
             )
         self.tally.load_state_dict(self._tally_state(state))
         self.metrics = dict(state["metrics"])
+        # (a checkpoint of an earlier version: validated at its step if it has the metrics)
+        done = int(state["step"]) if "train/loss" in self.metrics else -1
+        self._validated_at = int(state.get("validated_at", done))
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
         saved = [tuple(entry) for entry in state["callbacks"]]  # (class name, state)
