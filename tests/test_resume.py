@@ -457,3 +457,28 @@ def test_a_finished_run_resumed_from_its_validated_last_step_does_not_validate_i
         train(tmp_path / f"r{i}", *common, f"trainer.resume={step4}", callbacks=[again])
         assert again.steps == []
         assert [s for s, _ in read_scalars(tmp_path / "a")["val/loss"]] == [4]
+
+
+def test_an_older_checkpoint_without_validated_at_is_validated_where_it_was(tmp_path) -> None:
+    """A checkpoint of an earlier version has no ``validated_at``: one written mid-epoch holds
+    an earlier validation's metrics and was not validated at its own step (a first fallback
+    took it as validated: a run resumed finished there skipped its last step's validation and
+    returned the earlier metrics); one at an epoch's end or at its run's max_steps was."""
+    from conftest import train
+
+    from trainer.checkpoint import save_checkpoint
+
+    common = ("data.batch_size=512", "trainer.checkpoint.every_n_steps=2",
+              "trainer.checkpoint.keep_last=10")  # (3 steps an epoch)  # fmt: skip
+    train(tmp_path / "a", *common, "trainer.max_steps=10")
+    for step, validated in ((4, False), (6, True), (10, True)):
+        state = load_checkpoint(tmp_path / "a" / "checkpoints" / f"step_{step:09d}.pt")
+        assert state["validated_at"] == (step if validated else 3)
+        del state["validated_at"]
+        old = tmp_path / f"old{step}" / "step.pt"  # (outside a checkpoints/ folder)
+        old.parent.mkdir()
+        save_checkpoint(old, state)
+        seen = _Validations()
+        train(tmp_path / f"r{step}", *common, f"trainer.max_steps={step}",
+              f"trainer.resume={old}", callbacks=[seen])  # fmt: skip
+        assert seen.steps == ([] if validated else [step]), step

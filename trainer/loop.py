@@ -67,6 +67,17 @@ def planned_steps(batches_per_epoch: int, accumulate: int, max_epochs: int, max_
     return min(total, max_steps) if max_steps > 0 else total
 
 
+def _validated_step(state: dict[str, Any]) -> int:
+    """The step a checkpoint of an earlier version (no ``validated_at``) was last validated
+    at, as far as it tells: its own where it was written after a validation (at an epoch's
+    end, or at its run's ``max_steps``), else unknown (-1: a mid-epoch stop's metrics are an
+    earlier validation's)."""
+    step = int(state["step"])
+    max_steps = ((state.get("config") or {}).get("trainer") or {}).get("max_steps")
+    at_rest = int(state.get("batch_in_epoch", 0)) == 0 or step == max_steps
+    return step if "train/loss" in state.get("metrics", {}) and at_rest else -1
+
+
 def window_sizes(num_samples: int, batch_size: int, drop_last: bool, accumulate: int) -> list[int]:
     """For each batch of an epoch, the number of samples in its accumulation window."""
     n = batch_count(num_samples, batch_size, drop_last)
@@ -859,9 +870,7 @@ class Trainer:
             )
         self.tally.load_state_dict(self._tally_state(state))
         self.metrics = dict(state["metrics"])
-        # (a checkpoint of an earlier version: validated at its step if it has the metrics)
-        done = int(state["step"]) if "train/loss" in self.metrics else -1
-        self._validated_at = int(state.get("validated_at", done))
+        self._validated_at = int(state.get("validated_at", _validated_step(state)))
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
         saved = [tuple(entry) for entry in state["callbacks"]]  # (class name, state)
