@@ -7,6 +7,7 @@ real CLI with --config-dir, as README's "Bring your own" section shows.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -193,6 +194,20 @@ def test_a_loss_that_does_not_fit_the_targets_is_refused_before_training(tmp_pat
     with pytest.raises(ValueError, match="weighting=class_balanced reads class labels"):
         train(tmp_path / "c", "data=tensors", f"data.path={tmp_path / 'r.pt'}", "loss=mse",
               "loss.mode=vector", "weighting=class_balanced")  # fmt: skip
+    # validation targets of another shape than the training ones: found by the first
+    # validation, after a whole epoch had trained (a probe); refused before training now
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x": x, "y": torch.randn(len(x), 2, generator=g), "x_val": x[:5],
+                "y_val": torch.randn(5, 3, generator=g)}, tmp_path / "v.pt")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"validation split's targets are of shape \(3,\) per "
+                       r"sample, the training split's \(2,\)"):  # fmt: skip
+        train(tmp_path / "d", "data=tensors", f"data.path={tmp_path / 'v.pt'}", "loss=mse")
+    # NaN targets: the guard named a non-finite loss and gradients at step 1, not the targets
+    y = torch.randn(len(x), 2, generator=g)
+    y[7, 1] = math.nan
+    torch.save({"x": x, "y": y}, tmp_path / "n.pt")
+    with pytest.raises(ConfigError, match=r"split.s targets hold NaN or Inf, at sample \d+;"):
+        train(tmp_path / "e", "data=tensors", f"data.path={tmp_path / 'n.pt'}", "loss=mse")
 
 
 # ----------------------------------------------------------------------------- regression

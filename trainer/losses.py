@@ -300,11 +300,30 @@ class MSE(Loss):
         return squared_error(output, target)
 
     def check(self, data: DataModule) -> None:
-        targets = data.train_targets
-        if targets is not None and not targets.is_floating_point():
+        targets, val = data.train_targets, data.val_targets
+        for split, t in (("training", targets), ("validation", val)):
+            if t is not None and not t.is_floating_point():
+                raise ConfigError(
+                    f"loss=mse needs float targets; the {split} split's targets are {t.dtype} "
+                    "(class labels: loss=cross_entropy)"
+                )
+        for split, t in (("training", targets), ("validation", val)):
+            bad = None if t is None else (~torch.isfinite(t)).reshape(len(t), -1).any(1)
+            if bad is not None and bool(bad.any()):  # (the step's guard named only a
+                # non-finite loss and gradients, not the targets)
+                rows = bad.nonzero().flatten()
+                raise ConfigError(
+                    f"loss=mse: the {split} split's targets hold NaN or Inf, at sample "
+                    f"{', '.join(str(i) for i in rows[:5].tolist())}"
+                    f"{f' and {len(rows) - 5} more' if len(rows) > 5 else ''}; drop or fill them "
+                    "in the data module"
+                )
+        if targets is not None and val is not None and targets.shape[1:] != val.shape[1:]:
+            # (found after a whole epoch, by the first validation, before)
             raise ConfigError(
-                f"loss=mse needs float targets; the data's targets are {targets.dtype} (class "
-                "labels: loss=cross_entropy)"
+                f"loss=mse: the validation split's targets are of shape {tuple(val.shape[1:])} "
+                f"per sample, the training split's {tuple(targets.shape[1:])}; the model's "
+                "output has one shape"
             )
 
 
