@@ -51,6 +51,7 @@ from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
 from trainer.losses import Loss, as_loss
 from trainer.metrics import HostFn, LossTally, Staging, mean_of
 from trainer.objective import Objective, Window
+from trainer.precision import sum_dtype
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.update import clear_grads, conditional_step, scaled_step, step_optimizer
 from trainer.weighting import Weighting
@@ -930,7 +931,7 @@ class Trainer:
         names = self.criterion.metrics
         # (metric, [sum, count]), summed over the batches in float64 (a float64 model's
         # sums as they are; float32 ones without rounding their running total)
-        wide = torch.float32 if self.device.type == "mps" else torch.float64  # (MPS: no float64)
+        wide = sum_dtype(self.device)
         sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
         for x, y, _ in self.val_loader:
             if self.channels_last and x.dim() == 4:

@@ -24,7 +24,7 @@ from torch import Tensor
 from trainer.callbacks import LOOP_PREFIXES, LOOP_TAGS
 from trainer.instrument.histograms import host_histogram
 from trainer.logger import Scalars, to_host_many
-from trainer.precision import LOW_PRECISION, widen
+from trainer.precision import LOW_PRECISION, sum_dtype, widen
 
 if TYPE_CHECKING:
     from trainer.logger import TensorBoardLogger
@@ -345,7 +345,7 @@ class LossTally:
         self.device, self.per_token = device, per_token
         #: the sums' dtype: float64 (a float32 running total of an epoch's windows drifts by
         #: their count's roundings; float32 token counts stop at 2²⁴), float32 on MPS (none)
-        self.wide = torch.float32 if device.type == "mps" else torch.float64
+        self.wide = sum_dtype(device)
         self._log: list[Tensor] = []  # per micro-batch: losses (B,), or u·ℓ (B, T)
         self._epoch: list[Tensor] = []  # the same, not yet folded into the epoch's sum
         self._epoch_sum = torch.zeros((), dtype=self.wide, device=device)

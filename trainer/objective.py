@@ -37,6 +37,7 @@ from trainer.backward import backward_scalar, backward_vector
 from trainer.distributed import SINGLE, World, all_reduce_sum
 from trainer.instrument.norms import minus, total_norm
 from trainer.losses import Loss, units_dtype
+from trainer.precision import sum_dtype
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import UniformWeighting, Weighting
 
@@ -109,7 +110,7 @@ class Objective:
         """U = Σu over a window's micro-batches (their targets), a 0-d device tensor without a
         host sync; None for per-sample losses, whose window size is known on the host."""
         # counts in float64 (exact), except where a device has none (MPS)
-        exact = torch.float32 if targets[0].device.type == "mps" else torch.float64
+        exact = sum_dtype(targets[0].device)
         units = [self.loss.units(y, exact) for y in targets]
         if units[0] is None:
             return None

@@ -17,6 +17,12 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype exact sums are kept in on ``device``: float64, float32 on MPS (which has no
+    float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def widen(t: Tensor) -> Tensor:
     """``t`` in float32 if it is float16/bfloat16 (a copy), else ``t`` itself (no kernel)."""
     return t.float() if t.dtype in LOW_PRECISION else t

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from trainer.callbacks import Callback, Every
 from trainer.config import HISTOGRAM_RANGES
-from trainer.precision import is_long, long_norm
+from trainer.precision import is_long, long_norm, sum_dtype
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -124,7 +124,7 @@ def histograms(
         finite.append(x)
     # pass 2: counts and sums on the device, one transfer for all; Σx and the transfer in
     # float64 (float32 on MPS, which has none)
-    acc = torch.float32 if flat and flat[0].device.type == "mps" else torch.float64
+    acc = sum_dtype(flat[0].device) if flat else torch.float64
     counts_all: list[Tensor] = []
     sums_all: list[Tensor] = []  # Σx per tensor (of x / scale), float64
     squares_all: list[Tensor] = []  # Σx² per tensor (of x / scale)
