@@ -13,6 +13,7 @@ import math
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -706,6 +707,59 @@ def test_the_batch_check_leaves_training_and_resume_as_they_were(tmp_path) -> No
     a, b = read_scalars(tmp_path / "a"), read_scalars(tmp_path / "b")
     for tag in [t for t in a if t.startswith("per_sample/")]:
         assert b[tag] == [(st, v) for st, v in a[tag] if st > 4], tag
+
+
+class RandomFlip(nn.Module):
+    """A per-feature scale whose input is reversed at random in training, by Python's
+    ``random`` or NumPy's global generator: a unit with parameters of its own that draws."""
+
+    def __init__(self, draw) -> None:
+        super().__init__()
+        self.draw = draw
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, D))
+
+    def forward(self, x):
+        if self.training and self.draw() < 0.5:
+            x = x.flip(-1)
+        return x * self.scale
+
+
+@pytest.mark.parametrize("draw", [random.random, np.random.random], ids=["python", "numpy"])
+def test_a_unit_drawing_from_python_or_numpy_is_left_out_and_training_keeps_its_draws(
+    draw, caplog
+) -> None:
+    """vmap refuses torch's random numbers in a recomputed unit, not Python's or NumPy's: such
+    a unit was recomputed with a new draw (another flip than the step's forward: its norms
+    off at coverage 1), and the recomputation advanced the run's generator (training changed
+    by measuring). It is left out and named; the rest is exact against the per-sample
+    gradients of the step's own forward, and the generators are where the forward left them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(RandomFlip(draw), nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = (
+        torch.randn(B, D, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (B,), generator=g),
+    )
+    reference = []
+    for seed in range(8):  # the step's forward draws once per call: seeds of both outcomes
+        random.seed(seed), np.random.seed(seed)
+        logits = model(x)
+        after = (random.getstate(), np.random.get_state()[1].copy())
+        kept = [p for n, p in model.named_parameters() if not n.startswith("0.")]
+        reference = torch.stack([
+            torch.sqrt(sum(gr.pow(2).sum() for gr in torch.autograd.grad(
+                F.cross_entropy(logits[i : i + 1], y[i : i + 1]), kept, retain_graph=True)))
+            for i in range(B)
+        ])  # fmt: skip
+        random.seed(seed), np.random.seed(seed)
+        with caplog.at_level("WARNING"):
+            last, staged = measure(model, x, y, cb=PerSampleNorms(1, loss="unweighted"))
+        assert random.getstate() == after[0] and np.array_equal(np.random.get_state()[1], after[1])
+        assert staged["per_sample/coverage"] == pytest.approx(_share(model, ("0",)))
+        torch.testing.assert_close(
+            last["per_sample/grad_norm"].double(), reference, rtol=1e-6, atol=0
+        )
+    assert "leave out '0': its forward draws random numbers" in caplog.text
 
 
 def test_a_unit_left_out_of_one_micro_batch_is_out_of_the_whole_window(monkeypatch) -> None:

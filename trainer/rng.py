@@ -5,18 +5,48 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 
+class Fork:
+    """The random states at one moment, to ask later whether anything drew since."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.states = self._now()
+
+    def _now(self) -> tuple[Any, ...]:
+        accel: tuple[torch.Tensor, ...] = ()
+        if self.device.type == "cuda":  # (seed and offset, kept on the host: no sync)
+            accel = (torch.cuda.get_rng_state(self.device),)
+        return (random.getstate(), np.random.get_state(), torch.get_rng_state(), *accel)
+
+    def drew(self) -> bool:
+        """Whether Python's ``random``, NumPy's global generator or torch's (on the CPU, and
+        on a CUDA device) drew since this fork began."""
+        before, now = self.states, self._now()
+        if before[0] != now[0]:
+            return True
+        (_, key0, pos0, *rest0), (_, key1, pos1, *rest1) = before[1], now[1]
+        if pos0 != pos1 or rest0 != rest1 or not np.array_equal(key0, key1):
+            return True
+        return any(not torch.equal(a, b) for a, b in zip(before[2:], now[2:], strict=True))
+
+    def again(self) -> None:
+        """Take the current states as the new reference for :meth:`drew`."""
+        self.states = self._now()
+
+
 @contextlib.contextmanager
-def forked_rng(device: torch.device) -> Iterator[None]:
+def forked_rng(device: torch.device) -> Iterator[Fork]:
     """Run the body on copies of the random states a checkpoint keeps (trainer/checkpoint.py):
     torch's on the CPU and on ``device`` (``torch.random.fork_rng``), Python's ``random`` and
     NumPy's global generator. A model that draws from any of them in its forward (dropout,
     a LayerDrop by ``random.random()``) draws the same numbers in the run's next step as if the
-    body had never run."""
+    body had never run. The body gets a :class:`Fork` whose ``drew()`` says whether it drew."""
     python, numpy = random.getstate(), np.random.get_state()
     accel = device.type != "cpu"
     try:
@@ -24,7 +54,7 @@ def forked_rng(device: torch.device) -> Iterator[None]:
             devices=[device.index or 0] if accel else [],
             device_type=device.type if accel else "cuda",
         ):
-            yield
+            yield Fork(device)
     finally:
         random.setstate(python)
         np.random.set_state(numpy)

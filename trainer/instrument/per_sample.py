@@ -33,7 +33,9 @@ of parameter elements whose per-sample gradient was captured), never mixed in si
   upstream of it mixes the samples too, so a per-sample gradient is not defined there. Such a
   BatchNorm and every unit whose forward ran before it are left out;
 * a unit whose forward draws random numbers (dropout inside attention, between an RNN's layers,
-  or inside another unit) that a per-sample recomputation cannot reproduce;
+  or inside another unit; Python's ``random`` or NumPy's, seen by their states moving during
+  the recomputation, which runs on copies of them) that a per-sample recomputation cannot
+  reproduce;
 * a unit whose inputs do not carry the batch where expected (an RNN fed a PackedSequence,
   several tensor inputs to a generic unit), or whose output never received a gradient.
 
@@ -344,6 +346,10 @@ class _Call:
     #: (unit name, call within the forward, input shape) when whether dimension 0 of its input
     #: is the batch is not known yet (settled after the backward: :meth:`PerSampleNorms._verify`)
     verify: tuple[str, int, tuple[int, ...]] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.outputs[0].device if self.outputs else torch.device("cpu")
 
     def autocast_again(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast is None:
@@ -929,21 +935,27 @@ class PerSampleNorms(Callback):
                         f"{MATERIALIZE_BYTES // 2**20} MiB"
                     )
                     continue
-            try:
-                per_sample = self._per_sample_grads(call)
+            drawing = (
+                "its forward draws random numbers (dropout inside it, Python's or NumPy's "
+                "random), which a per-sample recomputation cannot reproduce"
+            )
+            try:  # (on copies of the random states: the run's next draws stay its own)
+                with forked_rng(call.device) as fork:
+                    per_sample = self._per_sample_grads(call)
+                    drew = fork.drew()  # (torch's draws under vmap raise; the others do not)
             except (RuntimeError, TypeError, ValueError) as e:  # its forward cannot be
                 # recomputed per sample (vmap's errors; an output of an unexpected kind)
                 if "randomness" in str(e):
-                    self._excluded[name] = (
-                        "its forward draws random numbers (dropout inside it), which a "
-                        "per-sample recomputation cannot reproduce"
-                    )
+                    self._excluded[name] = drawing
                 else:  # (left out and named: a measurement never stops the training)
                     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                     self._excluded[name] = (
                         f"its forward cannot be recomputed per sample ({type(e).__name__}: "
                         f"{first[:200]})"
                     )
+                continue
+            if drew:  # what it drew now is not what the step's forward drew
+                self._excluded[name] = drawing
                 continue
             covered = dict(_named_covered(module, self._kind[module]))
             if single:
