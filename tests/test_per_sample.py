@@ -26,7 +26,7 @@ from trainer.data.base import Batch
 from trainer.distributed import SINGLE
 from trainer.instrument import PerSampleNorms
 from trainer.instrument.histograms import host_histogram
-from trainer.losses import CrossEntropy
+from trainer.losses import CrossEntropy, TokenCrossEntropy
 from trainer.objective import Objective, Window
 
 B, T, V, D = 6, 5, 11, 8  # samples, tokens, vocabulary, width
@@ -358,15 +358,16 @@ def _expand(values: dict) -> dict:
     return out
 
 
-def measure(model: nn.Module, x, y, weights=None, cb=None, amp=contextlib.nullcontext):
+def measure(model: nn.Module, x, y, weights=None, cb=None, amp=contextlib.nullcontext, loss=None):
     """One measured step of PerSampleNorms by hand (as the loop drives it; the forward under
-    ``amp()``)."""
+    ``amp()``; ``loss``: a trainer.losses.Loss, cross-entropy by default)."""
+    loss = loss if loss is not None else CrossEntropy()
     cb = cb if cb is not None else PerSampleNorms(1, loss="both")
     staged: dict = {}
     trainer = SimpleNamespace(
         model=model, global_step=0, scaler=None, logger=None, window=Window(x.shape[0]),
         device=torch.device("cpu"),
-        objective=Objective(CrossEntropy(), None, (), list(model.parameters())),
+        objective=Objective(loss, None, (), list(model.parameters())),
         world=SINGLE, stage_scalars=lambda values: staged.update(_expand(values)),
         stage_on_host=lambda values, fn: staged.update(fn(values.tolist())),
         stage_histogram=lambda tag, v, count_nonfinite=True: staged.update(
@@ -379,9 +380,12 @@ def measure(model: nn.Module, x, y, weights=None, cb=None, amp=contextlib.nullco
     batch = Batch(x, y, torch.arange(x.shape[0]))
     cb.on_train_batch_start(trainer, batch)
     with amp():
-        losses = F.cross_entropy(model(x), y, reduction="none")
+        losses = loss(model(x), y)
     cb.on_before_backward(trainer, batch, losses)
-    if weights is None:
+    units = loss.units(y, losses.dtype)
+    if weights is None and units is not None:  # (the loss's own average over the tokens)
+        trainer.objective.scalar_root(losses, units, y, trainer.window).backward()
+    elif weights is None:
         losses.mean().backward()
     else:
         losses.backward(gradient=weights)
@@ -1049,6 +1053,53 @@ def test_the_noise_scale_is_nan_with_unequal_weights_and_its_ema_skips_it() -> N
     trace = 0.75 * first[0] + 0.25 * third[0]
     signal = 0.75 * first[1] + 0.25 * third[1]
     assert s3["per_sample/noise_scale_ema"] == pytest.approx(float(trace / signal), rel=1e-4)
+
+
+class TokenMLP(nn.Module):
+    """Per-token logits (B, T, V) from an embedding and two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc, self.out = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, V)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.fc(self.emb(tokens))))
+
+
+@pytest.mark.parametrize("average", ["tokens", "sequences"])
+def test_the_noise_scale_leaves_out_sequences_without_a_valid_target(average) -> None:
+    """A sequence whose targets are all padding has no loss and a zero gradient; its
+    coefficient 0 counted as an unequal weight, so the noise scale and the SNRs were NaN on
+    every step with one (a probe's finding). It is no sample: the statistics are those of
+    the other sequences' summed token losses, brute force. (``sequences``: equal lengths, so
+    equal coefficients 1/(nᵢN).)"""
+    torch.manual_seed(0)
+    model = TokenMLP().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+    y[2] = -100  # a sequence of padding only
+    if average == "tokens":
+        y[4, 3:] = -100  # and a shorter one
+    present = [i for i in range(B) if (y[i] != -100).any()]
+    per = []
+    for i in present:
+        loss = F.cross_entropy(model(x[i]), y[i], ignore_index=-100, reduction="sum")
+        per.append(
+            torch.cat([v.flatten() for v in torch.autograd.grad(loss, list(model.parameters()))])
+        )
+    gs = torch.stack(per)
+    n, mean = gs.shape[0], gs.mean(0)
+    trace = (gs - mean).pow(2).sum() / (n - 1)
+    signal = mean.pow(2).sum() - trace / n
+    loss = TokenCrossEntropy(average=average)
+    units = loss.units(y, torch.float64)
+    for weights in (None, units / units.sum()):  # scalar mode, vector mode's uniform weights
+        _, staged = measure(model, x, y, weights, loss=loss)
+        # float32 sums of the squared norms (eps 6e-8) on values of this size, as above
+        assert staged["per_sample/grad_var_trace"] == pytest.approx(float(trace), rel=1e-5)
+        assert staged["per_sample/grad_signal"] == pytest.approx(float(signal), rel=1e-4)
+        assert staged["per_sample/noise_scale"] == pytest.approx(float(trace / signal), rel=1e-4)
+        assert all(math.isfinite(v) for t, v in staged.items() if t.startswith("grad_snr/"))
 
 
 class Loud(nn.Module):

@@ -462,7 +462,10 @@ class PerSampleNorms(Callback):
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
         self._weighted: list[Tensor] = []  # per micro-batch, (B, params) squared weighted norms
-        self._weights: list[Tensor] = []  # per micro-batch, (B,) effective weights
+        #: per micro-batch, (B, 2): each sample's effective weight, and 1.0 where it is a
+        #: sample (0.0: a sequence without one valid target, whose gradient is 0 whatever
+        #: its weight: no sample of the noise scale's)
+        self._weights: list[Tensor] = []
         #: data-parallel: each rank's rows in ``_weighted`` (known on the host: the loaders
         #: shard every global batch alike), so gathering them needs no exchange of sizes
         self._rank_rows: list[int] = []
@@ -987,8 +990,10 @@ class PerSampleNorms(Callback):
         if weights is None:
             weights = trainer.objective.coefficients(losses, batch.y, trainer.window)
         w = sample_coefficients(weights.detach().float())
+        units = trainer.objective.loss.units(batch.y) if losses.ndim > 1 else None
+        present = torch.ones_like(w) if units is None else units.flatten(1).ne(0).any(1).to(w.dtype)
         self._weighted.append(sq)
-        self._weights.append(w)
+        self._weights.append(torch.stack([w, present], 1))
 
     def _finish_shared(self) -> None:
         """Square the summed per-sample gradients of parameters used more than once, unless
@@ -1105,7 +1110,7 @@ class PerSampleNorms(Callback):
             return
         if not self._weighted:
             return
-        sq, w = torch.cat(self._weighted), torch.cat(self._weights)  # (N, params), (N,)
+        sq, wp = torch.cat(self._weighted), torch.cat(self._weights)  # (N, params), (N, 2)
         self._weighted.clear()
         self._weights.clear()
         if trainer.world.distributed:  # one series over the global batch, in its order
@@ -1114,11 +1119,12 @@ class PerSampleNorms(Callback):
                     f"per-sample norms, data-parallel: {sq.shape[0]} rows measured on rank "
                     f"{trainer.world.rank}, {rank_rows[trainer.world.rank]} counted"
                 )
-            width = sq.shape[1] + 1
+            width = sq.shape[1] + 2
             sizes = [n * width for n in rank_rows]  # (no exchange, no host sync)
-            rows, _ = all_gather_cat(torch.cat([sq, w[:, None]], 1).flatten(), sizes)
+            rows, _ = all_gather_cat(torch.cat([sq, wp], 1).flatten(), sizes)
             rows = rows.reshape(-1, width)
-            sq, w = rows[:, :-1], rows[:, -1]
+            sq, wp = rows[:, :-2], rows[:, -2:]
+        w, present = wp[:, 0], wp[:, 1]
         covered = self._covered_mask(sq.device)  # (params,) 1.0 covered, 0.0 left out
         coverage: Tensor | float
         if trainer.world.distributed:  # a unit left out on any rank is out on all (one small
@@ -1151,51 +1157,61 @@ class PerSampleNorms(Callback):
             )
             series["per_sample/grad_norm"] = unweighted
         self.last = series
-        self._statistics(trainer, sq, w, covered)
+        self._statistics(trainer, sq, w, present, covered)
         trainer.stage_scalars(values)
         for tag, v in series.items():  # histogram, _mean and _max from the step's one host read
             # (NaN: a weight-0 sample's unweighted norm, or every sample's on a step with a
             # non-finite one: not counted as values that are not finite)
             trainer.stage_histogram(tag, v, count_nonfinite=False)
 
-    def _statistics(self, trainer: Trainer, sq: Tensor, w: Tensor, covered: Tensor) -> None:
+    def _statistics(
+        self, trainer: Trainer, sq: Tensor, w: Tensor, present: Tensor, covered: Tensor
+    ) -> None:
         """Stage what the gradient noise scale and the SNRs need (:meth:`_noise_scale`
         computes them on the host from it, when the step's values are read): a few device ops
         instead of the ≈ 40 small kernels the same arithmetic took on the device. ``sq``:
-        (N, params) squared weighted per-sample norms; ``covered``: (params,) 1.0 per covered
+        (N, params) squared weighted per-sample norms; ``w``: (N,) the samples' coefficients;
+        ``present``: (N,) 0.0 for a sequence without a valid target (no sample: its gradient
+        is 0, its coefficient 0, neither counts); ``covered``: (params,) 1.0 per covered
         parameter, 0.0 per one left out."""
-        n = sq.shape[0]
-        if n < 2 or not self._params:
+        if sq.shape[0] < 2 or not self._params:
             return
         reg = trainer.objective.reg_grads() if trainer.objective.has_regularizers else {}
         data = [p.new_zeros(()) if p.grad is None else minus(p.grad, reg[id(p)]) if id(p) in reg
                 else p.grad for p in self._params]  # fmt: skip
-        w_min, w_max = torch.aminmax(w)  # sq = (wᵢ‖gᵢ‖)² (data-parallel, wᵢ carries W)
-        # the spread in w's own dtype: 0 exactly where the coefficients are all equal (a
-        # float32 copy of float64 weights could make unequal ones equal)
-        spread = torch.stack([w_max - w_min, w_max]).float()
+        # sq = (wᵢ‖gᵢ‖)² (data-parallel, wᵢ carries W); the samples' coefficients' spread in
+        # w's own dtype: 0 exactly where they are all equal (a float32 copy of float64
+        # weights could make unequal ones equal). +Inf: no sample at all
+        w_max = w.max()
+        w_min = torch.where(present > 0, w, torch.inf).amin()
+        n = present.sum()
+        spread = torch.stack([w_max - w_min, w_max, n]).float()
+        # sums of the rows (0 for a sequence without a valid target), divided by n on the host
         values = torch.cat(
-            [sq.mean(0).float(), torch.stack(norms_of(data)).float(), spread, covered.float()]
+            [sq.sum(0).float(), torch.stack(norms_of(data)).float(), spread, covered.float()]
         )
         # (the tags as they are now: the values may be read after the trainable parameters,
         # and so the tags, changed)
-        fn = partial(self._noise_scale, n, trainer.world.size, self._tags)
+        fn = partial(self._noise_scale, trainer.world.size, self._tags)
         trainer.stage_on_host(values, fn)
 
     def _noise_scale(
-        self, n: int, world: int, tags: tuple[str, ...], values: list[float]
+        self, world: int, tags: tuple[str, ...], values: list[float]
     ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
         tr(Σ) / |G|² over the covered parameters, its running average and, per parameter
         tensor, the SNR ‖ḡ‖² / tr(S) of the step's samples (module docstring); NaN where the
         samples' coefficients are not all equal, or (SNR) for a parameter left out. ``values``:
-        the per-parameter means of the squared weighted norms, the step's gradient norms, the
-        coefficients' spread and largest value, the covered mask (:meth:`_statistics`)."""
-        count = (len(values) - 2) // 3  # parameters (3 per parameter, 2 for the weights)
-        mean_sq, norms = values[:count], values[count : 2 * count]
-        spread, w_max = values[2 * count], values[2 * count + 1]
-        covered = values[2 * count + 2 : 3 * count + 2]
-        uniform = spread == 0 and w_max > 0  # False with a NaN coefficient
+        the per-parameter sums of the squared weighted norms, the step's gradient norms, the
+        coefficients' spread and largest value, the number of samples, the covered mask
+        (:meth:`_statistics`)."""
+        count = (len(values) - 3) // 3  # parameters (3 per parameter, 3 for the weights)
+        sum_sq, norms = values[:count], values[count : 2 * count]
+        spread, w_max, samples = values[2 * count : 2 * count + 3]
+        covered = values[2 * count + 3 : 3 * count + 3]
+        n = round(samples)
+        mean_sq = [s / n for s in sum_sq] if n else sum_sq
+        uniform = spread == 0 and w_max > 0 and n > 1  # False with a NaN coefficient
         estimate, snr = [math.nan, math.nan], [math.nan] * count
         if uniform:
             inv = 1.0 / (w_max * w_max)
