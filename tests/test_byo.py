@@ -174,6 +174,25 @@ def test_tensors_from_an_npz_file_train_a_regression_with_its_own_val_split(tmp_
         ({"x": torch.zeros(4, 2), "y": torch.zeros(3)}, "'x' has 4 samples but 'y' 3"),
         ({"x": torch.zeros(4, 2), "y": torch.zeros(4), "z": torch.zeros(1)}, "unknown keys"),
         ({"x": torch.zeros(4, 2), "y": torch.zeros(4), "x_val": torch.zeros(1, 2)}, "only one of"),
+        # an empty validation split of class labels (its min() crashed before the check)
+        (
+            {
+                "x": torch.zeros(4, 2),
+                "y": torch.zeros(4, dtype=torch.int64),
+                "x_val": torch.zeros(0, 2),
+                "y_val": torch.zeros(0, dtype=torch.int64),
+            },
+            "the validation split is empty",
+        ),
+        (
+            {
+                "x": torch.zeros(4, 2),
+                "y": torch.zeros(4),
+                "x_val": torch.zeros(0, 2),
+                "y_val": torch.zeros(0),
+            },
+            "the validation split is empty",
+        ),
     ],
 )
 def test_a_bad_tensors_file_is_named_with_its_cause(tmp_path, content, match) -> None:

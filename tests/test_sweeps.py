@@ -331,3 +331,21 @@ def test_hparams_are_in_the_run_dir_with_the_same_keys_and_the_end_status(backgr
     assert {k for k in mlp if not k.startswith("model.")} == {
         k for k in cnn if not k.startswith("model.")}  # fmt: skip
     assert [e for _, _, e in seen].count(api_pb2.STATUS_SUCCESS) == 2
+
+
+def test_hparams_leave_out_loading_plumbing_and_spell_booleans_as_typed(tmp_path) -> None:
+    """How batches are loaded (``data.loader``, ``data.eval_batch_size``) is plumbing, as a
+    resume treats it, not a hyperparameter; a boolean override is named as the command line
+    types it (``true``), not as Python prints it, in the event folder and the session group."""
+    from trainer.hparams import overrides_text, run_hparams, run_name
+
+    overrides = ["data.loader=dataloader", "data.eval_batch_size=32",
+                 "instrument.norms.agreement=true", "optimizer.lr=0.01"]  # fmt: skip
+    cfg = make_cfg(*overrides)
+    hp = run_hparams(cfg, {"data": "digits", "model": "mlp"}, overrides)
+    assert "data.loader" not in hp.values and "data.eval_batch_size" not in hp.values
+    assert hp.values["instrument.norms.agreement"] is True  # (a bool in TensorBoard's table)
+    assert overrides_text(hp, ",") == "instrument.norms.agreement=true,optimizer.lr=0.01"
+    assert run_name(tmp_path / "sweep" / "3", hp) == (
+        "sweep/3 instrument.norms.agreement=true optimizer.lr=0.01"
+    )

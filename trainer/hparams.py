@@ -49,7 +49,7 @@ KEY_VALUES = (
 NOT_HPARAMS = (
     "hydra", "logging", "monitor", "trainer.checkpoint", "trainer.resume", "trainer.run_id",
     "trainer.detect_anomaly", "data.root", "data.num_workers", "data.pin_memory",
-    "data.memory_limit_mb",
+    "data.memory_limit_mb", "data.loader", "data.eval_batch_size",
 )  # fmt: skip
 
 HParamValue = bool | float | str
@@ -161,8 +161,17 @@ def run_name(run_dir: Path, hparams: RunHParams) -> str:
     """A session group's name: the run's folder (in a sweep: the sweep's and the job's
     number) and the values of the keys it overrides."""
     where = f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() else run_dir.name
-    set_here = " ".join(f"{k}={hparams.values[k]}" for k in hparams.overridden)
-    return f"{where} {set_here}".strip()
+    return f"{where} {overrides_text(hparams, ' ')}".strip()
+
+
+def overrides_text(hparams: RunHParams, sep: str) -> str:
+    """The overridden keys as the command line spells them, ``key=value`` joined by ``sep``
+    (booleans as YAML's ``true``/``false``, not Python's ``True``)."""
+
+    def shown(v: HParamValue) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return sep.join(f"{k}={shown(hparams.values[k])}" for k in hparams.overridden)
 
 
 def _plugin_summary(tag: str, data: Any) -> Any:

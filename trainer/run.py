@@ -51,6 +51,7 @@ from trainer.hparams import (
     drop_end_status,
     end_summary,
     hydra_hparams,
+    overrides_text,
     run_name,
     start_summaries,
 )
@@ -348,8 +349,7 @@ def run(
         taken = True
         hparams = hydra_hparams(cfg)  # (the event folder is named after the overridden ones)
         if main:  # data-parallel: rank 0 alone writes events, checkpoints and metrics.json
-            label = ",".join(f"{k}={hparams.values[k]}" for k in hparams.overridden)
-            events = event_dir(run_dir, label)
+            events = event_dir(run_dir, overrides_text(hparams, ","))
             if resume_state is not None and events.is_dir():  # its own end status comes later
                 try:
                     drop_end_status(events)

@@ -105,8 +105,10 @@ class TensorsData(DataModule):
             train = TensorSplit(x[order[n_val:]], y[order[n_val:]])
             val = TensorSplit(x[order[:n_val]], y[order[:n_val]])
         labels = not y.is_floating_point() and not y.is_complex() and y.ndim == 1
-        if labels and self.num_classes is None:
-            self.num_classes = int(torch.cat([train.y, val.y]).max()) + 1
-        if labels and (int(train.y.min()) < 0 or int(val.y.min()) < 0):
+        every = torch.cat([train.y, val.y]) if labels else None
+        # (an empty split is refused by name before training: trainer.run)
+        if every is not None and every.numel() and self.num_classes is None:
+            self.num_classes = int(every.max()) + 1
+        if every is not None and every.numel() and int(every.min()) < 0:
             raise TensorFileError(f"data.path: {self.path}: class labels must be >= 0")
         return train, val
