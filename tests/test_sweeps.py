@@ -257,6 +257,29 @@ def test_an_optuna_sweep_records_a_failed_trial_and_goes_on(background) -> None:
     assert status(done[1])["status"] == "failed"  # the last trial (it crashed the sweep)
 
 
+def _optuna_where_every_trial_fails(path: Path):
+    sweep = path / "optuna_all_fail"
+    proc = cli("-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=tpe",
+               "hydra.sweeper.sampler.seed=0", "hydra.sweeper.direction=maximize",
+               "hydra.sweeper.n_trials=2", "optimizer.lr=choice(-1.0,-2.0)",
+               f"hydra.sweep.dir={sweep}")  # fmt: skip
+    return proc, sweep
+
+
+@in_background(_optuna_where_every_trial_fails)
+def test_an_optuna_sweep_whose_every_trial_failed_still_says_which_and_why(background) -> None:
+    """With no trial completed the plugin itself raises ("No trials are completed yet") and
+    Hydra skips its end-of-sweep hook: the failures and their causes were not summed up (a
+    README audit's finding). They are, at the exit, and the status is 1."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc, sweep = background
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "No trials are completed yet" in out
+    assert "sweep stopped by the sweeper's error above: 2 of 2 jobs failed" in out, out[-3000:]
+    assert out.count("failed: ConfigError: optimizer.lr: got -") == 2, out[-3000:]
+
+
 def test_a_job_without_a_monitored_value_gives_a_sweep_none(monkeypatch) -> None:
     """In a multirun a completed job whose monitored metric is NaN (nothing was counted)
     returns None, which the Optuna sweeper records as a failed trial; a single run returns

@@ -15,6 +15,7 @@ still raises as usual, and returns its metric, NaN included.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 from pathlib import Path
@@ -83,10 +84,26 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: one line on how many jobs failed, and exit 1 if any."""
+    """At the end of a multirun: one line on how many jobs failed, and exit 1 if any. A sweep
+    that a sweeper's own error stops before its end (Optuna's "No trials are completed yet"
+    when every trial failed) skips Hydra's end hook: the same lines then come at the exit."""
+
+    _ended = True
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._ended = False
+        atexit.register(self._at_exit, Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        self._ended = True
+        self._summarize(Path(config.hydra.sweep.dir), stopped=False)
+
+    def _at_exit(self, sweep_dir: Path) -> None:
+        if not self._ended:  # (the process exits with Hydra's status 1 already)
+            self._ended = True
+            self._summarize(sweep_dir, stopped=True)
+
+    def _summarize(self, sweep_dir: Path, *, stopped: bool) -> None:
         if not sweep_dir.is_dir():
             return
         try:
@@ -99,15 +116,19 @@ class SweepSummary(Callback):
         if unvalued:
             log.warning("jobs %s completed without a value of the monitored metric (NaN or "
                         "missing)", ", ".join(unvalued))  # fmt: skip
+        ended = "stopped by the sweeper's error above" if stopped else "finished"
         if not failed:
-            log.info("sweep finished: all %d jobs completed (%s)", len(jobs), sweep_dir)
+            (log.error if stopped else log.info)(
+                "sweep %s: all %d jobs completed (%s)", ended, len(jobs), sweep_dir
+            )
             return
         for r in failed:
             last = next((ln for ln in reversed(r.error.splitlines()) if ln.strip()), "")
             log.error("job %s %s: %s", r.name, r.status, last)
         message = (
-            f"sweep finished: {len(failed)} of {len(jobs)} jobs failed; the others' outputs "
+            f"sweep {ended}: {len(failed)} of {len(jobs)} jobs failed; the others' outputs "
             f"are in {sweep_dir} (python scripts/report.py {sweep_dir})"
         )
         log.error(message)
-        raise SystemExit(message)
+        if not stopped:
+            raise SystemExit(message)
