@@ -482,3 +482,77 @@ def test_an_older_checkpoint_without_validated_at_is_validated_where_it_was(tmp_
         train(tmp_path / f"r{step}", *common, f"trainer.max_steps={step}",
               f"trainer.resume={old}", callbacks=[seen])  # fmt: skip
         assert seen.steps == ([] if validated else [step]), step
+
+
+class _BestLoss(Callback):
+    """Keeps the best validation loss as NumPy computes it (``min`` against a NumPy scalar),
+    and a NumPy array of the losses seen: NumPy values in its state."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.best, self.seen, self.loaded = np.inf, np.zeros(0), None
+
+    def on_validation_end(self, trainer, metrics) -> None:
+        import numpy as np
+
+        self.best = min(self.best, np.float64(metrics["val/loss"]))
+        self.seen = np.append(self.seen, metrics["val/loss"])
+
+    def state_dict(self):
+        return {"best": self.best, "seen": self.seen}
+
+    def load_state_dict(self, state) -> None:
+        self.loaded = state
+
+
+def test_a_callback_state_with_numpy_values_resumes(tmp_path, caplog) -> None:
+    """A callback whose state held NumPy values wrote checkpoints that a safe load refuses:
+    resume=auto skipped them as corrupt and started the run afresh (a probe's finding). They
+    are checkpointed as Python numbers and tensors of the same values, with a warning."""
+    from conftest import train
+
+    first = _BestLoss()
+    with caplog.at_level("WARNING"):
+        train(tmp_path / "a", "trainer.max_epochs=2", "data.batch_size=256", callbacks=[first])
+    assert "callback _BestLoss: its state_dict() holds NumPy values" in caplog.text
+    resumed = _BestLoss()
+    last = tmp_path / "a" / "checkpoints" / "last.pt"
+    metrics = train(tmp_path / "b", "trainer.max_epochs=3", "data.batch_size=256",
+                    f"trainer.resume={last}", callbacks=[resumed])  # fmt: skip
+    assert metrics["step"] == 3 * 6  # (1,797 × 0.8 / 256: 6 steps per epoch)
+    assert resumed.loaded["best"] == float(first.best) and type(resumed.loaded["best"]) is float
+    assert resumed.loaded["seen"].tolist() == first.seen.tolist()
+
+
+def test_a_callback_state_no_checkpoint_can_hold_is_refused_when_the_run_starts(tmp_path):
+    """Any other value a safe load refuses (an object of one's own) is named, callback and
+    cause, before the first step, not found at the resume."""
+    from conftest import train
+
+    class Thing:
+        pass
+
+    class Keeps(Callback):
+        def state_dict(self):
+            return {"thing": Thing()}
+
+    with pytest.raises(ValueError, match=r"callback Keeps: its state_dict\(\) holds .*Thing"):
+        train(tmp_path, "trainer.max_steps=2", callbacks=[Keeps()])
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 0
+
+
+def test_another_optimizers_state_without_a_config_is_refused_naming_it(tmp_path) -> None:
+    """A checkpoint without its config (an older one, or written by hand) of an AdamW run,
+    resumed with SGD: its groups replaced SGD's, and the first step failed with a bare
+    KeyError 'momentum' (a probe's finding). Refused, naming the keys and the checkpoint."""
+    from conftest import train
+
+    train(tmp_path / "a", "trainer.max_steps=2", "optimizer=adamw")
+    state = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    del state["config"]
+    torch.save(state, tmp_path / "noconf.pt")
+    with pytest.raises(ValueError, match=r"noconf.pt does not fit this run: its optimizer state "
+                       r"has .*betas.* which this run's SGD does not"):  # fmt: skip
+        train(tmp_path / "b", "trainer.max_steps=4", "optimizer=sgd",
+              f"trainer.resume={tmp_path / 'noconf.pt'}")  # fmt: skip

@@ -148,6 +148,83 @@ def test_a_failing_fit_fires_on_exception_and_restores_the_signal_handlers(tmp_p
     assert seen == ["exception: boom at step 2"]
 
 
+def test_a_callback_raising_at_the_end_loses_no_checkpoint_and_every_end_hook_runs(
+    tmp_path,
+) -> None:
+    """A user's on_fit_end raising: the framework's own on_fit_end (the final checkpoint,
+    the signal handlers put back) ran after it no more, so a finished run had nothing to
+    resume from, and the others got on_exception as well as on_fit_end (a probe's finding).
+    Every on_fit_end runs now; the run fails with the error; on_exception goes only to the
+    callback that raised (instead of its on_fit_end, never as well)."""
+    import signal
+
+    seen: list[str] = []
+
+    class Report(Callback):  # its end fails
+        def on_fit_end(self, trainer, metrics) -> None:
+            seen.append("report: fit_end")
+            raise RuntimeError("report failed")
+
+        def on_exception(self, trainer, error) -> None:
+            seen.append(f"report: exception: {error}")
+
+    class Other(Callback):
+        def on_fit_end(self, trainer, metrics) -> None:
+            seen.append("other: fit_end")
+
+        def on_exception(self, trainer, error) -> None:
+            seen.append("other: exception")
+
+    def mine(signum, frame) -> None: ...
+
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        with pytest.raises(RuntimeError, match="report failed"):
+            train(tmp_path, "trainer.max_steps=6", callbacks=[Report(), Other()])
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen == ["report: fit_end", "other: fit_end", "report: exception: report failed"]
+    # last.pt of step 6 (the default cadence is 200 steps)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 6
+    status = json.loads((tmp_path / "metrics.json").read_text())
+    assert status["status"] == "failed" and "report failed" in status["error"]
+
+
+@pytest.mark.parametrize("where", ["on_fit_start", "on_train_step_end"])
+def test_every_on_exception_runs_and_the_runs_own_error_is_raised(where, tmp_path) -> None:
+    """A callback whose on_exception raises too: the others' on_exception ran no more (the
+    signal handlers stayed installed for the rest of the process, ignoring SIGTERM after
+    it), and its error replaced the run's in metrics.json. A failing on_fit_start (before
+    the others' started) gets the same treatment."""
+    import signal
+
+    seen: list[str] = []
+
+    class Fails(Callback):
+        def on_exception(self, trainer, error) -> None:
+            raise ValueError("cleanup failed")
+
+    setattr(Fails, where, lambda self, trainer, *a: (_ for _ in ()).throw(RuntimeError("first")))
+
+    class Other(Callback):
+        def on_exception(self, trainer, error) -> None:
+            seen.append(f"other: {error}")
+
+    def mine(signum, frame) -> None: ...
+
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        with pytest.raises(RuntimeError, match="first"):
+            train(tmp_path, "trainer.max_steps=3", callbacks=[Fails(), Other()])
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert seen == ["other: first"]
+    status = json.loads((tmp_path / "metrics.json").read_text())
+    assert "RuntimeError: first" in status["error"] and "cleanup" not in status["error"]
+
+
 def test_same_seed_same_run_and_other_seed_differs(tmp_path) -> None:
     args = ["trainer.max_steps=30", "logging.every_n_steps=1", "optimizer=sgd"]
     train(tmp_path / "a", *args, "seed=3")

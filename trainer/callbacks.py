@@ -95,9 +95,12 @@ class Callback:
       (every ``READ_EVERY`` steps, before a checkpoint, at the end, after a failure; a logging
       step writes them too): a callback keeping unread device values of its own reads and
       writes them here, so a checkpoint holds none and a failed run loses none
-    * ``on_fit_end(trainer, metrics)``: training over, also when stopped by a signal
+    * ``on_fit_end(trainer, metrics)``: training over, also when stopped by a signal; every
+      callback's runs, also past one that raises (the run then fails with the first error)
     * ``on_exception(trainer, error)``: instead of ``on_fit_end`` when ``fit`` raises (then
-      re-raised): release what ``on_fit_start`` took
+      re-raised; also after an ``on_fit_start`` raised): release what ``on_fit_start`` took.
+      Every callback's runs, also past one that raises (logged); after an ``on_fit_end``
+      raised, only that callback's
 
     Scalars a callback measures go through ``trainer.stage_scalars``: they are read back to the
     host together with the next logging step's own (this step's, if it logs), in one transfer,
@@ -108,7 +111,9 @@ class Callback:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must keep for a resumed run to continue exactly (an RNG's
-        state, a counter); tensors, containers and primitives only. A resumed run's
+        state, a counter); tensors, containers and primitives only (NumPy values are stored
+        as Python numbers and tensors; anything else a safe load refuses stops the run:
+        :func:`trainer.checkpoint.checkpointable`). A resumed run's
         :meth:`load_state_dict` gets the tensors on the CPU (checkpoints load with
         ``map_location="cpu"``): move those the callback keeps on the device in
         :meth:`on_fit_start`, as the built-in instruments do."""

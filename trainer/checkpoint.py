@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import signal
 import tempfile
 import threading
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,89 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     path = Path(path)
     _atomic_write(path, lambda f: torch.save(state, f))
     return path
+
+
+def _skeleton(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by an empty one of its dtype (what loading it
+    allows does not depend on a tensor's size), through plain containers."""
+    if isinstance(obj, torch.Tensor):
+        return torch.empty(0, dtype=obj.dtype)
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((k, _skeleton(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(_skeleton(v) for v in obj)
+    return obj
+
+
+def _without_numpy(obj: Any) -> Any:
+    """NumPy scalars as Python numbers and NumPy arrays as tensors (the same values), through
+    plain containers."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((k, _without_numpy(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(_without_numpy(v) for v in obj)
+    return obj
+
+
+def _numpy_in(obj: Any) -> bool:
+    if isinstance(obj, np.generic | np.ndarray):
+        return True
+    if type(obj) in (dict, OrderedDict):
+        return any(_numpy_in(v) for v in obj.values())
+    if type(obj) in (list, tuple):
+        return any(_numpy_in(v) for v in obj)
+    return False
+
+
+def _refused(obj: Any) -> str | None:
+    """Why ``torch.load(weights_only=True)`` would refuse ``obj`` once saved, or None
+    (checked on its skeleton in memory: quick whatever its tensors' sizes)."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(_skeleton(obj), buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (pickling errors too: a local class, a lambda)
+        lines = [ln.split("WeightsUnpickler error:", 1)[-1].strip() for ln in str(e).splitlines()]
+        skip = ("Weights only load failed", "Check the documentation", "Please file an issue",
+                "In PyTorch", "(1)", "(2)", "You can use", "Detected")  # fmt: skip
+        why = " ".join(ln for ln in lines if ln and not ln.startswith(skip))
+        return why.split(" Please use", 1)[0][:300] or type(e).__name__
+    return None
+
+
+#: callbacks already warned about NumPy values in their state (once per class)
+_WARNED_NUMPY: set[str] = set()
+
+
+def checkpointable(state: Any, owner: str) -> Any:
+    """A callback's ``state_dict()`` as a checkpoint can hold it: NumPy scalars and arrays
+    (``min(best, np.float64(x))``) become Python numbers and tensors of the same values, with
+    a warning (``torch.load(weights_only=True)`` refuses NumPy: the checkpoint was written
+    and then refused at the resume, which started the run afresh). Anything else such a load
+    refuses raises ``ValueError`` naming ``owner`` and the cause, when written, not when
+    resumed."""
+    if _numpy_in(state):
+        state = _without_numpy(state)
+        if owner not in _WARNED_NUMPY:
+            _WARNED_NUMPY.add(owner)
+            log.warning(
+                "callback %s: its state_dict() holds NumPy values; checkpointed as Python "
+                "numbers and tensors of the same values (a safe load refuses NumPy), which "
+                "its load_state_dict() gets on a resume", owner,
+            )  # fmt: skip
+    why = _refused(state)
+    if why is not None:
+        raise ValueError(
+            f"callback {owner}: its state_dict() holds what a checkpoint loaded with "
+            f"torch.load(weights_only=True) refuses, so no run could resume from it ({why}); "
+            "keep tensors, numbers, strings and plain dicts, lists and tuples of them"
+        )
+    return state
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_
 
 from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, StepOutput
+from trainer.checkpoint import checkpointable
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.distributed import (
     SINGLE,
@@ -66,6 +67,11 @@ def planned_steps(batches_per_epoch: int, accumulate: int, max_epochs: int, max_
     """Optimizer steps a run will take: the first of ``max_epochs`` and ``max_steps`` wins."""
     total = max_epochs * math.ceil(batches_per_epoch / accumulate)
     return min(total, max_steps) if max_steps > 0 else total
+
+
+def _owner(hook: Any) -> Any:
+    """The callback a hook (its bound method) belongs to."""
+    return getattr(hook, "__self__", hook)
 
 
 def _validated_step(state: dict[str, Any]) -> int:
@@ -273,6 +279,18 @@ class Trainer:
         for hook in self._hooks[name]:
             hook(self, *args)
 
+    def _fire_each(self, name: str, *args: Any) -> list[tuple[Any, Exception]]:
+        """Every callback's hook ``name``, each also when an earlier one raised (the end of a
+        run: the final checkpoint is one of them, restoring the signal handlers another);
+        returns (hook, error) for those that raised, in order."""
+        errors = []
+        for hook in self._hooks[name]:
+            try:
+                hook(self, *args)
+            except Exception as e:  # noqa: BLE001 (raised, or logged, by the caller)
+                errors.append((hook, e))
+        return errors
+
     def _fire_between(self, name: str, *args: Any) -> None:
         """A hook after an optimizer step and before the next one's window (validation, a rest
         point, the end): what its callbacks stage is written at the last step taken
@@ -394,12 +412,18 @@ class Trainer:
             from tqdm.contrib.logging import logging_redirect_tqdm
 
             redirect = logging_redirect_tqdm()
-        self._fire("on_fit_start")  # (what it stages: with the first step, at its number)
-        self._time_at_log = time.perf_counter()
         anomaly: contextlib.AbstractContextManager[Any] = self._null
         if self.detect_anomaly:  # names the forward op behind the first NaN in backward
             anomaly = torch.autograd.detect_anomaly(check_nan=True)
+        ended: set[int] = set()  # callbacks whose on_fit_end ran through: no on_exception
         try:
+            # (a callback's on_fit_start raising: every callback's on_exception, which
+            # restores what the others' took, e.g. the signal handlers)
+            self._fire("on_fit_start")  # (what it stages: with the first step, at its number)
+            for cb in self.callbacks:  # a user's state a checkpoint cannot hold: said now,
+                if not type(cb).__module__.startswith("trainer."):  # not at the first one
+                    checkpointable(cb.state_dict(), type(cb).__name__)
+            self._time_at_log = time.perf_counter()
             try:
                 with redirect, anomaly:
                     while not self.finished() and self.stopped_by is None:
@@ -422,7 +446,17 @@ class Trainer:
             finally:
                 self.progress.close()
             self.metrics.update(step=self.global_step, epoch=self.epoch)
-            self._fire_between("on_fit_end", self.metrics)
+            # every on_fit_end, also past one that raises (the final checkpoint is one of
+            # them); the run then fails with the first error, and only those that raised get
+            # on_exception (instead of on_fit_end, never as well)
+            errors = self._fire_each("on_fit_end", self.metrics)
+            self.staging.defer_staged(self.global_step)
+            if errors:
+                ended = {id(cb) for cb in self.callbacks} - {id(_owner(h)) for h, _ in errors}
+                for hook, error in errors[1:]:
+                    name = type(_owner(hook)).__name__
+                    log.error("callback %s: on_fit_end raised too: %r", name, error)
+                raise errors[0][1]
             problem = self.staging.flush(self.logger, strict=False)  # host sync: the end
             if problem:  # (what on_fit_end staged: the run is over, so said, not raised)
                 log.error("%s", problem)
@@ -430,7 +464,15 @@ class Trainer:
             with contextlib.suppress(Exception):  # what was measured before the failure,
                 self.staging.defer_staged(self.global_step)  # the failing step's own included
                 self.write_deferred()
-            self._fire("on_exception", e)
+            for hook in self._hooks["on_exception"]:  # every one, also past one that raises;
+                if id(_owner(hook)) in ended:  # the run's own error is the one raised
+                    continue
+                try:
+                    hook(self, e)
+                except Exception as inner:  # noqa: BLE001 (logged: the first error is raised)
+                    log.error("callback %s: on_exception raised %s: %s (the run's error, "
+                              "raised, is %s)", type(_owner(hook)).__name__,
+                              type(inner).__name__, inner, type(e).__name__)  # fmt: skip
             with contextlib.suppress(Exception):  # what on_exception staged
                 self.staging.defer_staged(self.global_step)
                 self.staging.flush(self.logger, strict=False)
@@ -840,7 +882,10 @@ class Trainer:
             **tally,
             "metrics": dict(self.metrics),
             "loader": loader_state() if loader_state else None,
-            "callbacks": [[type(cb).__name__, cb.state_dict()] for cb in self.callbacks],
+            "callbacks": [
+                [type(cb).__name__, checkpointable(cb.state_dict(), type(cb).__name__)]
+                for cb in self.callbacks
+            ],  # fmt: skip
             # which parameters train (gradual unfreezing changes it): restored on resume, so a
             # layer unfrozen before the checkpoint trains after it too
             "trainable": {n: p.requires_grad for n, p in self._all_params},
@@ -853,6 +898,15 @@ class Trainer:
         """Restore :meth:`state_dict`'s output (strict: every key and shape must match)."""
         self.model.load_state_dict(state["model"])
         self._restore_trainable(state.get("trainable"))  # (older checkpoints: none kept)
+        own = {k for g in self.optimizer.param_groups for k in g if k != "params"}
+        theirs = {k for g in state["optimizer"].get("param_groups", ()) for k in g}
+        foreign = sorted(theirs - own - {"params"})  # (a newer torch may add keys, never these)
+        if foreign:  # another optimizer's state (a checkpoint without its config): its groups
+            # replaced this one's, and the first step failed on a missing hyperparameter
+            raise ValueError(
+                f"its optimizer state has {', '.join(foreign)}, which this run's "
+                f"{type(self.optimizer).__name__} does not: written by another optimizer"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         for name, obj in (("scheduler", self.scheduler), ("scaler", self.scaler)):
             if (obj is None) != (state[name] is None):
