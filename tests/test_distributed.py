@@ -893,3 +893,41 @@ def test_a_run_resumed_at_its_last_step_validates_it(tmp_path) -> None:
         assert [s for s, _ in got[tag]].count(4) == 1, tag  # (once: no second validation)
     metrics = json.loads((stopped / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["step"] == 4
+
+
+class AuxHead(torch.nn.Module):
+    """An MLP with an auxiliary head its forward never uses (one used by a loss of its own in
+    pretraining, say): a parameter without a gradient in every step."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(math.prod(in_shape), 16)
+        self.head = torch.nn.Linear(16, out_dim)
+        self.aux = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x.flatten(1))))
+
+
+def test_a_model_with_an_unused_parameter_trains_data_parallel_when_told(tmp_path) -> None:
+    """DDP requires every parameter to get a gradient unless told (find_unused_parameters): such
+    a model failed at its second step with torch's error naming an argument no config key
+    set (a probe's finding). With trainer.find_unused_parameters=true two processes of B train
+    as one of 2B; without it the error names the key."""
+    common = ["~model", f"+model._target_={__name__}.AuxHead", "trainer.max_steps=4",
+              "logging.progress=false", "trainer.checkpoint.every_n_steps=0",
+              "instrument.norms.every_n_steps=1"]  # fmt: skip
+    told = [*common, "trainer.find_unused_parameters=true"]
+    one, ranks, plain = tmp_path / "one", [tmp_path / "r0", tmp_path / "r1"], [
+        tmp_path / "p0", tmp_path / "p1"]  # fmt: skip
+    codes = launch((1, [*told, f"data.batch_size={2 * B}"], [one]),
+                   (2, [*told, f"data.batch_size={B}"], ranks),
+                   (2, [*common, f"data.batch_size={B}"], plain))  # fmt: skip
+    assert codes[:2] == [[0], [0, 0]] and 0 not in codes[2], codes
+    want = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
+    got = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
+    for k in want:
+        assert (got[k] - want[k]).abs().max() <= 1e-6, k
+    assert torch.equal(got["aux.weight"], want["aux.weight"])  # (never trained)
+    error = json.loads((plain[0] / "metrics.json").read_text())["error"]
+    assert "set trainer.find_unused_parameters=true" in error, error

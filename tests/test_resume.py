@@ -556,3 +556,26 @@ def test_another_optimizers_state_without_a_config_is_refused_naming_it(tmp_path
                        r"has .*betas.* which this run's SGD does not"):  # fmt: skip
         train(tmp_path / "b", "trainer.max_steps=4", "optimizer=sgd",
               f"trainer.resume={tmp_path / 'noconf.pt'}")  # fmt: skip
+
+
+def test_a_resume_on_another_number_of_processes_keeps_the_global_batch() -> None:
+    """data.batch_size is a process's part of the global batch: 2 × 60 resumed on 1 × 120 is
+    the same run. The same per-process size on another number of processes is another global
+    batch (1 × 16 resumed on 2 × 16: 32), whose epoch position, counted in the old batches,
+    skipped samples; it passed unnoticed (a probe's finding) and is refused now, naming both."""
+    from trainer.checkpoint import resume_changes
+
+    def cfg(b: int) -> dict:
+        return {"data": {"batch_size": b}}
+
+    assert resume_changes(cfg(60), cfg(120), 2, 1) == []
+    assert resume_changes(cfg(16), cfg(8), 1, 2) == []
+    assert resume_changes(cfg(16), cfg(16), 1, 2) == [
+        "data.batch_size: 16 per process on 1 (global batch 16) -> 16 per process on 2 "
+        "(global batch 32)"
+    ]
+    assert resume_changes(cfg(16), cfg(16), 2, 1) == [
+        "data.batch_size: 16 per process on 2 (global batch 32) -> 16 per process on 1 "
+        "(global batch 16)"
+    ]
+    assert resume_changes(cfg(16), cfg(8), 1, 1) == ["data.batch_size: 16 -> 8"]

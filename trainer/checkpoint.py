@@ -272,6 +272,7 @@ def derive_run_id(config: dict[str, Any]) -> str:
 #: changes the trajectory), besides those not part of its identity
 _RESUMABLE_CHANGES = (
     ("trainer", "max_steps"), ("trainer", "max_epochs"), ("trainer", "device"),
+    ("trainer", "find_unused_parameters"),
     ("logging", None), ("instrument", None),
     # how batches are loaded, not which (the loader paths give the same batches, tested)
     ("data", "num_workers"), ("data", "pin_memory"), ("data", "loader"),
@@ -316,7 +317,12 @@ def resume_changes(
     key = "data.batch_size"
     old_size, new_size = a.get(key), b.get(key)
     if isinstance(old_size, int) and isinstance(new_size, int):
-        b[key] = old_size if old_size * saved_world == new_size * world else new_size
+        if old_size * saved_world == new_size * world:
+            b[key] = old_size
+        elif saved_world != world:  # (the same per-process size can be another global batch:
+            # its epoch position, counted in the old batches, would skip samples)
+            a[key], b[key] = (f"{n} per process on {w} (global batch {n * w})"
+                              for n, w in ((old_size, saved_world), (new_size, world)))  # fmt: skip
     changed = [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k]]
     return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
 

@@ -809,6 +809,10 @@ class TrainerConfig:
     #: data-parallel on CUDA: BatchNorms as SyncBatchNorm, normalizing over the global batch
     #: (without it, as torch's DDP, each rank normalizes its own part: warned)
     sync_batchnorm: bool = False
+    #: data-parallel: DDP looks for parameters a step's forward did not use (an auxiliary
+    #: head, a branch not taken) after each forward (a graph traversal per step; without it,
+    #: such a model fails at its second step, naming this key)
+    find_unused_parameters: bool = False
     #: run the training forward through torch.compile (``compile_backend``: inductor, or e.g.
     #: eager / aot_eager to check a model traces); per-sample norms are refused with it
     compile: bool = False

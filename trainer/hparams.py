@@ -48,8 +48,9 @@ KEY_VALUES = (
 #: config keys (and everything under them) that do not change what is trained
 NOT_HPARAMS = (
     "hydra", "logging", "monitor", "trainer.checkpoint", "trainer.resume", "trainer.run_id",
-    "trainer.detect_anomaly", "data.root", "data.num_workers", "data.pin_memory",
-    "data.memory_limit_mb", "data.loader", "data.eval_batch_size",
+    "trainer.detect_anomaly", "trainer.find_unused_parameters", "data.root",
+    "data.num_workers", "data.pin_memory", "data.memory_limit_mb", "data.loader",
+    "data.eval_batch_size",
 )  # fmt: skip
 
 HParamValue = bool | float | str

@@ -382,7 +382,17 @@ def run(
             check_free_space(trainer, directory, tc.checkpoint.keep_last)
         completed = False
         try:  # checkpoints (periodic, at a stop, final) and stop signals: the callbacks above
-            metrics = trainer.fit()
+            try:
+                metrics = trainer.fit()
+            except RuntimeError as e:  # DDP's own error names its constructor's argument
+                if trainer.world.distributed and "find_unused_parameters" in str(e):
+                    raise RuntimeError(
+                        "data-parallel: a parameter of the model got no gradient in a step (a "
+                        "layer the forward did not use: an auxiliary head, a branch not taken), "
+                        "which DDP requires unless told; set trainer.find_unused_parameters="
+                        f"true (torch's error: {str(e).splitlines()[0]})"
+                    ) from e
+                raise
             completed = trainer.stopped_by is None
         finally:
             if trainer.logger is not None:
@@ -659,8 +669,9 @@ def build_trainer(
         from torch.nn.parallel import DistributedDataParallel
 
         forward_model = DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
+            model, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=tc.find_unused_parameters,
+        )  # fmt: skip
     if tc.compile:
         if typed.instrument.per_sample.every_n_steps:
             raise ConfigError(
