@@ -613,3 +613,39 @@ def test_the_run_dir_check_leaves_another_processs_probe_alone(tmp_path) -> None
     check_writable(tmp_path)
     assert other.read_bytes() == b"another rank's"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".write_test"]
+
+
+def test_a_callback_state_is_checked_as_a_safe_load_would_take_it() -> None:
+    """NumPy values become the same values as Python numbers and tensors (0-d arrays stay
+    0-d, big-endian and non-contiguous arrays keep their values); what a safe load refuses
+    (object, string and masked arrays, a tensor subclass, an object of one's own) is named
+    with the callback, when written, not when resumed."""
+    import numpy as np
+
+    from trainer.checkpoint import checkpointable
+
+    state = {"best": np.float32(0.25), "n": np.int64(7), "zero_d": np.array(1.5),
+             "be": np.arange(6, dtype=">i4").reshape(2, 3).T,
+             "nested": collections.OrderedDict(t=(np.bool_(True), torch.ones(2)))}  # fmt: skip
+    got = checkpointable(state, "Mine")
+    assert got["best"] == 0.25 and type(got["best"]) is float and got["n"] == 7
+    assert got["zero_d"].shape == () and got["zero_d"].item() == 1.5
+    assert got["be"].tolist() == [[0, 3], [1, 4], [2, 5]]
+    assert got["nested"]["t"][0] is True and torch.equal(got["nested"]["t"][1], torch.ones(2))
+    buffer = io.BytesIO()
+    torch.save(got, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)  # (what the check said)
+
+    class Sub(torch.Tensor):
+        pass
+
+    class Own:
+        pass
+
+    refused = [np.array(["a"]), np.array([Own()], dtype=object),
+               np.ma.masked_array([1, 2], mask=[0, 1]), torch.ones(2).as_subclass(Sub),
+               Own()]  # fmt: skip
+    for value in refused:
+        with pytest.raises(ValueError, match=r"callback Mine: its state_dict\(\) holds what"):
+            checkpointable({"v": value}, "Mine")

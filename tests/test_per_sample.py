@@ -738,7 +738,9 @@ def test_a_unit_drawing_from_python_or_numpy_is_left_out_and_training_keeps_its_
     by measuring). It is left out and named; the rest is exact against the per-sample
     gradients of the step's own forward, and the generators are where the forward left them."""
     torch.manual_seed(0)
-    model = nn.Sequential(RandomFlip(draw), nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 3)).double()
+    # (a unit of its own after it, recomputed too: measured, from the same random states)
+    model = nn.Sequential(RandomFlip(lambda: 1.0), nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 3))
+    model = nn.Sequential(RandomFlip(draw), *model).double()
     g = torch.Generator().manual_seed(1)
     x, y = (
         torch.randn(B, D, generator=g, dtype=torch.float64),
@@ -764,6 +766,7 @@ def test_a_unit_drawing_from_python_or_numpy_is_left_out_and_training_keeps_its_
             last["per_sample/grad_norm"].double(), reference, rtol=1e-6, atol=0
         )
     assert "leave out '0': its forward draws random numbers" in caplog.text
+    assert "leave out '1'" not in caplog.text
 
 
 def test_a_unit_left_out_of_one_micro_batch_is_out_of_the_whole_window(monkeypatch) -> None:

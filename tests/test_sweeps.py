@@ -276,7 +276,7 @@ def test_an_optuna_sweep_whose_every_trial_failed_still_says_which_and_why(backg
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert "No trials are completed yet" in out
-    assert "sweep stopped by the sweeper's error above: 2 of 2 jobs failed" in out, out[-3000:]
+    assert "sweep stopped before its end by the error above: 2 of 2 jobs failed" in out, out[-3000:]
     assert out.count("failed: ConfigError: optimizer.lr: got -") == 2, out[-3000:]
 
 

@@ -191,6 +191,29 @@ def test_a_callback_raising_at_the_end_loses_no_checkpoint_and_every_end_hook_ru
     assert status["status"] == "failed" and "report failed" in status["error"]
 
 
+def test_a_state_made_on_a_later_step_and_a_ctrl_c_in_a_report_lose_nothing(tmp_path) -> None:
+    """The check of a user's state at the start skips a state_dict() that cannot answer yet
+    (an average started at the first step: it failed the run at step 0, a review's finding);
+    a KeyboardInterrupt in one on_fit_end still lets the others, the final checkpoint among
+    them, run."""
+
+    class Lazy(Callback):
+        def on_train_step_end(self, trainer, out) -> None:
+            self.ema = out.step
+
+        def state_dict(self):
+            return {"ema": self.ema}
+
+    class Interrupted(Callback):
+        def on_fit_end(self, trainer, metrics) -> None:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "trainer.max_steps=3", callbacks=[Lazy(), Interrupted()])
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert last["step"] == 3 and ["Lazy", {"ema": 3}] in last["callbacks"]
+
+
 @pytest.mark.parametrize("where", ["on_fit_start", "on_train_step_end"])
 def test_every_on_exception_runs_and_the_runs_own_error_is_raised(where, tmp_path) -> None:
     """A callback whose on_exception raises too: the others' on_exception ran no more (the

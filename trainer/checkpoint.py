@@ -65,8 +65,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 def _skeleton(obj: Any) -> Any:
     """``obj`` with every tensor replaced by an empty one of its dtype (what loading it
     allows does not depend on a tensor's size), through plain containers."""
-    if isinstance(obj, torch.Tensor):
-        return torch.empty(0, dtype=obj.dtype)
+    if type(obj) in (torch.Tensor, torch.nn.Parameter) and not obj.is_quantized:
+        return torch.empty(0, dtype=obj.dtype)  # (a subclass, a quantized one: as it is)
     if type(obj) in (dict, OrderedDict):
         return type(obj)((k, _skeleton(v)) for k, v in obj.items())
     if type(obj) in (list, tuple):
@@ -78,9 +78,10 @@ def _without_numpy(obj: Any) -> Any:
     """NumPy scalars as Python numbers and NumPy arrays as tensors (the same values), through
     plain containers."""
     if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.copy())
+        return obj.item()  # (a long double, a datetime stay NumPy's: refused, named)
+    if type(obj) is np.ndarray and obj.dtype.kind in "biufc":  # (object, string and masked
+        # arrays stay: refused, named)
+        return torch.from_numpy(obj.astype(obj.dtype.newbyteorder("="), order="C", copy=True))
     if type(obj) in (dict, OrderedDict):
         return type(obj)((k, _without_numpy(v)) for k, v in obj.items())
     if type(obj) in (list, tuple):
@@ -255,6 +256,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 _NOT_IDENTITY = (
     ("trainer", "resume"), ("trainer", "run_id"), ("trainer", "checkpoint"),
     ("logging", "progress"), ("logging", "progress_every_n_steps"),
+    # how DDP finds unused parameters, not what is computed (added 2026-12-05: a run started
+    # before keeps its id, and resume=auto finds it)
+    ("trainer", "find_unused_parameters"),
 )  # fmt: skip
 
 
@@ -272,7 +276,6 @@ def derive_run_id(config: dict[str, Any]) -> str:
 #: changes the trajectory), besides those not part of its identity
 _RESUMABLE_CHANGES = (
     ("trainer", "max_steps"), ("trainer", "max_epochs"), ("trainer", "device"),
-    ("trainer", "find_unused_parameters"),
     ("logging", None), ("instrument", None),
     # how batches are loaded, not which (the loader paths give the same batches, tested)
     ("data", "num_workers"), ("data", "pin_memory"), ("data", "loader"),

@@ -279,7 +279,7 @@ class Trainer:
         for hook in self._hooks[name]:
             hook(self, *args)
 
-    def _fire_each(self, name: str, *args: Any) -> list[tuple[Any, Exception]]:
+    def _fire_each(self, name: str, *args: Any) -> list[tuple[Any, BaseException]]:
         """Every callback's hook ``name``, each also when an earlier one raised (the end of a
         run: the final checkpoint is one of them, restoring the signal handlers another);
         returns (hook, error) for those that raised, in order."""
@@ -287,8 +287,8 @@ class Trainer:
         for hook in self._hooks[name]:
             try:
                 hook(self, *args)
-            except Exception as e:  # noqa: BLE001 (raised, or logged, by the caller)
-                errors.append((hook, e))
+            except BaseException as e:  # noqa: BLE001 (raised, or logged, by the caller; a
+                errors.append((hook, e))  # Ctrl-C in a slow report too: the final checkpoint)
         return errors
 
     def _fire_between(self, name: str, *args: Any) -> None:
@@ -421,8 +421,13 @@ class Trainer:
             # restores what the others' took, e.g. the signal handlers)
             self._fire("on_fit_start")  # (what it stages: with the first step, at its number)
             for cb in self.callbacks:  # a user's state a checkpoint cannot hold: said now,
-                if not type(cb).__module__.startswith("trainer."):  # not at the first one
-                    checkpointable(cb.state_dict(), type(cb).__name__)
+                if type(cb).__module__.startswith("trainer."):  # not at the first one
+                    continue
+                try:
+                    state = cb.state_dict()
+                except Exception:  # noqa: BLE001 (a state made on a later step: checked at
+                    continue  # each checkpoint)
+                checkpointable(state, type(cb).__name__)
             self._time_at_log = time.perf_counter()
             try:
                 with redirect, anomaly:

@@ -35,9 +35,14 @@ class Fork:
             return True
         return any(not torch.equal(a, b) for a, b in zip(before[2:], now[2:], strict=True))
 
-    def again(self) -> None:
-        """Take the current states as the new reference for :meth:`drew`."""
-        self.states = self._now()
+    def rewind(self) -> None:
+        """Set the random states back to what they were when this fork began."""
+        python, numpy, cpu, *accel = self.states
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if accel:
+            torch.cuda.set_rng_state(accel[0], self.device)
 
 
 @contextlib.contextmanager

@@ -385,7 +385,8 @@ def run(
             try:
                 metrics = trainer.fit()
             except RuntimeError as e:  # DDP's own error names its constructor's argument
-                if trainer.world.distributed and "find_unused_parameters" in str(e):
+                told = bool(OmegaConf.select(cfg, "trainer.find_unused_parameters"))
+                if trainer.world.distributed and not told and "not used in producing" in str(e):
                     raise RuntimeError(
                         "data-parallel: a parameter of the model got no gradient in a step (a "
                         "layer the forward did not use: an auxiliary head, a branch not taken), "

@@ -116,7 +116,7 @@ class SweepSummary(Callback):
         if unvalued:
             log.warning("jobs %s completed without a value of the monitored metric (NaN or "
                         "missing)", ", ".join(unvalued))  # fmt: skip
-        ended = "stopped by the sweeper's error above" if stopped else "finished"
+        ended = "stopped before its end by the error above" if stopped else "finished"
         if not failed:
             (log.error if stopped else log.info)(
                 "sweep %s: all %d jobs completed (%s)", ended, len(jobs), sweep_dir

@@ -33,9 +33,9 @@ of parameter elements whose per-sample gradient was captured), never mixed in si
   upstream of it mixes the samples too, so a per-sample gradient is not defined there. Such a
   BatchNorm and every unit whose forward ran before it are left out;
 * a unit whose forward draws random numbers (dropout inside attention, between an RNN's layers,
-  or inside another unit; Python's ``random`` or NumPy's, seen by their states moving during
-  the recomputation, which runs on copies of them) that a per-sample recomputation cannot
-  reproduce;
+  or inside another unit; Python's ``random`` or NumPy's global generator, seen by their
+  states moving during the recomputation, which runs on copies of them: a generator object
+  the unit owns is not seen) that a per-sample recomputation cannot reproduce;
 * a unit whose inputs do not carry the batch where expected (an RNN fed a PackedSequence,
   several tensor inputs to a generic unit), or whose output never received a gradient.
 
@@ -81,7 +81,7 @@ from trainer.distributed import (
 )
 from trainer.instrument.norms import minus, norms_of
 from trainer.precision import LOW_PRECISION
-from trainer.rng import forked_rng
+from trainer.rng import Fork, forked_rng
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -908,67 +908,73 @@ class PerSampleNorms(Callback):
         pending = {c.verify for c in self._calls if c.verify is not None}
         if pending:
             self._verify(trainer, batch, pending)  # type: ignore[arg-type]
-        for call in self._calls:
-            module = call.unit
-            name = self._names[module]
-            why = self._verdicts.get(call.verify) if call.verify is not None else None
-            if why is not None:
-                self._excluded.setdefault(name, why)
-            if name in self._excluded or not call.grads and module in self._captured:
-                continue
-            mixing = self._upstream_of_mixing(module)
-            if mixing is not None:
-                self._excluded[name] = (
-                    f"runs before {mixing}, whose batch statistics mix the samples' gradients"
-                )
-                continue
-            single = self._single_use(module)
-            fresh = call.verify is not None and self._kind[module] == "closed"
-            if single and fresh and 0 in call.grads:  # (shown batch-first just now: its
-                self._closed_form(call, call.grads[0])  # closed form, as the hook's)
-                continue
-            if not single:
-                b = self._batch
-                big = [p for p in self._covers[module]
-                       if b * p.numel() * p.element_size() > MATERIALIZE_BYTES]  # fmt: skip
-                if big:
+        fork: Fork | None = None
+        with contextlib.ExitStack() as stack:
+            for call in self._calls:
+                module = call.unit
+                name = self._names[module]
+                why = self._verdicts.get(call.verify) if call.verify is not None else None
+                if why is not None:
+                    self._excluded.setdefault(name, why)
+                if name in self._excluded or not call.grads and module in self._captured:
+                    continue
+                mixing = self._upstream_of_mixing(module)
+                if mixing is not None:
                     self._excluded[name] = (
-                        f"used more than once per forward, and {b} per-sample copies of "
-                        f"{self._param_names.get(id(big[0]), 'a parameter')} exceed "
-                        f"{MATERIALIZE_BYTES // 2**20} MiB"
+                        f"runs before {mixing}, whose batch statistics mix the samples' gradients"
                     )
                     continue
-            drawing = (
-                "its forward draws random numbers (dropout inside it, Python's or NumPy's "
-                "random), which a per-sample recomputation cannot reproduce"
-            )
-            try:  # (on copies of the random states: the run's next draws stay its own)
-                with forked_rng(call.device) as fork:
+                single = self._single_use(module)
+                fresh = call.verify is not None and self._kind[module] == "closed"
+                if single and fresh and 0 in call.grads:  # (shown batch-first just now: its
+                    self._closed_form(call, call.grads[0])  # closed form, as the hook's)
+                    continue
+                if not single:
+                    b = self._batch
+                    big = [p for p in self._covers[module]
+                           if b * p.numel() * p.element_size() > MATERIALIZE_BYTES]  # fmt: skip
+                    if big:
+                        self._excluded[name] = (
+                            f"used more than once per forward, and {b} per-sample copies of "
+                            f"{self._param_names.get(id(big[0]), 'a parameter')} exceed "
+                            f"{MATERIALIZE_BYTES // 2**20} MiB"
+                        )
+                        continue
+                drawing = (
+                    "its forward draws random numbers (dropout inside it; Python's or NumPy's "
+                    "global generator), which a per-sample recomputation cannot reproduce"
+                )
+                if fork is None:  # (the recomputations on copies of the random states: the
+                    fork = stack.enter_context(forked_rng(call.device))  # run's next draws stay)
+                try:
                     per_sample = self._per_sample_grads(call)
-                    drew = fork.drew()  # (torch's draws under vmap raise; the others do not)
-            except (RuntimeError, TypeError, ValueError) as e:  # its forward cannot be
-                # recomputed per sample (vmap's errors; an output of an unexpected kind)
-                if "randomness" in str(e):
+                except (RuntimeError, TypeError, ValueError) as e:  # its forward cannot be
+                    # recomputed per sample (vmap's errors; an output of an unexpected kind)
+                    if "randomness" in str(e):
+                        self._excluded[name] = drawing
+                    else:  # (left out and named: a measurement never stops the training)
+                        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                        self._excluded[name] = (
+                            f"its forward cannot be recomputed per sample ({type(e).__name__}: "
+                            f"{first[:200]})"
+                        )
+                    continue
+                finally:  # (torch's draws under vmap raise; Python's and NumPy's do not)
+                    drew = fork.drew()
+                    if drew:  # the next unit starts from the same states
+                        fork.rewind()
+                if drew:  # what it drew now is not what the step's forward drew
                     self._excluded[name] = drawing
-                else:  # (left out and named: a measurement never stops the training)
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    self._excluded[name] = (
-                        f"its forward cannot be recomputed per sample ({type(e).__name__}: "
-                        f"{first[:200]})"
-                    )
-                continue
-            if drew:  # what it drew now is not what the step's forward drew
-                self._excluded[name] = drawing
-                continue
-            covered = dict(_named_covered(module, self._kind[module]))
-            if single:
-                for n, v in per_sample.items():
-                    self._add(covered[n], v.float().pow(2).reshape(v.shape[0], -1).sum(1))
-            else:  # summed over the parameter's uses before squaring (the cross terms)
-                for n, v in per_sample.items():
-                    key = id(covered[n])
-                    self._shared[key] = v if key not in self._shared else self._shared[key] + v
-            self._captured.add(module)
+                    continue
+                covered = dict(_named_covered(module, self._kind[module]))
+                if single:
+                    for n, v in per_sample.items():
+                        self._add(covered[n], v.float().pow(2).reshape(v.shape[0], -1).sum(1))
+                else:  # summed over the parameter's uses before squaring (the cross terms)
+                    for n, v in per_sample.items():
+                        key = id(covered[n])
+                        self._shared[key] = v if key not in self._shared else self._shared[key] + v
+                self._captured.add(module)
         self._calls.clear()
         self._finish_shared()
         for name, m, _, _ in self.units:  # coverage counts what was captured, not visited
