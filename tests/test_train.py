@@ -12,6 +12,7 @@ import torch
 from conftest import final_params, make_cfg, read_scalars, train
 
 from trainer.checkpoint import load_checkpoint
+from trainer.config import ConfigError
 from trainer.data.digits import DigitsData
 from trainer.logger import Progress
 from trainer.loop import HOOKS, Callback
@@ -533,3 +534,59 @@ def test_no_bar_in_a_parallel_sweep_but_labelled_lines(caplog) -> None:
         "job 3: step 5/10  epoch 1/2  loss 0.25",
         "job 3: step 10/10  epoch 1/2  loss 0.25",
     ]
+
+
+class NoLr(torch.optim.Optimizer):
+    """Sign descent with a step size of its own: an optimizer without an ``lr``."""
+
+    def __init__(self, params, step_size: float = 0.01) -> None:
+        super().__init__(params, {"step_size": step_size})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["step_size"])
+
+
+def test_reduce_lr_on_plateau_steps_on_the_monitor_after_each_validation(tmp_path) -> None:
+    """ReduceLROnPlateau needs the metric: it failed at the first step (no argument given),
+    a probe's finding. It steps after each validation on ``monitor``: the logged lr is torch's
+    own ReduceLROnPlateau replayed on the logged val/acc; a mode against the monitor's
+    direction is refused before training; an optimizer without an lr logs none."""
+    plateau = ["~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+               "+scheduler._partial_=true", "+scheduler.patience=0", "+scheduler.factor=0.5",
+               "+scheduler.threshold=0.5",  # (a gain of 50 % counts: cut after each epoch)
+               "trainer.max_epochs=5", "data.batch_size=256", "logging.every_n_steps=1",
+               "optimizer.lr=0.05"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"scheduler.mode: ReduceLROnPlateau steps on val/acc"):
+        train(tmp_path / "min", *plateau)  # (its default mode: min)
+    train(tmp_path / "max", *plateau, "+scheduler.mode=max")
+    scalars = read_scalars(tmp_path / "max")
+    accs = [v for _, v in scalars["val/acc"]]
+    assert len(accs) == 5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.05)
+    replay = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max", patience=0, factor=0.5, threshold=0.5
+    )
+    want = []
+    for acc in accs:  # 6 steps per epoch (1,437 training samples in batches of 256)
+        want += [opt.param_groups[0]["lr"]] * 6
+        replay.step(acc)
+    assert [v for _, v in scalars["lr"]] == pytest.approx(want, rel=1e-7)
+    assert len(set(want)) > 1  # (it did cut the rate)
+    train(tmp_path / "nolr", "~optimizer", f"+optimizer._target_={__name__}.NoLr",
+          "+optimizer._partial_=true", "trainer.max_steps=3",
+          "logging.every_n_steps=1")  # fmt: skip
+    logged = read_scalars(tmp_path / "nolr")
+    assert "lr" not in logged and len(logged["train/loss"]) == 3
+
+
+def test_foreach_is_a_key_of_the_presets_and_trains_as_the_loop_does(tmp_path) -> None:
+    """``+optimizer.foreach=true`` was an unknown key of the presets (a probe's finding)."""
+    common = ("optimizer=sgd", "trainer.max_steps=5")
+    train(tmp_path / "a", *common, "optimizer.foreach=true")
+    train(tmp_path / "b", *common, "optimizer.foreach=false")
+    a, b = final_params(tmp_path / "a"), final_params(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

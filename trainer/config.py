@@ -322,6 +322,9 @@ class SGDConfig(OptimizerConfig):
     #: device with floating-point parameters (the non-finite guard's deferred check then costs
     #: no copy), torch's default otherwise
     fused: bool | None = None
+    #: torch's multi-tensor (foreach) implementation; None: torch's default (true on CUDA
+    #: where not fused); true also keeps a CUDA run off the fused default
+    foreach: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -346,6 +349,9 @@ class AdamWConfig(OptimizerConfig):
     #: device with floating-point parameters (the non-finite guard's deferred check then costs
     #: no copy), torch's default otherwise
     fused: bool | None = None
+    #: torch's multi-tensor (foreach) implementation; None: torch's default (true on CUDA
+    #: where not fused); true also keeps a CUDA run off the fused default
+    foreach: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -961,18 +967,76 @@ RESERVED_KEYS: dict[str, tuple[str, ...]] = {"loss": ("mode",)}
 MODEL_PROVIDED = ("in_shape", "out_dim", "num_classes", "vocab_size")
 
 
+#: what the trainer calls an optimizer's and a scheduler's partial ``_target_`` with
+CALLED_WITH = {"optimizer": "the model's parameters", "scheduler": "the optimizer"}
+
+
 def _check_user_components(typed: TrainConfig) -> None:
-    """Import each user ``_target_`` (a group's node without a schema, and every callback) and
-    check its keys against the target's signature."""
-    from trainer.components import check_component
+    """Import each user ``_target_`` (a group's node without a schema, a built-in one whose
+    ``_target_`` was replaced, and every callback) and check its keys against the target's
+    signature; an optimizer or scheduler the trainer cannot step is refused here."""
+    from trainer.components import check_component, resolve_target
 
     for group in TrainConfig.GROUPS:
         node = getattr(typed, group)
         if isinstance(node, dict):
+            target = node.get("_target_")
+            if group in CALLED_WITH and target is not None and not node.get("_partial_"):
+                raise ConfigError(
+                    f"{group}: the trainer calls {target} with {CALLED_WITH[group]}: add "
+                    f"_partial_: true to its YAML file (or +{group}._partial_=true)"
+                )
             provided = MODEL_PROVIDED if group == "model" else ()
             check_component(group, node, RESERVED_KEYS.get(group, ()), provided)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type) and group in CALLED_WITH:
+            target = getattr(node, "_target_", None)
+            preset = next(f.default for f in dataclasses.fields(node) if f.name == "_target_")
+            if target is not None and target != preset:  # a preset's keys for another class
+                try:
+                    check_component(group, dataclasses.asdict(node))
+                except ConfigError as e:
+                    raise ConfigError(
+                        f"{e} (the preset's keys, written for {preset}; for another class "
+                        f"give {group} a YAML file of its own: README, 'Bring your own')"
+                    ) from e
+        else:
+            continue
+        if group in CALLED_WITH and target is not None:
+            _check_stepping(group, resolve_target(group, target))
     for name, node in typed.callbacks.items():
         check_component(f"callbacks.{name}", node)
+
+
+def _check_stepping(group: str, target: Any) -> None:
+    """Refuse an optimizer whose ``step`` needs a closure (LBFGS re-evaluates the loss several
+    times per step) and a scheduler whose ``step`` needs an argument: the loop calls
+    ``optimizer.step()`` and ``scheduler.step()`` (``ReduceLROnPlateau``: with the monitored
+    metric, after each validation). Found before training, not at the first step."""
+    import inspect
+
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    if not inspect.isclass(target) or not callable(getattr(target, "step", None)):
+        return
+    if group == "scheduler" and issubclass(target, ReduceLROnPlateau):
+        return
+    try:
+        step = target.step  # type: ignore[attr-defined]
+        parameters = list(inspect.signature(step).parameters.values())[1:]  # (self)
+    except (TypeError, ValueError):
+        return
+    named = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)  # fmt: skip
+    required = [p.name for p in parameters
+                if p.default is inspect.Parameter.empty and p.kind in named]  # fmt: skip
+    if required:
+        why = ("a closure that re-evaluates the loss" if "closure" in required
+               else f"{', '.join(required)}")  # fmt: skip
+        raise ConfigError(
+            f"{group}._target_: {target.__module__}.{target.__qualname__}.step() needs "
+            f"{why}, which the trainer's loop does not pass (it calls {group}.step()); choose "
+            f"another {group}"
+        )
 
 
 def register_configs() -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, StepOutput
 from trainer.checkpoint import checkpointable
@@ -160,6 +161,9 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         #: the loss component (trainer.losses.Loss; a plain callable is wrapped)
         self.criterion = as_loss(criterion)
+        #: the metric a ReduceLROnPlateau scheduler steps on after each validation (run():
+        #: the config's ``monitor``)
+        self.monitor: str = self.criterion.monitor
         self.device = device
         self.amp_dtype = _AMP_DTYPES[str(precision)]
         self.scaler = torch.amp.GradScaler(device.type) if str(precision) == "16" else None
@@ -561,6 +565,8 @@ class Trainer:
             self.epoch + 1, self.max_epochs, self.global_step, m["train/loss"],
             "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val/")),
         )  # fmt: skip
+        if isinstance(self.scheduler, ReduceLROnPlateau):  # (its one step per validation)
+            self.scheduler.step(m[self.monitor])
         self._fire_between("on_validation_end", m)
 
     def train_epoch(self) -> None:
@@ -748,7 +754,8 @@ class Trainer:
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
         has_reg = self.objective.has_regularizers
-        lr = self.optimizer.param_groups[0]["lr"] if should_log else 0.0  # the lr of this step
+        # the lr of this step (an optimizer of one's own may have none: not logged)
+        lr = self.optimizer.param_groups[0].get("lr") if should_log else None
         # the norms and the clipping are the same on a skipped step (a step the guard skips
         # on the host logs the non-finite total it would log deferred, where the skip is
         # decided on the device); only the update is left out
@@ -803,8 +810,8 @@ class Trainer:
         self.progress.update()
 
     def _advance_schedule(self) -> None:
-        if self.scheduler is None:
-            return
+        if self.scheduler is None or isinstance(self.scheduler, ReduceLROnPlateau):
+            return  # (ReduceLROnPlateau steps after each validation, on the monitored metric)
         if getattr(self.optimizer, "_opt_called", False):  # (set by the scheduler's wrapper)
             self.scheduler.step()
             return
@@ -842,12 +849,11 @@ class Trainer:
         neg_min, w_max = all_reduce_max(torch.stack([-w_min, w_max]))
         return {"weights/mean": total / count, "weights/min": -neg_min, "weights/max": w_max}
 
-    def _log_step(self, out: StepOutput, lr: float, extra: dict[str, Tensor]) -> None:
+    def _log_step(self, out: StepOutput, lr: float | None, extra: dict[str, Tensor]) -> None:
         train_loss, samples = self._window_loss()
-        values: dict[str | tuple[str, ...], Tensor | float] = {
-            "train/loss": train_loss,
-            "lr": lr,
-        }
+        values: dict[str | tuple[str, ...], Tensor | float] = {"train/loss": train_loss}
+        if lr is not None:
+            values["lr"] = lr
         if out.grad_norm is not None:
             values["grad_norm/total"] = out.grad_norm
         values.update(extra)

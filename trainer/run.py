@@ -127,10 +127,52 @@ def run_length_keys(cfg: DictConfig) -> list[str]:
 def build_scheduler(
     cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The scheduler from its config node (a partial ``_target_``, called with the optimizer,
+    its length set where :func:`run_length_keys` says). A scheduler of schedulers
+    (``SequentialLR``, ``ChainedScheduler``) lists partial nodes under ``schedulers``: each is
+    called with the optimizer first, and the outer one gets it by keyword (``ChainedScheduler``
+    takes the list first)."""
     if cfg.get("_target_") is None:
         return None
     kwargs = dict.fromkeys(run_length_keys(cfg), max(total_steps, 1))
-    return instantiate(cfg)(optimizer, **kwargs)
+    if not cfg.get("schedulers"):
+        return instantiate(cfg)(optimizer, **kwargs)
+    factory = instantiate(cfg, _convert_="all")  # (the parts as a list of partials)
+    parts = factory.keywords["schedulers"]
+    built = []
+    for i, part in enumerate(parts):
+        if isinstance(part, torch.optim.lr_scheduler.LRScheduler) or not callable(part):
+            raise ConfigError(
+                f"scheduler.schedulers[{i}]: got a {type(part).__name__}; give each a "
+                "_target_ and _partial_: true (the trainer calls it with the optimizer)"
+            )
+        try:
+            built.append(part(optimizer))
+        except TypeError as e:
+            raise ConfigError(
+                f"scheduler.schedulers[{i}]: {e} (each is called with the optimizer; give it "
+                "_partial_: true and its other keys, its length (T_max, total_steps) included)"
+            ) from e
+    return factory(optimizer=optimizer, schedulers=built, **kwargs)
+
+
+def check_plateau(scheduler: Any, monitor: str) -> None:
+    """A ``ReduceLROnPlateau`` steps on the monitored metric after each validation: its
+    ``mode`` must agree with the metric's direction (``mode: min`` on val/acc would cut the
+    learning rate while accuracy improves)."""
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    from trainer.report import DIRECTIONS
+
+    if not isinstance(scheduler, ReduceLROnPlateau) or monitor not in DIRECTIONS:
+        return
+    wanted = DIRECTIONS[monitor]
+    if scheduler.mode != wanted:
+        raise ConfigError(
+            f"scheduler.mode: ReduceLROnPlateau steps on {monitor} (monitor), which is best "
+            f"when {'highest' if wanted == 'max' else 'lowest'}, with mode={scheduler.mode}; "
+            f"set scheduler.mode={wanted} (or another monitor)"
+        )
 
 
 #: what a scheduler does past the run's length the trainer set (its length key's)
@@ -323,6 +365,8 @@ def run(
                 f"(loss: {type(trainer.criterion).__name__}, task {trainer.criterion.task})"
             )
         check_direction(monitor)  # (an optimizing sweeper's direction agrees with it)
+        trainer.monitor = monitor
+        check_plateau(trainer.scheduler, monitor)
         purge_step = None
         if resume_state is not None:
             assert resume_path is not None
