@@ -13,6 +13,7 @@ import torch
 from conftest import make_cfg, read_scalars, train
 from torch import nn
 
+from trainer.backward import WeightError
 from trainer.weighting import (
     ClassBalancedWeighting,
     FocalWeighting,
@@ -21,6 +22,7 @@ from trainer.weighting import (
     PerSampleWeighting,
     UniformWeighting,
     WeightFileError,
+    Weighting,
 )
 
 K, N, B = 3, 40, 8
@@ -409,3 +411,71 @@ def test_weights_of_float16_and_bfloat16_losses_are_float32(dtype) -> None:
     assert w.dtype == torch.float32 and torch.isfinite(w).all()
     torch.testing.assert_close(w.double(), want, rtol=b * 2**-24, atol=0)
     assert float(w.double().sum()) == pytest.approx(1.0, rel=b * 2**-24)
+
+
+class _Own(Weighting):
+    """A strategy of one's own: r = 1, except ``bad`` on sample 0 from step ``at`` on."""
+
+    def __init__(self, bad: float = -1.0, at: int = 1, normalize: str = "mean") -> None:
+        super().__init__(normalize=normalize)
+        self.bad, self.at, self.calls = bad, at, 0
+
+    def raw(self, losses, logits, targets, indices):
+        self.calls += 1
+        r = torch.ones_like(losses)
+        if self.calls >= self.at:
+            r[0] = self.bad
+        return r
+
+
+class _NoSuper(Weighting):
+    def __init__(self, normalize: str = "mean") -> None:  # (Weighting's __init__ not
+        pass  # called: no normalize)
+
+    def raw(self, losses, logits, targets, indices):
+        return torch.ones_like(losses)
+
+
+class _WrongShape(Weighting):
+    def raw(self, losses, logits, targets, indices):
+        return torch.ones(losses.shape[0] - 1)
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        # a negative r trained as gradient ascent (normalize=none), silently
+        (
+            ["+weighting.bad=-1.0"],
+            r"weighting test_weighting._Own: raw\(\) must return finite weights >= 0; got \[0\]=-1",
+        ),
+        (["+weighting.bad=nan"], r"_Own: raw\(\) must return finite weights >= 0; got \[0\]=nan"),
+        # from step 3 on: found on the next logging step (4), without a read per step
+        (
+            ["+weighting.bad=-1.0", "+weighting.at=3"],
+            r"_Own: raw\(\) returned a negative or non-finite weight on a step up to step 4",
+        ),
+    ],
+    ids=["negative", "nan", "later"],
+)
+def test_a_strategy_of_ones_own_is_held_to_finite_weights_ge_0(tmp_path, keys, match) -> None:
+    """The contract of raw() (r finite and >= 0) was never checked for a user's strategy:
+    negative weights trained as ascent without a word, NaN ones were named as a layer's
+    gradient (a probe's finding). Named now, with the strategy's class: the first call on
+    the host, later ones on logging steps."""
+    with pytest.raises(WeightError, match=match):
+        train(tmp_path, "loss.mode=vector", "~weighting", f"+weighting._target_={__name__}._Own",
+              *keys,
+              "trainer.max_steps=8", "logging.every_n_steps=4", "instrument=none")  # fmt: skip
+
+
+def test_a_strategy_of_ones_own_that_breaks_the_base_class_is_named(tmp_path) -> None:
+    """One skipping Weighting.__init__ failed at the first step with an AttributeError; one
+    returning a weight too few was named as "gradient weights" of the objective."""
+    from trainer.config import ConfigError
+
+    common = ("loss.mode=vector", "trainer.max_steps=2", "instrument=none")
+    with pytest.raises(ConfigError, match=r"_NoSuper has no normalize; its __init__ must call"):
+        train(tmp_path / "a", *common, f"weighting._target_={__name__}._NoSuper")
+    with pytest.raises(WeightError, match=r"_WrongShape: raw\(\) returned weights of shape"):
+        train(tmp_path / "b", *common, f"weighting._target_={__name__}._WrongShape")

@@ -862,6 +862,8 @@ class Trainer:
         if out.weights is not None:
             values.update(self._weight_stats(out.weights))
         floats = self.log_scalars(values, out.step)  # host sync: logging steps only
+        if self.objective.weighting is not None:  # (a strategy of one's own: its raw weights'
+            self.objective.weighting.check_window(out.step)  # flag, read with the step's)
         now = time.perf_counter()
         elapsed = max(now - self._time_at_log, 1e-9)
         postfix = {"loss": floats["train/loss"], "samples/s": samples / elapsed}

@@ -61,7 +61,7 @@ from trainer.loop import Callback, Trainer, planned_steps
 from trainer.losses import Loss, as_loss
 from trainer.regularizers import InputGradPenalty
 from trainer.sweep import check_direction
-from trainer.weighting import Weighting
+from trainer.weighting import NORMALIZE, Weighting
 
 log = logging.getLogger(__name__)
 
@@ -698,6 +698,12 @@ def build_trainer(
             raise ConfigError(
                 f"weighting._target_: built a {type(weighting).__name__}, not a "
                 "trainer.weighting.Weighting (subclass it and implement raw())"
+            )
+        if getattr(weighting, "normalize", None) not in NORMALIZE:  # (its own __init__
+            raise ConfigError(  # skipped Weighting's: found at the first step otherwise)
+                f"weighting._target_: {cfg.weighting._target_} has no normalize; its "
+                "__init__ must call super().__init__(normalize=...) (trainer.weighting."
+                "Weighting)"
             )
         weighting.check_loss(loss)
         weighting.setup(data, device)  # class counts, per-class lengths, per-sample files

@@ -57,7 +57,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.distributed import SINGLE, World, all_gather_cat, all_reduce_sum, shard_sizes
+from trainer.backward import WeightError
+from trainer.distributed import (
+    SINGLE,
+    World,
+    all_gather_cat,
+    all_reduce_max,
+    all_reduce_sum,
+    shard_sizes,
+)
 from trainer.losses import units_dtype
 from trainer.precision import widen
 
@@ -80,6 +88,10 @@ def _describe_bad(values: Tensor, what: str) -> str | None:
     if not bool(bad.any()):
         return None
     return f"{what} must be finite and >= 0; bad at {_shown(values, bad)}"
+
+
+def _class_name(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _shown(values: Tensor, bad: Tensor) -> str:
@@ -153,6 +165,52 @@ class Weighting(abc.ABC):
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         """Raw weights r >= 0, shape (B,), same dtype and device as ``losses``."""
 
+    #: a strategy of one's own: whether :meth:`_check_raw` has looked (the first call reads
+    #: its check on the host), and the steps' flag since the last read (on the device)
+    _raw_checked: bool = False
+    _raw_bad: Tensor | None = None
+    _raw_none: Tensor
+
+    def _check_raw(self, r: Tensor) -> None:
+        """The contract of :meth:`raw` (r finite and >= 0) for a strategy of one's own: a
+        negative r trained as gradient ascent, silently with ``normalize=none`` (a negative Σr
+        clamped to the smallest float made every weight -Inf with ``mean``); a NaN was named as
+        a layer's gradient by the guard, or trained NaN without it. Checked with a host read
+        on the first call; after it, a flag on the device, read on logging steps
+        (:meth:`check_window`), so no step syncs for it."""
+        bad = ~(torch.isfinite(r) & (r >= 0))
+        if self._raw_checked:
+            flag = bad.any()
+            self._raw_bad = flag if self._raw_bad is None else self._raw_bad | flag
+            return
+        self._raw_checked = True
+        flag = bad.any().float()
+        self._raw_none = torch.zeros((), device=r.device)  # (a rank that had no call since)
+        if self.world.distributed:  # (every rank raises, or none: no rank left waiting)
+            flag = all_reduce_max(flag)
+        if bool(flag):  # host sync: the first step only
+            where = _shown(r.flatten(), bad.flatten()) if bool(bad.any()) else "another rank"
+            raise WeightError(
+                f"weighting {_class_name(self)}: raw() must return finite weights >= 0; got {where}"
+            )
+
+    def check_window(self, step: int) -> None:
+        """Raise if a strategy of one's own returned a negative or non-finite raw weight on a
+        step since the last check (called on logging steps, which read the host anyway)."""
+        if not self._raw_checked:  # (a built-in, or no step yet)
+            return
+        if self._raw_bad is None and not self.world.distributed:
+            return
+        flag = self._raw_bad.float() if self._raw_bad is not None else self._raw_none
+        self._raw_bad = None
+        if self.world.distributed:  # (every rank, a flag or not: the same collectives)
+            flag = all_reduce_max(flag)
+        if bool(flag):  # host sync: logging steps only
+            raise WeightError(
+                f"weighting {_class_name(self)}: raw() returned a negative or non-finite "
+                f"weight on a step up to step {step} (r must be finite and >= 0)"
+            )
+
     def _with_units(self, r: Tensor, units: Tensor) -> Tensor:
         """Raw weights times the loss's unit weights, broadcast explicitly (module docstring)."""
         if r.shape == units.shape:  # one raw weight per token
@@ -187,7 +245,20 @@ class Weighting(abc.ABC):
         # passed 65504 and every weight was r / Inf = 0, no gradient and no NaN; bfloat16 kept
         # 3 digits of each weight)
         dtype = units_dtype(losses.dtype)
-        r = self.raw(losses.detach(), logits.detach(), targets, indices).to(dtype)
+        r = self.raw(losses.detach(), logits.detach(), targets, indices)
+        if not isinstance(r, Tensor):
+            raise WeightError(
+                f"weighting {_class_name(self)}: raw() returned a {type(r).__name__}, not a "
+                "tensor of weights"
+            )
+        r = r.to(dtype)
+        if units is None and r.shape != losses.shape:
+            raise WeightError(
+                f"weighting {_class_name(self)}: raw() returned weights of shape "
+                f"{tuple(r.shape)} for losses of shape {tuple(losses.shape)} (one per sample)"
+            )
+        if type(self).__module__ != __name__:  # (the built-ins' are finite and >= 0: tested)
+            self._check_raw(r)
         if units is not None:
             units = units.to(dtype)
             r = self._with_units(r, units)
@@ -239,9 +310,12 @@ class UniformWeighting(Weighting):
 
 
 def _config_name(w: Weighting) -> str:
-    """``ClassBalancedWeighting`` -> ``class_balanced``."""
+    """``ClassBalancedWeighting`` -> ``class_balanced``; a strategy of one's own by its
+    ``_target_`` (no config file has the name its class would give)."""
     import re
 
+    if type(w).__module__ != __name__:
+        return _class_name(w)
     name = type(w).__name__.removesuffix("Weighting")
     return _NAMES.get(name) or re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
