@@ -197,3 +197,122 @@ def test_l2_of_a_long_tensor_on_a_cpu_is_summed_by_rows() -> None:
     p[:64] = 4096.0
     exact = 0.5 * (64 * 4096.0**2 + (p.numel() - 64))
     assert l2(p, coef=1.0).item() == pytest.approx(exact, rel=2e-6)
+
+
+class _LogCosh(torch.autograd.Function):
+    """Σ log cosh(p) over the parameters, with a hand-written backward (``scale`` 1: right;
+    2: twice the true gradient, a wrong backward)."""
+
+    scale = 1.0
+
+    @staticmethod
+    def forward(ctx, coef, *params):
+        ctx.coef = coef
+        ctx.save_for_backward(*params)
+        return coef * sum(torch.log(torch.cosh(p)).sum() for p in params)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *[g * ctx.coef * _LogCosh.scale * torch.tanh(p) for p in ctx.saved_tensors])
+
+
+def _logcosh(*params, coef):
+    return _LogCosh.apply(coef, *params)
+
+
+class LogCosh(Regularizer):
+    """A regularizer of one's own, as docs/gradients.md adds one: KINDS and GRADS extended."""
+
+    KINDS = {**Regularizer.KINDS, "logcosh": _logcosh}
+    GRADS = {**Regularizer.GRADS, "logcosh": torch.tanh}
+
+
+def test_a_regularizer_of_ones_own_from_the_config_is_logged_and_checked(tmp_path) -> None:
+    """A user's Regularizer subclass is selected by a config entry with its _target_ (it was
+    refused: "expected one of l2, l1, orthogonal, input_grad_penalty", a probe's finding);
+    reg/logcosh and grad_norm/data are those of its function, computed here. A backward that
+    disagrees with its GRADS (it trained on one gradient and reported the other in
+    grad_norm/data) is refused before training."""
+    seen = {}
+
+    class Keep(Callback):  # the step's parameters and gradients, at step 1
+        def on_before_optimizer_step(self, trainer, optimizer) -> None:
+            if trainer.global_step == 1:
+                seen["params"] = {
+                    n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                }
+                seen["grads"] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+    own = [f"+regularizer.logcosh._target_={__name__}.LogCosh", "+regularizer.logcosh.coef=0.01",
+           "+regularizer.logcosh.include=[net.1.*]", "trainer.max_steps=1",
+           "logging.every_n_steps=1", "optimizer=sgd"]  # fmt: skip
+    train(tmp_path / "a", *own, callbacks=[Keep()])
+    scalars = read_scalars(tmp_path / "a")
+    w = seen["params"]["net.1.weight"].double()
+    assert scalars["reg/logcosh"][0][1] == pytest.approx(
+        float(0.01 * torch.log(torch.cosh(w)).sum()), rel=1e-6
+    )
+    data = {n: g.double() for n, g in seen["grads"].items()}
+    data["net.1.weight"] = data["net.1.weight"] - 0.01 * torch.tanh(w)
+    want = torch.sqrt(sum(g.pow(2).sum() for g in data.values()))
+    assert scalars["grad_norm/data"][0][1] == pytest.approx(float(want), rel=1e-5)
+    _LogCosh.scale = 2.0
+    try:
+        with pytest.raises(ValueError, match=r"regularizer logcosh \(LogCosh\): its backward and "
+                           r"GRADS\['logcosh'\] disagree on net.1.weight"):  # fmt: skip
+            train(tmp_path / "b", *own)
+    finally:
+        _LogCosh.scale = 1.0
+
+
+class LogCoshTwice(LogCosh):
+    """Its GRADS agree with a backward of twice the true gradient: only finite differences
+    tell."""
+
+    GRADS = {**Regularizer.GRADS, "logcosh": lambda p: 2.0 * torch.tanh(p)}
+
+
+def test_a_wrong_backward_its_grads_agree_with_fails_gradcheck(tmp_path) -> None:
+    _LogCosh.scale = 2.0
+    try:
+        with pytest.raises(ValueError, match=r"its Function's backward fails "
+                           r"torch.autograd.gradcheck"):  # fmt: skip
+            train(
+                tmp_path,
+                f"+regularizer.logcosh._target_={__name__}.LogCoshTwice",
+                "+regularizer.logcosh.coef=0.01",
+                "+regularizer.logcosh.include=[net.5.*]",
+                "trainer.max_steps=1",
+            )  # fmt: skip (net.5.weight: 2,560 elements, checked)
+    finally:
+        _LogCosh.scale = 1.0
+
+
+def test_a_regularizer_entry_that_is_not_one_is_named() -> None:
+    from conftest import make_cfg
+
+    from trainer.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"regularizer.mine._target_: .*Callback is not a "
+                       r"trainer.regularizers.Regularizer subclass"):  # fmt: skip
+        validate(make_cfg("+regularizer.mine._target_=trainer.loop.Callback"))
+    with pytest.raises(ConfigError, match=r"KINDS and .GRADS must have an entry 'mine'"):
+        validate(make_cfg(f"+regularizer.mine._target_={__name__}.LogCosh",
+                          "+regularizer.mine.coef=0.1"))  # fmt: skip
+
+
+class VectorValued(Regularizer):
+    """Its function returns one value per parameter, not their sum."""
+
+    KINDS = {**Regularizer.KINDS, "vec": lambda *ps, coef: torch.stack([p.sum() for p in ps])}
+    GRADS = {**Regularizer.GRADS, "vec": torch.ones_like}
+
+
+def test_a_regularizer_value_that_is_not_0d_is_named(tmp_path) -> None:
+    """A (2,) value failed inside torch's backward ("grad can be implicitly created only for
+    scalar outputs") or at the first log (a probe's finding): named before training."""
+    with pytest.raises(ValueError, match=r"regularizer vec \(VectorValued\): its function "
+                       r"returned \(2,\), must be a 0-d tensor"):  # fmt: skip
+        train(tmp_path, f"+regularizer.vec._target_={__name__}.VectorValued",
+              "+regularizer.vec.coef=0.1", "+regularizer.vec.min_ndim=1",
+              "+regularizer.vec.include=[net.5.*]", "trainer.max_steps=1")  # fmt: skip

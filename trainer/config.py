@@ -928,7 +928,15 @@ class TrainConfig:
                 "backpropagates the plain mean of the losses",
             )
         for name, reg in self.regularizer.items():
-            _one_of(name, tuple(REGULARIZERS), "regularizer")
+            if name not in REGULARIZERS and isinstance(reg, dict) and "_target_" in reg:
+                continue  # a regularizer of one's own (checked by _check_user_components)
+            _check(
+                name in REGULARIZERS,
+                "regularizer",
+                f"got {name!r}, expected one of {', '.join(REGULARIZERS)}, or a file of one's "
+                "own (configs/regularizer/<name>.yaml with '# @package regularizer.<name>' and "
+                "a _target_: a trainer.regularizers.Regularizer subclass)",
+            )
             _check(
                 isinstance(reg, REGULARIZERS[name]),
                 f"regularizer.{name}",
@@ -1005,6 +1013,37 @@ def _check_user_components(typed: TrainConfig) -> None:
             _check_stepping(group, resolve_target(group, target))
     for name, node in typed.callbacks.items():
         check_component(f"callbacks.{name}", node)
+    for name, node in typed.regularizer.items():
+        if isinstance(node, dict):  # one of one's own
+            _check_own_regularizer(name, node)
+
+
+def _check_own_regularizer(name: str, node: dict[str, Any]) -> None:
+    """A regularizer of one's own: a :class:`trainer.regularizers.Regularizer` subclass whose
+    ``KINDS`` and ``GRADS`` name it (the builder passes ``name``), its keys its constructor's,
+    and a finite coef >= 0."""
+    from trainer.components import check_component
+    from trainer.regularizers import Regularizer
+
+    key = f"regularizer.{name}"
+    target = check_component(key, node, provided=("name",))
+    if not (isinstance(target, type) and issubclass(target, Regularizer)):
+        raise ConfigError(
+            f"{key}._target_: {node['_target_']} is not a trainer.regularizers.Regularizer "
+            "subclass (subclass it, with KINDS and GRADS naming your function and its "
+            "gradient: docs/gradients.md)"
+        )
+    if name not in target.KINDS or name not in target.GRADS:
+        raise ConfigError(
+            f"{key}: {node['_target_']}.KINDS and .GRADS must have an entry {name!r} (the "
+            "regularizer's config name: its Function and its gradient)"
+        )
+    coef = node.get("coef", 1e-4)
+    _check(
+        isinstance(coef, int | float) and math.isfinite(coef) and coef >= 0,
+        f"{key}.coef",
+        f"got {coef!r}, must be finite and >= 0",
+    )
 
 
 def _check_stepping(group: str, target: Any) -> None:

@@ -317,6 +317,13 @@ class Objective:
         """Σ λR over the regularizers (0-d), added once per optimizer step; None while none
         selects a trainable parameter (every layer it matches frozen: nothing to differentiate)."""
         values = [r.value() for r in self.regularizers]
+        for r, v in zip(self.regularizers, values, strict=True):  # (metadata: no sync)
+            if not isinstance(v, Tensor) or v.ndim != 0:
+                shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(
+                    f"regularizer {r.name} ({type(r).__name__}): value() returned {shape}, "
+                    "must be a 0-d tensor (λ·R summed over its parameters)"
+                )
         self.reg_values = [v.detach() for v in values]
         total = values[0] if len(values) == 1 else torch.stack(values).sum()
         return total if total.requires_grad else None

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torch.autograd import Function
+from torch.autograd.gradcheck import GradcheckError
 
 from trainer.precision import is_long, long_norm, wide_dtype, widen
 
@@ -192,6 +193,50 @@ class Regularizer:
                 f"exclude={self.exclude}, min_ndim={self.min_ndim}"
             )
         return self
+
+    def check_gradient(self) -> None:
+        """For a regularizer of one's own (a subclass), once before training: its Function's
+        backward against its ``grad()`` (``GRADS``, which ``grad_norm/data`` subtracts: a
+        backward that disagrees trained on one gradient and reported another), and, where
+        its selected parameters hold at most 4,096 elements, ``torch.autograd.gradcheck`` of
+        the Function against finite differences; in float64, on copies."""
+        if not self.params:
+            return
+        copies = [p.detach().double().clone().requires_grad_() for p in self.params]
+        value = self.fn(*copies, coef=self.coef)
+        if not isinstance(value, Tensor) or value.ndim != 0:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"regularizer {self.name} ({type(self).__name__}): its function returned "
+                f"{shape}, must be a 0-d tensor"
+            )
+        auto = torch.autograd.grad(value, copies, allow_unused=True)
+        for name, c, a in zip(self.names, copies, auto, strict=True):
+            a = torch.zeros_like(c) if a is None else a
+            b = self.coef * self.grad_fn(c.detach())
+            # float64 roundoff of two computations of the same sums, relative to their size
+            tol = 1e-9 * float(a.abs().max().clamp_min(b.abs().max()).clamp_min(1e-30))
+            if not torch.allclose(a, b, rtol=1e-7, atol=tol):
+                raise ValueError(
+                    f"regularizer {self.name} ({type(self).__name__}): its backward and "
+                    f"GRADS[{self.name!r}] disagree on {name} (max |difference| "
+                    f"{float((a - b).abs().max()):.3g}, of a gradient up to "
+                    f"{float(b.abs().max()):.3g}): the step would train on one and "
+                    "grad_norm/data report the other"
+                )
+        if sum(c.numel() for c in copies) <= 4096:
+
+            def fn(*ps: Tensor) -> Tensor:
+                return self.fn(*ps, coef=self.coef)
+
+            try:
+                torch.autograd.gradcheck(fn, tuple(copies))  # (its float64 defaults)
+            except GradcheckError as e:
+                first = str(e).strip().splitlines()[0]
+                raise ValueError(
+                    f"regularizer {self.name} ({type(self).__name__}): its Function's "
+                    f"backward fails torch.autograd.gradcheck ({first})"
+                ) from e
 
     def value(self) -> Tensor:
         """λ R(θ), 0-d, differentiable (twice); 0 while nothing it selects is trainable."""

@@ -59,7 +59,7 @@ from trainer.instrument import build_callbacks
 from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir
 from trainer.loop import Callback, Trainer, planned_steps
 from trainer.losses import Loss, as_loss
-from trainer.regularizers import InputGradPenalty
+from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.sweep import check_direction
 from trainer.weighting import NORMALIZE, Weighting
 
@@ -713,6 +713,9 @@ def build_trainer(
         instantiate(node, name=name).bind(model)
         for name, node in cfg.get("regularizer", {}).items()
     ]
+    for r in regularizers:  # one of one's own: its backward checked once, before training
+        if isinstance(r, Regularizer) and type(r) is not Regularizer:
+            r.check_gradient()
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     forward_model: nn.Module | None = None
