@@ -193,6 +193,29 @@ def test_tensors_from_an_npz_file_train_a_regression_with_its_own_val_split(tmp_
             },
             "the validation split is empty",
         ),
+        # found after an epoch's training before (a probe's findings)
+        (
+            {"x": torch.zeros(4), "y": torch.zeros(4, dtype=torch.int64)},
+            r"'x' has shape \(4,\); samples need a feature axis",
+        ),
+        (
+            {
+                "x": torch.zeros(4, 3),
+                "y": torch.zeros(4, dtype=torch.int64),
+                "x_val": torch.zeros(2, 5),
+                "y_val": torch.zeros(2, dtype=torch.int64),
+            },
+            r"'x_val' samples have shape \(5,\), 'x' samples \(3,\)",
+        ),
+        (
+            {
+                "x": torch.zeros(4, 3),
+                "y": torch.zeros(4, dtype=torch.int64),
+                "x_val": torch.zeros(2, 3),
+                "y_val": torch.zeros(2, dtype=torch.int32),
+            },
+            "the validation split's are torch.int32",
+        ),
     ],
 )
 def test_a_bad_tensors_file_is_named_with_its_cause(tmp_path, content, match) -> None:

@@ -676,3 +676,36 @@ def test_a_diverged_model_reports_nan_accuracy(tmp_path) -> None:
     metrics = train(tmp_path, "trainer.max_steps=3", "optimizer=sgd", "optimizer.lr=1e30",
                     "instrument.nonfinite.policy=off")  # fmt: skip
     assert math.isnan(metrics["val/loss"]) and math.isnan(metrics["val/acc"])
+
+
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        # a stride past the block: the text between windows was never trained on
+        (
+            {"block_size": 16, "stride": 32},
+            r"data.stride: got 32, larger than data.block_size 16: the "
+            r"training windows would skip 16 of every 32 characters",
+        ),
+        # a held-out text of one character: no target, val/loss NaN (or a crash)
+        ({"val_fraction": 2e-5}, r"leaves the validation text 1 character\(s\)"),
+        ({"val_fraction": 0.99999}, r"leaves the training text 0 character\(s\)"),
+    ],
+    ids=["stride_past_block", "one_val_char", "no_train_text"],
+)
+def test_chars_windows_that_would_skip_or_hold_no_target_are_refused(keys, match) -> None:
+    """The stride was 32 whatever block_size said: data.block_size=16 trained on half the
+    text, without a word (a probe's finding). It follows block_size now (half of it), and one
+    past it is refused; so is a split without a character to predict."""
+    with pytest.raises(ValueError, match=match):
+        CharText(**keys).load()
+
+
+def test_the_default_stride_is_half_the_block_and_every_character_is_a_target() -> None:
+    for block in (64, 16, 1):
+        data = CharText(block_size=block)
+        assert data.stride == max(block // 2, 1)
+        train, _ = data.load()
+        cut = round(0.9 * len(data.text))
+        targets = train.y[train.y != PAD].numel()
+        assert targets >= cut - 1  # every training character with a next one, at least once

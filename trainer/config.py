@@ -211,8 +211,9 @@ class CharsConfig(DataConfig):
     _target_: str = "trainer.data.chars.CharText"
     #: characters per sample (the model's context)
     block_size: int = 64
-    #: training windows start every ``stride`` characters (< block_size: they overlap)
-    stride: int = 32
+    #: training windows start every ``stride`` characters (< block_size: they overlap; at
+    #: most block_size, or text is skipped); null: block_size // 2 (overlapping by half)
+    stride: int | None = None
     #: the last fraction of the text, held out for validation
     val_fraction: float = 0.1
     #: the target id of padding (must equal loss.ignore_index)
@@ -222,7 +223,13 @@ class CharsConfig(DataConfig):
         super().__post_init__()
         _check_val_fraction(self.val_fraction)
         _check(self.block_size >= 1, "data.block_size", f"got {self.block_size}, must be >= 1")
-        _check(self.stride >= 1, "data.stride", f"got {self.stride}, must be >= 1")
+        if self.stride is not None:
+            _check(
+                1 <= self.stride <= self.block_size,
+                "data.stride",
+                f"got {self.stride}, must be >= 1 and <= data.block_size ({self.block_size}): "
+                "windows farther apart than their length skip text (null: block_size // 2)",
+            )
 
 
 # ----------------------------------------------------------------------------- model

@@ -281,6 +281,12 @@ class CrossEntropy(Loss):
                     f"shape {tuple(labels.shape)}, not class labels of shape (N,) as the "
                     "training split's"
                 )
+            if split == "validation" and labels.dtype != torch.int64:  # (torch refuses them
+                raise ConfigError(  # at the first validation, after an epoch's training)
+                    f"loss=cross_entropy needs int64 class labels; the validation split's are "
+                    f"{labels.dtype}: cast them with .long() (a data=tensors file: save y_val "
+                    "as int64)"
+                )
             low, high = int(labels.min()), int(labels.max())
             if low < 0 or high >= data.out_dim:
                 raise ConfigError(

@@ -64,15 +64,23 @@ class CharText(DataModule):
     def __init__(
         self,
         block_size: int = 64,
-        stride: int = 32,
+        stride: int | None = None,
         val_fraction: float = 0.1,
         ignore_index: int = -100,
         **common,
     ):
         super().__init__(**common)
+        stride = max(block_size // 2, 1) if stride is None else stride  # (overlapping by half)
         if block_size < 1 or stride < 1:
             raise ValueError(
                 f"data.block_size and data.stride must be >= 1, got {block_size}, {stride}"
+            )
+        if stride > block_size:  # (the stride of a block size set before a shorter one)
+            raise ValueError(
+                f"data.stride: got {stride}, larger than data.block_size {block_size}: the "
+                f"training windows would skip {stride - block_size} of every {stride} "
+                f"characters; set data.stride <= data.block_size (e.g. "
+                f"data.stride={max(block_size // 2, 1)}, windows overlapping by half)"
             )
         self.block_size, self.stride = block_size, stride
         self.val_fraction, self.ignore_index = val_fraction, ignore_index
@@ -92,6 +100,13 @@ class CharText(DataModule):
     def load(self) -> tuple[TensorSplit, TensorSplit]:
         tokens = self.encode(self.text)
         cut = round((1 - self.val_fraction) * tokens.numel())
+        for split, size in (("training", cut), ("validation", tokens.numel() - cut)):
+            if size < 2:  # (no character with a next one: no target to predict)
+                raise ValueError(
+                    f"data.val_fraction: {self.val_fraction} of {tokens.numel()} characters "
+                    f"leaves the {split} text {size} character(s), no next character to "
+                    "predict; give a fraction that leaves both at least 2"
+                )
         train = windows(tokens[:cut], self.block_size, self.stride, self.ignore_index)
         val = windows(tokens[cut:], self.block_size, self.block_size, self.ignore_index)
         return TensorSplit(*train), TensorSplit(*val)

@@ -91,6 +91,16 @@ class TensorsData(DataModule):
     def load(self) -> tuple[TensorSplit, TensorSplit]:
         raw = self.read()
         x, y = raw["x"], raw["y"]
+        if x.ndim < 2:  # (one feature per sample as a vector: the model saw no feature axis)
+            raise TensorFileError(
+                f"data.path: {self.path}: 'x' has shape {tuple(x.shape)}; samples need a "
+                "feature axis, (N, features...): save x.reshape(-1, 1) for one feature"
+            )
+        if "x_val" in raw and raw["x_val"].shape[1:] != x.shape[1:]:  # (found by the first
+            raise TensorFileError(  # validation, after an epoch's training)
+                f"data.path: {self.path}: 'x_val' samples have shape "
+                f"{tuple(raw['x_val'].shape[1:])}, 'x' samples {tuple(x.shape[1:])}"
+            )
         if "x_val" in raw:
             train, val = TensorSplit(x, y), TensorSplit(raw["x_val"], raw["y_val"])
         else:
