@@ -560,7 +560,7 @@ def test_per_sample_norms_of_a_sequence_model_with_a_rank_without_samples(tmp_pa
     measures none: the run goes on (it crashed reshaping rank 1's empty (0, T) coefficients)
     and logs what one process does. 2,769 windows (stride 14) in global batches of 2 x 692:
     step 3's holds the last one."""
-    extra = ("data=chars", "data.block_size=12", "data.stride=14", "model=char_transformer",
+    extra = ("data=chars", "data.block_size=14", "data.stride=14", "model=char_transformer",
              "model.d_model=16", "model.n_heads=2", "model.dim_feedforward=32",
              "loss=token_cross_entropy", "optimizer=sgd", "trainer.max_steps=3",
              "logging.every_n_steps=3", "logging.progress=false",

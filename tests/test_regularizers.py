@@ -316,3 +316,25 @@ def test_a_regularizer_value_that_is_not_0d_is_named(tmp_path) -> None:
         train(tmp_path, f"+regularizer.vec._target_={__name__}.VectorValued",
               "+regularizer.vec.coef=0.1", "+regularizer.vec.min_ndim=1",
               "+regularizer.vec.include=[net.5.*]", "trainer.max_steps=1")  # fmt: skip
+
+
+class LogCosh32(LogCosh):
+    """Its GRADS in float32 whatever the input (fine in training, which widens to float32)."""
+
+    GRADS = {**Regularizer.GRADS, "logcosh": lambda p: torch.tanh(p.float())}
+
+
+def test_a_regularizers_grads_of_another_dtype_and_a_boolean_coef_are_named(tmp_path) -> None:
+    """The float64 check crashed on a float32 GRADS with torch's "Double did not match Float";
+    coef=true passed as 1 (a review's findings)."""
+    from conftest import make_cfg
+
+    from trainer.config import ConfigError, validate
+
+    with pytest.raises(ValueError, match=r"GRADS\['logcosh'\] returned torch.float32 .* must "
+                       r"keep its input's shape and dtype"):  # fmt: skip
+        train(tmp_path, f"+regularizer.logcosh._target_={__name__}.LogCosh32",
+              "+regularizer.logcosh.coef=0.01", "trainer.max_steps=1")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"regularizer.logcosh.coef: got True"):
+        validate(make_cfg(f"+regularizer.logcosh._target_={__name__}.LogCosh",
+                          "+regularizer.logcosh.coef=true"))  # fmt: skip

@@ -479,3 +479,16 @@ def test_a_strategy_of_ones_own_that_breaks_the_base_class_is_named(tmp_path) ->
         train(tmp_path / "a", *common, f"weighting._target_={__name__}._NoSuper")
     with pytest.raises(WeightError, match=r"_WrongShape: raw\(\) returned weights of shape"):
         train(tmp_path / "b", *common, f"weighting._target_={__name__}._WrongShape")
+
+
+def test_the_guard_names_a_weighting_that_went_non_finite_after_its_first_call(tmp_path):
+    """NaN raw weights from step 3 on make NaN gradients, which the guard stops at that step,
+    before the next logging step's check: its message named a layer's gradient only (a
+    review's finding); it names the weighting now."""
+    from trainer.instrument.nonfinite import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"step 3: .*the weighting test_weighting._Own "
+                       r"returned negative or non-finite raw weights"):  # fmt: skip
+        train(tmp_path, "loss.mode=vector", "~weighting", f"+weighting._target_={__name__}._Own",
+              "+weighting.bad=nan", "+weighting.at=3", "trainer.max_steps=8",
+              "logging.every_n_steps=4")  # fmt: skip

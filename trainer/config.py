@@ -1047,7 +1047,10 @@ def _check_own_regularizer(name: str, node: dict[str, Any]) -> None:
         )
     coef = node.get("coef", 1e-4)
     _check(
-        isinstance(coef, int | float) and math.isfinite(coef) and coef >= 0,
+        isinstance(coef, int | float)
+        and not isinstance(coef, bool)
+        and math.isfinite(coef)
+        and coef >= 0,
         f"{key}.coef",
         f"got {coef!r}, must be finite and >= 0",
     )

@@ -214,6 +214,14 @@ class Regularizer:
         for name, c, a in zip(self.names, copies, auto, strict=True):
             a = torch.zeros_like(c) if a is None else a
             b = self.coef * self.grad_fn(c.detach())
+            if not isinstance(b, Tensor) or b.shape != c.shape or b.dtype != c.dtype:
+                got = (f"{b.dtype} of shape {tuple(b.shape)}" if isinstance(b, Tensor)
+                       else type(b).__name__)  # fmt: skip
+                raise ValueError(
+                    f"regularizer {self.name} ({type(self).__name__}): GRADS[{self.name!r}] "
+                    f"returned {got} for {name}, {c.dtype} of shape {tuple(c.shape)}: it must "
+                    "keep its input's shape and dtype (checked in float64)"
+                )
             # float64 roundoff of two computations of the same sums, relative to their size
             tol = 1e-9 * float(a.abs().max().clamp_min(b.abs().max()).clamp_min(1e-30))
             if not torch.allclose(a, b, rtol=1e-7, atol=tol):

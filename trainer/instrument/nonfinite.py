@@ -360,7 +360,7 @@ class NonfiniteGuard(Callback):
 
     def _skip(self, trainer: Trainer, step: int, bad: list[str], read_at: int | None = None):
         """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped."""
-        cause = _cause(bad)
+        cause = _cause(bad) + _weights_cause(trainer)
         if self.policy == "raise":
             later = (
                 ""
@@ -415,6 +415,21 @@ def _cause(bad: list[str]) -> str:
         more = f" (and {len(grads) - 1} more)" if len(grads) > 1 else ""
         parts.append(f"non-finite gradient of {grads[0]}{more}")
     return "; ".join(parts)
+
+
+def _weights_cause(trainer: Trainer) -> str:
+    """Where a weighting of one's own returned negative or non-finite raw weights since it
+    was last checked (its device flag; read here, where the guard reads anyway), the likely
+    cause of a non-finite gradient: said."""
+    weighting = getattr(getattr(trainer, "objective", None), "weighting", None)
+    flag = getattr(weighting, "_raw_bad", None)
+    if flag is None or not bool(flag):  # host sync: a failing step only
+        return ""
+    return (
+        f" (the weighting {type(weighting).__module__}.{type(weighting).__qualname__} "
+        "returned negative or non-finite raw weights since the last logging step: raw() must "
+        "return finite weights >= 0)"
+    )
 
 
 def _overlapping(t: Tensor) -> bool:
