@@ -997,9 +997,10 @@ class PerSampleNorms(Callback):
             weights = trainer.objective.coefficients(losses, batch.y, trainer.window)
         w = sample_coefficients(weights.detach().float())
         units = trainer.objective.loss.units(batch.y) if losses.ndim > 1 else None
-        present = torch.ones_like(w) if units is None else units.flatten(1).ne(0).any(1).to(w.dtype)
+        if units is not None:  # (per-token losses: which sequences have a target)
+            w = torch.stack([w, units.flatten(1).ne(0).any(1).to(w.dtype)], 1)
         self._weighted.append(sq)
-        self._weights.append(torch.stack([w, present], 1))
+        self._weights.append(w)
 
     def _finish_shared(self) -> None:
         """Square the summed per-sample gradients of parameters used more than once, unless
@@ -1116,7 +1117,8 @@ class PerSampleNorms(Callback):
             return
         if not self._weighted:
             return
-        sq, wp = torch.cat(self._weighted), torch.cat(self._weights)  # (N, params), (N, 2)
+        # (N, params), and (N,) or, per-token losses, (N, 2) with the present flags
+        sq, wp = torch.cat(self._weighted), torch.cat(self._weights)
         self._weighted.clear()
         self._weights.clear()
         if trainer.world.distributed:  # one series over the global batch, in its order
@@ -1125,12 +1127,16 @@ class PerSampleNorms(Callback):
                     f"per-sample norms, data-parallel: {sq.shape[0]} rows measured on rank "
                     f"{trainer.world.rank}, {rank_rows[trainer.world.rank]} counted"
                 )
-            width = sq.shape[1] + 2
+            flat = wp.ndim == 1
+            wp = wp[:, None] if flat else wp  # (the same loss, so columns, on every rank)
+            cols = wp.shape[1]
+            width = sq.shape[1] + cols
             sizes = [n * width for n in rank_rows]  # (no exchange, no host sync)
             rows, _ = all_gather_cat(torch.cat([sq, wp], 1).flatten(), sizes)
             rows = rows.reshape(-1, width)
-            sq, wp = rows[:, :-2], rows[:, -2:]
-        w, present = wp[:, 0], wp[:, 1]
+            sq, wp = rows[:, :-cols], rows[:, -cols:]
+            wp = wp[:, 0] if flat else wp
+        w, present = (wp[:, 0], wp[:, 1]) if wp.ndim == 2 else (wp, None)
         covered = self._covered_mask(sq.device)  # (params,) 1.0 covered, 0.0 left out
         coverage: Tensor | float
         if trainer.world.distributed:  # a unit left out on any rank is out on all (one small
@@ -1171,14 +1177,15 @@ class PerSampleNorms(Callback):
             trainer.stage_histogram(tag, v, count_nonfinite=False)
 
     def _statistics(
-        self, trainer: Trainer, sq: Tensor, w: Tensor, present: Tensor, covered: Tensor
+        self, trainer: Trainer, sq: Tensor, w: Tensor, present: Tensor | None, covered: Tensor
     ) -> None:
         """Stage what the gradient noise scale and the SNRs need (:meth:`_noise_scale`
         computes them on the host from it, when the step's values are read): a few device ops
         instead of the ≈ 40 small kernels the same arithmetic took on the device. ``sq``:
         (N, params) squared weighted per-sample norms; ``w``: (N,) the samples' coefficients;
         ``present``: (N,) 0.0 for a sequence without a valid target (no sample: its gradient
-        is 0, its coefficient 0, neither counts); ``covered``: (params,) 1.0 per covered
+        is 0, its coefficient 0, neither counts), None for per-sample losses (every row a
+        sample: the count is known on the host); ``covered``: (params,) 1.0 per covered
         parameter, 0.0 per one left out."""
         if sq.shape[0] < 2 or not self._params:
             return
@@ -1188,34 +1195,41 @@ class PerSampleNorms(Callback):
         # sq = (wᵢ‖gᵢ‖)² (data-parallel, wᵢ carries W); the samples' coefficients' spread in
         # w's own dtype: 0 exactly where they are all equal (a float32 copy of float64
         # weights could make unequal ones equal). +Inf: no sample at all
-        w_max = w.max()
-        w_min = torch.where(present > 0, w, torch.inf).amin()
-        n = present.sum()
-        spread = torch.stack([w_max - w_min, w_max, n]).float()
+        if present is None:  # every row a sample (the count on the host)
+            w_min, w_max = torch.aminmax(w)
+            spread = torch.stack([w_max - w_min, w_max]).float()
+            n: int | None = sq.shape[0]
+        else:
+            w_max = w.max()
+            w_min = torch.where(present > 0, w, torch.inf).amin()
+            spread = torch.stack([w_max - w_min, w_max, present.sum()]).float()
+            n = None  # (staged with the values)
         # sums of the rows (0 for a sequence without a valid target), divided by n on the host
         values = torch.cat(
             [sq.sum(0).float(), torch.stack(norms_of(data)).float(), spread, covered.float()]
         )
         # (the tags as they are now: the values may be read after the trainable parameters,
         # and so the tags, changed)
-        fn = partial(self._noise_scale, trainer.world.size, self._tags)
+        fn = partial(self._noise_scale, trainer.world.size, self._tags, n)
         trainer.stage_on_host(values, fn)
 
     def _noise_scale(
-        self, world: int, tags: tuple[str, ...], values: list[float]
+        self, world: int, tags: tuple[str, ...], n: int | None, values: list[float]
     ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
         tr(Σ) / |G|² over the covered parameters, its running average and, per parameter
         tensor, the SNR ‖ḡ‖² / tr(S) of the step's samples (module docstring); NaN where the
         samples' coefficients are not all equal, or (SNR) for a parameter left out. ``values``:
         the per-parameter sums of the squared weighted norms, the step's gradient norms, the
-        coefficients' spread and largest value, the number of samples, the covered mask
-        (:meth:`_statistics`)."""
-        count = (len(values) - 3) // 3  # parameters (3 per parameter, 3 for the weights)
+        coefficients' spread and largest value, the number of samples (unless ``n`` gives
+        it), the covered mask (:meth:`_statistics`)."""
+        extra = 2 if n is not None else 3  # (the weights' entries)
+        count = (len(values) - extra) // 3  # parameters (3 per parameter)
         sum_sq, norms = values[:count], values[count : 2 * count]
-        spread, w_max, samples = values[2 * count : 2 * count + 3]
-        covered = values[2 * count + 3 : 3 * count + 3]
-        n = round(samples)
+        spread, w_max = values[2 * count], values[2 * count + 1]
+        if n is None:
+            n = round(values[2 * count + 2])
+        covered = values[2 * count + extra : 3 * count + extra]
         mean_sq = [s / n for s in sum_sq] if n else sum_sq
         uniform = spread == 0 and w_max > 0 and n > 1  # False with a NaN coefficient
         estimate, snr = [math.nan, math.nan], [math.nan] * count
