@@ -256,9 +256,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 _NOT_IDENTITY = (
     ("trainer", "resume"), ("trainer", "run_id"), ("trainer", "checkpoint"),
     ("logging", "progress"), ("logging", "progress_every_n_steps"),
-    # how DDP finds unused parameters, not what is computed (added 2026-12-05: a run started
-    # before keeps its id, and resume=auto finds it)
-    ("trainer", "find_unused_parameters"),
+    # how DDP finds unused parameters, and which of torch's implementations of the same
+    # update steps, not what is computed (both added 2026-12-05: a run started before keeps
+    # its id, and resume=auto finds it)
+    ("trainer", "find_unused_parameters"), ("optimizer", "foreach"),
 )  # fmt: skip
 
 
