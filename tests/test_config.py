@@ -313,6 +313,11 @@ def test_schedulers_of_schedulers_get_the_optimizer_in_each_part() -> None:
     )
     with pytest.raises(ConfigError, match=r"scheduler.schedulers\[1\]: .*T_max"):
         build_scheduler(bad, opt(), total_steps=8)
+    whole = OmegaConf.create({**sequential, "schedulers": [
+        warm, {k: v for k, v in decay.items() if k != "_partial_"}]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"scheduler.schedulers\[1\]: give each part a "
+                       r"_target_ and _partial_: true"):  # fmt: skip
+        build_scheduler(whole, opt(), total_steps=8)
 
 
 @pytest.mark.parametrize(

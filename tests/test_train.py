@@ -557,7 +557,7 @@ def test_reduce_lr_on_plateau_steps_on_the_monitor_after_each_validation(tmp_pat
     direction is refused before training; an optimizer without an lr logs none."""
     plateau = ["~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
                "+scheduler._partial_=true", "+scheduler.patience=0", "+scheduler.factor=0.5",
-               "+scheduler.threshold=0.5",  # (a gain of 50 % counts: cut after each epoch)
+               "+scheduler.threshold=0.6",  # (a gain of 60 % counts: cuts after some epochs)
                "trainer.max_epochs=5", "data.batch_size=256", "logging.every_n_steps=1",
                "optimizer.lr=0.05"]  # fmt: skip
     with pytest.raises(ConfigError, match=r"scheduler.mode: ReduceLROnPlateau steps on val/acc"):
@@ -568,7 +568,7 @@ def test_reduce_lr_on_plateau_steps_on_the_monitor_after_each_validation(tmp_pat
     assert len(accs) == 5
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.05)
     replay = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="max", patience=0, factor=0.5, threshold=0.5
+        opt, mode="max", patience=0, factor=0.5, threshold=0.6
     )
     want = []
     for acc in accs:  # 6 steps per epoch (1,437 training samples in batches of 256)
@@ -576,6 +576,13 @@ def test_reduce_lr_on_plateau_steps_on_the_monitor_after_each_validation(tmp_pat
         replay.step(acc)
     assert [v for _, v in scalars["lr"]] == pytest.approx(want, rel=1e-7)
     assert len(set(want)) > 1  # (it did cut the rate)
+    # stopped mid-epoch by max_steps (its last step validated, a longer run's not) and
+    # resumed: it stepped on that extra validation, and trained on another rate after
+    train(tmp_path / "part", *plateau, "+scheduler.mode=max", "trainer.max_steps=9")
+    last = tmp_path / "part" / "checkpoints" / "last.pt"
+    train(tmp_path / "rest", *plateau, "+scheduler.mode=max", f"trainer.resume={last}")
+    a, b = final_params(tmp_path / "max"), final_params(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # (the resume continues in part/)
     train(tmp_path / "nolr", "~optimizer", f"+optimizer._target_={__name__}.NoLr",
           "+optimizer._partial_=true", "trainer.max_steps=3",
           "logging.every_n_steps=1")  # fmt: skip

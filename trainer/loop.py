@@ -565,8 +565,10 @@ class Trainer:
             self.epoch + 1, self.max_epochs, self.global_step, m["train/loss"],
             "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val/")),
         )  # fmt: skip
-        if isinstance(self.scheduler, ReduceLROnPlateau):  # (its one step per validation)
-            self.scheduler.step(m[self.monitor])
+        if isinstance(self.scheduler, ReduceLROnPlateau) and self.batch_in_epoch == len(
+            self.train_loader
+        ):  # one step per epoch's validation; not on the extra one of a run that max_steps
+            self.scheduler.step(m[self.monitor])  # stops mid-epoch (a longer run has none)
         self._fire_between("on_validation_end", m)
 
     def train_epoch(self) -> None:

@@ -137,6 +137,12 @@ def build_scheduler(
     kwargs = dict.fromkeys(run_length_keys(cfg), max(total_steps, 1))
     if not cfg.get("schedulers"):
         return instantiate(cfg)(optimizer, **kwargs)
+    for i, part in enumerate(cfg.schedulers):  # (before building: Hydra builds them first)
+        if not isinstance(part, DictConfig) or "_target_" not in part or not part.get("_partial_"):
+            raise ConfigError(
+                f"scheduler.schedulers[{i}]: give each part a _target_ and _partial_: true "
+                "(the trainer calls it with the optimizer)"
+            )
     factory = instantiate(cfg, _convert_="all")  # (the parts as a list of partials)
     parts = factory.keywords["schedulers"]
     built = []
