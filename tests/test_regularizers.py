@@ -338,3 +338,14 @@ def test_a_regularizers_grads_of_another_dtype_and_a_boolean_coef_are_named(tmp_
     with pytest.raises(ConfigError, match=r"regularizer.logcosh.coef: got True"):
         validate(make_cfg(f"+regularizer.logcosh._target_={__name__}.LogCosh",
                           "+regularizer.logcosh.coef=true"))  # fmt: skip
+
+
+def test_l1_and_orthogonal_refuse_a_complex_parameter_naming_it() -> None:
+    """They are written for real tensors: a complex weight made their value complex and the
+    first step failed in torch's backward, naming neither (a probe's finding)."""
+    model = torch.nn.Linear(4, 4)
+    model.register_parameter("w", torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64)))
+    for name in ("l1", "orthogonal"):
+        with pytest.raises(ValueError, match=rf"regularizer.{name}: w is complex"):
+            Regularizer(name, 0.1).bind(model)
+    assert Regularizer("l2", 0.1).bind(model).names == ["weight", "w"]

@@ -119,8 +119,24 @@ def test_hooks_fire_in_the_documented_order(tmp_path) -> None:
     assert events == expected
 
 
-def test_a_failing_fit_fires_on_exception_and_restores_the_signal_handlers(tmp_path) -> None:
+def fails_restoring_signals(match: str, *args, **kwargs) -> None:
+    """``train(*args, **kwargs)`` raises a RuntimeError matching ``match``, and the SIGUSR1
+    handler installed before it is in place after it (run() stops on signals while fit runs,
+    trainer.checkpoint.StopOnSignals, and puts the previous handlers back)."""
     import signal
+
+    def mine(signum, frame) -> None: ...
+
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        with pytest.raises(RuntimeError, match=match):
+            train(*args, **kwargs)
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_failing_fit_fires_on_exception_and_restores_the_signal_handlers(tmp_path) -> None:
 
     seen: list[str] = []
 
@@ -135,17 +151,7 @@ def test_a_failing_fit_fires_on_exception_and_restores_the_signal_handlers(tmp_p
         def on_exception(self, trainer, error) -> None:
             seen.append(f"exception: {error}")
 
-    def mine(signum, frame) -> None: ...
-
-    previous = signal.signal(signal.SIGUSR1, mine)
-    try:
-        with pytest.raises(RuntimeError, match="boom at step 2"):
-            train(tmp_path, "trainer.max_steps=4", callbacks=[Fails()])
-        # run() stops on signals while fit runs (trainer.checkpoint.StopOnSignals), and puts
-        # the previous handler back after the failure
-        assert signal.getsignal(signal.SIGUSR1) is mine
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    fails_restoring_signals("boom at step 2", tmp_path, "trainer.max_steps=4", callbacks=[Fails()])
     assert seen == ["exception: boom at step 2"]
 
 
@@ -157,7 +163,6 @@ def test_a_callback_raising_at_the_end_loses_no_checkpoint_and_every_end_hook_ru
     resume from, and the others got on_exception as well as on_fit_end (a probe's finding).
     Every on_fit_end runs now; the run fails with the error; on_exception goes only to the
     callback that raised (instead of its on_fit_end, never as well)."""
-    import signal
 
     seen: list[str] = []
 
@@ -176,15 +181,8 @@ def test_a_callback_raising_at_the_end_loses_no_checkpoint_and_every_end_hook_ru
         def on_exception(self, trainer, error) -> None:
             seen.append("other: exception")
 
-    def mine(signum, frame) -> None: ...
-
-    previous = signal.signal(signal.SIGUSR1, mine)
-    try:
-        with pytest.raises(RuntimeError, match="report failed"):
-            train(tmp_path, "trainer.max_steps=6", callbacks=[Report(), Other()])
-        assert signal.getsignal(signal.SIGUSR1) is mine
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    fails_restoring_signals("report failed", tmp_path, "trainer.max_steps=6",
+                            callbacks=[Report(), Other()])  # fmt: skip
     assert seen == ["report: fit_end", "other: fit_end", "report: exception: report failed"]
     # last.pt of step 6 (the default cadence is 200 steps)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 6
@@ -221,7 +219,6 @@ def test_every_on_exception_runs_and_the_runs_own_error_is_raised(where, tmp_pat
     signal handlers stayed installed for the rest of the process, ignoring SIGTERM after
     it), and its error replaced the run's in metrics.json. A failing on_fit_start (before
     the others' started) gets the same treatment."""
-    import signal
 
     seen: list[str] = []
 
@@ -235,15 +232,7 @@ def test_every_on_exception_runs_and_the_runs_own_error_is_raised(where, tmp_pat
         def on_exception(self, trainer, error) -> None:
             seen.append(f"other: {error}")
 
-    def mine(signum, frame) -> None: ...
-
-    previous = signal.signal(signal.SIGUSR1, mine)
-    try:
-        with pytest.raises(RuntimeError, match="first"):
-            train(tmp_path, "trainer.max_steps=3", callbacks=[Fails(), Other()])
-        assert signal.getsignal(signal.SIGUSR1) is mine
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    fails_restoring_signals("first", tmp_path, "trainer.max_steps=3", callbacks=[Fails(), Other()])
     assert seen == ["other: first"]
     status = json.loads((tmp_path / "metrics.json").read_text())
     assert "RuntimeError: first" in status["error"] and "cleanup" not in status["error"]

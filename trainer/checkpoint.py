@@ -62,41 +62,38 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def _skeleton(obj: Any) -> Any:
-    """``obj`` with every tensor replaced by an empty one of its dtype (what loading it
-    allows does not depend on a tensor's size), through plain containers."""
-    if type(obj) in (torch.Tensor, torch.nn.Parameter) and not obj.is_quantized:
-        return torch.empty(0, dtype=obj.dtype)  # (a subclass, a quantized one: as it is)
+def _mapped(obj: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``obj`` with ``leaf`` applied to each value inside its plain dicts, lists and tuples."""
     if type(obj) in (dict, OrderedDict):
-        return type(obj)((k, _skeleton(v)) for k, v in obj.items())
+        return type(obj)((k, _mapped(v, leaf)) for k, v in obj.items())
     if type(obj) in (list, tuple):
-        return type(obj)(_skeleton(v) for v in obj)
+        return type(obj)(_mapped(v, leaf) for v in obj)
+    return leaf(obj)
+
+
+def _skeleton_leaf(obj: Any) -> Any:
+    """A tensor as an empty one of its dtype (what loading it allows does not depend on its
+    size); a subclass, a quantized one, anything else as it is."""
+    if type(obj) in (torch.Tensor, torch.nn.Parameter) and not obj.is_quantized:
+        return torch.empty(0, dtype=obj.dtype)
     return obj
 
 
-def _without_numpy(obj: Any) -> Any:
-    """NumPy scalars as Python numbers and NumPy arrays as tensors (the same values), through
-    plain containers."""
+def _numpy_leaf(obj: Any) -> Any:
+    """A NumPy scalar as a Python number, a numeric NumPy array as a tensor (the same
+    values); object, string and masked arrays, a long double, a datetime stay (refused,
+    named)."""
     if isinstance(obj, np.generic):
-        return obj.item()  # (a long double, a datetime stay NumPy's: refused, named)
-    if type(obj) is np.ndarray and obj.dtype.kind in "biufc":  # (object, string and masked
-        # arrays stay: refused, named)
+        return obj.item()
+    if type(obj) is np.ndarray and obj.dtype.kind in "biufc":
         return torch.from_numpy(obj.astype(obj.dtype.newbyteorder("="), order="C", copy=True))
-    if type(obj) in (dict, OrderedDict):
-        return type(obj)((k, _without_numpy(v)) for k, v in obj.items())
-    if type(obj) in (list, tuple):
-        return type(obj)(_without_numpy(v) for v in obj)
     return obj
 
 
 def _numpy_in(obj: Any) -> bool:
-    if isinstance(obj, np.generic | np.ndarray):
-        return True
-    if type(obj) in (dict, OrderedDict):
-        return any(_numpy_in(v) for v in obj.values())
-    if type(obj) in (list, tuple):
-        return any(_numpy_in(v) for v in obj)
-    return False
+    found: list[bool] = []
+    _mapped(obj, lambda v: found.append(isinstance(v, np.generic | np.ndarray)))
+    return any(found)
 
 
 def _refused(obj: Any) -> str | None:
@@ -104,7 +101,7 @@ def _refused(obj: Any) -> str | None:
     (checked on its skeleton in memory: quick whatever its tensors' sizes)."""
     buffer = io.BytesIO()
     try:
-        torch.save(_skeleton(obj), buffer)
+        torch.save(_mapped(obj, _skeleton_leaf), buffer)
         buffer.seek(0)
         torch.load(buffer, weights_only=True)
     except Exception as e:  # noqa: BLE001 (pickling errors too: a local class, a lambda)
@@ -128,7 +125,7 @@ def checkpointable(state: Any, owner: str) -> Any:
     refuses raises ``ValueError`` naming ``owner`` and the cause, when written, not when
     resumed."""
     if _numpy_in(state):
-        state = _without_numpy(state)
+        state = _mapped(state, _numpy_leaf)
         if owner not in _WARNED_NUMPY:
             _WARNED_NUMPY.add(owner)
             log.warning(

@@ -185,6 +185,12 @@ class Regularizer:
                 if not p.requires_grad:
                     frozen += 1
                     continue
+                if p.is_complex() and self.name in ("l1", "orthogonal"):  # (written for real
+                    raise ValueError(  # tensors: a complex value, and no backward, at step 1)
+                        f"regularizer.{self.name}: {n} is complex ({p.dtype}), which "
+                        f"{self.name} is not defined for here; leave it out with "
+                        f"regularizer.{self.name}.exclude=[{n}] (l2 takes complex parameters)"
+                    )
                 self.names.append(n)
                 self.params.append(p)
         if not self.params and not frozen and not empty_ok:
