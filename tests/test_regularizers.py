@@ -349,3 +349,6 @@ def test_l1_and_orthogonal_refuse_a_complex_parameter_naming_it() -> None:
         with pytest.raises(ValueError, match=rf"regularizer.{name}: w is complex"):
             Regularizer(name, 0.1).bind(model)
     assert Regularizer("l2", 0.1).bind(model).names == ["weight", "w"]
+    model.w.requires_grad_(False)  # (refused at the start, not where a callback unfreezes it)
+    with pytest.raises(ValueError, match=r"regularizer.l1: w is complex"):
+        Regularizer("l1", 0.1).bind(model)

@@ -582,8 +582,8 @@ def test_a_resume_on_another_number_of_processes_keeps_the_global_batch() -> Non
 
 
 def test_the_unused_parameters_switch_is_not_part_of_a_runs_identity() -> None:
-    """trainer.find_unused_parameters changes how DDP works, optimizer.foreach which of
-    torch's implementations steps, not what either computes: a run
+    """trainer.find_unused_parameters changes how DDP works, not what it computes, and
+    optimizer.foreach is left out while null (its default): a run
     failed for want of it and started again with it, or one started before the key existed,
     keeps its run id (resume=auto finds it) and may be resumed either way."""
     from omegaconf import OmegaConf
@@ -591,9 +591,12 @@ def test_the_unused_parameters_switch_is_not_part_of_a_runs_identity() -> None:
     from trainer.checkpoint import derive_run_id, resume_changes
 
     plain = OmegaConf.to_container(make_cfg(), resolve=True)
-    told = OmegaConf.to_container(make_cfg("trainer.find_unused_parameters=true",
-                                           "optimizer.foreach=true"), resolve=True)  # fmt: skip
+    told = OmegaConf.to_container(make_cfg("trainer.find_unused_parameters=true"), resolve=True)
     older = OmegaConf.to_container(make_cfg(), resolve=True)
     del older["trainer"]["find_unused_parameters"], older["optimizer"]["foreach"]
     assert derive_run_id(plain) == derive_run_id(told) == derive_run_id(older)
-    assert resume_changes(plain, told) == []
+    assert resume_changes(plain, told) == resume_changes(older, plain) == []
+    # foreach set is part of it (on CUDA it takes the run off the fused default)
+    fore = OmegaConf.to_container(make_cfg("optimizer.foreach=true"), resolve=True)
+    assert derive_run_id(fore) != derive_run_id(plain)
+    assert resume_changes(plain, fore) == ["optimizer.foreach: (unset) -> True"]

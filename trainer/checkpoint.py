@@ -253,19 +253,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
 _NOT_IDENTITY = (
     ("trainer", "resume"), ("trainer", "run_id"), ("trainer", "checkpoint"),
     ("logging", "progress"), ("logging", "progress_every_n_steps"),
-    # how DDP finds unused parameters, and which of torch's implementations of the same
-    # update steps, not what is computed (both added 2026-12-05: a run started before keeps
-    # its id, and resume=auto finds it)
-    ("trainer", "find_unused_parameters"), ("optimizer", "foreach"),
+    # how DDP finds unused parameters, not what is computed (added 2026-12-05: a run started
+    # before keeps its id, and resume=auto finds it)
+    ("trainer", "find_unused_parameters"),
 )  # fmt: skip
+#: keys left out of a run's identity while null, their default (added 2026-12-05: a run
+#: started before keeps its id); set, they are part of it (``foreach: true`` takes a CUDA
+#: run off the fused default)
+_NOT_IDENTITY_WHILE_NULL = (("optimizer", "foreach"),)
+
+
+def _without_identityless(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` without the keys that are not part of a run's identity."""
+    config = copy.deepcopy(config)
+    for section, key in _NOT_IDENTITY:
+        config.get(section, {}).pop(key, None)
+    for section, key in _NOT_IDENTITY_WHILE_NULL:
+        node = config.get(section)
+        if isinstance(node, dict) and key in node and node[key] is None:
+            del node[key]
+    return config
 
 
 def derive_run_id(config: dict[str, Any]) -> str:
     """A stable id for a resolved config: 12 hex digits of a hash of everything but the keys
     that do not change the computation (resume, run_id, checkpointing, progress output)."""
-    config = copy.deepcopy(config)
-    for section, key in _NOT_IDENTITY:
-        config.get(section, {}).pop(key, None)
+    config = _without_identityless(config)
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -305,9 +318,9 @@ def resume_changes(
     (None: a checkpoint of an earlier format without its config.)"""
     if saved is None:
         return []
-    old, new = copy.deepcopy(saved), copy.deepcopy(config)
+    old, new = _without_identityless(saved), _without_identityless(config)
     for tree in (old, new):
-        for section, key in (*_NOT_IDENTITY, *_RESUMABLE_CHANGES):
+        for section, key in _RESUMABLE_CHANGES:
             if key is None:
                 tree.pop(section, None)
             elif isinstance(tree.get(section), dict):

@@ -182,15 +182,16 @@ class Regularizer:
                 and not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)
                 and not (self.name == "orthogonal" and p.ndim != 2)
             ):  # (orthogonality is defined here for matrices, not conv kernels)
-                if not p.requires_grad:
-                    frozen += 1
-                    continue
                 if p.is_complex() and self.name in ("l1", "orthogonal"):  # (written for real
-                    raise ValueError(  # tensors: a complex value, and no backward, at step 1)
+                    raise ValueError(  # tensors: a complex value, and no backward, at step 1;
+                        # a frozen one too: it would stop the run where a callback unfreezes it)
                         f"regularizer.{self.name}: {n} is complex ({p.dtype}), which "
                         f"{self.name} is not defined for here; leave it out with "
                         f"regularizer.{self.name}.exclude=[{n}] (l2 takes complex parameters)"
                     )
+                if not p.requires_grad:
+                    frozen += 1
+                    continue
                 self.names.append(n)
                 self.params.append(p)
         if not self.params and not frozen and not empty_ok:
