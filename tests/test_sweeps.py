@@ -226,16 +226,19 @@ def test_optuna_sweep_of_three_trials_maximizes_val_acc(background) -> None:
     assert len(set(lrs)) == 3
 
 
-def _optuna_with_a_failing_trial(path: Path):
-    sweep = path / "optuna_fail"
-    # seeded TPE: lr 0.01, then -1 (the grid sampler would pick the order at random, and its
-    # end of the grid after a failed last trial is a crash of the plugin's own)
+def _seeded_tpe(sweep: Path, lrs: str):
+    """Two trials of a seeded TPE over ``optimizer.lr=choice(<lrs>)`` (the grid sampler would
+    pick the order at random, and its end of the grid after a failed last trial is a crash of
+    the plugin's own)."""
     proc = cli("-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=tpe",
-               "hydra.sweeper.sampler.seed=0",
-               "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=2",
-               "trainer.max_steps=2", "optimizer.lr=choice(-1.0,0.01)",
+               "hydra.sweeper.sampler.seed=0", "hydra.sweeper.direction=maximize",
+               "hydra.sweeper.n_trials=2", "trainer.max_steps=2", f"optimizer.lr=choice({lrs})",
                f"hydra.sweep.dir={sweep}")  # fmt: skip
     return proc, sweep
+
+
+def _optuna_with_a_failing_trial(path: Path):
+    return _seeded_tpe(path / "optuna_fail", "-1.0,0.01")  # (lr 0.01, then -1)
 
 
 @in_background(_optuna_with_a_failing_trial)
@@ -258,12 +261,7 @@ def test_an_optuna_sweep_records_a_failed_trial_and_goes_on(background) -> None:
 
 
 def _optuna_where_every_trial_fails(path: Path):
-    sweep = path / "optuna_all_fail"
-    proc = cli("-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=tpe",
-               "hydra.sweeper.sampler.seed=0", "hydra.sweeper.direction=maximize",
-               "hydra.sweeper.n_trials=2", "optimizer.lr=choice(-1.0,-2.0)",
-               f"hydra.sweep.dir={sweep}")  # fmt: skip
-    return proc, sweep
+    return _seeded_tpe(path / "optuna_all_fail", "-1.0,-2.0")
 
 
 @in_background(_optuna_where_every_trial_fails)
