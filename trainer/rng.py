@@ -52,14 +52,15 @@ def forked_rng(device: torch.device) -> Iterator[Fork]:
     NumPy's global generator. A model that draws from any of them in its forward (dropout,
     a LayerDrop by ``random.random()``) draws the same numbers in the run's next step as if the
     body had never run. The body gets a :class:`Fork` whose ``drew()`` says whether it drew."""
-    python, numpy = random.getstate(), np.random.get_state()
+    fork = Fork(device)
     accel = device.type != "cpu"
     try:
-        with torch.random.fork_rng(
+        with torch.random.fork_rng(  # (torch's states, on any accelerator type)
             devices=[device.index or 0] if accel else [],
             device_type=device.type if accel else "cuda",
         ):
-            yield Fork(device)
+            yield fork
     finally:
+        python, numpy = fork.states[:2]
         random.setstate(python)
         np.random.set_state(numpy)

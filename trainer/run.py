@@ -146,12 +146,7 @@ def build_scheduler(
     factory = instantiate(cfg, _convert_="all")  # (the parts as a list of partials)
     parts = factory.keywords["schedulers"]
     built = []
-    for i, part in enumerate(parts):
-        if isinstance(part, torch.optim.lr_scheduler.LRScheduler) or not callable(part):
-            raise ConfigError(
-                f"scheduler.schedulers[{i}]: got a {type(part).__name__}; give each a "
-                "_target_ and _partial_: true (the trainer calls it with the optimizer)"
-            )
+    for i, part in enumerate(parts):  # (partials: checked on the config above)
         try:
             built.append(part(optimizer))
         except TypeError as e:

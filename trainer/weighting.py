@@ -94,6 +94,11 @@ def _class_name(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def _own(w: object) -> bool:
+    """Whether ``w`` is a strategy of one's own (not one of this module's)."""
+    return type(w).__module__ != __name__
+
+
 def _shown(values: Tensor, bad: Tensor) -> str:
     """The first bad entries of ``values`` as ``[i]=v``, and how many more."""
     idx = bad.nonzero().flatten()
@@ -194,6 +199,16 @@ class Weighting(abc.ABC):
                 f"weighting {_class_name(self)}: raw() must return finite weights >= 0; got {where}"
             )
 
+    def raw_problem(self) -> str | None:
+        """What went wrong with this rank's raw weights since the last check, or None (its
+        flag read: host sync, for a step that failed or logs)."""
+        if self._raw_bad is None or not bool(self._raw_bad):
+            return None
+        return (
+            f"the weighting {_class_name(self)} returned negative or non-finite raw weights "
+            "since the last logging step (raw() must return finite weights >= 0)"
+        )
+
     def check_window(self, step: int) -> None:
         """Raise if a strategy of one's own returned a negative or non-finite raw weight on a
         step since the last check (called on logging steps, which read the host anyway)."""
@@ -257,7 +272,7 @@ class Weighting(abc.ABC):
                 f"weighting {_class_name(self)}: raw() returned weights of shape "
                 f"{tuple(r.shape)} for losses of shape {tuple(losses.shape)} (one per sample)"
             )
-        if type(self).__module__ != __name__:  # (the built-ins' are finite and >= 0: tested)
+        if _own(self):  # (the built-ins' are finite and >= 0: tested)
             self._check_raw(r)
         if units is not None:
             units = units.to(dtype)
@@ -314,7 +329,7 @@ def _config_name(w: Weighting) -> str:
     ``_target_`` (no config file has the name its class would give)."""
     import re
 
-    if type(w).__module__ != __name__:
+    if _own(w):
         return _class_name(w)
     name = type(w).__name__.removesuffix("Weighting")
     return _NAMES.get(name) or re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

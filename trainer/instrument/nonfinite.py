@@ -418,18 +418,12 @@ def _cause(bad: list[str]) -> str:
 
 
 def _weights_cause(trainer: Trainer) -> str:
-    """Where a weighting of one's own returned negative or non-finite raw weights since it
-    was last checked (its device flag; read here, where the guard reads anyway), the likely
-    cause of a non-finite gradient: said."""
+    """A weighting of one's own whose raw weights went negative or non-finite since it was
+    last checked: the likely cause of a non-finite gradient, said (host sync: a failing step
+    only)."""
     weighting = getattr(getattr(trainer, "objective", None), "weighting", None)
-    flag = getattr(weighting, "_raw_bad", None)
-    if flag is None or not bool(flag):  # host sync: a failing step only
-        return ""
-    return (
-        f" (the weighting {type(weighting).__module__}.{type(weighting).__qualname__} "
-        "returned negative or non-finite raw weights since the last logging step: raw() must "
-        "return finite weights >= 0)"
-    )
+    problem = weighting.raw_problem() if weighting is not None else None
+    return f" ({problem})" if problem else ""
 
 
 def _overlapping(t: Tensor) -> bool:
