@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import read_scalars, train
+from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 from trainer.loop import Callback
@@ -261,6 +262,24 @@ def test_a_regularizer_of_ones_own_from_the_config_is_logged_and_checked(tmp_pat
         with pytest.raises(ValueError, match=r"regularizer logcosh \(LogCosh\): its backward and "
                            r"GRADS\['logcosh'\] disagree on net.1.weight"):  # fmt: skip
             train(tmp_path / "b", *own)
+    finally:
+        _LogCosh.scale = 1.0
+
+
+def test_a_regularizer_of_ones_own_is_checked_on_layers_frozen_at_the_start() -> None:
+    """Its check covers the frozen layers its patterns match: a callback that unfreezes one
+    makes the trainer select it with no check then (a backward of twice its GRADS trained on
+    one gradient and reported the other, a review's finding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[1].requires_grad_(False)
+    r = LogCosh("logcosh", coef=0.01, include=["1.*"]).bind(model)
+    assert r.params == []
+    r.check_gradient()  # the true backward: passes
+    _LogCosh.scale = 2.0
+    try:
+        with pytest.raises(ValueError, match=r"disagree on 1.weight"):
+            r.check_gradient()
     finally:
         _LogCosh.scale = 1.0
 

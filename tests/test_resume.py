@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo  # noqa: F401  (imported once here, not in every child: torch.optim uses it)
@@ -542,6 +543,19 @@ def test_a_callback_state_no_checkpoint_can_hold_is_refused_when_the_run_starts(
     assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 0
 
 
+@pytest.mark.skipif(
+    np.dtype(np.longdouble).itemsize == 8, reason="long double is double on this platform"
+)
+def test_a_long_double_array_in_a_callback_state_is_named() -> None:
+    """NumPy arrays are kept as tensors, but torch has no long double: it failed with torch's
+    TypeError, naming no callback (a review's finding)."""
+    from trainer.checkpoint import checkpointable
+
+    for dtype in (np.longdouble, np.clongdouble):
+        with pytest.raises(ValueError, match=r"callback MyCb: its state_dict\(\) holds what"):
+            checkpointable({"best": np.ones(2, dtype=dtype)}, "MyCb")
+
+
 def test_another_optimizers_state_without_a_config_is_refused_naming_it(tmp_path) -> None:
     """A checkpoint without its config (an older one, or written by hand) of an AdamW run,
     resumed with SGD: its groups replaced SGD's, and the first step failed with a bare
@@ -600,3 +614,26 @@ def test_the_unused_parameters_switch_is_not_part_of_a_runs_identity() -> None:
     fore = OmegaConf.to_container(make_cfg("optimizer.foreach=true"), resolve=True)
     assert derive_run_id(fore) != derive_run_id(plain)
     assert resume_changes(plain, fore) == ["optimizer.foreach: (unset) -> True"]
+
+
+def test_a_chars_run_saved_with_the_old_stride_default_keeps_its_identity() -> None:
+    """data=chars's stride default went from 32 to null (half the block, 32 of the default
+    64): a run started before saved 32, and its id changed (resume=auto started afresh, a
+    resume by path was refused as a change of data.stride; a review's finding). The same
+    stride is the same run; another one is another run."""
+    from omegaconf import OmegaConf
+
+    from trainer.checkpoint import derive_run_id, resume_changes
+
+    def cfg(*keys: str) -> dict:
+        return OmegaConf.to_container(make_cfg("data=chars", *keys), resolve=True)
+
+    new, old = cfg(), cfg("data.stride=32")
+    assert new["data"]["stride"] is None
+    assert derive_run_id(old) == derive_run_id(new) and resume_changes(old, new) == []
+    assert derive_run_id(cfg("data.stride=16")) != derive_run_id(new)
+    assert resume_changes(cfg("data.stride=16"), new) == ["data.stride: 16 -> None"]
+    # half of another block
+    assert derive_run_id(cfg("data.block_size=32", "data.stride=16")) == derive_run_id(
+        cfg("data.block_size=32")
+    )

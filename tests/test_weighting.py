@@ -455,18 +455,25 @@ class _WrongShape(Weighting):
             ["+weighting.bad=-1.0", "+weighting.at=3"],
             r"_Own: raw\(\) returned a negative or non-finite weight on a step up to step 4",
         ),
+        # a checkpoint between logging steps (3) reads the flag: it kept none, and a run
+        # resumed from it went on past the negative weight the uninterrupted run stopped at
+        (
+            ["+weighting.bad=-1.0", "+weighting.at=3", "trainer.checkpoint.every_n_steps=3"],
+            r"_Own: raw\(\) returned a negative or non-finite weight on a step up to step 3",
+        ),
     ],
-    ids=["negative", "nan", "later"],
+    ids=["negative", "nan", "later", "checkpoint"],
 )
 def test_a_strategy_of_ones_own_is_held_to_finite_weights_ge_0(tmp_path, keys, match) -> None:
     """The contract of raw() (r finite and >= 0) was never checked for a user's strategy:
     negative weights trained as ascent without a word, NaN ones were named as a layer's
     gradient (a probe's finding). Named now, with the strategy's class: the first call on
-    the host, later ones on logging steps."""
+    the host, later ones on logging steps and checkpoints."""
     with pytest.raises(WeightError, match=match):
         train(tmp_path, "loss.mode=vector", "~weighting", f"+weighting._target_={__name__}._Own",
-              *keys,
-              "trainer.max_steps=8", "logging.every_n_steps=4", "instrument=none")  # fmt: skip
+              "trainer.max_steps=8", "logging.every_n_steps=4", "instrument=none",
+              *keys)  # fmt: skip
+    assert not list(tmp_path.glob("checkpoints/step_*.pt"))  # (none written past it)
 
 
 def test_a_strategy_of_ones_own_that_breaks_the_base_class_is_named(tmp_path) -> None:

@@ -86,7 +86,10 @@ def _numpy_leaf(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     if type(obj) is np.ndarray and obj.dtype.kind in "biufc":
-        return torch.from_numpy(obj.astype(obj.dtype.newbyteorder("="), order="C", copy=True))
+        try:
+            return torch.from_numpy(obj.astype(obj.dtype.newbyteorder("="), order="C", copy=True))
+        except TypeError:  # (a dtype torch has not: long double, its complex)
+            return obj
     return obj
 
 
@@ -272,6 +275,15 @@ def _without_identityless(config: dict[str, Any]) -> dict[str, Any]:
         node = config.get(section)
         if isinstance(node, dict) and key in node and node[key] is None:
             del node[key]
+    data = config.get("data")
+    if (
+        isinstance(data, dict)
+        and data.get("_target_") == "trainer.data.chars.CharText"
+        and isinstance(data.get("block_size"), int)
+        and data.get("stride") == max(data["block_size"] // 2, 1)
+    ):  # data=chars: a stride of half the block is its default, null (a run started before
+        # 2026-12-05 saved the old default, 32 of 64, and keeps its id)
+        data["stride"] = None
     return config
 
 

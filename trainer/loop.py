@@ -380,13 +380,18 @@ class Trainer:
         of small kernels would."""
         self.staging.stage_on_host(values, fn)
 
-    def write_deferred(self) -> None:
+    def write_deferred(self, check: bool = True) -> None:
         """Write the scalars and histograms measured on steps that did not log, each at its
         step (one host read): the next logging step does it anyway; a checkpoint and the end
         of the run do it first. Then ``on_flush``: callbacks keeping unread values of their
-        own (the guard's flags) write them."""
+        own (the guard's flags) write them. ``check``: a weighting of one's own has its raw
+        weights' flag read too (a checkpoint keeps no unread flag: a run resumed from it went
+        on past a negative weight that the uninterrupted run stopped at; data-parallel: a
+        collective, so not after a failure, which one rank may have alone)."""
         self.staging.flush(self.logger)  # host sync: logging steps, checkpoints, the end
         self._fire("on_flush")
+        if check and self.objective.weighting is not None:
+            self.objective.weighting.check_window(self.global_step)  # host sync (as above)
 
     def log_scalars(self, values: Scalars, step: int | None = None) -> dict[str, float]:
         """Write scalars (and staged histograms) at ``step`` (default: the current
@@ -472,7 +477,7 @@ class Trainer:
         except BaseException as e:
             with contextlib.suppress(Exception):  # what was measured before the failure,
                 self.staging.defer_staged(self.global_step)  # the failing step's own included
-                self.write_deferred()
+                self.write_deferred(check=False)
             for hook in self._hooks["on_exception"]:  # every one, also past one that raises;
                 if id(_owner(hook)) in ended:  # the run's own error is the one raised
                     continue

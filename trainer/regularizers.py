@@ -165,6 +165,7 @@ class Regularizer:
         self.grad_fn = self.GRADS[name]
         self.names: list[str] = []
         self.params: list[nn.Parameter] = []
+        self._frozen: list[tuple[str, nn.Parameter]] = []  # matched, not trainable (yet)
         self._zero = torch.zeros(())
 
     def bind(self, model: nn.Module, *, empty_ok: bool = False) -> Regularizer:
@@ -173,8 +174,8 @@ class Regularizer:
         select nothing for now: λR is 0 until the trainer selects again (``empty_ok``: after
         the trainable parameters changed, every matched layer frozen)."""
         self.names, self.params = [], []
+        self._frozen = []
         self._zero = torch.zeros((), device=next(model.parameters()).device)
-        frozen = 0
         for n, p in model.named_parameters():
             if (
                 p.ndim >= self.min_ndim
@@ -190,11 +191,11 @@ class Regularizer:
                         f"regularizer.{self.name}.exclude=[{n}] (l2 takes complex parameters)"
                     )
                 if not p.requires_grad:
-                    frozen += 1
+                    self._frozen.append((n, p))
                     continue
                 self.names.append(n)
                 self.params.append(p)
-        if not self.params and not frozen and not empty_ok:
+        if not self.params and not self._frozen and not empty_ok:
             raise ValueError(
                 f"regularizer.{self.name}: no parameter matches include={self.include}, "
                 f"exclude={self.exclude}, min_ndim={self.min_ndim}"
@@ -206,10 +207,14 @@ class Regularizer:
         backward against its ``grad()`` (``GRADS``, which ``grad_norm/data`` subtracts: a
         backward that disagrees trained on one gradient and reported another), and, where
         its selected parameters hold at most 4,096 elements, ``torch.autograd.gradcheck`` of
-        the Function against finite differences; in float64, on copies."""
-        if not self.params:
+        the Function against finite differences; in float64, on copies. The frozen
+        parameters its patterns match are checked too: a callback that unfreezes them makes
+        the trainer select them, with no check then."""
+        named = [*zip(self.names, self.params, strict=True), *self._frozen]
+        if not named:
             return
-        copies = [p.detach().double().clone().requires_grad_() for p in self.params]
+        names = [n for n, _ in named]
+        copies = [p.detach().double().clone().requires_grad_() for _, p in named]
         value = self.fn(*copies, coef=self.coef)
         if not isinstance(value, Tensor) or value.ndim != 0:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -218,7 +223,7 @@ class Regularizer:
                 f"{shape}, must be a 0-d tensor"
             )
         auto = torch.autograd.grad(value, copies, allow_unused=True)
-        for name, c, a in zip(self.names, copies, auto, strict=True):
+        for name, c, a in zip(names, copies, auto, strict=True):
             a = torch.zeros_like(c) if a is None else a
             b = self.coef * self.grad_fn(c.detach())
             if not isinstance(b, Tensor) or b.shape != c.shape or b.dtype != c.dtype:

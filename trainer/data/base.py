@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -202,6 +203,24 @@ def seed_worker(seed: int, rank: int, epoch: int, batch: int) -> None:
     np.random.seed(value % 2**32)
 
 
+#: the stop signals the trainer handles (trainer/run.py): the main process finishes its step
+#: and checkpoints; its DataLoader workers must outlive that
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)
+)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: it ignores the stop signals. torchrun, SLURM
+    and a terminal's Ctrl-C signal the whole process group, workers included, which died of
+    it; the main process then failed at its next batch ("DataLoader worker ... is killed by
+    signal: Terminated") with no checkpoint: data-parallel, where the ranks agree on the
+    stop one step later, always. The main process stops them when it is done (and a worker
+    exits when its parent dies)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
 class IndexedDataset(Dataset):
     """Wraps a data set so each item also carries its index: ``(x, y, i)``.
 
@@ -266,6 +285,7 @@ class DeviceLoader:
             num_workers=num_workers,
             pin_memory=pin_memory and device.type == "cuda",
             persistent_workers=num_workers > 0,
+            worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
             # (the workers' RNGs are seeded per batch: IndexedDataset)
             generator=torch.Generator().manual_seed(seed),
         )
