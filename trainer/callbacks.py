@@ -62,6 +62,22 @@ class StepOutput:
     skip_where: Tensor | None = None
 
 
+class Stateful:
+    """What a checkpoint keeps of a part of one's own (a loss, a weighting, a regularizer)
+    that has state: a running mean of the losses, a call counter, an annealed coefficient.
+    Without it a resumed run started that state afresh and trained differently from the
+    uninterrupted one, without a word. The same contract as :meth:`Callback.state_dict`:
+    tensors, containers and primitives, checked when the run starts and at each checkpoint;
+    data-parallel, rank 0's is kept and every rank resumes with it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly; {}: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (nothing kept)
+        """Restore :meth:`state_dict`'s output (tensors on the CPU: move them as needed)."""
+
+
 class Callback:
     """Base class for callbacks: override any hook; each is called as ``hook(trainer, ...)``.
 

@@ -120,8 +120,9 @@ def _refused(obj: Any) -> str | None:
 _WARNED_NUMPY: set[str] = set()
 
 
-def checkpointable(state: Any, owner: str) -> Any:
-    """A callback's ``state_dict()`` as a checkpoint can hold it: NumPy scalars and arrays
+def checkpointable(state: Any, owner: str, kind: str = "callback") -> Any:
+    """A callback's (``kind``: or a loss's, ...) ``state_dict()`` as a checkpoint can hold
+    it: NumPy scalars and arrays
     (``min(best, np.float64(x))``) become Python numbers and tensors of the same values, with
     a warning (``torch.load(weights_only=True)`` refuses NumPy: the checkpoint was written
     and then refused at the resume, which started the run afresh). Anything else such a load
@@ -132,14 +133,14 @@ def checkpointable(state: Any, owner: str) -> Any:
         if owner not in _WARNED_NUMPY:
             _WARNED_NUMPY.add(owner)
             log.warning(
-                "callback %s: its state_dict() holds NumPy values; checkpointed as Python "
+                "%s %s: its state_dict() holds NumPy values; checkpointed as Python "
                 "numbers and tensors of the same values (a safe load refuses NumPy), which "
-                "its load_state_dict() gets on a resume", owner,
+                "its load_state_dict() gets on a resume", kind, owner,
             )  # fmt: skip
     why = _refused(state)
     if why is not None:
         raise ValueError(
-            f"callback {owner}: its state_dict() holds what a checkpoint loaded with "
+            f"{kind} {owner}: its state_dict() holds what a checkpoint loaded with "
             f"torch.load(weights_only=True) refuses, so no run could resume from it ({why}); "
             "keep tensors, numbers, strings and plain dicts, lists and tuples of them"
         )

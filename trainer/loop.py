@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, StepOutput
+from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, Stateful, StepOutput
 from trainer.checkpoint import checkpointable
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.distributed import (
@@ -437,6 +437,8 @@ class Trainer:
                 except Exception:  # noqa: BLE001 (a state made on a later step: checked at
                     continue  # each checkpoint)
                 checkpointable(state, type(cb).__name__)
+            for key, part in self._stateful_parts():  # (the same for a loss, weighting or
+                checkpointable(part.state_dict(), type(part).__name__, key)  # regularizer)
             self._time_at_log = time.perf_counter()
             try:
                 with redirect, anomaly:
@@ -906,6 +908,11 @@ class Trainer:
                 [type(cb).__name__, checkpointable(cb.state_dict(), type(cb).__name__)]
                 for cb in self.callbacks
             ],  # fmt: skip
+            # a loss's, weighting's or regularizer's own state (a running mean of the losses)
+            "objective": {
+                k: checkpointable(p.state_dict(), type(p).__name__, k)
+                for k, p in self._stateful_parts()
+            },
             # which parameters train (gradual unfreezing changes it): restored on resume, so a
             # layer unfrozen before the checkpoint trains after it too
             "trainable": {n: p.requires_grad for n, p in self._all_params},
@@ -958,6 +965,21 @@ class Trainer:
                                 name)  # fmt: skip
                 continue
             cb.load_state_dict(saved.pop(match)[1])
+        parts = state.get("objective", {})  # (older checkpoints: none kept)
+        for key, part in self._stateful_parts():
+            if key in parts:
+                part.load_state_dict(parts[key])
+            elif part.state_dict():
+                log.warning("the checkpoint holds no state for %s %s: it starts fresh",
+                            key, type(part).__name__)  # fmt: skip
+
+    def _stateful_parts(self) -> list[tuple[str, Stateful]]:
+        """The objective's parts that may keep state (:class:`Stateful`), by the key a
+        checkpoint keeps them under: ``loss``, ``weighting``, ``regularizer.<name>``."""
+        parts: list[tuple[str, Any]] = [("loss", self.criterion),
+                                        ("weighting", self.objective.weighting)]  # fmt: skip
+        parts += [(f"regularizer.{r.name}", r) for r in self.objective.regularizers]
+        return [(k, p) for k, p in parts if isinstance(p, Stateful)]
 
     def _restore_trainable(self, saved: dict[str, bool] | None) -> None:
         """Set ``requires_grad`` as the checkpoint had it. A callback that unfroze a layer

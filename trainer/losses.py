@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.callbacks import Stateful
 from trainer.config import ConfigError
 from trainer.precision import wide_dtype
 
@@ -50,7 +51,7 @@ TASKS = ("classification", "regression", "sequence", None)
 AVERAGES = ("tokens", "sequences")
 
 
-class Loss:
+class Loss(Stateful):
     """Base class: per-sample losses (:meth:`forward`) and validation metrics (:meth:`val_sums`).
 
     ``val_sums`` returns, for one validation batch, each metric's (sum, count) as a (2,)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 from torch.autograd.gradcheck import GradcheckError
 
+from trainer.callbacks import Stateful
 from trainer.precision import is_long, long_norm, wide_dtype, widen
 
 
@@ -129,7 +130,7 @@ def orthogonal(*weights: Tensor, coef: float = 1.0) -> Tensor:
     return _Orthogonal.apply(coef, *weights)
 
 
-class Regularizer:
+class Regularizer(Stateful):
     """``coef * R(selected parameters)``.
 
     Args:

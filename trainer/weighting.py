@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.backward import WeightError
+from trainer.callbacks import Stateful
 from trainer.distributed import (
     SINGLE,
     World,
@@ -121,7 +122,7 @@ def _check_float32(values: Tensor, what: str) -> None:
         )
 
 
-class Weighting(abc.ABC):
+class Weighting(Stateful, abc.ABC):
     """Base class: subclasses implement :meth:`raw`; :meth:`__call__` normalizes."""
 
     #: the losses are exactly -log p_{y_i} (cross-entropy without label smoothing), so a
