@@ -13,6 +13,7 @@ from conftest import final_params, read_scalars, train
 from torch import nn
 from torch.autograd import gradcheck
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.backward import GraphFreedError, backward_scalar, backward_vector
 from trainer.data.base import Batch
@@ -151,6 +152,39 @@ def test_step_gradient_is_that_of_loss_plus_penalty(tmp_path, mode) -> None:
     data_grad = torch.func.grad(lambda p: reference(p, model, x, y, 3.0)[0])(params)
     data_norm = torch.cat([g.detach().flatten() for g in data_grad.values()]).norm()
     assert scalars["grad_norm/data"][0][1] == pytest.approx(float(data_norm), rel=1e-4)
+
+
+class Attend(nn.Module):
+    """Digits as 8 rows of 8 pixels through one causal attention layer (torch's fused
+    kernels: flash on the CPU)."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.qkv, self.head = nn.Linear(8, 24), nn.Linear(8, out_dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x.reshape(-1, 8, 8)).chunk(3, -1)
+        return self.head(F.scaled_dot_product_attention(q, k, v, is_causal=True).mean(1))
+
+
+def test_penalty_through_fused_attention_is_the_reference(tmp_path) -> None:
+    """The fused attention kernels have no double backward: a model calling
+    F.scaled_dot_product_attention (nn.MultiheadAttention without weights, a
+    TransformerEncoderLayer) failed its first penalized step in torch's backward, naming
+    none of this (a probe's finding). With the penalty its forward runs the math kernel,
+    and the step's gradient is the reference's."""
+    cap = Capture()
+    train(tmp_path, *STEP, "trainer.max_steps=1", "~model", f"+model._target_={__name__}.Attend",
+          "regularizer=[input_grad_penalty]", "regularizer.input_grad_penalty.coef=3.0",
+          callbacks=[cap])  # fmt: skip
+    torch.manual_seed(0)
+    model = Attend((1, 8, 8), 10)  # the run's initial weights (seed 0)
+    x, y, _ = cap.batches[0]
+    params = dict(model.named_parameters())
+    with sdpa_kernel(SDPBackend.MATH):  # (the reference's own double backward)
+        expected = torch.func.grad(lambda p: sum(reference(p, model, x, y, 3.0)))(params)
+    for got, (name, ref) in zip(cap.grads[0], expected.items(), strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_penalty_accumulates_like_one_big_batch(tmp_path) -> None:
@@ -294,6 +328,38 @@ def test_curvature_callback_measures_the_training_objective() -> None:
     eigs = torch.linalg.eigvalsh(h)
     assert float(values["curvature/top_eig"]) == pytest.approx(float(eigs[-1]), rel=0.01)
     assert float(values["curvature/trace"]) == pytest.approx(float(torch.trace(h)), rel=0.05)
+
+
+def test_curvature_of_a_dropout_model_is_that_of_the_steps_masks() -> None:
+    """The measurement's forward drew fresh dropout masks (the next step's, from a forked
+    state): the Hessian of another objective than the step's, 22 % off on a probe's MLP. It
+    draws the step's own now, and the run's random states are left as they were. Least
+    squares on dropped-out inputs: H = 2 X̃ᵀX̃ / n with X̃ the step's masked inputs."""
+    x, t, _, _ = least_squares()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 1, bias=False)).double()
+    criterion = as_loss(lambda out, y: (out.squeeze(1) - y) ** 2)
+    staged: dict = {}
+    trainer = SimpleNamespace(
+        model=model, criterion=criterion, world=SINGLE, global_step=0,
+        objective=Objective(criterion, None, (), list(model.parameters())),
+        stage_scalars=staged.update,
+    )  # fmt: skip
+    batch = Batch(x, t, torch.arange(x.shape[0]))
+    cb = Curvature(1, power_iters=200, tol=1e-9, trace_probes=1)
+    cb.on_train_batch_start(trainer, batch)
+    before = torch.get_rng_state()
+    losses = criterion(model(x), t)  # the step's forward: its masks
+    losses.mean().backward()
+    cb.on_after_backward(trainer, batch, losses.detach(), None)
+    trainer.global_step = 1
+    after = torch.get_rng_state()
+    cb.on_before_optimizer_step(trainer, None)
+    assert torch.equal(torch.get_rng_state(), after)
+    torch.set_rng_state(before)
+    masked = model[0](x)  # the step's masked inputs
+    top = torch.linalg.eigvalsh(2 * masked.T @ masked / x.shape[0])[-1]
+    assert float(staged["curvature/top_eig"]) == pytest.approx(float(top), rel=1e-6)
 
 
 def test_curvature_of_a_negative_definite_direction_keeps_its_sign() -> None:

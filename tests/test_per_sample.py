@@ -997,6 +997,35 @@ def test_the_noise_scale_and_snr_equal_the_brute_force_estimates(kind, mode) -> 
             assert got == pytest.approx(want, rel=8 * eps * (1 + 2 * want)), name
 
 
+class Positions(nn.Module):
+    """Learned positions owned by the model itself, next to children with their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(V, D), nn.Linear(D, 3)
+        self.pos = nn.Parameter(torch.randn(T, D))
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens) + self.pos).mean(1))
+
+
+def test_the_rows_hold_no_graph() -> None:
+    """A parameter the model uses itself is recomputed through the model's forward, whose
+    children are the model's own parameters: the rows were part of autograd's graph (227
+    nodes on a probe's tied Transformer, the parameters included), kept alive until the next
+    measured step. They hold none now, and equal the brute force."""
+    torch.manual_seed(0)
+    model = Positions().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+    cb = PerSampleNorms(1, loss="both")
+    measure(model, x, y, cb=cb)
+    assert cb.last and not any(v.requires_grad for v in cb.last.values())
+    per = per_sample_grads(copy.deepcopy(model), x, y)
+    want = torch.cat([v.flatten(1) for v in per.values()], 1).norm(dim=1)
+    torch.testing.assert_close(cb.last["per_sample/grad_norm"].double(), want, rtol=1e-5, atol=0)
+
+
 def test_snr_can_be_switched_off() -> None:
     torch.manual_seed(0)
     model = Encoder().double()
@@ -1058,6 +1087,24 @@ def test_the_noise_scale_is_nan_with_unequal_weights_and_its_ema_skips_it() -> N
     assert s3["per_sample/noise_scale_ema"] == pytest.approx(float(trace / signal), rel=1e-4)
 
 
+def test_coefficients_a_rounding_apart_are_equal_for_the_noise_scale() -> None:
+    """Weights normalized per micro-batch and scaled by its share of the window come out an
+    ulp apart for equal raw weights (``per_sample`` weights of one value, accumulating): the
+    noise scale and every SNR were NaN (a probe's finding). Equal to 8 eps they count as
+    equal, and the estimate is the brute force's; further apart, still none."""
+    model, batches, _ = _encoder_batches_and_ema(1)
+    want = brute_force_noise(copy.deepcopy(model), *batches[0])
+    ulp = torch.full((B,), 1 / B)  # (the coefficients are compared in float32)
+    ulp[::2] = torch.nextafter(ulp[::2], torch.tensor(1.0))
+    ulp = ulp.double()
+    _, staged = measure(copy.deepcopy(model), *batches[0], weights=ulp, cb=PerSampleNorms(1))
+    assert staged["per_sample/noise_scale"] == pytest.approx(float(want[2]), rel=1e-4)
+    apart = torch.full((B,), 1 / B, dtype=torch.float64)
+    apart[0] *= 1 + 1e-5  # (≈ 80 eps of float32)
+    _, staged = measure(copy.deepcopy(model), *batches[0], weights=apart, cb=PerSampleNorms(1))
+    assert math.isnan(staged["per_sample/noise_scale"])
+
+
 class TokenMLP(nn.Module):
     """Per-token logits (B, T, V) from an embedding and two linear layers."""
 
@@ -1097,7 +1144,10 @@ def test_the_noise_scale_leaves_out_sequences_without_a_valid_target(average) ->
     loss = TokenCrossEntropy(average=average)
     units = loss.units(y, torch.float64)
     for weights in (None, units / units.sum()):  # scalar mode, vector mode's uniform weights
-        _, staged = measure(model, x, y, weights, loss=loss)
+        cb = PerSampleNorms(1, loss="both")
+        _, staged = measure(model, x, y, weights, loss=loss, cb=cb)
+        for series in cb.last.values():  # no norm for it (the weighted 0 was in the mean)
+            assert math.isnan(series[2]) and not series[[0, 1, 3, 4, 5]].isnan().any()
         # float32 sums of the squared norms (eps 6e-8) on values of this size, as above
         assert staged["per_sample/grad_var_trace"] == pytest.approx(float(trace), rel=1e-5)
         assert staged["per_sample/grad_signal"] == pytest.approx(float(signal), rel=1e-4)

@@ -329,7 +329,8 @@ def test_per_sequence_norms_against_torch_func() -> None:
         torch.testing.assert_close(measured[nonzero], norms[nonzero], rtol=1e-5, atol=0)
         assert torch.isnan(measured[~nonzero]).all()
         weighted = cb.last["per_sample/weighted_grad_norm"].double()
-        torch.testing.assert_close(weighted, c * norms, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(weighted[nonzero], c * norms[nonzero], rtol=1e-5, atol=1e-12)
+        assert torch.isnan(weighted[~nonzero]).all()  # (no sample: no norm, weighted or not)
 
 
 def Trainer_like(model, objective, window):

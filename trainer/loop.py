@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
@@ -400,6 +401,16 @@ class Trainer:
         step = self.global_step if step is None else step
         return self.staging.write(values, step, self.logger)  # host sync: logging steps only
 
+    def _double_backward_kernels(self) -> contextlib.AbstractContextManager[Any]:
+        """With the input-gradient penalty, whose backward differentiates the forward's
+        backward: attention through the math kernel (the fused ones, flash and
+        memory-efficient, have no double backward: the step failed in torch's backward with
+        "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+        implemented")."""
+        if self.input_penalty is None:
+            return self._null
+        return sdpa_kernel(SDPBackend.MATH)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
             return self._null
@@ -726,7 +737,7 @@ class Trainer:
         # window's last backward; the others accumulate locally (DDP's no_sync)
         local = not step_now and self.world.distributed
         with self.forward_model.no_sync() if local else self._null:  # type: ignore[operator]
-            with self._autocast():
+            with self._autocast(), self._double_backward_kernels():
                 if self._output_checked:
                     logits = self.forward_model(x)  # (B, K) logits, or any output the loss takes
                     losses = self.criterion(logits, y)  # (B,), or per token (B, T)

@@ -30,7 +30,7 @@ from trainer.callbacks import Callback, Every
 from trainer.distributed import all_reduce_sum
 from trainer.instrument.norms import norms_of
 from trainer.precision import widen
-from trainer.rng import forked_rng
+from trainer.rng import Fork, forked_rng
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,9 @@ class Curvature(Callback):
     the weighting's weights in vector mode. Regularizers are not included. It runs in
     ``on_before_optimizer_step`` in full precision (no autocast), in the model's training mode;
     BatchNorm running statistics are not updated (the forward runs on copies of the buffers)
-    and dropout draws from a forked random state, so a run's parameters are bitwise the same
+    and dropout draws the step's own masks again, from a forked copy of the random states the
+    micro-batch's forward started from (it drew the next step's masks, a Hessian 22 % off the
+    step's on a probe's dropout MLP), so a run's parameters are bitwise the same
     with and without it, unless the model's forward changes Python state of its own (a call
     counter it branches on), which a forward run again changes too. Steps it does not measure
     cost one integer comparison per micro-batch.
@@ -189,11 +191,18 @@ class Curvature(Callback):
         self._generator: torch.Generator | None = None
         self._batch: Batch | None = None
         self._weights: Tensor | None = None
+        self._start: Fork | None = None  # (the random states a due micro-batch began with)
+        self._batch_start: Fork | None = None
         self._warned = False  # (an unconverged power iteration: said once a run)
+
+    def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
+        if self.every.due_next(trainer.global_step):  # (its forward draws the step's masks)
+            self._start = Fork(batch.x.device)
 
     def on_after_backward(self, trainer: Trainer, batch: Batch, losses: Tensor, weights) -> None:
         if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
             self._batch = batch  # the window's last micro-batch wins
+            self._batch_start, self._start = self._start, None
             # vector mode: its weighting's weights, as the step computed them
             self._weights = trainer.objective.batch_weights if weights is not None else None
 
@@ -202,7 +211,8 @@ class Curvature(Callback):
             return
         batch, self._batch = self._batch, None
         weights, self._weights = self._weights, None
-        trainer.stage_scalars(self.measure(trainer, batch, weights))  # read with the step's
+        start, self._batch_start = self._batch_start, None
+        trainer.stage_scalars(self.measure(trainer, batch, weights, start))  # read with the step's
         # scalars
 
     def state_dict(self) -> dict[str, Any]:
@@ -225,11 +235,17 @@ class Curvature(Callback):
         return self._generator
 
     def measure(
-        self, trainer: Trainer, batch: Batch, weights: Tensor | None = None
+        self,
+        trainer: Trainer,
+        batch: Batch,
+        weights: Tensor | None = None,
+        start: Fork | None = None,
     ) -> dict[str, Tensor | float]:
         """The top eigenvalue and the trace of the Hessian of ``batch``'s objective (vector
         mode: weighted by ``weights``, the step's own, or else by the weighting called again),
-        at the current parameters. The model's forward and the loss run again on the batch."""
+        at the current parameters. The model's forward and the loss run again on the batch,
+        from the random states ``start`` took (the step's forward's: its dropout masks), or
+        else from the current ones; the run's own are left as they are either way."""
         model = trainer.model
         x, y, index = batch
         params = [p for p in model.parameters() if p.requires_grad]
@@ -242,6 +258,8 @@ class Curvature(Callback):
             # no double backward, which Hessian-vector products need
             sdpa_kernel(SDPBackend.MATH),
         ):
+            if start is not None:  # (inside the fork: the run's states come back after)
+                start.rewind()
             logits = functional_call(model, state, (x,))
         losses = trainer.criterion(logits, y)
         ddp = trainer.world.distributed

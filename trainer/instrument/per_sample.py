@@ -827,7 +827,11 @@ class PerSampleNorms(Callback):
                 out = functional_call(module, p, (ai.unsqueeze(0), *rest), kwargs)
                 return (out * gi.unsqueeze(0)).sum()
 
-            return vmap(grad(inner), in_dims=(None, 0, 0))(leaf, a, g)
+            # (outside autograd: the unit's other parameters, a parent's children, are the
+            # model's own, and the rows were part of the step's graph, kept alive until the
+            # next measurement; torch.func's grad differentiates inside no_grad all the same)
+            with torch.no_grad():
+                return vmap(grad(inner), in_dims=(None, 0, 0))(leaf, a, g)
         # attention, RNNs: one recomputation per sample (their kernels have no batching rule)
         bound = self._bound(module, call.args, call.kwargs)
         if self._kind[module] == "attention":
@@ -895,7 +899,7 @@ class PerSampleNorms(Callback):
             return torch.stack(parts).sum()
 
         dims = (None, *x_dims, *[call.dims[k] for k in got])
-        with sdpa_kernel(SDPBackend.MATH), call.autocast_again():
+        with sdpa_kernel(SDPBackend.MATH), call.autocast_again(), torch.no_grad():  # (above)
             return vmap(grad(inner), in_dims=dims)(leaves, *xs, *gs)
 
     def on_after_backward(
@@ -1157,6 +1161,9 @@ class PerSampleNorms(Callback):
         root = torch.where(torch.isfinite(root).all(), root, torch.nan)
         # the sample's share of the averaged gradient (one process: root itself, x / 1 == x)
         weighted = root / trainer.world.size if trainer.world.distributed else root
+        if present is not None:  # a sequence without a valid target is no sample: no norm
+            # (its 0 was in the histogram and the mean; the unweighted series had NaN)
+            weighted = torch.where(present > 0, weighted, torch.nan)
         values: dict[str | tuple[str, ...], Tensor | float] = {"per_sample/coverage": coverage}
         series: dict[str, Tensor] = {}
         if self.loss in ("weighted", "both"):
@@ -1210,16 +1217,17 @@ class PerSampleNorms(Callback):
         )
         # (the tags as they are now: the values may be read after the trainable parameters,
         # and so the tags, changed)
-        fn = partial(self._noise_scale, trainer.world.size, self._tags, n)
+        fn = partial(self._noise_scale, trainer.world.size, self._tags, n, torch.finfo(w.dtype).eps)
         trainer.stage_on_host(values, fn)
 
     def _noise_scale(
-        self, world: int, tags: tuple[str, ...], n: int | None, values: list[float]
+        self, world: int, tags: tuple[str, ...], n: int | None, eps: float, values: list[float]
     ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
         tr(Σ) / |G|² over the covered parameters, its running average and, per parameter
         tensor, the SNR ‖ḡ‖² / tr(S) of the step's samples (module docstring); NaN where the
-        samples' coefficients are not all equal, or (SNR) for a parameter left out. ``values``:
+        samples' coefficients are not all equal (to 8 eps of their dtype, relative), or (SNR)
+        for a parameter left out. ``values``:
         the per-parameter sums of the squared weighted norms, the step's gradient norms, the
         coefficients' spread and largest value, the number of samples (unless ``n`` gives
         it), the covered mask (:meth:`_statistics`)."""
@@ -1231,7 +1239,11 @@ class PerSampleNorms(Callback):
             n = round(values[2 * count + 2])
         covered = values[2 * count + extra : 3 * count + extra]
         mean_sq = [s / n for s in sum_sq] if n else sum_sq
-        uniform = spread == 0 and w_max > 0 and n > 1  # False with a NaN coefficient
+        # equal coefficients: equal up to the few roundings that made each (r/Σr times the
+        # micro-batch's share, times W: per-micro-batch normalized weights of equal r came out
+        # 1 ulp apart over an accumulation window, and every step logged NaN); the estimate
+        # then moves by O(8 eps) relative, below what its float32 sums round by
+        uniform = spread <= 8 * eps * w_max and w_max > 0 and n > 1  # (False with a NaN)
         estimate, snr = [math.nan, math.nan], [math.nan] * count
         if uniform:
             inv = 1.0 / (w_max * w_max)
