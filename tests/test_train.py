@@ -586,3 +586,27 @@ def test_foreach_is_a_key_of_the_presets_and_trains_as_the_loop_does(tmp_path) -
     train(tmp_path / "b", *common, "optimizer.foreach=false")
     a, b = final_params(tmp_path / "a"), final_params(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_precision_of_a_float64_model_is_said_to_do_nothing(caplog) -> None:
+    """Autocast leaves float64 operations alone: a float64 model under precision=bf16 or 16
+    trained and logged exactly as under 32, and nothing said so (a probe's finding)."""
+    import torch.nn.functional as F
+
+    from trainer.data.base import InMemoryLoader, TensorSplit
+    from trainer.loop import Trainer
+
+    cpu = torch.device("cpu")
+    loader = InMemoryLoader(TensorSplit(torch.randn(8, 4), torch.zeros(8).long()), 4, cpu, False)
+
+    def build(model: torch.nn.Module, precision: str) -> None:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        Trainer(model, opt, loader, loader, criterion=F.cross_entropy, device=cpu,
+                precision=precision)  # fmt: skip
+
+    with caplog.at_level("WARNING", logger="trainer.loop"):
+        build(MLP((4,), 2, hidden=[3]).double(), "bf16")
+        build(MLP((4,), 2, hidden=[3]), "bf16")  # float32: mixed precision as asked
+        build(MLP((4,), 2, hidden=[3]).double(), "32")
+    said = [r.getMessage() for r in caplog.records if "float64 model" in r.getMessage()]
+    assert len(said) == 1 and "precision=bf16 with a float64 model" in said[0]

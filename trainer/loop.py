@@ -177,6 +177,13 @@ class Trainer:
                 "(autocast runs its matmuls in float16), or use trainer.precision=32 or bf16 "
                 "with a float16 model"
             )
+        floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if self.amp_dtype is not None and floats == {torch.float64}:  # (a probe's run logged
+            log.warning(  # numbers equal to precision=32's, and said nothing)
+                "trainer.precision=%s with a float64 model: autocast leaves float64 operations "
+                "as they are, so the run is in float64 (precision has no effect); keep the "
+                "model in float32 for mixed precision", precision,
+            )  # fmt: skip
         self.grad_clip = grad_clip
         self.accumulate = accumulate_grad_batches
         self.max_epochs, self.max_steps = max_epochs, max_steps
