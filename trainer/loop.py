@@ -456,7 +456,11 @@ class Trainer:
                     continue  # each checkpoint)
                 checkpointable(state, type(cb).__name__)
             for key, part in self._stateful_parts():  # (the same for a loss, weighting or
-                checkpointable(part.state_dict(), type(part).__name__, key)  # regularizer)
+                try:  # regularizer of one's own)
+                    state = part.state_dict()
+                except Exception:  # noqa: BLE001 (as above)
+                    continue
+                checkpointable(state, type(part).__name__, key)
             self._time_at_log = time.perf_counter()
             try:
                 with redirect, anomaly:
