@@ -132,6 +132,8 @@ def test_ranks_by_val_acc_highest_first_and_marks_the_best(sweep) -> None:
     assert [job for mark, job, _ in rows if mark == "*"] == ["1"]
     assert "best: job 1 (val/acc 0.9, highest)" in table
     assert "optimizer.lr=0.01 model=mlp" in table
+    assert "\n6 jobs (" in table
+    assert "\n1 job (1 completed)" in report.render_table(ranked[:1], "val/acc", "auto")
 
 
 @pytest.mark.parametrize(

@@ -317,7 +317,8 @@ def render_table(ranked: Sequence[Run], metric: str, mode: str) -> str:
     for r in ranked:
         counts[r.status] = counts.get(r.status, 0) + 1
     tally = ", ".join(f"{n} {s}" for s, n in counts.items())
-    return "\n".join([*lines, "", f"{len(ranked)} jobs ({tally}); {summary}"])
+    jobs = f"{len(ranked)} job{'' if len(ranked) == 1 else 's'}"
+    return "\n".join([*lines, "", f"{jobs} ({tally}); {summary}"])
 
 
 def write_csv(ranked: Sequence[Run], metric: str, path: Path) -> None:

@@ -130,5 +130,5 @@ class SweepSummary(Callback):
             f"are in {sweep_dir} (python scripts/report.py {sweep_dir})"
         )
         log.error(message)
-        if not stopped:
-            raise SystemExit(message)
+        if not stopped:  # (status 1; the message is logged above: SystemExit(message)
+            raise SystemExit(1)  # printed it a second time)
