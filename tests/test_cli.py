@@ -45,6 +45,21 @@ def test_single_run_prints_a_summary_and_writes_its_run_dir(background) -> None:
     assert "epoch 2/2" in (run_dir / "train.log").read_text()
 
 
+def _workers_run(path):
+    return cli("trainer.max_steps=3", "data.loader=dataloader", "data.num_workers=2",
+               "instrument=none", f"hydra.run.dir={path / 'run'}")  # fmt: skip
+
+
+@in_background(_workers_run)
+def test_a_run_with_dataloader_workers_exits(background) -> None:
+    """Workers ignore stop signals (trainer.data.base.ignore_stop_signals), and so the SIGTERM
+    multiprocessing ends them with at exit: a first version's runs finished their work and
+    then waited for them forever (a review's finding; subprocess.run's timeout fails it)."""
+    proc = background
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done: val/acc" in proc.stdout + proc.stderr
+
+
 def _multirun(path):
     proc = cli("-m", "optimizer.lr=0.01,0.1", "loss.mode=scalar,vector", "trainer.max_steps=4",
                "logging.every_n_steps=2", f"hydra.sweep.dir={path / 'sweep'}")  # fmt: skip

@@ -88,23 +88,30 @@ def test_dataloader_path_with_workers() -> None:
     assert torch.equal(got, epoch_order(12, 0, 0))
 
 
-def test_dataloader_workers_outlive_a_stop_signal() -> None:
+def test_dataloader_workers_outlive_a_stop_signal_and_are_closed() -> None:
     """torchrun and SLURM signal the whole process group: the workers died of SIGTERM and the
     main process, finishing its step before checkpointing, failed at its next batch ("worker
     ... is killed by signal: Terminated"), data-parallel always, with no checkpoint (a probe's
-    finding). The workers ignore the stop signals; the main process decides."""
+    finding). They ignore the stop signals, and the loader ends them itself (a first version
+    left that to multiprocessing at exit, whose SIGTERM they ignore: every run with workers
+    hung at its exit, a review's finding)."""
     import os
     import signal
 
     dl = DeviceLoader(split(40), batch_size=4, device=CPU, shuffle=True, seed=0, num_workers=2)
     it = iter(dl)
-    seen = [next(it).index]
-    workers = dl.loader._iterator._workers  # (the persistent workers, started by iter)
+    seen = [next(it).index, next(it).index]  # (one from each worker: both set up)
+    workers = list(dl.loader._iterator._workers)
     for w in workers:
         os.kill(w.pid, signal.SIGTERM)
-    seen += [b.index for b in it]  # the epoch's other 9 batches, from the same workers
+        os.kill(w.pid, signal.SIGINT)
+    seen += [b.index for b in it]  # the epoch's other 8 batches, from the same workers
     assert torch.equal(torch.cat(seen), epoch_order(40, 0, 0))
     assert all(w.is_alive() for w in workers)
+    dl.close()  # (the DataLoader's shutdown: each worker told to stop, and joined)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert torch.equal(torch.cat([b.index for b in dl]), epoch_order(40, 0, 0))  # (new ones)
+    dl.close()
 
 
 def test_synthetic_is_reproducible_and_shaped() -> None:

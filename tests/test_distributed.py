@@ -698,18 +698,26 @@ def _rank_failing_once(rank, world, port, overrides, run_dir, what: str, at_step
             if what == "flush" and trainer.logger is not None:
                 flush = trainer.logger.flush
                 trainer.logger.flush = lambda: (once(trainer.global_step), flush())[1]
+            if what == "staging":  # (inside write_deferred, before a weighting's check)
+                staged = trainer.staging.flush
+                trainer.staging.flush = lambda *a, **k: (once(trainer.global_step),
+                                                         staged(*a, **k))[1]  # fmt: skip
 
     run(make_cfg(*overrides), run_dir, callbacks=[FailingFlush()])
 
 
-@pytest.mark.parametrize(("what", "at_step"), [("save", 8), ("flush", 4)])
+@pytest.mark.parametrize(("what", "at_step"), [("save", 8), ("flush", 4), ("staging", 4)])
 def test_a_checkpoint_failing_on_rank_0_lets_every_rank_go_on(tmp_path, what, at_step):
     """Every rank takes part in a checkpoint (the ranks' losses are gathered), so rank 0's
     failure must not leave the others waiting: writing the events before the gather (``flush``,
     at step 4) or the file after it (``save``, at the last step, 8, where the final checkpoint
     then writes it again) fails on rank 0 only; both ranks finish (found by a review: they
-    deadlocked)."""
+    deadlocked). ``staging``: the deferred scalars' write fails, before the all-reduce of a
+    weighting of one's own's check, which rank 0 skipped (a review's finding: a deadlock)."""
     extra = (*COMMON, "trainer.max_steps=8", "trainer.checkpoint.every_n_steps=4")
+    if what == "staging":
+        extra = (*extra, "loss.mode=vector", "~weighting",
+                 "+weighting._target_=test_weighting._Own", "+weighting.at=1000")  # fmt: skip
     dirs = [tmp_path / "r0", tmp_path / "r1"]
     assert ranks_of(_rank_failing_once, extra, dirs, what, at_step) == [0, 0]
     metrics = json.loads((dirs[0] / "metrics.json").read_text())

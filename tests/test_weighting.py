@@ -522,6 +522,25 @@ def test_a_strategy_of_ones_own_with_state_resumes_exactly(tmp_path, caplog) -> 
     assert "the checkpoint holds no state for weighting _Ema: it starts fresh" in caplog.text
 
 
+class _OtherStateDict(_Own):
+    """A strategy whose state_dict meant something else before losses, weightings and
+    regularizers were checkpointed."""
+
+    def state_dict(self, prefix):
+        return {prefix: 1}
+
+
+def test_a_state_dict_a_checkpoint_cannot_call_is_refused_at_the_start(tmp_path) -> None:
+    """It failed with a TypeError at the first checkpoint, after training (a review's
+    finding); refused before the first step, naming the part and the contract."""
+    with pytest.raises(TypeError, match=r"weighting _OtherStateDict: its state_dict\(prefix\) "
+                       r"cannot be called as a checkpoint calls it"):  # fmt: skip
+        train(tmp_path, "loss.mode=vector", "~weighting",
+              f"+weighting._target_={__name__}._OtherStateDict", "+weighting.at=1000",
+              "trainer.max_steps=3", "instrument=none")  # fmt: skip
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 0
+
+
 def test_a_strategy_of_ones_own_that_breaks_the_base_class_is_named(tmp_path) -> None:
     """One skipping Weighting.__init__ failed at the first step with an AttributeError; one
     returning a weight too few was named as "gradient weights" of the objective."""

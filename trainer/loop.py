@@ -23,6 +23,7 @@ named hooks):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import math
@@ -69,6 +70,24 @@ def planned_steps(batches_per_epoch: int, accumulate: int, max_epochs: int, max_
     """Optimizer steps a run will take: the first of ``max_epochs`` and ``max_steps`` wins."""
     total = max_epochs * math.ceil(batches_per_epoch / accumulate)
     return min(total, max_steps) if max_steps > 0 else total
+
+
+def _check_stateful(key: str, part: Stateful) -> None:
+    """Refuse a part whose ``state_dict`` or ``load_state_dict`` cannot be called as a
+    checkpoint calls them (one of one's own that had such a method for another purpose,
+    before :class:`Stateful`: it failed at the first checkpoint, after training)."""
+    for name, args in (("state_dict", ()), ("load_state_dict", ({},))):
+        method = getattr(part, name)
+        try:
+            inspect.signature(method).bind(*args)
+        except TypeError:
+            raise TypeError(
+                f"{key} {type(part).__name__}: its {name}{inspect.signature(method)} cannot be "
+                f"called as a checkpoint calls it, {name}({'state' if args else ''}) "
+                "(trainer.callbacks.Stateful: state_dict() returns what a checkpoint keeps, "
+                "load_state_dict(state) restores it on a resume); rename a method of that "
+                "name that means something else"
+            ) from None
 
 
 def _owner(hook: Any) -> Any:
@@ -396,10 +415,13 @@ class Trainer:
         weights' flag read too (a checkpoint keeps no unread flag: a run resumed from it went
         on past a negative weight that the uninterrupted run stopped at; data-parallel: a
         collective, so not after a failure, which one rank may have alone)."""
-        self.staging.flush(self.logger)  # host sync: logging steps, checkpoints, the end
-        self._fire("on_flush")
-        if check and self.objective.weighting is not None:
-            self.objective.weighting.check_window(self.global_step)  # host sync (as above)
+        try:
+            self.staging.flush(self.logger)  # host sync: logging steps, checkpoints, the end
+            self._fire("on_flush")
+        finally:  # (data-parallel: also where writing failed on this rank alone, as a full
+            # disk on rank 0 at a checkpoint, which then goes on to its gather: the others do)
+            if check and self.objective.weighting is not None:
+                self.objective.weighting.check_window(self.global_step)  # host sync (above)
 
     def log_scalars(self, values: Scalars, step: int | None = None) -> dict[str, float]:
         """Write scalars (and staged histograms) at ``step`` (default: the current
@@ -429,6 +451,15 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         """Train until ``max_epochs`` or ``max_steps``; return the final metrics."""
+        try:
+            return self._fit()
+        finally:  # DataLoader workers, which ignore stop signals (trainer.data.base)
+            for loader in (self.train_loader, self.val_loader):
+                close = getattr(loader, "close", None)
+                if close is not None:
+                    close()
+
+    def _fit(self) -> dict[str, float]:
         opts = self.progress_options
         self.progress = Progress(
             opts.enabled, self.total_steps, bar=opts.bar, every_n_steps=opts.every_n_steps,
@@ -456,7 +487,8 @@ class Trainer:
                     continue  # each checkpoint)
                 checkpointable(state, type(cb).__name__)
             for key, part in self._stateful_parts():  # (the same for a loss, weighting or
-                try:  # regularizer of one's own)
+                _check_stateful(key, part)  # regularizer of one's own)
+                try:
                     state = part.state_dict()
                 except Exception:  # noqa: BLE001 (as above)
                     continue

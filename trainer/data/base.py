@@ -12,9 +12,12 @@ order from :func:`epoch_order`, so the same seed gives the same batches whicheve
 from __future__ import annotations
 
 import abc
+import atexit
+import functools
 import math
 import random
 import signal
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -203,22 +206,43 @@ def seed_worker(seed: int, rank: int, epoch: int, batch: int) -> None:
     np.random.seed(value % 2**32)
 
 
-#: the stop signals the trainer handles (trainer/run.py): the main process finishes its step
-#: and checkpoints; its DataLoader workers must outlive that
+#: the stop signals the trainer handles (trainer/run.py)
 STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name)
 )
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's ``worker_init_fn``: it ignores the stop signals. torchrun, SLURM
-    and a terminal's Ctrl-C signal the whole process group, workers included, which died of
-    it; the main process then failed at its next batch ("DataLoader worker ... is killed by
-    signal: Terminated") with no checkpoint: data-parallel, where the ranks agree on the
-    stop one step later, always. The main process stops them when it is done (and a worker
-    exits when its parent dies)."""
+    """A DataLoader worker's ``worker_init_fn``: the stop signals the trainer handles do not
+    stop the worker. torchrun, SLURM and a terminal's Ctrl-C signal the whole process group,
+    workers included; torch's worker handler exits on a SIGTERM from anyone but its parent,
+    so the workers died of it and the main process, finishing its step before it
+    checkpoints, failed at its next batch ("DataLoader worker ... is killed by signal:
+    Terminated") with no checkpoint: data-parallel, where the ranks agree on the stop one
+    step later, always. Such workers outlive a SIGTERM from the main process too, so the
+    main process ends them itself (:meth:`DeviceLoader.close`, at the end of a fit and at
+    exit); a worker whose main process dies exits on its own (torch's watchdog)."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+
+
+#: loaders whose workers may be running (closed at exit, before multiprocessing's own exit
+#: handler terminates them with a SIGTERM they ignore, then waits for them: forever)
+_OPEN: weakref.WeakSet[DeviceLoader] = weakref.WeakSet()
+
+
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN):
+        loader.close()
+
+
+@functools.cache
+def _register_close_at_exit() -> None:
+    """Once, after multiprocessing's own exit handler (exit handlers run last in, first out:
+    ours first)."""
+    import multiprocessing.util  # noqa: F401  (registers its handler, if not yet)
+
+    atexit.register(_close_open_loaders)
 
 
 class IndexedDataset(Dataset):
@@ -290,6 +314,18 @@ class DeviceLoader:
             generator=torch.Generator().manual_seed(seed),
         )
         self._epoch_generator_state = self.loader.generator.get_state()
+        if num_workers > 0:
+            _register_close_at_exit()
+            _OPEN.add(self)
+
+    def close(self) -> None:
+        """End the workers, which ignore stop signals (:func:`ignore_stop_signals`): the
+        DataLoader's own shutdown (each told to stop, then joined). Iterating again starts
+        new ones."""
+        iterator = getattr(self.loader, "_iterator", None)  # (persistent workers' iterator)
+        self.loader._iterator = None
+        if iterator is not None:
+            iterator._shutdown_workers()
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """As :meth:`InMemoryLoader.set_epoch`. With augmentation in workers, a resumed epoch
