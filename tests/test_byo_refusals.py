@@ -403,6 +403,80 @@ def test_labels_a_dataset_without_targets_holds_are_checked_too(tmp_path, cls, e
     assert not list(tmp_path.rglob("step_*.pt"))
 
 
+class FloatValLabels(DatasetLabels):
+    """Class labels for training, a validation Dataset (without .targets) of float ones."""
+
+    def load(self):
+        return LabelPairs(torch.int64), LabelPairs(torch.float32)
+
+
+class RegressionPairs(torch.utils.data.Dataset):
+    """A Dataset without ``.targets`` of (4-d input, ``width``-d float target) pairs."""
+
+    def __init__(self, width: int) -> None:
+        self.x, self.y = torch.randn(32, 4), torch.randn(32, width)
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class RegressionWidths(DatasetLabels):
+    """Targets of 3 values to train on, of 2 to validate on."""
+
+    classes = None
+
+    def load(self):
+        return RegressionPairs(3), RegressionPairs(2)
+
+
+class LateLabel(DatasetLabels):
+    """Labels 0/1 (num_classes 2), but a 5 on one sample after the first."""
+
+    def load(self):
+        train = LabelPairs(torch.int64)
+        train.y[20] = 5
+        return train, LabelPairs(torch.int64)
+
+
+@pytest.mark.parametrize(
+    ("cls", "keys", "error", "match"),
+    [
+        ("FloatValLabels", [], ConfigError,
+         r"the validation split's targets are torch.float32 of shape \(1,\)"),
+        ("RegressionWidths", ["loss=mse"], ConfigError,
+         r"validation split's targets are of shape \(2,\) per sample, the training split's "
+         r"\(3,\)"),
+        ("LateLabel", ["trainer.max_steps=4"], (IndexError, TypeError),
+         r"a class label is outside \[0, 2\).*give it targets"),
+    ],
+)  # fmt: skip
+def test_a_datasets_validation_targets_are_checked_before_training(tmp_path, cls, keys, error,
+                                                                   match):  # fmt: skip
+    """A validation Dataset without ``.targets`` was not looked at before training: a float
+    label or a target of another shape failed at the first validation, after an epoch's
+    training, with no checkpoint (a probe's finding); its first sample is checked now. A
+    label past the classes after the first sample (not checked before training) is named
+    with the reason, not torch's bare "Target 5 is out of bounds"."""
+    with pytest.raises(error, match=match):
+        train(tmp_path, *labels(cls), *keys)
+
+
+def test_conv_inputs_of_another_dtype_are_named_at_the_first_step(tmp_path) -> None:
+    """Conv's message ("Input type (double) and bias type (float) should be the same") has no
+    "dtype" in it: it went through unnamed (a probe's finding)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "t.npz"
+    np.savez(path, x=rng.normal(size=(40, 1, 8, 8)), y=rng.integers(0, 3, size=40))
+    with pytest.raises(TypeError, match=r"first forward failed on the data's inputs "
+                       r"\(torch.float64; the model's parameters: torch.float32\)"):  # fmt: skip
+        train(tmp_path / "run", "data=tensors", f"data.path={path}", "model=cnn", *TINY)
+
+
 def test_validation_labels_past_the_classes_are_refused_before_training(tmp_path) -> None:
     """``data=tensors`` with y_val reaching past num_classes trained an epoch, then crashed in
     validation with an IndexError (a probe)."""

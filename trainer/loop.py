@@ -699,9 +699,10 @@ class Trainer:
         try:
             logits = self.forward_model(x)
         except RuntimeError as e:
-            if "dtype" not in str(e) and "scalar type" not in str(e):
-                raise
             weights = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+            other = bool(weights) and x.dtype not in weights  # (conv: "Input type (double)
+            if not other and "dtype" not in str(e) and "scalar type" not in str(e):  # and
+                raise  # bias type (float) should be the same", no "dtype" in it)
             raise TypeError(
                 f"the model's first forward failed on the data's inputs ({x.dtype}; the "
                 f"model's parameters: {', '.join(sorted(map(str, weights))) or 'none'}): cast "

@@ -208,6 +208,17 @@ def squared_error(output: Tensor, target: Tensor) -> Tensor:
     return diff.square().mean(dim=1)
 
 
+def _label_out_of_range(output: Tensor, error: IndexError) -> IndexError:
+    """torch's "Target 5 is out of bounds", on a batch after the first: what it means, and
+    why the checks before training did not see it."""
+    return IndexError(
+        f"loss=cross_entropy: a class label is outside [0, {output.shape[-1]}), the classes "
+        f"the model scores (torch: {error}); a Dataset without a targets attribute has only "
+        "its first sample's label checked before training: give it targets (a tensor of its "
+        "labels) to have every label checked then, or set num_classes to cover them"
+    )
+
+
 class CrossEntropy(Loss):
     """ℓᵢ = −log softmax(outputᵢ)[yᵢ] (with label smoothing ε: the cross-entropy against
     (1 − ε)·onehot(yᵢ) + ε/K). ``val/loss`` is the plain cross-entropy (no smoothing)."""
@@ -222,12 +233,18 @@ class CrossEntropy(Loss):
 
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
         # functional, not nn.CrossEntropyLoss: one module call less per step
-        return F.cross_entropy(
-            output, target, reduction="none", label_smoothing=self.label_smoothing
-        )
+        try:
+            return F.cross_entropy(
+                output, target, reduction="none", label_smoothing=self.label_smoothing
+            )
+        except IndexError as e:  # (on the CPU; CUDA asserts on the device)
+            raise _label_out_of_range(output, e) from e
 
     def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(output, target, reduction="none")
+        try:
+            return F.cross_entropy(output, target, reduction="none")
+        except IndexError as e:
+            raise _label_out_of_range(output, e) from e
 
     def check_output(self, output: Any) -> None:
         """Also: (B, K) scores with at least the data's K classes. A model with fewer outputs
@@ -273,8 +290,11 @@ class CrossEntropy(Loss):
                 "(torch refuses them at the first step): cast them with .long() in the data module "
                 "(a data=tensors file: save them as int64, y.long() or np.int64)"
             )
-        for split, labels in (("training", targets), ("validation", data.val_targets)):
-            if labels is None or not labels.numel() or data.out_dim is None:
+        val, first_val = data.val_targets, data.first_val_target
+        if val is None and first_val is not None:  # (as the training split's, above)
+            val = first_val.unsqueeze(0)
+        for split, labels in (("training", targets), ("validation", val)):
+            if labels is None or not labels.numel():
                 continue
             if split == "validation" and (labels.is_floating_point() or labels.ndim != 1):
                 raise ConfigError(
@@ -288,10 +308,15 @@ class CrossEntropy(Loss):
                     f"{labels.dtype}: cast them with .long() (a data=tensors file: save y_val "
                     "as int64)"
                 )
+            if data.out_dim is None:
+                continue
             low, high = int(labels.min()), int(labels.max())
             if low < 0 or high >= data.out_dim:
+                first = (data.train_targets if split == "training" else data.val_targets) is None
+                seen = (f"first sample's class label is {high if high >= data.out_dim else low}"
+                        if first else f"class labels span [{low}, {high}]")  # fmt: skip
                 raise ConfigError(
-                    f"loss=cross_entropy: the {split} split's class labels span [{low}, {high}], "
+                    f"loss=cross_entropy: the {split} split's {seen}, "
                     f"but the model is built with out_dim={data.out_dim} scores per sample; set "
                     "num_classes (or out_dim) in the data module (without either, out_dim is the "
                     "size of one target: 1 for a class label)"
@@ -308,6 +333,10 @@ class MSE(Loss):
 
     def check(self, data: DataModule) -> None:
         targets, val = data.train_targets, data.val_targets
+        if targets is None and data.first_target is not None:  # (a Dataset without .targets:
+            targets = data.first_target.unsqueeze(0)  # its first target's dtype and shape)
+        if val is None and data.first_val_target is not None:
+            val = data.first_val_target.unsqueeze(0)
         for split, t in (("training", targets), ("validation", val)):
             if t is not None and not t.is_floating_point():
                 raise ConfigError(

@@ -365,10 +365,10 @@ def _targets(split: TensorSplit | Dataset) -> Tensor | None:
     return None if targets is None else torch.as_tensor(targets)
 
 
-def _first_sample(split: TensorSplit | Dataset) -> tuple[Tensor, Any]:
-    """One training sample ``(x, y)`` as the model sees it (after a split's transform)."""
+def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple[Tensor, Any]:
+    """A split's first sample ``(x, y)`` as the model sees it (after a split's transform)."""
     if len(split) == 0:  # type: ignore[arg-type]
-        raise ValueError("data: the training split is empty")
+        raise ValueError(f"data: the {name} split is empty")
     if isinstance(split, TensorSplit):
         x = split.x[:1]
         if split.transform is not None:
@@ -419,6 +419,9 @@ class DataModule(abc.ABC):
     #: the first training sample's target, as a tensor (its dtype where ``train_targets`` is
     #: None)
     first_target: Tensor | None = None
+    #: the same of the validation split, where ``val_targets`` is None (a Dataset without
+    #: ``targets``: its first target checked before training, not at the first validation)
+    first_val_target: Tensor | None = None
     train_loader: Loader
     val_loader: Loader
 
@@ -458,6 +461,8 @@ class DataModule(abc.ABC):
             self.out_dim = self.num_classes
         x0, y0 = _first_sample(train)
         self.first_target = torch.as_tensor(y0)  # (an int label collates to int64, as here)
+        if self.val_targets is None and len(val):  # type: ignore[arg-type]
+            self.first_val_target = torch.as_tensor(_first_sample(val, "validation")[1])
         if self.input_shape is None:
             self.input_shape = tuple(x0.shape)
         if self.out_dim is None:  # the size of one target (a scalar target: 1)
