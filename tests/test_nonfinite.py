@@ -346,9 +346,10 @@ def test_gives_up_after_consecutive_skips_and_updates_nothing_from_there(tmp_pat
     at step 8 raises naming step 6, as step mode does."""
     after = After()
     poison = Poison({s: "grad" for s in range(3, 7)})
-    read = r" \(read at step 8, .*steps 6-8 updated nothing\)" if sync == "deferred" else "$"
+    read = r" \(read at step 8, .*steps 6-8 updated nothing\)" if sync == "deferred" else ""
     with pytest.raises(NonFiniteError, match=r"^step 6: 4 steps in a row skipped .*"
-                       r"the last: non-finite gradient of net\.3\.weight" + read):  # fmt: skip
+                       r"the last: non-finite gradient of net\.3\.weight" + read
+                       + r"; the parameters' largest magnitude is now (\S+) \(") as e:  # fmt: skip
         train(tmp_path, *COMMON, "instrument.nonfinite.policy=skip", f"trainer.device={device}",
               f"instrument.nonfinite.sync={sync}", "instrument.nonfinite.max_consecutive_skips=4",
               callbacks=[poison, after])  # fmt: skip
@@ -356,6 +357,10 @@ def test_gives_up_after_consecutive_skips_and_updates_nothing_from_there(tmp_pat
     for step in range(3, max(after.after) + 1):
         for n, w in after.after[2].items():
             assert torch.equal(after.after[step][n], w), (step, n)
+    # (said with the error: an lr far too large leaves finite but huge weights, and every
+    # later forward overflows, which the error named as the loss's and the gradients' only)
+    largest = max(float(w.abs().max()) for w in after.after[2].values())
+    assert f"largest magnitude is now {largest:.3g} (" in str(e.value)
 
 
 class NoHostReads(TorchFunctionMode):
@@ -961,3 +966,12 @@ def test_the_step_guard_checks_an_expanded_loss(tmp_path) -> None:
     assert all(torch.equal(step[k], deferred[k]) for k in step)
     for d in ("step", "deferred"):
         assert read_scalars(tmp_path / d)["nonfinite/skipped_steps"] == [(3, 1.0)]
+
+
+def test_a_deferred_read_names_the_steps_that_updated_nothing() -> None:
+    """"steps 4-4" read oddly where the flag was read at the step itself (a probe's nit)."""
+    from trainer.instrument.nonfinite import _read_later
+
+    assert _read_later(4, None) == ""
+    assert _read_later(4, 4).endswith("sync=deferred: step 4 updated nothing)")
+    assert _read_later(3, 4).endswith("sync=deferred: steps 3-4 updated nothing)")

@@ -362,12 +362,7 @@ class NonfiniteGuard(Callback):
         """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped."""
         cause = _cause(bad) + _weights_cause(trainer)
         if self.policy == "raise":
-            later = (
-                ""
-                if read_at is None
-                else f" (read at step {read_at}, with instrument.nonfinite.sync=deferred: "
-                f"steps {step}-{read_at} updated nothing)"
-            )
+            later = _read_later(step, read_at)
             raise NonFiniteError(
                 f"step {step}: {cause}; stopped before the optimizer step{later} "
                 "(instrument.nonfinite.policy=skip skips such steps instead)"
@@ -381,16 +376,11 @@ class NonfiniteGuard(Callback):
             trainer.logger.add_floats(value, step)
         log.warning("step %d skipped: %s", step, cause)
         if self.consecutive >= self.max_consecutive:
-            later = (
-                ""
-                if read_at is None
-                else f" (read at step {read_at}, with instrument.nonfinite.sync=deferred: steps "
-                f"{step}-{read_at} updated nothing)"
-            )
+            later = _read_later(step, read_at)
             raise NonFiniteError(
                 f"step {step}: {self.consecutive} steps in a row skipped for "
                 f"non-finite values (instrument.nonfinite.max_consecutive_skips="
-                f"{self.max_consecutive}); the last: {cause}{later}"
+                f"{self.max_consecutive}); the last: {cause}{later}; {_largest_weight(trainer)}"
             )
 
 
@@ -402,12 +392,38 @@ ELSEWHERE = "\0another rank"
 SKIPPED = "\0skipped"
 
 
+def _read_later(step: int, read_at: int | None) -> str:
+    """Deferred mode: when the flag was read, and which steps updated nothing."""
+    if read_at is None:
+        return ""
+    steps = f"step {step}" if read_at == step else f"steps {step}-{read_at}"
+    return (
+        f" (read at step {read_at}, with instrument.nonfinite.sync=deferred: {steps} "
+        "updated nothing)"
+    )
+
+
+def _largest_weight(trainer: Trainer) -> str:
+    """The parameters' largest magnitude, in words (a host read: a failing run only). A
+    learning rate far too large leaves them finite but huge after one update, and every
+    later forward overflows: the error named only the loss and the gradients."""
+    params = [p.detach() for p in trainer.params if p.numel()]
+    if not params:
+        return "no parameters"
+    largest = float(torch.stack([p.abs().max().float() for p in params]).max())
+    return (
+        f"the parameters' largest magnitude is now {largest:.3g} (an update too large, from "
+        "the learning rate say, can leave them finite but so large that every forward "
+        "overflows)"
+    )
+
+
 def _cause(bad: list[str]) -> str:
     """What went non-finite, in words."""
     parts = []
     if ELSEWHERE in bad:
         parts.append("a non-finite loss or gradient on another rank (data-parallel: every rank "
-                     "skips the step together; that rank's log names it)")  # fmt: skip
+                     "acts on the step together; that rank's log names it)")  # fmt: skip
     if LOSS in bad:
         parts.append("non-finite loss (NaN/Inf in the per-sample losses)")
     grads = [n for n in bad if n not in (LOSS, ELSEWHERE)]
