@@ -969,7 +969,7 @@ def test_the_step_guard_checks_an_expanded_loss(tmp_path) -> None:
 
 
 def test_a_deferred_read_names_the_steps_that_updated_nothing() -> None:
-    """"steps 4-4" read oddly where the flag was read at the step itself (a probe's nit)."""
+    """ "steps 4-4" read oddly where the flag was read at the step itself (a probe's nit)."""
     from trainer.instrument.nonfinite import _read_later
 
     assert _read_later(4, None) == ""

@@ -961,8 +961,9 @@ class TrainConfig:
             or "input_grad_penalty" not in self.regularizer,
             "instrument.per_sample.every_n_steps",
             "per-sample gradient norms read the data loss's gradient flowing through each layer; "
-            "input_grad_penalty's double backward flows through the same layers and would mix "
-            "into them: turn one of the two off",
+            "regularizer.input_grad_penalty's double backward flows through the same layers and "
+            "would mix into them: turn one of the two off (instrument.per_sample.every_n_steps=0"
+            "; instrument=full and debug=anomaly turn them on)",
         )
         for name, node in self.callbacks.items():
             _check(

@@ -496,7 +496,8 @@ class DataModule(abc.ABC):
         total = len(split)  # type: ignore[arg-type]
         if n > total:
             raise ValueError(
-                f"data.train_subset: got {n}, but the training split has only {total} samples"
+                f"data.train_subset: got {n}, but the training split has only {total} samples "
+                "(debug=overfit sets it to data.batch_size: lower that)"
             )
         if isinstance(split, TensorSplit):
             return TensorSplit(split.x[:n], split.y[:n], split.transform)
