@@ -424,6 +424,19 @@ def test_resume_auto_without_checkpoints_starts_from_scratch(tmp_path, caplog) -
     assert result["status"] == "completed" and result["step"] == 2
 
 
+def test_resume_auto_in_a_folder_it_does_not_search_says_so(tmp_path, caplog) -> None:
+    """A run written outside trainer.checkpoint.search_dir (hydra.run.dir elsewhere) started
+    from scratch on every resume=auto with an info line only (a probe's finding): said, with
+    the key to set."""
+    search = tmp_path / "outputs"
+    search.mkdir()
+    caplog.set_level(logging.INFO)
+    train(tmp_path / "elsewhere", *auto(search, "trainer.resume=auto", "trainer.max_steps=1"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "is outside trainer.checkpoint.search_dir=" in warned[0]
+    assert f"({tmp_path})" in warned[0]
+
+
 def test_resume_auto_past_a_corrupt_newer_checkpoint_keeps_the_new_ones(tmp_path) -> None:
     search = tmp_path / "outputs"
     first = search / "first"

@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, vmap
 
 from trainer.backward import WeightError, backward_vector
 from trainer.config import ConfigError, validate
-from trainer.data.base import Batch, InMemoryLoader, TensorSplit
+from trainer.data.base import Batch, DataModule, InMemoryLoader, TensorSplit
 from trainer.data.chars import CharText, windows
 from trainer.distributed import SINGLE
 from trainer.instrument.per_sample import PerSampleNorms, sample_coefficients
@@ -710,3 +710,45 @@ def test_the_default_stride_is_half_the_block_and_every_character_is_a_target() 
         cut = round(0.9 * len(data.text))
         targets = train.y[train.y != PAD].numel()
         assert targets >= cut - 1  # every training character with a next one, at least once
+
+
+class Tags(DataModule):
+    """Tagging: 4 input tokens, ``tags`` tags per position (padding -100); ``out_dim``
+    as given (None: not set)."""
+
+    def __init__(self, tags: int = 5, out_dim: int | None = 5, **common) -> None:
+        super().__init__(**common)
+        self.tags, self.vocab_size, self.out_dim = tags, 4, out_dim
+
+    def load(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 4, (24, 6), generator=g)
+        y = torch.randint(0, self.tags, (24, 6), generator=g)
+        y[::3, 4:] = PAD
+        return TensorSplit(x[:16], y[:16]), TensorSplit(x[16:], y[16:])
+
+
+class Tagger(nn.Module):
+    def __init__(self, vocab_size: int, out_dim: int) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab_size, 8), nn.Linear(8, out_dim)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)))
+
+
+def test_a_tagger_is_checked_against_its_tags_not_the_input_vocabulary(tmp_path) -> None:
+    """token_cross_entropy checked target ids against vocab_size (the inputs'): a tagger with
+    more tags than input tokens was refused, one with fewer outputs passed; and without
+    out_dim a tagger's head got as many outputs as its sequences were long (6 here), silently
+    (a probe's findings). Checked against out_dim now, which per-position targets need."""
+    common = ["~data", f"+data._target_={__name__}.Tags", "+data.batch_size=8", "~model",
+              f"+model._target_={__name__}.Tagger", "loss=token_cross_entropy",
+              "trainer.max_steps=2", "instrument=none"]  # fmt: skip
+    train(tmp_path / "a", *common)  # 5 tags from 4 input tokens
+    with pytest.raises(ConfigError, match=r"target ids span \[0, 4\] but the model scores "
+                       r"out_dim=3 classes per position"):  # fmt: skip
+        train(tmp_path / "b", *common, "+data.out_dim=3")
+    with pytest.raises(ConfigError, match=r"Tags sets no out_dim, and its targets are "
+                       r"torch.int64 sequences \(\(6,\) per sample\)"):  # fmt: skip
+        train(tmp_path / "c", *common, "+data.out_dim=null")

@@ -123,7 +123,8 @@ LOADER_API = ("set_epoch", "num_samples", "global_batch_size", "drop_last", "cur
 #: what a first step's loss error adds, by task
 LABELS_HINT = {
     "classification": " (class labels: int64 in [0, out_dim))",
-    "sequence": " (token ids: int64 (B, T) in [0, vocab_size), padding loss.ignore_index)",
+    "sequence": " (token targets: int64 (B, T) in [0, out_dim), the classes each position is "
+    "scored over, padding loss.ignore_index)",
     "regression": " (float targets the output's shape)",
 }
 

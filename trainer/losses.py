@@ -433,15 +433,18 @@ class TokenCrossEntropy(Loss):
                 f"loss=token_cross_entropy needs int64 token targets of shape (N, T); the "
                 f"data's targets are {targets.dtype} of shape {tuple(targets.shape)}"
             )
+        # (against out_dim, the classes the model scores each position over: a language
+        # model's vocabulary, a tagger's tags; it checked the input vocabulary, refusing a
+        # tagger with more tags than input tokens and passing one with fewer outputs)
         for split, ids in (("training", targets), ("validation", data.val_targets)):
-            if ids is None or data.vocab_size is None or ids.is_floating_point():
+            if ids is None or data.out_dim is None or ids.is_floating_point():
                 continue
             valid = ids[ids != self.ignore_index]
-            if valid.numel() and not 0 <= int(valid.min()) <= int(valid.max()) < data.vocab_size:
+            if valid.numel() and not 0 <= int(valid.min()) <= int(valid.max()) < data.out_dim:
                 raise ConfigError(
                     f"loss=token_cross_entropy: the {split} split's target ids span "
-                    f"[{int(valid.min())}, {int(valid.max())}] but the vocabulary has "
-                    f"{data.vocab_size} tokens (padding must be "
+                    f"[{int(valid.min())}, {int(valid.max())}] but the model scores "
+                    f"out_dim={data.out_dim} classes per position (padding must be "
                     f"loss.ignore_index={self.ignore_index})"
                 )
 

@@ -329,6 +329,14 @@ def run(
                     "resume=auto: no usable checkpoint of run %s under %s; starting from scratch",
                     run_id, tc.checkpoint.search_dir,
                 )  # fmt: skip
+                search = Path(tc.checkpoint.search_dir).resolve()
+                if not run_dir.resolve().is_relative_to(search):  # (its checkpoints would be
+                    log.warning(  # found by no later resume=auto either, a probe's finding)
+                        "resume=auto: this run's folder %s is outside trainer.checkpoint."
+                        "search_dir=%s, where resume=auto looks: set trainer.checkpoint."
+                        "search_dir to the folder above your runs' (%s) to resume them",
+                        run_dir, tc.checkpoint.search_dir, run_dir.parent,
+                    )  # fmt: skip
             else:
                 saved_world = len(resume_state.get("tally_ranks") or [None])
                 world_size = distributed.from_env().size
@@ -682,6 +690,21 @@ def build_trainer(
         raise ConfigError("data: the validation split is empty; give it at least one sample")
     loss = build_loss(cfg.loss)
     loss.check(data)
+    first = data.first_target
+    if (
+        loss.has_units
+        and data.out_dim_inferred
+        and first is not None
+        and first.ndim >= 1
+        and not first.is_floating_point()
+    ):  # (per-position class targets: out_dim was taken as T, the targets' length, for T
+        # tokens: a tagger's head got as many outputs as its sequences were long, silently)
+        raise ConfigError(
+            f"data: {type(data).__name__} sets no out_dim, and its targets are {first.dtype} "
+            f"sequences ({tuple(first.shape)} per sample) that {type(loss).__name__} scores "
+            "per position: set out_dim in the data module, the classes each position is "
+            "scored over (a language model's vocabulary, a tagger's tags)"
+        )
     model: nn.Module = build("model", cfg.model, provided=data.provides()).to(device)
     model = batchnorm_across_ranks(model, world.distributed, typed.trainer.sync_batchnorm, device)
     if trainable is not None:

@@ -419,6 +419,8 @@ class DataModule(abc.ABC):
     #: the first training sample's target, as a tensor (its dtype where ``train_targets`` is
     #: None)
     first_target: Tensor | None = None
+    #: whether :meth:`setup` took ``out_dim`` as the size of one target (none was set)
+    out_dim_inferred: bool = False
     #: the same of the validation split, where ``val_targets`` is None (a Dataset without
     #: ``targets``: its first target checked before training, not at the first validation)
     first_val_target: Tensor | None = None
@@ -465,6 +467,7 @@ class DataModule(abc.ABC):
             self.first_val_target = torch.as_tensor(_first_sample(val, "validation")[1])
         if self.input_shape is None:
             self.input_shape = tuple(x0.shape)
+        self.out_dim_inferred = self.out_dim is None
         if self.out_dim is None:  # the size of one target (a scalar target: 1)
             self.out_dim = max(1, self.first_target.numel())
         self.train_loader = self._loader(train, self.batch_size, device, True, seed, self.drop_last)

@@ -421,6 +421,7 @@ class PerSampleNorms(Callback):
         self.noise_ema, self.snr = noise_ema, snr
         #: the EMAs of the unbiased tr(Σ) and |G|² estimates (McCandlish et al. 2018, app. A)
         self._ema: list[float] | None = None
+        self._said_unequal = False  # (the noise scale's NaN for unequal weights: said once)
         #: (name, module, parameters it covers, kind) per unit
         self.units: list[tuple[str, nn.Module, list[nn.Parameter], str]] = []
         #: id(parameter) -> the units it is registered in (two for a tied weight)
@@ -1244,6 +1245,14 @@ class PerSampleNorms(Callback):
         # 1 ulp apart over an accumulation window, and every step logged NaN); the estimate
         # then moves by O(8 eps) relative, below what its float32 sums round by
         uniform = spread <= 8 * eps * w_max and w_max > 0 and n > 1  # (False with a NaN)
+        if not uniform and spread > 8 * eps * w_max and not self._said_unequal:
+            self._said_unequal = True  # (NaN on every step, unexplained: a probe's finding)
+            log.warning(
+                "per_sample/noise_scale, grad_var_trace, grad_signal and grad_snr/*: NaN on "
+                "steps whose samples weigh unequally in the step's gradient (a weighting's "
+                "unequal weights, per-token weights): the estimators need one coefficient for "
+                "every sample (docs/instrumentation.md)"
+            )
         estimate, snr = [math.nan, math.nan], [math.nan] * count
         if uniform:
             inv = 1.0 / (w_max * w_max)
