@@ -432,6 +432,33 @@ class RegressionWidths(DatasetLabels):
         return RegressionPairs(3), RegressionPairs(2)
 
 
+class ScalarPairs(RegressionPairs):
+    """One float target per sample, as a Python float (``column``: as a (1,) tensor)."""
+
+    def __init__(self, column: bool) -> None:
+        super().__init__(1)
+        self.column = column
+
+    def __getitem__(self, i: int):
+        return self.x[i], (self.y[i] if self.column else float(self.y[i, 0]))
+
+
+class ScalarThenColumn(DatasetLabels):
+    """Scalar targets to train on, (1,) ones to validate on: the same values per sample."""
+
+    classes = None
+
+    def load(self):
+        return ScalarPairs(column=False), ScalarPairs(column=True)
+
+
+def test_targets_of_one_value_per_sample_in_either_shape_train(tmp_path) -> None:
+    """() and (1,) per sample are one value each, which the squared error flattens alike:
+    refused once validation targets were checked before training (a review's finding)."""
+    metrics = train(tmp_path, *labels("ScalarThenColumn"), "loss=mse")
+    assert metrics["status"] == "completed" and math.isfinite(metrics["val/loss"])
+
+
 class LateLabel(DatasetLabels):
     """Labels 0/1 (num_classes 2), but a 5 on one sample after the first."""
 

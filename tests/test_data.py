@@ -114,6 +114,40 @@ def test_dataloader_workers_outlive_a_stop_signal_and_are_closed() -> None:
     dl.close()
 
 
+class Stuck(torch.utils.data.Dataset):
+    """Samples 0-3 at once; any later one never (a worker stuck in its ``__getitem__``)."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int):
+        if i >= 4:
+            import time
+
+            time.sleep(10**6)
+        return torch.zeros(2), 0
+
+
+def test_a_worker_stuck_in_its_dataset_is_ended_by_close(monkeypatch) -> None:
+    """The DataLoader's shutdown sends a worker that does not stop in time a SIGTERM, which
+    the workers ignore: close() returned with it alive, and the process waited for it at
+    exit forever (a review's finding). It is killed."""
+    from torch.utils.data import _utils
+
+    monkeypatch.setattr(_utils, "MP_STATUS_CHECK_INTERVAL", 0.1)  # (the shutdown's waits)
+    dl = DeviceLoader(Stuck(), batch_size=4, device=CPU, shuffle=False, num_workers=1)
+    it = iter(dl)
+    next(it)  # (the worker now waits in sample 4, prefetching the next batch)
+    workers = list(dl.loader._iterator._workers)
+    try:
+        dl.close()
+        assert not any(w.is_alive() for w in workers)
+    finally:  # (not left to the exit on a failure)
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+
+
 def test_synthetic_is_reproducible_and_shaped() -> None:
     d = SyntheticData(num_train=100, num_val=20, num_classes=4, shape=[3, 5, 5], seed=2)
     train, val = d.load()

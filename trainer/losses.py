@@ -354,8 +354,15 @@ class MSE(Loss):
                     f"{f' and {len(rows) - 5} more' if len(rows) > 5 else ''}; drop or fill them "
                     "in the data module"
                 )
-        if targets is not None and val is not None and targets.shape[1:] != val.shape[1:]:
-            # (found after a whole epoch, by the first validation, before)
+        # (found after a whole epoch, by the first validation, before; the squared error is
+        # over each sample's values flattened, so (1,) and () per sample are the same)
+        if (
+            targets is not None
+            and val is not None
+            and len(targets)
+            and len(val)
+            and val[0].numel() != targets[0].numel()
+        ):
             raise ConfigError(
                 f"loss=mse: the validation split's targets are of shape {tuple(val.shape[1:])} "
                 f"per sample, the training split's {tuple(targets.shape[1:])}; the model's "

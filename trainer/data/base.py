@@ -245,6 +245,17 @@ def _register_close_at_exit() -> None:
     atexit.register(_close_open_loaders)
 
 
+def _worker_context() -> Any:
+    """None (torch's default) where the start method is one of Python's; inside a process
+    pool of another kind (joblib's loky, Hydra's joblib launcher), the platform's default
+    context: the workers failed to start with "'Process' object has no attribute 'env'"."""
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=True) in (None, "fork", "spawn", "forkserver"):
+        return None
+    return multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
+
+
 class IndexedDataset(Dataset):
     """Wraps a data set so each item also carries its index: ``(x, y, i)``.
 
@@ -310,6 +321,7 @@ class DeviceLoader:
             pin_memory=pin_memory and device.type == "cuda",
             persistent_workers=num_workers > 0,
             worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+            multiprocessing_context=_worker_context() if num_workers > 0 else None,
             # (the workers' RNGs are seeded per batch: IndexedDataset)
             generator=torch.Generator().manual_seed(seed),
         )
@@ -324,8 +336,13 @@ class DeviceLoader:
         new ones."""
         iterator = getattr(self.loader, "_iterator", None)  # (persistent workers' iterator)
         self.loader._iterator = None
-        if iterator is not None:
-            iterator._shutdown_workers()
+        if iterator is None:
+            return
+        iterator._shutdown_workers()  # (a worker busy past its timeouts is sent a SIGTERM,
+        for worker in getattr(iterator, "_workers", ()):  # which it ignores: killed, or
+            if worker.is_alive():  # multiprocessing waited for it at exit, forever: a
+                worker.kill()  # review's finding with a stuck __getitem__)
+                worker.join()
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """As :meth:`InMemoryLoader.set_epoch`. With augmentation in workers, a resumed epoch

@@ -409,7 +409,7 @@ def _largest_weight(trainer: Trainer) -> str:
     later forward overflows: the error named only the loss and the gradients."""
     params = [p.detach() for p in trainer.params if p.numel()]
     if not params:
-        return "no parameters"
+        return "the trainable parameters hold no element"
     largest = float(torch.stack([p.abs().max().float() for p in params]).max())
     return (
         f"the parameters' largest magnitude is now {largest:.3g} (an update too large, from "
