@@ -716,9 +716,11 @@ class Tags(DataModule):
     """Tagging: 4 input tokens, ``tags`` tags per position (padding -100); ``out_dim``
     as given (None: not set)."""
 
-    def __init__(self, tags: int = 5, out_dim: int | None = 5, **common) -> None:
+    def __init__(
+        self, tags: int = 5, out_dim: int | None = 5, vocab_size: int | None = 4, **common
+    ) -> None:
         super().__init__(**common)
-        self.tags, self.vocab_size, self.out_dim = tags, 4, out_dim
+        self.tags, self.vocab_size, self.out_dim = tags, vocab_size, out_dim
 
     def load(self):
         g = torch.Generator().manual_seed(0)
@@ -729,19 +731,20 @@ class Tags(DataModule):
 
 
 class Tagger(nn.Module):
-    def __init__(self, vocab_size: int, out_dim: int) -> None:
+    def __init__(self, out_dim: int, vocab_size: int | None = None) -> None:
         super().__init__()
-        self.emb, self.head = nn.Embedding(vocab_size, 8), nn.Linear(8, out_dim)
+        self.emb, self.head = nn.Embedding(4, 8), nn.Linear(8, out_dim)
 
     def forward(self, x):
         return self.head(torch.tanh(self.emb(x)))
 
 
-def test_a_tagger_is_checked_against_its_tags_not_the_input_vocabulary(tmp_path) -> None:
+def test_a_tagger_is_checked_against_its_tags_not_the_input_vocabulary(tmp_path, caplog) -> None:
     """token_cross_entropy checked target ids against vocab_size (the inputs'): a tagger with
     more tags than input tokens was refused, one with fewer outputs passed; and without
     out_dim a tagger's head got as many outputs as its sequences were long (6 here), silently
-    (a probe's findings). Checked against out_dim now, which per-position targets need."""
+    (a probe's findings). Checked against out_dim now; without it, per-position targets take
+    vocab_size (a language model's classes) with a warning, or are refused."""
     common = ["~data", f"+data._target_={__name__}.Tags", "+data.batch_size=8", "~model",
               f"+model._target_={__name__}.Tagger", "loss=token_cross_entropy",
               "trainer.max_steps=2", "instrument=none"]  # fmt: skip
@@ -749,6 +752,11 @@ def test_a_tagger_is_checked_against_its_tags_not_the_input_vocabulary(tmp_path)
     with pytest.raises(ConfigError, match=r"target ids span \[0, 4\] but the model scores "
                        r"out_dim=3 classes per position"):  # fmt: skip
         train(tmp_path / "b", *common, "+data.out_dim=3")
-    with pytest.raises(ConfigError, match=r"Tags sets no out_dim, and its targets are "
-                       r"torch.int64 sequences \(\(6,\) per sample\)"):  # fmt: skip
+    caplog.set_level("WARNING")
+    with pytest.raises(ConfigError, match=r"target ids span \[0, 4\] but the model scores "
+                       r"out_dim=4 classes"):  # (vocab_size's, said)  # fmt: skip
         train(tmp_path / "c", *common, "+data.out_dim=null")
+    assert "Tags sets no out_dim: taken as its vocab_size=4" in caplog.text
+    with pytest.raises(ConfigError, match=r"Tags sets neither out_dim nor vocab_size, and its "
+                       r"targets are torch.int64 sequences \(\(6,\) per sample\)"):  # fmt: skip
+        train(tmp_path / "d", *common, "+data.out_dim=null", "+data.vocab_size=null")

@@ -700,10 +700,11 @@ def build_trainer(
     ):  # (per-position class targets: out_dim was taken as T, the targets' length, for T
         # tokens: a tagger's head got as many outputs as its sequences were long, silently)
         raise ConfigError(
-            f"data: {type(data).__name__} sets no out_dim, and its targets are {first.dtype} "
-            f"sequences ({tuple(first.shape)} per sample) that {type(loss).__name__} scores "
-            "per position: set out_dim in the data module, the classes each position is "
-            "scored over (a language model's vocabulary, a tagger's tags)"
+            f"data: {type(data).__name__} sets neither out_dim nor vocab_size, and its targets "
+            f"are {first.dtype} sequences ({tuple(first.shape)} per sample) that "
+            f"{type(loss).__name__} scores per position: set out_dim in the data module, the "
+            "classes each position is scored over (a language model's vocabulary, a tagger's "
+            "tags)"
         )
     model: nn.Module = build("model", cfg.model, provided=data.provides()).to(device)
     model = batchnorm_across_ranks(model, world.distributed, typed.trainer.sync_batchnorm, device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import atexit
 import functools
+import logging
 import math
 import random
 import signal
@@ -28,6 +29,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 
 from trainer.distributed import SINGLE, World, shard
+
+log = logging.getLogger(__name__)
 
 
 class Batch(NamedTuple):
@@ -484,9 +487,18 @@ class DataModule(abc.ABC):
             self.first_val_target = torch.as_tensor(_first_sample(val, "validation")[1])
         if self.input_shape is None:
             self.input_shape = tuple(x0.shape)
+        first = self.first_target
+        sequences = first.ndim >= 1 and not first.is_floating_point()  # (class ids per position)
+        if self.out_dim is None and sequences and self.vocab_size is not None:
+            self.out_dim = self.vocab_size  # (a language model's next-token classes)
+            log.warning(
+                "data: %s sets no out_dim: taken as its vocab_size=%d, the classes each position "
+                "is scored over (a language model's next token); set out_dim where the targets "
+                "are other classes (a tagger's tags)", type(self).__name__, self.vocab_size,
+            )  # fmt: skip
         self.out_dim_inferred = self.out_dim is None
         if self.out_dim is None:  # the size of one target (a scalar target: 1)
-            self.out_dim = max(1, self.first_target.numel())
+            self.out_dim = max(1, first.numel())
         self.train_loader = self._loader(train, self.batch_size, device, True, seed, self.drop_last)
         try:
             self.val_loader = self._loader(val, self.eval_batch_size, device, False, seed, False)
