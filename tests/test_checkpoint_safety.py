@@ -434,7 +434,6 @@ def test_resume_auto_in_a_folder_it_does_not_search_says_so(tmp_path, caplog) ->
     train(tmp_path / "elsewhere", *auto(search, "trainer.resume=auto", "trainer.max_steps=1"))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "is outside trainer.checkpoint.search_dir=" in warned[0]
-    assert f"({tmp_path})" in warned[0]
 
 
 def test_resume_auto_past_a_corrupt_newer_checkpoint_keeps_the_new_ones(tmp_path) -> None:

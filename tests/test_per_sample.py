@@ -1159,6 +1159,22 @@ def test_the_noise_scale_leaves_out_sequences_without_a_valid_target(average) ->
         assert all(math.isfinite(v) for t, v in staged.items() if t.startswith("grad_snr/"))
 
 
+def test_unequal_token_weights_are_said_once_to_leave_the_noise_scale_out(caplog) -> None:
+    """Per-token weights make a sequence's coefficient NaN (its tokens weigh unequally), so
+    the NaN noise scale went unexplained by the warning meant for it (a review's finding)."""
+    torch.manual_seed(0)
+    model = TokenMLP().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+    loss = TokenCrossEntropy()
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64)  # (per token, unequal)
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y, weights / weights.sum(), loss=loss,
+                            cb=PerSampleNorms(1, loss="weighted"))  # fmt: skip
+    assert math.isnan(staged["per_sample/noise_scale"])
+    assert sum("weigh unequally" in r.getMessage() for r in caplog.records) == 1
+
+
 class Loud(nn.Module):
     """An MLP whose logits are 2,000 times too large: under float16 and a GradScaler's 65,536,
     the scaled backward overflows on the first steps (which the GradScaler skips)."""

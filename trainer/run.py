@@ -334,8 +334,8 @@ def run(
                     log.warning(  # found by no later resume=auto either, a probe's finding)
                         "resume=auto: this run's folder %s is outside trainer.checkpoint."
                         "search_dir=%s, where resume=auto looks: set trainer.checkpoint."
-                        "search_dir to the folder above your runs' (%s) to resume them",
-                        run_dir, tc.checkpoint.search_dir, run_dir.parent,
+                        "search_dir to a folder above your runs' to resume them",
+                        run_dir, tc.checkpoint.search_dir,
                     )  # fmt: skip
             else:
                 saved_world = len(resume_state.get("tally_ranks") or [None])
@@ -689,7 +689,6 @@ def build_trainer(
     if data.val_loader.num_samples == 0:
         raise ConfigError("data: the validation split is empty; give it at least one sample")
     loss = build_loss(cfg.loss)
-    loss.check(data)
     first = data.first_target
     if (
         loss.has_units
@@ -704,8 +703,9 @@ def build_trainer(
             f"are {first.dtype} sequences ({tuple(first.shape)} per sample) that "
             f"{type(loss).__name__} scores per position: set out_dim in the data module, the "
             "classes each position is scored over (a language model's vocabulary, a tagger's "
-            "tags)"
+            "tags; data=tensors: data.num_classes)"
         )
+    loss.check(data)
     model: nn.Module = build("model", cfg.model, provided=data.provides()).to(device)
     model = batchnorm_across_ranks(model, world.distributed, typed.trainer.sync_batchnorm, device)
     if trainable is not None:

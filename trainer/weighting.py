@@ -604,14 +604,15 @@ class PerTokenWeighting(_TableLookup):
         self.ignore_index = loss.ignore_index
 
     def setup(self, data: DataModule, device: torch.device) -> None:
-        if data.vocab_size is None or data.train_targets is None:
-            raise ValueError(
-                f"weighting=per_token needs the vocabulary size and the training targets: the "
-                f"data module {type(data).__name__} sets no vocab_size (or holds no targets)"
+        if data.out_dim is None or data.train_targets is None:  # (the classes each position
+            raise ValueError(  # is scored over: a language model's vocabulary, a tagger's tags)
+                f"weighting=per_token needs the target classes and the training targets: the "
+                f"data module {type(data).__name__} sets no out_dim or vocab_size (or holds "
+                "no targets)"
             )
         tokens = data.train_targets.reshape(-1).long()
         tokens = tokens[tokens != self.ignore_index]
-        counts = torch.bincount(tokens, minlength=data.vocab_size).double()
+        counts = torch.bincount(tokens, minlength=data.out_dim).double()
         seen = int((counts > 0).sum())
         freq = torch.where(counts > 0, counts.sum() / (seen * counts.clamp_min(1)), 0.0)
         exact = freq.pow(self.power)

@@ -1245,13 +1245,16 @@ class PerSampleNorms(Callback):
         # 1 ulp apart over an accumulation window, and every step logged NaN); the estimate
         # then moves by O(8 eps) relative, below what its float32 sums round by
         uniform = spread <= 8 * eps * w_max and w_max > 0 and n > 1  # (False with a NaN)
-        if not uniform and spread > 8 * eps * w_max and not self._said_unequal:
+        # (a NaN coefficient: a sequence whose tokens weigh unequally)
+        unequal = n > 1 and not w_max <= 0 and not spread <= 8 * eps * w_max
+        if unequal and not self._said_unequal:
             self._said_unequal = True  # (NaN on every step, unexplained: a probe's finding)
             log.warning(
                 "per_sample/noise_scale, grad_var_trace, grad_signal and grad_snr/*: NaN on "
                 "steps whose samples weigh unequally in the step's gradient (a weighting's "
-                "unequal weights, per-token weights): the estimators need one coefficient for "
-                "every sample (docs/instrumentation.md)"
+                "unequal weights, per-token weights, loss.average=sequences over sequences of "
+                "different lengths): the estimators need one coefficient for every sample "
+                "(docs/instrumentation.md)"
             )
         estimate, snr = [math.nan, math.nan], [math.nan] * count
         if uniform:
