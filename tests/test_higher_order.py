@@ -126,18 +126,24 @@ def reference(p, model, x, y, coef):
     return data, coef * gx.pow(2).flatten(1).sum(1).mean()
 
 
-@pytest.mark.parametrize("mode", ["scalar", "vector"])
-def test_step_gradient_is_that_of_loss_plus_penalty(tmp_path, mode) -> None:
+def penalized_step(tmp_path, make, *keys: str):
+    """One step with the penalty (λ = 3): its captured gradients, and the reference's at the
+    run's initial weights (seed 0): (capture, expected, model, x, y, params)."""
     cap = Capture()
-    train(tmp_path, *STEP, "trainer.max_steps=1", f"loss.mode={mode}",
-          "regularizer=[input_grad_penalty]", "regularizer.input_grad_penalty.coef=3.0",
-          callbacks=[cap])  # fmt: skip
+    train(tmp_path, *STEP, "trainer.max_steps=1", *keys, "regularizer=[input_grad_penalty]",
+          "regularizer.input_grad_penalty.coef=3.0", callbacks=[cap])  # fmt: skip
     torch.manual_seed(0)
-    model = MLP((1, 8, 8), 10)  # the run's initial weights (seed 0)
+    model = make((1, 8, 8), 10)
     x, y, _ = cap.batches[0]
     params = dict(model.named_parameters())
+    with sdpa_kernel(SDPBackend.MATH):  # (attention: the reference's own double backward)
+        expected = torch.func.grad(lambda p: sum(reference(p, model, x, y, 3.0)))(params)
+    return cap, expected, model, x, y, params
 
-    expected = torch.func.grad(lambda p: sum(reference(p, model, x, y, 3.0)))(params)
+
+@pytest.mark.parametrize("mode", ["scalar", "vector"])
+def test_step_gradient_is_that_of_loss_plus_penalty(tmp_path, mode) -> None:
+    cap, expected, model, x, y, params = penalized_step(tmp_path, MLP, f"loss.mode={mode}")
     for got, (name, ref) in zip(cap.grads[0], expected.items(), strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -173,16 +179,8 @@ def test_penalty_through_fused_attention_is_the_reference(tmp_path) -> None:
     TransformerEncoderLayer) failed its first penalized step in torch's backward, naming
     none of this (a probe's finding). With the penalty its forward runs the math kernel,
     and the step's gradient is the reference's."""
-    cap = Capture()
-    train(tmp_path, *STEP, "trainer.max_steps=1", "~model", f"+model._target_={__name__}.Attend",
-          "regularizer=[input_grad_penalty]", "regularizer.input_grad_penalty.coef=3.0",
-          callbacks=[cap])  # fmt: skip
-    torch.manual_seed(0)
-    model = Attend((1, 8, 8), 10)  # the run's initial weights (seed 0)
-    x, y, _ = cap.batches[0]
-    params = dict(model.named_parameters())
-    with sdpa_kernel(SDPBackend.MATH):  # (the reference's own double backward)
-        expected = torch.func.grad(lambda p: sum(reference(p, model, x, y, 3.0)))(params)
+    keys = ("~model", f"+model._target_={__name__}.Attend")
+    cap, expected, *_ = penalized_step(tmp_path, Attend, *keys)
     for got, (name, ref) in zip(cap.grads[0], expected.items(), strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6, msg=name)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_cfg, read_scalars, train
+from test_higher_order import OverRunningMean
 from torch import nn
 
 from trainer.backward import WeightError
@@ -476,23 +477,15 @@ def test_a_strategy_of_ones_own_is_held_to_finite_weights_ge_0(tmp_path, keys, m
     assert not list(tmp_path.glob("checkpoints/step_*.pt"))  # (none written past it)
 
 
-class _Ema(Weighting):
-    """A strategy with state: r = the loss over a running mean of the batch losses."""
-
-    def __init__(self, normalize: str = "mean") -> None:
-        super().__init__(normalize=normalize)
-        self.ema: torch.Tensor | None = None
-
-    def raw(self, losses, logits, targets, indices):
-        mean = losses.detach().mean()
-        self.ema = mean if self.ema is None else 0.9 * self.ema + 0.1 * mean
-        return losses.detach() / self.ema
+class _Ema(OverRunningMean):
+    """A strategy with state (r = the loss over a running mean of the batch losses), kept in
+    checkpoints."""
 
     def state_dict(self):
-        return {"ema": self.ema}
+        return {"mean": self.mean}
 
     def load_state_dict(self, state) -> None:
-        self.ema = state["ema"]
+        self.mean = state["mean"]
 
 
 def test_a_strategy_of_ones_own_with_state_resumes_exactly(tmp_path, caplog) -> None:
