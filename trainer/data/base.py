@@ -218,8 +218,8 @@ STOP_SIGNALS = tuple(
 def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader worker's ``worker_init_fn``: the stop signals the trainer handles do not
     stop the worker. torchrun, SLURM and a terminal's Ctrl-C signal the whole process group,
-    workers included; torch's worker handler exits on a SIGTERM from anyone but its parent,
-    so the workers died of it and the main process, finishing its step before it
+    workers included; a SIGTERM ended a worker whoever sent it (torch's worker handler), so
+    the workers died of it and the main process, finishing its step before it
     checkpoints, failed at its next batch ("DataLoader worker ... is killed by signal:
     Terminated") with no checkpoint: data-parallel, where the ranks agree on the stop one
     step later, always. Such workers outlive a SIGTERM from the main process too, so the
@@ -335,8 +335,8 @@ class DeviceLoader:
 
     def close(self) -> None:
         """End the workers, which ignore stop signals (:func:`ignore_stop_signals`): the
-        DataLoader's own shutdown (each told to stop, then joined). Iterating again starts
-        new ones."""
+        DataLoader's own shutdown (each told to stop, then joined), and a worker still alive
+        after it (busy in its data set) killed. Iterating again starts new ones."""
         iterator = getattr(self.loader, "_iterator", None)  # (persistent workers' iterator)
         self.loader._iterator = None
         if iterator is None:
