@@ -341,6 +341,7 @@ def test_the_report_ranks_by_the_jobs_monitor_with_its_direction_and_its_columns
     assert "best: job 1 (val/mse 0.2, lowest)" in out
     rows = {r["job"]: r for r in read_csv(root / "summary.csv")}
     assert rows["1"]["best"] == "*" and float(rows["2"]["val/mse"]) == 0.9
+    assert "val/acc" not in rows["1"] and "val/acc" not in out  # (no job has it: no column)
     assert (root / "curves.png").is_file()
 
 

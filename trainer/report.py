@@ -234,12 +234,15 @@ def best_run(ranked: Sequence[Run], metric: str) -> Run | None:
 
 def columns_for(metric: str, runs: Sequence[Run] = ()) -> tuple[str, ...]:
     """:data:`METRICS`, the ranking metric, and the other numbers the jobs' metrics.json
-    hold (val/mse of a regression, val/ppl and val/token_acc of a sequence model)."""
+    hold (val/mse of a regression, val/ppl and val/token_acc of a sequence model); a metric
+    of :data:`METRICS` no job holds (val/acc of a regression or sequence sweep, an empty
+    column of dashes) is left out."""
     extra = sorted({
         k for r in runs for k, v in r.metrics.items()
         if k not in NOT_METRICS and isinstance(v, int | float) and not isinstance(v, bool)
     } - {*METRICS, metric})  # fmt: skip
-    return (*METRICS, *([] if metric in METRICS else [metric]), *extra)
+    held = [m for m in METRICS if m == metric or not runs or any(m in r.metrics for r in runs)]
+    return (*held, *([] if metric in METRICS else [metric]), *extra)
 
 
 def curve_tags(metric: str) -> tuple[str, str]:
