@@ -271,9 +271,7 @@ class CrossEntropy(Loss):
 
     def check(self, data: DataModule) -> None:
         self._classes = data.out_dim  # (the scores check_output expects per sample)
-        targets = data.train_targets
-        if targets is None and data.first_target is not None:  # (a Dataset without .targets:
-            targets = data.first_target.unsqueeze(0)  # its first label's dtype and shape)
+        targets, val = data.checked_targets()
         if targets is not None and (targets.is_floating_point() or targets.ndim != 1):
             fix = (
                 "token sequences: loss=token_cross_entropy"
@@ -290,9 +288,6 @@ class CrossEntropy(Loss):
                 "(torch refuses them at the first step): cast them with .long() in the data module "
                 "(a data=tensors file: save them as int64, y.long() or np.int64)"
             )
-        val, first_val = data.val_targets, data.first_val_target
-        if val is None and first_val is not None:  # (as the training split's, above)
-            val = first_val.unsqueeze(0)
         for split, labels in (("training", targets), ("validation", val)):
             if labels is None or not labels.numel():
                 continue
@@ -332,11 +327,7 @@ class MSE(Loss):
         return squared_error(output, target)
 
     def check(self, data: DataModule) -> None:
-        targets, val = data.train_targets, data.val_targets
-        if targets is None and data.first_target is not None:  # (a Dataset without .targets:
-            targets = data.first_target.unsqueeze(0)  # its first target's dtype and shape)
-        if val is None and data.first_val_target is not None:
-            val = data.first_val_target.unsqueeze(0)
+        targets, val = data.checked_targets()
         for split, t in (("training", targets), ("validation", val)):
             if t is not None and not t.is_floating_point():
                 raise ConfigError(

@@ -513,6 +513,17 @@ class DataModule(abc.ABC):
                 "is held as tensors"
             ) from None
 
+    def checked_targets(self) -> tuple[Tensor | None, Tensor | None]:
+        """(training, validation) targets as a loss checks them before training: each split's
+        ``targets``, or, for a Dataset without them, its first sample's as a batch of one
+        (its dtype and shape, and its one label)."""
+        first = [t if t is None else t.unsqueeze(0) for t in (self.first_target,
+                                                              self.first_val_target)]  # fmt: skip
+        return (
+            self.train_targets if self.train_targets is not None else first[0],
+            self.val_targets if self.val_targets is not None else first[1],
+        )
+
     def provides(self) -> dict[str, Any]:
         """What a model's constructor may ask for by name (after :meth:`setup`)."""
         out: dict[str, Any] = {"in_shape": list(self.input_shape or ()), "out_dim": self.out_dim}
