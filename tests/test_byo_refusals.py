@@ -532,6 +532,38 @@ def test_inputs_of_another_dtype_are_named_at_the_first_step(tmp_path) -> None:
         train(tmp_path / "run", "data=tensors", f"data.path={path}", *TINY)
 
 
+class TokenModelFails(nn.Module):
+    """A language model whose first forward fails for a reason other than a dtype: a head of
+    the wrong width, or memory."""
+
+    def __init__(self, vocab_size, in_shape, oom: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, 8)
+        self.head = nn.Linear(7, vocab_size)
+        self.oom = oom
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        if self.oom:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.head(h)
+
+
+@pytest.mark.parametrize(
+    ("oom", "error", "match"),
+    [(False, RuntimeError, r"^mat1 and mat2 shapes cannot be multiplied"),
+     (True, torch.OutOfMemoryError, r"^CUDA out of memory")],
+)  # fmt: skip
+def test_a_token_models_own_first_forward_error_is_kept(tmp_path, oom, error, match) -> None:
+    """int64 token ids are not the parameters' dtype, and any error of a language model's first
+    forward (a shape, out of memory) was re-raised as "cast them in the data module" (a
+    review's finding): only torch's dtype messages are."""
+    with pytest.raises(error, match=match) as raised:
+        train(tmp_path, "experiment=chars_lm", "trainer.max_steps=1", "~model",
+              f"+model._target_={__name__}.TokenModelFails", f"+model.oom={oom}")  # fmt: skip
+    assert type(raised.value) is error
+
+
 class Narrow(nn.Module):
     """``width`` scores per sample whatever the data's classes (or (B,) with width 0)."""
 

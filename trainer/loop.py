@@ -701,9 +701,12 @@ class Trainer:
             logits = self.forward_model(x)
         except RuntimeError as e:
             weights = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
-            other = bool(weights) and x.dtype not in weights  # (conv: "Input type (double)
-            if not other and "dtype" not in str(e) and "scalar type" not in str(e):  # and
-                raise  # bias type (float) should be the same", no "dtype" in it)
+            text = str(e)  # (torch's words for a dtype mismatch; conv's: "Input type (double)
+            dtype = "dtype" in text or "scalar type" in text or (  # and bias type (float)
+                "Input type (" in text and "should be the same" in text  # should be the same")
+            )  # (not the inputs' dtype alone: a language model's int64 ids fail for other
+            if isinstance(e, torch.OutOfMemoryError) or not dtype:  # reasons, a shape or
+                raise  # memory, and keep torch's error)
             raise TypeError(
                 f"the model's first forward failed on the data's inputs ({x.dtype}; the "
                 f"model's parameters: {', '.join(sorted(map(str, weights))) or 'none'}): cast "
