@@ -701,12 +701,14 @@ class Trainer:
             logits = self.forward_model(x)
         except RuntimeError as e:
             weights = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
-            text = str(e)  # (torch's words for a dtype mismatch; conv's: "Input type (double)
-            dtype = "dtype" in text or "scalar type" in text or (  # and bias type (float)
-                "Input type (" in text and "should be the same" in text  # should be the same")
-            )  # (not the inputs' dtype alone: a language model's int64 ids fail for other
-            if isinstance(e, torch.OutOfMemoryError) or not dtype:  # reasons, a shape or
-                raise  # memory, and keep torch's error)
+            # torch's words for a dtype mismatch (conv's: "Input type (double) and bias type
+            # (float) should be the same"), not the inputs' dtype alone: a language model's
+            # int64 ids fail for other reasons too (a shape, memory), kept as torch raised them
+            text = str(e)
+            conv = "Input type (" in text and "should be the same" in text
+            dtype = "dtype" in text or "scalar type" in text or conv
+            if isinstance(e, torch.OutOfMemoryError) or not dtype:
+                raise
             raise TypeError(
                 f"the model's first forward failed on the data's inputs ({x.dtype}; the "
                 f"model's parameters: {', '.join(sorted(map(str, weights))) or 'none'}): cast "
