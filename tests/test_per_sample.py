@@ -21,6 +21,7 @@ from conftest import final_params, read_scalars, train
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import prune
 
 from trainer.data.base import Batch
 from trainer.distributed import SINGLE
@@ -658,11 +659,131 @@ def test_inputs_whose_dimension_0_has_the_batchs_size_by_chance(make, left_out, 
         torch.testing.assert_close(
             last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0
         )
-    assert forwards == [B, 2, B]  # the check's forward on 2 samples, once
+    assert forwards == [4, B, 2, B]  # the mixing check (4 samples), the batch dimension's (2)
     for name in left_out:
         assert f"leave out {name!r}: dimension 0 of its input" in caplog.text
     if not left_out:
         assert "leave out" not in caplog.text
+
+
+def _jacobian_rows(model: nn.Module, x, y, left_out: tuple[str, ...] = ()) -> torch.Tensor:
+    """‖∇θ ℓᵢ‖ with ℓᵢ the batch forward's loss of sample i (one row of the Jacobian of the
+    batch's losses: the definition where the model mixes the samples), over the parameters of
+    the units not in ``left_out``."""
+    kept = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in left_out]
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    return torch.stack([
+        torch.sqrt(sum(g.pow(2).sum()
+                       for g in torch.autograd.grad(losses[i], kept, retain_graph=True)))
+        for i in range(x.shape[0])
+    ])  # fmt: skip
+
+
+class NormalizedByHand(nn.Module):
+    """A normalization with the batch's statistics written with plain ops (no BatchNorm, no
+    F.batch_norm) after ``a``: the embedding and ``a`` are upstream of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.a, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        h = self.a(self.emb(tokens).mean(1))
+        h = (h - h.mean(0)) / (h.var(0, unbiased=False) + 1e-5).sqrt()
+        return self.head(torch.tanh(h))
+
+
+class Reordered(nn.Module):
+    """``b`` and ``head`` run on the batch in reverse order, put back at the end: each of
+    their rows is another sample's (the embedding and ``a`` see the batch in order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.a = nn.Embedding(V, D), nn.Linear(D, D)
+        self.b, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.a(self.emb(tokens).mean(1)))
+        return self.head(torch.tanh(self.b(h.flip(0)))).flip(0)
+
+
+@pytest.mark.parametrize(
+    "make, left_out",
+    [(NormalizedByHand, ("emb", "a")), (Reordered, ("b", "head"))],
+    ids=["normalized_by_hand", "reordered"],
+)
+def test_a_model_that_mixes_the_samples_by_hand_leaves_out_the_units_before(
+    make, left_out, caplog
+) -> None:
+    """A normalization over the batch written by hand was not seen (only BatchNorm and
+    F.batch_norm were): the units upstream of it were measured with coverage 1, norms 35 % off;
+    a reordered batch had each row credited to the wrong sample, 12.6 % off (a probe). The
+    units whose rows reach other samples' outputs are left out and named; the rest is exact
+    against rows of the batch's Jacobian."""
+    torch.manual_seed(0)
+    model = make().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+    reference = _jacobian_rows(copy.deepcopy(model), x, y, left_out)
+    with caplog.at_level("WARNING"):
+        last, staged = measure(model, x, y)
+    assert staged["per_sample/coverage"] == pytest.approx(_share(model, left_out))
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+    for name in left_out:
+        assert f"leave out {name!r}: the model mixes or reorders the samples" in caplog.text
+
+
+def test_the_mixing_checks_are_checkpointed(tmp_path, caplog) -> None:
+    """What the mixing check found is in the callback's state, loadable with weights_only: a
+    resumed run leaves out the same units without running the check's forward again."""
+    torch.manual_seed(0)
+    model = NormalizedByHand().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+    first = PerSampleNorms(1, loss="both")
+    measure(model, x, y, cb=first)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = PerSampleNorms(1, loss="both")
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[0]))
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y, cb=resumed)
+    assert forwards == [B]  # the step's own forward only
+    assert staged["per_sample/coverage"] == pytest.approx(_share(model, ("emb", "a")))
+    assert "leave out 'a': the model mixes or reorders the samples" in caplog.text
+
+
+class Rewritten(nn.Module):
+    """Linears whose weight a forward pre-hook computes: ``weight_norm`` and ``prune``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.utils.weight_norm(nn.Linear(D, D))
+        self.b = prune.random_unstructured(nn.Linear(D, D), "weight", amount=0.4)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("make", [lambda: nn.utils.weight_norm(nn.Linear(D, 3)), Rewritten],
+                         ids=["weight_norm_root", "weight_norm_and_prune_inside"])  # fmt: skip
+def test_a_weight_computed_by_a_pre_hook_is_measured_exactly(make, caplog) -> None:
+    """weight_norm on the model's root: the Linear's closed form filed the weight's part under
+    the computed ``weight``, not ``weight_g``/``weight_v``, which got none: coverage 1, norms
+    75 % off (a probe). Inside a model, the pre-hook's use of ``weight_g`` was an outside use
+    (left out). Both are measured exactly now, as is ``prune``'s ``weight_orig``."""
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    reference = _jacobian_rows(model, x, y)  # (no .grad; weight_norm has no deepcopy)
+    with caplog.at_level("WARNING"):
+        last, staged = measure(model, x, y)
+    assert "leave out" not in caplog.text
+    assert staged["per_sample/coverage"] == 1.0
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
 
 
 class LayerDrop(nn.Module):
@@ -1209,7 +1330,7 @@ def test_a_step_whose_per_sample_norms_overflowed_logs_nan_not_the_finite_few(tm
 
 
 def test_a_check_forward_leaves_a_max_norm_embedding_as_it_was() -> None:
-    """The batch-dimension check runs the model's forward again on 2 samples; an Embedding
+    """The batch-dimension check runs the model's forward again on a few samples; an Embedding
     with ``max_norm`` renormalizes the rows it looks up in place (not exactly idempotently in
     float32), so measuring changed the weights (7.5e-8 in 3 rows, a probe). It runs on a copy
     of such weights: the measured step's weights are the plain step's, bit for bit."""

@@ -36,6 +36,10 @@ of parameter elements whose per-sample gradient was captured), never mixed in si
   or inside another unit; Python's ``random`` or NumPy's global generator, seen by their
   states moving during the recomputation, which runs on copies of them: a generator object
   the unit owns is not seen) that a per-sample recomputation cannot reproduce;
+* a unit after which the model mixes or reorders the samples by other means (a
+  normalization with the batch's statistics written by hand, a sort of the batch): each of its
+  output rows then gets other samples' gradients in the step's backward. Seen once per input
+  shape on a few samples of the batch (:meth:`PerSampleNorms._verify`);
 * a unit whose inputs do not carry the batch where expected (an RNN fed a PackedSequence,
   several tensor inputs to a generic unit), or whose output never received a gradient.
 
@@ -305,10 +309,70 @@ def _unit_kind(module: nn.Module) -> str:
     for cls, methods in _CLOSED_FORMS.items():
         if isinstance(module, cls):
             stock = all(getattr(type(module), m) is getattr(cls, m) for m in methods)
-            if stock and not (cls is nn.Embedding and module.scale_grad_by_freq):  # type: ignore[union-attr]
+            if stock and not (cls is nn.Embedding and module.scale_grad_by_freq) and _own(module):  # type: ignore[union-attr]
                 return "closed"
             break  # (a subclass of its own forward: recomputed per sample like any module)
     return "func"
+
+
+def _own(module: nn.Module) -> bool:
+    """Whether the module's ``weight`` and ``bias`` are its own registered parameters, and
+    its only ones: the closed forms file a per-sample part under them. Not so under
+    ``torch.nn.utils.weight_norm`` (``weight`` computed from ``weight_g`` and ``weight_v`` by a
+    forward pre-hook) or ``torch.nn.utils.prune`` (from ``weight_orig`` and a mask): the part
+    went to a computed tensor, the parameters got none, and the unit counted as captured."""
+    own = {n for n, v in module._parameters.items() if v is not None}  # (not getattr: a
+    return "weight" in own and own <= {"weight", "bias"}  # parametrization would run)
+
+
+#: why a unit after which the model mixes the samples is left out
+MIXED = (
+    "the model mixes or reorders the samples after it (a normalization with the batch's "
+    "statistics of its own, a sort of the batch: its output for one sample reached the others' "
+    "outputs), so the step's backward gives each of its rows other samples' gradients too"
+)
+
+
+def _signature(x: Any) -> tuple[Any, ...]:
+    """The shapes and dtypes of a batch's inputs: what a check of the model's forward holds
+    for."""
+    return tuple((tuple(t.shape), str(t.dtype)) for t in _tensors(x))
+
+
+def _tuples(obj: Any) -> Any:
+    """Lists (as a checkpoint keeps them) back into tuples, nested."""
+    return tuple(_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def _mixed_after(
+    out: Any, outs: dict[tuple[str, int], list[tuple[Tensor, int]]], p: int
+) -> set[tuple[str, int]]:
+    """The unit calls (keys of ``outs``: each call's outputs with their batch dimension, of
+    size ``p``) one of whose rows reaches another row of the model's output ``out``: for each
+    row j, the gradient of Σ_{k≠j} ⟨out_k, r_k⟩ at the calls' row j, exactly 0 where nothing
+    mixes the samples (r: fixed random numbers, so no sum cancels, as a softmax's would)."""
+    finals = [out] if isinstance(out, Tensor) else _tensors(out)
+    finals = [t for t in finals if t.requires_grad and t.is_floating_point()
+              and t.dim() >= 1 and t.shape[0] == p]  # fmt: skip
+    keys = [key for key, got in outs.items() for _ in got]
+    inputs = [t for got in outs.values() for t, _ in got]
+    dims = [d for got in outs.values() for _, d in got]
+    if not finals or not inputs:  # (no batch-first output to look at)
+        return set()
+    device = finals[0].device
+    gen = torch.Generator(device=device).manual_seed(0)  # (not the run's random states)
+    weights = [torch.randn(t.shape, generator=gen, device=device).to(t.dtype) for t in finals]
+    hits = []
+    for j in range(p):
+        others = torch.arange(p, device=device) != j
+        root = torch.stack([(t * r)[others].sum().float()
+                            for t, r in zip(finals, weights, strict=True)]).sum()  # fmt: skip
+        grads = torch.autograd.grad(root, inputs, allow_unused=True, retain_graph=True)
+        none = torch.zeros((), dtype=torch.bool, device=device)  # (no path: no gradient)
+        hits.append(torch.stack([g.select(d, j).ne(0).any() if g is not None else none
+                                 for g, d in zip(grads, dims, strict=True)]))  # fmt: skip
+    hit = torch.stack(hits).any(0).tolist()  # host sync: once per new input shape
+    return {key for key, h in zip(keys, hit, strict=True) if h}
 
 
 def _renorms(module: nn.Module) -> bool:
@@ -346,6 +410,9 @@ class _Call:
     #: (unit name, call within the forward, input shape) when whether dimension 0 of its input
     #: is the batch is not known yet (settled after the backward: :meth:`PerSampleNorms._verify`)
     verify: tuple[str, int, tuple[int, ...]] | None = None
+    #: (unit name, call within the forward) when whether the model mixes the samples after it
+    #: is not known yet for this input (:meth:`PerSampleNorms._check_mixing`, after the backward)
+    mixing: tuple[str, int] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -459,6 +526,12 @@ class PerSampleNorms(Callback):
         #: input was seen to be the batch, or why it is not (:meth:`_verify`)
         self._verdicts: dict[tuple[str, int, tuple[int, ...]], str | None] = {}
         self._entered: dict[nn.Module, int] = {}  # each unit's calls in this forward so far
+        #: a batch's input signature -> (the unit calls, (name, call within the forward), after
+        #: which the model mixes the samples; the unit calls its check saw) (:meth:`_check_mixing`)
+        self._mixing_checks: dict[Any, tuple[frozenset[Any], frozenset[Any]]] = {}
+        self._mixing_failed: dict[Any, str] = {}  # signature -> why its check failed
+        self._signature: Any = None  # the measured micro-batch's
+        self._started = False  # this process trained a micro-batch (its first: checked)
         self._parametrizing: set[nn.Module] = set()  # (set in on_fit_start)
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
@@ -530,9 +603,14 @@ class PerSampleNorms(Callback):
 
     # ---- arming: hooks exist only while a measured micro-batch runs its forward and backward
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
+        if not self._started:  # the first micro-batch reads the host anyway (the optimizer's
+            self._started = True  # state is created): its inputs' mixing check is done there
+            if _signature(batch.x) not in self._mixing_checks:
+                self._check_mixing(trainer, batch)
         if self._skip_window or not self.every.due_next(trainer.global_step):
             return
         self._batch = batch.x.shape[0]
+        self._signature = _signature(batch.x)
         if trainer.world.distributed:
             self._count_rows(trainer, self._batch)
         if not self._weighted:  # the window's first measured micro-batch
@@ -549,14 +627,16 @@ class PerSampleNorms(Callback):
         self._active.clear()
         self._entered.clear()
         root = trainer.model  # the model's forward is watched for outside uses, nothing else
-        self._handles.append(root.register_forward_pre_hook(self._enter_mode))
-        for _, m, _, _ in self.units:
-            self._handles.append(m.register_forward_pre_hook(self._enter))
+        for _, m, _, _ in self.units:  # before a unit's own pre-hooks (weight_norm's, prune's
+            # compute its weight from its parameters: a use inside its forward)
+            self._handles.append(m.register_forward_pre_hook(self._enter, prepend=True))
             # first of the unit's forward hooks: a user's hook runs after the unit stopped
             # counting as active, so its use of the unit's weights is seen as outside
             self._handles.append(
                 m.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True)
             )
+        # (the mode first of all: registered last, in front)
+        self._handles.append(root.register_forward_pre_hook(self._enter_mode, prepend=True))
         for name, bn in self._batchnorms:  # (those without parameters of their own too)
             self._handles.append(bn.register_forward_pre_hook(partial(self._enter_bn, name)))
         self._handles.append(root.register_forward_hook(lambda *_: self._leave_mode()))
@@ -651,6 +731,14 @@ class PerSampleNorms(Callback):
             verify = (name, self._entered.get(module, 0), tuple(args[0].shape))
             if verify in self._verdicts:
                 why, verify = self._verdicts[verify], None
+        mixing = None
+        if why is None and self._batch > 1:  # does the model mix the samples after it?
+            call_key = (name, self._entered.get(module, 0))
+            checked = self._mixing_checks.get(self._signature)
+            if checked is not None and call_key in checked[0]:
+                why = MIXED
+            elif checked is None or call_key not in checked[1]:
+                mixing = call_key  # not known yet: settled after the backward
         if why is not None:
             self._excluded[name] = why
             return
@@ -663,7 +751,7 @@ class PerSampleNorms(Callback):
         )
         call = _Call(
             module, _detach(args), _detach(kwargs), [t.detach() for t in outputs], dims,
-            autocast=amp, verify=verify,
+            autocast=amp, verify=verify, mixing=mixing,
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -772,8 +860,9 @@ class PerSampleNorms(Callback):
         module = call.unit
         if self._kind[module] != "closed" or self._names[module] in self._excluded:
             return  # after the backward, outside autograd's engine
-        if self._mode is not None or call.verify is not None:  # outside uses not known yet
-            return  # (no on_before_backward), or its layout (after the backward)
+        if self._mode is not None or call.verify is not None or call.mixing is not None:
+            return  # outside uses not known yet (no on_before_backward), or its layout, or
+            # whether the samples are mixed after it (after the backward)
         if not self._single_use(module) or self._upstream_of_mixing(module) is not None:
             return
         self._closed_form(call, g)
@@ -913,12 +1002,24 @@ class PerSampleNorms(Callback):
         pending = {c.verify for c in self._calls if c.verify is not None}
         if pending:
             self._verify(trainer, batch, pending)  # type: ignore[arg-type]
+        if any(c.mixing is not None for c in self._calls):  # a new input signature, or a
+            self._check_mixing(trainer, batch)  # call its check did not see (host read)
+        checked = self._mixing_checks.get(self._signature)
         fork: Fork | None = None
         with contextlib.ExitStack() as stack:
             for call in self._calls:
                 module = call.unit
                 name = self._names[module]
                 why = self._verdicts.get(call.verify) if call.verify is not None else None
+                if why is None and call.mixing is not None:
+                    if checked is not None and call.mixing in checked[0]:
+                        why = MIXED
+                    elif checked is None or call.mixing not in checked[1]:
+                        failed = self._mixing_failed.get(self._signature, "")
+                        why = (
+                            "whether the model mixes the samples after it is not known yet: "
+                            f"its check's forward did not make this call{failed}"
+                        )
                 if why is not None:
                     self._excluded.setdefault(name, why)
                 if name in self._excluded or not call.grads and module in self._captured:
@@ -1040,6 +1141,65 @@ class PerSampleNorms(Callback):
         if not self._rank_rows:
             self._rank_rows = [0] * len(sizes)
         self._rank_rows = [a + b for a, b in zip(self._rank_rows, sizes, strict=True)]
+
+    def _check_mixing(self, trainer: Trainer, batch: Batch) -> None:
+        """Whether the model mixes or reorders the samples after each unit call, for inputs of
+        this batch's signature (a normalization with the batch's statistics written by hand,
+        a sort of the batch): then the unit's output row of one sample reaches other samples'
+        outputs, and the step's backward gives that row a gradient from their losses too,
+        which no closed form or recomputation can split. The model's forward runs on the
+        batch's first P = min(B, 4) samples, on copies of its buffers, every random state
+        forked, its BatchNorms in eval mode (they are left out by their own rule; a
+        SyncBatchNorm would all-gather, and only this rank checks); for each row j, the
+        gradient of Σ_{k≠j} ⟨out_k, r_k⟩ (r: fixed random numbers; the model's batch-first
+        outputs) must be exactly 0 at each unit call's row j (:func:`_mixed_after`).
+
+        Done at the process's first micro-batch, then on a measured one with new input shapes
+        (or a call the check did not see: a layer skipped at random): one host read each
+        time, not per step. Kept (and checkpointed). A mixing these P samples do not show (a
+        sort that leaves them in order) is not seen."""
+        signature = _signature(batch.x)
+        self._mixing_checks.pop(signature, None)
+        self._mixing_failed.pop(signature, None)
+        xs = _tensors(batch.x)
+        if not xs or xs[0].ndim == 0 or xs[0].shape[0] < 2:
+            return  # (one sample: nothing to mix; not kept, so asked again at a real batch)
+        p = min(xs[0].shape[0], 4)
+        model = trainer.model
+        outs: dict[tuple[str, int], list[tuple[Tensor, int]]] = {}
+        counts: dict[nn.Module, int] = {}
+
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            counts[module] = counts.get(module, 0) + 1
+            got = [t for t in _tensors(output) if t.requires_grad]
+            outs[(self._names[module], counts[module])] = [
+                (t, d) for t, d in zip(got, self._out_dims(module, len(got)), strict=True)
+                if t.dim() > d and t.shape[d] == p
+            ]  # fmt: skip
+
+        handles = [m.register_forward_hook(record) for _, m, _, _ in self.units]
+        x = _map_tensors(batch.x, lambda t: t[:p])
+        norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
+        try:
+            state = {**dict(model.named_parameters()),
+                     **{n: t.clone() for n, t in model.named_buffers()},
+                     **_renormed_in_place(model)}  # fmt: skip
+            for m in norms:
+                m.training = False
+            with torch.enable_grad(), forked_rng(xs[0].device):
+                out = functional_call(model, state, (x,))
+                for h in handles:  # (the backwards below run no forward)
+                    h.remove()
+                mixed = _mixed_after(out, outs, p)
+        except Exception as e:  # (a model that cannot run on P samples: nothing is settled)
+            self._mixing_failed[signature] = f"; it failed: {type(e).__name__}: {e}"[:300]
+            return
+        finally:
+            for m in norms:
+                m.training = True
+            for h in handles:
+                h.remove()
+        self._mixing_checks[signature] = (frozenset(mixed), frozenset(outs))
 
     def _verify(
         self, trainer: Trainer, batch: Batch, pending: set[tuple[str, int, tuple[int, ...]]]
@@ -1311,8 +1471,8 @@ class PerSampleNorms(Callback):
         return self._sizes
 
     def state_dict(self) -> dict[str, Any]:
-        """The averages, and what the checks of unit calls' batch dimension found (a resumed
-        run measures what the run would have, without checking again)."""
+        """The averages, and what the checks of unit calls (batch dimension, mixing) found (a
+        resumed run measures what the run would have, without checking again)."""
         # data-parallel: every rank's (the checkpoint is a collective, every rank takes part):
         # a rank's ragged shard has shapes of its own, and what was found of a shape is the same
         # on every rank, so each resumed rank takes the union
@@ -1320,7 +1480,12 @@ class PerSampleNorms(Callback):
         union = {(n, k, tuple(shape)): why for part in all_gather_objects(mine)
                  for n, k, shape, why in part}  # type: ignore[attr-defined]  # fmt: skip
         verdicts = [(n, k, list(shape), why) for (n, k, shape), why in union.items()]
-        return {"noise_ema": self._ema, "verdicts": verdicts}
+        checks = [[list(sig), [list(k) for k in flagged], [list(k) for k in seen]]
+                  for sig, (flagged, seen) in self._mixing_checks.items()]  # fmt: skip
+        mixing = {_tuples(sig): (flagged, seen) for part in all_gather_objects(checks)
+                  for sig, flagged, seen in part}  # type: ignore[attr-defined]  # fmt: skip
+        kept = [[sig, flagged, seen] for sig, (flagged, seen) in mixing.items()]
+        return {"noise_ema": self._ema, "verdicts": verdicts, "mixing": kept}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ema = state["noise_ema"]  # (a checkpoint of an earlier version: a tensor (2,))
@@ -1328,6 +1493,10 @@ class PerSampleNorms(Callback):
         self._verdicts = {
             (str(n), int(k), tuple(int(d) for d in shape)): why
             for n, k, shape, why in state.get("verdicts", [])
+        }
+        self._mixing_checks = {  # (an earlier version's has none: checked again)
+            _tuples(sig): (frozenset(map(_tuples, flagged)), frozenset(map(_tuples, seen)))
+            for sig, flagged, seen in state.get("mixing", [])
         }
 
     def coverage(self) -> float:
