@@ -637,3 +637,46 @@ def test_a_chars_run_saved_with_the_old_stride_default_keeps_its_identity() -> N
     assert derive_run_id(cfg("data.block_size=32", "data.stride=16")) == derive_run_id(
         cfg("data.block_size=32")
     )
+
+
+def test_a_sweeps_resumed_job_is_reported_where_it_continued(tmp_path, caplog) -> None:
+    """A multirun resumed with ``trainer.resume`` continues each job in its checkpoint's run
+    dir: the new job folders held only Hydra's files, and the sweep reported every job
+    "missing" and exited 1 although all completed (a probe). The job's folder names where it
+    went; the report and the sweep's summary follow it. A resume that changes the derived run
+    id (a longer run) says so."""
+    from conftest import train
+
+    from trainer import report
+    from trainer.sweep import SweepSummary
+
+    train(tmp_path / "a", "trainer.max_steps=3")
+    resume = f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"
+    job = tmp_path / "sweep" / "0"
+    with caplog.at_level("WARNING", logger="trainer.run"):
+        train(job, "trainer.max_steps=6", resume)
+    assert "as run" in caplog.text and "trainer.resume=auto finds it under" in caplog.text
+    (run,) = report.collect_runs(tmp_path / "sweep")
+    assert (run.name, run.status, run.metrics["step"]) == ("0", "completed", 6)
+    assert run.path == tmp_path / "a"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer.sweep"):
+        SweepSummary()._summarize(tmp_path / "sweep", stopped=False)  # no SystemExit
+    assert "its 1 job completed" in caplog.text
+
+
+def test_a_sweep_with_an_interrupted_job_does_not_call_it_failed(tmp_path, caplog) -> None:
+    """A job stopped by SIGTERM is interrupted (resumable), not failed: the summary said "1 of
+    2 jobs failed" (a probe)."""
+    import json
+
+    from trainer.sweep import SweepSummary
+
+    for name, status in (("0", "completed"), ("1", "interrupted")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({"status": status, "monitor": "val/acc", "val/acc": 0.5})
+        )
+    with caplog.at_level("INFO", logger="trainer.sweep"), pytest.raises(SystemExit):
+        SweepSummary()._summarize(tmp_path, stopped=False)
+    assert "1 of 2 jobs did not complete (1 interrupted)" in caplog.text

@@ -30,6 +30,10 @@ from typing import Any
 
 import yaml
 
+#: in a job's folder when it resumed a checkpoint of another run dir and continued there:
+#: ``{"run_dir": that dir}``
+CONTINUED = "continued.json"
+
 #: columns of the table and the CSV, in order; the ranking metric and the other metrics the
 #: jobs report (val/mse, val/ppl, ...) are added when not among them
 METRICS = ("train/loss", "val/loss", "val/acc", "step", "wall_s")
@@ -141,10 +145,24 @@ def read_overrides(run_dir: Path) -> list[str]:
 
 
 def load_run(run_dir: Path, name: str | None = None) -> Run:
-    """The run's status, final metrics and overrides (no curves: see :func:`read_curves`)."""
+    """The run's status, final metrics and overrides (no curves: see :func:`read_curves`).
+    A job that resumed a checkpoint of another run dir continued there (``trainer.resume``
+    of a sweep): its own folder holds :data:`CONTINUED`, naming that dir, whose metrics and
+    curves are the job's."""
     run = Run(name=name or run_dir.name, path=run_dir, status="missing")
     run.overrides = read_overrides(run_dir)
     path = run_dir / "metrics.json"
+    pointer = run_dir / CONTINUED
+    if not path.is_file() and pointer.is_file():
+        try:
+            home = Path(json.loads(pointer.read_text())["run_dir"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            run.status, run.error = "unreadable", f"{CONTINUED}: {type(e).__name__}: {e}"
+            return run
+        run.path, path = home, home / "metrics.json"
+        if not path.is_file():
+            run.error = f"it continued in {home}, which holds no metrics.json"
+            return run
     if not path.is_file():
         return run
     try:

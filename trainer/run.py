@@ -60,6 +60,7 @@ from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir
 from trainer.loop import Callback, Trainer, planned_steps
 from trainer.losses import Loss, as_loss
 from trainer.regularizers import InputGradPenalty, Regularizer
+from trainer.report import CONTINUED
 from trainer.sweep import check_direction
 from trainer.weighting import NORMALIZE, Weighting
 
@@ -388,9 +389,19 @@ def run(
             set_rng_state(rank_rng_state(resume_state, world.rank, world.size))
             home = _home_of(resume_path)
             if home is not None:  # continue in the run's own dir
+                if main and home.resolve() != run_dir.resolve():  # where this job went (a
+                    write_json(run_dir / CONTINUED, {"run_dir": str(home)})  # sweep's report)
                 run_dir = home
                 if main:  # one process moves the files
                     set_aside_later(resume_path.parent, int(resume_state["step"]))
+            if main and resume_state.get("run_id") not in (None, run_id):
+                log.warning(
+                    "resuming run %s as run %s: this run's config differs from the "
+                    "checkpoint's in what a resumed run may change (how long it trains, "
+                    "logging, instruments), which the derived id includes; trainer.resume="
+                    "auto finds it under %s from now on (name a run with trainer.run_id to "
+                    "keep one id)", resume_state["run_id"], run_id, run_id,
+                )  # fmt: skip
             purge_step = int(resume_state["step"]) + 1  # its later events are replaced
             before[0] = float(resume_state.get("wall_s", 0.0))
             log.info(

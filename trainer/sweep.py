@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +120,25 @@ class SweepSummary(Callback):
         ended = "stopped before its end by the error above" if stopped else "finished"
         if not failed:
             (log.error if stopped else log.info)(
-                "sweep %s: all %d jobs completed (%s)", ended, len(jobs), sweep_dir
-            )
+                "sweep %s: %s completed (%s)", ended,
+                "its 1 job" if len(jobs) == 1 else f"all {len(jobs)} jobs", sweep_dir,
+            )  # fmt: skip
             return
         for r in failed:
             last = next((ln for ln in reversed(r.error.splitlines()) if ln.strip()), "")
+            if not last and r.status == "missing":
+                last = "no metrics.json (it ended before writing one)"
             log.error("job %s %s: %s", r.name, r.status, last)
+        statuses = Counter(r.status for r in failed)
+        what = (
+            "failed"
+            if set(statuses) == {"failed"}
+            else "did not complete ("
+            + ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
+            + ")"
+        )  # (a job stopped by a signal is interrupted, and resumable, not failed)
         message = (
-            f"sweep {ended}: {len(failed)} of {len(jobs)} jobs failed; the others' outputs "
+            f"sweep {ended}: {len(failed)} of {len(jobs)} jobs {what}; the others' outputs "
             f"are in {sweep_dir} (python scripts/report.py {sweep_dir})"
         )
         log.error(message)
