@@ -55,6 +55,35 @@ def last_value(run_dir: Path, tag: str, until: int) -> float:
     return finite[-1] if finite else math.nan
 
 
+def fit(best: dict[int, dict], target: float, rows: list[dict]) -> dict:
+    """The fit of S(B) = S_min (1 + B_noise / B) to the best runs' steps (least squares in
+    1/B), and the median B_simple of the best runs measured before they reached the target."""
+    bs = sorted(best)
+    # S(B) = S_min + S_min·B_noise · (1/B): least squares in 1/B
+    x = torch.tensor([1 / b for b in bs], dtype=torch.float64)
+    y = torch.tensor([float(best[b]["steps"]) for b in bs], dtype=torch.float64)
+    slope, intercept = (
+        torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y.unsqueeze(1))
+        .solution.flatten()
+        .tolist()
+    )
+    s_min, b_noise = intercept, slope / intercept
+    # the predicted form needs S_min > 0 and B_noise >= 0: steps that fall with the batch size
+    # and level off; a fit outside it (too few or too noisy points) is said, not plotted
+    fit_ok = s_min > 0 and b_noise >= 0
+    # B_simple of the runs measured before they reached the target (a run reaching it before
+    # the first measured step, 5, has none: NaN, which statistics.median would order by chance)
+    measured = [best[b]["b_simple"] for b in bs if math.isfinite(best[b]["b_simple"])]
+    return {
+        "target": target,
+        "runs": rows,
+        "best": [best[b] for b in bs],
+        "fit": {"s_min": s_min, "b_noise": b_noise, "of_the_predicted_form": fit_ok},
+        "b_simple_median": statistics.median(measured) if measured else math.nan,
+        "b_simple_runs": len(measured),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
@@ -63,6 +92,14 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=4000)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "noise_scale")
     args = p.parse_args()
+    if any(b < 2 for b in args.batch_sizes):  # (checked here, before any run trains: a bad
+        p.error("--batch-sizes: each must be >= 2 (the noise scale needs two samples)")  # value
+    if any(not (math.isfinite(lr) and lr > 0) for lr in args.lrs):  # at a later run lost
+        p.error("--lrs: each must be finite and > 0")  # the earlier ones)
+    if not math.isfinite(args.target):
+        p.error("--target: must be finite")
+    if args.max_steps < 1:
+        p.error("--max-steps: must be >= 1")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     rows = []
     for b in args.batch_sizes:
@@ -91,26 +128,21 @@ def main() -> None:
     bs = sorted(best)
     if len(bs) < 2:
         raise SystemExit("fewer than two batch sizes reached the target; raise --max-steps")
-    # S(B) = S_min + S_min·B_noise · (1/B): least squares in 1/B
-    x = torch.tensor([1 / b for b in bs], dtype=torch.float64)
-    y = torch.tensor([float(best[b]["steps"]) for b in bs], dtype=torch.float64)
-    slope, intercept = (
-        torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y.unsqueeze(1))
-        .solution.flatten()
-        .tolist()
-    )
-    s_min, b_noise = intercept, slope / intercept
-    b_simple = statistics.median(best[b]["b_simple"] for b in bs)
-    summary = {
-        "target": args.target,
-        "runs": rows,
-        "best": [best[b] for b in bs],
-        "fit": {"s_min": s_min, "b_noise": b_noise},
-        "b_simple_median": b_simple,
-    }
+    summary = fit(best, args.target, rows)
+    s_min, b_noise = summary["fit"]["s_min"], summary["fit"]["b_noise"]
+    fit_ok, b_simple = summary["fit"]["of_the_predicted_form"], summary["b_simple_median"]
+    measured = summary["b_simple_runs"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "noise_scale.json").write_text(json.dumps(summary, indent=2))
-    print(f"fit: S_min {s_min:.1f} steps, B_noise {b_noise:.1f}; measured B_simple {b_simple:.1f}")
+    print(f"fit: S_min {s_min:.1f} steps, B_noise {b_noise:.1f}; measured B_simple {b_simple:.1f} "
+          f"(median of {measured} of {len(bs)} best runs)")  # fmt: skip
+    if not fit_ok:
+        print("warning: the fit is not of the predicted form S_min(1 + B_noise/B) with S_min > 0 "
+              "and B_noise >= 0 (too few batch sizes, or steps that do not fall with B): its "
+              "B_noise means nothing; more batch sizes, or a lower --target")  # fmt: skip
+    if not measured:
+        print("warning: no run was measured before it reached the target (the noise scale is "
+              "measured every 5 steps): no B_simple; a lower --target")  # fmt: skip
 
     import matplotlib
 
@@ -120,9 +152,11 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.loglog(bs, [best[b]["steps"] for b in bs], "o", label="steps to target (best lr)")
     grid = torch.logspace(math.log10(bs[0]), math.log10(bs[-1]), 100).tolist()
-    ax.loglog(grid, [s_min * (1 + b_noise / g) for g in grid], "-",
-              label=f"S_min(1 + B_noise/B), B_noise = {b_noise:.0f}")  # fmt: skip
-    ax.axvline(b_simple, color="C2", ls="--", label=f"B_simple (instrument) = {b_simple:.0f}")
+    if fit_ok:
+        ax.loglog(grid, [s_min * (1 + b_noise / g) for g in grid], "-",
+                  label=f"S_min(1 + B_noise/B), B_noise = {b_noise:.0f}")  # fmt: skip
+    if measured:
+        ax.axvline(b_simple, color="C2", ls="--", label=f"B_simple (instrument) = {b_simple:.0f}")
     ax.set_xlabel("batch size B")
     ax.set_ylabel(f"optimizer steps to train-loss EMA {args.target}")
     ax.set_title("digits / MLP, SGD")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -165,6 +166,42 @@ def test_the_bench_plain_loop_trains_on_the_trainers_own_loss(tmp_path, experime
         root = t.objective.scalar_root(losses, units, y, window)
         plain = bench.plain_loss(t.criterion, output, y)
     torch.testing.assert_close(plain, root, rtol=1e-6, atol=0.0)
+
+
+def _noise_module():
+    import importlib.util
+
+    path = ROOT / "scripts" / "noise_scale.py"
+    spec = importlib.util.spec_from_file_location("noise_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("order", [(16, 32, 64), (32, 16, 64), (64, 32, 16)])
+def test_the_noise_studys_median_leaves_out_runs_measured_before_none(order) -> None:
+    """A best run that reached the target before the first measured step has no B_simple
+    (NaN): statistics.median over a list with a NaN depended on its order (12.9, 13.4 or NaN,
+    a probe). The median is of the measured runs, whatever their order."""
+    values = {16: math.nan, 32: 13.4, 64: 12.9}
+    steps = {16: 100, 32: 60, 64: 40}
+    best = {b: {"batch_size": b, "steps": steps[b], "b_simple": values[b]} for b in order}
+    result = _noise_module().fit(best, 0.5, [])
+    assert result["b_simple_median"] == statistics.median([13.4, 12.9])
+    assert result["b_simple_runs"] == 2 and result["fit"]["of_the_predicted_form"]
+    rising = {b: {**r, "steps": 200 - steps[b]} for b, r in best.items()}  # more steps with B
+    assert not _noise_module().fit(rising, 0.5, [])["fit"]["of_the_predicted_form"]
+
+
+def test_the_noise_study_refuses_a_bad_grid_before_training(tmp_path) -> None:
+    """A NaN learning rate was refused by the config check only when its run started, after
+    the earlier runs had trained (no JSON written for them)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "noise_scale.py"), "--lrs", "0.4", "nan",
+         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--lrs: each must be finite and > 0" in proc.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def _noise_study(path):
