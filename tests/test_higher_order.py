@@ -561,3 +561,36 @@ def test_curvature_of_bfloat16_parameters_is_summed_in_float32() -> None:
     # relative standard deviation sqrt(2 (‖H‖²_F − Σ Hᵢᵢ²) / m) / tr H, m = 2,000
     spread = float((2 * ((h**2).sum() - (torch.diag(h) ** 2).sum()) / 2000).sqrt() / torch.trace(h))
     assert float(trace) == pytest.approx(float(torch.trace(h)), rel=4 * spread + 0.01)
+
+
+class AnnealedPenalty(InputGradPenalty):
+    """An input-gradient penalty whose λ ramps up over its first calls: state of its own."""
+
+    def __init__(self, name: str = "input_grad_penalty", coef: float = 0.01) -> None:
+        super().__init__(name, coef)
+        self.base, self.calls = coef, 0
+
+    def value(self, losses, x):
+        self.calls += 1
+        self.coef = self.base * min(1.0, self.calls / 5)
+        return super().value(losses, x)
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state) -> None:
+        self.calls = state["calls"]
+
+
+def test_an_input_gradient_penalty_of_ones_own_with_state_resumes_exactly(tmp_path) -> None:
+    """InputGradPenalty was not Stateful: a subclass annealing its λ restarted it on a resume
+    (a review's finding). Kept under ``regularizer.<name>``, as a Regularizer's is."""
+    common = ("regularizer=[input_grad_penalty]", "regularizer.input_grad_penalty.coef=3.0",
+              f"regularizer.input_grad_penalty._target_={__name__}.AnnealedPenalty",
+              "instrument=none", "optimizer=sgd")  # fmt: skip
+    train(tmp_path / "whole", *common, "trainer.max_steps=6")
+    train(tmp_path / "part", *common, "trainer.max_steps=2")
+    last = tmp_path / "part" / "checkpoints" / "last.pt"
+    train(tmp_path / "rest", *common, "trainer.max_steps=6", f"trainer.resume={last}")
+    whole, rest = final_params(tmp_path / "whole"), final_params(tmp_path / "part")
+    assert all(torch.equal(whole[k], rest[k]) for k in whole)

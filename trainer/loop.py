@@ -1040,6 +1040,9 @@ class Trainer:
         parts: list[tuple[str, Any]] = [("loss", self.criterion),
                                         ("weighting", self.objective.weighting)]  # fmt: skip
         parts += [(f"regularizer.{r.name}", r) for r in self.objective.regularizers]
+        penalty = self.objective.input_penalty  # (a subclass of one's own: an annealed λ)
+        if penalty is not None:
+            parts.append((f"regularizer.{penalty.name}", penalty))
         return [(k, p) for k, p in parts if isinstance(p, Stateful)]
 
     def _restore_trainable(self, saved: dict[str, bool] | None) -> None:

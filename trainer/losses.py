@@ -332,7 +332,8 @@ class MSE(Loss):
             if t is not None and not t.is_floating_point():
                 raise ConfigError(
                     f"loss=mse needs float targets; the {split} split's targets are {t.dtype} "
-                    "(class labels: loss=cross_entropy)"
+                    "(class labels: loss=cross_entropy; integer values, counts or ages: make "
+                    "them float in the data module, e.g. float(y) in __getitem__)"
                 )
         for split, t in (("training", targets), ("validation", val)):
             bad = None if t is None else (~torch.isfinite(t)).reshape(len(t), -1).any(1)

@@ -273,7 +273,7 @@ class Regularizer(Stateful):
         return [(self.coef * self.grad_fn(widen(p))).to(p.dtype) for p in self.params]
 
 
-class InputGradPenalty:
+class InputGradPenalty(Stateful):
     """λ · (1/B) Σ_i ‖∇_{x_i} L‖²,  L = Σ_j ℓ_j the batch's summed per-sample loss.
 
     "Double backprop" (Drucker & LeCun, 1992): the gradient of the loss with respect to each input
