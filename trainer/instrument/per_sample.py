@@ -58,6 +58,7 @@ the covered parameters and each tensor's SNR ‖ḡ‖²/tr(S) (docs/instrumenta
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import math
@@ -344,35 +345,61 @@ def _tuples(obj: Any) -> Any:
     return tuple(_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
 
 
-def _mixed_after(
-    out: Any, outs: dict[tuple[str, int], list[tuple[Tensor, int]]], p: int
-) -> set[tuple[str, int]]:
-    """The unit calls (keys of ``outs``: each call's outputs with their batch dimension, of
-    size ``p``) one of whose rows reaches another row of the model's output ``out``: for each
-    row j, the gradient of Σ_{k≠j} ⟨out_k, r_k⟩ at the calls' row j, exactly 0 where nothing
-    mixes the samples (r: fixed random numbers, so no sum cancels, as a softmax's would)."""
-    finals = [out] if isinstance(out, Tensor) else _tensors(out)
-    finals = [t for t in finals if t.requires_grad and t.is_floating_point()
-              and t.dim() >= 1 and t.shape[0] == p]  # fmt: skip
-    keys = [key for key, got in outs.items() for _ in got]
-    inputs = [t for got in outs.values() for t, _ in got]
-    dims = [d for got in outs.values() for _, d in got]
-    if not finals or not inputs:  # (no batch-first output to look at)
-        return set()
-    device = finals[0].device
+class _Probe(nn.Module):
+    """The model and what is done with its output, as one module: ``functional_call`` then
+    keeps its parameters and buffers swapped for the check's own during the backwards too
+    (tensor hooks the model's forward registered fire there)."""
+
+    def __init__(self, model: nn.Module, then: Any) -> None:
+        super().__init__()
+        self.model, self.then = model, then
+
+    def forward(self, x: Any) -> Any:
+        return self.then(self.model(x))
+
+
+def _mixing_passes(
+    losses: Tensor, watched: list[tuple[Any, int]], grads: dict[int, Tensor], p: int
+) -> set[Any]:
+    """The keys of ``watched`` (key, the batch dimension, of size ``p``, of a tensor whose
+    gradient a hook keeps in ``grads`` under its index: registered as the forward made it, so
+    an in-place change after that is part of what follows it) one of whose rows reaches
+    another sample's loss.
+
+    For each bit b of the row index and each of its values v: backpropagate Σ over the rows k
+    with bit b = v of ⟨r_k, ℓ_k⟩ (r: fixed random numbers, so no sum cancels) and look at the
+    other rows j of every watched tensor, whose gradient is exactly 0 unless row j reaches a
+    loss ℓ_k with k ≠ j. Rows j ≠ k differ in some bit, so any pair is seen: 2·⌈log2 p⌉
+    backwards. ``.backward()`` (not ``autograd.grad`` with ``inputs``: a reentrant
+    activation checkpoint refuses that), into the check's own leaves."""
+    device = losses.device
     gen = torch.Generator(device=device).manual_seed(0)  # (not the run's random states)
-    weights = [torch.randn(t.shape, generator=gen, device=device).to(t.dtype) for t in finals]
+    r = torch.rand(losses.shape, generator=gen, device=device).add_(0.5).to(losses.dtype)
+    rows = torch.arange(p, device=device)
+    bits = max(1, math.ceil(math.log2(p)))
     hits = []
-    for j in range(p):
-        others = torch.arange(p, device=device) != j
-        root = torch.stack([(t * r)[others].sum().float()
-                            for t, r in zip(finals, weights, strict=True)]).sum()  # fmt: skip
-        grads = torch.autograd.grad(root, inputs, allow_unused=True, retain_graph=True)
-        none = torch.zeros((), dtype=torch.bool, device=device)  # (no path: no gradient)
-        hits.append(torch.stack([g.select(d, j).ne(0).any() if g is not None else none
-                                 for g, d in zip(grads, dims, strict=True)]))  # fmt: skip
-    hit = torch.stack(hits).any(0).tolist()  # host sync: once per new input shape
-    return {key for key, h in zip(keys, hit, strict=True) if h}
+    none = torch.zeros((), dtype=torch.bool, device=device)  # (no gradient reached it)
+    for bit in range(bits):
+        for v in (0, 1):
+            chosen = ((rows >> bit) & 1) == v
+            if not bool(chosen.any()) or bool(chosen.all()):  # host read: once a check
+                continue
+            grads.clear()
+            ((losses * r)[chosen].sum()).backward(retain_graph=True)
+            hits.append(torch.stack([
+                grads[i].index_select(d, rows[~chosen]).ne(0).any() if i in grads else none
+                for i, (_, d) in enumerate(watched)
+            ]))  # fmt: skip
+    if not hits:
+        return set()
+    hit = torch.stack(hits).any(0).tolist()  # host sync: once per new input signature
+    return {key for (key, _), h in zip(watched, hit, strict=True) if h}
+
+
+def _keep(grads: dict[int, Tensor], i: int, g: Tensor | None) -> None:
+    if g is None:  # (an LSTM's unused output, in float32: its hook is called with None)
+        return
+    grads[i] = g if i not in grads else grads[i] + g
 
 
 def _renorms(module: nn.Module) -> bool:
@@ -735,10 +762,11 @@ class PerSampleNorms(Callback):
         if why is None and self._batch > 1:  # does the model mix the samples after it?
             call_key = (name, self._entered.get(module, 0))
             checked = self._mixing_checks.get(self._signature)
-            if checked is not None and call_key in checked[0]:
+            if checked is not None and call_key in checked[0] and verify is None:
                 why = MIXED
-            elif checked is None or call_key not in checked[1]:
-                mixing = call_key  # not known yet: settled after the backward
+            elif checked is None or call_key not in checked[1] or call_key in checked[0]:
+                mixing = call_key  # not known yet, or after whether dimension 0 is the batch
+                # (a table of B rows reaches every sample: named for that): after the backward
         if why is not None:
             self._excluded[name] = why
             return
@@ -1002,9 +1030,12 @@ class PerSampleNorms(Callback):
         pending = {c.verify for c in self._calls if c.verify is not None}
         if pending:
             self._verify(trainer, batch, pending)  # type: ignore[arg-type]
-        if any(c.mixing is not None for c in self._calls):  # a new input signature, or a
-            self._check_mixing(trainer, batch)  # call its check did not see (host read)
         checked = self._mixing_checks.get(self._signature)
+        gave_up = self._signature in self._mixing_failed  # (its check failed: not again)
+        if any(c.mixing is not None and (checked is None or c.mixing not in checked[1]
+                                         and not gave_up) for c in self._calls):  # fmt: skip
+            self._check_mixing(trainer, batch)  # a new input signature, or a call its check
+            checked = self._mixing_checks.get(self._signature)  # did not see (host read)
         fork: Fork | None = None
         with contextlib.ExitStack() as stack:
             for call in self._calls:
@@ -1145,61 +1176,90 @@ class PerSampleNorms(Callback):
     def _check_mixing(self, trainer: Trainer, batch: Batch) -> None:
         """Whether the model mixes or reorders the samples after each unit call, for inputs of
         this batch's signature (a normalization with the batch's statistics written by hand,
-        a sort of the batch): then the unit's output row of one sample reaches other samples'
-        outputs, and the step's backward gives that row a gradient from their losses too,
-        which no closed form or recomputation can split. The model's forward runs on the
-        batch's first P = min(B, 4) samples, on copies of its buffers, every random state
-        forked, its BatchNorms in eval mode (they are left out by their own rule; a
-        SyncBatchNorm would all-gather, and only this rank checks); for each row j, the
-        gradient of Σ_{k≠j} ⟨out_k, r_k⟩ (r: fixed random numbers; the model's batch-first
-        outputs) must be exactly 0 at each unit call's row j (:func:`_mixed_after`).
+        a sort of the batch), or a generic unit mixes them inside its own forward: then the
+        unit's row of one sample reaches other samples' losses, and the step's backward gives
+        it their gradients too, which no closed form or recomputation can split.
 
-        Done at the process's first micro-batch, then on a measured one with new input shapes
-        (or a call the check did not see: a layer skipped at random): one host read each
-        time, not per step. Kept (and checkpointed). A mixing these P samples do not show (a
-        sort that leaves them in order) is not seen."""
+        The model's forward and the loss run on the batch's first P = min(B, 16) samples
+        (on aliases of the parameters, copies of the buffers and of the loss, every random
+        state forked, BatchNorms in eval mode: they are left out by their own rule, and a
+        SyncBatchNorm would all-gather while only this rank checks); :func:`_mixing_passes`
+        then finds each unit call whose output row (a generic unit's: or input row) of one
+        sample reaches another's loss. What does not reach a loss (an auxiliary output) is
+        not looked at. Done at the process's first micro-batch, then on a measured one with
+        new input shapes (or a call the check did not see: a layer skipped at random): one
+        host read each time, not per step. Kept (and checkpointed). A mixing these P samples
+        do not show (a sort that leaves them in order) is not seen."""
         signature = _signature(batch.x)
         self._mixing_checks.pop(signature, None)
         self._mixing_failed.pop(signature, None)
         xs = _tensors(batch.x)
         if not xs or xs[0].ndim == 0 or xs[0].shape[0] < 2:
             return  # (one sample: nothing to mix; not kept, so asked again at a real batch)
-        p = min(xs[0].shape[0], 4)
+        p = min(xs[0].shape[0], 16)
         model = trainer.model
-        outs: dict[tuple[str, int], list[tuple[Tensor, int]]] = {}
+        watched: list[tuple[Any, int]] = []  # (unit call, batch dimension) per tensor
+        grads: dict[int, Tensor] = {}  # its gradient in a backward, by its index in watched
+        hooks: list[Any] = []
+        seen: set[tuple[str, int]] = set()
         counts: dict[nn.Module, int] = {}
 
-        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            counts[module] = counts.get(module, 0) + 1
-            got = [t for t in _tensors(output) if t.requires_grad]
-            outs[(self._names[module], counts[module])] = [
-                (t, d) for t, d in zip(got, self._out_dims(module, len(got)), strict=True)
-                if t.dim() > d and t.shape[d] == p
-            ]  # fmt: skip
+        def watch(key: Any, t: Tensor, dim: int) -> None:
+            hooks.append(t.register_hook(partial(_keep, grads, len(watched))))
+            watched.append((key, dim))
 
-        handles = [m.register_forward_hook(record) for _, m, _, _ in self.units]
-        x = _map_tensors(batch.x, lambda t: t[:p])
+        def enter(module: nn.Module, args: tuple[Any, ...]) -> None:
+            counts[module] = counts.get(module, 0) + 1
+            key = (self._names[module], counts[module])
+            seen.add(key)
+            first = args[0] if args else None  # a generic unit may mix inside its forward
+            if self._kind[module] == "func" and isinstance(first, Tensor) and (
+                first.requires_grad and first.dim() > 0 and first.shape[0] == p
+            ):  # fmt: skip
+                watch(key, first, 0)
+
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            got = [t for t in _tensors(output) if t.requires_grad]
+            key = (self._names[module], counts.get(module, 0))
+            for t, d in zip(got, self._out_dims(module, len(got)), strict=True):
+                if t.dim() > d and t.shape[d] == p:
+                    watch(key, t, d)
+
+        handles = [h for _, m, _, _ in self.units for h in (
+            m.register_forward_pre_hook(enter, prepend=True),
+            m.register_forward_hook(record, prepend=True),  # (before a user's hook replaces it)
+        )]  # fmt: skip
+        x = _map_tensors(batch.x, lambda t: t[:p].detach().requires_grad_(t.is_floating_point()))
+        y = _map_tensors(batch.y, lambda t: t[:p])
         norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
+        found: set[Any] = set()
         try:
-            state = {**dict(model.named_parameters()),
-                     **{n: t.clone() for n, t in model.named_buffers()},
-                     **_renormed_in_place(model)}  # fmt: skip
+            loss = copy.deepcopy(trainer.objective.loss)  # (one keeping state: not advanced)
+
+            def then(out: Any) -> set[Any]:
+                for h in handles:  # (the backwards below run no forward of theirs)
+                    h.remove()
+                return _mixing_passes(loss(out, y), watched, grads, p)
+
+            state = {**{f"model.{n}": t.detach().requires_grad_(t.requires_grad)
+                        for n, t in model.named_parameters()},
+                     **{f"model.{n}": t.clone() for n, t in model.named_buffers()},
+                     **{f"model.{n}": t for n, t in _renormed_in_place(model).items()}}  # fmt: skip
             for m in norms:
                 m.training = False
             with torch.enable_grad(), forked_rng(xs[0].device):
-                out = functional_call(model, state, (x,))
-                for h in handles:  # (the backwards below run no forward)
-                    h.remove()
-                mixed = _mixed_after(out, outs, p)
-        except Exception as e:  # (a model that cannot run on P samples: nothing is settled)
-            self._mixing_failed[signature] = f"; it failed: {type(e).__name__}: {e}"[:300]
-            return
+                found = functional_call(_Probe(model, then), state, (x,))
+        except Exception as e:  # (a model or loss that cannot run so: nothing is settled)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self._mixing_failed[signature] = f"; it failed: {type(e).__name__}: {first[:200]}"
+            self._mixing_checks[signature] = (frozenset(), frozenset())  # (not again: the
+            return  # units it would settle are left out, naming why)
         finally:
             for m in norms:
                 m.training = True
-            for h in handles:
+            for h in [*handles, *hooks]:
                 h.remove()
-        self._mixing_checks[signature] = (frozenset(mixed), frozenset(outs))
+        self._mixing_checks[signature] = (frozenset(found), frozenset(seen))
 
     def _verify(
         self, trainer: Trainer, batch: Batch, pending: set[tuple[str, int, tuple[int, ...]]]
