@@ -96,8 +96,8 @@ def main() -> None:
         p.error("--batch-sizes: each must be >= 2 (the noise scale needs two samples)")  # value
     if any(not (math.isfinite(lr) and lr > 0) for lr in args.lrs):  # at a later run lost
         p.error("--lrs: each must be finite and > 0")  # the earlier ones)
-    if not math.isfinite(args.target):
-        p.error("--target: must be finite")
+    if not (math.isfinite(args.target) and args.target > 0):
+        p.error("--target: must be finite and > 0 (a training loss to reach)")
     if args.max_steps < 1:
         p.error("--max-steps: must be >= 1")
     torch.set_num_threads(min(torch.get_num_threads(), 2))

@@ -532,6 +532,34 @@ def test_inputs_of_another_dtype_are_named_at_the_first_step(tmp_path) -> None:
         train(tmp_path / "run", "data=tensors", f"data.path={path}", *TINY)
 
 
+class SquashFirst(nn.Module):
+    """A BatchNorm on the raw inputs, then a Linear: torch's kernel has no uint8 version, and
+    its message ("not implemented for 'Byte'") names no dtype."""
+
+    def __init__(self, in_shape, out_dim) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(math.prod(in_shape))
+        self.fc = nn.Linear(math.prod(in_shape), out_dim)
+
+    def forward(self, x):
+        return self.fc(self.norm(x.flatten(1)))
+
+
+def test_inputs_no_kernel_takes_are_named_at_the_first_step(tmp_path) -> None:
+    """uint8 inputs into an op without a uint8 kernel were named before the first forward's
+    check was narrowed to torch's dtype messages, and not after (a review's finding)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "t.npz"
+    np.savez(path, x=rng.integers(0, 255, size=(40, 6), dtype=np.uint8),
+             y=rng.integers(0, 3, size=40))  # fmt: skip
+    with pytest.raises(TypeError, match=r"first forward failed on the data's inputs "
+                       r"\(torch.uint8; the model's parameters: torch.float32\)"):  # fmt: skip
+        train(tmp_path / "run", "data=tensors", f"data.path={path}", "~model",
+              f"+model._target_={__name__}.SquashFirst", *TINY)  # fmt: skip
+
+
 class TokenModelFails(nn.Module):
     """A language model whose first forward fails for a reason other than a dtype: a head of
     the wrong width, or memory."""

@@ -136,7 +136,8 @@ def test_killed_at_random_steps_and_resumed_ends_bitwise_equal(tmp_path, mode) -
     assert metrics["status"] == "completed" and metrics["step"] == 2 * STEPS_PER_EPOCH
     assert metrics == {**json.loads((ref / "metrics.json").read_text()), "run_id": "k",
                        "wall_s": metrics["wall_s"],
-                       "checkpoint": str(home / "checkpoints" / "last.pt")}  # fmt: skip
+                       "checkpoint": str(home / "checkpoints" / "last.pt"),
+                       "job_dir": str((runs / "final").resolve())}  # fmt: skip
     # TensorBoard: every step once (the killed starts' later events purged), the same values
     got, want = read_scalars(home), read_scalars(ref)
     assert got.keys() == want.keys()
@@ -653,16 +654,27 @@ def test_a_sweeps_resumed_job_is_reported_where_it_continued(tmp_path, caplog) -
     train(tmp_path / "a", "trainer.max_steps=3")
     resume = f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"
     job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)  # an earlier attempt in the job's folder, refused: its record
+    (job / "metrics.json").write_text('{"status": "failed", "error": "ConfigError: x"}')
     with caplog.at_level("WARNING", logger="trainer.run"):
         train(job, "trainer.max_steps=6", resume)
-    assert "as run" in caplog.text and "trainer.resume=auto finds it under" in caplog.text
+    assert "as run" in caplog.text and "trainer.resume=auto finds it as" in caplog.text
     (run,) = report.collect_runs(tmp_path / "sweep")
     assert (run.name, run.status, run.metrics["step"]) == ("0", "completed", 6)
-    assert run.path == tmp_path / "a"
+    assert run.path == (tmp_path / "a").resolve() and run.curves["train/loss"]
     caplog.clear()
     with caplog.at_level("INFO", logger="trainer.sweep"):
         SweepSummary()._summarize(tmp_path / "sweep", stopped=False)  # no SystemExit
     assert "its 1 job completed" in caplog.text
+    # a second job continuing in the same run dir: the first one's row is not the second's
+    train(tmp_path / "sweep" / "1", "trainer.max_steps=8", resume)
+    first, second = report.collect_runs(tmp_path / "sweep")
+    assert (second.status, second.metrics["step"]) == ("completed", 8)
+    assert first.status == "missing" and "is not this job's" in first.error
+    # the job's folder taken by a fresh run: the pointer is set aside with its outputs
+    train(job, "trainer.max_steps=2")
+    assert not (job / "continued.json").exists()
+    assert report.collect_runs(tmp_path / "sweep")[0].metrics["step"] == 2
 
 
 def test_a_sweep_with_an_interrupted_job_does_not_call_it_failed(tmp_path, caplog) -> None:

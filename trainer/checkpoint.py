@@ -389,7 +389,9 @@ def set_aside_later(directory: Path, step: int) -> list[Path]:
 
 
 #: what a run writes into its run dir (Hydra's ``.hydra/`` and log file aside)
-RUN_OUTPUTS = ("tb", "checkpoints", "metrics.json")
+#: a run's outputs in its folder; ``continued.json``: a job that continued in another run dir
+#: (trainer.report.CONTINUED)
+RUN_OUTPUTS = ("tb", "checkpoints", "metrics.json", "continued.json")
 
 
 def set_aside_previous(run_dir: Path) -> Path | None:

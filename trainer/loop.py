@@ -706,7 +706,8 @@ class Trainer:
             # int64 ids fail for other reasons too (a shape, memory), kept as torch raised them
             text = str(e)
             conv = "Input type (" in text and "should be the same" in text
-            dtype = "dtype" in text or "scalar type" in text or conv
+            kernel = "not implemented for '" in text  # (uint8 into batch_norm, a pooling)
+            dtype = "dtype" in text or "scalar type" in text or conv or kernel
             if isinstance(e, torch.OutOfMemoryError) or not dtype:
                 raise
             raise TypeError(

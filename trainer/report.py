@@ -153,9 +153,11 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
     run.overrides = read_overrides(run_dir)
     path = run_dir / "metrics.json"
     pointer = run_dir / CONTINUED
+    job_dir = None  # a continued job's: its results in the run dir it continued in carry it
     if not path.is_file() and pointer.is_file():
         try:
-            home = Path(json.loads(pointer.read_text())["run_dir"])
+            note = json.loads(pointer.read_text())
+            home, job_dir = run_dir / note["run_dir"], str(note["job_dir"])  # (absolute: as is)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             run.status, run.error = "unreadable", f"{CONTINUED}: {type(e).__name__}: {e}"
             return run
@@ -174,6 +176,13 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
         got = type(metrics).__name__ if not isinstance(metrics, dict) else "no status string"
         run.status = "unreadable"
         run.error = f"metrics.json: expected an object with a 'status' string, got {got}"
+        return run
+    if job_dir is not None and metrics.get("job_dir") != job_dir:
+        run.error = (
+            f"it continued in {run.path}, whose metrics.json is not this job's (the run's "
+            "before it continued, while it runs or after it was killed; or another job's "
+            "that continued there too)"
+        )
         return run
     run.metrics, run.status = metrics, metrics["status"]
     run.error = str(metrics.get("error") or "")
@@ -214,8 +223,8 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     runs = []
     for run_dir in find_run_dirs(root):
         run = load_run(run_dir)
-        if curves:
-            run.curves = read_curves(run_dir, CURVE_TAGS)
+        if curves:  # (a continued job's: where it continued)
+            run.curves = read_curves(run.path, CURVE_TAGS)
         runs.append(run)
     return runs
 

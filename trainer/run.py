@@ -312,6 +312,9 @@ def run(
     trainer: Trainer | None = None
     resume_path = None
     taken = False  # run_dir's outputs are this run's: an earlier run's set aside, or its own
+    #: a job continuing in another run dir (a resumed checkpoint's) marks the metrics it
+    #: writes there with its own folder, which its pointer names (:data:`CONTINUED`)
+    continued: dict[str, str] = {}
     try:
         refuse_repeated_choices()
         typed = validate(cfg)  # every config error surfaces here, before anything is built
@@ -390,17 +393,25 @@ def run(
             home = _home_of(resume_path)
             if home is not None:  # continue in the run's own dir
                 if main and home.resolve() != run_dir.resolve():  # where this job went (a
-                    write_json(run_dir / CONTINUED, {"run_dir": str(home)})  # sweep's report)
+                    # sweep's summary and report follow it; its own earlier outputs, of an
+                    # attempt refused or failed in this folder, are set aside)
+                    _set_aside_previous(run_dir)
+                    here = str(run_dir.resolve())
+                    write_json(run_dir / CONTINUED, {"run_dir": str(home.resolve()),
+                                                     "job_dir": here})  # fmt: skip
+                    continued = {"job_dir": here}  # (in the metrics it writes there)
+                elif main:  # continued here: a pointer of an earlier attempt is stale
+                    (run_dir / CONTINUED).unlink(missing_ok=True)
                 run_dir = home
                 if main:  # one process moves the files
                     set_aside_later(resume_path.parent, int(resume_state["step"]))
             if main and resume_state.get("run_id") not in (None, run_id):
                 log.warning(
-                    "resuming run %s as run %s: this run's config differs from the "
-                    "checkpoint's in what a resumed run may change (how long it trains, "
-                    "logging, instruments), which the derived id includes; trainer.resume="
-                    "auto finds it under %s from now on (name a run with trainer.run_id to "
-                    "keep one id)", resume_state["run_id"], run_id, run_id,
+                    "resuming run %s as run %s (a run's id is trainer.run_id where given, "
+                    "else a hash of its config, how long it trains included): trainer."
+                    "resume=auto finds it as %s from now on; give trainer.run_id=%s to keep "
+                    "the checkpoint's", resume_state["run_id"], run_id, run_id,
+                    resume_state["run_id"],
                 )  # fmt: skip
             purge_step = int(resume_state["step"]) + 1  # its later events are replaced
             before[0] = float(resume_state.get("wall_s", 0.0))
@@ -470,7 +481,7 @@ def run(
                 write_json(run_dir / "metrics.json", {
                     "status": "interrupted", "signal": name, "step": trainer.global_step,
                     "epoch": trainer.epoch, "checkpoint": str(writer.last), "run_id": run_id,
-                    "wall_s": wall_s(),
+                    "wall_s": wall_s(), **continued,
                 })  # fmt: skip
                 log.warning(
                     "stopped by %s at step %d; checkpoint %s; continue with trainer.resume=auto",
@@ -488,6 +499,7 @@ def run(
         }
         if trainer is not None:  # how far it got
             failed.update(step=trainer.global_step, epoch=trainer.epoch)
+        failed.update(continued)
         if main:
             with contextlib.suppress(OSError):  # a full disk must not hide the first error
                 if taken or not any((run_dir / n).exists() for n in RUN_OUTPUTS):
@@ -507,6 +519,7 @@ def run(
         "status": "completed",
         "run_id": run_id,
         "checkpoint": str(last),
+        **continued,
     }
     if writer.failures:
         result["checkpoint_failures"] = writer.failures
