@@ -77,7 +77,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
 from torch.overrides import _get_current_function_mode as _current_function_mode
 
-from trainer.callbacks import Callback, Every
+from trainer.callbacks import Callback, Every, Stateful
 from trainer.distributed import (
     all_gather_cat,
     all_gather_objects,
@@ -359,8 +359,12 @@ class _Probe(nn.Module):
 
 
 def _mixing_passes(
-    losses: Tensor, watched: list[tuple[Any, int]], grads: dict[int, Tensor], p: int
-) -> set[Any]:
+    losses: Tensor,
+    watched: list[tuple[Any, int]],
+    grads: dict[int, Tensor],
+    p: int,
+    inside: list[tuple[Any, Tensor]] = (),  # type: ignore[assignment]
+) -> set[Any] | None:
     """The keys of ``watched`` (key, the batch dimension, of size ``p``, of a tensor whose
     gradient a hook keeps in ``grads`` under its index: registered as the forward made it, so
     an in-place change after that is part of what follows it) one of whose rows reaches
@@ -371,13 +375,17 @@ def _mixing_passes(
     other rows j of every watched tensor, whose gradient is exactly 0 unless row j reaches a
     loss ℓ_k with k ≠ j. Rows j ≠ k differ in some bit, so any pair is seen: 2·⌈log2 p⌉
     backwards. ``.backward()`` (not ``autograd.grad`` with ``inputs``: a reentrant
-    activation checkpoint refuses that), into the check's own leaves."""
+    activation checkpoint refuses that), into the check's own leaves. ``inside``: (key, a
+    device flag) found by value (:meth:`PerSampleNorms._check_mixing`), read with the rest.
+    None where a loss or a gradient is not finite (a NaN row would read as reaching all):
+    nothing is settled."""
     device = losses.device
     gen = torch.Generator(device=device).manual_seed(0)  # (not the run's random states)
     r = torch.rand(losses.shape, generator=gen, device=device).add_(0.5).to(losses.dtype)
     rows = torch.arange(p, device=device)
     bits = max(1, math.ceil(math.log2(p)))
     hits = []
+    finite = [torch.isfinite(losses).all()]
     none = torch.zeros((), dtype=torch.bool, device=device)  # (no gradient reached it)
     for bit in range(bits):
         for v in (0, 1):
@@ -390,10 +398,14 @@ def _mixing_passes(
                 grads[i].index_select(d, rows[~chosen]).ne(0).any() if i in grads else none
                 for i, (_, d) in enumerate(watched)
             ]))  # fmt: skip
-    if not hits:
-        return set()
-    hit = torch.stack(hits).any(0).tolist()  # host sync: once per new input signature
-    return {key for (key, _), h in zip(watched, hit, strict=True) if h}
+            finite += [torch.isfinite(g).all() for g in grads.values()]
+    keys = [key for key, _ in watched] + [key for key, _ in inside]
+    flags = [torch.stack(hits).any(0)] if hits and watched else []
+    flags += [torch.stack([flag for _, flag in inside])] if inside else []
+    read = torch.cat([torch.stack(finite).all().reshape(1), *flags]).tolist()  # host sync:
+    if not read[0]:  # once per new input signature
+        return None
+    return {key for key, h in zip(keys, read[1:], strict=True) if h}
 
 
 def _keep(grads: dict[int, Tensor], i: int, g: Tensor | None) -> None:
@@ -557,6 +569,7 @@ class PerSampleNorms(Callback):
         #: which the model mixes the samples; the unit calls its check saw) (:meth:`_check_mixing`)
         self._mixing_checks: dict[Any, tuple[frozenset[Any], frozenset[Any]]] = {}
         self._mixing_failed: dict[Any, str] = {}  # signature -> why its check failed
+        self._retry: set[Any] = set()  # signatures whose check is tried again (non-finite)
         self._signature: Any = None  # the measured micro-batch's
         self._started = False  # this process trained a micro-batch (its first: checked)
         self._parametrizing: set[nn.Module] = set()  # (set in on_fit_start)
@@ -1031,7 +1044,7 @@ class PerSampleNorms(Callback):
         if pending:
             self._verify(trainer, batch, pending)  # type: ignore[arg-type]
         checked = self._mixing_checks.get(self._signature)
-        gave_up = self._signature in self._mixing_failed  # (its check failed: not again)
+        gave_up = self._signature in self._mixing_failed and self._signature not in self._retry
         if any(c.mixing is not None and (checked is None or c.mixing not in checked[1]
                                          and not gave_up) for c in self._calls):  # fmt: skip
             self._check_mixing(trainer, batch)  # a new input signature, or a call its check
@@ -1046,10 +1059,9 @@ class PerSampleNorms(Callback):
                     if checked is not None and call.mixing in checked[0]:
                         why = MIXED
                     elif checked is None or call.mixing not in checked[1]:
-                        failed = self._mixing_failed.get(self._signature, "")
-                        why = (
-                            "whether the model mixes the samples after it is not known yet: "
-                            f"its check's forward did not make this call{failed}"
+                        why = "whether the model mixes the samples after it is not known yet: " + (
+                            self._mixing_failed.get(self._signature)
+                            or "its check's forward did not make this call"
                         )
                 if why is not None:
                     self._excluded.setdefault(name, why)
@@ -1193,6 +1205,7 @@ class PerSampleNorms(Callback):
         signature = _signature(batch.x)
         self._mixing_checks.pop(signature, None)
         self._mixing_failed.pop(signature, None)
+        self._retry.discard(signature)
         xs = _tensors(batch.x)
         if not xs or xs[0].ndim == 0 or xs[0].shape[0] < 2:
             return  # (one sample: nothing to mix; not kept, so asked again at a real batch)
@@ -1203,43 +1216,84 @@ class PerSampleNorms(Callback):
         hooks: list[Any] = []
         seen: set[tuple[str, int]] = set()
         counts: dict[nn.Module, int] = {}
+        inside: list[tuple[Any, Tensor]] = []  # generic unit calls: output rows changed
+        forks: dict[nn.Module, Fork] = {}
+        again_running = [False]  # (a unit run again by value: its children's calls not seen)
 
         def watch(key: Any, t: Tensor, dim: int) -> None:
             hooks.append(t.register_hook(partial(_keep, grads, len(watched))))
             watched.append((key, dim))
 
-        def enter(module: nn.Module, args: tuple[Any, ...]) -> None:
+        def enter(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            if again_running[0]:
+                return None
             counts[module] = counts.get(module, 0) + 1
             key = (self._names[module], counts[module])
             seen.add(key)
             first = args[0] if args else None  # a generic unit may mix inside its forward
-            if self._kind[module] == "func" and isinstance(first, Tensor) and (
-                first.requires_grad and first.dim() > 0 and first.shape[0] == p
+            if self._kind[module] != "func" or not isinstance(first, Tensor) or (
+                first.dim() == 0 or first.shape[0] != p
             ):  # fmt: skip
+                return None
+            forks[module] = Fork(first.device)  # (its draws, to make them again below)
+            if first.is_floating_point() and not first.requires_grad:  # (a frozen backbone's
+                first = first.detach().requires_grad_()  # features under no_grad: an alias
+                args = (first, *args[1:])  # whose rows' gradients can be seen)
+            if first.requires_grad:  # (token ids: by value only, below)
                 watch(key, first, 0)
+            return args
 
-        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if again_running[0]:
+                return
             got = [t for t in _tensors(output) if t.requires_grad]
             key = (self._names[module], counts.get(module, 0))
             for t, d in zip(got, self._out_dims(module, len(got)), strict=True):
                 if t.dim() > d and t.shape[d] == p:
                     watch(key, t, d)
+            fork = forks.pop(module, None)
+            if fork is not None and isinstance(output, Tensor) and output.shape[:1] == (p,):
+                # by value too (a mixing its gradient does not carry: detached batch
+                # statistics, token ids in): the same forward, the same draws, with the
+                # first sample's input replaced by the second's; the other rows must not move
+                first = args[0].detach().clone()
+                first[0] = first[1]
+                after = Fork(first.device)
+                fork.rewind()
+                again_running[0] = True
+                try:
+                    with torch.no_grad():
+                        again = module.forward(first, *args[1:], **kwargs)
+                finally:
+                    again_running[0] = False
+                after.rewind()  # (what follows draws as it would have)
+                if isinstance(again, Tensor) and again.shape == output.shape:
+                    a, b = again[1:], output.detach()[1:]
+                    inside.append((key, ((a != b) & ~(a.isnan() & b.isnan())).any()))
 
         handles = [h for _, m, _, _ in self.units for h in (
             m.register_forward_pre_hook(enter, prepend=True),
-            m.register_forward_hook(record, prepend=True),  # (before a user's hook replaces it)
+            m.register_forward_hook(record, prepend=True, with_kwargs=True),  # (before a
+            # user's hook replaces its output)
         )]  # fmt: skip
         x = _map_tensors(batch.x, lambda t: t[:p].detach().requires_grad_(t.is_floating_point()))
         y = _map_tensors(batch.y, lambda t: t[:p])
         norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
-        found: set[Any] = set()
+        found: set[Any] | None = set()
+        # a copy of the loss, whose state a call may advance (a counter of its own); one a copy
+        # cannot take (a lock) is called itself, its Stateful state put back after
+        kept = None
         try:
-            loss = copy.deepcopy(trainer.objective.loss)  # (one keeping state: not advanced)
+            loss = copy.deepcopy(trainer.objective.loss)
+        except Exception:  # noqa: BLE001 (deepcopy raises what the object's pickling does)
+            loss = trainer.objective.loss
+            kept = copy.deepcopy(loss.state_dict()) if isinstance(loss, Stateful) else None
+        try:
 
-            def then(out: Any) -> set[Any]:
+            def then(out: Any) -> set[Any] | None:
                 for h in handles:  # (the backwards below run no forward of theirs)
                     h.remove()
-                return _mixing_passes(loss(out, y), watched, grads, p)
+                return _mixing_passes(loss(out, y), watched, grads, p, inside)
 
             state = {**{f"model.{n}": t.detach().requires_grad_(t.requires_grad)
                         for n, t in model.named_parameters()},
@@ -1251,7 +1305,7 @@ class PerSampleNorms(Callback):
                 found = functional_call(_Probe(model, then), state, (x,))
         except Exception as e:  # (a model or loss that cannot run so: nothing is settled)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self._mixing_failed[signature] = f"; it failed: {type(e).__name__}: {first[:200]}"
+            self._mixing_failed[signature] = f"its check failed: {type(e).__name__}: {first[:200]}"
             self._mixing_checks[signature] = (frozenset(), frozenset())  # (not again: the
             return  # units it would settle are left out, naming why)
         finally:
@@ -1259,6 +1313,15 @@ class PerSampleNorms(Callback):
                 m.training = True
             for h in [*handles, *hooks]:
                 h.remove()
+            if kept is not None:
+                loss.load_state_dict(kept)
+        if found is None:  # a non-finite loss or gradient on these samples: settled later
+            self._mixing_failed[signature] = (
+                "a loss or gradient on its check's samples was not finite (checked again on "
+                "the next measured step)"
+            )
+            self._retry.add(signature)
+            return
         self._mixing_checks[signature] = (frozenset(found), frozenset(seen))
 
     def _verify(
