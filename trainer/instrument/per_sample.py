@@ -326,6 +326,12 @@ def _own(module: nn.Module) -> bool:
     return "weight" in own and own <= {"weight", "bias"}  # parametrization would run)
 
 
+#: why a unit whose input is changed in place, in its forward or after it, is left out
+IN_PLACE = (
+    "its input is changed in place (in its forward, or after it), so the input its per-sample "
+    "part is computed from is gone"
+)
+
 #: why a unit after which the model mixes the samples is left out
 MIXED = (
     "the model mixes or reorders the samples after it (a normalization with the batch's "
@@ -377,8 +383,9 @@ def _mixing_passes(
     backwards. ``.backward()`` (not ``autograd.grad`` with ``inputs``: a reentrant
     activation checkpoint refuses that), into the check's own leaves. ``inside``: (key, a
     device flag) found by value (:meth:`PerSampleNorms._check_mixing`), read with the rest.
-    None where a loss or a gradient is not finite (a NaN row would read as reaching all):
-    nothing is settled."""
+    None where a loss is not finite (its NaN gradients would read as reaching every row):
+    nothing is settled. A NaN gradient elsewhere (0/0: a square root at 0 of a row no chosen
+    loss reaches) is no evidence."""
     device = losses.device
     gen = torch.Generator(device=device).manual_seed(0)  # (not the run's random states)
     r = torch.rand(losses.shape, generator=gen, device=device).add_(0.5).to(losses.dtype)
@@ -395,10 +402,9 @@ def _mixing_passes(
             grads.clear()
             ((losses * r)[chosen].sum()).backward(retain_graph=True)
             hits.append(torch.stack([
-                grads[i].index_select(d, rows[~chosen]).ne(0).any() if i in grads else none
+                _nonzero(grads[i].index_select(d, rows[~chosen])) if i in grads else none
                 for i, (_, d) in enumerate(watched)
             ]))  # fmt: skip
-            finite += [torch.isfinite(g).all() for g in grads.values()]
     keys = [key for key, _ in watched] + [key for key, _ in inside]
     flags = [torch.stack(hits).any(0)] if hits and watched else []
     flags += [torch.stack([flag for _, flag in inside])] if inside else []
@@ -406,6 +412,48 @@ def _mixing_passes(
     if not read[0]:  # once per new input signature
         return None
     return {key for key, h in zip(keys, read[1:], strict=True) if h}
+
+
+def _nonzero(g: Tensor) -> Tensor:
+    """Whether any entry is nonzero and not NaN (0/0 where no gradient arrives: a square root
+    at 0), on the device."""
+    return (g.ne(0) & ~g.isnan()).any()
+
+
+def _moves_other_rows(
+    module: nn.Module, args: tuple, kwargs: dict, output: Tensor, fork: Fork, busy: list[bool]
+) -> Tensor | None:
+    """Whether a generic unit mixes the samples by value (detached batch statistics, token ids
+    in, features from under no_grad: no gradient shows it), on the device: its forward again,
+    with the same random draws (``fork``, taken before its call), once on the same input and
+    once with the first sample's input replaced by the second's; where the first gives its
+    output back bit for bit, the other rows of the second must be it too. None where that
+    cannot be told (its forward raises, or does not give its output back: a counter of its own,
+    state it updates), which is no evidence either way. ``busy`` is set while it runs: the
+    check's hooks do not count the calls of its children."""
+    after = Fork(output.device)
+    outs = []
+    busy[0] = True
+    try:
+        for swap in (False, True):
+            first = args[0].detach().clone()
+            if swap:
+                first[0] = first[1]
+            fork.rewind()
+            again = module.forward(first, *args[1:], **kwargs)
+            if not isinstance(again, Tensor) or again.shape != output.shape:
+                return None
+            outs.append(again.detach())
+    except Exception:  # noqa: BLE001 (a forward that cannot run again so: no evidence)
+        return None
+    finally:
+        busy[0] = False
+        after.rewind()  # (what follows draws as it would have)
+    same, swapped = outs
+    kept = output.detach()
+    if not bool(((same == kept) | (same.isnan() & kept.isnan())).all()):  # host read: once
+        return None  # (per generic unit and check)
+    return ((swapped[1:] != kept[1:]) & ~(swapped[1:].isnan() & kept[1:].isnan())).any()
 
 
 def _keep(grads: dict[int, Tensor], i: int, g: Tensor | None) -> None:
@@ -452,6 +500,12 @@ class _Call:
     #: (unit name, call within the forward) when whether the model mixes the samples after it
     #: is not known yet for this input (:meth:`PerSampleNorms._check_mixing`, after the backward)
     mixing: tuple[str, int] | None = None
+    #: its tensor inputs' version counters after its forward (shared with the detached
+    #: aliases kept): where one moved, the input was changed in place since
+    versions: list[int] = field(default_factory=list)
+
+    def moved(self) -> bool:
+        return [t._version for t in _tensors((self.args, self.kwargs))] != self.versions
 
     @property
     def device(self) -> torch.device:
@@ -565,11 +619,13 @@ class PerSampleNorms(Callback):
         #: input was seen to be the batch, or why it is not (:meth:`_verify`)
         self._verdicts: dict[tuple[str, int, tuple[int, ...]], str | None] = {}
         self._entered: dict[nn.Module, int] = {}  # each unit's calls in this forward so far
+        #: the version counters of a unit's tensor inputs as its forward starts (one that
+        #: changes them in place leaves no input to compute from)
+        self._entry_versions: dict[nn.Module, list[int]] = {}
         #: a batch's input signature -> (the unit calls, (name, call within the forward), after
         #: which the model mixes the samples; the unit calls its check saw) (:meth:`_check_mixing`)
         self._mixing_checks: dict[Any, tuple[frozenset[Any], frozenset[Any]]] = {}
         self._mixing_failed: dict[Any, str] = {}  # signature -> why its check failed
-        self._retry: set[Any] = set()  # signatures whose check is tried again (non-finite)
         self._signature: Any = None  # the measured micro-batch's
         self._started = False  # this process trained a micro-batch (its first: checked)
         self._parametrizing: set[nn.Module] = set()  # (set in on_fit_start)
@@ -717,6 +773,7 @@ class PerSampleNorms(Callback):
         self._handles.clear()
 
     def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self._entry_versions[module] = [t._version for t in _tensors(inputs)]
         self._active[module] = self._active.get(module, 0) + 1
         self._entered[module] = self._entered.get(module, 0) + 1
         self._start.setdefault(module, self._tick)
@@ -763,6 +820,10 @@ class PerSampleNorms(Callback):
             )
             return
         why = self._check(module, args, kwargs, outputs, output)
+        if why is None and [t._version for t in _tensors(args)] != self._entry_versions.get(
+            module, [t._version for t in _tensors(args)]
+        ):  # fmt: skip
+            why = IN_PLACE
         verify = None
         if why is None and self._kind[module] in ("closed", "func") and self._batch > 1:
             # dimension 0 has the batch's size: the batch, or a sequence as long as it (a
@@ -793,6 +854,7 @@ class PerSampleNorms(Callback):
         call = _Call(
             module, _detach(args), _detach(kwargs), [t.detach() for t in outputs], dims,
             autocast=amp, verify=verify, mixing=mixing,
+            versions=[t._version for t in _tensors((args, kwargs))],
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -905,6 +967,8 @@ class PerSampleNorms(Callback):
             return  # outside uses not known yet (no on_before_backward), or its layout, or
             # whether the samples are mixed after it (after the backward)
         if not self._single_use(module) or self._upstream_of_mixing(module) is not None:
+            return
+        if call.moved():  # (its input changed in place since: left out after the backward)
             return
         self._closed_form(call, g)
 
@@ -1044,7 +1108,7 @@ class PerSampleNorms(Callback):
         if pending:
             self._verify(trainer, batch, pending)  # type: ignore[arg-type]
         checked = self._mixing_checks.get(self._signature)
-        gave_up = self._signature in self._mixing_failed and self._signature not in self._retry
+        gave_up = self._signature in self._mixing_failed
         if any(c.mixing is not None and (checked is None or c.mixing not in checked[1]
                                          and not gave_up) for c in self._calls):  # fmt: skip
             self._check_mixing(trainer, batch)  # a new input signature, or a call its check
@@ -1063,6 +1127,8 @@ class PerSampleNorms(Callback):
                             self._mixing_failed.get(self._signature)
                             or "its check's forward did not make this call"
                         )
+                if why is None and call.moved():
+                    why = IN_PLACE
                 if why is not None:
                     self._excluded.setdefault(name, why)
                 if name in self._excluded or not call.grads and module in self._captured:
@@ -1205,7 +1271,6 @@ class PerSampleNorms(Callback):
         signature = _signature(batch.x)
         self._mixing_checks.pop(signature, None)
         self._mixing_failed.pop(signature, None)
-        self._retry.discard(signature)
         xs = _tensors(batch.x)
         if not xs or xs[0].ndim == 0 or xs[0].shape[0] < 2:
             return  # (one sample: nothing to mix; not kept, so asked again at a real batch)
@@ -1236,12 +1301,9 @@ class PerSampleNorms(Callback):
             ):  # fmt: skip
                 return None
             forks[module] = Fork(first.device)  # (its draws, to make them again below)
-            if first.is_floating_point() and not first.requires_grad:  # (a frozen backbone's
-                first = first.detach().requires_grad_()  # features under no_grad: an alias
-                args = (first, *args[1:])  # whose rows' gradients can be seen)
-            if first.requires_grad:  # (token ids: by value only, below)
+            if first.requires_grad:  # (token ids, features from under no_grad: by value only)
                 watch(key, first, 0)
-            return args
+            return None
 
         def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if again_running[0]:
@@ -1253,30 +1315,16 @@ class PerSampleNorms(Callback):
                     watch(key, t, d)
             fork = forks.pop(module, None)
             if fork is not None and isinstance(output, Tensor) and output.shape[:1] == (p,):
-                # by value too (a mixing its gradient does not carry: detached batch
-                # statistics, token ids in): the same forward, the same draws, with the
-                # first sample's input replaced by the second's; the other rows must not move
-                first = args[0].detach().clone()
-                first[0] = first[1]
-                after = Fork(first.device)
-                fork.rewind()
-                again_running[0] = True
-                try:
-                    with torch.no_grad():
-                        again = module.forward(first, *args[1:], **kwargs)
-                finally:
-                    again_running[0] = False
-                after.rewind()  # (what follows draws as it would have)
-                if isinstance(again, Tensor) and again.shape == output.shape:
-                    a, b = again[1:], output.detach()[1:]
-                    inside.append((key, ((a != b) & ~(a.isnan() & b.isnan())).any()))
+                moved = _moves_other_rows(module, args, kwargs, output, fork, again_running)
+                if moved is not None:
+                    inside.append((key, moved))
 
         handles = [h for _, m, _, _ in self.units for h in (
             m.register_forward_pre_hook(enter, prepend=True),
             m.register_forward_hook(record, prepend=True, with_kwargs=True),  # (before a
             # user's hook replaces its output)
         )]  # fmt: skip
-        x = _map_tensors(batch.x, lambda t: t[:p].detach().requires_grad_(t.is_floating_point()))
+        x = _map_tensors(batch.x, lambda t: t[:p])
         y = _map_tensors(batch.y, lambda t: t[:p])
         norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
         found: set[Any] | None = set()
@@ -1287,7 +1335,15 @@ class PerSampleNorms(Callback):
             loss = copy.deepcopy(trainer.objective.loss)
         except Exception:  # noqa: BLE001 (deepcopy raises what the object's pickling does)
             loss = trainer.objective.loss
-            kept = copy.deepcopy(loss.state_dict()) if isinstance(loss, Stateful) else None
+            try:
+                kept = copy.deepcopy(loss.state_dict()) if isinstance(loss, Stateful) else None
+            except Exception as e:  # noqa: BLE001 (its state cannot be put back either)
+                self._mixing_failed[signature] = (
+                    f"its check cannot copy the loss or its state ({type(e).__name__}: "
+                    f"{str(e).strip()[:150]})"
+                )
+                self._mixing_checks[signature] = (frozenset(), frozenset())
+                return
         try:
 
             def then(out: Any) -> set[Any] | None:
@@ -1320,7 +1376,6 @@ class PerSampleNorms(Callback):
                 "a loss or gradient on its check's samples was not finite (checked again on "
                 "the next measured step)"
             )
-            self._retry.add(signature)
             return
         self._mixing_checks[signature] = (frozenset(found), frozenset(seen))
 
