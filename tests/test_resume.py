@@ -666,15 +666,28 @@ def test_a_sweeps_resumed_job_is_reported_where_it_continued(tmp_path, caplog) -
     with caplog.at_level("INFO", logger="trainer.sweep"):
         SweepSummary()._summarize(tmp_path / "sweep", stopped=False)  # no SystemExit
     assert "its 1 job completed" in caplog.text
-    # a second job continuing in the same run dir: the first one's row is not the second's
+    # a second job continuing the same run: each row is its own job's result (the run dir's
+    # metrics.json is the run's latest, the second's)
     train(tmp_path / "sweep" / "1", "trainer.max_steps=8", resume)
     first, second = report.collect_runs(tmp_path / "sweep")
-    assert (second.status, second.metrics["step"]) == ("completed", 8)
-    assert first.status == "missing" and "is not this job's" in first.error
+    assert (first.metrics["step"], second.metrics["step"]) == (6, 8)
+    # one that continued and was killed (its pointer, no result of its own): missing; one
+    # whose run dir went away since
+    import json
+
+    for name, home in (("2", tmp_path / "a"), ("3", tmp_path / "gone")):
+        (tmp_path / "sweep" / name).mkdir()
+        (tmp_path / "sweep" / name / "continued.json").write_text(
+            json.dumps({"run_dir": str(home), "job_dir": str(tmp_path / "sweep" / name)})
+        )
+    *_, killed, gone = report.collect_runs(tmp_path / "sweep")
+    assert killed.status == "missing" and "wrote no result (running, or killed)" in killed.error
+    assert gone.status == "missing" and "which no longer exists" in gone.error
     # the job's folder taken by a fresh run: the pointer is set aside with its outputs
     train(job, "trainer.max_steps=2")
     assert not (job / "continued.json").exists()
     assert report.collect_runs(tmp_path / "sweep")[0].metrics["step"] == 2
+    assert report.collect_runs(tmp_path / "sweep")[0].path == job
 
 
 def test_a_sweep_with_an_interrupted_job_does_not_call_it_failed(tmp_path, caplog) -> None:

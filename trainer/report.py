@@ -147,24 +147,27 @@ def read_overrides(run_dir: Path) -> list[str]:
 def load_run(run_dir: Path, name: str | None = None) -> Run:
     """The run's status, final metrics and overrides (no curves: see :func:`read_curves`).
     A job that resumed a checkpoint of another run dir continued there (``trainer.resume``
-    of a sweep): its own folder holds :data:`CONTINUED`, naming that dir, whose metrics and
-    curves are the job's."""
+    of a sweep): its own folder holds :data:`CONTINUED`, naming that dir, where its curves
+    are (``run.path``), and its own copy of the metrics it wrote there when it ended; without
+    that copy (running, or killed) it is missing."""
     run = Run(name=name or run_dir.name, path=run_dir, status="missing")
     run.overrides = read_overrides(run_dir)
     path = run_dir / "metrics.json"
     pointer = run_dir / CONTINUED
-    job_dir = None  # a continued job's: its results in the run dir it continued in carry it
-    if not path.is_file() and pointer.is_file():
+    if pointer.is_file():
         try:
-            note = json.loads(pointer.read_text())
-            home, job_dir = run_dir / note["run_dir"], str(note["job_dir"])  # (absolute: as is)
+            home = run_dir / json.loads(pointer.read_text())["run_dir"]  # (absolute: as is)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             run.status, run.error = "unreadable", f"{CONTINUED}: {type(e).__name__}: {e}"
             return run
-        run.path, path = home, home / "metrics.json"
         if not path.is_file():
-            run.error = f"it continued in {home}, which holds no metrics.json"
+            run.error = (
+                f"it continued in {home}, which no longer exists" if not home.is_dir()
+                else f"it continued in {home} and wrote no result (running, or killed)"
+            )  # fmt: skip
             return run
+        if home.is_dir():  # (its curves; its result is its own copy)
+            run.path = home
     if not path.is_file():
         return run
     try:
@@ -176,13 +179,6 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
         got = type(metrics).__name__ if not isinstance(metrics, dict) else "no status string"
         run.status = "unreadable"
         run.error = f"metrics.json: expected an object with a 'status' string, got {got}"
-        return run
-    if job_dir is not None and metrics.get("job_dir") != job_dir:
-        run.error = (
-            f"it continued in {run.path}, whose metrics.json is not this job's (the run's "
-            "before it continued, while it runs or after it was killed; or another job's "
-            "that continued there too)"
-        )
         return run
     run.metrics, run.status = metrics, metrics["status"]
     run.error = str(metrics.get("error") or "")

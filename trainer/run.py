@@ -478,7 +478,7 @@ def run(
         if trainer.stopped_by is not None:
             if main:
                 name = signal.Signals(trainer.stopped_by).name
-                write_json(run_dir / "metrics.json", {
+                _write_metrics(run_dir, continued, {
                     "status": "interrupted", "signal": name, "step": trainer.global_step,
                     "epoch": trainer.epoch, "checkpoint": str(writer.last), "run_id": run_id,
                     "wall_s": wall_s(), **continued,
@@ -503,7 +503,7 @@ def run(
         if main:
             with contextlib.suppress(OSError):  # a full disk must not hide the first error
                 if taken or not any((run_dir / n).exists() for n in RUN_OUTPUTS):
-                    write_json(run_dir / "metrics.json", failed)
+                    _write_metrics(run_dir, continued, failed)
                 else:  # refused before it took the folder over: an earlier run's outputs there
                     # (the one a resume was to continue, or another) stay as they were
                     log.info("%s holds an earlier run's outputs: left as they were (this "
@@ -525,7 +525,7 @@ def run(
         result["checkpoint_failures"] = writer.failures
     if not main:
         return result
-    write_json(run_dir / "metrics.json", result)
+    _write_metrics(run_dir, continued, result)
     shown = _display(run_dir)
     shown_metrics = "  ".join(
         f"{k} {result[k]:.4f}" for k in (*trainer.criterion.metrics[::-1], "train/loss")
@@ -538,6 +538,15 @@ def run(
     log.info("%srun dir: %s", job, shown)
     log.info("%sview it: tensorboard --logdir %s", job, shown)
     return result
+
+
+def _write_metrics(run_dir: Path, continued: dict[str, str], metrics: dict[str, Any]) -> None:
+    """``metrics.json`` in the run dir; a job that continued a run of another dir writes it in
+    its own folder too (``continued["job_dir"]``): the run dir's holds the run's latest, which
+    a later continuation rewrites, and the job's stays its own result."""
+    write_json(run_dir / "metrics.json", metrics)
+    if continued:
+        write_json(Path(continued["job_dir"]) / "metrics.json", metrics)
 
 
 def _home_of(checkpoint: Path | None) -> Path | None:
