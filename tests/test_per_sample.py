@@ -1082,6 +1082,75 @@ def test_a_unit_that_changes_its_input_in_place_is_left_out(caplog) -> None:
     torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
 
 
+class ScalesItsInput(nn.Module):
+    """A forward normalizing its input in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, 3)
+
+    def forward(self, x):
+        x.sub_(0.5).div_(2.0)
+        return self.fc(x)
+
+
+class FromInference(nn.Module):
+    """Features computed under ``torch.inference_mode`` (inference tensors: no version
+    counter), fed to a unit of one's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(D, D).requires_grad_(False)
+        self.pos, self.head = DetachedCenter(), nn.Linear(D, 3)
+        self.pos.forward = lambda h: h + self.pos.gain  # (per sample; saves no input)
+
+    def forward(self, x):
+        with torch.inference_mode():
+            f = self.frozen(x)
+        return self.head(torch.tanh(self.pos(f)))
+
+
+class CastByHook(nn.Module):
+    """A pre-hook of one's own replacing ``b``'s input (changed in place before, by a ReLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, 3)
+        self.b.register_forward_pre_hook(lambda m, args: (args[0] * 1.0,))
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x), inplace=True))
+
+
+def test_the_checks_leave_the_batch_and_inputs_as_they_are(caplog) -> None:
+    """A fourth review's findings: the mixing check ran the forward on a view of the batch, so
+    one normalizing its input in place changed the training batch (0.056 in the parameters
+    after 3 steps); an inference tensor's missing version counter stopped training; a pre-hook
+    of one's own replacing a unit's input read as an in-place change. The batch is the same,
+    training goes on, and the unit is measured."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, D, dtype=torch.float64, generator=gen)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    cb = PerSampleNorms(5, loss="both")  # (this step not measured: the check runs anyway)
+    model = ScalesItsInput().double()
+    batch = x.clone()
+    trainer = SimpleNamespace(model=model, global_step=0, objective=Objective(
+        CrossEntropy(), None, (), list(model.parameters())), world=SINGLE)  # fmt: skip
+    cb.on_fit_start(trainer)
+    cb.on_train_batch_start(trainer, Batch(batch, y, torch.arange(B)))
+    assert torch.equal(batch, x)
+    for make in (FromInference, CastByHook):
+        model = make().double()
+        reference = _jacobian_rows(model, x, y)
+        with caplog.at_level("WARNING"):
+            last, staged = measure(model, x.clone(), y)
+        assert "leave out" not in caplog.text, make
+        assert staged["per_sample/coverage"] == 1.0
+        torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference,
+                                   rtol=1e-5, atol=0)  # fmt: skip
+
+
 class UncopyableState(CrossEntropy):
     """A loss a deep copy cannot take (a lock), whose state cannot be copied either (a tensor
     on the graph)."""

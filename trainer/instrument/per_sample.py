@@ -414,6 +414,12 @@ def _mixing_passes(
     return {key for key, h in zip(keys, read[1:], strict=True) if h}
 
 
+def _versions(obj: Any) -> list[int]:
+    """The version counters of the tensors in ``obj`` (-1 for an inference tensor, which keeps
+    none: made under ``torch.inference_mode``, it cannot be changed in place outside it)."""
+    return [-1 if t.is_inference() else t._version for t in _tensors(obj)]
+
+
 def _nonzero(g: Tensor) -> Tensor:
     """Whether any entry is nonzero and not NaN (0/0 where no gradient arrives: a square root
     at 0), on the device."""
@@ -505,7 +511,7 @@ class _Call:
     versions: list[int] = field(default_factory=list)
 
     def moved(self) -> bool:
-        return [t._version for t in _tensors((self.args, self.kwargs))] != self.versions
+        return _versions((self.args, self.kwargs)) != self.versions
 
     @property
     def device(self) -> torch.device:
@@ -726,6 +732,7 @@ class PerSampleNorms(Callback):
         for _, m, _, _ in self.units:  # before a unit's own pre-hooks (weight_norm's, prune's
             # compute its weight from its parameters: a use inside its forward)
             self._handles.append(m.register_forward_pre_hook(self._enter, prepend=True))
+            self._handles.append(m.register_forward_pre_hook(self._inputs_given))  # (last)
             # first of the unit's forward hooks: a user's hook runs after the unit stopped
             # counting as active, so its use of the unit's weights is seen as outside
             self._handles.append(
@@ -773,11 +780,15 @@ class PerSampleNorms(Callback):
         self._handles.clear()
 
     def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        self._entry_versions[module] = [t._version for t in _tensors(inputs)]
         self._active[module] = self._active.get(module, 0) + 1
         self._entered[module] = self._entered.get(module, 0) + 1
         self._start.setdefault(module, self._tick)
         self._tick += 1
+
+    def _inputs_given(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """The last of a unit's pre-hooks: its inputs' version counters as its forward gets
+        them (after a pre-hook of one's own replaced them, say)."""
+        self._entry_versions[module] = _versions(inputs)
 
     def _forward_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -820,9 +831,7 @@ class PerSampleNorms(Callback):
             )
             return
         why = self._check(module, args, kwargs, outputs, output)
-        if why is None and [t._version for t in _tensors(args)] != self._entry_versions.get(
-            module, [t._version for t in _tensors(args)]
-        ):  # fmt: skip
+        if why is None and _versions(args) != self._entry_versions.get(module, _versions(args)):
             why = IN_PLACE
         verify = None
         if why is None and self._kind[module] in ("closed", "func") and self._batch > 1:
@@ -854,7 +863,7 @@ class PerSampleNorms(Callback):
         call = _Call(
             module, _detach(args), _detach(kwargs), [t.detach() for t in outputs], dims,
             autocast=amp, verify=verify, mixing=mixing,
-            versions=[t._version for t in _tensors((args, kwargs))],
+            versions=_versions((args, kwargs)),
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -1324,8 +1333,9 @@ class PerSampleNorms(Callback):
             m.register_forward_hook(record, prepend=True, with_kwargs=True),  # (before a
             # user's hook replaces its output)
         )]  # fmt: skip
-        x = _map_tensors(batch.x, lambda t: t[:p])
-        y = _map_tensors(batch.y, lambda t: t[:p])
+        # (copies: a forward normalizing its input in place must not change the batch)
+        x = _map_tensors(batch.x, lambda t: t[:p].clone())
+        y = _map_tensors(batch.y, lambda t: t[:p].clone())
         norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
         found: set[Any] | None = set()
         # a copy of the loss, whose state a call may advance (a counter of its own); one a copy
