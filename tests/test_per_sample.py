@@ -1937,3 +1937,20 @@ def test_a_max_norm_embedding_tied_to_an_earlier_layer_keeps_the_others_measured
     total = sum(p.numel() for p in model.parameters())
     assert staged["per_sample/coverage"] == pytest.approx(mid / total)
     assert "leave out 'mid'" not in caplog.text
+
+
+def test_a_ranks_failed_check_does_not_replace_anothers_in_the_checkpoint(monkeypatch) -> None:
+    """Data-parallel, the checkpoint merges every rank's mixing checks: a rank whose check
+    failed (it keeps an empty placeholder) replaced the other's for the same inputs when it
+    came later (a review's note). A check that saw the model's calls wins."""
+    import trainer.instrument.per_sample as per_sample
+
+    sig = [((6, 5), "torch.int64")]
+    ok = [[sig, [["head", 1]], [["head", 1], ["emb", 1]]]]
+    failed = [[sig, [], []]]
+    for parts in ([ok, failed], [failed, ok]):
+        calls = iter([None, parts])  # (the batch-dimension verdicts first: this rank's)
+        monkeypatch.setattr(per_sample, "all_gather_objects",
+                            lambda mine, calls=calls: next(calls) or [mine])  # fmt: skip
+        (kept,) = PerSampleNorms(1).state_dict()["mixing"]
+        assert kept[1:] == [[["head", 1]], [["head", 1], ["emb", 1]]]

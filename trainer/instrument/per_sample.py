@@ -1670,8 +1670,11 @@ class PerSampleNorms(Callback):
         verdicts = [(n, k, list(shape), why) for (n, k, shape), why in union.items()]
         checks = [[list(sig), [list(k) for k in flagged], [list(k) for k in seen]]
                   for sig, (flagged, seen) in self._mixing_checks.items()]  # fmt: skip
-        mixing = {_tuples(sig): (flagged, seen) for part in all_gather_objects(checks)
-                  for sig, flagged, seen in part}  # type: ignore[attr-defined]  # fmt: skip
+        mixing: dict[Any, tuple[Any, Any]] = {}
+        for part in all_gather_objects(checks):  # every rank's; a check that saw calls wins
+            for sig, flagged, seen in part:  # type: ignore[attr-defined]  # over one that
+                if seen or _tuples(sig) not in mixing:  # failed on its rank (it saw none)
+                    mixing[_tuples(sig)] = (flagged, seen)
         kept = [[sig, flagged, seen] for sig, (flagged, seen) in mixing.items()]
         return {"noise_ema": self._ema, "verdicts": verdicts, "mixing": kept}
 
