@@ -681,6 +681,20 @@ def _jacobian_rows(model: nn.Module, x, y, left_out: tuple[str, ...] = ()) -> to
     ])  # fmt: skip
 
 
+def measured_exactly(model: nn.Module, x, y, left_out=(), twin=None, **kw) -> dict:
+    """One measured step (:func:`measure`) whose per-sample norms must equal rows of the
+    batch's Jacobian (:func:`_jacobian_rows`, of ``twin`` where given: the same numbers) over
+    the units not in ``left_out``, and whose coverage must be the share of the trainable
+    parameters they hold; the staged values."""
+    reference = _jacobian_rows(twin if twin is not None else model, x, y, left_out)
+    last, staged = measure(model, x, y, **kw)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    kept = sum(v for n, v in trainable.items() if n.rsplit(".", 1)[0] not in left_out)
+    assert staged["per_sample/coverage"] == pytest.approx(kept / sum(trainable.values()))
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+    return staged
+
+
 class NormalizedByHand(nn.Module):
     """A normalization with the batch's statistics written with plain ops (no BatchNorm, no
     F.batch_norm) after ``a``: the embedding and ``a`` are upstream of it."""
@@ -726,11 +740,8 @@ def test_a_model_that_mixes_the_samples_by_hand_leaves_out_the_units_before(
     model = make().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
-    reference = _jacobian_rows(copy.deepcopy(model), x, y, left_out)
     with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y)
-    assert staged["per_sample/coverage"] == pytest.approx(_share(model, left_out))
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+        measured_exactly(model, x, y, left_out)
     for name in left_out:
         assert f"leave out {name!r}: the model mixes or reorders the samples" in caplog.text
 
@@ -817,11 +828,8 @@ def test_mixing_inside_a_unit_in_place_or_by_a_hook_is_seen(make, left_out, capl
     y = torch.tensor([0, 1, 2, 2, 1, 0])
     twin = copy.deepcopy(model)
     twin.reentrant = False  # (where it has the attribute: the same numbers)
-    reference = _jacobian_rows(twin, x, y, left_out)
     with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y)
-    assert staged["per_sample/coverage"] == pytest.approx(_share(model, left_out))
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+        measured_exactly(model, x, y, left_out, twin=twin)
     for name in set(left_out) - {"mid"}:
         assert f"leave out {name!r}: the model mixes or reorders the samples" in caplog.text
 
@@ -864,13 +872,17 @@ class FrozenBackbone(nn.Module):
         return self.head(torch.tanh(self.bn(f)))
 
 
-class DetachedCenter(nn.Module):
-    """x - mean(x).detach(): the batch's mean as a constant of the backward, a value of the
-    forward."""
+class Gain(nn.Module):
+    """A unit of one's own with a learned gain (D,); subclasses say what it does with it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gain = nn.Parameter(1 + 0.1 * torch.randn(D))
+
+
+class DetachedCenter(Gain):
+    """x - mean(x).detach(): the batch's mean as a constant of the backward, a value of the
+    forward."""
 
     def forward(self, x):
         return self.gain * (x - x.mean(0).detach())
@@ -902,15 +914,8 @@ def test_a_unit_mixing_by_value_is_seen(make, tokens, left_out, caplog) -> None:
     x = (torch.randint(0, V, (B, T), generator=g) if tokens
          else torch.randn(B, D, dtype=torch.float64, generator=g))  # fmt: skip
     y = torch.tensor([0, 1, 2, 2, 1, 0])
-    reference = _jacobian_rows(model, x, y, left_out)
     with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    kept = sum(p.numel() for n, p in model.named_parameters()
-               if p.requires_grad and n.rsplit(".", 1)[0] not in left_out)  # fmt: skip
-    total = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
-    assert staged["per_sample/coverage"] == pytest.approx(kept / total)
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+        measured_exactly(model, x, y, left_out)
     for name in left_out:
         assert f"leave out {name!r}: the model mixes or reorders the samples" in caplog.text
 
@@ -944,18 +949,11 @@ def test_a_non_finite_first_batch_does_not_settle_the_check_nor_a_loss_without_a
     with caplog.at_level("WARNING"):
         measure(model, bad, y, cb=cb, loss=loss)
     assert "was not finite" in caplog.text and "mixes or reorders" not in caplog.text
-    reference = _jacobian_rows(model, x, y)
-    last, staged = measure(model, x, y, cb=cb, loss=loss)
-    assert staged["per_sample/coverage"] == 1.0
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+    measured_exactly(model, x, y, cb=cb, loss=loss)
 
 
-class SqrtFeatures(nn.Module):
+class SqrtFeatures(Gain):
     """√x of counts (zeros among them: an infinite derivative there) scaled by a gain."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(1 + 0.1 * torch.randn(D))
 
     def forward(self, x):
         return torch.sqrt(x) * self.gain
@@ -992,12 +990,12 @@ class FrozenTable(nn.Module):
         return self.head(self.add(self.emb(tokens).mean(1)))
 
 
-class Warming(nn.Module):
+class Warming(Gain):
     """A gain warmed up over its first calls (a counter of its own in its forward)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.gain, self.calls = nn.Parameter(1 + 0.1 * torch.randn(D)), 0
+        self.calls = 0
 
     def forward(self, h):
         self.calls += 1
@@ -1033,20 +1031,13 @@ def test_the_check_takes_no_per_sample_model_for_a_mixing_one(make, data, caplog
          "normal": torch.randn(B, D, dtype=torch.float64, generator=g)}[data]  # fmt: skip
     assert data != "counts" or bool((x == 0).any())
     y = torch.tensor([0, 1, 2, 2, 1, 0])
-    reference = _jacobian_rows(model, x, y)
     with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y)
+        measured_exactly(model, x, y)
     assert "leave out" not in caplog.text
-    assert staged["per_sample/coverage"] == 1.0
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
 
 
-class HookedInside(nn.Module):
+class HookedInside(Gain):
     """A unit of one's own registering a gradient hook inside its forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(1 + 0.1 * torch.randn(D))
 
     def forward(self, h):
         h = h * self.gain
@@ -1072,14 +1063,9 @@ def test_a_unit_that_changes_its_input_in_place_is_left_out(caplog) -> None:
     model = FrozenTable().double()
     x = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 2, 1, 0])
-    reference = _jacobian_rows(model, x, y, ("add",))
     with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y)
+        measured_exactly(model, x, y, ("add",))
     assert "leave out 'add': its input is changed in place" in caplog.text
-    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    share = 1 - trainable["add.pos"] / sum(trainable.values())
-    assert staged["per_sample/coverage"] == pytest.approx(share)
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
 
 
 class ScalesItsInput(nn.Module):
@@ -1142,13 +1128,9 @@ def test_the_checks_leave_the_batch_and_inputs_as_they_are(caplog) -> None:
     assert torch.equal(batch, x)
     for make in (FromInference, CastByHook):
         model = make().double()
-        reference = _jacobian_rows(model, x, y)
         with caplog.at_level("WARNING"):
-            last, staged = measure(model, x.clone(), y)
+            measured_exactly(model, x, y)
         assert "leave out" not in caplog.text, make
-        assert staged["per_sample/coverage"] == 1.0
-        torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference,
-                                   rtol=1e-5, atol=0)  # fmt: skip
 
 
 class UncopyableState(CrossEntropy):
@@ -1326,12 +1308,9 @@ def test_a_weight_computed_by_a_pre_hook_is_measured_exactly(make, caplog) -> No
     model = make().double()
     x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 2, 1, 0])
-    reference = _jacobian_rows(model, x, y)  # (no .grad; weight_norm has no deepcopy)
     with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y)
+        measured_exactly(model, x, y)
     assert "leave out" not in caplog.text
-    assert staged["per_sample/coverage"] == 1.0
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
 
 
 class LayerDrop(nn.Module):
