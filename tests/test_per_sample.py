@@ -681,6 +681,12 @@ def _jacobian_rows(model: nn.Module, x, y, left_out: tuple[str, ...] = ()) -> to
     ])  # fmt: skip
 
 
+def float_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """B float64 inputs of width D, and their labels."""
+    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return x, torch.tensor([0, 1, 2, 2, 1, 0])
+
+
 def measured_exactly(model: nn.Module, x, y, left_out=(), twin=None, **kw) -> dict:
     """One measured step (:func:`measure`) whose per-sample norms must equal rows of the
     batch's Jacobian (:func:`_jacobian_rows`, of ``twin`` where given: the same numbers) over
@@ -758,13 +764,19 @@ class NormalizingLayer(nn.Module):
         return self.gamma * (h - h.mean(0)) / (h.var(0, unbiased=False) + 1e-5).sqrt() + self.beta
 
 
-class MixedInside(nn.Module):
-    def __init__(self) -> None:
+class Around(nn.Module):
+    """A Linear ``a``, a unit of one's own ``mid``, a tanh and a Linear ``head``."""
+
+    def __init__(self, mid: nn.Module) -> None:
         super().__init__()
-        self.a, self.bn, self.head = nn.Linear(D, D), NormalizingLayer(), nn.Linear(D, 3)
+        self.a, self.mid, self.head = nn.Linear(D, D), mid, nn.Linear(D, 3)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.bn(self.a(x))))
+        return self.head(torch.tanh(self.mid(self.a(x))))
+
+
+def MixedInside() -> nn.Module:  # noqa: N802 (a model, as the classes beside it)
+    return Around(NormalizingLayer())
 
 
 class CenteredInPlace(nn.Module):
@@ -811,7 +823,7 @@ class Recomputed(nn.Module):
 
 @pytest.mark.parametrize(
     "make, left_out",
-    [(MixedInside, ("a", "bn")), (CenteredInPlace, ("a",)), (CenteredByHook, ("a",)),
+    [(MixedInside, ("a", "mid")), (CenteredInPlace, ("a",)), (CenteredByHook, ("a",)),
      (Recomputed, ("mid",))],
     ids=["normalizing_layer_of_ones_own", "in_place", "forward_hook", "reentrant_checkpoint"],
 )  # fmt: skip
@@ -824,8 +836,7 @@ def test_mixing_inside_a_unit_in_place_or_by_a_hook_is_seen(make, left_out, capl
     (the checkpointed layer: an outside use, as before)."""
     torch.manual_seed(0)
     model = make().double()
-    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    x, y = float_batch()
     twin = copy.deepcopy(model)
     twin.reentrant = False  # (where it has the attribute: the same numbers)
     with caplog.at_level("WARNING"):
@@ -888,19 +899,14 @@ class DetachedCenter(Gain):
         return self.gain * (x - x.mean(0).detach())
 
 
-class CenteredDetached(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.center, self.head = nn.Linear(D, D), DetachedCenter(), nn.Linear(D, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.center(self.a(x))))
+def CenteredDetached() -> nn.Module:  # noqa: N802
+    return Around(DetachedCenter())
 
 
 @pytest.mark.parametrize(
     "make, tokens, left_out",
     [(OnTokens, True, ("stem",)), (FrozenBackbone, False, ("bn",)),
-     (CenteredDetached, False, ("center",))],
+     (CenteredDetached, False, ("mid",))],
     ids=["token_stem", "frozen_backbone_under_no_grad", "detached_batch_mean"],
 )  # fmt: skip
 def test_a_unit_mixing_by_value_is_seen(make, tokens, left_out, caplog) -> None:
@@ -1046,13 +1052,8 @@ class HookedInside(Gain):
         return h
 
 
-class WithHookInside(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.blk, self.head = nn.Linear(D, D), HookedInside(), nn.Linear(D, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.blk(self.a(x))))
+def WithHookInside() -> nn.Module:  # noqa: N802
+    return Around(HookedInside())
 
 
 def test_a_unit_that_changes_its_input_in_place_is_left_out(caplog) -> None:
@@ -1162,8 +1163,7 @@ def test_a_check_that_cannot_run_never_stops_training_nor_leaves_the_rest_out(ca
     second leaves the units out for that input signature, naming why."""
     torch.manual_seed(0)
     model = WithHookInside().double()
-    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    x, y = float_batch()
     with caplog.at_level("WARNING"):
         measure(model, x, y)
     assert "its check failed" not in caplog.text
@@ -1254,8 +1254,7 @@ def test_the_mixing_check_leaves_what_the_models_hooks_update_as_it_was() -> Non
     torch.manual_seed(0)
     measured = HookedBuffer().double()
     plain = copy.deepcopy(measured)
-    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    x, y = float_batch()
     measure(measured, x, y)
     F.cross_entropy(plain(x), y).backward()
     assert torch.equal(measured.seen, plain.seen)
@@ -1306,8 +1305,7 @@ def test_a_weight_computed_by_a_pre_hook_is_measured_exactly(make, caplog) -> No
     (left out). Both are measured exactly now, as is ``prune``'s ``weight_orig``."""
     torch.manual_seed(0)
     model = make().double()
-    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    x, y = float_batch()
     with caplog.at_level("WARNING"):
         measured_exactly(model, x, y)
     assert "leave out" not in caplog.text
