@@ -10,6 +10,7 @@ process group through the same environment variables torchrun sets. One test lau
 from __future__ import annotations
 
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -77,6 +78,15 @@ def _rank(rank: int, world: int, port: int, overrides: tuple[str, ...], run_dir:
     from trainer.run import run
 
     run(make_cfg(*overrides), run_dir)
+
+
+def _rank_logged(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
+    """:func:`_rank`, its ``trainer`` log lines written to ``<run_dir>/rank<rank>.log``."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(run_dir) / f"rank{rank}.log")
+    logging.getLogger("trainer").addHandler(handler)
+    logging.getLogger("trainer").setLevel(logging.INFO)
+    _rank(rank, world, port, overrides, run_dir)
 
 
 def launch(*groups: tuple[int, list[str], list[Path]]) -> list[list[int]]:
@@ -639,7 +649,11 @@ def test_a_run_stopped_and_resumed_on_two_processes_logs_what_an_uninterrupted_o
     stopped = json.loads((dirs[0] / "metrics.json").read_text())
     assert stopped["step"] == 9
     resumed = [tmp_path / "c0", tmp_path / "c1"]
-    assert launch((2, [*extra, f"trainer.resume={stopped['checkpoint']}"], resumed)) == [[0, 0]]
+    resume = f"trainer.resume={stopped['checkpoint']}"
+    assert ranks_of(_rank_logged, [*extra, resume], resumed) == [0, 0]
+    said = [(d / f"rank{r}.log").read_text() for r, d in enumerate(resumed)]
+    assert said[0].count("resuming run") == 1 and "resuming run" not in said[1]  # (one line
+    # per run: each rank said it before)
     want, got = read_scalars(ref[0]), read_scalars(dirs[0])  # (it continues in its own folder)
     assert sorted(got) == sorted(want)
     for tag in want:
@@ -649,7 +663,6 @@ def test_a_run_stopped_and_resumed_on_two_processes_logs_what_an_uninterrupted_o
     # resumed in one process on the global batch: every rank's losses on it, the same mean up
     # to rounding (float32 sums in another order), as one process equals two everywhere
     one = tmp_path / "one"
-    resume = f"trainer.resume={stopped['checkpoint']}"
     assert launch((1, [*extra, "data.batch_size=120", resume], [one])) == [[0]]
     got = dict(read_scalars(dirs[0])["train/loss"])  # (continued in the stopped run's folder)
     for step, value in want["train/loss"]:

@@ -326,15 +326,17 @@ def run(
             resume_path, resume_state, refused = select_resume(
                 tc.resume, Path(tc.checkpoint.search_dir), run_id
             )
-            for note in refused:
+            for note in refused if main else ():  # (one line per run, not per rank)
                 log.warning("resume: skipped %s", note)
             if resume_state is None:
-                log.info(
-                    "resume=auto: no usable checkpoint of run %s under %s; starting from scratch",
-                    run_id, tc.checkpoint.search_dir,
-                )  # fmt: skip
+                if main:  # (one line per run, not one per rank)
+                    log.info(
+                        "resume=auto: no usable checkpoint of run %s under %s; starting from "
+                        "scratch", run_id, tc.checkpoint.search_dir,
+                    )  # fmt: skip
                 search = Path(tc.checkpoint.search_dir).resolve()
-                if not run_dir.resolve().is_relative_to(search):  # (its checkpoints would be
+                outside = not run_dir.resolve().is_relative_to(search)
+                if main and outside:  # (its checkpoints would be
                     log.warning(  # found by no later resume=auto either, a probe's finding)
                         "resume=auto: this run's folder %s is outside trainer.checkpoint."
                         "search_dir=%s, where resume=auto looks: set trainer.checkpoint."
@@ -415,10 +417,12 @@ def run(
                 )  # fmt: skip
             purge_step = int(resume_state["step"]) + 1  # its later events are replaced
             before[0] = float(resume_state.get("wall_s", 0.0))
-            log.info(
-                "resuming run %s from %s (step %d); it continues in %s",
-                resume_state["run_id"], resume_path, resume_state["step"], _display(run_dir),
-            )  # fmt: skip
+            if main:  # (one line per run, not one per rank)
+                log.info(
+                    "resuming run %s from %s (step %d); it continues in %s",
+                    resume_state["run_id"], resume_path, resume_state["step"],
+                    _display(run_dir),
+                )  # fmt: skip
         if main and (resume_state is None or _home_of(resume_path) is None):
             _set_aside_previous(run_dir)
         taken = True
