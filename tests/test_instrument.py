@@ -1462,3 +1462,42 @@ def test_a_long_tensors_histogram_sum_of_squares_is_taken_by_rows() -> None:
     (h,) = histograms([x], bins=8)
     exact = x.numel() * float(x[0]) ** 2
     assert h.sum_squares == pytest.approx(exact, rel=2 * 3 * 256 * 2**-24)
+
+
+def head_only_sgd(params, lr: float):
+    """An optimizer factory fine-tuning the head (the last Linear's two tensors) and leaving
+    the body trainable."""
+    return torch.optim.SGD(list(params)[-2:], lr=lr)
+
+
+def body_at_lr_0(params, lr: float):
+    """The same update with every tensor held: the head's at ``lr`` (the first group's, which
+    the run logs), the body's at lr 0 (plain SGD leaves it as it is)."""
+    params = list(params)
+    return torch.optim.SGD([{"params": params[-2:]}, {"params": params[:-2], "lr": 0.0}], lr=lr)
+
+
+def test_trainable_parameters_outside_the_optimizer_log_each_steps_own_gradient(
+    tmp_path, caplog
+) -> None:
+    """A factory giving the optimizer the head only, the body left trainable: the body's
+    gradients were never cleared (the optimizer's zero_grad clears its own), so they summed
+    over the steps, and the norms, the histograms and the clipping read the sum (a probe:
+    grad_norm/total 1.34 at step 4 for 0.47). Exact by construction: the same as holding the
+    body at lr 0, every logged scalar and the parameters bit for bit; and named once."""
+    runs = {}
+    for name in ("head_only_sgd", "body_at_lr_0"):
+        runs[name] = tmp_path / name
+        train(runs[name], "trainer.max_steps=4", "data.batch_size=16", "trainer.grad_clip=0.05",
+              "instrument.norms.every_n_steps=1", "logging.every_n_steps=1",
+              "~optimizer", f"+optimizer._target_=test_instrument.{name}",
+              "+optimizer._partial_=true", "+optimizer.lr=0.1")  # fmt: skip
+    got, want = read_scalars(runs["head_only_sgd"]), read_scalars(runs["body_at_lr_0"])
+    assert sorted(got) == sorted(want)
+    for tag in want:
+        if not tag.startswith("time/"):
+            assert got[tag] == want[tag], tag
+    for k, v in final_params(runs["body_at_lr_0"]).items():
+        assert torch.equal(final_params(runs["head_only_sgd"])[k], v), k
+    said = [r.getMessage() for r in caplog.records if "not in the optimizer" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("4 trainable parameter tensor(s)")
