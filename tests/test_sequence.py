@@ -760,3 +760,36 @@ def test_a_tagger_is_checked_against_its_tags_not_the_input_vocabulary(tmp_path,
     with pytest.raises(ConfigError, match=r"Tags sets neither out_dim nor vocab_size, and its "
                        r"targets are torch.int64 sequences \(\(6,\) per sample\)"):  # fmt: skip
         train(tmp_path / "d", *common, "+data.out_dim=null", "+data.vocab_size=null")
+
+
+class SequenceNLL(Loss):
+    """A sequence loss of one's own returning one loss per sequence, (B,): the mean token NLL
+    of each sequence's tokens (torch's ignore_index -100 as padding); no ``units``."""
+
+    task = "sequence"
+
+    def forward(self, output, target):
+        nll = F.cross_entropy(output.transpose(1, 2), target, reduction="none")
+        valid = (target != -100).to(nll.dtype)
+        return (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+@pytest.mark.parametrize("pad", [-100, 0])
+def test_token_accuracy_of_a_per_sequence_loss_counts_the_tokens_not_the_padding(pad) -> None:
+    """A sequence loss returning (B,) has no unit weights: padding counted as a wrong token
+    (a probe's val/token_acc 0.054 for 0.103). The tokens are those with a class index and
+    not the loss's ``ignore_index`` (0 here for the padding id 0); by brute force."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 5, generator=gen)
+    target = logits.argmax(-1)  # every token right ...
+    target[:, ::2] = (target[:, ::2] + 1) % 5  # ... but half, then padded tails
+    lengths = [6, 3, 1, 4]
+    for i, n in enumerate(lengths):
+        target[i, n:] = pad
+    loss = SequenceNLL()
+    if pad == 0:
+        loss.ignore_index = 0  # (a 0 token inside a sequence is not counted either)
+    valid = [(i, t) for i in range(4) for t in range(6) if target[i, t] != pad]
+    want = sum(int(logits[i, t].argmax() == target[i, t]) for i, t in valid) / len(valid)
+    hits, count = loss.val_sums(logits, target)["val/token_acc"]
+    assert count == len(valid) and hits / count == want

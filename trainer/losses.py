@@ -137,11 +137,16 @@ class Loss(Stateful):
                     f"(B, T, V) for targets (B, T); got {tuple(output.shape)} and "
                     f"{tuple(target.shape)} (override val_sums and metrics for other outputs)"
                 )
-            counted = (
-                torch.ones(target.shape, dtype=output.dtype, device=output.device)
-                if units is None or units.shape != target.shape
-                else (units > 0).to(output.dtype)
-            )
+            if units is None or units.shape != target.shape:  # a loss per sequence: the
+                # tokens are those with a class index (≥ 0, and not the loss's ignore_index);
+                # padding counted as a wrong token before (a probe's 0.054 for 0.103)
+                valid = target >= 0
+                ignore = getattr(self, "ignore_index", None)
+                if isinstance(ignore, int):
+                    valid = valid & (target != ignore)
+                counted = valid.to(output.dtype)
+            else:
+                counted = (units > 0).to(output.dtype)
             hits = (output.argmax(dim=-1) == target).to(output.dtype) * counted
             sums["val/ppl"] = sums["val/loss"]
             correct = _unless_nonfinite(hits.sum(), output, counted > 0)
