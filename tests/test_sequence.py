@@ -201,6 +201,37 @@ def test_per_token_weighting_is_the_inverse_token_frequency(tmp_path) -> None:
     torch.testing.assert_close(w, r / r.sum(), rtol=1e-6, atol=0)
 
 
+class OwnTokenNLL(Loss):
+    """A per-token loss of one's own: (B, T) with units, and no ``ignore_index`` attribute
+    (torch's -100 is its padding)."""
+
+    task = "sequence"
+
+    def forward(self, output, target):
+        return F.cross_entropy(output.transpose(1, 2), target, reduction="none")
+
+    def units(self, target, dtype=torch.float32):
+        return (target != PAD).to(dtype)
+
+
+def test_per_token_weighting_takes_a_token_loss_of_ones_own() -> None:
+    """The contract asks a per-token loss for ``forward`` and ``units``: per_token refused one
+    without the built-in's ``ignore_index`` ("the loss ... (task sequence) is not one"). Its
+    table is the built-in's (padding, a negative target, not counted); a sequence loss with
+    one loss per sequence is refused, naming what it lacks."""
+    data = CharText(block_size=16, stride=16)
+    data.setup(CPU, 0)
+    tables = []
+    for loss in (TokenCrossEntropy(), OwnTokenNLL()):
+        weighting = PerTokenWeighting(power=0.5)
+        weighting.check_loss(loss)
+        weighting.setup(data, CPU)
+        tables.append(weighting.token_weights)
+    assert torch.equal(*tables)
+    with pytest.raises(ValueError, match=r"SequenceNLL gives none \(it defines no units"):
+        PerTokenWeighting().check_loss(SequenceNLL())
+
+
 def test_weightings_that_do_not_fit_token_losses_are_refused() -> None:
     base = ["experiment=chars_lm", "loss.mode=vector", "trainer.max_steps=1"]
     for weighting, message in [

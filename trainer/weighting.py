@@ -596,12 +596,23 @@ class PerTokenWeighting(_TableLookup):
         self.ignore_index: int | None = None
 
     def check_loss(self, loss: Loss) -> None:
-        if loss.task != "sequence" or not hasattr(loss, "ignore_index"):
+        name = type(loss).__name__
+        if loss.task != "sequence":
             raise ValueError(
-                f"weighting=per_token weights the tokens of a sequence loss; the loss "
-                f"{type(loss).__name__} (task {loss.task}) is not one (loss=token_cross_entropy)"
+                f"weighting=per_token weights the tokens of a sequence loss; the loss {name} "
+                f"has task {loss.task!r}, not 'sequence' (loss=token_cross_entropy)"
             )
-        self.ignore_index = loss.ignore_index
+        if not loss.has_units:  # (a loss of one's own with a per-sequence loss, (B,))
+            raise ValueError(
+                f"weighting=per_token weights each token's loss: the loss {name} gives none "
+                "(it defines no units(target, dtype), so its losses are one per sequence, "
+                "(B,)); return per-token losses (B, T) and implement units (README, 'Bring "
+                "your own'), or use a per-sequence weighting"
+            )
+        # padding: a target that is no class index (< 0), or the loss's ignore_index (an
+        # attribute the built-in has; a loss of one's own without one was refused before)
+        ignore = getattr(loss, "ignore_index", None)
+        self.ignore_index = ignore if isinstance(ignore, int) else None
 
     def setup(self, data: DataModule, device: torch.device) -> None:
         if data.out_dim is None or data.train_targets is None:  # (the classes each position
@@ -611,7 +622,10 @@ class PerTokenWeighting(_TableLookup):
                 "no targets)"
             )
         tokens = data.train_targets.reshape(-1).long()
-        tokens = tokens[tokens != self.ignore_index]
+        valid = tokens >= 0
+        if self.ignore_index is not None:
+            valid &= tokens != self.ignore_index
+        tokens = tokens[valid]
         counts = torch.bincount(tokens, minlength=data.out_dim).double()
         seen = int((counts > 0).sum())
         freq = torch.where(counts > 0, counts.sum() / (seen * counts.clamp_min(1)), 0.0)
