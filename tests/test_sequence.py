@@ -364,6 +364,41 @@ def test_per_sequence_norms_against_torch_func() -> None:
         assert torch.isnan(weighted[~nonzero]).all()  # (no sample: no norm, weighted or not)
 
 
+class ByTargetId(Weighting):
+    """Per-token raw weights 1 + the target id: a sequence's tokens weighted unequally unless
+    it has one token (or repeats one target)."""
+
+    def raw(self, losses, logits, targets, indices):
+        return 1.0 + targets.clamp_min(0).to(losses.dtype)
+
+
+def test_unequal_token_weights_report_no_unweighted_norm_that_step() -> None:
+    """With tokens weighted unequally no sequence's unweighted norm exists but those of one
+    token (or one repeated target), a subset of short sequences, not the batch: none is
+    reported that step (their mean and max were the one 1-token sequence's, as complete). The
+    weighted norms are every non-empty sequence's."""
+    model = TinyLM()
+    x, y = token_batch()  # lengths 6, 4, 1, 0
+    loss = TokenCrossEntropy()
+    objective = Objective(loss, ByTargetId(), (), list(model.parameters()))
+    objective.weighting.check_loss(loss)
+    trainer = Trainer_like(model, objective, Window(4, units=loss.units(y).sum()))
+    cb = PerSampleNorms(1, loss="both")
+    cb.on_fit_start(trainer)
+    batch = Batch(x, y, torch.arange(4))
+    cb.on_train_batch_start(trainer, batch)
+    logits = model(x)
+    losses = loss(logits, y)
+    weights, _ = objective.backward(losses, logits, batch, trainer.window, last=True, logs=False)
+    cb.on_after_backward(trainer, batch, losses.detach(), weights)
+    trainer.global_step = 1
+    cb.on_before_optimizer_step(trainer, None)
+    assert torch.isnan(sample_coefficients(weights))[:2].all()  # (unequal: the longer two)
+    assert torch.isnan(cb.last["per_sample/grad_norm"]).all()
+    weighted = cb.last["per_sample/weighted_grad_norm"]
+    assert torch.isfinite(weighted[:3]).all() and (weighted[:3] > 0).all()
+
+
 def Trainer_like(model, objective, window):
     from types import SimpleNamespace
 
