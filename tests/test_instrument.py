@@ -1501,3 +1501,37 @@ def test_trainable_parameters_outside_the_optimizer_log_each_steps_own_gradient(
         assert torch.equal(final_params(runs["head_only_sgd"])[k], v), k
     said = [r.getMessage() for r in caplog.records if "not in the optimizer" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("4 trainable parameter tensor(s)")
+
+
+class ZeroFactor(nn.Module):
+    """A Linear plus a low-rank update whose second factor starts at 0 (LoRA's B), in float32
+    or (``wide``) float64; and a zero tensor that never moves (its gradient is 0)."""
+
+    def __init__(self, in_shape, out_dim: int, wide: bool = False):
+        super().__init__()
+        d = math.prod(in_shape)
+        self.base = nn.Linear(d, out_dim)
+        dtype = torch.float64 if wide else torch.float32
+        self.a = nn.Parameter(torch.randn(d, 2, dtype=dtype) / d)
+        self.b = nn.Parameter(torch.zeros(2, out_dim, dtype=dtype))
+        self.still = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        update = (x.to(self.a.dtype) @ self.a @ self.b).to(x.dtype)
+        return self.base(x) + update + 0.0 * self.still.sum()
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_the_update_ratio_of_a_zero_tensor_is_inf_when_it_moves_and_0_when_not(
+    tmp_path, wide
+) -> None:
+    """‖Δθ‖/‖θ‖ of a tensor at 0: Inf when it moved (was ‖Δθ‖/tiny, 6.8e35 in float32 and Inf
+    with a float64 parameter beside it), 0 when it did not."""
+    model = ("~model", "+model._target_=test_instrument.ZeroFactor", f"+model.wide={wide}")
+    train(tmp_path, "trainer.max_steps=2", "instrument.norms.every_n_steps=1",
+          "logging.every_n_steps=1", "optimizer=sgd", "optimizer.momentum=0", *model)  # fmt: skip
+    s = read_scalars(tmp_path)
+    assert dict(s["param_norm/b"])[1] == 0 and dict(s["update_ratio/b"])[1] == math.inf
+    assert math.isfinite(dict(s["update_ratio/b"])[2])  # (no longer 0 after step 1)
+    assert [v for _, v in s["update_ratio/still"]] == [0.0, 0.0]

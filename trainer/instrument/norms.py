@@ -269,10 +269,11 @@ class Norms(Callback):
             self._before = None
         with torch.no_grad():
             torch._foreach_sub_(delta, [*trainer.params])
-            # a zero weight tensor that moved gives a huge ratio, never a division by 0
-            ratios = torch.stack(norms_of(delta, self._careful)) / before_norms.clamp_min(
-                torch.finfo(before_norms.dtype).tiny
-            )
+            # a tensor that did not move: 0 (a zero one too, not 0/0); a zero tensor that
+            # moved (a LoRA factor initialized to 0): Inf, ‖Δθ‖/0 (it was ‖Δθ‖/tiny, 6.8e35 in
+            # float32, or Inf where a float64 parameter made the norms float64)
+            moved = torch.stack(norms_of(delta, self._careful))
+            ratios = torch.where(moved == 0, 0.0, moved / before_norms)
         trainer.stage_scalars({self._tags["update_ratio"]: ratios})
 
 
