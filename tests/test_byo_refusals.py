@@ -86,6 +86,43 @@ def test_a_dataset_of_dicts_is_refused_naming_the_pairs(tmp_path) -> None:
         train(tmp_path, f"data._target_={__name__}.DictData", *TINY)
 
 
+class StructuredInputs(torch.utils.data.Dataset):
+    """(input, label) pairs whose input is a dict of tensors or a tuple of them."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        ids, mask = torch.zeros(4), torch.ones(4)
+        return ({"ids": ids, "mask": mask} if self.kind == "dict" else (ids, mask)), 0
+
+
+class DictInputs(DigitsData):
+    kind = "dict"
+
+    def load(self):
+        self.input_shape = None
+        return StructuredInputs(self.kind), StructuredInputs(self.kind)
+
+
+class TupleInputs(DictInputs):
+    kind = "tuple"
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple"])
+def test_a_structured_input_is_refused_naming_what_the_trainer_takes(tmp_path, kind) -> None:
+    """A dict or a tuple of tensors as a sample's input failed with torch's "Could not infer
+    dtype of dict" (a tuple: "only integer tensors of a single element ..."), naming neither
+    the data nor the fix."""
+    with pytest.raises(TypeError, match=rf"input must be one tensor .*StructuredInputs\[0\]'s is "
+                       rf"a {kind}, .* go into one tensor"):  # fmt: skip
+        data = {"dict": "DictInputs", "tuple": "TupleInputs"}[kind]
+        train(tmp_path, f"data._target_={__name__}.{data}", *TINY)
+
+
 class Rounded(Loss):
     """Cross-entropy losses cast to int64 (``detach``: detached instead)."""
 

@@ -406,7 +406,17 @@ def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple
             f"[0] is {got} (wrap it: return sample['x'], sample['y'] from __getitem__)"
         )
     x, y = sample
-    return torch.as_tensor(x), y
+    try:
+        return torch.as_tensor(x), y
+    except (TypeError, ValueError, RuntimeError) as e:  # a dict or a tuple of tensors: torch's
+        # "Could not infer dtype of dict" named neither the data nor what the trainer takes
+        raise TypeError(
+            f"data: a sample's input must be one tensor (or array, or nested lists of numbers); "
+            f"{type(split).__name__}[0]'s is a {type(x).__name__}, which torch.as_tensor "
+            f"refuses ({e}). Several inputs per sample (token ids and a mask, features of two "
+            "kinds) go into one tensor, stacked or concatenated in __getitem__, and your "
+            "model's forward splits them"
+        ) from e
 
 
 class DataModule(abc.ABC):
