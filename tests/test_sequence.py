@@ -859,3 +859,16 @@ def test_token_accuracy_of_a_per_sequence_loss_counts_the_tokens_not_the_padding
     want = sum(int(logits[i, t].argmax() == target[i, t]) for i, t in valid) / len(valid)
     hits, count = loss.val_sums(logits, target)["val/token_acc"]
     assert count == len(valid) and hits / count == want
+
+
+def test_a_loss_of_the_wrong_shape_is_refused_saying_what_a_per_token_loss_needs() -> None:
+    """A (B, T) loss without units was refused with "per-token losses: Loss.units gives their
+    shape", which did not say that a per-token loss must implement units."""
+    y = torch.zeros(8, 7, dtype=torch.long)
+    objective = Objective(SequenceNLL(), None, (), [])
+    with pytest.raises(ValueError, match=r"shape \(8,\) \(reduction='none'\); a loss per token, "
+                       r"\(B, T, ...\), is taken from a loss that implements units"):  # fmt: skip
+        objective.check_losses(torch.zeros(8, 7), y)
+    objective = Objective(OwnTokenNLL(), None, (), [])
+    with pytest.raises(ValueError, match=r"shape \(8, 7\) \(reduction='none'\); its units"):
+        objective.check_losses(torch.zeros(8, 7, 1), y)

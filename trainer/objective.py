@@ -136,8 +136,16 @@ class Objective:
             raise ValueError(
                 f"loss {type(self.loss).__name__} returned shape {tuple(losses.shape)} for a "
                 f"batch of {y.shape[0]}; it must return one loss per element, shape "
-                f"{tuple(expected)} "
-                "(reduction='none'; per-token losses: Loss.units gives their shape)"
+                f"{tuple(expected)} (reduction='none')"
+                + (
+                    "; a loss per token, (B, T, ...), is taken from a loss that implements "
+                    "units(target, dtype), the unit weights of its average (README, 'Bring "
+                    "your own')"
+                    if units is None and losses.ndim > 1 and losses.shape[0] == y.shape[0]
+                    else "; its units(target, dtype) give that shape"
+                    if units is not None
+                    else ""
+                )
             )
         if not losses.requires_grad and torch.is_grad_enabled():  # metadata only
             why = (
