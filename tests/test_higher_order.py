@@ -594,3 +594,23 @@ def test_an_input_gradient_penalty_of_ones_own_with_state_resumes_exactly(tmp_pa
     train(tmp_path / "rest", *common, "trainer.max_steps=6", f"trainer.resume={last}")
     whole, rest = final_params(tmp_path / "whole"), final_params(tmp_path / "part")
     assert all(torch.equal(whole[k], rest[k]) for k in whole)
+
+
+def test_the_penalty_of_per_token_losses_is_the_mean_over_the_sequences() -> None:
+    """λ (1/B) Σᵢ ‖∇_{xᵢ} L‖² with per-token losses (B, T) and float inputs (B, T, D): it
+    divided by B·T (5 times too small here). By brute force, one sequence at a time (a model
+    that treats the sequences independently)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    model = model.double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 5))
+    pen = InputGradPenalty(coef=0.3)
+    xl = pen.prepare(x)
+    value = pen.value(F.cross_entropy(model(xl).transpose(1, 2), y, reduction="none"), xl)
+    total = 0.0
+    for i in range(3):
+        xi = x[i].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i], reduction="sum"), xi)
+        total += float(g.pow(2).sum())
+    assert float(value) == pytest.approx(0.3 * total / 3, rel=1e-12)

@@ -309,7 +309,8 @@ class InputGradPenalty(Stateful):
         """λ · mean_i ‖∇_{x_i} Σ_j ℓ_j‖² (0-d, float32 or wider, differentiable in θ).
 
         Args:
-            losses: (B,) per-sample losses computed from ``x`` (see :meth:`prepare`).
+            losses: (B,) per-sample losses computed from ``x`` (see :meth:`prepare`), or (B, T)
+                per-token ones (Σ_j ℓ_j their sum; the mean over the B samples).
             x: (B, ...) the input leaf.
 
         Under float16 autocast the GradScaler's scale is applied to the whole objective (loss +
@@ -328,5 +329,5 @@ class InputGradPenalty(Stateful):
                 "a backbone with requires_grad_(False) instead (∇ₓL then flows through it), or "
                 "remove the penalty"
             )
-        g = widen(g)
-        return self.coef * g.pow(2).sum() / losses.numel()
+        g = widen(g)  # (the mean over the samples: a per-token loss (B, T) has B, not B·T)
+        return self.coef * g.pow(2).sum() / losses.shape[0]
