@@ -371,3 +371,31 @@ def test_l1_and_orthogonal_refuse_a_complex_parameter_naming_it() -> None:
     model.w.requires_grad_(False)  # (refused at the start, not where a callback unfreezes it)
     with pytest.raises(ValueError, match=r"regularizer.l1: w is complex"):
         Regularizer("l1", 0.1).bind(model)
+
+
+class MyL1(Regularizer):
+    """The built-in l1 under a name of one's own (so its gradient is checked)."""
+
+    KINDS = {**Regularizer.KINDS, "myl1": Regularizer.KINDS["l1"]}
+    GRADS = {**Regularizer.GRADS, "myl1": Regularizer.GRADS["l1"]}
+
+
+def test_a_correct_backward_at_a_kink_is_accepted_and_a_wrong_one_refused(caplog) -> None:
+    """gradcheck's finite differences (step 1e-6) straddle |p|'s kink at a weight of 1e-7, so
+    a correct l1 of one's own was refused ("its Function's backward fails gradcheck"). It
+    passes at a point drawn at random, so it trains, warned; a wrong backward fails there
+    too and is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4))
+    with torch.no_grad():
+        model[0].weight[0, 0] = 1e-7
+    MyL1("myl1", coef=0.1).bind(model).check_gradient()
+    said = [r.getMessage() for r in caplog.records if "drawn at random" in r.getMessage()]
+    assert len(said) == 1 and "myl1 (MyL1)" in said[0] and "not differentiable" in said[0]
+    _LogCosh.scale = 2.0
+    try:
+        with pytest.raises(ValueError, match=r"fails torch.autograd.gradcheck .*, at the "
+                           r"parameters and at a point drawn at random"):  # fmt: skip
+            LogCoshTwice("logcosh", coef=0.01).bind(model).check_gradient()
+    finally:
+        _LogCosh.scale = 1.0
