@@ -1931,3 +1931,30 @@ def test_a_ranks_failed_check_does_not_replace_anothers_in_the_checkpoint(monkey
                             lambda mine, calls=calls: next(calls) or [mine])  # fmt: skip
         (kept,) = PerSampleNorms(1).state_dict()["mixing"]
         assert kept[1:] == [[["head", 1]], [["head", 1], ["emb", 1]]]
+
+
+@pytest.mark.parametrize("t", [3, 40])  # the per-sample gradient's form; the Gram form's
+def test_a_linear_on_sequences_squared_norms_in_chunks_of_samples(monkeypatch, t) -> None:
+    """The closed form's temporaries (the per-sample gradients, or two Gram matrices per
+    sample) are bounded by MATERIALIZE_BYTES, the samples taken in chunks (all at once, an
+    LM head took gigabytes inside the backward's hook): each sample's ‖Σₜ gₜaₜᵀ‖² by brute
+    force, float64, with a bound of 1, 2 and all samples' temporaries."""
+    import trainer.instrument.per_sample as ps
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 1, t, 6, dtype=torch.float64, generator=gen)
+    g = torch.randn(5, 1, t, 7, dtype=torch.float64, generator=gen)
+    want = torch.stack([(g[i, 0].T @ a[i, 0]).pow(2).sum() for i in range(5)])
+    each = (2 * t * t if t * 13 <= 42 else 42) * 8  # (bytes of one sample's temporaries)
+    inner, sizes = ps._gram_or_direct, []
+
+    def counted(a, g):
+        sizes.append(a.shape[0])
+        return inner(a, g)
+
+    monkeypatch.setattr(ps, "_gram_or_direct", counted)
+    for cap, chunks in ((each, [5, 1, 1, 1, 1, 1]), (2 * each + 1, [5, 2, 2, 1]), (2**28, [5])):
+        monkeypatch.setattr(ps, "MATERIALIZE_BYTES", cap)
+        sizes.clear()
+        torch.testing.assert_close(ps._gram_or_direct(a, g), want, rtol=1e-12, atol=0)
+        assert sizes == chunks

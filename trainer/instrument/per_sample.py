@@ -103,13 +103,24 @@ def _gram_or_direct(a: Tensor, g: Tensor) -> Tensor:
 
     ``a``: (B, G, T, Ci), ``g``: (B, G, T, Co) for G independent groups. Returns (B,).
     """
-    t, ci, co = a.shape[2], a.shape[3], g.shape[3]
-    if t * (ci + co) <= ci * co:  # the Gram form is cheaper
+    b, groups, t, ci = a.shape
+    co = g.shape[3]
+    gram = t * (ci + co) <= ci * co  # the Gram form takes fewer operations
+    # its temporaries per sample (two Gram matrices; the per-sample gradient), squared in
+    # place: samples in chunks of at most MATERIALIZE_BYTES of them (an LM head of 8,192
+    # outputs at T = 1,024 took 2 × 4.9 GB for B = 32 at once, inside the backward's hook)
+    each = groups * (2 * t * t if gram else co * ci) * max(a.element_size(), g.element_size())
+    chunk = max(1, MATERIALIZE_BYTES // max(each, 1))
+    if chunk < b:
+        return torch.cat(
+            [_gram_or_direct(a[i : i + chunk], g[i : i + chunk]) for i in range(0, b, chunk)]
+        )
+    if gram:
         ga = a @ a.transpose(-1, -2)  # (B, G, T, T)
         gg = g @ g.transpose(-1, -2)
-        return (ga * gg).sum(dim=(1, 2, 3))
+        return ga.mul_(gg).sum(dim=(1, 2, 3))
     per_sample = g.transpose(-1, -2) @ a  # (B, G, Co, Ci): this layer's per-sample gradient
-    return per_sample.pow(2).sum(dim=(1, 2, 3))
+    return per_sample.square_().sum(dim=(1, 2, 3))
 
 
 def linear_sq_norms(module: nn.Linear, a: Tensor, g: Tensor) -> dict[str, Tensor]:
@@ -494,7 +505,11 @@ class _Call:
     unit: nn.Module
     args: tuple[Any, ...]  # detached
     kwargs: dict[str, Any]  # detached
-    outputs: list[Tensor]  # detached, the tensor outputs that require grad
+    #: the tensor outputs that require grad: their shape, dtype and device, not the tensors
+    #: (kept, they held every unit's output until after the backward, the logits (B, T, V)
+    #: among them, which the step's backward would have freed: a review measured 35 MiB of a
+    #: Transformer's 62 MiB of activations)
+    outputs: list[tuple[torch.Size, torch.dtype, torch.device]]
     dims: list[int]  # each output's batch dimension
     grads: dict[int, Tensor] = field(default_factory=dict)  # output index -> its gradient
     #: the autocast the forward ran under (device type, dtype), or None: a recomputation per
@@ -515,7 +530,7 @@ class _Call:
 
     @property
     def device(self) -> torch.device:
-        return self.outputs[0].device if self.outputs else torch.device("cpu")
+        return self.outputs[0][2] if self.outputs else torch.device("cpu")
 
     def autocast_again(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast is None:
@@ -861,7 +876,8 @@ class PerSampleNorms(Callback):
             else None
         )
         call = _Call(
-            module, _detach(args), _detach(kwargs), [t.detach() for t in outputs], dims,
+            module, _detach(args), _detach(kwargs),
+            [(t.shape, t.dtype, t.device) for t in outputs], dims,
             autocast=amp, verify=verify, mixing=mixing,
             versions=_versions((args, kwargs)),
         )  # fmt: skip
@@ -1019,7 +1035,8 @@ class PerSampleNorms(Callback):
                 leaf = {n: p.clone() for n, p in leaf.items()}
             g = call.grads.get(0)
             if g is None:
-                g = torch.zeros_like(call.outputs[0])
+                shape, dtype, device = call.outputs[0]
+                g = torch.zeros(shape, dtype=dtype, device=device)
             dtype = next(iter(leaf.values())).dtype
             a = call.args[0]
             a = a.to(dtype) if a.is_floating_point() else a
