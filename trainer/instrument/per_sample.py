@@ -1133,8 +1133,21 @@ class PerSampleNorms(Callback):
             return torch.stack(parts).sum()
 
         dims = (None, *x_dims, *[call.dims[k] for k in got])
+        # the math kernel forms each sample's scores, (heads, L, S), where training's fused
+        # kernels form none: about 4 such tensors per sample (scores, weights, their
+        # gradients), for as many samples at once as fit in MATERIALIZE_BYTES (all B at once
+        # took 692 MiB for a step's 218 MiB at B = 8, T = 1,024 on a review's CPU)
+        b, query, key = self._batch, bound.get("query"), bound.get("key")
+        chunk = None
+        if isinstance(query, Tensor) and isinstance(key, Tensor) and b > 0:
+            length = query.numel() // max(b * query.shape[-1], 1)
+            source = key.numel() // max(b * key.shape[-1], 1)
+            heads = cast(nn.MultiheadAttention, module).num_heads
+            each = 4 * heads * length * source * query.element_size()
+            fits = max(1, MATERIALIZE_BYTES // max(each, 1))
+            chunk = fits if fits < b else None
         with sdpa_kernel(SDPBackend.MATH), call.autocast_again(), torch.no_grad():  # (above)
-            return vmap(grad(inner), in_dims=dims)(leaves, *xs, *gs)
+            return vmap(grad(inner), in_dims=dims, chunk_size=chunk)(leaves, *xs, *gs)
 
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
