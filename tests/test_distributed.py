@@ -952,3 +952,59 @@ def test_a_model_with_an_unused_parameter_trains_data_parallel_when_told(tmp_pat
     assert torch.equal(got["aux.weight"], want["aux.weight"])  # (never trained)
     error = json.loads((plain[0] / "metrics.json").read_text())["error"]
     assert "set trainer.find_unused_parameters=true" in error, error
+
+
+class TwoExperts(torch.nn.Module):
+    """Each sample routed by its first feature to expert ``a`` (> 1), ``b`` (< -1) or neither;
+    an expert no sample of the batch needs is not called (a mixture of experts' shortcut), so
+    which parameters get a gradient differs between the ranks."""
+
+    def __init__(self, in_shape, out_dim: int):
+        super().__init__()
+        self.body = torch.nn.Linear(math.prod(in_shape), 8)
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, out_dim)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        out = h = torch.tanh(self.body(x))
+        for expert, route in ((self.a, x[:, 0] > 1), (self.b, x[:, 0] < -1)):
+            if route.any():
+                rows = route.nonzero()[:, 0]
+                out = out.index_add(0, rows, torch.tanh(expert(h[rows])))
+        return self.head(out)
+
+
+def test_regularizers_with_parameters_one_rank_does_not_use_train_as_one_process(
+    tmp_path,
+) -> None:
+    """trainer.find_unused_parameters=true, one sample of the global batch routed to expert b
+    (so one rank uses it, the other not): l2's gradient in DDP's backward marked b's
+    parameters ready a second time on the rank that did not use them (torch's "marked as
+    ready twice": both ranks exited 1), and the input penalty's gradients, all-reduced per
+    parameter in each rank's own order, made the collectives differ (an abort). Two
+    processes of B now log and end as one of 2B."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2 * B, 4, generator=g), torch.randint(0, 3, (2 * B,), generator=g)
+    x[:, 0] = 0.0
+    x[: B // 2, 0] = 2.0  # expert a: several samples
+    x[B // 2, 0] = -2.0  # expert b: one sample, on one rank whatever the order
+    torch.save({"x": x, "y": y, "x_val": x[:8], "y_val": y[:8]}, tmp_path / "d.pt")
+    common = ["data=tensors", f"data.path={tmp_path / 'd.pt'}", "trainer.max_steps=2",
+              "~model", f"+model._target_={__name__}.TwoExperts", "logging.every_n_steps=1",
+              "logging.progress=false", "trainer.checkpoint.every_n_steps=0",
+              "instrument.norms.every_n_steps=1", "trainer.find_unused_parameters=true",
+              "regularizer=[l2,input_grad_penalty]", "optimizer=sgd"]  # fmt: skip
+    one, ranks = tmp_path / "one", [tmp_path / "r0", tmp_path / "r1"]
+    codes = launch((1, [*common, f"data.batch_size={2 * B}"], [one]),
+                   (2, [*common, f"data.batch_size={B}"], ranks))  # fmt: skip
+    assert codes == [[0], [0, 0]], codes
+    want, got = read_scalars(one), read_scalars(ranks[0])
+    assert "grad_norm/b.weight" in want and "reg/input_grad_penalty" in want
+    assert sorted(got) == sorted(want)
+    for tag in (t for t in want if not t.startswith("time/")):
+        for (s1, v1), (s2, v2) in zip(want[tag], got[tag], strict=True):
+            assert s1 == s2 and v2 == pytest.approx(v1, rel=1e-5, abs=1e-7), tag
+    final = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
+    for k, v in load_checkpoint(one / "checkpoints" / "last.pt")["model"].items():
+        assert (final[k] - v).abs().max() <= 1e-6, k

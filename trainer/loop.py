@@ -240,6 +240,10 @@ class Trainer:
             self.criterion, weighting, regularizers, self.params, world=world,
             scaler=self.scaler, global_batch_size=lambda: self.train_loader.current_global_size,
         )  # fmt: skip
+        self.objective.reg_after_reduce = bool(
+            isinstance(self.forward_model, torch.nn.parallel.DistributedDataParallel)
+            and self.forward_model.find_unused_parameters
+        )
         self._output_checked = False  # (the model's output checked against the loss: once)
         #: per-token losses (the loss defines unit weights): train/loss is Σ u ℓ / Σ u
         self.token_losses = self.criterion.has_units

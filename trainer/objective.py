@@ -100,6 +100,9 @@ class Objective:
         #: vector mode: the weighting's weights of the last micro-batch backpropagated, as it
         #: returned them (before the window's share and DDP's factor)
         self.batch_weights: Tensor | None = None
+        #: DistributedDataParallel finding unused parameters (the Trainer sets it): the
+        #: parameter regularizers' gradient is taken outside its backward (:meth:`backward`)
+        self.reg_after_reduce = False
 
     @property
     def has_regularizers(self) -> bool:
@@ -309,6 +312,12 @@ class Objective:
         x, y, index = batch
         units = self.check_losses(losses, y)
         reg = self._regularization() if last and self.regularizers else None  # once a step
+        aside = None
+        if reg is not None and self.reg_after_reduce:  # DDP marks a parameter the forward
+            # did not use ready itself; λR's gradient in the same backward marked it again
+            # (torch: "marked as ready twice"): added after DDP's average instead, which
+            # keeps the λ∇R every rank adds as it is (the same sum)
+            aside, reg = reg, None
         if self.input_penalty is not None:  # every micro-batch, by its share of the window
             penalty = self._penalized(losses, x, y, window, logs)
             reg = penalty if reg is None else reg + penalty
@@ -316,10 +325,24 @@ class Objective:
         inputs = self.params if self.input_penalty is not None else None
         if self.weighting is None:
             backward_scalar(self.scalar_root(losses, units, y, window), self.scaler, reg, inputs)
-            return None, units
-        weights = self.vector_weights(losses, output, y, index, units, window)
-        backward_vector(losses, weights, self.scaler, reg, inputs)
+            weights = None
+        else:
+            weights = self.vector_weights(losses, output, y, index, units, window)
+            backward_vector(losses, weights, self.scaler, reg, inputs)
+        if aside is not None:
+            self._add_regularization(aside)
         return weights, units
+
+    def _add_regularization(self, reg: Tensor) -> None:
+        """λR's gradient (scaled as the step's root under fp16) added to the regularized
+        parameters' gradients, by ``torch.autograd.grad``: no DDP hook fires."""
+        params = list({id(p): p for r in self.regularizers for p in r.params}.values())
+        root = reg if self.scaler is None else self.scaler.scale(reg)
+        grads = torch.autograd.grad(root, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
 
     def _regularization(self) -> Tensor | None:
         """Σ λR over the regularizers (0-d), added once per optimizer step; None while none
@@ -378,11 +401,31 @@ class Objective:
         """The regularizers' part of each regularized parameter's gradient (``id(p)`` -> it):
         the parameter regularizers' analytic gradients and the input penalty's, taken on
         logging windows (data-parallel, summed over the ranks: a collective)."""
-        reg_grad: dict[int, Tensor] = {k: all_reduce_sum(g) for k, g in self._penalty_grads.items()}
+        reg_grad = self._penalty_grads_summed()
         for r in self.regularizers:
             for p, g in zip(r.params, r.grad(), strict=True):
                 reg_grad[id(p)] = reg_grad[id(p)] + g if id(p) in reg_grad else g
         return reg_grad
+
+    def _penalty_grads_summed(self) -> dict[int, Tensor]:
+        """The input penalty's θ-gradients of the window, summed over the ranks: one
+        collective per parameter dtype, over every trainable parameter in order (0 where this
+        rank has none). Each rank summed its own parameters in its own order: a parameter
+        used on one rank only (DDP finding unused parameters) made the ranks' collectives
+        differ, an abort, or with equal shapes one parameter's gradient added to another's."""
+        if not self.world.distributed or self.input_penalty is None:
+            return dict(self._penalty_grads)
+        groups: dict[torch.dtype, list[Tensor]] = {}
+        for p in self.params:
+            groups.setdefault(p.dtype, []).append(p)
+        summed: dict[int, Tensor] = {}
+        for ps in groups.values():
+            flat = all_reduce_sum(torch.cat([
+                self._penalty_grads.get(id(p), torch.zeros_like(p)).reshape(-1) for p in ps
+            ]))  # fmt: skip
+            for p, g in zip(ps, flat.split([p.numel() for p in ps]), strict=True):
+                summed[id(p)] = g.view_as(p)
+        return summed
 
     def split_norms(self) -> dict[str, Tensor]:
         """grad_norm/reg from the regularizers' analytic gradients (and the input penalty's,
