@@ -1322,6 +1322,43 @@ def test_the_mixing_check_leaves_what_the_models_hooks_update_as_it_was() -> Non
         assert torch.equal(p.grad, q.grad), name
 
 
+class Distilled(CrossEntropy):
+    """A loss holding a teacher model (a distillation's), and a call count of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = nn.Linear(D, 3).double().requires_grad_(False)
+        self.calls = 0
+
+    def forward(self, output, target):
+        self.calls += 1
+        return super().forward(output, target) + 0.0 * self.teacher.weight.sum()
+
+
+def test_the_checks_copy_of_the_loss_shares_its_teachers_parameters(monkeypatch) -> None:
+    """The mixing check runs a copy of the loss (its state left as it was): the copy took a
+    whole teacher model along, once per check; it shares the teacher's parameters now, and
+    the loss's own state is still the copy's."""
+    import trainer.instrument.per_sample as ps
+
+    copies = []
+    deepcopy = ps.copy.deepcopy
+
+    def recorded(obj, memo=None):
+        out = deepcopy(obj, memo)
+        copies.append((obj, out))
+        return out
+
+    monkeypatch.setattr(ps.copy, "deepcopy", recorded)
+    loss = Distilled()
+    torch.manual_seed(0)
+    x, y = float_batch()
+    measure(nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 3)).double(), x, y, loss=loss)
+    original, copied = next((a, b) for a, b in copies if isinstance(a, Distilled))
+    assert copied is not original and copied.teacher.weight is original.teacher.weight
+    assert loss.calls == 1  # (the step's own call; the check's went to the copy)
+
+
 def test_the_mixing_checks_are_checkpointed(tmp_path, caplog) -> None:
     """What the mixing check found is in the callback's state, loadable with weights_only: a
     resumed run leaves out the same units without running the check's forward again."""

@@ -369,6 +369,15 @@ def _signature(x: Any) -> tuple[Any, ...]:
     return tuple((_layout(t.shape, b), str(t.dtype)) for t in tensors)
 
 
+def _parameters_of(obj: Any) -> dict[int, Any]:
+    """A :func:`copy.deepcopy` memo sharing the parameters of ``obj`` (a module) and of the
+    modules among its attributes: a copy of a loss holding a teacher model is the loss's
+    state, not another teacher. (Buffers are copied: a forward may update them.)"""
+    modules = [obj] if isinstance(obj, nn.Module) else []
+    modules += [v for v in getattr(obj, "__dict__", {}).values() if isinstance(v, nn.Module)]
+    return {id(p): p for m in modules for p in m.parameters()}
+
+
 def _tuples(obj: Any) -> Any:
     """Lists (as a checkpoint keeps them) back into tuples, nested."""
     return tuple(_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
@@ -1385,8 +1394,9 @@ class PerSampleNorms(Callback):
         # a copy of the loss, whose state a call may advance (a counter of its own); one a copy
         # cannot take (a lock) is called itself, its Stateful state put back after
         kept = None
-        try:
-            loss = copy.deepcopy(trainer.objective.loss)
+        try:  # (the parameters of modules it holds, a distillation's teacher, shared: not
+            # copied, as they were, once per check)
+            loss = copy.deepcopy(trainer.objective.loss, _parameters_of(trainer.objective.loss))
         except Exception:  # noqa: BLE001 (deepcopy raises what the object's pickling does)
             loss = trainer.objective.loss
             try:
