@@ -698,35 +698,6 @@ def test_inputs_whose_dimension_0_has_the_batchs_size_by_chance(make, left_out, 
         assert "leave out" not in caplog.text
 
 
-def test_batches_of_other_lengths_are_not_checked_again_but_one_as_long_as_the_batch_is(
-    caplog,
-) -> None:
-    """The checks (batch dimension, mixing) hold for an input's layout, which dimensions have
-    the batch's size, not its shape: dynamically padded batches ran the model's forward twice
-    more on every measured step (a review: 10-15 times a step). A length equal to the batch
-    size is a layout of its own (a sequence-first input would be ambiguous): checked. Every
-    step exact against brute force."""
-    torch.manual_seed(0)
-    model = Encoder().double()
-    g = torch.Generator().manual_seed(1)
-    cb = PerSampleNorms(1, loss="both")
-    forwards: list[int] = []
-    model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[0]))
-    per_step = []
-    for t in (4, 5, 7, B):
-        x, y = torch.randint(0, V, (B, t), generator=g), torch.randint(0, 3, (B,), generator=g)
-        reference = _reference_over(copy.deepcopy(model), x, y, ())
-        forwards.clear()
-        last, staged = measure(model, x, y, cb=cb)
-        per_step.append(len(forwards))
-        assert staged["per_sample/coverage"] == 1.0
-        torch.testing.assert_close(
-            last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0
-        )
-    assert per_step == [3, 1, 1, 3]  # (the check's forward, the step's, the batch dimension's)
-    assert "leave out" not in caplog.text
-
-
 def _jacobian_rows(model: nn.Module, x, y, left_out: tuple[str, ...] = ()) -> torch.Tensor:
     """‖∇θ ℓᵢ‖ with ℓᵢ the batch forward's loss of sample i (one row of the Jacobian of the
     batch's losses: the definition where the model mixes the samples), over the parameters of

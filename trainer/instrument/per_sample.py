@@ -62,7 +62,7 @@ import copy
 import inspect
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -351,22 +351,10 @@ MIXED = (
 )
 
 
-def _layout(shape: Sequence[int], b: int | None) -> tuple[int, ...]:
-    """Which dimensions of a shape have the batch's size ``b`` (1) and which not (0): what a
-    check of a unit call's input holds for, whatever its other sizes. A batch of another
-    sequence length, or a ragged last batch, has the layout its check saw (each new shape was
-    checked again: dynamically padded batches paid the checks on every measured step, 10-15
-    times a step on a small Transformer); one where another dimension has the batch's size
-    too (a sequence as long as the batch) has a layout of its own, and is checked."""
-    return tuple(int(d == b) for d in shape)
-
-
 def _signature(x: Any) -> tuple[Any, ...]:
-    """The layouts (:func:`_layout`) and dtypes of a batch's inputs: what a check of the
-    model's forward holds for."""
-    tensors = _tensors(x)
-    b = tensors[0].shape[0] if tensors and tensors[0].ndim else None
-    return tuple((_layout(t.shape, b), str(t.dtype)) for t in tensors)
+    """The shapes and dtypes of a batch's inputs: what a check of the model's forward holds
+    for."""
+    return tuple((tuple(t.shape), str(t.dtype)) for t in _tensors(x))
 
 
 def _parameters_of(obj: Any) -> dict[int, Any]:
@@ -536,9 +524,8 @@ class _Call:
     #: the autocast the forward ran under (device type, dtype), or None: a recomputation per
     #: sample runs under it too (its saved inputs are in the dtype autocast gave them)
     autocast: tuple[str, torch.dtype] | None = None
-    #: (unit name, call within the forward, input layout: :func:`_layout`) when whether
-    #: dimension 0 of its input is the batch is not known yet (settled after the backward:
-    #: :meth:`PerSampleNorms._verify`)
+    #: (unit name, call within the forward, input shape) when whether dimension 0 of its input
+    #: is the batch is not known yet (settled after the backward: :meth:`PerSampleNorms._verify`)
     verify: tuple[str, int, tuple[int, ...]] | None = None
     #: (unit name, call within the forward) when whether the model mixes the samples after it
     #: is not known yet for this input (:meth:`PerSampleNorms._check_mixing`, after the backward)
@@ -658,8 +645,8 @@ class PerSampleNorms(Callback):
         #: unit name -> why, for any measured micro-batch of the current (or last) window: a
         #: unit left out of one is left out of the step's statistics and coverage
         self._window_excluded: dict[str, str] = {}
-        #: (unit name, call within the forward, input layout) -> None where dimension 0 of such
-        #: an input was seen to be the batch, or why it is not (:meth:`_verify`)
+        #: (unit name, call within the forward, input shape) -> None where dimension 0 of that
+        #: input was seen to be the batch, or why it is not (:meth:`_verify`)
         self._verdicts: dict[tuple[str, int, tuple[int, ...]], str | None] = {}
         self._entered: dict[nn.Module, int] = {}  # each unit's calls in this forward so far
         #: the version counters of a unit's tensor inputs as its forward starts (one that
@@ -874,8 +861,8 @@ class PerSampleNorms(Callback):
         if why is None and self._kind[module] in ("closed", "func") and self._batch > 1:
             # dimension 0 has the batch's size: the batch, or a sequence as long as it (a
             # sequence-first (T, B, ·) input with T = B), a table of B rows? Seen once per
-            # call and input layout (:func:`_layout`, :meth:`_verify`)
-            verify = (name, self._entered.get(module, 0), _layout(args[0].shape, self._batch))
+            # call and input shape (:meth:`_verify`)
+            verify = (name, self._entered.get(module, 0), tuple(args[0].shape))
             if verify in self._verdicts:
                 why, verify = self._verdicts[verify], None
         mixing = None
@@ -1165,9 +1152,9 @@ class PerSampleNorms(Callback):
             return
         self._disarm()
         self._leave_mode()  # (left when the model's forward returned; not if it never ran)
-        pending = {c.verify: tuple(c.args[0].shape) for c in self._calls if c.verify is not None}
+        pending = {c.verify for c in self._calls if c.verify is not None}
         if pending:
-            self._verify(trainer, batch, pending)
+            self._verify(trainer, batch, pending)  # type: ignore[arg-type]
         checked = self._mixing_checks.get(self._signature)
         gave_up = self._signature in self._mixing_failed
         if any(c.mixing is not None and (checked is None or c.mixing not in checked[1]
@@ -1326,10 +1313,9 @@ class PerSampleNorms(Callback):
         then finds each unit call whose output row (a generic unit's: or input row) of one
         sample reaches another's loss. What does not reach a loss (an auxiliary output) is
         not looked at. Done at the process's first micro-batch, then on a measured one with
-        a new input layout (:func:`_signature`; or a call the check did not see: a layer
-        skipped at random): one host read each time, not per step. Kept (and checkpointed).
-        A mixing these P samples do not show (a sort that leaves them in order) is not
-        seen."""
+        new input shapes (or a call the check did not see: a layer skipped at random): one
+        host read each time, not per step. Kept (and checkpointed). A mixing these P samples
+        do not show (a sort that leaves them in order) is not seen."""
         signature = _signature(batch.x)
         self._mixing_checks.pop(signature, None)
         self._mixing_failed.pop(signature, None)
@@ -1444,22 +1430,18 @@ class PerSampleNorms(Callback):
         self._mixing_checks[signature] = (frozenset(found), frozenset(seen))
 
     def _verify(
-        self,
-        trainer: Trainer,
-        batch: Batch,
-        pending: dict[tuple[str, int, tuple[int, ...]], tuple[int, ...]],
+        self, trainer: Trainer, batch: Batch, pending: set[tuple[str, int, tuple[int, ...]]]
     ) -> None:
-        """Settle, for each pending (unit, call, input layout: :func:`_layout`), with the
-        input's shape, whether dimension 0 of that input is the batch: the model's forward
-        runs again on P samples of the batch (P = 2, or 3 for a batch of 2, samples
-        repeated), without gradients, on copies of its buffers,
+        """Settle, for each pending (unit, call, input shape), whether dimension 0 of that
+        input is the batch: the model's forward runs again on P samples of the batch (P = 2,
+        or 3 for a batch of 2, samples repeated), without gradients, on copies of its buffers,
         every random state forked (:func:`trainer.rng.forked_rng`), and a unit call is
         batch-first where its input then has shape (P, *the rest as before). A sequence-first
         (T, B, ·) input with T = B keeps T; a table of B rows keeps B; positions ``arange(T)``
         with T = B keep T. What was seen is kept (and checkpointed): a run pays this forward
-        once per new input layout (:func:`_layout`). A call this forward did not make (a
-        layer skipped at random, a forward that failed before it) is settled on a later
-        measured step; until then the unit is left out."""
+        once per new input shape. A call this forward did not make (a layer skipped at random,
+        a forward that failed before it) is settled on a later measured step; until then the
+        unit is left out."""
         b = self._batch
         p = 3 if b == 2 else 2
         model = trainer.model
@@ -1493,8 +1475,8 @@ class PerSampleNorms(Callback):
                 m.training = True
             for h in handles:
                 h.remove()
-        for key, shape in pending.items():
-            name, k, _ = key
+        for key in pending:
+            name, k, shape = key
             got = seen.get((name, k))
             if got is None:  # not settled: left out this step, asked again on the next one
                 self._excluded.setdefault(
