@@ -380,22 +380,46 @@ class MyL1(Regularizer):
     GRADS = {**Regularizer.GRADS, "myl1": Regularizer.GRADS["l1"]}
 
 
+class _DeadZone(torch.autograd.Function):
+    """Σ relu(|p| − 0.01), with a backward that forgets the dead zone (sign(p) everywhere):
+    wrong only for the elements within 0.01 of 0."""
+
+    @staticmethod
+    def forward(ctx, coef, *params):
+        ctx.coef = coef
+        ctx.save_for_backward(*params)
+        return coef * sum(torch.relu(p.abs() - 0.01).sum() for p in params)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *[g * ctx.coef * torch.sign(p) for p in ctx.saved_tensors])
+
+
+class DeadZone(Regularizer):
+    KINDS = {**Regularizer.KINDS, "deadzone": lambda *ps, coef: _DeadZone.apply(coef, *ps)}
+    GRADS = {**Regularizer.GRADS, "deadzone": torch.sign}  # (agreeing with the backward)
+
+
 def test_a_correct_backward_at_a_kink_is_accepted_and_a_wrong_one_refused(caplog) -> None:
     """gradcheck's finite differences (step 1e-6) straddle |p|'s kink at a weight of 1e-7, so
-    a correct l1 of one's own was refused ("its Function's backward fails gradcheck"). It
-    passes at a point drawn at random, so it trains, warned; a wrong backward fails there
-    too and is refused."""
+    a correct l1 of one's own was refused ("its Function's backward fails gradcheck"). With
+    each element moved 1e-3 further from 0 it passes, so it trains, warned; a backward wrong
+    everywhere, or only near the parameters (a dead zone forgotten, which a point drawn at
+    random let through: a review's finding), fails there too and is refused."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4))
     with torch.no_grad():
         model[0].weight[0, 0] = 1e-7
+        model[0].weight[1, 0] = 0.005  # (inside the dead zone)
     MyL1("myl1", coef=0.1).bind(model).check_gradient()
-    said = [r.getMessage() for r in caplog.records if "drawn at random" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "further from 0" in r.getMessage()]
     assert len(said) == 1 and "myl1 (MyL1)" in said[0] and "not differentiable" in said[0]
+    refused = r"fails torch.autograd.gradcheck .*, at the parameters and with each element moved"
+    with pytest.raises(ValueError, match=refused):
+        DeadZone("deadzone", coef=0.1).bind(model).check_gradient()
     _LogCosh.scale = 2.0
     try:
-        with pytest.raises(ValueError, match=r"fails torch.autograd.gradcheck .*, at the "
-                           r"parameters and at a point drawn at random"):  # fmt: skip
+        with pytest.raises(ValueError, match=refused):
             LogCoshTwice("logcosh", coef=0.01).bind(model).check_gradient()
     finally:
         _LogCosh.scale = 1.0
