@@ -382,7 +382,7 @@ def test_class_balanced_focal_and_per_token_weights_of_float64_losses_are_float6
 
     tokens = torch.tensor([[0, 1, 1], [2, 2, 2]])
     per_token = PerTokenWeighting(power=1.0)
-    per_token.ignore_index = -100
+    per_token.check_loss(__import__("trainer.losses").losses.TokenCrossEntropy())
     data = SimpleNamespace(vocab_size=3, out_dim=3, train_targets=tokens)
     per_token.setup(data, CPU)  # type: ignore[arg-type]
     got = per_token.raw(torch.rand(2, 3, dtype=torch.float64), None, tokens, None)  # type: ignore[arg-type]

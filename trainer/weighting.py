@@ -51,7 +51,7 @@ import logging
 import math
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -593,7 +593,7 @@ class PerTokenWeighting(_TableLookup):
         if not (power >= 0 and math.isfinite(power)):
             raise ValueError(f"weighting.power: got {power}, must be finite and >= 0")
         self.power = power
-        self.ignore_index: int | None = None
+        self._units: Any = None  # the loss's units (check_loss)
 
     def check_loss(self, loss: Loss) -> None:
         name = type(loss).__name__
@@ -609,10 +609,9 @@ class PerTokenWeighting(_TableLookup):
                 "(B,)); return per-token losses (B, T) and implement units (README, 'Bring "
                 "your own'), or use a per-sequence weighting"
             )
-        # padding: a target that is no class index (< 0), or the loss's ignore_index (an
-        # attribute the built-in has; a loss of one's own without one was refused before)
-        ignore = getattr(loss, "ignore_index", None)
-        self.ignore_index = ignore if isinstance(ignore, int) else None
+        # the tokens counted are those the loss's units weigh (> 0): its padding, whatever
+        # id it is (a loss of one's own padding with 0 had its pads counted, a review's)
+        self._units = loss.units
 
     def setup(self, data: DataModule, device: torch.device) -> None:
         if data.out_dim is None or data.train_targets is None:  # (the classes each position
@@ -621,11 +620,10 @@ class PerTokenWeighting(_TableLookup):
                 f"data module {type(data).__name__} sets no out_dim or vocab_size (or holds "
                 "no targets)"
             )
-        tokens = data.train_targets.reshape(-1).long()
-        valid = tokens >= 0
-        if self.ignore_index is not None:
-            valid &= tokens != self.ignore_index
-        tokens = tokens[valid]
+        targets = data.train_targets
+        units = self._units(targets, torch.float64) if self._units is not None else None
+        valid = (units > 0) if units is not None else (targets >= 0)
+        tokens = targets[valid.reshape(targets.shape)].reshape(-1).long()
         counts = torch.bincount(tokens, minlength=data.out_dim).double()
         seen = int((counts > 0).sum())
         freq = torch.where(counts > 0, counts.sum() / (seen * counts.clamp_min(1)), 0.0)
