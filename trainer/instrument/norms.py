@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -269,12 +270,26 @@ class Norms(Callback):
             self._before = None
         with torch.no_grad():
             torch._foreach_sub_(delta, [*trainer.params])
-            # a tensor that did not move: 0 (a zero one too, not 0/0); a zero tensor that
-            # moved (a LoRA factor initialized to 0): Inf, ‖Δθ‖/0 (it was ‖Δθ‖/tiny, 6.8e35 in
-            # float32, or Inf where a float64 parameter made the norms float64)
             moved = torch.stack(norms_of(delta, self._careful))
-            ratios = torch.where(moved == 0, 0.0, moved / before_norms)
-        trainer.stage_scalars({self._tags["update_ratio"]: ratios})
+            # ‖Δθ‖ and ‖θ‖ go to the host together (one kernel), divided there
+            both = torch.cat([moved, before_norms.to(moved.dtype)])
+        trainer.stage_on_host(both, partial(_ratios, self._tags["update_ratio"]))
+
+
+def _ratios(tags: tuple[str, ...], values: list[float]) -> dict[str, float]:
+    """``update_ratio/<param>`` from ‖Δθ‖ and ‖θ‖ (the first and second half of ``values``):
+    0 for a tensor that did not move (a zero one too, not 0/0); Inf for a zero tensor that
+    moved (a LoRA factor initialized to 0: it was ‖Δθ‖ over the smallest normal number,
+    6.8e35 in float32, or Inf where a float64 parameter made the norms float64); NaN for a
+    NaN update."""
+    n = len(tags)
+    out = {}
+    for tag, moved, before in zip(tags, values[:n], values[n:], strict=True):
+        if moved == 0 or before != 0:
+            out[tag] = moved / before if moved != 0 else 0.0
+        else:
+            out[tag] = math.inf if moved > 0 else moved  # (NaN stays NaN)
+    return out
 
 
 def copies(tensors: list[Tensor], one_launch: bool) -> list[Tensor]:

@@ -1562,8 +1562,9 @@ class PerSampleNorms(Callback):
             # a sequence whose tokens are weighted unequally has no unweighted norm, and the
             # rest (those of one token, or of one repeated target) are no sample of the batch:
             # none is reported that step (their mean was 2.06, a probe's one 1-token sequence)
-            unequal = torch.isnan(w) if present is None else torch.isnan(w) & (present > 0)
-            positive = positive & ~unequal.any()
+            if present is not None:  # (per-token losses: per-sample ones have no NaN w
+                # but a non-finite step's, where every norm is NaN already)
+                positive = positive & ~(torch.isnan(w) & (present > 0)).any()
             # unweighted = root / w for w > 0; a weight-0 sample has no gradient to measure
             unweighted = torch.where(
                 positive, root / w.clamp_min(torch.finfo(w.dtype).tiny), torch.nan
