@@ -2058,3 +2058,38 @@ def test_a_linear_on_sequences_squared_norms_in_chunks_of_samples(monkeypatch, t
         sizes.clear()
         torch.testing.assert_close(ps._gram_or_direct(a, g), want, rtol=1e-12, atol=0)
         assert sizes == chunks
+
+
+class TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_snr_a_low_precision_gradients_rounding_could_move_is_nan(dtype, caplog) -> None:
+    """The SNR subtracts ‖ḡ‖², from the step's gradient, from the rows' mean square: a
+    gradient rounded to u moves it by up to 2u(1 + SNR) n/(n − 1), relative. A bfloat16
+    model whose samples agree on the output bias (every label 0) logged its SNR at 123 for
+    103 (a probe), at coverage 1. Past a 5 % bound it is NaN, said once; below it, within the
+    bound of the float64 brute force."""
+    torch.manual_seed(0)
+    model = TwoLinear().to(dtype)
+    x = torch.randn(32, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = torch.zeros(32, dtype=torch.long)
+    want = brute_force_snr(copy.deepcopy(model).double(), x.double(), y)
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y)
+    u, grow = torch.finfo(dtype).eps / 2, 32 / 31
+    for name, ref in want.items():
+        got = staged[f"grad_snr/{name}"]
+        if 2 * u * (1 + ref) * grow > 0.06:  # (the bound at the estimate, with margin)
+            assert math.isnan(got), name
+        elif 2 * u * (1 + ref) * grow < 0.04:
+            # (the bound, plus the rows' own rounding: a few u)
+            assert got == pytest.approx(ref, rel=2 * u * (1 + ref) * grow + 8 * u), name
+    assert math.isnan(staged["grad_snr/b.bias"])  # (SNR ≈ 100)
+    assert caplog.text.count("rounded to float16/bfloat16") == 1

@@ -223,6 +223,10 @@ def sample_coefficients(c: Tensor) -> Tensor:
 NOISE_TAGS = ("per_sample/grad_var_trace", "per_sample/grad_signal", "per_sample/noise_scale",
               "per_sample/noise_scale_ema")  # fmt: skip
 
+#: the largest relative error a float16/bfloat16 step gradient's rounding may bound the
+#: SNRs and the noise scale's tr(Σ) by before they are NaN (:meth:`PerSampleNorms._noise_scale`)
+ROUNDED_LIMIT = 0.05
+
 #: materialize at most this many bytes of one parameter's per-sample gradients (B × its size),
 #: which a parameter used more than once per forward needs (tied weights, a layer called twice)
 MATERIALIZE_BYTES = 2**28
@@ -612,6 +616,8 @@ class PerSampleNorms(Callback):
         #: the EMAs of the unbiased tr(Σ) and |G|² estimates (McCandlish et al. 2018, app. A)
         self._ema: list[float] | None = None
         self._said_unequal = False  # (the noise scale's NaN for unequal weights: said once)
+        self._said_rounded = False  # (its NaN for a low-precision gradient's rounding: once)
+        self._roundoff: tuple[float, ...] = ()
         #: (name, module, parameters it covers, kind) per unit
         self.units: list[tuple[str, nn.Module, list[nn.Parameter], str]] = []
         #: id(parameter) -> the units it is registered in (two for a tied weight)
@@ -726,6 +732,18 @@ class PerSampleNorms(Callback):
         self._params = list(self._param_by_id.values())
         if self.snr:
             self._tags = NOISE_TAGS + tuple(f"grad_snr/{names[id(p)]}" for p in self._params)
+        # the unit roundoff of each step gradient's elements: a float16/bfloat16 parameter's
+        # gradient, or any under float16/bfloat16 autocast (its matmuls' outputs), is rounded
+        # there, and the statistics below subtract its square from the rows' (0: float32 or
+        # wider, whose rounding the float32 sums bound)
+        amp = getattr(trainer, "amp_dtype", None)
+        self._roundoff = tuple(
+            max(
+                torch.finfo(p.dtype).eps / 2 if p.dtype in LOW_PRECISION else 0.0,
+                torch.finfo(amp).eps / 2 if amp is not None else 0.0,
+            )
+            for p in self._params
+        )
 
     # ---- arming: hooks exist only while a measured micro-batch runs its forward and backward
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
@@ -1612,11 +1630,18 @@ class PerSampleNorms(Callback):
         )
         # (the tags as they are now: the values may be read after the trainable parameters,
         # and so the tags, changed)
-        fn = partial(self._noise_scale, trainer.world.size, self._tags, n, torch.finfo(w.dtype).eps)
+        fn = partial(self._noise_scale, trainer.world.size, self._tags, n, torch.finfo(w.dtype).eps,
+                     self._roundoff)  # fmt: skip
         trainer.stage_on_host(values, fn)
 
     def _noise_scale(
-        self, world: int, tags: tuple[str, ...], n: int | None, eps: float, values: list[float]
+        self,
+        world: int,
+        tags: tuple[str, ...],
+        n: int | None,
+        eps: float,
+        roundoff: tuple[float, ...],
+        values: list[float],
     ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
         tr(Σ) / |G|² over the covered parameters, its running average and, per parameter
@@ -1666,6 +1691,30 @@ class PerSampleNorms(Callback):
             snr = [_div(b, t) if c > 0 else math.nan
                    for b, t, c in zip(batch_sq, trace_p, covered, strict=True)]  # fmt: skip
             snr = [r if math.isfinite(r) else math.nan for r in snr]
+            # a step gradient rounded to u (float16/bfloat16) moves ‖ḡ‖² by up to 2u of it,
+            # and S − ‖ḡ‖² by as much: the SNR by up to 2u(1 + SNR) n/(n − 1), tr(Σ) by
+            # 2u Σ‖ḡ_p‖² n/(n − 1) of itself. Past ROUNDED_LIMIT, NaN (a probe: a bfloat16
+            # model's output-bias SNR 123 for 103, at coverage 1)
+            grow = n / (n - 1)
+            rough = [i for i, (u, r) in enumerate(zip(roundoff, snr, strict=True))
+                     if u and 2 * u * (1 + r) * grow > ROUNDED_LIMIT]  # fmt: skip
+            for i in rough:
+                snr[i] = math.nan
+            moved = 2 * grow * sum(u * b for u, b, c in zip(roundoff, batch_sq, covered,
+                                                             strict=True) if c > 0)  # fmt: skip
+            if moved and not moved <= ROUNDED_LIMIT * abs(trace):
+                estimate = [math.nan, math.nan]
+                rough.append(-1)
+            if rough and not self._said_rounded:
+                self._said_rounded = True
+                named = ", ".join(["per_sample/noise_scale" if i < 0 else tags[len(NOISE_TAGS) + i]
+                                   for i in rough][:5])  # fmt: skip
+                log.warning(
+                    "%s: NaN where the step's gradient, rounded to float16/bfloat16 (the "
+                    "parameters' or autocast's), could move it by more than %d %% (a high "
+                    "signal-to-noise ratio cancels S - |mean gradient|^2 down to that "
+                    "rounding; docs/instrumentation.md)", named, round(100 * ROUNDED_LIMIT),
+                )  # fmt: skip
         # no estimate (NaN) with unequal coefficients, or a step whose gradient is not finite
         # (a step the guard or the GradScaler skips: its sum overflowed, −Inf was logged)
         ok = uniform and all(math.isfinite(x) for x in estimate)
