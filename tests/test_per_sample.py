@@ -1383,6 +1383,45 @@ def test_the_mixing_checks_are_checkpointed(tmp_path, caplog) -> None:
     assert "leave out 'a': the model mixes or reorders the samples" in caplog.text
 
 
+class FailsOnce(nn.Module):
+    """An MLP whose first forward fails (an out-of-memory at start-up, say): the mixing
+    check's, at the run's first micro-batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head, self.calls = nn.Linear(D, D), nn.Linear(D, 3), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("out of memory (a test's)")
+        return self.head(torch.tanh(self.a(x)))
+
+
+def test_a_failed_mixing_check_is_checkpointed_and_not_run_again_on_resume(
+    tmp_path, caplog
+) -> None:
+    """A check that failed is given up on for those inputs (its units left out, naming why):
+    the checkpoint kept its empty result but not the failure, so a resumed run checked again,
+    passed, and measured units the uninterrupted run leaves out (a probe: 27 grad_snr tags
+    differed after a resume). Now the resumed run leaves out what the first one does, without
+    running the check."""
+    torch.manual_seed(0)
+    model = FailsOnce().double()
+    x, y = float_batch()
+    first = PerSampleNorms(1, loss="both")
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y, cb=first)
+    assert staged["per_sample/coverage"] < 1 and "its check failed: RuntimeError" in caplog.text
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = PerSampleNorms(1, loss="both")
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    calls = model.calls
+    _, again = measure(model, x, y, cb=resumed)
+    assert model.calls == calls + 1  # the step's own forward only
+    assert again["per_sample/coverage"] == staged["per_sample/coverage"]
+
+
 class Rewritten(nn.Module):
     """Linears whose weight a forward pre-hook computes: ``weight_norm`` and ``prune``."""
 
@@ -2024,13 +2063,21 @@ def test_a_ranks_failed_check_does_not_replace_anothers_in_the_checkpoint(monkey
 
     sig = [((6, 5), "torch.int64")]
     ok = [[sig, [["head", 1]], [["head", 1], ["emb", 1]]]]
-    failed = [[sig, [], []]]
-    for parts in ([ok, failed], [failed, ok]):
-        calls = iter([None, parts])  # (the batch-dimension verdicts first: this rank's)
+    failed, why = [[sig, [], []]], [[sig, "its check failed: RuntimeError"]]
+    for parts, reasons in (([ok, failed], [[], why]), ([failed, ok], [why, []])):
+        # (the batch-dimension verdicts first, this rank's; then the checks; then why failed)
+        calls = iter([None, parts, reasons])
         monkeypatch.setattr(per_sample, "all_gather_objects",
                             lambda mine, calls=calls: next(calls) or [mine])  # fmt: skip
-        (kept,) = PerSampleNorms(1).state_dict()["mixing"]
+        state = PerSampleNorms(1).state_dict()
+        (kept,) = state["mixing"]
         assert kept[1:] == [[["head", 1]], [["head", 1], ["emb", 1]]]
+        assert state["mixing_failed"] == []  # (the other rank's check saw the calls)
+    calls = iter([None, [failed, failed], [why, why]])  # both failed: kept as failed
+    monkeypatch.setattr(per_sample, "all_gather_objects",
+                        lambda mine, calls=calls: next(calls) or [mine])  # fmt: skip
+    state = PerSampleNorms(1).state_dict()
+    assert state["mixing_failed"] == [[(((6, 5), "torch.int64"),), why[0][1]]]
 
 
 @pytest.mark.parametrize("t", [3, 40])  # the per-sample gradient's form; the Gram form's

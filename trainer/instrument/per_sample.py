@@ -1771,7 +1771,19 @@ class PerSampleNorms(Callback):
                 if seen or _tuples(sig) not in mixing:  # failed on its rank (it saw none)
                     mixing[_tuples(sig)] = (flagged, seen)
         kept = [[sig, flagged, seen] for sig, (flagged, seen) in mixing.items()]
-        return {"noise_ema": self._ema, "verdicts": verdicts, "mixing": kept}
+        # why a check failed (it is not run again for those inputs, or, non-finite, it is):
+        # resumed without it, a run checked again what the uninterrupted one had given up on,
+        # and measured units that one left out (a probe's 27 grad_snr tags). Not where
+        # another rank's check of the same inputs saw calls
+        failed: dict[Any, str] = {}
+        for part in all_gather_objects([[list(sig), why] for sig, why in
+                                        self._mixing_failed.items()]):  # fmt: skip
+            for sig, why in part:  # type: ignore[attr-defined]
+                sig = _tuples(sig)
+                if not (sig in mixing and mixing[sig][1]):
+                    failed.setdefault(sig, why)
+        return {"noise_ema": self._ema, "verdicts": verdicts, "mixing": kept,
+                "mixing_failed": [[sig, why] for sig, why in failed.items()]}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ema = state["noise_ema"]  # (a checkpoint of an earlier version: a tensor (2,))
@@ -1784,6 +1796,8 @@ class PerSampleNorms(Callback):
             _tuples(sig): (frozenset(map(_tuples, flagged)), frozenset(map(_tuples, seen)))
             for sig, flagged, seen in state.get("mixing", [])
         }
+        self._mixing_failed = {_tuples(sig): str(why)
+                               for sig, why in state.get("mixing_failed", [])}  # fmt: skip
 
     def coverage(self) -> float:
         """The share of trainable parameter elements whose per-sample part was captured in
