@@ -353,3 +353,30 @@ def test_an_optimizer_or_scheduler_the_loop_cannot_use_is_refused_before_trainin
     failed with a raw TypeError while building (a probe's findings)."""
     with pytest.raises(ConfigError, match=match):
         validate(make_cfg(*overrides))
+
+
+def test_a_trainer_built_by_hand_refuses_a_plateau_scheduler_against_its_metric() -> None:
+    """ReduceLROnPlateau in mode min on val/acc cuts the learning rate while accuracy rises:
+    run() refused it, a Trainer built by hand stepped it unchecked (a probe: lr halved every
+    epoch as val/acc went 0.75 to 0.94). Its fit() refuses it before training; and a plain
+    DataLoader as the validation loader is refused when the Trainer is built (it failed
+    after an epoch's training, "not enough values to unpack")."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from trainer.data.base import InMemoryLoader, TensorSplit
+    from trainer.loop import Trainer
+    from trainer.losses import CrossEntropy
+
+    model = torch.nn.Linear(4, 3)
+    split = TensorSplit(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    loader = InMemoryLoader(split, 8, torch.device("cpu"), shuffle=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    trainer = Trainer(model, opt, loader, loader, criterion=CrossEntropy(),
+                      device=torch.device("cpu"), scheduler=plateau, max_epochs=2)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"ReduceLROnPlateau steps on val/acc .* mode=min"):
+        trainer.fit()
+    assert trainer.global_step == 0
+    plain = DataLoader(TensorDataset(split.x, split.y), batch_size=8)
+    with pytest.raises(TypeError, match=r"val_loader is a DataLoader without set_epoch"):
+        Trainer(model, opt, loader, plain, criterion=CrossEntropy(), device=torch.device("cpu"))

@@ -2140,3 +2140,75 @@ def test_an_snr_a_low_precision_gradients_rounding_could_move_is_nan(dtype, capl
             assert got == pytest.approx(ref, rel=2 * u * (1 + ref) * grow + 8 * u), name
     assert math.isnan(staged["grad_snr/b.bias"])  # (SNR ≈ 100)
     assert caplog.text.count("rounded to float16/bfloat16") == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_snrs_and_noise_scales_are_within_their_bound_or_nan(dtype) -> None:
+    """Over seeds and input scales (an SNR up to 10⁵): every SNR and noise scale logged is
+    non-negative where it must be and within its rounding bound plus the rows' own rounding of
+    the float64 brute force; the others are NaN. (A review: an SNR of 3,834 logged at −273,
+    the bound's 1 + SNR going negative with it; a noise scale of the wrong sign, its |G|²
+    unbounded.)"""
+    u, grow = torch.finfo(dtype).eps / 2, 32 / 31
+    for seed in range(4):
+        for scale in (1.0, 0.1, 0.01):
+            torch.manual_seed(seed)
+            model = TwoLinear().to(dtype)
+            g = torch.Generator().manual_seed(seed + 1)
+            x = (scale * torch.randn(32, D, generator=g)).to(dtype)
+            y = torch.zeros(32, dtype=torch.long) if seed % 2 else torch.randint(0, 3, (32,))
+            want = brute_force_snr(copy.deepcopy(model).double(), x.double(), y)
+            _, _, noise = brute_force_noise(copy.deepcopy(model).double(), x.double(), y)
+            _, staged = measure(model, x, y)
+            for name, ref in want.items():
+                got = staged[f"grad_snr/{name}"]
+                if not math.isnan(got):
+                    bound = 2 * u * (1 + ref * grow) + 8 * u
+                    assert got >= 0 and got == pytest.approx(ref, rel=bound), (seed, name)
+            got = staged["per_sample/noise_scale"]
+            if not math.isnan(got):  # (each of its two terms within 5 %, and the rows' own)
+                assert got == pytest.approx(float(noise), rel=0.11 + 16 * u), (seed, scale)
+
+
+def test_the_rounding_each_parameters_gradient_carries() -> None:
+    """The unit roundoff the SNR bound uses per parameter: a bfloat16 parameter's, k times
+    over k accumulated micro-batches; under autocast, a Linear's and a parameter of one's own
+    (autocast's u), not a LayerNorm's or an Embedding's (float32 there: their SNRs were NaN
+    needlessly, a review's finding)."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lin, self.norm = nn.Embedding(V, D), nn.Linear(D, D), nn.LayerNorm(D)
+            self.shift = nn.Parameter(torch.zeros(D))
+
+    bf16 = torch.finfo(torch.bfloat16).eps / 2
+    for amp, k, dtype, want in (
+        (torch.bfloat16, 1, torch.float32, [0, bf16, bf16, 0, 0, 0]),
+        (None, 3, torch.bfloat16, [3 * bf16] * 6),
+        (None, 1, torch.float32, [0] * 6),
+    ):
+        model = Mixed().to(dtype)
+        cb = PerSampleNorms(1)
+        cb.on_fit_start(SimpleNamespace(model=model, amp_dtype=amp, accumulate=k))
+        got = dict(zip([n for n, _ in model.named_parameters()], cb._roundoff, strict=True))
+        names = ["emb.weight", "lin.weight", "lin.bias", "norm.weight", "norm.bias", "shift"]
+        own = 0 if amp is None and dtype == torch.float32 else want[1]
+        assert [got[n] for n in names] == [*want[:5], own]
+
+
+def test_a_non_finite_step_is_not_blamed_on_low_precision_rounding(caplog) -> None:
+    """A step with a NaN sample: its noise scale is NaN (no estimate), and the warning said
+    the step's gradient was rounded to float16/bfloat16 (a NaN passed the rounding bound's
+    check; a probe's finding, on a float32 model through 0 · NaN), once, hiding a later real
+    one. A bfloat16 model's, where the bound is not 0."""
+    torch.manual_seed(0)
+    model = TwoLinear().to(torch.bfloat16)
+    x = torch.randn(8, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y, cb = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2)), PerSampleNorms(1)
+    measure(model, x, y, cb=cb)  # (a finite step first: the mixing check settles)
+    x[3, 0] = torch.nan
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y, cb=cb)
+    assert staged["per_sample/coverage"] == 1.0 and math.isnan(staged["per_sample/noise_scale"])
+    assert "rounded to float16/bfloat16" not in caplog.text

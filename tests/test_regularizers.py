@@ -381,14 +381,16 @@ class MyL1(Regularizer):
 
 
 class _DeadZone(torch.autograd.Function):
-    """Σ relu(|p| − 0.01), with a backward that forgets the dead zone (sign(p) everywhere):
-    wrong only for the elements within 0.01 of 0."""
+    """Σ relu(|p| − width), with a backward that forgets the dead zone (sign(p) everywhere):
+    wrong only for the elements within ``width`` of 0."""
+
+    width = 0.01
 
     @staticmethod
     def forward(ctx, coef, *params):
         ctx.coef = coef
         ctx.save_for_backward(*params)
-        return coef * sum(torch.relu(p.abs() - 0.01).sum() for p in params)
+        return coef * sum(torch.relu(p.abs() - _DeadZone.width).sum() for p in params)
 
     @staticmethod
     def backward(ctx, g):
@@ -400,23 +402,54 @@ class DeadZone(Regularizer):
     GRADS = {**Regularizer.GRADS, "deadzone": torch.sign}  # (agreeing with the backward)
 
 
+class _Quantize(torch.autograd.Function):
+    """Σ |p − q·round(p/q)|, q = 1e-3 (a pull towards a grid), with its correct backward."""
+
+    @staticmethod
+    def forward(ctx, coef, *params):
+        ctx.coef = coef
+        ctx.save_for_backward(*params)
+        return coef * sum((p - 1e-3 * torch.round(p / 1e-3)).abs().sum() for p in params)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *[g * ctx.coef * torch.sign(p - 1e-3 * torch.round(p / 1e-3))
+                        for p in ctx.saved_tensors])  # fmt: skip
+
+
+class Quantize(Regularizer):
+    KINDS = {**Regularizer.KINDS, "quantize": lambda *ps, coef: _Quantize.apply(coef, *ps)}
+    GRADS = {**Regularizer.GRADS,
+             "quantize": lambda p: torch.sign(p - 1e-3 * torch.round(p / 1e-3))}  # fmt: skip
+
+
 def test_a_correct_backward_at_a_kink_is_accepted_and_a_wrong_one_refused(caplog) -> None:
     """gradcheck's finite differences (step 1e-6) straddle |p|'s kink at a weight of 1e-7, so
-    a correct l1 of one's own was refused ("its Function's backward fails gradcheck"). With
-    each element moved 1e-3 further from 0 it passes, so it trains, warned; a backward wrong
-    everywhere, or only near the parameters (a dead zone forgotten, which a point drawn at
-    random let through: a review's finding), fails there too and is refused."""
+    a correct l1 of one's own was refused ("its Function's backward fails gradcheck"), and so
+    was a pull towards a grid with a weight on it. With each element moved by 5e-6 to 1e-5
+    they pass, so they train, warned; a backward wrong everywhere, or only near the
+    parameters (a dead zone forgotten, of width 0.01 or 1e-4), fails there too and is
+    refused. (A point drawn at random let the dead zone through; a move of 1e-3 from 0 let
+    the narrow one through and refused the grid: reviews.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4))
     with torch.no_grad():
         model[0].weight[0, 0] = 1e-7
-        model[0].weight[1, 0] = 0.005  # (inside the dead zone)
-    MyL1("myl1", coef=0.1).bind(model).check_gradient()
-    said = [r.getMessage() for r in caplog.records if "further from 0" in r.getMessage()]
-    assert len(said) == 1 and "myl1 (MyL1)" in said[0] and "not differentiable" in said[0]
+        model[0].weight[1, 0] = 5e-5  # (inside either dead zone)
+        model[0].weight[2, 0] = 2e-3  # (on the grid)
+    for regularizer in (MyL1("myl1", coef=0.1), Quantize("quantize", coef=0.1)):
+        caplog.clear()
+        regularizer.bind(model).check_gradient()
+        said = [r.getMessage() for r in caplog.records if "moved by 5e-6" in r.getMessage()]
+        assert len(said) == 1 and "not differentiable" in said[0], type(regularizer)
     refused = r"fails torch.autograd.gradcheck .*, at the parameters and with each element moved"
-    with pytest.raises(ValueError, match=refused):
-        DeadZone("deadzone", coef=0.1).bind(model).check_gradient()
+    for width in (0.01, 1e-4):
+        _DeadZone.width = width
+        try:
+            with pytest.raises(ValueError, match=refused):
+                DeadZone("deadzone", coef=0.1).bind(model).check_gradient()
+        finally:
+            _DeadZone.width = 0.01
     _LogCosh.scale = 2.0
     try:
         with pytest.raises(ValueError, match=refused):

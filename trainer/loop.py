@@ -66,6 +66,27 @@ log = logging.getLogger(__name__)
 _AMP_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
+def check_plateau(scheduler: Any, monitor: str) -> None:
+    """A ``ReduceLROnPlateau`` steps on the monitored metric after each validation: its
+    ``mode`` must agree with the metric's direction (``mode: min`` on val/acc would cut the
+    learning rate while accuracy improves). At :meth:`Trainer.fit`'s start, and before a
+    run is built (a Trainer built by hand stepped such a scheduler unchecked)."""
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    from trainer.config import ConfigError
+    from trainer.report import DIRECTIONS
+
+    if not isinstance(scheduler, ReduceLROnPlateau) or monitor not in DIRECTIONS:
+        return
+    wanted = DIRECTIONS[monitor]
+    if scheduler.mode != wanted:
+        raise ConfigError(
+            f"scheduler.mode: ReduceLROnPlateau steps on {monitor} (monitor), which is best "
+            f"when {'highest' if wanted == 'max' else 'lowest'}, with mode={scheduler.mode}; "
+            f"set scheduler.mode={wanted} (or another monitor)"
+        )
+
+
 def planned_steps(batches_per_epoch: int, accumulate: int, max_epochs: int, max_steps: int) -> int:
     """Optimizer steps a run will take: the first of ``max_epochs`` and ``max_steps`` wins."""
     total = max_epochs * math.ceil(batches_per_epoch / accumulate)
@@ -272,16 +293,18 @@ class Trainer:
         #: the current accumulation window (its samples; per-token losses: its Σu)
         self.window = Window(samples=1)
         self.metrics: dict[str, float] = {}
-        missing = [a for a in LOADER_API if not hasattr(train_loader, a)]
-        if missing:
-            raise TypeError(
-                f"Trainer: train_loader is a {type(train_loader).__name__} without "
-                f"{', '.join(missing)}; it takes trainer.data's loaders (InMemoryLoader, "
-                "DeviceLoader: batches of (x, y, index), an epoch's order from set_epoch(epoch, "
-                "start_batch)), which a DataModule builds: data.setup(device, seed), then "
-                "data.train_loader and data.val_loader (a Dataset of your own: return it from "
-                "your DataModule's load())"
-            )
+        for role, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+            missing = [a for a in LOADER_API if not hasattr(loader, a)]
+            if missing:  # (a plain DataLoader as val_loader failed after an epoch's training,
+                # "not enough values to unpack": a probe's finding)
+                raise TypeError(
+                    f"Trainer: {role} is a {type(loader).__name__} without "
+                    f"{', '.join(missing)}; it takes trainer.data's loaders (InMemoryLoader, "
+                    "DeviceLoader: batches of (x, y, index), an epoch's order from "
+                    "set_epoch(epoch, start_batch)), which a DataModule builds: data.setup("
+                    "device, seed), then data.train_loader and data.val_loader (a Dataset of "
+                    "your own: return it from your DataModule's load())"
+                )
         self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
         #: train/loss since the last log and since the epoch's start, on the device
         self.tally = LossTally(device, self.token_losses)
@@ -466,6 +489,7 @@ class Trainer:
                     close()
 
     def _fit(self) -> dict[str, float]:
+        check_plateau(self.scheduler, self.monitor)  # (before anything starts)
         opts = self.progress_options
         self.progress = Progress(
             opts.enabled, self.total_steps, bar=opts.bar, every_n_steps=opts.every_n_steps,

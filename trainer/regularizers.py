@@ -31,6 +31,14 @@ from trainer.precision import is_long, long_norm, wide_dtype, widen
 log = logging.getLogger(__name__)
 
 
+def _nudge(p: Tensor, gen: torch.Generator) -> Tensor:
+    """A move of each element by 5e-6 to 1e-5 (5 to 10 times gradcheck's step), of a random
+    sign, drawn from ``gen``: off a kink the element sat within the step of."""
+    size = torch.rand(p.shape, generator=gen, dtype=p.dtype) * 5e-6 + 5e-6
+    sign = torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1
+    return (size * sign).to(p.device)
+
+
 def _l2_grad(p: Tensor) -> Tensor:
     return p  # d(½‖p‖²)/dp
 
@@ -259,25 +267,25 @@ class Regularizer(Stateful):
                 first = str(e).strip().splitlines()[0]
                 # a correct backward fails where R has a kink within gradcheck's step (1e-6)
                 # of the parameters (l1's |p| at a weight an l1 run drove near 0, or one
-                # resumed): it passes with each element moved 1e-3 further from 0, off any
-                # such kink, while a backward wrong near the parameters (a dead zone it
-                # forgot) still fails there. (A point drawn at random let one through.)
-                elsewhere = tuple(
-                    (c.detach() + torch.where(c.detach() < 0, -1e-3, 1e-3)).requires_grad_()
-                    for c in copies
-                )
+                # resumed): it passes with each element moved by 5e-6 to 1e-5, a random sign
+                # (seeded), off any such kink, while a backward wrong over a region wider
+                # than that around the parameters fails there too. (A point drawn at random
+                # let a forgotten dead zone through; a move of 1e-3 from 0 let one of 1e-4
+                # through, and put a quantizer's weight on its next kink: reviews.)
+                gen = torch.Generator().manual_seed(0)
+                elsewhere = tuple((c.detach() + _nudge(c, gen)).requires_grad_() for c in copies)
                 try:
                     torch.autograd.gradcheck(fn, elsewhere)
                 except GradcheckError:
                     raise ValueError(
                         f"regularizer {self.name} ({type(self).__name__}): its Function's "
                         f"backward fails torch.autograd.gradcheck ({first}), at the "
-                        "parameters and with each element moved 1e-3 further from 0"
+                        "parameters and with each element moved by 5e-6 to 1e-5"
                     ) from e
                 log.warning(
                     "regularizer %s (%s): its Function's backward fails torch.autograd."
-                    "gradcheck at the parameters (%s) and passes with each element moved 1e-3 "
-                    "further from 0: the parameters sit (within gradcheck's step, 1e-6) at a "
+                    "gradcheck at the parameters (%s) and passes with each element moved by "
+                    "5e-6 to 1e-5: the parameters sit (within gradcheck's step, 1e-6) at a "
                     "point where the regularizer is not differentiable, as |p| at 0; trained "
                     "with its backward there", self.name, type(self).__name__, first,
                 )  # fmt: skip

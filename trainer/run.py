@@ -57,7 +57,7 @@ from trainer.hparams import (
 )
 from trainer.instrument import build_callbacks
 from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir
-from trainer.loop import Callback, Trainer, planned_steps
+from trainer.loop import Callback, Trainer, check_plateau, planned_steps
 from trainer.losses import Loss, as_loss
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.report import CONTINUED
@@ -156,25 +156,6 @@ def build_scheduler(
                 "_partial_: true and its other keys, its length (T_max, total_steps) included)"
             ) from e
     return factory(optimizer=optimizer, schedulers=built, **kwargs)
-
-
-def check_plateau(scheduler: Any, monitor: str) -> None:
-    """A ``ReduceLROnPlateau`` steps on the monitored metric after each validation: its
-    ``mode`` must agree with the metric's direction (``mode: min`` on val/acc would cut the
-    learning rate while accuracy improves)."""
-    from torch.optim.lr_scheduler import ReduceLROnPlateau
-
-    from trainer.report import DIRECTIONS
-
-    if not isinstance(scheduler, ReduceLROnPlateau) or monitor not in DIRECTIONS:
-        return
-    wanted = DIRECTIONS[monitor]
-    if scheduler.mode != wanted:
-        raise ConfigError(
-            f"scheduler.mode: ReduceLROnPlateau steps on {monitor} (monitor), which is best "
-            f"when {'highest' if wanted == 'max' else 'lowest'}, with mode={scheduler.mode}; "
-            f"set scheduler.mode={wanted} (or another monitor)"
-        )
 
 
 #: what a scheduler does past the run's length the trainer set (its length key's)

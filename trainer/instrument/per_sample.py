@@ -227,6 +227,11 @@ NOISE_TAGS = ("per_sample/grad_var_trace", "per_sample/grad_signal", "per_sample
 #: SNRs and the noise scale's tr(Σ) by before they are NaN (:meth:`PerSampleNorms._noise_scale`)
 ROUNDED_LIMIT = 0.05
 
+#: modules whose parameters' gradients stay float32 under float16/bfloat16 autocast (their
+#: ops run in float32 there, or by type promotion)
+FLOAT32_UNDER_AUTOCAST = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,
+                          nn.Embedding, nn.EmbeddingBag)  # fmt: skip
+
 #: materialize at most this many bytes of one parameter's per-sample gradients (B × its size),
 #: which a parameter used more than once per forward needs (tied weights, a layer called twice)
 MATERIALIZE_BYTES = 2**28
@@ -732,15 +737,21 @@ class PerSampleNorms(Callback):
         self._params = list(self._param_by_id.values())
         if self.snr:
             self._tags = NOISE_TAGS + tuple(f"grad_snr/{names[id(p)]}" for p in self._params)
-        # the unit roundoff of each step gradient's elements: a float16/bfloat16 parameter's
-        # gradient, or any under float16/bfloat16 autocast (its matmuls' outputs), is rounded
-        # there, and the statistics below subtract its square from the rows' (0: float32 or
-        # wider, whose rounding the float32 sums bound)
+        # the unit roundoff of each step gradient's elements, which the statistics below
+        # subtract the square of from the rows' (0: float32 or wider, whose rounding the
+        # float32 sums bound): a float16/bfloat16 parameter's gradient is rounded to its
+        # dtype, k times over an accumulation window of k; under float16/bfloat16 autocast,
+        # one of a module autocast runs in low precision (its matmuls' outputs: Linear,
+        # convolutions, attention, RNNs) or of one of one's own, once per micro-batch; not
+        # one of a norm layer or an Embedding (float32 under autocast)
         amp = getattr(trainer, "amp_dtype", None)
+        k = max(1, int(getattr(trainer, "accumulate", 1)))
+        wide = {id(p) for m in trainer.model.modules() if isinstance(m, FLOAT32_UNDER_AUTOCAST)
+                for p in m.parameters(recurse=False)}  # fmt: skip
         self._roundoff = tuple(
             max(
-                torch.finfo(p.dtype).eps / 2 if p.dtype in LOW_PRECISION else 0.0,
-                torch.finfo(amp).eps / 2 if amp is not None else 0.0,
+                k * torch.finfo(p.dtype).eps / 2 if p.dtype in LOW_PRECISION else 0.0,
+                k * torch.finfo(amp).eps / 2 if amp is not None and id(p) not in wide else 0.0,
             )
             for p in self._params
         )
@@ -1690,19 +1701,25 @@ class PerSampleNorms(Callback):
             estimate = [trace, batch - trace / n]  # [tr(Σ), unbiased |G|²]
             snr = [_div(b, t) if c > 0 else math.nan
                    for b, t, c in zip(batch_sq, trace_p, covered, strict=True)]  # fmt: skip
-            snr = [r if math.isfinite(r) else math.nan for r in snr]
-            # a step gradient rounded to u (float16/bfloat16) moves ‖ḡ‖² by up to 2u of it,
-            # and S − ‖ḡ‖² by as much: the SNR by up to 2u(1 + SNR) n/(n − 1), tr(Σ) by
-            # 2u Σ‖ḡ_p‖² n/(n − 1) of itself. Past ROUNDED_LIMIT, NaN (a probe: a bfloat16
-            # model's output-bias SNR 123 for 103, at coverage 1)
+            # (a negative SNR is a variance below 0: rounding, at an SNR past what the sums
+            # resolve; no number rather than a wrong one)
+            snr = [r if math.isfinite(r) and r >= 0 else math.nan for r in snr]
+            # a step gradient rounded to u (float16/bfloat16) moves ‖ḡ_p‖² by up to 2u of it
+            # (δ_p), so tr(S_p) by δ_p n/(n − 1), the SNR by up to 2u(1 + |SNR| n/(n − 1)),
+            # tr(Σ) by Σδ_p n/(n − 1) and |G|² = Σ‖ḡ_p‖² − tr(Σ)/n by Σδ_p (1 + 1/(n − 1)).
+            # Past ROUNDED_LIMIT of themselves, NaN (a probe: a bfloat16 model's output-bias
+            # SNR 123 for 103, and a review: −273 for 3,834, a noise scale of the wrong sign)
             grow = n / (n - 1)
             rough = [i for i, (u, r) in enumerate(zip(roundoff, snr, strict=True))
-                     if u and 2 * u * (1 + r) * grow > ROUNDED_LIMIT]  # fmt: skip
+                     if u and 2 * u * (1 + abs(r) * grow) > ROUNDED_LIMIT]  # fmt: skip
             for i in rough:
                 snr[i] = math.nan
-            moved = 2 * grow * sum(u * b for u, b, c in zip(roundoff, batch_sq, covered,
-                                                             strict=True) if c > 0)  # fmt: skip
-            if moved and not moved <= ROUNDED_LIMIT * abs(trace):
+            moved = sum(2 * u * b for u, b, c in zip(roundoff, batch_sq, covered, strict=True)
+                        if c > 0)  # fmt: skip
+            if moved * grow > ROUNDED_LIMIT * abs(estimate[0]) or moved * (
+                1 + 1 / (n - 1)
+            ) > ROUNDED_LIMIT * abs(estimate[1]):  # (False with a NaN: a non-finite step's
+                # NaN is not the rounding's, and is NaN already)
                 estimate = [math.nan, math.nan]
                 rough.append(-1)
             if rough and not self._said_rounded:
