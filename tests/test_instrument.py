@@ -1535,3 +1535,17 @@ def test_the_update_ratio_of_a_zero_tensor_is_inf_when_it_moves_and_0_when_not(
     assert dict(s["param_norm/b"])[1] == 0 and dict(s["update_ratio/b"])[1] == math.inf
     assert math.isfinite(dict(s["update_ratio/b"])[2])  # (no longer 0 after step 1)
     assert [v for _, v in s["update_ratio/still"]] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_last_bucket_limit_is_the_maximum_itself(dtype) -> None:
+    """The last limit was left + width · bins, which fell 1 ulp below the maximum (a probe:
+    0.34290701328162193 for 0.342907013281622), so the largest value lay outside the range
+    the buckets stated. Over seeds, with both range policies that end at the data."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(37, generator=g, dtype=dtype) * 0.7 - 0.3
+        for policy in ("minmax", "symmetric"):
+            (h,) = histograms([x], bins=30, range_policy=policy)
+            edge = h.max if policy == "minmax" else max(-h.min, h.max)
+            assert h.bucket_limits[-1] == edge, (seed, policy)

@@ -206,7 +206,10 @@ def histograms(
             RawHistogram(
                 min=lo, max=hi, num=x.numel(), sum=values[sums + i] * scale,
                 sum_squares=values[sums + len(finite) + i] * scale * scale,
-                bucket_limits=[(left * s + width * (k + 1)) / s for k in range(bins)],
+                # (the last limit is the range's right end itself: left + width · bins fell
+                # 1 ulp below the maximum, outside the range the buckets stated; a probe's)
+                bucket_limits=[(left * s + width * (k + 1)) / s for k in range(bins - 1)]
+                + [right],
                 bucket_counts=values[i * bins : (i + 1) * bins], nonfinite=int(bad),
             )
         )  # fmt: skip
