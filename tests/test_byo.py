@@ -284,6 +284,21 @@ def test_mse_losses_are_per_sample_and_never_broadcast() -> None:
         MSE()(torch.zeros(6, 2), y)
 
 
+def test_the_examples_huber_loss_is_per_sample_and_never_broadcast(byo_importable) -> None:
+    """A (B, 1) output against (B,) targets (data=tensors with y of shape (N,)): F.huber_loss
+    broadcast it to (B, B), and the example's mean over dimension 1 gave each sample the mean
+    over the batch's outputs, a (B,) the framework took (a probe: val/loss 1.121 for 0.773).
+    Each sample's Huber loss, by hand; another shape is refused, naming both."""
+    from byo.losses import Huber
+
+    out = torch.tensor([[0.0], [2.0], [-3.0]], dtype=torch.float64)
+    y = torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)
+    want = [0.5 * 0.5**2, 2.0 - 0.5, 3.0 - 0.5]  # (δ = 1: quadratic below 1, linear above)
+    assert Huber(delta=1.0)(out, y).tolist() == want
+    with pytest.raises(ValueError, match=r"output of shape \(3, 2\) does not match the targets"):
+        Huber()(torch.zeros(3, 2), y)
+
+
 def test_a_bad_monitor_names_what_the_run_reports(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"monitor: got 'val/mse', but this run reports "
                        "val/loss, val/acc, train/loss"):  # fmt: skip

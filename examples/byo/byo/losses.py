@@ -13,4 +13,13 @@ class Huber(Loss):
         self.delta = delta
 
     def forward(self, output: Tensor, target: Tensor) -> Tensor:  # -> (B,)
-        return F.huber_loss(output, target, reduction="none", delta=self.delta).flatten(1).mean(1)
+        # one output per target element, compared sample by sample: a (B, 1) output against
+        # (B,) targets is the usual case, and F.huber_loss would broadcast it to (B, B)
+        b = target.shape[0]
+        if output.shape[0] != b or output.numel() != target.numel():
+            raise ValueError(
+                f"Huber: the model's output of shape {tuple(output.shape)} does not match the "
+                f"targets of shape {tuple(target.shape)} (one output per target element)"
+            )
+        out, tgt = output.reshape(b, -1), target.reshape(b, -1).to(output.dtype)
+        return F.huber_loss(out, tgt, reduction="none", delta=self.delta).mean(1)
