@@ -2063,7 +2063,7 @@ def test_a_ranks_failed_check_does_not_replace_anothers_in_the_checkpoint(monkey
 
     sig = [((6, 5), "torch.int64")]
     ok = [[sig, [["head", 1]], [["head", 1], ["emb", 1]]]]
-    failed, why = [[sig, [], []]], [[sig, "its check failed: RuntimeError"]]
+    failed, why = [[sig, [], []]], [[sig, "its check failed: RuntimeError", True]]
     for parts, reasons in (([ok, failed], [[], why]), ([failed, ok], [why, []])):
         # (the batch-dimension verdicts first, this rank's; then the checks; then why failed)
         calls = iter([None, parts, reasons])
@@ -2073,11 +2073,15 @@ def test_a_ranks_failed_check_does_not_replace_anothers_in_the_checkpoint(monkey
         (kept,) = state["mixing"]
         assert kept[1:] == [[["head", 1]], [["head", 1], ["emb", 1]]]
         assert state["mixing_failed"] == []  # (the other rank's check saw the calls)
-    calls = iter([None, [failed, failed], [why, why]])  # both failed: kept as failed
-    monkeypatch.setattr(per_sample, "all_gather_objects",
-                        lambda mine, calls=calls: next(calls) or [mine])  # fmt: skip
-    state = PerSampleNorms(1).state_dict()
-    assert state["mixing_failed"] == [[(((6, 5), "torch.int64"),), why[0][1]]]
+    # both failed: kept as failed, with the reason of the check that raised (given up on)
+    # over one that was not finite (to be tried again), whichever rank came first (a review)
+    not_finite = [[sig, "a loss or gradient ... was not finite", False]]
+    for reasons in ([why, not_finite], [not_finite, why]):
+        calls = iter([None, [failed, []], reasons])
+        monkeypatch.setattr(per_sample, "all_gather_objects",
+                            lambda mine, calls=calls: next(calls) or [mine])  # fmt: skip
+        state = PerSampleNorms(1).state_dict()
+        assert state["mixing_failed"] == [[(((6, 5), "torch.int64"),), why[0][1]]]
 
 
 @pytest.mark.parametrize("t", [3, 40])  # the per-sample gradient's form; the Gram form's
@@ -2172,9 +2176,10 @@ def test_low_precision_snrs_and_noise_scales_are_within_their_bound_or_nan(dtype
 
 def test_the_rounding_each_parameters_gradient_carries() -> None:
     """The unit roundoff the SNR bound uses per parameter: a bfloat16 parameter's, k times
-    over k accumulated micro-batches; under autocast, a Linear's and a parameter of one's own
-    (autocast's u), not a LayerNorm's or an Embedding's (float32 there: their SNRs were NaN
-    needlessly, a review's finding)."""
+    over k accumulated micro-batches and W − 1 more summed over W ranks; under bfloat16
+    autocast every parameter's, a LayerNorm's and a (tied) Embedding's too (exempting them
+    logged SNRs 22-91 % off: a review measured a CPU LayerNorm's gradient, and a tied
+    Embedding weight's from the Linear using it, rounded to bfloat16)."""
 
     class Mixed(nn.Module):
         def __init__(self) -> None:
@@ -2182,19 +2187,19 @@ def test_the_rounding_each_parameters_gradient_carries() -> None:
             self.emb, self.lin, self.norm = nn.Embedding(V, D), nn.Linear(D, D), nn.LayerNorm(D)
             self.shift = nn.Parameter(torch.zeros(D))
 
-    bf16 = torch.finfo(torch.bfloat16).eps / 2
-    for amp, k, dtype, want in (
-        (torch.bfloat16, 1, torch.float32, [0, bf16, bf16, 0, 0, 0]),
-        (None, 3, torch.bfloat16, [3 * bf16] * 6),
-        (None, 1, torch.float32, [0] * 6),
+    u = torch.finfo(torch.bfloat16).eps / 2
+    two_ranks = SimpleNamespace(size=2, distributed=True)
+    for amp, k, dtype, world, want in (
+        (torch.bfloat16, 1, torch.float32, SINGLE, u),
+        (torch.bfloat16, 2, torch.float32, two_ranks, 2 * u),  # (float32 sums over ranks)
+        (None, 3, torch.bfloat16, SINGLE, 3 * u),
+        (None, 3, torch.bfloat16, two_ranks, 4 * u),
+        (None, 1, torch.float32, two_ranks, 0.0),
     ):
         model = Mixed().to(dtype)
         cb = PerSampleNorms(1)
-        cb.on_fit_start(SimpleNamespace(model=model, amp_dtype=amp, accumulate=k))
-        got = dict(zip([n for n, _ in model.named_parameters()], cb._roundoff, strict=True))
-        names = ["emb.weight", "lin.weight", "lin.bias", "norm.weight", "norm.bias", "shift"]
-        own = 0 if amp is None and dtype == torch.float32 else want[1]
-        assert [got[n] for n in names] == [*want[:5], own]
+        cb.on_fit_start(SimpleNamespace(model=model, amp_dtype=amp, accumulate=k, world=world))
+        assert cb._roundoff == (want,) * 6, (amp, k, dtype, world)
 
 
 def test_a_non_finite_step_is_not_blamed_on_low_precision_rounding(caplog) -> None:
