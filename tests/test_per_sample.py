@@ -2199,7 +2199,41 @@ def test_the_rounding_each_parameters_gradient_carries() -> None:
         model = Mixed().to(dtype)
         cb = PerSampleNorms(1)
         cb.on_fit_start(SimpleNamespace(model=model, amp_dtype=amp, accumulate=k, world=world))
-        assert cb._roundoff == (want,) * 6, (amp, k, dtype, world)
+        assert [u for u, _ in cb._roundoff] == [want] * 6, (amp, k, dtype, world)
+    # and float16's subnormal step, half of it per element, over the tensor: 2⁻²⁵ √numel
+    model = Mixed().half()
+    cb = PerSampleNorms(1)
+    cb.on_fit_start(SimpleNamespace(model=model, amp_dtype=None, accumulate=1, world=SINGLE))
+    numels = [p.numel() for p in model.parameters()]
+    assert [f for _, f in cb._roundoff] == [2**-25 * math.sqrt(n) for n in numels]
+
+
+def test_float16_gradients_in_the_subnormal_range_are_within_the_bound_or_nan() -> None:
+    """A float16 model's small gradients (late in a run, no loss scaling) fall below
+    float16's smallest normal, 6.1e-5, where rounding is a fixed step, not relative: a bound
+    of u alone let SNRs 50-197 % off through, and a noise scale of the wrong sign (a
+    review). With the loss scaled by 1e-3 each logged SNR is within 5 % (the bound) plus the
+    rows' own rounding of the float64 brute force; by 1e-5, where the typical gradient
+    element is subnormal and the rows' output gradients underflow too, none is logged."""
+    logged = 0
+    for weight, subnormal in ((1e-3, False), (1e-5, True)):
+        for seed in range(4):
+            torch.manual_seed(seed)
+            model = TwoLinear().half()
+            g = torch.Generator().manual_seed(seed + 1)
+            x = torch.randn(32, D, generator=g).half()
+            y = torch.zeros(32, dtype=torch.long) if seed % 2 else torch.randint(0, 3, (32,))
+            want = brute_force_snr(copy.deepcopy(model).double(), x.double(), y)
+            _, staged = measure(model, x, y, weights=torch.full((32,), weight / 32))
+            assert math.isnan(staged["per_sample/noise_scale"]) or not subnormal
+            for name, ref in want.items():
+                got = staged[f"grad_snr/{name}"]
+                if subnormal:
+                    assert math.isnan(got), (seed, name)
+                elif not math.isnan(got):  # (the rows' own rounding: a few u, u = 2⁻¹¹)
+                    assert got == pytest.approx(ref, rel=0.05 + 16 * 2**-11), (seed, name)
+                    logged += 1
+    assert logged >= 4  # (some are, where the gradient is in float16's normal range)
 
 
 def test_a_non_finite_step_is_not_blamed_on_low_precision_rounding(caplog) -> None:

@@ -423,28 +423,51 @@ class Quantize(Regularizer):
              "quantize": lambda p: torch.sign(p - 1e-3 * torch.round(p / 1e-3))}  # fmt: skip
 
 
+class _Charbonnier(torch.autograd.Function):
+    """Σ √(p² + c²), c = 3e-6 (a smooth l1, steeply curved near 0), with its backward."""
+
+    @staticmethod
+    def forward(ctx, coef, *params):
+        ctx.coef = coef
+        ctx.save_for_backward(*params)
+        return coef * sum(torch.sqrt(p * p + 9e-12).sum() for p in params)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *[g * ctx.coef * p / torch.sqrt(p * p + 9e-12) for p in ctx.saved_tensors])
+
+
+class Charbonnier(Regularizer):
+    KINDS = {**Regularizer.KINDS, "charb": lambda *ps, coef: _Charbonnier.apply(coef, *ps)}
+    GRADS = {**Regularizer.GRADS, "charb": lambda p: p / torch.sqrt(p * p + 9e-12)}
+
+
 def test_a_correct_backward_at_a_kink_is_accepted_and_a_wrong_one_refused(caplog) -> None:
     """gradcheck's finite differences (step 1e-6) straddle |p|'s kink at a weight of 1e-7, so
     a correct l1 of one's own was refused ("its Function's backward fails gradcheck"), and so
-    was a pull towards a grid with a weight on it. With each element moved away from 0 by
-    5e-6 to 1e-5 they pass, so they train, warned, also with weights within 1e-5 of 0 as an
-    l1 run leaves them (a random sign moved some onto the kink: a review); a backward wrong
-    everywhere, or only near the parameters (a dead zone forgotten, of width 0.01 or 1e-4),
-    fails there too and is refused. (A point drawn at random let the dead zone through; a
-    move of 1e-3 from 0 let the narrow one through and refused the grid: reviews.)"""
+    were a pull towards a grid with a weight near it and a steeply curved smooth l1. With a
+    step of 1e-9 they pass, so they train, warned, also with many weights within 1e-5 of 0,
+    as an l1 run leaves them; a backward wrong at the parameters (a dead zone forgotten, of
+    width 0.01 or 1e-4, a weight 3e-6 inside its edge) fails there too and is refused.
+    (Retrying at moved parameters let dead zones through or refused correct ones, three
+    ways: reviews.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 24))
     with torch.no_grad():
         model[0].weight[4:] = torch.linspace(-1.1e-5, 1.1e-5, 60).reshape(20, 3)  # (near 0)
         model[0].weight[0, 0] = 1e-7
         model[0].weight[1, 0] = 5e-5  # (inside either dead zone)
-        model[0].weight[2, 0] = 2e-3  # (on the grid)
-    for regularizer in (MyL1("myl1", coef=0.1), Quantize("quantize", coef=0.1)):
+        model[0].weight[2, 0] = 2e-3 + 3e-7  # (by the grid)
+        model[0].weight[3, 0] = 1e-4 - 3e-6  # (3 steps inside the narrow dead zone's edge)
+    for regularizer in (MyL1("myl1", coef=0.1), Quantize("quantize", coef=0.1),
+                        Charbonnier("charb", coef=0.1)):  # fmt: skip
         caplog.clear()
         regularizer.bind(model).check_gradient()
-        said = [r.getMessage() for r in caplog.records if "moved away from 0" in r.getMessage()]
+        said = [
+            r.getMessage() for r in caplog.records if "passes with one of 1e-9" in r.getMessage()
+        ]
         assert len(said) == 1 and "not differentiable" in said[0], type(regularizer)
-    refused = r"fails torch.autograd.gradcheck .*, at the parameters and with each element moved"
+    refused = r"fails torch.autograd.gradcheck .*, with its step of 1e-6 and with one of 1e-9"
     for width in (0.01, 1e-4):
         _DeadZone.width = width
         try:

@@ -31,16 +31,6 @@ from trainer.precision import is_long, long_norm, wide_dtype, widen
 log = logging.getLogger(__name__)
 
 
-def _nudge(p: Tensor, gen: torch.Generator) -> Tensor:
-    """A move of each element away from 0 (0 itself up) by 5e-6 to 1e-5, 5 to 10 times
-    gradcheck's step, the size drawn from ``gen``: off a kink the element sat within the step
-    of, never onto 0 (a random sign put an l1-trained model's weights near 0 on its kink and
-    refused a correct l1, a review's finding) nor across it (a regularizer of positive values)."""
-    size = torch.rand(p.shape, generator=gen, dtype=p.dtype) * 5e-6 + 5e-6
-    away = torch.where(p.detach().cpu() < 0, -1.0, 1.0).to(p.dtype)
-    return (size * away).to(p.device)
-
-
 def _l2_grad(p: Tensor) -> Tensor:
     return p  # d(½‖p‖²)/dp
 
@@ -267,29 +257,30 @@ class Regularizer(Stateful):
                 torch.autograd.gradcheck(fn, tuple(copies))  # (its float64 defaults)
             except GradcheckError as e:
                 first = str(e).strip().splitlines()[0]
-                # a correct backward fails where R has a kink within gradcheck's step (1e-6)
-                # of the parameters (l1's |p| at a weight an l1 run drove near 0, or one
-                # resumed): it passes with each element moved away from 0 by 5e-6 to 1e-5
-                # (seeded), off any such kink, while a backward wrong over a region wider
-                # than that around the parameters fails there too. (A point drawn at random
-                # let a forgotten dead zone through; a move of 1e-3 from 0 let one of 1e-4
-                # through, and put a quantizer's weight on its next kink: reviews.)
-                gen = torch.Generator().manual_seed(0)
-                elsewhere = tuple((c.detach() + _nudge(c, gen)).requires_grad_() for c in copies)
+                # a correct backward fails where R has a kink (or a steep curvature) within
+                # gradcheck's step, 1e-6, of the parameters: l1's |p| at a weight an l1 run
+                # drove near 0, or one resumed. Its finite differences with a step of 1e-9
+                # do not reach the kink and pass; a backward wrong at the parameters (a dead
+                # zone forgotten, whatever its width) fails there too. Their roundoff,
+                # |R|·2⁻⁵²/1e-9, sets the tolerance. (Moving the parameters instead let
+                # wrong backwards through or refused correct ones, three ways: reviews.)
+                step = 1e-9
+                atol = max(1e-5, 8 * abs(float(value.detach())) * 2**-52 / step)
                 try:
-                    torch.autograd.gradcheck(fn, elsewhere)
+                    torch.autograd.gradcheck(fn, tuple(copies), eps=step, atol=atol)
                 except GradcheckError:
                     raise ValueError(
                         f"regularizer {self.name} ({type(self).__name__}): its Function's "
-                        f"backward fails torch.autograd.gradcheck ({first}), at the "
-                        "parameters and with each element moved away from 0 by 5e-6 to 1e-5"
+                        f"backward fails torch.autograd.gradcheck ({first}), with its step "
+                        "of 1e-6 and with one of 1e-9 (a parameter exactly on a kink other "
+                        "than 0 also fails both)"
                     ) from e
                 log.warning(
                     "regularizer %s (%s): its Function's backward fails torch.autograd."
-                    "gradcheck at the parameters (%s) and passes with each element moved away "
-                    "from 0 by 5e-6 to 1e-5: the parameters sit (within gradcheck's step, "
-                    "1e-6) at a point where the regularizer is not differentiable, as |p| at "
-                    "0; trained with its backward there", self.name, type(self).__name__, first,
+                    "gradcheck with its step of 1e-6 (%s) and passes with one of 1e-9: the "
+                    "parameters sit within 1e-6 of a point where the regularizer is not "
+                    "differentiable (as |p| at 0) or curves steeply; trained with its "
+                    "backward", self.name, type(self).__name__, first,
                 )  # fmt: skip
 
     def value(self) -> Tensor:

@@ -617,7 +617,7 @@ class PerSampleNorms(Callback):
         self._ema: list[float] | None = None
         self._said_unequal = False  # (the noise scale's NaN for unequal weights: said once)
         self._said_rounded = False  # (its NaN for a low-precision gradient's rounding: once)
-        self._roundoff: tuple[float, ...] = ()
+        self._roundoff: tuple[tuple[float, float], ...] = ()
         #: (name, module, parameters it covers, kind) per unit
         self.units: list[tuple[str, nn.Module, list[nn.Parameter], str]] = []
         #: id(parameter) -> the units it is registered in (two for a tied weight)
@@ -741,18 +741,26 @@ class PerSampleNorms(Callback):
         # LayerNorm runs in bfloat16 on a CPU, a tied Embedding weight gets a Linear's
         # rounded gradient: exempting norm layers and Embeddings logged their SNRs 22-91 %
         # off, a review's finding)
+        # Each rounding moves an element by u of itself, or, in float16's subnormal range
+        # (below 6.1e-5: a float16 model's small gradients late in a run), by up to half its
+        # smallest step, 2⁻²⁵: (u, f) per parameter, f the latter over the tensor's √numel
+        # (relative alone, a review saw SNRs 50-197 % off at coverage 1)
         amp = getattr(trainer, "amp_dtype", None)
         k = max(1, int(getattr(trainer, "accumulate", 1)))
         world = getattr(trainer, "world", None)
         ranks = world.size if world is not None and world.distributed else 1
-        self._roundoff = tuple(
-            max(
-                (k + ranks - 1) * torch.finfo(p.dtype).eps / 2 if p.dtype in LOW_PRECISION
-                else 0.0,
-                k * torch.finfo(amp).eps / 2 if amp is not None else 0.0,
-            )
-            for p in self._params
-        )  # fmt: skip
+
+        def rounding(dtype: torch.dtype, times: int, numel: int) -> tuple[float, float]:
+            info = torch.finfo(dtype)
+            return times * info.eps / 2, times * info.tiny * info.eps / 2 * math.sqrt(numel)
+
+        def both(p: Tensor) -> tuple[float, float]:
+            own = rounding(p.dtype, k + ranks - 1, p.numel()) if p.dtype in LOW_PRECISION else None
+            cast = rounding(amp, k, p.numel()) if amp is not None else None
+            given = [r for r in (own, cast) if r is not None] or [(0.0, 0.0)]
+            return max(u for u, _ in given), max(f for _, f in given)
+
+        self._roundoff = tuple(both(p) for p in self._params)
 
     # ---- arming: hooks exist only while a measured micro-batch runs its forward and backward
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
@@ -1649,7 +1657,7 @@ class PerSampleNorms(Callback):
         tags: tuple[str, ...],
         n: int | None,
         eps: float,
-        roundoff: tuple[float, ...],
+        roundoff: tuple[tuple[float, float], ...],
         values: list[float],
     ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
@@ -1702,18 +1710,34 @@ class PerSampleNorms(Callback):
             # (a negative SNR is a variance below 0: rounding, at an SNR past what the sums
             # resolve; no number rather than a wrong one)
             snr = [r if math.isfinite(r) and r >= 0 else math.nan for r in snr]
-            # a step gradient rounded to u (float16/bfloat16) moves ‖ḡ_p‖² by up to 2u of it
-            # (δ_p), so tr(S_p) by δ_p n/(n − 1), the SNR by up to 2u(1 + |SNR| n/(n − 1)),
-            # tr(Σ) by Σδ_p n/(n − 1) and |G|² = Σ‖ḡ_p‖² − tr(Σ)/n by Σδ_p (1 + 1/(n − 1)).
-            # Past ROUNDED_LIMIT of themselves, NaN (a probe: a bfloat16 model's output-bias
-            # SNR 123 for 103, and a review: −273 for 3,834, a noise scale of the wrong sign)
+            # a step gradient whose elements round by u of themselves or f over the tensor
+            # (float16/bfloat16: __init__'s _roundoff) is off by e_p ≤ u‖G_p‖ + f_p, which
+            # moves ‖ḡ_p‖² by δ_p ≤ scale·e_p(2‖G_p‖ + e_p): tr(S_p) by δ_p n/(n − 1), the
+            # SNR by δ_p/‖ḡ_p‖² + δ_p n/(n − 1)/tr(S_p) of itself, tr(Σ) by Σδ_p n/(n − 1)
+            # and |G|² = Σ‖ḡ_p‖² − tr(Σ)/n by Σδ_p (1 + 1/(n − 1)). Past ROUNDED_LIMIT of
+            # themselves, NaN (a probe: a bfloat16 model's output-bias SNR 123 for 103; a
+            # review: −273 for 3,834, and a noise scale of the wrong sign)
             grow = n / (n - 1)
-            rough = [i for i, (u, r) in enumerate(zip(roundoff, snr, strict=True))
-                     if u and 2 * u * (1 + abs(r) * grow) > ROUNDED_LIMIT]  # fmt: skip
+            delta = [scale * (u * g + f) * (2 * g + u * g + f)
+                     for (u, f), g in zip(roundoff, norms, strict=True)]  # fmt: skip
+            # and where f dominates (the gradient's typical element below float16's smallest
+            # normal), the per-sample rows are built from output gradients that underflow as
+            # well, which no bound here covers: NaN (a review's float16 noise scale 12 % off)
+            under = [f > u * g for (u, f), g in zip(roundoff, norms, strict=True)]
+            rough = []
+            for i, (d, b, t) in enumerate(zip(delta, batch_sq, trace_p, strict=True)):
+                if (
+                    d > 0
+                    and not math.isnan(snr[i])
+                    and (under[i] or b <= 0 or t == 0
+                         or d / b + d * grow / abs(t) > ROUNDED_LIMIT)
+                ):  # fmt: skip
+                    rough.append(i)
             for i in rough:
                 snr[i] = math.nan
-            moved = sum(2 * u * b for u, b, c in zip(roundoff, batch_sq, covered, strict=True)
-                        if c > 0)  # fmt: skip
+            moved = sum(d for d, c in zip(delta, covered, strict=True) if c > 0)
+            if any(x and c > 0 for x, c in zip(under, covered, strict=True)):
+                moved = math.inf
             if moved * grow > ROUNDED_LIMIT * abs(estimate[0]) or moved * (
                 1 + 1 / (n - 1)
             ) > ROUNDED_LIMIT * abs(estimate[1]):  # (False with a NaN: a non-finite step's
