@@ -975,3 +975,39 @@ def test_a_deferred_read_names_the_steps_that_updated_nothing() -> None:
     assert _read_later(4, None) == ""
     assert _read_later(4, 4).endswith("sync=deferred: step 4 updated nothing)")
     assert _read_later(3, 4).endswith("sync=deferred: steps 3-4 updated nothing)")
+
+
+class NormedNaNAt(torch.nn.Module):
+    """Linear → BatchNorm1d → Linear whose third training forward meets a NaN input."""
+
+    def __init__(self, in_shape, out_dim: int, at: int = 3) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(math.prod(in_shape), 16)
+        self.norm = torch.nn.BatchNorm1d(16)
+        self.head = torch.nn.Linear(16, out_dim)
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                x = x * torch.nan
+        return self.head(torch.relu(self.norm(self.a(x))))
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_skip_that_leaves_non_finite_running_statistics_says_so(tmp_path, sync, caplog) -> None:
+    """A skipped step's forward has already written its NaN batch statistics into the
+    BatchNorm's running statistics (the skip leaves the parameters and the optimizer's state
+    only): every later validation was NaN in a run reported completed, without a word (a
+    probe's finding). The parameters stay finite; the warning names the buffers, once."""
+    with caplog.at_level("WARNING"):
+        train(tmp_path, "~model", f"+model._target_={__name__}.NormedNaNAt",
+              "trainer.max_steps=5", "instrument.nonfinite.policy=skip",
+              f"instrument.nonfinite.sync={sync}", "optimizer=sgd")  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if "hold non-finite values" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("step 3 skipped, but the model's buffers")
+    assert "norm.running_mean" in said[0]
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    assert all(torch.isfinite(v).all() for k, v in state.items() if "running" not in k)

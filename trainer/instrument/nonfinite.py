@@ -84,6 +84,7 @@ class NonfiniteGuard(Callback):
         self.every = Every(every_n_steps)
         self.skipped = 0
         self.consecutive = 0
+        self._said_buffers = False  # (non-finite buffers after a skipped step: said once)
         #: whether the flags are read on logging steps only (resolved in on_fit_start)
         self.deferred = False
         self._losses: list[Tensor] = []  # the step's micro-batches' losses
@@ -375,6 +376,7 @@ class NonfiniteGuard(Callback):
         elif trainer.logger is not None:  # written at its own step (nothing else staged)
             trainer.logger.add_floats(value, step)
         log.warning("step %d skipped: %s", step, cause)
+        self._said_buffers = self._said_buffers or _buffers_hit(trainer, step)
         if self.consecutive >= self.max_consecutive:
             later = _read_later(step, read_at)
             raise NonFiniteError(
@@ -390,6 +392,29 @@ LOSS = "\0loss"
 ELSEWHERE = "\0another rank"
 #: deferred: the name of the kept step's skip flag, after its norms
 SKIPPED = "\0skipped"
+
+
+def _buffers_hit(trainer: Trainer, step: int) -> bool:
+    """Whether the model's floating-point buffers hold non-finite values after a skipped
+    step, said once: the skip leaves the parameters and the optimizer's state as they were,
+    but the step's forward has already updated the buffers a training-mode forward updates
+    (a BatchNorm's running statistics), and a NaN batch made every later validation NaN in
+    a run that completed (a probe's finding). A host read on skipped steps only."""
+    named = [(n, b) for n, b in trainer.model.named_buffers() if b.is_floating_point()]
+    if not named:
+        return False
+    bad = torch.stack([~torch.isfinite(b).all() for _, b in named]).tolist()  # host sync:
+    hit = [n for (n, _), x in zip(named, bad, strict=True) if x]  # skipped steps only
+    if hit:
+        log.warning(
+            "step %d skipped, but the model's buffers %s%s hold non-finite values: a "
+            "training-mode forward updates them (a BatchNorm's running statistics) before the "
+            "step is checked, and a skip leaves only the parameters and the optimizer's state "
+            "as they were; evaluation with them is NaN from here on (resume from a checkpoint "
+            "before the step, or keep such batches out)", step, ", ".join(hit[:3]),
+            " …" if len(hit) > 3 else "",
+        )  # fmt: skip
+    return bool(hit)
 
 
 def _read_later(step: int, read_at: int | None) -> str:
