@@ -873,7 +873,7 @@ def test_unread_flags_in_a_guards_state_are_read_after_loading_it() -> None:
     buffer.seek(0)
     loaded = NonfiniteGuard(policy="skip", sync="deferred")
     loaded.load_state_dict(torch.load(buffer, weights_only=True))
-    loaded._read(SimpleNamespace(global_step=5, logger=None))
+    loaded._read(SimpleNamespace(global_step=5, logger=None, model=torch.nn.Linear(1, 1)))
     assert (loaded.skipped, loaded.consecutive) == (1, 0)
 
 
