@@ -435,3 +435,29 @@ def test_failed_download_says_to_copy_the_files(name, module, tmp_path, monkeypa
     monkeypatch.setattr(tv_module, "download_url", offline, raising=False)
     with pytest.raises(ConnectionError, match="copy the files there yourself"):
         make(name, tmp_path, download=True).setup(torch.device("cpu"), seed=0)
+
+
+@pytest.mark.parametrize("augment", [False, True])  # (the tensors' path; the Dataset's)
+def test_images_and_labels_of_different_counts_are_refused_naming_the_files(
+    tmp_path, monkeypatch, augment
+) -> None:
+    """MNIST's label file holding more labels than its images was trained on without a word
+    (class weights counted labels of no image); fewer failed at the first batch reaching past
+    them with an IndexError naming no file (a probe's finding). Refused before training."""
+    write_set("mnist", tmp_path, monkeypatch)
+    raw = tmp_path / "MNIST" / "raw"
+    _write_idx(raw / "train-labels-idx1-ubyte", np.zeros(N_TRAIN + 5, dtype=np.uint8))
+    with pytest.raises(ValueError, match=rf"training files under data.root=.* hold {N_TRAIN} "
+                       rf"images and {N_TRAIN + 5} labels: one is truncated"):  # fmt: skip
+        make("mnist", tmp_path, augment=augment).setup(torch.device("cpu"), seed=0)
+
+
+def test_a_truncated_idx_file_is_named_with_the_data_and_its_files(tmp_path, monkeypatch):
+    """torch's "shape '[40, 28, 28]' is invalid for input of size 31260" named neither the
+    data set nor a file (a probe's finding)."""
+    write_set("mnist", tmp_path, monkeypatch)
+    images = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+    unread = r"data=mnist: its validation files under data.root=.* cannot be read \(Runtime"
+    with pytest.raises(ValueError, match=unread + r"Error: shape .*truncated or corrupted"):
+        make("mnist", tmp_path).setup(torch.device("cpu"), seed=0)

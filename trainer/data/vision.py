@@ -69,13 +69,21 @@ class TorchvisionData(DataModule):
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, SETS[self.name].cls)
+        files = "\n  ".join(expected_files(self.name, self.root))
+        split = "training" if train else "validation"
         try:
-            return cls(self.root, train=train, transform=transform, download=self.download)
+            ds = cls(self.root, train=train, transform=transform, download=self.download)
         except RuntimeError as e:
             if "download=True" not in str(e):
                 if self.download:  # the MNIST family wraps a failed download in RuntimeError
                     raise self._download_failed(e) from e
-                raise
+                # (a truncated idx file: torch's "shape '[40, 28, 28]' is invalid for input
+                # of size 31260", naming neither the data nor a file; a probe's finding)
+                raise ValueError(
+                    f"data={self.name}: its {split} files under data.root="
+                    f"{os.path.abspath(self.root)} cannot be read ({type(e).__name__}: {e}): "
+                    f"one is truncated or corrupted. Its files:\n  {files}"
+                ) from e
             missing = [p for p in expected_files(self.name, self.root) if not os.path.isfile(p)]
             listing = "\n  ".join(missing or expected_files(self.name, self.root))
             raise FileNotFoundError(
@@ -88,6 +96,15 @@ class TorchvisionData(DataModule):
             if not self.download:
                 raise
             raise self._download_failed(e) from e  # CIFAR-10: could not reach the network
+        images, labels = len(ds.data), len(ds.targets)
+        if images != labels:  # (more labels trained class weights on labels of no image;
+            # fewer failed at the first batch reaching past them: a probe's finding)
+            raise ValueError(
+                f"data={self.name}: its {split} files under data.root="
+                f"{os.path.abspath(self.root)} hold {images} images and {labels} labels: one "
+                f"is truncated or from another set. Its files:\n  {files}"
+            )
+        return ds
 
     def _download_failed(self, e: Exception) -> ConnectionError:
         return ConnectionError(
