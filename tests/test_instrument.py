@@ -1549,3 +1549,35 @@ def test_the_last_bucket_limit_is_the_maximum_itself(dtype) -> None:
             (h,) = histograms([x], bins=30, range_policy=policy)
             edge = h.max if policy == "minmax" else max(-h.min, h.max)
             assert h.bucket_limits[-1] == edge, (seed, policy)
+
+
+class Quiet(nn.Module):
+    """An MLP whose outputs are scaled by 0.01: small gradients, a float16 run's without its
+    loss scale in float16's subnormal range."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(math.prod(in_shape), 256), nn.Linear(256, out_dim)
+
+    def forward(self, x):
+        return 0.01 * self.b(torch.relu(self.a(x.flatten(1))))
+
+
+def test_float16_mixed_precision_logs_its_snrs_and_noise_scale(tmp_path) -> None:
+    """precision=16 (float16 autocast, a GradScaler): the gradients were rounded scaled by the
+    loss scale, so float16's subnormal floor is that much smaller unscaled; taken unscaled it
+    made the SNRs of 0.02 and the noise scale NaN (a review's finding). At the first step
+    (the same weights) each is float32's within its 5 % rounding bound (the noise scale's
+    two terms 5 % each) and the rows' own rounding."""
+    runs = {}
+    for precision in ("32", "16"):
+        runs[precision] = tmp_path / precision
+        train(runs[precision], "trainer.max_steps=1", f"trainer.precision={precision}",
+              "instrument.per_sample.every_n_steps=1", "optimizer=sgd", "~model",
+              "+model._target_=test_instrument.Quiet")  # fmt: skip
+    want, got = read_scalars(runs["32"]), read_scalars(runs["16"])
+    tags = [t for t in want if t.startswith("grad_snr/")] + ["per_sample/noise_scale"]
+    assert len(tags) == 5
+    for tag in tags:
+        rel = (0.11 if tag.endswith("noise_scale") else 0.05) + 16 * 2**-11
+        assert got[tag][0][1] == pytest.approx(want[tag][0][1], rel=rel), tag

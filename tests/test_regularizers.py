@@ -437,6 +437,66 @@ class _Charbonnier(torch.autograd.Function):
         return (None, *[g * ctx.coef * p / torch.sqrt(p * p + 9e-12) for p in ctx.saved_tensors])
 
 
+class _Offset(torch.autograd.Function):
+    """Σ (p²/2 + K) with a backward of ``factor`` · p (1: right)."""
+
+    K, factor = 1000.0, 2.0
+
+    @staticmethod
+    def forward(ctx, coef, *params):
+        ctx.coef = coef
+        ctx.save_for_backward(*params)
+        return coef * sum((p * p / 2 + _Offset.K).sum() for p in params)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *[g * ctx.coef * _Offset.factor * p for p in ctx.saved_tensors])
+
+
+class Offset(Regularizer):
+    KINDS = {**Regularizer.KINDS, "offset": lambda *ps, coef: _Offset.apply(coef, *ps)}
+    GRADS = {**Regularizer.GRADS, "offset": lambda p: _Offset.factor * p}  # (agreeing)
+
+
+class _L1Twice(torch.autograd.Function):
+    """λ Σ|p| with a backward of twice its gradient."""
+
+    @staticmethod
+    def forward(ctx, coef, *params):
+        ctx.coef = coef
+        ctx.save_for_backward(*params)
+        return coef * sum(p.abs().sum() for p in params)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *[g * ctx.coef * 2 * torch.sign(p) for p in ctx.saved_tensors])
+
+
+class L1Twice(Regularizer):
+    KINDS = {**Regularizer.KINDS, "l1x2": lambda *ps, coef: _L1Twice.apply(coef, *ps)}
+    GRADS = {**Regularizer.GRADS, "l1x2": lambda p: 2 * torch.sign(p)}  # (agreeing)
+
+
+def test_wrong_backwards_are_refused_at_a_small_coefficient_and_beside_a_large_constant():
+    """gradcheck ran on λR, whose gradient at an l1's λ = 1e-6 is below its absolute
+    tolerance, 1e-5, whatever the backward; and the retry's tolerance, |R|'s roundoff over
+    a step of 1e-9, grew with a constant in R past the gradient itself: wrong backwards
+    (twice, none, the opposite) were accepted (a review). Checked on R, and a retry that
+    cannot resolve the gradient refuses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 24))
+    with pytest.raises(ValueError, match=r"l1x2 \(L1Twice\): its Function's backward fails"):
+        L1Twice("l1x2", coef=1e-6).bind(model).check_gradient()
+    for factor in (2.0, 0.0, -1.0):
+        _Offset.factor = factor
+        try:
+            with pytest.raises(ValueError, match=r"fails torch.autograd.gradcheck .*1e-9 "
+                               r"\(a step of 1e-9 cannot resolve its gradient"):  # fmt: skip
+                Offset("offset", coef=0.1).bind(model).check_gradient()
+        finally:
+            _Offset.factor = 2.0
+
+
 class Charbonnier(Regularizer):
     KINDS = {**Regularizer.KINDS, "charb": lambda *ps, coef: _Charbonnier.apply(coef, *ps)}
     GRADS = {**Regularizer.GRADS, "charb": lambda p: p / torch.sqrt(p * p + 9e-12)}
@@ -467,7 +527,7 @@ def test_a_correct_backward_at_a_kink_is_accepted_and_a_wrong_one_refused(caplog
             r.getMessage() for r in caplog.records if "passes with one of 1e-9" in r.getMessage()
         ]
         assert len(said) == 1 and "not differentiable" in said[0], type(regularizer)
-    refused = r"fails torch.autograd.gradcheck .*, with its step of 1e-6 and with one of 1e-9"
+    refused = r"fails torch.autograd.gradcheck .*, with its step of 1e-6, and with one of 1e-9"
     for width in (0.01, 1e-4):
         _DeadZone.width = width
         try:

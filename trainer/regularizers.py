@@ -250,30 +250,38 @@ class Regularizer(Stateful):
                 )
         if sum(c.numel() for c in copies) <= 4096:
 
-            def fn(*ps: Tensor) -> Tensor:
-                return self.fn(*ps, coef=self.coef)
+            def fn(*ps: Tensor) -> Tensor:  # R itself (λ = 1): gradcheck's tolerances are
+                # absolute, and λ R's gradient at an l1's λ = 1e-6 passed them whatever the
+                # backward (a review: twice, none or the opposite, all accepted)
+                return self.fn(*ps, coef=1.0)
 
             try:
                 torch.autograd.gradcheck(fn, tuple(copies))  # (its float64 defaults)
             except GradcheckError as e:
                 first = str(e).strip().splitlines()[0]
                 # a correct backward fails where R has a kink (or a steep curvature) within
-                # gradcheck's step, 1e-6, of the parameters: l1's |p| at a weight an l1 run
-                # drove near 0, or one resumed. Its finite differences with a step of 1e-9
-                # do not reach the kink and pass; a backward wrong at the parameters (a dead
-                # zone forgotten, whatever its width) fails there too. Their roundoff,
-                # |R|·2⁻⁵²/1e-9, sets the tolerance. (Moving the parameters instead let
-                # wrong backwards through or refused correct ones, three ways: reviews.)
+                # gradcheck's step, 1e-6, of the parameters: l1's |p| at a weight near 0 (a
+                # pretrained one, or one an l1 run drove there). Its finite differences with
+                # a step of 1e-9 do not reach the kink and pass; a backward wrong at the
+                # parameters (a dead zone forgotten, whatever its width) fails there too.
+                # Their roundoff, |R|·2⁻⁵²/1e-9, sets the tolerance, and where that is not
+                # below 1 % of R's largest gradient the retry cannot tell (a constant in R
+                # let wrong backwards through: a review); moving the parameters instead let
+                # wrong backwards through or refused correct ones, three ways (reviews)
                 step = 1e-9
-                atol = max(1e-5, 8 * abs(float(value.detach())) * 2**-52 / step)
+                atol = max(1e-5, 8 * abs(float(fn(*copies).detach())) * 2**-52 / step)
+                largest = max(float(self.grad_fn(c.detach()).abs().max()) for c in copies)
                 try:
+                    if not atol <= 0.01 * largest:
+                        raise GradcheckError("a step of 1e-9 cannot resolve its gradient")
                     torch.autograd.gradcheck(fn, tuple(copies), eps=step, atol=atol)
-                except GradcheckError:
+                except GradcheckError as fine:
+                    why = str(fine).strip().splitlines()[0]
                     raise ValueError(
                         f"regularizer {self.name} ({type(self).__name__}): its Function's "
                         f"backward fails torch.autograd.gradcheck ({first}), with its step "
-                        "of 1e-6 and with one of 1e-9 (a parameter exactly on a kink other "
-                        "than 0 also fails both)"
+                        f"of 1e-6, and with one of 1e-9 ({why}; a parameter exactly on a kink "
+                        "other than 0 fails both)"
                     ) from e
                 log.warning(
                     "regularizer %s (%s): its Function's backward fails torch.autograd."

@@ -71,14 +71,16 @@ class TorchvisionData(DataModule):
         cls = getattr(tvd, SETS[self.name].cls)
         files = "\n  ".join(expected_files(self.name, self.root))
         split = "training" if train else "validation"
+        present = all(os.path.isfile(p) for p in expected_files(self.name, self.root))
         try:
             ds = cls(self.root, train=train, transform=transform, download=self.download)
-        except RuntimeError as e:
-            if "download=True" not in str(e):
-                if self.download:  # the MNIST family wraps a failed download in RuntimeError
-                    raise self._download_failed(e) from e
-                # (a truncated idx file: torch's "shape '[40, 28, 28]' is invalid for input
-                # of size 31260", naming neither the data nor a file; a probe's finding)
+        except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+            if "download=True" not in str(e):  # (torchvision's: missing, or a checksum)
+                if self.download and not present:  # the MNIST family wraps a failed download
+                    raise self._download_failed(e) from e  # in RuntimeError
+                # (the files there but unreadable: a truncated idx file's "shape '[40, 28,
+                # 28]' is invalid for input of size 31260", an empty one's "invalid literal
+                # for int()", naming neither the data nor a file: a probe's, a review's)
                 raise ValueError(
                     f"data={self.name}: its {split} files under data.root="
                     f"{os.path.abspath(self.root)} cannot be read ({type(e).__name__}: {e}): "

@@ -84,7 +84,10 @@ class NonfiniteGuard(Callback):
         self.every = Every(every_n_steps)
         self.skipped = 0
         self.consecutive = 0
-        self._said_buffers = False  # (non-finite buffers after a skipped step: said once)
+        #: the buffers said to be non-finite after a skipped step (each said once), and the
+        #: floating-point buffers finite when the run started (on_fit_start)
+        self._said_buffers: set[str] = set()
+        self._watched: list[str] = []
         #: whether the flags are read on logging steps only (resolved in on_fit_start)
         self.deferred = False
         self._losses: list[Tensor] = []  # the step's micro-batches' losses
@@ -123,6 +126,13 @@ class NonfiniteGuard(Callback):
             deferred = False
         self.deferred = deferred
         self.on_params_change(trainer)
+        # the floating-point buffers finite now (a mask of −Inf is non-finite on purpose):
+        # those a skipped step is checked for (one host read, before the first step)
+        named = [(n, b) for n, b in trainer.model.named_buffers() if b.is_floating_point()]
+        finite = torch.stack([torch.isfinite(b).all().cpu() for _, b in named]).tolist() if (
+            named
+        ) else []  # fmt: skip
+        self._watched = [n for (n, _), ok in zip(named, finite, strict=True) if ok]
         if deferred and trainer.scaler is None and not takes_found_inf(trainer.optimizer):
             log.info(
                 "instrument.nonfinite.sync=deferred with a %s that is not fused: each step copies "
@@ -359,6 +369,36 @@ class NonfiniteGuard(Callback):
                 continue
             self._skip(trainer, step, bad, read_at=trainer.global_step)
 
+    def _buffers_hit(self, trainer: Trainer, step: int, read_at: int | None) -> None:
+        """Say which of the buffers finite at the start hold non-finite values after a skipped
+        step (each once): the skip leaves the parameters and the optimizer's state as they
+        were, but the step's forward has already updated the buffers a training-mode forward
+        updates (a BatchNorm's running statistics), and a NaN batch made every later
+        validation NaN in a run that completed (a probe's finding). A host read on skipped
+        steps only. Deferred, the buffers are read when the flags are: after later steps."""
+        named = dict(trainer.model.named_buffers())
+        watched = [n for n in self._watched if n in named and n not in self._said_buffers]
+        if not watched:
+            return
+        bad = torch.stack([~torch.isfinite(named[n]).all().cpu() for n in watched]).tolist()
+        hit = [n for n, x in zip(watched, bad, strict=True) if x]  # (host sync above: skipped
+        if not hit:  # steps only)
+            return
+        self._said_buffers.update(hit)
+        when = (
+            f"step {step} skipped"
+            if read_at is None
+            else f"step {step} skipped (its "
+            f"flag read at step {read_at}: a later skipped step may have written them)"
+        )
+        log.warning(
+            "%s, but the model's buffers %s%s hold non-finite values: a training-mode forward "
+            "updates them (a BatchNorm's running statistics) before the step is checked, and a "
+            "skip leaves only the parameters and the optimizer's state as they were; evaluation "
+            "with them is NaN from here on (resume from a checkpoint before the step, or keep "
+            "such batches out)", when, ", ".join(hit[:3]), " …" if len(hit) > 3 else "",
+        )  # fmt: skip
+
     def _skip(self, trainer: Trainer, step: int, bad: list[str], read_at: int | None = None):
         """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped."""
         cause = _cause(bad) + _weights_cause(trainer)
@@ -376,7 +416,7 @@ class NonfiniteGuard(Callback):
         elif trainer.logger is not None:  # written at its own step (nothing else staged)
             trainer.logger.add_floats(value, step)
         log.warning("step %d skipped: %s", step, cause)
-        self._said_buffers = self._said_buffers or _buffers_hit(trainer, step)
+        self._buffers_hit(trainer, step, read_at)
         if self.consecutive >= self.max_consecutive:
             later = _read_later(step, read_at)
             raise NonFiniteError(
@@ -392,29 +432,6 @@ LOSS = "\0loss"
 ELSEWHERE = "\0another rank"
 #: deferred: the name of the kept step's skip flag, after its norms
 SKIPPED = "\0skipped"
-
-
-def _buffers_hit(trainer: Trainer, step: int) -> bool:
-    """Whether the model's floating-point buffers hold non-finite values after a skipped
-    step, said once: the skip leaves the parameters and the optimizer's state as they were,
-    but the step's forward has already updated the buffers a training-mode forward updates
-    (a BatchNorm's running statistics), and a NaN batch made every later validation NaN in
-    a run that completed (a probe's finding). A host read on skipped steps only."""
-    named = [(n, b) for n, b in trainer.model.named_buffers() if b.is_floating_point()]
-    if not named:
-        return False
-    bad = torch.stack([~torch.isfinite(b).all() for _, b in named]).tolist()  # host sync:
-    hit = [n for (n, _), x in zip(named, bad, strict=True) if x]  # skipped steps only
-    if hit:
-        log.warning(
-            "step %d skipped, but the model's buffers %s%s hold non-finite values: a "
-            "training-mode forward updates them (a BatchNorm's running statistics) before the "
-            "step is checked, and a skip leaves only the parameters and the optimizer's state "
-            "as they were; evaluation with them is NaN from here on (resume from a checkpoint "
-            "before the step, or keep such batches out)", step, ", ".join(hit[:3]),
-            " …" if len(hit) > 3 else "",
-        )  # fmt: skip
-    return bool(hit)
 
 
 def _read_later(step: int, read_at: int | None) -> str:

@@ -1642,13 +1642,18 @@ class PerSampleNorms(Callback):
             spread = torch.stack([w_max - w_min, w_max, present.sum()]).float()
             n = None  # (staged with the values)
         # sums of the rows (0 for a sequence without a valid target), divided by n on the host
-        values = torch.cat(
-            [sq.sum(0).float(), torch.stack(norms_of(data)).float(), spread, covered.float()]
-        )
+        parts = [sq.sum(0).float(), torch.stack(norms_of(data)).float(), spread, covered.float()]
+        scaled = trainer.scaler is not None
+        if scaled:  # the gradients were rounded scaled by the loss scale: their subnormal
+            # floor is that much smaller unscaled (without it, a float16 mixed-precision run's
+            # SNRs of 0.05 were NaN, a review's finding); read with the rest (no host read)
+            scale = _loss_scale(trainer.scaler)  # type: ignore[arg-type]
+            parts.append(torch.as_tensor(scale, dtype=torch.float32, device=sq.device).reshape(1))
+        values = torch.cat(parts)
         # (the tags as they are now: the values may be read after the trainable parameters,
         # and so the tags, changed)
         fn = partial(self._noise_scale, trainer.world.size, self._tags, n, torch.finfo(w.dtype).eps,
-                     self._roundoff)  # fmt: skip
+                     self._roundoff, scaled)  # fmt: skip
         trainer.stage_on_host(values, fn)
 
     def _noise_scale(
@@ -1658,6 +1663,7 @@ class PerSampleNorms(Callback):
         n: int | None,
         eps: float,
         roundoff: tuple[tuple[float, float], ...],
+        scaled: bool,
         values: list[float],
     ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
@@ -1668,6 +1674,9 @@ class PerSampleNorms(Callback):
         the per-parameter sums of the squared weighted norms, the step's gradient norms, the
         coefficients' spread and largest value, the number of samples (unless ``n`` gives
         it), the covered mask (:meth:`_statistics`)."""
+        if scaled:  # the loss scale the gradients were rounded at: the last value
+            loss_scale, values = values[-1], values[:-1]
+            roundoff = tuple((u, f / loss_scale) for u, f in roundoff)
         extra = 2 if n is not None else 3  # (the weights' entries)
         count = (len(values) - extra) // 3  # parameters (3 per parameter)
         sum_sq, norms = values[:count], values[count : 2 * count]
