@@ -398,3 +398,18 @@ def test_an_optimizing_sweeper_against_the_monitors_direction_is_refused(monkeyp
         sweep.check_direction("val/acc")
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(sweeper={})))
     sweep.check_direction("val/loss")  # the basic sweeper: no direction
+
+
+def test_an_infinite_metric_is_no_value_and_never_best(tmp_path) -> None:
+    """A loss of one's own diverging to −Inf was ranked best of a minimizing sweep (a probe:
+    "best: job 1 (val/loss -inf, lowest)"); ±Inf is no value, as NaN."""
+    from trainer.report import collect_runs
+
+    for name, value in (("0", 0.5), ("1", -math.inf), ("2", math.inf)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({"status": "completed", "monitor": "val/loss", "val/loss": value})
+        )
+    runs = {r.name: r for r in collect_runs(tmp_path, curves=False)}
+    assert runs["0"].value("val/loss") == 0.5
+    assert runs["1"].value("val/loss") is None and runs["2"].value("val/loss") is None

@@ -705,3 +705,37 @@ def test_a_sweep_with_an_interrupted_job_does_not_call_it_failed(tmp_path, caplo
     with caplog.at_level("INFO", logger="trainer.sweep"), pytest.raises(SystemExit):
         SweepSummary()._summarize(tmp_path, stopped=False)
     assert "1 of 2 jobs did not complete (1 interrupted)" in caplog.text
+
+
+def test_a_sweep_stopped_before_all_its_jobs_started_counts_them(tmp_path, caplog) -> None:
+    """An interrupted sweep of 3 points whose third job never started: the summary counted
+    the folders there, "1 of 2 jobs did not complete", a smaller sweep (a probe's finding).
+    The jobs a sweep plans are counted from its overrides (the basic sweeper's choices,
+    ranges and params; Optuna's n_trials)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from trainer.sweep import SweepSummary, planned_jobs
+
+    hydra = OmegaConf.create({
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                    "params": {"data.batch_size": "16,32"}},
+        "overrides": {"task": ["optimizer.lr=0.01,0.02,0.03", "trainer.max_steps=5",
+                               "seed=range(0,4)"]},
+    })  # fmt: skip
+    assert planned_jobs(hydra) == 3 * 4 * 2
+    optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"}
+    assert planned_jobs(OmegaConf.create({"sweeper": {**optuna, "n_trials": 7}})) == 7
+    hydra.overrides.task = ["optimizer.lr=0.01,0.02,0.03"]
+    hydra.sweeper.params = None
+    for name, status in (("0", "completed"), ("1", "interrupted")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({"status": status, "monitor": "val/acc", "val/acc": 0.5})
+        )
+    summary = SweepSummary()
+    summary._planned = planned_jobs(hydra)
+    with caplog.at_level("INFO", logger="trainer.sweep"):
+        summary._summarize(tmp_path, stopped=True)
+    assert "2 of 3 jobs did not complete (1 interrupted, 1 not started)" in caplog.text

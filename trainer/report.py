@@ -77,9 +77,10 @@ class Run:
     """tag -> [(step, value)] from the event files; a tag that was not logged is absent."""
 
     def value(self, key: str) -> float | None:
-        """``metrics[key]`` as a float; None when absent, not a number, or NaN."""
+        """``metrics[key]`` as a float; None when absent, not a number, or not finite (NaN, or
+        ±Inf: a loss of one's own diverging to −Inf was ranked best, a probe's finding)."""
         v = self.metrics.get(key)
-        if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             return None
         return float(v)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.report import ReportError, collect_runs
 
@@ -63,6 +63,31 @@ def check_direction(monitor: str) -> None:
         )
 
 
+def planned_jobs(hydra: Any) -> int | None:
+    """How many jobs a multirun was to run: the product of the basic sweeper's sweeps (its
+    command line's and ``hydra.sweeper.params``), an Optuna sweeper's ``n_trials``; None
+    where not known (another sweeper, a ``glob`` of config choices)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    target = str(OmegaConf.select(hydra, "sweeper._target_") or "")
+    if "optuna" in target.lower():
+        trials = OmegaConf.select(hydra, "sweeper.n_trials")
+        return int(trials) if isinstance(trials, int) else None
+    if not target.endswith("BasicSweeper"):
+        return None
+    params = OmegaConf.select(hydra, "sweeper.params") or {}
+    given = [*map(str, OmegaConf.select(hydra, "overrides.task") or [])]
+    given += [f"{k}={v}" for k, v in dict(params).items()]
+    total = 1
+    try:
+        for override in OverridesParser.create().parse_overrides(given):
+            if override.is_sweep_override():
+                total *= len(list(override.sweep_string_iterator()))
+    except Exception:  # noqa: BLE001 (a glob needs the config loader: not counted)
+        return None
+    return total
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
     classification, val/mse for regression); in a multirun a failure, or a NaN metric,
@@ -77,9 +102,10 @@ def run_job(cfg: DictConfig) -> float | None:
         log.exception("job failed, the sweep goes on (its metrics.json says why): %s", e)
         return None
     value = result[result["monitor"]]
-    if math.isnan(value) and in_multirun():
-        log.warning("%s is NaN (nothing was counted, or it diverged): this job gives the "
-                    "sweep no value", result["monitor"])  # fmt: skip
+    if not math.isfinite(value) and in_multirun():  # (±Inf too: −Inf would win a minimizing
+        # sweep, a diverged loss of one's own)
+        log.warning("%s is %s (nothing was counted, or it diverged): this job gives the "
+                    "sweep no value", result["monitor"], value)  # fmt: skip
         return None
     return value
 
@@ -91,8 +117,12 @@ class SweepSummary(Callback):
 
     _ended = True
 
+    #: the jobs the sweep was to run, where known (:func:`planned_jobs`)
+    _planned: int | None = None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._ended = False
+        self._planned = planned_jobs(config.hydra)
         atexit.register(self._at_exit, Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -112,13 +142,16 @@ class SweepSummary(Callback):
         except ReportError:  # no job got as far as its run dir
             return
         failed = [r for r in jobs if r.status != "completed"]
+        # jobs an interrupted sweep never started have no folder: counted, not left out (the
+        # sweep read as a smaller one, its best taken from 2 of 3 points: a probe's finding)
+        unstarted = max(0, (self._planned or 0) - len(jobs))
         unvalued = [r.name for r in jobs if r.status == "completed"
                     and r.value(str(r.metrics.get("monitor"))) is None]  # fmt: skip
         if unvalued:
             log.warning("jobs %s completed without a value of the monitored metric (NaN or "
                         "missing)", ", ".join(unvalued))  # fmt: skip
         ended = "stopped before its end by the error above" if stopped else "finished"
-        if not failed:
+        if not failed and not unstarted:
             (log.error if stopped else log.info)(
                 "sweep %s: %s completed (%s)", ended,
                 "its 1 job" if len(jobs) == 1 else f"all {len(jobs)} jobs", sweep_dir,
@@ -135,6 +168,8 @@ class SweepSummary(Callback):
                 )
             log.error("job %s %s: %s", r.name, r.status, last)
         statuses = Counter(r.status for r in failed)
+        if unstarted:
+            statuses["not started"] = unstarted
         what = (
             "failed"
             if set(statuses) == {"failed"}
@@ -143,8 +178,8 @@ class SweepSummary(Callback):
             + ")"
         )  # (a job stopped by a signal is interrupted, and resumable, not failed)
         message = (
-            f"sweep {ended}: {len(failed)} of {len(jobs)} jobs {what}; the others' outputs "
-            f"are in {sweep_dir} (python scripts/report.py {sweep_dir})"
+            f"sweep {ended}: {len(failed) + unstarted} of {len(jobs) + unstarted} jobs {what}; "
+            f"the others' outputs are in {sweep_dir} (python scripts/report.py {sweep_dir})"
         )
         log.error(message)
         if not stopped:  # (status 1; the message is logged above: SystemExit(message)
