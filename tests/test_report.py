@@ -413,3 +413,22 @@ def test_an_infinite_metric_is_no_value_and_never_best(tmp_path) -> None:
     runs = {r.name: r for r in collect_runs(tmp_path, curves=False)}
     assert runs["0"].value("val/loss") == 0.5
     assert runs["1"].value("val/loss") is None and runs["2"].value("val/loss") is None
+
+
+def test_a_loss_is_not_ranked_across_tasks(tmp_path) -> None:
+    """--metric val/loss over a classification and a regression ranked the regression best
+    by its smaller number, cross-entropy against squared error (a probe's finding): refused,
+    naming the tasks' jobs; a task's own metric ranks as before."""
+    from trainer.report import ReportError, check_comparable, collect_runs
+
+    for name, metrics in (("0", {"val/acc": 0.9, "val/loss": 0.3}),
+                          ("1", {"val/mse": 0.1, "val/loss": 0.1})):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({"status": "completed", "monitor": "val/loss", **metrics})
+        )
+    runs = collect_runs(tmp_path, curves=False)
+    with pytest.raises(ReportError, match=r"different tasks \(classification: jobs 0; "
+                       r"regression: jobs 1\), whose val/loss are different losses"):  # fmt: skip
+        check_comparable(runs, "val/loss")
+    check_comparable(runs, "val/acc")  # (the classification's own: ranked among its jobs)

@@ -295,6 +295,36 @@ def monitor_of(runs: Sequence[Run]) -> str:
     return named.pop() if named else "val/acc"
 
 
+#: a task's own validation metric, in metrics.json: which task a job trained
+TASK_METRICS = {"val/acc": "classification", "val/mse": "regression", "val/ppl": "sequence"}
+
+
+def check_comparable(runs: Sequence[Run], metric: str) -> None:
+    """Refuse to rank a loss across jobs of different tasks: a classification's val/loss
+    (cross-entropy), a regression's (squared error) and a sequence model's (per-token
+    cross-entropy) are different quantities, and a sweep over tasks ranked a regression
+    best by its smaller number (a probe's finding). A job's task is read off its task
+    metric; metrics one task alone has are ranked among those jobs, as they are.
+
+    Raises:
+        ReportError: the completed jobs are of more than one task and ``metric`` is a loss.
+    """
+    if metric not in ("val/loss", "train/loss"):
+        return
+    tasks: dict[str, list[str]] = {}
+    for r in runs:
+        if r.status == "completed":
+            for key, task in TASK_METRICS.items():
+                if key in r.metrics:
+                    tasks.setdefault(task, []).append(r.name)
+    if len(tasks) > 1:
+        named = "; ".join(f"{t}: jobs {', '.join(jobs)}" for t, jobs in sorted(tasks.items()))
+        raise ReportError(
+            f"--metric {metric}: the jobs are of different tasks ({named}), whose {metric} "
+            "are different losses: report each task's jobs on their own"
+        )
+
+
 def format_number(v: Any) -> str:
     """4 significant digits; whole numbers from 1000 up without exponent; ``-`` for none."""
     if v is None:
@@ -489,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = collect_runs(args.dir, curves=False)
         if args.metric is None:
             args.metric = monitor_of(runs)
+        check_comparable(runs, args.metric)
     except ReportError as e:
         parser.error(str(e))
     if args.mode == "auto" and args.metric not in DIRECTIONS:
