@@ -487,6 +487,11 @@ def test_wrong_backwards_are_refused_at_a_small_coefficient_and_beside_a_large_c
     model = nn.Sequential(nn.Linear(3, 24))
     with pytest.raises(ValueError, match=r"l1x2 \(L1Twice\): its Function's backward fails"):
         L1Twice("l1x2", coef=1e-6).bind(model).check_gradient()
+    big = nn.Sequential(nn.Linear(64, 64))  # (an l1 of 4,096 weights of size ~2, one near 0:
+    with torch.no_grad():  # its retry resolves the gradient, accepted; refused at a 1 % gate)
+        big[0].weight.normal_(0, 2, generator=torch.Generator().manual_seed(0))
+        big[0].weight[0, 0] = 3e-7
+    MyL1("myl1", coef=0.1).bind(big).check_gradient()
     for factor in (2.0, 0.0, -1.0):
         _Offset.factor = factor
         try:

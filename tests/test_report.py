@@ -432,3 +432,16 @@ def test_a_loss_is_not_ranked_across_tasks(tmp_path) -> None:
                        r"regression: jobs 1\), whose val/loss are different losses"):  # fmt: skip
         check_comparable(runs, "val/loss")
     check_comparable(runs, "val/acc")  # (the classification's own: ranked among its jobs)
+    # a loss of one's own reporting both metrics is one task (it was refused against itself),
+    # and one without a task is another
+    for name in ("0", "1"):
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({"status": "completed", "val/acc": 0.9, "val/mse": 0.1, "val/loss": 0.3})
+        )
+    check_comparable(collect_runs(tmp_path, curves=False), "val/loss")
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "metrics.json").write_text(
+        json.dumps({"status": "completed", "val/loss": 0.2})
+    )
+    with pytest.raises(ReportError, match=r"no task: jobs 2"):
+        check_comparable(collect_runs(tmp_path, curves=False), "val/loss")

@@ -725,12 +725,16 @@ def test_a_sweep_stopped_before_all_its_jobs_started_counts_them(tmp_path, caplo
                                "seed=range(0,4)"]},
     })  # fmt: skip
     assert planned_jobs(hydra) == 3 * 4 * 2
+    # merged by key as the basic sweeper does, the command line's value winning (a review:
+    # a pinned key over params' sweep counted 3 jobs for 1, and the sweep exited 1)
+    hydra.overrides.task = ["data.batch_size=64", "seed=1,2", "seed=3,4,5"]
+    assert planned_jobs(hydra) == 3
     optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"}
     assert planned_jobs(OmegaConf.create({"sweeper": {**optuna, "n_trials": 7}})) == 7
     hydra.overrides.task = ["optimizer.lr=0.01,0.02,0.03"]
     hydra.sweeper.params = None
-    for name, status in (("0", "completed"), ("1", "interrupted")):
-        (tmp_path / name).mkdir()
+    for name, status in (("0", "completed"), ("1", "interrupted"), ("7", "completed")):
+        (tmp_path / name).mkdir()  # (7: a stale job of an earlier, larger sweep in the dir)
         (tmp_path / name / "metrics.json").write_text(
             json.dumps({"status": status, "monitor": "val/acc", "val/acc": 0.5})
         )
@@ -738,4 +742,4 @@ def test_a_sweep_stopped_before_all_its_jobs_started_counts_them(tmp_path, caplo
     summary._planned = planned_jobs(hydra)
     with caplog.at_level("INFO", logger="trainer.sweep"):
         summary._summarize(tmp_path, stopped=True)
-    assert "2 of 3 jobs did not complete (1 interrupted, 1 not started)" in caplog.text
+    assert "2 of 4 jobs did not complete (1 interrupted, 1 not started)" in caplog.text

@@ -265,14 +265,16 @@ class Regularizer(Stateful):
                 # a step of 1e-9 do not reach the kink and pass; a backward wrong at the
                 # parameters (a dead zone forgotten, whatever its width) fails there too.
                 # Their roundoff, |R|·2⁻⁵²/1e-9, sets the tolerance, and where that is not
-                # below 1 % of R's largest gradient the retry cannot tell (a constant in R
-                # let wrong backwards through: a review); moving the parameters instead let
-                # wrong backwards through or refused correct ones, three ways (reviews)
+                # below 10 % of R's largest gradient the retry cannot tell a backward off by
+                # that much (a constant in R let wrong backwards through: a review; at 1 %,
+                # an l1 of 4,096 weights of size 2 was refused: another); moving the
+                # parameters instead let wrong backwards through or refused correct ones,
+                # three ways (reviews)
                 step = 1e-9
                 atol = max(1e-5, 8 * abs(float(fn(*copies).detach())) * 2**-52 / step)
                 largest = max(float(self.grad_fn(c.detach()).abs().max()) for c in copies)
                 try:
-                    if not atol <= 0.01 * largest:
+                    if not atol <= 0.1 * largest:
                         raise GradcheckError("a step of 1e-9 cannot resolve its gradient")
                     torch.autograd.gradcheck(fn, tuple(copies), eps=step, atol=atol)
                 except GradcheckError as fine:

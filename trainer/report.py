@@ -312,11 +312,10 @@ def check_comparable(runs: Sequence[Run], metric: str) -> None:
     if metric not in ("val/loss", "train/loss"):
         return
     tasks: dict[str, list[str]] = {}
-    for r in runs:
-        if r.status == "completed":
-            for key, task in TASK_METRICS.items():
-                if key in r.metrics:
-                    tasks.setdefault(task, []).append(r.name)
+    for r in runs:  # (a job's task: the task metrics it has, together; none: a loss of one's
+        if r.status == "completed":  # own without a task, only val/loss)
+            task = "+".join(t for k, t in TASK_METRICS.items() if k in r.metrics) or "no task"
+            tasks.setdefault(task, []).append(r.name)
     if len(tasks) > 1:
         named = "; ".join(f"{t}: jobs {', '.join(jobs)}" for t, jobs in sorted(tasks.items()))
         raise ReportError(

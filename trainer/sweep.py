@@ -76,16 +76,19 @@ def planned_jobs(hydra: Any) -> int | None:
     if not target.endswith("BasicSweeper"):
         return None
     params = OmegaConf.select(hydra, "sweeper.params") or {}
-    given = [*map(str, OmegaConf.select(hydra, "overrides.task") or [])]
-    given += [f"{k}={v}" for k, v in dict(params).items()]
-    total = 1
+    # by key, as the basic sweeper merges them: its params first, the command line over them
+    # (a later value of the same key wins): a pinned `b=9` over params' `b: 5,6,7` is 1 job
+    given = [f"{k}={v}" for k, v in dict(params).items()]
+    given += [*map(str, OmegaConf.select(hydra, "overrides.task") or [])]
+    sizes: dict[str, int] = {}
     try:
         for override in OverridesParser.create().parse_overrides(given):
-            if override.is_sweep_override():
-                total *= len(list(override.sweep_string_iterator()))
+            key = override.key_or_group  # (without a +, ++ or ~)
+            sizes[key] = (len(list(override.sweep_string_iterator()))
+                          if override.is_sweep_override() else 1)  # fmt: skip
     except Exception:  # noqa: BLE001 (a glob needs the config loader: not counted)
         return None
-    return total
+    return math.prod(sizes.values())
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -144,7 +147,10 @@ class SweepSummary(Callback):
         failed = [r for r in jobs if r.status != "completed"]
         # jobs an interrupted sweep never started have no folder: counted, not left out (the
         # sweep read as a smaller one, its best taken from 2 of 3 points: a probe's finding)
-        unstarted = max(0, (self._planned or 0) - len(jobs))
+        # (the planned jobs' own folders, 0 … n − 1: a reused sweep dir's stale ones beyond
+        # them are not this sweep's)
+        names = {r.name for r in jobs}
+        unstarted = sum(str(i) not in names for i in range(self._planned or 0))
         unvalued = [r.name for r in jobs if r.status == "completed"
                     and r.value(str(r.metrics.get("monitor"))) is None]  # fmt: skip
         if unvalued:
