@@ -357,19 +357,7 @@ def test_per_sequence_norms_against_torch_func() -> None:
     loss = TokenCrossEntropy()
     params = list(model.parameters())
     for weighting in (None, UniformWeighting()):
-        objective = Objective(loss, weighting, (), params)
-        window = Window(4, units=loss.units(y).sum())
-        trainer = Trainer_like(model, objective, window)
-        cb = PerSampleNorms(1, loss="both")
-        cb.on_fit_start(trainer)
-        batch = Batch(x, y, torch.arange(4))
-        cb.on_train_batch_start(trainer, batch)
-        logits = model(x)
-        losses = loss(logits, y)
-        weights, _ = objective.backward(losses, logits, batch, window, last=True, logs=False)
-        cb.on_after_backward(trainer, batch, losses.detach(), weights)
-        trainer.global_step = 1
-        cb.on_before_optimizer_step(trainer, None)
+        cb = measured_step(model, x, y, Objective(loss, weighting, (), params))
         model.zero_grad(set_to_none=True)
 
         named = {k: v.detach() for k, v in model.named_parameters()}
@@ -408,10 +396,21 @@ def test_unequal_token_weights_report_no_unweighted_norm_that_step() -> None:
     loss = TokenCrossEntropy()
     objective = Objective(loss, ByTargetId(), (), list(model.parameters()))
     objective.weighting.check_loss(loss)
-    trainer = Trainer_like(model, objective, Window(4, units=loss.units(y).sum()))
+    cb = measured_step(model, x, y, objective)
+    assert torch.isnan(sample_coefficients(cb.weights_seen))[:2].all()  # (unequal: the longer two)
+    assert torch.isnan(cb.last["per_sample/grad_norm"]).all()
+    weighted = cb.last["per_sample/weighted_grad_norm"]
+    assert torch.isfinite(weighted[:3]).all() and (weighted[:3] > 0).all()
+
+
+def measured_step(model, x, y, objective) -> PerSampleNorms:
+    """One step of per-sample norms over a batch of sequences, driven as the loop does; the
+    callback (its ``last`` values), with the step's gradient weights as ``weights_seen``."""
+    loss = objective.loss
+    trainer = Trainer_like(model, objective, Window(x.shape[0], units=loss.units(y).sum()))
     cb = PerSampleNorms(1, loss="both")
     cb.on_fit_start(trainer)
-    batch = Batch(x, y, torch.arange(4))
+    batch = Batch(x, y, torch.arange(x.shape[0]))
     cb.on_train_batch_start(trainer, batch)
     logits = model(x)
     losses = loss(logits, y)
@@ -419,10 +418,8 @@ def test_unequal_token_weights_report_no_unweighted_norm_that_step() -> None:
     cb.on_after_backward(trainer, batch, losses.detach(), weights)
     trainer.global_step = 1
     cb.on_before_optimizer_step(trainer, None)
-    assert torch.isnan(sample_coefficients(weights))[:2].all()  # (unequal: the longer two)
-    assert torch.isnan(cb.last["per_sample/grad_norm"]).all()
-    weighted = cb.last["per_sample/weighted_grad_norm"]
-    assert torch.isfinite(weighted[:3]).all() and (weighted[:3] > 0).all()
+    cb.weights_seen = weights  # type: ignore[attr-defined]
+    return cb
 
 
 def Trainer_like(model, objective, window):
