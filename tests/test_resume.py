@@ -729,6 +729,8 @@ def test_a_sweep_stopped_before_all_its_jobs_started_counts_them(tmp_path, caplo
     # a pinned key over params' sweep counted 3 jobs for 1, and the sweep exited 1)
     hydra.overrides.task = ["data.batch_size=64", "seed=1,2", "seed=3,4,5"]
     assert planned_jobs(hydra) == 3
+    hydra.overrides.task = ["++seed=1,2", "seed=3,4"]  # (two keys to the sweeper: 4 jobs)
+    assert planned_jobs(hydra) == 2 * 2 * 2
     optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"}
     assert planned_jobs(OmegaConf.create({"sweeper": {**optuna, "n_trials": 7}})) == 7
     hydra.overrides.task = ["optimizer.lr=0.01,0.02,0.03"]
@@ -743,3 +745,15 @@ def test_a_sweep_stopped_before_all_its_jobs_started_counts_them(tmp_path, caplo
     with caplog.at_level("INFO", logger="trainer.sweep"):
         summary._summarize(tmp_path, stopped=True)
     assert "2 of 4 jobs did not complete (1 interrupted, 1 not started)" in caplog.text
+    # folders named by hydra.sweep.subdir of one's own: counted, a completed sweep completed
+    # (by number, every planned job was "not started" and the sweep exited 1: a review)
+    other = tmp_path / "named"
+    for name in ("lr=0.01", "lr=0.02", "lr=0.03"):
+        (other / name).mkdir(parents=True)
+        (other / name / "metrics.json").write_text(
+            json.dumps({"status": "completed", "monitor": "val/acc", "val/acc": 0.5})
+        )
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer.sweep"):
+        summary._summarize(other, stopped=False)
+    assert "all 3 jobs completed" in caplog.text

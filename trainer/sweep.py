@@ -83,7 +83,7 @@ def planned_jobs(hydra: Any) -> int | None:
     sizes: dict[str, int] = {}
     try:
         for override in OverridesParser.create().parse_overrides(given):
-            key = override.key_or_group  # (without a +, ++ or ~)
+            key = override.get_key_element()  # (the basic sweeper's key: +, ~, @package)
             sizes[key] = (len(list(override.sweep_string_iterator()))
                           if override.is_sweep_override() else 1)  # fmt: skip
     except Exception:  # noqa: BLE001 (a glob needs the config loader: not counted)
@@ -148,9 +148,13 @@ class SweepSummary(Callback):
         # jobs an interrupted sweep never started have no folder: counted, not left out (the
         # sweep read as a smaller one, its best taken from 2 of 3 points: a probe's finding)
         # (the planned jobs' own folders, 0 … n − 1: a reused sweep dir's stale ones beyond
-        # them are not this sweep's)
+        # them are not this sweep's; folders named otherwise, hydra.sweep.subdir of one's
+        # own, by their count)
         names = {r.name for r in jobs}
-        unstarted = sum(str(i) not in names for i in range(self._planned or 0))
+        planned = self._planned or 0
+        numbered = all(n.isdigit() for n in names)
+        unstarted = (sum(str(i) not in names for i in range(planned)) if numbered
+                     else max(0, planned - len(jobs)))  # fmt: skip
         unvalued = [r.name for r in jobs if r.status == "completed"
                     and r.value(str(r.metrics.get("monitor"))) is None]  # fmt: skip
         if unvalued:
