@@ -500,7 +500,7 @@ def test_wrong_backwards_are_refused_at_a_small_coefficient_and_beside_a_large_c
         big[0].weight.mul_(5)  # by a 1e-9 retry whose tolerance grew with |R|: a review)
     _L1Twice.factor = 1.05
     try:
-        with pytest.raises(ValueError, match=r"l1x2 \(L1Twice\): .* no one-sided difference"):
+        with pytest.raises(ValueError, match=r"l1x2 \(L1Twice\): .* no difference that resolves"):
             L1Twice("l1x2", coef=0.1).bind(big).check_gradient()
     finally:
         _L1Twice.factor = 2.0
@@ -508,7 +508,7 @@ def test_wrong_backwards_are_refused_at_a_small_coefficient_and_beside_a_large_c
         _Offset.factor = factor
         try:
             with pytest.raises(ValueError, match=r"fails torch.autograd.gradcheck .*, and on "
-                               r"0.weight\[\d+\] .* no one-sided difference agrees"):  # fmt: skip
+                               r"0.weight\[\d+, \d+\] .* no difference that resolves"):  # fmt: skip
                 Offset("offset", coef=0.1).bind(model).check_gradient()
         finally:
             _Offset.factor = 2.0
@@ -543,7 +543,7 @@ def test_a_correct_backward_at_a_kink_is_accepted_and_a_wrong_one_refused(caplog
         regularizer.bind(model).check_gradient()
         said = [r.getMessage() for r in caplog.records if "one-sided" in r.getMessage()]
         assert len(said) == 1 and "not differentiable" in said[0], type(regularizer)
-    refused = r"fails torch.autograd.gradcheck .*, and on .* no one-sided difference agrees"
+    refused = r"fails torch.autograd.gradcheck .*, and on .* no difference that resolves"
     for width in (0.01, 1e-4):
         _DeadZone.width = width
         try:
@@ -557,3 +557,39 @@ def test_a_correct_backward_at_a_kink_is_accepted_and_a_wrong_one_refused(caplog
             LogCoshTwice("logcosh", coef=0.01).bind(model).check_gradient()
     finally:
         _LogCosh.scale = 1.0
+
+
+class _SmoothedForgotten(torch.autograd.Function):
+    """Σ √(p² + c²), c = 1e-9, with a backward of sign(p): the smoothing forgotten."""
+
+    @staticmethod
+    def forward(ctx, coef, *params):
+        ctx.coef = coef
+        ctx.save_for_backward(*params)
+        return coef * sum(torch.sqrt(p * p + 1e-18).sum() for p in params)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *[g * ctx.coef * torch.sign(p) for p in ctx.saved_tensors])
+
+
+class SmoothedForgotten(Regularizer):
+    KINDS = {**Regularizer.KINDS, "sm": lambda *ps, coef: _SmoothedForgotten.apply(coef, *ps)}
+    GRADS = {**Regularizer.GRADS, "sm": torch.sign}  # (agreeing with the backward)
+
+
+def test_the_element_check_lets_a_resolving_central_difference_decide_and_takes_any_layout():
+    """At a weight of 1e-9 a smoothing forgotten in the backward (1 for the true 0.707) agreed
+    with the forward difference of 1e-6 and was accepted; the central difference of 1e-9,
+    which resolves it, decides now (a review). A channels-last weight (strides of its own) made
+    the element check's view fail; it checks a contiguous copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8))
+    with torch.no_grad():
+        model[0].weight[0, 0] = 1e-9
+    with pytest.raises(ValueError, match=r"0.weight\[0, 0\] \(at [\d.e-]+, its backward 1;"):
+        SmoothedForgotten("sm", coef=0.1).bind(model).check_gradient()
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3)).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv[0].weight[0, 0, 0, 0] = 1e-7
+    MyL1("myl1", coef=0.1).bind(conv).check_gradient()  # (accepted: a kink, warned)

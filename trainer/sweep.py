@@ -147,14 +147,9 @@ class SweepSummary(Callback):
         failed = [r for r in jobs if r.status != "completed"]
         # jobs an interrupted sweep never started have no folder: counted, not left out (the
         # sweep read as a smaller one, its best taken from 2 of 3 points: a probe's finding)
-        # (the planned jobs' own folders, 0 … n − 1: a reused sweep dir's stale ones beyond
-        # them are not this sweep's; folders named otherwise, hydra.sweep.subdir of one's
-        # own, by their count)
-        names = {r.name for r in jobs}
-        planned = self._planned or 0
-        numbered = all(n.isdigit() for n in names)
-        unstarted = (sum(str(i) not in names for i in range(planned)) if numbered
-                     else max(0, planned - len(jobs)))  # fmt: skip
+        # (by count: folders are named by hydra.sweep.subdir, ${hydra.job.num} or one's own
+        # such as ${seed}, so a name is no job number; a reused dir's stale jobs count too)
+        unstarted = max(0, (self._planned or 0) - len(jobs))
         unvalued = [r.name for r in jobs if r.status == "completed"
                     and r.value(str(r.metrics.get("monitor"))) is None]  # fmt: skip
         if unvalued:
