@@ -380,104 +380,49 @@ class MyL1(Regularizer):
     GRADS = {**Regularizer.GRADS, "myl1": Regularizer.GRADS["l1"]}
 
 
-class _DeadZone(torch.autograd.Function):
-    """Σ relu(|p| − width), with a backward that forgets the dead zone (sign(p) everywhere):
-    wrong only for the elements within ``width`` of 0."""
-
-    width = 0.01
-
-    @staticmethod
-    def forward(ctx, coef, *params):
-        ctx.coef = coef
-        ctx.save_for_backward(*params)
-        return coef * sum(torch.relu(p.abs() - _DeadZone.width).sum() for p in params)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (None, *[g * ctx.coef * torch.sign(p) for p in ctx.saved_tensors])
+#: what the test regularizers below read when called (a test sets, then puts back)
+KNOB = {"width": 0.01, "K": 1000.0, "factor": 2.0}
 
 
-class DeadZone(Regularizer):
-    KINDS = {**Regularizer.KINDS, "deadzone": lambda *ps, coef: _DeadZone.apply(coef, *ps)}
-    GRADS = {**Regularizer.GRADS, "deadzone": torch.sign}  # (agreeing with the backward)
+def elementwise(name: str, value, backward) -> type[Regularizer]:
+    """A regularizer of one's own, as docs/gradients.md adds one: Σ value(p) through a custom
+    Function whose hand-written backward is backward(p), and ``GRADS`` agreeing with it (so
+    only gradcheck and the element check can tell a wrong one)."""
+
+    class Elementwise(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, coef, *params):
+            ctx.coef = coef
+            ctx.save_for_backward(*params)
+            return coef * sum(value(p).sum() for p in params)
+
+        @staticmethod
+        def backward(ctx, g):
+            return (None, *[g * ctx.coef * backward(p) for p in ctx.saved_tensors])
+
+    return type(name, (Regularizer,), {
+        "KINDS": {**Regularizer.KINDS, name: lambda *ps, coef: Elementwise.apply(coef, *ps)},
+        "GRADS": {**Regularizer.GRADS, name: backward},
+    })  # fmt: skip
 
 
-class _Quantize(torch.autograd.Function):
-    """Σ |p − q·round(p/q)|, q = 1e-3 (a pull towards a grid), with its correct backward."""
-
-    @staticmethod
-    def forward(ctx, coef, *params):
-        ctx.coef = coef
-        ctx.save_for_backward(*params)
-        return coef * sum((p - 1e-3 * torch.round(p / 1e-3)).abs().sum() for p in params)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (None, *[g * ctx.coef * torch.sign(p - 1e-3 * torch.round(p / 1e-3))
-                        for p in ctx.saved_tensors])  # fmt: skip
+def _grid(p):
+    return p - 1e-3 * torch.round(p / 1e-3)
 
 
-class Quantize(Regularizer):
-    KINDS = {**Regularizer.KINDS, "quantize": lambda *ps, coef: _Quantize.apply(coef, *ps)}
-    GRADS = {**Regularizer.GRADS,
-             "quantize": lambda p: torch.sign(p - 1e-3 * torch.round(p / 1e-3))}  # fmt: skip
-
-
-class _Charbonnier(torch.autograd.Function):
-    """Σ √(p² + c²), c = 3e-6 (a smooth l1, steeply curved near 0), with its backward."""
-
-    @staticmethod
-    def forward(ctx, coef, *params):
-        ctx.coef = coef
-        ctx.save_for_backward(*params)
-        return coef * sum(torch.sqrt(p * p + 9e-12).sum() for p in params)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (None, *[g * ctx.coef * p / torch.sqrt(p * p + 9e-12) for p in ctx.saved_tensors])
-
-
-class _Offset(torch.autograd.Function):
-    """Σ (p²/2 + K) with a backward of ``factor`` · p (1: right)."""
-
-    K, factor = 1000.0, 2.0
-
-    @staticmethod
-    def forward(ctx, coef, *params):
-        ctx.coef = coef
-        ctx.save_for_backward(*params)
-        return coef * sum((p * p / 2 + _Offset.K).sum() for p in params)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (None, *[g * ctx.coef * _Offset.factor * p for p in ctx.saved_tensors])
-
-
-class Offset(Regularizer):
-    KINDS = {**Regularizer.KINDS, "offset": lambda *ps, coef: _Offset.apply(coef, *ps)}
-    GRADS = {**Regularizer.GRADS, "offset": lambda p: _Offset.factor * p}  # (agreeing)
-
-
-class _L1Twice(torch.autograd.Function):
-    """λ Σ|p| with a backward of ``factor`` (2) times its gradient."""
-
-    factor = 2.0
-
-    @staticmethod
-    def forward(ctx, coef, *params):
-        ctx.coef = coef
-        ctx.save_for_backward(*params)
-        return coef * sum(p.abs().sum() for p in params)
-
-    @staticmethod
-    def backward(ctx, g):
-        f = _L1Twice.factor
-        return (None, *[g * ctx.coef * f * torch.sign(p) for p in ctx.saved_tensors])
-
-
-class L1Twice(Regularizer):
-    KINDS = {**Regularizer.KINDS, "l1x2": lambda *ps, coef: _L1Twice.apply(coef, *ps)}
-    GRADS = {**Regularizer.GRADS, "l1x2": lambda p: _L1Twice.factor * torch.sign(p)}
+#: Σ relu(|p| − width) with a backward that forgets the dead zone (sign(p) everywhere)
+DeadZone = elementwise("deadzone", lambda p: torch.relu(p.abs() - KNOB["width"]), torch.sign)
+#: Σ |p − q·round(p/q)|, q = 1e-3 (a pull towards a grid), with its correct backward
+Quantize = elementwise("quantize", lambda p: _grid(p).abs(), lambda p: torch.sign(_grid(p)))
+#: Σ √(p² + c²), c = 3e-6 (a smooth l1, steeply curved near 0), with its backward
+Charbonnier = elementwise("charb", lambda p: torch.sqrt(p * p + 9e-12),
+                          lambda p: p / torch.sqrt(p * p + 9e-12))  # fmt: skip
+#: Σ (p²/2 + K) with a backward of ``factor`` · p (1: right)
+Offset = elementwise("offset", lambda p: p * p / 2 + KNOB["K"], lambda p: KNOB["factor"] * p)
+#: λ Σ|p| with a backward of ``factor`` times its gradient
+L1Twice = elementwise("l1x2", torch.abs, lambda p: KNOB["factor"] * torch.sign(p))
+#: Σ √(p² + c²), c = 1e-9, with a backward of sign(p): the smoothing forgotten
+SmoothedForgotten = elementwise("sm", lambda p: torch.sqrt(p * p + 1e-18), torch.sign)
 
 
 def test_wrong_backwards_are_refused_at_a_small_coefficient_and_beside_a_large_constant():
@@ -489,7 +434,7 @@ def test_wrong_backwards_are_refused_at_a_small_coefficient_and_beside_a_large_c
     An l1 of 4,096 weights of size 2, one near 0, is accepted (refused by a 1 % gate)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 24))
-    with pytest.raises(ValueError, match=r"l1x2 \(L1Twice\): its Function's backward fails"):
+    with pytest.raises(ValueError, match=r"l1x2 \(l1x2\): its Function's backward fails"):
         L1Twice("l1x2", coef=1e-6).bind(model).check_gradient()
     big = nn.Sequential(nn.Linear(64, 64))  # (an l1 of 4,096 weights of size ~2, one near 0:
     with torch.no_grad():  # its retry resolves the gradient, accepted; refused at a 1 % gate)
@@ -498,25 +443,20 @@ def test_wrong_backwards_are_refused_at_a_small_coefficient_and_beside_a_large_c
     MyL1("myl1", coef=0.1).bind(big).check_gradient()
     with torch.no_grad():  # (weights of size ~10: an l1 whose backward is 5 % off, accepted
         big[0].weight.mul_(5)  # by a 1e-9 retry whose tolerance grew with |R|: a review)
-    _L1Twice.factor = 1.05
+    KNOB["factor"] = 1.05
     try:
-        with pytest.raises(ValueError, match=r"l1x2 \(L1Twice\): .* no difference that resolves"):
+        with pytest.raises(ValueError, match=r"l1x2 \(l1x2\): .* no difference that resolves"):
             L1Twice("l1x2", coef=0.1).bind(big).check_gradient()
     finally:
-        _L1Twice.factor = 2.0
+        KNOB["factor"] = 2.0
     for factor in (2.0, 0.0, -1.0):
-        _Offset.factor = factor
+        KNOB["factor"] = factor
         try:
             with pytest.raises(ValueError, match=r"fails torch.autograd.gradcheck .*, and on "
                                r"0.weight\[\d+, \d+\] .* no difference that resolves"):  # fmt: skip
                 Offset("offset", coef=0.1).bind(model).check_gradient()
         finally:
-            _Offset.factor = 2.0
-
-
-class Charbonnier(Regularizer):
-    KINDS = {**Regularizer.KINDS, "charb": lambda *ps, coef: _Charbonnier.apply(coef, *ps)}
-    GRADS = {**Regularizer.GRADS, "charb": lambda p: p / torch.sqrt(p * p + 9e-12)}
+            KNOB["factor"] = 2.0
 
 
 def test_a_correct_backward_at_a_kink_is_accepted_and_a_wrong_one_refused(caplog) -> None:
@@ -545,37 +485,18 @@ def test_a_correct_backward_at_a_kink_is_accepted_and_a_wrong_one_refused(caplog
         assert len(said) == 1 and "not differentiable" in said[0], type(regularizer)
     refused = r"fails torch.autograd.gradcheck .*, and on .* no difference that resolves"
     for width in (0.01, 1e-4):
-        _DeadZone.width = width
+        KNOB["width"] = width
         try:
             with pytest.raises(ValueError, match=refused):
                 DeadZone("deadzone", coef=0.1).bind(model).check_gradient()
         finally:
-            _DeadZone.width = 0.01
+            KNOB["width"] = 0.01
     _LogCosh.scale = 2.0
     try:
         with pytest.raises(ValueError, match=refused):
             LogCoshTwice("logcosh", coef=0.01).bind(model).check_gradient()
     finally:
         _LogCosh.scale = 1.0
-
-
-class _SmoothedForgotten(torch.autograd.Function):
-    """Σ √(p² + c²), c = 1e-9, with a backward of sign(p): the smoothing forgotten."""
-
-    @staticmethod
-    def forward(ctx, coef, *params):
-        ctx.coef = coef
-        ctx.save_for_backward(*params)
-        return coef * sum(torch.sqrt(p * p + 1e-18).sum() for p in params)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (None, *[g * ctx.coef * torch.sign(p) for p in ctx.saved_tensors])
-
-
-class SmoothedForgotten(Regularizer):
-    KINDS = {**Regularizer.KINDS, "sm": lambda *ps, coef: _SmoothedForgotten.apply(coef, *ps)}
-    GRADS = {**Regularizer.GRADS, "sm": torch.sign}  # (agreeing with the backward)
 
 
 def test_the_element_check_lets_a_resolving_central_difference_decide_and_takes_any_layout():
