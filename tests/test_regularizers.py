@@ -514,3 +514,27 @@ def test_the_element_check_lets_a_resolving_central_difference_decide_and_takes_
     with torch.no_grad():
         conv[0].weight[0, 0, 0, 0] = 1e-7
     MyL1("myl1", coef=0.1).bind(conv).check_gradient()  # (accepted: a kink, warned)
+
+
+def test_a_smooth_regularizer_whose_value_hides_small_gradients_is_confirmed_coarser() -> None:
+    """Σexp(3p) over 16 × 16 weights of N(0, 1), |R| ≈ 2.5e4: gradcheck's roundoff at 1e-6
+    passes its tolerance on small gradients, and neither the central difference of 1e-9 nor
+    the one-sided ones of 1e-6 resolve them: a correct backward was refused (a review). A
+    central difference of 1e-5 to 1e-3 resolves them: accepted; 5 % off, refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    with torch.no_grad():
+        model[0].weight.normal_()
+        model[0].weight[0, 0] = 1e-7
+    for factor, right in ((1.0, True), (1.05, False)):
+        KNOB["factor"] = factor
+        try:
+            exp3 = elementwise("exp3", lambda p: torch.exp(3 * p),
+                               lambda p: KNOB["factor"] * 3 * torch.exp(3 * p))  # fmt: skip
+            if right:
+                exp3("exp3", coef=0.1).bind(model).check_gradient()
+            else:
+                with pytest.raises(ValueError, match=r"no difference that resolves"):
+                    exp3("exp3", coef=0.1).bind(model).check_gradient()
+        finally:
+            KNOB["factor"] = 2.0
