@@ -287,6 +287,7 @@ class Trainer:
         #: the step's gradient norms as a callback computed them (share_grad_norms)
         self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor]] | None = None
         self._dtypes_of_params()
+        self._unowned_named: list[str] = []  # (the names last warned of)
         self._not_in_optimizer()
         #: what callbacks stage during a step (stage_scalars, stage_histogram)
         self.staging = Staging()
@@ -724,7 +725,7 @@ class Trainer:
         #: trainable parameters outside the optimizer: their gradients are cleared per step
         self._unowned = [p for _, p in outside]
         names = [n for n, _ in outside]
-        if names and names != getattr(self, "_unowned_named", None):
+        if names and names != self._unowned_named:
             log.warning(
                 "%d trainable parameter tensor(s) are not in the optimizer (%s%s): they get a "
                 "gradient every step (measured, clipped with the others, cleared after the "

@@ -285,10 +285,12 @@ def _ratios(tags: tuple[str, ...], values: list[float]) -> dict[str, float]:
     n = len(tags)
     out = {}
     for tag, moved, before in zip(tags, values[:n], values[n:], strict=True):
-        if moved == 0 or before != 0:
-            out[tag] = moved / before if moved != 0 else 0.0
-        else:
+        if moved == 0:
+            out[tag] = 0.0
+        elif before == 0:
             out[tag] = math.inf if moved > 0 else moved  # (NaN stays NaN)
+        else:
+            out[tag] = moved / before
     return out
 
 
