@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import ROOT, in_background
 
 from trainer import report
@@ -445,3 +447,47 @@ def test_a_loss_is_not_ranked_across_tasks(tmp_path) -> None:
     )
     with pytest.raises(ReportError, match=r"no task: jobs 2"):
         check_comparable(collect_runs(tmp_path, curves=False), "val/loss")
+
+
+def test_a_loss_is_not_ranked_across_different_losses(tmp_path) -> None:
+    """A sweep over loss.label_smoothing ranked by train/loss put the unsmoothed job first
+    by a smaller number of another quantity (noticed in a review): refused, naming the key
+    and the jobs; val/loss (the plain cross-entropy whatever the smoothing) and the task's
+    metric still rank; a loss of one's own differing in a key of its own is refused for
+    val/loss too; loss.mode (how backward combines the losses) is not a difference."""
+    from trainer.report import ReportError, check_comparable, collect_runs, main
+
+    def job(name: str, loss: dict, **metrics) -> None:
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text(
+            yaml.safe_dump({"seed": 0, "loss": loss})
+        )
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({"status": "completed", "monitor": "val/acc", **metrics})
+        )
+
+    ce = {"_target_": "trainer.losses.CrossEntropy", "mode": "scalar"}
+    job("0", {**ce, "label_smoothing": 0.0}, **{"train/loss": 0.1, "val/loss": 0.3, "val/acc": 0.9})
+    job(
+        "1", {**ce, "label_smoothing": 0.2}, **{"train/loss": 0.6, "val/loss": 0.2, "val/acc": 0.95}
+    )
+    job("2", {**ce, "mode": "vector", "label_smoothing": 0.0},
+        **{"train/loss": 0.2, "val/loss": 0.4, "val/acc": 0.8})  # fmt: skip
+    runs = collect_runs(tmp_path, curves=False)
+    with pytest.raises(ReportError, match=r"different losses \(loss.label_smoothing=0.0: jobs "
+                       r"0, 2; loss.label_smoothing=0.2: jobs 1\), whose train/loss"):  # fmt: skip
+        check_comparable(runs, "train/loss")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--metric", "train/loss"])
+    check_comparable(runs, "val/loss")
+    check_comparable(runs, "val/acc")
+    huber = {"_target_": "mypkg.Huber", "mode": "scalar"}
+    for name in ("0", "1", "2"):
+        shutil.rmtree(tmp_path / name)
+    job("0", {**huber, "delta": 1.0}, **{"val/loss": 0.3, "val/mse": 0.1})
+    job("1", {**huber, "delta": 0.1}, **{"val/loss": 0.05, "val/mse": 0.2})
+    job("2", {**huber, "mode": "vector", "delta": 1.0}, **{"val/loss": 0.2, "val/mse": 0.09})
+    with pytest.raises(ReportError, match=r"loss.delta=1.0: jobs 0, 2; loss.delta=0.1: jobs 1"):
+        check_comparable(collect_runs(tmp_path, curves=False), "val/loss")
+    (tmp_path / "1" / ".hydra" / "config.yaml").unlink()  # (not launched through Hydra)
+    check_comparable(collect_runs(tmp_path, curves=False), "val/loss")

@@ -75,6 +75,9 @@ class Run:
     """The error of a failed job, or why its metrics.json could not be read."""
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """tag -> [(step, value)] from the event files; a tag that was not logged is absent."""
+    loss: dict[str, Any] | None = None
+    """The ``loss`` node of the job's resolved config (``.hydra/config.yaml``); None without
+    one (a run not launched through Hydra) or when it cannot be read."""
 
     def value(self, key: str) -> float | None:
         """``metrics[key]`` as a float; None when absent, not a number, or not finite (NaN, or
@@ -145,6 +148,19 @@ def read_overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in overrides]
 
 
+def read_loss(run_dir: Path) -> dict[str, Any] | None:
+    """The ``loss`` node of the job's config; None when there is no readable one."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # (read_overrides warns about an unreadable .hydra/)
+    loss = config.get("loss") if isinstance(config, dict) else None
+    return loss if isinstance(loss, dict) else None
+
+
 def load_run(run_dir: Path, name: str | None = None) -> Run:
     """The run's status, final metrics and overrides (no curves: see :func:`read_curves`).
     A job that resumed a checkpoint of another run dir continued there (``trainer.resume``
@@ -153,6 +169,7 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
     that copy (running, or killed) it is missing."""
     run = Run(name=name or run_dir.name, path=run_dir, status="missing")
     run.overrides = read_overrides(run_dir)
+    run.loss = read_loss(run_dir)
     path = run_dir / "metrics.json"
     pointer = run_dir / CONTINUED
     if pointer.is_file():
@@ -322,6 +339,65 @@ def check_comparable(runs: Sequence[Run], metric: str) -> None:
             f"--metric {metric}: the jobs are of different tasks ({named}), whose {metric} "
             "are different losses: report each task's jobs on their own"
         )
+    check_same_loss(runs, metric)
+
+
+#: the trainer's key in the ``loss`` node: how backward combines the losses, not what they are
+NOT_THE_LOSS = frozenset({"mode"})
+#: keys of a built-in loss that its ``val/loss`` does not depend on: validation reports the
+#: plain cross-entropy (no label smoothing), a sequence model's per valid token whatever
+#: ``average`` is
+NOT_IN_VAL_LOSS = {
+    "trainer.losses.CrossEntropy": frozenset({"label_smoothing"}),
+    "trainer.losses.TokenCrossEntropy": frozenset({"label_smoothing", "average"}),
+}
+
+
+def _flat(node: dict[str, Any], prefix: str = "loss.") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, str) else json.dumps(v, default=str)
+    return out
+
+
+def check_same_loss(runs: Sequence[Run], metric: str) -> None:
+    """Refuse to rank ``val/loss`` or ``train/loss`` across jobs of one task that trained
+    different losses (read from each job's ``.hydra/config.yaml``): a sweep over
+    ``loss.label_smoothing`` ranked the unsmoothed job best by its ``train/loss``, a smaller
+    number of another quantity; a Huber ``delta`` of one's own changes ``val/loss`` too. Keys
+    a metric does not depend on are not compared (``loss.mode``; for ``val/loss`` the
+    built-in losses' smoothing and token average, :data:`NOT_IN_VAL_LOSS`). Jobs without a
+    readable config are not compared.
+
+    Raises:
+        ReportError: the completed jobs' losses differ in a key ``metric`` depends on.
+    """
+    if metric not in ("val/loss", "train/loss"):
+        return
+    losses: dict[str, dict[str, str]] = {}
+    for r in runs:
+        if r.status == "completed" and r.loss is not None:
+            target = str(r.loss.get("_target_"))
+            drop = NOT_THE_LOSS | (NOT_IN_VAL_LOSS.get(target, frozenset())
+                                   if metric == "val/loss" else frozenset())  # fmt: skip
+            losses[r.name] = _flat({k: v for k, v in r.loss.items() if k not in drop})
+    if len({json.dumps(v, sort_keys=True) for v in losses.values()}) < 2:
+        return
+    keys = sorted({k for v in losses.values() for k in v})
+    differ = [k for k in keys if len({v.get(k) for v in losses.values()}) > 1]
+    groups: dict[str, list[str]] = {}
+    for name, v in losses.items():
+        label = ", ".join(f"{k}={v[k]}" if k in v else f"{k} unset" for k in differ)
+        groups.setdefault(label, []).append(name)
+    named = "; ".join(f"{label}: jobs {', '.join(jobs)}" for label, jobs in groups.items())
+    raise ReportError(
+        f"--metric {metric}: the jobs trained different losses ({named}), whose {metric} "
+        "are different quantities: rank by the task's metric (val/acc, val/mse, val/ppl) or "
+        "report each loss's jobs on their own"
+    )
 
 
 def format_number(v: Any) -> str:
