@@ -153,8 +153,9 @@ class SweepSummary(Callback):
         unvalued = [r.name for r in jobs if r.status == "completed"
                     and r.value(str(r.metrics.get("monitor"))) is None]  # fmt: skip
         if unvalued:
-            log.warning("jobs %s completed without a value of the monitored metric (NaN or "
-                        "missing)", ", ".join(unvalued))  # fmt: skip
+            log.warning("%s %s completed without a value of the monitored metric (NaN or "
+                        "missing)", "job" if len(unvalued) == 1 else "jobs",
+                        ", ".join(unvalued))  # fmt: skip
         ended = "stopped before its end by the error above" if stopped else "finished"
         if not failed and not unstarted:
             (log.error if stopped else log.info)(
