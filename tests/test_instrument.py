@@ -847,6 +847,7 @@ def test_instrument_full_writes_every_documented_tag(tmp_path) -> None:
         "weights/max", "per_sample/grad_norm_mean", "per_sample/grad_norm_max",
         "per_sample/weighted_grad_norm_mean", "per_sample/weighted_grad_norm_max",
         "per_sample/coverage", "curvature/top_eig", "curvature/trace", "curvature/top_eig_iters",
+        "curvature/trace_stderr",
         "per_sample/noise_scale", "per_sample/noise_scale_ema", "per_sample/grad_var_trace",
         "per_sample/grad_signal", "grad_agreement/consecutive", "grad_agreement/data_reg",
         *(f"{kind}/{n}" for kind in ("grad_norm", "param_norm", "update_ratio", "grad_snr")
