@@ -332,6 +332,54 @@ def test_a_cosine_run_resumed_to_train_longer_is_refused_shorter_follows_its_sch
     assert [short[s] for s in (4, 5)] == [whole[s] for s in (4, 5)] and whole[5] > 0
 
 
+def warm_cosine(optimizer, T_max: int, warmup: int = 2):  # noqa: N803 (torch's name)
+    """A factory taking the run's length: linear warm-up, then cosine to 0 at T_max."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    parts = [
+        LinearLR(optimizer, 0.1, total_iters=warmup),
+        CosineAnnealingLR(optimizer, T_max - warmup),
+    ]
+    return SequentialLR(optimizer, parts, milestones=[warmup])
+
+
+def linear_decay(optimizer, T_max: int):  # noqa: N803
+    """A factory whose LambdaLR closes over T_max (which no scheduler state keeps)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / T_max)
+
+
+@pytest.mark.parametrize("factory", ["warm_cosine", "linear_decay"])
+def test_a_factory_given_the_runs_length_is_checked_and_rebuilt_on_resume(
+    tmp_path, caplog, factory
+) -> None:
+    """A scheduler factory taking T_max returns a SequentialLR or a LambdaLR, with no T_max to
+    read back: a run resumed to train longer went past the schedule's end unchecked (a probe:
+    the learning rate 0 at step 21, back up to 1e-3 at step 38), and a LambdaLR's closure was
+    rebuilt with the new length (another schedule). The length is checkpointed: longer is
+    refused, shorter is built with the checkpoint's and follows its learning rates."""
+    from conftest import train
+
+    base = ["trainer.run_id=fac", "trainer.resume=auto", "~scheduler", "optimizer=sgd",
+            f"+scheduler._target_={__name__}.{factory}", "+scheduler._partial_=true",
+            f"trainer.checkpoint.search_dir={tmp_path}", "logging.every_n_steps=1"]  # fmt: skip
+    train(tmp_path / "a", *base, "trainer.max_steps=6", "trainer.checkpoint.every_n_steps=3")
+    with pytest.raises(ConfigError, match=r"over its run's 6 steps \(T_max\); this run would "
+                       r"train to step 8"):  # fmt: skip
+        train(tmp_path / "b", *base, "trainer.max_steps=8")
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    resume = f"trainer.resume={tmp_path / 'c' / 'checkpoints' / 'step_000000003.pt'}"
+    with caplog.at_level("WARNING", logger="trainer.run"):
+        train(tmp_path / "c", *base[2:], "trainer.max_steps=5", resume)
+    assert any("follows the checkpoint's" in r.getMessage() for r in caplog.records)
+    whole, short = (
+        dict(read_scalars(tmp_path / "a")["lr"]),
+        dict(read_scalars(tmp_path / "c")["lr"]),
+    )
+    assert [short[s] for s in (4, 5)] == [whole[s] for s in (4, 5)] and whole[5] > 0
+
+
 class _SigtermInLastValidation(Callback):
     def on_validation_end(self, trainer, metrics) -> None:
         if trainer.finished():

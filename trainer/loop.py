@@ -240,6 +240,9 @@ class Trainer:
         #: stopped
         self.stopped_by: int | None = None
         self._validated_at = -1  # the step of the last validation (checkpointed)
+        #: the length (``T_max``, ``total_steps``) ``trainer.run`` gave the scheduler, by key
+        #: (checkpointed: a resumed run builds its scheduler with it again); none by hand
+        self.schedule_length: dict[str, int] = {}
         #: data-parallel: the stop flag agreed at the last rest point, on its way to the host
         #: (the copy, and the CUDA event after it)
         self._stop_in_flight: tuple[Tensor, Any] | None = None
@@ -1036,6 +1039,7 @@ class Trainer:
             # the step of the last validation (a run resumed finished validates its last step
             # unless that is it)
             "validated_at": self._validated_at,
+            "schedule_length": dict(self.schedule_length),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

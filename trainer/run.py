@@ -129,7 +129,7 @@ def build_scheduler(
     cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The scheduler from its config node (a partial ``_target_``, called with the optimizer,
-    its length set where :func:`run_length_keys` says). A scheduler of schedulers
+    its length set to ``total_steps`` where :func:`run_length_keys` says). A scheduler of schedulers
     (``SequentialLR``, ``ChainedScheduler``) lists partial nodes under ``schedulers``: each is
     called with the optimizer first, and the outer one gets it by keyword (``ChainedScheduler``
     takes the list first)."""
@@ -165,15 +165,20 @@ _PAST_LENGTH = {
 }
 
 
-def _check_schedule_length(trainer: Trainer, checkpoint: Path, cfg: DictConfig) -> None:
-    """A schedule the trainer set to the run's length (``T_max``, ``total_steps``: kept in the
-    checkpoint's scheduler state) runs over the checkpoint's run. Resumed to train longer, past
-    it ``CosineAnnealingLR`` would raise the learning rate again and ``OneCycleLR`` raise an
-    error mid-run: refused. Resumed to train less, the learning rate follows the checkpoint's
-    schedule and stops short of its end. A length of the config's own is the user's: not
-    checked."""
+def _check_schedule_length(
+    trainer: Trainer, checkpoint: Path, cfg: DictConfig, saved: dict[str, int] | None
+) -> None:
+    """A schedule the trainer set to the run's length (``T_max``, ``total_steps``: the
+    checkpoint's ``schedule_length``, with which a resumed run builds it again, or, of a
+    checkpoint from before 2026-12-05, its scheduler state's) runs over the checkpoint's run.
+    Resumed to train longer, past it ``CosineAnnealingLR`` would raise the learning rate again
+    and ``OneCycleLR`` raise an error mid-run: refused. Resumed to train less, the learning rate
+    follows the checkpoint's schedule and stops short of its end. A length of the config's own
+    is the user's: not checked. (A factory taking ``T_max`` that returned a ``SequentialLR``
+    has no ``T_max`` to read: its longer resume raised the learning rate again unchecked, a
+    probe's finding.)"""
     for key in run_length_keys(cfg):
-        length = getattr(trainer.scheduler, key, None)
+        length = saved.get(key) if saved else getattr(trainer.scheduler, key, None)
         if not isinstance(length, int) or trainer.total_steps == length:
             continue
         name = type(trainer.scheduler).__name__
@@ -350,9 +355,11 @@ def run(
         # built without a logger: a checkpoint that does not fit must not touch the run it
         # came from (its metrics.json, its events)
         trainable = resume_state.get("trainable") if resume_state is not None else None
+        length = resume_state.get("schedule_length") if resume_state is not None else None
         trainer = build_trainer(
-            cfg, run_dir, callbacks, with_logger=False, typed=typed, trainable=trainable
-        )
+            cfg, run_dir, callbacks, with_logger=False, typed=typed, trainable=trainable,
+            schedule_length=length,
+        )  # fmt: skip
         metric_names = (*trainer.criterion.metrics, "train/loss")
         monitor = typed.monitor or trainer.criterion.monitor
         if monitor not in metric_names:
@@ -370,7 +377,9 @@ def run(
                 trainer.load_state_dict(resume_state)
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"checkpoint {resume_path} does not fit this run: {e}") from e
-            _check_schedule_length(trainer, resume_path, cfg.scheduler)
+            _check_schedule_length(
+                trainer, resume_path, cfg.scheduler, resume_state.get("schedule_length")
+            )
             world = distributed.from_env()
             set_rng_state(rank_rng_state(resume_state, world.rank, world.size))
             home = _home_of(resume_path)
@@ -680,12 +689,15 @@ def build_trainer(
     with_logger: bool = True,
     typed: TrainConfig | None = None,
     trainable: dict[str, bool] | None = None,
+    schedule_length: dict[str, int] | None = None,
 ) -> Trainer:
     """Validate ``cfg`` (unless ``typed``, its validated form, is given) and build data,
     model, optimizer, scheduler, logger (unless ``with_logger`` is false: ``trainer.logger``
     is then None until set) and Trainer. ``trainable``: a checkpoint's ``requires_grad`` by
     parameter name, set on the model before anything selects among its parameters (the
-    regularizers, DistributedDataParallel's reducer, the Trainer)."""
+    regularizers, DistributedDataParallel's reducer, the Trainer). ``schedule_length``: a
+    checkpoint's, the length the trainer gave its scheduler, given again (a factory's closure
+    over ``T_max``, which no scheduler state keeps, is then the checkpoint run's)."""
     if typed is None:
         typed = validate(cfg)  # every config error surfaces here, before anything is built
     world = distributed.from_env()
@@ -733,6 +745,8 @@ def build_trainer(
     total_steps = planned_steps(
         len(data.train_loader), tc.accumulate_grad_batches, tc.max_epochs, tc.max_steps
     )
+    if schedule_length:  # (resumed: the checkpoint run's, one value under each key)
+        total_steps = next(iter(schedule_length.values()))
     scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     weighting: Weighting | None = None
     if typed.loss_mode == "vector":
@@ -790,7 +804,7 @@ def build_trainer(
                 forward_model if forward_model is not None else model, backend=tc.compile_backend
             ),
         )
-    return Trainer(
+    trainer = Trainer(
         model,
         optimizer,
         data.train_loader,
@@ -818,3 +832,6 @@ def build_trainer(
         channels_last=tc.channels_last,
         regularizers=regularizers,
     )
+    # the length given to the scheduler, checkpointed: a resume gives it again and checks it
+    trainer.schedule_length = dict.fromkeys(run_length_keys(cfg.scheduler), max(total_steps, 1))
+    return trainer
