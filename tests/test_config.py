@@ -342,8 +342,12 @@ def test_schedulers_of_schedulers_get_the_optimizer_in_each_part() -> None:
             r"optimizer.betas: torch.optim.rmsprop.RMSprop has no parameter 'betas'"
             r".*the preset's keys",
         ),
+        (  # (torch's own RuntimeError named no key: a probe)
+            ["optimizer.fused=true", "+optimizer.foreach=true"],
+            r"optimizer: fused=true and foreach=true together, which torch refuses",
+        ),
     ],
-    ids=["lbfgs", "no_partial", "preset_target_replaced"],
+    ids=["lbfgs", "no_partial", "preset_target_replaced", "fused_and_foreach"],
 )
 def test_an_optimizer_or_scheduler_the_loop_cannot_use_is_refused_before_training(
     overrides, match

@@ -1019,6 +1019,15 @@ def _check_user_components(typed: TrainConfig) -> None:
             continue
         if group in CALLED_WITH and target is not None:
             _check_stepping(group, resolve_target(group, target))
+    optimizer = typed.optimizer
+    if dataclasses.is_dataclass(optimizer) and not isinstance(optimizer, type):
+        optimizer = dataclasses.asdict(optimizer)
+    both = [k for k in ("foreach", "differentiable") if optimizer.get(k)]
+    if optimizer.get("fused") and both:  # (torch's own error, at the build, named no key)
+        raise ConfigError(
+            f"optimizer: fused=true and {both[0]}=true together, which torch refuses (one "
+            "implementation per step); drop one of them"
+        )
     for name, node in typed.callbacks.items():
         check_component(f"callbacks.{name}", node)
     for name, node in typed.regularizer.items():

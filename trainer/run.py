@@ -166,7 +166,7 @@ _PAST_LENGTH = {
 
 
 def _check_schedule_length(
-    trainer: Trainer, checkpoint: Path, cfg: DictConfig, saved: dict[str, int] | None
+    trainer: Trainer, checkpoint: Path, cfg: DictConfig, saved: dict[str, int] | None = None
 ) -> None:
     """A schedule the trainer set to the run's length (``T_max``, ``total_steps``: the
     checkpoint's ``schedule_length``, with which a resumed run builds it again, or, of a
