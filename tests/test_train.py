@@ -610,3 +610,34 @@ def test_mixed_precision_of_a_float64_model_is_said_to_do_nothing(caplog) -> Non
         build(MLP((4,), 2, hidden=[3]).double(), "32")
     said = [r.getMessage() for r in caplog.records if "float64 model" in r.getMessage()]
     assert len(said) == 1 and "precision=bf16 with a float64 model" in said[0]
+
+
+def head_faster(params, lr: float = 0.1) -> torch.optim.SGD:
+    """Two parameter groups: the last layer (its weight and bias) at 3× the body's lr."""
+    params = list(params)
+    return torch.optim.SGD([{"params": params[:-2]}, {"params": params[-2:], "lr": 3 * lr}], lr=lr)
+
+
+def test_each_parameter_groups_lr_is_logged(tmp_path) -> None:
+    """With parameter groups only the first group's lr was logged (the head's 3× rate never
+    showed: a probe); each group's is logged as lr/group_<i> too, equal to torch's own
+    CosineAnnealingLR replayed on the same groups, step by step; one group logs lr alone."""
+    common = ["scheduler=cosine", "trainer.max_steps=5", "logging.every_n_steps=1"]
+    train(tmp_path / "groups", *common, "~optimizer", f"+optimizer._target_={__name__}.head_faster",
+          "+optimizer._partial_=true")  # fmt: skip
+    scalars = read_scalars(tmp_path / "groups")
+    opt = head_faster([torch.nn.Parameter(torch.ones(1)) for _ in range(3)])
+    replay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    want: list[list[float]] = [[], []]
+    for _ in range(5):
+        for i, g in enumerate(opt.param_groups):
+            want[i].append(g["lr"])
+        opt.step()
+        replay.step()
+    for i in (0, 1):
+        assert [s for s, _ in scalars[f"lr/group_{i}"]] == [1, 2, 3, 4, 5]
+        assert [v for _, v in scalars[f"lr/group_{i}"]] == pytest.approx(want[i], rel=1e-7)
+    assert [v for _, v in scalars["lr"]] == [v for _, v in scalars["lr/group_0"]]
+    assert want[1][0] == pytest.approx(0.3) and want[1][-1] > 0
+    train(tmp_path / "one", *common, "instrument=none")
+    assert not any(t.startswith("lr/") for t in read_scalars(tmp_path / "one"))

@@ -161,12 +161,13 @@ HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
 
 #: the loop's own tags (train/loss, the learning rate, the total norm, the weights' summary,
 #: the split of the norm by regularizers) and prefixes (validation metrics, regularizer values,
-#: HParams): a callback staging one would replace the loop's value or add points to its curve
+#: the parameter groups' learning rates, HParams): a callback staging one would replace the
+#: loop's value or add points to its curve
 LOOP_TAGS = frozenset({
     "train/loss", "lr", "grad_norm/total", "grad_norm/total_clipped", "grad_norm/data",
     "grad_norm/reg", "weights/mean", "weights/min", "weights/max",
 })  # fmt: skip
-LOOP_PREFIXES = ("val/", "reg/", "_hparams_/")
+LOOP_PREFIXES = ("val/", "reg/", "lr/", "_hparams_/")
 
 
 def param_tag(prefix: str, name: str) -> str:

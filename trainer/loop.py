@@ -881,8 +881,9 @@ class Trainer:
         self._fire("on_before_optimizer_step", self.optimizer)
         grad_norm = None
         has_reg = self.objective.has_regularizers
-        # the lr of this step (an optimizer of one's own may have none: not logged)
-        lr = self.optimizer.param_groups[0].get("lr") if should_log else None
+        # the lr of this step, each group's (an optimizer of one's own may have none: not
+        # logged)
+        lrs = [g.get("lr") for g in self.optimizer.param_groups] if should_log else []
         # the norms and the clipping are the same on a skipped step (a step the guard skips
         # on the host logs the non-finite total it would log deferred, where the skip is
         # decided on the device); only the update is left out
@@ -929,7 +930,7 @@ class Trainer:
         )  # fmt: skip
         self._fire("on_train_step_end", out)
         if should_log:
-            self._log_step(out, lr, split_norms)
+            self._log_step(out, lrs, split_norms)
         elif split_norms or self.staging.pending():  # a callback's own cadence: kept on the
             # device and written at this step with the next logging step's read (no sync here)
             self.staging.defer({**split_norms, **self.staging.take_scalars()}, out.step)
@@ -978,11 +979,13 @@ class Trainer:
         neg_min, w_max = all_reduce_max(torch.stack([-w_min, w_max]))
         return {"weights/mean": total / count, "weights/min": -neg_min, "weights/max": w_max}
 
-    def _log_step(self, out: StepOutput, lr: float | None, extra: dict[str, Tensor]) -> None:
+    def _log_step(self, out: StepOutput, lrs: list[Any], extra: dict[str, Tensor]) -> None:
         train_loss, samples = self._window_loss()
         values: dict[str | tuple[str, ...], Tensor | float] = {"train/loss": train_loss}
-        if lr is not None:
-            values["lr"] = lr
+        if lrs and lrs[0] is not None:
+            values["lr"] = lrs[0]
+        if len(lrs) > 1:  # parameter groups: each one's too (the head's 3× lr was not shown)
+            values.update({f"lr/group_{i}": v for i, v in enumerate(lrs) if v is not None})
         if out.grad_norm is not None:
             values["grad_norm/total"] = out.grad_norm
         values.update(extra)
