@@ -849,7 +849,7 @@ def test_unread_flags_are_written_before_a_checkpoint_and_not_again_after_resume
     with pytest.raises(SystemExit):
         train(tmp_path, *extra, callbacks=[Poison({6: "grad"}), StopAt(7)])
     state = load_checkpoint(tmp_path / "checkpoints" / "step_000000007.pt")
-    guard = dict(state["callbacks"])["NonfiniteGuard"]
+    guard = dict(state["callbacks"])["trainer.instrument.nonfinite.NonfiniteGuard"]
     assert guard["pending"] == [] and guard["skipped"] == 1
     train(tmp_path, *extra, "trainer.resume=auto", f"trainer.checkpoint.search_dir={tmp_path}")
     assert read_scalars(tmp_path)["nonfinite/skipped_steps"] == [(6, 1.0)]

@@ -210,7 +210,9 @@ def test_a_state_made_on_a_later_step_and_a_ctrl_c_in_a_report_lose_nothing(tmp_
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path, "trainer.max_steps=3", callbacks=[Lazy(), Interrupted()])
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert last["step"] == 3 and ["Lazy", {"ema": 3}] in last["callbacks"]
+    assert (
+        last["step"] == 3 and [f"{__name__}.{Lazy.__qualname__}", {"ema": 3}] in last["callbacks"]
+    )
 
 
 @pytest.mark.parametrize("where", ["on_fit_start", "on_train_step_end"])
@@ -641,3 +643,34 @@ def test_each_parameter_groups_lr_is_logged(tmp_path) -> None:
     assert want[1][0] == pytest.approx(0.3) and want[1][-1] > 0
     train(tmp_path / "one", *common, "instrument=none")
     assert not any(t.startswith("lr/") for t in read_scalars(tmp_path / "one"))
+
+
+class Norms(Callback):
+    """A callback of one's own named like the built-in instrument: counts its steps."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_train_step_end(self, trainer, out) -> None:
+        self.n += 1
+
+    def state_dict(self) -> dict:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = state["n"]
+
+
+@pytest.mark.parametrize(("before", "after"), [("none", "default"), ("default", "none")])
+def test_a_callbacks_state_goes_back_to_its_own_class_not_a_namesake(
+    tmp_path, before, after
+) -> None:
+    """Callback states were matched by class name alone: a callback of one's own named Norms
+    lost its state to the built-in norms instrument a resume turned on, or was handed the
+    instrument's and failed the resume (a probe). Matched by module and class now."""
+    train(tmp_path, "trainer.max_steps=3", f"instrument={before}", callbacks=[Norms()])
+    mine = Norms()
+    last = tmp_path / "checkpoints" / "last.pt"
+    train(tmp_path, "trainer.max_steps=5", f"instrument={after}", f"trainer.resume={last}",
+          callbacks=[mine])  # fmt: skip
+    assert mine.n == 5

@@ -150,6 +150,11 @@ LABELS_HINT = {
 }
 
 
+def _qualified(cb: Callback) -> str:
+    """A callback's class as a checkpoint names it: ``module.QualifiedName``."""
+    return f"{type(cb).__module__}.{type(cb).__qualname__}"
+
+
 class Trainer:
     """Trains ``model`` on ``train_loader``, validating on ``val_loader`` after each epoch.
 
@@ -1027,8 +1032,10 @@ class Trainer:
             **tally,
             "metrics": dict(self.metrics),
             "loader": loader_state() if loader_state else None,
+            # by module and class (a callback of one's own named Norms took the built-in
+            # instrument's state, or gave it its own: a probe), in order
             "callbacks": [
-                [type(cb).__name__, checkpointable(cb.state_dict(), type(cb).__name__)]
+                [_qualified(cb), checkpointable(cb.state_dict(), type(cb).__name__)]
                 for cb in self.callbacks
             ],  # fmt: skip
             # a loss's, weighting's or regularizer's own state (a running mean of the losses)
@@ -1079,16 +1086,23 @@ class Trainer:
         self._validated_at = int(state.get("validated_at", _validated_step(state)))
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
-        saved = [tuple(entry) for entry in state["callbacks"]]  # (class name, state)
+        saved = [tuple(entry) for entry in state["callbacks"]]  # (module.class, state)
         for cb in self.callbacks:  # by class, in order: a resume may add or drop instruments
-            name = type(cb).__name__
-            match = next((i for i, (n, _) in enumerate(saved) if n == name), None)
+            name = _qualified(cb)
+            # (a checkpoint from before 2026-12-05 names the class alone)
+            match = next((i for i, (n, _) in enumerate(saved)
+                          if n == name or n == type(cb).__name__), None)  # fmt: skip
             if match is None:  # added on this resume: one that keeps no state is not missed
                 if cb.state_dict():
                     log.warning("the checkpoint holds no state for callback %s: it starts fresh",
                                 name)  # fmt: skip
                 continue
             cb.load_state_dict(saved.pop(match)[1])
+        for name, kept in saved:  # (an instrument this resume turned off: as intended)
+            if kept and not name.startswith("trainer."):
+                log.warning("the checkpoint's state of callback %s is not taken by any "
+                            "callback of this run (dropped, or its module or class renamed)",
+                            name)  # fmt: skip
         parts = state.get("objective", {})  # (older checkpoints: none kept)
         for key, part in self._stateful_parts():
             if key in parts:
