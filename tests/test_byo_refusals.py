@@ -254,6 +254,41 @@ def test_a_tag_staged_twice_in_a_step_is_refused(tmp_path) -> None:
         train(tmp_path, *TINY, callbacks=[one, two])
 
 
+def StagesIn(hook: str, tag: str) -> Callback:  # noqa: N802 (a class, made per hook)
+    """A callback staging ``{tag: 7.0}`` in the hook ``hook``."""
+
+    def stage(self, trainer, *args) -> None:
+        trainer.stage_scalars({tag: 7.0})
+
+    return type("StagesIn", (Callback,), {hook: stage})()
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "tag", "every"),
+    [
+        ("on_train_step_end", "on_rest_point", "u/x", 3),
+        ("on_train_step_end", "on_validation_end", "u/x", 1),
+        # an instrument's tag, staged again after its step: two points on its curve
+        (None, "on_validation_end", "grad_norm/net.1.weight", 1),
+    ],
+)
+def test_a_tag_staged_in_two_hooks_of_one_step_is_refused(
+    tmp_path, first, second, tag, every
+) -> None:
+    """Hooks after a step (validation, the rest point) stage for that step again: a tag
+    staged in two of them was written twice at the step, on steps that log and on those that
+    do not (a probe: two values at every step)."""
+    callbacks = [StagesIn(second, tag)] if first is None else [StagesIn(first, tag),
+                                                              StagesIn(second, tag)]  # fmt: skip
+    one_batch = ["data.batch_size=2000", "instrument.norms.every_n_steps=1"]  # (epochs of 1 step)
+    with pytest.raises(ValueError, match=f"'{tag}' was staged twice for step 1, in two of"):
+        train(tmp_path, *TINY, *one_batch, f"logging.every_n_steps={every}",
+              "trainer.max_steps=3", callbacks=callbacks)  # fmt: skip
+    # one hook a step, at every step: no complaint
+    train(tmp_path / "once", *TINY, *one_batch, callbacks=[StagesIn(second, "u/y")])
+    assert [s for s, _ in read_scalars(tmp_path / "once")["u/y"]] == [1, 2]
+
+
 class StagesGradSlice(Callback):
     """Stages a gradient's element (a view) and its copy, before clipping."""
 

@@ -938,7 +938,7 @@ class Trainer:
             self._log_step(out, lrs, split_norms)
         elif split_norms or self.staging.pending():  # a callback's own cadence: kept on the
             # device and written at this step with the next logging step's read (no sync here)
-            self.staging.defer({**split_norms, **self.staging.take_scalars()}, out.step)
+            self.staging.defer({**split_norms, **self.staging.take_scalars(out.step)}, out.step)
             if len(self.staging.deferred) >= READ_EVERY:
                 self.write_deferred()
         self.objective.end_step()
@@ -994,7 +994,7 @@ class Trainer:
         if out.grad_norm is not None:
             values["grad_norm/total"] = out.grad_norm
         values.update(extra)
-        values.update(self.staging.take_scalars())
+        values.update(self.staging.take_scalars(out.step))
         values.update(self.objective.reg_scalars())
         if out.weights is not None:
             values.update(self._weight_stats(out.weights))

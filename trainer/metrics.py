@@ -85,6 +85,10 @@ class Staging:
         self._versions: dict[str | tuple[str, ...], tuple[Tensor, int]] = {}
         #: the tags staged for this step (each once; none the loop's own)
         self._tags: set[str] = set()
+        #: the tags already taken for a step, and that step: hooks after the step (validation,
+        #: a rest point) stage for the same step again, and a tag staged in two of them was
+        #: written twice at that step (a probe's finding)
+        self._taken: tuple[int, set[str]] = (-1, set())
         #: keys whose tags were checked (strings, none the loop's own)
         self._known: set[object] = set()
         #: histograms whose NaN values stand for samples without a value (not counted)
@@ -173,11 +177,23 @@ class Staging:
     def defer_staged(self, step: int) -> None:
         """:meth:`defer` what is staged now (if anything) at ``step``."""
         if self.pending():
-            self.defer(self.take_scalars(), step)
+            self.defer(self.take_scalars(step), step)
 
-    def take_scalars(self) -> dict[str | tuple[str, ...], Tensor | float]:
+    def take_scalars(self, step: int) -> dict[str | tuple[str, ...], Tensor | float]:
+        """The staged scalars, to be written at ``step``; a tag already taken for ``step``
+        (staged in two hooks of it: ``on_train_step_end`` and ``on_validation_end``) is
+        refused."""
         out, self.scalars = self.scalars, {}
-        self._tags = set()
+        if self._taken[0] != step:
+            self._taken = (step, set())
+        tags, self._tags = self._tags, set()
+        if not tags.isdisjoint(self._taken[1]):
+            tag = sorted(tags & self._taken[1])[0]
+            raise ValueError(
+                f"stage_scalars: {tag!r} was staged twice for step {step}, in two of its hooks "
+                "(by two callbacks, or by one): both values would be written at that step"
+            )
+        self._taken[1].update(tags)
         return out
 
     def _entry(self, step: int, values: Scalars, histograms: dict[str, Tensor]) -> _Deferred:
