@@ -271,6 +271,9 @@ class _OutsideUses(TorchFunctionMode):
         #: runs (``F.batch_norm(training=True)``, in a BatchNorm or in a layer of one's own)
         self.on_mixing = on_mixing
         self.outside: dict[nn.Module, str] = {}  # unit -> the function that used its parameter
+        #: units whose parameter an embedding with ``scale_grad_by_freq`` looked up: its
+        #: gradient is divided by each index's count over the whole batch
+        self.freq_scaled: dict[nn.Module, str] = {}
         #: set while the instrument's own forward hooks run: their calls (detach, shape checks,
         #: register_hook, a tensor's properties) are not the model's, and pass straight through
         self.paused = False
@@ -284,6 +287,15 @@ class _OutsideUses(TorchFunctionMode):
             else len(args) > 5 and args[5]
         ):  # fmt: skip
             self.on_mixing(f"{getattr(func, '__name__', 'batch_norm')}(training=True)")
+        where = _FREQ_SCALED.get(func)
+        if where is not None:
+            weight = kwargs.get("weight") if kwargs and "weight" in kwargs else (
+                args[where[0]] if len(args) > where[0] else None)  # fmt: skip
+            flag = kwargs.get("scale_grad_by_freq") if kwargs and "scale_grad_by_freq" in kwargs \
+                else len(args) > where[1] and args[where[1]]  # fmt: skip
+            if flag and isinstance(weight, Tensor):
+                for unit in self.units_of.get(id(weight), ()):
+                    self.freq_scaled.setdefault(unit, getattr(func, "__name__", str(func)))
         # a use on the graph (not metadata)
         if out.requires_grad if isinstance(out, Tensor) else _requires_grad(out):
             units_of, active = self.units_of, self.active
@@ -298,6 +310,9 @@ class _OutsideUses(TorchFunctionMode):
 #: normalizations that may use the batch's statistics (their ``training`` flag: the 6th
 #: argument of both)
 _BATCH_STATISTICS = frozenset({F.batch_norm, torch.batch_norm})
+#: lookups whose ``scale_grad_by_freq`` divides the weight's gradient by each index's count
+#: in the whole batch (the positions of the weight and of the flag among the arguments)
+_FREQ_SCALED = {F.embedding: (1, 5), F.embedding_bag: (1, 5), torch.embedding: (0, 3)}
 
 
 def _batch_statistics(module: _BatchNorm) -> bool:
@@ -831,6 +846,13 @@ class PerSampleNorms(Callback):
                     f"a parameter of it enters {func}() outside its own forward (e.g. "
                     "F.linear(x, module.weight), or a weight tied by hand): that use's "
                     "per-sample part is seen by no hook",
+                )
+            for unit, func in mode.freq_scaled.items():  # (a probe: an SNR 9x off, a noise
+                self._excluded.setdefault(  # scale 25 % off, at coverage 1)
+                    self._names[unit],
+                    f"a parameter of it is looked up by {func}(scale_grad_by_freq=True), whose "
+                    "gradient divides by each index's count over the whole batch: a sample's "
+                    "part depends on the other samples",
                 )
 
     def _disarm(self) -> None:
