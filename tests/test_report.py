@@ -491,3 +491,48 @@ def test_a_loss_is_not_ranked_across_different_losses(tmp_path) -> None:
         check_comparable(collect_runs(tmp_path, curves=False), "val/loss")
     (tmp_path / "1" / ".hydra" / "config.yaml").unlink()  # (not launched through Hydra)
     check_comparable(collect_runs(tmp_path, curves=False), "val/loss")
+
+
+class Huber:
+    """A loss's constructor, for the keys it leaves at their defaults."""
+
+    def __init__(self, delta: float = 1.0, mode: str = "scalar") -> None:
+        self.delta = delta
+
+
+def test_the_losses_compared_are_those_that_ran(tmp_path) -> None:
+    """.hydra/config.yaml keeps ${oc.env:SMOOTH} as written: two jobs of different smoothing
+    read alike and were ranked by train/loss (a review). The run's metrics.json holds its loss
+    resolved, which the report reads; a key left at its default and written out, 1 and 1.0,
+    are the same loss."""
+    from conftest import train
+
+    from trainer.report import ReportError, check_comparable, collect_runs
+
+    result = train(tmp_path / "run", "trainer.max_steps=1", "instrument=none")
+    assert result["loss"] == {"_target_": "trainer.losses.CrossEntropy", "mode": "scalar",
+                              "label_smoothing": 0.0}  # fmt: skip
+    ce = {"_target_": "trainer.losses.CrossEntropy", "mode": "scalar"}
+    for name, smooth in (("0", 0.0), ("1", 0.3)):
+        (tmp_path / "sweep" / name / ".hydra").mkdir(parents=True)
+        (tmp_path / "sweep" / name / ".hydra" / "config.yaml").write_text(
+            yaml.safe_dump({"loss": {**ce, "label_smoothing": "${oc.env:SMOOTH}"}})
+        )
+        (tmp_path / "sweep" / name / "metrics.json").write_text(json.dumps({
+            "status": "completed", "train/loss": 0.1 + smooth, "val/acc": 0.9,
+            "loss": {**ce, "label_smoothing": smooth},
+        }))  # fmt: skip
+    with pytest.raises(ReportError, match=r"loss.label_smoothing=0.0: jobs 0; loss."):
+        check_comparable(collect_runs(tmp_path / "sweep", curves=False), "train/loss")
+    for name in ("0", "1"):  # (an older run's metrics.json: no loss; the config can't tell)
+        metrics = json.loads((tmp_path / "sweep" / name / "metrics.json").read_text())
+        del metrics["loss"]
+        (tmp_path / "sweep" / name / "metrics.json").write_text(json.dumps(metrics))
+    check_comparable(collect_runs(tmp_path / "sweep", curves=False), "train/loss")
+    own = {"_target_": f"{__name__}.Huber", "mode": "scalar"}
+    for name, loss in (("0", {**own, "delta": 1}), ("1", own), ("2", {**own, "delta": 1.0})):
+        (tmp_path / "own" / name).mkdir(parents=True)
+        (tmp_path / "own" / name / "metrics.json").write_text(json.dumps({
+            "status": "completed", "val/loss": 0.1, "val/mse": 0.2, "loss": loss,
+        }))  # fmt: skip
+    check_comparable(collect_runs(tmp_path / "own", curves=False), "val/loss")

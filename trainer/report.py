@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import os
@@ -51,7 +52,7 @@ HIGHER_IS_BETTER = frozenset({
     "map", "dice", "r2",
 })  # fmt: skip
 #: keys of metrics.json that are not metrics (not shown as columns)
-NOT_METRICS = {"epoch", "monitor", "status", "run_id", "checkpoint", "error", "signal"}
+NOT_METRICS = {"epoch", "monitor", "status", "run_id", "checkpoint", "error", "signal", "loss"}
 MAX_LABEL = 70  # characters of a legend label; a sweep's overrides can run long
 
 
@@ -76,8 +77,8 @@ class Run:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """tag -> [(step, value)] from the event files; a tag that was not logged is absent."""
     loss: dict[str, Any] | None = None
-    """The ``loss`` node of the job's resolved config (``.hydra/config.yaml``); None without
-    one (a run not launched through Hydra) or when it cannot be read."""
+    """The loss the job trained: metrics.json's ``loss`` (resolved), or else the ``loss`` node
+    of ``.hydra/config.yaml`` where it holds no interpolation; None where neither tells."""
 
     def value(self, key: str) -> float | None:
         """``metrics[key]`` as a float; None when absent, not a number, or not finite (NaN, or
@@ -149,7 +150,9 @@ def read_overrides(run_dir: Path) -> list[str]:
 
 
 def read_loss(run_dir: Path) -> dict[str, Any] | None:
-    """The ``loss`` node of the job's config; None when there is no readable one."""
+    """The ``loss`` node of the job's ``.hydra/config.yaml``; None when there is no readable
+    one, or it holds an interpolation (Hydra writes ``${oc.env:SMOOTH}`` as it is: two jobs
+    of different values read alike, a review's finding)."""
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         return None
@@ -158,7 +161,9 @@ def read_loss(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None  # (read_overrides warns about an unreadable .hydra/)
     loss = config.get("loss") if isinstance(config, dict) else None
-    return loss if isinstance(loss, dict) else None
+    if not isinstance(loss, dict) or "${" in json.dumps(loss, default=str):
+        return None
+    return loss
 
 
 def load_run(run_dir: Path, name: str | None = None) -> Run:
@@ -200,6 +205,8 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
         return run
     run.metrics, run.status = metrics, metrics["status"]
     run.error = str(metrics.get("error") or "")
+    if isinstance(metrics.get("loss"), dict):  # (resolved, as it ran)
+        run.loss = metrics["loss"]
     return run
 
 
@@ -358,9 +365,38 @@ def _flat(node: dict[str, Any], prefix: str = "loss.") -> dict[str, str]:
     for k, v in node.items():
         if isinstance(v, dict):
             out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, str) else json.dumps(v, default=str)
+        elif isinstance(v, str):
+            out[f"{prefix}{k}"] = v
+        else:  # (1 and 1.0 alike; dicts in lists by key)
+            out[f"{prefix}{k}"] = json.dumps(_floats(v), default=str, sort_keys=True)
     return out
+
+
+def _floats(v: Any) -> Any:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, list | tuple):
+        return [_floats(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _floats(x) for k, x in v.items()}
+    return v
+
+
+def _with_defaults(loss: dict[str, Any]) -> dict[str, Any]:
+    """``loss`` with the keys it leaves out at its class's defaults (``delta: 1.0`` written
+    out and left out are the same loss), where the class can be imported; else as it is."""
+    from hydra.utils import get_object
+
+    try:
+        signature = inspect.signature(get_object(str(loss.get("_target_"))))
+    except Exception:  # noqa: BLE001 (not importable here: compared as written)
+        return loss
+    defaults = {
+        name: p.default for name, p in signature.parameters.items()
+        if p.default is not inspect.Parameter.empty
+        and isinstance(p.default, int | float | str | bool | type(None))
+    }  # fmt: skip
+    return {**defaults, **loss}
 
 
 def check_same_loss(runs: Sequence[Run], metric: str) -> None:
@@ -383,7 +419,8 @@ def check_same_loss(runs: Sequence[Run], metric: str) -> None:
             target = str(r.loss.get("_target_"))
             drop = NOT_THE_LOSS | (NOT_IN_VAL_LOSS.get(target, frozenset())
                                    if metric == "val/loss" else frozenset())  # fmt: skip
-            losses[r.name] = _flat({k: v for k, v in r.loss.items() if k not in drop})
+            node = _with_defaults(r.loss)
+            losses[r.name] = _flat({k: v for k, v in node.items() if k not in drop})
     if len({json.dumps(v, sort_keys=True) for v in losses.values()}) < 2:
         return
     keys = sorted({k for v in losses.values() for k in v})

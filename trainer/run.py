@@ -513,6 +513,9 @@ def run(
         "status": "completed",
         "run_id": run_id,
         "checkpoint": str(last),
+        # the loss it trained, resolved (.hydra/config.yaml keeps ${...} as written): the
+        # report refuses to rank val/loss or train/loss across different ones
+        "loss": config.get("loss"),
         **continued,
     }
     if writer.failures:
