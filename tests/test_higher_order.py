@@ -330,6 +330,25 @@ def test_the_trace_comes_with_its_standard_error() -> None:
     assert math.isnan(float(one[1]))
 
 
+@pytest.mark.parametrize("probes", [1, 3])
+def test_a_loss_linear_in_the_parameters_has_no_curvature(probes) -> None:
+    """H = 0 exactly (a loss linear in θ): 0 for the eigenvalue, the trace and its standard
+    error, with 0 products; one probe has no standard error (NaN), as elsewhere."""
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model = nn.Linear(3, 1).double()
+    criterion = as_loss(lambda out, y: out.squeeze(1) * y)  # linear in θ
+    trainer = SimpleNamespace(
+        model=model, criterion=criterion, world=SINGLE,
+        objective=Objective(criterion, None, (), list(model.parameters())),
+    )  # fmt: skip
+    batch = Batch(x, torch.ones(8, dtype=torch.float64), torch.arange(8))
+    values = Curvature(1, trace_probes=probes).measure(trainer, batch)
+    assert float(values["curvature/top_eig"]) == float(values["curvature/trace"]) == 0.0
+    assert values["curvature/top_eig_iters"] == 0.0
+    stderr = float(values["curvature/trace_stderr"])
+    assert math.isnan(stderr) if probes == 1 else stderr == 0.0
+
+
 def least_squares_trainer():
     """Least squares through the Trainer's interface the curvature callback uses: (trainer,
     batch, H)."""

@@ -380,6 +380,31 @@ def test_a_factory_given_the_runs_length_is_checked_and_rebuilt_on_resume(
     assert [short[s] for s in (4, 5)] == [whole[s] for s in (4, 5)] and whole[5] > 0
 
 
+def test_a_checkpoint_from_before_schedule_lengths_resumes_twice(tmp_path) -> None:
+    """A checkpoint without ``schedule_length`` (written before 2026-12-05): its resume
+    recorded this run's length while the scheduler kept the checkpoint's, and a second resume
+    at the first run's length was refused (a review). The scheduler's own length goes on."""
+    import shutil
+
+    from conftest import train
+
+    from trainer.checkpoint import save_checkpoint
+
+    base = ["scheduler=cosine", "optimizer=sgd", "logging.every_n_steps=1", "instrument=none"]
+    train(tmp_path / "a", *base, "trainer.max_steps=6", "trainer.checkpoint.every_n_steps=3")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    third = tmp_path / "b" / "checkpoints" / "step_000000003.pt"
+    state = load_checkpoint(third)
+    assert state.pop("schedule_length") == {"T_max": 6}
+    save_checkpoint(third, state)
+    train(tmp_path / "b", *base, "trainer.max_steps=5", f"trainer.resume={third}")
+    last = tmp_path / "b" / "checkpoints" / "last.pt"
+    assert load_checkpoint(last)["schedule_length"] == {"T_max": 6}
+    train(tmp_path / "b", *base, "trainer.max_steps=6", f"trainer.resume={last}")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt")["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 class _SigtermInLastValidation(Callback):
     def on_validation_end(self, trainer, metrics) -> None:
         if trainer.finished():

@@ -674,3 +674,30 @@ def test_a_callbacks_state_goes_back_to_its_own_class_not_a_namesake(
     train(tmp_path, "trainer.max_steps=5", f"instrument={after}", f"trainer.resume={last}",
           callbacks=[mine])  # fmt: skip
     assert mine.n == 5
+
+
+def tensor_lrs(params, lr: float = 0.01) -> torch.optim.Adam:
+    """Adam whose groups' learning rates are tensors (the head's 3x the body's)."""
+    params = list(params)
+    groups = [{"params": params[:-2]}, {"params": params[-2:], "lr": torch.tensor(3 * lr)}]
+    return torch.optim.Adam(groups, lr=torch.tensor(lr), foreach=False)
+
+
+def test_a_tensor_learning_rate_is_logged_as_the_step_used_it(tmp_path) -> None:
+    """A tensor lr is changed in place by the scheduler before the step's values are read:
+    it was logged a step ahead (a review). Against CosineAnnealingLR replayed on floats."""
+    train(tmp_path, "scheduler=cosine", "trainer.max_steps=4", "logging.every_n_steps=1",
+          "instrument=none", "~optimizer", f"+optimizer._target_={__name__}.tensor_lrs",
+          "+optimizer._partial_=true")  # fmt: skip
+    scalars = read_scalars(tmp_path)
+    one, two = (torch.nn.Parameter(torch.ones(1)) for _ in range(2))
+    opt = torch.optim.SGD([{"params": [one]}, {"params": [two], "lr": 0.03}], lr=0.01)
+    replay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    want: list[list[float]] = [[], []]
+    for _ in range(4):
+        for i, g in enumerate(opt.param_groups):
+            want[i].append(g["lr"])
+        opt.step()
+        replay.step()
+    for i in (0, 1):
+        assert [v for _, v in scalars[f"lr/group_{i}"]] == pytest.approx(want[i], rel=1e-6)

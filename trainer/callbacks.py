@@ -167,7 +167,7 @@ LOOP_TAGS = frozenset({
     "train/loss", "lr", "grad_norm/total", "grad_norm/total_clipped", "grad_norm/data",
     "grad_norm/reg", "weights/mean", "weights/min", "weights/max",
 })  # fmt: skip
-LOOP_PREFIXES = ("val/", "reg/", "lr/", "_hparams_/")
+LOOP_PREFIXES = ("val/", "reg/", "lr/group_", "_hparams_/")
 
 
 def param_tag(prefix: str, name: str) -> str:

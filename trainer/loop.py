@@ -150,6 +150,13 @@ LABELS_HINT = {
 }
 
 
+def _now(value: Any) -> Any:
+    """A learning rate as it is now: a tensor one (capturable Adam's) copied on the device,
+    as the scheduler changes it in place before the step's values are read (it was logged a
+    step ahead: a review)."""
+    return value.detach().clone() if isinstance(value, Tensor) else value
+
+
 def _qualified(cb: Callback) -> str:
     """A callback's class as a checkpoint names it: ``module.QualifiedName``."""
     return f"{type(cb).__module__}.{type(cb).__qualname__}"
@@ -888,7 +895,7 @@ class Trainer:
         has_reg = self.objective.has_regularizers
         # the lr of this step, each group's (an optimizer of one's own may have none: not
         # logged)
-        lrs = [g.get("lr") for g in self.optimizer.param_groups] if should_log else []
+        lrs = [_now(g.get("lr")) for g in self.optimizer.param_groups] if should_log else []
         # the norms and the clipping are the same on a skipped step (a step the guard skips
         # on the host logs the non-finite total it would log deferred, where the skip is
         # decided on the device); only the update is left out

@@ -380,6 +380,12 @@ def run(
             _check_schedule_length(
                 trainer, resume_path, cfg.scheduler, resume_state.get("schedule_length")
             )
+            if "schedule_length" not in resume_state:  # (a checkpoint from before 2026-12-05:
+                # the length its scheduler state kept, not this run's, goes on)
+                trainer.schedule_length = {
+                    k: n for k in run_length_keys(cfg.scheduler)
+                    if isinstance(n := getattr(trainer.scheduler, k, None), int)
+                }  # fmt: skip
             world = distributed.from_env()
             set_rng_state(rank_rng_state(resume_state, world.rank, world.size))
             home = _home_of(resume_path)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from trainer.callbacks import Callback
 from trainer.instrument.curvature import (
     Curvature,
+    hutchinson,
     hutchinson_trace,
     hvp,
     power_iteration,
@@ -39,6 +40,7 @@ __all__ = [
     "RawHistogram",
     "build_callbacks",
     "histograms",
+    "hutchinson",
     "hutchinson_trace",
     "hvp",
     "power_iteration",

@@ -177,7 +177,8 @@ def hutchinson(
 
 
 class Curvature(Callback):
-    """Logs ``curvature/top_eig`` and ``curvature/trace`` every ``every_n_steps`` optimizer steps.
+    """Logs ``curvature/top_eig``, ``curvature/trace`` and its standard error
+    (``curvature/trace_stderr``) every ``every_n_steps`` optimizer steps.
 
     What is measured: the Hessian, with respect to every trainable parameter, of the objective
     the step's data gradient is the gradient of, on the step's (last) micro-batch and at the
@@ -308,8 +309,9 @@ class Curvature(Callback):
         curved = x.shape[0] > 0 and any(g.requires_grad for g in grads)
         if not curved and not ddp:  # the loss is linear in θ: H = 0
             zero = torch.zeros((), device=params[0].device)
+            spread = zero if self.trace_probes > 1 else torch.full_like(zero, torch.nan)
             return {"curvature/top_eig": zero, "curvature/top_eig_iters": 0.0,
-                    "curvature/trace": zero, "curvature/trace_stderr": zero}  # fmt: skip
+                    "curvature/trace": zero, "curvature/trace_stderr": spread}  # fmt: skip
 
         def product(v: list[Tensor]) -> list[Tensor]:
             # data-parallel: H v of the global objective, the sum of the ranks' parts (every
