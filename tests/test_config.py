@@ -384,3 +384,32 @@ def test_a_trainer_built_by_hand_refuses_a_plateau_scheduler_against_its_metric(
     plain = DataLoader(TensorDataset(split.x, split.y), batch_size=8)
     with pytest.raises(TypeError, match=r"val_loader is a DataLoader without set_epoch"):
         Trainer(model, opt, loader, plain, criterion=CrossEntropy(), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("argument", "match"),
+    [
+        ({"accumulate_grad_batches": -1}, r"accumulate_grad_batches: got -1, must be >= 1"),
+        ({"accumulate_grad_batches": 0}, r"accumulate_grad_batches: got 0"),
+        ({"max_epochs": -1}, r"max_epochs: got -1, must be >= 1"),
+        ({"max_steps": 0}, r"max_steps: got 0, must be >= 1, or -1"),
+        ({"grad_clip": -1.0}, r"grad_clip: got -1.0, must be >= 0"),
+        ({"precision": "fp16"}, r"precision: got 'fp16', expected '32', 'bf16' or '16'"),
+        ({"log_every_n_steps": 0}, r"log_every_n_steps: got 0"),
+    ],
+)
+def test_a_trainer_built_by_hand_checks_its_numbers(argument, match) -> None:
+    """The config's schema checks these; a Trainer built by hand took them: accumulation of
+    -1 never ended an epoch, 0 divided by zero, max_epochs=-1 trained nothing, grad_clip=-1
+    clipped nothing, 'fp16' failed with a KeyError (a probe)."""
+    from trainer.data.base import InMemoryLoader, TensorSplit
+    from trainer.loop import Trainer
+    from trainer.losses import CrossEntropy
+
+    model = torch.nn.Linear(4, 3)
+    split = TensorSplit(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    loader = InMemoryLoader(split, 8, torch.device("cpu"), shuffle=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with pytest.raises(ValueError, match=f"Trainer: {match}"):
+        Trainer(model, opt, loader, loader, criterion=CrossEntropy(), device=torch.device("cpu"),
+                **argument)  # fmt: skip

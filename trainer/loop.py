@@ -66,6 +66,36 @@ log = logging.getLogger(__name__)
 _AMP_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
+def _check_arguments(
+    precision: Any,
+    grad_clip: float,
+    accumulate: int,
+    max_epochs: int,
+    max_steps: int,
+    log_every: int,
+) -> None:
+    """The Trainer's numbers, as the config's schema checks them (built by hand from Python,
+    ``accumulate_grad_batches=-1`` never ended an epoch, ``0`` divided by zero, ``max_epochs
+    =-1`` trained nothing and ``grad_clip=-1`` clipped nothing, unsaid: a probe).
+
+    Raises:
+        ValueError: one is out of its range, naming it.
+    """  # fmt: skip
+    checks = [
+        (str(precision) in _AMP_DTYPES, "precision", f"{precision!r}, expected '32', 'bf16' or "
+         "'16'"),
+        (grad_clip >= 0, "grad_clip", f"{grad_clip}, must be >= 0 (0: no clipping)"),
+        (accumulate >= 1, "accumulate_grad_batches", f"{accumulate}, must be >= 1"),
+        (max_epochs >= 1, "max_epochs", f"{max_epochs}, must be >= 1"),
+        (max_steps == -1 or max_steps >= 1, "max_steps", f"{max_steps}, must be >= 1, or -1 "
+         "for no limit"),
+        (log_every >= 1, "log_every_n_steps", f"{log_every}, must be >= 1"),
+    ]  # fmt: skip
+    for ok, name, got in checks:
+        if not ok:
+            raise ValueError(f"Trainer: {name}: got {got}")
+
+
 def check_plateau(scheduler: Any, monitor: str) -> None:
     """A ``ReduceLROnPlateau`` steps on the monitored metric after each validation: its
     ``mode`` must agree with the metric's direction (``mode: min`` on val/acc would cut the
@@ -219,6 +249,8 @@ class Trainer:
         #: the config's ``monitor``)
         self.monitor: str = self.criterion.monitor
         self.device = device
+        _check_arguments(precision, grad_clip, accumulate_grad_batches, max_epochs, max_steps,
+                         log_every_n_steps)  # fmt: skip
         self.amp_dtype = _AMP_DTYPES[str(precision)]
         self.scaler = torch.amp.GradScaler(device.type) if str(precision) == "16" else None
         half = [n for n, p in model.named_parameters() if p.dtype == torch.float16]
