@@ -4,6 +4,7 @@ message, or shifted other logged values)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -757,3 +758,30 @@ def test_a_float64_models_validation_metrics_are_in_float64() -> None:
     output = torch.stack([x, x * (1 + 1e-12)], 1)
     sums = CrossEntropy().val_sums(output, torch.ones(8, dtype=torch.long))
     assert sums["val/acc"].tolist() == [8.0, 8.0] and sums["val/loss"].dtype == torch.float64
+
+
+class WrongArity(Callback):
+    def on_train_step_end(self, trainer) -> None:  # type: ignore[override]  (out missing)
+        pass
+
+
+class RaisesInRestPoint(Callback):
+    def on_rest_point(self, trainer) -> None:
+        raise RuntimeError("my bug")
+
+
+def test_a_callbacks_hooks_are_checked_when_added_and_named_when_they_raise(tmp_path) -> None:
+    """A hook of the wrong signature failed at the first step, after training began; the
+    error a raising hook left in metrics.json named neither the callback nor the hook; the
+    same instance given twice ran its hooks twice a step (a probe)."""
+    called = r"cannot be called as the loop calls it, on_train_step_end\(trainer, out\)"
+    with pytest.raises(TypeError, match=r"WrongArity.on_train_step_end\(trainer\) " + called):
+        train(tmp_path / "arity", *TINY, callbacks=[WrongArity()])
+    assert not (tmp_path / "arity" / "checkpoints" / "last.pt").exists()
+    twice = StagesIn("on_train_step_end", "u/x")
+    with pytest.raises(ValueError, match=r"the same StagesIn instance is given twice"):
+        train(tmp_path / "twice", *TINY, callbacks=[twice, twice])
+    with pytest.raises(RuntimeError, match="my bug"):
+        train(tmp_path / "raises", *TINY, callbacks=[RaisesInRestPoint()])
+    error = json.loads((tmp_path / "raises" / "metrics.json").read_text())["error"]
+    assert error == "RuntimeError: my bug (in RaisesInRestPoint.on_rest_point)"

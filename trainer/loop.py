@@ -141,6 +141,31 @@ def _check_stateful(key: str, part: Stateful) -> None:
             ) from None
 
 
+def _check_hook(cb: Callback, name: str) -> None:
+    """Refuse a hook that cannot be called as the loop calls it (``on_train_step_end(self,
+    trainer)`` failed at the first step, after training had begun: a probe)."""
+    expected = inspect.signature(getattr(Callback, name))
+    try:
+        inspect.signature(getattr(cb, name)).bind(*[None] * (len(expected.parameters) - 1))
+    except TypeError:
+        raise TypeError(
+            f"callbacks: {type(cb).__name__}.{name}"
+            f"({', '.join(inspect.signature(getattr(cb, name)).parameters)}) "
+            f"cannot be called as the loop calls it, {name}"
+            f"({', '.join(list(expected.parameters)[1:])})"
+        ) from None
+    except ValueError:  # (no signature to read: a builtin; taken as it is)
+        return
+
+
+def _note_hook(error: Exception, hook: Any, name: str) -> None:
+    """Name the callback and hook an error came from (once, as a note the recorded error
+    carries: ``trainer.run`` writes the notes after the message)."""
+    note = f"(in {type(_owner(hook)).__name__}.{name})"
+    if note not in getattr(error, "__notes__", ()):
+        error.add_note(note)
+
+
 def _owner(hook: Any) -> Any:
     """The callback a hook (its bound method) belongs to."""
     return getattr(hook, "__self__", hook)
@@ -378,14 +403,26 @@ class Trainer:
                     f"callbacks: {type(cb).__name__} is not a trainer.callbacks.Callback "
                     "(subclass it and override the hooks it needs)"
                 )
-            self.callbacks.append(cb)
+            if any(cb is c for c in self.callbacks):  # (its hooks ran twice a step)
+                raise ValueError(
+                    f"callbacks: the same {type(cb).__name__} instance is given twice; give "
+                    "it once (or two instances)"
+                )
             for name in HOOKS:  # only the hooks it overrides are called
+                if getattr(type(cb), name) is not getattr(Callback, name):
+                    _check_hook(cb, name)
+            self.callbacks.append(cb)
+            for name in HOOKS:
                 if getattr(type(cb), name) is not getattr(Callback, name):
                     self._hooks[name].append(getattr(cb, name))
 
     def _fire(self, name: str, *args: Any) -> None:
         for hook in self._hooks[name]:
-            hook(self, *args)
+            try:
+                hook(self, *args)
+            except Exception as e:  # (the error recorded named neither: a probe)
+                _note_hook(e, hook, name)
+                raise
 
     def _fire_each(self, name: str, *args: Any) -> list[tuple[Any, BaseException]]:
         """Every callback's hook ``name``, each also when an earlier one raised (the end of a
@@ -396,7 +433,9 @@ class Trainer:
             try:
                 hook(self, *args)
             except BaseException as e:  # noqa: BLE001 (raised, or logged, by the caller; a
-                errors.append((hook, e))  # Ctrl-C in a slow report too: the final checkpoint)
+                if isinstance(e, Exception):  # Ctrl-C in a slow report too: the final
+                    _note_hook(e, hook, name)  # checkpoint)
+                errors.append((hook, e))
         return errors
 
     def _fire_between(self, name: str, *args: Any) -> None:

@@ -494,7 +494,8 @@ def run(
     except BaseException as e:
         failed: dict[str, Any] = {
             "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-            "error": f"{type(e).__name__}: {e}",
+            "error": f"{type(e).__name__}: {e}"
+            + "".join(f" {n}" for n in getattr(e, "__notes__", ())),
             "wall_s": wall_s(),
         }
         if trainer is not None:  # how far it got
