@@ -36,7 +36,9 @@ def test_default_run_learns_digits_and_writes_its_files(tmp_path) -> None:
         "status",
         "run_id",
         "checkpoint",
+        "loss",
     }
+    assert on_disk["loss"]["_target_"] == "trainer.losses.CrossEntropy"
     assert on_disk["checkpoint"] == str(tmp_path / "checkpoints" / "last.pt")
 
     # the checkpoint loads with weights_only=True and reproduces val/acc independently

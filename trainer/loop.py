@@ -1173,7 +1173,7 @@ class Trainer:
             if match is None:  # added on this resume: one that keeps no state is not missed
                 if cb.state_dict():
                     log.warning("the checkpoint holds no state for callback %s: it starts fresh",
-                                name)  # fmt: skip
+                                type(cb).__name__)  # fmt: skip
                 continue
             cb.load_state_dict(saved.pop(match)[1])
         for name, kept in saved:  # (an instrument this resume turned off: as intended)
