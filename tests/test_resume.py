@@ -830,3 +830,37 @@ def test_a_sweep_stopped_before_all_its_jobs_started_counts_them(tmp_path, caplo
     with caplog.at_level("INFO", logger="trainer.sweep"):
         summary._summarize(other, stopped=False)
     assert "all 3 jobs completed" in caplog.text
+
+
+def test_a_value_naming_the_jobs_folder_is_kept_as_written_in_a_runs_identity(
+    monkeypatch,
+) -> None:
+    """A callback writing ${hydra:runtime.output_dir}/hooks.jsonl: every start, in a folder of
+    its own, was another run (resume=auto found none), and an explicit resume a changed config
+    (a probe). Such a value is kept as written; one interpolating the job number (a seed)
+    still tells runs apart."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    from trainer.checkpoint import derive_run_id, resume_changes
+    from trainer.run import identity_config
+
+    setup_globals()  # (Hydra's resolvers, as a launched job has them)
+    ids = []
+    for folder, num in (("a", 0), ("b", 0), ("c", 1)):
+        hydra = OmegaConf.create({"runtime": {"output_dir": f"/runs/{folder}"},
+                                  "job": {"num": num}})  # fmt: skip
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda h=hydra: h))
+        cfg = OmegaConf.create({
+            "seed": "${hydra:job.num}",
+            "callbacks": {"log": {"_target_": "mypkg.Log",
+                                  "path": "${hydra:runtime.output_dir}/hooks.jsonl"}},
+        })  # fmt: skip
+        identity = identity_config(cfg)
+        assert identity["callbacks"]["log"]["path"] == "${hydra:runtime.output_dir}/hooks.jsonl"
+        assert identity["seed"] == num
+        ids.append((derive_run_id(identity), identity))
+    assert ids[0][0] == ids[1][0] != ids[2][0]
+    assert resume_changes(ids[0][1], ids[1][1]) == []
+    assert resume_changes(ids[0][1], ids[2][1]) == ["seed: 0 -> 1"]

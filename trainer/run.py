@@ -165,6 +165,32 @@ _PAST_LENGTH = {
 }
 
 
+#: Hydra's keys naming where a job writes (its own folder, different at every start), not
+#: what it computes: a value interpolating one is kept as written in a run's identity
+RUN_DIR_KEYS = ("${hydra:runtime.output_dir}", "${hydra:run.dir}", "${hydra:sweep.dir}")
+
+
+def identity_config(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` resolved, as a run's identity (its derived ``run_id``) and a checkpoint keep
+    it, except values that interpolate the job's folder (:data:`RUN_DIR_KEYS`), kept as
+    written: a callback writing ``${hydra:runtime.output_dir}/hooks.jsonl`` made every start
+    another run (``resume=auto`` found none) and an explicit resume a changed config (a
+    probe's finding). A value reaching the folder through another key is resolved."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+
+    def kept(r: Any, v: Any) -> Any:
+        if isinstance(r, dict) and isinstance(v, dict):
+            return {k: kept(r.get(k), x) for k, x in v.items()}
+        if isinstance(r, list) and isinstance(v, list) and len(r) == len(v):
+            return [kept(a, b) for a, b in zip(r, v, strict=True)]
+        if isinstance(r, str) and any(key in r for key in RUN_DIR_KEYS):
+            return r
+        return v
+
+    return cast(dict[str, Any], kept(raw, resolved))
+
+
 def _check_schedule_length(
     trainer: Trainer, checkpoint: Path, cfg: DictConfig, saved: dict[str, int] | None = None
 ) -> None:
@@ -305,7 +331,7 @@ def run(
         refuse_repeated_choices()
         typed = validate(cfg)  # every config error surfaces here, before anything is built
         tc = typed.trainer
-        config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+        config = identity_config(cfg)
         run_id = tc.run_id or derive_run_id(config)  # type: ignore[arg-type]
         resume_state = None
         if tc.resume:
