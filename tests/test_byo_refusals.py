@@ -785,3 +785,15 @@ def test_a_callbacks_hooks_are_checked_when_added_and_named_when_they_raise(tmp_
         train(tmp_path / "raises", *TINY, callbacks=[RaisesInRestPoint()])
     error = json.loads((tmp_path / "raises" / "metrics.json").read_text())["error"]
     assert error == "RuntimeError: my bug (in RaisesInRestPoint.on_rest_point)"
+
+
+def test_a_model_with_nothing_to_train_is_named_not_the_loss(tmp_path) -> None:
+    """Every parameter frozen: the error blamed the loss for detaching its losses (a probe)."""
+
+    class FreezeAll(Callback):
+        def on_fit_start(self, trainer) -> None:
+            for p in trainer.model.parameters():
+                p.requires_grad_(False)
+
+    with pytest.raises(ValueError, match=r"the model has no trainable parameter"):
+        train(tmp_path, *TINY, callbacks=[FreezeAll()])

@@ -154,6 +154,10 @@ class Objective:
             why = (
                 f"of dtype {losses.dtype} (integer losses have no gradient)"
                 if not losses.is_floating_point()
+                else "that do not require grad, as the model has no trainable parameter (all "
+                "requires_grad=False: nothing to train; a callback may unfreeze some in "
+                "on_fit_start)"
+                if not any(p.requires_grad for p in self.params)
                 else "that do not require grad (detached from the model's graph: .detach(), "
                 ".item(), a NumPy round trip, or torch.no_grad)"
             )
