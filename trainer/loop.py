@@ -356,6 +356,14 @@ class Trainer:
         #: set by a callback in on_before_optimizer_step to have the loop measure and stage
         #: grad_norm/total_clipped (after clipping) for this step
         self.measure_clipped_norm = False
+        #: set (in on_fit_start) by a callback that may skip steps (the guard with
+        #: policy=skip): the model's buffers are copied before each step's first forward and
+        #: put back where the step is skipped (a BatchNorm's running statistics, which the
+        #: forward updates before any check: a NaN batch's made every later validation NaN)
+        self.restore_buffers_on_skip = False
+        self._buffers: list[Tensor] = []
+        self._buffers_before: list[Tensor] | None = None
+        self._window_open = False
         #: the step's gradient norms as a callback computed them (share_grad_norms)
         self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor]] | None = None
         self._dtypes_of_params()
@@ -595,6 +603,7 @@ class Trainer:
             # (a callback's on_fit_start raising: every callback's on_exception, which
             # restores what the others' took, e.g. the signal handlers)
             self._fire("on_fit_start")  # (what it stages: with the first step, at its number)
+            self._buffers = list(self.model.buffers()) if self.restore_buffers_on_skip else []
             for cb in self.callbacks:  # a user's state a checkpoint cannot hold: said now,
                 if type(cb).__module__.startswith("trainer."):  # not at the first one
                     continue
@@ -919,6 +928,9 @@ class Trainer:
         self._follow_trainable()
         self._fire("on_train_batch_start", batch)
         x, y, index = batch
+        if self._buffers and not self._window_open:  # (the window's first micro-batch)
+            self._keep_buffers()
+        self._window_open = not step_now
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.input_penalty is not None:
@@ -1003,6 +1015,8 @@ class Trainer:
             conditional_step(self.optimizer, self.skip_step_where)
         else:
             step_optimizer(self.optimizer)  # (optimizer.step(); trainer/update.py)
+        if self._buffers_before is not None:
+            self._put_back_buffers()
         self._advance_schedule()  # a skipped step is a step: the schedule goes on
         clear_grads(self.optimizer)  # (optimizer.zero_grad(set_to_none=True))
         for p in self._unowned:  # (trainable, not the optimizer's: usually none)
@@ -1021,6 +1035,27 @@ class Trainer:
                 self.write_deferred()
         self.objective.end_step()
         self.progress.update()
+
+    def _keep_buffers(self) -> None:
+        """Copy the model's buffers before a step's first forward (one foreach copy, into
+        copies kept from step to step)."""
+        if self._buffers_before is None:
+            self._buffers_before = [b.clone() for b in self._buffers]
+        else:
+            torch._foreach_copy_(self._buffers_before, self._buffers)
+
+    def _put_back_buffers(self) -> None:
+        """The buffers as they were before the step, where it is skipped: on the host's word
+        (``skip_step``), or where the device's flag is set (``skip_step_where``: a
+        ``torch.where`` per buffer, no host read)."""
+        before = self._buffers_before
+        assert before is not None
+        if self.skip_step:
+            torch._foreach_copy_(self._buffers, before)
+        elif self.skip_step_where is not None:
+            skip = self.skip_step_where.bool()
+            for b, kept in zip(self._buffers, before, strict=True):
+                b.copy_(torch.where(skip, kept, b))
 
     def _advance_schedule(self) -> None:
         if self.scheduler is None or isinstance(self.scheduler, ReduceLROnPlateau):

@@ -125,6 +125,8 @@ class NonfiniteGuard(Callback):
                 )
             deferred = False
         self.deferred = deferred
+        if self.policy == "skip":  # a skipped step leaves the buffers as they were too
+            trainer.restore_buffers_on_skip = True
         self.on_params_change(trainer)
         # the floating-point buffers finite now (a mask of −Inf is non-finite on purpose):
         # those a skipped step is checked for (one host read, before the first step)
@@ -416,7 +418,8 @@ class NonfiniteGuard(Callback):
         elif trainer.logger is not None:  # written at its own step (nothing else staged)
             trainer.logger.add_floats(value, step)
         log.warning("step %d skipped: %s", step, cause)
-        self._buffers_hit(trainer, step, read_at)
+        if read_at is not None or not trainer.restore_buffers_on_skip:  # (decided now: the
+            self._buffers_hit(trainer, step, read_at)  # loop puts them back after this hook)
         if self.consecutive >= self.max_consecutive:
             later = _read_later(step, read_at)
             raise NonFiniteError(
