@@ -1008,3 +1008,22 @@ def test_regularizers_with_parameters_one_rank_does_not_use_train_as_one_process
     final = load_checkpoint(ranks[0] / "checkpoints" / "last.pt")["model"]
     for k, v in load_checkpoint(one / "checkpoints" / "last.pt")["model"].items():
         assert (final[k] - v).abs().max() <= 1e-6, k
+
+
+def test_an_embedding_scaled_by_its_batchs_counts_is_said_to_differ(caplog) -> None:
+    """scale_grad_by_freq divides by each rank's (or micro-batch's) own counts: 2 ranks'
+    embedding gradient norm was 46 % off one process's, silently (a probe). Said, naming it;
+    one process of one micro-batch, or an embedding without it, says nothing."""
+    from torch import nn
+
+    from trainer.run import check_frequency_scaling
+
+    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Embedding(5, 3))
+    with caplog.at_level("WARNING", logger="trainer.run"):
+        check_frequency_scaling(model, 1, 1)
+        assert not caplog.records
+        check_frequency_scaling(model, 2, 1)
+        check_frequency_scaling(model, 1, 4)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all(m.startswith("0: scale_grad_by_freq divides") for m in said)
+    assert "each rank's part (2 ranks)" in said[0] and "each micro-batch (4 a step)" in said[1]
