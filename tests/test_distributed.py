@@ -1027,3 +1027,32 @@ def test_an_embedding_scaled_by_its_batchs_counts_is_said_to_differ(caplog) -> N
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and all(m.startswith("0: scale_grad_by_freq divides") for m in said)
     assert "each rank's part (2 ranks)" in said[0] and "each micro-batch (4 a step)" in said[1]
+
+
+def _rank_failing_at_the_end(rank, world, port, overrides, run_dir) -> None:
+    torch.set_num_threads(1)
+    join_group(rank, world, port)
+    from trainer.callbacks import Callback
+    from trainer.run import run
+
+    class FailsOnRank1(Callback):
+        def on_fit_end(self, trainer, metrics) -> None:
+            if rank == 1:
+                raise RuntimeError("boom on rank 1")
+
+    run(make_cfg(*overrides), run_dir, callbacks=[FailsOnRank1()])
+
+
+def test_an_on_fit_end_failing_on_another_rank_fails_the_run(tmp_path) -> None:
+    """Rank 1's on_fit_end raised; rank 0 wrote the run completed, and a sweep counted it so
+    (a probe). Every rank's on_fit_end errors are gathered at the end: rank 0 fails too,
+    naming rank 1's error in metrics.json."""
+    dirs = [tmp_path / "r0", tmp_path / "r1"]
+    codes = ranks_of(_rank_failing_at_the_end, (*COMMON, "trainer.max_steps=2"), dirs)
+    assert codes[0] != 0 and codes[1] != 0
+    metrics = json.loads((dirs[0] / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+    assert metrics["error"] == (
+        "RuntimeError: on_fit_end raised on another rank (rank 1: RuntimeError: boom on rank 1 "
+        "(in FailsOnRank1.on_fit_end))"
+    )

@@ -646,6 +646,8 @@ class Trainer:
             # them); the run then fails with the first error, and only those that raised get
             # on_exception (instead of on_fit_end, never as well)
             errors = self._fire_each("on_fit_end", self.metrics)
+            if self.world.distributed:  # (once, at the end: a collective of every rank)
+                errors = self._errors_of_every_rank(errors)
             self.staging.defer_staged(self.global_step)
             if errors:
                 ended = {id(cb) for cb in self.callbacks} - {id(_owner(h)) for h, _ in errors}
@@ -674,6 +676,22 @@ class Trainer:
                 self.staging.flush(self.logger, strict=False)
             raise
         return self.metrics
+
+    def _errors_of_every_rank(
+        self, errors: list[tuple[Any, BaseException]]
+    ) -> list[tuple[Any, BaseException]]:
+        """``errors``, or, where only another rank's ``on_fit_end`` raised, an error naming
+        that rank and its error: rank 0 wrote the run completed while rank 1 failed (a
+        probe's finding)."""
+        told = [f"{type(e).__name__}: {e}" + "".join(f" {n}" for n in getattr(e, "__notes__", ()))
+                for _, e in errors]  # fmt: skip
+        every = all_gather_objects(told)
+        if errors:
+            return errors
+        others = [f"rank {r}: {m[0]}" for r, m in enumerate(every) if m]  # type: ignore[index]
+        if not others:
+            return []
+        return [(None, RuntimeError(f"on_fit_end raised on another rank ({'; '.join(others)})"))]
 
     def finished(self) -> bool:
         return self.epoch >= self.max_epochs or self._done()
