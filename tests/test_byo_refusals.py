@@ -797,3 +797,40 @@ def test_a_model_with_nothing_to_train_is_named_not_the_loss(tmp_path) -> None:
 
     with pytest.raises(ValueError, match=r"the model has no trainable parameter"):
         train(tmp_path, *TINY, callbacks=[FreezeAll()])
+
+
+class FlushCounter(Callback):
+    """Stages how often on_flush ran, under one tag."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_flush(self, trainer) -> None:
+        self.n += 1
+        trainer.stage_scalars({"u/flushes": float(self.n)})
+
+
+def test_a_callback_staging_in_on_flush_ends_its_run(tmp_path) -> None:
+    """on_flush ran twice at the run's last step (the end's write and the final
+    checkpoint's), and a callback staging a tag there had it refused as staged twice: the
+    run failed at its end (a review). It runs once a step; what it stages is written."""
+    flushes = FlushCounter()
+    train(tmp_path, *TINY, "trainer.max_steps=4", "logging.every_n_steps=1",
+          "trainer.checkpoint.every_n_steps=2", callbacks=[flushes])  # fmt: skip
+    got = read_scalars(tmp_path)["u/flushes"]
+    assert [s for s, _ in got] == sorted({s for s, _ in got}) and got[-1] == (4, flushes.n)
+
+
+def test_a_tag_refused_as_staged_twice_leaves_the_others_to_be_written() -> None:
+    """The refusal emptied the staged scalars before raising: the failure's own write lost
+    the step's other values (a review). Only the entries holding the tag are dropped."""
+    from trainer.metrics import Staging
+
+    staging = Staging()
+    staging.stage({"u/a": 1.0})
+    assert staging.take_scalars(1) == {"u/a": 1.0}
+    staging.stage({"u/a": 2.0, "u/b": 3.0})
+    staging.stage({("u/c", "u/a2"): torch.ones(2)})
+    with pytest.raises(ValueError, match="'u/a' was staged twice for step 1"):
+        staging.take_scalars(1)
+    assert set(staging.take_scalars(1)) == {"u/b", ("u/c", "u/a2")}

@@ -988,6 +988,8 @@ class NormedNaNAt(torch.nn.Module):
         self.at, self.calls = at, 0
         # (a causal mask: non-finite on purpose, never to be named)
         self.register_buffer("mask", torch.full((4, 4), -torch.inf).triu(1))
+        # an average kept out of place: a new tensor at each training forward
+        self.register_buffer("ema", torch.zeros(16))
 
     def forward(self, x):
         x = x.flatten(1)
@@ -995,7 +997,10 @@ class NormedNaNAt(torch.nn.Module):
             self.calls += 1
             if self.calls == self.at:
                 x = x * torch.nan
-        return self.head(torch.relu(self.norm(self.a(x))))
+        h = self.a(x)
+        if self.training:
+            self.ema = 0.9 * self.ema + 0.1 * h.detach().mean(0)
+        return self.head(torch.relu(self.norm(h)))
 
 
 class BuffersAroundStep3(Callback):
@@ -1027,6 +1032,7 @@ def test_a_skipped_step_puts_back_the_buffers_its_forward_wrote(tmp_path, sync, 
     assert any("step 3 skipped" in r.getMessage() for r in caplog.records)
     assert not any("hold non-finite values" in r.getMessage() for r in caplog.records)
     assert seen.before.keys() == seen.after.keys() and "norm.num_batches_tracked" in seen.before
+    assert "ema" in seen.before  # (replaced at each forward: put back into the new tensor)
     assert all(torch.equal(seen.before[n], seen.after[n]) for n in seen.before)
     assert math.isfinite(metrics["val/loss"])
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]

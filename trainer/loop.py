@@ -361,9 +361,12 @@ class Trainer:
         #: put back where the step is skipped (a BatchNorm's running statistics, which the
         #: forward updates before any check: a NaN batch's made every later validation NaN)
         self.restore_buffers_on_skip = False
-        self._buffers: list[Tensor] = []
+        #: (module, name) of each buffer, read anew at each step (a forward may replace a
+        #: buffer by a new tensor: an EMA codebook's ``self.ema = self.ema * d + ...``)
+        self._buffers: list[tuple[nn.Module, str]] = []
         self._buffers_before: list[Tensor] | None = None
         self._window_open = False
+        self._flushed_at: int | None = None  # the step on_flush last ran at
         #: the step's gradient norms as a callback computed them (share_grad_norms)
         self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor]] | None = None
         self._dtypes_of_params()
@@ -541,7 +544,9 @@ class Trainer:
         collective, so not after a failure, which one rank may have alone)."""
         try:
             self.staging.flush(self.logger)  # host sync: logging steps, checkpoints, the end
-            self._fire("on_flush")
+            if self._flushed_at != self.global_step:  # (once a step: the end's write and the
+                self._flushed_at = self.global_step  # final checkpoint's are at one step,
+                self._fire("on_flush")  # and a callback staging a tag there was refused)
         finally:  # (data-parallel: also where writing failed on this rank alone, as a full
             # disk on rank 0 at a checkpoint, which then goes on to its gather: the others do)
             if check and self.objective.weighting is not None:
@@ -603,7 +608,10 @@ class Trainer:
             # (a callback's on_fit_start raising: every callback's on_exception, which
             # restores what the others' took, e.g. the signal handlers)
             self._fire("on_fit_start")  # (what it stages: with the first step, at its number)
-            self._buffers = list(self.model.buffers()) if self.restore_buffers_on_skip else []
+            self._buffers = [
+                (m, n) for m in self.model.modules() for n, b in m._buffers.items()
+                if b is not None and self.restore_buffers_on_skip
+            ]  # fmt: skip
             for cb in self.callbacks:  # a user's state a checkpoint cannot hold: said now,
                 if type(cb).__module__.startswith("trainer."):  # not at the first one
                     continue
@@ -646,11 +654,12 @@ class Trainer:
             # them); the run then fails with the first error, and only those that raised get
             # on_exception (instead of on_fit_end, never as well)
             errors = self._fire_each("on_fit_end", self.metrics)
-            if self.world.distributed:  # (once, at the end: a collective of every rank)
-                errors = self._errors_of_every_rank(errors)
+            # (those that ran through get no on_exception, whatever fails after)
+            ended = {id(cb) for cb in self.callbacks} - {id(_owner(h)) for h, _ in errors}
+            if self.world.distributed and self.stopped_by is None:  # (once, at the end: a
+                errors = self._errors_of_every_rank(errors)  # collective of every rank)
             self.staging.defer_staged(self.global_step)
             if errors:
-                ended = {id(cb) for cb in self.callbacks} - {id(_owner(h)) for h, _ in errors}
                 for hook, error in errors[1:]:
                     name = type(_owner(hook)).__name__
                     log.error("callback %s: on_fit_end raised too: %r", name, error)
@@ -683,8 +692,13 @@ class Trainer:
         """``errors``, or, where only another rank's ``on_fit_end`` raised, an error naming
         that rank and its error: rank 0 wrote the run completed while rank 1 failed (a
         probe's finding)."""
-        told = [f"{type(e).__name__}: {e}" + "".join(f" {n}" for n in getattr(e, "__notes__", ()))
-                for _, e in errors]  # fmt: skip
+        told = []
+        for _, e in errors:
+            try:
+                told.append(f"{type(e).__name__}: {e}"
+                            + "".join(f" {n}" for n in getattr(e, "__notes__", ())))  # fmt: skip
+            except Exception:  # noqa: BLE001 (a message that cannot be made: every rank must
+                told.append(type(e).__name__)  # still reach the gather)
         every = all_gather_objects(told)
         if errors:
             return errors
@@ -1054,26 +1068,44 @@ class Trainer:
         self.objective.end_step()
         self.progress.update()
 
+    def _current_buffers(self) -> list[Tensor | None]:
+        return [m._buffers.get(n) for m, n in self._buffers]
+
     def _keep_buffers(self) -> None:
         """Copy the model's buffers before a step's first forward (one foreach copy, into
-        copies kept from step to step)."""
-        if self._buffers_before is None:
-            self._buffers_before = [b.clone() for b in self._buffers]
+        copies kept from step to step; made again where a buffer changed its shape, dtype or
+        device)."""
+        now = self._current_buffers()
+        kept = self._buffers_before
+        if kept is None or any(
+            b is None or b.shape != k.shape or b.dtype != k.dtype or b.device != k.device
+            for b, k in zip(now, kept, strict=True)
+        ):
+            self._buffers_before = [
+                b.detach().clone() if b is not None else torch.empty(0) for b in now
+            ]
         else:
-            torch._foreach_copy_(self._buffers_before, self._buffers)
+            torch._foreach_copy_(kept, [b for b in now if b is not None])  # (all here)
 
     def _put_back_buffers(self) -> None:
         """The buffers as they were before the step, where it is skipped: on the host's word
         (``skip_step``), or where the device's flag is set (``skip_step_where``: a
-        ``torch.where`` per buffer, no host read)."""
+        ``torch.where`` per buffer, no host read). Into the module's current buffer (a
+        forward may have put a new tensor there), where its shape and dtype are unchanged."""
         before = self._buffers_before
         assert before is not None
-        if self.skip_step:
-            torch._foreach_copy_(self._buffers, before)
-        elif self.skip_step_where is not None:
-            skip = self.skip_step_where.bool()
-            for b, kept in zip(self._buffers, before, strict=True):
-                b.copy_(torch.where(skip, kept, b))
+        if not self.skip_step and self.skip_step_where is None:
+            return
+        pairs = [(b, k) for b, k in zip(self._current_buffers(), before, strict=True)
+                 if b is not None and b.shape == k.shape and b.dtype == k.dtype]  # fmt: skip
+        where = self.skip_step_where
+        if self.skip_step or where is None:
+            torch._foreach_copy_([b for b, _ in pairs], [k for _, k in pairs])
+        else:
+            skip = where.bool()
+            with torch.no_grad():
+                for b, k in pairs:
+                    b.copy_(torch.where(skip, k, b))
 
     def _advance_schedule(self) -> None:
         if self.scheduler is None or isinstance(self.scheduler, ReduceLROnPlateau):

@@ -183,16 +183,21 @@ class Staging:
         """The staged scalars, to be written at ``step``; a tag already taken for ``step``
         (staged in two hooks of it: ``on_train_step_end`` and ``on_validation_end``) is
         refused."""
-        out, self.scalars = self.scalars, {}
         if self._taken[0] != step:
             self._taken = (step, set())
-        tags, self._tags = self._tags, set()
-        if not tags.isdisjoint(self._taken[1]):
-            tag = sorted(tags & self._taken[1])[0]
+        twice = self._tags & self._taken[1]
+        if twice:  # (the entries holding them dropped: a failure's write keeps the others)
+            for key in [k for k in self.scalars
+                        if not twice.isdisjoint((k,) if isinstance(k, str) else k)]:  # fmt: skip
+                del self.scalars[key]
+            self._tags -= twice
             raise ValueError(
-                f"stage_scalars: {tag!r} was staged twice for step {step}, in two of its hooks "
-                "(by two callbacks, or by one): both values would be written at that step"
+                f"stage_scalars: {sorted(twice)[0]!r} was staged twice for step {step}, in two "
+                "of its hooks (by two callbacks, or by one): both values would be written at "
+                "that step"
             )
+        out, self.scalars = self.scalars, {}
+        tags, self._tags = self._tags, set()
         self._taken[1].update(tags)
         return out
 

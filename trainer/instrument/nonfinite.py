@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from trainer.callbacks import READ_EVERY, Callback, Every
+from trainer.callbacks import READ_EVERY, Callback, Every, StepOutput
 from trainer.distributed import all_reduce_max
 from trainer.instrument.norms import needs_care, norms_of
 from trainer.update import takes_found_inf
@@ -88,6 +88,8 @@ class NonfiniteGuard(Callback):
         #: floating-point buffers finite when the run started (on_fit_start)
         self._said_buffers: set[str] = set()
         self._watched: list[str] = []
+        #: step mode: a skipped step whose buffers are checked once the loop put them back
+        self._buffers_step: int | None = None
         #: whether the flags are read on logging steps only (resolved in on_fit_start)
         self.deferred = False
         self._losses: list[Tensor] = []  # the step's micro-batches' losses
@@ -371,6 +373,11 @@ class NonfiniteGuard(Callback):
                 continue
             self._skip(trainer, step, bad, read_at=trainer.global_step)
 
+    def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None:
+        if self._buffers_step is not None:  # (a buffer the loop could not put back: one
+            step, self._buffers_step = self._buffers_step, None  # replaced by another shape)
+            self._buffers_hit(trainer, step, None)
+
     def _buffers_hit(self, trainer: Trainer, step: int, read_at: int | None) -> None:
         """Say which of the buffers finite at the start hold non-finite values after a skipped
         step (each once): the skip leaves the parameters and the optimizer's state as they
@@ -418,8 +425,10 @@ class NonfiniteGuard(Callback):
         elif trainer.logger is not None:  # written at its own step (nothing else staged)
             trainer.logger.add_floats(value, step)
         log.warning("step %d skipped: %s", step, cause)
-        if read_at is not None or not trainer.restore_buffers_on_skip:  # (decided now: the
-            self._buffers_hit(trainer, step, read_at)  # loop puts them back after this hook)
+        if read_at is None and trainer.restore_buffers_on_skip:  # (decided now: the loop
+            self._buffers_step = step  # puts them back after this hook; checked after that)
+        else:
+            self._buffers_hit(trainer, step, read_at)
         if self.consecutive >= self.max_consecutive:
             later = _read_later(step, read_at)
             raise NonFiniteError(
