@@ -4,6 +4,7 @@ message, or shifted other logged values)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -765,6 +766,22 @@ class WrongArity(Callback):
         pass
 
 
+def _counted(hook):
+    """A decorator whose wrapper takes what the loop passes, around a hook of another form."""
+
+    @functools.wraps(hook)
+    def wrapper(self, trainer, out) -> None:
+        hook(self, trainer, None, out)
+
+    return wrapper
+
+
+class Wrapped(Callback):
+    @_counted
+    def on_train_step_end(self, trainer, extra, out) -> None:  # type: ignore[override]
+        self.last = out.step
+
+
 class RaisesInRestPoint(Callback):
     def on_rest_point(self, trainer) -> None:
         raise RuntimeError("my bug")
@@ -778,6 +795,9 @@ def test_a_callbacks_hooks_are_checked_when_added_and_named_when_they_raise(tmp_
     with pytest.raises(TypeError, match=r"WrongArity.on_train_step_end\(trainer\) " + called):
         train(tmp_path / "arity", *TINY, callbacks=[WrongArity()])
     assert not (tmp_path / "arity" / "checkpoints" / "last.pt").exists()
+    wrapped = Wrapped()  # (checked by the wrapper the loop calls, not the function inside)
+    train(tmp_path / "wrapped", *TINY, callbacks=[wrapped])
+    assert wrapped.last == 2
     twice = StagesIn("on_train_step_end", "u/x")
     with pytest.raises(ValueError, match=r"the same StagesIn instance is given twice"):
         train(tmp_path / "twice", *TINY, callbacks=[twice, twice])

@@ -864,3 +864,48 @@ def test_a_value_naming_the_jobs_folder_is_kept_as_written_in_a_runs_identity(
     assert ids[0][0] == ids[1][0] != ids[2][0]
     assert resume_changes(ids[0][1], ids[1][1]) == []
     assert resume_changes(ids[0][1], ids[2][1]) == ["seed: 0 -> 1"]
+
+
+class Writes(Callback):
+    """A callback of one's own given a path (where it would write)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def test_a_run_from_before_folder_values_were_kept_as_written_resumes(
+    tmp_path, monkeypatch
+) -> None:
+    """A run of a fixed hydra.run.dir whose callback writes under ${hydra:runtime.output_dir}
+    was resumable when its identity held the value resolved (the same folder at every
+    start); keeping it as written changed the run id and the saved config, and resume=auto
+    started such a run afresh (a review). Its checkpoint is found under the old id and
+    resumed."""
+    from conftest import train
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    from trainer.checkpoint import derive_run_id, save_checkpoint, write_run_marker
+
+    setup_globals()
+    run_dir = tmp_path / "fixed"
+    hydra = OmegaConf.create({"runtime": {"output_dir": str(run_dir)}})
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
+    common = ["trainer.resume=auto", f"trainer.checkpoint.search_dir={tmp_path}",
+              "instrument=none", f"+callbacks.w._target_={__name__}.Writes",
+              "+callbacks.w.path=${hydra:runtime.output_dir}/hooks.txt"]  # fmt: skip
+    train(run_dir, *common, "trainer.max_steps=2")
+    # as a run before 2026-12-05 wrote it: the value resolved, and the id of that
+    last = run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    assert state["config"]["callbacks"]["w"]["path"] == "${hydra:runtime.output_dir}/hooks.txt"
+    state["config"]["callbacks"]["w"]["path"] = f"{run_dir}/hooks.txt"
+    for path in (run_dir / "checkpoints").glob("step_*.pt"):
+        path.unlink()
+    save_checkpoint(run_dir / "checkpoints" / "step_000000002.pt", state)
+    last.unlink()
+    write_run_marker(run_dir / "checkpoints", derive_run_id(state["config"]), run_dir)
+    metrics = train(run_dir, *common, "trainer.max_steps=2")
+    assert metrics["run_id"] == derive_run_id(state["config"]) and metrics["step"] == 2
+    assert not (run_dir / "previous").exists()  # (resumed: not a fresh start setting it aside)

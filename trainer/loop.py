@@ -145,12 +145,12 @@ def _check_hook(cb: Callback, name: str) -> None:
     """Refuse a hook that cannot be called as the loop calls it (``on_train_step_end(self,
     trainer)`` failed at the first step, after training had begun: a probe)."""
     expected = inspect.signature(getattr(Callback, name))
-    try:
-        inspect.signature(getattr(cb, name)).bind(*[None] * (len(expected.parameters) - 1))
+    try:  # (the callable the loop calls: a functools.wraps wrapper's own signature)
+        own = inspect.signature(getattr(cb, name), follow_wrapped=False)
+        own.bind(*[None] * (len(expected.parameters) - 1))
     except TypeError:
         raise TypeError(
-            f"callbacks: {type(cb).__name__}.{name}"
-            f"({', '.join(inspect.signature(getattr(cb, name)).parameters)}) "
+            f"callbacks: {type(cb).__name__}.{name}({', '.join(own.parameters)}) "
             f"cannot be called as the loop calls it, {name}"
             f"({', '.join(list(expected.parameters)[1:])})"
         ) from None

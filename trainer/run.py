@@ -333,11 +333,24 @@ def run(
         tc = typed.trainer
         config = identity_config(cfg)
         run_id = tc.run_id or derive_run_id(config)  # type: ignore[arg-type]
+        # (before 2026-12-05 a value naming the job's folder was part of a run's identity
+        # resolved: such a run, with a fixed hydra.run.dir, is found and resumed under its id)
+        resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+        legacy_id = derive_run_id(resolved)
         resume_state = None
         if tc.resume:
             resume_path, resume_state, refused = select_resume(
                 tc.resume, Path(tc.checkpoint.search_dir), run_id
             )
+            if resume_state is None and tc.resume == "auto" and not tc.run_id and (
+                legacy_id != run_id
+            ):  # fmt: skip
+                resume_path, resume_state, more = select_resume(
+                    tc.resume, Path(tc.checkpoint.search_dir), legacy_id
+                )
+                refused += more
+                if resume_state is not None:
+                    run_id = legacy_id
             for note in refused if main else ():  # (one line per run, not per rank)
                 log.warning("resume: skipped %s", note)
             if resume_state is None:
@@ -358,9 +371,10 @@ def run(
             else:
                 saved_world = len(resume_state.get("tally_ranks") or [None])
                 world_size = distributed.from_env().size
-                changes = resume_changes(
-                    resume_state.get("config"), config, saved_world, world_size
-                )
+                saved = resume_state.get("config")
+                changes = resume_changes(saved, config, saved_world, world_size)
+                if changes and not resume_changes(saved, resolved, saved_world, world_size):
+                    changes = []  # (a checkpoint from before 2026-12-05: its values resolved)
                 shared_id = (
                     f". trainer.run_id={tc.run_id!r} is given by hand: resume=auto takes the "
                     "newest checkpoint of every run that gives it, whatever its config; if "
