@@ -1037,3 +1037,26 @@ def test_a_skipped_step_puts_back_the_buffers_its_forward_wrote(tmp_path, sync, 
     assert math.isfinite(metrics["val/loss"])
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
     assert all(torch.isfinite(v).all() for k, v in state.items() if k != "mask")
+
+
+class NaNGradEveryStep(Callback):
+    """A gradient NaN at every step (a sqrt(0) in a backward), the loss finite."""
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        trainer.params[2].grad[0, 0] = math.nan
+
+
+def test_a_gradient_nan_at_every_loss_scale_stops_a_float16_run(tmp_path) -> None:
+    """Under trainer.precision=16 the GradScaler skips non-finite steps and halves its scale:
+    a NaN gradient at every step had it skip them all, its scale fall to 0, and the run
+    complete, trained on nothing (a probe). The scale is logged (amp/scale) and such a run
+    stops once max_consecutive_skips steps in a row were all skipped and the scale is below
+    1: at step 20 here (from 2^16, halved each step: 2^-4 there)."""
+    common = ["trainer.precision=16", "logging.every_n_steps=10", "trainer.max_steps=40",
+              "optimizer=sgd"]  # fmt: skip
+    fell = r"steps 1-20: the GradScaler skipped every step \(trainer.precision=16; its loss "
+    with pytest.raises(NonFiniteError, match=fell + r"scale fell to 0\.0625\)"):
+        train(tmp_path / "nan", *common, callbacks=[NaNGradEveryStep()])
+    assert [v for _, v in read_scalars(tmp_path / "nan")["amp/scale"]] == [2.0**6, 2.0**-4]
+    train(tmp_path / "fine", *common)  # (a finite run: the scale as the scaler keeps it)
+    assert [v for _, v in read_scalars(tmp_path / "fine")["amp/scale"]] == [65536.0] * 4

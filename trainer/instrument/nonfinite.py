@@ -90,6 +90,10 @@ class NonfiniteGuard(Callback):
         self._watched: list[str] = []
         #: step mode: a skipped step whose buffers are checked once the loop put them back
         self._buffers_step: int | None = None
+        #: trainer.precision=16: (step, loss scale) at the last read, and the steps in a row
+        #: the GradScaler skipped, as the scale's fall tells
+        self._scale_at: tuple[int, float] | None = None
+        self._scaler_run = 0
         #: whether the flags are read on logging steps only (resolved in on_fit_start)
         self.deferred = False
         self._losses: list[Tensor] = []  # the step's micro-batches' losses
@@ -129,6 +133,8 @@ class NonfiniteGuard(Callback):
         self.deferred = deferred
         if self.policy == "skip":  # a skipped step leaves the buffers as they were too
             trainer.restore_buffers_on_skip = True
+        if trainer.scaler is not None:  # host read: once, before the first step
+            self._scale_at, self._scaler_run = (trainer.global_step, trainer.scaler.get_scale()), 0
         self.on_params_change(trainer)
         # the floating-point buffers finite now (a mask of −Inf is non-finite on purpose):
         # those a skipped step is checked for (one host read, before the first step)
@@ -377,6 +383,36 @@ class NonfiniteGuard(Callback):
         if self._buffers_step is not None:  # (a buffer the loop could not put back: one
             step, self._buffers_step = self._buffers_step, None  # replaced by another shape)
             self._buffers_hit(trainer, step, None)
+        if self._scale_at is not None and out.should_log and trainer.scaler is not None:
+            self._watch_scale(trainer, out.step)
+
+    def _watch_scale(self, trainer: Trainer, step: int) -> None:
+        """trainer.precision=16 leaves non-finite gradients to the GradScaler, which skips the
+        step and lowers its scale: a gradient that is NaN at every scale (not an overflow)
+        had it skip every step, its scale fall to 0, and the run complete having trained
+        nothing, unsaid (a probe's finding). On logging steps, with the read there: the scale
+        is logged (``amp/scale``), and every step since the last read was skipped where it fell
+        by the backoff factor once per step; ``max_consecutive_skips`` such steps in a row with
+        the scale below 1 (gradients too large for float16 at a scale of 1) stop the run."""
+        scaler = trainer.scaler
+        assert scaler is not None and self._scale_at is not None
+        now = scaler.get_scale()  # host sync: logging steps only
+        trainer.stage_scalars({"amp/scale": now})
+        before_step, before = self._scale_at
+        self._scale_at = (step, now)
+        n = step - before_step
+        every = n > 0 and math.isclose(now, before * scaler.get_backoff_factor() ** n,
+                                       rel_tol=1e-6, abs_tol=0.0)  # fmt: skip
+        self._scaler_run = self._scaler_run + n if every else 0
+        if self._scaler_run >= self.max_consecutive and now < 1.0:
+            raise NonFiniteError(
+                f"steps {step - self._scaler_run + 1}-{step}: the GradScaler skipped every "
+                f"step (trainer.precision=16; its loss scale fell to {now:.3g}): the gradients "
+                "are not finite at any scale, a NaN rather than a float16 overflow, and "
+                "nothing trains (instrument.nonfinite.max_consecutive_skips="
+                f"{self.max_consecutive}; trainer.precision=32 or bf16 lets the guard name "
+                "the parameter)"
+            )
 
     def _buffers_hit(self, trainer: Trainer, step: int, read_at: int | None) -> None:
         """Say which of the buffers finite at the start hold non-finite values after a skipped
