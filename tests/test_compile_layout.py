@@ -83,6 +83,13 @@ def test_compile_with_per_sample_norms_is_refused(tmp_path) -> None:
         train(tmp_path, "trainer.compile=true", "instrument.per_sample.every_n_steps=1")
 
 
+def test_an_unknown_compile_backend_is_refused_naming_the_key(tmp_path) -> None:
+    """torch's InvalidBackend named no key of the config (a probe)."""
+    with pytest.raises(ConfigError, match=r"trainer.compile_backend: got 'nope', which "
+                       r"torch.compile does not know"):  # fmt: skip
+        train(tmp_path, "trainer.compile=true", "trainer.compile_backend=nope")
+
+
 def test_compile_with_the_input_gradient_penalty_needs_the_eager_backend(tmp_path) -> None:
     """Double backprop through a forward compiled by an AOTAutograd backend failed at the first
     step with torch's "does not currently support double backward", naming no setting: refused

@@ -1015,8 +1015,15 @@ class BuffersAroundStep3(Callback):
             self.after = {n: b.clone() for n, b in trainer.model.named_buffers()}
 
 
-@pytest.mark.parametrize("sync", ["step", "deferred"])
-def test_a_skipped_step_puts_back_the_buffers_its_forward_wrote(tmp_path, sync, caplog) -> None:
+@pytest.mark.parametrize(
+    ("sync", "every"),
+    # (deferred, each step logging: the skipped step's flag read at that step, before the
+    # loop put its buffers back, which were said non-finite: a probe)
+    [("step", 10), ("deferred", 10), ("deferred", 1)],
+)
+def test_a_skipped_step_puts_back_the_buffers_its_forward_wrote(
+    tmp_path, sync, every, caplog
+) -> None:
     """A skipped step's forward has already written its NaN batch statistics into the
     BatchNorm's running statistics (the skip left the parameters and the optimizer's state
     only): every later validation was NaN in a run reported completed (a probe's finding;
@@ -1028,7 +1035,7 @@ def test_a_skipped_step_puts_back_the_buffers_its_forward_wrote(tmp_path, sync, 
         metrics = train(tmp_path, "~model", f"+model._target_={__name__}.NormedNaNAt",
                         "trainer.max_steps=5", "instrument.nonfinite.policy=skip",
                         f"instrument.nonfinite.sync={sync}", "optimizer=sgd",
-                        callbacks=[seen])  # fmt: skip
+                        f"logging.every_n_steps={every}", callbacks=[seen])  # fmt: skip
     assert any("step 3 skipped" in r.getMessage() for r in caplog.records)
     assert not any("hold non-finite values" in r.getMessage() for r in caplog.records)
     assert seen.before.keys() == seen.after.keys() and "norm.num_batches_tracked" in seen.before

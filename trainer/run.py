@@ -871,12 +871,22 @@ def build_trainer(
                 "use trainer.compile_backend=eager (Dynamo without AOTAutograd: it trains as "
                 "uncompiled), or leave compile off"
             )
-        forward_model = cast(  # an OptimizedModule: a Module
-            nn.Module,
-            torch.compile(
-                forward_model if forward_model is not None else model, backend=tc.compile_backend
-            ),
-        )
+        from torch._dynamo.exc import InvalidBackend
+
+        try:
+            forward_model = cast(  # an OptimizedModule: a Module
+                nn.Module,
+                torch.compile(
+                    forward_model if forward_model is not None else model,
+                    backend=tc.compile_backend,
+                ),
+            )
+        except InvalidBackend as e:  # (torch's message named no key)
+            raise ConfigError(
+                f"trainer.compile_backend: got {tc.compile_backend!r}, which torch.compile "
+                "does not know; e.g. inductor, aot_eager or eager (torch._dynamo."
+                "list_backends(exclude_tags=()) lists them all)"
+            ) from e
     trainer = Trainer(
         model,
         optimizer,

@@ -94,6 +94,7 @@ class NonfiniteGuard(Callback):
         #: the GradScaler skipped, as the scale's fall tells
         self._scale_at: tuple[int, float] | None = None
         self._scaler_run = 0
+        self._in_step = False  # inside on_before_optimizer_step (the step's update to come)
         #: whether the flags are read on logging steps only (resolved in on_fit_start)
         self.deferred = False
         self._losses: list[Tensor] = []  # the step's micro-batches' losses
@@ -178,6 +179,13 @@ class NonfiniteGuard(Callback):
             self._losses.append(losses)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        self._in_step = True
+        try:
+            self._before_step(trainer)
+        finally:
+            self._in_step = False
+
+    def _before_step(self, trainer: Trainer) -> None:
         if self.every.due(trainer.global_step):
             self._check(trainer)
         elif self._latched is not None:  # deferred, a step not checked (every_n_steps > 1):
@@ -461,9 +469,9 @@ class NonfiniteGuard(Callback):
         elif trainer.logger is not None:  # written at its own step (nothing else staged)
             trainer.logger.add_floats(value, step)
         log.warning("step %d skipped: %s", step, cause)
-        if read_at is None and trainer.restore_buffers_on_skip:  # (decided now: the loop
-            self._buffers_step = step  # puts them back after this hook; checked after that)
-        else:
+        if trainer.restore_buffers_on_skip and self._in_step:  # (the loop puts this step's
+            self._buffers_step = step  # back after this hook: checked after that; a flag
+        else:  # read at a logging step had said buffers it then restored: a probe)
             self._buffers_hit(trainer, step, read_at)
         if self.consecutive >= self.max_consecutive:
             later = _read_later(step, read_at)
