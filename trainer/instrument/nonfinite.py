@@ -469,7 +469,7 @@ class NonfiniteGuard(Callback):
         elif trainer.logger is not None:  # written at its own step (nothing else staged)
             trainer.logger.add_floats(value, step)
         log.warning("step %d skipped: %s", step, cause)
-        if trainer.restore_buffers_on_skip and self._in_step:  # (the loop puts this step's
+        if self._in_step and trainer.restore_buffers_on_skip:  # (the loop puts this step's
             self._buffers_step = step  # back after this hook: checked after that; a flag
         else:  # read at a logging step had said buffers it then restored: a probe)
             self._buffers_hit(trainer, step, read_at)
