@@ -1053,17 +1053,75 @@ class NaNGradEveryStep(Callback):
         trainer.params[2].grad[0, 0] = math.nan
 
 
-def test_a_gradient_nan_at_every_loss_scale_stops_a_float16_run(tmp_path) -> None:
+@pytest.mark.parametrize(("every", "steps", "match"), [
+    (10, 60, r"steps 1-50: .*its loss scale fell to 5\.82e-11, below float16's smallest"),
+    # one read, 170 halvings later: the float32 scale at 0 (the float64 product is not)
+    (170, 170, r"steps 1-170: .*its loss scale fell to 0, below float16's smallest"),
+])  # fmt: skip
+def test_a_gradient_nan_at_every_loss_scale_stops_a_float16_run(
+    tmp_path, every, steps, match
+) -> None:
     """Under trainer.precision=16 the GradScaler skips non-finite steps and halves its scale:
     a NaN gradient at every step had it skip them all, its scale fall to 0, and the run
     complete, trained on nothing (a probe). The scale is logged (amp/scale) and such a run
     stops once max_consecutive_skips steps in a row were all skipped and the scale is below
-    1: at step 20 here (from 2^16, halved each step: 2^-4 there)."""
-    common = ["trainer.precision=16", "logging.every_n_steps=10", "trainer.max_steps=40",
-              "optimizer=sgd"]  # fmt: skip
-    fell = r"steps 1-20: the GradScaler skipped every step \(trainer.precision=16; its loss "
-    with pytest.raises(NonFiniteError, match=fell + r"scale fell to 0\.0625\)"):
+    float16's smallest subnormal (2^-24, 40 halvings from 2^16: read at step 50 here) or 0
+    (a review: the float32 scale reached 0 where a float64 replay did not, and the run
+    completed)."""
+    common = ["trainer.precision=16", f"logging.every_n_steps={every}",
+              f"trainer.max_steps={steps}", "optimizer=sgd", "model.hidden=[8]"]  # fmt: skip
+    with pytest.raises(NonFiniteError, match=match) as raised:
         train(tmp_path / "nan", *common, callbacks=[NaNGradEveryStep()])
-    assert [v for _, v in read_scalars(tmp_path / "nan")["amp/scale"]] == [2.0**6, 2.0**-4]
-    train(tmp_path / "fine", *common)  # (a finite run: the scale as the scaler keeps it)
-    assert [v for _, v in read_scalars(tmp_path / "fine")["amp/scale"]] == [65536.0] * 4
+    assert "the GradScaler skipped every step (trainer.precision=16; " in str(raised.value)
+    if every == 10:
+        logged = [v for _, v in read_scalars(tmp_path / "nan")["amp/scale"]]
+        assert logged == [2.0 ** (16 - s) for s in (10, 20, 30, 40, 50)]
+        train(tmp_path / "fine", *common)  # (a finite run: the scale as the scaler keeps it)
+        assert [v for _, v in read_scalars(tmp_path / "fine")["amp/scale"]] == [65536.0] * 6
+
+
+class _Up(torch.autograd.Function):
+    """Identity forward; the gradient × 2^30 (float16 under autocast: overflows at scale 1)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2.0**30
+
+
+class _Down(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.float() / 2.0**30
+
+
+class OverflowsAtOne(torch.nn.Module):
+    """An MLP whose hidden activations' float16 gradient is 2^30 too large on the way back
+    (undone before the first layer): the GradScaler must go below 1, and then trains."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(math.prod(in_shape), 16)
+        self.head = torch.nn.Linear(16, out_dim)
+
+    def forward(self, x):
+        return self.head(_Up.apply(_Down.apply(torch.relu(self.a(x.flatten(1))))))
+
+
+def test_a_float16_run_that_needs_a_scale_below_1_trains(tmp_path) -> None:
+    """A model whose float16 gradients overflow at a scale of 1 trains below it: the watch
+    stopped it once its scale went below 1, saying "a NaN" (a review). It stops only below
+    float16's smallest subnormal."""
+    metrics = train(tmp_path, "~model", f"+model._target_={__name__}.OverflowsAtOne",
+                    "trainer.precision=16", "logging.every_n_steps=10", "trainer.max_steps=60",
+                    "optimizer=sgd")  # fmt: skip
+    scales = [v for _, v in read_scalars(tmp_path)["amp/scale"]]
+    assert metrics["status"] == "completed" and scales[-1] < 1.0 and scales[-1] >= 2.0**-24
+    assert scales[-1] == scales[-2]  # (settled: steps taken again)

@@ -89,7 +89,7 @@ class NonfiniteGuard(Callback):
         self._said_buffers: set[str] = set()
         self._watched: list[str] = []
         #: step mode: a skipped step whose buffers are checked once the loop put them back
-        self._buffers_step: int | None = None
+        self._buffers_step: tuple[int, int | None] | None = None
         #: trainer.precision=16: (step, loss scale) at the last read, and the steps in a row
         #: the GradScaler skipped, as the scale's fall tells
         self._scale_at: tuple[int, float] | None = None
@@ -135,7 +135,7 @@ class NonfiniteGuard(Callback):
         if self.policy == "skip":  # a skipped step leaves the buffers as they were too
             trainer.restore_buffers_on_skip = True
         if trainer.scaler is not None:  # host read: once, before the first step
-            self._scale_at, self._scaler_run = (trainer.global_step, trainer.scaler.get_scale()), 0
+            self._scale_at = (trainer.global_step, trainer.scaler.get_scale())
         self.on_params_change(trainer)
         # the floating-point buffers finite now (a mask of −Inf is non-finite on purpose):
         # those a skipped step is checked for (one host read, before the first step)
@@ -164,6 +164,7 @@ class NonfiniteGuard(Callback):
             "consecutive": self.consecutive,
             "pending": [(s, n, torch.stack(ts)) for s, n, ts in self._pending],  # (1-D each)
             "latched": self._latched,
+            "scaler_run": self._scaler_run,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -171,6 +172,7 @@ class NonfiniteGuard(Callback):
         kept = state.get("pending", [])
         self._pending = [(int(s), list(n), list(t.unbind())) for s, n, t in kept]
         self._latched = state.get("latched")
+        self._scaler_run = int(state.get("scaler_run", 0))  # (older checkpoints: none)
 
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
@@ -389,8 +391,8 @@ class NonfiniteGuard(Callback):
 
     def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         if self._buffers_step is not None:  # (a buffer the loop could not put back: one
-            step, self._buffers_step = self._buffers_step, None  # replaced by another shape)
-            self._buffers_hit(trainer, step, None)
+            (step, read_at), self._buffers_step = self._buffers_step, None  # of a new shape)
+            self._buffers_hit(trainer, step, read_at)
         if self._scale_at is not None and out.should_log and trainer.scaler is not None:
             self._watch_scale(trainer, out.step)
 
@@ -400,8 +402,11 @@ class NonfiniteGuard(Callback):
         had it skip every step, its scale fall to 0, and the run complete having trained
         nothing, unsaid (a probe's finding). On logging steps, with the read there: the scale
         is logged (``amp/scale``), and every step since the last read was skipped where it fell
-        by the backoff factor once per step; ``max_consecutive_skips`` such steps in a row with
-        the scale below 1 (gradients too large for float16 at a scale of 1) stop the run."""
+        by the backoff factor once per step (growth needs a clean step), or to 0;
+        ``max_consecutive_skips`` such steps in a row with the scale below float16's smallest
+        subnormal, 2⁻²⁴ (40 halvings from 2¹⁶: the scaled gradients underflow, nothing can
+        train; a model whose float16 gradients overflow at a scale of 1 trains below 1), or at
+        0, stop the run."""
         scaler = trainer.scaler
         assert scaler is not None and self._scale_at is not None
         now = scaler.get_scale()  # host sync: logging steps only
@@ -409,17 +414,18 @@ class NonfiniteGuard(Callback):
         before_step, before = self._scale_at
         self._scale_at = (step, now)
         n = step - before_step
-        every = n > 0 and math.isclose(now, before * scaler.get_backoff_factor() ** n,
-                                       rel_tol=1e-6, abs_tol=0.0)  # fmt: skip
+        # (the scale is float32: it reaches 0 where the float64 product does not)
+        every = n > 0 and before > 0 and (now == 0.0 or math.isclose(
+            now, before * scaler.get_backoff_factor() ** n, rel_tol=1e-6, abs_tol=0.0))  # fmt: skip
         self._scaler_run = self._scaler_run + n if every else 0
-        if self._scaler_run >= self.max_consecutive and now < 1.0:
+        if self._scaler_run >= self.max_consecutive and now < UNDERFLOW_SCALE:
             raise NonFiniteError(
                 f"steps {step - self._scaler_run + 1}-{step}: the GradScaler skipped every "
-                f"step (trainer.precision=16; its loss scale fell to {now:.3g}): the gradients "
-                "are not finite at any scale, a NaN rather than a float16 overflow, and "
-                "nothing trains (instrument.nonfinite.max_consecutive_skips="
-                f"{self.max_consecutive}; trainer.precision=32 or bf16 lets the guard name "
-                "the parameter)"
+                f"step (trainer.precision=16; its loss scale fell to {now:.3g}, below float16's "
+                "smallest subnormal, where the scaled gradients underflow): the gradients are "
+                "not finite at any usable scale (a NaN, not an overflow), and nothing trains "
+                f"(instrument.nonfinite.max_consecutive_skips={self.max_consecutive}; "
+                "trainer.precision=32 or bf16 lets the guard name the parameter)"
             )
 
     def _buffers_hit(self, trainer: Trainer, step: int, read_at: int | None) -> None:
@@ -469,10 +475,11 @@ class NonfiniteGuard(Callback):
         elif trainer.logger is not None:  # written at its own step (nothing else staged)
             trainer.logger.add_floats(value, step)
         log.warning("step %d skipped: %s", step, cause)
-        if self._in_step and trainer.restore_buffers_on_skip:  # (the loop puts this step's
-            self._buffers_step = step  # back after this hook: checked after that; a flag
-        else:  # read at a logging step had said buffers it then restored: a probe)
-            self._buffers_hit(trainer, step, read_at)
+        at_limit = self.consecutive >= self.max_consecutive  # (raised below: no step end)
+        if self._in_step and trainer.restore_buffers_on_skip and not at_limit:  # (the loop
+            self._buffers_step = (step, read_at)  # puts this step's back after this hook:
+        else:  # checked after that; a flag read at a logging step had said buffers it then
+            self._buffers_hit(trainer, step, read_at)  # restored: a probe)
         if self.consecutive >= self.max_consecutive:
             later = _read_later(step, read_at)
             raise NonFiniteError(
@@ -481,6 +488,9 @@ class NonfiniteGuard(Callback):
                 f"{self.max_consecutive}); the last: {cause}{later}; {_largest_weight(trainer)}"
             )
 
+
+#: a loss scale below float16's smallest subnormal: the scaled backward underflows
+UNDERFLOW_SCALE = 2.0**-24
 
 #: the name the step's losses go by among the checked tensors
 LOSS = "\0loss"
