@@ -223,6 +223,27 @@ def _check_schedule_length(
         )  # fmt: skip
 
 
+def _warn_worker_draws(saved: dict[str, Any] | None, now: dict[str, Any], trainer: Trainer) -> None:
+    """A resume between ``data.num_workers=0`` and more, on the DataLoader path: a Dataset's
+    random draws (augmentation) come from the global generators in the main process and from
+    per-batch seeds in workers, so the resumed run's differ from the checkpoint run's (a
+    probe: 3.7e-3 in the weights, unsaid)."""
+    from trainer.data.base import DeviceLoader
+
+    before = ((saved or {}).get("data") or {}).get("num_workers")
+    after = (now.get("data") or {}).get("num_workers")
+    if (
+        isinstance(before, int) and isinstance(after, int) and (before == 0) != (after == 0)
+        and isinstance(trainer.train_loader, DeviceLoader)
+    ):  # fmt: skip
+        log.warning(
+            "resume: data.num_workers %d -> %d: random draws of the Dataset (augmentation) "
+            "come from the main process's generators with 0 workers and from per-batch seeds "
+            "with more, so this run's differ from the checkpoint run's (the same with any "
+            "number > 0 of workers)", before, after,
+        )  # fmt: skip
+
+
 def _display(path: Path | None) -> str:
     if path is None:  # (a stop whose checkpoint could not be written)
         return "none"
@@ -400,6 +421,8 @@ def run(
             cfg, run_dir, callbacks, with_logger=False, typed=typed, trainable=trainable,
             schedule_length=length,
         )  # fmt: skip
+        if resume_state is not None and main:
+            _warn_worker_draws(resume_state.get("config"), resolved, trainer)
         metric_names = (*trainer.criterion.metrics, "train/loss")
         monitor = typed.monitor or trainer.criterion.monitor
         if monitor not in metric_names:

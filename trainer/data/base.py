@@ -289,7 +289,15 @@ class IndexedDataset(Dataset):
             if self.dataset.transform is not None:
                 x = self.dataset.transform(x.unsqueeze(0)).squeeze(0)
             return x, self.dataset.y[i], i
-        x, y = self.dataset[i]  # an int label collates to int64, a tensor target as it is
+        try:
+            x, y = self.dataset[i]  # an int label collates to int64, a tensor target as it is
+        except Exception as e:  # (named: a worker's error named no sample, a probe's finding)
+            size = len(self.dataset)  # type: ignore[arg-type]
+            e.add_note(
+                f"(data: {type(self.dataset).__name__}[{i}] raised it, of {size} by its __len__"
+                + (f"; epoch {item[0]}, batch {item[1]})" if isinstance(item, tuple) else ")")
+            )
+            raise
         return x, y, i
 
 
@@ -401,9 +409,14 @@ def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple
             if not isinstance(sample, (tuple, list))
             else (f"a {type(sample).__name__} of {len(sample)}")
         )
+        fix = (
+            "wrap it: return sample['x'], sample['y'] from __getitem__"
+            if isinstance(sample, dict)
+            else "several inputs go into one tensor, and the model's forward splits them"
+        )
         raise TypeError(
             f"data: a Dataset's samples must be (input, target) pairs; {type(split).__name__}"
-            f"[0] is {got} (wrap it: return sample['x'], sample['y'] from __getitem__)"
+            f"[0] is {got} ({fix})"
         )
     x, y = sample
     try:
