@@ -1080,26 +1080,18 @@ def test_a_gradient_nan_at_every_loss_scale_stops_a_float16_run(
         assert [v for _, v in read_scalars(tmp_path / "fine")["amp/scale"]] == [65536.0] * 6
 
 
-class _Up(torch.autograd.Function):
-    """Identity forward; the gradient × 2^30 (float16 under autocast: overflows at scale 1)."""
+class _Scaled(torch.autograd.Function):
+    """Identity forward; the gradient times ``factor`` (up: in its own dtype, float16 under
+    autocast, which overflows at a loss scale of 1; down: in float32)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, factor: float):
+        ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        return g * 2.0**30
-
-
-class _Down(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.float() / 2.0**30
+        return (g if ctx.factor > 1 else g.float()) * ctx.factor, None
 
 
 class OverflowsAtOne(torch.nn.Module):
@@ -1112,7 +1104,8 @@ class OverflowsAtOne(torch.nn.Module):
         self.head = torch.nn.Linear(16, out_dim)
 
     def forward(self, x):
-        return self.head(_Up.apply(_Down.apply(torch.relu(self.a(x.flatten(1))))))
+        h = _Scaled.apply(torch.relu(self.a(x.flatten(1))), 2.0**-30)
+        return self.head(_Scaled.apply(h, 2.0**30))
 
 
 def test_a_float16_run_that_needs_a_scale_below_1_trains(tmp_path) -> None:

@@ -318,13 +318,21 @@ def test_a_cosine_run_resumed_to_train_longer_is_refused_shorter_follows_its_sch
         train(tmp_path / "b", *base, "trainer.max_steps=8")
     assert load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["step"] == 6
     # shorter: a copy resumed from step 3 to stop at 5 has the 6-step run's learning rates
+    _resumed_shorter_follows(tmp_path, base[2:], caplog, "before it reaches eta_min")
+
+
+def _resumed_shorter_follows(tmp_path, base, caplog, said: str) -> None:
+    """A copy of ``a`` (6 steps, a checkpoint at 3) resumed from step 3 to stop at 5: the
+    warning ``said``, and the 6-step run's learning rates at steps 4 and 5."""
     import shutil
+
+    from conftest import train
 
     shutil.copytree(tmp_path / "a", tmp_path / "c")
     resume = f"trainer.resume={tmp_path / 'c' / 'checkpoints' / 'step_000000003.pt'}"
     with caplog.at_level("WARNING", logger="trainer.run"):
-        train(tmp_path / "c", *base[2:], "trainer.max_steps=5", resume)
-    assert any("before it reaches eta_min" in r.getMessage() for r in caplog.records)
+        train(tmp_path / "c", *base, "trainer.max_steps=5", resume)
+    assert any(said in r.getMessage() for r in caplog.records)
     whole, short = (
         dict(read_scalars(tmp_path / "a")["lr"]),
         dict(read_scalars(tmp_path / "c")["lr"]),
@@ -366,18 +374,7 @@ def test_a_factory_given_the_runs_length_is_checked_and_rebuilt_on_resume(
     with pytest.raises(ConfigError, match=r"over its run's 6 steps \(T_max\); this run would "
                        r"train to step 8"):  # fmt: skip
         train(tmp_path / "b", *base, "trainer.max_steps=8")
-    import shutil
-
-    shutil.copytree(tmp_path / "a", tmp_path / "c")
-    resume = f"trainer.resume={tmp_path / 'c' / 'checkpoints' / 'step_000000003.pt'}"
-    with caplog.at_level("WARNING", logger="trainer.run"):
-        train(tmp_path / "c", *base[2:], "trainer.max_steps=5", resume)
-    assert any("follows the checkpoint's" in r.getMessage() for r in caplog.records)
-    whole, short = (
-        dict(read_scalars(tmp_path / "a")["lr"]),
-        dict(read_scalars(tmp_path / "c")["lr"]),
-    )
-    assert [short[s] for s in (4, 5)] == [whole[s] for s in (4, 5)] and whole[5] > 0
+    _resumed_shorter_follows(tmp_path, base[2:], caplog, "follows the checkpoint's")
 
 
 def test_a_checkpoint_from_before_schedule_lengths_resumes_twice(tmp_path) -> None:

@@ -616,6 +616,18 @@ def test_mixed_precision_of_a_float64_model_is_said_to_do_nothing(caplog) -> Non
     assert len(said) == 1 and "precision=bf16 with a float64 model" in said[0]
 
 
+def cosine_lrs(opt: torch.optim.Optimizer, steps: int) -> list[list[float]]:
+    """Each group's learning rate at steps 1..steps under torch's CosineAnnealingLR."""
+    replay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    want: list[list[float]] = [[] for _ in opt.param_groups]
+    for _ in range(steps):
+        for i, g in enumerate(opt.param_groups):
+            want[i].append(g["lr"])
+        opt.step()
+        replay.step()
+    return want
+
+
 def head_faster(params, lr: float = 0.1) -> torch.optim.SGD:
     """Two parameter groups: the last layer (its weight and bias) at 3× the body's lr."""
     params = list(params)
@@ -630,14 +642,7 @@ def test_each_parameter_groups_lr_is_logged(tmp_path) -> None:
     train(tmp_path / "groups", *common, "~optimizer", f"+optimizer._target_={__name__}.head_faster",
           "+optimizer._partial_=true")  # fmt: skip
     scalars = read_scalars(tmp_path / "groups")
-    opt = head_faster([torch.nn.Parameter(torch.ones(1)) for _ in range(3)])
-    replay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
-    want: list[list[float]] = [[], []]
-    for _ in range(5):
-        for i, g in enumerate(opt.param_groups):
-            want[i].append(g["lr"])
-        opt.step()
-        replay.step()
+    want = cosine_lrs(head_faster([torch.nn.Parameter(torch.ones(1)) for _ in range(3)]), 5)
     for i in (0, 1):
         assert [s for s, _ in scalars[f"lr/group_{i}"]] == [1, 2, 3, 4, 5]
         assert [v for _, v in scalars[f"lr/group_{i}"]] == pytest.approx(want[i], rel=1e-7)
@@ -693,13 +698,8 @@ def test_a_tensor_learning_rate_is_logged_as_the_step_used_it(tmp_path) -> None:
           "+optimizer._partial_=true")  # fmt: skip
     scalars = read_scalars(tmp_path)
     one, two = (torch.nn.Parameter(torch.ones(1)) for _ in range(2))
-    opt = torch.optim.SGD([{"params": [one]}, {"params": [two], "lr": 0.03}], lr=0.01)
-    replay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
-    want: list[list[float]] = [[], []]
-    for _ in range(4):
-        for i, g in enumerate(opt.param_groups):
-            want[i].append(g["lr"])
-        opt.step()
-        replay.step()
+    want = cosine_lrs(
+        torch.optim.SGD([{"params": [one]}, {"params": [two], "lr": 0.03}], lr=0.01), 4
+    )
     for i in (0, 1):
         assert [v for _, v in scalars[f"lr/group_{i}"]] == pytest.approx(want[i], rel=1e-6)
