@@ -2291,3 +2291,34 @@ def test_a_non_finite_step_is_not_blamed_on_low_precision_rounding(caplog) -> No
         _, staged = measure(model, x, y, cb=cb)
     assert staged["per_sample/coverage"] == 1.0 and math.isnan(staged["per_sample/noise_scale"])
     assert "rounded to float16/bfloat16" not in caplog.text
+
+
+class Aliased(nn.Module):
+    """An MLP whose first layer is reachable under a second name (``self.again``)."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(math.prod(in_shape), 16)
+        self.again = self.inp
+        self.head = nn.Linear(16, out_dim)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inp(x.flatten(1))))
+
+
+def test_a_module_under_two_names_trains_with_per_sample_norms_on(tmp_path) -> None:
+    """torch.func.functional_call put the mixing check's detached copy back in place of the
+    Parameter of a module reachable under two names: it never trained again, its grad_norm
+    vanished, and per_sample coverage read 1 (a probe). The swap is the trainer's own now:
+    bit for bit as without measuring, every tag there."""
+    common = ["~model", f"+model._target_={__name__}.Aliased", "trainer.max_steps=3",
+              "logging.every_n_steps=1", "optimizer=sgd"]  # fmt: skip
+    train(tmp_path / "none", *common, "instrument.per_sample.every_n_steps=0",
+          "instrument.curvature.every_n_steps=0")  # fmt: skip
+    train(tmp_path / "on", *common, "instrument.per_sample.every_n_steps=1",
+          "instrument.curvature.every_n_steps=1", "instrument.curvature.power_iters=3")  # fmt: skip
+    a, b = final_params(tmp_path / "none"), final_params(tmp_path / "on")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    scalars = read_scalars(tmp_path / "on")
+    assert [s for s, _ in scalars["grad_norm/inp.weight"]] == [1, 2, 3]
+    assert all(v == 1.0 for _, v in scalars["per_sample/coverage"])

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.backward import explain_freed_graph
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_reduce_sum
 from trainer.instrument.norms import norms_of
+from trainer.instrument.swap import call_with
 from trainer.precision import widen
 from trainer.rng import Fork, forked_rng
 
@@ -281,7 +281,7 @@ class Curvature(Callback):
         ):
             if start is not None:  # (inside the fork: the run's states come back after)
                 start.rewind()
-            logits = functional_call(model, state, (x,))
+            logits = call_with(model, state, (x,))
             # the loss too: one drawing random numbers (a noisy label smoothing) draws the
             # step's, and leaves the run's as they were (it drew the next step's and changed
             # the trajectory: a probe's finding)

@@ -85,6 +85,7 @@ from trainer.distributed import (
     shard_sizes,
 )
 from trainer.instrument.norms import minus, norms_of
+from trainer.instrument.swap import call_with
 from trainer.precision import LOW_PRECISION
 from trainer.rng import Fork, forked_rng
 
@@ -1465,7 +1466,7 @@ class PerSampleNorms(Callback):
             for m in norms:
                 m.training = False
             with torch.enable_grad(), forked_rng(xs[0].device):
-                found = functional_call(_Probe(model, then), state, (x,))
+                found = call_with(_Probe(model, then), state, (x,))
         except Exception as e:  # (a model or loss that cannot run so: nothing is settled)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             self._mixing_failed[signature] = f"its check failed: {type(e).__name__}: {first[:200]}"
@@ -1524,7 +1525,7 @@ class PerSampleNorms(Callback):
             for m in norms:
                 m.training = False
             with torch.no_grad(), forked_rng(x.device):
-                functional_call(model, state, (x,))
+                call_with(model, state, (x,))
         except Exception as e:  # (a model that cannot run on P samples: what it saw counts)
             failed = f"; the forward failed: {type(e).__name__}: {e}"
         finally:
