@@ -258,6 +258,9 @@ def test_an_unknown_metric_is_refused_naming_the_choices(sweep, capsys) -> None:
     err = capsys.readouterr().err
     assert "'val/accuracy'" in err and "val/acc" in err and "val/loss" in err
     assert not (sweep / "summary.csv").exists()
+    # the error alone: not first a note on how such a metric would be ranked, and no key
+    # that is not a metric among the choices (a probe)
+    assert "note:" not in err and "epoch" not in err.split("choose one of")[1]
 
 
 def test_a_metric_that_is_nan_in_every_job_is_still_a_known_choice(tmp_path, capsys) -> None:
@@ -430,8 +433,8 @@ def test_a_loss_is_not_ranked_across_tasks(tmp_path) -> None:
             json.dumps({"status": "completed", "monitor": "val/loss", **metrics})
         )
     runs = collect_runs(tmp_path, curves=False)
-    with pytest.raises(ReportError, match=r"different tasks \(classification: jobs 0; "
-                       r"regression: jobs 1\), whose val/loss are different losses"):  # fmt: skip
+    with pytest.raises(ReportError, match=r"different tasks \(classification: job 0; "
+                       r"regression: job 1\), whose val/loss are different losses"):  # fmt: skip
         check_comparable(runs, "val/loss")
     check_comparable(runs, "val/acc")  # (the classification's own: ranked among its jobs)
     # a loss of one's own reporting both metrics is one task (it was refused against itself),
@@ -445,7 +448,7 @@ def test_a_loss_is_not_ranked_across_tasks(tmp_path) -> None:
     (tmp_path / "2" / "metrics.json").write_text(
         json.dumps({"status": "completed", "val/loss": 0.2})
     )
-    with pytest.raises(ReportError, match=r"no task: jobs 2"):
+    with pytest.raises(ReportError, match=r"no task: job 2"):
         check_comparable(collect_runs(tmp_path, curves=False), "val/loss")
 
 
@@ -475,7 +478,7 @@ def test_a_loss_is_not_ranked_across_different_losses(tmp_path) -> None:
         **{"train/loss": 0.2, "val/loss": 0.4, "val/acc": 0.8})  # fmt: skip
     runs = collect_runs(tmp_path, curves=False)
     with pytest.raises(ReportError, match=r"different losses \(loss.label_smoothing=0.0: jobs "
-                       r"0, 2; loss.label_smoothing=0.2: jobs 1\), whose train/loss"):  # fmt: skip
+                       r"0, 2; loss.label_smoothing=0.2: job 1\), whose train/loss"):  # fmt: skip
         check_comparable(runs, "train/loss")
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--metric", "train/loss"])
@@ -487,7 +490,7 @@ def test_a_loss_is_not_ranked_across_different_losses(tmp_path) -> None:
     job("0", {**huber, "delta": 1.0}, **{"val/loss": 0.3, "val/mse": 0.1})
     job("1", {**huber, "delta": 0.1}, **{"val/loss": 0.05, "val/mse": 0.2})
     job("2", {**huber, "mode": "vector", "delta": 1.0}, **{"val/loss": 0.2, "val/mse": 0.09})
-    with pytest.raises(ReportError, match=r"loss.delta=1.0: jobs 0, 2; loss.delta=0.1: jobs 1"):
+    with pytest.raises(ReportError, match=r"loss.delta=1.0: jobs 0, 2; loss.delta=0.1: job 1"):
         check_comparable(collect_runs(tmp_path, curves=False), "val/loss")
     (tmp_path / "1" / ".hydra" / "config.yaml").unlink()  # (not launched through Hydra)
     check_comparable(collect_runs(tmp_path, curves=False), "val/loss")
@@ -522,7 +525,7 @@ def test_the_losses_compared_are_those_that_ran(tmp_path) -> None:
             "status": "completed", "train/loss": 0.1 + smooth, "val/acc": 0.9,
             "loss": {**ce, "label_smoothing": smooth},
         }))  # fmt: skip
-    with pytest.raises(ReportError, match=r"loss.label_smoothing=0.0: jobs 0; loss."):
+    with pytest.raises(ReportError, match=r"loss.label_smoothing=0.0: job 0; loss."):
         check_comparable(collect_runs(tmp_path / "sweep", curves=False), "train/loss")
     for name in ("0", "1"):  # (an older run's metrics.json: no loss; the config can't tell)
         metrics = json.loads((tmp_path / "sweep" / name / "metrics.json").read_text())

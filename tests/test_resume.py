@@ -803,6 +803,10 @@ def test_a_sweep_stopped_before_all_its_jobs_started_counts_them(tmp_path, caplo
     assert planned_jobs(hydra) == 2 * 2 * 2
     optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"}
     assert planned_jobs(OmegaConf.create({"sweeper": {**optuna, "n_trials": 7}})) == 7
+    # a job's own interpolation, which the sweep's level cannot resolve (it failed the
+    # summary's start hook, and an interrupted sweep ended without its summary: a probe)
+    hydra.overrides.task = ["optimizer.lr=0.01,0.02", "seed=${hydra:job.num}"]
+    assert planned_jobs(hydra) == 2 * 2
     hydra.overrides.task = ["optimizer.lr=0.01,0.02,0.03"]
     hydra.sweeper.params = None
     for name, status in (("0", "completed"), ("1", "interrupted")):

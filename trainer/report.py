@@ -341,7 +341,7 @@ def check_comparable(runs: Sequence[Run], metric: str) -> None:
             task = "+".join(t for k, t in TASK_METRICS.items() if k in r.metrics) or "no task"
             tasks.setdefault(task, []).append(r.name)
     if len(tasks) > 1:
-        named = "; ".join(f"{t}: jobs {', '.join(jobs)}" for t, jobs in sorted(tasks.items()))
+        named = "; ".join(f"{t}: {_jobs(jobs)}" for t, jobs in sorted(tasks.items()))
         raise ReportError(
             f"--metric {metric}: the jobs are of different tasks ({named}), whose {metric} "
             "are different losses: report each task's jobs on their own"
@@ -399,6 +399,10 @@ def _with_defaults(loss: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **loss}
 
 
+def _jobs(names: list[str]) -> str:
+    return f"job {names[0]}" if len(names) == 1 else f"jobs {', '.join(names)}"
+
+
 def check_same_loss(runs: Sequence[Run], metric: str) -> None:
     """Refuse to rank ``val/loss`` or ``train/loss`` across jobs of one task that trained
     different losses (read from each job's ``.hydra/config.yaml``): a sweep over
@@ -429,7 +433,7 @@ def check_same_loss(runs: Sequence[Run], metric: str) -> None:
     for name, v in losses.items():
         label = ", ".join(f"{k}={v[k]}" if k in v else f"{k} unset" for k in differ)
         groups.setdefault(label, []).append(name)
-    named = "; ".join(f"{label}: jobs {', '.join(jobs)}" for label, jobs in groups.items())
+    named = "; ".join(f"{label}: {_jobs(jobs)}" for label, jobs in groups.items())
     raise ReportError(
         f"--metric {metric}: the jobs trained different losses ({named}), whose {metric} "
         "are different quantities: rank by the task's metric (val/acc, val/mse, val/ppl) or "
@@ -634,10 +638,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_comparable(runs, args.metric)
     except ReportError as e:
         parser.error(str(e))
-    if args.mode == "auto" and args.metric not in DIRECTIONS:
-        print(f"note: {args.metric!r} is not one of the trainer's own metrics: the "
-              f"{'highest' if resolve_mode(args.metric, 'auto') == 'max' else 'lowest'} is "
-              "taken as best (--mode max or min to say)", file=sys.stderr)  # fmt: skip
     completed = [r for r in runs if r.status == "completed"]
     if completed and all(args.metric not in r.metrics for r in completed):
         known = sorted(
@@ -645,13 +645,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 k
                 for r in completed
                 for k, v in r.metrics.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
+                if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_METRICS
             }
         )  # (NaN too)
         parser.error(
             f"--metric: no completed job's metrics.json has {args.metric!r}; "
             f"choose one of {', '.join(known)}"
         )
+    if args.mode == "auto" and args.metric not in DIRECTIONS:  # (after the check above: a
+        # metric no job has got this note before its error, a probe's finding)
+        print(f"note: {args.metric!r} is not one of the trainer's own metrics: the "
+              f"{'highest' if resolve_mode(args.metric, 'auto') == 'max' else 'lowest'} is "
+              "taken as best (--mode max or min to say)", file=sys.stderr)  # fmt: skip
     for r in runs:
         r.curves = read_curves(r.path, curve_tags(args.metric))
     ranked = rank_runs(runs, args.metric, args.mode)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainer.report import ReportError, collect_runs
 
@@ -75,13 +75,17 @@ def planned_jobs(hydra: Any) -> int | None:
         return int(trials) if isinstance(trials, int) else None
     if not target.endswith("BasicSweeper"):
         return None
-    params = OmegaConf.select(hydra, "sweeper.params") or {}
-    # by key, as the basic sweeper merges them: its params first, the command line over them
-    # (a later value of the same key wins): a pinned `b=9` over params' `b: 5,6,7` is 1 job
-    given = [f"{k}={v}" for k, v in dict(params).items()]
-    given += [*map(str, OmegaConf.select(hydra, "overrides.task") or [])]
     sizes: dict[str, int] = {}
     try:
+        # as written: an override `seed=${hydra:job.num}` cannot be resolved at the sweep's
+        # level (it failed the summary's start hook, and an interrupted sweep ended with no
+        # summary: a probe's finding)
+        params = _as_written(OmegaConf.select(hydra, "sweeper.params")) or {}
+        tasks = _as_written(OmegaConf.select(hydra, "overrides.task")) or []
+        # by key, as the basic sweeper merges them: its params first, the command line over
+        # them (a later value of the same key wins): a pinned `b=9` over params' `b: 5,6,7`
+        # is 1 job
+        given = [f"{k}={v}" for k, v in dict(params).items()] + [*map(str, tasks)]
         for override in OverridesParser.create().parse_overrides(given):
             key = override.get_key_element()  # (the basic sweeper's key: +, ~, @package)
             sizes[key] = (len(list(override.sweep_string_iterator()))
@@ -89,6 +93,13 @@ def planned_jobs(hydra: Any) -> int | None:
     except Exception:  # noqa: BLE001 (a glob needs the config loader: not counted)
         return None
     return math.prod(sizes.values())
+
+
+def _as_written(node: Any) -> Any:
+    """A config node as plain containers, its ``${...}`` left unresolved."""
+    if isinstance(node, DictConfig | ListConfig):
+        return OmegaConf.to_container(node, resolve=False)
+    return node
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -125,8 +136,8 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._ended = False
-        self._planned = planned_jobs(config.hydra)
         atexit.register(self._at_exit, Path(config.hydra.sweep.dir))
+        self._planned = planned_jobs(config.hydra)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._ended = True
