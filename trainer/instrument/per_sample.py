@@ -1299,15 +1299,7 @@ class PerSampleNorms(Callback):
         self._calls.clear()
         self._finish_shared()
         for name, m, _, _ in self.units:  # coverage counts what was captured, not visited
-            # (one that made no differentiable call, a branch not taken, has per-sample
-            # gradients of 0, exactly: covered; its weights used elsewhere are caught by the
-            # mode, and named, when the forward runs)
-            if (
-                m not in self._captured
-                and name not in self._excluded
-                and self._batch > 0
-                and self._ncalls.get(m, 0) > 0
-            ):
+            if m not in self._captured and name not in self._excluded and self._batch > 0:
                 self._excluded[name] = (
                     "no per-sample gradient was captured: its forward gave no output on the "
                     "loss's path, or its parameters are used outside its own forward"
