@@ -163,13 +163,13 @@ class FailsAt(torch.utils.data.Dataset):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_datasets_error_names_the_sample(workers) -> None:
     """A Dataset's error in __getitem__ named no sample (in a worker: torch's "Caught
-    ValueError in DataLoader worker process 0", a probe). It carries the index, the length
-    its __len__ gives, and the epoch and batch."""
+    ValueError in DataLoader worker process 0", a probe). It carries the index and the length
+    its __len__ gives."""
     dl = DeviceLoader(FailsAt(), batch_size=4, device=CPU, shuffle=False, num_workers=workers)
     try:
         with pytest.raises(ValueError, match="boom") as raised:
             list(dl)
-        where = "(data: FailsAt[6] raised it, of 12 by its __len__; epoch 0, batch 1)"
+        where = "(data: FailsAt[6] raised it, of 12 by its __len__)"
         assert where in str(raised.value) + "".join(getattr(raised.value, "__notes__", ()))
     finally:
         dl.close()

@@ -1057,6 +1057,9 @@ class NaNGradEveryStep(Callback):
     (10, 60, r"steps 1-50: .*its loss scale fell to 5\.82e-11, below float16's smallest"),
     # one read, 170 halvings later: the float32 scale at 0 (the float64 product is not)
     (170, 170, r"steps 1-170: .*its loss scale fell to 0, below float16's smallest"),
+    # a limit past the ~166 halvings to 0: a scale of 0 stops the run whatever the streak
+    # (it completed: a review)
+    (10, 200, r"steps 1-170: .*its loss scale fell to 0, below float16's smallest"),
 ])  # fmt: skip
 def test_a_gradient_nan_at_every_loss_scale_stops_a_float16_run(
     tmp_path, every, steps, match
@@ -1068,12 +1071,14 @@ def test_a_gradient_nan_at_every_loss_scale_stops_a_float16_run(
     float16's smallest subnormal (2^-24, 40 halvings from 2^16: read at step 50 here) or 0
     (a review: the float32 scale reached 0 where a float64 replay did not, and the run
     completed)."""
+    limit = 200 if steps == 200 else 10
     common = ["trainer.precision=16", f"logging.every_n_steps={every}",
-              f"trainer.max_steps={steps}", "optimizer=sgd", "model.hidden=[8]"]  # fmt: skip
+              f"trainer.max_steps={steps}", "optimizer=sgd", "model.hidden=[8]",
+              f"instrument.nonfinite.max_consecutive_skips={limit}"]  # fmt: skip
     with pytest.raises(NonFiniteError, match=match) as raised:
         train(tmp_path / "nan", *common, callbacks=[NaNGradEveryStep()])
     assert "the GradScaler skipped every step (trainer.precision=16; " in str(raised.value)
-    if every == 10:
+    if (every, steps) == (10, 60):
         logged = [v for _, v in read_scalars(tmp_path / "nan")["amp/scale"]]
         assert logged == [2.0 ** (16 - s) for s in (10, 20, 30, 40, 50)]
         train(tmp_path / "fine", *common)  # (a finite run: the scale as the scaler keeps it)
@@ -1118,3 +1123,17 @@ def test_a_float16_run_that_needs_a_scale_below_1_trains(tmp_path) -> None:
     scales = [v for _, v in read_scalars(tmp_path)["amp/scale"]]
     assert metrics["status"] == "completed" and scales[-1] < 1.0 and scales[-1] >= 2.0**-24
     assert scales[-1] == scales[-2]  # (settled: steps taken again)
+
+
+def test_the_loss_scale_watch_counts_its_streak_across_a_resume(tmp_path) -> None:
+    """The watch counts all-skipped steps from its last read of the scale: a resume re-based
+    it at the checkpoint's step, between two reads, and the streak (and the steps the error
+    names) lost the steps since the read (a review). The last read is checkpointed."""
+    common = ["trainer.precision=16", "logging.every_n_steps=10", "trainer.max_steps=60",
+              "optimizer=sgd", "model.hidden=[8]", "trainer.checkpoint.every_n_steps=5",
+              "trainer.checkpoint.keep_last=20"]  # fmt: skip
+    with pytest.raises(NonFiniteError, match=r"^steps 1-50: the GradScaler"):
+        train(tmp_path, *common, callbacks=[NaNGradEveryStep()])
+    fifth = tmp_path / "checkpoints" / "step_000000005.pt"
+    with pytest.raises(NonFiniteError, match=r"^steps 1-50: the GradScaler"):
+        train(tmp_path, *common, f"trainer.resume={fifth}", callbacks=[NaNGradEveryStep()])

@@ -807,6 +807,12 @@ def test_a_sweep_stopped_before_all_its_jobs_started_counts_them(tmp_path, caplo
     # summary's start hook, and an interrupted sweep ended without its summary: a probe)
     hydra.overrides.task = ["optimizer.lr=0.01,0.02", "seed=${hydra:job.num}"]
     assert planned_jobs(hydra) == 2 * 2
+    # a params value interpolating a list of the config's: resolved (a review)
+    hydra.lrs = "0.1,0.2,0.3"
+    hydra.sweeper.params = {"optimizer.lr": "${lrs}"}
+    hydra.overrides.task = ["seed=${hydra:job.num}"]
+    assert planned_jobs(hydra) == 3
+    hydra.sweeper.params = {"data.batch_size": "16,32"}
     hydra.overrides.task = ["optimizer.lr=0.01,0.02,0.03"]
     hydra.sweeper.params = None
     for name, status in (("0", "completed"), ("1", "interrupted")):

@@ -80,7 +80,7 @@ def planned_jobs(hydra: Any) -> int | None:
         # as written: an override `seed=${hydra:job.num}` cannot be resolved at the sweep's
         # level (it failed the summary's start hook, and an interrupted sweep ended with no
         # summary: a probe's finding)
-        params = _as_written(OmegaConf.select(hydra, "sweeper.params")) or {}
+        params = _each_resolved(OmegaConf.select(hydra, "sweeper.params"))
         tasks = _as_written(OmegaConf.select(hydra, "overrides.task")) or []
         # by key, as the basic sweeper merges them: its params first, the command line over
         # them (a later value of the same key wins): a pinned `b=9` over params' `b: 5,6,7`
@@ -93,6 +93,20 @@ def planned_jobs(hydra: Any) -> int | None:
     except Exception:  # noqa: BLE001 (a glob needs the config loader: not counted)
         return None
     return math.prod(sizes.values())
+
+
+def _each_resolved(params: Any) -> dict[str, Any]:
+    """The sweeper's params, each value resolved where it can be (``lr: ${lrs}``, a list of
+    the config's), else as written (a job's own ``${hydra:job.num}``)."""
+    if not isinstance(params, DictConfig):
+        return dict(params or {})
+    out: dict[str, Any] = {}
+    for key in params:
+        try:
+            out[str(key)] = params[key]
+        except Exception:  # noqa: BLE001 (not resolvable at the sweep's level)
+            out[str(key)] = _as_written(params)[key]
+    return out
 
 
 def _as_written(node: Any) -> Any:

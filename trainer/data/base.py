@@ -290,14 +290,15 @@ class IndexedDataset(Dataset):
                 x = self.dataset.transform(x.unsqueeze(0)).squeeze(0)
             return x, self.dataset.y[i], i
         try:
-            x, y = self.dataset[i]  # an int label collates to int64, a tensor target as it is
+            sample = self.dataset[i]
         except Exception as e:  # (named: a worker's error named no sample, a probe's finding)
-            size = len(self.dataset)  # type: ignore[arg-type]
-            e.add_note(
-                f"(data: {type(self.dataset).__name__}[{i}] raised it, of {size} by its __len__"
-                + (f"; epoch {item[0]}, batch {item[1]})" if isinstance(item, tuple) else ")")
-            )
+            try:
+                size = f", of {len(self.dataset)} by its __len__"  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001 (the Dataset's own error is the one raised)
+                size = ""
+            e.add_note(f"(data: {type(self.dataset).__name__}[{i}] raised it{size})")
             raise
+        x, y = sample  # an int label collates to int64, a tensor target as it is
         return x, y, i
 
 

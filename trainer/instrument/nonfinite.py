@@ -134,8 +134,11 @@ class NonfiniteGuard(Callback):
         self.deferred = deferred
         if self.policy == "skip":  # a skipped step leaves the buffers as they were too
             trainer.restore_buffers_on_skip = True
-        if trainer.scaler is not None:  # host read: once, before the first step
+        if trainer.scaler is not None and self._scale_at is None:  # host read: once, before
+            # the first step (a resumed run: the last read before its checkpoint, kept)
             self._scale_at = (trainer.global_step, trainer.scaler.get_scale())
+        elif trainer.scaler is None:
+            self._scale_at = None
         self.on_params_change(trainer)
         # the floating-point buffers finite now (a mask of −Inf is non-finite on purpose):
         # those a skipped step is checked for (one host read, before the first step)
@@ -165,6 +168,7 @@ class NonfiniteGuard(Callback):
             "pending": [(s, n, torch.stack(ts)) for s, n, ts in self._pending],  # (1-D each)
             "latched": self._latched,
             "scaler_run": self._scaler_run,
+            "scale_at": self._scale_at,  # (the streak is counted from this read on)
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -173,6 +177,8 @@ class NonfiniteGuard(Callback):
         self._pending = [(int(s), list(n), list(t.unbind())) for s, n, t in kept]
         self._latched = state.get("latched")
         self._scaler_run = int(state.get("scaler_run", 0))  # (older checkpoints: none)
+        at = state.get("scale_at")
+        self._scale_at = (int(at[0]), float(at[1])) if at is not None else None
 
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
@@ -418,9 +424,13 @@ class NonfiniteGuard(Callback):
         every = n > 0 and before > 0 and (now == 0.0 or math.isclose(
             now, before * scaler.get_backoff_factor() ** n, rel_tol=1e-6, abs_tol=0.0))  # fmt: skip
         self._scaler_run = self._scaler_run + n if every else 0
-        if self._scaler_run >= self.max_consecutive and now < UNDERFLOW_SCALE:
+        if now == 0.0 or (self._scaler_run >= self.max_consecutive and now < UNDERFLOW_SCALE):
+            # (a scale of 0 stays 0, every step skipped, however it got there: a resume past
+            # it, or a limit above the ~166 halvings that take 2^16 to 0: a review)
+            since = f"steps {step - self._scaler_run + 1}-{step}" if self._scaler_run else (
+                f"step {step}")  # fmt: skip
             raise NonFiniteError(
-                f"steps {step - self._scaler_run + 1}-{step}: the GradScaler skipped every "
+                f"{since}: the GradScaler skipped every "
                 f"step (trainer.precision=16; its loss scale fell to {now:.3g}, below float16's "
                 "smallest subnormal, where the scaled gradients underflow): the gradients are "
                 "not finite at any usable scale (a NaN, not an overflow), and nothing trains "
@@ -475,11 +485,11 @@ class NonfiniteGuard(Callback):
         elif trainer.logger is not None:  # written at its own step (nothing else staged)
             trainer.logger.add_floats(value, step)
         log.warning("step %d skipped: %s", step, cause)
-        at_limit = self.consecutive >= self.max_consecutive  # (raised below: no step end)
-        if self._in_step and trainer.restore_buffers_on_skip and not at_limit:  # (the loop
-            self._buffers_step = (step, read_at)  # puts this step's back after this hook:
-        else:  # checked after that; a flag read at a logging step had said buffers it then
-            self._buffers_hit(trainer, step, read_at)  # restored: a probe)
+        if self._in_step and trainer.restore_buffers_on_skip:  # (the loop puts this step's
+            if self.consecutive < self.max_consecutive:  # back after this hook: checked
+                self._buffers_step = (step, read_at)  # after that; at the limit the run
+        else:  # stops below, before any restore; a flag read at a logging step had said
+            self._buffers_hit(trainer, step, read_at)  # buffers it then restored: a probe)
         if self.consecutive >= self.max_consecutive:
             later = _read_later(step, read_at)
             raise NonFiniteError(
