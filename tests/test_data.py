@@ -149,12 +149,17 @@ def test_a_worker_stuck_in_its_dataset_is_ended_by_close(monkeypatch) -> None:
 
 
 class FailsAt(torch.utils.data.Dataset):
-    """Sample 6 raises; its __len__ says 12."""
+    """Sample 6 raises (or, ``triple``, is a tuple of 3); its __len__ says 12."""
+
+    def __init__(self, triple: bool = False) -> None:
+        self.triple = triple
 
     def __len__(self) -> int:
         return 12
 
     def __getitem__(self, i: int):
+        if i == 6 and self.triple:
+            return torch.zeros(2), 0, 1
         if i == 6:
             raise ValueError("boom")
         return torch.zeros(2), 0
@@ -170,6 +175,15 @@ def test_a_datasets_error_names_the_sample(workers) -> None:
         with pytest.raises(ValueError, match="boom") as raised:
             list(dl)
         where = "(data: FailsAt[6] raised it, of 12 by its __len__)"
+        assert where in str(raised.value) + "".join(getattr(raised.value, "__notes__", ()))
+    finally:
+        dl.close()
+    # a later sample of another form (only the first is checked before training)
+    dl = DeviceLoader(FailsAt(True), batch_size=4, device=CPU, shuffle=False, num_workers=workers)
+    try:
+        with pytest.raises(ValueError, match="unpack") as raised:
+            list(dl)
+        where = "(data: FailsAt[6] is a tuple of 3, not an (input, target) pair)"
         assert where in str(raised.value) + "".join(getattr(raised.value, "__notes__", ()))
     finally:
         dl.close()

@@ -298,7 +298,15 @@ class IndexedDataset(Dataset):
                 size = ""
             e.add_note(f"(data: {type(self.dataset).__name__}[{i}] raised it{size})")
             raise
-        x, y = sample  # an int label collates to int64, a tensor target as it is
+        try:
+            x, y = sample  # an int label collates to int64, a tensor target as it is
+        except (TypeError, ValueError) as e:  # (a later sample of another form: only the
+            kind = type(sample).__name__  # first is checked before training)
+            if isinstance(sample, tuple | list):
+                kind = f"a {kind} of {len(sample)}"
+            e.add_note(f"(data: {type(self.dataset).__name__}[{i}] is {kind}, not an (input, "
+                       "target) pair)")  # fmt: skip
+            raise
         return x, y, i
 
 

@@ -421,7 +421,8 @@ class NonfiniteGuard(Callback):
         self._scale_at = (step, now)
         n = step - before_step
         # (the scale is float32: it reaches 0 where the float64 product does not)
-        every = n > 0 and before > 0 and (now == 0.0 or math.isclose(
+        # (0 stays 0: every step since a read of 0 was skipped too)
+        every = n > 0 and (now == 0.0 or before > 0 and math.isclose(
             now, before * scaler.get_backoff_factor() ** n, rel_tol=1e-6, abs_tol=0.0))  # fmt: skip
         self._scaler_run = self._scaler_run + n if every else 0
         if now == 0.0 or (self._scaler_run >= self.max_consecutive and now < UNDERFLOW_SCALE):
