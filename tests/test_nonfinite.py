@@ -1137,3 +1137,23 @@ def test_the_loss_scale_watch_counts_its_streak_across_a_resume(tmp_path) -> Non
     fifth = tmp_path / "checkpoints" / "step_000000005.pt"
     with pytest.raises(NonFiniteError, match=r"^steps 1-50: the GradScaler"):
         train(tmp_path, *common, f"trainer.resume={fifth}", callbacks=[NaNGradEveryStep()])
+
+
+def test_a_mixing_check_that_failed_on_a_skipped_step_resumes_bit_for_bit(tmp_path) -> None:
+    """The epoch's short last batch (29 samples) is first seen on step 12, skipped for a NaN
+    input: its per-sample mixing check fails (not finite) and is run again on the next step
+    of that shape, 24, after its backward. A run resumed at step 23 ran it before step 24's
+    forward instead, and its per-sample statistics differed in the last bits (3.947068453
+    against 3.947068214: a probe). It waits for the backward there too: bit for bit."""
+    common = ["trainer.max_epochs=2", "trainer.accumulate_grad_batches=2",
+              "instrument.per_sample.every_n_steps=2", "instrument.nonfinite.policy=skip",
+              "logging.every_n_steps=3", "model.hidden=[16]"]  # fmt: skip
+    train(tmp_path / "whole", *common, callbacks=[Poison({12: "input"})])
+    with pytest.raises(SystemExit):
+        train(tmp_path / "part", *common, callbacks=[Poison({12: "input"}), StopAt(23)])
+    train(tmp_path / "part", *common, "trainer.resume=auto",
+          f"trainer.checkpoint.search_dir={tmp_path / 'part'}")  # fmt: skip
+    whole, part = read_scalars(tmp_path / "whole"), read_scalars(tmp_path / "part")
+    for tag in ("per_sample/grad_norm_mean", "per_sample/grad_var_trace"):
+        assert dict(whole[tag])[24] == dict(part[tag])[24], tag
+    assert whole["per_sample/grad_norm_mean"] == part["per_sample/grad_norm_mean"]

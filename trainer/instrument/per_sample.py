@@ -782,7 +782,8 @@ class PerSampleNorms(Callback):
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
         if not self._started:  # the first micro-batch reads the host anyway (the optimizer's
             self._started = True  # state is created): its inputs' mixing check is done there
-            if _signature(batch.x) not in self._mixing_checks:
+            sig = _signature(batch.x)
+            if sig not in self._mixing_checks and sig not in self._mixing_failed:
                 self._check_mixing(trainer, batch)
         if self._skip_window or not self.every.due_next(trainer.global_step):
             return
