@@ -170,23 +170,20 @@ def test_a_datasets_error_names_the_sample(workers) -> None:
     """A Dataset's error in __getitem__ named no sample (in a worker: torch's "Caught
     ValueError in DataLoader worker process 0", a probe). It carries the index and the length
     its __len__ gives."""
-    dl = DeviceLoader(FailsAt(), batch_size=4, device=CPU, shuffle=False, num_workers=workers)
-    try:
-        with pytest.raises(ValueError, match="boom") as raised:
-            list(dl)
-        where = "(data: FailsAt[6] raised it, of 12 by its __len__)"
-        assert where in str(raised.value) + "".join(getattr(raised.value, "__notes__", ()))
-    finally:
-        dl.close()
-    # a later sample of another form (only the first is checked before training)
-    dl = DeviceLoader(FailsAt(True), batch_size=4, device=CPU, shuffle=False, num_workers=workers)
-    try:
-        with pytest.raises(ValueError, match="unpack") as raised:
-            list(dl)
-        where = "(data: FailsAt[6] is a tuple of 3, not an (input, target) pair)"
-        assert where in str(raised.value) + "".join(getattr(raised.value, "__notes__", ()))
-    finally:
-        dl.close()
+    cases = [
+        (False, "boom", "(data: FailsAt[6] raised it, of 12 by its __len__)"),
+        # a later sample of another form (only the first is checked before training)
+        (True, "unpack", "(data: FailsAt[6] is a tuple of 3, not an (input, target) pair)"),
+    ]
+    for triple, error, where in cases:
+        dl = DeviceLoader(FailsAt(triple), batch_size=4, device=CPU, shuffle=False,
+                          num_workers=workers)  # fmt: skip
+        try:
+            with pytest.raises(ValueError, match=error) as raised:
+                list(dl)
+            assert where in str(raised.value) + "".join(getattr(raised.value, "__notes__", ()))
+        finally:
+            dl.close()
 
 
 def test_synthetic_is_reproducible_and_shaped() -> None:
