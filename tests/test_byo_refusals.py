@@ -795,6 +795,10 @@ def test_a_callbacks_hooks_are_checked_when_added_and_named_when_they_raise(tmp_
     with pytest.raises(TypeError, match=r"WrongArity.on_train_step_end\(trainer\) " + called):
         train(tmp_path / "arity", *TINY, callbacks=[WrongArity()])
     assert not (tmp_path / "arity" / "checkpoints" / "last.pt").exists()
+    not_a_method = type("NoneHook", (Callback,), {"on_flush": None})()
+    with pytest.raises(TypeError, match=r"NoneHook.on_flush is None, not a method; the loop "
+                       r"calls on_flush\(trainer\)"):  # fmt: skip
+        train(tmp_path / "none", *TINY, callbacks=[not_a_method])
     wrapped = Wrapped()  # (checked by the wrapper the loop calls, not the function inside)
     train(tmp_path / "wrapped", *TINY, callbacks=[wrapped])
     assert wrapped.last == 2

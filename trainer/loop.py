@@ -145,17 +145,22 @@ def _check_hook(cb: Callback, name: str) -> None:
     """Refuse a hook that cannot be called as the loop calls it (``on_train_step_end(self,
     trainer)`` failed at the first step, after training had begun: a probe)."""
     expected = inspect.signature(getattr(Callback, name))
+    wanted = f"{name}({', '.join(list(expected.parameters)[1:])})"
+    hook = getattr(cb, name)
+    if not callable(hook):
+        raise TypeError(f"callbacks: {type(cb).__name__}.{name} is {hook!r}, not a method; "
+                        f"the loop calls {wanted}")  # fmt: skip
     try:  # (the callable the loop calls: a functools.wraps wrapper's own signature)
-        own = inspect.signature(getattr(cb, name), follow_wrapped=False)
+        own = inspect.signature(hook, follow_wrapped=False)
+    except ValueError:  # (no signature to read: a builtin; taken as it is)
+        return
+    try:
         own.bind(*[None] * (len(expected.parameters) - 1))
     except TypeError:
         raise TypeError(
             f"callbacks: {type(cb).__name__}.{name}({', '.join(own.parameters)}) "
-            f"cannot be called as the loop calls it, {name}"
-            f"({', '.join(list(expected.parameters)[1:])})"
+            f"cannot be called as the loop calls it, {wanted}"
         ) from None
-    except ValueError:  # (no signature to read: a builtin; taken as it is)
-        return
 
 
 def _note_hook(error: Exception, hook: Any, name: str) -> None:
