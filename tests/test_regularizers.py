@@ -538,3 +538,54 @@ def test_a_smooth_regularizer_whose_value_hides_small_gradients_is_confirmed_coa
                     exp3("exp3", coef=0.1).bind(model).check_gradient()
         finally:
             KNOB["factor"] = 2.0
+
+
+class _NoCoefForward(torch.autograd.Function):
+    """Σ p²/2 whose forward leaves λ out and whose backward has it: trains on λp, logs R."""
+
+    @staticmethod
+    def forward(ctx, coef, *params):
+        ctx.coef = coef
+        ctx.save_for_backward(*params)
+        return sum((p * p / 2).sum() for p in params)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *[g * ctx.coef * p for p in ctx.saved_tensors])
+
+
+NoCoef = type("NoCoef", (Regularizer,), {
+    "KINDS": {**Regularizer.KINDS, "nocoef": lambda *ps, coef: _NoCoefForward.apply(coef, *ps)},
+    "GRADS": {**Regularizer.GRADS, "nocoef": lambda p: p},
+})  # fmt: skip
+#: Σ p² with a backward of 2p²/p: NaN at a weight of exactly 0 (GRADS the same)
+NaNAtZero = elementwise("nanat0", lambda p: p * p, lambda p: 2 * p * p / p)
+#: Σ p²/2 with a right backward and a GRADS 5 % off
+OffGrads = type("OffGrads", (Offset,), {
+    "GRADS": {**Regularizer.GRADS, "offset": lambda p: 1.05 * p},
+})  # fmt: skip
+
+
+def test_the_check_compares_at_lambda_1_names_a_non_finite_backward_and_checks_the_value():
+    """Three holes of the check before training (a review): a backward and GRADS compared at
+    the run's λ passed anything at λ = 0 (an annealed λ starting there), and grad_norm/data
+    then subtracted a wrong GRADS; a NaN backward failed with torch's "atol must be greater
+    than or equal to zero, but got nan", naming nothing; a forward leaving λ out (its
+    backward right) passed, and reg/<name> logged R for λR, 100× off at λ = 0.01."""
+    model = nn.Sequential(nn.Linear(5, 6))
+    KNOB["factor"] = 1.0
+    try:
+        with pytest.raises(ValueError, match=r"offset \(OffGrads\): its backward and "
+                           r"GRADS\['offset'\] disagree on 0.weight at λ = 1"):  # fmt: skip
+            OffGrads("offset", coef=0.0).bind(model).check_gradient()
+        Offset("offset", coef=0.0).bind(model).check_gradient()  # (right: accepted)
+    finally:
+        KNOB["factor"] = 2.0
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0.0
+    with pytest.raises(ValueError, match=r"nanat0 \(nanat0\): its backward is not finite on "
+                       r"0.weight\[0, 0\] \(value 0"):  # fmt: skip
+        NaNAtZero("nanat0", coef=0.01).bind(model).check_gradient()
+    with pytest.raises(ValueError, match=r"nocoef \(NoCoef\): its value at λ = 0.01 is .*, "
+                       r"not λ times its value at λ = 1"):  # fmt: skip
+        NoCoef("nocoef", coef=0.01).bind(model).check_gradient()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -276,35 +277,11 @@ class Regularizer(Stateful):
             return
         names = [n for n, _ in named]
         copies = [p.detach().double().clone().requires_grad_() for _, p in named]
-        value = self.fn(*copies, coef=self.coef)
-        if not isinstance(value, Tensor) or value.ndim != 0:
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(
-                f"regularizer {self.name} ({type(self).__name__}): its function returned "
-                f"{shape}, must be a 0-d tensor"
-            )
-        auto = torch.autograd.grad(value, copies, allow_unused=True)
-        for name, c, a in zip(names, copies, auto, strict=True):
-            a = torch.zeros_like(c) if a is None else a
-            b = self.coef * self.grad_fn(c.detach())
-            if not isinstance(b, Tensor) or b.shape != c.shape or b.dtype != c.dtype:
-                got = (f"{b.dtype} of shape {tuple(b.shape)}" if isinstance(b, Tensor)
-                       else type(b).__name__)  # fmt: skip
-                raise ValueError(
-                    f"regularizer {self.name} ({type(self).__name__}): GRADS[{self.name!r}] "
-                    f"returned {got} for {name}, {c.dtype} of shape {tuple(c.shape)}: it must "
-                    "keep its input's shape and dtype (checked in float64)"
-                )
-            # float64 roundoff of two computations of the same sums, relative to their size
-            tol = 1e-9 * float(a.abs().max().clamp_min(b.abs().max()).clamp_min(1e-30))
-            if not torch.allclose(a, b, rtol=1e-7, atol=tol):
-                raise ValueError(
-                    f"regularizer {self.name} ({type(self).__name__}): its backward and "
-                    f"GRADS[{self.name!r}] disagree on {name} (max |difference| "
-                    f"{float((a - b).abs().max()):.3g}, of a gradient up to "
-                    f"{float(b.abs().max()):.3g}): the step would train on one and "
-                    "grad_norm/data report the other"
-                )
+        # at λ = 1 (at λ = 0 both sides were 0 and any GRADS passed: a review), and at the
+        # run's λ (a backward that ignores it)
+        for coef in dict.fromkeys(c for c in (1.0, float(self.coef)) if c != 0.0):
+            self._check_backward(names, copies, coef)
+        self._check_value_scales(copies)
         if sum(c.numel() for c in copies) <= 4096:
 
             def fn(*ps: Tensor) -> Tensor:  # R itself (λ = 1): gradcheck's tolerances are
@@ -343,6 +320,65 @@ class Regularizer(Stateful):
                     "|p| at 0) or curves steeply; trained with its backward",
                     self.name, type(self).__name__, first,
                 )  # fmt: skip
+
+    def _check_value_scales(self, copies: list[Tensor]) -> None:
+        """Its value at the run's λ is λ times its value at 1 (``reg/<name>`` logs it: a
+        Function leaving λ out of its forward, its backward right, logged R for λR, 100×
+        off at λ = 0.01: a review)."""
+        coef = float(self.coef)
+        if coef in (0.0, 1.0):
+            return
+        with torch.no_grad():
+            one = float(self.fn(*copies, coef=1.0))
+            at = float(self.fn(*copies, coef=coef))
+        if math.isfinite(one) and not math.isclose(at, coef * one, rel_tol=1e-9,
+                                                   abs_tol=1e-300):  # fmt: skip
+            raise ValueError(
+                f"regularizer {self.name} ({type(self).__name__}): its value at λ = {coef:g} is "
+                f"{at:.6g}, not λ times its value at λ = 1 ({coef * one:.6g}): reg/{self.name} "
+                "logs the forward's value, which must include λ as the backward does"
+            )
+
+    def _check_backward(self, names: list[str], copies: list[Tensor], coef: float) -> None:
+        """The Function's backward at ``coef`` against ``coef`` × its ``GRADS``."""
+        value = self.fn(*copies, coef=coef)
+        if not isinstance(value, Tensor) or value.ndim != 0:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"regularizer {self.name} ({type(self).__name__}): its function returned "
+                f"{shape}, must be a 0-d tensor"
+            )
+        auto = torch.autograd.grad(value, copies, allow_unused=True)
+        for name, c, a in zip(names, copies, auto, strict=True):
+            a = torch.zeros_like(c) if a is None else a
+            b = coef * self.grad_fn(c.detach())
+            if not isinstance(b, Tensor) or b.shape != c.shape or b.dtype != c.dtype:
+                got = (f"{b.dtype} of shape {tuple(b.shape)}" if isinstance(b, Tensor)
+                       else type(b).__name__)  # fmt: skip
+                raise ValueError(
+                    f"regularizer {self.name} ({type(self).__name__}): GRADS[{self.name!r}] "
+                    f"returned {got} for {name}, {c.dtype} of shape {tuple(c.shape)}: it must "
+                    "keep its input's shape and dtype (checked in float64)"
+                )
+            for what, t in (("its backward", a), (f"GRADS[{self.name!r}]", b)):
+                bad = (~torch.isfinite(t)).nonzero()
+                if len(bad):  # (a NaN tolerance failed inside allclose, naming nothing)
+                    where = ", ".join(str(int(i)) for i in bad[0])
+                    raise ValueError(
+                        f"regularizer {self.name} ({type(self).__name__}): {what} is not "
+                        f"finite on {name}[{where}] (value {float(c[tuple(bad[0])]):.6g}, "
+                        f"λ = {coef:g})"
+                    )
+            # float64 roundoff of two computations of the same sums, relative to their size
+            tol = 1e-9 * float(a.abs().max().clamp_min(b.abs().max()).clamp_min(1e-30))
+            if not torch.allclose(a, b, rtol=1e-7, atol=tol):
+                raise ValueError(
+                    f"regularizer {self.name} ({type(self).__name__}): its backward and "
+                    f"GRADS[{self.name!r}] disagree on {name} at λ = {coef:g} (max "
+                    f"|difference| {float((a - b).abs().max()):.3g}, of a gradient up to "
+                    f"{float(b.abs().max()):.3g}): the step would train on one and "
+                    "grad_norm/data report the other"
+                )
 
     def value(self) -> Tensor:
         """λ R(θ), 0-d, differentiable (twice); 0 while nothing it selects is trainable."""
