@@ -415,17 +415,20 @@ def test_weights_of_float16_and_bfloat16_losses_are_float32(dtype) -> None:
 
 
 class _Own(Weighting):
-    """A strategy of one's own: r = 1, except ``bad`` on sample 0 from step ``at`` on."""
+    """A strategy of one's own: r = 1, except ``bad`` on sample 0 (``every``: on every
+    sample) from step ``at`` on."""
 
-    def __init__(self, bad: float = -1.0, at: int = 1, normalize: str = "mean") -> None:
+    def __init__(
+        self, bad: float = -1.0, at: int = 1, normalize: str = "mean", every: bool = False
+    ) -> None:
         super().__init__(normalize=normalize)
-        self.bad, self.at, self.calls = bad, at, 0
+        self.bad, self.at, self.every, self.calls = bad, at, every, 0
 
     def raw(self, losses, logits, targets, indices):
         self.calls += 1
         r = torch.ones_like(losses)
         if self.calls >= self.at:
-            r[0] = self.bad
+            r[slice(None) if self.every else 0] = self.bad
         return r
 
 
@@ -451,19 +454,28 @@ class _WrongShape(Weighting):
             r"weighting test_weighting._Own: raw\(\) must return finite weights >= 0; got \[0\]=-1",
         ),
         (["+weighting.bad=nan"], r"_Own: raw\(\) must return finite weights >= 0; got \[0\]=nan"),
+        # finite weights whose float32 sum overflows: every w = r / Inf = 0, nothing trained,
+        # unsaid (a probe)
+        (
+            ["+weighting.bad=3e38", "+weighting.every=true"],
+            r"_Own: raw\(\) must return finite weights >= 0; got "
+            r"weights whose sum overflows torch.float32 \(largest 3e\+38\)",
+        ),
         # from step 3 on: found on the next logging step (4), without a read per step
         (
             ["+weighting.bad=-1.0", "+weighting.at=3"],
-            r"_Own: raw\(\) returned a negative or non-finite weight on a step up to step 4",
+            r"_Own: raw\(\) returned a negative or non-finite weight, or weights whose sum "
+            r"overflows, on a step from 1 to 4",
         ),
         # a checkpoint between logging steps (3) reads the flag: it kept none, and a run
         # resumed from it went on past the negative weight the uninterrupted run stopped at
         (
             ["+weighting.bad=-1.0", "+weighting.at=3", "trainer.checkpoint.every_n_steps=3"],
-            r"_Own: raw\(\) returned a negative or non-finite weight on a step up to step 3",
+            r"_Own: raw\(\) returned a negative or non-finite weight, or weights whose sum "
+            r"overflows, on a step from 1 to 3",
         ),
     ],
-    ids=["negative", "nan", "later", "checkpoint"],
+    ids=["negative", "nan", "overflow", "later", "checkpoint"],
 )
 def test_a_strategy_of_ones_own_is_held_to_finite_weights_ge_0(tmp_path, keys, match) -> None:
     """The contract of raw() (r finite and >= 0) was never checked for a user's strategy:

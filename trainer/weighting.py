@@ -176,6 +176,7 @@ class Weighting(Stateful, abc.ABC):
     _raw_checked: bool = False
     _raw_bad: Tensor | None = None
     _raw_none: Tensor
+    _checked_at = 0  # the step of the last check_window
 
     def _check_raw(self, r: Tensor) -> None:
         """The contract of :meth:`raw` (r finite and >= 0) for a strategy of one's own: a
@@ -185,17 +186,26 @@ class Weighting(Stateful, abc.ABC):
         on the first call; after it, a flag on the device, read on logging steps
         (:meth:`check_window`), so no step syncs for it."""
         bad = ~(torch.isfinite(r) & (r >= 0))
+        # and a sum that overflows (finite weights of 3e38: every w = r / Inf = 0, nothing
+        # trained, unsaid: a probe), where the strategy normalizes
+        over = ~torch.isfinite(r.sum()) if self.normalize != "none" else None
         if self._raw_checked:
-            flag = bad.any()
+            flag = bad.any() if over is None else bad.any() | over
             self._raw_bad = flag if self._raw_bad is None else self._raw_bad | flag
             return
         self._raw_checked = True
-        flag = bad.any().float()
+        flag = (bad.any() if over is None else bad.any() | over).float()
         self._raw_none = torch.zeros((), device=r.device)  # (a rank that had no call since)
         if self.world.distributed:  # (every rank raises, or none: no rank left waiting)
             flag = all_reduce_max(flag)
         if bool(flag):  # host sync: the first step only
-            where = _shown(r.flatten(), bad.flatten()) if bool(bad.any()) else "another rank"
+            if bool(bad.any()):
+                where = _shown(r.flatten(), bad.flatten())
+            elif over is not None and bool(over):
+                where = (f"weights whose sum overflows {r.dtype} (largest "
+                         f"{float(r.max()):.3g}): every normalized weight would be 0")  # fmt: skip
+            else:
+                where = "another rank"
             raise WeightError(
                 f"weighting {_class_name(self)}: raw() must return finite weights >= 0; got {where}"
             )
@@ -206,8 +216,9 @@ class Weighting(Stateful, abc.ABC):
         if self._raw_bad is None or not bool(self._raw_bad):
             return None
         return (
-            f"the weighting {_class_name(self)} returned negative or non-finite raw weights "
-            "since the last logging step (raw() must return finite weights >= 0)"
+            f"the weighting {_class_name(self)} returned negative or non-finite raw weights, "
+            "or weights whose sum overflows, since the last logging step (raw() must return "
+            "finite weights >= 0)"
         )
 
     def check_window(self, step: int) -> None:
@@ -215,6 +226,7 @@ class Weighting(Stateful, abc.ABC):
         step since the last check (called on logging steps, which read the host anyway)."""
         if not self._raw_checked:  # (a built-in, or no step yet)
             return
+        since, self._checked_at = self._checked_at, step
         if self._raw_bad is None and not self.world.distributed:
             return
         flag = self._raw_bad.float() if self._raw_bad is not None else self._raw_none
@@ -224,7 +236,8 @@ class Weighting(Stateful, abc.ABC):
         if bool(flag):  # host sync: logging steps only
             raise WeightError(
                 f"weighting {_class_name(self)}: raw() returned a negative or non-finite "
-                f"weight on a step up to step {step} (r must be finite and >= 0)"
+                f"weight, or weights whose sum overflows, on a step from {since + 1} to "
+                f"{step} (read on logging steps; r must be finite and >= 0, its sum finite)"
             )
 
     def _with_units(self, r: Tensor, units: Tensor) -> Tensor:
