@@ -569,3 +569,30 @@ def test_the_guard_names_a_weighting_that_went_non_finite_after_its_first_call(t
         train(tmp_path, "loss.mode=vector", "~weighting", f"+weighting._target_={__name__}._Own",
               "+weighting.bad=nan", "+weighting.at=3", "trainer.max_steps=8",
               "logging.every_n_steps=4")  # fmt: skip
+
+
+class _Learned(Weighting):
+    """Raw weights from a parameter of its own (they require grad), or on the meta device."""
+
+    def __init__(self, normalize: str = "mean", meta: bool = False) -> None:
+        super().__init__(normalize=normalize)
+        self.scale, self.meta = torch.nn.Parameter(torch.ones(())), meta
+
+    def raw(self, losses, logits, targets, indices):
+        if self.meta:
+            return torch.ones(losses.shape, device="meta")
+        return torch.ones_like(losses) * self.scale
+
+
+@pytest.mark.parametrize(("meta", "match"), [
+    (False, r"raw\(\) returned weights that require grad \(computed from parameters\?\)"),
+    (True, r"raw\(\) returned weights that are on meta, the losses on cpu"),
+])  # fmt: skip
+def test_weights_that_require_grad_or_sit_elsewhere_name_the_weighting(tmp_path, meta, match):
+    """The backward's own check refused them without naming the weighting or raw(), and a
+    meta tensor failed with torch's "Tensor.item() cannot be called on meta tensors" (a
+    probe)."""
+    with pytest.raises(WeightError, match=r"weighting test_weighting._Learned: " + match):
+        train(tmp_path, "loss.mode=vector", "~weighting",
+              f"+weighting._target_={__name__}._Learned", f"+weighting.meta={str(meta).lower()}",
+              "trainer.max_steps=2")  # fmt: skip

@@ -280,6 +280,12 @@ class Weighting(Stateful, abc.ABC):
                 f"weighting {_class_name(self)}: raw() returned a {type(r).__name__}, not a "
                 "tensor of weights"
             )
+        if r.requires_grad or r.device != losses.device:  # (metadata: the backward's own
+            # error named neither the weighting nor raw(): a probe)
+            why = ("require grad (computed from parameters?): weights are constants of the "
+                   "backward; detach them" if r.requires_grad
+                   else f"are on {r.device}, the losses on {losses.device}")  # fmt: skip
+            raise WeightError(f"weighting {_class_name(self)}: raw() returned weights that {why}")
         r = r.to(dtype)
         if units is None and r.shape != losses.shape:
             raise WeightError(
