@@ -170,13 +170,14 @@ _PAST_LENGTH = {
 RUN_DIR_KEYS = ("${hydra:runtime.output_dir}", "${hydra:run.dir}", "${hydra:sweep.dir}")
 
 
-def identity_config(cfg: DictConfig) -> dict[str, Any]:
+def identity_config(cfg: DictConfig, resolved: dict[str, Any] | None = None) -> dict[str, Any]:
     """``cfg`` resolved, as a run's identity (its derived ``run_id``) and a checkpoint keep
     it, except values that interpolate the job's folder (:data:`RUN_DIR_KEYS`), kept as
     written: a callback writing ``${hydra:runtime.output_dir}/hooks.jsonl`` made every start
     another run (``resume=auto`` found none) and an explicit resume a changed config (a
     probe's finding). A value reaching the folder through another key is resolved."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if resolved is None:  # (the caller's, where it has it: resolved once)
+        resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     raw = OmegaConf.to_container(cfg, resolve=False)
 
     def kept(r: Any, v: Any) -> Any:
@@ -352,11 +353,11 @@ def run(
         refuse_repeated_choices()
         typed = validate(cfg)  # every config error surfaces here, before anything is built
         tc = typed.trainer
-        config = identity_config(cfg)
+        resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+        config = identity_config(cfg, resolved)
         run_id = tc.run_id or derive_run_id(config)  # type: ignore[arg-type]
         # (before 2026-12-05 a value naming the job's folder was part of a run's identity
         # resolved: such a run, with a fixed hydra.run.dir, is found and resumed under its id)
-        resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
         legacy_id = derive_run_id(resolved)
         resume_state = None
         if tc.resume:
