@@ -29,7 +29,7 @@ from test_unfreeze import STEPS as UNFREEZE_STEPS
 from torch.distributed import TCPStore
 
 from trainer.checkpoint import load_checkpoint, step_path
-from trainer.data.base import TensorSplit
+from trainer.data.base import TensorSplit, epoch_order
 from trainer.data.chars import CharText
 from trainer.data.synthetic import SyntheticData
 from trainer.logger import event_dir
@@ -973,6 +973,50 @@ class TwoExperts(torch.nn.Module):
                 rows = route.nonzero()[:, 0]
                 out = out.index_add(0, rows, torch.tanh(expert(h[rows])))
         return self.head(out)
+
+
+class TwoExpertsMasked(TwoExperts):
+    """As :class:`TwoExperts`, an expert called on the whole batch (its output masked to the
+    samples routed to it: a per-sample unit), and not at all where no sample needs it."""
+
+    def forward(self, x):
+        x = x.flatten(1)
+        out = h = torch.tanh(self.body(x))
+        for expert, route in ((self.a, x[:, 0] > 1), (self.b, x[:, 0] < -1)):
+            if route.any():
+                out = out + route[:, None] * torch.tanh(expert(h))
+        return self.head(out)
+
+
+def test_per_sample_norms_of_an_expert_one_rank_does_not_call_are_one_process(tmp_path) -> None:
+    """An expert one rank's samples are not routed to has 0 as their per-sample part: that rank
+    counts it covered (DDP's all-reduce writes its gradient there without running its hooks),
+    and the two processes of B log the per-sample values of one process of 2B, which calls
+    it. Before, the rank left it out (a branch not taken), every rank with it: coverage 0.62
+    on two processes, 1.0 on one."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2 * B, 4, generator=g), torch.randint(0, 3, (2 * B,), generator=g)
+    x[:, 0] = 0.0  # expert a: no sample (no call anywhere)
+    x[epoch_order(2 * B, 0, 0)[:B], 0] = -2.0  # expert b: rank 0's samples (the first half of
+    # the first global batch, as one process's batch starts: the check on its first samples
+    # of whether a unit's input is batch-first sees b called)
+    torch.save({"x": x, "y": y, "x_val": x[:8], "y_val": y[:8]}, tmp_path / "d.pt")
+    common = ["data=tensors", f"data.path={tmp_path / 'd.pt'}", "trainer.max_steps=1", "seed=0",
+              "~model", f"+model._target_={__name__}.TwoExpertsMasked",
+              "logging.every_n_steps=1", "logging.progress=false",
+              "trainer.checkpoint.every_n_steps=0", "instrument.per_sample.every_n_steps=1",
+              "trainer.find_unused_parameters=true", "optimizer=sgd"]  # fmt: skip
+    one, ranks = tmp_path / "one", [tmp_path / "r0", tmp_path / "r1"]
+    codes = launch((1, [*common, f"data.batch_size={2 * B}"], [one]),
+                   (2, [*common, f"data.batch_size={B}"], ranks))  # fmt: skip
+    assert codes == [[0], [0, 0]], codes
+    want, got = read_scalars(one), read_scalars(ranks[0])
+    assert want["per_sample/coverage"] == got["per_sample/coverage"] == [(1, 1.0)]
+    for tag in ("per_sample/grad_norm_mean", "per_sample/grad_norm_max",
+                "per_sample/noise_scale", "grad_snr/b.weight"):  # fmt: skip
+        assert got[tag][0][1] == pytest.approx(want[tag][0][1], rel=1e-5), tag
+    assert math.isnan(got["grad_snr/a.weight"][0][1])  # (a zero gradient: no ratio)
+    assert math.isnan(want["grad_snr/a.weight"][0][1])
 
 
 def test_regularizers_with_parameters_one_rank_does_not_use_train_as_one_process(

@@ -682,6 +682,9 @@ class PerSampleNorms(Callback):
         self._started = False  # this process trained a micro-batch (its first: checked)
         self._parametrizing: set[nn.Module] = set()  # (set in on_fit_start)
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
+        #: id(param) of the units' parameters the measured micro-batch's backward reached (a
+        #: hook on each while it runs): a unit neither captured nor reached had 0 per sample
+        self._reached: set[int] = set()
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
         self._weighted: list[Tensor] = []  # per micro-batch, (B, params) squared weighted norms
         #: per micro-batch, (B, 2): each sample's effective weight, and 1.0 where it is a
@@ -699,6 +702,7 @@ class PerSampleNorms(Callback):
         self.last: dict[str, Tensor] = {}
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        self._drop_rows()
         self._build_units(trainer)
 
     def on_params_change(self, trainer: Trainer) -> None:
@@ -801,9 +805,13 @@ class PerSampleNorms(Callback):
         self._mixing.clear()
         self._excluded.clear()
         self._captured.clear()
+        self._reached.clear()
         self._shared.clear()
         self._active.clear()
         self._entered.clear()
+        for p in self._params:  # which parameters this backward reaches (the data
+            if p.requires_grad:  # parallel all-reduce writes an unused one's without it)
+                self._handles.append(p.register_hook(partial(self._reach, id(p))))
         root = trainer.model  # the model's forward is watched for outside uses, nothing else
         for _, m, _, _ in self.units:  # before a unit's own pre-hooks (weight_norm's, prune's
             # compute its weight from its parameters: a use inside its forward)
@@ -831,12 +839,22 @@ class PerSampleNorms(Callback):
         self._tick += 1
 
     def _enter_bn(self, name: str, module: _BatchNorm, inputs: Any) -> None:
-        if _batch_statistics(module):
+        if _batch_statistics(module) and not _in_backward():  # (a recomputation: seen)
             self._mix(f"{name} (BatchNorm with the batch's statistics)")
 
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:
         self._leave_mode()
         self._disarm()
+        self._drop_rows()
+
+    def _drop_rows(self) -> None:
+        """The rows measured for a window that did not end (a failed step: given to another
+        Trainer, the instance measured its next window with them, 64 rows for 32 samples)."""
+        self._weighted.clear()
+        self._weights.clear()
+        self._rank_rows.clear()
+        self._calls.clear()
+        self._skip_window = False
 
     def _leave_mode(self) -> None:
         if self._mode is not None:
@@ -862,7 +880,12 @@ class PerSampleNorms(Callback):
             h.remove()
         self._handles.clear()
 
+    def _reach(self, key: int, grad: Tensor) -> None:
+        self._reached.add(key)
+
     def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if _in_backward():  # an activation checkpoint's recomputation: not a call
+            return
         self._active[module] = self._active.get(module, 0) + 1
         self._entered[module] = self._entered.get(module, 0) + 1
         self._start.setdefault(module, self._tick)
@@ -871,11 +894,17 @@ class PerSampleNorms(Callback):
     def _inputs_given(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         """The last of a unit's pre-hooks: its inputs' version counters as its forward gets
         them (after a pre-hook of one's own replaced them, say)."""
-        self._entry_versions[module] = _versions(inputs)
+        if not _in_backward():
+            self._entry_versions[module] = _versions(inputs)
 
     def _forward_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
+        if _in_backward():  # (a non-reentrant checkpoint runs the forward again in the
+            # backward, each time or until what it needs is back: the call, captured as its
+            # forward made it, was taken for a second one, which no check saw, and its unit
+            # left out; a reentrant one's first forward runs without gradients: left out)
+            return
         self._active[module] -= 1
         if not torch.is_grad_enabled():
             return
@@ -1299,11 +1328,16 @@ class PerSampleNorms(Callback):
                 self._captured.add(module)
         self._calls.clear()
         self._finish_shared()
-        for name, m, _, _ in self.units:  # coverage counts what was captured, not visited
+        for name, m, own, _ in self.units:  # coverage counts what was captured, not visited
             if m not in self._captured and name not in self._excluded and self._batch > 0:
+                if not any(id(p) in self._reached for p in own):
+                    continue  # a branch not taken: no sample's gradient reached it, each is 0
                 self._excluded[name] = (
-                    "no per-sample gradient was captured: its forward gave no output on the "
-                    "loss's path, or its parameters are used outside its own forward"
+                    "no per-sample gradient was captured, but the backward reached its "
+                    "parameters: they are used outside its own forward (F.linear(x, "
+                    "module.weight) in the loss, a custom autograd Function), or its forward "
+                    "ran without gradients and again in the backward (a reentrant activation "
+                    "checkpoint: use_reentrant=False is measured)"
                 )
         self._report(trainer)
         for name, why in self._excluded.items():
@@ -1440,8 +1474,10 @@ class PerSampleNorms(Callback):
         # cannot take (a lock) is called itself, its Stateful state put back after
         kept = None
         try:  # (the parameters of modules it holds, a distillation's teacher, shared: not
-            # copied, as they were, once per check)
-            loss = copy.deepcopy(trainer.objective.loss, _parameters_of(trainer.objective.loss))
+            # copied, as they were, once per check; the model's own modules it holds, a head
+            # it applies itself, shared: a copy is no unit, and its hooks failed the check)
+            memo = {**_parameters_of(trainer.objective.loss), **{id(m): m for m in model.modules()}}
+            loss = copy.deepcopy(trainer.objective.loss, memo)
         except Exception:  # noqa: BLE001 (deepcopy raises what the object's pickling does)
             loss = trainer.objective.loss
             try:
@@ -1883,6 +1919,12 @@ class PerSampleNorms(Callback):
                     for p in own}  # fmt: skip
         total = sum(p.numel() for p in params.values())
         return 1.0 - sum(params[k].numel() for k in left_out) / max(total, 1)
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine is running a backward on this thread (a hook called from
+    it: an activation checkpoint's recomputation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _div(a: float, b: float) -> float:
