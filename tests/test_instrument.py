@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import final_params, read_scalars, requires_cuda, train
+from conftest import final_params, make_cfg, read_scalars, requires_cuda, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_nonfinite import FailAt  # a callback failing at a given step
 from test_per_sample import measure  # one measured step of PerSampleNorms by hand
@@ -1016,6 +1016,33 @@ def test_gradient_agreement_counts_a_missing_gradient_as_zero(tmp_path) -> None:
         assert value == pytest.approx(expected, rel=1e-5), step
 
 
+class EveryThirdForwardFlat(torch.nn.Module):
+    """An MLP whose every third forward gives zero logits: that step's gradient is exactly 0."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(64, 16), torch.nn.Linear(16, out_dim)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.head(torch.tanh(self.body(x.flatten(1)))) * (self.calls % 3 != 0)
+
+
+def test_agreement_with_a_zero_gradient_is_nan(tmp_path) -> None:
+    """A zero gradient has no direction: its cosine with any other is NaN (it was logged as
+    0.0, which reads as orthogonal steps: a probe's batch of padding only)."""
+    train(tmp_path, "~model", f"+model._target_={__name__}.EveryThirdForwardFlat",
+          "optimizer=sgd", "trainer.max_steps=6", "instrument.norms.every_n_steps=1",
+          "instrument.norms.agreement=true", "logging.every_n_steps=1")  # fmt: skip
+    s = read_scalars(tmp_path)
+    assert [v for _, v in s["grad_norm/total"]][2::3] == [0.0, 0.0]
+    got = dict(s["grad_agreement/consecutive"])
+    assert sorted(got) == [2, 3, 4, 5, 6]
+    assert [math.isnan(got[k]) for k in sorted(got)] == [False, True, True, False, True]
+    assert -1 <= got[2] <= 1 and -1 <= got[5] <= 1
+
+
 def test_agreement_after_a_resume_that_changed_it_is_the_previous_steps_or_nan(
     tmp_path, caplog
 ) -> None:
@@ -1584,3 +1611,17 @@ def test_float16_mixed_precision_logs_its_snrs_and_noise_scale(tmp_path) -> None
     for tag in tags:
         rel = (0.11 if tag.endswith("noise_scale") else 0.05) + 16 * 2**-11
         assert got[tag][0][1] == pytest.approx(want[tag][0][1], rel=rel), tag
+
+
+def test_agreement_without_the_norms_says_it_logs_nothing(caplog) -> None:
+    """instrument.norms.agreement=true with the norms off logged no tag and said nothing (a
+    probe's finding); the preset instrument=full with its norms turned off need not change
+    the key too, so it is said, not refused."""
+    from trainer.config import validate
+    from trainer.instrument import build_callbacks
+
+    cfg = validate(make_cfg("instrument=full", "instrument.norms.every_n_steps=0"))
+    with caplog.at_level("WARNING"):
+        built = build_callbacks(cfg.instrument)
+    assert not any(isinstance(cb, Norms) for cb in built)
+    assert "instrument.norms.agreement=true logs nothing" in caplog.text

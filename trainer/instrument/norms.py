@@ -310,11 +310,13 @@ def _real(x: Tensor) -> Tensor:
 
 
 def _cosine(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """cos(a, b) of two gradients given as lists of tensors (0-d, on the device; 0 if either
-    is 0). A complex tensor counts as its real and imaginary parts (Re⟨x, y⟩, the inner product
-    its norm belongs to)."""
+    """cos(a, b) of two gradients given as lists of tensors (0-d, on the device; NaN if either
+    is 0: no direction, where 0 read as orthogonal). A complex tensor counts as its real and
+    imaginary parts (Re⟨x, y⟩, the inner product its norm belongs to)."""
     a, b = [_real(x) for x in a], [_real(y) for y in b]
     dot = torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
     na = torch.stack(norms_of(a)).double().norm()
     nb = torch.stack(norms_of(b)).double().norm()
-    return (dot / (na * nb).clamp_min(torch.finfo(torch.float64).tiny)).float()
+    # (dot / na) / nb: |dot| <= na·nb, so neither division overflows, and na·nb cannot
+    # underflow to 0 for two nonzero gradients
+    return torch.where((na > 0) & (nb > 0), dot / na / nb, torch.nan).float()
