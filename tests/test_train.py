@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -703,3 +704,109 @@ def test_a_tensor_learning_rate_is_logged_as_the_step_used_it(tmp_path) -> None:
     )
     for i in (0, 1):
         assert [v for _, v in scalars[f"lr/group_{i}"]] == pytest.approx(want[i], rel=1e-6)
+
+
+class FrozenStatistics(torch.nn.Module):
+    """An MLP with a BatchNorm its constructor puts in eval mode (pretrained statistics kept
+    while its affine parameters train), or (``by_override``) one its own ``train()`` keeps in
+    eval mode."""
+
+    def __init__(self, in_shape, out_dim: int, by_override: bool = False) -> None:
+        super().__init__()
+        self.inp, self.bn = torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16)
+        self.head, self.by_override = torch.nn.Linear(16, out_dim), by_override
+        if not by_override:
+            self.bn.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.by_override:
+            self.bn.eval()
+        return self
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.inp(x.flatten(1)))))
+
+
+@pytest.mark.parametrize("by_override", [False, True])
+def test_a_module_in_eval_mode_is_trained_so_across_epochs_and_validation(
+    tmp_path, by_override, caplog
+) -> None:
+    """A module put in eval mode before fit (a BatchNorm's statistics frozen) stays so while
+    training, also after validations: every module was put in train mode at each epoch's
+    start, and the statistics trained. A model's own train() override still runs. The
+    validation leaves each module's mode as it found it."""
+    seen: list[tuple[bool, bool]] = []
+
+    class Modes(Callback):
+        def on_train_batch_start(self, trainer, batch) -> None:
+            seen.append((trainer.model.training, trainer.model.bn.training))
+
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, "~model", f"+model._target_={__name__}.FrozenStatistics",
+              f"+model.by_override={by_override}", "trainer.max_steps=-1",
+              "trainer.max_epochs=3", "data.batch_size=512", "optimizer=sgd",
+              callbacks=[Modes()])  # fmt: skip
+    assert len(seen) == 9 and set(seen) == {(True, False)}  # 3 epochs of 3 steps
+    warned = "1 module(s) are in eval mode" in caplog.text
+    assert warned != by_override  # (the override's eval is the model's own train())
+    stats = final_params(tmp_path)
+    assert torch.equal(stats["bn.running_mean"], torch.zeros(16))  # never updated
+    assert torch.equal(stats["bn.running_var"], torch.ones(16))
+    assert int(stats["bn.num_batches_tracked"]) == 0
+
+
+def test_fit_starts_from_no_gradients(tmp_path, caplog) -> None:
+    """Gradients the parameters hold before fit (a backward by hand in a notebook, a fit that
+    failed mid-step) were added to the first step's own (2e-3 in the weights with AdamW; a
+    NaN left by a failed run failed the next at its first step): cleared, and said. The
+    run then equals one from no gradients, bit for bit."""
+    from trainer.run import build_trainer
+
+    def fitted(dirty: bool) -> list[torch.Tensor]:
+        cfg = make_cfg("trainer.max_steps=2", "logging.progress=false",
+                       "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+        trainer = build_trainer(cfg, tmp_path / str(dirty), with_logger=False)
+        if dirty:
+            trainer.model(torch.randn(4, 1, 8, 8)).sum().backward()
+            next(trainer.model.parameters()).grad.fill_(math.nan)
+        trainer.fit()
+        return [p.detach().clone() for p in trainer.model.parameters()]
+
+    clean = fitted(False)
+    with caplog.at_level(logging.WARNING):
+        dirty = fitted(True)
+    assert "held gradients from before the run" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(clean, dirty, strict=True))
+
+
+def test_a_run_puts_the_process_deterministic_settings_back(tmp_path, monkeypatch) -> None:
+    """trainer.deterministic sets process-wide switches; a run() puts them back as it found
+    them (a notebook's own warn-only deterministic mode was switched off for good by a run
+    with the default false; one with true left it on, and CUBLAS_WORKSPACE_CONFIG set)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)  # fmt: skip
+    seen = []
+
+    class During(Callback):
+        def on_fit_start(self, trainer) -> None:
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = True
+        train(tmp_path / "a", "trainer.max_steps=1", callbacks=[During()])
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(False)
+        train(tmp_path / "b", "trainer.max_steps=1", "trainer.deterministic=true",
+              callbacks=[During()])  # fmt: skip
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        assert seen == [False, True]  # (during each run: as its config says)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]

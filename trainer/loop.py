@@ -171,6 +171,16 @@ def _note_hook(error: Exception, hook: Any, name: str) -> None:
         error.add_note(note)
 
 
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Each module's train/eval flag."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def _put_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
 def _owner(hook: Any) -> Any:
     """The callback a hook (its bound method) belongs to."""
     return getattr(hook, "__self__", hook)
@@ -366,6 +376,8 @@ class Trainer:
         #: put back where the step is skipped (a BatchNorm's running statistics, which the
         #: forward updates before any check: a NaN batch's made every later validation NaN)
         self.restore_buffers_on_skip = False
+        #: each module's train/eval mode as training started (:meth:`_start_training_modes`)
+        self._train_modes: list[tuple[nn.Module, bool]] | None = None
         #: (module, name) of each buffer, read anew at each step (a forward may replace a
         #: buffer by a new tensor: an EMA codebook's ``self.ema = self.ema * d + ...``)
         self._buffers: list[tuple[nn.Module, str]] = []
@@ -613,6 +625,8 @@ class Trainer:
             # (a callback's on_fit_start raising: every callback's on_exception, which
             # restores what the others' took, e.g. the signal handlers)
             self._fire("on_fit_start")  # (what it stages: with the first step, at its number)
+            self._start_training_modes()
+            self._clear_stale_gradients()
             self._buffers = [
                 (m, n) for m in self.model.modules() for n, b in m._buffers.items()
                 if b is not None and self.restore_buffers_on_skip
@@ -690,6 +704,38 @@ class Trainer:
                 self.staging.flush(self.logger, strict=False)
             raise
         return self.metrics
+
+    def _start_training_modes(self) -> None:
+        """Train with each module's train/eval mode as the model has it (a BatchNorm put in
+        eval mode before fit keeps its running statistics: every module was put in train
+        mode at each epoch's start); a model wholly in train or in eval mode gets its
+        ``train()`` (an override of one's own runs, as it did)."""
+        evals = [n or "(the model)" for n, m in self.model.named_modules() if not m.training]
+        if evals and self.model.training:
+            log.warning(
+                "fit: %d module(s) are in eval mode and are trained so, as the model has them "
+                "(dropout off, BatchNorm's running statistics kept): %s%s",
+                len(evals), ", ".join(evals[:5]), " …" if len(evals) > 5 else "",
+            )  # fmt: skip
+        else:
+            self.model.train()
+        self._train_modes = _modes(self.model)
+
+    def _clear_stale_gradients(self) -> None:
+        """Gradients the parameters hold before the first step (a backward by hand, a fit
+        that failed mid-step) would add to its own: cleared, and said."""
+        params = {id(p): p for p in self.model.parameters()}
+        params.update((id(p), p) for g in self.optimizer.param_groups for p in g["params"])
+        held = [p for p in params.values() if p.grad is not None]
+        if held:
+            log.warning(
+                "fit: %d parameter tensor(s) held gradients from before the run (a backward "
+                "outside the trainer, or a fit that failed mid-step): cleared, so the first "
+                "step's gradient is its own",
+                len(held),
+            )  # fmt: skip
+        for p in held:
+            p.grad = None
 
     def _errors_of_every_rank(
         self, errors: list[tuple[Any, BaseException]]
@@ -796,7 +842,10 @@ class Trainer:
         self._fire_between("on_validation_end", m)
 
     def train_epoch(self) -> None:
-        self.model.train()
+        if self._train_modes is None:  # (called outside fit)
+            self.model.train()
+        else:  # as at the start of fit (a callback's eval() left over is undone, as it was)
+            _put_modes(self._train_modes)
         loader = self.train_loader
         start = self.batch_in_epoch  # > 0 only in a run resumed mid-epoch
         loader.set_epoch(self.epoch, start)
@@ -1330,8 +1379,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The loss's validation metrics (val/loss, and val/acc or val/mse by task) and the
-        epoch's mean train/loss."""
+        epoch's mean train/loss. The model in eval mode, then each module's mode put back."""
+        modes = _modes(self.model)
         self.model.eval()
+        try:
+            return self._evaluate()
+        finally:
+            _put_modes(modes)
+
+    def _evaluate(self) -> dict[str, float]:
         broadcast_buffers(self.model)  # (data-parallel: the model rank 0 checkpoints)
         names = self.criterion.metrics
         # (metric, [sum, count]), summed over the batches in float64 (a float64 model's

@@ -18,7 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -323,11 +323,45 @@ def run(
     A stop signal ends it after the current step with a checkpoint, ``metrics.json`` saying
     ``interrupted`` and :class:`Interrupted` (exit status 128 + the signal's number).
 
+    The process-wide settings ``trainer.deterministic`` sets (deterministic algorithms,
+    cuDNN's benchmark, ``CUBLAS_WORKSPACE_CONFIG``) are the process's own again when it
+    returns or raises: a notebook's own choice outlived a run (a probe's finding).
+
     Args:
         cfg: the composed config (``configs/train.yaml`` plus overrides).
         run_dir: where the run writes; defaults to Hydra's output dir of the current job.
         callbacks: extra callbacks for the Trainer.
     """
+    with _process_settings_kept():
+        return _run(cfg, run_dir, callbacks)
+
+
+@contextlib.contextmanager
+def _process_settings_kept() -> Iterator[None]:
+    """Put back what :func:`seed_everything` changes process-wide."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+        torch.backends.cudnn.benchmark = benchmark
+        # (only on a change: the call imports torch._dynamo, 2 s of a small CPU's start-up)
+        if (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ) != (deterministic, warn_only):
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _run(
+    cfg: DictConfig, run_dir: str | Path | None, callbacks: Sequence[Callback]
+) -> dict[str, Any]:
     start = time.perf_counter()
     before = [0.0]  # a resumed run's wall time until its checkpoint (its earlier processes)
 

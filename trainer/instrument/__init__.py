@@ -11,6 +11,7 @@ See docs/instrumentation.md.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING
 
 from trainer.callbacks import Callback
@@ -29,6 +30,8 @@ from trainer.instrument.per_sample import PerSampleNorms
 
 if TYPE_CHECKING:
     from trainer.config import InstrumentConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Curvature",
@@ -72,6 +75,11 @@ def build_callbacks(cfg: InstrumentConfig) -> list[Callback]:
     for name in INSTRUMENTS:
         node = dataclasses.asdict(getattr(cfg, name))
         if not _switched_on(name, node):
+            if name == "norms" and node.get("agreement"):  # (no tag, unsaid: a probe)
+                log.warning(
+                    "instrument.norms.agreement=true logs nothing with "
+                    "instrument.norms.every_n_steps=0: the cosines are taken on the norms' steps"
+                )
             continue
         group = f"instrument.{name}"
         bins = {"bins": cfg.histograms.bins} if name == "per_sample" else {}
