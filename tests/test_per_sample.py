@@ -2419,14 +2419,17 @@ def test_a_branch_not_taken_is_measured_as_zero_and_a_use_outside_any_forward_le
     total = sum(p.numel() for p in features.parameters())
     head = sum(p.numel() for p in features.head.parameters())
     assert staged["per_sample/coverage"] == pytest.approx(1 - head / total)
-    # the loss calling the head (a module of the model) itself: the head is left out (the
-    # batch-dimension check runs the model's forward alone), the rest measured (the mixing
-    # check copied the head with the loss, the copy's hooks failed it: every unit was out)
+    # the loss calling the head (a module of the model) itself: measured (the mixing check
+    # copied the head with the loss, the copy's hooks failed it: every unit was left out; the
+    # batch-dimension check ran the model's forward alone: the head was left out every step)
     caplog.clear()
+    features.load_state_dict(model.state_dict())
+    reference = _jacobian_rows(model, x, y, ("aux", "spare", "gate"))
     with caplog.at_level("WARNING"):
-        _, staged = measure(features, x, y, loss=HeadInTheLoss(features.head, call=True))
-    assert [r.getMessage().split("'")[1] for r in caplog.records] == ["head"]
-    assert staged["per_sample/coverage"] == pytest.approx(1 - head / total)
+        last, staged = measure(features, x, y, loss=HeadInTheLoss(features.head, call=True))
+    assert "leave out" not in caplog.text
+    assert staged["per_sample/coverage"] == 1.0
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
 
 
 class Checkpointed(nn.Module):

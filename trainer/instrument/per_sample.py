@@ -386,6 +386,18 @@ def _parameters_of(obj: Any) -> dict[int, Any]:
     return {id(p): p for m in modules for p in m.parameters()}
 
 
+def _loss_copy(loss: Any, model: nn.Module) -> Any:
+    """A copy of the loss for a check's forward (a call may advance its own state, a counter):
+    the parameters of modules it holds (a distillation's teacher) are shared, not copied once
+    per check; so are the model's own modules it holds (a head it applies itself: a copy of
+    it is no unit, and its hooks failed the check).
+
+    Raises:
+        Exception: what the object's pickling raises (a lock it holds)."""
+    memo = {**_parameters_of(loss), **{id(m): m for m in model.modules()}}
+    return copy.deepcopy(loss, memo)
+
+
 def _tuples(obj: Any) -> Any:
     """Lists (as a checkpoint keeps them) back into tuples, nested."""
     return tuple(_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
@@ -1473,11 +1485,8 @@ class PerSampleNorms(Callback):
         # a copy of the loss, whose state a call may advance (a counter of its own); one a copy
         # cannot take (a lock) is called itself, its Stateful state put back after
         kept = None
-        try:  # (the parameters of modules it holds, a distillation's teacher, shared: not
-            # copied, as they were, once per check; the model's own modules it holds, a head
-            # it applies itself, shared: a copy is no unit, and its hooks failed the check)
-            memo = {**_parameters_of(trainer.objective.loss), **{id(m): m for m in model.modules()}}
-            loss = copy.deepcopy(trainer.objective.loss, memo)
+        try:
+            loss = _loss_copy(trainer.objective.loss, model)
         except Exception:  # noqa: BLE001 (deepcopy raises what the object's pickling does)
             loss = trainer.objective.loss
             try:
@@ -1492,9 +1501,10 @@ class PerSampleNorms(Callback):
         try:
 
             def then(out: Any) -> set[Any] | None:
+                losses = loss(out, y)  # (a unit the loss calls, a head it applies, watched)
                 for h in handles:  # (the backwards below run no forward of theirs)
                     h.remove()
-                return _mixing_passes(loss(out, y), watched, grads, p, inside)
+                return _mixing_passes(losses, watched, grads, p, inside)
 
             state = {**{f"model.{n}": t.detach().requires_grad_(t.requires_grad)
                         for n, t in model.named_parameters()},
@@ -1529,7 +1539,9 @@ class PerSampleNorms(Callback):
     ) -> None:
         """Settle, for each pending (unit, call, input shape), whether dimension 0 of that
         input is the batch: the model's forward runs again on P samples of the batch (P = 2,
-        or 3 for a batch of 2, samples repeated), without gradients, on copies of its buffers,
+        or 3 for a batch of 2, samples repeated), then a copy of the loss (a unit it calls,
+        a head it applies itself, is seen: it was left out on every step), without
+        gradients, on copies of its buffers,
         every random state forked (:func:`trainer.rng.forked_rng`), and a unit call is
         batch-first where its input then has shape (P, *the rest as before). A sequence-first
         (T, B, ·) input with T = B keeps T; a table of B rows keeps B; positions ``arange(T)``
@@ -1550,19 +1562,32 @@ class PerSampleNorms(Callback):
 
         handles = [m.register_forward_pre_hook(record) for _, m, _, kind in self.units
                    if kind in ("closed", "func")]  # fmt: skip
-        x = batch.x[torch.arange(p, device=batch.x.device) % b]
+        rows = torch.arange(p, device=batch.x.device) % b
+        x = batch.x[rows]
+        y = _map_tensors(batch.y, lambda t: t[rows.to(t.device)] if t.dim() else t)
+        try:  # (a unit the loss calls, a head it applies itself, is seen too)
+            loss = _loss_copy(trainer.objective.loss, model)
+        except Exception:  # noqa: BLE001 (one a copy cannot take: the model's forward alone)
+            loss = None
+
+        def then(out: Any) -> Any:
+            if loss is not None:
+                with contextlib.suppress(Exception):  # (what the model's forward saw counts)
+                    loss(out, y)
+            return out
+
         failed = ""
         # BatchNorms in eval mode for it: the same shapes, no batch statistics (a
         # SyncBatchNorm would all-gather them, and only the ranks checking run this forward)
         norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
         try:
-            state = {**dict(model.named_parameters()),
-                     **{n: t.clone() for n, t in model.named_buffers()},
-                     **_renormed_in_place(model)}  # fmt: skip
+            state = {**{f"model.{n}": t for n, t in model.named_parameters()},
+                     **{f"model.{n}": t.clone() for n, t in model.named_buffers()},
+                     **{f"model.{n}": t for n, t in _renormed_in_place(model).items()}}  # fmt: skip
             for m in norms:
                 m.training = False
             with torch.no_grad(), forked_rng(x.device):
-                call_with(model, state, (x,))
+                call_with(_Probe(model, then), state, (x,))
         except Exception as e:  # (a model that cannot run on P samples: what it saw counts)
             failed = f"; the forward failed: {type(e).__name__}: {e}"
         finally:
@@ -1577,7 +1602,8 @@ class PerSampleNorms(Callback):
                 self._excluded.setdefault(
                     name,
                     "whether dimension 0 of its input is the batch is not known yet: the "
-                    f"model's forward on {p} samples did not make this call{failed}",
+                    f"model's forward and the loss on {p} samples did not make this "
+                    f"call{failed}",
                 )
                 continue
             self._verdicts[key] = (
