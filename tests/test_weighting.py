@@ -141,6 +141,13 @@ def test_focal_and_topk_follow_their_formulas() -> None:
     from_losses = FocalWeighting(gamma=1.5, normalize="none")
     from_losses.nll_losses = True
     torch.testing.assert_close(from_losses(losses, logits, y, index), focal)
+    # a sample certain in float32 (a loss of 0.0 or -0.0): weight +0.0, not -0.0 (logged)
+    certain = torch.tensor([0.0, -0.0, 1.0])
+    for gamma in (0.5, 2.0):
+        focal_at = FocalWeighting(gamma=gamma, normalize="none")
+        focal_at.nll_losses = True
+        w = focal_at.raw(certain, None, None, None)  # (r before normalization)
+        assert torch.equal(w[:2], torch.zeros(2)) and not torch.signbit(w).any(), w
     # normalized: hard_topk divides by its count, known without a kernel; the same as the sum
     for normalize, scale in (("mean", 1 / 3), ("sum", B / 3)):
         w = HardTopKWeighting(k=3, normalize=normalize)(losses, logits, y, index)

@@ -556,9 +556,11 @@ class FocalWeighting(Weighting):
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         # (in float32 at least: a float64 model's weights in float64)
         if self.nll_losses:  # l_i = -log p_i, so 1 - p_i = -expm1(-l_i): 3 kernels, no softmax
-            return torch.expm1(-widen(losses)).neg_().clamp_min_(0.0).pow_(self.gamma)
+            # (+ 0.0: a loss of -0.0 or 0.0, a sample certain in float32, gave a weight of
+            # -0.0, which clamp_min keeps: weights/min logged -0.0, a probe)
+            return torch.expm1(-widen(losses)).neg_().clamp_min_(0.0).add_(0.0).pow_(self.gamma)
         p = F.softmax(widen(logits), dim=-1).gather(1, targets[:, None]).squeeze(1)  # (B,)
-        return (1.0 - p).clamp_min(0.0).pow(self.gamma)
+        return (1.0 - p).clamp_min(0.0).add_(0.0).pow_(self.gamma)
 
 
 class HardTopKWeighting(Weighting):
