@@ -720,6 +720,7 @@ class FrozenStatistics(torch.nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
+        self.augment = mode  # (a side effect of one's own override)
         if self.by_override:
             self.bn.eval()
         return self
@@ -734,20 +735,27 @@ def test_a_module_in_eval_mode_is_trained_so_across_epochs_and_validation(
 ) -> None:
     """A module put in eval mode before fit (a BatchNorm's statistics frozen) stays so while
     training, also after validations: every module was put in train mode at each epoch's
-    start, and the statistics trained. A model's own train() override still runs. The
-    validation leaves each module's mode as it found it."""
-    seen: list[tuple[bool, bool]] = []
+    start, and the statistics trained. A model's own train() override still runs at each
+    epoch's start (a review: once the modes were put back by hand after validation, its side
+    effects stayed in their eval state); on_validation_end sees the model in eval mode."""
+    seen: list[tuple[bool, bool, bool]] = []
+    validated: list[bool] = []
 
     class Modes(Callback):
         def on_train_batch_start(self, trainer, batch) -> None:
-            seen.append((trainer.model.training, trainer.model.bn.training))
+            m = trainer.model
+            seen.append((m.training, m.bn.training, getattr(m, "augment", True)))
+
+        def on_validation_end(self, trainer, metrics) -> None:
+            validated.append(trainer.model.training or trainer.model.head.training)
 
     with caplog.at_level(logging.WARNING):
         train(tmp_path, "~model", f"+model._target_={__name__}.FrozenStatistics",
               f"+model.by_override={by_override}", "trainer.max_steps=-1",
               "trainer.max_epochs=3", "data.batch_size=512", "optimizer=sgd",
               callbacks=[Modes()])  # fmt: skip
-    assert len(seen) == 9 and set(seen) == {(True, False)}  # 3 epochs of 3 steps
+    assert len(seen) == 9 and set(seen) == {(True, False, True)}  # 3 epochs of 3 steps
+    assert validated == [False] * 3
     warned = "1 module(s) are in eval mode" in caplog.text
     assert warned != by_override  # (the override's eval is the model's own train())
     stats = final_params(tmp_path)

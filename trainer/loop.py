@@ -709,7 +709,8 @@ class Trainer:
         """Train with each module's train/eval mode as the model has it (a BatchNorm put in
         eval mode before fit keeps its running statistics: every module was put in train
         mode at each epoch's start); a model wholly in train or in eval mode gets its
-        ``train()`` (an override of one's own runs, as it did)."""
+        ``train()`` first (an override of one's own runs, as it did). Each epoch starts
+        with ``train()`` and then these modes."""
         evals = [n or "(the model)" for n, m in self.model.named_modules() if not m.training]
         if evals and self.model.training:
             log.warning(
@@ -842,10 +843,9 @@ class Trainer:
         self._fire_between("on_validation_end", m)
 
     def train_epoch(self) -> None:
-        if self._train_modes is None:  # (called outside fit)
-            self.model.train()
-        else:  # as at the start of fit (a callback's eval() left over is undone, as it was)
-            _put_modes(self._train_modes)
+        self.model.train()  # (a train() override of one's own runs, with its side effects)
+        if self._train_modes is not None:  # then each module's mode as at the start of fit
+            _put_modes(self._train_modes)  # (a callback's eval() left over is undone)
         loader = self.train_loader
         start = self.batch_in_epoch  # > 0 only in a run resumed mid-epoch
         loader.set_epoch(self.epoch, start)
@@ -1379,15 +1379,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The loss's validation metrics (val/loss, and val/acc or val/mse by task) and the
-        epoch's mean train/loss. The model in eval mode, then each module's mode put back."""
-        modes = _modes(self.model)
+        epoch's mean train/loss. The model is left in eval mode (``on_validation_end``
+        sees it so; the next epoch's start puts the training modes back)."""
         self.model.eval()
-        try:
-            return self._evaluate()
-        finally:
-            _put_modes(modes)
-
-    def _evaluate(self) -> dict[str, float]:
         broadcast_buffers(self.model)  # (data-parallel: the model rank 0 checkpoints)
         names = self.criterion.metrics
         # (metric, [sum, count]), summed over the batches in float64 (a float64 model's

@@ -697,6 +697,10 @@ class PerSampleNorms(Callback):
         #: id(param) of the units' parameters the measured micro-batch's backward reached (a
         #: hook on each while it runs): a unit neither captured nor reached had 0 per sample
         self._reached: set[int] = set()
+        #: one process: each unit parameter's gradient (the tensor, its version) as the
+        #: measured micro-batch started; one written past autograd (a Function's backward
+        #: setting ``.grad`` by hand) fires no hook, but changes it
+        self._grads_before: dict[int, tuple[Tensor | None, int]] = {}
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
         self._weighted: list[Tensor] = []  # per micro-batch, (B, params) squared weighted norms
         #: per micro-batch, (B, 2): each sample's effective weight, and 1.0 where it is a
@@ -821,9 +825,13 @@ class PerSampleNorms(Callback):
         self._shared.clear()
         self._active.clear()
         self._entered.clear()
+        self._grads_before.clear()
         for p in self._params:  # which parameters this backward reaches (the data
             if p.requires_grad:  # parallel all-reduce writes an unused one's without it)
                 self._handles.append(p.register_hook(partial(self._reach, id(p))))
+                if not trainer.world.distributed:
+                    g = p.grad
+                    self._grads_before[id(p)] = (g, -1 if g is None else g._version)
         root = trainer.model  # the model's forward is watched for outside uses, nothing else
         for _, m, _, _ in self.units:  # before a unit's own pre-hooks (weight_norm's, prune's
             # compute its weight from its parameters: a use inside its forward)
@@ -866,6 +874,7 @@ class PerSampleNorms(Callback):
         self._weights.clear()
         self._rank_rows.clear()
         self._calls.clear()
+        self._grads_before.clear()
         self._skip_window = False
 
     def _leave_mode(self) -> None:
@@ -894,6 +903,16 @@ class PerSampleNorms(Callback):
 
     def _reach(self, key: int, grad: Tensor) -> None:
         self._reached.add(key)
+
+    def _grad_written(self, p: Tensor) -> bool:
+        """Whether ``p``'s gradient changed during the micro-batch without its hook (one
+        process; data-parallel, the all-reduce writes a gradient this rank's samples did not
+        reach, and a hand-written one is not all-reduced either)."""
+        before = self._grads_before.get(id(p))
+        if before is None:
+            return False
+        g = p.grad
+        return g is not before[0] or (g is not None and g._version != before[1])
 
     def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         if _in_backward():  # an activation checkpoint's recomputation: not a call
@@ -1342,15 +1361,18 @@ class PerSampleNorms(Callback):
         self._finish_shared()
         for name, m, own, _ in self.units:  # coverage counts what was captured, not visited
             if m not in self._captured and name not in self._excluded and self._batch > 0:
-                if not any(id(p) in self._reached for p in own):
+                if not any(id(p) in self._reached or self._grad_written(p) for p in own):
                     continue  # a branch not taken: no sample's gradient reached it, each is 0
                 self._excluded[name] = (
                     "no per-sample gradient was captured, but the backward reached its "
                     "parameters: they are used outside its own forward (F.linear(x, "
-                    "module.weight) in the loss, a custom autograd Function), or its forward "
-                    "ran without gradients and again in the backward (a reentrant activation "
-                    "checkpoint: use_reentrant=False is measured)"
+                    "module.weight) in the loss, a custom autograd Function, a gradient "
+                    "written to .grad by hand), its forward ran without gradients and again "
+                    "in the backward (a reentrant activation checkpoint: use_reentrant=False "
+                    "is measured), or a regularizer's gradient reached them (a branch not "
+                    "taken is then not told apart)"
                 )
+        self._grads_before.clear()  # (no gradient kept alive past the micro-batch)
         self._report(trainer)
         for name, why in self._excluded.items():
             self._window_excluded.setdefault(name, why)
