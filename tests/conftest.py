@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import multiprocessing.process
+import os
+import subprocess
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -73,16 +77,85 @@ def in_background(job: Callable[..., Any]) -> Callable[[Callable[..., Any]], Cal
     return mark
 
 
+#: held by the background job thread while it runs Python code (released while it waits for
+#: a subprocess): every multiprocessing start (a test's forked run, a rank, a DataLoader
+#: worker) takes it first, so no child is forked while that thread holds a lock the child
+#: would then wait on forever (a module being imported, torch.save's first call: a forked
+#: run hung, once, under load)
+_FORK_GUARD = threading.Lock()
+_JOB_THREAD = "cli-job"
+_holding = threading.local()  # .guard: this thread holds _FORK_GUARD (the job thread)
+
+
+_start = multiprocessing.process.BaseProcess.start
+
+
+@functools.wraps(_start)
+def _start_guarded(self) -> None:
+    """``Process.start`` (a forked run, a rank, a DataLoader worker) while the background job
+    thread is waiting for a subprocess or idle."""
+    if getattr(_holding, "guard", False):  # (the job thread itself)
+        _start(self)
+        return
+    with _FORK_GUARD:
+        _start(self)
+
+
+multiprocessing.process.BaseProcess.start = _start_guarded  # type: ignore[method-assign]
+
+
+def _fresh_guard() -> None:
+    """In a forked child: a guard of its own (it was forked while its parent held this one,
+    and would wait on it forever to start a DataLoader worker)."""
+    global _FORK_GUARD, _holding
+    _FORK_GUARD, _holding = threading.Lock(), threading.local()
+
+
+os.register_at_fork(after_in_child=_fresh_guard)
+
+
+def _waiting(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``subprocess.Popen`` ``method`` that, called on the job thread, releases the guard
+    while it waits."""
+
+    @functools.wraps(method)
+    def wait(self, *args, **kwargs):
+        if not getattr(_holding, "guard", False):  # (another thread, or a nested wait)
+            return method(self, *args, **kwargs)
+        _holding.guard = False
+        _FORK_GUARD.release()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _FORK_GUARD.acquire()
+            _holding.guard = True
+
+    return wait
+
+
+subprocess.Popen.communicate = _waiting(subprocess.Popen.communicate)  # type: ignore[method-assign]
+subprocess.Popen.wait = _waiting(subprocess.Popen.wait)  # type: ignore[method-assign]
+
+
+def _guarded(job: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with _FORK_GUARD:
+        _holding.guard = True
+        try:
+            return job(*args, **kwargs)
+        finally:
+            _holding.guard = False
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _background_jobs(request, tmp_path_factory):
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cli-job")
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_JOB_THREAD)
     futures: dict[str, Future] = {}
     for item in request.session.items:  # the selected tests only, in their order
         job = getattr(getattr(item, "function", None), "_background_job", None)
         if job is not None:
             params = dict(item.callspec.params) if hasattr(item, "callspec") else {}
             path = tmp_path_factory.mktemp("job")
-            futures[item.nodeid] = pool.submit(job, path, **params)
+            futures[item.nodeid] = pool.submit(_guarded, job, path, **params)
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 

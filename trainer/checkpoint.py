@@ -35,6 +35,17 @@ from trainer.distributed import all_gather_objects, all_reduce_max
 log = logging.getLogger(__name__)
 
 
+def _umask() -> int:
+    """The process's umask (Linux: read, not set; elsewhere set and put back at once)."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,6 +54,9 @@ def _atomic_write(path: Path, write: Any) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # the mode open() gives a new file (mkstemp's is its owner's alone: a checkpoint
+        # another user of the group could not read, a probe)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -21,8 +21,10 @@ is named after the run: its folder (a sweep's job number) and its overrides.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import struct
 import tempfile
 import time
@@ -244,6 +246,76 @@ def _frames(data: bytes) -> tuple[list[tuple[int, int]], int]:
     return frames, pos
 
 
+def _rewrite(directory: Path, names: tuple[bytes, ...], drop: Any) -> list[Path]:
+    """Rewrite each event file in ``directory`` holding one of ``names`` without the records
+    ``drop(event)`` selects (only records holding a name are decoded), atomically, its other
+    records byte for byte and its mode kept; returns the files changed."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    changed = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        if not any(name in data for name in names):  # (most files: none to drop)
+            continue
+        frames, whole = _frames(data)
+
+        def dropped(record: bytes) -> bool:
+            return any(name in record for name in names) and drop(Event.FromString(record))
+
+        kept = [data[a:b] for a, b in frames if not dropped(data[a + 12 : b - 4])]
+        if len(kept) == len(frames):
+            continue
+        # (a name without "tfevents": TensorBoard does not read a leftover one)
+        fd, temporary = tempfile.mkstemp(prefix=".rewrite-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"".join(kept) + data[whole:])
+                f.flush()
+                os.fsync(f.fileno())
+            # (mkstemp's file is its owner's alone: a TensorBoard run by another user lost
+            # the earlier steps of a resumed run, a probe)
+            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        changed.append(path)
+    return changed
+
+
+def _session_start_values(summary: Any) -> Any:
+    """The hparams map of a session-start ``Summary`` (or event summary) value, or None."""
+    from tensorboard.plugins.hparams import metadata
+
+    for v in summary.value:
+        if v.tag == metadata.SESSION_START_INFO_TAG:
+            return metadata.parse_session_start_info_plugin_data(v.metadata.plugin_data.content)
+    return None
+
+
+def replace_start(directory: Path, summaries: list[Any]) -> bool:
+    """Take the experiment and session-start records out of the event files in
+    ``directory`` where their hyperparameters differ from ``summaries``' (from
+    :func:`start_summaries`: a run resumed with a longer ``trainer.max_steps`` showed the
+    first process's in HPARAMS, as TensorBoard keeps a tag's first record); returns whether
+    it did, and so whether the caller writes ``summaries`` anew."""
+    from tensorboard.plugins.hparams import metadata
+
+    new = next(i for i in map(_session_start_values, summaries) if i is not None)
+    tags = (metadata.SESSION_START_INFO_TAG, metadata.EXPERIMENT_TAG)
+
+    def differs(event: Any) -> bool:
+        old = _session_start_values(event.summary)
+        return old is not None and dict(old.hparams) != dict(new.hparams)
+
+    if not _rewrite(directory, (tags[0].encode(),), differs):
+        return False
+    _rewrite(directory, (tags[1].encode(),),
+             lambda event: any(v.tag == tags[1] for v in event.summary.value))  # fmt: skip
+    return True
+
+
 def drop_end_status(directory: Path) -> list[Path]:
     """Take the session-end records (the status a run had when a process of it stopped) out
     of the event files in ``directory``, each file rewritten atomically with its other records
@@ -255,32 +327,8 @@ def drop_end_status(directory: Path) -> list[Path]:
     the earlier process's status, superseded; its events stay). Files without the tag are not
     parsed; frames are cut by their lengths, and only records holding the tag's name are
     decoded (a 10 MB file: milliseconds)."""
-    from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.plugins.hparams import metadata
 
     tag = metadata.SESSION_END_INFO_TAG
-    name = tag.encode()
-    changed = []
-    for path in sorted(directory.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        if name not in data:  # (most files: none to drop)
-            continue
-        frames, whole = _frames(data)
-
-        def is_end(record: bytes) -> bool:
-            return name in record and any(
-                v.tag == tag for v in Event.FromString(record).summary.value
-            )
-
-        kept = [data[a:b] for a, b in frames if not is_end(data[a + 12 : b - 4])]
-        if len(kept) == len(frames):
-            continue
-        # (a name without "tfevents": TensorBoard does not read a leftover one)
-        fd, temporary = tempfile.mkstemp(prefix=".rewrite-", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"".join(kept) + data[whole:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        changed.append(path)
-    return changed
+    return _rewrite(directory, (tag.encode(),),
+                    lambda event: any(v.tag == tag for v in event.summary.value))  # fmt: skip

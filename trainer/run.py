@@ -52,6 +52,7 @@ from trainer.hparams import (
     end_summary,
     hydra_hparams,
     overrides_text,
+    replace_start,
     run_name,
     start_summaries,
 )
@@ -521,13 +522,22 @@ def _run(
             _set_aside_previous(run_dir)
         taken = True
         hparams = hydra_hparams(cfg)  # (the event folder is named after the overridden ones)
+        restarted = False  # a resumed run whose hyperparameters differ (a longer max_steps)
+        start_records: list[Any] = []
         if main:  # data-parallel: rank 0 alone writes events, checkpoints and metrics.json
+            listed = (monitor, *[m for m in metric_names if m != monitor])
+            start_records = start_summaries(hparams, listed, run_name(run_dir, hparams))
             events = event_dir(run_dir, overrides_text(hparams, ","))
             if resume_state is not None and events.is_dir():  # its own end status comes later
                 try:
                     drop_end_status(events)
                 except Exception as e:  # noqa: BLE001 (HPARAMS' status: never stops a resume)
                     log.warning("HPARAMS: the earlier end status in %s stays (%s: %s)",
+                                _display(events), type(e).__name__, e)  # fmt: skip
+                try:  # (HPARAMS showed the first process's values: a probe)
+                    restarted = replace_start(events, start_records)
+                except Exception as e:  # noqa: BLE001 (as above)
+                    log.warning("HPARAMS: the earlier values in %s stay (%s: %s)",
                                 _display(events), type(e).__name__, e)  # fmt: skip
             trainer.logger = TensorBoardLogger(events, purge_step=purge_step)
         directory = run_dir / "checkpoints"
@@ -546,9 +556,8 @@ def _run(
         trainer.add_callbacks(checkpoints, StopOnSignals(writer))
         if resume_state is not None:
             writer.last = resume_path
-        elif trainer.logger is not None:  # HPARAMS: this run's values, before it can fail
-            listed = (monitor, *[m for m in metric_names if m != monitor])
-            for summary in start_summaries(hparams, listed, run_name(run_dir, hparams)):
+        if trainer.logger is not None and (resume_state is None or restarted):  # HPARAMS:
+            for summary in start_records:  # this run's values, before it can fail
                 trainer.logger.add_summary(summary, 0)
         if main:
             write_run_marker(directory, run_id, run_dir)
