@@ -316,3 +316,55 @@ def test_mse_of_a_half_precision_output_is_computed_in_float32(dtype) -> None:
     losses = MSE()(out, y)
     assert losses.dtype == torch.float32
     assert torch.equal(losses, (out.float().squeeze(1) - y) ** 2)
+
+
+def _shadowing_cli(path: Path):
+    mine = path / "configs" / "model"
+    mine.mkdir(parents=True)
+    (mine / "mlp.yaml").write_text("_target_: byo.nets.SineNet\nwidth: 7\n")
+    env = {**os.environ, "PYTHONPATH": str(BYO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config-dir", str(path / "configs"), "model=mlp",
+         "trainer.max_steps=1", "trainer.device=cpu", f"hydra.run.dir={path / 'run'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return proc, mine / "mlp.yaml", path
+
+
+@in_background(_shadowing_cli)
+def test_a_config_of_ones_own_named_as_a_built_in_one_is_refused(background) -> None:
+    """Hydra searches the project's configs before --config-dir's: a user's model/mlp.yaml was
+    never used, and model=mlp trained the built-in MLP, unsaid (a probe). Refused, naming both
+    files, before anything trains."""
+    proc, mine, path = background
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert f"{mine} (command-line) has the group and name of the built-in" in err, err[-2000:]
+    assert str(ROOT / "configs" / "model" / "mlp.yaml") in err
+    assert not list(path.rglob("*.pt"))
+
+
+def not_a_model(in_shape, out_dim):
+    return None
+
+
+def plain_loss(output, target):
+    return torch.nn.functional.cross_entropy(output, target, reduction="none")
+
+
+def test_a_model_target_building_no_module_and_a_loss_function_called_are_named(tmp_path) -> None:
+    """A model _target_ building no nn.Module failed at .to(device) naming no key; a loss
+    function without _partial_: true was told to set its arguments in the YAML, not how to
+    hand the function over; run(cfg) outside a Hydra job without run_dir raised Hydra's
+    "HydraConfig was not set" (probes)."""
+    with pytest.raises(ConfigError, match=r"model\._target_: .*not_a_model built a NoneType, "
+                       r"not a torch\.nn\.Module"):  # fmt: skip
+        train(tmp_path, "~model", f"+model._target_={__name__}.not_a_model")
+    with pytest.raises(ConfigError, match=r"loss: .*plain_loss needs output, target.*add "
+                       r"_partial_: true"):  # fmt: skip
+        validate(make_cfg("~loss", f"+loss._target_={__name__}.plain_loss"))
+    from trainer.run import run
+
+    with pytest.raises(ConfigError, match="pass run_dir="):
+        run(make_cfg("trainer.max_steps=1"))

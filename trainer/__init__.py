@@ -1,5 +1,7 @@
 """A Hydra-configured PyTorch trainer with control over backward and truthful gradient
-instrumentation. Entry point: :func:`trainer.run.run` (``scripts/train.py`` wraps it)."""
+instrumentation. Entry point: ``trainer.run(cfg, run_dir)`` (``from trainer import run``;
+``scripts/train.py`` wraps it). The name ``trainer.run`` is that function, not its module:
+the module's other names are reached with ``from trainer.run import build_trainer``."""
 
 from trainer.config import register_configs
 

@@ -170,10 +170,17 @@ def check_component(
         provided = set(provided)
         missing = [k for k in required_keys(target) if k not in node and k not in provided]
         if missing:
+            partial = (
+                f"; or, if {shown} is itself the function to use (a loss function of "
+                "(output, target)), add _partial_: true to its YAML file, so that it is "
+                "handed over, not called"
+                if not isinstance(target, type)
+                else ""
+            )
             raise ConfigError(
                 f"{group}: {shown} needs {', '.join(missing)}, which the config does not set; "
                 f"add {missing[0]}: ... to its YAML file or {group}.{missing[0]}=... to the "
-                "command line"
+                f"command line{partial}"
             )
     return target
 

@@ -315,6 +315,32 @@ def refuse_repeated_choices() -> None:
                 )
 
 
+def refuse_shadowed_configs() -> None:
+    """A config file of one's own (``--config-dir``, ``hydra.searchpath``) with the group and
+    name of a built-in one (``model/mlp.yaml``) is never used: Hydra searches the project's
+    configs first, and ``model=mlp`` trained the built-in MLP, unsaid (a probe). Refused,
+    naming both files."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    sources = [(s.provider, Path(s.path)) for s in HydraConfig.get().runtime.config_sources
+               if s.schema == "file" and s.path]  # fmt: skip
+    mains = [path for provider, path in sources if provider == "main"]
+    for provider, root in sources:
+        if provider in ("main", "hydra") or not root.is_dir():
+            continue
+        for mine in sorted(root.rglob("*.yaml")):
+            relative = mine.relative_to(root)
+            for main in mains:
+                if (main / relative).is_file():
+                    raise ConfigError(
+                        f"{mine} ({provider}) has the group and name of the built-in "
+                        f"{main / relative}, which Hydra finds first: yours would never be "
+                        f"used. Give it a name of its own (e.g. {relative.parent / 'mine.yaml'})"
+                    )
+
+
 def run(
     cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = ()
 ) -> dict[str, Any]:
@@ -360,6 +386,14 @@ def _process_settings_kept() -> Iterator[None]:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
+def _searched(search_dir: str) -> str:
+    """A search dir as given, and the folder it is from here where it is relative (a
+    relative one follows the folder a run is launched from: a probe launched elsewhere
+    missed that it had looked in another ``outputs``)."""
+    path = Path(search_dir)
+    return search_dir if path.is_absolute() else f"{search_dir} ({path.resolve()})"
+
+
 def _run(
     cfg: DictConfig, run_dir: str | Path | None, callbacks: Sequence[Callback]
 ) -> dict[str, Any]:
@@ -374,6 +408,12 @@ def _run(
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
+        if not HydraConfig.initialized():  # (Hydra's own "HydraConfig was not set": a probe)
+            raise ConfigError(
+                "run(cfg): no run_dir, and no Hydra job to take its output dir from (called "
+                "outside @hydra.main, e.g. with a config from hydra.compose): pass "
+                "run_dir=<a folder>"
+            )
         run_dir = HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
     check_writable(run_dir)
@@ -386,6 +426,7 @@ def _run(
     continued: dict[str, str] = {}
     try:
         refuse_repeated_choices()
+        refuse_shadowed_configs()
         typed = validate(cfg)  # every config error surfaces here, before anything is built
         tc = typed.trainer
         resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
@@ -414,7 +455,7 @@ def _run(
                 if main:  # (one line per run, not one per rank)
                     log.info(
                         "resume=auto: no usable checkpoint of run %s under %s; starting from "
-                        "scratch", run_id, tc.checkpoint.search_dir,
+                        "scratch", run_id, _searched(tc.checkpoint.search_dir),
                     )  # fmt: skip
                 search = Path(tc.checkpoint.search_dir).resolve()
                 outside = not run_dir.resolve().is_relative_to(search)
@@ -875,7 +916,13 @@ def build_trainer(
             "tags; data=tensors: data.num_classes)"
         )
     loss.check(data)
-    model: nn.Module = build("model", cfg.model, provided=data.provides()).to(device)
+    built = build("model", cfg.model, provided=data.provides())
+    if not isinstance(built, nn.Module):  # (it failed at .to(device), naming no key: a probe)
+        raise ConfigError(
+            f"model._target_: {cfg.model._target_} built a {type(built).__name__}, not a "
+            "torch.nn.Module (a class or a factory returning one)"
+        )
+    model: nn.Module = built.to(device)
     model = batchnorm_across_ranks(model, world.distributed, typed.trainer.sync_batchnorm, device)
     check_frequency_scaling(model, world.size, typed.trainer.accumulate_grad_batches)
     if trainable is not None:
