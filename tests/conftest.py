@@ -92,9 +92,11 @@ _start = multiprocessing.process.BaseProcess.start
 
 @functools.wraps(_start)
 def _start_guarded(self) -> None:
-    """``Process.start`` (a forked run, a rank, a DataLoader worker) while the background job
-    thread is waiting for a subprocess or idle."""
-    if getattr(_holding, "guard", False):  # (the job thread itself)
+    """``Process.start`` on the main thread (a forked run, a rank, a DataLoader worker) while
+    the background job thread is waiting for a subprocess or idle. Other threads' starts (a
+    job's own, a ``multiprocessing.Pool``'s handler thread, which the job waits on: a review
+    saw that deadlock) are not held."""
+    if threading.current_thread() is not threading.main_thread():
         _start(self)
         return
     with _FORK_GUARD:

@@ -340,7 +340,7 @@ def test_a_config_of_ones_own_named_as_a_built_in_one_is_refused(background) -> 
     proc, mine, path = background
     assert proc.returncode != 0
     err = proc.stderr
-    assert f"{mine} (command-line) has the group and name of the built-in" in err, err[-2000:]
+    assert f"{mine} has the group and name of this project's" in err, err[-2000:]
     assert str(ROOT / "configs" / "model" / "mlp.yaml") in err
     assert not list(path.rglob("*.pt"))
 

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import random
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -2529,3 +2530,31 @@ def test_an_instance_given_to_another_trainer_after_a_failed_step_measures_its_o
     second = build_trainer(make_cfg(*overrides), tmp_path / "b", [cb], with_logger=False)
     second.fit()
     assert cb.last["per_sample/grad_norm"].shape == (32,)
+
+
+class LockedCountingLoss(CrossEntropy):
+    """A loss a copy cannot take (it holds a lock), whose value depends on a call counter
+    and on a generator of its own: the mixing check calls it itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock, self.calls = threading.Lock(), 0
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, output, target):
+        self.calls += 1
+        jitter = 1 + 0.01 * self.calls + 0.01 * torch.rand((), generator=self.gen)
+        return super().forward(output, target) * jitter
+
+
+def test_measuring_never_changes_training_with_a_loss_a_copy_cannot_take(tmp_path) -> None:
+    """The mixing check calls such a loss itself and put back only its state_dict(): its
+    counter and its generator advanced, and every weight differed from the run without
+    measuring (a review). Its attributes and its generators' states are put back too."""
+    common = ("~loss", f"+loss._target_={__name__}.LockedCountingLoss", "trainer.max_steps=3",
+              "optimizer=sgd")  # fmt: skip
+    train(tmp_path / "none", *common, "instrument=none")
+    train(tmp_path / "measured", *common, "instrument=none",
+          "instrument.per_sample.every_n_steps=1")  # fmt: skip
+    a, b = final_params(tmp_path / "none"), final_params(tmp_path / "measured")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -916,3 +916,75 @@ def test_a_run_from_before_folder_values_were_kept_as_written_resumes(
     metrics = train(run_dir, *common, "trainer.max_steps=2")
     assert metrics["run_id"] == derive_run_id(state["config"]) and metrics["step"] == 2
     assert not (run_dir / "previous").exists()  # (resumed: not a fresh start setting it aside)
+
+
+class _Dies(Callback):
+    def on_train_batch_start(self, trainer, batch) -> None:
+        os._exit(3)
+
+
+def _dies_at_first_batch(overrides: tuple[str, ...], run_dir: str) -> None:
+    torch.set_num_threads(1)
+    from trainer.run import run
+
+    run(make_cfg(*overrides), run_dir, callbacks=[_Dies()])
+
+
+def test_a_resume_that_trains_longer_shows_its_values_in_hparams(tmp_path) -> None:
+    """A run resumed with a longer trainer.max_steps (a change a resume may make) showed the
+    first process's max_steps in HPARAMS, TensorBoard keeping a tag's first record (a probe):
+    the earlier experiment and session-start records give way to the resumed run's, once
+    those are on disk (a crash right after the resume started lost both: a review). A resume
+    that changes no value keeps them. Rewritten files keep their mode (mkstemp's 0600 hid a
+    resumed run's earlier steps from a TensorBoard of another user)."""
+    from conftest import train
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata
+
+    from trainer.logger import event_dir
+
+    def starts() -> list[str]:
+        found = []
+        for path in sorted(event_dir(tmp_path / "a").glob("events.out.tfevents.*")):
+            for event in EventFileLoader(str(path)).Load():
+                for v in event.summary.value:
+                    if v.tag == metadata.SESSION_START_INFO_TAG:
+                        info = metadata.parse_session_start_info_plugin_data(
+                            v.metadata.plugin_data.content
+                        )
+                        found.append(info.hparams["trainer.max_steps"].string_value)
+        return found
+
+    base = ("trainer.run_id=h", "trainer.checkpoint.every_n_steps=2",
+            f"trainer.checkpoint.search_dir={tmp_path}")  # fmt: skip
+    train(tmp_path / "a", *base, "trainer.max_steps=2")
+    (first,) = event_dir(tmp_path / "a").glob("events.out.tfevents.*")
+    first.chmod(0o640)
+    train(tmp_path / "b", *base, "trainer.max_steps=2", "trainer.resume=auto")  # (no change)
+    assert starts() == ["2"]
+    train(tmp_path / "b", *base, "trainer.max_steps=4", "trainer.resume=auto")
+    assert starts() == ["4"]
+    assert first.stat().st_mode & 0o777 == 0o640
+    p = FORK.Process(target=_dies_at_first_batch,
+                     args=((*base, "trainer.max_steps=6", "trainer.resume=auto"),
+                           str(tmp_path / "c")))  # fmt: skip
+    p.start()
+    assert finish(p) == 3
+    assert starts() == ["6"]
+    train(tmp_path / "d", *base, "trainer.max_steps=8", "trainer.resume=auto")
+    assert starts() == ["8"]
+
+
+def test_checkpoints_get_the_mode_a_new_file_gets(tmp_path) -> None:
+    """Written through a temporary file, checkpoints had its mode, 0600: a group's other
+    users could not read them. They get what open() gives a new file under the umask."""
+    from trainer.checkpoint import save_checkpoint
+
+    mask = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path / "c.pt", {"x": torch.ones(2)})
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640

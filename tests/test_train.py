@@ -818,3 +818,37 @@ def test_a_run_puts_the_process_deterministic_settings_back(tmp_path, monkeypatc
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.benchmark = before[2]
+
+
+class _UnfreezeStatistics(Callback):
+    """Puts the frozen BatchNorm in train mode after step 2 (once); records its mode at each
+    step's start."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, bool] = {}
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        self.seen[trainer.global_step + 1] = trainer.model.bn.training
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if trainer.global_step == 2:
+            trainer.model.bn.train()
+
+
+def test_a_mode_a_callback_sets_mid_run_is_kept_across_epochs_and_a_resume(tmp_path) -> None:
+    """A callback's mode change mid-run (a frozen BatchNorm trained from step 2 on) was undone
+    at the next epoch's start (a review); kept now, and checkpointed: a run resumed after it
+    trains as the uninterrupted one, bit for bit."""
+    common = ("~model", f"+model._target_={__name__}.FrozenStatistics", "trainer.max_steps=-1",
+              "trainer.max_epochs=3", "data.batch_size=512", "optimizer=sgd",
+              f"trainer.checkpoint.search_dir={tmp_path}", "trainer.checkpoint.every_n_steps=1")
+    whole, first, second = _UnfreezeStatistics(), _UnfreezeStatistics(), _UnfreezeStatistics()
+    train(tmp_path / "whole", *common, "trainer.run_id=w", callbacks=[whole])
+    assert whole.seen == {1: False, 2: False, **{k: True for k in range(3, 10)}}
+    train(tmp_path / "part", *common, "trainer.run_id=p", "trainer.max_epochs=2",
+          callbacks=[first])  # fmt: skip
+    train(tmp_path / "more", *common, "trainer.run_id=p", "trainer.resume=auto",
+          callbacks=[second])  # (its flip at step 2 is long past)  # fmt: skip
+    assert second.seen == {k: True for k in range(7, 10)}
+    a, b = final_params(tmp_path / "whole"), final_params(tmp_path / "part")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

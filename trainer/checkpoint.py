@@ -56,7 +56,8 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.fsync(f.fileno())
         # the mode open() gives a new file (mkstemp's is its owner's alone: a checkpoint
         # another user of the group could not read, a probe)
-        os.chmod(tmp, 0o666 & ~_umask())
+        with contextlib.suppress(OSError):  # (a file system without modes: as it gives)
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -246,14 +246,19 @@ def _frames(data: bytes) -> tuple[list[tuple[int, int]], int]:
     return frames, pos
 
 
-def _rewrite(directory: Path, names: tuple[bytes, ...], drop: Any) -> list[Path]:
-    """Rewrite each event file in ``directory`` holding one of ``names`` without the records
-    ``drop(event)`` selects (only records holding a name are decoded), atomically, its other
-    records byte for byte and its mode kept; returns the files changed."""
+def _rewrite(
+    directory: Path, names: tuple[bytes, ...], drop: Any, skip: Path | None = None
+) -> list[Path]:
+    """Rewrite each event file in ``directory`` (but ``skip``) holding one of ``names``
+    without the records ``drop(event)`` selects (only records holding a name are decoded),
+    atomically, its other records byte for byte and its mode kept; returns the files
+    changed."""
     from tensorboard.compat.proto.event_pb2 import Event
 
     changed = []
     for path in sorted(directory.glob("events.out.tfevents.*")):
+        if skip is not None and path.name == skip.name:
+            continue
         data = path.read_bytes()
         if not any(name in data for name in names):  # (most files: none to drop)
             continue
@@ -274,7 +279,8 @@ def _rewrite(directory: Path, names: tuple[bytes, ...], drop: Any) -> list[Path]
                 os.fsync(f.fileno())
             # (mkstemp's file is its owner's alone: a TensorBoard run by another user lost
             # the earlier steps of a resumed run, a probe)
-            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
+            with contextlib.suppress(OSError):  # (a file system without modes)
+                os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
             os.replace(temporary, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -294,26 +300,50 @@ def _session_start_values(summary: Any) -> Any:
     return None
 
 
-def replace_start(directory: Path, summaries: list[Any]) -> bool:
-    """Take the experiment and session-start records out of the event files in
-    ``directory`` where their hyperparameters differ from ``summaries``' (from
-    :func:`start_summaries`: a run resumed with a longer ``trainer.max_steps`` showed the
-    first process's in HPARAMS, as TensorBoard keeps a tag's first record); returns whether
-    it did, and so whether the caller writes ``summaries`` anew."""
+def start_state(directory: Path, summaries: list[Any]) -> str:
+    """Whether the event files in ``directory`` hold a session start with the hyperparameters
+    of ``summaries`` (from :func:`start_summaries`): ``"same"``, ``"differs"`` (a run resumed
+    with a longer ``trainer.max_steps``: HPARAMS showed the first process's values, as
+    TensorBoard keeps a tag's first record) or ``"none"``."""
+    from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.plugins.hparams import metadata
 
     new = next(i for i in map(_session_start_values, summaries) if i is not None)
-    tags = (metadata.SESSION_START_INFO_TAG, metadata.EXPERIMENT_TAG)
+    name = metadata.SESSION_START_INFO_TAG.encode()
+    found = "none"
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        if name not in data:
+            continue
+        frames, _ = _frames(data)
+        for a, b in frames:
+            record = data[a + 12 : b - 4]
+            if name in record:
+                old = _session_start_values(Event.FromString(record).summary)
+                if old is not None:
+                    if dict(old.hparams) != dict(new.hparams):
+                        return "differs"
+                    found = "same"
+    return found
 
-    def differs(event: Any) -> bool:
+
+def replace_start(directory: Path, summaries: list[Any], keep: Path) -> None:
+    """Take the experiment and session-start records whose hyperparameters differ from
+    ``summaries``' out of the event files in ``directory`` but ``keep`` (the resumed run's
+    own, which holds ``summaries`` already, on disk: a crash between the two leaves both,
+    and the first shows until the next resume, never neither; a review)."""
+    from tensorboard.plugins.hparams import metadata
+
+    new = next(i for i in map(_session_start_values, summaries) if i is not None)
+    start, experiment = metadata.SESSION_START_INFO_TAG, metadata.EXPERIMENT_TAG
+
+    def stale(event: Any) -> bool:
         old = _session_start_values(event.summary)
-        return old is not None and dict(old.hparams) != dict(new.hparams)
+        if old is not None:
+            return dict(old.hparams) != dict(new.hparams)
+        return any(v.tag == experiment for v in event.summary.value)
 
-    if not _rewrite(directory, (tags[0].encode(),), differs):
-        return False
-    _rewrite(directory, (tags[1].encode(),),
-             lambda event: any(v.tag == tags[1] for v in event.summary.value))  # fmt: skip
-    return True
+    _rewrite(directory, (start.encode(), experiment.encode()), stale, skip=keep)
 
 
 def drop_end_status(directory: Path) -> list[Path]:

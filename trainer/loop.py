@@ -376,8 +376,10 @@ class Trainer:
         #: put back where the step is skipped (a BatchNorm's running statistics, which the
         #: forward updates before any check: a NaN batch's made every later validation NaN)
         self.restore_buffers_on_skip = False
-        #: each module's train/eval mode as training started (:meth:`_start_training_modes`)
+        #: each module's train/eval mode to train with (:meth:`_start_training_modes`), as
+        #: the last validation found them; checkpointed
         self._train_modes: list[tuple[nn.Module, bool]] | None = None
+        self._after_validation = False  # the model is in eval mode for a validation
         #: (module, name) of each buffer, read anew at each step (a forward may replace a
         #: buffer by a new tensor: an EMA codebook's ``self.ema = self.ema * d + ...``)
         self._buffers: list[tuple[nn.Module, str]] = []
@@ -710,7 +712,11 @@ class Trainer:
         eval mode before fit keeps its running statistics: every module was put in train
         mode at each epoch's start); a model wholly in train or in eval mode gets its
         ``train()`` first (an override of one's own runs, as it did). Each epoch starts
-        with ``train()`` and then these modes."""
+        with ``train()`` and then the modes as the last validation found them (a callback's
+        change mid-run is kept; checkpointed). A resumed run, or this Trainer's next fit,
+        takes the modes it kept."""
+        if self._train_modes is not None:
+            return
         evals = [n or "(the model)" for n, m in self.model.named_modules() if not m.training]
         if evals and self.model.training:
             log.warning(
@@ -826,7 +832,10 @@ class Trainer:
 
     def validate(self) -> None:
         """Evaluate, log val/* at the current step, write the epoch's line, fire the hook."""
+        if self._train_modes is not None and not self._after_validation:  # (in fit) the
+            self._train_modes = _modes(self.model)  # modes the next epoch trains with again
         m = self.metrics = self.evaluate()
+        self._after_validation = True
         self._validated_at = self.global_step
         if self.logger is not None:
             self.logger.log_scalars({k: v for k, v in m.items() if k.startswith("val/")},
@@ -844,8 +853,9 @@ class Trainer:
 
     def train_epoch(self) -> None:
         self.model.train()  # (a train() override of one's own runs, with its side effects)
-        if self._train_modes is not None:  # then each module's mode as at the start of fit
-            _put_modes(self._train_modes)  # (a callback's eval() left over is undone)
+        if self._train_modes is not None:  # then each module's mode as the last validation
+            _put_modes(self._train_modes)  # found it (a callback's eval() left over in
+        self._after_validation = False  # on_validation_end is undone, as it was)
         loader = self.train_loader
         start = self.batch_in_epoch  # > 0 only in a run resumed mid-epoch
         loader.set_epoch(self.epoch, start)
@@ -1267,7 +1277,16 @@ class Trainer:
             # unless that is it)
             "validated_at": self._validated_at,
             "schedule_length": dict(self.schedule_length),
+            # each module's train/eval mode the next step trains with (a BatchNorm frozen by
+            # a callback mid-run stays so on resume)
+            "train_modes": self._modes_to_keep(),
         }
+
+    def _modes_to_keep(self) -> dict[str, bool]:
+        if self._after_validation and self._train_modes is not None:  # (now in eval mode)
+            names = {id(m): n for n, m in self.model.named_modules()}
+            return {names[id(m)]: t for m, t in self._train_modes if id(m) in names}
+        return {n: m.training for n, m in self.model.named_modules()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (strict: every key and shape must match)."""
@@ -1301,6 +1320,12 @@ class Trainer:
         self.tally.load_state_dict(self._tally_state(state))
         self.metrics = dict(state["metrics"])
         self._validated_at = int(state.get("validated_at", _validated_step(state)))
+        modes = state.get("train_modes")  # (older checkpoints: derived at fit's start)
+        if modes is not None:
+            for name, m in self.model.named_modules():
+                if name in modes:
+                    m.training = bool(modes[name])
+            self._train_modes = _modes(self.model)
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
         saved = [tuple(entry) for entry in state["callbacks"]]  # (module.class, state)

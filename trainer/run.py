@@ -54,6 +54,7 @@ from trainer.hparams import (
     overrides_text,
     replace_start,
     run_name,
+    start_state,
     start_summaries,
 )
 from trainer.instrument import build_callbacks
@@ -317,28 +318,32 @@ def refuse_repeated_choices() -> None:
 
 def refuse_shadowed_configs() -> None:
     """A config file of one's own (``--config-dir``, ``hydra.searchpath``) with the group and
-    name of a built-in one (``model/mlp.yaml``) is never used: Hydra searches the project's
-    configs first, and ``model=mlp`` trained the built-in MLP, unsaid (a probe). Refused,
-    naming both files."""
+    name of one of this project's (``model/mlp.yaml``) is never used where the project's
+    folder comes first on Hydra's search path: ``model=mlp`` trained the built-in MLP,
+    unsaid (a probe). Refused, naming both files. (A primary config folder of one's own,
+    ``--config-path``, comes first: its files win, and nothing is refused.)"""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return
-    sources = [(s.provider, Path(s.path)) for s in HydraConfig.get().runtime.config_sources
-               if s.schema == "file" and s.path]  # fmt: skip
-    mains = [path for provider, path in sources if provider == "main"]
-    for provider, root in sources:
-        if provider in ("main", "hydra") or not root.is_dir():
+    sources = [Path(s.path) for s in HydraConfig.get().runtime.config_sources
+               if s.schema == "file" and s.path and Path(s.path).is_dir()]  # fmt: skip
+    project = Path(__file__).resolve().parents[1] / "configs"
+    first = next((i for i, p in enumerate(sources) if p.resolve() == project.resolve()), None)
+    if first is None:  # (installed without its configs, or another primary folder)
+        return
+    ours = sorted(p.relative_to(project) for p in project.rglob("*.yaml"))
+    for later in sources[first + 1 :]:
+        if later.resolve() == project.resolve():
             continue
-        for mine in sorted(root.rglob("*.yaml")):
-            relative = mine.relative_to(root)
-            for main in mains:
-                if (main / relative).is_file():
-                    raise ConfigError(
-                        f"{mine} ({provider}) has the group and name of the built-in "
-                        f"{main / relative}, which Hydra finds first: yours would never be "
-                        f"used. Give it a name of its own (e.g. {relative.parent / 'mine.yaml'})"
-                    )
+        for relative in ours:  # (the project's few files, not a walk of the user's folder)
+            mine = later / relative
+            if mine.is_file() and not mine.samefile(project / relative):
+                raise ConfigError(
+                    f"{mine} has the group and name of this project's {project / relative}, "
+                    f"which Hydra finds first: yours would never be used. Give it a name of "
+                    f"its own (e.g. {relative.parent / 'mine.yaml'})"
+                )
 
 
 def run(
@@ -563,24 +568,34 @@ def _run(
             _set_aside_previous(run_dir)
         taken = True
         hparams = hydra_hparams(cfg)  # (the event folder is named after the overridden ones)
-        restarted = False  # a resumed run whose hyperparameters differ (a longer max_steps)
-        start_records: list[Any] = []
         if main:  # data-parallel: rank 0 alone writes events, checkpoints and metrics.json
             listed = (monitor, *[m for m in metric_names if m != monitor])
             start_records = start_summaries(hparams, listed, run_name(run_dir, hparams))
             events = event_dir(run_dir, overrides_text(hparams, ","))
+            session = "fresh" if resume_state is None else "none"  # (HPARAMS' session start)
             if resume_state is not None and events.is_dir():  # its own end status comes later
                 try:
                     drop_end_status(events)
                 except Exception as e:  # noqa: BLE001 (HPARAMS' status: never stops a resume)
                     log.warning("HPARAMS: the earlier end status in %s stays (%s: %s)",
                                 _display(events), type(e).__name__, e)  # fmt: skip
-                try:  # (HPARAMS showed the first process's values: a probe)
-                    restarted = replace_start(events, start_records)
+                try:  # (a resume with other values showed the first process's: a probe)
+                    session = start_state(events, start_records)
                 except Exception as e:  # noqa: BLE001 (as above)
+                    session = "same"
                     log.warning("HPARAMS: the earlier values in %s stay (%s: %s)",
                                 _display(events), type(e).__name__, e)  # fmt: skip
             trainer.logger = TensorBoardLogger(events, purge_step=purge_step)
+            if session != "same":  # this run's values, before it can fail
+                for summary in start_records:
+                    trainer.logger.add_summary(summary, 0)
+            if session == "differs":  # on disk before the earlier ones go
+                trainer.logger.flush()
+                try:
+                    replace_start(events, start_records, keep=trainer.logger.file.path)
+                except Exception as e:  # noqa: BLE001 (as above: both stay, the first shows)
+                    log.warning("HPARAMS: the earlier values in %s stay (%s: %s)",
+                                _display(events), type(e).__name__, e)  # fmt: skip
         directory = run_dir / "checkpoints"
         writer = CheckpointWriter(
             trainer,
@@ -597,9 +612,6 @@ def _run(
         trainer.add_callbacks(checkpoints, StopOnSignals(writer))
         if resume_state is not None:
             writer.last = resume_path
-        if trainer.logger is not None and (resume_state is None or restarted):  # HPARAMS:
-            for summary in start_records:  # this run's values, before it can fail
-                trainer.logger.add_summary(summary, 0)
         if main:
             write_run_marker(directory, run_id, run_dir)
             check_free_space(trainer, directory, tc.checkpoint.keep_last)

@@ -1507,10 +1507,15 @@ class PerSampleNorms(Callback):
         # a copy of the loss, whose state a call may advance (a counter of its own); one a copy
         # cannot take (a lock) is called itself, its Stateful state put back after
         kept = None
+        attrs: dict[str, Any] | None = None  # (the loss called itself: its attributes, and
+        generators: dict[str, Tensor] = {}  # the states of generators of its own, put back)
         try:
             loss = _loss_copy(trainer.objective.loss, model)
         except Exception:  # noqa: BLE001 (deepcopy raises what the object's pickling does)
             loss = trainer.objective.loss
+            attrs = dict(vars(loss))  # (a counter of its own advanced: training changed, a
+            generators = {k: g.get_state() for k, g in attrs.items()  # review)
+                          if isinstance(g, torch.Generator)}  # fmt: skip
             try:
                 kept = copy.deepcopy(loss.state_dict()) if isinstance(loss, Stateful) else None
             except Exception as e:  # noqa: BLE001 (its state cannot be put back either)
@@ -1548,6 +1553,11 @@ class PerSampleNorms(Callback):
                 h.remove()
             if kept is not None:
                 loss.load_state_dict(kept)
+            if attrs is not None:
+                vars(loss).clear()
+                vars(loss).update(attrs)
+                for k, g_state in generators.items():
+                    attrs[k].set_state(g_state)
         if found is None:  # a non-finite loss or gradient on these samples: settled later
             self._mixing_failed[signature] = (
                 "a loss or gradient on its check's samples was not finite (checked again on "
