@@ -839,9 +839,16 @@ def test_a_mode_a_callback_sets_mid_run_is_kept_across_epochs_and_a_resume(tmp_p
     """A callback's mode change mid-run (a frozen BatchNorm trained from step 2 on) was undone
     at the next epoch's start (a review); kept now, and checkpointed: a run resumed after it
     trains as the uninterrupted one, bit for bit."""
-    common = ("~model", f"+model._target_={__name__}.FrozenStatistics", "trainer.max_steps=-1",
-              "trainer.max_epochs=3", "data.batch_size=512", "optimizer=sgd",
-              f"trainer.checkpoint.search_dir={tmp_path}", "trainer.checkpoint.every_n_steps=1")
+    common = (
+        "~model",
+        f"+model._target_={__name__}.FrozenStatistics",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=3",
+        "data.batch_size=512",
+        "optimizer=sgd",
+        f"trainer.checkpoint.search_dir={tmp_path}",
+        "trainer.checkpoint.every_n_steps=1",
+    )
     whole, first, second = _UnfreezeStatistics(), _UnfreezeStatistics(), _UnfreezeStatistics()
     train(tmp_path / "whole", *common, "trainer.run_id=w", callbacks=[whole])
     assert whole.seen == {1: False, 2: False, **{k: True for k in range(3, 10)}}
