@@ -2538,19 +2538,21 @@ class LockedCountingLoss(CrossEntropy):
 
     def __init__(self) -> None:
         super().__init__()
-        self.lock, self.calls = threading.Lock(), 0
+        self.lock, self.calls, self.seen = threading.Lock(), 0, torch.zeros(())
         self.gen = torch.Generator().manual_seed(0)
 
     def forward(self, output, target):
         self.calls += 1
-        jitter = 1 + 0.01 * self.calls + 0.01 * torch.rand((), generator=self.gen)
+        self.seen += 1  # (in place)
+        jitter = 1 + 0.01 * (self.calls + self.seen) + 0.01 * torch.rand((), generator=self.gen)
         return super().forward(output, target) * jitter
 
 
 def test_measuring_never_changes_training_with_a_loss_a_copy_cannot_take(tmp_path) -> None:
     """The mixing check calls such a loss itself and put back only its state_dict(): its
     counter and its generator advanced, and every weight differed from the run without
-    measuring (a review). Its attributes and its generators' states are put back too."""
+    measuring (a review). Its attributes, its generators' states and its tensors' values (a
+    counter kept in place) are put back too."""
     common = ("~loss", f"+loss._target_={__name__}.LockedCountingLoss", "trainer.max_steps=3",
               "optimizer=sgd")  # fmt: skip
     train(tmp_path / "none", *common, "instrument=none")

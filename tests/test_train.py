@@ -859,3 +859,29 @@ def test_a_mode_a_callback_sets_mid_run_is_kept_across_epochs_and_a_resume(tmp_p
     assert second.seen == {k: True for k in range(7, 10)}
     a, b = final_params(tmp_path / "whole"), final_params(tmp_path / "part")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_trainers_next_fit_keeps_its_modes_or_takes_those_set_since(tmp_path) -> None:
+    """The same Trainer fitted again trains in the modes it kept (the model is in eval mode
+    after validation); modes set by hand between the two fits are taken as they are (they
+    were ignored, a review: a BatchNorm frozen for a second stage trained)."""
+    from trainer.run import build_trainer
+
+    seen: list[bool] = []
+
+    class Modes(Callback):
+        def on_train_batch_start(self, trainer, batch) -> None:
+            seen.append(trainer.model.bn.training)
+
+    cfg = make_cfg("~model", f"+model._target_={__name__}.FrozenStatistics",
+                   "trainer.max_steps=-1", "trainer.max_epochs=1", "data.batch_size=512",
+                   "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+    trainer = build_trainer(cfg, tmp_path, [Modes()], with_logger=False)
+    trainer.fit()
+    trainer.max_epochs = 2
+    trainer.fit()
+    assert seen == [False] * 6  # frozen in both fits
+    trainer.model.train()  # a second stage: every module trains
+    trainer.max_epochs = 3
+    trainer.fit()
+    assert seen[6:] == [True] * 3

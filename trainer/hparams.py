@@ -328,20 +328,17 @@ def start_state(directory: Path, summaries: list[Any]) -> str:
 
 
 def replace_start(directory: Path, summaries: list[Any], keep: Path) -> None:
-    """Take the experiment and session-start records whose hyperparameters differ from
-    ``summaries``' out of the event files in ``directory`` but ``keep`` (the resumed run's
-    own, which holds ``summaries`` already, on disk: a crash between the two leaves both,
-    and the first shows until the next resume, never neither; a review)."""
+    """Take the experiment and session-start records out of the event files in
+    ``directory`` but ``keep`` (the resumed run's own, which holds ``summaries``, handed to
+    the OS already: a crash between the two leaves both, and the first shows until the next
+    resume, never neither; a review)."""
     from tensorboard.plugins.hparams import metadata
 
-    new = next(i for i in map(_session_start_values, summaries) if i is not None)
     start, experiment = metadata.SESSION_START_INFO_TAG, metadata.EXPERIMENT_TAG
 
-    def stale(event: Any) -> bool:
-        old = _session_start_values(event.summary)
-        if old is not None:
-            return dict(old.hparams) != dict(new.hparams)
-        return any(v.tag == experiment for v in event.summary.value)
+    def stale(event: Any) -> bool:  # every start and experiment record but ``keep``'s (a
+        # crash between the two steps left one with the same values, a review: a duplicate)
+        return any(v.tag in (start, experiment) for v in event.summary.value)
 
     _rewrite(directory, (start.encode(), experiment.encode()), stale, skip=keep)
 

@@ -380,6 +380,7 @@ class Trainer:
         #: the last validation found them; checkpointed
         self._train_modes: list[tuple[nn.Module, bool]] | None = None
         self._after_validation = False  # the model is in eval mode for a validation
+        self._modes_loaded = False  # _train_modes were set from a checkpoint, fit not started
         #: (module, name) of each buffer, read anew at each step (a forward may replace a
         #: buffer by a new tensor: an EMA codebook's ``self.ema = self.ema * d + ...``)
         self._buffers: list[tuple[nn.Module, str]] = []
@@ -714,9 +715,18 @@ class Trainer:
         ``train()`` first (an override of one's own runs, as it did). Each epoch starts
         with ``train()`` and then the modes as the last validation found them (a callback's
         change mid-run is kept; checkpointed). A resumed run, or this Trainer's next fit,
-        takes the modes it kept."""
-        if self._train_modes is not None:
+        takes the modes it kept, unless they were changed since."""
+        if self._modes_loaded:  # a checkpoint's, then what on_fit_start changed (as the run
+            self._modes_loaded = False  # that was not interrupted had them after its own)
+            self._train_modes = _modes(self.model)
             return
+        if (
+            self._train_modes is not None
+            and self._after_validation
+            and not any(m.training for m in self.model.modules())
+        ):  # this Trainer's next fit, the model as its last validation left it
+            return
+        self._after_validation = False  # (modes set by hand since: taken as they are now)
         evals = [n or "(the model)" for n, m in self.model.named_modules() if not m.training]
         if evals and self.model.training:
             log.warning(
@@ -1326,6 +1336,7 @@ class Trainer:
                 if name in modes:
                     m.training = bool(modes[name])
             self._train_modes = _modes(self.model)
+            self._modes_loaded = True
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
         saved = [tuple(entry) for entry in state["callbacks"]]  # (module.class, state)

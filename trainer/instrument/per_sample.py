@@ -1509,6 +1509,7 @@ class PerSampleNorms(Callback):
         kept = None
         attrs: dict[str, Any] | None = None  # (the loss called itself: its attributes, and
         generators: dict[str, Tensor] = {}  # the states of generators of its own, put back)
+        tensors: dict[str, Tensor] = {}
         try:
             loss = _loss_copy(trainer.objective.loss, model)
         except Exception:  # noqa: BLE001 (deepcopy raises what the object's pickling does)
@@ -1516,6 +1517,8 @@ class PerSampleNorms(Callback):
             attrs = dict(vars(loss))  # (a counter of its own advanced: training changed, a
             generators = {k: g.get_state() for k, g in attrs.items()  # review)
                           if isinstance(g, torch.Generator)}  # fmt: skip
+            tensors = {k: t.detach().clone() for k, t in attrs.items()  # (changed in place:
+                       if isinstance(t, Tensor)}  # self.calls += 1 on a tensor)  # fmt: skip
             try:
                 kept = copy.deepcopy(loss.state_dict()) if isinstance(loss, Stateful) else None
             except Exception as e:  # noqa: BLE001 (its state cannot be put back either)
@@ -1558,6 +1561,9 @@ class PerSampleNorms(Callback):
                 vars(loss).update(attrs)
                 for k, g_state in generators.items():
                     attrs[k].set_state(g_state)
+                with torch.no_grad():
+                    for k, t in tensors.items():
+                        attrs[k].copy_(t)
         if found is None:  # a non-finite loss or gradient on these samples: settled later
             self._mixing_failed[signature] = (
                 "a loss or gradient on its check's samples was not finite (checked again on "
