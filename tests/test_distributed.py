@@ -975,6 +975,22 @@ class TwoExperts(torch.nn.Module):
         return self.head(out)
 
 
+def _one_and_two(tmp_path: Path, x, y, *overrides: str) -> tuple[dict, dict, Path, list[Path]]:
+    """``(x, y)`` saved as a tensors data set, and trained with a model of one's own (``+model.
+    _target_`` in ``overrides``) and DDP's find_unused_parameters by one process of 2B and two
+    of B at once: the one's and rank 0's scalars, and their run folders."""
+    torch.save({"x": x, "y": y, "x_val": x[:8], "y_val": y[:8]}, tmp_path / "d.pt")
+    common = ["data=tensors", f"data.path={tmp_path / 'd.pt'}", "~model",
+              "logging.every_n_steps=1", "logging.progress=false",
+              "trainer.checkpoint.every_n_steps=0", "trainer.find_unused_parameters=true",
+              "optimizer=sgd", *overrides]  # fmt: skip
+    one, ranks = tmp_path / "one", [tmp_path / "r0", tmp_path / "r1"]
+    codes = launch((1, [*common, f"data.batch_size={2 * B}"], [one]),
+                   (2, [*common, f"data.batch_size={B}"], ranks))  # fmt: skip
+    assert codes == [[0], [0, 0]], codes
+    return read_scalars(one), read_scalars(ranks[0]), one, ranks
+
+
 class TwoExpertsMasked(TwoExperts):
     """As :class:`TwoExperts`, an expert called on the whole batch (its output masked to the
     samples routed to it: a per-sample unit), and not at all where no sample needs it."""
@@ -1000,17 +1016,9 @@ def test_per_sample_norms_of_an_expert_one_rank_does_not_call_are_one_process(tm
     x[epoch_order(2 * B, 0, 0)[:B], 0] = -2.0  # expert b: rank 0's samples (the first half of
     # the first global batch, as one process's batch starts: the check on its first samples
     # of whether a unit's input is batch-first sees b called)
-    torch.save({"x": x, "y": y, "x_val": x[:8], "y_val": y[:8]}, tmp_path / "d.pt")
-    common = ["data=tensors", f"data.path={tmp_path / 'd.pt'}", "trainer.max_steps=1", "seed=0",
-              "~model", f"+model._target_={__name__}.TwoExpertsMasked",
-              "logging.every_n_steps=1", "logging.progress=false",
-              "trainer.checkpoint.every_n_steps=0", "instrument.per_sample.every_n_steps=1",
-              "trainer.find_unused_parameters=true", "optimizer=sgd"]  # fmt: skip
-    one, ranks = tmp_path / "one", [tmp_path / "r0", tmp_path / "r1"]
-    codes = launch((1, [*common, f"data.batch_size={2 * B}"], [one]),
-                   (2, [*common, f"data.batch_size={B}"], ranks))  # fmt: skip
-    assert codes == [[0], [0, 0]], codes
-    want, got = read_scalars(one), read_scalars(ranks[0])
+    want, got, _, _ = _one_and_two(tmp_path, x, y, "trainer.max_steps=1", "seed=0",
+                                   f"+model._target_={__name__}.TwoExpertsMasked",
+                                   "instrument.per_sample.every_n_steps=1")  # fmt: skip
     assert want["per_sample/coverage"] == got["per_sample/coverage"] == [(1, 1.0)]
     for tag in ("per_sample/grad_norm_mean", "per_sample/grad_norm_max",
                 "per_sample/noise_scale", "grad_snr/b.weight"):  # fmt: skip
@@ -1033,17 +1041,10 @@ def test_regularizers_with_parameters_one_rank_does_not_use_train_as_one_process
     x[:, 0] = 0.0
     x[: B // 2, 0] = 2.0  # expert a: several samples
     x[B // 2, 0] = -2.0  # expert b: one sample, on one rank whatever the order
-    torch.save({"x": x, "y": y, "x_val": x[:8], "y_val": y[:8]}, tmp_path / "d.pt")
-    common = ["data=tensors", f"data.path={tmp_path / 'd.pt'}", "trainer.max_steps=2",
-              "~model", f"+model._target_={__name__}.TwoExperts", "logging.every_n_steps=1",
-              "logging.progress=false", "trainer.checkpoint.every_n_steps=0",
-              "instrument.norms.every_n_steps=1", "trainer.find_unused_parameters=true",
-              "regularizer=[l2,input_grad_penalty]", "optimizer=sgd"]  # fmt: skip
-    one, ranks = tmp_path / "one", [tmp_path / "r0", tmp_path / "r1"]
-    codes = launch((1, [*common, f"data.batch_size={2 * B}"], [one]),
-                   (2, [*common, f"data.batch_size={B}"], ranks))  # fmt: skip
-    assert codes == [[0], [0, 0]], codes
-    want, got = read_scalars(one), read_scalars(ranks[0])
+    want, got, one, ranks = _one_and_two(tmp_path, x, y, "trainer.max_steps=2",
+                                         f"+model._target_={__name__}.TwoExperts",
+                                         "instrument.norms.every_n_steps=1",
+                                         "regularizer=[l2,input_grad_penalty]")  # fmt: skip
     assert "grad_norm/b.weight" in want and "reg/input_grad_penalty" in want
     assert sorted(got) == sorted(want)
     for tag in (t for t in want if not t.startswith("time/")):

@@ -581,10 +581,7 @@ def test_attention_dropout_is_left_out_and_named(caplog) -> None:
     y = torch.tensor([0, 1, 2, 2, 1, 0])
     with caplog.at_level("WARNING"):
         _, staged = measure(model, x, y)
-    assert "leave out 'attn'" in caplog.text and "dropout" in caplog.text
-    attn = sum(p.numel() for p in model.attn.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    assert staged["per_sample/coverage"] == pytest.approx(1 - attn / total)
+    assert_left_out(model, staged, caplog.text, "attn", "dropout")
 
 
 class OwnLookup(nn.Module):
@@ -790,6 +787,15 @@ def float_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """B float64 inputs of width D, and their labels."""
     x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     return x, torch.tensor([0, 1, 2, 2, 1, 0])
+
+
+def assert_left_out(model: nn.Module, staged: dict, text: str, unit: str, word: str) -> None:
+    """``unit`` named in a warning of ``text`` with ``word``, and the coverage the share of
+    the trainable parameters outside it."""
+    assert f"leave out {unit!r}" in text and word in text, text
+    out = sum(p.numel() for p in getattr(model, unit).parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert staged["per_sample/coverage"] == pytest.approx(1 - out / total)
 
 
 def measured_exactly(model: nn.Module, x, y, left_out=(), twin=None, **kw) -> dict:
@@ -2429,10 +2435,7 @@ def test_a_branch_not_taken_is_measured_as_zero_and_a_use_outside_any_forward_le
     gated = Branches(gated=True).double()
     with caplog.at_level("WARNING"):
         last, staged = measure(gated, x, y)
-    assert "leave out 'gate'" in caplog.text
-    total = sum(p.numel() for p in gated.parameters())  # (the unit: its bias with its weight)
-    gate = sum(p.numel() for p in gated.gate.parameters())
-    assert staged["per_sample/coverage"] == pytest.approx(1 - gate / total)
+    assert_left_out(gated, staged, caplog.text, "gate", "")  # (its bias with its weight)
     reference = _jacobian_rows(gated, x, y, ("aux", "spare", "gate"))
     torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
     # a head writing its gradients to .grad by hand: no hook fired, but it was reached (a
@@ -2441,18 +2444,12 @@ def test_a_branch_not_taken_is_measured_as_zero_and_a_use_outside_any_forward_le
     by_hand = Branches(by_hand=True).double()
     with caplog.at_level("WARNING"):
         _, staged = measure(by_hand, x, y)
-    assert "leave out 'head'" in caplog.text and "by hand" in caplog.text
-    head = sum(p.numel() for p in by_hand.head.parameters())
-    total = sum(p.numel() for p in by_hand.parameters())
-    assert staged["per_sample/coverage"] == pytest.approx(1 - head / total)
+    assert_left_out(by_hand, staged, caplog.text, "head", "by hand")
     caplog.clear()
     features = Branches(features=True).double()
     with caplog.at_level("WARNING"):
         _, staged = measure(features, x, y, loss=HeadInTheLoss(features.head))
-    assert "leave out 'head'" in caplog.text and "reached its parameters" in caplog.text
-    total = sum(p.numel() for p in features.parameters())
-    head = sum(p.numel() for p in features.head.parameters())
-    assert staged["per_sample/coverage"] == pytest.approx(1 - head / total)
+    assert_left_out(features, staged, caplog.text, "head", "reached its parameters")
     # the loss calling the head (a module of the model) itself: measured (the mixing check
     # copied the head with the loss, the copy's hooks failed it: every unit was left out; the
     # batch-dimension check ran the model's forward alone: the head was left out every step)
