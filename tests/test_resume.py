@@ -943,11 +943,16 @@ def test_a_resume_that_trains_longer_shows_its_values_in_hparams(tmp_path) -> No
 
     from trainer.logger import event_dir
 
+    experiments = []
+
     def starts() -> list[str]:
         found = []
+        experiments.clear()
         for path in sorted(event_dir(tmp_path / "a").glob("events.out.tfevents.*")):
             for event in EventFileLoader(str(path)).Load():
                 for v in event.summary.value:
+                    if v.tag == metadata.EXPERIMENT_TAG:
+                        experiments.append(path)
                     if v.tag == metadata.SESSION_START_INFO_TAG:
                         info = metadata.parse_session_start_info_plugin_data(
                             v.metadata.plugin_data.content
@@ -981,7 +986,15 @@ def test_a_resume_that_trains_longer_shows_its_values_in_hparams(tmp_path) -> No
         train(tmp_path / "e", *base, "trainer.max_steps=10", "trainer.resume=auto")
     assert starts() == ["8", "10"]
     train(tmp_path / "f", *base, "trainer.max_steps=10", "trainer.resume=auto")
-    assert starts() == ["10"]
+    assert starts() == ["10"] and len(experiments) == 1
+    # earlier files with an experiment record and no session start: one of each after
+    hparams = importlib.import_module("trainer.hparams")
+    tag = metadata.SESSION_START_INFO_TAG
+    hparams._rewrite(event_dir(tmp_path / "a"), (tag.encode(),),
+                     lambda e: any(v.tag == tag for v in e.summary.value))  # fmt: skip
+    assert starts() == [] and len(experiments) == 1
+    train(tmp_path / "g", *base, "trainer.max_steps=10", "trainer.resume=auto")
+    assert starts() == ["10"] and len(experiments) == 1
 
 
 def _raises(*args, **kwargs):

@@ -827,6 +827,9 @@ class _UnfreezeStatistics(Callback):
     def __init__(self) -> None:
         self.seen: dict[int, bool] = {}
 
+    def on_fit_start(self, trainer) -> None:  # (on a resume too: the checkpoint's modes win)
+        trainer.model.bn.eval()
+
     def on_train_batch_start(self, trainer, batch) -> None:
         self.seen[trainer.global_step + 1] = trainer.model.bn.training
 
@@ -862,9 +865,9 @@ def test_a_mode_a_callback_sets_mid_run_is_kept_across_epochs_and_a_resume(tmp_p
 
 
 def test_a_trainers_next_fit_keeps_its_modes_or_takes_those_set_since(tmp_path) -> None:
-    """The same Trainer fitted again trains in the modes it kept (the model is in eval mode
-    after validation); modes set by hand between the two fits are taken as they are (they
-    were ignored, a review: a BatchNorm frozen for a second stage trained)."""
+    """fit() leaves the model in its training modes, and the same Trainer fitted again trains
+    in the modes the model has then, set by hand in between or not (a review: ignored once,
+    a BatchNorm frozen for another stage trained)."""
     from trainer.run import build_trainer
 
     seen: list[bool] = []
@@ -878,6 +881,7 @@ def test_a_trainers_next_fit_keeps_its_modes_or_takes_those_set_since(tmp_path) 
                    "trainer.checkpoint.every_n_steps=0")  # fmt: skip
     trainer = build_trainer(cfg, tmp_path, [Modes()], with_logger=False)
     trainer.fit()
+    assert trainer.model.training and not trainer.model.bn.training  # (fit leaves them so)
     trainer.max_epochs = 2
     trainer.fit()
     assert seen == [False] * 6  # frozen in both fits
@@ -885,3 +889,7 @@ def test_a_trainers_next_fit_keeps_its_modes_or_takes_those_set_since(tmp_path) 
     trainer.max_epochs = 3
     trainer.fit()
     assert seen[6:] == [True] * 3
+    trainer.model.bn.eval()  # a third: frozen again
+    trainer.max_epochs = 4
+    trainer.fit()
+    assert seen[9:] == [False] * 3

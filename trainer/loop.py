@@ -377,9 +377,8 @@ class Trainer:
         #: forward updates before any check: a NaN batch's made every later validation NaN)
         self.restore_buffers_on_skip = False
         #: each module's train/eval mode to train with (:meth:`_start_training_modes`), as
-        #: the last validation found them; checkpointed
+        #: the start of fit or the last validation found them
         self._train_modes: list[tuple[nn.Module, bool]] | None = None
-        self._after_validation = False  # the model is in eval mode for a validation
         self._modes_loaded = False  # _train_modes were set from a checkpoint, fit not started
         #: (module, name) of each buffer, read anew at each step (a forward may replace a
         #: buffer by a new tensor: an EMA codebook's ``self.ema = self.ema * d + ...``)
@@ -712,21 +711,15 @@ class Trainer:
         """Train with each module's train/eval mode as the model has it (a BatchNorm put in
         eval mode before fit keeps its running statistics: every module was put in train
         mode at each epoch's start); a model wholly in train or in eval mode gets its
-        ``train()`` first (an override of one's own runs, as it did). Each epoch starts
-        with ``train()`` and then the modes as the last validation found them (a callback's
-        change mid-run is kept; checkpointed). A resumed run, or this Trainer's next fit,
-        takes the modes it kept, unless they were changed since."""
-        if self._modes_loaded:  # a checkpoint's, then what on_fit_start changed (as the run
-            self._modes_loaded = False  # that was not interrupted had them after its own)
-            self._train_modes = _modes(self.model)
+        ``train()`` first (an override of one's own runs, as it did). A validation puts back
+        the modes it found, after ``on_validation_end`` (a callback's change mid-run is kept,
+        and checkpointed); ``fit()`` leaves the model in them. A resumed run trains in the
+        checkpoint's modes (what ``on_fit_start`` changed, the uninterrupted run changed at
+        its own start: what followed is in the checkpoint)."""
+        if self._modes_loaded and self._train_modes is not None:
+            self._modes_loaded = False
+            _put_modes(self._train_modes)
             return
-        if (
-            self._train_modes is not None
-            and self._after_validation
-            and not any(m.training for m in self.model.modules())
-        ):  # this Trainer's next fit, the model as its last validation left it
-            return
-        self._after_validation = False  # (modes set by hand since: taken as they are now)
         evals = [n or "(the model)" for n, m in self.model.named_modules() if not m.training]
         if evals and self.model.training:
             log.warning(
@@ -842,10 +835,8 @@ class Trainer:
 
     def validate(self) -> None:
         """Evaluate, log val/* at the current step, write the epoch's line, fire the hook."""
-        if self._train_modes is not None and not self._after_validation:  # (in fit) the
-            self._train_modes = _modes(self.model)  # modes the next epoch trains with again
+        modes, training = _modes(self.model), self.model.training  # (put back at the end)
         m = self.metrics = self.evaluate()
-        self._after_validation = True
         self._validated_at = self.global_step
         if self.logger is not None:
             self.logger.log_scalars({k: v for k, v in m.items() if k.startswith("val/")},
@@ -859,13 +850,17 @@ class Trainer:
             self.train_loader
         ):  # one step per epoch's validation; not on the extra one of a run that max_steps
             self.scheduler.step(m[self.monitor])  # stops mid-epoch (a longer run has none)
-        self._fire_between("on_validation_end", m)
+        self._fire_between("on_validation_end", m)  # (in eval mode, as it was)
+        if training:  # a train() override of one's own runs again, with its side effects
+            self.model.train()
+        _put_modes(modes)  # each module's as found (a callback's eval() left over undone)
+        self._train_modes = modes
 
     def train_epoch(self) -> None:
-        self.model.train()  # (a train() override of one's own runs, with its side effects)
-        if self._train_modes is not None:  # then each module's mode as the last validation
-            _put_modes(self._train_modes)  # found it (a callback's eval() left over in
-        self._after_validation = False  # on_validation_end is undone, as it was)
+        if self._train_modes is None:  # (outside fit)
+            self.model.train()
+        else:  # as the start of fit or the last validation left them (a leftover undone)
+            _put_modes(self._train_modes)
         loader = self.train_loader
         start = self.batch_in_epoch  # > 0 only in a run resumed mid-epoch
         loader.set_epoch(self.epoch, start)
@@ -1293,9 +1288,7 @@ class Trainer:
         }
 
     def _modes_to_keep(self) -> dict[str, bool]:
-        if self._after_validation and self._train_modes is not None:  # (now in eval mode)
-            names = {id(m): n for n, m in self.model.named_modules()}
-            return {names[id(m)]: t for m, t in self._train_modes if id(m) in names}
+        """Each module's mode now: at a rest point, the one the next step trains with."""
         return {n: m.training for n, m in self.model.named_modules()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

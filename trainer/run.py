@@ -589,7 +589,8 @@ def _run(
             if session != "same":  # this run's values, before it can fail
                 for summary in start_records:
                     trainer.logger.add_summary(summary, 0)
-            if session == "differs":  # on disk before the earlier ones go
+            if session in ("differs", "none") and resume_state is not None:  # on disk
+                # before the earlier ones go (with none, an experiment record left over)
                 trainer.logger.flush()
                 try:
                     replace_start(events, start_records, keep=trainer.logger.file.path)

@@ -1563,7 +1563,17 @@ class PerSampleNorms(Callback):
                     attrs[k].set_state(g_state)
                 with torch.no_grad():
                     for k, t in tensors.items():
-                        attrs[k].copy_(t)
+                        if torch.equal(attrs[k], t):
+                            continue
+                        try:  # (an expanded view, an inference tensor: not writable)
+                            attrs[k].copy_(t)
+                        except RuntimeError as e:
+                            log.warning(
+                                "per-sample norms: the mixing check's call of the loss (which "
+                                "a copy cannot take) changed its tensor %r in place, and it "
+                                "cannot be put back (%s): training may differ from a run "
+                                "without measuring", k, str(e).splitlines()[0],
+                            )  # fmt: skip
         if found is None:  # a non-finite loss or gradient on these samples: settled later
             self._mixing_failed[signature] = (
                 "a loss or gradient on its check's samples was not finite (checked again on "
