@@ -715,6 +715,7 @@ class FrozenStatistics(torch.nn.Module):
         super().__init__()
         self.inp, self.bn = torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16)
         self.head, self.by_override = torch.nn.Linear(16, out_dim), by_override
+        self.augment = False  # (set by its train(), read by its forward)
         if not by_override:
             self.bn.eval()
 
@@ -726,7 +727,8 @@ class FrozenStatistics(torch.nn.Module):
         return self
 
     def forward(self, x):
-        return self.head(torch.relu(self.bn(self.inp(x.flatten(1)))))
+        h = torch.relu(self.bn(self.inp(x.flatten(1))))
+        return self.head(h * (1.5 if self.augment else 1.0))
 
 
 @pytest.mark.parametrize("by_override", [False, True])
@@ -744,7 +746,7 @@ def test_a_module_in_eval_mode_is_trained_so_across_epochs_and_validation(
     class Modes(Callback):
         def on_train_batch_start(self, trainer, batch) -> None:
             m = trainer.model
-            seen.append((m.training, m.bn.training, getattr(m, "augment", True)))
+            seen.append((m.training, m.bn.training, m.augment))
 
         def on_validation_end(self, trainer, metrics) -> None:
             validated.append(trainer.model.training or trainer.model.head.training)

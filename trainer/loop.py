@@ -718,17 +718,22 @@ class Trainer:
         its own start: what followed is in the checkpoint)."""
         if self._modes_loaded and self._train_modes is not None:
             self._modes_loaded = False
+            if dict((id(m), t) for m, t in self._train_modes).get(id(self.model), True):
+                self.model.train()  # (its override's side effects, as the run had them)
             _put_modes(self._train_modes)
             return
         evals = [n or "(the model)" for n, m in self.model.named_modules() if not m.training]
-        if evals and self.model.training:
+        mixed = bool(evals) and self.model.training
+        if mixed:
             log.warning(
                 "fit: %d module(s) are in eval mode and are trained so, as the model has them "
                 "(dropout off, BatchNorm's running statistics kept): %s%s",
                 len(evals), ", ".join(evals[:5]), " …" if len(evals) > 5 else "",
             )  # fmt: skip
-        else:
-            self.model.train()
+        modes = _modes(self.model)
+        self.model.train()  # (an override of one's own runs, side effects and all, as at
+        if mixed:  # each validation's end and on a resume) then the modes as they were
+            _put_modes(modes)
         self._train_modes = _modes(self.model)
 
     def _clear_stale_gradients(self) -> None:

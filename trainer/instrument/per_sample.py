@@ -1563,7 +1563,7 @@ class PerSampleNorms(Callback):
                     attrs[k].set_state(g_state)
                 with torch.no_grad():
                     for k, t in tensors.items():
-                        if torch.equal(attrs[k], t):
+                        if _unchanged(attrs[k], t):
                             continue
                         try:  # (an expanded view, an inference tensor: not writable)
                             attrs[k].copy_(t)
@@ -1993,6 +1993,17 @@ class PerSampleNorms(Callback):
                     for p in own}  # fmt: skip
         total = sum(p.numel() for p in params.values())
         return 1.0 - sum(params[k].numel() for k in left_out) / max(total, 1)
+
+
+def _unchanged(now: Tensor, before: Tensor) -> bool:
+    """Equal values, NaN where NaN was (``torch.equal`` takes NaN for a change)."""
+    if now.shape != before.shape or now.dtype != before.dtype:
+        return False
+    if torch.equal(now, before):
+        return True
+    if not (now.is_floating_point() or now.is_complex()):
+        return False
+    return bool(((now == before) | (now.isnan() & before.isnan())).all())
 
 
 def _in_backward() -> bool:
