@@ -895,3 +895,72 @@ def test_a_trainers_next_fit_keeps_its_modes_or_takes_those_set_since(tmp_path) 
     trainer.max_epochs = 4
     trainer.fit()
     assert seen[9:] == [False] * 3
+
+
+class _Scaled(torch.nn.Module):
+    """A factor its own train() sets (1.5 in train mode, 1.0 in eval mode) and its forward
+    reads: a side effect beyond the mode flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = 1.5  # (a module starts in train mode)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.k = 1.5 if mode else 1.0
+        return self
+
+    def forward(self, h):
+        return h * self.k
+
+
+class SideEffects(torch.nn.Module):
+    """A model whose own train() and a child's set factors their forwards read."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.inp, self.sub, self.head = (
+            torch.nn.Linear(64, 16),
+            _Scaled(),
+            torch.nn.Linear(16, out_dim),
+        )
+        self.scale = 2.0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.scale = 2.0 if mode else 1.0
+        return self
+
+    def forward(self, x):
+        return self.head(self.sub(torch.tanh(self.inp(x.flatten(1))))) * self.scale
+
+
+class _Switches(Callback):
+    """The child to eval mode after step 2, the whole model after step 5."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if trainer.global_step == 2:
+            trainer.model.sub.eval()
+        if trainer.global_step == 5:
+            trainer.model.eval()
+
+
+@pytest.mark.parametrize("at", [2, 5])
+def test_a_resume_replays_the_modes_train_overrides_and_all(tmp_path, at) -> None:
+    """Modes reached by train() overrides with side effects and a callback's switches
+    mid-epoch: a resume from any step trains as the uninterrupted run, bit for bit (a resume
+    that put the flags back alone, or ran the model's train() before them, left factors the
+    forward reads as the constructor or train(True) had set them: reviews)."""
+    import shutil
+
+    common = ("~model", f"+model._target_={__name__}.SideEffects", "trainer.max_steps=-1",
+              "trainer.max_epochs=3", "data.batch_size=512", "optimizer=sgd",
+              "trainer.checkpoint.every_n_steps=1", "trainer.checkpoint.keep_last=20",
+              "trainer.run_id=s", f"trainer.checkpoint.search_dir={tmp_path / 'none'}")  # fmt: skip
+    train(tmp_path / "whole", *common, callbacks=[_Switches()])
+    step = tmp_path / "from" / "checkpoints" / f"step_{at:09d}.pt"
+    step.parent.mkdir(parents=True)
+    shutil.copy(tmp_path / "whole" / "checkpoints" / step.name, step)
+    train(tmp_path / "resumed", *common, f"trainer.resume={step}", callbacks=[_Switches()])
+    a, b = final_params(tmp_path / "whole"), final_params(tmp_path / "from")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -380,6 +380,8 @@ class Trainer:
         #: the start of fit or the last validation found them
         self._train_modes: list[tuple[nn.Module, bool]] | None = None
         self._modes_loaded = False  # _train_modes were set from a checkpoint, fit not started
+        #: a checkpoint's modes of its run's last start of fit or validation (replayed from)
+        self._modes_base: list[tuple[nn.Module, bool]] | None = None
         #: (module, name) of each buffer, read anew at each step (a forward may replace a
         #: buffer by a new tensor: an EMA codebook's ``self.ema = self.ema * d + ...``)
         self._buffers: list[tuple[nn.Module, str]] = []
@@ -718,9 +720,7 @@ class Trainer:
         its own start: what followed is in the checkpoint)."""
         if self._modes_loaded and self._train_modes is not None:
             self._modes_loaded = False
-            if dict((id(m), t) for m, t in self._train_modes).get(id(self.model), True):
-                self.model.train()  # (its override's side effects, as the run had them)
-            _put_modes(self._train_modes)
+            self._replay_modes()
             return
         evals = [n or "(the model)" for n, m in self.model.named_modules() if not m.training]
         mixed = bool(evals) and self.model.training
@@ -735,6 +735,24 @@ class Trainer:
         if mixed:  # each validation's end and on a resume) then the modes as they were
             _put_modes(modes)
         self._train_modes = _modes(self.model)
+
+    def _replay_modes(self) -> None:
+        """A resumed run's modes, reached as the run reached them (an override of one's own
+        of ``train()`` may set more than the flag): the model's ``train()`` with the modes of
+        the run's last start or validation (``_modes_base``), then ``train(flag)`` of each
+        module a callback switched since, parents first, then the checkpoint's flags."""
+        base, now = self._modes_base, self._train_modes
+        assert now is not None
+        if base is None:  # (a checkpoint without them: the model's train(), then its flags)
+            base = [(self.model, True)]
+        flags = dict((id(m), t) for m, t in base)
+        self.model.train(flags.get(id(self.model), True))
+        _put_modes(base)
+        for m, flag in now:  # (parents before their children: modules() order)
+            if m.training != flag:
+                m.train(flag)
+        _put_modes(now)
+        self._modes_base = None
 
     def _clear_stale_gradients(self) -> None:
         """Gradients the parameters hold before the first step (a backward by hand, a fit
@@ -1290,11 +1308,19 @@ class Trainer:
             # each module's train/eval mode the next step trains with (a BatchNorm frozen by
             # a callback mid-run stays so on resume)
             "train_modes": self._modes_to_keep(),
+            "train_modes_base": self._base_modes_to_keep(),
         }
 
     def _modes_to_keep(self) -> dict[str, bool]:
         """Each module's mode now: at a rest point, the one the next step trains with."""
         return {n: m.training for n, m in self.model.named_modules()}
+
+    def _base_modes_to_keep(self) -> dict[str, bool] | None:
+        """The modes the last start of fit or validation left (a resume replays from them)."""
+        if self._train_modes is None:
+            return None
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return {names[id(m)]: t for m, t in self._train_modes if id(m) in names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (strict: every key and shape must match)."""
@@ -1330,10 +1356,13 @@ class Trainer:
         self._validated_at = int(state.get("validated_at", _validated_step(state)))
         modes = state.get("train_modes")  # (older checkpoints: derived at fit's start)
         if modes is not None:
-            for name, m in self.model.named_modules():
-                if name in modes:
-                    m.training = bool(modes[name])
-            self._train_modes = _modes(self.model)
+            named = list(self.model.named_modules())
+            base = state.get("train_modes_base")
+            self._modes_base = None if base is None else [
+                (m, bool(base.get(n, modes.get(n, m.training)))) for n, m in named
+            ]  # fmt: skip
+            self._train_modes = [(m, bool(modes.get(n, m.training))) for n, m in named]
+            _put_modes(self._train_modes)
             self._modes_loaded = True
         if state["loader"] is not None and hasattr(self.train_loader, "load_state_dict"):
             self.train_loader.load_state_dict(state["loader"])
