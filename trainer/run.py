@@ -332,10 +332,11 @@ def refuse_shadowed_configs() -> None:
     first = next((i for i, p in enumerate(sources) if p.resolve() == project.resolve()), None)
     if first is None:  # (installed without its configs, or another primary folder)
         return
+    later_ones = [p for p in sources[first + 1 :] if p.resolve() != project.resolve()]
+    if not later_ones:  # (no folder of one's own: nothing walked at start-up)
+        return
     ours = sorted(p.relative_to(project) for p in project.rglob("*.yaml"))
-    for later in sources[first + 1 :]:
-        if later.resolve() == project.resolve():
-            continue
+    for later in later_ones:
         for relative in ours:  # (the project's few files, not a walk of the user's folder)
             mine = later / relative
             if mine.is_file() and not mine.samefile(project / relative):
