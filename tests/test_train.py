@@ -936,21 +936,24 @@ class SideEffects(torch.nn.Module):
 
 
 class _Switches(Callback):
-    """The child to eval mode after step 2, the whole model after step 5."""
+    """The child to eval mode after step 1, the whole model after step 5."""
 
     def on_train_step_end(self, trainer, out) -> None:
-        if trainer.global_step == 2:
+        if trainer.global_step == 1:
             trainer.model.sub.eval()
         if trainer.global_step == 5:
             trainer.model.eval()
 
 
-@pytest.mark.parametrize("at", [2, 5])
+@pytest.mark.parametrize("at", [(4,), (5,), (1, 2)])
 def test_a_resume_replays_the_modes_train_overrides_and_all(tmp_path, at) -> None:
-    """Modes reached by train() overrides with side effects and a callback's switches
-    mid-epoch: a resume from any step trains as the uninterrupted run, bit for bit (a resume
-    that put the flags back alone, or ran the model's train() before them, left factors the
-    forward reads as the constructor or train(True) had set them: reviews)."""
+    """Modes reached by train() overrides with side effects and a callback's switches: a
+    resume from a step after a validation with the child in eval mode (4), after the whole
+    model was put in eval mode (5), and from a resumed run's own checkpoint before it
+    validated (1, then its 2) trains as the uninterrupted run, bit for bit (a resume that
+    put the flags back alone, ran the model's train() before them, or replayed a resumed
+    run's checkpoint from its current modes left factors the forward reads as another call
+    had set them: reviews)."""
     import shutil
 
     common = ("~model", f"+model._target_={__name__}.SideEffects", "trainer.max_steps=-1",
@@ -958,9 +961,13 @@ def test_a_resume_replays_the_modes_train_overrides_and_all(tmp_path, at) -> Non
               "trainer.checkpoint.every_n_steps=1", "trainer.checkpoint.keep_last=20",
               "trainer.run_id=s", f"trainer.checkpoint.search_dir={tmp_path / 'none'}")  # fmt: skip
     train(tmp_path / "whole", *common, callbacks=[_Switches()])
-    step = tmp_path / "from" / "checkpoints" / f"step_{at:09d}.pt"
-    step.parent.mkdir(parents=True)
-    shutil.copy(tmp_path / "whole" / "checkpoints" / step.name, step)
-    train(tmp_path / "resumed", *common, f"trainer.resume={step}", callbacks=[_Switches()])
-    a, b = final_params(tmp_path / "whole"), final_params(tmp_path / "from")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    want = final_params(tmp_path / "whole")
+    source = tmp_path / "whole"
+    for i, step in enumerate(at):  # each resume from the last one's (or the whole run's) file
+        path = tmp_path / f"from{i}" / "checkpoints" / f"step_{step:09d}.pt"
+        path.parent.mkdir(parents=True)
+        shutil.copy(source / "checkpoints" / path.name, path)
+        train(tmp_path / f"resumed{i}", *common, f"trainer.resume={path}", callbacks=[_Switches()])
+        got = final_params(tmp_path / f"from{i}")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), i
+        source = tmp_path / f"from{i}"

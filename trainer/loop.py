@@ -730,6 +730,7 @@ class Trainer:
                 "(dropout off, BatchNorm's running statistics kept): %s%s",
                 len(evals), ", ".join(evals[:5]), " …" if len(evals) > 5 else "",
             )  # fmt: skip
+        self._modes_base = None
         modes = _modes(self.model)
         self.model.train()  # (an override of one's own runs, side effects and all, as at
         if mixed:  # each validation's end and on a resume) then the modes as they were
@@ -741,10 +742,10 @@ class Trainer:
         of ``train()`` may set more than the flag): the model's ``train()`` with the modes of
         the run's last start or validation (``_modes_base``), then ``train(flag)`` of each
         module a callback switched since, parents first, then the checkpoint's flags."""
-        base, now = self._modes_base, self._train_modes
+        now = self._train_modes
         assert now is not None
-        if base is None:  # (a checkpoint without them: the model's train(), then its flags)
-            base = [(self.model, True)]
+        # (a checkpoint without them: its flags, as after a validation, where it was written)
+        base = self._modes_base if self._modes_base is not None else now
         flags = dict((id(m), t) for m, t in base)
         self.model.train(flags.get(id(self.model), True))
         _put_modes(base)
@@ -752,7 +753,8 @@ class Trainer:
             if m.training != flag:
                 m.train(flag)
         _put_modes(now)
-        self._modes_base = None
+        self._modes_base = base  # (kept in this run's checkpoints until it validates: a
+        # resume of one of them replayed from its current modes, a review)
 
     def _clear_stale_gradients(self) -> None:
         """Gradients the parameters hold before the first step (a backward by hand, a fit
@@ -877,7 +879,7 @@ class Trainer:
         if training:  # a train() override of one's own runs again, with its side effects
             self.model.train()
         _put_modes(modes)  # each module's as found (a callback's eval() left over undone)
-        self._train_modes = modes
+        self._train_modes, self._modes_base = modes, None
 
     def train_epoch(self) -> None:
         if self._train_modes is None:  # (outside fit)
@@ -1316,11 +1318,13 @@ class Trainer:
         return {n: m.training for n, m in self.model.named_modules()}
 
     def _base_modes_to_keep(self) -> dict[str, bool] | None:
-        """The modes the last start of fit or validation left (a resume replays from them)."""
-        if self._train_modes is None:
+        """The modes the last start of fit or validation left (a resume replays from them;
+        a resumed run's, those of the run it resumed until it validates)."""
+        base = self._modes_base if self._modes_base is not None else self._train_modes
+        if base is None:
             return None
         names = {id(m): n for n, m in self.model.named_modules()}
-        return {names[id(m)]: t for m, t in self._train_modes if id(m) in names}
+        return {names[id(m)]: t for m, t in base if id(m) in names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (strict: every key and shape must match)."""
