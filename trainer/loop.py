@@ -712,12 +712,12 @@ class Trainer:
     def _start_training_modes(self) -> None:
         """Train with each module's train/eval mode as the model has it (a BatchNorm put in
         eval mode before fit keeps its running statistics: every module was put in train
-        mode at each epoch's start); a model wholly in train or in eval mode gets its
-        ``train()`` first (an override of one's own runs, as it did). A validation puts back
-        the modes it found, after ``on_validation_end`` (a callback's change mid-run is kept,
-        and checkpointed); ``fit()`` leaves the model in them. A resumed run trains in the
-        checkpoint's modes (what ``on_fit_start`` changed, the uninterrupted run changed at
-        its own start: what followed is in the checkpoint)."""
+        mode at each epoch's start), after the model's ``train()`` (an override of one's own
+        runs, side effects and all; a model with some modules in eval mode gets its modes
+        back after it). A validation puts back the modes it found, after
+        ``on_validation_end`` (a callback's change mid-run is kept, and checkpointed);
+        ``fit()`` leaves the model in them. A resumed run replays the checkpoint's modes
+        (:meth:`_replay_modes`), over what ``on_fit_start`` changed."""
         if self._modes_loaded and self._train_modes is not None:
             self._modes_loaded = False
             self._replay_modes()
@@ -1446,8 +1446,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """The loss's validation metrics (val/loss, and val/acc or val/mse by task) and the
-        epoch's mean train/loss. The model is left in eval mode (``on_validation_end``
-        sees it so; the next epoch's start puts the training modes back)."""
+        epoch's mean train/loss. The model is left in eval mode (in fit, :meth:`validate`
+        puts the training modes back after ``on_validation_end``)."""
         self.model.eval()
         broadcast_buffers(self.model)  # (data-parallel: the model rank 0 checkpoints)
         names = self.criterion.metrics
