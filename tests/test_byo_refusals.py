@@ -858,3 +858,47 @@ def test_a_tag_refused_as_staged_twice_leaves_the_others_to_be_written() -> None
     with pytest.raises(ValueError, match="'u/a' was staged twice for step 1"):
         staging.take_scalars(1)
     assert set(staging.take_scalars(1)) == {"u/b", ("u/c", "u/a2")}
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from zip(torch.randn(8, 4), range(8), strict=True)
+
+
+class SplitsOfAnotherKind(Labels):
+    """load() returns what a Lightning DataModule or a streaming pipeline would."""
+
+    kind = "stream"
+
+    def load(self):
+        train, val = super().load()
+        pairs = torch.utils.data.TensorDataset(train.x, train.y)
+        return {
+            "stream": lambda: (Stream(), val),
+            "loader": lambda: (torch.utils.data.DataLoader(pairs, batch_size=4), val),
+            "no_len": lambda: (train, iter([(val.x[0], val.y[0])])),
+            "one": lambda: pairs,
+            "three": lambda: (train, val, val),
+        }[self.kind]()
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("stream", r"returned a Stream as its training split, an IterableDataset; the "
+                   r"trainer batches by sample index"),
+        ("loader", r"returned a DataLoader as its training split; load\(\) returns the data "
+                   r"sets.*return the loader's \.dataset"),
+        ("no_len", r"a list_iterator as its validation split, which has no __len__ or "
+                   r"__getitem__"),
+        ("one", r"load\(\) returned a TensorDataset; it returns \(train, val\)"),
+        ("three", r"load\(\) returned a tuple of 3; it returns \(train, val\)"),
+    ],
+    ids=["stream", "loader", "no_len", "one", "three"],
+)  # fmt: skip
+def test_splits_the_loaders_cannot_index_are_refused_naming_them(tmp_path, kind, match) -> None:
+    """(A probe's finding: an IterableDataset failed on len() with Python's own error.)"""
+    cls = type(f"Splits_{kind}", (SplitsOfAnotherKind,), {"kind": kind})
+    globals()[cls.__name__] = cls  # (its _target_ is this module's attribute)
+    with pytest.raises(TypeError, match=match):
+        train(tmp_path, *labels(cls.__name__))

@@ -26,7 +26,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    Sampler,
+    Subset,
+    get_worker_info,
+)
 
 from trainer.distributed import SINGLE, World, shard
 
@@ -402,6 +409,37 @@ def _targets(split: TensorSplit | Dataset) -> Tensor | None:
     return None if targets is None else torch.as_tensor(targets)
 
 
+def _check_split(split: object, name: str, module: str) -> None:
+    """Refuse a split the loaders cannot index: they batch by sample index (a seeded
+    permutation per epoch, each rank its slice, a resume that starts mid-epoch at its batch),
+    so a split is a :class:`TensorSplit` or a map-style Dataset (``__len__``, ``__getitem__``).
+    (A probe's finding: an IterableDataset failed on ``len()`` with Python's own TypeError,
+    a DataLoader at ``split[0]``.)"""
+    if isinstance(split, TensorSplit):
+        return
+    what = f"data: {module}.load() returned a {type(split).__name__} as its {name} split"
+    if isinstance(split, DataLoader):
+        raise TypeError(
+            f"{what}; load() returns the data sets, and the trainer builds the loaders "
+            "(data.batch_size, data.num_workers, its own seeded shuffling): return the "
+            "loader's .dataset"
+        )
+    if isinstance(split, IterableDataset):
+        raise TypeError(
+            f"{what}, an IterableDataset; the trainer batches by sample index (a seeded "
+            "permutation per epoch, each process its share of every batch, an exact resume "
+            "from the middle of an epoch), which a stream cannot give: return a map-style "
+            "Dataset (__len__ and __getitem__, e.g. one item per record of an index of your "
+            "shards), or a TensorSplit of the stream read into memory"
+        )
+    missing = [m for m in ("__len__", "__getitem__") if not hasattr(type(split), m)]
+    if missing:
+        raise TypeError(
+            f"{what}, which has no {' or '.join(missing)}; a split is a TensorSplit (x, y) or "
+            "a map-style torch Dataset of (input, target) pairs (__len__ and __getitem__)"
+        )
+
+
 def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple[Tensor, Any]:
     """A split's first sample ``(x, y)`` as the model sees it (after a split's transform)."""
     if len(split) == 0:  # type: ignore[arg-type]
@@ -507,7 +545,21 @@ class DataModule(abc.ABC):
         """Load the splits and build the loaders; data-parallel (``world``), each rank's
         loaders yield its slices of the global batches."""
         self.world = world
-        train, val = self.load()
+        splits = self.load()
+        if not isinstance(splits, tuple | list) or len(splits) != 2:
+            got = (
+                f"a {type(splits).__name__} of {len(splits)}"
+                if isinstance(splits, tuple | list)
+                else f"a {type(splits).__name__}"
+            )
+            raise TypeError(
+                f"data: {type(self).__name__}.load() returned {got}; it returns (train, val), "
+                "two splits (with no validation data of its own, split part of the training "
+                "data off)"
+            )  # fmt: skip
+        train, val = splits
+        _check_split(train, "training", type(self).__name__)
+        _check_split(val, "validation", type(self).__name__)
         if self.train_subset:
             train = self._subset(train, self.train_subset)
         self.train_targets, self.val_targets = _targets(train), _targets(val)
