@@ -17,7 +17,13 @@ from trainer.callbacks import Callback
 from trainer.checkpoint import load_checkpoint
 from trainer.instrument.nonfinite import NonFiniteError
 from trainer.losses import Loss
-from trainer.update import clear_grads, conditional_step, scaled_step, step_optimizer
+from trainer.update import (
+    PUT_BACK,
+    clear_grads,
+    conditional_step,
+    scaled_step,
+    step_optimizer,
+)
 
 COMMON = ("trainer.max_steps=12", "logging.every_n_steps=4", "scheduler=cosine")
 
@@ -565,6 +571,151 @@ def test_conditional_step_is_the_step_or_nothing(make) -> None:
         assert len(opt_ref.state) == len(opt.state), k
         for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
             assert all(torch.equal(a[key], b[key]) for key in a), k
+
+
+class GroupCounter(torch.optim.Optimizer):
+    """Keeps its step count in the param group (as Lookahead-style wrappers do)."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 0.1, "k": 0})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        _replace_ema(self, "buf")
+        for group in self.param_groups:
+            group["k"] += 1
+            for p in group["params"]:
+                p.sub_(group["lr"] / group["k"] * self.state[p]["buf"])
+
+
+class LateState(torch.optim.Optimizer):
+    """Makes a second state entry on its third step (from that step's gradient)."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 0.1})
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.steps += 1
+        _replace_ema(self, "buf")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.steps >= 3:
+                    self.state[p].setdefault("first", p.grad.clone())
+                p.sub_(group["lr"] * self.state[p]["buf"])
+
+
+class Langevin(torch.optim.SGD):
+    """SGD plus Gaussian noise drawn from the global generator."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(torch.randn_like(p), alpha=1e-3)
+
+
+class Refuses(torch.optim.SGD):
+    """Raises on a non-finite gradient (as a Cholesky factor of one would)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not all(torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"]):
+            raise ValueError("not positive-definite")
+        return super().step(closure)
+
+
+def _ema_hook(ema: list[torch.Tensor]):
+    def hook(opt, args, kwargs) -> None:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for e, p in zip(ema, params, strict=True):
+            e.mul_(0.9).add_(p.detach(), alpha=0.1)
+
+    return hook
+
+
+@pytest.mark.parametrize("kind", [
+    "group_counter", "late_state", "langevin", "refuses", "ema_hook", "global_hook",
+    "ema_hook_fused",
+])  # fmt: skip
+def test_an_optimizer_of_ones_own_or_with_hooks_is_its_step_or_nothing(kind, monkeypatch):
+    """An optimizer of one's own is not stepped and put back (what it keeps in its groups, a
+    state entry it makes on a skipped step, its random draws, its refusal of a NaN), nor one
+    with step hooks (an EMA of the weights in a post-hook): where ``skip`` is set nothing
+    happens, as in step mode; its flag is read on the host. (A probe's findings: deferred
+    mode's put-back left the group counter ahead, a NaN in the late entry, other draws, a
+    crash.)"""
+    import trainer.update as update
+
+    makers = {
+        "group_counter": GroupCounter, "late_state": LateState,
+        "langevin": lambda ps: Langevin(ps, lr=0.1, momentum=0.9),
+        "refuses": lambda ps: Refuses(ps, lr=0.1, momentum=0.9),
+        "ema_hook": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        "global_hook": lambda ps: torch.optim.AdamW(ps),
+        "ema_hook_fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+    }  # fmt: skip
+    ref, mine = _twins()
+    opt_ref, opt = makers[kind](ref), makers[kind](mine)
+    emas = [[p.detach().clone() for p in ps] for ps in (ref, mine)]
+    if kind == "global_hook":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        stepped: list[int] = []  # (a step counter of one's own, say)
+        handle = register_optimizer_step_post_hook(lambda o, a, k: stepped.append(id(o)))
+    elif kind.startswith("ema_hook"):
+        opt_ref.register_step_post_hook(_ema_hook(emas[0]))
+        opt.register_step_post_hook(_ema_hook(emas[1]))
+    try:
+        assert not update.skips_on_device(opt)
+        for k, bad in enumerate([False, False, True, False, True, True, False], 1):
+            _same_grads(ref, mine, math.nan if bad else None)
+            rng = torch.get_rng_state()
+            if not bad:
+                opt_ref.step()
+            drawn, _ = torch.get_rng_state(), torch.set_rng_state(rng)
+            conditional_step(opt, torch.tensor(bad))
+            assert torch.equal(torch.get_rng_state(), drawn), k  # (the same draws)
+            for a, b in zip(ref, mine, strict=True):
+                assert torch.equal(a, b), k
+            for a, b in zip(*emas, strict=True):
+                assert torch.equal(a, b), k
+            assert [{x: v for x, v in g.items() if x != "params"} for g in opt.param_groups] == [
+                {x: v for x, v in g.items() if x != "params"} for g in opt_ref.param_groups
+            ], k
+            assert len(opt_ref.state) == len(opt.state), k
+            for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
+                assert a.keys() == b.keys() and all(torch.equal(a[x], b[x]) for x in a), k
+        if kind == "global_hook":
+            assert stepped.count(id(opt)) == stepped.count(id(opt_ref)) == 4
+    finally:
+        if kind == "global_hook":
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", sorted(c.__name__ for c in PUT_BACK))
+def test_torchs_optimizers_put_back_are_their_step_or_nothing(name) -> None:
+    """Every optimizer of torch's that a deferred skip steps and puts back: where ``skip`` is
+    set, parameters and state stay as they were, bit for bit; elsewhere it is the step. (2-D
+    parameters: Muon takes no other.)"""
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4, 2))]
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    make = getattr(torch.optim, name)
+    opt_ref, opt = make(ref, lr=0.01), make(mine, lr=0.01)
+    for k, bad in enumerate([False, True, False, False, True, False], 1):
+        _same_grads(ref, mine, math.inf if bad else None)
+        if not bad:
+            opt_ref.step()
+        conditional_step(opt, torch.tensor(bad))
+        for a, b in zip(ref, mine, strict=True):
+            assert torch.equal(a, b), k
+        for a, b in zip(opt_ref.state.values(), opt.state.values(), strict=True):
+            assert a.keys() == b.keys(), k
+            for x in a:
+                torch.testing.assert_close(a[x], b[x], rtol=0, atol=0, equal_nan=True, msg=x)
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -8,10 +8,20 @@ False and leaves everything as it was where it is True:
 * an optimizer with a fused implementation (``fused=True`` on ``torch.optim.SGD``, ``Adam``,
   ``AdamW``, ``Adagrad``) takes the flag as ``found_inf``, exactly as ``GradScaler`` hands it
   over: its kernels skip the update of the parameters and the state and undo the step count;
-* any other optimizer steps unconditionally, after a copy of the parameters that have a gradient
-  and of their optimizer state, which are then put back where the flag is set (``torch.where``,
-  bit for bit, NaN-proof). That costs one copy of the parameters and the state per step, and
-  two kernels per tensor: affordable on a GPU, whose launches are asynchronous.
+* torch's other optimizers (:data:`PUT_BACK`) step unconditionally, after a copy of the
+  parameters that have a gradient and of their optimizer state, which are then put back where
+  the flag is set (``torch.where``, bit for bit, NaN-proof). That costs one copy of the
+  parameters and the state per step, and two kernels per tensor: affordable on a GPU, whose
+  launches are asynchronous.
+
+An optimizer of one's own (a subclass of torch's included) is not stepped on non-finite
+gradients: its step may keep state outside the per-parameter state (a counter in its param
+groups, an attribute), draw random numbers (Langevin noise), or raise on a NaN (a Cholesky
+factor), none of which a put-back undoes (a probe's findings: a group counter ran ahead, a state
+entry first made on a skipped step kept its NaN, a run crashed that step mode skips). Nor is an
+optimizer with step hooks (``register_step_pre_hook``/``post_hook``, its own or global): an EMA
+of the weights kept in a post-hook would take the step's NaN. There the flag is read on the host
+each step, as in step mode.
 
 A step that would create optimizer state (an optimizer's first step, a parameter's first
 gradient; not torch's SGD without momentum, which keeps none), or an optimizer keeping Python
@@ -39,6 +49,37 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+#: torch's optimizers whose step changes nothing but the parameters and their per-parameter
+#: state tensors, draws no random numbers and runs through NaN/Inf gradients (tested bit for
+#: bit against not stepping, tests/test_nonfinite.py): a deferred skip puts their step back.
+PUT_BACK = frozenset(
+    getattr(torch.optim, name)
+    for name in (
+        "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax", "Adadelta",
+        "ASGD", "Rprop", "Adafactor", "Muon",
+    )
+    if hasattr(torch.optim, name)
+)  # fmt: skip
+
+
+def _hooked(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step of ``optimizer`` runs step hooks: its own or torch's global ones."""
+    from torch.optim import optimizer as module
+
+    return bool(
+        getattr(optimizer, "_optimizer_step_pre_hooks", None)
+        or getattr(optimizer, "_optimizer_step_post_hooks", None)
+        or module._global_optimizer_pre_hooks
+        or module._global_optimizer_post_hooks
+    )
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step of ``optimizer`` can be skipped on the device without a host read: it
+    takes ``found_inf`` (fused), or it is one of torch's own (:data:`PUT_BACK`), and no step
+    hook would see the skipped step (the module docstring)."""
+    return (takes_found_inf(optimizer) or type(optimizer) in PUT_BACK) and not _hooked(optimizer)
 
 
 def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
@@ -224,8 +265,10 @@ def scaled_step(
         states: list[dict | None] = []
         if not settled:
             params, states = _stepped(optimizer)
-        if skip is not None and (
-            _settled_on(optimizer, skip.device) if settled else _undoable(states, skip.device)
+        if (
+            skip is not None
+            and not _hooked(optimizer)  # (a hook would see the skipped step: read it below)
+            and (_settled_on(optimizer, skip.device) if settled else _undoable(states, skip.device))
         ):
 
             def merge(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -265,6 +308,11 @@ def _finite(tensors: list[Tensor]) -> bool:
 def conditional_step(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
     """``optimizer.step()`` where the 0-d ``skip`` is False (or 0.0, as ``found_inf``); nothing
     changes where it is True (1.0): parameters and optimizer state (see the module docstring)."""
+    if not skips_on_device(optimizer):
+        if bool(skip):  # host read: an optimizer of one's own, or one with step hooks
+            return
+        step_optimizer(optimizer)
+        return
     if takes_found_inf(optimizer) and _settled_on(optimizer, skip.device):
         _found_inf_step(optimizer, skip)  # (the usual step: no pass over the parameters)
         return

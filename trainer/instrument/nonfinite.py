@@ -44,7 +44,7 @@ from torch import Tensor
 from trainer.callbacks import READ_EVERY, Callback, Every, StepOutput
 from trainer.distributed import all_reduce_max
 from trainer.instrument.norms import needs_care, norms_of
-from trainer.update import takes_found_inf
+from trainer.update import skips_on_device, takes_found_inf
 
 if TYPE_CHECKING:
     from trainer.data.base import Batch
@@ -121,7 +121,10 @@ class NonfiniteGuard(Callback):
         self._pending = [(s, n, [t.to(trainer.device) for t in ts]) for s, n, ts in self._pending]
         if self._latched is not None:  # (float: the check kernel's flag)
             self._latched = self._latched.to(trainer.device, torch.float32)
-        deferred = self.sync == "deferred" or (self.sync == "auto" and trainer.device.type != "cpu")
+        own = not skips_on_device(trainer.optimizer)  # (its flag is read each step anyway)
+        deferred = self.sync == "deferred" or (
+            self.sync == "auto" and trainer.device.type != "cpu" and not own
+        )
         if deferred and trainer.scaler is not None and not takes_found_inf(trainer.optimizer):
             if self.sync == "deferred":
                 raise ValueError(
@@ -147,7 +150,15 @@ class NonfiniteGuard(Callback):
             named
         ) else []  # fmt: skip
         self._watched = [n for (n, _), ok in zip(named, finite, strict=True) if ok]
-        if deferred and trainer.scaler is None and not takes_found_inf(trainer.optimizer):
+        if deferred and own:
+            log.info(
+                "instrument.nonfinite.sync=deferred with a %s, an optimizer of one's own or one "
+                "with step hooks: its step is not taken on non-finite gradients and put back "
+                "(what it keeps elsewhere, random draws and hooks would see it), so the flag is "
+                "read on the host every step, as sync=step does",
+                type(trainer.optimizer).__name__,
+            )
+        elif deferred and trainer.scaler is None and not takes_found_inf(trainer.optimizer):
             log.info(
                 "instrument.nonfinite.sync=deferred with a %s that is not fused: each step copies "
                 "the parameters and the optimizer state, to put them back if the step was not "
