@@ -903,16 +903,41 @@ class Huge(Callback):
 
 
 @pytest.mark.parametrize("sync", ["step", "deferred"])
-def test_a_huge_finite_gradient_is_not_non_finite_in_step_mode(tmp_path, sync) -> None:
+def test_a_huge_finite_gradient_is_not_non_finite_in_step_mode(tmp_path, sync, caplog) -> None:
     """Step mode checks the values themselves (exact); deferred mode's flag comes from each
     tensor's norm, which overflows for |g| above about 1e19 in float32 and counts as
-    non-finite (documented)."""
+    non-finite (documented, and said in the warning: a probe read "non-finite gradient" of
+    finite values)."""
     after = After()
     guard = ("instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}")
     train(tmp_path, *COMMON, *guard, callbacks=[Huge(), after])
     moved = any(not torch.equal(after.after[3][n], w) for n, w in after.after[2].items())
     assert moved == (sync == "step")
     assert ("nonfinite/skipped_steps" in read_scalars(tmp_path)) == (sync == "deferred")
+    said = [r.getMessage() for r in caplog.records if "step 3 skipped" in r.getMessage()]
+    assert len(said) == (sync == "deferred")
+    if said:
+        assert "non-finite gradient of net.3.weight (a norm read +Inf: an Inf value, or finite " \
+               "values above about 1e19" in said[0], said  # fmt: skip
+
+
+class InfWeight(Callback):
+    """+Inf into net.5.weight after step 2 (by hand, around the guard)."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 2:
+            with torch.no_grad():
+                trainer.params[4][0, 0] = math.inf
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_non_finite_weight_is_named_as_the_cause(tmp_path, sync) -> None:
+    """Every gradient of the next step is NaN: the error names the weight that holds the Inf
+    (a probe's run named the first layer's gradient only)."""
+    guard = ("instrument.nonfinite.policy=raise", f"instrument.nonfinite.sync={sync}")
+    with pytest.raises(NonFiniteError, match=r"step 3: .*; the parameter net\.5\.weight holds "
+                       r"NaN/Inf itself now"):  # fmt: skip
+        train(tmp_path, *COMMON, *guard, callbacks=[InfWeight()])
 
 
 @pytest.mark.parametrize(

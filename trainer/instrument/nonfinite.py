@@ -399,12 +399,13 @@ class NonfiniteGuard(Callback):
                 names, (*step_values, flag) = names[:-1], step_values
                 skipped = bool(flag)
             bad = [n for n, v in zip(names, step_values, strict=True) if not math.isfinite(v)]
+            overflow = any(v == math.inf for v in step_values)
             if skipped and not bad:  # another rank's values (data-parallel)
                 bad = [ELSEWHERE]
             if not bad:
                 self.consecutive = 0
                 continue
-            self._skip(trainer, step, bad, read_at=trainer.global_step)
+            self._skip(trainer, step, bad, read_at=trainer.global_step, overflow=overflow)
 
     def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         if self._buffers_step is not None:  # (a buffer the loop could not put back: one
@@ -480,9 +481,18 @@ class NonfiniteGuard(Callback):
             "such batches out)", when, ", ".join(hit[:3]), " …" if len(hit) > 3 else "",
         )  # fmt: skip
 
-    def _skip(self, trainer: Trainer, step: int, bad: list[str], read_at: int | None = None):
-        """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped."""
-        cause = _cause(bad) + _weights_cause(trainer)
+    def _skip(
+        self,
+        trainer: Trainer,
+        step: int,
+        bad: list[str],
+        read_at: int | None = None,
+        overflow: bool = False,
+    ) -> None:
+        """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped
+        (``overflow``: a bad norm was +Inf, not NaN)."""
+        cause = _cause(bad, self.deferred and overflow) + _weights_cause(trainer)
+        cause += _params_cause(trainer)
         if self.policy == "raise":
             later = _read_later(step, read_at)
             raise NonFiniteError(
@@ -541,6 +551,8 @@ def _largest_weight(trainer: Trainer) -> str:
     if not params:
         return "the trainable parameters hold no element"
     largest = float(torch.stack([p.abs().max().float() for p in params]).max())
+    if not math.isfinite(largest):  # (named in the cause: _params_cause)
+        return "the parameters hold non-finite values"
     return (
         f"the parameters' largest magnitude is now {largest:.3g} (an update too large, from "
         "the learning rate say, can leave them finite but so large that every forward "
@@ -548,8 +560,31 @@ def _largest_weight(trainer: Trainer) -> str:
     )
 
 
-def _cause(bad: list[str]) -> str:
-    """What went non-finite, in words."""
+def _params_cause(trainer: Trainer) -> str:
+    """The trainable parameters that hold NaN/Inf now, named (a host read: a failing step
+    only): an update never writes one under the guard, so they were written around it (by
+    hand, by a callback, a loaded state) or by an update that overflowed, and every gradient
+    is non-finite from there (a probe's Inf weight was blamed on the first layer's gradient,
+    and never named)."""
+    named = [(n, p) for n, p in zip(trainer.param_names, trainer.params, strict=True)
+             if p.numel() and (p.is_floating_point() or p.is_complex())]  # fmt: skip
+    if not named:
+        return ""
+    finite = torch.stack([torch.isfinite(p.detach()).all().cpu() for _, p in named]).tolist()
+    bad = [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
+    if not bad:
+        return ""
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return (
+        f"; the parameter {bad[0]}{more} holds NaN/Inf itself now (a non-finite update never "
+        "reaches the parameters under the guard: written by hand, by a callback or a loaded "
+        "state, or an update that overflowed float)"
+    )
+
+
+def _cause(bad: list[str], overflow: bool = False) -> str:
+    """What went non-finite, in words (``overflow``: deferred mode, a norm read +Inf, which
+    finite values above about 1e19 give too: their squares overflow float32)."""
     parts = []
     if ELSEWHERE in bad:
         parts.append("a non-finite loss or gradient on another rank (data-parallel: every rank "
@@ -560,6 +595,12 @@ def _cause(bad: list[str]) -> str:
     if grads:
         more = f" (and {len(grads) - 1} more)" if len(grads) > 1 else ""
         parts.append(f"non-finite gradient of {grads[0]}{more}")
+    if overflow:
+        parts[-1] += (
+            " (a norm read +Inf: an Inf value, or finite values above about 1e19, whose sum "
+            "of squares overflows float32, which instrument.nonfinite.sync=deferred counts as "
+            "non-finite; sync=step checks each value)"
+        )
     return "; ".join(parts)
 
 
