@@ -867,6 +867,24 @@ def test_batchnorm_across_ranks_is_named_or_synchronized(caplog) -> None:
     weight = m[1].weight
     synced = batchnorm_across_ranks(m, True, True, cuda)  # (converted; not run here)
     assert isinstance(synced[1], nn.SyncBatchNorm) and synced[1].weight is weight
+    # (a probe's findings) one frozen in eval mode normalizes with its running statistics,
+    # the same on every rank: not named; one without running statistics is, in eval mode too
+    caplog.clear()
+    frozen, batch_stats = model().eval(), model()
+    batch_stats[1] = nn.BatchNorm2d(4, track_running_stats=False).eval()
+    with caplog.at_level("WARNING", logger="trainer.run"):
+        assert batchnorm_across_ranks(frozen, True, False, cpu) is frozen and not caplog.records
+        batchnorm_across_ranks(batch_stats, True, False, cpu)
+    assert "data-parallel: 1 normalizes each rank's own part" in caplog.text
+    # the model's own SyncBatchNorm off CUDA: named (torch's DDP raised its own error, after a
+    # warning suggesting sync_batchnorm); on CUDA it is kept and not warned about
+    caplog.clear()
+    own = nn.SyncBatchNorm.convert_sync_batchnorm(model())
+    with pytest.raises(ConfigError, match=r"data-parallel on cpu: the model's own SyncBatchNorm "
+                       r"layers \(1\) run on CUDA only"):  # fmt: skip
+        batchnorm_across_ranks(own, True, False, cpu)
+    with caplog.at_level("WARNING", logger="trainer.run"):
+        assert batchnorm_across_ranks(own, True, False, cuda) is own and not caplog.records
 
 
 def test_a_finished_one_process_checkpoint_resumed_on_two_logs_its_pending_window(

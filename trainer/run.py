@@ -829,11 +829,26 @@ def batchnorm_across_ranks(
     (torch's DDP): the run is then not one process on the global batch (its 2 x B differed
     from 1 x 2B by 1e-2 in the weights, silently). ``sync`` converts them to SyncBatchNorm
     (the global batch's statistics; torch runs it on CUDA only, and a model without one has
-    nothing to convert); else a warning names them."""
+    nothing to convert); else a warning names those that normalize by the batch now (in
+    training mode, or without running statistics): one frozen in eval mode normalizes with
+    its running statistics, the same on every rank. A model's own SyncBatchNorm off CUDA is
+    refused naming it (torch's DDP raised its own error, after a warning that suggested
+    ``sync_batchnorm``: a probe's finding)."""
     if not distributed:
         return model
+    own = [n or type(model).__name__ for n, m in model.named_modules()
+           if isinstance(m, nn.SyncBatchNorm)]  # fmt: skip
+    if own and device.type != "cuda":
+        raise ConfigError(
+            f"data-parallel on {device.type}: the model's own SyncBatchNorm layers "
+            f"({', '.join(own[:5])}{' …' if len(own) > 5 else ''}) run on CUDA only (torch's "
+            "DDP refuses them elsewhere); build them as BatchNorm for this run (each rank "
+            "then normalizes its own part of the batch) or run on CUDA"
+        )
     names = [n or type(model).__name__ for n, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, nn.SyncBatchNorm)
+             and (m.training or not m.track_running_stats)]  # fmt: skip
     if sync and names:
         if device.type != "cuda":
             raise ConfigError(
@@ -847,7 +862,8 @@ def batchnorm_across_ranks(
             "data-parallel: %s normalize%s each rank's own part of the batch in training mode "
             "(torch's DDP), so this run is not one process on the global batch (its gradients "
             "and running statistics differ); trainer.sync_batchnorm=true (CUDA) normalizes "
-            "over the global batch",
+            "over the global batch (a BatchNorm in eval mode is not named: its running "
+            "statistics are the same on every rank, until a callback puts it in training mode)",
             ", ".join(names[:5]) + (" …" if len(names) > 5 else ""),
             "s" if len(names) == 1 else "",
         )  # fmt: skip
