@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import read_scalars, train
+from conftest import final_params, read_scalars, train
 from torch import nn
 from torch.nn import functional as F
 
@@ -879,7 +879,22 @@ class SplitsOfAnotherKind(Labels):
             "no_len": lambda: (train, iter([(val.x[0], val.y[0])])),
             "one": lambda: pairs,
             "three": lambda: (train, val, val),
+            "tensors": lambda: ((train.x, train.y), val),  # (for TensorSplit(x, y))
+            "getitems_only": lambda: (BatchesOnly(pairs), val),
         }[self.kind]()
+
+
+class BatchesOnly(torch.utils.data.Dataset):
+    """A Dataset with a batched fetch and no __getitem__ of its own."""
+
+    def __init__(self, pairs) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitems__(self, indices):
+        return [self.pairs[i] for i in indices]
 
 
 @pytest.mark.parametrize(
@@ -893,8 +908,12 @@ class SplitsOfAnotherKind(Labels):
                    r"__getitem__"),
         ("one", r"load\(\) returned a TensorDataset; it returns \(train, val\)"),
         ("three", r"load\(\) returned a tuple of 3; it returns \(train, val\)"),
+        ("tensors", r"returned a tuple as its training split, a tuple of two Tensors; .*return "
+                    r"TensorSplit\(x, y\)"),
+        ("getitems_only", r"a BatchesOnly as its training split, which has no __getitem__ of "
+                          r"its own \(torch's Dataset's raises NotImplementedError\)"),
     ],
-    ids=["stream", "loader", "no_len", "one", "three"],
+    ids=["stream", "loader", "no_len", "one", "three", "tensors", "getitems_only"],
 )  # fmt: skip
 def test_splits_the_loaders_cannot_index_are_refused_naming_them(tmp_path, kind, match) -> None:
     """(A probe's finding: an IterableDataset failed on len() with Python's own error.)"""
@@ -902,3 +921,89 @@ def test_splits_the_loaders_cannot_index_are_refused_naming_them(tmp_path, kind,
     globals()[cls.__name__] = cls  # (its _target_ is this module's attribute)
     with pytest.raises(TypeError, match=match):
         train(tmp_path, *labels(cls.__name__))
+
+
+class LabelsAsItems(Labels):
+    """The Labels split as a Dataset of (x, y) items with a ``targets`` attribute (``lie``:
+    another one), a batched fetch (``batched``) counting its calls, Python lists as inputs
+    (``lists``), or its two splits yielded (``yielded``)."""
+
+    lie, batched, lists, yielded = None, False, False, False
+    fetches: list[int] = []
+
+    def load(self):
+        splits = [self._items(s) for s in super().load()]
+        if self.yielded:
+            return (s for s in splits)
+        return tuple(splits)
+
+    def _items(self, split: TensorSplit) -> torch.utils.data.Dataset:
+        owner, n = self, len(split.y)
+
+        class Items(torch.utils.data.Dataset):
+            targets = {None: split.y, "short": split.y[:-1], "flipped": 1 - split.y,
+                       "float": split.y.float()}[owner.lie]  # fmt: skip
+
+            def __len__(self) -> int:
+                return n
+
+            def __getitem__(self, i):
+                x = split.x[i].tolist() if owner.lists else split.x[i]
+                return x, int(split.y[i])
+
+            if owner.batched:
+
+                def __getitems__(self, indices):
+                    owner.fetches.append(len(indices))
+                    return [self[i] for i in indices]
+
+        return Items()
+
+
+@pytest.mark.parametrize(
+    ("lie", "match"),
+    [("short", r"the training split's Items\.targets holds 63 targets for its 64 samples"),
+     ("flipped", r"the training split's Items\.targets\[0\] is 1 \(torch\.int64\), but "
+                 r"Items\[0\] gives the target 0"),
+     ("float", r"targets\[0\] is 0\.0 \(torch\.float32\), but Items\[0\] gives the target 0 "
+               r"\(torch\.int64\)")],
+    ids=["short", "flipped", "float"],
+)  # fmt: skip
+def test_a_targets_attribute_that_is_not_the_samples_targets_is_refused(tmp_path, lie, match):
+    """The trainer checks the labels and counts the classes from ``targets``: a probe's
+    all-zero ``targets`` over labels 0 and 1 gave class 1 a class-balanced weight of 0,
+    silently, and a short one was taken as it was. (Checked by length, and against the first
+    and the last sample.)"""
+    cls = type(f"Lying_{lie}", (LabelsAsItems,), {"lie": lie})
+    globals()[cls.__name__] = cls
+    with pytest.raises(ValueError, match=match):
+        train(tmp_path, *labels(cls.__name__), "weighting=class_balanced", "loss.mode=vector")
+
+
+class ItemsAsLists(LabelsAsItems):
+    lists = True
+
+
+class ItemsBatched(LabelsAsItems):
+    batched = True
+
+
+class ItemsYielded(LabelsAsItems):
+    yielded = True
+
+
+def test_items_as_lists_a_batched_fetch_and_yielded_splits_train_as_tensors_do(tmp_path):
+    """Inputs given as Python lists become tensors (collated, a list became one tensor per
+    position, which failed at the first batch); a Dataset's ``__getitems__`` is called once
+    per batch (it was never called); a ``load()`` yielding its two splits trains (refused by
+    the first version of the splits' check): each the same run as the items' own."""
+    train(tmp_path / "items", *labels("LabelsAsItems"))
+    want = final_params(tmp_path / "items")
+    for cls in ("ItemsAsLists", "ItemsBatched", "ItemsYielded"):
+        LabelsAsItems.fetches.clear()
+        train(tmp_path / cls, *labels(cls))
+        got = final_params(tmp_path / cls)
+        assert all(torch.equal(want[k], got[k]) for k in want), cls
+    LabelsAsItems.fetches.clear()  # (counted in this process: no DataLoader workers)
+    train(tmp_path / "counted", *labels("ItemsBatched"), "data.num_workers=0")
+    assert LabelsAsItems.fetches == [16, 16, 16]  # 2 steps of 16, and a validation of 16

@@ -284,13 +284,7 @@ class IndexedDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, item: int | tuple[int, int, int]) -> tuple[Tensor, Any, int]:
-        if isinstance(item, tuple):
-            epoch, batch, i = item
-            if self._seeded != (epoch, batch) and get_worker_info() is not None:
-                seed_worker(self.seed, self.rank, epoch, batch)
-                self._seeded = (epoch, batch)
-        else:
-            i = item
+        i = self._index(item)
         if isinstance(self.dataset, TensorSplit):
             x = self.dataset.x[i]
             if self.dataset.transform is not None:
@@ -299,12 +293,31 @@ class IndexedDataset(Dataset):
         try:
             sample = self.dataset[i]
         except Exception as e:  # (named: a worker's error named no sample, a probe's finding)
-            try:
-                size = f", of {len(self.dataset)} by its __len__"  # type: ignore[arg-type]
-            except Exception:  # noqa: BLE001 (the Dataset's own error is the one raised)
-                size = ""
-            e.add_note(f"(data: {type(self.dataset).__name__}[{i}] raised it{size})")
+            e.add_note(f"(data: {type(self.dataset).__name__}[{i}] raised it{self._size()})")
             raise
+        return self._pair(sample, i)
+
+    def _index(self, item: int | tuple[int, int, int]) -> int:
+        """The sample index of a sampler's item, the worker's RNGs seeded for its batch."""
+        if not isinstance(item, tuple):
+            return item
+        epoch, batch, i = item
+        if self._seeded != (epoch, batch) and get_worker_info() is not None:
+            seed_worker(self.seed, self.rank, epoch, batch)
+            self._seeded = (epoch, batch)
+        return i
+
+    def _size(self) -> str:
+        try:
+            return f", of {len(self.dataset)} by its __len__"  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 (the Dataset's own error is the one raised)
+            return ""
+
+    def _pair(self, sample: Any, i: int) -> tuple[Tensor, Any, int]:
+        """``(x, y, i)`` of a Dataset's sample ``i``; an input or a target given as a Python
+        list or tuple of numbers becomes a tensor (collated as it was, a list of numbers became
+        a list of tensors, one per position, which failed at the first batch: a probe's
+        finding)."""
         try:
             x, y = sample  # an int label collates to int64, a tensor target as it is
         except (TypeError, ValueError) as e:  # (a later sample of another form: only the
@@ -314,7 +327,35 @@ class IndexedDataset(Dataset):
             e.add_note(f"(data: {type(self.dataset).__name__}[{i}] is {kind}, not an (input, "
                        "target) pair)")  # fmt: skip
             raise
+        if isinstance(x, list | tuple):
+            x = torch.as_tensor(x)
+        if isinstance(y, list | tuple):
+            y = torch.as_tensor(y)
         return x, y, i
+
+
+class BatchedIndexedDataset(IndexedDataset):
+    """An :class:`IndexedDataset` over a Dataset with a batched fetch, ``__getitems__``
+    (torch's DataLoader calls it with a batch's indices, where a dataset has one): the
+    wrapped Dataset's is called once per batch (it was never called: a probe's finding)."""
+
+    def __getitems__(
+        self, items: list[int | tuple[int, int, int]]
+    ) -> list[tuple[Tensor, Any, int]]:
+        indices = [self._index(item) for item in items]
+        try:
+            samples = self.dataset.__getitems__(indices)  # type: ignore[union-attr]
+        except Exception as e:  # (named, and raised)
+            more = " …" if len(indices) > 4 else ""
+            e.add_note(f"(data: {type(self.dataset).__name__}.__getitems__ of indices "
+                       f"{indices[:4]}{more} raised it{self._size()})")  # fmt: skip
+            raise
+        if len(samples) != len(indices):
+            raise ValueError(
+                f"data: {type(self.dataset).__name__}.__getitems__ returned {len(samples)} "
+                f"samples for {len(indices)} indices"
+            )
+        return [self._pair(sample, i) for sample, i in zip(samples, indices, strict=True)]
 
 
 class DeviceLoader:
@@ -342,7 +383,11 @@ class DeviceLoader:
         self.global_batch_size = self.sampler.global_batch_size
         self.current_global_size = 0
         self.loader = DataLoader(
-            IndexedDataset(dataset, seed, world.rank),
+            (
+                BatchedIndexedDataset
+                if callable(getattr(dataset, "__getitems__", None))
+                else IndexedDataset
+            )(dataset, seed, world.rank),
             batch_sampler=self.sampler,
             num_workers=num_workers,
             pin_memory=pin_memory and device.type == "cuda",
@@ -432,24 +477,60 @@ def _check_split(split: object, name: str, module: str) -> None:
             "Dataset (__len__ and __getitem__, e.g. one item per record of an index of your "
             "shards), or a TensorSplit of the stream read into memory"
         )
+    if (
+        isinstance(split, tuple)
+        and len(split) == 2
+        and all(isinstance(t, Tensor | np.ndarray) for t in split)
+    ):
+        raise TypeError(
+            f"{what}, a tuple of two {type(split[0]).__name__}s; tensors x, y of the whole "
+            "split are a TensorSplit: return TensorSplit(x, y) (trainer.data.base)"
+        )
     missing = [m for m in ("__len__", "__getitem__") if not hasattr(type(split), m)]
+    if getattr(type(split), "__getitem__", None) is Dataset.__getitem__:
+        missing.append("__getitem__ of its own (torch's Dataset's raises NotImplementedError)")
     if missing:
         raise TypeError(
             f"{what}, which has no {' or '.join(missing)}; a split is a TensorSplit (x, y) or "
-            "a map-style torch Dataset of (input, target) pairs (__len__ and __getitem__)"
+            "a map-style torch Dataset of (input, target) pairs (__len__ and __getitem__; a "
+            "__getitems__ is used for the batches where it has one)"
         )
 
 
-def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple[Tensor, Any]:
-    """A split's first sample ``(x, y)`` as the model sees it (after a split's transform)."""
-    if len(split) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"data: the {name} split is empty")
-    if isinstance(split, TensorSplit):
-        x = split.x[:1]
-        if split.transform is not None:
-            x = split.transform(x)
-        return x[0], split.y[0]
-    sample = split[0]
+def _check_targets(split: TensorSplit | Dataset, targets: Tensor | None, name: str) -> None:
+    """A Dataset's ``targets`` attribute is what the trainer checks the labels of and counts
+    the classes from (class-balanced weights, ``per_class``): refused where it is not the
+    samples' targets, by its length and by the first and the last sample's (a probe's all-zero
+    ``targets`` over labels 0 and 1 gave class 1 a class-balanced weight of 0, silently)."""
+    if targets is None or isinstance(split, TensorSplit):
+        return
+    n, cls = len(split), type(split).__name__  # type: ignore[arg-type]
+    fix = ("make it the samples' targets, in order (as __getitem__ returns them: a "
+           "target_transform's output), or remove it")  # fmt: skip
+    if len(targets) != n:
+        raise ValueError(
+            f"data: the {name} split's {cls}.targets holds {len(targets)} targets for its "
+            f"{n} samples (__len__); the trainer checks the labels and counts the classes "
+            f"from it: {fix}"
+        )
+    for i in sorted({0, n - 1}) if n else ():
+        y = torch.as_tensor(_pair_of(split, i)[1])
+        kept = targets[i]
+        if (
+            y.shape != kept.shape
+            or y.is_floating_point() != kept.is_floating_point()
+            or not torch.equal(y.to(kept.dtype), kept)
+        ):
+            raise ValueError(
+                f"data: the {name} split's {cls}.targets[{i}] is {kept.tolist()!r} "
+                f"({kept.dtype}), but {cls}[{i}] gives the target {y.tolist()!r} ({y.dtype}); "
+                f"the trainer checks the labels and counts the classes from .targets: {fix}"
+            )
+
+
+def _pair_of(split: Dataset, i: int) -> tuple[Any, Any]:
+    """Sample ``i`` of a Dataset as ``(x, y)`` (refused naming it where it is no pair)."""
+    sample = split[i]
     if not isinstance(sample, (tuple, list)) or len(sample) != 2:
         got = (
             type(sample).__name__
@@ -463,9 +544,21 @@ def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple
         )
         raise TypeError(
             f"data: a Dataset's samples must be (input, target) pairs; {type(split).__name__}"
-            f"[0] is {got} ({fix})"
+            f"[{i}] is {got} ({fix})"
         )
-    x, y = sample
+    return sample[0], sample[1]
+
+
+def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple[Tensor, Any]:
+    """A split's first sample ``(x, y)`` as the model sees it (after a split's transform)."""
+    if len(split) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"data: the {name} split is empty")
+    if isinstance(split, TensorSplit):
+        x = split.x[:1]
+        if split.transform is not None:
+            x = split.transform(x)
+        return x[0], split.y[0]
+    x, y = _pair_of(split, 0)
     try:
         return torch.as_tensor(x), y
     except (TypeError, ValueError, RuntimeError) as e:  # a dict or a tuple of tensors: torch's
@@ -546,6 +639,8 @@ class DataModule(abc.ABC):
         loaders yield its slices of the global batches."""
         self.world = world
         splits = self.load()
+        if isinstance(splits, Iterator):  # (a load() that yields its two splits)
+            splits = tuple(splits)
         if not isinstance(splits, tuple | list) or len(splits) != 2:
             got = (
                 f"a {type(splits).__name__} of {len(splits)}"
@@ -567,6 +662,8 @@ class DataModule(abc.ABC):
             self.out_dim = self.num_classes
         x0, y0 = _first_sample(train)
         self.first_target = torch.as_tensor(y0)  # (an int label collates to int64, as here)
+        _check_targets(train, self.train_targets, "training")
+        _check_targets(val, self.val_targets, "validation")
         if self.val_targets is None and len(val):  # type: ignore[arg-type]
             self.first_val_target = torch.as_tensor(_first_sample(val, "validation")[1])
         if self.input_shape is None:
