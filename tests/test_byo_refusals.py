@@ -1006,4 +1006,122 @@ def test_items_as_lists_a_batched_fetch_and_yielded_splits_train_as_tensors_do(t
         assert all(torch.equal(want[k], got[k]) for k in want), cls
     LabelsAsItems.fetches.clear()  # (counted in this process: no DataLoader workers)
     train(tmp_path / "counted", *labels("ItemsBatched"), "data.num_workers=0")
-    assert LabelsAsItems.fetches == [16, 16, 16]  # 2 steps of 16, and a validation of 16
+    # 2 steps of 16 and a validation of 16 (after the checks' single samples, fetched as
+    # the batches are)
+    fetches = LabelsAsItems.fetches
+    assert fetches[-3:] == [16, 16, 16] and set(fetches[:-3]) == {1}, fetches
+
+
+class Regression(DigitsData):
+    """Regression items (float targets) with a float64 ``targets`` attribute beside samples
+    whose targets are float32 tensors, or Python floats (``kind``), one of them NaN (a
+    missing label the loss masks)."""
+
+    kind = "tensor"
+
+    def __init__(self, **digits) -> None:
+        super().__init__(**digits)
+        self.input_shape = self.num_classes = self.out_dim = None
+
+    def load(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(40, 4, generator=g)
+        y = x.double().sum(1) / 3
+        y[5] = math.nan
+        kind = self.kind
+
+        class Items(torch.utils.data.Dataset):
+            targets = y.numpy()
+
+            def __len__(self) -> int:
+                return len(x)
+
+            def __getitem__(self, i):
+                t = float(self.targets[i]) if kind == "float" else y[i].float().reshape(1)
+                return x[i], t
+
+        return Items(), TensorSplit(x[:8], y[:8, None].float())
+
+
+class RegressionFloats(Regression):
+    kind = "float"
+
+
+class FinitePartMSE(Loss):
+    task = "regression"
+
+    def forward(self, output, target):
+        target = target.reshape(output.shape).to(output.dtype)
+        ok = torch.isfinite(target)
+        return torch.where(ok, output - torch.where(ok, target, 0), 0).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("cls", ["Regression", "RegressionFloats"])
+def test_targets_the_same_to_rounding_and_nan_are_the_samples(tmp_path, cls) -> None:
+    """float64 ``targets`` beside float32 (or Python float) sample targets, and NaN beside NaN,
+    are the samples' targets: not refused (a review found both refused by the first check)."""
+    out = train(tmp_path, f"data._target_={__name__}.{cls}", *TINY, "~loss",
+                f"+loss._target_={__name__}.FinitePartMSE")  # fmt: skip
+    assert math.isfinite(out["train/loss"]), out
+
+
+class Table(torch.utils.data.Dataset):
+    """A HuggingFace-style table: rows as dicts, fetched one by one or by the batch."""
+
+    def __init__(self, x, y) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+    def __getitems__(self, indices):
+        return [self[i] for i in indices]
+
+
+class Rows(torch.utils.data.Dataset):
+    """A wrapper making a table's rows pairs, forwarding other attributes to the table."""
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        row = self.table[i]
+        return row["x"], row["y"]
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["table"], name)
+
+
+class WrappedTable(LabelsAsItems):
+    def load(self):
+        train, val = Labels.load(self)
+        return Rows(Table(train.x, train.y)), Rows(Table(val.x, val.y))
+
+
+def test_a_wrapper_forwarding_attributes_is_fetched_through_its_own_getitem(tmp_path) -> None:
+    """The wrapped table's ``__getitems__``, reached through the wrapper's ``__getattr__``,
+    is not the wrapper's batched fetch (a review's crash at the first batch), with
+    ``data.train_subset`` too (torch's Subset asks the instance)."""
+    train(tmp_path / "a", *labels("LabelsAsItems"))
+    want = final_params(tmp_path / "a")
+    for sub, extra in (("b", ()), ("c", ("data.train_subset=64",))):
+        train(tmp_path / sub, *labels("WrappedTable"), *extra)
+        got = final_params(tmp_path / sub)
+        assert all(torch.equal(want[k], got[k]) for k in want), sub
+
+
+def test_numbers_in_lists_become_the_tensor_the_checks_saw() -> None:
+    """(torch.as_tensor's, as the checks before training make of the first sample.)"""
+    from trainer.data.base import _numbers
+
+    assert _numbers([0.5, 1.5]).dtype == torch.get_default_dtype()
+    assert _numbers((1, 2)).dtype == torch.int64 and _numbers([True]).dtype == torch.bool
+    assert _numbers([[1, 2], [3, 4]]).shape == (2, 2)
+    ragged, tensors = [[1], [2, 3]], (torch.zeros(2), torch.ones(2))
+    assert _numbers(ragged) is ragged and _numbers(tensors) is tensors

@@ -885,6 +885,11 @@ def test_batchnorm_across_ranks_is_named_or_synchronized(caplog) -> None:
         batchnorm_across_ranks(own, True, False, cpu)
     with caplog.at_level("WARNING", logger="trainer.run"):
         assert batchnorm_across_ranks(own, True, False, cuda) is own and not caplog.records
+    # sync_batchnorm converts frozen ones too (a callback may put them in training mode)
+    synced = batchnorm_across_ranks(model().eval(), True, True, cuda)
+    assert isinstance(synced[1], nn.SyncBatchNorm) and not synced[1].training
+    with pytest.raises(ConfigError, match="SyncBatchNorm runs on CUDA only"):
+        batchnorm_across_ranks(model().eval(), True, True, cpu)
 
 
 def test_a_finished_one_process_checkpoint_resumed_on_two_logs_its_pending_window(

@@ -667,3 +667,36 @@ def test_the_penalty_of_per_token_losses_is_the_mean_over_the_sequences() -> Non
         (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i], reduction="sum"), xi)
         total += float(g.pow(2).sum())
     assert float(value) == pytest.approx(0.3 * total / 3, rel=1e-12)
+
+
+def test_double_backward_kernels_switch_cudnn_off_for_an_rnn_on_cuda_only() -> None:
+    """cuDNN's RNNs have no double backward ("Double backwards is not supported for CuDNN
+    RNNs"): for a model holding one on CUDA, the curvature's forward and the input-gradient
+    penalty's step run with cuDNN off (its flag only, put back; a review's reading: curvature
+    on a GRU would fail on a GPU). Checked on the switch itself: no GPU here."""
+    from trainer.backward import double_backward_kernels
+
+    cudnn = torch.backends.cudnn
+    gru, mlp = nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 4)), nn.Linear(3, 4)
+    before = (cudnn.enabled, cudnn.deterministic, cudnn.benchmark)
+    seen = []
+    for model, device in ((gru, "cuda"), (gru, "cpu"), (mlp, "cuda")):
+        with double_backward_kernels(model, torch.device(device)):
+            seen.append(cudnn.enabled)
+            assert not torch.backends.cuda.flash_sdp_enabled()  # (attention: the math kernel)
+        assert (cudnn.enabled, cudnn.deterministic, cudnn.benchmark) == before
+    assert seen == [False, before[0], before[0]]
+
+
+def test_curvature_on_cuda_names_attention_dropout_it_cannot_draw_again(caplog) -> None:
+    """On CUDA the step's attention dropout is drawn by fused kernels, whose masks the
+    measurement's math kernel does not draw again (a review's reading): said, naming the
+    layers; not for attention in eval mode, nor on a CPU (where the masks are the same)."""
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1), nn.Linear(8, 2))
+    frozen = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1).eval()
+    with caplog.at_level(logging.WARNING, logger="trainer.instrument.curvature"):
+        for m, device in ((model, "cuda"), (model, "cpu"), (frozen, "cuda")):
+            Curvature(1).on_fit_start(SimpleNamespace(model=m, device=torch.device(device)))
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("instrument.curvature on CUDA: 0.self_attn "
+                                                 "draws attention dropout"), said  # fmt: skip

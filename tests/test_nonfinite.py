@@ -636,9 +636,18 @@ def _ema_hook(ema: list[torch.Tensor]):
     return hook
 
 
+class CountingAdamW(torch.optim.AdamW):
+    """torch's AdamW (fused or not) with a step counter of its own in its param groups."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["k"] = group.get("k", 0) + 1
+        return super().step(closure)
+
+
 @pytest.mark.parametrize("kind", [
     "group_counter", "late_state", "langevin", "refuses", "ema_hook", "global_hook",
-    "ema_hook_fused",
+    "ema_hook_fused", "fused_subclass",
 ])  # fmt: skip
 def test_an_optimizer_of_ones_own_or_with_hooks_is_its_step_or_nothing(kind, monkeypatch):
     """An optimizer of one's own is not stepped and put back (what it keeps in its groups, a
@@ -656,6 +665,8 @@ def test_an_optimizer_of_ones_own_or_with_hooks_is_its_step_or_nothing(kind, mon
         "ema_hook": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
         "global_hook": lambda ps: torch.optim.AdamW(ps),
         "ema_hook_fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+        # (a fused subclass's own step code runs on a found_inf step too: a review's finding)
+        "fused_subclass": lambda ps: CountingAdamW(ps, fused=True),
     }  # fmt: skip
     ref, mine = _twins()
     opt_ref, opt = makers[kind](ref), makers[kind](mine)
@@ -914,11 +925,12 @@ def test_a_huge_finite_gradient_is_not_non_finite_in_step_mode(tmp_path, sync, c
     moved = any(not torch.equal(after.after[3][n], w) for n, w in after.after[2].items())
     assert moved == (sync == "step")
     assert ("nonfinite/skipped_steps" in read_scalars(tmp_path)) == (sync == "deferred")
-    said = [r.getMessage() for r in caplog.records if "step 3 skipped" in r.getMessage()]
-    assert len(said) == (sync == "deferred")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 3")]
+    assert len(said) == 2 * (sync == "deferred"), said  # (the note, once, and the skip)
     if said:
-        assert "non-finite gradient of net.3.weight (a norm read +Inf: an Inf value, or finite " \
-               "values above about 1e19" in said[0], said  # fmt: skip
+        assert said[1] == "step 3 skipped: non-finite gradient of net.3.weight", said
+        assert said[0].startswith("step 3: the norm of net.3.weight read +Inf: an Inf value, "
+                                  "or finite values above about 1e19"), said  # fmt: skip
 
 
 class InfWeight(Callback):
@@ -930,14 +942,39 @@ class InfWeight(Callback):
                 trainer.params[4][0, 0] = math.inf
 
 
-@pytest.mark.parametrize("sync", ["step", "deferred"])
-def test_a_non_finite_weight_is_named_as_the_cause(tmp_path, sync) -> None:
+@pytest.mark.parametrize(("sync", "every"), [("step", 1), ("deferred", 1), ("step", 2)])
+def test_a_non_finite_weight_is_named_as_the_cause(tmp_path, sync, every) -> None:
     """Every gradient of the next step is NaN: the error names the weight that holds the Inf
-    (a probe's run named the first layer's gradient only)."""
-    guard = ("instrument.nonfinite.policy=raise", f"instrument.nonfinite.sync={sync}")
-    with pytest.raises(NonFiniteError, match=r"step 3: .*; the parameter net\.5\.weight holds "
-                       r"NaN/Inf itself now"):  # fmt: skip
+    (a probe's run named the first layer's gradient only), and, checking every 2nd step, the
+    unchecked step as a way it got there (a review's finding)."""
+    guard = ("instrument.nonfinite.policy=raise", f"instrument.nonfinite.sync={sync}",
+             f"instrument.nonfinite.every_n_steps={every}")  # fmt: skip
+    unchecked = ", a step the guard did not check (instrument.nonfinite.every_n_steps=2)"
+    with pytest.raises(NonFiniteError) as raised:
         train(tmp_path, *COMMON, *guard, callbacks=[InfWeight()])
+    text = str(raised.value)
+    assert text.startswith(f"step {2 + every}: "), text
+    named = "net.5.weight" if every == 1 else "net.1.weight (and 5 more)"  # (step 3's NaN
+    assert f"; the parameter {named} holds NaN/Inf itself now" in text, text  # update, unchecked)
+    assert (unchecked in text) == (every == 2), text
+
+
+def test_an_inf_norm_is_said_of_the_tensor_it_was_read_of(tmp_path) -> None:
+    """Deferred mode's +Inf norm (an Inf, or finite values whose squares overflow) is said
+    of that tensor, not of the last one named (a review's NaN gradient was given the loss's
+    +Inf note): here step 2's NaN gradient of net.1.weight beside an Inf one of net.3.weight."""
+
+    class NanAndInf(Callback):
+        def on_after_backward(self, trainer, batch, losses, weights) -> None:
+            if trainer.global_step + 1 == 2:
+                trainer.params[0].grad[0, 0], trainer.params[2].grad[0, 0] = math.nan, math.inf
+
+    guard = ("instrument.nonfinite.policy=raise", "instrument.nonfinite.sync=deferred")
+    with pytest.raises(NonFiniteError) as raised:
+        train(tmp_path, *COMMON, *guard, callbacks=[NanAndInf()])
+    text = str(raised.value)
+    assert text.startswith("step 2: non-finite gradient of net.1.weight (and 1 more); the norm "
+                           "of net.3.weight read +Inf: an Inf value"), text  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -1049,7 +1086,10 @@ def test_unread_flags_in_a_guards_state_are_read_after_loading_it() -> None:
     buffer.seek(0)
     loaded = NonfiniteGuard(policy="skip", sync="deferred")
     loaded.load_state_dict(torch.load(buffer, weights_only=True))
-    loaded._read(SimpleNamespace(global_step=5, logger=None, model=torch.nn.Linear(1, 1)))
+    model = torch.nn.Linear(1, 1)
+    names, params = zip(*model.named_parameters(), strict=True)
+    loaded._read(SimpleNamespace(global_step=5, logger=None, model=model, param_names=names,
+                                 params=params))  # fmt: skip
     assert (loaded.skipped, loaded.consecutive) == (1, 0)
 
 

@@ -20,11 +20,13 @@ A GradScaler, when given, scales the root's gradient (the loss, or w) before bac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.precision import LOW_PRECISION
 
@@ -161,3 +163,26 @@ def backward_vector(
             losses.backward(gradient=weights, inputs=inputs)
             return
         torch.autograd.backward([losses, reg], grad_tensors=[weights, one], inputs=inputs)
+
+
+@contextlib.contextmanager
+def double_backward_kernels(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Kernels with a double backward, for a forward whose backward is differentiated again
+    (Hessian-vector products, the input-gradient penalty): attention through the math kernel
+    (flash and memory-efficient have none: "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), and, on
+    CUDA, for a model holding an RNN, cuDNN off (its RNNs have none: "Double backwards is not
+    supported for CuDNN RNNs", a review's reading of torch; torch's own RNN kernels are used
+    instead). Only ``torch.backends.cudnn.enabled`` is switched, and put back: its other
+    settings (deterministic, benchmark) stay as the run set them. (Unverified on a GPU.)"""
+    rnn = device.type == "cuda" and any(isinstance(m, nn.RNNBase) for m in model.modules())
+    with sdpa_kernel(SDPBackend.MATH):
+        if not rnn:
+            yield
+            return
+        was = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.enabled = was

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from trainer.backward import double_backward_kernels
 from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, Stateful, StepOutput
 from trainer.checkpoint import checkpointable
 from trainer.data.base import Batch, Loader, batch_count
@@ -582,13 +582,12 @@ class Trainer:
 
     def _double_backward_kernels(self) -> contextlib.AbstractContextManager[Any]:
         """With the input-gradient penalty, whose backward differentiates the forward's
-        backward: attention through the math kernel (the fused ones, flash and
-        memory-efficient, have no double backward: the step failed in torch's backward with
-        "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
-        implemented")."""
+        backward: kernels that have a double backward (:func:`double_backward_kernels`:
+        attention through the math kernel, the step failed in torch's backward with the fused
+        ones; cuDNN off for an RNN on CUDA)."""
         if self.input_penalty is None:
             return self._null
-        return sdpa_kernel(SDPBackend.MATH)
+        return double_backward_kernels(self.model, self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:

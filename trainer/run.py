@@ -845,11 +845,12 @@ def batchnorm_across_ranks(
             "DDP refuses them elsewhere); build them as BatchNorm for this run (each rank "
             "then normalizes its own part of the batch) or run on CUDA"
         )
-    names = [n or type(model).__name__ for n, m in model.named_modules()
+    norms = [(n or type(model).__name__, m) for n, m in model.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and not isinstance(m, nn.SyncBatchNorm)
-             and (m.training or not m.track_running_stats)]  # fmt: skip
-    if sync and names:
+             and not isinstance(m, nn.SyncBatchNorm)]  # fmt: skip
+    # (converted whatever their mode: a callback may put a frozen one in training mode)
+    names = [n for n, m in norms if m.training or not m.track_running_stats]
+    if sync and norms:
         if device.type != "cuda":
             raise ConfigError(
                 f"trainer.sync_batchnorm: SyncBatchNorm runs on CUDA only (torch's DDP refuses "

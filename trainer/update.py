@@ -77,9 +77,11 @@ def _hooked(optimizer: torch.optim.Optimizer) -> bool:
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a step of ``optimizer`` can be skipped on the device without a host read: it
-    takes ``found_inf`` (fused), or it is one of torch's own (:data:`PUT_BACK`), and no step
-    hook would see the skipped step (the module docstring)."""
-    return (takes_found_inf(optimizer) or type(optimizer) in PUT_BACK) and not _hooked(optimizer)
+    is one of torch's own (:data:`PUT_BACK`, fused or not: a fused subclass's own ``step``
+    code runs on a ``found_inf`` step too, a review's group counter), and no step hook would
+    see the skipped step (the module docstring). torch's profiler registers a global step
+    hook of its own when ``KINETO_USE_DAEMON`` is set: every step then reads the flag."""
+    return type(optimizer) in PUT_BACK and not _hooked(optimizer)
 
 
 def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
@@ -267,7 +269,7 @@ def scaled_step(
             params, states = _stepped(optimizer)
         if (
             skip is not None
-            and not _hooked(optimizer)  # (a hook would see the skipped step: read it below)
+            and skips_on_device(optimizer)  # (else its step or a hook would see the skip)
             and (_settled_on(optimizer, skip.device) if settled else _undoable(states, skip.device))
         ):
 

@@ -327,11 +327,38 @@ class IndexedDataset(Dataset):
             e.add_note(f"(data: {type(self.dataset).__name__}[{i}] is {kind}, not an (input, "
                        "target) pair)")  # fmt: skip
             raise
-        if isinstance(x, list | tuple):
-            x = torch.as_tensor(x)
-        if isinstance(y, list | tuple):
-            y = torch.as_tensor(y)
-        return x, y, i
+        return _numbers(x), _numbers(y), i
+
+
+def _numbers(v: Any) -> Any:
+    """A Python list or tuple of numbers (nested too) as ``torch.as_tensor`` makes it (floats
+    in the default dtype, float32; ints int64; bools bool: the tensor the checks before
+    training saw); anything else as it is."""
+    if not isinstance(v, list | tuple) or any(isinstance(e, Tensor) for e in v):
+        return v
+    try:
+        return torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError):  # (ragged, or not numbers: as before)
+        return v
+
+
+def _batched(dataset: object) -> bool:
+    """Whether the class of ``dataset`` has a batched fetch, ``__getitems__`` (on the class:
+    a wrapper forwarding attributes through ``__getattr__`` would hand over the wrapped
+    table's, whose rows its own ``__getitem__`` turns into pairs: a review's finding)."""
+    return callable(getattr(type(dataset), "__getitems__", None))
+
+
+class _Subset(Subset):
+    """torch's Subset, whose batched fetch asks the wrapped Dataset's class (torch's asks
+    the instance: a wrapper forwarding attributes would hand over another table's, see
+    :func:`_batched`)."""
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        picked = [self.indices[i] for i in indices]
+        if _batched(self.dataset):
+            return self.dataset.__getitems__(picked)  # type: ignore[attr-defined]
+        return [self.dataset[i] for i in picked]
 
 
 class BatchedIndexedDataset(IndexedDataset):
@@ -383,11 +410,9 @@ class DeviceLoader:
         self.global_batch_size = self.sampler.global_batch_size
         self.current_global_size = 0
         self.loader = DataLoader(
-            (
-                BatchedIndexedDataset
-                if callable(getattr(dataset, "__getitems__", None))
-                else IndexedDataset
-            )(dataset, seed, world.rank),
+            (BatchedIndexedDataset if _batched(dataset) else IndexedDataset)(
+                dataset, seed, world.rank
+            ),
             batch_sampler=self.sampler,
             num_workers=num_workers,
             pin_memory=pin_memory and device.type == "cuda",
@@ -506,7 +531,8 @@ def _check_targets(split: TensorSplit | Dataset, targets: Tensor | None, name: s
         return
     n, cls = len(split), type(split).__name__  # type: ignore[arg-type]
     fix = ("make it the samples' targets, in order (as __getitem__ returns them: a "
-           "target_transform's output), or remove it")  # fmt: skip
+           "target_transform's output), or hand the trainer a Dataset without it (a "
+           "torch.utils.data.Subset(ds, range(len(ds))) has none)")  # fmt: skip
     if len(targets) != n:
         raise ValueError(
             f"data: the {name} split's {cls}.targets holds {len(targets)} targets for its "
@@ -514,12 +540,17 @@ def _check_targets(split: TensorSplit | Dataset, targets: Tensor | None, name: s
             f"from it: {fix}"
         )
     for i in sorted({0, n - 1}) if n else ():
-        y = torch.as_tensor(_pair_of(split, i)[1])
+        y = _numbers(_pair_of(split, i)[1])
+        y = y if isinstance(y, Tensor) else torch.as_tensor(y)  # (a Python float: float32)
         kept = targets[i]
+        # the same numbers, to the rounding of the less precise (a float64 targets beside
+        # float32 samples, and NaN for NaN, are the same targets: a review's false refusals)
+        eps = max([torch.finfo(t.dtype).eps for t in (y, kept) if t.is_floating_point()] or [0])
+        a, b = y.detach().double().flatten(), kept.double().flatten()
         if (
-            y.shape != kept.shape
-            or y.is_floating_point() != kept.is_floating_point()
-            or not torch.equal(y.to(kept.dtype), kept)
+            a.numel() != b.numel()
+            or y.is_floating_point() != kept.is_floating_point()  # (the checks read its dtype)
+            or not torch.allclose(a, b, rtol=eps, atol=0, equal_nan=True)
         ):
             raise ValueError(
                 f"data: the {name} split's {cls}.targets[{i}] is {kept.tolist()!r} "
@@ -529,8 +560,9 @@ def _check_targets(split: TensorSplit | Dataset, targets: Tensor | None, name: s
 
 
 def _pair_of(split: Dataset, i: int) -> tuple[Any, Any]:
-    """Sample ``i`` of a Dataset as ``(x, y)`` (refused naming it where it is no pair)."""
-    sample = split[i]
+    """Sample ``i`` of a Dataset as ``(x, y)`` (refused naming it where it is no pair), as
+    the batches fetch it: through the Dataset's ``__getitems__`` where its class has one."""
+    sample = split.__getitems__([i])[0] if _batched(split) else split[i]  # type: ignore[attr-defined]
     if not isinstance(sample, (tuple, list)) or len(sample) != 2:
         got = (
             type(sample).__name__
@@ -725,7 +757,7 @@ class DataModule(abc.ABC):
             )
         if isinstance(split, TensorSplit):
             return TensorSplit(split.x[:n], split.y[:n], split.transform)
-        subset = Subset(split, range(n))
+        subset = _Subset(split, range(n))
         if hasattr(split, "targets"):
             subset.targets = torch.as_tensor(split.targets)[:n]  # type: ignore[attr-defined]
         return subset

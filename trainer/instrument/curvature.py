@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trainer.backward import explain_freed_graph
+from trainer.backward import double_backward_kernels, explain_freed_graph
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_reduce_sum
 from trainer.instrument.norms import norms_of
@@ -216,6 +215,28 @@ class Curvature(Callback):
         self._batch_start: Fork | None = None
         self._warned = False  # (an unconverged power iteration: said once a run)
 
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """On CUDA, attention dropout of the step's forward is drawn by the fused kernels
+        (flash, memory-efficient), and the measurement's forward, through the math kernel (the
+        one with a double backward), draws other masks from the same random state (a review's
+        reading): said, naming the layers. (On a CPU the kernels draw the same masks: tested.)
+        Attention called as ``F.scaled_dot_product_attention(dropout_p=...)`` in a forward of
+        one's own is not seen."""
+        if trainer.device.type != "cuda" or not self.every.n:
+            return
+        named = [n or type(trainer.model).__name__ for n, m in trainer.model.named_modules()
+                 if isinstance(m, torch.nn.MultiheadAttention)
+                 and m.training and m.dropout > 0]  # fmt: skip
+        if named:
+            log.warning(
+                "instrument.curvature on CUDA: %s draw%s attention dropout (dropout > 0) in "
+                "fused kernels, whose masks the measurement's math kernel cannot draw again: "
+                "curvature/* there are of the objective with other attention-dropout masks "
+                "than the step's (the other dropout layers draw the step's own)",
+                ", ".join(named[:5]) + (" …" if len(named) > 5 else ""),
+                "s" if len(named) == 1 else "",
+            )  # fmt: skip
+
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
         if self.every.due_next(trainer.global_step):  # (its forward draws the step's masks)
             self._start = Fork(batch.x.device)
@@ -275,9 +296,9 @@ class Curvature(Callback):
         state.update({n: b.clone() for n, b in model.named_buffers()})
         with (
             forked_rng(x.device),  # dropout (or Python's random) must not advance the run's
-            # attention through the math kernel: the fused ones (flash, memory-efficient) have
-            # no double backward, which Hessian-vector products need
-            sdpa_kernel(SDPBackend.MATH),
+            # kernels with a double backward, which Hessian-vector products need: attention
+            # through the math kernel, cuDNN off for an RNN on CUDA
+            double_backward_kernels(model, x.device),
         ):
             if start is not None:  # (inside the fork: the run's states come back after)
                 start.rewind()

@@ -114,6 +114,7 @@ class NonfiniteGuard(Callback):
         self._found_set = False
         self._one: Tensor | None = None  # the check's scale of 1
         self._all_names: tuple[tuple[int, int], list[str]] | None = None
+        self._overflow_said = False  # (deferred: a +Inf norm's two readings, said once)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         # a resumed run's unread flags come from the checkpoint on the CPU: onto the device,
@@ -154,8 +155,9 @@ class NonfiniteGuard(Callback):
             log.info(
                 "instrument.nonfinite.sync=deferred with a %s, an optimizer of one's own or one "
                 "with step hooks: its step is not taken on non-finite gradients and put back "
-                "(what it keeps elsewhere, random draws and hooks would see it), so the flag is "
-                "read on the host every step, as sync=step does",
+                "(what it keeps elsewhere, random draws and hooks would see it), so the flag "
+                "(deferred mode's, from the norms) is read on the host every step; sync=step "
+                "(what auto picks for it) checks each value instead",
                 type(trainer.optimizer).__name__,
             )
         elif deferred and trainer.scaler is None and not takes_found_inf(trainer.optimizer):
@@ -399,7 +401,7 @@ class NonfiniteGuard(Callback):
                 names, (*step_values, flag) = names[:-1], step_values
                 skipped = bool(flag)
             bad = [n for n, v in zip(names, step_values, strict=True) if not math.isfinite(v)]
-            overflow = any(v == math.inf for v in step_values)
+            overflow = [n for n, v in zip(names, step_values, strict=True) if v == math.inf]
             if skipped and not bad:  # another rank's values (data-parallel)
                 bad = [ELSEWHERE]
             if not bad:
@@ -487,18 +489,21 @@ class NonfiniteGuard(Callback):
         step: int,
         bad: list[str],
         read_at: int | None = None,
-        overflow: bool = False,
+        overflow: list[str] | None = None,
     ) -> None:
         """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped
-        (``overflow``: a bad norm was +Inf, not NaN)."""
-        cause = _cause(bad, self.deferred and overflow) + _weights_cause(trainer)
-        cause += _params_cause(trainer)
+        (``overflow``: deferred mode, those whose norm read +Inf, not NaN)."""
+        cause = _cause(bad) + _weights_cause(trainer) + _params_cause(trainer, self.every.n)
         if self.policy == "raise":
             later = _read_later(step, read_at)
+            note = f"; {_overflow_note(overflow)}" if overflow else ""
             raise NonFiniteError(
-                f"step {step}: {cause}; stopped before the optimizer step{later} "
+                f"step {step}: {cause}{note}; stopped before the optimizer step{later} "
                 "(instrument.nonfinite.policy=skip skips such steps instead)"
             )
+        if overflow and not self._overflow_said:  # (apart from the skip's warning, which is
+            self._overflow_said = True  # step mode's word for word)
+            log.warning("step %d: %s (said once a run)", step, _overflow_note(overflow))
         self.skipped += 1
         self.consecutive += 1
         value = {"nonfinite/skipped_steps": float(self.skipped)}
@@ -560,7 +565,7 @@ def _largest_weight(trainer: Trainer) -> str:
     )
 
 
-def _params_cause(trainer: Trainer) -> str:
+def _params_cause(trainer: Trainer, every: int = 1) -> str:
     """The trainable parameters that hold NaN/Inf now, named (a host read: a failing step
     only): an update never writes one under the guard, so they were written around it (by
     hand, by a callback, a loaded state) or by an update that overflowed, and every gradient
@@ -575,16 +580,30 @@ def _params_cause(trainer: Trainer) -> str:
     if not bad:
         return ""
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    unchecked = (f", a step the guard did not check (instrument.nonfinite.every_n_steps="
+                 f"{every})" if every > 1 else "")  # fmt: skip
     return (
-        f"; the parameter {bad[0]}{more} holds NaN/Inf itself now (a non-finite update never "
-        "reaches the parameters under the guard: written by hand, by a callback or a loaded "
-        "state, or an update that overflowed float)"
+        f"; the parameter {bad[0]}{more} holds NaN/Inf itself now (a checked step's "
+        "non-finite update never reaches the parameters: written by hand, by a callback or a "
+        f"loaded state{unchecked}, or an update that overflowed)"
     )
 
 
-def _cause(bad: list[str], overflow: bool = False) -> str:
-    """What went non-finite, in words (``overflow``: deferred mode, a norm read +Inf, which
-    finite values above about 1e19 give too: their squares overflow float32)."""
+def _overflow_note(overflow: list[str]) -> str:
+    """Deferred mode: the tensors whose norm read +Inf, which finite values above about 1e19
+    give too (their squares overflow float32), in words (a review: huge finite values were
+    called non-finite, unsaid)."""
+    which = "the losses" if overflow[0] == LOSS else overflow[0]
+    more = f" (and {len(overflow) - 1} more)" if len(overflow) > 1 else ""
+    return (
+        f"the norm of {which}{more} read +Inf: an Inf value, or finite values above about 1e19 "
+        "(1e154 in float64), whose sum of squares overflows, which instrument.nonfinite"
+        ".sync=deferred counts as non-finite (sync=step checks each value)"
+    )
+
+
+def _cause(bad: list[str]) -> str:
+    """What went non-finite, in words."""
     parts = []
     if ELSEWHERE in bad:
         parts.append("a non-finite loss or gradient on another rank (data-parallel: every rank "
@@ -595,12 +614,6 @@ def _cause(bad: list[str], overflow: bool = False) -> str:
     if grads:
         more = f" (and {len(grads) - 1} more)" if len(grads) > 1 else ""
         parts.append(f"non-finite gradient of {grads[0]}{more}")
-    if overflow:
-        parts[-1] += (
-            " (a norm read +Inf: an Inf value, or finite values above about 1e19, whose sum "
-            "of squares overflows float32, which instrument.nonfinite.sync=deferred counts as "
-            "non-finite; sync=step checks each value)"
-        )
     return "; ".join(parts)
 
 
