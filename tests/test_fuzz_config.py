@@ -66,6 +66,14 @@ CASES = [
     pytest.param(["loss=vector"], "loss/vector", id="choice-loss=vector"),
     pytest.param(["hparams_search=nope"], "hparams_search/nope", id="choice-hparams_search"),
     pytest.param(["regularizer=[l2,l2]"], "regularizer", id="choice-regularizer-twice"),
+    # a _target_ of another class on a preset: its keys checked against that class (a probe:
+    # Hydra's instantiate named no key), and a key of its own named with the form that works
+    pytest.param(["data._target_=trainer.data.synthetic.SyntheticData"],
+                 "data.val_fraction: trainer.data.synthetic.SyntheticData has no parameter "
+                 "'val_fraction'", id="target-data-preset-keys"),
+    pytest.param(["data._target_=trainer.data.synthetic.SyntheticData", "+data.noise=2"],
+                 "replace the node: ~data +data._target_=... +data.noise=...",
+                 id="target-data-own-key"),
     # --- wrong types: Hydra refuses the conversion, naming the key
     pytest.param(["trainer.max_epochs=abc"], "trainer.max_epochs", id="type-max_epochs=abc"),
     pytest.param(["data.batch_size=1.5"], "data.batch_size", id="type-batch_size=1.5"),

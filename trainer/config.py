@@ -1004,12 +1004,17 @@ def _check_user_components(typed: TrainConfig) -> None:
                 )
             provided = MODEL_PROVIDED if group == "model" else ()
             check_component(group, node, RESERVED_KEYS.get(group, ()), provided)
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type) and group in CALLED_WITH:
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
             target = getattr(node, "_target_", None)
-            preset = next(f.default for f in dataclasses.fields(node) if f.name == "_target_")
+            preset = next((f.default for f in dataclasses.fields(node) if f.name == "_target_"),
+                          None)  # fmt: skip
             if target is not None and target != preset:  # a preset's keys for another class
+                # (model, data, loss too: a data._target_ of one's own on the digits preset
+                # got its val_fraction from Hydra's instantiate, unnamed: a probe's finding)
+                provided = MODEL_PROVIDED if group == "model" else ()
                 try:
-                    check_component(group, dataclasses.asdict(node))
+                    check_component(group, dataclasses.asdict(node),
+                                    RESERVED_KEYS.get(group, ()), provided)  # fmt: skip
                 except ConfigError as e:
                     raise ConfigError(
                         f"{e} (the preset's keys, written for {preset}; for another class "
@@ -1171,10 +1176,17 @@ def _reject_unknown_keys(node: Any, typed: Any, prefix: str) -> None:
     """Keys appended with ``+key=value`` get past Hydra's struct check; refuse them here."""
     known = {f.name: getattr(typed, f.name) for f in dataclasses.fields(typed)}
     for key in node:
+        own = (
+            f" (the preset's schema: for a class of one's own with keys of its own, give "
+            f"{prefix.rstrip('.')} a YAML file of its own, or replace the node: "
+            f"~{prefix.rstrip('.')} +{prefix}_target_=... +{prefix}{key}=...)"
+            if prefix and "_target_" in known
+            else ""
+        )
         _check(
             key in known,
             f"{prefix}{key}",
-            f"unknown key; valid keys here: {', '.join(sorted(known))}",
+            f"unknown key; valid keys here: {', '.join(sorted(known))}{own}",
         )
         if dataclasses.is_dataclass(known[key]):
             _reject_unknown_keys(node[key], known[key], prefix=f"{prefix}{key}.")
