@@ -928,7 +928,7 @@ class LabelsAsItems(Labels):
     another one), a batched fetch (``batched``) counting its calls, Python lists as inputs
     (``lists``), or its two splits yielded (``yielded``)."""
 
-    lie, batched, lists, yielded = None, False, False, False
+    lie, batched, lists, yielded, augment = None, False, False, False, False
     fetches: list[int] = []
 
     def load(self):
@@ -942,13 +942,15 @@ class LabelsAsItems(Labels):
 
         class Items(torch.utils.data.Dataset):
             targets = {None: split.y, "short": split.y[:-1], "flipped": 1 - split.y,
-                       "float": split.y.float()}[owner.lie]  # fmt: skip
+                       "float": split.y.float(), "none": None}[owner.lie]  # fmt: skip
 
             def __len__(self) -> int:
                 return n
 
             def __getitem__(self, i):
                 x = split.x[i].tolist() if owner.lists else split.x[i]
+                if owner.augment:  # (from torch's global generator, as torchvision's do)
+                    x = x + 0.01 * torch.randn(x.shape)
                 return x, int(split.y[i])
 
             if owner.batched:
@@ -1099,19 +1101,30 @@ class Rows(torch.utils.data.Dataset):
 
 
 class WrappedTable(LabelsAsItems):
+    subset = False
+
     def load(self):
         train, val = Labels.load(self)
-        return Rows(Table(train.x, train.y)), Rows(Table(val.x, val.y))
+        rows = Rows(Table(train.x, train.y))
+        if self.subset:  # (torch's own Subset, around it: its batched fetch asks the instance)
+            rows = torch.utils.data.Subset(rows, range(len(rows)))
+        return rows, Rows(Table(val.x, val.y))
+
+
+class WrappedTableSubset(WrappedTable):
+    subset = True
 
 
 def test_a_wrapper_forwarding_attributes_is_fetched_through_its_own_getitem(tmp_path) -> None:
     """The wrapped table's ``__getitems__``, reached through the wrapper's ``__getattr__``,
     is not the wrapper's batched fetch (a review's crash at the first batch), with
-    ``data.train_subset`` too (torch's Subset asks the instance)."""
+    ``data.train_subset`` too, and inside torch's own Subset (which asks the instance)."""
     train(tmp_path / "a", *labels("LabelsAsItems"))
     want = final_params(tmp_path / "a")
-    for sub, extra in (("b", ()), ("c", ("data.train_subset=64",))):
-        train(tmp_path / sub, *labels("WrappedTable"), *extra)
+    runs = [("b", "WrappedTable", ()), ("c", "WrappedTable", ("data.train_subset=64",)),
+            ("d", "WrappedTableSubset", ())]  # fmt: skip
+    for sub, cls, extra in runs:
+        train(tmp_path / sub, *labels(cls), *extra)
         got = final_params(tmp_path / sub)
         assert all(torch.equal(want[k], got[k]) for k in want), sub
 
@@ -1125,3 +1138,35 @@ def test_numbers_in_lists_become_the_tensor_the_checks_saw() -> None:
     assert _numbers([[1, 2], [3, 4]]).shape == (2, 2)
     ragged, tensors = [[1], [2, 3]], (torch.zeros(2), torch.ones(2))
     assert _numbers(ragged) is ragged and _numbers(tensors) is tensors
+
+
+class Augmented(LabelsAsItems):
+    augment = True
+
+
+class AugmentedWithoutTargets(Augmented):
+    lie = "none"  # (a targets attribute of None: none, as the trainer reads it)
+
+
+def test_the_checks_samples_draw_nothing_from_the_runs_random_states(tmp_path) -> None:
+    """The samples the checks before training fetch (the first, and with ``targets`` the
+    last of each split) draw their augmentation from copies of the random states: a Dataset
+    with ``targets`` trains as one without (the extra fetches moved torch's generator, and
+    the model's initialization with it: a review's finding)."""
+    train(tmp_path / "with", *labels("Augmented"))
+    train(tmp_path / "without", *labels("AugmentedWithoutTargets"))
+    want, got = final_params(tmp_path / "with"), final_params(tmp_path / "without")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_targets_are_compared_exactly_as_integers_and_to_rounding_as_floats() -> None:
+    from trainer.data.base import _same_targets
+
+    big = torch.tensor(2**60)
+    assert not _same_targets(big + 1, big)  # (float64 would round them equal)
+    assert _same_targets(torch.tensor([True]), torch.tensor(True))  # ((1,) beside ())
+    assert not _same_targets(torch.zeros(2, 3), torch.zeros(3, 2))
+    assert not _same_targets(torch.tensor(1j), torch.tensor(2j))  # (the imaginary parts)
+    assert not _same_targets(torch.tensor(1), torch.tensor(1.0))  # (the kind: the checks read it)
+    x = torch.tensor([0.1, math.nan], dtype=torch.float64)
+    assert _same_targets(x.float(), x) and not _same_targets(x.float() * 1.001, x)

@@ -929,8 +929,8 @@ def test_a_huge_finite_gradient_is_not_non_finite_in_step_mode(tmp_path, sync, c
     assert len(said) == 2 * (sync == "deferred"), said  # (the note, once, and the skip)
     if said:
         assert said[1] == "step 3 skipped: non-finite gradient of net.3.weight", said
-        assert said[0].startswith("step 3: the norm of net.3.weight read +Inf: an Inf value, "
-                                  "or finite values above about 1e19"), said  # fmt: skip
+        assert said[0].startswith("step 3: the norm of net.3.weight's gradient read +Inf: an "
+                                  "Inf value, or finite values above about 1e19"), said  # fmt: skip
 
 
 class InfWeight(Callback):
@@ -974,7 +974,7 @@ def test_an_inf_norm_is_said_of_the_tensor_it_was_read_of(tmp_path) -> None:
         train(tmp_path, *COMMON, *guard, callbacks=[NanAndInf()])
     text = str(raised.value)
     assert text.startswith("step 2: non-finite gradient of net.1.weight (and 1 more); the norm "
-                           "of net.3.weight read +Inf: an Inf value"), text  # fmt: skip
+                           "of net.3.weight's gradient read +Inf: an Inf value"), text  # fmt: skip
 
 
 @pytest.mark.parametrize(

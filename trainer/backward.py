@@ -174,7 +174,9 @@ def double_backward_kernels(model: nn.Module, device: torch.device) -> Iterator[
     CUDA, for a model holding an RNN, cuDNN off (its RNNs have none: "Double backwards is not
     supported for CuDNN RNNs", a review's reading of torch; torch's own RNN kernels are used
     instead). Only ``torch.backends.cudnn.enabled`` is switched, and put back: its other
-    settings (deterministic, benchmark) stay as the run set them. (Unverified on a GPU.)"""
+    settings (deterministic, benchmark) stay as the run set them; it is process-wide, so the
+    model's convolutions and BatchNorms run without cuDNN in that forward too (slower, the
+    same math). (Unverified on a GPU.)"""
     rnn = device.type == "cuda" and any(isinstance(m, nn.RNNBase) for m in model.modules())
     with sdpa_kernel(SDPBackend.MATH):
         if not rnn:

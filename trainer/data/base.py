@@ -36,6 +36,7 @@ from torch.utils.data import (
 )
 
 from trainer.distributed import SINGLE, World, shard
+from trainer.rng import forked_rng
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,11 @@ def _batched(dataset: object) -> bool:
     """Whether the class of ``dataset`` has a batched fetch, ``__getitems__`` (on the class:
     a wrapper forwarding attributes through ``__getattr__`` would hand over the wrapped
     table's, whose rows its own ``__getitem__`` turns into pairs: a review's finding)."""
-    return callable(getattr(type(dataset), "__getitems__", None))
+    fetch = getattr(type(dataset), "__getitems__", None)
+    if fetch is Subset.__getitems__:  # (torch's Subset forwards it to what the wrapped
+        # Dataset's instance has: asked of its class here)
+        return _batched(dataset.dataset)  # type: ignore[attr-defined]
+    return callable(fetch)
 
 
 class _Subset(Subset):
@@ -522,7 +527,9 @@ def _check_split(split: object, name: str, module: str) -> None:
         )
 
 
-def _check_targets(split: TensorSplit | Dataset, targets: Tensor | None, name: str) -> None:
+def _check_targets(
+    split: TensorSplit | Dataset, targets: Tensor | None, name: str, first: Any = None
+) -> None:
     """A Dataset's ``targets`` attribute is what the trainer checks the labels of and counts
     the classes from (class-balanced weights, ``per_class``): refused where it is not the
     samples' targets, by its length and by the first and the last sample's (a probe's all-zero
@@ -540,23 +547,32 @@ def _check_targets(split: TensorSplit | Dataset, targets: Tensor | None, name: s
             f"from it: {fix}"
         )
     for i in sorted({0, n - 1}) if n else ():
-        y = _numbers(_pair_of(split, i)[1])
+        y = _numbers(first if i == 0 and first is not None else _pair_of(split, i)[1])
         y = y if isinstance(y, Tensor) else torch.as_tensor(y)  # (a Python float: float32)
-        kept = targets[i]
-        # the same numbers, to the rounding of the less precise (a float64 targets beside
-        # float32 samples, and NaN for NaN, are the same targets: a review's false refusals)
-        eps = max([torch.finfo(t.dtype).eps for t in (y, kept) if t.is_floating_point()] or [0])
-        a, b = y.detach().double().flatten(), kept.double().flatten()
-        if (
-            a.numel() != b.numel()
-            or y.is_floating_point() != kept.is_floating_point()  # (the checks read its dtype)
-            or not torch.allclose(a, b, rtol=eps, atol=0, equal_nan=True)
-        ):
+        if not _same_targets(y.detach(), targets[i]):
+            kept = targets[i]
             raise ValueError(
                 f"data: the {name} split's {cls}.targets[{i}] is {kept.tolist()!r} "
                 f"({kept.dtype}), but {cls}[{i}] gives the target {y.tolist()!r} ({y.dtype}); "
                 f"the trainer checks the labels and counts the classes from .targets: {fix}"
             )
+
+
+def _same_targets(y: Tensor, kept: Tensor) -> bool:
+    """Whether a sample's target and its entry in ``targets`` are the same: the same shape
+    (to a dimension of 1: (1,) beside ()), the same kind (integer or bool, floating, complex:
+    the checks read ``targets``'s dtype), integers exactly, floating values to the rounding of
+    the less precise dtype, NaN for NaN (a float64 ``targets`` beside float32 samples, and a
+    missing label's NaN, are the same targets: a review's false refusals)."""
+    kinds = [(t.is_floating_point(), t.is_complex()) for t in (y, kept)]
+    if y.squeeze().shape != kept.squeeze().shape or kinds[0] != kinds[1]:
+        return False
+    y, kept = y.reshape(kept.shape), kept
+    if not any(kinds[0]):  # integers and bools: exactly (float64 rounds past 2**53)
+        return torch.equal(y.long(), kept.long())
+    eps = max(torch.finfo(t.dtype).eps for t in (y, kept))
+    wide = torch.complex128 if kinds[0][1] else torch.float64
+    return torch.allclose(y.to(wide), kept.to(wide), rtol=eps, atol=0, equal_nan=True)
 
 
 def _pair_of(split: Dataset, i: int) -> tuple[Any, Any]:
@@ -692,12 +708,16 @@ class DataModule(abc.ABC):
         self.train_targets, self.val_targets = _targets(train), _targets(val)
         if self.out_dim is None and self.num_classes is not None:
             self.out_dim = self.num_classes
-        x0, y0 = _first_sample(train)
+        # the samples the checks fetch draw from copies of the random states (an augmentation
+        # drawing from torch's generator moved the run's by as many fetches: a review's
+        # finding, and the first sample's fetch before it)
+        with forked_rng(torch.device("cpu")):
+            x0, y0 = _first_sample(train)
+            _check_targets(train, self.train_targets, "training", y0)
+            _check_targets(val, self.val_targets, "validation")
+            if self.val_targets is None and len(val):  # type: ignore[arg-type]
+                self.first_val_target = torch.as_tensor(_first_sample(val, "validation")[1])
         self.first_target = torch.as_tensor(y0)  # (an int label collates to int64, as here)
-        _check_targets(train, self.train_targets, "training")
-        _check_targets(val, self.val_targets, "validation")
-        if self.val_targets is None and len(val):  # type: ignore[arg-type]
-            self.first_val_target = torch.as_tensor(_first_sample(val, "validation")[1])
         if self.input_shape is None:
             self.input_shape = tuple(x0.shape)
         first = self.first_target

@@ -216,25 +216,29 @@ class Curvature(Callback):
         self._warned = False  # (an unconverged power iteration: said once a run)
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        """On CUDA, attention dropout of the step's forward is drawn by the fused kernels
-        (flash, memory-efficient), and the measurement's forward, through the math kernel (the
-        one with a double backward), draws other masks from the same random state (a review's
-        reading): said, naming the layers. (On a CPU the kernels draw the same masks: tested.)
-        Attention called as ``F.scaled_dot_product_attention(dropout_p=...)`` in a forward of
-        one's own is not seen."""
+        """On CUDA, attention dropout of the step's forward may be drawn by the fused kernels
+        (flash, memory-efficient), and an RNN's between its layers by cuDNN; the measurement's
+        forward, through kernels with a double backward (the math kernel, cuDNN off), draws
+        other masks from the same random state (two reviews' reading): said, naming the
+        layers. (On a CPU the kernels draw the same masks: tested.) Attention called as
+        ``F.scaled_dot_product_attention(dropout_p=...)`` in a forward of one's own is not
+        seen."""
         if trainer.device.type != "cuda" or not self.every.n:
             return
         named = [n or type(trainer.model).__name__ for n, m in trainer.model.named_modules()
-                 if isinstance(m, torch.nn.MultiheadAttention)
-                 and m.training and m.dropout > 0]  # fmt: skip
+                 if m.training and (
+                     isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0
+                     or isinstance(m, torch.nn.RNNBase) and m.dropout > 0 and m.num_layers > 1
+                 )]  # fmt: skip
         if named:
             log.warning(
-                "instrument.curvature on CUDA: %s draw%s attention dropout (dropout > 0) in "
-                "fused kernels, whose masks the measurement's math kernel cannot draw again: "
-                "curvature/* there are of the objective with other attention-dropout masks "
-                "than the step's (the other dropout layers draw the step's own)",
+                "instrument.curvature on CUDA: %s may draw dropout in fused kernels (attention "
+                "called with need_weights=False, as torch's Transformer layers call it, through "
+                "flash or memory-efficient attention; an RNN's between its layers, in cuDNN), "
+                "whose masks the measurement, through kernels with a double backward, cannot "
+                "draw again: curvature/* are then of the objective with other masks in these "
+                "layers than the step's (the other dropout layers draw the step's own)",
                 ", ".join(named[:5]) + (" …" if len(named) > 5 else ""),
-                "s" if len(named) == 1 else "",
             )  # fmt: skip
 
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:

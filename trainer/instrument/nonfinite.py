@@ -503,7 +503,7 @@ class NonfiniteGuard(Callback):
             )
         if overflow and not self._overflow_said:  # (apart from the skip's warning, which is
             self._overflow_said = True  # step mode's word for word)
-            log.warning("step %d: %s (said once a run)", step, _overflow_note(overflow))
+            log.warning("step %d: %s (said once)", step, _overflow_note(overflow))
         self.skipped += 1
         self.consecutive += 1
         value = {"nonfinite/skipped_steps": float(self.skipped)}
@@ -593,7 +593,7 @@ def _overflow_note(overflow: list[str]) -> str:
     """Deferred mode: the tensors whose norm read +Inf, which finite values above about 1e19
     give too (their squares overflow float32), in words (a review: huge finite values were
     called non-finite, unsaid)."""
-    which = "the losses" if overflow[0] == LOSS else overflow[0]
+    which = "the losses" if overflow[0] == LOSS else f"{overflow[0]}'s gradient"
     more = f" (and {len(overflow) - 1} more)" if len(overflow) > 1 else ""
     return (
         f"the norm of {which}{more} read +Inf: an Inf value, or finite values above about 1e19 "
