@@ -69,7 +69,7 @@ CASES = [
     # a _target_ of another class on a preset: its keys checked against that class (a probe:
     # Hydra's instantiate named no key), and a key of its own named with the form that works
     pytest.param(["data._target_=trainer.data.synthetic.SyntheticData"],
-                 "data.val_fraction: trainer.data.synthetic.SyntheticData has no parameter "
+                 "data.val_fraction: trainer.data.synthetic.SyntheticData takes no "
                  "'val_fraction'", id="target-data-preset-keys"),
     pytest.param(["data._target_=trainer.data.synthetic.SyntheticData", "+data.noise=2"],
                  "replace the node: ~data +data._target_=... +data.noise=...",

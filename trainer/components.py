@@ -205,7 +205,31 @@ def build(group: str, node: Any, provided: Mapping[str, Any] | None = None, **kw
             f"sets nor the data provides (it provides {offered}); set {group}.{missing[0]}=... "
             "or have the data module provide it"
         )
-    return instantiate(node, **given, **kwargs)
+    try:
+        return instantiate(node, **given, **kwargs)
+    except Exception as e:  # noqa: BLE001 (re-raised, named where it is a key of the config)
+        refused = _refused_key(e, node)
+        if refused is None:
+            raise
+        raise ConfigError(
+            f"{group}.{refused}: {_name(target)} takes no {refused!r} ({e.__cause__}); a key "
+            f"of a built-in preset under a _target_ of one's own? give {group} a YAML file of "
+            f"its own (README, 'Bring your own'), or replace the node: ~{group} "
+            f"+{group}._target_=... +{group}.<key>=..."
+        ) from e
+
+
+def _refused_key(error: BaseException, node: Any) -> str | None:
+    """The config key a constructor refused as an unexpected keyword (Hydra's
+    InstantiationException over the TypeError: a data._target_ of one's own on the digits
+    preset got its val_fraction, and the error named no key: a probe's finding), or None."""
+    import re
+
+    cause = error.__cause__
+    if not isinstance(cause, TypeError):
+        return None
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+    return found.group(1) if found and found.group(1) in node else None
 
 
 def _name(target: Any) -> str:

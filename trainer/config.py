@@ -1004,17 +1004,14 @@ def _check_user_components(typed: TrainConfig) -> None:
                 )
             provided = MODEL_PROVIDED if group == "model" else ()
             check_component(group, node, RESERVED_KEYS.get(group, ()), provided)
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type) and group in CALLED_WITH:
             target = getattr(node, "_target_", None)
-            preset = next((f.default for f in dataclasses.fields(node) if f.name == "_target_"),
-                          None)  # fmt: skip
+            preset = next(f.default for f in dataclasses.fields(node) if f.name == "_target_")
             if target is not None and target != preset:  # a preset's keys for another class
-                # (model, data, loss too: a data._target_ of one's own on the digits preset
-                # got its val_fraction from Hydra's instantiate, unnamed: a probe's finding)
-                provided = MODEL_PROVIDED if group == "model" else ()
+                # (model, data and loss: a class taking **kwargs may swallow them, so a key it
+                # refuses is named when it is built, trainer.components.build)
                 try:
-                    check_component(group, dataclasses.asdict(node),
-                                    RESERVED_KEYS.get(group, ()), provided)  # fmt: skip
+                    check_component(group, dataclasses.asdict(node))
                 except ConfigError as e:
                     raise ConfigError(
                         f"{e} (the preset's keys, written for {preset}; for another class "
