@@ -209,8 +209,8 @@ def build(group: str, node: Any, provided: Mapping[str, Any] | None = None, **kw
         return instantiate(node, **given, **kwargs)
     except Exception as e:  # noqa: BLE001 (re-raised, named where it is a key of the config)
         refused = _refused_key(e, node)
-        if refused is None:
-            raise
+        if refused is None or refused in accepted_keys(target)[0]:  # (one it takes: the
+            raise  # error is from inside its constructor, a review's finding)
         raise ConfigError(
             f"{group}.{refused}: {_name(target)} takes no {refused!r} ({e.__cause__}); a key "
             f"of a built-in preset under a _target_ of one's own? give {group} a YAML file of "

@@ -1177,7 +1177,7 @@ def _reject_unknown_keys(node: Any, typed: Any, prefix: str) -> None:
             f" (the preset's schema: for a class of one's own with keys of its own, give "
             f"{prefix.rstrip('.')} a YAML file of its own, or replace the node: "
             f"~{prefix.rstrip('.')} +{prefix}_target_=... +{prefix}{key}=...)"
-            if prefix and "_target_" in known
+            if prefix in ("model.", "data.", "loss.") and "_target_" in known
             else ""
         )
         _check(

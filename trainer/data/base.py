@@ -558,14 +558,20 @@ def _check_targets(
             )
 
 
+def _less_a_last_one(shape: torch.Size) -> tuple[int, ...]:
+    """``shape`` without a last dimension of 1 ((1,) as (), (3, 1) as (3,))."""
+    return tuple(shape[:-1]) if len(shape) and shape[-1] == 1 else tuple(shape)
+
+
 def _same_targets(y: Tensor, kept: Tensor) -> bool:
     """Whether a sample's target and its entry in ``targets`` are the same: the same shape
-    (to a dimension of 1: (1,) beside ()), the same kind (integer or bool, floating, complex:
-    the checks read ``targets``'s dtype), integers exactly, floating values to the rounding of
-    the less precise dtype, NaN for NaN (a float64 ``targets`` beside float32 samples, and a
-    missing label's NaN, are the same targets: a review's false refusals)."""
+    (to a last dimension of 1: (1,) beside (), (3, 1) beside (3,)), the same kind (integer
+    or bool, floating, complex: the checks read ``targets``'s dtype), integers exactly,
+    floating values to the rounding of the less precise dtype, NaN for NaN (a float64
+    ``targets`` beside float32 samples, and a missing label's NaN, are the same targets: a
+    review's false refusals)."""
     kinds = [(t.is_floating_point(), t.is_complex()) for t in (y, kept)]
-    if y.squeeze().shape != kept.squeeze().shape or kinds[0] != kinds[1]:
+    if _less_a_last_one(y.shape) != _less_a_last_one(kept.shape) or kinds[0] != kinds[1]:
         return False
     y, kept = y.reshape(kept.shape), kept
     if not any(kinds[0]):  # integers and bools: exactly (float64 rounds past 2**53)
@@ -711,7 +717,7 @@ class DataModule(abc.ABC):
         # the samples the checks fetch draw from copies of the random states (an augmentation
         # drawing from torch's generator moved the run's by as many fetches: a review's
         # finding, and the first sample's fetch before it)
-        with forked_rng(torch.device("cpu")):
+        with forked_rng(device):  # (the device's generator too: a split held there)
             x0, y0 = _first_sample(train)
             _check_targets(train, self.train_targets, "training", y0)
             _check_targets(val, self.val_targets, "validation")

@@ -593,8 +593,8 @@ def _overflow_note(overflow: list[str]) -> str:
     """Deferred mode: the tensors whose norm read +Inf, which finite values above about 1e19
     give too (their squares overflow float32), in words (a review: huge finite values were
     called non-finite, unsaid)."""
-    which = "the losses" if overflow[0] == LOSS else f"{overflow[0]}'s gradient"
-    more = f" (and {len(overflow) - 1} more)" if len(overflow) > 1 else ""
+    which = ", ".join("the losses" if n == LOSS else f"{n}'s gradient" for n in overflow[:3])
+    more = f" (and {len(overflow) - 3} more)" if len(overflow) > 3 else ""
     return (
         f"the norm of {which}{more} read +Inf: an Inf value, or finite values above about 1e19 "
         "(1e154 in float64), whose sum of squares overflows, which instrument.nonfinite"
