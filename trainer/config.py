@@ -1177,7 +1177,7 @@ def _reject_unknown_keys(node: Any, typed: Any, prefix: str) -> None:
             f" (the preset's schema: for a class of one's own with keys of its own, give "
             f"{prefix.rstrip('.')} a YAML file of its own, or replace the node: "
             f"~{prefix.rstrip('.')} +{prefix}_target_=... +{prefix}{key}=...)"
-            if prefix in ("model.", "data.", "loss.") and "_target_" in known
+            if prefix in ("model.", "data.", "loss.") and _swapped_target(typed)
             else ""
         )
         _check(
@@ -1191,6 +1191,15 @@ def _reject_unknown_keys(node: Any, typed: Any, prefix: str) -> None:
             for name, value in known[key].items():
                 if dataclasses.is_dataclass(value):
                     _reject_unknown_keys(node[key][name], value, prefix=f"{prefix}{key}.{name}.")
+
+
+def _swapped_target(typed: Any) -> bool:
+    """Whether a preset's node has a ``_target_`` other than the preset's own (a class of
+    one's own given the preset's keys; a typo on a built-in class gets no hint about it)."""
+    fields = {f.name: f for f in dataclasses.fields(typed)}
+    if "_target_" not in fields:
+        return False
+    return bool(getattr(typed, "_target_", None) != fields["_target_"].default)
 
 
 def _full_key(e: OmegaConfBaseException) -> str:

@@ -348,16 +348,18 @@ def _batched(dataset: object) -> bool:
     a wrapper forwarding attributes through ``__getattr__`` would hand over the wrapped
     table's, whose rows its own ``__getitem__`` turns into pairs: a review's finding)."""
     fetch = getattr(type(dataset), "__getitems__", None)
-    if fetch is Subset.__getitems__:  # (torch's Subset forwards it to what the wrapped
-        # Dataset's instance has: asked of its class here)
+    if fetch is Subset.__getitems__ or fetch is TrainSubset.__getitems__:  # (torch's Subset
+        # forwards it to what the wrapped Dataset's instance has, ours to its class's: a
+        # subset of a Dataset without one is fetched sample by sample, its errors naming the
+        # sample, as before: a review's finding)
         return _batched(dataset.dataset)  # type: ignore[attr-defined]
     return callable(fetch)
 
 
-class _Subset(Subset):
-    """torch's Subset, whose batched fetch asks the wrapped Dataset's class (torch's asks
-    the instance: a wrapper forwarding attributes would hand over another table's, see
-    :func:`_batched`)."""
+class TrainSubset(Subset):
+    """The first ``data.train_subset`` samples: torch's Subset, whose batched fetch asks
+    the wrapped Dataset's class (torch's asks the instance: a wrapper forwarding attributes
+    would hand over another table's, see :func:`_batched`)."""
 
     def __getitems__(self, indices: list[int]) -> list[Any]:
         picked = [self.indices[i] for i in indices]
@@ -558,20 +560,23 @@ def _check_targets(
             )
 
 
-def _less_a_last_one(shape: torch.Size) -> tuple[int, ...]:
-    """``shape`` without a last dimension of 1 ((1,) as (), (3, 1) as (3,))."""
-    return tuple(shape[:-1]) if len(shape) and shape[-1] == 1 else tuple(shape)
+def _less_last_ones(shape: torch.Size) -> tuple[int, ...]:
+    """``shape`` without its last dimensions of 1 ((1,) and (1, 1) as (), (3, 1) as (3,))."""
+    dims = list(shape)
+    while dims and dims[-1] == 1:
+        dims.pop()
+    return tuple(dims)
 
 
 def _same_targets(y: Tensor, kept: Tensor) -> bool:
     """Whether a sample's target and its entry in ``targets`` are the same: the same shape
-    (to a last dimension of 1: (1,) beside (), (3, 1) beside (3,)), the same kind (integer
+    (to last dimensions of 1: (1,) beside (), (3, 1) beside (3,)), the same kind (integer
     or bool, floating, complex: the checks read ``targets``'s dtype), integers exactly,
     floating values to the rounding of the less precise dtype, NaN for NaN (a float64
     ``targets`` beside float32 samples, and a missing label's NaN, are the same targets: a
     review's false refusals)."""
     kinds = [(t.is_floating_point(), t.is_complex()) for t in (y, kept)]
-    if _less_a_last_one(y.shape) != _less_a_last_one(kept.shape) or kinds[0] != kinds[1]:
+    if _less_last_ones(y.shape) != _less_last_ones(kept.shape) or kinds[0] != kinds[1]:
         return False
     y, kept = y.reshape(kept.shape), kept
     if not any(kinds[0]):  # integers and bools: exactly (float64 rounds past 2**53)
@@ -783,7 +788,7 @@ class DataModule(abc.ABC):
             )
         if isinstance(split, TensorSplit):
             return TensorSplit(split.x[:n], split.y[:n], split.transform)
-        subset = _Subset(split, range(n))
+        subset = TrainSubset(split, range(n))
         if hasattr(split, "targets"):
             subset.targets = torch.as_tensor(split.targets)[:n]  # type: ignore[attr-defined]
         return subset
