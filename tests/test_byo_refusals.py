@@ -1183,13 +1183,41 @@ class BuggyNet(torch.nn.Module):
         self.drop = torch.nn.Dropout(dropout=dropout)
 
 
-def test_a_keyword_refused_inside_a_constructor_is_not_named_a_config_key(tmp_path) -> None:
+class SwallowingBuggyNet(torch.nn.Module):
+    """Takes the preset's keys through **kwargs, with the same bug of its own."""
+
+    def __init__(self, in_shape, out_dim, **kw) -> None:
+        super().__init__()
+        self.drop = torch.nn.Dropout(dropout=kw["dropout"])
+
+
+class Inner:
+    def __init__(self) -> None:
+        pass
+
+
+class Outer:
+    def __init__(self, **kw) -> None:
+        self.kw = kw
+
+
+@pytest.mark.parametrize("cls", ["BuggyNet", "SwallowingBuggyNet"])
+def test_a_keyword_refused_inside_a_constructor_is_not_named_a_config_key(tmp_path, cls):
     """A constructor's own bug (a keyword refused inside it, named as one of the config's
-    keys) stays Hydra's error with the cause, not "model.dropout: takes no 'dropout'" (a
-    review's finding); a preset's key a class does not take is named (the fuzz cases)."""
+    keys) stays Hydra's error with the cause, not "model.dropout: takes no 'dropout'" (two
+    reviews' findings: a named parameter, then one taken through **kwargs); a preset's key a
+    class does not take is named (the fuzz cases), and a nested node's refusal is not pinned
+    on the outer node's key of the same name."""
+    from trainer.components import build
+
     with pytest.raises(Exception, match=r"_DropoutNd.__init__\(\) got an unexpected keyword "
                        r"argument 'dropout'") as raised:  # fmt: skip
-        train(tmp_path, f"model._target_={__name__}.BuggyNet", *TINY)
+        train(tmp_path, f"model._target_={__name__}.{cls}", *TINY)
+    assert not isinstance(raised.value, ConfigError), raised.value
+    node = {"_target_": f"{__name__}.Outer", "depth": 5,
+            "inner": {"_target_": f"{__name__}.Inner", "depth": 2}}  # fmt: skip
+    with pytest.raises(Exception, match=r"Inner.__init__\(\) got an unexpected") as raised:
+        build("model", node)
     assert not isinstance(raised.value, ConfigError), raised.value
 
 

@@ -959,6 +959,14 @@ def test_a_non_finite_weight_is_named_as_the_cause(tmp_path, sync, every) -> Non
     assert (unchecked in text) == (every == 2), text
 
 
+def test_the_inf_norm_note_lists_its_tensors() -> None:
+    from trainer.instrument.nonfinite import LOSS, _overflow_note
+
+    said = _overflow_note([LOSS, "a.w", "b.w", "c.w", "d.w"])
+    assert said.startswith("the norm of the losses, a.w's gradient, b.w's gradient (and 2 more) "
+                           "read +Inf: "), said  # fmt: skip
+
+
 def test_an_inf_norm_is_said_of_the_tensor_it_was_read_of(tmp_path) -> None:
     """Deferred mode's +Inf norm (an Inf, or finite values whose squares overflow) is said
     of that tensor, not of the last one named (a review's NaN gradient was given the loss's

@@ -208,7 +208,7 @@ def build(group: str, node: Any, provided: Mapping[str, Any] | None = None, **kw
     try:
         return instantiate(node, **given, **kwargs)
     except Exception as e:  # noqa: BLE001 (re-raised, named where it is a key of the config)
-        refused = _refused_key(e, node)
+        refused = _refused_key(e, node, target)
         if refused is None or refused in accepted_keys(target)[0]:  # (one it takes: the
             raise  # error is from inside its constructor, a review's finding)
         raise ConfigError(
@@ -219,18 +219,28 @@ def build(group: str, node: Any, provided: Mapping[str, Any] | None = None, **kw
         ) from e
 
 
-def _refused_key(error: BaseException, node: Any) -> str | None:
-    """The config key a constructor refused as an unexpected keyword (Hydra's
+def _refused_key(error: BaseException, node: Any, target: Any) -> str | None:
+    """The config key the target itself refused as an unexpected keyword (Hydra's
     InstantiationException over the TypeError: a data._target_ of one's own on the digits
-    preset got its val_fraction, and the error named no key: a probe's finding), or None."""
+    preset got its val_fraction, and the error named no key: a probe's finding), or None: the
+    refusing function must be the target's (a function's own name, or the ``__init__`` of a
+    class in its MRO, where ``**kwargs`` went): a keyword refused by something its
+    constructor calls (a Dropout, a nested node's class) is its own bug, left as Hydra
+    reports it (two reviews' findings)."""
     import re
 
     cause = error.__cause__
     if not isinstance(cause, TypeError):
         return None
-    found = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
-    return found.group(1) if found and found.group(1) in node else None
+    found = re.search(r"([\w.<>]+)\(\) got an unexpected keyword argument '(\w+)'", str(cause))
+    if not found or found.group(2) not in node:
+        return None
+    target = getattr(target, "func", target)  # (a functools.partial: its function)
+    own = {f"{c.__qualname__}.__init__" for c in getattr(target, "__mro__", ())}
+    own.add(getattr(target, "__qualname__", ""))
+    return found.group(2) if found.group(1) in own else None
 
 
 def _name(target: Any) -> str:
+    target = getattr(target, "func", target)  # (a functools.partial: its function)
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"

@@ -722,7 +722,8 @@ class DataModule(abc.ABC):
         # the samples the checks fetch draw from copies of the random states (an augmentation
         # drawing from torch's generator moved the run's by as many fetches: a review's
         # finding, and the first sample's fetch before it)
-        with forked_rng(device):  # (the device's generator too: a split held there)
+        with forked_rng(torch.device(device)):  # (the device's generator too: a split
+            # held there)
             x0, y0 = _first_sample(train)
             _check_targets(train, self.train_targets, "training", y0)
             _check_targets(val, self.val_targets, "validation")
