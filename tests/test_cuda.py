@@ -151,3 +151,66 @@ def test_a_non_fused_adam_keeps_its_step_count_on_the_cpu_when_deferred(tmp_path
     train(tmp_path / "step", *common, "instrument.nonfinite.sync=step")
     a, b = final_params(tmp_path / "deferred"), final_params(tmp_path / "step")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class DigitsGRU(torch.nn.Module):
+    """The 8x8 digits read row by row by a GRU (cuDNN's RNN on CUDA)."""
+
+    def __init__(self, in_shape, out_dim) -> None:
+        super().__init__()
+        self.rnn = torch.nn.GRU(8, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x.reshape(len(x), 8, 8))
+        return self.head(out[:, -1])
+
+
+def test_hessian_vector_products_through_a_gru_on_cuda_are_the_cpus() -> None:
+    """cuDNN's RNNs have no double backward: under ``double_backward_kernels`` (cuDNN off for a
+    model with an RNN) the Hessian-vector product through a GRU on CUDA is the CPU's, float64,
+    to 1e-9 relative (summation order only); without it, where cuDNN runs the RNN, torch
+    refuses the double backward (the reason for the switch)."""
+    from trainer.backward import double_backward_kernels
+    from trainer.instrument import hvp
+
+    torch.manual_seed(0)
+    cpu = DigitsGRU((64,), 10).double()
+    x, y = torch.randn(16, 64, dtype=torch.float64), torch.randint(0, 10, (16,))
+    v = [torch.randn_like(p) for p in cpu.parameters()]
+
+    def product(model, device):
+        with double_backward_kernels(model, torch.device(device)):
+            loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+        params = list(model.parameters())
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        return [h.cpu() for h in hvp(grads, params, [t.to(device) for t in v])]
+
+    want = product(cpu, "cpu")
+    gpu = DigitsGRU((64,), 10).double().cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    got = product(gpu, "cuda")
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    if torch.backends.cudnn.is_available():
+        gru = DigitsGRU((64,), 10).cuda()
+        loss = torch.nn.functional.cross_entropy(gru(x.float().cuda()), y.cuda())
+        grads = torch.autograd.grad(loss, list(gru.parameters()), create_graph=True)
+        with pytest.raises(RuntimeError, match="(?i)double backward.*cudnn"):
+            hvp(grads, list(gru.parameters()), [torch.randn_like(p) for p in gru.parameters()])
+
+
+def test_curvature_of_a_gru_model_trains_on_cuda(tmp_path) -> None:
+    """The curvature instrument on a GRU model on CUDA measures (finite values at every step)
+    and leaves the trajectory as a run without it."""
+    from conftest import final_params, train
+
+    model = ("~model", f"+model._target_={__name__}.DigitsGRU")
+    common = ("trainer.device=cuda", "trainer.max_steps=3", "logging.every_n_steps=1", *model)
+    train(tmp_path / "with", *common, "instrument.curvature.every_n_steps=1")
+    train(tmp_path / "without", *common)
+    values = read_scalars(tmp_path / "with")
+    assert len(values["curvature/top_eig"]) == 3
+    assert all(v == v and abs(v) < float("inf") for _, v in values["curvature/trace"])
+    want, got = final_params(tmp_path / "without"), final_params(tmp_path / "with")
+    assert all(torch.equal(want[k], got[k]) for k in want)
