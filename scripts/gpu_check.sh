@@ -18,6 +18,9 @@ cd "$(dirname "$0")/.." || exit 1
 out=${1:-outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)}
 mkdir -p "$out" || exit 1
 export PYTHONUNBUFFERED=1
+# the project importable without an install (scripts/bench.py imports trainer: on a machine
+# with torch but not this package, the benches failed with "No module named 'trainer'")
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-$(command -v python || command -v python3)}
 scale=${GPU_CHECK_LIMIT:-1}
 awk -v k="$scale" 'BEGIN { exit !(k + 0 > 0) }' || { echo "GPU_CHECK_LIMIT: got '$scale', must be a number > 0"; exit 2; }
