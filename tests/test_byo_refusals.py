@@ -1196,6 +1196,16 @@ class Inner:
         pass
 
 
+class WithAFuncMethod(torch.nn.Module):
+    """Forwards **kwargs to nn.Module (which refuses them), and has a method named func."""
+
+    def __init__(self, in_shape, out_dim, **kw) -> None:
+        super().__init__(**kw)
+
+    def func(self) -> None:
+        pass
+
+
 class Outer:
     def __init__(self, **kw) -> None:
         self.kw = kw
@@ -1219,6 +1229,16 @@ def test_a_keyword_refused_inside_a_constructor_is_not_named_a_config_key(tmp_pa
     with pytest.raises(Exception, match=r"Inner.__init__\(\) got an unexpected") as raised:
         build("model", node)
     assert not isinstance(raised.value, ConfigError), raised.value
+    # a class with a method named func is no functools.partial (a review's finding), and
+    # torch's Module names the refusing class by its __name__, not its qualified name
+    local = type("Local", (WithAFuncMethod,), {})
+    local.__qualname__ = "maker.<locals>.Local"
+    globals()["Local"] = local
+    for name in ("WithAFuncMethod", "Local"):
+        node = {"_target_": f"{__name__}.{name}", "in_shape": [4], "out_dim": 2, "dropout": 0.0}
+        with pytest.raises(ConfigError, match=rf"model\.dropout: {__name__}\.\S*{name} takes "
+                           r"no 'dropout'"):  # fmt: skip
+            build("model", node)
 
 
 def test_an_appended_key_of_a_node_without_a_file_of_its_own_gets_no_node_hint(tmp_path):

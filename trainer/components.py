@@ -15,6 +15,7 @@ This module imports no torch itself (a user's module may).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -235,12 +236,15 @@ def _refused_key(error: BaseException, node: Any, target: Any) -> str | None:
     found = re.search(r"([\w.<>]+)\(\) got an unexpected keyword argument '(\w+)'", str(cause))
     if not found or found.group(2) not in node:
         return None
-    target = getattr(target, "func", target)  # (a functools.partial: its function)
-    own = {f"{c.__qualname__}.__init__" for c in getattr(target, "__mro__", ())}
-    own.add(getattr(target, "__qualname__", ""))
+    if isinstance(target, functools.partial):
+        target = target.func
+    own = {getattr(target, "__qualname__", ""), getattr(target, "__name__", "")} - {""}
+    for c in getattr(target, "__mro__", ()):  # (torch's Module names type(self).__name__)
+        own |= {f"{n}.{m}" for n in (c.__qualname__, c.__name__) for m in ("__init__", "__new__")}
     return found.group(2) if found.group(1) in own else None
 
 
 def _name(target: Any) -> str:
-    target = getattr(target, "func", target)  # (a functools.partial: its function)
+    if isinstance(target, functools.partial):  # (its function)
+        target = target.func
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
