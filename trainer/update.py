@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _optim_module
 
 #: torch's optimizers whose step changes nothing but the parameters and their per-parameter
 #: state tensors, draws no random numbers and runs through NaN/Inf gradients (tested bit for
@@ -65,13 +66,11 @@ PUT_BACK = frozenset(
 
 def _hooked(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a step of ``optimizer`` runs step hooks: its own or torch's global ones."""
-    from torch.optim import optimizer as module
-
     return bool(
         getattr(optimizer, "_optimizer_step_pre_hooks", None)
         or getattr(optimizer, "_optimizer_step_post_hooks", None)
-        or module._global_optimizer_pre_hooks
-        or module._global_optimizer_post_hooks
+        or _optim_module._global_optimizer_pre_hooks
+        or _optim_module._global_optimizer_post_hooks
     )
 
 
