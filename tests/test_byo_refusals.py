@@ -1274,4 +1274,4 @@ def test_a_subset_of_a_dataset_without_a_batched_fetch_names_the_failing_sample(
     with pytest.raises(KeyError) as raised:
         train(tmp_path, *labels("FailingItems"), "data.train_subset=10", "data.batch_size=10",
               "data.num_workers=0")  # fmt: skip
-    assert "(data: TrainSubset[5] raised it, of 10 by its __len__)" in raised.value.__notes__
+    assert "(data: Subset[5] raised it, of 10 by its __len__)" in raised.value.__notes__

@@ -348,24 +348,11 @@ def _batched(dataset: object) -> bool:
     a wrapper forwarding attributes through ``__getattr__`` would hand over the wrapped
     table's, whose rows its own ``__getitem__`` turns into pairs: a review's finding)."""
     fetch = getattr(type(dataset), "__getitems__", None)
-    if fetch is Subset.__getitems__ or fetch is TrainSubset.__getitems__:  # (torch's Subset
-        # forwards it to what the wrapped Dataset's instance has, ours to its class's: a
-        # subset of a Dataset without one is fetched sample by sample, its errors naming the
-        # sample, as before: a review's finding)
+    if fetch is Subset.__getitems__:  # (torch's Subset forwards it to what the wrapped
+        # Dataset's instance has: asked of its class here, so a subset of a Dataset without
+        # one is fetched sample by sample, its errors naming the sample: a review's finding)
         return _batched(dataset.dataset)  # type: ignore[attr-defined]
     return callable(fetch)
-
-
-class TrainSubset(Subset):
-    """The first ``data.train_subset`` samples: torch's Subset, whose batched fetch asks
-    the wrapped Dataset's class (torch's asks the instance: a wrapper forwarding attributes
-    would hand over another table's, see :func:`_batched`)."""
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        picked = [self.indices[i] for i in indices]
-        if _batched(self.dataset):
-            return self.dataset.__getitems__(picked)  # type: ignore[attr-defined]
-        return [self.dataset[i] for i in picked]
 
 
 class BatchedIndexedDataset(IndexedDataset):
@@ -789,7 +776,7 @@ class DataModule(abc.ABC):
             )
         if isinstance(split, TensorSplit):
             return TensorSplit(split.x[:n], split.y[:n], split.transform)
-        subset = TrainSubset(split, range(n))
+        subset = Subset(split, range(n))
         if hasattr(split, "targets"):
             subset.targets = torch.as_tensor(split.targets)[:n]  # type: ignore[attr-defined]
         return subset

@@ -575,7 +575,9 @@ def _params_cause(trainer: Trainer, every: int = 1) -> str:
              if p.numel() and (p.is_floating_point() or p.is_complex())]  # fmt: skip
     if not named:
         return ""
-    finite = torch.stack([torch.isfinite(p.detach()).all().cpu() for _, p in named]).tolist()
+    device = named[0][1].device
+    flags = torch.stack([torch.isfinite(p.detach()).all().to(device) for _, p in named])
+    finite = flags.tolist()  # host sync: one read, on a failing step only
     bad = [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
     if not bad:
         return ""
