@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -228,8 +229,6 @@ def _refused_key(error: BaseException, node: Any, target: Any) -> str | None:
     class in its MRO, where ``**kwargs`` went): a keyword refused by something its
     constructor calls (a Dropout, a nested node's class) is its own bug, left as Hydra
     reports it (two reviews' findings)."""
-    import re
-
     cause = error.__cause__
     if not isinstance(cause, TypeError):
         return None
