@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, make_cfg
+from conftest import CONFIGS, compose_whole, make_cfg
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -32,6 +32,37 @@ NEEDS = {
     "per_sample": ["weighting.path=weights.pt"],
     "tensors": ["data.path=data.pt"],
 }
+
+
+def _outcome(compose, overrides: tuple[str, ...]) -> tuple:
+    try:
+        cfg = compose(*overrides)
+    except Exception as e:  # the error, as the test would see it
+        return type(e), str(e)
+    return OmegaConf.to_yaml(cfg), OmegaConf.is_struct(cfg), OmegaConf.is_readonly(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("data=synthetic", "data.num_train=40", "seed=3", "trainer.max_steps=2"),
+        ("optimizer.lr=0.5", "optimizer=sgd"),  # a value, then its node's group choice
+        ("logging.every_n_steps=5", "experiment=digits_vector", "optimizer.lr=0.2"),
+        ("regularizer=[l2]", "regularizer.l2.coef=0.1", "instrument=full"),
+        ("trainer.max_steps=3", "trainer.max_steps=4"),
+        ("data.batch_size=8", "~data", "+data._target_=trainer.data.synthetic.SyntheticData"),
+        ("+extra.a=1", "~extra"),  # a value, then a composed override of its key
+        ("+model._target_=torch.nn.Identity",),  # errors, word for word
+        ("optimizer.lrr=1",),
+        ("~data.nothing",),
+        ("optimizer=sgd", "optimizer.betas=[0.9,0.99]"),
+    ],
+    ids=lambda v: " ".join(v),
+)
+def test_the_tests_config_helper_gives_what_composing_every_override_gives(overrides) -> None:
+    """conftest's make_cfg composes group choices (cached) and applies plain values the way
+    Hydra's compose does: the same config and flags, the same errors."""
+    assert _outcome(make_cfg, overrides) == _outcome(compose_whole, overrides)
 
 
 @pytest.mark.parametrize(
