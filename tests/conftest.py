@@ -29,6 +29,8 @@ CONFIGS = ROOT / "configs"
 
 # CPU, no bar: what every test run starts from
 BASE = ["trainer.device=cpu", "logging.progress=false"]
+#: the config groups (``optimizer``, ``hydra/launcher``, ...): an override of one chooses
+GROUPS = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*") if p.is_dir()}
 
 
 def make_cfg(*overrides: str) -> DictConfig:
@@ -39,18 +41,18 @@ def make_cfg(*overrides: str) -> DictConfig:
     most tests differ from another only in values (``optimizer.lr=0.1``). Hydra composes in two
     stages: the defaults list from the group choices, wherever they stand on the command line,
     then each value override applied in order to the merged config
-    (``ConfigLoaderImpl._apply_overrides_to_config``). So the other overrides are composed (and
-    cached), and the plain ``a.b=v`` / ``+a.b=v`` / ``~a.b`` ones are applied by that same
-    function of Hydra's, in their order: the same config, the same errors (tests/test_config.py
-    checks both ways agree). One that a later composed override may touch (the same top-level
-    key: ``data.x=1 ~data``) is composed too, so no two overrides of a key change order."""
+    (``ConfigLoaderImpl._apply_overrides_to_config``). So the plain ``a.b=v`` / ``+a.b=v`` /
+    ``~a.b`` overrides after which only group choices come are applied by that same function
+    of Hydra's, in their order, and the others composed (and cached): the same config, the
+    same errors (tests/test_config.py checks both ways agree). A value is never moved past
+    another value (``seed=3``, ``+x=...``, ``~x``), which may read it or fail before it."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    applied = [_value_only(o) for o in parsed]
-    for i, o in enumerate(parsed):
-        if applied[i] and any(
-            not applied[j] and _top(parsed[j]) == _top(o) for j in range(i + 1, len(parsed))
-        ):
-            applied[i] = False
+    applied = [False] * len(parsed)
+    for i in reversed(range(len(parsed))):
+        if _value_only(parsed[i]):
+            applied[i] = True
+        elif parsed[i].key_or_group not in GROUPS:  # a value composed: so are those before
+            break
     composed = tuple(o for o, a in zip(overrides, applied, strict=True) if not a)
     cfg = copy.deepcopy(_composed(composed))
     ConfigLoaderImpl._apply_overrides_to_config(
@@ -81,11 +83,6 @@ def _value_only(override: Override) -> bool:
         and "/" not in key
         and not key.startswith("hydra.")
     )
-
-
-def _top(override: Override) -> str:
-    """The top-level key an override sets or chooses in (``a`` of ``a.b``, ``a/b``, ``~a``)."""
-    return override.key_or_group.replace("/", ".").split(".")[0]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

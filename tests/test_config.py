@@ -52,6 +52,8 @@ def _outcome(compose, overrides: tuple[str, ...]) -> tuple:
         ("trainer.max_steps=3", "trainer.max_steps=4"),
         ("data.batch_size=8", "~data", "+data._target_=trainer.data.synthetic.SyntheticData"),
         ("+extra.a=1", "~extra"),  # a value, then a composed override of its key
+        ("+x={y:'${seed}'}", "~x.y=0", "seed=3"),  # ~ and + read what a later value sets
+        ("optimizer.lrr=1", "seed=abc"),  # two errors: the first one's
         ("+model._target_=torch.nn.Identity",),  # errors, word for word
         ("optimizer.lrr=1",),
         ("~data.nothing",),
