@@ -7,9 +7,10 @@ What a check costs and when its flag is read depends on ``sync``:
   gradient and the step's losses (exact), and one read of its flag every checked step; a
   failing check looks further, to name the culprit, and the loop skips the update (or raises)
   right there.
-* ``deferred`` (the default on an accelerator): the 2-norm of every gradient and loss in one
-  fused call, and the flag from them in one more kernel (the same check kernel, over the
-  norms), never read per step. The update is made
+* ``deferred`` (the default on an accelerator): one value per gradient and loss that is finite
+  exactly where the tensor's values are (:func:`finite_measures`: 2-norms summed in float64,
+  one fused call), and the flag from them in one more kernel (the same check kernel, over
+  those values), never read per step. The update is made
   conditional on it on the device (trainer/update.py: the fused optimizers' ``found_inf``, as
   ``GradScaler`` does it, or a copy put back with ``torch.where``), and the flags of the steps
   since the last read are kept on the device, with each step's norms, and read on the next
@@ -44,6 +45,7 @@ from torch import Tensor
 from trainer.callbacks import READ_EVERY, Callback, Every, StepOutput
 from trainer.distributed import all_reduce_max
 from trainer.instrument.norms import needs_care, norms_of
+from trainer.precision import LOW_PRECISION
 from trainer.update import skips_on_device, takes_found_inf
 
 if TYPE_CHECKING:
@@ -114,7 +116,6 @@ class NonfiniteGuard(Callback):
         self._found_set = False
         self._one: Tensor | None = None  # the check's scale of 1
         self._all_names: tuple[tuple[int, int], list[str]] | None = None
-        self._overflow_said = False  # (deferred: a +Inf norm's two readings, said once)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         # a resumed run's unread flags come from the checkpoint on the CPU: onto the device,
@@ -269,13 +270,16 @@ class NonfiniteGuard(Callback):
     def _defer(
         self, trainer: Trainer, grads: list[Tensor], losses: list[Tensor], tensors: list[Tensor]
     ) -> None:
-        """Deferred mode's check: the per-tensor norms (kept, read on the next logging step)
-        and the step's skip flag, float 1.0/0.0, from them on the device: the fused optimizers
-        take it as ``found_inf`` as it is. Two kernels per step with ``policy=raise`` (the
-        norms' fused call, and the check kernel over the list of norms: not stacked, as a step
-        that does not log never needs them as one tensor); ``policy=skip`` four more (the flag's
-        zeroing, :meth:`_count`'s three): on a launch-bound GPU step each counts."""
-        norms = self._norms(trainer, grads, losses, tensors)
+        """Deferred mode's check: per tensor a value finite exactly where its values are
+        (:func:`finite_measures`; kept, read on the next logging step) and the step's skip flag,
+        float 1.0/0.0, from them on the device: the fused optimizers take it as ``found_inf``
+        as it is. Two kernels per step with ``policy=raise`` (the measures' fused call, and the
+        check kernel over their list: not stacked, as a step that does not log never needs
+        them as one tensor); ``policy=skip`` four more (the flag's zeroing, :meth:`_count`'s
+        three): on a launch-bound GPU step each counts. Not shared as the gradients' norms
+        (summed in float64, they are not the float32 norms the norms instrument, clipping and
+        step mode compute)."""
+        norms = finite_measures(tensors)
         names = self._names(trainer, len(grads), len(losses))
         distributed = trainer.world.distributed
         if self.policy == "raise" and not distributed:
@@ -332,11 +336,9 @@ class NonfiniteGuard(Callback):
         self, trainer: Trainer, grads: list[Tensor], losses: list[Tensor], tensors: list[Tensor]
     ) -> list[Tensor]:
         """‖t‖₂ per checked tensor, 0-d each (one fused call, not stacked; float16/bfloat16 in
-        float32): NaN/Inf if the
-        tensor holds one. A sum of squares also overflows for huge finite values (|g| > 1e19 in
-        float32): deferred, that counts as non-finite. (max |g|, which
-        cannot overflow, took 10x longer on CPU.) The gradients' norms are shared with the
-        norms instrument and the loop's total."""
+        float32): step mode's look at sparse gradients, whose sum is NaN/Inf if a tensor holds
+        one (or its squares overflow: the values are checked next). The gradients' norms are
+        shared with the norms instrument and the loop's total."""
         careful = needs_care(losses) or (grads and self._careful_params)
         norms = norms_of(tensors, careful=bool(careful))
         if grads:  # (stacked if and when a later callback or the loop asks)
@@ -401,13 +403,12 @@ class NonfiniteGuard(Callback):
                 names, (*step_values, flag) = names[:-1], step_values
                 skipped = bool(flag)
             bad = [n for n, v in zip(names, step_values, strict=True) if not math.isfinite(v)]
-            overflow = [n for n, v in zip(names, step_values, strict=True) if v == math.inf]
             if skipped and not bad:  # another rank's values (data-parallel)
                 bad = [ELSEWHERE]
             if not bad:
                 self.consecutive = 0
                 continue
-            self._skip(trainer, step, bad, read_at=trainer.global_step, overflow=overflow)
+            self._skip(trainer, step, bad, read_at=trainer.global_step)
 
     def on_train_step_end(self, trainer: Trainer, out: StepOutput) -> None:
         if self._buffers_step is not None:  # (a buffer the loop could not put back: one
@@ -489,21 +490,15 @@ class NonfiniteGuard(Callback):
         step: int,
         bad: list[str],
         read_at: int | None = None,
-        overflow: list[str] | None = None,
     ) -> None:
-        """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped
-        (``overflow``: deferred mode, those whose norm read +Inf, not NaN)."""
+        """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped."""
         cause = _cause(bad) + _weights_cause(trainer) + _params_cause(trainer, self.every.n)
         if self.policy == "raise":
             later = _read_later(step, read_at)
-            note = f"; {_overflow_note(overflow)}" if overflow else ""
             raise NonFiniteError(
-                f"step {step}: {cause}{note}; stopped before the optimizer step{later} "
+                f"step {step}: {cause}; stopped before the optimizer step{later} "
                 "(instrument.nonfinite.policy=skip skips such steps instead)"
             )
-        if overflow and not self._overflow_said:  # (apart from the skip's warning, which is
-            self._overflow_said = True  # step mode's word for word)
-            log.warning("step %d: %s (said once)", step, _overflow_note(overflow))
         self.skipped += 1
         self.consecutive += 1
         value = {"nonfinite/skipped_steps": float(self.skipped)}
@@ -591,17 +586,45 @@ def _params_cause(trainer: Trainer, every: int = 1) -> str:
     )
 
 
-def _overflow_note(overflow: list[str]) -> str:
-    """Deferred mode: the tensors whose norm read +Inf, which finite values above about 1e19
-    give too (their squares overflow float32), in words (a review: huge finite values were
-    called non-finite, unsaid)."""
-    which = ", ".join("the losses" if n == LOSS else f"{n}'s gradient" for n in overflow[:3])
-    more = f" (and {len(overflow) - 3} more)" if len(overflow) > 3 else ""
-    return (
-        f"the norm of {which}{more} read +Inf: an Inf value, or finite values above about 1e19 "
-        "(1e154 in float64), whose sum of squares overflows, which instrument.nonfinite"
-        ".sync=deferred counts as non-finite (sync=step checks each value)"
-    )
+#: deferred mode's measures of these dtypes are their 2-norms summed in float64: a float32
+#: value's square is below 1.2e77, so no sum of them overflows (float32's did above about 1e19)
+_IN_FLOAT64 = (*LOW_PRECISION, torch.float32)
+
+
+def finite_measures(tensors: list[Tensor]) -> list[Tensor]:
+    """One 0-d value per tensor, finite exactly where all its values are (NaN where one is
+    NaN, else +Inf where one is infinite): what deferred mode keeps to name a culprit, and
+    its flag comes from. float32, float16 and bfloat16 tensors: their 2-norms summed in
+    float64, one fused call (the float32 norms' sum of squares overflowed for finite values
+    above about 1e19, which a probe's diverging run then skipped as non-finite, unlike step
+    mode). Others (float64, complex: one more fused call on CUDA, one per tensor on a CPU;
+    sparse, empty: one each) by their largest magnitude, which cannot overflow; a sparse
+    tensor's once its repeated indices are summed, as step mode checks it."""
+    kinds = [_measure_kind(t) for t in tensors]
+    if all(k == "norm" for k in kinds):
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+    out: list[Tensor | None] = [None] * len(tensors)
+    for kind, ord_, dtype in (("norm", 2, torch.float64), ("max", math.inf, None)):
+        at = [i for i, k in enumerate(kinds) if k == kind]
+        if at:
+            measured = torch._foreach_norm([tensors[i] for i in at], ord_, dtype=dtype)
+            for i, m in zip(at, measured, strict=True):
+                out[i] = m
+    return [m if m is not None else _largest(t) for m, t in zip(out, tensors, strict=True)]
+
+
+def _measure_kind(t: Tensor) -> str:
+    if t.layout != torch.strided or not t.numel():
+        return "one"  # (sparse: coalesced first; empty: no largest magnitude)
+    return "norm" if t.dtype in _IN_FLOAT64 else "max"
+
+
+def _largest(t: Tensor) -> Tensor:
+    """max |t| (NaN if a value is NaN), 0 for no values."""
+    values = t.coalesce()._values() if t.is_sparse else t
+    if not values.numel():
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    return torch.linalg.vector_norm(values, math.inf)
 
 
 def _cause(bad: list[str]) -> str:
