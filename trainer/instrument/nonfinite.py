@@ -599,17 +599,26 @@ def finite_measures(tensors: list[Tensor]) -> list[Tensor]:
     above about 1e19, which a probe's diverging run then skipped as non-finite, unlike step
     mode). Others (float64, complex: one more fused call on CUDA, one per tensor on a CPU;
     sparse, empty: one each) by their largest magnitude, which cannot overflow; a sparse
-    tensor's once its repeated indices are summed, as step mode checks it."""
+    tensor's once its repeated indices are summed, as step mode checks it. One call per
+    dtype and device (bfloat16 parameters beside float32 losses: two fused calls, where one
+    call over both took torch's per-tensor path)."""
     kinds = [_measure_kind(t) for t in tensors]
-    if all(k == "norm" for k in kinds):
+    if all(k == "norm" for k in kinds) and len({(t.dtype, t.device) for t in tensors}) == 1:
         return list(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+    # one fused call per kind, dtype and device (a mixed list takes torch's per-tensor path)
+    groups: dict[tuple[str, torch.dtype, torch.device], list[int]] = {}
+    for i, (t, kind) in enumerate(zip(tensors, kinds, strict=True)):
+        if kind != "one":
+            groups.setdefault((kind, t.dtype, t.device), []).append(i)
     out: list[Tensor | None] = [None] * len(tensors)
-    for kind, ord_, dtype in (("norm", 2, torch.float64), ("max", math.inf, None)):
-        at = [i for i, k in enumerate(kinds) if k == kind]
-        if at:
-            measured = torch._foreach_norm([tensors[i] for i in at], ord_, dtype=dtype)
-            for i, m in zip(at, measured, strict=True):
-                out[i] = m
+    for (kind, _, _), at in groups.items():
+        group = [tensors[i] for i in at]
+        if kind == "norm":
+            measured = torch._foreach_norm(group, 2, dtype=torch.float64)
+        else:
+            measured = torch._foreach_norm(group, math.inf)
+        for i, m in zip(at, measured, strict=True):
+            out[i] = m
     return [m if m is not None else _largest(t) for m, t in zip(out, tensors, strict=True)]
 
 
