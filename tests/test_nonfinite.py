@@ -11,7 +11,7 @@ import signal
 
 import pytest
 import torch
-from conftest import read_scalars, requires_cuda, train
+from conftest import final_params, read_scalars, requires_cuda, train
 from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback
@@ -927,11 +927,12 @@ def test_a_huge_finite_gradient_is_not_non_finite(tmp_path, sync, caplog) -> Non
 
 def test_deferred_modes_measures_are_finite_exactly_where_the_values_are() -> None:
     """finite_measures against torch.isfinite, value by value: huge finite values of each
-    dtype (float32 squares overflow from 1.9e19, float64's from 1.3e154), NaN, +-Inf, a sparse
-    tensor whose repeated index sums to Inf (step mode checks it summed), empty tensors."""
+    dtype (float32 squares overflow from 1.9e19), NaN, +-Inf, complex values whose parts are
+    finite and whose |z| overflows (a review's), sparse tensors whose repeated index sums to
+    Inf (as the optimizer sums them, float16's in float16: a review's), empty tensors."""
     from trainer.instrument.nonfinite import finite_measures
 
-    big = {torch.float32: 3e38, torch.float16: 65504.0, torch.bfloat16: 3e38, torch.float64: 1e300}
+    big = {torch.float32: 3e38, torch.float16: 65504.0, torch.bfloat16: 3e38, torch.float64: 1e308}
     tensors = []
     for dtype, value in big.items():
         for bad in (None, math.nan, math.inf, -math.inf):
@@ -939,20 +940,58 @@ def test_deferred_modes_measures_are_finite_exactly_where_the_values_are() -> No
             if bad is not None:
                 t[4000] = bad
             tensors.append(t)
-    z = torch.full((3,), 1e38, dtype=torch.complex64)
-    tensors += [z, torch.where(torch.arange(3) == 1, complex(math.nan, 0), z), torch.empty(0)]
-    summed = torch.sparse_coo_tensor([[0, 0, 1]], [3e38, 3e38, 1.0], (2,))  # uncoalesced
-    tensors += [summed, torch.sparse_coo_tensor([[0, 1]], [3e38, 1.0], (2,)),
-                torch.empty(0, dtype=torch.float64)]  # fmt: skip
+    for dtype, value in ((torch.complex64, 3e38), (torch.complex128, 1.5e308)):
+        z = torch.full((3,), complex(value, value), dtype=dtype)
+        tensors += [z, torch.where(torch.arange(3) == 1, complex(math.nan, 0), z)]
+    tensors.append(torch.empty(0))
+    for dtype, value in ((torch.float32, 3e38), (torch.float16, 40000.0)):
+        tensors += [torch.sparse_coo_tensor([[0, 0, 1]], [value, value, 1.0], (2,), dtype=dtype),
+                    torch.sparse_coo_tensor([[0, 1]], [value, 1.0], (2,), dtype=dtype)]  # fmt: skip
+    tensors.append(torch.empty(0, dtype=torch.float64))
     expected = [bool(torch.isfinite(t.coalesce().values() if t.is_sparse else t).all())
                 for t in tensors]  # fmt: skip
     got = [math.isfinite(float(m)) for m in finite_measures(tensors)]
     assert got == expected
-    assert expected.count(False) == 14  # (3 per dense dtype, the complex NaN, the sparse sum)
+    assert expected.count(False) == 16  # (3 per real dtype, 1 per complex, 1 per sparse)
     # one by one as in the list: the same measure whatever else is checked beside it
     for t, m in zip(tensors, finite_measures(tensors), strict=True):
         alone = finite_measures([t])[0]
         assert torch.equal(alone, m) or bool(alone.isnan() & m.isnan())
+
+
+class ComplexGain(torch.nn.Module):
+    """A linear model's logits times tanh(Re c) of a complex parameter c (1 at the start;
+    bounded, so a huge c trains on)."""
+
+    def __init__(self, num_classes: int = 10, **_) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(64, num_classes)
+        self.c = torch.nn.Parameter(torch.ones(1, dtype=torch.complex64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1)) * torch.tanh(self.c.real)
+
+
+class HugeComplex(Callback):
+    """A complex gradient with finite parts whose |z| overflows float32, at step 3."""
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step + 1 == 3:
+            c = dict(zip(trainer.param_names, trainer.params, strict=True))["c"]
+            torch.view_as_real(c.grad)[0] = 2.5e38  # (a Python complex: refused as overflowing)
+
+
+def test_a_complex_gradient_of_huge_finite_parts_is_taken_in_both_modes(tmp_path) -> None:
+    """Both modes take the step and end bit for bit alike (deferred measured |z|, which
+    overflowed, and skipped the step: a review's)."""
+    for sync in ("step", "deferred"):
+        train(tmp_path / sync, *COMMON, f"model._target_={__name__}.ComplexGain",
+              "optimizer=sgd", "instrument.nonfinite.policy=skip",
+              f"instrument.nonfinite.sync={sync}", callbacks=[HugeComplex()])  # fmt: skip
+        assert "nonfinite/skipped_steps" not in read_scalars(tmp_path / sync)
+    step, deferred = final_params(tmp_path / "step"), final_params(tmp_path / "deferred")
+    assert all(torch.equal(step[k], deferred[k]) for k in step)
+    assert step["c"].abs().item() > 1e36  # (the update took the huge gradient)
 
 
 class InfWeight(Callback):

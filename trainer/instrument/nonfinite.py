@@ -8,8 +8,8 @@ What a check costs and when its flag is read depends on ``sync``:
   failing check looks further, to name the culprit, and the loop skips the update (or raises)
   right there.
 * ``deferred`` (the default on an accelerator): one value per gradient and loss that is finite
-  exactly where the tensor's values are (:func:`finite_measures`: 2-norms summed in float64,
-  one fused call), and the flag from them in one more kernel (the same check kernel, over
+  exactly where the tensor's values are (:func:`finite_measures`: its largest magnitude, one
+  fused call), and the flag from them in one more kernel (the same check kernel, over
   those values), never read per step. The update is made
   conditional on it on the device (trainer/update.py: the fused optimizers' ``found_inf``, as
   ``GradScaler`` does it, or a copy put back with ``torch.where``), and the flags of the steps
@@ -44,8 +44,6 @@ from torch import Tensor
 
 from trainer.callbacks import READ_EVERY, Callback, Every, StepOutput
 from trainer.distributed import all_reduce_max
-from trainer.instrument.norms import needs_care, norms_of
-from trainer.precision import LOW_PRECISION
 from trainer.update import skips_on_device, takes_found_inf
 
 if TYPE_CHECKING:
@@ -106,8 +104,6 @@ class NonfiniteGuard(Callback):
         #: deferred: whether every later update is skipped (on the device; policy raise: a
         #: non-finite step was seen; skip: ``max_consecutive_skips`` were reached)
         self._latched: Tensor | None = None
-        #: float16/bfloat16 parameters, or long ones on a CPU (their gradients' norms: norms_of)
-        self._careful_params = False
         #: deferred, policy skip: the skipped steps in a row, counted on the device
         self._run: Tensor | None = None
         self._found: Tensor | None = None  # step mode: the check's flag, kept
@@ -171,7 +167,6 @@ class NonfiniteGuard(Callback):
 
     def on_params_change(self, trainer: Trainer) -> None:
         """Checks the gradients of the parameters trainable now (a layer unfrozen mid-run)."""
-        self._careful_params = needs_care(trainer.params)
         self._all_names = None
 
     def state_dict(self) -> dict[str, object]:
@@ -244,9 +239,13 @@ class NonfiniteGuard(Callback):
             self._defer(trainer, grads, losses, tensors)
             return
         found = kept = self._any_nonfinite(tensors)
-        if found is None:  # sparse gradients: the norms' sum (a model split over several
-            # devices is not supported: this stack takes tensors on one device)
-            found = ~torch.isfinite(torch.stack(self._norms(trainer, grads, losses, tensors)).sum())
+        if found is None:  # sparse or complex gradients: deferred mode's exact measures,
+            # checked by the same kernel (a float32 sum of norms overflowed for finite values,
+            # and was blind to float16 values that sum to Inf as the optimizer coalesces them)
+            found = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                finite_measures(tensors), found, self._ones(found.device)
+            )
         if distributed:  # every rank skips if any does: one small all-reduce per checked step
             found = all_reduce_max(found.float())
         if not bool(found):  # host sync: once per checked step
@@ -261,9 +260,6 @@ class NonfiniteGuard(Callback):
             [torch.isfinite(t.coalesce()._values() if t.is_sparse else t).all() for t in tensors]
         ).tolist()
         bad = [n for n, fine in zip(names, finite, strict=True) if not fine]
-        if not bad and not distributed:  # an overflowing norm of finite values: not a
-            self.consecutive = 0  # non-finite value
-            return
         self._skip(trainer, trainer.global_step, bad or [ELSEWHERE])
         trainer.skip_step = True
 
@@ -271,14 +267,14 @@ class NonfiniteGuard(Callback):
         self, trainer: Trainer, grads: list[Tensor], losses: list[Tensor], tensors: list[Tensor]
     ) -> None:
         """Deferred mode's check: per tensor a value finite exactly where its values are
-        (:func:`finite_measures`; kept, read on the next logging step) and the step's skip flag,
-        float 1.0/0.0, from them on the device: the fused optimizers take it as ``found_inf``
-        as it is. Two kernels per step with ``policy=raise`` (the measures' fused call, and the
-        check kernel over their list: not stacked, as a step that does not log never needs
-        them as one tensor); ``policy=skip`` four more (the flag's zeroing, :meth:`_count`'s
-        three): on a launch-bound GPU step each counts. Not shared as the gradients' norms
-        (summed in float64, they are not the float32 norms the norms instrument, clipping and
-        step mode compute)."""
+        (:func:`finite_measures`, its largest magnitude; kept, read on the next logging step)
+        and the step's skip flag, float 1.0/0.0, from them on the device: the fused optimizers
+        take it as ``found_inf`` as it is. Two kernels per step with ``policy=raise`` (the
+        measures' fused call, and the check kernel over their list: not stacked, as a step that
+        does not log never needs them as one tensor); ``policy=skip`` four more (the flag's
+        zeroing, :meth:`_count`'s three): on a launch-bound GPU step each counts. (The float32
+        2-norms it took until 2026-12-05 overflowed for finite values; the norms instrument
+        and clipping took them too.)"""
         norms = finite_measures(tensors)
         names = self._names(trainer, len(grads), len(losses))
         distributed = trainer.world.distributed
@@ -331,19 +327,6 @@ class NonfiniteGuard(Callback):
         if self._one is None or self._one.device != device:
             self._one = torch.ones((), dtype=torch.float32, device=device)
         return self._one
-
-    def _norms(
-        self, trainer: Trainer, grads: list[Tensor], losses: list[Tensor], tensors: list[Tensor]
-    ) -> list[Tensor]:
-        """‖t‖₂ per checked tensor, 0-d each (one fused call, not stacked; float16/bfloat16 in
-        float32): step mode's look at sparse gradients, whose sum is NaN/Inf if a tensor holds
-        one (or its squares overflow: the values are checked next). The gradients' norms are
-        shared with the norms instrument and the loop's total."""
-        careful = needs_care(losses) or (grads and self._careful_params)
-        norms = norms_of(tensors, careful=bool(careful))
-        if grads:  # (stacked if and when a later callback or the loop asks)
-            trainer.share_grad_norms(grads, norms)
-        return norms
 
     def _any_nonfinite(self, tensors: list[Tensor]) -> Tensor | None:
         """Step mode's check, exact and in one kernel: GradScaler's own
@@ -586,53 +569,46 @@ def _params_cause(trainer: Trainer, every: int = 1) -> str:
     )
 
 
-#: deferred mode's measures of these dtypes are their 2-norms summed in float64: a float32
-#: value's square is below 1.2e77, so no sum of them overflows (float32's did above about 1e19)
-_IN_FLOAT64 = (*LOW_PRECISION, torch.float32)
-
-
 def finite_measures(tensors: list[Tensor]) -> list[Tensor]:
-    """One 0-d value per tensor, finite exactly where all its values are (NaN where one is
-    NaN, else +Inf where one is infinite): what deferred mode keeps to name a culprit, and
-    its flag comes from. float32, float16 and bfloat16 tensors: their 2-norms summed in
-    float64, one fused call (the float32 norms' sum of squares overflowed for finite values
-    above about 1e19, which a probe's diverging run then skipped as non-finite, unlike step
-    mode). Others (float64, complex: one more fused call on CUDA, one per tensor on a CPU;
-    sparse, empty: one each) by their largest magnitude, which cannot overflow; a sparse
-    tensor's once its repeated indices are summed, as step mode checks it. One call per
-    dtype and device (bfloat16 parameters beside float32 losses: two fused calls, where one
-    call over both took torch's per-tensor path)."""
-    kinds = [_measure_kind(t) for t in tensors]
-    if all(k == "norm" for k in kinds) and len({(t.dtype, t.device) for t in tensors}) == 1:
-        return list(torch._foreach_norm(tensors, 2, dtype=torch.float64))
-    # one fused call per kind, dtype and device (a mixed list takes torch's per-tensor path)
-    groups: dict[tuple[str, torch.dtype, torch.device], list[int]] = {}
-    for i, (t, kind) in enumerate(zip(tensors, kinds, strict=True)):
-        if kind != "one":
-            groups.setdefault((kind, t.dtype, t.device), []).append(i)
-    out: list[Tensor | None] = [None] * len(tensors)
-    for (kind, _, _), at in groups.items():
-        group = [tensors[i] for i in at]
-        if kind == "norm":
-            measured = torch._foreach_norm(group, 2, dtype=torch.float64)
-        else:
-            measured = torch._foreach_norm(group, math.inf)
-        for i, m in zip(at, measured, strict=True):
+    """Each tensor's largest magnitude, 0-d each: finite exactly where all its values are (NaN
+    where one is NaN, else +Inf where one is infinite), as it cannot overflow. What deferred
+    mode keeps to name a culprit, and its flag comes from (and step mode's where its kernel
+    does not apply). One fused call (``torch._foreach_norm`` with ord inf) per dtype and
+    device; complex tensors as their real and imaginary parts (|z| overflows for parts near
+    the dtype's largest value); sparse ones by their values once repeated indices are summed,
+    in their dtype, as the optimizer sums them (one call each, as empty ones). Deferred mode
+    took float32 2-norms until 2026-12-05, whose squares overflow above about 1e19: a probe's
+    diverging run was then skipped there and not in step mode, its finite values called
+    non-finite."""
+    real = [_real(t) for t in tensors]
+    fused = [t.layout == torch.strided and t.numel() > 0 for t in real]
+    if all(fused) and len({(t.dtype, t.device) for t in real}) == 1:
+        return list(torch._foreach_norm(real, math.inf))
+    # (a list of several dtypes or devices took torch's per-tensor path: bfloat16 parameters
+    # beside float32 losses)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(real):
+        if fused[i]:
+            groups.setdefault((t.dtype, t.device), []).append(i)
+    out: list[Tensor | None] = [None] * len(real)
+    for at in groups.values():
+        for i, m in zip(at, torch._foreach_norm([real[i] for i in at], math.inf), strict=True):
             out[i] = m
-    return [m if m is not None else _largest(t) for m, t in zip(out, tensors, strict=True)]
+    return [m if m is not None else _largest(t) for m, t in zip(out, real, strict=True)]
 
 
-def _measure_kind(t: Tensor) -> str:
-    if t.layout != torch.strided or not t.numel():
-        return "one"  # (sparse: coalesced first; empty: no largest magnitude)
-    return "norm" if t.dtype in _IN_FLOAT64 else "max"
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor's real and imaginary parts (a view), others as they are."""
+    if t.is_complex() and t.layout == torch.strided:
+        return torch.view_as_real(t)
+    return t
 
 
 def _largest(t: Tensor) -> Tensor:
-    """max |t| (NaN if a value is NaN), 0 for no values."""
-    values = t.coalesce()._values() if t.is_sparse else t
+    """max |t| of a sparse or empty tensor (NaN if a value is NaN), 0 for no values."""
+    values = _real(t.coalesce()._values() if t.is_sparse else t)
     if not values.numel():
-        return torch.zeros((), dtype=torch.float64, device=t.device)
+        return torch.zeros((), dtype=values.dtype, device=t.device)
     return torch.linalg.vector_norm(values, math.inf)
 
 
