@@ -565,6 +565,36 @@ def test_a_unit_left_out_on_one_rank_is_left_out_on_every_rank(tmp_path) -> None
     assert all(math.isnan(v) for _, v in s2["grad_snr/proj.weight"])
 
 
+class AllOutsideOnRank(OutsideOnRank):
+    """OutsideOnRank with every Linear applied by hand on the ranks in ``functional_on``."""
+
+    def forward(self, x):
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank not in self.functional_on:
+            return super().forward(x)
+        F = torch.nn.functional
+        h = torch.tanh(F.linear(x.flatten(1), self.a.weight, self.a.bias))
+        h = torch.tanh(F.linear(h, self.proj.weight, self.proj.bias))
+        return F.linear(h, self.head.weight, self.head.bias)
+
+
+def test_every_unit_left_out_on_one_rank_leaves_no_norms_on_any(tmp_path) -> None:
+    """Rank 1 measures no unit, so no sample has a norm (coverage 0): NaN on rank 0 as in one
+    process that measures none (the rows of zeros read as norms of 0 before)."""
+    model = ("~model", f"+model._target_={__name__}.AllOutsideOnRank")
+    extra = (*COMMON, *model, "trainer.max_steps=5", "logging.every_n_steps=5")
+    one, ranks = tmp_path / "one", [tmp_path / "rank0", tmp_path / "rank1"]
+    assert launch(
+        (1, [*extra, "+model.functional_on=[0]", f"data.batch_size={2 * B}"], [one]),
+        (2, [*extra, "+model.functional_on=[1]", f"data.batch_size={B}"], ranks),
+    ) == [[0], [0, 0]]
+    for s in (read_scalars(one), read_scalars(ranks[0])):
+        assert s["per_sample/coverage"] == [(5, 0.0)]
+        for tag in ("per_sample/grad_norm_mean", "per_sample/grad_norm_max"):
+            assert [st for st, _ in s[tag]] == [5] and math.isnan(s[tag][0][1]), (tag, s[tag])
+
+
 def test_per_sample_norms_of_a_sequence_model_with_a_rank_without_samples(tmp_path) -> None:
     """Per-token losses on two processes whose last global batch has one sequence, so rank 1
     measures none: the run goes on (it crashed reshaping rank 1's empty (0, T) coefficients)

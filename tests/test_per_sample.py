@@ -2562,3 +2562,19 @@ def test_measuring_never_changes_training_with_a_loss_a_copy_cannot_take(tmp_pat
     assert "cannot be put back" not in caplog.text
     a, b = final_params(tmp_path / "none"), final_params(tmp_path / "measured")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_step_with_every_unit_left_out_has_no_norms_not_norms_of_0(caplog) -> None:
+    """A model ending in a BatchNorm mixes every unit's gradient across the batch: all are
+    left out (coverage 0), and the step's norms, their mean and max, and the noise scale's
+    parts are NaN (they read 0, a probe's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4)).double()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1, 0])
+    last, staged = measure(model, x, y)
+    assert staged["per_sample/coverage"] == 0.0
+    for tag in ("per_sample/grad_norm", "per_sample/weighted_grad_norm"):
+        assert last[tag].isnan().all(), last[tag]
+        assert math.isnan(staged[f"{tag}_max"])
+    for tag in ("per_sample/grad_var_trace", "per_sample/grad_signal", "per_sample/noise_scale"):
+        assert math.isnan(staged[tag]), (tag, staged[tag])

@@ -1717,6 +1717,12 @@ class PerSampleNorms(Callback):
         # mean and max are over finite values, so the samples that overflowed would go
         # unseen, and the few that did not read as the step's: 0.001 for a true 10,000.)
         root = torch.where(torch.isfinite(root).all(), root, torch.nan)
+        # every unit left out (coverage 0): no sample has a norm (its rows of zeros were
+        # logged as norms of 0, a mean and max of 0: a probe's NaN batch of a new shape)
+        if trainer.world.distributed:  # (the agreed mask: two small kernels, no host read)
+            root = torch.where(covered.any(), root, torch.nan)
+        elif coverage == 0:
+            root = torch.full_like(root, torch.nan)
         # the sample's share of the averaged gradient (one process: root itself, x / 1 == x)
         weighted = root / trainer.world.size if trainer.world.distributed else root
         if present is not None:  # a sequence without a valid target is no sample: no norm
@@ -1836,7 +1842,7 @@ class PerSampleNorms(Callback):
                 "(docs/instrumentation.md)"
             )
         estimate, snr = [math.nan, math.nan], [math.nan] * count
-        if uniform:
+        if uniform and any(c > 0 for c in covered):  # (none: no estimate, not one of 0)
             inv = 1.0 / (w_max * w_max)
             # ‖(1/n) Σ gᵢ‖² = |G_step|² / (n c)², c = w / W the samples' coefficient in G_step
             scale = inv * (world / n) * (world / n)
