@@ -549,6 +549,32 @@ def test_an_unconverged_power_iteration_is_nan_with_its_product_count() -> None:
     assert power_iteration(grads, params, gen, iters=3, tol=0)[1:] == (3, True)
 
 
+def test_a_nan_objective_stops_power_iteration_at_once_without_the_iteration_warning(
+    tmp_path, caplog
+) -> None:
+    """A NaN objective (a step the guard skips): NaN after one product, not power_iters of
+    them and a warning to raise power_iters (a probe's: 20 wasted products, a false cause);
+    end to end, a NaN input at step 2 with curvature every step warns nothing of it."""
+    x, t, model, _ = least_squares()
+    params = list(model.parameters())
+    loss = ((model(x).squeeze(1) - t) ** 2).mean() * math.nan
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    eig, products, _ = power_iteration(grads, params, torch.Generator().manual_seed(0))
+    assert math.isnan(float(eig)) and products == 1
+
+    class NanInput(Callback):
+        def on_train_batch_start(self, trainer, batch) -> None:
+            if trainer.global_step + 1 == 2:
+                batch.x[0, 0] = math.nan
+
+    train(tmp_path, "trainer.max_steps=3", "logging.every_n_steps=1",
+          "instrument.nonfinite.policy=skip", "instrument.curvature.every_n_steps=1",
+          callbacks=[NanInput()])  # fmt: skip
+    iters = dict(read_scalars(tmp_path)["curvature/top_eig_iters"])
+    assert iters[2] == 1.0 and iters[1] > 1.0 and iters[3] > 1.0
+    assert not [r for r in caplog.records if "did not converge" in r.getMessage()]
+
+
 def test_power_iteration_does_not_call_a_mix_of_opposite_eigenvalues_converged() -> None:
     """With eigenvalues ±λ at the top (a saddle: a two-layer linear net at 0), the iterate
     keeps both components and θ = λ(c₁² − c₂²) stays put: the change rule alone called it

@@ -96,7 +96,10 @@ def power_iteration(
     further than that). Without it an iterate mixing eigenvalues of opposite signs (±λ, as at
     a saddle) holds θ = λ(c₁² − c₂²) still, anywhere in (−λ, λ), and looked converged after 3
     products. An estimate creeping slowly can still be off by more than ``tol`` from the
-    largest magnitude (a stopping rule for that, not an error bound). ``tol=0``: always
+    largest magnitude (a stopping rule for that, not an error bound). A non-finite estimate
+    (a step whose objective is NaN, which the guard skips) stops it at once, as done: NaN
+    after one product, not ``iters`` of them and a warning to raise ``iters`` (a probe's).
+    ``tol=0``: always
     ``iters`` products, no host sync until read, and no convergence claimed or checked
     (True). ``product(v)`` replaces ``hvp(grads, params, v)`` (data-parallel: summed over the
     ranks).
@@ -113,14 +116,12 @@ def power_iteration(
         norm = torch.linalg.vector_norm(torch.stack(norms_of(hv)))  # (float32 at least; by rows)
         v = [(widen(h) / norm.clamp_min(tiny)).to(h.dtype) for h in hv]  # Hv = 0: v = 0, 0
         # host sync, on measuring steps only: one per iteration when tol > 0
-        converged = (
-            tol > 0
-            and i > 0
-            and bool(((new - eig).abs() <= tol * new.abs()) & (norm <= (1 + tol) * new.abs()))
-        )
+        if tol > 0:
+            near = ((new - eig).abs() <= tol * new.abs()) & (norm <= (1 + tol) * new.abs())
+            settled, lost = torch.stack([near & (i > 0), ~torch.isfinite(new)]).tolist()
+            if settled or lost:
+                return new, i + 1, True
         eig = new
-        if converged:
-            return eig, i + 1, True
     return eig, iters, tol == 0
 
 
