@@ -214,3 +214,38 @@ def test_curvature_of_a_gru_model_trains_on_cuda(tmp_path) -> None:
     assert all(v == v and abs(v) < float("inf") for _, v in values["curvature/trace"])
     want, got = final_params(tmp_path / "without"), final_params(tmp_path / "with")
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+class Bf16Net(torch.nn.Module):
+    """A linear model whose parameters are bfloat16 (inputs cast to them): bfloat16
+    gradients and losses, which CUDA's GradScaler check kernel is not implemented for."""
+
+    def __init__(self, num_classes: int = 10, **_) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(64, num_classes).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1).to(torch.bfloat16))
+
+
+def test_bfloat16_parameters_are_checked_alike_in_both_modes_on_cuda(tmp_path) -> None:
+    """Both modes check bfloat16 gradients on CUDA (step mode through finite_measures, in
+    float32; deferred's measures in float32 too: in bfloat16 they would reach the kernel),
+    skip the same step and end bit for bit alike."""
+    from conftest import final_params, train
+
+    from trainer.loop import Callback
+
+    class NanAt3(Callback):
+        def on_after_backward(self, trainer, batch, losses, weights) -> None:
+            if trainer.global_step + 1 == 3:
+                trainer.params[0].grad[0, 0] = float("nan")
+
+    for sync in ("step", "deferred"):
+        train(tmp_path / sync, "trainer.device=cuda", "~model",
+              f"+model._target_={__name__}.Bf16Net", "optimizer=sgd", "trainer.max_steps=6",
+              "logging.every_n_steps=2", "instrument.nonfinite.policy=skip",
+              f"instrument.nonfinite.sync={sync}", callbacks=[NanAt3()])  # fmt: skip
+        assert read_scalars(tmp_path / sync)["nonfinite/skipped_steps"] == [(3, 1.0)]
+    step, deferred = final_params(tmp_path / "step"), final_params(tmp_path / "deferred")
+    assert all(torch.equal(step[k], deferred[k]) for k in step)

@@ -97,8 +97,9 @@ def power_iteration(
     a saddle) holds θ = λ(c₁² − c₂²) still, anywhere in (−λ, λ), and looked converged after 3
     products. An estimate creeping slowly can still be off by more than ``tol`` from the
     largest magnitude (a stopping rule for that, not an error bound). A non-finite estimate
-    (a step whose objective is NaN, which the guard skips) stops it at once, as done: NaN
-    after one product, not ``iters`` of them and a warning to raise ``iters`` (a probe's).
+    (NaN: a step whose objective is NaN, which the guard skips; ±Inf: a curvature past the
+    dtype's range) stops it at once, as done: after one product, not ``iters`` of them and a
+    warning to raise ``iters`` (a probe's).
     ``tol=0``: always
     ``iters`` products, no host sync until read, and no convergence claimed or checked
     (True). ``product(v)`` replaces ``hvp(grads, params, v)`` (data-parallel: summed over the

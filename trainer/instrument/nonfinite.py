@@ -333,10 +333,13 @@ class NonfiniteGuard(Callback):
         ``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1 (it multiplies every
         value by 1.0, which changes no bit), then one host read. 12 µs against 28 µs for the
         norms on the digits MLP's CPU step. None where it does not apply (tensors on several
-        devices, sparse or complex gradients): the caller checks with the norms instead."""
+        devices, sparse or complex gradients, bfloat16 ones off a CPU: CUDA's kernel is not
+        implemented for them): the caller checks with :func:`finite_measures` instead."""
         device = tensors[0].device
         if any(t.device != device or t.is_sparse or t.is_complex() for t in tensors):
             return None  # (the kernel takes neither sparse nor complex tensors)
+        if device.type != "cpu" and any(t.dtype == torch.bfloat16 for t in tensors):
+            return None
         if self._found is None or self._found.device != device:
             # float32 whatever the default dtype: the kernel takes nothing else
             self._found = torch.zeros((), dtype=torch.float32, device=device)
@@ -580,10 +583,17 @@ def finite_measures(tensors: list[Tensor]) -> list[Tensor]:
     took float32 2-norms until 2026-12-05, whose squares overflow above about 1e19: a probe's
     diverging run was then skipped there and not in step mode, its finite values called
     non-finite."""
+    kinds = {(t.dtype, t.layout) for t in tensors}  # (the usual list: one dtype, dense; one
+    # pass, as the per-tensor checks below took ~0.5 µs a tensor of host time every step)
+    if len(kinds) == 1:
+        dtype, layout = next(iter(kinds))
+        if layout == torch.strided and not dtype.is_complex:
+            try:
+                return list(torch._foreach_norm(tensors, math.inf, dtype=_measured_in(dtype)))
+            except RuntimeError:  # (an empty tensor on a CPU: no largest magnitude)
+                pass
     real = [_real(t) for t in tensors]
     fused = [t.layout == torch.strided and t.numel() > 0 for t in real]
-    if all(fused) and len({(t.dtype, t.device) for t in real}) == 1:
-        return list(torch._foreach_norm(real, math.inf))
     # (a list of several dtypes or devices took torch's per-tensor path: bfloat16 parameters
     # beside float32 losses)
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
@@ -591,25 +601,35 @@ def finite_measures(tensors: list[Tensor]) -> list[Tensor]:
         if fused[i]:
             groups.setdefault((t.dtype, t.device), []).append(i)
     out: list[Tensor | None] = [None] * len(real)
-    for at in groups.values():
-        for i, m in zip(at, torch._foreach_norm([real[i] for i in at], math.inf), strict=True):
+    for (dtype, _), at in groups.items():
+        group = [real[i] for i in at]
+        for i, m in zip(at, torch._foreach_norm(group, math.inf, dtype=_measured_in(dtype)),
+                        strict=True):  # fmt: skip
             out[i] = m
     return [m if m is not None else _largest(t) for m, t in zip(out, real, strict=True)]
 
 
+def _measured_in(dtype: torch.dtype) -> torch.dtype | None:
+    """float16/bfloat16 measures in float32 (exact: the largest magnitude; CUDA's check
+    kernel, which takes the measures, is not implemented for bfloat16), others in their own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
 def _real(t: Tensor) -> Tensor:
-    """A complex tensor's real and imaginary parts (a view), others as they are."""
+    """A complex tensor's real and imaginary parts (a view, or a copy where autograd left the
+    conjugate flag: the gradient of a forward through ``c.conj()``), others as they are."""
     if t.is_complex() and t.layout == torch.strided:
-        return torch.view_as_real(t)
+        return torch.view_as_real(t.resolve_conj())
     return t
 
 
 def _largest(t: Tensor) -> Tensor:
     """max |t| of a sparse or empty tensor (NaN if a value is NaN), 0 for no values."""
     values = _real(t.coalesce()._values() if t.is_sparse else t)
+    dtype = _measured_in(values.dtype) or values.dtype
     if not values.numel():
-        return torch.zeros((), dtype=values.dtype, device=t.device)
-    return torch.linalg.vector_norm(values, math.inf)
+        return torch.zeros((), dtype=dtype, device=t.device)
+    return torch.linalg.vector_norm(values, math.inf, dtype=dtype)
 
 
 def _cause(bad: list[str]) -> str:
