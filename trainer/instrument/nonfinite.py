@@ -576,22 +576,21 @@ def finite_measures(tensors: list[Tensor]) -> list[Tensor]:
     """Each tensor's largest magnitude, 0-d each: finite exactly where all its values are (NaN
     where one is NaN, else +Inf where one is infinite), as it cannot overflow. What deferred
     mode keeps to name a culprit, and its flag comes from (and step mode's where its kernel
-    does not apply). One fused call (``torch._foreach_norm`` with ord inf) per dtype and
-    device; complex tensors as their real and imaginary parts (|z| overflows for parts near
-    the dtype's largest value); sparse ones by their values once repeated indices are summed,
-    in their dtype, as the optimizer sums them (one call each, as empty ones). Deferred mode
-    took float32 2-norms until 2026-12-05, whose squares overflow above about 1e19: a probe's
-    diverging run was then skipped there and not in step mode, its finite values called
-    non-finite."""
-    kinds = {(t.dtype, t.layout) for t in tensors}  # (the usual list: one dtype, dense; one
-    # pass, as the per-tensor checks below took ~0.5 µs a tensor of host time every step)
+    does not apply). One fused call (``torch._foreach_norm`` with ord inf) per dtype (and
+    device, where the list holds several dtypes; a model split over devices is not supported:
+    the check kernel takes tensors on one); float16/bfloat16 ones in float32; complex tensors
+    as their real and imaginary parts (|z| overflows for parts near the dtype's largest
+    value); sparse ones by their values once repeated indices are summed, in their dtype, as
+    the optimizer sums them (one call each, as empty ones). Deferred mode took float32
+    2-norms until 2026-12-05, whose squares overflow above about 1e19: a probe's diverging run
+    was then skipped there and not in step mode, its finite values called non-finite."""
+    # the usual list (one dtype, dense, none empty) in one pass: the per-tensor checks below
+    # took ~0.5 µs a tensor of host time every step
+    kinds = {(t.dtype, t.layout, t.numel() > 0) for t in tensors}
     if len(kinds) == 1:
-        dtype, layout = next(iter(kinds))
-        if layout == torch.strided and not dtype.is_complex:
-            try:
-                return list(torch._foreach_norm(tensors, math.inf, dtype=_measured_in(dtype)))
-            except RuntimeError:  # (an empty tensor on a CPU: no largest magnitude)
-                pass
+        dtype, layout, filled = next(iter(kinds))
+        if layout == torch.strided and filled and not dtype.is_complex:
+            return list(torch._foreach_norm(tensors, math.inf, dtype=_measured_in(dtype)))
     real = [_real(t) for t in tensors]
     fused = [t.layout == torch.strided and t.numel() > 0 for t in real]
     # (a list of several dtypes or devices took torch's per-tensor path: bfloat16 parameters
