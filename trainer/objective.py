@@ -370,11 +370,13 @@ class Objective:
             return self._input_penalty(losses, x, self._share(y, window), logs)
         # data-parallel: this rank's part of the global mean (× W for DDP's average)
         n_local = y.shape[0]
-        part = (
-            self._input_penalty(losses, x, n_local / window.samples, logs)
-            if n_local
-            else losses.sum() * 0.0  # no sample here: nothing to penalize
-        )
+        if n_local:
+            part = self._input_penalty(losses, x, n_local / window.samples, logs)
+        else:  # no sample here: nothing to penalize, a part of 0 in the window's values,
+            # whose sum every rank then all-reduces (a rank without any skipped the collective
+            # on the logging step: a native abort, a probe's)
+            part = losses.sum() * 0.0
+            self._penalty_window.append(part.detach())
         return part * ddp
 
     def _input_penalty(self, losses: Tensor, x: Tensor, share: float, logs: bool) -> Tensor:
