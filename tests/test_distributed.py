@@ -656,8 +656,10 @@ def test_per_sample_norms_add_no_host_read_on_two_processes(tmp_path) -> None:
     but the stop flag agreed at the previous rest point (a host tensor already). Before, the
     counts were exchanged and read on every measured step. Global batches of 2 x 100 in
     windows of 2: 1,437 = 7 x 200 + 37, so each epoch's last window ends on a ragged batch
-    (19 / 18); two epochs of 4 steps, logging every 4, per-sample norms every step."""
+    (19 / 18: the split holds 1,438, whose 38 split 19 / 19, hence the subset; a helper's
+    audit); two epochs of 4 steps, logging every 4, per-sample norms every step."""
     extra = ("trainer.max_steps=-1", "trainer.max_epochs=2", "data.batch_size=100",
+             "data.train_subset=1437",
              "trainer.accumulate_grad_batches=2", "optimizer=sgd", "optimizer.fused=true",
              "instrument.nonfinite.sync=deferred", "instrument.per_sample.every_n_steps=1",
              "instrument.norms.every_n_steps=1", "logging.every_n_steps=4",
@@ -682,10 +684,11 @@ def test_a_run_stopped_and_resumed_on_two_processes_logs_what_an_uninterrupted_o
     and the epoch's train/loss come out as in the run never stopped, bit for bit, with every
     other scalar. Before, every rank resumed with rank 0's losses (train/loss off by ~1e-4).
     Accumulation over 2 micro-batches, per-sample norms every 2 steps (gathered from the ranks
-    at their shards' counts), a ragged last batch: 1,437 = 11 x 120 + 117."""
+    at their shards' counts), a ragged last batch: 1,437 = 11 x 120 + 117, 59 / 58 (the
+    split holds 1,438, whose 118 split 59 / 59, hence the subset; a helper's audit)."""
     extra = (*COMMON, "trainer.max_steps=16", "instrument.per_sample.every_n_steps=2",
              "data.batch_size=60", "trainer.accumulate_grad_batches=2",
-             "optimizer=sgd")  # fmt: skip
+             "data.train_subset=1437", "optimizer=sgd")  # fmt: skip
     ref, dirs = [tmp_path / "a0", tmp_path / "a1"], [tmp_path / "b0", tmp_path / "b1"]
     assert launch((2, list(extra), ref)) == [[0, 0]]
     assert ranks_of(_rank_asked_to_stop, extra, dirs, 8) == [128 + signal.SIGUSR1] * 2

@@ -1428,7 +1428,7 @@ def test_the_loss_scale_watch_counts_its_streak_across_a_resume(tmp_path) -> Non
 
 
 def test_a_mixing_check_that_failed_on_a_skipped_step_resumes_bit_for_bit(tmp_path) -> None:
-    """The epoch's short last batch (29 samples) is first seen on step 12, skipped for a NaN
+    """The epoch's short last batch (30 samples) is first seen on step 12, skipped for a NaN
     input: its per-sample mixing check fails (not finite) and is run again on the next step
     of that shape, 24, after its backward. A run resumed at step 23 ran it before step 24's
     forward instead, and its per-sample statistics differed in the last bits (3.947068453

@@ -565,7 +565,7 @@ def test_reduce_lr_on_plateau_steps_on_the_monitor_after_each_validation(tmp_pat
         opt, mode="max", patience=0, factor=0.5, threshold=0.6
     )
     want = []
-    for acc in accs:  # 6 steps per epoch (1,437 training samples in batches of 256)
+    for acc in accs:  # 6 steps per epoch (1,438 training samples in batches of 256)
         want += [opt.param_groups[0]["lr"]] * 6
         replay.step(acc)
     assert [v for _, v in scalars["lr"]] == pytest.approx(want, rel=1e-7)
