@@ -553,20 +553,26 @@ class OutsideOnRank(torch.nn.Module):
         return self.head(torch.tanh(h))
 
 
+def _outside_on_one_rank(tmp_path: Path, model: str, *extra: str) -> tuple[dict, dict]:
+    """One process of 2B whose rank 0 applies the model's layers by hand (``functional_on``)
+    beside two of B where rank 1 does: the scalars of the one and of rank 0."""
+    extra = (*COMMON, "~model", f"+model._target_={__name__}.{model}", *extra,
+             "logging.every_n_steps=5")  # fmt: skip
+    one, ranks = tmp_path / "one", [tmp_path / "rank0", tmp_path / "rank1"]
+    assert launch(
+        (1, [*extra, "+model.functional_on=[0]", f"data.batch_size={2 * B}"], [one]),
+        (2, [*extra, "+model.functional_on=[1]", f"data.batch_size={B}"], ranks),
+    ) == [[0], [0, 0]]
+    return read_scalars(one), read_scalars(ranks[0])
+
+
 def test_a_unit_left_out_on_one_rank_is_left_out_on_every_rank(tmp_path) -> None:
     """Per-sample norms leave a unit out where its rank could not measure it; data-parallel,
     the gathered rows come from every rank, so one rank's exclusion is every rank's (an
     all-reduce of the covered mask): rank 0's coverage and series equal one process's that
     leaves the unit out everywhere. Before, rank 0 logged its own coverage (1.0) over rows of
     which rank 1's lacked the unit."""
-    model = ("~model", f"+model._target_={__name__}.OutsideOnRank")
-    extra = (*COMMON, *model, "trainer.max_steps=10", "logging.every_n_steps=5")
-    one, ranks = tmp_path / "one", [tmp_path / "rank0", tmp_path / "rank1"]
-    assert launch(
-        (1, [*extra, "+model.functional_on=[0]", f"data.batch_size={2 * B}"], [one]),
-        (2, [*extra, "+model.functional_on=[1]", f"data.batch_size={B}"], ranks),
-    ) == [[0], [0, 0]]
-    s1, s2 = read_scalars(one), read_scalars(ranks[0])
+    s1, s2 = _outside_on_one_rank(tmp_path, "OutsideOnRank", "trainer.max_steps=10")
     left = 32 * 32 + 32
     total = 64 * 32 + 32 + left + 32 * 10 + 10
     for s in (s1, s2):
@@ -595,14 +601,7 @@ class AllOutsideOnRank(OutsideOnRank):
 def test_every_unit_left_out_on_one_rank_leaves_no_norms_on_any(tmp_path) -> None:
     """Rank 1 measures no unit, so no sample has a norm (coverage 0): NaN on rank 0 as in one
     process that measures none (the rows of zeros read as norms of 0 before)."""
-    model = ("~model", f"+model._target_={__name__}.AllOutsideOnRank")
-    extra = (*COMMON, *model, "trainer.max_steps=5", "logging.every_n_steps=5")
-    one, ranks = tmp_path / "one", [tmp_path / "rank0", tmp_path / "rank1"]
-    assert launch(
-        (1, [*extra, "+model.functional_on=[0]", f"data.batch_size={2 * B}"], [one]),
-        (2, [*extra, "+model.functional_on=[1]", f"data.batch_size={B}"], ranks),
-    ) == [[0], [0, 0]]
-    for s in (read_scalars(one), read_scalars(ranks[0])):
+    for s in _outside_on_one_rank(tmp_path, "AllOutsideOnRank", "trainer.max_steps=5"):
         assert s["per_sample/coverage"] == [(5, 0.0)]
         for tag in ("per_sample/grad_norm_mean", "per_sample/grad_norm_max"):
             assert [st for st, _ in s[tag]] == [5] and math.isnan(s[tag][0][1]), (tag, s[tag])
