@@ -1275,3 +1275,35 @@ def test_a_subset_of_a_dataset_without_a_batched_fetch_names_the_failing_sample(
         train(tmp_path, *labels("FailingItems"), "data.train_subset=10", "data.batch_size=10",
               "data.num_workers=0")  # fmt: skip
     assert "(data: Subset[5] raised it, of 10 by its __len__)" in raised.value.__notes__
+
+
+class MeanAndLogVar(nn.Module):
+    """A regression model of one's own predicting a mean and a log-variance per sample."""
+
+    def __init__(self, in_shape, out_dim: int = 1, **_) -> None:
+        super().__init__()
+        self.net = nn.Linear(math.prod(in_shape), 2)
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+class GaussNLL(Loss):
+    """-log N(y; μ, σ²) per sample from (μ, log σ²): a regression loss whose model returns
+    two values per target."""
+
+    task = "regression"
+
+    def forward(self, output, target):
+        mean, log_var = output[:, 0], output[:, 1]
+        return 0.5 * (log_var + (target.reshape(-1) - mean) ** 2 / log_var.exp())
+
+
+def test_a_regression_output_val_mse_cannot_compare_is_refused_at_the_first_step(tmp_path):
+    """val/mse compares the output with the targets element by element: a (B, 2) output for
+    (B,) targets trained an epoch, then failed at the first validation naming loss=mse (a
+    probe's). Now at the first step, naming the loss, val/mse and the ways out."""
+    with pytest.raises(ValueError, match="loss GaussNLL \\(task regression\\): val/mse compares"):
+        train(tmp_path, "data=diabetes", "~model", f"+model._target_={__name__}.MeanAndLogVar",
+              "~loss", f"+loss._target_={__name__}.GaussNLL", "trainer.max_steps=20")  # fmt: skip
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 0

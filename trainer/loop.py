@@ -990,7 +990,7 @@ class Trainer:
             ) from e
         self.criterion.check_output(logits)
         try:
-            return logits, self.criterion(logits, y)
+            losses = self.criterion(logits, y)
         except (RuntimeError, IndexError) as e:
             text = str(e)
             if isinstance(e, torch.OutOfMemoryError) or not (
@@ -1005,6 +1005,9 @@ class Trainer:
                 f"{tuple(y.shape)}{LABELS_HINT.get(self.criterion.task or '', '')}. torch: "
                 f"{text.splitlines()[0] if text else type(e).__name__}"
             ) from e
+        if isinstance(logits, Tensor):  # (what val_sums' task metric will compare)
+            self.criterion.check_targets(logits, y)
+        return logits, losses
 
     def _follow_trainable(self, fire: bool = True) -> None:
         """Follow a change of the parameters' ``requires_grad`` (gradual unfreezing in a

@@ -93,6 +93,16 @@ class Loss(Stateful):
                 "override val_sums and metrics in your loss for this output"
             )
 
+    def check_targets(self, output: Tensor, target: Tensor) -> None:
+        """Raise where the first batch's output and targets cannot go through the task's
+        metric in :meth:`val_sums` (the trainer asks after the loss took them): a regression
+        loss of one's own whose model returns other than one value per target (a mean and a
+        log-variance) trained a whole epoch, then failed naming loss=mse (a probe's)."""
+        if self.task != "regression" or type(self).val_sums is not Loss.val_sums:
+            return
+        if output.shape[0] != target.shape[0] or output.numel() != target.numel():
+            raise ValueError(_val_mse_shapes(self, output, target))
+
     def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
         """The per-sample losses validation averages into ``val/loss`` (default: forward's)."""
         return self.forward(output, target)
@@ -129,6 +139,8 @@ class Loss(Stateful):
             correct = (output.argmax(dim=1) == target).sum().to(output.dtype)
             sums["val/acc"] = torch.stack([_unless_nonfinite(correct, output), n])
         elif self.task == "regression":
+            if output.shape[0] != target.shape[0] or output.numel() != target.numel():
+                raise ValueError(_val_mse_shapes(self, output, target))
             sums["val/mse"] = torch.stack([squared_error(output, target).sum(), n])
         elif self.task == "sequence":  # val/ppl: exp of val/loss (finalize)
             if output.ndim != target.ndim + 1 or output.shape[:-1] != target.shape:
@@ -190,6 +202,17 @@ def units_dtype(dtype: torch.dtype) -> torch.dtype:
 def perplexity(loss: float) -> float:
     """exp(mean NLL), inf where it overflows (NaN stays NaN: nothing was averaged)."""
     return math.inf if loss >= 700 else math.exp(loss)
+
+
+def _val_mse_shapes(loss: Loss, output: Tensor, target: Tensor) -> str:
+    """Why ``val/mse`` cannot compare these, and the ways out."""
+    return (
+        f"loss {type(loss).__name__} (task regression): val/mse compares the model's output "
+        f"with the targets element by element, and the output of shape {tuple(output.shape)} "
+        f"does not match the targets of shape {tuple(target.shape)}; return one output per "
+        "target element, or give the loss task = None (val/loss only) or val_sums and metrics "
+        "of its own for this output"
+    )
 
 
 def squared_error(output: Tensor, target: Tensor) -> Tensor:
