@@ -890,7 +890,9 @@ def test_a_loss_of_the_wrong_shape_is_refused_saying_what_a_per_token_loss_needs
     y = torch.zeros(8, 7, dtype=torch.long)
     objective = Objective(SequenceNLL(), None, (), [])
     with pytest.raises(ValueError, match=r"shape \(8,\) \(reduction='none'\); a loss per token, "
-                       r"\(B, T, ...\), is taken from a loss that implements units"):  # fmt: skip
+                       r"\(B, T, ...\), is taken from a loss that implements units.*a loss per "
+                       r"output of a regression, \(B, K\): reduce it per sample, e\.g\. "
+                       r"\.mean\(1\)"):  # fmt: skip
         objective.check_losses(torch.zeros(8, 7), y)
     objective = Objective(OwnTokenNLL(), None, (), [])
     with pytest.raises(ValueError, match=r"shape \(8, 7\) \(reduction='none'\); its units"):

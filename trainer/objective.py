@@ -143,7 +143,8 @@ class Objective:
                 + (
                     "; a loss per token, (B, T, ...), is taken from a loss that implements "
                     "units(target, dtype), the unit weights of its average (README, 'Bring "
-                    "your own')"
+                    "your own'); a loss per output of a regression, (B, K): reduce it per "
+                    "sample, e.g. .mean(1)"
                     if units is None and losses.ndim > 1 and losses.shape[0] == y.shape[0]
                     else "; its units(target, dtype) give that shape"
                     if units is not None
