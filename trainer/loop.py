@@ -1005,8 +1005,9 @@ class Trainer:
                 f"{tuple(y.shape)}{LABELS_HINT.get(self.criterion.task or '', '')}. torch: "
                 f"{text.splitlines()[0] if text else type(e).__name__}"
             ) from e
-        if isinstance(logits, Tensor):  # (what val_sums' task metric will compare)
-            self.criterion.check_targets(logits, y)
+        said = self.criterion.check_targets(logits, y) if isinstance(logits, Tensor) else None
+        if said:  # (in train mode: the eval-mode output validation takes may differ)
+            log.warning("the first batch's output in training mode: %s", said)
         return logits, losses
 
     def _follow_trainable(self, fire: bool = True) -> None:

@@ -93,15 +93,18 @@ class Loss(Stateful):
                 "override val_sums and metrics in your loss for this output"
             )
 
-    def check_targets(self, output: Tensor, target: Tensor) -> None:
-        """Raise where the first batch's output and targets cannot go through the task's
-        metric in :meth:`val_sums` (the trainer asks after the loss took them): a regression
-        loss of one's own whose model returns other than one value per target (a mean and a
-        log-variance) trained a whole epoch, then failed naming loss=mse (a probe's)."""
+    def check_targets(self, output: Tensor, target: Tensor) -> str | None:
+        """What the first training batch's output says of the task's metric in
+        :meth:`val_sums`: why ``val/mse`` could not compare it with the targets, or None. The
+        trainer warns with it at the first step (a regression loss of one's own whose model
+        returns a mean and a log-variance trained a whole epoch, then failed naming loss=mse:
+        a probe's); not an error, as validation takes the model's eval-mode output, which may
+        differ (a review's false refusal), and fails there with these words if it does not."""
         if self.task != "regression" or type(self).val_sums is not Loss.val_sums:
-            return
+            return None
         if output.shape[0] != target.shape[0] or output.numel() != target.numel():
-            raise ValueError(_val_mse_shapes(self, output, target))
+            return _val_mse_shapes(self, output, target)
+        return None
 
     def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
         """The per-sample losses validation averages into ``val/loss`` (default: forward's)."""
