@@ -102,9 +102,7 @@ class Loss(Stateful):
         differ (a review's false refusal), and fails there with these words if it does not."""
         if self.task != "regression" or type(self).val_sums is not Loss.val_sums:
             return None
-        if output.shape[0] != target.shape[0] or output.numel() != target.numel():
-            return _val_mse_shapes(self, output, target)
-        return None
+        return None if _comparable(output, target) else _val_mse_shapes(self, output, target)
 
     def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
         """The per-sample losses validation averages into ``val/loss`` (default: forward's)."""
@@ -142,8 +140,9 @@ class Loss(Stateful):
             correct = (output.argmax(dim=1) == target).sum().to(output.dtype)
             sums["val/acc"] = torch.stack([_unless_nonfinite(correct, output), n])
         elif self.task == "regression":
-            if output.shape[0] != target.shape[0] or output.numel() != target.numel():
-                raise ValueError(_val_mse_shapes(self, output, target))
+            said = self.check_targets(output, target)
+            if said:
+                raise ValueError(said)
             sums["val/mse"] = torch.stack([squared_error(output, target).sum(), n])
         elif self.task == "sequence":  # val/ppl: exp of val/loss (finalize)
             if output.ndim != target.ndim + 1 or output.shape[:-1] != target.shape:
@@ -207,6 +206,12 @@ def perplexity(loss: float) -> float:
     return math.inf if loss >= 700 else math.exp(loss)
 
 
+def _comparable(output: Tensor, target: Tensor) -> bool:
+    """Whether a squared error can pair the output with the targets element by element: the
+    same batch and as many elements per sample (never a broadcast)."""
+    return output.shape[0] == target.shape[0] and output.numel() == target.numel()
+
+
 def _val_mse_shapes(loss: Loss, output: Tensor, target: Tensor) -> str:
     """Why ``val/mse`` cannot compare these, and the ways out."""
     return (
@@ -226,7 +231,7 @@ def squared_error(output: Tensor, target: Tensor) -> Tensor:
     both shapes, never a broadcast (a (B, 1) - (B,) difference would silently be (B, B)).
     """
     b = target.shape[0]
-    if output.shape[0] != b or output.numel() != target.numel():
+    if not _comparable(output, target):
         raise ValueError(
             f"loss=mse: the model's output of shape {tuple(output.shape)} does not match the "
             f"targets of shape {tuple(target.shape)} (one output per target element; nothing "
