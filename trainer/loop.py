@@ -52,7 +52,7 @@ from trainer.distributed import (
 )
 from trainer.instrument.norms import needs_care, total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
-from trainer.losses import Loss, as_loss
+from trainer.losses import Loss, as_loss, check_metric_names, finished_metrics, val_keys
 from trainer.metrics import HostFn, LossTally, Staging, mean_of
 from trainer.objective import Objective, Window
 from trainer.precision import sum_dtype
@@ -285,6 +285,8 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         #: the loss component (trainer.losses.Loss; a plain callable is wrapped)
         self.criterion = as_loss(criterion)
+        check_metric_names(self.criterion)
+        self._told_extra_metrics = False  # (a finalize's names beyond metrics: warned once)
         #: the metric a ReduceLROnPlateau scheduler steps on after each validation (run():
         #: the config's ``monitor``)
         self.monitor: str = self.criterion.monitor
@@ -1453,21 +1455,39 @@ class Trainer:
         puts the training modes back after ``on_validation_end``)."""
         self.model.eval()
         broadcast_buffers(self.model)  # (data-parallel: the model rank 0 checkpoints)
-        names = self.criterion.metrics
         # (metric, [sum, count]), summed over the batches in float64 (a float64 model's
         # sums as they are; float32 ones without rounding their running total)
         wide = sum_dtype(self.device)
-        sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
-        for x, y, _ in self.val_loader:
+        names: list[str] | None = None  # what val_sums reports (checked: losses.val_keys)
+        sums = torch.zeros(0, 2, dtype=wide, device=self.device)
+        for i, (x, y, _) in enumerate(self.val_loader):
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 output = self.model(x)
             batch = self.criterion.val_sums(output, y)
+            if names is None:
+                names = val_keys(self.criterion, batch, None, i)
+                sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
+            elif len(batch) != len(names) or batch.keys() != set(names):
+                val_keys(self.criterion, batch, names, i)  # (raises, naming both)
             sums += torch.stack([batch[k] for k in names])
+        if names is None:  # no validation batch (on every rank alike): NaN metrics
+            names = list(self.criterion.metrics)
+            sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
         train = self.tally.epoch_parts()  # [Σ, count] on the device (no copy)
         both = all_reduce_sum(torch.cat([sums, train[None]]))
         # host sync: once per validation (data-parallel: summed over the ranks)
         rows = both.tolist()
         values = {k: mean_of(s, n) for k, (s, n) in zip(names, rows[:-1], strict=True)}
-        return {"train/loss": mean_of(*rows[-1]), **self.criterion.finalize(values)}
+        metrics, extra = finished_metrics(self.criterion, values, names)
+        if extra and not self._told_extra_metrics:
+            self._told_extra_metrics = True
+            log.warning(
+                "validation metrics %s of loss %s are not in its metrics: those under val/ "
+                "reach TensorBoard and the epoch lines, the others nothing, and none reaches "
+                "metrics.json, the run's summary or HPARAMS or can be the monitor (list them "
+                "in the loss's metrics, or leave them out of finalize)",
+                extra, type(self.criterion).__name__,
+            )  # fmt: skip
+        return {"train/loss": mean_of(*rows[-1]), **metrics}

@@ -55,8 +55,12 @@ class Loss(Stateful):
     """Base class: per-sample losses (:meth:`forward`) and validation metrics (:meth:`val_sums`).
 
     ``val_sums`` returns, for one validation batch, each metric's (sum, count) as a (2,)
-    tensor; the loop adds them over the batches and the processes and divides. The base class
-    gives ``val/loss`` (the mean of :meth:`val_losses`) and the task's metric.
+    tensor; the loop adds them over the batches and the processes, divides, and hands the
+    means to :meth:`finalize`, which may derive more (a sequence's perplexity, an F1 from
+    true/false positive rates) and must return every name of :attr:`metrics`. Only what is a
+    ratio of sums over the samples is exact this way (a maximum over the samples is not: it
+    would depend on the batch size and the processes). The base class gives ``val/loss`` (the
+    mean of :meth:`val_losses`) and the task's metrics.
     """
 
     #: ``classification``, ``regression`` or None (see the module docstring)
@@ -110,7 +114,9 @@ class Loss(Stateful):
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        """The names :meth:`val_sums` reports, ``val/loss`` first."""
+        """The validation metrics :meth:`finalize` returns, ``val/loss`` first: each starts
+        with ``val/`` (TensorBoard's tags of validation), written to ``metrics.json``, the run's
+        summary and HPARAMS, and a ``monitor`` may name one."""
         extra = {
             "classification": ("val/acc",),
             "regression": ("val/mse",),
@@ -162,16 +168,21 @@ class Loss(Stateful):
             else:
                 counted = (units > 0).to(output.dtype)
             hits = (output.argmax(dim=-1) == target).to(output.dtype) * counted
-            sums["val/ppl"] = sums["val/loss"]
             correct = _unless_nonfinite(hits.sum(), output, counted > 0)
             sums["val/token_acc"] = torch.stack([correct, counted.sum()])
         return sums
 
     def finalize(self, values: dict[str, float]) -> dict[str, float]:
-        """Derived metrics from the averaged ones (a sequence task's perplexity = exp(loss), as
-        :meth:`val_sums` reports it: a loss pair, unless a subclass reports its own)."""
-        if self.task == "sequence" and "val/ppl" in values and type(self).val_sums is Loss.val_sums:
-            return {**values, "val/ppl": perplexity(values["val/ppl"])}
+        """The metrics from the averaged sums (each :meth:`val_sums` name's sum / count), plus
+        those derived from them: a sequence task's ``val/ppl`` = exp(``val/loss``) where
+        ``val/ppl`` is listed in :attr:`metrics` and :meth:`val_sums` did not report it itself
+        (until 2026-12-05 the base class reported it as a copy of the loss's pair and took the
+        exponential only where ``val_sums`` was not overridden: a subclass adding a metric to
+        ``super().val_sums(...)`` logged the mean NLL as its perplexity). What it returns
+        must hold every name of :attr:`metrics` (the trainer checks at validation)."""
+        if (self.task == "sequence" and "val/ppl" not in values and "val/loss" in values
+                and "val/ppl" in self.metrics):  # fmt: skip
+            return {**values, "val/ppl": perplexity(values["val/loss"])}
         return values
 
     @property
@@ -199,6 +210,71 @@ def units_dtype(dtype: torch.dtype) -> torch.dtype:
     losses of ``dtype``: float32 for float16/bfloat16 losses (a float16 Σu is Inf past 65504
     tokens, which zeroed every coefficient; bfloat16 keeps 3 digits of it), else ``dtype``."""
     return wide_dtype(dtype)
+
+
+def check_metric_names(loss: Loss) -> None:
+    """Refuse, before training, a loss's :attr:`~Loss.metrics` that are not names under
+    ``val/``, each once: a name outside it reached ``metrics.json`` and never TensorBoard."""
+    names = loss.metrics
+    what = f"loss {type(loss).__name__}'s metrics"
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what} must be a tuple of names; got {names!r}")
+    bad = [n for n in names if not n.startswith("val/") or n == "val/"]
+    if bad:
+        raise ValueError(
+            f"{what} {bad} do not start with 'val/': validation metrics are logged under val/ "
+            "in TensorBoard (rename them, e.g. 'val/f1')"
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{what} name {twice} more than once")
+
+
+def val_keys(loss: Loss, sums: Any, first: list[str] | None, batch: int) -> list[str]:
+    """The names of one validation batch's :meth:`~Loss.val_sums`, checked: a dict of (sum,
+    count) tensors of shape (2,), the same names for every batch (``first``: the first
+    batch's). Ordered as :attr:`~Loss.metrics`, then the others as reported."""
+    what = f"loss {type(loss).__name__}'s val_sums"
+    if not isinstance(sums, dict):
+        raise TypeError(f"{what} must return a dict of name -> (sum, count); got "
+                        f"{type(sums).__name__}")  # fmt: skip
+    if first is not None:
+        if sums.keys() != set(first):
+            raise ValueError(
+                f"{what} reported {sorted(sums)} for validation batch {batch} and "
+                f"{sorted(first)} for the first: every batch must report the same names (a "
+                "count of 0 where a batch has none of a metric's samples)"
+            )
+        return first
+    for k, v in sums.items():
+        if not isinstance(v, Tensor) or v.shape != (2,):
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(
+                f"{what} must give each metric its (sum, count) as a tensor of shape (2,), "
+                f"which the trainer adds over the batches and processes; got {k!r}: {got}"
+            )
+    listed = [k for k in loss.metrics if k in sums]
+    return listed + [k for k in sums if k not in listed]
+
+
+def finished_metrics(loss: Loss, values: dict[str, float], reported: list[str]) -> tuple[
+        dict[str, float], list[str]]:  # fmt: skip
+    """:meth:`~Loss.finalize` of the averaged sums, checked: every name of
+    :attr:`~Loss.metrics` must come out (one missing failed after the whole run, at
+    ``metrics.json``, until 2026-12-05); (the metrics, :attr:`~Loss.metrics` first, and the
+    names it returned beyond them: those under ``val/`` reach TensorBoard and the epoch lines
+    only, the others nothing)."""
+    final = loss.finalize(values)
+    missing = [k for k in loss.metrics if k not in final]
+    if missing:
+        raise ValueError(
+            f"loss {type(loss).__name__} lists {missing} in its metrics, but neither its "
+            f"val_sums (which reported {reported}) nor its finalize gave them: report each as a "
+            "(sum, count) pair in val_sums, derive it in finalize, or leave it out of metrics"
+        )
+    extra = [k for k in final if k not in loss.metrics]
+    shown = {k: final[k] for k in extra if k.startswith("val/")}
+    return {**{k: final[k] for k in loss.metrics}, **shown}, extra
 
 
 def perplexity(loss: float) -> float:
@@ -454,12 +530,9 @@ class TokenCrossEntropy(Loss):
         )  # fmt: skip
         correct = ((output.argmax(dim=-1) == target) & valid).sum().to(output.dtype)
         correct = _unless_nonfinite(correct, output, valid)
-        loss = torch.stack([nll, n])
-        # val/ppl is finished from val/loss (exp of the token mean, not a mean of exps)
-        return {"val/loss": loss, "val/ppl": loss, "val/token_acc": torch.stack([correct, n])}
-
-    def finalize(self, values: dict[str, float]) -> dict[str, float]:
-        return {**values, "val/ppl": perplexity(values["val/loss"])}
+        # val/ppl is derived from val/loss by Loss.finalize (exp of the token mean, not a
+        # mean of exps)
+        return {"val/loss": torch.stack([nll, n]), "val/token_acc": torch.stack([correct, n])}
 
     def check(self, data: DataModule) -> None:
         targets = data.train_targets
