@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, in_background, read_scalars, train
+from conftest import ROOT, final_params, in_background, read_scalars, train
 
 import trainer.checkpoint as checkpoint_module
 from trainer.checkpoint import load_checkpoint, step_path
@@ -447,6 +447,34 @@ def test_resume_auto_past_a_corrupt_newer_checkpoint_keeps_the_new_ones(tmp_path
     assert result["step"] == 5
     assert load_checkpoint(ckpts / "last.pt")["step"] == 5
     assert step_files(ckpts) == ["step_000000005.pt"]
+
+
+def test_resume_auto_in_a_run_folder_continues_its_own_checkpoints(tmp_path, caplog) -> None:
+    """A run stopped in a fixed folder and started again there with ``resume=auto`` continues
+    its own checkpoint, not a later one of the same run id (the same config) in another
+    folder: before, it resumed another folder's finished run and set its own checkpoints
+    aside, where resume=auto no longer found them (a probe's: what a stopped run's message,
+    "continue with trainer.resume=auto", led to). A warning names the later checkpoint."""
+    search = tmp_path / "outputs"
+    done, mine = search / "done", search / "mine"
+    train(done, *auto(search, "trainer.max_steps=6"))
+    train(mine, *auto(search, "trainer.max_steps=3"))  # (as if stopped at step 3)
+    result = train(mine, *auto(search, "trainer.resume=auto", "trainer.max_steps=5"))
+    assert result["step"] == 5 and load_checkpoint(mine / "checkpoints" / "last.pt")["step"] == 5
+    assert not (mine / "previous").exists() and not (mine / "continued.json").exists()
+    assert load_checkpoint(done / "checkpoints" / "last.pt")["step"] == 6  # left alone
+    # the same steps as a run of 5 from the start (exact resume), none of done's
+    train(search / "straight", *FAST, "trainer.max_steps=5", "trainer.run_id=y",
+          f"trainer.checkpoint.search_dir={search}")  # fmt: skip
+    a, b = final_params(mine), final_params(search / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    warned = [r.getMessage() for r in caplog.records if "has a later one" in r.getMessage()]
+    assert len(warned) == 1 and "step_000000006.pt (step 6)" in warned[0], warned
+    assert "step_000000003.pt (step 3)" in warned[0]
+    # a folder of its own with no checkpoint still finds the newest anywhere
+    assert checkpoint_module.find_checkpoints(search, "x", own=tmp_path / "new")[0] == (
+        done / "checkpoints" / "step_000000006.pt"
+    )
 
 
 # ----------------------------------------------------------------------------- keep_last

@@ -373,7 +373,7 @@ def step_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:09d}.pt"
 
 
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
     stem = path.stem
     if path.suffix == ".pt" and stem.startswith("step_") and stem[5:].isdigit():
         return int(stem[5:])
@@ -383,7 +383,7 @@ def _step_of(path: Path) -> int | None:
 def prune(directory: Path, keep_last: int, keep: Path | None = None) -> list[Path]:
     """Delete all but the newest ``keep_last`` step checkpoints, never ``keep`` (the one
     just written); returns the deleted ones."""
-    steps = sorted((s, p) for p in directory.glob("step_*.pt") if (s := _step_of(p)) is not None)
+    steps = sorted((s, p) for p in directory.glob("step_*.pt") if (s := step_of(p)) is not None)
     doomed = [p for _, p in steps[: max(len(steps) - keep_last, 0)] if p != keep]
     for p in doomed:
         with contextlib.suppress(FileNotFoundError):
@@ -395,7 +395,7 @@ def set_aside_later(directory: Path, step: int) -> list[Path]:
     """Move the step checkpoints after ``step`` into ``directory/abandoned/``: a run resumed
     from ``step`` replaces that stretch (as TensorBoard's purge_step replaces its events), and
     they must neither be resumed from nor outrank the new ones when old ones are pruned."""
-    later = [p for p in directory.glob("step_*.pt") if (_step_of(p) or 0) > step]
+    later = [p for p in directory.glob("step_*.pt") if (step_of(p) or 0) > step]
     if later:
         (directory / "abandoned").mkdir(exist_ok=True)
     for p in later:
@@ -445,21 +445,30 @@ def write_run_marker(directory: Path, run_id: str, run_dir: Path) -> None:
     write_json(directory / "run.json", {"run_id": run_id, "run_dir": str(run_dir)})
 
 
-def find_checkpoints(search_dir: Path, run_id: str) -> list[Path]:
-    """Step checkpoints of run ``run_id`` anywhere under ``search_dir``, newest first."""
-    found: list[tuple[int, float, Path]] = []
-    for marker in search_dir.rglob("checkpoints/run.json"):
+def find_checkpoints(search_dir: Path, run_id: str, own: Path | None = None) -> list[Path]:
+    """Step checkpoints of run ``run_id`` anywhere under ``search_dir``, newest first; those
+    of the run folder ``own`` (the folder a run starts in) before any other: a run stopped
+    there and started again in it continues its own checkpoints, not a later one of the same
+    config in another folder (until 2026-12-05 it resumed another folder's finished run and
+    set its own checkpoints aside, a probe's)."""
+    markers = list(search_dir.rglob("checkpoints/run.json"))
+    if own is not None and (own / "checkpoints" / "run.json").is_file():
+        markers.append(own / "checkpoints" / "run.json")  # (also outside search_dir)
+    mine = (own / "checkpoints").resolve() if own is not None else None
+    found: dict[Path, tuple[bool, int, float, Path]] = {}
+    for marker in markers:
         try:
             if json.loads(marker.read_text()).get("run_id") != run_id:
                 continue
         except (OSError, ValueError):
             continue
+        home = marker.parent.resolve() == mine
         for p in marker.parent.glob("step_*.pt"):
-            step = _step_of(p)
+            step = step_of(p)
             if step is not None:
                 with contextlib.suppress(OSError):
-                    found.append((step, p.stat().st_mtime, p))
-    return [p for _, _, p in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
+                    found[p.resolve()] = (home, step, p.stat().st_mtime, p)
+    return [t[-1] for t in sorted(found.values(), key=lambda t: t[:3], reverse=True)]
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -479,19 +488,20 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def select_resume(
-    resume: str, search_dir: Path, run_id: str
+    resume: str, search_dir: Path, run_id: str, own: Path | None = None
 ) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
     """The checkpoint ``trainer.resume`` names: (path, state, notes on refused files).
 
     A path must load (else the error names it). ``auto`` takes the newest step checkpoint of
-    ``run_id`` under ``search_dir`` that loads and is complete, skipping (and noting) broken
-    ones; (None, None, notes) when there is none.
+    ``run_id`` under ``search_dir`` that loads and is complete, those of the run folder
+    ``own`` first (:func:`find_checkpoints`), skipping (and noting) broken ones; (None, None,
+    notes) when there is none.
     """
     if resume != "auto":
         path = Path(resume)
         return path, load_training_checkpoint(path), []
     notes: list[str] = []
-    for path in find_checkpoints(search_dir, run_id):
+    for path in find_checkpoints(search_dir, run_id, own):
         try:
             return path, load_training_checkpoint(path), notes
         except (OSError, ValueError) as e:

@@ -35,12 +35,14 @@ from trainer.checkpoint import (
     PeriodicCheckpoints,
     StopOnSignals,
     derive_run_id,
+    find_checkpoints,
     rank_rng_state,
     resume_changes,
     select_resume,
     set_aside_later,
     set_aside_previous,
     set_rng_state,
+    step_of,
     write_json,
     write_run_marker,
 )
@@ -444,19 +446,22 @@ def _run(
         resume_state = None
         if tc.resume:
             resume_path, resume_state, refused = select_resume(
-                tc.resume, Path(tc.checkpoint.search_dir), run_id
+                tc.resume, Path(tc.checkpoint.search_dir), run_id, own=run_dir
             )
             if resume_state is None and tc.resume == "auto" and not tc.run_id and (
                 legacy_id != run_id
             ):  # fmt: skip
                 resume_path, resume_state, more = select_resume(
-                    tc.resume, Path(tc.checkpoint.search_dir), legacy_id
+                    tc.resume, Path(tc.checkpoint.search_dir), legacy_id, own=run_dir
                 )
                 refused += more
                 if resume_state is not None:
                     run_id = legacy_id
             for note in refused if main else ():  # (one line per run, not per rank)
                 log.warning("resume: skipped %s", note)
+            if main and tc.resume == "auto" and resume_path and resume_state is not None:
+                _say_later_elsewhere(resume_path, int(resume_state["step"]),
+                                     Path(tc.checkpoint.search_dir), run_id, run_dir)  # fmt: skip
             if resume_state is None:
                 if main:  # (one line per run, not one per rank)
                     log.info(
@@ -721,6 +726,25 @@ def _home_of(checkpoint: Path | None) -> Path | None:
     if checkpoint is None or checkpoint.parent.name != "checkpoints":
         return None
     return checkpoint.parent.parent
+
+
+def _say_later_elsewhere(chosen: Path, step: int, search_dir: Path, run_id: str,
+                         run_dir: Path) -> None:  # fmt: skip
+    """``resume=auto`` continued this folder's own checkpoint: say so where the same run
+    (the same config) has a later one in another folder, which a path resumes from."""
+    own = (run_dir / "checkpoints").resolve()
+    if chosen.parent.resolve() != own:
+        return
+    for path in find_checkpoints(search_dir, run_id):
+        later = step_of(path)
+        if path.parent.resolve() != own and later is not None and later > step:
+            log.warning(
+                "resume=auto continues this folder's own checkpoint %s (step %d); the same "
+                "run (the same config) has a later one in another folder, %s (step %d): give "
+                "trainer.resume=<its path> to continue that one instead",
+                _display(chosen), step, _display(path), later,
+            )  # fmt: skip
+            return
 
 
 def _set_aside_previous(run_dir: Path) -> None:
