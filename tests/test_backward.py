@@ -361,3 +361,51 @@ def test_float16_losses_of_a_large_window_keep_their_coefficient_under_a_loss_sc
         (got,) = torch.autograd.grad(root * 2.0**14, losses)
         relative = (got.double() / 2.0**14 * n - 1).abs().max()
         assert relative <= 2.0**-11, n  # float16: half an ulp of c·scale
+
+
+class WindowRecorder(GradRecorder):
+    """The weights at the start of the run, each micro-batch, and each step's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_fit_start(self, trainer) -> None:
+        self.start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        self.batches.append((batch.x.clone(), batch.y.clone()))
+
+
+@pytest.mark.parametrize("sizes", [(32, 2), (20, 3)])
+def test_accumulated_focal_weights_take_each_micro_batchs_share(tmp_path, sizes) -> None:
+    """Vector mode, a non-uniform weighting (focal, normalize=mean), k micro-batches of B: the
+    window's gradient is Σₘ (Bₘ/N) Σᵢ wₘᵢ ∇ℓₘᵢ with each micro-batch's weights normalized on
+    their own (README, "Gradient accumulation"), against autograd per sample on a copy of the
+    model. Without the share Bₘ/N (a mutation the suite missed) it was k times too large."""
+    b, k = sizes
+    rec = WindowRecorder()
+    train(tmp_path, "loss.mode=vector", "weighting=focal", f"data.batch_size={b}",
+          f"trainer.accumulate_grad_batches={k}", "trainer.max_steps=1", "optimizer=sgd",
+          callbacks=[rec])  # fmt: skip
+    from trainer.models.mlp import MLP
+
+    model = MLP((1, 8, 8), 10).double()
+    model.load_state_dict(rec.start)
+    params = dict(model.named_parameters())
+    n = sum(x.shape[0] for x, _ in rec.batches)
+    assert len(rec.batches) == k and n == b * k
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    for x, y in rec.batches:
+        logits = model(x.double())
+        losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        r = (1 - torch.softmax(logits.detach(), -1).gather(1, y[:, None]).squeeze(1)) ** 2.0
+        w = r / r.sum() * (x.shape[0] / n)  # focal's default gamma, normalized, the share
+        grads = torch.autograd.grad((w * losses).sum(), list(params.values()))
+        for name, g in zip(params, grads, strict=True):
+            total[name] += g
+    # float32 against float64: each entry is a float32 sum over the n samples' terms, whose
+    # rounding is at most about n·ε₃₂ of the largest entry (the mutation: a factor of k)
+    for (name, ref), got in zip(total.items(), rec.grads[0], strict=True):
+        bound = n * torch.finfo(torch.float32).eps * float(ref.abs().max())
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=bound, msg=name)

@@ -282,6 +282,12 @@ def test_mse_losses_are_per_sample_and_never_broadcast() -> None:
     torch.testing.assert_close(losses, (out.squeeze(1) - y) ** 2)
     with pytest.raises(ValueError, match=r"output of shape \(6, 2\) does not match the targets"):
         MSE()(torch.zeros(6, 2), y)
+    # K outputs per sample: each sample's mean over its K squared errors (a mutation summing
+    # them, K times the loss and val/mse, went unseen: the suite's outputs had K = 1)
+    out, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(MSE()(out, y), ((out - y) ** 2).mean(1), rtol=1e-15, atol=0)
+    sums = MSE().val_sums(out, y)["val/mse"].tolist()
+    assert sums == pytest.approx([((out - y) ** 2).mean(1).sum().item(), 4.0], rel=1e-15)
 
 
 def test_the_examples_huber_loss_is_per_sample_and_never_broadcast(byo_importable) -> None:

@@ -200,13 +200,21 @@ def test_penalty_accumulates_like_one_big_batch(tmp_path) -> None:
 
 
 def test_logging_cadence_does_not_change_a_penalized_run(tmp_path) -> None:
-    # logging steps take the penalty's θ-gradient in an extra pass; it must not touch .grad
+    """Logging steps take the penalty's θ-gradient in an extra pass, which must not touch
+    .grad; and what a logging step logs is the same whatever the cadence (a mutation taking
+    that pass one step before each logging step logged grad_norm/reg 0 there, unseen by the
+    suite, whose penalty runs logged every step)."""
     pen = ["regularizer=[input_grad_penalty,l2]", "trainer.max_steps=12"]
     train(tmp_path / "a", *pen, "logging.every_n_steps=1")
     train(tmp_path / "b", *pen, "logging.every_n_steps=7")
     for (name, a), b in zip(final_params(tmp_path / "a").items(),
                             final_params(tmp_path / "b").values(), strict=True):  # fmt: skip
         assert torch.equal(a, b), name
+    a, b = read_scalars(tmp_path / "a"), read_scalars(tmp_path / "b")
+    for tag in ("reg/input_grad_penalty", "grad_norm/reg", "grad_norm/data", "grad_norm/total"):
+        assert [s for s, _ in b[tag]] == [7, 12], tag
+        assert b[tag] == [a[tag][6], a[tag][11]], tag  # (the same computation: bit for bit)
+        assert all(v > 0 for _, v in b[tag]), tag
 
 
 @pytest.mark.parametrize(("coef", "batch"), [(0.01, 64), (1e-3, 1024)])

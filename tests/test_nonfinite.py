@@ -1459,3 +1459,40 @@ def test_step_mode_checks_bfloat16_off_a_cpu_by_the_measures() -> None:
     assert guard._any_nonfinite(meta) is None
     found = guard._any_nonfinite([torch.tensor([1.0, math.inf]).bfloat16()])
     assert found is not None and float(found) == 1.0  # (on a CPU: the kernel, exact)
+
+
+def _updated(after: After) -> list[int]:
+    """The steps whose update changed a weight (a skipped step changes none)."""
+    steps = sorted(after.after)
+    return [
+        s for s, prev in zip(steps[1:], steps, strict=False)
+        if any(not torch.equal(after.after[s][n], w) for n, w in after.after[prev].items())
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_every_n_steps_checks_the_losses_of_the_steps_it_checks(tmp_path, sync) -> None:
+    """``every_n_steps=2`` checks steps 2, 4, ...: a non-finite loss (its gradients finite) at
+    step 6 is skipped, one at step 3, not checked, is not (a mutation taking the losses of the
+    step before a checked one went unseen: the suite checked losses every step only)."""
+    after = After()
+    skip = ("instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}")
+    train(tmp_path, *COMMON, *skip, "instrument.nonfinite.every_n_steps=2",
+          callbacks=[Poison({3: "loss", 6: "loss"}), after])  # fmt: skip
+    assert sorted(after.after) == list(range(1, 13))
+    assert [s for s in range(2, 13) if s not in _updated(after)] == [6]
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_skips_apart_are_not_consecutive(tmp_path, sync) -> None:
+    """``max_consecutive_skips=2`` with steps 3, 5 and 7 skipped, each followed by a finite
+    step: the run finishes (a counter not reset by a finite step, a mutation the suite missed,
+    gave up at step 5); two in a row still give up."""
+    after = After()
+    skip = ("instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}",
+            "instrument.nonfinite.max_consecutive_skips=2")  # fmt: skip
+    train(tmp_path, *COMMON, *skip, callbacks=[Poison({3: "grad", 5: "grad", 7: "grad"}), after])
+    assert [s for s in range(2, 13) if s not in _updated(after)] == [3, 5, 7]
+    with pytest.raises(NonFiniteError, match=r"^step 8: 2 steps in a row skipped"):
+        train(tmp_path / "twice", *COMMON, *skip,
+              callbacks=[Poison({3: "grad", 7: "grad", 8: "grad"})])  # fmt: skip

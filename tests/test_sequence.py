@@ -884,6 +884,10 @@ def test_token_accuracy_of_a_per_sequence_loss_counts_the_tokens_not_the_padding
     want = sum(int(logits[i, t].argmax() == target[i, t]) for i, t in valid) / len(valid)
     hits, count = loss.val_sums(logits, target)["val/token_acc"]
     assert count == len(valid) and hits / count == want
+    # the built-in per-token loss with that padding id (a mutation counting its padding went
+    # unseen with the default -100, which no argmax hits): the same tokens
+    hits, count = TokenCrossEntropy(ignore_index=pad).val_sums(logits, target)["val/token_acc"]
+    assert count == len(valid) and hits / count == want
 
 
 def test_a_loss_of_the_wrong_shape_is_refused_saying_what_a_per_token_loss_needs() -> None:
@@ -945,3 +949,41 @@ def test_a_sequence_loss_adding_a_metric_keeps_its_perplexity(tmp_path) -> None:
     assert scalars["val/top2"][-1][1] == pytest.approx(expected, abs=1e-7)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["val/top2"] == metrics["val/top2"] and saved["val/ppl"] == metrics["val/ppl"]
+
+
+def test_the_epochs_train_loss_of_per_token_losses_is_each_epochs_own() -> None:
+    """train/loss of an epoch with unit weights is Σuℓ / Σu over that epoch's tokens alone (a
+    mutation keeping the first epoch's Σu in the second's went unseen: the epoch-boundary
+    test had per-sample losses)."""
+    from trainer.metrics import LossTally
+
+    tally = LossTally(torch.device("cpu"), per_token=True)
+    units = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    for epoch, (value, u) in enumerate([(1.0, units), (3.0, torch.ones(2, 3))]):
+        tally.start_epoch()
+        losses = torch.full((2, 3), value) + torch.arange(6.0).view(2, 3)
+        tally.add(losses, u)
+        tally.take_log()
+        total, count = tally.epoch_parts().tolist()
+        assert (total, count) == ((losses * u).sum().item(), u.sum().item()), epoch
+
+
+@pytest.mark.parametrize("normalize", ["mean", "sum"])
+def test_normalized_weights_of_per_token_losses_count_the_units_not_the_padding(normalize):
+    """A weighting's normalization with unit weights: w ∝ r·u, Σw = 1 (``mean``) or Σu
+    (``sum``: weights averaging 1 over the counted tokens), 0 on padding; a mutation scaling
+    ``sum`` by every element, padding included, went unseen (the test of sum had no units)."""
+    from trainer.weighting import Weighting
+
+    class Raw(Weighting):
+        def raw(self, losses, logits, targets, indices):
+            return torch.arange(1.0, losses.numel() + 1).view(losses.shape)
+
+    target = torch.tensor([[1, 2, PAD, PAD], [3, 4, 1, PAD]])
+    units = TokenCrossEntropy().units(target)
+    losses = torch.rand(2, 4, dtype=torch.float64)
+    w = Raw(normalize=normalize)(losses, losses, target, torch.arange(2), units.double())
+    r = torch.arange(1.0, 9.0, dtype=torch.float64).view(2, 4) * units
+    expected = r / r.sum() * (units.sum() if normalize == "sum" else 1.0)
+    torch.testing.assert_close(w, expected, rtol=1e-15, atol=0)
+    assert float(w.sum()) == pytest.approx(5.0 if normalize == "sum" else 1.0, rel=1e-15)
