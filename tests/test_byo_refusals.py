@@ -8,6 +8,7 @@ import functools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import final_params, read_scalars, train
@@ -1326,7 +1327,7 @@ class CountsF1(CrossEntropy):
 
     def val_sums(self, output, target):
         sums = super().val_sums(output, target)
-        n = torch.tensor(float(target.shape[0]))
+        n = torch.full((), float(target.shape[0]), device=output.device)
         pred, true = output.argmax(1) == 0, target == 0
         for name, hits in (("tp", pred & true), ("fp", pred & ~true), ("fn", ~pred & true)):
             sums[f"val/{name}"] = torch.stack([hits.sum().float(), n])
@@ -1359,6 +1360,20 @@ class F1Varying(CountsF1):
         if target.shape[0] < 64:  # (the last validation batch)
             del sums["val/fn"]
         return sums
+
+
+class F1Tensor(CountsF1):
+    def finalize(self, values):
+        return {k: torch.tensor(v) for k, v in super().finalize(values).items()}
+
+
+class F1NumPy(CountsF1):  # NumPy's scalars are numbers: taken, as floats
+    def finalize(self, values):
+        return {k: np.float32(v) for k, v in super().finalize(values).items()}
+
+
+class F1Set(CountsF1):
+    metrics = {"val/loss", "val/f1"}
 
 
 class F1Unprefixed(CountsF1):
@@ -1400,6 +1415,7 @@ def test_validation_metrics_of_ones_own_from_counts_are_exact(tmp_path) -> None:
     ("F1Triple", r"\(sum, count\) as a tensor of shape \(2,\).*'val/f1': \(3,\)"),
     ("F1Varying", r"reported \['val/acc', 'val/fp', 'val/loss', 'val/tp'\] for validation "
                   r"batch 5 and .* for the first"),
+    ("F1Tensor", r"loss F1Tensor's finalize must return numbers .*got \{'val/loss': 'Tensor'"),
 ])  # fmt: skip
 def test_validation_metrics_breaking_the_contract_fail_at_the_first_validation(
     tmp_path, loss, match
@@ -1417,7 +1433,8 @@ def test_validation_metrics_breaking_the_contract_fail_at_the_first_validation(
 @pytest.mark.parametrize(("loss", "match"), [
     ("F1Unprefixed", r"loss F1Unprefixed's metrics \['f1'\] do not start with 'val/'"),
     ("F1Twice", r"loss F1Twice's metrics name \['val/f1'\] more than once"),
-    ("F1String", r"loss F1String's metrics must be a tuple of names; got 'val/f1'"),
+    ("F1String", r"loss F1String's metrics must be a tuple \(or list\) of names; got 'val/f1'"),
+    ("F1Set", r"loss F1Set's metrics must be a tuple \(or list\) of names; got \{"),
 ])  # fmt: skip
 def test_metric_names_outside_val_are_refused_before_training(tmp_path, loss, match) -> None:
     """A metric named outside val/ reached metrics.json and never TensorBoard (the events
@@ -1433,8 +1450,16 @@ def test_validation_metrics_beyond_the_listed_ones_are_warned_once(tmp_path, cap
     where they do not go."""
     metrics = train(tmp_path, *SHORT, "~loss", f"+loss._target_={__name__}.F1Kept")
     said = [r.getMessage() for r in caplog.records if "are not in its metrics" in r.getMessage()]
-    assert len(said) == 1 and "['val/tp', 'val/fp', 'val/fn'] of loss F1Kept" in said[0]
+    assert len(said) == 1 and "['val/fn', 'val/fp', 'val/tp'] of loss F1Kept" in said[0]
     scalars = read_scalars(tmp_path)
     assert [s for s, _ in scalars["val/tp"]] == [2, 4] and "val/f1" in scalars
     assert "val/tp" not in json.loads((tmp_path / "metrics.json").read_text())
     assert "val/tp" not in metrics and "val/f1" in metrics
+
+
+def test_validation_metrics_given_as_numpy_scalars_are_taken_as_floats(tmp_path) -> None:
+    """A finalize returning NumPy's scalars (numbers): written as floats, no error (a tensor
+    is refused at the first validation: metrics.json failed on it after the whole run)."""
+    metrics = train(tmp_path, *SHORT, "~loss", f"+loss._target_={__name__}.F1NumPy")
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert type(metrics["val/f1"]) is float and saved["val/f1"] == metrics["val/f1"]

@@ -468,8 +468,8 @@ def test_resume_auto_in_a_run_folder_continues_its_own_checkpoints(tmp_path, cap
           f"trainer.checkpoint.search_dir={search}")  # fmt: skip
     a, b = final_params(mine), final_params(search / "straight")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    warned = [r.getMessage() for r in caplog.records if "has a later one" in r.getMessage()]
-    assert len(warned) == 1 and "step_000000006.pt (step 6)" in warned[0], warned
+    warned = [r.getMessage() for r in caplog.records if "holds a later one" in r.getMessage()]
+    assert len(warned) == 1 and "step_000000006.pt (step 6, not loaded" in warned[0], warned
     assert "step_000000003.pt (step 3)" in warned[0]
     # a folder of its own with no checkpoint still finds the newest anywhere
     assert checkpoint_module.find_checkpoints(search, "x", own=tmp_path / "new")[0] == (

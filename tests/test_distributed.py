@@ -25,6 +25,7 @@ import torch
 import torch._dynamo  # noqa: F401  (imported once here, not in every child)
 from conftest import ROOT, make_cfg, read_scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_byo_refusals import CountsF1
 from test_unfreeze import STEPS as UNFREEZE_STEPS
 from torch.distributed import TCPStore
 
@@ -1169,3 +1170,65 @@ def test_an_on_fit_end_failing_on_another_rank_fails_the_run(tmp_path) -> None:
         "RuntimeError: on_fit_end raised on another rank (rank 1: RuntimeError: boom on rank 1 "
         "(in FailsOnRank1.on_fit_end))"
     )
+
+
+class RankOrderedF1(CountsF1):
+    """CountsF1 reporting its names in another order on rank 1 (as a set's order differs
+    between processes, whose hash seeds differ)."""
+
+    def val_sums(self, output, target):
+        sums = super().val_sums(output, target)
+        return {k: sums[k] for k in sorted(sums, reverse=os.environ.get("RANK") == "1")}
+
+
+class RankExtraF1(CountsF1):
+    """CountsF1 with one more name on rank 1."""
+
+    def val_sums(self, output, target):
+        sums = super().val_sums(output, target)
+        if os.environ.get("RANK") == "1":
+            sums["val/extra"] = torch.zeros(2, device=output.device)
+        return sums
+
+
+def test_validation_names_are_summed_alike_on_every_rank(tmp_path) -> None:
+    """Each rank sums the names its val_sums reports, in one order on every rank: reported in
+    another order on rank 1, the metrics are those of the same order everywhere, bit for bit
+    (a review's: the counts of one were added to another's, val/f1 0.23 for 0.35, unsaid);
+    another name on one rank is refused on every rank, naming the names (it aborted both
+    processes in gloo, no metrics.json)."""
+    short = ["trainer.max_steps=4", "data.train_subset=256", f"data.batch_size={B}",
+             "data.eval_batch_size=179", "trainer.checkpoint.every_n_steps=0"]  # fmt: skip
+    dirs = {k: [tmp_path / f"{k}{r}" for r in range(2)] for k in ("same", "ordered", "extra")}
+    codes = launch(
+        (2, [*short, "~loss", "+loss._target_=test_byo_refusals.CountsF1"], dirs["same"]),
+        (2, [*short, "~loss", f"+loss._target_={__name__}.RankOrderedF1"], dirs["ordered"]),
+        (2, [*short, "~loss", f"+loss._target_={__name__}.RankExtraF1"], dirs["extra"]),
+    )  # fmt: skip
+    assert codes == [[0, 0], [0, 0], [1, 1]]
+    same, ordered = (json.loads((dirs[k][0] / "metrics.json").read_text())
+                     for k in ("same", "ordered"))  # fmt: skip
+    assert ordered["val/f1"] == same["val/f1"] and ordered["val/acc"] == same["val/acc"]
+    failed = json.loads((dirs["extra"][0] / "metrics.json").read_text())
+    assert failed["status"] == "failed" and failed["step"] == 4
+    said = "reported other names on another rank than ['val/loss', 'val/acc', 'val/fn', "
+    assert said in failed["error"]
+
+
+def test_resume_auto_takes_rank_0s_folder_first_on_every_rank(tmp_path) -> None:
+    """resume=auto takes the checkpoints of the folder a run starts in first; data-parallel,
+    rank 0's (which alone writes them) on every rank: with a folder per rank, rank 0 took its
+    own folder's step 3 and rank 1 another folder's later step 6 of the same run id, and both
+    processes failed (a review's)."""
+    common = ["trainer.run_id=r", f"trainer.checkpoint.search_dir={tmp_path}",
+              f"data.batch_size={B}", "trainer.checkpoint.every_n_steps=0"]  # fmt: skip
+    later, mine = (
+        [tmp_path / f"later{r}" for r in range(2)],
+        [tmp_path / f"mine{r}" for r in (0, 1)],
+    )
+    assert launch((2, [*common, "trainer.max_steps=6"], later),
+                  (2, [*common, "trainer.max_steps=3"], mine)) == [[0, 0], [0, 0]]  # fmt: skip
+    assert launch((2, [*common, "trainer.max_steps=5", "trainer.resume=auto"], mine)) == [[0, 0]]
+    assert load_checkpoint(mine[0] / "checkpoints" / "last.pt")["step"] == 5
+    assert load_checkpoint(later[0] / "checkpoints" / "last.pt")["step"] == 6  # left alone
+    assert not (mine[0] / "previous").exists()

@@ -880,14 +880,17 @@ class Writes(Callback):
         self.path = path
 
 
+@pytest.mark.parametrize("elsewhere", [False, True])
 def test_a_run_from_before_folder_values_were_kept_as_written_resumes(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, elsewhere
 ) -> None:
     """A run of a fixed hydra.run.dir whose callback writes under ${hydra:runtime.output_dir}
     was resumable when its identity held the value resolved (the same folder at every
     start); keeping it as written changed the run id and the saved config, and resume=auto
     started such a run afresh (a review). Its checkpoint is found under the old id and
-    resumed."""
+    resumed, also where another folder holds a later checkpoint under the new id (the run
+    folder's own first: the old id was looked for only where the new one was found nowhere,
+    and that folder's run was resumed, this one's set aside, a review's)."""
     from conftest import train
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import setup_globals
@@ -913,6 +916,8 @@ def test_a_run_from_before_folder_values_were_kept_as_written_resumes(
     save_checkpoint(run_dir / "checkpoints" / "step_000000002.pt", state)
     last.unlink()
     write_run_marker(run_dir / "checkpoints", derive_run_id(state["config"]), run_dir)
+    if elsewhere:  # the same config (its new id) in another folder
+        train(tmp_path / "other", *common[1:], "trainer.max_steps=2")
     metrics = train(run_dir, *common, "trainer.max_steps=2")
     assert metrics["run_id"] == derive_run_id(state["config"]) and metrics["step"] == 2
     assert not (run_dir / "previous").exists()  # (resumed: not a fresh start setting it aside)

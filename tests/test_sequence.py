@@ -987,3 +987,26 @@ def test_normalized_weights_of_per_token_losses_count_the_units_not_the_padding(
     expected = r / r.sum() * (units.sum() if normalize == "sum" else 1.0)
     torch.testing.assert_close(w, expected, rtol=1e-15, atol=0)
     assert float(w.sum()) == pytest.approx(5.0 if normalize == "sum" else 1.0, rel=1e-15)
+
+
+class OldStyleTokenLoss(TokenCrossEntropy):
+    """A subclass written to the built-in's convention until 2026-12-05: ``val/ppl`` reported
+    as a copy of the loss's pair, which finalize turns into its exponential."""
+
+    def val_sums(self, output, target):
+        sums = super().val_sums(output, target)
+        return {**sums, "val/ppl": sums["val/loss"]}
+
+
+def test_a_perplexity_reported_as_the_losss_pair_is_its_exponential(tmp_path) -> None:
+    """The built-in val_sums reported val/ppl as the loss's (sum, count), finished by
+    finalize; once it no longer did, a subclass keeping that convention logged the mean NLL
+    as its perplexity (a review's 4.31 for 74.2). A val/ppl pair equal to val/loss's is
+    the loss's: exp(val/loss) in the events and metrics.json."""
+    small = ["experiment=chars_lm", "trainer.max_steps=2", "model.n_layers=1", "model.d_model=16",
+             "model.dim_feedforward=32", "data.block_size=16",
+             "~loss", f"+loss._target_={__name__}.OldStyleTokenLoss"]  # fmt: skip
+    metrics = train(tmp_path, *small)
+    assert metrics["val/ppl"] == math.exp(metrics["val/loss"]) > 1
+    ppl = math.exp(read_scalars(tmp_path)["val/loss"][-1][1])  # (float32 in the events)
+    assert read_scalars(tmp_path)["val/ppl"][-1][1] == pytest.approx(ppl, rel=1e-6)

@@ -445,30 +445,43 @@ def write_run_marker(directory: Path, run_id: str, run_dir: Path) -> None:
     write_json(directory / "run.json", {"run_id": run_id, "run_dir": str(run_dir)})
 
 
-def find_checkpoints(search_dir: Path, run_id: str, own: Path | None = None) -> list[Path]:
-    """Step checkpoints of run ``run_id`` anywhere under ``search_dir``, newest first; those
-    of the run folder ``own`` (the folder a run starts in) before any other: a run stopped
-    there and started again in it continues its own checkpoints, not a later one of the same
-    config in another folder (until 2026-12-05 it resumed another folder's finished run and
-    set its own checkpoints aside, a probe's)."""
+def find_checkpoints(
+    search_dir: Path, run_id: str | tuple[str, ...], own: Path | None = None
+) -> list[Path]:
+    """Step checkpoints of run ``run_id`` (or of any of several ids, the first preferred: a
+    run's id and the one a run of its config had before 2026-12-05) anywhere under
+    ``search_dir``, newest first; those of the run folder ``own`` (the folder a run starts
+    in) before any other: a run stopped there and started again in it continues its own
+    checkpoints, not a later one of the same id in another folder (until 2026-12-05 it resumed
+    another folder's finished run and set its own checkpoints aside, a probe's)."""
+    ids = (run_id,) if isinstance(run_id, str) else run_id
     markers = list(search_dir.rglob("checkpoints/run.json"))
     if own is not None and (own / "checkpoints" / "run.json").is_file():
         markers.append(own / "checkpoints" / "run.json")  # (also outside search_dir)
     mine = (own / "checkpoints").resolve() if own is not None else None
-    found: dict[Path, tuple[bool, int, float, Path]] = {}
+    found: dict[Path, tuple[bool, int, int, float, Path]] = {}
     for marker in markers:
         try:
-            if json.loads(marker.read_text()).get("run_id") != run_id:
-                continue
+            marked = json.loads(marker.read_text()).get("run_id")
         except (OSError, ValueError):
             continue
-        home = marker.parent.resolve() == mine
+        if marked not in ids:
+            continue
+        home, preferred = marker.parent.resolve() == mine, -ids.index(marked)
         for p in marker.parent.glob("step_*.pt"):
             step = step_of(p)
             if step is not None:
                 with contextlib.suppress(OSError):
-                    found[p.resolve()] = (home, step, p.stat().st_mtime, p)
-    return [t[-1] for t in sorted(found.values(), key=lambda t: t[:3], reverse=True)]
+                    found[p.resolve()] = (home, preferred, step, p.stat().st_mtime, p)
+    return [t[-1] for t in sorted(found.values(), key=lambda t: t[:4], reverse=True)]
+
+
+def _marked_id(path: Path) -> str | None:
+    """The run id a step checkpoint's folder is marked with (``checkpoints/run.json``)."""
+    try:
+        return json.loads((path.parent / "run.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -488,25 +501,26 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def select_resume(
-    resume: str, search_dir: Path, run_id: str, own: Path | None = None
-) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
-    """The checkpoint ``trainer.resume`` names: (path, state, notes on refused files).
+    resume: str, search_dir: Path, run_id: str | tuple[str, ...], own: Path | None = None
+) -> tuple[Path | None, dict[str, Any] | None, list[str], str | None]:
+    """The checkpoint ``trainer.resume`` names: (path, state, notes on refused files, the run
+    id its folder is marked with).
 
     A path must load (else the error names it). ``auto`` takes the newest step checkpoint of
-    ``run_id`` under ``search_dir`` that loads and is complete, those of the run folder
-    ``own`` first (:func:`find_checkpoints`), skipping (and noting) broken ones; (None, None,
-    notes) when there is none.
+    ``run_id`` (or of the first of several ids that has one) under ``search_dir`` that loads
+    and is complete, those of the run folder ``own`` first (:func:`find_checkpoints`),
+    skipping (and noting) broken ones; (None, None, notes, None) when there is none.
     """
     if resume != "auto":
         path = Path(resume)
-        return path, load_training_checkpoint(path), []
+        return path, load_training_checkpoint(path), [], None
     notes: list[str] = []
     for path in find_checkpoints(search_dir, run_id, own):
         try:
-            return path, load_training_checkpoint(path), notes
+            return path, load_training_checkpoint(path), notes, _marked_id(path)
         except (OSError, ValueError) as e:
             notes.append(str(e))
-    return None, None, notes
+    return None, None, notes, None
 
 
 class CheckpointWriter:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +98,17 @@ def all_reduce_max(t: Tensor) -> Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
+
+
+def same_on_every_rank(words: Sequence[str], device: torch.device) -> bool:
+    """Whether every rank holds the same list of strings, in the same order (their count and
+    CRC-32 compared: one small all-reduce and a host read). True in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    n, code = len(words), zlib.crc32("\n".join(words).encode())
+    largest = all_reduce_max(torch.tensor([n, code, -n, -code], dtype=torch.int64, device=device))
+    high_n, high_code, low_n, low_code = largest.tolist()  # host sync: once per validation
+    return high_n == -low_n and high_code == -low_code
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

@@ -49,6 +49,7 @@ from trainer.distributed import (
     all_reduce_max,
     all_reduce_sum,
     broadcast_buffers,
+    same_on_every_rank,
 )
 from trainer.instrument.norms import needs_care, total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
@@ -1467,20 +1468,26 @@ class Trainer:
                 output = self.model(x)
             batch = self.criterion.val_sums(output, y)
             if names is None:
-                names = val_keys(self.criterion, batch, None, i)
+                names = val_keys(self.criterion, batch, None, i, self.device)
                 sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
             elif len(batch) != len(names) or batch.keys() != set(names):
-                val_keys(self.criterion, batch, names, i)  # (raises, naming both)
+                val_keys(self.criterion, batch, names, i, self.device)  # (raises: both named)
             sums += torch.stack([batch[k] for k in names])
         if names is None:  # no validation batch (on every rank alike): NaN metrics
             names = list(self.criterion.metrics)
             sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
+        if self.world.distributed and not same_on_every_rank(names, self.device):
+            raise ValueError(  # (else sums of other metrics, or a collective's abort)
+                f"data-parallel: loss {type(self.criterion).__name__}'s val_sums reported "
+                f"other names on another rank than {names} on rank {self.world.rank}: every "
+                "rank must report the same names"
+            )
         train = self.tally.epoch_parts()  # [Σ, count] on the device (no copy)
         both = all_reduce_sum(torch.cat([sums, train[None]]))
         # host sync: once per validation (data-parallel: summed over the ranks)
         rows = both.tolist()
-        values = {k: mean_of(s, n) for k, (s, n) in zip(names, rows[:-1], strict=True)}
-        metrics, extra = finished_metrics(self.criterion, values, names)
+        pairs = {k: (s, n) for k, (s, n) in zip(names, rows[:-1], strict=True)}
+        metrics, extra = finished_metrics(self.criterion, pairs)
         if extra and not self._told_extra_metrics:
             self._told_extra_metrics = True
             log.warning(

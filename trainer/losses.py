@@ -33,6 +33,7 @@ A loss of your own (README, "Bring your own"): subclass :class:`Loss` and implem
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from trainer.callbacks import Stateful
 from trainer.config import ConfigError
+from trainer.metrics import mean_of
 from trainer.precision import wide_dtype
 
 if TYPE_CHECKING:
@@ -217,8 +219,8 @@ def check_metric_names(loss: Loss) -> None:
     ``val/``, each once: a name outside it reached ``metrics.json`` and never TensorBoard."""
     names = loss.metrics
     what = f"loss {type(loss).__name__}'s metrics"
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"{what} must be a tuple of names; got {names!r}")
+    if not isinstance(names, tuple | list) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what} must be a tuple (or list) of names; got {names!r}")
     bad = [n for n in names if not n.startswith("val/") or n == "val/"]
     if bad:
         raise ValueError(
@@ -230,10 +232,14 @@ def check_metric_names(loss: Loss) -> None:
         raise ValueError(f"{what} name {twice} more than once")
 
 
-def val_keys(loss: Loss, sums: Any, first: list[str] | None, batch: int) -> list[str]:
+def val_keys(
+    loss: Loss, sums: Any, first: list[str] | None, batch: int, device: torch.device
+) -> list[str]:
     """The names of one validation batch's :meth:`~Loss.val_sums`, checked: a dict of (sum,
-    count) tensors of shape (2,), the same names for every batch (``first``: the first
-    batch's). Ordered as :attr:`~Loss.metrics`, then the others as reported."""
+    count) tensors of shape (2,) on ``device``, the same names for every batch (``first``:
+    the first batch's). Ordered as :attr:`~Loss.metrics`, then the others by name (not as
+    reported: data-parallel, every rank must sum the same names in the same order, and a
+    set's order differs between processes)."""
     what = f"loss {type(loss).__name__}'s val_sums"
     if not isinstance(sums, dict):
         raise TypeError(f"{what} must return a dict of name -> (sum, count); got "
@@ -251,30 +257,55 @@ def val_keys(loss: Loss, sums: Any, first: list[str] | None, batch: int) -> list
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ValueError(
                 f"{what} must give each metric its (sum, count) as a tensor of shape (2,), "
-                f"which the trainer adds over the batches and processes; got {k!r}: {got}"
+                f"which the trainer adds over the batches and processes; got {k!r}: {got} "
+                "(until 2026-12-05 a name not in metrics was ignored, whatever it held)"
             )
+        if v.device != device:
+            raise ValueError(f"{what} gave {k!r} on {v.device}, the model's output is on "
+                             f"{device}: make its tensors on output.device")  # fmt: skip
     listed = [k for k in loss.metrics if k in sums]
-    return listed + [k for k in sums if k not in listed]
+    return listed + sorted(k for k in sums if k not in listed)
 
 
-def finished_metrics(loss: Loss, values: dict[str, float], reported: list[str]) -> tuple[
+def finished_metrics(loss: Loss, pairs: dict[str, tuple[float, float]]) -> tuple[
         dict[str, float], list[str]]:  # fmt: skip
-    """:meth:`~Loss.finalize` of the averaged sums, checked: every name of
-    :attr:`~Loss.metrics` must come out (one missing failed after the whole run, at
-    ``metrics.json``, until 2026-12-05); (the metrics, :attr:`~Loss.metrics` first, and the
-    names it returned beyond them: those under ``val/`` reach TensorBoard and the epoch lines
-    only, the others nothing)."""
-    final = loss.finalize(values)
+    """:meth:`~Loss.finalize` of the averaged sums (``pairs``: each name's summed (sum,
+    count)), checked: a dict of numbers holding every name of :attr:`~Loss.metrics` (one
+    missing failed after the whole run, at ``metrics.json``, until 2026-12-05); (the metrics,
+    :attr:`~Loss.metrics` first, and the names it returned beyond them: those under ``val/``
+    reach TensorBoard and the epoch lines only, the others nothing). A sequence task's
+    ``val/ppl`` pair equal to ``val/loss``'s is the loss's, which ``finalize`` finishes as its
+    exponential (the convention of the built-in losses' ``val_sums`` until 2026-12-05, which
+    a subclass may keep)."""
+    name = type(loss).__name__
+    if loss.task == "sequence" and "val/ppl" in pairs and pairs["val/ppl"] == pairs.get(
+        "val/loss"
+    ):  # fmt: skip
+        pairs = {k: v for k, v in pairs.items() if k != "val/ppl"}
+    final = loss.finalize({k: mean_of(s, n) for k, (s, n) in pairs.items()})
+    if not isinstance(final, dict):
+        raise TypeError(f"loss {name}'s finalize must return a dict of name -> number; got "
+                        f"{type(final).__name__}")  # fmt: skip
+    wrong = {k: type(v).__name__ for k, v in final.items()
+             if not isinstance(v, numbers.Real) or isinstance(v, bool)}  # fmt: skip
+    if wrong:
+        raise TypeError(
+            f"loss {name}'s finalize must return numbers (metrics.json and HPARAMS take "
+            f"them); got {wrong} (a tensor: float(t))"
+        )
     missing = [k for k in loss.metrics if k not in final]
     if missing:
+        ppl = "val/ppl" in missing and loss.task == "sequence"
+        hint = (" (a finalize of your own: start from super().finalize(values), which "
+                "derives val/ppl)" if ppl else "")  # fmt: skip
         raise ValueError(
-            f"loss {type(loss).__name__} lists {missing} in its metrics, but neither its "
-            f"val_sums (which reported {reported}) nor its finalize gave them: report each as a "
-            "(sum, count) pair in val_sums, derive it in finalize, or leave it out of metrics"
+            f"loss {name} lists {missing} in its metrics, but neither its val_sums (which "
+            f"reported {sorted(pairs)}) nor its finalize gave them: report each as a (sum, "
+            f"count) pair in val_sums, derive it in finalize, or leave it out of metrics{hint}"
         )
     extra = [k for k in final if k not in loss.metrics]
-    shown = {k: final[k] for k in extra if k.startswith("val/")}
-    return {**{k: final[k] for k in loss.metrics}, **shown}, extra
+    shown = {k: float(final[k]) for k in extra if k.startswith("val/")}
+    return {**{k: float(final[k]) for k in loss.metrics}, **shown}, extra
 
 
 def perplexity(loss: float) -> float:

@@ -445,23 +445,20 @@ def _run(
         legacy_id = derive_run_id(resolved)
         resume_state = None
         if tc.resume:
-            resume_path, resume_state, refused = select_resume(
-                tc.resume, Path(tc.checkpoint.search_dir), run_id, own=run_dir
+            # (the legacy id's checkpoints only where the run's own id has none in the same
+            # place: the run folder first, then anywhere)
+            ids = (run_id,) if tc.run_id or legacy_id == run_id else (run_id, legacy_id)
+            own = _rank0_folder(run_dir, tc) if tc.resume == "auto" else run_dir
+            resume_path, resume_state, refused, marked = select_resume(
+                tc.resume, Path(tc.checkpoint.search_dir), ids, own=own
             )
-            if resume_state is None and tc.resume == "auto" and not tc.run_id and (
-                legacy_id != run_id
-            ):  # fmt: skip
-                resume_path, resume_state, more = select_resume(
-                    tc.resume, Path(tc.checkpoint.search_dir), legacy_id, own=run_dir
-                )
-                refused += more
-                if resume_state is not None:
-                    run_id = legacy_id
+            if marked == legacy_id != run_id:
+                run_id = legacy_id
             for note in refused if main else ():  # (one line per run, not per rank)
                 log.warning("resume: skipped %s", note)
             if main and tc.resume == "auto" and resume_path and resume_state is not None:
                 _say_later_elsewhere(resume_path, int(resume_state["step"]),
-                                     Path(tc.checkpoint.search_dir), run_id, run_dir)  # fmt: skip
+                                     Path(tc.checkpoint.search_dir), ids, run_dir)  # fmt: skip
             if resume_state is None:
                 if main:  # (one line per run, not one per rank)
                     log.info(
@@ -471,10 +468,11 @@ def _run(
                 search = Path(tc.checkpoint.search_dir).resolve()
                 outside = not run_dir.resolve().is_relative_to(search)
                 if main and outside:  # (its checkpoints would be
-                    log.warning(  # found by no later resume=auto either, a probe's finding)
+                    log.warning(  # found by no later resume=auto elsewhere, a probe's finding)
                         "resume=auto: this run's folder %s is outside trainer.checkpoint."
-                        "search_dir=%s, where resume=auto looks: set trainer.checkpoint."
-                        "search_dir to a folder above your runs' to resume them",
+                        "search_dir=%s, where resume=auto looks: only a start in this same "
+                        "folder finds its checkpoints; set trainer.checkpoint.search_dir to "
+                        "a folder above your runs' to resume them from any",
                         run_dir, tc.checkpoint.search_dir,
                     )  # fmt: skip
             else:
@@ -728,21 +726,33 @@ def _home_of(checkpoint: Path | None) -> Path | None:
     return checkpoint.parent.parent
 
 
-def _say_later_elsewhere(chosen: Path, step: int, search_dir: Path, run_id: str,
+def _rank0_folder(run_dir: Path, tc: Any) -> Path:
+    """The run folder whose checkpoints ``resume=auto`` takes first: this one, and rank 0's
+    data-parallel (it alone writes checkpoints, and every rank must resume the same one:
+    with a folder per rank, each took its own folder's first, and the ranks resumed different
+    checkpoints, a review's; the process group is joined here for it)."""
+    world = distributed.from_env()
+    if not world.distributed:
+        return run_dir
+    distributed.setup(world, resolve_device(tc.device))
+    return Path(str(distributed.all_gather_objects(str(run_dir))[0]))
+
+
+def _say_later_elsewhere(chosen: Path, step: int, search_dir: Path, ids: tuple[str, ...],
                          run_dir: Path) -> None:  # fmt: skip
-    """``resume=auto`` continued this folder's own checkpoint: say so where the same run
-    (the same config) has a later one in another folder, which a path resumes from."""
+    """``resume=auto`` continued this folder's own checkpoint: say so where another folder
+    holds a later one of the same run id, which a path resumes from."""
     own = (run_dir / "checkpoints").resolve()
     if chosen.parent.resolve() != own:
         return
-    for path in find_checkpoints(search_dir, run_id):
+    for path in find_checkpoints(search_dir, ids):
         later = step_of(path)
         if path.parent.resolve() != own and later is not None and later > step:
             log.warning(
-                "resume=auto continues this folder's own checkpoint %s (step %d); the same "
-                "run (the same config) has a later one in another folder, %s (step %d): give "
-                "trainer.resume=<its path> to continue that one instead",
-                _display(chosen), step, _display(path), later,
+                "resume=auto continues this folder's own checkpoint %s (step %d); another "
+                "folder holds a later one of run %s, %s (step %d, not loaded or checked "
+                "here): give trainer.resume=<its path> to continue that one instead",
+                _display(chosen), step, ids[0], _display(path), later,
             )  # fmt: skip
             return
 
