@@ -714,3 +714,25 @@ def test_the_rng_states_come_back_from_a_checkpoint_each_generator(tmp_path) -> 
     draws()  # (every generator moved on)
     set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
     assert draws() == expected
+
+
+@pytest.mark.parametrize("key", [
+    "trainer.resume=auto", "trainer.run_id=mine", "trainer.checkpoint.every_n_steps=7",
+    "trainer.checkpoint.keep_last=9", "logging.progress=false",
+    "logging.progress_every_n_steps=3", "trainer.find_unused_parameters=true",
+])  # fmt: skip
+def test_keys_that_do_not_change_what_is_computed_keep_the_run_id(key) -> None:
+    """A run's derived id leaves out the keys that do not change what it computes, so that
+    ``resume=auto`` finds a run started with another of them; each one checked through the
+    composed config (a mutation putting one of them back went unseen), and a key that does
+    change it (the learning rate) does change the id."""
+    from conftest import make_cfg
+
+    from trainer.checkpoint import derive_run_id
+    from trainer.run import identity_config
+
+    def run_id(*overrides: str) -> str:
+        return derive_run_id(identity_config(make_cfg(*overrides)))
+
+    assert run_id(key) == run_id()
+    assert run_id("optimizer.lr=0.5") != run_id()

@@ -1232,3 +1232,37 @@ def test_resume_auto_takes_rank_0s_folder_first_on_every_rank(tmp_path) -> None:
     assert load_checkpoint(mine[0] / "checkpoints" / "last.pt")["step"] == 5
     assert load_checkpoint(later[0] / "checkpoints" / "last.pt")["step"] == 6  # left alone
     assert not (mine[0] / "previous").exists()
+
+
+def _gathers(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
+    """Gather parts of 3 and 2 values (sizes exchanged, and given), and take hard_topk's mask
+    of a ragged global batch of 5 split 3 + 2; written to ``<run_dir>/out.json``."""
+    from trainer.distributed import World, all_gather_cat
+    from trainer.weighting import HardTopKWeighting
+
+    join_group(rank, world, port)
+    torch.distributed.init_process_group("gloo")
+    part = torch.tensor([1.0, 2.0, 9.0]) if rank == 0 else torch.tensor([8.0, 3.0])
+    out = {str(sizes): [v.tolist() if torch.is_tensor(v) else v
+                        for v in all_gather_cat(part, sizes)]
+           for sizes in (None, [3, 2])}  # fmt: skip
+    topk = HardTopKWeighting(k=2)
+    topk.world, topk.global_size = World(rank, world, rank), 5
+    out["mask"] = topk.raw(part, None, None, None).tolist()
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "out.json").write_text(json.dumps(out))
+    torch.distributed.destroy_process_group()
+
+
+def test_parts_of_unequal_length_are_gathered_at_their_offsets(tmp_path) -> None:
+    """``all_gather_cat`` of 3 and 2 values: the whole in rank order and each rank's offset
+    (3 on rank 1), and hard_topk's mask over the ragged global batch: the two largest losses
+    of the 5 (9 on rank 0, 8 on rank 1). With rank 1's offset wrong (2, a mutation the suite
+    missed: its data-parallel runs gathered equal parts), rank 1 kept 3 and 8."""
+    dirs = [tmp_path / "0", tmp_path / "1"]
+    assert ranks_of(_gathers, (), dirs) == [0, 0]
+    out = [json.loads((d / "out.json").read_text()) for d in dirs]
+    for rank, offset in ((0, 0), (1, 3)):
+        for sizes in ("None", "[3, 2]"):
+            assert out[rank][sizes] == [[1.0, 2.0, 9.0, 8.0, 3.0], offset], (rank, sizes)
+    assert out[0]["mask"] == [0.0, 0.0, 1.0] and out[1]["mask"] == [1.0, 0.0]

@@ -200,11 +200,14 @@ def test_a_long_tensors_norm_on_a_cpu_is_taken_by_rows(dtype, layout) -> None:
     n = 1 << 20
     t = torch.ones(n + (37 if layout == "ragged" else 0))
     t[:64] = 4096.0
+    if layout == "ragged":  # the tail past the last full row weighs (a mutation dropping it
+        t[-37:] = 4096.0  # lost 37 ones of 2²⁰, within the tolerance, and went unseen)
     if layout == "transposed":  # the same values in column-major memory (the reshape copies)
         t = t.view(1024, 1024).T.contiguous().T
         assert not t.is_contiguous()
     t = t.to(dtype)
-    exact = math.sqrt(64 * 4096.0**2 + (t.numel() - 64))
+    big = 64 + (37 if layout == "ragged" else 0)
+    exact = math.sqrt(big * 4096.0**2 + (t.numel() - big))
     small = torch.randn(100)
     assert is_long(t) and not is_long(small) and LONG == 1 << 17
     long, short = norms_of([t, small])
@@ -365,10 +368,13 @@ def test_a_float16_gradient_less_its_regularizers_part_is_taken_in_float32() -> 
 # ----------------------------------------------------------------------------- histograms
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("policy", ["minmax", "symmetric", "fixed"])
-def test_histogram_counts_cover_every_finite_value(policy) -> None:
+def test_histogram_counts_cover_every_finite_value(policy, sign) -> None:
+    """Also with the values negated: seed 0's have max ≥ |min|, so a symmetric range taken
+    from the larger end alone (a mutation) went unseen."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1000, generator=g) * 3
+    x = torch.randn(1000, generator=g) * 3 * sign
     x[[5, 17]] = torch.tensor([math.nan, math.inf])
     (h,) = histograms([x], bins=20, range_policy=policy, fixed=(-2.0, 2.0))
     finite = x[torch.isfinite(x)]
@@ -1625,3 +1631,25 @@ def test_agreement_without_the_norms_says_it_logs_nothing(caplog) -> None:
         built = build_callbacks(cfg.instrument)
     assert not any(isinstance(cb, Norms) for cb in built)
     assert "instrument.norms.agreement=true logs nothing" in caplog.text
+
+
+@pytest.mark.parametrize("draw", ["none", "python", "numpy", "numpy_cached_gaussian", "torch"])
+def test_a_fork_of_the_random_states_tells_a_draw_and_rewinds_it(draw) -> None:
+    """``trainer.rng.Fork`` (what per-sample norms and curvature take to tell a forward that
+    drew random numbers, and to draw them again): each generator's draw is told, NumPy's
+    second Gaussian of a pair too, which moves no position, only the cached value (a mutation
+    overlooking it went unseen), and rewinding gives the same draw again."""
+    import random
+
+    from trainer.rng import Fork
+
+    np.random.seed(0)
+    np.random.standard_normal()  # (one of a pair: NumPy keeps the other)
+    draws = {"none": lambda: None, "python": random.random, "numpy": np.random.rand,
+             "numpy_cached_gaussian": np.random.standard_normal,
+             "torch": lambda: torch.rand(2).tolist()}  # fmt: skip
+    fork = Fork(torch.device("cpu"))
+    first = draws[draw]()
+    assert fork.drew() == (draw != "none")
+    fork.rewind()
+    assert draws[draw]() == first and fork.drew() == (draw != "none")

@@ -138,6 +138,25 @@ def test_ranks_by_val_acc_highest_first_and_marks_the_best(sweep) -> None:
     assert "\n1 job (1 completed)" in report.render_table(ranked[:1], "val/acc", "auto")
 
 
+def test_runs_that_did_not_complete_rank_below_every_completed_one(tmp_path) -> None:
+    """An interrupted or failed job's metrics.json may hold a better value (a resumed job's
+    last validation, a failure after one): it ranks after every completed job, in job
+    order, and is never the best (a mutation ranking every job with a value went unseen: the
+    fixture's failed job has none)."""
+    root = tmp_path / "multirun"
+    make_run(root / "0", completed(0.80, 0.50, 0.10), ["optimizer.lr=0.1"])
+    make_run(
+        root / "1", {**completed(0.95, 0.10, 0.05), "status": "interrupted"}, ["optimizer.lr=0.2"]
+    )
+    make_run(root / "2", {**completed(0.99, 0.05, 0.01), "status": "failed", "error": OOM},
+             ["optimizer.lr=0.3"])  # fmt: skip
+    make_run(root / "3", completed(0.70, 0.60, 0.20), ["optimizer.lr=0.4"])
+    for metric in ("val/acc", "val/loss"):
+        ranked = report.rank_runs(report.collect_runs(root, curves=False), metric, "auto")
+        assert [r.name for r in ranked] == ["0", "3", "1", "2"], metric
+        assert report.best_run(ranked, metric).name == "0"
+
+
 @pytest.mark.parametrize(
     ("metric", "mode", "order"),
     [("val/loss", "auto", ["10", "1", "0"]), ("train/loss", "auto", ["0", "1", "10"]),

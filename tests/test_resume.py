@@ -1019,3 +1019,26 @@ def test_checkpoints_get_the_mode_a_new_file_gets(tmp_path) -> None:
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_finished_run_resumed_from_an_earlier_checkpoint_logs_each_step_once(tmp_path) -> None:
+    """Resumed from its step-4 checkpoint, a run whose events reach step 8 purges what it
+    logged after step 4 and logs steps 5-8 again, each step once and as before (exact resume);
+    the later checkpoints are set aside under checkpoints/abandoned/. The kill-and-resume tests
+    lose their events after the checkpoint with the process, so a purge from one step too late
+    (a mutation) went unseen there: here step 5 would be logged twice."""
+    from conftest import train
+
+    common = ["trainer.max_steps=8", "logging.every_n_steps=1",
+              "trainer.checkpoint.every_n_steps=2", "trainer.checkpoint.keep_last=10"]  # fmt: skip
+    train(tmp_path / "run", *common)
+    before = read_scalars(tmp_path / "run")
+    start = tmp_path / "run" / "checkpoints" / "step_000000004.pt"
+    train(tmp_path / "again", *common, f"trainer.resume={start}")
+    after = read_scalars(tmp_path / "run")  # (a resumed run continues in its run dir)
+    for tag in ("train/loss", "grad_norm/total", "lr"):
+        assert [s for s, _ in after[tag]] == list(range(1, 9)), tag
+        assert after[tag] == before[tag], tag
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "abandoned").iterdir()) == [
+        f"step_00000000{k}.pt" for k in (6, 8)
+    ]
