@@ -4,6 +4,7 @@ message, or shifted other logged values)."""
 
 from __future__ import annotations
 
+import decimal
 import functools
 import json
 import math
@@ -1415,7 +1416,7 @@ def test_validation_metrics_of_ones_own_from_counts_are_exact(tmp_path) -> None:
     ("F1Triple", r"\(sum, count\) as a tensor of shape \(2,\).*'val/f1': \(3,\)"),
     ("F1Varying", r"reported \['val/acc', 'val/fp', 'val/loss', 'val/tp'\] for validation "
                   r"batch 5 and .* for the first"),
-    ("F1Tensor", r"loss F1Tensor's finalize must return numbers .*got \{'val/loss': 'Tensor'"),
+    ("F1Tensor", r"loss F1Tensor's finalize must return real numbers .*got \{'val/loss': 'Tensor'"),
 ])  # fmt: skip
 def test_validation_metrics_breaking_the_contract_fail_at_the_first_validation(
     tmp_path, loss, match
@@ -1463,3 +1464,44 @@ def test_validation_metrics_given_as_numpy_scalars_are_taken_as_floats(tmp_path)
     metrics = train(tmp_path, *SHORT, "~loss", f"+loss._target_={__name__}.F1NumPy")
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert type(metrics["val/f1"]) is float and saved["val/f1"] == metrics["val/f1"]
+
+
+def test_val_sums_pairs_are_checked_where_the_first_batch_gives_them() -> None:
+    """The first validation batch's pairs: on the trainer's device, an index-less device
+    standing for its type's (``cuda`` is ``cuda:0`` on one GPU: a first version refused every
+    loss there, a review's); a sequence task's val/ppl given as the very tensor of val/loss is
+    the loss's (not summed: finalize derives it), an equal copy a pair of its own."""
+    from trainer.losses import TokenCrossEntropy, same_device, val_keys
+
+    cpu = torch.device("cpu")
+    assert same_device(torch.device("cuda"), torch.device("cuda", 0))
+    assert same_device(torch.device("cuda", 1), torch.device("cuda"))
+    assert not same_device(torch.device("cuda", 1), torch.device("cuda", 0))
+    assert not same_device(torch.device("cuda"), cpu)
+    pair = torch.tensor([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"gave 'val/acc' on meta, the trainer's device is cpu"):
+        val_keys(CrossEntropy(), {"val/loss": pair, "val/acc": pair.to("meta")}, cpu)
+    tokens = TokenCrossEntropy()
+    names, reported = val_keys(tokens, {"val/loss": pair, "val/ppl": pair, "val/x": pair}, cpu)
+    assert names == ["val/loss", "val/x"] and reported == {"val/loss", "val/ppl", "val/x"}
+    names, _ = val_keys(tokens, {"val/loss": pair, "val/ppl": pair.clone()}, cpu)
+    assert names == ["val/loss", "val/ppl"]
+
+
+class F1Decimal(CountsF1):
+    def finalize(self, values):
+        return {k: decimal.Decimal(repr(v)) for k, v in super().finalize(values).items()}
+
+
+class F1Huge(CountsF1):
+    def finalize(self, values):
+        return {**super().finalize(values), "val/f1": 10**400}
+
+
+def test_finalize_values_are_real_numbers_made_floats(tmp_path) -> None:
+    """Decimals are numbers too (taken as floats); an int beyond a float is refused at the
+    first validation, naming the loss (it would have failed at metrics.json)."""
+    metrics = train(tmp_path / "d", *SHORT, "~loss", f"+loss._target_={__name__}.F1Decimal")
+    assert type(metrics["val/f1"]) is float
+    with pytest.raises(ValueError, match=r"loss F1Huge's finalize returned a number beyond a "):
+        train(tmp_path / "h", *SHORT, "~loss", f"+loss._target_={__name__}.F1Huge")

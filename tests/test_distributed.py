@@ -1181,6 +1181,22 @@ class RankOrderedF1(CountsF1):
         return {k: sums[k] for k in sorted(sums, reverse=os.environ.get("RANK") == "1")}
 
 
+class RankVaryingF1(CountsF1):
+    """CountsF1 without one name in rank 1's second validation batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    def val_sums(self, output, target):
+        sums = super().val_sums(output, target)
+        if not torch.is_grad_enabled():  # (validation: the first step's checks take it too)
+            self.batches += 1
+            if os.environ.get("RANK") == "1" and self.batches == 2:
+                del sums["val/fn"]
+        return sums
+
+
 class RankExtraF1(CountsF1):
     """CountsF1 with one more name on rank 1."""
 
@@ -1196,23 +1212,29 @@ def test_validation_names_are_summed_alike_on_every_rank(tmp_path) -> None:
     another order on rank 1, the metrics are those of the same order everywhere, bit for bit
     (a review's: the counts of one were added to another's, val/f1 0.23 for 0.35, unsaid);
     another name on one rank is refused on every rank, naming the names (it aborted both
-    processes in gloo, no metrics.json)."""
+    processes in gloo, no metrics.json), as is a failure on one rank alone."""
     short = ["trainer.max_steps=4", "data.train_subset=256", f"data.batch_size={B}",
              "data.eval_batch_size=179", "trainer.checkpoint.every_n_steps=0"]  # fmt: skip
-    dirs = {k: [tmp_path / f"{k}{r}" for r in range(2)] for k in ("same", "ordered", "extra")}
+    dirs = {k: [tmp_path / f"{k}{r}" for r in range(2)]
+            for k in ("same", "ordered", "extra", "varying")}  # fmt: skip
     codes = launch(
         (2, [*short, "~loss", "+loss._target_=test_byo_refusals.CountsF1"], dirs["same"]),
         (2, [*short, "~loss", f"+loss._target_={__name__}.RankOrderedF1"], dirs["ordered"]),
         (2, [*short, "~loss", f"+loss._target_={__name__}.RankExtraF1"], dirs["extra"]),
+        (2, [*short, "~loss", f"+loss._target_={__name__}.RankVaryingF1"], dirs["varying"]),
     )  # fmt: skip
-    assert codes == [[0, 0], [0, 0], [1, 1]]
+    assert codes == [[0, 0], [0, 0], [1, 1], [1, 1]]
     same, ordered = (json.loads((dirs[k][0] / "metrics.json").read_text())
                      for k in ("same", "ordered"))  # fmt: skip
     assert ordered["val/f1"] == same["val/f1"] and ordered["val/acc"] == same["val/acc"]
     failed = json.loads((dirs["extra"][0] / "metrics.json").read_text())
     assert failed["status"] == "failed" and failed["step"] == 4
-    said = "reported other names on another rank than ['val/loss', 'val/acc', 'val/fn', "
+    said = "or its val_sums reported other names there than ['val/loss', 'val/acc', 'val/fn', "
     assert said in failed["error"]
+    # names changing on rank 1 alone, at its second batch: its error there, every rank told
+    # (rank 0 failed on gloo's "Connection closed by peer" before, a review's)
+    failed = json.loads((dirs["varying"][0] / "metrics.json").read_text())
+    assert "validation failed on another rank (its log says why)" in failed["error"]
 
 
 def test_resume_auto_takes_rank_0s_folder_first_on_every_rank(tmp_path) -> None:
@@ -1237,7 +1259,7 @@ def test_resume_auto_takes_rank_0s_folder_first_on_every_rank(tmp_path) -> None:
 def _gathers(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
     """Gather parts of 3 and 2 values (sizes exchanged, and given), and take hard_topk's mask
     of a ragged global batch of 5 split 3 + 2; written to ``<run_dir>/out.json``."""
-    from trainer.distributed import World, all_gather_cat
+    from trainer.distributed import World, all_gather_cat, same_on_every_rank
     from trainer.weighting import HardTopKWeighting
 
     join_group(rank, world, port)
@@ -1249,6 +1271,10 @@ def _gathers(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
     topk = HardTopKWeighting(k=2)
     topk.world, topk.global_size = World(rank, world, rank), 5
     out["mask"] = topk.raw(part, None, None, None).tolist()
+    cpu = torch.device("cpu")  # names compared: the same; as many, other; fewer
+    out["same"] = [same_on_every_rank(["val/a", "val/b"], cpu),
+                   same_on_every_rank(["val/a", "val/b" if rank == 0 else "val/c"], cpu),
+                   same_on_every_rank(["val/a", "val/b"][: rank + 1], cpu)]  # fmt: skip
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "out.json").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
@@ -1266,3 +1292,4 @@ def test_parts_of_unequal_length_are_gathered_at_their_offsets(tmp_path) -> None
         for sizes in ("None", "[3, 2]"):
             assert out[rank][sizes] == [[1.0, 2.0, 9.0, 8.0, 3.0], offset], (rank, sizes)
     assert out[0]["mask"] == [0.0, 0.0, 1.0] and out[1]["mask"] == [1.0, 0.0]
+    assert out[0]["same"] == out[1]["same"] == [True, False, False]

@@ -476,7 +476,7 @@ def find_checkpoints(
     return [t[-1] for t in sorted(found.values(), key=lambda t: t[:4], reverse=True)]
 
 
-def _marked_id(path: Path) -> str | None:
+def marked_id(path: Path) -> str | None:
     """The run id a step checkpoint's folder is marked with (``checkpoints/run.json``)."""
     try:
         return json.loads((path.parent / "run.json").read_text()).get("run_id")
@@ -517,7 +517,7 @@ def select_resume(
     notes: list[str] = []
     for path in find_checkpoints(search_dir, run_id, own):
         try:
-            return path, load_training_checkpoint(path), notes, _marked_id(path)
+            return path, load_training_checkpoint(path), notes, marked_id(path)
         except (OSError, ValueError) as e:
             notes.append(str(e))
     return None, None, notes, None

@@ -53,7 +53,14 @@ from trainer.distributed import (
 )
 from trainer.instrument.norms import needs_care, total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
-from trainer.losses import Loss, as_loss, check_metric_names, finished_metrics, val_keys
+from trainer.losses import (
+    Loss,
+    as_loss,
+    check_metric_names,
+    finished_metrics,
+    same_val_keys,
+    val_keys,
+)
 from trainer.metrics import HostFn, LossTally, Staging, mean_of
 from trainer.objective import Objective, Window
 from trainer.precision import sum_dtype
@@ -1459,29 +1466,41 @@ class Trainer:
         # (metric, [sum, count]), summed over the batches in float64 (a float64 model's
         # sums as they are; float32 ones without rounding their running total)
         wide = sum_dtype(self.device)
-        names: list[str] | None = None  # what val_sums reports (checked: losses.val_keys)
+        names: list[str] | None = None  # what is summed (checked: losses.val_keys)
+        reported: frozenset[str] = frozenset()  # what each batch must report
         sums = torch.zeros(0, 2, dtype=wide, device=self.device)
-        for i, (x, y, _) in enumerate(self.val_loader):
-            if self.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                output = self.model(x)
-            batch = self.criterion.val_sums(output, y)
-            if names is None:
-                names = val_keys(self.criterion, batch, None, i, self.device)
-                sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
-            elif len(batch) != len(names) or batch.keys() != set(names):
-                val_keys(self.criterion, batch, names, i, self.device)  # (raises: both named)
-            sums += torch.stack([batch[k] for k in names])
+        failed: Exception | None = None
+        try:
+            for i, (x, y, _) in enumerate(self.val_loader):
+                if self.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with self._autocast():
+                    output = self.model(x)
+                batch = self.criterion.val_sums(output, y)
+                if names is None:
+                    names, reported = val_keys(self.criterion, batch, self.device)
+                    sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
+                elif batch.keys() != reported:
+                    same_val_keys(self.criterion, batch, reported, i)  # (raises: both named)
+                sums += torch.stack([batch[k] for k in names])
+        except Exception as e:  # data-parallel: said to every rank first (else the others
+            if not self.world.distributed:  # failed on the collective's error, a review's)
+                raise
+            failed = e
         if names is None:  # no validation batch (on every rank alike): NaN metrics
             names = list(self.criterion.metrics)
             sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
-        if self.world.distributed and not same_on_every_rank(names, self.device):
-            raise ValueError(  # (else sums of other metrics, or a collective's abort)
-                f"data-parallel: loss {type(self.criterion).__name__}'s val_sums reported "
-                f"other names on another rank than {names} on rank {self.world.rank}: every "
-                "rank must report the same names"
-            )
+        if self.world.distributed:  # the same names on every rank, or sums of other metrics
+            said = names if failed is None else [f"failed on rank {self.world.rank}"]
+            if not same_on_every_rank(said, self.device):
+                if failed is not None:
+                    raise failed
+                raise ValueError(
+                    f"data-parallel: loss {type(self.criterion).__name__}'s validation failed "
+                    f"on another rank (its log says why), or its val_sums reported other names "
+                    f"there than {names} on rank {self.world.rank}: every rank must report "
+                    "the same names"
+                )
         train = self.tally.epoch_parts()  # [Σ, count] on the device (no copy)
         both = all_reduce_sum(torch.cat([sums, train[None]]))
         # host sync: once per validation (data-parallel: summed over the ranks)

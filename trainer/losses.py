@@ -32,6 +32,7 @@ A loss of your own (README, "Bring your own"): subclass :class:`Loss` and implem
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 from collections.abc import Callable
@@ -232,26 +233,20 @@ def check_metric_names(loss: Loss) -> None:
         raise ValueError(f"{what} name {twice} more than once")
 
 
-def val_keys(
-    loss: Loss, sums: Any, first: list[str] | None, batch: int, device: torch.device
-) -> list[str]:
-    """The names of one validation batch's :meth:`~Loss.val_sums`, checked: a dict of (sum,
-    count) tensors of shape (2,) on ``device``, the same names for every batch (``first``:
-    the first batch's). Ordered as :attr:`~Loss.metrics`, then the others by name (not as
-    reported: data-parallel, every rank must sum the same names in the same order, and a
-    set's order differs between processes)."""
+def val_keys(loss: Loss, sums: Any, device: torch.device) -> tuple[list[str], frozenset[str]]:
+    """The names the trainer sums of the first validation batch's :meth:`~Loss.val_sums`,
+    checked: a dict of (sum, count) tensors of shape (2,) on ``device``; and the names every
+    later batch must report (:func:`same_val_keys`). Ordered as :attr:`~Loss.metrics`, then
+    the others by name (not as reported: data-parallel, every rank must sum the same names in
+    the same order, and a set's order differs between processes). A sequence task's
+    ``val/ppl`` reported as the very tensor of ``val/loss`` (the built-in losses' convention
+    until 2026-12-05, which a subclass may keep) is the loss's: not summed, ``finalize``
+    derives it as its exponential (decided by identity, not by equal values: sums over
+    processes of equal rows may differ in the last bit)."""
     what = f"loss {type(loss).__name__}'s val_sums"
     if not isinstance(sums, dict):
         raise TypeError(f"{what} must return a dict of name -> (sum, count); got "
                         f"{type(sums).__name__}")  # fmt: skip
-    if first is not None:
-        if sums.keys() != set(first):
-            raise ValueError(
-                f"{what} reported {sorted(sums)} for validation batch {batch} and "
-                f"{sorted(first)} for the first: every batch must report the same names (a "
-                "count of 0 where a batch has none of a metric's samples)"
-            )
-        return first
     for k, v in sums.items():
         if not isinstance(v, Tensor) or v.shape != (2,):
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
@@ -260,39 +255,60 @@ def val_keys(
                 f"which the trainer adds over the batches and processes; got {k!r}: {got} "
                 "(until 2026-12-05 a name not in metrics was ignored, whatever it held)"
             )
-        if v.device != device:
-            raise ValueError(f"{what} gave {k!r} on {v.device}, the model's output is on "
-                             f"{device}: make its tensors on output.device")  # fmt: skip
-    listed = [k for k in loss.metrics if k in sums]
-    return listed + sorted(k for k in sums if k not in listed)
+        if not same_device(v.device, device):
+            raise ValueError(
+                f"{what} gave {k!r} on {v.device}, the trainer's device is {device}: make its "
+                "tensors on the model output's device"
+            )
+    summed = [k for k in sums if not (k == "val/ppl" and loss.task == "sequence"
+                                      and sums[k] is sums.get("val/loss"))]  # fmt: skip
+    listed = [k for k in loss.metrics if k in summed]
+    return listed + sorted(k for k in summed if k not in listed), frozenset(sums)
+
+
+def same_val_keys(loss: Loss, sums: Any, first: frozenset[str], batch: int) -> None:
+    """Raise where validation batch ``batch`` reported other names than the first."""
+    if isinstance(sums, dict) and sums.keys() == first:
+        return
+    got = sorted(sums) if isinstance(sums, dict) else type(sums).__name__
+    raise ValueError(
+        f"loss {type(loss).__name__}'s val_sums reported {got} for validation batch {batch} "
+        f"and {sorted(first)} for the first: every batch must report the same names (a count "
+        "of 0 where a batch has none of a metric's samples)"
+    )
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """The same device, a device without an index standing for any of its type's (the
+    trainer's ``cuda`` is the tensors' ``cuda:0`` on one GPU)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def finished_metrics(loss: Loss, pairs: dict[str, tuple[float, float]]) -> tuple[
         dict[str, float], list[str]]:  # fmt: skip
     """:meth:`~Loss.finalize` of the averaged sums (``pairs``: each name's summed (sum,
-    count)), checked: a dict of numbers holding every name of :attr:`~Loss.metrics` (one
-    missing failed after the whole run, at ``metrics.json``, until 2026-12-05); (the metrics,
-    :attr:`~Loss.metrics` first, and the names it returned beyond them: those under ``val/``
-    reach TensorBoard and the epoch lines only, the others nothing). A sequence task's
-    ``val/ppl`` pair equal to ``val/loss``'s is the loss's, which ``finalize`` finishes as its
-    exponential (the convention of the built-in losses' ``val_sums`` until 2026-12-05, which
-    a subclass may keep)."""
+    count)), checked: a dict of real numbers (made floats) holding every name of
+    :attr:`~Loss.metrics` (one missing, or a tensor, failed after the whole run, at
+    ``metrics.json``, until 2026-12-05); (the metrics, :attr:`~Loss.metrics` first, and the
+    names it returned beyond them: those under ``val/`` reach TensorBoard and the epoch lines
+    only, the others nothing)."""
     name = type(loss).__name__
-    if loss.task == "sequence" and "val/ppl" in pairs and pairs["val/ppl"] == pairs.get(
-        "val/loss"
-    ):  # fmt: skip
-        pairs = {k: v for k, v in pairs.items() if k != "val/ppl"}
     final = loss.finalize({k: mean_of(s, n) for k, (s, n) in pairs.items()})
     if not isinstance(final, dict):
         raise TypeError(f"loss {name}'s finalize must return a dict of name -> number; got "
                         f"{type(final).__name__}")  # fmt: skip
+    real = numbers.Real | decimal.Decimal
     wrong = {k: type(v).__name__ for k, v in final.items()
-             if not isinstance(v, numbers.Real) or isinstance(v, bool)}  # fmt: skip
+             if not isinstance(v, real) or isinstance(v, bool)}  # fmt: skip
     if wrong:
         raise TypeError(
-            f"loss {name}'s finalize must return numbers (metrics.json and HPARAMS take "
-            f"them); got {wrong} (a tensor: float(t))"
+            f"loss {name}'s finalize must return real numbers (a float, an int, NumPy's; "
+            f"metrics.json and HPARAMS take them as floats); got {wrong} (a tensor: float(t))"
         )
+    try:
+        final = {k: float(v) for k, v in final.items()}
+    except OverflowError as e:
+        raise ValueError(f"loss {name}'s finalize returned a number beyond a float: {e}") from e
     missing = [k for k in loss.metrics if k not in final]
     if missing:
         ppl = "val/ppl" in missing and loss.task == "sequence"
@@ -304,8 +320,8 @@ def finished_metrics(loss: Loss, pairs: dict[str, tuple[float, float]]) -> tuple
             f"count) pair in val_sums, derive it in finalize, or leave it out of metrics{hint}"
         )
     extra = [k for k in final if k not in loss.metrics]
-    shown = {k: float(final[k]) for k in extra if k.startswith("val/")}
-    return {**{k: float(final[k]) for k in loss.metrics}, **shown}, extra
+    shown = {k: final[k] for k in extra if k.startswith("val/")}
+    return {**{k: final[k] for k in loss.metrics}, **shown}, extra
 
 
 def perplexity(loss: float) -> float:

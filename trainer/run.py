@@ -36,6 +36,7 @@ from trainer.checkpoint import (
     StopOnSignals,
     derive_run_id,
     find_checkpoints,
+    marked_id,
     rank_rng_state,
     resume_changes,
     select_resume,
@@ -463,7 +464,8 @@ def _run(
                 if main:  # (one line per run, not one per rank)
                     log.info(
                         "resume=auto: no usable checkpoint of run %s under %s; starting from "
-                        "scratch", run_id, _searched(tc.checkpoint.search_dir),
+                        "scratch", " (or, as before 2026-12-05, ".join(ids) + ")" * (len(ids) - 1),
+                        _searched(tc.checkpoint.search_dir),
                     )  # fmt: skip
                 search = Path(tc.checkpoint.search_dir).resolve()
                 outside = not run_dir.resolve().is_relative_to(search)
@@ -752,7 +754,7 @@ def _say_later_elsewhere(chosen: Path, step: int, search_dir: Path, ids: tuple[s
                 "resume=auto continues this folder's own checkpoint %s (step %d); another "
                 "folder holds a later one of run %s, %s (step %d, not loaded or checked "
                 "here): give trainer.resume=<its path> to continue that one instead",
-                _display(chosen), step, ids[0], _display(path), later,
+                _display(chosen), step, marked_id(path), _display(path), later,
             )  # fmt: skip
             return
 
