@@ -1468,7 +1468,7 @@ class Trainer:
         wide = sum_dtype(self.device)
         names: list[str] | None = None  # what is summed (checked: losses.val_keys)
         reported: frozenset[str] = frozenset()  # what each batch must report
-        sums = torch.zeros(0, 2, dtype=wide, device=self.device)
+        sums: Tensor | None = None
         failed: Exception | None = None
         try:
             for i, (x, y, _) in enumerate(self.val_loader):
@@ -1482,13 +1482,14 @@ class Trainer:
                     sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
                 elif batch.keys() != reported:
                     same_val_keys(self.criterion, batch, reported, i)  # (raises: both named)
+                assert sums is not None
                 sums += torch.stack([batch[k] for k in names])
         except Exception as e:  # data-parallel: said to every rank first (else the others
             if not self.world.distributed:  # failed on the collective's error, a review's)
                 raise
             failed = e
-        if names is None:  # no validation batch (on every rank alike): NaN metrics
-            names = list(self.criterion.metrics)
+        if names is None or sums is None:  # no validation batch (on every rank alike): NaN
+            names = list(self.criterion.metrics)  # metrics (or a rank failed at its first)
             sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
         if self.world.distributed:  # the same names on every rank, or sums of other metrics
             said = names if failed is None else [f"failed on rank {self.world.rank}"]
