@@ -1229,12 +1229,16 @@ def test_validation_names_are_summed_alike_on_every_rank(tmp_path) -> None:
     assert ordered["val/f1"] == same["val/f1"] and ordered["val/acc"] == same["val/acc"]
     failed = json.loads((dirs["extra"][0] / "metrics.json").read_text())
     assert failed["status"] == "failed" and failed["step"] == 4
-    said = "or its val_sums reported other names there than ['val/loss', 'val/acc', 'val/fn', "
+    said = "val_sums reported other names on another rank than ['val/loss', 'val/acc', 'val/fn', "
     assert said in failed["error"]
     # names changing on rank 1 alone, at its second batch: its error there, every rank told
     # (rank 0 failed on gloo's "Connection closed by peer" before, a review's)
     failed = json.loads((dirs["varying"][0] / "metrics.json").read_text())
-    assert "validation failed on another rank (its log says why)" in failed["error"]
+    assert failed["error"].startswith(
+        "RuntimeError: data-parallel: validation failed on rank 1: ValueError: loss "
+        "RankVaryingF1's val_sums reported ['val/acc', 'val/fp', 'val/loss', 'val/tp'] for "
+        "validation batch 1 and ['val/acc', 'val/fn', "
+    ), failed["error"]
 
 
 def test_resume_auto_takes_rank_0s_folder_first_on_every_rank(tmp_path) -> None:
@@ -1259,7 +1263,7 @@ def test_resume_auto_takes_rank_0s_folder_first_on_every_rank(tmp_path) -> None:
 def _gathers(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
     """Gather parts of 3 and 2 values (sizes exchanged, and given), and take hard_topk's mask
     of a ragged global batch of 5 split 3 + 2; written to ``<run_dir>/out.json``."""
-    from trainer.distributed import World, all_gather_cat, same_on_every_rank
+    from trainer.distributed import World, agree, all_gather_cat
     from trainer.weighting import HardTopKWeighting
 
     join_group(rank, world, port)
@@ -1272,9 +1276,9 @@ def _gathers(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
     topk.world, topk.global_size = World(rank, world, rank), 5
     out["mask"] = topk.raw(part, None, None, None).tolist()
     cpu = torch.device("cpu")  # names compared: the same; as many, other; fewer
-    out["same"] = [same_on_every_rank(["val/a", "val/b"], cpu),
-                   same_on_every_rank(["val/a", "val/b" if rank == 0 else "val/c"], cpu),
-                   same_on_every_rank(["val/a", "val/b"][: rank + 1], cpu)]  # fmt: skip
+    out["same"] = [agree(["val/a", "val/b"], False, cpu),
+                   agree(["val/a", "val/b" if rank == 0 else "val/c"], False, cpu),
+                   agree(["val/a", "val/b"][: rank + 1], rank == 1, cpu)]  # fmt: skip
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "out.json").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
@@ -1292,4 +1296,4 @@ def test_parts_of_unequal_length_are_gathered_at_their_offsets(tmp_path) -> None
         for sizes in ("None", "[3, 2]"):
             assert out[rank][sizes] == [[1.0, 2.0, 9.0, 8.0, 3.0], offset], (rank, sizes)
     assert out[0]["mask"] == [0.0, 0.0, 1.0] and out[1]["mask"] == [1.0, 0.0]
-    assert out[0]["same"] == out[1]["same"] == [True, False, False]
+    assert out[0]["same"] == out[1]["same"] == [[True, []], [False, []], [False, [1]]]

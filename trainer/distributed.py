@@ -100,15 +100,18 @@ def all_reduce_max(t: Tensor) -> Tensor:
     return out
 
 
-def same_on_every_rank(words: Sequence[str], device: torch.device) -> bool:
+def agree(words: Sequence[str], failed: bool, device: torch.device) -> tuple[bool, list[int]]:
     """Whether every rank holds the same list of strings, in the same order (their count and
-    CRC-32 compared: one small all-reduce and a host read). True in one process."""
+    CRC-32 compared), and the ranks that say they ``failed``: one small all-reduce and a host
+    read. (True, []) in one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return True
+        return True, []
     n, code = len(words), zlib.crc32("\n".join(words).encode())
-    largest = all_reduce_max(torch.tensor([n, code, -n, -code], dtype=torch.int64, device=device))
-    high_n, high_code, low_n, low_code = largest.tolist()  # host sync: once per validation
-    return high_n == -low_n and high_code == -low_code
+    mine = [0] * dist.get_world_size()
+    mine[dist.get_rank()] = int(failed)
+    sent = torch.tensor([n, code, -n, -code, *mine], dtype=torch.int64, device=device)
+    high_n, high_code, low_n, low_code, *ranks = all_reduce_max(sent).tolist()  # host sync
+    return high_n == -low_n and high_code == -low_code, [r for r, f in enumerate(ranks) if f]
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

@@ -45,11 +45,11 @@ from trainer.data.base import Batch, Loader, batch_count
 from trainer.distributed import (
     SINGLE,
     World,
+    agree,
     all_gather_objects,
     all_reduce_max,
     all_reduce_sum,
     broadcast_buffers,
-    same_on_every_rank,
 )
 from trainer.instrument.norms import needs_care, total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
@@ -1408,6 +1408,33 @@ class Trainer:
                 log.warning("the checkpoint holds no state for %s %s: it starts fresh",
                             key, type(part).__name__)  # fmt: skip
 
+    def _agree_on_validation(self, names: list[str], failed: Exception | None) -> None:
+        """Data-parallel: raise on every rank where a rank's validation failed (the failing
+        rank its own error; the others one naming the rank and its error, which rank 0's
+        metrics.json records) or reported other names (two small collectives at most)."""
+        try:
+            same, failing = agree(names, failed is not None, self.device)
+            said = (all_gather_objects(f"{type(failed).__name__}: {failed}" if failed else "")
+                    if failing else [])  # fmt: skip
+        except Exception as e:  # (a collective failing after a device error: both kept)
+            if failed is not None:
+                raise e from failed
+            raise
+        if failed is not None:
+            raise failed
+        if failing:
+            raise RuntimeError(
+                f"data-parallel: validation failed on rank {failing[0]}"
+                f"{f' (and {len(failing) - 1} more)' if len(failing) > 1 else ''}: "
+                f"{said[failing[0]]}"
+            )
+        if not same:
+            raise ValueError(
+                f"data-parallel: loss {type(self.criterion).__name__}'s val_sums reported other "
+                f"names on another rank than {names} on rank {self.world.rank}: every rank must "
+                "report the same names"
+            )
+
     def _stateful_parts(self) -> list[tuple[str, Stateful]]:
         """The objective's parts that may keep state (:class:`Stateful`), by the key a
         checkpoint keeps them under: ``loss``, ``weighting``, ``regularizer.<name>``."""
@@ -1492,16 +1519,7 @@ class Trainer:
             names = list(self.criterion.metrics)  # metrics (or a rank failed at its first)
             sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
         if self.world.distributed:  # the same names on every rank, or sums of other metrics
-            said = names if failed is None else [f"failed on rank {self.world.rank}"]
-            if not same_on_every_rank(said, self.device):
-                if failed is not None:
-                    raise failed
-                raise ValueError(
-                    f"data-parallel: loss {type(self.criterion).__name__}'s validation failed "
-                    f"on another rank (its log says why), or its val_sums reported other names "
-                    f"there than {names} on rank {self.world.rank}: every rank must report "
-                    "the same names"
-                )
+            self._agree_on_validation(names, failed)
         train = self.tally.epoch_parts()  # [Σ, count] on the device (no copy)
         both = all_reduce_sum(torch.cat([sums, train[None]]))
         # host sync: once per validation (data-parallel: summed over the ranks)

@@ -239,10 +239,10 @@ def val_keys(loss: Loss, sums: Any, device: torch.device) -> tuple[list[str], fr
     later batch must report (:func:`same_val_keys`). Ordered as :attr:`~Loss.metrics`, then
     the others by name (not as reported: data-parallel, every rank must sum the same names in
     the same order, and a set's order differs between processes). A sequence task's
-    ``val/ppl`` reported as the very tensor of ``val/loss`` (the built-in losses' convention
-    until 2026-12-05, which a subclass may keep) is the loss's: not summed, ``finalize``
-    derives it as its exponential (decided by identity, not by equal values: sums over
-    processes of equal rows may differ in the last bit)."""
+    ``val/ppl`` reported as ``val/loss``'s pair (the built-in losses' convention until
+    2026-12-05, which a subclass may keep) is the loss's: not summed, ``finalize`` derives it
+    as its exponential (decided here, on the first batch: the summed rows of equal pairs may
+    differ in the last bit over 4 processes, a review's)."""
     what = f"loss {type(loss).__name__}'s val_sums"
     if not isinstance(sums, dict):
         raise TypeError(f"{what} must return a dict of name -> (sum, count); got "
@@ -260,10 +260,16 @@ def val_keys(loss: Loss, sums: Any, device: torch.device) -> tuple[list[str], fr
                 f"{what} gave {k!r} on {v.device}, the trainer's device is {device}: make its "
                 "tensors on the model output's device"
             )
-    summed = [k for k in sums if not (k == "val/ppl" and loss.task == "sequence"
-                                      and sums[k] is sums.get("val/loss"))]  # fmt: skip
+    summed = [k for k in sums if not (k == "val/ppl" and _loss_pair(loss, sums))]
     listed = [k for k in loss.metrics if k in summed]
     return listed + sorted(k for k in summed if k not in listed), frozenset(sums)
+
+
+def _loss_pair(loss: Loss, sums: dict[str, Tensor]) -> bool:
+    """A sequence task's ``val/ppl`` given as ``val/loss``'s pair: the very tensor, or one
+    equal to it on this first batch (a copy; one host read per validation)."""
+    ppl, nll = sums["val/ppl"], sums.get("val/loss")
+    return loss.task == "sequence" and nll is not None and (ppl is nll or torch.equal(ppl, nll))
 
 
 def same_val_keys(loss: Loss, sums: Any, first: frozenset[str], batch: int) -> None:
@@ -307,8 +313,8 @@ def finished_metrics(loss: Loss, pairs: dict[str, tuple[float, float]]) -> tuple
         )
     try:
         final = {k: float(v) for k, v in final.items()}
-    except OverflowError as e:
-        raise ValueError(f"loss {name}'s finalize returned a number beyond a float: {e}") from e
+    except (OverflowError, ValueError) as e:  # (an int beyond a float, a signaling NaN)
+        raise ValueError(f"loss {name}'s finalize returned a number no float holds: {e}") from e
     missing = [k for k in loss.metrics if k not in final]
     if missing:
         ppl = "val/ppl" in missing and loss.task == "sequence"
