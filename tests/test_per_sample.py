@@ -331,7 +331,63 @@ class DictOutput(nn.Module):
         return self.head(self.blk(self.emb(tokens).mean(1))["h"])
 
 
+class PaddedKeys(nn.Module):
+    """Sequence-first attention with a key padding mask from the tokens, (B, S): the batch
+    on dimension 0 of the mask, 1 of the inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.attn, self.head = (
+            nn.Embedding(V, D),
+            nn.MultiheadAttention(D, 2),
+            nn.Linear(D, 3),
+        )
+
+    def forward(self, tokens):
+        h = self.emb(tokens).transpose(0, 1)  # (T, B, D)
+        padded = tokens == 0
+        padded[:, 0] = False  # (every query sees a key)
+        out, _ = self.attn(h, h, h, key_padding_mask=padded)
+        return self.head(out.transpose(0, 1).mean(1))
+
+
+class SampleMasks(nn.Module):
+    """Attention with a mask of its own per sample and head, (B·heads, T, T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(V, D), nn.Linear(D, 3)
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        b, t = tokens.shape
+        scale = torch.arange(1, b + 1, dtype=h.dtype)[:, None, None]  # (a mask per sample)
+        mask = (tokens[:, None, :] % 3 == 0).to(h.dtype) * -1e4 * scale
+        out, _ = self.attn(h, h, h, attn_mask=mask.expand(b, t, t).repeat_interleave(2, dim=0))
+        return self.head(out.mean(1))
+
+
+class StartedGRU(nn.Module):
+    """A batch-first GRU from an initial state computed per sample, (layers, B, H)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.start = nn.Embedding(V, D), nn.Linear(D, 6)
+        self.rnn, self.head = nn.GRU(D, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        e = self.emb(tokens)
+        out, _ = self.rnn(e, torch.tanh(self.start(e.mean(1)))[None])
+        return self.head(out[:, -1])
+
+
 MODELS = {
+    # (a key padding mask, a 3-D mask, an RNN's initial state: the batch where each layout
+    # keeps it; mutations taking another dimension went unseen, the units left out)
+    "attention-key_padding_mask": (PaddedKeys, None),
+    "attention-mask_per_sample": (SampleMasks, None),
+    "gru-initial_state": (StartedGRU, None),
     "attention-batch_first": (lambda: Attention(True), None),
     "attention-seq_first": (lambda: Attention(False), None),
     "transformer_layer": (Encoder, None),
@@ -1725,6 +1781,7 @@ def _func_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
         (lambda: nn.Linear(6, 7), (2, 6)),  # T(in + out) <= in·out: the Gram form
         (lambda: nn.Linear(3, 2), (9, 3)),  # the direct form
         (lambda: nn.Conv1d(4, 6, 3, padding=1), (4, 7)),
+        (lambda: nn.Conv1d(3, 4, 3, dilation=2, stride=2), (3, 11)),  # (each on its axis)
         (lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2), (4, 7, 7)),
         (lambda: nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"), (2, 5, 5)),
     ],
