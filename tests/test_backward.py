@@ -136,6 +136,7 @@ def test_the_classic_shape_mistake_names_both_shapes() -> None:
         (torch.ones(3, 1, dtype=torch.float64), "dtype"),
         (torch.ones(3, 1, device="meta"), "meta"),
         (torch.ones(3, 1, requires_grad=True), "detach"),
+        (torch.ones(3, 1, requires_grad=True) * 1, "detach"),  # (not a leaf: computed)
     ],
 )
 def test_weights_that_do_not_fit_are_refused(weights: torch.Tensor, match: str) -> None:
@@ -361,6 +362,22 @@ def test_float16_losses_of_a_large_window_keep_their_coefficient_under_a_loss_sc
         (got,) = torch.autograd.grad(root * 2.0**14, losses)
         relative = (got.double() / 2.0**14 * n - 1).abs().max()
         assert relative <= 2.0**-11, n  # float16: half an ulp of c·scale
+        # vector mode's weights alike (float32 1/N, scaled, then rounded once: a mutation
+        # rounding them to float16 before the scale went unseen)
+        losses = torch.ones(n, dtype=torch.float16, requires_grad=True)
+        backward_vector(losses * 1, torch.full((n,), 1.0 / n), Times(2.0**14))
+        relative = (losses.grad.double() / 2.0**14 * n - 1).abs().max()
+        assert relative <= 2.0**-11, n
+
+
+class Times:
+    """A loss scaler's ``scale`` (what backward_vector calls): × ``factor``."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def scale(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.factor
 
 
 class WindowRecorder(GradRecorder):

@@ -125,6 +125,15 @@ CASES = [
     pytest.param(["loss.mode=vector", "weighting=per_class",
                   "weighting.weights=[0,0,0,0,0,0,0,0,0,0]"], "weighting.weights",
                  id="per_class-all-zero"),
+    # (a learning rate falling to 0: its check, dropped, went unseen and the run trained; an
+    # EMA that never moves and an infinite class weight: refused by the config and by the
+    # constructors, each naming the key)
+    pytest.param(["loss.mode=vector", "weighting=per_class",
+                  "weighting.weights=[1,1,1,1,1,1,1,1,1,inf]"], "weighting.weights",
+                 id="per_class-inf"),
+    pytest.param(["scheduler=step", "scheduler.gamma=0"], "scheduler.gamma", id="step-gamma=0"),
+    pytest.param(["instrument.per_sample.every_n_steps=1", "instrument.per_sample.noise_ema=1"],
+                 "instrument.per_sample.noise_ema", id="noise_ema=1"),
     pytest.param(["regularizer=[l2]", "regularizer.l2.coef=-1"], "regularizer.l2.coef",
                  id="l2-coef<0"),
     pytest.param(["regularizer=[l2]", "regularizer.l2.include=[nomatch]"], "regularizer.l2",

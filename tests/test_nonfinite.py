@@ -1496,3 +1496,23 @@ def test_skips_apart_are_not_consecutive(tmp_path, sync) -> None:
     with pytest.raises(NonFiniteError, match=r"^step 8: 2 steps in a row skipped"):
         train(tmp_path / "twice", *COMMON, *skip,
               callbacks=[Poison({3: "grad", 7: "grad", 8: "grad"})])  # fmt: skip
+
+
+class DropsOneNaNsAnother(Callback):
+    """At step 2: the first parameter's gradient dropped (a branch not taken), a NaN in the
+    third's (net.3.weight)."""
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step + 1 == 2:
+            trainer.params[0].grad = None
+            trainer.params[2].grad.view(-1)[0] = math.nan
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_the_culprit_is_named_when_another_parameter_has_no_gradient(tmp_path, sync) -> None:
+    """The checked tensors are the parameters with a gradient: with the first one's missing,
+    the NaN of net.3.weight is named as its own (a mutation naming by position among all the
+    parameters, net.1.bias here, went unseen: every guard test had every gradient)."""
+    with pytest.raises(NonFiniteError, match=r"^step 2: non-finite gradient of net\.3\.weight"):
+        train(tmp_path, *COMMON, "instrument.nonfinite.policy=raise",
+              f"instrument.nonfinite.sync={sync}", callbacks=[DropsOneNaNsAnother()])  # fmt: skip

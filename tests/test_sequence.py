@@ -306,10 +306,18 @@ def fit(model, y_batches, accumulate: int, batch_size: int, weighting=None, step
     return [p.detach().clone() for p in model.parameters()], trainer
 
 
-@pytest.mark.parametrize("weighting", [None, UniformWeighting()], ids=["scalar", "vector"])
+class OwnUniform(UniformWeighting):
+    """The uniform weighting, as a weighting of one's own: the general path (each
+    micro-batch's normalized weights times its units' share of the window), not the built-in
+    uniform's shortcut to scalar mode's coefficients."""
+
+
+@pytest.mark.parametrize("weighting", [None, UniformWeighting(), OwnUniform()],
+                         ids=["scalar", "vector", "vector-general"])  # fmt: skip
 def test_accumulation_over_tokens_equals_one_big_batch(weighting) -> None:
     # 2 micro-batches of 4 sequences with different valid-token counts vs one batch of 8: the
-    # window's token count normalizes both (read ahead, not each micro-batch's own count)
+    # window's token count normalizes both (read ahead, not each micro-batch's own count; a
+    # mutation taking the samples' share instead of the units' went unseen on the shortcut)
     x1, y1 = token_batch(4, 6, seed=1)
     x2, y2 = token_batch(4, 6, seed=2)
     y2[:, 3:] = PAD  # the second micro-batch holds fewer tokens
