@@ -982,6 +982,36 @@ def test_gradient_agreement_cosines_against_the_captured_gradients(tmp_path) -> 
         assert value == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+def test_gradient_agreement_with_the_input_penalty_on_logging_steps(tmp_path) -> None:
+    """The input-gradient penalty's θ-gradient is taken on logging steps only: data_reg is
+    measured there, cos(G − R, R) with the penalty's R and the step's G captured at the
+    measuring point (a mutation measuring it on no step went unseen: the agreement test's
+    regularizer was l2)."""
+    seen: dict[int, tuple] = {}
+
+    class Capture(Callback):
+        def on_before_optimizer_step(self, trainer, optimizer) -> None:
+            reg = trainer.objective.reg_grads()
+            seen[trainer.global_step] = [
+                (
+                    p.grad.detach().double().clone(),
+                    reg[id(p)].double().clone() if id(p) in reg else torch.zeros_like(p).double(),
+                )
+                for p in trainer.params
+            ]  # fmt: skip (the whole parameter space: 0 where nothing regularizes)
+
+    train(tmp_path, "trainer.max_steps=4", "instrument.norms.every_n_steps=2",
+          "instrument.norms.agreement=true", "regularizer=[input_grad_penalty]",
+          "regularizer.input_grad_penalty.coef=3.0", "logging.every_n_steps=2",
+          callbacks=[Capture()])  # fmt: skip
+    s = read_scalars(tmp_path)
+    assert [st for st, _ in s["grad_agreement/data_reg"]] == [2, 4]
+    for step, value in s["grad_agreement/data_reg"]:
+        data = torch.cat([(g - r).flatten() for g, r in seen[step]])
+        reg = torch.cat([r.flatten() for _, r in seen[step]])
+        assert value == pytest.approx(float(data @ reg / (data.norm() * reg.norm())), rel=1e-5)
+
+
 class OddStepHead(torch.nn.Module):
     """An MLP with a second head used on odd forwards only: its parameters have a gradient
     on every other step (None on the others)."""
