@@ -1018,3 +1018,25 @@ def test_a_perplexity_reported_as_the_losss_pair_is_its_exponential(tmp_path) ->
     assert metrics["val/ppl"] == math.exp(metrics["val/loss"]) > 1
     ppl = math.exp(read_scalars(tmp_path)["val/loss"][-1][1])  # (float32 in the events)
     assert read_scalars(tmp_path)["val/ppl"][-1][1] == pytest.approx(ppl, rel=1e-6)
+
+
+class OwnPerplexityPair(TokenCrossEntropy):
+    """A perplexity of one's own as a ratio of sums: (Σ nll, tokens) reported as val/ppl, its
+    exponential taken in finalize."""
+
+    def val_sums(self, output, target):
+        sums = super().val_sums(output, target)
+        return {**sums, "val/ppl": sums["val/loss"].clone()}
+
+    def finalize(self, values):
+        return {**super().finalize(values), "val/ppl": math.exp(values["val/ppl"])}
+
+
+def test_a_perplexity_pair_of_ones_own_is_exponentiated_once(tmp_path) -> None:
+    """A first version took a val/ppl pair equal to val/loss's for the built-in convention's,
+    so a finalize of one's own exponentiated exp(loss) again (a review's 3.65e14 for 33.5)."""
+    small = ["experiment=chars_lm", "trainer.max_steps=2", "model.n_layers=1", "model.d_model=16",
+             "model.dim_feedforward=32", "data.block_size=16",
+             "~loss", f"+loss._target_={__name__}.OwnPerplexityPair"]  # fmt: skip
+    metrics = train(tmp_path, *small)
+    assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-12)

@@ -179,6 +179,16 @@ def _note_hook(error: Exception, hook: Any, name: str) -> None:
         error.add_note(note)
 
 
+def _described(error: BaseException | None) -> str:
+    """``Type: message`` of an error ("" for none), whatever its ``__str__`` does."""
+    if error is None:
+        return ""
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:  # (a message that cannot be made: the type alone)
+        return type(error).__name__
+
+
 def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     """Each module's train/eval flag."""
     return [(m, m.training) for m in model.modules()]
@@ -1414,8 +1424,7 @@ class Trainer:
         metrics.json records) or reported other names (two small collectives at most)."""
         try:
             same, failing = agree(names, failed is not None, self.device)
-            said = (all_gather_objects(f"{type(failed).__name__}: {failed}" if failed else "")
-                    if failing else [])  # fmt: skip
+            said = all_gather_objects(_described(failed)) if failing else []
         except Exception as e:  # (a collective failing after a device error: both kept)
             if failed is not None:
                 raise e from failed
@@ -1515,11 +1524,11 @@ class Trainer:
             if not self.world.distributed:  # failed on the collective's error, a review's)
                 raise
             failed = e
-        if names is None or sums is None:  # no validation batch (on every rank alike): NaN
-            names = list(self.criterion.metrics)  # metrics (or a rank failed at its first)
-            sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
         if self.world.distributed:  # the same names on every rank, or sums of other metrics
-            self._agree_on_validation(names, failed)
+            self._agree_on_validation(names or [], failed)  # (raises where one failed)
+        if names is None or sums is None:  # no validation batch (on every rank alike): NaN
+            names = list(self.criterion.metrics)
+            sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
         train = self.tally.epoch_parts()  # [Σ, count] on the device (no copy)
         both = all_reduce_sum(torch.cat([sums, train[None]]))
         # host sync: once per validation (data-parallel: summed over the ranks)

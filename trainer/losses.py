@@ -238,11 +238,7 @@ def val_keys(loss: Loss, sums: Any, device: torch.device) -> tuple[list[str], fr
     checked: a dict of (sum, count) tensors of shape (2,) on ``device``; and the names every
     later batch must report (:func:`same_val_keys`). Ordered as :attr:`~Loss.metrics`, then
     the others by name (not as reported: data-parallel, every rank must sum the same names in
-    the same order, and a set's order differs between processes). A sequence task's
-    ``val/ppl`` reported as ``val/loss``'s pair (the built-in losses' convention until
-    2026-12-05, which a subclass may keep) is the loss's: not summed, ``finalize`` derives it
-    as its exponential (decided here, on the first batch: the summed rows of equal pairs may
-    differ in the last bit over 4 processes, a review's)."""
+    the same order, and a set's order differs between processes)."""
     what = f"loss {type(loss).__name__}'s val_sums"
     if not isinstance(sums, dict):
         raise TypeError(f"{what} must return a dict of name -> (sum, count); got "
@@ -260,16 +256,8 @@ def val_keys(loss: Loss, sums: Any, device: torch.device) -> tuple[list[str], fr
                 f"{what} gave {k!r} on {v.device}, the trainer's device is {device}: make its "
                 "tensors on the model output's device"
             )
-    summed = [k for k in sums if not (k == "val/ppl" and _loss_pair(loss, sums))]
-    listed = [k for k in loss.metrics if k in summed]
-    return listed + sorted(k for k in summed if k not in listed), frozenset(sums)
-
-
-def _loss_pair(loss: Loss, sums: dict[str, Tensor]) -> bool:
-    """A sequence task's ``val/ppl`` given as ``val/loss``'s pair: the very tensor, or one
-    equal to it on this first batch (a copy; one host read per validation)."""
-    ppl, nll = sums["val/ppl"], sums.get("val/loss")
-    return loss.task == "sequence" and nll is not None and (ppl is nll or torch.equal(ppl, nll))
+    listed = [k for k in loss.metrics if k in sums]
+    return listed + sorted(k for k in sums if k not in listed), frozenset(sums)
 
 
 def same_val_keys(loss: Loss, sums: Any, first: frozenset[str], batch: int) -> None:
@@ -315,6 +303,15 @@ def finished_metrics(loss: Loss, pairs: dict[str, tuple[float, float]]) -> tuple
         final = {k: float(v) for k, v in final.items()}
     except (OverflowError, ValueError) as e:  # (an int beyond a float, a signaling NaN)
         raise ValueError(f"loss {name}'s finalize returned a number no float holds: {e}") from e
+    nll = mean_of(*pairs["val/loss"]) if "val/loss" in pairs else math.nan
+    if loss.task == "sequence" and math.isclose(final.get("val/ppl", math.nan), nll,
+                                                rel_tol=1e-9):  # fmt: skip
+        # the mean NLL as the perplexity: val/loss's pair reported as val/ppl, which finalize
+        # made exp(loss) by the built-in losses' convention until 2026-12-05 (a subclass may
+        # keep it: it logged the mean NLL as val/ppl, a review's). exp(x) > x, so a
+        # perplexity is never its loss's mean; over 4 processes the two sums may differ in
+        # the last bit (another review's), hence a tolerance
+        final["val/ppl"] = perplexity(nll)
     missing = [k for k in loss.metrics if k not in final]
     if missing:
         ppl = "val/ppl" in missing and loss.task == "sequence"
