@@ -558,3 +558,35 @@ def test_the_losses_compared_are_those_that_ran(tmp_path) -> None:
             "status": "completed", "val/loss": 0.1, "val/mse": 0.2, "loss": loss,
         }))  # fmt: skip
     check_comparable(collect_runs(tmp_path / "own", curves=False), "val/loss")
+
+
+def test_a_direction_against_the_guess_for_a_metric_of_ones_own_is_said(
+    monkeypatch, caplog
+) -> None:
+    """A metric of one's own has no known direction: an optimizing sweeper's direction and a
+    ReduceLROnPlateau's mode that disagree with the report's guess by name (val/f1 highest
+    first) are warned of, not refused (a review's: mode=min on val/f1 ran without a word)."""
+    from types import SimpleNamespace
+
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainer import sweep
+    from trainer.loop import check_plateau
+
+    monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+    for direction, warned in (("maximize", 0), ("minimize", 1)):
+        caplog.clear()
+        hydra = SimpleNamespace(sweeper={"direction": direction})
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda h=hydra: h))
+        sweep.check_direction("val/f1")
+        said = [r.getMessage() for r in caplog.records if "ranks val/f1" in r.getMessage()]
+        assert len(said) == warned and all("direction=maximize" in m for m in said)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for mode, warned in (("max", 0), ("min", 1)):
+        caplog.clear()
+        check_plateau(torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode), "val/f1")
+        said = [
+            r.getMessage() for r in caplog.records if "ReduceLROnPlateau steps on" in r.getMessage()
+        ]
+        assert len(said) == warned and all("set scheduler.mode=max" in m for m in said)

@@ -108,13 +108,25 @@ def check_plateau(scheduler: Any, monitor: str) -> None:
     """A ``ReduceLROnPlateau`` steps on the monitored metric after each validation: its
     ``mode`` must agree with the metric's direction (``mode: min`` on val/acc would cut the
     learning rate while accuracy improves). At :meth:`Trainer.fit`'s start, and before a
-    run is built (a Trainer built by hand stepped such a scheduler unchecked)."""
+    run is built (a Trainer built by hand stepped such a scheduler unchecked). A metric of
+    one's own is warned of where ``mode`` disagrees with the sweep report's guess by name."""
     from torch.optim.lr_scheduler import ReduceLROnPlateau
 
     from trainer.config import ConfigError
-    from trainer.report import DIRECTIONS
+    from trainer.report import DIRECTIONS, resolve_mode
 
-    if not isinstance(scheduler, ReduceLROnPlateau) or monitor not in DIRECTIONS:
+    if not isinstance(scheduler, ReduceLROnPlateau):
+        return
+    if monitor not in DIRECTIONS:  # a metric of one's own: its direction is a guess (by
+        guess = resolve_mode(monitor, "auto")  # name, as the sweep report ranks it): said
+        if scheduler.mode != guess:
+            log.warning(
+                "scheduler.mode=%s: ReduceLROnPlateau steps on %s (monitor), which the sweep "
+                "report ranks %s first by its name; if it is best when %s, set "
+                "scheduler.mode=%s", scheduler.mode, monitor,
+                "highest" if guess == "max" else "lowest",
+                "highest" if guess == "max" else "lowest", guess,
+            )  # fmt: skip
         return
     wanted = DIRECTIONS[monitor]
     if scheduler.mode != wanted:

@@ -41,18 +41,29 @@ def check_direction(monitor: str) -> None:
     """In a multirun whose sweeper optimizes (Optuna's ``hydra.sweeper.direction``), refuse a
     direction opposite to the monitored metric's: with ``direction: maximize`` (the digits
     preset's) and ``monitor=val/loss`` or a regression's val/mse, the sweep took the worst
-    trial as its best. A metric of one's own (no known direction) is not checked."""
+    trial as its best. A metric of one's own (no known direction) is warned of where the
+    direction disagrees with the sweep report's guess by its name (``val/f1`` highest)."""
     from hydra.core.hydra_config import HydraConfig
 
     from trainer.config import ConfigError
-    from trainer.report import DIRECTIONS
+    from trainer.report import DIRECTIONS, resolve_mode
 
     if not in_multirun():
         return
     direction = HydraConfig.get().sweeper.get("direction")
     direction = getattr(direction, "name", direction)  # (Optuna's default: an enum member)
     wanted = {"max": "maximize", "min": "minimize"}.get(DIRECTIONS.get(monitor, ""))
-    if not isinstance(direction, str) or wanted is None:  # (a list: several objectives)
+    if not isinstance(direction, str):  # (a list: several objectives; none: no optimizer)
+        return
+    if wanted is None:  # a metric of one's own: its direction is a guess by name, said
+        guess = {"max": "maximize", "min": "minimize"}[resolve_mode(monitor, "auto")]
+        if direction.lower() != guess:
+            log.warning(
+                "hydra.sweeper.direction=%s, but the sweep report ranks %s (monitor) %s first "
+                "by its name; if it is best when %s, set hydra.sweeper.direction=%s",
+                direction, monitor, "highest" if guess == "maximize" else "lowest",
+                "highest" if guess == "maximize" else "lowest", guess,
+            )  # fmt: skip
         return
     if direction.lower() != wanted:
         raise ConfigError(
