@@ -120,12 +120,11 @@ def check_plateau(scheduler: Any, monitor: str) -> None:
     if monitor not in DIRECTIONS:  # a metric of one's own: its direction is a guess (by
         guess = resolve_mode(monitor, "auto")  # name, as the sweep report ranks it): said
         if scheduler.mode != guess:
+            best = "highest" if guess == "max" else "lowest"
             log.warning(
                 "scheduler.mode=%s: ReduceLROnPlateau steps on %s (monitor), which the sweep "
                 "report ranks %s first by its name; if it is best when %s, set "
-                "scheduler.mode=%s", scheduler.mode, monitor,
-                "highest" if guess == "max" else "lowest",
-                "highest" if guess == "max" else "lowest", guess,
+                "scheduler.mode=%s", scheduler.mode, monitor, best, best, guess,
             )  # fmt: skip
         return
     wanted = DIRECTIONS[monitor]

@@ -464,7 +464,8 @@ def _run(
                 if main:  # (one line per run, not one per rank)
                     log.info(
                         "resume=auto: no usable checkpoint of run %s under %s; starting from "
-                        "scratch", " (or, as before 2026-12-05, ".join(ids) + ")" * (len(ids) - 1),
+                        "scratch", run_id if len(ids) == 1
+                        else f"{ids[0]} (or, as before 2026-12-05, {ids[1]})",
                         _searched(tc.checkpoint.search_dir),
                     )  # fmt: skip
                 search = Path(tc.checkpoint.search_dir).resolve()

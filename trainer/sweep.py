@@ -56,13 +56,13 @@ def check_direction(monitor: str) -> None:
     if not isinstance(direction, str):  # (a list: several objectives; none: no optimizer)
         return
     if wanted is None:  # a metric of one's own: its direction is a guess by name, said
-        guess = {"max": "maximize", "min": "minimize"}[resolve_mode(monitor, "auto")]
-        if direction.lower() != guess:
+        guess = resolve_mode(monitor, "auto")
+        if direction.lower() != f"{guess}imize":
+            best = "highest" if guess == "max" else "lowest"
             log.warning(
                 "hydra.sweeper.direction=%s, but the sweep report ranks %s (monitor) %s first "
-                "by its name; if it is best when %s, set hydra.sweeper.direction=%s",
-                direction, monitor, "highest" if guess == "maximize" else "lowest",
-                "highest" if guess == "maximize" else "lowest", guess,
+                "by its name; if it is best when %s, set hydra.sweeper.direction=%simize",
+                direction, monitor, best, best, guess,
             )  # fmt: skip
         return
     if direction.lower() != wanted:
