@@ -61,6 +61,24 @@ def test_scalars_and_histograms_read_back(tmp_path):
     assert event.histogram_value.num == 101
     assert sum(event.histogram_value.bucket) == 101
     assert event.histogram_value.min == -1 and event.histogram_value.max == 1
+    # Σv as written (summed in float64: to its rounding) and Σv² (float32, of non-negative
+    # terms: within n·2⁻²⁴ relative of the exact sum)
+    v64 = values.double()
+    assert event.histogram_value.sum == pytest.approx(v64.sum().item(), abs=1e-12)
+    exact = (v64 * v64).sum().item()
+    assert event.histogram_value.sum_squares == pytest.approx(exact, rel=101 * 2**-24)
+
+
+def test_flush_puts_the_events_on_disk_before_close(tmp_path):
+    """A live TensorBoard, or a run killed before it closes its file, reads what ``flush``
+    wrote: the events reach the operating system at each write, not at ``close``."""
+    log = TensorBoardLogger(tmp_path)
+    log.add_floats({"x": 1.5}, 7)
+    log.flush()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()  # (the file is still open)
+    assert [(e.step, e.value) for e in acc.Scalars("x")] == [(7, 1.5)]
+    log.close()
 
 
 @pytest.mark.parametrize("late_name", [False, True])
@@ -90,11 +108,12 @@ def test_floats_are_read_in_one_transfer():
     assert out == {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
 
 
-@pytest.mark.parametrize("others", [torch.float32, torch.float16])
+@pytest.mark.parametrize("others", [torch.float32, torch.float16, torch.float64])
 def test_every_value_is_rounded_to_float32_on_its_own_whatever_it_is_staged_with(others):
     """One transfer for tensors of several dtypes, shapes and autograd states: each value is
     what ``float(t.float())`` gives for it alone (an int64 beside float16 values is not
-    rounded to float16 first, as ``cat``'s promotion would)."""
+    rounded to float16 first, as ``cat``'s promotion would), also beside a float64 array,
+    which itself comes back unrounded."""
     g = torch.Generator().manual_seed(0)
     big = torch.tensor(2**24 + 1, dtype=torch.int64)  # not a float32, let alone a float16
     values = {
@@ -105,14 +124,15 @@ def test_every_value_is_rounded_to_float32_on_its_own_whatever_it_is_staged_with
         ("m0", "m1", "m2", "m3"): torch.randn(2, 2, generator=g).to(others),
         ("v0", "v1"): torch.randn(2, generator=g).to(others),
     }
-    (out,), (array,) = to_host_many([values], [torch.arange(6.0).reshape(2, 3).to(others)])
+    staged = (torch.arange(6.0, dtype=torch.float64).reshape(2, 3) / 3).to(others)
+    (out,), (array,) = to_host_many([values], [staged])
     expected = {}
     for key, v in values.items():
         flat = v.detach().reshape(-1).float().tolist()
         expected.update(zip(key, flat, strict=True) if isinstance(key, tuple) else [(key, flat[0])])
     assert out == expected
     assert out["int"] == 2**24  # float32's rounding of 2²⁴ + 1, exactly once
-    assert array == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert array == staged.reshape(-1).tolist()  # (its own dtype's values, exactly)
     (alone,), _ = to_host_many([{"int": big, ("h",): torch.ones(1, dtype=others)}])
     assert alone == {"int": 2**24, "h": 1.0}  # (cat would make the int a float16: inf)
 
