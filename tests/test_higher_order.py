@@ -315,6 +315,46 @@ def test_power_iteration_and_hutchinson_on_least_squares() -> None:
     assert float(trace) == pytest.approx(float(torch.trace(h)), rel=0.05)
 
 
+def test_power_iterations_stopping_rule_is_the_same_at_any_scale() -> None:
+    """The loss times a power of 2 scales every product exactly: the same products, the
+    estimate scaled exactly (a stopping rule on the absolute change took 34 products for 3 on
+    a Hessian of eigenvalue 1,000, and stopped at once on a small one)."""
+    x, t, model, _ = least_squares()
+    params = list(model.parameters())
+    out = []
+    for scale in (2.0**-13, 1.0, 2.0**13):
+        loss = scale * ((model(x).squeeze(1) - t) ** 2).mean()
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        gen = torch.Generator().manual_seed(0)
+        eig, taken, converged = power_iteration(grads, params, gen, iters=200, tol=1e-3)
+        assert converged
+        out.append((float(eig) / scale, taken))
+    assert out[0] == out[1] == out[2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": 0}, r"every_n_steps: got 0, must be >= 1"),
+        ({"every_n_steps": 1, "power_iters": 0}, r"power_iters: got 0, must be >= 1"),
+        ({"every_n_steps": 1, "tol": -1e-3}, r"tol: got -0.001, must be >= 0"),
+        ({"every_n_steps": 1, "tol": math.nan}, r"tol: got nan, must be >= 0"),
+        ({"every_n_steps": 1, "trace_probes": 0}, r"trace_probes: got 0, must be >= 1"),
+    ],
+)
+def test_curvature_built_in_python_refuses_what_the_config_refuses(kwargs, match) -> None:
+    """Before training, not at the first measured step (``trace_probes=0`` failed there
+    with torch.stack's words; ``every_n_steps=0`` would never measure)."""
+    with pytest.raises(ValueError, match=match):
+        Curvature(**kwargs)
+    x, t, model, _ = least_squares()
+    loss = ((model(x).squeeze(1) - t) ** 2).mean()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    with pytest.raises(ValueError, match="probes: got 0, must be at least 1"):
+        hutchinson_trace(grads, params, torch.Generator(), probes=0)
+
+
 def test_the_trace_comes_with_its_standard_error() -> None:
     """curvature/trace_stderr: the probes' sample standard deviation over √m, the same
     probes replayed by hand against the exact H (at the default 10 probes a probe found the

@@ -203,10 +203,16 @@ class Curvature(Callback):
         trace_probes: int = 10,
         seed: int = 0,
     ):
-        if every_n_steps < 1:
-            raise ValueError(
-                f"instrument.curvature.every_n_steps: got {every_n_steps}, must be >= 1"
-            )
+        key = "instrument.curvature."  # (built in Python: checked as the config's keys are)
+        for name, value, ok in (
+            ("every_n_steps", every_n_steps, every_n_steps >= 1),
+            ("power_iters", power_iters, power_iters >= 1),
+            ("tol", tol, tol >= 0),
+            ("trace_probes", trace_probes, trace_probes >= 1),
+        ):
+            if not ok:  # (at its first measured step, after training up to it, otherwise)
+                bound = "must be >= 0" if name == "tol" else "must be >= 1"
+                raise ValueError(f"{key}{name}: got {value}, {bound}")
         self.every = Every(every_n_steps)
         self.power_iters, self.tol, self.trace_probes = power_iters, tol, trace_probes
         self.seed = seed
