@@ -374,3 +374,15 @@ def test_a_model_target_building_no_module_and_a_loss_function_called_are_named(
 
     with pytest.raises(ConfigError, match="pass run_dir="):
         run(make_cfg("trainer.max_steps=1"))
+
+
+def test_a_key_the_config_sets_wins_over_what_the_data_provides() -> None:
+    """``out_dim`` set for the model (12 outputs for 10 classes, say) is built as set; only
+    the keys the config leaves out are filled from the data."""
+    from omegaconf import OmegaConf
+
+    from trainer.components import build
+
+    node = OmegaConf.create({"_target_": "trainer.models.mlp.MLP", "out_dim": 12, "hidden": [8]})
+    model = build("model", node, provided={"in_shape": (5,), "out_dim": 10})
+    assert model(torch.zeros(3, 5)).shape == (3, 12)

@@ -758,6 +758,15 @@ def test_a_sweeps_resumed_job_is_reported_where_it_continued(tmp_path, caplog) -
     assert not (job / "continued.json").exists()
     assert report.collect_runs(tmp_path / "sweep")[0].metrics["step"] == 2
     assert report.collect_runs(tmp_path / "sweep")[0].path == job
+    # a run continued in its own folder: a pointer an earlier attempt left there is stale
+    # (the report would follow it to the other folder's result)
+    (tmp_path / "a" / "continued.json").write_text(
+        json.dumps({"run_dir": str(job), "job_dir": str(tmp_path / "a")})
+    )
+    train(tmp_path / "a", "trainer.max_steps=10", resume)
+    assert not (tmp_path / "a" / "continued.json").exists()
+    (own,) = report.collect_runs(tmp_path / "a")
+    assert (own.path, own.metrics["step"]) == ((tmp_path / "a").resolve(), 10)
 
 
 def test_a_sweep_with_an_interrupted_job_does_not_call_it_failed(tmp_path, caplog) -> None:

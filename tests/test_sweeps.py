@@ -278,20 +278,21 @@ def test_an_optuna_sweep_whose_every_trial_failed_still_says_which_and_why(backg
     assert out.count("failed: ConfigError: optimizer.lr: got -") == 2, out[-3000:]
 
 
-def test_a_job_without_a_monitored_value_gives_a_sweep_none(monkeypatch) -> None:
-    """In a multirun a completed job whose monitored metric is NaN (nothing was counted)
-    returns None, which the Optuna sweeper records as a failed trial; a single run returns
-    the NaN."""
+@pytest.mark.parametrize("value", [math.nan, -math.inf, math.inf])
+def test_a_job_without_a_monitored_value_gives_a_sweep_none(monkeypatch, value) -> None:
+    """In a multirun a completed job whose monitored metric is NaN (nothing was counted) or
+    ±Inf (diverged: −Inf would win a minimizing sweep) returns None, which the Optuna
+    sweeper records as a failed trial; a single run returns the value."""
     import importlib
 
     import trainer.sweep as sweep
 
-    result = {"monitor": "val/loss", "val/loss": math.nan, "status": "completed"}
+    result = {"monitor": "val/loss", "val/loss": value, "status": "completed"}
     monkeypatch.setattr(importlib.import_module("trainer.run"), "run", lambda cfg: result)
     monkeypatch.setattr(sweep, "in_multirun", lambda: True)
     assert sweep.run_job(None) is None
     monkeypatch.setattr(sweep, "in_multirun", lambda: False)
-    assert math.isnan(sweep.run_job(None))
+    assert sweep.run_job(None) is value
 
 
 def _joblib(path: Path):

@@ -440,6 +440,7 @@ def test_a_failing_run_says_so_and_keeps_its_events(tmp_path) -> None:
         train(tmp_path, "logging.every_n_steps=1", callbacks=[Boom()])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "boom at step 4" in metrics["error"]
+    assert (metrics["step"], metrics["epoch"]) == (4, 0)  # how far it got (the first epoch)
     assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == [1, 2, 3]
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
 
