@@ -426,3 +426,23 @@ def test_accumulated_focal_weights_take_each_micro_batchs_share(tmp_path, sizes)
     for (name, ref), got in zip(total.items(), rec.grads[0], strict=True):
         bound = n * torch.finfo(torch.float32).eps * float(ref.abs().max())
         torch.testing.assert_close(got.double(), ref, rtol=0, atol=bound, msg=name)
+
+
+@pytest.mark.parametrize("path", ["scalar", "vector"])
+def test_a_grad_scaler_scales_the_regularizers_gradient_with_the_datas(path) -> None:
+    """Under float16's GradScaler both roots are scaled: the gradients are the unscaled
+    ones times the scale, exactly (a power of 2). An unscaled regularizer's seed left λ∇R
+    1/scale of its size after the unscale, while the data's gradient was right."""
+    p = torch.tensor([1.0, 2.0], requires_grad=True)
+    w = torch.tensor([0.5, 0.25])
+    grads = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        p.grad = None
+        losses, reg = p * 3, 0.5 * (p * p).sum()
+        if path == "vector":
+            backward_vector(losses, w, scaler, reg=reg)
+        else:
+            backward_scalar(torch.dot(losses, w), scaler, reg=reg)
+        grads.append(p.grad.clone())
+    assert torch.equal(grads[0], 3 * w + p.detach())  # the analytic gradient: 3w + p
+    assert torch.equal(grads[1], 1024 * grads[0])

@@ -79,6 +79,16 @@ def test_penalty_equals_a_per_sample_torch_func_reference() -> None:
     torch.testing.assert_close(value, 2.0 * per_sample.pow(2).sum(1).mean())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_penalty_of_low_precision_inputs_is_summed_in_float32(dtype) -> None:
+    """‖∇ₓL‖² of float16 input gradients summed in float16 overflowed (240,000 > 65,504: Inf)
+    and in bfloat16 lost digits (119,808 for 120,000): widened first, it is exact here."""
+    pen = InputGradPenalty(coef=1.0)
+    x = pen.prepare(torch.ones(2, 300, dtype=dtype))
+    value = pen.value((x * 20).sum(1), x)  # each input's gradient: 20, exactly
+    assert value.dtype == torch.float32 and float(value) == 20**2 * 600 / 2
+
+
 def test_penalty_refuses_inputs_it_cannot_differentiate() -> None:
     with pytest.raises(TypeError, match="floating-point inputs"):
         InputGradPenalty().prepare(torch.zeros(2, 3, dtype=torch.long))

@@ -153,6 +153,14 @@ def test_focal_and_topk_follow_their_formulas() -> None:
         w = HardTopKWeighting(k=3, normalize=normalize)(losses, logits, y, index)
         torch.testing.assert_close(w.sum(), torch.tensor(3 * scale, dtype=w.dtype))
 
+    # k past the batch keeps every sample: uniform weights, divided by B, not by k
+    for normalize, value in (("mean", 1 / B), ("sum", 1.0)):
+        w = HardTopKWeighting(k=B + 5, normalize=normalize)(losses, logits, y, index)
+        assert torch.equal(w, torch.full_like(losses, value)), (normalize, w)
+    # gamma = 0: uniform ((1 - p)^0 = 1), which the config documents
+    for normalize, value in (("none", 1.0), ("mean", 1 / B)):
+        w = FocalWeighting(gamma=0, normalize=normalize)(losses, logits, y, index)
+        assert torch.equal(w, torch.full_like(losses, value)), (normalize, w)
     top = HardTopKWeighting(k=3, normalize="none")(losses, logits, y, index)
     assert set(top.nonzero().flatten().tolist()) == set(losses.topk(3).indices.tolist())
     frac = HardTopKWeighting(fraction=0.3, normalize="none")(losses, logits, y, index)
@@ -423,18 +431,19 @@ def test_weights_of_float16_and_bfloat16_losses_are_float32(dtype) -> None:
 
 class _Own(Weighting):
     """A strategy of one's own: r = 1, except ``bad`` on sample 0 (``every``: on every
-    sample) from step ``at`` on."""
+    sample) from step ``at`` on (to step ``until``, where given)."""
 
     def __init__(
-        self, bad: float = -1.0, at: int = 1, normalize: str = "mean", every: bool = False
-    ) -> None:
+        self, bad: float = -1.0, at: int = 1, normalize: str = "mean", every: bool = False,
+        until: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(normalize=normalize)
-        self.bad, self.at, self.every, self.calls = bad, at, every, 0
+        self.bad, self.at, self.every, self.calls, self.until = bad, at, every, 0, until
 
     def raw(self, losses, logits, targets, indices):
         self.calls += 1
         r = torch.ones_like(losses)
-        if self.calls >= self.at:
+        if self.at <= self.calls <= (self.until or self.calls):
             r[slice(None) if self.every else 0] = self.bad
         return r
 
@@ -474,6 +483,12 @@ class _WrongShape(Weighting):
             r"_Own: raw\(\) returned a negative or non-finite weight, or weights whose sum "
             r"overflows, on a step from 1 to 4",
         ),
+        # on step 2 alone, the steps after it good: still found on the logging step (4)
+        (
+            ["+weighting.bad=-1.0", "+weighting.at=2", "+weighting.until=2"],
+            r"_Own: raw\(\) returned a negative or non-finite weight, or weights whose sum "
+            r"overflows, on a step from 1 to 4",
+        ),
         # a checkpoint between logging steps (3) reads the flag: it kept none, and a run
         # resumed from it went on past the negative weight the uninterrupted run stopped at
         (
@@ -482,7 +497,7 @@ class _WrongShape(Weighting):
             r"overflows, on a step from 1 to 3",
         ),
     ],
-    ids=["negative", "nan", "overflow", "later", "checkpoint"],
+    ids=["negative", "nan", "overflow", "later", "once", "checkpoint"],
 )
 def test_a_strategy_of_ones_own_is_held_to_finite_weights_ge_0(tmp_path, keys, match) -> None:
     """The contract of raw() (r finite and >= 0) was never checked for a user's strategy:
@@ -603,3 +618,13 @@ def test_weights_that_require_grad_or_sit_elsewhere_name_the_weighting(tmp_path,
         train(tmp_path, "loss.mode=vector", "~weighting",
               f"+weighting._target_={__name__}._Learned", f"+weighting.meta={str(meta).lower()}",
               "trainer.max_steps=2")  # fmt: skip
+
+
+@pytest.mark.parametrize("normalize", ["mean", "sum", "none"])
+def test_uniform_weights_of_per_token_losses_are_the_units_or_their_share(normalize) -> None:
+    """Uniform's own shortcut for unit weights: u / Σu under ``mean``, u itself under ``sum``
+    and ``none`` (the loss's own sum over its tokens), not u / Σu for every mode."""
+    units = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    losses = torch.rand(2, 3, generator=torch.Generator().manual_seed(0))
+    w = UniformWeighting(normalize=normalize)(losses, None, None, None, units=units)
+    assert torch.equal(w, units / 5 if normalize == "mean" else units), w
