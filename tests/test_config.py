@@ -252,6 +252,7 @@ def test_every_config_file_extends_its_schema() -> None:
         ("instrument.curvature.power_iters=0", "instrument.curvature.power_iters"),
         ("instrument.curvature.trace_probes=0", "instrument.curvature.trace_probes"),
         ("instrument.curvature.tol=-1", "instrument.curvature.tol"),
+        ("instrument.curvature.tol=inf", "instrument.curvature.tol"),
         ("+instrument.curvature.probes=3", "instrument.curvature.probes"),
     ],
 )

@@ -6,6 +6,7 @@ import logging
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -343,24 +344,34 @@ def test_power_iterations_stopping_rule_is_the_same_at_any_scale() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"every_n_steps": 0}, r"every_n_steps: got 0, must be >= 1"),
-        ({"every_n_steps": 1, "power_iters": 0}, r"power_iters: got 0, must be >= 1"),
-        ({"every_n_steps": 1, "tol": -1e-3}, r"tol: got -0.001, must be >= 0"),
-        ({"every_n_steps": 1, "tol": math.nan}, r"tol: got nan, must be >= 0"),
-        ({"every_n_steps": 1, "trace_probes": 0}, r"trace_probes: got 0, must be >= 1"),
+        ({"every_n_steps": 0}, ValueError, r"every_n_steps: got 0, must be >= 1"),
+        ({"power_iters": 0}, ValueError, r"power_iters: got 0, must be >= 1"),
+        ({"power_iters": True}, TypeError, r"power_iters: got True, an integer >= 1"),
+        ({"power_iters": 2.5}, TypeError, r"power_iters: got 2.5, an integer >= 1"),
+        ({"tol": -1e-3}, ValueError, r"tol: got -0.001, must be finite and >= 0"),
+        ({"tol": math.nan}, ValueError, r"tol: got nan, must be finite and >= 0"),
+        ({"tol": math.inf}, ValueError, r"tol: got inf, must be finite and >= 0"),
+        ({"trace_probes": np.int64(0)}, ValueError, r"trace_probes: got 0, must be >= 1"),
     ],
-)
-def test_curvature_built_in_python_refuses_what_the_config_refuses(kwargs, match) -> None:
-    """Before training, not at the first measured step (``trace_probes=0`` failed there
-    with torch.stack's words; ``every_n_steps=0`` would never measure)."""
-    with pytest.raises(ValueError, match=match):
-        Curvature(**kwargs)
+)  # fmt: skip
+def test_curvature_built_in_python_refuses_what_the_config_refuses(kwargs, error, match) -> None:
+    """Before training: ``power_iters=0`` or a negative or NaN ``tol`` trained on and logged
+    NaN at every measured step (with a warning to raise ``power_iters``), ``tol=inf`` called
+    the second product converged (18.0 for an eigenvalue of 19.1), ``power_iters=True`` ran
+    one product, ``trace_probes=0`` failed at the first measured step."""
+    with pytest.raises(error, match=match):
+        Curvature(**{"every_n_steps": 1, **kwargs})
+    # the smallest values are measurements (one product each), NumPy's numbers too
+    least = Curvature(np.int64(1), power_iters=1, tol=np.float32(0), trace_probes=1)
+    assert (least.power_iters, least.tol, least.trace_probes) == (1, 0.0, 1)
+
+
+def test_hutchinson_refuses_no_probes() -> None:
     x, t, model, _ = least_squares()
-    loss = ((model(x).squeeze(1) - t) ** 2).mean()
     params = list(model.parameters())
-    grads = torch.autograd.grad(loss, params, create_graph=True)
+    grads = torch.autograd.grad(((model(x).squeeze(1) - t) ** 2).mean(), params, create_graph=True)
     with pytest.raises(ValueError, match="probes: got 0, must be at least 1"):
         hutchinson_trace(grads, params, torch.Generator(), probes=0)
 

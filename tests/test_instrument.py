@@ -1691,13 +1691,16 @@ def test_a_fork_of_the_random_states_tells_a_draw_and_rewinds_it(draw) -> None:
 
 
 def test_a_negative_cadence_is_refused_where_an_instrument_is_built_in_python() -> None:
-    """The config refuses ``every_n_steps < 0``; an instrument or callback built in Python
-    relies on ``Every`` alone (``Every(-1)`` was never due: a cadence of "never", silently)."""
+    """The config refuses ``every_n_steps < 0``; a callback of one's own built in Python on
+    ``Every`` relies on its check (``Every(-1)`` was never due: a cadence of "never",
+    silently); the norms and histograms refuse less than 1 themselves."""
     from trainer.callbacks import Every
     from trainer.instrument.histograms import Histograms
 
-    for make in (Every, Norms, Histograms):
-        with pytest.raises(ValueError, match="every_n_steps: got -1, must be >= "):
+    with pytest.raises(ValueError, match="^every_n_steps: got -1, must be >= 0"):
+        Every(-1)
+    for make, key in ((Norms, "norms"), (Histograms, "histograms")):
+        with pytest.raises(ValueError, match=f"^instrument.{key}.every_n_steps: got -1, must"):
             make(-1)
     assert not any(Every(0).due(s) or Every(0).due_next(s) for s in range(5))
     assert [s for s in range(1, 10) if Every(3).due(s)] == [3, 6, 9]

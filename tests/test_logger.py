@@ -61,12 +61,18 @@ def test_scalars_and_histograms_read_back(tmp_path):
     assert event.histogram_value.num == 101
     assert sum(event.histogram_value.bucket) == 101
     assert event.histogram_value.min == -1 and event.histogram_value.max == 1
-    # Σv as written (summed in float64: to its rounding) and Σv² (float32, of non-negative
-    # terms: within n·2⁻²⁴ relative of the exact sum)
-    v64 = values.double()
-    assert event.histogram_value.sum == pytest.approx(v64.sum().item(), abs=1e-12)
-    exact = (v64 * v64).sum().item()
-    assert event.histogram_value.sum_squares == pytest.approx(exact, rel=101 * 2**-24)
+
+    # Σv and Σv² as written, against exact sums (fsum): Σv summed in float64 is within
+    # γ₁₀₀·Σ|v| of it, Σv² summed in float32 (non-negative terms) within γ₁₀₁·Σv², where
+    # γₙ = n·u / (1 − n·u) for the dtype's unit roundoff u
+    def gamma(n: int, u: float) -> float:
+        return n * u / (1 - n * u)
+
+    v = values.double().tolist()
+    size = math.fsum(abs(x) for x in v)
+    assert abs(event.histogram_value.sum - math.fsum(v)) <= gamma(100, 2.0**-53) * size
+    exact = math.fsum(x * x for x in v)
+    assert abs(event.histogram_value.sum_squares - exact) <= gamma(101, 2.0**-24) * exact
 
 
 def test_flush_puts_the_events_on_disk_before_close(tmp_path):

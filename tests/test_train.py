@@ -436,11 +436,11 @@ def test_a_failing_run_says_so_and_keeps_its_events(tmp_path) -> None:
             if out.step == 4:
                 raise RuntimeError("boom at step 4")
 
-    with pytest.raises(RuntimeError, match="boom"):
-        train(tmp_path, "logging.every_n_steps=1", callbacks=[Boom()])
+    with pytest.raises(RuntimeError, match="boom"):  # (3 steps an epoch: 1,438 samples)
+        train(tmp_path, "logging.every_n_steps=1", "data.batch_size=512", callbacks=[Boom()])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "boom at step 4" in metrics["error"]
-    assert (metrics["step"], metrics["epoch"]) == (4, 0)  # how far it got (the first epoch)
+    assert (metrics["step"], metrics["epoch"]) == (4, 1)  # how far it got: the second epoch
     assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == [1, 2, 3]
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
 

@@ -305,7 +305,9 @@ def _without_identityless(config: dict[str, Any]) -> dict[str, Any]:
 
 def derive_run_id(config: dict[str, Any]) -> str:
     """A stable id for a resolved config: 12 hex digits of a hash of everything but the keys
-    that do not change the computation (resume, run_id, checkpointing, progress output)."""
+    that do not change the computation (``_NOT_IDENTITY``: resume, run_id, checkpointing,
+    progress output, DDP's unused-parameter search; ``_NOT_IDENTITY_WHILE_NULL``:
+    ``optimizer.foreach`` at its default)."""
     config = _without_identityless(config)
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -637,7 +637,9 @@ class CurvatureConfig:
         key = "instrument.curvature."
         _check(self.every_n_steps >= 0, key + "every_n_steps", "must be >= 0 (0: off)")
         _check(self.power_iters >= 1, key + "power_iters", f"got {self.power_iters}, must be >= 1")
-        _check(self.tol >= 0, key + "tol", f"got {self.tol}, must be >= 0")
+        # (tol=inf stopped power iteration after 2 products and called it converged: 18.0 for
+        # an eigenvalue of 19.1, a review's)
+        _check(0 <= self.tol < math.inf, key + "tol", f"got {self.tol}, must be finite and >= 0")
         _check(
             self.trace_probes >= 1, key + "trace_probes", f"got {self.trace_probes}, must be >= 1"
         )

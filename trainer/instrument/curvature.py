@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,19 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from trainer.data.base import Batch
     from trainer.loop import Trainer
+
+
+def _integer(key: str, value: Any, least: int) -> int:
+    """``value`` as an int (NumPy's and torch's integers too; not a bool), at least ``least``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{key}: got {value!r}, an integer >= {least}") from None
+    if number < least:
+        raise ValueError(f"{key}: got {number}, must be >= {least}")
+    return number
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -203,16 +218,19 @@ class Curvature(Callback):
         trace_probes: int = 10,
         seed: int = 0,
     ):
-        key = "instrument.curvature."  # (built in Python: checked as the config's keys are)
-        for name, value, ok in (
-            ("every_n_steps", every_n_steps, every_n_steps >= 1),
-            ("power_iters", power_iters, power_iters >= 1),
-            ("tol", tol, tol >= 0),
-            ("trace_probes", trace_probes, trace_probes >= 1),
-        ):
-            if not ok:  # (at its first measured step, after training up to it, otherwise)
-                bound = "must be >= 0" if name == "tol" else "must be >= 1"
-                raise ValueError(f"{key}{name}: got {value}, {bound}")
+        # built in Python, checked as the config's keys are: power_iters=0 or a negative or
+        # NaN tol trained on and logged NaN at every measured step (with a warning to raise
+        # power_iters), trace_probes=0 failed at the first measured step, power_iters=True ran
+        # one product
+        key = "instrument.curvature."
+        every_n_steps = _integer(key + "every_n_steps", every_n_steps, 1)
+        power_iters = _integer(key + "power_iters", power_iters, 1)
+        trace_probes = _integer(key + "trace_probes", trace_probes, 1)
+        if isinstance(tol, bool) or not isinstance(tol, (float, int, numbers.Real)):  # (NumPy's)
+            raise TypeError(f"{key}tol: got {tol!r}, a real number >= 0")
+        tol = float(tol)
+        if not 0 <= tol < math.inf:
+            raise ValueError(f"{key}tol: got {tol}, must be finite and >= 0")
         self.every = Every(every_n_steps)
         self.power_iters, self.tol, self.trace_probes = power_iters, tol, trace_probes
         self.seed = seed
