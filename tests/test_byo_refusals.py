@@ -1435,7 +1435,7 @@ def test_validation_metrics_breaking_the_contract_fail_at_the_first_validation(
 
 
 @pytest.mark.parametrize(("loss", "match"), [
-    ("F1Unprefixed", r"loss F1Unprefixed's metrics \['f1'\] do not start with 'val/'"),
+    ("F1Unprefixed", r"loss F1Unprefixed's metrics \['f1'\] are not names under 'val/'"),
     ("F1Twice", r"loss F1Twice's metrics name \['val/f1'\] more than once"),
     ("F1String", r"loss F1String's metrics must be a tuple \(or list\) of names; got 'val/f1'"),
     ("F1Set", r"loss F1Set's metrics must be a tuple \(or list\) of names; got \{"),

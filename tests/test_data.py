@@ -235,3 +235,37 @@ def test_a_resume_between_0_and_more_workers_says_the_draws_differ(caplog) -> No
                            SimpleNamespace(train_loader=[]))  # fmt: skip
     assert len(caplog.records) == 1
     assert "data.num_workers 2 -> 0: random draws" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(10, 0.35), (7, 0.5), (100, 0.2)])
+def test_a_tensors_files_split_is_disjoint_and_whole(tmp_path, n, fraction) -> None:
+    """Its own validation split: round(f·N) samples, the rest for training, none in both (a
+    sample of the validation split trained on would flatter val/*)."""
+    from trainer.data.tensors import TensorsData
+
+    x = torch.arange(n, dtype=torch.float32)[:, None]  # each sample names itself
+    torch.save({"x": x, "y": torch.arange(n) % 3}, tmp_path / "d.pt")
+    train, val = TensorsData(str(tmp_path / "d.pt"), val_fraction=fraction).load()
+    seen_train, seen_val = train.x[:, 0].tolist(), val.x[:, 0].tolist()
+    assert len(seen_val) == round(fraction * n)
+    assert sorted(seen_train + seen_val) == list(range(n))  # disjoint, and every sample
+    assert torch.equal(train.y, train.x[:, 0].long() % 3)  # labels stay with their samples
+
+
+def test_the_long_tail_keeps_ceil_n_c_times_ratio_to_the_minus_c_over_k_minus_1() -> None:
+    """data.imbalance_ratio: class c keeps ⌈n_c · ρ^(−c/(K−1))⌉ of its training samples (the
+    first ones in the split's order), counted against the balanced split in exact rational
+    arithmetic (class 0 keeps all, class K−1 its n/ρ)."""
+    from fractions import Fraction
+
+    _, balanced_val = DigitsData().load()
+    balanced, _ = DigitsData().load()
+    tail, val = DigitsData(imbalance_ratio=10).load()
+    assert torch.equal(val.y, balanced_val.y)  # (the validation split stays balanced)
+    n = torch.bincount(balanced.y, minlength=10).tolist()
+    kept = torch.bincount(tail.y, minlength=10).tolist()
+    for c in range(10):  # ⌈n·10^(−c/9)⌉ by comparison: the least k with k ≥ n·10^(−c/9),
+        # i.e. k⁹ ≥ n⁹·10^(−c), exactly
+        want = next(k for k in range(n[c] + 1) if Fraction(k) ** 9 >= Fraction(n[c]) ** 9 / 10**c)
+        assert kept[c] == want, (c, kept, n)
+    assert (kept[0], kept[9]) == (140, 15)  # (README: 140 zeros down to 15 nines)

@@ -1705,3 +1705,67 @@ def test_a_negative_cadence_is_refused_where_an_instrument_is_built_in_python() 
     assert not any(Every(0).due(s) or Every(0).due_next(s) for s in range(5))
     assert [s for s in range(1, 10) if Every(3).due(s)] == [3, 6, 9]
     assert [s for s in range(0, 9) if Every(3).due_next(s)] == [2, 5, 8]
+
+
+def test_the_values_a_histogram_leaves_out_are_counted_by_kind_and_parameter() -> None:
+    """``nonfinite/grad/<param>`` and ``nonfinite/weight/<param>``: each histogram's NaN and
+    ±Inf values, counted apart (one tag for both kinds let the weights' count replace the
+    gradients'); none for a tensor without any."""
+    from types import SimpleNamespace
+
+    from trainer.instrument.histograms import Histograms
+
+    w = torch.tensor([1.0, math.nan, 2.0, -math.inf])
+    w.grad = torch.tensor([math.inf, 0.5, 0.25, 0.0])
+    b = torch.tensor([0.5])
+    b.grad = torch.tensor([math.nan])
+    staged, written = {}, []
+    trainer = SimpleNamespace(
+        global_step=5, total_steps=10, param_names=["w", "b"], params=[w, b],
+        logger=SimpleNamespace(log_histogram_raw=lambda tag, h, step: written.append(tag)),
+        stage_scalars=staged.update,
+    )  # fmt: skip
+    Histograms(5).on_before_optimizer_step(trainer, None)
+    assert staged == {"nonfinite/grad/w": 1.0, "nonfinite/weight/w": 2.0, "nonfinite/grad/b": 1.0}
+    assert written == ["grad_hist/w", "weight_hist/w", "grad_hist/b", "weight_hist/b"]
+
+
+class WithUnused(nn.Module):
+    """A model with a parameter its forward never uses (a head for another task)."""
+
+    def __init__(self, in_shape, out_dim) -> None:
+        super().__init__()
+        self.used = nn.Linear(math.prod(in_shape), out_dim)
+        self.unused = nn.Linear(3, 3, bias=False)
+
+    def forward(self, x):
+        return self.used(x.flatten(1))
+
+
+@pytest.mark.parametrize("param_norm", [False, True])
+def test_the_norms_of_a_model_with_one_parameter_without_a_gradient(tmp_path, param_norm) -> None:
+    """Exactly one parameter without a gradient: each tag holds its own parameter's norm, and
+    the one without a gradient has no grad_norm (its weight's norm is still measured)."""
+    norms = {}
+
+    class Keep(Callback):
+        def on_before_optimizer_step(self, trainer, optimizer) -> None:
+            named = zip(trainer.param_names, trainer.params, strict=True)
+            norms[trainer.global_step] = {n: (p.grad, p.detach().clone()) for n, p in named}
+
+    train(tmp_path, "trainer.max_steps=2", "instrument.norms.every_n_steps=1", "~model",
+          f"+model._target_={__name__}.WithUnused", "instrument.norms.update_ratio=false",
+          f"instrument.norms.param_norm={param_norm}", callbacks=[Keep()])  # fmt: skip
+    s = read_scalars(tmp_path)
+    assert "grad_norm/unused.weight" not in s
+
+    def near(logged: float, t: torch.Tensor) -> bool:  # a float32 norm of n values: within
+        return logged == pytest.approx(float(t.double().norm()), rel=t.numel() * 2**-24)  # n·u
+
+    for step in (1, 2):
+        assert norms[step]["unused.weight"][0] is None
+        for n in ("used.weight", "used.bias"):
+            assert near(dict(s[f"grad_norm/{n}"])[step], norms[step][n][0]), (step, n)
+        if param_norm:
+            for n in ("used.weight", "used.bias", "unused.weight"):
+                assert near(dict(s[f"param_norm/{n}"])[step], norms[step][n][1]), (step, n)

@@ -461,6 +461,38 @@ def test_char_windows_cover_the_text_once_and_pad_the_tail() -> None:
     assert (y[-1] == PAD).sum() == 5
 
 
+@pytest.mark.parametrize(("n", "block", "stride"), [(9, 4, 2), (10, 4, 2), (20, 8, 3), (5, 8, 4)])
+def test_char_windows_start_every_stride_and_end_at_the_last_token(n, block, stride) -> None:
+    """The windows start at 0, stride, 2·stride, ... while a whole window fits, and one more
+    where the text's tail is left over: never a window past the one that reaches the last
+    token (it trained the tail twice as often), and every next token is a target."""
+    tokens = torch.arange(n)
+    x, y = windows(tokens, block=block, stride=stride, pad=PAD)
+    starts, s = [], 0  # brute force: walk the text
+    while True:
+        starts.append(s)
+        if s + block >= n - 1:  # this window reaches the last target
+            break
+        s += stride
+    assert x[:, 0].tolist() == starts
+    assert set(y[y != PAD].tolist()) == set(range(1, n))
+    assert torch.equal(x[y != PAD] + 1, y[y != PAD])
+
+
+def test_the_held_out_text_is_predicted_once_and_the_vocabulary_sorted() -> None:
+    """Validation windows do not overlap whatever the training stride: each held-out next
+    character is a target exactly once (overlapping windows counted each twice in val/*).
+    Token i is the i-th character in sorted order (checkpoints depend on the ids)."""
+    data = CharText(block_size=8, stride=4)
+    assert data.chars == sorted(set(data.text))
+    tokens = data.encode(data.text)
+    cut = round((1 - data.val_fraction) * tokens.numel())
+    _, val = data.load()
+    targets = val.y[val.y != PAD]
+    assert targets.numel() == tokens.numel() - cut - 1
+    assert torch.equal(targets, tokens[cut + 1 :])  # in order, each once
+
+
 def test_the_char_lm_preset_beats_a_unigram_model_and_reports_sequence_metrics(tmp_path) -> None:
     metrics = train(tmp_path, "experiment=chars_lm", "trainer.max_epochs=1")
     assert metrics["monitor"] == "val/ppl" and "val/acc" not in metrics
@@ -1040,3 +1072,22 @@ def test_a_perplexity_pair_of_ones_own_is_exponentiated_once(tmp_path) -> None:
              "~loss", f"+loss._target_={__name__}.OwnPerplexityPair"]  # fmt: skip
     metrics = train(tmp_path, *small)
     assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-12)
+
+
+def test_perplexity_is_exp_of_the_loss_up_to_floats_largest() -> None:
+    from trainer.losses import perplexity
+
+    for loss in (0.0, 1.0, 100.0, 705.0, 709.78):  # below log(float max) ≈ 709.7827
+        assert perplexity(loss) == math.exp(loss)
+    assert perplexity(709.79) == perplexity(1e6) == perplexity(math.inf) == math.inf
+    assert math.isnan(perplexity(math.nan))
+
+
+def test_a_metric_named_val_alone_is_refused() -> None:
+    from trainer.losses import check_metric_names
+
+    class Bare(Loss):
+        metrics = ("val/loss", "val/")
+
+    with pytest.raises(ValueError, match=r"metrics \['val/'\] are not names under 'val/'"):
+        check_metric_names(Bare())

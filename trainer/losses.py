@@ -225,7 +225,7 @@ def check_metric_names(loss: Loss) -> None:
     bad = [n for n in names if not n.startswith("val/") or n == "val/"]
     if bad:
         raise ValueError(
-            f"{what} {bad} do not start with 'val/': validation metrics are logged under val/ "
+            f"{what} {bad} are not names under 'val/': validation metrics are logged under val/ "
             "in TensorBoard (rename them, e.g. 'val/f1')"
         )
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -328,8 +328,12 @@ def finished_metrics(loss: Loss, pairs: dict[str, tuple[float, float]]) -> tuple
 
 
 def perplexity(loss: float) -> float:
-    """exp(mean NLL), inf where it overflows (NaN stays NaN: nothing was averaged)."""
-    return math.inf if loss >= 700 else math.exp(loss)
+    """exp(mean NLL), inf where it overflows (NaN stays NaN: nothing was averaged). (A cut at
+    700 gave inf for the finite exp(705) = 1.5e306.)"""
+    try:
+        return math.exp(loss)
+    except OverflowError:  # (past log(float max) ≈ 709.78)
+        return math.inf
 
 
 def _comparable(output: Tensor, target: Tensor) -> bool:
