@@ -134,18 +134,25 @@ class PoisonSparse(Callback):
 
 @pytest.mark.parametrize("overflow", [False, True])
 def test_a_sparse_gradient_is_checked_measured_and_skipped_alike_in_both_modes(
-    tmp_path, overflow
+    tmp_path, overflow, caplog
 ) -> None:
     """A sparse gradient (SGD with momentum, whose buffer is sparse too): the guard names it
     and skips its steps in both modes (deferred reads the flag where a sparse momentum
     cannot be put back on the device), the runs end bit for bit alike, and every default
-    instrument measures it (its histogram at the last step, the dense tensor's)."""
+    instrument measures it (its histogram at the last step, the dense tensor's). Two finite
+    entries of one row that sum to Inf are named too (uncoalesced, the naming saw two
+    finite values and blamed "another rank" in a single process)."""
     runs = {}
     for sync in ("step", "deferred"):
-        train(tmp_path / sync, *COMMON, f"model._target_={__name__}.SparseBag", "optimizer=sgd",
-              "instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}",
-              "instrument.norms.every_n_steps=1",
-              callbacks=[PoisonSparse({3, 7}, overflow)])  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="trainer.instrument.nonfinite"):
+            train(tmp_path / sync, *COMMON, f"model._target_={__name__}.SparseBag",
+                  "optimizer=sgd", "instrument.nonfinite.policy=skip",
+                  f"instrument.nonfinite.sync={sync}", "instrument.norms.every_n_steps=1",
+                  callbacks=[PoisonSparse({3, 7}, overflow)])  # fmt: skip
+        for step in (3, 7):
+            said = f"step {step} skipped: non-finite gradient of emb.weight"
+            assert said in caplog.text, (sync, caplog.text)
         runs[sync] = (_state(tmp_path / sync), read_scalars(tmp_path / sync))
     (model_s, opt_s), scalars_s = runs["step"]
     (model_d, opt_d), scalars_d = runs["deferred"]
@@ -1422,9 +1429,12 @@ def test_the_loss_scale_watch_counts_its_streak_across_a_resume(tmp_path) -> Non
               "trainer.checkpoint.keep_last=20"]  # fmt: skip
     with pytest.raises(NonFiniteError, match=r"^steps 1-50: the GradScaler"):
         train(tmp_path, *common, callbacks=[NaNGradEveryStep()])
-    fifth = tmp_path / "checkpoints" / "step_000000005.pt"
-    with pytest.raises(NonFiniteError, match=r"^steps 1-50: the GradScaler"):
-        train(tmp_path, *common, f"trainer.resume={fifth}", callbacks=[NaNGradEveryStep()])
+    # from step 5 (before the first read: a streak of 0) and from step 30 (after three
+    # reads, which the checkpoint keeps: a streak restarted there named steps 31-50)
+    for step in (5, 30):
+        kept = tmp_path / "checkpoints" / f"step_{step:09d}.pt"
+        with pytest.raises(NonFiniteError, match=r"^steps 1-50: the GradScaler"):
+            train(tmp_path, *common, f"trainer.resume={kept}", callbacks=[NaNGradEveryStep()])
 
 
 def test_a_mixing_check_that_failed_on_a_skipped_step_resumes_bit_for_bit(tmp_path) -> None:

@@ -482,8 +482,9 @@ def test_per_sample_norms_are_exact_or_honestly_reduced(kind, mode, caplog) -> N
     x = torch.randint(0, V, (B, T), generator=g)
     y = torch.randint(0, 3, (B,), generator=g)
     weights = None
-    if mode == "vector":  # non-uniform, one of them 0 (like hard_topk)
-        weights = torch.tensor([0.3, 0.0, 0.1, 0.25, 0.05, 0.3], dtype=torch.float64)
+    if mode == "vector":  # non-uniform, one of them 0 (like hard_topk), one tiny (below
+        # float32's eps, above its smallest normal: 1/N of a token mean over N > 2²³ tokens)
+        weights = torch.tensor([0.3, 0.0, 0.1, 0.25, 1e-9, 0.3], dtype=torch.float64)
     skip, word = reduced if reduced else (set(), "")
     reference = reference_norms(copy.deepcopy(model), x, y, skip)
     with caplog.at_level("WARNING"):
@@ -2635,3 +2636,22 @@ def test_a_step_with_every_unit_left_out_has_no_norms_not_norms_of_0(caplog) -> 
         assert math.isnan(staged[f"{tag}_max"])
     for tag in ("per_sample/grad_var_trace", "per_sample/grad_signal", "per_sample/noise_scale"):
         assert math.isnan(staged[tag]), (tag, staged[tag])
+
+
+def test_samples_alike_give_no_snr_or_noise_scale_rather_than_rounding() -> None:
+    """Six identical samples: a variance of exactly 0, which float32 sums resolve only to
+    their rounding (SNRs of 2.65e7, or −5e6, were logged): NaN, said once, for every SNR and
+    the noise scale; the per-sample norms themselves are measured (all equal)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(V, 8), nn.Flatten(), nn.Linear(8 * T, 3))
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, V, (1, T), generator=g).repeat(B, 1)
+        y = torch.randint(0, 3, (1,), generator=g).repeat(B)
+        last, staged = measure(model, x, y)
+        snr = {t: v for t, v in staged.items() if t.startswith("grad_snr/")}
+        assert len(snr) == 3 and all(math.isnan(v) for v in snr.values()), snr
+        for tag in ("per_sample/noise_scale", "per_sample/grad_var_trace"):
+            assert math.isnan(staged[tag]), (tag, staged[tag])
+        norms = last["per_sample/grad_norm"]
+        assert torch.equal(norms, norms[:1].expand_as(norms)) and norms[0] > 0

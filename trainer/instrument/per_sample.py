@@ -1882,12 +1882,28 @@ class PerSampleNorms(Callback):
                          or d / b + d * grow / abs(t) > ROUNDED_LIMIT)
                 ):  # fmt: skip
                     rough.append(i)
+            # whatever the dtype, the sums arrive as float32 values (u = 2⁻²⁴ of themselves):
+            # that rounding alone moves tr(S_p) by up to r_p n/(n − 1), r_p = u(m_p + 2‖ḡ_p‖²)
+            # (m_p the mean squared norm), and ‖ḡ_p‖² by 2u of itself: where that passes
+            # ROUNDED_LIMIT, S − ‖ḡ‖² cancelled down to it (samples nearly alike: a probe's six
+            # identical samples logged SNRs of 2.65e7 for a variance of 0, or −5e6), NaN. The
+            # least error these values carry, not a bound on it: a necessary condition
+            u32 = 2.0**-24
+            rep = [u32 * (m * inv + 2 * b) for m, b in zip(mean_sq, batch_sq, strict=True)]
+            for i, (r, t) in enumerate(zip(rep, trace_p, strict=True)):
+                if (
+                    not math.isnan(snr[i])
+                    and i not in rough
+                    and (t == 0 or 2 * u32 + r * grow / abs(t) > ROUNDED_LIMIT)
+                ):
+                    rough.append(i)
             for i in rough:
                 snr[i] = math.nan
             moved = sum(d for d, c in zip(delta, covered, strict=True) if c > 0)
             if any(x and c > 0 for x, c in zip(under, covered, strict=True)):
                 moved = math.inf
-            if moved * grow > ROUNDED_LIMIT * abs(estimate[0]) or moved * (
+            summed = sum(r for r, c in zip(rep, covered, strict=True) if c > 0)
+            if (moved + summed) * grow > ROUNDED_LIMIT * abs(estimate[0]) or (moved + summed) * (
                 1 + 1 / (n - 1)
             ) > ROUNDED_LIMIT * abs(estimate[1]):  # (False with a NaN: a non-finite step's
                 # NaN is not the rounding's, and is NaN already)
@@ -1899,9 +1915,10 @@ class PerSampleNorms(Callback):
                                    for i in rough][:5])  # fmt: skip
                 log.warning(
                     "%s: NaN where the step's gradient, rounded to float16/bfloat16 (the "
-                    "parameters' or autocast's), could move it by more than %d %% (a high "
-                    "signal-to-noise ratio cancels S - |mean gradient|^2 down to that "
-                    "rounding; docs/instrumentation.md)", named, round(100 * ROUNDED_LIMIT),
+                    "parameters' or autocast's), or the float32 sums they are taken from "
+                    "could move it by more than %d %% (a high signal-to-noise ratio, samples "
+                    "nearly alike, cancels S - |mean gradient|^2 down to that rounding; "
+                    "docs/instrumentation.md)", named, round(100 * ROUNDED_LIMIT),
                 )  # fmt: skip
         # no estimate (NaN) with unequal coefficients, or a step whose gradient is not finite
         # (a step the guard or the GradScaler skips: its sum overflowed, −Inf was logged)
