@@ -498,6 +498,48 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, sy
         assert read_scalars(run)["nonfinite/skipped_steps"] == [(3, 1.0)]
 
 
+class InfLossTwice(InfLossOnce):
+    """+inf in rank 0's first loss at its third and fourth calls (steps 3 and 4)."""
+
+    def forward(self, output, target):
+        losses = CrossEntropy.forward(self, output, target)
+        self.calls += 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if self.calls in (3, 4) and rank == 0:
+            losses = losses + torch.zeros_like(losses).index_fill_(0, torch.tensor([0]), math.inf)
+        return losses
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_skips_caused_by_another_rank_count_as_consecutive_on_every_rank(tmp_path, sync) -> None:
+    """Rank 1's own values are finite, but it skips steps 3 and 4 with rank 0: it counts them
+    as rank 0 does, so at max_consecutive_skips=2 both ranks stop at step 4 with the guard's
+    error (a rank that reset its count on its own finite values went on alone, into a
+    collective its peer had left)."""
+    dirs = [tmp_path / f"rank{r}" for r in (0, 1)]
+    extra = ("trainer.max_steps=8", "logging.every_n_steps=1", "logging.progress=false",
+             "trainer.checkpoint.every_n_steps=0", "instrument=none",
+             f"loss._target_={__name__}.InfLossTwice", "instrument.nonfinite.policy=skip",
+             f"instrument.nonfinite.sync={sync}", "instrument.nonfinite.max_consecutive_skips=2",
+             f"data.batch_size={B}")  # fmt: skip
+    assert ranks_of(_rank_failing, extra, dirs) == [1, 1]
+    for r, d in enumerate(dirs):
+        said = (d / "error.txt").read_text()
+        assert said.startswith(
+            "NonFiniteError: step 4: 2 steps in a row skipped for non-finite values"
+        ), (r, said)
+
+
+def _rank_failing(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
+    """:func:`_rank`, the error it ends with written to ``<run_dir>/error.txt`` (exit 1)."""
+    try:
+        _rank(rank, world, port, overrides, run_dir)
+    except Exception as e:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "error.txt").write_text(f"{type(e).__name__}: {e}")
+        raise SystemExit(1) from None
+
+
 def test_fp16_deferred_on_two_processes_skips_as_step_mode_does(tmp_path) -> None:
     """``trainer.precision=16`` with a fused AdamW, data-parallel: rank 0 alone has the +inf
     loss at step 3; deferred, the agreed flag joins GradScaler's ``found_inf`` on both ranks,
