@@ -350,6 +350,8 @@ def test_power_iterations_stopping_rule_is_the_same_at_any_scale() -> None:
         ({"power_iters": 0}, ValueError, r"power_iters: got 0, must be >= 1"),
         ({"power_iters": True}, TypeError, r"power_iters: got True, an integer >= 1"),
         ({"power_iters": 2.5}, TypeError, r"power_iters: got 2.5, an integer >= 1"),
+        ({"power_iters": torch.tensor(True)}, TypeError, r"power_iters: got tensor\(True\)"),
+        ({"power_iters": torch.tensor([3])}, TypeError, r"power_iters: got tensor\(\[3\]\)"),
         ({"tol": -1e-3}, ValueError, r"tol: got -0.001, must be finite and >= 0"),
         ({"tol": math.nan}, ValueError, r"tol: got nan, must be finite and >= 0"),
         ({"tol": math.inf}, ValueError, r"tol: got inf, must be finite and >= 0"),

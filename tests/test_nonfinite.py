@@ -1430,7 +1430,8 @@ def test_the_loss_scale_watch_counts_its_streak_across_a_resume(tmp_path) -> Non
     with pytest.raises(NonFiniteError, match=r"^steps 1-50: the GradScaler"):
         train(tmp_path, *common, callbacks=[NaNGradEveryStep()])
     # from step 5 (before the first read: a streak of 0) and from step 30 (after three
-    # reads, which the checkpoint keeps: a streak restarted there named steps 31-50)
+    # reads, which the checkpoint keeps: a streak restarted there named steps 31-50; the
+    # step-30 checkpoint is the one the resumed run wrote again, the same run's)
     for step in (5, 30):
         kept = tmp_path / "checkpoints" / f"step_{step:09d}.pt"
         with pytest.raises(NonFiniteError, match=r"^steps 1-50: the GradScaler"):

@@ -28,6 +28,7 @@ from trainer.data.base import Batch
 from trainer.distributed import SINGLE
 from trainer.instrument import PerSampleNorms
 from trainer.instrument.histograms import host_histogram
+from trainer.instrument.per_sample import NOISE_TAGS
 from trainer.loop import Callback
 from trainer.losses import CrossEntropy, TokenCrossEntropy
 from trainer.objective import Objective, Window
@@ -2638,20 +2639,45 @@ def test_a_step_with_every_unit_left_out_has_no_norms_not_norms_of_0(caplog) -> 
         assert math.isnan(staged[tag]), (tag, staged[tag])
 
 
-def test_samples_alike_give_no_snr_or_noise_scale_rather_than_rounding() -> None:
+def test_samples_alike_give_no_snr_or_noise_scale_rather_than_rounding(caplog) -> None:
     """Six identical samples: a variance of exactly 0, which float32 sums resolve only to
     their rounding (SNRs of 2.65e7, or −5e6, were logged): NaN, said once, for every SNR and
     the noise scale; the per-sample norms themselves are measured (all equal)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(V, 8), nn.Flatten(), nn.Linear(8 * T, 3))
+    cb = PerSampleNorms(1, loss="both")  # (one callback over the steps: said once)
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         x = torch.randint(0, V, (1, T), generator=g).repeat(B, 1)
         y = torch.randint(0, 3, (1,), generator=g).repeat(B)
-        last, staged = measure(model, x, y)
+        with caplog.at_level("WARNING", logger="trainer.instrument.per_sample"):
+            last, staged = measure(model, x, y, cb=cb)
         snr = {t: v for t, v in staged.items() if t.startswith("grad_snr/")}
         assert len(snr) == 3 and all(math.isnan(v) for v in snr.values()), snr
         for tag in ("per_sample/noise_scale", "per_sample/grad_var_trace"):
             assert math.isnan(staged[tag]), (tag, staged[tag])
         norms = last["per_sample/grad_norm"]
         assert torch.equal(norms, norms[:1].expand_as(norms)) and norms[0] > 0
+    said = [r for r in caplog.records if "cancelled down to that rounding" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_a_large_noise_scale_is_resolved_where_its_float32_sums_resolve_it(n) -> None:
+    """tr(Σ) = 10⁶ against |G|² = 1 (B_simple = 10⁶) from n samples: the float32 rounding of
+    the sums moves the estimate of |G|² = ‖ḡ‖² − tr/n by u (m + 2n‖ḡ‖²)/(n − 1), 0.3 % at
+    n = 64, 0.07 % at 256;
+    a rule weighting m by n/(n − 1) instead made every noise scale past 8·10⁵ NaN (a
+    review's). The values staged for one parameter, fed to the host computation as a step's
+    transfer would: Σ(wᵢ‖gᵢ‖)², ‖G_step‖, the weights' spread and largest, the coverage."""
+    trace, signal = 1e6, 1.0
+    g_bar_sq = signal + trace / n  # E‖ḡ‖² = |G|² + tr(Σ)/n
+    mean_sq = g_bar_sq + trace * (n - 1) / n  # (1/n) Σ‖gᵢ‖²
+    w = 1.0 / n  # a mean's coefficient: the rows are (w‖gᵢ‖)², the step gradient is ḡ
+    values = [n * mean_sq * w * w, math.sqrt(g_bar_sq), 0.0, w, 1.0]
+    cb = PerSampleNorms(1, loss="both")
+    out = cb._noise_scale(1, (*NOISE_TAGS, "grad_snr/p"), n, 2.0**-24, ((0.0, 0.0),), False,
+                          2.0**-24, values)  # fmt: skip
+    assert out["per_sample/grad_var_trace"] == pytest.approx(trace, rel=1e-12)
+    assert out["per_sample/grad_signal"] == pytest.approx(signal, rel=1e-6)
+    assert out["per_sample/noise_scale"] == pytest.approx(trace / signal, rel=1e-6)

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 def _integer(key: str, value: Any, least: int) -> int:
     """``value`` as an int (NumPy's and torch's integers too; not a bool), at least ``least``."""
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (
+            isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.ndim)
+        ):
             raise TypeError
         number = operator.index(value)
     except TypeError:

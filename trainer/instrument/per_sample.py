@@ -1781,7 +1781,9 @@ class PerSampleNorms(Callback):
             w_min = torch.where(present > 0, w, torch.inf).amin()
             spread = torch.stack([w_max - w_min, w_max, present.sum()]).float()
             n = None  # (staged with the values)
-        # sums of the rows (0 for a sequence without a valid target), divided by n on the host
+        # sums of the rows (0 for a sequence without a valid target), divided by n on the host;
+        # float32, as the rows are for every model (their rounding, u = 2⁻²⁴ of each value,
+        # bounds what tr(S) and the SNRs resolve: _noise_scale)
         parts = [sq.sum(0).float(), torch.stack(norms_of(data)).float(), spread, covered.float()]
         scaled = trainer.scaler is not None
         if scaled:  # the gradients were rounded scaled by the loss scale: their subnormal
@@ -1793,7 +1795,7 @@ class PerSampleNorms(Callback):
         # (the tags as they are now: the values may be read after the trainable parameters,
         # and so the tags, changed)
         fn = partial(self._noise_scale, trainer.world.size, self._tags, n, torch.finfo(w.dtype).eps,
-                     self._roundoff, scaled)  # fmt: skip
+                     self._roundoff, scaled, 2.0**-24)  # fmt: skip
         trainer.stage_on_host(values, fn)
 
     def _noise_scale(
@@ -1804,6 +1806,7 @@ class PerSampleNorms(Callback):
         eps: float,
         roundoff: tuple[tuple[float, float], ...],
         scaled: bool,
+        sums_u: float,
         values: list[float],
     ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
@@ -1882,19 +1885,20 @@ class PerSampleNorms(Callback):
                          or d / b + d * grow / abs(t) > ROUNDED_LIMIT)
                 ):  # fmt: skip
                     rough.append(i)
-            # whatever the dtype, the sums arrive as float32 values (u = 2⁻²⁴ of themselves):
-            # that rounding alone moves tr(S_p) by up to r_p n/(n − 1), r_p = u(m_p + 2‖ḡ_p‖²)
-            # (m_p the mean squared norm), and ‖ḡ_p‖² by 2u of itself: where that passes
-            # ROUNDED_LIMIT, S − ‖ḡ‖² cancelled down to it (samples nearly alike: a probe's six
-            # identical samples logged SNRs of 2.65e7 for a variance of 0, or −5e6), NaN. The
+            # the sums arrive as float32 values, each rounded by u = ``sums_u`` (2⁻²⁴) of
+            # itself: that alone moves m_p (the mean squared norm) by u m_p and
+            # ‖ḡ_p‖² by 2u of itself, so tr(S_p) = (m_p − ‖ḡ_p‖²) n/(n − 1) by up to
+            # (u m_p + 2u ‖ḡ_p‖²) n/(n − 1). Where the SNR moves past ROUNDED_LIMIT of itself,
+            # S − ‖ḡ‖² cancelled down to that rounding (samples nearly alike: a probe's six
+            # identical samples logged SNRs of 2.65e7 for a variance of 0, or −5e6): NaN. The
             # least error these values carry, not a bound on it: a necessary condition
-            u32 = 2.0**-24
-            rep = [u32 * (m * inv + 2 * b) for m, b in zip(mean_sq, batch_sq, strict=True)]
-            for i, (r, t) in enumerate(zip(rep, trace_p, strict=True)):
+            moves_m = [sums_u * m * inv for m in mean_sq]
+            moves_b = [2 * sums_u * b for b in batch_sq]
+            for i, (rm, rb, t) in enumerate(zip(moves_m, moves_b, trace_p, strict=True)):
                 if (
                     not math.isnan(snr[i])
                     and i not in rough
-                    and (t == 0 or 2 * u32 + r * grow / abs(t) > ROUNDED_LIMIT)
+                    and (t == 0 or 2 * sums_u + (rm + rb) * grow / abs(t) > ROUNDED_LIMIT)
                 ):
                     rough.append(i)
             for i in rough:
@@ -1902,11 +1906,16 @@ class PerSampleNorms(Callback):
             moved = sum(d for d, c in zip(delta, covered, strict=True) if c > 0)
             if any(x and c > 0 for x, c in zip(under, covered, strict=True)):
                 moved = math.inf
-            summed = sum(r for r, c in zip(rep, covered, strict=True) if c > 0)
-            if (moved + summed) * grow > ROUNDED_LIMIT * abs(estimate[0]) or (moved + summed) * (
-                1 + 1 / (n - 1)
-            ) > ROUNDED_LIMIT * abs(estimate[1]):  # (False with a NaN: a non-finite step's
-                # NaN is not the rounding's, and is NaN already)
+            # tr(Σ) = Σ tr(S_p) moves by Σ (u m_p + 2u ‖ḡ_p‖²) n/(n − 1); |G|² = Σ ‖ḡ_p‖² −
+            # tr(Σ)/n = Σ (n ‖ḡ_p‖² − m_p)/(n − 1) by Σ (u m_p + n·2u ‖ḡ_p‖²)/(n − 1) (a
+            # review's: n/(n − 1) on the m term made every noise scale past 8e5 NaN)
+            rm = sum(r for r, c in zip(moves_m, covered, strict=True) if c > 0)
+            rb = sum(r for r, c in zip(moves_b, covered, strict=True) if c > 0)
+            if (moved + rm + rb) * grow > ROUNDED_LIMIT * abs(estimate[0]) or (
+                moved * (1 + 1 / (n - 1)) + (rm + n * rb) / (n - 1)
+                > ROUNDED_LIMIT * abs(estimate[1])
+            ):  # (False with a NaN: a non-finite step's NaN is not the rounding's, and is NaN
+                # already)
                 estimate = [math.nan, math.nan]
                 rough.append(-1)
             if rough and not self._said_rounded:
@@ -1916,9 +1925,10 @@ class PerSampleNorms(Callback):
                 log.warning(
                     "%s: NaN where the step's gradient, rounded to float16/bfloat16 (the "
                     "parameters' or autocast's), or the float32 sums they are taken from "
-                    "could move it by more than %d %% (a high signal-to-noise ratio, samples "
-                    "nearly alike, cancels S - |mean gradient|^2 down to that rounding; "
-                    "docs/instrumentation.md)", named, round(100 * ROUNDED_LIMIT),
+                    "could move it by more than %d %% (S - |mean gradient|^2, or "
+                    "|mean gradient|^2 - tr/n, cancelled down to that rounding: samples nearly "
+                    "alike, or a signal far below the noise; docs/instrumentation.md)",
+                    named, round(100 * ROUNDED_LIMIT),
                 )  # fmt: skip
         # no estimate (NaN) with unequal coefficients, or a step whose gradient is not finite
         # (a step the guard or the GradScaler skips: its sum overflowed, −Inf was logged)
