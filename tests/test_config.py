@@ -253,12 +253,39 @@ def test_every_config_file_extends_its_schema() -> None:
         ("instrument.curvature.trace_probes=0", "instrument.curvature.trace_probes"),
         ("instrument.curvature.tol=-1", "instrument.curvature.tol"),
         ("instrument.curvature.tol=inf", "instrument.curvature.tol"),
+        ("data=synthetic data.shape=[]", "data.shape"),
+        ("data=tensors data.path=x.pt data.num_classes=1", "data.num_classes"),
+        ("optimizer=adamw optimizer.betas=[0.9,0.99,0.5]", "optimizer.betas"),
+        ("optimizer=adamw optimizer.betas=[0.9]", "optimizer.betas"),
+        ("loss.mode=vector weighting=hard_topk weighting.fraction=1.0001", "weighting.fraction"),
+        (
+            "instrument.histograms.range=fixed instrument.histograms.min=0.5 "
+            "instrument.histograms.max=0.5",
+            "instrument.histograms.min",
+        ),
         ("+instrument.curvature.probes=3", "instrument.curvature.probes"),
     ],
 )
 def test_out_of_range_or_unknown_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match="^" + re.escape(key) + ": "):
         validate(make_cfg(*override.split()))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "scheduler=step scheduler.gamma=1",  # (no decay: the boundary the range includes)
+        "loss.mode=vector weighting=hard_topk weighting.fraction=1.0",  # every sample
+        "data=chars data.block_size=8 data.stride=8",  # windows that just touch
+        "data=tensors data.path=X.PT",  # (the suffix in any case, as the loader reads it)
+        "data.val_fraction=0.999",
+        "instrument.histograms.range=fixed instrument.histograms.min=-1e-30 "
+        "instrument.histograms.max=1e-30",
+    ],
+)
+def test_the_boundaries_a_range_includes_are_accepted(override: str) -> None:
+    """The other side of the refusals above: each range's own boundary is valid."""
+    validate(make_cfg(*override.split()))
 
 
 @pytest.mark.parametrize(
