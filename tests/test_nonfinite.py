@@ -1302,7 +1302,7 @@ class BuffersAroundStep3(Callback):
     """The model's buffers before step 3's forward and after its update (or skip)."""
 
     def on_train_batch_start(self, trainer, batch) -> None:
-        if trainer.global_step == 2:
+        if trainer.global_step == 2 and "before" not in vars(self):  # (the window's first)
             self.before = {n: b.clone() for n, b in trainer.model.named_buffers()}
 
     def on_train_step_end(self, trainer, out) -> None:
@@ -1311,13 +1311,16 @@ class BuffersAroundStep3(Callback):
 
 
 @pytest.mark.parametrize(
-    ("sync", "every"),
+    ("sync", "every", "accumulate"),
     # (deferred, each step logging: the skipped step's flag read at that step, before the
-    # loop put its buffers back, which were said non-finite: a probe)
-    [("step", 10), ("deferred", 10), ("deferred", 1)],
-)
+    # loop put its buffers back, which were said non-finite: a probe); accumulating 2, the
+    # NaN in the window's first micro-batch (copied before each micro-batch, the skip put
+    # back the second's: NaN running statistics, a mutation round's)
+    [("step", 10, 1), ("deferred", 10, 1), ("deferred", 1, 1), ("step", 10, 2),
+     ("deferred", 10, 2)],
+)  # fmt: skip
 def test_a_skipped_step_puts_back_the_buffers_its_forward_wrote(
-    tmp_path, sync, every, caplog
+    tmp_path, sync, every, accumulate, caplog
 ) -> None:
     """A skipped step's forward has already written its NaN batch statistics into the
     BatchNorm's running statistics (the skip left the parameters and the optimizer's state
@@ -1326,8 +1329,10 @@ def test_a_skipped_step_puts_back_the_buffers_its_forward_wrote(
     back where the step is skipped: bit for bit as before step 3 (the batch counter too, a
     −Inf mask as it was), validation finite, nothing to warn of."""
     seen = BuffersAroundStep3()
+    at = 2 * accumulate + 1  # step 3's first micro-batch
     with caplog.at_level("WARNING"):
         metrics = train(tmp_path, "~model", f"+model._target_={__name__}.NormedNaNAt",
+                        f"+model.at={at}", f"trainer.accumulate_grad_batches={accumulate}",
                         "trainer.max_steps=5", "instrument.nonfinite.policy=skip",
                         f"instrument.nonfinite.sync={sync}", "optimizer=sgd",
                         f"logging.every_n_steps={every}", callbacks=[seen])  # fmt: skip

@@ -21,7 +21,7 @@ from trainer.data.base import Batch, DataModule, InMemoryLoader, TensorSplit
 from trainer.data.chars import CharText, windows
 from trainer.distributed import SINGLE
 from trainer.instrument.per_sample import PerSampleNorms, sample_coefficients
-from trainer.loop import Trainer
+from trainer.loop import Callback, Trainer
 from trainer.losses import Loss, TokenCrossEntropy
 from trainer.objective import Objective, Window
 from trainer.run import build_trainer
@@ -331,6 +331,42 @@ def test_accumulation_over_tokens_equals_one_big_batch(weighting) -> None:
     assert trainer.global_step == 3
     # train/loss of the epoch: Σ valid-token losses / valid tokens (not a mean over (B, T))
     assert trainer.metrics["train/loss"] > 0
+
+
+def test_an_epochs_ragged_last_window_of_token_losses_is_trained_and_ends_the_epoch() -> None:
+    """Three micro-batches an epoch, accumulating 2: the last window holds one (read ahead up
+    to the epoch's end, not to a second micro-batch that never comes: the epoch then never
+    ended, validating again and again at the same step). Two epochs equal batches of 8 and
+    4 sequences, one step each."""
+
+    class AtMostTwoValidations(Callback):  # (stops a loop that never ends the epoch)
+        calls = 0
+
+        def on_validation_end(self, trainer, metrics) -> None:
+            self.calls += 1
+            assert self.calls <= 2, f"validation {self.calls} at step {trainer.global_step}"
+
+    xs, ys = zip(*(token_batch(4, 6, seed=s) for s in (1, 2, 3)), strict=True)
+    split = TensorSplit(torch.cat(xs), torch.cat(ys))
+    params, steps = [], []
+    for accumulate, batch_size in ((2, 4), (1, 8)):
+        torch.manual_seed(0)
+        model = TinyLM()
+        trainer = Trainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.5),
+            InMemoryLoader(split, batch_size, CPU, shuffle=False),
+            InMemoryLoader(split, 16, CPU, shuffle=False), criterion=TokenCrossEntropy(),
+            device=CPU, accumulate_grad_batches=accumulate, max_steps=-1, max_epochs=2,
+            callbacks=[AtMostTwoValidations()],
+        )  # fmt: skip
+        trainer.fit()
+        params.append([p.detach().clone() for p in model.parameters()])
+        steps.append(trainer.global_step)
+    assert steps == [4, 4]
+    # float64, SGD: the two differ only by the order of ≤ 2·8·6 = 96 summands per gradient
+    # element (as test_accumulation_over_tokens_equals_one_big_batch)
+    for a, b in zip(*params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
 
 
 def test_the_scalar_root_of_a_window_is_its_token_average() -> None:

@@ -628,3 +628,28 @@ def test_uniform_weights_of_per_token_losses_are_the_units_or_their_share(normal
     losses = torch.rand(2, 3, generator=torch.Generator().manual_seed(0))
     w = UniformWeighting(normalize=normalize)(losses, None, None, None, units=units)
     assert torch.equal(w, units / 5 if normalize == "mean" else units), w
+
+
+class _Upweighted(UniformWeighting):
+    """A subclass of the uniform weighting with weights of its own: the first sample's
+    doubled, renormalized."""
+
+    def __call__(self, losses, logits, targets, indices, units=None):
+        w = super().__call__(losses, logits, targets, indices, units).clone()
+        w[0] *= 2
+        return w / w.sum()
+
+
+def test_a_subclass_of_the_uniform_weighting_keeps_its_own_weights() -> None:
+    """Only the uniform weighting itself takes scalar mode's coefficients (its shortcut); a
+    subclass whose weights differ is backpropagated with them, not replaced by 1/B."""
+    from trainer.losses import CrossEntropy
+    from trainer.objective import Objective, Window
+
+    lin = nn.Linear(3, 2)
+    obj = Objective(CrossEntropy(), _Upweighted(), [], list(lin.parameters()))
+    x, y = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0, 1])
+    out = lin(x)
+    losses = nn.functional.cross_entropy(out, y, reduction="none")
+    w = obj.vector_weights(losses, out, y, torch.arange(4), None, Window(4, 1))
+    assert torch.equal(w, torch.tensor([2.0, 1.0, 1.0, 1.0]) / 5)
