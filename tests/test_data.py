@@ -269,3 +269,23 @@ def test_the_long_tail_keeps_ceil_n_c_times_ratio_to_the_minus_c_over_k_minus_1(
         want = next(k for k in range(n[c] + 1) if Fraction(k) ** 9 >= Fraction(n[c]) ** 9 / 10**c)
         assert kept[c] == want, (c, kept, n)
     assert (kept[0], kept[9]) == (140, 15)  # (README: 140 zeros down to 15 nines)
+
+
+@pytest.mark.parametrize("loader", ["memory", "dataloader"])
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_the_global_batch_size_is_each_batchs_own_from_any_start(loader, start) -> None:
+    """``current_global_size``: the samples of the global batch just yielded (every rank's), as
+    the data-parallel objective reads it; 10 samples in global batches of 4 (2 ranks × 2) are
+    4, 4, 2, also for an epoch resumed at batch ``start`` (the DataLoader path counted a
+    resumed epoch's batches from 0: its ragged last batch read as full)."""
+    from trainer.distributed import World
+
+    world = World(1, 2, 1)  # (rank 1 of 2: a shard of each global batch; no process group)
+    if loader == "memory":
+        ld = InMemoryLoader(split(10), batch_size=2, device=CPU, shuffle=True, seed=0, world=world)
+    else:
+        ld = DeviceLoader(split(10), batch_size=2, device=CPU, shuffle=True, seed=0,
+                          num_workers=0, world=world)  # fmt: skip
+    ld.set_epoch(1, start)
+    sizes = [ld.current_global_size for _ in ld]
+    assert sizes == [4, 4, 2][start:]

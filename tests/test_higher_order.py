@@ -171,6 +171,31 @@ def test_step_gradient_is_that_of_loss_plus_penalty(tmp_path, mode) -> None:
     assert scalars["grad_norm/data"][0][1] == pytest.approx(float(data_norm), rel=1e-4)
 
 
+def test_the_logged_penalty_is_each_steps_own(tmp_path) -> None:
+    """reg/input_grad_penalty at each step: that step's λ mean ‖∇ₓℓᵢ‖² on its batch at its
+    weights (the window's values kept across steps logged a running total: 0.052 for 0.025
+    at step 2, a mutation round's)."""
+
+    class Keep(Callback):
+        def __init__(self) -> None:
+            self.seen: dict[int, tuple] = {}
+
+        def on_train_batch_start(self, trainer, batch) -> None:
+            weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+            self.seen[trainer.global_step + 1] = (batch.x.clone(), batch.y.clone(), weights)
+
+    keep = Keep()
+    train(tmp_path, *STEP, "trainer.max_steps=3", "regularizer=[input_grad_penalty]",
+          "regularizer.input_grad_penalty.coef=3.0", callbacks=[keep])  # fmt: skip
+    logged = dict(read_scalars(tmp_path)["reg/input_grad_penalty"])
+    model = MLP((1, 8, 8), 10)
+    assert sorted(logged) == [1, 2, 3]
+    for step, (x, y, weights) in keep.seen.items():
+        with torch.no_grad():
+            _, pen = reference(weights, model, x, y, 3.0)
+        assert logged[step] == pytest.approx(float(pen), rel=1e-4), step  # (as above)
+
+
 class Attend(nn.Module):
     """Digits as 8 rows of 8 pixels through one causal attention layer (torch's fused
     kernels: flash on the CPU)."""
