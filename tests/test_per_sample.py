@@ -2681,3 +2681,15 @@ def test_a_large_noise_scale_is_resolved_where_its_float32_sums_resolve_it(n) ->
     assert out["per_sample/grad_var_trace"] == pytest.approx(trace, rel=1e-12)
     assert out["per_sample/grad_signal"] == pytest.approx(signal, rel=1e-6)
     assert out["per_sample/noise_scale"] == pytest.approx(trace / signal, rel=1e-6)
+
+
+def test_a_variance_below_zero_gives_no_snr() -> None:
+    """(1/n) Σ‖gᵢ‖² below ‖ḡ‖² (which only rounding beyond the sums' own can make) is a
+    negative tr(S): no SNR and no noise scale, rather than numbers of the wrong sign; the
+    values fed to the host computation directly (one parameter, n = 8, a mean's w = 1/8)."""
+    n, w = 8, 1.0 / 8
+    values = [n * 0.5 * w * w, 1.0, 0.0, w, 1.0]  # mean ‖gᵢ‖² = 0.5, ‖ḡ‖² = 1
+    out = PerSampleNorms(1, loss="both")._noise_scale(
+        1, (*NOISE_TAGS, "grad_snr/p"), n, 2.0**-24, ((0.0, 0.0),), False, 2.0**-24, values
+    )
+    assert all(math.isnan(out[t]) for t in ("grad_snr/p", *NOISE_TAGS[:3])), out

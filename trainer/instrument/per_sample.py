@@ -1911,8 +1911,11 @@ class PerSampleNorms(Callback):
             # review's: n/(n − 1) on the m term made every noise scale past 8e5 NaN)
             rm = sum(r for r, c in zip(moves_m, covered, strict=True) if c > 0)
             rb = sum(r for r, c in zip(moves_b, covered, strict=True) if c > 0)
-            if (moved + rm + rb) * grow > ROUNDED_LIMIT * abs(estimate[0]) or (
-                moved * (1 + 1 / (n - 1)) + (rm + n * rb) / (n - 1)
+            # (and tr(Σ) below 0, a sum of squares: only rounding makes it, as a negative SNR)
+            if (
+                estimate[0] < 0
+                or (moved + rm + rb) * grow > ROUNDED_LIMIT * abs(estimate[0])
+                or moved * (1 + 1 / (n - 1)) + (rm + n * rb) / (n - 1)
                 > ROUNDED_LIMIT * abs(estimate[1])
             ):  # (False with a NaN: a non-finite step's NaN is not the rounding's, and is NaN
                 # already)
