@@ -215,6 +215,8 @@ def test_every_config_file_extends_its_schema() -> None:
         ("data.batch_size=0", "data.batch_size"),
         ("trainer.device=gpu", "trainer.device"),
         ("trainer.device=cuda:x", "trainer.device"),
+        ("trainer.device=cuda:", "trainer.device"),
+        ("seed=4294967296", "seed"),  # (NumPy's seeds end at 2³² − 1)
         ("trainer.precision=8", "trainer.precision"),
         ("trainer.max_epochs=0", "trainer.max_epochs"),
         ("trainer.max_steps=0", "trainer.max_steps"),
@@ -279,6 +281,7 @@ def test_out_of_range_or_unknown_values_name_the_key(override: str, key: str) ->
         "data=chars data.block_size=8 data.stride=8",  # windows that just touch
         "data=tensors data.path=X.PT",  # (the suffix in any case, as the loader reads it)
         "data.val_fraction=0.999",
+        "seed=4294967295",
         "instrument.histograms.range=fixed instrument.histograms.min=-1e-30 "
         "instrument.histograms.max=1e-30",
     ],

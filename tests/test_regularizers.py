@@ -318,6 +318,14 @@ def test_a_regularizer_entry_that_is_not_one_is_named() -> None:
     with pytest.raises(ConfigError, match=r"KINDS and .GRADS must have an entry 'mine'"):
         validate(make_cfg(f"+regularizer.mine._target_={__name__}.LogCosh",
                           "+regularizer.mine.coef=0.1"))  # fmt: skip
+    # a function without its analytic gradient (KINDS alone) is not a regularizer either
+    with pytest.raises(ConfigError, match=r"KINDS and .GRADS must have an entry 'logcosh'"):
+        validate(make_cfg(f"+regularizer.logcosh._target_={__name__}.KindOnly",
+                          "+regularizer.logcosh.coef=0.1"))  # fmt: skip
+
+
+class KindOnly(Regularizer):
+    KINDS = {**Regularizer.KINDS, "logcosh": _logcosh}
 
 
 class VectorValued(Regularizer):

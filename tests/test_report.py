@@ -590,3 +590,88 @@ def test_a_direction_against_the_guess_for_a_metric_of_ones_own_is_said(
             r.getMessage() for r in caplog.records if "ReduceLROnPlateau steps on" in r.getMessage()
         ]
         assert len(said) == warned and all("set scheduler.mode=max" in m for m in said)
+
+
+# ------------------------------------------------------- edge cases a mutation round found unpinned
+
+
+def _job(root: Path, name: str, metrics, overrides: str | None = None, config=None) -> Path:
+    """A job folder with only what the report reads without curves: metrics.json and .hydra."""
+    path = root / name
+    (path / ".hydra").mkdir(parents=True)
+    if metrics is not None:
+        (path / "metrics.json").write_text(json.dumps(metrics))
+    if overrides is not None:
+        (path / ".hydra" / "overrides.yaml").write_text(overrides)
+    if config is not None:
+        (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    return path
+
+
+def _ranked(root: Path, metric: str = "val/acc") -> list:
+    return report.rank_runs(report.collect_runs(root, curves=False), metric, "auto")
+
+
+def test_a_bool_is_no_metric_value_and_only_completed_jobs_are_best(tmp_path) -> None:
+    _job(tmp_path, "0", {"status": "completed", "val/acc": 0.9})
+    _job(tmp_path, "1", {"status": "completed", "val/acc": True})  # (JSON true: 1.0 in Python)
+    runs = _ranked(tmp_path)
+    assert runs[1].value("val/acc") is None and report.best_run(runs, "val/acc").name == "0"
+    other = tmp_path / "other"
+    _job(other, "0", {"status": "interrupted", "val/acc": 0.5})
+    _job(other, "1", {"status": "failed", "error": "x"})
+    runs = _ranked(other)
+    assert report.best_run(runs, "val/acc") is None
+    assert "; best: none (" in report.render_table(runs, "val/acc", "auto").splitlines()[-1]
+    report.write_csv(runs, "val/acc", other / "s.csv")  # (no job marked best in the CSV)
+    assert [r["best"] for r in read_csv(other / "s.csv")] == ["", ""]
+
+
+def test_a_tie_is_among_completed_jobs_only(tmp_path) -> None:
+    _job(tmp_path, "0", {"status": "completed", "val/acc": 0.9})
+    _job(tmp_path, "1", {"status": "interrupted", "val/acc": 0.9})
+    last = report.render_table(_ranked(tmp_path), "val/acc", "auto").splitlines()[-1]
+    assert "; best: job 0 (" in last and "tied" not in last
+
+
+@pytest.mark.parametrize("status", [None, 1])
+def test_a_status_that_is_not_a_word_makes_the_job_unreadable(tmp_path, status) -> None:
+    _job(tmp_path, "0", {"status": status, "val/acc": 0.9})
+    _job(tmp_path, "1", {"status": "completed", "val/acc": 0.8})
+    runs = _ranked(tmp_path)
+    assert {r.name: r.status for r in runs}["0"] == "unreadable"
+    assert "best: job 1" in report.render_table(runs, "val/acc", "auto")  # (it renders)
+
+
+def test_overrides_written_as_bare_lines_are_read(tmp_path) -> None:
+    path = _job(tmp_path, "0", {"status": "completed"}, overrides="optimizer.lr=0.1\n")
+    assert report.read_overrides(path) == ["optimizer.lr=0.1"]
+
+
+def test_an_interpolated_loss_key_is_not_compared(tmp_path) -> None:
+    """A loss key written as an interpolation (resolved only where the job ran) is unknown
+    here: the job's loss is not read, and nothing is refused for it."""
+    ce = {"_target_": "trainer.losses.CrossEntropy", "mode": "scalar"}
+    first = _job(tmp_path, "0", {"status": "completed", "train/loss": 0.1},
+                 config={"loss": {**ce, "label_smoothing": "${oc.env:SMOOTH}"}})  # fmt: skip
+    _job(tmp_path, "1", {"status": "completed", "train/loss": 0.2},
+         config={"loss": {**ce, "label_smoothing": 0.0}})  # fmt: skip
+    assert report.read_loss(first) is None
+    report.check_comparable(report.collect_runs(tmp_path, curves=False), "train/loss")
+
+
+def test_directions_and_columns_of_metrics_named_in_any_case(tmp_path) -> None:
+    for name in ("val/F1", "val/Top1_Accuracy"):
+        assert report.resolve_mode(name, "auto") == "max", name
+    _job(tmp_path, "0", {"status": "failed", "error": "x", "step": 3})
+    assert "val/acc" in report.columns_for("val/acc", report.collect_runs(tmp_path, curves=False))
+
+
+def test_the_monitor_and_the_metric_are_those_of_the_completed_jobs(tmp_path) -> None:
+    _job(tmp_path, "0", {"status": "completed", "monitor": "val/acc", "val/acc": 0.9})
+    _job(tmp_path, "1", {"status": "failed", "monitor": "val/loss", "error": "x"})
+    assert report.monitor_of(report.collect_runs(tmp_path, curves=False)) == "val/acc"
+    other = tmp_path / "other"  # one completed job without the metric: the other ranks
+    _job(other, "0", {"status": "completed", "monitor": "val/acc", "val/acc": 0.9})
+    _job(other, "1", {"status": "completed", "val/loss": 0.3})
+    assert report.main([str(other), "--metric", "val/acc"]) == 0
