@@ -289,3 +289,14 @@ def test_the_global_batch_size_is_each_batchs_own_from_any_start(loader, start) 
     ld.set_epoch(1, start)
     sizes = [ld.current_global_size for _ in ld]
     assert sizes == [4, 4, 2][start:]
+
+
+@pytest.mark.parametrize("loader", ["memory", "dataloader"])
+def test_drop_last_drops_a_ragged_training_batch_never_a_validation_one(loader) -> None:
+    """data.drop_last is the training loader's: validation scores every held-out sample (359
+    in batches of 64, the last of 39), or val/* would leave some out."""
+    data = DigitsData(batch_size=64, eval_batch_size=64, drop_last=True, loader=loader,
+                      num_workers=0)  # fmt: skip
+    data.setup(CPU, 0)
+    assert [len(b.y) for b in data.val_loader] == [64] * 5 + [39]
+    assert [len(b.y) for b in data.train_loader] == [64] * (1438 // 64)

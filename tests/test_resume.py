@@ -708,6 +708,32 @@ def test_a_chars_run_saved_with_the_old_stride_default_keeps_its_identity() -> N
     assert derive_run_id(cfg("data.block_size=32", "data.stride=16")) == derive_run_id(
         cfg("data.block_size=32")
     )
+    # a block of 1: its default stride is 1 (at least 1, not 1 // 2 = 0)
+    assert derive_run_id(cfg("data.block_size=1", "data.stride=1")) == derive_run_id(
+        cfg("data.block_size=1")
+    )
+
+
+def test_checkpoints_are_set_aside_from_the_step_after_the_resumed_one_and_prune_keeps_its_own(
+    tmp_path,
+) -> None:
+    """Resumed from step 2 of 5 (a checkpoint every step), steps 3-5 are the abandoned
+    timeline's: all three set aside, so that resume=auto cannot continue the discarded run
+    from step 3. And pruning never deletes the checkpoint just written, whatever its rank."""
+    from trainer.checkpoint import prune, set_aside_later
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for step in range(1, 6):
+        (folder / f"step_{step:09d}.pt").write_bytes(b"x")
+    moved = set_aside_later(folder, 2)
+    assert sorted(p.name for p in moved) == [f"step_{s:09d}.pt" for s in (3, 4, 5)]
+    assert sorted(p.name for p in folder.glob("step_*.pt")) == [f"step_{s:09d}.pt" for s in (1, 2)]
+    for step in (3, 4):
+        (folder / f"step_{step:09d}.pt").write_bytes(b"x")
+    kept = folder / "step_000000001.pt"
+    prune(folder, 1, keep=kept)
+    assert sorted(p.name for p in folder.glob("step_*.pt")) == [kept.name, "step_000000004.pt"]
 
 
 def test_a_sweeps_resumed_job_is_reported_where_it_continued(tmp_path, caplog) -> None:

@@ -972,3 +972,21 @@ def test_a_resume_replays_the_modes_train_overrides_and_all(tmp_path, at) -> Non
         got = final_params(tmp_path / f"from{i}")
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), i
         source = tmp_path / f"from{i}"
+
+
+def test_the_schedule_plans_a_ragged_last_window_as_a_step(tmp_path) -> None:
+    """5 batches an epoch, accumulating 2: 3 optimizer steps (the last of one batch), so a
+    cosine schedule over the run has T_max = 3 (planned with floor, 2: the last step trained at
+    lr 0, and the "last step" logged one step early)."""
+    from trainer.loop import planned_steps
+
+    assert planned_steps(5, 2, 1, -1) == 3 and planned_steps(5, 2, 2, 4) == 4
+    common = ("data=synthetic", "data.num_train=320", "data.num_val=64", "data.batch_size=64",
+              "trainer.accumulate_grad_batches=2", "trainer.max_epochs=1", "scheduler=cosine",
+              "optimizer=sgd", "optimizer.lr=0.1")  # fmt: skip
+    train(tmp_path / "every", *common, "logging.every_n_steps=1")
+    lrs = [v for _, v in read_scalars(tmp_path / "every")["lr"]]
+    want = [0.1 * (1 + math.cos(math.pi * k / 3)) / 2 for k in range(3)]  # 0.1, 0.075, 0.025
+    assert lrs == pytest.approx(want, rel=2**-23)  # (logged as float32)
+    train(tmp_path / "rare", *common, "logging.every_n_steps=100")
+    assert [s for s, _ in read_scalars(tmp_path / "rare")["train/loss"]] == [3]
