@@ -2677,7 +2677,7 @@ def test_a_large_noise_scale_is_resolved_where_its_float32_sums_resolve_it(n) ->
     values = [n * mean_sq * w * w, math.sqrt(g_bar_sq), 0.0, w, 1.0]
     cb = PerSampleNorms(1, loss="both")
     out = cb._noise_scale(1, (*NOISE_TAGS, "grad_snr/p"), n, 2.0**-24, ((0.0, 0.0),), False,
-                          2.0**-24, values)  # fmt: skip
+                          values)  # fmt: skip
     assert out["per_sample/grad_var_trace"] == pytest.approx(trace, rel=1e-12)
     assert out["per_sample/grad_signal"] == pytest.approx(signal, rel=1e-6)
     assert out["per_sample/noise_scale"] == pytest.approx(trace / signal, rel=1e-6)
@@ -2690,6 +2690,6 @@ def test_a_variance_below_zero_gives_no_snr() -> None:
     n, w = 8, 1.0 / 8
     values = [n * 0.5 * w * w, 1.0, 0.0, w, 1.0]  # mean ‖gᵢ‖² = 0.5, ‖ḡ‖² = 1
     out = PerSampleNorms(1, loss="both")._noise_scale(
-        1, (*NOISE_TAGS, "grad_snr/p"), n, 2.0**-24, ((0.0, 0.0),), False, 2.0**-24, values
+        1, (*NOISE_TAGS, "grad_snr/p"), n, 2.0**-24, ((0.0, 0.0),), False, values
     )
     assert all(math.isnan(out[t]) for t in ("grad_snr/p", *NOISE_TAGS[:3])), out

@@ -227,6 +227,9 @@ NOISE_TAGS = ("per_sample/grad_var_trace", "per_sample/grad_signal", "per_sample
 #: the largest relative error a float16/bfloat16 step gradient's rounding may bound the
 #: SNRs and the noise scale's tr(Σ) by before they are NaN (:meth:`PerSampleNorms._noise_scale`)
 ROUNDED_LIMIT = 0.05
+#: the unit roundoff of the sums the noise scale and the SNRs are computed from: float32, as
+#: the per-sample rows are for every model (:meth:`PerSampleNorms._noise_scale`)
+SUMS_U = 2.0**-24
 
 #: materialize at most this many bytes of one parameter's per-sample gradients (B × its size),
 #: which a parameter used more than once per forward needs (tied weights, a layer called twice)
@@ -1795,7 +1798,7 @@ class PerSampleNorms(Callback):
         # (the tags as they are now: the values may be read after the trainable parameters,
         # and so the tags, changed)
         fn = partial(self._noise_scale, trainer.world.size, self._tags, n, torch.finfo(w.dtype).eps,
-                     self._roundoff, scaled, 2.0**-24)  # fmt: skip
+                     self._roundoff, scaled)  # fmt: skip
         trainer.stage_on_host(values, fn)
 
     def _noise_scale(
@@ -1806,7 +1809,6 @@ class PerSampleNorms(Callback):
         eps: float,
         roundoff: tuple[tuple[float, float], ...],
         scaled: bool,
-        sums_u: float,
         values: list[float],
     ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
@@ -1885,20 +1887,20 @@ class PerSampleNorms(Callback):
                          or d / b + d * grow / abs(t) > ROUNDED_LIMIT)
                 ):  # fmt: skip
                     rough.append(i)
-            # the sums arrive as float32 values, each rounded by u = ``sums_u`` (2⁻²⁴) of
+            # the sums arrive as float32 values, each rounded by u = ``SUMS_U`` (2⁻²⁴) of
             # itself: that alone moves m_p (the mean squared norm) by u m_p and
             # ‖ḡ_p‖² by 2u of itself, so tr(S_p) = (m_p − ‖ḡ_p‖²) n/(n − 1) by up to
             # (u m_p + 2u ‖ḡ_p‖²) n/(n − 1). Where the SNR moves past ROUNDED_LIMIT of itself,
             # S − ‖ḡ‖² cancelled down to that rounding (samples nearly alike: a probe's six
             # identical samples logged SNRs of 2.65e7 for a variance of 0, or −5e6): NaN. The
             # least error these values carry, not a bound on it: a necessary condition
-            moves_m = [sums_u * m * inv for m in mean_sq]
-            moves_b = [2 * sums_u * b for b in batch_sq]
+            moves_m = [SUMS_U * m * inv for m in mean_sq]
+            moves_b = [2 * SUMS_U * b for b in batch_sq]
             for i, (rm, rb, t) in enumerate(zip(moves_m, moves_b, trace_p, strict=True)):
                 if (
                     not math.isnan(snr[i])
                     and i not in rough
-                    and (t == 0 or 2 * sums_u + (rm + rb) * grow / abs(t) > ROUNDED_LIMIT)
+                    and (t == 0 or 2 * SUMS_U + (rm + rb) * grow / abs(t) > ROUNDED_LIMIT)
                 ):
                     rough.append(i)
             for i in rough:
