@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import torch
 
@@ -250,6 +252,88 @@ def test_a_tensors_files_split_is_disjoint_and_whole(tmp_path, n, fraction) -> N
     assert len(seen_val) == round(fraction * n)
     assert sorted(seen_train + seen_val) == list(range(n))  # disjoint, and every sample
     assert torch.equal(train.y, train.x[:, 0].long() % 3)  # labels stay with their samples
+
+
+def _tensors(tmp_path, content, name="d.pt", **kw):
+    from trainer.data.tensors import TensorsData
+
+    torch.save(content, tmp_path / name)
+    return TensorsData(str(tmp_path / name), **kw)
+
+
+_X4, _Y4 = torch.zeros(4, 2), torch.tensor([0, 1, 0, 1])
+
+
+@pytest.mark.parametrize(
+    ("content", "kw", "match"),
+    [
+        ({"x": torch.zeros(3, 2), "y": _Y4}, {}, "'x' has 3 samples but 'y' 4"),
+        ({"x": _X4, "y": _Y4, "y_val": _Y4}, {}, "holds only one of 'x_val' and 'y_val'"),
+        (
+            {"x": _X4, "y": _Y4, "x_val": torch.zeros(3, 2), "y_val": _Y4[:2]},
+            {},
+            "'x_val' has 3 samples but 'y_val' 2",
+        ),  # fmt: skip
+        ({"x": _X4, "y": [0, 1, 0, 1]}, {}, "'y' is a list, not a tensor"),
+        ({"x": _X4, "y": torch.tensor([0, -1, 1, 0])}, {}, "class labels must be >= 0"),
+        ({"x": _X4[:3], "y": _Y4[:3]}, {"val_fraction": 0.1}, "0.1 of 3 samples leaves an empty"),
+        ({"x": _X4[:3], "y": _Y4[:3]}, {"val_fraction": 0.9}, "0.9 of 3 samples leaves an empty"),
+    ],
+)
+def test_a_tensors_file_that_cannot_be_used_is_refused_naming_the_cause(
+    tmp_path, content, kw, match
+) -> None:
+    from trainer.data.tensors import TensorFileError
+
+    with pytest.raises(TensorFileError, match=match):
+        _tensors(tmp_path, content, **kw).load()
+
+
+def test_a_tensors_file_is_read_without_running_its_pickled_code(tmp_path) -> None:
+    """``torch.load(weights_only=True)`` and ``np.load(allow_pickle=False)``: a file holding a
+    pickled object is refused, and the object's code never runs (here: it would write a
+    marker file). A missing file is named; the suffix's case does not matter."""
+    import numpy as np
+
+    from trainer.data.tensors import TensorFileError, TensorsData
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (marker,))
+
+    torch.save({"x": _X4, "y": _Y4, "z": Payload()}, tmp_path / "evil.pt")
+    np.savez(tmp_path / "evil.npz", x=np.zeros((4, 2)), y=np.array([Payload()], dtype=object))
+    for name in ("evil.pt", "evil.npz"):
+        with pytest.raises(TensorFileError, match=f"could not read .*{name}"):
+            TensorsData(str(tmp_path / name)).load()
+        assert not marker.exists(), name
+    with pytest.raises(TensorFileError, match=r"data.path: .*nowhere.pt does not exist"):
+        TensorsData(str(tmp_path / "nowhere.pt")).load()
+    train, val = _tensors(tmp_path, {"x": _X4, "y": _Y4}, name="upper.PT").load()
+    assert len(train.y) + len(val.y) == 4
+
+
+def test_a_tensors_files_labels_and_split_seed(tmp_path) -> None:
+    """Classes are int64 labels of shape (N,), counted over both splits (a class seen only in
+    validation still has an output); other targets are not classes; ``split_seed`` picks the
+    validation samples, the same ones for the same seed."""
+    x = torch.arange(20, dtype=torch.float32)[:, None]
+    y = torch.arange(20) % 3
+    both = {"x": x, "y": y, "x_val": x[:2], "y_val": torch.tensor([3, 0])}
+    data = _tensors(tmp_path, both)
+    data.load()
+    assert data.num_classes == 4
+    for targets in (torch.zeros(20, 2, dtype=torch.int64), y.to(torch.complex64), y.float()):
+        data = _tensors(tmp_path, {"x": x, "y": targets})
+        data.load()
+        assert data.num_classes is None, targets.dtype
+
+    def val_of(seed: int) -> list[float]:
+        return _tensors(tmp_path, {"x": x, "y": y}, split_seed=seed).load()[1].x[:, 0].tolist()
+
+    assert val_of(0) == val_of(0) and val_of(0) != val_of(1)
 
 
 def test_the_long_tail_keeps_ceil_n_c_times_ratio_to_the_minus_c_over_k_minus_1() -> None:

@@ -437,19 +437,50 @@ def test_failed_download_says_to_copy_the_files(name, module, tmp_path, monkeypa
         make(name, tmp_path, download=True).setup(torch.device("cpu"), seed=0)
 
 
+def test_a_missing_file_with_download_on_offline_is_a_failed_download(tmp_path, monkeypatch):
+    """One file of the set missing and data.download=true without a network: the download
+    failed (copy the files by hand), not "the files there cannot be read"."""
+    import urllib.error
+
+    import torchvision.datasets.mnist as tv_mnist
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    write_set("mnist", tmp_path, monkeypatch)
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    with pytest.raises(ConnectionError, match="copy the files there yourself"):
+        make("mnist", tmp_path, download=True).setup(torch.device("cpu"), seed=0)
+
+
 @pytest.mark.parametrize("augment", [False, True])  # (the tensors' path; the Dataset's)
+@pytest.mark.parametrize("extra", [5, -5])
 def test_images_and_labels_of_different_counts_are_refused_naming_the_files(
-    tmp_path, monkeypatch, augment
+    tmp_path, monkeypatch, augment, extra
 ) -> None:
     """MNIST's label file holding more labels than its images was trained on without a word
     (class weights counted labels of no image); fewer failed at the first batch reaching past
     them with an IndexError naming no file (a probe's finding). Refused before training."""
     write_set("mnist", tmp_path, monkeypatch)
     raw = tmp_path / "MNIST" / "raw"
-    _write_idx(raw / "train-labels-idx1-ubyte", np.zeros(N_TRAIN + 5, dtype=np.uint8))
+    _write_idx(raw / "train-labels-idx1-ubyte", np.zeros(N_TRAIN + extra, dtype=np.uint8))
     with pytest.raises(ValueError, match=rf"training files under data.root=.* hold {N_TRAIN} "
-                       rf"images and {N_TRAIN + 5} labels: one is truncated"):  # fmt: skip
+                       rf"images and {N_TRAIN + extra} labels: one is truncated"):  # fmt: skip
         make("mnist", tmp_path, augment=augment).setup(torch.device("cpu"), seed=0)
+
+
+def test_an_idx_file_of_an_unknown_type_is_named_with_the_data_and_its_files(tmp_path, monkeypatch):
+    """An idx header whose type byte names no type: torchvision's bare ``KeyError: 10``
+    named neither the data set nor a file (a review's finding)."""
+    write_set("mnist", tmp_path, monkeypatch)
+    images = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    header = bytearray(images.read_bytes())
+    header[2] = 0x0A
+    images.write_bytes(bytes(header))
+    unread = r"data=mnist: its validation files under data.root=.* cannot be read \(KeyError"
+    with pytest.raises(ValueError, match=unread + r": .*truncated or corrupted"):
+        make("mnist", tmp_path).setup(torch.device("cpu"), seed=0)
 
 
 @pytest.mark.parametrize("cut, download", [(100, False), (100, True), (None, False)])

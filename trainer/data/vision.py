@@ -74,7 +74,7 @@ class TorchvisionData(DataModule):
         present = all(os.path.isfile(p) for p in expected_files(self.name, self.root))
         try:
             ds = cls(self.root, train=train, transform=transform, download=self.download)
-        except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+        except (RuntimeError, ValueError, AssertionError, TypeError, KeyError) as e:
             if "download=True" not in str(e):  # (torchvision's: missing, or a checksum)
                 if self.download and not present:  # the MNIST family wraps a failed download
                     raise self._download_failed(e) from e  # in RuntimeError
