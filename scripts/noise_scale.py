@@ -84,6 +84,34 @@ def fit(best: dict[int, dict], target: float, rows: list[dict]) -> dict:
     }
 
 
+def best_runs(rows: list[dict]) -> dict[int, dict]:
+    """Per batch size, its run that reached the target in the fewest steps (the first such run
+    of the grid on a tie); a batch size none of whose runs reached it is left out."""
+    best: dict[int, dict] = {}
+    for r in rows:
+        if r["steps"] is not None and (
+            r["batch_size"] not in best or r["steps"] < best[r["batch_size"]]["steps"]
+        ):
+            best[r["batch_size"]] = r
+    return best
+
+
+def refusal(batch_sizes: list[int], lrs: list[float], target: float, max_steps: int) -> str:
+    """Why the grid cannot make a study ("" when it can), checked before any run trains (a bad
+    value at a later run lost the earlier ones)."""
+    if any(b < 2 for b in batch_sizes):
+        return "--batch-sizes: each must be >= 2 (the noise scale needs two samples)"
+    if len(set(batch_sizes)) < 2:  # (said after every run had trained, as "raise --max-steps")
+        return "--batch-sizes: give at least two different ones (S(B) is fitted to them)"
+    if any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
+        return "--lrs: each must be finite and > 0"
+    if not (math.isfinite(target) and target > 0):
+        return "--target: must be finite and > 0 (a training loss to reach)"
+    if max_steps < 1:
+        return "--max-steps: must be >= 1"
+    return ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
@@ -92,14 +120,9 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=4000)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "noise_scale")
     args = p.parse_args()
-    if any(b < 2 for b in args.batch_sizes):  # (checked here, before any run trains: a bad
-        p.error("--batch-sizes: each must be >= 2 (the noise scale needs two samples)")  # value
-    if any(not (math.isfinite(lr) and lr > 0) for lr in args.lrs):  # at a later run lost
-        p.error("--lrs: each must be finite and > 0")  # the earlier ones)
-    if not (math.isfinite(args.target) and args.target > 0):
-        p.error("--target: must be finite and > 0 (a training loss to reach)")
-    if args.max_steps < 1:
-        p.error("--max-steps: must be >= 1")
+    why = refusal(args.batch_sizes, args.lrs, args.target, args.max_steps)
+    if why:
+        p.error(why)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     rows = []
     for b in args.batch_sizes:
@@ -119,12 +142,7 @@ def main() -> None:
             noise = last_value(run_dir, "per_sample/noise_scale_ema", stop.reached or 0)
             rows.append({"batch_size": b, "lr": lr, "steps": stop.reached, "b_simple": noise})
             print(f"B={b:4d} lr={lr:<5} steps to target: {stop.reached}  B_simple {noise:.1f}")
-    best = {}
-    for r in rows:
-        if r["steps"] is not None and (
-            r["batch_size"] not in best or r["steps"] < best[r["batch_size"]]["steps"]
-        ):
-            best[r["batch_size"]] = r
+    best = best_runs(rows)
     bs = sorted(best)
     if len(bs) < 2:
         raise SystemExit("fewer than two batch sizes reached the target; raise --max-steps")

@@ -7,8 +7,10 @@ import math
 import statistics
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, in_background, read_scalars
 
@@ -191,6 +193,62 @@ def test_the_noise_studys_median_leaves_out_runs_measured_before_none(order) -> 
     assert result["b_simple_runs"] == 2 and result["fit"]["of_the_predicted_form"]
     rising = {b: {**r, "steps": 200 - steps[b]} for b, r in best.items()}  # more steps with B
     assert not _noise_module().fit(rising, 0.5, [])["fit"]["of_the_predicted_form"]
+
+
+def test_the_noise_studys_median_best_runs_and_stopping_rule(tmp_path) -> None:
+    """The median of three measured B_simple (not their mean); per batch size the run of the
+    fewest steps (the grid's first on a tie; one that never reached the target is none); the
+    stop: EMA e₁ = ℓ₁, eₖ = 0.9·eₖ₋₁ + 0.1·ℓₖ, at or below the target ends the run at that
+    step (losses 1, 0, 0, …: eₖ = 0.9^(k−1), first ≤ 0.5 at k = 8, 0.9⁷ = 0.478 against 0.9⁶
+    = 0.531); the instrument's last finite value at or before a step, read from the events."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    mod = _noise_module()
+    best = {b: {"batch_size": b, "steps": 200 // b, "b_simple": v}
+            for b, v in ((16, 100.0), (32, 13.4), (64, 10.0))}  # fmt: skip
+    assert mod.fit(best, 0.5, [])["b_simple_median"] == 13.4
+    rows = [{"batch_size": b, "lr": lr, "steps": n}
+            for b, lr, n in ((16, 0.1, 30), (16, 0.2, 20), (16, 0.4, 20), (32, 0.1, None),
+                             (32, 0.2, 50), (64, 0.1, None))]  # fmt: skip
+    assert mod.best_runs(rows) == {16: rows[1], 32: rows[4]}
+
+    def stop_at(target: float, losses: list[float]) -> tuple[int | None, int]:
+        stop, trainer = mod.StopAtTarget(target), SimpleNamespace(max_steps=100)
+        for k, loss in enumerate(losses, 1):
+            stop.on_train_step_end(trainer, SimpleNamespace(step=k, losses=torch.full((3,), loss)))
+        return stop.reached, trainer.max_steps
+
+    assert stop_at(0.5, [1.0] + [0.0] * 11) == (8, 8)
+    assert stop_at(0.5, [0.5, 0.6, 0.0]) == (1, 1)  # (at the target: reached)
+    assert stop_at(0.5, [0.6] * 5) == (None, 100)
+    run = tmp_path / "run"
+    writer = SummaryWriter(str(run / "tb" / "run"))
+    for step, v in ((5, 1.0), (10, 2.0), (15, math.nan), (20, 4.0), (25, 5.0)):
+        writer.add_scalar("per_sample/noise_scale_ema", v, step)
+    writer.close()
+    got = [mod.last_value(run, "per_sample/noise_scale_ema", until) for until in (20, 15, 4)]
+    assert got[:2] == [4.0, 2.0] and math.isnan(got[2])
+    assert math.isnan(mod.last_value(run, "per_sample/other", 20))
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({}, ""),
+        ({"batch_sizes": [1, 32]}, "--batch-sizes: each must be >= 2"),
+        ({"batch_sizes": [32]}, "--batch-sizes: give at least two different ones"),
+        ({"batch_sizes": [32, 32]}, "--batch-sizes: give at least two different ones"),
+        ({"lrs": [0.4, 0.0]}, "--lrs: each must be finite and > 0"),
+        ({"lrs": [math.inf]}, "--lrs: each must be finite and > 0"),
+        ({"target": 0.0}, "--target: must be finite and > 0"),
+        ({"target": math.nan}, "--target: must be finite and > 0"),
+        ({"max_steps": 0}, "--max-steps: must be >= 1"),
+    ],
+)
+def test_the_noise_studys_grid_checks(change, why) -> None:
+    grid = {"batch_sizes": [2, 32], "lrs": [0.4], "target": 0.5, "max_steps": 1, **change}
+    got = _noise_module().refusal(**grid)
+    assert got.startswith(why) and (got == "") == (why == "")
 
 
 def test_the_noise_study_refuses_a_bad_grid_before_training(tmp_path) -> None:

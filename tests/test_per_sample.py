@@ -2391,6 +2391,45 @@ def test_a_module_under_two_names_trains_with_per_sample_norms_on(tmp_path) -> N
     assert all(v == 1.0 for _, v in scalars["per_sample/coverage"])
 
 
+class _TwoNamed(nn.Module):
+    """A layer and an evaluation-mode BatchNorm, each reachable under a second name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 2)
+        self.again = self.inp
+        self.bn = nn.BatchNorm1d(2).eval()
+        self.norm = self.bn
+
+    def forward(self, x, scale=1.0):
+        return self.norm(self.inp(x)) * scale
+
+
+def test_call_with_replaces_every_alias_and_puts_the_very_tensors_back() -> None:
+    """The measuring steps' swap (trainer.instrument.swap.call_with): a parameter or a buffer
+    named by any of its names is replaced wherever it is reached, keyword arguments reach the
+    forward, and the very Parameter and buffer objects are back after, also when the forward
+    raises; a name that is none of the module's is refused by name."""
+    from trainer.instrument.swap import call_with
+
+    torch.manual_seed(0)
+    m = _TwoNamed()
+    w, mean = m.inp.weight, m.bn.running_mean
+    x, w2, mean2 = torch.randn(4, 3), torch.randn(2, 3), torch.randn(2)
+    out = call_with(m, {"again.weight": w2, "norm.running_mean": mean2}, (x,), {"scale": 2.0})
+    bn = m.bn
+    want = F.batch_norm(F.linear(x, w2, m.inp.bias), mean2, bn.running_var, bn.weight, bn.bias,
+                        False, 0.0, bn.eps) * 2.0  # fmt: skip
+    assert torch.equal(out, want)
+    assert m.inp.weight is w and m.again.weight is w
+    assert m.bn.running_mean is mean and m.norm.running_mean is mean
+    with pytest.raises(KeyError, match="'nope.weight' is not a parameter or buffer of _TwoNamed"):
+        call_with(m, {"nope.weight": w2}, (x,))
+    with pytest.raises(RuntimeError):  # (a weight of the wrong shape)
+        call_with(m, {"inp.weight": torch.zeros(5, 5)}, (x,))
+    assert m.inp.weight is w and m.again.weight is w
+
+
 class Branches(nn.Module):
     """``a`` runs only for a batch with a sample whose first feature exceeds ``route``;
     ``aux`` is never called; ``spare`` runs, but the loss does not read its output;
