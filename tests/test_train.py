@@ -794,30 +794,42 @@ def test_fit_starts_from_no_gradients(tmp_path, caplog) -> None:
 def test_a_run_puts_the_process_deterministic_settings_back(tmp_path, monkeypatch) -> None:
     """trainer.deterministic sets process-wide switches; a run() puts them back as it found
     them (a notebook's own warn-only deterministic mode was switched off for good by a run
-    with the default false; one with true left it on, and CUBLAS_WORKSPACE_CONFIG set)."""
+    with the default false; one with true left it on, and CUBLAS_WORKSPACE_CONFIG set).
+    During a run they are as its config says: true is strict even in a process that was in
+    warn-only mode (it ran with nondeterministic kernels only warned of, a review's finding),
+    with cuBLAS's workspace setting, a value of one's own kept."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = (torch.are_deterministic_algorithms_enabled(),
               torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.benchmark)  # fmt: skip
     seen = []
 
+    def process() -> tuple[bool, bool, bool, str | None]:
+        return (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark,
+                os.environ.get("CUBLAS_WORKSPACE_CONFIG"))  # fmt: skip
+
     class During(Callback):
         def on_fit_start(self, trainer) -> None:
-            seen.append(torch.are_deterministic_algorithms_enabled())
+            seen.append(process())
 
+    strict = "trainer.deterministic=true"
     try:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = True
         train(tmp_path / "a", "trainer.max_steps=1", callbacks=[During()])
-        assert torch.are_deterministic_algorithms_enabled()
-        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert process() == (True, True, True, None)
+        train(tmp_path / "b", "trainer.max_steps=1", strict, callbacks=[During()])
+        assert process() == (True, True, True, None)
         torch.use_deterministic_algorithms(False)
-        train(tmp_path / "b", "trainer.max_steps=1", "trainer.deterministic=true",
-              callbacks=[During()])  # fmt: skip
-        assert not torch.are_deterministic_algorithms_enabled()
-        assert torch.backends.cudnn.benchmark
-        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-        assert seen == [False, True]  # (during each run: as its config says)
+        train(tmp_path / "c", "trainer.max_steps=1", strict, callbacks=[During()])
+        assert process() == (False, False, True, None)
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        train(tmp_path / "d", "trainer.max_steps=1", strict, callbacks=[During()])
+        assert process() == (False, False, True, ":16:8")
+        assert seen == [(False, False, True, None), (True, False, False, ":4096:8"),
+                        (True, False, False, ":4096:8"), (True, False, False, ":16:8")]  # fmt: skip
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.benchmark = before[2]

@@ -104,8 +104,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
     # set both ways (the jobs of a sweep share one process), but only on a change: the call
-    # imports torch._inductor and torch._dynamo, 2 s of start-up on a small CPU
-    if torch.are_deterministic_algorithms_enabled() != deterministic:
+    # imports torch._inductor and torch._dynamo, 2 s of start-up on a small CPU. True is
+    # strict: a process in warn-only mode (a notebook's) ran nondeterministic kernels warned
+    # of only (a review's finding); run() puts the process's own mode back after
+    enabled = torch.are_deterministic_algorithms_enabled()
+    if enabled != deterministic or (
+        deterministic and torch.is_deterministic_algorithms_warn_only_enabled()
+    ):
         torch.use_deterministic_algorithms(deterministic)
 
 
