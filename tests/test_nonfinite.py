@@ -6,12 +6,13 @@ step reads a tensor back to the host."""
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import signal
 
 import pytest
 import torch
-from conftest import final_params, read_scalars, requires_cuda, train
+from conftest import final_params, make_cfg, read_scalars, requires_cuda, train
 from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback
@@ -62,6 +63,36 @@ def _state(run_dir) -> tuple[dict, list]:
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     opt = [v for s in ckpt["optimizer"]["state"].values() for v in s.values()]
     return ckpt["model"], opt
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_null_is_fused_on_a_device_that_runs_it_by_default(monkeypatch, name) -> None:
+    """``optimizer.fused: null`` takes torch's fused kernel on a device of
+    ``FUSED_BY_DEFAULT`` (CUDA; the CPU, where torch has the same kernels, stands in for it
+    here) for floating-point parameters; ``fused: false``, another device, a complex
+    parameter, ``foreach`` or ``differentiable`` asked for, or a config without the key keep
+    torch's default (fused refuses the last three; a complex parameter failed at the first
+    step)."""
+    from omegaconf import OmegaConf
+
+    run_module = importlib.import_module("trainer.run")  # (trainer.run: the function)
+
+    def fused(*overrides: str, device: str = "cpu", params=None, node=None) -> bool | None:
+        node = node or make_cfg(f"optimizer={name}", *overrides).optimizer
+        params = params or [torch.nn.Parameter(torch.zeros(3))]
+        opt = run_module.build_optimizer(node, params, torch.device(device))
+        return opt.defaults.get("fused")
+
+    assert not fused()  # (the CPU is no device of FUSED_BY_DEFAULT)
+    monkeypatch.setattr(run_module, "FUSED_BY_DEFAULT", ("cpu",))
+    assert fused() is True
+    assert fused("optimizer.fused=false") is False
+    assert not fused(device="meta")
+    assert not fused(params=[torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+    assert not fused("+optimizer.foreach=true")
+    assert not fused("+optimizer.differentiable=true")
+    own = {"_target_": f"torch.optim.{'AdamW' if name == 'adamw' else 'SGD'}", "_partial_": True}
+    assert not fused(node=OmegaConf.create(own))  # (no fused key: torch's default)
 
 
 # step 1 creates the optimizer's state (read on the host there); 5-6 in a row; 8 the loss
