@@ -736,3 +736,69 @@ def test_keys_that_do_not_change_what_is_computed_keep_the_run_id(key) -> None:
 
     assert run_id(key) == run_id()
     assert run_id("optimizer.lr=0.5") != run_id()
+
+
+def test_a_run_given_its_own_id_never_resumes_another_runs_checkpoint(tmp_path) -> None:
+    """``trainer.run_id`` given by hand is the run's whole identity for ``resume=auto``: the
+    id derived from its config as before 2026-12-05 (the legacy one) is looked for only where
+    no id is given. A run ``mine`` of the same config as a finished run ``a`` in the search
+    dir starts afresh in its own folder, under its own id: taking ``a``'s checkpoint by the
+    legacy id (``and`` for ``or``, a mutation the suite missed) continued ``a`` and named the
+    run after it."""
+    search = tmp_path / "outputs"
+    common = ("trainer.max_steps=2", f"trainer.checkpoint.search_dir={search}")
+    train(search / "a", *common)
+    result = train(search / "b", *common, "trainer.run_id=mine", "trainer.resume=auto")
+    assert result["run_id"] == "mine" and result["step"] == 2
+    assert not (search / "b" / "continued.json").exists()
+    assert load_checkpoint(search / "b" / "checkpoints" / "last.pt")["run_id"] == "mine"
+    assert load_checkpoint(search / "a" / "checkpoints" / "last.pt")["step"] == 2  # left alone
+    assert json.loads((search / "b" / "metrics.json").read_text())["run_id"] == "mine"
+
+
+def test_free_space_is_checked_at_one_checkpoint_and_at_keep_last_plus_one(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """``check_free_space`` at its exact boundaries. One checkpoint is taken as ``one = 3 ×
+    parameter bytes + buffer bytes + 1 MiB``: a Linear(3, 2) and a BatchNorm1d(2) have 12
+    float32 parameters (48 bytes) and buffers of 2 + 2 float32 and one int64 (24 bytes), so
+    ``one = 144 + 24 + 2**20``. ``one - 1`` bytes free is refused (ENOSPC), ``one`` is not;
+    with keep_last=3, ``4 × one - 1`` warns naming keep_last + 1 = 4, ``4 × one`` says nothing.
+    A factor of 2 for the parameters, ``<=`` for ``<`` or ``keep_last`` for ``keep_last + 1``
+    (mutations the suite missed) each move a boundary by at least a byte."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    one = 3 * 48 + 24 + 2**20
+    free = [0]
+    monkeypatch.setattr(run_module.shutil, "disk_usage",
+                        lambda path: DiskUsage(total=2**40, used=0, free=free[0]))  # fmt: skip
+    trainer = SimpleNamespace(model=model)
+    caplog.set_level(logging.WARNING, logger="trainer.run")
+
+    def check(n: int) -> list[str]:
+        free[0] = n
+        caplog.clear()
+        run_module.check_free_space(trainer, tmp_path, 3)
+        return [r.getMessage() for r in caplog.records]
+
+    free[0] = one - 1
+    with pytest.raises(OSError) as info:
+        run_module.check_free_space(trainer, tmp_path, 3)
+    assert info.value.errno == errno.ENOSPC
+    said = check(one)  # (one fits: warned of the other three)
+    assert len(said) == 1 and "keep_last + 1 = 4" in said[0]
+    said = check(4 * one - 1)
+    assert len(said) == 1 and "keep_last + 1 = 4 checkpoints" in said[0]
+    assert check(4 * one) == []
+
+
+def test_a_run_dir_whose_parents_do_not_exist_is_created(tmp_path) -> None:
+    """``run(cfg, run_dir=...)`` with a folder several levels below any that exists creates
+    them all (without ``parents=True``, a mutation the suite missed, it refused the run dir)."""
+    run_dir = tmp_path / "not" / "yet" / "there"
+    result = train(run_dir, "trainer.max_steps=1")
+    assert result["status"] == "completed"
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 1

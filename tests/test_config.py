@@ -477,3 +477,15 @@ def test_a_trainer_built_by_hand_checks_its_numbers(argument, match) -> None:
     with pytest.raises(ValueError, match=f"Trainer: {match}"):
         Trainer(model, opt, loader, loader, criterion=CrossEntropy(), device=torch.device("cpu"),
                 **argument)  # fmt: skip
+
+
+def test_a_cuda_device_index_must_be_below_the_device_count(monkeypatch) -> None:
+    """With one CUDA device, ``cuda:0`` is it and ``cuda:1`` is refused naming the key and the
+    count (``>`` for ``>=``, a mutation the suite missed, let ``cuda:1`` through, to fail at the
+    first tensor moved there)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"trainer.device: got 'cuda:1' but only 1 CUDA"):
+        resolve_device("cuda:1")

@@ -428,6 +428,29 @@ def test_a_slurm_task_started_by_submitit_finds_its_rank(monkeypatch) -> None:
     assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0
 
 
+def test_a_slurm_job_of_one_task_stays_one_process(monkeypatch) -> None:
+    """A SLURM job of a single task started by submitit (Hydra's submitit launcher with
+    tasks_per_node=1) is one process: submitit's environment is not exported (no
+    ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR`` appear for a later check to find). ``>= 1`` for
+    ``> 1`` (a mutation the suite missed) exported them for every submitit job."""
+    pytest.importorskip("submitit")
+    from trainer.distributed import SINGLE, from_env
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT"):  # fmt: skip
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu07",
+    }  # fmt: skip
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert from_env() is SINGLE
+    assert not {"WORLD_SIZE", "RANK", "MASTER_ADDR"} & set(os.environ)
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_both_loader_paths_slice_the_same_global_batches_per_rank(drop_last) -> None:
     """Each rank's batches, on either path, from any start batch: its contiguous slice of the

@@ -424,6 +424,31 @@ def test_an_optimizing_sweeper_against_the_monitors_direction_is_refused(monkeyp
     sweep.check_direction("val/loss")  # the basic sweeper: no direction
 
 
+def test_a_run_in_a_sweep_against_its_monitors_direction_is_refused_before_training(
+    tmp_path, monkeypatch
+) -> None:
+    """``run()`` checks the sweeper's direction against its monitor once it knows the monitor
+    (the loss's val/acc here), before the first step: a minimizing sweeper over val/acc is
+    refused, nothing checkpointed, the failure in metrics.json (the run not checking it, a
+    mutation the suite missed, trained the sweep toward its worst trial)."""
+    from types import SimpleNamespace
+
+    from conftest import train
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainer import sweep
+    from trainer.config import ConfigError
+
+    monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+    hydra = SimpleNamespace(sweeper={"direction": "minimize"})
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
+    with pytest.raises(ConfigError, match="direction=minimize, but the run reports val/acc"):
+        train(tmp_path, "trainer.max_steps=2")
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tb").exists()
+    status = json.loads((tmp_path / "metrics.json").read_text())
+    assert status["status"] == "failed" and status["step"] == 0
+
+
 def test_an_infinite_metric_is_no_value_and_never_best(tmp_path) -> None:
     """A loss of one's own diverging to −Inf was ranked best of a minimizing sweep (a probe:
     "best: job 1 (val/loss -inf, lowest)"); ±Inf is no value, as NaN."""

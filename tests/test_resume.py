@@ -1077,3 +1077,48 @@ def test_a_finished_run_resumed_from_an_earlier_checkpoint_logs_each_step_once(t
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "abandoned").iterdir()) == [
         f"step_00000000{k}.pt" for k in (6, 8)
     ]
+
+
+def test_a_resume_with_nothing_left_to_train_leaves_its_checkpoint_file_as_it_was(
+    tmp_path,
+) -> None:
+    """Resumed from its final step's checkpoint with nothing left to train, a run's final
+    checkpoint is the one it resumed from: that file is not written again (the same inode
+    and modification time, the same bytes), only ``last.pt`` names it. Without the writer
+    knowing it (a mutation the suite missed), the file was rewritten in place."""
+    from conftest import train
+
+    common = ["trainer.max_steps=3", "trainer.checkpoint.every_n_steps=1"]
+    train(tmp_path / "run", *common)
+    step3 = tmp_path / "run" / "checkpoints" / "step_000000003.pt"
+    before, data = step3.stat(), step3.read_bytes()
+    result = train(tmp_path / "again", *common, f"trainer.resume={step3}")
+    assert result["step"] == 3 and result["status"] == "completed"
+    after = step3.stat()
+    same = ("st_ino", "st_mtime_ns", "st_size")
+    assert [getattr(after, k) for k in same] == [getattr(before, k) for k in same]
+    assert step3.read_bytes() == data
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == data
+
+
+def test_a_resume_sets_aside_every_checkpoint_after_its_step_as_written(tmp_path) -> None:
+    """A run of 4 steps checkpointing each, resumed from step 2: the abandoned timeline's
+    steps 3 and 4 are moved, byte for byte, into ``checkpoints/abandoned/``, and the resumed
+    run writes its own step 3 and 4. Set aside from one step later (``step + 1``, a mutation
+    the suite missed: the other resume tests checkpoint every 2 steps, where both agree), the
+    old step 3 was overwritten by the new one and lost from the abandoned timeline."""
+    from conftest import train
+
+    common = ["trainer.max_steps=4", "trainer.checkpoint.every_n_steps=1",
+              "trainer.checkpoint.keep_last=10"]  # fmt: skip
+    train(tmp_path / "run", *common)
+    ckpts = tmp_path / "run" / "checkpoints"
+    old = {s: (ckpts / f"step_{s:09d}.pt").read_bytes() for s in (3, 4)}
+    train(tmp_path / "again", *common, f"trainer.resume={ckpts / 'step_000000002.pt'}")
+    abandoned = ckpts / "abandoned"
+    assert sorted(p.name for p in abandoned.iterdir()) == [f"step_{s:09d}.pt" for s in (3, 4)]
+    assert {s: (abandoned / f"step_{s:09d}.pt").read_bytes() for s in (3, 4)} == old
+    assert sorted(p.name for p in ckpts.glob("step_*.pt")) == [
+        f"step_{s:09d}.pt" for s in (1, 2, 3, 4)
+    ]
+    assert load_checkpoint(ckpts / "step_000000003.pt")["step"] == 3

@@ -1002,3 +1002,75 @@ def test_the_schedule_plans_a_ragged_last_window_as_a_step(tmp_path) -> None:
     assert lrs == pytest.approx(want, rel=2**-23)  # (logged as float32)
     train(tmp_path / "rare", *common, "logging.every_n_steps=100")
     assert [s for s, _ in read_scalars(tmp_path / "rare")["train/loss"]] == [3]
+
+
+def test_reduce_lr_on_plateau_steps_on_the_configured_monitor(tmp_path) -> None:
+    """``monitor=val/loss`` with a ReduceLROnPlateau in its default mode (min): the run hands
+    its monitor to the Trainer, which steps the scheduler on it (the logged lr is torch's own
+    scheduler replayed on the logged val/loss). Left at the loss's own val/acc (a mutation
+    the suite missed), fit() refused mode=min for val/acc."""
+    plateau = ["~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+               "+scheduler._partial_=true", "+scheduler.patience=0", "+scheduler.factor=0.5",
+               "+scheduler.threshold=0.5",  # (val/loss falls 44 % in epoch 2: a cut)
+               "trainer.max_epochs=3", "data.batch_size=256",
+               "logging.every_n_steps=1", "optimizer.lr=0.05", "monitor=val/loss",
+               "trainer.checkpoint.every_n_steps=0"]  # fmt: skip
+    result = train(tmp_path, *plateau)
+    assert result["monitor"] == "val/loss" and result["status"] == "completed"
+    scalars = read_scalars(tmp_path)
+    losses = [v for _, v in scalars["val/loss"]]
+    assert len(losses) == 3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.05)
+    replay = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", patience=0, factor=0.5, threshold=0.5
+    )
+    want = []
+    for loss in losses:  # 6 steps per epoch (1,438 training samples in batches of 256)
+        want += [opt.param_groups[0]["lr"]] * 6
+        replay.step(loss)
+    assert [v for _, v in scalars["lr"]] == pytest.approx(want, rel=1e-7)
+    assert len(set(want)) > 1  # (it did cut the rate)
+
+
+def test_a_keyboard_interrupt_in_a_step_is_raised_and_recorded_as_interrupted(tmp_path) -> None:
+    """Ctrl-C mid-run (a KeyboardInterrupt out of a step's hook, where no signal handler
+    caught it) reaches the caller as itself, and metrics.json says ``interrupted`` at the step
+    it stopped after, not ``failed`` (the distinction a mutation the suite missed erased)."""
+
+    class CtrlC(Callback):
+        def on_train_step_end(self, trainer, out) -> None:
+            if out.step == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "trainer.max_steps=4", callbacks=[CtrlC()])
+    status = json.loads((tmp_path / "metrics.json").read_text())
+    assert status["status"] == "interrupted" and status["step"] == 2
+    assert status["error"] == "KeyboardInterrupt: "
+
+
+def test_sweep_progress_draws_bars_under_the_basic_launcher_only(monkeypatch) -> None:
+    """In a multirun, each job's lines are labelled with its number; Hydra's basic launcher
+    runs jobs one after another, where a bar is drawn, and a parallel launcher (joblib) not:
+    their bars would draw over each other (``not basic``, a mutation the suite missed, swapped
+    them). Outside a multirun nothing changes."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from trainer.run import _sweep_progress
+
+    launchers = {
+        "hydra._internal.core_plugins.basic_launcher.BasicLauncher": True,
+        "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher": False,
+    }
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    for target, bar in launchers.items():
+        hydra = SimpleNamespace(mode=RunMode.MULTIRUN, launcher={"_target_": target},
+                                job=SimpleNamespace(num=3))  # fmt: skip
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda h=hydra: h))
+        assert _sweep_progress() == {"bar": bar, "label": "job 3: "}
+    hydra = SimpleNamespace(mode=RunMode.RUN, launcher={}, job=SimpleNamespace(num=0))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
+    assert _sweep_progress() == {}

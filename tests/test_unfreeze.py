@@ -267,6 +267,43 @@ def test_a_resumed_run_keeps_the_trainable_flags_of_its_checkpoint(tmp_path, cal
     assert rest == {tag: points for tag, points in later.items() if points}
 
 
+class FreezeOnce(Callback):
+    """Freezes ``fc1`` (trainable when the model is built) after step 2 and does nothing on
+    a resume: a run resumed past step 2 relies on the checkpoint's ``requires_grad``."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 2:
+            trainer.model.fc1.requires_grad_(False)
+
+
+def test_a_layer_frozen_mid_run_stays_frozen_when_resumed(tmp_path, caplog) -> None:
+    """The checkpoint's ``requires_grad`` is put back both ways: a layer a callback froze at
+    step 2, resumed from step 3, trains no more (its weights those of step 2's checkpoint)
+    and the run ends bitwise as the uninterrupted one. The flags are set when the model is
+    built, before anything selects among its parameters (data-parallel: DDP's reducer, which
+    cannot follow a later change), so the Trainer finds them as saved: one line says so, and
+    none reports a change of the trainable set at step 3 that no callback made. With every
+    flag set back to True there (a mutation the suite missed; only an unfreezing was tested),
+    the Trainer froze ``fc1`` again when loading the checkpoint, and said so."""
+    steps = [*STEPS[:-4], "instrument=none", "trainer.max_steps=4",
+             "trainer.checkpoint.every_n_steps=1", "trainer.checkpoint.keep_last=10"]  # fmt: skip
+    caplog.set_level(logging.INFO, logger="trainer")
+    whole_and_resumed(tmp_path, steps, FreezeOnce)
+    from trainer.checkpoint import load_checkpoint
+
+    step2 = load_checkpoint(tmp_path / "whole" / "checkpoints" / "step_000000002.pt")["model"]
+    end = final_params(tmp_path / "rest")
+    assert torch.equal(end["fc1.weight"], step2["fc1.weight"])
+    assert not torch.equal(end["head.weight"], step2["head.weight"])
+    restored = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("requires_grad as the checkpoint had it")]  # fmt: skip
+    assert restored == ["requires_grad as the checkpoint had it: fc1.weight=False, "
+                        "fc1.bias=False"]  # fmt: skip
+    changed = [r.getMessage() for r in caplog.records if "trainable parameters changed" in
+               r.getMessage()]  # fmt: skip
+    assert [m.split(" (")[0] for m in changed] == ["trainable parameters changed at step 2"]
+
+
 class ChangeAtBatchStart(Callback):
     """Unfreezes the backbone, or freezes fc1, in on_train_batch_start of step 3's micro-batch;
     records the gradients the optimizer step sees."""
