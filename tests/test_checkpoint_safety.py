@@ -296,6 +296,24 @@ def test_a_run_refused_early_in_a_used_run_dir_leaves_the_earlier_run_as_it_was(
     assert not (tmp_path / "previous").exists()
 
 
+def test_a_plateau_mode_against_the_monitor_is_refused_before_a_used_run_dir_is_taken(tmp_path):
+    """A ReduceLROnPlateau whose mode contradicts the monitor (mode min, its default, on
+    val/acc) is refused in ``run()`` before the run takes its folder: ``Trainer.fit`` checks it
+    again, but only after an earlier run's outputs there were set aside, and a later
+    ``resume=auto`` of that run would have started from scratch."""
+    named = ["trainer.run_id=x", f"trainer.checkpoint.search_dir={tmp_path}"]
+    train(tmp_path, *FAST, *named, "trainer.max_steps=2")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    plateau = ("~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+               "+scheduler._partial_=true", "monitor=val/acc")  # fmt: skip
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"scheduler.mode: ReduceLROnPlateau steps on val/acc"):
+        train(tmp_path, *FAST, *named, "trainer.max_steps=2", *plateau)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "previous").exists()
+
+
 # ----------------------------------------------------------------------------- resume=auto
 
 
@@ -475,6 +493,42 @@ def test_resume_auto_in_a_run_folder_continues_its_own_checkpoints(tmp_path, cap
     assert checkpoint_module.find_checkpoints(search, "x", own=tmp_path / "new")[0] == (
         done / "checkpoints" / "step_000000006.pt"
     )
+
+
+def test_resume_auto_says_nothing_of_another_folders_checkpoint_of_the_same_step(
+    tmp_path, caplog
+) -> None:
+    """The warning that another folder "holds a later one" is for a later step only: another
+    folder whose newest checkpoint of the run is the same step as the one continued here holds
+    nothing newer to resume, and warning of it would send one to a copy of the same state."""
+    search = tmp_path / "outputs"
+    other, mine = search / "other", search / "mine"
+    train(other, *auto(search, "trainer.max_steps=2"))
+    train(mine, *auto(search, "trainer.max_steps=2"))
+    caplog.set_level(logging.INFO)
+    result = train(mine, *auto(search, "trainer.resume=auto", "trainer.max_steps=3"))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("resuming run x from") and "(step 2)" in m for m in messages)
+    assert str(mine / "checkpoints") in next(m for m in messages if m.startswith("resuming"))
+    assert not [m for m in messages if "holds a later one" in m], messages
+    assert result["step"] == 3
+
+
+def test_resume_auto_names_a_relative_search_dir_with_the_folder_it_resolved_to(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """A relative ``trainer.checkpoint.search_dir`` is looked up from the folder the run was
+    launched in: "no usable checkpoint ... under outputs" alone hid which ``outputs`` was
+    searched (a probe launched elsewhere missed it), so the line names the absolute folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    caplog.set_level(logging.INFO)
+    overrides = (*FAST, "trainer.run_id=x", "trainer.checkpoint.search_dir=outputs",
+                 "trainer.resume=auto", "trainer.max_steps=1")  # fmt: skip
+    train(tmp_path / "outputs" / "run", *overrides)
+    said = [r.getMessage() for r in caplog.records if "no usable checkpoint" in r.getMessage()]
+    where = (tmp_path / "outputs").resolve()
+    assert len(said) == 1 and f"under outputs ({where}); starting from scratch" in said[0], said
 
 
 # ----------------------------------------------------------------------------- keep_last

@@ -755,6 +755,13 @@ def test_a_sweeps_resumed_job_is_reported_where_it_continued(tmp_path, caplog) -
     with caplog.at_level("WARNING", logger="trainer.run"):
         train(job, "trainer.max_steps=6", resume)
     assert "as run" in caplog.text and "trainer.resume=auto finds it as" in caplog.text
+    # both metrics.json (the job's and the run dir's) name the job's own folder as job_dir,
+    # the README's key: the folder whose result it is, not the run dir it continued in
+    for folder in (job, tmp_path / "a"):
+        written = json.loads((folder / "metrics.json").read_text())
+        assert written["job_dir"] == str(job.resolve()), folder
+    pointer = json.loads((job / "continued.json").read_text())  # its pointer names both
+    assert pointer == {"run_dir": str((tmp_path / "a").resolve()), "job_dir": str(job.resolve())}
     (run,) = report.collect_runs(tmp_path / "sweep")
     assert (run.name, run.status, run.metrics["step"]) == ("0", "completed", 6)
     assert run.path == (tmp_path / "a").resolve() and run.curves["train/loss"]
@@ -769,8 +776,6 @@ def test_a_sweeps_resumed_job_is_reported_where_it_continued(tmp_path, caplog) -
     assert (first.metrics["step"], second.metrics["step"]) == (6, 8)
     # one that continued and was killed (its pointer, no result of its own): missing; one
     # whose run dir went away since
-    import json
-
     for name, home in (("2", tmp_path / "a"), ("3", tmp_path / "gone")):
         (tmp_path / "sweep" / name).mkdir()
         (tmp_path / "sweep" / name / "continued.json").write_text(
