@@ -120,6 +120,11 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=4000)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "noise_scale")
     args = p.parse_args()
+    # (a value given twice trained twice, into the same folder: the first run set aside)
+    args.batch_sizes, args.lrs = (
+        list(dict.fromkeys(args.batch_sizes)),
+        list(dict.fromkeys(args.lrs)),
+    )
     why = refusal(args.batch_sizes, args.lrs, args.target, args.max_steps)
     if why:
         p.error(why)

@@ -201,7 +201,7 @@ def test_the_noise_studys_median_best_runs_and_stopping_rule(tmp_path) -> None:
     stop: EMA e₁ = ℓ₁, eₖ = 0.9·eₖ₋₁ + 0.1·ℓₖ, at or below the target ends the run at that
     step (losses 1, 0, 0, …: eₖ = 0.9^(k−1), first ≤ 0.5 at k = 8, 0.9⁷ = 0.478 against 0.9⁶
     = 0.531); the instrument's last finite value at or before a step, read from the events."""
-    from torch.utils.tensorboard import SummaryWriter
+    from trainer.logger import TensorBoardLogger
 
     mod = _noise_module()
     best = {b: {"batch_size": b, "steps": 200 // b, "b_simple": v}
@@ -222,13 +222,30 @@ def test_the_noise_studys_median_best_runs_and_stopping_rule(tmp_path) -> None:
     assert stop_at(0.5, [0.5, 0.6, 0.0]) == (1, 1)  # (at the target: reached)
     assert stop_at(0.5, [0.6] * 5) == (None, 100)
     run = tmp_path / "run"
-    writer = SummaryWriter(str(run / "tb" / "run"))
+    writer = TensorBoardLogger(event_dir(run))  # (the writer and the folder of a real run)
     for step, v in ((5, 1.0), (10, 2.0), (15, math.nan), (20, 4.0), (25, 5.0)):
-        writer.add_scalar("per_sample/noise_scale_ema", v, step)
+        writer.add_floats({"per_sample/noise_scale_ema": v, "per_sample/noise_scale": v}, step)
     writer.close()
     got = [mod.last_value(run, "per_sample/noise_scale_ema", until) for until in (20, 15, 4)]
     assert got[:2] == [4.0, 2.0] and math.isnan(got[2])
     assert math.isnan(mod.last_value(run, "per_sample/other", 20))
+
+
+def test_the_noise_study_trains_each_grid_point_once(tmp_path, monkeypatch) -> None:
+    """A batch size or learning rate given twice trained twice into the same folder (the first
+    run's outputs set aside under the second's, which the summary then named: a review's
+    finding); each point of the grid trains once, in the order given."""
+    mod = _noise_module()
+    trained = []
+    monkeypatch.setattr(mod, "run", lambda cfg, run_dir, callbacks: trained.append(
+        (cfg.data.batch_size, cfg.optimizer.lr, run_dir.name)))  # fmt: skip
+    monkeypatch.setattr(mod, "last_value", lambda run_dir, tag, until: math.nan)
+    argv = ["--batch-sizes", "16", "16", "8", "--lrs", "0.4", "0.2", "0.4", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["noise_scale.py", *argv])
+    with pytest.raises(SystemExit, match="fewer than two batch sizes reached the target"):
+        mod.main()  # (the stand-in trains nothing: no run reaches the target)
+    assert trained == [(16, 0.4, "b16_lr0.4"), (16, 0.2, "b16_lr0.2"), (8, 0.4, "b8_lr0.4"),
+                       (8, 0.2, "b8_lr0.2")]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -798,7 +798,8 @@ def test_a_run_puts_the_process_deterministic_settings_back(tmp_path, monkeypatc
     During a run they are as its config says: true is strict even in a process that was in
     warn-only mode (it ran with nondeterministic kernels only warned of, a review's finding),
     with cuBLAS's workspace setting, a value of one's own kept."""
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # (so that the undo puts back what
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # was there, also if the run leaked one)
     before = (torch.are_deterministic_algorithms_enabled(),
               torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.benchmark)  # fmt: skip
