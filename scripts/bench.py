@@ -88,15 +88,18 @@ def plain_epochs(t, steps: int, log_dir: Path) -> Iterator[None]:
     model, opt, device, criterion = t.model, t.optimizer, t.device, t.criterion
     train, val = t.train_loader, t.val_loader
     x_all, y_all, bs, n = train.x, train.y, train.batch_size, train.num_samples
+    transform = train.transform  # (the in-memory vision sets' uint8 → normalized float)
+    end = n - n % bs if train.drop_last else n  # (data.drop_last: no ragged last batch)
     every = t.log_every.n
     writer = SummaryWriter(str(log_dir))
     step, epoch = 0, 0
     while step < steps:
         model.train()
         order = epoch_order(n, train.seed, epoch).to(device)
-        for i in range(0, n, bs):
+        for i in range(0, end, bs):
             idx = order[i : i + bs]
-            loss = plain_loss(criterion, model(x_all[idx]), y_all[idx])
+            x = x_all[idx] if transform is None else transform(x_all[idx])
+            loss = plain_loss(criterion, model(x), y_all[idx])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
