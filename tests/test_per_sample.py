@@ -383,6 +383,28 @@ class StartedGRU(nn.Module):
         return self.head(out[:, -1])
 
 
+class AttentionWeights(nn.Module):
+    """Self-attention whose head reads its weights as well as its output: the weights,
+    (B, L, S) in either layout, get a gradient, which the recomputation of each sample must
+    take from their dimension 0 (not the output's dimension)."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(V, D)
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=batch_first)
+        self.head = nn.Linear(D + T, 3)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        out, weights = self.attn(h, h, h)  # (weights averaged over the heads: (B, L, S))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return self.head(torch.cat([out.mean(1), weights.mean(1)], dim=1))
+
+
 MODELS = {
     # (a key padding mask, a 3-D mask, an RNN's initial state: the batch where each layout
     # keeps it; mutations taking another dimension went unseen, the units left out)
@@ -391,6 +413,8 @@ MODELS = {
     "gru-initial_state": (StartedGRU, None),
     "attention-batch_first": (lambda: Attention(True), None),
     "attention-seq_first": (lambda: Attention(False), None),
+    "attention-weights_read-batch_first": (lambda: AttentionWeights(True), None),
+    "attention-weights_read-seq_first": (lambda: AttentionWeights(False), None),
     "transformer_layer": (Encoder, None),
     "lstm": (lambda: Recurrent("lstm"), None),
     "gru-2_layers": (lambda: Recurrent("gru"), None),
@@ -533,6 +557,35 @@ def test_attention_per_sample_gradients_in_chunks_of_samples(monkeypatch, batch_
         assert chunk in chunks
         torch.testing.assert_close(
             last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0
+        )
+
+
+def test_a_weight_used_twice_is_measured_up_to_materialize_bytes(monkeypatch, caplog) -> None:
+    """A Linear called twice per forward has its per-sample gradients materialized, B × its
+    weight's size (6 × 64 float64 values, 3,072 bytes), which MATERIALIZE_BYTES bounds
+    ("up to"): at exactly that bound it is measured, exact against brute force, coverage 1;
+    one byte below, it is left out and named, and the rest is exact."""
+    import trainer.instrument.per_sample as ps
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+    size = B * model.block.weight.numel() * model.block.weight.element_size()
+    for cap, left_out in ((size, set()), (size - 1, {"block"})):
+        monkeypatch.setattr(ps, "MATERIALIZE_BYTES", cap)
+        reference = reference_norms(copy.deepcopy(model), x, y, left_out)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            last, staged = measure(model, x, y)
+        torch.testing.assert_close(
+            last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0
+        )
+        out = sum(p.numel() for p in model.block.parameters()) if left_out else 0
+        total = sum(p.numel() for p in model.parameters())
+        assert staged["per_sample/coverage"] == pytest.approx(1 - out / total)
+        assert ("leave out 'block': used more than once per forward" in caplog.text) == bool(
+            left_out
         )
 
 
@@ -795,6 +848,69 @@ def test_inputs_whose_dimension_0_has_the_batchs_size_by_chance(make, left_out, 
         assert "leave out" not in caplog.text
 
 
+class SequenceFirstLinear(nn.Module):
+    """A Linear fed the embeddings sequence-first, (T, B, D) (the embedding sees the tokens
+    batch-first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.emb(tokens).transpose(0, 1))).mean(0))
+
+
+class OnSequences(nn.Module):
+    """A Linear on batch-first sequences, (B, T, D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.emb(tokens))).mean(1))
+
+
+class Pairwise(nn.Module):
+    """A Linear fed features of every pair of samples, (B, B, D): its dimension 1 has the
+    batch's size too, and the embedding before it mixes the samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        e = self.emb(tokens).mean(1)
+        return self.head(torch.tanh(self.mid(torch.tanh(e[:, None] * e[None]))).mean(1))
+
+
+@pytest.mark.parametrize(
+    "make, b, left_out",
+    [(SequenceFirstLinear, 2, ("mid",)), (OnSequences, 2, ()), (Pairwise, B, ("emb", "mid"))],
+    ids=["sequence_first_b_2_t_2", "batch_first_b_2", "pairwise"],
+)
+def test_the_batch_check_tells_the_batch_from_a_dimension_of_its_size(
+    make, b, left_out, caplog
+) -> None:
+    """The check's forward runs on P samples and takes an input for batch-first where it
+    then has shape (P, *the rest as before). For a batch of 2, P = 3 (samples repeated): a
+    sequence-first (T, B, D) input with T = B = 2 would read (2, 2, D) on 2 samples and pass;
+    on 3 it reads (2, 3, D) and is left out and named for what it is (not for the mixing
+    check's reason), while a batch-first Linear at B = 2 is measured (coverage 1). A pairwise
+    (B, B, D) input reads (P, P, D): dimension 0 alone does not make it (P, B, D). What is
+    measured is exact against rows of the batch's Jacobian."""
+    torch.manual_seed(0)
+    model = make().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (b, 2), generator=g), torch.randint(0, 3, (b,), generator=g)
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, left_out)
+    if "mid" in left_out:
+        assert "leave out 'mid': dimension 0 of its input" in caplog.text
+    else:
+        assert "leave out" not in caplog.text
+
+
 class Windowed(nn.Module):
     """Centering within windows of 4 positions of the flattened token stream (a packed
     stream's): inside a sample where T % 4 == 0, across two samples otherwise."""
@@ -898,11 +1014,30 @@ class Reordered(nn.Module):
         return self.head(torch.tanh(self.b(h.flip(0)))).flip(0)
 
 
+class SwapsRows0And4(nn.Module):
+    """Rows 0 and 4 of ``a``'s output swapped (of a batch of more than 4): sample 0's loss
+    reads sample 4's row and back. 0 and 4 differ in bit 2 of the row index only, which a
+    batch of B = 6 (⌈log2 6⌉ = 3 bits; ⌊log2 6⌋ = 2 would stop short) must still look at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.a, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.a(self.emb(tokens).mean(1)))
+        if h.shape[0] > 4:
+            order = torch.arange(h.shape[0])
+            order[0], order[4] = 4, 0
+            h = h[order]
+        return self.head(h)
+
+
 @pytest.mark.parametrize(
     "make, left_out",
-    [(NormalizedByHand, ("emb", "a")), (Reordered, ("b", "head"))],
-    ids=["normalized_by_hand", "reordered"],
-)
+    [(NormalizedByHand, ("emb", "a")), (Reordered, ("b", "head")),
+     (SwapsRows0And4, ("emb", "a"))],
+    ids=["normalized_by_hand", "reordered", "rows_0_and_4_swapped"],
+)  # fmt: skip
 def test_a_model_that_mixes_the_samples_by_hand_leaves_out_the_units_before(
     make, left_out, caplog
 ) -> None:
@@ -1786,6 +1921,14 @@ def _func_sq_norms(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
         (lambda: nn.Conv1d(3, 4, 3, dilation=2, stride=2), (3, 11)),  # (each on its axis)
         (lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2), (4, 7, 7)),
         (lambda: nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect"), (2, 5, 5)),
+        # padded as the layer pads, before unfolding: 'same' in zeros mode (dilated, grouped),
+        # a non-zero mode with numeric padding (unequal per axis), and a Conv1d's non-zero
+        # mode, which pads its (1, L) view as (left, right, 0, 0)
+        (lambda: nn.Conv1d(3, 4, 4, padding="same", dilation=2), (3, 9)),
+        (lambda: nn.Conv2d(4, 4, 3, groups=4, padding="same"), (4, 5, 5)),
+        (lambda: nn.Conv1d(3, 4, 3, padding=1, padding_mode="replicate"), (3, 9)),
+        (lambda: nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="circular"), (2, 5, 6)),
+        (lambda: nn.Conv1d(3, 4, 3, padding="same", padding_mode="circular"), (3, 9)),
     ],
 )
 def test_linear_and_conv_closed_forms_equal_torch_func_per_tensor(make, shape) -> None:
@@ -1981,6 +2124,22 @@ def test_the_noise_scale_is_nan_with_unequal_weights_and_its_ema_skips_it(caplog
     trace = 0.75 * first[0] + 0.25 * third[0]
     signal = 0.75 * first[1] + 0.25 * third[1]
     assert s3["per_sample/noise_scale_ema"] == pytest.approx(float(trace / signal), rel=1e-4)
+
+
+def test_tiny_unequal_coefficients_give_no_noise_scale() -> None:
+    """Coefficients of 1e-9 and 2e-9 (a token mean's 1/N over N ≈ 10⁹ tokens, weighted
+    unequally) are a factor 2 apart: no noise scale, no tr(Σ). Equal to within 8 eps they
+    must be relative to the largest (their spread, 1e-9, is below float32's 8 eps: an absolute
+    test took them for equal). Six equal ones of 1e-9 give the brute force's estimate."""
+    model, batches, _ = _encoder_batches_and_ema(1)
+    want = brute_force_noise(copy.deepcopy(model), *batches[0])
+    equal = torch.full((B,), 1e-9, dtype=torch.float64)
+    _, staged = measure(copy.deepcopy(model), *batches[0], weights=equal, cb=PerSampleNorms(1))
+    assert staged["per_sample/noise_scale"] == pytest.approx(float(want[2]), rel=1e-4)
+    unequal = torch.tensor([1e-9, 2e-9] * 3, dtype=torch.float64)
+    _, staged = measure(copy.deepcopy(model), *batches[0], weights=unequal, cb=PerSampleNorms(1))
+    for tag in ("per_sample/noise_scale", "per_sample/grad_var_trace"):
+        assert math.isnan(staged[tag]), (tag, staged[tag])
 
 
 def test_coefficients_a_rounding_apart_are_equal_for_the_noise_scale() -> None:
@@ -2189,6 +2348,43 @@ def test_a_ranks_failed_check_does_not_replace_anothers_in_the_checkpoint(monkey
                             lambda mine, calls=calls: next(calls) or [mine])  # fmt: skip
         state = PerSampleNorms(1).state_dict()
         assert state["mixing_failed"] == [[(((6, 5), "torch.int64"),), why[0][1]]]
+
+
+class SharedWeightTwin(nn.Module):
+    """``x`` and ``y`` share one weight, each with a bias of its own; ``x`` is not called, its
+    bias added by hand (a use outside its forward): ``x`` is left out, and with it the shared
+    weight; ``y``, the weight's one use in this forward, keeps its bias measured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.y, self.x = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.x.weight = self.y.weight
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.y(self.emb(tokens).mean(1)) + self.x.bias))
+
+
+def test_a_unit_sharing_a_left_out_parameter_it_alone_used_keeps_the_rest(caplog) -> None:
+    """A unit left out takes the parameters it shares with others out of the coverage; a
+    unit sharing one is left out whole only where that parameter's per-sample gradients
+    from several uses were to be summed. Here the shared weight's one use is ``y``'s: ``y``'s
+    bias stays measured, coverage 1 − (weight + x.bias)/total exactly, and the norms over the
+    rest equal brute force."""
+    torch.manual_seed(0)
+    model = SharedWeightTwin().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+    out = {id(model.y.weight), id(model.x.bias)}
+    kept = [p for p in model.parameters() if id(p) not in out]
+    reference = torch.stack([torch.sqrt(sum(v.pow(2).sum() for v in torch.autograd.grad(
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), kept))) for i in range(B)])  # fmt: skip
+    with caplog.at_level("WARNING"):
+        last, staged = measure(model, x, y)
+    total = sum(p.numel() for p in model.parameters())  # (the shared weight once)
+    assert staged["per_sample/coverage"] == pytest.approx(1 - (D * D + D) / total)
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+    assert "leave out 'x'" in caplog.text and "leave out 'y'" not in caplog.text
 
 
 @pytest.mark.parametrize("t", [3, 40])  # the per-sample gradient's form; the Gram form's
@@ -2720,6 +2916,34 @@ def test_a_large_noise_scale_is_resolved_where_its_float32_sums_resolve_it(n) ->
     assert out["per_sample/grad_var_trace"] == pytest.approx(trace, rel=1e-12)
     assert out["per_sample/grad_signal"] == pytest.approx(signal, rel=1e-6)
     assert out["per_sample/noise_scale"] == pytest.approx(trace / signal, rel=1e-6)
+
+
+def test_the_noise_scale_is_nan_just_past_its_float32_floor() -> None:
+    """The sums reach the host as float32 values (u = 2⁻²⁴ of each), which alone move the
+    estimate |G|² = (n Ḡ² − m)/(n − 1) by u (m + 2n Ḡ²)/(n − 1) (docs/instrumentation.md):
+    past ROUNDED_LIMIT (L) of |G|², the noise scale's three values are NaN. One parameter,
+    n = 64, a mean's w = 1/n, Ḡ² = 1 and m = n − (n − 1)|G|²: NaN for |G|² below
+    S* = 3un / ((n − 1)(L + u)) (a noise scale past ≈ 2.8·10⁵ (n − 1)). 10 % below S*, NaN;
+    10 % above, the estimate itself (tr(Σ) = n (1 − |G|²)). A bound with Ḡ²'s 2u halved,
+    without its n, or with u = 2⁻²³ has S* at 2/3, 0.34 or 2 times this one: on the wrong
+    side of one of the two."""
+    from trainer.instrument.per_sample import ROUNDED_LIMIT
+
+    n, u, w = 64, 2.0**-24, 1.0 / 64
+    bound = 3 * u * n / ((n - 1) * (ROUNDED_LIMIT + u))
+    for signal, nan in ((0.9 * bound, True), (1.1 * bound, False)):
+        mean_sq = n - (n - 1) * signal  # (1/n) Σ‖gᵢ‖², with ‖ḡ‖² = 1
+        values = [n * mean_sq * w * w, 1.0, 0.0, w, 1.0]
+        out = PerSampleNorms(1, loss="both")._noise_scale(
+            1, (*NOISE_TAGS, "grad_snr/p"), n, 2.0**-24, ((0.0, 0.0),), False, values
+        )
+        if nan:
+            assert all(math.isnan(out[t]) for t in NOISE_TAGS[:3]), out
+        else:
+            trace = n * (1 - signal)
+            assert out["per_sample/grad_var_trace"] == pytest.approx(trace, rel=1e-12)
+            assert out["per_sample/grad_signal"] == pytest.approx(signal, rel=1e-6)
+            assert out["per_sample/noise_scale"] == pytest.approx(trace / signal, rel=1e-6)
 
 
 def test_a_variance_below_zero_gives_no_snr() -> None:
