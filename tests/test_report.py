@@ -231,6 +231,7 @@ def test_an_empty_numbered_dir_is_a_missing_job(tmp_path) -> None:
     make_run(tmp_path / "0", completed(0.7, 0.6, 0.5), ["optimizer.lr=0.1"])
     (tmp_path / "1").mkdir()  # a launcher made the dir, the job never started
     (tmp_path / "logs").mkdir()  # not a job dir: neither numbered nor holding run files
+    (tmp_path / "²").mkdir()  # (str.isdigit's, not a number: int() failed on it)
     runs = report.collect_runs(tmp_path)
     assert [(r.name, r.status) for r in runs] == [("0", "completed"), ("1", "missing")]
 

@@ -377,8 +377,9 @@ def step_path(directory: Path, step: int) -> Path:
 
 def step_of(path: Path) -> int | None:
     stem = path.stem
-    if path.suffix == ".pt" and stem.startswith("step_") and stem[5:].isdigit():
-        return int(stem[5:])
+    digits = stem[5:]  # (ASCII digits, as written: str.isdigit also takes '²', int() not)
+    if path.suffix == ".pt" and stem.startswith("step_") and digits.isascii() and digits.isdigit():
+        return int(digits)
     return None
 
 

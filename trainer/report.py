@@ -100,9 +100,15 @@ def is_run_dir(path: Path) -> bool:
     return (path / "metrics.json").is_file() or (path / "tb").is_dir() or (path / ".hydra").is_dir()
 
 
+def _numbered(name: str) -> bool:
+    """A job dir's number, as Hydra writes it (ASCII digits: str.isdigit also takes '²',
+    which int() refuses)."""
+    return name.isascii() and name.isdigit()
+
+
 def _job_order(path: Path) -> tuple[int, int, str]:
     # numbered jobs by number (2 before 10), then any other job dirs by name
-    return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
+    return (0, int(path.name), "") if _numbered(path.name) else (1, 0, path.name)
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -123,7 +129,7 @@ def find_run_dirs(root: Path) -> list[Path]:
     jobs = [
         p
         for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and (p.name.isdigit() or is_run_dir(p))
+        if p.is_dir() and not p.name.startswith(".") and (_numbered(p.name) or is_run_dir(p))
     ]
     if not jobs:
         raise ReportError(
