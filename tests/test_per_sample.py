@@ -2387,38 +2387,6 @@ def test_a_unit_sharing_a_left_out_parameter_it_alone_used_keeps_the_rest(caplog
     assert "leave out 'x'" in caplog.text and "leave out 'y'" not in caplog.text
 
 
-class TiedDecoderUnused(nn.Module):
-    """An embedding tied to a decoder (``out.weight`` is ``emb.weight``) that this forward
-    does not call: a branch not taken, the tied weight's one use the embedding's."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb, self.head, self.out = nn.Embedding(V, D), nn.Linear(D, 3), nn.Linear(D, V)
-        self.out.weight = self.emb.weight
-
-    def forward(self, tokens):
-        return self.head(torch.tanh(self.emb(tokens).mean(1)))
-
-
-def test_a_tied_weight_whose_other_module_is_not_called_stays_measured(caplog) -> None:
-    """The uncalled decoder was left out because the backward reached its parameters, the
-    tied weight among them, through the embedding's measured use: coverage 27/126 and a
-    warning naming the decoder for a use outside its forward (a review's finding). The
-    decoder is a branch not taken: everything is measured, exactly."""
-    torch.manual_seed(0)
-    model = TiedDecoderUnused().double()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
-    params = list(model.parameters())  # (the tied weight once; out.bias gets no gradient)
-    reference = torch.stack([torch.sqrt(sum(v.pow(2).sum() for v in torch.autograd.grad(
-        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params, allow_unused=True,
-        materialize_grads=True))) for i in range(B)])  # fmt: skip
-    with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y)
-    assert staged["per_sample/coverage"] == 1.0 and "leave out" not in caplog.text
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
-
-
 @pytest.mark.parametrize("t", [3, 40])  # the per-sample gradient's form; the Gram form's
 def test_a_linear_on_sequences_squared_norms_in_chunks_of_samples(monkeypatch, t) -> None:
     """The closed form's temporaries (the per-sample gradients, or two Gram matrices per

@@ -1362,19 +1362,9 @@ class PerSampleNorms(Callback):
                 self._captured.add(module)
         self._calls.clear()
         self._finish_shared()
-        # a parameter a captured unit shares (a tied weight) is reached through that unit's
-        # uses, which are all measured (a use outside every unit would have left its units
-        # out): it does not tell that an uncalled unit holding it too was used (a tied
-        # decoder not called on this step left the embedding out: a review's finding)
-        captured = [own for name, m, own, _ in self.units
-                    if m in self._captured and name not in self._excluded]  # fmt: skip
-        explained = {id(p) for own in captured for p in own}
         for name, m, own, _ in self.units:  # coverage counts what was captured, not visited
             if m not in self._captured and name not in self._excluded and self._batch > 0:
-                if not any(
-                    id(p) not in explained and (id(p) in self._reached or self._grad_written(p))
-                    for p in own
-                ):
+                if not any(id(p) in self._reached or self._grad_written(p) for p in own):
                     continue  # a branch not taken: no sample's gradient reached it, each is 0
                 self._excluded[name] = (
                     "no per-sample gradient was captured, but the backward reached its "
