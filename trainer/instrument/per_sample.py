@@ -41,7 +41,11 @@ of parameter elements whose per-sample gradient was captured), never mixed in si
   output rows then gets other samples' gradients in the step's backward. Seen once per input
   shape on a few samples of the batch (:meth:`PerSampleNorms._verify`);
 * a unit whose inputs do not carry the batch where expected (an RNN fed a PackedSequence,
-  several tensor inputs to a generic unit), or whose output never received a gradient.
+  several tensor inputs to a generic unit), or whose output never received a gradient;
+* a unit recomputed per sample (not a closed form) with a hook of one's own that replaced its
+  inputs (a pre-hook) or its output (a forward hook): the recomputation runs the hook again.
+  A closed form's own pre-hooks run before it counts as active, so one using its weight is
+  an outside use (above).
 
 The hooks see the gradient of the step's backward root, Σᵢ wᵢℓᵢ (scalar mode: wᵢ = 1/N over the
 N samples of the accumulation window), so the direct result is the *weighted* norm ‖∇θ(wᵢℓᵢ)‖,
@@ -689,6 +693,11 @@ class PerSampleNorms(Callback):
         #: the version counters of a unit's tensor inputs as its forward starts (one that
         #: changes them in place leaves no input to compute from)
         self._entry_versions: dict[nn.Module, list[int]] = {}
+        #: a unit's inputs as its first pre-hook (ours) gets them, and its output as its first
+        #: forward hook (ours) does: a hook of one's own that replaced either is applied again
+        #: (inputs) or not matched (output) by a per-sample recomputation of its call
+        self._given: dict[nn.Module, tuple[Any, ...]] = {}
+        self._first_output: dict[nn.Module, Any] = {}
         #: a batch's input signature -> (the unit calls, (name, call within the forward), after
         #: which the model mixes the samples; the unit calls its check saw) (:meth:`_check_mixing`)
         self._mixing_checks: dict[Any, tuple[frozenset[Any], frozenset[Any]]] = {}
@@ -828,6 +837,8 @@ class PerSampleNorms(Callback):
         self._shared.clear()
         self._active.clear()
         self._entered.clear()
+        self._given.clear()
+        self._first_output.clear()
         self._grads_before.clear()
         for p in self._params:  # which parameters this backward reaches (the data
             if p.requires_grad:  # parallel all-reduce writes an unused one's without it)
@@ -845,6 +856,7 @@ class PerSampleNorms(Callback):
             self._handles.append(
                 m.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True)
             )
+            self._handles.append(m.register_forward_hook(self._output_given))  # (last)
         # (the mode first of all: registered last, in front)
         self._handles.append(root.register_forward_pre_hook(self._enter_mode, prepend=True))
         for name, bn in self._batchnorms:  # (those without parameters of their own too)
@@ -920,16 +932,50 @@ class PerSampleNorms(Callback):
     def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         if _in_backward():  # an activation checkpoint's recomputation: not a call
             return
-        self._active[module] = self._active.get(module, 0) + 1
+        if self._kind[module] != "closed":  # (its pre-hooks are part of its recomputation:
+            # weight_norm's and prune's compute its weight; a closed form's are not, below)
+            self._active[module] = self._active.get(module, 0) + 1
         self._entered[module] = self._entered.get(module, 0) + 1
         self._start.setdefault(module, self._tick)
         self._tick += 1
+        self._given[module] = inputs
 
     def _inputs_given(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         """The last of a unit's pre-hooks: its inputs' version counters as its forward gets
-        them (after a pre-hook of one's own replaced them, say)."""
-        if not _in_backward():
-            self._entry_versions[module] = _versions(inputs)
+        them (after a pre-hook of one's own replaced them, say). A closed form counts as
+        active from here: a pre-hook of one's own that uses its weight (``x + F.linear(x,
+        m.weight)``) is a use outside what its closed form computes, seen as one (until
+        2026-12-06 the norms of such a model were 2 % off at coverage 1: a review's probe)."""
+        if _in_backward():
+            return
+        self._entry_versions[module] = _versions(inputs)
+        if self._kind[module] == "closed":
+            self._active[module] = self._active.get(module, 0) + 1
+        given = self._given.pop(module, inputs)
+        replaced = len(given) != len(inputs) or any(
+            a is not b for a, b in zip(given, inputs, strict=False)
+        )
+        if replaced and self._kind[module] != "closed":  # (a recomputation of the call
+            # would run that pre-hook on what it returned)
+            self._excluded.setdefault(
+                self._names[module],
+                "a forward pre-hook of its own replaced its inputs, which a per-sample "
+                "recomputation of its forward would pass through that hook again",
+            )
+
+    def _output_given(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        """The last of a unit's forward hooks: one of one's own that replaced the output makes
+        the gradient the unit's output receives that of another tensor than a per-sample
+        recomputation of its forward (which runs that hook too) returns."""
+        if _in_backward() or self._kind[module] == "closed":  # (a closed form reads the
+            return  # inputs and the gradient its own forward's output received)
+        first = self._first_output.pop(module, output)
+        if first is not output:
+            self._excluded.setdefault(
+                self._names[module],
+                "a forward hook of its own replaced its output, whose gradient a per-sample "
+                "recomputation of its forward (running that hook too) would not match",
+            )
 
     def _forward_hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -940,6 +986,7 @@ class PerSampleNorms(Callback):
             # left out; a reentrant one's first forward runs without gradients: left out)
             return
         self._active[module] -= 1
+        self._first_output[module] = output
         if not torch.is_grad_enabled():
             return
         mode = self._mode  # (None: a forward outside the model's, e.g. a user's own call)
