@@ -1528,3 +1528,91 @@ def test_a_perplexity_that_comes_out_as_the_mean_loss_is_its_exponential() -> No
         assert finished_metrics(OwnExp(), pairs)[0]["val/ppl"] == pytest.approx(math.exp(nll))
     own = {"val/loss": (20.0, 10.0), "val/ppl": (80.0, 10.0), "val/token_acc": (3.0, 10.0)}
     assert finished_metrics(TokenCrossEntropy(), own)[0]["val/ppl"] == 8.0  # (its own mean)
+
+
+class Targets(LabelsAsItems):
+    """LabelsAsItems with ``targets``; the Dataset itself, a DataLoader without workers."""
+
+    lie = None
+
+
+class LastTargetWrong(LabelsAsItems):
+    """``targets`` right at sample 0, wrong at the last one."""
+
+    def _items(self, split):
+        items = super()._items(split)
+        wrong = split.y.clone()
+        wrong[-1] = 1 - wrong[-1]
+        type(items).targets = wrong
+        return items
+
+
+def test_a_targets_attribute_wrong_at_the_last_sample_is_refused_naming_it(tmp_path) -> None:
+    """``targets`` is checked against the first and the last sample: one wrong at the last
+    alone (a mutation checking the first only went unseen) is refused naming that index."""
+    with pytest.raises(ValueError, match=r"the training split's Items\.targets\[63\] is \d "
+                       r"\(torch\.int64\), but Items\[63\] gives the target \d"):  # fmt: skip
+        train(tmp_path, *labels("LastTargetWrong"), "data.num_workers=0")
+    assert not list(tmp_path.rglob("step_*.pt"))
+
+
+@pytest.mark.parametrize("cls", ["Labels", "Targets"])
+def test_a_training_subset_of_the_whole_split_trains(tmp_path, cls) -> None:
+    """``data.train_subset`` equal to the split's size is the whole split (refused as more
+    than it has by a ``>=``, a mutation the suite missed), and the run is the split's own."""
+    train(tmp_path / "all", *labels(cls), "data.num_workers=0")
+    train(tmp_path / "sub", *labels(cls), "data.num_workers=0", "data.train_subset=64")
+    a, b = final_params(tmp_path / "all"), final_params(tmp_path / "sub")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_subset_of_a_dataset_with_targets_keeps_its_targets_cut_to_it(tmp_path) -> None:
+    """A Dataset's ``targets`` (what the classes are counted from) is cut with
+    ``data.train_subset``: the subset trains, with class-balanced weights counted from its
+    own samples' labels."""
+    data = Targets(batch_size=16, num_workers=0, train_subset=20)
+    data.setup(torch.device("cpu"), 0)
+    whole, _ = Labels.load(data)
+    assert data.train_targets is not None and torch.equal(data.train_targets, whole.y[:20])
+    result = train(tmp_path, *labels("Targets"), "data.num_workers=0", "data.train_subset=20",
+                   "weighting=class_balanced", "loss.mode=vector")  # fmt: skip
+    assert result["step"] == 2
+
+
+class Triples(LabelsAsItems):
+    """Samples of (input, target, metadata)."""
+
+    def _items(self, split):
+        items = super()._items(split)
+        pair = type(items).__getitem__
+        type(items).__getitem__ = lambda self, i: (*pair(self, i), {"id": i})
+        return items
+
+
+def test_samples_of_three_are_refused_before_training_naming_them(tmp_path) -> None:
+    """A Dataset returning (x, y, meta) is refused before the first step, naming the sample
+    and what it is."""
+    with pytest.raises(TypeError, match=r"samples must be \(input, target\) pairs; Items\[0\] "
+                       r"is a tuple of 3 \(several inputs go into one tensor"):  # fmt: skip
+        train(tmp_path, *labels("Triples"), "data.num_workers=0")
+    assert not list(tmp_path.rglob("step_*.pt"))
+
+
+class ShortBatches(LabelsAsItems):
+    """A ``__getitems__`` that drops a batch's last sample (single fetches are whole)."""
+
+    batched = True
+
+    def _items(self, split):
+        items = super()._items(split)
+        fetch = type(items).__getitems__
+        type(items).__getitems__ = lambda self, ix: fetch(self, ix)[: max(len(ix) - 1, 1)]
+        return items
+
+
+def test_a_batched_fetch_returning_too_few_samples_is_refused_naming_the_counts(tmp_path):
+    """``__getitems__`` returning fewer samples than indices is named with both counts (zip's
+    own error named neither the Dataset nor the fetch)."""
+    with pytest.raises(ValueError, match=r"data: Items\.__getitems__ returned 15 samples for "
+                       r"16 indices"):  # fmt: skip
+        train(tmp_path, *labels("ShortBatches"), "data.num_workers=0")

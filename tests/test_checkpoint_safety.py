@@ -856,3 +856,183 @@ def test_a_run_dir_whose_parents_do_not_exist_is_created(tmp_path) -> None:
     result = train(run_dir, "trainer.max_steps=1")
     assert result["status"] == "completed"
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 1
+
+
+# ----------------------------------------------------------------------------- mutation round
+
+
+def test_each_earlier_run_in_a_used_run_dir_gets_a_folder_of_its_own(tmp_path) -> None:
+    """Four runs in one folder: the first three are set aside in ``previous/1``, ``/2`` and
+    ``/3``, each whole and its own. The next free number is searched for, not taken as the one
+    after ``1`` (an ``if`` for the ``while``, a mutation the suite missed, failed the fourth run
+    on ``previous/2`` already there)."""
+    for steps in (1, 2, 3, 4):
+        train(tmp_path, *FAST, f"trainer.max_steps={steps}")
+    for n in (1, 2, 3):
+        aside = tmp_path / "previous" / str(n)
+        assert json.loads((aside / "metrics.json").read_text())["step"] == n
+        assert [s for s, _ in read_scalars(aside)["train/loss"]] == list(range(1, n + 1))
+        assert load_checkpoint(aside / "checkpoints" / "last.pt")["step"] == n
+    assert sorted(p.name for p in (tmp_path / "previous").iterdir()) == ["1", "2", "3"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 4
+
+
+def test_find_checkpoints_prefers_the_first_id_over_a_later_step_of_the_second(tmp_path) -> None:
+    """Of several run ids (a run's own and the one its config had before 2026-12-05), the
+    first's checkpoints come first even where the second's are of later steps: its own id's
+    step 2 before the legacy id's step 5 (``ids.index`` for ``-ids.index``, a mutation the suite
+    missed, put the legacy id's first)."""
+    from trainer.checkpoint import find_checkpoints, write_run_marker
+
+    for name, run_id, steps in (("legacy", "old", (4, 5)), ("current", "new", (1, 2))):
+        ckpts = tmp_path / name / "checkpoints"
+        write_run_marker(ckpts, run_id, tmp_path / name)
+        for step in steps:
+            step_path(ckpts, step).write_bytes(b"")  # (found by name: not loaded here)
+    found = find_checkpoints(tmp_path, ("new", "old"))
+    assert [(p.parent.parent.name, checkpoint_module.step_of(p)) for p in found] == [
+        ("current", 2), ("current", 1), ("legacy", 5), ("legacy", 4),
+    ]  # fmt: skip
+    assert [checkpoint_module.step_of(p) for p in find_checkpoints(tmp_path, ("old", "new"))] == [
+        5, 4, 2, 1,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", [0, 2])
+def test_a_checkpoint_of_another_layout_version_is_refused_naming_it(tmp_path, layout) -> None:
+    """A training checkpoint whose ``format`` is not this trainer's is refused naming both
+    versions, an older one as a newer one (``>`` for ``!=``, a mutation the suite missed, took
+    an older layout as this one)."""
+    from trainer.checkpoint import FORMAT, REQUIRED, load_training_checkpoint, save_checkpoint
+
+    state = {key: 0 for key in REQUIRED} | {"format": layout, "run_id": "x"}
+    path = save_checkpoint(tmp_path / "old.pt", state)
+    with pytest.raises(ValueError, match=rf"{path} has layout version {layout}, not {FORMAT}$"):
+        load_training_checkpoint(path)
+    state["format"] = FORMAT
+    assert load_training_checkpoint(save_checkpoint(path, state))["format"] == FORMAT
+
+
+def test_a_failed_periodic_checkpoint_with_none_before_it_says_none_is_kept(
+    tmp_path, monkeypatch
+) -> None:
+    """A periodic checkpoint that cannot be written before any was says that no checkpoint is
+    kept (it named none as "the previous one" otherwise, and a mutation of the words went
+    unseen); the run goes on and its final one is written."""
+    steps = fail_nth_save(monkeypatch, 1, OSError(errno.ENOSPC, "No space left on device"))
+    result = train(tmp_path, *FAST, "trainer.max_steps=3")
+    assert steps == [2, 3] and result["status"] == "completed"
+    assert result["checkpoint_failures"] == [
+        "step 2: checkpoint not written ([Errno 28] No space left on device); none is kept"
+    ]
+    assert step_files(tmp_path / "checkpoints") == ["step_000000003.pt"]
+
+
+def test_rank_rng_state_takes_each_ranks_own_only_where_as_many_ranks_resume() -> None:
+    """A checkpoint with every rank's RNG states gives each rank its own where the same number
+    of processes resumes it, and the writer's (``rng``) otherwise, or where it has no per-rank
+    states (one process, an older checkpoint)."""
+    from trainer.checkpoint import rank_rng_state
+
+    state = {"rng": "writer's", "rng_ranks": ["rank 0's", "rank 1's"]}
+    assert [rank_rng_state(state, r, 2) for r in (0, 1)] == ["rank 0's", "rank 1's"]
+    assert [rank_rng_state(state, r, 3) for r in (0, 1, 2)] == ["writer's"] * 3
+    assert rank_rng_state(state, 0, 1) == "writer's"
+    for single in ({"rng": "writer's"}, {"rng": "writer's", "rng_ranks": []}):
+        assert rank_rng_state(single, 0, 1) == rank_rng_state(single, 1, 2) == "writer's"
+
+
+def test_load_checkpoint_refuses_a_folder_saying_it_is_one(tmp_path) -> None:
+    """A folder given as the checkpoint (a run's ``checkpoints/``) is named as a folder, not
+    as a file that does not exist."""
+    with pytest.raises(IsADirectoryError, match=rf"checkpoint {tmp_path} is a folder; give a "):
+        load_checkpoint(tmp_path)
+
+
+def test_a_stale_last_pt_link_is_replaced_and_last_pt_is_a_hard_link(tmp_path) -> None:
+    """``last.pt`` is the final step's file under a second name (a hard link, swapped in
+    through ``.last.pt.link``), also where a crashed run left a ``.last.pt.link`` behind: that
+    one is removed first (without it, the link failed, a copy was written instead and the
+    stale file stayed: a mutation the suite missed)."""
+    from trainer.callbacks import Callback
+
+    class LeavesALink(Callback):
+        def on_train_step_end(self, trainer, out) -> None:
+            if trainer.global_step == 1:  # (as a run that crashed mid-swap would)
+                (tmp_path / "checkpoints" / ".last.pt.link").write_bytes(b"stale")
+
+    train(tmp_path, *FAST, "trainer.max_steps=3", callbacks=[LeavesALink()])
+    ckpts = tmp_path / "checkpoints"
+    assert_no_temp_files(ckpts)
+    last, step3 = (ckpts / "last.pt").stat(), step_path(ckpts, 3).stat()
+    assert (last.st_ino, last.st_dev) == (step3.st_ino, step3.st_dev) and last.st_nlink == 2
+
+
+def test_numpy_values_in_a_callbacks_state_are_warned_of_once(monkeypatch, caplog) -> None:
+    """The warning that a callback's state holds NumPy values comes once per callback class,
+    not at every checkpoint (each one converts them again)."""
+    from trainer.checkpoint import checkpointable
+
+    monkeypatch.setattr(checkpoint_module, "_WARNED_NUMPY", set())
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        for best in (0.5, 0.25, 0.125):
+            assert checkpointable({"best": np.float64(best)}, "Mine") == {"best": best}
+        checkpointable({"best": np.float64(1.0)}, "Other")
+    said = [r.getMessage() for r in caplog.records if "holds NumPy values" in r.getMessage()]
+    assert [m.split(":")[0] for m in said] == ["callback Mine", "callback Other"]
+
+
+def test_a_numpy_bool_array_in_a_callbacks_state_becomes_a_bool_tensor() -> None:
+    """A NumPy bool array (a mask of classes seen) is kept as a torch.bool tensor of the same
+    values, as the numeric kinds are: it is no reason to refuse the state."""
+    from trainer.checkpoint import checkpointable
+
+    got = checkpointable({"seen": np.array([True, False, True])}, "Masks")
+    assert got["seen"].dtype == torch.bool and got["seen"].tolist() == [True, False, True]
+
+
+def test_a_logger_flush_that_fails_before_a_checkpoint_leaves_that_step_unwritten(tmp_path):
+    """Everything logged up to a checkpoint's step is on disk before the checkpoint is: where
+    flushing the events fails (I/O error), no checkpoint of that step is written (a resume
+    from it would have lost events), the failure is reported naming it, and training goes on
+    (without the raise, a mutation the suite missed, the checkpoint was written anyway)."""
+    import sys
+
+    from trainer.callbacks import Callback
+
+    class FlushFailsAtStep2(Callback):
+        def on_fit_start(self, trainer) -> None:
+            flush = trainer.logger.flush
+
+            def failing() -> None:
+                caller = sys._getframe(1).f_code
+                if trainer.global_step == 2 and caller.co_filename == checkpoint_module.__file__:
+                    raise OSError(errno.EIO, "Input/output error (events)")
+                flush()
+
+            trainer.logger.flush = failing
+
+    result = train(tmp_path, *FAST, "trainer.max_steps=5", "trainer.checkpoint.keep_last=5",
+                   callbacks=[FlushFailsAtStep2()])  # fmt: skip
+    assert result["status"] == "completed" and result["step"] == 5
+    assert step_files(tmp_path / "checkpoints") == ["step_000000004.pt", "step_000000005.pt"]
+    assert result["checkpoint_failures"] == [
+        "step 2: checkpoint not written ([Errno 5] Input/output error (events)); none is kept"
+    ]
+
+
+def test_resume_auto_in_its_own_folder_outside_the_search_dir_continues_it(tmp_path) -> None:
+    """A run written outside trainer.checkpoint.search_dir and started again in the same folder
+    with ``resume=auto`` continues its own checkpoints (the folder's marker is read beside the
+    search dir's: without it, a mutation the suite missed, the run started afresh and set its
+    own outputs aside): no ``previous/``, each step logged once, and the same weights as a run
+    that was never stopped."""
+    search, mine = tmp_path / "outputs", tmp_path / "elsewhere"
+    search.mkdir()
+    train(mine, *auto(search, "trainer.max_steps=2"))
+    result = train(mine, *auto(search, "trainer.resume=auto", "trainer.max_steps=4"))
+    assert result["step"] == 4 and not (mine / "previous").exists()
+    assert [s for s, _ in read_scalars(mine)["train/loss"]] == [1, 2, 3, 4]
+    train(tmp_path / "straight", *auto(search, "trainer.max_steps=4"))
+    a, b = final_params(mine), final_params(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -384,3 +384,114 @@ def test_drop_last_drops_a_ragged_training_batch_never_a_validation_one(loader) 
     data.setup(CPU, 0)
     assert [len(b.y) for b in data.val_loader] == [64] * 5 + [39]
     assert [len(b.y) for b in data.train_loader] == [64] * (1438 // 64)
+
+
+def test_epoch_order_tells_seed_and_epoch_apart() -> None:
+    """The order is a function of (seed, epoch) as a pair: seed 1's first epoch is not seed 0's
+    second (``seed + epoch``, a mutation the suite missed, made them one permutation: runs of
+    neighbouring seeds saw each other's epochs)."""
+    assert not torch.equal(epoch_order(50, 1, 0), epoch_order(50, 0, 1))
+    assert not torch.equal(epoch_order(50, 2, 0), epoch_order(50, 1, 1))
+    assert torch.equal(epoch_order(50, 1, 0), epoch_order(50, 1, 0))
+
+
+def test_the_batch_sampler_on_two_ranks_drops_or_refuses_a_ragged_last_batch() -> None:
+    """The DataLoader path on 2 ranks (global batches of 2 × 2): 9 samples leave a last
+    global batch of 1, which one rank would get nothing of: refused without drop_last, naming
+    the count, and dropped with it; a last batch of 2 (as many samples as ranks) gives each
+    rank one; none left over is no ragged batch."""
+    from trainer.data.base import EpochBatchSampler, RaggedShardError
+    from trainer.distributed import World
+
+    def slices(n: int, rank: int, drop_last: bool) -> list[list[int]]:
+        sampler = EpochBatchSampler(n, 2, shuffle=False, drop_last=drop_last,
+                                    world=World(rank, 2, rank))  # fmt: skip
+        batches = [[i for _, _, i in batch] for batch in sampler]
+        assert len(sampler) == len(batches)
+        return batches
+
+    with pytest.raises(RaggedShardError, match=r"the last global batch of an epoch has 1 "
+                       r"sample\(s\) for 2 processes") as info:  # fmt: skip
+        slices(9, 0, drop_last=False)
+    assert info.value.ragged == 1
+    assert slices(9, 0, drop_last=True) == [[0, 1], [4, 5]]
+    assert slices(9, 1, drop_last=True) == [[2, 3], [6, 7]]
+    assert slices(10, 0, drop_last=False) == [[0, 1], [4, 5], [8]]
+    assert slices(10, 1, drop_last=False) == [[2, 3], [6, 7], [9]]
+    assert slices(8, 1, drop_last=False) == [[2, 3], [6, 7]]
+
+
+def test_an_empty_validation_dataset_without_targets_gives_no_validation_batch() -> None:
+    """A validation Dataset of no items (and no ``targets``) has no first sample to check:
+    its loader is built and yields nothing (fetching its sample 0 refused it as an empty
+    training split, a mutation the suite missed)."""
+    from trainer.data.base import DataModule
+
+    class NoItems(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 0
+
+        def __getitem__(self, i):
+            raise IndexError(i)
+
+    class EmptyVal(DataModule):
+        num_classes = 3
+
+        def load(self):
+            return split(10), NoItems()
+
+    data = EmptyVal(batch_size=4, eval_batch_size=4, num_workers=0)
+    data.setup(CPU, 0)
+    assert len(data.val_loader) == 0 and list(data.val_loader) == []
+    assert data.first_val_target is None and len(data.train_loader) == 3
+
+
+class Draws(torch.utils.data.Dataset):
+    """Each item draws from torch's, Python's and NumPy's global generators (augmentation)."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        import random
+
+        import numpy as np
+
+        return torch.tensor([torch.rand(()).item(), random.random(), np.random.rand()]), 0
+
+
+def test_a_workers_draws_depend_on_the_batch_alone(monkeypatch) -> None:
+    """In a DataLoader worker (faked here: no worker process starts), the generators are
+    seeded once per batch from (seed, rank, epoch, batch): a batch's items draw the same
+    whatever was drawn before, and each of the four changes them; items of one batch draw
+    on from one seeding (each seeded anew, they would all draw alike). In the main process
+    (``num_workers=0``) nothing is seeded: the draws go on from the global generators, which
+    a checkpoint restores."""
+    import trainer.data.base as base
+    from trainer.data.base import IndexedDataset, seed_worker
+    from trainer.rng import forked_rng
+
+    with forked_rng(CPU):  # (the global generators as they were, after: seeded here)
+        torch.manual_seed(123)
+        main = IndexedDataset(Draws(), seed=0)[(0, 0, 0)][0][0].item()
+        torch.manual_seed(123)
+        assert main == torch.rand(()).item()
+        monkeypatch.setattr(base, "get_worker_info", lambda: object())
+
+        def batch(seed=0, rank=0, epoch=0, number=0, before=0) -> list[list[float]]:
+            ds = IndexedDataset(Draws(), seed=seed, rank=rank)
+            torch.rand(before)  # (whatever this worker drew before)
+            return [ds[(epoch, number, i)][0].tolist() for i in (0, 1, 2)]
+
+        first = batch()
+        assert batch(before=5) == first and batch() == first
+        assert len({tuple(x) for x in first}) == 3  # three items, three draws
+        for other in ({"seed": 1}, {"rank": 1}, {"epoch": 1}, {"number": 1}):
+            got = batch(**other)
+            pairs = zip(got, first, strict=True)
+            assert all(a[k] != b[k] for a, b in pairs for k in range(3)), other
+        seed_worker(0, 0, 0, 0)  # what the batch's seeding is
+        assert Draws()[0][0].tolist() == first[0]
+        ds = IndexedDataset(Draws(), seed=0)  # the next batch reseeds, and coming back too
+        seq = [ds[(0, b, 0)][0].tolist() for b in (0, 1, 0)]
+        assert seq[0] == first[0] and seq[1] == batch(number=1)[0] and seq[2] == first[0]

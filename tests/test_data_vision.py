@@ -496,3 +496,18 @@ def test_a_truncated_idx_file_is_named_with_the_data_and_its_files(
     unread = r"data=mnist: its validation files under data.root=.* cannot be read \((Runtime"
     with pytest.raises(ValueError, match=unread + r"Error|ValueError): .*truncated or corrupted"):
         make("mnist", tmp_path, download=download).setup(torch.device("cpu"), seed=0)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_a_training_subset_keeps_the_splits_transform(name, tmp_path, monkeypatch):
+    """``data.train_subset`` of a split held as uint8 images keeps the split's normalization:
+    its batches are the float32 inputs the whole split's are, the same values (a subset
+    without the transform, a mutation the suite missed, fed the model raw bytes)."""
+    w = write_set(name, tmp_path, monkeypatch)
+    d = make(name, tmp_path, train_subset=N_TRAIN // 2)
+    d.setup(torch.device("cpu"), seed=0)
+    assert isinstance(d.train_loader, InMemoryLoader) and d.train_loader.num_samples == N_TRAIN // 2
+    x, _, index = next(iter(d.train_loader))
+    assert x.dtype == torch.float32 and x.shape == (BATCH, *SHAPES[name])
+    assert int(index.max()) < N_TRAIN // 2
+    torch.testing.assert_close(x.double(), normalized(name, w.train_x[index]), atol=1e-5, rtol=0)

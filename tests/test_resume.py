@@ -1129,3 +1129,91 @@ def test_a_resume_sets_aside_every_checkpoint_after_its_step_as_written(tmp_path
         f"step_{s:09d}.pt" for s in (1, 2, 3, 4)
     ]
     assert load_checkpoint(ckpts / "step_000000003.pt")["step"] == 3
+
+
+class _SigtermTwice(Callback):
+    """SIGTERM at step 2, then again once the first was handled (outside a checkpoint's
+    write): what a scheduler's repeated SIGTERM or a process group signalled twice sends."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 60  # (bounded: a lost signal fails the test)
+            while trainer.stop_signal is None and time.monotonic() < deadline:
+                time.sleep(0.001)  # the handler runs in this (main) thread
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(3):
+                time.sleep(0.001)  # (the second one's handler runs here)
+
+
+def test_a_second_sigterm_outside_a_save_still_checkpoints_and_exits_143(tmp_path) -> None:
+    """Only a second Ctrl-C stops at once: a second SIGTERM, before the run reached its
+    checkpoint, lets it finish the step and checkpoint as the first asked (taken as a Ctrl-C,
+    a mutation the suite missed, it stopped with a KeyboardInterrupt and no checkpoint). In
+    process: the signal handlers are this test's while the run lasts."""
+    from conftest import train
+
+    from trainer.run import Interrupted
+
+    with pytest.raises(BaseException) as info:  # noqa: PT011 (which one is the check)
+        train(tmp_path, "trainer.max_steps=6", "trainer.checkpoint.every_n_steps=0",
+              callbacks=[_SigtermTwice()])  # fmt: skip
+    assert type(info.value) is Interrupted and info.value.code == 128 + signal.SIGTERM
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["signal"] == "SIGTERM"
+    assert metrics["step"] == 2 and load_checkpoint(metrics["checkpoint"])["step"] == 2
+
+
+class _Raises(Callback):
+    def on_train_step_end(self, trainer, out) -> None:
+        raise RuntimeError("a callback's bug")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["completed", "failed"])
+def test_the_signal_handlers_before_a_run_are_back_after_it(tmp_path, fails) -> None:
+    """While ``fit`` runs, the stop signals are the trainer's; after it, completed or failed
+    in a callback, each signal's handler is the one it had before (without the restore, a
+    mutation the suite missed, a later Ctrl-C in the same process only asked a finished run
+    to stop)."""
+    from conftest import train
+
+    seen: dict[int, object] = {}
+
+    class Sees(Callback):
+        def on_train_step_end(self, trainer, out) -> None:
+            seen.update({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+
+    def mine(signum, frame) -> None:
+        raise AssertionError("not to be called")
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        callbacks = [Sees(), _Raises()] if fails else [Sees()]
+        if fails:
+            with pytest.raises(RuntimeError, match="a callback's bug"):
+                train(tmp_path, "trainer.max_steps=2", callbacks=callbacks)
+        else:
+            assert train(tmp_path, "trainer.max_steps=2", callbacks=callbacks)["step"] == 2
+        after = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen and all(seen[s] is not before[s] for s in seen)  # (the trainer's, meanwhile)
+    assert after == before and after[signal.SIGTERM] is mine
+
+
+def test_a_resume_with_another_number_of_workers_continues_as_never_stopped(tmp_path) -> None:
+    """``data.num_workers`` is how batches are loaded, not which: a resume may change it, and
+    ends where the run never stopped would (with it refused as a changed hyperparameter, a
+    mutation the suite missed, the resume failed). Held in memory, the split is batched without
+    workers on either side: no worker process starts here."""
+    from conftest import train
+
+    common = ("trainer.max_steps=4", "trainer.checkpoint.every_n_steps=2")
+    train(tmp_path / "a", *common, "data.num_workers=2")
+    step2 = tmp_path / "a" / "checkpoints" / "step_000000002.pt"
+    result = train(tmp_path / "b", *common, "data.num_workers=3", f"trainer.resume={step2}")
+    assert result["step"] == 4 and result["status"] == "completed"
+    train(tmp_path / "straight", *common, "data.num_workers=3")
+    resumed = tmp_path / "a" / "checkpoints" / "last.pt"  # (a resumed run continues there)
+    assert same_params(resumed, tmp_path / "straight" / "checkpoints" / "last.pt")
