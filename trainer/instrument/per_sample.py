@@ -76,8 +76,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules import module as _module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
 from torch.overrides import _get_current_function_mode as _current_function_mode
 
@@ -694,10 +696,13 @@ class PerSampleNorms(Callback):
         #: changes them in place leaves no input to compute from)
         self._entry_versions: dict[nn.Module, list[int]] = {}
         #: a unit's inputs as its first pre-hook (ours) gets them, and its output as its first
-        #: forward hook (ours) does: a hook of one's own that replaced either is applied again
-        #: (inputs) or not matched (output) by a per-sample recomputation of its call
-        self._given: dict[nn.Module, tuple[Any, ...]] = {}
-        self._first_output: dict[nn.Module, Any] = {}
+        #: forward hook (ours) does, with their version counters (a stack per unit: a hook
+        #: may call its unit again); a hook of one's own that replaced or changed either is
+        #: applied again (inputs) or not matched (output) by a per-sample recomputation of the
+        #: call (:attr:`_hooked`: why)
+        self._given: dict[nn.Module, list[tuple[Any, list[int]]]] = {}
+        self._first_output: dict[nn.Module, list[tuple[Any, list[int]]]] = {}
+        self._hooked: dict[nn.Module, str] = {}
         #: a batch's input signature -> (the unit calls, (name, call within the forward), after
         #: which the model mixes the samples; the unit calls its check saw) (:meth:`_check_mixing`)
         self._mixing_checks: dict[Any, tuple[frozenset[Any], frozenset[Any]]] = {}
@@ -839,6 +844,7 @@ class PerSampleNorms(Callback):
         self._entered.clear()
         self._given.clear()
         self._first_output.clear()
+        self._hooked.clear()
         self._grads_before.clear()
         for p in self._params:  # which parameters this backward reaches (the data
             if p.requires_grad:  # parallel all-reduce writes an unused one's without it)
@@ -849,8 +855,12 @@ class PerSampleNorms(Callback):
         root = trainer.model  # the model's forward is watched for outside uses, nothing else
         for _, m, _, _ in self.units:  # before a unit's own pre-hooks (weight_norm's, prune's
             # compute its weight from its parameters: a use inside its forward)
-            self._handles.append(m.register_forward_pre_hook(self._enter, prepend=True))
-            self._handles.append(m.register_forward_pre_hook(self._inputs_given))  # (last)
+            self._handles.append(
+                m.register_forward_pre_hook(self._enter, prepend=True, with_kwargs=True)
+            )
+            self._handles.append(  # (last)
+                m.register_forward_pre_hook(self._inputs_given, with_kwargs=True)
+            )
             # first of the unit's forward hooks: a user's hook runs after the unit stopped
             # counting as active, so its use of the unit's weights is seen as outside
             self._handles.append(
@@ -915,6 +925,8 @@ class PerSampleNorms(Callback):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._given.clear()  # (no input or output kept past the measured forward)
+        self._first_output.clear()
 
     def _reach(self, key: int, grad: Tensor) -> None:
         self._reached.add(key)
@@ -929,7 +941,7 @@ class PerSampleNorms(Callback):
         g = p.grad
         return g is not before[0] or (g is not None and g._version != before[1])
 
-    def _enter(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+    def _enter(self, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if _in_backward():  # an activation checkpoint's recomputation: not a call
             return
         if self._kind[module] != "closed":  # (its pre-hooks are part of its recomputation:
@@ -938,9 +950,12 @@ class PerSampleNorms(Callback):
         self._entered[module] = self._entered.get(module, 0) + 1
         self._start.setdefault(module, self._tick)
         self._tick += 1
-        self._given[module] = inputs
+        given = (*inputs, *kwargs.values())
+        self._given.setdefault(module, []).append((given, _versions(given)))
 
-    def _inputs_given(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+    def _inputs_given(
+        self, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         """The last of a unit's pre-hooks: its inputs' version counters as its forward gets
         them (after a pre-hook of one's own replaced them, say). A closed form counts as
         active from here: a pre-hook of one's own that uses its weight (``x + F.linear(x,
@@ -951,30 +966,38 @@ class PerSampleNorms(Callback):
         self._entry_versions[module] = _versions(inputs)
         if self._kind[module] == "closed":
             self._active[module] = self._active.get(module, 0) + 1
-        given = self._given.pop(module, inputs)
-        replaced = len(given) != len(inputs) or any(
-            a is not b for a, b in zip(given, inputs, strict=False)
-        )
-        if replaced and self._kind[module] != "closed":  # (a recomputation of the call
-            # would run that pre-hook on what it returned)
-            self._excluded.setdefault(
-                self._names[module],
-                "a forward pre-hook of its own replaced its inputs, which a per-sample "
-                "recomputation of its forward would pass through that hook again",
+        stack = self._given.get(module)
+        if not stack:
+            return
+        given, versions = stack.pop()
+        now = (*inputs, *kwargs.values())
+        if (
+            len(given) != len(now)
+            or any(a is not b for a, b in zip(given, now, strict=True))
+            or _versions(now) != versions
+        ):  # (a closed form reads what its forward got: only its recomputation, where it is
+            # used more than once, would pass them through that hook again)
+            self._hooked.setdefault(
+                module,
+                "a forward pre-hook of its own replaced or changed its inputs, which a "
+                "per-sample recomputation of its forward would pass through that hook again",
             )
 
     def _output_given(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        """The last of a unit's forward hooks: one of one's own that replaced the output makes
-        the gradient the unit's output receives that of another tensor than a per-sample
-        recomputation of its forward (which runs that hook too) returns."""
-        if _in_backward() or self._kind[module] == "closed":  # (a closed form reads the
-            return  # inputs and the gradient its own forward's output received)
-        first = self._first_output.pop(module, output)
-        if first is not output:
-            self._excluded.setdefault(
-                self._names[module],
-                "a forward hook of its own replaced its output, whose gradient a per-sample "
-                "recomputation of its forward (running that hook too) would not match",
+        """The last of a unit's forward hooks: one of one's own that replaced or changed the
+        output makes the gradient the unit's output receives that of another tensor than a
+        per-sample recomputation of its forward (which runs that hook too) returns (a closed
+        form used once reads the gradient its own forward's output received: unaffected)."""
+        stack = self._first_output.get(module)
+        if _in_backward() or not stack:
+            return
+        first, versions = stack.pop()
+        if first is not output or _versions(output) != versions:
+            self._hooked.setdefault(
+                module,
+                "a forward hook of its own replaced or changed its output, whose gradient a "
+                "per-sample recomputation of its forward (running that hook too) would not "
+                "match",
             )
 
     def _forward_hook(
@@ -986,7 +1009,7 @@ class PerSampleNorms(Callback):
             # left out; a reentrant one's first forward runs without gradients: left out)
             return
         self._active[module] -= 1
-        self._first_output[module] = output
+        self._first_output.setdefault(module, []).append((output, _versions(output)))
         if not torch.is_grad_enabled():
             return
         mode = self._mode  # (None: a forward outside the model's, e.g. a user's own call)
@@ -1091,6 +1114,21 @@ class PerSampleNorms(Callback):
                 "computed anew at each access, and a parametrization may update its own state "
                 "as it runs (spectral_norm's power iteration in training), which measuring "
                 "must not"
+            )
+        if any(
+            isinstance(h, SpectralNorm)
+            for m in module.modules()
+            for h in m._forward_pre_hooks.values()
+        ):  # (its recomputation ran the power iteration again: 5 % off, and training moved)
+            return (
+                "torch.nn.utils.spectral_norm in it: its forward pre-hook computes the weight "
+                "with a step of power iteration on buffers it updates, which a per-sample "
+                "recomputation would run again (and measuring must not change)"
+            )
+        if _module_hooks._global_forward_pre_hooks or _module_hooks._global_forward_hooks:
+            return (  # (they run before the measuring hooks, which cannot see what they do)
+                "a global module forward hook (torch.nn.modules.module."
+                "register_module_forward_pre_hook/register_module_forward_hook) is registered"
             )
         if any(p.is_complex() for p in self._covers[module]) or any(
             t.is_complex() for t in [*_tensors((args, kwargs)), *outputs]
@@ -1372,6 +1410,9 @@ class PerSampleNorms(Callback):
                             f"{MATERIALIZE_BYTES // 2**20} MiB"
                         )
                         continue
+                if module in self._hooked:  # (recomputed below: a hook would not match)
+                    self._excluded[name] = self._hooked[module]
+                    continue
                 drawing = (
                     "its forward draws random numbers (dropout inside it; Python's or NumPy's "
                     "global generator), which a per-sample recomputation cannot reproduce"
@@ -1380,8 +1421,9 @@ class PerSampleNorms(Callback):
                     fork = stack.enter_context(forked_rng(call.device))  # run's next draws stay)
                 try:
                     per_sample = self._per_sample_grads(call)
-                except (RuntimeError, TypeError, ValueError) as e:  # its forward cannot be
-                    # recomputed per sample (vmap's errors; an output of an unexpected kind)
+                except Exception as e:  # its forward cannot be recomputed per sample (vmap's
+                    # errors; an output of an unexpected kind; a hook of one's own reading its
+                    # arguments by position, given as keywords here: an IndexError escaped)
                     if "randomness" in str(e):
                         self._excluded[name] = drawing
                     else:  # (left out and named: a measurement never stops the training)
