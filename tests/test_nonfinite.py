@@ -1563,3 +1563,137 @@ def test_the_culprit_is_named_when_another_parameter_has_no_gradient(tmp_path, s
     with pytest.raises(NonFiniteError, match=r"^step 2: non-finite gradient of net\.3\.weight"):
         train(tmp_path, *COMMON, "instrument.nonfinite.policy=raise",
               f"instrument.nonfinite.sync={sync}", callbacks=[DropsOneNaNsAnother()])  # fmt: skip
+
+
+# --- what a mutation round of the guard and the update found unpinned (2026-12-06) ---
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skip_with_param_groups_of_their_own_settings_is_step_or_nothing(fused) -> None:
+    """Groups of different momentum (the first stateless): a skipped first step left a NaN
+    momentum buffer where the momentum was read from the defaults, the fused SGD's
+    ``empty_like`` buffer where only the first group was asked whether it keeps state, and
+    the next group's state not put back past a stateless one. Mixed fused and unfused
+    groups: found_inf was handed to the unfused one (torch refuses it)."""
+    ref, mine = _twins()
+
+    def sgd(ps):
+        return torch.optim.SGD([{"params": ps[:1]}, {"params": ps[1:], "momentum": 0.9}],
+                               lr=0.1, fused=fused)  # fmt: skip
+
+    _step_or_nothing(ref, mine, sgd, [True, False, True, False], math.nan)
+    ref, mine = _twins()
+
+    def adamw(ps):
+        return torch.optim.AdamW([{"params": ps[:1]}, {"params": ps[1:], "fused": False}],
+                                 fused=True)  # fmt: skip
+
+    _step_or_nothing(ref, mine, adamw, [False, True, False], math.nan)
+
+
+def test_a_state_entry_deleted_after_the_census_is_a_first_step_again() -> None:
+    """``del optimizer.state[p]`` (not ``= {}``) after two steps, then a skipped step: the
+    entry stays absent (a fused SGD's skipped step made one of its own), and the next step
+    takes it from nothing, as an unfused SGD never asked to skip (torch's fused SGD itself
+    cannot step with one entry deleted: the reference is the for-each kernel, which rounds
+    each of the 3 updates differently from the fused one by a few float32 ulps at most)."""
+    ref, mine = _twins()
+    opt_ref = torch.optim.SGD(ref, lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(mine, lr=0.1, momentum=0.9, fused=True)
+    for _ in range(2):
+        _same_grads(ref, mine, None)
+        opt_ref.step()
+        conditional_step(opt, torch.tensor(0.0))
+    del opt_ref.state[ref[0]], opt.state[mine[0]]
+    _same_grads(ref, mine, math.nan)
+    conditional_step(opt, torch.tensor(1.0))
+    assert mine[0] not in opt.state
+    _same_grads(ref, mine, None)
+    opt_ref.step()
+    conditional_step(opt, torch.tensor(0.0))
+    for a, b in zip(ref, mine, strict=True):
+        torch.testing.assert_close(b, a, rtol=3 * 4 * 2**-24, atol=2**-24)
+
+
+def _fp16_two_steps(bad_second: bool, skip: float) -> tuple[list, list, torch.optim.Optimizer]:
+    """Fused SGD with momentum under a GradScaler: step 1 with a gradient for the first
+    parameter only, step 2 the second's first gradient (Inf in it where ``bad_second``) and
+    the device's skip flag ``skip``; the parameters before and after step 2."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
+    opt = torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    ps[0].grad = torch.ones_like(ps[0])
+    scaler.scale(torch.ones(()))
+    scaler.unscale_(opt)
+    scaled_step(scaler, opt, torch.tensor(0.0))
+    before = [p.detach().clone() for p in ps]
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    if bad_second:
+        ps[1].grad[0] = math.inf
+    scaler.scale(torch.ones(()))
+    scaler.unscale_(opt)
+    scaled_step(scaler, opt, torch.tensor(skip))
+    return before, ps, opt
+
+
+@pytest.mark.parametrize(("bad_second", "skip"), [(True, 0.0), (False, 1.0)])
+def test_an_fp16_late_first_gradient_is_skipped_on_an_overflow_or_a_flag(bad_second, skip):
+    """A parameter's first gradient arriving at step 2, under float16 with a fused optimizer:
+    an Inf in it (the GradScaler's overflow) or the guard's flag (a NaN loss, finite
+    gradients) leaves every parameter as it was and the late one without state; the step
+    was taken unfused, with the Inf, where only all-missing states were asked for, or
+    regardless of the flag."""
+    before, ps, opt = _fp16_two_steps(bad_second, skip)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps, strict=True))
+    assert not opt.state.get(ps[1])
+
+
+def test_an_fp16_first_step_overflow_in_a_later_parameter_is_skipped() -> None:
+    """The first step's overflow check covers every parameter (only the first was checked:
+    the existing test poisons ``params[0]``): no state, parameters unchanged, the scale
+    halved."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
+    before = [p.detach().clone() for p in ps]
+    opt = torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    ps[1].grad[0] = math.inf
+    scaler.scale(torch.ones(()))
+    scaler.unscale_(opt)
+    scaled_step(scaler, opt, torch.tensor(0.0))
+    assert not any(opt.state.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, ps, strict=True))
+    assert scaler.get_scale() == 2.0**15
+
+
+def test_an_optimizer_with_a_step_pre_hook_does_not_skip_on_the_device() -> None:
+    """A step pre-hook of one's own (an EMA's) runs whatever the flag: such an optimizer's
+    skip is decided on the host (only post-hooks were asked about)."""
+    from trainer.update import skips_on_device
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9)
+    assert skips_on_device(opt)
+    opt.register_step_pre_hook(lambda o, args, kwargs: None)
+    assert not skips_on_device(opt)
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_consecutive_skips_count_across_a_resume(tmp_path, sync) -> None:
+    """Skips 4 and 5, a stop after 5, a resume, skip 6: three in a row, the limit; the count
+    was rebuilt from 0 at the resume (on the device, and in the checkpoint's state), so the
+    resumed run went on. Deferred, step 7 (finite) comes after the limit: no update."""
+    extra = (*COMMON, "instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}",
+             "instrument.nonfinite.max_consecutive_skips=3")  # fmt: skip
+    poison = {4: "grad", 5: "grad", 6: "grad"}
+    with pytest.raises(SystemExit):
+        train(tmp_path, *extra, callbacks=[Poison(poison), StopAt(5)])
+    after = After()
+    with pytest.raises(NonFiniteError, match=r"^step 6: 3 steps in a row skipped"):
+        train(tmp_path, *extra, "trainer.resume=auto", f"trainer.checkpoint.search_dir={tmp_path}",
+              callbacks=[Poison(poison), after])  # fmt: skip
+    if sync == "deferred":
+        assert all(torch.equal(after.after[7][n], w) for n, w in after.after[6].items())
