@@ -407,23 +407,29 @@ def test_torchrun_trains_and_a_dead_rank_ends_the_job_quickly(tmp_path) -> None:
     assert read_scalars(run_dir)["train/loss"]  # rank 0 wrote what it had logged
 
 
-def test_a_slurm_task_started_by_submitit_finds_its_rank(monkeypatch) -> None:
-    """Hydra's submitit launcher with tasks_per_node > 1: each SLURM task is one rank."""
-    pytest.importorskip("submitit")
-    from trainer.distributed import World, from_env
-
-    # what submitit exports: set and removed through monkeypatch, so they are undone after
+def _submitit_task(monkeypatch, tasks, rank, local, nodes, node, hosts) -> None:
+    """The environment submitit's SLURM executor gives a task (no torchrun variables): set and
+    removed through monkeypatch, so it is undone after."""
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                 "MASTER_PORT"):  # fmt: skip
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
     slurm = {
-        "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8",
-        "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2",
-        "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": str(tasks),
+        "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(local),
+        "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NNODES": str(nodes),
+        "SLURM_NODEID": str(node), "SLURM_JOB_NODELIST": hosts,
     }  # fmt: skip
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
+
+
+def test_a_slurm_task_started_by_submitit_finds_its_rank(monkeypatch) -> None:
+    """Hydra's submitit launcher with tasks_per_node > 1: each SLURM task is one rank."""
+    pytest.importorskip("submitit")
+    from trainer.distributed import World, from_env
+
+    _submitit_task(monkeypatch, tasks=8, rank=5, local=1, nodes=2, node=1, hosts="gpu[07-08]")
     assert from_env() == World(rank=5, size=8, local_rank=1)
     assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0
 
@@ -436,17 +442,7 @@ def test_a_slurm_job_of_one_task_stays_one_process(monkeypatch) -> None:
     pytest.importorskip("submitit")
     from trainer.distributed import SINGLE, from_env
 
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT"):  # fmt: skip
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
-    slurm = {
-        "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1",
-        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NUM_NODES": "1",
-        "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu07",
-    }  # fmt: skip
-    for key, value in slurm.items():
-        monkeypatch.setenv(key, value)
+    _submitit_task(monkeypatch, tasks=1, rank=0, local=0, nodes=1, node=0, hosts="gpu07")
     assert from_env() is SINGLE
     assert not {"WORLD_SIZE", "RANK", "MASTER_ADDR"} & set(os.environ)
 

@@ -2387,6 +2387,22 @@ def test_a_unit_sharing_a_left_out_parameter_it_alone_used_keeps_the_rest(caplog
     assert "leave out 'x'" in caplog.text and "leave out 'y'" not in caplog.text
 
 
+def _exact_over(model, x, y, kept, caplog, forward=None, **kw) -> str:
+    """One measured step (:func:`measure`) whose coverage is the share of ``kept`` among the
+    model's parameters and whose per-sample norms equal brute force over ``kept`` (a loop of
+    ``autograd.grad`` of each sample's loss, through ``forward``, the model by default); the
+    warnings it logged."""
+    run = forward or model
+    reference = torch.stack([torch.sqrt(sum(v.pow(2).sum() for v in torch.autograd.grad(
+        F.cross_entropy(run(x[i : i + 1]), y[i : i + 1]), kept))) for i in range(B)])  # fmt: skip
+    with caplog.at_level("WARNING"):
+        last, staged = measure(model, x, y, **kw)
+    total = sum(p.numel() for p in model.parameters())
+    assert staged["per_sample/coverage"] == pytest.approx(sum(p.numel() for p in kept) / total)
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+    return caplog.text
+
+
 class _Scaled(nn.Module):
     """A unit of its own forward (recomputed per sample through ``torch.func``)."""
 
@@ -2447,15 +2463,10 @@ def test_a_units_own_hooks_are_measured_exactly_or_left_out(unit, hook, left_out
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
     kept = [p for n, p in model.named_parameters() if n.split(".")[0] not in left_out]
-    reference = torch.stack([torch.sqrt(sum(v.pow(2).sum() for v in torch.autograd.grad(
-        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), kept))) for i in range(B)])  # fmt: skip
-    with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y)
-    total = sum(p.numel() for p in model.parameters())
-    assert staged["per_sample/coverage"] == pytest.approx(sum(p.numel() for p in kept) / total)
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
-    assert [f"leave out '{u}'" in caplog.text for u in ("mix", "sc")] == [
-        u in left_out for u in ("mix", "sc")]  # fmt: skip
+    said = _exact_over(model, x, y, kept, caplog)
+    assert [f"leave out '{u}'" in said for u in ("mix", "sc")] == [
+        u in left_out for u in ("mix", "sc")
+    ]
 
 
 @pytest.mark.parametrize("t", [3, 40])  # the per-sample gradient's form; the Gram form's
@@ -2897,14 +2908,8 @@ def test_a_unit_whose_output_is_changed_in_place_after_it_is_exact_or_left_out(
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (B,), generator=g)
     kept = list(model.head.parameters()) if contiguous else list(model.parameters())
-    reference = torch.stack([torch.sqrt(sum(v.pow(2).sum() for v in torch.autograd.grad(
-        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), kept))) for i in range(B)])  # fmt: skip
-    with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y)
-    total = sum(p.numel() for p in model.parameters())
-    assert staged["per_sample/coverage"] == pytest.approx(sum(p.numel() for p in kept) / total)
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
-    assert ("leave out 'mix': no gradient was seen at its output" in caplog.text) == contiguous
+    said = _exact_over(model, x, y, kept, caplog)
+    assert ("leave out 'mix': no gradient was seen at its output" in said) == contiguous
 
 
 class _TiedHeadByHand(torch.autograd.Function):
@@ -2960,16 +2965,10 @@ def test_a_tied_head_used_outside_its_forward_is_left_out_with_its_weight(mode, 
     loss = HeadInTheLoss(model.out) if mode == "features" else None
     kept = list(model.mix.parameters())
 
-    def logits(i: int) -> torch.Tensor:
-        return F.linear(torch.tanh(model.mix(model.emb(x[i : i + 1]).mean(1))), model.emb.weight)
+    def logits(xi: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.tanh(model.mix(model.emb(xi).mean(1))), model.emb.weight)
 
-    reference = torch.stack([torch.sqrt(sum(v.pow(2).sum() for v in torch.autograd.grad(
-        F.cross_entropy(logits(i), y[i : i + 1]), kept))) for i in range(B)])  # fmt: skip
-    with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y, loss=loss)
-    assert staged["per_sample/coverage"] == pytest.approx((D * D + D) / (V * D + D * D + D))
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
-    assert "leave out 'out'" in caplog.text
+    assert "leave out 'out'" in _exact_over(model, x, y, kept, caplog, logits, loss=loss)
 
 
 def test_a_branch_not_taken_is_measured_as_zero_and_a_use_outside_any_forward_left_out(

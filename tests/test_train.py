@@ -545,6 +545,21 @@ class NoLr(torch.optim.Optimizer):
                     p.add_(p.grad.sign(), alpha=-group["step_size"])
 
 
+def _plateau_lrs(values: list[float], mode: str, threshold: float) -> list[float]:
+    """Each step's lr of torch's own ReduceLROnPlateau (lr 0.05, patience 0, factor 0.5)
+    stepped on the logged validation ``values``: 6 steps per epoch (1,438 training samples in
+    batches of 256)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.05)
+    replay = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode=mode, patience=0, factor=0.5, threshold=threshold
+    )
+    lrs = []
+    for value in values:
+        lrs += [opt.param_groups[0]["lr"]] * 6
+        replay.step(value)
+    return lrs
+
+
 def test_reduce_lr_on_plateau_steps_on_the_monitor_after_each_validation(tmp_path) -> None:
     """ReduceLROnPlateau needs the metric: it failed at the first step (no argument given),
     a probe's finding. It steps after each validation on ``monitor``: the logged lr is torch's
@@ -561,14 +576,7 @@ def test_reduce_lr_on_plateau_steps_on_the_monitor_after_each_validation(tmp_pat
     scalars = read_scalars(tmp_path / "max")
     accs = [v for _, v in scalars["val/acc"]]
     assert len(accs) == 5
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.05)
-    replay = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="max", patience=0, factor=0.5, threshold=0.6
-    )
-    want = []
-    for acc in accs:  # 6 steps per epoch (1,438 training samples in batches of 256)
-        want += [opt.param_groups[0]["lr"]] * 6
-        replay.step(acc)
+    want = _plateau_lrs(accs, mode="max", threshold=0.6)
     assert [v for _, v in scalars["lr"]] == pytest.approx(want, rel=1e-7)
     assert len(set(want)) > 1  # (it did cut the rate)
     # stopped mid-epoch by max_steps (its last step validated, a longer run's not) and
@@ -1021,14 +1029,7 @@ def test_reduce_lr_on_plateau_steps_on_the_configured_monitor(tmp_path) -> None:
     scalars = read_scalars(tmp_path)
     losses = [v for _, v in scalars["val/loss"]]
     assert len(losses) == 3
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.05)
-    replay = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min", patience=0, factor=0.5, threshold=0.5
-    )
-    want = []
-    for loss in losses:  # 6 steps per epoch (1,438 training samples in batches of 256)
-        want += [opt.param_groups[0]["lr"]] * 6
-        replay.step(loss)
+    want = _plateau_lrs(losses, mode="min", threshold=0.5)
     assert [v for _, v in scalars["lr"]] == pytest.approx(want, rel=1e-7)
     assert len(set(want)) > 1  # (it did cut the rate)
 
