@@ -42,10 +42,16 @@ of parameter elements whose per-sample gradient was captured), never mixed in si
   shape on a few samples of the batch (:meth:`PerSampleNorms._verify`);
 * a unit whose inputs do not carry the batch where expected (an RNN fed a PackedSequence,
   several tensor inputs to a generic unit), or whose output never received a gradient;
-* a unit recomputed per sample (not a closed form) with a hook of one's own that replaced its
-  inputs (a pre-hook) or its output (a forward hook): the recomputation runs the hook again.
-  A closed form's own pre-hooks run before it counts as active, so one using its weight is
-  an outside use (above).
+* a unit recomputed per sample (not a closed form, or a closed form used more than once)
+  with a hook of one's own that replaced or changed in place its inputs (keyword ones too)
+  or its output: the recomputation runs the hook again. A closed form's own pre-hooks run
+  before it counts as active, so one using its weight is an outside use (above);
+* a unit with torch's older ``spectral_norm`` (its pre-hook's power iteration would run
+  again), and every unit while a global module forward hook is registered (it runs before
+  the measuring hooks);
+* a unit whose output's gradient no hook saw while the backward reached its parameters
+  (torch fires no hook of an output changed in place after the forward where the output is
+  a view of the op's result: a Linear on (B, T, D) followed by ``ReLU(inplace=True)``).
 
 The hooks see the gradient of the step's backward root, Σᵢ wᵢℓᵢ (scalar mode: wᵢ = 1/N over the
 N samples of the accumulation window), so the direct result is the *weighted* norm ‖∇θ(wᵢℓᵢ)‖,
