@@ -163,7 +163,8 @@ def hydra_hparams(cfg: DictConfig) -> RunHParams:
 def run_name(run_dir: Path, hparams: RunHParams) -> str:
     """A session group's name: the run's folder (in a sweep: the sweep's and the job's
     number) and the values of the keys it overrides."""
-    where = f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() else run_dir.name
+    numbered = run_dir.name.isascii() and run_dir.name.isdigit()  # (as Hydra numbers jobs)
+    where = f"{run_dir.parent.name}/{run_dir.name}" if numbered else run_dir.name
     return f"{where} {overrides_text(hparams, ' ')}".strip()
 
 
