@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo  # noqa: F401  (imported once here, not in every child: torch.optim uses it)
-from conftest import ROOT, make_cfg, read_scalars
+from conftest import ROOT, make_cfg, read_scalars, train
 
 from trainer.checkpoint import load_checkpoint
 from trainer.config import ConfigError
@@ -1217,3 +1217,91 @@ def test_a_resume_with_another_number_of_workers_continues_as_never_stopped(tmp_
     train(tmp_path / "straight", *common, "data.num_workers=3")
     resumed = tmp_path / "a" / "checkpoints" / "last.pt"  # (a resumed run continues there)
     assert same_params(resumed, tmp_path / "straight" / "checkpoints" / "last.pt")
+
+
+class _StopAt(Callback):
+    """A stop signal (as the handler sets it) at the end of step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == self.at:
+            trainer.stop_signal = signal.SIGTERM
+
+
+def _differences(a, b, path: str = "") -> list[str]:
+    """Where two checkpoints' (nested) states differ: tensors bit for bit, the rest by ==."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}: keys {sorted(map(str, set(a) ^ set(b)))}"] if set(a) != set(b) else []
+        return out + [d for k in a if k in b for d in _differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in _differences(x, y, f"{path}[{i}]")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return [] if same else [f"{path}: tensors differ"]
+    return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "stop", "steps"),
+    [
+        # 4 batches per epoch: stopped at an epoch's last step, the loader's generator was a
+        # draw behind the uninterrupted run's (its state from before the finished epoch)
+        (
+            "loader",
+            (
+                "data.train_subset=64",
+                "data.batch_size=16",
+                "data.loader=dataloader",
+                "data.num_workers=0",
+            ),
+            4,
+            8,
+        ),
+        # norms with agreement every 4 steps, stopped at step 12: the step of gradients no
+        # longer kept was 11 in the uninterrupted run's checkpoint, -1 in the resumed one's
+        (
+            "norms",
+            (
+                "data.train_subset=64",
+                "data.batch_size=16",
+                "logging.every_n_steps=2",
+                "instrument.norms.every_n_steps=4",
+                "instrument.norms.agreement=true",
+            ),
+            12,
+            14,
+        ),
+        # per-sample norms every 3 steps; 101 samples in batches of 8: the resumed process's
+        # first micro-batch is an epoch's ragged one (5 samples), whose mixing check the
+        # uninterrupted run never made (it checks a measured micro-batch's new inputs)
+        (
+            "per_sample",
+            ("data.train_subset=101", "data.batch_size=8", "instrument.per_sample.every_n_steps=3"),
+            12,
+            24,
+        ),
+    ],
+)
+def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_checkpoint(
+    tmp_path, case, overrides, stop, steps
+) -> None:
+    """Not only the parameters and the logged numbers: every state in the last checkpoint
+    (the loader's, each callback's) is the uninterrupted run's, bit for bit, but for the
+    resume's own settings and the wall time. Each case differed before (a probe's)."""
+    common = ("model.hidden=[16]", "logging.progress=false", f"trainer.max_steps={steps}",
+              *overrides)  # fmt: skip
+    train(tmp_path / "whole", *common)
+    with pytest.raises(SystemExit):
+        train(tmp_path / "a", *common, callbacks=[_StopAt(stop)])
+    train(tmp_path / "a", *common, "trainer.resume=auto",
+          f"trainer.checkpoint.search_dir={tmp_path / 'a'}")  # fmt: skip
+    whole, resumed = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt")
+                      for d in ("whole", "a"))  # fmt: skip
+    for state in (whole, resumed):
+        del state["wall_s"], state["config"]["trainer"]["resume"]
+        del state["config"]["trainer"]["checkpoint"]["search_dir"]
+    assert _differences(whole, resumed) == []
+    assert read_scalars(tmp_path / "whole") == read_scalars(tmp_path / "a")

@@ -416,7 +416,7 @@ class DeviceLoader:
             # (the workers' RNGs are seeded per batch: IndexedDataset)
             generator=torch.Generator().manual_seed(seed),
         )
-        self._epoch_generator_state = self.loader.generator.get_state()
+        self._epoch_generator_state = self._seed_generator()
         if num_workers > 0:
             _register_close_at_exit()
             _OPEN.add(self)
@@ -443,18 +443,27 @@ class DeviceLoader:
     def __len__(self) -> int:  # the whole epoch's batches, whatever the start
         return batch_count(self.num_samples, self.global_batch_size, self.drop_last)
 
+    def _seed_generator(self) -> Tensor:
+        """Seed the generator the DataLoader draws its workers' base seed from (a generator
+        of its own: drawn from torch's global one, it would move the run's) from the run's
+        seed and the epoch, and return its state. A function of the two alone: a run resumed
+        at an epoch's end, or whose persistent workers drew their seed in another epoch (at
+        the process's first iteration only), keeps the state an uninterrupted run does, where
+        carrying the state along left it a draw apart (a probe's). The workers' RNGs are
+        seeded again for each batch anyway (:class:`IndexedDataset`)."""
+        self.loader.generator.manual_seed(self.sampler.seed * 1_000_003 + self.sampler.epoch)
+        return self.loader.generator.get_state()
+
     def state_dict(self) -> dict[str, Tensor]:
         """The workers' seed generator as the current epoch found it (for a resume)."""
         return {"generator": self._epoch_generator_state}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.loader.generator.set_state(state["generator"])
+        self.loader.generator.set_state(state["generator"])  # (seeded again for each epoch)
 
     def __iter__(self) -> Iterator[Batch]:
         non_blocking = self.device.type == "cuda"
-        # the iterator draws the workers' base seed from the generator: keep its state from
-        # before the draw, so a resumed epoch draws the same seed
-        self._epoch_generator_state = self.loader.generator.get_state()
+        self._epoch_generator_state = self._seed_generator()  # (before the iterator's draw)
         for i, (x, y, index) in enumerate(self.loader, self.sampler.start_batch):
             self.current_global_size = self.sampler.global_size(i)
             yield Batch(

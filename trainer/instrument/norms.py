@@ -245,7 +245,9 @@ class Norms(Callback):
         """The kept gradients (between a step and the measuring step after it), by parameter
         name: a resumed run measures the same cosine (also where the trainable parameters
         changed during the run: the resumed model may be built with other ones)."""
-        return {"previous": self._previous_by_name, "previous_step": self._previous_step}
+        previous = self._previous_by_name  # (the step of gradients no longer kept: none, as
+        step = -1 if previous is None else self._previous_step  # a resumed run has it)
+        return {"previous": previous, "previous_step": step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = state.get("previous")  # mapped to the parameters in on_fit_start

@@ -2127,6 +2127,11 @@ class PerSampleNorms(Callback):
         }
         self._mixing_failed = {_tuples(sig): str(why)
                                for sig, why in state.get("mixing_failed", [])}  # fmt: skip
+        if "mixing" in state:  # the run's first micro-batch was checked: a resumed process
+            # checks as the uninterrupted one would (a measured micro-batch's new inputs), not
+            # its own first micro-batch's too (a ragged batch's checks were kept that the
+            # uninterrupted run never made: a probe's)
+            self._started = True
 
     def coverage(self) -> float:
         """The share of trainable parameter elements whose per-sample part was captured in
