@@ -2088,7 +2088,10 @@ class PerSampleNorms(Callback):
         union = {(n, k, tuple(shape)): why for part in all_gather_objects(mine)
                  for n, k, shape, why in part}  # type: ignore[attr-defined]  # fmt: skip
         verdicts = [(n, k, list(shape), why) for (n, k, shape), why in union.items()]
-        checks = [[list(sig), [list(k) for k in flagged], [list(k) for k in seen]]
+        # (the sets' calls sorted: their order is the process's string hashes', so a resumed
+        # run's checkpoint listed the same calls in another order, a review's)
+        checks = [[list(sig), sorted((list(k) for k in flagged), key=repr),
+                   sorted((list(k) for k in seen), key=repr)]
                   for sig, (flagged, seen) in self._mixing_checks.items()]  # fmt: skip
         mixing: dict[Any, tuple[Any, Any]] = {}
         for part in all_gather_objects(checks):  # every rank's; a check that saw calls wins
