@@ -442,6 +442,40 @@ def test_resume_auto_without_checkpoints_starts_from_scratch(tmp_path, caplog) -
     assert result["status"] == "completed" and result["step"] == 2
 
 
+def test_resume_auto_that_finds_none_names_a_checkpoint_it_could_continue(tmp_path, caplog):
+    """A run stopped, then started again with ``resume=auto`` and a longer
+    ``trainer.max_steps``, is another run (its length is part of its identity) and starts from
+    scratch: it said so at INFO, never naming the stopped run's checkpoint (a walkthrough's).
+    It now names it, with the keys that differ, in a warning; a run that differs in a
+    hyperparameter (a newer one, looked at first) is not named; and the path it gives
+    continues the stopped run as an uninterrupted one."""
+    search = tmp_path / "outputs"
+    base = (*FAST, f"trainer.checkpoint.search_dir={search}", "model.hidden=[16]")
+    train(search / "a", *base, "trainer.max_steps=3")
+    caplog.set_level(logging.INFO)
+    train(search / "lr", *base, "trainer.resume=auto", "optimizer.lr=0.5", "trainer.max_steps=3")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # (a's lr differs)
+    caplog.clear()
+    train(search / "b", *base, "trainer.resume=auto", "trainer.max_steps=6")
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    stopped = step_path(search / "a" / "checkpoints", 3)
+    assert len(warned) == 1 and "starting from scratch" in warned[0], warned
+    assert f"{stopped} (step 3)" in warned[0] and "(trainer.max_steps: 3 -> 6)" in warned[0]
+    assert f"trainer.resume={stopped} continues it" in warned[0]
+    train(search / "c", *base, f"trainer.resume={stopped}", "trainer.max_steps=6")
+    continued, whole = final_params(search / "a"), final_params(search / "b")
+    assert all(torch.equal(continued[k], whole[k]) for k in whole)
+    # started again in the stopped run's own folder, which sets its outputs aside: not named
+    # (the path would be gone)
+    alone = tmp_path / "alone"
+    here = (*FAST, f"trainer.checkpoint.search_dir={alone}", "model.hidden=[16]")
+    train(alone / "run", *here, "trainer.max_steps=2")
+    caplog.clear()
+    train(alone / "run", *here, "trainer.resume=auto", "trainer.max_steps=4")
+    assert not [r for r in caplog.records if "continues it" in r.getMessage()]
+    assert (alone / "run" / "previous" / "1" / "checkpoints" / "step_000000002.pt").is_file()
+
+
 def test_resume_auto_in_a_folder_it_does_not_search_says_so(tmp_path, caplog) -> None:
     """A run written outside trainer.checkpoint.search_dir (hydra.run.dir elsewhere) started
     from scratch on every resume=auto with an info line only (a probe's finding): said, with

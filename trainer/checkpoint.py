@@ -371,6 +371,61 @@ def resume_changes(
     return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
 
 
+#: how many other runs' newest checkpoints :func:`continuable` looks at (the newest first)
+CONTINUABLE_LOOKS = 20
+
+
+def continuable(
+    search_dir: Path,
+    config: dict[str, Any],
+    ids: tuple[str, ...],
+    world: int = 1,
+    own: Path | None = None,
+) -> tuple[Path, int, list[str]] | None:
+    """The checkpoint a run that ``resume=auto`` found none of may have meant to continue:
+    the newest step checkpoint under ``search_dir`` of another run (not of ``ids``) whose
+    config differs from ``config`` only in what a resumed run may change (how long it trains,
+    logging, instruments, the device, how data is loaded: :func:`resume_changes` has nothing
+    against it), as (path, step, its differences ``key: old -> new``). Those keys are part of
+    a run's identity, so ``resume=auto`` with a longer ``trainer.max_epochs`` starts another
+    run; ``trainer.resume=<path>`` continues the checkpoint with them. Each run folder's
+    newest checkpoint, the :data:`CONTINUABLE_LOOKS` newest runs at most, each read
+    memory-mapped (its tensors are not read); None when none fits. Not one in the run folder
+    ``own``, whose earlier outputs a run of another id sets aside (its path would be stale)."""
+    newest: list[tuple[float, int, Path]] = []
+    mine = (own / "checkpoints").resolve() if own is not None else None
+    for marker in search_dir.rglob("checkpoints/run.json"):
+        if marker.parent.resolve() == mine:
+            continue
+        try:
+            if json.loads(marker.read_text()).get("run_id") in ids:
+                continue
+        except (OSError, ValueError, AttributeError):
+            continue
+        steps = [(n, p) for p in marker.parent.glob("step_*.pt") if (n := step_of(p)) is not None]
+        if steps:
+            step, path = max(steps)
+            with contextlib.suppress(OSError):
+                newest.append((path.stat().st_mtime, step, path))
+    for _, step, path in sorted(newest, key=lambda t: t[:2], reverse=True)[:CONTINUABLE_LOOKS]:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # (a broken or foreign file: not a candidate)
+            continue
+        saved = state.get("config") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            continue
+        saved_world = len(state.get("tally_ranks") or [None])
+        if resume_changes(saved, config, saved_world, world):
+            continue
+        a, b = _flat(_without_identityless(saved)), _flat(_without_identityless(config))
+        changed = [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k]]
+        if changed:  # (none: another id by hand, trainer.run_id, not a longer run)
+            diffs = [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
+            return path, step, diffs
+    return None
+
+
 def step_path(directory: Path, step: int) -> Path:
     return directory / f"step_{step:09d}.pt"
 

@@ -34,6 +34,7 @@ from trainer.checkpoint import (
     CheckpointWriter,
     PeriodicCheckpoints,
     StopOnSignals,
+    continuable,
     derive_run_id,
     find_checkpoints,
     marked_id,
@@ -467,12 +468,25 @@ def _run(
                                      Path(tc.checkpoint.search_dir), ids, run_dir)  # fmt: skip
             if resume_state is None:
                 if main:  # (one line per run, not one per rank)
-                    log.info(
-                        "resume=auto: no usable checkpoint of run %s under %s; starting from "
-                        "scratch", run_id if len(ids) == 1
-                        else f"{ids[0]} (or, as before 2026-12-05, {ids[1]})",
-                        _searched(tc.checkpoint.search_dir),
-                    )  # fmt: skip
+                    which = (run_id if len(ids) == 1
+                             else f"{ids[0]} (or, as before 2026-12-05, {ids[1]})")  # fmt: skip
+                    none = (
+                        f"resume=auto: no usable checkpoint of run {which} under "
+                        f"{_searched(tc.checkpoint.search_dir)}; starting from scratch"
+                    )
+                    near = continuable(Path(tc.checkpoint.search_dir), config, ids,
+                                       distributed.from_env().size, own)  # fmt: skip
+                    if near is None:
+                        log.info(none)
+                    else:  # (a run stopped, then started again to train longer: its id is
+                        # another, and it started over without a word, a walkthrough's)
+                        path, step, diffs = near
+                        log.warning(
+                            "%s. %s (step %d) is of a run that differs from this one only in "
+                            "what a resumed run may change (%s): trainer.resume=%s continues "
+                            "it with this run's values", none, path, step,
+                            "; ".join(diffs[:6]) + (" …" if len(diffs) > 6 else ""), path,
+                        )  # fmt: skip
                 search = Path(tc.checkpoint.search_dir).resolve()
                 outside = not run_dir.resolve().is_relative_to(search)
                 if main and outside:  # (its checkpoints would be
