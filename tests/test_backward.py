@@ -446,3 +446,31 @@ def test_a_grad_scaler_scales_the_regularizers_gradient_with_the_datas(path) -> 
         grads.append(p.grad.clone())
     assert torch.equal(grads[0], 3 * w + p.detach())  # the analytic gradient: 3w + p
     assert torch.equal(grads[1], 1024 * grads[0])
+
+
+def test_float32_weights_are_refused_for_float64_losses() -> None:
+    """float32 is the one other dtype allowed, and only for float16/bfloat16 losses (their
+    weights u / Σu are computed in float32): float64 losses' weights in float32 would be
+    rounded to 24 bits without a word."""
+    losses = torch.ones(3, dtype=torch.float64, requires_grad=True) * 2
+    with pytest.raises(WeightError, match="dtype"):
+        check_weights(losses, torch.ones(3, dtype=torch.float32))
+    check_weights(losses.half(), torch.ones(3, dtype=torch.float32))  # allowed
+    check_weights(losses.bfloat16(), torch.ones(3, dtype=torch.float32))
+
+
+def test_a_hook_on_the_scalar_root_gets_a_fresh_seed_each_call() -> None:
+    """The kept 1.0 seed is passed only where no tensor hook of the root sees it: a hook that
+    scales its gradient in place (allowed on a fresh seed) would otherwise scale the kept one,
+    and every later backward of that dtype and device with it."""
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    for _ in range(3):
+        root = torch.dot(x, c)  # DotBackward0: a root the kept seed is used for
+        root.register_hook(lambda g: g.mul_(3.0))
+        backward_scalar(root)
+        assert torch.equal(x.grad, 3.0 * c)  # d(3·x·c)/dx, exactly, every call
+        x.grad = None
+    plain = torch.dot(x, c)
+    backward_scalar(plain)
+    assert torch.equal(x.grad, c)

@@ -1616,3 +1616,19 @@ def test_a_batched_fetch_returning_too_few_samples_is_refused_naming_the_counts(
     with pytest.raises(ValueError, match=r"data: Items\.__getitems__ returned 15 samples for "
                        r"16 indices"):  # fmt: skip
         train(tmp_path, *labels("ShortBatches"), "data.num_workers=0")
+
+
+def test_a_metric_named_val_slash_alone_is_refused() -> None:
+    """'val/' is the prefix, not a name: no tag under it (TensorBoard's 'val/' with nothing
+    after); refused like a name outside val/, and 'val/x' taken."""
+    from trainer.losses import check_metric_names
+
+    class Bare(Loss):
+        metrics = ("val/loss", "val/")
+
+    class Named(Loss):
+        metrics = ("val/loss", "val/x")
+
+    with pytest.raises(ValueError, match=r"\['val/'\] are not names under 'val/'"):
+        check_metric_names(Bare())
+    check_metric_names(Named())

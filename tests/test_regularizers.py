@@ -597,3 +597,19 @@ def test_the_check_compares_at_lambda_1_names_a_non_finite_backward_and_checks_t
     with pytest.raises(ValueError, match=r"nocoef \(NoCoef\): its value at λ = 0.01 is .*, "
                        r"not λ times its value at λ = 1"):  # fmt: skip
         NoCoef("nocoef", coef=0.01).bind(model).check_gradient()
+
+
+def test_orthogonal_selects_only_matrices_and_its_value_is_the_formula() -> None:
+    """orthogonal is defined over 2-D weights: a conv kernel (3-D here) passes min_ndim=2 but
+    is left out (selected, the Function refused it: a conv model's first step failed). Its
+    value is λ Σ‖WᵀW − I‖²_F of the linear weight alone (float64 brute force)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(6, 4)).double()
+    reg = Regularizer("orthogonal", 0.25).bind(model)
+    assert reg.names == ["2.weight"]
+    w = model[2].weight.detach()
+    want = 0.25 * sum(
+        (sum(w[k, i] * w[k, j] for k in range(4)) - float(i == j)) ** 2
+        for i in range(6) for j in range(6)
+    )  # fmt: skip
+    torch.testing.assert_close(reg.value().detach(), want, rtol=1e-12, atol=0)

@@ -1119,11 +1119,94 @@ def test_perplexity_is_exp_of_the_loss_up_to_floats_largest() -> None:
     assert math.isnan(perplexity(math.nan))
 
 
-def test_a_metric_named_val_alone_is_refused() -> None:
-    from trainer.losses import check_metric_names
+def test_units_mask_the_loss_own_ignore_index_not_negative_ids() -> None:
+    """Padding is whatever id ``ignore_index`` names (0 here, a tokenizer's pad id): its
+    tokens get u = 0, and the scalar average Σuℓ/Σu is the loop's mean over the other tokens
+    (float64), for both averages."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, dtype=torch.float64)
+    target = torch.tensor([[3, 1, 0, 0], [2, 4, 1, 0]])
+    for average in ("tokens", "sequences"):
+        loss = TokenCrossEntropy(average=average, ignore_index=0)
+        u = loss.units(target, torch.float64)
+        seq = [[(i, t) for t in range(4) if int(target[i, t]) != 0] for i in range(2)]
+        want_u = torch.zeros(2, 4, dtype=torch.float64)
+        for i, toks in enumerate(seq):
+            for _, t in toks:
+                want_u[i, t] = 1.0 if average == "tokens" else 1.0 / len(toks)
+        assert torch.equal(u, want_u), average
+        nll = [[-torch.log_softmax(logits[i, t], 0)[target[i, t]] for _, t in toks]
+               for i, toks in enumerate(seq)]  # fmt: skip
+        want = (sum(sum(s) for s in nll) / sum(len(s) for s in nll) if average == "tokens"
+                else sum(sum(s) / len(s) for s in nll) / len(nll))  # fmt: skip
+        got = (loss(logits, target) * u).sum() / u.sum()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
-    class Bare(Loss):
-        metrics = ("val/loss", "val/")
 
-    with pytest.raises(ValueError, match=r"metrics \['val/'\] are not names under 'val/'"):
-        check_metric_names(Bare())
+@pytest.mark.parametrize("smoothing", [0.1, 0.5])
+def test_val_loss_is_the_plain_nll_whatever_the_label_smoothing(smoothing) -> None:
+    """Label smoothing shapes the training loss only: val/loss (and so val/ppl) is the plain
+    next-token NLL for token_cross_entropy, the plain cross-entropy for cross_entropy (float64
+    log-softmax of each row, summed)."""
+    from trainer.losses import CrossEntropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, dtype=torch.float64)
+    target = torch.tensor([[1, 3, PAD], [0, 2, 2]])
+    loss = TokenCrossEntropy(label_smoothing=smoothing)
+    nll = sum(-torch.log_softmax(logits[i, t], 0)[target[i, t]]
+              for i in range(2) for t in range(3) if int(target[i, t]) != PAD)  # fmt: skip
+    pair = loss.val_sums(logits, target)["val/loss"]
+    torch.testing.assert_close(pair, torch.stack([nll, torch.tensor(5.0, dtype=torch.float64)]),
+                               rtol=1e-12, atol=0)  # fmt: skip
+    assert not torch.allclose(loss(logits, target)[target != PAD].sum(), nll)  # (it smooths)
+
+    out, y = logits[:, 0], torch.tensor([1, 3])
+    ce = CrossEntropy(label_smoothing=smoothing)
+    want = sum(-torch.log_softmax(out[i], 0)[y[i]] for i in range(2))
+    torch.testing.assert_close(ce.val_sums(out, y)["val/loss"][0], want, rtol=1e-12, atol=0)
+    assert not torch.allclose(ce(out, y).sum(), want)
+
+
+def test_a_label_smoothing_of_1_is_refused() -> None:
+    """[0, 1): at 1 the target is uniform whatever the label, nothing of it is learned."""
+    from trainer.losses import CrossEntropy
+
+    for make in (CrossEntropy, TokenCrossEntropy):
+        with pytest.raises(ValueError, match=r"label_smoothing: got 1.0, must be in \[0, 1\)"):
+            make(label_smoothing=1.0)
+        make(label_smoothing=0.999)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_train_loss_of_low_precision_token_losses_is_averaged_in_float32(dtype) -> None:
+    """float16/bfloat16 per-token losses are averaged in float32: their product with the
+    units and Σu too where a loss of one's own gives its units in the losses' dtype (float16
+    keeps even integers past 2048, bfloat16 multiples of 16: Σu = 3001 of 9003 tokens of
+    u = 1/3 is not one); the mean is Σuℓ/Σu of the values as given, in float64."""
+    from trainer.metrics import LossTally
+
+    torch.manual_seed(0)
+    losses = (torch.rand(3001, 3) * 4).to(dtype)
+    units = torch.full((3001, 3), 1 / 3, dtype=dtype)
+    tally = LossTally(torch.device("cpu"), per_token=True)
+    tally.add(losses, units)
+    mean, total, count, samples = tally.take_log()
+    l64, u64 = losses.double(), units.double()
+    torch.testing.assert_close(count.double(), u64.sum(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.double(), (l64 * u64).sum() / u64.sum(), rtol=1e-6, atol=0)
+    assert samples == 3001
+
+
+def test_finalize_derives_val_ppl_only_where_the_metrics_list_it() -> None:
+    """A sequence loss whose metrics leave val/ppl out gets none from Loss.finalize (it would
+    reach TensorBoard as a name beyond its metrics); one listing it gets exp(val/loss)."""
+
+    class NoPpl(Loss):
+        task = "sequence"
+        metrics = ("val/loss", "val/token_acc")
+
+    values = {"val/loss": 1.5, "val/token_acc": 0.25}
+    assert NoPpl().finalize(dict(values)) == values
+    got = TokenCrossEntropy().finalize(dict(values))
+    assert got == {**values, "val/ppl": math.exp(1.5)}
