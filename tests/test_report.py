@@ -701,3 +701,62 @@ def test_the_monitor_and_the_metric_are_those_of_the_completed_jobs(tmp_path) ->
     _job(other, "0", {"status": "completed", "monitor": "val/acc", "val/acc": 0.9})
     _job(other, "1", {"status": "completed", "val/loss": 0.3})
     assert report.main([str(other), "--metric", "val/acc"]) == 0
+
+
+BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def _plan(root: Path, sweeper: dict[str, Any], task: list[str]) -> None:
+    """The sweep's multirun.yaml as Hydra writes it (its hydra node: sweeper, overrides)."""
+    hydra = {"mode": "MULTIRUN", "sweeper": sweeper, "overrides": {"task": task}}
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+
+
+def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path, capsys):
+    """A sweep of 2 × 2 points interrupted during its second job: the report listed the 2
+    folders there, "2 jobs (1 completed, 1 interrupted)", a smaller sweep (a walkthrough's),
+    where the sweep's own summary said 2 of 4 did not complete. The jobs never started are
+    rows now, with the overrides and the number Hydra's basic sweeper gives them (its own
+    split of the sweep), ranked last, in summary.csv without a folder; an Optuna sweep's
+    trials, which nothing names before they run, are counted."""
+    root = tmp_path / "multirun"
+    plan = [["optimizer.lr=0.1", "seed=0", "trainer.max_steps=5"],
+            ["optimizer.lr=0.1", "seed=1", "trainer.max_steps=5"],
+            ["optimizer.lr=0.2", "seed=0", "trainer.max_steps=5"],
+            ["optimizer.lr=0.2", "seed=1", "trainer.max_steps=5"]]  # fmt: skip
+    make_run(root / "0", completed(0.8, 0.5, 0.1), plan[0])
+    make_run(root / "1", {"status": "interrupted", "signal": "SIGINT", "step": 3}, plan[1])
+    _plan(root, {"_target_": BASIC, "params": None},
+          ["optimizer.lr=0.1,0.2", "seed=range(0,2)", "trainer.max_steps=5"])  # fmt: skip
+    assert report.main([str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split(None, 3) for line in out[1:5]]
+    assert [(r[0], r[1]) for r in rows] == [("*", "0"), ("1", "interrupted"),
+                                            ("2", "not"), ("3", "not")]  # fmt: skip
+    assert out[3].split()[1:3] == ["not", "started"] and " ".join(plan[2]) in out[3]
+    assert " ".join(plan[3]) in out[4]
+    assert "4 jobs (1 completed, 1 interrupted, 2 not started)" in out[6]
+    csv_rows = read_csv(root / "summary.csv")
+    assert [(r["job"], r["status"], r["path"]) for r in csv_rows[2:]] == [
+        ("2", "not started", ""), ("3", "not started", "")]  # fmt: skip
+    assert csv_rows[2]["overrides"] == " ".join(plan[2])
+
+    # the same sweep complete: no row added
+    make_run(root / "2", completed(0.7, 0.5, 0.1), plan[2])
+    make_run(root / "3", completed(0.6, 0.5, 0.1), plan[3])
+    assert report.main([str(root)]) == 0
+    assert "4 jobs (3 completed, 1 interrupted);" in capsys.readouterr().out
+
+    # folders that are not the plan's (another sweep's, reused): counted, not named
+    shutil.rmtree(root / "3")
+    _plan(root, {"_target_": BASIC, "params": None}, ["optimizer.lr=0.3,0.4,0.5,0.6"])
+    assert report.main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "4 jobs (2 completed, 1 interrupted, 1 not started)" in out
+    assert "not started" not in "".join(out.splitlines()[1:5])
+
+    # Optuna's 5 trials, 3 of them run
+    optuna = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    _plan(root, {"_target_": optuna, "n_trials": 5}, [])
+    assert report.main([str(root)]) == 0
+    assert "5 jobs (2 completed, 1 interrupted, 2 not started)" in capsys.readouterr().out

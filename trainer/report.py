@@ -256,6 +256,51 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     return runs
 
 
+#: a planned job of an interrupted sweep that has no folder (:func:`not_started`)
+NOT_STARTED = "not started"
+
+
+def not_started(root: Path, runs: Sequence[Run]) -> tuple[list[Run], int]:
+    """The jobs the multirun at ``root`` was to run (its ``multirun.yaml``) that have no
+    folder: an interrupted sweep never started them. Until 2026-12-06 they were nowhere in
+    the report, which read as a smaller sweep (a walkthrough's). As rows, status ``not
+    started``, with their overrides and the number Hydra gives the job, where the basic
+    sweeper's own split of the sweep names them (matched to the jobs there by their
+    overrides); else as a count (an Optuna sweep's trials, a ``glob``). ``([], 0)`` for a run
+    dir, or a sweep whose jobs all have a folder."""
+    path = root / "multirun.yaml"
+    if not path.is_file() or is_run_dir(root):
+        return [], 0
+    from omegaconf import OmegaConf
+
+    from trainer.sweep import planned_job_overrides, planned_jobs
+
+    try:
+        hydra = OmegaConf.select(OmegaConf.load(path), "hydra")
+        planned = planned_jobs(hydra)
+    except Exception as e:  # noqa: BLE001 (a report is still made: without them, said so)
+        print(f"warning: {path}: cannot read the sweep's plan ({type(e).__name__}); jobs it "
+              "never started are not counted", file=sys.stderr)  # fmt: skip
+        return [], 0
+    missing = max(0, (planned or 0) - len(runs))
+    if not missing:
+        return [], 0
+    jobs = planned_job_overrides(hydra)
+    if jobs is not None:
+        started: dict[tuple[str, ...], int] = {}
+        for r in runs:
+            started[tuple(r.overrides)] = started.get(tuple(r.overrides), 0) + 1
+        rows = []
+        for number, overrides in enumerate(jobs):
+            if started.get(tuple(overrides), 0) > 0:
+                started[tuple(overrides)] -= 1
+            else:
+                rows.append(Run(str(number), root / str(number), NOT_STARTED, list(overrides)))
+        if len(rows) == missing:  # (else the folders are not the plan's: counted only)
+            return rows, 0
+    return [], missing
+
+
 def resolve_mode(metric: str, mode: str) -> str:
     """``max`` or ``min``; ``auto``: the trainer's own metrics' direction
     (:data:`DIRECTIONS`), else max for a name with a word of :data:`HIGHER_IS_BETTER` (an
@@ -460,8 +505,9 @@ def format_number(v: Any) -> str:
     return f"{v:.4g}"
 
 
-def render_table(ranked: Sequence[Run], metric: str, mode: str) -> str:
-    """The ranked runs as an aligned text table, ``*`` on the best, and a closing line."""
+def render_table(ranked: Sequence[Run], metric: str, mode: str, unnamed: int = 0) -> str:
+    """The ranked runs as an aligned text table, ``*`` on the best, and a closing line
+    (``unnamed``: planned jobs never started that have no row, :func:`not_started`)."""
     best = best_run(ranked, metric)
     cols = columns_for(metric, ranked)
     header = ["", "job", "status", *cols, "overrides", "error"]
@@ -495,8 +541,11 @@ def render_table(ranked: Sequence[Run], metric: str, mode: str) -> str:
     counts: dict[str, int] = {}
     for r in ranked:
         counts[r.status] = counts.get(r.status, 0) + 1
+    if unnamed:
+        counts[NOT_STARTED] = counts.get(NOT_STARTED, 0) + unnamed
     tally = ", ".join(f"{n} {s}" for s, n in counts.items())
-    jobs = f"{len(ranked)} job{'' if len(ranked) == 1 else 's'}"
+    total = len(ranked) + unnamed
+    jobs = f"{total} job{'' if total == 1 else 's'}"
     return "\n".join([*lines, "", f"{jobs} ({tally}); {summary}"])
 
 
@@ -509,8 +558,9 @@ def write_csv(ranked: Sequence[Run], metric: str, path: Path) -> None:
         w.writerow(["best", "job", "status", *cols, "overrides", "error", "path"])
         for r in ranked:
             numbers = ["" if r.metrics.get(c) is None else r.metrics[c] for c in cols]
+            where = "" if r.status == NOT_STARTED else str(r.path)  # (no folder)
             w.writerow(["*" if r is best else "", r.name, r.status, *numbers,
-                        " ".join(r.overrides), r.error, str(r.path)])  # fmt: skip
+                        " ".join(r.overrides), r.error, where])  # fmt: skip
 
 
 def curve_labels(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
@@ -665,12 +715,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "taken as best (--mode max or min to say)", file=sys.stderr)  # fmt: skip
     for r in runs:
         r.curves = read_curves(r.path, curve_tags(args.metric))
-    ranked = rank_runs(runs, args.metric, args.mode)
-    print(render_table(ranked, args.metric, args.mode))
     root: Path = args.dir
+    rows, unnamed = not_started(root, runs)
+    ranked = rank_runs([*runs, *rows], args.metric, args.mode)
+    print(render_table(ranked, args.metric, args.mode, unnamed))
     try:
         write_csv(ranked, args.metric, root / "summary.csv")
-        plot_curves(ranked, args.metric, root / "curves.png")
+        plot_curves([r for r in ranked if r not in rows], args.metric, root / "curves.png")
     except OSError as e:
         parser.exit(1, f"{parser.prog}: error: cannot write into {root}: {e}\n")
     print(f"wrote {root / 'summary.csv'} and {root / 'curves.png'}")

@@ -78,15 +78,45 @@ def planned_jobs(hydra: Any) -> int | None:
     """How many jobs a multirun was to run: the product of the basic sweeper's sweeps (its
     command line's and ``hydra.sweeper.params``), an Optuna sweeper's ``n_trials``; None
     where not known (another sweeper, a ``glob`` of config choices)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     target = str(OmegaConf.select(hydra, "sweeper._target_") or "")
     if "optuna" in target.lower():
         trials = OmegaConf.select(hydra, "sweeper.n_trials")
         return int(trials) if isinstance(trials, int) else None
-    if not target.endswith("BasicSweeper"):
+    overrides = _basic_sweep(hydra)
+    if overrides is None:
         return None
     sizes: dict[str, int] = {}
+    for override in overrides:
+        key = override.get_key_element()  # (the basic sweeper's key: +, ~, @package)
+        sizes[key] = (len(list(override.sweep_string_iterator()))
+                      if override.is_sweep_override() else 1)  # fmt: skip
+    return math.prod(sizes.values())
+
+
+def planned_job_overrides(hydra: Any) -> list[list[str]] | None:
+    """Each job's overrides, in job number order, as the basic sweeper splits its sweep
+    (Hydra's own ``BasicSweeper.split_arguments``: what each job's ``.hydra/overrides.yaml``
+    holds); None where not known (another sweeper, a ``glob``)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    overrides = _basic_sweep(hydra)
+    if overrides is None:
+        return None
+    try:
+        (jobs,) = BasicSweeper.split_arguments(overrides, None)
+    except Exception:  # noqa: BLE001 (a range or interval sweep: the basic sweeper refuses it)
+        return None
+    return [list(job) for job in jobs]
+
+
+def _basic_sweep(hydra: Any) -> list[Any] | None:
+    """The basic sweeper's overrides, parsed (Hydra's ``Override``s); None for another
+    sweeper or where they do not parse here (a ``glob`` needs the config loader)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    target = str(OmegaConf.select(hydra, "sweeper._target_") or "")
+    if not target.endswith("BasicSweeper"):
+        return None
     try:
         # as written: an override `seed=${hydra:job.num}` cannot be resolved at the sweep's
         # level (it failed the summary's start hook, and an interrupted sweep ended with no
@@ -97,13 +127,13 @@ def planned_jobs(hydra: Any) -> int | None:
         # them (a later value of the same key wins): a pinned `b=9` over params' `b: 5,6,7`
         # is 1 job
         given = [f"{k}={v}" for k, v in dict(params).items()] + [*map(str, tasks)]
-        for override in OverridesParser.create().parse_overrides(given):
-            key = override.get_key_element()  # (the basic sweeper's key: +, ~, @package)
-            sizes[key] = (len(list(override.sweep_string_iterator()))
-                          if override.is_sweep_override() else 1)  # fmt: skip
+        overrides = OverridesParser.create().parse_overrides(given)
+        for override in overrides:
+            if override.is_sweep_override():
+                list(override.sweep_string_iterator())  # (a glob raises here, not later)
     except Exception:  # noqa: BLE001 (a glob needs the config loader: not counted)
         return None
-    return math.prod(sizes.values())
+    return list(overrides)
 
 
 def _each_resolved(params: Any) -> dict[str, Any]:
