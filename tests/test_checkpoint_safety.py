@@ -476,6 +476,62 @@ def test_resume_auto_that_finds_none_names_a_checkpoint_it_could_continue(tmp_pa
     assert (alone / "run" / "previous" / "1" / "checkpoints" / "step_000000002.pt").is_file()
 
 
+def test_resume_auto_names_no_checkpoint_a_resume_would_refuse_or_not_continue(
+    tmp_path, caplog, monkeypatch
+) -> None:
+    """The hint names only what ``trainer.resume=<path>`` continues (a review's): not a run
+    as long as this one or longer (nothing left to train: following it trained 0 steps and
+    re-marked the finished run), not a cosine schedule of the checkpoint run's length when the
+    length changes (a longer resume is refused), not in a multirun (its jobs differ in what it
+    sweeps); a file of another run that holds anything at all never stops a start."""
+    caplog.set_level(logging.INFO)
+
+    def run(search: str, folder: str, *overrides: str) -> list[str]:
+        caplog.clear()
+        train(tmp_path / search / folder, *FAST, "model.hidden=[16]",
+              f"trainer.checkpoint.search_dir={tmp_path / search}", *overrides)  # fmt: skip
+        return [r.getMessage() for r in caplog.records if "continues it" in r.getMessage()]
+
+    run("done", "six", "trainer.max_steps=6")
+    assert run("done", "three", "trainer.resume=auto", "trainer.max_steps=3") == []
+    run("same", "six", "trainer.max_steps=6")
+    assert run("same", "logged", "trainer.resume=auto", "trainer.max_steps=6",
+               "logging.every_n_steps=2") == []  # fmt: skip
+    run("cosine", "two", "scheduler=cosine", "trainer.max_steps=2")
+    assert run("cosine", "four", "scheduler=cosine", "trainer.resume=auto",
+               "trainer.max_steps=4") == []  # fmt: skip
+    run("sweep", "two", "trainer.max_steps=2")
+    monkeypatch.setattr(importlib.import_module("trainer.run"), "in_multirun", lambda: True)
+    assert run("sweep", "four", "trainer.resume=auto", "trainer.max_steps=4") == []
+    monkeypatch.undo()
+    # a file of another run with a config no run has, newer than one that fits
+    run("odd", "two", "trainer.max_steps=2")
+    odd = tmp_path / "odd" / "other" / "checkpoints"
+    odd.mkdir(parents=True)
+    (odd / "run.json").write_text(json.dumps({"run_id": "other"}))
+    torch.save({"config": {"trainer": None}, "tally_ranks": 3, "step": 1}, step_path(odd, 1))
+    (said,) = run("odd", "four", "trainer.resume=auto", "trainer.max_steps=4")
+    two = step_path(tmp_path / "odd" / "two" / "checkpoints", 2)
+    assert f"{two} (step 2)" in said and "(trainer.max_steps: 2 -> 4)" in said, said
+
+
+def test_a_hinted_path_is_quoted_as_hydra_reads_it() -> None:
+    """A folder named by ``hydra.job.override_dirname`` holds ``=``, ``,`` and brackets,
+    which Hydra's override grammar reads: the hinted ``trainer.resume=<path>`` failed to
+    parse when pasted (a review's). Quoted, it parses back to the path, whatever it holds."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from trainer.run import _override
+
+    parse = OverridesParser.create().parse_overrides
+    for path in ("/o/a/checkpoints/step_000000003.pt", "/o/optimizer.lr=0.1,seed=[1,2]/s.pt",
+                 "/o/it's here/s.pt", "/o/a\\b=c/s.pt", "/o/x\\'y=/s.pt", "/o/end=\\"):  # fmt: skip
+        said = _override("trainer.resume", path)
+        (override,) = parse([said])
+        assert override.value() == path, said
+    assert _override("trainer.resume", "/o/a/s.pt") == "trainer.resume=/o/a/s.pt"
+
+
 def test_resume_auto_in_a_folder_it_does_not_search_says_so(tmp_path, caplog) -> None:
     """A run written outside trainer.checkpoint.search_dir (hydra.run.dir elsewhere) started
     from scratch on every resume=auto with an info line only (a probe's finding): said, with

@@ -373,6 +373,9 @@ def resume_changes(
 
 #: how many other runs' newest checkpoints :func:`continuable` looks at (the newest first)
 CONTINUABLE_LOOKS = 20
+#: the run lengths the trainer gives a scheduler (``T_max``, ``total_steps``): a resume that
+#: trains longer than a checkpoint's is refused
+_SCHEDULE_LENGTHS = ("T_max", "total_steps")
 
 
 def continuable(
@@ -386,44 +389,75 @@ def continuable(
     the newest step checkpoint under ``search_dir`` of another run (not of ``ids``) whose
     config differs from ``config`` only in what a resumed run may change (how long it trains,
     logging, instruments, the device, how data is loaded: :func:`resume_changes` has nothing
-    against it), as (path, step, its differences ``key: old -> new``). Those keys are part of
-    a run's identity, so ``resume=auto`` with a longer ``trainer.max_epochs`` starts another
-    run; ``trainer.resume=<path>`` continues the checkpoint with them. Each run folder's
-    newest checkpoint, the :data:`CONTINUABLE_LOOKS` newest runs at most, each read
-    memory-mapped (its tensors are not read); None when none fits. Not one in the run folder
-    ``own``, whose earlier outputs a run of another id sets aside (its path would be stale)."""
+    against it) and that this run's length leaves steps to train (its step below
+    ``trainer.max_steps``, its epochs below ``trainer.max_epochs``), as (path, step, its
+    differences ``key: old -> new``). Those keys are part of a run's identity, so
+    ``resume=auto`` with a longer ``trainer.max_epochs`` starts another run;
+    ``trainer.resume=<path>`` continues the checkpoint with them. Not one whose scheduler
+    the trainer set to its run's length (cosine's ``T_max``, OneCycle's ``total_steps``)
+    where the length changes: a longer resume of it is refused. Not one in the run folder
+    ``own``, whose earlier outputs a run of another id sets aside (its path would be stale).
+    Each run folder's newest checkpoint, the :data:`CONTINUABLE_LOOKS` newest runs at most,
+    each read memory-mapped (its tensors are not read); a file that does not read as a
+    checkpoint is passed over. None when none fits."""
     newest: list[tuple[float, int, Path]] = []
     mine = (own / "checkpoints").resolve() if own is not None else None
     for marker in search_dir.rglob("checkpoints/run.json"):
-        if marker.parent.resolve() == mine:
-            continue
         try:
-            if json.loads(marker.read_text()).get("run_id") in ids:
+            if marker.parent.resolve() == mine:
                 continue
-        except (OSError, ValueError, AttributeError):
-            continue
-        steps = [(n, p) for p in marker.parent.glob("step_*.pt") if (n := step_of(p)) is not None]
-        if steps:
-            step, path = max(steps)
-            with contextlib.suppress(OSError):
+            marked = json.loads(marker.read_text())
+            if not isinstance(marked, dict) or marked.get("run_id") in ids:
+                continue
+            steps = [(n, p) for p in marker.parent.glob("step_*.pt")
+                     if (n := step_of(p)) is not None]  # fmt: skip
+            if steps:
+                step, path = max(steps)
                 newest.append((path.stat().st_mtime, step, path))
+        except (OSError, ValueError):
+            continue
+    trainer = config.get("trainer")
+    max_steps, max_epochs = (
+        (trainer.get("max_steps"), trainer.get("max_epochs"))
+        if isinstance(trainer, dict)
+        else (None, None)
+    )
     for _, step, path in sorted(newest, key=lambda t: t[:2], reverse=True)[:CONTINUABLE_LOOKS]:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # (a broken or foreign file: not a candidate)
-            continue
-        saved = state.get("config") if isinstance(state, dict) else None
-        if not isinstance(saved, dict):
-            continue
-        saved_world = len(state.get("tally_ranks") or [None])
-        if resume_changes(saved, config, saved_world, world):
-            continue
-        a, b = _flat(_without_identityless(saved)), _flat(_without_identityless(config))
-        changed = [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k]]
-        if changed:  # (none: another id by hand, trainer.run_id, not a longer run)
-            diffs = [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
+            diffs = _continuable_diffs(path, config, world, max_steps, max_epochs)
+        except Exception:  # noqa: BLE001 (another run's file, whatever it holds: a hint
+            continue  # never stops a start)
+        if diffs:
             return path, step, diffs
     return None
+
+
+def _continuable_diffs(
+    path: Path, config: dict[str, Any], world: int, max_steps: Any, max_epochs: Any
+) -> list[str]:
+    """:func:`continuable`'s test of one checkpoint: the keys that differ (``key: old ->
+    new``), or [] when this run cannot continue it."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        return []
+    saved_world = len(state.get("tally_ranks") or [None])
+    if resume_changes(saved, config, saved_world, world):
+        return []
+    step, epoch = state.get("step"), state.get("epoch")
+    if isinstance(max_steps, int) and not (isinstance(step, int) and step < max_steps):
+        return []  # (nothing left to train: a resume would end where it starts)
+    if isinstance(max_epochs, int) and not (isinstance(epoch, int) and epoch < max_epochs):
+        return []
+    a, b = _flat(_without_identityless(saved)), _flat(_without_identityless(config))
+    changed = [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k]]
+    lengths = {**(state.get("schedule_length") or {}), **(state.get("scheduler") or {})}
+    if any(k in ("trainer.max_steps", "trainer.max_epochs") for k in changed) and any(
+        isinstance(lengths.get(k), int) and not isinstance(lengths.get(k), bool)
+        for k in _SCHEDULE_LENGTHS
+    ):
+        return []  # (a schedule of the checkpoint run's length: longer is refused)
+    return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
 
 
 def step_path(directory: Path, step: int) -> Path:

@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import tempfile
@@ -67,7 +68,7 @@ from trainer.loop import Callback, Trainer, check_plateau, planned_steps
 from trainer.losses import Loss, as_loss
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.report import CONTINUED
-from trainer.sweep import check_direction
+from trainer.sweep import check_direction, in_multirun
 from trainer.weighting import NORMALIZE, Weighting
 
 log = logging.getLogger(__name__)
@@ -401,6 +402,17 @@ def _process_settings_kept() -> Iterator[None]:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
+def _override(key: str, value: str) -> str:
+    """``key=value`` as a command line gives it to Hydra: quoted where the value holds what
+    its override grammar reads (``=``, ``,``, brackets: a folder named by
+    ``hydra.job.override_dirname``), its quotes escaped, and its backslashes where one precedes
+    a quote or ends it (the grammar reads no other escape)."""
+    if re.fullmatch(r"[\w./:@+-]*", value):
+        return f"{key}={value}"
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+    return f"{key}='{escaped}'"
+
+
 def _searched(search_dir: str) -> str:
     """A search dir as given, and the folder it is from here where it is relative (a
     relative one follows the folder a run is launched from: a probe launched elsewhere
@@ -474,8 +486,11 @@ def _run(
                         f"resume=auto: no usable checkpoint of run {which} under "
                         f"{_searched(tc.checkpoint.search_dir)}; starting from scratch"
                     )
-                    near = continuable(Path(tc.checkpoint.search_dir), config, ids,
-                                       distributed.from_env().size, own)  # fmt: skip
+                    near = None
+                    if not in_multirun():  # (a sweep's jobs differ in what it sweeps)
+                        with contextlib.suppress(Exception):  # (a hint never stops a start)
+                            near = continuable(Path(tc.checkpoint.search_dir), config, ids,
+                                               distributed.from_env().size, own)  # fmt: skip
                     if near is None:
                         log.info(none)
                     else:  # (a run stopped, then started again to train longer: its id is
@@ -483,9 +498,10 @@ def _run(
                         path, step, diffs = near
                         log.warning(
                             "%s. %s (step %d) is of a run that differs from this one only in "
-                            "what a resumed run may change (%s): trainer.resume=%s continues "
-                            "it with this run's values", none, path, step,
-                            "; ".join(diffs[:6]) + (" …" if len(diffs) > 6 else ""), path,
+                            "what a resumed run may change (%s): %s continues it with this "
+                            "run's values, in that run's folder", none, path, step,
+                            "; ".join(diffs[:6]) + (" …" if len(diffs) > 6 else ""),
+                            _override("trainer.resume", str(path)),
                         )  # fmt: skip
                 search = Path(tc.checkpoint.search_dir).resolve()
                 outside = not run_dir.resolve().is_relative_to(search)
