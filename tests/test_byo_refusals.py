@@ -128,6 +128,21 @@ def test_a_structured_input_is_refused_naming_what_the_trainer_takes(tmp_path, k
         train(tmp_path, f"data._target_={__name__}.{data}", *TINY)
 
 
+def summed_loss(output, target, scale: float = 1.0):
+    """A loss function that returns the batch's sum, one number, not a loss per sample."""
+    return scale * F.cross_entropy(output, target, reduction="sum")
+
+
+def test_a_loss_function_of_ones_own_is_named_by_its_own_name(tmp_path) -> None:
+    """A function given with ``_partial_: true`` that returns one number was named
+    "loss CallableLoss returned shape ()", the wrapper's name, not the function to fix (a
+    walkthrough's)."""
+    with pytest.raises(ValueError, match=rf"loss CallableLoss\({__name__}\.summed_loss\) "
+                       r"returned shape \(\)"):  # fmt: skip
+        train(tmp_path, "~loss", f"+loss._target_={__name__}.summed_loss", "+loss._partial_=true",
+              "+loss.scale=2.0", *TINY)  # fmt: skip
+
+
 class Rounded(Loss):
     """Cross-entropy losses cast to int64 (``detach``: detached instead)."""
 

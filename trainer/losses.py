@@ -33,6 +33,7 @@ A loss of your own (README, "Bring your own"): subclass :class:`Loss` and implem
 from __future__ import annotations
 
 import decimal
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -620,6 +621,19 @@ class CallableLoss(Loss):
 
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
         return self.fn(output, target)
+
+    def __repr__(self) -> str:
+        fn = self.fn.func if isinstance(self.fn, functools.partial) else self.fn  # (_partial_)
+        name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        module = getattr(fn, "__module__", None)
+        return f"{type(self).__name__}({module + '.' if module else ''}{name})"
+
+
+def loss_name(loss: Any) -> str:
+    """A loss as an error names it: its class, and a wrapped callable's own name
+    (``CallableLoss(mypkg.losses.bad_fn)``: "loss CallableLoss returned ..." named none of
+    the user's, a walkthrough's)."""
+    return repr(loss) if isinstance(loss, CallableLoss) else type(loss).__name__
 
 
 def as_loss(obj: Any) -> Loss:

@@ -36,7 +36,7 @@ from torch import Tensor
 from trainer.backward import backward_scalar, backward_vector
 from trainer.distributed import SINGLE, World, all_reduce_sum
 from trainer.instrument.norms import minus, total_norm
-from trainer.losses import Loss, units_dtype
+from trainer.losses import Loss, loss_name, units_dtype
 from trainer.precision import sum_dtype
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import UniformWeighting, Weighting
@@ -137,7 +137,7 @@ class Objective:
         expected = y.shape[:1] if units is None else units.shape
         if losses.shape != expected:  # metadata only, no sync
             raise ValueError(
-                f"loss {type(self.loss).__name__} returned shape {tuple(losses.shape)} for a "
+                f"loss {loss_name(self.loss)} returned shape {tuple(losses.shape)} for a "
                 f"batch of {y.shape[0]}; it must return one loss per element, shape "
                 f"{tuple(expected)} (reduction='none')"
                 + (
@@ -163,7 +163,7 @@ class Objective:
                 ".item(), a NumPy round trip, or torch.no_grad)"
             )
             raise ValueError(
-                f"loss {type(self.loss).__name__} returned losses {why}; it must return "
+                f"loss {loss_name(self.loss)} returned losses {why}; it must return "
                 "floating-point per-sample losses computed from the model's output"
             )
         return units
