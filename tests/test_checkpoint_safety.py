@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import pickle
+import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import torch
 from conftest import ROOT, final_params, in_background, read_scalars, train
 
 import trainer.checkpoint as checkpoint_module
+from trainer.callbacks import Callback
 from trainer.checkpoint import load_checkpoint, step_path
 from trainer.logger import event_dir
 
@@ -476,6 +479,17 @@ def test_resume_auto_that_finds_none_names_a_checkpoint_it_could_continue(tmp_pa
     assert (alone / "run" / "previous" / "1" / "checkpoints" / "step_000000002.pt").is_file()
 
 
+class _StopAt(Callback):
+    """A stop signal (as the handler sets it) at the end of step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == self.at:
+            trainer.stop_signal = signal.SIGTERM
+
+
 def test_resume_auto_names_no_checkpoint_a_resume_would_refuse_or_not_continue(
     tmp_path, caplog, monkeypatch
 ) -> None:
@@ -497,9 +511,26 @@ def test_resume_auto_names_no_checkpoint_a_resume_would_refuse_or_not_continue(
     run("same", "six", "trainer.max_steps=6")
     assert run("same", "logged", "trainer.resume=auto", "trainer.max_steps=6",
                "logging.every_n_steps=2") == []  # fmt: skip
-    run("cosine", "two", "scheduler=cosine", "trainer.max_steps=2")
-    assert run("cosine", "four", "scheduler=cosine", "trainer.resume=auto",
-               "trainer.max_steps=4") == []  # fmt: skip
+    run("cosine", "four", "scheduler=cosine", "trainer.max_steps=4")
+    assert run("cosine", "eight", "scheduler=cosine", "trainer.resume=auto",
+               "trainer.max_steps=8") == []  # fmt: skip
+    # shorter is accepted (the schedule stops short, with a warning): a run of 6 steps
+    # stopped at step 2, started again for 4, is named
+    with pytest.raises(SystemExit):
+        train(tmp_path / "stopped" / "six", *FAST, "model.hidden=[16]", "scheduler=cosine",
+              f"trainer.checkpoint.search_dir={tmp_path / 'stopped'}", "trainer.max_steps=6",
+              callbacks=[_StopAt(2)])  # fmt: skip
+    (said,) = run("stopped", "four", "scheduler=cosine", "trainer.resume=auto",
+                  "trainer.max_steps=4")  # fmt: skip
+    assert "step_000000002.pt (step 2)" in said and "(trainer.max_steps: 6 -> 4)" in said, said
+    # the default max_steps=-1 is no limit: a longer max_epochs is named (a review: -1 left
+    # every checkpoint out, the case the hint is for)
+    run("epochs", "one", "data.train_subset=64", "data.batch_size=32", "trainer.max_epochs=1",
+        "trainer.max_steps=-1")  # fmt: skip
+    (said,) = run("epochs", "two", "data.train_subset=64", "data.batch_size=32",
+                  "trainer.max_epochs=2", "trainer.max_steps=-1",
+                  "trainer.resume=auto")  # fmt: skip
+    assert "(step 2)" in said and "(trainer.max_epochs: 1 -> 2)" in said, said
     run("sweep", "two", "trainer.max_steps=2")
     monkeypatch.setattr(importlib.import_module("trainer.run"), "in_multirun", lambda: True)
     assert run("sweep", "four", "trainer.resume=auto", "trainer.max_steps=4") == []
@@ -517,17 +548,20 @@ def test_resume_auto_names_no_checkpoint_a_resume_would_refuse_or_not_continue(
 
 def test_a_hinted_path_is_quoted_as_hydra_reads_it() -> None:
     """A folder named by ``hydra.job.override_dirname`` holds ``=``, ``,`` and brackets,
-    which Hydra's override grammar reads: the hinted ``trainer.resume=<path>`` failed to
-    parse when pasted (a review's). Quoted, it parses back to the path, whatever it holds."""
+    which Hydra's override grammar reads, and Hydra takes no letter outside ASCII unquoted:
+    the hinted ``trainer.resume=<path>`` failed to parse when pasted (reviews'). Quoted for
+    Hydra, then for the shell, it reaches Hydra as the path, whatever it holds."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from trainer.run import _override
 
     parse = OverridesParser.create().parse_overrides
     for path in ("/o/a/checkpoints/step_000000003.pt", "/o/optimizer.lr=0.1,seed=[1,2]/s.pt",
-                 "/o/it's here/s.pt", "/o/a\\b=c/s.pt", "/o/x\\'y=/s.pt", "/o/end=\\"):  # fmt: skip
+                 "/o/it's here/s.pt", "/o/a\\b=c/s.pt", "/o/x\\'y=/s.pt", "/o/end=\\",
+                 "/o/café/s.pt", "/o/日本/s.pt", '/o/"$x`!/s.pt'):  # fmt: skip
         said = _override("trainer.resume", path)
-        (override,) = parse([said])
+        (argument,) = shlex.split(said)  # as a shell passes it (it took the inner quotes away)
+        (override,) = parse([argument])
         assert override.value() == path, said
     assert _override("trainer.resume", "/o/a/s.pt") == "trainer.resume=/o/a/s.pt"
 

@@ -712,7 +712,7 @@ def _plan(root: Path, sweeper: dict[str, Any], task: list[str]) -> None:
     (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
 
 
-def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path, capsys):
+def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path, capsys, caplog):
     """A sweep of 2 × 2 points interrupted during its second job: the report listed the 2
     folders there, "2 jobs (1 completed, 1 interrupted)", a smaller sweep (a walkthrough's),
     where the sweep's own summary said 2 of 4 did not complete. The jobs never started are
@@ -747,16 +747,36 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     assert report.main([str(root)]) == 0
     assert "4 jobs (3 completed, 1 interrupted);" in capsys.readouterr().out
 
-    # folders that are not the plan's (another sweep's, reused): counted, not named
+    # a dir reused by another sweep, interrupted in its first job: the folders of the first
+    # sweep match none of its jobs, which are not started but the first (a review: counted as
+    # the plan's jobs beyond the folders, 3 for 4, and none where it was as large)
     shutil.rmtree(root / "3")
+    make_run(root / "0b", {"status": "interrupted", "signal": "SIGINT", "step": 1},
+             ["optimizer.lr=0.3"])  # fmt: skip
     _plan(root, {"_target_": BASIC, "params": None}, ["optimizer.lr=0.3,0.4,0.5,0.6"])
     assert report.main([str(root)]) == 0
     out = capsys.readouterr().out
-    assert "4 jobs (2 completed, 1 interrupted, 1 not started)" in out
-    assert "not started" not in "".join(out.splitlines()[1:5])
+    assert "7 jobs (2 completed, 2 interrupted, 3 not started)" in out
+    unstarted = [line.split()[0] for line in out.splitlines() if " not started " in line]
+    assert unstarted == ["1", "2", "3"]
+    from trainer.sweep import SweepSummary  # (the sweep's own last lines count them alike)
 
-    # Optuna's 5 trials, 3 of them run
-    optuna = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-    _plan(root, {"_target_": optuna, "n_trials": 5}, [])
+    with caplog.at_level("INFO", logger="trainer.sweep"):
+        SweepSummary()._summarize(root, stopped=True)
+    assert "5 of 7 jobs did not complete (2 interrupted, 3 not started)" in caplog.text
+    # a job folder killed before Hydra wrote its overrides is that job, missing, not also
+    # a job not started
+    shutil.rmtree(root / "0b")
+    (root / "5").mkdir()
+    _plan(root, {"_target_": BASIC, "params": None}, ["optimizer.lr=0.1,0.2", "seed=range(0,3)",
+                                                      "trainer.max_steps=5"])  # fmt: skip
     assert report.main([str(root)]) == 0
-    assert "5 jobs (2 completed, 1 interrupted, 2 not started)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "6 jobs (2 completed, 1 interrupted, 1 missing, 2 not started)" in out, out
+
+    # Optuna's 7 trials, 4 of them run
+    optuna = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    _plan(root, {"_target_": optuna, "n_trials": 7}, [])
+    assert report.main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "7 jobs (2 completed, 1 interrupted, 1 missing, 3 not started)" in out

@@ -445,19 +445,37 @@ def _continuable_diffs(
     if resume_changes(saved, config, saved_world, world):
         return []
     step, epoch = state.get("step"), state.get("epoch")
-    if isinstance(max_steps, int) and not (isinstance(step, int) and step < max_steps):
+    if _limit(max_steps) and not (isinstance(step, int) and step < max_steps):
         return []  # (nothing left to train: a resume would end where it starts)
-    if isinstance(max_epochs, int) and not (isinstance(epoch, int) and epoch < max_epochs):
-        return []
+    if _limit(max_epochs) and not (isinstance(epoch, int) and epoch < max_epochs):
+        return []  # (max_steps=-1, the default, and max_epochs=0: no limit of their own)
     a, b = _flat(_without_identityless(saved)), _flat(_without_identityless(config))
     changed = [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k]]
-    lengths = {**(state.get("schedule_length") or {}), **(state.get("scheduler") or {})}
-    if any(k in ("trainer.max_steps", "trainer.max_epochs") for k in changed) and any(
-        isinstance(lengths.get(k), int) and not isinstance(lengths.get(k), bool)
-        for k in _SCHEDULE_LENGTHS
-    ):
-        return []  # (a schedule of the checkpoint run's length: longer is refused)
+    if "schedule_length" in state:  # the lengths the trainer gave the scheduler
+        lengths = state["schedule_length"] or {}
+    else:  # (a checkpoint from before 2026-12-05: its scheduler state's, unless the config's)
+        own = saved.get("scheduler")
+        given = own if isinstance(own, dict) else {}
+        lengths = {k: v for k, v in (state.get("scheduler") or {}).items() if k not in given}
+    scheduled = any(_limit(lengths.get(k)) for k in _SCHEDULE_LENGTHS)
+    if scheduled and _longer(a, b):
+        return []  # (a schedule of the checkpoint run's length: a longer resume is refused)
     return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
+
+
+def _limit(value: Any) -> bool:
+    """A positive int: a length that limits (-1 and 0 do not; a bool is no length)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _longer(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a run of the flat config ``new`` may train longer than one of ``old``: a
+    limit of steps or epochs raised, or set where there was none, or one taken away."""
+    for key in ("trainer.max_steps", "trainer.max_epochs"):
+        before, after = old.get(key), new.get(key)
+        if _limit(before) != _limit(after) or _limit(after) and after > before:  # type: ignore[operator]
+            return True
+    return False
 
 
 def step_path(directory: Path, step: int) -> Path:

@@ -265,9 +265,11 @@ def not_started(root: Path, runs: Sequence[Run]) -> tuple[list[Run], int]:
     folder: an interrupted sweep never started them. Until 2026-12-06 they were nowhere in
     the report, which read as a smaller sweep (a walkthrough's). As rows, status ``not
     started``, with their overrides and the number Hydra gives the job, where the basic
-    sweeper's own split of the sweep names them (matched to the jobs there by their
-    overrides); else as a count (an Optuna sweep's trials, a ``glob``). ``([], 0)`` for a run
-    dir, or a sweep whose jobs all have a folder."""
+    sweeper's own split of the sweep names them: each planned job that no folder's
+    overrides match (a folder of another sweep in a reused dir matches none) and whose
+    number names no folder without overrides (a job killed before Hydra wrote them); else, as a
+    count, the planned jobs beyond the folders (an Optuna sweep's trials, a ``glob``).
+    ``([], 0)`` for a run dir, or a sweep whose jobs all have a folder."""
     path = root / "multirun.yaml"
     if not path.is_file() or is_run_dir(root):
         return [], 0
@@ -278,27 +280,24 @@ def not_started(root: Path, runs: Sequence[Run]) -> tuple[list[Run], int]:
     try:
         hydra = OmegaConf.select(OmegaConf.load(path), "hydra")
         planned = planned_jobs(hydra)
+        jobs = planned_job_overrides(hydra)
     except Exception as e:  # noqa: BLE001 (a report is still made: without them, said so)
         print(f"warning: {path}: cannot read the sweep's plan ({type(e).__name__}); jobs it "
               "never started are not counted", file=sys.stderr)  # fmt: skip
         return [], 0
-    missing = max(0, (planned or 0) - len(runs))
-    if not missing:
-        return [], 0
-    jobs = planned_job_overrides(hydra)
-    if jobs is not None:
-        started: dict[tuple[str, ...], int] = {}
-        for r in runs:
-            started[tuple(r.overrides)] = started.get(tuple(r.overrides), 0) + 1
-        rows = []
-        for number, overrides in enumerate(jobs):
-            if started.get(tuple(overrides), 0) > 0:
-                started[tuple(overrides)] -= 1
-            else:
-                rows.append(Run(str(number), root / str(number), NOT_STARTED, list(overrides)))
-        if len(rows) == missing:  # (else the folders are not the plan's: counted only)
-            return rows, 0
-    return [], missing
+    if jobs is None:
+        return [], max(0, (planned or 0) - len(runs))
+    started: dict[tuple[str, ...], int] = {}
+    for r in runs:
+        started[tuple(r.overrides)] = started.get(tuple(r.overrides), 0) + 1
+    bare = {r.name for r in runs if not r.overrides}  # (folders without Hydra's overrides)
+    rows = []
+    for number, overrides in enumerate(jobs):
+        if started.get(tuple(overrides), 0) > 0:
+            started[tuple(overrides)] -= 1
+        elif str(number) not in bare:
+            rows.append(Run(str(number), root / str(number), NOT_STARTED, list(overrides)))
+    return rows, 0
 
 
 def resolve_mode(metric: str, mode: str) -> str:

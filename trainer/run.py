@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import tempfile
@@ -403,14 +404,15 @@ def _process_settings_kept() -> Iterator[None]:
 
 
 def _override(key: str, value: str) -> str:
-    """``key=value`` as a command line gives it to Hydra: quoted where the value holds what
-    its override grammar reads (``=``, ``,``, brackets: a folder named by
-    ``hydra.job.override_dirname``), its quotes escaped, and its backslashes where one precedes
-    a quote or ends it (the grammar reads no other escape)."""
-    if re.fullmatch(r"[\w./:@+-]*", value):
+    """``key=value`` as a shell gives it to Hydra: where the value holds what Hydra's override
+    grammar reads (``=``, ``,``, brackets: a folder named by ``hydra.job.override_dirname``;
+    a letter outside ASCII), quoted for Hydra (its quotes escaped, and its backslashes where
+    one precedes a quote or ends it: the grammar reads no other escape), then for the shell
+    (which would take the inner quotes away)."""
+    if re.fullmatch(r"[A-Za-z0-9_./:@+-]*", value):
         return f"{key}={value}"
     escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
-    return f"{key}='{escaped}'"
+    return shlex.quote(f"{key}='{escaped}'")
 
 
 def _searched(search_dir: str) -> str:

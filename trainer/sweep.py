@@ -25,7 +25,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainer.report import ReportError, collect_runs
+from trainer.report import ReportError, collect_runs, not_started
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +212,14 @@ class SweepSummary(Callback):
             return
         failed = [r for r in jobs if r.status != "completed"]
         # jobs an interrupted sweep never started have no folder: counted, not left out (the
-        # sweep read as a smaller one, its best taken from 2 of 3 points: a probe's finding)
-        # (by count: folders are named by hydra.sweep.subdir, ${hydra.job.num} or one's own
-        # such as ${seed}, so a name is no job number; a reused dir's stale jobs count too)
-        unstarted = max(0, (self._planned or 0) - len(jobs))
+        # sweep read as a smaller one, its best taken from 2 of 3 points: a probe's finding),
+        # as the report counts them (the plan's jobs no folder matches: a reused dir's stale
+        # jobs do not hide this sweep's, a review's); where multirun.yaml tells nothing, by
+        # count (folders are named by hydra.sweep.subdir, ${hydra.job.num} or one's own)
+        rows, count = not_started(sweep_dir, jobs)
+        unstarted = len(rows) + count
+        if not (sweep_dir / "multirun.yaml").is_file():
+            unstarted = max(0, (self._planned or 0) - len(jobs))
         unvalued = [r.name for r in jobs if r.status == "completed"
                     and r.value(str(r.metrics.get("monitor"))) is None]  # fmt: skip
         if unvalued:
