@@ -107,6 +107,42 @@ def test_param_norms_and_update_ratios_are_those_of_the_step(
             assert dict(s[f"update_ratio/{n}"])[step] == pytest.approx(lr_g, rel=1e-4)
 
 
+class BFloat16MLP(torch.nn.Module):
+    """A digits MLP whose parameters are bfloat16 (the model casts itself and its input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 10)).to(torch.bfloat16)  # fmt: skip
+
+    def forward(self, x):
+        return self.net(x.flatten(1).to(torch.bfloat16)).float()
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_update_ratios_of_bfloat16_parameters_are_exact(tmp_path, one_launch, monkeypatch):
+    """θ_before − θ_after was taken in the parameters' own bfloat16, each element rounded to 8
+    bits: a bias whose entries change sign read 1.5e-3 off (a probe's). In float32 the
+    difference of two bfloat16 numbers is exact, and each norm is a float32 sum of n squares:
+    within (n + 2)·2⁻²⁴ of float64 for the ratio of the two (and the division's rounding)."""
+    import trainer.instrument.norms as norms
+
+    copies = norms.copies
+    monkeypatch.setattr(norms, "copies", lambda ts, **_: copies(ts, one_launch=one_launch))
+    cap = Grads()
+    train(tmp_path, "~model", f"+model._target_={__name__}.BFloat16MLP", "trainer.max_steps=3",
+          "instrument.norms.every_n_steps=1", "optimizer=sgd", "optimizer.momentum=0",
+          "optimizer.lr=2.0", callbacks=[cap])  # fmt: skip
+    s = read_scalars(tmp_path)
+    for step in (1, 2, 3):
+        for n, before in cap.before[step].items():
+            assert before.dtype == torch.bfloat16
+            before64, after64 = before.double(), cap.after[step][n].double()
+            ratio = float((after64 - before64).norm() / before64.norm())
+            tol = (before.numel() + 3) * 2.0**-24
+            assert dict(s[f"update_ratio/{n}"])[step] == pytest.approx(ratio, rel=tol), (n, step)
+
+
 @pytest.mark.parametrize(
     ("param_norm", "update_ratio", "sync"),
     [(False, True, "step"), (True, False, "step"), (True, True, "deferred"),
