@@ -3227,3 +3227,62 @@ def test_a_variance_below_zero_gives_no_snr() -> None:
         1, (*NOISE_TAGS, "grad_snr/p"), n, 2.0**-24, ((0.0, 0.0),), False, values
     )
     assert all(math.isnan(out[t]) for t in ("grad_snr/p", *NOISE_TAGS[:3])), out
+
+
+class CopiesTheModel(Callback):
+    """Deep-copies the model at each micro-batch's start (as an EMA or SWA copy is made) and
+    runs the copy on the batch, while the per-sample norms' hooks are on the model."""
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        twin = copy.deepcopy(trainer.model)
+        with torch.no_grad():
+            twin(batch.x)
+
+
+def test_a_copy_of_the_model_made_while_measuring_leaves_no_mode_behind(tmp_path) -> None:
+    """The hook that ended the measured forward's function mode was a lambda, which a deep
+    copy of the model shares with the model: each call of the copy entered a mode of the
+    copied instrument that nothing left. Every torch function ran through all of them after
+    the run, each mode's own bookkeeping through those below it (a probe's reference
+    computation after 3 steps did not finish in 5 minutes). The copy's hooks are its own
+    now: no mode is left, and what is logged is what a run without the copy logs."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    common = ("trainer.max_steps=4", "instrument.per_sample.every_n_steps=1",
+              "logging.every_n_steps=1")  # fmt: skip
+    train(tmp_path / "plain", *common)
+    train(tmp_path / "copied", *common, callbacks=[CopiesTheModel()])
+    assert _get_current_function_mode_stack() == []
+    plain, copied = read_scalars(tmp_path / "plain"), read_scalars(tmp_path / "copied")
+    assert copied == plain
+
+
+class CallsItself(nn.Module):
+    """A digits MLP whose forward runs itself for its features (its own call, a sample's row
+    for each sample) and then its head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x, inner: bool = False):
+        return self.body(x) if inner else self.head(self(x, inner=True))
+
+
+def test_a_model_calling_its_own_forward_leaves_no_mode_behind(tmp_path, caplog) -> None:
+    """The measured forward's mode was entered again by the model's inner call of itself,
+    over the first, and only the inner one was left: one mode per measured step stayed on
+    torch's stack for good. The inner call now runs in the outer call's mode, and the norms
+    are brute force's at coverage 1."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    train(tmp_path, "~model", f"+model._target_={__name__}.CallsItself", "trainer.max_steps=3",
+          "instrument.per_sample.every_n_steps=1")  # fmt: skip
+    assert _get_current_function_mode_stack() == []
+    assert [v for _, v in read_scalars(tmp_path)["per_sample/coverage"]] == [1.0] * 3
+    torch.manual_seed(0)
+    model = CallsItself().double()
+    x, y = torch.randn(B, 64, dtype=torch.float64), torch.randint(0, 10, (B,))
+    _exact_over(model, x, y, list(model.parameters()), caplog)
+    assert _get_current_function_mode_stack() == []

@@ -676,6 +676,7 @@ class PerSampleNorms(Callback):
         self._tags: tuple[str, ...] = NOISE_TAGS  # the statistics staged as one vector
         self._handles: list[Any] = []
         self._mode: _OutsideUses | None = None
+        self._mode_depth = 0  # the model's forward called within itself (one mode for all)
         self._active: dict[nn.Module, int] = {}
         self._batch = 0  # samples in the measured micro-batch
         self._sq: dict[int, Tensor] = {}  # id(param) -> (B,) squared norms, this micro-batch
@@ -877,9 +878,22 @@ class PerSampleNorms(Callback):
         self._handles.append(root.register_forward_pre_hook(self._enter_mode, prepend=True))
         for name, bn in self._batchnorms:  # (those without parameters of their own too)
             self._handles.append(bn.register_forward_pre_hook(partial(self._enter_bn, name)))
-        self._handles.append(root.register_forward_hook(lambda *_: self._leave_mode()))
+        self._handles.append(root.register_forward_hook(self._model_returned))
+
+    def _model_returned(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        # (a method, not a lambda: a deep copy of the model made while it is measured, an EMA
+        # or SWA copy, copies the instrument its hooks are bound to, and the copy's forward
+        # leaves the copy's mode; a lambda left the model's, and each call of the copy left a
+        # mode of the copied instrument on torch's stack for good, a probe's)
+        if self._mode_depth:  # (an inner call of the model's forward returned)
+            self._mode_depth -= 1
+            return
+        self._leave_mode()
 
     def _enter_mode(self, module: nn.Module, inputs: Any) -> None:
+        if self._mode is not None:  # the model's forward calls itself: the outer call's mode
+            self._mode_depth += 1  # (a second one, entered over it, was the one left)
+            return
         self._mode = _OutsideUses(self._units_by_param, self._active, self._mix)
         self._mode.__enter__()
 
@@ -909,6 +923,7 @@ class PerSampleNorms(Callback):
         self._skip_window = False
 
     def _leave_mode(self) -> None:
+        self._mode_depth = 0
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
