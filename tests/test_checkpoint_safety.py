@@ -523,6 +523,16 @@ def test_resume_auto_names_no_checkpoint_a_resume_would_refuse_or_not_continue(
     (said,) = run("stopped", "four", "scheduler=cosine", "trainer.resume=auto",
                   "trainer.max_steps=4")  # fmt: skip
     assert "step_000000002.pt (step 2)" in said and "(trainer.max_steps: 6 -> 4)" in said, said
+    # a max_steps within the schedule's length caps the run, whatever its epochs (a review:
+    # a limit set where there was none counted as longer)
+    epochs = ("scheduler=cosine", "data.train_subset=64", "data.batch_size=32",
+              "trainer.max_epochs=3")  # fmt: skip
+    with pytest.raises(SystemExit):
+        train(tmp_path / "capped" / "six", *FAST, "model.hidden=[16]", *epochs,
+              f"trainer.checkpoint.search_dir={tmp_path / 'capped'}",
+              callbacks=[_StopAt(1)])  # fmt: skip
+    (said,) = run("capped", "three", *epochs, "trainer.max_steps=3", "trainer.resume=auto")
+    assert "(step 1)" in said and "(trainer.max_steps: -1 -> 3)" in said, said
     # the default max_steps=-1 is no limit: a longer max_epochs is named (a review: -1 left
     # every checkpoint out, the case the hint is for)
     run("epochs", "one", "data.train_subset=64", "data.batch_size=32", "trainer.max_epochs=1",

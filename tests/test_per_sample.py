@@ -3286,3 +3286,48 @@ def test_a_model_calling_its_own_forward_leaves_no_mode_behind(tmp_path, caplog)
     x, y = torch.randn(B, 64, dtype=torch.float64), torch.randint(0, 10, (B,))
     _exact_over(model, x, y, list(model.parameters()), caplog)
     assert _get_current_function_mode_stack() == []
+
+
+class CheckpointsItself(nn.Module):
+    """A digits MLP whose features come from its own forward under a non-reentrant
+    activation checkpoint (so the backward runs the whole model's forward again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x, inner: bool = False):
+        if inner:
+            return self.body(x)
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self, x, True, use_reentrant=False))
+
+
+class CatchesItsOwnError(CallsItself):
+    """Calls its own forward in a way it refuses, catches the error, goes on."""
+
+    def forward(self, x, inner: bool = False, refuse: bool = False):
+        if refuse:
+            raise RuntimeError("refused")
+        if not inner:
+            with contextlib.suppress(RuntimeError):
+                self(x, refuse=True)
+        return super().forward(x, inner)
+
+
+@pytest.mark.parametrize("model", ["CheckpointsItself", "CatchesItsOwnError"])
+def test_the_whole_models_forward_run_again_or_failing_inside_leaves_no_mode(tmp_path, model):
+    """Reviews' cases of the measured forward's mode: recomputed by a non-reentrant
+    checkpoint of the whole model in the backward, it entered a mode that autograd dropped
+    (a crash: "trying to pop from empty mode stack"); an inner call of the model that raised,
+    caught by the outer one, left the mode on past the forward, where the orthogonal
+    regularizer's uses of the weights read as outside ones (coverage 0). Neither now: no mode
+    is left, and every unit is measured."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    train(tmp_path, "~model", f"+model._target_={__name__}.{model}", "trainer.max_steps=3",
+          "instrument.per_sample.every_n_steps=1", "regularizer=[orthogonal]")  # fmt: skip
+    assert _get_current_function_mode_stack() == []
+    assert [v for _, v in read_scalars(tmp_path)["per_sample/coverage"]] == [1.0] * 3

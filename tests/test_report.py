@@ -774,6 +774,20 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     out = capsys.readouterr().out
     assert "6 jobs (2 completed, 1 interrupted, 1 missing, 2 not started)" in out, out
 
+    # folders named by the sweep's own subdir (${seed}): one without overrides is not taken
+    # for the job its name would number (a review: a folder `1`, job 0's, was taken for job
+    # 1, and job 0 listed as not started); the jobs not started are counted
+    named = tmp_path / "named"
+    make_run(named / "1", None)
+    shutil.rmtree(named / "1" / "tb")
+    _plan(named, {"_target_": BASIC, "params": None}, ["seed=1,0"])
+    hydra_yaml = yaml.safe_load((named / "multirun.yaml").read_text())
+    hydra_yaml["hydra"]["sweep"] = {"dir": str(named), "subdir": "${seed}"}
+    (named / "multirun.yaml").write_text(yaml.safe_dump(hydra_yaml))
+    assert report.main([str(named)]) == 0
+    out = capsys.readouterr().out
+    assert "2 jobs (1 missing, 1 not started)" in out and " not started " not in out, out
+
     # Optuna's 7 trials, 4 of them run
     optuna = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
     _plan(root, {"_target_": optuna, "n_trials": 7}, [])

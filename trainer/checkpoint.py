@@ -457,8 +457,10 @@ def _continuable_diffs(
         own = saved.get("scheduler")
         given = own if isinstance(own, dict) else {}
         lengths = {k: v for k, v in (state.get("scheduler") or {}).items() if k not in given}
-    scheduled = any(_limit(lengths.get(k)) for k in _SCHEDULE_LENGTHS)
-    if scheduled and _longer(a, b):
+    scheduled: list[int] = [lengths[k] for k in _SCHEDULE_LENGTHS if _limit(lengths.get(k))]
+    # (a max_steps within the schedule's length caps the run there, whatever its epochs)
+    capped = scheduled and _limit(max_steps) and max_steps <= min(scheduled)
+    if scheduled and not capped and _longer(a, b):
         return []  # (a schedule of the checkpoint run's length: a longer resume is refused)
     return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
 

@@ -290,14 +290,33 @@ def not_started(root: Path, runs: Sequence[Run]) -> tuple[list[Run], int]:
     started: dict[tuple[str, ...], int] = {}
     for r in runs:
         started[tuple(r.overrides)] = started.get(tuple(r.overrides), 0) + 1
-    bare = {r.name for r in runs if not r.overrides}  # (folders without Hydra's overrides)
-    rows = []
+    unmatched = []
     for number, overrides in enumerate(jobs):
         if started.get(tuple(overrides), 0) > 0:
             started[tuple(overrides)] -= 1
-        elif str(number) not in bare:
-            rows.append(Run(str(number), root / str(number), NOT_STARTED, list(overrides)))
-    return rows, 0
+        else:
+            unmatched.append((number, overrides))
+    # folders without Hydra's overrides (a job killed before it wrote them): the job its
+    # number names where folders are named by number (Hydra's default subdir), else not
+    # known, so the jobs not started are counted only (a review: with subdir=${seed}, a
+    # folder `1` was taken for job 1)
+    bare = {r.name for r in runs if not r.overrides}
+    numbered = _as_written_subdir(hydra) == "${hydra.job.num}"
+    rows = [(n, o) for n, o in unmatched if not (numbered and str(n) in bare)]
+    unplaced = len(bare) - (len(unmatched) - len(rows))
+    if unplaced > 0:
+        return [], max(0, len(rows) - unplaced)
+    return [Run(str(n), root / str(n), NOT_STARTED, list(o)) for n, o in rows], 0
+
+
+def _as_written_subdir(hydra: Any) -> Any:
+    """``hydra.sweep.subdir`` as written (``${hydra.job.num}``, not a job's value)."""
+    from omegaconf import OmegaConf
+
+    sweep = OmegaConf.select(hydra, "sweep")
+    if sweep is None:
+        return None
+    return OmegaConf.to_container(sweep, resolve=False).get("subdir")  # type: ignore[union-attr]
 
 
 def resolve_mode(metric: str, mode: str) -> str:

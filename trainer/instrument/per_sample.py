@@ -750,6 +750,7 @@ class PerSampleNorms(Callback):
         measured from the next window on). A measured window under way when the change is
         seen was measured for the old parameters: its step logs no per-sample values."""
         if self._handles:  # seen between a measured micro-batch's forward and its backward
+            self._leave_mode()  # (disarmed, its mode stayed on torch's stack: a review's)
             self._disarm()
             self._calls.clear()
             self._skip_window = True
@@ -885,12 +886,22 @@ class PerSampleNorms(Callback):
         # or SWA copy, copies the instrument its hooks are bound to, and the copy's forward
         # leaves the copy's mode; a lambda left the model's, and each call of the copy left a
         # mode of the copied instrument on torch's stack for good, a probe's)
+        if _in_backward():  # (an activation checkpoint's recomputation: no mode entered)
+            return
         if self._mode_depth:  # (an inner call of the model's forward returned)
             self._mode_depth -= 1
             return
         self._leave_mode()
 
+    def on_before_backward(self, trainer: Trainer, batch: Batch, losses: Tensor) -> None:
+        # the forward is over: its mode too, also where an inner call of the model's forward
+        # raised and the outer one caught it (the count of calls was left one up, and the mode
+        # saw the regularizers' uses of the weights as outside ones, a review's)
+        self._leave_mode()
+
     def _enter_mode(self, module: nn.Module, inputs: Any) -> None:
+        if _in_backward():  # a non-reentrant checkpoint of the whole model, recomputed: its
+            return  # mode, entered in the backward, was dropped by autograd (a crash, a review's)
         if self._mode is not None:  # the model's forward calls itself: the outer call's mode
             self._mode_depth += 1  # (a second one, entered over it, was the one left)
             return
