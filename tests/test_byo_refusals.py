@@ -1647,3 +1647,105 @@ def test_a_metric_named_val_slash_alone_is_refused() -> None:
     with pytest.raises(ValueError, match=r"\['val/'\] are not names under 'val/'"):
         check_metric_names(Bare())
     check_metric_names(Named())
+
+
+class ForwardsToModule(torch.nn.Module):
+    """Forwards **kwargs to nn.Module, which refuses every keyword."""
+
+    def __init__(self, in_shape, out_dim, width=4, **kw) -> None:
+        super().__init__(**kw)
+
+
+class Base(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+
+
+class PassesItsOwnKeyOn(Base):
+    """Takes ``width`` and (its own bug) passes it on to a base class that takes none."""
+
+    def __init__(self, width, **kw) -> None:
+        super().__init__(width=width, **kw)
+
+
+def test_a_class_forwarding_kwargs_to_module_has_its_keys_checked() -> None:
+    """**kwargs that end at nn.Module (or object) accept no keyword of their own: a misspelled
+    key is refused before anything is built, naming the parameters that exist."""
+    from trainer.components import accepted_keys, check_component
+
+    assert accepted_keys(ForwardsToModule) == (["in_shape", "out_dim", "width"], False)
+    node = {"_target_": f"{__name__}.ForwardsToModule", "widht": 3}
+    with pytest.raises(ConfigError, match=r"model\.widht: \S*ForwardsToModule has no parameter "
+                       r"'widht'; its parameters: in_shape, out_dim, width"):  # fmt: skip
+        check_component("model", node, provided=("in_shape", "out_dim"))
+
+
+def test_a_target_without_a_signature_takes_its_keys_unchecked() -> None:
+    """A builtin whose signature Python cannot tell (``torch.sigmoid``): its keys cannot be
+    checked, so none is refused (they reach the call, which says what it takes)."""
+    from trainer.components import accepted_keys, check_component
+
+    with pytest.raises(ValueError):
+        import inspect
+
+        inspect.signature(torch.sigmoid)
+    assert accepted_keys(torch.sigmoid) == ([], True)
+    node = {"_target_": "torch.sigmoid", "_partial_": True, "out": None}
+    assert check_component("loss", node) is torch.sigmoid
+
+
+def test_a_key_the_target_takes_refused_by_its_base_class_is_the_constructors_bug() -> None:
+    """A key the class takes (``width``), refused by its base class's ``__init__`` it passed
+    it on to: the constructor's bug, Hydra's error as it is, not "model.width: takes no
+    'width'"."""
+    from trainer.components import build
+
+    node = {"_target_": f"{__name__}.PassesItsOwnKeyOn", "width": 3}
+    with pytest.raises(Exception, match=r"Base.__init__\(\) got an unexpected keyword "
+                       r"argument 'width'") as raised:  # fmt: skip
+        build("model", node)
+    assert not isinstance(raised.value, ConfigError), raised.value
+
+
+def scaled(x, factor=2.0):
+    return x * factor
+
+
+#: a target that is itself a functools.partial (a module-level one)
+scaled_by_3 = functools.partial(scaled, factor=3.0)
+
+
+def test_a_key_a_partial_target_refuses_is_named() -> None:
+    """A ``_target_`` that is a ``functools.partial``: a key its function refuses is named as
+    the config's key (the partial's function is the target's own), as for a plain one."""
+    from trainer.components import build
+
+    node = {"_target_": f"{__name__}.scaled_by_3", "x": 1.0, "scale": 2.0}
+    with pytest.raises(ConfigError, match=r"loss\.scale: \S*scaled takes no 'scale'"):
+        build("loss", node)
+    assert build("loss", {"_target_": f"{__name__}.scaled_by_3", "x": 1.0}) == 3.0
+
+
+class RootNamed(nn.Module):
+    """A parameter at the model's root named ``data`` or ``reg``."""
+
+    def __init__(self, in_shape, out_dim, name="reg") -> None:
+        super().__init__()
+        self.fc = nn.Linear(math.prod(in_shape), out_dim)
+        self.register_parameter(name, nn.Parameter(torch.ones(out_dim)))
+        self.name = name
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * getattr(self, self.name)
+
+
+@pytest.mark.parametrize("name", ["data", "reg"])
+def test_a_parameter_named_like_the_norms_split_gets_a_tag_of_its_own(tmp_path, name) -> None:
+    """With a regularizer the loop logs grad_norm/data and grad_norm/reg: a root parameter
+    named ``data`` or ``reg`` gets ``grad_norm/<name> (parameter)``, and the loop's tag keeps
+    one point per step, the loop's own."""
+    train(tmp_path, "~model", f"+model._target_={__name__}.RootNamed", f"+model.name={name}",
+          "instrument.norms.every_n_steps=1", "regularizer=[l2]", *TINY)  # fmt: skip
+    got = read_scalars(tmp_path)
+    assert [s for s, _ in got[f"grad_norm/{name} (parameter)"]] == [1, 2]
+    assert [s for s, _ in got[f"grad_norm/{name}"]] == [1, 2]

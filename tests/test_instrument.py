@@ -449,6 +449,9 @@ EXTREME = {
     "float32_near_its_max": torch.tensor([-3e38, 0.0, 1e38, 3e38]),
     # (Σx² overflowed float32 past |x| = 1.8e19: sum_squares Inf)
     "float32_huge": torch.linspace(1e20, 4e20, 1000),
+    # (each square within float32's range, their sum past it: sum_squares Inf unless the
+    # scaling counts the values as well as their size)
+    "float32_squares_summed_past_its_max": torch.linspace(1e19, 1.5e19, 1000),
     # (a spread below float32's largest value whose width times the bins passes it: histc put
     # nearly everything in the first bucket)
     "float32_spread_times_bins_past_its_max": torch.rand(
@@ -1805,3 +1808,160 @@ def test_the_norms_of_a_model_with_one_parameter_without_a_gradient(tmp_path, pa
         if param_norm:
             for n in ("used.weight", "used.bias", "unused.weight"):
                 assert near(dict(s[f"param_norm/{n}"])[step], norms[step][n][1]), (step, n)
+
+
+# ----------------------------------------------------------------------------- mutation round 210
+
+
+@pytest.mark.parametrize("bins", [7, 15])
+def test_the_widest_float64_range_with_bins_short_of_a_power_of_2_is_numpys(bins) -> None:
+    """[-max, max] of float64 with a bin count just below a power of 2 (7, 15): the range
+    times the bins is near 2·max·2^bit_length, so the power of 2 the range is scaled by must
+    take it well below float64's largest value (a scale of 2^-bit_length alone left it Inf,
+    and max was counted in bucket 0). Reference: NumPy's buckets for the same values and
+    range divided by 4 (a power of 2: every bucket decision the same)."""
+    big = torch.finfo(torch.float64).max
+    x = torch.tensor([-big, -0.37 * big, 0.0, 0.21 * big, big], dtype=torch.float64)
+    (h,) = histograms([x], bins=bins)
+    v = x.numpy() / 4
+    counts, edges = np.histogram(v, bins=bins, range=(v.min(), v.max()))
+    assert h.bucket_counts == counts.tolist()
+    assert h.bucket_limits == pytest.approx((edges[1:] * 4).tolist(), rel=1e-15)
+    assert (h.min, h.max, h.num) == (-big, big, 5)
+
+
+def test_chunk_counts_past_float32s_exact_integers_are_summed_exactly() -> None:
+    """2²⁴ + 1 values in one bucket, split over two histc chunks (2²⁴ and the rest): float32
+    holds every integer up to 2²⁴ only, so the chunks' counts are summed in float64 (summed
+    in float32, 2²⁴ + 1 rounded to 2²⁴ and the histogram lost a value)."""
+    n = 2**24 + 2
+    x = torch.zeros(n)
+    x[-1] = 1.0  # (in the second chunk, with one more zero)
+    (h,) = histograms([x], bins=2)
+    assert h.bucket_counts == [float(n - 1), 1.0] and h.num == n
+    assert sum(h.bucket_counts) == h.num
+
+
+def test_an_all_nan_tensors_histogram_is_the_host_ones() -> None:
+    """A tensor without a finite value: min = max = 0 and one empty bucket range around 0,
+    [-0.5, 0.5] as NumPy takes a constant's, the same as ``host_histogram``'s (and not a
+    range of its own)."""
+    (h,) = histograms([torch.full((4,), math.nan)], bins=4)
+    assert (h.min, h.max, h.num, h.nonfinite) == (0.0, 0.0, 0, 4)
+    assert h.bucket_counts == [0.0] * 4
+    assert h.bucket_limits == np.linspace(-0.5, 0.5, 5)[1:].tolist()
+
+
+@pytest.mark.parametrize(("grads", "weights"), [(True, False), (False, True), (False, False)])
+def test_histograms_of_grads_or_weights_alone(grads, weights) -> None:
+    """``instrument.histograms.grads=false`` / ``weights=false``: that kind's histograms
+    (and its non-finite counts) are not logged; the other kind's are."""
+    from types import SimpleNamespace
+
+    from trainer.instrument.histograms import Histograms
+
+    w = torch.tensor([1.0, math.nan])
+    w.grad = torch.tensor([math.inf, 0.5])
+    staged, written = {}, []
+    trainer = SimpleNamespace(
+        global_step=1, total_steps=3, param_names=["w"], params=[w],
+        logger=SimpleNamespace(log_histogram_raw=lambda tag, h, step: written.append(tag)),
+        stage_scalars=staged.update,
+    )  # fmt: skip
+    Histograms(5, grads=grads, weights=weights).on_before_optimizer_step(trainer, None)
+    kinds = [k for k, on in (("grad", grads), ("weight", weights)) if on]
+    assert written == [f"{k}_hist/w" for k in kinds]
+    assert staged == {f"nonfinite/{k}/w": 1.0 for k in kinds}
+
+
+def test_a_histogram_cadence_of_0_is_refused() -> None:
+    """Histograms need a cadence of at least 1 (0, "never", would still log at the first and
+    last steps): refused, as -1 is."""
+    from trainer.instrument.histograms import Histograms
+
+    with pytest.raises(ValueError, match="^instrument.histograms.every_n_steps: got 0, must"):
+        Histograms(0)
+
+
+def test_a_complex_parameters_parts_and_a_zero_size_one() -> None:
+    """A complex tensor is binned as its real and imaginary parts, each under its own tag;
+    a zero-size parameter has nothing to bin and gets no histogram."""
+    from types import SimpleNamespace
+
+    from trainer.instrument.histograms import Histograms
+
+    z = torch.tensor([1 + 10j, 2 + 20j, 3 + 30j])
+    empty = torch.zeros(0, 3)
+    written = {}
+    trainer = SimpleNamespace(
+        global_step=1, total_steps=3, param_names=["z", "empty"], params=[z, empty],
+        logger=SimpleNamespace(log_histogram_raw=lambda tag, h, step: written.update({tag: h})),
+        stage_scalars=lambda counts: None,
+    )  # fmt: skip
+    Histograms(5, grads=False).on_before_optimizer_step(trainer, None)
+    assert list(written) == ["weight_hist/z/real", "weight_hist/z/imag"]
+    real, imag = written["weight_hist/z/real"], written["weight_hist/z/imag"]
+    assert (real.min, real.max, real.sum) == (1.0, 3.0, 6.0)
+    assert (imag.min, imag.max, imag.sum) == (10.0, 30.0, 60.0)
+
+
+@pytest.mark.parametrize("value", [1 / 3, 0.7])
+def test_a_long_norm_whose_rows_norms_are_more_than_a_row_is_within_its_bound(value) -> None:
+    """2¹⁸ equal values: 1024 row norms, more than one row of 256, normed by rows again (each
+    float32 running sum takes at most 256 terms): within 4e-7 of the exact norm √n·|v|, as
+    documented for equal values (the worst case). torch's own norm of the 1024 row norms at
+    once was 8e-7 off."""
+    from trainer.precision import long_norm
+
+    n = 1 << 18
+    t = torch.full((n,), value)
+    exact = math.sqrt(n) * float(t[0])
+    assert long_norm(t).item() == pytest.approx(exact, rel=4e-7)
+
+
+def test_a_tensor_of_exactly_long_elements_is_normed_by_rows() -> None:
+    """``LONG`` elements or more are normed by rows: at exactly 2¹⁷ equal values torch's own
+    norm was 1.1e-4 off; by rows within 4e-7 of √n·|v| (long_norm's documented bound)."""
+    from trainer.instrument.norms import norms_of
+    from trainer.precision import LONG
+
+    x = torch.full((LONG,), 0.7)
+    exact = math.sqrt(LONG) * float(x[0])
+    (got,) = norms_of([x])
+    assert got.item() == pytest.approx(exact, rel=4e-7)
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_a_forked_body_leaves_every_generator_where_it_was(raises) -> None:
+    """What a body draws inside ``forked_rng`` (torch's CPU generator, Python's, NumPy's) is
+    not drawn for the run: the draws after it are those of a run without it (reseeded
+    here), also where the body raised."""
+    import contextlib
+    import random
+
+    from trainer.rng import forked_rng
+
+    def seed() -> None:
+        torch.manual_seed(5)
+        random.seed(5)
+        np.random.seed(5)
+
+    def draw() -> tuple:
+        return torch.rand(3).tolist(), random.random(), np.random.rand()
+
+    state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    try:
+        seed()
+        want = draw()
+        seed()
+        outside = pytest.raises(RuntimeError) if raises else contextlib.nullcontext()
+        with outside, forked_rng(torch.device("cpu")) as fork:
+            draw()
+            assert fork.drew()
+            if raises:
+                raise RuntimeError("inside")
+        assert draw() == want
+    finally:
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        np.random.set_state(state[2])

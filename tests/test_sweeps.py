@@ -377,3 +377,64 @@ def test_hparams_leave_out_loading_plumbing_and_spell_booleans_as_typed(tmp_path
     )
     # a folder named with a digit that is not ASCII is a run's own name, not a job's number
     assert run_name(tmp_path / "sweep" / "²", hp).startswith("² ")
+
+
+def _config_leaves(node, prefix=""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _config_leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_hparams_list_the_trained_settings_not_the_plumbing() -> None:
+    """README: every setting of the composed config that changes what is trained, not
+    ``logging.*``, checkpoint, resume or data-loading plumbing, nor a component's ``_target_``
+    or ``_partial_`` (the way it is built); without Hydra's choices (a run built in Python) no
+    group choice and nothing marked as overridden."""
+    from omegaconf import OmegaConf
+
+    from trainer.hparams import GROUPS, run_hparams
+
+    cfg = make_cfg("trainer.resume=auto", "trainer.checkpoint.keep_last=3")
+    hp = run_hparams(cfg)
+    leaves = dict(_config_leaves(OmegaConf.to_container(cfg, resolve=True)))
+    plumbing = ("logging.", "trainer.checkpoint.", "trainer.resume", "data.loader",
+                "data.num_workers")  # fmt: skip
+    built = ("_target_", "_partial_")
+    assert [k for k in leaves if k.startswith(plumbing)]  # (there are some to leave out)
+    assert [k for k in leaves if k.endswith(built)]
+    assert {"seed", "optimizer.lr", "trainer.max_steps", "data.batch_size"} <= set(hp.values)
+    assert not [k for k in hp.values if k.startswith(plumbing) or k.endswith(built)]
+    assert not set(GROUPS) & set(hp.values) and hp.overridden == []
+
+
+def test_override_keys_leave_out_deletions_and_repeats() -> None:
+    """A key set twice on the command line is one override (the last value); a deletion
+    (``~key``) sets nothing: neither is named twice nor as ``key=none`` in the event folder's
+    and the session group's name."""
+    from trainer.hparams import override_keys, overrides_text, run_hparams
+
+    overrides = ["optimizer.lr=0.1", "~regularizer", "optimizer.lr=0.2", "hydra.job.chdir=false"]
+    assert override_keys(overrides) == ["optimizer.lr"]
+    hp = run_hparams(make_cfg("optimizer.lr=0.2"), {"model": "mlp"}, overrides)
+    assert hp.overridden == ["optimizer.lr"]
+    assert overrides_text(hp, ",") == "optimizer.lr=0.2"
+
+
+def test_the_experiment_lists_the_overridden_keys_first_marked_as_differing() -> None:
+    """The HPARAMS tab lists and ticks the overridden keys first: the experiment record, read
+    back with tensorboard's own parser, has them first (then the rest, each part sorted), with
+    ``differs`` set on those alone."""
+    from tensorboard.plugins.hparams import metadata
+
+    from trainer.hparams import RunHParams, start_summaries
+
+    hp = RunHParams({"a.x": 1.0, "b.y": "2", "z": True, "c": 0.5}, overridden=["z", "b.y"])
+    experiment_summary, _ = start_summaries(hp, ["val/acc"], name="run")
+    (value,) = experiment_summary.value
+    assert value.tag == metadata.EXPERIMENT_TAG
+    experiment = metadata.parse_experiment_plugin_data(value.metadata.plugin_data.content)
+    infos = [(i.name, i.differs) for i in experiment.hparam_infos]
+    assert infos == [("b.y", True), ("z", True), ("a.x", False), ("c", False)]
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/acc"]
