@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -90,38 +91,65 @@ def _rank_logged(rank: int, world: int, port: int, overrides, run_dir: str) -> N
     _rank(rank, world, port, overrides, run_dir)
 
 
+def _told_the_port(port_from, target, rank: int, world: int, *rest) -> None:
+    """A forked rank that waits for its group's store's port, then runs ``target``: the ranks
+    are forked before the parent serves any store, so no store's server thread runs at the
+    fork (once in three full runs a rank forked while four of them ran waited in
+    ``init_process_group``'s connection to its store for good)."""
+    port = port_from.recv()
+    port_from.close()
+    target(rank, world, port, *rest)
+
+
+def _fork_then_serve(groups: list[tuple[int, Any, tuple[Any, ...]]]) -> list[list[Any]]:
+    """Fork each group's ranks (world size, target, its arguments after the port, per rank),
+    then serve each multi-process group a store of its own (:func:`group_store`) and tell its
+    ranks the port; wait for them all. Returns the processes, by group."""
+    procs, tells = [], []
+    for world, target, per_rank in groups:
+        group = []
+        for rank in range(world):
+            port_from, tell = FORK.Pipe(duplex=False)
+            args = (port_from, target, rank, world, *per_rank[rank])
+            group.append(FORK.Process(target=_told_the_port, args=args))
+            tells.append((world, tell))
+        procs.append(group)
+    for p in (p for group in procs for p in group):
+        p.start()
+    stores: list[TCPStore] = []  # (kept until the ranks are done)
+    i = 0
+    for group in procs:
+        world = len(group)
+        if world > 1:
+            stores.append(group_store())
+        for _ in group:
+            tells[i][1].send(stores[-1].port if world > 1 else 0)
+            tells[i][1].close()
+            i += 1
+    for p in (p for group in procs for p in group):
+        p.join(120)
+    return procs
+
+
 def launch(*groups: tuple[int, list[str], list[Path]]) -> list[list[int]]:
     """Start each group's ranks (world size, overrides, a run folder per rank) at once and wait
     for all of them: a one-process reference runs alongside the two ranks it is compared with
     (three single-threaded processes on two cores, instead of one after the other). Returns
     each group's exit codes. Each multi-process group rendezvouses through a store of its own
-    (:func:`group_store`)."""
-    stores = [group_store() if world > 1 else None for world, _, _ in groups]
-    procs = []
-    for (world, overrides, run_dirs), store in zip(groups, stores, strict=True):
-        port = store.port if store is not None else 0
-        procs.append([FORK.Process(target=_rank, args=(r, world, port, tuple(overrides),
-                                                       str(run_dirs[r])))
-                      for r in range(world)])  # fmt: skip
-    for p in (p for group in procs for p in group):
-        p.start()
-    for p in (p for group in procs for p in group):
-        p.join(120)
+    (:func:`group_store`), served after the ranks are forked (:func:`_fork_then_serve`)."""
+    procs = _fork_then_serve([
+        (world, _rank, [(tuple(overrides), str(run_dirs[r])) for r in range(world)])
+        for world, overrides, run_dirs in groups
+    ])  # fmt: skip
     return [[p.exitcode for p in group] for group in procs]
 
 
 def ranks_of(target, overrides, dirs: list[Path], *extra) -> list[int | None]:
     """Fork ``target(rank, world, port, overrides, run_dir, *extra)`` for each rank (one run
     folder each, a store of their own) and wait for them: their exit codes."""
-    store = group_store()
-    procs = [FORK.Process(target=target, args=(r, len(dirs), store.port, tuple(overrides),
-                                               str(d), *extra))
-             for r, d in enumerate(dirs)]  # fmt: skip
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    return [p.exitcode for p in procs]
+    per_rank = [(tuple(overrides), str(d), *extra) for d in dirs]
+    (group,) = _fork_then_serve([(len(dirs), target, per_rank)])
+    return [p.exitcode for p in group]
 
 
 CASES = {
