@@ -6,6 +6,7 @@ import copy
 import functools
 import multiprocessing.process
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig
 
 import trainer  # noqa: F401  (registers the config schemas)
+from trainer.callbacks import Callback
 from trainer.logger import event_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +215,17 @@ def background(request, _background_jobs):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class StopAt(Callback):
+    """A stop signal (as the handler sets it) at the end of step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_step_end(self, trainer, out) -> None:  # noqa: F811 (the hook's own name)
+        if out.step == self.at:
+            trainer.stop_signal = signal.SIGTERM
 
 
 def train(run_dir: Path, *overrides: str, callbacks=()) -> dict:

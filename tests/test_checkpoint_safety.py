@@ -16,7 +16,6 @@ import os
 import pickle
 import shlex
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, final_params, in_background, read_scalars, train
+from conftest import ROOT, StopAt, final_params, in_background, read_scalars, train
 
 import trainer.checkpoint as checkpoint_module
 from trainer.callbacks import Callback
@@ -479,17 +478,6 @@ def test_resume_auto_that_finds_none_names_a_checkpoint_it_could_continue(tmp_pa
     assert (alone / "run" / "previous" / "1" / "checkpoints" / "step_000000002.pt").is_file()
 
 
-class _StopAt(Callback):
-    """A stop signal (as the handler sets it) at the end of step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_step_end(self, trainer, out) -> None:
-        if out.step == self.at:
-            trainer.stop_signal = signal.SIGTERM
-
-
 def test_resume_auto_names_no_checkpoint_a_resume_would_refuse_or_not_continue(
     tmp_path, caplog, monkeypatch
 ) -> None:
@@ -519,7 +507,7 @@ def test_resume_auto_names_no_checkpoint_a_resume_would_refuse_or_not_continue(
     with pytest.raises(SystemExit):
         train(tmp_path / "stopped" / "six", *FAST, "model.hidden=[16]", "scheduler=cosine",
               f"trainer.checkpoint.search_dir={tmp_path / 'stopped'}", "trainer.max_steps=6",
-              callbacks=[_StopAt(2)])  # fmt: skip
+              callbacks=[StopAt(2)])  # fmt: skip
     (said,) = run("stopped", "four", "scheduler=cosine", "trainer.resume=auto",
                   "trainer.max_steps=4")  # fmt: skip
     assert "step_000000002.pt (step 2)" in said and "(trainer.max_steps: 6 -> 4)" in said, said
@@ -530,7 +518,7 @@ def test_resume_auto_names_no_checkpoint_a_resume_would_refuse_or_not_continue(
     with pytest.raises(SystemExit):
         train(tmp_path / "capped" / "six", *FAST, "model.hidden=[16]", *epochs,
               f"trainer.checkpoint.search_dir={tmp_path / 'capped'}",
-              callbacks=[_StopAt(1)])  # fmt: skip
+              callbacks=[StopAt(1)])  # fmt: skip
     (said,) = run("capped", "three", *epochs, "trainer.max_steps=3", "trainer.resume=auto")
     assert "(step 1)" in said and "(trainer.max_steps: -1 -> 3)" in said, said
     # the default max_steps=-1 is no limit: a longer max_epochs is named (a review: -1 left
@@ -1088,7 +1076,6 @@ def test_a_stale_last_pt_link_is_replaced_and_last_pt_is_a_hard_link(tmp_path) -
     through ``.last.pt.link``), also where a crashed run left a ``.last.pt.link`` behind: that
     one is removed first (without it, the link failed, a copy was written instead and the
     stale file stayed: a mutation the suite missed)."""
-    from trainer.callbacks import Callback
 
     class LeavesALink(Callback):
         def on_train_step_end(self, trainer, out) -> None:
@@ -1131,8 +1118,6 @@ def test_a_logger_flush_that_fails_before_a_checkpoint_leaves_that_step_unwritte
     from it would have lost events), the failure is reported naming it, and training goes on
     (without the raise, a mutation the suite missed, the checkpoint was written anyway)."""
     import sys
-
-    from trainer.callbacks import Callback
 
     class FlushFailsAtStep2(Callback):
         def on_fit_start(self, trainer) -> None:

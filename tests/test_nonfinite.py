@@ -8,11 +8,10 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-import signal
 
 import pytest
 import torch
-from conftest import final_params, make_cfg, read_scalars, requires_cuda, train
+from conftest import StopAt, final_params, make_cfg, read_scalars, requires_cuda, train
 from torch.overrides import TorchFunctionMode
 
 from trainer.callbacks import Callback
@@ -1150,17 +1149,6 @@ def test_an_optimizer_without_a_fused_key_is_built_as_configured() -> None:
     node = OmegaConf.create({"_target_": "torch.optim.RMSprop", "_partial_": True, "lr": 0.01})
     opt = build_optimizer(node, torch.nn.Linear(3, 2).parameters(), torch.device("cuda"))
     assert isinstance(opt, torch.optim.RMSprop) and "fused" not in opt.defaults
-
-
-class StopAt(Callback):
-    """A stop signal (as the handler sets it) at the end of step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_step_end(self, trainer, out) -> None:
-        if out.step == self.at:
-            trainer.stop_signal = signal.SIGTERM
 
 
 def test_unread_flags_are_written_before_a_checkpoint_and_not_again_after_resume(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo  # noqa: F401  (imported once here, not in every child: torch.optim uses it)
-from conftest import ROOT, make_cfg, read_scalars, train
+from conftest import ROOT, StopAt, make_cfg, read_scalars, train
 
 from trainer.checkpoint import load_checkpoint
 from trainer.config import ConfigError
@@ -1219,17 +1219,6 @@ def test_a_resume_with_another_number_of_workers_continues_as_never_stopped(tmp_
     assert same_params(resumed, tmp_path / "straight" / "checkpoints" / "last.pt")
 
 
-class _StopAt(Callback):
-    """A stop signal (as the handler sets it) at the end of step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_step_end(self, trainer, out) -> None:
-        if out.step == self.at:
-            trainer.stop_signal = signal.SIGTERM
-
-
 def _differences(a, b, path: str = "") -> list[str]:
     """Where two checkpoints' (nested) states differ: tensors bit for bit, the rest by ==."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -1295,7 +1284,7 @@ def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_checkpoint(
               *overrides)  # fmt: skip
     train(tmp_path / "whole", *common)
     with pytest.raises(SystemExit):
-        train(tmp_path / "a", *common, callbacks=[_StopAt(stop)])
+        train(tmp_path / "a", *common, callbacks=[StopAt(stop)])
     train(tmp_path / "a", *common, "trainer.resume=auto",
           f"trainer.checkpoint.search_dir={tmp_path / 'a'}")  # fmt: skip
     whole, resumed = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt")
