@@ -367,6 +367,11 @@ def resume_changes(
             # its epoch position, counted in the old batches, would skip samples)
             a[key], b[key] = (f"{n} per process on {w} (global batch {n * w})"
                               for n, w in ((old_size, saved_world), (new_size, world)))  # fmt: skip
+    return _changes(a, b)
+
+
+def _changes(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys of two flat configs whose values differ, as ``key: old -> new``."""
     changed = [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k]]
     return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
 
@@ -450,7 +455,6 @@ def _continuable_diffs(
     if _limit(max_epochs) and not (isinstance(epoch, int) and epoch < max_epochs):
         return []  # (max_steps=-1, the default, and max_epochs=0: no limit of their own)
     a, b = _flat(_without_identityless(saved)), _flat(_without_identityless(config))
-    changed = [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k]]
     if "schedule_length" in state:  # the lengths the trainer gave the scheduler
         lengths = state["schedule_length"] or {}
     else:  # (a checkpoint from before 2026-12-05: its scheduler state's, unless the config's)
@@ -462,7 +466,7 @@ def _continuable_diffs(
     capped = scheduled and _limit(max_steps) and max_steps <= min(scheduled)
     if scheduled and not capped and _longer(a, b):
         return []  # (a schedule of the checkpoint run's length: a longer resume is refused)
-    return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed]
+    return _changes(a, b)
 
 
 def _limit(value: Any) -> bool:

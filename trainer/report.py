@@ -275,7 +275,7 @@ def not_started(root: Path, runs: Sequence[Run]) -> tuple[list[Run], int]:
         return [], 0
     from omegaconf import OmegaConf
 
-    from trainer.sweep import planned_job_overrides, planned_jobs
+    from trainer.sweep import planned_job_overrides, planned_jobs, subdir_as_written
 
     try:
         hydra = OmegaConf.select(OmegaConf.load(path), "hydra")
@@ -301,22 +301,12 @@ def not_started(root: Path, runs: Sequence[Run]) -> tuple[list[Run], int]:
     # known, so the jobs not started are counted only (a review: with subdir=${seed}, a
     # folder `1` was taken for job 1)
     bare = {r.name for r in runs if not r.overrides}
-    numbered = _as_written_subdir(hydra) == "${hydra.job.num}"
+    numbered = subdir_as_written(hydra) == "${hydra.job.num}"
     rows = [(n, o) for n, o in unmatched if not (numbered and str(n) in bare)]
     unplaced = len(bare) - (len(unmatched) - len(rows))
     if unplaced > 0:
         return [], max(0, len(rows) - unplaced)
     return [Run(str(n), root / str(n), NOT_STARTED, list(o)) for n, o in rows], 0
-
-
-def _as_written_subdir(hydra: Any) -> Any:
-    """``hydra.sweep.subdir`` as written (``${hydra.job.num}``, not a job's value)."""
-    from omegaconf import OmegaConf
-
-    sweep = OmegaConf.select(hydra, "sweep")
-    if sweep is None:
-        return None
-    return OmegaConf.to_container(sweep, resolve=False).get("subdir")  # type: ignore[union-attr]
 
 
 def resolve_mode(metric: str, mode: str) -> str:

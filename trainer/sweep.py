@@ -109,6 +109,12 @@ def planned_job_overrides(hydra: Any) -> list[list[str]] | None:
     return [list(job) for job in jobs]
 
 
+def subdir_as_written(hydra: Any) -> Any:
+    """``hydra.sweep.subdir`` as written (``${hydra.job.num}``, not a job's value)."""
+    sweep = _as_written(OmegaConf.select(hydra, "sweep"))
+    return sweep.get("subdir") if isinstance(sweep, dict) else None
+
+
 def _basic_sweep(hydra: Any) -> list[Any] | None:
     """The basic sweeper's overrides, parsed (Hydra's ``Override``s); None for another
     sweeper or where they do not parse here (a ``glob`` needs the config loader)."""
