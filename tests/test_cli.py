@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -94,6 +95,33 @@ def test_missing_torchvision_files_say_where_to_put_them(background) -> None:
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
     assert "train-images-idx3-ubyte" in err and "data.download=true" in err
+
+
+def _config_error(path):
+    bad = ("trainer.max_epochs=-3", f"hydra.run.dir={path / 'run'}")
+    plain = cli(*bad)
+    full = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *bad], cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )  # fmt: skip
+    return plain, full, path / "run"
+
+
+@in_background(_config_error)
+def test_a_config_error_is_one_line_naming_the_key_and_its_run_records_it(background) -> None:
+    """A value out of range is a user's error, not the trainer's: the CLI says which key and
+    why, in one line without a traceback, exits 1, and the run's metrics.json records it;
+    ``HYDRA_FULL_ERROR=1`` still shows the traceback (Hydra's own switch)."""
+    plain, full, run_dir = background
+    message = "trainer.max_epochs: got -3, must be >= 1"
+    assert plain.returncode == 1, plain.stderr[-2000:]
+    assert f"Error: {message}" in plain.stderr.splitlines(), plain.stderr[-2000:]
+    assert "Traceback" not in plain.stderr + plain.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and message in metrics["error"], metrics
+    assert full.returncode == 1
+    assert "Traceback (most recent call last)" in full.stderr and message in full.stderr
 
 
 def _bench(path):

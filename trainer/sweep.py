@@ -10,7 +10,9 @@ failed trial, not a value.
 :class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in ``configs/train.yaml``) then
 reads every job's ``metrics.json`` when the sweep ends, says how many jobs failed and why (and
 which completed without a monitored value), and exits with status 1 if any failed. A single run
-still raises as usual, and returns its metric, NaN included.
+still raises as usual (a config error, :class:`~trainer.config.ConfigError`, as one line
+naming the key, without the traceback, unless ``HYDRA_FULL_ERROR=1``), and returns its metric,
+NaN included.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -167,12 +171,18 @@ def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
     classification, val/mse for regression); in a multirun a failure, or a NaN metric,
     returns None (a failed trial for the Optuna sweeper, which a NaN would stop)."""
+    from trainer.config import ConfigError
     from trainer.run import run
 
     try:
         result = run(cfg)
     except Exception as e:
         if not in_multirun():
+            if isinstance(e, ConfigError) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                # the message names the key and what is wrong with it; Hydra's traceback
+                # (run, _run, validate) printed before it only buried it
+                print(f"Error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+                sys.exit(1)
             raise
         log.exception("job failed, the sweep goes on (its metrics.json says why): %s", e)
         return None
