@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import numpy as np
@@ -368,6 +369,120 @@ def test_norms_and_clipping_of_a_float16_or_bfloat16_model_are_in_float32(tmp_pa
         rounding = 2**-11 if dtype == torch.float16 else 2**-8
         if norms == 1:  # (the clipped total: the instrument's, on its steps)
             assert dict(s["grad_norm/total_clipped"])[step] == pytest.approx(1.0, abs=rounding)
+
+
+class HalvesOneGradient(Callback):
+    """Multiplies the last weight's gradient by ``factor`` in ``hook`` (a surgery or a
+    clipping of one's own), keeping each step's gradients before and after, by name."""
+
+    def __init__(self, hook: str, factor: float = 0.5, steps: tuple[int, ...] = ()) -> None:
+        self.hook, self.factor, self.steps = hook, factor, steps
+        self.before: dict[int, dict[str, torch.Tensor]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+        self.changed = ""
+
+    limit: int | None = None  # (at most this many changes)
+
+    def _change(self, trainer, step: int) -> None:
+        if self.steps and step not in self.steps or self.limit is not None and self.limit <= 0:
+            return
+        if self.limit is not None:
+            self.limit -= 1
+        names = trainer.param_names
+        self.before[step] = {n: p.grad.clone() for n, p in zip(names, trainer.params, strict=True)}
+        self.changed = names[-2]  # the last weight (the last parameter is its bias)
+        trainer.params[-2].grad.mul_(self.factor)
+        self.after[step] = {n: p.grad.clone() for n, p in zip(names, trainer.params, strict=True)}
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if self.hook == "on_after_backward":
+            self._change(trainer, trainer.global_step + 1)
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        if self.hook == "on_before_optimizer_step":
+            self._change(trainer, trainer.global_step)
+
+
+def _said(caplog, words: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+
+def test_gradients_a_callback_changes_after_the_norms_are_measured_are_said(
+    tmp_path, caplog
+) -> None:
+    """A callback that changes gradients in ``on_before_optimizer_step`` acts after the
+    instruments measured them: ``grad_norm/<param>`` are the gradients' before it,
+    ``grad_norm/total`` (clipping's) after it, so their squares no longer sum to it. That is
+    warned, once, naming the parameter (a probe's halved layer logged a total of 0.536 beside
+    per-parameter norms summing to 0.728², unsaid). (Told by the gradients' version
+    counters: a write in place that leaves the values as they were is said too.)"""
+    cb = HalvesOneGradient("on_before_optimizer_step")
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, "trainer.max_steps=3", "instrument.norms.every_n_steps=1",
+              "logging.every_n_steps=1", callbacks=[cb])  # fmt: skip
+    s = read_scalars(tmp_path)
+    for step in (1, 2, 3):
+        # the total: torch's float32 get_total_norm of the gradients as they were changed
+        # (the same function of the same tensors: equal)
+        total = dict(s["grad_norm/total"])[step]
+        assert total == float(torch.nn.utils.get_total_norm(list(cb.after[step].values())))
+        for name, g in cb.before[step].items():  # each parameter's: before the change
+            assert dict(s[f"grad_norm/{name}"])[step] == float(torch.linalg.vector_norm(g))
+    said = _said(caplog, "after the instruments measured them")
+    assert len(said) == 1, said
+    assert "step 1:" in said[0] and f"({cb.changed})" in said[0], said
+
+
+PER_SAMPLE_RUN = ("data=synthetic", "data.num_train=96", "data.num_val=16", "data.shape=[8]",
+                  "model=mlp", "model.hidden=[16]", "logging.every_n_steps=1",
+                  "instrument.per_sample.every_n_steps=1")  # fmt: skip
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_per_sample_statistics_of_gradients_a_callback_changed_after_backward_are_nan(
+    tmp_path, caplog, accumulate
+) -> None:
+    """The noise scale and the SNRs take the per-sample norms from the backward's hooks and
+    the batch gradient from ``.grad``: a callback that changes a gradient in
+    ``on_after_backward`` (a noise, a surgery of one's own) made them mix two gradients (a
+    probe's noise scale of -8,396 for a true 35.8). Then the noise scale and its parts are
+    NaN and so is that parameter's SNR, with one warning naming it; the other parameters'
+    SNRs and the per-sample norms are the backward's, equal to a run without the callback.
+    With accumulation, a change in the window's first micro-batch only counts too."""
+    runs = {}
+    for changed in (False, True):
+        cb = HalvesOneGradient("on_after_backward", steps=(1,) if changed else (-1,))
+        cb.limit = 1  # the first micro-batch only
+        caplog.clear()
+        run_dir = tmp_path / str(changed)
+        with caplog.at_level(logging.WARNING):
+            train(run_dir, *PER_SAMPLE_RUN, "data.batch_size=16", "trainer.max_steps=1",
+                  f"trainer.accumulate_grad_batches={accumulate}", callbacks=[cb])  # fmt: skip
+        runs[changed] = {k: dict(v)[1] for k, v in read_scalars(run_dir).items() if 1 in dict(v)}
+        said = _said(caplog, "in on_after_backward")
+        assert len(said) == changed, said
+    plain, changed = runs[False], runs[True]
+    assert said[0].startswith("step 1:") and f"of {cb.changed} in" in said[0], said
+    noise = ("per_sample/noise_scale", "per_sample/grad_var_trace", "per_sample/grad_signal")
+    snrs = [t for t in plain if t.startswith("grad_snr/")]
+    assert len(snrs) == 4 and f"grad_snr/{cb.changed}" in snrs
+    for tag in (*noise, *snrs):
+        assert math.isfinite(plain[tag]), tag
+        if tag in noise or tag == f"grad_snr/{cb.changed}":
+            assert math.isnan(changed[tag]), tag
+        else:  # the same arithmetic on the same values
+            assert changed[tag] == plain[tag], tag
+    for tag in ("per_sample/grad_norm_mean", "per_sample/grad_norm_max"):
+        assert changed[tag] == plain[tag]
+
+
+def test_gradients_read_but_not_changed_by_a_callback_are_not_said(tmp_path, caplog) -> None:
+    """Reading the gradients (a clone, a norm) moves no version counter: no warning."""
+    cb = Grads()
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, "trainer.max_steps=2", "instrument.norms.every_n_steps=1",
+              "logging.every_n_steps=1", "trainer.grad_clip=0.5", callbacks=[cb])  # fmt: skip
+    assert _said(caplog, "after the instruments measured them") == []
 
 
 class DropsTheGradients(Callback):

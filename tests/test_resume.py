@@ -627,6 +627,34 @@ def test_a_long_double_array_in_a_callback_state_is_named() -> None:
             checkpointable({"best": np.ones(2, dtype=dtype)}, "MyCb")
 
 
+class SplitsTheGroups(Callback):
+    """After step 1, moves the first layer into a parameter group of its own (a slower lr for
+    the body): the optimizer then has a group the config does not build."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 1:
+            group = trainer.optimizer.param_groups[0]
+            body, group["params"] = group["params"][:2], group["params"][2:]
+            trainer.optimizer.add_param_group({"params": body, "lr": group["lr"] / 10})
+
+
+def test_a_checkpoint_of_groups_split_during_its_run_is_refused_naming_the_way_out(
+    tmp_path,
+) -> None:
+    """The checkpoint is loaded before any callback runs, so groups a callback made cannot be
+    rebuilt first: torch refused with "a different number of parameter groups" and no way out
+    (a probe's). Refused naming both runs' groups and what to do instead."""
+    common = ("model.hidden=[16]", "trainer.max_steps=4")
+    with pytest.raises(SystemExit):
+        train(tmp_path / "a", *common, callbacks=[SplitsTheGroups(), StopAt(2)])
+    refused = (r"does not fit this run: its optimizer has 2 parameter groups \(of \[2, 2\] "
+               r"parameters\), this run's 1 \(of \[4\]\): groups added or merged during a run "
+               r".*add_param_group.* optimizer factory")  # fmt: skip
+    with pytest.raises(ValueError, match=refused):
+        train(tmp_path / "a", *common, "trainer.resume=auto",
+              f"trainer.checkpoint.search_dir={tmp_path / 'a'}")  # fmt: skip
+
+
 def test_another_optimizers_state_without_a_config_is_refused_naming_it(tmp_path) -> None:
     """A checkpoint without its config (an older one, or written by hand) of an AdamW run,
     resumed with SGD: its groups replaced SGD's, and the first step failed with a bare

@@ -421,6 +421,11 @@ class Trainer:
         self._flushed_at: int | None = None  # the step on_flush last ran at
         #: the step's gradient norms as a callback computed them (share_grad_norms)
         self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor]] | None = None
+        self._said_changed = False  # (a callback changed measured gradients: warned once)
+        #: called once after a micro-batch's ``on_after_backward`` callbacks, where set (by
+        #: then every callback has had the gradients): the per-sample instrument's check
+        #: that none changed them, as its statistics need the backward's own
+        self.after_backward_callbacks: Callable[[], None] | None = None
         self._dtypes_of_params()
         self._unowned_named: list[str] = []  # (the names last warned of)
         self._not_in_optimizer()
@@ -547,6 +552,34 @@ class Trainer:
             norms = torch.stack(norms)
             self._grad_norms = (kept, versions, norms)
         return norms[: len(grads)]
+
+    def _changed_after_measuring(self, grads: list[Tensor]) -> None:
+        """Warn (once) where a callback replaced or changed in place gradients whose norms an
+        instrument shared this step: what the instruments measured and what the loop's total
+        and clipping see are then two different gradients (a probe's callback halving a
+        layer's gradient logged ``grad_norm/total`` 0.536 beside per-parameter norms whose
+        squares summed to 0.728², unsaid)."""
+        kept, versions, _ = self._grad_norms  # type: ignore[misc]
+        same = {(id(g), v) for g, v in zip(kept, versions, strict=True)}
+        changed = [n for n, p in zip(self.param_names, self.params, strict=True)
+                   if p.grad is not None and (id(p.grad), p.grad._version) not in same]  # fmt: skip
+        dropped = max(0, len(kept) - len(grads))  # (set to None: fewer than were measured)
+        if not changed and not dropped:
+            return
+        self._said_changed = True
+        what = ", ".join(changed[:5]) + (f" (+{len(changed) - 5})" if len(changed) > 5 else "")
+        if dropped:
+            what = f"{what}{'; ' if what else ''}{dropped} set to None"
+        log.warning(
+            "step %d: a callback changed gradients in on_before_optimizer_step after the "
+            "instruments measured them (%s): grad_norm/<param>, the gradient histograms, the "
+            "per-sample norms and the non-finite guard describe them before the change; "
+            "grad_norm/total, grad_norm/total_clipped, grad_norm/data and /reg, the clipping "
+            "and the update after it, so the per-parameter norms' squares do not sum to "
+            "grad_norm/total² on such steps. Change gradients in on_after_backward to have "
+            "every instrument see the change (warned once)",
+            self.global_step, what,
+        )  # fmt: skip
 
     def stage_scalars(self, values: Scalars) -> None:
         """Queue scalars for the current step; they are read back to the host together with
@@ -1116,6 +1149,9 @@ class Trainer:
         losses = losses.detach()
         self.tally.add(losses, units)
         self._fire("on_after_backward", batch, losses, weights)
+        if self.after_backward_callbacks is not None:  # (once: set again for each micro-batch)
+            check, self.after_backward_callbacks = self.after_backward_callbacks, None
+            check()
         if step_now:
             self.optimizer_step(batch, losses, weights)
 
@@ -1146,6 +1182,8 @@ class Trainer:
         grads: list[Tensor] = []  # (only where a norm is taken: not every step)
         if self.grad_clip > 0 or should_log or self.measure_clipped_norm:
             grads = [p.grad for p in self.params if p.grad is not None]
+            if self._grad_norms is not None and not self._said_changed:
+                self._changed_after_measuring(grads)
             shared = self.shared_grad_norms(grads) if self._one_group else None
             if shared is not None:  # a callback measured them: reuse, as get_total_norm
                 # would compute it (the 2-norm of the per-tensor 2-norms)
@@ -1372,6 +1410,18 @@ class Trainer:
             raise ValueError(
                 f"its optimizer state has {', '.join(foreign)}, which this run's "
                 f"{type(self.optimizer).__name__} does not: written by another optimizer"
+            )
+        groups = [len(g["params"]) for g in state["optimizer"].get("param_groups", ())]
+        mine = [len(g["params"]) for g in self.optimizer.param_groups]
+        if len(groups) != len(mine):  # (torch's words: "a different number of parameter
+            # groups", and no way out; a probe's callback had split the groups mid-run)
+            raise ValueError(
+                f"its optimizer has {len(groups)} parameter groups (of {groups} parameters), "
+                f"this run's {len(mine)} (of {mine}): groups added or merged during a run "
+                "(a callback's add_param_group) cannot be resumed, as the checkpoint is loaded "
+                "before any callback runs; build every group from the start (an optimizer "
+                "factory: README, `optimizer`) and change a group's lr, or freeze its "
+                "parameters, in the callback instead"
             )
         self.optimizer.load_state_dict(state["optimizer"])
         for name, obj in (("scheduler", self.scheduler), ("scaler", self.scaler)):

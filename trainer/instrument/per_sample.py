@@ -725,6 +725,11 @@ class PerSampleNorms(Callback):
         #: measured micro-batch started; one written past autograd (a Function's backward
         #: setting ``.grad`` by hand) fires no hook, but changes it
         self._grads_before: dict[int, tuple[Tensor | None, int]] = {}
+        #: each parameter's gradient and its version after the backward (_check_unchanged)
+        self._after: list[tuple[Tensor, Tensor | None, int]] = []
+        #: the parameters whose gradient a callback changed in the measured window
+        self._edited: set[int] = set()
+        self._said_edited = False
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
         self._weighted: list[Tensor] = []  # per micro-batch, (B, params) squared weighted norms
         #: per micro-batch, (B, 2): each sample's effective weight, and 1.0 where it is a
@@ -838,6 +843,7 @@ class PerSampleNorms(Callback):
             self._count_rows(trainer, self._batch)
         if not self._weighted:  # the window's first measured micro-batch
             self._window_excluded.clear()
+            self._edited.clear()
         self._sq.clear()
         self._calls.clear()
         self._ncalls.clear()
@@ -919,6 +925,8 @@ class PerSampleNorms(Callback):
             self._mix(f"{name} (BatchNorm with the batch's statistics)")
 
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        if trainer.after_backward_callbacks == self._check_unchanged:
+            trainer.after_backward_callbacks = None
         self._leave_mode()
         self._disarm()
         self._drop_rows()
@@ -931,6 +939,8 @@ class PerSampleNorms(Callback):
         self._rank_rows.clear()
         self._calls.clear()
         self._grads_before.clear()
+        self._after.clear()
+        self._edited.clear()
         self._skip_window = False
 
     def _leave_mode(self) -> None:
@@ -1525,6 +1535,21 @@ class PerSampleNorms(Callback):
             w = torch.stack([w, units.flatten(1).ne(0).any(1).to(w.dtype)], 1)
         self._weighted.append(sq)
         self._weights.append(w)
+        # the batch gradient the statistics take from .grad must be the backward's: checked
+        # once every callback's on_after_backward has had it (one of one's own changing it
+        # there, a noise or a surgery, mixed the two: a probe's noise scale of -8,396 for a
+        # true 35.8, unsaid)
+        self._after = [(p, p.grad, -1 if p.grad is None else p.grad._version)
+                       for p in self._params]  # fmt: skip
+        trainer.after_backward_callbacks = self._check_unchanged
+
+    def _check_unchanged(self) -> None:
+        """After the callbacks' ``on_after_backward``: the parameters whose gradient one of
+        them replaced or changed in place (:meth:`_statistics` leaves them out)."""
+        after, self._after = self._after, []
+        for p, g, version in after:
+            if p.grad is not g or (g is not None and g._version != version):
+                self._edited.add(id(p))
 
     def _finish_shared(self) -> None:
         """Square the summed per-sample gradients of parameters used more than once, unless
@@ -1928,8 +1953,23 @@ class PerSampleNorms(Callback):
         values = torch.cat(parts)
         # (the tags as they are now: the values may be read after the trainable parameters,
         # and so the tags, changed)
+        edited = tuple(id(p) in self._edited for p in self._params)
+        if any(edited) and not self._said_edited:
+            self._said_edited = True
+            names = [self._param_names[id(p)] for p, e in zip(self._params, edited, strict=True)
+                     if e]  # fmt: skip
+            log.warning(
+                "step %d: a callback changed the gradients of %s in on_after_backward: "
+                "per_sample/noise_scale, grad_var_trace, grad_signal and their parameters' "
+                "grad_snr/* need the batch gradient as the backward made it (the per-sample "
+                "norms are of the backward's gradients, before the change) and are NaN on such "
+                "steps; the gradient norms and histograms are of the changed gradients (warned "
+                "once)",
+                trainer.global_step, ", ".join(names[:5]) + (f" (+{len(names) - 5})"
+                                                             if len(names) > 5 else ""),
+            )  # fmt: skip
         fn = partial(self._noise_scale, trainer.world.size, self._tags, n, torch.finfo(w.dtype).eps,
-                     self._roundoff, scaled)  # fmt: skip
+                     self._roundoff, scaled, edited=edited)  # fmt: skip
         trainer.stage_on_host(values, fn)
 
     def _noise_scale(
@@ -1941,6 +1981,7 @@ class PerSampleNorms(Callback):
         roundoff: tuple[tuple[float, float], ...],
         scaled: bool,
         values: list[float],
+        edited: tuple[bool, ...] = (),
     ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
         tr(Σ) / |G|² over the covered parameters, its running average and, per parameter
@@ -1949,7 +1990,9 @@ class PerSampleNorms(Callback):
         for a parameter left out. ``values``:
         the per-parameter sums of the squared weighted norms, the step's gradient norms, the
         coefficients' spread and largest value, the number of samples (unless ``n`` gives
-        it), the covered mask (:meth:`_statistics`)."""
+        it), the covered mask (:meth:`_statistics`); ``edited``: per parameter, whether a
+        callback changed its gradient after the backward (its SNR, and the estimate where it
+        is covered, NaN)."""
         if scaled:  # the loss scale the gradients were rounded at: the last value
             loss_scale, values = values[-1], values[:-1]
             roundoff = tuple((u, f / loss_scale) for u, f in roundoff)
@@ -2066,6 +2109,10 @@ class PerSampleNorms(Callback):
                     "alike, or a signal far below the noise; docs/instrumentation.md)",
                     named, round(100 * ROUNDED_LIMIT),
                 )  # fmt: skip
+        if any(edited):  # not the backward's batch gradient (_check_unchanged): no number
+            snr = [math.nan if e else r for r, e in zip(snr, edited, strict=True)]
+            if any(e and c > 0 for e, c in zip(edited, covered, strict=True)):
+                estimate = [math.nan, math.nan]
         # no estimate (NaN) with unequal coefficients, or a step whose gradient is not finite
         # (a step the guard or the GradScaler skips: its sum overflowed, −Inf was logged)
         ok = uniform and all(math.isfinite(x) for x in estimate)
