@@ -105,23 +105,75 @@ def _config_error(path):
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "HYDRA_FULL_ERROR": "1"},
     )  # fmt: skip
-    return plain, full, path / "run"
+    built = cli("weighting=per_class", "weighting.weights=[1,1,3]", "loss.mode=vector",
+                f"hydra.run.dir={path / 'built'}")  # fmt: skip
+    return plain, full, built, path / "run"
 
 
 @in_background(_config_error)
 def test_a_config_error_is_one_line_naming_the_key_and_its_run_records_it(background) -> None:
     """A value out of range is a user's error, not the trainer's: the CLI says which key and
     why, in one line without a traceback, exits 1, and the run's metrics.json records it;
-    ``HYDRA_FULL_ERROR=1`` still shows the traceback (Hydra's own switch)."""
-    plain, full, run_dir = background
+    ``HYDRA_FULL_ERROR=1`` still shows the traceback (Hydra's own switch). So is a value
+    refused while its component is built (a ValueError of the trainer's own: a probe's)."""
+    plain, full, built, run_dir = background
     message = "trainer.max_epochs: got -3, must be >= 1"
     assert plain.returncode == 1, plain.stderr[-2000:]
     assert f"Error: {message}" in plain.stderr.splitlines(), plain.stderr[-2000:]
     assert "Traceback" not in plain.stderr + plain.stdout
+    assert built.returncode == 1 and "Traceback" not in built.stderr + built.stdout
+    assert "Error: weighting.weights: got 3 weights but the data has 10 classes" in built.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "failed" and message in metrics["error"], metrics
     assert full.returncode == 1
     assert "Traceback (most recent call last)" in full.stderr and message in full.stderr
+
+
+def _raise(error: Exception) -> None:
+    raise error
+
+
+def test_only_the_trainers_own_refusals_lose_their_traceback() -> None:
+    """The one-line form is for errors the trainer raises itself, whose message says what is
+    wrong; an error raised in one's own code or in torch's keeps the traceback that leads to
+    its cause."""
+    from trainer.config import _check
+    from trainer.losses import check_metric_names
+    from trainer.sweep import own_refusal
+
+    def caught(fn, *args) -> BaseException:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            return e
+        raise AssertionError("nothing raised")
+
+    assert own_refusal(caught(_check, False, "trainer.max_epochs", "got -3"))  # ConfigError
+    bad_names = SimpleNamespace(metrics=("acc",))  # (not under val/)
+    assert own_refusal(caught(check_metric_names, bad_names))  # a ValueError of its own
+    assert not own_refusal(caught(_raise, ValueError("my model's own check")))  # one's own code
+    mismatched = (torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))  # (batch sizes 2 and 3)
+    assert not own_refusal(caught(torch.nn.functional.cross_entropy, *mismatched))  # torch's
+    assert not own_refusal(ValueError("never raised"))  # (no traceback: not known)
+
+
+def test_a_refusal_wrapping_an_error_of_ones_own_code_keeps_its_traceback(
+    tmp_path, monkeypatch
+) -> None:
+    """``model._target_`` naming a module that fails while it is imported is refused by the
+    trainer, but the cause is in one's own file: its traceback leads there (a review's: the
+    one-line form hid it); one whose cause is importlib's (no such module) needs none."""
+    from trainer.components import resolve_target
+    from trainer.sweep import own_refusal
+
+    (tmp_path / "my_broken_model.py").write_text(
+        "def helper():\n    return undefined\n\nhelper()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, own in (("my_broken_model.Net", True), ("no_such_module_here.Net", False)):
+        with pytest.raises(Exception) as caught:
+            resolve_target("model", name)
+        assert own_refusal(caught.value) is not own, name
 
 
 def _bench(path):

@@ -375,8 +375,10 @@ class HalvesOneGradient(Callback):
     """Multiplies the last weight's gradient by ``factor`` in ``hook`` (a surgery or a
     clipping of one's own), keeping each step's gradients before and after, by name."""
 
-    def __init__(self, hook: str, factor: float = 0.5, steps: tuple[int, ...] = ()) -> None:
-        self.hook, self.factor, self.steps = hook, factor, steps
+    def __init__(
+        self, hook: str, factor: float = 0.5, steps: tuple[int, ...] = (), how: str = "mul_"
+    ) -> None:
+        self.hook, self.factor, self.steps, self.how = hook, factor, steps, how
         self.before: dict[int, dict[str, torch.Tensor]] = {}
         self.after: dict[int, dict[str, torch.Tensor]] = {}
         self.changed = ""
@@ -391,7 +393,14 @@ class HalvesOneGradient(Callback):
         names = trainer.param_names
         self.before[step] = {n: p.grad.clone() for n, p in zip(names, trainer.params, strict=True)}
         self.changed = names[-2]  # the last weight (the last parameter is its bias)
-        trainer.params[-2].grad.mul_(self.factor)
+        targets = trainer.params if self.how == "all .data.mul_" else trainer.params[-2:-1]
+        for p in targets:
+            if self.how == "mul_":
+                p.grad.mul_(self.factor)
+            elif self.how == ".data =":  # (the same tensor, new memory, no version moved)
+                p.grad.data = p.grad.data * self.factor
+            else:  # through .data, in place: no version counter moves at all
+                p.grad.data.mul_(self.factor)
         self.after[step] = {n: p.grad.clone() for n, p in zip(names, trainer.params, strict=True)}
 
     def on_after_backward(self, trainer, batch, losses, weights) -> None:
@@ -402,21 +411,27 @@ class HalvesOneGradient(Callback):
         if self.hook == "on_before_optimizer_step":
             self._change(trainer, trainer.global_step)
 
+    def on_before_backward(self, trainer, batch, losses) -> None:
+        if self.hook == "on_before_backward" and trainer.params[-2].grad is not None:
+            self._change(trainer, trainer.global_step + 1)
+
 
 def _said(caplog, words: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if words in r.getMessage()]
 
 
+@pytest.mark.parametrize("how", ["mul_", ".data ="])
 def test_gradients_a_callback_changes_after_the_norms_are_measured_are_said(
-    tmp_path, caplog
+    tmp_path, caplog, how
 ) -> None:
     """A callback that changes gradients in ``on_before_optimizer_step`` acts after the
     instruments measured them: ``grad_norm/<param>`` are the gradients' before it,
     ``grad_norm/total`` (clipping's) after it, so their squares no longer sum to it. That is
     warned, once, naming the parameter (a probe's halved layer logged a total of 0.536 beside
     per-parameter norms summing to 0.728², unsaid). (Told by the gradients' version
-    counters: a write in place that leaves the values as they were is said too.)"""
-    cb = HalvesOneGradient("on_before_optimizer_step")
+    counters and memory: a write in place that leaves the values as they were is said too;
+    ``p.grad.data = ...`` keeps the tensor and its counter, and is told by its memory.)"""
+    cb = HalvesOneGradient("on_before_optimizer_step", how=how)
     with caplog.at_level(logging.WARNING):
         train(tmp_path, "trainer.max_steps=3", "instrument.norms.every_n_steps=1",
               "logging.every_n_steps=1", callbacks=[cb])  # fmt: skip
@@ -448,10 +463,15 @@ def test_per_sample_statistics_of_gradients_a_callback_changed_after_backward_ar
     probe's noise scale of -8,396 for a true 35.8). Then the noise scale and its parts are
     NaN and so is that parameter's SNR, with one warning naming it; the other parameters'
     SNRs and the per-sample norms are the backward's, equal to a run without the callback.
-    With accumulation, a change in the window's first micro-batch only counts too."""
+    With accumulation, a change in the window's first micro-batch only counts too, and so
+    does one made before the second micro-batch's backward (``on_before_backward``), and one
+    through ``p.grad.data = ...`` (the same tensor, its memory new)."""
+    hook, how = (
+        ("on_before_backward", "mul_") if accumulate == 2 else ("on_after_backward", ".data =")
+    )
     runs = {}
     for changed in (False, True):
-        cb = HalvesOneGradient("on_after_backward", steps=(1,) if changed else (-1,))
+        cb = HalvesOneGradient(hook, steps=(1,) if changed else (-1,), how=how)
         cb.limit = 1  # the first micro-batch only
         caplog.clear()
         run_dir = tmp_path / str(changed)
@@ -459,10 +479,12 @@ def test_per_sample_statistics_of_gradients_a_callback_changed_after_backward_ar
             train(run_dir, *PER_SAMPLE_RUN, "data.batch_size=16", "trainer.max_steps=1",
                   f"trainer.accumulate_grad_batches={accumulate}", callbacks=[cb])  # fmt: skip
         runs[changed] = {k: dict(v)[1] for k, v in read_scalars(run_dir).items() if 1 in dict(v)}
-        said = _said(caplog, "in on_after_backward")
+        said = _said(caplog, "a callback changed the gradients of")
         assert len(said) == changed, said
     plain, changed = runs[False], runs[True]
     assert said[0].startswith("step 1:") and f"of {cb.changed} in" in said[0], said
+    where = "on_after_backward" if hook == "on_after_backward" else "on_before_backward"
+    assert where in said[0], said
     noise = ("per_sample/noise_scale", "per_sample/grad_var_trace", "per_sample/grad_signal")
     snrs = [t for t in plain if t.startswith("grad_snr/")]
     assert len(snrs) == 4 and f"grad_snr/{cb.changed}" in snrs
@@ -474,6 +496,28 @@ def test_per_sample_statistics_of_gradients_a_callback_changed_after_backward_ar
             assert changed[tag] == plain[tag], tag
     for tag in ("per_sample/grad_norm_mean", "per_sample/grad_norm_max"):
         assert changed[tag] == plain[tag]
+
+
+def test_gradients_a_callback_writes_through_data_are_clipped_as_they_are(tmp_path, caplog):
+    """A write through ``.data`` moves no version counter: the norms the instrument shared
+    looked current, and the clipping took them (a review's: gradients made 100x larger
+    clipped to 100x the limit, with the norms on, and to the limit without them). The loop
+    takes the norms again after a callback of one's own ran: ``grad_norm/total`` is the
+    changed gradients' and the clipped total is the limit (1 rounding of the clip
+    coefficient and of the norm: 4 u of float32 relative). The norms taken again are compared
+    with the shared ones when the step is read: the write is said, naming the parameters."""
+    cb = HalvesOneGradient("on_before_optimizer_step", factor=100.0, how="all .data.mul_")
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, "trainer.max_steps=3", "instrument.norms.every_n_steps=1",
+              "logging.every_n_steps=1", "trainer.grad_clip=0.05", callbacks=[cb])  # fmt: skip
+    said = _said(caplog, "after the instruments measured them")
+    assert len(said) == 1 and "step 1:" in said[0] and cb.changed in said[0], said
+    s = read_scalars(tmp_path)
+    for step in (1, 2, 3):
+        total = dict(s["grad_norm/total"])[step]
+        assert total == float(torch.nn.utils.get_total_norm(list(cb.after[step].values())))
+        assert total > 1.0  # (clipping acts)
+        assert dict(s["grad_norm/total_clipped"])[step] == pytest.approx(0.05, rel=4 * 2**-24)
 
 
 def test_gradients_read_but_not_changed_by_a_callback_are_not_said(tmp_path, caplog) -> None:

@@ -31,6 +31,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ from trainer.distributed import (
     all_reduce_sum,
     broadcast_buffers,
 )
-from trainer.instrument.norms import needs_care, total_norm
+from trainer.instrument.norms import memory_of, needs_care, norms_of, total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
 from trainer.losses import (
     Loss,
@@ -365,6 +366,10 @@ class Trainer:
         self._stop_flag: tuple[Tensor, int | None] | None = None
         self.callbacks: list[Callback] = []
         self._hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOKS}
+        #: the on_before_optimizer_step hook running (its index), and whether each may write
+        #: to the gradients (a callback of one's own; the trainer's instruments only read them)
+        self._hook_at = 0
+        self._writes_grads: list[bool] = []
         self.add_callbacks(*callbacks)
         #: every parameter (``named_parameters()``), and which required grad when last seen
         self._all_params = list(model.named_parameters())
@@ -419,13 +424,18 @@ class Trainer:
         self._buffers_before: list[Tensor] | None = None
         self._window_open = False
         self._flushed_at: int | None = None  # the step on_flush last ran at
-        #: the step's gradient norms as a callback computed them (share_grad_norms)
-        self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor]] | None = None
+        #: the step's gradient norms as a callback computed them (share_grad_norms), and the
+        #: place of the hook that shared them
+        self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor], int] | None = None
         self._said_changed = False  # (a callback changed measured gradients: warned once)
+        self._shared_memory: list[int] = []  # (the shared gradients' data_ptr())
         #: called once after a micro-batch's ``on_after_backward`` callbacks, where set (by
-        #: then every callback has had the gradients): the per-sample instrument's check
-        #: that none changed them, as its statistics need the backward's own
+        #: then every callback has had the gradients), and once right before its backward
+        #: (after ``on_train_batch_start`` and ``on_before_backward``): the per-sample
+        #: instrument's checks that no callback changed the gradients between the backward
+        #: passes, as its statistics need the backward's own
         self.after_backward_callbacks: Callable[[], None] | None = None
+        self.before_backward_callbacks: Callable[[], None] | None = None
         self._dtypes_of_params()
         self._unowned_named: list[str] = []  # (the names last warned of)
         self._not_in_optimizer()
@@ -483,6 +493,10 @@ class Trainer:
             for name in HOOKS:
                 if getattr(type(cb), name) is not getattr(Callback, name):
                     self._hooks[name].append(getattr(cb, name))
+            if type(cb).on_before_optimizer_step is not Callback.on_before_optimizer_step:
+                # (the trainer's own instruments read the gradients, never write them)
+                own = type(cb).__module__.startswith("trainer.instrument")
+                self._writes_grads.append(not own)
 
     def _fire(self, name: str, *args: Any) -> None:
         for hook in self._hooks[name]:
@@ -491,6 +505,18 @@ class Trainer:
             except Exception as e:  # (the error recorded named neither: a probe)
                 _note_hook(e, hook, name)
                 raise
+
+    def _fire_before_step(self) -> None:
+        """``on_before_optimizer_step``, each hook's place kept (:meth:`shared_grad_norms`)."""
+        hooks = self._hooks["on_before_optimizer_step"]
+        for i, hook in enumerate(hooks):
+            self._hook_at = i
+            try:
+                hook(self, self.optimizer)
+            except Exception as e:
+                _note_hook(e, hook, "on_before_optimizer_step")
+                raise
+        self._hook_at = len(hooks)
 
     def _fire_each(self, name: str, *args: Any) -> list[tuple[Any, BaseException]]:
         """Every callback's hook ``name``, each also when an earlier one raised (the end of a
@@ -529,29 +555,59 @@ class Trainer:
         ``norms``: 1-D, theirs first, possibly followed by others; or the same as a list of
         0-d tensors, as ``torch._foreach_norm`` returns them, stacked only if and when asked
         for): later callbacks and the loop's total (``grad_norm/total``, clipping) take them
-        from :meth:`shared_grad_norms` instead of computing them again."""
+        from :meth:`shared_grad_norms` instead of computing them again, as long as no
+        gradient was replaced or changed in place since and no callback of one's own (not the
+        trainer's instruments) ran its ``on_before_optimizer_step`` after the one that shared
+        them (a write through ``.data`` moves no version counter)."""
         count = norms.numel() if isinstance(norms, Tensor) else len(norms)  # (metadata)
         if count < len(grads):
             raise ValueError(
                 f"share_grad_norms: {len(grads)} gradients and {count} norms; the norms must "
                 "hold one per gradient, in the same order (then possibly others)"
             )
-        self._grad_norms = (grads, [g._version for g in grads], norms)
+        self._grad_norms = (grads, [g._version for g in grads], norms, self._hook_at)
+        self._shared_memory = [memory_of(g) for g in grads]  # (p.grad.data = ...: warned)
 
     def shared_grad_norms(self, grads: list[Tensor]) -> Tensor | None:
         """The shared norms of exactly these gradients, if a callback shared them this step and
         none of them was replaced or changed in place since (their version counters)."""
         if self._grad_norms is None:
             return None
-        kept, versions, norms = self._grad_norms
+        kept, versions, norms, at = self._grad_norms
         if len(kept) != len(grads) or any(
             a is not b or a._version != v for a, b, v in zip(kept, grads, versions, strict=True)
         ):
             return None
+        # a callback of one's own that ran since may have written through ``.data``, which
+        # moves no version counter: its norms are taken again (the clipping took the stale
+        # ones, and clipped 100x gradients to 100x the limit: a review's)
+        if any(self._writes_grads[at + 1 : self._hook_at]):
+            return None
         if not isinstance(norms, Tensor):  # a list of 0-d norms: stacked once, when first asked
             norms = torch.stack(norms)
-            self._grad_norms = (kept, versions, norms)
+            self._grad_norms = (kept, versions, norms, at)
         return norms[: len(grads)]
+
+    def _compare_norms(self, fresh: Tensor, grads: list[Tensor]) -> None:
+        """Stage the gradients' norms taken again beside the ones an instrument shared: where
+        they differ, a callback wrote to them through ``.data`` (or NumPy) after they were
+        measured, which :meth:`_changed_after_measuring` says of other writes."""
+        kept, _, norms, at = self._grad_norms  # type: ignore[misc]
+        if len(kept) != len(grads) or self._writes_grads[at]:  # (a gradient set to None: said
+            return  # already; norms a callback of one's own shared: computed another way)
+        shared = norms if isinstance(norms, Tensor) else torch.stack(norms)
+        with_grad = [n for n, p in zip(self.param_names, self.params, strict=True)
+                     if p.grad is not None]  # fmt: skip
+        both = torch.cat([fresh.float(), shared[: len(grads)].float()])
+        self.stage_on_host(both, partial(self._norms_differ, self.global_step, with_grad))
+
+    def _norms_differ(self, step: int, names: list[str], values: list[float]) -> dict[str, float]:
+        n = len(values) // 2
+        changed = [name for name, a, b in zip(names, values[:n], values[n:], strict=True)
+                   if a != b and not (math.isnan(a) and math.isnan(b))]  # fmt: skip
+        if changed and not self._said_changed:
+            self._warn_changed(step, changed, 0)
+        return {}
 
     def _changed_after_measuring(self, grads: list[Tensor]) -> None:
         """Warn (once) where a callback replaced or changed in place gradients whose norms an
@@ -559,13 +615,17 @@ class Trainer:
         and clipping see are then two different gradients (a probe's callback halving a
         layer's gradient logged ``grad_norm/total`` 0.536 beside per-parameter norms whose
         squares summed to 0.728², unsaid)."""
-        kept, versions, _ = self._grad_norms  # type: ignore[misc]
-        same = {(id(g), v) for g, v in zip(kept, versions, strict=True)}
+        kept, versions, _, _ = self._grad_norms  # type: ignore[misc]
+        same = {(id(g), v, ptr) for g, v, ptr in zip(kept, versions, self._shared_memory,
+                                                    strict=True)}  # fmt: skip
         changed = [n for n, p in zip(self.param_names, self.params, strict=True)
-                   if p.grad is not None and (id(p.grad), p.grad._version) not in same]  # fmt: skip
+                   if p.grad is not None
+                   and (id(p.grad), p.grad._version, memory_of(p.grad)) not in same]  # fmt: skip
         dropped = max(0, len(kept) - len(grads))  # (set to None: fewer than were measured)
-        if not changed and not dropped:
-            return
+        if changed or dropped:
+            self._warn_changed(self.global_step, changed, dropped)
+
+    def _warn_changed(self, step: int, changed: list[str], dropped: int) -> None:
         self._said_changed = True
         what = ", ".join(changed[:5]) + (f" (+{len(changed) - 5})" if len(changed) > 5 else "")
         if dropped:
@@ -578,7 +638,7 @@ class Trainer:
             "and the update after it, so the per-parameter norms' squares do not sum to "
             "grad_norm/total² on such steps. Change gradients in on_after_backward to have "
             "every instrument see the change (warned once)",
-            self.global_step, what,
+            step, what,
         )  # fmt: skip
 
     def stage_scalars(self, values: Scalars) -> None:
@@ -1140,6 +1200,9 @@ class Trainer:
                     logits, losses = self._first_forward(x, y)
             self._fire("on_before_backward", batch, losses)
             self._follow_trainable()  # (a change in this micro-batch's hooks: the backward's)
+            if self.before_backward_callbacks is not None:  # (once: set for each micro-batch)
+                check, self.before_backward_callbacks = self.before_backward_callbacks, None
+                check()
             # the roots (data loss, regularizers) and their one backward pass: trainer/objective
             # (``logs``: the step this micro-batch is in logs, which only the penalty reads)
             logs = self.input_penalty is not None and self.should_log(self.global_step + 1)
@@ -1169,7 +1232,7 @@ class Trainer:
         self.skip_step = self.measure_clipped_norm = False
         self._grad_norms = self.skip_step_where = None
         self._follow_trainable()  # (a change made in this window's own hooks)
-        self._fire("on_before_optimizer_step", self.optimizer)
+        self._fire_before_step()
         grad_norm = None
         has_reg = self.objective.has_regularizers
         # the lr of this step, each group's (an optimizer of one's own may have none: not
@@ -1188,6 +1251,13 @@ class Trainer:
             if shared is not None:  # a callback measured them: reuse, as get_total_norm
                 # would compute it (the 2-norm of the per-tensor 2-norms)
                 grad_norm = torch.linalg.vector_norm(shared)
+            elif self._one_group and self._grad_norms is not None and not self._said_changed:
+                # not reused for a callback of one's own that ran since, the gradients' counters
+                # unmoved: taken again, and compared with the shared ones when the step's values
+                # are read (a write through .data, which no counter tells)
+                fresh = torch.stack(norms_of(grads, self._careful))
+                grad_norm = torch.linalg.vector_norm(fresh)
+                self._compare_norms(fresh, grads)
         if self.grad_clip > 0:
             if grad_norm is None and not self._careful:
                 grad_norm = clip_grad_norm_(self.params, self.grad_clip)

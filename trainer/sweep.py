@@ -10,9 +10,8 @@ failed trial, not a value.
 :class:`SweepSummary` (a Hydra callback, ``hydra.callbacks`` in ``configs/train.yaml``) then
 reads every job's ``metrics.json`` when the sweep ends, says how many jobs failed and why (and
 which completed without a monitored value), and exits with status 1 if any failed. A single run
-still raises as usual (a config error, :class:`~trainer.config.ConfigError`, as one line
-naming the key, without the traceback, unless ``HYDRA_FULL_ERROR=1``), and returns its metric,
-NaN included.
+still raises as usual (one of the trainer's own refusals, :func:`own_refusal`, as one line
+without the traceback, unless ``HYDRA_FULL_ERROR=1``), and returns its metric, NaN included.
 """
 
 from __future__ import annotations
@@ -22,8 +21,10 @@ import logging
 import math
 import os
 import sys
+import sysconfig
 from collections import Counter
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -167,20 +168,65 @@ def _as_written(node: Any) -> Any:
     return node
 
 
+def own_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is one of the trainer's own refusals, whose message says what is
+    wrong (a config value, a file, a resume, a component refused while it is built, a
+    non-finite step): raised by the trainer's code (its innermost frame), a ``ValueError``, a
+    missing file or an exception class of its own. An error raised in one's own code or in
+    torch's keeps its traceback, which is where its cause is."""
+    frame = _raised_in(error)
+    if frame is None or str(frame.f_globals.get("__name__", "")).split(".")[0] != "trainer":
+        return False
+    own_class = type(error).__module__.split(".")[0] == "trainer"
+    if not (own_class or isinstance(error, ValueError | FileNotFoundError)):
+        return False
+    # a refusal that wraps an error of one's own code (an import of one's module that failed
+    # in it: a review's) keeps the traceback that leads there
+    cause = error.__cause__
+    while cause is not None:
+        where = _raised_in(cause)
+        if where is not None and _ones_own(where):
+            return False
+        cause = cause.__cause__
+    return True
+
+
+def _raised_in(error: BaseException) -> FrameType | None:
+    """The innermost frame of ``error``'s traceback (where it was raised), if any."""
+    tb = error.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame
+
+
+def _ones_own(frame: FrameType) -> bool:
+    """A frame of one's own code: neither the trainer's nor of a file under Python's own
+    folders (the standard library, installed packages: torch's, Hydra's, importlib's)."""
+    if str(frame.f_globals.get("__name__", "")).split(".")[0] == "trainer":
+        return False
+    if frame.f_code.co_filename.startswith("<"):  # (importlib's frozen modules, exec'd code)
+        return False
+    path = os.path.realpath(frame.f_code.co_filename)
+    roots = {os.path.realpath(p) for p in sysconfig.get_paths().values()}
+    roots |= {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
+    return not any(path.startswith(r + os.sep) for r in roots)
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
     classification, val/mse for regression); in a multirun a failure, or a NaN metric,
     returns None (a failed trial for the Optuna sweeper, which a NaN would stop)."""
-    from trainer.config import ConfigError
     from trainer.run import run
 
     try:
         result = run(cfg)
     except Exception as e:
         if not in_multirun():
-            if isinstance(e, ConfigError) and os.environ.get("HYDRA_FULL_ERROR") != "1":
-                # the message names the key and what is wrong with it; Hydra's traceback
-                # (run, _run, validate) printed before it only buried it
+            if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                # the message names the key, the file or the step and what is wrong; Hydra's
+                # traceback of the trainer's own frames printed before it only buried it
                 print(f"Error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
                 sys.exit(1)
             raise

@@ -69,6 +69,17 @@ def minus(grad: Tensor, part: Tensor) -> Tensor:
     return widen(grad) - widen(part)
 
 
+def memory_of(t: Tensor) -> int:
+    """Where a tensor's values are (``data_ptr()``; a sparse one's values'), to tell a
+    ``t.data = ...`` that keeps the tensor and its version counter."""
+    if t.layout == torch.strided:
+        return t.data_ptr()
+    try:
+        return t._values().data_ptr()  # (COO)
+    except RuntimeError:
+        return t.values().data_ptr()  # (CSR, CSC, BSR, BSC)
+
+
 def total_norm(tensors: list[Tensor], careful: bool | None = None) -> Tensor:
     """The 2-norm of all of them (``torch.nn.utils.get_total_norm``'s, bit for bit, where none
     is float16/bfloat16 or long on a CPU; else the 2-norm of :func:`norms_of`, in float32 at

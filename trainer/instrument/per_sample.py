@@ -96,7 +96,7 @@ from trainer.distributed import (
     all_reduce_max,
     shard_sizes,
 )
-from trainer.instrument.norms import minus, norms_of
+from trainer.instrument.norms import memory_of, minus, norms_of
 from trainer.instrument.swap import call_with
 from trainer.precision import LOW_PRECISION
 from trainer.rng import Fork, forked_rng
@@ -726,9 +726,10 @@ class PerSampleNorms(Callback):
         #: setting ``.grad`` by hand) fires no hook, but changes it
         self._grads_before: dict[int, tuple[Tensor | None, int]] = {}
         #: each parameter's gradient and its version after the backward (_check_unchanged)
-        self._after: list[tuple[Tensor, Tensor | None, int]] = []
-        #: the parameters whose gradient a callback changed in the measured window
-        self._edited: set[int] = set()
+        self._after: list[tuple[Tensor, Tensor | None, int, int]] = []
+        #: the parameters whose gradient a callback changed in the measured window, and in
+        #: which hooks
+        self._edited: dict[int, str] = {}
         self._said_edited = False
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
         self._weighted: list[Tensor] = []  # per micro-batch, (B, params) squared weighted norms
@@ -844,6 +845,10 @@ class PerSampleNorms(Callback):
         if not self._weighted:  # the window's first measured micro-batch
             self._window_excluded.clear()
             self._edited.clear()
+        # the gradients as the last backward left them (none at a window's start), against
+        # which the ones the next backward starts from are checked (_check_unchanged)
+        self._after = self._grad_states()
+        trainer.before_backward_callbacks = self._check_before_backward
         self._sq.clear()
         self._calls.clear()
         self._ncalls.clear()
@@ -887,6 +892,9 @@ class PerSampleNorms(Callback):
             self._handles.append(bn.register_forward_pre_hook(partial(self._enter_bn, name)))
         self._handles.append(root.register_forward_hook(self._model_returned))
 
+    def _check_before_backward(self) -> None:
+        self._check_unchanged("on_train_batch_start or on_before_backward")
+
     def _model_returned(self, module: nn.Module, inputs: Any, output: Any) -> None:
         # (a method, not a lambda: a deep copy of the model made while it is measured, an EMA
         # or SWA copy, copies the instrument its hooks are bound to, and the copy's forward
@@ -927,6 +935,8 @@ class PerSampleNorms(Callback):
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:
         if trainer.after_backward_callbacks == self._check_unchanged:
             trainer.after_backward_callbacks = None
+        if trainer.before_backward_callbacks == self._check_before_backward:
+            trainer.before_backward_callbacks = None
         self._leave_mode()
         self._disarm()
         self._drop_rows()
@@ -1539,17 +1549,28 @@ class PerSampleNorms(Callback):
         # once every callback's on_after_backward has had it (one of one's own changing it
         # there, a noise or a surgery, mixed the two: a probe's noise scale of -8,396 for a
         # true 35.8, unsaid)
-        self._after = [(p, p.grad, -1 if p.grad is None else p.grad._version)
-                       for p in self._params]  # fmt: skip
+        self._after = self._grad_states()
         trainer.after_backward_callbacks = self._check_unchanged
 
-    def _check_unchanged(self) -> None:
-        """After the callbacks' ``on_after_backward``: the parameters whose gradient one of
-        them replaced or changed in place (:meth:`_statistics` leaves them out)."""
-        after, self._after = self._after, []
-        for p, g, version in after:
-            if p.grad is not g or (g is not None and g._version != version):
-                self._edited.add(id(p))
+    def _grad_states(self) -> list[tuple[Tensor, Tensor | None, int, int]]:
+        """Each parameter's gradient as it is now: the tensor, its version counter and its
+        memory (``p.grad.data = ...`` keeps the tensor and moves no counter)."""
+        return [(p, g, -1, 0) if g is None else (p, g, g._version, memory_of(g))
+                for p in self._params for g in [p.grad]]  # fmt: skip
+
+    def _check_unchanged(self, hooks: str = "on_after_backward") -> None:
+        """After the callbacks' ``on_after_backward``, and before the next backward (after
+        its ``on_train_batch_start`` and ``on_before_backward``): the parameters whose
+        gradient one of them replaced or changed in place since the last backward
+        (:meth:`_statistics` leaves them out). A write through ``.data`` or NumPy in place
+        moves no version counter and is not seen."""
+        states, self._after = self._after, []
+        now = {id(p): (g, version, ptr) for p, g, version, ptr in self._grad_states()}
+        for p, g, version, ptr in states:  # (a parameter no longer trainable: its window is
+            # not measured, _skip_window)
+            g_now, version_now, ptr_now = now.get(id(p), (g, version, ptr))
+            if g_now is not g or version_now != version or ptr_now != ptr:
+                self._edited.setdefault(id(p), hooks)
 
     def _finish_shared(self) -> None:
         """Square the summed per-sample gradients of parameters used more than once, unless
@@ -1958,15 +1979,17 @@ class PerSampleNorms(Callback):
             self._said_edited = True
             names = [self._param_names[id(p)] for p, e in zip(self._params, edited, strict=True)
                      if e]  # fmt: skip
+            hooks = next(h for p, e in zip(self._params, edited, strict=True) for h in
+                         [self._edited.get(id(p))] if e and h)  # fmt: skip
             log.warning(
-                "step %d: a callback changed the gradients of %s in on_after_backward: "
+                "step %d: a callback changed the gradients of %s in %s: "
                 "per_sample/noise_scale, grad_var_trace, grad_signal and their parameters' "
                 "grad_snr/* need the batch gradient as the backward made it (the per-sample "
                 "norms are of the backward's gradients, before the change) and are NaN on such "
                 "steps; the gradient norms and histograms are of the changed gradients (warned "
                 "once)",
                 trainer.global_step, ", ".join(names[:5]) + (f" (+{len(names) - 5})"
-                                                             if len(names) > 5 else ""),
+                                                             if len(names) > 5 else ""), hooks,
             )  # fmt: skip
         fn = partial(self._noise_scale, trainer.world.size, self._tags, n, torch.finfo(w.dtype).eps,
                      self._roundoff, scaled, edited=edited)  # fmt: skip
