@@ -334,6 +334,31 @@ def test_scalar_and_vector_uniform_apply_the_same_per_token_coefficients_over_a_
             assert torch.equal(weights, want), seed
 
 
+@pytest.mark.parametrize("normalize", ["sum", "none"])
+def test_the_uniform_weighting_that_does_not_average_weighs_each_element_1(normalize) -> None:
+    """Vector mode with the uniform weighting and ``normalize=sum`` or ``none``: the objective
+    is the plain sum of the losses, each micro-batch's as given (no share of the window), so
+    every weight is exactly 1 for per-sample losses and the unit weight u itself for per-token
+    ones; only ``normalize=mean`` takes scalar mode's coefficients 1/N and u/U."""
+    from trainer.losses import CrossEntropy, TokenCrossEntropy
+    from trainer.objective import Objective, Window
+
+    objective = Objective(CrossEntropy(), UniformWeighting(normalize=normalize), (), [])
+    losses = torch.rand(5, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(5, dtype=torch.long)
+    for window in (Window(5), Window(samples=15, batches=3)):
+        weights = objective.vector_weights(losses, losses, y, torch.arange(5), None, window)
+        assert torch.equal(weights, torch.ones(5)), window
+    loss = TokenCrossEntropy()
+    objective = Objective(loss, UniformWeighting(normalize=normalize), (), [])
+    y = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    units = loss.units(y, torch.float32)
+    for window in (Window(2, 1, units.sum().double()), Window(4, 2, 2 * units.sum().double())):
+        losses = torch.rand(2, 3, generator=torch.Generator().manual_seed(1))
+        weights = objective.vector_weights(losses, losses, y, torch.arange(2), units, window)
+        assert torch.equal(weights, units), window
+
+
 @pytest.mark.parametrize(
     "shape", [("data.batch_size=7",), ("data=diabetes", "loss=mse", "data.batch_size=7")]
 )

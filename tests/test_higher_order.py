@@ -426,7 +426,7 @@ def test_the_trace_comes_with_its_standard_error() -> None:
     assert math.isnan(float(one[1]))
 
 
-@pytest.mark.parametrize("probes", [1, 3])
+@pytest.mark.parametrize("probes", [1, 2, 3])
 def test_a_loss_linear_in_the_parameters_has_no_curvature(probes) -> None:
     """H = 0 exactly (a loss linear in θ): 0 for the eigenvalue, the trace and its standard
     error, with 0 products; one probe has no standard error (NaN), as elsewhere."""
@@ -622,6 +622,61 @@ def test_uniform_vector_mode_measures_the_scalar_objective(tmp_path) -> None:
     for tag in ("curvature/top_eig", "curvature/trace"):
         assert v[tag][0][1] == pytest.approx(s[tag][0][1], rel=1e-4), tag
     assert s["curvature/top_eig"][0][1] > 0  # cross-entropy near initialization: PSD-dominated
+
+
+def test_power_iteration_on_a_multiple_of_the_identity_stops_after_two_products() -> None:
+    """H = cI: every unit vector is an eigenvector, so the first product's Rayleigh quotient
+    is c already; convergence needs an estimate that did not change, which the second product
+    gives: exactly 2 products. ``tol=0`` and one product: the Rayleigh quotient of the
+    normalized random start, c (a start left unnormalized gives c‖v₀‖²). float64: both are c
+    to within a few ulps (sums of 7 squares), far inside the 1e-12 asked."""
+    c = 2.5
+    params = [torch.zeros(3, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)]
+
+    def product(v):
+        return [c * u for u in v]
+
+    gen = torch.Generator().manual_seed(4)
+    eig, products, converged = power_iteration([], params, gen, iters=50, tol=1e-3,
+                                               product=product)  # fmt: skip
+    assert (products, converged) == (2, True)
+    assert float(eig) == pytest.approx(c, rel=1e-12)
+    gen = torch.Generator().manual_seed(4)
+    eig, products, converged = power_iteration([], params, gen, iters=1, tol=0, product=product)
+    assert (products, converged) == (1, True)
+    assert float(eig) == pytest.approx(c, rel=1e-12)
+
+
+def test_an_infinite_curvature_stops_power_iteration_at_once() -> None:
+    """A curvature past the dtype's range (float32: H = 1e39·I, whose products overflow to
+    Inf) is reported as it is after one product, as a NaN one is: not carried into a next
+    iterate Inf/Inf = NaN and a second product (whose NaN would then stop it)."""
+    params = [torch.zeros(4)]
+    gen = torch.Generator().manual_seed(0)
+    eig, products, converged = power_iteration(
+        [], params, gen, iters=50, tol=1e-3, product=lambda v: [v[0] * 1e39]
+    )
+    assert (products, converged) == (1, True)
+    assert float(eig) == math.inf
+
+
+def test_the_curvature_callbacks_probes_come_from_its_own_seeded_stream() -> None:
+    """``seed`` seeds the measurement's generator once; its stream continues from one measured
+    step to the next. Replayed by hand with one product (``tol=0``) and one probe: the
+    Rayleigh quotient of the normalized Gaussian start v₀ and zᵀHz for the Rademacher z drawn
+    after it, against the exact H of least squares, in float64 (agreement to rounding: the
+    default rtol of 1e-7 is ample)."""
+    trainer, batch, h = least_squares_trainer()
+    for seed in (0, 7):
+        cb = Curvature(1, power_iters=1, tol=0, trace_probes=1, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(2):  # two measured steps: the second continues the stream
+            values = cb.measure(trainer, batch)
+            v = torch.randn(1, 6, generator=g, dtype=torch.float64)
+            v = v / v.norm()
+            z = torch.randint(0, 2, (1, 6), generator=g).double() * 2 - 1
+            torch.testing.assert_close(values["curvature/top_eig"], (v @ h @ v.T).squeeze())
+            torch.testing.assert_close(values["curvature/trace"], (z @ h @ z.T).squeeze())
 
 
 def test_an_unconverged_power_iteration_is_nan_with_its_product_count() -> None:

@@ -1209,6 +1209,21 @@ def test_gradient_agreement_with_the_input_penalty_on_logging_steps(tmp_path) ->
         reg = torch.cat([r.flatten() for _, r in seen[step]])
         assert value == pytest.approx(float(data @ reg / (data.norm() * reg.norm())), rel=1e-5)
 
+    # with a parameter regularizer beside it, measured every step: on the steps that do not
+    # log, the penalty's part of R is not known, and no data_reg is logged there (not a cosine
+    # of l2's R alone against a G − R still holding the penalty's part)
+    seen.clear()
+    train(tmp_path / "both", "trainer.max_steps=4", "instrument.norms.every_n_steps=1",
+          "instrument.norms.agreement=true", "regularizer=[l2,input_grad_penalty]",
+          "regularizer.input_grad_penalty.coef=3.0", "logging.every_n_steps=2",
+          callbacks=[Capture()])  # fmt: skip
+    s = read_scalars(tmp_path / "both")
+    assert [st for st, _ in s["grad_agreement/data_reg"]] == [2, 4]
+    for step, value in s["grad_agreement/data_reg"]:
+        data = torch.cat([(g - r).flatten() for g, r in seen[step]])
+        reg = torch.cat([r.flatten() for _, r in seen[step]])
+        assert value == pytest.approx(float(data @ reg / (data.norm() * reg.norm())), rel=1e-5)
+
 
 class OddStepHead(torch.nn.Module):
     """An MLP with a second head used on odd forwards only: its parameters have a gradient
@@ -1321,6 +1336,31 @@ def test_agreement_after_a_resume_that_changed_it_is_the_previous_steps_or_nan(
     got = dict(read_scalars(tmp_path / "c")["grad_agreement/consecutive"])
     assert sorted(got) == [2, 4, 5, 10] and math.isnan(got[5]) and got[10] == whole[10]
     assert "step 4's gradients were not kept" in caplog.text
+
+
+def test_agreement_at_step_2_without_step_1s_gradients_is_nan_and_step_1_has_none(
+    tmp_path, caplog
+) -> None:
+    """Step 1 has no previous step: no consecutive cosine at all (not a NaN). Step 2 resumed
+    from a checkpoint of a run without agreement, which kept no gradients of step 1: NaN, with
+    the warning, as at any later step; uninterrupted, step 2's cosine is a number."""
+    common = (
+        "data.batch_size=8",
+        "logging.every_n_steps=1",
+        "optimizer=sgd",
+        "instrument.histograms.every_n_steps=0",
+        "instrument.norms.every_n_steps=1",
+    )
+    train(tmp_path / "whole", *common, "trainer.max_steps=2", "instrument.norms.agreement=true")
+    whole = dict(read_scalars(tmp_path / "whole")["grad_agreement/consecutive"])
+    assert sorted(whole) == [2] and math.isfinite(whole[2])
+    train(tmp_path / "a", *common, "trainer.max_steps=1", "instrument.norms.agreement=false")
+    with caplog.at_level("WARNING"):
+        train(tmp_path / "a", *common, "trainer.max_steps=2", "instrument.norms.agreement=true",
+              f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}")  # fmt: skip
+    got = dict(read_scalars(tmp_path / "a")["grad_agreement/consecutive"])
+    assert sorted(got) == [2] and math.isnan(got[2])
+    assert "step 1's gradients were not kept" in caplog.text
 
 
 def test_a_resumed_run_logs_the_same_agreement_and_noise_scale_ema(tmp_path) -> None:
@@ -1900,6 +1940,8 @@ def test_a_negative_cadence_is_refused_where_an_instrument_is_built_in_python() 
     for make, key in ((Norms, "norms"), (Histograms, "histograms")):
         with pytest.raises(ValueError, match=f"^instrument.{key}.every_n_steps: got -1, must"):
             make(-1)
+    with pytest.raises(ValueError, match="^instrument.norms.every_n_steps: got 0, must be >= 1"):
+        Norms(0)  # (a cadence of 0 would be "never" too)
     assert not any(Every(0).due(s) or Every(0).due_next(s) for s in range(5))
     assert [s for s in range(1, 10) if Every(3).due(s)] == [3, 6, 9]
     assert [s for s in range(0, 9) if Every(3).due_next(s)] == [2, 5, 8]

@@ -64,3 +64,73 @@ def test_the_models_are_built_as_documented() -> None:
         assert all((c.bias is None) == batch_norm for c in convs)
     lm = CharTransformer(11, (8,), d_model=16, n_heads=2, n_layers=2, dim_feedforward=32)
     assert all(layer.norm_first for layer in lm.encoder.layers)
+
+
+@pytest.mark.parametrize(
+    ("shape", "small"),
+    [((3, 32, 32), "auto"), ((1, 64, 96), "auto"), ((3, 96, 96), "auto"), ((3, 65, 65), "auto"),
+     ((3, 96, 96), "true")],
+)  # fmt: skip
+def test_the_resnet_stem_keeps_or_quarters_the_resolution(shape, small) -> None:
+    """The small stem (3×3, stride 1, no pool) leaves the first stage at the image's own
+    resolution; the ImageNet stem (7×7 stride 2, then a stride-2 pool) at a quarter of it,
+    rounded up."""
+    m = resnet18(shape, 4, small_input=small).eval()
+    seen = []
+    m.layer1.register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape[2:])))
+    m(torch.randn(1, *shape))
+    h, w = shape[1:]
+    small_stem = small == "true" or min(h, w) <= 64
+    assert seen == [(h, w) if small_stem else (-(-h // 4), -(-w // 4))]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_the_cnns_dropout_is_drawn_in_training_mode_only(dropout) -> None:
+    """``dropout > 0``: two training-mode forwards of the same input differ (fresh masks),
+    evaluation-mode ones do not; ``dropout=0``: no randomness at all."""
+    torch.manual_seed(0)
+    m = CNN((1, 8, 8), 3, channels=(4,), hidden=64, dropout=dropout)
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(m(x), m(x)) == (dropout == 0)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+
+
+def char_lm():
+    from trainer.models.char_lm import CharTransformer
+
+    torch.manual_seed(0)
+    return CharTransformer(11, (8,), d_model=16, n_heads=2, n_layers=2, dim_feedforward=32).eval()
+
+
+def test_the_character_transformer_is_causal() -> None:
+    """Position t's logits depend on tokens ≤ t only: changing the last token changes the last
+    position's logits and no earlier one's (to float32 rounding of the same computation,
+    atol 1e-6 on logits of order 1); changing the first changes every position's."""
+    lm = char_lm()
+    tokens = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(1))
+    base = lm(tokens)
+    late = tokens.clone()
+    late[:, -1] = (late[:, -1] + 1) % 11
+    out = lm(late)
+    torch.testing.assert_close(out[:, :-1], base[:, :-1], rtol=0, atol=1e-6)
+    assert (out[:, -1] - base[:, -1]).abs().max() > 1e-3
+    early = tokens.clone()
+    early[:, 0] = (early[:, 0] + 1) % 11
+    assert ((lm(early) - base).abs().amax(dim=(0, 2)) > 1e-3).all()
+
+
+def test_the_character_transformer_sees_positions_and_normalizes_before_its_head() -> None:
+    """A sequence of one repeated token: without its learned positions every position would
+    attend to identical values and give the same logits (to rounding, 1e-6); with them they
+    differ. The head reads the final LayerNorm's output: zero mean and unit variance over
+    d_model at every position (γ = 1, β = 0 at initialization; the variance is v / (v + eps)
+    with eps = 1e-5, within 1e-3 of 1)."""
+    lm = char_lm()
+    seen = []
+    lm.head.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    logits = lm(torch.full((1, 8), 3))
+    assert (logits[0, 1:] - logits[0, :1]).abs().amax(dim=1).min() > 1e-4
+    (h,) = seen
+    torch.testing.assert_close(h.mean(-1), torch.zeros(1, 8), rtol=0, atol=1e-5)
+    torch.testing.assert_close(h.var(-1, unbiased=False), torch.ones(1, 8), rtol=0, atol=1e-3)

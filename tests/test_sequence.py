@@ -1210,3 +1210,29 @@ def test_finalize_derives_val_ppl_only_where_the_metrics_list_it() -> None:
     assert NoPpl().finalize(dict(values)) == values
     got = TokenCrossEntropy().finalize(dict(values))
     assert got == {**values, "val/ppl": math.exp(1.5)}
+
+
+@pytest.mark.parametrize("average", ["tokens", "sequences"])
+def test_the_micro_batch_objective_curvature_measures_is_the_token_average(average) -> None:
+    """``batch_objective`` (the objective whose Hessian curvature measures, scalar mode) of
+    per-token losses with padding is the loss's own average: over the valid tokens
+    (``tokens``), or the mean over sequences of each one's token mean (``sequences``); not
+    the mean over every (B, T) entry, padding included. Against cross-entropy taken by hand in
+    float64 (the same sums in another order: the default tolerance). Every token padding: 0,
+    not 0/0."""
+    loss = TokenCrossEntropy(average=average)
+    objective = Objective(loss, None, (), [])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (3, 4), generator=g)
+    y[torch.arange(4) >= torch.tensor([[4], [2], [1]])] = -100
+    got = objective.batch_objective(loss(logits, y), logits, y, torch.arange(3))
+    nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none", ignore_index=-100)
+    valid = y != -100
+    if average == "tokens":
+        want = nll[valid].mean()
+    else:
+        want = torch.stack([row[ok].mean() for row, ok in zip(nll, valid, strict=True)]).mean()
+    torch.testing.assert_close(got, want)
+    pad = torch.full_like(y, -100)
+    assert float(objective.batch_objective(loss(logits, pad), logits, pad, torch.arange(3))) == 0

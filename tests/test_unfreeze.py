@@ -414,15 +414,17 @@ class RegRecorder(Callback):
             trainer.model.backbone.requires_grad_(True)
 
 
+@pytest.mark.parametrize("mode", ["scalar", "vector"])
 @pytest.mark.parametrize("include", ["*", "backbone.*"])
-def test_regularizers_select_again_among_the_trainable_parameters(tmp_path, include) -> None:
+def test_regularizers_select_again_among_the_trainable_parameters(tmp_path, include, mode) -> None:
     """l2 over the 2-D weights (``*``) or the backbone alone (frozen when the trainer is built:
-    λR 0 until then, not an error): after the unfreeze at step 2 the backbone's gradient is
-    its data gradient plus λθ, and reg/l2 = λ/2 Σ‖θ‖² counts it (a probe found it left out:
-    the data gradient only, and reg/l2 1.41 for 2.69)."""
+    λR 0 until then, not an error, in either mode: vector mode's backward takes λR as a second
+    root, which must then be left out, having no graph): after the unfreeze at step 2 the
+    backbone's gradient is its data gradient plus λθ, and reg/l2 = λ/2 Σ‖θ‖² counts it (a
+    probe found it left out: the data gradient only, and reg/l2 1.41 for 2.69)."""
     rec, coef = RegRecorder(), 0.5
     train(tmp_path, *STEPS[:-1], "regularizer=[l2]", f"regularizer.l2.coef={coef}",
-          f"regularizer.l2.include=[{include}]", callbacks=[rec])  # fmt: skip
+          f"regularizer.l2.include=[{include}]", f"loss.mode={mode}", callbacks=[rec])  # fmt: skip
     reg = dict(read_scalars(tmp_path)["reg/l2"])
     for step in (1, 2, 3, 4):
         weights = rec.weights[step]
