@@ -428,7 +428,7 @@ class Trainer:
         #: place of the hook that shared them
         self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor], int] | None = None
         self._said_changed = False  # (a callback changed measured gradients: warned once)
-        self._shared_memory: list[int] = []  # (the shared gradients' data_ptr())
+        self._shared_memory: list[int] | None = None  # (the shared gradients' memory_of)
         #: called once after a micro-batch's ``on_after_backward`` callbacks, where set (by
         #: then every callback has had the gradients), and once right before its backward
         #: (after ``on_train_batch_start`` and ``on_before_backward``): the per-sample
@@ -566,7 +566,10 @@ class Trainer:
                 "hold one per gradient, in the same order (then possibly others)"
             )
         self._grad_norms = (grads, [g._version for g in grads], norms, self._hook_at)
-        self._shared_memory = [memory_of(g) for g in grads]  # (p.grad.data = ...: warned)
+        # (p.grad.data = ... keeps the tensor and its counter: told by its memory, where a
+        # callback of one's own is still to run)
+        later = any(self._writes_grads[self._hook_at + 1 :])
+        self._shared_memory = [memory_of(g) for g in grads] if later else None
 
     def shared_grad_norms(self, grads: list[Tensor]) -> Tensor | None:
         """The shared norms of exactly these gradients, if a callback shared them this step and
@@ -616,11 +619,12 @@ class Trainer:
         layer's gradient logged ``grad_norm/total`` 0.536 beside per-parameter norms whose
         squares summed to 0.728², unsaid)."""
         kept, versions, _, _ = self._grad_norms  # type: ignore[misc]
-        same = {(id(g), v, ptr) for g, v, ptr in zip(kept, versions, self._shared_memory,
-                                                    strict=True)}  # fmt: skip
+        memory = self._shared_memory or [0] * len(kept)
+        same = {(id(g), v, ptr) for g, v, ptr in zip(kept, versions, memory, strict=True)}
+        moved = memory_of if self._shared_memory else lambda g: 0
         changed = [n for n, p in zip(self.param_names, self.params, strict=True)
                    if p.grad is not None
-                   and (id(p.grad), p.grad._version, memory_of(p.grad)) not in same]  # fmt: skip
+                   and (id(p.grad), p.grad._version, moved(p.grad)) not in same]  # fmt: skip
         dropped = max(0, len(kept) - len(grads))  # (set to None: fewer than were measured)
         if changed or dropped:
             self._warn_changed(self.global_step, changed, dropped)
@@ -1245,9 +1249,9 @@ class Trainer:
         grads: list[Tensor] = []  # (only where a norm is taken: not every step)
         if self.grad_clip > 0 or should_log or self.measure_clipped_norm:
             grads = [p.grad for p in self.params if p.grad is not None]
-            if self._grad_norms is not None and not self._said_changed:
-                self._changed_after_measuring(grads)
             shared = self.shared_grad_norms(grads) if self._one_group else None
+            if shared is None and self._grad_norms is not None and not self._said_changed:
+                self._changed_after_measuring(grads)  # (what moved since they were shared)
             if shared is not None:  # a callback measured them: reuse, as get_total_norm
                 # would compute it (the 2-norm of the per-tensor 2-norms)
                 grad_norm = torch.linalg.vector_norm(shared)
