@@ -155,6 +155,9 @@ def test_only_the_trainers_own_refusals_lose_their_traceback() -> None:
     mismatched = (torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))  # (batch sizes 2 and 3)
     assert not own_refusal(caught(torch.nn.functional.cross_entropy, *mismatched))  # torch's
     assert not own_refusal(ValueError("never raised"))  # (no traceback: not known)
+    looped = caught(_check, False, "k", "m")
+    looped.__cause__ = looped  # (a chain that loops: answered, where it hung, a review's)
+    assert own_refusal(looped)
 
 
 def test_a_refusal_wrapping_an_error_of_ones_own_code_keeps_its_traceback(
@@ -169,8 +172,12 @@ def test_a_refusal_wrapping_an_error_of_ones_own_code_keeps_its_traceback(
     (tmp_path / "my_broken_model.py").write_text(
         "def helper():\n    return undefined\n\nhelper()\n"
     )
+    # (failing inside the standard library called from one's own line: a review's)
+    (tmp_path / "my_json_model.py").write_text("import json\n\njson.loads('{bad json')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name, own in (("my_broken_model.Net", True), ("no_such_module_here.Net", False)):
+    cases = (("my_broken_model.Net", True), ("my_json_model.Net", True),
+             ("no_such_module_here.Net", False))  # fmt: skip
+    for name, own in cases:
         with pytest.raises(Exception) as caught:
             resolve_target("model", name)
         assert own_refusal(caught.value) is not own, name

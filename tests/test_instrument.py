@@ -498,7 +498,29 @@ def test_per_sample_statistics_of_gradients_a_callback_changed_after_backward_ar
         assert changed[tag] == plain[tag]
 
 
-def test_gradients_a_callback_writes_through_data_are_clipped_as_they_are(tmp_path, caplog):
+class MixedDtypes(nn.Module):
+    """A float64 layer between float32 ones: the total is not the 2-norm of the shared
+    per-tensor norms bit for bit (torch sums per dtype), so the loop takes its own."""
+
+    def __init__(self, num_classes: int = 10, **_) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 16).double()
+        self.net = nn.Sequential(nn.Linear(16, num_classes))  # (HalvesOneGradient: last weight)
+
+    def forward(self, x):
+        return self.net(torch.relu(self.b(torch.relu(self.a(x.flatten(1))).double())).float())
+
+
+class SharesItsOwn(Callback):
+    """Shares the gradients' norms computed its own way (per tensor, in float64)."""
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        grads = [p.grad for p in trainer.params if p.grad is not None]
+        trainer.share_grad_norms(grads, [g.double().norm().to(g.dtype) for g in grads])
+
+
+@pytest.mark.parametrize("case", ["one dtype", "mixed dtypes", "shared before", "shared after"])
+def test_gradients_a_callback_writes_through_data_are_clipped_as_they_are(tmp_path, caplog, case):
     """A write through ``.data`` moves no version counter: the norms the instrument shared
     looked current, and the clipping took them (a review's: gradients made 100x larger
     clipped to 100x the limit, with the norms on, and to the limit without them). The loop
@@ -507,15 +529,28 @@ def test_gradients_a_callback_writes_through_data_are_clipped_as_they_are(tmp_pa
     coefficient and of the norm: 4 u of float32 relative). The norms taken again are compared
     with the shared ones when the step is read: the write is said, naming the parameters."""
     cb = HalvesOneGradient("on_before_optimizer_step", factor=100.0, how="all .data.mul_")
+    model = [f"model._target_={__name__}.MixedDtypes"] if case == "mixed dtypes" else []
+    # (a callback of one's own sharing norms before or after the write: the instrument's are
+    # what was logged, and what the write is told against, a review's)
+    callbacks = {"shared before": [SharesItsOwn(), cb], "shared after": [cb, SharesItsOwn()]}
+    callbacks = callbacks.get(case, [cb])
     with caplog.at_level(logging.WARNING):
-        train(tmp_path, "trainer.max_steps=3", "instrument.norms.every_n_steps=1",
-              "logging.every_n_steps=1", "trainer.grad_clip=0.05", callbacks=[cb])  # fmt: skip
+        train(tmp_path, "trainer.max_steps=3", "instrument.norms.every_n_steps=1", *model,
+              "logging.every_n_steps=1", "trainer.grad_clip=0.05", callbacks=callbacks)  # fmt: skip
     said = _said(caplog, "after the instruments measured them")
     assert len(said) == 1 and "step 1:" in said[0] and cb.changed in said[0], said
     s = read_scalars(tmp_path)
     for step in (1, 2, 3):
         total = dict(s["grad_norm/total"])[step]
-        assert total == float(torch.nn.utils.get_total_norm(list(cb.after[step].values())))
+        # (the same function of the same tensors; the event file keeps float32)
+        after = list(cb.after[step].values())
+        reference = float(torch.nn.utils.get_total_norm(after).float())
+        if case == "shared after":  # the callback's norms, reused: each float64's rounded to
+            # float32 against float32's own sum of n squares (γ_n = n u), halved by the root
+            n = max(g.numel() for g in after)
+            assert total == pytest.approx(reference, rel=(n / 2 + 2) * 2**-24)
+        else:
+            assert total == reference
         assert total > 1.0  # (clipping acts)
         assert dict(s["grad_norm/total_clipped"])[step] == pytest.approx(0.05, rel=4 * 2**-24)
 

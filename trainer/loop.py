@@ -428,7 +428,10 @@ class Trainer:
         #: place of the hook that shared them
         self._grad_norms: tuple[list[Tensor], list[int], Tensor | list[Tensor], int] | None = None
         self._said_changed = False  # (a callback changed measured gradients: warned once)
-        self._shared_memory: list[int] | None = None  # (the shared gradients' memory_of)
+        #: the norms the trainer's own instrument shared this step (what it logs), as
+        #: _grad_norms, and the gradients' memory then, where a callback of one's own runs later
+        self._measured: tuple[list[Tensor], list[int], Tensor | list[Tensor], int] | None = None
+        self._shared_memory: list[int] | None = None
         #: called once after a micro-batch's ``on_after_backward`` callbacks, where set (by
         #: then every callback has had the gradients), and once right before its backward
         #: (after ``on_train_batch_start`` and ``on_before_backward``): the per-sample
@@ -565,11 +568,15 @@ class Trainer:
                 f"share_grad_norms: {len(grads)} gradients and {count} norms; the norms must "
                 "hold one per gradient, in the same order (then possibly others)"
             )
-        self._grad_norms = (grads, [g._version for g in grads], norms, self._hook_at)
-        # (p.grad.data = ... keeps the tensor and its counter: told by its memory, where a
-        # callback of one's own is still to run)
-        later = any(self._writes_grads[self._hook_at + 1 :])
-        self._shared_memory = [memory_of(g) for g in grads] if later else None
+        at = self._hook_at
+        self._grad_norms = (grads, [g._version for g in grads], norms, at)
+        own = at < len(self._writes_grads) and not self._writes_grads[at]
+        if own and self._measured is None:  # (the instrument's, which it logs: what a later
+            self._measured = self._grad_norms  # change is told against, _changed_after_measuring)
+            # p.grad.data = ... keeps the tensor and its counter: told by its memory, where a
+            # callback of one's own is still to run
+            later = any(self._writes_grads[at + 1 :])
+            self._shared_memory = [memory_of(g) for g in grads] if later else None
 
     def shared_grad_norms(self, grads: list[Tensor]) -> Tensor | None:
         """The shared norms of exactly these gradients, if a callback shared them this step and
@@ -595,9 +602,9 @@ class Trainer:
         """Stage the gradients' norms taken again beside the ones an instrument shared: where
         they differ, a callback wrote to them through ``.data`` (or NumPy) after they were
         measured, which :meth:`_changed_after_measuring` says of other writes."""
-        kept, _, norms, at = self._grad_norms  # type: ignore[misc]
-        if len(kept) != len(grads) or self._writes_grads[at]:  # (a gradient set to None: said
-            return  # already; norms a callback of one's own shared: computed another way)
+        kept, _, norms, _ = self._measured  # type: ignore[misc]
+        if len(kept) != len(grads):  # (a gradient set to None: said already)
+            return
         shared = norms if isinstance(norms, Tensor) else torch.stack(norms)
         with_grad = [n for n, p in zip(self.param_names, self.params, strict=True)
                      if p.grad is not None]  # fmt: skip
@@ -618,7 +625,7 @@ class Trainer:
         and clipping see are then two different gradients (a probe's callback halving a
         layer's gradient logged ``grad_norm/total`` 0.536 beside per-parameter norms whose
         squares summed to 0.728², unsaid)."""
-        kept, versions, _, _ = self._grad_norms  # type: ignore[misc]
+        kept, versions, _, _ = self._measured  # type: ignore[misc]
         memory = self._shared_memory or [0] * len(kept)
         same = {(id(g), v, ptr) for g, v, ptr in zip(kept, versions, memory, strict=True)}
         moved = memory_of if self._shared_memory else lambda g: 0
@@ -1234,7 +1241,7 @@ class Trainer:
         self.global_step += 1
         self.logging_step = should_log = self.should_log(self.global_step)
         self.skip_step = self.measure_clipped_norm = False
-        self._grad_norms = self.skip_step_where = None
+        self._grad_norms = self._measured = self.skip_step_where = None
         self._follow_trainable()  # (a change made in this window's own hooks)
         self._fire_before_step()
         grad_norm = None
@@ -1250,18 +1257,25 @@ class Trainer:
         if self.grad_clip > 0 or should_log or self.measure_clipped_norm:
             grads = [p.grad for p in self.params if p.grad is not None]
             shared = self.shared_grad_norms(grads) if self._one_group else None
-            if shared is None and self._grad_norms is not None and not self._said_changed:
-                self._changed_after_measuring(grads)  # (what moved since they were shared)
             if shared is not None:  # a callback measured them: reuse, as get_total_norm
                 # would compute it (the 2-norm of the per-tensor 2-norms)
                 grad_norm = torch.linalg.vector_norm(shared)
-            elif self._one_group and self._grad_norms is not None and not self._said_changed:
-                # not reused for a callback of one's own that ran since, the gradients' counters
-                # unmoved: taken again, and compared with the shared ones when the step's values
-                # are read (a write through .data, which no counter tells)
-                fresh = torch.stack(norms_of(grads, self._careful))
-                grad_norm = torch.linalg.vector_norm(fresh)
-                self._compare_norms(fresh, grads)
+            measured = self._measured
+            if (
+                measured is not None
+                and not self._said_changed
+                and (shared is None or self._grad_norms is not measured)
+            ):  # (what moved since the instrument measured them: nothing where its norms are
+                # reused)
+                self._changed_after_measuring(grads)
+                if not self._said_changed and any(self._writes_grads[measured[3] + 1 :]):
+                    # a callback of one's own ran since, the counters unmoved: taken again
+                    # and compared when the step's values are read (a write through .data,
+                    # which no counter tells)
+                    fresh = torch.stack(norms_of(grads, self._careful))
+                    if shared is None and self._one_group:
+                        grad_norm = torch.linalg.vector_norm(fresh)
+                    self._compare_norms(fresh, grads)
         if self.grad_clip > 0:
             if grad_norm is None and not self._careful:
                 grad_norm = clip_grad_norm_(self.params, self.grad_clip)

@@ -1098,6 +1098,10 @@ def build_trainer(
                 torch.compile(
                     forward_model if forward_model is not None else model,
                     backend=tc.compile_backend,
+                    # inductor draws its own random numbers otherwise: dropout's masks were
+                    # not the plain run's (a probe's, torch 2.14.1), nor those the curvature
+                    # instrument replays from the step's random state on the plain module
+                    options={"fallback_random": True} if tc.compile_backend == "inductor" else None,
                 ),
             )
         except InvalidBackend as e:  # (torch's message named no key)

@@ -17,9 +17,11 @@ without the traceback, unless ``HYDRA_FULL_ERROR=1``), and returns its metric, N
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import os
+import site
 import sys
 import sysconfig
 from collections import Counter
@@ -180,13 +182,17 @@ def own_refusal(error: BaseException) -> bool:
     own_class = type(error).__module__.split(".")[0] == "trainer"
     if not (own_class or isinstance(error, ValueError | FileNotFoundError)):
         return False
-    # a refusal that wraps an error of one's own code (an import of one's module that failed
-    # in it: a review's) keeps the traceback that leads there
-    cause = error.__cause__
-    while cause is not None:
-        where = _raised_in(cause)
-        if where is not None and _ones_own(where):
-            return False
+    # a refusal that wraps an error raised in, or through, one's own code (an import of one's
+    # module that failed there, or in a library it called: reviews') keeps the traceback
+    # that leads there
+    cause, seen = error.__cause__, {id(error)}
+    while cause is not None and id(cause) not in seen:  # (a chain may loop)
+        seen.add(id(cause))
+        tb = cause.__traceback__
+        while tb is not None:
+            if _ones_own(tb.tb_frame):
+                return False
+            tb = tb.tb_next
         cause = cause.__cause__
     return True
 
@@ -209,9 +215,17 @@ def _ones_own(frame: FrameType) -> bool:
     if frame.f_code.co_filename.startswith("<"):  # (importlib's frozen modules, exec'd code)
         return False
     path = os.path.realpath(frame.f_code.co_filename)
-    roots = {os.path.realpath(p) for p in sysconfig.get_paths().values()}
-    roots |= {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
-    return not any(path.startswith(r + os.sep) for r in roots)
+    return not any(path.startswith(root + os.sep) for root in _python_folders())
+
+
+@functools.cache
+def _python_folders() -> tuple[str, ...]:
+    """The standard library's folders and those of installed packages (site-packages,
+    dist-packages: not ``sys.prefix`` itself, under which one's own code may live: /usr)."""
+    paths = sysconfig.get_paths()
+    folders = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
+    folders += [*site.getsitepackages(), site.getusersitepackages()]
+    return tuple({os.path.realpath(f) for f in folders})
 
 
 def run_job(cfg: DictConfig) -> float | None:
