@@ -642,13 +642,14 @@ class Trainer:
         if dropped:
             what = f"{what}{'; ' if what else ''}{dropped} set to None"
         log.warning(
-            "step %d: a callback changed gradients in on_before_optimizer_step after the "
+            "step %d: a callback wrote to gradients in on_before_optimizer_step after the "
             "instruments measured them (%s): grad_norm/<param>, the gradient histograms, the "
-            "per-sample norms and the non-finite guard describe them before the change; "
+            "per-sample norms and the non-finite guard describe them as they were before; "
             "grad_norm/total, grad_norm/total_clipped, grad_norm/data and /reg, the clipping "
-            "and the update after it, so the per-parameter norms' squares do not sum to "
-            "grad_norm/total² on such steps. Change gradients in on_after_backward to have "
-            "every instrument see the change (warned once)",
+            "and the update as they are after it (where the write changed their norms, the "
+            "per-parameter norms' squares do not sum to grad_norm/total² on such steps). "
+            "Change gradients in on_after_backward to have every instrument see the change "
+            "(warned once)",
             step, what,
         )  # fmt: skip
 
