@@ -399,7 +399,7 @@ class HalvesOneGradient(Callback):
                 p.grad.mul_(self.factor)
             elif self.how == ".data =":  # (the same tensor, new memory, no version moved)
                 p.grad.data = p.grad.data * self.factor
-            else:  # through .data, in place: no version counter moves at all
+            else:  # (".data.mul_", "all .data.mul_": in place, no version counter moves)
                 p.grad.data.mul_(self.factor)
         self.after[step] = {n: p.grad.clone() for n, p in zip(names, trainer.params, strict=True)}
 
@@ -453,9 +453,13 @@ PER_SAMPLE_RUN = ("data=synthetic", "data.num_train=96", "data.num_val=16", "dat
                   "instrument.per_sample.every_n_steps=1")  # fmt: skip
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize(
+    ("accumulate", "hook", "how"),
+    [(1, "on_after_backward", ".data ="), (2, "on_before_backward", "mul_"),
+     (2, "on_after_backward", ".data.mul_")],
+)  # fmt: skip
 def test_per_sample_statistics_of_gradients_a_callback_changed_after_backward_are_nan(
-    tmp_path, caplog, accumulate
+    tmp_path, caplog, accumulate, hook, how
 ) -> None:
     """The noise scale and the SNRs take the per-sample norms from the backward's hooks and
     the batch gradient from ``.grad``: a callback that changes a gradient in
@@ -465,10 +469,8 @@ def test_per_sample_statistics_of_gradients_a_callback_changed_after_backward_ar
     SNRs and the per-sample norms are the backward's, equal to a run without the callback.
     With accumulation, a change in the window's first micro-batch only counts too, and so
     does one made before the second micro-batch's backward (``on_before_backward``), and one
-    through ``p.grad.data = ...`` (the same tensor, its memory new)."""
-    hook, how = (
-        ("on_before_backward", "mul_") if accumulate == 2 else ("on_after_backward", ".data =")
-    )
+    through ``p.grad.data = ...`` (the same tensor, its memory new), and one in place through
+    ``.data``, which moves no version counter: its norm moved (a review's -55.5)."""
     runs = {}
     for changed in (False, True):
         cb = HalvesOneGradient(hook, steps=(1,) if changed else (-1,), how=how)
@@ -482,8 +484,9 @@ def test_per_sample_statistics_of_gradients_a_callback_changed_after_backward_ar
         said = _said(caplog, "a callback changed the gradients of")
         assert len(said) == changed, said
     plain, changed = runs[False], runs[True]
-    assert said[0].startswith("step 1:") and f"of {cb.changed} in" in said[0], said
-    where = "on_after_backward" if hook == "on_after_backward" else "on_before_backward"
+    assert said[0].startswith("step 1:") and f"of {cb.changed} " in said[0], said
+    where = {"mul_": "or on_before_backward", ".data =": "in on_after_backward",
+             ".data.mul_": "through .data"}[how]  # fmt: skip
     assert where in said[0], said
     noise = ("per_sample/noise_scale", "per_sample/grad_var_trace", "per_sample/grad_signal")
     snrs = [t for t in plain if t.startswith("grad_snr/")]

@@ -728,8 +728,10 @@ class PerSampleNorms(Callback):
         #: each parameter's gradient and its version after the backward (_check_unchanged)
         self._after: list[tuple[Tensor, Tensor | None, int, int]] = []
         #: the parameters whose gradient a callback changed in the measured window, and in
-        #: which hooks
+        #: which hooks; and, on the device, whose gradient's norm moved between the checks
         self._edited: dict[int, str] = {}
+        self._after_norms: Tensor | None = None
+        self._moved: Tensor | None = None
         self._said_edited = False
         self._shared: dict[int, Tensor] = {}  # id(param) -> its (B, *shape) per-sample grads
         self._weighted: list[Tensor] = []  # per micro-batch, (B, params) squared weighted norms
@@ -845,9 +847,10 @@ class PerSampleNorms(Callback):
         if not self._weighted:  # the window's first measured micro-batch
             self._window_excluded.clear()
             self._edited.clear()
+            self._moved = None
         # the gradients as the last backward left them (none at a window's start), against
         # which the ones the next backward starts from are checked (_check_unchanged)
-        self._after = self._grad_states()
+        self._snapshot()
         trainer.before_backward_callbacks = self._check_before_backward
         self._sq.clear()
         self._calls.clear()
@@ -951,6 +954,7 @@ class PerSampleNorms(Callback):
         self._grads_before.clear()
         self._after.clear()
         self._edited.clear()
+        self._after_norms = self._moved = None
         self._skip_window = False
 
     def _leave_mode(self) -> None:
@@ -1549,8 +1553,13 @@ class PerSampleNorms(Callback):
         # once every callback's on_after_backward has had it (one of one's own changing it
         # there, a noise or a surgery, mixed the two: a probe's noise scale of -8,396 for a
         # true 35.8, unsaid)
-        self._after = self._grad_states()
+        self._snapshot()
         trainer.after_backward_callbacks = self._check_unchanged
+
+    def _snapshot(self) -> None:
+        """The gradients as they are now, which :meth:`_check_unchanged` compares with."""
+        self._after = self._grad_states()
+        self._after_norms = self._grad_norms_now()
 
     def _grad_states(self) -> list[tuple[Tensor, Tensor | None, int, int]]:
         """Each parameter's gradient as it is now: the tensor, its version counter and its
@@ -1558,13 +1567,31 @@ class PerSampleNorms(Callback):
         return [(p, g, -1, 0) if g is None else (p, g, g._version, memory_of(g))
                 for p in self._params for g in [p.grad]]  # fmt: skip
 
+    def _grad_norms_now(self) -> Tensor | None:
+        """Each parameter's gradient's 2-norm (0 without one), on the device: a write in
+        place through ``.data`` or NumPy moves no version counter, but moves these."""
+        grads = [p.grad for p in self._params]
+        if not self._params or all(g is None for g in grads):
+            return None
+        filled = [p.new_zeros(()) if g is None else g
+                  for p, g in zip(self._params, grads, strict=True)]  # fmt: skip
+        return torch.stack(norms_of(filled)).float()
+
     def _check_unchanged(self, hooks: str = "on_after_backward") -> None:
         """After the callbacks' ``on_after_backward``, and before the next backward (after
         its ``on_train_batch_start`` and ``on_before_backward``): the parameters whose
         gradient one of them replaced or changed in place since the last backward
         (:meth:`_statistics` leaves them out). A write through ``.data`` or NumPy in place
-        moves no version counter and is not seen."""
+        moves no version counter: its gradient's norm is compared instead, on the device
+        (:attr:`_moved`, read with the step's values)."""
         states, self._after = self._after, []
+        before, self._after_norms = self._after_norms, None
+        if before is not None and len(states) == len(self._params):  # (no host read: the
+            # norms' differences are read with the step's values, _statistics)
+            now_norms = self._grad_norms_now()
+            if now_norms is not None:
+                moved = now_norms != before
+                self._moved = moved if self._moved is None else self._moved | moved
         now = {id(p): (g, version, ptr) for p, g, version, ptr in self._grad_states()}
         for p, g, version, ptr in states:  # (a parameter no longer trainable: its window is
             # not measured, _skip_window)
@@ -1965,6 +1992,9 @@ class PerSampleNorms(Callback):
         # float32, as the rows are for every model (their rounding, u = 2⁻²⁴ of each value,
         # bounds what tr(S) and the SNRs resolve: _noise_scale)
         parts = [sq.sum(0).float(), torch.stack(norms_of(data)).float(), spread, covered.float()]
+        moved, self._moved = self._moved, None
+        if moved is not None:  # (1.0 per gradient whose norm a callback moved: read with the
+            parts.append(moved.float())  # rest, no host read here)
         scaled = trainer.scaler is not None
         if scaled:  # the gradients were rounded scaled by the loss scale: their subnormal
             # floor is that much smaller unscaled (without it, a float16 mixed-precision run's
@@ -1992,7 +2022,9 @@ class PerSampleNorms(Callback):
                                                              if len(names) > 5 else ""), hooks,
             )  # fmt: skip
         fn = partial(self._noise_scale, trainer.world.size, self._tags, n, torch.finfo(w.dtype).eps,
-                     self._roundoff, scaled, edited=edited)  # fmt: skip
+                     self._roundoff, scaled, edited=edited, norms_moved=moved is not None,
+                     names=[self._param_names[id(p)] for p in self._params],
+                     step=trainer.global_step)  # fmt: skip
         trainer.stage_on_host(values, fn)
 
     def _noise_scale(
@@ -2005,6 +2037,9 @@ class PerSampleNorms(Callback):
         scaled: bool,
         values: list[float],
         edited: tuple[bool, ...] = (),
+        norms_moved: bool = False,
+        names: list[str] | None = None,
+        step: int = 0,
     ) -> dict[str, float]:
         """On the host, in float64, in step order: the gradient noise scale B_simple =
         tr(Σ) / |G|² over the covered parameters, its running average and, per parameter
@@ -2019,6 +2054,26 @@ class PerSampleNorms(Callback):
         if scaled:  # the loss scale the gradients were rounded at: the last value
             loss_scale, values = values[-1], values[:-1]
             roundoff = tuple((u, f / loss_scale) for u, f in roundoff)
+        if norms_moved:  # per parameter, whether its gradient's norm moved between the backward and
+            # the checks after the callbacks (a write through .data or NumPy, no counter moved)
+            count = len(names or [])
+            flags, values = values[-count:], values[:-count]
+            seen = [f > 0 and not e for f, e in zip(flags, edited or [False] * len(flags),
+                                                    strict=True)]  # fmt: skip
+            if any(seen) and not self._said_edited:
+                self._said_edited = True
+                which = [n for n, f in zip(names or [], seen, strict=True) if f]
+                log.warning(
+                    "step %d: a callback changed the gradients of %s through .data or NumPy "
+                    "(their norms moved after the backward, no version counter did): "
+                    "per_sample/noise_scale, grad_var_trace, grad_signal and their "
+                    "parameters' grad_snr/* need the batch gradient as the backward made it "
+                    "and are NaN on such steps (warned once)",
+                    step, ", ".join(which[:5]) + (f" (+{len(which) - 5})" if len(which) > 5
+                                                  else ""),
+                )  # fmt: skip
+            edited = tuple(f > 0 for f in flags) if not edited else tuple(
+                e or f > 0 for e, f in zip(edited, flags, strict=True))  # fmt: skip
         extra = 2 if n is not None else 3  # (the weights' entries)
         count = (len(values) - extra) // 3  # parameters (3 per parameter)
         sum_sq, norms = values[:count], values[count : 2 * count]
