@@ -404,6 +404,28 @@ def test_a_staged_histograms_nonfinite_values_are_counted(tmp_path) -> None:
     assert "u/quiet_nonfinite" not in got and got["u/quiet_mean"] == [(1, 2.5)]
 
 
+class QuietOnSomeSteps(Callback):
+    """Stages one histogram with a NaN each step, its NaN not counted on ``quiet`` steps."""
+
+    def __init__(self, quiet: tuple[int, ...]) -> None:
+        self.quiet = quiet
+
+    def on_train_step_end(self, trainer, out) -> None:
+        v = torch.tensor([1.0, math.nan, 3.0])
+        trainer.stage_histogram("u/h", v, count_nonfinite=out.step not in self.quiet)
+
+
+@pytest.mark.parametrize("quiet", [(1,), (2,)])
+def test_a_histograms_nan_uncounted_on_one_step_is_counted_on_the_others(tmp_path, quiet):
+    """``count_nonfinite=False`` is the call's: it held for the tag for the rest of the run,
+    and for the earlier steps still waiting to be written (staged at step 1, which does not
+    log, and silenced by step 2's call), so a resumed run's counts differed (a probe's)."""
+    train(tmp_path, *TINY, "trainer.max_steps=4", "logging.every_n_steps=2",
+          callbacks=[QuietOnSomeSteps(quiet)])  # fmt: skip
+    expected = [(s, 1.0) for s in (1, 2, 3, 4) if s not in quiet]
+    assert read_scalars(tmp_path)["u/h_nonfinite"] == expected
+
+
 class Empty(nn.Module):
     """An MLP with a zero-size parameter (a layer of width 0 in a sweep over widths)."""
 

@@ -41,6 +41,8 @@ class _Deferred:
     versions: list[tuple[str | tuple[str, ...], Tensor, int]] = field(default_factory=list)
     #: (key, 1-D tensor, function of its values on the host giving scalars) (stage_on_host)
     host: list[tuple[str, Tensor, HostFn]] = field(default_factory=list)
+    #: histograms staged with count_nonfinite=False (their NaN values stand for no value)
+    uncounted: set[str] = field(default_factory=set)
 
 
 #: a function of a staged tensor's values, read to the host, giving the scalars to write
@@ -91,7 +93,10 @@ class Staging:
         self._taken: tuple[int, set[str]] = (-1, set())
         #: keys whose tags were checked (strings, none the loop's own)
         self._known: set[object] = set()
-        #: histograms whose NaN values stand for samples without a value (not counted)
+        #: histograms staged this step whose NaN values stand for samples without a value (not
+        #: counted): the call's, kept with its step (a set for the run silenced a tag's count
+        #: on every step, earlier ones waiting to be written included, and a resumed run's
+        #: differed: a probe's)
         self._nan_means_none: set[str] = set()
 
     def pending(self) -> bool:
@@ -140,10 +145,10 @@ class Staging:
 
     def stage_histogram(self, tag: str, values: Tensor, count_nonfinite: bool = True) -> None:
         """Queue a short 1-D tensor to bin on the host (``Trainer.stage_histogram``)."""
-        if not count_nonfinite:
-            self._nan_means_none.add(tag)
         tags = (tag, f"{tag}_mean", f"{tag}_max", f"{tag}_nonfinite")
         self._check(tag, tags, "stage_histogram")
+        if not count_nonfinite:
+            self._nan_means_none.add(tag)
         if not isinstance(values, Tensor):
             raise TypeError(f"stage_histogram: {tag!r} staged with a {type(values).__name__}, "
                             "not a tensor")  # fmt: skip
@@ -213,7 +218,8 @@ class Staging:
                 kept = staged.get(key)
                 version = kept[1] if kept is not None and kept[0] is v else v._version
                 versions.append((key, v, version))
-        return _Deferred(step, dict(values), histograms, versions, host)
+        uncounted, self._nan_means_none = self._nan_means_none, set()
+        return _Deferred(step, dict(values), histograms, versions, host, uncounted)
 
     def defer(self, values: Scalars, step: int) -> None:
         """Keep ``values`` and the staged histograms of ``step`` (one that does not log) on the
@@ -264,7 +270,7 @@ class Staging:
             for tag, h in hists.items():
                 floats[f"{tag}_mean"] = h.sum / h.num if h.num else math.nan
                 floats[f"{tag}_max"] = h.max if h.num else math.nan
-                if h.nonfinite and tag not in self._nan_means_none:  # (left out of the above)
+                if h.nonfinite and tag not in e.uncounted:  # (left out of the above)
                     floats[f"{tag}_nonfinite"] = float(h.nonfinite)
             for _, _, fn in e.host:  # (in step order: a function may keep state, an average)
                 problem = _host_scalars(fn, next(host_values), floats, e.step, self._known)
