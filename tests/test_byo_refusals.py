@@ -343,6 +343,19 @@ def test_shared_norms_fewer_than_the_gradients_are_refused(tmp_path) -> None:
         train(tmp_path, *TINY, callbacks=[SharesTooFew()])
 
 
+class SharesOneTooFew(Callback):
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        grads = [p.grad for p in trainer.params if p.grad is not None]
+        trainer.share_grad_norms(grads, torch._foreach_norm(grads)[:-1])
+
+
+def test_shared_norms_one_fewer_than_the_gradients_are_refused(tmp_path) -> None:
+    """One norm short (five for six gradients, as the list ``torch._foreach_norm`` returns):
+    refused as two for six is; the last gradient's norm would be missing from the total."""
+    with pytest.raises(ValueError, match="share_grad_norms: 6 gradients and 5 norms"):
+        train(tmp_path, *TINY, callbacks=[SharesOneTooFew()])
+
+
 class HostFunctions(Callback):
     """A host function per step: ``bad(step)`` decides what it does; and a kept value."""
 

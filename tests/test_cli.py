@@ -158,6 +158,9 @@ def test_only_the_trainers_own_refusals_lose_their_traceback() -> None:
     looped = caught(_check, False, "k", "m")
     looped.__cause__ = looped  # (a chain that loops: answered, where it hung, a review's)
     assert own_refusal(looped)
+    from trainer.checkpoint import load_checkpoint  # a missing file the trainer names
+
+    assert own_refusal(caught(load_checkpoint, ROOT / "no_such_checkpoint.pt"))
 
 
 def test_a_refusal_wrapping_an_error_of_ones_own_code_keeps_its_traceback(
@@ -175,12 +178,25 @@ def test_a_refusal_wrapping_an_error_of_ones_own_code_keeps_its_traceback(
     # (failing inside the standard library called from one's own line: a review's)
     (tmp_path / "my_json_model.py").write_text("import json\n\njson.loads('{bad json')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    # a SyntaxError is raised in importlib's frozen code (a frame of no file): the message
+    # names the file and the line, no traceback needed
+    (tmp_path / "my_unparsable_model.py").write_text("def broken(:\n    pass\n")
     cases = (("my_broken_model.Net", True), ("my_json_model.Net", True),
-             ("no_such_module_here.Net", False))  # fmt: skip
+             ("no_such_module_here.Net", False), ("my_unparsable_model.Net", False))  # fmt: skip
     for name, own in cases:
         with pytest.raises(Exception) as caught:
             resolve_target("model", name)
         assert own_refusal(caught.value) is not own, name
+    # one's own module that resolves another at its import: the trainer's refusal wraps the
+    # trainer's refusal of the other module, which wraps the error in one's own file; the
+    # whole chain is followed to it
+    (tmp_path / "my_plugin_model.py").write_text(
+        "from trainer.components import resolve_target\n\n"
+        "Net = resolve_target('model', 'my_broken_model.Net')\n"
+    )
+    with pytest.raises(Exception) as caught:
+        resolve_target("model", "my_plugin_model.Net")
+    assert not own_refusal(caught.value)
 
 
 def _bench(path):

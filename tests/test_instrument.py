@@ -448,6 +448,153 @@ def test_gradients_a_callback_changes_after_the_norms_are_measured_are_said(
     assert "step 1:" in said[0] and f"({cb.changed})" in said[0], said
 
 
+def test_a_gradient_replaced_through_data_by_one_of_equal_norm_is_said(tmp_path, caplog):
+    """``p.grad.data = -p.grad.data`` keeps the tensor, its version counter and every norm:
+    the norms taken again equal the shared ones, yet the gradient the histograms and the
+    per-sample statistics described is not the one stepped. It is told by the gradient's
+    memory (kept when a callback of one's own runs after the one that shared the norms) and
+    warned once, naming the parameter. The total is the same either way (a negation is
+    exact in floating point), so it equals torch's total of the changed gradients exactly."""
+    cb = HalvesOneGradient("on_before_optimizer_step", factor=-1.0, how=".data =")
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, "trainer.max_steps=2", "instrument.norms.every_n_steps=1",
+              "logging.every_n_steps=1", callbacks=[cb])  # fmt: skip
+    said = _said(caplog, "after the instruments measured them")
+    assert len(said) == 1 and "step 1:" in said[0] and f"({cb.changed})" in said[0], said
+    s = read_scalars(tmp_path)
+    for step in (1, 2):
+        total = dict(s["grad_norm/total"])[step]
+        assert total == float(torch.nn.utils.get_total_norm(list(cb.after[step].values())))
+
+
+def test_a_write_through_data_is_said_once_when_several_steps_are_read_together(
+    tmp_path, caplog
+) -> None:
+    """The norms taken again are compared with the shared ones when a step's values are
+    read: steps that do not log are read together at the next logging step, and a callback
+    writing through ``.data`` at each of them is still warned of once (at the first)."""
+    cb = HalvesOneGradient("on_before_optimizer_step", factor=100.0, how="all .data.mul_")
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, "trainer.max_steps=3", "instrument.norms.every_n_steps=1",
+              "logging.every_n_steps=3", callbacks=[cb])  # fmt: skip
+    said = _said(caplog, "after the instruments measured them")
+    assert len(said) == 1 and "step 1:" in said[0], said
+
+
+class SharesNorms(Callback):
+    """A callback of one's own that measures the gradients' norms and shares them, followed
+    by ``extra`` norms of something else (allowed: the gradients' come first)."""
+
+    def __init__(self, extra: tuple[float, ...] = ()) -> None:
+        self.extra = extra
+        self.grads: dict[int, list[torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        grads = [p.grad for p in trainer.params if p.grad is not None]
+        self.grads[trainer.global_step] = [g.clone() for g in grads]
+        norms = torch.stack(torch._foreach_norm(grads))
+        trainer.share_grad_norms(grads, torch.cat([norms, torch.tensor(self.extra)]))
+
+
+def test_norms_shared_with_others_after_them_give_the_gradients_total(tmp_path) -> None:
+    """Shared norms may be followed by other values: ``grad_norm/total`` is the 2-norm of
+    the gradients' norms only, torch's ``get_total_norm`` of the gradients (the same
+    float32 computation on the same tensors: equal), never counting the others (1000)."""
+    sharer = SharesNorms(extra=(1000.0,))  # (the last to run: its norms are taken)
+    train(tmp_path, "trainer.max_steps=2", "instrument=none", "logging.every_n_steps=1",
+          callbacks=[sharer])  # fmt: skip
+    totals = dict(read_scalars(tmp_path)["grad_norm/total"])
+    for step in (1, 2):
+        want = torch.nn.utils.get_total_norm(sharer.grads[step])
+        assert totals[step] == float(want) and totals[step] < 1000.0
+
+
+def test_a_write_through_data_right_after_a_callback_shared_norms_is_clipped_as_it_is(
+    tmp_path,
+) -> None:
+    """A callback of one's own shares the norms and the very next one multiplies every
+    gradient by 100 through ``.data`` (no version counter moves): the loop takes the norms
+    again, so ``grad_norm/total`` is torch's total of the changed gradients (equal: the same
+    float32 computation) and the clipped total is the limit (4 u of float32 relative: one
+    rounding of the clip coefficient and of the norm)."""
+    cb = HalvesOneGradient("on_before_optimizer_step", factor=100.0, how="all .data.mul_")
+    train(tmp_path, "trainer.max_steps=2", "instrument=none", "logging.every_n_steps=1",
+          "trainer.grad_clip=0.05", callbacks=[SharesNorms(), cb])  # fmt: skip
+    totals = dict(read_scalars(tmp_path)["grad_norm/total"])
+    for step in (1, 2):
+        want = torch.nn.utils.get_total_norm(list(cb.after[step].values()))
+        assert totals[step] == float(want) and totals[step] > 1.0
+
+
+class SharesThenReplaces(SharesNorms):
+    """Shares the norms, then replaces every gradient by a new tensor 100 times it."""
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        super().on_before_optimizer_step(trainer, optimizer)
+        for p in trainer.params:
+            p.grad = p.grad * 100.0
+        self.grads[trainer.global_step] = [p.grad.clone() for p in trainer.params]
+
+
+def test_gradients_replaced_after_their_norms_were_shared_are_normed_as_they_are(
+    tmp_path, caplog
+) -> None:
+    """A gradient replaced by a new tensor after its norm was shared (by the same callback,
+    the last to run) is not the one measured: ``grad_norm/total`` is the new gradients'
+    (torch's ``get_total_norm`` of them, the same float32 computation: equal), not the shared
+    norms' total, 100 times smaller. No instrument logged the gradients before the change
+    (``instrument=none``): nothing logged disagrees, nothing is warned of."""
+    sharer = SharesThenReplaces()
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, "trainer.max_steps=2", "instrument=none", "logging.every_n_steps=1",
+              callbacks=[sharer])  # fmt: skip
+    assert _said(caplog, "after the instruments measured them") == []
+    totals = dict(read_scalars(tmp_path)["grad_norm/total"])
+    for step in (1, 2):
+        assert totals[step] == float(torch.nn.utils.get_total_norm(sharer.grads[step]))
+
+
+class SharesFloat64Norms(Callback):
+    """A callback of one's own sharing the gradients' norms computed in float64."""
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        grads = [p.grad for p in trainer.params if p.grad is not None]
+        trainer.share_grad_norms(grads, torch.stack([g.double().norm() for g in grads]))
+
+
+def test_norms_a_callback_shared_its_own_way_are_not_compared_bit_for_bit(tmp_path, caplog) -> None:
+    """Norms a callback of one's own shared may be computed another way (in float64 here):
+    taken again in float32 after another callback of one's own ran, they may differ in the
+    last bits without any gradient having changed, so they are not compared (no warning)."""
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, "trainer.max_steps=3", "instrument=none", "logging.every_n_steps=1",
+              callbacks=[SharesFloat64Norms(), Grads()])  # fmt: skip
+    assert _said(caplog, "after the instruments measured them") == []
+
+
+class NaNGradientAt(Callback):
+    """A NaN in one gradient of optimizer step ``step`` (in ``on_after_backward``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step + 1 == self.step:
+            trainer.params[0].grad[0, 0] = math.nan
+
+
+def test_nan_norms_taken_again_are_not_said_to_be_a_change(tmp_path, caplog) -> None:
+    """A NaN gradient's norm is NaN when shared and when taken again after a callback of
+    one's own read the gradients: NaN == NaN here (nothing changed), no warning; the guard
+    skips the step as usual."""
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, "trainer.max_steps=2", "instrument.norms.every_n_steps=1",
+              "logging.every_n_steps=1", "instrument.nonfinite.policy=skip",
+              callbacks=[NaNGradientAt(1), Grads()])  # fmt: skip
+    assert _said(caplog, "after the instruments measured them") == []
+    assert math.isnan(dict(read_scalars(tmp_path)["grad_norm/total"])[1])
+
+
 PER_SAMPLE_RUN = ("data=synthetic", "data.num_train=96", "data.num_val=16", "data.shape=[8]",
                   "model=mlp", "model.hidden=[16]", "logging.every_n_steps=1",
                   "instrument.per_sample.every_n_steps=1")  # fmt: skip

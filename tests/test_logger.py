@@ -151,3 +151,42 @@ def test_two_writers_in_the_same_second_get_their_own_files(tmp_path):
     b.close()
     assert a.file.path != b.file.path
     assert len(records(a.file.path)) == len(records(b.file.path)) == 2
+
+
+def test_a_runs_event_folder_is_named_by_its_label_and_found_again(tmp_path):
+    """A new run's events go to ``tb/<label>`` (``/`` made ``_``; a label over 120
+    characters cut to 110 and a digest, so two long labels differing only at their end stay
+    apart); a run that exists is found again: its labelled folder, or ``tb/`` itself where
+    an older run wrote its event files there."""
+    from trainer.logger import event_dir
+
+    assert event_dir(tmp_path / "r", "model=cnn,data.root=/x") == (
+        tmp_path / "r" / "tb" / "model=cnn,data.root=_x"
+    )
+    exact = "a" * 120  # (at the limit: as it is)
+    assert event_dir(tmp_path / "r", exact).name == exact
+    longer = [event_dir(tmp_path / "r", "a" * 120 + end).name for end in ("1", "2")]
+    assert longer[0] != longer[1]
+    assert all(len(n) == 119 and n.startswith("a" * 110 + "~") for n in longer), longer
+    run = tmp_path / "r"
+    TensorBoardLogger(event_dir(run, "lr=0.1")).close()
+    assert event_dir(run, "lr=0.2") == run / "tb" / "lr=0.1"  # (a resume with other values)
+    old = tmp_path / "old"
+    TensorBoardLogger(old / "tb").close()
+    assert event_dir(old, "lr=0.1") == old / "tb"
+
+
+def test_events_are_written_once_flush_secs_have_passed_and_kept_until_then(tmp_path):
+    """``add_floats`` writes the buffered events once ``flush_secs`` have passed since the
+    last write (here -1: always passed) and keeps them in memory until then (an hour: not
+    before ``flush`` or ``close``)."""
+    eager = TensorBoardLogger(tmp_path / "eager", flush_secs=-1.0)
+    eager.add_floats({"a": 1.0}, 1)
+    assert len(records(eager.file.path)) == 2  # (the file_version event and the step's)
+    lazy = TensorBoardLogger(tmp_path / "lazy", flush_secs=3600.0)
+    lazy.add_floats({"a": 1.0}, 1)
+    assert len(records(lazy.file.path)) == 1
+    lazy.flush()
+    assert len(records(lazy.file.path)) == 2
+    eager.close()
+    lazy.close()

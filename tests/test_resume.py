@@ -258,6 +258,9 @@ def test_a_resume_may_add_and_drop_instruments(tmp_path, caplog) -> None:
     assert metrics["step"] == 8
     warned = [r.getMessage() for r in caplog.records if "holds no state" in r.getMessage()]
     assert warned == ["the checkpoint holds no state for callback PerSampleNorms: it starts fresh"]
+    # the guard's state, left in the checkpoint by the instrument turned off: as intended,
+    # not a callback of one's own whose state was lost
+    assert not [r for r in caplog.records if "is not taken by any" in r.getMessage()]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from trainer.logger import event_dir
@@ -375,6 +378,25 @@ def test_a_factory_given_the_runs_length_is_checked_and_rebuilt_on_resume(
                        r"train to step 8"):  # fmt: skip
         train(tmp_path / "b", *base, "trainer.max_steps=8")
     _resumed_shorter_follows(tmp_path, base[2:], caplog, "follows the checkpoint's")
+
+
+def test_a_trainers_state_without_a_scheduler_is_refused_by_one_with_one(tmp_path):
+    """``Trainer.load_state_dict`` (a trainer built in Python: no run identity checked
+    before it) refuses a state written without a scheduler where its run has one, saying
+    so (the schedule restarted from its first step at the checkpoint's step, unsaid)."""
+    from trainer.run import build_trainer
+
+    cosine = build_trainer(make_cfg("instrument=none", "scheduler=cosine"), tmp_path / "c",
+                           with_logger=False)  # fmt: skip
+    plain = build_trainer(make_cfg("instrument=none"), tmp_path / "p", with_logger=False)
+    with pytest.raises(ValueError, match="written without a scheduler and this run is "
+                                         "configured with one"):  # fmt: skip
+        cosine.load_state_dict(plain.state_dict())
+    # the other way: the scheduler's initial_lr in the optimizer's groups was read as another
+    # optimizer's key ("written by another optimizer"), the wrong reason (a mutation round's)
+    with pytest.raises(ValueError, match="written with a scheduler and this run is "
+                                         "configured without one"):  # fmt: skip
+        plain.load_state_dict(cosine.state_dict())
 
 
 def test_a_checkpoint_from_before_schedule_lengths_resumes_twice(tmp_path) -> None:
@@ -845,6 +867,45 @@ def test_a_sweep_with_an_interrupted_job_does_not_call_it_failed(tmp_path, caplo
     with caplog.at_level("INFO", logger="trainer.sweep"), pytest.raises(SystemExit):
         SweepSummary()._summarize(tmp_path, stopped=False)
     assert "1 of 2 jobs did not complete (1 interrupted)" in caplog.text
+
+
+def test_a_sweeps_summary_names_each_kind_of_end_once(tmp_path, caplog) -> None:
+    """A sweep whose jobs failed, were interrupted and completed without a monitored value:
+    the summary says each job's end (the failure's last line), counts the kinds ("failed"
+    alone only where every unfinished job failed), warns of the job without a value, and
+    exits 1; the exit hook after the end hook says nothing a second time."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from trainer.sweep import SweepSummary
+
+    jobs = {
+        "0": {"status": "failed", "error": "Traceback ...\nConfigError: optimizer.lr: got -1\n"},
+        "1": {"status": "interrupted", "signal": "SIGTERM", "step": 4},
+        "2": {"status": "completed", "monitor": "val/acc", "val/acc": float("nan")},
+        "3": {"status": "completed", "monitor": "val/acc", "val/acc": 0.5},
+    }
+    for name, metrics in jobs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    summary = SweepSummary()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    summary.on_multirun_start(config)
+    with caplog.at_level("INFO", logger="trainer.sweep"), pytest.raises(SystemExit) as exited:
+        summary.on_multirun_end(config)
+    assert exited.value.code == 1
+    said = [r.getMessage() for r in caplog.records if r.name == "trainer.sweep"]
+    assert "job 0 failed: ConfigError: optimizer.lr: got -1" in said, said
+    assert any(m.startswith("job 1 interrupted: stopped by SIGTERM at step 4") for m in said)
+    assert [m for m in said if "without a value of the monitored metric" in m] == [
+        "job 2 completed without a value of the monitored metric (NaN or missing)"
+    ]
+    assert any("2 of 4 jobs did not complete (1 failed, 1 interrupted)" in m for m in said), said
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer.sweep"):
+        summary._at_exit(tmp_path)  # (what atexit calls at the process's end)
+    assert caplog.records == []
 
 
 def test_a_sweep_stopped_before_all_its_jobs_started_counts_them(tmp_path, caplog) -> None:

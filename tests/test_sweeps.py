@@ -296,6 +296,36 @@ def test_a_job_without_a_monitored_value_gives_a_sweep_none(monkeypatch, value) 
     assert math.isnan(single) if math.isnan(value) else single == value
 
 
+def _refuses(cfg):
+    from trainer.config import _check
+
+    _check(False, "trainer.max_epochs", "got -3, must be at least 1")  # (raised by the trainer)
+
+
+def test_a_single_runs_refusal_is_one_line_unless_hydra_full_error(monkeypatch, capsys) -> None:
+    """A single run refused by the trainer exits with status 1 and the message on one line;
+    with ``HYDRA_FULL_ERROR=1`` the error itself is raised (its traceback shown); in a
+    multirun the job returns None (a failed trial) and the sweep goes on."""
+    import importlib
+
+    import trainer.sweep as sweep
+    from trainer.config import ConfigError
+
+    monkeypatch.setattr(importlib.import_module("trainer.run"), "run", _refuses)
+    monkeypatch.setattr(sweep, "in_multirun", lambda: False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        sweep.run_job(None)
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: trainer.max_epochs: got -3, must be at least 1\n"), err
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigError, match="trainer.max_epochs: got -3"):
+        sweep.run_job(None)
+    monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+    assert sweep.run_job(None) is None
+
+
 def _joblib(path: Path):
     sweep = path / "joblib"
     proc = cli("-m", "hydra/launcher=parallel", "optimizer.lr=0.01,0.02", "trainer.max_steps=4",

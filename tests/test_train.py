@@ -243,6 +243,29 @@ def test_every_on_exception_runs_and_the_runs_own_error_is_raised(where, tmp_pat
     assert "RuntimeError: first" in status["error"] and "cleanup" not in status["error"]
 
 
+class FlushSteps(Callback):
+    """The step of each ``on_flush``; stages a value of its own there, as the guard does."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_flush(self, trainer) -> None:
+        self.steps.append(trainer.global_step)
+        trainer.stage_scalars({"u/flushed": float(len(self.steps))})
+
+
+def test_the_last_step_logs_and_on_flush_runs_once_a_step(tmp_path) -> None:
+    """Logging every 2 steps of 3: steps 2 and 3 log (the run's last step always does, so
+    it ends on logged values); ``on_flush`` runs once at each step that writes, also at the
+    end where the last write and the final checkpoint's are at one step (a value staged
+    there twice would be refused as one tag staged twice)."""
+    flush = FlushSteps()
+    train(tmp_path, "trainer.max_steps=3", "logging.every_n_steps=2", "instrument=none",
+          "trainer.checkpoint.every_n_steps=0", callbacks=[flush])  # fmt: skip
+    assert [step for step, _ in read_scalars(tmp_path)["train/loss"]] == [2, 3]
+    assert len(flush.steps) == len(set(flush.steps)) and flush.steps[-1] == 3, flush.steps
+
+
 def test_same_seed_same_run_and_other_seed_differs(tmp_path) -> None:
     args = ["trainer.max_steps=30", "logging.every_n_steps=1", "optimizer=sgd"]
     train(tmp_path / "a", *args, "seed=3")
@@ -514,6 +537,22 @@ def test_progress_of_a_resumed_run_starts_at_its_step_on_its_cadence(caplog) -> 
     assert "1005/1005" in tty.getvalue()
 
 
+def test_progress_lines_come_at_the_first_logging_step_past_each_multiple(caplog) -> None:
+    """Lines every 4 steps, values logged every 3: a line at the first logging step at or
+    after each multiple of 4 (4→6, 8→9, 12→12, 16→18), so a line that came late does not
+    push the cadence back. A value of 1000 or more in magnitude, negative too, is written as
+    a whole number."""
+    caplog.set_level(logging.INFO, logger="trainer.logger")
+    p = Progress(True, total_steps=18, stream=io.StringIO(), every_n_steps=4)
+    for step in range(1, 19):
+        p.update()
+        if step % 3 == 0:
+            p.show(0, 1, step, {"loss": -12345.6})
+    p.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "trainer.logger"]
+    assert lines == [f"step {s}/18  epoch 1/1  loss -12346" for s in (6, 9, 12, 18)]
+
+
 def test_no_bar_in_a_parallel_sweep_but_labelled_lines(caplog) -> None:
     """Jobs running side by side must not draw over each other: lines with the job number."""
     caplog.set_level(logging.INFO, logger="trainer.logger")
@@ -689,6 +728,25 @@ def test_a_callbacks_state_goes_back_to_its_own_class_not_a_namesake(
     mine = Norms()
     last = tmp_path / "checkpoints" / "last.pt"
     train(tmp_path, "trainer.max_steps=5", f"instrument={after}", f"trainer.resume={last}",
+          callbacks=[mine])  # fmt: skip
+    assert mine.n == 5
+
+
+def test_a_checkpoint_naming_callbacks_by_class_alone_gives_each_its_state(tmp_path) -> None:
+    """A checkpoint written before 2026-12-05 names each callback's state by its class alone
+    (not ``module.Class``): a resume still hands a callback of that class its state, so the
+    step count goes on from the checkpoint's 3 to 5, not from 0 to 2."""
+    from trainer.checkpoint import save_checkpoint
+
+    train(tmp_path, "trainer.max_steps=3", "instrument=none", callbacks=[Norms()])
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    names = [name for name, _ in state["callbacks"]]
+    assert f"{__name__}.Norms" in names  # (as written now: module and class)
+    state["callbacks"] = [[name.rsplit(".", 1)[-1], kept] for name, kept in state["callbacks"]]
+    save_checkpoint(last, state)
+    mine = Norms()
+    train(tmp_path, "trainer.max_steps=5", "instrument=none", f"trainer.resume={last}",
           callbacks=[mine])  # fmt: skip
     assert mine.n == 5
 

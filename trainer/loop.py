@@ -1489,6 +1489,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (strict: every key and shape must match)."""
+        for name, obj in (("scheduler", self.scheduler), ("scaler", self.scaler)):
+            if (obj is None) != (state[name] is None):  # (first: a scheduler's initial_lr in
+                # the optimizer's groups read as another optimizer's key, a mutation round's)
+                raise ValueError(
+                    f"the checkpoint was written {'with' if state[name] is not None else 'without'}"
+                    f" a {name} and this run is configured {'with' if obj else 'without'} one"
+                )
         self.model.load_state_dict(state["model"])
         self._restore_trainable(state.get("trainable"))  # (older checkpoints: none kept)
         own = {k for g in self.optimizer.param_groups for k in g if k != "params"}
@@ -1514,11 +1521,6 @@ class Trainer:
             )
         self.optimizer.load_state_dict(state["optimizer"])
         for name, obj in (("scheduler", self.scheduler), ("scaler", self.scaler)):
-            if (obj is None) != (state[name] is None):
-                raise ValueError(
-                    f"the checkpoint was written {'with' if state[name] is not None else 'without'}"
-                    f" a {name} and this run is configured {'with' if obj else 'without'} one"
-                )
             if obj is not None:
                 obj.load_state_dict(state[name])
         self.global_step, self.epoch = int(state["step"]), int(state["epoch"])
