@@ -428,6 +428,22 @@ class QuietOnSomeSteps(Callback):
         trainer.stage_histogram("u/h", v, count_nonfinite=out.step not in self.quiet)
 
 
+class RefusedThenStaged(Callback):
+    """A histogram staged with a list (refused: a TypeError, caught), then as a tensor."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        with pytest.raises(TypeError, match="not a tensor"):
+            trainer.stage_histogram("u/h", [1.0, math.nan], count_nonfinite=False)
+        trainer.stage_histogram("u/h", torch.tensor([1.0, math.nan]))
+
+
+def test_a_refused_histogram_call_leaves_its_tag_counted(tmp_path) -> None:
+    """``count_nonfinite=False`` of a call refused for its values held for the call staged
+    after it in the same step (a review's): only a staged call's flag counts."""
+    train(tmp_path, *TINY, "trainer.max_steps=1", callbacks=[RefusedThenStaged()])
+    assert read_scalars(tmp_path)["u/h_nonfinite"] == [(1, 1.0)]
+
+
 @pytest.mark.parametrize("quiet", [(1,), (2,)])
 def test_a_histograms_nan_uncounted_on_one_step_is_counted_on_the_others(tmp_path, quiet):
     """``count_nonfinite=False`` is the call's: it held for the tag for the rest of the run,

@@ -648,6 +648,45 @@ def test_per_sample_statistics_of_gradients_a_callback_changed_after_backward_ar
         assert changed[tag] == plain[tag]
 
 
+class Diverging(nn.Module):
+    """A small MLP whose logits are NaN while ``poisoned`` (a diverged step: its gradients
+    NaN, with no callback writing any)."""
+
+    def __init__(self, num_classes: int = 10, **_) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(),
+                                 nn.Linear(16, num_classes))  # fmt: skip
+        self.poisoned = False
+
+    def forward(self, x):
+        out = self.net(x)
+        return out * math.nan if self.poisoned else out
+
+
+class PoisonsStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        trainer.model.poisoned = trainer.global_step + 1 == self.step
+
+
+def test_a_nan_gradient_is_no_callbacks_write_and_a_later_write_is_said(tmp_path, caplog):
+    """A NaN gradient's norm is NaN after the backward and after the callbacks: NaN != NaN
+    read it as a write through ``.data`` (a review's: every fp16 overflow the GradScaler skips
+    was said to be a callback's), and that false warning used up the one a real write later
+    gets. The NaN step is no write; the write at step 5 is said, naming its step."""
+    cb = HalvesOneGradient("on_after_backward", steps=(5,), how=".data.mul_")
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, *PER_SAMPLE_RUN, "data.batch_size=16", "trainer.max_steps=6",
+              f"model._target_={__name__}.Diverging", "instrument.nonfinite.policy=skip",
+              callbacks=[PoisonsStep(3), cb])  # fmt: skip
+    said = _said(caplog, "a callback changed the gradients of")
+    assert len(said) == 1 and said[0].startswith("step 5:") and "through .data" in said[0], said
+    noise = dict(read_scalars(tmp_path)["per_sample/noise_scale"])
+    assert math.isnan(noise[3]) and math.isnan(noise[5]) and math.isfinite(noise[4])
+
+
 class MixedDtypes(nn.Module):
     """A float64 layer between float32 ones: the total is not the 2-norm of the shared
     per-tensor norms bit for bit (torch sums per dtype), so the loop takes its own."""

@@ -147,11 +147,11 @@ class Staging:
         """Queue a short 1-D tensor to bin on the host (``Trainer.stage_histogram``)."""
         tags = (tag, f"{tag}_mean", f"{tag}_max", f"{tag}_nonfinite")
         self._check(tag, tags, "stage_histogram")
-        if not count_nonfinite:
-            self._nan_means_none.add(tag)
         if not isinstance(values, Tensor):
             raise TypeError(f"stage_histogram: {tag!r} staged with a {type(values).__name__}, "
                             "not a tensor")  # fmt: skip
+        if not count_nonfinite:  # (once staged: a refused call leaves the tag counted)
+            self._nan_means_none.add(tag)
         self._tags.update(tags)
         self.histograms[tag] = values = _own(values)
         self._record([(tag, values)])

@@ -1590,7 +1590,9 @@ class PerSampleNorms(Callback):
             # norms' differences are read with the step's values, _statistics)
             now_norms = self._grad_norms_now()
             if now_norms is not None:
-                moved = now_norms != before
+                # (a NaN gradient's norm is NaN both times: no write, and one it was read as
+                # used up the one warning, a review's: an fp16 overflow said to be a callback's)
+                moved = (now_norms != before) & ~(now_norms.isnan() & before.isnan())
                 self._moved = moved if self._moved is None else self._moved | moved
         now = {id(p): (g, version, ptr) for p, g, version, ptr in self._grad_states()}
         for p, g, version, ptr in states:  # (a parameter no longer trainable: its window is
