@@ -256,6 +256,8 @@ class Stages(Callback):
         (lambda t: {"_hparams_/x": 1.0}, ValueError, "'_hparams_/x' is the trainer's own tag"),
         (lambda t: {"u/s": "abc"}, TypeError, "'u/s' staged with a str; stage a number"),
         (lambda t: {("u/a", "u/b"): [1.0, 2.0]}, TypeError, r"\('u/a', 'u/b'\) staged with a list"),
+        # (a tuple of tags takes a tensor of their values, not one number for all of them)
+        (lambda t: {("u/a", "u/b"): 1.0}, TypeError, r"\('u/a', 'u/b'\) staged with a float"),
         (lambda t: {3: torch.ones(())}, TypeError, "a tag must be a string"),
     ],
 )  # fmt: skip
