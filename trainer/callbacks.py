@@ -170,6 +170,12 @@ LOOP_TAGS = frozenset({
 LOOP_PREFIXES = ("val/", "reg/", "lr/group_", "_hparams_/")
 
 
+def few(names: list[str], most: int = 5) -> str:
+    """Names for a warning: the first ``most``, and how many more (``a, b, c (+4)``)."""
+    rest = f" (+{len(names) - most})" if len(names) > most else ""
+    return ", ".join(names[:most]) + rest
+
+
 def param_tag(prefix: str, name: str) -> str:
     """``<prefix>/<parameter name>``, or, where that is one of the loop's own tags (a
     parameter named ``total``, ``data`` or ``reg`` at the model's root), the same with

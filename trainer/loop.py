@@ -40,7 +40,7 @@ from torch.nn.utils import clip_grad_norm_, clip_grads_with_norm_
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from trainer.backward import double_backward_kernels
-from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, Stateful, StepOutput
+from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, Stateful, StepOutput, few
 from trainer.checkpoint import checkpointable
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.distributed import (
@@ -638,7 +638,7 @@ class Trainer:
 
     def _warn_changed(self, step: int, changed: list[str], dropped: int) -> None:
         self._said_changed = True
-        what = ", ".join(changed[:5]) + (f" (+{len(changed) - 5})" if len(changed) > 5 else "")
+        what = few(changed)
         if dropped:
             what = f"{what}{'; ' if what else ''}{dropped} set to None"
         log.warning(

@@ -89,7 +89,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
 from torch.overrides import _get_current_function_mode as _current_function_mode
 
-from trainer.callbacks import Callback, Every, Stateful
+from trainer.callbacks import Callback, Every, Stateful, few
 from trainer.distributed import (
     all_gather_cat,
     all_gather_objects,
@@ -2020,8 +2020,7 @@ class PerSampleNorms(Callback):
                 "norms are of the backward's gradients, before the change) and are NaN on such "
                 "steps; the gradient norms and histograms are of the changed gradients (warned "
                 "once)",
-                trainer.global_step, ", ".join(names[:5]) + (f" (+{len(names) - 5})"
-                                                             if len(names) > 5 else ""), hooks,
+                trainer.global_step, few(names), hooks,
             )  # fmt: skip
         fn = partial(self._noise_scale, trainer.world.size, self._tags, n, torch.finfo(w.dtype).eps,
                      self._roundoff, scaled, edited=edited, norms_moved=moved is not None,
@@ -2071,8 +2070,7 @@ class PerSampleNorms(Callback):
                     "per_sample/noise_scale, grad_var_trace, grad_signal and their "
                     "parameters' grad_snr/* need the batch gradient as the backward made it "
                     "and are NaN on such steps (warned once)",
-                    step, ", ".join(which[:5]) + (f" (+{len(which) - 5})" if len(which) > 5
-                                                  else ""),
+                    step, few(which),
                 )  # fmt: skip
             edited = tuple(f > 0 for f in flags) if not edited else tuple(
                 e or f > 0 for e, f in zip(edited, flags, strict=True))  # fmt: skip
