@@ -735,6 +735,14 @@ def test_an_embedding_scaled_by_the_batchs_counts_is_left_out(functional, caplog
     assert "scale_grad_by_freq=True" in caplog.text
 
 
+class Gain(nn.Module):
+    """A unit of one's own with a learned gain (D,); subclasses say what it does with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(1 + 0.1 * torch.randn(D))
+
+
 class SequenceFirst(nn.Module):
     """A TransformerEncoderLayer at its default ``batch_first=False``: its feed-forward Linears
     and LayerNorms, and the Embedding of the transposed tokens, see (T, B, ·); the attention
@@ -768,22 +776,156 @@ def _share(model: nn.Module, units: tuple[str, ...]) -> float:
     return 1 - out / sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("t", [T, B])
-def test_a_sequence_first_layer_is_never_taken_for_a_batch_first_one(t, caplog) -> None:
-    """Layers fed (T, B, ·) are left out and named, also when T = B, where dimension 0 has the
-    batch's size (they were measured with time taken for the samples: coverage 1, norms up to
-    15 % off); what is measured is exact."""
+class Scaled(Gain):
+    def forward(self, x):
+        return self.gain * x
+
+
+class SequenceFirstGeneric(nn.Module):
+    """Sequence-first (T, B, D) through generic units: torch's RMSNorm and a gain of one's
+    own (recomputed per sample by vmap over dimension 1), then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.norm, self.gain = nn.Embedding(V, D), nn.RMSNorm(D), Scaled()
+        self.mid, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        h = self.gain(self.norm(self.emb(tokens.t())))
+        return self.head(torch.tanh(self.mid(h)).mean(0))
+
+
+class SequenceFirstTied(nn.Module):
+    """A sequence-first language-model head tied to its embedding: the table's two uses, on
+    (T, B) and (T, B, D), are materialized per sample and summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, V)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.emb(tokens.t())))).mean(0)
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar", "vector"])
+@pytest.mark.parametrize("t", [T, B], ids=["t_ne_b", "t_eq_b"])
+@pytest.mark.parametrize(
+    "make", [SequenceFirst, SequenceFirstGeneric, SequenceFirstTied],
+    ids=["transformer_layer", "generic_units", "tied_head"],
+)  # fmt: skip
+def test_sequence_first_layers_are_measured_exactly(make, t, vector, caplog) -> None:
+    """Layers fed (T, B, ·), as torch's own with ``batch_first=False`` pass it on (a
+    TransformerEncoderLayer's Linears and LayerNorms, an Embedding of transposed tokens, a
+    generic unit, a tied head), were left out (coverage 0.39 for the Transformer layer): their
+    batch is dimension 1 now, settled by the check's forward on P samples, also where T = B
+    (dimension 0 has the batch's size too); every norm equals a row of the batch's Jacobian
+    at coverage 1, in scalar and vector mode."""
+    torch.manual_seed(0)
+    model = make().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (B, t), generator=g)
+    y = torch.randint(0, 3 if make is not SequenceFirstTied else V, (B,), generator=g)
+    weights = torch.rand(B, dtype=torch.float64, generator=g) if vector else None
+    reference = _jacobian_rows(model, x, y) if weights is None else None
+    with caplog.at_level("WARNING"):
+        if weights is None:
+            measured_exactly(model, x, y)
+        else:  # (the weighted norms: ‖∇(wᵢℓᵢ)‖ = wᵢ‖∇ℓᵢ‖)
+            reference = _jacobian_rows(model, x, y)
+            last, staged = measure(model, x, y, weights=weights)
+            assert staged["per_sample/coverage"] == 1.0
+            torch.testing.assert_close(
+                last["per_sample/weighted_grad_norm"].double(), weights * reference,
+                rtol=1e-5, atol=0,
+            )  # fmt: skip
+            torch.testing.assert_close(
+                last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0
+            )
+    assert "leave out" not in caplog.text
+    assert reference is not None
+
+
+class MixedAfterSequenceFirst(nn.Module):
+    """A sequence-first Linear whose output is normalized with the batch's statistics by
+    hand, over dimension 1: ``emb`` and ``mid`` are upstream of a mixing of the samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        h = self.mid(self.emb(tokens.t()))  # (T, B, D)
+        h = (h - h.mean(1, keepdim=True)) / (h.var(1, keepdim=True) + 1e-5).sqrt()
+        return self.head(torch.tanh(h).mean(0))
+
+
+class DetachedCenterSequenceFirst(Gain):
+    """x - mean over the batch (dimension 1 of a (T, B, D) input), detached: a generic unit
+    mixing the samples by value, sequence-first."""
+
+    def forward(self, x):
+        return self.gain * (x - x.mean(1, keepdim=True).detach())
+
+
+class CenteredSequenceFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(V, D), DetachedCenterSequenceFirst(), \
+            nn.Linear(D, 3)  # fmt: skip
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.emb(tokens.t()))).mean(0))
+
+
+@pytest.mark.parametrize("t", [T, 16], ids=["t_ne_p", "t_eq_p"])
+@pytest.mark.parametrize(
+    "make, left_out",
+    [(MixedAfterSequenceFirst, ("emb", "mid")), (CenteredSequenceFirst, ("mid",))],
+    ids=["normalized_over_the_batch_by_hand", "detached_batch_mean_inside"],
+)
+def test_a_model_mixing_the_samples_of_sequence_first_units_is_seen(
+    make, left_out, t, caplog
+) -> None:
+    """The mixing check watches a unit call's rows at the dimension its batch is in: a
+    sequence-first unit after which the samples are normalized over dimension 1, or a generic
+    one centering them by value there, is left out as mixing (watched at dimension 0 only, the
+    positions, it would pass where T differs from the check's samples, or mix positions with
+    samples where T equals them: T = 16); the rest is exact."""
+    torch.manual_seed(0)
+    model = make().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (16, t), generator=g)
+    y = torch.randint(0, 3, (16,), generator=g)
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, left_out)
+    for name in left_out:
+        assert f"leave out {name!r}: the model mixes or reorders the samples" in caplog.text
+
+
+def test_a_sequence_first_verdict_is_checkpointed(tmp_path) -> None:
+    """Which dimension is a unit call's batch is kept in the callback's state (weights_only):
+    a resumed run measures the sequence-first units without the check's forward; a verdict
+    of an earlier version (None: dimension 0) loads as dimension 0."""
     torch.manual_seed(0)
     model = SequenceFirst().double()
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(0, V, (B, t), generator=g), torch.randint(0, 3, (B,), generator=g)
-    reference = _reference_over(copy.deepcopy(model), x, y, SEQUENCE_FIRST_UNITS)
-    with caplog.at_level("WARNING"):
-        last, staged = measure(model, x, y)
-    for name in SEQUENCE_FIRST_UNITS:
-        assert f"leave out {name!r}" in caplog.text
-    assert staged["per_sample/coverage"] == pytest.approx(_share(model, SEQUENCE_FIRST_UNITS))
-    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+    first = PerSampleNorms(1, loss="both")
+    last, _ = measure(model, x, y, cb=first)
+    state = first.state_dict()
+    assert {why for *_, why in state["verdicts"]} == {0, 1}
+    torch.save(state, tmp_path / "state.pt")
+    resumed = PerSampleNorms(1, loss="both")
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[0]))
+    again, staged = measure(model, x, y, cb=resumed)
+    assert forwards == [B] and staged["per_sample/coverage"] == 1.0
+    torch.testing.assert_close(again["per_sample/grad_norm"], last["per_sample/grad_norm"])
+    old = PerSampleNorms(1)
+    old.load_state_dict({"noise_ema": None, "verdicts": [["head", 1, [B, D], None]]})
+    assert old._verdicts == {("head", 1, (B, D)): 0}
 
 
 class Positions(nn.Module):
@@ -860,6 +1002,22 @@ class SequenceFirstLinear(nn.Module):
         return self.head(torch.tanh(self.mid(self.emb(tokens).transpose(0, 1))).mean(0))
 
 
+class TransposedGain(Gain):
+    """A generic unit whose output is its (T, B, D) input transposed, (B, T, D)."""
+
+    def forward(self, x):
+        return (self.gain * x).transpose(0, 1)
+
+
+class Transposing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(V, D), TransposedGain(), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.emb(tokens.t()))).mean(1))
+
+
 class OnSequences(nn.Module):
     """A Linear on batch-first sequences, (B, T, D)."""
 
@@ -886,19 +1044,26 @@ class Pairwise(nn.Module):
 
 @pytest.mark.parametrize(
     "make, b, left_out",
-    [(SequenceFirstLinear, 2, ("mid",)), (OnSequences, 2, ()), (Pairwise, B, ("emb", "mid"))],
-    ids=["sequence_first_b_2_t_2", "batch_first_b_2", "pairwise"],
+    [
+        (SequenceFirstLinear, 2, ()),
+        (OnSequences, 2, ()),
+        (Pairwise, B, ("emb", "mid")),
+        (Transposing, 2, ("mid",)),
+    ],
+    ids=["sequence_first_b_2_t_2", "batch_first_b_2", "pairwise", "transposing_t_eq_b"],
 )
 def test_the_batch_check_tells_the_batch_from_a_dimension_of_its_size(
     make, b, left_out, caplog
 ) -> None:
-    """The check's forward runs on P samples and takes an input for batch-first where it
-    then has shape (P, *the rest as before). For a batch of 2, P = 3 (samples repeated): a
-    sequence-first (T, B, D) input with T = B = 2 would read (2, 2, D) on 2 samples and pass;
-    on 3 it reads (2, 3, D) and is left out and named for what it is (not for the mixing
-    check's reason), while a batch-first Linear at B = 2 is measured (coverage 1). A pairwise
-    (B, B, D) input reads (P, P, D): dimension 0 alone does not make it (P, B, D). What is
-    measured is exact against rows of the batch's Jacobian."""
+    """The check's forward runs on P samples and takes dimension d of an input for the
+    batch where its input and output then have size P there and their sizes elsewhere. For a
+    batch of 2, P = 3 (samples repeated): a sequence-first (T, B, D) input with T = B = 2
+    would read (2, 2, D) on 2 samples either way; on 3 it reads (2, 3, D), sequence-first,
+    and a batch-first one at B = 2 reads (3, 2, D): both measured (coverage 1). A pairwise
+    (B, B, D) input reads (P, P, D): neither dimension is the batch alone, and it is left out
+    and named for that (not for the mixing check's reason); so is a unit taking (T, B, D) to
+    (B, T, D) with T = B (its input reads (2, 3, D), its output (3, 2, D)). What is measured
+    is exact against rows of the batch's Jacobian."""
     torch.manual_seed(0)
     model = make().double()
     g = torch.Generator().manual_seed(1)
@@ -906,7 +1071,7 @@ def test_the_batch_check_tells_the_batch_from_a_dimension_of_its_size(
     with caplog.at_level("WARNING"):
         measured_exactly(model, x, y, left_out)
     if "mid" in left_out:
-        assert "leave out 'mid': dimension 0 of its input" in caplog.text
+        assert "leave out 'mid': neither dimension 0 nor 1 of its input" in caplog.text
     else:
         assert "leave out" not in caplog.text
 
@@ -1185,14 +1350,6 @@ class FrozenBackbone(nn.Module):
         with torch.no_grad():
             f = torch.relu(self.backbone(x))
         return self.head(torch.tanh(self.bn(f)))
-
-
-class Gain(nn.Module):
-    """A unit of one's own with a learned gain (D,); subclasses say what it does with it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(1 + 0.1 * torch.randn(D))
 
 
 class DetachedCenter(Gain):

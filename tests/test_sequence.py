@@ -396,8 +396,16 @@ def test_the_scalar_root_of_a_window_is_its_token_average() -> None:
 # ----------------------------------------------------------------------------- per-sample norms
 
 
-def test_per_sequence_norms_against_torch_func() -> None:
-    model = TinyLM()
+class SequenceFirstTinyLM(TinyLM):
+    """TinyLM run sequence-first inside, (T, B, ·): its units' batch is dimension 1."""
+
+    def forward(self, tokens):  # (B, T) -> (B, T, V)
+        return super().forward(tokens.t()).transpose(0, 1)
+
+
+@pytest.mark.parametrize("make", [TinyLM, SequenceFirstTinyLM], ids=["batch_first", "seq_first"])
+def test_per_sequence_norms_against_torch_func(make) -> None:
+    model = make()
     x, y = token_batch()
     loss = TokenCrossEntropy()
     params = list(model.parameters())
@@ -421,6 +429,7 @@ def test_per_sequence_norms_against_torch_func() -> None:
         weighted = cb.last["per_sample/weighted_grad_norm"].double()
         torch.testing.assert_close(weighted[nonzero], c * norms[nonzero], rtol=1e-5, atol=1e-12)
         assert torch.isnan(weighted[~nonzero]).all()  # (no sample: no norm, weighted or not)
+        assert cb.coverage() == 1.0
 
 
 class ByTargetId(Weighting):

@@ -17,6 +17,10 @@ of its parameters follows from (inputs, g):
   ``batch_first``; masks sliced with it), differentiating Σ_k ⟨g_k, out_k⟩ over its outputs
   (attention's output and weights; an RNN's output, h_n and c_n): one small backward per sample.
 * any other unit: ``torch.func.vmap(grad(...))`` of ⟨gᵢ, module(aᵢ)⟩ over its own parameters.
+* the closed forms' and the generic units' samples are along dimension 0 of their input and
+  output, or dimension 1 for a sequence-first (T, B, ·) one (torch's layers with
+  ``batch_first=False`` pass that on to their Linears and LayerNorms; an Embedding of
+  transposed tokens); which one is settled by a check forward (:meth:`PerSampleNorms._verify`).
 * a parameter used more than once per forward (a weight registered in two modules, i.e. tied,
   or a module called twice): its per-sample gradients from every use are materialized
   (B × its size, up to ``MATERIALIZE_BYTES``) and summed before squaring, so the cross terms
@@ -372,6 +376,47 @@ def _own(module: nn.Module) -> bool:
     return "weight" in own and own <= {"weight", "bias"}  # parametrization would run)
 
 
+def _batch_dims(
+    module: nn.Module, kind: str, first: Tensor, out: Tensor, b: int
+) -> tuple[int, ...]:
+    """The dimensions of a closed-form or generic unit's input and output that may hold the
+    batch (``b`` samples): 0, batch-first, and 1, sequence-first ((T, B, ·), as torch's layers
+    with ``batch_first=False`` pass it on), where the layer allows it (a Linear's input needs
+    3 dimensions, a LayerNorm's 2 besides its normalized ones; a convolution's dimension 1 is
+    its channels). Which one does is settled by :meth:`PerSampleNorms._verify`."""
+    dims = []
+    if first.shape[:1] == (b,) and out.shape[:1] == (b,):
+        dims.append(0)
+    if kind == "func" or isinstance(module, nn.Embedding):
+        least: int | None = 2
+    elif isinstance(module, nn.Linear):
+        least = 3
+    elif isinstance(module, nn.LayerNorm):
+        least = len(module.normalized_shape) + 2
+    else:
+        least = None
+    if (
+        least is not None
+        and first.dim() >= least
+        and out.dim() >= 2
+        and first.shape[1] == b
+        and out.shape[1] == b
+    ):
+        dims.append(1)
+    return tuple(dims)
+
+
+def _scaled(shape: tuple[int, ...], dim: int, n: int) -> tuple[int, ...]:
+    """``shape`` with dimension ``dim`` of size ``n``."""
+    return (*shape[:dim], n, *shape[dim + 1 :])
+
+
+def _keyed(key: tuple[str, int], dim: int) -> tuple[Any, ...]:
+    """A unit call's key in the mixing check, by the dimension its batch is in: (unit, call)
+    batch-first, (unit, call, 1) sequence-first (one call may be watched at both)."""
+    return key if dim == 0 else (*key, dim)
+
+
 #: why a unit whose input is changed in place, in its forward or after it, is left out
 IN_PLACE = (
     "its input is changed in place (in its forward, or after it), so the input its per-sample "
@@ -494,16 +539,25 @@ def _nonzero(g: Tensor) -> Tensor:
 
 
 def _moves_other_rows(
-    module: nn.Module, args: tuple, kwargs: dict, output: Tensor, fork: Fork, busy: list[bool]
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    output: Tensor,
+    fork: Fork,
+    busy: list[bool],
+    dim: int = 0,
 ) -> Tensor | None:
     """Whether a generic unit mixes the samples by value (detached batch statistics, token ids
     in, features from under no_grad: no gradient shows it), on the device: its forward again,
     with the same random draws (``fork``, taken before its call), once on the same input and
-    once with the first sample's input replaced by the second's; where the first gives its
-    output back bit for bit, the other rows of the second must be it too. None where that
-    cannot be told (its forward raises, or does not give its output back: a counter of its own,
-    state it updates), which is no evidence either way. ``busy`` is set while it runs: the
-    check's hooks do not count the calls of its children."""
+    once with the first sample's input replaced by the second's (along ``dim``, 1 for a
+    sequence-first one); where the first gives its output back bit for bit, the other rows of
+    the second must be it too. None where that cannot be told (its forward raises, or does not
+    give its output back: a counter of its own, state it updates), which is no evidence either
+    way. ``busy`` is set while it runs: the check's hooks do not count the calls of its
+    children."""
+    if args[0].dim() <= dim:
+        return None
     after = Fork(output.device)
     outs = []
     busy[0] = True
@@ -511,7 +565,7 @@ def _moves_other_rows(
         for swap in (False, True):
             first = args[0].detach().clone()
             if swap:
-                first[0] = first[1]
+                first.select(dim, 0).copy_(first.select(dim, 1))
             fork.rewind()
             again = module.forward(first, *args[1:], **kwargs)
             if not isinstance(again, Tensor) or again.shape != output.shape:
@@ -526,7 +580,9 @@ def _moves_other_rows(
     kept = output.detach()
     if not bool(((same == kept) | (same.isnan() & kept.isnan())).all()):  # host read: once
         return None  # (per generic unit and check)
-    return ((swapped[1:] != kept[1:]) & ~(swapped[1:].isnan() & kept[1:].isnan())).any()
+    rest = output.shape[dim] - 1
+    swapped, kept = swapped.narrow(dim, 1, rest), kept.narrow(dim, 1, rest)
+    return ((swapped != kept) & ~(swapped.isnan() & kept.isnan())).any()
 
 
 def _keep(grads: dict[int, Tensor], i: int, g: Tensor | None) -> None:
@@ -571,8 +627,8 @@ class _Call:
     #: the autocast the forward ran under (device type, dtype), or None: a recomputation per
     #: sample runs under it too (its saved inputs are in the dtype autocast gave them)
     autocast: tuple[str, torch.dtype] | None = None
-    #: (unit name, call within the forward, input shape) when whether dimension 0 of its input
-    #: is the batch is not known yet (settled after the backward: :meth:`PerSampleNorms._verify`)
+    #: (unit name, call within the forward, input shape) when which dimension of its input is
+    #: the batch is not known yet (settled after the backward: :meth:`PerSampleNorms._verify`)
     verify: tuple[str, int, tuple[int, ...]] | None = None
     #: (unit name, call within the forward) when whether the model mixes the samples after it
     #: is not known yet for this input (:meth:`PerSampleNorms._check_mixing`, after the backward)
@@ -580,6 +636,11 @@ class _Call:
     #: its tensor inputs' version counters after its forward (shared with the detached
     #: aliases kept): where one moved, the input was changed in place since
     versions: list[int] = field(default_factory=list)
+    #: a closed-form or generic unit's batch dimension, in its input and output: 0, or 1 for
+    #: a sequence-first (T, B, ·) one (where ``verify`` is set: once settled)
+    dim: int = 0
+    #: the dimensions that may hold its batch (:func:`_batch_dims`), for ``verify``
+    candidates: tuple[int, ...] = ()
 
     def moved(self) -> bool:
         return _versions((self.args, self.kwargs)) != self.versions
@@ -695,9 +756,9 @@ class PerSampleNorms(Callback):
         #: unit name -> why, for any measured micro-batch of the current (or last) window: a
         #: unit left out of one is left out of the step's statistics and coverage
         self._window_excluded: dict[str, str] = {}
-        #: (unit name, call within the forward, input shape) -> None where dimension 0 of that
-        #: input was seen to be the batch, or why it is not (:meth:`_verify`)
-        self._verdicts: dict[tuple[str, int, tuple[int, ...]], str | None] = {}
+        #: (unit name, call within the forward, input shape) -> the dimension of that input
+        #: (and of the output) seen to be the batch, 0 or 1, or why none is (:meth:`_verify`)
+        self._verdicts: dict[tuple[str, int, tuple[int, ...]], int | str] = {}
         self._entered: dict[nn.Module, int] = {}  # each unit's calls in this forward so far
         #: the version counters of a unit's tensor inputs as its forward starts (one that
         #: changes them in place leaves no input to compute from)
@@ -1106,26 +1167,38 @@ class PerSampleNorms(Callback):
         if why is None and _versions(args) != self._entry_versions.get(module, _versions(args)):
             why = IN_PLACE
         verify = None
-        if why is None and self._kind[module] in ("closed", "func") and self._batch > 1:
-            # dimension 0 has the batch's size: the batch, or a sequence as long as it (a
-            # sequence-first (T, B, ·) input with T = B), a table of B rows? Seen once per
-            # call and input shape (:meth:`_verify`)
-            verify = (name, self._entered.get(module, 0), tuple(args[0].shape))
-            if verify in self._verdicts:
-                why, verify = self._verdicts[verify], None
+        dim, candidates = 0, cast(tuple[int, ...], ())
+        entered = self._entered.get(module, 0)
+        if why is None and self._kind[module] in ("closed", "func"):
+            # dimension 0 (or 1, sequence-first) has the batch's size: the batch, or a
+            # sequence as long as it, a table of B rows, features of every pair of samples?
+            # Seen once per call and input shape (:meth:`_verify`); one sample has no other
+            # to be told from: any layout gives its gradient
+            candidates = _batch_dims(module, self._kind[module], args[0], outputs[0], self._batch)
+            key = (name, entered, tuple(args[0].shape))
+            known = self._verdicts.get(key)
+            if isinstance(known, str):
+                why = known
+            elif known in candidates:
+                dim = cast(int, known)
+            elif self._batch > 1:
+                verify = key
+            else:
+                dim = candidates[0]
         mixing = None
         if why is None and self._batch > 1:  # does the model mix the samples after it?
-            call_key = (name, self._entered.get(module, 0))
+            call_key = _keyed((name, entered), dim)
             checked = self._mixing_checks.get(self._signature)
-            if checked is not None and call_key in checked[0] and verify is None:
+            if verify is not None:  # (keyed by the batch's dimension, once settled; a table
+                mixing = (name, entered)  # of B rows reaches every sample: named for that)
+            elif checked is not None and call_key in checked[0]:
                 why = MIXED
-            elif checked is None or call_key not in checked[1] or call_key in checked[0]:
-                mixing = call_key  # not known yet, or after whether dimension 0 is the batch
-                # (a table of B rows reaches every sample: named for that): after the backward
+            elif checked is None or call_key not in checked[1]:
+                mixing = call_key  # not known yet: after the backward
         if why is not None:
             self._excluded[name] = why
             return
-        dims = self._out_dims(module, len(outputs))
+        dims = self._out_dims(module, len(outputs)) if dim == 0 else [dim] * len(outputs)
         device = outputs[0].device.type
         amp = (
             (device, torch.get_autocast_dtype(device))
@@ -1136,7 +1209,7 @@ class PerSampleNorms(Callback):
             module, _detach(args), _detach(kwargs),
             [(t.shape, t.dtype, t.device) for t in outputs], dims,
             autocast=amp, verify=verify, mixing=mixing,
-            versions=_versions((args, kwargs)),
+            versions=_versions((args, kwargs)), dim=dim, candidates=candidates,
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -1217,8 +1290,11 @@ class PerSampleNorms(Callback):
                 or (not isinstance(output, Tensor))
             ):  # (a dict or tuple output: its recomputation per sample returns one too)
                 return "not one tensor input (its first argument) and one tensor output"
-            if first.shape[:1] != (b,) or outputs[0].shape[:1] != (b,):
-                return f"its input or output does not have the batch ({b}) as dimension 0"
+            if not _batch_dims(module, kind, first, outputs[0], b):
+                return (
+                    f"its input or output has the batch ({b}) neither as dimension 0 nor, "
+                    "sequence-first (T, B, ·), as dimension 1"
+                )
             if isinstance(module, (nn.Conv1d, nn.Conv2d)) and first.dim() != (
                 3 if isinstance(module, nn.Conv1d) else 4
             ):
@@ -1279,6 +1355,8 @@ class PerSampleNorms(Callback):
             low = g.dtype in LOW_PRECISION
             g = g.detach().float() if low else g.detach()
             a = call.args[0]
+            if call.dim:  # sequence-first (T, B, ·): the closed forms take the batch first
+                a, g = a.movedim(call.dim, 0), g.movedim(call.dim, 0)
             if isinstance(module, nn.Embedding):
                 parts = embedding_sq_norms(module, a, g)
             elif isinstance(module, nn.LayerNorm):
@@ -1315,16 +1393,23 @@ class PerSampleNorms(Callback):
             g = g.to(dtype)
 
             rest, kwargs = call.args[1:], call.kwargs  # not tensors (checked)
+            d = call.dim  # (1: sequence-first, (T, B, ·))
 
             def inner(p: dict[str, Tensor], ai: Tensor, gi: Tensor) -> Tensor:
-                out = functional_call(module, p, (ai.unsqueeze(0), *rest), kwargs)
-                return (out * gi.unsqueeze(0)).sum()
+                out = functional_call(module, p, (ai.unsqueeze(d), *rest), kwargs)
+                gi = gi.unsqueeze(d)
+                if out.shape != gi.shape:  # (no broadcast: a sample's output is its row)
+                    raise ValueError(
+                        f"its output on one sample has shape {tuple(out.shape)}, not "
+                        f"{tuple(gi.shape)}"
+                    )
+                return (out * gi).sum()
 
             # (outside autograd: the unit's other parameters, a parent's children, are the
             # model's own, and the rows were part of the step's graph, kept alive until the
             # next measurement; torch.func's grad differentiates inside no_grad all the same)
             with torch.no_grad():
-                return vmap(grad(inner), in_dims=(None, 0, 0))(leaf, a, g)
+                return vmap(grad(inner), in_dims=(None, d, d))(leaf, a, g)
         # attention, RNNs: one recomputation per sample (their kernels have no batching rule)
         bound = self._bound(module, call.args, call.kwargs)
         if self._kind[module] == "attention":
@@ -1415,9 +1500,15 @@ class PerSampleNorms(Callback):
             return
         self._disarm()
         self._leave_mode()  # (left when the model's forward returned; not if it never ran)
-        pending = {c.verify for c in self._calls if c.verify is not None}
+        pending = {c.verify: c for c in self._calls if c.verify is not None}
         if pending:
-            self._verify(trainer, batch, pending)  # type: ignore[arg-type]
+            self._verify(trainer, batch, pending)
+            for c in pending.values():  # (its batch's dimension, settled: its mixing check's
+                found = self._verdicts.get(cast(Any, c.verify))  # key says which it watches)
+                if isinstance(found, int):
+                    c.dim, c.dims = found, [found] * len(c.dims)
+                    if c.mixing is not None:
+                        c.mixing = _keyed(c.mixing, found)
         checked = self._mixing_checks.get(self._signature)
         gave_up = self._signature in self._mixing_failed
         if any(c.mixing is not None and (checked is None or c.mixing not in checked[1]
@@ -1429,7 +1520,8 @@ class PerSampleNorms(Callback):
             for call in self._calls:
                 module = call.unit
                 name = self._names[module]
-                why = self._verdicts.get(call.verify) if call.verify is not None else None
+                found = self._verdicts.get(call.verify) if call.verify is not None else None
+                why = found if isinstance(found, str) else None
                 if why is None and call.mixing is not None:
                     if checked is not None and call.mixing in checked[0]:
                         why = MIXED
@@ -1462,8 +1554,8 @@ class PerSampleNorms(Callback):
                     continue
                 single = self._single_use(module)
                 fresh = call.verify is not None and self._kind[module] == "closed"
-                if single and fresh and 0 in call.grads:  # (shown batch-first just now: its
-                    self._closed_form(call, call.grads[0])  # closed form, as the hook's)
+                if single and fresh and 0 in call.grads:  # (its batch's dimension shown just
+                    self._closed_form(call, call.grads[0])  # now: its closed form, as the hook's)
                     continue
                 if not single:
                     b = self._batch
@@ -1666,7 +1758,7 @@ class PerSampleNorms(Callback):
         seen: set[tuple[str, int]] = set()
         counts: dict[nn.Module, int] = {}
         inside: list[tuple[Any, Tensor]] = []  # generic unit calls: output rows changed
-        forks: dict[nn.Module, Fork] = {}
+        forks: dict[nn.Module, tuple[Fork, list[int]]] = {}
         again_running = [False]  # (a unit run again by value: its children's calls not seen)
 
         def watch(key: Any, t: Tensor, dim: int) -> None:
@@ -1680,13 +1772,14 @@ class PerSampleNorms(Callback):
             key = (self._names[module], counts[module])
             seen.add(key)
             first = args[0] if args else None  # a generic unit may mix inside its forward
-            if self._kind[module] != "func" or not isinstance(first, Tensor) or (
-                first.dim() == 0 or first.shape[0] != p
-            ):  # fmt: skip
+            if self._kind[module] != "func" or not isinstance(first, Tensor):
                 return None
-            forks[module] = Fork(first.device)  # (its draws, to make them again below)
+            dims = [d for d in (0, 1) if first.dim() > d and first.shape[d] == p]
+            if dims:  # (batch-first, or sequence-first: each watched under its own key)
+                forks[module] = (Fork(first.device), dims)  # (its draws, to make them again)
             if first.requires_grad:  # (token ids, features from under no_grad: by value only)
-                watch(key, first, 0)
+                for d in dims:
+                    watch(_keyed(key, d), first, d)
             return None
 
         def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -1694,14 +1787,25 @@ class PerSampleNorms(Callback):
                 return
             got = [t for t in _tensors(output) if t.requires_grad]
             key = (self._names[module], counts.get(module, 0))
-            for t, d in zip(got, self._out_dims(module, len(got)), strict=True):
-                if t.dim() > d and t.shape[d] == p:
-                    watch(key, t, d)
-            fork = forks.pop(module, None)
-            if fork is not None and isinstance(output, Tensor) and output.shape[:1] == (p,):
-                moved = _moves_other_rows(module, args, kwargs, output, fork, again_running)
-                if moved is not None:
-                    inside.append((key, moved))
+            if self._kind[module] in ("closed", "func"):  # batch-first, or sequence-first:
+                for t in got:  # a call's batch is watched at either, under its own key
+                    for d in (0, 1):
+                        if t.dim() > d and t.shape[d] == p:
+                            seen.add(_keyed(key, d))
+                            watch(_keyed(key, d), t, d)
+            else:
+                for t, d in zip(got, self._out_dims(module, len(got)), strict=True):
+                    if t.dim() > d and t.shape[d] == p:
+                        watch(key, t, d)
+            fork, dims = forks.pop(module, (None, []))
+            if fork is not None and isinstance(output, Tensor):
+                for d in dims:
+                    if output.dim() > d and output.shape[d] == p:
+                        moved = _moves_other_rows(
+                            module, args, kwargs, output, fork, again_running, d
+                        )
+                        if moved is not None:
+                            inside.append((_keyed(key, d), moved))
 
         handles = [h for _, m, _, _ in self.units for h in (
             m.register_forward_pre_hook(enter, prepend=True),
@@ -1792,24 +1896,26 @@ class PerSampleNorms(Callback):
         self._mixing_checks[signature] = (frozenset(found), frozenset(seen))
 
     def _verify(
-        self, trainer: Trainer, batch: Batch, pending: set[tuple[str, int, tuple[int, ...]]]
+        self, trainer: Trainer, batch: Batch, pending: dict[tuple[str, int, tuple[int, ...]], _Call]
     ) -> None:
-        """Settle, for each pending (unit, call, input shape), whether dimension 0 of that
-        input is the batch: the model's forward runs again on P samples of the batch (P = 2,
-        or 3 for a batch of 2, samples repeated), then a copy of the loss (a unit it calls,
-        a head it applies itself, is seen: it was left out on every step), without
-        gradients, on copies of its buffers,
-        every random state forked (:func:`trainer.rng.forked_rng`), and a unit call is
-        batch-first where its input then has shape (P, *the rest as before). A sequence-first
-        (T, B, ·) input with T = B keeps T; a table of B rows keeps B; positions ``arange(T)``
-        with T = B keep T. What was seen is kept (and checkpointed): a run pays this forward
-        once per new input shape. A call this forward did not make (a layer skipped at random,
-        a forward that failed before it) is settled on a later measured step; until then the
-        unit is left out."""
+        """Settle, for each pending (unit, call, input shape), which dimension of that input,
+        0 or 1 (sequence-first), is the batch: the model's forward runs again on P samples of
+        the batch (P = 2, or 3 for a batch of 2, samples repeated), then a copy of the loss (a
+        unit it calls, a head it applies itself, is seen: it was left out on every step),
+        without gradients, on copies of its buffers, every random state forked
+        (:func:`trainer.rng.forked_rng`), and a unit call's batch is dimension d where its
+        input and output then have size P there and the sizes they had elsewhere. A
+        batch-first (B, T, ·) input with T = B reads (P, B, ·), a sequence-first one (B, P, ·);
+        a table of B rows keeps B; positions ``arange(T)`` with T = B keep T; features of
+        every pair of samples, (B, B, ·), read (P, P, ·). What was seen is kept (and
+        checkpointed): a run pays this forward once per new input shape. A call this forward
+        did not make (a layer skipped at random, a forward that failed before it) is settled
+        on a later measured step; until then the unit is left out."""
         b = self._batch
         p = 3 if b == 2 else 2
         model = trainer.model
         seen: dict[tuple[str, int], tuple[int, ...]] = {}
+        outs: dict[tuple[str, int], tuple[int, ...]] = {}
         counts: dict[nn.Module, int] = {}
 
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -1817,8 +1923,13 @@ class PerSampleNorms(Callback):
             if args and isinstance(args[0], Tensor):
                 seen[(self._names[module], counts[module])] = tuple(args[0].shape)
 
-        handles = [m.register_forward_pre_hook(record) for _, m, _, kind in self.units
-                   if kind in ("closed", "func")]  # fmt: skip
+        def returned(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor):
+                outs[(self._names[module], counts.get(module, 0))] = tuple(output.shape)
+
+        units = [m for _, m, _, kind in self.units if kind in ("closed", "func")]
+        handles = [h for m in units for h in (m.register_forward_pre_hook(record),
+                                              m.register_forward_hook(returned))]  # fmt: skip
         rows = torch.arange(p, device=batch.x.device) % b
         x = batch.x[rows]
         y = _map_tensors(batch.y, lambda t: t[rows.to(t.device)] if t.dim() else t)
@@ -1852,23 +1963,37 @@ class PerSampleNorms(Callback):
                 m.training = True
             for h in handles:
                 h.remove()
-        for key in pending:
+        for key, call in pending.items():
             name, k, shape = key
             got = seen.get((name, k))
             if got is None:  # not settled: left out this step, asked again on the next one
                 self._excluded.setdefault(
                     name,
-                    "whether dimension 0 of its input is the batch is not known yet: the "
+                    "which dimension of its input is the batch is not known yet: the "
                     f"model's forward and the loss on {p} samples did not make this "
                     f"call{failed}",
                 )
                 continue
+            out_shape, out_got = tuple(call.outputs[0][0]), outs.get((name, k))
+            fits = [
+                d
+                for d in call.candidates
+                if got == _scaled(shape, d, p)
+                # (the output too; a batch-first input's unit whose forward failed after it
+                # counts by its input, as before the outputs were looked at)
+                and (out_got == _scaled(out_shape, d, p) or out_got is None and d == 0)
+            ]
+            what = (
+                f"dimension {call.candidates[0]} of its input {shape} is not the batch"
+                if len(call.candidates) == 1
+                else f"neither dimension 0 nor 1 of its input {shape} is the batch"
+            )
             self._verdicts[key] = (
-                None
-                if got == (p, *shape[1:])
-                else f"dimension 0 of its input {shape} is not the batch: on {p} samples of the "
-                f"batch it was {got} (a sequence-first input as long as the batch, a table or "
-                "positions of that length)"
+                fits[0]
+                if fits
+                else f"{what}: on {p} samples of the batch it was {got}, its output "
+                f"{out_got} (a table or positions of the batch's length, features of every "
+                "pair of samples)"
             )
 
     def _report(self, trainer: Trainer) -> None:
@@ -2271,8 +2396,8 @@ class PerSampleNorms(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ema = state["noise_ema"]  # (a checkpoint of an earlier version: a tensor (2,))
         self._ema = None if ema is None else [float(x) for x in ema]
-        self._verdicts = {
-            (str(n), int(k), tuple(int(d) for d in shape)): why
+        self._verdicts = {  # (an earlier version's None: dimension 0)
+            (str(n), int(k), tuple(int(d) for d in shape)): 0 if why is None else why
             for n, k, shape, why in state.get("verdicts", [])
         }
         self._mixing_checks = {  # (an earlier version's has none: checked again)
