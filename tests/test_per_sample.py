@@ -187,8 +187,9 @@ class LastState(nn.Module):
 
 class SpectralNorm(nn.Module):
     """A spectral-normalized Linear (a parametrization whose power iteration updates its state
-    in training): left out and named; measuring must not run it again. Built in eval mode
-    here, so that the reference's forward per sample normalizes by the same σ."""
+    in training: left out and named then; measuring must not run it again). Built in eval
+    mode here, where its forward keeps its state: measured, through its original weight,
+    normalized by the same σ per sample as the reference's forward."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -199,6 +200,58 @@ class SpectralNorm(nn.Module):
 
     def forward(self, tokens):
         return self.head(torch.tanh(self.proj(self.emb(tokens).mean(1))))
+
+
+class Reparametrized(nn.Module):
+    """A Linear and a Conv1d under a parametrization of ``torch.nn.utils.parametrizations``
+    (``weight_norm``: ``original0``/``original1``, ``orthogonal``: ``original``), measured
+    through the parameters the weight is computed from."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        wrap = getattr(nn.utils.parametrizations, how)
+        self.emb = nn.Embedding(V, D)
+        self.conv = wrap(nn.Conv1d(D, D, 3, padding=1))
+        self.proj = wrap(nn.Linear(D, D))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.conv(self.emb(tokens).transpose(1, 2))).mean(2)
+        return self.head(torch.tanh(self.proj(h)))
+
+
+class Shift(nn.Module):
+    def forward(self, b):
+        return b + 0.5 * b.tanh()
+
+
+class ShiftedBias(nn.Module):
+    """A Linear whose bias alone is parametrized: its weight is its own, which made it a
+    closed form that read the computed bias and filed nothing under the bias's original."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.proj, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, 3)
+        nn.utils.parametrize.register_parametrization(self.proj, "bias", Shift())
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.proj(self.emb(tokens).mean(1))))
+
+
+class WeightNormedAttention(nn.Module):
+    """Attention whose output projection is weight-normalized: recomputed per sample with
+    the parametrization inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.att = nn.MultiheadAttention(D, 2, batch_first=True)
+        nn.utils.parametrizations.weight_norm(self.att.out_proj)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        return self.head(self.att(h, h, h)[0][:, -1])
 
 
 class ComplexProj(nn.Module):
@@ -230,7 +283,8 @@ class Scale(nn.Module):
 class ScaledRows(nn.Module):
     """A Linear with B output rows under a parametrization with its own parameter: the
     parametrization is called on the weight, whose B rows looked like a batch to a generic
-    unit's check (its "per-sample" norms were counted, and coverage too)."""
+    unit's check (its "per-sample" norms were counted, and coverage too); it is part of the
+    Linear's unit now, its parameter measured with the Linear's."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -425,9 +479,13 @@ MODELS = {
     "functional_weight": (Functional, ({"proj"}, "linear")),
     "tied_by_hand": (TiedByHand, ({"emb"}, "outside its own forward")),
     "user_forward_hook": (UserForwardHook, ({"proj"}, "outside its own forward")),
-    "spectral_norm": (SpectralNorm, ({"proj"}, "parametrized")),
+    "spectral_norm-eval": (SpectralNorm, None),
+    "weight_norm-new_style": (lambda: Reparametrized("weight_norm"), None),
+    "orthogonal": (lambda: Reparametrized("orthogonal"), None),
+    "parametrized_bias_only": (ShiftedBias, None),
+    "attention-weight_norm_out_proj": (WeightNormedAttention, None),
     "complex_linear": (ComplexProj, ({"proj"}, "complex")),
-    "parametrization_with_a_parameter": (ScaledRows, ({"proj"}, "parametriz")),
+    "parametrization_with_a_parameter": (ScaledRows, None),
     "real_parameter_complex_values": (PhaseModel, ({"rot"}, "complex")),
     "subclasses_of_their_own_forward": (Subclasses, None),
     "dict_output": (DictOutput, ({"blk"}, "one tensor output")),
@@ -662,19 +720,22 @@ class NormalizedAttention(nn.Module):
         return self.head(self.att(h, h, h)[0][:, -1])
 
 
-@pytest.mark.parametrize("make", [SpectralNorm, NormalizedAttention])
-def test_measuring_does_not_run_a_parametrization_again(make) -> None:
+@pytest.mark.parametrize("make, unit", [(SpectralNorm, "proj"), (NormalizedAttention, "att")])
+def test_measuring_does_not_run_a_parametrization_again(make, unit, caplog) -> None:
     """In training, spectral_norm's power iteration updates its vectors at each computation of
     the weight: a measured step leaves them, and the gradients, as an unmeasured step does
     (the closed form's ``getattr(module, "weight")`` ran it once more per measured step; an
-    attention unit's recomputation per sample, once per sample)."""
+    attention unit's recomputation per sample, once per sample). The unit it is in is left
+    out, named for it (seen by its vectors' version counters moving in the forward)."""
     torch.manual_seed(0)
     measured = make().double().train()
     plain = copy.deepcopy(measured)
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, V, (B, T), generator=g)
     y = torch.randint(0, 3, (B,), generator=g)
-    measure(measured, x, y)
+    with caplog.at_level("WARNING"):
+        _, staged = measure(measured, x, y)
+    assert_left_out(measured, staged, caplog.text, unit, "updated its own state")
     F.cross_entropy(plain(x), y).backward()
     for (name, a), b in zip(measured.named_buffers(), plain.buffers(), strict=True):
         assert torch.equal(a, b), name

@@ -16,7 +16,9 @@ of its parameters follows from (inputs, g):
 * attention and RNNs: the unit recomputed on each sample alone (its batch dimension from
   ``batch_first``; masks sliced with it), differentiating Σ_k ⟨g_k, out_k⟩ over its outputs
   (attention's output and weights; an RNN's output, h_n and c_n): one small backward per sample.
-* any other unit: ``torch.func.vmap(grad(...))`` of ⟨gᵢ, module(aᵢ)⟩ over its own parameters.
+* any other unit: ``torch.func.vmap(grad(...))`` of ⟨gᵢ, module(aᵢ)⟩ over its own parameters
+  (a parametrized module's, ``torch.nn.utils.parametrize``: its own and its parametrizations',
+  the originals its weight is computed from, with that computation inside).
 * the closed forms' and the generic units' samples are along dimension 0 of their input and
   output, or dimension 1 for a sequence-first (T, B, ·) one (torch's layers with
   ``batch_first=False`` pass that on to their Linears and LayerNorms; an Embedding of
@@ -51,8 +53,9 @@ of parameter elements whose per-sample gradient was captured), never mixed in si
   or its output: the recomputation runs the hook again. A closed form's own pre-hooks run
   before it counts as active, so one using its weight is an outside use (above);
 * a unit with torch's older ``spectral_norm`` (its pre-hook's power iteration would run
-  again), and every unit while a global module forward hook is registered (it runs before
-  the measuring hooks);
+  again), or with a parametrization that changed its own buffers in the measured forward
+  (the new ``spectral_norm``'s in training), and every unit while a global module forward
+  hook is registered (it runs before the measuring hooks);
 * a unit whose output's gradient no hook saw while the backward reached its parameters
   (torch fires no hook of an output changed in place after the forward where the output is
   a view of the op's result: a Linear on (B, T, D) followed by ``ReLU(inplace=True)``).
@@ -370,8 +373,11 @@ def _own(module: nn.Module) -> bool:
     """Whether the module's ``weight`` and ``bias`` are its own registered parameters, and
     its only ones: the closed forms file a per-sample part under them. Not so under
     ``torch.nn.utils.weight_norm`` (``weight`` computed from ``weight_g`` and ``weight_v`` by a
-    forward pre-hook) or ``torch.nn.utils.prune`` (from ``weight_orig`` and a mask): the part
-    went to a computed tensor, the parameters got none, and the unit counted as captured."""
+    forward pre-hook) or ``torch.nn.utils.prune`` (from ``weight_orig`` and a mask), nor under
+    a parametrization (``torch.nn.utils.parametrize``) of either: the part went to a computed
+    tensor, the parameters got none, and the unit counted as captured."""
+    if parametrize.is_parametrized(module):  # (a bias parametrized alone left the weight
+        return False  # its own: the closed form read the computed bias, its originals none)
     own = {n for n, v in module._parameters.items() if v is not None}  # (not getattr: a
     return "weight" in own and own <= {"weight", "bias"}  # parametrization would run)
 
@@ -529,7 +535,11 @@ def _mixing_passes(
 def _versions(obj: Any) -> list[int]:
     """The version counters of the tensors in ``obj`` (-1 for an inference tensor, which keeps
     none: made under ``torch.inference_mode``, it cannot be changed in place outside it)."""
-    return [-1 if t.is_inference() else t._version for t in _tensors(obj)]
+    return [_version(t) for t in _tensors(obj)]
+
+
+def _version(t: Tensor) -> int:
+    return -1 if t.is_inference() else t._version
 
 
 def _nonzero(g: Tensor) -> Tensor:
@@ -777,7 +787,9 @@ class PerSampleNorms(Callback):
         self._mixing_failed: dict[Any, str] = {}  # signature -> why its check failed
         self._signature: Any = None  # the measured micro-batch's
         self._started = False  # this process trained a micro-batch (its first: checked)
-        self._parametrizing: set[nn.Module] = set()  # (set in on_fit_start)
+        self._parametrized: dict[nn.Module, list[nn.Module]] = {}  # (set in on_fit_start)
+        #: the parametrizations' buffers as a measured micro-batch starts (:meth:`_check`)
+        self._state: dict[tuple[int, str], tuple[int, int]] = {}
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         #: id(param) of the units' parameters the measured micro-batch's backward reached (a
         #: hook on each while it runs): a unit neither captured nor reached had 0 per sample
@@ -840,10 +852,11 @@ class PerSampleNorms(Callback):
             if m in inside:
                 continue
             kind = _unit_kind(m)
-            recurse = kind in ("attention", "rnn")
-            if recurse:
+            if kind in ("attention", "rnn"):
                 inside.update(m.modules())
-            own = [p for p in m.parameters(recurse=recurse) if p.requires_grad]
+            elif parametrize.is_parametrized(m):  # (its weight's computation: in its forward)
+                inside.update(m.parametrizations.modules())  # type: ignore[union-attr]
+            own = [p for _, p in _named_covered(m, kind)]
             if not own:
                 continue
             self.units.append((name, m, own, kind))
@@ -854,11 +867,13 @@ class PerSampleNorms(Callback):
         self._batchnorms = [
             (name, m) for name, m in trainer.model.named_modules() if isinstance(m, _BatchNorm)
         ]
-        #: the modules that compute a parametrized weight (never a per-sample unit)
-        self._parametrizing = {
-            sub for m in trainer.model.modules() if parametrize.is_parametrized(m)
-            for sub in m.parametrizations.modules()  # type: ignore[union-attr]
-        }  # fmt: skip
+        #: the parametrized modules inside each unit, itself included (a parametrization
+        #: that changes its buffers as it runs, spectral_norm's power iteration in training,
+        #: is seen by their version counters moving during a measured forward)
+        self._parametrized = {
+            m: [sub for sub in m.modules() if parametrize.is_parametrized(sub)]
+            for _, m, _, _ in self.units
+        }
         self._params = list(self._param_by_id.values())
         if self.snr:
             self._tags = NOISE_TAGS + tuple(f"grad_snr/{names[id(p)]}" for p in self._params)
@@ -928,6 +943,9 @@ class PerSampleNorms(Callback):
         self._given.clear()
         self._first_output.clear()
         self._hooked.clear()
+        self._state = self._parametrization_state(
+            {sub for subs in self._parametrized.values() for sub in subs}
+        )
         self._grads_before.clear()
         for p in self._params:  # which parameters this backward reaches (the data
             if p.requires_grad:  # parallel all-reduce writes an unused one's without it)
@@ -955,6 +973,16 @@ class PerSampleNorms(Callback):
         for name, bn in self._batchnorms:  # (those without parameters of their own too)
             self._handles.append(bn.register_forward_pre_hook(partial(self._enter_bn, name)))
         self._handles.append(root.register_forward_hook(self._model_returned))
+
+    @staticmethod
+    def _parametrization_state(modules: Any) -> dict[tuple[int, str], tuple[int, int]]:
+        """(module, buffer name) -> (the buffer's identity, its version counter), for the
+        buffers of the parametrizations of ``modules``."""
+        return {
+            (id(m), n): (id(b), _version(b))
+            for m in modules
+            for n, b in m.parametrizations.named_buffers()
+        }
 
     def _check_before_backward(self) -> None:
         self._check_unchanged("on_train_batch_start or on_before_backward")
@@ -1232,17 +1260,15 @@ class PerSampleNorms(Callback):
         self, module: nn.Module, args: tuple, kwargs: dict, outputs: list[Tensor], output: Any
     ) -> str | None:
         """Why this call cannot be measured per sample, or None."""
-        if module in self._parametrizing:
+        inside = self._parametrized.get(module, [])
+        ids = {id(m) for m in inside}
+        if inside and self._parametrization_state(inside) != {
+            k: v for k, v in self._state.items() if k[0] in ids
+        }:
             return (
-                "part of a parametrization (torch.nn.utils.parametrize), called on a weight, "
-                "not on the batch"
-            )
-        if any(parametrize.is_parametrized(m) for m in module.modules()):
-            return (
-                "a parametrized module (torch.nn.utils.parametrize) in it: its weight is "
-                "computed anew at each access, and a parametrization may update its own state "
-                "as it runs (spectral_norm's power iteration in training), which measuring "
-                "must not"
+                "a parametrization (torch.nn.utils.parametrize) in it updated its own state "
+                "as it ran (spectral_norm's power iteration in training), which a per-sample "
+                "recomputation would run again (and measuring must not change)"
             )
         if any(
             isinstance(h, SpectralNorm)
@@ -2457,8 +2483,17 @@ def _loss_scale(scaler: torch.amp.GradScaler) -> Tensor | float:
 
 
 def _named_covered(module: nn.Module, kind: str) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters a unit covers, by their names in it (as
+    ``torch.func.functional_call`` takes them): attention's and an RNN's all; any other
+    module's own, and those of its parametrizations (``torch.nn.utils.parametrize``: the
+    originals a weight is computed from, e.g. ``weight_norm``'s ``original0``/``original1``,
+    and a parametrization's own parameters), whose computation is part of its forward."""
     recurse = kind in ("attention", "rnn")
-    return [(n, p) for n, p in module.named_parameters(recurse=recurse) if p.requires_grad]
+    named = list(module.named_parameters(recurse=recurse))
+    if not recurse and parametrize.is_parametrized(module):
+        named += [(f"parametrizations.{n}", p)
+                  for n, p in module.parametrizations.named_parameters()]  # type: ignore[union-attr]  # fmt: skip
+    return [(n, p) for n, p in named if p.requires_grad]
 
 
 def _detach(obj: Any) -> Any:
