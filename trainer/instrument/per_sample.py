@@ -1424,11 +1424,14 @@ class PerSampleNorms(Callback):
             def inner(p: dict[str, Tensor], ai: Tensor, gi: Tensor) -> Tensor:
                 out = functional_call(module, p, (ai.unsqueeze(d), *rest), kwargs)
                 gi = gi.unsqueeze(d)
-                if out.shape != gi.shape:  # (no broadcast: a sample's output is its row)
-                    raise ValueError(
-                        f"its output on one sample has shape {tuple(out.shape)}, not "
-                        f"{tuple(gi.shape)}"
-                    )
+                if out.shape != gi.shape:  # (no broadcast: a sample's output is its row; one
+                    # squeezed, ``(x @ w).squeeze()``, is that row without its sizes of 1)
+                    if [n for n in out.shape if n != 1] != [n for n in gi.shape if n != 1]:
+                        raise ValueError(
+                            f"its output on one sample has shape {tuple(out.shape)}, not "
+                            f"{tuple(gi.shape)}"
+                        )
+                    out = out.reshape(gi.shape)
                 return (out * gi).sum()
 
             # (outside autograd: the unit's other parameters, a parent's children, are the
@@ -1554,7 +1557,9 @@ class PerSampleNorms(Callback):
                     elif checked is None or call.mixing not in checked[1]:
                         why = "whether the model mixes the samples after it is not known yet: " + (
                             self._mixing_failed.get(self._signature)
-                            or "its check's forward did not make this call"
+                            or "its check's forward did not make this call, or made it "
+                            "without the check's samples along its batch dimension (its "
+                            "input not in the layout it takes)"
                         )
                 if why is None and call.moved():
                     why = IN_PLACE
@@ -1790,13 +1795,15 @@ class PerSampleNorms(Callback):
         def watch(key: Any, t: Tensor, dim: int) -> None:
             hooks.append(t.register_hook(partial(_keep, grads, len(watched))))
             watched.append((key, dim))
+            seen.add(key)  # (a call counts as checked where its batch was watched: one whose
+            # batch dimension did not have the check's samples, attention fed another layout
+            # than its own with T = B > 16, counted as not mixing, 27 % off: a review's)
 
         def enter(module: nn.Module, args: tuple[Any, ...]) -> Any:
             if again_running[0]:
                 return None
             counts[module] = counts.get(module, 0) + 1
             key = (self._names[module], counts[module])
-            seen.add(key)
             first = args[0] if args else None  # a generic unit may mix inside its forward
             if self._kind[module] != "func" or not isinstance(first, Tensor):
                 return None
@@ -1817,7 +1824,6 @@ class PerSampleNorms(Callback):
                 for t in got:  # a call's batch is watched at either, under its own key
                     for d in (0, 1):
                         if t.dim() > d and t.shape[d] == p:
-                            seen.add(_keyed(key, d))
                             watch(_keyed(key, d), t, d)
             else:
                 for t, d in zip(got, self._out_dims(module, len(got)), strict=True):
@@ -1831,6 +1837,7 @@ class PerSampleNorms(Callback):
                             module, args, kwargs, output, fork, again_running, d
                         )
                         if moved is not None:
+                            seen.add(_keyed(key, d))
                             inside.append((_keyed(key, d), moved))
 
         handles = [h for _, m, _, _ in self.units for h in (
@@ -2416,15 +2423,21 @@ class PerSampleNorms(Callback):
                 # over one that was not finite (to be checked again)
                 if sig not in failed or given_up and not failed[sig][0]:
                     failed[sig] = (bool(given_up), why)
-        return {"noise_ema": self._ema, "verdicts": verdicts, "mixing": kept,
+        return {"noise_ema": self._ema, "verdicts": verdicts, "verdicts_version": 2,
+                "mixing": kept,
                 "mixing_failed": [[sig, why] for sig, (_, why) in failed.items()]}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ema = state["noise_ema"]  # (a checkpoint of an earlier version: a tensor (2,))
         self._ema = None if ema is None else [float(x) for x in ema]
-        self._verdicts = {  # (an earlier version's None: dimension 0)
+        # (an earlier version's: None, dimension 0; its reasons, written when only dimension
+        # 0 was looked at, are dropped, so a sequence-first call is checked again, as a run
+        # started now would: a resumed run kept such units out, coverage 0.44 against 1.0)
+        current = state.get("verdicts_version", 1) >= 2
+        self._verdicts = {
             (str(n), int(k), tuple(int(d) for d in shape)): 0 if why is None else why
             for n, k, shape, why in state.get("verdicts", [])
+            if current or not isinstance(why, str)
         }
         self._mixing_checks = {  # (an earlier version's has none: checked again)
             _tuples(sig): (frozenset(map(_tuples, flagged)), frozenset(map(_tuples, seen)))
