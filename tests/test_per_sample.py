@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import prune
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from trainer.data.base import Batch
 from trainer.distributed import SINGLE
@@ -959,6 +960,80 @@ class CenteredSequenceFirst(nn.Module):
 
     def forward(self, tokens):
         return self.head(torch.tanh(self.mid(self.emb(tokens.t()))).mean(0))
+
+
+class PackedRecurrent(nn.Module):
+    """Token sequences of their own lengths (0 pads), packed (``enforce_sorted=False``) into
+    an LSTM or GRU whose initial state comes from a Linear of the first token; the head reads
+    the padded output's mean and the last layer's final state. ``mixed``: the padded output
+    normalized over the batch (the samples mix after the RNN)."""
+
+    def __init__(self, kind: str, batch_first: bool, layers: int, mixed: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D, padding_idx=0)
+        cls = nn.LSTM if kind == "lstm" else nn.GRU
+        self.rnn = cls(D, D, num_layers=layers, bidirectional=layers == 1,
+                       batch_first=batch_first)  # fmt: skip
+        self.init, self.head = nn.Linear(D, D), nn.Linear(4 * D, 3)
+        self.mixed = mixed
+
+    def forward(self, tokens):
+        lengths = (tokens != 0).sum(1).cpu()
+        bf = self.rnn.batch_first
+        e = self.emb(tokens if bf else tokens.t())
+        packed = pack_padded_sequence(e, lengths, batch_first=bf, enforce_sorted=False)
+        states = self.rnn.num_layers * (2 if self.rnn.bidirectional else 1)
+        h0 = torch.tanh(self.init(self.emb(tokens[:, 0]))).expand(states, -1, -1).contiguous()
+        out, h = self.rnn(packed, (h0, torch.zeros_like(h0)) if self.rnn.mode == "LSTM" else h0)
+        h_n = h[0] if isinstance(h, tuple) else h
+        padded, _ = pad_packed_sequence(out, batch_first=True)  # (B, T, D · directions)
+        if self.mixed:
+            padded = padded - padded.mean(0)
+        pooled = (padded.sum(1) / lengths[:, None].to(padded.dtype))[:, :D]
+        return self.head(torch.cat([pooled, h_n[-1], padded[:, 0, :D], h_n[0]], 1))
+
+
+def _lengths_batch(lengths: list[int], t: int = 7):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(1, V, (len(lengths), t), generator=g)
+    for i, n in enumerate(lengths):
+        x[i, n:] = 0
+    return x, torch.randint(0, 3, (len(lengths),), generator=g)
+
+
+@pytest.mark.parametrize(
+    "kind, batch_first, layers, lengths",
+    [("lstm", True, 2, [7, 3, 5, 1, 7, 2]), ("gru", False, 1, [2, 7, 7, 4, 6, 1]),
+     ("lstm", False, 1, [3, 5]), ("gru", True, 2, [7, 6, 5, 4, 3, 2])],
+    ids=["lstm-batch_first-2_layers", "gru-seq_first-bidirectional", "lstm-b_2",
+         "gru-sorted"],
+)  # fmt: skip
+def test_an_rnn_fed_a_packed_sequence_is_measured_exactly(
+    kind, batch_first, layers, lengths, caplog
+) -> None:
+    """An RNN fed a ``PackedSequence`` (its samples' rows interleaved by length, sorted
+    longest first) was left out: each sample's rows are its own sequence, recomputed alone
+    with its slice of the initial state; exact against rows of the batch's Jacobian at
+    coverage 1 (LSTM and GRU, either layout, bidirectional, two layers, already sorted)."""
+    torch.manual_seed(0)
+    model = PackedRecurrent(kind, batch_first, layers).double()
+    x, y = _lengths_batch(lengths)
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y)
+    assert "leave out" not in caplog.text
+
+
+@pytest.mark.parametrize("b", [6, 16], ids=["b_6", "b_16"])
+def test_a_model_mixing_the_samples_after_a_packed_rnn_is_seen(b, caplog) -> None:
+    """The packed output's rows are watched by their samples (time-major, sorted by length:
+    not the batch's order along any dimension): a model normalizing the padded output over
+    the batch leaves the RNN and what runs before it out, named; the head stays exact."""
+    torch.manual_seed(0)
+    model = PackedRecurrent("gru", True, 1, mixed=True).double()
+    x, y = _lengths_batch([(3 * i) % 7 + 1 for i in range(b)])
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, ("emb", "rnn", "init"))
+    assert "leave out 'rnn': the model mixes or reorders the samples" in caplog.text
 
 
 class AttentionAcrossTheBatch(nn.Module):

@@ -46,8 +46,9 @@ of parameter elements whose per-sample gradient was captured), never mixed in si
   normalization with the batch's statistics written by hand, a sort of the batch): each of its
   output rows then gets other samples' gradients in the step's backward. Seen once per input
   shape on a few samples of the batch (:meth:`PerSampleNorms._verify`);
-* a unit whose inputs do not carry the batch where expected (an RNN fed a PackedSequence,
-  several tensor inputs to a generic unit), or whose output never received a gradient;
+* a unit whose inputs do not carry the batch where expected (several tensor inputs to a
+  generic unit), or whose output never received a gradient (an RNN fed a PackedSequence is
+  measured: each sample's rows of it, :func:`_packed_owner`, recomputed alone);
 * a unit recomputed per sample (not a closed form, or a closed form used more than once)
   with a hook of one's own that replaced or changed in place its inputs (keyword ones too)
   or its output: the recomputation runs the hook again. A closed form's own pre-hooks run
@@ -92,6 +93,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as _module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
 from torch.overrides import _get_current_function_mode as _current_function_mode
@@ -484,15 +486,16 @@ class _Probe(nn.Module):
 
 def _mixing_passes(
     losses: Tensor,
-    watched: list[tuple[Any, int]],
+    watched: list[tuple[Any, int, Tensor | None]],
     grads: dict[int, Tensor],
     p: int,
     inside: list[tuple[Any, Tensor]] = (),  # type: ignore[assignment]
 ) -> set[Any] | None:
     """The keys of ``watched`` (key, the batch dimension, of size ``p``, of a tensor whose
     gradient a hook keeps in ``grads`` under its index: registered as the forward made it, so
-    an in-place change after that is part of what follows it) one of whose rows reaches
-    another sample's loss.
+    an in-place change after that is part of what follows it; or, for a packed sequence's
+    data, dimension 0 and the sample of each row) one of whose rows reaches another sample's
+    loss.
 
     For each bit b of the row index and each of its values v: backpropagate Σ over the rows k
     with bit b = v of ⟨r_k, ℓ_k⟩ (r: fixed random numbers, so no sum cancels) and look at the
@@ -520,10 +523,12 @@ def _mixing_passes(
             grads.clear()
             ((losses * r)[chosen].sum()).backward(retain_graph=True)
             hits.append(torch.stack([
-                _nonzero(grads[i].index_select(d, rows[~chosen])) if i in grads else none
-                for i, (_, d) in enumerate(watched)
+                none if i not in grads
+                else _nonzero(grads[i].index_select(d, rows[~chosen])) if owner is None
+                else _nonzero_rows(grads[i], ~chosen[owner])
+                for i, (_, d, owner) in enumerate(watched)
             ]))  # fmt: skip
-    keys = [key for key, _ in watched] + [key for key, _ in inside]
+    keys = [key for key, _, _ in watched] + [key for key, _ in inside]
     flags = [torch.stack(hits).any(0)] if hits and watched else []
     flags += [torch.stack([flag for _, flag in inside])] if inside else []
     read = torch.cat([torch.stack(finite).all().reshape(1), *flags]).tolist()  # host sync:
@@ -691,13 +696,35 @@ def _attention_layout(m: nn.MultiheadAttention, bound: dict[str, Any], b: int) -
 
 def _rnn_layout(m: nn.RNNBase, bound: dict[str, Any], b: int) -> _Layout | str:
     x = bound["input"]
+    if isinstance(x, PackedSequence):  # (its samples' rows: :func:`_packed_owner`)
+        n = int(x.batch_sizes[0]) if x.batch_sizes.numel() else 0  # (on the host)
+        if n != b:
+            return f"a PackedSequence of {n} sequences, not the batch's {b}"
+        return {"input": (None, 1), "hx": (1, 1)}
     if not isinstance(x, Tensor):
-        return "a PackedSequence input (its samples are interleaved by length)"
+        return f"an input of type {type(x).__name__}"
     if x.dim() != 3:
         return "unbatched input"
     d = 0 if m.batch_first else 1
     dims: dict[str, tuple[int | None, int]] = {"input": (d, 1), "hx": (1, 1)}
     return dims
+
+
+def _packed_owner(packed: PackedSequence) -> Tensor:
+    """The sample of each row of ``packed.data``, (N,), on its device: its index in the
+    batch as the sequences were given. The rows are time-major, ``batch_sizes[t]`` of them at
+    step t, of the sequences sorted longest first (``sorted_indices[j]`` is the j-th's index
+    as given; None where they were given sorted)."""
+    sizes = packed.batch_sizes  # (on the host, as torch keeps them)
+    starts = torch.cumsum(sizes, 0) - sizes
+    position = torch.arange(int(sizes.sum())) - starts.repeat_interleave(sizes)
+    position = position.to(packed.data.device)
+    return position if packed.sorted_indices is None else packed.sorted_indices[position]
+
+
+def _nonzero_rows(g: Tensor, rows: Tensor) -> Tensor:
+    """:func:`_nonzero` of the rows of ``g`` (along dimension 0) where ``rows`` is True."""
+    return (g.ne(0) & ~g.isnan() & rows.view(-1, *[1] * (g.dim() - 1))).any()
 
 
 class PerSampleNorms(Callback):
@@ -1450,6 +1477,21 @@ class PerSampleNorms(Callback):
             return self._attention_vmap(call, params, bound, layout)
         out: dict[str, list[Tensor]] = {n: [] for n in params}
         leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+        packed = bound.get("input")
+        rows: list[Tensor] = []
+        if isinstance(packed, PackedSequence):  # each sample's rows, in time order, and
+            # its sequence alone as a batch of one in the RNN's layout
+            owner = _packed_owner(packed).cpu()  # host sync: a measured step's, per packed call
+            order = torch.argsort(owner, stable=True).to(packed.data.device)
+            rows = list(order.split(torch.bincount(owner, minlength=self._batch).tolist()))
+            alone = 0 if cast(nn.RNNBase, module).batch_first else 1
+
+        def output_grad(k: int, o: Tensor, i: int) -> Tensor:
+            g = call.grads[k].to(o.dtype)
+            if rows and k == 0:  # (the packed output's data: the sample's rows)
+                return g.index_select(0, rows[i]).reshape(o.shape)
+            return _slice_sample(g, dim=call.dims[k], i=i)
+
         for i in range(self._batch):
             sample = {
                 key: _map_tensors(v, partial(_slice_sample, dim=layout[key][0], i=i,
@@ -1458,13 +1500,14 @@ class PerSampleNorms(Callback):
                 else v
                 for key, v in bound.items()
             }  # fmt: skip
+            if rows:
+                data = cast(PackedSequence, packed).data
+                sample["input"] = data.index_select(0, rows[i]).unsqueeze(alone)
             with torch.enable_grad(), call.autocast_again():
                 result = functional_call(module, leaves, (), sample)
                 outs = [t for t in _tensors(result) if t.requires_grad]
                 root = sum(
-                    (o * _slice_sample(call.grads[k].to(o.dtype), dim=call.dims[k], i=i)).sum()
-                    for k, o in enumerate(outs)
-                    if k in call.grads
+                    (o * output_grad(k, o, i)).sum() for k, o in enumerate(outs) if k in call.grads
                 )
                 names = list(leaves)
                 if not isinstance(root, Tensor):  # no gradient reached its outputs
@@ -1783,7 +1826,8 @@ class PerSampleNorms(Callback):
             return  # (one sample: nothing to mix; not kept, so asked again at a real batch)
         p = min(xs[0].shape[0], 16)
         model = trainer.model
-        watched: list[tuple[Any, int]] = []  # (unit call, batch dimension) per tensor
+        #: (unit call, batch dimension, each row's sample where not its index) per tensor
+        watched: list[tuple[Any, int, Tensor | None]] = []
         grads: dict[int, Tensor] = {}  # its gradient in a backward, by its index in watched
         hooks: list[Any] = []
         seen: set[tuple[str, int]] = set()
@@ -1792,9 +1836,9 @@ class PerSampleNorms(Callback):
         forks: dict[nn.Module, tuple[Fork, list[int]]] = {}
         again_running = [False]  # (a unit run again by value: its children's calls not seen)
 
-        def watch(key: Any, t: Tensor, dim: int) -> None:
+        def watch(key: Any, t: Tensor, dim: int, owner: Tensor | None = None) -> None:
             hooks.append(t.register_hook(partial(_keep, grads, len(watched))))
-            watched.append((key, dim))
+            watched.append((key, dim, owner))
             seen.add(key)  # (a call counts as checked where its batch was watched: one whose
             # batch dimension did not have the check's samples, attention fed another layout
             # than its own with T = B > 16, counted as not mixing, 27 % off: a review's)
@@ -1826,8 +1870,11 @@ class PerSampleNorms(Callback):
                         if t.dim() > d and t.shape[d] == p:
                             watch(_keyed(key, d), t, d)
             else:
+                first = output[0] if isinstance(output, tuple) and output else None
                 for t, d in zip(got, self._out_dims(module, len(got)), strict=True):
-                    if t.dim() > d and t.shape[d] == p:
+                    if isinstance(first, PackedSequence) and t is first.data:
+                        watch(key, t, 0, _packed_owner(first))  # (its rows by their samples)
+                    elif t.dim() > d and t.shape[d] == p:
                         watch(key, t, d)
             fork, dims = forks.pop(module, (None, []))
             if fork is not None and isinstance(output, Tensor):
@@ -2516,8 +2563,9 @@ def _detach(obj: Any) -> Any:
 def _map_tensors(obj: Any, fn: Any) -> Any:
     if isinstance(obj, Tensor):
         return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(x, fn) for x in obj)
+    if isinstance(obj, tuple):  # (a named tuple keeps its type: a PackedSequence)
+        mapped = [_map_tensors(x, fn) for x in obj]
+        return type(obj)(*mapped) if hasattr(obj, "_fields") else tuple(mapped)
     if isinstance(obj, list):
         return [_map_tensors(x, fn) for x in obj]
     if isinstance(obj, dict):
