@@ -319,7 +319,12 @@ class _OutsideUses(TorchFunctionMode):
             flag = kwargs.get("scale_grad_by_freq") if kwargs and "scale_grad_by_freq" in kwargs \
                 else len(args) > where[1] and args[where[1]]  # fmt: skip
             if flag and isinstance(weight, Tensor):
-                for unit in self.units_of.get(id(weight), ()):
+                units = self.units_of.get(id(weight))
+                if units is None and weight.requires_grad:  # a weight computed from
+                    # parameters (a parametrization's): the units running now (a probe's
+                    # weight_norm'd Embedding, 0.6 % off at coverage 1)
+                    units = [u for u, n in self.active.items() if n > 0]
+                for unit in units or ():
                     self.freq_scaled.setdefault(unit, getattr(func, "__name__", str(func)))
         # a use on the graph (not metadata)
         if out.requires_grad if isinstance(out, Tensor) else _requires_grad(out):
@@ -682,8 +687,10 @@ _Layout = dict[str, tuple[int | None, int]]
 
 def _attention_layout(m: nn.MultiheadAttention, bound: dict[str, Any], b: int) -> _Layout | str:
     d = 0 if m.batch_first else 1
+    if not {"query", "key", "value"} <= bound.keys():  # (a subclass of its own forward)
+        return "its forward's arguments are not nn.MultiheadAttention's (query, key, value)"
     query = bound["query"]
-    if query.dim() != 3:
+    if not isinstance(query, Tensor) or query.dim() != 3:
         return "unbatched attention input"
     dims: dict[str, tuple[int | None, int]] = {"query": (d, 1), "key": (d, 1), "value": (d, 1)}
     if bound.get("key_padding_mask") is not None:
@@ -695,19 +702,32 @@ def _attention_layout(m: nn.MultiheadAttention, bound: dict[str, Any], b: int) -
 
 
 def _rnn_layout(m: nn.RNNBase, bound: dict[str, Any], b: int) -> _Layout | str:
-    x = bound["input"]
+    x_key, h_key = _rnn_keys(bound)
+    if x_key is None:
+        return "no input"
+    x = bound[x_key]
     if isinstance(x, PackedSequence):  # (its samples' rows: :func:`_packed_owner`)
         n = int(x.batch_sizes[0]) if x.batch_sizes.numel() else 0  # (on the host)
         if n != b:
             return f"a PackedSequence of {n} sequences, not the batch's {b}"
-        return {"input": (None, 1), "hx": (1, 1)}
+        return {x_key: (None, 1), **({h_key: (1, 1)} if h_key else {})}
     if not isinstance(x, Tensor):
         return f"an input of type {type(x).__name__}"
     if x.dim() != 3:
         return "unbatched input"
     d = 0 if m.batch_first else 1
-    dims: dict[str, tuple[int | None, int]] = {"input": (d, 1), "hx": (1, 1)}
+    dims: dict[str, tuple[int | None, int]] = {x_key: (d, 1), **({h_key: (1, 1)} if h_key else {})}
     return dims
+
+
+def _rnn_keys(bound: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The names an RNN's forward got its input and initial state under: ``input`` and
+    ``hx``, or a subclass's own first two (a KeyError crashed the step before)."""
+    names = list(bound)
+    x_key = "input" if "input" in bound else (names[0] if names else None)
+    rest = [n for n in names if n != x_key]
+    h_key = "hx" if "hx" in bound else (rest[0] if rest else None)
+    return x_key, h_key
 
 
 def _packed_owner(packed: PackedSequence) -> Tensor:
@@ -720,6 +740,52 @@ def _packed_owner(packed: PackedSequence) -> Tensor:
     position = torch.arange(int(sizes.sum())) - starts.repeat_interleave(sizes)
     position = position.to(packed.data.device)
     return position if packed.sorted_indices is None else packed.sorted_indices[position]
+
+
+def _buffer_state(module: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """A module's buffers (its children's and its parametrizations' too) by name: (identity,
+    version counter, data pointer), which a change in place, by ``.data =`` or by
+    reassignment moves."""
+    out = {}
+    for n, b in module.named_buffers():
+        try:
+            ptr = b.data_ptr()
+        except RuntimeError:  # (a tensor without storage: its identity and version tell)
+            ptr = -1
+        out[n] = (id(b), _version(b), ptr)
+    return out
+
+
+class _ChangesItsBuffers(Exception):
+    """A unit's recomputation changed the copies of its buffers it ran on."""
+
+
+def _buffer_copies(module: nn.Module) -> dict[str, Tensor]:
+    """Copies of a unit's buffers (its children's and its parametrizations' too) by name, for
+    its recomputation to run on: a forward that changes one (a counter of its own; ``.data
+    =`` under ``torch.func``, which left a functorch-wrapped tensor in the model, and the next
+    step crashed: a review's) changes a copy, and :func:`_changed_copies` tells."""
+    return {n: b.detach().clone() for n, b in module.named_buffers()}
+
+
+def _copy_states(copies: dict[str, Tensor]) -> dict[str, tuple[int, int]]:
+    return {n: (c._version, c.data_ptr()) for n, c in copies.items()}
+
+
+def _changed_copies(copies: dict[str, Tensor], states: dict[str, tuple[int, int]]) -> list[str]:
+    """The names of the copies changed since ``states``: in place, or their data replaced."""
+    changed = []
+    for n, c in copies.items():
+        if torch._C._functorch.is_functorch_wrapped_tensor(c):
+            changed.append(n)
+            continue
+        try:
+            now: tuple[int, int] | None = (c._version, c.data_ptr())
+        except RuntimeError:
+            now = None
+        if now != states[n]:
+            changed.append(n)
+    return changed
 
 
 def _nonzero_rows(g: Tensor, rows: Tensor) -> Tensor:
@@ -814,9 +880,9 @@ class PerSampleNorms(Callback):
         self._mixing_failed: dict[Any, str] = {}  # signature -> why its check failed
         self._signature: Any = None  # the measured micro-batch's
         self._started = False  # this process trained a micro-batch (its first: checked)
-        self._parametrized: dict[nn.Module, list[nn.Module]] = {}  # (set in on_fit_start)
-        #: the parametrizations' buffers as a measured micro-batch starts (:meth:`_check`)
-        self._state: dict[tuple[int, str], tuple[int, int]] = {}
+        #: each unit's buffers (its children's and parametrizations' too) as a measured
+        #: micro-batch starts (:meth:`_check`: a forward that changes them is not recomputed)
+        self._state: dict[nn.Module, dict[str, tuple[int, int, int]]] = {}
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         #: id(param) of the units' parameters the measured micro-batch's backward reached (a
         #: hook on each while it runs): a unit neither captured nor reached had 0 per sample
@@ -894,13 +960,6 @@ class PerSampleNorms(Callback):
         self._batchnorms = [
             (name, m) for name, m in trainer.model.named_modules() if isinstance(m, _BatchNorm)
         ]
-        #: the parametrized modules inside each unit, itself included (a parametrization
-        #: that changes its buffers as it runs, spectral_norm's power iteration in training,
-        #: is seen by their version counters moving during a measured forward)
-        self._parametrized = {
-            m: [sub for sub in m.modules() if parametrize.is_parametrized(sub)]
-            for _, m, _, _ in self.units
-        }
         self._params = list(self._param_by_id.values())
         if self.snr:
             self._tags = NOISE_TAGS + tuple(f"grad_snr/{names[id(p)]}" for p in self._params)
@@ -970,9 +1029,7 @@ class PerSampleNorms(Callback):
         self._given.clear()
         self._first_output.clear()
         self._hooked.clear()
-        self._state = self._parametrization_state(
-            {sub for subs in self._parametrized.values() for sub in subs}
-        )
+        self._state = {m: _buffer_state(m) for _, m, _, _ in self.units}
         self._grads_before.clear()
         for p in self._params:  # which parameters this backward reaches (the data
             if p.requires_grad:  # parallel all-reduce writes an unused one's without it)
@@ -1000,16 +1057,6 @@ class PerSampleNorms(Callback):
         for name, bn in self._batchnorms:  # (those without parameters of their own too)
             self._handles.append(bn.register_forward_pre_hook(partial(self._enter_bn, name)))
         self._handles.append(root.register_forward_hook(self._model_returned))
-
-    @staticmethod
-    def _parametrization_state(modules: Any) -> dict[tuple[int, str], tuple[int, int]]:
-        """(module, buffer name) -> (the buffer's identity, its version counter), for the
-        buffers of the parametrizations of ``modules``."""
-        return {
-            (id(m), n): (id(b), _version(b))
-            for m in modules
-            for n, b in m.parametrizations.named_buffers()
-        }
 
     def _check_before_backward(self) -> None:
         self._check_unchanged("on_train_batch_start or on_before_backward")
@@ -1287,16 +1334,25 @@ class PerSampleNorms(Callback):
         self, module: nn.Module, args: tuple, kwargs: dict, outputs: list[Tensor], output: Any
     ) -> str | None:
         """Why this call cannot be measured per sample, or None."""
-        inside = self._parametrized.get(module, [])
-        ids = {id(m) for m in inside}
-        if inside and self._parametrization_state(inside) != {
-            k: v for k, v in self._state.items() if k[0] in ids
-        }:
+        if parametrize._cache_enabled and any(
+            parametrize.is_parametrized(m) for m in module.modules()
+        ):
             return (
-                "a parametrization (torch.nn.utils.parametrize) in it updated its own state "
-                "as it ran (spectral_norm's power iteration in training), which a per-sample "
-                "recomputation would run again (and measuring must not change)"
+                "a parametrized weight in it under torch.nn.utils.parametrize.cached(): the "
+                "computed weight is one tensor for every access, so a use of it outside the "
+                "unit's forward is not seen (a probe's, 9 % off at coverage 1)"
             )
+        before = self._state.get(module)
+        if before is not None:
+            now = _buffer_state(module)
+            changed = [n for n, v in now.items() if before.get(n) != v]
+            if changed or len(now) != len(before):
+                return (
+                    f"its forward changed its buffers ({few(changed) or 'removed one'}) as it ran "
+                    "(a counter, a running statistic; spectral_norm's power iteration in "
+                    "training), which a per-sample recomputation would do again (and measuring "
+                    "must not change training)"
+                )
         if any(
             isinstance(h, SpectralNorm)
             for m in module.modules()
@@ -1429,7 +1485,21 @@ class PerSampleNorms(Callback):
         self._sq[id(p)] = sq if id(p) not in self._sq else self._sq[id(p)] + sq
 
     def _per_sample_grads(self, call: _Call) -> dict[str, Tensor]:
-        """The unit's parameters' per-sample gradients from this call, (B, *shape) each."""
+        """The unit's parameters' per-sample gradients from this call, (B, *shape) each,
+        recomputed on copies of its buffers.
+
+        Raises:
+            _ChangesItsBuffers: the recomputation changed them (the forward changes its own
+                state as it runs, which a recomputation would do again)."""
+        copies = _buffer_copies(call.unit)
+        states = _copy_states(copies)
+        grads = self._recompute(call, copies)
+        changed = _changed_copies(copies, states)
+        if changed:
+            raise _ChangesItsBuffers(", ".join(changed))
+        return grads
+
+    def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         module = call.unit
         params = {n: p for n, p in _named_covered(module, self._kind[module])}
         if self._kind[module] in ("closed", "func"):
@@ -1449,7 +1519,7 @@ class PerSampleNorms(Callback):
             d = call.dim  # (1: sequence-first, (T, B, ·))
 
             def inner(p: dict[str, Tensor], ai: Tensor, gi: Tensor) -> Tensor:
-                out = functional_call(module, p, (ai.unsqueeze(d), *rest), kwargs)
+                out = functional_call(module, {**p, **buffers}, (ai.unsqueeze(d), *rest), kwargs)
                 gi = gi.unsqueeze(d)
                 if out.shape != gi.shape:  # (no broadcast: a sample's output is its row; one
                     # squeezed, ``(x @ w).squeeze()``, is that row without its sizes of 1)
@@ -1474,10 +1544,11 @@ class PerSampleNorms(Callback):
             layout = _rnn_layout(cast(nn.RNNBase, module), bound, self._batch)
         assert not isinstance(layout, str)
         if self._kind[module] == "attention":
-            return self._attention_vmap(call, params, bound, layout)
+            return self._attention_vmap(call, params, bound, layout, buffers)
         out: dict[str, list[Tensor]] = {n: [] for n in params}
         leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-        packed = bound.get("input")
+        x_key = _rnn_keys(bound)[0] if self._kind[module] == "rnn" else None
+        packed = bound.get(x_key) if x_key is not None else None
         rows: list[Tensor] = []
         if isinstance(packed, PackedSequence):  # each sample's rows, in time order, and
             # its sequence alone as a batch of one in the RNN's layout
@@ -1502,9 +1573,9 @@ class PerSampleNorms(Callback):
             }  # fmt: skip
             if rows:
                 data = cast(PackedSequence, packed).data
-                sample["input"] = data.index_select(0, rows[i]).unsqueeze(alone)
+                sample[cast(str, x_key)] = data.index_select(0, rows[i]).unsqueeze(alone)
             with torch.enable_grad(), call.autocast_again():
-                result = functional_call(module, leaves, (), sample)
+                result = functional_call(module, {**leaves, **buffers}, (), sample)
                 outs = [t for t in _tensors(result) if t.requires_grad]
                 root = sum(
                     (o * output_grad(k, o, i)).sum() for k, o in enumerate(outs) if k in call.grads
@@ -1521,7 +1592,12 @@ class PerSampleNorms(Callback):
         return {n: torch.stack(v) for n, v in out.items()}
 
     def _attention_vmap(
-        self, call: _Call, params: Mapping[str, Tensor], bound: dict[str, Any], layout: _Layout
+        self,
+        call: _Call,
+        params: Mapping[str, Tensor],
+        bound: dict[str, Any],
+        layout: _Layout,
+        buffers: dict[str, Tensor],
     ) -> dict[str, Tensor]:
         """Attention's per-sample gradients in one ``vmap(grad(...))`` over the samples, each
         seen unbatched by the module; the math attention kernel, which has batching rules."""
@@ -1543,7 +1619,7 @@ class PerSampleNorms(Callback):
 
         def inner(p: dict[str, Tensor], *tensors: Tensor) -> Tensor:
             kwargs = {**fixed, **dict(zip(keys, tensors[: len(keys)], strict=True))}
-            outs = _tensors(functional_call(module, p, (), kwargs))
+            outs = _tensors(functional_call(module, {**p, **buffers}, (), kwargs))
             grads = tensors[len(keys) :]
             parts = [(outs[k] * g.to(outs[k].dtype)).sum() for k, g in zip(got, grads, strict=True)]
             return torch.stack(parts).sum()
@@ -1653,6 +1729,13 @@ class PerSampleNorms(Callback):
                     fork = stack.enter_context(forked_rng(call.device))  # run's next draws stay)
                 try:
                     per_sample = self._per_sample_grads(call)
+                except _ChangesItsBuffers as e:
+                    self._excluded[name] = (
+                        f"its forward changes its buffers ({e}) as it runs (a counter, a "
+                        "running statistic), which a per-sample recomputation would do again "
+                        "(it ran on copies of them: the model's are as training left them)"
+                    )
+                    continue
                 except Exception as e:  # its forward cannot be recomputed per sample (vmap's
                     # errors; an output of an unexpected kind; a hook of one's own reading its
                     # arguments by position, given as keywords here: an IndexError escaped)
