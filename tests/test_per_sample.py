@@ -242,6 +242,19 @@ class Scored(nn.Module):
         return self.head(torch.tanh(self.score(self.emb(tokens).mean(1))).reshape(-1, 1))
 
 
+class MaxNormed(nn.Module):
+    """An Embedding with ``max_norm`` (its forward renormalizes the rows it looks up, in
+    place): measured (the mixing check's copy of its table did not require a gradient, so
+    the lookup's rows went unwatched and it was left out for a while: a review's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(V, D, max_norm=0.5), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens)).mean(1))
+
+
 class Shift(nn.Module):
     def forward(self, b):
         return b + 0.5 * b.tanh()
@@ -414,18 +427,132 @@ def test_subclasses_naming_their_arguments_their_own_way(caplog) -> None:
 
 
 def test_a_recomputation_that_changes_a_buffer_changes_a_copy() -> None:
-    """A forward that changes its state only when it runs again per sample is seen after the
-    recomputation, which ran on copies of the unit's buffers: the model's are untouched
-    (they counted 6 more calls before), and the unit is left out, named."""
+    """A forward that changes its state only when it runs again per sample changes the copy
+    of the unit's buffers its recomputation ran on: the model's are untouched (they counted 6
+    more calls before), and the unit, whose output does not read the count, is exact."""
     torch.manual_seed(0)
     model = CountingAlone().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
-    cb = PerSampleNorms(1, loss="both")
-    _, staged = measure(model, x, y, cb=cb)
+    measured_exactly(model, x, y)
     assert float(model.rnn.alone) == 0.0
-    assert cb._window_excluded["rnn"].startswith("its forward changes its buffers (alone)")
-    assert staged["per_sample/coverage"] < 1
+
+
+class Rotary(nn.Module):
+    """A rotary table rebuilt by reassignment at each forward (a non-persistent buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        inv = 1.0 / (10.0 ** (torch.arange(0, D, 2) / D))
+        self.register_buffer("inv", inv, persistent=False)
+        self.register_buffer("cos", torch.zeros(T, D // 2), persistent=False)
+
+    def forward(self, x):
+        self.cos = torch.cos(torch.arange(x.shape[1], dtype=self.inv.dtype)[:, None] * self.inv)
+        return x * self.cos.repeat_interleave(2, -1)
+
+
+class Tempered(nn.Module):
+    """A unit reading a temperature buffer, with a rotary child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / 3)
+        self.rot = Rotary()
+        self.register_buffer("temp", torch.tensor(1.0))
+
+    def forward(self, x):
+        return torch.tanh(self.rot(x) @ self.w) / self.temp.clone()
+
+
+class Annealed(nn.Module):
+    """``unit``'s temperature annealed by the model right after the call (``how``: in place or
+    reassigned), its rotary table rebuilt at each call; and a Linear subclass whose call
+    counter (a buffer) the model advances before calling it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.emb, self.unit, self.head = nn.Embedding(V, D), Tempered(), CountedLinear(D, 3)
+        self.how = how
+
+    def forward(self, tokens):
+        h = self.unit(self.emb(tokens)).mean(1)
+        if self.how == "in_place":
+            self.unit.temp.mul_(0.5)
+        else:
+            self.unit.temp = self.unit.temp * 0.5
+        self.head.calls += 1
+        return self.head(h)
+
+
+class CountedLinear(nn.Linear):
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.register_buffer("calls", torch.zeros(()))
+
+
+@pytest.mark.parametrize("how", ["in_place", "reassigned"])
+def test_a_unit_is_recomputed_with_its_buffers_as_its_forward_saw_them(how, caplog) -> None:
+    """The recomputation runs on copies of the unit's buffers taken as its forward began: a
+    temperature the model anneals after the call was read at its new value (42 % off at
+    coverage 1, in place or reassigned: a review's); a table the forward rebuilds by
+    reassignment, and a buffer another unit's code changes before the call, left the unit out
+    for a while (no reason to: a review's). All exact now, at coverage 1."""
+    torch.manual_seed(0)
+    model = Annealed(how).double()
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, twin=twin)
+    assert "leave out" not in caplog.text
+    assert float(model.unit.temp) == 0.5 and float(model.head.calls) == 1.0
+
+
+class LengthsLSTM(nn.LSTM):
+    """An LSTM of one's own taking ``(x, lengths)`` and packing inside."""
+
+    def forward(self, x, lengths):  # type: ignore[override]
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return super().forward(packed)
+
+
+class Sentences(nn.Module):
+    """A document model: a word-level GRU over every sentence of the batch (B · 3 packed
+    sequences, not one per sample), then a sentence-level LSTM of one's own (``(x,
+    lengths)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.words = nn.Embedding(V, D, padding_idx=0), nn.GRU(D, D, batch_first=True)
+        self.sents, self.head = LengthsLSTM(D, D, batch_first=True), nn.Linear(D, 3)
+
+    def forward(self, tokens):  # (B, 3 · 4): three sentences of up to 4 words
+        b = tokens.shape[0]
+        words = tokens.reshape(b * 3, 4)
+        n = (words != 0).sum(1).clamp(min=1).cpu()
+        out, _ = self.words(pack_padded_sequence(self.emb(words), n, True, False))
+        padded, _ = pad_packed_sequence(out, batch_first=True)
+        sentences = padded.sum(1).reshape(b, 3, D)
+        _, (h, _) = self.sents(sentences, torch.full((b,), 3))
+        return self.head(h[-1])
+
+
+def test_packed_sequences_that_are_not_the_batchs_samples(caplog) -> None:
+    """A GRU over the batch's sentences (B · 3 packed sequences) is left out, named, and no
+    longer voids the mixing check of every other unit (its rows' owners ran past the
+    check's samples: coverage 0, a review's); an LSTM of one's own taking ``(x, lengths)``
+    no longer stops the step (``lengths`` was read as the initial state: an IndexError).
+    What is measured is exact."""
+    torch.manual_seed(0)
+    model = Sentences().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, 12), generator=g), torch.randint(0, 3, (B,), generator=g)
+    x[:, ::4] = x[:, ::4].clamp(min=1)  # (every sentence has a first word)
+    with caplog.at_level("WARNING"):
+        staged = measured_exactly(model, x, y, ("emb", "words", "sents"))
+    assert "leave out 'words': a PackedSequence of 18 sequences, not the batch's 6" in (caplog.text)
+    assert staged["per_sample/coverage"] > 0
 
 
 class CachedOutside(nn.Module):
@@ -709,6 +836,7 @@ MODELS = {
     "weight_norm-new_style": (lambda: Reparametrized("weight_norm"), None),
     "orthogonal": (lambda: Reparametrized("orthogonal"), None),
     "parametrized_bias_only": (ShiftedBias, None),
+    "embedding-max_norm": (MaxNormed, None),
     "generic_unit_squeezed_output": (Scored, None),
     "attention-weight_norm_out_proj": (WeightNormedAttention, None),
     "complex_linear": (ComplexProj, ({"proj"}, "complex")),

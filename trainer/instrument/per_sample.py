@@ -626,7 +626,9 @@ def _renormed_in_place(model: nn.Module) -> dict[str, Tensor]:
     copies = {}
     for m in model.modules():
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and _renorms(m) and id(m.weight) in names:
-            copies[names[id(m.weight)]] = m.weight.detach().clone()
+            copies[names[id(m.weight)]] = (  # (requiring a gradient as the weight does: the
+                m.weight.detach().clone().requires_grad_(m.weight.requires_grad)  # mixing
+            )  # check watches the lookups' rows: left out as unseen, a max_norm table was)
     return copies
 
 
@@ -661,6 +663,8 @@ class _Call:
     dim: int = 0
     #: the dimensions that may hold its batch (:func:`_batch_dims`), for ``verify``
     candidates: tuple[int, ...] = ()
+    #: copies of its buffers as its forward began (:func:`_buffer_copies`): a recomputation's
+    buffers: dict[str, Tensor] = field(default_factory=dict)
 
     def moved(self) -> bool:
         return _versions((self.args, self.kwargs)) != self.versions
@@ -722,12 +726,17 @@ def _rnn_layout(m: nn.RNNBase, bound: dict[str, Any], b: int) -> _Layout | str:
 
 def _rnn_keys(bound: dict[str, Any]) -> tuple[str | None, str | None]:
     """The names an RNN's forward got its input and initial state under: ``input`` and
-    ``hx``, or a subclass's own first two (a KeyError crashed the step before)."""
+    ``hx``, or a subclass's own first, and the next where it holds 3-D tensors (a state; a
+    KeyError crashed the step before, then ``forward(x, lengths)`` read lengths as one)."""
     names = list(bound)
-    x_key = "input" if "input" in bound else (names[0] if names else None)
-    rest = [n for n in names if n != x_key]
-    h_key = "hx" if "hx" in bound else (rest[0] if rest else None)
-    return x_key, h_key
+    if not names:
+        return None, None
+    x_key = "input" if "input" in bound else names[0]
+    if "hx" in bound:
+        return x_key, "hx"
+    after = names[names.index(x_key) + 1 :][:1]
+    held = _tensors(bound[after[0]]) if after else []
+    return x_key, after[0] if held and all(t.dim() == 3 for t in held) else None
 
 
 def _packed_owner(packed: PackedSequence) -> Tensor:
@@ -756,36 +765,34 @@ def _buffer_state(module: nn.Module) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-class _ChangesItsBuffers(Exception):
-    """A unit's recomputation changed the copies of its buffers it ran on."""
+def _buffer_changes(
+    kind: str, before: dict[str, tuple[int, int, int]], now: dict[str, tuple[int, int, int]]
+) -> str | None:
+    """Why a unit whose buffers went from ``before`` (as its forward was entered) to ``now``
+    cannot be recomputed, or None. Reassigned (a cache rebuilt) or changed in place in an
+    RNN's recomputation (one sample at a time, each on fresh copies) is run again from the
+    same start; ``.data =`` cannot be under torch.func (a review's crashed the next step), nor
+    a change in place under vmap (a counter, spectral_norm's power iteration in training)."""
+    kept = [n for n, v in now.items() if n in before and before[n][0] == v[0]]
+    replaced = [n for n in kept if before[n][2] != now[n][2]]
+    in_place = [n for n in kept if before[n][1] != now[n][1]] if kind != "rnn" else []
+    if not replaced and not in_place:
+        return None
+    return (
+        f"its forward changed its buffers ({few(replaced or in_place)}) "
+        f"{'by .data =' if replaced else 'in place'} as it ran (a counter, a running "
+        "statistic; spectral_norm's power iteration in training), which its recomputation "
+        "under torch.func cannot run again"
+    )
 
 
 def _buffer_copies(module: nn.Module) -> dict[str, Tensor]:
-    """Copies of a unit's buffers (its children's and its parametrizations' too) by name, for
-    its recomputation to run on: a forward that changes one (a counter of its own; ``.data
-    =`` under ``torch.func``, which left a functorch-wrapped tensor in the model, and the next
-    step crashed: a review's) changes a copy, and :func:`_changed_copies` tells."""
+    """Copies of a unit's buffers (its children's and its parametrizations' too) by name, as
+    its forward is entered: its recomputation runs on them, with the values that forward saw
+    (a temperature the model anneals after the call was read at its new value, 42 % off at
+    coverage 1; a cache its forward rebuilds, a counter it advances, are rebuilt or advanced
+    from the same start: a review's), and whatever it changes leaves the model's alone."""
     return {n: b.detach().clone() for n, b in module.named_buffers()}
-
-
-def _copy_states(copies: dict[str, Tensor]) -> dict[str, tuple[int, int]]:
-    return {n: (c._version, c.data_ptr()) for n, c in copies.items()}
-
-
-def _changed_copies(copies: dict[str, Tensor], states: dict[str, tuple[int, int]]) -> list[str]:
-    """The names of the copies changed since ``states``: in place, or their data replaced."""
-    changed = []
-    for n, c in copies.items():
-        if torch._C._functorch.is_functorch_wrapped_tensor(c):
-            changed.append(n)
-            continue
-        try:
-            now: tuple[int, int] | None = (c._version, c.data_ptr())
-        except RuntimeError:
-            now = None
-        if now != states[n]:
-            changed.append(n)
-    return changed
 
 
 def _nonzero_rows(g: Tensor, rows: Tensor) -> Tensor:
@@ -880,9 +887,10 @@ class PerSampleNorms(Callback):
         self._mixing_failed: dict[Any, str] = {}  # signature -> why its check failed
         self._signature: Any = None  # the measured micro-batch's
         self._started = False  # this process trained a micro-batch (its first: checked)
-        #: each unit's buffers (its children's and parametrizations' too) as a measured
-        #: micro-batch starts (:meth:`_check`: a forward that changes them is not recomputed)
-        self._state: dict[nn.Module, dict[str, tuple[int, int, int]]] = {}
+        #: the units with buffers (their children's and parametrizations' too), and, per
+        #: call under way, those buffers' copies and state as its forward was entered
+        self._buffered: set[nn.Module] = set()
+        self._at_entry: dict[nn.Module, list[tuple[dict[str, Tensor], dict[str, Any]]]] = {}
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         #: id(param) of the units' parameters the measured micro-batch's backward reached (a
         #: hook on each while it runs): a unit neither captured nor reached had 0 per sample
@@ -957,6 +965,7 @@ class PerSampleNorms(Callback):
             for p in own:
                 self._units_by_param.setdefault(id(p), []).append(m)
         self._param_by_id = {id(p): p for _, _, own, _ in self.units for p in own}
+        self._buffered = {m for _, m, _, _ in self.units if next(m.buffers(), None) is not None}
         self._batchnorms = [
             (name, m) for name, m in trainer.model.named_modules() if isinstance(m, _BatchNorm)
         ]
@@ -1029,7 +1038,7 @@ class PerSampleNorms(Callback):
         self._given.clear()
         self._first_output.clear()
         self._hooked.clear()
-        self._state = {m: _buffer_state(m) for _, m, _, _ in self.units}
+        self._at_entry.clear()
         self._grads_before.clear()
         for p in self._params:  # which parameters this backward reaches (the data
             if p.requires_grad:  # parallel all-reduce writes an unused one's without it)
@@ -1146,6 +1155,7 @@ class PerSampleNorms(Callback):
         self._handles.clear()
         self._given.clear()  # (no input or output kept past the measured forward)
         self._first_output.clear()
+        self._at_entry.clear()
 
     def _reach(self, key: int, grad: Tensor) -> None:
         self._reached.add(key)
@@ -1171,6 +1181,9 @@ class PerSampleNorms(Callback):
         self._tick += 1
         given = (*inputs, *kwargs.values())
         self._given.setdefault(module, []).append((given, _versions(given)))
+        if module in self._buffered:
+            entry = (_buffer_copies(module), _buffer_state(module))
+            self._at_entry.setdefault(module, []).append(entry)
 
     def _inputs_given(
         self, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
@@ -1265,7 +1278,11 @@ class PerSampleNorms(Callback):
                 "running statistics) mixes the samples of a batch"
             )
             return
+        entries = self._at_entry.get(module)
+        entry = entries.pop() if entries else None  # (its buffers as its forward began)
         why = self._check(module, args, kwargs, outputs, output)
+        if why is None and entry is not None and self._kind[module] != "closed":
+            why = _buffer_changes(self._kind[module], entry[1], _buffer_state(module))
         if why is None and _versions(args) != self._entry_versions.get(module, _versions(args)):
             why = IN_PLACE
         verify = None
@@ -1312,6 +1329,7 @@ class PerSampleNorms(Callback):
             [(t.shape, t.dtype, t.device) for t in outputs], dims,
             autocast=amp, verify=verify, mixing=mixing,
             versions=_versions((args, kwargs)), dim=dim, candidates=candidates,
+            buffers=entry[0] if entry is not None else {},
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -1342,17 +1360,6 @@ class PerSampleNorms(Callback):
                 "computed weight is one tensor for every access, so a use of it outside the "
                 "unit's forward is not seen (a probe's, 9 % off at coverage 1)"
             )
-        before = self._state.get(module)
-        if before is not None:
-            now = _buffer_state(module)
-            changed = [n for n, v in now.items() if before.get(n) != v]
-            if changed or len(now) != len(before):
-                return (
-                    f"its forward changed its buffers ({few(changed) or 'removed one'}) as it ran "
-                    "(a counter, a running statistic; spectral_norm's power iteration in "
-                    "training), which a per-sample recomputation would do again (and measuring "
-                    "must not change training)"
-                )
         if any(
             isinstance(h, SpectralNorm)
             for m in module.modules()
@@ -1414,7 +1421,7 @@ class PerSampleNorms(Callback):
         bound = self._bound(module, args, kwargs)
         for key, (dim, group) in layout.items():
             for t in _tensors(bound.get(key)):
-                if dim is not None and t.shape[dim] != b * group:
+                if dim is not None and (t.dim() <= dim or t.shape[dim] != b * group):
                     return f"its input {key!r} does not have the batch ({b}) at dimension {dim}"
         return None
 
@@ -1486,18 +1493,8 @@ class PerSampleNorms(Callback):
 
     def _per_sample_grads(self, call: _Call) -> dict[str, Tensor]:
         """The unit's parameters' per-sample gradients from this call, (B, *shape) each,
-        recomputed on copies of its buffers.
-
-        Raises:
-            _ChangesItsBuffers: the recomputation changed them (the forward changes its own
-                state as it runs, which a recomputation would do again)."""
-        copies = _buffer_copies(call.unit)
-        states = _copy_states(copies)
-        grads = self._recompute(call, copies)
-        changed = _changed_copies(copies, states)
-        if changed:
-            raise _ChangesItsBuffers(", ".join(changed))
-        return grads
+        recomputed on copies of its buffers as its forward began."""
+        return self._recompute(call, call.buffers)
 
     def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         module = call.unit
@@ -1575,7 +1572,9 @@ class PerSampleNorms(Callback):
                 data = cast(PackedSequence, packed).data
                 sample[cast(str, x_key)] = data.index_select(0, rows[i]).unsqueeze(alone)
             with torch.enable_grad(), call.autocast_again():
-                result = functional_call(module, {**leaves, **buffers}, (), sample)
+                fresh = {n: b.clone() for n, b in buffers.items()}  # (each sample's from
+                # the same start: a change in place is run again for each)
+                result = functional_call(module, {**leaves, **fresh}, (), sample)
                 outs = [t for t in _tensors(result) if t.requires_grad]
                 root = sum(
                     (o * output_grad(k, o, i)).sum() for k, o in enumerate(outs) if k in call.grads
@@ -1729,13 +1728,6 @@ class PerSampleNorms(Callback):
                     fork = stack.enter_context(forked_rng(call.device))  # run's next draws stay)
                 try:
                     per_sample = self._per_sample_grads(call)
-                except _ChangesItsBuffers as e:
-                    self._excluded[name] = (
-                        f"its forward changes its buffers ({e}) as it runs (a counter, a "
-                        "running statistic), which a per-sample recomputation would do again "
-                        "(it ran on copies of them: the model's are as training left them)"
-                    )
-                    continue
                 except Exception as e:  # its forward cannot be recomputed per sample (vmap's
                     # errors; an output of an unexpected kind; a hook of one's own reading its
                     # arguments by position, given as keywords here: an IndexError escaped)
@@ -1956,7 +1948,9 @@ class PerSampleNorms(Callback):
                 first = output[0] if isinstance(output, tuple) and output else None
                 for t, d in zip(got, self._out_dims(module, len(got)), strict=True):
                     if isinstance(first, PackedSequence) and t is first.data:
-                        watch(key, t, 0, _packed_owner(first))  # (its rows by their samples)
+                        if first.batch_sizes.numel() and int(first.batch_sizes[0]) == p:
+                            watch(key, t, 0, _packed_owner(first))  # (its rows by sample;
+                        # not sentences of several per sample: a review's voided every check)
                     elif t.dim() > d and t.shape[d] == p:
                         watch(key, t, d)
             fork, dims = forks.pop(module, (None, []))
