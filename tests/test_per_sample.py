@@ -1368,6 +1368,93 @@ def test_a_model_mixing_the_samples_after_a_packed_rnn_is_seen(b, caplog) -> Non
     assert "leave out 'rnn': the model mixes or reorders the samples" in caplog.text
 
 
+class Bags(nn.Module):
+    """Each sample's tokens (0 ends them) as one bag of an EmbeddingBag: flattened with
+    offsets (``include_last_offset`` or not), or as the rows of a 2-D input; per-sample
+    weights from a Linear of the token ids where asked; ``tied``: a head on the table."""
+
+    def __init__(self, mode="sum", pad=None, last=False, weighted=False, rows=False,
+                 max_norm=None, tied=False) -> None:  # fmt: skip
+        super().__init__()
+        self.bag = nn.EmbeddingBag(V, D, mode=mode, padding_idx=pad, include_last_offset=last,
+                                   max_norm=max_norm)  # fmt: skip
+        self.w = nn.Linear(1, 1) if weighted else None
+        self.mid, self.head = nn.Linear(D, D), nn.Linear(D, V if tied else 3)
+        if tied:
+            self.head.weight = self.bag.weight
+        self.last, self.rows = last, rows
+
+    def forward(self, tokens):
+        if self.rows:
+            return self.head(torch.tanh(self.mid(self.bag(tokens))))
+        lengths = (tokens != 0).sum(1)
+        flat = tokens[tokens != 0]
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        kw = {}
+        if self.w is not None:
+            kw["per_sample_weights"] = torch.sigmoid(self.w(flat[:, None].double())).squeeze(1)
+        out = self.bag(flat, offsets if self.last else offsets[:-1], **kw)
+        return self.head(torch.tanh(self.mid(out)))
+
+
+def _bags_batch(b: int, tied: bool = False):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(1, V, (b, 6), generator=g)
+    for i, n in enumerate(torch.randint(0, 7, (b,), generator=g).tolist()):
+        x[i, n:] = 0  # (some bags empty)
+    return x, torch.randint(0, V if tied else 3, (b,), generator=g)
+
+
+@pytest.mark.parametrize("b", [B, 2])
+@pytest.mark.parametrize(
+    "kw, left_out",
+    [({}, ()), ({"mode": "mean", "pad": 5}, ()), ({"mode": "max"}, ()), ({"last": True}, ()),
+     ({"weighted": True}, ("w",)), ({"rows": True, "mode": "mean", "pad": 0}, ()),
+     ({"max_norm": 0.5, "pad": 5}, ()), ({"rows": True, "tied": True}, ()),
+     ({"tied": True}, ("bag", "head"))],
+    ids=["sum", "mean_padding", "max", "include_last_offset", "per_sample_weights",
+         "rows_mean_padding", "max_norm", "rows_tied", "offsets_tied"],
+)  # fmt: skip
+def test_embedding_bags_by_their_closed_form(kw, left_out, b, caplog) -> None:
+    """An EmbeddingBag whose bags are the samples (offsets, or a 2-D input) was left out (or
+    recomputed per row): its closed form is ‖gᵢ‖² Σ_v (Σ_{t: idx_t = v} cₜ)² (mode sum, with
+    per-sample weights, mean over the bag's entries but padding), ‖gᵢ‖² for mode max; empty
+    bags, ``include_last_offset``, ``max_norm``, B = 2 (P = 3). Exact against rows of the
+    batch's Jacobian at full coverage; a tied table with offsets is left out, named (its
+    per-sample gradients are not recomputed by row)."""
+    torch.manual_seed(0)
+    model = Bags(**kw).double()
+    x, y = _bags_batch(b, kw.get("tied", False))
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, left_out)
+    if "bag" in left_out:
+        assert "leave out 'bag': an EmbeddingBag with offsets" in caplog.text
+    elif not left_out:
+        assert "leave out" not in caplog.text
+
+
+class TokenBags(nn.Module):
+    """One bag per token (offsets of every position): the bags are not the samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag, self.head = nn.EmbeddingBag(V, D), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        flat = tokens.reshape(-1)
+        out = self.bag(flat, torch.arange(flat.numel()))
+        return self.head(torch.tanh(out).reshape(*tokens.shape, D).mean(1))
+
+
+def test_embedding_bags_that_are_not_the_samples_are_left_out(caplog) -> None:
+    torch.manual_seed(0)
+    model = TokenBags().double()
+    x, y = _bags_batch(B)
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, ("bag",))
+    assert f"leave out 'bag': its output does not have the batch ({B})" in caplog.text
+
+
 class AttentionAcrossTheBatch(nn.Module):
     """Attention built batch-first but given (T, B, D): it attends over the samples."""
 

@@ -13,6 +13,9 @@ of its parameters follows from (inputs, g):
   Σ_{t,s} (a_t·a_s)(g_t·g_s) (cost T²(C·k + out) per sample) or the squared norm of that one
   layer's per-sample gradient (cost T·C·k·out, memory B·C·k·out), whichever is cheaper; bias:
   ‖Σ_t g_t‖².
+* ``EmbeddingBag`` whose bags are the samples (offsets of B bags, or a 2-D input):
+  ‖gᵢ‖² Σ_v (Σ_{t: idx_t = v} cₜ)², cₜ each entry's coefficient (1, its per-sample weight,
+  1/nᵢ for mean; 0 for padding), or ‖gᵢ‖² for mode max (:func:`embedding_bag_sq_norms`).
 * attention and RNNs: the unit recomputed on each sample alone (its batch dimension from
   ``batch_first``; masks sliced with it), differentiating Σ_k ⟨g_k, out_k⟩ over its outputs
   (attention's output and weights; an RNN's output, h_n and c_n): one small backward per sample.
@@ -221,6 +224,76 @@ def embedding_sq_norms(module: nn.Embedding, idx: Tensor, g: Tensor) -> dict[str
     return {"weight": table.pow(2).sum(dim=(1, 2))}
 
 
+def embedding_bag_sq_norms(
+    module: nn.EmbeddingBag,
+    idx: Tensor,
+    offsets: Tensor | None,
+    weights: Tensor | None,
+    g: Tensor,
+) -> dict[str, Tensor]:
+    """Per-sample ‖∇ℓᵢ‖² of an EmbeddingBag's table, {"weight": (B,)}, bag i being sample i's
+    (a row of a 2-D ``idx``, or the entries from ``offsets[i]``). Mode sum and mean: the
+    bag's gradient puts cₜ gᵢ on the row of each of its entries t (cₜ: 1, or its
+    ``per_sample_weights`` entry; 1/nᵢ for mean over the bag's nᵢ entries; 0 for
+    ``padding_idx``), so its squared norm is ‖gᵢ‖² Σ_v (Σ_{t: idx_t = v} cₜ)², the sums over
+    the runs of equal (bag, row) keys once sorted, in float64. Mode max: each output
+    dimension's gradient goes to one row, ‖gᵢ‖² for a bag with an entry (0 for an empty one,
+    whose output is 0)."""
+    b = g.shape[0]
+    device = idx.device
+    if idx.dim() == 2:  # (B, N): each row a bag
+        bag = torch.arange(b, device=device).repeat_interleave(idx.shape[1])
+        idx = idx.reshape(-1)
+        weights = weights.reshape(-1) if weights is not None else None
+    else:
+        starts = cast(Tensor, offsets)
+        starts = starts[:-1] if module.include_last_offset else starts
+        positions = torch.arange(idx.numel(), device=device)
+        bag = torch.searchsorted(starts.to(idx.dtype), positions.to(idx.dtype), right=True) - 1
+    f64 = torch.float64
+    keep = (idx != module.padding_idx) if module.padding_idx is not None else idx >= 0
+    count = torch.zeros(b, dtype=f64, device=device).index_add_(0, bag, keep.to(f64))
+    gg = g.detach().to(f64).pow(2).sum(1)
+    if module.mode == "max":
+        return {"weight": (gg * (count > 0)).float()}
+    c = keep.to(f64)
+    if weights is not None:
+        c = c * weights.detach().to(f64)
+    if module.mode == "mean":
+        c = c / count[bag].clamp(min=1)
+    key, order = (bag * module.num_embeddings + idx).sort()
+    total = c[order].cumsum(0)
+    position = torch.arange(key.numel(), device=device)
+    last = torch.ones_like(key, dtype=torch.bool)  # the last entry of each run of a key
+    last[:-1] = key[1:] != key[:-1]
+    ends = torch.where(last, position, -1)
+    before = torch.cat([ends.new_full((1,), -1), ends[:-1]]).cummax(0).values  # the last run's end
+    run = total - torch.where(before >= 0, total[before.clamp(min=0)], 0.0)  # its Σ cₜ
+    sq = torch.zeros(b, dtype=f64, device=device).index_add_(
+        0, key // module.num_embeddings, torch.where(last, run * run, 0.0)
+    )
+    return {"weight": (gg * sq).float()}
+
+
+def _bag_check(module: nn.EmbeddingBag, bound: dict[str, Any], output: Any, b: int) -> str | None:
+    """Why an EmbeddingBag's call cannot be measured by its closed form, or None: its output's
+    rows must be the batch's samples' bags, (B, D), from a 2-D input or offsets of B bags."""
+    idx, offsets = bound.get("input"), bound.get("offsets")
+    weights = bound.get("per_sample_weights")
+    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[0] != b:
+        return f"its output does not have the batch ({b}) as dimension 0"
+    if not isinstance(idx, Tensor) or idx.dim() not in (1, 2):
+        return "an input that is not a 1-D or 2-D tensor of indices"
+    if idx.dim() == 2 and (offsets is not None or idx.shape[0] != b):
+        return f"a 2-D input whose rows are not the batch's {b} bags"
+    n = b + int(module.include_last_offset)
+    if idx.dim() == 1 and (not isinstance(offsets, Tensor) or tuple(offsets.shape) != (n,)):
+        return f"offsets that do not make the batch's {b} bags"
+    if weights is not None and (not isinstance(weights, Tensor) or weights.shape != idx.shape):
+        return "per_sample_weights not of its input's shape"
+    return None
+
+
 def sample_coefficients(c: Tensor) -> Tensor:
     """One coefficient per sample, (B,), from the loss elements' coefficients.
 
@@ -359,6 +432,7 @@ _CLOSED_FORMS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Conv2d: ("forward", "_conv_forward"),
     nn.LayerNorm: ("forward",),
     nn.Embedding: ("forward",),
+    nn.EmbeddingBag: ("forward",),
 }
 
 
@@ -370,7 +444,8 @@ def _unit_kind(module: nn.Module) -> str:
     for cls, methods in _CLOSED_FORMS.items():
         if isinstance(module, cls):
             stock = all(getattr(type(module), m) is getattr(cls, m) for m in methods)
-            if stock and not (cls is nn.Embedding and module.scale_grad_by_freq) and _own(module):  # type: ignore[union-attr]
+            freq = cls in (nn.Embedding, nn.EmbeddingBag) and module.scale_grad_by_freq
+            if stock and not freq and _own(module):
                 return "closed"
             break  # (a subclass of its own forward: recomputed per sample like any module)
     return "func"
@@ -1293,8 +1368,14 @@ class PerSampleNorms(Callback):
             # sequence as long as it, a table of B rows, features of every pair of samples?
             # Seen once per call and input shape (:meth:`_verify`); one sample has no other
             # to be told from: any layout gives its gradient
-            candidates = _batch_dims(module, self._kind[module], args[0], outputs[0], self._batch)
-            key = (name, entered, tuple(args[0].shape))
+            if isinstance(module, nn.EmbeddingBag) and self._kind[module] == "closed":
+                # (its bags are its output's rows, checked; its input's length varies)
+                candidates, shape = (0,), tuple(outputs[0].shape)
+            else:
+                kind = self._kind[module]
+                candidates = _batch_dims(module, kind, args[0], outputs[0], self._batch)
+                shape = tuple(args[0].shape)
+            key = (name, entered, shape)
             known = self._verdicts.get(key)
             if isinstance(known, str):
                 why = known
@@ -1396,6 +1477,8 @@ class PerSampleNorms(Callback):
                     "recomputation cannot reproduce"
                 )
             layout = _rnn_layout(m, self._bound(module, args, kwargs), b)
+        elif isinstance(module, nn.EmbeddingBag) and kind == "closed":
+            return _bag_check(module, self._bound(module, args, kwargs), output, b)
         else:
             tensors = _tensors((args, kwargs))
             first = args[0] if args else None
@@ -1470,6 +1553,17 @@ class PerSampleNorms(Callback):
             # float16/bfloat16 under autocast (and GradScaler-scaled): square in float32
             low = g.dtype in LOW_PRECISION
             g = g.detach().float() if low else g.detach()
+            if isinstance(module, nn.EmbeddingBag):
+                bound = self._bound(module, call.args, call.kwargs)
+                parts = embedding_bag_sq_norms(
+                    module, bound["input"], bound.get("offsets"),
+                    bound.get("per_sample_weights"), g,
+                )  # fmt: skip
+                for n, sq in parts.items():
+                    self._add(getattr(module, n), sq)
+                self._captured.add(module)
+                call.grads.clear()
+                return
             a = call.args[0]
             if call.dim:  # sequence-first (T, B, ·): the closed forms take the batch first
                 a, g = a.movedim(call.dim, 0), g.movedim(call.dim, 0)
@@ -1705,6 +1799,19 @@ class PerSampleNorms(Callback):
                 fresh = call.verify is not None and self._kind[module] == "closed"
                 if single and fresh and 0 in call.grads:  # (its batch's dimension shown just
                     self._closed_form(call, call.grads[0])  # now: its closed form, as the hook's)
+                    continue
+                if (
+                    not single
+                    and isinstance(module, nn.EmbeddingBag)
+                    and any(
+                        self._bound(module, call.args, call.kwargs).get(k) is not None
+                        for k in ("offsets", "per_sample_weights")
+                    )
+                ):
+                    self._excluded[name] = (
+                        "an EmbeddingBag with offsets or per_sample_weights used more than once "
+                        "per forward (tied): its per-sample gradients are not recomputed by row"
+                    )
                     continue
                 if not single:
                     b = self._batch
@@ -2123,6 +2230,9 @@ class PerSampleNorms(Callback):
         for key, call in pending.items():
             name, k, shape = key
             got = seen.get((name, k))
+            bags = isinstance(call.unit, nn.EmbeddingBag)  # (a closed form's: by its output)
+            if bags:
+                got = outs.get((name, k))
             if got is None:  # not settled: left out this step, asked again on the next one
                 self._excluded.setdefault(
                     name,
@@ -2138,12 +2248,13 @@ class PerSampleNorms(Callback):
                 if got == _scaled(shape, d, p)
                 # (the output too; a batch-first input's unit whose forward failed after it
                 # counts by its input, as before the outputs were looked at)
-                and (out_got == _scaled(out_shape, d, p) or out_got is None and d == 0)
+                and (bags or out_got == _scaled(out_shape, d, p) or out_got is None and d == 0)
             ]
+            of = "its output" if bags else "its input"
             what = (
-                f"dimension {call.candidates[0]} of its input {shape} is not the batch"
+                f"dimension {call.candidates[0]} of {of} {shape} is not the batch"
                 if len(call.candidates) == 1
-                else f"neither dimension 0 nor 1 of its input {shape} is the batch"
+                else f"neither dimension 0 nor 1 of {of} {shape} is the batch"
             )
             self._verdicts[key] = (
                 fits[0]
