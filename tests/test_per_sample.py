@@ -509,6 +509,52 @@ def test_a_unit_is_recomputed_with_its_buffers_as_its_forward_saw_them(how, capl
     assert float(model.unit.temp) == 0.5 and float(model.head.calls) == 1.0
 
 
+class LazyRotary(nn.Module):
+    """A rotary table built on demand, Hugging Face's way: a buffer reassigned, and a Python
+    attribute saying how long it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        inv = 1.0 / (10.0 ** (torch.arange(0, D, 2) / D))
+        self.register_buffer("inv", inv, persistent=False)
+        self.register_buffer("cos", torch.zeros(1, D // 2), persistent=False)
+        self.cached = 0
+
+    def forward(self, x):
+        if x.shape[1] > self.cached:
+            self.cos = torch.cos(torch.arange(x.shape[1], dtype=self.inv.dtype)[:, None] * self.inv)
+            self.cached = x.shape[1]
+        return x * self.cos[: x.shape[1]].repeat_interleave(2, -1)
+
+
+class WithLazyRotary(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rot, self.lin = nn.Embedding(V, D), LazyRotary(), nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.lin(self.rot(self.emb(tokens)))).mean(1))
+
+
+def test_a_cache_a_check_forward_builds_is_kept() -> None:
+    """The checks' forwards run on copies of the buffers, put back after; a lazily built
+    table (a buffer reassigned, a Python attribute saying built) was built into the copy and
+    the old one put back while the attribute said built: the step ran on a table of zeros,
+    its gradients 0.1 apart from an unmeasured step's (a review's). A buffer the forward
+    reassigns is kept: the step's gradients and the table are an unmeasured step's."""
+    torch.manual_seed(0)
+    model = WithLazyRotary().double()
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+    measure(model, x, y)
+    F.cross_entropy(plain(x), y).backward()
+    assert torch.equal(model.rot.cos, plain.rot.cos)
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
 class LengthsLSTM(nn.LSTM):
     """An LSTM of one's own taking ``(x, lengths)`` and packing inside."""
 
