@@ -16,6 +16,7 @@ from test_nonfinite import FailAt  # a callback failing at a given step
 from test_per_sample import measure  # one measured step of PerSampleNorms by hand
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils.checkpoint import checkpoint
 
 from trainer.instrument import NonFiniteError, Norms, histograms
 from trainer.instrument.histograms import host_histogram
@@ -1267,6 +1268,63 @@ def test_instrument_full_and_none_train_bitwise_alike(tmp_path, extra) -> None:
                             final_params(tmp_path / "full").values(), strict=True):  # fmt: skip
         assert torch.equal(a, b), name
     assert full["val/loss"] == none["val/loss"]
+
+
+class CountedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.calls = nn.Linear(16, 16), 0
+
+    def forward(self, h):
+        self.calls += 1  # (run again by a checkpoint's recomputation in a backward)
+        return torch.tanh(self.lin(h)) * (1 + 0.01 * (self.calls % 3))
+
+
+class KeepsState(nn.Module):
+    """A model of one's own whose forward keeps state the instruments' extra forwards (the
+    per-sample checks, their recomputations, curvature's forward and backwards) must leave as
+    it was: a call counter it branches on, a forward hook it registers once behind a flag, a
+    table built on demand (a buffer reassigned, a flag saying how long it is), a block under
+    non-reentrant activation checkpointing counting its calls, and a TorchScript Linear."""
+
+    def __init__(self, in_shape, out_dim) -> None:
+        super().__init__()
+        self.a = nn.Linear(math.prod(in_shape), 16)
+        self.script = torch.jit.script(nn.Linear(16, 16))
+        self.block, self.head = CountedBlock(), nn.Linear(16, out_dim)
+        self.register_buffer("table", torch.zeros(1, 16), persistent=False)
+        self.calls, self.hooked, self.built = 0, False, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if not self.hooked:
+            self.a.register_forward_hook(lambda m, i, o: o * 0.5)
+            self.hooked = True
+        b = x.shape[0]
+        if b > self.built:
+            self.table = torch.linspace(0.5, 1.5, 16).repeat(b, 1)
+            self.built = b
+        h = torch.tanh(self.a(x.flatten(1))) * self.table[:b] * (1 + 0.01 * (self.calls % 2))
+        h = checkpoint(self.block, self.script(h), use_reentrant=False)
+        return self.head(h)
+
+
+def test_a_models_own_state_is_left_as_an_uninstrumented_run_leaves_it(tmp_path) -> None:
+    """The instruments' extra forwards put back what they change on the model's modules: a
+    counter advanced, a hook registered behind a flag (kept while the flag was put back: two
+    hooks, a review's), a table built into a check's copy while its flag said built (the model
+    ran on the old table), a checkpointed block's count in curvature's backwards, and a
+    TorchScript module (its tables are no dicts: curvature stopped the step). Trained bit for
+    bit as without them; the scripted Linear is left out of the per-sample norms, named."""
+    model = ["~model", f"+model._target_={__name__}.KeepsState", "trainer.max_steps=4"]
+    on = ["instrument.per_sample.every_n_steps=1", "instrument.curvature.every_n_steps=2",
+          "instrument.curvature.power_iters=2", "instrument.curvature.trace_probes=1"]  # fmt: skip
+    train(tmp_path / "none", *model, "instrument=none")
+    train(tmp_path / "on", *model, *on)
+    for (name, a), b in zip(final_params(tmp_path / "none").items(),
+                            final_params(tmp_path / "on").values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    assert read_scalars(tmp_path / "on")["per_sample/coverage"][-1][1] < 1
 
 
 def test_instrument_full_writes_every_documented_tag(tmp_path) -> None:

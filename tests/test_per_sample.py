@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import random
 import threading
@@ -2505,19 +2506,16 @@ def test_the_mixing_checks_are_checkpointed(tmp_path, caplog) -> None:
 
 class FailsOnce(nn.Module):
     """An MLP whose first forward fails (an out-of-memory at start-up, say): the mixing
-    check's, at the run's first micro-batch. (Its count in a list, changed in place: an
-    attribute a check's forward reassigns is put back after it.)"""
+    check's, at the run's first micro-batch. (Its count in an iterator, changed inside: an
+    attribute or list a check's forward changes is put back after it.)"""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.head, self.counted = nn.Linear(D, D), nn.Linear(D, 3), [0]
-
-    @property
-    def calls(self) -> int:
-        return self.counted[0]
+        self.a, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+        self.counter, self.calls = itertools.count(1), 0
 
     def forward(self, x):
-        self.counted[0] += 1
+        self.calls = next(self.counter)
         if self.calls == 1:
             raise RuntimeError("out of memory (a test's)")
         return self.head(torch.tanh(self.a(x)))
@@ -2541,9 +2539,10 @@ def test_a_failed_mixing_check_is_checkpointed_and_not_run_again_on_resume(
     torch.save(first.state_dict(), tmp_path / "state.pt")
     resumed = PerSampleNorms(1, loss="both")
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    calls = model.calls
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape[0]))
     _, again = measure(model, x, y, cb=resumed)
-    assert model.calls == calls + 1  # the step's own forward only
+    assert forwards == [x.shape[0]]  # the step's own forward only
     assert again["per_sample/coverage"] == staged["per_sample/coverage"]
 
 

@@ -30,7 +30,7 @@ from trainer.backward import double_backward_kernels, explain_freed_graph
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_reduce_sum
 from trainer.instrument.norms import norms_of
-from trainer.instrument.swap import call_with
+from trainer.instrument.swap import attributes_kept, call_with
 from trainer.precision import widen
 from trainer.rng import Fork, forked_rng
 
@@ -319,7 +319,19 @@ class Curvature(Callback):
         mode: weighted by ``weights``, the step's own, or else by the weighting called again),
         at the current parameters. The model's forward and the loss run again on the batch,
         from the random states ``start`` took (the step's forward's: its dropout masks), or
-        else from the current ones; the run's own are left as they are either way."""
+        else from the current ones; the run's own are left as they are either way, and so are
+        the model's modules' attributes, also where its backwards run parts of the forward
+        again (an activation checkpoint's, a backward hook's counter: a review's)."""
+        with attributes_kept(trainer.model):
+            return self._measure(trainer, batch, weights, start)
+
+    def _measure(
+        self,
+        trainer: Trainer,
+        batch: Batch,
+        weights: Tensor | None,
+        start: Fork | None,
+    ) -> dict[str, Tensor | float]:
         model = trainer.model
         x, y, index = batch
         params = [p for p in model.parameters() if p.requires_grad]

@@ -507,6 +507,16 @@ def _keyed(key: tuple[str, int], dim: int) -> tuple[Any, ...]:
     return key if dim == 0 else (*key, dim)
 
 
+def _scripted(module: nn.Module) -> bool:
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+#: why a TorchScript unit is left out
+SCRIPTED = (
+    "a TorchScript module (torch.jit.script/trace): no forward hook can be registered on it, "
+    "so its inputs and its output's gradient are not seen"
+)
+
 #: why a unit whose input is changed in place, in its forward or after it, is left out
 IN_PLACE = (
     "its input is changed in place (in its forward, or after it), so the input its per-sample "
@@ -968,6 +978,7 @@ class PerSampleNorms(Callback):
         #: the units with buffers (their children's and parametrizations' too), and, per
         #: call under way, those buffers' copies and state as its forward was entered
         self._buffered: set[nn.Module] = set()
+        self._scripted: list[tuple[str, nn.Module]] = []  # (set in on_fit_start)
         self._at_entry: dict[nn.Module, list[tuple[dict[str, Tensor], dict[str, Any]]]] = {}
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         #: id(param) of the units' parameters the measured micro-batch's backward reached (a
@@ -1043,6 +1054,8 @@ class PerSampleNorms(Callback):
             for p in own:
                 self._units_by_param.setdefault(id(p), []).append(m)
         self._param_by_id = {id(p): p for _, _, own, _ in self.units for p in own}
+        #: TorchScript units: no hook can be registered on them, left out on every step
+        self._scripted = [(n, m) for n, m, _, _ in self.units if _scripted(m)]
         self._buffered = {m for _, m, _, _ in self.units if next(m.buffers(), None) is not None}
         self._batchnorms = [
             (name, m) for name, m in trainer.model.named_modules() if isinstance(m, _BatchNorm)
@@ -1125,8 +1138,12 @@ class PerSampleNorms(Callback):
                     g = p.grad
                     self._grads_before[id(p)] = (g, -1 if g is None else g._version)
         root = trainer.model  # the model's forward is watched for outside uses, nothing else
+        for name, _ in self._scripted:  # (no hook can be registered on one: it stopped the
+            self._excluded[name] = SCRIPTED  # step, a review's)
         for _, m, _, _ in self.units:  # before a unit's own pre-hooks (weight_norm's, prune's
             # compute its weight from its parameters: a use inside its forward)
+            if _scripted(m):
+                continue
             self._handles.append(
                 m.register_forward_pre_hook(self._enter, prepend=True, with_kwargs=True)
             )
@@ -1139,10 +1156,13 @@ class PerSampleNorms(Callback):
                 m.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True)
             )
             self._handles.append(m.register_forward_hook(self._output_given))  # (last)
+        if _scripted(root):  # (every unit is: left out above)
+            return
         # (the mode first of all: registered last, in front)
         self._handles.append(root.register_forward_pre_hook(self._enter_mode, prepend=True))
         for name, bn in self._batchnorms:  # (those without parameters of their own too)
-            self._handles.append(bn.register_forward_pre_hook(partial(self._enter_bn, name)))
+            if not _scripted(bn):
+                self._handles.append(bn.register_forward_pre_hook(partial(self._enter_bn, name)))
         self._handles.append(root.register_forward_hook(self._model_returned))
 
     def _check_before_backward(self) -> None:
@@ -2084,7 +2104,7 @@ class PerSampleNorms(Callback):
                             seen.add(_keyed(key, d))
                             inside.append((_keyed(key, d), moved))
 
-        handles = [h for _, m, _, _ in self.units for h in (
+        handles = [h for _, m, _, _ in self.units if not _scripted(m) for h in (
             m.register_forward_pre_hook(enter, prepend=True),
             m.register_forward_hook(record, prepend=True, with_kwargs=True),  # (before a
             # user's hook replaces its output)
@@ -2204,7 +2224,8 @@ class PerSampleNorms(Callback):
             if isinstance(output, Tensor):
                 outs[(self._names[module], counts.get(module, 0))] = tuple(output.shape)
 
-        units = [m for _, m, _, kind in self.units if kind in ("closed", "func")]
+        units = [m for _, m, _, kind in self.units
+                 if kind in ("closed", "func") and not _scripted(m)]  # fmt: skip
         handles = [h for m in units for h in (m.register_forward_pre_hook(record),
                                               m.register_forward_hook(returned))]  # fmt: skip
         rows = torch.arange(p, device=batch.x.device) % b

@@ -17,40 +17,62 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 _MISSING = object()
 
 
+def _contents(v: Any) -> Any:
+    """A shallow copy of a container attribute's contents (a hook table, a set of names, a
+    list), or None for any other value."""
+    if isinstance(v, dict):
+        return dict(v)
+    if isinstance(v, (set, list)):
+        return type(v)(v)
+    return None
+
+
+def _same(v: Any, before: Any) -> bool:
+    if isinstance(v, dict):
+        return v.keys() == before.keys() and all(v[k] is x for k, x in before.items())
+    if isinstance(v, list):
+        return len(v) == len(before) and all(a is b for a, b in zip(v, before, strict=True))
+    return v == before
+
+
 @contextlib.contextmanager
 def attributes_kept(module: nn.Module) -> Iterator[None]:
-    """Within: a forward run again by an instrument. After: every module under ``module`` has
-    the attributes it had before, by identity (a counter reassigned, a cache and the flag
-    saying it is built, a module or buffer registered on demand), its parameter, buffer and
-    child tables the keys they had. Objects changed in place (a list appended to, a random
-    generator drawn from, a tensor written into) are not put back."""
+    """Within: a forward (and backward) run again by an instrument. After: every module under
+    ``module`` has the attributes it had before, by identity (a counter reassigned, a cache
+    and the flag saying it is built), and its container attributes their contents (its
+    parameter, buffer and child tables, its hook tables, a list it appends to: a hook a
+    forward registers with a flag saying so was kept while the flag was put back, and the
+    next forward registered it twice, a review's). Not put back: objects changed in place
+    otherwise (a random generator drawn from, a tensor written into), ``__slots__``, and
+    TorchScript modules (their tables are no dicts), which are left as they are."""
     saved = []
     for m in module.modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            continue
         attrs = dict(vars(m))
-        tables = {k: dict(attrs[k]) for k in ("_parameters", "_buffers", "_modules")}
-        saved.append((m, attrs, tables))
+        contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
+        saved.append((m, attrs, contents))
     try:
         yield
     finally:
-        for m, attrs, tables in saved:
+        for m, attrs, contents in saved:
             now = vars(m)
             for k in [k for k in now if k not in attrs]:
                 del now[k]
             for k, v in attrs.items():
                 if now.get(k, _MISSING) is not v:
                     now[k] = v
-            for k, before in tables.items():
-                table = now[k]
-                if table.keys() != before.keys() or any(
-                    table[n] is not t for n, t in before.items()
-                ):
-                    table.clear()
-                    table.update(before)
+            for k, before in contents.items():
+                v = now[k]
+                if not _same(v, before):
+                    v.clear()
+                    v.update(before) if not isinstance(v, list) else v.extend(before)
 
 
 def call_with(
