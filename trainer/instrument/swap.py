@@ -24,13 +24,29 @@ _MISSING = object()
 
 
 def _contents(v: Any) -> Any:
-    """A shallow copy of a container attribute's contents (a hook table, a set of names, a
-    list), or None for any other value."""
-    if isinstance(v, dict):
-        return dict(v)
-    if isinstance(v, (set, list)):
-        return type(v)(v)
+    """A plain shallow copy of a container attribute's contents (a hook table, a set of
+    names, a list), or None for any other value or one that cannot be copied so. (Not
+    ``type(v)(v)``: a list subclass of its own constructor, a ring buffer of a capacity,
+    came back empty, or raised and stopped the step: a review's.)"""
+    try:
+        if isinstance(v, dict):
+            return dict(v)
+        if isinstance(v, list):
+            return list(v)
+        if isinstance(v, set):
+            return set(v)
+    except Exception:  # noqa: BLE001 (a container of its own that will not be read: skipped)
+        return None
     return None
+
+
+def _put_back(v: Any, before: Any) -> None:
+    """``v``'s contents made ``before``'s again, in place."""
+    if isinstance(v, list):
+        v[:] = before
+    else:
+        v.clear()
+        v.update(before)
 
 
 def _same(v: Any, before: Any) -> bool:
@@ -70,9 +86,11 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
                     now[k] = v
             for k, before in contents.items():
                 v = now[k]
-                if not _same(v, before):
-                    v.clear()
-                    v.update(before) if not isinstance(v, list) else v.extend(before)
+                try:
+                    if not _same(v, before):
+                        _put_back(v, before)
+                except Exception:  # noqa: BLE001 (one of its own that refuses: left as is)
+                    continue
 
 
 def call_with(
