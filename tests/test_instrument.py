@@ -1343,6 +1343,36 @@ def test_a_models_own_state_is_left_as_an_uninstrumented_run_leaves_it(tmp_path)
     assert read_scalars(tmp_path / "on")["per_sample/coverage"][-1][1] < 1
 
 
+class Bagged(nn.Module):
+    """Digits' pixels as indices of an EmbeddingBag (its backward has no derivative of its
+    own: no Hessian-vector product through it)."""
+
+    def __init__(self, in_shape, out_dim) -> None:
+        super().__init__()
+        self.bag, self.head = nn.EmbeddingBag(33, 8), nn.Linear(8, out_dim)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.bag((x.flatten(1) * 2).long().clamp(0, 32))))
+
+
+def test_curvature_through_an_op_without_a_double_backward_is_nan_not_a_stop(
+    tmp_path, caplog
+) -> None:
+    """An EmbeddingBag's backward has no derivative: curvature stopped the run (a review's).
+    NaN is logged for it, said once, and the run trains as without curvature."""
+    model = ["~model", f"+model._target_={__name__}.Bagged", "trainer.max_steps=3"]
+    curvature = ["instrument.curvature.every_n_steps=1", "instrument.curvature.power_iters=2"]
+    train(tmp_path / "none", *model, "instrument=none")
+    with caplog.at_level("WARNING"):
+        train(tmp_path / "on", *model, "instrument=none", *curvature)
+    assert caplog.text.count("curvature: NaN, the model's backward has no derivative") == 1
+    values = read_scalars(tmp_path / "on")["curvature/top_eig"]
+    assert [s for s, _ in values] == [1, 2, 3] and all(math.isnan(v) for _, v in values)
+    for (name, a), b in zip(final_params(tmp_path / "none").items(),
+                            final_params(tmp_path / "on").values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+
+
 def test_instrument_full_writes_every_documented_tag(tmp_path) -> None:
     train(tmp_path, "trainer.max_steps=50", "instrument=full", "loss.mode=vector",
           "regularizer=[l2]", "trainer.grad_clip=1.0")  # fmt: skip

@@ -242,6 +242,7 @@ class Curvature(Callback):
         self._start: Fork | None = None  # (the random states a due micro-batch began with)
         self._batch_start: Fork | None = None
         self._warned = False  # (an unconverged power iteration: said once a run)
+        self._unsupported = False  # (an op without a double backward: said once a run)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """On CUDA, attention dropout of the step's forward may be drawn by the fused kernels
@@ -323,7 +324,21 @@ class Curvature(Callback):
         the model's modules' attributes, also where its backwards run parts of the forward
         again (an activation checkpoint's, a backward hook's counter: a review's)."""
         with attributes_kept(trainer.model):
-            return self._measure(trainer, batch, weights, start)
+            try:
+                return self._measure(trainer, batch, weights, start)
+            except NotImplementedError as e:  # an op of the model without a double backward
+                # (an EmbeddingBag's: it stopped the run, a review's): NaN, said once
+                if not self._unsupported:
+                    self._unsupported = True
+                    log.warning(
+                        "curvature: NaN, the model's backward has no derivative of its own "
+                        "(%s): Hessian-vector products need one for every op; turn curvature "
+                        "off (instrument.curvature.every_n_steps=0) or replace that op",
+                        str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e),
+                    )  # fmt: skip
+                nan = torch.full((), math.nan, device=batch.x.device)
+                return {"curvature/top_eig": nan, "curvature/top_eig_iters": 0.0,
+                        "curvature/trace": nan, "curvature/trace_stderr": nan}  # fmt: skip
 
     def _measure(
         self,

@@ -109,7 +109,12 @@ from trainer.distributed import (
     shard_sizes,
 )
 from trainer.instrument.norms import memory_of, minus, norms_of
-from trainer.instrument.swap import attributes_kept, call_with
+from trainer.instrument.swap import (
+    attributes_kept,
+    call_with,
+    plain_attributes,
+    set_plain_attributes,
+)
 from trainer.precision import LOW_PRECISION
 from trainer.rng import Fork, forked_rng
 
@@ -752,6 +757,9 @@ class _Call:
     candidates: tuple[int, ...] = ()
     #: copies of its buffers as its forward began (:func:`_buffer_copies`): a recomputation's
     buffers: dict[str, Tensor] = field(default_factory=dict)
+    #: its modules' attributes as its forward began (``swap.plain_attributes``), which a
+    #: recomputation starts from
+    attributes: list[tuple[nn.Module, dict[str, Any]]] = field(default_factory=list)
 
     def moved(self) -> bool:
         return _versions((self.args, self.kwargs)) != self.versions
@@ -979,7 +987,7 @@ class PerSampleNorms(Callback):
         #: call under way, those buffers' copies and state as its forward was entered
         self._buffered: set[nn.Module] = set()
         self._scripted: list[tuple[str, nn.Module]] = []  # (set in on_fit_start)
-        self._at_entry: dict[nn.Module, list[tuple[dict[str, Tensor], dict[str, Any]]]] = {}
+        self._at_entry: dict[nn.Module, list[tuple[dict[str, Tensor], dict[str, Any], Any]]] = {}
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         #: id(param) of the units' parameters the measured micro-batch's backward reached (a
         #: hook on each while it runs): a unit neither captured nor reached had 0 per sample
@@ -1279,8 +1287,15 @@ class PerSampleNorms(Callback):
         self._tick += 1
         given = (*inputs, *kwargs.values())
         self._given.setdefault(module, []).append((given, _versions(given)))
-        if module in self._buffered:
-            entry = (_buffer_copies(module), _buffer_state(module))
+        if module in self._buffered or self._kind[module] != "closed":
+            # (a recomputation starts where this forward did: its buffers, and its
+            # attributes, a flag saying a cache is built among them: a review's read a
+            # stale table as built, 1.45 % off at coverage 1)
+            entry = (
+                _buffer_copies(module) if module in self._buffered else {},
+                _buffer_state(module) if module in self._buffered else {},
+                plain_attributes(module),
+            )
             self._at_entry.setdefault(module, []).append(entry)
 
     def _inputs_given(
@@ -1379,7 +1394,7 @@ class PerSampleNorms(Callback):
         entries = self._at_entry.get(module)
         entry = entries.pop() if entries else None  # (its buffers as its forward began)
         why = self._check(module, args, kwargs, outputs, output)
-        if why is None and entry is not None and self._kind[module] != "closed":
+        if why is None and entry is not None and self._kind[module] != "closed" and entry[1]:
             why = _buffer_changes(self._kind[module], entry[1], _buffer_state(module))
         if why is None and _versions(args) != self._entry_versions.get(module, _versions(args)):
             why = IN_PLACE
@@ -1434,6 +1449,7 @@ class PerSampleNorms(Callback):
             autocast=amp, verify=verify, mixing=mixing,
             versions=_versions((args, kwargs)), dim=dim, candidates=candidates,
             buffers=entry[0] if entry is not None else {},
+            attributes=entry[2] if entry is not None else [],
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -1621,6 +1637,7 @@ class PerSampleNorms(Callback):
         put back after (:func:`trainer.instrument.swap.attributes_kept`: a counter it keeps
         is not advanced by measuring)."""
         with attributes_kept(call.unit):
+            set_plain_attributes(call.attributes)  # (as its forward began)
             return self._recompute(call, call.buffers)
 
     def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:

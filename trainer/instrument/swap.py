@@ -93,6 +93,32 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
                     continue
 
 
+def plain_attributes(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """The attributes of every module under ``module`` that are no container (a counter, a
+    flag saying a cache is built), by identity: what :func:`set_plain_attributes` puts back
+    for a recomputation of its forward as it began (hook and parameter tables are not: the
+    instruments' own hooks come and go between)."""
+    return [
+        (m, {k: v for k, v in vars(m).items() if not isinstance(v, (dict, list, set))})
+        for m in module.modules()
+        if not isinstance(m, torch.jit.ScriptModule)
+    ]
+
+
+def set_plain_attributes(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Each module's attributes that are no container made ``saved``'s again
+    (:func:`plain_attributes`), and such attributes added since removed."""
+    for m, attrs in saved:
+        now = vars(m)
+        for k in [
+            k for k, v in now.items() if k not in attrs and not isinstance(v, (dict, list, set))
+        ]:
+            del now[k]
+        for k, v in attrs.items():
+            if now.get(k, _MISSING) is not v:
+                now[k] = v
+
+
 def call_with(
     module: nn.Module,
     state: dict[str, Tensor],
