@@ -113,6 +113,7 @@ from trainer.instrument.swap import (
     attributes_kept,
     call_with,
     plain_attributes,
+    scripted,
     set_plain_attributes,
 )
 from trainer.precision import LOW_PRECISION
@@ -510,10 +511,6 @@ def _keyed(key: tuple[str, int], dim: int) -> tuple[Any, ...]:
     """A unit call's key in the mixing check, by the dimension its batch is in: (unit, call)
     batch-first, (unit, call, 1) sequence-first (one call may be watched at both)."""
     return key if dim == 0 else (*key, dim)
-
-
-def _scripted(module: nn.Module) -> bool:
-    return isinstance(module, torch.jit.ScriptModule)
 
 
 #: why a TorchScript unit is left out
@@ -1063,7 +1060,7 @@ class PerSampleNorms(Callback):
                 self._units_by_param.setdefault(id(p), []).append(m)
         self._param_by_id = {id(p): p for _, _, own, _ in self.units for p in own}
         #: TorchScript units: no hook can be registered on them, left out on every step
-        self._scripted = [(n, m) for n, m, _, _ in self.units if _scripted(m)]
+        self._scripted = [(n, m) for n, m, _, _ in self.units if scripted(m)]
         self._buffered = {m for _, m, _, _ in self.units if next(m.buffers(), None) is not None}
         self._batchnorms = [
             (name, m) for name, m in trainer.model.named_modules() if isinstance(m, _BatchNorm)
@@ -1150,7 +1147,7 @@ class PerSampleNorms(Callback):
             self._excluded[name] = SCRIPTED  # step, a review's)
         for _, m, _, _ in self.units:  # before a unit's own pre-hooks (weight_norm's, prune's
             # compute its weight from its parameters: a use inside its forward)
-            if _scripted(m):
+            if scripted(m):
                 continue
             self._handles.append(
                 m.register_forward_pre_hook(self._enter, prepend=True, with_kwargs=True)
@@ -1164,12 +1161,12 @@ class PerSampleNorms(Callback):
                 m.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True)
             )
             self._handles.append(m.register_forward_hook(self._output_given))  # (last)
-        if _scripted(root):  # (every unit is: left out above)
+        if scripted(root):  # (every unit is: left out above)
             return
         # (the mode first of all: registered last, in front)
         self._handles.append(root.register_forward_pre_hook(self._enter_mode, prepend=True))
         for name, bn in self._batchnorms:  # (those without parameters of their own too)
-            if not _scripted(bn):
+            if not scripted(bn):
                 self._handles.append(bn.register_forward_pre_hook(partial(self._enter_bn, name)))
         self._handles.append(root.register_forward_hook(self._model_returned))
 
@@ -2121,7 +2118,7 @@ class PerSampleNorms(Callback):
                             seen.add(_keyed(key, d))
                             inside.append((_keyed(key, d), moved))
 
-        handles = [h for _, m, _, _ in self.units if not _scripted(m) for h in (
+        handles = [h for _, m, _, _ in self.units if not scripted(m) for h in (
             m.register_forward_pre_hook(enter, prepend=True),
             m.register_forward_hook(record, prepend=True, with_kwargs=True),  # (before a
             # user's hook replaces its output)
@@ -2242,7 +2239,7 @@ class PerSampleNorms(Callback):
                 outs[(self._names[module], counts.get(module, 0))] = tuple(output.shape)
 
         units = [m for _, m, _, kind in self.units
-                 if kind in ("closed", "func") and not _scripted(m)]  # fmt: skip
+                 if kind in ("closed", "func") and not scripted(m)]  # fmt: skip
         handles = [h for m in units for h in (m.register_forward_pre_hook(record),
                                               m.register_forward_hook(returned))]  # fmt: skip
         rows = torch.arange(p, device=batch.x.device) % b

@@ -21,6 +21,13 @@ import torch
 from torch import Tensor, nn
 
 _MISSING = object()
+#: the attribute types whose contents :func:`attributes_kept` puts back (a hook table, a list)
+_CONTAINERS = (dict, list, set)
+
+
+def scripted(module: nn.Module) -> bool:
+    """A TorchScript module: its tables are no dicts, and no hook can be registered on it."""
+    return isinstance(module, torch.jit.ScriptModule)
 
 
 def _contents(v: Any) -> Any:
@@ -69,7 +76,7 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     TorchScript modules (their tables are no dicts), which are left as they are."""
     saved = []
     for m in module.modules():
-        if isinstance(m, torch.jit.ScriptModule):
+        if scripted(m):
             continue
         attrs = dict(vars(m))
         contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
@@ -99,9 +106,9 @@ def plain_attributes(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]
     for a recomputation of its forward as it began (hook and parameter tables are not: the
     instruments' own hooks come and go between)."""
     return [
-        (m, {k: v for k, v in vars(m).items() if not isinstance(v, (dict, list, set))})
+        (m, {k: v for k, v in vars(m).items() if not isinstance(v, _CONTAINERS)})
         for m in module.modules()
-        if not isinstance(m, torch.jit.ScriptModule)
+        if not scripted(m)
     ]
 
 
@@ -110,9 +117,7 @@ def set_plain_attributes(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
     (:func:`plain_attributes`), and such attributes added since removed."""
     for m, attrs in saved:
         now = vars(m)
-        for k in [
-            k for k, v in now.items() if k not in attrs and not isinstance(v, (dict, list, set))
-        ]:
+        for k in [k for k, v in now.items() if k not in attrs and not isinstance(v, _CONTAINERS)]:
             del now[k]
         for k, v in attrs.items():
             if now.get(k, _MISSING) is not v:
