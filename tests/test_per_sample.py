@@ -1247,6 +1247,29 @@ def test_measuring_does_not_run_a_parametrization_again(make, unit, caplog) -> N
         assert torch.equal(p.grad, q.grad), name
 
 
+class KeywordInput(nn.Module):
+    """``a`` gets its input by keyword (``a(input=x)``), ``head`` positionally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(input=x)))
+
+
+def test_a_unit_given_its_input_by_keyword_is_left_out_saying_so(caplog) -> None:
+    """A Linear called as ``lin(input=x)``: left out naming the keyword (a probe read "not
+    one tensor input", which it is), the rest exact against the batch's Jacobian."""
+    torch.manual_seed(0)
+    model = KeywordInput().double()
+    x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    with caplog.at_level("WARNING"):
+        staged = measured_exactly(model, x, y, left_out=("a",))
+    assert_left_out(model, staged, caplog.text, "a", "passed by keyword")
+
+
 def test_attention_dropout_is_left_out_and_named(caplog) -> None:
     """Attention dropout draws a mask per call that a per-sample recomputation cannot
     reproduce: the attention is left out (not measured wrongly), the rest stays exact."""
@@ -3426,7 +3449,8 @@ def test_a_linear_on_sequences_squared_norms_in_chunks_of_samples(monkeypatch, t
     a = torch.randn(5, 1, t, 6, dtype=torch.float64, generator=gen)
     g = torch.randn(5, 1, t, 7, dtype=torch.float64, generator=gen)
     want = torch.stack([(g[i, 0].T @ a[i, 0]).pow(2).sum() for i in range(5)])
-    each = (2 * t * t if t * 13 <= 42 else 42) * 8  # (bytes of one sample's temporaries)
+    # (bytes of one sample's temporaries: the Gram form's in float64, with its inputs)
+    each = (2 * t * t + t * 13 if t * 13 <= 42 else 42) * 8
     inner, sizes = ps._gram_or_direct, []
 
     def counted(a, g):
@@ -3439,6 +3463,48 @@ def test_a_linear_on_sequences_squared_norms_in_chunks_of_samples(monkeypatch, t
         sizes.clear()
         torch.testing.assert_close(ps._gram_or_direct(a, g), want, rtol=1e-12, atol=0)
         assert sizes == chunks
+
+
+@pytest.mark.parametrize("form", ["linear", "conv", "embedding"])
+def test_the_gram_forms_keep_float32_inputs_whose_terms_cancel_exact(form) -> None:
+    """The Gram forms add T² products (aₜ·aₛ)(gₜ·gₛ) whose sum, the squared norm, can be
+    far smaller than its terms: an input with an offset of 1,000 into a layer whose output
+    gradient sums to 0 over t (an InstanceNorm after it; a probe's Conv1d was 17 % off at
+    coverage 1 in float32). From float32 inputs, each sample's squared norm against ‖Σₜ
+    gₜaₜᵀ‖² of the same float32 values in float64, within float64's rounding of the Gram
+    form: (T² + Ci + Co)·u₆₄ of Σₜ,ₛ |aₜ||aₛ||gₜ||gₛ| = (Σₜ |aₜ||gₜ|)²."""
+    import trainer.instrument.per_sample as ps
+
+    gen = torch.Generator().manual_seed(0)
+    b, t, ci, co = 4, 8, 32, 32
+    g = torch.randn(b, t, co, generator=gen)
+    g = g - g.mean(1, keepdim=True)  # (summing to about 0 over t, as an InstanceNorm's)
+    if form == "embedding":  # 4 tokens twice each, their two rows of opposite signs
+        idx = torch.stack([torch.randperm(t, generator=gen) // 2 for _ in range(b)])
+        first = torch.stack([torch.tensor([(r[:k] == r[k]).sum() == 0 for k in range(t)])
+                             for r in idx])  # fmt: skip
+        big = 1000 * torch.randn(b, t // 2, co, generator=gen)
+        rows = big.gather(1, idx.unsqueeze(-1).expand(-1, -1, co))
+        g = (first.float() * 2 - 1).unsqueeze(-1) * rows + torch.randn(b, t, co, generator=gen)
+        got = ps.embedding_sq_norms(nn.Embedding(50, co), idx, g)["weight"]
+        onehot = F.one_hot(idx, 50).double().transpose(1, 2)  # (B, V, T): tables, brute force
+        want = (onehot @ g.double()).pow(2).sum(dim=(1, 2))
+        bound = (onehot @ g.double().norm(dim=2, keepdim=True)).pow(2).sum(dim=(1, 2))
+    else:
+        a = (1000 + torch.randn(b, t, ci, generator=gen)).float()
+        if form == "linear":
+            got = ps.linear_sq_norms(nn.Linear(ci, co, bias=False), a, g)["weight"]
+        else:  # a Conv1d of kernel 1 over (B, Ci, T): its unfolded columns are aₜ
+            conv = nn.Conv1d(ci, co, 1, bias=False)
+            got = ps.conv_sq_norms(conv, a.transpose(1, 2), g.transpose(1, 2))["weight"]
+        want = (g.double().transpose(1, 2) @ a.double()).pow(2).sum(dim=(1, 2))
+        bound = (a.double().norm(dim=2) * g.double().norm(dim=2)).sum(1).pow(2)
+    assert t * (ci + co) <= ci * co or form == "embedding"  # (the Gram form is taken)
+    # terms that cancel: the result is under 1e-4 of them, so float32's rounding of the
+    # terms alone (2⁻²⁴ of them) could be 6e-4 of it or more
+    assert (want < 1e-4 * bound).all()
+    tol = (t * t + ci + co) * 2.0**-53 * bound
+    assert ((got.double() - want).abs() <= tol).all(), (got, want)
 
 
 class TwoLinear(nn.Module):

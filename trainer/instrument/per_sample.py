@@ -137,16 +137,26 @@ def _gram_or_direct(a: Tensor, g: Tensor) -> Tensor:
     b, groups, t, ci = a.shape
     co = g.shape[3]
     gram = t * (ci + co) <= ci * co  # the Gram form takes fewer operations
-    # its temporaries per sample (two Gram matrices; the per-sample gradient), squared in
-    # place: samples in chunks of at most MATERIALIZE_BYTES of them (an LM head of 8,192
-    # outputs at T = 1,024 took 2 × 4.9 GB for B = 32 at once, inside the backward's hook)
-    each = groups * (2 * t * t if gram else co * ci) * max(a.element_size(), g.element_size())
+    # its temporaries per sample (the inputs and two Gram matrices in float64; the per-sample
+    # gradient), squared in place: samples in chunks of at most MATERIALIZE_BYTES of them (an
+    # LM head of 8,192 outputs at T = 1,024 took 2 × 4.9 GB for B = 32 at once, inside the
+    # backward's hook)
+    if gram:
+        each = groups * (2 * t * t + t * (ci + co)) * 8
+    else:
+        each = groups * co * ci * max(a.element_size(), g.element_size())
     chunk = max(1, MATERIALIZE_BYTES // max(each, 1))
     if chunk < b:
         return torch.cat(
             [_gram_or_direct(a[i : i + chunk], g[i : i + chunk]) for i in range(0, b, chunk)]
         )
     if gram:
+        # in float64: the form adds T² products whose sum is the squared norm, so where the
+        # terms are large against it (an input with an offset into a layer whose output
+        # gradient sums to about 0 over t, as before an InstanceNorm) float32 loses the
+        # square of what the per-sample gradient itself loses (a probe's Conv1d was 17 %
+        # off at coverage 1, where float32 autograd was 0.13 % off)
+        a, g = a.double(), g.double()
         ga = a @ a.transpose(-1, -2)  # (B, G, T, T)
         gg = g @ g.transpose(-1, -2)
         return ga.mul_(gg).sum(dim=(1, 2, 3))
@@ -223,7 +233,8 @@ def embedding_sq_norms(module: nn.Embedding, idx: Tensor, g: Tensor) -> dict[str
     if module.padding_idx is not None:
         gg = gg * (i != module.padding_idx).unsqueeze(-1).to(gg.dtype)
     t, (v, d) = i.shape[1], module.weight.shape
-    if t * t <= v * d:  # the Gram form
+    if t * t <= v * d:  # the Gram form (in float64, as :func:`_gram_or_direct`'s)
+        gg = gg.double()
         same = (i.unsqueeze(2) == i.unsqueeze(1)).to(gg.dtype)
         return {"weight": (same * (gg @ gg.transpose(1, 2))).sum(dim=(1, 2))}
     table = gg.new_zeros(b, v, d).scatter_add_(1, i.unsqueeze(-1).expand(-1, -1, d), gg)
@@ -633,8 +644,12 @@ def _mixing_passes(
 
 def _versions(obj: Any) -> list[int]:
     """The version counters of the tensors in ``obj`` (-1 for an inference tensor, which keeps
-    none: made under ``torch.inference_mode``, it cannot be changed in place outside it)."""
-    return [_version(t) for t in _tensors(obj)]
+    none: made under ``torch.inference_mode``, it cannot be changed in place outside it).
+    Read with torch-function handling off: under the outside-use mode (the unit pre-hooks' and
+    output hooks' reads, 5 per unit and measured forward) each read was a Python dispatch
+    through the mode, ≈ 4 µs a tensor; reading a counter is nobody's use of a tensor."""
+    with torch._C.DisableTorchFunction():
+        return [_version(t) for t in _tensors(obj)]
 
 
 def _version(t: Tensor) -> int:
@@ -1393,7 +1408,8 @@ class PerSampleNorms(Callback):
         why = self._check(module, args, kwargs, outputs, output)
         if why is None and entry is not None and self._kind[module] != "closed" and entry[1]:
             why = _buffer_changes(self._kind[module], entry[1], _buffer_state(module))
-        if why is None and _versions(args) != self._entry_versions.get(module, _versions(args)):
+        entry_versions = self._entry_versions.get(module)
+        if why is None and entry_versions is not None and _versions(args) != entry_versions:
             why = IN_PLACE
         verify = None
         dim, candidates = 0, cast(tuple[int, ...], ())
@@ -1524,6 +1540,11 @@ class PerSampleNorms(Callback):
                 or tensors[0] is not first
                 or (not isinstance(output, Tensor))
             ):  # (a dict or tuple output: its recomputation per sample returns one too)
+                if len(tensors) == 1 and first is None and isinstance(output, Tensor):
+                    return (  # (a probe read "not one tensor input" for lin(input=x))
+                        "its one tensor input is passed by keyword: the per-sample "
+                        "forms take it as the first positional argument (module(x))"
+                    )
                 return "not one tensor input (its first argument) and one tensor output"
             if not _batch_dims(module, kind, first, outputs[0], b):
                 return (
