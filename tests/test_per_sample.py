@@ -1247,27 +1247,38 @@ def test_measuring_does_not_run_a_parametrization_again(make, unit, caplog) -> N
         assert torch.equal(p.grad, q.grad), name
 
 
+class MaskFirst(nn.Linear):
+    def forward(self, mask, x):  # type: ignore[override]
+        return super().forward(x if mask is None else x * mask)
+
+
 class KeywordInput(nn.Module):
-    """``a`` gets its input by keyword (``a(input=x)``), ``head`` positionally."""
+    """``a`` gets its input by keyword (``a(input=x)``), ``b`` as its second positional
+    argument after a None, ``head`` positionally."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+        self.a, self.b, self.head = nn.Linear(D, D), MaskFirst(D, D), nn.Linear(D, 3)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.a(input=x)))
+        return self.head(torch.tanh(self.b(None, self.a(input=x))))
 
 
 def test_a_unit_given_its_input_by_keyword_is_left_out_saying_so(caplog) -> None:
     """A Linear called as ``lin(input=x)``: left out naming the keyword (a probe read "not
-    one tensor input", which it is), the rest exact against the batch's Jacobian."""
+    one tensor input", which it is); one called as ``lin(None, x)`` left out as not given its
+    tensor first, not as by keyword (a review's); the rest exact against the batch's
+    Jacobian."""
     torch.manual_seed(0)
     model = KeywordInput().double()
     x = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 2, 1, 0])
     with caplog.at_level("WARNING"):
-        staged = measured_exactly(model, x, y, left_out=("a",))
-    assert_left_out(model, staged, caplog.text, "a", "passed by keyword")
+        measured_exactly(model, x, y, left_out=("a", "b"))
+    said = {r.getMessage().split("'")[1]: r.getMessage() for r in caplog.records
+            if "leave out" in r.getMessage()}  # fmt: skip
+    assert "passed by keyword" in said["a"]
+    assert "passed by keyword" not in said["b"] and "its first argument" in said["b"]
 
 
 def test_attention_dropout_is_left_out_and_named(caplog) -> None:
@@ -3466,13 +3477,14 @@ def test_a_linear_on_sequences_squared_norms_in_chunks_of_samples(monkeypatch, t
 
 
 @pytest.mark.parametrize("form", ["linear", "conv", "embedding"])
-def test_the_gram_forms_keep_float32_inputs_whose_terms_cancel_exact(form) -> None:
+def test_the_gram_forms_keep_float32_inputs_whose_terms_cancel_exact(form, monkeypatch) -> None:
     """The Gram forms add T² products (aₜ·aₛ)(gₜ·gₛ) whose sum, the squared norm, can be
     far smaller than its terms: an input with an offset of 1,000 into a layer whose output
     gradient sums to 0 over t (an InstanceNorm after it; a probe's Conv1d was 17 % off at
     coverage 1 in float32). From float32 inputs, each sample's squared norm against ‖Σₜ
     gₜaₜᵀ‖² of the same float32 values in float64, within float64's rounding of the Gram
-    form: (T² + Ci + Co)·u₆₄ of Σₜ,ₛ |aₜ||aₛ||gₜ||gₛ| = (Σₜ |aₜ||gₜ|)²."""
+    form: (T² + Ci + Co)·u₆₄ of Σₜ,ₛ |aₜ||aₛ||gₜ||gₛ| = (Σₜ |aₜ||gₜ|)². An Embedding's, whose
+    rows of one token cancel, the same in chunks of samples as all at once."""
     import trainer.instrument.per_sample as ps
 
     gen = torch.Generator().manual_seed(0)
@@ -3487,6 +3499,8 @@ def test_the_gram_forms_keep_float32_inputs_whose_terms_cancel_exact(form) -> No
         rows = big.gather(1, idx.unsqueeze(-1).expand(-1, -1, co))
         g = (first.float() * 2 - 1).unsqueeze(-1) * rows + torch.randn(b, t, co, generator=gen)
         got = ps.embedding_sq_norms(nn.Embedding(50, co), idx, g)["weight"]
+        monkeypatch.setattr(ps, "MATERIALIZE_BYTES", 1)  # one sample at a time: the same
+        assert torch.equal(ps.embedding_sq_norms(nn.Embedding(50, co), idx, g)["weight"], got)
         onehot = F.one_hot(idx, 50).double().transpose(1, 2)  # (B, V, T): tables, brute force
         want = (onehot @ g.double()).pow(2).sum(dim=(1, 2))
         bound = (onehot @ g.double().norm(dim=2, keepdim=True)).pow(2).sum(dim=(1, 2))

@@ -116,7 +116,7 @@ from trainer.instrument.swap import (
     scripted,
     set_plain_attributes,
 )
-from trainer.precision import LOW_PRECISION
+from trainer.precision import LOW_PRECISION, sum_dtype
 from trainer.rng import Fork, forked_rng
 
 if TYPE_CHECKING:
@@ -156,7 +156,8 @@ def _gram_or_direct(a: Tensor, g: Tensor) -> Tensor:
         # gradient sums to about 0 over t, as before an InstanceNorm) float32 loses the
         # square of what the per-sample gradient itself loses (a probe's Conv1d was 17 %
         # off at coverage 1, where float32 autograd was 0.13 % off)
-        a, g = a.double(), g.double()
+        # (float32 on MPS, which has no float64)
+        a, g = a.to(sum_dtype(a.device)), g.to(sum_dtype(g.device))
         ga = a @ a.transpose(-1, -2)  # (B, G, T, T)
         gg = g @ g.transpose(-1, -2)
         return ga.mul_(gg).sum(dim=(1, 2, 3))
@@ -233,10 +234,16 @@ def embedding_sq_norms(module: nn.Embedding, idx: Tensor, g: Tensor) -> dict[str
     if module.padding_idx is not None:
         gg = gg * (i != module.padding_idx).unsqueeze(-1).to(gg.dtype)
     t, (v, d) = i.shape[1], module.weight.shape
-    if t * t <= v * d:  # the Gram form (in float64, as :func:`_gram_or_direct`'s)
-        gg = gg.double()
-        same = (i.unsqueeze(2) == i.unsqueeze(1)).to(gg.dtype)
-        return {"weight": (same * (gg @ gg.transpose(1, 2))).sum(dim=(1, 2))}
+    if t * t <= v * d:  # the Gram form, in float64 as :func:`_gram_or_direct`'s, samples in
+        # chunks of at most MATERIALIZE_BYTES of temporaries (g in float64, two T × T)
+        wide = sum_dtype(gg.device)
+        chunk = max(1, MATERIALIZE_BYTES // ((2 * t * t + t * d) * 8 + t * t))
+        parts = []
+        for k in range(0, b, chunk):
+            gk, ik = gg[k : k + chunk].to(wide), i[k : k + chunk]
+            same = (ik.unsqueeze(2) == ik.unsqueeze(1)).to(wide)
+            parts.append(same.mul_(gk @ gk.transpose(1, 2)).sum(dim=(1, 2)))
+        return {"weight": torch.cat(parts)}
     table = gg.new_zeros(b, v, d).scatter_add_(1, i.unsqueeze(-1).expand(-1, -1, d), gg)
     return {"weight": table.pow(2).sum(dim=(1, 2))}
 
@@ -1540,7 +1547,7 @@ class PerSampleNorms(Callback):
                 or tensors[0] is not first
                 or (not isinstance(output, Tensor))
             ):  # (a dict or tuple output: its recomputation per sample returns one too)
-                if len(tensors) == 1 and first is None and isinstance(output, Tensor):
+                if len(tensors) == 1 and not args and isinstance(output, Tensor):
                     return (  # (a probe read "not one tensor input" for lin(input=x))
                         "its one tensor input is passed by keyword: the per-sample "
                         "forms take it as the first positional argument (module(x))"
