@@ -1281,6 +1281,58 @@ def test_a_unit_given_its_input_by_keyword_is_left_out_saying_so(caplog) -> None
     assert "passed by keyword" not in said["b"] and "its first argument" in said["b"]
 
 
+class FreshState(nn.Module):
+    """Adds its product into a zero state built from the input's size, in place (vmap cannot:
+    a batched value written into an unbatched tensor), counting its calls; with ``kept``, it
+    also adds into a tensor of its own."""
+
+    def __init__(self, kept: bool = False) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / D**0.5)
+        self.calls = 0
+        self.total = torch.zeros(D) if kept else None
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.zeros(x.shape[0], D, dtype=x.dtype)
+        h += x @ self.w
+        if self.total is not None:
+            self.total += h.detach().sum(0).to(self.total.dtype)
+        return h * (1 + 0.1 * self.calls)  # (its count steers its output)
+
+
+class Cells(nn.Module):
+    def __init__(self, kept: bool = False) -> None:
+        super().__init__()
+        self.fresh, self.cell = FreshState(kept), nn.GRUCell(D, D)  # (the cell: no state given)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(self.cell(torch.tanh(self.fresh(x))))
+
+
+def test_units_vmap_cannot_batch_are_differentiated_one_sample_at_a_time(caplog) -> None:
+    """A unit writing its batched values into a zero state it builds (a GRUCell without its
+    hidden state; one of one's own adding in place): vmap refuses it, so each sample is
+    differentiated alone, from the attributes its forward began with (its call count, which
+    steers its output, advanced once). Exact against the batch's Jacobian at coverage 1 (both
+    were left out before). One that also adds into a tensor of its own, which B forwards
+    would write into B times more, is still left out, vmap's refusal named."""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    model = Cells().double()
+    twin = copy.deepcopy(model)  # (the Jacobian's forward, on the same count of calls)
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, twin=twin)
+    assert "leave out" not in caplog.text and model.fresh.calls == 1
+    caplog.clear()
+    torch.manual_seed(0)
+    model = Cells(kept=True).double()
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y)
+    assert_left_out(model, staged, caplog.text, "fresh", "cannot be recomputed per sample")
+
+
 def test_attention_dropout_is_left_out_and_named(caplog) -> None:
     """Attention dropout draws a mask per call that a per-sample recomputation cannot
     reproduce: the attention is left out (not measured wrongly), the rest stays exact."""

@@ -716,6 +716,27 @@ def _moves_other_rows(
     return ((swapped != kept) & ~(swapped.isnan() & kept.isnan())).any()
 
 
+#: vmap's errors for a batched value written in place into a tensor without the batch (a
+#: zero state built from the input's size): a structure vmap cannot run, read from no value
+_WRITES_INTO_UNBATCHED = ("doesn't match the broadcast shape", "vmap: inplace arithmetic")
+
+
+def _tensor_state(module: nn.Module) -> bool:
+    """Whether a module under ``module`` keeps a tensor besides its parameters and buffers (a
+    plain attribute, or in a list, tuple or dict attribute), which its forward may write into
+    in place, and which no copy protects."""
+    for m in module.modules():
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers"):
+                continue
+            values = (
+                v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+            )
+            if any(isinstance(x, Tensor) for x in values):
+                return True
+    return False
+
+
 def _keep(grads: dict[int, Tensor], i: int, g: Tensor | None) -> None:
     if g is None:  # (an LSTM's unused output, in float32: its hook is called with None)
         return
@@ -1684,8 +1705,10 @@ class PerSampleNorms(Callback):
             rest, kwargs = call.args[1:], call.kwargs  # not tensors (checked)
             d = call.dim  # (1: sequence-first, (T, B, ·))
 
-            def inner(p: dict[str, Tensor], ai: Tensor, gi: Tensor) -> Tensor:
-                out = functional_call(module, {**p, **buffers}, (ai.unsqueeze(d), *rest), kwargs)
+            def inner(
+                p: dict[str, Tensor], ai: Tensor, gi: Tensor, bufs: dict[str, Tensor] = buffers
+            ) -> Tensor:
+                out = functional_call(module, {**p, **bufs}, (ai.unsqueeze(d), *rest), kwargs)
                 gi = gi.unsqueeze(d)
                 if out.shape != gi.shape:  # (no broadcast: a sample's output is its row; one
                     # squeezed, ``(x @ w).squeeze()``, is that row without its sizes of 1)
@@ -1700,8 +1723,34 @@ class PerSampleNorms(Callback):
             # (outside autograd: the unit's other parameters, a parent's children, are the
             # model's own, and the rows were part of the step's graph, kept alive until the
             # next measurement; torch.func's grad differentiates inside no_grad all the same)
-            with torch.no_grad():
-                return vmap(grad(inner), in_dims=(None, d, d))(leaf, a, g)
+            # (each attempt starts from the attributes as the unit's forward began: a cache
+            # a failed vmap filled with its batched tensors is not read by the next)
+            with torch.no_grad(), attributes_kept(module):
+                try:
+                    return vmap(grad(inner), in_dims=(None, d, d))(leaf, a, g)
+                except Exception as e:
+                    if (
+                        self._kind[module] != "func"
+                        or not any(m in str(e) for m in _WRITES_INTO_UNBATCHED)
+                        or _tensor_state(module)
+                    ):
+                        raise
+            # a forward that writes its batched values into a tensor it built unbatched (a
+            # zero state from the input's size, added to in place: a GRUCell without its
+            # hidden state), which vmap cannot run: the same function differentiated on each
+            # sample alone, each from the same buffers and attributes. (Not where vmap read a
+            # value, .item() or control flow, which may be the batch's, not the sample's; nor
+            # where the unit keeps a tensor of its own it may write into, B times here.)
+            each: list[list[Tensor]] = []
+            for i in range(a.shape[d]):
+                leaves = {n: t.detach().requires_grad_() for n, t in leaf.items()}
+                with torch.enable_grad(), attributes_kept(module):
+                    fresh = {n: t.clone() for n, t in buffers.items()}
+                    value = inner(leaves, a.select(d, i), g.select(d, i), fresh)
+                    got = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                each.append([torch.zeros_like(t) if x is None else x
+                             for t, x in zip(leaves.values(), got, strict=True)])  # fmt: skip
+            return {n: torch.stack([r[k] for r in each]) for k, n in enumerate(leaf)}
         # attention, RNNs: one recomputation per sample (their kernels have no batching rule)
         bound = self._bound(module, call.args, call.kwargs)
         if self._kind[module] == "attention":
