@@ -1301,10 +1301,18 @@ class FreshState(nn.Module):
         return h * (1 + 0.1 * self.calls)  # (its count steers its output)
 
 
+class ScaledByTheBatch(FreshState):
+    """FreshState's output divided by the batch's largest input, read with ``.item()`` after
+    the in-place write that vmap refuses first: each sample alone reads its own."""
+
+    def forward(self, x):
+        return super().forward(x) / x.abs().max().item()
+
+
 class Cells(nn.Module):
-    def __init__(self, kept: bool = False) -> None:
+    def __init__(self, kept: bool = False, fresh: type[FreshState] = FreshState) -> None:
         super().__init__()
-        self.fresh, self.cell = FreshState(kept), nn.GRUCell(D, D)  # (the cell: no state given)
+        self.fresh, self.cell = fresh(kept), nn.GRUCell(D, D)  # (the cell: no state given)
         self.head = nn.Linear(D, 3)
 
     def forward(self, x):
@@ -1317,7 +1325,9 @@ def test_units_vmap_cannot_batch_are_differentiated_one_sample_at_a_time(caplog)
     differentiated alone, from the attributes its forward began with (its call count, which
     steers its output, advanced once). Exact against the batch's Jacobian at coverage 1 (both
     were left out before). One that also adds into a tensor of its own, which B forwards
-    would write into B times more, is still left out, vmap's refusal named."""
+    would write into B times more, is still left out, vmap's refusal named; one that reads
+    the batch's largest value with .item() after that write, which vmap did not reach, is
+    left out by its rows alone differing from the batch's."""
     x, y = float_batch()
     torch.manual_seed(0)
     model = Cells().double()
@@ -1326,11 +1336,19 @@ def test_units_vmap_cannot_batch_are_differentiated_one_sample_at_a_time(caplog)
         measured_exactly(model, x, y, twin=twin)
     assert "leave out" not in caplog.text and model.fresh.calls == 1
     caplog.clear()
+    with caplog.at_level("WARNING"):  # float32: its rows alone are the batch's, in rounding
+        _, staged = measure(Cells().float(), x.float(), y)
+    assert "leave out" not in caplog.text and staged["per_sample/coverage"] == 1
     torch.manual_seed(0)
     model = Cells(kept=True).double()
     with caplog.at_level("WARNING"):
         _, staged = measure(model, x, y)
     assert_left_out(model, staged, caplog.text, "fresh", "cannot be recomputed per sample")
+    caplog.clear()
+    model = Cells(fresh=ScaledByTheBatch).double()  # (its samples alone: not the batch's rows)
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y)
+    assert_left_out(model, staged, caplog.text, "fresh", "reads other samples' values")
 
 
 def test_attention_dropout_is_left_out_and_named(caplog) -> None:
