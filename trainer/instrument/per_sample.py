@@ -716,46 +716,6 @@ def _moves_other_rows(
     return ((swapped != kept) & ~(swapped.isnan() & kept.isnan())).any()
 
 
-#: vmap's errors for a batched value written in place into a tensor without the batch (a
-#: zero state built from the input's size): a structure vmap cannot run, read from no value
-_WRITES_INTO_UNBATCHED = ("doesn't match the broadcast shape", "vmap: inplace arithmetic")
-
-
-def _same_rows(whole: Tensor, alone: Tensor) -> None:
-    """Raise unless a unit's output on the batch (``whole``) and on each sample alone
-    (``alone``) agree: within √ε of the output's dtype relative to its largest magnitude (a
-    batched kernel rounds otherwise than a one-sample one, by a few ε per reduction step; a
-    value read from other samples, a batch's maximum, moves an output by far more), NaN where
-    NaN. Host read: once per such unit and measured step."""
-    scale = whole.abs().nan_to_num(0, 0, 0).amax() if whole.numel() else whole.new_zeros(())
-    tol = torch.finfo(whole.dtype).eps ** 0.5 * scale if whole.is_floating_point() else 0
-    both_nan = whole.isnan() & alone.isnan()
-    off = ((whole - alone).abs() > tol) & ~both_nan & ~(whole == alone)
-    if bool(off.any()):  # host read: see above
-        worst = ((whole - alone).abs().nan_to_num(0, 0, 0).amax() / scale).item()
-        raise ValueError(
-            "its output on each sample alone differs from its row in the batch's forward (by "
-            f"{worst:.2g} of its largest value): its forward reads other samples' values (an "
-            ".item() or a statistic of the batch)"
-        )
-
-
-def _tensor_state(module: nn.Module) -> bool:
-    """Whether a module under ``module`` keeps a tensor besides its parameters and buffers (a
-    plain attribute, or in a list, tuple or dict attribute), which its forward may write into
-    in place, and which no copy protects."""
-    for m in module.modules():
-        for k, v in vars(m).items():
-            if k in ("_parameters", "_buffers"):
-                continue
-            values = (
-                v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
-            )
-            if any(isinstance(x, Tensor) for x in values):
-                return True
-    return False
-
-
 def _keep(grads: dict[int, Tensor], i: int, g: Tensor | None) -> None:
     if g is None:  # (an LSTM's unused output, in float32: its hook is called with None)
         return
@@ -1724,64 +1684,24 @@ class PerSampleNorms(Callback):
             rest, kwargs = call.args[1:], call.kwargs  # not tensors (checked)
             d = call.dim  # (1: sequence-first, (T, B, ·))
 
-            def run(p: dict[str, Tensor], x: Tensor, shape: torch.Size, bufs: dict) -> Tensor:
-                out = functional_call(module, {**p, **bufs}, (x, *rest), kwargs)
-                if out.shape != shape:  # (no broadcast: a sample's output is its row; one
+            def inner(p: dict[str, Tensor], ai: Tensor, gi: Tensor) -> Tensor:
+                out = functional_call(module, {**p, **buffers}, (ai.unsqueeze(d), *rest), kwargs)
+                gi = gi.unsqueeze(d)
+                if out.shape != gi.shape:  # (no broadcast: a sample's output is its row; one
                     # squeezed, ``(x @ w).squeeze()``, is that row without its sizes of 1)
-                    if [n for n in out.shape if n != 1] != [n for n in shape if n != 1]:
+                    if [n for n in out.shape if n != 1] != [n for n in gi.shape if n != 1]:
                         raise ValueError(
                             f"its output on one sample has shape {tuple(out.shape)}, not "
-                            f"{tuple(shape)}"
+                            f"{tuple(gi.shape)}"
                         )
-                    out = out.reshape(shape)
-                return out
-
-            def inner(
-                p: dict[str, Tensor], ai: Tensor, gi: Tensor, bufs: dict[str, Tensor] = buffers
-            ) -> Tensor:
-                gi = gi.unsqueeze(d)
-                return (run(p, ai.unsqueeze(d), gi.shape, bufs) * gi).sum()
+                    out = out.reshape(gi.shape)
+                return (out * gi).sum()
 
             # (outside autograd: the unit's other parameters, a parent's children, are the
             # model's own, and the rows were part of the step's graph, kept alive until the
             # next measurement; torch.func's grad differentiates inside no_grad all the same)
-            # (each attempt starts from the attributes as the unit's forward began: a cache
-            # a failed vmap filled with its batched tensors is not read by the next)
-            with torch.no_grad(), attributes_kept(module):
-                try:
-                    return vmap(grad(inner), in_dims=(None, d, d))(leaf, a, g)
-                except Exception as e:
-                    if (
-                        self._kind[module] != "func"
-                        or not any(m in str(e) for m in _WRITES_INTO_UNBATCHED)
-                        or _tensor_state(module)
-                    ):
-                        raise
-            # a forward that writes its batched values into a tensor it built unbatched (a
-            # zero state from the input's size, added to in place: a GRUCell without its
-            # hidden state), which vmap cannot run: the same function differentiated on each
-            # sample alone, each from the same buffers and attributes. (Not where vmap read a
-            # value, .item() or control flow, which may be the batch's, not the sample's; nor
-            # where the unit keeps a tensor of its own it may write into, B times here.)
-            each: list[list[Tensor]] = []
-            outs: list[Tensor] = []
-            for i in range(a.shape[d]):
-                leaves = {n: t.detach().requires_grad_() for n, t in leaf.items()}
-                gi = g.select(d, i).unsqueeze(d)
-                with torch.enable_grad(), attributes_kept(module):
-                    fresh = {n: t.clone() for n, t in buffers.items()}
-                    row = run(leaves, a.select(d, i).unsqueeze(d), gi.shape, fresh)
-                    got = torch.autograd.grad((row * gi).sum(), list(leaves.values()),
-                                              allow_unused=True)  # fmt: skip
-                outs.append(row.detach())
-                each.append([torch.zeros_like(t) if x is None else x
-                             for t, x in zip(leaves.values(), got, strict=True)])  # fmt: skip
-            # what vmap's error came before may read the batch's values (an in-place write,
-            # then an .item() over the batch): the samples alone must give the batch's rows
-            with torch.no_grad(), attributes_kept(module):
-                fresh = {n: t.clone() for n, t in buffers.items()}
-                _same_rows(run(leaf, a, g.shape, fresh), torch.cat(outs, d))
-            return {n: torch.stack([r[k] for r in each]) for k, n in enumerate(leaf)}
+            with torch.no_grad():
+                return vmap(grad(inner), in_dims=(None, d, d))(leaf, a, g)
         # attention, RNNs: one recomputation per sample (their kernels have no batching rule)
         bound = self._bound(module, call.args, call.kwargs)
         if self._kind[module] == "attention":
