@@ -1282,8 +1282,8 @@ def test_a_unit_given_its_input_by_keyword_is_left_out_saying_so(caplog) -> None
 
 
 class FreshState(nn.Module):
-    """Adds its product into a zero state built from the input's size, in place, and then
-    scales by the batch's largest value read with ``.item()``: vmap refuses the write first."""
+    """Adds its product into a zero state built from the input's size, in place: vmap refuses
+    the write."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1292,7 +1292,7 @@ class FreshState(nn.Module):
     def forward(self, x):
         h = torch.zeros(x.shape[0], D, dtype=x.dtype)
         h += x @ self.w
-        return h / h.detach().abs().max().item()
+        return h
 
 
 class Cells(nn.Module):
@@ -1307,10 +1307,10 @@ class Cells(nn.Module):
 
 def test_units_vmap_cannot_batch_are_left_out_naming_its_error(caplog) -> None:
     """Units whose forward writes batched values into a state it builds (a GRUCell without
-    its hidden state; one of one's own, which then reads the batch's largest value) cannot
-    be run under vmap: left out, named with vmap's error, the head exact. (A session's
-    fallback, each sample differentiated alone, was 31 % off at coverage 1 on the second, and
-    wrote B times into state its forward changes in place: a review's; reverted.)"""
+    its hidden state; one of one's own) cannot be run under vmap: left out, named with vmap's
+    error, the head exact. (A session's fallback, each sample differentiated alone, was 31 %
+    off at coverage 1 where such a unit then read the batch's largest value, and wrote B
+    times into state its forward changes in place: a review's; reverted.)"""
     x, y = float_batch()
     torch.manual_seed(0)
     model = Cells().double()
@@ -1318,6 +1318,44 @@ def test_units_vmap_cannot_batch_are_left_out_naming_its_error(caplog) -> None:
         measured_exactly(model, x, y, left_out=("fresh", "cell"))
     for unit in ("fresh", "cell"):
         assert f"leave out {unit!r}: its forward cannot be recomputed per sample" in caplog.text
+
+
+class BySize(nn.Module):
+    """Scales by the batch's size (or, ``value``, by the batch's largest input, a value vmap
+    cannot refuse: read as a tensor): a sample alone gets another output than in the batch."""
+
+    def __init__(self, value: bool = False) -> None:
+        super().__init__()
+        self.w, self.value = nn.Parameter(torch.randn(D, D) / D**0.5), value
+
+    def forward(self, x):
+        h = x @ self.w
+        return h / x.detach().abs().amax() if self.value else h * x.shape[0] ** 0.5
+
+
+class SizeScaled(nn.Module):
+    def __init__(self, value: bool = False) -> None:
+        super().__init__()
+        self.u, self.head = BySize(value), nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.u(x)))
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_a_unit_giving_a_sample_another_output_alone_than_in_the_batch_is_left_out(
+    caplog, value
+) -> None:
+    """A generic unit reading the batch's size (``x.shape[0]``) or a detached value of the
+    whole batch: recomputed per sample it sees a batch of one (34 % off at coverage 1, a
+    review's probe). The mixing check runs it on its first sample alone: left out as mixing,
+    the head exact; a unit that treats its samples alike is not (the others' tests)."""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    model = SizeScaled(value).double()
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, left_out=("u",))
+    assert "leave out 'u'" in caplog.text and "alone than in the batch" in caplog.text
 
 
 def test_attention_dropout_is_left_out_and_named(caplog) -> None:

@@ -547,7 +547,9 @@ IN_PLACE = (
 MIXED = (
     "the model mixes or reorders the samples after it (a normalization with the batch's "
     "statistics of its own, a sort of the batch: its output for one sample reached the others' "
-    "outputs), so the step's backward gives each of its rows other samples' gradients too"
+    "outputs; or its own output for a sample is another alone than in the batch, which reads "
+    "the batch's size or values), so the step's backward gives each of its rows other samples' "
+    "gradients too, or its recomputation per sample is not what the step computed"
 )
 
 
@@ -712,8 +714,49 @@ def _moves_other_rows(
     if not bool(((same == kept) | (same.isnan() & kept.isnan())).all()):  # host read: once
         return None  # (per generic unit and check)
     rest = output.shape[dim] - 1
-    swapped, kept = swapped.narrow(dim, 1, rest), kept.narrow(dim, 1, rest)
-    return ((swapped != kept) & ~(swapped.isnan() & kept.isnan())).any()
+    swapped, others = swapped.narrow(dim, 1, rest), kept.narrow(dim, 1, rest)
+    moved = ((swapped != others) & ~(swapped.isnan() & others.isnan())).any()
+    alone = _alone_differs(module, args, kwargs, kept, fork, busy, dim)
+    return moved if alone is None else moved | alone
+
+
+def _alone_differs(
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    kept: Tensor,
+    fork: Fork,
+    busy: list[bool],
+    dim: int,
+) -> Tensor | None:
+    """Whether a generic unit gives its first sample another output alone than in the batch
+    (its forward reads the batch's size, ``h * x.shape[0] ** 0.5``: a probe's recomputation
+    per sample, which sees a batch of one, was 34 % off at coverage 1; or a value of the whole
+    batch), on the device: beyond √ε of the dtype relative to the output's largest magnitude
+    (a batched kernel rounds otherwise than a one-sample one, by a few ε per reduction step).
+    None where that cannot be told (its forward on one sample raises or has another shape, or
+    draws random numbers)."""
+    if not kept.is_floating_point() or not kept.numel():
+        return None
+    after = Fork(kept.device)
+    busy[0] = True
+    try:
+        fork.rewind()
+        alone = module.forward(args[0].detach().narrow(dim, 0, 1).clone(), *args[1:], **kwargs)
+        if fork.drew() or not isinstance(alone, Tensor):
+            return None
+        row = kept.narrow(dim, 0, 1)
+        if alone.shape != row.shape:
+            return None
+        alone = alone.detach()
+    except Exception:  # noqa: BLE001 (a forward that cannot run on one sample: no evidence)
+        return None
+    finally:
+        busy[0] = False
+        after.rewind()
+    scale = kept.abs().nan_to_num(0, 0, 0).amax()
+    off = (alone - row).abs() > torch.finfo(kept.dtype).eps ** 0.5 * scale
+    return (off & ~(alone == row) & ~(alone.isnan() & row.isnan())).any()
 
 
 def _keep(grads: dict[int, Tensor], i: int, g: Tensor | None) -> None:
