@@ -1342,15 +1342,19 @@ class SizeScaled(nn.Module):
         return self.head(torch.tanh(self.u(x)))
 
 
-@pytest.mark.parametrize("value", [False, True])
+@pytest.mark.parametrize(("value", "blank"), [(False, False), (True, False), (False, True)])
 def test_a_unit_giving_a_sample_another_output_alone_than_in_the_batch_is_left_out(
-    caplog, value
+    caplog, value, blank
 ) -> None:
     """A generic unit reading the batch's size (``x.shape[0]``) or a detached value of the
     whole batch: recomputed per sample it sees a batch of one (34 % off at coverage 1, a
-    review's probe). The mixing check runs it on its first sample alone: left out as mixing,
-    the head exact; a unit that treats its samples alike is not (the others' tests)."""
+    review's probe). The mixing check runs each of its samples alone: left out as mixing,
+    the head exact, also where the first sample is blank (zeros: the same alone and in the
+    batch, which a check of the first sample alone passed); a unit that treats its samples
+    alike is not (the others' tests)."""
     x, y = float_batch()
+    if blank:
+        x[0] = 0
     torch.manual_seed(0)
     model = SizeScaled(value).double()
     with caplog.at_level("WARNING"):

@@ -729,34 +729,41 @@ def _alone_differs(
     busy: list[bool],
     dim: int,
 ) -> Tensor | None:
-    """Whether a generic unit gives its first sample another output alone than in the batch
-    (its forward reads the batch's size, ``h * x.shape[0] ** 0.5``: a probe's recomputation
-    per sample, which sees a batch of one, was 34 % off at coverage 1; or a value of the whole
-    batch), on the device: beyond √ε of the dtype relative to the output's largest magnitude
-    (a batched kernel rounds otherwise than a one-sample one, by a few ε per reduction step).
-    None where that cannot be told (its forward on one sample raises or has another shape, or
-    draws random numbers)."""
+    """Whether a generic unit gives a sample another output alone than in the batch (its
+    forward reads the batch's size, ``h * x.shape[0] ** 0.5``: a probe's recomputation per
+    sample, which sees a batch of one, was 34 % off at coverage 1; or a value of the whole
+    batch), on the device: each of the check's samples run alone, its output against its row
+    beyond √ε of the dtype relative to that row's largest magnitude (a batched kernel rounds
+    a row otherwise than a one-sample one, by a few ε of the row's own values per reduction
+    step; against the whole output's largest, a small first sample hid a batch's size read:
+    a review's). None where that cannot be told (its forward on one sample raises or has
+    another shape, or draws random numbers)."""
     if not kept.is_floating_point() or not kept.numel():
         return None
     after = Fork(kept.device)
     busy[0] = True
     try:
-        fork.rewind()
-        alone = module.forward(args[0].detach().narrow(dim, 0, 1).clone(), *args[1:], **kwargs)
-        if fork.drew() or not isinstance(alone, Tensor):
-            return None
-        row = kept.narrow(dim, 0, 1)
-        if alone.shape != row.shape:
-            return None
-        alone = alone.detach()
+        rows = []
+        for i in range(kept.shape[dim]):
+            fork.rewind()
+            one = args[0].detach().narrow(dim, i, 1).clone()
+            alone = module.forward(one, *args[1:], **kwargs)
+            if fork.drew() or not isinstance(alone, Tensor):
+                return None
+            if alone.shape != kept.narrow(dim, i, 1).shape:
+                return None
+            rows.append(alone.detach())
+        alone = torch.cat(rows, dim)
+        others = [d for d in range(kept.dim()) if d != dim]
+        scale = kept.abs().nan_to_num(0, 0, 0).amax(dim=others, keepdim=True) if others else (
+            kept.abs().nan_to_num(0, 0, 0))  # fmt: skip
+        off = (alone - kept).abs() > torch.finfo(kept.dtype).eps ** 0.5 * scale
+        return (off & ~(alone == kept) & ~(alone.isnan() & kept.isnan())).any()
     except Exception:  # noqa: BLE001 (a forward that cannot run on one sample: no evidence)
         return None
     finally:
         busy[0] = False
         after.rewind()
-    scale = kept.abs().nan_to_num(0, 0, 0).amax()
-    off = (alone - row).abs() > torch.finfo(kept.dtype).eps ** 0.5 * scale
-    return (off & ~(alone == row) & ~(alone.isnan() & row.isnan())).any()
 
 
 def _keep(grads: dict[int, Tensor], i: int, g: Tensor | None) -> None:
