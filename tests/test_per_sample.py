@@ -1322,41 +1322,49 @@ def test_units_vmap_cannot_batch_are_left_out_naming_its_error(caplog) -> None:
 
 class BySize(nn.Module):
     """Scales by the batch's size (or, ``value``, by the batch's largest input, a value vmap
-    cannot refuse: read as a tensor): a sample alone gets another output than in the batch."""
+    cannot refuse: read as a tensor): a sample alone gets another output than in the batch.
+    ``squeeze``: one value per sample, squeezed (a 0-d tensor alone)."""
 
-    def __init__(self, value: bool = False) -> None:
+    def __init__(self, value: bool = False, squeeze: bool = False) -> None:
         super().__init__()
-        self.w, self.value = nn.Parameter(torch.randn(D, D) / D**0.5), value
+        self.w = nn.Parameter(torch.randn(D, 1 if squeeze else D) / D**0.5)
+        self.value, self.squeeze = value, squeeze
 
     def forward(self, x):
         h = x @ self.w
-        return h / x.detach().abs().amax() if self.value else h * x.shape[0] ** 0.5
+        h = h / x.detach().abs().amax() if self.value else h * x.shape[0] ** 0.5
+        return h.squeeze() if self.squeeze else h
 
 
 class SizeScaled(nn.Module):
-    def __init__(self, value: bool = False) -> None:
+    def __init__(self, value: bool = False, squeeze: bool = False) -> None:
         super().__init__()
-        self.u, self.head = BySize(value), nn.Linear(D, 3)
+        self.u, self.head = BySize(value, squeeze), nn.Linear(1 if squeeze else D, 3)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.u(x)))
+        h = self.u(x)
+        return self.head(torch.tanh(h.unsqueeze(1) if self.u.squeeze else h))
 
 
-@pytest.mark.parametrize(("value", "blank"), [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    ("value", "blank", "squeeze"),
+    [(False, False, False), (True, False, False), (False, True, False), (False, False, True)],
+)
 def test_a_unit_giving_a_sample_another_output_alone_than_in_the_batch_is_left_out(
-    caplog, value, blank
+    caplog, value, blank, squeeze
 ) -> None:
     """A generic unit reading the batch's size (``x.shape[0]``) or a detached value of the
     whole batch: recomputed per sample it sees a batch of one (34 % off at coverage 1, a
     review's probe). The mixing check runs each of its samples alone: left out as mixing,
     the head exact, also where the first sample is blank (zeros: the same alone and in the
-    batch, which a check of the first sample alone passed); a unit that treats its samples
-    alike is not (the others' tests)."""
+    batch, which a check of the first sample alone passed), and where its output is one
+    value per sample, squeezed (0-d alone: 39 % off at coverage 1 before, a review's); a unit
+    that treats its samples alike is not (the others' tests)."""
     x, y = float_batch()
     if blank:
         x[0] = 0
     torch.manual_seed(0)
-    model = SizeScaled(value).double()
+    model = SizeScaled(value, squeeze).double()
     with caplog.at_level("WARNING"):
         measured_exactly(model, x, y, left_out=("u",))
     assert "leave out 'u'" in caplog.text and "alone than in the batch" in caplog.text

@@ -732,12 +732,14 @@ def _alone_differs(
     """Whether a generic unit gives a sample another output alone than in the batch (its
     forward reads the batch's size, ``h * x.shape[0] ** 0.5``: a probe's recomputation per
     sample, which sees a batch of one, was 34 % off at coverage 1; or a value of the whole
-    batch), on the device: each of the check's samples run alone, its output against its row
-    beyond √ε of the dtype relative to that row's largest magnitude (a batched kernel rounds
-    a row otherwise than a one-sample one, by a few ε of the row's own values per reduction
-    step; against the whole output's largest, a small first sample hid a batch's size read:
-    a review's). None where that cannot be told (its forward on one sample raises or has
-    another shape, or draws random numbers)."""
+    batch), on the device: each of the check's samples run alone (the first alone: a small or
+    blank one hid a batch's size read, a review's), its output against its row beyond √ε of
+    the dtype relative to the output's largest magnitude (a batched kernel rounds otherwise
+    than a one-sample one, by a few ε per reduction step; relative to each row's own largest,
+    a row of one value near 0 by cancellation was flagged for rounding: a review's). None
+    where that cannot be told (its forward on one sample raises or has another shape, or
+    draws random numbers). An output of 0 at the check (zero-initialized weights) shows
+    nothing."""
     if not kept.is_floating_point() or not kept.numel():
         return None
     after = Fork(kept.device)
@@ -750,13 +752,15 @@ def _alone_differs(
             alone = module.forward(one, *args[1:], **kwargs)
             if fork.drew() or not isinstance(alone, Tensor):
                 return None
-            if alone.shape != kept.narrow(dim, i, 1).shape:
-                return None
+            row = kept.narrow(dim, i, 1).shape
+            if alone.shape != row:  # (a squeezed one: its row without the sizes of 1, as
+                # the recomputation per sample takes it)
+                if [n for n in alone.shape if n != 1] != [n for n in row if n != 1]:
+                    return None
+                alone = alone.reshape(row)
             rows.append(alone.detach())
         alone = torch.cat(rows, dim)
-        others = [d for d in range(kept.dim()) if d != dim]
-        scale = kept.abs().nan_to_num(0, 0, 0).amax(dim=others, keepdim=True) if others else (
-            kept.abs().nan_to_num(0, 0, 0))  # fmt: skip
+        scale = kept.abs().nan_to_num(0, 0, 0).amax()
         off = (alone - kept).abs() > torch.finfo(kept.dtype).eps ** 0.5 * scale
         return (off & ~(alone == kept) & ~(alone.isnan() & kept.isnan())).any()
     except Exception:  # noqa: BLE001 (a forward that cannot run on one sample: no evidence)
