@@ -685,7 +685,8 @@ def _moves_other_rows(
     with the same random draws (``fork``, taken before its call), once on the same input and
     once with the first sample's input replaced by the second's (along ``dim``, 1 for a
     sequence-first one); where the first gives its output back bit for bit, the other rows of
-    the second must be it too. None where that cannot be told (its forward raises, or does not
+    the second must be it too, and each sample run alone must give its row back
+    (:func:`_alone_differs`). None where that cannot be told (its forward raises, or does not
     give its output back: a counter of its own, state it updates), which is no evidence either
     way. ``busy`` is set while it runs: the check's hooks do not count the calls of its
     children."""
@@ -729,17 +730,18 @@ def _alone_differs(
     busy: list[bool],
     dim: int,
 ) -> Tensor | None:
-    """Whether a generic unit gives a sample another output alone than in the batch (its
-    forward reads the batch's size, ``h * x.shape[0] ** 0.5``: a probe's recomputation per
-    sample, which sees a batch of one, was 34 % off at coverage 1; or a value of the whole
-    batch), on the device: each of the check's samples run alone (the first alone: a small or
-    blank one hid a batch's size read, a review's), its output against its row beyond √ε of
-    the dtype relative to the output's largest magnitude (a batched kernel rounds otherwise
-    than a one-sample one, by a few ε per reduction step; relative to each row's own largest,
-    a row of one value near 0 by cancellation was flagged for rounding: a review's). None
-    where that cannot be told (its forward on one sample raises or has another shape, or
-    draws random numbers). An output of 0 at the check (zero-initialized weights) shows
-    nothing."""
+    """Whether a generic unit gives a sample another output alone than in the batch, on the
+    device: its forward reads the batch's size (``h * x.shape[0] ** 0.5``) or a value of the
+    whole batch, and its recomputation per sample, which sees a batch of one, is not what the
+    step computed (34 % off at coverage 1: a probe's).
+
+    Each of the check's samples runs alone (the first alone missed a small or blank one: a
+    review's), and its output must be its row of the batch's within √ε of the dtype, relative
+    to the output's largest magnitude: a batched kernel rounds otherwise than a one-sample
+    one, by a few ε per reduction step (relative to each row's own largest, a row of one value
+    near 0 was flagged for rounding: a review's). None where that cannot be told: its forward
+    on one sample raises, has another shape or draws random numbers. An output of 0 at the
+    check (zero-initialized weights) shows nothing."""
     if not kept.is_floating_point() or not kept.numel():
         return None
     after = Fork(kept.device)
@@ -752,12 +754,12 @@ def _alone_differs(
             alone = module.forward(one, *args[1:], **kwargs)
             if fork.drew() or not isinstance(alone, Tensor):
                 return None
-            row = kept.narrow(dim, i, 1).shape
-            if alone.shape != row:  # (a squeezed one: its row without the sizes of 1, as
+            shape = kept.narrow(dim, i, 1).shape
+            if alone.shape != shape:  # (a squeezed one: its row without the sizes of 1, as
                 # the recomputation per sample takes it)
-                if [n for n in alone.shape if n != 1] != [n for n in row if n != 1]:
+                if [n for n in alone.shape if n != 1] != [n for n in shape if n != 1]:
                     return None
-                alone = alone.reshape(row)
+                alone = alone.reshape(shape)
             rows.append(alone.detach())
         alone = torch.cat(rows, dim)
         scale = kept.abs().nan_to_num(0, 0, 0).amax()
