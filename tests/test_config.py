@@ -489,3 +489,20 @@ def test_a_cuda_device_index_must_be_below_the_device_count(monkeypatch) -> None
     assert resolve_device("cuda") == torch.device("cuda")
     with pytest.raises(ConfigError, match=r"trainer.device: got 'cuda:1' but only 1 CUDA"):
         resolve_device("cuda:1")
+
+
+def test_the_cached_schema_is_not_changed_by_the_configs_validated_against_it() -> None:
+    """``validate`` merges every config into one schema built per process: the merge copies
+    it, so configs validated before (one refused among them, one with a key added) leave it
+    equal to a fresh one, and a config validated after gets the same result as at first."""
+    from trainer.config import TrainConfig, _schema
+
+    first = validate(make_cfg("optimizer=sgd", "optimizer.lr=0.3"))
+    for refused in ("optimizer.lr=-1", "+trainer.extra_note=1"):
+        with pytest.raises(ConfigError):
+            validate(make_cfg(refused))
+    validate(make_cfg("model=cnn", "trainer.max_steps=3", "scheduler=cosine"))
+    fresh = OmegaConf.structured(TrainConfig)
+    assert OmegaConf.to_yaml(_schema()) == OmegaConf.to_yaml(fresh)
+    assert OmegaConf.is_struct(_schema()) == OmegaConf.is_struct(fresh)
+    assert validate(make_cfg("optimizer=sgd", "optimizer.lr=0.3")) == first
