@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import multiprocessing.process
@@ -61,6 +62,15 @@ def make_cfg(*overrides: str) -> DictConfig:
         [o for o, a in zip(parsed, applied, strict=True) if a], cfg
     )
     return cfg
+
+
+def compose_before_forking(*overrides: str) -> None:
+    """Compose these overrides' config into :func:`make_cfg`'s cache here, before forking a
+    child that calls ``make_cfg(*overrides)``: the child copies it from the cache it was forked
+    with instead of composing it again (0.2-0.7 s a child, as long as the rest of its run). A
+    config that fails to compose is left to the child, which fails on it as it would have."""
+    with contextlib.suppress(Exception):
+        make_cfg(*overrides)
 
 
 def compose_whole(*overrides: str) -> DictConfig:

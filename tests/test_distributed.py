@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo  # noqa: F401  (imported once here, not in every child)
-from conftest import ROOT, make_cfg, read_scalars
+from conftest import ROOT, compose_before_forking, make_cfg, read_scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_byo_refusals import CountsF1
 from test_unfreeze import STEPS as UNFREEZE_STEPS
@@ -107,6 +107,8 @@ def _fork_then_serve(groups: list[tuple[int, Any, tuple[Any, ...]]]) -> list[lis
     ranks the port; wait for them all. Returns the processes, by group."""
     procs, tells = [], []
     for world, target, per_rank in groups:
+        for rank_args in per_rank:
+            compose_before_forking(*rank_args[0])  # (the first argument after the port)
         group = []
         for rank in range(world):
             port_from, tell = FORK.Pipe(duplex=False)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo  # noqa: F401  (imported once here, not in every child: torch.optim uses it)
-from conftest import ROOT, StopAt, make_cfg, read_scalars, train
+from conftest import ROOT, StopAt, compose_before_forking, make_cfg, read_scalars, train
 
 from trainer.checkpoint import load_checkpoint
 from trainer.config import ConfigError
@@ -81,6 +81,7 @@ def _child(overrides: tuple[str, ...], run_dir: str, marker: str | None) -> None
 
 
 def start(overrides, run_dir: Path, marker: Path | None = None):
+    compose_before_forking(*overrides)
     p = FORK.Process(target=_child, args=(tuple(overrides), str(run_dir), marker and str(marker)))
     p.start()
     return p
@@ -210,6 +211,7 @@ def _child_ctrl_c(run_dir: str) -> None:
 
 
 def test_a_second_ctrl_c_during_the_save_does_not_corrupt_it(tmp_path) -> None:
+    compose_before_forking(*COMMON, "trainer.checkpoint.every_n_steps=0")
     p = FORK.Process(target=_child_ctrl_c, args=(str(tmp_path),))
     p.start()
     assert finish(p) == 128 + signal.SIGINT
@@ -1106,9 +1108,9 @@ def test_a_resume_that_trains_longer_shows_its_values_in_hparams(tmp_path) -> No
     train(tmp_path / "b", *base, "trainer.max_steps=4", "trainer.resume=auto")
     assert starts() == ["4"]
     assert first.stat().st_mode & 0o777 == 0o640
-    p = FORK.Process(target=_dies_at_first_batch,
-                     args=((*base, "trainer.max_steps=6", "trainer.resume=auto"),
-                           str(tmp_path / "c")))  # fmt: skip
+    dies = (*base, "trainer.max_steps=6", "trainer.resume=auto")
+    compose_before_forking(*dies)
+    p = FORK.Process(target=_dies_at_first_batch, args=(dies, str(tmp_path / "c")))
     p.start()
     assert finish(p) == 3
     assert starts() == ["6"]
