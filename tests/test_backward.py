@@ -153,6 +153,7 @@ def test_scalar_backward_refuses_a_vector_loss() -> None:
 STEPS50 = ["trainer.max_steps=50", "logging.every_n_steps=1", "optimizer=sgd", "optimizer.lr=0.05"]
 
 
+@pytest.mark.threads(2)  # (parallel kernels too: see conftest._one_thread)
 def test_scalar_and_vector_uniform_train_the_same(tmp_path) -> None:
     train(tmp_path / "scalar", *STEPS50, "loss.mode=scalar")
     train(tmp_path / "vector", *STEPS50, "loss.mode=vector", "weighting=uniform")
@@ -359,6 +360,7 @@ def test_the_uniform_weighting_that_does_not_average_weighs_each_element_1(norma
         assert torch.equal(weights, units), window
 
 
+@pytest.mark.threads(2)  # (parallel kernels too: see conftest._one_thread)
 @pytest.mark.parametrize(
     "shape", [("data.batch_size=7",), ("data=diabetes", "loss=mse", "data.batch_size=7")]
 )

@@ -1258,6 +1258,7 @@ VARIED = ["loss.mode=vector", "weighting=focal", "model.dropout=0.2",
           "trainer.accumulate_grad_batches=2", "trainer.grad_clip=0.1"]  # fmt: skip
 
 
+@pytest.mark.threads(2)  # (parallel kernels too: see conftest._one_thread)
 @pytest.mark.parametrize("extra", [[], VARIED])
 def test_instrument_full_and_none_train_bitwise_alike(tmp_path, extra) -> None:
     curvature = ["every_n_steps=5", "power_iters=3", "trace_probes=2"]

@@ -582,6 +582,7 @@ def test_validation_metrics_of_a_sequence_loss_by_brute_force(tmp_path) -> None:
     assert scalars["val/ppl"][-1][1] == pytest.approx(math.exp(nll / n), rel=1e-5)
 
 
+@pytest.mark.threads(2)  # (parallel kernels too: see conftest._one_thread)
 @pytest.mark.parametrize("average", ["tokens", "sequences"])
 def test_scalar_and_vector_uniform_train_the_char_lm_identically(tmp_path, average) -> None:
     small = ["experiment=chars_lm", "trainer.max_steps=4", "model.n_layers=1",
