@@ -516,6 +516,7 @@ class NoisyCrossEntropy(CrossEntropy):
         return super().forward(output, target) * (1 + noise / 2)
 
 
+@pytest.mark.threads(2)  # (parallel kernels too: see conftest._one_thread)
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -98,6 +98,7 @@ def test_fused_null_is_fused_on_a_device_that_runs_it_by_default(monkeypatch, na
 POISONED = {1: "grad", 5: "grad", 6: "input", 8: "input"}
 
 
+@pytest.mark.threads(2)  # (parallel kernels too: see conftest._one_thread)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw-fused", "sgd", "sgd-fused"])
 def test_deferred_skip_equals_step_mode_bitwise(tmp_path, optimizer, device, caplog) -> None:
@@ -219,6 +220,7 @@ def assert_same_scalars(a: dict, b: dict) -> None:
             assert u == v or (math.isnan(u) and math.isnan(v)), (tag, step, u, v)
 
 
+@pytest.mark.threads(2)  # (parallel kernels too: see conftest._one_thread)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 def test_fp16_deferred_skip_equals_step_mode_bitwise(tmp_path, device, caplog) -> None:
     """``trainer.precision=16`` with a fused optimizer: the loss's flag joins the ``found_inf``

@@ -4227,6 +4227,7 @@ class LockedCountingLoss(CrossEntropy):
         return super().forward(output, target) * jitter
 
 
+@pytest.mark.threads(2)  # (parallel kernels too: see conftest._one_thread)
 def test_measuring_never_changes_training_with_a_loss_a_copy_cannot_take(tmp_path, caplog):
     """The mixing check calls such a loss itself and put back only its state_dict(): its
     counter and its generator advanced, and every weight differed from the run without

@@ -632,6 +632,7 @@ def test_reduce_lr_on_plateau_steps_on_the_monitor_after_each_validation(tmp_pat
     assert "lr" not in logged and len(logged["train/loss"]) == 3
 
 
+@pytest.mark.threads(2)  # (parallel kernels too: see conftest._one_thread)
 def test_foreach_is_a_key_of_the_presets_and_trains_as_the_loop_does(tmp_path) -> None:
     """``+optimizer.foreach=true`` was an unknown key of the presets (a probe's finding)."""
     common = ("optimizer=sgd", "trainer.max_steps=5")
