@@ -4446,3 +4446,34 @@ def test_the_whole_models_forward_run_again_or_failing_inside_leaves_no_mode(tmp
           "instrument.per_sample.every_n_steps=1", "regularizer=[orthogonal]")  # fmt: skip
     assert _get_current_function_mode_stack() == []
     assert [v for _, v in read_scalars(tmp_path)["per_sample/coverage"]] == [1.0] * 3
+
+
+def test_a_unit_whose_output_is_0_at_the_mixing_check_is_checked_again(caplog) -> None:
+    """A generic unit with zero-initialized weights (LoRA's B) gives an output of 0 at its
+    mixing check, which shows nothing: one reading the batch's size passed as not mixing, and
+    was measured at coverage 1 once its weights had moved (34 % off, a probe's). Its call is
+    not counted as checked: left out, saying why, then checked again at the next measured
+    step, where it is found mixing; the same unit without the size is measured exactly there."""
+    x, y = float_batch()
+    for size in (True, False):
+        torch.manual_seed(0)
+        model = SizeScaled().double()
+        if not size:
+            model.u.forward = lambda x, u=model.u: x @ u.w  # (the same weights, no size)
+        w = model.u.w.detach().clone()
+        with torch.no_grad():
+            model.u.w.zero_()
+        cb = PerSampleNorms(1, loss="both")
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            measured_exactly(model, x, y, left_out=("u",), cb=cb)
+        assert "leave out 'u'" in caplog.text and "an output of 0" in caplog.text
+        with torch.no_grad():
+            model.u.w.copy_(w)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            measured_exactly(model, x, y, left_out=("u",) if size else (), cb=cb)
+        if size:
+            assert "leave out 'u'" in caplog.text and "alone than in the batch" in caplog.text
+        else:
+            assert "leave out 'u'" not in caplog.text
