@@ -1898,13 +1898,17 @@ class PerSampleNorms(Callback):
                     if checked is not None and call.mixing in checked[0]:
                         why = MIXED
                     elif checked is None or call.mixing not in checked[1]:
-                        why = "whether the model mixes the samples after it is not known yet: " + (
+                        why = (
+                            "whether the model mixes the samples after it (or, a unit of "
+                            "one's own, inside its forward) is not known yet: "
+                        ) + (
                             self._mixing_failed.get(self._signature)
                             or "its check's forward did not make this call, made it "
                             "without the check's samples along its batch dimension (its "
                             "input not in the layout it takes), or, a unit of one's own, "
-                            "made it with an output of 0, which shows nothing (zero-"
-                            "initialized weights); checked again on the next measured step"
+                            "made it with an output of 0 (zero-initialized weights), which "
+                            "shows no mixing inside it; checked again at each measured step "
+                            "until it is known"
                         )
                 if why is None and call.moved():
                     why = IN_PLACE
@@ -2195,11 +2199,12 @@ class PerSampleNorms(Callback):
                         watch(key, t, d)
             fork, dims = forks.pop(module, (None, []))
             if fork is not None and isinstance(output, Tensor):
-                if bool((output == 0).all()):  # host read: once per generic unit and check
-                    for d in (0, 1):  # an output of 0 (zero-initialized weights: LoRA's B)
-                        seen.discard(_keyed(key, d))  # shows neither a mixing by value nor,
-                    return  # by its gradient, inside it: not settled (a size-reading unit
-                    # measured at coverage 1 after its first update was 34 % off: a probe's)
+                if output.numel() and bool((output == 0).all()):  # host read: once per
+                    # generic unit and check
+                    for d in (0, 1):  # an output of 0 (zero-initialized weights: an
+                        seen.discard(_keyed(key, d))  # adapter's B as a unit of its own)
+                    return  # shows no mixing inside it, by value or by its gradient: not
+                    # settled (a size-reading unit measured at coverage 1 so: a probe's)
                 for d in dims:
                     if output.dim() > d and output.shape[d] == p:
                         moved = _moves_other_rows(
