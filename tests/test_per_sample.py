@@ -1775,8 +1775,9 @@ def test_attention_fed_another_layout_than_its_own_is_left_out_at_any_batch(capl
     x, y = torch.randint(0, V, (20, 20), generator=g), torch.randint(0, 3, (20,), generator=g)
     with caplog.at_level("WARNING"):
         measured_exactly(model, x, y, ("emb", "att", "att.out_proj"))
-    assert "leave out 'att': whether the model mixes the samples after it is not known" in (
-        caplog.text
+    assert (
+        "leave out 'att': whether the model mixes the samples after it (or, a unit of one's "
+        "own, inside its forward) is not known" in caplog.text
     )
 
 
