@@ -4478,3 +4478,48 @@ def test_a_unit_whose_output_is_0_at_the_mixing_check_is_checked_again(caplog) -
             assert "leave out 'u'" in caplog.text and "alone than in the batch" in caplog.text
         else:
             assert "leave out 'u'" not in caplog.text
+
+
+class LoraBySize(nn.Module):
+    """LoRA written as one module: a weight plus ``B @ A`` with B zero-initialized, the
+    adapter's branch scaled by the batch's size (``size``) or not. Its output is not 0 and
+    gives each sample its row back while B = 0, yet the batch's gradient of B is √n times
+    the sum of the samples' (41-58 % off at coverage 1: a review's probe)."""
+
+    def __init__(self, size: bool) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / D**0.5)
+        self.a = nn.Parameter(torch.randn(2, D) / D**0.5)
+        self.b = nn.Parameter(torch.zeros(D, 2))
+        self.size = size
+
+    def forward(self, x):
+        branch = (x @ self.a.T) @ self.b.T
+        return x @ self.w.T + (branch * x.shape[0] ** 0.5 if self.size else branch)
+
+
+class WithLora(nn.Module):
+    def __init__(self, size: bool) -> None:
+        super().__init__()
+        self.u, self.head = LoraBySize(size), nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.u(x)))
+
+
+@pytest.mark.parametrize("size", [True, False])
+def test_a_zero_initialized_branch_reading_the_batchs_size_is_left_out(caplog, size) -> None:
+    """The mixing check compares gradients too: the sum of the samples' gradients alone must
+    be the batch's. A zero-initialized branch reading the batch's size inside a unit whose
+    output is not 0 is left out as mixing; the same unit without the size is measured
+    exactly."""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    model = WithLora(size).double()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, left_out=("u",) if size else ())
+    if size:
+        assert "leave out 'u'" in caplog.text and "alone than in the batch" in caplog.text
+    else:
+        assert "leave out 'u'" not in caplog.text

@@ -547,8 +547,9 @@ IN_PLACE = (
 MIXED = (
     "the model mixes or reorders the samples after it (a normalization with the batch's "
     "statistics of its own, a sort of the batch: its output for one sample reached the others' "
-    "outputs; or its own output for a sample is another alone than in the batch, which reads "
-    "the batch's size or values), so the step's backward gives each of its rows other samples' "
+    "outputs; or its own output for a sample is another alone than in the batch, or its "
+    "samples' gradients alone do not add up to the batch's: it reads the batch's size or "
+    "values), so the step's backward gives each of its rows other samples' "
     "gradients too, or its recomputation per sample is not what the step computed"
 )
 
@@ -736,16 +737,27 @@ def _alone_differs(
     step computed (34 % off at coverage 1: a probe's).
 
     Each of the check's samples runs alone (the first alone missed a small or blank one: a
-    review's), and its output must be its row of the batch's within √ε of the dtype, relative
-    to the output's largest magnitude: a batched kernel rounds otherwise than a one-sample
+    review's), and its output must be its row of the batch's within √ε of the dtype
+    (:func:`_loose`: of TF32 on CUDA where torch may use it), relative to the output's
+    largest magnitude: a batched kernel rounds otherwise than a one-sample
     one, by a few ε per reduction step (relative to each row's own largest, a row of one value
-    near 0 was flagged for rounding: a review's). None where that cannot be told: its forward
-    on one sample raises, has another shape or draws random numbers. (An output of 0 at the
-    check, of zero-initialized weights, shows nothing: its unit is not counted as checked.)"""
+    near 0 was flagged for rounding: a review's). The sum of its samples' gradients alone
+    must also be the batch's (:func:`_batch_gradient_differs`: values can hide what gradients
+    show). None where that cannot be told: its forward on one sample raises, has another
+    shape or draws random numbers. (An output of 0 at the check, of zero-initialized weights,
+    shows nothing: its unit is not counted as checked.)"""
     if not kept.is_floating_point() or not kept.numel():
         return None
     after = Fork(kept.device)
     busy[0] = True
+    params: list[Tensor] = (
+        [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+    )
+    # a fixed random cotangent r (not the run's random states): Σᵢ of the samples' gradients
+    # of ⟨rᵢ, f(xᵢ)⟩ alone must be the batch's gradient of ⟨r, f(X)⟩
+    gen = torch.Generator(device=kept.device).manual_seed(1)
+    r = torch.rand(kept.shape, generator=gen, device=kept.device).add_(0.5).to(kept.dtype)
+    sums: list[Tensor | None] = [None] * len(params)
     try:
         rows = []
         for i in range(kept.shape[dim]):
@@ -760,16 +772,82 @@ def _alone_differs(
                 if [n for n in alone.shape if n != 1] != [n for n in shape if n != 1]:
                     return None
                 alone = alone.reshape(shape)
+            if params and alone.requires_grad:
+                got = torch.autograd.grad(  # (retained: a weight a pre-hook computed in
+                    (alone * r.narrow(dim, i, 1)).sum(),  # the check's forward is shared
+                    params,  # with its graph, which its backwards still need)
+                    allow_unused=True,
+                    retain_graph=True,
+                )
+                sums = [g if s is None else s if g is None else s + g
+                        for s, g in zip(sums, got, strict=True)]  # fmt: skip
             rows.append(alone.detach())
         alone = torch.cat(rows, dim)
         scale = kept.abs().nan_to_num(0, 0, 0).amax()
-        off = (alone - kept).abs() > torch.finfo(kept.dtype).eps ** 0.5 * scale
-        return (off & ~(alone == kept) & ~(alone.isnan() & kept.isnan())).any()
+        off = (alone - kept).abs() > _loose(kept.dtype, kept.device) * scale
+        differs = (off & ~(alone == kept) & ~(alone.isnan() & kept.isnan())).any()
+        grads_differ = _batch_gradient_differs(module, args, kwargs, r, params, sums, fork)
+        return differs if grads_differ is None else differs | grads_differ
     except Exception:  # noqa: BLE001 (a forward that cannot run on one sample: no evidence)
         return None
     finally:
         busy[0] = False
         after.rewind()
+
+
+def _loose(*dtypes_and_device: Any) -> float:
+    """√ε of the coarsest of these dtypes (and of TF32, on CUDA where torch may use it for a
+    matmul or a cuDNN convolution): how far a batched kernel and a one-sample one may round
+    apart, relative to the largest magnitude, in the alone-vs-batch checks."""
+    dtypes = [d for d in dtypes_and_device if isinstance(d, torch.dtype)]
+    eps = max(torch.finfo(d).eps for d in dtypes)
+    devices = [d for d in dtypes_and_device if isinstance(d, torch.device)]
+    if any(d.type == "cuda" for d in devices) and (
+        torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    ):
+        eps = max(eps, 2.0**-10)  # (TF32 keeps 10 bits of mantissa)
+    return float(eps**0.5)
+
+
+def _batch_gradient_differs(
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    r: Tensor,
+    params: list[Tensor],
+    sums: list[Tensor | None],
+    fork: Fork,
+) -> Tensor | None:
+    """Whether the batch's gradient of ⟨r, f(X)⟩ for a generic unit's parameters differs from
+    ``sums``, the sum of its samples' gradients run alone, on the device: the per-sample
+    gradients its recomputation gives add up to the step's only where the unit treats its
+    samples alone. Values can hide what gradients show: a branch of zero-initialized weights
+    reading the batch's size (LoRA's ``(x @ A.T) @ B.T * n ** 0.5`` with B = 0) gives each
+    sample its row back, yet scales B's gradient by √n (41-58 % off at coverage 1: a
+    review's probe). Within √ε of the coarser of the gradient's and the output's dtypes
+    (:func:`_loose`) relative to the larger gradient's largest magnitude, per parameter. None
+    where nothing can be told (no parameter takes a gradient)."""
+    if not params or all(s is None for s in sums):
+        return None
+    fork.rewind()
+    whole = module.forward(args[0].detach().clone(), *args[1:], **kwargs)
+    if not isinstance(whole, Tensor) or not whole.requires_grad:
+        return None
+    batch = torch.autograd.grad(
+        (whole.reshape(r.shape) * r).sum(), params, allow_unused=True, retain_graph=True
+    )
+    flags = []
+    for a, b in zip(sums, batch, strict=True):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        scale = torch.maximum(
+            a.abs().nan_to_num(0, 0, 0).amax(), b.abs().nan_to_num(0, 0, 0).amax()
+        )
+        off = (a - b).abs() > _loose(a.dtype, a.device, r.dtype) * scale
+        flags.append((off & ~(a.isnan() & b.isnan())).any())
+    return torch.stack(flags).any() if flags else None
 
 
 def _keep(grads: dict[int, Tensor], i: int, g: Tensor | None) -> None:
