@@ -107,8 +107,8 @@ def _fork_then_serve(groups: list[tuple[int, Any, tuple[Any, ...]]]) -> list[lis
     ranks the port; wait for them all. Returns the processes, by group."""
     procs, tells = [], []
     for world, target, per_rank in groups:
-        for rank_args in per_rank:
-            compose_before_forking(*rank_args[0])  # (the first argument after the port)
+        for overrides in {rank_args[0] for rank_args in per_rank}:  # (the first argument
+            compose_before_forking(*overrides)  # after the port; each distinct one once)
         group = []
         for rank in range(world):
             port_from, tell = FORK.Pipe(duplex=False)

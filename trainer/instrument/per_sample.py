@@ -784,7 +784,7 @@ def _alone_differs(
             rows.append(alone.detach())
         alone = torch.cat(rows, dim)
         scale = kept.abs().nan_to_num(0, 0, 0).amax()
-        off = (alone - kept).abs() > _loose(kept.dtype, kept.device) * scale
+        off = (alone - kept).abs() > _loose(kept.device, kept.dtype) * scale
         differs = (off & ~(alone == kept) & ~(alone.isnan() & kept.isnan())).any()
         grads_differ = _batch_gradient_differs(module, args, kwargs, r, params, sums, fork)
         return differs if grads_differ is None else differs | grads_differ
@@ -795,14 +795,12 @@ def _alone_differs(
         after.rewind()
 
 
-def _loose(*dtypes_and_device: Any) -> float:
-    """√ε of the coarsest of these dtypes (and of TF32, on CUDA where torch may use it for a
+def _loose(device: torch.device, *dtypes: torch.dtype) -> float:
+    """√ε of the coarsest of ``dtypes`` (and of TF32, on CUDA where torch may use it for a
     matmul or a cuDNN convolution): how far a batched kernel and a one-sample one may round
     apart, relative to the largest magnitude, in the alone-vs-batch checks."""
-    dtypes = [d for d in dtypes_and_device if isinstance(d, torch.dtype)]
     eps = max(torch.finfo(d).eps for d in dtypes)
-    devices = [d for d in dtypes_and_device if isinstance(d, torch.device)]
-    if any(d.type == "cuda" for d in devices) and (
+    if device.type == "cuda" and (
         torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
     ):
         eps = max(eps, 2.0**-10)  # (TF32 keeps 10 bits of mantissa)
@@ -847,7 +845,7 @@ def _batch_gradient_differs(
     # softmax, a bias before an instance norm) holds rounding noise on both sides, as far
     # apart as it is large (a review's: such units were left out at √ε of their own scale)
     scale = torch.stack([t.abs().nan_to_num(0, 0, 0).amax() for pair in pairs for t in pair])
-    tol = _loose(pairs[0][0].dtype, r.device, r.dtype) * scale.amax()
+    tol = _loose(r.device, pairs[0][0].dtype, r.dtype) * scale.amax()
     flags = [((a - b).abs() > tol) & ~(a.isnan() & b.isnan()) for a, b in pairs]
     return torch.stack([f.any() for f in flags]).any()
 
