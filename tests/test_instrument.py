@@ -866,6 +866,28 @@ def test_histograms_of_extreme_finite_values_are_numpys(kind) -> None:
     assert h.sum_squares == pytest.approx(exact_sq, rel=rel, abs=0)
 
 
+@pytest.mark.parametrize("policy", ["minmax", "symmetric", "fixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_value_within_float32s_resolution_of_an_edge_is_in_its_written_bucket(
+    policy, dtype
+) -> None:
+    """Evenly spaced values (a linspace, quantized weights) sit within float32's resolution
+    of bucket edges: binned in float32, histc's rounding put one (-0.4000000059604645, 10
+    buckets over [-1, 1]) one bucket over, outside the limits written for it (a review's).
+    Binned in float64, in which the limits are written, each count is NumPy's for the same
+    values and range."""
+    x = torch.linspace(-1, 1, 101).to(dtype)
+    fixed = (-0.5, 0.5)
+    for bins in (10, 64):
+        (h,) = histograms([x], bins=bins, range_policy=policy, fixed=fixed)
+        v = x.double().numpy()
+        left, right = {"minmax": (v.min(), v.max()), "fixed": fixed,
+                       "symmetric": (-abs(v).max(), abs(v).max())}[policy]  # fmt: skip
+        counts, edges = np.histogram(np.clip(v, left, right), bins=bins, range=(left, right))
+        assert h.bucket_counts == counts.tolist()
+        assert h.bucket_limits == pytest.approx(edges[1:].tolist(), rel=1e-15, abs=1e-15)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_chunked_counts_equal_one_histc_and_leave_determinism_as_it_was(
     monkeypatch, deterministic
