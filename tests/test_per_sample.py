@@ -4525,6 +4525,74 @@ def test_a_zero_initialized_branch_reading_the_batchs_size_is_left_out(caplog, s
         assert "leave out 'u'" not in caplog.text
 
 
+class FrozenAdapter(nn.Module):
+    """An adapter kept as a unit of its own: A trained, B a zero buffer (frozen at 0, its
+    output 0 for any input and any A)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(2, 64) / 8)
+        self.register_buffer("b", torch.zeros(10, 2))
+
+    def forward(self, x):
+        return (x @ self.a.T) @ self.b.T
+
+
+class Gated(nn.Module):
+    """A unit of one's own scaled by a plain attribute, 0 until a callback opens it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(10, 64) / 8)
+        self.gate = 0.0
+
+    def forward(self, x):
+        return (x @ self.w.T) * self.gate
+
+
+class WithZeroUnits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat, self.body = nn.Flatten(), nn.Linear(64, 10)
+        self.adapter, self.gated = FrozenAdapter(), Gated()
+
+    def forward(self, x):
+        x = self.flat(x)
+        return self.body(x) + self.adapter(x) + self.gated(x)
+
+
+class OpenGate(Callback):
+    def on_train_batch_start(self, trainer, batch) -> None:
+        if trainer.global_step == 3:
+            trainer.model.gated.gate = 1.0
+
+
+def test_a_unit_whose_output_stays_0_is_not_checked_again_until_it_is_not(
+    tmp_path, monkeypatch
+) -> None:
+    """A unit of one's own whose output is 0 is left out (its mixing check shows nothing of
+    it), and its check was run again at every measured micro-batch, the first one twice: 7
+    checks in 6 steps here, a forward and up to 24 backwards each. Now the check runs again
+    only at a step whose forward gives such a unit an output that is not 0: the frozen
+    adapter stays left out, and the gated unit is measured from the step its gate opens."""
+    calls: list[int] = []
+    check = PerSampleNorms._check_mixing
+
+    def counted(self, trainer, batch):
+        calls.append(trainer.global_step)
+        return check(self, trainer, batch)
+
+    monkeypatch.setattr(PerSampleNorms, "_check_mixing", counted)
+    train(tmp_path, "~model", f"+model._target_={__name__}.WithZeroUnits",
+          "trainer.max_steps=6", "instrument.per_sample.every_n_steps=1",
+          callbacks=[OpenGate()])  # fmt: skip
+    assert calls == [0, 3]
+    total = 64 * 10 + 10 + 2 * 64 + 10 * 64
+    coverage = [v for _, v in read_scalars(tmp_path)["per_sample/coverage"]]
+    closed = (64 * 10 + 10) / total  # the body alone, then the gated unit too
+    assert coverage == pytest.approx([closed] * 3 + [closed + 640 / total] * 3, rel=1e-6)
+
+
 class ShiftedSoftmax(nn.Module):
     """A shift before a softmax: its gradient is 0 analytically, rounding noise on both
     sides of the gradient comparison, as far apart as they are large."""

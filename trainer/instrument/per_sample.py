@@ -900,6 +900,9 @@ class _Call:
     #: (unit name, call within the forward) when whether the model mixes the samples after it
     #: is not known yet for this input (:meth:`PerSampleNorms._check_mixing`, after the backward)
     mixing: tuple[str, int] | None = None
+    #: a unit of one's own with ``mixing`` set: whether its output is all 0, on the device (its
+    #: mixing check would show nothing of it: not run again for it alone)
+    zero: Tensor | None = None
     #: its tensor inputs' version counters after its forward (shared with the detached
     #: aliases kept): where one moved, the input was changed in place since
     versions: list[int] = field(default_factory=list)
@@ -1587,6 +1590,9 @@ class PerSampleNorms(Callback):
                 why = MIXED
             elif checked is None or call_key not in checked[1]:
                 mixing = call_key  # not known yet: after the backward
+        zero = None  # (an output of 0 shows no mixing inside a unit of one's own)
+        if mixing is not None and self._kind[module] == "func" and isinstance(output, Tensor):
+            zero = (output == 0).all() if output.numel() else None
         if why is not None:
             self._excluded[name] = why
             return
@@ -1600,7 +1606,7 @@ class PerSampleNorms(Callback):
         call = _Call(
             module, _detach(args), _detach(kwargs),
             [(t.shape, t.dtype, t.device) for t in outputs], dims,
-            autocast=amp, verify=verify, mixing=mixing,
+            autocast=amp, verify=verify, mixing=mixing, zero=zero,
             versions=_versions((args, kwargs)), dim=dim, candidates=candidates,
             buffers=entry[0] if entry is not None else {},
             attributes=entry[2] if entry is not None else [],
@@ -1961,8 +1967,15 @@ class PerSampleNorms(Callback):
                         c.mixing = _keyed(c.mixing, found)
         checked = self._mixing_checks.get(self._signature)
         gave_up = self._signature in self._mixing_failed
-        if any(c.mixing is not None and (checked is None or c.mixing not in checked[1]
-                                         and not gave_up) for c in self._calls):  # fmt: skip
+        unknown = [c for c in self._calls if c.mixing is not None
+                   and (checked is None or c.mixing not in checked[1] and not gave_up)]  # fmt: skip
+        # (not where each call unknown is a unit of one's own whose output is 0 here too: its
+        # check would show nothing of it again. A frozen adapter's B = 0 was checked at every
+        # measured micro-batch, a forward and 8 backwards each, and the first one twice)
+        zeros = [c.zero for c in unknown if c.zero is not None]
+        all_zero = checked is not None and len(zeros) == len(unknown)
+        # (host read: a measured step whose units of one's own unsettled gave an output of 0)
+        if unknown and not (all_zero and bool(torch.stack(zeros).all())):
             self._check_mixing(trainer, batch)  # a new input signature, or a call its check
             checked = self._mixing_checks.get(self._signature)  # did not see (host read)
         fork: Fork | None = None
@@ -1985,8 +1998,9 @@ class PerSampleNorms(Callback):
                             "without the check's samples along its batch dimension (its "
                             "input not in the layout it takes), or, a unit of one's own, "
                             "made it with an output of 0 (zero-initialized weights), which "
-                            "shows no mixing inside it; checked again at each measured step "
-                            "until it is known"
+                            "shows no mixing inside it; checked again at a measured step "
+                            "until it is known (a unit of one's own at one whose forward "
+                            "gives it an output that is not 0)"
                         )
                 if why is None and call.moved():
                     why = IN_PLACE
