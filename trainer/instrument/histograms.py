@@ -167,12 +167,11 @@ def histograms(
         else:
             counts_all.append(_histc(xb, bins, left, right))
         # Σx in float64 (values that cancel: an output layer's gradient summed to 3.7x its
-        # exact -3.7e-9 in float32; 15 against 7 µs for 65,536 values on this CPU, 10 against
-        # 0.1 ms for 4M, where histc takes 13); Σx², whose terms cannot cancel, in float32.
-        # Values whose Σx² could pass its largest value (|x| > 1.8e19 gave sum_squares Inf)
-        # or whose squares fall below its smallest normal one (|x| < 1e-19 gave 0) are
-        # summed as x / m (m = max |x|, |x / m| ≤ 1), times m or m² on the host; float64
-        # ones alike past float64's range (|x| > 1.3e154)
+        # exact -3.7e-9 in float32), and Σx² in the binning's dtype (float32 on MPS).
+        # Values whose Σx² could pass its largest value (float32's: |x| > 1.8e19 gave
+        # sum_squares Inf; float64's: |x| > 1.3e154) or whose squares fall below its
+        # smallest normal one (float32's: |x| < 1e-19 gave 0) are summed as x / m
+        # (m = max |x|, |x / m| ≤ 1), times m or m² on the host
         m = max(abs(lo), abs(hi))
         mm = m * m
         huge = mm * max(x.numel(), 1) > (_F64_MAX if wide else _F32_MAX)

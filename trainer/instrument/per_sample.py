@@ -680,6 +680,7 @@ def _moves_other_rows(
     fork: Fork,
     busy: list[bool],
     dim: int = 0,
+    begun: list[tuple[nn.Module, dict[str, Any]]] | None = None,
 ) -> Tensor | None:
     """Whether a generic unit mixes the samples by value (detached batch statistics, token ids
     in, features from under no_grad: no gradient shows it), on the device: its forward again,
@@ -690,9 +691,26 @@ def _moves_other_rows(
     (:func:`_alone_differs`). None where that cannot be told (its forward raises, or does not
     give its output back: a counter of its own, state it updates), which is no evidence either
     way. ``busy`` is set while it runs: the check's hooks do not count the calls of its
-    children."""
+    children. Each run starts from the plain attributes ``begun`` (:func:`plain_attributes`
+    as its call began: a counter of its own steering its output is where it was; without,
+    such a unit was never compared alone, and one also reading a value of the whole batch
+    was measured 31 % off at coverage 1, a probe's), and they are as they were after."""
     if args[0].dim() <= dim:
         return None
+    with attributes_kept(module):
+        return _moves_again(module, args, kwargs, output, fork, busy, dim, begun or [])
+
+
+def _moves_again(
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    output: Tensor,
+    fork: Fork,
+    busy: list[bool],
+    dim: int,
+    begun: list[tuple[nn.Module, dict[str, Any]]],
+) -> Tensor | None:
     after = Fork(output.device)
     outs = []
     busy[0] = True
@@ -702,6 +720,7 @@ def _moves_other_rows(
             if swap:
                 first.select(dim, 0).copy_(first.select(dim, 1))
             fork.rewind()
+            set_plain_attributes(begun)
             again = module.forward(first, *args[1:], **kwargs)
             if not isinstance(again, Tensor) or again.shape != output.shape:
                 return None
@@ -718,7 +737,7 @@ def _moves_other_rows(
     rest = output.shape[dim] - 1
     swapped, others = swapped.narrow(dim, 1, rest), kept.narrow(dim, 1, rest)
     moved = ((swapped != others) & ~(swapped.isnan() & others.isnan())).any()
-    alone = _alone_differs(module, args, kwargs, kept, fork, busy, dim)
+    alone = _alone_differs(module, args, kwargs, kept, fork, busy, dim, begun)
     return moved if alone is None else moved | alone
 
 
@@ -730,6 +749,7 @@ def _alone_differs(
     fork: Fork,
     busy: list[bool],
     dim: int,
+    begun: list[tuple[nn.Module, dict[str, Any]]],
 ) -> Tensor | None:
     """Whether a generic unit gives a sample another output alone than in the batch, on the
     device: its forward reads the batch's size (``h * x.shape[0] ** 0.5``) or a value of the
@@ -762,6 +782,7 @@ def _alone_differs(
         rows = []
         for i in range(kept.shape[dim]):
             fork.rewind()
+            set_plain_attributes(begun)
             one = args[0].detach().narrow(dim, i, 1).clone()
             alone = module.forward(one, *args[1:], **kwargs)
             if fork.drew() or not isinstance(alone, Tensor):
@@ -786,7 +807,7 @@ def _alone_differs(
         scale = kept.abs().nan_to_num(0, 0, 0).amax()
         off = (alone - kept).abs() > _loose(kept.device, kept.dtype) * scale
         differs = (off & ~(alone == kept) & ~(alone.isnan() & kept.isnan())).any()
-        grads_differ = _batch_gradient_differs(module, args, kwargs, r, params, sums, fork)
+        grads_differ = _batch_gradient_differs(module, args, kwargs, r, params, sums, fork, begun)
         return differs if grads_differ is None else differs | grads_differ
     except Exception:  # noqa: BLE001 (a forward that cannot run on one sample: no evidence)
         return None
@@ -815,6 +836,7 @@ def _batch_gradient_differs(
     params: list[Tensor],
     sums: list[Tensor | None],
     fork: Fork,
+    begun: list[tuple[nn.Module, dict[str, Any]]],
 ) -> Tensor | None:
     """Whether the batch's gradient of ⟨r, f(X)⟩ for a generic unit's parameters differs from
     ``sums``, the sum of its samples' gradients run alone, on the device: the per-sample
@@ -828,6 +850,7 @@ def _batch_gradient_differs(
     if not params or all(s is None for s in sums):
         return None
     fork.rewind()
+    set_plain_attributes(begun)
     whole = module.forward(args[0].detach().clone(), *args[1:], **kwargs)
     if not isinstance(whole, Tensor) or not whole.requires_grad:
         return None
@@ -1036,6 +1059,13 @@ def _buffer_changes(
         "statistic; spectral_norm's power iteration in training), which a recomputation on "
         "one sample would not do as the batch's forward did"
     )
+
+
+def _tensor_attributes(module: nn.Module) -> list[str]:
+    """The tensors a unit (its modules) keeps as plain attributes, not as parameters or
+    buffers: a forward run B times, one sample at a time, may write into them B times."""
+    return [f"{n}.{k}" if n else k for n, m in module.named_modules() if not scripted(m)
+            for k, v in vars(m).items() if isinstance(v, Tensor)]  # fmt: skip
 
 
 def _buffer_copies(module: nn.Module) -> dict[str, Tensor]:
@@ -1824,8 +1854,10 @@ class PerSampleNorms(Callback):
             rest, kwargs = call.args[1:], call.kwargs  # not tensors (checked)
             d = call.dim  # (1: sequence-first, (T, B, ·))
 
-            def inner(p: dict[str, Tensor], ai: Tensor, gi: Tensor) -> Tensor:
-                out = functional_call(module, {**p, **buffers}, (ai.unsqueeze(d), *rest), kwargs)
+            def inner(
+                p: dict[str, Tensor], ai: Tensor, gi: Tensor, bufs: dict[str, Tensor] = buffers
+            ) -> Tensor:
+                out = functional_call(module, {**p, **bufs}, (ai.unsqueeze(d), *rest), kwargs)
                 gi = gi.unsqueeze(d)
                 if out.shape != gi.shape:  # (no broadcast: a sample's output is its row; one
                     # squeezed, ``(x @ w).squeeze()``, is that row without its sizes of 1)
@@ -1841,7 +1873,41 @@ class PerSampleNorms(Callback):
             # model's own, and the rows were part of the step's graph, kept alive until the
             # next measurement; torch.func's grad differentiates inside no_grad all the same)
             with torch.no_grad():
-                return vmap(grad(inner), in_dims=(None, d, d))(leaf, a, g)
+                try:
+                    return vmap(grad(inner), in_dims=(None, d, d))(leaf, a, g)
+                except Exception as e:  # noqa: BLE001 (vmap's own refusals: checked below)
+                    if "randomness" in str(e):  # (a draw: left out by the caller)
+                        raise
+                    refusal = e
+                # a forward vmap cannot batch (a value read on the host, `.tolist()` of each
+                # sample's length; a batched value written into a state it builds, a GRUCell
+                # without its hidden state) is run sample by sample: as its mixing check ran
+                # it alone, where each sample gave its row back and their gradients added up
+                # to the batch's (a value of the whole batch read with `.item()` is left out
+                # there). Left out until the twenty-seventh session (a first fallback, without
+                # that check, was 31 % off at coverage 1 on such a read: reverted). B
+                # recomputations, each from the attributes and buffers its forward began with
+                kept = _tensor_attributes(module)
+                if kept:  # (B forwards would write into it B times: training would change)
+                    raise RuntimeError(
+                        f"{type(refusal).__name__} under vmap: {str(refusal).strip()[:150]}; "
+                        f"not run sample by sample either: it keeps a tensor besides its "
+                        f"parameters and buffers ({few(kept)}), which its forward may write into"
+                    )
+                by_sample: list[dict[str, Tensor]] = []
+                try:
+                    for i in range(a.shape[d]):
+                        set_plain_attributes(call.attributes)  # (its counter as it began)
+                        fresh = {n: b.clone() for n, b in buffers.items()}
+                        by_sample.append(grad(partial(inner, bufs=fresh))(
+                            {**leaf}, a.select(d, i), g.select(d, i)
+                        ))  # fmt: skip
+                except Exception as e:  # noqa: BLE001 (the loop's error: named, vmap's too)
+                    raise RuntimeError(
+                        f"{type(e).__name__}: {str(e).strip()[:150]}; under vmap: "
+                        f"{type(refusal).__name__}: {str(refusal).strip()[:150]}"
+                    ) from e
+                return {n: torch.stack([r[n] for r in by_sample]) for n in leaf}
         # attention, RNNs: one recomputation per sample (their kernels have no batching rule)
         bound = self._bound(module, call.args, call.kwargs)
         if self._kind[module] == "attention":
@@ -1973,7 +2039,9 @@ class PerSampleNorms(Callback):
         # check would show nothing of it again. A frozen adapter's B = 0 was checked at every
         # measured micro-batch, a forward and 8 backwards each, and the first one twice)
         zeros = [c.zero for c in unknown if c.zero is not None]
-        all_zero = checked is not None and len(zeros) == len(unknown)
+        # (not after a normalization with the batch's statistics: the check runs BatchNorms
+        # on their running ones, where its output may not be 0; a review's stayed left out)
+        all_zero = checked is not None and not self._mixing and len(zeros) == len(unknown)
         # (host read: a measured step whose units of one's own unsettled gave an output of 0)
         if unknown and not (all_zero and bool(torch.stack(zeros).all())):
             self._check_mixing(trainer, batch)  # a new input signature, or a call its check
@@ -2244,7 +2312,7 @@ class PerSampleNorms(Callback):
         seen: set[tuple[str, int]] = set()
         counts: dict[nn.Module, int] = {}
         inside: list[tuple[Any, Tensor]] = []  # generic unit calls: output rows changed
-        forks: dict[nn.Module, tuple[Fork, list[int]]] = {}
+        forks: dict[nn.Module, tuple[Fork, list[int], list[Any]]] = {}
         again_running = [False]  # (a unit run again by value: its children's calls not seen)
 
         def watch(key: Any, t: Tensor, dim: int, owner: Tensor | None = None) -> None:
@@ -2264,7 +2332,8 @@ class PerSampleNorms(Callback):
                 return None
             dims = [d for d in (0, 1) if first.dim() > d and first.shape[d] == p]
             if dims:  # (batch-first, or sequence-first: each watched under its own key)
-                forks[module] = (Fork(first.device), dims)  # (its draws, to make them again)
+                forks[module] = (Fork(first.device), dims,  # (its draws, to make them again,
+                                 plain_attributes(module))  # and its counters)  # fmt: skip
             if first.requires_grad:  # (token ids, features from under no_grad: by value only)
                 for d in dims:
                     watch(_keyed(key, d), first, d)
@@ -2289,7 +2358,7 @@ class PerSampleNorms(Callback):
                         # not sentences of several per sample: a review's voided every check)
                     elif t.dim() > d and t.shape[d] == p:
                         watch(key, t, d)
-            fork, dims = forks.pop(module, (None, []))
+            fork, dims, begun = forks.pop(module, (None, [], []))
             if fork is not None and isinstance(output, Tensor):
                 if output.numel() and bool((output == 0).all()):  # host read: once per
                     # generic unit and check
@@ -2300,7 +2369,7 @@ class PerSampleNorms(Callback):
                 for d in dims:
                     if output.dim() > d and output.shape[d] == p:
                         moved = _moves_other_rows(
-                            module, args, kwargs, output, fork, again_running, d
+                            module, args, kwargs, output, fork, again_running, d, begun
                         )
                         if moved is not None:
                             seen.add(_keyed(key, d))

@@ -14,11 +14,14 @@ and the model ran on with the old table (measuring changed training: a review's)
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 _MISSING = object()
 #: the attribute types whose contents :func:`attributes_kept` puts back (a hook table, a list)
@@ -71,19 +74,39 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     and the flag saying it is built), and its container attributes their contents (its
     parameter, buffer and child tables, its hook tables, a list it appends to: a hook a
     forward registers with a flag saying so was kept while the flag was put back, and the
-    next forward registered it twice, a review's). Not put back: objects changed in place
-    otherwise (a random generator drawn from, a tensor written into), ``__slots__``, and
-    TorchScript modules (their tables are no dicts), which are left as they are."""
+    next forward registered it twice, a review's), and a tensor it keeps as a plain attribute
+    (not a parameter or buffer) its values, where it was written into in place (a running
+    total of its own: the per-sample mixing check's runs added into it again, a review's; a
+    copy of each such tensor is taken on entry). Not put back: objects changed in place
+    otherwise (a random generator drawn from, a tensor inside a container or another
+    object), ``__slots__``, and TorchScript modules (their tables are no dicts), which are
+    left as they are."""
     saved = []
-    for m in module.modules():
-        if scripted(m):
-            continue
-        attrs = dict(vars(m))
-        contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
-        saved.append((m, attrs, contents))
+    tensors: list[tuple[Tensor, int, Tensor]] = []
+    with torch._C.DisableTorchFunction():  # (no instrument's mode counts these as uses)
+        for m in module.modules():
+            if scripted(m):
+                continue
+            attrs = dict(vars(m))
+            contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
+            saved.append((m, attrs, contents))
+            tensors += [(v, v._version, v.detach().clone()) for v in attrs.values()
+                        if isinstance(v, Tensor) and not v.is_inference()]  # fmt: skip
     try:
         yield
     finally:
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            for t, version, before in tensors:
+                if t._version != version:
+                    try:
+                        t.copy_(before)
+                    except RuntimeError as e:  # (an expanded view: not writable)
+                        log.warning(
+                            "an instrument's extra forward changed a tensor a module keeps "
+                            "(not a parameter or buffer) in place, and it cannot be put back "
+                            "(%s): training may differ from a run without measuring",
+                            str(e).splitlines()[0],
+                        )
         for m, attrs, contents in saved:
             now = vars(m)
             for k in [k for k in now if k not in attrs]:
