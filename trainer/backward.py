@@ -27,6 +27,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.overrides import TorchFunctionMode
 
 from trainer.precision import LOW_PRECISION
 
@@ -165,26 +169,62 @@ def backward_vector(
         torch.autograd.backward([losses, reg], grad_tensors=[weights, one], inputs=inputs)
 
 
+def weight_normed(model: nn.Module) -> list[str]:
+    """The modules of ``model`` whose weight ``weight_norm`` computes (the parametrization,
+    ``torch.nn.utils.parametrizations.weight_norm``, or the hook-based
+    ``torch.nn.utils.weight_norm``), by name."""
+    found = []
+    for name, m in model.named_modules():
+        hooked = any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())
+        plist = m.parametrizations.values() if parametrize.is_parametrized(m) else []  # type: ignore[union-attr,operator]
+        if hooked or any(isinstance(p, _WeightNorm) for ps in plist for p in ps):
+            found.append(name or type(m).__name__)
+    return found
+
+
+def _weight_norm_composed(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``torch._weight_norm`` as ATen composes it where its fused kernel is not used."""
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+class _ComposedWeightNorm(TorchFunctionMode):
+    """``torch._weight_norm`` by its composite ops, whose derivatives are differentiable
+    again: the fused kernel's double backward (``_weight_norm_differentiable_backward``,
+    torch 2.14) is wrong, ``gradgradcheck`` fails on it, so Hessian-vector products through
+    a weight-normed layer were not symmetric and a review's top eigenvalue was 3 % off (the
+    trace 3 standard errors), converged, with no warning. (The input-gradient penalty does
+    not differentiate weight_norm's backward, only the input's gradient through W: it was
+    right, and is the same under the composite ops.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func is torch._weight_norm:
+            return _weight_norm_composed(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
-def double_backward_kernels(model: nn.Module, device: torch.device) -> Iterator[None]:
+def double_backward_kernels(
+    model: nn.Module, device: torch.device, hessian: bool = False
+) -> Iterator[None]:
     """Kernels with a double backward, for a forward whose backward is differentiated again
     (Hessian-vector products, the input-gradient penalty): attention through the math kernel
     (flash and memory-efficient have none: "derivative for
-    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), and, on
-    CUDA, for a model holding an RNN, cuDNN off (its RNNs have none: "Double backwards is not
-    supported for CuDNN RNNs", a review's reading of torch; torch's own RNN kernels are used
-    instead). Only ``torch.backends.cudnn.enabled`` is switched, and put back: its other
-    settings (deterministic, benchmark) stay as the run set them; it is process-wide, so the
-    model's convolutions and BatchNorms run without cuDNN in that forward too (slower, the
-    same math). (Tested on an H100: tests/test_cuda.py.)"""
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), with
+    ``hessian`` (a backward differentiated in the parameters again: Hessian-vector products)
+    ``weight_norm`` by its composite ops (:class:`_ComposedWeightNorm`: the fused kernel's
+    double backward is wrong), and, on CUDA, for a model holding an RNN, cuDNN off (its RNNs
+    have none: "Double backwards is not supported for CuDNN RNNs", a review's reading of
+    torch; torch's own RNN kernels are used instead). Only ``torch.backends.cudnn.enabled`` is
+    switched, and put back: its other settings (deterministic, benchmark) stay as the run set
+    them; it is process-wide, so the model's convolutions and BatchNorms run without cuDNN in
+    that forward too (slower, the same math). (Tested on an H100: tests/test_cuda.py.)"""
     rnn = device.type == "cuda" and any(isinstance(m, nn.RNNBase) for m in model.modules())
-    with sdpa_kernel(SDPBackend.MATH):
-        if not rnn:
-            yield
-            return
-        was = torch.backends.cudnn.enabled
-        torch.backends.cudnn.enabled = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.enabled = was
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if hessian and weight_normed(model):
+            stack.enter_context(_ComposedWeightNorm())
+        if rnn:
+            was = torch.backends.cudnn.enabled
+            torch.backends.cudnn.enabled = False
+            stack.callback(setattr, torch.backends.cudnn, "enabled", was)
+        yield

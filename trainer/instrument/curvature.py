@@ -357,7 +357,7 @@ class Curvature(Callback):
             forked_rng(x.device),  # dropout (or Python's random) must not advance the run's
             # kernels with a double backward, which Hessian-vector products need: attention
             # through the math kernel, cuDNN off for an RNN on CUDA
-            double_backward_kernels(model, x.device),
+            double_backward_kernels(model, x.device, hessian=True),
         ):
             if start is not None:  # (inside the fork: the run's states come back after)
                 start.rewind()
