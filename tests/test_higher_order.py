@@ -996,3 +996,62 @@ def test_the_input_gradient_penalty_through_weight_norm_has_the_plain_ops_gradie
     expected = torch.autograd.grad(pen.value((out.squeeze(1) - t) ** 2, xl), plain)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+class BiasOnlyNorm(nn.Module):
+    """A layer norm with a bias and no weight (``F.layer_norm(h, shape, None, b)``) between
+    two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 4), nn.Linear(4, 1)
+        self.shift = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.layer_norm(self.body(x), (4,), None, self.shift)))
+
+
+def test_curvature_through_a_bias_only_layer_norm_is_the_finite_difference_hessians() -> None:
+    """torch's layer_norm with a bias and no weight has a wrong double backward (torch issue
+    79705: gradgradcheck gives 0 for the derivative of the bias's gradient in its output's
+    gradient), and a Hessian-vector product through it stopped with "Expected a proper Tensor
+    but got None". In the curvature's forward the bias is added after the norm: each
+    Hessian-vector product is the Hessian's by central
+    differences of the (first-order, right) gradient, whose error at h = 1e-5 in float64 is
+    O(h²) from the third derivatives plus O(ε/h) from rounding, about 1e-10 here."""
+    from trainer.backward import double_backward_kernels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(16, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = BiasOnlyNorm().double()
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in params]
+
+    def gradient(flat: torch.Tensor) -> torch.Tensor:
+        state = {n: c.reshape(p.shape) for n, c, p in
+                 zip(names, flat.split(sizes), params, strict=True)}  # fmt: skip
+        loss = ((functional_call(model, state, (x,)).squeeze(1) - t) ** 2).mean()
+        return torch.cat([d.reshape(-1) for d in torch.autograd.grad(loss, list(state.values()))])
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    h = 1e-5
+    columns = []
+    for j in range(flat.numel()):
+        step = torch.zeros_like(flat)
+        step[j] = h
+        plus = gradient((flat + step).requires_grad_())
+        minus = gradient((flat - step).requires_grad_())
+        columns.append((plus - minus) / (2 * h))
+    reference = torch.stack(columns, 1)
+    with double_backward_kernels(model, x.device, hessian=True):
+        loss = ((model(x).squeeze(1) - t) ** 2).mean()
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    products = []
+    for e in torch.eye(flat.numel(), dtype=torch.float64):
+        pieces = e.split(sizes)
+        hv = hvp(grads, params, [c.reshape(p.shape) for c, p in zip(pieces, params, strict=True)])
+        products.append(torch.cat([c.reshape(-1) for c in hv]))
+    torch.testing.assert_close(torch.stack(products, 1), reference, rtol=0, atol=1e-7)

@@ -25,11 +25,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import _WeightNorm
-from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
 from trainer.precision import LOW_PRECISION
@@ -169,36 +167,47 @@ def backward_vector(
         torch.autograd.backward([losses, reg], grad_tensors=[weights, one], inputs=inputs)
 
 
-def weight_normed(model: nn.Module) -> list[str]:
-    """The modules of ``model`` whose weight ``weight_norm`` computes (the parametrization,
-    ``torch.nn.utils.parametrizations.weight_norm``, or the hook-based
-    ``torch.nn.utils.weight_norm``), by name."""
-    found = []
-    for name, m in model.named_modules():
-        hooked = any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())
-        plist = m.parametrizations.values() if parametrize.is_parametrized(m) else []  # type: ignore[union-attr,operator]
-        if hooked or any(isinstance(p, _WeightNorm) for ps in plist for p in ps):
-            found.append(name or type(m).__name__)
-    return found
-
-
 def _weight_norm_composed(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     """``torch._weight_norm`` as ATen composes it where its fused kernel is not used."""
     return v * (g / torch.norm_except_dim(v, 2, dim))
 
 
-class _ComposedWeightNorm(TorchFunctionMode):
-    """``torch._weight_norm`` by its composite ops, whose derivatives are differentiable
-    again: the fused kernel's double backward (``_weight_norm_differentiable_backward``,
-    torch 2.14) is wrong, ``gradgradcheck`` fails on it, so Hessian-vector products through
-    a weight-normed layer were not symmetric and a review's top eigenvalue was 3 % off (the
-    trace 3 standard errors), converged, with no warning. (The input-gradient penalty does
-    not differentiate weight_norm's backward, only the input's gradient through W: it was
-    right, and is the same under the composite ops.)"""
+def _layer_norm_then_bias(
+    x: Tensor,
+    shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    cudnn_enable: bool = True,
+) -> Tensor:
+    """``torch.layer_norm``; with a bias and no weight, the bias added after it."""
+    if weight is None and bias is not None:
+        return torch.layer_norm(x, shape, None, None, eps, cudnn_enable) + bias
+    return torch.layer_norm(x, shape, weight, bias, eps, cudnn_enable)
+
+
+class _SecondDerivatives(TorchFunctionMode):
+    """Ops whose double backward in torch is wrong (``gradgradcheck`` fails on them, torch
+    2.14.1, float64), run by ops whose is right, with the same values up to rounding:
+
+    * ``torch._weight_norm`` (``weight_norm``, the parametrization and the hook-based one):
+      its fused kernel's double backward (``_weight_norm_differentiable_backward``) is wrong,
+      so Hessian-vector products through a weight-normed layer were not symmetric and a
+      review's top eigenvalue was 3 % off (the trace 3 standard errors), converged, with no
+      warning: by its composite ops;
+    * ``torch.layer_norm`` with a bias and no weight (torch issue 79705): ``gradgradcheck``
+      gives 0, not 1, for the derivative of the bias's gradient in its output's gradient,
+      and a Hessian-vector product of a model using it stopped the step ("Expected a proper
+      Tensor but got None"): the bias added after the norm.
+
+    A sweep of 50 other ops of common layers and losses found none wrong (an op with no
+    double backward, the fused attention kernels', ``embedding_bag``'s, raises: loud)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         if func is torch._weight_norm:
             return _weight_norm_composed(*args, **(kwargs or {}))
+        if func is torch.layer_norm or func is F.layer_norm:
+            return _layer_norm_then_bias(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 
@@ -209,20 +218,21 @@ def double_backward_kernels(
     """Kernels with a double backward, for a forward whose backward is differentiated again
     (Hessian-vector products, the input-gradient penalty): attention through the math kernel
     (flash and memory-efficient have none: "derivative for
-    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), with
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); with
     ``hessian`` (a backward differentiated in the parameters again: Hessian-vector products)
-    ``weight_norm`` by its composite ops (:class:`_ComposedWeightNorm`: the fused kernel's
-    double backward is wrong), and, on CUDA, for a model holding an RNN, cuDNN off (its RNNs
-    have none: "Double backwards is not supported for CuDNN RNNs", a review's reading of
-    torch; torch's own RNN kernels are used instead). Only ``torch.backends.cudnn.enabled`` is
-    switched, and put back: its other settings (deterministic, benchmark) stay as the run set
-    them; it is process-wide, so the model's convolutions and BatchNorms run without cuDNN in
-    that forward too (slower, the same math). (Tested on an H100: tests/test_cuda.py.)"""
+    the ops whose double backward is wrong by others (:class:`_SecondDerivatives`:
+    ``weight_norm``, a bias-only ``layer_norm``); and, on CUDA, for a model holding an RNN,
+    cuDNN off (its RNNs have none: "Double backwards is not supported for CuDNN RNNs", a
+    review's reading of torch; torch's own RNN kernels are used instead). Only
+    ``torch.backends.cudnn.enabled`` is switched, and put back: its other settings
+    (deterministic, benchmark) stay as the run set them; it is process-wide, so the model's
+    convolutions and BatchNorms run without cuDNN in that forward too (slower, the same
+    math). (Tested on an H100: tests/test_cuda.py.)"""
     rnn = device.type == "cuda" and any(isinstance(m, nn.RNNBase) for m in model.modules())
     with contextlib.ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        if hessian and weight_normed(model):
-            stack.enter_context(_ComposedWeightNorm())
+        if hessian:
+            stack.enter_context(_SecondDerivatives())
         if rnn:
             was = torch.backends.cudnn.enabled
             torch.backends.cudnn.enabled = False

@@ -76,8 +76,11 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     forward registers with a flag saying so was kept while the flag was put back, and the
     next forward registered it twice, a review's), and a tensor it keeps as a plain attribute
     (not a parameter or buffer) its values, where it was written into in place (a running
-    total of its own: the per-sample mixing check's runs added into it again, a review's; a
-    copy of each such tensor is taken on entry). Not put back: objects changed in place
+    total of its own, a cache filled in place: the per-sample mixing check's runs added into
+    it again, a review's; a copy of each such tensor is taken on entry, its size again in
+    memory while the forward runs). Not one that requires grad (an activation kept for
+    inspection, which a forward replaces rather than writes into: its copy cost the size of
+    every kept activation per extra forward, a review's). Not put back: objects changed in place
     otherwise (a random generator drawn from, a tensor inside a container or another
     object), ``__slots__``, and TorchScript modules (their tables are no dicts), which are
     left as they are."""
@@ -91,7 +94,8 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
             contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
             saved.append((m, attrs, contents))
             tensors += [(v, v._version, v.detach().clone()) for v in attrs.values()
-                        if isinstance(v, Tensor) and not v.is_inference()]  # fmt: skip
+                        if isinstance(v, Tensor) and not v.is_inference()
+                        and not v.requires_grad]  # fmt: skip
     try:
         yield
     finally:
