@@ -999,20 +999,28 @@ def test_the_input_gradient_penalty_through_weight_norm_has_the_plain_ops_gradie
 
 
 class BiasOnlyNorm(nn.Module):
-    """A layer norm with a bias and no weight (``F.layer_norm(h, shape, None, b)``) between
-    two layers."""
+    """A layer norm (``F.layer_norm(h, shape, None, b)``) or a batch norm with the batch's
+    statistics, with a bias and no weight, between two layers."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
         super().__init__()
         self.body, self.head = nn.Linear(6, 4), nn.Linear(4, 1)
         self.shift = nn.Parameter(torch.randn(4))
+        self.kind = kind
 
     def forward(self, x):
-        return self.head(torch.tanh(F.layer_norm(self.body(x), (4,), None, self.shift)))
+        h = self.body(x)
+        if self.kind == "layer":
+            h = F.layer_norm(h, (4,), None, self.shift)
+        else:
+            h = F.batch_norm(h, None, None, weight=None, bias=self.shift, training=True)
+        return self.head(torch.tanh(h))
 
 
-def test_curvature_through_a_bias_only_layer_norm_is_the_finite_difference_hessians() -> None:
-    """torch's layer_norm with a bias and no weight has a wrong double backward (torch issue
+@pytest.mark.parametrize("kind", ["layer", "batch"])
+def test_curvature_through_a_bias_only_norm_is_the_finite_difference_hessians(kind) -> None:
+    """torch's layer_norm (and batch_norm) with a bias and no weight has a wrong double
+    backward (torch issue
     79705: gradgradcheck gives 0 for the derivative of the bias's gradient in its output's
     gradient), and a Hessian-vector product through it stopped with "Expected a proper Tensor
     but got None". In the curvature's forward the bias is added after the norm: each
@@ -1025,7 +1033,7 @@ def test_curvature_through_a_bias_only_layer_norm_is_the_finite_difference_hessi
     x = torch.randn(16, 6, generator=g, dtype=torch.float64)
     t = torch.randn(16, generator=g, dtype=torch.float64)
     torch.manual_seed(0)
-    model = BiasOnlyNorm().double()
+    model = BiasOnlyNorm(kind).double()
     params = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for p in params]
