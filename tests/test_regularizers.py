@@ -74,8 +74,13 @@ def test_parameter_selection_by_pattern_and_rank() -> None:
         "net.3.weight",
         "net.5.weight",
     ]
-    with pytest.raises(ValueError, match=r"regularizer.l2: no parameter matches"):
+    with pytest.raises(ValueError, match=r"regularizer.l2: no parameter matches") as e:
         Regularizer("l2", 1.0, include=["encoder.*"]).bind(model)
+    assert "2-D" not in str(e.value)
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"0.weight \(4-D\) match, but orthogonal is defined"):
+        Regularizer("orthogonal", 1.0, include=["0.*"]).bind(conv)  # (a review's: the message
+    # said no parameter matched, where the conv kernel did)
     with pytest.raises(ValueError, match=r"regularizer.l2.coef: got -1"):
         Regularizer("l2", -1.0)
 

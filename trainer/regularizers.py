@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 from torch.autograd.gradcheck import GradcheckError
 
-from trainer.callbacks import Stateful
+from trainer.callbacks import Stateful, few
 from trainer.precision import is_long, long_norm, wide_dtype, widen
 
 log = logging.getLogger(__name__)
@@ -258,9 +258,21 @@ class Regularizer(Stateful):
                 self.names.append(n)
                 self.params.append(p)
         if not self.params and not self._frozen and not empty_ok:
+            kernels = [  # (the patterns match them: only their dimensions keep them out)
+                f"{n} ({p.ndim}-D)" for n, p in model.named_parameters()
+                if self.name == "orthogonal" and p.ndim > 2
+                and any(fnmatch.fnmatchcase(n, pat) for pat in self.include)
+                and not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)
+            ]  # fmt: skip
+            why = (
+                f"; {few(kernels)} match, but orthogonal is defined here for 2-D weights "
+                "(matrices) only, not conv kernels"
+                if kernels
+                else ""
+            )
             raise ValueError(
                 f"regularizer.{self.name}: no parameter matches include={self.include}, "
-                f"exclude={self.exclude}, min_ndim={self.min_ndim}"
+                f"exclude={self.exclude}, min_ndim={self.min_ndim}{why}"
             )
         return self
 
