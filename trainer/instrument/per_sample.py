@@ -698,47 +698,34 @@ def _moves_other_rows(
     if args[0].dim() <= dim:
         return None
     with attributes_kept(module):
-        return _moves_again(module, args, kwargs, output, fork, busy, dim, begun or [])
-
-
-def _moves_again(
-    module: nn.Module,
-    args: tuple,
-    kwargs: dict,
-    output: Tensor,
-    fork: Fork,
-    busy: list[bool],
-    dim: int,
-    begun: list[tuple[nn.Module, dict[str, Any]]],
-) -> Tensor | None:
-    after = Fork(output.device)
-    outs = []
-    busy[0] = True
-    try:
-        for swap in (False, True):
-            first = args[0].detach().clone()
-            if swap:
-                first.select(dim, 0).copy_(first.select(dim, 1))
-            fork.rewind()
-            set_plain_attributes(begun)
-            again = module.forward(first, *args[1:], **kwargs)
-            if not isinstance(again, Tensor) or again.shape != output.shape:
-                return None
-            outs.append(again.detach())
-    except Exception:  # noqa: BLE001 (a forward that cannot run again so: no evidence)
-        return None
-    finally:
-        busy[0] = False
-        after.rewind()  # (what follows draws as it would have)
-    same, swapped = outs
-    kept = output.detach()
-    if not bool(((same == kept) | (same.isnan() & kept.isnan())).all()):  # host read: once
-        return None  # (per generic unit and check)
-    rest = output.shape[dim] - 1
-    swapped, others = swapped.narrow(dim, 1, rest), kept.narrow(dim, 1, rest)
-    moved = ((swapped != others) & ~(swapped.isnan() & others.isnan())).any()
-    alone = _alone_differs(module, args, kwargs, kept, fork, busy, dim, begun)
-    return moved if alone is None else moved | alone
+        after = Fork(output.device)
+        outs = []
+        busy[0] = True
+        try:
+            for swap in (False, True):
+                first = args[0].detach().clone()
+                if swap:
+                    first.select(dim, 0).copy_(first.select(dim, 1))
+                fork.rewind()
+                set_plain_attributes(begun or [])
+                again = module.forward(first, *args[1:], **kwargs)
+                if not isinstance(again, Tensor) or again.shape != output.shape:
+                    return None
+                outs.append(again.detach())
+        except Exception:  # noqa: BLE001 (a forward that cannot run again so: no evidence)
+            return None
+        finally:
+            busy[0] = False
+            after.rewind()  # (what follows draws as it would have)
+        same, swapped = outs
+        kept = output.detach()
+        if not bool(((same == kept) | (same.isnan() & kept.isnan())).all()):  # host read: once
+            return None  # (per generic unit and check)
+        rest = output.shape[dim] - 1
+        swapped, others = swapped.narrow(dim, 1, rest), kept.narrow(dim, 1, rest)
+        moved = ((swapped != others) & ~(swapped.isnan() & others.isnan())).any()
+        alone = _alone_differs(module, args, kwargs, kept, fork, busy, dim, begun or [])
+        return moved if alone is None else moved | alone
 
 
 def _alone_differs(
