@@ -999,8 +999,8 @@ def test_the_input_gradient_penalty_through_weight_norm_has_the_plain_ops_gradie
 
 
 class BiasOnlyNorm(nn.Module):
-    """A layer norm (``F.layer_norm(h, shape, None, b)``) or a batch norm with the batch's
-    statistics, with a bias and no weight, between two layers."""
+    """A layer norm (``F.layer_norm(h, shape, None, b)``), a batch norm with the batch's
+    statistics or an instance norm, with a bias and no weight, between two layers."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -1012,15 +1012,17 @@ class BiasOnlyNorm(nn.Module):
         h = self.body(x)
         if self.kind == "layer":
             h = F.layer_norm(h, (4,), None, self.shift)
-        else:
+        elif self.kind == "batch":
             h = F.batch_norm(h, None, None, weight=None, bias=self.shift, training=True)
+        else:  # (one channel of 4)
+            h = F.instance_norm(h.reshape(-1, 1, 4), bias=self.shift[:1]).reshape(-1, 4)
         return self.head(torch.tanh(h))
 
 
-@pytest.mark.parametrize("kind", ["layer", "batch"])
+@pytest.mark.parametrize("kind", ["layer", "batch", "instance"])
 def test_curvature_through_a_bias_only_norm_is_the_finite_difference_hessians(kind) -> None:
-    """torch's layer_norm (and batch_norm) with a bias and no weight has a wrong double
-    backward (torch issue
+    """torch's layer_norm (batch_norm, instance_norm) with a bias and no weight has a wrong
+    double backward (torch issue
     79705: gradgradcheck gives 0 for the derivative of the bias's gradient in its output's
     gradient), and a Hessian-vector product through it stopped with "Expected a proper Tensor
     but got None". In the curvature's forward the bias is added after the norm: each

@@ -4735,3 +4735,44 @@ def test_a_parameter_whose_gradient_is_0_analytically_leaves_no_unit_out(caplog)
     with caplog.at_level("WARNING"):
         measured_exactly(model, x, y)
     assert "leave out" not in caplog.text
+
+
+class KeepsTensors(nn.Module):
+    """Keeps tensors as plain attributes, which its forward writes into: in place, through
+    ``.data`` (no version counter moves), after reassigning one; with a NaN it leaves alone,
+    and a sparse and a meta one it does not touch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.total, self.ema, self.calls = torch.zeros(3), torch.zeros(3), torch.zeros(())
+        self.nan = torch.tensor([math.nan, 1.0])
+        self.sparse, self.meta = torch.eye(3).to_sparse(), torch.empty(3, device="meta")
+
+    def forward(self, x):
+        self.total += x.detach().sum(0)
+        self.ema.data.mul_(0.5).add_(x.detach().mean(0))
+        self.calls = self.calls.clone()  # (a new tensor, then written into)
+        self.calls.add_(1)
+        return x * self.w
+
+
+def test_an_extra_forward_leaves_the_tensors_a_module_keeps_as_they_were() -> None:
+    """What an instrument's extra forward (the mixing check's runs, a recomputation,
+    curvature's) writes into tensors a module keeps as plain attributes is put back: the
+    check's runs added into a running total again (measuring changed the model's state), and
+    a write through ``.data``, which moves no version counter, kept an EMA's extra updates
+    (a review's). What the step's own forward writes stays."""
+    from trainer.instrument.swap import attributes_kept
+
+    m = KeepsTensors()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    m(x)  # (the step's forward)
+    before = {k: getattr(m, k).clone() for k in ("total", "ema", "calls", "nan")}
+    calls = m.calls
+    with attributes_kept(m):
+        m(x * 2)
+        m(x * 3)
+    assert m.calls is calls
+    for k, v in before.items():
+        assert torch.equal(getattr(m, k).nan_to_num(7.0), v.nan_to_num(7.0)), k

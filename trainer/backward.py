@@ -172,36 +172,33 @@ def _weight_norm_composed(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     return v * (g / torch.norm_except_dim(v, 2, dim))
 
 
-def _layer_norm_then_bias(
-    x: Tensor,
-    shape: Sequence[int],
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    cudnn_enable: bool = True,
-) -> Tensor:
-    """``torch.layer_norm``; with a bias and no weight, the bias added after it."""
-    if weight is None and bias is not None:
-        return torch.layer_norm(x, shape, None, None, eps, cudnn_enable) + bias
-    return torch.layer_norm(x, shape, weight, bias, eps, cudnn_enable)
+#: the norms whose double backward is wrong with a bias and no weight: their arguments'
+#: names in order, and whether the bias is per channel (dimension 1) or over the last ones
+_BIAS_ONLY: dict[Any, tuple[tuple[str, ...], bool]] = {
+    torch.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"),
+                       False),
+    F.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps"), False),
+    torch.batch_norm: (("input", "weight", "bias", "running_mean", "running_var", "training",
+                        "momentum", "eps", "cudnn_enabled"), True),
+    F.batch_norm: (("input", "running_mean", "running_var", "weight", "bias", "training",
+                    "momentum", "eps"), True),
+    torch.instance_norm: (("input", "weight", "bias", "running_mean", "running_var",
+                           "use_input_stats", "momentum", "eps", "cudnn_enabled"), True),
+    F.instance_norm: (("input", "running_mean", "running_var", "weight", "bias",
+                       "use_input_stats", "momentum", "eps"), True),
+}  # fmt: skip
 
 
-def _batch_norm_then_bias(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-) -> Tensor:
-    """``F.batch_norm``; with a bias and no weight, the bias added after it (along dimension
-    1, the channels)."""
-    if weight is None and bias is not None:
-        out = F.batch_norm(x, running_mean, running_var, None, None, training, momentum, eps)  # type: ignore[arg-type]
-        return out + bias.reshape(-1, *[1] * (x.dim() - 2))
-    return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
+def _norm_then_bias(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func`` (a norm of :data:`_BIAS_ONLY`); with a bias and no weight, the norm without
+    either, then the bias added."""
+    names, per_channel = _BIAS_ONLY[func]
+    bound = {**dict(zip(names, args, strict=False)), **kwargs}
+    bias = bound.get("bias")
+    if bound.get("weight") is not None or bias is None:
+        return func(*args, **kwargs)
+    out = func(**{**bound, "bias": None})
+    return out + (bias.reshape(-1, *[1] * (out.dim() - 2)) if per_channel else bias)
 
 
 class _SecondDerivatives(TorchFunctionMode):
@@ -213,22 +210,21 @@ class _SecondDerivatives(TorchFunctionMode):
       so Hessian-vector products through a weight-normed layer were not symmetric and a
       review's top eigenvalue was 3 % off (the trace 3 standard errors), converged, with no
       warning: by its composite ops;
-    * ``layer_norm`` and ``batch_norm`` with a bias and no weight (torch issue 79705):
-      ``gradgradcheck`` gives 0, not 1, for the derivative of the bias's gradient in its
-      output's gradient, and a Hessian-vector product of a model using one stopped the step
-      ("Expected a proper Tensor but got None"): the bias added after the norm.
+    * ``layer_norm``, ``batch_norm`` and ``instance_norm`` with a bias and no weight (torch
+      issue 79705): ``gradgradcheck`` gives 0, not 1, for the derivative of the bias's
+      gradient in its output's gradient, and a Hessian-vector product of a model using one
+      stopped the step ("Expected a proper Tensor but got None"): the norm without it, then
+      the bias added (:func:`_norm_then_bias`; the instance norm's found by a third review).
 
-    Sweeps of about 80 ops of common layers and losses (a session's and a review's) found no other
-    wrong one (an op with no double backward, the fused attention kernels',
+    Sweeps of about 80 ops of common layers and losses (a session's and two reviews') found no
+    other wrong one (an op with no double backward, the fused attention kernels',
     ``embedding_bag``'s, raises: loud)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         if func is torch._weight_norm:
             return _weight_norm_composed(*args, **(kwargs or {}))
-        if func is torch.layer_norm or func is F.layer_norm:
-            return _layer_norm_then_bias(*args, **(kwargs or {}))
-        if func is F.batch_norm:
-            return _batch_norm_then_bias(*args, **(kwargs or {}))
+        if func in _BIAS_ONLY:
+            return _norm_then_bias(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
 
 

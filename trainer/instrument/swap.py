@@ -77,13 +77,14 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     next forward registered it twice, a review's), and a tensor it keeps as a plain attribute
     (not a parameter or buffer) its values, where it was written into in place (a running
     total of its own, a cache filled in place: the per-sample mixing check's runs added into
-    it again, a review's; a copy of each such tensor is taken on entry, its size again in
-    memory while the forward runs). Not one that requires grad (an activation kept for
-    inspection, which a forward replaces rather than writes into: its copy cost the size of
-    every kept activation per extra forward, a review's). Not put back: objects changed in place
-    otherwise (a random generator drawn from, a tensor inside a container or another
-    object), ``__slots__``, and TorchScript modules (their tables are no dicts), which are
-    left as they are."""
+    it again, a review's; through ``.data`` too, which moves no version counter: compared by
+    value, :func:`_written`). A copy of each such tensor is taken on entry, its size again in
+    memory while the forward runs, and one host read per device made on exit. Not one that
+    requires grad (an activation kept for inspection, which a forward replaces rather than
+    writes into: its copy cost the size of every kept activation per extra forward, a
+    review's). Not put back: objects changed in place otherwise (a random generator drawn
+    from, a tensor inside a container or another object), ``__slots__``, and TorchScript
+    modules (their tables are no dicts), which are left as they are."""
     saved = []
     tensors: list[tuple[Tensor, int, Tensor]] = []
     with torch._C.DisableTorchFunction():  # (no instrument's mode counts these as uses)
@@ -100,17 +101,16 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            for t, version, before in tensors:
-                if t._version != version:
-                    try:
-                        t.copy_(before)
-                    except RuntimeError as e:  # (an expanded view: not writable)
-                        log.warning(
-                            "an instrument's extra forward changed a tensor a module keeps "
-                            "(not a parameter or buffer) in place, and it cannot be put back "
-                            "(%s): training may differ from a run without measuring",
-                            str(e).splitlines()[0],
-                        )
+            for t, before in _written(tensors):
+                try:
+                    t.copy_(before)
+                except RuntimeError as e:  # (an expanded view: not writable)
+                    log.warning(
+                        "an instrument's extra forward changed a tensor a module keeps "
+                        "(not a parameter or buffer) in place, and it cannot be put back "
+                        "(%s): training may differ from a run without measuring",
+                        str(e).splitlines()[0],
+                    )
         for m, attrs, contents in saved:
             now = vars(m)
             for k in [k for k in now if k not in attrs]:
@@ -125,6 +125,26 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
                         _put_back(v, before)
                 except Exception:  # noqa: BLE001 (one of its own that refuses: left as is)
                     continue
+
+
+def _written(tensors: list[tuple[Tensor, int, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """The tensors (with their copies) whose version counter moved, or whose values differ
+    from their copy's: a write through ``.data`` moves no counter (a review's EMA and call
+    count kept the extra forwards' updates so). One host read per device for the values,
+    where a module keeps such tensors at all."""
+    written = [(t, before) for t, version, before in tensors if t._version != version]
+    flags: dict[torch.device, list[tuple[Tensor, Tensor, Tensor]]] = {}
+    for t, version, before in tensors:
+        if t._version != version or t.layout != torch.strided or t.is_quantized or t.is_meta:
+            continue  # (a sparse, quantized or meta one: by its counter alone)
+        moved = t != before  # (NaN where NaN was is no change)
+        if t.is_floating_point() or t.is_complex():
+            moved &= ~(t.isnan() & before.isnan())
+        flags.setdefault(t.device, []).append((t, before, moved.any()))
+    for group in flags.values():
+        read = torch.stack([f for _, _, f in group]).tolist()  # host read: an extra forward's
+        written += [(t, before) for (t, before, _), w in zip(group, read, strict=True) if w]
+    return written
 
 
 def plain_attributes(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
