@@ -1050,7 +1050,8 @@ def _buffer_changes(
 
 #: torch's own modules that treat each sample alone, whose forward vmap cannot batch (an RNN
 #: cell called without its state; an Embedding with max_norm): run one sample at a time
-_ALONE = (nn.RNNCell, nn.LSTMCell, nn.GRUCell, nn.Embedding)
+_ALONE = (nn.RNNCell, nn.GRUCell, nn.Embedding)  # (an LSTMCell's output is a tuple:
+# left out before, as a unit of not one tensor output)
 
 
 def _buffer_copies(module: nn.Module) -> dict[str, Tensor]:
