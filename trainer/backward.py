@@ -238,7 +238,7 @@ def double_backward_kernels(
     aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); with
     ``hessian`` (a backward differentiated in the parameters again: Hessian-vector products)
     the ops whose double backward is wrong by others (:class:`_SecondDerivatives`:
-    ``weight_norm``, a bias-only ``layer_norm``); and, on CUDA, for a model holding an RNN,
+    ``weight_norm``, a norm with a bias and no weight); and, on CUDA, for a model holding an RNN,
     cuDNN off (its RNNs have none: "Double backwards is not supported for CuDNN RNNs", a
     review's reading of torch; torch's own RNN kernels are used instead). Only
     ``torch.backends.cudnn.enabled`` is switched, and put back: its other settings

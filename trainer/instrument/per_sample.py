@@ -1865,7 +1865,7 @@ class PerSampleNorms(Callback):
                     if "randomness" in str(e):  # (a draw: left out by the caller)
                         raise
                     refusal = e
-                # torch's own RNN cells called without their state (the zero state they
+                # torch's RNNCell and GRUCell called without their state (the zero state they
                 # build is written with batched values, which vmap refuses) and an Embedding
                 # with max_norm (its lookups renormalize the table in place) treat each sample
                 # alone: run one sample at a time, each from the attributes and buffers its
@@ -2022,7 +2022,7 @@ class PerSampleNorms(Callback):
                    and (checked is None or c.mixing not in checked[1] and not gave_up)]  # fmt: skip
         # (not where each call unknown is a unit of one's own whose output is 0 here too: its
         # check would show nothing of it again. A frozen adapter's B = 0 was checked at every
-        # measured micro-batch, a forward and 8 backwards each, and the first one twice)
+        # measured micro-batch, a forward and up to 24 backwards each, the first one twice)
         zeros = [c.zero for c in unknown if c.zero is not None]
         # (not after a normalization with the batch's statistics: the check runs BatchNorms
         # on their running ones, where its output may not be 0; a review's stayed left out)
