@@ -1065,3 +1065,32 @@ def test_curvature_through_a_bias_only_norm_is_the_finite_difference_hessians(ki
         hv = hvp(grads, params, [c.reshape(p.shape) for c, p in zip(pieces, params, strict=True)])
         products.append(torch.cat([c.reshape(-1) for c in hv]))
     torch.testing.assert_close(torch.stack(products, 1), reference, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_bias_only_norm_under_the_second_derivative_mode_keeps_its_dtype(dtype) -> None:
+    """A low-precision input's norm plus a float32 bias came out float32 under the mode (the
+    plain call gives the input's dtype), and a layer of that dtype after it stopped: the
+    mode's output has the plain call's dtype and values, up to one rounding."""
+    from trainer.backward import _SecondDerivatives
+
+    x = torch.randn(4, 3, 5).to(dtype)
+    for plain in (
+        lambda: F.layer_norm(
+            x, (5,), None, torch.randn(5, generator=torch.Generator().manual_seed(0))
+        ),
+        lambda: F.batch_norm(
+            x, None, None, None, torch.randn(3, generator=torch.Generator().manual_seed(0)), True
+        ),
+    ):
+        reference = plain()
+        with _SecondDerivatives():
+            got = plain()
+        assert got.dtype == reference.dtype == dtype
+        eps = torch.finfo(dtype).eps  # (rounded once more than the plain call)
+        torch.testing.assert_close(
+            got.float(),
+            reference.float(),
+            rtol=2 * eps,
+            atol=2 * eps * reference.float().abs().max().item(),
+        )

@@ -4776,3 +4776,44 @@ def test_an_extra_forward_leaves_the_tensors_a_module_keeps_as_they_were() -> No
     assert m.calls is calls
     for k, v in before.items():
         assert torch.equal(getattr(m, k).nan_to_num(7.0), v.nan_to_num(7.0)), k
+
+
+class ScaledByKept(nn.Module):
+    """Updates a tensor it keeps, through ``.data`` or in place, then scales by it (the
+    step's graph holds it); keeps a view of another, expanded."""
+
+    def __init__(self, data: bool) -> None:
+        super().__init__()
+        self.lin, self.data = nn.Linear(3, 3), data
+        self.ema = torch.ones(3)
+        self.base = torch.zeros(1)
+        self.wide = self.base.expand(4)  # (not writable: its base is)
+
+    def forward(self, x):
+        (self.ema.data if self.data else self.ema).mul_(0.9).add_(0.1 * x.detach().mean(0))
+        self.base.add_(1)
+        return self.lin(x) * self.ema  # (held by the graph as updated)
+
+
+@pytest.mark.parametrize("data", [True, False])
+def test_an_extra_forward_before_the_steps_backward_leaves_its_graph_usable(data, caplog):
+    """An extra forward between the step's forward and its backward (a forward hook's) that
+    writes a kept tensor the step's graph holds: the values are put back, and so is the
+    version counter (put back by value only, the step's backward refused the tensor as
+    "modified by an inplace operation": a review's); the gradient is the step's own. A
+    nested tensor kept is no crash; an expanded view of a tensor put back is no warning."""
+    from trainer.instrument.swap import attributes_kept
+
+    torch.manual_seed(0)
+    m = ScaledByKept(data)
+    twin = copy.deepcopy(m)
+    m.nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])  # (no deepcopy)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    out, expected = m(x), twin(x)
+    with caplog.at_level("WARNING"), attributes_kept(m):
+        m(x * 2)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(m.lin.weight.grad, twin.lin.weight.grad)
+    assert torch.equal(m.ema, twin.ema) and torch.equal(m.base, twin.base)
+    assert "cannot be put back" not in caplog.text

@@ -198,7 +198,9 @@ def _norm_then_bias(func: Any, args: tuple, kwargs: dict) -> Any:
     if bound.get("weight") is not None or bias is None:
         return func(*args, **kwargs)
     out = func(**{**bound, "bias": None})
-    return out + (bias.reshape(-1, *[1] * (out.dim() - 2)) if per_channel else bias)
+    added = out + (bias.reshape(-1, *[1] * (out.dim() - 2)) if per_channel else bias)
+    return added.to(out.dtype)  # (a bfloat16 input's norm and a float32 bias: bfloat16, as
+    # the plain call gives; float32 stopped a bfloat16 layer after it, a review's)
 
 
 class _SecondDerivatives(TorchFunctionMode):

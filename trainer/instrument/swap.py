@@ -101,16 +101,7 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            for t, before in _written(tensors):
-                try:
-                    t.copy_(before)
-                except RuntimeError as e:  # (an expanded view: not writable)
-                    log.warning(
-                        "an instrument's extra forward changed a tensor a module keeps "
-                        "(not a parameter or buffer) in place, and it cannot be put back "
-                        "(%s): training may differ from a run without measuring",
-                        str(e).splitlines()[0],
-                    )
+            _put_values_back(_written(tensors))
         for m, attrs, contents in saved:
             now = vars(m)
             for k in [k for k in now if k not in attrs]:
@@ -127,23 +118,63 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
                     continue
 
 
-def _written(tensors: list[tuple[Tensor, int, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    """The tensors (with their copies) whose version counter moved, or whose values differ
-    from their copy's: a write through ``.data`` moves no counter (a review's EMA and call
-    count kept the extra forwards' updates so). One host read per device for the values,
-    where a module keeps such tensors at all."""
-    written = [(t, before) for t, version, before in tensors if t._version != version]
-    flags: dict[torch.device, list[tuple[Tensor, Tensor, Tensor]]] = {}
+def _put_values_back(written: list[tuple[Tensor, int, Tensor]]) -> None:
+    """Each tensor's values made its copy's again, and its version counter what it was: the
+    step's own graph may hold it (a forward hook's extra forward runs before the step's
+    backward, which then refused a tensor "modified by an inplace operation": a review's).
+    One that cannot be written (an expanded view) is warned about only where it still differs
+    once the others are back (its base among them)."""
+    failed: list[tuple[Tensor, Tensor, str]] = []
+    for t, version, before in written:
+        try:
+            t.data.copy_(before)  # (through .data: no version moves)
+        except RuntimeError as e:
+            failed.append((t, before, str(e).splitlines()[0]))
+            continue
+        if t._version != version and _set_versions is not None:
+            _set_versions((t,), (version,))
+    for t, before, why in failed:
+        moved = _moved(t, before)
+        if moved is None or bool(moved):  # host read: an extra forward's, where one failed
+            log.warning(
+                "an instrument's extra forward changed a tensor a module keeps (not a "
+                "parameter or buffer) in place, and it cannot be put back (%s): training may "
+                "differ from a run without measuring",
+                why,
+            )
+
+
+#: torch's setter of version counters (private; where a torch has none, a tensor the step's
+#: graph holds and an extra forward wrote stops the step's backward, as without measuring)
+_set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+
+
+def _moved(t: Tensor, before: Tensor) -> Tensor | None:
+    """Whether ``t``'s values differ from ``before``'s, on the device (NaN where NaN was is no
+    change); None for one whose values cannot be compared (sparse, nested, quantized, meta)."""
+    if t.layout != torch.strided or t.is_nested or t.is_quantized or t.is_meta:
+        return None
+    moved = t != before
+    if t.is_floating_point() or t.is_complex():
+        moved &= ~(t.isnan() & before.isnan())
+    return moved.any()
+
+
+def _written(tensors: list[tuple[Tensor, int, Tensor]]) -> list[tuple[Tensor, int, Tensor]]:
+    """The tensors (with their versions and copies) whose version counter moved, or whose
+    values differ from their copy's: a write through ``.data`` moves no counter (a review's
+    EMA and call count kept the extra forwards' updates so). One host read per device for the
+    values, where a module keeps such tensors at all."""
+    written = [(t, v, before) for t, v, before in tensors if t._version != v]
+    flags: dict[torch.device, list[tuple[Tensor, int, Tensor, Tensor]]] = {}
     for t, version, before in tensors:
-        if t._version != version or t.layout != torch.strided or t.is_quantized or t.is_meta:
-            continue  # (a sparse, quantized or meta one: by its counter alone)
-        moved = t != before  # (NaN where NaN was is no change)
-        if t.is_floating_point() or t.is_complex():
-            moved &= ~(t.isnan() & before.isnan())
-        flags.setdefault(t.device, []).append((t, before, moved.any()))
+        moved = _moved(t, before) if t._version == version else None
+        if moved is not None:  # (one that cannot be compared: by its counter alone)
+            flags.setdefault(t.device, []).append((t, version, before, moved))
     for group in flags.values():
-        read = torch.stack([f for _, _, f in group]).tolist()  # host read: an extra forward's
-        written += [(t, before) for (t, before, _), w in zip(group, read, strict=True) if w]
+        read = torch.stack([f for *_, f in group]).tolist()  # host read: an extra forward's
+        written += [(t, v, before) for (t, v, before, _), w in zip(group, read, strict=True)
+                    if w]  # fmt: skip
     return written
 
 
