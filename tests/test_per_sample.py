@@ -4817,3 +4817,40 @@ def test_an_extra_forward_before_the_steps_backward_leaves_its_graph_usable(data
     assert torch.equal(m.lin.weight.grad, twin.lin.weight.grad)
     assert torch.equal(m.ema, twin.ema) and torch.equal(m.base, twin.base)
     assert "cannot be put back" not in caplog.text
+
+
+class KeepsAViewAndResizes(nn.Module):
+    """Keeps a view of its buffer's head, and a cache an extra forward may resize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+        self.register_buffer("big", torch.ones(4))
+        self.head = self.big[:2]
+        self.cache, self.n = torch.zeros(2), 0
+
+    def forward(self, x, extra: bool = False):
+        if extra:
+            self.big[2:].mul_(10)  # (outside the view kept: not put back)
+            self.cache.resize_(5).fill_(3)
+            self.n += 1
+        return (self.w * x * self.big).sum()
+
+
+def test_an_extra_forward_writing_past_a_kept_view_still_stops_the_steps_backward() -> None:
+    """A kept view's values are put back, but not its version counter, which is its whole
+    storage's: set back, it hid a write to the rest of the buffer from the step's backward,
+    whose gradient came out 10 times too large there (a review's). The backward refuses it,
+    as it refuses any write to what its graph holds. A resized kept tensor is put back, shape
+    and values, and so are the module's other attributes (the exit raised before)."""
+    from trainer.instrument.swap import attributes_kept
+
+    m = KeepsAViewAndResizes()
+    x = torch.ones(4)
+    out = m(x)
+    with attributes_kept(m):
+        m(x, extra=True)
+    assert m.head.tolist() == [1.0, 1.0] and m.n == 0
+    assert m.cache.shape == (2,) and m.cache.tolist() == [0.0, 0.0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()

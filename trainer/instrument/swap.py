@@ -82,9 +82,11 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     memory while the forward runs, and one host read per device made on exit. Not one that
     requires grad (an activation kept for inspection, which a forward replaces rather than
     writes into: its copy cost the size of every kept activation per extra forward, a
-    review's). Not put back: objects changed in place otherwise (a random generator drawn
-    from, a tensor inside a container or another object), ``__slots__``, and TorchScript
-    modules (their tables are no dicts), which are left as they are."""
+    review's), nor an inference tensor (made under ``torch.inference_mode``: instruments'
+    extra forwards need autograd, outside it). Not put back: objects changed in place
+    otherwise (a random generator drawn from, a tensor inside a container or another
+    object), ``__slots__``, and TorchScript modules (their tables are no dicts), which are
+    left as they are."""
     saved = []
     tensors: list[tuple[Tensor, int, Tensor]] = []
     with torch._C.DisableTorchFunction():  # (no instrument's mode counts these as uses)
@@ -100,8 +102,16 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        with torch._C.DisableTorchFunction(), torch.no_grad():
-            _put_values_back(_written(tensors))
+        try:
+            with torch._C.DisableTorchFunction(), torch.no_grad():
+                _put_values_back(_written(tensors))
+        except Exception as e:  # noqa: BLE001 (the attributes below are put back all the same)
+            log.warning(
+                "an instrument's extra forward changed a tensor a module keeps (not a parameter "
+                "or buffer), and it could not be compared or put back (%s: %s): training may "
+                "differ from a run without measuring",
+                type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+            )  # fmt: skip
         for m, attrs, contents in saved:
             now = vars(m)
             for k in [k for k in now if k not in attrs]:
@@ -127,12 +137,17 @@ def _put_values_back(written: list[tuple[Tensor, int, Tensor]]) -> None:
     failed: list[tuple[Tensor, Tensor, str]] = []
     for t, version, before in written:
         try:
-            t.data.copy_(before)  # (through .data: no version moves)
+            if _resized(t, before):  # (resize_, or .data set)
+                t.data = before
+            else:
+                t.data.copy_(before)  # (through .data: no version moves)
         except RuntimeError as e:
             failed.append((t, before, str(e).splitlines()[0]))
             continue
-        if t._version != version and _set_versions is not None:
-            _set_versions((t,), (version,))
+        if t._version != version and _set_versions is not None and _whole(t):
+            _set_versions((t,), (version,))  # (not a view's: its counter is its storage's,
+            # whose other writes it would hide from the step's backward; a review's gradient
+            # came out 10x on the rest of a buffer so, where the backward must refuse it)
     for t, before, why in failed:
         moved = _moved(t, before)
         if moved is None or bool(moved):  # host read: an extra forward's, where one failed
@@ -149,10 +164,36 @@ def _put_values_back(written: list[tuple[Tensor, int, Tensor]]) -> None:
 _set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
 
 
+def _counted(t: Tensor, version: int, before: Tensor) -> bool:
+    """Whether ``t`` was written by its version counter, or resized (:func:`_resized`)."""
+    return t._version != version or _resized(t, before)
+
+
+def _resized(t: Tensor, before: Tensor) -> bool:
+    """Whether a dense ``t``'s shape or dtype is not its copy's by now (``resize_``,
+    ``.data =``); a sparse or nested one has no sizes to ask."""
+    if t.layout != torch.strided or t.is_nested:
+        return False
+    return t.shape != before.shape or t.dtype != before.dtype
+
+
+def _whole(t: Tensor) -> bool:
+    """Whether ``t`` is all of its storage (no view of another tensor, nothing else in it)."""
+    return bool(
+        t._base is None
+        and t.storage_offset() == 0
+        and t.is_contiguous()
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
+
+
 def _moved(t: Tensor, before: Tensor) -> Tensor | None:
     """Whether ``t``'s values differ from ``before``'s, on the device (NaN where NaN was is no
-    change); None for one whose values cannot be compared (sparse, nested, quantized, meta)."""
+    change); None for one whose values cannot be compared (sparse, nested, quantized, meta, or
+    of another shape or dtype by now)."""
     if t.layout != torch.strided or t.is_nested or t.is_quantized or t.is_meta:
+        return None
+    if _resized(t, before):
         return None
     moved = t != before
     if t.is_floating_point() or t.is_complex():
@@ -165,10 +206,10 @@ def _written(tensors: list[tuple[Tensor, int, Tensor]]) -> list[tuple[Tensor, in
     values differ from their copy's: a write through ``.data`` moves no counter (a review's
     EMA and call count kept the extra forwards' updates so). One host read per device for the
     values, where a module keeps such tensors at all."""
-    written = [(t, v, before) for t, v, before in tensors if t._version != v]
+    written = [(t, v, before) for t, v, before in tensors if _counted(t, v, before)]
     flags: dict[torch.device, list[tuple[Tensor, int, Tensor, Tensor]]] = {}
     for t, version, before in tensors:
-        moved = _moved(t, before) if t._version == version else None
+        moved = None if _counted(t, version, before) else _moved(t, before)
         if moved is not None:  # (one that cannot be compared: by its counter alone)
             flags.setdefault(t.device, []).append((t, version, before, moved))
     for group in flags.values():
