@@ -113,8 +113,10 @@ from trainer.instrument.swap import (
     attributes_kept,
     call_with,
     plain_attributes,
+    put_tensors_back,
     scripted,
     set_plain_attributes,
+    tensor_copies,
 )
 from trainer.precision import LOW_PRECISION, sum_dtype
 from trainer.rng import Fork, forked_rng
@@ -2375,7 +2377,7 @@ class PerSampleNorms(Callback):
         kept = None
         attrs: dict[str, Any] | None = None  # (the loss called itself: its attributes, and
         generators: dict[str, Tensor] = {}  # the states of generators of its own, put back)
-        tensors: dict[str, Tensor] = {}
+        tensors: list[tuple[Tensor, int, Tensor]] = []
         try:
             loss = _loss_copy(trainer.objective.loss, model)
         except Exception:  # noqa: BLE001 (deepcopy raises what the object's pickling does)
@@ -2383,8 +2385,8 @@ class PerSampleNorms(Callback):
             attrs = dict(vars(loss))  # (a counter of its own advanced: training changed, a
             generators = {k: g.get_state() for k, g in attrs.items()  # review)
                           if isinstance(g, torch.Generator)}  # fmt: skip
-            tensors = {k: t.detach().clone() for k, t in attrs.items()  # (changed in place:
-                       if isinstance(t, Tensor)}  # self.calls += 1 on a tensor)  # fmt: skip
+            tensors = tensor_copies(attrs.values())  # (changed in place: self.calls += 1
+            # on a tensor)
             try:
                 kept = copy.deepcopy(loss.state_dict()) if isinstance(loss, Stateful) else None
             except Exception as e:  # noqa: BLE001 (its state cannot be put back either)
@@ -2427,19 +2429,7 @@ class PerSampleNorms(Callback):
                 vars(loss).update(attrs)
                 for k, g_state in generators.items():
                     attrs[k].set_state(g_state)
-                with torch.no_grad():
-                    for k, t in tensors.items():
-                        if _unchanged(attrs[k], t):
-                            continue
-                        try:  # (an expanded view, an inference tensor: not writable)
-                            attrs[k].copy_(t)
-                        except RuntimeError as e:
-                            log.warning(
-                                "per-sample norms: the mixing check's call of the loss (which "
-                                "a copy cannot take) changed its tensor %r in place, and it "
-                                "cannot be put back (%s): training may differ from a run "
-                                "without measuring", k, str(e).splitlines()[0],
-                            )  # fmt: skip
+                put_tensors_back(tensors, "a tensor of the loss (which a copy cannot take)")
         if found is None:  # a non-finite loss or gradient on these samples: settled later
             self._mixing_failed[signature] = (
                 "a loss or gradient on its check's samples was not finite (checked again on "
@@ -2984,17 +2974,6 @@ class PerSampleNorms(Callback):
                     for p in own}  # fmt: skip
         total = sum(p.numel() for p in params.values())
         return 1.0 - sum(params[k].numel() for k in left_out) / max(total, 1)
-
-
-def _unchanged(now: Tensor, before: Tensor) -> bool:
-    """Equal values, NaN where NaN was (``torch.equal`` takes NaN for a change)."""
-    if now.shape != before.shape or now.dtype != before.dtype:
-        return False
-    if torch.equal(now, before):
-        return True
-    if not (now.is_floating_point() or now.is_complex()):
-        return False
-    return bool(((now == before) | (now.isnan() & before.isnan())).all())
 
 
 def _in_backward() -> bool:

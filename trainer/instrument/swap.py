@@ -96,22 +96,11 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
             attrs = dict(vars(m))
             contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
             saved.append((m, attrs, contents))
-            tensors += [(v, v._version, v.detach().clone()) for v in attrs.values()
-                        if isinstance(v, Tensor) and not v.is_inference()
-                        and not v.requires_grad]  # fmt: skip
+            tensors += tensor_copies(attrs.values())
     try:
         yield
     finally:
-        try:
-            with torch._C.DisableTorchFunction(), torch.no_grad():
-                _put_values_back(_written(tensors))
-        except Exception as e:  # noqa: BLE001 (the attributes below are put back all the same)
-            log.warning(
-                "an instrument's extra forward changed a tensor a module keeps (not a parameter "
-                "or buffer), and it could not be compared or put back (%s: %s): training may "
-                "differ from a run without measuring",
-                type(e).__name__, str(e).splitlines()[0] if str(e) else "",
-            )  # fmt: skip
+        put_tensors_back(tensors, "a tensor a module keeps (not a parameter or buffer)")
         for m, attrs, contents in saved:
             now = vars(m)
             for k in [k for k in now if k not in attrs]:
@@ -128,7 +117,32 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
                     continue
 
 
-def _put_values_back(written: list[tuple[Tensor, int, Tensor]]) -> None:
+def tensor_copies(values: Any) -> list[tuple[Tensor, int, Tensor]]:
+    """The tensors among ``values`` (an object's attributes) with their version counters and
+    copies, for :func:`put_tensors_back`: not one that requires grad, nor an inference tensor
+    (see :func:`attributes_kept`)."""
+    with torch._C.DisableTorchFunction():  # (no instrument's mode counts these as uses)
+        return [(v, v._version, v.detach().clone()) for v in values
+                if isinstance(v, Tensor) and not v.is_inference()
+                and not v.requires_grad]  # fmt: skip
+
+
+def put_tensors_back(copies: list[tuple[Tensor, int, Tensor]], what: str) -> None:
+    """Each of :func:`tensor_copies`' tensors that was written since (:func:`_written`) given
+    its copy's values back (:func:`_put_values_back`); what cannot be is warned about, naming
+    ``what`` it is, never raised."""
+    try:
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            _put_values_back(_written(copies), what)
+    except Exception as e:  # noqa: BLE001 (what else was changed is put back all the same)
+        log.warning(
+            "an instrument's extra forward changed %s, and it could not be compared or put "
+            "back (%s: %s): training may differ from a run without measuring",
+            what, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+        )  # fmt: skip
+
+
+def _put_values_back(written: list[tuple[Tensor, int, Tensor]], what: str) -> None:
     """Each tensor's values made its copy's again, and its version counter what it was: the
     step's own graph may hold it (a forward hook's extra forward runs before the step's
     backward, which then refused a tensor "modified by an inplace operation": a review's).
@@ -152,11 +166,10 @@ def _put_values_back(written: list[tuple[Tensor, int, Tensor]]) -> None:
         moved = _moved(t, before)
         if moved is None or bool(moved):  # host read: an extra forward's, where one failed
             log.warning(
-                "an instrument's extra forward changed a tensor a module keeps (not a "
-                "parameter or buffer) in place, and it cannot be put back (%s): training may "
-                "differ from a run without measuring",
-                why,
-            )
+                "an instrument's extra forward changed %s in place, and it cannot be put back "
+                "(%s): training may differ from a run without measuring",
+                what, why,
+            )  # fmt: skip
 
 
 #: torch's setter of version counters (private; where a torch has none, a tensor the step's
