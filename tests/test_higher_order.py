@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trainer.backward import GraphFreedError, backward_scalar, backward_vector
 from trainer.data.base import Batch
 from trainer.distributed import SINGLE
-from trainer.instrument import Curvature, hutchinson_trace, hvp, power_iteration, top_eigenvalue
+from trainer.instrument import Curvature, hutchinson_trace, hvp, lanczos, top_eigenvalue
 from trainer.loop import Callback
 from trainer.losses import CrossEntropy, as_loss
 from trainer.models.mlp import MLP
@@ -334,7 +334,7 @@ def test_hvp_is_the_hessian_times_v() -> None:
         hvp([g0], [model.weight], [v])
 
 
-def test_power_iteration_and_hutchinson_on_least_squares() -> None:
+def test_lanczos_and_hutchinson_on_least_squares() -> None:
     x, t, model, h = least_squares()
     eigs = torch.linalg.eigvalsh(h)
     params = list(model.parameters())
@@ -351,7 +351,7 @@ def test_power_iteration_and_hutchinson_on_least_squares() -> None:
     assert float(trace) == pytest.approx(float(torch.trace(h)), rel=0.05)
 
 
-def test_power_iterations_stopping_rule_is_the_same_at_any_scale() -> None:
+def test_lanczos_stopping_rule_is_the_same_at_any_scale() -> None:
     """The loss times a power of 2 scales every product exactly: the same products, the
     estimate scaled exactly (a stopping rule on the absolute change took 34 products for 3 on
     a Hessian of eigenvalue 1,000, and stopped at once on a small one)."""
@@ -362,7 +362,7 @@ def test_power_iterations_stopping_rule_is_the_same_at_any_scale() -> None:
         loss = scale * ((model(x).squeeze(1) - t) ** 2).mean()
         grads = torch.autograd.grad(loss, params, create_graph=True)
         gen = torch.Generator().manual_seed(0)
-        eig, taken, converged = power_iteration(grads, params, gen, iters=200, tol=1e-3)
+        eig, taken, converged = lanczos(grads, params, gen, iters=200, tol=1e-3)
         assert converged
         out.append((float(eig) / scale, taken))
     assert out[0] == out[1] == out[2]
@@ -625,12 +625,13 @@ def test_uniform_vector_mode_measures_the_scalar_objective(tmp_path) -> None:
     assert s["curvature/top_eig"][0][1] > 0  # cross-entropy near initialization: PSD-dominated
 
 
-def test_power_iteration_on_a_multiple_of_the_identity_stops_after_two_products() -> None:
+def test_lanczos_on_a_multiple_of_the_identity_stops_after_one_product() -> None:
     """H = cI: every unit vector is an eigenvector, so the first product's Rayleigh quotient
-    is c already; convergence needs an estimate that did not change, which the second product
-    gives: exactly 2 products. ``tol=0`` and one product: the Rayleigh quotient of the
-    normalized random start, c (a start left unnormalized gives c‖v₀‖²). float64: both are c
-    to within a few ulps (sums of 7 squares), far inside the 1e-12 asked."""
+    is c already and Hv₁ − αv₁ is rounding (β₁ ≤ 8 ulps of c): the Krylov space is mapped into
+    itself, its Ritz value is H's own, converged after exactly 1 product. ``tol=0`` and one
+    product: the Rayleigh quotient of the normalized random start, c (a start left
+    unnormalized gives c‖v₀‖²). float64: both are c to within a few ulps (sums of 7 squares),
+    far inside the 1e-12 asked."""
     c = 2.5
     params = [torch.zeros(3, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)]
 
@@ -638,23 +639,116 @@ def test_power_iteration_on_a_multiple_of_the_identity_stops_after_two_products(
         return [c * u for u in v]
 
     gen = torch.Generator().manual_seed(4)
-    eig, products, converged = power_iteration([], params, gen, iters=50, tol=1e-3,
-                                               product=product)  # fmt: skip
-    assert (products, converged) == (2, True)
+    eig, products, converged = lanczos([], params, gen, iters=50, tol=1e-3, product=product)
+    assert (products, converged) == (1, True)
     assert float(eig) == pytest.approx(c, rel=1e-12)
     gen = torch.Generator().manual_seed(4)
-    eig, products, converged = power_iteration([], params, gen, iters=1, tol=0, product=product)
+    eig, products, converged = lanczos([], params, gen, iters=1, tol=0, product=product)
     assert (products, converged) == (1, True)
     assert float(eig) == pytest.approx(c, rel=1e-12)
 
 
-def test_an_infinite_curvature_stops_power_iteration_at_once() -> None:
+def test_lanczos_sees_an_eigenvalue_alone_above_a_large_cluster() -> None:
+    """H = I + e₁e₁ᵀ in 20,001 dimensions: eigenvalues 2 and 1 (20,000 times). A random
+    start overlaps e₁ by about 1/√20,001, so power iteration's Rayleigh quotient moved by
+    about that and passed both its stopping rules after 2 products at 1.001, half the top
+    eigenvalue, converged (a review's synthetic case). The Krylov space of two products holds
+    e₁ exactly (H maps span(v, Hv) into itself): Lanczos finds 2 to rounding, and with
+    tol=0 after 2 products already. float64, H applied exactly."""
+
+    def product(v):
+        out = v[0].clone()
+        out[0] = 2 * v[0][0]
+        return [out]
+
+    params = [torch.zeros(20_001, dtype=torch.float64)]
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        eig, products, converged = lanczos([], params, gen, iters=50, tol=1e-3, product=product)
+        assert converged and products <= 3
+        assert float(eig) == pytest.approx(2.0, rel=1e-9)
+        gen = torch.Generator().manual_seed(seed)
+        eig, _, _ = lanczos([], params, gen, iters=2, tol=0, product=product)
+        assert float(eig) == pytest.approx(2.0, rel=1e-9)
+
+
+def small_network_hessian(kind: str, seed: int = 0):
+    """A small float64 network, its loss's gradients taken with ``create_graph=True`` and its
+    exact Hessian (torch.func.hessian of the loss in the flattened parameters): (grads, params,
+    H). ``kind``: a tanh MLP (cross-entropy), a GRU (a sequence regression) or self-attention
+    (a per-token loss)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(),
+                              nn.Linear(12, 4)).double()  # fmt: skip
+        x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 4, (16,), generator=g)
+
+        def loss_of(out: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out, y)
+    elif kind == "gru":
+        gru, head = nn.GRU(3, 6, batch_first=True).double(), nn.Linear(6, 1).double()
+        model = nn.ModuleDict({"gru": gru, "head": head})
+        x = torch.randn(5, 7, 3, generator=g, dtype=torch.float64)
+        y = torch.randn(5, generator=g, dtype=torch.float64)
+        model.forward = lambda x: head(gru(x)[0][:, -1]).squeeze(1)  # type: ignore[method-assign]
+
+        def loss_of(out: torch.Tensor) -> torch.Tensor:
+            return ((out - y) ** 2).mean()
+    else:
+        attn, head = nn.MultiheadAttention(8, 2, batch_first=True).double(), nn.Linear(8, 5)
+        head = head.double()
+        model = nn.ModuleDict({"attn": attn, "head": head})
+        x = torch.randn(3, 6, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 5, (3, 6), generator=g)
+        model.forward = lambda x: head(attn(x, x, x, need_weights=False)[0])  # type: ignore[method-assign]
+
+        def loss_of(out: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(out.reshape(-1, 5), y.reshape(-1))
+
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    sizes = [p.numel() for p in params]
+
+    def flat_loss(theta: torch.Tensor) -> torch.Tensor:
+        parts = theta.split(sizes)
+        state = {n: t.view_as(p) for n, t, p in zip(names, parts, params, strict=True)}
+        return loss_of(functional_call(model, state, (x,)))
+
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    with sdpa_kernel(SDPBackend.MATH):  # (kernels with a double backward)
+        h = torch.func.jacrev(torch.func.jacrev(flat_loss))(theta)
+        grads = torch.autograd.grad(loss_of(model(x)), params, create_graph=True)
+    return grads, params, h
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gru", "attention"])
+def test_lanczos_finds_the_largest_magnitude_eigenvalue_of_small_networks(kind) -> None:
+    """Against the exact Hessian's eigenvalues (float64): converged, the estimate is within
+    ``tol``·|θ| of the eigenvalue of largest magnitude, the bound its residual rule puts on
+    the nearest eigenvalue, for three starts, at the default tol (1e-3) and at 1e-8. Power
+    iteration, which this replaced, was 0.6 % (the MLP) and 0.12 % (attention) off here at the
+    default tol, converged."""
+    grads, params, h = small_network_hessian(kind)
+    eigs = torch.linalg.eigvalsh(h)
+    top = float(eigs[0] if -eigs[0] > eigs[-1] else eigs[-1])
+    for tol in (1e-3, 1e-8):
+        for seed in range(3):
+            gen = torch.Generator().manual_seed(seed)
+            with sdpa_kernel(SDPBackend.MATH):
+                eig, products, converged = lanczos(grads, params, gen, iters=200, tol=tol)
+            assert converged and products < 200, (tol, seed)
+            assert abs(float(eig) - top) <= tol * abs(float(eig)), (tol, seed, float(eig), top)
+
+
+def test_an_infinite_curvature_stops_lanczos_at_once() -> None:
     """A curvature past the dtype's range (float32: H = 1e39·I, whose products overflow to
     Inf) is reported as it is after one product, as a NaN one is: not carried into a next
     iterate Inf/Inf = NaN and a second product (whose NaN would then stop it)."""
     params = [torch.zeros(4)]
     gen = torch.Generator().manual_seed(0)
-    eig, products, converged = power_iteration(
+    eig, products, converged = lanczos(
         [], params, gen, iters=50, tol=1e-3, product=lambda v: [v[0] * 1e39]
     )
     assert (products, converged) == (1, True)
@@ -680,7 +774,7 @@ def test_the_curvature_callbacks_probes_come_from_its_own_seeded_stream() -> Non
             torch.testing.assert_close(values["curvature/trace"], (z @ h @ z.T).squeeze())
 
 
-def test_an_unconverged_power_iteration_is_nan_with_its_product_count() -> None:
+def test_an_unconverged_lanczos_run_is_nan_with_its_product_count() -> None:
     """At the iteration cap without the stopping rule met, the estimate is not presented as
     the eigenvalue (a probe saw 28 % low at 20 products, the default then, on a small MLP):
     NaN, with the products taken beside it; converged, the value and fewer products; tol=0,
@@ -690,18 +784,18 @@ def test_an_unconverged_power_iteration_is_nan_with_its_product_count() -> None:
     loss = ((model(x).squeeze(1) - t) ** 2).mean()
     grads = torch.autograd.grad(loss, params, create_graph=True)
     top = float(torch.linalg.eigvalsh(h)[-1])
-    eig, products, converged = power_iteration(grads, params, torch.Generator().manual_seed(0))
+    eig, products, converged = lanczos(grads, params, torch.Generator().manual_seed(0))
     assert converged and products < 50 and float(eig) == pytest.approx(top, rel=0.01)
     gen = torch.Generator().manual_seed(0)
-    eig, products, converged = power_iteration(grads, params, gen, iters=2, tol=1e-12)
+    eig, products, converged = lanczos(grads, params, gen, iters=2, tol=1e-12)
     assert (products, converged) == (2, False) and math.isfinite(float(eig))
     gen = torch.Generator().manual_seed(0)
     assert math.isnan(float(top_eigenvalue(grads, params, gen, iters=2, tol=1e-12)))
     gen = torch.Generator().manual_seed(0)
-    assert power_iteration(grads, params, gen, iters=3, tol=0)[1:] == (3, True)
+    assert lanczos(grads, params, gen, iters=3, tol=0)[1:] == (3, True)
 
 
-def test_a_nan_objective_stops_power_iteration_at_once_without_the_iteration_warning(
+def test_a_nan_objective_stops_lanczos_at_once_without_the_iteration_warning(
     tmp_path, caplog
 ) -> None:
     """A NaN objective (a step the guard skips): NaN after one product, not power_iters of
@@ -711,8 +805,11 @@ def test_a_nan_objective_stops_power_iteration_at_once_without_the_iteration_war
     params = list(model.parameters())
     loss = ((model(x).squeeze(1) - t) ** 2).mean() * math.nan
     grads = torch.autograd.grad(loss, params, create_graph=True)
-    eig, products, _ = power_iteration(grads, params, torch.Generator().manual_seed(0))
+    eig, products, _ = lanczos(grads, params, torch.Generator().manual_seed(0))
     assert math.isnan(float(eig)) and products == 1
+    # tol=0 (no host read before the end): NaN too, after the products asked for
+    eig, products, _ = lanczos(grads, params, torch.Generator().manual_seed(0), iters=3, tol=0)
+    assert math.isnan(float(eig)) and products == 3
 
     class NanInput(Callback):
         def on_train_batch_start(self, trainer, batch) -> None:
@@ -727,30 +824,31 @@ def test_a_nan_objective_stops_power_iteration_at_once_without_the_iteration_war
     assert not [r for r in caplog.records if "did not converge" in r.getMessage()]
 
 
-def test_power_iteration_does_not_call_a_mix_of_opposite_eigenvalues_converged() -> None:
-    """With eigenvalues ±λ at the top (a saddle: a two-layer linear net at 0), the iterate
-    keeps both components and θ = λ(c₁² − c₂²) stays put: the change rule alone called it
-    converged after 3 products (a probe logged +0.15, +0.68 and −0.30 for ±0.742 by seed).
-    ‖Hv‖ ≤ (1 + tol)|θ| is required too: such a step is NaN; a spectrum with one top
-    eigenvalue still converges to it, within tol. H given explicitly, float64."""
+def test_lanczos_at_a_saddle_finds_the_largest_magnitude_of_either_sign() -> None:
+    """With eigenvalues ±λ at the top (a saddle: a two-layer linear net at 0), power
+    iteration's iterate kept both components and θ = λ(c₁² − c₂²) stayed put anywhere in
+    (−λ, λ) (a probe logged +0.15, +0.68 and −0.30 for ±0.742 by seed); its residual rule
+    made such a step NaN. The Ritz values of Lanczos reach both ends: the estimate is ±λ,
+    either being the largest magnitude, converged. A spectrum with one top eigenvalue
+    converges to it, sign kept. H given explicitly, float64."""
 
     def run(eigenvalues: list[float], seed: int) -> tuple[float, int, bool]:
         q, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(9),
                                            dtype=torch.float64))  # fmt: skip
         h = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
         params = [torch.zeros(5, dtype=torch.float64)]
-        eig, products, converged = power_iteration(
+        eig, products, converged = lanczos(
             [], params, torch.Generator().manual_seed(seed), product=lambda v: [h @ v[0]]
         )
         return float(eig), products, converged
 
     for seed in range(3):
         eig, products, converged = run([0.742, -0.742, 0.3, -0.1, 0.0], seed)
-        assert (products, converged) == (50, False), (seed, eig)
+        assert converged and products <= 6 and abs(eig) == pytest.approx(0.742, rel=1e-3)
         eig, products, converged = run([3.0, -1.0, 0.5, 0.2, 0.0], seed)
-        assert converged and products < 50 and eig == pytest.approx(3.0, rel=1e-3)
+        assert converged and products <= 6 and eig == pytest.approx(3.0, rel=1e-3)
         eig, products, converged = run([-3.0, 1.0, 0.5, 0.2, 0.0], seed)  # the sign is kept
-        assert converged and products < 50 and eig == pytest.approx(-3.0, rel=1e-3)
+        assert converged and products <= 6 and eig == pytest.approx(-3.0, rel=1e-3)
 
 
 def test_the_curvature_callback_logs_nan_and_the_count_for_an_unconverged_step(caplog) -> None:
@@ -784,7 +882,7 @@ def test_curvature_of_bfloat16_parameters_is_summed_in_float32() -> None:
     xh = xb.double()
     h = 2 * xh.T @ xh / 256
     gen = torch.Generator().manual_seed(0)
-    eig, _, _ = power_iteration(grads, params, gen, iters=300, tol=0)
+    eig, _, _ = lanczos(grads, params, gen, iters=300, tol=0)
     assert eig.dtype == torch.float32
     assert float(eig) == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=0.02)
     trace = hutchinson_trace(grads, params, gen, probes=2000)

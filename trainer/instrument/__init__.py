@@ -20,7 +20,7 @@ from trainer.instrument.curvature import (
     hutchinson,
     hutchinson_trace,
     hvp,
-    power_iteration,
+    lanczos,
     top_eigenvalue,
 )
 from trainer.instrument.histograms import Histograms, RawHistogram, histograms
@@ -46,7 +46,7 @@ __all__ = [
     "hutchinson",
     "hutchinson_trace",
     "hvp",
-    "power_iteration",
+    "lanczos",
     "top_eigenvalue",
 ]
 
