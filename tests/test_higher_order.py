@@ -851,6 +851,69 @@ def test_lanczos_at_a_saddle_finds_the_largest_magnitude_of_either_sign() -> Non
         assert converged and products <= 6 and eig == pytest.approx(-3.0, rel=1e-3)
 
 
+def explicit_hessian(eigenvalues: list[float], dtype=torch.float64):
+    """A symmetric H with these eigenvalues (a random orthogonal basis, seeded) and its
+    product in the form ``lanczos`` takes: (params, product, H)."""
+    n = len(eigenvalues)
+    g = torch.Generator().manual_seed(9)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    h = (q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T).to(dtype)
+    return [torch.zeros(n, dtype=dtype)], (lambda v: [h @ v[0]]), h
+
+
+def test_lanczos_does_not_stop_on_a_lone_eigenvalue_below_a_dense_end_of_the_other_sign():
+    """Eigenvalues 0.99 alone and 199 spread over [−1, 0.3]: the largest magnitude is −1. The
+    lone 0.99 converges in 9 products while the dense end's Ritz value is still short of −1,
+    and was called converged, the wrong sign (10 starts of 10 at tol 1e-3, 2 of 10 at 1e-6: a
+    review's). The other end, pushed outward by its residual, must also be within (1 + tol)
+    of the estimate: converged at −1 within tol, for each start. H explicit, float64."""
+    params, product, _ = explicit_hessian([0.99, *torch.linspace(-1.0, 0.3, 199).tolist()])
+    for tol in (1e-3, 1e-6):
+        for seed in range(5):
+            gen = torch.Generator().manual_seed(seed)
+            eig, products, converged = lanczos([], params, gen, 200, tol, product)
+            assert converged and products < 200, (tol, seed, products)
+            assert abs(float(eig) + 1.0) <= tol, (tol, seed, float(eig))
+
+
+@pytest.mark.parametrize("power", [-100, -74, 0, 66, 100])
+def test_lanczos_in_float32_is_exact_under_scaling_far_from_1(power) -> None:
+    """H scaled by 2^k in float32 (eigenvalue 2 alone above [−0.3, 1]): the squares in the
+    norms underflowed from k ≈ −70 (β read 0, an invariant Krylov space: the start's Rayleigh
+    quotient, 6.5× low, converged) and overflowed from k = 66 (a NaN, converged), for a
+    Hessian far inside float32's range (a review's). The products are divided by a power of
+    two from the first one: the same products taken and the estimate scaled exactly, at
+    every k, as at k = 0."""
+    eigenvalues = [*torch.linspace(-0.3, 1.0, 49).tolist(), 2.0]
+    params, product, h = explicit_hessian(eigenvalues)
+    h = h.float()
+    scaled = h * 2.0**power  # (exact: a power of two, inside float32's normal range)
+    params = [torch.zeros(50)]
+    runs = []
+    for m in (h, scaled):
+        gen = torch.Generator().manual_seed(0)
+        eig, products, converged = lanczos([], params, gen, 50, 1e-3, lambda v, m=m: [m @ v[0]])
+        runs.append((float(eig), products, converged))
+    (base, n0, c0), (eig, n1, c1) = runs
+    assert c0 and c1 and n0 == n1 and abs(base - 2.0) <= 1e-3 * 2.0
+    assert eig == base * 2.0**power
+
+
+def test_lanczos_of_a_zero_hessian_in_mixed_dtypes_is_0() -> None:
+    """float64 parameters before float32 and bfloat16 ones, H = 0 (a graph, but piecewise
+    linear), tol = 0 and more products than one: the next vector divided β = 0 by float64's
+    smallest normal, 0 in float32: 0/0, NaN logged (a review's). Each vector's own dtype's
+    now: 0."""
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    y = torch.ones(2, requires_grad=True)
+    z = torch.ones(2, dtype=torch.bfloat16, requires_grad=True)
+    loss = torch.relu(x).sum() + torch.relu(y).sum() + torch.relu(z.float()).sum()
+    grads = torch.autograd.grad(loss, [x, y, z], create_graph=True)
+    for tol in (0, 1e-3):
+        eig, _, converged = lanczos(grads, [x, y, z], torch.Generator().manual_seed(0), 5, tol)
+        assert converged and float(eig) == 0.0, tol
+
+
 def test_the_curvature_callback_logs_nan_and_the_count_for_an_unconverged_step(caplog) -> None:
     trainer, batch, h = least_squares_trainer()
     with caplog.at_level(logging.WARNING):

@@ -21,7 +21,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -95,25 +95,31 @@ def _rademacher_like(p: Tensor, generator: torch.Generator) -> Tensor:
     return bits.to(p.dtype).mul_(2).sub_(1)
 
 
-def _ritz(alphas: list[float], betas: list[float]) -> tuple[float, float, float]:
-    """The Lanczos tridiagonal T of ``alphas`` (its diagonal) and ``betas[:-1]`` (beside it):
-    (θ, its Ritz value of largest magnitude, a positive one on a tie; r = ``betas[-1]``·|sₖ|,
-    the residual ‖Hy − θy‖ of its Ritz vector y (sₖ: the last entry of T's unit eigenvector);
-    the largest |Ritz value|). T is scaled by its largest entry, a power of two, before the
-    eigendecomposition and back after: a loss scaled by a power of two gives the same products
-    and stopping decisions, its estimate scaled exactly."""
+def _ritz(alphas: list[float], betas: list[float]) -> tuple[float, float, float, float]:
+    """The extreme Ritz values of the Lanczos tridiagonal T of ``alphas`` (its diagonal) and
+    ``betas[:-1]`` (beside it), each with its residual ‖Hy − θy‖ = ``betas[-1]``·|sₖ| (y its
+    Ritz vector, sₖ the last entry of T's unit eigenvector): (θ_min, r_min, θ_max, r_max).
+    T is scaled by its largest entry, a power of two, before the eigendecomposition and back
+    after (exact)."""
     t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if len(alphas) > 1:
         off = torch.tensor(betas[:-1], dtype=torch.float64)
         t += torch.diag(off, 1) + torch.diag(off, -1)
     top = float(t.abs().max())
     if top == 0:
-        return 0.0, abs(betas[-1]), 0.0
+        return 0.0, abs(betas[-1]), 0.0, abs(betas[-1])
     scale = 2.0 ** math.frexp(top)[1]
     values, vectors = torch.linalg.eigh(t / scale)
-    j = 0 if -values[0] > values[-1] else -1
-    theta = float(values[j]) * scale
-    return theta, abs(betas[-1]) * float(vectors[-1, j].abs()), abs(theta)
+    last = vectors[-1].abs() * abs(betas[-1])
+    return (float(values[0]) * scale, float(last[0]), float(values[-1]) * scale,
+            float(last[-1]))  # fmt: skip
+
+
+def _power_of_two_below(m: Tensor) -> Tensor:
+    """The largest power of two at most ``m`` (0-d, on its device), 1 where ``m`` is 0 or not
+    finite: dividing by it is exact."""
+    ok = torch.isfinite(m) & (m > 0)
+    return torch.where(ok, torch.exp2(torch.floor(torch.log2(torch.where(ok, m, 1)))), 1)
 
 
 def lanczos(
@@ -133,27 +139,39 @@ def lanczos(
     of the k × k tridiagonal T of the α's and β's (the Ritz values) are H's best estimates from
     the Krylov space span(v₁, Hv₁, …, Hᵏ⁻¹v₁), which holds power iteration's k-th iterate: the
     estimate of largest magnitude is at least as close as power iteration's, most often far
-    closer (on the default MLP, 3e-6 relative after 24–29 products where power iteration's
+    closer (on the default MLP, 5e-6 relative after 24–29 products where power iteration's
     was 0.3–1.3 % off), and an eigenvalue alone above a large cluster is seen after 2 products
     (power iteration stopped at the cluster's value, half of it). Three vectors of the
     parameters' size are kept (no reorthogonalization against older ones: in floating point
     the recurrence loses orthogonality only as Ritz values converge, and the extreme ones stay
-    within the spectrum (Paige)).
+    within the spectrum (Paige)). The products are divided by a power of two taken from the
+    first one (exact), so that the norms' squares neither underflow nor overflow (float32 ones
+    did for a Hessian near 1e-22 or 1e19: a converged 6.5× low, a NaN; a review's).
 
-    Stops after ``iters`` products, or earlier once the Ritz value θ of largest magnitude
-    changed by at most ``tol`` relative to itself since the previous product **and** its
-    residual ‖Hy − θy‖ = βₖ·|sₖ| (y its Ritz vector, sₖ the last entry of T's eigenvector) is
-    at most ``tol``·|θ|, which puts an eigenvalue of H within ``tol``·|θ| of θ: converged.
-    Where βₖ falls to rounding (a Krylov space H maps into itself, as for H = cI after one
-    product), the Ritz values are H's own: converged. Both rules stop on the largest magnitude
-    the Krylov space has seen: like any method from a random start, it cannot see a direction
-    its start and the products barely reach. A non-finite αₖ (NaN: a step whose objective is
-    NaN, which the guard skips; ±Inf: a curvature past the dtype's range) stops it at once,
-    as done, with that value. ``tol=0``: always ``iters`` products, no host sync until the
-    end, and no convergence claimed or checked (True); NaN where a product was not finite.
-    ``product(v)`` replaces ``hvp(grads, params, v)`` (data-parallel: summed over the ranks).
-    The vectors are kept in float32 for float16/bfloat16 parameters (cast to theirs for each
-    product), and the α's and β's are summed in float32 at least.
+    Stops after ``iters`` products, or earlier once (1) the Ritz value θ of largest magnitude
+    changed by at most ``tol`` relative to itself since the previous product, (2) its residual
+    ‖Hy − θy‖ = βₖ·|sₖ| (y its Ritz vector, sₖ the last entry of T's eigenvector) is at most
+    ``tol``·|θ|, which puts an eigenvalue of H within ``tol``·|θ| of θ, and (3) the Ritz value
+    θ' at the other end of the spectrum meets (1) and (2) too (with the same bound, ``tol``·|θ|)
+    or is short of |θ| by 10 times its residual r' (|θ'| + 10·r' ≤ |θ|): converged. Without
+    (3) an eigenvalue of 0.99 alone converged while a dense end at −1 was still short of it
+    (−0.963, r' = 0.027), and 0.99 was called converged, the wrong sign (a review's). The
+    factor 10 is a margin, not a bound: r' bounds the distance from θ' to some eigenvalue, not
+    to the end of the spectrum; where the other end is within it, both ends must settle (on
+    the default MLP at initialization, whose most negative eigenvalue is −0.8 of the top, a
+    bound of |θ|/2 in place of the margin left 1 start of 4 unconverged at 50 products). Where βₖ
+    falls to rounding (a Krylov space H maps into itself, as for H = cI after one product), the
+    Ritz values are H's own: converged. The rules stop on the largest magnitude the Krylov space
+    has seen: like any method from a random start, it cannot see a direction its start and the
+    products barely reach. The products are computed in the parameters' dtype, so no ``tol``
+    makes the estimate closer than that dtype's rounding of Hv (with bfloat16 parameters, 1.6e-3
+    relative was seen at ``tol`` = 1e-5). A non-finite αₖ (NaN: a step whose objective is NaN,
+    which the guard skips; ±Inf: a curvature past the dtype's range) stops it at once, as done,
+    with that value. ``tol=0``: always ``iters`` products, no host sync until the end, and no
+    convergence claimed or checked (True); NaN where a product was not finite. ``product(v)``
+    replaces ``hvp(grads, params, v)`` (data-parallel: summed over the ranks). The vectors are
+    kept in float32 for float16/bfloat16 parameters (cast to theirs for each product), and the
+    α's and β's are summed in float32 at least.
     """
     product = product or (lambda u: hvp(grads, params, u))
     v = [widen(_randn_like(p, generator)) for p in params]
@@ -161,15 +179,20 @@ def lanczos(
     v = [u / norm.to(u.dtype) for u in v]
     device, dtype = params[0].device, widen(params[0]).dtype
     eps = max(torch.finfo(u.dtype).eps for u in v)
-    tiny = torch.finfo(dtype).tiny
     prev: list[Tensor] | None = None
     beta = torch.zeros((), device=device, dtype=dtype)
+    scale: Tensor | None = None  # (a power of two: H/scale's products are of order 1)
     taken: list[Tensor] = []  # α₁, β₁, α₂, β₂, … on the device (tol = 0: read at the end)
     alphas: list[float] = []
     betas: list[float] = []
-    last = math.nan
+    last = (math.nan, math.nan)  # the previous product's (θ_min, θ_max)
+    estimate = math.nan
     for k in range(iters):
         w = [widen(h) for h in product([u.to(p.dtype) for u, p in zip(v, params, strict=True)])]
+        if scale is None:
+            scale = _power_of_two_below(torch.stack([h.abs().amax() for h in w]).amax().float())
+            scale = scale.to(dtype)
+        w = [h / scale.to(h.dtype) for h in w]  # (exact: a power of two)
         alpha = _dot(v, w)
         w = [h - alpha.to(h.dtype) * u for h, u in zip(w, v, strict=True)]
         if prev is not None:
@@ -177,30 +200,45 @@ def lanczos(
         beta = torch.linalg.vector_norm(torch.stack(norms_of(w))).to(dtype)
         taken += [alpha.to(dtype), beta]
         if tol > 0:
-            a, b = torch.stack(taken[-2:]).tolist()  # host sync, on measuring steps only: one
-            # per product when tol > 0
+            # host sync, on measuring steps only: one per product when tol > 0
+            a, b, unit = torch.stack([*taken[-2:], scale]).tolist()
             if not math.isfinite(a):
-                return alpha.to(dtype), k + 1, True
+                return (alpha * scale).to(dtype), k + 1, True
             alphas.append(a)
             betas.append(b)
             if not math.isfinite(b):  # (Hv past the dtype's range beside a finite α)
                 return torch.full((), math.nan, device=device, dtype=dtype), k + 1, True
-            theta, residual, largest = _ritz(alphas, betas)
-            settled = residual <= tol * largest and abs(theta - last) <= tol * largest
+            low, r_low, high, r_high = _ritz(alphas, betas)
+            ends = [(low, r_low, low - last[0]), (high, r_high, high - last[1])]
+            (theta, residual, moved), other = ends[::-1] if high >= -low else ends
+            largest = abs(theta)
+            bound = tol * largest  # (abs(NaN) <= bound is False: not at the first product)
+            # the other end too, unless it is short of the estimate by 10 times its residual
+            # (its sign may win)
+            settled = (
+                residual <= bound
+                and abs(moved) <= bound
+                and (
+                    abs(other[0]) + 10 * other[1] <= largest
+                    or other[1] <= bound
+                    and abs(other[2]) <= bound
+                )
+            )
             if settled or b <= 8 * eps * largest or b == 0:
-                return torch.tensor(theta, device=device, dtype=dtype), k + 1, True
-            last = theta
+                return torch.tensor(theta * unit, device=device, dtype=dtype), k + 1, True
+            last, estimate = (low, high), theta
         prev = v
-        v = [h / beta.clamp_min(tiny).to(h.dtype) for h in w]  # (β = 0: v = 0, then α = 0)
+        v = [h / beta.to(h.dtype).clamp_min(torch.finfo(h.dtype).tiny) for h in w]  # (β = 0:
+        # v = 0, then α = 0)
     if tol > 0:
-        return torch.tensor(last, device=device, dtype=dtype), iters, False
+        return torch.tensor(estimate * unit, device=device, dtype=dtype), iters, False
     # tol = 0: the Ritz values on the device, no host read (NaN where a product was not finite)
     pairs = torch.stack(taken).view(-1, 2)
     finite = torch.isfinite(pairs).all()
     pairs = torch.where(finite, pairs, 0)
     t = torch.diag(pairs[:, 0]) + torch.diag(pairs[:-1, 1], 1) + torch.diag(pairs[:-1, 1], -1)
     values = torch.linalg.eigvalsh(t if device.type in ("cpu", "cuda") else t.cpu()).to(device)
-    eig = torch.where(-values[0] > values[-1], values[0], values[-1])
+    eig = torch.where(-values[0] > values[-1], values[0], values[-1]) * cast(Tensor, scale)
     return torch.where(finite, eig, math.nan), iters, True
 
 
