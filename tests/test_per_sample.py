@@ -1347,10 +1347,11 @@ class Cells(nn.Module):
         return self.head(self.cell(torch.tanh(self.fresh(x))))
 
 
-def test_torchs_rnn_cells_vmap_cannot_batch_run_one_sample_at_a_time(caplog) -> None:
+def test_torchs_rnn_cells_called_without_their_state_are_measured(caplog) -> None:
     """An RNN cell called without its hidden state writes batched values into the zero state
-    it builds, which vmap refuses: torch's own treat each sample alone, and run one sample at
-    a time, exact against the batch's Jacobian in float64 and float32 (left out before). A
+    it builds, which vmap refuses: torch's own treat each sample alone, and are recomputed
+    with that zero state given (one sample at a time in the twenty-seventh session, left out
+    before), exact against the batch's Jacobian in float64 and float32. A
     unit of one's own that vmap refuses stays left out, named: what follows the write vmap
     stopped at may read a value of the whole batch (two versions that ran any such unit one
     sample at a time were 16-163 % off at coverage 1 on reviews' units; the twenty-fifth
@@ -1379,6 +1380,46 @@ def test_torchs_rnn_cells_vmap_cannot_batch_run_one_sample_at_a_time(caplog) -> 
     caplog.clear()
     with caplog.at_level("WARNING"):  # float32: its rows alone are the batch's, in rounding
         _, staged = measure(model, x.float(), y)
+    assert "leave out" not in caplog.text and staged["per_sample/coverage"] == 1
+
+
+class Unrolled(nn.Module):
+    """An RNN unrolled by hand over (B, T, D): torch's ``kind`` cell called at each step with
+    the state the last one returned (an LSTMCell's (h, c)), the first call without one or,
+    ``given``, with zeros; a head on the last hidden state."""
+
+    def __init__(self, kind: str, given: bool) -> None:
+        super().__init__()
+        cells = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
+        self.cell, self.head, self.given = cells[kind](D, 5), nn.Linear(5, 3), given
+
+    def forward(self, x):
+        zeros = x.new_zeros(x.shape[0], 5)
+        state = None
+        if self.given:
+            state = (zeros, zeros) if isinstance(self.cell, nn.LSTMCell) else zeros
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+@pytest.mark.parametrize("given", [False, True])
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_torchs_rnn_cells_called_with_their_state_are_measured(kind, given, caplog) -> None:
+    """An RNN unrolled by hand calls its cell once per step with the state the last step
+    returned: two tensor inputs (an LSTMCell's state a tuple, its output one too), left out
+    as "not one tensor input" until the twenty-eighth session (an LSTMCell always). Each
+    call's per-sample gradients by vmap over the input, the state and the outputs' gradients,
+    summed over the steps before squaring: exact against the batch's Jacobian in float64, at
+    coverage 1; in float32, nothing left out."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, 4, D, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    torch.manual_seed(0)
+    model = Unrolled(kind, given).double()
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y)
+        _, staged = measure(Unrolled(kind, given), x.float(), y)
     assert "leave out" not in caplog.text and staged["per_sample/coverage"] == 1
 
 

@@ -322,6 +322,46 @@ def _bag_check(module: nn.EmbeddingBag, bound: dict[str, Any], output: Any, b: i
     return None
 
 
+def _cell_check(bound: dict[str, Any], outputs: list[Tensor], b: int) -> str | None:
+    """Why a torch RNN cell's call cannot be measured per sample, or None: its input, its
+    state (``hx``, a tensor or an LSTMCell's (h, c)) and its outputs must be batched (2-D),
+    the batch (``b``) as dimension 0."""
+    x, hx = bound.get("input"), bound.get("hx")
+    if not isinstance(x, Tensor) or any(
+        t.dim() != 2 or t.shape[0] != b for t in [x, *_tensors(hx)]
+    ):
+        return f"an unbatched call, or its input or state without the batch ({b}) as dimension 0"
+    if any(t.dim() != 2 or t.shape[0] != b for t in outputs):
+        return f"an output without the batch ({b}) as dimension 0"
+    return None
+
+
+def _lstm_cell(
+    p: dict[str, Any], x: Tensor, state: tuple[Tensor, Tensor], cut: bool
+) -> tuple[Tensor, Tensor]:
+    """torch's LSTMCell, (h′, c′) from ``x`` and ``state`` = (h, c) with weights ``p`` (a bias
+    may be None): gates = x W_ihᵀ + b_ih + h W_hhᵀ + b_hh, split into i, f, g, o; c′ = σ(f)·c +
+    σ(i)·tanh(g); h′ = σ(o)·tanh(c′), through c′ detached where ``cut``."""
+    h, c = state
+    gates = F.linear(x, p["weight_ih"], p["bias_ih"]) + F.linear(h, p["weight_hh"], p["bias_hh"])
+    i, f, g, o = gates.chunk(4, 1)
+    c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c2.detach() if cut else c2), c2
+
+
+def _reaches(fn: Any, target: Any, depth: int = 4) -> bool:
+    """Whether autograd node ``target`` is among the nodes ``fn`` leads to, ``depth`` steps at
+    most (not ``fn`` itself: two outputs of one node)."""
+    if fn is None or target is None:
+        return False
+    level = [fn]
+    for _ in range(depth):
+        level = [n for f in level for n, _ in f.next_functions if n is not None]
+        if any(n is target for n in level):
+            return True
+    return False
+
+
 def sample_coefficients(c: Tensor) -> Tensor:
     """One coefficient per sample, (B,), from the loss elements' coefficients.
 
@@ -503,8 +543,10 @@ def _batch_dims(
     dims = []
     if first.shape[:1] == (b,) and out.shape[:1] == (b,):
         dims.append(0)
-    if kind == "func" or isinstance(module, nn.Embedding):
-        least: int | None = 2
+    if isinstance(module, _CELLS):  # (batch-first, 2-D: checked)
+        least: int | None = None
+    elif kind == "func" or isinstance(module, nn.Embedding):
+        least = 2
     elif isinstance(module, nn.Linear):
         least = 3
     elif isinstance(module, nn.LayerNorm):
@@ -928,6 +970,9 @@ class _Call:
     #: its modules' attributes as its forward began (``swap.plain_attributes``), which a
     #: recomputation starts from
     attributes: list[tuple[nn.Module, dict[str, Any]]] = field(default_factory=list)
+    #: an LSTMCell's: its h output computed from its c output (torch's composite cell, on a
+    #: CPU), so the gradient c's hook gets includes the path through h
+    nested: bool = False
 
     def moved(self) -> bool:
         return _versions((self.args, self.kwargs)) != self.versions
@@ -1050,8 +1095,6 @@ def _buffer_changes(
     )
 
 
-#: torch's own modules that treat each sample alone, whose forward vmap cannot batch (an RNN
-#: cell called without its state; an Embedding with max_norm): run one sample at a time
 class _NotAlone(Exception):
     """A generic unit's per-sample gradients do not add up to its batch's (its message: why)."""
 
@@ -1062,8 +1105,15 @@ def _torchs(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "torch"
 
 
-_ALONE = (nn.RNNCell, nn.GRUCell, nn.Embedding)  # (an LSTMCell's output is a tuple:
-# left out before, as a unit of not one tensor output)
+#: torch's own modules that treat each sample alone, whose forward vmap cannot batch (an
+#: Embedding with max_norm: its lookups renormalize the table in place): run one sample at a
+#: time
+_ALONE = (nn.Embedding,)
+
+#: torch's RNN cells: called with their state, (input, hx) or an LSTMCell's (input, (h, c)),
+#: or without it; an LSTMCell returns (h, c). Each sample alone, differentiated by vmap over
+#: the input, the state and the outputs' gradients (:meth:`PerSampleNorms._cell_grads`)
+_CELLS = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
 
 
 def _buffer_copies(module: nn.Module) -> dict[str, Tensor]:
@@ -1638,6 +1688,8 @@ class PerSampleNorms(Callback):
             versions=_versions((args, kwargs)), dim=dim, candidates=candidates,
             buffers=entry[0] if entry is not None else {},
             attributes=entry[2] if entry is not None else [],
+            nested=isinstance(module, nn.LSTMCell) and len(outputs) == 2
+            and _reaches(outputs[0].grad_fn, outputs[1].grad_fn),
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -1706,6 +1758,8 @@ class PerSampleNorms(Callback):
             layout = _rnn_layout(m, self._bound(module, args, kwargs), b)
         elif isinstance(module, nn.EmbeddingBag) and kind == "closed":
             return _bag_check(module, self._bound(module, args, kwargs), output, b)
+        elif isinstance(module, _CELLS):
+            return _cell_check(self._bound(module, args, kwargs), outputs, b)
         else:
             tensors = _tensors((args, kwargs))
             first = args[0] if args else None
@@ -1902,6 +1956,8 @@ class PerSampleNorms(Callback):
     def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         module = call.unit
         params = {n: p for n, p in _named_covered(module, self._kind[module])}
+        if isinstance(module, _CELLS):
+            return self._cell_grads(call, {n: p.detach() for n, p in params.items()})
         if self._kind[module] in ("closed", "func"):
             leaf = {n: p.detach() for n, p in params.items()}
             if _renorms(module):  # (a copy: its forward rewrites the rows it looks up)
@@ -1943,11 +1999,10 @@ class PerSampleNorms(Callback):
                     if "randomness" in str(e):  # (a draw: left out by the caller)
                         raise
                     refusal = e
-                # torch's RNNCell and GRUCell called without their state (the zero state they
-                # build is written with batched values, which vmap refuses) and an Embedding
-                # with max_norm (its lookups renormalize the table in place) treat each sample
-                # alone: run one sample at a time, each from the attributes and buffers its
-                # forward began with (left out until the twenty-seventh session). Not a module
+                # torch's Embedding with max_norm (its lookups renormalize the table in place)
+                # treats each sample alone: run one sample at a time, each from the attributes
+                # and buffers its forward began with (left out until the twenty-seventh
+                # session; so were the RNN cells, :meth:`_cell_grads` now). Not a module
                 # of one's own: what follows the write vmap stopped at may read a value of the
                 # whole batch, on the host (``torch.zeros(n)`` of a tensor ``n``, a slice by
                 # it, an f-string of it: no mode sees all of them) or as a tensor, which the
@@ -2027,6 +2082,44 @@ class PerSampleNorms(Callback):
             for n, x in zip(names, grads, strict=True):
                 out[n].append(x)
         return {n: torch.stack(v) for n, v in out.items()}
+
+    def _cell_grads(self, call: _Call, leaf: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A torch RNN cell's per-sample gradients from this call, (B, *shape) each: the
+        gradient of Σₖ ⟨outₖ, gₖ⟩ for each sample alone (its input row, its state's rows, zeros
+        where the call gave none, as the cell builds them; its outputs' gradient rows), by
+        vmap. In the parameters' dtype, as the other recomputations. An LSTMCell's by its
+        formula (:func:`_lstm_cell`): where its h was computed from its c (CPU: torch's
+        composite), the gradient c's hook got includes the path through h, which is then cut
+        here (counted twice, its norms were 12 % off: this session's first version)."""
+        module = call.unit
+        bound = self._bound(module, call.args, call.kwargs)
+        dtype = next(iter(leaf.values())).dtype
+        x = bound["input"].to(dtype)
+        hx = _map_tensors(bound.get("hx"), lambda t: t.to(dtype))
+        if hx is None:
+            zero = x.new_zeros(x.shape[0], cast(Any, module).hidden_size)
+            hx = (zero, zero) if isinstance(module, nn.LSTMCell) else zero
+        gs = tuple(
+            call.grads[k].to(dtype) if k in call.grads else torch.zeros(shape, dtype=dtype,
+                                                                        device=device)
+            for k, (shape, _, device) in enumerate(call.outputs)
+        )  # fmt: skip
+        lstm = isinstance(module, nn.LSTMCell)
+        weights = {n: getattr(module, n) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+
+        def inner(p: dict[str, Tensor], xi: Tensor, hi: Any, gi: tuple[Tensor, ...]) -> Tensor:
+            state = _map_tensors(hi, lambda t: t.unsqueeze(0))
+            if lstm:
+                outs = list(_lstm_cell({**weights, **p}, xi.unsqueeze(0), state, call.nested))
+            else:
+                outs = [functional_call(module, p, (xi.unsqueeze(0), state))]
+            if len(outs) != len(gi):  # (an output that does not need a gradient)
+                raise ValueError(f"{len(outs)} outputs on one sample, {len(gi)} in the batch")
+            parts = [(o.squeeze(0) * g).sum() for o, g in zip(outs, gi, strict=True)]
+            return torch.stack(parts).sum()
+
+        with torch.no_grad():  # (torch.func's grad differentiates inside no_grad all the same)
+            return vmap(grad(inner), in_dims=(None, 0, 0, 0))(leaf, x, hx, gs)
 
     def _attention_vmap(
         self,
