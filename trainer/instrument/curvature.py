@@ -153,21 +153,25 @@ def lanczos(
     ‖Hy − θy‖ = βₖ·|sₖ| (y its Ritz vector, sₖ the last entry of T's eigenvector) is at most
     ``tol``·|θ|, which puts an eigenvalue of H within ``tol``·|θ| of θ, and (3) the Ritz value
     θ' at the other end of the spectrum meets (1) and (2) too (with the same bound, ``tol``·|θ|)
-    or is short of |θ| by 10 times its residual r' (|θ'| + 10·r' ≤ |θ|): converged. Without
-    (3) an eigenvalue of 0.99 alone converged while a dense end at −1 was still short of it
-    (−0.963, r' = 0.027), and 0.99 was called converged, the wrong sign (a review's). The
-    factor 10 is a margin, not a bound: r' bounds the distance from θ' to some eigenvalue, not
-    to the end of the spectrum; where the other end is within it, both ends must settle (on
-    the default MLP at initialization, whose most negative eigenvalue is −0.8 of the top, a
-    bound of |θ|/2 in place of the margin left 1 start of 4 unconverged at 50 products). Where βₖ
-    falls to rounding (a Krylov space H maps into itself, as for H = cI after one product), the
-    Ritz values are H's own: converged. The rules stop on the largest magnitude the Krylov space
-    has seen: like any method from a random start, it cannot see a direction its start and the
-    products barely reach. The products are computed in the parameters' dtype, so no ``tol``
-    makes the estimate closer than that dtype's rounding of Hv (with bfloat16 parameters, 1.6e-3
-    relative was seen at ``tol`` = 1e-5). A non-finite αₖ (NaN: a step whose objective is NaN,
-    which the guard skips; ±Inf: a curvature past the dtype's range) stops it at once, as done,
-    with that value. ``tol=0``: always ``iters`` products, no host sync until the end, and no
+    or is short of |θ| by 10 times its residual r' (|θ'| + 10·r' ≤ |θ|): converged. Without (3)
+    an eigenvalue of 0.99 alone converged while a dense end at −1 was still short of it (−0.963,
+    r' = 0.027), and 0.99 was called converged, the wrong sign (a review's). The factor 10 is a
+    margin, not a bound: r' bounds the distance from θ' to some eigenvalue, not to the end of
+    the spectrum; where the other end is within it, both ends must settle (on the default MLP at
+    initialization, whose most negative eigenvalue is −0.8 of the top, a bound of |θ|/2 in place
+    of the margin left 1 start of 4 unconverged at 50 products). Where βₖ falls to rounding (a
+    Krylov space H maps into itself, as for H = cI after one product), the Ritz values are H's
+    own: converged. The rules stop on the largest magnitude the Krylov space has seen: like any
+    method from a random start, it cannot see a direction its start and the products barely
+    reach, and a cluster the rules see settled can hide an eigenvalue beyond it (reviews': −1.01
+    beyond a cluster at −0.95 while +1 converged, +1.0 reported in 3 of 100 starts at ``tol``
+    1e-3, 2 at 1e-4, none at 1e-6; 1.05 above a cluster at 1.0, 1.0 reported in 2 of 5 starts at
+    1e-3, none at 1e-4). The products are computed in the parameters' dtype, so no ``tol`` makes
+    the estimate closer than that dtype's rounding of Hv (with bfloat16 parameters, 1.6e-3
+    relative was seen at ``tol`` = 1e-5; with float16 ones, products that underflow are not seen
+    at all). A non-finite αₖ or βₖ (NaN: a step whose objective is NaN, which the guard skips;
+    ±Inf: a curvature past the dtype's range, whose sign is the start's) stops it at once, as
+    done, with NaN. ``tol=0``: always ``iters`` products, no host sync until the end, and no
     convergence claimed or checked (True); NaN where a product was not finite. ``product(v)``
     replaces ``hvp(grads, params, v)`` (data-parallel: summed over the ranks). The vectors are
     kept in float32 for float16/bfloat16 parameters (cast to theirs for each product), and the
@@ -202,12 +206,11 @@ def lanczos(
         if tol > 0:
             # host sync, on measuring steps only: one per product when tol > 0
             a, b, unit = torch.stack([*taken[-2:], scale]).tolist()
-            if not math.isfinite(a):
-                return (alpha * scale).to(dtype), k + 1, True
+            if not (math.isfinite(a) and math.isfinite(b)):  # (its sign, were it ±Inf, is
+                # the random start's: +Inf came out -Inf, a review's)
+                return torch.full((), math.nan, device=device, dtype=dtype), k + 1, True
             alphas.append(a)
             betas.append(b)
-            if not math.isfinite(b):  # (Hv past the dtype's range beside a finite α)
-                return torch.full((), math.nan, device=device, dtype=dtype), k + 1, True
             low, r_low, high, r_high = _ritz(alphas, betas)
             ends = [(low, r_low, low - last[0]), (high, r_high, high - last[1])]
             (theta, residual, moved), other = ends[::-1] if high >= -low else ends
