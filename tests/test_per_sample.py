@@ -1389,10 +1389,11 @@ class Unrolled(nn.Module):
     the state the last one returned (an LSTMCell's (h, c)), the first call without one or,
     ``given``, with zeros; a head on the last hidden state."""
 
-    def __init__(self, kind: str, given: bool) -> None:
+    def __init__(self, kind: str, given: bool, keyword: bool = False) -> None:
         super().__init__()
         cells = {"rnn": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
         self.cell, self.head, self.given = cells[kind](D, 5), nn.Linear(5, 3), given
+        self.keyword = keyword  # (cell(input=x, hx=h): no positional argument)
 
     def forward(self, x):
         zeros = x.new_zeros(x.shape[0], 5)
@@ -1400,7 +1401,10 @@ class Unrolled(nn.Module):
         if self.given:
             state = (zeros, zeros) if isinstance(self.cell, nn.LSTMCell) else zeros
         for t in range(x.shape[1]):
-            state = self.cell(x[:, t], state)
+            if self.keyword:
+                state = self.cell(input=x[:, t], hx=state)
+            else:
+                state = self.cell(x[:, t], state)
         return self.head(state[0] if isinstance(state, tuple) else state)
 
 
@@ -1422,6 +1426,40 @@ def test_torchs_rnn_cells_called_with_their_state_are_measured(kind, given, capl
         measured_exactly(model, x, y)
         _, staged = measure(Unrolled(kind, given), x.float(), y)
     assert "leave out" not in caplog.text and staged["per_sample/coverage"] == 1
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_rnn_cells_called_by_keyword_or_with_computed_weights(kind, caplog) -> None:
+    """``cell(input=x, hx=h)`` has no positional argument: the first version of the cells'
+    measurement read ``args[0]`` and crashed the forward (a review's); measured now. A weight
+    computed from other parameters (a weight_norm parametrization of ``weight_hh``): an RNN or
+    GRU cell is recomputed through its own forward, exact; an LSTMCell on a CPU, recomputed by
+    its formula, read the computed weight as it was, and its originals got 0 at coverage 1 (a
+    review's): it is left out, named, the head exact."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, 4, D, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        measured_exactly(Unrolled(kind, True, keyword=True).double(), x, y)
+    assert "leave out" not in caplog.text
+    torch.manual_seed(0)
+    model = Unrolled(kind, True).double()
+    nn.utils.parametrizations.weight_norm(model.cell, "weight_hh")
+    if kind != "lstm":
+        with caplog.at_level("WARNING"):
+            measured_exactly(model, x, y)
+        assert "leave out" not in caplog.text
+        return
+    reference = _jacobian_rows(model, x, y, left_out=("cell", "cell.parametrizations.weight_hh"))
+    with caplog.at_level("WARNING"):
+        last, staged = measure(model, x, y)
+    assert "leave out 'cell'" in caplog.text and "computed from other parameters" in caplog.text
+    head = sum(p.numel() for p in model.head.parameters())
+    assert staged["per_sample/coverage"] == pytest.approx(
+        head / sum(p.numel() for p in model.parameters())
+    )
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
 
 
 class BySize(nn.Module):

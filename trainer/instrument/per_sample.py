@@ -336,17 +336,15 @@ def _cell_check(bound: dict[str, Any], outputs: list[Tensor], b: int) -> str | N
     return None
 
 
-def _lstm_cell(
-    p: dict[str, Any], x: Tensor, state: tuple[Tensor, Tensor], cut: bool
-) -> tuple[Tensor, Tensor]:
+def _lstm_cell(p: dict[str, Any], x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """torch's LSTMCell, (h′, c′) from ``x`` and ``state`` = (h, c) with weights ``p`` (a bias
     may be None): gates = x W_ihᵀ + b_ih + h W_hhᵀ + b_hh, split into i, f, g, o; c′ = σ(f)·c +
-    σ(i)·tanh(g); h′ = σ(o)·tanh(c′), through c′ detached where ``cut``."""
+    σ(i)·tanh(g); h′ = σ(o)·tanh(c′), through c′ detached (its gradient holds that path)."""
     h, c = state
     gates = F.linear(x, p["weight_ih"], p["bias_ih"]) + F.linear(h, p["weight_hh"], p["bias_hh"])
     i, f, g, o = gates.chunk(4, 1)
     c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c2.detach() if cut else c2), c2
+    return torch.sigmoid(o) * torch.tanh(c2.detach()), c2
 
 
 def _reaches(fn: Any, target: Any, depth: int = 4) -> bool:
@@ -543,7 +541,7 @@ def _batch_dims(
     dims = []
     if first.shape[:1] == (b,) and out.shape[:1] == (b,):
         dims.append(0)
-    if isinstance(module, _CELLS):  # (batch-first, 2-D: checked)
+    if _cell(module):  # (batch-first, 2-D: checked)
         least: int | None = None
     elif kind == "func" or isinstance(module, nn.Embedding):
         least = 2
@@ -1120,6 +1118,15 @@ _ALONE = (nn.Embedding,)
 #: the input, the state and the outputs' gradients (:meth:`PerSampleNorms._cell_grads`)
 _CELLS = (nn.RNNCell, nn.GRUCell, nn.LSTMCell)
 
+#: an LSTMCell's own parameters, where they are all it has
+_LSTM_WEIGHTS = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
+
+
+def _cell(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch's RNN cells itself (also parametrized: torch's
+    ``Parametrized<Name>``), not a subclass of one's own, whose forward may do anything."""
+    return parametrize.type_before_parametrizations(module) in _CELLS
+
 
 def _buffer_copies(module: nn.Module) -> dict[str, Tensor]:
     """Copies of a unit's buffers (its children's and its parametrizations' too) by name, as
@@ -1649,6 +1656,9 @@ class PerSampleNorms(Callback):
             if isinstance(module, nn.EmbeddingBag) and self._kind[module] == "closed":
                 # (its bags are its output's rows, checked; its input's length varies)
                 candidates, shape = (0,), tuple(outputs[0].shape)
+            elif _cell(module):  # (2-D, the batch first: checked; its input may be passed by
+                # keyword, cell(input=x, hx=h): no args[0], which crashed a review's forward)
+                candidates, shape = (0,), ()
             else:
                 kind = self._kind[module]
                 candidates = _batch_dims(module, kind, args[0], outputs[0], self._batch)
@@ -1659,7 +1669,7 @@ class PerSampleNorms(Callback):
                 why = known
             elif known in candidates:
                 dim = cast(int, known)
-            elif self._batch > 1:
+            elif self._batch > 1 and not _cell(module):
                 verify = key
             else:
                 dim = candidates[0]
@@ -1763,7 +1773,7 @@ class PerSampleNorms(Callback):
             layout = _rnn_layout(m, self._bound(module, args, kwargs), b)
         elif isinstance(module, nn.EmbeddingBag) and kind == "closed":
             return _bag_check(module, self._bound(module, args, kwargs), output, b)
-        elif isinstance(module, _CELLS):
+        elif _cell(module):
             return _cell_check(self._bound(module, args, kwargs), outputs, b)
         else:
             tensors = _tensors((args, kwargs))
@@ -1967,7 +1977,7 @@ class PerSampleNorms(Callback):
     def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         module = call.unit
         params = {n: p for n, p in _named_covered(module, self._kind[module])}
-        if isinstance(module, _CELLS):
+        if _cell(module):
             return self._cell_grads(call, {n: p.detach() for n, p in params.items()})
         if self._kind[module] in ("closed", "func"):
             leaf = {n: p.detach() for n, p in params.items()}
@@ -2098,10 +2108,12 @@ class PerSampleNorms(Callback):
         """A torch RNN cell's per-sample gradients from this call, (B, *shape) each: the
         gradient of Σₖ ⟨outₖ, gₖ⟩ for each sample alone (its input row, its state's rows, zeros
         where the call gave none, as the cell builds them; its outputs' gradient rows), by
-        vmap. In the parameters' dtype, as the other recomputations. An LSTMCell's by its
-        formula (:func:`_lstm_cell`): where its h was computed from its c (CPU: torch's
-        composite), the gradient c's hook got includes the path through h, which is then cut
-        here (counted twice, its norms were 12 % off: this session's first version)."""
+        vmap. In the parameters' dtype, as the other recomputations. Where an LSTMCell's h was
+        computed from its c (CPU: torch's composite), the gradient c's hook got includes the
+        path through h, which its formula (:func:`_lstm_cell`) cuts (counted twice, its norms
+        were 12 % off: this session's first version); there its weights must be its own
+        parameters (a computed one, a parametrization's, was read as it was: its originals
+        got 0, a review's); elsewhere, torch's own forward."""
         module = call.unit
         bound = self._bound(module, call.args, call.kwargs)
         dtype = next(iter(leaf.values())).dtype
@@ -2115,15 +2127,27 @@ class PerSampleNorms(Callback):
                                                                         device=device)
             for k, (shape, _, device) in enumerate(call.outputs)
         )  # fmt: skip
-        lstm = isinstance(module, nn.LSTMCell)
-        weights = {n: getattr(module, n) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        lstm = isinstance(module, nn.LSTMCell) and call.nested
+        if lstm and (
+            parametrize.is_parametrized(module)
+            or not set(module._parameters) <= _LSTM_WEIGHTS
+            or module._parameters.get("weight_ih") is None
+            or module._parameters.get("weight_hh") is None
+        ):  # (its formula read a computed weight as it was: 0 for its originals, a review's)
+            raise ValueError(
+                "an LSTMCell whose weights are computed from other parameters (a "
+                "parametrization, weight_norm, prune): its recomputation by the cell's formula, "
+                "which the CPU's composite kernel needs (its h' computed from its c'), reads "
+                "the parameters themselves"
+            )
+        weights = {n: getattr(module, n) for n in _LSTM_WEIGHTS} if lstm else {}
 
         def inner(p: dict[str, Tensor], xi: Tensor, hi: Any, gi: tuple[Tensor, ...]) -> Tensor:
             state = _map_tensors(hi, lambda t: t.unsqueeze(0))
             if lstm:
-                outs = list(_lstm_cell({**weights, **p}, xi.unsqueeze(0), state, call.nested))
-            else:
-                outs = [functional_call(module, p, (xi.unsqueeze(0), state))]
+                outs = list(_lstm_cell({**weights, **p}, xi.unsqueeze(0), state))
+            else:  # (torch's own forward: its weights computed as the step computed them)
+                outs = _tensors(functional_call(module, p, (xi.unsqueeze(0), state)))
             if len(outs) != len(gi):  # (an output that does not need a gradient)
                 raise ValueError(f"{len(outs)} outputs on one sample, {len(gi)} in the batch")
             parts = [(o.squeeze(0) * g).sum() for o, g in zip(outs, gi, strict=True)]
