@@ -1559,6 +1559,54 @@ def test_a_batch_value_the_mixing_check_did_not_see_leaves_its_unit_out_where_it
         measured_exactly(model, x, y, cb=cb)
 
 
+class SmallBias(nn.Module):
+    """x @ w + 1e-4·b, the bias term doubled for a batch of one (``reads``): a sample alone
+    gets another gradient for b, which is 1e-4 of the unit's largest."""
+
+    def __init__(self, reads: bool) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / D**0.5)
+        self.b = nn.Parameter(torch.randn(D))
+        self.reads = reads
+
+    def forward(self, x):
+        return x @ self.w + 1e-4 * (2.0 if self.reads and x.shape[0] == 1 else 1.0) * self.b
+
+
+class SmallBiasNet(nn.Module):
+    def __init__(self, reads: bool) -> None:
+        super().__init__()
+        self.u, self.head = SmallBias(reads), nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.u(x)))
+
+
+def test_a_small_parameter_of_a_unit_is_checked_by_its_own_magnitude(caplog) -> None:
+    """The alone-check's and the sum check's tolerance was √ε of the unit's largest gradient:
+    a bias whose gradient is 1e-3 of it had per-sample gradients 100 % off that passed, logged
+    6-10 % off at coverage 1 (a review's). Each parameter is compared by its own magnitude now
+    (with a floor of n·ε of the unit's, for one whose gradient is 0 analytically): such a
+    unit is left out, named; the same unit without the batch-size read is measured, in
+    float32, at coverage 1."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, D, generator=g)
+    y = torch.randint(0, 3, (24,), generator=g)
+    for reads in (True, False):
+        torch.manual_seed(0)
+        model = SmallBiasNet(reads)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            _, staged = measure(model, x, y)
+        if reads:
+            assert "leave out 'u'" in caplog.text
+            assert staged["per_sample/coverage"] == pytest.approx(
+                3 * (D + 1) / (3 * (D + 1) + D * D + D)
+            )
+        else:
+            assert "leave out" not in caplog.text and staged["per_sample/coverage"] == 1
+
+
 class Same(nn.Module):
     def forward(self, w):
         return w

@@ -836,7 +836,9 @@ def _alone_differs(
         scale = kept.abs().nan_to_num(0, 0, 0).amax()
         off = (alone - kept).abs() > _loose(kept.device, kept.dtype) * scale
         differs = (off & ~(alone == kept) & ~(alone.isnan() & kept.isnan())).any()
-        grads_differ = _batch_gradient_differs(module, args, kwargs, r, params, sums, fork, begun)
+        grads_differ = _batch_gradient_differs(
+            module, args, kwargs, r, params, sums, fork, begun, kept.shape[dim]
+        )
         return differs if grads_differ is None else differs | grads_differ
     except Exception:  # noqa: BLE001 (a forward that cannot run on one sample: no evidence)
         return None
@@ -866,6 +868,7 @@ def _batch_gradient_differs(
     sums: list[Tensor | None],
     fork: Fork,
     begun: list[tuple[nn.Module, dict[str, Any]]],
+    n: int,
 ) -> Tensor | None:
     """Whether the batch's gradient of ⟨r, f(X)⟩ for a generic unit's parameters differs from
     ``sums``, the sum of its samples' gradients run alone, on the device: the per-sample
@@ -874,8 +877,8 @@ def _batch_gradient_differs(
     reading the batch's size (LoRA's ``(x @ A.T) @ B.T * n ** 0.5`` with B = 0) gives each
     sample its row back, yet scales B's gradient by √n (41-58 % off at coverage 1: a
     review's probe). Within √ε of the coarser of the gradient's and the output's dtypes
-    (:func:`_loose`) relative to the largest magnitude of the unit's gradients, both sides and
-    all its parameters. None where nothing can be told (no parameter takes a gradient)."""
+    (:func:`_loose`) as :func:`_sums_apart` applies it, ``n`` samples. None where nothing can be
+    told (no parameter takes a gradient)."""
     if not params or all(s is None for s in sums):
         return None
     fork.rewind()
@@ -893,12 +896,29 @@ def _batch_gradient_differs(
     ]
     if not pairs:
         return None
-    # one scale for the unit: a parameter whose gradient is 0 analytically (a shift before a
-    # softmax, a bias before an instance norm) holds rounding noise on both sides, as far
-    # apart as it is large (a review's: such units were left out at √ε of their own scale)
-    scale = torch.stack([t.abs().nan_to_num(0, 0, 0).amax() for pair in pairs for t in pair])
-    tol = _loose(r.device, pairs[0][0].dtype, r.dtype) * scale.amax()
-    flags = [((a - b).abs() > tol) & ~(a.isnan() & b.isnan()) for a, b in pairs]
+    return _sums_apart(pairs, _loose(r.device, pairs[0][0].dtype, r.dtype), n)
+
+
+def _sums_apart(pairs: list[tuple[Tensor, Tensor]], loose: float, n: int) -> Tensor:
+    """Whether a sum of ``n`` samples' gradients (each run alone) and the batch's gradient
+    differ by more than rounding, for any of a unit's parameters (``pairs``, on the device):
+    each parameter's within ``loose`` (√ε) of its own largest magnitude on either side, and
+    not within less than min(n·ε, √ε) of the unit's largest. Not the unit's largest alone: a
+    parameter whose gradient is 1e-3 of it (a small bias) hid per-sample gradients 100 % off
+    from it, logged 6-10 % off at coverage 1 (a review's). Not each parameter's own alone: one
+    whose gradient is 0 analytically (a shift before a softmax, a bias before an instance
+    norm) holds rounding noise on both sides, as far apart as it is large (a review's: such
+    units were left out at √ε of their own scale); sums of n terms round apart by up to n·ε
+    of their magnitude, which the unit's largest bounds."""
+    own = torch.stack([
+        torch.maximum(a.abs().nan_to_num(0, 0, 0).amax(), b.abs().nan_to_num(0, 0, 0).amax())
+        for a, b in pairs
+    ])  # fmt: skip
+    floor = min(n * loose**2, loose) * own.amax()
+    flags = [
+        ((a - b).abs() > torch.maximum(loose * s, floor)) & ~(a.isnan() & b.isnan())
+        for (a, b), s in zip(pairs, own, strict=True)
+    ]
     return torch.stack([f.any() for f in flags]).any()
 
 
@@ -1921,8 +1941,8 @@ class PerSampleNorms(Callback):
         session's probe, a review's 14.5 % before) gives each sample alone something else.
         Checked at every measured micro-batch: one forward and backward of the unit on the
         batch and one host read. Within √ε of the parameters' dtype (:func:`_loose`; both
-        sides are computed in it from the same G) relative to the largest magnitude on either
-        side (their sums round apart by a few ε per term). A unit whose gradient is 0 by
+        sides are computed in it from the same G) as :func:`_sums_apart` applies it, each
+        parameter by its own magnitude, with a floor of the unit's. A unit whose gradient is 0 by
         construction (a shift before a softmax, alone in its unit) holds rounding noise on
         both sides, which may differ by more: it is left out, its true part being 0."""
         module = call.unit
@@ -1958,13 +1978,11 @@ class PerSampleNorms(Callback):
             (per_sample[n].sum(0), torch.zeros_like(leaf[n]) if b is None else b.detach())
             for n, b in zip(leaf, got, strict=True)
         ]
-        scale = torch.stack([t.abs().nan_to_num(0, 0, 0).amax() for pair in pairs for t in pair])
-        tol = _loose(g.device, dtype) * scale.amax()  # (both sides in the parameters' dtype,
-        # from the same G, cast exactly: with bfloat16's √ε under autocast, a clip of 0.91 was
-        # 4.7 % off at coverage 1, a review's)
-        flags = [((s - b).abs() > tol) & ~(s.isnan() & b.isnan()) for s, b in pairs]
-        if not bool(torch.stack([f.any() for f in flags]).any()):  # host read: one per unit
-            return None  # of one's own per measured micro-batch
+        # (both sides in the parameters' dtype, from the same G, cast exactly: with bfloat16's
+        # √ε under autocast, a clip of 0.91 was 4.7 % off at coverage 1, a review's)
+        apart = _sums_apart(pairs, _loose(g.device, dtype), g.shape[call.dim])
+        if not bool(apart):  # host read: one per unit of one's own per measured micro-batch
+            return None
         return (
             "its per-sample gradients, each sample run alone, do not add up to its gradient "
             "on the whole batch: its forward reads a value of the whole batch (its size, a "
