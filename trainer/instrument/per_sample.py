@@ -807,6 +807,7 @@ def _alone_differs(
     gen = torch.Generator(device=kept.device).manual_seed(1)
     r = torch.rand(kept.shape, generator=gen, device=kept.device).add_(0.5).to(kept.dtype)
     sums: list[Tensor | None] = [None] * len(params)
+    spreads: list[Tensor | None] = [None] * len(params)  # Σᵢ |their gradients|
     try:
         rows = []
         for i in range(kept.shape[dim]):
@@ -831,13 +832,15 @@ def _alone_differs(
                 )
                 sums = [g if s is None else s if g is None else s + g
                         for s, g in zip(sums, got, strict=True)]  # fmt: skip
+                spreads = [g.abs() if s is None else s if g is None else s + g.abs()
+                           for s, g in zip(spreads, got, strict=True)]  # fmt: skip
             rows.append(alone.detach())
         alone = torch.cat(rows, dim)
         scale = kept.abs().nan_to_num(0, 0, 0).amax()
         off = (alone - kept).abs() > _loose(kept.device, kept.dtype) * scale
         differs = (off & ~(alone == kept) & ~(alone.isnan() & kept.isnan())).any()
         grads_differ = _batch_gradient_differs(
-            module, args, kwargs, r, params, sums, fork, begun, kept.shape[dim]
+            module, args, kwargs, r, params, sums, fork, begun, kept.shape[dim], spreads
         )
         return differs if grads_differ is None else differs | grads_differ
     except Exception:  # noqa: BLE001 (a forward that cannot run on one sample: no evidence)
@@ -869,6 +872,7 @@ def _batch_gradient_differs(
     fork: Fork,
     begun: list[tuple[nn.Module, dict[str, Any]]],
     n: int,
+    spreads: list[Tensor | None],
 ) -> Tensor | None:
     """Whether the batch's gradient of ⟨r, f(X)⟩ for a generic unit's parameters differs from
     ``sums``, the sum of its samples' gradients run alone, on the device: the per-sample
@@ -889,35 +893,43 @@ def _batch_gradient_differs(
     batch = torch.autograd.grad(
         (whole.reshape(r.shape) * r).sum(), params, allow_unused=True, retain_graph=True
     )
-    pairs = [
-        (torch.zeros_like(b) if a is None else a, torch.zeros_like(a) if b is None else b)
-        for a, b in zip(sums, batch, strict=True)
-        if a is not None or b is not None
+    triples = [
+        (a, b, torch.zeros_like(a) if c is None else c)
+        for a, b, c in (
+            (torch.zeros_like(b) if a is None else a, torch.zeros_like(a) if b is None else b, c)
+            for a, b, c in zip(sums, batch, spreads, strict=True)
+            if a is not None or b is not None
+        )
     ]
-    if not pairs:
+    if not triples:
         return None
-    return _sums_apart(pairs, _loose(r.device, pairs[0][0].dtype, r.dtype), n)
+    return _sums_apart(triples, _loose(r.device, triples[0][0].dtype, r.dtype), n)
 
 
-def _sums_apart(pairs: list[tuple[Tensor, Tensor]], loose: float, n: int) -> Tensor:
+def _sums_apart(triples: list[tuple[Tensor, Tensor, Tensor]], loose: float, n: int) -> Tensor:
     """Whether a sum of ``n`` samples' gradients (each run alone) and the batch's gradient
-    differ by more than rounding, for any of a unit's parameters (``pairs``, on the device):
-    each parameter's within ``loose`` (√ε) of its own largest magnitude on either side, and
-    not within less than min(n·ε, √ε) of the unit's largest. Not the unit's largest alone: a
-    parameter whose gradient is 1e-3 of it (a small bias) hid per-sample gradients 100 % off
-    from it, logged 6-10 % off at coverage 1 (a review's). Not each parameter's own alone: one
-    whose gradient is 0 analytically (a shift before a softmax, a bias before an instance
-    norm) holds rounding noise on both sides, as far apart as it is large (a review's: such
-    units were left out at √ε of their own scale); sums of n terms round apart by up to n·ε
-    of their magnitude, which the unit's largest bounds."""
+    differ by more than rounding, for any of a unit's parameters: ``triples`` of (the sum, the
+    batch's, Σᵢ of the samples' gradients' magnitudes), on the device. Each element within
+    ``loose`` (√ε) of the largest of that Σᵢ |gᵢ| and its parameter's largest magnitude on
+    either side, and not within less than min(n·ε, √ε) of the unit's largest.
+
+    Not the unit's largest alone: a parameter whose gradient is 1e-3 of it (a small bias)
+    hid per-sample gradients 100 % off, logged 6-10 % off at coverage 1 (a review's). Not the
+    parameter's own largest alone: where the samples' gradients cancel in their sum (a bias
+    of a head near 0, on a batch with as many samples of each label), both sides are rounding
+    noise, which Σᵢ |gᵢ| bounds (a unit on sequences was left out so, its norms exact: a
+    review's). The floor: a parameter whose gradient is 0 analytically (a shift before a
+    softmax, a bias before an instance norm) holds rounding noise on both sides, as far apart
+    as it is large (a review's: such units were left out at √ε of their own scale)."""
     own = torch.stack([
         torch.maximum(a.abs().nan_to_num(0, 0, 0).amax(), b.abs().nan_to_num(0, 0, 0).amax())
-        for a, b in pairs
+        for a, b, _ in triples
     ])  # fmt: skip
     floor = min(n * loose**2, loose) * own.amax()
     flags = [
-        ((a - b).abs() > torch.maximum(loose * s, floor)) & ~(a.isnan() & b.isnan())
-        for (a, b), s in zip(pairs, own, strict=True)
+        ((a - b).abs() > torch.maximum(loose * torch.maximum(c.nan_to_num(0, 0, 0), s), floor))
+        & ~(a.isnan() & b.isnan())
+        for (a, b, c), s in zip(triples, own, strict=True)
     ]
     return torch.stack([f.any() for f in flags]).any()
 
@@ -1974,13 +1986,17 @@ class PerSampleNorms(Callback):
                 (out.reshape(g.shape) * g.to(out.dtype)).sum(), list(leaf.values()),
                 allow_unused=True,
             )  # fmt: skip
-        pairs = [
-            (per_sample[n].sum(0), torch.zeros_like(leaf[n]) if b is None else b.detach())
+        triples = [
+            (
+                per_sample[n].sum(0),
+                torch.zeros_like(leaf[n]) if b is None else b.detach(),
+                per_sample[n].abs().sum(0),
+            )
             for n, b in zip(leaf, got, strict=True)
         ]
         # (both sides in the parameters' dtype, from the same G, cast exactly: with bfloat16's
         # √ε under autocast, a clip of 0.91 was 4.7 % off at coverage 1, a review's)
-        apart = _sums_apart(pairs, _loose(g.device, dtype), g.shape[call.dim])
+        apart = _sums_apart(triples, _loose(g.device, dtype), g.shape[call.dim])
         if not bool(apart):  # host read: one per unit of one's own per measured micro-batch
             return None
         return (
