@@ -625,9 +625,11 @@ class CurvatureConfig:
     _target_: str = "trainer.instrument.Curvature"
     #: measure every N optimizer steps (0: off)
     every_n_steps: int = 0
-    #: power-iteration steps for ``curvature/top_eig`` (one Hessian-vector product each) ...
+    #: Lanczos steps at most for ``curvature/top_eig`` (one Hessian-vector product each; the
+    #: key keeps its name from the power iteration it replaced) ...
     power_iters: int = 50
-    #: ... stopping early once the estimate changes by at most this relative amount
+    #: ... stopping early once the estimate changes by at most this relative amount and an
+    #: eigenvalue lies that near it (trainer.instrument.curvature.lanczos)
     tol: float = 1e-3
     #: Rademacher probes for Hutchinson's ``curvature/trace`` (one Hessian-vector product each)
     trace_probes: int = 10
