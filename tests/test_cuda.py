@@ -249,3 +249,45 @@ def test_bfloat16_parameters_are_checked_alike_in_both_modes_on_cuda(tmp_path) -
         assert read_scalars(tmp_path / sync)["nonfinite/skipped_steps"] == [(3, 1.0)]
     step, deferred = final_params(tmp_path / "step"), final_params(tmp_path / "deferred")
     assert all(torch.equal(step[k], deferred[k]) for k in step)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_rnn_cells_called_with_their_state_are_measured_exactly_on_cuda(kind) -> None:
+    """On CUDA an LSTMCell's h′ and c′ come from one fused kernel: the step's graph has no path
+    from c′ to h′, so nothing is cut and torch's own forward recomputes it (on a CPU, its
+    composite cell computes h′ from c′: tests/test_per_sample.py). The three cells' per-sample
+    norms against rows of the batch's Jacobian, float64 on the GPU, at coverage 1."""
+    from test_per_sample import B, D, Unrolled, _jacobian_rows, measure
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, 4, D, dtype=torch.float64, generator=g).cuda()
+    y = torch.tensor([0, 1, 2, 2, 1, 0]).cuda()
+    torch.manual_seed(0)
+    model = Unrolled(kind, True).double().cuda()
+    reference = _jacobian_rows(model, x, y)
+    last, staged = measure(model, x, y)
+    assert staged["per_sample/coverage"] == 1
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-8, 0.0])
+def test_lanczos_on_cuda_finds_the_largest_magnitude_eigenvalue(tol) -> None:
+    """The Lanczos method with its vectors and generator on the GPU (its α and β read on the
+    host per product, or, tol = 0, the tridiagonal's eigenvalues taken on the device): the
+    exact Hessian of a small tanh MLP (float64), converged within tol·|θ| of its eigenvalue of
+    largest magnitude; tol = 0 after 200 products, within 1e-8."""
+    from test_higher_order import small_network_hessian
+
+    from trainer.instrument import lanczos
+
+    _, _, h = small_network_hessian("mlp")
+    eigs = torch.linalg.eigvalsh(h)
+    top = float(eigs[0] if -eigs[0] > eigs[-1] else eigs[-1])
+    hc = h.cuda()
+    params = [torch.zeros(h.shape[0], dtype=torch.float64, device="cuda")]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    iters = 200
+    eig, products, converged = lanczos([], params, gen, iters, tol, lambda v: [hc @ v[0]])
+    assert eig.device.type == "cuda" and converged
+    assert abs(float(eig) - top) <= max(tol, 1e-8) * abs(top)
+    assert products == iters if tol == 0 else products < iters
