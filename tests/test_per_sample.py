@@ -1648,6 +1648,79 @@ def test_samples_gradients_cancelling_in_their_sum_are_not_taken_for_mixing(capl
     torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
 
 
+class FiLM(nn.Module):
+    """A unit of one's own with two tensor inputs: x scaled and shifted by a condition,
+    ``(x @ w) * (1 + cond @ a)``, plus the mean row of a third, ``table``, through w (``clip``:
+    the condition clipped by the batch's largest)."""
+
+    def __init__(self, clip: bool = False) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / D**0.5)
+        self.a = nn.Parameter(torch.randn(D, D) / D**0.5)
+        self.clip = clip
+
+    def forward(self, x, cond, table=None):
+        if self.clip:
+            cond = cond * (3.0 / cond.detach().abs().max()).clamp(max=1.0)
+        out = (x @ self.w) * (1 + cond @ self.a)
+        return out if table is None else out + table.mean(0, keepdim=True) @ self.w
+
+
+class Conditioned(nn.Module):
+    """A FiLM unit conditioned on an embedding of the label-like ids ``x[:, 0]``, over the rest
+    of x (a Linear), with ``table`` given to it: None, a (5, D) one of its own, or one of B
+    rows, whose mean every sample adds (no sample's row); unrolled ``steps`` times."""
+
+    def __init__(self, table: str = "none", clip: bool = False, steps: int = 1) -> None:
+        super().__init__()
+        self.emb, self.inp, self.film = nn.Embedding(4, D), nn.Linear(D, D), FiLM(clip)
+        self.head, self.table, self.steps = nn.Linear(D, 3), table, steps
+
+    def forward(self, x):
+        cond = self.emb(x[:, 0].abs().long() % 4)
+        h = torch.tanh(self.inp(x))
+        extra = None
+        if self.table == "own":
+            extra = torch.linspace(-1, 1, 5 * D, dtype=x.dtype).reshape(5, D)[:1]
+        elif self.table == "batch":
+            extra = torch.linspace(-1, 1, x.shape[0] * D, dtype=x.dtype).reshape(-1, D)
+        for _ in range(self.steps):
+            h = torch.tanh(self.film(h, cond) if extra is None else self.film(h, cond, extra))
+        return self.head(h)
+
+
+@pytest.mark.parametrize(("table", "steps"), [("none", 1), ("none", 3), ("own", 1)])
+def test_a_unit_of_ones_own_with_several_tensor_inputs_is_measured(table, steps, caplog):
+    """A unit of one's own called with several tensors (FiLM's ``film(x, cond)``, a cell of
+    one's own ``cell(x, h)`` unrolled): left out as "not one tensor input" until the
+    twenty-eighth session. The tensors with the batch as dimension 0 are sliced per sample
+    (vmap over each), the others passed whole (a (1, D) table): exact against the batch's
+    Jacobian at coverage 1, also called 3 times in a forward."""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        measured_exactly(Conditioned(table, steps=steps).double(), x, y)
+    assert "leave out" not in caplog.text
+
+
+def test_several_tensor_inputs_that_are_no_samples_or_mix_them_leave_their_unit_out(caplog):
+    """A tensor of B rows whose mean every sample adds (a table as long as the batch by chance)
+    is sliced per sample as if it were the samples': each sample alone gets another output,
+    which the sum check sees (its per-sample gradients do not add up to the batch's): left out,
+    named, the rest exact. The same for a condition clipped by the batch's largest."""
+    x, y = float_batch()
+    for table, clip in (("batch", False), ("none", True)):
+        torch.manual_seed(0)
+        model = Conditioned(table, clip=clip).double()
+        if clip:
+            x = x.clone()
+            model.emb.weight.data[1] *= 10  # (a large condition for the samples with id 1)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            measured_exactly(model, x, y, left_out=("film",))
+        assert "leave out 'film'" in caplog.text and "do not add up" in caplog.text
+
+
 class Same(nn.Module):
     def forward(self, w):
         return w

@@ -336,6 +336,21 @@ def _cell_check(bound: dict[str, Any], outputs: list[Tensor], b: int) -> str | N
     return None
 
 
+def _inputs_in(call: _Call, dtype: torch.dtype) -> tuple[Tensor, tuple[Any, ...], list[bool]]:
+    """A generic unit call's first input, its other positional arguments and which of them
+    are batched (a tensor with the batch as dimension 0, the first's batch-first), the batched
+    floating ones and the first in ``dtype`` (the parameters'), as its recomputations take
+    them. Several tensor inputs are for a batch-first call only: a sequence-first one raises."""
+    a, rest = call.args[0], call.args[1:]
+    b = a.shape[call.dim]
+    if call.dim and _tensors(rest):
+        raise ValueError("several tensor inputs, the first sequence-first (T, B, ·)")
+    batched = [isinstance(r, Tensor) and r.dim() > 0 and r.shape[0] == b for r in rest]
+    rest = tuple(r.to(dtype) if t and r.is_floating_point() else r
+                 for r, t in zip(rest, batched, strict=True))  # fmt: skip
+    return (a.to(dtype) if a.is_floating_point() else a), rest, batched
+
+
 def _lstm_cell(p: dict[str, Any], x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """torch's LSTMCell, (h′, c′) from ``x`` and ``state`` = (h, c) with weights ``p`` (a bias
     may be None): gates = x W_ihᵀ + b_ih + h W_hhᵀ + b_hh, split into i, f, g, o; c′ = σ(f)·c +
@@ -1810,8 +1825,16 @@ class PerSampleNorms(Callback):
         else:
             tensors = _tensors((args, kwargs))
             first = args[0] if args else None
+            # several tensor inputs, each a positional argument of its own (x, cond; x, h):
+            # those with the batch as dimension 0 are sliced per sample, the others passed whole
+            several = (
+                len(tensors) > 1
+                and isinstance(first, Tensor)
+                and not _tensors(kwargs)
+                and all(isinstance(a, Tensor) or not _tensors(a) for a in args)
+            )
             if (
-                len(tensors) != 1
+                (len(tensors) != 1 and not several)
                 or len(outputs) != 1
                 or tensors[0] is not first
                 or (not isinstance(output, Tensor))
@@ -1821,7 +1844,11 @@ class PerSampleNorms(Callback):
                         "its one tensor input is passed by keyword: the per-sample "
                         "forms take it as the first positional argument (module(x))"
                     )
-                return "not one tensor input (its first argument) and one tensor output"
+                return (
+                    "not one tensor output, or not a tensor as its first argument with any "
+                    "other tensor input a positional argument of its own (one given by name, "
+                    "or in a list or dict)"
+                )
             if not _batch_dims(module, kind, first, outputs[0], b):
                 return (
                     f"its input or output has the batch ({b}) neither as dimension 0 nor, "
@@ -1953,8 +1980,8 @@ class PerSampleNorms(Callback):
         session's probe, a review's 14.5 % before) gives each sample alone something else.
         Checked at every measured micro-batch: one forward and backward of the unit on the
         batch and one host read. Within √ε of the parameters' dtype (:func:`_loose`; both
-        sides are computed in it from the same G) as :func:`_sums_apart` applies it, each
-        parameter by its own magnitude, with a floor of the unit's. A unit whose gradient is 0 by
+        sides are computed in it from the same G) as :func:`_sums_apart` applies it, element
+        by element. A unit whose gradient is 0 by
         construction (a shift before a softmax, alone in its unit) holds rounding noise on
         both sides, which may differ by more: it is left out, its true part being 0."""
         module = call.unit
@@ -1967,11 +1994,10 @@ class PerSampleNorms(Callback):
             leaf = {n: p.clone() for n, p in leaf.items()}
         leaf = {n: p.requires_grad_() for n, p in leaf.items()}
         dtype = next(iter(leaf.values())).dtype
-        a = call.args[0]
-        a = a.to(dtype) if a.is_floating_point() else a
+        a, rest, _ = _inputs_in(call, dtype)
         fresh = {n: b.clone() for n, b in call.buffers.items()}
         with torch.enable_grad():
-            out = functional_call(module, {**leaf, **fresh}, (a, *call.args[1:]), call.kwargs)
+            out = functional_call(module, {**leaf, **fresh}, (a, *rest), call.kwargs)
             if not isinstance(out, Tensor) or (
                 [n for n in out.shape if n != 1] != [n for n in g.shape if n != 1]
             ):
@@ -2022,17 +2048,22 @@ class PerSampleNorms(Callback):
                 shape, dtype, device = call.outputs[0]
                 g = torch.zeros(shape, dtype=dtype, device=device)
             dtype = next(iter(leaf.values())).dtype
-            a = call.args[0]
-            a = a.to(dtype) if a.is_floating_point() else a
+            a, rest, batched = _inputs_in(call, dtype)
             g = g.to(dtype)
-
-            rest, kwargs = call.args[1:], call.kwargs  # not tensors (checked)
+            kwargs = call.kwargs  # (no tensor: checked)
             d = call.dim  # (1: sequence-first, (T, B, ·))
 
             def inner(
-                p: dict[str, Tensor], ai: Tensor, gi: Tensor, bufs: dict[str, Tensor] = buffers
+                p: dict[str, Tensor],
+                ai: Tensor,
+                gi: Tensor,
+                *ri: Tensor,
+                bufs: dict[str, Tensor] = buffers,
             ) -> Tensor:
-                out = functional_call(module, {**p, **bufs}, (ai.unsqueeze(d), *rest), kwargs)
+                rows = iter(ri)  # (the batched other inputs' rows of this sample)
+                others = [next(rows).unsqueeze(0) if b else r
+                          for r, b in zip(rest, batched, strict=True)]  # fmt: skip
+                out = functional_call(module, {**p, **bufs}, (ai.unsqueeze(d), *others), kwargs)
                 gi = gi.unsqueeze(d)
                 if out.shape != gi.shape:  # (no broadcast: a sample's output is its row; one
                     # squeezed, ``(x @ w).squeeze()``, is that row without its sizes of 1)
@@ -2049,7 +2080,9 @@ class PerSampleNorms(Callback):
             # next measurement; torch.func's grad differentiates inside no_grad all the same)
             with torch.no_grad():
                 try:
-                    return vmap(grad(inner), in_dims=(None, d, d))(leaf, a, g)
+                    given = [r for r, b in zip(rest, batched, strict=True) if b]
+                    in_dims = (None, d, d, *[0] * len(given))
+                    return vmap(grad(inner), in_dims=in_dims)(leaf, a, g, *given)
                 except Exception as e:  # noqa: BLE001 (vmap's own refusals: checked below)
                     if "randomness" in str(e):  # (a draw: left out by the caller)
                         raise
@@ -2065,7 +2098,7 @@ class PerSampleNorms(Callback):
                 # shape show it (reviews' clips by the batch's largest input, the outlier at
                 # sample 20 of 24, were 16-163 % off at coverage 1 so, in two versions that
                 # ran any unit vmap refused; the twenty-fifth session's, 31 % off: reverted)
-                if type(module) not in _ALONE:
+                if type(module) not in _ALONE or any(batched):
                     raise refusal
                 by_sample: list[dict[str, Tensor]] = []
                 try:
