@@ -1994,7 +1994,7 @@ class PerSampleNorms(Callback):
             leaf = {n: p.clone() for n, p in leaf.items()}
         leaf = {n: p.requires_grad_() for n, p in leaf.items()}
         dtype = next(iter(leaf.values())).dtype
-        a, rest, _ = _inputs_in(call, dtype)
+        a, rest, batched = _inputs_in(call, dtype)
         fresh = {n: b.clone() for n, b in call.buffers.items()}
         with torch.enable_grad():
             out = functional_call(module, {**leaf, **fresh}, (a, *rest), call.kwargs)
@@ -2022,17 +2022,73 @@ class PerSampleNorms(Callback):
         ]
         # (both sides in the parameters' dtype, from the same G, cast exactly: with bfloat16's
         # √ε under autocast, a clip of 0.91 was 4.7 % off at coverage 1, a review's)
-        apart = _sums_apart(triples, _loose(g.device, dtype), g.shape[call.dim])
-        if not bool(apart):  # host read: one per unit of one's own per measured micro-batch
+        loose = _loose(g.device, dtype)
+        apart = _sums_apart(triples, loose, g.shape[call.dim])
+        # each sample alone by value too, whatever G is: where the step's output gradient is
+        # the same row for every sample (a critic's loss linear in its output), a wrong
+        # per-sample input (a table of B rows that is no sample's, sliced) kept the sum, and
+        # its norms were 65 % off at coverage 1 (a review's)
+        again = {n: b.clone() for n, b in call.buffers.items()}
+        set_plain_attributes(call.attributes)  # (as its forward began, as its buffers are:
+        # a table grown on demand by the batch's run above, a review's case)
+        rows = self._rows_alone(call, leaf, a, rest, batched, again, out.detach())
+        scale = out.detach().abs().nan_to_num(0, 0, 0).amax()
+        kept = out.detach().reshape(rows.shape)
+        off = ((rows - kept).abs() > loose * scale) & ~(rows.isnan() & kept.isnan())
+        # host read: one per unit of one's own per measured micro-batch
+        sums_apart, rows_apart = torch.stack([apart, off.any()]).tolist()
+        if not (sums_apart or rows_apart):
             return None
-        return (
-            "its per-sample gradients, each sample run alone, do not add up to its gradient "
-            "on the whole batch: its forward reads a value of the whole batch (its size, a "
-            "statistic, a clip by its largest input) that this micro-batch shows and its "
-            "mixing check's did not (left out on such a micro-batch; checked at each), or "
-            "its gradient is rounding noise on both sides (0 by construction: a shift before "
-            "a softmax)"
+        found = []
+        if rows_apart:
+            found.append("each sample run alone gives another output than its row of the batch")
+        if sums_apart:
+            found.append(
+                "its per-sample gradients, each sample run alone, do not add up to its "
+                "gradient on the whole batch"
+            )
+        why = " and ".join(found) + (
+            ": its forward reads a value of the whole batch (its size, a statistic, a clip by "
+            "its largest input) that this micro-batch shows and its mixing check's did not, "
+            "or a tensor input of B rows is no sample's (a table as long as the batch, taken "
+            "for the samples')"
         )
+        if not rows_apart:
+            why += (
+                ", or its gradient is rounding noise on both sides (0 by construction: a shift "
+                "before a softmax)"
+            )
+        return why + " (left out on such a micro-batch; checked at each)"
+
+    def _rows_alone(
+        self,
+        call: _Call,
+        leaf: dict[str, Tensor],
+        a: Tensor,
+        rest: tuple[Any, ...],
+        batched: list[bool],
+        buffers: dict[str, Tensor],
+        out: Tensor,
+    ) -> Tensor:
+        """A generic unit's output for each sample run alone (its batched inputs' rows, the
+        others whole), by vmap without gradients, stacked along its batch dimension as
+        ``out``, the batch's (a squeezed one compared without its sizes of 1)."""
+        module, d = call.unit, call.dim
+        weights = {n: t.detach() for n, t in leaf.items()}
+        row = out.narrow(d, 0, 1).shape
+
+        def one(ai: Tensor, *ri: Tensor) -> Tensor:
+            given = iter(ri)
+            others = [next(given).unsqueeze(0) if b else r
+                      for r, b in zip(rest, batched, strict=True)]  # fmt: skip
+            alone = functional_call(
+                module, {**weights, **buffers}, (ai.unsqueeze(d), *others), call.kwargs
+            )
+            return alone.reshape(row).squeeze(d)
+
+        given = [r for r, b in zip(rest, batched, strict=True) if b]
+        with torch.no_grad():
+            return vmap(one, in_dims=(d, *[0] * len(given)), out_dims=d)(a, *given)
 
     def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         module = call.unit
