@@ -1524,10 +1524,12 @@ class ClippedAlone(nn.Module):
         return (x @ self.w) * (3.0 / x.detach().abs().max()).clamp(max=1.0)
 
 
-class ClippedNet(nn.Module):
-    def __init__(self) -> None:
+class WithHead(nn.Module):
+    """``unit`` (named u), then a tanh and a Linear head."""
+
+    def __init__(self, unit: nn.Module) -> None:
         super().__init__()
-        self.u, self.head = ClippedAlone(), nn.Linear(D, 3)
+        self.u, self.head = unit, nn.Linear(D, 3)
 
     def forward(self, x):
         return self.head(torch.tanh(self.u(x)))
@@ -1549,7 +1551,7 @@ def test_a_batch_value_the_mixing_check_did_not_see_leaves_its_unit_out_where_it
     outlier = x.clone()
     outlier[20, 0] = 30.0
     torch.manual_seed(0)
-    model = ClippedNet().double()
+    model = WithHead(ClippedAlone()).double()
     cb = PerSampleNorms(1, loss="both")
     with caplog.at_level("WARNING"):
         measured_exactly(model, x, y, cb=cb)
@@ -1573,15 +1575,6 @@ class SmallBias(nn.Module):
         return x @ self.w + 1e-4 * (2.0 if self.reads and x.shape[0] == 1 else 1.0) * self.b
 
 
-class SmallBiasNet(nn.Module):
-    def __init__(self, reads: bool) -> None:
-        super().__init__()
-        self.u, self.head = SmallBias(reads), nn.Linear(D, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.u(x)))
-
-
 def test_a_small_parameter_of_a_unit_is_checked_by_its_own_magnitude(caplog) -> None:
     """The alone-check's and the sum check's tolerance was √ε of the unit's largest gradient:
     a bias whose gradient is 1e-3 of it had per-sample gradients 100 % off that passed, logged
@@ -1594,7 +1587,7 @@ def test_a_small_parameter_of_a_unit_is_checked_by_its_own_magnitude(caplog) -> 
     y = torch.randint(0, 3, (24,), generator=g)
     for reads in (True, False):
         torch.manual_seed(0)
-        model = SmallBiasNet(reads)
+        model = WithHead(SmallBias(reads))
         caplog.clear()
         with caplog.at_level("WARNING"):
             _, staged = measure(model, x, y)
@@ -1773,7 +1766,7 @@ def test_the_sum_check_sees_a_parametrized_unit_and_one_under_autocast(caplog) -
     x = torch.randn(24, D, dtype=torch.float64, generator=g).clamp(-2.5, 2.5)
     y = torch.randint(0, 3, (24,), generator=g)
     torch.manual_seed(0)
-    model = ClippedNet().double()
+    model = WithHead(ClippedAlone()).double()
     nn.utils.parametrize.register_parametrization(model.u, "w", Same())
     outlier = x.clone()
     outlier[20, 0] = 30.0
@@ -1786,7 +1779,7 @@ def test_the_sum_check_sees_a_parametrized_unit_and_one_under_autocast(caplog) -
     torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
     caplog.clear()
     torch.manual_seed(0)
-    model = ClippedNet()
+    model = WithHead(ClippedAlone())
     g = torch.Generator().manual_seed(1)
     outlier = torch.randn(24, D, generator=g).clamp(-2.5, 2.5)
     y = torch.randint(0, 3, (24,), generator=g)
