@@ -99,20 +99,14 @@ def _ritz(alphas: list[float], betas: list[float]) -> tuple[float, float, float,
     """The extreme Ritz values of the Lanczos tridiagonal T of ``alphas`` (its diagonal) and
     ``betas[:-1]`` (beside it), each with its residual ‖Hy − θy‖ = ``betas[-1]``·|sₖ| (y its
     Ritz vector, sₖ the last entry of T's unit eigenvector): (θ_min, r_min, θ_max, r_max).
-    T is scaled by its largest entry, a power of two, before the eigendecomposition and back
-    after (exact)."""
+    (The α's and β's are of order 1: :func:`lanczos` scales the products.)"""
     t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if len(alphas) > 1:
         off = torch.tensor(betas[:-1], dtype=torch.float64)
         t += torch.diag(off, 1) + torch.diag(off, -1)
-    top = float(t.abs().max())
-    if top == 0:
-        return 0.0, abs(betas[-1]), 0.0, abs(betas[-1])
-    scale = 2.0 ** math.frexp(top)[1]
-    values, vectors = torch.linalg.eigh(t / scale)
+    values, vectors = torch.linalg.eigh(t)
     last = vectors[-1].abs() * abs(betas[-1])
-    return (float(values[0]) * scale, float(last[0]), float(values[-1]) * scale,
-            float(last[-1]))  # fmt: skip
+    return float(values[0]), float(last[0]), float(values[-1]), float(last[-1])
 
 
 def _power_of_two_below(m: Tensor) -> Tensor:

@@ -83,7 +83,7 @@ import copy
 import inspect
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -349,6 +349,13 @@ def _inputs_in(call: _Call, dtype: torch.dtype) -> tuple[Tensor, tuple[Any, ...]
     rest = tuple(r.to(dtype) if t and r.is_floating_point() else r
                  for r, t in zip(rest, batched, strict=True))  # fmt: skip
     return (a.to(dtype) if a.is_floating_point() else a), rest, batched
+
+
+def _sample_inputs(rest: tuple[Any, ...], batched: list[bool], rows: Sequence[Tensor]) -> list[Any]:
+    """A generic unit's other positional inputs for one sample: ``rows`` (each batched one's
+    row, in order, as vmap hands them) with a batch dimension of 1, the others whole."""
+    given = iter(rows)
+    return [next(given).unsqueeze(0) if b else r for r, b in zip(rest, batched, strict=True)]
 
 
 def _lstm_cell(p: dict[str, Any], x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -908,14 +915,13 @@ def _batch_gradient_differs(
     batch = torch.autograd.grad(
         (whole.reshape(r.shape) * r).sum(), params, allow_unused=True, retain_graph=True
     )
-    triples = [
-        (a, b, torch.zeros_like(a) if c is None else c)
-        for a, b, c in (
-            (torch.zeros_like(b) if a is None else a, torch.zeros_like(a) if b is None else b, c)
-            for a, b, c in zip(sums, batch, spreads, strict=True)
-            if a is not None or b is not None
-        )
-    ]
+    triples = []
+    for a, b, c in zip(sums, batch, spreads, strict=True):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        triples.append((a, b, torch.zeros_like(a) if c is None else c))
     if not triples:
         return None
     return _sums_apart(triples, _loose(r.device, triples[0][0].dtype, r.dtype), n)
@@ -1141,7 +1147,8 @@ def _buffer_changes(
 
 
 class _NotAlone(Exception):
-    """A generic unit's per-sample gradients do not add up to its batch's (its message: why)."""
+    """A generic unit's samples alone are not its batch's rows, by value or by the sum of their
+    gradients (its message: why)."""
 
 
 def _torchs(module: nn.Module) -> bool:
@@ -1981,9 +1988,10 @@ class PerSampleNorms(Callback):
         Checked at every measured micro-batch: one forward and backward of the unit on the
         batch and one host read. Within √ε of the parameters' dtype (:func:`_loose`; both
         sides are computed in it from the same G) as :func:`_sums_apart` applies it, element
-        by element. A unit whose gradient is 0 by
-        construction (a shift before a softmax, alone in its unit) holds rounding noise on
-        both sides, which may differ by more: it is left out, its true part being 0."""
+        by element. A unit whose gradient is 0 by construction (a shift before a softmax,
+        alone in its unit) holds rounding noise on both sides, which may differ by more: it is
+        left out, its true part being 0. Each sample's output alone must also be its row of
+        the batch's (:meth:`_rows_alone`, one vmapped forward), whatever G is."""
         module = call.unit
         g = call.grads.get(0)
         if g is None:  # (no gradient reached its output: every sample's is 0, and the batch's)
@@ -2078,9 +2086,7 @@ class PerSampleNorms(Callback):
         row = out.narrow(d, 0, 1).shape
 
         def one(ai: Tensor, *ri: Tensor) -> Tensor:
-            given = iter(ri)
-            others = [next(given).unsqueeze(0) if b else r
-                      for r, b in zip(rest, batched, strict=True)]  # fmt: skip
+            others = _sample_inputs(rest, batched, ri)
             alone = functional_call(
                 module, {**weights, **buffers}, (ai.unsqueeze(d), *others), call.kwargs
             )
@@ -2116,9 +2122,7 @@ class PerSampleNorms(Callback):
                 *ri: Tensor,
                 bufs: dict[str, Tensor] = buffers,
             ) -> Tensor:
-                rows = iter(ri)  # (the batched other inputs' rows of this sample)
-                others = [next(rows).unsqueeze(0) if b else r
-                          for r, b in zip(rest, batched, strict=True)]  # fmt: skip
+                others = _sample_inputs(rest, batched, ri)
                 out = functional_call(module, {**p, **bufs}, (ai.unsqueeze(d), *others), kwargs)
                 gi = gi.unsqueeze(d)
                 if out.shape != gi.shape:  # (no broadcast: a sample's output is its row; one
