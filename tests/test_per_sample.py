@@ -1664,10 +1664,13 @@ class Conditioned(nn.Module):
     of x (a Linear), with ``table`` given to it: None, a (5, D) one of its own, or one of B
     rows, whose mean every sample adds (no sample's row); unrolled ``steps`` times."""
 
-    def __init__(self, table: str = "none", clip: bool = False, steps: int = 1) -> None:
+    def __init__(
+        self, table: str = "none", clip: bool = False, steps: int = 1, by_name: bool = False
+    ) -> None:
         super().__init__()
         self.emb, self.inp, self.film = nn.Embedding(4, D), nn.Linear(D, D), FiLM(clip)
         self.head, self.table, self.steps = nn.Linear(D, 3), table, steps
+        self.by_name = by_name  # (cond and table given by name: film(h, cond=c, table=t))
 
     def forward(self, x):
         cond = self.emb(x[:, 0].abs().long() % 4)
@@ -1678,33 +1681,43 @@ class Conditioned(nn.Module):
         elif self.table == "batch":
             extra = torch.linspace(-1, 1, x.shape[0] * D, dtype=x.dtype).reshape(-1, D)
         for _ in range(self.steps):
-            h = torch.tanh(self.film(h, cond) if extra is None else self.film(h, cond, extra))
+            if self.by_name:
+                h = self.film(h, cond=cond, table=extra)
+            else:
+                h = self.film(h, cond) if extra is None else self.film(h, cond, extra)
+            h = torch.tanh(h)
         return self.head(h)
 
 
+@pytest.mark.parametrize("by_name", [False, True])
 @pytest.mark.parametrize(("table", "steps"), [("none", 1), ("none", 3), ("own", 1)])
-def test_a_unit_of_ones_own_with_several_tensor_inputs_is_measured(table, steps, caplog):
+def test_a_unit_of_ones_own_with_several_tensor_inputs_is_measured(table, steps, by_name, caplog):
     """A unit of one's own called with several tensors (FiLM's ``film(x, cond)``, a cell of
     one's own ``cell(x, h)`` unrolled): left out as "not one tensor input" until the
-    twenty-eighth session. The tensors with the batch as dimension 0 are sliced per sample
-    (vmap over each), the others passed whole (a (1, D) table): exact against the batch's
-    Jacobian at coverage 1, also called 3 times in a forward."""
+    twenty-eighth session, and given by name (``film(x, cond=c, table=t)``) until the
+    twenty-ninth. The tensors with the batch as dimension 0 are sliced per sample (vmap over
+    each), the others passed whole (a (1, D) table, None): exact against the batch's Jacobian
+    at coverage 1, also called 3 times in a forward."""
     x, y = float_batch()
     torch.manual_seed(0)
     with caplog.at_level("WARNING"):
-        measured_exactly(Conditioned(table, steps=steps).double(), x, y)
+        measured_exactly(Conditioned(table, steps=steps, by_name=by_name).double(), x, y)
     assert "leave out" not in caplog.text
 
 
-def test_several_tensor_inputs_that_are_no_samples_or_mix_them_leave_their_unit_out(caplog):
+@pytest.mark.parametrize("by_name", [False, True])
+def test_several_tensor_inputs_that_are_no_samples_or_mix_them_leave_their_unit_out(
+    by_name, caplog
+):
     """A tensor of B rows whose mean every sample adds (a table as long as the batch by chance)
     is sliced per sample as if it were the samples': each sample alone gets another output,
     which the sum check sees (its per-sample gradients do not add up to the batch's): left out,
-    named, the rest exact. The same for a condition clipped by the batch's largest."""
+    named, the rest exact. The same for a condition clipped by the batch's largest; by
+    position or by name alike."""
     x, y = float_batch()
     for table, clip in (("batch", False), ("none", True)):
         torch.manual_seed(0)
-        model = Conditioned(table, clip=clip).double()
+        model = Conditioned(table, clip=clip, by_name=by_name).double()
         if clip:
             x = x.clone()
             model.emb.weight.data[1] *= 10  # (a large condition for the samples with id 1)
@@ -1712,6 +1725,65 @@ def test_several_tensor_inputs_that_are_no_samples_or_mix_them_leave_their_unit_
         with caplog.at_level("WARNING"):
             measured_exactly(model, x, y, left_out=("film",))
         assert "leave out 'film'" in caplog.text and "do not add up" in caplog.text
+
+
+class MaskedBlock(nn.Module):
+    """Self-attention of one's own over (B, T, D) with a padding mask (B, T) and a causal
+    (T, T) one, both given by name, as a Transformer block of one's own is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Parameter(torch.randn(3, D, D) / D**0.5)
+
+    def forward(self, h, *, pad, causal):
+        q, k, v = (h[:, None] @ self.qkv).unbind(1)
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~pad[:, None, :] | ~causal, float("-inf"))
+        return h + scores.softmax(-1) @ v
+
+
+class MaskedPool(nn.Module):
+    """Attention pooling of one's own: a learned query over the unpadded positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(D) / D**0.5)
+
+    def forward(self, h, mask=None):
+        weights = (h @ self.query).masked_fill(~mask, float("-inf")).softmax(1)
+        return (weights[..., None] * h).sum(1)
+
+
+class PaddedSequences(nn.Module):
+    """Sequences of T = 4 positions from each input row, the positions whose feature is below
+    -0.5 padded (the first never), through a block and a pooling of one's own given their
+    masks by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.block, self.pool = nn.Linear(D, 4 * D), MaskedBlock(), MaskedPool()
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        pad = x[:, :4] > -0.5
+        pad[:, 0] = True
+        causal = torch.ones(4, 4, dtype=torch.bool).tril()
+        h = torch.tanh(self.inp(x)).reshape(x.shape[0], 4, D)
+        h = self.block(h, pad=pad, causal=causal)
+        return self.head(self.pool(h, mask=pad))
+
+
+def test_units_of_ones_own_given_their_masks_by_name_are_measured(caplog):
+    """A block of one's own called ``block(h, pad=p, causal=c)`` and a pooling ``pool(h,
+    mask=p)``, as a Transformer of one's own calls them: left out as "not one tensor input"
+    until the twenty-ninth session. The padding mask (B rows) is sliced per sample, the (T, T)
+    causal one passed whole: exact against the batch's Jacobian at coverage 1, with padded
+    positions in the batch."""
+    x, y = float_batch()
+    assert (x[:, 1:4] <= -0.5).any()  # (some positions padded)
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        measured_exactly(PaddedSequences().double(), x, y)
+    assert "leave out" not in caplog.text
 
 
 class CriticHead(nn.Module):

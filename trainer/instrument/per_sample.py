@@ -337,11 +337,12 @@ def _cell_check(bound: dict[str, Any], outputs: list[Tensor], b: int) -> str | N
 
 
 def _inputs_in(call: _Call, dtype: torch.dtype) -> tuple[Tensor, tuple[Any, ...], list[bool]]:
-    """A generic unit call's first input, its other positional arguments and which of them
+    """A generic unit call's first input, its other inputs (its other positional arguments,
+    then those given by name, in order: :func:`_call_inputs` puts them back) and which of them
     are batched (a tensor with the batch as dimension 0, the first's batch-first), the batched
     floating ones and the first in ``dtype`` (the parameters'), as its recomputations take
     them. Several tensor inputs are for a batch-first call only: a sequence-first one raises."""
-    a, rest = call.args[0], call.args[1:]
+    a, rest = call.args[0], (*call.args[1:], *call.kwargs.values())
     b = a.shape[call.dim]
     if call.dim and _tensors(rest):
         raise ValueError("several tensor inputs, the first sequence-first (T, B, ·)")
@@ -352,10 +353,17 @@ def _inputs_in(call: _Call, dtype: torch.dtype) -> tuple[Tensor, tuple[Any, ...]
 
 
 def _sample_inputs(rest: tuple[Any, ...], batched: list[bool], rows: Sequence[Tensor]) -> list[Any]:
-    """A generic unit's other positional inputs for one sample: ``rows`` (each batched one's
-    row, in order, as vmap hands them) with a batch dimension of 1, the others whole."""
+    """A generic unit's other inputs for one sample: ``rows`` (each batched one's row, in
+    order, as vmap hands them) with a batch dimension of 1, the others whole."""
     given = iter(rows)
     return [next(given).unsqueeze(0) if b else r for r, b in zip(rest, batched, strict=True)]
+
+
+def _call_inputs(call: _Call, first: Tensor, others: Sequence[Any]) -> tuple[tuple, dict]:
+    """A generic unit's arguments from its first input and ``others`` in the order
+    :func:`_inputs_in` gives them: the positional ones, then those given by name."""
+    n = len(call.args) - 1
+    return (first, *others[:n]), dict(zip(call.kwargs, others[n:], strict=True))
 
 
 def _lstm_cell(p: dict[str, Any], x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -1832,13 +1840,14 @@ class PerSampleNorms(Callback):
         else:
             tensors = _tensors((args, kwargs))
             first = args[0] if args else None
-            # several tensor inputs, each a positional argument of its own (x, cond; x, h):
-            # those with the batch as dimension 0 are sliced per sample, the others passed whole
+            # several tensor inputs, each an argument of its own, by position or by name
+            # (x, cond; x, h; x, mask=m): those with the batch as dimension 0 are sliced per
+            # sample, the others passed whole
             several = (
                 len(tensors) > 1
                 and isinstance(first, Tensor)
-                and not _tensors(kwargs)
                 and all(isinstance(a, Tensor) or not _tensors(a) for a in args)
+                and all(isinstance(v, Tensor) or not _tensors(v) for v in kwargs.values())
             )
             if (
                 (len(tensors) != 1 and not several)
@@ -1853,8 +1862,8 @@ class PerSampleNorms(Callback):
                     )
                 return (
                     "not one tensor output, or not a tensor as its first argument with any "
-                    "other tensor input a positional argument of its own (one given by name, "
-                    "or in a list or dict)"
+                    "other tensor input an argument of its own, by position or by name (one "
+                    "in a list, tuple or dict)"
                 )
             if not _batch_dims(module, kind, first, outputs[0], b):
                 return (
@@ -2005,7 +2014,7 @@ class PerSampleNorms(Callback):
         a, rest, batched = _inputs_in(call, dtype)
         fresh = {n: b.clone() for n, b in call.buffers.items()}
         with torch.enable_grad():
-            out = functional_call(module, {**leaf, **fresh}, (a, *rest), call.kwargs)
+            out = functional_call(module, {**leaf, **fresh}, *_call_inputs(call, a, rest))
             if not isinstance(out, Tensor) or (
                 [n for n in out.shape if n != 1] != [n for n in g.shape if n != 1]
             ):
@@ -2088,7 +2097,7 @@ class PerSampleNorms(Callback):
         def one(ai: Tensor, *ri: Tensor) -> Tensor:
             others = _sample_inputs(rest, batched, ri)
             alone = functional_call(
-                module, {**weights, **buffers}, (ai.unsqueeze(d), *others), call.kwargs
+                module, {**weights, **buffers}, *_call_inputs(call, ai.unsqueeze(d), others)
             )
             return alone.reshape(row).squeeze(d)
 
@@ -2112,7 +2121,6 @@ class PerSampleNorms(Callback):
             dtype = next(iter(leaf.values())).dtype
             a, rest, batched = _inputs_in(call, dtype)
             g = g.to(dtype)
-            kwargs = call.kwargs  # (no tensor: checked)
             d = call.dim  # (1: sequence-first, (T, B, ·))
 
             def inner(
@@ -2123,7 +2131,9 @@ class PerSampleNorms(Callback):
                 bufs: dict[str, Tensor] = buffers,
             ) -> Tensor:
                 others = _sample_inputs(rest, batched, ri)
-                out = functional_call(module, {**p, **bufs}, (ai.unsqueeze(d), *others), kwargs)
+                out = functional_call(
+                    module, {**p, **bufs}, *_call_inputs(call, ai.unsqueeze(d), others)
+                )
                 gi = gi.unsqueeze(d)
                 if out.shape != gi.shape:  # (no broadcast: a sample's output is its row; one
                     # squeezed, ``(x @ w).squeeze()``, is that row without its sizes of 1)
