@@ -346,10 +346,30 @@ def _inputs_in(call: _Call, dtype: torch.dtype) -> tuple[Tensor, tuple[Any, ...]
     b = a.shape[call.dim]
     if call.dim and _tensors(rest):
         raise ValueError("several tensor inputs, the first sequence-first (T, B, ·)")
-    batched = [isinstance(r, Tensor) and r.dim() > 0 and r.shape[0] == b for r in rest]
+    batched = [
+        isinstance(r, Tensor) and r.dim() > 0 and r.shape[0] == b and slot not in call.whole
+        for r, slot in zip(rest, _slots(call.args, call.kwargs), strict=True)
+    ]
     rest = tuple(r.to(dtype) if t and r.is_floating_point() else r
                  for r, t in zip(rest, batched, strict=True))  # fmt: skip
     return (a.to(dtype) if a.is_floating_point() else a), rest, batched
+
+
+def _slots(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int | str]:
+    """Where each of a unit call's other inputs is given, in :func:`_inputs_in`'s order: its
+    position among the arguments, or its name."""
+    return [*range(1, len(args)), *kwargs]
+
+
+def _sized_like_batch(args: tuple[Any, ...], kwargs: dict[str, Any], b: int) -> dict[Any, Any]:
+    """A unit call's other tensor inputs with ``b`` (the batch's size) as dimension 0, by
+    slot (:func:`_slots`): their shapes."""
+    rest = (*args[1:], *kwargs.values())
+    return {
+        slot: tuple(r.shape)
+        for slot, r in zip(_slots(args, kwargs), rest, strict=True)
+        if isinstance(r, Tensor) and r.dim() > 0 and r.shape[0] == b
+    }
 
 
 def _sample_inputs(rest: tuple[Any, ...], batched: list[bool], rows: Sequence[Tensor]) -> list[Any]:
@@ -780,7 +800,7 @@ def _moves_other_rows(
                     first.select(dim, 0).copy_(first.select(dim, 1))
                 fork.rewind()
                 set_plain_attributes(begun or [])
-                again = module.forward(first, *args[1:], **kwargs)
+                again = module.forward(first, *_copies(args[1:]), **_copies(kwargs))
                 if not isinstance(again, Tensor) or again.shape != output.shape:
                     return None
                 outs.append(again.detach())
@@ -844,7 +864,7 @@ def _alone_differs(
             fork.rewind()
             set_plain_attributes(begun)
             one = args[0].detach().narrow(dim, i, 1).clone()
-            alone = module.forward(one, *args[1:], **kwargs)
+            alone = module.forward(one, *_copies(args[1:]), **_copies(kwargs))
             if fork.drew() or not isinstance(alone, Tensor):
                 return None
             shape = kept.narrow(dim, i, 1).shape
@@ -878,6 +898,14 @@ def _alone_differs(
     finally:
         busy[0] = False
         after.rewind()
+
+
+def _copies(obj: Any) -> Any:
+    """``obj`` with each tensor in it a detached copy: a unit's other inputs for a check's run
+    of its forward again, which may change them in place (the check's own forward saved them
+    for its backward: a counter advanced in place failed the check, and every unit was left
+    out; the parameters' gradients do not depend on whether they are detached)."""
+    return _map_tensors(obj, lambda t: t.detach().clone())
 
 
 def _loose(device: torch.device, *dtypes: torch.dtype) -> float:
@@ -917,7 +945,7 @@ def _batch_gradient_differs(
         return None
     fork.rewind()
     set_plain_attributes(begun)
-    whole = module.forward(args[0].detach().clone(), *args[1:], **kwargs)
+    whole = module.forward(args[0].detach().clone(), *_copies(args[1:]), **_copies(kwargs))
     if not isinstance(whole, Tensor) or not whole.requires_grad:
         return None
     batch = torch.autograd.grad(
@@ -1032,6 +1060,13 @@ class _Call:
     #: an LSTMCell's: its h output computed from its c output (torch's composite cell, on a
     #: CPU), so the gradient c's hook gets includes the path through h
     nested: bool = False
+    #: a generic unit's other tensor inputs with the batch's size as dimension 0 (the
+    #: ``_slots`` of them) that are passed whole, not sliced per sample: a table or mask as
+    #: long as the batch by chance, whose size did not follow it (:meth:`PerSampleNorms._verify`)
+    whole: tuple[int | str, ...] = ()
+    #: (unit name, call within the forward, (its first input's shape, its other inputs'
+    #: slots and shapes)) while which of those hold the batch is not known yet
+    sizes: tuple[str, int, Any] | None = None
 
     def moved(self) -> bool:
         return _versions((self.args, self.kwargs)) != self.versions
@@ -1273,6 +1308,10 @@ class PerSampleNorms(Callback):
         #: (unit name, call within the forward, input shape) -> the dimension of that input
         #: (and of the output) seen to be the batch, 0 or 1, or why none is (:meth:`_verify`)
         self._verdicts: dict[tuple[str, int, tuple[int, ...]], int | str] = {}
+        #: (unit name, call within the forward, (its first input's shape, its other inputs
+        #: with the batch's size as dimension 0: (slot, shape) each)) -> the slots of those
+        #: passed whole (their size did not follow the batch), or why that is not known
+        self._wholes: dict[tuple[str, int, Any], tuple[int | str, ...] | str] = {}
         self._entered: dict[nn.Module, int] = {}  # each unit's calls in this forward so far
         #: the version counters of a unit's tensor inputs as its forward starts (one that
         #: changes them in place leaves no input to compute from)
@@ -1616,7 +1655,9 @@ class PerSampleNorms(Callback):
         2026-12-06 the norms of such a model were 2 % off at coverage 1: a review's probe)."""
         if _in_backward():
             return
-        self._entry_versions[module] = _versions(inputs)
+        self._entry_versions[module] = _versions((inputs, kwargs))  # (those given by name
+        # too: one its forward changed in place was measured 45 % off at coverage 1, each
+        # recomputation seeing it changed, and training moved with it: a review's)
         if self._kind[module] == "closed":
             self._active[module] = self._active.get(module, 0) + 1
         stack = self._given.get(module)
@@ -1705,7 +1746,11 @@ class PerSampleNorms(Callback):
         if why is None and entry is not None and self._kind[module] != "closed" and entry[1]:
             why = _buffer_changes(self._kind[module], entry[1], _buffer_state(module))
         entry_versions = self._entry_versions.get(module)
-        if why is None and entry_versions is not None and _versions(args) != entry_versions:
+        if (
+            why is None
+            and entry_versions is not None
+            and _versions((args, kwargs)) != entry_versions
+        ):
             why = IN_PLACE
         verify = None
         dim, candidates = 0, cast(tuple[int, ...], ())
@@ -1735,6 +1780,24 @@ class PerSampleNorms(Callback):
                 verify = key
             else:
                 dim = candidates[0]
+        sizes, whole = None, cast(tuple[int | str, ...], ())
+        generic = self._kind[module] == "func" and not _cell(module)  # (a cell's: checked)
+        if why is None and generic and self._batch > 1 and args:
+            # another input with the batch's size as dimension 0: the samples' (a condition,
+            # a padding mask), or a table, a (T, T) mask, as long as the batch by chance? By
+            # whether its size follows the batch, seen once per call and shapes (:meth:`_verify`;
+            # until the twenty-ninth session all were sliced, and such a unit left out by the
+            # checks of every measured micro-batch). One sample: either gives its gradient
+            given = _sized_like_batch(args, kwargs, self._batch)
+            if given:
+                shapes = (name, entered, (tuple(args[0].shape), tuple(given.items())))
+                passed = self._wholes.get(shapes)
+                if isinstance(passed, str):
+                    why = passed
+                elif passed is not None:
+                    whole = passed
+                else:
+                    sizes = shapes
         mixing = None
         if why is None and self._batch > 1:  # does the model mix the samples after it?
             call_key = _keyed((name, entered), dim)
@@ -1766,7 +1829,7 @@ class PerSampleNorms(Callback):
             buffers=entry[0] if entry is not None else {},
             attributes=entry[2] if entry is not None else [],
             nested=isinstance(module, nn.LSTMCell) and len(outputs) == 2
-            and _reaches(outputs[0].grad_fn, outputs[1].grad_fn),
+            and _reaches(outputs[0].grad_fn, outputs[1].grad_fn), whole=whole, sizes=sizes,
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -1816,6 +1879,12 @@ class PerSampleNorms(Callback):
             t.is_complex() for t in [*_tensors((args, kwargs)), *outputs]
         ):
             return "complex parameters or values (the per-sample norms are for real ones)"
+        own = {id(p) for p in self._covers[module]}
+        if any(id(t) in own or id(t._base) in own for t in _tensors((args, kwargs))):
+            return (  # (a path a recomputation, taking its inputs as constants, would miss:
+                # 0.5 % off at coverage 1, a review's ``u(h, gain=u.g)``)
+                "one of its own parameters is passed to it as an input"
+            )
         kind, b = self._kind[module], self._batch
         if kind == "attention":
             m: Any = module
@@ -2351,8 +2420,13 @@ class PerSampleNorms(Callback):
         self._disarm()
         self._leave_mode()  # (left when the model's forward returned; not if it never ran)
         pending = {c.verify: c for c in self._calls if c.verify is not None}
-        if pending:
-            self._verify(trainer, batch, pending)
+        sizes = {c.sizes: c for c in self._calls if c.sizes is not None}
+        if pending or sizes:
+            self._verify(trainer, batch, pending, sizes)
+            for c in sizes.values():
+                known = self._wholes.get(cast(Any, c.sizes))
+                if known is not None and not isinstance(known, str):
+                    c.whole = known
             for c in pending.values():  # (its batch's dimension, settled: its mixing check's
                 found = self._verdicts.get(cast(Any, c.verify))  # key says which it watches)
                 if isinstance(found, int):
@@ -2381,6 +2455,16 @@ class PerSampleNorms(Callback):
                 name = self._names[module]
                 found = self._verdicts.get(call.verify) if call.verify is not None else None
                 why = found if isinstance(found, str) else None
+                if why is None and call.sizes is not None:
+                    known = self._wholes.get(call.sizes)
+                    if isinstance(known, str):
+                        why = known
+                    elif known is None:  # (not settled: left out, asked again on the next)
+                        why = (
+                            "whether its other inputs as long as the batch are the samples' "
+                            "is not known yet: the model's forward and the loss on a few "
+                            "samples did not make this call"
+                        )
                 if why is None and call.mixing is not None:
                     if checked is not None and call.mixing in checked[0]:
                         why = MIXED
@@ -2783,7 +2867,11 @@ class PerSampleNorms(Callback):
         self._mixing_checks[signature] = (frozenset(found), frozenset(seen))
 
     def _verify(
-        self, trainer: Trainer, batch: Batch, pending: dict[tuple[str, int, tuple[int, ...]], _Call]
+        self,
+        trainer: Trainer,
+        batch: Batch,
+        pending: dict[tuple[str, int, tuple[int, ...]], _Call],
+        sizes: dict[tuple[str, int, Any], _Call] | None = None,
     ) -> None:
         """Settle, for each pending (unit, call, input shape), which dimension of that input,
         0 or 1 (sequence-first), is the batch: the model's forward runs again on P samples of
@@ -2797,18 +2885,30 @@ class PerSampleNorms(Callback):
         every pair of samples, (B, B, ·), read (P, P, ·). What was seen is kept (and
         checkpointed): a run pays this forward once per new input shape. A call this forward
         did not make (a layer skipped at random, a forward that failed before it) is settled
-        on a later measured step; until then the unit is left out."""
+        on a later measured step; until then the unit is left out.
+
+        The same forward settles ``sizes``: which other tensor inputs of a unit of one's own
+        with the batch's size as dimension 0 are the samples' (sliced per sample: a condition,
+        a padding mask; on P samples they have P rows) and which are passed whole (a table,
+        a (T, T) mask, as long as the batch by chance: they keep their size)."""
         b = self._batch
         p = 3 if b == 2 else 2
         model = trainer.model
         seen: dict[tuple[str, int], tuple[int, ...]] = {}
         outs: dict[tuple[str, int], tuple[int, ...]] = {}
+        others: dict[tuple[str, int], dict[int | str, tuple[int, ...]]] = {}
         counts: dict[nn.Module, int] = {}
 
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             counts[module] = counts.get(module, 0) + 1
             if args and isinstance(args[0], Tensor):
                 seen[(self._names[module], counts[module])] = tuple(args[0].shape)
+                rest = (*args[1:], *kwargs.values())
+                others[(self._names[module], counts[module])] = {
+                    slot: tuple(r.shape)
+                    for slot, r in zip(_slots(args, kwargs), rest, strict=True)
+                    if isinstance(r, Tensor)
+                }
 
         def returned(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if isinstance(output, Tensor):
@@ -2816,7 +2916,7 @@ class PerSampleNorms(Callback):
 
         units = [m for _, m, _, kind in self.units
                  if kind in ("closed", "func") and not scripted(m)]  # fmt: skip
-        handles = [h for m in units for h in (m.register_forward_pre_hook(record),
+        handles = [h for m in units for h in (m.register_forward_pre_hook(record, with_kwargs=True),
                                               m.register_forward_hook(returned))]  # fmt: skip
         rows = torch.arange(p, device=batch.x.device) % b
         x = batch.x[rows]
@@ -2886,6 +2986,24 @@ class PerSampleNorms(Callback):
                 else f"{what}: on {p} samples of the batch it was {got}, its output "
                 f"{out_got} (a table or positions of the batch's length, features of every "
                 "pair of samples)"
+            )
+        for sized in sizes or {}:
+            unit, n, (_, given) = sized
+            at_p = others.get((unit, n))
+            if at_p is None:  # (not settled: left out this step, asked again on the next one)
+                continue
+            whole: list[int | str] = []
+            odd: list[str] = []
+            for slot, was in given:
+                if at_p.get(slot) == was:  # (its size did not follow the batch's)
+                    whole.append(slot)
+                elif at_p.get(slot) != _scaled(was, 0, p):
+                    odd.append(f"{slot!r} {was} was {at_p.get(slot)}")
+            self._wholes[sized] = (
+                tuple(whole)
+                if not odd
+                else "its other inputs as long as the batch neither follow its size nor keep "
+                f"their own: on {p} samples of the batch, its input " + ", ".join(odd)
             )
 
     def _report(self, trainer: Trainer) -> None:
@@ -3253,9 +3371,14 @@ class PerSampleNorms(Callback):
         # a rank's ragged shard has shapes of its own, and what was found of a shape is the same
         # on every rank, so each resumed rank takes the union
         mine = [(n, k, list(shape), why) for (n, k, shape), why in self._verdicts.items()]
-        union = {(n, k, tuple(shape)): why for part in all_gather_objects(mine)
-                 for n, k, shape, why in part}  # type: ignore[attr-defined]  # fmt: skip
+        wholes = [(n, k, key, why if isinstance(why, str) else list(why))
+                  for (n, k, key), why in self._wholes.items()]  # fmt: skip
+        parts = cast(list[tuple[list[Any], list[Any]]], all_gather_objects((mine, wholes)))
+        union = {(n, k, tuple(shape)): why for part, _ in parts
+                 for n, k, shape, why in part}  # fmt: skip
         verdicts = [(n, k, list(shape), why) for (n, k, shape), why in union.items()]
+        sized = {(n, k, _tuples(key)): why for _, part in parts
+                 for n, k, key, why in part}  # fmt: skip
         # (the sets' calls sorted: their order is the process's string hashes', so a resumed
         # run's checkpoint listed the same calls in another order, a review's)
         checks = [[list(sig), sorted((list(k) for k in flagged), key=repr),
@@ -3283,6 +3406,7 @@ class PerSampleNorms(Callback):
                 if sig not in failed or given_up and not failed[sig][0]:
                     failed[sig] = (bool(given_up), why)
         return {"noise_ema": self._ema, "verdicts": verdicts, "verdicts_version": 2,
+                "wholes": [[n, k, key, why] for (n, k, key), why in sized.items()],
                 "mixing": kept,
                 "mixing_failed": [[sig, why] for sig, (_, why) in failed.items()]}  # fmt: skip
 
@@ -3297,6 +3421,10 @@ class PerSampleNorms(Callback):
             (str(n), int(k), tuple(int(d) for d in shape)): 0 if why is None else why
             for n, k, shape, why in state.get("verdicts", [])
             if current or not isinstance(why, str)
+        }
+        self._wholes = {  # (an earlier version's has none: checked again)
+            (str(n), int(k), _tuples(key)): why if isinstance(why, str) else _tuples(why)
+            for n, k, key, why in state.get("wholes", [])
         }
         self._mixing_checks = {  # (an earlier version's has none: checked again)
             _tuples(sig): (frozenset(map(_tuples, flagged)), frozenset(map(_tuples, seen)))
