@@ -336,54 +336,105 @@ def _cell_check(bound: dict[str, Any], outputs: list[Tensor], b: int) -> str | N
     return None
 
 
-def _inputs_in(call: _Call, dtype: torch.dtype) -> tuple[Tensor, tuple[Any, ...], list[bool]]:
-    """A generic unit call's first input, its other inputs (its other positional arguments,
-    then those given by name, in order: :func:`_call_inputs` puts them back) and which of them
-    are batched (a tensor with the batch as dimension 0, the first's batch-first), the batched
+def _inputs_in(call: _Call, dtype: torch.dtype) -> tuple[Tensor, tuple[Tensor, ...], list[bool]]:
+    """A generic unit call's first input, its other tensor inputs (in its other positional
+    arguments, then in those given by name, in order, nested in tuples, lists or dicts:
+    :func:`_call_inputs` puts them back) and which of them are batched (the batch as dimension
+    0, the first's batch-first; not one seen not to follow the batch's size), the batched
     floating ones and the first in ``dtype`` (the parameters'), as its recomputations take
     them. Several tensor inputs are for a batch-first call only: a sequence-first one raises."""
-    a, rest = call.args[0], (*call.args[1:], *call.kwargs.values())
+    a, slots = call.args[0], _slots(call.args, call.kwargs)
     b = a.shape[call.dim]
-    if call.dim and _tensors(rest):
+    if call.dim and slots:
         raise ValueError("several tensor inputs, the first sequence-first (T, B, ·)")
-    batched = [
-        isinstance(r, Tensor) and r.dim() > 0 and r.shape[0] == b and slot not in call.whole
-        for r, slot in zip(rest, _slots(call.args, call.kwargs), strict=True)
-    ]
-    rest = tuple(r.to(dtype) if t and r.is_floating_point() else r
-                 for r, t in zip(rest, batched, strict=True))  # fmt: skip
+    batched = [t.dim() > 0 and t.shape[0] == b and slot not in call.whole for slot, t in slots]
+    rest = tuple(t.to(dtype) if on and t.is_floating_point() else t
+                 for (_, t), on in zip(slots, batched, strict=True))  # fmt: skip
     return (a.to(dtype) if a.is_floating_point() else a), rest, batched
 
 
-def _slots(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int | str]:
-    """Where each of a unit call's other inputs is given, in :func:`_inputs_in`'s order: its
-    position among the arguments, or its name."""
-    return [*range(1, len(args)), *kwargs]
+def _labelled(obj: Any, label: str) -> list[tuple[str, Tensor]]:
+    """The tensors in ``obj``, in :func:`_tensors`'s order, each with where it is in it."""
+    if isinstance(obj, Tensor):
+        return [(label, obj)]
+    if isinstance(obj, dict):
+        items = [(f"{label}[{k!r}]", v) for k, v in obj.items()]
+    elif isinstance(obj, (tuple, list)):
+        items = [(f"{label}[{i}]", v) for i, v in enumerate(obj)]
+    else:
+        return []
+    return [pair for where, v in items for pair in _labelled(v, where)]
 
 
-def _sized_like_batch(args: tuple[Any, ...], kwargs: dict[str, Any], b: int) -> dict[Any, Any]:
+def _slots(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str, Tensor]]:
+    """A unit call's tensor inputs but its first, in :func:`_inputs_in`'s order, each with
+    where it is given: its argument's position or name, and its place in a tuple, list or dict
+    (``argument 2[0]``, ``masks[1]``)."""
+    given = [pair for i, v in enumerate(args[1:], 1) for pair in _labelled(v, f"argument {i}")]
+    return given + [pair for k, v in kwargs.items() for pair in _labelled(v, k)]
+
+
+def _sized_like_batch(args: tuple[Any, ...], kwargs: dict[str, Any], b: int) -> dict[str, Any]:
     """A unit call's other tensor inputs with ``b`` (the batch's size) as dimension 0, by
     slot (:func:`_slots`): their shapes."""
-    rest = (*args[1:], *kwargs.values())
     return {
-        slot: tuple(r.shape)
-        for slot, r in zip(_slots(args, kwargs), rest, strict=True)
-        if isinstance(r, Tensor) and r.dim() > 0 and r.shape[0] == b
+        slot: tuple(t.shape) for slot, t in _slots(args, kwargs) if t.dim() > 0 and t.shape[0] == b
     }
 
 
-def _sample_inputs(rest: tuple[Any, ...], batched: list[bool], rows: Sequence[Tensor]) -> list[Any]:
-    """A generic unit's other inputs for one sample: ``rows`` (each batched one's row, in
-    order, as vmap hands them) with a batch dimension of 1, the others whole."""
+def _sample_inputs(
+    rest: tuple[Tensor, ...], batched: list[bool], rows: Sequence[Tensor]
+) -> list[Tensor]:
+    """A generic unit's other tensor inputs for one sample: ``rows`` (each batched one's row,
+    in order, as vmap hands them) with a batch dimension of 1, the others whole."""
     given = iter(rows)
     return [next(given).unsqueeze(0) if b else r for r, b in zip(rest, batched, strict=True)]
 
 
-def _call_inputs(call: _Call, first: Tensor, others: Sequence[Any]) -> tuple[tuple, dict]:
-    """A generic unit's arguments from its first input and ``others`` in the order
-    :func:`_inputs_in` gives them: the positional ones, then those given by name."""
-    n = len(call.args) - 1
-    return (first, *others[:n]), dict(zip(call.kwargs, others[n:], strict=True))
+def _call_inputs(call: _Call, first: Tensor, others: Sequence[Tensor]) -> tuple[tuple, dict]:
+    """A generic unit's arguments from its first input and its other tensor inputs
+    ``others``, in the order :func:`_inputs_in` gives them, put where the call had them."""
+    given = iter(others)
+    args = _map_tensors(call.args[1:], lambda _: next(given))
+    kwargs = _map_tensors(call.kwargs, lambda _: next(given))
+    return (first, *args), kwargs
+
+
+def _outputs_of(result: Any, call: _Call) -> list[Tensor] | None:
+    """A generic unit's outputs that took a gradient in the step (their places among its
+    tensor outputs, ``call.kept``) from a recomputation's ``result``; None where it gives
+    another number of tensor outputs."""
+    got = _tensors(result)
+    if len(got) != call.count:
+        return None
+    return [got[i] for i in call.kept]
+
+
+def _outputs_root(outs: list[Tensor], grads: Sequence[Tensor | None]) -> Tensor | None:
+    """Σₖ ⟨outₖ, gₖ⟩ over a unit's outputs (those that reach its parameters) and the gradients
+    ``grads`` their hooks got in the step (None: none reached it), whose gradient for the
+    parameters is the step's: each output's hook here hands what produced it gₖ alone. Where
+    one output is computed from another (an LSTM cell of one's own, its h from its c), the
+    gradient the step's hook got at c holds the path through h already, and the plain sum
+    counted it twice: 14 % off at coverage 1, this session's first version; the hook cuts what
+    reaches c inside, so each output counts with the others held. None where no output reaches
+    the parameters. A sample's output squeezed, ``(x @ w).squeeze()``, is its row without its
+    sizes of 1 (no broadcast: otherwise ValueError)."""
+    terms = []
+    for out, g in zip(outs, grads, strict=True):
+        if g is None or not out.requires_grad:
+            continue
+        if out.shape != g.shape:
+            if [n for n in out.shape if n != 1] != [n for n in g.shape if n != 1]:
+                raise ValueError(
+                    f"its output on one sample has shape {tuple(out.shape)}, not {tuple(g.shape)}"
+                )
+            g = g.reshape(out.shape)
+        g = g.to(out.dtype)
+        if len(outs) > 1:
+            out.register_hook(lambda _, g=g: g)
+        terms.append((out * g).sum())
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def _lstm_cell(p: dict[str, Any], x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -1063,7 +1114,11 @@ class _Call:
     #: a generic unit's other tensor inputs with the batch's size as dimension 0 (the
     #: ``_slots`` of them) that are passed whole, not sliced per sample: a table or mask as
     #: long as the batch by chance, whose size did not follow it (:meth:`PerSampleNorms._verify`)
-    whole: tuple[int | str, ...] = ()
+    whole: tuple[str, ...] = ()
+    #: a generic unit's tensor outputs: how many, and the places of those that took a
+    #: gradient in the step (``outputs``) among them (a tuple (h, c) of a cell of one's own)
+    count: int = 1
+    kept: list[int] = field(default_factory=lambda: [0])
     #: (unit name, call within the forward, (its first input's shape, its other inputs'
     #: slots and shapes)) while which of those hold the batch is not known yet
     sizes: tuple[str, int, Any] | None = None
@@ -1311,7 +1366,7 @@ class PerSampleNorms(Callback):
         #: (unit name, call within the forward, (its first input's shape, its other inputs
         #: with the batch's size as dimension 0: (slot, shape) each)) -> the slots of those
         #: passed whole (their size did not follow the batch), or why that is not known
-        self._wholes: dict[tuple[str, int, Any], tuple[int | str, ...] | str] = {}
+        self._wholes: dict[tuple[str, int, Any], tuple[str, ...] | str] = {}
         self._entered: dict[nn.Module, int] = {}  # each unit's calls in this forward so far
         #: the version counters of a unit's tensor inputs as its forward starts (one that
         #: changes them in place leaves no input to compute from)
@@ -1769,6 +1824,8 @@ class PerSampleNorms(Callback):
             else:
                 kind = self._kind[module]
                 candidates = _batch_dims(module, kind, args[0], outputs[0], self._batch)
+                if not isinstance(output, Tensor):  # (several outputs: batch-first, checked)
+                    candidates = tuple(d for d in candidates if d == 0)
                 shape = tuple(args[0].shape)
             key = (name, entered, shape)
             known = self._verdicts.get(key)
@@ -1780,7 +1837,7 @@ class PerSampleNorms(Callback):
                 verify = key
             else:
                 dim = candidates[0]
-        sizes, whole = None, cast(tuple[int | str, ...], ())
+        sizes, whole = None, cast(tuple[str, ...], ())
         generic = self._kind[module] == "func" and not _cell(module)  # (a cell's: checked)
         if why is None and generic and self._batch > 1 and args:
             # another input with the batch's size as dimension 0: the samples' (a condition,
@@ -1830,6 +1887,8 @@ class PerSampleNorms(Callback):
             attributes=entry[2] if entry is not None else [],
             nested=isinstance(module, nn.LSTMCell) and len(outputs) == 2
             and _reaches(outputs[0].grad_fn, outputs[1].grad_fn), whole=whole, sizes=sizes,
+            count=len(_tensors(output)),
+            kept=[i for i, t in enumerate(_tensors(output)) if t.requires_grad],
         )  # fmt: skip
         self._calls.append(call)
         for k, t in enumerate(outputs):
@@ -1909,30 +1968,23 @@ class PerSampleNorms(Callback):
         else:
             tensors = _tensors((args, kwargs))
             first = args[0] if args else None
-            # several tensor inputs, each an argument of its own, by position or by name
-            # (x, cond; x, h; x, mask=m): those with the batch as dimension 0 are sliced per
-            # sample, the others passed whole
-            several = (
-                len(tensors) > 1
-                and isinstance(first, Tensor)
-                and all(isinstance(a, Tensor) or not _tensors(a) for a in args)
-                and all(isinstance(v, Tensor) or not _tensors(v) for v in kwargs.values())
-            )
-            if (
-                (len(tensors) != 1 and not several)
-                or len(outputs) != 1
-                or tensors[0] is not first
-                or (not isinstance(output, Tensor))
-            ):  # (a dict or tuple output: its recomputation per sample returns one too)
-                if len(tensors) == 1 and not args and isinstance(output, Tensor):
+            # several tensor inputs, by position or by name, in tuples, lists or dicts too
+            # (x, cond; x, (h, c); x, mask=m): those with the batch as dimension 0 are sliced
+            # per sample, the others passed whole
+            several = len(tensors) > 1 and isinstance(first, Tensor)
+            if (len(tensors) != 1 and not several) or tensors[0] is not first:
+                if len(tensors) == 1 and not args:
                     return (  # (a probe read "not one tensor input" for lin(input=x))
                         "its one tensor input is passed by keyword: the per-sample "
                         "forms take it as the first positional argument (module(x))"
                     )
+                return "not a tensor as its first argument"
+            if not isinstance(output, Tensor) and any(
+                t.dim() == 0 or t.shape[0] != b for t in outputs
+            ):  # (a tuple, list or dict of outputs, (h, c): each the batch's, batch-first)
                 return (
-                    "not one tensor output, or not a tensor as its first argument with any "
-                    "other tensor input an argument of its own, by position or by name (one "
-                    "in a list, tuple or dict)"
+                    f"an output without the batch ({b}) as dimension 0 (several outputs, in a "
+                    "tuple, list or dict, are for a batch-first call only)"
                 )
             if not _batch_dims(module, kind, first, outputs[0], b):
                 return (
@@ -2071,9 +2123,8 @@ class PerSampleNorms(Callback):
         left out, its true part being 0. Each sample's output alone must also be its row of
         the batch's (:meth:`_rows_alone`, one vmapped forward), whatever G is."""
         module = call.unit
-        g = call.grads.get(0)
-        if g is None:  # (no gradient reached its output: every sample's is 0, and the batch's)
-            return None
+        if not call.grads:  # (no gradient reached its outputs: every sample's is 0, and the
+            return None  # batch's)
         params = dict(_named_covered(module, self._kind[module]))
         leaf = {n: p.detach() for n, p in params.items()}
         if _renorms(module):  # (a copy: its forward rewrites the rows it looks up)
@@ -2083,21 +2134,21 @@ class PerSampleNorms(Callback):
         a, rest, batched = _inputs_in(call, dtype)
         fresh = {n: b.clone() for n, b in call.buffers.items()}
         with torch.enable_grad():
-            out = functional_call(module, {**leaf, **fresh}, *_call_inputs(call, a, rest))
-            if not isinstance(out, Tensor) or (
-                [n for n in out.shape if n != 1] != [n for n in g.shape if n != 1]
-            ):
+            result = functional_call(module, {**leaf, **fresh}, *_call_inputs(call, a, rest))
+            outs = _outputs_of(result, call)
+            shapes = [tuple(shape) for shape, _, _ in call.outputs]
+            try:
+                if outs is None:
+                    raise ValueError
+                root = _outputs_root(outs, [call.grads.get(k) for k in range(len(outs))])
+            except ValueError:
                 return (
-                    "its forward run again on the batch gives an output of another shape "
-                    f"({tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}, "
-                    f"not {tuple(g.shape)})"
+                    "its forward run again on the batch gives outputs of other shapes "
+                    f"({[tuple(t.shape) for t in _tensors(result)]}, not {shapes})"
                 )
-            if not out.requires_grad:
-                return None  # (its parameters do not reach its output: 0 on both sides)
-            got = torch.autograd.grad(
-                (out.reshape(g.shape) * g.to(out.dtype)).sum(), list(leaf.values()),
-                allow_unused=True,
-            )  # fmt: skip
+            if root is None:
+                return None  # (its parameters do not reach its outputs: 0 on both sides)
+            got = torch.autograd.grad(root, list(leaf.values()), allow_unused=True)
         triples = [
             (
                 per_sample[n].sum(0),
@@ -2108,8 +2159,8 @@ class PerSampleNorms(Callback):
         ]
         # (both sides in the parameters' dtype, from the same G, cast exactly: with bfloat16's
         # √ε under autocast, a clip of 0.91 was 4.7 % off at coverage 1, a review's)
-        loose = _loose(g.device, dtype)
-        apart = _sums_apart(triples, loose, g.shape[call.dim])
+        loose = _loose(a.device, dtype)
+        apart = _sums_apart(triples, loose, a.shape[call.dim])
         # each sample alone by value too, whatever G is: where the step's output gradient is
         # the same row for every sample (a critic's loss linear in its output), a wrong
         # per-sample input (a table of B rows that is no sample's, sliced) kept the sum, and
@@ -2117,12 +2168,18 @@ class PerSampleNorms(Callback):
         again = {n: b.clone() for n, b in call.buffers.items()}
         set_plain_attributes(call.attributes)  # (as its forward began, as its buffers are:
         # a table grown on demand by the batch's run above, a review's case)
-        rows = self._rows_alone(call, leaf, a, rest, batched, again, out.detach())
-        scale = out.detach().abs().nan_to_num(0, 0, 0).amax()
-        kept = out.detach().reshape(rows.shape)
-        off = ((rows - kept).abs() > loose * scale) & ~(rows.isnan() & kept.isnan())
+        batch = [o.detach() for o in outs]
+        alone = self._rows_alone(call, leaf, a, rest, batched, again, batch)
+        off = torch.stack([
+            (
+                ((rows - kept.reshape(rows.shape)).abs()
+                 > loose * kept.abs().nan_to_num(0, 0, 0).amax())
+                & ~(rows.isnan() & kept.reshape(rows.shape).isnan())
+            ).any()
+            for rows, kept in zip(alone, batch, strict=True)
+        ]).any()  # fmt: skip
         # host read: one per unit of one's own per measured micro-batch
-        sums_apart, rows_apart = torch.stack([apart, off.any()]).tolist()
+        sums_apart, rows_apart = torch.stack([apart, off]).tolist()
         if not (sums_apart or rows_apart):
             return None
         found = []
@@ -2154,21 +2211,25 @@ class PerSampleNorms(Callback):
         rest: tuple[Any, ...],
         batched: list[bool],
         buffers: dict[str, Tensor],
-        out: Tensor,
-    ) -> Tensor:
-        """A generic unit's output for each sample run alone (its batched inputs' rows, the
-        others whole), by vmap without gradients, stacked along its batch dimension as
-        ``out``, the batch's (a squeezed one compared without its sizes of 1)."""
+        outs: list[Tensor],
+    ) -> tuple[Tensor, ...]:
+        """A generic unit's outputs (those that took a gradient) for each sample run alone (its
+        batched inputs' rows, the others whole), by vmap without gradients, each stacked along
+        its batch dimension as in ``outs``, the batch's (a squeezed one compared without its
+        sizes of 1)."""
         module, d = call.unit, call.dim
         weights = {n: t.detach() for n, t in leaf.items()}
-        row = out.narrow(d, 0, 1).shape
+        rows = [out.narrow(d, 0, 1).shape for out in outs]
 
-        def one(ai: Tensor, *ri: Tensor) -> Tensor:
+        def one(ai: Tensor, *ri: Tensor) -> tuple[Tensor, ...]:
             others = _sample_inputs(rest, batched, ri)
             alone = functional_call(
                 module, {**weights, **buffers}, *_call_inputs(call, ai.unsqueeze(d), others)
             )
-            return alone.reshape(row).squeeze(d)
+            got = _outputs_of(alone, call)
+            if got is None:
+                raise ValueError("its forward on one sample gives other outputs")
+            return tuple(o.reshape(row).squeeze(d) for o, row in zip(got, rows, strict=True))
 
         given = [r for r, b in zip(rest, batched, strict=True) if b]
         with torch.no_grad():
@@ -2183,36 +2244,32 @@ class PerSampleNorms(Callback):
             leaf = {n: p.detach() for n, p in params.items()}
             if _renorms(module):  # (a copy: its forward rewrites the rows it looks up)
                 leaf = {n: p.clone() for n, p in leaf.items()}
-            g = call.grads.get(0)
-            if g is None:
-                shape, dtype, device = call.outputs[0]
-                g = torch.zeros(shape, dtype=dtype, device=device)
             dtype = next(iter(leaf.values())).dtype
+            # each output's gradient (zeros where none reached it), in the parameters' dtype
+            g = tuple(
+                call.grads[k].to(dtype) if k in call.grads
+                else torch.zeros(shape, dtype=dtype, device=device)
+                for k, (shape, _, device) in enumerate(call.outputs)
+            )  # fmt: skip
             a, rest, batched = _inputs_in(call, dtype)
-            g = g.to(dtype)
             d = call.dim  # (1: sequence-first, (T, B, ·))
 
             def inner(
                 p: dict[str, Tensor],
                 ai: Tensor,
-                gi: Tensor,
+                gi: tuple[Tensor, ...],
                 *ri: Tensor,
                 bufs: dict[str, Tensor] = buffers,
             ) -> Tensor:
                 others = _sample_inputs(rest, batched, ri)
-                out = functional_call(
+                result = functional_call(
                     module, {**p, **bufs}, *_call_inputs(call, ai.unsqueeze(d), others)
                 )
-                gi = gi.unsqueeze(d)
-                if out.shape != gi.shape:  # (no broadcast: a sample's output is its row; one
-                    # squeezed, ``(x @ w).squeeze()``, is that row without its sizes of 1)
-                    if [n for n in out.shape if n != 1] != [n for n in gi.shape if n != 1]:
-                        raise ValueError(
-                            f"its output on one sample has shape {tuple(out.shape)}, not "
-                            f"{tuple(gi.shape)}"
-                        )
-                    out = out.reshape(gi.shape)
-                return (out * gi).sum()
+                outs = _outputs_of(result, call)
+                if outs is None:
+                    raise ValueError("its forward on one sample gives other outputs")
+                root = _outputs_root(outs, [gk.unsqueeze(d) for gk in gi])
+                return root if root is not None else ai.new_zeros((), dtype=dtype)
 
             # (outside autograd: the unit's other parameters, a parent's children, are the
             # model's own, and the rows were part of the step's graph, kept alive until the
@@ -2245,7 +2302,7 @@ class PerSampleNorms(Callback):
                         set_plain_attributes(call.attributes)  # (its counter as it began)
                         fresh = {n: b.clone() for n, b in buffers.items()}
                         by_sample.append(grad(partial(inner, bufs=fresh))(
-                            {**leaf}, a.select(d, i), g.select(d, i)
+                            {**leaf}, a.select(d, i), tuple(t.select(d, i) for t in g)
                         ))  # fmt: skip
                 except Exception as e:  # noqa: BLE001 (the loop's error: named, vmap's too)
                     raise RuntimeError(
@@ -2896,18 +2953,15 @@ class PerSampleNorms(Callback):
         model = trainer.model
         seen: dict[tuple[str, int], tuple[int, ...]] = {}
         outs: dict[tuple[str, int], tuple[int, ...]] = {}
-        others: dict[tuple[str, int], dict[int | str, tuple[int, ...]]] = {}
+        others: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
         counts: dict[nn.Module, int] = {}
 
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             counts[module] = counts.get(module, 0) + 1
             if args and isinstance(args[0], Tensor):
                 seen[(self._names[module], counts[module])] = tuple(args[0].shape)
-                rest = (*args[1:], *kwargs.values())
                 others[(self._names[module], counts[module])] = {
-                    slot: tuple(r.shape)
-                    for slot, r in zip(_slots(args, kwargs), rest, strict=True)
-                    if isinstance(r, Tensor)
+                    slot: tuple(t.shape) for slot, t in _slots(args, kwargs)
                 }
 
         def returned(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -2992,7 +3046,7 @@ class PerSampleNorms(Callback):
             at_p = others.get((unit, n))
             if at_p is None:  # (not settled: left out this step, asked again on the next one)
                 continue
-            whole: list[int | str] = []
+            whole: list[str] = []
             odd: list[str] = []
             for slot, was in given:
                 if at_p.get(slot) == was:  # (its size did not follow the batch's)
