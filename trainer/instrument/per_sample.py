@@ -2954,6 +2954,7 @@ class PerSampleNorms(Callback):
         seen: dict[tuple[str, int], tuple[int, ...]] = {}
         outs: dict[tuple[str, int], tuple[int, ...]] = {}
         others: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
+        finished: set[tuple[str, int]] = set()  # (calls whose forward returned)
         counts: dict[nn.Module, int] = {}
 
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -2965,6 +2966,7 @@ class PerSampleNorms(Callback):
                 }
 
         def returned(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            finished.add((self._names[module], counts.get(module, 0)))
             if isinstance(output, Tensor):
                 outs[(self._names[module], counts.get(module, 0))] = tuple(output.shape)
 
@@ -3044,7 +3046,14 @@ class PerSampleNorms(Callback):
         for sized in sizes or {}:
             unit, n, (_, given) = sized
             at_p = others.get((unit, n))
-            if at_p is None:  # (not settled: left out this step, asked again on the next one)
+            if at_p is None or any(at_p.get(slot) is None for slot, _ in given):
+                continue  # (not settled: left out this step, asked again on the next one; a
+                # mask the model drops where nothing is padded, None on these samples, was
+                # kept as a reason, its unit left out for good: a review's)
+            if (unit, n) not in finished:  # its forward failed on these samples (a state of
+                # B rows of its own, ``cell(x, self.hid)``): no evidence, each sliced as by
+                # its size, as before this check, and the checks of each micro-batch guard it
+                self._wholes[sized] = ()
                 continue
             whole: list[str] = []
             odd: list[str] = []

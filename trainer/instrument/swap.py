@@ -84,11 +84,13 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     writes into: its copy cost the size of every kept activation per extra forward, a
     review's), nor an inference tensor (made under ``torch.inference_mode``: instruments'
     extra forwards need autograd, outside it). Not put back: objects changed in place
-    otherwise (a random generator drawn from, a tensor inside a container or another
-    object), ``__slots__``, and TorchScript modules (their tables are no dicts), which are
-    left as they are."""
+    otherwise (a tensor inside a container or another object), ``__slots__``, and
+    TorchScript modules (their tables are no dicts), which are left as they are. A
+    ``torch.Generator`` a module keeps as an attribute gets its state back (a model adding
+    noise from one of its own trained otherwise with per-sample norms on: a review's)."""
     saved = []
     tensors: list[tuple[Tensor, int, Tensor]] = []
+    generators: list[tuple[torch.Generator, Tensor]] = []
     with torch._C.DisableTorchFunction():  # (no instrument's mode counts these as uses)
         for m in module.modules():
             if scripted(m):
@@ -97,9 +99,13 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
             contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
             saved.append((m, attrs, contents))
             tensors += tensor_copies(attrs.values())
+            generators += [(g, g.get_state()) for g in attrs.values()
+                           if isinstance(g, torch.Generator)]  # fmt: skip
     try:
         yield
     finally:
+        for g, state in generators:  # (a generator of its own drawn from: a model adding
+            g.set_state(state)  # noise from one changed training, a review's probe)
         put_tensors_back(tensors, "a tensor a module keeps (not a parameter or buffer)")
         for m, attrs, contents in saved:
             now = vars(m)
