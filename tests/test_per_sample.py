@@ -1999,6 +1999,45 @@ def test_a_tensor_given_by_name_and_changed_in_the_units_forward_leaves_it_out(c
         assert torch.equal(p.grad, q.grad)
 
 
+class Rebinding(nn.Module):
+    """A cell of one's own that puts its new state into the list it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / D**0.5)
+        self.u = nn.Parameter(torch.randn(D, D) / D**0.5)
+
+    def forward(self, x, state):
+        h = torch.tanh(x @ self.w + state[0] @ self.u)
+        state[0] = h
+        return h
+
+
+class RebindingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.cell, self.head = nn.Linear(D, 3 * D), Rebinding(), nn.Linear(D, 3)
+
+    def forward(self, x):
+        xs = torch.tanh(self.inp(x)).reshape(x.shape[0], 3, D)
+        state, total = [torch.zeros(x.shape[0], D, dtype=x.dtype)], 0
+        for t in range(3):
+            total = total + self.cell(xs[:, t], state)
+        return self.head(total)
+
+
+def test_a_list_the_unit_puts_its_new_state_into_leaves_it_out(caplog):
+    """``state[0] = h`` inside the cell's forward: when its call was captured, the list held
+    the new state, and its recomputation ran from that (3-8 % off at coverage 1, the checks
+    comparing recomputations with each other: a review's). The tensors a unit was given are
+    compared by identity too: left out, named."""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        measured_exactly(RebindingNet().double(), x, y, left_out=("cell",))
+    assert "leave out 'cell': a list or dict it was given holds other tensors" in caplog.text
+
+
 class Gained(nn.Module):
     def __init__(self) -> None:
         super().__init__()

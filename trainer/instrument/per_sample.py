@@ -83,6 +83,7 @@ import copy
 import inspect
 import logging
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -1368,9 +1369,10 @@ class PerSampleNorms(Callback):
         #: passed whole (their size did not follow the batch), or why that is not known
         self._wholes: dict[tuple[str, int, Any], tuple[str, ...] | str] = {}
         self._entered: dict[nn.Module, int] = {}  # each unit's calls in this forward so far
-        #: the version counters of a unit's tensor inputs as its forward starts (one that
-        #: changes them in place leaves no input to compute from)
-        self._entry_versions: dict[nn.Module, list[int]] = {}
+        #: a unit's tensor inputs as its forward starts, and their version counters (one that
+        #: changes them in place, or puts others in a list or dict it was given, leaves no
+        #: input to compute from)
+        self._entry_versions: dict[nn.Module, tuple[list[weakref.ref[Tensor]], list[int]]] = {}
         #: a unit's inputs as its first pre-hook (ours) gets them, and its output as its first
         #: forward hook (ours) does, with their version counters (a stack per unit: a hook
         #: may call its unit again); a hook of one's own that replaced or changed either is
@@ -1710,9 +1712,14 @@ class PerSampleNorms(Callback):
         2026-12-06 the norms of such a model were 2 % off at coverage 1: a review's probe)."""
         if _in_backward():
             return
-        self._entry_versions[module] = _versions((inputs, kwargs))  # (those given by name
-        # too: one its forward changed in place was measured 45 % off at coverage 1, each
-        # recomputation seeing it changed, and training moved with it: a review's)
+        self._entry_versions[module] = (  # (weak: a deep copy of the model, which copies its
+            [weakref.ref(t) for t in _tensors((inputs, kwargs))],  # hooks, copies this too,
+            _versions((inputs, kwargs)),  # and a tensor not made by the user refuses it)
+        )
+        # (those given by name too: one its forward changed in place was measured 45 % off at
+        # coverage 1, each recomputation seeing it changed, and training moved with it; and
+        # the tensors themselves: a state list a cell rebinds, ``state[0] = h``, held the new
+        # state when captured, 3-8 % off at coverage 1: reviews')
         if self._kind[module] == "closed":
             self._active[module] = self._active.get(module, 0) + 1
         stack = self._given.get(module)
@@ -1800,13 +1807,20 @@ class PerSampleNorms(Callback):
         why = self._check(module, args, kwargs, outputs, output)
         if why is None and entry is not None and self._kind[module] != "closed" and entry[1]:
             why = _buffer_changes(self._kind[module], entry[1], _buffer_state(module))
-        entry_versions = self._entry_versions.get(module)
-        if (
-            why is None
-            and entry_versions is not None
-            and _versions((args, kwargs)) != entry_versions
-        ):
-            why = IN_PLACE
+        started = self._entry_versions.get(module)
+        if why is None and started is not None:
+            before, versions = started
+            now = _tensors((args, kwargs))
+            if len(now) != len(before) or any(
+                a is not b() for a, b in zip(now, before, strict=False)
+            ):
+                why = (
+                    "a list or dict it was given holds other tensors after its forward than "
+                    "before (its forward put them there: ``state[0] = h``), so the inputs its "
+                    "per-sample part is computed from are gone"
+                )
+            elif _versions(now) != versions:
+                why = IN_PLACE
         verify = None
         dim, candidates = 0, cast(tuple[int, ...], ())
         entered = self._entered.get(module, 0)
