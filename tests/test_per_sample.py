@@ -15,6 +15,7 @@ import math
 import random
 import threading
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -1910,31 +1911,111 @@ def test_what_the_check_forward_cannot_tell_is_not_kept(caplog):
     assert "leave out" not in caplog.text
 
 
-class Noised(nn.Module):
-    """Noise added to the input from a generator of the model's own."""
+class TableFailsOnce(nn.Module):
+    """A unit of one's own adding the mean row of a (T, D) table with T = B by chance, whose
+    forward raises once on 2 samples (then works; the flag is the class's: an instrument puts
+    the instance's attributes back after its extra forward)."""
+
+    failed: ClassVar[list[bool]] = [False]
 
     def __init__(self) -> None:
         super().__init__()
-        self.inp, self.pool, self.head = nn.Linear(D, 4 * D), MaskedPool(), nn.Linear(D, 3)
-        self.gen = torch.Generator().manual_seed(123)
+        self.w = nn.Parameter(torch.randn(D, D) / D**0.5)
+
+    def forward(self, x, table):
+        if x.shape[0] == 2 and not self.failed[0]:
+            self.failed[0] = True
+            raise RuntimeError("once")
+        return torch.tanh(x @ self.w + table.mean(0))
+
+
+class WithTable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.unit = nn.Linear(D, D), TableFailsOnce()
+        self.register_buffer("table", torch.linspace(-1, 1, B * D).reshape(B, D))
 
     def forward(self, x):
-        x = x + 0.1 * torch.randn(x.shape, generator=self.gen, dtype=x.dtype)
+        return self.unit(torch.tanh(self.inp(x)), self.table)[:, :3]
+
+
+class Recursive(nn.Module):
+    """A unit of one's own whose forward calls itself for its input first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / D**0.5)
+
+    def forward(self, x, depth=0):
+        if depth > 0:
+            x = self(x, depth=depth - 1)
+        return torch.tanh(x @ self.w)
+
+
+class RecursiveNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.cell, self.head = nn.Linear(D, D), Recursive(), nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(self.cell(torch.tanh(self.inp(x)), depth=1))
+
+
+def test_a_failed_check_forward_or_a_recursive_unit(caplog):
+    """Where the forward on 2 samples fails inside a unit once, nothing is kept: its table
+    of T = B rows is sliced for that micro-batch (the per-step checks leave it out) and told
+    apart at the next (kept as sliced, a review's was left out for good). A unit whose
+    forward calls itself is left out, named: the outer call's recomputation runs the inner
+    one's again, counted on its own too (16 % off at coverage 1, a review's)."""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    model = WithTable().double()
+    TableFailsOnce.failed[0] = False
+    cb = PerSampleNorms(1, loss="both")
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y, cb=cb)
+    assert model.unit.failed[0] and "leave out 'unit'" in caplog.text
+    assert staged["per_sample/coverage"] < 1
+    reference = _jacobian_rows(model, x, y)
+    last, staged = measure(model, x, y, cb=cb)
+    assert staged["per_sample/coverage"] == 1
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+    torch.manual_seed(0)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        measured_exactly(RecursiveNet().double(), x, y, left_out=("cell",))
+    assert "leave out 'cell': its forward calls itself" in caplog.text
+
+
+class Noised(nn.Module):
+    """Noise added to the input from a generator of the model's own (``listed``: kept in a
+    list)."""
+
+    def __init__(self, listed: bool = False) -> None:
+        super().__init__()
+        self.inp, self.pool, self.head = nn.Linear(D, 4 * D), MaskedPool(), nn.Linear(D, 3)
+        gen = torch.Generator().manual_seed(123)
+        self.gen = [gen] if listed else gen
+
+    def forward(self, x):
+        gen = self.gen[0] if isinstance(self.gen, list) else self.gen
+        x = x + 0.1 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
         mask = x[:, :4] > -0.5
         mask[:, 0] = True
         return self.head(self.pool(torch.tanh(self.inp(x)).reshape(x.shape[0], 4, D), mask=mask))
 
 
-def test_a_generator_of_the_models_own_draws_as_without_measuring():
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_generator_of_the_models_own_draws_as_without_measuring(listed):
     """The instruments' extra forwards (the mixing check's, the check of which inputs are the
-    samples') draw from a generator the model keeps too: its state is put back after each,
-    so training is bit for bit the same with per-sample norms on (a review's differed by
-    0.0225 after 3 SGD steps)."""
+    samples') draw from a generator the model keeps too (as an attribute, or in a list): its
+    state is put back after each, so training is bit for bit the same with per-sample norms
+    on (a review's differed by 0.0225 after 3 SGD steps; 0.0193 with it in a list)."""
     x, y = float_batch()
 
     def train(measuring: bool) -> nn.Module:
         torch.manual_seed(0)
-        model = Noised().double()
+        model = Noised(listed).double()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         cb = PerSampleNorms(1, loss="both")
         for _ in range(3):

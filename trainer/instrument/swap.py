@@ -67,6 +67,18 @@ def _same(v: Any, before: Any) -> bool:
     return v == before
 
 
+def _generators(values: Any, depth: int = 3) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects among ``values``, in tuples, lists and dicts too (a
+    module's ``self.gens = [g]``: a review's), ``depth`` levels down."""
+    found = []
+    for v in values:
+        if isinstance(v, torch.Generator):
+            found.append(v)
+        elif depth and isinstance(v, (list, tuple, dict)):
+            found += _generators(v.values() if isinstance(v, dict) else v, depth - 1)
+    return found
+
+
 @contextlib.contextmanager
 def attributes_kept(module: nn.Module) -> Iterator[None]:
     """Within: a forward (and backward) run again by an instrument. After: every module under
@@ -86,8 +98,9 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     extra forwards need autograd, outside it). Not put back: objects changed in place
     otherwise (a tensor inside a container or another object), ``__slots__``, and
     TorchScript modules (their tables are no dicts), which are left as they are. A
-    ``torch.Generator`` a module keeps as an attribute gets its state back (a model adding
-    noise from one of its own trained otherwise with per-sample norms on: a review's)."""
+    ``torch.Generator`` a module keeps as an attribute, or in a tuple, list or dict it keeps,
+    gets its state back (a model adding noise from one of its own trained otherwise with
+    per-sample norms or curvature on: a review's); one in another object does not."""
     saved = []
     tensors: list[tuple[Tensor, int, Tensor]] = []
     generators: list[tuple[torch.Generator, Tensor]] = []
@@ -99,8 +112,7 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
             contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
             saved.append((m, attrs, contents))
             tensors += tensor_copies(attrs.values())
-            generators += [(g, g.get_state()) for g in attrs.values()
-                           if isinstance(g, torch.Generator)]  # fmt: skip
+            generators += [(g, g.get_state()) for g in _generators(attrs.values())]
     try:
         yield
     finally:
