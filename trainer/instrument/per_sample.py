@@ -83,7 +83,6 @@ import copy
 import inspect
 import logging
 import math
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -1374,10 +1373,11 @@ class PerSampleNorms(Callback):
         #: passed whole (their size did not follow the batch), or why that is not known
         self._wholes: dict[tuple[str, int, Any], tuple[str, ...] | str] = {}
         self._entered: dict[nn.Module, int] = {}  # each unit's calls in this forward so far
-        #: a unit's tensor inputs as its forward starts, and their version counters (one that
-        #: changes them in place, or puts others in a list or dict it was given, leaves no
-        #: input to compute from)
-        self._entry_versions: dict[nn.Module, tuple[list[weakref.ref[Tensor]], list[int]]] = {}
+        #: a unit's inputs as its forward starts (its arguments and keyword arguments, their
+        #: tuples, lists and dicts copied, the tensors in them the same), and their tensors'
+        #: version counters: a unit is measured from these, and one that changes them in
+        #: place leaves no input to compute from (taken back when its forward returns)
+        self._entry_versions: dict[nn.Module, tuple[Any, Any, list[int]]] = {}
         #: a unit's inputs as its first pre-hook (ours) gets them, and its output as its first
         #: forward hook (ours) does, with their version counters (a stack per unit: a hook
         #: may call its unit again); a hook of one's own that replaced or changed either is
@@ -1543,6 +1543,7 @@ class PerSampleNorms(Callback):
         self._shared.clear()
         self._active.clear()
         self._in_forward.clear()
+        self._entry_versions.clear()
         self._recursive.clear()
         self._entered.clear()
         self._given.clear()
@@ -1722,14 +1723,14 @@ class PerSampleNorms(Callback):
         if _in_backward():
             return
         self._in_forward[module] = self._in_forward.get(module, 0) + 1
-        self._entry_versions[module] = (  # (weak: a deep copy of the model, which copies its
-            [weakref.ref(t) for t in _tensors((inputs, kwargs))],  # hooks, copies this too,
-            _versions((inputs, kwargs)),  # and a tensor not made by the user refuses it)
-        )
-        # (those given by name too: one its forward changed in place was measured 45 % off at
-        # coverage 1, each recomputation seeing it changed, and training moved with it; and
-        # the tensors themselves: a state list a cell rebinds, ``state[0] = h``, held the new
-        # state when captured, 3-8 % off at coverage 1: reviews')
+        self._entry_versions[module] = (
+            _map_tensors(inputs, _itself),
+            _map_tensors(kwargs, _itself),
+            _versions((inputs, kwargs)),
+        )  # (those given by name too: one its forward changed in place was measured 45 % off
+        # at coverage 1, each recomputation seeing it changed, and training moved with it; and
+        # the containers' contents as they were: a state list a cell rebinds, ``state[0] = h``,
+        # held the new state when its call was captured, 3-8 % off at coverage 1: reviews')
         if self._kind[module] == "closed":
             self._active[module] = self._active.get(module, 0) + 1
         stack = self._given.get(module)
@@ -1778,6 +1779,9 @@ class PerSampleNorms(Callback):
         self._in_forward[module] -= 1
         self._first_output.setdefault(module, []).append((output, _versions(output)))
         if not torch.is_grad_enabled():
+            self._entry_versions.pop(module, None)  # (its inputs, not kept past its call: a
+            # deep copy of the model, which copies its hooks and so this, refuses a tensor a
+            # forward made)
             return
         mode = self._mode  # (None: a forward outside the model's, e.g. a user's own call)
         if mode is None:
@@ -1798,8 +1802,14 @@ class PerSampleNorms(Callback):
     def _capture(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
-        """After a unit's forward: check that it can be measured, keep its inputs and hook its
-        outputs' gradients."""
+        """After a unit's forward: check that it can be measured, keep its inputs (as its
+        forward got them: a list or dict it was given and put other tensors into, a state
+        ``state[0] = h`` or an auxiliary loss appended, as it was) and hook its outputs'
+        gradients."""
+        started = self._entry_versions.pop(module, None)
+        versions = None
+        if started is not None:
+            args, kwargs, versions = started
         outputs = [t for t in _tensors(output) if t.requires_grad]
         if not outputs or self._batch == 0:  # (data-parallel: a rank without samples here)
             return
@@ -1823,20 +1833,8 @@ class PerSampleNorms(Callback):
                 "its forward calls itself: a recomputation of the outer call runs the inner "
                 "one's again, whose part is counted on its own too"
             )
-        started = self._entry_versions.get(module)
-        if why is None and started is not None:
-            before, versions = started
-            now = _tensors((args, kwargs))
-            if len(now) != len(before) or any(
-                a is not b() for a, b in zip(now, before, strict=False)
-            ):
-                why = (
-                    "a list or dict it was given holds other tensors after its forward than "
-                    "before (its forward put them there: ``state[0] = h``), so the inputs its "
-                    "per-sample part is computed from are gone"
-                )
-            elif _versions(now) != versions:
-                why = IN_PLACE
+        if why is None and versions is not None and _versions((args, kwargs)) != versions:
+            why = IN_PLACE
         verify = None
         dim, candidates = 0, cast(tuple[int, ...], ())
         entered = self._entered.get(module, 0)
@@ -3583,6 +3581,10 @@ def _named_covered(module: nn.Module, kind: str) -> list[tuple[str, nn.Parameter
         named += [(f"parametrizations.{n}", p)
                   for n, p in module.parametrizations.named_parameters()]  # type: ignore[union-attr]  # fmt: skip
     return [(n, p) for n, p in named if p.requires_grad]
+
+
+def _itself(t: Tensor) -> Tensor:
+    return t
 
 
 def _detach(obj: Any) -> Any:
