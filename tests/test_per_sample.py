@@ -2153,6 +2153,44 @@ def test_a_unit_given_its_own_parameter_as_an_input_is_left_out(caplog):
     assert "leave out 'u': one of its own parameters is passed to it" in caplog.text
 
 
+class SequenceFirstBlock(MaskedBlock):
+    """:class:`MaskedBlock` over sequence-first (T, B, D) inputs, its padding mask (B, T)."""
+
+    def forward(self, h, *, pad, causal):
+        return super().forward(h.transpose(0, 1), pad=pad, causal=causal).transpose(0, 1)
+
+
+class PaddedSequencesFirst(nn.Module):
+    """:class:`PaddedSequences` with the block fed sequence-first (fairseq's layout)."""
+
+    def __init__(self, t: int = 4) -> None:
+        super().__init__()
+        self.inp, self.block = nn.Linear(D, t * D), SequenceFirstBlock()
+        self.head, self.t = nn.Linear(D, 3), t
+
+    def forward(self, x):
+        pad = x[:, : self.t] > -0.5
+        pad[:, 0] = True
+        causal = torch.ones(self.t, self.t, dtype=torch.bool).tril()
+        h = torch.tanh(self.inp(x)).reshape(x.shape[0], self.t, D).transpose(0, 1)
+        h = self.block(h, pad=pad, causal=causal)
+        return self.head((h * pad.T[..., None]).sum(0))
+
+
+@pytest.mark.parametrize("t", [4, B])
+def test_a_sequence_first_unit_of_ones_own_with_masks_is_measured(t, caplog):
+    """A block of one's own over (T, B, D) given a (B, T) padding mask and a (T, T) causal
+    one by name: left out as "several tensor inputs, the first sequence-first" until the
+    twenty-ninth session. The check forward on 2 samples shows which dimension of each other
+    input follows the batch (the padding mask's 0; neither of the causal one's, passed
+    whole), also where T = B: exact against the batch's Jacobian at coverage 1."""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        measured_exactly(PaddedSequencesFirst(t).double(), x, y)
+    assert "leave out" not in caplog.text
+
+
 class Positioned(nn.Module):
     """A unit of one's own adding a table of positions, ``(h + table) @ w``, over (B, T, D)
     with T = B, the table given by position or by name; ``rows`` gives it another tensor

@@ -336,21 +336,24 @@ def _cell_check(bound: dict[str, Any], outputs: list[Tensor], b: int) -> str | N
     return None
 
 
-def _inputs_in(call: _Call, dtype: torch.dtype) -> tuple[Tensor, tuple[Tensor, ...], list[bool]]:
+def _inputs_in(
+    call: _Call, dtype: torch.dtype
+) -> tuple[Tensor, tuple[Tensor, ...], list[int | None]]:
     """A generic unit call's first input, its other tensor inputs (in its other positional
     arguments, then in those given by name, in order, nested in tuples, lists or dicts:
-    :func:`_call_inputs` puts them back) and which of them are batched (the batch as dimension
-    0, the first's batch-first; not one seen not to follow the batch's size), the batched
-    floating ones and the first in ``dtype`` (the parameters'), as its recomputations take
-    them. Several tensor inputs are for a batch-first call only: a sequence-first one raises."""
+    :func:`_call_inputs` puts them back) and which dimension of each is the batch (None: the
+    input is passed whole to each sample): as the check forward on a few samples saw it
+    (``call.at``), else dimension 0 where it has the batch's size; the batched floating ones
+    and the first in ``dtype`` (the parameters'), as its recomputations take them."""
     a, slots = call.args[0], _slots(call.args, call.kwargs)
     b = a.shape[call.dim]
-    if call.dim and slots:
-        raise ValueError("several tensor inputs, the first sequence-first (T, B, ·)")
-    batched = [t.dim() > 0 and t.shape[0] == b and slot not in call.whole for slot, t in slots]
-    rest = tuple(t.to(dtype) if on and t.is_floating_point() else t
-                 for (_, t), on in zip(slots, batched, strict=True))  # fmt: skip
-    return (a.to(dtype) if a.is_floating_point() else a), rest, batched
+    dims = [
+        call.at[slot] if slot in call.at else 0 if t.dim() > 0 and t.shape[0] == b else None
+        for slot, t in slots
+    ]
+    rest = tuple(t.to(dtype) if d is not None and t.is_floating_point() else t
+                 for (_, t), d in zip(slots, dims, strict=True))  # fmt: skip
+    return (a.to(dtype) if a.is_floating_point() else a), rest, dims
 
 
 def _labelled(obj: Any, label: str) -> list[tuple[str, Tensor]]:
@@ -375,20 +378,19 @@ def _slots(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str, Ten
 
 
 def _sized_like_batch(args: tuple[Any, ...], kwargs: dict[str, Any], b: int) -> dict[str, Any]:
-    """A unit call's other tensor inputs with ``b`` (the batch's size) as dimension 0, by
+    """A unit call's other tensor inputs with ``b`` (the batch's size) as a dimension, by
     slot (:func:`_slots`): their shapes."""
-    return {
-        slot: tuple(t.shape) for slot, t in _slots(args, kwargs) if t.dim() > 0 and t.shape[0] == b
-    }
+    return {slot: tuple(t.shape) for slot, t in _slots(args, kwargs) if b in t.shape}
 
 
 def _sample_inputs(
-    rest: tuple[Tensor, ...], batched: list[bool], rows: Sequence[Tensor]
+    rest: tuple[Tensor, ...], dims: list[int | None], rows: Sequence[Tensor]
 ) -> list[Tensor]:
-    """A generic unit's other tensor inputs for one sample: ``rows`` (each batched one's row,
-    in order, as vmap hands them) with a batch dimension of 1, the others whole."""
+    """A generic unit's other tensor inputs for one sample: ``rows`` (each batched one's
+    slice, in order, as vmap hands them) with a batch dimension of 1 where it was, the others
+    whole."""
     given = iter(rows)
-    return [next(given).unsqueeze(0) if b else r for r, b in zip(rest, batched, strict=True)]
+    return [r if d is None else next(given).unsqueeze(d) for r, d in zip(rest, dims, strict=True)]
 
 
 def _call_inputs(call: _Call, first: Tensor, others: Sequence[Tensor]) -> tuple[tuple, dict]:
@@ -1111,10 +1113,11 @@ class _Call:
     #: an LSTMCell's: its h output computed from its c output (torch's composite cell, on a
     #: CPU), so the gradient c's hook gets includes the path through h
     nested: bool = False
-    #: a generic unit's other tensor inputs with the batch's size as dimension 0 (the
-    #: ``_slots`` of them) that are passed whole, not sliced per sample: a table or mask as
-    #: long as the batch by chance, whose size did not follow it (:meth:`PerSampleNorms._verify`)
-    whole: tuple[str, ...] = ()
+    #: the batch's dimension in a generic unit's other tensor inputs with the batch's size as
+    #: a dimension (by their ``_slots``), None for one passed whole, not sliced per sample (a
+    #: table or mask as long as the batch by chance, whose size did not follow it), as the
+    #: check forward on a few samples saw them (:meth:`PerSampleNorms._verify`)
+    at: dict[str, int | None] = field(default_factory=dict)
     #: a generic unit's tensor outputs: how many, and the places of those that took a
     #: gradient in the step (``outputs``) among them (a tuple (h, c) of a cell of one's own)
     count: int = 1
@@ -1369,9 +1372,10 @@ class PerSampleNorms(Callback):
         #: (and of the output) seen to be the batch, 0 or 1, or why none is (:meth:`_verify`)
         self._verdicts: dict[tuple[str, int, tuple[int, ...]], int | str] = {}
         #: (unit name, call within the forward, (its first input's shape, its other inputs
-        #: with the batch's size as dimension 0: (slot, shape) each)) -> the slots of those
-        #: passed whole (their size did not follow the batch), or why that is not known
-        self._wholes: dict[tuple[str, int, Any], tuple[str, ...] | str] = {}
+        #: with the batch's size as a dimension: (slot, shape) each)) -> (slot, the dimension
+        #: seen to be the batch, or None: passed whole, its size did not follow the batch) for
+        #: each, or why that is not known (:meth:`_verify`)
+        self._other_dims: dict[tuple[str, int, Any], tuple[tuple[str, int | None], ...] | str] = {}
         self._entered: dict[nn.Module, int] = {}  # each unit's calls in this forward so far
         #: a unit's inputs as its forward starts (its arguments and keyword arguments, their
         #: tuples, lists and dicts copied, the tensors in them the same), and their tensors'
@@ -1865,22 +1869,24 @@ class PerSampleNorms(Callback):
                 verify = key
             else:
                 dim = candidates[0]
-        sizes, whole = None, cast(tuple[str, ...], ())
+        sizes, at = None, cast(dict[str, int | None], {})
         generic = self._kind[module] == "func" and not _cell(module)  # (a cell's: checked)
         if why is None and generic and self._batch > 1 and args:
-            # another input with the batch's size as dimension 0: the samples' (a condition,
-            # a padding mask), or a table, a (T, T) mask, as long as the batch by chance? By
-            # whether its size follows the batch, seen once per call and shapes (:meth:`_verify`;
-            # until the twenty-ninth session all were sliced, and such a unit left out by the
-            # checks of every measured micro-batch). One sample: either gives its gradient
+            # another input with the batch's size as a dimension: the samples' (a condition,
+            # a padding mask, (B, T) beside a sequence-first (T, B, ·) first input), or a
+            # table, a (T, T) mask, as long as the batch by chance? By which of its sizes
+            # follows the batch's, seen once per call and shapes (:meth:`_verify`; until the
+            # twenty-ninth session each with the batch's size as dimension 0 was sliced there,
+            # such a unit left out by the checks of every measured micro-batch where that was
+            # wrong, and one sequence-first left out). One sample: any gives its gradient
             given = _sized_like_batch(args, kwargs, self._batch)
             if given:
                 shapes = (name, entered, (tuple(args[0].shape), tuple(given.items())))
-                passed = self._wholes.get(shapes)
+                passed = self._other_dims.get(shapes)
                 if isinstance(passed, str):
                     why = passed
                 elif passed is not None:
-                    whole = passed
+                    at = dict(passed)
                 else:
                     sizes = shapes
         mixing = None
@@ -1914,7 +1920,7 @@ class PerSampleNorms(Callback):
             buffers=entry[0] if entry is not None else {},
             attributes=entry[2] if entry is not None else [],
             nested=isinstance(module, nn.LSTMCell) and len(outputs) == 2
-            and _reaches(outputs[0].grad_fn, outputs[1].grad_fn), whole=whole, sizes=sizes,
+            and _reaches(outputs[0].grad_fn, outputs[1].grad_fn), at=at, sizes=sizes,
             count=len(_tensors(output)),
             kept=[i for i, t in enumerate(_tensors(output)) if t.requires_grad],
         )  # fmt: skip
@@ -2159,7 +2165,7 @@ class PerSampleNorms(Callback):
             leaf = {n: p.clone() for n, p in leaf.items()}
         leaf = {n: p.requires_grad_() for n, p in leaf.items()}
         dtype = next(iter(leaf.values())).dtype
-        a, rest, batched = _inputs_in(call, dtype)
+        a, rest, dims = _inputs_in(call, dtype)
         fresh = {n: b.clone() for n, b in call.buffers.items()}
         with torch.enable_grad():
             result = functional_call(module, {**leaf, **fresh}, *_call_inputs(call, a, rest))
@@ -2197,7 +2203,7 @@ class PerSampleNorms(Callback):
         set_plain_attributes(call.attributes)  # (as its forward began, as its buffers are:
         # a table grown on demand by the batch's run above, a review's case)
         batch = [o.detach() for o in outs]
-        alone = self._rows_alone(call, leaf, a, rest, batched, again, batch)
+        alone = self._rows_alone(call, leaf, a, rest, dims, again, batch)
         off = torch.stack([
             (
                 ((rows - kept.reshape(rows.shape)).abs()
@@ -2237,7 +2243,7 @@ class PerSampleNorms(Callback):
         leaf: dict[str, Tensor],
         a: Tensor,
         rest: tuple[Any, ...],
-        batched: list[bool],
+        dims: list[int | None],
         buffers: dict[str, Tensor],
         outs: list[Tensor],
     ) -> tuple[Tensor, ...]:
@@ -2250,7 +2256,7 @@ class PerSampleNorms(Callback):
         rows = [out.narrow(d, 0, 1).shape for out in outs]
 
         def one(ai: Tensor, *ri: Tensor) -> tuple[Tensor, ...]:
-            others = _sample_inputs(rest, batched, ri)
+            others = _sample_inputs(rest, dims, ri)
             alone = functional_call(
                 module, {**weights, **buffers}, *_call_inputs(call, ai.unsqueeze(d), others)
             )
@@ -2259,9 +2265,11 @@ class PerSampleNorms(Callback):
                 raise ValueError("its forward on one sample gives other outputs")
             return tuple(o.reshape(row).squeeze(d) for o, row in zip(got, rows, strict=True))
 
-        given = [r for r, b in zip(rest, batched, strict=True) if b]
+        given = [(r, k) for r, k in zip(rest, dims, strict=True) if k is not None]
         with torch.no_grad():
-            return vmap(one, in_dims=(d, *[0] * len(given)), out_dims=d)(a, *given)
+            return vmap(one, in_dims=(d, *[k for _, k in given]), out_dims=d)(
+                a, *[r for r, _ in given]
+            )
 
     def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         module = call.unit
@@ -2279,7 +2287,7 @@ class PerSampleNorms(Callback):
                 else torch.zeros(shape, dtype=dtype, device=device)
                 for k, (shape, _, device) in enumerate(call.outputs)
             )  # fmt: skip
-            a, rest, batched = _inputs_in(call, dtype)
+            a, rest, dims = _inputs_in(call, dtype)
             d = call.dim  # (1: sequence-first, (T, B, ·))
 
             def inner(
@@ -2289,7 +2297,7 @@ class PerSampleNorms(Callback):
                 *ri: Tensor,
                 bufs: dict[str, Tensor] = buffers,
             ) -> Tensor:
-                others = _sample_inputs(rest, batched, ri)
+                others = _sample_inputs(rest, dims, ri)
                 result = functional_call(
                     module, {**p, **bufs}, *_call_inputs(call, ai.unsqueeze(d), others)
                 )
@@ -2304,9 +2312,9 @@ class PerSampleNorms(Callback):
             # next measurement; torch.func's grad differentiates inside no_grad all the same)
             with torch.no_grad():
                 try:
-                    given = [r for r, b in zip(rest, batched, strict=True) if b]
-                    in_dims = (None, d, d, *[0] * len(given))
-                    return vmap(grad(inner), in_dims=in_dims)(leaf, a, g, *given)
+                    given = [(r, k) for r, k in zip(rest, dims, strict=True) if k is not None]
+                    in_dims = (None, d, d, *[k for _, k in given])
+                    return vmap(grad(inner), in_dims=in_dims)(leaf, a, g, *[r for r, _ in given])
                 except Exception as e:  # noqa: BLE001 (vmap's own refusals: checked below)
                     if "randomness" in str(e):  # (a draw: left out by the caller)
                         raise
@@ -2322,7 +2330,7 @@ class PerSampleNorms(Callback):
                 # shape show it (reviews' clips by the batch's largest input, the outlier at
                 # sample 20 of 24, were 16-163 % off at coverage 1 so, in two versions that
                 # ran any unit vmap refused; the twenty-fifth session's, 31 % off: reverted)
-                if type(module) not in _ALONE or any(batched):
+                if type(module) not in _ALONE or any(k is not None for k in dims):
                     raise refusal
                 by_sample: list[dict[str, Tensor]] = []
                 try:
@@ -2509,9 +2517,9 @@ class PerSampleNorms(Callback):
         if pending or sizes:
             unsure = self._verify(trainer, batch, pending, sizes)
             for c in sizes.values():
-                known = self._wholes.get(cast(Any, c.sizes))
+                known = self._other_dims.get(cast(Any, c.sizes))
                 if known is not None and not isinstance(known, str):
-                    c.whole = known
+                    c.at = dict(known)
                 elif c.sizes in unsure:  # (each sliced as its size says, this micro-batch;
                     c.sizes = None  # asked again at the next measured one)
             for c in pending.values():  # (its batch's dimension, settled: its mixing check's
@@ -2543,7 +2551,7 @@ class PerSampleNorms(Callback):
                 found = self._verdicts.get(call.verify) if call.verify is not None else None
                 why = found if isinstance(found, str) else None
                 if why is None and call.sizes is not None:
-                    known = self._wholes.get(call.sizes)
+                    known = self._other_dims.get(call.sizes)
                     if isinstance(known, str):
                         why = known
                     elif known is None:  # (not settled: left out, asked again on the next)
@@ -3089,18 +3097,23 @@ class PerSampleNorms(Callback):
                 # its unit left out for good by those checks: a review's)
                 unsure.add(sized)
                 continue
-            whole: list[str] = []
+            dims: list[tuple[str, int | None]] = []
             odd: list[str] = []
             for slot, was in given:
-                if at_p.get(slot) == was:  # (its size did not follow the batch's)
-                    whole.append(slot)
-                elif at_p.get(slot) != _scaled(was, 0, p):
-                    odd.append(f"{slot!r} {was} was {at_p.get(slot)}")
-            self._wholes[sized] = (
-                tuple(whole)
+                got = at_p[slot]
+                moved = [k for k, (n, m) in enumerate(zip(was, got, strict=False)) if n != m]
+                if got == was:  # (its size did not follow the batch's: whole)
+                    dims.append((slot, None))
+                elif len(got) == len(was) and len(moved) == 1 and got == _scaled(was, moved[0], p):
+                    dims.append((slot, moved[0]))  # (b there, p on the check's samples)
+                else:
+                    odd.append(f"{slot!r} {was} was {got}")
+            self._other_dims[sized] = (
+                tuple(dims)
                 if not odd
-                else "its other inputs as long as the batch neither follow its size nor keep "
-                f"their own: on {p} samples of the batch, its input " + ", ".join(odd)
+                else "its other inputs as long as the batch neither follow its size in one "
+                f"dimension nor keep their own: on {p} samples of the batch, its input "
+                + ", ".join(odd)
             )
         return unsure
 
@@ -3469,9 +3482,9 @@ class PerSampleNorms(Callback):
         # a rank's ragged shard has shapes of its own, and what was found of a shape is the same
         # on every rank, so each resumed rank takes the union
         mine = [(n, k, list(shape), why) for (n, k, shape), why in self._verdicts.items()]
-        wholes = [(n, k, key, why if isinstance(why, str) else list(why))
-                  for (n, k, key), why in self._wholes.items()]  # fmt: skip
-        parts = cast(list[tuple[list[Any], list[Any]]], all_gather_objects((mine, wholes)))
+        others = [(n, k, key, why if isinstance(why, str) else [list(d) for d in why])
+                  for (n, k, key), why in self._other_dims.items()]  # fmt: skip
+        parts = cast(list[tuple[list[Any], list[Any]]], all_gather_objects((mine, others)))
         union = {(n, k, tuple(shape)): why for part, _ in parts
                  for n, k, shape, why in part}  # fmt: skip
         verdicts = [(n, k, list(shape), why) for (n, k, shape), why in union.items()]
@@ -3504,7 +3517,7 @@ class PerSampleNorms(Callback):
                 if sig not in failed or given_up and not failed[sig][0]:
                     failed[sig] = (bool(given_up), why)
         return {"noise_ema": self._ema, "verdicts": verdicts, "verdicts_version": 2,
-                "wholes": [[n, k, key, why] for (n, k, key), why in sized.items()],
+                "other_dims": [[n, k, key, why] for (n, k, key), why in sized.items()],
                 "mixing": kept,
                 "mixing_failed": [[sig, why] for sig, (_, why) in failed.items()]}  # fmt: skip
 
@@ -3520,9 +3533,9 @@ class PerSampleNorms(Callback):
             for n, k, shape, why in state.get("verdicts", [])
             if current or not isinstance(why, str)
         }
-        self._wholes = {  # (an earlier version's has none: checked again)
+        self._other_dims = {  # (an earlier version's has none: checked again)
             (str(n), int(k), _tuples(key)): why if isinstance(why, str) else _tuples(why)
-            for n, k, key, why in state.get("wholes", [])
+            for n, k, key, why in state.get("other_dims", [])
         }
         self._mixing_checks = {  # (an earlier version's has none: checked again)
             _tuples(sig): (frozenset(map(_tuples, flagged)), frozenset(map(_tuples, seen)))
