@@ -1381,7 +1381,7 @@ class PerSampleNorms(Callback):
         #: tuples, lists and dicts copied, the tensors in them the same), and their tensors'
         #: version counters: a unit is measured from these, and one that changes them in
         #: place leaves no input to compute from (taken back when its forward returns)
-        self._entry_versions: dict[nn.Module, tuple[Any, Any, list[int]]] = {}
+        self._entry_versions: dict[nn.Module, tuple[Any, Any, list[int], set[int]]] = {}
         #: a unit's inputs as its first pre-hook (ours) gets them, and its output as its first
         #: forward hook (ours) does, with their version counters (a stack per unit: a hook
         #: may call its unit again); a hook of one's own that replaced or changed either is
@@ -1678,6 +1678,8 @@ class PerSampleNorms(Callback):
         self._given.clear()  # (no input or output kept past the measured forward)
         self._first_output.clear()
         self._at_entry.clear()
+        self._entry_versions.clear()  # (a unit whose forward raised, the model going on: its
+        # inputs were kept until the next measured micro-batch, a review's)
 
     def _reach(self, key: int, grad: Tensor) -> None:
         self._reached.add(key)
@@ -1728,9 +1730,10 @@ class PerSampleNorms(Callback):
             return
         self._in_forward[module] = self._in_forward.get(module, 0) + 1
         self._entry_versions[module] = (
-            _map_tensors(inputs, _itself),
-            _map_tensors(kwargs, _itself),
-            _versions((inputs, kwargs)),
+            _map_tensors(inputs, Tensor.detach),  # (aliases: a deep copy of a module made in
+            _map_tensors(kwargs, Tensor.detach),  # a forward copies its hooks and so these,
+            _versions((inputs, kwargs)),  # and a tensor a forward made refuses to be copied:
+            {id(t) for t in _tensors((inputs, kwargs))},  # an EMA's, a review's crash)
         )  # (those given by name too: one its forward changed in place was measured 45 % off
         # at coverage 1, each recomputation seeing it changed, and training moved with it; and
         # the containers' contents as they were: a state list a cell rebinds, ``state[0] = h``,
@@ -1810,11 +1813,12 @@ class PerSampleNorms(Callback):
         forward got them: a list or dict it was given and put other tensors into, a state
         ``state[0] = h`` or an auxiliary loss appended, as it was) and hook its outputs'
         gradients."""
-        started = self._entry_versions.pop(module, None)
-        versions = None
-        if started is not None:
-            args, kwargs, versions = started
         outputs = [t for t in _tensors(output) if t.requires_grad]
+        started = self._entry_versions.pop(module, None)
+        versions, hidden = None, None
+        if started is not None:
+            live, (args, kwargs, versions, ids) = (args, kwargs), started
+            hidden = self._hidden_output(module, live, ids, outputs)
         if not outputs or self._batch == 0:  # (data-parallel: a rank without samples here)
             return
         name = self._names[module]
@@ -1829,7 +1833,7 @@ class PerSampleNorms(Callback):
             return
         entries = self._at_entry.get(module)
         entry = entries.pop() if entries else None  # (its buffers as its forward began)
-        why = self._check(module, args, kwargs, outputs, output)
+        why = hidden or self._check(module, args, kwargs, outputs, output)
         if why is None and entry is not None and self._kind[module] != "closed" and entry[1]:
             why = _buffer_changes(self._kind[module], entry[1], _buffer_state(module))
         if why is None and module in self._recursive:
@@ -1928,6 +1932,42 @@ class PerSampleNorms(Callback):
         for k, t in enumerate(outputs):
             t.register_hook(lambda g, c=call, k=k: self._on_output_grad(c, k, g))
 
+    def _hidden_output(
+        self, module: nn.Module, live: tuple[Any, Any], ids: set[int], outputs: list[Tensor]
+    ) -> str | None:
+        """Why a unit's call has a path to its own parameters that no hook of its outputs
+        sees, or None: one of its own parameters passed to it as an input (a recomputation
+        takes its inputs as constants: ``u(h, gain=u.g)``, 0.5 % off at coverage 1); or a
+        tensor its forward put into a list or dict it was given (``live``: its arguments as
+        they are now; ``ids``: the tensors it was given) that takes a gradient from its
+        parameters other than through its outputs (an LSTM cell of one's own keeping c in the
+        state list and returning h, a memory of its keys, an auxiliary loss from an
+        intermediate: 4 % off at coverage 1, a review's; its new state ``state[0] = h``, or a
+        loss computed from h, goes through h's hook)."""
+        own = {id(p) for p in self._covers[module]}
+        given = _tensors(live)
+        if any(id(t) in own or id(t._base) in own for t in given):
+            return "one of its own parameters is passed to it as an input"
+        new = [t for t in given if id(t) not in ids and t.requires_grad]
+        if not new:
+            return None
+        stop = {o.grad_fn for o in outputs if o.grad_fn is not None}
+        stop |= {t.grad_fn for t in given if id(t) in ids and t.grad_fn is not None}
+        todo, seen = [t.grad_fn for t in new], set()
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in stop or fn in seen:
+                continue
+            seen.add(fn)
+            if id(getattr(fn, "variable", None)) in own:
+                return (
+                    "its forward put a tensor that takes a gradient from its parameters, not "
+                    "through its outputs, into a list or dict it was given (a state it keeps "
+                    "beside them, a memory, an auxiliary loss): no hook sees that gradient"
+                )
+            todo.extend(f for f, _ in fn.next_functions)
+        return None
+
     def _bound(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
         return inspect.signature(module.forward).bind(*args, **kwargs).arguments
 
@@ -1972,12 +2012,6 @@ class PerSampleNorms(Callback):
             t.is_complex() for t in [*_tensors((args, kwargs)), *outputs]
         ):
             return "complex parameters or values (the per-sample norms are for real ones)"
-        own = {id(p) for p in self._covers[module]}
-        if any(id(t) in own or id(t._base) in own for t in _tensors((args, kwargs))):
-            return (  # (a path a recomputation, taking its inputs as constants, would miss:
-                # 0.5 % off at coverage 1, a review's ``u(h, gain=u.g)``)
-                "one of its own parameters is passed to it as an input"
-            )
         kind, b = self._kind[module], self._batch
         if kind == "attention":
             m: Any = module
@@ -3594,10 +3628,6 @@ def _named_covered(module: nn.Module, kind: str) -> list[tuple[str, nn.Parameter
         named += [(f"parametrizations.{n}", p)
                   for n, p in module.parametrizations.named_parameters()]  # type: ignore[union-attr]  # fmt: skip
     return [(n, p) for n, p in named if p.requires_grad]
-
-
-def _itself(t: Tensor) -> Tensor:
-    return t
 
 
 def _detach(obj: Any) -> Any:
