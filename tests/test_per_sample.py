@@ -2098,6 +2098,17 @@ class Rebinding(nn.Module):
         if self.aux == "keys":
             aux.append(torch.tanh(x @ self.u))
             h = h + torch.stack(aux).mean(0)
+        elif self.aux == "split":  # (h and c from one node: c kept in the list, h returned)
+            h, c = torch.tanh(torch.cat([z, x @ self.u], 1)).chunk(2, 1)
+            state[0] = c
+        elif self.aux in ("attribute", "inspected"):  # (kept on the module: a mixture of
+            self.kept = (z**2).sum(1)  # experts' aux_loss, or a statistic to look at)
+            aux.append(self.kept if self.aux == "attribute" else torch.zeros_like(self.kept))
+        elif self.aux == "weights":  # (weights its output is computed from, kept to look at)
+            self.kept = z.softmax(1)
+            h = h * self.kept
+            state[0] = h
+            aux.append(torch.zeros_like(h[:, 0]))
         else:
             aux.append(((h if self.aux == "h" else z) ** 2).sum(1))
         return h
@@ -2114,28 +2125,36 @@ class RebindingNet(nn.Module):
         for t in range(3):
             total = total + self.cell(xs[:, t], state, aux)
         logits = self.head(total)
+        if self.cell.aux == "split":
+            return logits
         if self.cell.aux == "keys":
             return logits + torch.stack(aux).sum((0, 2))[:, None] * torch.tensor([0.1, 0, 0])
         return logits + 0.1 * sum(aux)[:, None] * torch.tensor([1.0, 0, 0])  # (on one logit:
         # on all alike, cross-entropy would not see it)
 
 
-@pytest.mark.parametrize("aux", ["h", "z", "keys"])
+@pytest.mark.parametrize("aux", ["h", "z", "keys", "split", "attribute", "inspected", "weights"])
 def test_a_list_the_unit_puts_its_new_state_into_is_read_as_it_was(aux, caplog):
     """``state[0] = h`` inside the cell's forward: when its call was captured, the list held
     the new state, and its recomputation ran from that (3-8 % off at coverage 1, the checks
     comparing recomputations with each other: a review's). A unit is measured from its inputs
     as its forward got them (its lists and dicts copied as its forward began, the tensors in
     them the same): exact, also appending to a list of auxiliary losses a penalty of its
-    output. One of an intermediate, or a memory of its keys it attends over, takes a gradient
-    no hook of its outputs sees (4 % off at coverage 1, a review's): left out, named."""
+    output. A tensor it keeps beside its outputs with a path to its parameters, that the
+    backward sends a gradient into (a penalty of an intermediate, a memory of its keys it
+    attends over, c split from h's node and kept in the state list, a mixture of experts'
+    ``self.aux_loss``), takes a gradient no hook of its outputs sees (1-4 % off at coverage
+    1, reviews'): left out, named. Kept and not used (a statistic or weights its output is
+    computed from, to look at; weight_norm's weight): exact."""
     x, y = float_batch()
     torch.manual_seed(0)
-    left_out = () if aux == "h" else ("cell",)
+    left_out = () if aux in ("h", "inspected", "weights") else ("cell",)
     with caplog.at_level("WARNING"):
         measured_exactly(RebindingNet(aux).double(), x, y, left_out=left_out)
-    if left_out:
-        assert "leave out 'cell': its forward put a tensor that takes a gradient" in caplog.text
+    if aux == "keys":  # (its keys feed its output too: told at once)
+        assert "leave out 'cell': its forward put a tensor its outputs were" in caplog.text
+    elif left_out:  # (after the backward sent a gradient into it)
+        assert "leave out 'cell': its forward kept a tensor with a path" in caplog.text
     else:
         assert "leave out" not in caplog.text
 
@@ -2195,10 +2214,21 @@ def test_inputs_kept_for_a_units_call_are_let_go(caplog):
     model = CopiesAndFallsBack().double()
     reference = _jacobian_rows(model, x, y, left_out=("fast",))  # (never used: no gradient)
     cb = PerSampleNorms(1, loss="both")
-    with caplog.at_level("WARNING"):
-        last, _ = measure(model, x, y, cb=cb)
+    for _ in range(2):  # (the copy kept from the first step copied again at the second: the
+        # instrument's hooks on it do nothing, and the instrument is not copied with them)
+        with caplog.at_level("WARNING"):
+            last, _ = measure(model, x, y, cb=cb)
     assert "leave out" not in caplog.text
     torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
+    from torch.overrides import _get_current_function_mode_stack
+
+    copied = model.avg.copies[0]  # (its hooks are no instrument's: running it changes nothing)
+    assert not any(
+        isinstance(getattr(h, "__self__", None), PerSampleNorms)
+        for h in [*copied._forward_pre_hooks.values(), *copied._forward_hooks.values()]
+    )
+    copied(torch.zeros(2, D, dtype=torch.float64))
+    assert _get_current_function_mode_stack() == []
     big = weakref.ref(model.big[0])
     model.big.clear()
     assert big() is None

@@ -83,6 +83,7 @@ import copy
 import inspect
 import logging
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -1113,6 +1114,9 @@ class _Call:
     #: an LSTMCell's: its h output computed from its c output (torch's composite cell, on a
     #: CPU), so the gradient c's hook gets includes the path through h
     nested: bool = False
+    #: set where the step's backward sent a gradient into a tensor its forward kept beside its
+    #: outputs with a path to its parameters (:meth:`PerSampleNorms._hidden_output`)
+    hidden: list[bool] = field(default_factory=lambda: [False])
     #: the batch's dimension in a generic unit's other tensor inputs with the batch's size as
     #: a dimension (by their ``_slots``), None for one passed whole, not sliced per sample (a
     #: table or mask as long as the batch by chance, whose size did not follow it), as the
@@ -1381,7 +1385,10 @@ class PerSampleNorms(Callback):
         #: tuples, lists and dicts copied, the tensors in them the same), and their tensors'
         #: version counters: a unit is measured from these, and one that changes them in
         #: place leaves no input to compute from (taken back when its forward returns)
-        self._entry_versions: dict[nn.Module, tuple[Any, Any, list[int], set[int]]] = {}
+        self._entry_versions: dict[
+            nn.Module,
+            tuple[Any, Any, list[int], list[weakref.ref[Tensor]], list[tuple[Any, dict]]],
+        ] = {}
         #: a unit's inputs as its first pre-hook (ours) gets them, and its output as its first
         #: forward hook (ours) does, with their version counters (a stack per unit: a hook
         #: may call its unit again); a hook of one's own that replaced or changed either is
@@ -1569,34 +1576,35 @@ class PerSampleNorms(Callback):
             if scripted(m):
                 continue
             self._handles.append(
-                m.register_forward_pre_hook(self._enter, prepend=True, with_kwargs=True)
+                m.register_forward_pre_hook(_Hook(self._enter), prepend=True, with_kwargs=True)
             )
             self._handles.append(  # (last)
-                m.register_forward_pre_hook(self._inputs_given, with_kwargs=True)
+                m.register_forward_pre_hook(_Hook(self._inputs_given), with_kwargs=True)
             )
             # first of the unit's forward hooks: a user's hook runs after the unit stopped
             # counting as active, so its use of the unit's weights is seen as outside
             self._handles.append(
-                m.register_forward_hook(self._forward_hook, with_kwargs=True, prepend=True)
+                m.register_forward_hook(_Hook(self._forward_hook), with_kwargs=True, prepend=True)
             )
-            self._handles.append(m.register_forward_hook(self._output_given))  # (last)
+            self._handles.append(m.register_forward_hook(_Hook(self._output_given)))  # (last)
         if scripted(root):  # (every unit is: left out above)
             return
         # (the mode first of all: registered last, in front)
-        self._handles.append(root.register_forward_pre_hook(self._enter_mode, prepend=True))
+        self._handles.append(root.register_forward_pre_hook(_Hook(self._enter_mode), prepend=True))
         for name, bn in self._batchnorms:  # (those without parameters of their own too)
             if not scripted(bn):
-                self._handles.append(bn.register_forward_pre_hook(partial(self._enter_bn, name)))
-        self._handles.append(root.register_forward_hook(self._model_returned))
+                hook = _Hook(partial(self._enter_bn, name))
+                self._handles.append(bn.register_forward_pre_hook(hook))
+        self._handles.append(root.register_forward_hook(_Hook(self._model_returned)))
 
     def _check_before_backward(self) -> None:
         self._check_unchanged("on_train_batch_start or on_before_backward")
 
     def _model_returned(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        # (a method, not a lambda: a deep copy of the model made while it is measured, an EMA
-        # or SWA copy, copies the instrument its hooks are bound to, and the copy's forward
-        # leaves the copy's mode; a lambda left the model's, and each call of the copy left a
-        # mode of the copied instrument on torch's stack for good, a probe's)
+        # (a deep copy of the model made while it is measured, an EMA or SWA copy, gets hooks
+        # that do nothing, :class:`_Hook`: a lambda here, which the copy shared, left the
+        # model's mode, and each call of the copy left a mode of a copied instrument on
+        # torch's stack for good, a probe's)
         if _in_backward():  # (an activation checkpoint's recomputation: no mode entered)
             return
         if self._mode_depth:  # (an inner call of the model's forward returned)
@@ -1730,10 +1738,13 @@ class PerSampleNorms(Callback):
             return
         self._in_forward[module] = self._in_forward.get(module, 0) + 1
         self._entry_versions[module] = (
-            _map_tensors(inputs, Tensor.detach),  # (aliases: a deep copy of a module made in
-            _map_tensors(kwargs, Tensor.detach),  # a forward copies its hooks and so these,
-            _versions((inputs, kwargs)),  # and a tensor a forward made refuses to be copied:
-            {id(t) for t in _tensors((inputs, kwargs))},  # an EMA's, a review's crash)
+            _map_tensors(inputs, Tensor.detach),  # (aliases: nothing of the step's graph kept)
+            _map_tensors(kwargs, Tensor.detach),
+            _versions((inputs, kwargs)),
+            # (weak: a dead one's id, taken by a new tensor in its place, counted it as given)
+            [weakref.ref(t) for t in _tensors((inputs, kwargs))],
+            # objects of one's own among them (a cache), with their attributes
+            [(o, dict(vars(o))) for o in _objects((inputs, kwargs))],
         )  # (those given by name too: one its forward changed in place was measured 45 % off
         # at coverage 1, each recomputation seeing it changed, and training moved with it; and
         # the containers' contents as they were: a state list a cell rebinds, ``state[0] = h``,
@@ -1815,10 +1826,9 @@ class PerSampleNorms(Callback):
         gradients."""
         outputs = [t for t in _tensors(output) if t.requires_grad]
         started = self._entry_versions.pop(module, None)
-        versions, hidden = None, None
+        versions, live = None, (args, kwargs)
         if started is not None:
-            live, (args, kwargs, versions, ids) = (args, kwargs), started
-            hidden = self._hidden_output(module, live, ids, outputs)
+            args, kwargs, versions, refs, objects = started
         if not outputs or self._batch == 0:  # (data-parallel: a rank without samples here)
             return
         name = self._names[module]
@@ -1833,7 +1843,13 @@ class PerSampleNorms(Callback):
             return
         entries = self._at_entry.get(module)
         entry = entries.pop() if entries else None  # (its buffers as its forward began)
-        why = hidden or self._check(module, args, kwargs, outputs, output)
+        why, hidden = None, cast(list[Tensor], [])
+        if started is not None:
+            found = self._hidden_output(
+                module, live, refs, objects + (entry[2] if entry is not None else []), outputs
+            )
+            why, hidden = (found, []) if isinstance(found, str) else (None, found)
+        why = why or self._check(module, args, kwargs, outputs, output)
         if why is None and entry is not None and self._kind[module] != "closed" and entry[1]:
             why = _buffer_changes(self._kind[module], entry[1], _buffer_state(module))
         if why is None and module in self._recursive:
@@ -1931,42 +1947,76 @@ class PerSampleNorms(Callback):
         self._calls.append(call)
         for k, t in enumerate(outputs):
             t.register_hook(lambda g, c=call, k=k: self._on_output_grad(c, k, g))
+        for t in hidden:  # (a flag, not the call: such a tensor may outlive the step)
+            t.register_hook(partial(_flag, call.hidden))
 
     def _hidden_output(
-        self, module: nn.Module, live: tuple[Any, Any], ids: set[int], outputs: list[Tensor]
-    ) -> str | None:
-        """Why a unit's call has a path to its own parameters that no hook of its outputs
-        sees, or None: one of its own parameters passed to it as an input (a recomputation
-        takes its inputs as constants: ``u(h, gain=u.g)``, 0.5 % off at coverage 1); or a
-        tensor its forward put into a list or dict it was given (``live``: its arguments as
-        they are now; ``ids``: the tensors it was given) that takes a gradient from its
-        parameters other than through its outputs (an LSTM cell of one's own keeping c in the
-        state list and returning h, a memory of its keys, an auxiliary loss from an
-        intermediate: 4 % off at coverage 1, a review's; its new state ``state[0] = h``, or a
-        loss computed from h, goes through h's hook)."""
+        self,
+        module: nn.Module,
+        live: tuple[Any, Any],
+        refs: list[weakref.ref[Tensor]],
+        objects: list[tuple[Any, dict[str, Any]]],
+        outputs: list[Tensor],
+    ) -> str | list[Tensor]:
+        """Why a unit's call cannot be measured, one of its own parameters passed to it as an
+        input (a recomputation takes its inputs as constants: ``u(h, gain=u.g)``, 0.5 % off at
+        coverage 1); or else the tensors its forward put into a list or dict it was given
+        (``live``: its arguments as they are now; ``refs``: the tensors it was given), into an
+        attribute of its modules or of an object of one's own it was given (``objects``:
+        theirs as its forward began), that have a path to its parameters other than through
+        its outputs: where the step's backward sends a gradient into one (an LSTM cell of
+        one's own keeping c in the state list and returning h, a memory of its keys, a mixture
+        of experts' ``self.aux_loss``, a cache's values: 1-4 % off at coverage 1, reviews'),
+        no hook of its outputs sees that gradient, and the call is left out after the
+        backward; not where none does (attention weights kept for inspection). Its new state
+        ``state[0] = h``, or a loss computed from h, goes through h's hook."""
         own = {id(p) for p in self._covers[module]}
         given = _tensors(live)
         if any(id(t) in own or id(t._base) in own for t in given):
             return "one of its own parameters is passed to it as an input"
-        new = [t for t in given if id(t) not in ids and t.requires_grad]
+        ids = {id(t) for r in refs if (t := r()) is not None}  # (those still alive)
+        listed = [t for t in given if id(t) not in ids and t.requires_grad]
+        new = listed + [
+            v
+            for o, before in objects
+            for k, v in vars(o).items()
+            if isinstance(v, Tensor) and v.requires_grad and before.get(k) is not v
+        ]
         if not new:
-            return None
-        stop = {o.grad_fn for o in outputs if o.grad_fn is not None}
-        stop |= {t.grad_fn for t in given if id(t) in ids and t.grad_fn is not None}
-        todo, seen = [t.grad_fn for t in new], set()
+            return []
+        # (by the node and its output: h and c split from one node, its output 0 returned and 1
+        # kept in the list, stopped at the node, 3.9 % off at coverage 1: a review's)
+        inputs = {(t.grad_fn, t.output_nr) for t in given if id(t) in ids and t.grad_fn}
+        stop = inputs | {(t.grad_fn, t.output_nr) for t in outputs if t.grad_fn is not None}
+        hidden = [t for t in new if _reaches_own((t.grad_fn, t.output_nr), stop, own)]
+        if not hidden:
+            return []
+        # which of them its outputs were computed from: every (node, output) their graphs pass
+        # through, back to its inputs
+        upstream: set[Any] = set()
+        todo, seen = [(t.grad_fn, t.output_nr) for t in outputs], set()
         while todo:
-            fn = todo.pop()
-            if fn is None or fn in stop or fn in seen:
+            fn, k = todo.pop()
+            if fn is None:
+                continue
+            upstream.add((fn, k))
+            if (fn, k) in inputs or fn in seen:
                 continue
             seen.add(fn)
-            if id(getattr(fn, "variable", None)) in own:
-                return (
-                    "its forward put a tensor that takes a gradient from its parameters, not "
-                    "through its outputs, into a list or dict it was given (a state it keeps "
-                    "beside them, a memory, an auxiliary loss): no hook sees that gradient"
+            todo.extend(fn.next_functions)
+        found = []
+        for t in hidden:
+            if (t.grad_fn, t.output_nr) not in upstream:  # (any gradient it gets is not its
+                found.append(t)  # outputs': seen by a hook, after the backward)
+            elif any(t is u for u in listed):  # (its outputs' gradient reaches it too: the
+                return (  # rest cannot be told apart; a memory of its keys it attends over)
+                    "its forward put a tensor its outputs were computed from, with a path to "
+                    "its parameters, into a list or dict it was given (a memory of its keys): "
+                    "a gradient it gets there, not through its outputs, no hook sees"
                 )
-            todo.extend(f for f, _ in fn.next_functions)
-        return None
+            # (an attribute its outputs were computed from: weight_norm's weight, attention
+            # weights kept to look at; one also used after its forward is not seen)
+        return found
 
     def _bound(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
         return inspect.signature(module.forward).bind(*args, **kwargs).arguments
@@ -2613,6 +2663,14 @@ class PerSampleNorms(Callback):
                         )
                 if why is None and call.moved():
                     why = IN_PLACE
+                if why is None and call.hidden[0]:
+                    why = (
+                        "its forward kept a tensor with a path to its parameters other than "
+                        "through its outputs (in a list or dict it was given, an attribute: a "
+                        "state beside them, a memory of its keys, an auxiliary loss, a cache), "
+                        "and the backward sent a gradient into it, which no hook of its outputs "
+                        "sees"
+                    )
                 if why is not None:
                     self._excluded.setdefault(name, why)
                 if name in self._excluded or not call.grads and module in self._captured:
@@ -3628,6 +3686,72 @@ def _named_covered(module: nn.Module, kind: str) -> list[tuple[str, nn.Parameter
         named += [(f"parametrizations.{n}", p)
                   for n, p in module.parametrizations.named_parameters()]  # type: ignore[union-attr]  # fmt: skip
     return [(n, p) for n, p in named if p.requires_grad]
+
+
+def _objects(obj: Any) -> list[Any]:
+    """The objects of one's own in ``obj`` (in its tuples, lists and dicts): neither tensors,
+    modules, containers nor classes, with attributes of their own (a cache object)."""
+    if isinstance(obj, dict):
+        obj = obj.values()
+    elif not isinstance(obj, (tuple, list)):
+        return []
+    found: list[Any] = []
+    for x in obj:
+        if isinstance(x, (tuple, list, dict)):
+            found += _objects(x)
+        elif not isinstance(x, (Tensor, nn.Module, type)) and hasattr(x, "__dict__"):
+            found.append(x)
+    return found
+
+
+def _reaches_own(start: tuple[Any, int], stop: set[Any], own: set[int]) -> bool:
+    """Whether autograd's graph from ``start`` (a node and its output) reaches a parameter
+    whose id is in ``own`` other than through ``stop``'s (node, output) pairs."""
+    todo, seen = [start], set()
+    while todo:
+        fn, k = todo.pop()
+        if fn is None or (fn, k) in stop or fn in seen:
+            continue
+        seen.add(fn)
+        if id(getattr(fn, "variable", None)) in own:
+            return True
+        todo.extend(fn.next_functions)
+    return False
+
+
+def _flag(flag: list[bool], grad: Tensor | None) -> None:
+    if grad is not None:
+        flag[0] = True
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    """What a copy of a measured module's hook does: nothing."""
+
+
+class _Hook:
+    """A measuring hook of a module (a method of the instrument). A deep copy of the module
+    made while it is measured (an EMA's or a target network's copy, of the model or of a
+    unit inside its forward) gets :func:`_nothing` in its place: the copy is not measured,
+    and the instrument is not copied with it (a copy of one's, kept by the model, was copied
+    again at the next step with its spent handles, which crashed the step: a review's)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _nothing
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _nothing_again, ()
+
+
+def _nothing_again() -> Any:
+    return _nothing
 
 
 def _detach(obj: Any) -> Any:
