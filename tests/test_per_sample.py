@@ -2092,7 +2092,8 @@ class Rebinding(nn.Module):
         self.aux = aux
 
     def forward(self, x, state, aux):
-        z = x @ self.w + state[0] @ self.u
+        before = state[0]
+        z = x @ self.w + before @ self.u
         h = torch.tanh(z)
         state[0] = h
         if self.aux == "keys":
@@ -2104,6 +2105,9 @@ class Rebinding(nn.Module):
         elif self.aux in ("attribute", "inspected"):  # (kept on the module: a mixture of
             self.kept = (z**2).sum(1)  # experts' aux_loss, or a statistic to look at)
             aux.append(self.kept if self.aux == "attribute" else torch.zeros_like(self.kept))
+        elif self.aux == "tar":  # (AWD-LSTM's temporal activation regularization, kept on the
+            self.kept = ((h - before) ** 2).sum(1)  # module: of its output and its state in,
+            aux.append(self.kept)  # the previous call's output, through their hooks)
         elif self.aux == "weights":  # (weights its output is computed from, kept to look at)
             self.kept = z.softmax(1)
             h = h * self.kept
@@ -2133,7 +2137,9 @@ class RebindingNet(nn.Module):
         # on all alike, cross-entropy would not see it)
 
 
-@pytest.mark.parametrize("aux", ["h", "z", "keys", "split", "attribute", "inspected", "weights"])
+@pytest.mark.parametrize(
+    "aux", ["h", "z", "keys", "split", "attribute", "inspected", "weights", "tar"]
+)
 def test_a_list_the_unit_puts_its_new_state_into_is_read_as_it_was(aux, caplog):
     """``state[0] = h`` inside the cell's forward: when its call was captured, the list held
     the new state, and its recomputation ran from that (3-8 % off at coverage 1, the checks
@@ -2145,10 +2151,13 @@ def test_a_list_the_unit_puts_its_new_state_into_is_read_as_it_was(aux, caplog):
     attends over, c split from h's node and kept in the state list, a mixture of experts'
     ``self.aux_loss``), takes a gradient no hook of its outputs sees (1-4 % off at coverage
     1, reviews'): left out, named. Kept and not used (a statistic or weights its output is
-    computed from, to look at; weight_norm's weight): exact."""
+    computed from, to look at; weight_norm's weight), or of its output and its state in (a
+    temporal activation regularizer: the state is the previous call's output, which the list
+    no longer holds; a walk from its arguments after the forward went on into that call, a
+    review's false positive): exact."""
     x, y = float_batch()
     torch.manual_seed(0)
-    left_out = () if aux in ("h", "inspected", "weights") else ("cell",)
+    left_out = () if aux in ("h", "inspected", "weights", "tar") else ("cell",)
     with caplog.at_level("WARNING"):
         measured_exactly(RebindingNet(aux).double(), x, y, left_out=left_out)
     if aux == "keys":  # (its keys feed its output too: told at once)
@@ -2157,6 +2166,22 @@ def test_a_list_the_unit_puts_its_new_state_into_is_read_as_it_was(aux, caplog):
         assert "leave out 'cell': its forward kept a tensor with a path" in caplog.text
     else:
         assert "leave out" not in caplog.text
+
+
+def test_a_model_the_user_compiled_is_measured(caplog):
+    """A model compiled by the user (``torch.compile`` of its own, not ``trainer.compile``):
+    dynamo traces the measuring hooks, where a weak reference and autograd's nodes broke its
+    guards (the step crashed: a review's). While it traces, they are not taken (the tensors a
+    unit keeps beside its outputs are not looked for then): exact at coverage 1. (Dynamo's
+    eager backend: the tracing is what broke, and inductor's code generation took 20 s.)"""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    model = PaddedSequences().double()
+    reference = _jacobian_rows(model, x, y)
+    with caplog.at_level("WARNING"):
+        last, staged = measure(torch.compile(model, backend="eager"), x, y)
+    assert staged["per_sample/coverage"] == 1 and "leave out" not in caplog.text
+    torch.testing.assert_close(last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0)
 
 
 class Averaged(nn.Module):

@@ -1387,7 +1387,14 @@ class PerSampleNorms(Callback):
         #: place leaves no input to compute from (taken back when its forward returns)
         self._entry_versions: dict[
             nn.Module,
-            tuple[Any, Any, list[int], list[weakref.ref[Tensor]], list[tuple[Any, dict]]],
+            tuple[
+                Any,
+                Any,
+                list[int],
+                list[weakref.ref[Tensor]] | None,
+                set[Any],
+                list[tuple[Any, dict]],
+            ],
         ] = {}
         #: a unit's inputs as its first pre-hook (ours) gets them, and its output as its first
         #: forward hook (ours) does, with their version counters (a stack per unit: a hook
@@ -1737,14 +1744,21 @@ class PerSampleNorms(Callback):
         if _in_backward():
             return
         self._in_forward[module] = self._in_forward.get(module, 0) + 1
+        tensors = _tensors((inputs, kwargs))
+        traced = torch.compiler.is_compiling()  # (a model the user compiled: no weak
+        # reference or autograd node while dynamo traces the hook, which crashed its guards)
         self._entry_versions[module] = (
             _map_tensors(inputs, Tensor.detach),  # (aliases: nothing of the step's graph kept)
             _map_tensors(kwargs, Tensor.detach),
             _versions((inputs, kwargs)),
             # (weak: a dead one's id, taken by a new tensor in its place, counted it as given)
-            [weakref.ref(t) for t in _tensors((inputs, kwargs))],
+            None if traced else [weakref.ref(t) for t in tensors],
+            # where autograd's graph enters it: a state it rebinds away (``state[0] = h``) is
+            # gone from its arguments by its capture, and a walk went on through it into the
+            # previous call, whose output's hook sees that (a review's false positive)
+            set() if traced else {(t.grad_fn, t.output_nr) for t in tensors if t.grad_fn},
             # objects of one's own among them (a cache), with their attributes
-            [(o, dict(vars(o))) for o in _objects((inputs, kwargs))],
+            [] if traced else [(o, dict(vars(o))) for o in _objects((inputs, kwargs))],
         )  # (those given by name too: one its forward changed in place was measured 45 % off
         # at coverage 1, each recomputation seeing it changed, and training moved with it; and
         # the containers' contents as they were: a state list a cell rebinds, ``state[0] = h``,
@@ -1828,7 +1842,7 @@ class PerSampleNorms(Callback):
         started = self._entry_versions.pop(module, None)
         versions, live = None, (args, kwargs)
         if started is not None:
-            args, kwargs, versions, refs, objects = started
+            args, kwargs, versions, refs, entries_at, objects = started
         if not outputs or self._batch == 0:  # (data-parallel: a rank without samples here)
             return
         name = self._names[module]
@@ -1844,9 +1858,14 @@ class PerSampleNorms(Callback):
         entries = self._at_entry.get(module)
         entry = entries.pop() if entries else None  # (its buffers as its forward began)
         why, hidden = None, cast(list[Tensor], [])
-        if started is not None:
+        if started is not None and refs is not None:
             found = self._hidden_output(
-                module, live, refs, objects + (entry[2] if entry is not None else []), outputs
+                module,
+                live,
+                refs,
+                entries_at,
+                objects + (entry[2] if entry is not None else []),
+                outputs,
             )
             why, hidden = (found, []) if isinstance(found, str) else (None, found)
         why = why or self._check(module, args, kwargs, outputs, output)
@@ -1955,13 +1974,15 @@ class PerSampleNorms(Callback):
         module: nn.Module,
         live: tuple[Any, Any],
         refs: list[weakref.ref[Tensor]],
+        inputs: set[Any],
         objects: list[tuple[Any, dict[str, Any]]],
         outputs: list[Tensor],
     ) -> str | list[Tensor]:
         """Why a unit's call cannot be measured, one of its own parameters passed to it as an
         input (a recomputation takes its inputs as constants: ``u(h, gain=u.g)``, 0.5 % off at
         coverage 1); or else the tensors its forward put into a list or dict it was given
-        (``live``: its arguments as they are now; ``refs``: the tensors it was given), into an
+        (``live``: its arguments as they are now; ``refs``: the tensors it was given, and
+        ``inputs``: the (node, output) pairs where autograd's graph entered them), into an
         attribute of its modules or of an object of one's own it was given (``objects``:
         theirs as its forward began), that have a path to its parameters other than through
         its outputs: where the step's backward sends a gradient into one (an LSTM cell of
@@ -1986,7 +2007,6 @@ class PerSampleNorms(Callback):
             return []
         # (by the node and its output: h and c split from one node, its output 0 returned and 1
         # kept in the list, stopped at the node, 3.9 % off at coverage 1: a review's)
-        inputs = {(t.grad_fn, t.output_nr) for t in given if id(t) in ids and t.grad_fn}
         stop = inputs | {(t.grad_fn, t.output_nr) for t in outputs if t.grad_fn is not None}
         hidden = [t for t in new if _reaches_own((t.grad_fn, t.output_nr), stop, own)]
         if not hidden:
