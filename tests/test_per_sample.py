@@ -2168,6 +2168,44 @@ def test_a_list_the_unit_puts_its_new_state_into_is_read_as_it_was(aux, caplog):
         assert "leave out" not in caplog.text
 
 
+class LazyTeacher(nn.Module):
+    """A teacher copy of a unit made on demand at the first forward (a deep copy, kept in a
+    plain list: not a module of the model), run without gradients beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.u, self.head = nn.Linear(D, D), Recursive(), nn.Linear(D, 3)
+        self.teacher: list[nn.Module] = []
+
+    def forward(self, x):
+        if not self.teacher:
+            self.teacher.append(copy.deepcopy(self.u))
+        h = torch.tanh(self.inp(x))
+        with torch.no_grad():
+            t = self.teacher[0](h)
+        return self.head(torch.tanh(self.u(h)) + 0.1 * t)
+
+
+def test_a_copy_made_on_demand_in_the_first_forward_is_not_measured(caplog):
+    """The first forward the instrument runs is its mixing check's: a copy made on demand
+    there copied that check's hooks, which raised for it, and every unit was left out at every
+    step (coverage 0: a review's). The check's hooks on a copy do nothing: exact at coverage
+    1 over 3 steps."""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    model = LazyTeacher().double()
+    cb = PerSampleNorms(1, loss="both")
+    for _ in range(3):  # (measured first: the reference's forward would make the copy)
+        with caplog.at_level("WARNING"):
+            last, staged = measure(model, x, y, cb=cb)
+        assert staged["per_sample/coverage"] == 1
+        reference = _jacobian_rows(model, x, y)
+        torch.testing.assert_close(
+            last["per_sample/grad_norm"].double(), reference, rtol=1e-5, atol=0
+        )
+    assert "leave out" not in caplog.text
+
+
 def test_a_model_the_user_compiled_is_measured(caplog):
     """A model compiled by the user (``torch.compile`` of its own, not ``trainer.compile``):
     dynamo traces the measuring hooks, where a weak reference and autograd's nodes broke its

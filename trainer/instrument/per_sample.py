@@ -2998,9 +2998,10 @@ class PerSampleNorms(Callback):
                             inside.append((_keyed(key, d), moved))
 
         handles = [h for _, m, _, _ in self.units if not scripted(m) for h in (
-            m.register_forward_pre_hook(enter, prepend=True),
-            m.register_forward_hook(record, prepend=True, with_kwargs=True),  # (before a
-            # user's hook replaces its output)
+            m.register_forward_pre_hook(_Hook(enter), prepend=True),
+            m.register_forward_hook(_Hook(record), prepend=True, with_kwargs=True),  # (before a
+            # user's hook replaces its output; a copy made in this forward, an EMA's made on
+            # demand: hooks that do nothing, which raised for it, every unit left out)
         )]  # fmt: skip
         # (copies: a forward normalizing its input in place must not change the batch)
         x = _map_tensors(batch.x, lambda t: t[:p].clone())
@@ -3124,8 +3125,9 @@ class PerSampleNorms(Callback):
 
         units = [m for _, m, _, kind in self.units
                  if kind in ("closed", "func") and not scripted(m)]  # fmt: skip
-        handles = [h for m in units for h in (m.register_forward_pre_hook(record, with_kwargs=True),
-                                              m.register_forward_hook(returned))]  # fmt: skip
+        handles = [h for m in units  # (a copy made in this forward: hooks that do nothing)
+                   for h in (m.register_forward_pre_hook(_Hook(record), with_kwargs=True),
+                             m.register_forward_hook(_Hook(returned)))]  # fmt: skip
         rows = torch.arange(p, device=batch.x.device) % b
         x = batch.x[rows]
         y = _map_tensors(batch.y, lambda t: t[rows.to(t.device)] if t.dim() else t)
