@@ -1744,27 +1744,32 @@ class PerSampleNorms(Callback):
         if _in_backward():
             return
         self._in_forward[module] = self._in_forward.get(module, 0) + 1
-        tensors = _tensors((inputs, kwargs))
-        traced = torch.compiler.is_compiling()  # (a model the user compiled: no weak
-        # reference or autograd node while dynamo traces the hook, which crashed its guards)
-        self._entry_versions[module] = (
-            _map_tensors(inputs, Tensor.detach),  # (aliases: nothing of the step's graph kept)
-            _map_tensors(kwargs, Tensor.detach),
-            _versions((inputs, kwargs)),
-            # (weak: a dead one's id, taken by a new tensor in its place, counted it as given)
-            None if traced else [weakref.ref(t) for t in tensors],
-            # where autograd's graph enters it: a state it rebinds away (``state[0] = h``) is
-            # gone from its arguments by its capture, and a walk went on through it into the
-            # previous call, whose output's hook sees that (a review's false positive)
-            set() if traced else {(t.grad_fn, t.output_nr) for t in tensors if t.grad_fn},
-            # objects of one's own among them (a cache), with their attributes
-            [] if traced else [(o, dict(vars(o))) for o in _objects((inputs, kwargs))],
-        )  # (those given by name too: one its forward changed in place was measured 45 % off
-        # at coverage 1, each recomputation seeing it changed, and training moved with it; and
-        # the containers' contents as they were: a state list a cell rebinds, ``state[0] = h``,
-        # held the new state when its call was captured, 3-8 % off at coverage 1: reviews')
-        if self._kind[module] == "closed":
+        versions = _versions((inputs, kwargs))
+        if self._kind[module] == "closed":  # (torch's layers: tensors in, one tensor out,
+            # nothing kept beside it; what follows cost ≈ 10 µs a call, a bench's)
+            self._entry_versions[module] = (inputs, kwargs, versions, None, set(), [])
             self._active[module] = self._active.get(module, 0) + 1
+        else:
+            tensors = _tensors((inputs, kwargs))
+            traced = torch.compiler.is_compiling()  # (a model the user compiled: no weak
+            # reference or autograd node while dynamo traces the hook: its guards crashed)
+            self._entry_versions[module] = (
+                _map_tensors(inputs, Tensor.detach),  # (aliases: nothing of its graph kept)
+                _map_tensors(kwargs, Tensor.detach),
+                versions,
+                # (weak: a dead one's id, taken by a new tensor in its place, counted as given)
+                None if traced else [weakref.ref(t) for t in tensors],
+                # where autograd's graph enters it: a state it rebinds away (``state[0] = h``)
+                # is gone from its arguments by its capture, and a walk went on through it
+                # into the previous call, whose output's hook sees that (a review's)
+                set() if traced else {(t.grad_fn, t.output_nr) for t in tensors if t.grad_fn},
+                # objects of one's own among them (a cache), with their attributes
+                [] if traced else [(o, dict(vars(o))) for o in _objects((inputs, kwargs))],
+            )  # (those given by name too: one its forward changed in place was measured 45 %
+            # off at coverage 1, each recomputation seeing it changed, and training moved with
+            # it; and the containers' contents as they were: a state list a cell rebinds,
+            # ``state[0] = h``, held the new state when its call was captured, 3-8 % off at
+            # coverage 1: reviews')
         stack = self._given.get(module)
         if not stack:
             return
