@@ -394,6 +394,34 @@ def _sample_inputs(
     return [r if d is None else next(given).unsqueeze(d) for r, d in zip(rest, dims, strict=True)]
 
 
+def _batched(rest: tuple[Tensor, ...], dims: list[int | None]) -> tuple[list[Tensor], list[int]]:
+    """A generic unit's other tensor inputs that hold the batch, and the dimension of each:
+    what vmap maps over beside its first input."""
+    pairs = [(r, k) for r, k in zip(rest, dims, strict=True) if k is not None]
+    return [r for r, _ in pairs], [k for _, k in pairs]
+
+
+def _one_sample(
+    call: _Call,
+    state: dict[str, Tensor],
+    first: Tensor,
+    rest: tuple[Tensor, ...],
+    dims: list[int | None],
+    rows: Sequence[Tensor],
+) -> list[Tensor]:
+    """A generic unit's outputs that took a gradient in the step, its forward run on one
+    sample (under vmap: its first input ``first`` and its batched inputs' ``rows``, the
+    others whole) with parameters and buffers ``state``."""
+    others = _sample_inputs(rest, dims, rows)
+    result = functional_call(
+        call.unit, state, *_call_inputs(call, first.unsqueeze(call.dim), others)
+    )
+    outs = _outputs_of(result, call)
+    if outs is None:
+        raise ValueError("its forward on one sample gives other outputs")
+    return outs
+
+
 def _call_inputs(call: _Call, first: Tensor, others: Sequence[Tensor]) -> tuple[tuple, dict]:
     """A generic unit's arguments from its first input and its other tensor inputs
     ``others``, in the order :func:`_inputs_in` gives them, put where the call had them."""
@@ -2360,25 +2388,17 @@ class PerSampleNorms(Callback):
         batched inputs' rows, the others whole), by vmap without gradients, each stacked along
         its batch dimension as in ``outs``, the batch's (a squeezed one compared without its
         sizes of 1)."""
-        module, d = call.unit, call.dim
+        d = call.dim
         weights = {n: t.detach() for n, t in leaf.items()}
         rows = [out.narrow(d, 0, 1).shape for out in outs]
 
         def one(ai: Tensor, *ri: Tensor) -> tuple[Tensor, ...]:
-            others = _sample_inputs(rest, dims, ri)
-            alone = functional_call(
-                module, {**weights, **buffers}, *_call_inputs(call, ai.unsqueeze(d), others)
-            )
-            got = _outputs_of(alone, call)
-            if got is None:
-                raise ValueError("its forward on one sample gives other outputs")
+            got = _one_sample(call, {**weights, **buffers}, ai, rest, dims, ri)
             return tuple(o.reshape(row).squeeze(d) for o, row in zip(got, rows, strict=True))
 
-        given = [(r, k) for r, k in zip(rest, dims, strict=True) if k is not None]
+        given, in_dims = _batched(rest, dims)
         with torch.no_grad():
-            return vmap(one, in_dims=(d, *[k for _, k in given]), out_dims=d)(
-                a, *[r for r, _ in given]
-            )
+            return vmap(one, in_dims=(d, *in_dims), out_dims=d)(a, *given)
 
     def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         module = call.unit
@@ -2406,13 +2426,7 @@ class PerSampleNorms(Callback):
                 *ri: Tensor,
                 bufs: dict[str, Tensor] = buffers,
             ) -> Tensor:
-                others = _sample_inputs(rest, dims, ri)
-                result = functional_call(
-                    module, {**p, **bufs}, *_call_inputs(call, ai.unsqueeze(d), others)
-                )
-                outs = _outputs_of(result, call)
-                if outs is None:
-                    raise ValueError("its forward on one sample gives other outputs")
+                outs = _one_sample(call, {**p, **bufs}, ai, rest, dims, ri)
                 root = _outputs_root(outs, [gk.unsqueeze(d) for gk in gi])
                 return root if root is not None else ai.new_zeros((), dtype=dtype)
 
@@ -2421,9 +2435,8 @@ class PerSampleNorms(Callback):
             # next measurement; torch.func's grad differentiates inside no_grad all the same)
             with torch.no_grad():
                 try:
-                    given = [(r, k) for r, k in zip(rest, dims, strict=True) if k is not None]
-                    in_dims = (None, d, d, *[k for _, k in given])
-                    return vmap(grad(inner), in_dims=in_dims)(leaf, a, g, *[r for r, _ in given])
+                    given, in_dims = _batched(rest, dims)
+                    return vmap(grad(inner), in_dims=(None, d, d, *in_dims))(leaf, a, g, *given)
                 except Exception as e:  # noqa: BLE001 (vmap's own refusals: checked below)
                     if "randomness" in str(e):  # (a draw: left out by the caller)
                         raise
