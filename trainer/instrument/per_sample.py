@@ -2027,7 +2027,10 @@ class PerSampleNorms(Callback):
         own = {id(p) for p in self._covers[module]}
         given = _tensors(live)
         if any(id(t) in own or id(t._base) in own for t in given):
-            return "one of its own parameters is passed to it as an input"
+            return (  # (or put into a list it was given, where the walk below would see it)
+                "one of its own parameters is passed to it as an input, or put into a list or "
+                "dict it was given"
+            )
         ids = {id(t) for r in refs if (t := r()) is not None}  # (those still alive)
         listed = [t for t in given if id(t) not in ids and t.requires_grad]
         new = listed + [
