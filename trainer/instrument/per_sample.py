@@ -573,6 +573,11 @@ class _OutsideUses(TorchFunctionMode):
         #: set while the instrument's own forward hooks run: their calls (detach, shape checks,
         #: register_hook, a tensor's properties) are not the model's, and pass straight through
         self.paused = False
+        #: units of one's own whose calls' parameter uses are kept (:func:`_own_edges`), and,
+        #: per unit, the autograd nodes of the results of each function that took one of its
+        #: parameters while its forward ran (taken by its forward hook)
+        self.watched: set[nn.Module] = set()
+        self.uses: dict[nn.Module, list[Any]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = func(*args, **kwargs) if kwargs else func(*args)
@@ -602,9 +607,16 @@ class _OutsideUses(TorchFunctionMode):
             units_of, active = self.units_of, self.active
             for t in _tensors((args, kwargs) if kwargs else args):
                 units = units_of.get(id(t))
-                if units and not any(active.get(u) for u in units):
+                if not units:
+                    continue
+                if not any(active.get(u) for u in units):
                     for unit in units:  # every unit the parameter is registered in
                         self.outside.setdefault(unit, getattr(func, "__name__", str(func)))
+                    continue
+                for unit in units:
+                    if unit in self.watched and active.get(unit):
+                        nodes = self.uses.setdefault(unit, [])
+                        nodes.extend(o.grad_fn for o in _tensors(out) if o.grad_fn is not None)
         return out
 
 
@@ -1157,6 +1169,10 @@ class _Call:
     #: (unit name, call within the forward, (its first input's shape, its other inputs'
     #: slots and shapes)) while which of those hold the batch is not known yet
     sizes: tuple[str, int, Any] | None = None
+    #: a unit of one's own: the gradient the step's backward handed its parameters from the
+    #: nodes its call made (by name; none yet: {}), whichever way it came, through its
+    #: outputs or a tensor kept elsewhere (:meth:`PerSampleNorms._watch`); None: not watched
+    real: dict[str, Tensor] | None = None
 
     def moved(self) -> bool:
         return _versions((self.args, self.kwargs)) != self.versions
@@ -1383,6 +1399,7 @@ class PerSampleNorms(Callback):
         #: inner's again: 16 % off at coverage 1, a review's)
         self._in_forward: dict[nn.Module, int] = {}
         self._recursive: set[nn.Module] = set()
+        self._watched: set[nn.Module] = set()  # (set in on_fit_start)
         self._batch = 0  # samples in the measured micro-batch
         self._sq: dict[int, Tensor] = {}  # id(param) -> (B,) squared norms, this micro-batch
         self._calls: list[_Call] = []
@@ -1442,7 +1459,9 @@ class PerSampleNorms(Callback):
         #: call under way, those buffers' copies and state as its forward was entered
         self._buffered: set[nn.Module] = set()
         self._scripted: list[tuple[str, nn.Module]] = []  # (set in on_fit_start)
-        self._at_entry: dict[nn.Module, list[tuple[dict[str, Tensor], dict[str, Any], Any]]] = {}
+        self._at_entry: dict[
+            nn.Module, list[tuple[dict[str, Tensor], dict[str, Any], Any, int | None]]
+        ] = {}
         self._captured: set[nn.Module] = set()  # units whose per-sample part was added
         #: id(param) of the units' parameters the measured micro-batch's backward reached (a
         #: hook on each while it runs): a unit neither captured nor reached had 0 per sample
@@ -1517,6 +1536,11 @@ class PerSampleNorms(Callback):
             for p in own:
                 self._units_by_param.setdefault(id(p), []).append(m)
         self._param_by_id = {id(p): p for _, _, own, _ in self.units for p in own}
+        #: the units of one's own whose calls' gradients are watched at their parameters
+        #: (:meth:`_watch`): generic ones of classes not torch's
+        self._watched = {
+            m for _, m, _, kind in self.units if kind == "func" and not _torchs(m) and not _cell(m)
+        }
         #: TorchScript units: no hook can be registered on them, left out on every step
         self._scripted = [(n, m) for n, m, _, _ in self.units if scripted(m)]
         self._buffered = {m for _, m, _, _ in self.units if next(m.buffers(), None) is not None}
@@ -1660,6 +1684,7 @@ class PerSampleNorms(Callback):
             self._mode_depth += 1  # (a second one, entered over it, was the one left)
             return
         self._mode = _OutsideUses(self._units_by_param, self._active, self._mix)
+        self._mode.watched = self._watched
         self._mode.__enter__()
 
     def _mix(self, name: str) -> None:
@@ -1758,6 +1783,9 @@ class PerSampleNorms(Callback):
                 _buffer_copies(module) if module in self._buffered else {},
                 _buffer_state(module) if module in self._buffered else {},
                 plain_attributes(module),
+                # (the first autograd node its call makes: before its pre-hooks', whose
+                # computed weight is part of it, weight_norm's)
+                None if _next_node is None or torch.compiler.is_compiling() else _next_node(),
             )
             self._at_entry.setdefault(module, []).append(entry)
 
@@ -1873,6 +1901,7 @@ class PerSampleNorms(Callback):
         gradients."""
         outputs = [t for t in _tensors(output) if t.requires_grad]
         started = self._entry_versions.pop(module, None)
+        uses = self._mode.uses.pop(module, []) if self._mode is not None else []
         versions, live = None, (args, kwargs)
         if started is not None:
             args, kwargs, versions, refs, entries_at, objects = started
@@ -1997,10 +2026,26 @@ class PerSampleNorms(Callback):
             kept=[i for i, t in enumerate(_tensors(output)) if t.requires_grad],
         )  # fmt: skip
         self._calls.append(call)
+        if entry is not None and entry[3] is not None and module in self._watched:
+            self._watch(call, entry[3], outputs, uses)
         for k, t in enumerate(outputs):
             t.register_hook(lambda g, c=call, k=k: self._on_output_grad(c, k, g))
         for t in hidden:  # (a flag, not the call: such a tensor may outlive the step)
             t.register_hook(partial(_flag, call.hidden))
+
+    def _watch(self, call: _Call, since: int, outputs: list[Tensor], uses: list[Any]) -> None:
+        """Hooks on the autograd nodes a unit's call made (numbered from ``since``) that hand
+        a gradient to its parameters, found from its outputs and from each function that took
+        one of them while its forward ran (its model's mode saw those): what the step's
+        backward hands them, through its outputs or through a tensor its forward kept
+        elsewhere (a list attribute, a buffer, a global, an attribute also used after its
+        forward), is summed into ``call.real``, which :meth:`_sums_differ` compares with the
+        gradient of its outputs' alone."""
+        starts = [t.grad_fn for t in outputs if t.grad_fn is not None] + uses
+        own = {id(p): n for n, p in _named_covered(call.unit, self._kind[call.unit])}
+        call.real = {}
+        for node, places in _own_edges(starts, since, own).items():
+            node.register_hook(partial(_take, call.real, places))
 
     def _hidden_output(
         self,
@@ -2320,21 +2365,23 @@ class PerSampleNorms(Callback):
                     "its forward run again on the batch gives outputs of other shapes "
                     f"({[tuple(t.shape) for t in _tensors(result)]}, not {shapes})"
                 )
-            if root is None:
-                return None  # (its parameters do not reach its outputs: 0 on both sides)
+            if root is None:  # (its parameters do not reach its outputs: 0 on both sides,
+                # unless the step's backward reached them another way)
+                zeros = {n: torch.zeros_like(p) for n, p in leaf.items()}
+                other = self._elsewhere(call, zeros, per_sample, a.shape[call.dim])
+                # host read: one per unit of one's own per measured micro-batch
+                return ELSEWHERE if other is not None and bool(other) else None
             got = torch.autograd.grad(root, list(leaf.values()), allow_unused=True)
-        triples = [
-            (
-                per_sample[n].sum(0),
-                torch.zeros_like(leaf[n]) if b is None else b.detach(),
-                per_sample[n].abs().sum(0),
-            )
+        batch_grads = {
+            n: torch.zeros_like(leaf[n]) if b is None else b.detach()
             for n, b in zip(leaf, got, strict=True)
-        ]
+        }
+        triples = [(per_sample[n].sum(0), batch_grads[n], per_sample[n].abs().sum(0)) for n in leaf]
         # (both sides in the parameters' dtype, from the same G, cast exactly: with bfloat16's
         # √ε under autocast, a clip of 0.91 was 4.7 % off at coverage 1, a review's)
         loose = _loose(a.device, dtype)
         apart = _sums_apart(triples, loose, a.shape[call.dim])
+        other = self._elsewhere(call, batch_grads, per_sample, a.shape[call.dim])
         # each sample alone by value too, whatever G is: where the step's output gradient is
         # the same row for every sample (a critic's loss linear in its output), a wrong
         # per-sample input (a table of B rows that is no sample's, sliced) kept the sum, and
@@ -2353,9 +2400,10 @@ class PerSampleNorms(Callback):
             for rows, kept in zip(alone, batch, strict=True)
         ]).any()  # fmt: skip
         # host read: one per unit of one's own per measured micro-batch
-        sums_apart, rows_apart = torch.stack([apart, off]).tolist()
+        flags = [apart, off] if other is None else [apart, off, other]
+        sums_apart, rows_apart, *elsewhere = torch.stack(flags).tolist()
         if not (sums_apart or rows_apart):
-            return None
+            return ELSEWHERE if any(elsewhere) else None
         found = []
         if rows_apart:
             found.append("each sample run alone gives another output than its row of the batch")
@@ -2376,6 +2424,30 @@ class PerSampleNorms(Callback):
                 "before a softmax)"
             )
         return why + " (left out on such a micro-batch; checked at each)"
+
+    def _elsewhere(
+        self, call: _Call, batch: dict[str, Tensor], per_sample: dict[str, Tensor], n: int
+    ) -> Tensor | None:
+        """Whether the gradient the step's backward handed a watched call's parameters
+        (``call.real``, from the nodes its call made) differs from ``batch``, its outputs'
+        alone (their gradients in the step, through its forward run again), on the device;
+        None where the call is not watched. Within √ε of the parameters' dtype as
+        :func:`_sums_apart` applies it (``per_sample``'s Σᵢ |gᵢ|), or of autocast's dtype where
+        its forward ran under autocast (the step computed in it, the run again in the
+        parameters' dtype from the step's input)."""
+        real = call.real
+        if real is None:
+            return None
+        first = next(iter(batch.values()))
+        dtypes = [first.dtype]
+        if call.autocast is not None:
+            dtypes.append(call.autocast[1])
+        triples = [
+            (real[k].to(b.dtype) if k in real else torch.zeros_like(b), b,
+             per_sample[k].abs().sum(0))
+            for k, b in batch.items()
+        ]  # fmt: skip
+        return _sums_apart(triples, _loose(first.device, *dtypes), n)
 
     def _rows_alone(
         self,
@@ -3760,6 +3832,56 @@ def _reaches_own(start: tuple[Any, int], stop: set[Any], own: set[int]) -> bool:
             return True
         todo.extend(fn.next_functions)
     return False
+
+
+#: why a unit of one's own is left out where the step's backward handed its parameters
+#: another gradient than its outputs' alone (:meth:`PerSampleNorms._elsewhere`)
+ELSEWHERE = (
+    "the step's backward handed its parameters another gradient than its outputs' alone: a "
+    "tensor its forward kept with a path to them (in a list attribute, a buffer, a global, an "
+    "object it was given, an attribute also used after its forward) got a gradient that no "
+    "hook of its outputs sees (left out on such a micro-batch; checked at each)"
+)
+
+#: the sequence number autograd gives the next node it makes (nodes are numbered in the
+#: order a thread makes them); None where this torch has no such function: no call's
+#: gradient is then watched at its parameters (:func:`_own_edges`)
+_next_node = getattr(torch._C._autograd, "_get_sequence_nr", None)
+
+
+def _own_edges(starts: Sequence[Any], since: int, own: dict[int, str]) -> dict[Any, list]:
+    """The autograd nodes a unit's call made (numbered from ``since``) that hand a gradient
+    to one of its parameters (``own``: id -> its name), found from ``starts`` (its outputs'
+    nodes, and those of the results of each function that took one of its parameters), with
+    the places of those parameters among each node's next functions and their names."""
+    found: dict[Any, list[tuple[int, str]]] = {}
+    todo, seen = list(starts), set()
+    while todo:
+        fn = todo.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        if fn._sequence_nr() < since:  # (made before the call: its input's graph)
+            continue
+        for j, (nxt, _) in enumerate(fn.next_functions):
+            if nxt is None:
+                continue
+            leaf = getattr(nxt, "variable", None)  # (a leaf's gradient sink: AccumulateGrad)
+            if leaf is None:
+                todo.append(nxt)
+            elif id(leaf) in own:
+                found.setdefault(fn, []).append((j, own[id(leaf)]))
+    return found
+
+
+def _take(real: dict[str, Tensor], places: list[tuple[int, str]], grads: tuple, _: tuple) -> None:
+    """A node hook: adds the gradients a node of a unit's call hands its parameters (at
+    ``places``: (index among its next functions, parameter name)) to ``real``."""
+    for j, name in places:
+        g = grads[j]
+        if g is not None:
+            g = g.detach()
+            real[name] = g if name not in real else real[name] + g
 
 
 def _flag(flag: list[bool], grad: Tensor | None) -> None:
