@@ -2432,22 +2432,53 @@ class PerSampleNorms(Callback):
         (``call.real``, from the nodes its call made) differs from ``batch``, its outputs'
         alone (their gradients in the step, through its forward run again), on the device;
         None where the call is not watched. Within √ε of the parameters' dtype as
-        :func:`_sums_apart` applies it (``per_sample``'s Σᵢ |gᵢ|), or of autocast's dtype where
-        its forward ran under autocast (the step computed in it, the run again in the
-        parameters' dtype from the step's input)."""
+        :func:`_sums_apart` applies it (``per_sample``'s Σᵢ |gᵢ|). Under autocast, its forward
+        runs again as the step's did instead (its inputs in their dtypes, under the same
+        autocast: the same roundings), within 2ε of autocast's dtype (an order of summation
+        the device may change; compared with ``batch``, computed in the parameters' dtype,
+        √ε of bfloat16 let a path of 0.05 % of the norms through, this session's probe)."""
         real = call.real
         if real is None:
             return None
         first = next(iter(batch.values()))
-        dtypes = [first.dtype]
+        loose = _loose(first.device, first.dtype)
         if call.autocast is not None:
-            dtypes.append(call.autocast[1])
+            batch = self._as_the_step(call, {k: b.dtype for k, b in batch.items()})
+            loose = max(loose, 2 * torch.finfo(call.autocast[1]).eps)
         triples = [
             (real[k].to(b.dtype) if k in real else torch.zeros_like(b), b,
              per_sample[k].abs().sum(0))
             for k, b in batch.items()
         ]  # fmt: skip
-        return _sums_apart(triples, _loose(first.device, *dtypes), n)
+        return _sums_apart(triples, loose, n)
+
+    def _as_the_step(self, call: _Call, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
+        """A generic unit call's gradient from its outputs alone, its forward run again as the
+        step ran it: on copies of its inputs in their dtypes and of its buffers as it began,
+        from its attributes as it began, under its autocast; by parameter name."""
+        module = call.unit
+        leaf = {
+            n: p.detach().clone().requires_grad_()
+            for n, p in _named_covered(module, self._kind[module])
+        }
+        set_plain_attributes(call.attributes)
+        fresh = {n: b.clone() for n, b in call.buffers.items()}
+        with torch.enable_grad(), call.autocast_again():
+            result = functional_call(module, {**leaf, **fresh}, _copies(call.args),
+                                     _copies(call.kwargs))  # fmt: skip
+            outs = _outputs_of(result, call)
+            root = None
+            if outs is not None:
+                root = _outputs_root(outs, [call.grads.get(k) for k in range(len(outs))])
+            got = (
+                [None] * len(leaf)
+                if root is None
+                else torch.autograd.grad(root, list(leaf.values()), allow_unused=True)
+            )
+        return {
+            n: torch.zeros_like(p, dtype=dtypes[n]) if g is None else g.to(dtypes[n])
+            for (n, p), g in zip(leaf.items(), got, strict=True)
+        }
 
     def _rows_alone(
         self,
