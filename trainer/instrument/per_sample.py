@@ -2042,10 +2042,12 @@ class PerSampleNorms(Callback):
         forward), is summed into ``call.real``, which :meth:`_sums_differ` compares with the
         gradient of its outputs' alone."""
         starts = [t.grad_fn for t in outputs if t.grad_fn is not None] + uses
-        own = {id(p): n for n, p in _named_covered(call.unit, self._kind[call.unit])}
+        names = {id(p): n for n, p in _named_covered(call.unit, self._kind[call.unit])}
+        own = {id(p): p for p in self._covers[call.unit]}
         call.real = {}
         for node, places in _own_edges(starts, since, own).items():
-            node.register_hook(partial(_take, call.real, places))
+            at = [(j, names[id(p)], p.dtype) for j, p in places]
+            node.register_hook(partial(_take, call.real, at))
 
     def _hidden_output(
         self,
@@ -3880,12 +3882,18 @@ ELSEWHERE = (
 _next_node = getattr(torch._C._autograd, "_get_sequence_nr", None)
 
 
-def _own_edges(starts: Sequence[Any], since: int, own: dict[int, str]) -> dict[Any, list]:
+def _own_edges(starts: Sequence[Any], since: int, own: dict[int, Tensor]) -> dict[Any, list]:
     """The autograd nodes a unit's call made (numbered from ``since``) that hand a gradient
-    to one of its parameters (``own``: id -> its name), found from ``starts`` (its outputs'
-    nodes, and those of the results of each function that took one of its parameters), with
-    the places of those parameters among each node's next functions and their names."""
-    found: dict[Any, list[tuple[int, str]]] = {}
+    to one of its parameters (``own``: id -> the parameter), found from ``starts`` (its
+    outputs' nodes, and those of the results of each function that took one of its
+    parameters), with the places (index among each node's next functions, the parameter)
+    through which they do. A cast of a parameter (autocast's, ``w.to(torch.bfloat16)``) is
+    not such a node, its consumers are: autocast keeps one cast of a parameter for its whole
+    region (its cache), made by the first call that used it and used by every call after,
+    whose gradients it sums (a hook there gave the first call all of them, the others none:
+    a review's, a unit called twice under bfloat16 left out); at each consumer, the gradient
+    its cast would pass on is the one handed to it, in the parameter's dtype."""
+    found: dict[Any, list[tuple[int, Tensor]]] = {}
     todo, seen = list(starts), set()
     while todo:
         fn = todo.pop()
@@ -3899,19 +3907,35 @@ def _own_edges(starts: Sequence[Any], since: int, own: dict[int, str]) -> dict[A
                 continue
             leaf = getattr(nxt, "variable", None)  # (a leaf's gradient sink: AccumulateGrad)
             if leaf is None:
-                todo.append(nxt)
+                cast = _cast_of(nxt, own)
+                if cast is None:
+                    todo.append(nxt)
+                else:
+                    found.setdefault(fn, []).append((j, cast))
             elif id(leaf) in own:
-                found.setdefault(fn, []).append((j, own[id(leaf)]))
+                found.setdefault(fn, []).append((j, leaf))
     return found
 
 
-def _take(real: dict[str, Tensor], places: list[tuple[int, str]], grads: tuple, _: tuple) -> None:
+def _cast_of(fn: Any, own: dict[int, Tensor]) -> Tensor | None:
+    """The parameter in ``own`` that ``fn`` casts (a ``_to_copy``'s node whose one next
+    function is that parameter's gradient sink), or None."""
+    if type(fn).__name__ != "ToCopyBackward0":
+        return None
+    nxt = fn.next_functions
+    if len(nxt) != 1 or nxt[0][0] is None:
+        return None
+    return own.get(id(getattr(nxt[0][0], "variable", None)))
+
+
+def _take(real: dict[str, Tensor], places: list[tuple[int, str, torch.dtype]], grads: tuple,
+          _: tuple) -> None:  # fmt: skip
     """A node hook: adds the gradients a node of a unit's call hands its parameters (at
-    ``places``: (index among its next functions, parameter name)) to ``real``."""
-    for j, name in places:
+    ``places``: (index among its next functions, parameter name, its dtype)) to ``real``."""
+    for j, name, dtype in places:
         g = grads[j]
         if g is not None:
-            g = g.detach()
+            g = g.detach().to(dtype)
             real[name] = g if name not in real else real[name] + g
 
 
