@@ -2043,7 +2043,7 @@ class PerSampleNorms(Callback):
         gradient of its outputs' alone."""
         starts = [t.grad_fn for t in outputs if t.grad_fn is not None] + uses
         names = {id(p): n for n, p in _named_covered(call.unit, self._kind[call.unit])}
-        own = {id(p): p for p in self._covers[call.unit]}
+        own: dict[int, Tensor] = {id(p): p for p in self._covers[call.unit]}
         call.real = {}
         for node, places in _own_edges(starts, since, own).items():
             at = [(j, names[id(p)], p.dtype) for j, p in places]
