@@ -1173,6 +1173,11 @@ class _Call:
     #: nodes its call made (by name; none yet: {}), whichever way it came, through its
     #: outputs or a tensor kept elsewhere (:meth:`PerSampleNorms._watch`); None: not watched
     real: dict[str, Tensor] | None = None
+    #: a generic unit of one's own: the gradient of its outputs alone for its parameters (its
+    #: forward run again), each with its samples' Σᵢ |gᵢ|, by name, and the tolerance they
+    #: were compared with (:meth:`PerSampleNorms._elsewhere`); empty: none reached them
+    batch: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    loose: float = 0.0
 
     def moved(self) -> bool:
         return _versions((self.args, self.kwargs)) != self.versions
@@ -1400,6 +1405,11 @@ class PerSampleNorms(Callback):
         self._in_forward: dict[nn.Module, int] = {}
         self._recursive: set[nn.Module] = set()
         self._watched: set[nn.Module] = set()  # (set in on_fit_start)
+        #: id(param) of the parameters whose every unit is watched and that no regularizer of
+        #: the trainer's reaches, and, on a measured micro-batch, the gradient the backward
+        #: handed each in all (:meth:`_totals_differ`)
+        self._totaled: set[int] = set()
+        self._total: dict[int, Tensor] = {}
         self._batch = 0  # samples in the measured micro-batch
         self._sq: dict[int, Tensor] = {}  # id(param) -> (B,) squared norms, this micro-batch
         self._calls: list[_Call] = []
@@ -1621,6 +1631,18 @@ class PerSampleNorms(Callback):
         self._hooked.clear()
         self._at_entry.clear()
         self._grads_before.clear()
+        self._total.clear()
+        regularized = {
+            id(p)
+            for r in getattr(getattr(trainer, "objective", None), "regularizers", ())
+            for p in [*r.params, *(q for _, q in getattr(r, "_frozen", ()))]
+        }
+        self._totaled = {
+            id(p)
+            for p in self._params
+            if id(p) not in regularized
+            and all(u in self._watched for u in self._units_by_param.get(id(p), ()))
+        }
         for p in self._params:  # which parameters this backward reaches (the data
             if p.requires_grad:  # parallel all-reduce writes an unused one's without it)
                 self._handles.append(p.register_hook(partial(self._reach, id(p))))
@@ -1751,6 +1773,9 @@ class PerSampleNorms(Callback):
 
     def _reach(self, key: int, grad: Tensor) -> None:
         self._reached.add(key)
+        if key in self._totaled:  # (the whole gradient this backward hands it)
+            g = grad.detach()
+            self._total[key] = g if key not in self._total else self._total[key] + g
 
     def _grad_written(self, p: Tensor) -> bool:
         """Whether ``p``'s gradient changed during the micro-batch without its hook (one
@@ -2439,18 +2464,19 @@ class PerSampleNorms(Callback):
         autocast: the same roundings), within 2ε of autocast's dtype (an order of summation
         the device may change; compared with ``batch``, computed in the parameters' dtype,
         √ε of bfloat16 let a path of 0.05 % of the norms through, this session's probe)."""
-        real = call.real
-        if real is None:
-            return None
         first = next(iter(batch.values()))
         loose = _loose(first.device, first.dtype)
         if call.autocast is not None:
             batch = self._as_the_step(call, {k: b.dtype for k, b in batch.items()})
             loose = max(loose, 2 * torch.finfo(call.autocast[1]).eps)
+        call.batch = {k: (b, per_sample[k].abs().sum(0)) for k, b in batch.items()}
+        call.loose = loose  # (and for :meth:`_totals_differ`, after every call)
+        real = call.real
+        if real is None:
+            return None
         triples = [
-            (real[k].to(b.dtype) if k in real else torch.zeros_like(b), b,
-             per_sample[k].abs().sum(0))
-            for k, b in batch.items()
+            (real[k].to(b.dtype) if k in real else torch.zeros_like(b), b, spread)
+            for k, (b, spread) in call.batch.items()
         ]  # fmt: skip
         return _sums_apart(triples, loose, n)
 
@@ -2481,6 +2507,65 @@ class PerSampleNorms(Callback):
             n: torch.zeros_like(p, dtype=dtypes[n]) if g is None else g.to(dtypes[n])
             for (n, p), g in zip(leaf.items(), got, strict=True)
         }
+
+    def _totals_differ(self) -> None:
+        """Leaves out the units of a parameter whose whole gradient in the step's backward
+        (its hook's, :meth:`_reach`) is not the sum of its units' calls' gradients from their
+        outputs alone (:attr:`_Call.batch`): a path no hook of an output sees and no node a
+        call made shows (a tensor kept from an earlier step's forward and read in this one's
+        loss, 52 % off at coverage 1; a side branch made by a custom autograd Function or
+        under vmap inside the forward, whose results no mode sees with a node, 2.6 %; a unit
+        called outside the model's forward, in the loss, 0.7 %: a review's), or a use of it
+        in the loss. For the parameters whose every unit is a watched unit of one's own, where
+        no regularizer of the trainer's reaches them (its gradient joins the same backward):
+        :attr:`_totaled`. Within the calls' tolerance as :func:`_sums_apart` applies it. One
+        host read per measured micro-batch where there is any."""
+        if not self._total:
+            return
+        expected: dict[int, list[Tensor]] = {}
+        loose = 0.0
+        for call in self._calls:
+            if not call.batch:
+                continue
+            named = dict(_named_covered(call.unit, self._kind[call.unit]))
+            for n, (b, spread) in call.batch.items():
+                key = id(named[n])
+                if key not in expected:
+                    expected[key] = [torch.zeros_like(b), torch.zeros_like(b)]
+                expected[key][0] = expected[key][0] + b
+                expected[key][1] = expected[key][1] + spread
+            loose = max(loose, call.loose)
+        keys, triples = [], []
+        for key, total in self._total.items():
+            units = self._units_by_param.get(key, [])
+            if not units or any(
+                self._names[u] in self._excluded or u not in self._captured for u in units
+            ):
+                continue  # (left out already, or no call of them measured)
+            b, spread = expected.get(key) or (torch.zeros_like(total), torch.zeros_like(total))
+            got = total.to_dense() if total.is_sparse else total
+            keys.append(key)
+            triples.append((got.to(b.dtype), b, spread))
+        self._total.clear()
+        if not triples:
+            return
+        loose = loose or _loose(triples[0][1].device, triples[0][1].dtype)
+        flags = [_sums_apart([t], loose, self._batch) for t in triples]
+        # host read: one per measured micro-batch with such parameters
+        for key, apart in zip(keys, torch.stack(flags).tolist(), strict=True):
+            if not apart:
+                continue
+            param = self._param_names.get(key, "a parameter")
+            for unit in self._units_by_param[key]:
+                self._excluded.setdefault(
+                    self._names[unit],
+                    f"the step's backward handed {param} another gradient than its calls' "
+                    "outputs' alone: a tensor kept with a path to it got a gradient no hook of "
+                    "their outputs sees (kept from an earlier step, made by a custom autograd "
+                    "Function or under vmap inside its forward, or by a call outside the "
+                    "model's forward), the loss uses it directly, or a hook on it changes its "
+                    "gradient (left out on such a micro-batch; checked at each)",
+                )
 
     def _rows_alone(
         self,
@@ -2908,6 +2993,7 @@ class PerSampleNorms(Callback):
                         key = id(covered[n])
                         self._shared[key] = v if key not in self._shared else self._shared[key] + v
                 self._captured.add(module)
+        self._totals_differ()
         self._calls.clear()
         self._finish_shared()
         for name, m, own, _ in self.units:  # coverage counts what was captured, not visited
