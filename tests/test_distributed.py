@@ -312,6 +312,39 @@ class CharLSTM(torch.nn.Module):
         return self.head(out.transpose(0, 1))
 
 
+class OwnCell(torch.nn.Module):
+    """An RNN cell of one's own: h' = tanh(x Wx + h Wh + b)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.wx = torch.nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.wh = torch.nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.b = torch.nn.Parameter(torch.zeros(d))
+
+    def forward(self, x, h):
+        return torch.tanh(x @ self.wx + h @ self.wh + self.b)
+
+
+class CharOwnCell(torch.nn.Module):
+    """Embedding -> a cell of one's own unrolled over the tokens -> next-token logits: each
+    call's gradient its parameters get is checked against its outputs' (whole, on each
+    rank, before the all-reduce averages it in place)."""
+
+    def __init__(self, vocab_size: int, in_shape, d_model: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, d_model)
+        self.cell = OwnCell(d_model)
+        self.head = torch.nn.Linear(d_model, vocab_size)
+
+    def forward(self, tokens):
+        xs = self.embed(tokens)
+        h, outs = xs.new_zeros(xs.shape[0], xs.shape[2]), []
+        for t in range(xs.shape[1]):
+            h = self.cell(xs[:, t], h)
+            outs.append(h)
+        return self.head(torch.stack(outs, 1))
+
+
 TOKENS = (
     "data=chars", f"data._target_={__name__}.RaggedChars", "data.block_size=12",
     "data.stride=12", "model=char_transformer", "model.d_model=16", "model.n_heads=2",
@@ -341,6 +374,10 @@ TOKEN_CASES = {
     "vector-uniform-instruments": ("loss.mode=vector", *MEASURED),
     # a user's recurrent model instead of the Transformer
     "lstm-instruments": ("~model", f"+model._target_={__name__}.CharLSTM", *MEASURED),
+    # a cell of one's own: its parameters' whole gradient checked on each rank (the hook's
+    # tensor became .grad, averaged in place by the all-reduce before the check, and the
+    # cell was left out on every rank: a review's)
+    "own-cell-instruments": ("~model", f"+model._target_={__name__}.CharOwnCell", *MEASURED),
 }
 
 

@@ -1172,12 +1172,19 @@ class _Call:
     #: a unit of one's own: the gradient the step's backward handed its parameters from the
     #: nodes its call made (by name; none yet: {}), whichever way it came, through its
     #: outputs or a tensor kept elsewhere (:meth:`PerSampleNorms._watch`); None: not watched
-    real: dict[str, Tensor] | None = None
+    sink: _Sink | None = None
+
+    @property
+    def real(self) -> dict[str, Tensor] | None:
+        return None if self.sink is None else self.sink.real
+
     #: a generic unit of one's own: the gradient of its outputs alone for its parameters (its
     #: forward run again), each with its samples' Σᵢ |gᵢ|, by name, and the tolerance they
     #: were compared with (:meth:`PerSampleNorms._elsewhere`); empty: none reached them
     batch: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     loose: float = 0.0
+    #: a watched call's uses of each parameter (the nodes' places its hooks watch), by name
+    uses: dict[str, int] = field(default_factory=dict)
 
     def moved(self) -> bool:
         return _versions((self.args, self.kwargs)) != self.versions
@@ -1410,6 +1417,9 @@ class PerSampleNorms(Callback):
         #: handed each in all (:meth:`_totals_differ`)
         self._totaled: set[int] = set()
         self._total: dict[int, Tensor] = {}
+        #: whether the step's backward of a measured micro-batch runs (from
+        #: on_before_backward to on_after_backward): only it is counted by those hooks
+        self._counting = [False]
         self._batch = 0  # samples in the measured micro-batch
         self._sq: dict[int, Tensor] = {}  # id(param) -> (B,) squared norms, this micro-batch
         self._calls: list[_Call] = []
@@ -1698,6 +1708,7 @@ class PerSampleNorms(Callback):
         # raised and the outer one caught it (the count of calls was left one up, and the mode
         # saw the regularizers' uses of the weights as outside ones, a review's)
         self._leave_mode()
+        self._counting[0] = bool(self._handles)  # (the step's backward follows)
 
     def _enter_mode(self, module: nn.Module, inputs: Any) -> None:
         if _in_backward():  # a non-reentrant checkpoint of the whole model, recomputed: its
@@ -1720,6 +1731,7 @@ class PerSampleNorms(Callback):
             self._mix(f"{name} (BatchNorm with the batch's statistics)")
 
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        self._counting[0] = False
         if trainer.after_backward_callbacks == self._check_unchanged:
             trainer.after_backward_callbacks = None
         if trainer.before_backward_callbacks == self._check_before_backward:
@@ -1773,9 +1785,11 @@ class PerSampleNorms(Callback):
 
     def _reach(self, key: int, grad: Tensor) -> None:
         self._reached.add(key)
-        if key in self._totaled:  # (the whole gradient this backward hands it)
-            g = grad.detach()
-            self._total[key] = g if key not in self._total else self._total[key] + g
+        if key in self._totaled and self._counting[0]:  # (the whole gradient the step's
+            # backward hands it; a copy: this tensor becomes its .grad, which data-parallel
+            # averaged in place before the check, every rank's unit left out, a review's)
+            g = _dense(grad.detach())
+            self._total[key] = g.clone() if key not in self._total else self._total[key] + g
 
     def _grad_written(self, p: Tensor) -> bool:
         """Whether ``p``'s gradient changed during the micro-batch without its hook (one
@@ -2069,10 +2083,12 @@ class PerSampleNorms(Callback):
         starts = [t.grad_fn for t in outputs if t.grad_fn is not None] + uses
         names = {id(p): n for n, p in _named_covered(call.unit, self._kind[call.unit])}
         own: dict[int, Tensor] = {id(p): p for p in self._covers[call.unit]}
-        call.real = {}
+        call.sink = _Sink(self._counting)
         for node, places in _own_edges(starts, since, own).items():
             at = [(j, names[id(p)], p.dtype) for j, p in places]
-            node.register_hook(partial(_take, call.real, at))
+            node.register_hook(partial(_take, call.sink, at))
+            for _, name, _ in at:
+                call.uses[name] = call.uses.get(name, 0) + 1
 
     def _hidden_output(
         self,
@@ -2394,9 +2410,12 @@ class PerSampleNorms(Callback):
                 )
             if root is None:  # (its parameters do not reach its outputs: 0 on both sides,
                 # unless the step's backward reached them another way)
+                if not call.real:  # (nothing reached them: 0 there too, no read)
+                    return None
                 zeros = {n: torch.zeros_like(p) for n, p in leaf.items()}
                 other = self._elsewhere(call, zeros, per_sample, a.shape[call.dim])
-                # host read: one per unit of one's own per measured micro-batch
+                # host read: such a unit's, where the step's backward reached its parameters
+                # through the nodes its call made (it is then left out, or was 0 there)
                 return ELSEWHERE if other is not None and bool(other) else None
             got = torch.autograd.grad(root, list(leaf.values()), allow_unused=True)
         batch_grads = {
@@ -2483,29 +2502,43 @@ class PerSampleNorms(Callback):
     def _as_the_step(self, call: _Call, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
         """A generic unit call's gradient from its outputs alone, its forward run again as the
         step ran it: on copies of its inputs in their dtypes and of its buffers as it began,
-        from its attributes as it began, under its autocast; by parameter name."""
+        from its attributes as it began, under its autocast; by parameter name. Summed as the
+        step's is (:meth:`_watch`): at each use of a parameter's cast, in the parameter's
+        dtype (autograd summed 64 uses of one autocast cast in bfloat16, 1.3 % of the
+        parameter's largest gradient apart from the step's: its unit left out on some steps,
+        a review's)."""
         module = call.unit
         leaf = {
             n: p.detach().clone().requires_grad_()
             for n, p in _named_covered(module, self._kind[module])
         }
+        own: dict[int, Tensor] = {id(p): p for p in leaf.values()}
+        names = {id(p): n for n, p in leaf.items()}
         set_plain_attributes(call.attributes)
         fresh = {n: b.clone() for n, b in call.buffers.items()}
+        sink = _Sink([True])
+        mode = _OutsideUses({k: [module] for k in own}, {module: 1})
+        mode.watched = {module}
         with torch.enable_grad(), call.autocast_again():
-            result = functional_call(module, {**leaf, **fresh}, _copies(call.args),
-                                     _copies(call.kwargs))  # fmt: skip
+            since = _next_node() if _next_node is not None else 0
+            with mode:
+                result = functional_call(module, {**leaf, **fresh}, _copies(call.args),
+                                         _copies(call.kwargs))  # fmt: skip
             outs = _outputs_of(result, call)
             root = None
             if outs is not None:
                 root = _outputs_root(outs, [call.grads.get(k) for k in range(len(outs))])
-            got = (
-                [None] * len(leaf)
-                if root is None
-                else torch.autograd.grad(root, list(leaf.values()), allow_unused=True)
-            )
+            if root is not None:
+                starts = [o.grad_fn for o in outs if o.grad_fn is not None]  # type: ignore[union-attr]
+                starts += mode.uses.get(module, [])
+                for node, places in _own_edges(starts, since, own).items():
+                    at = [(j, names[id(p)], p.dtype) for j, p in places]
+                    node.register_hook(partial(_take, sink, at))
+                torch.autograd.grad(root, list(leaf.values()), allow_unused=True)
+        real = sink.real or {}
         return {
-            n: torch.zeros_like(p, dtype=dtypes[n]) if g is None else g.to(dtypes[n])
-            for (n, p), g in zip(leaf.items(), got, strict=True)
+            n: real[n].to(dtypes[n]) if n in real else torch.zeros_like(p, dtype=dtypes[n])
+            for n, p in leaf.items()
         }
 
     def _totals_differ(self) -> None:
@@ -2518,39 +2551,47 @@ class PerSampleNorms(Callback):
         called outside the model's forward, in the loss, 0.7 %: a review's), or a use of it
         in the loss. For the parameters whose every unit is a watched unit of one's own, where
         no regularizer of the trainer's reaches them (its gradient joins the same backward):
-        :attr:`_totaled`. Within the calls' tolerance as :func:`_sums_apart` applies it. One
-        host read per measured micro-batch where there is any."""
+        :attr:`_totaled`. Within the calls' tolerance as :func:`_sums_apart` applies it; under
+        autocast, for a parameter used k times, at least k·ε/2 of autocast's dtype: the step
+        sums the uses of a cast in that dtype (64 uses of an autocast cast of a weight in a
+        loop were 1.3 % of its largest gradient apart from the sum of their own, a review's).
+        One host read per measured micro-batch where there is any."""
         if not self._total:
             return
-        expected: dict[int, list[Tensor]] = {}
-        loose = 0.0
+        expected: dict[int, tuple[Tensor, Tensor, float]] = {}
+        uses: dict[int, int] = {}
         for call in self._calls:
             if not call.batch:
                 continue
             named = dict(_named_covered(call.unit, self._kind[call.unit]))
+            eps = torch.finfo(call.autocast[1]).eps if call.autocast is not None else 0.0
             for n, (b, spread) in call.batch.items():
                 key = id(named[n])
-                if key not in expected:
-                    expected[key] = [torch.zeros_like(b), torch.zeros_like(b)]
-                expected[key][0] = expected[key][0] + b
-                expected[key][1] = expected[key][1] + spread
-            loose = max(loose, call.loose)
-        keys, triples = [], []
+                uses[key] = uses.get(key, 0) + call.uses.get(n, 1)
+                loose = max(call.loose, eps * uses[key] / 2)
+                if key in expected:
+                    b0, s0, loose0 = expected[key]
+                    expected[key] = (b0 + b, s0 + spread, max(loose0, loose))
+                else:  # (each parameter by its own calls' tolerance: a bfloat16 unit's
+                    # elsewhere let a float32 one's 4.9 % through, a review's)
+                    expected[key] = (b, spread, loose)
+        keys, flags = [], []
         for key, total in self._total.items():
             units = self._units_by_param.get(key, [])
             if not units or any(
                 self._names[u] in self._excluded or u not in self._captured for u in units
             ):
                 continue  # (left out already, or no call of them measured)
-            b, spread = expected.get(key) or (torch.zeros_like(total), torch.zeros_like(total))
-            got = total.to_dense() if total.is_sparse else total
+            if key in expected:
+                b, spread, loose = expected[key]
+            else:
+                b, spread = torch.zeros_like(total), torch.zeros_like(total)
+                loose = _loose(total.device, total.dtype)
             keys.append(key)
-            triples.append((got.to(b.dtype), b, spread))
+            flags.append(_sums_apart([(total.to(b.dtype), b, spread)], loose, self._batch))
         self._total.clear()
-        if not triples:
+        if not flags:
             return
-        loose = loose or _loose(triples[0][1].device, triples[0][1].dtype)
-        flags = [_sums_apart([t], loose, self._batch) for t in triples]
         # host read: one per measured micro-batch with such parameters
         for key, apart in zip(keys, torch.stack(flags).tolist(), strict=True):
             if not apart:
@@ -2823,6 +2864,7 @@ class PerSampleNorms(Callback):
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
     ) -> None:
+        self._counting[0] = False
         if not self._handles:
             return
         self._disarm()
@@ -2994,6 +3036,9 @@ class PerSampleNorms(Callback):
                         self._shared[key] = v if key not in self._shared else self._shared[key] + v
                 self._captured.add(module)
         self._totals_differ()
+        for call in self._calls:  # (a graph kept alive past the step keeps no copies)
+            if call.sink is not None:
+                call.sink.real = None
         self._calls.clear()
         self._finish_shared()
         for name, m, own, _ in self.units:  # coverage counts what was captured, not visited
@@ -3978,9 +4023,14 @@ def _own_edges(starts: Sequence[Any], since: int, own: dict[int, Tensor]) -> dic
     region (its cache), made by the first call that used it and used by every call after,
     whose gradients it sums (a hook there gave the first call all of them, the others none:
     a review's, a unit called twice under bfloat16 left out); at each consumer, the gradient
-    its cast would pass on is the one handed to it, in the parameter's dtype."""
+    its cast would pass on is the one handed to it, in the parameter's dtype. A cast among
+    ``starts`` (the forward's own, seen by the mode) is its call's own: the place itself."""
     found: dict[Any, list[tuple[int, Tensor]]] = {}
     todo, seen = list(starts), set()
+    # (a cast the forward made itself, ``w.double()``, is a function a mode saw take the
+    # parameter: one of ``starts``, its own node the place; at its consumer too, it was
+    # counted twice, a review's)
+    made = set(starts)
     while todo:
         fn = todo.pop()
         if fn in seen:
@@ -3993,7 +4043,7 @@ def _own_edges(starts: Sequence[Any], since: int, own: dict[int, Tensor]) -> dic
                 continue
             leaf = getattr(nxt, "variable", None)  # (a leaf's gradient sink: AccumulateGrad)
             if leaf is None:
-                cast = _cast_of(nxt, own)
+                cast = None if nxt in made else _cast_of(nxt, own)
                 if cast is None:
                     todo.append(nxt)
                 else:
@@ -4014,15 +4064,38 @@ def _cast_of(fn: Any, own: dict[int, Tensor]) -> Tensor | None:
     return own.get(id(getattr(nxt[0][0], "variable", None)))
 
 
-def _take(real: dict[str, Tensor], places: list[tuple[int, str, torch.dtype]], grads: tuple,
-          _: tuple) -> None:  # fmt: skip
+class _Sink:
+    """Where a watched call's node hooks (:func:`_take`) put what they hand its parameters:
+    ``real``, by name, while ``counting[0]`` (the instrument's: set from its
+    ``on_before_backward`` to its ``on_after_backward``, the step's backward; an
+    ``autograd.grad`` of one's own in the forward or the loss is not it, a review's unit so
+    left out); None once the call was checked (a graph the user keeps alive, a history of
+    its statistics, kept a gradient-sized copy per call and step until then: a review's)."""
+
+    __slots__ = ("counting", "real")
+
+    def __init__(self, counting: list[bool]) -> None:
+        self.counting = counting
+        self.real: dict[str, Tensor] | None = {}
+
+
+def _take(sink: _Sink, places: list[tuple[int, str, torch.dtype]], grads: tuple, _: tuple) -> None:
     """A node hook: adds the gradients a node of a unit's call hands its parameters (at
-    ``places``: (index among its next functions, parameter name, its dtype)) to ``real``."""
+    ``places``: (index among its next functions, parameter name, its dtype)) to the sink."""
+    real = sink.real
+    if real is None or not sink.counting[0]:
+        return
     for j, name, dtype in places:
         g = grads[j]
         if g is not None:
-            g = g.detach().to(dtype)
+            # (a copy: the tensor may become the parameter's .grad, which data-parallel
+            # averages in place before the checks, a review's; sparse + dense: refused)
+            g = _dense(g.detach()).to(dtype, copy=name not in real)
             real[name] = g if name not in real else real[name] + g
+
+
+def _dense(g: Tensor) -> Tensor:
+    return g.to_dense() if g.is_sparse else g
 
 
 def _flag(flag: list[bool], grad: Tensor | None) -> None:
