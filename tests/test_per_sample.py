@@ -2555,7 +2555,7 @@ def test_a_weight_used_at_each_of_64_steps_under_autocast_is_measured(dtype, cap
     """Under autocast the step sums the uses of a weight's cast in autocast's dtype; both
     checks compared it with sums of their own, in float32 (64 uses: 1.3 % of the largest
     gradient apart, beyond 2ε: left out on some steps through the Trainer, a review's). The
-    rerun sums as the step's hooks do, and the whole gradient is compared within k·ε/2 for
+    rerun sums as the step's hooks do, and the whole gradient is compared within √k·ε for
     k uses: measured at coverage 1 over 3 steps."""
     torch.manual_seed(0)
     model = nn.Sequential(LoopedCell(16), nn.Linear(16, 3))
