@@ -2251,8 +2251,13 @@ def test_a_gradient_reaching_a_units_parameters_past_its_outputs_leaves_it_out(w
     with caplog.at_level("WARNING"):
         measured_exactly(StashingNet(where).double(), x, y, left_out=left_out)
     _KEPT.clear()
-    if left_out:
-        assert "leave out 'cell': the step's backward handed its parameters another" in caplog.text
+    if left_out:  # (named: the parameters reached past the outputs, and those left out)
+        reached = "(v)" if where == "side" else "(w)"
+        assert (
+            f"leave out 'cell': the step's backward handed its parameters another gradient than "
+            f"its outputs' alone {reached}" in caplog.text
+        )
+        assert "[its parameters left out: cell.w, cell.v]" in caplog.text
     else:
         assert "leave out" not in caplog.text
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -653,3 +654,24 @@ def test_a_subclass_of_the_uniform_weighting_keeps_its_own_weights() -> None:
     losses = nn.functional.cross_entropy(out, y, reduction="none")
     w = obj.vector_weights(losses, out, y, torch.arange(4), None, Window(4, 1))
     assert torch.equal(w, torch.tensor([2.0, 1.0, 1.0, 1.0]) / 5)
+
+
+def test_per_token_weights_name_target_ids_the_loss_counts_outside_the_vocabulary() -> None:
+    """A loss of one's own whose units() count padding (-100) as tokens, or a data module
+    whose out_dim misses an id: bincount's own error ("only supports 1-d non-negative
+    integral inputs") said nothing of where the ids came from (a researcher's probe). Named,
+    with the rule: units 0 at padding, out_dim covering every other id."""
+    from trainer.losses import TokenCrossEntropy
+    from trainer.weighting import PerTokenWeighting
+
+    class CountsPadding(TokenCrossEntropy):
+        def units(self, target, dtype=torch.float32):
+            return torch.ones(target.shape, dtype=dtype)
+
+    tokens = torch.tensor([[0, 1, -100], [2, 2, 2]])
+    for loss, out_dim, bad in ((CountsPadding(), 3, "[-100]"), (TokenCrossEntropy(), 2, "[2]")):
+        per_token = PerTokenWeighting(power=1.0)
+        per_token.check_loss(loss)
+        data = SimpleNamespace(vocab_size=out_dim, out_dim=out_dim, train_targets=tokens)
+        with pytest.raises(ValueError, match=rf"ids outside \[0, {out_dim}\).*{re.escape(bad)}"):
+            per_token.setup(data, CPU)  # type: ignore[arg-type]

@@ -645,6 +645,15 @@ class PerTokenWeighting(_TableLookup):
         units = self._units(targets, torch.float64) if self._units is not None else None
         valid = (units > 0) if units is not None else (targets >= 0)
         tokens = targets[valid.reshape(targets.shape)].reshape(-1).long()
+        bad = tokens[(tokens < 0) | (tokens >= data.out_dim)]
+        if bad.numel():  # (bincount's own error said nothing of where they came from)
+            raise ValueError(
+                f"weighting=per_token: the training targets hold ids outside [0, "
+                f"{data.out_dim}) at positions the loss's units count as tokens (e.g. "
+                f"{sorted(set(bad[:5].tolist()))}): the loss's units() must be 0 where a "
+                "target is padding (-100, say), and the data's out_dim (its vocab_size) must "
+                "cover every other target id"
+            )
         counts = torch.bincount(tokens, minlength=data.out_dim).double()
         seen = int((counts > 0).sum())
         freq = torch.where(counts > 0, counts.sum() / (seen * counts.clamp_min(1)), 0.0)

@@ -2416,7 +2416,8 @@ class PerSampleNorms(Callback):
                 other = self._elsewhere(call, zeros, per_sample, a.shape[call.dim])
                 # host read: such a unit's, where the step's backward reached its parameters
                 # through the nodes its call made (it is then left out, or was 0 there)
-                return ELSEWHERE if other is not None and bool(other) else None
+                found = [] if other is None else _apart(other, torch.stack(other[1]).tolist())
+                return _elsewhere_why(module, found) if found else None
             got = torch.autograd.grad(root, list(leaf.values()), allow_unused=True)
         batch_grads = {
             n: torch.zeros_like(leaf[n]) if b is None else b.detach()
@@ -2446,10 +2447,11 @@ class PerSampleNorms(Callback):
             for rows, kept in zip(alone, batch, strict=True)
         ]).any()  # fmt: skip
         # host read: one per unit of one's own per measured micro-batch
-        flags = [apart, off] if other is None else [apart, off, other]
+        flags = [apart, off] if other is None else [apart, off, *other[1]]
         sums_apart, rows_apart, *elsewhere = torch.stack(flags).tolist()
         if not (sums_apart or rows_apart):
-            return ELSEWHERE if any(elsewhere) else None
+            found = [] if other is None else _apart(other, elsewhere)
+            return _elsewhere_why(module, found) if found else None
         found = []
         if rows_apart:
             found.append("each sample run alone gives another output than its row of the batch")
@@ -2473,16 +2475,17 @@ class PerSampleNorms(Callback):
 
     def _elsewhere(
         self, call: _Call, batch: dict[str, Tensor], per_sample: dict[str, Tensor], n: int
-    ) -> Tensor | None:
+    ) -> tuple[list[str], list[Tensor]] | None:
         """Whether the gradient the step's backward handed a watched call's parameters
         (``call.real``, from the nodes its call made) differs from ``batch``, its outputs'
-        alone (their gradients in the step, through its forward run again), on the device;
-        None where the call is not watched. Within √ε of the parameters' dtype as
-        :func:`_sums_apart` applies it (``per_sample``'s Σᵢ |gᵢ|). Under autocast, its forward
-        runs again as the step's did instead (its inputs in their dtypes, under the same
-        autocast: the same roundings), within 2ε of autocast's dtype (an order of summation
-        the device may change; compared with ``batch``, computed in the parameters' dtype,
-        √ε of bfloat16 let a path of 0.05 % of the norms through, this session's probe)."""
+        alone (their gradients in the step, through its forward run again): the parameters'
+        names and a flag for each, on the device; None where the call is not watched. Within
+        √ε of the parameters' dtype as :func:`_sums_apart` applies it (``per_sample``'s Σᵢ
+        |gᵢ|). Under autocast, its forward runs again as the step's did instead (its inputs in
+        their dtypes, under the same autocast: the same roundings), within 2ε of autocast's
+        dtype (an order of summation the device may change; compared with ``batch``, computed
+        in the parameters' dtype, √ε of bfloat16 let a path of 0.05 % of the norms through,
+        this session's probe)."""
         first = next(iter(batch.values()))
         loose = _loose(first.device, first.dtype)
         if call.autocast is not None:
@@ -2497,7 +2500,8 @@ class PerSampleNorms(Callback):
             (real[k].to(b.dtype) if k in real else torch.zeros_like(b), b, spread)
             for k, (b, spread) in call.batch.items()
         ]  # fmt: skip
-        return _sums_apart(triples, loose, n)
+        # (by parameter: the warning names those the backward reached past the outputs)
+        return list(call.batch), [_sums_apart([t], loose, n) for t in triples]
 
     def _as_the_step(self, call: _Call, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
         """A generic unit call's gradient from its outputs alone, its forward run again as the
@@ -3019,6 +3023,12 @@ class PerSampleNorms(Callback):
                         self._excluded[name] = (
                             f"its forward cannot be recomputed per sample ({type(e).__name__}: "
                             f"{first[:200]})"
+                        ) + (
+                            ": it reads a tensor's value on the host (.item(), a Python `if` "
+                            "on a tensor, a shape from a tensor's values: a top-1 router's "
+                            "argmax indexing, say), which vmap cannot run for each sample"
+                            if "vmap" in str(e) and ".item()" in str(e)
+                            else ""
                         )
                     continue
                 finally:  # (torch's draws under vmap raise; Python's and NumPy's do not)
@@ -3492,8 +3502,15 @@ class PerSampleNorms(Callback):
 
     def _report(self, trainer: Trainer) -> None:
         new = [(n, why) for n, why in self._excluded.items() if (n, why) not in self._reported]
+        if new:  # (its own parameters, not its children's, which are units of their own: a
+            # researcher read 'moe' as the whole block, its router Linear still measured)
+            own = {name: theirs for name, _, theirs, _ in self.units}
         for name, why in new:
-            log.warning("per-sample gradient norms leave out %r: %s", name, why)
+            params = ", ".join(self._param_names.get(id(p), "?") for p in own.get(name, ()))
+            log.warning(
+                "per-sample gradient norms leave out %r: %s [its parameters left out: %s]",
+                name, why, params or "none",
+            )  # fmt: skip
         self._reported.update(new)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -4002,12 +4019,29 @@ def _reaches_own(start: tuple[Any, int], stop: set[Any], own: set[int]) -> bool:
 
 #: why a unit of one's own is left out where the step's backward handed its parameters
 #: another gradient than its outputs' alone (:meth:`PerSampleNorms._elsewhere`)
-ELSEWHERE = (
-    "the step's backward handed its parameters another gradient than its outputs' alone: a "
-    "tensor its forward kept with a path to them (in a list attribute, a buffer, a global, an "
-    "object it was given, an attribute also used after its forward) got a gradient that no "
-    "hook of its outputs sees (left out on such a micro-batch; checked at each)"
-)
+def _elsewhere_why(module: nn.Module, names: list[str]) -> str:
+    """Why a unit is left out where the step's backward handed its parameters ``names``
+    another gradient than its outputs' alone (:meth:`PerSampleNorms._elsewhere`)."""
+    kept = [k for k, v in vars(module).items() if isinstance(v, (Tensor, list, tuple, dict))
+            and not k.startswith("_") and k != "training"]  # fmt: skip
+    return (
+        f"the step's backward handed its parameters another gradient than its outputs' alone "
+        f"({', '.join(names)}): a tensor its forward kept with a path to them (in a list "
+        "attribute, a buffer, a global, an object it was given, an attribute also used after "
+        "its forward"
+        + (
+            f"; its attributes holding tensors or containers now: {', '.join(kept[:8])}"
+            if kept
+            else ""
+        )
+        + ") got a gradient that no hook of its outputs sees (left out on such a micro-batch; "
+        "checked at each)"
+    )
+
+
+def _apart(other: tuple[list[str], list[Tensor]], flags: list[Any]) -> list[str]:
+    return [name for name, f in zip(other[0], flags, strict=True) if f]
+
 
 #: the sequence number autograd gives the next node it makes (nodes are numbered in the
 #: order a thread makes them); None where this torch has no such function: no call's
