@@ -2575,6 +2575,62 @@ def test_a_weight_used_at_each_of_64_steps_under_autocast_is_measured(dtype, cap
         assert staged["per_sample/coverage"] == 1.0 and "leave out" not in caplog.text, step
 
 
+def test_the_per_parameter_flags_keep_the_units_floor() -> None:
+    """The per-call check names the parameters its gradient reached past the outputs, one
+    flag each: computed one parameter at a time, a parameter whose gradient is 0 by
+    construction (a shift before a softmax) was compared at its own scale, its rounding
+    noise flagged, and the unit left out (a review's: 3e-7 against -2e-7 beside a weight of
+    order 1). The floor stays the unit's: one flag per parameter, the same as the unit's."""
+    from trainer.instrument.per_sample import _loose, _sums_apart
+
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+    weight = (w, w.clone(), w.abs() * 3)
+    shift = (torch.tensor([3e-7]), torch.tensor([-2e-7]), torch.tensor([4e-7]))
+    loose = _loose(torch.device("cpu"), torch.float32)
+    each = _sums_apart([weight, shift], loose, 32, each=True)
+    assert each.tolist() == [False, False] and not _sums_apart([weight, shift], loose, 32)
+    moved = (w, w + 0.01 * w.abs().max(), w.abs() * 3)  # (a path of 1 % of the largest)
+    assert _sums_apart([moved, shift], loose, 32, each=True).tolist() == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("forward", "words"),
+    [
+        (  # (each sample's row alone, in a loop over the batch: no sample reads another)
+            lambda x, w: torch.stack([(r @ w) * (1.0 if r[0].item() > 0 else 2.0) for r in x]),
+            "reads a tensor's value on the host",
+        ),
+        (
+            lambda x, w: torch.stack([r @ w if r[0] > 0 else -(r @ w) for r in x]),
+            "branches in Python",
+        ),
+        (
+            lambda x, w: torch.stack([(r @ w)[(r @ w) > 0].sum() * r for r in x]),
+            "depends on a tensor's values",
+        ),
+    ],
+)
+def test_a_unit_vmap_refuses_is_named_with_what_it_does(forward, words, caplog) -> None:
+    """vmap's refusal was cut at 200 characters, naming neither the cause nor a remedy (a
+    researcher's probe, a top-1 router's argmax used as an index). Left out, with what the
+    forward does that vmap cannot run per sample."""
+
+    class Refused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(D, D) / D**0.5)
+
+        def forward(self, x):
+            return forward(x, self.w)
+
+    x, y = float_batch()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), Refused(), nn.Linear(D, 3)).double()
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y)
+    assert_left_out(model, staged, caplog.text, "1", words)
+
+
 class OwnLinear(nn.Module):
     """A linear map of one's own: its weight a leaf parameter, which autocast casts once
     per region and caches."""

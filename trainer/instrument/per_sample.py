@@ -1057,7 +1057,9 @@ def _batch_gradient_differs(
     return _sums_apart(triples, _loose(r.device, triples[0][0].dtype, r.dtype), n)
 
 
-def _sums_apart(triples: list[tuple[Tensor, Tensor, Tensor]], loose: float, n: int) -> Tensor:
+def _sums_apart(
+    triples: list[tuple[Tensor, Tensor, Tensor]], loose: float, n: int, each: bool = False
+) -> Tensor:
     """Whether a sum of ``n`` samples' gradients (each run alone) and the batch's gradient
     differ by more than rounding, for any of a unit's parameters: ``triples`` of (the sum, the
     batch's, Σᵢ of the samples' gradients' magnitudes), on the device. Each element within
@@ -1082,7 +1084,8 @@ def _sums_apart(triples: list[tuple[Tensor, Tensor, Tensor]], loose: float, n: i
         & ~(a.isnan() & b.isnan())
         for (a, b, c), s in zip(triples, own, strict=True)
     ]
-    return torch.stack([f.any() for f in flags]).any()
+    apart = torch.stack([f.any() for f in flags])  # (each: one flag per parameter, the
+    return apart if each else apart.any()  # floor still the unit's, as above)
 
 
 def _keep(grads: dict[int, Tensor], i: int, g: Tensor | None) -> None:
@@ -2416,7 +2419,7 @@ class PerSampleNorms(Callback):
                 other = self._elsewhere(call, zeros, per_sample, a.shape[call.dim])
                 # host read: such a unit's, where the step's backward reached its parameters
                 # through the nodes its call made (it is then left out, or was 0 there)
-                found = [] if other is None else _apart(other, torch.stack(other[1]).tolist())
+                found = [] if other is None else _apart(other, other[1].tolist())
                 return _elsewhere_why(module, found) if found else None
             got = torch.autograd.grad(root, list(leaf.values()), allow_unused=True)
         batch_grads = {
@@ -2475,7 +2478,7 @@ class PerSampleNorms(Callback):
 
     def _elsewhere(
         self, call: _Call, batch: dict[str, Tensor], per_sample: dict[str, Tensor], n: int
-    ) -> tuple[list[str], list[Tensor]] | None:
+    ) -> tuple[list[str], Tensor] | None:
         """Whether the gradient the step's backward handed a watched call's parameters
         (``call.real``, from the nodes its call made) differs from ``batch``, its outputs'
         alone (their gradients in the step, through its forward run again): the parameters'
@@ -2501,7 +2504,7 @@ class PerSampleNorms(Callback):
             for k, (b, spread) in call.batch.items()
         ]  # fmt: skip
         # (by parameter: the warning names those the backward reached past the outputs)
-        return list(call.batch), [_sums_apart([t], loose, n) for t in triples]
+        return list(call.batch), _sums_apart(triples, loose, n, each=True)
 
     def _as_the_step(self, call: _Call, dtypes: dict[str, torch.dtype]) -> dict[str, Tensor]:
         """A generic unit call's gradient from its outputs alone, its forward run again as the
@@ -2559,8 +2562,9 @@ class PerSampleNorms(Callback):
         autocast, for a parameter used k times, at least √k·ε of autocast's dtype: the step
         sums the uses of a cast in that dtype (64 uses of an autocast cast of a weight in a
         loop were 1.3 % of its largest gradient apart from the sum of their own, a review's;
-        k·ε/2 let a side branch of 1.5 % through at k = 64, another's; with √k·ε/2, no step of
-        120 with 16-128 uses under bfloat16 and float16 was left out, this session's probe).
+        k·ε/2 let a side branch of 1.5 % through at k = 64, another's, which √k·ε catches,
+        0.5 % the largest let through there; with √k·ε/2, no step of 120 with 16-128 uses
+        under bfloat16 and float16 was left out, this session's probe).
         One host read per measured micro-batch where there is any."""
         if not self._total:
             return
@@ -3023,13 +3027,7 @@ class PerSampleNorms(Callback):
                         self._excluded[name] = (
                             f"its forward cannot be recomputed per sample ({type(e).__name__}: "
                             f"{first[:200]})"
-                        ) + (
-                            ": it reads a tensor's value on the host (.item(), a Python `if` "
-                            "on a tensor, a shape from a tensor's values: a top-1 router's "
-                            "argmax indexing, say), which vmap cannot run for each sample"
-                            if "vmap" in str(e) and ".item()" in str(e)
-                            else ""
-                        )
+                        ) + _vmap_hint(str(e))
                     continue
                 finally:  # (torch's draws under vmap raise; Python's and NumPy's do not)
                     drew = fork.drew()
@@ -4017,29 +4015,53 @@ def _reaches_own(start: tuple[Any, int], stop: set[Any], own: set[int]) -> bool:
     return False
 
 
-#: why a unit of one's own is left out where the step's backward handed its parameters
-#: another gradient than its outputs' alone (:meth:`PerSampleNorms._elsewhere`)
+def _vmap_hint(text: str) -> str:
+    """What vmap's refusal ``text`` means for a unit's forward, in a researcher's words
+    (vmap's own first line was cut, naming neither the cause nor a remedy: a probe's)."""
+    if "vmap" not in text:
+        return ""
+    if ".item()" in text and "data-dependent control flow" in text:  # (vmap under grad)
+        return (
+            ": it reads a tensor's value on the host (.item(), int() or float() of a tensor: "
+            "a top-1 router's argmax used as an index, say) or branches in Python on one, "
+            "which vmap cannot do per sample"
+        )
+    if ".item()" in text:
+        return (
+            ": it reads a tensor's value on the host (.item(), int() or float() of a tensor: "
+            "a top-1 router's argmax used as an index, say), which vmap cannot do per sample"
+        )
+    if "data-dependent control flow" in text:
+        return ": it branches in Python on a tensor's value, which vmap cannot do per sample"
+    if "dynamic shape" in text or "boolean mask" in text:
+        return (
+            ": a shape in it depends on a tensor's values (a boolean mask, nonzero), which "
+            "vmap cannot do per sample"
+        )
+    return ""
+
+
 def _elsewhere_why(module: nn.Module, names: list[str]) -> str:
     """Why a unit is left out where the step's backward handed its parameters ``names``
     another gradient than its outputs' alone (:meth:`PerSampleNorms._elsewhere`)."""
-    kept = [k for k, v in vars(module).items() if isinstance(v, (Tensor, list, tuple, dict))
-            and not k.startswith("_") and k != "training"]  # fmt: skip
+    kept = [k for k, v in vars(module).items() if k not in _MODULE_OWN and _tensors(v)]
+    more = ", …" if len(kept) > 8 else ""
     return (
         f"the step's backward handed its parameters another gradient than its outputs' alone "
         f"({', '.join(names)}): a tensor its forward kept with a path to them (in a list "
         "attribute, a buffer, a global, an object it was given, an attribute also used after "
         "its forward"
-        + (
-            f"; its attributes holding tensors or containers now: {', '.join(kept[:8])}"
-            if kept
-            else ""
-        )
+        + (f"; its attributes holding tensors now: {', '.join(kept[:8])}{more}" if kept else "")
         + ") got a gradient that no hook of its outputs sees (left out on such a micro-batch; "
         "checked at each)"
     )
 
 
-def _apart(other: tuple[list[str], list[Tensor]], flags: list[Any]) -> list[str]:
+#: the attributes every module has (its parameters', buffers', children's and hooks' tables)
+_MODULE_OWN = frozenset(vars(nn.Module()))
+
+
+def _apart(other: tuple[list[str], Tensor], flags: list[Any]) -> list[str]:
     return [name for name, f in zip(other[0], flags, strict=True) if f]
 
 
