@@ -2631,6 +2631,44 @@ def test_a_unit_vmap_refuses_is_named_with_what_it_does(forward, words, caplog) 
     assert_left_out(model, staged, caplog.text, "1", words)
 
 
+class SideBranchRun(nn.Module):
+    """For the trainer (synthetic data, 64 features): a Linear, a unit of one's own with a
+    side branch made by a custom autograd Function that the output reads (``side``), a head."""
+
+    def __init__(self, in_shape, out_dim: int, side: bool = True) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(64, D), nn.Linear(D, out_dim)
+        self.cell = SideAlsoOut("function")
+        self.side = side
+
+    def forward(self, x):
+        out = self.head(self.cell(torch.tanh(self.inp(x.flatten(1)))))
+        if not self.side:
+            return out
+        bump = torch.zeros(out.shape[1], dtype=out.dtype)
+        bump[0] = 0.05  # (on one logit: on all alike, cross-entropy would not see it)
+        return out + self.cell.box[0][:, None] * bump
+
+
+@pytest.mark.parametrize("side", [True, False])
+def test_the_whole_gradient_check_takes_the_trainers_regularizers_out(tmp_path, side) -> None:
+    """A regularizer's gradient joins the step's backward, so a parameter it reached was not
+    checked whole, and a side branch made by a custom autograd Function went through at
+    coverage 1 with ``regularizer=[l2]``. The trainer's regularizers' gradient is their
+    analytic one: taken out (scaled as the root, on the window's last micro-batch), the
+    branch is found through the Trainer, with accumulation; without it, every unit is
+    measured at every step."""
+    train(tmp_path, "~model", f"+model._target_={__name__}.SideBranchRun",
+          f"+model.side={side}", "data=synthetic", "data.num_train=64", "data.num_val=16",
+          "data.batch_size=16", "trainer.max_steps=4", "optimizer=sgd",
+          "regularizer=[l2,orthogonal]", "regularizer.l2.coef=0.01",
+          "trainer.accumulate_grad_batches=2", "instrument.per_sample.every_n_steps=1",
+          "logging.every_n_steps=1")  # fmt: skip
+    coverage = [v for _, v in read_scalars(tmp_path)["per_sample/coverage"]]
+    assert len(coverage) == 4
+    assert all(c < 1 for c in coverage) if side else coverage == [1.0] * 4
+
+
 class OwnLinear(nn.Module):
     """A linear map of one's own: its weight a leaf parameter, which autocast casts once
     per region and caches."""

@@ -94,6 +94,10 @@ class Objective:
         self.global_batch_size = global_batch_size
         #: the last optimizer step's λR per parameter regularizer, detached
         self.reg_values: list[Tensor] = []
+        #: whether the last backward took the parameter regularizers' gradient (the window's
+        #: last micro-batch; added after it where ``reg_after_reduce``): what a check of a
+        #: parameter's whole gradient in it subtracts (the per-sample norms' instrument)
+        self.reg_in_backward = False
         self._penalty_window: list[Tensor] = []  # the penalty's detached values this window
         self._penalty_grads: dict[int, Tensor] = {}  # its θ-gradient, windows that log only
         self._inverse_counts: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
@@ -317,6 +321,7 @@ class Objective:
         x, y, index = batch
         units = self.check_losses(losses, y)
         reg = self._regularization() if last and self.regularizers else None  # once a step
+        self.reg_in_backward = reg is not None
         aside = None
         if reg is not None and self.reg_after_reduce:  # DDP marks a parameter the forward
             # did not use ready itself; λR's gradient in the same backward marked it again

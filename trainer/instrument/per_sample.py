@@ -120,6 +120,7 @@ from trainer.instrument.swap import (
     tensor_copies,
 )
 from trainer.precision import LOW_PRECISION, sum_dtype
+from trainer.regularizers import Regularizer
 from trainer.rng import Fork, forked_rng
 
 if TYPE_CHECKING:
@@ -1420,6 +1421,7 @@ class PerSampleNorms(Callback):
         #: handed each in all (:meth:`_totals_differ`)
         self._totaled: set[int] = set()
         self._total: dict[int, Tensor] = {}
+        self._regs: list[Regularizer] = []  # the trainer's, whose gradient is taken out
         #: whether the step's backward of a measured micro-batch runs (from
         #: on_before_backward to on_after_backward): only it is counted by those hooks
         self._counting = [False]
@@ -1645,9 +1647,15 @@ class PerSampleNorms(Callback):
         self._at_entry.clear()
         self._grads_before.clear()
         self._total.clear()
+        # the trainer's own regularizers' gradient is known (their Function's backward is
+        # their analytic gradient, grad()): taken out of the whole gradient; one of one's own
+        # (a subclass) may differ, its parameters are not checked whole
+        regs = list(getattr(getattr(trainer, "objective", None), "regularizers", ()))
+        self._regs = [r for r in regs if type(r) is Regularizer]
         regularized = {
             id(p)
-            for r in getattr(getattr(trainer, "objective", None), "regularizers", ())
+            for r in regs
+            if type(r) is not Regularizer
             for p in [*r.params, *(q for _, q in getattr(r, "_frozen", ()))]
         }
         self._totaled = {
@@ -2548,7 +2556,7 @@ class PerSampleNorms(Callback):
             for n, p in leaf.items()
         }
 
-    def _totals_differ(self) -> None:
+    def _totals_differ(self, trainer: Trainer) -> None:
         """Leaves out the units of a parameter whose whole gradient in the step's backward
         (its hook's, :meth:`_reach`) is not the sum of its units' calls' gradients from their
         outputs alone (:attr:`_Call.batch`): a path no hook of an output sees and no node a
@@ -2557,7 +2565,8 @@ class PerSampleNorms(Callback):
         under vmap inside the forward, whose results no mode sees with a node, 2.6 %; a unit
         called outside the model's forward, in the loss, 0.7 %: a review's), or a use of it
         in the loss. For the parameters whose every unit is a watched unit of one's own, where
-        no regularizer of the trainer's reaches them (its gradient joins the same backward):
+        no regularizer of one's own reaches them (its gradient joins the same backward; the
+        trainer's l2, l1 and orthogonal are known, their ``grad()``, and taken out):
         :attr:`_totaled`. Within the calls' tolerance as :func:`_sums_apart` applies it; under
         autocast, for a parameter used k times, at least √k·ε of autocast's dtype: the step
         sums the uses of a cast in that dtype (64 uses of an autocast cast of a weight in a
@@ -2585,6 +2594,14 @@ class PerSampleNorms(Callback):
                 else:  # (each parameter by its own calls' tolerance: a bfloat16 unit's
                     # elsewhere let a float32 one's 4.9 % through, a review's)
                     expected[key] = (b, spread, loose)
+        reg: dict[int, Tensor] = {}  # (the regularizers' part of the whole, where it is in)
+        if self._regs and getattr(getattr(trainer, "objective", None), "reg_in_backward", False):
+            scale = _loss_scale(trainer.scaler) if trainer.scaler is not None else 1.0
+            for r in self._regs:
+                for p, g in zip(r.params, r.grad(), strict=True):
+                    if id(p) in self._total:
+                        g = g * scale
+                        reg[id(p)] = g if id(p) not in reg else reg[id(p)] + g
         keys, flags = [], []
         for key, total in self._total.items():
             units = self._units_by_param.get(key, [])
@@ -2597,6 +2614,8 @@ class PerSampleNorms(Callback):
             else:
                 b, spread = torch.zeros_like(total), torch.zeros_like(total)
                 loose = _loose(total.device, total.dtype)
+            if key in reg:
+                b = b + reg[key].to(b.dtype)
             keys.append(key)
             flags.append(_sums_apart([(total.to(b.dtype), b, spread)], loose, self._batch))
         self._total.clear()
@@ -3045,7 +3064,7 @@ class PerSampleNorms(Callback):
                         key = id(covered[n])
                         self._shared[key] = v if key not in self._shared else self._shared[key] + v
                 self._captured.add(module)
-        self._totals_differ()
+        self._totals_differ(trainer)
         for call in self._calls:  # (a graph kept alive past the step keeps no copies)
             if call.sink is not None:
                 call.sink.real = None
