@@ -2650,19 +2650,28 @@ class SideBranchRun(nn.Module):
         return out + self.cell.box[0][:, None] * bump
 
 
-@pytest.mark.parametrize("side", [True, False])
-def test_the_whole_gradient_check_takes_the_trainers_regularizers_out(tmp_path, side) -> None:
+@pytest.mark.parametrize(
+    ("side", "regs", "coef", "accumulate"),
+    [(True, "[l2,orthogonal]", 0.01, 2), (False, "[l2,orthogonal]", 0.01, 2),
+     (True, "[l2]", 10.0, 1), (False, "[l2]", 10.0, 1)],
+)  # fmt: skip
+def test_the_whole_gradient_check_takes_the_trainers_regularizers_out(
+    tmp_path, side, regs, coef, accumulate
+) -> None:
     """A regularizer's gradient joins the step's backward, so a parameter it reached was not
     checked whole, and a side branch made by a custom autograd Function went through at
     coverage 1 with ``regularizer=[l2]``. The trainer's regularizers' gradient is their
     analytic one: taken out (scaled as the root, on the window's last micro-batch), the
     branch is found through the Trainer, with accumulation; without it, every unit is
-    measured at every step."""
+    measured at every step. Where the regularizer's part is the larger (l2.coef=10), compared
+    at the data's scale, not the whole's (at the whole's a side branch went through on a step,
+    a review's)."""
     train(tmp_path, "~model", f"+model._target_={__name__}.SideBranchRun",
           f"+model.side={side}", "data=synthetic", "data.num_train=64", "data.num_val=16",
           "data.batch_size=16", "trainer.max_steps=4", "optimizer=sgd",
-          "regularizer=[l2,orthogonal]", "regularizer.l2.coef=0.01",
-          "trainer.accumulate_grad_batches=2", "instrument.per_sample.every_n_steps=1",
+          f"regularizer={regs}", f"regularizer.l2.coef={coef}",
+          "regularizer.l2.min_ndim=1",
+          f"trainer.accumulate_grad_batches={accumulate}", "instrument.per_sample.every_n_steps=1",
           "logging.every_n_steps=1")  # fmt: skip
     coverage = [v for _, v in read_scalars(tmp_path)["per_sample/coverage"]]
     assert len(coverage) == 4

@@ -2614,10 +2614,15 @@ class PerSampleNorms(Callback):
             else:
                 b, spread = torch.zeros_like(total), torch.zeros_like(total)
                 loose = _loose(total.device, total.dtype)
-            if key in reg:
-                b = b + reg[key].to(b.dtype)
+            got = total.to(b.dtype)
+            if key in reg:  # (taken out of the whole, not added to the sum: compared at the
+                # regularizer's scale, l2.coef=10 let a side branch through, a review's; the
+                # subtraction's rounding, ε of the whole, within the tolerance)
+                part = reg[key].to(b.dtype)
+                got = got - part
+                spread = spread + part.abs() * (4 * torch.finfo(b.dtype).eps / loose)
             keys.append(key)
-            flags.append(_sums_apart([(total.to(b.dtype), b, spread)], loose, self._batch))
+            flags.append(_sums_apart([(got, b, spread)], loose, self._batch))
         self._total.clear()
         if not flags:
             return
