@@ -2678,6 +2678,28 @@ def test_the_whole_gradient_check_takes_the_trainers_regularizers_out(
     assert all(c < 1 for c in coverage) if side else coverage == [1.0] * 4
 
 
+class DiagnosesBeforeBackward(Callback):
+    """A callback that reads the gradient norm of a unit's weight by ``autograd.grad`` of the
+    losses in ``on_before_backward`` (after the instruments'), not part of the step."""
+
+    def on_before_backward(self, trainer, batch, losses) -> None:
+        weight = trainer.model.cell.u
+        (g,) = torch.autograd.grad(losses.sum(), weight, retain_graph=True)
+        self.norm = g.norm().detach()
+
+
+def test_a_callbacks_autograd_grad_before_the_backward_is_not_the_steps(tmp_path) -> None:
+    """The hooks watching a unit's parameters count from the instrument's on_before_backward:
+    a callback of one's own whose on_before_backward runs after it and differentiates the
+    losses was counted as the step's backward, and the unit left out at every step. What
+    they took before the step's backward starts is dropped: every unit measured."""
+    train(tmp_path, "~model", f"+model._target_={__name__}.SideBranchRun", "+model.side=false",
+          "data=synthetic", "data.num_train=64", "data.num_val=16", "data.batch_size=16",
+          "trainer.max_steps=3", "optimizer=sgd", "instrument.per_sample.every_n_steps=1",
+          "logging.every_n_steps=1", callbacks=[DiagnosesBeforeBackward()])  # fmt: skip
+    assert [v for _, v in read_scalars(tmp_path)["per_sample/coverage"]] == [1.0] * 3
+
+
 class OwnLinear(nn.Module):
     """A linear map of one's own: its weight a leaf parameter, which autocast casts once
     per region and caches."""

@@ -1701,6 +1701,13 @@ class PerSampleNorms(Callback):
 
     def _check_before_backward(self) -> None:
         self._check_unchanged("on_train_batch_start or on_before_backward")
+        # right before the step's backward: what the watching hooks took so far was not it (a
+        # callback whose on_before_backward runs after this one's, ``autograd.grad`` of the
+        # loss for a diagnostic: its unit was left out)
+        self._total.clear()
+        for call in self._calls:
+            if call.sink is not None and call.sink.real:
+                call.sink.real.clear()
 
     def _model_returned(self, module: nn.Module, inputs: Any, output: Any) -> None:
         # (a deep copy of the model made while it is measured, an EMA or SWA copy, gets hooks
