@@ -2633,30 +2633,32 @@ def test_a_unit_vmap_refuses_is_named_with_what_it_does(forward, words, caplog) 
 
 class SideBranchRun(nn.Module):
     """For the trainer (synthetic data, 64 features): a Linear, a unit of one's own with a
-    side branch made by a custom autograd Function that the output reads (``side``), a head."""
+    side branch made by a custom autograd Function that the output reads (``side``), a head;
+    ``low``: the unit kept in bfloat16."""
 
-    def __init__(self, in_shape, out_dim: int, side: bool = True) -> None:
+    def __init__(self, in_shape, out_dim: int, side: bool = True, low: bool = False) -> None:
         super().__init__()
         self.inp, self.head = nn.Linear(64, D), nn.Linear(D, out_dim)
-        self.cell = SideAlsoOut("function")
+        self.cell = SideAlsoOut("function").to(torch.bfloat16 if low else torch.float32)
         self.side = side
 
     def forward(self, x):
-        out = self.head(self.cell(torch.tanh(self.inp(x.flatten(1)))))
+        h = torch.tanh(self.inp(x.flatten(1)))
+        out = self.head(self.cell(h.to(self.cell.w.dtype)).float())
         if not self.side:
             return out
         bump = torch.zeros(out.shape[1], dtype=out.dtype)
         bump[0] = 0.05  # (on one logit: on all alike, cross-entropy would not see it)
-        return out + self.cell.box[0][:, None] * bump
+        return out + self.cell.box[0].float()[:, None] * bump
 
 
 @pytest.mark.parametrize(
     ("side", "regs", "coef", "accumulate"),
     [(True, "[l2,orthogonal]", 0.01, 2), (False, "[l2,orthogonal]", 0.01, 2),
-     (True, "[l2]", 10.0, 1), (False, "[l2]", 10.0, 1)],
+     (True, "[l2]", 10.0, 1), (False, "[l2]", 10.0, 1), ("low", "[l2]", 10.0, 1)],
 )  # fmt: skip
 def test_the_whole_gradient_check_takes_the_trainers_regularizers_out(
-    tmp_path, side, regs, coef, accumulate
+    tmp_path, side, regs, coef, accumulate, caplog
 ) -> None:
     """A regularizer's gradient joins the step's backward, so a parameter it reached was not
     checked whole, and a side branch made by a custom autograd Function went through at
@@ -2665,17 +2667,23 @@ def test_the_whole_gradient_check_takes_the_trainers_regularizers_out(
     branch is found through the Trainer, with accumulation; without it, every unit is
     measured at every step. Where the regularizer's part is the larger (l2.coef=10), compared
     at the data's scale, not the whole's (at the whole's a side branch went through on a step,
-    a review's)."""
-    train(tmp_path, "~model", f"+model._target_={__name__}.SideBranchRun",
-          f"+model.side={side}", "data=synthetic", "data.num_train=64", "data.num_val=16",
-          "data.batch_size=16", "trainer.max_steps=4", "optimizer=sgd",
-          f"regularizer={regs}", f"regularizer.l2.coef={coef}",
-          "regularizer.l2.min_ndim=1",
-          f"trainer.accumulate_grad_batches={accumulate}", "instrument.per_sample.every_n_steps=1",
-          "logging.every_n_steps=1")  # fmt: skip
+    a review's). ``low``: the unit in bfloat16, whose rounding of the regularizer's part
+    passes what the data's may differ by (a side branch went through at coverage 1): left
+    out as not told, at every step, without a branch."""
+    low = side == "low"
+    with caplog.at_level("WARNING"):
+        train(tmp_path, "~model", f"+model._target_={__name__}.SideBranchRun",
+              f"+model.side={bool(side) and not low}", f"+model.low={low}", "data=synthetic",
+              "data.num_train=64", "data.num_val=16", "data.batch_size=16",
+              "trainer.max_steps=4", "optimizer=sgd", f"regularizer={regs}",
+              f"regularizer.l2.coef={coef}", "regularizer.l2.min_ndim=1",
+              f"trainer.accumulate_grad_batches={accumulate}",
+              "instrument.per_sample.every_n_steps=1", "logging.every_n_steps=1")  # fmt: skip
     coverage = [v for _, v in read_scalars(tmp_path)["per_sample/coverage"]]
     assert len(coverage) == 4
     assert all(c < 1 for c in coverage) if side else coverage == [1.0] * 4
+    if low:
+        assert "too large beside its data's part for torch.bfloat16" in caplog.text
 
 
 class DiagnosesBeforeBackward(Callback):
@@ -2689,15 +2697,25 @@ class DiagnosesBeforeBackward(Callback):
 
 
 def test_a_callbacks_autograd_grad_before_the_backward_is_not_the_steps(tmp_path) -> None:
-    """The hooks watching a unit's parameters count from the instrument's on_before_backward:
-    a callback of one's own whose on_before_backward runs after it and differentiates the
-    losses was counted as the step's backward, and the unit left out at every step. What
-    they took before the step's backward starts is dropped: every unit measured."""
-    train(tmp_path, "~model", f"+model._target_={__name__}.SideBranchRun", "+model.side=false",
-          "data=synthetic", "data.num_train=64", "data.num_val=16", "data.batch_size=16",
-          "trainer.max_steps=3", "optimizer=sgd", "instrument.per_sample.every_n_steps=1",
-          "logging.every_n_steps=1", callbacks=[DiagnosesBeforeBackward()])  # fmt: skip
-    assert [v for _, v in read_scalars(tmp_path)["per_sample/coverage"]] == [1.0] * 3
+    """The hooks count from the instrument's on_before_backward: a callback of one's own whose
+    on_before_backward runs after it and differentiates the losses was counted as the step's
+    backward, its unit of one's own left out at every step, and a closed form's squared norms
+    (taken at once) counted twice, its noise scale 6x off (reviews'). What they took before
+    the step's backward starts is dropped: every unit measured, and every per-sample number
+    the same as without the callback."""
+    runs = {}
+    for name, callbacks in (("plain", []), ("diagnosed", [DiagnosesBeforeBackward()])):
+        train(tmp_path / name, "~model", f"+model._target_={__name__}.SideBranchRun",
+              "+model.side=false", "data=synthetic", "data.num_train=64", "data.num_val=16",
+              "data.batch_size=16", "trainer.max_steps=3", "optimizer=sgd",
+              "instrument.per_sample.every_n_steps=1", "logging.every_n_steps=1",
+              callbacks=callbacks)  # fmt: skip
+        runs[name] = read_scalars(tmp_path / name)
+    assert [v for _, v in runs["diagnosed"]["per_sample/coverage"]] == [1.0] * 3
+    tags = [t for t in runs["plain"] if t.startswith("per_sample/")]
+    assert "per_sample/noise_scale" in tags
+    for tag in tags:
+        assert runs["diagnosed"][tag] == runs["plain"][tag], tag
 
 
 class OwnLinear(nn.Module):
