@@ -2109,11 +2109,7 @@ class PerSampleNorms(Callback):
         names = {id(p): n for n, p in _named_covered(call.unit, self._kind[call.unit])}
         own: dict[int, Tensor] = {id(p): p for p in self._covers[call.unit]}
         call.sink = _Sink(self._counting)
-        for node, places in _own_edges(starts, since, own).items():
-            at = [(j, names[id(p)], p.dtype) for j, p in places]
-            node.register_hook(partial(_take, call.sink, at))
-            for _, name, _ in at:
-                call.uses[name] = call.uses.get(name, 0) + 1
+        call.uses = _hook_own(starts, since, own, names, call.sink)
 
     def _hidden_output(
         self,
@@ -2560,9 +2556,7 @@ class PerSampleNorms(Callback):
             if root is not None:
                 starts = [o.grad_fn for o in outs if o.grad_fn is not None]  # type: ignore[union-attr]
                 starts += mode.uses.get(module, [])
-                for node, places in _own_edges(starts, since, own).items():
-                    at = [(j, names[id(p)], p.dtype) for j, p in places]
-                    node.register_hook(partial(_take, sink, at))
+                _hook_own(starts, since, own, names, sink)
                 torch.autograd.grad(root, list(leaf.values()), allow_unused=True)
         real = sink.real or {}
         return {
@@ -4166,6 +4160,24 @@ def _own_edges(starts: Sequence[Any], since: int, own: dict[int, Tensor]) -> dic
             elif id(leaf) in own:
                 found.setdefault(fn, []).append((j, leaf))
     return found
+
+
+def _hook_own(
+    starts: Sequence[Any],
+    since: int,
+    own: dict[int, Tensor],
+    names: dict[int, str],
+    sink: _Sink,
+) -> dict[str, int]:
+    """Hooks :func:`_take` into ``sink`` on each node :func:`_own_edges` finds; how many
+    places watch each parameter, by name (its uses in the call)."""
+    uses: dict[str, int] = {}
+    for node, places in _own_edges(starts, since, own).items():
+        at = [(j, names[id(p)], p.dtype) for j, p in places]
+        node.register_hook(partial(_take, sink, at))
+        for _, name, _ in at:
+            uses[name] = uses.get(name, 0) + 1
+    return uses
 
 
 def _cast_of(fn: Any, own: dict[int, Tensor]) -> Tensor | None:
