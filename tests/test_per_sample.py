@@ -2686,6 +2686,31 @@ def test_the_whole_gradient_check_takes_the_trainers_regularizers_out(
         assert "too large beside its data's part for torch.bfloat16" in caplog.text
 
 
+@pytest.mark.parametrize(("side", "accumulate"), [(True, 2), (False, 2), (True, 1)])
+def test_the_whole_gradient_check_takes_a_regularizer_of_ones_own_out(
+    tmp_path, side, accumulate, caplog
+) -> None:
+    """A regularizer of one's own (a ``Regularizer`` subclass, its backward compared with its
+    GRADS before training) left the parameters it reached unchecked whole: a side branch
+    made by a custom autograd Function went through at coverage 1 with it. Its ``grad()``
+    is taken out as the trainer's are: the branch is found, named with the regularizer as a
+    possible cause; without it, every unit is measured at every step."""
+    with caplog.at_level("WARNING"):
+        train(tmp_path, "~model", f"+model._target_={__name__}.SideBranchRun",
+              f"+model.side={side}", "data=synthetic", "data.num_train=64", "data.num_val=16",
+              "data.batch_size=16", "trainer.max_steps=4", "optimizer=sgd",
+              "+regularizer.logcosh._target_=test_regularizers.LogCosh",
+              "+regularizer.logcosh.coef=0.5", "+regularizer.logcosh.include=[cell.*]",
+              "+regularizer.logcosh.min_ndim=1",
+              f"trainer.accumulate_grad_batches={accumulate}",
+              "instrument.per_sample.every_n_steps=1", "logging.every_n_steps=1")  # fmt: skip
+    coverage = [v for _, v in read_scalars(tmp_path)["per_sample/coverage"]]
+    assert len(coverage) == 4
+    assert all(c < 1 for c in coverage) if side else coverage == [1.0] * 4
+    if side:
+        assert "or regularizer logcosh (LogCosh) trained on another gradient" in caplog.text
+
+
 class DiagnosesBeforeBackward(Callback):
     """A callback that reads the gradient norm of a unit's weight by ``autograd.grad`` of the
     losses in ``on_before_backward`` (after the instruments'), not part of the step."""

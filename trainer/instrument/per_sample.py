@@ -1416,12 +1416,11 @@ class PerSampleNorms(Callback):
         self._in_forward: dict[nn.Module, int] = {}
         self._recursive: set[nn.Module] = set()
         self._watched: set[nn.Module] = set()  # (set in on_fit_start)
-        #: id(param) of the parameters whose every unit is watched and that no regularizer of
-        #: the trainer's reaches, and, on a measured micro-batch, the gradient the backward
-        #: handed each in all (:meth:`_totals_differ`)
+        #: id(param) of the parameters whose every unit is watched, and, on a measured
+        #: micro-batch, the gradient the backward handed each in all (:meth:`_totals_differ`)
         self._totaled: set[int] = set()
         self._total: dict[int, Tensor] = {}
-        self._regs: list[Regularizer] = []  # the trainer's, whose gradient is taken out
+        self._regs: list[Regularizer] = []  # the objective's, whose gradient is taken out
         #: whether the step's backward of a measured micro-batch runs (from
         #: on_before_backward to on_after_backward): only it is counted by those hooks
         self._counting = [False]
@@ -1647,22 +1646,16 @@ class PerSampleNorms(Callback):
         self._at_entry.clear()
         self._grads_before.clear()
         self._total.clear()
-        # the trainer's own regularizers' gradient is known (their Function's backward is
-        # their analytic gradient, grad()): taken out of the whole gradient; one of one's own
-        # (a subclass) may differ, its parameters are not checked whole
-        regs = list(getattr(getattr(trainer, "objective", None), "regularizers", ()))
-        self._regs = [r for r in regs if type(r) is Regularizer]
-        regularized = {
-            id(p)
-            for r in regs
-            if type(r) is not Regularizer
-            for p in [*r.params, *(q for _, q in getattr(r, "_frozen", ()))]
-        }
+        # the regularizers' gradient is known, their grad() (GRADS): the trainer's are
+        # their Function's backward, and one of one's own (a subclass) has its backward
+        # compared with its GRADS before training (Regularizer.check_gradient; grad_norm/data
+        # subtracts it too): taken out of the whole gradient (one of one's own left its
+        # parameters unchecked whole until 2026-12-07: a side branch went through at coverage 1)
+        self._regs = list(getattr(getattr(trainer, "objective", None), "regularizers", ()))
         self._totaled = {
             id(p)
             for p in self._params
-            if id(p) not in regularized
-            and all(u in self._watched for u in self._units_by_param.get(id(p), ()))
+            if all(u in self._watched for u in self._units_by_param.get(id(p), ()))
         }
         for p in self._params:  # which parameters this backward reaches (the data
             if p.requires_grad:  # parallel all-reduce writes an unused one's without it)
@@ -2565,23 +2558,25 @@ class PerSampleNorms(Callback):
         }
 
     def _totals_differ(self, trainer: Trainer) -> None:
-        """Leaves out the units of a parameter whose whole gradient in the step's backward
-        (its hook's, :meth:`_reach`) is not the sum of its units' calls' gradients from their
+        """Leaves out the units of a parameter whose whole gradient in the step's backward (its
+        hook's, :meth:`_reach`) is not the sum of its units' calls' gradients from their
         outputs alone (:attr:`_Call.batch`): a path no hook of an output sees and no node a
         call made shows (a tensor kept from an earlier step's forward and read in this one's
-        loss, 52 % off at coverage 1; a side branch made by a custom autograd Function or
-        under vmap inside the forward, whose results no mode sees with a node, 2.6 %; a unit
-        called outside the model's forward, in the loss, 0.7 %: a review's), or a use of it
-        in the loss. For the parameters whose every unit is a watched unit of one's own, where
-        no regularizer of one's own reaches them (its gradient joins the same backward; the
-        trainer's l2, l1 and orthogonal are known, their ``grad()``, and taken out):
-        :attr:`_totaled`. Within the calls' tolerance as :func:`_sums_apart` applies it; under
-        autocast, for a parameter used k times, at least √k·ε of autocast's dtype: the step
-        sums the uses of a cast in that dtype (64 uses of an autocast cast of a weight in a
-        loop were 1.3 % of its largest gradient apart from the sum of their own, a review's;
-        k·ε/2 let a side branch of 1.5 % through at k = 64, another's, which √k·ε catches,
-        0.5 % the largest let through there; with √k·ε/2, no step of 120 with 16-128 uses
-        under bfloat16 and float16 was left out, this session's probe).
+        loss, 52 % off at coverage 1; a side branch made by a custom autograd Function or under
+        vmap inside the forward, whose results no mode sees with a node, 2.6 %; a unit called
+        outside the model's forward, in the loss, 0.7 %: a review's), or a use of it in the
+        loss. For the parameters whose every unit is a watched unit of one's own:
+        :attr:`_totaled`. A regularizer's gradient joins the same backward: its ``grad()`` is
+        taken out (the trainer's l2, l1 and orthogonal, and a subclass of one's own, whose
+        backward is compared with its ``GRADS`` before training; left unchecked, a side branch
+        into a parameter it reached went through at coverage 1). Within the calls' tolerance as
+        :func:`_sums_apart` applies it; under autocast, for a parameter used k times, at least
+        √k·ε of autocast's dtype: the step sums the uses of a cast in that dtype (64 uses of an
+        autocast cast of a weight in a loop were 1.3 % of its largest gradient apart from the
+        sum of their own, a review's; k·ε/2 let a side branch of 1.5 % through at k = 64,
+        another's, which √k·ε catches, 0.5 % the largest let through there; with √k·ε/2, no
+        step of 120 with 16-128 uses under bfloat16 and float16 was left out, this session's
+        probe).
         One host read per measured micro-batch where there is any."""
         if not self._total:
             return
@@ -2603,6 +2598,7 @@ class PerSampleNorms(Callback):
                     # elsewhere let a float32 one's 4.9 % through, a review's)
                     expected[key] = (b, spread, loose)
         reg: dict[int, Tensor] = {}  # (the regularizers' part of the whole, where it is in)
+        own: dict[int, list[str]] = {}  # (a regularizer of one's own, by what it reaches)
         if self._regs and getattr(getattr(trainer, "objective", None), "reg_in_backward", False):
             scale = _loss_scale(trainer.scaler) if trainer.scaler is not None else 1.0
             for r in self._regs:
@@ -2610,6 +2606,8 @@ class PerSampleNorms(Callback):
                     if id(p) in self._total:
                         g = g * scale
                         reg[id(p)] = g if id(p) not in reg else reg[id(p)] + g
+                        if type(r) is not Regularizer:
+                            own.setdefault(id(p), []).append(f"{r.name} ({type(r).__name__})")
         keys, flags, unsure = [], [], []
         for key, total in self._total.items():
             units = self._units_by_param.get(key, [])
@@ -2658,6 +2656,12 @@ class PerSampleNorms(Callback):
                 continue
             if not apart:
                 continue
+            mine = (  # (its backward is compared with its GRADS at the start only)
+                f", or regularizer {' and '.join(own[key])} trained on another gradient "
+                "than its grad() (GRADS) reports at these parameters"
+                if key in own
+                else ""
+            )
             for unit in self._units_by_param[key]:
                 self._excluded.setdefault(
                     self._names[unit],
@@ -2666,7 +2670,7 @@ class PerSampleNorms(Callback):
                     "their outputs sees (kept from an earlier step, made by a custom autograd "
                     "Function or under vmap inside its forward, or by a call outside the "
                     "model's forward), the loss uses it directly, or a hook on it changes its "
-                    "gradient (left out on such a micro-batch; checked at each)",
+                    f"gradient{mine} (left out on such a micro-batch; checked at each)",
                 )
 
     def _rows_alone(
