@@ -1415,6 +1415,7 @@ class PerSampleNorms(Callback):
         #: inner's again: 16 % off at coverage 1, a review's)
         self._in_forward: dict[nn.Module, int] = {}
         self._recursive: set[nn.Module] = set()
+        self._looped: set[nn.Module] = set()  # units of one's own run one sample at a time
         self._watched: set[nn.Module] = set()  # (set in on_fit_start)
         #: id(param) of the parameters whose every unit is watched, and, on a measured
         #: micro-batch, the gradient the backward handed each in all (:meth:`_totals_differ`)
@@ -2686,18 +2687,30 @@ class PerSampleNorms(Callback):
         """A generic unit's outputs (those that took a gradient) for each sample run alone (its
         batched inputs' rows, the others whole), by vmap without gradients, each stacked along
         its batch dimension as in ``outs``, the batch's (a squeezed one compared without its
-        sizes of 1)."""
+        sizes of 1). Where vmap refuses the forward (as :meth:`_recompute` found), one sample
+        at a time, each from the attributes and buffers its forward began with."""
         d = call.dim
         weights = {n: t.detach() for n, t in leaf.items()}
         rows = [out.narrow(d, 0, 1).shape for out in outs]
 
-        def one(ai: Tensor, *ri: Tensor) -> tuple[Tensor, ...]:
-            got = _one_sample(call, {**weights, **buffers}, ai, rest, dims, ri)
+        def one(ai: Tensor, *ri: Tensor, bufs: dict[str, Tensor] = buffers) -> tuple[Tensor, ...]:
+            got = _one_sample(call, {**weights, **bufs}, ai, rest, dims, ri)
             return tuple(o.reshape(row).squeeze(d) for o, row in zip(got, rows, strict=True))
 
         given, in_dims = _batched(rest, dims)
         with torch.no_grad():
-            return vmap(one, in_dims=(d, *in_dims), out_dims=d)(a, *given)
+            try:
+                return vmap(one, in_dims=(d, *in_dims), out_dims=d)(a, *given)
+            except Exception as e:  # noqa: BLE001 (vmap's refusal: the loop's error raises)
+                if "randomness" in str(e):  # (a draw: left out by the caller)
+                    raise
+            alone = []
+            for i in range(a.shape[d]):
+                set_plain_attributes(call.attributes)
+                fresh = {n: b.clone() for n, b in buffers.items()}
+                ri = [t.select(k, i) for t, k in zip(given, in_dims, strict=True)]
+                alone.append(one(a.select(d, i), *ri, bufs=fresh))
+            return tuple(torch.stack(outs_i, d) for outs_i in zip(*alone, strict=True))
 
     def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         module = call.unit
@@ -2732,34 +2745,49 @@ class PerSampleNorms(Callback):
             # (outside autograd: the unit's other parameters, a parent's children, are the
             # model's own, and the rows were part of the step's graph, kept alive until the
             # next measurement; torch.func's grad differentiates inside no_grad all the same)
+            given, in_dims = _batched(rest, dims)
             with torch.no_grad():
                 try:
-                    given, in_dims = _batched(rest, dims)
                     return vmap(grad(inner), in_dims=(None, d, d, *in_dims))(leaf, a, g, *given)
                 except Exception as e:  # noqa: BLE001 (vmap's own refusals: checked below)
                     if "randomness" in str(e):  # (a draw: left out by the caller)
                         raise
                     refusal = e
-                # torch's Embedding with max_norm (its lookups renormalize the table in place)
-                # treats each sample alone: run one sample at a time, each from the attributes
-                # and buffers its forward began with (left out until the twenty-seventh
-                # session; so were the RNN cells, :meth:`_cell_grads` now). Not a module
-                # of one's own: what follows the write vmap stopped at may read a value of the
-                # whole batch, on the host (``torch.zeros(n)`` of a tensor ``n``, a slice by
-                # it, an f-string of it: no mode sees all of them) or as a tensor, which the
-                # mixing check sees only where the first 16 samples of the first batch of a
-                # shape show it (reviews' clips by the batch's largest input, the outlier at
-                # sample 20 of 24, were 16-163 % off at coverage 1 so, in two versions that
-                # ran any unit vmap refused; the twenty-fifth session's, 31 % off: reverted)
-                if type(module) not in _ALONE or any(k is not None for k in dims):
+                # Run one sample at a time, each from the attributes and buffers its forward
+                # began with, where vmap refuses a forward that treats each sample alone:
+                # torch's Embedding with max_norm (its lookups renormalize the table in
+                # place; left out until the twenty-seventh session), and a unit of one's own
+                # (a top-1 router's argmax as an index, a branch on a sample's value; left out
+                # until the thirty-first session). What a unit of one's own does after the
+                # point vmap stopped at may read a value of the whole batch, on the host
+                # (``torch.zeros(n)`` of a tensor ``n``, a slice by it) or as a tensor: in two
+                # versions that ran it with the mixing check alone (its first 16 samples of
+                # the first batch of a shape), clips by the batch's largest input, the
+                # outlier at sample 20 of 24, were 16-163 % off at coverage 1, the
+                # twenty-fifth session's 31 % (reverted). Since the twenty-eighth session its
+                # samples alone must give its batch's rows and add up to its batch's
+                # gradient at every measured micro-batch (:meth:`_sums_differ`, its rows
+                # alone run one at a time too where vmap refuses them).
+                own = self._kind[module] == "func" and not _torchs(module)
+                if not own and (type(module) not in _ALONE or in_dims):
                     raise refusal
+                if own and module not in self._looped:
+                    self._looped.add(module)
+                    first = str(refusal).strip().splitlines()[0] if str(refusal).strip() else ""
+                    log.info(
+                        "per-sample gradient norms run %r one sample at a time (vmap refuses "
+                        "its forward: %s: %s): per measured micro-batch, B forwards and "
+                        "backwards of it, checked against its batch's",
+                        self._names[module], type(refusal).__name__, first[:160],
+                    )  # fmt: skip
                 by_sample: list[dict[str, Tensor]] = []
                 try:
                     for i in range(a.shape[d]):
                         set_plain_attributes(call.attributes)  # (its counter as it began)
                         fresh = {n: b.clone() for n, b in buffers.items()}
                         by_sample.append(grad(partial(inner, bufs=fresh))(
-                            {**leaf}, a.select(d, i), tuple(t.select(d, i) for t in g)
+                            {**leaf}, a.select(d, i), tuple(t.select(d, i) for t in g),
+                            *(t.select(k, i) for t, k in zip(given, in_dims, strict=True)),
                         ))  # fmt: skip
                 except Exception as e:  # noqa: BLE001 (the loop's error: named, vmap's too)
                     raise RuntimeError(
@@ -3067,11 +3095,11 @@ class PerSampleNorms(Callback):
                 )
                 if fork is None:  # (the recomputations on copies of the random states: the
                     fork = stack.enter_context(forked_rng(call.device))  # run's next draws stay)
+                apart = None
                 try:
                     per_sample = self._per_sample_grads(call)
                 except _NotAlone as e:  # (its sums are not its batch's: this micro-batch)
-                    self._excluded[name] = str(e)
-                    continue
+                    apart = str(e)
                 except Exception as e:  # its forward cannot be recomputed per sample (vmap's
                     # errors; an output of an unexpected kind; a hook of one's own reading its
                     # arguments by position, given as keywords here: an IndexError escaped)
@@ -3088,8 +3116,12 @@ class PerSampleNorms(Callback):
                     drew = fork.drew()
                     if drew:  # the next unit starts from the same states
                         fork.rewind()
-                if drew:  # what it drew now is not what the step's forward drew
+                if drew:  # what it drew now is not what the step's forward drew (its samples
+                    # alone not its rows, too: named for the draw, a unit run one at a time)
                     self._excluded[name] = drawing
+                    continue
+                if apart is not None:
+                    self._excluded[name] = apart
                     continue
                 covered = dict(_named_covered(module, self._kind[module]))
                 if single:
