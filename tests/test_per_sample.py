@@ -2352,9 +2352,9 @@ def test_a_gradient_no_node_of_the_call_shows_leaves_its_unit_out(how, caplog):
     made shows: a side branch made by a custom autograd Function or under vmap inside its
     forward (their results have no node while the mode sees them: 2.6 % off at coverage 1),
     one kept from the previous step's call and read by this step's loss (52 %: a review's).
-    A parameter whose every unit is a watched unit of one's own, reached by no regularizer
-    of the trainer's, must get in all the sum of its calls' gradients from their outputs
-    alone: left out, named; the rest exact."""
+    A parameter whose every unit is a watched unit of one's own must get in all the sum of
+    its calls' gradients from their outputs alone (the regularizers' part taken out): left
+    out, named; the rest exact."""
     x, y = float_batch()
     torch.manual_seed(0)
     model = SideBranchNet(how).double()
@@ -2714,6 +2714,111 @@ def test_a_top1_mixture_of_experts_trains_as_without_measuring(tmp_path, precisi
               f"trainer.precision={precision}", "logging.every_n_steps=1")  # fmt: skip
     train(tmp_path / "none", *common, "instrument=none")
     train(tmp_path / "on", *common, "instrument=none", "instrument.per_sample.every_n_steps=1")
+    coverage = [v for _, v in read_scalars(tmp_path / "on")["per_sample/coverage"]]
+    assert coverage == [1.0] * 4
+    a, b = final_params(tmp_path / "none"), final_params(tmp_path / "on")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class ExpertList(nn.Module):
+    """A top-1 mixture of experts as research code writes it: a router (a Linear), experts in
+    a ``ModuleList``, each called on the rows routed to it (``capacity``: at most that many,
+    in the batch's order; the rest pass through)."""
+
+    def __init__(self, experts: int = 3, capacity: int | None = None) -> None:
+        super().__init__()
+        self.router = nn.Linear(D, experts)
+        self.experts = nn.ModuleList([nn.Linear(D, D) for _ in range(experts)])
+        self.capacity = capacity
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x), -1)
+        top = probs.argmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = (top == e).nonzero().squeeze(1)[: self.capacity]
+            if len(rows):
+                out = out.index_put((rows,), expert(x[rows]) * probs[rows, e : e + 1])
+        return x + out
+
+
+class ExpertsRun(nn.Module):
+    """A Linear, :class:`ExpertList` as ``moe``, a head (``in_shape``: the trainer's data;
+    64 features where given, D otherwise)."""
+
+    def __init__(self, in_shape=None, out_dim: int = 3, capacity: int | None = None) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64 if in_shape is not None else D, D)
+        self.moe, self.head = ExpertList(3, capacity), nn.Linear(D, out_dim)
+
+    def forward(self, x):
+        return self.head(self.moe(torch.tanh(self.inp(x.flatten(1)))))
+
+
+def test_a_mixture_of_experts_in_a_module_list_is_measured_as_one_declared_unit(caplog):
+    """Experts called on the rows routed to them see no batch: each is left out, and the
+    warning names the way out, the module calling them as one unit
+    (``instrument.per_sample.units``). Declared, its router's and experts' parameters are
+    one unit's, run one sample at a time (vmap refuses the routing) under the checks of a
+    unit of one's own: exact against the Jacobian's rows, each parameter counted once
+    (the router a child of it, matched by a pattern too)."""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    model = ExpertsRun().double()
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y)
+    assert "leave out 'moe.experts.0'" in caplog.text
+    assert "instrument.per_sample.units=[moe])" in caplog.text
+    assert staged["per_sample/coverage"] < 0.5
+    for units in (["moe"], ["moe*"], ["m?e", "moe.router"]):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            staged = measured_exactly(model, x, y, cb=PerSampleNorms(1, loss="both", units=units))
+        assert "leave out" not in caplog.text, units
+
+
+def test_a_declared_unit_gets_the_checks_of_a_unit_of_ones_own(caplog) -> None:
+    """A declared module is checked as a unit of one's own whatever its class (its samples
+    alone against its batch's rows): a mixture of experts with a capacity, whose samples past
+    it pass through in the batch, is left out, named; a torch ``Sequential`` declared is
+    exact."""
+    x, y = float_batch()
+    torch.manual_seed(0)
+    model = ExpertsRun(capacity=1).double()
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, y, cb=PerSampleNorms(1, loss="both", units=["moe"]))
+    assert_left_out(model, staged, caplog.text, "moe", "alone")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, D), nn.Sequential(nn.Linear(D, D), nn.Tanh(),
+                          nn.Linear(D, D)), nn.Linear(D, 3)).double()  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, cb=PerSampleNorms(1, loss="both", units=["1"]))
+    assert "leave out" not in caplog.text
+
+
+def test_declared_units_that_match_no_module_are_named(tmp_path) -> None:
+    """A pattern of ``instrument.per_sample.units`` that matches no module is an error naming
+    it, before the first step; a value that is not a list of names too."""
+    with pytest.raises(ValueError, match=r"instrument.per_sample.units: \['moe'\] match no "
+                       r"module of the model's \(its modules: net, net.0"):  # fmt: skip
+        train(tmp_path, "instrument.per_sample.every_n_steps=1",
+              "instrument.per_sample.units=[moe]", "trainer.max_steps=1")  # fmt: skip
+    with pytest.raises(ValueError, match=r"instrument.per_sample.units: got 'moe', must be a list"):
+        PerSampleNorms(1, units="moe")
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+def test_a_declared_mixture_of_experts_trains_as_without_measuring(tmp_path, precision) -> None:
+    """Through the trainer, with accumulation: the declared unit measured at every step, every
+    weight bit for bit the run's without per-sample norms."""
+    common = ("~model", f"+model._target_={__name__}.ExpertsRun", "data=synthetic",
+              "data.num_train=64", "data.num_val=16", "data.batch_size=16",
+              "trainer.max_steps=4", "optimizer=sgd", "trainer.accumulate_grad_batches=2",
+              f"trainer.precision={precision}", "logging.every_n_steps=1")  # fmt: skip
+    train(tmp_path / "none", *common, "instrument=none")
+    train(tmp_path / "on", *common, "instrument=none", "instrument.per_sample.every_n_steps=1",
+          "instrument.per_sample.units=[moe]")  # fmt: skip
     coverage = [v for _, v in read_scalars(tmp_path / "on")["per_sample/coverage"]]
     assert coverage == [1.0] * 4
     a, b = final_params(tmp_path / "none"), final_params(tmp_path / "on")

@@ -718,6 +718,10 @@ class PerSampleConfig:
     noise_ema: float = 0.9
     #: grad_snr/<param>: per parameter tensor, ‖ḡ‖² / tr(S) over the step's samples
     snr: bool = True
+    #: modules (names or fnmatch patterns over model.named_modules()) measured as one unit
+    #: with all their submodules' parameters: a mixture of experts calling its experts on
+    #: the rows it routes to them (each expert alone sees no batch and is left out)
+    units: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         key = "instrument.per_sample."

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import inspect
 import logging
 import math
@@ -1377,6 +1378,7 @@ class PerSampleNorms(Callback):
         bins: int = 64,
         noise_ema: float = 0.9,
         snr: bool = True,
+        units: Sequence[str] = (),
     ):
         if every_n_steps < 1:
             raise ValueError(
@@ -1388,6 +1390,15 @@ class PerSampleNorms(Callback):
             raise ValueError(f"instrument.per_sample.noise_ema: got {noise_ema}, must be in [0, 1)")
         self.every, self.loss, self.bins = Every(every_n_steps), loss, bins
         self.noise_ema, self.snr = noise_ema, snr
+        if isinstance(units, str) or not all(isinstance(u, str) and u for u in units):
+            raise ValueError(
+                f"instrument.per_sample.units: got {units!r}, must be a list of module names "
+                "or fnmatch patterns over them (model.named_modules())"
+            )
+        #: patterns of the modules measured as one unit with all their submodules' parameters
+        self.tree_patterns = list(units)
+        self._trees: set[nn.Module] = set()
+        self._by_name: dict[str, nn.Module] = {}
         #: the EMAs of the unbiased tr(Σ) and |G|² estimates (McCandlish et al. 2018, app. A)
         self._ema: list[float] | None = None
         self._said_unequal = False  # (the noise scale's NaN for unequal weights: said once)
@@ -1538,22 +1549,68 @@ class PerSampleNorms(Callback):
             self._skip_window = True
         self._build_units(trainer)
 
+    def _declared(self, model: nn.Module) -> set[nn.Module]:
+        """The modules ``instrument.per_sample.units`` names (fnmatch over
+        ``model.named_modules()``), each measured as one unit over all its submodules'
+        parameters: a module of one's own that calls its children on rows it gathers (a
+        mixture of experts' ``experts[e](x[top == e])``: each expert, fed no batch, is left
+        out on its own). One inside another is the outer's; one inside an attention or RNN
+        module is that module's. A pattern that matches no module is an error naming it."""
+        if not self.tree_patterns:
+            return set()
+        named = [(n, m) for n, m in model.named_modules() if n]
+        unmatched = [pat for pat in self.tree_patterns
+                     if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named)]  # fmt: skip
+        if unmatched:
+            raise ValueError(
+                f"instrument.per_sample.units: {unmatched} match no module of the model's "
+                f"(its modules: {few([n for n, _ in named])})"
+            )
+        trees: set[nn.Module] = set()
+        for n, m in named:  # (parents first: one inside a declared one is the outer's)
+            if (
+                any(fnmatch.fnmatchcase(n, pat) for pat in self.tree_patterns)
+                and not any(m in set(t.modules()) for t in trees)
+                and _unit_kind(m) == "func"  # (attention's and an RNN's: theirs already)
+                and not _cell(m)
+            ):
+                trees.add(m)
+        return trees
+
+    def _named_in(self, module: nn.Module, kind: str) -> list[tuple[str, nn.Parameter]]:
+        """The trainable parameters a unit covers (:func:`_named_covered`); a declared one's
+        (``instrument.per_sample.units``): all its submodules', by their names in it."""
+        if module in self._trees:
+            return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return _named_covered(module, kind)
+
+    def _own_unit(self, module: nn.Module) -> bool:
+        """Whether a generic unit gets the checks of a module of one's own (its samples alone
+        against its batch, its gradients past its outputs): a class not torch's, or one
+        declared in ``instrument.per_sample.units``."""
+        return module in self._trees or not _torchs(module)
+
     def _build_units(self, trainer: Trainer) -> None:
         self.units = []
         self._units_by_param, self._covers, self._kind, self._names = {}, {}, {}, {}
         self._mask = self._sizes = None
         names = {id(p): n for n, p in trainer.model.named_parameters()}
         self._param_names = names
-        inside: set[nn.Module] = set()  # submodules of attention / RNN units: theirs
+        inside: set[nn.Module] = set()  # submodules of attention / RNN / declared units
+        self._trees = self._declared(trainer.model)
+        self._by_name = dict(trainer.model.named_modules())
         for name, m in trainer.model.named_modules():
             if m in inside:
                 continue
             kind = _unit_kind(m)
-            if kind in ("attention", "rnn"):
+            if m in self._trees:  # (all its submodules' parameters, run as one function)
+                kind = "func"
+                inside.update(set(m.modules()) - {m})
+            elif kind in ("attention", "rnn"):
                 inside.update(m.modules())
             elif parametrize.is_parametrized(m):  # (its weight's computation: in its forward)
                 inside.update(m.parametrizations.modules())  # type: ignore[union-attr]
-            own = [p for _, p in _named_covered(m, kind)]
+            own = [p for _, p in self._named_in(m, kind)]
             if not own:
                 continue
             self.units.append((name, m, own, kind))
@@ -1564,7 +1621,9 @@ class PerSampleNorms(Callback):
         #: the units of one's own whose calls' gradients are watched at their parameters
         #: (:meth:`_watch`): generic ones of classes not torch's
         self._watched = {
-            m for _, m, _, kind in self.units if kind == "func" and not _torchs(m) and not _cell(m)
+            m
+            for _, m, _, kind in self.units
+            if kind == "func" and self._own_unit(m) and not _cell(m)
         }
         #: TorchScript units: no hook can be registered on them, left out on every step
         self._scripted = [(n, m) for n, m, _, _ in self.units if scripted(m)]
@@ -2100,7 +2159,7 @@ class PerSampleNorms(Callback):
         forward), is summed into ``call.real``, which :meth:`_sums_differ` compares with the
         gradient of its outputs' alone."""
         starts = [t.grad_fn for t in outputs if t.grad_fn is not None] + uses
-        names = {id(p): n for n, p in _named_covered(call.unit, self._kind[call.unit])}
+        names = {id(p): n for n, p in self._named_in(call.unit, self._kind[call.unit])}
         own: dict[int, Tensor] = {id(p): p for p in self._covers[call.unit]}
         call.sink = _Sink(self._counting)
         call.uses = _hook_own(starts, since, own, names, call.sink)
@@ -2176,6 +2235,21 @@ class PerSampleNorms(Callback):
             # (an attribute its outputs were computed from: weight_norm's weight, attention
             # weights kept to look at; one also used after its forward is not seen)
         return found
+
+    def _declare_hint(self, module: nn.Module) -> str:
+        """For a unit called on rows that are not the batch (an expert fed the rows routed to
+        it): the module around it to measure as one unit, ``instrument.per_sample.units``,
+        the nearest that is no plain container (``ModuleList``, ``ModuleDict``) nor the model."""
+        name = self._names.get(module, "")
+        while "." in name:
+            name = name.rsplit(".", 1)[0]
+            if not isinstance(self._by_name.get(name), (nn.ModuleList, nn.ModuleDict)):
+                return (
+                    f" (called on rows gathered from the batch, as a mixture of experts' "
+                    f"expert? measure the module calling it as one unit: "
+                    f"instrument.per_sample.units=[{name}])"
+                )
+        return ""
 
     def _bound(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
         return inspect.signature(module.forward).bind(*args, **kwargs).arguments
@@ -2267,7 +2341,7 @@ class PerSampleNorms(Callback):
                 return (
                     f"its input or output has the batch ({b}) neither as dimension 0 nor, "
                     "sequence-first (T, B, ·), as dimension 1"
-                )
+                ) + self._declare_hint(module)
             if isinstance(module, (nn.Conv1d, nn.Conv2d)) and first.dim() != (
                 3 if isinstance(module, nn.Conv1d) else 4
             ):
@@ -2376,7 +2450,7 @@ class PerSampleNorms(Callback):
         with attributes_kept(call.unit):
             set_plain_attributes(call.attributes)  # (as its forward began)
             grads = self._recompute(call, call.buffers)
-            if self._kind[call.unit] == "func" and not _torchs(call.unit):
+            if self._kind[call.unit] == "func" and self._own_unit(call.unit):
                 set_plain_attributes(call.attributes)
                 why = self._sums_differ(call, grads)
                 if why is not None:
@@ -2402,7 +2476,7 @@ class PerSampleNorms(Callback):
         module = call.unit
         if not call.grads:  # (no gradient reached its outputs: every sample's is 0, and the
             return None  # batch's)
-        params = dict(_named_covered(module, self._kind[module]))
+        params = dict(self._named_in(module, self._kind[module]))
         leaf = {n: p.detach() for n, p in params.items()}
         if _renorms(module):  # (a copy: its forward rewrites the rows it looks up)
             leaf = {n: p.clone() for n, p in leaf.items()}
@@ -2529,7 +2603,7 @@ class PerSampleNorms(Callback):
         module = call.unit
         leaf = {
             n: p.detach().clone().requires_grad_()
-            for n, p in _named_covered(module, self._kind[module])
+            for n, p in self._named_in(module, self._kind[module])
         }
         own: dict[int, Tensor] = {id(p): p for p in leaf.values()}
         names = {id(p): n for n, p in leaf.items()}
@@ -2586,7 +2660,7 @@ class PerSampleNorms(Callback):
         for call in self._calls:
             if not call.batch:
                 continue
-            named = dict(_named_covered(call.unit, self._kind[call.unit]))
+            named = dict(self._named_in(call.unit, self._kind[call.unit]))
             eps = torch.finfo(call.autocast[1]).eps if call.autocast is not None else 0.0
             for n, (b, spread) in call.batch.items():
                 key = id(named[n])
@@ -2658,8 +2732,11 @@ class PerSampleNorms(Callback):
             if not apart:
                 continue
             mine = (  # (its backward is compared with its GRADS at the start only)
-                f", or regularizer {' and '.join(own[key])} trained on another gradient "
-                "than its grad() (GRADS) reports at these parameters"
+                f", or regularizer {own[key][0]} trained on another gradient than its grad() "
+                "(GRADS) reports at these parameters"
+                if len(own.get(key, ())) == 1
+                else f", or regularizers {' or '.join(own[key])} trained on other gradients "
+                "than their grad() (GRADS) reports at these parameters"
                 if key in own
                 else ""
             )
@@ -2714,7 +2791,7 @@ class PerSampleNorms(Callback):
 
     def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
         module = call.unit
-        params = {n: p for n, p in _named_covered(module, self._kind[module])}
+        params = {n: p for n, p in self._named_in(module, self._kind[module])}
         if _cell(module):
             return self._cell_grads(call, {n: p.detach() for n, p in params.items()})
         if self._kind[module] in ("closed", "func"):
@@ -2768,7 +2845,7 @@ class PerSampleNorms(Callback):
                 # samples alone must give its batch's rows and add up to its batch's
                 # gradient at every measured micro-batch (:meth:`_sums_differ`, its rows
                 # alone run one at a time too where vmap refuses them).
-                own = self._kind[module] == "func" and not _torchs(module)
+                own = self._kind[module] == "func" and self._own_unit(module)
                 if not own and (type(module) not in _ALONE or in_dims):
                     raise refusal
                 if own and module not in self._looped:
@@ -3123,7 +3200,7 @@ class PerSampleNorms(Callback):
                 if apart is not None:
                     self._excluded[name] = apart
                     continue
-                covered = dict(_named_covered(module, self._kind[module]))
+                covered = dict(self._named_in(module, self._kind[module]))
                 if single:
                     for n, v in per_sample.items():
                         self._add(covered[n], v.float().pow(2).reshape(v.shape[0], -1).sum(1))
