@@ -1317,6 +1317,22 @@ class _NotAlone(Exception):
     gradients (its message: why)."""
 
 
+def _container(module: nn.Module | None) -> bool:
+    """A ``ModuleList`` or ``ModuleDict``: never called itself."""
+    return isinstance(module, (nn.ModuleList, nn.ModuleDict))
+
+
+def _caller(name: str, by_name: Mapping[str, nn.Module]) -> str | None:
+    """The module around the one named ``name`` that calls it, as far as names tell: the
+    nearest enclosing that is no container (:func:`_container`) nor the model; None where
+    there is none."""
+    while "." in name:
+        name = name.rsplit(".", 1)[0]
+        if not _container(by_name.get(name)):  # (None where listed under another name)
+            return name
+    return None
+
+
 def _sample_coefficients(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``n`` fixed random weights in [0.5, 1.5), one per sample (a generator of their own:
     the run's random states are not drawn from)."""
@@ -1406,6 +1422,7 @@ class PerSampleNorms(Callback):
         self.tree_patterns = list(units)
         self._trees: set[nn.Module] = set()
         self._by_name: dict[str, nn.Module] = {}
+        self._mixed: dict[str, list[str]] = {}
         #: the EMAs of the unbiased tr(Σ) and |G|² estimates (McCandlish et al. 2018, app. A)
         self._ema: list[float] | None = None
         self._said_unequal = False  # (the noise scale's NaN for unequal weights: said once)
@@ -1574,14 +1591,28 @@ class PerSampleNorms(Callback):
                 f"(its modules: {few([n for n, _ in named])})"
             )
         trees: set[nn.Module] = set()
+        declared = dict.fromkeys(self.tree_patterns, False)
+        by_name = dict(named)
         for n, m in named:  # (parents first: one inside a declared one is the outer's)
-            if (
-                any(fnmatch.fnmatchcase(n, pat) for pat in self.tree_patterns)
-                and not any(m in set(t.modules()) for t in trees)
-                and _unit_kind(m) == "func"  # (attention's and an RNN's: theirs already)
-                and not _cell(m)
-            ):
-                trees.add(m)
+            pats = [pat for pat in self.tree_patterns if fnmatch.fnmatchcase(n, pat)]
+            if not pats:
+                continue
+            if any(m in set(t.modules()) for t in trees):  # (a declared one's: covered)
+                declared.update(dict.fromkeys(pats, True))
+            elif _unit_kind(m) == "func" and not _cell(m) and not _container(m):
+                declared.update(dict.fromkeys(pats, True))  # (torch's layers, attention,
+                trees.add(m)  # RNNs: units of their own already; a container: not called)
+        refused = [pat for pat, ok in declared.items() if not ok]
+        if refused:  # (a silent no-op before: its experts left out, nothing said)
+            matched = [n for n, _ in named if any(fnmatch.fnmatchcase(n, p) for p in refused)]
+            callers = {c for c in (_caller(n, by_name) for n in matched) if c is not None}
+            raise ValueError(
+                f"instrument.per_sample.units: {refused} match only modules measured as units "
+                "of their own already or never called themselves ("
+                + few([f"{n} ({type(by_name[n]).__name__})" for n in matched])
+                + "): declare the module that calls them on the batch"
+                + (f", {few(sorted(callers))}" if callers else "")
+            )
         return trees
 
     def _named_in(self, module: nn.Module, kind: str) -> list[tuple[str, nn.Parameter]]:
@@ -1606,6 +1637,9 @@ class PerSampleNorms(Callback):
         inside: set[nn.Module] = set()  # submodules of attention / RNN / declared units
         self._trees = self._declared(trainer.model)
         self._by_name = dict(trainer.model.named_modules())
+        for t in self._trees:  # (all of them first: a child also registered under a name
+            inside.update(set(t.modules()) - {t})  # listed before its declared module was
+            # a unit of its own too, its parameters counted twice, 24 % off: a review's)
         for name, m in trainer.model.named_modules():
             if m in inside:
                 continue
@@ -1634,6 +1668,15 @@ class PerSampleNorms(Callback):
         }
         #: TorchScript units: no hook can be registered on them, left out on every step
         self._scripted = [(n, m) for n, m, _, _ in self.units if scripted(m)]
+        #: generic units whose parameters hold several dtypes, left out on every step: the
+        #: per-sample recomputation runs in one, its first parameter's (a declared unit with
+        #: a bfloat16 gain first rounded its float64 rows, 7.8e-4 off at coverage 1, within
+        #: bfloat16's tolerance: a review's)
+        self._mixed = {
+            n: sorted({str(p.dtype).removeprefix("torch.") for p in own})
+            for n, m, own, kind in self.units
+            if kind == "func" and not _cell(m) and len({p.dtype for p in own}) > 1
+        }
         self._buffered = {m for _, m, _, _ in self.units if next(m.buffers(), None) is not None}
         self._batchnorms = [
             (name, m) for name, m in trainer.model.named_modules() if isinstance(m, _BatchNorm)
@@ -1733,6 +1776,12 @@ class PerSampleNorms(Callback):
         root = trainer.model  # the model's forward is watched for outside uses, nothing else
         for name, _ in self._scripted:  # (no hook can be registered on one: it stopped the
             self._excluded[name] = SCRIPTED  # step, a review's)
+        for name, dtypes in self._mixed.items():
+            self._excluded[name] = (
+                f"its parameters hold several dtypes ({', '.join(dtypes)}), and its per-sample "
+                "recomputation runs in one: give them one dtype, or make the parts of each "
+                "dtype modules of their own (a declared unit: declare them apart)"
+            )
         for _, m, _, _ in self.units:  # before a unit's own pre-hooks (weight_norm's, prune's
             # compute its weight from its parameters: a use inside its forward)
             if scripted(m):
@@ -2245,18 +2294,18 @@ class PerSampleNorms(Callback):
 
     def _declare_hint(self, module: nn.Module) -> str:
         """For a unit called on rows that are not the batch (an expert fed the rows routed to
-        it): the module around it to measure as one unit, ``instrument.per_sample.units``,
-        the nearest that is no plain container (``ModuleList``, ``ModuleDict``) nor the model."""
-        name = self._names.get(module, "")
-        while "." in name:
-            name = name.rsplit(".", 1)[0]
-            if not isinstance(self._by_name.get(name), (nn.ModuleList, nn.ModuleDict)):
-                return (
-                    f" (called on rows gathered from the batch, as a mixture of experts' "
-                    f"expert? measure the module calling it as one unit: "
-                    f"instrument.per_sample.units=[{name}])"
-                )
-        return ""
+        it): the module around it to measure as one unit, ``instrument.per_sample.units``."""
+        caller = _caller(self._names.get(module, ""), self._by_name)
+        if caller is None:  # (the model's own forward calls it: no name to declare)
+            return (
+                " (called on rows gathered from the batch, as a mixture of experts' expert? "
+                "the model's own forward calls it: move that into a module of its own and "
+                "measure it as one unit, instrument.per_sample.units)"
+            )
+        return (
+            " (called on rows gathered from the batch, as a mixture of experts' expert? "
+            f"measure the module calling it as one unit: instrument.per_sample.units=[{caller}])"
+        )
 
     def _bound(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
         return inspect.signature(module.forward).bind(*args, **kwargs).arguments
