@@ -2782,8 +2782,9 @@ def test_a_declared_mixture_of_experts_in_float32_is_measured_on_digits(caplog) 
     """The mixing check's swap (the first sample's input replaced by the second's) compared
     the other rows bit for bit: routed elsewhere, the first sample changes how many rows
     each expert's kernel gets, which rounds the others' rows otherwise in float32, and a
-    declared mixture of experts was left out at every step on digits. Within √ε of the
-    output's largest, as the runs alone: measured, exact against the Jacobian's rows."""
+    declared mixture of experts was left out at every step on digits. Within a rounding of
+    each row (√ε of its own largest; K·ε of the whole's): measured, exact against the
+    Jacobian's rows."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -2798,6 +2799,62 @@ def test_a_declared_mixture_of_experts_in_float32_is_measured_on_digits(caplog) 
     assert "leave out" not in caplog.text and staged["per_sample/coverage"] == 1.0
     # (both in float32, summed in other orders: a few ε of float32 apart, 1e-6 here)
     torch.testing.assert_close(last["per_sample/grad_norm"], reference, rtol=1e-5, atol=0)
+
+
+class MixesALittle(nn.Module):
+    """Adds 3e-4 of the batch's detached mean input to its input, through its weight: a mixing
+    by value, 0.03 % of its output's largest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) / D**0.5)
+
+    def forward(self, x):
+        return (x + 3e-4 * x.detach().mean(0, keepdim=True)) @ self.w
+
+
+def test_a_small_mixing_by_value_is_seen_on_a_small_sample(caplog) -> None:
+    """The swap compared within √ε of the output's largest (a first version for the mixture of
+    experts above) let this through at coverage 1, 38 % off on a sample whose input is 1e-4
+    of the others' (a review's). Compared per row, within √ε of the row's own largest: left
+    out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MixesALittle(), nn.Tanh(), nn.Linear(D, 3))
+    model[2].requires_grad_(False)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(1))
+    x[2] *= 1e-4
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, torch.tensor([0, 1, 2, 2, 1, 0]))
+    assert "leave out '0': the model mixes" in caplog.text and staged["per_sample/coverage"] == 0
+
+
+class MLPExperts(ExpertList):
+    """:class:`ExpertList` whose experts are small MLPs (Linear, GELU, Linear) of width D, the
+    batch's size, B (a researcher's probe: an expert's width equal to the batch's size)."""
+
+    def __init__(self) -> None:
+        super().__init__(3, width=B)
+        self.experts = nn.ModuleList(
+            [nn.Sequential(nn.Linear(B, B), nn.GELU(), nn.Linear(B, B)) for _ in range(3)]
+        )
+
+
+@pytest.mark.parametrize("units", [[], ["moe.experts.*"]])
+def test_an_experts_leave_out_names_the_module_routing_to_it(units, caplog) -> None:
+    """An expert's own Linear (``moe.experts.0.0``) was told to declare its MLP
+    (``moe.experts.0``), itself fed the rows routed to it; an expert declared, whose width is
+    the batch's size, was told of tables and positions, no way out named (a researcher's
+    probe). Each names the module around the experts' list: ``moe``."""
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(inp=nn.Linear(D, B), act=nn.Tanh(), moe=MLPExperts(),
+                                      head=nn.Linear(B, 3)))  # fmt: skip
+    x, y = float_batch()
+    with caplog.at_level("WARNING"):
+        measure(model, x.float(), y, cb=PerSampleNorms(1, loss="both", units=units))
+    said = [r.getMessage() for r in caplog.records if "leave out 'moe.experts." in r.getMessage()]
+    assert said and all("instrument.per_sample.units=[moe])" in m for m in said), said
 
 
 def test_a_declared_unit_gets_the_checks_of_a_unit_of_ones_own(caplog) -> None:

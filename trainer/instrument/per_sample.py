@@ -913,16 +913,29 @@ def _moves_other_rows(
         rest = output.shape[dim] - 1
         swapped, others = swapped.narrow(dim, 1, rest), kept.narrow(dim, 1, rest)
         moved = (swapped != others) & ~(swapped.isnan() & others.isnan())
-        if kept.is_floating_point():  # (within √ε of its largest, as the runs alone: a
-            # mixture of experts routing the first sample elsewhere feeds its experts other
-            # numbers of rows, whose kernels round the others' rows otherwise, by an ε or
-            # so; bit for bit, a top-1 mixture of experts declared a unit was left out on
-            # digits in float32)
-            scale = kept.abs().nan_to_num(0, 0, 0).amax()
-            moved &= (swapped - others).abs() > _loose(kept.device, kept.dtype) * scale
+        if kept.is_floating_point():  # (a rounding of each row apart: a mixture of experts
+            # routing the first sample elsewhere feeds its experts other numbers of rows,
+            # whose kernels round the others' rows otherwise, by an ε or so; bit for bit, a
+            # top-1 mixture of experts declared a unit was left out on digits in float32)
+            moved &= (swapped - others).abs() > _row_rounding(others, dim, args[0])
         moved = moved.any()
         alone = _alone_differs(module, args, kwargs, kept, fork, busy, dim, begun or [])
         return moved if alone is None else moved | alone
+
+
+def _row_rounding(rows: Tensor, dim: int, first: Tensor) -> Tensor:
+    """How far a kernel fed another number of rows may round each row of ``rows`` (batch
+    dimension ``dim``) apart: √ε of its own largest magnitude, and K·ε of the whole's (K: a
+    sample's input size, the length of a dot product's sum), for a row near 0 after a
+    cancellation. Per row, not √ε of the whole's largest: a unit adding 3e-4 of the batch's
+    detached mean to its input, 0.03 % of the whole, was 38 % off at coverage 1 on a sample
+    whose input was 1e-4 of the others' (a review's)."""
+    eps = torch.finfo(rows.dtype).eps
+    size = first.numel() // max(first.shape[dim], 1) if first.dim() > dim else 1
+    finite = rows.abs().nan_to_num(0, 0, 0)
+    other = [d for d in range(rows.dim()) if d != dim]
+    own = finite.amax(dim=other, keepdim=True) if other else finite
+    return eps**0.5 * own + size * eps * finite.amax()
 
 
 def _alone_differs(
@@ -1332,13 +1345,17 @@ def _container(module: nn.Module | None) -> bool:
 
 
 def _caller(name: str, by_name: Mapping[str, nn.Module]) -> str | None:
-    """The module around the one named ``name`` that calls it, as far as names tell: the
-    nearest enclosing that is no container (:func:`_container`) nor the model; None where
-    there is none."""
-    while "." in name:
-        name = name.rsplit(".", 1)[0]
-        if not _container(by_name.get(name)):  # (None where listed under another name)
-            return name
+    """The module around the one named ``name`` that calls it on the batch, as far as names
+    tell: the nearest enclosing module that is no container (:func:`_container`) nor the
+    model, around the nearest container holding it where there is one (an expert's own
+    Linear, ``moe.experts.0.fc1``: ``moe``, not its MLP ``moe.experts.0``, itself fed the
+    rows routed to it: a researcher's probe); None where there is none."""
+    parts = name.split(".")
+    ancestors = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]  # nearest first
+    held = next((k for k, a in enumerate(ancestors) if _container(by_name.get(a))), None)
+    for a in ancestors[held or 0 :]:
+        if not _container(by_name.get(a)):  # (None where listed under another name)
+            return a
     return None
 
 
@@ -2301,6 +2318,12 @@ class PerSampleNorms(Callback):
             # weights kept to look at; one also used after its forward is not seen)
         return found
 
+    def _gathered_hint(self, module: nn.Module, shape: tuple[int, ...]) -> str:
+        """:meth:`_declare_hint` for a call whose input's dimension 0 is not the batch's size
+        (rows gathered from it, whatever its other sizes: an expert whose width is the
+        batch's size was told of tables and positions, a researcher's probe)."""
+        return self._declare_hint(module) if shape and shape[0] != self._batch else ""
+
     def _declare_hint(self, module: nn.Module) -> str:
         """For a unit called on rows that are not the batch (an expert fed the rows routed to
         it): the module around it to measure as one unit, ``instrument.per_sample.units``."""
@@ -2940,6 +2963,7 @@ class PerSampleNorms(Callback):
                 if own and module not in self._looped:
                     self._looped.add(module)
                     first = str(refusal).strip().splitlines()[0] if str(refusal).strip() else ""
+                    first = first.split(" Please ")[0].split(" http")[0]  # (its links cut)
                     log.info(
                         "per-sample gradient norms run %r one sample at a time (vmap refuses "
                         "its forward: %s: %s): per measured micro-batch, B forwards and "
@@ -3692,7 +3716,7 @@ class PerSampleNorms(Callback):
                     name,
                     "which dimension of its input is the batch is not known yet: the "
                     f"model's forward and the loss on {p} samples did not make this "
-                    f"call{failed}",
+                    f"call{failed}" + self._gathered_hint(call.unit, shape),
                 )
                 continue
             out_shape, out_got = tuple(call.outputs[0][0]), outs.get((name, k))
@@ -3715,7 +3739,7 @@ class PerSampleNorms(Callback):
                 if fits
                 else f"{what}: on {p} samples of the batch it was {got}, its output "
                 f"{out_got} (a table or positions of the batch's length, features of every "
-                "pair of samples)"
+                "pair of samples)" + self._gathered_hint(call.unit, shape)
             )
         for sized in sizes or {}:
             unit, n, (_, given) = sized
