@@ -2783,7 +2783,7 @@ def test_a_declared_mixture_of_experts_in_float32_is_measured_on_digits(caplog) 
     the other rows bit for bit: routed elsewhere, the first sample changes how many rows
     each expert's kernel gets, which rounds the others' rows otherwise in float32, and a
     declared mixture of experts was left out at every step on digits. Within a rounding of
-    each row (√ε of its own largest; K·ε of the whole's): measured, exact against the
+    each row (√ε of its own largest; one ε of the whole's): measured, exact against the
     Jacobian's rows."""
     from sklearn.datasets import load_digits
 
@@ -2855,6 +2855,66 @@ def test_an_experts_leave_out_names_the_module_routing_to_it(units, caplog) -> N
         measure(model, x.float(), y, cb=PerSampleNorms(1, loss="both", units=units))
     said = [r.getMessage() for r in caplog.records if "leave out 'moe.experts." in r.getMessage()]
     assert said and all("instrument.per_sample.units=[moe])" in m for m in said), said
+
+
+class MixesAnImage(nn.Module):
+    """:class:`MixesALittle` on (3, 32, 32) images, flattened: 2e-4 of the batch's detached
+    mean image added to each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3 * 32 * 32, D) / 3072**0.5)
+
+    def forward(self, x):
+        return (x + 2e-4 * x.detach().mean(0, keepdim=True)).flatten(1) @ self.w
+
+
+@pytest.mark.parametrize("scale", [1e-4, 0.0])
+def test_a_small_mixing_by_value_is_seen_on_an_image(scale, caplog) -> None:
+    """A swap tolerance of K·ε of the whole's largest, K a sample's input size, passed √ε of
+    it past K = 1/√ε: on (3, 32, 32) images (K = 3072) the mixing went through at coverage
+    1, 20 % off on a sample whose image was 1e-4 of the others', 100 % on a blank one (a
+    review's). One ε of the whole's: left out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MixesAnImage(), nn.Tanh(), nn.Linear(D, 3))
+    model[2].requires_grad_(False)
+    x = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x[2] *= scale
+    with caplog.at_level("WARNING"):
+        _, staged = measure(model, x, torch.tensor([0, 1, 2, 2, 1, 0]))
+    assert "leave out '0': the model mixes" in caplog.text and staged["per_sample/coverage"] == 0
+
+
+class NoFeatures(nn.Module):
+    """A unit of one's own with an output of no values: ``x @ w``, ``w`` of shape (D, 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, 0))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_a_unit_with_an_output_of_no_values_leaves_the_others_measured(caplog) -> None:
+    """The swap's tolerance took the largest of an output of no values: the whole mixing
+    check raised, and every unit of the model was left out at every step (a review's). The
+    others are measured exactly."""
+
+    class WithEmpty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.u, self.e, self.head = OwnLinear(), NoFeatures(), nn.Linear(D, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.u(x))) + self.e(x).sum(1, keepdim=True)
+
+    x, y = float_batch()
+    torch.manual_seed(0)
+    model = WithEmpty().double()
+    with caplog.at_level("WARNING"):
+        measured_exactly(model, x, y, left_out=("e",))
+    assert "leave out 'u'" not in caplog.text and "leave out 'head'" not in caplog.text
 
 
 def test_a_declared_unit_gets_the_checks_of_a_unit_of_ones_own(caplog) -> None:
