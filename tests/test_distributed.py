@@ -713,6 +713,55 @@ def test_a_unit_left_out_on_one_rank_is_left_out_on_every_rank(tmp_path) -> None
     assert all(math.isnan(v) for _, v in s2["grad_snr/proj.weight"])
 
 
+class Experts(torch.nn.Module):
+    """A top-1 mixture of experts: a router, experts (a ModuleList of Linears) each called on
+    the rows routed to it, scaled by their probability, added to the input."""
+
+    def __init__(self, width: int = 32, experts: int = 3) -> None:
+        super().__init__()
+        self.router = torch.nn.Linear(width, experts)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(experts))
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x), -1)
+        top, out = probs.argmax(-1), torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = (top == e).nonzero().squeeze(1)
+            out = out.index_put((rows,), expert(x[rows]) * probs[rows, e : e + 1])
+        return x + out
+
+
+class DigitsSwitch(torch.nn.Module):
+    """Digits (64 features) -> 32 -> :class:`Experts` as ``moe`` -> the classes."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.inp, self.moe = torch.nn.Linear(64, 32), Experts()
+        self.head = torch.nn.Linear(32, out_dim)
+
+    def forward(self, x):
+        return self.head(self.moe(torch.tanh(self.inp(x.flatten(1)))))
+
+
+def test_a_declared_mixture_of_experts_on_two_processes_is_measured_like_one(tmp_path) -> None:
+    """``instrument.per_sample.units=[moe]``: each rank runs the declared unit one sample at a
+    time (vmap refuses the routing) under its checks; two processes of B log the per-sample
+    statistics and train the weights of one of 2B, every parameter covered."""
+    one, ranks, want, got = one_and_two(
+        tmp_path, (*COMMON, "trainer.max_steps=10", "~model",
+                   f"+model._target_={__name__}.DigitsSwitch", "instrument.per_sample.units=[moe]")
+    )  # fmt: skip
+    for k in want:
+        assert (got[k] - want[k]).abs().max() <= 1e-6, k
+    s1, s2 = read_scalars(one), read_scalars(ranks[0])
+    assert [v for _, v in s1["per_sample/coverage"]] == [1.0, 1.0]
+    assert s2["per_sample/coverage"] == s1["per_sample/coverage"]
+    for tag in ("per_sample/grad_norm_mean", "per_sample/grad_norm_max",
+                "per_sample/noise_scale", "grad_snr/moe.experts.0.weight"):  # fmt: skip
+        assert [st for st, _ in s2[tag]] == [st for st, _ in s1[tag]] == [5, 10], tag
+        assert [v for _, v in s2[tag]] == pytest.approx([v for _, v in s1[tag]], rel=1e-5), tag
+
+
 class AllOutsideOnRank(OutsideOnRank):
     """OutsideOnRank with every Linear applied by hand on the ranks in ``functional_on``."""
 
