@@ -3052,6 +3052,62 @@ def test_an_expert_the_models_own_forward_routes_to_is_named_with_a_way_out(capl
     assert "move that into a module of its own" in caplog.text
 
 
+class Balanced(ExpertList):
+    """:class:`ExpertList` balanced without a loss: each forward in training adds the samples
+    routed to each expert into a list kept in a dict attribute, which the next routing reads
+    (``stats["load"]``), through a forward hook of its experts (``hook``) or its own forward."""
+
+    def __init__(self, hook: bool) -> None:
+        super().__init__(3, width=D)
+        self.stats = {"load": [0.0, 0.0, 0.0]}
+        self.hook = hook
+        for e, expert in enumerate(self.experts):
+            if hook:
+                expert.register_forward_hook(functools.partial(self._count, e))
+
+    def _count(self, e: int, module, args, output) -> None:
+        self.stats["load"][e] += float(args[0].shape[0])
+
+    def forward(self, x):
+        bias = -0.01 * torch.tensor(self.stats["load"], dtype=x.dtype)
+        top = (self.router(x) + bias).argmax(-1)
+        probs = torch.softmax(self.router(x), -1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = (top == e).nonzero().squeeze(1)
+            out = out.index_put((rows,), expert(x[rows]) * probs[rows, e : e + 1])
+        if self.training and not self.hook:
+            for e in range(3):
+                self.stats["load"][e] += float((top == e).sum())
+        return x + out
+
+
+class BalancedRun(nn.Module):
+    def __init__(self, in_shape, out_dim: int, hook: bool = False) -> None:
+        super().__init__()
+        self.inp, self.moe, self.head = nn.Linear(64, D), Balanced(hook), nn.Linear(D, out_dim)
+
+    def forward(self, x):
+        return self.head(self.moe(torch.tanh(self.inp(x.flatten(1)))))
+
+
+@pytest.mark.parametrize("hook", [False, True])
+def test_a_count_kept_in_a_list_in_a_dict_attribute_is_put_back(tmp_path, hook) -> None:
+    """A mixture of experts balanced by a count per expert kept in a list inside a dict
+    attribute, added into by each forward (its own, or its experts' forward hooks): the
+    checks' extra forwards added into it too, before the step's own, and every weight
+    differed from the run without measuring, 0.025 at most after 6 steps (a review's). The
+    dicts and lists inside a module's attributes get their contents back: bit for bit."""
+    common = ("~model", f"+model._target_={__name__}.BalancedRun", f"+model.hook={hook}",
+              "data=synthetic", "data.num_train=64", "data.num_val=16", "data.batch_size=16",
+              "trainer.max_steps=4", "optimizer=sgd", "logging.every_n_steps=1")  # fmt: skip
+    train(tmp_path / "none", *common, "instrument=none")
+    train(tmp_path / "on", *common, "instrument=none", "instrument.per_sample.every_n_steps=1",
+          "instrument.per_sample.units=[moe]")  # fmt: skip
+    a, b = final_params(tmp_path / "none"), final_params(tmp_path / "on")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("precision", ["32", "bf16"])
 def test_a_declared_mixture_of_experts_trains_as_without_measuring(tmp_path, precision) -> None:
     """Through the trainer, with accumulation: the declared unit measured at every step, every

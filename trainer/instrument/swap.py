@@ -67,6 +67,25 @@ def _same(v: Any, before: Any) -> bool:
     return v == before
 
 
+#: a module's own tables (parameters, buffers, children, hooks): put back shallowly only
+_TABLES = frozenset(vars(nn.Module()))
+
+
+def _nested(values: Any, depth: int = 3) -> list[Any]:
+    """The dicts and lists inside ``values`` (a container attribute's contents), in tuples,
+    lists and dicts, ``depth`` levels down, each once: what a forward may change in place
+    inside an attribute (a table of counts per expert, ``self.stats["load"][e] += n``)."""
+    found: dict[int, Any] = {}
+    todo = [(v, depth) for v in values]
+    while todo:
+        v, left = todo.pop()
+        if isinstance(v, (dict, list)) and id(v) not in found:
+            found[id(v)] = v
+        if left and isinstance(v, (dict, list, tuple)):
+            todo += [(x, left - 1) for x in (v.values() if isinstance(v, dict) else v)]
+    return list(found.values())
+
+
 def _generators(values: Any, depth: int = 3) -> list[torch.Generator]:
     """The ``torch.Generator`` objects among ``values``, in tuples, lists and dicts too (a
     module's ``self.gens = [g]``: a review's), ``depth`` levels down."""
@@ -95,13 +114,17 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     requires grad (an activation kept for inspection, which a forward replaces rather than
     writes into: its copy cost the size of every kept activation per extra forward, a
     review's), nor an inference tensor (made under ``torch.inference_mode``: instruments'
-    extra forwards need autograd, outside it). Not put back: objects changed in place
-    otherwise (a tensor inside a container or another object), ``__slots__``, and
+    extra forwards need autograd, outside it). The dicts and lists inside its container
+    attributes (3 levels down) get their contents back too, and the tensors in them their
+    values (a count per expert kept in a list in a dict, added into by each forward: the
+    checks' forwards added into it before the step's own, a review's). Not put back: objects
+    changed in place otherwise (a tensor inside another object), ``__slots__``, and
     TorchScript modules (their tables are no dicts), which are left as they are. A
     ``torch.Generator`` a module keeps as an attribute, or in a tuple, list or dict it keeps,
     gets its state back (a model adding noise from one of its own trained otherwise with
     per-sample norms or curvature on: a review's); one in another object does not."""
     saved = []
+    nested: list[tuple[Any, Any]] = []
     tensors: list[tuple[Tensor, int, Tensor]] = []
     generators: list[tuple[torch.Generator, Tensor]] = []
     with torch._C.DisableTorchFunction():  # (no instrument's mode counts these as uses)
@@ -110,8 +133,17 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
                 continue
             attrs = dict(vars(m))
             contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
+            # the dicts and lists inside its own containers, and the tensors in them (a list
+            # in a dict attribute a forward adds into: the checks' extra forwards added into
+            # it too, before the step's own, and training changed, a review's)
+            own = [v for k, v in attrs.items() if k not in _TABLES]
+            inner = _nested([v for v in own if isinstance(v, (dict, list, tuple))])
+            nested += [(c, before) for c in inner if (before := _contents(c)) is not None]
             saved.append((m, attrs, contents))
             tensors += tensor_copies(attrs.values())
+            tensors += tensor_copies(
+                x for c in inner for x in (c.values() if isinstance(c, dict) else c)
+            )
             generators += [(g, g.get_state()) for g in _generators(attrs.values())]
     try:
         yield
@@ -133,6 +165,12 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
                         _put_back(v, before)
                 except Exception:  # noqa: BLE001 (one of its own that refuses: left as is)
                     continue
+        for v, before in nested:
+            try:
+                if not _same(v, before):
+                    _put_back(v, before)
+            except Exception:  # noqa: BLE001 (one of its own that refuses: left as is)
+                continue
 
 
 def tensor_copies(values: Any) -> list[tuple[Tensor, int, Tensor]]:
