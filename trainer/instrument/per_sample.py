@@ -737,8 +737,9 @@ MIXED = (
     "statistics of its own, a sort of the batch: its output for one sample reached the others' "
     "outputs; or its own output for a sample is another alone than in the batch, or its "
     "samples' gradients alone do not add up to the batch's: it reads the batch's size or "
-    "values), so the step's backward gives each of its rows other samples' "
-    "gradients too, or its recomputation per sample is not what the step computed"
+    "values, or state its own forward changes, a count it routes by), so the step's backward "
+    "gives each of its rows other samples' gradients too, or its recomputation per sample is "
+    "not what the step computed"
 )
 
 
