@@ -60,8 +60,11 @@ def _put_back(v: Any, before: Any) -> None:
 
 
 def _same(v: Any, before: Any) -> bool:
-    if isinstance(v, dict):
-        return v.keys() == before.keys() and all(v[k] is x for k, x in before.items())
+    if isinstance(v, dict):  # (in order: a forward moving a key to the end, ``d[k] =
+        # d.pop(k)``, read in order by the next, was not put back, a review's)
+        return len(v) == len(before) and all(
+            k is j and x is y for (k, x), (j, y) in zip(v.items(), before.items(), strict=True)
+        )
     if isinstance(v, list):
         return len(v) == len(before) and all(a is b for a, b in zip(v, before, strict=True))
     return v == before
@@ -69,21 +72,35 @@ def _same(v: Any, before: Any) -> bool:
 
 #: a module's own tables (parameters, buffers, children, hooks): put back shallowly only
 _TABLES = frozenset(vars(nn.Module()))
+#: the tensors inside a module's containers whose values are put back: at most this many per
+#: module, each of at most _SMALL elements (state: counts, running statistics)
+_HELD, _SMALL = 64, 1 << 16
 
 
-def _nested(values: Any, depth: int = 3) -> list[Any]:
-    """The dicts and lists inside ``values`` (a container attribute's contents), in tuples,
-    lists and dicts, ``depth`` levels down, each once: what a forward may change in place
-    inside an attribute (a table of counts per expert, ``self.stats["load"][e] += n``)."""
+def _nested(values: Any, depth: int = 3, budget: int = 4096) -> list[Any]:
+    """The plain dicts and lists inside ``values`` (a container attribute's contents), in plain
+    tuples, lists and dicts, ``depth`` levels down, each once, while their lengths total at
+    most ``budget``: what a forward may change in place inside an attribute (a table of
+    counts per expert, ``self.stats["load"][e] += n``). Not a subclass's, whose own
+    bookkeeping a put-back of its contents would not follow (an LRU cache of one's own kept
+    its order of keys, and deleted one no longer there: a review's); not past the budget (a
+    log of 100,000 entries kept in the model: 0.5 s per extra forward, another's)."""
     found: dict[int, Any] = {}
     todo = [(v, depth) for v in values]
+    size = 0
     while todo:
         v, left = todo.pop()
-        if isinstance(v, (dict, list)) and id(v) not in found:
+        if id(v) in found:
+            continue
+        if type(v) in (dict, list, tuple):
+            size += len(v)
+            if size > budget:
+                break
+        if type(v) in (dict, list):
             found[id(v)] = v
-        if left and isinstance(v, (dict, list, tuple)):
-            todo += [(x, left - 1) for x in (v.values() if isinstance(v, dict) else v)
-                     if isinstance(x, (dict, list, tuple))]  # fmt: skip
+        if left and type(v) in (dict, list, tuple):
+            todo += [(x, left - 1) for x in (v.values() if type(v) is dict else v)
+                     if type(x) in (dict, list, tuple)]  # fmt: skip
     return list(found.values())
 
 
@@ -115,11 +132,14 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     requires grad (an activation kept for inspection, which a forward replaces rather than
     writes into: its copy cost the size of every kept activation per extra forward, a
     review's), nor an inference tensor (made under ``torch.inference_mode``: instruments'
-    extra forwards need autograd, outside it). The dicts and lists inside its container
-    attributes (3 levels down) get their contents back too (a count per expert kept in a
-    list in a dict, added into by each forward: the checks' forwards added into it before
-    the step's own, a review's). Not put back: objects changed in place otherwise (a tensor
-    inside a container or another object), ``__slots__``, and
+    extra forwards need autograd, outside it). The plain dicts and lists inside its
+    container attributes (:func:`_nested`: 3 levels down, 4,096 entries) get their contents
+    back too (a count per expert kept in a list in a dict, added into by each forward: the
+    checks' forwards added into it before the step's own, a review's), and the values of the
+    tensors in them, up to 64 of at most 65,536 elements each (``_HELD``, ``_SMALL``: such
+    a count kept as a tensor). Not put back: objects changed in place otherwise (a larger
+    tensor inside a container, one inside another object; a set, a deque or a subclass's
+    inside a container), ``__slots__``, and
     TorchScript modules (their tables are no dicts), which are left as they are. A
     ``torch.Generator`` a module keeps as an attribute, or in a tuple, list or dict it keeps,
     gets its state back (a model adding noise from one of its own trained otherwise with
@@ -136,15 +156,19 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
             contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
             # the dicts and lists inside its own containers (a list in a dict attribute a
             # forward adds into: the checks' extra forwards added into it too, before the
-            # step's own, and training changed, a review's); not the tensors in them (a
-            # history of 10,000 detached statistics copied per extra forward: 0.2 s)
+            # step's own, and training changed, a review's), and the small tensors in them
+            # (a count per expert kept as a tensor in a dict, added into in place); not every
+            # tensor (a history of 10,000 detached statistics copied per extra forward: 0.2 s)
             own = [v for k, v in attrs.items() if k not in _TABLES]
+            found = _nested([v for v in own if type(v) in (dict, list, tuple)])
             top = {id(v) for v in attrs.values()}  # (in ``contents`` already)
-            inner = [c for c in _nested([v for v in own if isinstance(v, (dict, list, tuple))])
-                     if id(c) not in top]  # fmt: skip
+            inner = [c for c in found if id(c) not in top]
             nested += [(c, before) for c in inner if (before := _contents(c)) is not None]
+            held = [x for c in found for x in (c.values() if type(c) is dict else c)
+                    if isinstance(x, Tensor) and x.numel() <= _SMALL]  # fmt: skip
             saved.append((m, attrs, contents))
             tensors += tensor_copies(attrs.values())
+            tensors += tensor_copies(held[:_HELD])
             generators += [(g, g.get_state()) for g in _generators(attrs.values())]
     try:
         yield
