@@ -457,7 +457,10 @@ class Curvature(Callback):
         ):
             if start is not None:  # (inside the fork: the run's states come back after)
                 start.rewind()
-            logits = call_with(model, state, (x,))
+            # (its attributes put back by the caller's attributes_kept, after the backwards:
+            # put back right after the forward, a tensor it wrote in place and saved for its
+            # backward stopped the step, a review's)
+            logits = call_with(model, state, (x,), kept=False)
             # the loss too: one drawing random numbers (a noisy label smoothing) draws the
             # step's, and leaves the run's as they were (it drew the next step's and changed
             # the trajectory: a probe's finding)

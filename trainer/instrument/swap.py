@@ -93,9 +93,9 @@ def _nested(values: Any, depth: int = 3, budget: int = 4096) -> list[Any]:
         if id(v) in found:
             continue
         if type(v) in (dict, list, tuple):
+            if size + len(v) > budget:  # (past it: skipped, the others still looked at; a
+                continue  # log of 5,000 beside a count per expert stopped the look, a review's)
             size += len(v)
-            if size > budget:
-                break
         if type(v) in (dict, list):
             found[id(v)] = v
         if left and type(v) in (dict, list, tuple):
@@ -165,7 +165,8 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
             inner = [c for c in found if id(c) not in top]
             nested += [(c, before) for c in inner if (before := _contents(c)) is not None]
             held = [x for c in found for x in (c.values() if type(c) is dict else c)
-                    if isinstance(x, Tensor) and x.numel() <= _SMALL]  # fmt: skip
+                    if isinstance(x, Tensor) and x.numel() <= _SMALL
+                    and not x.requires_grad and not x.is_inference()]  # fmt: skip
             saved.append((m, attrs, contents))
             tensors += tensor_copies(attrs.values())
             tensors += tensor_copies(held[:_HELD])
@@ -342,9 +343,14 @@ def call_with(
     state: dict[str, Tensor],
     args: tuple[Any, ...],
     kwargs: dict[str, Any] | None = None,
+    kept: bool = True,
 ) -> Any:
     """``module(*args, **kwargs)`` with the parameters and buffers ``state`` names (by their
-    names in ``module``, any alias of them) replaced by its tensors, and put back after.
+    names in ``module``, any alias of them) replaced by its tensors, and put back after;
+    its modules' attributes too (:func:`attributes_kept`) unless ``kept`` is False: a caller
+    that differentiates the output after the call, inside an :func:`attributes_kept` of its
+    own (curvature's), whose graph saved a tensor the forward wrote in place (put back at the
+    call's end, its backward refused it: a review's).
 
     Raises:
         KeyError: a name of ``state`` is no parameter or buffer of ``module``.
@@ -367,7 +373,7 @@ def call_with(
                     if t is not None and id(t) in by_id:
                         taken.append((table, key, t))
                         table[key] = by_id[id(t)]
-        with attributes_kept(module):
+        with attributes_kept(module) if kept else contextlib.nullcontext():
             return module(*args, **(kwargs or {}))
     finally:
         for table, key, t in reversed(taken):
