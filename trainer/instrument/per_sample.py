@@ -85,7 +85,7 @@ import inspect
 import logging
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -1361,6 +1361,27 @@ def _caller(name: str, by_name: Mapping[str, nn.Module]) -> str | None:
         if not _container(by_name.get(a)):  # (None where listed under another name)
             return a
     return None
+
+
+def _each_sample(
+    call: _Call,
+    buffers: dict[str, Tensor],
+    first: Tensor,
+    given: list[Tensor],
+    dims: list[int],
+) -> Iterator[tuple[int, dict[str, Tensor], Tensor, list[Tensor]]]:
+    """For a unit run one sample at a time, each sample ``i``: its attributes set as its call
+    began (a counter of its own), copies of ``buffers``, its row of ``first`` (along the
+    call's batch dimension) and of each batched input ``given`` (along ``dims``)."""
+    for i in range(first.shape[call.dim]):
+        set_plain_attributes(call.attributes)
+        fresh = {n: b.clone() for n, b in buffers.items()}
+        yield (
+            i,
+            fresh,
+            first.select(call.dim, i),
+            [t.select(k, i) for t, k in zip(given, dims, strict=True)],
+        )
 
 
 def _sample_coefficients(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -2897,12 +2918,8 @@ class PerSampleNorms(Callback):
             except Exception as e:  # noqa: BLE001 (vmap's refusal: the loop's error raises)
                 if "randomness" in str(e):  # (a draw: left out by the caller)
                     raise
-            alone = []
-            for i in range(a.shape[d]):
-                set_plain_attributes(call.attributes)
-                fresh = {n: b.clone() for n, b in buffers.items()}
-                ri = [t.select(k, i) for t, k in zip(given, in_dims, strict=True)]
-                alone.append(one(a.select(d, i), *ri, bufs=fresh))
+            samples = _each_sample(call, buffers, a, given, in_dims)
+            alone = [one(ai, *ri, bufs=fresh) for _, fresh, ai, ri in samples]
             return tuple(torch.stack(outs_i, d) for outs_i in zip(*alone, strict=True))
 
     def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -2976,12 +2993,9 @@ class PerSampleNorms(Callback):
                     )  # fmt: skip
                 by_sample: list[dict[str, Tensor]] = []
                 try:
-                    for i in range(a.shape[d]):
-                        set_plain_attributes(call.attributes)  # (its counter as it began)
-                        fresh = {n: b.clone() for n, b in buffers.items()}
+                    for i, fresh, ai, ri in _each_sample(call, buffers, a, given, in_dims):
                         by_sample.append(grad(partial(inner, bufs=fresh))(
-                            {**leaf}, a.select(d, i), tuple(t.select(d, i) for t in g),
-                            *(t.select(k, i) for t, k in zip(given, in_dims, strict=True)),
+                            {**leaf}, ai, tuple(t.select(d, i) for t in g), *ri
                         ))  # fmt: skip
                 except Exception as e:  # noqa: BLE001 (the loop's error: named, vmap's too)
                     raise RuntimeError(
