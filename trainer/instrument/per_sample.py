@@ -2562,15 +2562,18 @@ class PerSampleNorms(Callback):
         is raised, saying so."""
         with attributes_kept(call.unit):
             set_plain_attributes(call.attributes)  # (as its forward began)
-            grads = self._recompute(call, call.buffers)
+            grads, alone = self._recompute(call, call.buffers)
             if self._kind[call.unit] == "func" and self._own_unit(call.unit):
                 set_plain_attributes(call.attributes)
-                why = self._sums_differ(call, grads)
+                assert alone is not None  # (a generic unit's: kept by _recompute)
+                why = self._sums_differ(call, grads, alone)
                 if why is not None:
                     raise _NotAlone(why)
             return grads
 
-    def _sums_differ(self, call: _Call, per_sample: dict[str, Tensor]) -> str | None:
+    def _sums_differ(
+        self, call: _Call, per_sample: dict[str, Tensor], alone: tuple[Tensor, ...]
+    ) -> str | None:
         """Why the per-sample gradients of a generic unit's call do not add up to its
         gradient on the whole batch, or None: Σᵢ ∇θ⟨f(xᵢ), gᵢ⟩, each sample alone, against
         ∇θ⟨f(X), G⟩, its forward run again on the batch's input X with the gradient G its
@@ -2584,8 +2587,9 @@ class PerSampleNorms(Callback):
         sides are computed in it from the same G) as :func:`_sums_apart` applies it, element
         by element. A unit whose gradient is 0 by construction (a shift before a softmax,
         alone in its unit) holds rounding noise on both sides, which may differ by more: it is
-        left out, its true part being 0. Each sample's output alone must also be its row of
-        the batch's (:meth:`_rows_alone`, one vmapped forward), whatever G is."""
+        left out, its true part being 0. Each sample's output alone (``alone``: the runs
+        ``per_sample`` was taken through, stacked along the batch dimension) must also be its
+        row of the batch's, whatever G is."""
         module = call.unit
         if not call.grads:  # (no gradient reached its outputs: every sample's is 0, and the
             return None  # batch's)
@@ -2658,12 +2662,10 @@ class PerSampleNorms(Callback):
         # each sample alone by value too, whatever G is: where the step's output gradient is
         # the same row for every sample (a critic's loss linear in its output), a wrong
         # per-sample input (a table of B rows that is no sample's, sliced) kept the sum, and
-        # its norms were 65 % off at coverage 1 (a review's)
-        again = {n: b.clone() for n, b in call.buffers.items()}
-        set_plain_attributes(call.attributes)  # (as its forward began, as its buffers are:
-        # a table grown on demand by the batch's run above, a review's case)
+        # its norms were 65 % off at coverage 1 (a review's). Those of the runs its per-sample
+        # gradients were taken through (until the thirty-second session a forward of their
+        # own, by vmap or one sample at a time: 18 % of a looped unit's measuring)
         batch = [o.detach() for o in outs]
-        alone = self._rows_alone(call, leaf, a, rest, dims, again, batch)
         off = torch.stack([
             (
                 ((rows - kept.reshape(rows.shape)).abs()
@@ -2888,45 +2890,16 @@ class PerSampleNorms(Callback):
                     f"gradient{mine} (left out on such a micro-batch; checked at each)",
                 )
 
-    def _rows_alone(
-        self,
-        call: _Call,
-        leaf: dict[str, Tensor],
-        a: Tensor,
-        rest: tuple[Any, ...],
-        dims: list[int | None],
-        buffers: dict[str, Tensor],
-        outs: list[Tensor],
-    ) -> tuple[Tensor, ...]:
-        """A generic unit's outputs (those that took a gradient) for each sample run alone (its
-        batched inputs' rows, the others whole), by vmap without gradients, each stacked along
-        its batch dimension as in ``outs``, the batch's (a squeezed one compared without its
-        sizes of 1). Where vmap refuses the forward (as :meth:`_recompute` found), one sample
-        at a time, each from the attributes and buffers its forward began with."""
-        d = call.dim
-        weights = {n: t.detach() for n, t in leaf.items()}
-        rows = [out.narrow(d, 0, 1).shape for out in outs]
-
-        def one(ai: Tensor, *ri: Tensor, bufs: dict[str, Tensor] = buffers) -> tuple[Tensor, ...]:
-            got = _one_sample(call, {**weights, **bufs}, ai, rest, dims, ri)
-            return tuple(o.reshape(row).squeeze(d) for o, row in zip(got, rows, strict=True))
-
-        given, in_dims = _batched(rest, dims)
-        with torch.no_grad():
-            try:
-                return vmap(one, in_dims=(d, *in_dims), out_dims=d)(a, *given)
-            except Exception as e:  # noqa: BLE001 (vmap's refusal: the loop's error raises)
-                if "randomness" in str(e):  # (a draw: left out by the caller)
-                    raise
-            samples = _each_sample(call, buffers, a, given, in_dims)
-            alone = [one(ai, *ri, bufs=fresh) for _, fresh, ai, ri in samples]
-            return tuple(torch.stack(outs_i, d) for outs_i in zip(*alone, strict=True))
-
-    def _recompute(self, call: _Call, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _recompute(
+        self, call: _Call, buffers: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, ...] | None]:
+        """The unit's per-sample gradients from this call, and a generic unit's outputs of
+        each sample alone, stacked along its batch dimension (None for the others): those of
+        the runs its gradients were taken through."""
         module = call.unit
         params = {n: p for n, p in self._named_in(module, self._kind[module])}
         if _cell(module):
-            return self._cell_grads(call, {n: p.detach() for n, p in params.items()})
+            return self._cell_grads(call, {n: p.detach() for n, p in params.items()}), None
         if self._kind[module] in ("closed", "func"):
             leaf = {n: p.detach() for n, p in params.items()}
             if _renorms(module):  # (a copy: its forward rewrites the rows it looks up)
@@ -2947,10 +2920,13 @@ class PerSampleNorms(Callback):
                 gi: tuple[Tensor, ...],
                 *ri: Tensor,
                 bufs: dict[str, Tensor] = buffers,
-            ) -> Tensor:
+            ) -> tuple[Tensor, tuple[Tensor, ...]]:
                 outs = _one_sample(call, {**p, **bufs}, ai, rest, dims, ri)
                 root = _outputs_root(outs, [gk.unsqueeze(d) for gk in gi])
-                return root if root is not None else ai.new_zeros((), dtype=dtype)
+                # (the outputs too: a unit of one's own compares them with its batch's rows,
+                # :meth:`_sums_differ`, the runs its gradients are of, not another forward)
+                zero = ai.new_zeros((), dtype=dtype)
+                return (root if root is not None else zero), tuple(outs)
 
             # (outside autograd: the unit's other parameters, a parent's children, are the
             # model's own, and the rows were part of the step's graph, kept alive until the
@@ -2958,7 +2934,9 @@ class PerSampleNorms(Callback):
             given, in_dims = _batched(rest, dims)
             with torch.no_grad():
                 try:
-                    return vmap(grad(inner), in_dims=(None, d, d, *in_dims))(leaf, a, g, *given)
+                    return vmap(
+                        grad(inner, has_aux=True), in_dims=(None, d, d, *in_dims), out_dims=(0, d)
+                    )(leaf, a, g, *given)
                 except Exception as e:  # noqa: BLE001 (vmap's own refusals: checked below)
                     if "randomness" in str(e):  # (a draw: left out by the caller)
                         raise
@@ -2991,10 +2969,10 @@ class PerSampleNorms(Callback):
                         "backwards of it, checked against its batch's",
                         self._names[module], type(refusal).__name__, first[:160],
                     )  # fmt: skip
-                by_sample: list[dict[str, Tensor]] = []
+                by_sample: list[tuple[dict[str, Tensor], tuple[Tensor, ...]]] = []
                 try:
                     for i, fresh, ai, ri in _each_sample(call, buffers, a, given, in_dims):
-                        by_sample.append(grad(partial(inner, bufs=fresh))(
+                        by_sample.append(grad(partial(inner, bufs=fresh), has_aux=True)(
                             {**leaf}, ai, tuple(t.select(d, i) for t in g), *ri
                         ))  # fmt: skip
                 except Exception as e:  # noqa: BLE001 (the loop's error: named, vmap's too)
@@ -3002,7 +2980,10 @@ class PerSampleNorms(Callback):
                         f"{type(e).__name__}: {str(e).strip()[:150]}; under vmap: "
                         f"{type(refusal).__name__}: {str(refusal).strip()[:150]}"
                     ) from e
-                return {n: torch.stack([r[n] for r in by_sample]) for n in leaf}
+                each = tuple(
+                    torch.stack(o, d) for o in zip(*(r[1] for r in by_sample), strict=True)
+                )
+                return {n: torch.stack([r[0][n] for r in by_sample]) for n in leaf}, each
         # attention, RNNs: one recomputation per sample (their kernels have no batching rule)
         bound = self._bound(module, call.args, call.kwargs)
         if self._kind[module] == "attention":
@@ -3011,7 +2992,7 @@ class PerSampleNorms(Callback):
             layout = _rnn_layout(cast(nn.RNNBase, module), bound, self._batch)
         assert not isinstance(layout, str)
         if self._kind[module] == "attention":
-            return self._attention_vmap(call, params, bound, layout, buffers)
+            return self._attention_vmap(call, params, bound, layout, buffers), None
         out: dict[str, list[Tensor]] = {n: [] for n in params}
         leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
         x_key = _rnn_keys(bound)[0] if self._kind[module] == "rnn" else None
@@ -3058,7 +3039,7 @@ class PerSampleNorms(Callback):
                              for n, x in zip(names, got, strict=True)]  # fmt: skip
             for n, x in zip(names, grads, strict=True):
                 out[n].append(x)
-        return {n: torch.stack(v) for n, v in out.items()}
+        return {n: torch.stack(v) for n, v in out.items()}, None
 
     def _cell_grads(self, call: _Call, leaf: dict[str, Tensor]) -> dict[str, Tensor]:
         """A torch RNN cell's per-sample gradients from this call, (B, *shape) each: the
