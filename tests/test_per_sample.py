@@ -341,27 +341,34 @@ class Counting(nn.Module):
 def test_a_unit_whose_forward_changes_its_buffers_is_recomputed_on_copies(how, caplog) -> None:
     """A recomputation runs the unit's forward again: one counting by ``.data =`` in a
     parametrization, under torch.func, left a functorch-wrapped tensor in the model, and the
-    next step crashed (a review's). A unit whose buffers the measured forward changed (in
-    place, by ``.data =``, reassigned) is left out before any recomputation, named; and a
-    recomputation runs on copies of the unit's buffers: the model's are as an unmeasured step
-    leaves them, and the next step runs."""
+    next step crashed (a review's). A unit whose buffers the measured forward changed by
+    ``.data =`` is left out before any recomputation, named; one counting in place is
+    recomputed on copies of its buffers, which must change as the batch's forward changed
+    them (:func:`_same_change`), and is measured exactly (left out until the thirty-second
+    session). Either way the model's buffers are as an unmeasured step leaves them, and the
+    next step runs."""
     torch.manual_seed(0)
     model = Counting(how).double()
-    plain = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+    plain, twin = copy.deepcopy(model), copy.deepcopy(model)
+    x, y = _tokens()
     with caplog.at_level("WARNING"):
-        _, staged = measure(model, x, y)
+        if how == "in_place":
+            staged = measured_exactly(model, x, y, twin=twin)
+        else:
+            _, staged = measure(model, x, y)
     F.cross_entropy(plain(x), y).backward()
-    assert "leave out 'mid'" in caplog.text and staged["per_sample/coverage"] < 1
     for (name, a), b in zip(model.named_buffers(), plain.buffers(), strict=True):
         assert not torch._C._functorch.is_functorch_wrapped_tensor(a), name
         assert torch.equal(a, b), name
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
     F.cross_entropy(model(x), y).backward()  # (the next step's forward)
-    name = "n" if how == "in_place" else "parametrizations.weight.0.n"
-    assert f"leave out 'mid': its forward changed its buffers ({name})" in caplog.text
+    if how == "in_place":
+        assert staged["per_sample/coverage"] == 1.0 and "leave out" not in caplog.text
+    else:
+        assert "leave out 'mid'" in caplog.text and staged["per_sample/coverage"] < 1
+        name = "parametrizations.weight.0.n"
+        assert f"leave out 'mid': its forward changed its buffers ({name})" in caplog.text
 
 
 class NormalizingGRU(nn.GRU):
@@ -1227,27 +1234,123 @@ class NormalizedAttention(nn.Module):
         return self.head(self.att(h, h, h)[0][:, -1])
 
 
-@pytest.mark.parametrize("make, unit", [(SpectralNorm, "proj"), (NormalizedAttention, "att")])
-def test_measuring_does_not_run_a_parametrization_again(make, unit, caplog) -> None:
-    """In training, spectral_norm's power iteration updates its vectors at each computation of
-    the weight: a measured step leaves them, and the gradients, as an unmeasured step does
-    (the closed form's ``getattr(module, "weight")`` ran it once more per measured step; an
-    attention unit's recomputation per sample, once per sample). The unit it is in is left
-    out, named for it (seen by its vectors' version counters moving in the forward)."""
-    torch.manual_seed(0)
-    measured = make().double().train()
-    plain = copy.deepcopy(measured)
+def _tokens() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, V, (B, T), generator=g)
-    y = torch.randint(0, 3, (B,), generator=g)
-    with caplog.at_level("WARNING"):
-        _, staged = measure(measured, x, y)
-    assert_left_out(measured, staged, caplog.text, unit, "changed its buffers")
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, 3, (B,), generator=g)
+
+
+def _as_unmeasured(measured: nn.Module, plain: nn.Module, x, y) -> None:
+    """``plain``'s step (no measuring) leaves its buffers and gradients as ``measured``'s."""
     F.cross_entropy(plain(x), y).backward()
     for (name, a), b in zip(measured.named_buffers(), plain.buffers(), strict=True):
         assert torch.equal(a, b), name
     for (name, p), q in zip(measured.named_parameters(), plain.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
+
+
+def test_measuring_does_not_run_a_parametrization_again(caplog) -> None:
+    """In training, spectral_norm's power iteration updates its vectors at each computation of
+    the weight: a measured step leaves them, and the gradients, as an unmeasured step does
+    (an attention unit's recomputation per sample ran it once per sample). The attention it
+    is in is left out, named for it (seen by its vectors' version counters moving in the
+    forward)."""
+    torch.manual_seed(0)
+    measured = NormalizedAttention().double().train()
+    plain = copy.deepcopy(measured)
+    x, y = _tokens()
+    with caplog.at_level("WARNING"):
+        _, staged = measure(measured, x, y)
+    assert_left_out(measured, staged, caplog.text, "att", "changed its buffers")
+    _as_unmeasured(measured, plain, x, y)
+
+
+class NormedOwn(nn.Module):
+    """A module of one's own with a gain of its own around a spectral-normalized Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, D))
+        self.lin = nn.utils.parametrizations.spectral_norm(nn.Linear(D, D))
+
+    def forward(self, h):
+        return self.lin(h) * self.gain
+
+
+class SpectralOwn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.own, self.head = nn.Embedding(V, D), NormedOwn(), nn.Linear(D, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.own(self.emb(tokens).mean(1))))
+
+
+@pytest.mark.parametrize("make", [SpectralNorm, SpectralOwn])
+def test_a_parametrization_updating_its_state_from_the_weight_is_measured(make) -> None:
+    """spectral_norm's power iteration in training changes its vectors in place from the
+    weight alone: each sample's recomputation, from the vectors as the step's forward began,
+    changes them as the batch's forward did (compared), so the unit is measured, exactly, over
+    steps whose vectors move (left out until the thirty-second session), and training is
+    left as it is. Also a unit of one's own around it, under its checks."""
+    torch.manual_seed(0)
+    measured = make().double().train()
+    x, y = _tokens()
+    cb = PerSampleNorms(1, loss="both")
+    for _ in range(3):
+        plain = copy.deepcopy(measured)
+        measured_exactly(measured, x, y, twin=copy.deepcopy(measured), cb=cb)
+        _as_unmeasured(measured, plain, x, y)
+        measured.zero_grad(set_to_none=True)
+
+
+class CountsSamples(nn.Module):
+    """A module of one's own counting the samples it saw in a buffer, and reading the count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D, generator=torch.Generator().manual_seed(3)))
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, h):
+        self.seen.add_(h.shape[0])
+        return h @ self.w / self.seen.sqrt()
+
+
+class RunningMeanOwn(nn.Module):
+    """A module of one's own keeping a running mean of its input (from the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D, generator=torch.Generator().manual_seed(3)))
+        self.register_buffer("mean", torch.zeros(D))
+
+    def forward(self, h):
+        self.mean.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return (h - self.mean) @ self.w
+
+
+class AroundOwn(nn.Module):
+    def __init__(self, own: nn.Module) -> None:
+        super().__init__()
+        self.own, self.head = own, nn.Linear(D, 3)
+
+    def forward(self, h):
+        return self.head(torch.tanh(self.own(h)))
+
+
+@pytest.mark.parametrize("own", [CountsSamples, RunningMeanOwn])
+def test_a_buffer_changed_from_the_batch_leaves_its_unit_out(own, caplog) -> None:
+    """A change in place that reads the batch (its size, under vmap a batch of one; a
+    running mean, which vmap and torch.func refuse per sample) is another change for one
+    sample: left out, named for the buffer, and training left as it is."""
+    torch.manual_seed(0)
+    measured = AroundOwn(own()).double()
+    plain = copy.deepcopy(measured)
+    x, y = float_batch()
+    with caplog.at_level("WARNING"):
+        _, staged = measure(measured, x, y)
+    assert_left_out(measured, staged, caplog.text, "own", "changed its buffers")
+    _as_unmeasured(measured, plain, x, y)
 
 
 class MaskFirst(nn.Linear):

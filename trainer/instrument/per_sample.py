@@ -57,9 +57,10 @@ of parameter elements whose per-sample gradient was captured), never mixed in si
   or its output: the recomputation runs the hook again. A closed form's own pre-hooks run
   before it counts as active, so one using its weight is an outside use (above);
 * a unit with torch's older ``spectral_norm`` (its pre-hook's power iteration would run
-  again), or with a parametrization that changed its own buffers in the measured forward
-  (the new ``spectral_norm``'s in training), and every unit while a global module forward
-  hook is registered (it runs before the measuring hooks);
+  again), an attention or RNN with a parametrization that changed its own buffers in the
+  measured forward (the new ``spectral_norm``'s in training; a generic unit's change in
+  place is compared with its recomputation's instead, :func:`_same_change`), and every unit
+  while a global module forward hook is registered (it runs before the measuring hooks);
 * a unit whose output's gradient no hook saw while the backward reached its parameters
   (torch fires no hook of an output changed in place after the forward where the output is
   a view of the op's result: a Linear on (B, T, D) followed by ``ReLU(inplace=True)``).
@@ -1179,6 +1180,10 @@ class _Call:
     candidates: tuple[int, ...] = ()
     #: copies of its buffers as its forward began (:func:`_buffer_copies`): a recomputation's
     buffers: dict[str, Tensor] = field(default_factory=dict)
+    #: a generic unit whose forward changed buffers in place: why it is left out unless its
+    #: recomputation changes them alike, and copies of them as that forward left them
+    #: (:func:`_same_change`)
+    changed: tuple[str, dict[str, Tensor]] | None = None
     #: its modules' attributes as its forward began (``swap.plain_attributes``), which a
     #: recomputation starts from
     attributes: list[tuple[nn.Module, dict[str, Any]]] = field(default_factory=list)
@@ -1318,13 +1323,15 @@ def _buffer_state(module: nn.Module) -> dict[str, tuple[int, int, int]]:
 
 def _buffer_changes(
     kind: str, before: dict[str, tuple[int, int, int]], now: dict[str, tuple[int, int, int]]
-) -> str | None:
+) -> tuple[str, list[str]] | None:
     """Why a unit whose buffers went from ``before`` (as its forward was entered) to ``now``
-    cannot be recomputed, or None. Reassigned (a cache rebuilt from the shapes) is run again
-    from the same start. ``.data =`` cannot be under torch.func (a review's crashed the next
-    step), nor a change in place under vmap; and a change in place from the batch (a running
-    statistic, a count of samples) run again on one sample is another change (an RNN's
-    recomputation, one sample at a time, read 8.7 % off at coverage 1: a review's)."""
+    cannot be recomputed as it is, and the buffers changed in place (empty where one was
+    changed by ``.data =``); None where none changed. Reassigned (a cache rebuilt from the
+    shapes) is run again from the same start. ``.data =`` cannot be under torch.func (a
+    review's crashed the next step); a change in place from the batch (a running statistic, a
+    count of samples) run again on one sample is another change (an RNN's recomputation, one
+    sample at a time, read 8.7 % off at coverage 1: a review's): a generic unit's is checked
+    (:func:`_same_change`), the others' left out."""
     kept = [n for n, v in now.items() if n in before and before[n][0] == v[0]]
     replaced = [n for n in kept if before[n][2] != now[n][2]]
     in_place = [n for n in kept if before[n][1] != now[n][1]]
@@ -1333,9 +1340,24 @@ def _buffer_changes(
     return (
         f"its forward changed its buffers ({few(replaced or in_place)}) "
         f"{'by .data =' if replaced else 'in place'} as it ran (a counter, a running "
-        "statistic; spectral_norm's power iteration in training), which a recomputation on "
-        "one sample would not do as the batch's forward did"
-    )
+        "statistic), which a recomputation on one sample would not do as the batch's forward "
+        "did"
+    ), ([] if replaced else in_place)
+
+
+def _same_change(after: dict[str, Tensor], runs: list[dict[str, Tensor]]) -> bool:
+    """Whether each recomputation left the buffers a unit's forward changed in place as the
+    batch's forward left them (``after``); each run started from the values that forward
+    began with. Where the change reads no sample (spectral_norm's power iteration, from the
+    weight alone) the samples ran with the values the batch's forward used; one from the
+    batch (a running statistic, a count of samples) is another change for one sample, and
+    the unit is left out. A NaN is no match."""
+    flags = [
+        (r[n] == b).all() if r[n].shape == b.shape
+        else torch.zeros((), dtype=torch.bool, device=b.device)
+        for r in runs for n, b in after.items()
+    ]  # fmt: skip
+    return bool(torch.stack(flags).all())  # host read: per measured call of such a unit
 
 
 class _NotAlone(Exception):
@@ -2155,8 +2177,16 @@ class PerSampleNorms(Callback):
             )
             why, hidden = (found, []) if isinstance(found, str) else (None, found)
         why = why or self._check(module, args, kwargs, outputs, output)
+        changed = None
         if why is None and entry is not None and self._kind[module] != "closed" and entry[1]:
-            why = _buffer_changes(self._kind[module], entry[1], _buffer_state(module))
+            moved = _buffer_changes(self._kind[module], entry[1], _buffer_state(module))
+            if moved is not None and self._kind[module] == "func" and moved[1]:
+                # a generic unit's change in place: checked against its recomputation's
+                # (spectral_norm's power iteration, left out until the thirty-second session)
+                now = dict(module.named_buffers())
+                changed = (moved[0], {n: now[n].detach().clone() for n in moved[1]})
+            elif moved is not None:
+                why = moved[0]
         if why is None and module in self._recursive:
             why = (
                 "its forward calls itself: a recomputation of the outer call runs the inner "
@@ -2243,7 +2273,7 @@ class PerSampleNorms(Callback):
             autocast=amp, verify=verify, mixing=mixing, zero=zero,
             versions=_versions((args, kwargs)), dim=dim, candidates=candidates,
             buffers=entry[0] if entry is not None else {},
-            attributes=entry[2] if entry is not None else [],
+            attributes=entry[2] if entry is not None else [], changed=changed,
             nested=isinstance(module, nn.LSTMCell) and len(outputs) == 2
             and _reaches(outputs[0].grad_fn, outputs[1].grad_fn), at=at, sizes=sizes,
             count=len(_tensors(output)),
@@ -2898,6 +2928,8 @@ class PerSampleNorms(Callback):
         the runs its gradients were taken through."""
         module = call.unit
         params = {n: p for n, p in self._named_in(module, self._kind[module])}
+        if call.changed is not None and _cell(module):  # (no check of its change there)
+            raise _NotAlone(call.changed[0])
         if _cell(module):
             return self._cell_grads(call, {n: p.detach() for n, p in params.items()}), None
         if self._kind[module] in ("closed", "func"):
@@ -2932,15 +2964,24 @@ class PerSampleNorms(Callback):
             # model's own, and the rows were part of the step's graph, kept alive until the
             # next measurement; torch.func's grad differentiates inside no_grad all the same)
             given, in_dims = _batched(rest, dims)
+            if call.changed is not None:  # (a change in place: on copies of the copies, which
+                # the batch's runs of the checks start from again)
+                buffers = {n: b.clone() for n, b in buffers.items()}
             with torch.no_grad():
                 try:
-                    return vmap(
-                        grad(inner, has_aux=True), in_dims=(None, d, d, *in_dims), out_dims=(0, d)
-                    )(leaf, a, g, *given)
+                    result = vmap(
+                        partial(grad(inner, has_aux=True), bufs=buffers),
+                        in_dims=(None, d, d, *in_dims), out_dims=(0, d),
+                    )(leaf, a, g, *given)  # fmt: skip
                 except Exception as e:  # noqa: BLE001 (vmap's own refusals: checked below)
                     if "randomness" in str(e):  # (a draw: left out by the caller)
                         raise
                     refusal = e
+                else:  # (under vmap a change in place reading a sample raises: the batch
+                    # size, read as 1, can still differ)
+                    if call.changed is not None and not _same_change(call.changed[1], [buffers]):
+                        raise _NotAlone(call.changed[0])
+                    return result
                 # Run one sample at a time, each from the attributes and buffers its forward
                 # began with, where vmap refuses a forward that treats each sample alone:
                 # torch's Embedding with max_norm (its lookups renormalize the table in
@@ -2957,6 +2998,8 @@ class PerSampleNorms(Callback):
                 # gradient at every measured micro-batch (:meth:`_sums_differ`, its rows
                 # alone run one at a time too where vmap refuses them).
                 own = self._kind[module] == "func" and self._own_unit(module)
+                if not own and call.changed is not None:  # (vmap's refusal of the change)
+                    raise _NotAlone(call.changed[0]) from refusal
                 if not own and (type(module) not in _ALONE or in_dims):
                     raise refusal
                 if own and module not in self._looped:
@@ -2970,16 +3013,22 @@ class PerSampleNorms(Callback):
                         self._names[module], type(refusal).__name__, first[:160],
                     )  # fmt: skip
                 by_sample: list[tuple[dict[str, Tensor], tuple[Tensor, ...]]] = []
+                runs: list[dict[str, Tensor]] = []
                 try:
                     for i, fresh, ai, ri in _each_sample(call, buffers, a, given, in_dims):
                         by_sample.append(grad(partial(inner, bufs=fresh), has_aux=True)(
                             {**leaf}, ai, tuple(t.select(d, i) for t in g), *ri
                         ))  # fmt: skip
+                        runs.append(fresh)
                 except Exception as e:  # noqa: BLE001 (the loop's error: named, vmap's too)
+                    if call.changed is not None:  # (torch.func refuses a change in place of
+                        raise _NotAlone(call.changed[0]) from e  # a buffer it did not make)
                     raise RuntimeError(
                         f"{type(e).__name__}: {str(e).strip()[:150]}; under vmap: "
                         f"{type(refusal).__name__}: {str(refusal).strip()[:150]}"
                     ) from e
+                if call.changed is not None and not _same_change(call.changed[1], runs):
+                    raise _NotAlone(call.changed[0])
                 each = tuple(
                     torch.stack(o, d) for o in zip(*(r[1] for r in by_sample), strict=True)
                 )
