@@ -498,6 +498,68 @@ def test_curvature_of_a_dropout_model_is_that_of_the_steps_masks() -> None:
     assert float(staged["curvature/top_eig"]) == pytest.approx(float(top), rel=1e-6)
 
 
+class ReadsThenUpdates(nn.Module):
+    """Least squares on inputs centred by state the forward reads, then updates (an EMA
+    normalizer's): a buffer ``mean`` changed in place, a plain tensor attribute ``shift``
+    changed in place and a plain float ``gain`` reassigned. ``how`` picks which one."""
+
+    def __init__(self, how: str, in_shape=(6,), out_dim: int = 1) -> None:
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(6, out_dim, bias=False)
+        self.register_buffer("mean", torch.full((6,), 0.5))
+        self.shift = torch.full((6,), 0.5)
+        self.gain = 1.0
+
+    def forward(self, x):
+        x = x.flatten(1).to(self.lin.weight.dtype)
+        if self.how == "buffer":
+            out = self.lin(x - self.mean)
+            with torch.no_grad():
+                self.mean.mul_(0.5).add_(0.5 * x.mean(0) + 1)
+        elif self.how == "tensor":
+            out = self.lin(x - self.shift.to(x.dtype))
+            self.shift.add_(1)
+        else:
+            out = self.lin(x) * self.gain
+            self.gain = self.gain * 3
+        return out
+
+
+@pytest.mark.parametrize("how", ["buffer", "tensor", "float"])
+def test_curvature_reads_the_state_the_steps_forward_read(how) -> None:
+    """A forward reading a buffer (or a plain attribute) that it then updates: the
+    measurement's forward ran with the values the step's forward left, the Hessian of
+    another objective (an EMA normalizer's top eigenvalue −1.51 for +1.00 at coverage of no
+    warning, a review's). It runs with the values the step's forward began with now, and the
+    model keeps the ones the step left. Least squares: H = 2 X̃ᵀX̃ / n with X̃ the step's
+    centred (or scaled) inputs."""
+    x, t, _, _ = least_squares()
+    torch.manual_seed(3)
+    model = ReadsThenUpdates(how).double()
+    criterion = as_loss(lambda out, y: (out.squeeze(1) - y) ** 2)
+    staged: dict = {}
+    trainer = SimpleNamespace(
+        model=model, criterion=criterion, world=SINGLE, global_step=0,
+        objective=Objective(criterion, None, (), list(model.parameters())),
+        stage_scalars=staged.update,
+    )  # fmt: skip
+    batch = Batch(x, t, torch.arange(x.shape[0]))
+    cb = Curvature(1, power_iters=200, tol=1e-9, trace_probes=1)
+    began = x - model.mean if how == "buffer" else x - model.shift if how == "tensor" else x
+    cb.on_train_batch_start(trainer, batch)
+    losses = criterion(model(x), t)  # the step's forward: it updates its state
+    losses.mean().backward()
+    left = (model.mean.clone(), model.shift.clone(), model.gain)
+    cb.on_after_backward(trainer, batch, losses.detach(), None)
+    trainer.global_step = 1
+    cb.on_before_optimizer_step(trainer, None)
+    top = torch.linalg.eigvalsh(2 * began.T @ began / x.shape[0])[-1]
+    assert float(staged["curvature/top_eig"]) == pytest.approx(float(top), rel=1e-6)
+    assert torch.equal(model.mean, left[0]) and torch.equal(model.shift, left[1])
+    assert model.gain == left[2]
+
+
 def test_curvature_of_a_negative_definite_direction_keeps_its_sign() -> None:
     # L = −θᵀAθ/2 with A = diag(3, 1): the eigenvalue of largest magnitude is −3
     theta = torch.ones(2, dtype=torch.float64, requires_grad=True)
@@ -528,6 +590,8 @@ class NoisyCrossEntropy(CrossEntropy):
         # a loss drawing random numbers: they are the step's, from the fork, too (it drew
         # from the run's own, and the trajectory changed by 0.12: a probe's finding)
         ["model.dropout=0.3", "~loss", "+loss._target_=test_higher_order.NoisyCrossEntropy"],
+        # state its forward reads, then updates: the measurement reads it as the step began
+        ["~model", "+model._target_=test_higher_order.Centred"],
     ],
 )
 def test_curvature_never_changes_the_trajectory(tmp_path, overrides) -> None:
@@ -543,6 +607,26 @@ def test_curvature_never_changes_the_trajectory(tmp_path, overrides) -> None:
     for tag in ("curvature/top_eig", "curvature/trace", "curvature/trace_stderr"):
         assert [s for s, _ in scalars[tag]] == [3, 6], tag
     assert "curvature/top_eig" not in read_scalars(tmp_path / "off")
+
+
+class Centred(nn.Module):
+    """An MLP centring its hidden layer by a buffer it reads, then updates, and scaling it
+    by a plain attribute it reassigns."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(64, 16), nn.Linear(16, out_dim)
+        self.register_buffer("mean", torch.zeros(16))
+        self.calls = 0
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.flatten(1)))
+        out = self.head(torch.tanh(3 * (h - self.mean)) * (1 + 0.01 * (self.calls % 3)))
+        if self.training:
+            self.calls += 1
+            with torch.no_grad():
+                self.mean.mul_(0.5).add_(0.5 * h.mean(0))
+        return out
 
 
 class OverRunningMean(Weighting):

@@ -30,7 +30,7 @@ from trainer.backward import double_backward_kernels, explain_freed_graph
 from trainer.callbacks import Callback, Every
 from trainer.distributed import all_reduce_sum
 from trainer.instrument.norms import norms_of
-from trainer.instrument.swap import attributes_kept, call_with
+from trainer.instrument.swap import Attributes, attributes_kept, call_with
 from trainer.precision import widen
 from trainer.rng import Fork, forked_rng
 
@@ -337,6 +337,9 @@ class Curvature(Callback):
         self._weights: Tensor | None = None
         self._start: Fork | None = None  # (the random states a due micro-batch began with)
         self._batch_start: Fork | None = None
+        #: the model's buffers (copies) and attributes as a due micro-batch began
+        self._state: tuple[dict[str, Tensor], Attributes] | None = None
+        self._batch_state: tuple[dict[str, Tensor], Attributes] | None = None
         self._warned = False  # (an unconverged Lanczos run: said once a run)
         self._unsupported = False  # (an op without a double backward: said once a run)
 
@@ -369,11 +372,18 @@ class Curvature(Callback):
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
         if self.every.due_next(trainer.global_step):  # (its forward draws the step's masks)
             self._start = Fork(batch.x.device)
+            # (and reads the buffers and attributes the step's did: a buffer its forward
+            # reads, then updates, an EMA normalizer's, was read as updated: top_eig -1.51
+            # for +1.00, a review's)
+            model = trainer.model
+            buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+            self._state = (buffers, Attributes(model))
 
     def on_after_backward(self, trainer: Trainer, batch: Batch, losses: Tensor, weights) -> None:
         if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
             self._batch = batch  # the window's last micro-batch wins
             self._batch_start, self._start = self._start, None
+            self._batch_state, self._state = self._state, None
             # vector mode: its weighting's weights, as the step computed them
             self._weights = trainer.objective.batch_weights if weights is not None else None
 
@@ -383,8 +393,9 @@ class Curvature(Callback):
         batch, self._batch = self._batch, None
         weights, self._weights = self._weights, None
         start, self._batch_start = self._batch_start, None
-        trainer.stage_scalars(self.measure(trainer, batch, weights, start))  # read with the step's
-        # scalars
+        state, self._batch_state = self._batch_state, None
+        trainer.stage_scalars(self.measure(trainer, batch, weights, start, state))  # read with
+        # the step's scalars
 
     def state_dict(self) -> dict[str, Any]:
         """The probe generator's state (None before the first measurement)."""
@@ -411,17 +422,22 @@ class Curvature(Callback):
         batch: Batch,
         weights: Tensor | None = None,
         start: Fork | None = None,
+        state: tuple[dict[str, Tensor], Attributes] | None = None,
     ) -> dict[str, Tensor | float]:
         """The top eigenvalue and the trace of the Hessian of ``batch``'s objective (vector
         mode: weighted by ``weights``, the step's own, or else by the weighting called again),
         at the current parameters. The model's forward and the loss run again on the batch,
         from the random states ``start`` took (the step's forward's: its dropout masks), or
-        else from the current ones; the run's own are left as they are either way, and so are
-        the model's modules' attributes, also where its backwards run parts of the forward
-        again (an activation checkpoint's, a backward hook's counter: a review's)."""
+        else from the current ones, and with the buffers (copies) and modules' attributes
+        ``state`` took (the step's forward's), or else the current ones; the run's random
+        states are left as they are either way, and so are the model's buffers and its
+        modules' attributes, also where its backwards run parts of the forward again (an
+        activation checkpoint's, a backward hook's counter: a review's)."""
         with attributes_kept(trainer.model):
+            if state is not None:  # (its tables, hooks among them, as they are now)
+                state[1].put_back(tables=False)
             try:
-                return self._measure(trainer, batch, weights, start)
+                return self._measure(trainer, batch, weights, start, state)
             except NotImplementedError as e:  # an op of the model without a double backward
                 # (an EmbeddingBag's: it stopped the run, a review's): NaN, said once
                 if not self._unsupported:
@@ -442,13 +458,19 @@ class Curvature(Callback):
         batch: Batch,
         weights: Tensor | None,
         start: Fork | None,
+        began: tuple[dict[str, Tensor], Attributes] | None,
     ) -> dict[str, Tensor | float]:
         model = trainer.model
         x, y, index = batch
         params = [p for p in model.parameters() if p.requires_grad]
         state: dict[str, Tensor] = dict(model.named_parameters())
-        # copies: a BatchNorm in training mode updates its running statistics in place
-        state.update({n: b.clone() for n, b in model.named_buffers()})
+        # copies: a BatchNorm in training mode updates its running statistics in place; of
+        # the buffers the step's forward began with (one it reassigned since: by its name)
+        buffers = began[0] if began is not None else {}
+        state.update({
+            n: (buffers[n] if n in buffers and _alike(buffers[n], b) else b).clone()
+            for n, b in model.named_buffers()
+        })  # fmt: skip
         with (
             forked_rng(x.device),  # dropout (or Python's random) must not advance the run's
             # kernels with a double backward, which Hessian-vector products need: attention
@@ -519,3 +541,7 @@ class Curvature(Callback):
             "curvature/trace": trace,
             "curvature/trace_stderr": stderr,
         }
+
+
+def _alike(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device

@@ -144,54 +144,72 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     ``torch.Generator`` a module keeps as an attribute, or in a tuple, list or dict it keeps,
     gets its state back (a model adding noise from one of its own trained otherwise with
     per-sample norms or curvature on: a review's); one in another object does not."""
-    saved = []
-    nested: list[tuple[Any, Any]] = []
-    tensors: list[tuple[Tensor, int, Tensor]] = []
-    generators: list[tuple[torch.Generator, Tensor]] = []
-    with torch._C.DisableTorchFunction():  # (no instrument's mode counts these as uses)
-        for m in module.modules():
-            if scripted(m):
-                continue
-            attrs = dict(vars(m))
-            contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
-            # the dicts and lists inside its own containers (a list in a dict attribute a
-            # forward adds into: the checks' extra forwards added into it too, before the
-            # step's own, and training changed, a review's), and the small tensors in them
-            # (a count per expert kept as a tensor in a dict, added into in place); not every
-            # tensor (a history of 10,000 detached statistics copied per extra forward: 0.2 s)
-            own = [v for k, v in attrs.items() if k not in _TABLES]
-            found = _nested([v for v in own if type(v) in (dict, list, tuple)])
-            top = {id(v) for v in attrs.values()}  # (in ``contents`` already)
-            inner = [c for c in found if id(c) not in top]
-            nested += [(c, before) for c in inner if (before := _contents(c)) is not None]
-            held = [x for c in found for x in (c.values() if type(c) is dict else c)
-                    if isinstance(x, Tensor) and x.numel() <= _SMALL
-                    and not x.requires_grad and not x.is_inference()]  # fmt: skip
-            saved.append((m, attrs, contents))
-            tensors += tensor_copies(attrs.values())
-            tensors += tensor_copies(held[:_HELD])
-            generators += [(g, g.get_state()) for g in _generators(attrs.values())]
+    kept = Attributes(module)
     try:
         yield
     finally:
-        for g, state in generators:  # (a generator of its own drawn from: a model adding
-            g.set_state(state)  # noise from one changed training, a review's probe)
-        put_tensors_back(tensors, "a tensor a module keeps (not a parameter or buffer)")
-        for m, attrs, contents in saved:
+        kept.put_back()
+
+
+class Attributes:
+    """What :func:`attributes_kept` puts back, as ``module``'s modules have it now: their
+    attributes by identity, their containers' contents, the values of the tensors they keep
+    and the states of their generators."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
+        self.nested: list[tuple[Any, Any]] = []
+        self.tensors: list[tuple[Tensor, int, Tensor]] = []
+        self.generators: list[tuple[torch.Generator, Tensor]] = []
+        with torch._C.DisableTorchFunction():  # (no instrument's mode counts these as uses)
+            for m in module.modules():
+                if scripted(m):
+                    continue
+                attrs = dict(vars(m))
+                contents = {k: c for k, v in attrs.items() if (c := _contents(v)) is not None}
+                # the dicts and lists inside its own containers (a list in a dict attribute a
+                # forward adds into: the checks' extra forwards added into it too, before the
+                # step's own, and training changed, a review's), and the small tensors in them
+                # (a count per expert kept as a tensor in a dict, added into in place); not
+                # every tensor (a history of 10,000 detached statistics copied per extra
+                # forward: 0.2 s)
+                own = [v for k, v in attrs.items() if k not in _TABLES]
+                found = _nested([v for v in own if type(v) in (dict, list, tuple)])
+                top = {id(v) for v in attrs.values()}  # (in ``contents`` already)
+                inner = [c for c in found if id(c) not in top]
+                self.nested += [(c, before) for c in inner if (before := _contents(c)) is not None]
+                held = [x for c in found for x in (c.values() if type(c) is dict else c)
+                        if isinstance(x, Tensor) and x.numel() <= _SMALL
+                        and not x.requires_grad and not x.is_inference()]  # fmt: skip
+                self.saved.append((m, attrs, contents))
+                self.tensors += tensor_copies(attrs.values())
+                self.tensors += tensor_copies(held[:_HELD])
+                self.generators += [(g, g.get_state()) for g in _generators(attrs.values())]
+
+    def put_back(self, tables: bool = True) -> None:
+        """Each module's attributes, containers, kept tensors and generators as they were
+        taken. ``tables=False``: not a module's own tables (its parameters, buffers, children
+        and hooks, which the instruments' hooks come and go in between)."""
+        for g, state in self.generators:  # (a generator of its own drawn from: a model
+            g.set_state(state)  # adding noise from one changed training, a review's probe)
+        put_tensors_back(self.tensors, "a tensor a module keeps (not a parameter or buffer)")
+        for m, attrs, contents in self.saved:
             now = vars(m)
             for k in [k for k in now if k not in attrs]:
                 del now[k]
             for k, v in attrs.items():
-                if now.get(k, _MISSING) is not v:
+                if now.get(k, _MISSING) is not v and (tables or k not in _TABLES):
                     now[k] = v
             for k, before in contents.items():
+                if not tables and k in _TABLES:
+                    continue
                 v = now[k]
                 try:
                     if not _same(v, before):
                         _put_back(v, before)
                 except Exception:  # noqa: BLE001 (one of its own that refuses: left as is)
                     continue
-        for v, before in nested:
+        for v, before in self.nested:
             try:
                 if not _same(v, before):
                     _put_back(v, before)
