@@ -2964,13 +2964,14 @@ class PerSampleNorms(Callback):
             # model's own, and the rows were part of the step's graph, kept alive until the
             # next measurement; torch.func's grad differentiates inside no_grad all the same)
             given, in_dims = _batched(rest, dims)
-            if call.changed is not None:  # (a change in place: on copies of the copies, which
-                # the batch's runs of the checks start from again)
-                buffers = {n: b.clone() for n, b in buffers.items()}
+            # on copies of the copies: the batch's runs of the checks, and the loop below where
+            # vmap refuses partway (a change in place already made: one more per sample, and
+            # a spectral norm left out so, a review's), start from the forward's start again
+            batched = {n: b.clone() for n, b in buffers.items()}
             with torch.no_grad():
                 try:
                     result = vmap(
-                        partial(grad(inner, has_aux=True), bufs=buffers),
+                        partial(grad(inner, has_aux=True), bufs=batched),
                         in_dims=(None, d, d, *in_dims), out_dims=(0, d),
                     )(leaf, a, g, *given)  # fmt: skip
                 except Exception as e:  # noqa: BLE001 (vmap's own refusals: checked below)
@@ -2979,7 +2980,7 @@ class PerSampleNorms(Callback):
                     refusal = e
                 else:  # (under vmap a change in place reading a sample raises: the batch
                     # size, read as 1, can still differ)
-                    if call.changed is not None and not _same_change(call.changed[1], [buffers]):
+                    if call.changed is not None and not _same_change(call.changed[1], [batched]):
                         raise _NotAlone(call.changed[0])
                     return result
                 # Run one sample at a time, each from the attributes and buffers its forward
@@ -3021,10 +3022,11 @@ class PerSampleNorms(Callback):
                         ))  # fmt: skip
                         runs.append(fresh)
                 except Exception as e:  # noqa: BLE001 (the loop's error: named, vmap's too)
-                    if call.changed is not None:  # (torch.func refuses a change in place of
-                        raise _NotAlone(call.changed[0]) from e  # a buffer it did not make)
+                    changes = ""  # (torch.func refuses a change in place of a buffer it did
+                    if call.changed is not None:  # not make, outside no_grad: said so)
+                        changes = f"it changes {few(list(call.changed[1]))} in place: "
                     raise RuntimeError(
-                        f"{type(e).__name__}: {str(e).strip()[:150]}; under vmap: "
+                        f"{changes}{type(e).__name__}: {str(e).strip()[:150]}; under vmap: "
                         f"{type(refusal).__name__}: {str(refusal).strip()[:150]}"
                     ) from e
                 if call.changed is not None and not _same_change(call.changed[1], runs):
