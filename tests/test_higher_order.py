@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from types import SimpleNamespace
@@ -627,6 +628,105 @@ class Centred(nn.Module):
             with torch.no_grad():
                 self.mean.mul_(0.5).add_(0.5 * h.mean(0))
         return out
+
+
+class Tempered(nn.Module):
+    """A small float64 MLP whose logits are scaled by a plain attribute ``temp`` (a schedule
+    a callback of one's own sets), centred by a frozen parameter ``ema`` its forward reads,
+    then updates (``frozen=True``), or registering a hook on its first layer once, behind a
+    flag (``hook=True``)."""
+
+    def __init__(self, in_shape, out_dim: int, frozen: bool = False, hook: bool = False) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(64, 4), nn.Linear(4, out_dim)
+        self.ema = nn.Parameter(torch.full((4,), 0.5), requires_grad=False)
+        self.temp, self.frozen, self.hook, self.hooked = 1.0, frozen, hook, False
+        self.double()
+
+    def forward(self, x):
+        if self.hook and not self.hooked:
+            self.a.register_forward_hook(lambda m, i, o: 2 * o)
+            self.hooked = True
+        h = torch.tanh(self.a(x.flatten(1).double() / 16))
+        if self.frozen:
+            h = h - self.ema
+            with torch.no_grad():
+                self.ema.mul_(0.5).add_(0.5 * h.mean(0) + 1)
+        return self.head(h) * self.temp
+
+
+class Anneal(Callback):
+    """Sets the model's temperature in ``on_train_batch_start`` (a schedule of one's own)."""
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        trainer.model.temp = 1.0 + 0.5 * trainer.global_step
+
+
+class ExactCurvature(Callback):
+    """The exact top eigenvalue (largest magnitude) of the step's objective, the mean
+    cross-entropy of its batch, from a copy of the model as its forward began (this callback
+    runs after the others' ``on_train_batch_start``), by torch.func.hessian."""
+
+    def __init__(self) -> None:
+        self.began, self.exact = None, []
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        self.began = copy.deepcopy(trainer.model)
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        model, (x, y, _) = self.began, trainer.last_batch
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        flat = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
+                          if p.requires_grad])  # fmt: skip
+        shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
+
+        def loss(v):
+            parts = dict(zip(names, v.split([math.prod(s) for s in shapes]), strict=True))
+            params = {n: t.view(s) for (n, t), s in zip(parts.items(), shapes, strict=True)}
+            return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+        eigs = torch.linalg.eigvalsh(torch.func.hessian(loss)(flat))
+        self.exact.append(float(eigs[-1] if eigs[-1] >= -eigs[0] else eigs[0]))
+
+
+class LastBatch(Callback):
+    def on_train_batch_start(self, trainer, batch) -> None:
+        trainer.last_batch = batch
+
+
+@pytest.mark.parametrize(
+    "model, callbacks",
+    [("", [Anneal]), ("+model.hook=true", []), ("+model.frozen=true", [])],
+    ids=["a schedule in on_train_batch_start", "a hook registered once", "a frozen parameter"],
+)
+def test_curvature_is_of_the_state_the_steps_forward_began_with(tmp_path, model, callbacks, caplog):
+    """Curvature's forward runs with the model as the step's forward began, through the
+    trainer: a temperature a callback of one's own sets in ``on_train_batch_start`` after
+    the instrument's own (taken before it: 7.17 for 11.32, a review's); a hook its forward
+    registers once, behind a flag (the flag put back, the hook kept: applied twice, −144.3
+    for −18.8, a review's). State in a frozen parameter its forward updates in place is not
+    kept as the forward began: NaN, said once, and training as without curvature (its
+    forward wrote into the real tensor, a review's)."""
+    exact = ExactCurvature()
+    common = ["~model", "+model._target_=test_higher_order.Tempered", *([model] if model else []),
+              "data.batch_size=16", "trainer.max_steps=3", "logging.every_n_steps=1"]  # fmt: skip
+    curvature = ["every_n_steps=1", "tol=1e-10", "power_iters=200", "trace_probes=1"]
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path / "on", *common, *(f"instrument.curvature.{c}" for c in curvature),
+              callbacks=[*(c() for c in callbacks), LastBatch(),
+                         *([] if "frozen" in model else [exact])])  # fmt: skip
+    train(tmp_path / "off", *common, callbacks=[c() for c in callbacks])
+    for (name, a), b in zip(final_params(tmp_path / "off").items(),
+                            final_params(tmp_path / "on").values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    logged = [v for _, v in read_scalars(tmp_path / "on")["curvature/top_eig"]]
+    if "frozen" in model:
+        assert all(math.isnan(v) for v in logged) and caplog.text.count("frozen parameter") == 1
+        return
+    assert len(logged) == len(exact.exact) == 3
+    assert len(set(exact.exact)) == 3  # (the state moves from step to step)
+    for got, want in zip(logged, exact.exact, strict=True):
+        assert got == pytest.approx(want, rel=1e-5)  # (float32 events of a float64 estimate)
 
 
 class OverRunningMean(Weighting):

@@ -439,6 +439,11 @@ class Trainer:
         #: passes, as its statistics need the backward's own
         self.after_backward_callbacks: Callable[[], None] | None = None
         self.before_backward_callbacks: Callable[[], None] | None = None
+        #: called once each right before a micro-batch's forward (after every callback's
+        #: ``on_train_batch_start``), where appended for it: the curvature instrument's
+        #: copies of the state that forward begins with (a schedule's change of the model in
+        #: a callback of one's own among it)
+        self.before_forward_callbacks: list[Callable[[], None]] = []
         self._dtypes_of_params()
         self._unowned_named: list[str] = []  # (the names last warned of)
         self._not_in_optimizer()
@@ -1200,6 +1205,10 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.input_penalty is not None:
             x = self.input_penalty.prepare(x)  # a leaf to differentiate the loss with respect to
+        if self.before_forward_callbacks:  # (each once: appended for this micro-batch)
+            calls, self.before_forward_callbacks = self.before_forward_callbacks, []
+            for call in calls:
+                call()
         # data-parallel: the ranks' gradients are all-reduced once per optimizer step, in the
         # window's last backward; the others accumulate locally (DDP's no_sync)
         local = not step_now and self.world.distributed

@@ -21,13 +21,14 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
 
 from trainer.backward import double_backward_kernels, explain_freed_graph
-from trainer.callbacks import Callback, Every
+from trainer.callbacks import Callback, Every, few
 from trainer.distributed import all_reduce_sum
 from trainer.instrument.norms import norms_of
 from trainer.instrument.swap import Attributes, attributes_kept, call_with
@@ -337,9 +338,11 @@ class Curvature(Callback):
         self._weights: Tensor | None = None
         self._start: Fork | None = None  # (the random states a due micro-batch began with)
         self._batch_start: Fork | None = None
-        #: the model's buffers (copies) and attributes as a due micro-batch began
-        self._state: tuple[dict[str, Tensor], Attributes] | None = None
-        self._batch_state: tuple[dict[str, Tensor], Attributes] | None = None
+        #: what a due micro-batch's forward began with: the model's buffers (copies), its
+        #: modules' attributes, its frozen parameters' version counters
+        self._state: _Began | None = None
+        self._batch_state: _Began | None = None
+        self._said: set[str] = set()  # (why a step logged NaN: said once a run each)
         self._warned = False  # (an unconverged Lanczos run: said once a run)
         self._unsupported = False  # (an op without a double backward: said once a run)
 
@@ -370,14 +373,28 @@ class Curvature(Callback):
             )  # fmt: skip
 
     def on_train_batch_start(self, trainer: Trainer, batch: Batch) -> None:
-        if self.every.due_next(trainer.global_step):  # (its forward draws the step's masks)
-            self._start = Fork(batch.x.device)
-            # (and reads the buffers and attributes the step's did: a buffer its forward
-            # reads, then updates, an EMA normalizer's, was read as updated: top_eig -1.51
-            # for +1.00, a review's)
-            model = trainer.model
-            buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-            self._state = (buffers, Attributes(model))
+        if not self.every.due_next(trainer.global_step):
+            return
+        # right before the forward where the trainer runs it (after every callback's
+        # on_train_batch_start: a schedule's change of the model made there was undone, 7.17
+        # for 11.32, a review's), else now (a loop of one's own calling the hooks)
+        later = getattr(trainer, "before_forward_callbacks", None)
+        if isinstance(later, list):
+            later.append(partial(self._began, trainer.model, batch.x.device))
+        else:
+            self._began(trainer.model, batch.x.device)
+
+    def _began(self, model: torch.nn.Module, device: torch.device) -> None:
+        """What the measurement's forward starts from, as the step's begins: its random
+        states (its dropout masks), and its buffers and attributes (a buffer its forward reads,
+        then updates, an EMA normalizer's, was read as updated: top_eig −1.51 for +1.00, a
+        review's)."""
+        self._start = Fork(device)
+        self._state = _Began(
+            {n: b.detach().clone() for n, b in model.named_buffers()},
+            Attributes(model),
+            {n: (p, p._version) for n, p in model.named_parameters() if not p.requires_grad},
+        )
 
     def on_after_backward(self, trainer: Trainer, batch: Batch, losses: Tensor, weights) -> None:
         if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
@@ -422,7 +439,7 @@ class Curvature(Callback):
         batch: Batch,
         weights: Tensor | None = None,
         start: Fork | None = None,
-        state: tuple[dict[str, Tensor], Attributes] | None = None,
+        state: _Began | None = None,
     ) -> dict[str, Tensor | float]:
         """The top eigenvalue and the trace of the Hessian of ``batch``'s objective (vector
         mode: weighted by ``weights``, the step's own, or else by the weighting called again),
@@ -434,10 +451,15 @@ class Curvature(Callback):
         modules' attributes, also where its backwards run parts of the forward again (an
         activation checkpoint's, a backward hook's counter: a review's)."""
         with attributes_kept(trainer.model):
-            if state is not None:  # (its tables, hooks among them, as they are now)
-                state[1].put_back(tables=False)
+            if state is not None:  # (its tables as they are now, less hooks registered since)
+                state.attributes.put_back(tables=False)
             try:
                 return self._measure(trainer, batch, weights, start, state)
+            except _NotFrom as e:  # (what it was measured from is not the step's: NaN, said)
+                if str(e) not in self._said:
+                    self._said.add(str(e))
+                    log.warning("curvature: NaN, %s", e)
+                return self._nan(batch)
             except NotImplementedError as e:  # an op of the model without a double backward
                 # (an EmbeddingBag's: it stopped the run, a review's): NaN, said once
                 if not self._unsupported:
@@ -448,9 +470,13 @@ class Curvature(Callback):
                         "off (instrument.curvature.every_n_steps=0) or replace that op",
                         str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e),
                     )  # fmt: skip
-                nan = torch.full((), math.nan, device=batch.x.device)
-                return {"curvature/top_eig": nan, "curvature/top_eig_iters": 0.0,
-                        "curvature/trace": nan, "curvature/trace_stderr": nan}  # fmt: skip
+                return self._nan(batch)
+
+    @staticmethod
+    def _nan(batch: Batch) -> dict[str, Tensor | float]:
+        nan = torch.full((), math.nan, device=batch.x.device)
+        return {"curvature/top_eig": nan, "curvature/top_eig_iters": 0.0,
+                "curvature/trace": nan, "curvature/trace_stderr": nan}  # fmt: skip
 
     def _measure(
         self,
@@ -458,15 +484,25 @@ class Curvature(Callback):
         batch: Batch,
         weights: Tensor | None,
         start: Fork | None,
-        began: tuple[dict[str, Tensor], Attributes] | None,
+        began: _Began | None,
     ) -> dict[str, Tensor | float]:
         model = trainer.model
         x, y, index = batch
         params = [p for p in model.parameters() if p.requires_grad]
         state: dict[str, Tensor] = dict(model.named_parameters())
+        # a frozen parameter changed in place since the step's forward began (state kept in
+        # an nn.Parameter(requires_grad=False), an EMA its forward updates): a copy (the
+        # measurement's forward wrote into it, and training changed, a review's), and NaN,
+        # since its value then is not kept (a frozen backbone would be copied at every due
+        # micro-batch)
+        moved = [n for n, p in state.items() if not p.requires_grad and began is not None
+                 and (began.frozen.get(n, (None, -1))[0] is not p
+                      or began.frozen[n][1] != p._version)]  # fmt: skip
+        for n in moved:
+            state[n] = state[n].detach().clone()
         # copies: a BatchNorm in training mode updates its running statistics in place; of
         # the buffers the step's forward began with (one it reassigned since: by its name)
-        buffers = began[0] if began is not None else {}
+        buffers = began.buffers if began is not None else {}
         state.update({
             n: (buffers[n] if n in buffers and _alike(buffers[n], b) else b).clone()
             for n, b in model.named_buffers()
@@ -490,6 +526,20 @@ class Curvature(Callback):
             # the micro-batch's data objective, as the step's root weighs it
             # (trainer/objective.py)
             objective = trainer.objective.batch_objective(losses, logits, y, index, weights)
+        if moved:
+            raise _NotFrom(
+                f"frozen parameter(s) {few(moved)} changed in place since the step's forward "
+                "began (state kept in an nn.Parameter with requires_grad=False): the Hessian "
+                "would be of another objective than the step's (keep such state in a buffer, "
+                "register_buffer, whose value as the forward began is kept)"
+            )
+        now = [p for p in model.parameters() if p.requires_grad]
+        if len(now) != len(params) or any(a is not b for a, b in zip(now, params, strict=False)):
+            raise _NotFrom(
+                "the measurement's forward made new trainable parameters (a submodule built "
+                "on demand, behind a flag put back to how the step's forward found it): the "
+                "Hessian would leave them out"
+            )
         ddp = trainer.world.distributed
         try:
             taken = torch.autograd.grad(objective, params, create_graph=True, allow_unused=True)
@@ -545,3 +595,15 @@ class Curvature(Callback):
 
 def _alike(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+class _Began(NamedTuple):
+    """A micro-batch's state as its forward began (:meth:`Curvature._began`)."""
+
+    buffers: dict[str, Tensor]  # copies, by name
+    attributes: Attributes
+    frozen: dict[str, tuple[Tensor, int]]  # frozen parameters, with their version counters
+
+
+class _NotFrom(Exception):
+    """The measurement would not be of the step's objective (its message: why)."""

@@ -72,6 +72,8 @@ def _same(v: Any, before: Any) -> bool:
 
 #: a module's own tables (parameters, buffers, children, hooks): put back shallowly only
 _TABLES = frozenset(vars(nn.Module()))
+#: its hook tables among them
+_HOOK_TABLES = frozenset(k for k in _TABLES if "hooks" in k)
 #: the tensors inside a module's containers whose values are put back: at most this many per
 #: module, each of at most _SMALL elements (state: counts, running statistics)
 _HELD, _SMALL = 64, 1 << 16
@@ -189,7 +191,10 @@ class Attributes:
     def put_back(self, tables: bool = True) -> None:
         """Each module's attributes, containers, kept tensors and generators as they were
         taken. ``tables=False``: not a module's own tables (its parameters, buffers, children
-        and hooks, which the instruments' hooks come and go in between)."""
+        and hooks, which the instruments' hooks come and go in between), except that the
+        hooks registered since are taken out of them (one a forward registers once, behind a
+        flag put back here, was registered again and applied twice: a review's); what took
+        this snapshot and put it back puts them back after (:func:`attributes_kept`)."""
         for g, state in self.generators:  # (a generator of its own drawn from: a model
             g.set_state(state)  # adding noise from one changed training, a review's probe)
         put_tensors_back(self.tensors, "a tensor a module keeps (not a parameter or buffer)")
@@ -201,6 +206,10 @@ class Attributes:
                 if now.get(k, _MISSING) is not v and (tables or k not in _TABLES):
                     now[k] = v
             for k, before in contents.items():
+                if not tables and k in _HOOK_TABLES:
+                    table = now[k]
+                    for key in [key for key in table if key not in before]:
+                        del table[key]
                 if not tables and k in _TABLES:
                     continue
                 v = now[k]
