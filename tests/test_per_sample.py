@@ -1367,6 +1367,37 @@ class AroundOwn(nn.Module):
         return self.head(torch.tanh(self.own(h)))
 
 
+class CountsCalls(nn.Module):
+    """A module of one's own counting its calls in a buffer, in place, and dividing by the
+    count (saved for its backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D, generator=torch.Generator().manual_seed(3)))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, h):
+        self.calls.add_(1)
+        return h @ self.w / self.calls
+
+
+def test_a_counter_a_unit_divides_by_is_measured() -> None:
+    """The mixing check's runs of a unit again ran on the buffer its own forward had saved for
+    its backward and advanced it, and that backward failed: every unit of the model was left
+    out (coverage 0). They run on copies of the buffers as its call began now, and the unit,
+    each sample's recomputation advancing the count as the batch's forward did, is measured
+    exactly; training is left as it is."""
+    torch.manual_seed(0)
+    measured = AroundOwn(CountsCalls()).double()
+    x, y = float_batch()
+    cb = PerSampleNorms(1, loss="both")
+    for _ in range(3):
+        plain = copy.deepcopy(measured)
+        measured_exactly(measured, x, y, twin=copy.deepcopy(measured), cb=cb)
+        _as_unmeasured(measured, plain, x, y)
+        measured.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize(
     "own, word", [(CountsSamples, "changed its buffers"), (RunningMeanOwn, "changes mean in place")]
 )

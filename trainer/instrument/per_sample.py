@@ -119,6 +119,7 @@ from trainer.instrument.swap import (
     put_tensors_back,
     scripted,
     set_plain_attributes,
+    swapped,
     tensor_copies,
 )
 from trainer.precision import LOW_PRECISION, sum_dtype
@@ -871,6 +872,7 @@ def _moves_other_rows(
     busy: list[bool],
     dim: int = 0,
     begun: list[tuple[nn.Module, dict[str, Any]]] | None = None,
+    buffers: dict[str, Tensor] | None = None,
 ) -> Tensor | None:
     """Whether a generic unit mixes the samples by value (detached batch statistics, token ids
     in, features from under no_grad: no gradient shows it), on the device: its forward again,
@@ -898,8 +900,7 @@ def _moves_other_rows(
                 if swap:
                     first.select(dim, 0).copy_(first.select(dim, 1))
                 fork.rewind()
-                set_plain_attributes(begun or [])
-                again = module.forward(first, *_copies(args[1:]), **_copies(kwargs))
+                again = _again(module, begun or [], buffers or {}, first, args, kwargs)
                 if not isinstance(again, Tensor) or again.shape != output.shape:
                     return None
                 outs.append(again.detach())
@@ -921,7 +922,9 @@ def _moves_other_rows(
             # top-1 mixture of experts declared a unit was left out on digits in float32)
             moved &= (swapped - others).abs() > _row_rounding(others, dim)
         moved = moved.any()
-        alone = _alone_differs(module, args, kwargs, kept, fork, busy, dim, begun or [])
+        alone = _alone_differs(
+            module, args, kwargs, kept, fork, busy, dim, begun or [], buffers or {}
+        )
         return moved if alone is None else moved | alone
 
 
@@ -952,6 +955,7 @@ def _alone_differs(
     busy: list[bool],
     dim: int,
     begun: list[tuple[nn.Module, dict[str, Any]]],
+    buffers: dict[str, Tensor],
 ) -> Tensor | None:
     """Whether a generic unit gives a sample another output alone than in the batch, on the
     device: its forward reads the batch's size (``h * x.shape[0] ** 0.5``) or a value of the
@@ -985,9 +989,8 @@ def _alone_differs(
         rows = []
         for i in range(kept.shape[dim]):
             fork.rewind()
-            set_plain_attributes(begun)
             one = args[0].detach().narrow(dim, i, 1).clone()
-            alone = module.forward(one, *_copies(args[1:]), **_copies(kwargs))
+            alone = _again(module, begun, buffers, one, args, kwargs)
             if fork.drew() or not isinstance(alone, Tensor):
                 return None
             shape = kept.narrow(dim, i, 1).shape
@@ -1013,7 +1016,7 @@ def _alone_differs(
         off = (alone - kept).abs() > _loose(kept.device, kept.dtype) * scale
         differs = (off & ~(alone == kept) & ~(alone.isnan() & kept.isnan())).any()
         grads_differ = _batch_gradient_differs(
-            module, args, kwargs, r, params, sums, fork, begun, kept.shape[dim], spreads
+            module, args, kwargs, r, params, sums, fork, begun, kept.shape[dim], spreads, buffers
         )
         return differs if grads_differ is None else differs | grads_differ
     except Exception:  # noqa: BLE001 (a forward that cannot run on one sample: no evidence)
@@ -1021,6 +1024,24 @@ def _alone_differs(
     finally:
         busy[0] = False
         after.rewind()
+
+
+def _again(
+    module: nn.Module,
+    begun: list[tuple[nn.Module, dict[str, Any]]],
+    buffers: dict[str, Tensor],
+    first: Tensor,
+    args: tuple,
+    kwargs: dict,
+) -> Any:
+    """A check's run of a generic unit's forward again on ``first`` (copies of its other
+    inputs), from the plain attributes ``begun`` and copies of the buffers ``buffers`` its
+    call began with: the check's own forward may have saved a buffer it then changed in place
+    (a counter it divides by), and a run on the buffer itself advanced it under that graph,
+    whose backward failed, and every unit was left out (a review's)."""
+    set_plain_attributes(begun)
+    with swapped(module, {n: b.clone() for n, b in buffers.items()}):
+        return module.forward(first, *_copies(args[1:]), **_copies(kwargs))
 
 
 def _copies(obj: Any) -> Any:
@@ -1054,6 +1075,7 @@ def _batch_gradient_differs(
     begun: list[tuple[nn.Module, dict[str, Any]]],
     n: int,
     spreads: list[Tensor | None],
+    buffers: dict[str, Tensor],
 ) -> Tensor | None:
     """Whether the batch's gradient of ⟨r, f(X)⟩ for a generic unit's parameters differs from
     ``sums``, the sum of its samples' gradients run alone, on the device: the per-sample
@@ -1067,8 +1089,7 @@ def _batch_gradient_differs(
     if not params or all(s is None for s in sums):
         return None
     fork.rewind()
-    set_plain_attributes(begun)
-    whole = module.forward(args[0].detach().clone(), *_copies(args[1:]), **_copies(kwargs))
+    whole = _again(module, begun, buffers, args[0].detach().clone(), args, kwargs)
     if not isinstance(whole, Tensor) or not whole.requires_grad:
         return None
     batch = torch.autograd.grad(
@@ -3528,7 +3549,7 @@ class PerSampleNorms(Callback):
         seen: set[tuple[str, int]] = set()
         counts: dict[nn.Module, int] = {}
         inside: list[tuple[Any, Tensor]] = []  # generic unit calls: output rows changed
-        forks: dict[nn.Module, tuple[Fork, list[int], list[Any]]] = {}
+        forks: dict[nn.Module, tuple[Fork, list[int], list[Any], dict[str, Tensor]]] = {}
         again_running = [False]  # (a unit run again by value: its children's calls not seen)
 
         def watch(key: Any, t: Tensor, dim: int, owner: Tensor | None = None) -> None:
@@ -3548,8 +3569,9 @@ class PerSampleNorms(Callback):
                 return None
             dims = [d for d in (0, 1) if first.dim() > d and first.shape[d] == p]
             if dims:  # (batch-first, or sequence-first: each watched under its own key)
-                forks[module] = (Fork(first.device), dims,  # (its draws, to make them again,
-                                 plain_attributes(module))  # and its counters)  # fmt: skip
+                # (its draws, to make them again, its counters and its buffers)
+                copies = _buffer_copies(module) if module in self._buffered else {}
+                forks[module] = (Fork(first.device), dims, plain_attributes(module), copies)
             if first.requires_grad:  # (token ids, features from under no_grad: by value only)
                 for d in dims:
                     watch(_keyed(key, d), first, d)
@@ -3574,7 +3596,7 @@ class PerSampleNorms(Callback):
                         # not sentences of several per sample: a review's voided every check)
                     elif t.dim() > d and t.shape[d] == p:
                         watch(key, t, d)
-            fork, dims, begun = forks.pop(module, (None, [], []))
+            fork, dims, begun, buffers = forks.pop(module, (None, [], [], {}))
             if fork is not None and isinstance(output, Tensor):
                 if output.numel() and bool((output == 0).all()):  # host read: once per
                     # generic unit and check
@@ -3585,7 +3607,7 @@ class PerSampleNorms(Callback):
                 for d in dims:
                     if output.dim() > d and output.shape[d] == p:
                         moved = _moves_other_rows(
-                            module, args, kwargs, output, fork, again_running, d, begun
+                            module, args, kwargs, output, fork, again_running, d, begun, buffers
                         )
                         if moved is not None:
                             seen.add(_keyed(key, d))

@@ -382,6 +382,19 @@ def call_with(
     Raises:
         KeyError: a name of ``state`` is no parameter or buffer of ``module``.
     """
+    with swapped(module, state), attributes_kept(module) if kept else contextlib.nullcontext():
+        return module(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def swapped(module: nn.Module, state: dict[str, Tensor]) -> Iterator[None]:
+    """Within: the parameters and buffers ``state`` names (by their names in ``module``, any
+    alias of them) replaced by its tensors, in each module once (every alias and every tied
+    use of a tensor sees its replacement); after: the very tensors taken out put back.
+
+    Raises:
+        KeyError: a name of ``state`` is no parameter or buffer of ``module``.
+    """
     originals = {
         **dict(module.named_parameters(remove_duplicate=False)),
         **dict(module.named_buffers(remove_duplicate=False)),
@@ -400,8 +413,7 @@ def call_with(
                     if t is not None and id(t) in by_id:
                         taken.append((table, key, t))
                         table[key] = by_id[id(t)]
-        with attributes_kept(module) if kept else contextlib.nullcontext():
-            return module(*args, **(kwargs or {}))
+        yield
     finally:
         for table, key, t in reversed(taken):
             table[key] = t
