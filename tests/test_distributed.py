@@ -9,6 +9,7 @@ process group through the same environment variables torchrun sets. One test lau
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -29,7 +30,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_byo_refusals import CountsF1
 from test_unfreeze import STEPS as UNFREEZE_STEPS
 from torch.distributed import TCPStore
+from torch.func import functional_call
 
+from trainer.callbacks import Callback
 from trainer.checkpoint import load_checkpoint, step_path
 from trainer.data.base import TensorSplit, epoch_order
 from trainer.data.chars import CharText
@@ -1474,3 +1477,83 @@ def test_parts_of_unequal_length_are_gathered_at_their_offsets(tmp_path) -> None
             assert out[rank][sizes] == [[1.0, 2.0, 9.0, 8.0, 3.0], offset], (rank, sizes)
     assert out[0]["mask"] == [0.0, 0.0, 1.0] and out[1]["mask"] == [1.0, 0.0]
     assert out[0]["same"] == out[1]["same"] == [[True, []], [False, []], [False, [1]]]
+
+
+class EmaCentred(torch.nn.Module):
+    """A small float64 MLP centring its hidden layer by a buffer its forward reads, then
+    updates in place from its (local) batch: DDP's forward gives every rank rank 0's."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.a, self.head = torch.nn.Linear(64, 4), torch.nn.Linear(4, out_dim)
+        self.register_buffer("mean", torch.full((4,), 0.5))
+        self.double()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.flatten(1).double() / 16))
+        out = self.head(torch.tanh(3 * (h - self.mean)))
+        with torch.no_grad():
+            self.mean.mul_(0.5).add_(0.5 * h.mean(0))
+        return out
+
+
+class GlobalExact(Callback):
+    """The exact top eigenvalue (largest magnitude) of the global batch's objective, the mean
+    cross-entropy over every rank's samples, from the model as DDP's forward begins (rank 0's
+    buffers, broadcast as DDP does), by torch.func.hessian; rank 0 writes them to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.exact, self.began = path, [], None
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        model = copy.deepcopy(trainer.model)
+        for b in model.buffers():
+            torch.distributed.broadcast(b, 0)
+        xs = [torch.empty_like(batch.x) for _ in range(trainer.world.size)]
+        ys = [torch.empty_like(batch.y) for _ in range(trainer.world.size)]
+        torch.distributed.all_gather(xs, batch.x)
+        torch.distributed.all_gather(ys, batch.y)
+        self.began = (model, torch.cat(xs), torch.cat(ys))
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        model, x, y = self.began
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+        def loss(v):
+            parts = v.split([p.numel() for _, p in named])
+            params = {n: t.view(p.shape) for (n, p), t in zip(named, parts, strict=True)}
+            bufs = {n: b.clone() for n, b in model.named_buffers()}  # (it updates them)
+            out = functional_call(model, {**params, **bufs}, (x,))
+            return torch.nn.functional.cross_entropy(out, y)
+
+        eigs = torch.linalg.eigvalsh(torch.func.hessian(loss)(flat))
+        self.exact.append(float(eigs[-1] if eigs[-1] >= -eigs[0] else eigs[0]))
+
+    def on_fit_end(self, trainer, metrics) -> None:
+        if trainer.world.rank == 0:
+            Path(self.path).write_text(json.dumps(self.exact))
+
+
+def test_data_parallel_curvature_reads_rank_0s_buffers_as_ddp_gives_them(tmp_path) -> None:
+    """DDP's forward gives every rank rank 0's buffers (``broadcast_buffers``), after the
+    curvature instrument took its copies of the state the forward began with: a rank's own
+    buffer, updated in place from its own samples, made its part of the Hessian another
+    objective's (a review's reading). Its copies are rank 0's now, broadcast as DDP does, and
+    the logged top eigenvalue is the global batch's exactly."""
+    exact = tmp_path / "exact.json"
+    overrides = [
+        "~model", "+model._target_=test_distributed.EmaCentred", "data.batch_size=8",
+        "trainer.max_steps=3", "logging.every_n_steps=1", "logging.progress=false",
+        "trainer.checkpoint.every_n_steps=0", "instrument.curvature.every_n_steps=1",
+        "instrument.curvature.tol=1e-10", "instrument.curvature.power_iters=200",
+        "instrument.curvature.trace_probes=1",
+        "+callbacks.exact._target_=test_distributed.GlobalExact", f"+callbacks.exact.path={exact}",
+    ]  # fmt: skip
+    ranks = [tmp_path / "rank0", tmp_path / "rank1"]
+    assert launch((2, overrides, ranks)) == [[0, 0]]
+    want = json.loads(exact.read_text())
+    logged = [v for _, v in read_scalars(ranks[0])["curvature/top_eig"]]
+    assert len(logged) == len(want) == 3 and len(set(want)) == 3
+    for got, w in zip(logged, want, strict=True):
+        assert got == pytest.approx(w, rel=1e-5)  # (float32 events of a float64 estimate)

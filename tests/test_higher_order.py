@@ -638,7 +638,7 @@ class Tempered(nn.Module):
 
     def __init__(self, in_shape, out_dim: int, frozen: bool = False, hook: bool = False) -> None:
         super().__init__()
-        self.a, self.head = nn.Linear(64, 4), nn.Linear(4, out_dim)
+        self.a, self.act, self.head = nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, out_dim)
         self.ema = nn.Parameter(torch.full((4,), 0.5), requires_grad=False)
         self.temp, self.frozen, self.hook, self.hooked = 1.0, frozen, hook, False
         self.double()
@@ -647,7 +647,7 @@ class Tempered(nn.Module):
         if self.hook and not self.hooked:
             self.a.register_forward_hook(lambda m, i, o: 2 * o)
             self.hooked = True
-        h = torch.tanh(self.a(x.flatten(1).double() / 16))
+        h = self.act(self.a(x.flatten(1).double() / 16))
         if self.frozen:
             h = h - self.ema
             with torch.no_grad():
@@ -662,18 +662,80 @@ class Anneal(Callback):
         trainer.model.temp = 1.0 + 0.5 * trainer.global_step
 
 
+class HookOnOff(Callback):
+    """A hook of one's own on the first layer for the step's forward only: registered in
+    ``on_train_batch_start``, removed in ``on_after_backward``."""
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        self.handle = trainer.model.a.register_forward_hook(lambda m, i, o: 3 * o)
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        self.handle.remove()
+
+
+class GlobalNext(Callback):
+    """A global module forward hook registered in ``on_after_backward`` for the next step's
+    forward only (tripling the first layer's output), removed before it ends; ``paused``
+    while the test's reference runs."""
+
+    paused = False
+    handle = None
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        target = trainer.model.a
+        self.handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: 3 * o if m is target and not self.paused else o
+        )
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        self.remove()
+
+    def on_fit_end(self, trainer, metrics) -> None:
+        self.remove()  # (registered after the last step's backward: it would outlive the run)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+class SwapAct(Callback):
+    """Replaces the model's activation module in ``on_after_backward`` (a schedule of one's
+    own for the next step)."""
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        model = trainer.model
+        model.act = nn.Softsign() if isinstance(model.act, nn.Tanh) else nn.Tanh()
+
+
+class FreezeBias(Callback):
+    """Freezes the head's bias after the first step's backward (unchanged since)."""
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        trainer.model.head.bias.requires_grad_(False)
+
+
 class ExactCurvature(Callback):
     """The exact top eigenvalue (largest magnitude) of the step's objective, the mean
     cross-entropy of its batch, from a copy of the model as its forward began (this callback
     runs after the others' ``on_train_batch_start``), by torch.func.hessian."""
 
-    def __init__(self) -> None:
-        self.began, self.exact = None, []
+    def __init__(self, pause=None) -> None:
+        self.began, self.exact, self.pause = None, [], pause
 
     def on_train_batch_start(self, trainer, batch) -> None:
         self.began = copy.deepcopy(trainer.model)
 
     def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        if self.pause is not None:
+            self.pause.paused = True
+        try:
+            self._exact(trainer)
+        finally:
+            if self.pause is not None:
+                self.pause.paused = False
+
+    def _exact(self, trainer) -> None:
         model, (x, y, _) = self.began, trainer.last_batch
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         flat = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters()
@@ -696,26 +758,42 @@ class LastBatch(Callback):
 
 @pytest.mark.parametrize(
     "model, callbacks",
-    [("", [Anneal]), ("+model.hook=true", []), ("+model.frozen=true", [])],
-    ids=["a schedule in on_train_batch_start", "a hook registered once", "a frozen parameter"],
-)
+    [("", [Anneal]), ("+model.hook=true", []), ("", [HookOnOff]), ("", [GlobalNext]),
+     ("", [SwapAct]), ("+model.frozen=true", [])],
+    ids=["a schedule in on_train_batch_start", "a hook registered once",
+         "a hook for the forward only", "a global hook for the next forward",
+         "a submodule replaced for the next step", "a frozen parameter"],
+)  # fmt: skip
 def test_curvature_is_of_the_state_the_steps_forward_began_with(tmp_path, model, callbacks, caplog):
     """Curvature's forward runs with the model as the step's forward began, through the
     trainer: a temperature a callback of one's own sets in ``on_train_batch_start`` after
     the instrument's own (taken before it: 7.17 for 11.32, a review's); a hook its forward
     registers once, behind a flag (the flag put back, the hook kept: applied twice, −144.3
-    for −18.8, a review's). State in a frozen parameter its forward updates in place is not
-    kept as the forward began: NaN, said once, and training as without curvature (its
-    forward wrote into the real tensor, a review's)."""
-    exact = ExactCurvature()
+    for −18.8, a review's); a hook for the step's forward only, removed after its backward
+    (left out: 0.38 for 1.44), a global one registered after it for the next (0.88 for
+    0.38), a submodule replaced after it for the next step (−0.36 for 0.38: reviews'). State
+    in a frozen parameter its forward updates in place is not kept as the forward began:
+    NaN, said once, and training as without curvature (its forward wrote into the real
+    tensor, a review's)."""
+    callbacks, again = [c() for c in callbacks], [c() for c in callbacks]  # (on, off)
+    pause = next((c for c in callbacks if isinstance(c, GlobalNext)), None)
+    exact = ExactCurvature(pause)
     common = ["~model", "+model._target_=test_higher_order.Tempered", *([model] if model else []),
               "data.batch_size=16", "trainer.max_steps=3", "logging.every_n_steps=1"]  # fmt: skip
     curvature = ["every_n_steps=1", "tol=1e-10", "power_iters=200", "trace_probes=1"]
-    with caplog.at_level(logging.WARNING):
-        train(tmp_path / "on", *common, *(f"instrument.curvature.{c}" for c in curvature),
-              callbacks=[*(c() for c in callbacks), LastBatch(),
-                         *([] if "frozen" in model else [exact])])  # fmt: skip
-    train(tmp_path / "off", *common, callbacks=[c() for c in callbacks])
+    try:
+        with caplog.at_level(logging.WARNING):
+            train(tmp_path / "on", *common, *(f"instrument.curvature.{c}" for c in curvature),
+                  callbacks=[*callbacks, LastBatch(),
+                             *([] if "frozen" in model else [exact])])  # fmt: skip
+        train(tmp_path / "off", *common, callbacks=again)
+    finally:
+        for c in [*callbacks, *again]:
+            if isinstance(c, GlobalNext):
+                c.remove()
+    from torch.nn.modules import module
+
+    assert not module._global_forward_hooks  # (none left for the tests after)
     for (name, a), b in zip(final_params(tmp_path / "off").items(),
                             final_params(tmp_path / "on").values(), strict=True):  # fmt: skip
         assert torch.equal(a, b), name
@@ -727,6 +805,21 @@ def test_curvature_is_of_the_state_the_steps_forward_began_with(tmp_path, model,
     assert len(set(exact.exact)) == 3  # (the state moves from step to step)
     for got, want in zip(logged, exact.exact, strict=True):
         assert got == pytest.approx(want, rel=1e-5)  # (float32 events of a float64 estimate)
+
+
+def test_a_parameter_frozen_after_the_forward_is_no_change(tmp_path, caplog) -> None:
+    """A layer frozen after the step's forward, unchanged, is no change to the state that
+    forward began with: curvature is measured (over the trainable parameters), not NaN (a
+    review's: NaN, naming it as changed in place)."""
+    common = ["~model", "+model._target_=test_higher_order.Tempered", "data.batch_size=16",
+              "trainer.max_steps=3", "logging.every_n_steps=1"]  # fmt: skip
+    curvature = ["every_n_steps=1", "tol=1e-10", "power_iters=200", "trace_probes=1"]
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path / "on", *common, *(f"instrument.curvature.{c}" for c in curvature),
+              callbacks=[FreezeBias()])  # fmt: skip
+    logged = [v for _, v in read_scalars(tmp_path / "on")["curvature/top_eig"]]
+    assert len(logged) == 3 and not any(math.isnan(v) for v in logged)
+    assert "curvature: NaN" not in caplog.text
 
 
 class OverRunningMean(Weighting):

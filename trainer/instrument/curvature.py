@@ -16,16 +16,18 @@ never touched, so measuring does not change the batch order, dropout masks or th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from trainer.backward import double_backward_kernels, explain_freed_graph
 from trainer.callbacks import Callback, Every, few
@@ -380,20 +382,32 @@ class Curvature(Callback):
         # for 11.32, a review's), else now (a loop of one's own calling the hooks)
         later = getattr(trainer, "before_forward_callbacks", None)
         if isinstance(later, list):
-            later.append(partial(self._began, trainer.model, batch.x.device))
+            later.append(partial(self._began, trainer, batch.x.device))
         else:
-            self._began(trainer.model, batch.x.device)
+            self._began(trainer, batch.x.device)
 
-    def _began(self, model: torch.nn.Module, device: torch.device) -> None:
+    def _began(self, trainer: Trainer, device: torch.device) -> None:
         """What the measurement's forward starts from, as the step's begins: its random
         states (its dropout masks), and its buffers and attributes (a buffer its forward reads,
         then updates, an EMA normalizer's, was read as updated: top_eig −1.51 for +1.00, a
-        review's)."""
+        review's), torch's global module hooks, and which parameters there were (identity
+        and version counter). Data-parallel, the buffers DDP's forward is about to take from
+        rank 0 are rank 0's (broadcast here as DDP does)."""
+        model = trainer.model
         self._start = Fork(device)
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        ddp = getattr(getattr(trainer, "forward_model", None), "_orig_mod", None) or getattr(
+            trainer, "forward_model", None
+        )
+        if isinstance(ddp, DistributedDataParallel) and ddp.will_sync_module_buffers():
+            source = torch.distributed.get_global_rank(ddp.process_group, 0)
+            for b in buffers.values():  # (a collective: every rank takes its copies here)
+                torch.distributed.broadcast(b, source, group=ddp.process_group)
         self._state = _Began(
-            {n: b.detach().clone() for n, b in model.named_buffers()},
+            buffers,
             Attributes(model),
-            {n: (p, p._version) for n, p in model.named_parameters() if not p.requires_grad},
+            {n: (p, p._version) for n, p in model.named_parameters()},
+            {k: dict(d) for k, d in _global_hooks().items()},
         )
 
     def on_after_backward(self, trainer: Trainer, batch: Batch, losses: Tensor, weights) -> None:
@@ -450,9 +464,9 @@ class Curvature(Callback):
         states are left as they are either way, and so are the model's buffers and its
         modules' attributes, also where its backwards run parts of the forward again (an
         activation checkpoint's, a backward hook's counter: a review's)."""
-        with attributes_kept(trainer.model):
-            if state is not None:  # (its tables as they are now, less hooks registered since)
-                state.attributes.put_back(tables=False)
+        with attributes_kept(trainer.model), _global_hooks_as(state):
+            if state is not None:  # (its parameters and the instruments' hooks as they are)
+                state.attributes.put_back(began=True)
             try:
                 return self._measure(trainer, batch, weights, start, state)
             except _NotFrom as e:  # (what it was measured from is not the step's: NaN, said)
@@ -490,15 +504,17 @@ class Curvature(Callback):
         x, y, index = batch
         params = [p for p in model.parameters() if p.requires_grad]
         state: dict[str, Tensor] = dict(model.named_parameters())
-        # a frozen parameter changed in place since the step's forward began (state kept in
-        # an nn.Parameter(requires_grad=False), an EMA its forward updates): a copy (the
-        # measurement's forward wrote into it, and training changed, a review's), and NaN,
-        # since its value then is not kept (a frozen backbone would be copied at every due
-        # micro-batch)
-        moved = [n for n, p in state.items() if not p.requires_grad and began is not None
-                 and (began.frozen.get(n, (None, -1))[0] is not p
-                      or began.frozen[n][1] != p._version)]  # fmt: skip
-        for n in moved:
+        # a parameter replaced since the step's forward began, or a frozen one changed in
+        # place since (state kept in an nn.Parameter(requires_grad=False), an EMA its forward
+        # updates): a copy (the measurement's forward wrote into it, and training changed, a
+        # review's), and NaN, since its value then is not kept (a frozen backbone would be
+        # copied at every due micro-batch). Not one frozen since, unchanged (a review's NaN)
+        then = began.params if began is not None else {}
+        replaced = [n for n, p in state.items() if began is not None
+                    and then.get(n, (None, -1))[0] is not p]  # fmt: skip
+        moved = [n for n, p in state.items() if not p.requires_grad and n in then
+                 and n not in replaced and then[n][1] != p._version]  # fmt: skip
+        for n in [*replaced, *moved]:
             state[n] = state[n].detach().clone()
         # copies: a BatchNorm in training mode updates its running statistics in place; of
         # the buffers the step's forward began with (one it reassigned since: by its name)
@@ -526,12 +542,18 @@ class Curvature(Callback):
             # the micro-batch's data objective, as the step's root weighs it
             # (trainer/objective.py)
             objective = trainer.objective.batch_objective(losses, logits, y, index, weights)
+        if replaced:
+            raise _NotFrom(
+                f"parameter(s) {few(replaced)} replaced since the step's forward began: the "
+                "Hessian would be of another objective than the step's"
+            )
         if moved:
             raise _NotFrom(
                 f"frozen parameter(s) {few(moved)} changed in place since the step's forward "
                 "began (state kept in an nn.Parameter with requires_grad=False): the Hessian "
                 "would be of another objective than the step's (keep such state in a buffer, "
-                "register_buffer, whose value as the forward began is kept)"
+                "register_buffer, whose value as the forward began is kept); a write through "
+                ".data moves no version counter and is not seen"
             )
         now = [p for p in model.parameters() if p.requires_grad]
         if len(now) != len(params) or any(a is not b for a, b in zip(now, params, strict=False)):
@@ -602,7 +624,46 @@ class _Began(NamedTuple):
 
     buffers: dict[str, Tensor]  # copies, by name
     attributes: Attributes
-    frozen: dict[str, tuple[Tensor, int]]  # frozen parameters, with their version counters
+    params: dict[str, tuple[Tensor, int]]  # the parameters, with their version counters
+    hooks: dict[str, dict[Any, Any]]  # torch's global module hooks (copies of the tables)
+
+
+def _global_hooks() -> dict[str, dict[Any, Any]]:
+    """torch's global module hook tables (``register_module_forward_hook`` and its kin), by
+    name."""
+    from torch.nn.modules import module
+
+    return {k: v for k, v in vars(module).items() if k.startswith("_global_")
+            and isinstance(v, dict)}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _global_hooks_as(began: _Began | None) -> Iterator[None]:
+    """Within: torch's global module hooks as they were when ``began`` was taken (one a
+    callback registered after the step's forward, for the next one, ran in the measurement's:
+    0.88 for 0.38, a review's); after: as they are now."""
+    if began is None:
+        yield
+        return
+    tables = _global_hooks()
+    now = {k: dict(v) for k, v in tables.items()}
+    try:
+        for k, v in tables.items():
+            if k in began.hooks and not _same_table(v, began.hooks[k]):
+                v.clear()
+                v.update(began.hooks[k])
+        yield
+    finally:
+        for k, v in tables.items():
+            if not _same_table(v, now[k]):
+                v.clear()
+                v.update(now[k])
+
+
+def _same_table(a: dict[Any, Any], b: dict[Any, Any]) -> bool:
+    return len(a) == len(b) and all(
+        k is j and x is y for (k, x), (j, y) in zip(a.items(), b.items(), strict=True)
+    )
 
 
 class _NotFrom(Exception):

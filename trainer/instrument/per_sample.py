@@ -4540,6 +4540,9 @@ class _Hook:
     again at the next step with its spent handles, which crashed the step: a review's)."""
 
     __slots__ = ("fn",)
+    #: kept as it is where the curvature instrument puts a forward's hooks back as they were
+    #: (:meth:`trainer.instrument.swap.Attributes.put_back`)
+    instrument_hook = True
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn

@@ -72,8 +72,9 @@ def _same(v: Any, before: Any) -> bool:
 
 #: a module's own tables (parameters, buffers, children, hooks): put back shallowly only
 _TABLES = frozenset(vars(nn.Module()))
-#: its hook tables among them
+#: its hook tables among them, and those of flags kept per hook (by its handle's id)
 _HOOK_TABLES = frozenset(k for k in _TABLES if "hooks" in k)
+_HOOK_FLAGS = frozenset(k for k in _HOOK_TABLES if "with_kwargs" in k or "always_called" in k)
 #: the tensors inside a module's containers whose values are put back: at most this many per
 #: module, each of at most _SMALL elements (state: counts, running statistics)
 _HELD, _SMALL = 64, 1 << 16
@@ -188,13 +189,17 @@ class Attributes:
                 self.tensors += tensor_copies(held[:_HELD])
                 self.generators += [(g, g.get_state()) for g in _generators(attrs.values())]
 
-    def put_back(self, tables: bool = True) -> None:
+    def put_back(self, began: bool = False) -> None:
         """Each module's attributes, containers, kept tensors and generators as they were
-        taken. ``tables=False``: not a module's own tables (its parameters, buffers, children
-        and hooks, which the instruments' hooks come and go in between), except that the
-        hooks registered since are taken out of them (one a forward registers once, behind a
-        flag put back here, was registered again and applied twice: a review's); what took
-        this snapshot and put it back puts them back after (:func:`attributes_kept`)."""
+        taken, its tables (parameters, buffers, children, hooks) too. ``began=True``: the
+        state a forward began with again, for the curvature instrument's run of it, except
+        its parameters' tables as they are now (the Hessian is taken at them) and the
+        instruments' own hooks as they are now (marked ``instrument_hook``: the per-sample
+        instrument's, which come and go between); a user's hook registered since (by the
+        forward, once, behind a flag put back here: applied twice, a review's; by a callback
+        for the next forward) is out, one removed since back in, a submodule replaced since
+        (a schedule's in ``on_after_backward``) the old one; what took this snapshot puts
+        them back after (:func:`attributes_kept`)."""
         for g, state in self.generators:  # (a generator of its own drawn from: a model
             g.set_state(state)  # adding noise from one changed training, a review's probe)
         put_tensors_back(self.tensors, "a tensor a module keeps (not a parameter or buffer)")
@@ -203,16 +208,16 @@ class Attributes:
             for k in [k for k in now if k not in attrs]:
                 del now[k]
             for k, v in attrs.items():
-                if now.get(k, _MISSING) is not v and (tables or k not in _TABLES):
+                if now.get(k, _MISSING) is not v and not (began and k == "_parameters"):
                     now[k] = v
             for k, before in contents.items():
-                if not tables and k in _HOOK_TABLES:
-                    table = now[k]
-                    for key in [key for key in table if key not in before]:
-                        del table[key]
-                if not tables and k in _TABLES:
+                if began and k == "_parameters":
                     continue
                 v = now[k]
+                if began and k in _HOOK_FLAGS:  # (flags per handle: those of either)
+                    before = {**before, **v}
+                elif began and k in _HOOK_TABLES:
+                    before = _instruments_kept(v, before)
                 try:
                     if not _same(v, before):
                         _put_back(v, before)
@@ -224,6 +229,19 @@ class Attributes:
                     _put_back(v, before)
             except Exception:  # noqa: BLE001 (one of its own that refuses: left as is)
                 continue
+
+
+def _instrument(hook: Any) -> bool:
+    return bool(getattr(type(hook), "instrument_hook", False))
+
+
+def _instruments_kept(now: dict[Any, Any], before: dict[Any, Any]) -> dict[Any, Any]:
+    """A hook table as ``before`` holds it, the instruments' hooks as ``now`` does (in their
+    places where they were in both; those registered since last)."""
+    kept = {k: now[k] if _instrument(h) else h for k, h in before.items()
+            if not _instrument(h) or k in now}  # fmt: skip
+    kept.update({k: h for k, h in now.items() if _instrument(h) and k not in kept})
+    return kept
 
 
 def tensor_copies(values: Any) -> list[tuple[Tensor, int, Tensor]]:
