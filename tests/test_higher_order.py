@@ -16,6 +16,7 @@ from torch import nn
 from torch.autograd import gradcheck
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import parametrize, prune
 
 from trainer.backward import GraphFreedError, backward_scalar, backward_vector
 from trainer.data.base import Batch
@@ -636,9 +637,12 @@ class Tempered(nn.Module):
     then updates (``frozen=True``), or registering a hook on its first layer once, behind a
     flag (``hook=True``)."""
 
-    def __init__(self, in_shape, out_dim: int, frozen: bool = False, hook: bool = False) -> None:
+    def __init__(
+        self, in_shape, out_dim: int, frozen: bool = False, hook: bool = False, scaled: bool = False
+    ) -> None:
         super().__init__()
-        self.a, self.act, self.head = nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, out_dim)
+        self.a, self.head = nn.Linear(64, 4), nn.Linear(4, out_dim)
+        self.act = ScaledTanh() if scaled else nn.Tanh()
         self.ema = nn.Parameter(torch.full((4,), 0.5), requires_grad=False)
         self.temp, self.frozen, self.hook, self.hooked = 1.0, frozen, hook, False
         self.double()
@@ -805,6 +809,80 @@ def test_curvature_is_of_the_state_the_steps_forward_began_with(tmp_path, model,
     assert len(set(exact.exact)) == 3  # (the state moves from step to step)
     for got, want in zip(logged, exact.exact, strict=True):
         assert got == pytest.approx(want, rel=1e-5)  # (float32 events of a float64 estimate)
+
+
+class ScaledTanh(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, x):
+        return torch.tanh(self.scale * x)
+
+
+class Alternate(Callback):
+    """Two activations alternated after each backward, the outgoing one's scale raised as it
+    leaves (a schedule of one's own)."""
+
+    def __init__(self) -> None:
+        self.spare = ScaledTanh()
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        model = trainer.model
+        leaving = model.act
+        leaving.scale += 0.5
+        model.act, self.spare = self.spare, leaving
+
+
+class Scale(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+class ParametrizeLate(Callback):
+    """Registers a parametrization on the head after the first step's backward."""
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step == 0:
+            parametrize.register_parametrization(trainer.model.head, "weight", Scale())
+
+
+class PruneLate(Callback):
+    """Prunes the first layer after the first step's backward (``torch.nn.utils.prune``)."""
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step == 0:
+            prune.l1_unstructured(trainer.model.a, "weight", amount=0.3)
+
+
+@pytest.mark.parametrize("make", [Alternate, ParametrizeLate, PruneLate])
+def test_curvature_of_a_model_changed_after_the_forward(tmp_path, make, caplog) -> None:
+    """A callback changing the model after the step's forward: an activation module swapped
+    out (its attribute raised as it leaves) got its attribute as the forward began back for
+    good, and training changed (a review's); a parametrization or pruning registered (the
+    module's class or its parameters' names changed) crashed the run (reviews'). The module
+    swapped out is put back as it is after the measurement, and curvature is exact; the
+    others give NaN for that step, said once; training is as without curvature."""
+    common = ["~model", "+model._target_=test_higher_order.Tempered", "data.batch_size=16",
+              "trainer.max_steps=3", "logging.every_n_steps=1"]  # fmt: skip
+    curvature = ["every_n_steps=1", "tol=1e-10", "power_iters=200", "trace_probes=1"]
+    on, off = make(), make()
+    if isinstance(on, Alternate):  # (its activation the model's, scaled)
+        common += ["+model.scaled=true"]
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path / "on", *common, *(f"instrument.curvature.{c}" for c in curvature),
+              callbacks=[on])  # fmt: skip
+    train(tmp_path / "off", *common, callbacks=[off])
+    for (name, a), b in zip(final_params(tmp_path / "off").items(),
+                            final_params(tmp_path / "on").values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    logged = [v for _, v in read_scalars(tmp_path / "on")["curvature/top_eig"]]
+    if isinstance(on, Alternate):
+        assert on.spare.scale == off.spare.scale == 2.0
+        assert not any(math.isnan(v) for v in logged) and "curvature: NaN" not in caplog.text
+        return
+    assert math.isnan(logged[0]) and not any(math.isnan(v) for v in logged[1:])  # (step 1's)
+    assert caplog.text.count("changed its class or its parameters' names") == 1
 
 
 def test_a_parameter_frozen_after_the_forward_is_no_change(tmp_path, caplog) -> None:

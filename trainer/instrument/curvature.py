@@ -464,10 +464,14 @@ class Curvature(Callback):
         states are left as they are either way, and so are the model's buffers and its
         modules' attributes, also where its backwards run parts of the forward again (an
         activation checkpoint's, a backward hook's counter: a review's)."""
-        with attributes_kept(trainer.model), _global_hooks_as(state):
-            if state is not None:  # (its parameters and the instruments' hooks as they are)
-                state.attributes.put_back(began=True)
+        began = state.attributes.modules if state is not None else ()
+        # (the modules the forward began with too: one replaced since, put back as it began,
+        # kept that state for good, and training changed, a review's)
+        with attributes_kept(trainer.model, began), _global_hooks_as(state):
             try:
+                if state is not None:  # (its parameters, the instruments' hooks as they are)
+                    _unchanged_structure(trainer.model, state.attributes)
+                    state.attributes.put_back(began=True)
                 return self._measure(trainer, batch, weights, start, state)
             except _NotFrom as e:  # (what it was measured from is not the step's: NaN, said)
                 if str(e) not in self._said:
@@ -626,6 +630,25 @@ class _Began(NamedTuple):
     attributes: Attributes
     params: dict[str, tuple[Tensor, int]]  # the parameters, with their version counters
     hooks: dict[str, dict[Any, Any]]  # torch's global module hooks (copies of the tables)
+
+
+def _unchanged_structure(model: torch.nn.Module, began: Attributes) -> None:
+    """Raise :class:`_NotFrom` where a module's class or its parameters' names changed
+    since ``began`` was taken (a parametrization or pruning registered after the step's
+    forward: the state it began with cannot be run again around the parameters as they are
+    now, and the measurement crashed the run, a review's)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for m, _, contents in began.saved:
+        params = contents.get("_parameters")
+        moved = type(m) is not began.types[id(m)] or (
+            params is not None and set(params) != set(vars(m)["_parameters"])
+        )
+        if moved:
+            raise _NotFrom(
+                f"module {names.get(id(m), type(m).__name__)!r} changed its class or its "
+                "parameters' names since the step's forward began (a parametrization or "
+                "pruning registered after it): the Hessian would be of another model"
+            )
 
 
 def _global_hooks() -> dict[str, dict[Any, Any]]:

@@ -3038,9 +3038,9 @@ class PerSampleNorms(Callback):
                 runs: list[dict[str, Tensor]] = []
                 try:
                     for i, fresh, ai, ri in _each_sample(call, buffers, a, given, in_dims):
-                        by_sample.append(grad(partial(inner, bufs=fresh), has_aux=True)(
-                            {**leaf}, ai, tuple(t.select(d, i) for t in g), *ri
-                        ))  # fmt: skip
+                        by_sample.append(grad(inner, has_aux=True)(  # (its buffers passed
+                            {**leaf}, ai, tuple(t.select(d, i) for t in g), *ri, bufs=fresh
+                        ))  # to it: a change in place of one captured is refused)  # fmt: skip
                         runs.append(fresh)
                 except Exception as e:  # noqa: BLE001 (the loop's error: named, vmap's too)
                     changes = ""  # (torch.func refuses a change in place of a buffer it did

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -120,7 +120,7 @@ def _generators(values: Any, depth: int = 3) -> list[torch.Generator]:
 
 
 @contextlib.contextmanager
-def attributes_kept(module: nn.Module) -> Iterator[None]:
+def attributes_kept(module: nn.Module, also: Iterable[nn.Module] = ()) -> Iterator[None]:
     """Within: a forward (and backward) run again by an instrument. After: every module under
     ``module`` has the attributes it had before, by identity (a counter reassigned, a cache
     and the flag saying it is built), and its container attributes their contents (its
@@ -147,7 +147,7 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
     ``torch.Generator`` a module keeps as an attribute, or in a tuple, list or dict it keeps,
     gets its state back (a model adding noise from one of its own trained otherwise with
     per-sample norms or curvature on: a review's); one in another object does not."""
-    kept = Attributes(module)
+    kept = Attributes(module, also)
     try:
         yield
     finally:
@@ -155,17 +155,24 @@ def attributes_kept(module: nn.Module) -> Iterator[None]:
 
 
 class Attributes:
-    """What :func:`attributes_kept` puts back, as ``module``'s modules have it now: their
-    attributes by identity, their containers' contents, the values of the tensors they keep
-    and the states of their generators."""
+    """What :func:`attributes_kept` puts back, as ``module``'s modules (and ``also``'s) have
+    it now: their attributes by identity, their containers' contents, the values of the
+    tensors they keep and the states of their generators."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, also: Iterable[nn.Module] = ()) -> None:
         self.saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
         self.nested: list[tuple[Any, Any]] = []
         self.tensors: list[tuple[Tensor, int, Tensor]] = []
         self.generators: list[tuple[torch.Generator, Tensor]] = []
         with torch._C.DisableTorchFunction():  # (no instrument's mode counts these as uses)
-            for m in module.modules():
+            modules = {id(m): m for m in module.modules()}
+            for m in also:  # (modules the model had before: a module replaced since)
+                modules.setdefault(id(m), m)
+            #: the modules taken, and their classes (a parametrization registered since
+            #: swaps a module's class)
+            self.modules = list(modules.values())
+            self.types = {k: type(m) for k, m in modules.items()}
+            for m in self.modules:
                 if scripted(m):
                     continue
                 attrs = dict(vars(m))
