@@ -406,8 +406,9 @@ class Curvature(Callback):
         self._state = _Began(
             buffers,
             Attributes(model),
-            {n: (p, p._version) for n, p in model.named_parameters()},
+            {n: (p, p._version) for n, p in model.named_parameters(remove_duplicate=False)},
             {k: dict(d) for k, d in _global_hooks().items()},
+            {id(t): (t, t._version) for t in _hidden_tensors(model)},
         )
 
     def on_after_backward(self, trainer: Trainer, batch: Batch, losses: Tensor, weights) -> None:
@@ -513,13 +514,8 @@ class Curvature(Callback):
         # updates): a copy (the measurement's forward wrote into it, and training changed, a
         # review's), and NaN, since its value then is not kept (a frozen backbone would be
         # copied at every due micro-batch). Not one frozen since, unchanged (a review's NaN)
-        then = began.params if began is not None else {}
-        replaced = [n for n, p in state.items() if began is not None
-                    and then.get(n, (None, -1))[0] is not p]  # fmt: skip
-        moved = [n for n, p in state.items() if not p.requires_grad and n in then
-                 and n not in replaced and then[n][1] != p._version]  # fmt: skip
-        for n in [*replaced, *moved]:
-            state[n] = state[n].detach().clone()
+        if began is not None:  # (before its forward: none runs then, which would change it)
+            _as_it_began(model, began)
         # copies: a BatchNorm in training mode updates its running statistics in place; of
         # the buffers the step's forward began with (one it reassigned since: by its name)
         buffers = began.buffers if began is not None else {}
@@ -546,19 +542,6 @@ class Curvature(Callback):
             # the micro-batch's data objective, as the step's root weighs it
             # (trainer/objective.py)
             objective = trainer.objective.batch_objective(losses, logits, y, index, weights)
-        if replaced:
-            raise _NotFrom(
-                f"parameter(s) {few(replaced)} replaced since the step's forward began: the "
-                "Hessian would be of another objective than the step's"
-            )
-        if moved:
-            raise _NotFrom(
-                f"frozen parameter(s) {few(moved)} changed in place since the step's forward "
-                "began (state kept in an nn.Parameter with requires_grad=False): the Hessian "
-                "would be of another objective than the step's (keep such state in a buffer, "
-                "register_buffer, whose value as the forward began is kept); a write through "
-                ".data moves no version counter and is not seen"
-            )
         now = [p for p in model.parameters() if p.requires_grad]
         if len(now) != len(params) or any(a is not b for a, b in zip(now, params, strict=False)):
             raise _NotFrom(
@@ -628,8 +611,74 @@ class _Began(NamedTuple):
 
     buffers: dict[str, Tensor]  # copies, by name
     attributes: Attributes
-    params: dict[str, tuple[Tensor, int]]  # the parameters, with their version counters
+    params: dict[str, tuple[Tensor, int]]  # every name of each parameter, with its version
     hooks: dict[str, dict[Any, Any]]  # torch's global module hooks (copies of the tables)
+    hidden: dict[int, tuple[Tensor, int]]  # modules' tensors kept outside registered ones
+
+
+def _as_it_began(model: torch.nn.Module, began: _Began) -> None:
+    """Raise :class:`_NotFrom` where the parameters are not those the step's forward began
+    with: one replaced since, or tied or untied (every name of each, tied ones too: a weight
+    tied after the forward was measured tied, 7 % off, a review's); a frozen one changed in
+    place since (state kept in an ``nn.Parameter(requires_grad=False)``, an EMA its forward
+    updates: its value then is not kept, a frozen backbone would be copied at every due
+    micro-batch; its forward wrote into it again, and training changed, a review's); or a
+    module's parameters or buffers the model keeps outside its registered modules (an EMA
+    teacher in a plain list, updated by the forward) changed in place since (the
+    measurement's forward updated it again, a review's). None is run then."""
+    now = dict(model.named_parameters(remove_duplicate=False))
+    then = began.params
+    replaced = [n for n in [*now, *(n for n in then if n not in now)]
+                if then.get(n, (None, -1))[0] is not now.get(n)]  # fmt: skip
+    if replaced:
+        raise _NotFrom(
+            f"parameter(s) {few(replaced)} replaced, tied or untied since the step's forward "
+            "began: the Hessian would be of another objective than the step's"
+        )
+    moved = [n for n, p in now.items() if not p.requires_grad and then[n][1] != p._version]
+    if moved:
+        raise _NotFrom(
+            f"frozen parameter(s) {few(moved)} changed in place since the step's forward "
+            "began (state kept in an nn.Parameter with requires_grad=False): the Hessian "
+            "would be of another objective than the step's (keep such state in a buffer, "
+            "register_buffer, whose value as the forward began is kept); a write through "
+            ".data moves no version counter and is not seen"
+        )
+    hidden = [t for t, version in began.hidden.values() if t._version != version]
+    if hidden:
+        raise _NotFrom(
+            f"{len(hidden)} tensor(s) of a module the model keeps outside its registered "
+            "modules (in a list, a dict or a plain attribute: an EMA teacher) changed in "
+            "place since the step's forward began: the Hessian would be of another "
+            "objective than the step's, and its forward would change them again"
+        )
+
+
+def _hidden_tensors(model: torch.nn.Module) -> list[Tensor]:
+    """The parameters and buffers of the modules the model's modules keep outside their
+    registered ones: a module as a plain attribute, or in a list, tuple or dict attribute
+    (one level down)."""
+    registered = {id(m) for m in model.modules()}
+    found: dict[int, torch.nn.Module] = {}
+    for m in model.modules():
+        for k, v in vars(m).items():
+            if k in _MODULE_TABLES:
+                continue
+            values = (
+                v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+            )
+            for x in values:
+                if isinstance(x, torch.nn.Module) and id(x) not in registered:
+                    found.setdefault(id(x), x)
+    tensors: dict[int, Tensor] = {}
+    for h in found.values():
+        for t in [*h.parameters(), *h.buffers()]:
+            tensors.setdefault(id(t), t)
+    return list(tensors.values())
+
+
+#: a module's own tables (parameters, buffers, children, hooks)
+_MODULE_TABLES = frozenset(vars(torch.nn.Module()))
 
 
 def _unchanged_structure(model: torch.nn.Module, began: Attributes) -> None:
