@@ -33,7 +33,7 @@ from trainer.backward import double_backward_kernels, explain_freed_graph
 from trainer.callbacks import Callback, Every, few
 from trainer.distributed import all_reduce_sum
 from trainer.instrument.norms import norms_of
-from trainer.instrument.swap import Attributes, attributes_kept, call_with
+from trainer.instrument.swap import Attributes, _nested, attributes_kept, call_with
 from trainer.precision import widen
 from trainer.rng import Fork, forked_rng
 
@@ -655,25 +655,31 @@ def _as_it_began(model: torch.nn.Module, began: _Began) -> None:
 
 
 def _hidden_tensors(model: torch.nn.Module) -> list[Tensor]:
-    """The parameters and buffers of the modules the model's modules keep outside their
-    registered ones: a module as a plain attribute, or in a list, tuple or dict attribute
-    (one level down)."""
+    """The tensors of the modules the model's modules keep outside their registered ones (a
+    module as a plain attribute, or in the lists, tuples and dicts of one, 3 levels down, or
+    as an attribute of a plain object kept so; an EMA teacher): their parameters, buffers
+    and plain tensor attributes, less what the model's own parameters and buffers are (a
+    list viewing its registered blocks, a helper holding the model: their BatchNorms' running
+    statistics moved, and curvature was NaN for nothing, a review's)."""
     registered = {id(m) for m in model.modules()}
     found: dict[int, torch.nn.Module] = {}
     for m in model.modules():
-        for k, v in vars(m).items():
-            if k in _MODULE_TABLES:
-                continue
-            values = (
-                v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
-            )
-            for x in values:
-                if isinstance(x, torch.nn.Module) and id(x) not in registered:
-                    found.setdefault(id(x), x)
+        own = [v for k, v in vars(m).items() if k not in _MODULE_TABLES]
+        values = [*own, *(x for c in _nested(own) for x in (c.values() if type(c) is dict else c))]
+        for x in values:
+            if not isinstance(x, (torch.nn.Module, Tensor)) and hasattr(x, "__dict__"):
+                values += [y for y in vars(x).values() if isinstance(y, torch.nn.Module)]
+        for x in values:
+            if isinstance(x, torch.nn.Module) and id(x) not in registered:
+                for sub in x.modules():
+                    found.setdefault(id(sub), sub)
+    own_tensors = {id(t) for t in (*model.parameters(), *model.buffers())}
     tensors: dict[int, Tensor] = {}
     for h in found.values():
-        for t in [*h.parameters(), *h.buffers()]:
-            tensors.setdefault(id(t), t)
+        kept = [v for k, v in vars(h).items() if isinstance(v, Tensor) and k not in _MODULE_TABLES]
+        for t in [*h._parameters.values(), *h._buffers.values(), *kept]:
+            if isinstance(t, Tensor) and id(t) not in own_tensors and not t.is_inference():
+                tensors.setdefault(id(t), t)
     return list(tensors.values())
 
 
