@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import math
@@ -914,39 +915,61 @@ def test_curvature_of_a_model_changed_after_the_forward(tmp_path, make, caplog) 
     assert caplog.text.count(said) == 1 and caplog.text.count("curvature: NaN") == 1
 
 
+class Proxy:
+    """An object of one's own whose ``__getattr__`` raises a KeyError for any attribute it
+    lacks, ``__dict__`` among them (a slotted proxy's)."""
+
+    __slots__ = ("table",)
+
+    def __init__(self) -> None:
+        self.table = {}
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name != "__dict__":  # (copy's protocol: none)
+            raise AttributeError(name)
+        return self.table[name]
+
+
 class Viewed(nn.Module):
     """A float64 MLP with a BatchNorm in training mode, its first block also kept in a plain
-    list as a Sequential viewing the registered layers (``teacher=True``: an EMA teacher of the
-    head kept two levels down, in a dict of lists, updated by the forward)."""
+    list as a Sequential viewing the registered layers, and a proxy of one's own; ``teacher``:
+    an EMA teacher of the head kept outside the registered modules (two levels down, in a
+    dict of lists; in a tuple; in an OrderedDict), updated by the forward."""
 
-    def __init__(self, in_shape, out_dim: int, teacher: bool = False) -> None:
+    def __init__(self, in_shape, out_dim: int, teacher: str = "") -> None:
         super().__init__()
         self.a, self.bn, self.head = nn.Linear(64, 4), nn.BatchNorm1d(4), nn.Linear(4, out_dim)
         self.views = [nn.Sequential(self.a, self.bn)]
-        self.bank = {"ema": [nn.Linear(4, out_dim)]} if teacher else {}
+        self.proxy = Proxy()
+        t = nn.Linear(4, out_dim)
+        self.bank = {
+            "": {}, "dict_of_lists": {"ema": [t]}, "tuple": (t,),
+            "ordered": collections.OrderedDict(ema=t),
+        }[teacher]  # fmt: skip
+        self.teachers = [t] if teacher else []  # (the forward's own way to it)
         self.double()
-        for t in self.bank.get("ema", []):
-            t.double()
+        t.double()
 
     def forward(self, x):
         h = torch.tanh(self.views[0](x.flatten(1).double() / 16))
         out = self.head(h)
-        for t in self.bank.get("ema", []):
+        for t in self.teachers:
             with torch.no_grad():
                 t.weight.lerp_(self.head.weight, 0.5)
             out = out + t(h.detach())
         return out
 
 
-@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("teacher", ["", "dict_of_lists", "tuple", "ordered"])
 def test_curvature_of_a_model_keeping_modules_in_containers(tmp_path, teacher, caplog) -> None:
     """A list viewing the model's registered layers (a BatchNorm among them, its running
     statistics updated by the forward) is no module kept outside them: curvature is measured
-    (it was NaN at every step, a review's); a teacher two levels down, in a dict of lists, is
-    one: NaN, said once, no forward run, and training as without curvature (it was
-    measured, and updated again, a review's)."""
+    (it was NaN at every step, a review's), and a proxy of one's own raising for
+    ``__dict__`` is passed by (it stopped the run, a review's); a teacher two levels down,
+    in a dict of lists, a tuple or an OrderedDict, is one: NaN, said once, no forward run,
+    and training as without curvature (measured, and updated again: reviews')."""
     exact = ExactCurvature()
-    common = ["~model", "+model._target_=test_higher_order.Viewed", f"+model.teacher={teacher}",
+    common = ["~model", "+model._target_=test_higher_order.Viewed", f"+model.teacher='{teacher}'",
               "data.batch_size=16", "trainer.max_steps=3", "logging.every_n_steps=1"]  # fmt: skip
     curvature = ["every_n_steps=1", "tol=1e-10", "power_iters=200", "trace_probes=1"]
     with caplog.at_level(logging.WARNING):

@@ -16,12 +16,14 @@ never touched, so measuring does not change the batch order, dropout masks or th
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import numbers
 import operator
-from collections.abc import Callable, Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -33,7 +35,7 @@ from trainer.backward import double_backward_kernels, explain_freed_graph
 from trainer.callbacks import Callback, Every, few
 from trainer.distributed import all_reduce_sum
 from trainer.instrument.norms import norms_of
-from trainer.instrument.swap import Attributes, _nested, attributes_kept, call_with
+from trainer.instrument.swap import Attributes, attributes_kept, call_with
 from trainer.precision import widen
 from trainer.rng import Fork, forked_rng
 
@@ -655,24 +657,18 @@ def _as_it_began(model: torch.nn.Module, began: _Began) -> None:
 
 
 def _hidden_tensors(model: torch.nn.Module) -> list[Tensor]:
-    """The tensors of the modules the model's modules keep outside their registered ones (a
-    module as a plain attribute, or in the lists, tuples and dicts of one, 3 levels down, or
-    as an attribute of a plain object kept so; an EMA teacher): their parameters, buffers
-    and plain tensor attributes, less what the model's own parameters and buffers are (a
-    list viewing its registered blocks, a helper holding the model: their BatchNorms' running
-    statistics moved, and curvature was NaN for nothing, a review's)."""
+    """The tensors of the modules the model's modules keep outside their registered ones (an
+    EMA teacher: :func:`_modules_in`): their parameters, buffers and plain tensor
+    attributes, less what the model's own parameters and buffers are (a list viewing its
+    registered blocks, a helper holding the model: their BatchNorms' running statistics
+    moved, and curvature was NaN for nothing, a review's)."""
     registered = {id(m) for m in model.modules()}
     found: dict[int, torch.nn.Module] = {}
     for m in model.modules():
         own = [v for k, v in vars(m).items() if k not in _MODULE_TABLES]
-        values = [*own, *(x for c in _nested(own) for x in (c.values() if type(c) is dict else c))]
-        for x in values:
-            if not isinstance(x, (torch.nn.Module, Tensor)) and hasattr(x, "__dict__"):
-                values += [y for y in vars(x).values() if isinstance(y, torch.nn.Module)]
-        for x in values:
-            if isinstance(x, torch.nn.Module) and id(x) not in registered:
-                for sub in x.modules():
-                    found.setdefault(id(sub), sub)
+        for x in _modules_in(own, registered):
+            for sub in x.modules():
+                found.setdefault(id(sub), sub)
     own_tensors = {id(t) for t in (*model.parameters(), *model.buffers())}
     tensors: dict[int, Tensor] = {}
     for h in found.values():
@@ -681,6 +677,45 @@ def _hidden_tensors(model: torch.nn.Module) -> list[Tensor]:
             if isinstance(t, Tensor) and id(t) not in own_tensors and not t.is_inference():
                 tensors.setdefault(id(t), t)
     return list(tensors.values())
+
+
+def _modules_in(values: list[Any], registered: set[int], depth: int = 3) -> list[torch.nn.Module]:
+    """The modules not in ``registered`` among ``values``, or inside them ``depth`` levels
+    down: in any mapping's values, any list, tuple, set or deque (subclasses too: a tuple or
+    an OrderedDict was missed, a review's), a plain object's ``__dict__`` (read without its
+    ``__getattr__``: a proxy's raised and stopped the run, a review's), a bound method's
+    object. Every element is looked at (no budget: a long list beside a teacher hid it)."""
+    found: dict[int, torch.nn.Module] = {}
+    seen: set[int] = set()
+    todo = [(v, depth) for v in values]
+    while todo:
+        v, left = todo.pop()
+        if id(v) in seen or isinstance(v, (Tensor, str, bytes, type, types.ModuleType)):
+            continue
+        seen.add(id(v))
+        if isinstance(v, torch.nn.Module):
+            if id(v) not in registered:
+                found.setdefault(id(v), v)
+            continue
+        if not left:
+            continue
+        if isinstance(v, Mapping):
+            inner: Any = v.values()
+        elif isinstance(v, (list, tuple, set, frozenset, collections.deque)):
+            inner = v
+        elif isinstance(v, types.MethodType):
+            inner = [v.__self__]
+        else:
+            try:
+                attrs = object.__getattribute__(v, "__dict__")
+            except Exception:  # noqa: BLE001 (no __dict__, or one that raises: nothing to see)
+                continue
+            inner = attrs.values() if isinstance(attrs, dict) else ()
+        try:
+            todo += [(x, left - 1) for x in list(inner)]
+        except Exception:  # noqa: BLE001 (a container of its own that will not be read)
+            continue
+    return list(found.values())
 
 
 #: a module's own tables (parameters, buffers, children, hooks)
