@@ -6,6 +6,7 @@ import collections
 import copy
 import logging
 import math
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -745,7 +746,13 @@ class ExactCurvature(Callback):
         self.began, self.exact, self.pause = None, [], pause
 
     def on_train_batch_start(self, trainer, batch) -> None:
-        self.began = copy.deepcopy(trainer.model)
+        model = trainer.model  # (a copy without its weakref proxies, which deepcopy refuses)
+        refs = [(m, m.__dict__.pop("refs")) for m in model.modules() if "refs" in vars(m)]
+        try:
+            self.began = copy.deepcopy(model)
+        finally:
+            for m, r in refs:
+                m.refs = r
 
     def on_before_optimizer_step(self, trainer, optimizer) -> None:
         if self.pause is not None:
@@ -932,7 +939,8 @@ class Proxy:
 
 class Viewed(nn.Module):
     """A float64 MLP with a BatchNorm in training mode, its first block also kept in a plain
-    list as a Sequential viewing the registered layers, and a proxy of one's own; ``teacher``:
+    list as a Sequential viewing the registered layers, a proxy of one's own and weakref
+    proxies (of the model, and a dead one); ``teacher``:
     an EMA teacher of the head kept outside the registered modules (two levels down, in a
     dict of lists; in a tuple; in an OrderedDict), updated by the forward."""
 
@@ -941,6 +949,8 @@ class Viewed(nn.Module):
         self.a, self.bn, self.head = nn.Linear(64, 4), nn.BatchNorm1d(4), nn.Linear(4, out_dim)
         self.views = [nn.Sequential(self.a, self.bn)]
         self.proxy = Proxy()
+        # a weakref proxy of the model itself, and a dead one (any use raised)
+        self.refs = [weakref.proxy(self), weakref.proxy(nn.Linear(1, 1))]
         t = nn.Linear(4, out_dim)
         self.bank = {
             "": {}, "dict_of_lists": {"ema": [t]}, "tuple": (t,),
@@ -965,7 +975,8 @@ def test_curvature_of_a_model_keeping_modules_in_containers(tmp_path, teacher, c
     """A list viewing the model's registered layers (a BatchNorm among them, its running
     statistics updated by the forward) is no module kept outside them: curvature is measured
     (it was NaN at every step, a review's), and a proxy of one's own raising for
-    ``__dict__`` is passed by (it stopped the run, a review's); a teacher two levels down,
+    ``__dict__`` and a dead weakref proxy are passed by (they stopped the run: reviews'); a
+    teacher two levels down,
     in a dict of lists, a tuple or an OrderedDict, is one: NaN, said once, no forward run,
     and training as without curvature (measured, and updated again: reviews')."""
     exact = ExactCurvature()

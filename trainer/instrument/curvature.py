@@ -23,7 +23,8 @@ import math
 import numbers
 import operator
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -659,15 +660,15 @@ def _as_it_began(model: torch.nn.Module, began: _Began) -> None:
 def _hidden_tensors(model: torch.nn.Module) -> list[Tensor]:
     """The tensors of the modules the model's modules keep outside their registered ones (an
     EMA teacher: :func:`_modules_in`): their parameters, buffers and plain tensor
-    attributes, less what the model's own parameters and buffers are (a list viewing its
+    attributes, less what the model's own modules and tensors are (a list viewing its
     registered blocks, a helper holding the model: their BatchNorms' running statistics
-    moved, and curvature was NaN for nothing, a review's)."""
+    moved, and curvature was NaN for nothing, a review's; a weakref proxy of the model)."""
     registered = {id(m) for m in model.modules()}
+    values = [v for m in model.modules() for k, v in vars(m).items() if k not in _MODULE_TABLES]
     found: dict[int, torch.nn.Module] = {}
-    for m in model.modules():
-        own = [v for k, v in vars(m).items() if k not in _MODULE_TABLES]
-        for x in _modules_in(own, registered):
-            for sub in x.modules():
+    for x in _modules_in(values, registered):
+        for sub in x.modules():
+            if id(sub) not in registered:
                 found.setdefault(id(sub), sub)
     own_tensors = {id(t) for t in (*model.parameters(), *model.buffers())}
     tensors: dict[int, Tensor] = {}
@@ -679,43 +680,54 @@ def _hidden_tensors(model: torch.nn.Module) -> list[Tensor]:
     return list(tensors.values())
 
 
+#: values that hold no module: not looked into (a log of 100,000 numbers, once each)
+_ATOMS = (Tensor, str, bytes, int, float, complex, bool, type(None), type, types.ModuleType)
+
+
 def _modules_in(values: list[Any], registered: set[int], depth: int = 3) -> list[torch.nn.Module]:
     """The modules not in ``registered`` among ``values``, or inside them ``depth`` levels
-    down: in any mapping's values, any list, tuple, set or deque (subclasses too: a tuple or
-    an OrderedDict was missed, a review's), a plain object's ``__dict__`` (read without its
+    down: in a dict's values, a list, tuple, set or deque (subclasses too: a tuple or an
+    OrderedDict was missed, a review's), a plain object's ``__dict__`` (read without its
     ``__getattr__``: a proxy's raised and stopped the run, a review's), a bound method's
-    object. Every element is looked at (no budget: a long list beside a teacher hid it)."""
+    object; each object once (kept alive while looked at: a freed one's id reused hid a
+    teacher, a review's). Not a mapping of another kind (a dataset or a store would load
+    its items, a config would resolve its interpolations), nor a weakref proxy (a dead one
+    raised at any use). What cannot be read is passed by."""
     found: dict[int, torch.nn.Module] = {}
-    seen: set[int] = set()
-    todo = [(v, depth) for v in values]
+    seen: dict[int, Any] = {}
+    todo = [(v, depth) for v in values if not _atom(v)]
     while todo:
         v, left = todo.pop()
-        if id(v) in seen or isinstance(v, (Tensor, str, bytes, type, types.ModuleType)):
+        if id(v) in seen:
             continue
-        seen.add(id(v))
-        if isinstance(v, torch.nn.Module):
-            if id(v) not in registered:
-                found.setdefault(id(v), v)
-            continue
-        if not left:
-            continue
-        if isinstance(v, Mapping):
-            inner: Any = v.values()
-        elif isinstance(v, (list, tuple, set, frozenset, collections.deque)):
-            inner = v
-        elif isinstance(v, types.MethodType):
-            inner = [v.__self__]
-        else:
-            try:
-                attrs = object.__getattribute__(v, "__dict__")
-            except Exception:  # noqa: BLE001 (no __dict__, or one that raises: nothing to see)
-                continue
-            inner = attrs.values() if isinstance(attrs, dict) else ()
+        seen[id(v)] = v
         try:
-            todo += [(x, left - 1) for x in list(inner)]
-        except Exception:  # noqa: BLE001 (a container of its own that will not be read)
+            if isinstance(v, torch.nn.Module):
+                if id(v) not in registered:
+                    found.setdefault(id(v), v)
+                continue
+            if not left:
+                continue
+            if isinstance(v, dict):
+                inner: Any = list(v.values())
+            elif isinstance(v, (list, tuple, set, frozenset, collections.deque)):
+                inner = list(v)
+            elif isinstance(v, types.MethodType):
+                inner = [v.__self__]
+            else:
+                attrs = object.__getattribute__(v, "__dict__")
+                inner = list(attrs.values()) if type(attrs) is dict else []
+        except Exception:  # noqa: BLE001 (no __dict__, or one that raises: nothing to see)
             continue
+        todo += [(x, left - 1) for x in inner if not _atom(x)]
     return list(found.values())
+
+
+def _atom(v: Any) -> bool:
+    """Whether ``v`` holds no module to look for (by its type alone: a weakref proxy, dead,
+    raised at any other use)."""
+    kind = type(v)
+    return kind in weakref.ProxyTypes or issubclass(kind, _ATOMS)
 
 
 #: a module's own tables (parameters, buffers, children, hooks)

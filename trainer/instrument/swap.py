@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -112,6 +113,8 @@ def _generators(values: Any, depth: int = 3) -> list[torch.Generator]:
     module's ``self.gens = [g]``: a review's), ``depth`` levels down."""
     found = []
     for v in values:
+        if type(v) in weakref.ProxyTypes:  # (a dead one raises at isinstance)
+            continue
         if isinstance(v, torch.Generator):
             found.append(v)
         elif depth and isinstance(v, (list, tuple, dict)):
@@ -189,12 +192,14 @@ class Attributes:
                 inner = [c for c in found if id(c) not in top]
                 self.nested += [(c, before) for c in inner if (before := _contents(c)) is not None]
                 held = [x for c in found for x in (c.values() if type(c) is dict else c)
-                        if isinstance(x, Tensor) and x.numel() <= _SMALL
+                        if _tensor(x) and x.numel() <= _SMALL
                         and not x.requires_grad and not x.is_inference()]  # fmt: skip
                 self.saved.append((m, attrs, contents))
-                self.tensors += tensor_copies(attrs.values())
+                # (not a weakref proxy: a dead one raises at any use, and stopped the step)
+                values = [v for v in attrs.values() if type(v) not in weakref.ProxyTypes]
+                self.tensors += tensor_copies(values)
                 self.tensors += tensor_copies(held[:_HELD])
-                self.generators += [(g, g.get_state()) for g in _generators(attrs.values())]
+                self.generators += [(g, g.get_state()) for g in _generators(values)]
 
     def put_back(self, began: bool = False) -> None:
         """Each module's attributes, containers, kept tensors and generators as they were
@@ -251,13 +256,19 @@ def _instruments_kept(now: dict[Any, Any], before: dict[Any, Any]) -> dict[Any, 
     return kept
 
 
+def _tensor(x: Any) -> bool:
+    """Whether ``x`` is a tensor (by its type first: a dead weakref proxy raises at
+    ``isinstance``)."""
+    return type(x) not in weakref.ProxyTypes and isinstance(x, Tensor)
+
+
 def tensor_copies(values: Any) -> list[tuple[Tensor, int, Tensor]]:
     """The tensors among ``values`` (an object's attributes) with their version counters and
     copies, for :func:`put_tensors_back`: not one that requires grad, nor an inference tensor
     (see :func:`attributes_kept`)."""
     with torch._C.DisableTorchFunction():  # (no instrument's mode counts these as uses)
         return [(v, v._version, v.detach().clone()) for v in values
-                if isinstance(v, Tensor) and not v.is_inference()
+                if _tensor(v) and not v.is_inference()
                 and not v.requires_grad]  # fmt: skip
 
 
