@@ -470,14 +470,11 @@ def test_curvature_callback_measures_the_training_objective() -> None:
     assert float(values["curvature/trace"]) == pytest.approx(float(torch.trace(h)), rel=0.05)
 
 
-def test_curvature_of_a_dropout_model_is_that_of_the_steps_masks() -> None:
-    """The measurement's forward drew fresh dropout masks (the next step's, from a forked
-    state): the Hessian of another objective than the step's, 22 % off on a probe's MLP. It
-    draws the step's own now, and the run's random states are left as they were. Least
-    squares on dropped-out inputs: H = 2 X̃ᵀX̃ / n with X̃ the step's masked inputs."""
+def least_squares_by_hand(model: nn.Module):
+    """Least squares on ``model`` through the Trainer's interface, driven by hand (the
+    curvature callback's hooks called in turn): (x, t, the loss, the staged scalars, the
+    trainer, the batch, a Curvature run to tight convergence)."""
     x, t, _, _ = least_squares()
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 1, bias=False)).double()
     criterion = as_loss(lambda out, y: (out.squeeze(1) - y) ** 2)
     staged: dict = {}
     trainer = SimpleNamespace(
@@ -486,7 +483,25 @@ def test_curvature_of_a_dropout_model_is_that_of_the_steps_masks() -> None:
         stage_scalars=staged.update,
     )  # fmt: skip
     batch = Batch(x, t, torch.arange(x.shape[0]))
-    cb = Curvature(1, power_iters=200, tol=1e-9, trace_probes=1)
+    return (
+        x,
+        t,
+        criterion,
+        staged,
+        trainer,
+        batch,
+        Curvature(1, power_iters=200, tol=1e-9, trace_probes=1),
+    )
+
+
+def test_curvature_of_a_dropout_model_is_that_of_the_steps_masks() -> None:
+    """The measurement's forward drew fresh dropout masks (the next step's, from a forked
+    state): the Hessian of another objective than the step's, 22 % off on a probe's MLP. It
+    draws the step's own now, and the run's random states are left as they were. Least
+    squares on dropped-out inputs: H = 2 X̃ᵀX̃ / n with X̃ the step's masked inputs."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 1, bias=False)).double()
+    x, t, criterion, staged, trainer, batch, cb = least_squares_by_hand(model)
     cb.on_train_batch_start(trainer, batch)
     before = torch.get_rng_state()
     losses = criterion(model(x), t)  # the step's forward: its masks
@@ -538,18 +553,9 @@ def test_curvature_reads_the_state_the_steps_forward_read(how) -> None:
     warning, a review's). It runs with the values the step's forward began with now, and the
     model keeps the ones the step left. Least squares: H = 2 X̃ᵀX̃ / n with X̃ the step's
     centred (or scaled) inputs."""
-    x, t, _, _ = least_squares()
     torch.manual_seed(3)
     model = ReadsThenUpdates(how).double()
-    criterion = as_loss(lambda out, y: (out.squeeze(1) - y) ** 2)
-    staged: dict = {}
-    trainer = SimpleNamespace(
-        model=model, criterion=criterion, world=SINGLE, global_step=0,
-        objective=Objective(criterion, None, (), list(model.parameters())),
-        stage_scalars=staged.update,
-    )  # fmt: skip
-    batch = Batch(x, t, torch.arange(x.shape[0]))
-    cb = Curvature(1, power_iters=200, tol=1e-9, trace_probes=1)
+    x, t, criterion, staged, trainer, batch, cb = least_squares_by_hand(model)
     began = x - model.mean if how == "buffer" else x - model.shift if how == "tensor" else x
     cb.on_train_batch_start(trainer, batch)
     losses = criterion(model(x), t)  # the step's forward: it updates its state

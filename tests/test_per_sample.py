@@ -1322,10 +1322,14 @@ def test_a_parametrization_updating_its_state_from_the_weight_is_measured(make) 
     the loop from vmap's partial run, one more power iteration per sample: left out, a
     review's)."""
     torch.manual_seed(0)
-    measured = make().double().train()
-    x, y = _tokens()
+    _steps_measured_exactly(make().double().train(), *_tokens())
+
+
+def _steps_measured_exactly(measured: nn.Module, x, y, steps: int = 3) -> None:
+    """``steps`` measured steps, each exact (:func:`measured_exactly`) and leaving buffers
+    and gradients as an unmeasured step does."""
     cb = PerSampleNorms(1, loss="both")
-    for _ in range(3):
+    for _ in range(steps):
         plain = copy.deepcopy(measured)
         measured_exactly(measured, x, y, twin=copy.deepcopy(measured), cb=cb)
         _as_unmeasured(measured, plain, x, y)
@@ -1357,15 +1361,6 @@ class RunningMeanOwn(nn.Module):
     def forward(self, h):
         self.mean.mul_(0.9).add_(0.1 * h.detach().mean(0))
         return h @ self.w
-
-
-class AroundOwn(nn.Module):
-    def __init__(self, own: nn.Module) -> None:
-        super().__init__()
-        self.own, self.head = own, nn.Linear(D, 3)
-
-    def forward(self, h):
-        return self.head(torch.tanh(self.own(h)))
 
 
 class CountsCalls(nn.Module):
@@ -1403,14 +1398,7 @@ def test_a_counter_a_unit_divides_by_is_measured(own) -> None:
     to torch.func's grad (captured, their change in place was refused: left out, a
     review's)."""
     torch.manual_seed(0)
-    measured = AroundOwn(own()).double()
-    x, y = float_batch()
-    cb = PerSampleNorms(1, loss="both")
-    for _ in range(3):
-        plain = copy.deepcopy(measured)
-        measured_exactly(measured, x, y, twin=copy.deepcopy(measured), cb=cb)
-        _as_unmeasured(measured, plain, x, y)
-        measured.zero_grad(set_to_none=True)
+    _steps_measured_exactly(WithHead(own()).double(), *float_batch())
 
 
 @pytest.mark.parametrize(
@@ -1425,12 +1413,12 @@ def test_a_buffer_changed_from_the_batch_leaves_its_unit_out(own, word, caplog) 
     not read, vmap refusing it, by each sample's change, one at a time, against the batch's),
     and training left as it is."""
     torch.manual_seed(0)
-    measured = AroundOwn(own()).double()
+    measured = WithHead(own()).double()
     plain = copy.deepcopy(measured)
     x, y = float_batch()
     with caplog.at_level("WARNING"):
         _, staged = measure(measured, x, y)
-    assert_left_out(measured, staged, caplog.text, "own", word)
+    assert_left_out(measured, staged, caplog.text, "u", word)
     _as_unmeasured(measured, plain, x, y)
 
 
