@@ -36,7 +36,13 @@ from trainer.backward import double_backward_kernels, explain_freed_graph
 from trainer.callbacks import Callback, Every, few
 from trainer.distributed import all_reduce_sum
 from trainer.instrument.norms import norms_of
-from trainer.instrument.swap import Attributes, attributes_kept, call_with
+from trainer.instrument.swap import (
+    MODULE_TABLES,
+    Attributes,
+    attributes_kept,
+    call_with,
+    same_contents,
+)
 from trainer.precision import widen
 from trainer.rng import Fork, forked_rng
 
@@ -664,7 +670,7 @@ def _hidden_tensors(model: torch.nn.Module) -> list[Tensor]:
     registered blocks, a helper holding the model: their BatchNorms' running statistics
     moved, and curvature was NaN for nothing, a review's; a weakref proxy of the model)."""
     registered = {id(m) for m in model.modules()}
-    values = [v for m in model.modules() for k, v in vars(m).items() if k not in _MODULE_TABLES]
+    values = [v for m in model.modules() for k, v in vars(m).items() if k not in MODULE_TABLES]
     found: dict[int, torch.nn.Module] = {}
     for x in _modules_in(values, registered):
         for sub in x.modules():
@@ -673,7 +679,7 @@ def _hidden_tensors(model: torch.nn.Module) -> list[Tensor]:
     own_tensors = {id(t) for t in (*model.parameters(), *model.buffers())}
     tensors: dict[int, Tensor] = {}
     for h in found.values():
-        kept = [v for k, v in vars(h).items() if isinstance(v, Tensor) and k not in _MODULE_TABLES]
+        kept = [v for k, v in vars(h).items() if isinstance(v, Tensor) and k not in MODULE_TABLES]
         for t in [*h._parameters.values(), *h._buffers.values(), *kept]:
             if isinstance(t, Tensor) and id(t) not in own_tensors and not t.is_inference():
                 tensors.setdefault(id(t), t)
@@ -730,10 +736,6 @@ def _atom(v: Any) -> bool:
     return kind in weakref.ProxyTypes or issubclass(kind, _ATOMS)
 
 
-#: a module's own tables (parameters, buffers, children, hooks)
-_MODULE_TABLES = frozenset(vars(torch.nn.Module()))
-
-
 def _unchanged_structure(model: torch.nn.Module, began: Attributes) -> None:
     """Raise :class:`_NotFrom` where a module's class or its parameters' names changed
     since ``began`` was taken (a parametrization or pruning registered after the step's
@@ -774,21 +776,15 @@ def _global_hooks_as(began: _Began | None) -> Iterator[None]:
     now = {k: dict(v) for k, v in tables.items()}
     try:
         for k, v in tables.items():
-            if k in began.hooks and not _same_table(v, began.hooks[k]):
+            if k in began.hooks and not same_contents(v, began.hooks[k]):
                 v.clear()
                 v.update(began.hooks[k])
         yield
     finally:
         for k, v in tables.items():
-            if not _same_table(v, now[k]):
+            if not same_contents(v, now[k]):
                 v.clear()
                 v.update(now[k])
-
-
-def _same_table(a: dict[Any, Any], b: dict[Any, Any]) -> bool:
-    return len(a) == len(b) and all(
-        k is j and x is y for (k, x), (j, y) in zip(a.items(), b.items(), strict=True)
-    )
 
 
 class _NotFrom(Exception):

@@ -60,7 +60,8 @@ def _put_back(v: Any, before: Any) -> None:
         v.update(before)
 
 
-def _same(v: Any, before: Any) -> bool:
+def same_contents(v: Any, before: Any) -> bool:
+    """Whether a container's contents are ``before``'s, by identity (a dict's in order)."""
     if isinstance(v, dict):  # (in order: a forward moving a key to the end, ``d[k] =
         # d.pop(k)``, read in order by the next, was not put back, a review's)
         return len(v) == len(before) and all(
@@ -72,9 +73,9 @@ def _same(v: Any, before: Any) -> bool:
 
 
 #: a module's own tables (parameters, buffers, children, hooks): put back shallowly only
-_TABLES = frozenset(vars(nn.Module()))
+MODULE_TABLES = frozenset(vars(nn.Module()))
 #: its hook tables among them, and those of flags kept per hook (by its handle's id)
-_HOOK_TABLES = frozenset(k for k in _TABLES if "hooks" in k)
+_HOOK_TABLES = frozenset(k for k in MODULE_TABLES if "hooks" in k)
 _HOOK_FLAGS = frozenset(k for k in _HOOK_TABLES if "with_kwargs" in k or "always_called" in k)
 #: the tensors inside a module's containers whose values are put back: at most this many per
 #: module, each of at most _SMALL elements (state: counts, running statistics)
@@ -186,7 +187,7 @@ class Attributes:
                 # (a count per expert kept as a tensor in a dict, added into in place); not
                 # every tensor (a history of 10,000 detached statistics copied per extra
                 # forward: 0.2 s)
-                own = [v for k, v in attrs.items() if k not in _TABLES]
+                own = [v for k, v in attrs.items() if k not in MODULE_TABLES]
                 found = _nested([v for v in own if type(v) in (dict, list, tuple)])
                 top = {id(v) for v in attrs.values()}  # (in ``contents`` already)
                 inner = [c for c in found if id(c) not in top]
@@ -231,13 +232,13 @@ class Attributes:
                 elif began and k in _HOOK_TABLES:
                     before = _instruments_kept(v, before)
                 try:
-                    if not _same(v, before):
+                    if not same_contents(v, before):
                         _put_back(v, before)
                 except Exception:  # noqa: BLE001 (one of its own that refuses: left as is)
                     continue
         for v, before in self.nested:
             try:
-                if not _same(v, before):
+                if not same_contents(v, before):
                     _put_back(v, before)
             except Exception:  # noqa: BLE001 (one of its own that refuses: left as is)
                 continue
