@@ -1621,6 +1621,42 @@ def test_gradient_agreement_counts_a_missing_gradient_as_zero(tmp_path) -> None:
         assert value == pytest.approx(expected, rel=1e-5), step
 
 
+class FreezeThenThaw(Callback):
+    """Freezes the model's last layer after step 2 and trains it again after step 4."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step in (2, 4):
+            for p in list(trainer.model.parameters())[-2:]:
+                p.requires_grad_(out.step == 4)
+
+
+def test_gradient_agreement_counts_a_layer_frozen_since_the_last_step(tmp_path) -> None:
+    """A layer frozen after step 2 has no gradient at step 3: it counts as 0 there, and its
+    step-2 gradient still counts in that step's norm (it was dropped from it: 0.738 logged for
+    a true 0.340, a probe's); thawed after step 4, its step-4 gradient is 0 likewise."""
+    seen: dict[int, list] = {}
+
+    class Capture(Callback):
+        def on_before_optimizer_step(self, trainer, optimizer) -> None:
+            seen[trainer.global_step] = [
+                torch.zeros_like(p, dtype=torch.float64) if p.grad is None
+                else p.grad.detach().double().clone() for p in trainer.model.parameters()
+            ]  # fmt: skip
+
+    train(tmp_path, "optimizer=sgd", "trainer.max_steps=6", "instrument.norms.every_n_steps=1",
+          "instrument.norms.agreement=true", "logging.every_n_steps=1",
+          callbacks=[Capture(), FreezeThenThaw()])  # fmt: skip
+    s = read_scalars(tmp_path)
+    assert [st for st, _ in s["grad_agreement/consecutive"]] == [2, 3, 4, 5, 6]
+    for step, value in s["grad_agreement/consecutive"]:
+        a = torch.cat([g.flatten() for g in seen[step]])
+        b = torch.cat([g.flatten() for g in seen[step - 1]])
+        expected = float(a @ b / (a.norm() * b.norm()))
+        # (as above: float32 gradients, their cosine in float64)
+        assert value == pytest.approx(expected, rel=1e-5), step
+    assert not seen[3][-1].any() and seen[2][-1].any()  # (the layer was frozen at step 3)
+
+
 class EveryThirdForwardFlat(torch.nn.Module):
     """An MLP whose every third forward gives zero logits: that step's gradient is exactly 0."""
 

@@ -648,8 +648,9 @@ class Trainer:
             what = f"{what}{'; ' if what else ''}{dropped} set to None"
         log.warning(
             "step %d: a callback wrote to gradients in on_before_optimizer_step after the "
-            "instruments measured them (%s): grad_norm/<param>, the gradient histograms, the "
-            "per-sample norms and the non-finite guard describe them as they were before; "
+            "instruments measured them (%s): grad_norm/<param>, grad_agreement/*, the gradient "
+            "histograms, the per-sample norms and the non-finite guard describe them as they "
+            "were before; "
             "grad_norm/total, grad_norm/total_clipped, grad_norm/data and /reg, the clipping "
             "and the update as they are after it (where the write changed their norms, the "
             "per-parameter norms' squares do not sum to grad_norm/total² on such steps). "

@@ -27,6 +27,8 @@ double-backward pass on those steps only).
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,12 +36,15 @@ import torch
 from torch import Tensor
 
 from trainer.backward import backward_scalar, backward_vector
+from trainer.callbacks import few
 from trainer.distributed import SINGLE, World, all_reduce_sum
 from trainer.instrument.norms import minus, total_norm
 from trainer.losses import Loss, loss_name, units_dtype
 from trainer.precision import sum_dtype
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.weighting import UniformWeighting, Weighting
+
+log = logging.getLogger(__name__)
 
 #: dtypes whose per-sample root is a dot product (half-precision losses: a product and a sum,
 #: which accumulates in float32)
@@ -107,6 +112,11 @@ class Objective:
         #: DistributedDataParallel finding unused parameters (the Trainer sets it): the
         #: parameter regularizers' gradient is taken outside its backward (:meth:`backward`)
         self.reg_after_reduce = False
+        #: the regularized parameters as the step's backward took λR at (name, tensor, version):
+        #: a write to one since (a projection in ``on_before_optimizer_step``) leaves their
+        #: analytic gradient at the weights as they are now, not the backward's
+        self._reg_at: list[tuple[str, Tensor, int]] = []
+        self._said_moved = False
 
     @property
     def has_regularizers(self) -> bool:
@@ -358,6 +368,8 @@ class Objective:
         """Σ λR over the regularizers (0-d), added once per optimizer step; None while none
         selects a trainable parameter (every layer it matches frozen: nothing to differentiate)."""
         values = [r.value() for r in self.regularizers]
+        self._reg_at = [(n, p, p._version) for r in self.regularizers
+                        for n, p in zip(r.names, r.params, strict=True)]  # fmt: skip
         for r, v in zip(self.regularizers, values, strict=True):  # (metadata: no sync)
             if not isinstance(v, Tensor) or v.ndim != 0:
                 shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
@@ -414,10 +426,34 @@ class Objective:
         the parameter regularizers' analytic gradients and the input penalty's, taken on
         logging windows (data-parallel, summed over the ranks: a collective)."""
         reg_grad = self._penalty_grads_summed()
+        moved = self._moved_since_backward()
         for r in self.regularizers:
             for p, g in zip(r.params, r.grad(), strict=True):
+                if moved:  # (not the backward's: every part NaN, the totals with them)
+                    g = torch.full_like(g, math.nan)
                 reg_grad[id(p)] = reg_grad[id(p)] + g if id(p) in reg_grad else g
         return reg_grad
+
+    def _moved_since_backward(self) -> bool:
+        """Whether a regularized parameter was written in place since the step's backward
+        took λR (its version counter; a write through ``.data`` moves none): its analytic
+        gradient now is at other weights than the backward's, so ``grad_norm/data``, ``/reg``
+        and ``grad_agreement/data_reg`` measured since are NaN, warned once (a probe's
+        callback halving a weight in ``on_before_optimizer_step`` logged grad_norm/data 0.710
+        for a true 0.382)."""
+        moved = [n for n, p, v in self._reg_at if p._version != v]
+        if moved and not self._said_moved:
+            self._said_moved = True
+            log.warning(
+                "grad_norm/data and grad_norm/reg (and grad_agreement/data_reg where measured "
+                "after the change): NaN on steps where a regularized parameter is changed in "
+                "place after the step's backward (%s, e.g. a projection or max-norm constraint "
+                "in on_after_backward or on_before_optimizer_step): the regularizers' gradient "
+                "at the weights the backward used is no longer known. Constrain the weights in "
+                "on_train_step_end (after the update) to keep them (warned once)",
+                few(moved),
+            )  # fmt: skip
+        return bool(moved)
 
     def _penalty_grads_summed(self) -> dict[int, Tensor]:
         """The input penalty's θ-gradients of the window, summed over the ranks: one

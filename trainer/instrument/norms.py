@@ -105,7 +105,8 @@ class Norms(Callback):
       from one measuring step to the next only when they follow each other, so measuring every
       step allocates nothing per step). A step the non-finite guard skipped logs 0.
     * with ``agreement``: ``grad_agreement/consecutive``, the cosine between this step's
-      gradient and the previous step's (both as the optimizer receives them, before clipping;
+      gradient and the previous step's (both where the instruments measure, before clipping
+      and before a later callback's write in ``on_before_optimizer_step``;
       the step before each measuring step keeps one copy of the gradients until it), and
       ``grad_agreement/data_reg``, the cosine between the data loss's gradient and the
       regularizers' (their analytic gradients; with the input-gradient penalty, whose gradient
@@ -229,15 +230,7 @@ class Norms(Callback):
                         trainer.global_step - 1, trainer.global_step,
                     )  # fmt: skip
             if previous is not None:
-                # in the whole parameter space: a parameter without a gradient on one of the
-                # two steps (a branch used on some steps) counts as 0 there, not as absent
-                union = [p for p in trainer.params if p.grad is not None or id(p) in previous]
-                if union:
-                    values["grad_agreement/consecutive"] = _cosine(
-                        [torch.zeros_like(p) if p.grad is None else p.grad for p in union],
-                        [previous[id(p)] if id(p) in previous else torch.zeros_like(p)
-                         for p in union],
-                    )  # fmt: skip
+                values.update(_consecutive(trainer.params, previous))
             objective = trainer.objective
             penalty_known = objective.input_penalty is None or trainer.logging_step
             if objective.has_regularizers and penalty_known:
@@ -324,6 +317,31 @@ def copies(tensors: list[Tensor], one_launch: bool) -> list[Tensor]:
 
 def _real(x: Tensor) -> Tensor:
     return torch.view_as_real(x.resolve_conj()) if x.is_complex() else x
+
+
+def _consecutive(params: Sequence[Tensor], previous: dict[int, Tensor]) -> dict[str, Tensor]:
+    """``grad_agreement/consecutive`` in the whole parameter space: a parameter without a
+    gradient on one of the two steps (a branch used on some steps, a layer unfrozen at this
+    step or frozen since the last one) counts as 0 there, not as absent. (A layer frozen
+    since was left out of the previous gradient's norm: 0.738 for a true 0.340, a probe's.)"""
+    now: list[Tensor] = []
+    before: list[Tensor] = []
+    counted = set()
+    for p in params:
+        g, kept = p.grad, previous.get(id(p))
+        if kept is not None and kept.shape != p.shape:  # (another tensor under a freed id)
+            kept = None
+        if g is None and kept is None:
+            continue
+        if kept is not None:
+            counted.add(id(p))
+        now.append(torch.zeros_like(p) if g is None else g)
+        before.append(torch.zeros_like(p) if kept is None else kept)
+    for key, kept in previous.items():  # no longer trainable: its gradient now counts as 0
+        if key not in counted:
+            now.append(torch.zeros_like(kept))
+            before.append(kept)
+    return {"grad_agreement/consecutive": _cosine(now, before)} if now else {}
 
 
 def _cosine(a: list[Tensor], b: list[Tensor]) -> Tensor:
