@@ -32,6 +32,7 @@ from torch.utils.data import (
     IterableDataset,
     Sampler,
     Subset,
+    default_collate,
     get_worker_info,
 )
 
@@ -379,6 +380,85 @@ class BatchedIndexedDataset(IndexedDataset):
         return [self._pair(sample, i) for sample, i in zip(samples, indices, strict=True)]
 
 
+def _own_collate(dataset: object) -> Callable[[list[tuple[Any, Any]]], Any] | None:
+    """The ``collate`` method of a Dataset's class (looked for through torch's ``Subset``), or
+    None: how a Dataset of variable-length samples makes its batches."""
+    if isinstance(dataset, Subset):
+        return _own_collate(dataset.dataset)
+    if not callable(getattr(type(dataset), "collate", None)):
+        return None
+    return dataset.collate  # type: ignore[attr-defined,no-any-return]
+
+
+class CollatedIndexedDataset(BatchedIndexedDataset):
+    """An :class:`IndexedDataset` over a Dataset with a ``collate(samples)`` of its own: the
+    batch's ``(x, y)`` pairs go through it (padding variable-length sequences, say), and the
+    DataLoader takes the ``(x, y, index)`` it makes as it is (:func:`_as_collated`). In the
+    data set, not the DataLoader's ``collate_fn``: a worker gets it with the data set, pickled
+    once."""
+
+    def __getitems__(  # type: ignore[override]
+        self, items: list[int | tuple[int, int, int]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if _batched(self.dataset):
+            triples = super().__getitems__(items)
+        else:
+            triples = [self[item] for item in items]
+        collate = _own_collate(self.dataset)
+        assert collate is not None
+        indices = [i for _, _, i in triples]
+        name = f"data: {type(self.dataset).__name__}.collate of indices {indices[:4]}"
+        name += " …" if len(indices) > 4 else ""
+        try:
+            batch = collate([(x, y) for x, y, _ in triples])
+        except Exception as e:  # (named, and raised)
+            e.add_note(f"({name} raised it)")
+            raise
+        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            raise TypeError(
+                f"{name} returned a {type(batch).__name__}; it returns the batch as an (x, y) "
+                "pair of tensors, B samples each"
+            )
+        x, y = (_numbers(v) for v in batch)
+        for what, v in (("x", x), ("y", y)):
+            if not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] != len(items):
+                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise TypeError(
+                    f"{name} returned {what} of {got}; it must be a tensor whose first "
+                    f"dimension holds the batch's {len(items)} samples"
+                )
+        return x, y, torch.tensor(indices)
+
+
+def _as_collated(batch: Any) -> Any:
+    """The DataLoader's ``collate_fn`` for a :class:`CollatedIndexedDataset`: its batch is
+    made already."""
+    return batch
+
+
+def _collate_pairs(triples: list[tuple[Any, Any, int]]) -> Any:
+    """torch's ``default_collate``, and where the samples' shapes differ (variable-length
+    sequences), an error naming them and the fix (torch's "stack expects each tensor to be
+    equal size" named neither the data set nor the samples: a probe's)."""
+    try:
+        return default_collate(triples)
+    except RuntimeError as e:
+        for k, what in ((0, "inputs"), (1, "targets")):
+            parts: list[Any] = [t[k] for t in triples]
+            shapes = [tuple(v.shape) if isinstance(v, Tensor) else None for v in parts]
+            if len(set(shapes)) > 1:
+                e.add_note(
+                    f"(data: the batch's {what} have different shapes, "
+                    f"{sorted(set(shapes), key=str)[:4]} at indices "
+                    f"{[t[2] for t in triples][:4]}: samples of variable length are batched by "
+                    "a collate(self, samples) method on the Dataset's class, which takes the "
+                    "batch's (x, y) pairs and returns (x, y) tensors, padding the inputs and "
+                    "the targets with the loss's ignore_index (README, 'Bring your own'))"
+                )
+                break
+        raise
+
+
 class DeviceLoader:
     """A DataLoader over an :class:`IndexedDataset` whose batches are moved to the device."""
 
@@ -403,11 +483,16 @@ class DeviceLoader:
         )
         self.global_batch_size = self.sampler.global_batch_size
         self.current_global_size = 0
+        own = _own_collate(dataset) is not None
+        wrapper = (
+            CollatedIndexedDataset if own
+            else BatchedIndexedDataset if _batched(dataset)
+            else IndexedDataset
+        )  # fmt: skip
         self.loader = DataLoader(
-            (BatchedIndexedDataset if _batched(dataset) else IndexedDataset)(
-                dataset, seed, world.rank
-            ),
+            wrapper(dataset, seed, world.rank),
             batch_sampler=self.sampler,
+            collate_fn=_as_collated if own else _collate_pairs,
             num_workers=num_workers,
             pin_memory=pin_memory and device.type == "cuda",
             persistent_workers=num_workers > 0,
