@@ -1312,6 +1312,7 @@ class Trainer:
             conditional_step(self.optimizer, self.skip_step_where)
         else:
             step_optimizer(self.optimizer)  # (optimizer.step(); trainer/update.py)
+        self.objective.updated()
         if self._buffers_before is not None:
             self._put_back_buffers()
         self._advance_schedule()  # a skipped step is a step: the schedule goes on

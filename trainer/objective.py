@@ -112,11 +112,12 @@ class Objective:
         #: DistributedDataParallel finding unused parameters (the Trainer sets it): the
         #: parameter regularizers' gradient is taken outside its backward (:meth:`backward`)
         self.reg_after_reduce = False
-        #: the regularized parameters as the step's backward took λR at (name, tensor, version):
-        #: a write to one since (a projection in ``on_before_optimizer_step``) leaves their
-        #: analytic gradient at the weights as they are now, not the backward's
-        self._reg_at: list[tuple[str, Tensor, int]] = []
-        self._said_moved = False
+        #: the regularized parameters as the step's backward took λR at, id -> (name, tensor,
+        #: version), from that backward until the update (None outside): a write to one since
+        #: (a projection in ``on_before_optimizer_step``) leaves their analytic gradient at
+        #: the weights as they are now, not the backward's
+        self._reg_at: dict[int, tuple[str, Tensor, int]] | None = None
+        self._said_moved: set[str] = set()
 
     @property
     def has_regularizers(self) -> bool:
@@ -368,8 +369,8 @@ class Objective:
         """Σ λR over the regularizers (0-d), added once per optimizer step; None while none
         selects a trainable parameter (every layer it matches frozen: nothing to differentiate)."""
         values = [r.value() for r in self.regularizers]
-        self._reg_at = [(n, p, p._version) for r in self.regularizers
-                        for n, p in zip(r.names, r.params, strict=True)]  # fmt: skip
+        self._reg_at = {id(p): (n, p, p._version) for r in self.regularizers
+                        for n, p in zip(r.names, r.params, strict=True)}  # fmt: skip
         for r, v in zip(self.regularizers, values, strict=True):  # (metadata: no sync)
             if not isinstance(v, Tensor) or v.ndim != 0:
                 shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
@@ -426,13 +427,21 @@ class Objective:
         the parameter regularizers' analytic gradients and the input penalty's, taken on
         logging windows (data-parallel, summed over the ranks: a collective)."""
         reg_grad = self._penalty_grads_summed()
-        moved = self._moved_since_backward()
+        at, moved = self._reg_at, self._moved_since_backward()
         for r in self.regularizers:
             for p, g in zip(r.params, r.grad(), strict=True):
+                if at is not None and id(p) not in at:  # trainable since the backward took
+                    continue  # λR (unfrozen in on_after_backward): none of it is in the step
                 if moved:  # (not the backward's: every part NaN, the totals with them)
                     g = torch.full_like(g, math.nan)
                 reg_grad[id(p)] = reg_grad[id(p)] + g if id(p) in reg_grad else g
         return reg_grad
+
+    def updated(self) -> None:
+        """The step's update is done (or skipped): what :meth:`reg_grads` compares with the
+        backward's weights is over (the update moved them all: a callback asking for them in
+        ``on_train_step_end`` got NaN, and a warning blaming a projection, a review's)."""
+        self._reg_at = None
 
     def _moved_since_backward(self) -> bool:
         """Whether a regularized parameter was written in place since the step's backward
@@ -441,16 +450,20 @@ class Objective:
         and ``grad_agreement/data_reg`` measured since are NaN, warned once (a probe's
         callback halving a weight in ``on_before_optimizer_step`` logged grad_norm/data 0.710
         for a true 0.382)."""
-        moved = [n for n, p, v in self._reg_at if p._version != v]
-        if moved and not self._said_moved:
-            self._said_moved = True
+        if self._reg_at is None:
+            return False
+        moved = [n for n, p, v in self._reg_at.values() if p._version != v]
+        if set(moved) - self._said_moved:
+            self._said_moved.update(moved)
             log.warning(
-                "grad_norm/data and grad_norm/reg (and grad_agreement/data_reg where measured "
-                "after the change): NaN on steps where a regularized parameter is changed in "
-                "place after the step's backward (%s, e.g. a projection or max-norm constraint "
-                "in on_after_backward or on_before_optimizer_step): the regularizers' gradient "
-                "at the weights the backward used is no longer known. Constrain the weights in "
-                "on_train_step_end (after the update) to keep them (warned once)",
+                "grad_norm/data and grad_norm/reg (and, where measured after the change, "
+                "grad_agreement/data_reg and the per-sample noise scale, its EMA, "
+                "grad_var_trace, grad_signal and grad_snr/*): NaN on steps where a regularized "
+                "parameter is changed in place after the step's backward (%s, e.g. a "
+                "projection or max-norm constraint in on_after_backward or "
+                "on_before_optimizer_step): the regularizers' gradient at the weights the "
+                "backward used is no longer known. Constrain the weights in on_train_step_end "
+                "(after the update) to keep them (warned once per parameter)",
                 few(moved),
             )  # fmt: skip
         return bool(moved)
