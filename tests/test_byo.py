@@ -19,6 +19,7 @@ import torch
 from conftest import ROOT, final_params, in_background, make_cfg, read_scalars, train
 
 from trainer.config import ConfigError, validate
+from trainer.losses import MSE
 
 BYO = ROOT / "examples" / "byo"
 BYO_CHOICES = ("model=sine_net", "data=noisy_sine", "loss=huber")
@@ -303,6 +304,43 @@ def test_the_examples_huber_loss_is_per_sample_and_never_broadcast(byo_importabl
     assert Huber(delta=1.0)(out, y).tolist() == want
     with pytest.raises(ValueError, match=r"output of shape \(3, 2\) does not match the targets"):
         Huber()(torch.zeros(3, 2), y)
+
+
+class MSEWithMAE(MSE):
+    """A regression loss of one's own adding ``val/mae`` (the mean absolute error)."""
+
+    @property
+    def metrics(self):
+        return (*super().metrics, "val/mae")
+
+    def val_sums(self, output, target):
+        sums = super().val_sums(output, target)
+        n = torch.full((), float(target.shape[0]), device=output.device)
+        error = (output.reshape(target.shape) - target).abs().sum()
+        return {**sums, "val/mae": torch.stack([error, n])}
+
+
+class NoTaskWithMAE(MSEWithMAE):
+    task = None
+
+
+class MAEMonitored(MSEWithMAE):
+    monitor = "val/mae"  # type: ignore[assignment]
+
+
+def test_a_losss_own_metric_does_not_change_what_is_monitored() -> None:
+    """A regression loss of one's own that adds a metric monitored it (the last of its
+    metrics), where the task's table says val/mse (a probe's): the task's metric, or
+    val/loss for a loss of no task; a loss that overrides ``monitor`` gets its own."""
+    assert MSEWithMAE().monitor == "val/mse"
+    assert NoTaskWithMAE().monitor == "val/loss"
+    assert MAEMonitored().monitor == "val/mae"
+
+
+def test_a_losss_overridden_monitor_is_what_the_run_returns(tmp_path) -> None:
+    m = train(tmp_path, "data=diabetes", "~loss", f"+loss._target_={__name__}.MAEMonitored",
+              "trainer.max_steps=3")  # fmt: skip
+    assert m["monitor"] == "val/mae" and m["val/mae"] > 0
 
 
 def test_a_bad_monitor_names_what_the_run_reports(tmp_path) -> None:
