@@ -343,6 +343,23 @@ def test_a_losss_overridden_monitor_is_what_the_run_returns(tmp_path) -> None:
     assert m["monitor"] == "val/mae" and m["val/mae"] > 0
 
 
+class ListOfLayers(torch.nn.Module):
+    """Layers kept in a plain Python list: no parameter registered."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.layers = [torch.nn.Linear(64, out_dim)]
+
+    def forward(self, x):
+        return self.layers[0](x.flatten(1))
+
+
+def test_a_model_without_parameters_is_named_before_anything_is_built(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"built a ListOfLayers with no parameters: nothing to "
+                       r"train .*nn.ModuleList"):  # fmt: skip
+        train(tmp_path, "~model", f"+model._target_={__name__}.ListOfLayers")
+
+
 def test_a_bad_monitor_names_what_the_run_reports(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"monitor: got 'val/mse', but this run reports "
                        "val/loss, val/acc, train/loss"):  # fmt: skip

@@ -1027,6 +1027,14 @@ def build_trainer(
             f"model._target_: {cfg.model._target_} built a {type(built).__name__}, not a "
             "torch.nn.Module (a class or a factory returning one)"
         )
+    if next(built.parameters(), None) is None:  # (torch's "optimizer got an empty parameter
+        # list", with a traceback, named neither the model nor why: a probe's)
+        raise ConfigError(
+            f"model._target_: {cfg.model._target_} built a {type(built).__name__} with no "
+            "parameters: nothing to train (weights are nn.Parameter attributes of the module or "
+            "of its submodules; a tensor kept as a plain attribute, in a Python list, or as a "
+            "buffer is not trained: nn.Parameter, nn.ModuleList, nn.ParameterList)"
+        )
     model: nn.Module = built.to(device)
     model = batchnorm_across_ranks(model, world.distributed, typed.trainer.sync_batchnorm, device)
     check_frequency_scaling(model, world.size, typed.trainer.accumulate_grad_batches)

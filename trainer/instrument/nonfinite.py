@@ -98,6 +98,7 @@ class NonfiniteGuard(Callback):
         #: whether the flags are read on logging steps only (resolved in on_fit_start)
         self.deferred = False
         self._losses: list[Tensor] = []  # the step's micro-batches' losses
+        self._indices: list[Tensor] = []  # and their samples' indices in the split
         #: deferred: (step, names, norms) of the checked steps not read yet, the norms as the
         #: fused call returned them (0-d each; stacked at the read, all steps' in one)
         self._pending: list[tuple[int, list[str], list[Tensor]]] = []
@@ -194,6 +195,7 @@ class NonfiniteGuard(Callback):
     ) -> None:
         if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
             self._losses.append(losses)
+            self._indices.append(batch.index)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         self._in_step = True
@@ -228,6 +230,7 @@ class NonfiniteGuard(Callback):
 
     def _check(self, trainer: Trainer) -> None:
         losses, self._losses = self._losses, []
+        indices, self._indices = self._indices, []
         grads: list[Tensor] = []
         if trainer.scaler is None:  # (fp16: overflowing gradients are the GradScaler's)
             grads = [p.grad for p in trainer.params if p.grad is not None]
@@ -260,7 +263,8 @@ class NonfiniteGuard(Callback):
             [torch.isfinite(t.coalesce()._values() if t.is_sparse else t).all() for t in tensors]
         ).tolist()
         bad = [n for n, fine in zip(names, finite, strict=True) if not fine]
-        self._skip(trainer, trainer.global_step, bad or [ELSEWHERE])
+        samples = _samples_of(losses, indices) if LOSS in bad else []
+        self._skip(trainer, trainer.global_step, bad or [ELSEWHERE], samples=samples)
         trainer.skip_step = True
 
     def _defer(
@@ -476,9 +480,14 @@ class NonfiniteGuard(Callback):
         step: int,
         bad: list[str],
         read_at: int | None = None,
+        samples: list[int] | None = None,
     ) -> None:
-        """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped."""
-        cause = _cause(bad) + _weights_cause(trainer) + _params_cause(trainer, self.every.n)
+        """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped
+        (``samples``: the training split's samples whose losses were not finite, where
+        known)."""
+        cause = (
+            _cause(bad, samples) + _weights_cause(trainer) + _params_cause(trainer, self.every.n)
+        )
         if self.policy == "raise":
             later = _read_later(step, read_at)
             raise NonFiniteError(
@@ -631,14 +640,32 @@ def _largest(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(values, math.inf, dtype=dtype)
 
 
-def _cause(bad: list[str]) -> str:
-    """What went non-finite, in words."""
+def _samples_of(losses: list[Tensor], indices: list[Tensor]) -> list[int]:
+    """The indices of the samples whose losses (a row of them, per token) are not all finite
+    (host sync: a failing step only)."""
+    if len(losses) != len(indices):
+        return []
+    found = []
+    for ell, index in zip(losses, indices, strict=True):
+        if ell.ndim == 0 or ell.shape[0] != index.shape[0]:
+            return []
+        rows = (~torch.isfinite(ell.detach())).reshape(ell.shape[0], -1).any(1)
+        found += index[rows.to(index.device)].tolist()
+    return found
+
+
+def _cause(bad: list[str], samples: list[int] | None = None) -> str:
+    """What went non-finite, in words (``samples``: whose losses, where known)."""
     parts = []
     if ELSEWHERE in bad:
         parts.append("a non-finite loss or gradient on another rank (data-parallel: every rank "
                      "acts on the step together; that rank's log names it)")  # fmt: skip
     if LOSS in bad:
-        parts.append("non-finite loss (NaN/Inf in the per-sample losses)")
+        which = ""
+        if samples:  # (a NaN target, input or weight of these: a sample to look at)
+            more = f" (+{len(samples) - 5})" if len(samples) > 5 else ""
+            which = f" of training samples {samples[:5]}{more}, by index in the split"
+        parts.append(f"non-finite loss (NaN/Inf in the per-sample losses{which})")
     grads = [n for n in bad if n not in (LOSS, ELSEWHERE)]
     if grads:
         more = f" (and {len(grads) - 1} more)" if len(grads) > 1 else ""
