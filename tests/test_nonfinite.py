@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -99,6 +100,13 @@ def test_fused_null_is_fused_on_a_device_that_runs_it_by_default(monkeypatch, na
 POISONED = {1: "grad", 5: "grad", 6: "input", 8: "input"}
 
 
+def _without_samples(messages: list[str]) -> list[str]:
+    """Step mode's warnings as deferred mode words them: without the samples of a non-finite
+    loss, which step mode reads with its flag (deferred, the losses are gone when it is read)."""
+    return [re.sub(r" of training samples \[[^]]*\]( \(\+\d+\))?, by index in the split", "", m)
+            for m in messages]  # fmt: skip
+
+
 @pytest.mark.threads(2)  # (parallel kernels too: see conftest._one_thread)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw-fused", "sgd", "sgd-fused"])
@@ -126,8 +134,9 @@ def test_deferred_skip_equals_step_mode_bitwise(tmp_path, optimizer, device, cap
     assert_same_scalars(scalars_s, scalars_d)
     # step 8 logs and is skipped: its non-finite total is logged in both modes
     assert math.isnan(dict(scalars_s["grad_norm/total"])[8])
-    assert warned_d == warned_s and len(warned_s) == 4
+    assert warned_d == _without_samples(warned_s) and len(warned_s) == 4
     assert "step 6 skipped: non-finite loss" in warned_s[2]
+    assert "losses of training samples [" in warned_s[2]  # (step mode knows them)
 
 
 class SparseBag(torch.nn.Module):
@@ -255,7 +264,7 @@ def test_fp16_deferred_skip_equals_step_mode_bitwise(tmp_path, device, caplog) -
     skipped = [(s, v) for s, v in scalars_s["nonfinite/skipped_steps"]]
     assert skipped == [(1, 1.0), (3, 2.0), (6, 3.0), (8, 4.0)]
     assert_same_scalars(scalars_s, scalars_d)
-    assert warned_d == warned_s and len(warned_s) == 4
+    assert warned_d == _without_samples(warned_s) and len(warned_s) == 4
     assert all("non-finite loss" in w for w in warned_s)
 
 
