@@ -867,18 +867,22 @@ def test_histograms_of_extreme_finite_values_are_numpys(kind) -> None:
 
 
 @pytest.mark.parametrize("policy", ["minmax", "symmetric", "fixed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("grid", ["linspace", "cents"])
 def test_a_value_within_float32s_resolution_of_an_edge_is_in_its_written_bucket(
-    policy, dtype
+    policy, dtype, grid
 ) -> None:
     """Evenly spaced values (a linspace, quantized weights) sit within float32's resolution
     of bucket edges: binned in float32, histc's rounding put one (-0.4000000059604645, 10
     buckets over [-1, 1]) one bucket over, outside the limits written for it (a review's).
     Binned in float64, in which the limits are written, each count is NumPy's for the same
-    values and range."""
-    x = torch.linspace(-1, 1, 101).to(dtype)
-    fixed = (-0.5, 0.5)
-    for bins in (10, 64):
+    values and range. float64 values on a decimal grid (-0.30, -0.29, ..., 0.70) sit on the
+    limits themselves, where histc's arithmetic put 6 of 101 one bucket over (a probe's):
+    they are compared with the limits."""
+    x = (torch.linspace(-1, 1, 101) if grid == "linspace"
+         else torch.arange(-30, 71, dtype=torch.float64) / 100).to(dtype)  # fmt: skip
+    fixed = (-0.5, 0.5) if grid == "linspace" else (-0.25, 0.55)
+    for bins in (7, 10, 64):
         (h,) = histograms([x], bins=bins, range_policy=policy, fixed=fixed)
         v = x.double().numpy()
         left, right = {"minmax": (v.min(), v.max()), "fixed": fixed,

@@ -159,7 +159,15 @@ def histograms(
         wide = acc == torch.float64 or (right - left) * bins > _F32_MAX
         xf = x.double() if wide else x.float()
         xb = xf.clamp(left, right) if range_policy == "fixed" else xf  # outside: edge buckets
-        if not math.isfinite((right - left) * bins):  # (float64 values near its largest:
+        limits = _limits(left, right, bins)
+        if x.dtype == torch.float64:  # compared with the limits written, exactly: histc's
+            # arithmetic put float64 values on a limit one bucket over (6 of 101 values of a
+            # decimal grid, a probe's); the others are float32 or narrower values, which the
+            # float64 limits and histc's float64 arithmetic agree on (tested)
+            inner = torch.tensor(limits[:-1], dtype=torch.float64, device=xb.device)
+            at = torch.bucketize(xb, inner, right=True)  # (a value on a limit: the bucket above)
+            counts_all.append(torch.bincount(at, minlength=bins).to(xb.dtype))
+        elif not math.isfinite((right - left) * bins):  # (float64 values near its largest:
             # histc's (x - left)·bins overflows; scaled by a power of 2 with the range, every
             # rounding and so every bucket decision is the same)
             s = _overflow_scale(bins)
@@ -183,7 +191,7 @@ def histograms(
         # per lane there, 1.2e-3 off for 2²² equal float16 values)
         squares_all.append(long_norm(xs).square() if is_long(xs) else torch.dot(xs, xs))
         scales.append(scale)
-        edges_all.append((left, right))
+        edges_all.append(limits)
     # (the sums are float64: the counts and the squares' sums join them, exact)
     values = (  # host sync: histogram steps only
         torch.cat(
@@ -198,25 +206,29 @@ def histograms(
     )
     out = []
     sums = len(counts_all) * bins  # where the sums start
-    for i, (x, (lo, hi, bad), (left, right), scale) in enumerate(
+    for i, (x, (lo, hi, bad), limits, scale) in enumerate(
         zip(finite, ranges, edges_all, scales, strict=True)
     ):
-        width, s = (right - left) / bins, 1.0
-        if not math.isfinite(width * bins):  # (near float64's largest: in scaled terms)
-            s = _overflow_scale(bins)
-            width = (right * s - left * s) / bins
         out.append(
             RawHistogram(
                 min=lo, max=hi, num=x.numel(), sum=values[sums + i] * scale,
                 sum_squares=values[sums + len(finite) + i] * scale * scale,
-                # (the last limit is the range's right end itself: left + width · bins fell
-                # 1 ulp below the maximum, outside the range the buckets stated; a probe's)
-                bucket_limits=[(left * s + width * (k + 1)) / s for k in range(bins - 1)]
-                + [right],
-                bucket_counts=values[i * bins : (i + 1) * bins], nonfinite=int(bad),
+                bucket_limits=limits, bucket_counts=values[i * bins : (i + 1) * bins],
+                nonfinite=int(bad),
             )
         )  # fmt: skip
     return out
+
+
+def _limits(left: float, right: float, bins: int) -> list[float]:
+    """The right limit of each of ``bins`` equal buckets over [``left``, ``right``], in
+    float64: the last is the range's right end itself (left + width · bins fell 1 ulp below
+    the maximum, outside the range the buckets stated; a probe's)."""
+    width, s = (right - left) / bins, 1.0
+    if not math.isfinite(width * bins):  # (near float64's largest: in scaled terms)
+        s = _overflow_scale(bins)
+        width = (right * s - left * s) / bins
+    return [(left * s + width * (k + 1)) / s for k in range(bins - 1)] + [right]
 
 
 def host_histogram(values: list[float], bins: int = 64) -> RawHistogram:
