@@ -166,7 +166,8 @@ def histograms(
             # float64 limits and histc's float64 arithmetic agree on (tested)
             inner = torch.tensor(limits[:-1], dtype=torch.float64, device=xb.device)
             at = torch.bucketize(xb, inner, right=True)  # (a value on a limit: the bucket above)
-            counts_all.append(torch.bincount(at, minlength=bins).to(xb.dtype))
+            with _histc_allowed():  # (integer counts: exact in any order, as histc's)
+                counts_all.append(torch.bincount(at, minlength=bins).to(xb.dtype))
         elif not math.isfinite((right - left) * bins):  # (float64 values near its largest:
             # histc's (x - left)·bins overflows; scaled by a power of 2 with the range, every
             # rounding and so every bucket decision is the same)
