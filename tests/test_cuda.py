@@ -127,6 +127,13 @@ def test_deterministic_runs_bin_histograms_exactly_on_the_gpu(tmp_path) -> None:
     x[0] = 1.0
     (h,) = histograms([x], bins=2)
     assert h.bucket_counts == [2**24 + 2, 1.0]
+    with torch.backends.cudnn.flags(deterministic=True):  # (float64: bucketize and bincount)
+        torch.use_deterministic_algorithms(True)
+        try:
+            (h,) = histograms([x.double()], bins=2)
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert h.bucket_counts == [2**24 + 2, 1.0]
 
 
 def test_a_non_fused_adam_keeps_its_step_count_on_the_cpu_when_deferred(tmp_path) -> None:
