@@ -328,6 +328,10 @@ class MAEMonitored(MSEWithMAE):
     monitor = "val/mae"  # type: ignore[assignment]
 
 
+class MAEInstead(MSEWithMAE):  # (a Gaussian NLL's way: no val/mse of its model's output)
+    metrics = ("val/loss", "val/mae")
+
+
 def test_a_losss_own_metric_does_not_change_what_is_monitored() -> None:
     """A regression loss of one's own that adds a metric monitored it (the last of its
     metrics), where the task's table says val/mse (a probe's): the task's metric, or
@@ -335,6 +339,9 @@ def test_a_losss_own_metric_does_not_change_what_is_monitored() -> None:
     assert MSEWithMAE().monitor == "val/mse"
     assert NoTaskWithMAE().monitor == "val/loss"
     assert MAEMonitored().monitor == "val/mae"
+    # (a regression loss whose metrics leave val/mse out: val/loss, which it reports; it was
+    # refused, naming a monitor nobody set, a review's)
+    assert MAEInstead().monitor == "val/loss"
 
 
 def test_a_losss_overridden_monitor_is_what_the_run_returns(tmp_path) -> None:

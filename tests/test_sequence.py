@@ -973,6 +973,37 @@ class PaddedToLongest(PaddedRagged):
     to = 0
 
 
+class NumPyPadded(PaddedRagged):
+    """Samples and batches as NumPy arrays (made tensors by the trainer)."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x.numpy(), y.numpy()
+
+    def collate(self, samples):
+        x, y = super().collate([(torch.from_numpy(a), torch.from_numpy(b)) for a, b in samples])
+        return x.numpy(), y.numpy()
+
+
+class NumPyRagged(Ragged):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x.numpy(), y.numpy()
+
+
+class Text(PaddedRagged):
+    """Raw samples, a string and a list of tags, made tensors by the collate alone (a
+    tokenizer's way)."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return "".join("abcd"[t] for t in x.tolist()), y.tolist()
+
+    def collate(self, samples):
+        return super().collate([(torch.tensor(["abcd".index(c) for c in text]), torch.tensor(y))
+                                for text, y in samples])  # fmt: skip
+
+
 class RaggedTags(Tags):
     """:class:`Tags` of variable length: ``kind`` ragged (no collate), padded (a collate of
     its own, to 6 tokens), longest (to each batch's longest) or tensors (padded to 6
@@ -992,7 +1023,9 @@ class RaggedTags(Tags):
             for i, n in enumerate(lengths):
                 x[i, n:], y[i, n:] = 0, PAD
             return TensorSplit(x[:16], y[:16]), TensorSplit(x[16:], y[16:])
-        make = {"padded": PaddedRagged, "longest": PaddedToLongest, "ragged": Ragged}[self.kind]
+        kinds = {"padded": PaddedRagged, "longest": PaddedToLongest, "ragged": Ragged,
+                 "numpy": NumPyPadded, "numpy-ragged": NumPyRagged, "text": Text}  # fmt: skip
+        make = kinds[self.kind]
         return make(x[:16], y[:16], lengths[:16]), make(x[16:], y[16:], lengths[16:])
 
 
@@ -1009,22 +1042,25 @@ def test_variable_length_sequences_batched_by_the_datasets_own_collate(tmp_path,
               f"loss.mode={mode}", "trainer.max_epochs=2", "optimizer=sgd",
               "logging.every_n_steps=1", "instrument.per_sample.every_n_steps=2",
               "+data.num_workers=0"]  # fmt: skip
-    train(tmp_path / "padded", *common, "+data.kind=padded")
     train(tmp_path / "tensors", *common, "+data.kind=tensors", "+data.loader=dataloader")
-    a, b = final_params(tmp_path / "padded"), final_params(tmp_path / "tensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = read_scalars(tmp_path / "padded"), read_scalars(tmp_path / "tensors")
-    for tag in ("train/loss", "val/loss", "grad_norm/total", "per_sample/grad_norm_mean"):
-        assert sa[tag] == sb[tag], tag
+    b, sb = final_params(tmp_path / "tensors"), read_scalars(tmp_path / "tensors")
+    # (samples and batches as tensors, as NumPy arrays, or raw text the collate tokenizes)
+    for kind in ("padded", "numpy", "text"):
+        train(tmp_path / kind, *common, f"+data.kind={kind}")
+        a, sa = final_params(tmp_path / kind), read_scalars(tmp_path / kind)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
+        for tag in ("train/loss", "val/loss", "grad_norm/total", "per_sample/grad_norm_mean"):
+            assert sa[tag] == sb[tag], (kind, tag)
     train(tmp_path / "longest", *common, "+data.kind=longest", "trainer.max_steps=1")
     sl = read_scalars(tmp_path / "longest")
     # the same per-token terms (the tagger scores each position alone) summed over at most
     # 5·6 tokens in another order: float32's rounding of 30 terms, 30·2⁻²⁴, bounds the change
     for tag in ("train/loss", "grad_norm/total"):
         assert sl[tag][0][1] == pytest.approx(sb[tag][0][1], rel=30 * 2**-24, abs=0), tag
-    with pytest.raises(RuntimeError, match=r"the batch's inputs have different shapes.*"
-                       r"collate\(self, samples\) method on the Dataset's class"):  # fmt: skip
-        train(tmp_path / "ragged", *common, "+data.kind=ragged")
+    for kind in ("ragged", "numpy-ragged"):
+        with pytest.raises(RuntimeError, match=r"the batch's inputs have different shapes.*"
+                           r"collate\(self, samples\) method on the Dataset's class"):  # fmt: skip
+            train(tmp_path / kind, *common, f"+data.kind={kind}")
 
 
 class BadCollate(PaddedRagged):

@@ -131,11 +131,15 @@ class Loss(Stateful):
     @property
     def monitor(self) -> str:
         """What a run returns to a sweeper unless ``monitor=`` says otherwise: the task's
-        metric, or ``val/loss`` (a regression loss of one's own adding a metric of its own
-        made that the monitored one, where the task's table says ``val/mse``: a probe's).
-        Override it to monitor a metric of your own."""
+        metric where the loss reports it, else ``val/loss`` (a regression loss of one's own
+        adding a metric of its own made that the monitored one, where the task's table says
+        ``val/mse``: a probe's). Override it to monitor a metric of your own."""
         by_task = {"classification": "val/acc", "regression": "val/mse", "sequence": "val/ppl"}
-        return by_task.get(self.task or "", "val/loss")
+        metric = by_task.get(self.task or "", "val/loss")
+        # (a loss of the task whose own metrics leave the task's out, a Gaussian NLL's model
+        # output no val/mse compares: val/loss, which it reports; it was refused, naming a
+        # monitor nobody set, a review's)
+        return metric if metric in self.metrics else "val/loss"
 
     def val_sums(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
         # float32 for float32 and lower (an argmax of float16 scores would tie more often),

@@ -407,27 +407,38 @@ class CollatedIndexedDataset(BatchedIndexedDataset):
         collate = _own_collate(self.dataset)
         assert collate is not None
         indices = [i for _, _, i in triples]
-        name = f"data: {type(self.dataset).__name__}.collate of indices {indices[:4]}"
-        name += " …" if len(indices) > 4 else ""
         try:
             batch = collate([(x, y) for x, y, _ in triples])
         except Exception as e:  # (named, and raised)
-            e.add_note(f"({name} raised it)")
+            e.add_note(f"({_collate_name(type(self.dataset).__name__, indices)} raised it)")
             raise
+        x, y = self.checked(batch, indices, type(self.dataset).__name__)
+        return x, y, torch.tensor(indices)
+
+    @staticmethod
+    def checked(batch: Any, indices: list[int], dataset: str) -> tuple[Tensor, Tensor]:
+        """A collate's result as the batch ``(x, y)`` of tensors with a row per index (NumPy
+        arrays and lists of numbers made tensors), or an error naming what it returned."""
+        name = _collate_name(dataset, indices)
         if not (isinstance(batch, tuple | list) and len(batch) == 2):
             raise TypeError(
                 f"{name} returned a {type(batch).__name__}; it returns the batch as an (x, y) "
                 "pair of tensors, B samples each"
             )
-        x, y = (_numbers(v) for v in batch)
+        x, y = (torch.as_tensor(v) if isinstance(v, np.ndarray) else _numbers(v) for v in batch)
         for what, v in (("x", x), ("y", y)):
-            if not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] != len(items):
+            if not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] != len(indices):
                 got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
                 raise TypeError(
                     f"{name} returned {what} of {got}; it must be a tensor whose first "
-                    f"dimension holds the batch's {len(items)} samples"
+                    f"dimension holds the batch's {len(indices)} samples"
                 )
-        return x, y, torch.tensor(indices)
+        return x, y
+
+
+def _collate_name(dataset: str, indices: list[int]) -> str:
+    more = " …" if len(indices) > 4 else ""
+    return f"data: {dataset}.collate of indices {indices[:4]}{more}"
 
 
 def _as_collated(batch: Any) -> Any:
@@ -445,7 +456,7 @@ def _collate_pairs(triples: list[tuple[Any, Any, int]]) -> Any:
     except RuntimeError as e:
         for k, what in ((0, "inputs"), (1, "targets")):
             parts: list[Any] = [t[k] for t in triples]
-            shapes = [tuple(v.shape) if isinstance(v, Tensor) else None for v in parts]
+            shapes = [tuple(v.shape) if isinstance(v, Tensor | np.ndarray) else None for v in parts]
             if len(set(shapes)) > 1:
                 e.add_note(
                     f"(data: the batch's {what} have different shapes, "
@@ -630,7 +641,7 @@ def _check_targets(
             f"from it: {fix}"
         )
     for i in sorted({0, n - 1}) if n else ():
-        y = _numbers(first if i == 0 and first is not None else _pair_of(split, i)[1])
+        y = _numbers(first if i == 0 and first is not None else _as_batched(split, i)[1])
         y = y if isinstance(y, Tensor) else torch.as_tensor(y)  # (a Python float: float32)
         if not _same_targets(y.detach(), targets[i]):
             kept = targets[i]
@@ -689,6 +700,18 @@ def _pair_of(split: Dataset, i: int) -> tuple[Any, Any]:
     return sample[0], sample[1]
 
 
+def _as_batched(split: Dataset, i: int) -> tuple[Any, Any]:
+    """Sample ``i`` as the batches give it: through the Dataset's own ``collate`` where it has
+    one (a batch of one, its row: raw samples, text say, become the tensors the model gets;
+    they were refused as inputs that are no tensor, a review's), else as :func:`_pair_of`."""
+    x, y = _pair_of(split, i)
+    collate = _own_collate(split)
+    if collate is None:
+        return x, y
+    x, y = CollatedIndexedDataset.checked(collate([(x, y)]), [i], type(split).__name__)
+    return x[0], y[0]
+
+
 def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple[Tensor, Any]:
     """A split's first sample ``(x, y)`` as the model sees it (after a split's transform)."""
     if len(split) == 0:  # type: ignore[arg-type]
@@ -698,7 +721,7 @@ def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple
         if split.transform is not None:
             x = split.transform(x)
         return x[0], split.y[0]
-    x, y = _pair_of(split, 0)
+    x, y = _as_batched(split, 0)
     try:
         return torch.as_tensor(x), y
     except (TypeError, ValueError, RuntimeError) as e:  # a dict or a tuple of tensors: torch's
@@ -813,6 +836,13 @@ class DataModule(abc.ABC):
         self.first_target = torch.as_tensor(y0)  # (an int label collates to int64, as here)
         if self.input_shape is None:
             self.input_shape = tuple(x0.shape)
+            if _own_collate(train) is not None:  # (variable-length samples: one of them)
+                log.warning(
+                    "data: %s sets no input_shape: taken as its first training sample's, %s, as "
+                    "its collate batches it alone; with samples of variable length, a model "
+                    "that sizes itself by in_shape (a position table) needs the longest: set "
+                    "input_shape in the data module", type(self).__name__, self.input_shape,
+                )  # fmt: skip
         first = self.first_target
         sequences = first.ndim >= 1 and not first.is_floating_point()  # (class ids per position)
         if self.out_dim is None and sequences and self.vocab_size is not None:
