@@ -750,3 +750,81 @@ def test_orthogonal_selects_only_matrices_and_its_value_is_the_formula() -> None
         for i in range(6) for j in range(6)
     )  # fmt: skip
     torch.testing.assert_close(reg.value().detach(), want, rtol=1e-12, atol=0)
+
+
+class LogCoshScaled(LogCosh):
+    """GRADS agree with the backward, ``_LogCosh.scale`` times the true gradient."""
+
+    GRADS = {**Regularizer.GRADS, "logcosh": lambda p: _LogCosh.scale * torch.tanh(p)}
+
+
+#: Σ p²/2560 (a mean over a 10 × 256 layer: gradients below 1e-4) with a backward of
+#: ``factor`` times its gradient
+MeanSquare = elementwise("meansq", lambda p: p * p / 2560,
+                         lambda p: KNOB["factor"] * 2 * p / 2560)  # fmt: skip
+#: Σ relu(p) with torch's own convention at 0 (p > 0), and Σ|p| with +1 at 0: one side's
+#: derivative at a kink
+ReluOwn = elementwise("reluown", torch.relu, lambda p: (p > 0).to(p.dtype))
+AbsRight = elementwise("absright", torch.abs, lambda p: torch.where(p >= 0, 1.0, -1.0).to(p.dtype))
+
+
+@pytest.mark.parametrize("factor", [2.0, 1.2, 1.001])
+def test_wrong_backwards_are_refused_at_any_size_and_any_gradient_scale(factor) -> None:
+    """Above 4,096 elements nothing but GRADS checked the backward: one 2x the gradient,
+    GRADS alike, trained on the default MLP (84k weights); and gradcheck's absolute
+    tolerance, 1e-5, passed a backward 1.2x the gradient of a mean, whose gradients are
+    below 1e-4 (a probe's). Finite differences along random directions of all the
+    parameters, agreement asked within 1e-6 relative, refuse both, and 1.001x; the right
+    backwards pass."""
+    torch.manual_seed(0)
+    big, small = MLP((1, 8, 8), 10), nn.Sequential(nn.Linear(256, 10))
+    refused = r"disagrees with finite differences of its value|no difference that resolves"
+    KNOB["factor"] = factor
+    _LogCosh.scale = factor
+    try:
+        with pytest.raises(ValueError, match=refused):
+            LogCoshScaled("logcosh", coef=0.01).bind(big).check_gradient()
+        with pytest.raises(ValueError, match=refused):
+            MeanSquare("meansq", coef=0.1).bind(small).check_gradient()
+        KNOB["factor"] = 1.0
+        _LogCosh.scale = 1.0
+        LogCosh("logcosh", coef=0.01).bind(big).check_gradient()
+        MeanSquare("meansq", coef=0.1).bind(small).check_gradient()
+        MyL1("myl1", coef=0.1).bind(big).check_gradient()  # (|p|: no weight at its kink)
+    finally:
+        KNOB["factor"] = 2.0
+        _LogCosh.scale = 1.0
+
+
+def test_a_backward_taking_one_sides_derivative_at_a_kink_is_accepted(caplog) -> None:
+    """relu's p > 0 and |p|'s +1 at weights exactly 0 are one side's derivative there: the
+    central difference of 1e-9 (their mean) decided and refused them (a probe's); that side's
+    difference of 1e-9 agrees, in the element check and along one-signed directions of all
+    the weights at once. Trained, warned; at 84k weights too. A backward wrong at such a
+    weight (relu's derivative 2 for p ≥ 0) is still refused."""
+    small, big = nn.Sequential(nn.Linear(3, 24)), MLP((1, 8, 8), 10)
+    with torch.no_grad():
+        for model in (small, big):
+            for p in model.parameters():
+                p[: p.shape[0] // 2].zero_()  # (half of each tensor exactly 0)
+    for regularizer in (ReluOwn, AbsRight):
+        for model in (small, big):
+            regularizer(regularizer.__name__, coef=0.1).bind(model).check_gradient()
+    wrong = elementwise("relu2", torch.relu, lambda p: 2 * (p >= 0).to(p.dtype))
+    for model in (small, big):
+        with pytest.raises(ValueError):
+            wrong("relu2", coef=0.1).bind(model).check_gradient()
+
+
+def test_a_regularizer_drawing_random_numbers_is_named_as_such_and_moves_no_state() -> None:
+    """A value with noise was refused as "not λ times its value at λ = 1", blaming λ, and
+    its draws moved the run's generator (a probe's): named as random, the states as they
+    were."""
+    noisy = elementwise("noisy", lambda p: p * p * (1 + 1e-3 * torch.randn(())), lambda p: 2 * p)
+    torch.manual_seed(0)
+    regularizer = noisy("noisy", coef=0.1).bind(nn.Sequential(nn.Linear(3, 4)))
+    before = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"its value at the same parameters was .*, then .*: "
+                       r"a regularizer must be a function of the parameters alone"):  # fmt: skip
+        regularizer.check_gradient()
+    assert torch.equal(torch.get_rng_state(), before)

@@ -28,6 +28,7 @@ from torch.autograd.gradcheck import GradcheckError
 
 from trainer.callbacks import Stateful, few
 from trainer.precision import is_long, long_norm, wide_dtype, widen
+from trainer.rng import forked_rng
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,14 @@ def _kink_tolerant(fn: Callable[..., Tensor], copies: list[Tensor], names: list[
                 up, down = ends(1e-9)
                 central = (up - down) / 2e-9
                 ok = judge(central, 1e-9)
+                if ok is False:  # a kink within 1e-9 (a weight exactly at it): a backward
+                    # taking one side's derivative (relu's p > 0 at 0) agrees with that side's
+                    # difference of 1e-9 (it was refused, the central mean deciding: a probe's)
+                    # (within its roundoff: a side's slope of 0 is not resolved relative to
+                    # itself, but the central difference resolved the kink's other side)
+                    noise = 4 * abs(base) * eps / 1e-9
+                    sides = [(up - base) / 1e-9, (base - down) / 1e-9]
+                    ok = any(abs(d - a) <= noise + 1e-3 * abs(a) + 1e-9 for d in sides)
                 if ok is None:  # (not resolved at 1e-9: a kink's other side, or coarser)
                     up, down = ends(1e-6)
                     sides = [(up - base) / 1e-6, (base - down) / 1e-6]
@@ -87,6 +96,79 @@ def _kink_tolerant(fn: Callable[..., Tensor], copies: list[Tensor], names: list[
                     return (f"{name}{at} (at {old!r}, its backward {a:.6g}; the central "
                             f"difference of 1e-9 {central:.6g})")  # fmt: skip
     return ""
+
+
+#: relative agreement of a directional derivative with its finite difference: a central
+#: difference's truncation error at the steps below is far smaller for any R smooth at the
+#: scale of a parameter (h²·R‴/R′, about 1e-12 at h = 1e-6), and a backward off by 1e-4 is
+#: still told apart (gradcheck's absolute 1e-5 passed one 1.2x the true gradient where it
+#: was small, a probe's)
+DIRECTIONAL_RTOL = 1e-6
+
+
+def _directional(
+    fn: Callable[..., Tensor], copies: list[Tensor], gen: torch.Generator
+) -> tuple[str, str]:
+    """``fn``'s backward against finite differences of ``fn`` along random directions of all
+    its parameters at once: any size, a few evaluations of R (above 4,096 elements nothing
+    but the comparison with ``GRADS`` checked the backward, and a backward 2x the gradient,
+    ``GRADS`` alike, trained: a probe's). Each direction is of one sign (all ≥ 0, then all
+    ≤ 0), so that a backward taking one side's derivative at a kink (relu's ``p > 0`` at 0)
+    agrees with that side's one-sided difference on every element at once; central ones
+    agree with a backward taking their mean (sign(0) = 0). Steps 1e-9 to 1e-3; a difference
+    counts where its roundoff, 4|R|·2⁻⁵²/h, is within 1e-3 of the derivative.
+
+    Returns ("", "") where every direction agrees with some difference; ("wrong", what)
+    where differences resolve it, the central ones of two steps agree with each other and
+    none with the backward (a backward wrong at the parameters); ("unresolved", what)
+    otherwise (a kink or steep curvature within a step, or R too large beside its
+    gradient)."""
+    work = [c.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
+            for c in copies]  # fmt: skip
+    value = fn(*work)
+    grads = torch.autograd.grad(value, work, allow_unused=True)
+    grads = tuple(torch.zeros_like(c) if g is None else g for c, g in zip(work, grads, strict=True))
+    base, eps = float(value.detach()), 2**-52
+    verdict = ("", "")
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            v = [sign * torch.randn(c.shape, generator=gen, dtype=c.dtype).abs().to(c.device)
+                 for c in work]  # fmt: skip
+            auto = float(sum((g * d).sum() for g, d in zip(grads, v, strict=True)))
+
+            def at(h: float, v: list[Tensor] = v) -> float:
+                return float(fn(*[c + h * d for c, d in zip(work, v, strict=True)]))
+
+            agreed = False
+            centrals: list[tuple[float, float]] = []
+            seen: list[float] = []
+            for h in (1e-9, 1e-7, 1e-5, 1e-3):
+                up, down = at(h), at(-h)
+                noise = 4 * max(abs(up), abs(down), abs(base)) * eps / h
+                central = (up - down) / (2 * h)
+                for d in (central, (up - base) / h, (base - down) / h):
+                    if noise > 1e-3 * max(abs(d), abs(auto)):  # (not resolved at this step)
+                        continue
+                    seen.append(d)
+                    if abs(d - auto) <= noise + DIRECTIONAL_RTOL * max(abs(d), abs(auto)):
+                        agreed = True
+                if noise <= 1e-3 * max(abs(central), abs(auto)):
+                    centrals.append((central, noise))
+                if agreed:
+                    break
+            if agreed:
+                continue
+            shown = ", ".join(f"{d:.9g}" for d in seen[:4]) or "resolve nothing"
+            what = (f"along a random direction of {'+' if sign > 0 else '-'}|N(0, 1)| entries "
+                    f"its backward gives {auto:.9g}, the differences {shown}")  # fmt: skip
+            stable = any(
+                abs(a - b) <= na + nb + DIRECTIONAL_RTOL * max(abs(a), abs(b))
+                for (a, na), (b, nb) in zip(centrals, centrals[1:], strict=False)
+            )
+            if stable:
+                return "wrong", what
+            verdict = ("unresolved", what)
+    return verdict
 
 
 def _l2_grad(p: Tensor) -> Tensor:
@@ -287,51 +369,90 @@ class Regularizer(Stateful):
         named = [*zip(self.names, self.params, strict=True), *self._frozen]
         if not named:
             return
+        # on copies of the random states (a regularizer drawing random numbers moved the
+        # run's: a probe's), as the other checks before training
+        with forked_rng(named[0][1].device):
+            self._check_gradient(named)
+
+    def _check_gradient(self, named: Sequence[tuple[str, Tensor]]) -> None:
         names = [n for n, _ in named]
         copies = [p.detach().double().clone().requires_grad_() for _, p in named]
         # at λ = 1 (at λ = 0 both sides were 0 and any GRADS passed: a review), and at the
         # run's λ (a backward that ignores it)
         for coef in dict.fromkeys(c for c in (1.0, float(self.coef)) if c != 0.0):
             self._check_backward(names, copies, coef)
+        with torch.no_grad():  # R a function of the parameters (a noisy one was refused as
+            # a forward leaving λ out, a probe's)
+            first, again = (float(self.fn(*copies, coef=1.0)) for _ in range(2))
+        if first != again and not (math.isnan(first) and math.isnan(again)):
+            raise ValueError(
+                f"regularizer {self.name} ({type(self).__name__}): its value at the same "
+                f"parameters was {first!r}, then {again!r}: a regularizer must be a function "
+                "of the parameters alone (no random numbers, no state of its own), as its "
+                "GRADS, the checks of its backward and grad_norm/reg take it"
+            )
         self._check_value_scales(copies)
-        if sum(c.numel() for c in copies) <= 4096:
 
-            def fn(*ps: Tensor) -> Tensor:  # R itself (λ = 1): gradcheck's tolerances are
-                # absolute, and λ R's gradient at an l1's λ = 1e-6 passed them whatever the
-                # backward (a review: twice, none or the opposite, all accepted)
-                return self.fn(*ps, coef=1.0)
+        def fn(*ps: Tensor) -> Tensor:  # R itself (λ = 1): gradcheck's tolerances are
+            # absolute, and λ R's gradient at an l1's λ = 1e-6 passed them whatever the
+            # backward (a review: twice, none or the opposite, all accepted)
+            return self.fn(*ps, coef=1.0)
 
-            try:
-                torch.autograd.gradcheck(fn, tuple(copies))  # (its float64 defaults)
-            except GradcheckError as e:
-                first = str(e).strip().splitlines()[0]
-                # a correct backward fails where R has a kink (or a steep curvature) within
-                # gradcheck's step, 1e-6, of the parameters: l1's |p| at a weight near 0 (a
-                # pretrained one, or one an l1 run drove there). Element by element, the
-                # difference on the kink's other side (forward or backward, step 1e-6) or a
-                # central one of step 1e-9 (a steep curvature; where its roundoff resolves
-                # the gradient to 0.1 %) agrees with a correct backward; a backward wrong at
-                # the parameters (a dead zone forgotten, a factor) agrees with none.
-                # (Retries at moved parameters, or a 1e-9 gradcheck with a tolerance that
-                # grows with |R|, let wrong backwards through or refused correct ones: five
-                # reviews.)
-                wrong = _kink_tolerant(fn, copies, names)
-                if wrong:
-                    raise ValueError(
-                        f"regularizer {self.name} ({type(self).__name__}): its Function's "
-                        f"backward fails torch.autograd.gradcheck ({first}), and on {wrong} "
-                        "no difference that resolves the gradient agrees with it (a central "
-                        "one of step 1e-9 where it resolves it, else one-sided ones of 1e-6 or "
-                        "central ones of 1e-5 to 1e-3)"
-                    ) from e
-                log.warning(
-                    "regularizer %s (%s): its Function's backward fails torch.autograd."
-                    "gradcheck with its step of 1e-6 (%s), and agrees with a one-sided "
-                    "difference or one of step 1e-9 on every element: the parameters sit "
-                    "within 1e-6 of a point where the regularizer is not differentiable (as "
-                    "|p| at 0) or curves steeply; trained with its backward",
-                    self.name, type(self).__name__, first,
-                )  # fmt: skip
+        small = sum(c.numel() for c in copies) <= 4096
+        if small:
+            self._gradcheck(fn, copies, names)  # (element by element where it fails)
+        # along random directions, at any size (a generator of its own, on the CPU: the
+        # run's random states stay as they were)
+        kind, what = _directional(fn, copies, torch.Generator().manual_seed(0))
+        if kind == "wrong":
+            raise ValueError(
+                f"regularizer {self.name} ({type(self).__name__}): its Function's backward "
+                f"disagrees with finite differences of its value ({what}; agreement within "
+                f"{DIRECTIONAL_RTOL:g} relative is asked, and the differences agree with each "
+                "other at two steps): the backward, and GRADS alike, are not the gradient of R"
+            )
+        if kind == "unresolved" and not small:
+            log.warning(
+                "regularizer %s (%s): finite differences of its value along random "
+                "directions neither confirm nor refute its Function's backward (%s: a kink or "
+                "a steep curvature within a step of the parameters, or a value too large beside "
+                "its gradient); trained with its backward unconfirmed",
+                self.name, type(self).__name__, what,
+            )  # fmt: skip
+
+    def _gradcheck(self, fn: Callable[..., Tensor], copies: list[Tensor], names: list[str]) -> None:
+        """``torch.autograd.gradcheck`` of R, and element by element where it fails."""
+        try:
+            torch.autograd.gradcheck(fn, tuple(copies))  # (its float64 defaults)
+        except GradcheckError as e:
+            first = str(e).strip().splitlines()[0]
+            # a correct backward fails where R has a kink (or a steep curvature) within
+            # gradcheck's step, 1e-6, of the parameters: l1's |p| at a weight near 0 (a
+            # pretrained one, or one an l1 run drove there). Element by element, the
+            # difference on the kink's other side (forward or backward, step 1e-6) or a
+            # central one of step 1e-9 (a steep curvature; where its roundoff resolves
+            # the gradient to 0.1 %) agrees with a correct backward; a backward wrong at
+            # the parameters (a dead zone forgotten, a factor) agrees with none.
+            # (Retries at moved parameters, or a 1e-9 gradcheck with a tolerance that
+            # grows with |R|, let wrong backwards through or refused correct ones: five
+            # reviews.)
+            wrong = _kink_tolerant(fn, copies, names)
+            if wrong:
+                raise ValueError(
+                    f"regularizer {self.name} ({type(self).__name__}): its Function's "
+                    f"backward fails torch.autograd.gradcheck ({first}), and on {wrong} "
+                    "no difference that resolves the gradient agrees with it (a central "
+                    "one of step 1e-9 where it resolves it, else one-sided ones of 1e-6 or "
+                    "central ones of 1e-5 to 1e-3)"
+                ) from e
+            log.warning(
+                "regularizer %s (%s): its Function's backward fails torch.autograd."
+                "gradcheck with its step of 1e-6 (%s), and agrees with a one-sided "
+                "difference or one of step 1e-9 on every element: the parameters sit "
+                "within 1e-6 of a point where the regularizer is not differentiable (as "
+                "|p| at 0) or curves steeply; trained with its backward",
+                self.name, type(self).__name__, first,
+            )  # fmt: skip
 
     def _check_value_scales(self, copies: list[Tensor]) -> None:
         """Its value at the run's λ is λ times its value at 1 (``reg/<name>`` logs it: a
