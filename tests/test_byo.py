@@ -344,6 +344,28 @@ def test_a_losss_own_metric_does_not_change_what_is_monitored() -> None:
     assert MAEInstead().monitor == "val/loss"
 
 
+class GaussianNLL(MSE):
+    """A regression loss whose model returns a mean and a log-variance, (B, 2): no val/mse
+    compares that with the targets, so its metrics leave it out."""
+
+    metrics = ("val/loss",)  # type: ignore[assignment]
+
+    def forward(self, output, target):
+        mean, log_var = output.unbind(1)
+        return 0.5 * (log_var + (target - mean) ** 2 / log_var.exp())
+
+
+def test_a_regression_loss_leaving_val_mse_out_validates_and_monitors_val_loss() -> None:
+    """It failed at the first validation, the base val_sums computing the val/mse its metrics
+    left out (a review's): val/loss alone, monitored, and no first-step warning."""
+    out, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    loss = GaussianNLL()
+    sums = loss.val_sums(out, y)
+    assert set(sums) == {"val/loss"} and loss.monitor == "val/loss"
+    assert sums["val/loss"].tolist() == pytest.approx([float(loss(out, y).sum()), 5.0])
+    assert loss.check_targets(out, y) is None
+
+
 def test_a_losss_overridden_monitor_is_what_the_run_returns(tmp_path) -> None:
     m = train(tmp_path, "data=diabetes", "~loss", f"+loss._target_={__name__}.MAEMonitored",
               "trainer.max_steps=3")  # fmt: skip

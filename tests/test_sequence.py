@@ -8,6 +8,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1389,3 +1390,66 @@ def test_the_micro_batch_objective_curvature_measures_is_the_token_average(avera
     torch.testing.assert_close(got, want)
     pad = torch.full_like(y, -100)
     assert float(objective.batch_objective(loss(logits, pad), logits, pad, torch.arange(3))) == 0
+
+
+class TextUntokenized(Text):
+    def collate(self, samples):  # (tokenizing forgotten: the strings as they are)
+        return np.array([t for t, _ in samples]), torch.zeros(len(samples), 6, dtype=torch.long)
+
+
+class NeedsTwo(PaddedRagged):
+    def collate(self, samples):
+        assert len(samples) > 1, "need at least two samples"
+        return super().collate(samples)
+
+
+class ShiftedLabels(PaddedRagged):
+    """Targets stored one up, and ``targets`` with them; the collate takes 1 off."""
+
+    @property
+    def targets(self):
+        return torch.stack([torch.cat([self.y[i, :n] + 1, torch.full((6 - n,), PAD)])
+                            for i, n in enumerate(self.lengths)])  # fmt: skip
+
+    def collate(self, samples):
+        return super().collate([(x, y - 1) for x, y in samples])
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (TextUntokenized, TypeError, r"TextUntokenized.collate of indices \[0\] returned x as a "
+                                     r"NumPy array of <U\d+, shape \(1,\), which torch.as_tensor "
+                                     r"refuses"),
+        (NeedsTwo, AssertionError, r"need at least two samples"),
+        (ShiftedLabels, ValueError, r"but ShiftedLabels\[0\] through its collate gives the target"),
+    ],
+)  # fmt: skip
+def test_a_collate_the_checks_before_training_cannot_use_is_named(make, error, match) -> None:
+    """A collate's NumPy result torch refuses gave torch's words alone; one refusing the
+    checks' batch of one stopped the setup unnamed; a targets mismatch blamed __getitem__
+    where the collate changed the labels (a review's)."""
+
+    class Data(RaggedTags):
+        def load(self):
+            train, val = super().load()
+            return make(train.x, train.y, train.lengths), make(val.x, val.y, val.lengths)
+
+    with pytest.raises(error, match=match) as raised:
+        Data(kind="padded", batch_size=5, num_workers=0).setup(CPU, 0)
+    if make is NeedsTwo:
+        assert "as a batch of one" in "".join(raised.value.__notes__)
+
+
+def test_the_input_shape_of_collated_data_is_said_only_where_the_samples_vary(caplog) -> None:
+    """Taken from the first sample; said where the last one, through the collate, has
+    another shape (it was said for a collate padding every batch to one length too)."""
+    said = "sets no input_shape"
+    for kind, varies in (("padded", False), ("longest", True)):
+        data = RaggedTags(kind=kind, batch_size=5, num_workers=0)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            data.setup(CPU, 0)
+        train_split, _ = data.load()
+        last = train_split.lengths[-1]
+        assert (said in caplog.text) == (varies and last != 6), kind

@@ -108,7 +108,8 @@ class Loss(Stateful):
         returns a mean and a log-variance trained a whole epoch, then failed naming loss=mse:
         a probe's); not an error, as validation takes the model's eval-mode output, which may
         differ (a review's false refusal), and fails there with these words if it does not."""
-        if self.task != "regression" or type(self).val_sums is not Loss.val_sums:
+        if (self.task != "regression" or type(self).val_sums is not Loss.val_sums
+                or "val/mse" not in self.metrics):  # fmt: skip
             return None
         return None if _comparable(output, target) else _val_mse_shapes(self, output, target)
 
@@ -154,10 +155,13 @@ class Loss(Stateful):
             sums = {"val/loss": torch.stack([losses.sum(), n])}
         else:  # the loss's own average Σuℓ / Σu, as train/loss
             sums = {"val/loss": torch.stack([(losses * units).sum(), units.sum()])}
-        if self.task == "classification":
+        # (the task's metric where ``metrics`` lists it: a regression loss listing only
+        # val/loss, its model's output a mean and a log-variance, failed at the first
+        # validation computing the val/mse it left out, a review's)
+        if self.task == "classification" and "val/acc" in self.metrics:
             correct = (output.argmax(dim=1) == target).sum().to(output.dtype)
             sums["val/acc"] = torch.stack([_unless_nonfinite(correct, output), n])
-        elif self.task == "regression":
+        elif self.task == "regression" and "val/mse" in self.metrics:
             said = self.check_targets(output, target)
             if said:
                 raise ValueError(said)

@@ -425,7 +425,21 @@ class CollatedIndexedDataset(BatchedIndexedDataset):
                 f"{name} returned a {type(batch).__name__}; it returns the batch as an (x, y) "
                 "pair of tensors, B samples each"
             )
-        x, y = (torch.as_tensor(v) if isinstance(v, np.ndarray) else _numbers(v) for v in batch)
+        parts = []
+        for what, v in zip("xy", batch, strict=True):
+            if isinstance(v, np.ndarray):
+                try:
+                    v = torch.as_tensor(v)
+                except (TypeError, ValueError, RuntimeError) as e:  # (strings, objects,
+                    # negative strides: torch's words alone, a review's)
+                    raise TypeError(
+                        f"{name} returned {what} as a NumPy array of {v.dtype}, shape "
+                        f"{v.shape}, which torch.as_tensor refuses ({e}); return tensors (of "
+                        "numbers: tokenize text in the collate; np.ascontiguousarray for "
+                        "negative strides)"
+                    ) from e
+            parts.append(_numbers(v))
+        x, y = parts
         for what, v in (("x", x), ("y", y)):
             if not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] != len(indices):
                 got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
@@ -632,7 +646,8 @@ def _check_targets(
         return
     n, cls = len(split), type(split).__name__  # type: ignore[arg-type]
     fix = ("make it the samples' targets, in order (as __getitem__ returns them: a "
-           "target_transform's output), or hand the trainer a Dataset without it (a "
+           "target_transform's output; with a collate of the Dataset's own, as it makes a "
+           "sample's row), or hand the trainer a Dataset without it (a "
            "torch.utils.data.Subset(ds, range(len(ds))) has none)")  # fmt: skip
     if len(targets) != n:
         raise ValueError(
@@ -645,9 +660,11 @@ def _check_targets(
         y = y if isinstance(y, Tensor) else torch.as_tensor(y)  # (a Python float: float32)
         if not _same_targets(y.detach(), targets[i]):
             kept = targets[i]
+            how = f"{cls}[{i}]" if _own_collate(split) is None else (
+                f"{cls}[{i}] through its collate")  # fmt: skip
             raise ValueError(
                 f"data: the {name} split's {cls}.targets[{i}] is {kept.tolist()!r} "
-                f"({kept.dtype}), but {cls}[{i}] gives the target {y.tolist()!r} ({y.dtype}); "
+                f"({kept.dtype}), but {how} gives the target {y.tolist()!r} ({y.dtype}); "
                 f"the trainer checks the labels and counts the classes from .targets: {fix}"
             )
 
@@ -708,8 +725,25 @@ def _as_batched(split: Dataset, i: int) -> tuple[Any, Any]:
     collate = _own_collate(split)
     if collate is None:
         return x, y
-    x, y = CollatedIndexedDataset.checked(collate([(x, y)]), [i], type(split).__name__)
+    try:
+        batch = collate([(x, y)])
+    except Exception as e:  # (named: a collate refusing a batch of one stopped the setup
+        # with its own words alone, a review's)
+        name = _collate_name(type(split).__name__, [i])
+        e.add_note(f"({name} raised it: the checks before training pass each sample they "
+                   "look at through it as a batch of one)")  # fmt: skip
+        raise
+    x, y = CollatedIndexedDataset.checked(batch, [i], type(split).__name__)
     return x[0], y[0]
+
+
+def _varies(split: TensorSplit | Dataset, first: tuple[int, ...]) -> bool:
+    """Whether the last sample, as the batches give it, has another input shape than the
+    first's (a collate padding to a fixed length: not said, a review's)."""
+    n = len(split)  # type: ignore[arg-type]
+    if isinstance(split, TensorSplit) or n < 2:
+        return False
+    return tuple(torch.as_tensor(_as_batched(split, n - 1)[0]).shape) != first
 
 
 def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple[Tensor, Any]:
@@ -833,10 +867,12 @@ class DataModule(abc.ABC):
             _check_targets(val, self.val_targets, "validation")
             if self.val_targets is None and len(val):  # type: ignore[arg-type]
                 self.first_val_target = torch.as_tensor(_first_sample(val, "validation")[1])
+            varies = (self.input_shape is None and _own_collate(train) is not None
+                      and _varies(train, tuple(x0.shape)))  # fmt: skip
         self.first_target = torch.as_tensor(y0)  # (an int label collates to int64, as here)
         if self.input_shape is None:
             self.input_shape = tuple(x0.shape)
-            if _own_collate(train) is not None:  # (variable-length samples: one of them)
+            if varies:
                 log.warning(
                     "data: %s sets no input_shape: taken as its first training sample's, %s, as "
                     "its collate batches it alone; with samples of variable length, a model "
