@@ -457,6 +457,11 @@ class _NoSuper(Weighting):
         return torch.ones_like(losses)
 
 
+class _ClampsInPlace(Weighting):
+    def raw(self, losses, logits, targets, indices):
+        return losses.clamp_(max=0.5)  # (in place: the losses the trainer logs)
+
+
 class _WrongShape(Weighting):
     def raw(self, losses, logits, targets, indices):
         return torch.ones(losses.shape[0] - 1)
@@ -579,6 +584,9 @@ def test_a_strategy_of_ones_own_that_breaks_the_base_class_is_named(tmp_path) ->
         train(tmp_path / "a", *common, f"weighting._target_={__name__}._NoSuper")
     with pytest.raises(WeightError, match=r"_WrongShape: raw\(\) returned weights of shape"):
         train(tmp_path / "b", *common, f"weighting._target_={__name__}._WrongShape")
+    # (a raw() clamping the losses in place: train/loss logged 0.5 for 2.27, a probe's)
+    with pytest.raises(WeightError, match=r"_ClampsInPlace: raw\(\) changed its losses in place"):
+        train(tmp_path / "c", *common, f"weighting._target_={__name__}._ClampsInPlace")
 
 
 def test_the_guard_names_a_weighting_that_went_non_finite_after_its_first_call(tmp_path):

@@ -91,6 +91,11 @@ def _describe_bad(values: Tensor, what: str) -> str | None:
     return f"{what} must be finite and >= 0; bad at {_shown(values, bad)}"
 
 
+def _version(t: object) -> int | None:
+    """A tensor's version counter (None for anything else)."""
+    return t._version if isinstance(t, Tensor) else None
+
+
 def _class_name(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
@@ -274,7 +279,22 @@ class Weighting(Stateful, abc.ABC):
         # passed 65504 and every weight was r / Inf = 0, no gradient and no NaN; bfloat16 kept
         # 3 digits of each weight)
         dtype = units_dtype(losses.dtype)
+        own = _own(self)
+        inputs = (losses, logits, targets, indices)
+        versions = [_version(t) for t in inputs] if own else []
         r = self.raw(losses.detach(), logits.detach(), targets, indices)
+        if own and versions != [_version(t) for t in inputs]:
+            # (metadata: a raw() clamping the losses in place changed the train/loss the
+            # trainer logs from them, unsaid: a probe's 0.5 for 2.27)
+            changed = [name for name, t, v in zip(("losses", "logits", "targets", "indices"),
+                                                  inputs, versions, strict=True)
+                       if _version(t) != v]  # fmt: skip
+            raise WeightError(
+                f"weighting {_class_name(self)}: raw() changed its {', '.join(changed)} in place "
+                "(the trainer logs train/loss and the metrics from them, and the backward needs "
+                "them as they were): compute the weights out of place (losses.clamp(...), not "
+                "losses.clamp_(...))"
+            )
         if not isinstance(r, Tensor):
             raise WeightError(
                 f"weighting {_class_name(self)}: raw() returned a {type(r).__name__}, not a "
@@ -292,7 +312,7 @@ class Weighting(Stateful, abc.ABC):
                 f"weighting {_class_name(self)}: raw() returned weights of shape "
                 f"{tuple(r.shape)} for losses of shape {tuple(losses.shape)} (one per sample)"
             )
-        if _own(self):  # (the built-ins' are finite and >= 0: tested)
+        if own:  # (the built-ins' are finite and >= 0: tested)
             self._check_raw(r)
         if units is not None:
             units = units.to(dtype)
