@@ -306,7 +306,10 @@ def test_a_tag_staged_in_two_hooks_of_one_step_is_refused(
     callbacks = [StagesIn(second, tag)] if first is None else [StagesIn(first, tag),
                                                               StagesIn(second, tag)]  # fmt: skip
     one_batch = ["data.batch_size=2000", "instrument.norms.every_n_steps=1"]  # (epochs of 1 step)
-    with pytest.raises(ValueError, match=f"'{tag}' was staged twice for step 1, in two of"):
+    # (an instrument's tag staged by a callback: refused as another stager's, where staged)
+    refused = (f"'{tag}' was staged twice for step 1, in two of" if tag == "u/x"
+               else f"'{tag}' is staged by StagesIn .* and by Norms")  # fmt: skip
+    with pytest.raises(ValueError, match=refused):
         train(tmp_path, *TINY, *one_batch, f"logging.every_n_steps={every}",
               "trainer.max_steps=3", callbacks=callbacks)  # fmt: skip
     # one hook a step, at every step: no complaint

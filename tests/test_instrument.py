@@ -2557,3 +2557,21 @@ def test_a_forked_body_leaves_every_generator_where_it_was(raises) -> None:
         torch.set_rng_state(state[0])
         random.setstate(state[1])
         np.random.set_state(state[2])
+
+
+class StagesAnInstrumentsTag(Callback):
+    """Stages ``grad_norm/net.1.weight`` at steps of its own (2 and 7)."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step in (2, 7):
+            trainer.stage_scalars({"grad_norm/net.1.weight": -1000.0 - out.step})
+
+
+def test_a_callback_staging_an_instruments_tag_is_refused_naming_both(tmp_path) -> None:
+    """Its points went into the norms instrument's curve of that parameter, unsaid
+    ([(2, -1002), (5, 0.108), (7, -1007), (10, 0.169)], a probe's): refused where the second
+    stager first stages it, naming both."""
+    with pytest.raises(ValueError, match=r"'grad_norm/net.1.weight' is staged by Norms .* and "
+                       r"by StagesAnInstrumentsTag"):  # fmt: skip
+        train(tmp_path, "trainer.max_steps=10", "instrument.norms.every_n_steps=5",
+              callbacks=[StagesAnInstrumentsTag()])  # fmt: skip

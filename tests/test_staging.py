@@ -124,3 +124,18 @@ def test_an_instruments_view_is_checked_from_the_end_of_its_step() -> None:
     staging.stage({("u/a", "u/b"): base[:2]}, own=False)
     base[2:].add_(1.0)
     assert staging.write(staging.take_scalars(1), 1, log) == {"u/a": 0.0, "u/b": 0.0}
+
+
+def test_an_inference_tensor_staged_is_its_value_when_staged() -> None:
+    """A tensor made under torch.inference_mode() has no version counter: changed in place
+    after it was staged, its new value was written, unsaid (a probe's 1111 for 111). Copied
+    when staged."""
+    staging, log = Staging(), Recorder()
+    with torch.inference_mode():
+        value = torch.tensor(111.0)
+    staging.stage({"u/x": value})
+    staging.stage_histogram("u/h", value.reshape(1))
+    with torch.inference_mode():
+        value.add_(1000.0)
+    got = staging.write(staging.take_scalars(1), 1, log)
+    assert got == {"u/x": 111.0, "u/h_mean": 111.0, "u/h_max": 111.0}

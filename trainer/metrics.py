@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from trainer.callbacks import LOOP_PREFIXES, LOOP_TAGS
+from trainer.callbacks import LOOP_PREFIXES, LOOP_TAGS, Callback
 from trainer.instrument.histograms import host_histogram
 from trainer.logger import Scalars, to_host_many
 from trainer.precision import LOW_PRECISION, sum_dtype, widen
@@ -62,6 +64,20 @@ def _check_names(tags: Iterable[object], what: str) -> None:
             )
 
 
+def _stager() -> str:
+    """The callback whose hook is staging (the nearest ``self`` up the stack that is a
+    :class:`~trainer.callbacks.Callback`), by class and id; "the trainer" for none."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            break
+        me = frame.f_locals.get("self")
+        if isinstance(me, Callback):
+            return f"{type(me).__qualname__} (at {id(me):#x})"
+        frame = frame.f_back
+    return "the trainer"
+
+
 def _check_new(tags: Iterable[str], taken: Any, what: str) -> None:
     """None of ``tags`` already in ``taken`` (a set or a dict's keys: staged for this step)."""
     if not taken.isdisjoint(tags):
@@ -93,6 +109,9 @@ class Staging:
         self._taken: tuple[int, set[str]] = (-1, set())
         #: keys whose tags were checked (strings, none the loop's own)
         self._known: set[object] = set()
+        #: each tag's stager (the callback staging it when its key was first seen): a
+        #: callback staging an instrument's tag mixed its points into that curve, unsaid
+        self._owners: dict[str, str] = {}
         #: histograms staged this step whose NaN values stand for samples without a value (not
         #: counted): the call's, kept with its step (a set for the run silenced a tag's count
         #: on every step, earlier ones waiting to be written included, and a resumed run's
@@ -135,13 +154,29 @@ class Staging:
         """``tags`` (of ``key``) strings, none the loop's own (checked once per key: an
         instrument builds its tags once and stages them every step), none staged before
         for this step."""
+        if not self._tags.isdisjoint(tags):
+            _check_new(tags, self._tags, what)
         if key not in self._known:
             _check_names(tags, what)
+            self._check_owner(tags, what)
             if len(self._known) > 4096:  # (tags made anew at each step: kept bounded)
                 self._known.clear()
             self._known.add(key)
-        if not self._tags.isdisjoint(tags):
-            _check_new(tags, self._tags, what)
+
+    def _check_owner(self, tags: tuple[Any, ...], what: str) -> None:
+        """None of ``tags`` staged by another callback before (a probe's callback staging
+        ``grad_norm/<param>`` at steps of its own put its points into the norms instrument's
+        curve, unsaid). Where a key is first seen only: one look up the stack."""
+        owner = _stager()
+        if len(self._owners) > 65536:  # (tags made anew at each step: kept bounded)
+            self._owners.clear()
+        for tag in tags:
+            other = self._owners.setdefault(tag, owner)
+            if other != owner:
+                raise ValueError(
+                    f"{what}: {tag!r} is staged by {owner} and by {other}: their points would "
+                    "be one curve; name yours otherwise"
+                )
 
     def stage_histogram(self, tag: str, values: Tensor, count_nonfinite: bool = True) -> None:
         """Queue a short 1-D tensor to bin on the host (``Trainer.stage_histogram``)."""
@@ -327,8 +362,10 @@ def _own(v: Tensor) -> Tensor:
     """A staged view, copied (one small kernel; other tensors as they are): a view shares its
     base's version counter, so a change to it in place (a gradient's slice, clipped later in
     its step; a weight's, by the optimizer's update) could not be told from a change to
-    another slice of the base, and the value written was the one at the read."""
-    return v.detach().clone() if v._is_view() else v
+    another slice of the base, and the value written was the one at the read. A tensor made
+    under ``torch.inference_mode()`` has no counter at all: copied too (its change in place
+    was written, unsaid, a probe's)."""
+    return v.detach().clone() if v._is_view() or v.is_inference() else v
 
 
 def _name(fn: Any) -> str:
