@@ -2575,3 +2575,22 @@ def test_a_callback_staging_an_instruments_tag_is_refused_naming_both(tmp_path) 
                        r"by StagesAnInstrumentsTag"):  # fmt: skip
         train(tmp_path, "trainer.max_steps=10", "instrument.norms.every_n_steps=5",
               callbacks=[StagesAnInstrumentsTag()])  # fmt: skip
+
+
+class StagesAt(Callback):
+    """Stages ``{"acc/x": 1.0}`` at the given steps."""
+
+    def __init__(self, *steps: int) -> None:
+        self.steps = steps
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step in self.steps:
+            trainer.stage_scalars({"acc/x": 1.0})
+
+
+def test_one_tag_staged_by_two_callbacks_at_steps_of_their_own_is_refused(tmp_path) -> None:
+    """The same key staged by a second callback at another step was not looked at again
+    (only a key's first sighting was): their points made one curve (a review's)."""
+    with pytest.raises(ValueError, match=r"'acc/x' is staged by StagesAt .* and by StagesAt"):
+        train(tmp_path, "trainer.max_steps=4", callbacks=[StagesAt(1), StagesAt(3)])
+    train(tmp_path / "one", "trainer.max_steps=4", callbacks=[StagesAt(1, 3)])  # (one: fine)

@@ -828,3 +828,49 @@ def test_a_regularizer_drawing_random_numbers_is_named_as_such_and_moves_no_stat
                        r"a regularizer must be a function of the parameters alone"):  # fmt: skip
         regularizer.check_gradient()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def _million(crowded: bool = False) -> nn.Module:
+    """A 1000 × 1000 weight of N(0, 0.02); ``crowded``: 30 % of it exactly 0 and 30 % within
+    1e-8 of 0 (an l1 run's)."""
+    model = nn.Sequential(nn.Linear(1000, 1000, bias=False))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        w = model[0].weight.view(-1)
+        w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+        if crowded:
+            n = w.numel() * 3 // 10
+            w[:n] = 0
+            w[n : 2 * n] = torch.randn(n, generator=g) * 1e-8
+    return model
+
+
+#: Σ p² / 2 computed in float32 (its value float32), with its float64 backward
+Float32Square = elementwise("f32sq", lambda p: p.float() ** 2 / 2, lambda p: p)
+
+
+def test_the_directional_check_at_a_million_weights(caplog) -> None:
+    """A review's cases at a million weights. Refused: an l1's backward of twice its
+    gradient (the differences, moved apart a little by the weights a step crosses 0 at, were
+    asked to agree within 1e-6: trained with a warning), a dead zone forgotten, and a backward
+    1.0005x a quadratic's whose constant makes |R| 1,000 times its derivative (a resolution
+    of 1e-3 accepted it, silently). Accepted: an l1 and relu's p > 0 on weights crowded at 0
+    (exactly, and within 1e-8), and a value computed in float32 (read as a derivative of 0 at
+    the finer steps: refused)."""
+    refused = r"disagrees with finite differences of its value"
+    plain, crowded = _million(), _million(crowded=True)
+    KNOB.update(factor=2.0, width=1e-3)
+    try:
+        for regularizer in (L1Twice("l1x2", coef=0.1), DeadZone("deadzone", coef=0.1)):
+            with pytest.raises(ValueError, match=refused):
+                regularizer.bind(plain).check_gradient()
+        KNOB.update(factor=1.0005, K=0.0108)
+        with pytest.raises(ValueError, match=refused):
+            Offset("offset", coef=0.1).bind(plain).check_gradient()
+        KNOB["factor"] = 1.0
+        Offset("offset", coef=0.1).bind(plain).check_gradient()
+    finally:
+        KNOB.update(factor=2.0, width=0.01, K=1000.0)
+    for regularizer in (MyL1("myl1", coef=0.1), ReluOwn("reluown", coef=0.1)):
+        regularizer.bind(crowded).check_gradient()
+    Float32Square("f32sq", coef=0.1).bind(plain).check_gradient()

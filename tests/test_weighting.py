@@ -683,3 +683,14 @@ def test_per_token_weights_name_target_ids_the_loss_counts_outside_the_vocabular
         data = SimpleNamespace(vocab_size=out_dim, out_dim=out_dim, train_targets=tokens)
         with pytest.raises(ValueError, match=rf"ids outside \[0, {out_dim}\).*{re.escape(bad)}"):
             per_token.setup(data, CPU)  # type: ignore[arg-type]
+
+
+def test_inference_targets_pass_the_weightings_in_place_check() -> None:
+    """Targets made under torch.inference_mode() (a slice of a table built there) have no
+    version counter: reading it raised "Inference tensors do not track version counter",
+    naming nothing (a review's)."""
+    with torch.inference_mode():
+        targets, indices = torch.tensor([0, 1, 2, 1]), torch.arange(4)
+    losses = torch.rand(4)
+    weights = _Own(at=10)(losses, torch.zeros(4, 3), targets, indices)
+    assert weights.shape == (4,) and torch.isfinite(weights).all()

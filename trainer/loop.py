@@ -507,23 +507,31 @@ class Trainer:
                 self._writes_grads.append(not own)
 
     def _fire(self, name: str, *args: Any) -> None:
+        staging = self.staging
         for hook in self._hooks[name]:
+            staging.stager = hook  # (whose tags it stages: Staging._check_owner)
             try:
                 hook(self, *args)
             except Exception as e:  # (the error recorded named neither: a probe)
                 _note_hook(e, hook, name)
                 raise
+            finally:
+                staging.stager = None
 
     def _fire_before_step(self) -> None:
         """``on_before_optimizer_step``, each hook's place kept (:meth:`shared_grad_norms`)."""
         hooks = self._hooks["on_before_optimizer_step"]
+        staging = self.staging
         for i, hook in enumerate(hooks):
             self._hook_at = i
+            staging.stager = hook
             try:
                 hook(self, self.optimizer)
             except Exception as e:
                 _note_hook(e, hook, "on_before_optimizer_step")
                 raise
+            finally:
+                staging.stager = None
         self._hook_at = len(hooks)
 
     def _fire_each(self, name: str, *args: Any) -> list[tuple[Any, BaseException]]:
@@ -532,12 +540,15 @@ class Trainer:
         returns (hook, error) for those that raised, in order."""
         errors = []
         for hook in self._hooks[name]:
+            self.staging.stager = hook
             try:
                 hook(self, *args)
             except BaseException as e:  # noqa: BLE001 (raised, or logged, by the caller; a
                 if isinstance(e, Exception):  # Ctrl-C in a slow report too: the final
                     _note_hook(e, hook, name)  # checkpoint)
                 errors.append((hook, e))
+            finally:
+                self.staging.stager = None
         return errors
 
     def _fire_between(self, name: str, *args: Any) -> None:

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from trainer.callbacks import LOOP_PREFIXES, LOOP_TAGS, Callback
+from trainer.callbacks import LOOP_PREFIXES, LOOP_TAGS
 from trainer.instrument.histograms import host_histogram
 from trainer.logger import Scalars, to_host_many
 from trainer.precision import LOW_PRECISION, sum_dtype, widen
@@ -64,18 +62,11 @@ def _check_names(tags: Iterable[object], what: str) -> None:
             )
 
 
-def _stager() -> str:
-    """The callback whose hook is staging (the nearest ``self`` up the stack that is a
-    :class:`~trainer.callbacks.Callback`), by class and id; "the trainer" for none."""
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(12):
-        if frame is None:
-            break
-        me = frame.f_locals.get("self")
-        if isinstance(me, Callback):
-            return f"{type(me).__qualname__} (at {id(me):#x})"
-        frame = frame.f_back
-    return "the trainer"
+def _stager_name(owner: object) -> str:
+    """A stager in words: a callback by its class and id, or code outside the hooks."""
+    if owner is None:
+        return "code outside the trainer's hooks"
+    return f"{type(owner).__qualname__} (at {id(owner):#x})"
 
 
 def _check_new(tags: Iterable[str], taken: Any, what: str) -> None:
@@ -109,9 +100,14 @@ class Staging:
         self._taken: tuple[int, set[str]] = (-1, set())
         #: keys whose tags were checked (strings, none the loop's own)
         self._known: set[object] = set()
-        #: each tag's stager (the callback staging it when its key was first seen): a
-        #: callback staging an instrument's tag mixed its points into that curve, unsaid
-        self._owners: dict[str, str] = {}
+        #: the hook the Trainer is running (None outside its hooks): whose tags are staged
+        self.stager: Any = None
+        #: each tag's stager (the callback whose hook staged it first; None: code outside
+        #: the hooks): a callback staging an instrument's tag mixed its points into that
+        #: curve, unsaid
+        self._owners: dict[str, object] = {}
+        #: each checked key's stager when last checked (a key staged by another: checked)
+        self._key_owner: dict[object, object] = {}
         #: histograms staged this step whose NaN values stand for samples without a value (not
         #: counted): the call's, kept with its step (a set for the run silenced a tag's count
         #: on every step, earlier ones waiting to be written included, and a resumed run's
@@ -156,26 +152,31 @@ class Staging:
         for this step."""
         if not self._tags.isdisjoint(tags):
             _check_new(tags, self._tags, what)
+        owner = getattr(self.stager, "__self__", self.stager)  # (a bound hook's callback)
         if key not in self._known:
             _check_names(tags, what)
-            self._check_owner(tags, what)
             if len(self._known) > 4096:  # (tags made anew at each step: kept bounded)
                 self._known.clear()
+                self._key_owner.clear()
             self._known.add(key)
+        elif self._key_owner.get(key) is owner:  # (the common case: one dict look-up)
+            return
+        self._check_owner(tags, owner, what)
+        self._key_owner[key] = owner
 
-    def _check_owner(self, tags: tuple[Any, ...], what: str) -> None:
+    def _check_owner(self, tags: tuple[Any, ...], owner: object, what: str) -> None:
         """None of ``tags`` staged by another callback before (a probe's callback staging
         ``grad_norm/<param>`` at steps of its own put its points into the norms instrument's
-        curve, unsaid). Where a key is first seen only: one look up the stack."""
-        owner = _stager()
+        curve, unsaid)."""
         if len(self._owners) > 65536:  # (tags made anew at each step: kept bounded)
             self._owners.clear()
         for tag in tags:
             other = self._owners.setdefault(tag, owner)
-            if other != owner:
+            if other is not owner:
                 raise ValueError(
-                    f"{what}: {tag!r} is staged by {owner} and by {other}: their points would "
-                    "be one curve; name yours otherwise"
+                    f"{what}: {tag!r} is staged by {_stager_name(owner)} and by "
+                    f"{_stager_name(other)}: their points would be one curve; name yours "
+                    "otherwise"
                 )
 
     def stage_histogram(self, tag: str, values: Tensor, count_nonfinite: bool = True) -> None:

@@ -98,77 +98,124 @@ def _kink_tolerant(fn: Callable[..., Tensor], copies: list[Tensor], names: list[
     return ""
 
 
-#: relative agreement of a directional derivative with its finite difference: a central
-#: difference's truncation error at the steps below is far smaller for any R smooth at the
-#: scale of a parameter (h²·R‴/R′, about 1e-12 at h = 1e-6), and a backward off by 1e-4 is
-#: still told apart (gradcheck's absolute 1e-5 passed one 1.2x the true gradient where it
-#: was small, a probe's)
+#: relative agreement of a directional derivative with its finite difference, and the
+#: resolution a difference must have to count (its roundoff within this of the derivative): a
+#: central difference's truncation error is far smaller at the finer steps for any R smooth at
+#: the scale of a parameter, and a backward off by 1e-4 is told apart (gradcheck's absolute
+#: 1e-5 passed one 1.2x the true gradient where it was small; a resolution of 1e-3 let 1.0005x
+#: through where |R| was 1,000 times the derivative: a probe's and a review's)
 DIRECTIONAL_RTOL = 1e-6
+DIRECTIONAL_RESOLUTION = 1e-5
+DIRECTIONAL_STEPS = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
 def _directional(
     fn: Callable[..., Tensor], copies: list[Tensor], gen: torch.Generator
 ) -> tuple[str, str]:
     """``fn``'s backward against finite differences of ``fn`` along random directions of all
-    its parameters at once: any size, a few evaluations of R (above 4,096 elements nothing
-    but the comparison with ``GRADS`` checked the backward, and a backward 2x the gradient,
-    ``GRADS`` alike, trained: a probe's). Each direction is of one sign (all ≥ 0, then all
-    ≤ 0), so that a backward taking one side's derivative at a kink (relu's ``p > 0`` at 0)
-    agrees with that side's one-sided difference on every element at once; central ones
-    agree with a backward taking their mean (sign(0) = 0). Steps 1e-9 to 1e-3; a difference
-    counts where its roundoff, 4|R|·2⁻⁵²/h, is within 1e-3 of the derivative.
+    its parameters at once: any size, a few dozen evaluations of R (above 4,096 elements
+    nothing but the comparison with ``GRADS`` checked the backward, and a backward 2x the
+    gradient, ``GRADS`` alike, trained: a probe's). Each direction is of one sign (all ≥ 0,
+    then all ≤ 0), so that a backward taking one side's derivative at a kink (relu's ``p > 0``
+    at 0) agrees with that side's one-sided difference on every element at once; central ones
+    agree with a backward taking their mean (sign(0) = 0).
 
-    Returns ("", "") where every direction agrees with some difference; ("wrong", what)
-    where differences resolve it, the central ones of two steps agree with each other and
-    none with the backward (a backward wrong at the parameters); ("unresolved", what)
-    otherwise (a kink or steep curvature within a step, or R too large beside its
-    gradient)."""
+    A difference's roundoff is measured, not assumed: second differences of R at steps too
+    small to move it (1e-13 and 1e-12 of the parameters' size), which hold the evaluation's
+    own rounding (a sum of a million terms; a value computed in float32 inside a
+    float64 one, read as a derivative of 0 at the finer steps, and a correct backward
+    refused: a review's). A difference counts where it resolves the derivative
+    (:data:`DIRECTIONAL_RESOLUTION`).
+
+    Returns ("", "") where along each direction some difference agrees with the backward
+    within its roundoff and :data:`DIRECTIONAL_RTOL`; ("wrong", what) where, along a
+    direction, no difference agrees and the central differences of the two finest steps that
+    resolve it agree with each other ten times better than either with the backward (no side's
+    derivative, nor their mean, is the backward's: wrong at the parameters; asked to agree
+    within 1e-6, the differences of a million weights of an l1, moved apart a little by the
+    weights a step crosses 0 at, let a backward of twice its gradient train with a warning, a
+    review's); ("unresolved", what) otherwise (kinks or steep curvature within the steps, or
+    R too large beside its gradient)."""
     work = [c.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
             for c in copies]  # fmt: skip
     value = fn(*work)
     grads = torch.autograd.grad(value, work, allow_unused=True)
     grads = tuple(torch.zeros_like(c) if g is None else g for c, g in zip(work, grads, strict=True))
-    base, eps = float(value.detach()), 2**-52
+    base = float(value.detach())
+    eps = torch.finfo(value.dtype).eps if value.is_floating_point() else 2**-52
+    size = max(float(c.detach().abs().max()) for c in work) or 1.0
     verdict = ("", "")
     with torch.no_grad():
         for sign in (1.0, -1.0):
             v = [sign * torch.randn(c.shape, generator=gen, dtype=c.dtype).abs().to(c.device)
                  for c in work]  # fmt: skip
             auto = float(sum((g * d).sum() for g, d in zip(grads, v, strict=True)))
+            reach = max(float(d.abs().max()) for d in v) or 1.0
 
             def at(h: float, v: list[Tensor] = v) -> float:
                 return float(fn(*[c + h * d for c, d in zip(work, v, strict=True)]))
 
+            # (second differences of one sign at steps too small to reach another kink:
+            # neither a wrong backward nor a kink at the parameters, as an l1's weights at
+            # 0, moves them; the backward's prediction did, and hid every finer step)
+            t = 1e-13 * size / reach
+            rough = max(abs(at(2 * t) - 2 * at(t) + base), abs(at(20 * t) - 2 * at(10 * t) + base),
+                        4 * abs(base) * eps)  # fmt: skip
             agreed = False
-            centrals: list[tuple[float, float]] = []
-            seen: list[float] = []
-            for h in (1e-9, 1e-7, 1e-5, 1e-3):
+            # per step that resolves the derivative: the central, forward and backward
+            # differences, each with its roundoff
+            series: list[tuple[tuple[float, float], ...]] = []
+            for h in DIRECTIONAL_STEPS:
                 up, down = at(h), at(-h)
-                noise = 4 * max(abs(up), abs(down), abs(base)) * eps / h
-                central = (up - down) / (2 * h)
-                for d in (central, (up - base) / h, (base - down) / h):
-                    if noise > 1e-3 * max(abs(d), abs(auto)):  # (not resolved at this step)
-                        continue
-                    seen.append(d)
-                    if abs(d - auto) <= noise + DIRECTIONAL_RTOL * max(abs(d), abs(auto)):
+                noise = 4 * rough / h
+                sides = (((up - down) / (2 * h), noise), ((up - base) / h, 2 * noise),
+                         ((base - down) / h, 2 * noise))  # fmt: skip
+                for d, n in sides:
+                    scale = max(abs(d), abs(auto))
+                    if n <= DIRECTIONAL_RESOLUTION * scale and abs(d - auto) <= (
+                        n + DIRECTIONAL_RTOL * scale
+                    ):  # fmt: skip
                         agreed = True
-                if noise <= 1e-3 * max(abs(central), abs(auto)):
-                    centrals.append((central, noise))
                 if agreed:
                     break
+                if 2 * noise <= DIRECTIONAL_RESOLUTION * max(abs(sides[0][0]), abs(auto)):
+                    series.append(sides)
             if agreed:
                 continue
-            shown = ", ".join(f"{d:.9g}" for d in seen[:4]) or "resolve nothing"
+            shown = ", ".join(f"{s[0][0]:.9g}" for s in series[:5]) or "resolve nothing"
             what = (f"along a random direction of {'+' if sign > 0 else '-'}|N(0, 1)| entries "
-                    f"its backward gives {auto:.9g}, the differences {shown}")  # fmt: skip
-            stable = any(
-                abs(a - b) <= na + nb + DIRECTIONAL_RTOL * max(abs(a), abs(b))
-                for (a, na), (b, nb) in zip(centrals, centrals[1:], strict=False)
-            )
-            if stable:
-                return "wrong", what
+                    f"its backward gives {auto:.9g}, the central differences {shown}")  # fmt: skip
             verdict = ("unresolved", what)
+            # wrong where no side's derivative, nor their mean, can be the backward's: the
+            # central differences stably off, and the one-sided ones too once their term in h
+            # is taken out (steps 10 apart: (10 f(h) − f(10h)) / 9), which a backward taking
+            # one side's derivative at weights exactly at a kink matches there, when weights
+            # crowded near it moved the one-sided differences off it (a review's relu at 0)
+            if (
+                len(series) >= 3
+                and _stably_off([s[0] for s in series], auto)
+                and all(_stably_off(_richardson([s[k] for s in series]), auto) for k in (1, 2))
+            ):
+                return "wrong", what
     return verdict
+
+
+def _richardson(diffs: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """One-sided differences at steps 10 apart, ``(value, roundoff)``, with their first-order
+    term in the step taken out: (10·f(h) − f(10h)) / 9, roundoff alike."""
+    return [((10 * a - b) / 9, (10 * na + nb) / 9)
+            for (a, na), (b, nb) in zip(diffs, diffs[1:], strict=False)]  # fmt: skip
+
+
+def _stably_off(diffs: list[tuple[float, float]], auto: float) -> bool:
+    """Whether the two finest steps' differences of a series ``(value, roundoff)`` agree
+    with each other ten times better than either with ``auto`` (and it is off by more than
+    :data:`DIRECTIONAL_RTOL`): a derivative the backward is not. A series still moving at its
+    finest steps (kinks nearer than them: weights crowded within 1e-8 of an l1's 0, which
+    coarser steps all cross alike, looked stably off a correct backward) says nothing."""
+    (a, na), (b, nb) = diffs[0], diffs[1]
+    off = min(abs(a - auto), abs(b - auto))
+    return off > 10 * (abs(a - b) + na + nb) and off > DIRECTIONAL_RTOL * abs(auto)
 
 
 def _l2_grad(p: Tensor) -> Tensor:
@@ -409,7 +456,8 @@ class Regularizer(Stateful):
                 f"regularizer {self.name} ({type(self).__name__}): its Function's backward "
                 f"disagrees with finite differences of its value ({what}; agreement within "
                 f"{DIRECTIONAL_RTOL:g} relative is asked, and the differences agree with each "
-                "other at two steps): the backward, and GRADS alike, are not the gradient of R"
+                "other far better than with it): the backward, and GRADS alike, are not the "
+                "gradient of R"
             )
         if kind == "unresolved" and not small:
             log.warning(
@@ -462,9 +510,12 @@ class Regularizer(Stateful):
         if coef in (0.0, 1.0):
             return
         with torch.no_grad():
-            one = float(self.fn(*copies, coef=1.0))
-            at = float(self.fn(*copies, coef=coef))
-        if math.isfinite(one) and not math.isclose(at, coef * one, rel_tol=1e-9,
+            value = self.fn(*copies, coef=1.0)
+            one, at = float(value), float(self.fn(*copies, coef=coef))
+        # (within the value's own rounding: a float32 value, from a Function computing in
+        # float32, was refused at 1e-9, a review's)
+        rel = max(1e-9, 8 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-9
+        if math.isfinite(one) and not math.isclose(at, coef * one, rel_tol=rel,
                                                    abs_tol=1e-300):  # fmt: skip
             raise ValueError(
                 f"regularizer {self.name} ({type(self).__name__}): its value at λ = {coef:g} is "

@@ -92,8 +92,10 @@ def _describe_bad(values: Tensor, what: str) -> str | None:
 
 
 def _version(t: object) -> int | None:
-    """A tensor's version counter (None for anything else)."""
-    return t._version if isinstance(t, Tensor) else None
+    """A tensor's version counter (None for anything else, and for a tensor made under
+    ``torch.inference_mode()``, which has none: reading it raised, naming nothing, a
+    review's)."""
+    return t._version if isinstance(t, Tensor) and not t.is_inference() else None
 
 
 def _class_name(obj: object) -> str:
