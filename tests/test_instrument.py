@@ -2594,3 +2594,34 @@ def test_one_tag_staged_by_two_callbacks_at_steps_of_their_own_is_refused(tmp_pa
     with pytest.raises(ValueError, match=r"'acc/x' is staged by StagesAt .* and by StagesAt"):
         train(tmp_path, "trainer.max_steps=4", callbacks=[StagesAt(1), StagesAt(3)])
     train(tmp_path / "one", "trainer.max_steps=4", callbacks=[StagesAt(1, 3)])  # (one: fine)
+
+
+class StagesFromAClosureThenAHook(Callback):
+    """Stages ``mine/y`` through a closure the loop runs before the forward (as curvature
+    does) at step 1, and from its own hook after; validates from its hook at step 2, before
+    staging there, with another callback's ``on_validation_end`` running inside it."""
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        if trainer.global_step == 0:
+            trainer.before_forward_callbacks.append(
+                lambda: trainer.stage_scalars({"mine/y": 1.0}))  # fmt: skip
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 2:
+            trainer.validate()
+        if out.step >= 2:
+            trainer.stage_scalars({"mine/y": 2.0})
+
+
+class ValidationEnd(Callback):
+    def on_validation_end(self, trainer, metrics) -> None:
+        trainer.stage_scalars({"other/z": 1.0})
+
+
+def test_staging_outside_the_hooks_and_inside_a_nested_one_is_its_callbacks(tmp_path) -> None:
+    """A closure the loop runs outside its hooks stages as nobody (it was refused beside the
+    same callback's hook, naming "code outside the trainer's hooks"); a hook that validates
+    keeps its callback as the stager afterwards (it was left with none). Both: a review's."""
+    train(tmp_path, "trainer.max_steps=3", callbacks=[StagesFromAClosureThenAHook(),
+                                                     ValidationEnd()])  # fmt: skip
+    assert [s for s, _ in read_scalars(tmp_path)["mine/y"]] == [1, 2, 3]

@@ -508,6 +508,7 @@ class Trainer:
 
     def _fire(self, name: str, *args: Any) -> None:
         staging = self.staging
+        outer = staging.stager  # (a hook running this one: validation from a callback)
         for hook in self._hooks[name]:
             staging.stager = hook  # (whose tags it stages: Staging._check_owner)
             try:
@@ -516,12 +517,13 @@ class Trainer:
                 _note_hook(e, hook, name)
                 raise
             finally:
-                staging.stager = None
+                staging.stager = outer
 
     def _fire_before_step(self) -> None:
         """``on_before_optimizer_step``, each hook's place kept (:meth:`shared_grad_norms`)."""
         hooks = self._hooks["on_before_optimizer_step"]
         staging = self.staging
+        outer = staging.stager
         for i, hook in enumerate(hooks):
             self._hook_at = i
             staging.stager = hook
@@ -531,7 +533,7 @@ class Trainer:
                 _note_hook(e, hook, "on_before_optimizer_step")
                 raise
             finally:
-                staging.stager = None
+                staging.stager = outer
         self._hook_at = len(hooks)
 
     def _fire_each(self, name: str, *args: Any) -> list[tuple[Any, BaseException]]:
@@ -539,6 +541,7 @@ class Trainer:
         run: the final checkpoint is one of them, restoring the signal handlers another);
         returns (hook, error) for those that raised, in order."""
         errors = []
+        outer = self.staging.stager
         for hook in self._hooks[name]:
             self.staging.stager = hook
             try:
@@ -548,7 +551,7 @@ class Trainer:
                     _note_hook(e, hook, name)  # checkpoint)
                 errors.append((hook, e))
             finally:
-                self.staging.stager = None
+                self.staging.stager = outer
         return errors
 
     def _fire_between(self, name: str, *args: Any) -> None:

@@ -63,9 +63,7 @@ def _check_names(tags: Iterable[object], what: str) -> None:
 
 
 def _stager_name(owner: object) -> str:
-    """A stager in words: a callback by its class and id, or code outside the hooks."""
-    if owner is None:
-        return "code outside the trainer's hooks"
+    """A callback in words: its class and id."""
     return f"{type(owner).__qualname__} (at {id(owner):#x})"
 
 
@@ -167,7 +165,11 @@ class Staging:
     def _check_owner(self, tags: tuple[Any, ...], owner: object, what: str) -> None:
         """None of ``tags`` staged by another callback before (a probe's callback staging
         ``grad_norm/<param>`` at steps of its own put its points into the norms instrument's
-        curve, unsaid)."""
+        curve, unsaid). What is staged outside the trainer's hooks (``owner`` None: a
+        closure an instrument hands the loop, plain code) is nobody's: it was refused beside
+        the same instrument's hook, a review's."""
+        if owner is None:
+            return
         if len(self._owners) > 65536:  # (tags made anew at each step: kept bounded)
             self._owners.clear()
         for tag in tags:

@@ -195,9 +195,29 @@ def _directional(
                 len(series) >= 3
                 and _stably_off([s[0] for s in series], auto)
                 and all(_stably_off(_richardson([s[k] for s in series]), auto) for k in (1, 2))
+                and not _kinks_crossed(series[0], series[1], auto)
             ):
                 return "wrong", what
     return verdict
+
+
+def _kinks_crossed(
+    fine: tuple[tuple[float, float], ...], coarse: tuple[tuple[float, float], ...], auto: float
+) -> bool:
+    """Whether the gap between the one-sided differences at a step and at the step 10 times
+    it says kinks: a smooth R's gap is its curvature times the step (10 times as wide at the
+    coarser one), a kink's is its jump in slope whatever the step; weights crowded within the
+    finest step of kinks along differences of coordinates (a total variation's tied
+    neighbours, which no one-signed direction keeps on one side) kept every difference
+    stably off a correct backward: refused, a review's. A gap too small to move a
+    difference by a tenth of how far off the backward is says nothing."""
+    (_, na), (fa, _), (ba, _) = fine
+    (_, nb), (fb, _), (bb, _) = coarse
+    ga, gb = abs(fa - ba), abs(fb - bb)
+    off = min(abs(fine[0][0] - auto), abs(coarse[0][0] - auto))
+    if max(ga, gb) < off / 10:
+        return False
+    return abs(gb - 10 * ga) > 4 * nb + 40 * na + 0.1 * gb
 
 
 def _richardson(diffs: list[tuple[float, float]]) -> list[tuple[float, float]]:
