@@ -938,3 +938,42 @@ def test_a_total_variation_with_neighbours_crowded_at_its_kinks_is_not_refused(c
     with caplog.at_level("WARNING"):
         TotalVariation("tv", coef=0.1).bind(model).check_gradient()
     assert "neither confirm nor refute" in caplog.text
+
+
+#: 2·relu(p) + relu(−p), an asymmetric l1, with torch's convention at 0 (a slope of 0 there,
+#: between its sides' −1 and 2)
+AsymmetricL1 = elementwise("asym", lambda p: 2 * torch.relu(p) + torch.relu(-p),
+                           lambda p: 2.0 * (p > 0).to(p.dtype) - (p < 0).to(p.dtype))  # fmt: skip
+#: Σ (p − 100.25)² / 2 computed in float32 and returned in float64, with its backward
+PullFloat32 = elementwise("pull32", lambda p: ((p.float() - 100.25) ** 2 / 2).to(p.dtype),
+                          lambda p: p - 100.25)  # fmt: skip
+#: relu(p) + |p| + 1e6 (p − 0.01)², strongly curved beside its kink, with its backward
+KinkCurved = elementwise(
+    "kc", lambda p: torch.relu(p) + p.abs() + 1e6 * (p - 0.01) ** 2,
+    lambda p: (p > 0).to(p.dtype) + torch.sign(p) + 2e6 * (p - 0.01),
+)  # fmt: skip
+
+
+def test_correct_backwards_a_review_found_refused_are_not(caplog) -> None:
+    """A third review's false refusals, each a correct backward: a slope between the sides'
+    at a weight exactly at a kink (torch's own for a relu/abs mix: only either side's slope
+    or their mean was taken), a value rounded to float32 inside R on weights near 100 (its
+    rounding, unseen at 1e-13 of their size, was taken for float64's, and the finer steps,
+    where it did not move, for a derivative of 0), and a kink beside a strong curvature (its
+    jump read as curvature). Trained: warned where nothing confirms them."""
+    small = nn.Sequential(nn.Linear(30, 30))
+    with torch.no_grad():
+        small[0].weight[0, 0] = 0.0
+    AsymmetricL1("asym", coef=0.1).bind(small).check_gradient()
+    near = nn.Sequential(nn.Linear(100, 100))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in near.parameters():
+            p.copy_((100.25 + 0.01 * torch.randn(p.shape, generator=g)).float())
+    PullFloat32("pull32", coef=0.1).bind(near).check_gradient()
+    curved = nn.Sequential(nn.Linear(100, 100))
+    with torch.no_grad():
+        for p in curved.parameters():
+            p.copy_(0.01 + 1e-3 * torch.randn(p.shape, generator=g))
+        curved[0].weight[0, 0] = 0.0
+    KinkCurved("kc", coef=0.1).bind(curved).check_gradient()

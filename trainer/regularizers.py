@@ -79,9 +79,12 @@ def _kink_tolerant(fn: Callable[..., Tensor], copies: list[Tensor], names: list[
                     # difference of 1e-9 (it was refused, the central mean deciding: a probe's)
                     # (within its roundoff: a side's slope of 0 is not resolved relative to
                     # itself, but the central difference resolved the kink's other side)
+                    # any slope between the two sides' is one (an asymmetric l1's 0 at 0,
+                    # torch's convention for a relu/abs mix, was refused: a review's)
                     noise = 4 * abs(base) * eps / 1e-9
-                    sides = [(up - base) / 1e-9, (base - down) / 1e-9]
-                    ok = any(abs(d - a) <= noise + 1e-3 * abs(a) + 1e-9 for d in sides)
+                    lo, hi = sorted([(up - base) / 1e-9, (base - down) / 1e-9])
+                    slack = noise + 1e-3 * abs(a) + 1e-9
+                    ok = lo - slack <= a <= hi + slack
                 if ok is None:  # (not resolved at 1e-9: a kink's other side, or coarser)
                     up, down = ends(1e-6)
                     sides = [(up - base) / 1e-6, (base - down) / 1e-6]
@@ -158,9 +161,13 @@ def _directional(
             # (second differences of one sign at steps too small to reach another kink:
             # neither a wrong backward nor a kink at the parameters, as an l1's weights at
             # 0, moves them; the backward's prediction did, and hid every finer step)
-            t = 1e-13 * size / reach
-            rough = max(abs(at(2 * t) - 2 * at(t) + base), abs(at(20 * t) - 2 * at(10 * t) + base),
-                        4 * abs(base) * eps)  # fmt: skip
+            # (up to 1e-10 of the size: a value rounded to float32 inside R moves nothing
+            # at 1e-13, and its rounding was taken for float64's, a review's)
+            rough = max(
+                [abs(at(2 * t) - 2 * at(t) + base)
+                 for t in (1e-13 * size / reach, 1e-11 * size / reach, 1e-10 * size / reach)]
+                + [4 * abs(base) * eps]
+            )  # fmt: skip
             agreed = False
             # per step that resolves the derivative: the central, forward and backward
             # differences, each with its roundoff
@@ -178,7 +185,9 @@ def _directional(
                         agreed = True
                 if agreed:
                     break
-                if 2 * noise <= DIRECTIONAL_RESOLUTION * max(abs(sides[0][0]), abs(auto)):
+                if 2 * noise <= DIRECTIONAL_RESOLUTION * max(abs(sides[0][0]), abs(auto)) and (
+                    up != base or down != base
+                ):  # (a value that did not move at all says nothing of the derivative)
                     series.append(sides)
             if agreed:
                 continue
@@ -205,19 +214,18 @@ def _kinks_crossed(
     fine: tuple[tuple[float, float], ...], coarse: tuple[tuple[float, float], ...], auto: float
 ) -> bool:
     """Whether the gap between the one-sided differences at a step and at the step 10 times
-    it says kinks: a smooth R's gap is its curvature times the step (10 times as wide at the
-    coarser one), a kink's is its jump in slope whatever the step; weights crowded within the
-    finest step of kinks along differences of coordinates (a total variation's tied
-    neighbours, which no one-signed direction keeps on one side) kept every difference
-    stably off a correct backward: refused, a review's. A gap too small to move a
-    difference by a tenth of how far off the backward is says nothing."""
+    it holds a kink's jump: a smooth R's gap is its curvature times the step, a kink's jump
+    in slope is there whatever the step, so the gap's part that does not grow with it,
+    (10·g(h) − g(10h)) / 9, is the jump (weights crowded within the finest step of kinks
+    along differences of coordinates, a total variation's tied neighbours, kept every
+    difference stably off a correct backward; and a jump beside a strong curvature was read
+    as curvature: both refused, reviews'). A jump too small to move a difference by a tenth
+    of how far off the backward is says nothing."""
     (_, na), (fa, _), (ba, _) = fine
     (_, nb), (fb, _), (bb, _) = coarse
-    ga, gb = abs(fa - ba), abs(fb - bb)
+    jump = max(abs(10 * abs(fa - ba) - abs(fb - bb)) / 9 - (40 * na + 4 * nb) / 9, 0.0)
     off = min(abs(fine[0][0] - auto), abs(coarse[0][0] - auto))
-    if max(ga, gb) < off / 10:
-        return False
-    return abs(gb - 10 * ga) > 4 * nb + 40 * na + 0.1 * gb
+    return jump >= off / 10
 
 
 def _richardson(diffs: list[tuple[float, float]]) -> list[tuple[float, float]]:
