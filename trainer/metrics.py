@@ -100,9 +100,9 @@ class Staging:
         self._known: set[object] = set()
         #: the hook the Trainer is running (None outside its hooks): whose tags are staged
         self.stager: Any = None
-        #: each tag's stager (the callback whose hook staged it first; None: code outside
-        #: the hooks): a callback staging an instrument's tag mixed its points into that
-        #: curve, unsaid
+        #: each tag's stager (the callback whose hook staged it first; what is staged
+        #: outside the hooks is not recorded): a callback staging an instrument's tag mixed
+        #: its points into that curve, unsaid
         self._owners: dict[str, object] = {}
         #: each checked key's stager when last checked (a key staged by another: checked)
         self._key_owner: dict[object, object] = {}

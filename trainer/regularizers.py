@@ -168,7 +168,7 @@ def _directional(
                  for t in (1e-13 * size / reach, 1e-11 * size / reach, 1e-10 * size / reach)]
                 + [4 * abs(base) * eps]
             )  # fmt: skip
-            agreed = False
+            agreed = ended = False
             # per step that resolves the derivative: the central, forward and backward
             # differences, each with its roundoff
             series: list[tuple[tuple[float, float], ...]] = []
@@ -188,7 +188,10 @@ def _directional(
                 if 2 * noise <= DIRECTIONAL_RESOLUTION * max(abs(sides[0][0]), abs(auto)) and (
                     up != base or down != base
                 ):  # (a value that did not move at all says nothing of the derivative)
-                    series.append(sides)
+                    if not ended:
+                        series.append(sides)
+                elif series:  # (steps 10 apart only: _richardson and _kinks_crossed take
+                    ended = True  # neighbours as such)
             if agreed:
                 continue
             shown = ", ".join(f"{s[0][0]:.9g}" for s in series[:5]) or "resolve nothing"
