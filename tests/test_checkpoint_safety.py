@@ -263,7 +263,11 @@ def test_a_new_run_in_a_used_run_dir_sets_the_earlier_run_aside_whole(tmp_path) 
     kept = {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()}
     marker = Path("checkpoints") / "run.json"  # renamed: resume=auto no longer finds it
     assert kept.pop(marker.with_name("superseded.json")) == first.pop(marker)
-    assert kept == first  # nothing of the first run lost or changed
+    # its metrics.json names its own last.pt where it went (it named the new run's, a probe's)
+    was, now = (json.loads(d.pop(Path("metrics.json"))) for d in (first, kept))
+    assert was.pop("checkpoint") == str(tmp_path / "checkpoints" / "last.pt")
+    assert now.pop("checkpoint") == str(aside / "checkpoints" / "last.pt") and now == was
+    assert kept == first  # nothing else of the first run lost or changed
     # each folder holds one run: its own steps, once each, and its own HParams
     assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == [1, 2, 3]
     assert [s for s, _ in read_scalars(aside)["train/loss"]] == [1, 2, 3, 4]
@@ -278,6 +282,25 @@ def test_a_new_run_in_a_used_run_dir_sets_the_earlier_run_aside_whole(tmp_path) 
     # resume=auto of the first run's config finds none of the set-aside checkpoints
     first_id = load_checkpoint(aside / "checkpoints" / "last.pt")["run_id"]
     assert checkpoint_module.find_checkpoints(tmp_path, first_id) == []
+
+
+def test_runs_of_the_same_overrides_in_one_folder_are_session_groups_of_their_own(tmp_path):
+    """TensorBoard's HPARAMS tab averages the sessions of one group: an earlier run of the
+    same overrides, set aside, made one row with the new one, the mean of both runs' metrics
+    (a probe's: 1.958 for train/loss 1.898 and 2.019). The nth run in a folder is ``#n``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    for steps in (2, 3, 4):  # (logging.* is no hyperparameter: the same overrides)
+        train(tmp_path, *FAST, "trainer.max_steps=2", f"logging.every_n_steps={steps}")
+    names = []
+    for run_dir in (tmp_path / "previous" / "1", tmp_path / "previous" / "2", tmp_path):
+        acc = EventAccumulator(str(event_dir(run_dir)))
+        acc.Reload()
+        content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+        names.append(metadata.parse_session_start_info_plugin_data(content).group_name)
+    # (in-process, no Hydra overrides: the folder's name alone)
+    assert names == [tmp_path.name, f"{tmp_path.name}#2", f"{tmp_path.name}#3"]
 
 
 def test_a_run_refused_early_in_a_used_run_dir_leaves_the_earlier_run_as_it_was(tmp_path):

@@ -1064,6 +1064,81 @@ def test_variable_length_sequences_batched_by_the_datasets_own_collate(tmp_path,
             train(tmp_path / kind, *common, f"+data.kind={kind}")
 
 
+class LongestWithTargets(PaddedToLongest):
+    """:class:`PaddedToLongest` with ``targets``: each sample's tags as it is, unpadded (the
+    batch's longest decides the padding, so no one padded tensor is them)."""
+
+    @property
+    def targets(self):
+        return [self.y[i, :n] for i, n in enumerate(self.lengths)]
+
+
+def test_variable_length_targets_are_a_list_and_per_token_counts_their_tokens(tmp_path) -> None:
+    """``weighting=per_token`` on sequences padded to each batch's longest by the Dataset's
+    collate: refused with "sets no out_dim or vocab_size" where both were set and only targets
+    were missing, and refused with any targets (a tensor padded to one length is no sample's
+    row alone: a probe's). A list of one tensor per sample is the targets: the table counts
+    their tokens, bit for bit the table of the same sequences padded beforehand, and the
+    loss's check reads them (a tag past out_dim refused by split)."""
+    common = ["~data", "+data.batch_size=5", "~model", f"+model._target_={__name__}.Tagger",
+              "loss=token_cross_entropy", "loss.mode=vector", "weighting=per_token",
+              "optimizer=sgd", "trainer.max_steps=2", "+data.num_workers=0"]  # fmt: skip
+    none = r"per_token counts the training targets' tokens: the training split of RaggedTags"
+    with pytest.raises(ValueError, match=none + " holds none to count"):
+        train(tmp_path / "none", *common, f"+data._target_={__name__}.RaggedTags",
+              "+data.kind=longest")  # fmt: skip
+    tables = []
+    for kind in ("tensors", "targets"):
+        cfg = make_cfg(*common, f"+data._target_={__name__}.RaggedTags", f"+data.kind={kind}")
+        if kind == "targets":
+            cfg.data.kind = "longest"
+            cfg.data._target_ = f"{__name__}.RaggedTagsWithTargets"
+        t = build_trainer(cfg, tmp_path / kind)
+        tables.append(t.objective.weighting.token_weights)
+        t.fit()
+    data = RaggedTagsWithTargets(kind="longest", batch_size=5, num_workers=0)
+    data.setup(CPU, 0)
+    assert data.train_targets is None and len(data.train_target_rows) == 16
+    assert [len(r) for r in data.train_target_rows[:3]] == [6, 6, data.train_split_lengths[2]]
+    counts = collections.Counter(int(t) for r in data.train_target_rows for t in r)
+    n, seen = sum(counts.values()), len(counts)
+    want = [(n / (seen * counts[v])) ** 0.5 if counts[v] else 0.0 for v in range(5)]
+    assert torch.equal(*tables) and tables[0].tolist() == pytest.approx(want, rel=1e-6)
+    data.out_dim = 3  # (tags 0 to 4 given)
+    with pytest.raises(ConfigError, match=r"the training split's target ids span \[0, 4\]"):
+        TokenCrossEntropy().check(data)
+
+
+class RaggedTagsWithTargets(RaggedTags):
+    def load(self):
+        train_split, val = super().load()
+        self.train_split_lengths = train_split.lengths
+        return (LongestWithTargets(train_split.x, train_split.y, train_split.lengths),
+                LongestWithTargets(val.x, val.y, val.lengths))  # fmt: skip
+
+
+def test_variable_length_targets_are_refused_without_a_collate_or_of_mixed_kinds() -> None:
+    """Targets of different shapes in a Dataset that cannot batch them, or of different kinds,
+    are refused naming the split and the shapes (``torch.as_tensor`` failed with "only one
+    element tensors can be converted to Python scalars")."""
+    from trainer.data.base import _targets
+
+    x, y = torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long)
+    ragged = Ragged(x, y, [4, 2, 3])
+    ragged.targets = [y[0, :4], y[1, :2], y[2, :3]]
+    with pytest.raises(ValueError, match=r"training split's Ragged.targets holds per-sample "
+                       r"targets of different shapes \(\(2,\), \(3,\), \(4,\), \.\.\.\), "
+                       r"and Ragged has no collate"):  # fmt: skip
+        _targets(ragged, "training")
+    padded = PaddedToLongest(x, y, [4, 2, 3])
+    padded.targets = [y[0, :4], y[1, :2].float(), y[2, :3]]
+    with pytest.raises(ValueError, match=r"targets of different kinds \(1-d torch.float32, "
+                       r"1-d torch.int64\)"):  # fmt: skip
+        _targets(padded, "training")
+    padded.targets = [y[0, :4], y[1, :4], y[2, :4]]  # (one shape: one tensor, as before)
+    assert torch.equal(_targets(padded, "training"), y)
+
+
 class BadCollate(PaddedRagged):
     def collate(self, samples):
         x, y = super().collate(samples)

@@ -405,6 +405,9 @@ def test_hparams_leave_out_loading_plumbing_and_spell_booleans_as_typed(tmp_path
     assert run_name(tmp_path / "sweep" / "3", hp) == (
         "sweep/3 instrument.norms.agreement=true optimizer.lr=0.01"
     )
+    assert run_name(tmp_path / "sweep" / "3", hp, 2) == (  # (its second run: #2)
+        "sweep/3#2 instrument.norms.agreement=true optimizer.lr=0.01"
+    )
     # a folder named with a digit that is not ASCII is a run's own name, not a job's number
     assert run_name(tmp_path / "sweep" / "²", hp).startswith("² ")
 

@@ -538,7 +538,9 @@ def set_aside_previous(run_dir: Path) -> Path | None:
     TensorBoard as a run of its own (``previous/<n>/tb/...``). Its ``checkpoints/run.json``
     becomes ``superseded.json``: ``resume=auto`` no longer finds the set-aside checkpoints (a
     run of the same config would otherwise continue the earlier run's newer one); a path to
-    one still resumes from it.
+    one still resumes from it. Its ``metrics.json``'s ``checkpoint``, where it is one of the
+    set-aside checkpoints, is their path now (it named the new run's ``last.pt``, a probe's);
+    nothing else is changed.
     """
     found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not found:
@@ -553,7 +555,22 @@ def set_aside_previous(run_dir: Path) -> Path | None:
     marker = dest / "checkpoints" / "run.json"
     if marker.exists():
         os.replace(marker, marker.with_name("superseded.json"))
+    _follow_checkpoint(dest / "metrics.json", run_dir / "checkpoints", dest / "checkpoints")
     return dest
+
+
+def _follow_checkpoint(metrics: Path, old: Path, new: Path) -> None:
+    """``metrics``'s ``checkpoint``, a path in the folder ``old``, as the same file in
+    ``new``; a file that cannot be read as such is left as it is."""
+    try:
+        data = json.loads(metrics.read_text())
+        path = Path(data["checkpoint"])
+        inside = path.parent.resolve() == old.resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if inside:
+        data["checkpoint"] = str(new / path.name)
+        write_json(metrics, data)
 
 
 def write_run_marker(directory: Path, run_id: str, run_dir: Path) -> None:

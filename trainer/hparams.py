@@ -160,11 +160,15 @@ def hydra_hparams(cfg: DictConfig) -> RunHParams:
     return run_hparams(cfg, hc.runtime.choices, hc.overrides.task)
 
 
-def run_name(run_dir: Path, hparams: RunHParams) -> str:
+def run_name(run_dir: Path, hparams: RunHParams, nth: int = 1) -> str:
     """A session group's name: the run's folder (in a sweep: the sweep's and the job's
-    number) and the values of the keys it overrides."""
+    number), ``#nth`` for the nth run in that folder (the earlier ones set aside in
+    ``previous/``: TensorBoard averages the sessions of one group, and an earlier run of the
+    same overrides made one row with the new one's, the mean of both runs' metrics, a
+    probe's), and the values of the keys it overrides."""
     numbered = run_dir.name.isascii() and run_dir.name.isdigit()  # (as Hydra numbers jobs)
     where = f"{run_dir.parent.name}/{run_dir.name}" if numbered else run_dir.name
+    where += f"#{nth}" if nth > 1 else ""
     return f"{where} {overrides_text(hparams, ' ')}".strip()
 
 

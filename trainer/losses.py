@@ -611,7 +611,18 @@ class TokenCrossEntropy(Loss):
         # (against out_dim, the classes the model scores each position over: a language
         # model's vocabulary, a tagger's tags; it checked the input vocabulary, refusing a
         # tagger with more tags than input tokens and passing one with fewer outputs)
-        for split, ids in (("training", targets), ("validation", data.val_targets)):
+        for split, ids, rows in (
+            ("training", targets, getattr(data, "train_target_rows", None)),
+            ("validation", data.val_targets, getattr(data, "val_target_rows", None)),
+        ):
+            if ids is None and rows:  # (variable-length sequences, each as it comes alone)
+                if rows[0].is_floating_point() or rows[0].ndim != 1:
+                    raise ConfigError(
+                        f"loss=token_cross_entropy needs int64 token targets, one sequence "
+                        f"per sample; the {split} split's are {rows[0].dtype} of "
+                        f"{rows[0].ndim} dimensions per sample"
+                    )
+                ids = torch.cat(rows)
             if ids is None or data.out_dim is None or ids.is_floating_point():
                 continue
             valid = ids[ids != self.ignore_index]

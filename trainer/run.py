@@ -614,7 +614,9 @@ def _run(
         hparams = hydra_hparams(cfg)  # (the event folder is named after the overridden ones)
         if main:  # data-parallel: rank 0 alone writes events, checkpoints and metrics.json
             listed = (monitor, *[m for m in metric_names if m != monitor])
-            start_records = start_summaries(hparams, listed, run_name(run_dir, hparams))
+            # (the nth run in its folder: the earlier ones are in previous/1 to n - 1)
+            nth = 1 + sum(1 for _ in (run_dir / "previous").glob("[0-9]*"))
+            start_records = start_summaries(hparams, listed, run_name(run_dir, hparams, nth))
             events = event_dir(run_dir, overrides_text(hparams, ","))
             session = "fresh" if resume_state is None else "none"  # (HPARAMS' session start)
             if resume_state is not None and events.is_dir():  # its own end status comes later

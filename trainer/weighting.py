@@ -385,6 +385,8 @@ def _class_count(data: DataModule, strategy: str) -> int:
     if data.num_classes is None or data.train_targets is None:
         missing = (
             "sets no num_classes" if data.num_classes is None else
+            "holds per-sample targets of variable length, not one class label per sample"
+            if getattr(data, "train_target_rows", None) is not None else
             "has no training targets to count (a Dataset needs a .targets attribute of int64 "
             "labels; tensors: TensorSplit's y)"
         )  # fmt: skip
@@ -416,8 +418,11 @@ class _TableLookup(Weighting):
         elements (tokens) for a loss that weights them one by one."""
         n = data.train_loader.global_batch_size
         targets = getattr(data, "train_targets", None)
+        rows = getattr(data, "train_target_rows", None)
         if self.elements and targets is not None and targets.dim() > 1:
             n *= targets[0].numel()
+        elif self.elements and rows:  # (variable-length: a batch padded to the longest)
+            n *= max(r.numel() for r in rows)
         return n
 
     def _set_table(self, values: Tensor, device: torch.device, what: str, samples: int) -> None:
@@ -657,16 +662,28 @@ class PerTokenWeighting(_TableLookup):
         self._units = loss.units
 
     def setup(self, data: DataModule, device: torch.device) -> None:
-        if data.out_dim is None or data.train_targets is None:  # (the classes each position
-            raise ValueError(  # is scored over: a language model's vocabulary, a tagger's tags)
-                f"weighting=per_token needs the target classes and the training targets: the "
-                f"data module {type(data).__name__} sets no out_dim or vocab_size (or holds "
-                "no targets)"
+        rows = getattr(data, "train_target_rows", None)
+        if data.out_dim is None:  # (the classes each position is scored over: a language
+            raise ValueError(  # model's vocabulary, a tagger's tags)
+                f"weighting=per_token needs the classes each position is scored over: the "
+                f"data module {type(data).__name__} sets no out_dim or vocab_size"
             )
-        targets = data.train_targets
-        units = self._units(targets, torch.float64) if self._units is not None else None
-        valid = (units > 0) if units is not None else (targets >= 0)
-        tokens = targets[valid.reshape(targets.shape)].reshape(-1).long()
+        if data.train_targets is None and rows is None:  # (the message blamed out_dim where
+            raise ValueError(  # it was set, a probe's)
+                f"weighting=per_token counts the training targets' tokens: the training split "
+                f"of {type(data).__name__} holds none to count (a Dataset needs a targets "
+                "attribute: the samples' target sequences in order, a tensor (N, T), or a list "
+                "of one tensor per sample where their lengths vary, as each sample alone "
+                "comes through the Dataset's collate)"
+            )
+        # the tokens of sequences of one length at a time (of each as it comes alone,
+        # variable-length ones), as the loss's units weigh them
+        groups: dict[tuple[int, ...], list[Tensor]] = {}
+        for row in [data.train_targets] if rows is None else rows:
+            assert row is not None
+            groups.setdefault(tuple(row.shape), []).append(row)
+        tokens = torch.cat([self._tokens(ts[0] if rows is None else torch.stack(ts))
+                            for ts in groups.values()])  # fmt: skip
         bad = tokens[(tokens < 0) | (tokens >= data.out_dim)]
         if bad.numel():  # (bincount's own error said nothing of where they came from)
             raise ValueError(
@@ -683,6 +700,12 @@ class PerTokenWeighting(_TableLookup):
         self.token_weights = exact.float()  # (V,), 0 for unseen tokens
         self.table = self.token_weights.to(device)
         self._exact, self._table64 = exact, None  # (float64 losses: the float64 weights)
+
+    def _tokens(self, targets: Tensor) -> Tensor:
+        """The ids of ``targets`` (N, T) at the positions the loss's units weigh."""
+        units = self._units(targets, torch.float64) if self._units is not None else None
+        valid = (units > 0) if units is not None else (targets >= 0)
+        return targets[valid.reshape(targets.shape)].reshape(-1).long()
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         # padding ids (e.g. -100) index nothing: any valid id stands in, the units zero them

@@ -586,10 +586,47 @@ class DeviceLoader:
 Loader = InMemoryLoader | DeviceLoader
 
 
-def _targets(split: TensorSplit | Dataset) -> Tensor | None:
-    """A split's targets (a TensorSplit's ``y``, a Dataset's ``targets``), or None."""
+def _targets(split: TensorSplit | Dataset, name: str) -> Tensor | list[Tensor] | None:
+    """A split's targets (a TensorSplit's ``y``, a Dataset's ``targets``), or None; a
+    Dataset's sequence of per-sample targets as one tensor where they have one shape, else
+    (variable-length sequences its collate pads) as a list of tensors, one per sample (a
+    padded tensor cannot be them: each sample alone comes at its own length; and a list of
+    tensors failed in ``torch.as_tensor`` with "only one element tensors can be converted",
+    a probe's)."""
     targets = split.y if isinstance(split, TensorSplit) else getattr(split, "targets", None)
-    return None if targets is None else torch.as_tensor(targets)
+    if targets is None:
+        return None
+    if isinstance(targets, Tensor) or not isinstance(targets, list | tuple):
+        return torch.as_tensor(targets)
+    try:
+        return torch.as_tensor(targets)  # (a list of numbers, or of lists of one length)
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    try:
+        rows = [torch.as_tensor(t) for t in targets]
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"data: the {name} split's {type(split).__name__}.targets holds an entry that is "
+            f"no tensor, array or list of numbers ({e})"
+        ) from None
+    if len({(r.shape, r.dtype) for r in rows}) <= 1:
+        return torch.stack(rows) if rows else torch.as_tensor(targets)
+    cls = type(split).__name__
+    if len({(r.ndim, r.dtype) for r in rows}) > 1:
+        kinds = sorted({f"{r.ndim}-d {r.dtype}" for r in rows})
+        raise ValueError(
+            f"data: the {name} split's {cls}.targets holds per-sample targets of different "
+            f"kinds ({', '.join(kinds)}); variable-length targets are one dtype and one "
+            "number of dimensions, their lengths differing"
+        )
+    if _own_collate(split) is None:
+        shapes = sorted({tuple(r.shape) for r in rows})[:3]
+        raise ValueError(
+            f"data: the {name} split's {cls}.targets holds per-sample targets of different "
+            f"shapes ({', '.join(map(str, shapes))}, ...), and {cls} has no collate(samples) "
+            "of its own to pad them into batches (README, 'Bring your own')"
+        )
+    return rows
 
 
 def _check_split(split: object, name: str, module: str) -> None:
@@ -636,7 +673,10 @@ def _check_split(split: object, name: str, module: str) -> None:
 
 
 def _check_targets(
-    split: TensorSplit | Dataset, targets: Tensor | None, name: str, first: Any = None
+    split: TensorSplit | Dataset,
+    targets: Tensor | list[Tensor] | None,
+    name: str,
+    first: Any = None,
 ) -> None:
     """A Dataset's ``targets`` attribute is what the trainer checks the labels of and counts
     the classes from (class-balanced weights, ``per_class``): refused where it is not the
@@ -792,10 +832,15 @@ class DataModule(abc.ABC):
     #: tokens of a sequence task; None: not one
     vocab_size: int | None = None
     #: (N, ...) targets of the training split, on the CPU (class counts); None for a
-    #: ``Dataset`` without a ``targets`` attribute
+    #: ``Dataset`` without a ``targets`` attribute, or one of variable-length targets
     train_targets: Tensor | None
     #: the same of the validation split (checked as the training split's)
     val_targets: Tensor | None = None
+    #: a Dataset's variable-length targets (its collate pads them), one tensor per sample,
+    #: each as that sample alone comes through the collate; None otherwise
+    train_target_rows: list[Tensor] | None = None
+    #: the same of the validation split
+    val_target_rows: list[Tensor] | None = None
     #: the first training sample's target, as a tensor (its dtype where ``train_targets`` is
     #: None)
     first_target: Tensor | None = None
@@ -854,7 +899,11 @@ class DataModule(abc.ABC):
         _check_split(val, "validation", type(self).__name__)
         if self.train_subset:
             train = self._subset(train, self.train_subset)
-        self.train_targets, self.val_targets = _targets(train), _targets(val)
+        kept = _targets(train, "training"), _targets(val, "validation")
+        self.train_targets, self.val_targets = (t if isinstance(t, Tensor) else None
+                                                for t in kept)  # fmt: skip
+        self.train_target_rows, self.val_target_rows = (t if isinstance(t, list) else None
+                                                        for t in kept)  # fmt: skip
         if self.out_dim is None and self.num_classes is not None:
             self.out_dim = self.num_classes
         # the samples the checks fetch draw from copies of the random states (an augmentation
@@ -863,8 +912,8 @@ class DataModule(abc.ABC):
         with forked_rng(torch.device(device)):  # (the device's generator too: a split
             # held there)
             x0, y0 = _first_sample(train)
-            _check_targets(train, self.train_targets, "training", y0)
-            _check_targets(val, self.val_targets, "validation")
+            _check_targets(train, kept[0], "training", y0)
+            _check_targets(val, kept[1], "validation")
             if self.val_targets is None and len(val):  # type: ignore[arg-type]
                 self.first_val_target = torch.as_tensor(_first_sample(val, "validation")[1])
             varies = (self.input_shape is None and _own_collate(train) is not None
