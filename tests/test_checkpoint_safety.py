@@ -301,6 +301,31 @@ def test_runs_of_the_same_overrides_in_one_folder_are_session_groups_of_their_ow
         names.append(metadata.parse_session_start_info_plugin_data(content).group_name)
     # (in-process, no Hydra overrides: the folder's name alone)
     assert names == [tmp_path.name, f"{tmp_path.name}#2", f"{tmp_path.name}#3"]
+    # previous/1 deleted: the run at the top goes after the highest, and the next is #4 (the
+    # lowest free number, and a count of the folders, gave two runs #3: a review's)
+    shutil.rmtree(tmp_path / "previous" / "1")
+    train(tmp_path, *FAST, "trainer.max_steps=2")
+    for run_dir, want in ((tmp_path / "previous" / "3", "#3"), (tmp_path, "#4")):
+        acc = EventAccumulator(str(event_dir(run_dir)))
+        acc.Reload()
+        content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+        assert metadata.parse_session_start_info_plugin_data(content).group_name == (
+            tmp_path.name + want
+        )
+
+
+def test_metrics_json_names_its_checkpoint_by_an_absolute_path(tmp_path, monkeypatch) -> None:
+    """A run folder given relative to the working directory wrote a relative checkpoint path,
+    which named another file from elsewhere and was not followed when the run was set aside
+    (a review's): the path is absolute, and follows the run into previous/1."""
+    monkeypatch.chdir(tmp_path)
+    train(Path("r"), *FAST, "trainer.max_steps=2")
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["checkpoint"] == str(
+        tmp_path / "r" / "checkpoints" / "last.pt")  # fmt: skip
+    monkeypatch.chdir(tmp_path / "r")
+    train(Path("..") / "r", *FAST, "trainer.max_steps=2")
+    aside = json.loads((tmp_path / "r" / "previous" / "1" / "metrics.json").read_text())
+    assert aside["checkpoint"] == str(tmp_path / "r" / "previous" / "1" / "checkpoints" / "last.pt")
 
 
 def test_a_run_refused_early_in_a_used_run_dir_leaves_the_earlier_run_as_it_was(tmp_path):

@@ -26,7 +26,13 @@ from trainer.loop import Callback, Trainer
 from trainer.losses import Loss, TokenCrossEntropy
 from trainer.objective import Objective, Window
 from trainer.run import build_trainer
-from trainer.weighting import PerSampleWeighting, PerTokenWeighting, UniformWeighting, Weighting
+from trainer.weighting import (
+    ClassBalancedWeighting,
+    PerSampleWeighting,
+    PerTokenWeighting,
+    UniformWeighting,
+    Weighting,
+)
 
 PAD = -100
 CPU = torch.device("cpu")
@@ -250,7 +256,12 @@ def test_per_token_weights_count_the_tokens_a_losss_units_count() -> None:
     id 0 had its padding counted (a review: real tokens weighted 1.71 times too high with
     normalize=none). By brute force over the valid tokens."""
     targets = torch.tensor([[1, 2, 0, 0], [3, 1, 1, 0], [2, 0, 0, 0]])
-    data = SimpleNamespace(vocab_size=4, out_dim=4, train_targets=targets)
+    data = SimpleNamespace(
+        vocab_size=4,
+        out_dim=4,
+        train_targets=targets,
+        train_loader=SimpleNamespace(global_batch_size=3),
+    )
     weighting = PerTokenWeighting(power=1.0, normalize="none")
     weighting.check_loss(PadZeroNLL())
     weighting.setup(data, CPU)  # type: ignore[arg-type]
@@ -1107,6 +1118,54 @@ def test_variable_length_targets_are_a_list_and_per_token_counts_their_tokens(tm
     data.out_dim = 3  # (tags 0 to 4 given)
     with pytest.raises(ConfigError, match=r"the training split's target ids span \[0, 4\]"):
         TokenCrossEntropy().check(data)
+    # a subset keeps them as a list (torch.as_tensor failed on it: a review's)
+    data = RaggedTagsWithTargets(kind="longest", batch_size=5, num_workers=0, train_subset=7)
+    data.setup(CPU, 0)
+    assert len(data.train_target_rows) == 7
+    # class-count weightings say why they do not apply; a table past float32 is refused
+    with pytest.raises(
+        ValueError,
+        match=r"weighting=class_balanced weights each sample by its "
+        r"class label: .* training targets are sequences of variable length",
+    ):
+        ClassBalancedWeighting().setup(data, CPU)  # fmt: skip
+    weighting = PerTokenWeighting(power=60.0)
+    weighting.check_loss(TokenCrossEntropy())
+    skewed = SimpleNamespace(out_dim=2, train_targets=torch.tensor([[0] + [1] * 999]),
+                             train_loader=SimpleNamespace(global_batch_size=4))  # fmt: skip
+    with pytest.raises(ValueError, match=r"per_token's weights \(power 60\) must be "
+                       r"representable in float32"):  # fmt: skip
+        weighting.setup(skewed, CPU)  # type: ignore[arg-type]
+
+
+def test_weight_statistics_of_token_losses_are_over_the_tokens(tmp_path) -> None:
+    """``weights/mean``, ``/min`` and ``/max`` of per-token weights are over the tokens the
+    loss's units count: the padding's 0s made the mean depend on how long a batch was padded
+    (data-parallel, each rank pads its slice to its own longest: 1/44 logged on 2 ranks, 1/48
+    in one process, a probe's). Uniform weights of a batch of U tokens are 1/U each, padded
+    to 6 or to the batch's longest alike; a batch of padding alone has none (NaN)."""
+    common = ["~data", "+data.batch_size=5", "~model", f"+model._target_={__name__}.Tagger",
+              "loss=token_cross_entropy", "loss.mode=vector", "weighting=uniform",
+              "optimizer=sgd", "trainer.max_steps=3", "logging.every_n_steps=1",
+              "+data.num_workers=0", f"+data._target_={__name__}.RaggedTags"]  # fmt: skip
+    logged = {}
+    for kind in ("tensors", "longest"):
+        seen: list[torch.Tensor] = []
+        keep = type(
+            "Keep",
+            (Callback,),
+            {"on_train_step_end": lambda self, tr, out, seen=seen: seen.append(out.batch[1])},
+        )()
+        train(tmp_path / kind, *common, f"+data.kind={kind}", callbacks=[keep])
+        logged[kind] = read_scalars(tmp_path / kind)
+        for i, y in enumerate(seen):
+            u = int((y != PAD).sum())
+            for tag in ("weights/mean", "weights/min", "weights/max"):
+                assert logged[kind][tag][i][1] == pytest.approx(1 / u, rel=2**-23), (kind, tag)
+    assert logged["tensors"]["weights/mean"] == logged["longest"]["weights/mean"]
+    t = build_trainer(make_cfg(*common, "+data.kind=tensors"), tmp_path / "pad")
+    stats = t._weight_stats(torch.zeros(2, 3), torch.full((2, 3), PAD))
+    assert all(math.isnan(float(v)) for v in stats.values())
 
 
 class RaggedTagsWithTargets(RaggedTags):

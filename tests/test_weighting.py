@@ -29,6 +29,8 @@ from trainer.weighting import (
 
 K, N, B = 3, 40, 8
 CPU = torch.device("cpu")
+#: a loader as the weightings read it (the most weights one batch sums)
+LOADER = SimpleNamespace(global_batch_size=8)
 
 
 def fake_data(targets: torch.Tensor | None = None) -> SimpleNamespace:
@@ -399,7 +401,7 @@ def test_class_balanced_focal_and_per_token_weights_of_float64_losses_are_float6
     tokens = torch.tensor([[0, 1, 1], [2, 2, 2]])
     per_token = PerTokenWeighting(power=1.0)
     per_token.check_loss(__import__("trainer.losses").losses.TokenCrossEntropy())
-    data = SimpleNamespace(vocab_size=3, out_dim=3, train_targets=tokens)
+    data = SimpleNamespace(vocab_size=3, out_dim=3, train_targets=tokens, train_loader=LOADER)
     per_token.setup(data, CPU)  # type: ignore[arg-type]
     got = per_token.raw(torch.rand(2, 3, dtype=torch.float64), None, tokens, None)  # type: ignore[arg-type]
     counts = {0: 1, 1: 2, 2: 3}  # N / (V' n): 6 / (3 n)
@@ -680,7 +682,9 @@ def test_per_token_weights_name_target_ids_the_loss_counts_outside_the_vocabular
     for loss, out_dim, bad in ((CountsPadding(), 3, "[-100]"), (TokenCrossEntropy(), 2, "[2]")):
         per_token = PerTokenWeighting(power=1.0)
         per_token.check_loss(loss)
-        data = SimpleNamespace(vocab_size=out_dim, out_dim=out_dim, train_targets=tokens)
+        data = SimpleNamespace(
+            vocab_size=out_dim, out_dim=out_dim, train_targets=tokens, train_loader=LOADER
+        )
         with pytest.raises(ValueError, match=rf"ids outside \[0, {out_dim}\).*{re.escape(bad)}"):
             per_token.setup(data, CPU)  # type: ignore[arg-type]
 

@@ -545,10 +545,9 @@ def set_aside_previous(run_dir: Path) -> Path | None:
     found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not found:
         return None
-    n = 1
-    while (run_dir / "previous" / str(n)).exists():
-        n += 1
-    dest = run_dir / "previous" / str(n)
+    # (after the highest: a folder's number is its run's, ``#n`` in TensorBoard's session
+    # groups; the lowest free one, after previous/1 was deleted, gave two runs one group)
+    dest = run_dir / "previous" / str(set_aside_count(run_dir) + 1)
     dest.mkdir(parents=True)
     for name in found:
         os.replace(run_dir / name, dest / name)
@@ -557,6 +556,13 @@ def set_aside_previous(run_dir: Path) -> Path | None:
         os.replace(marker, marker.with_name("superseded.json"))
     _follow_checkpoint(dest / "metrics.json", run_dir / "checkpoints", dest / "checkpoints")
     return dest
+
+
+def set_aside_count(run_dir: Path) -> int:
+    """The highest number of a run set aside in ``run_dir/previous/<n>``, 0 for none."""
+    numbers = [int(p.name) for p in (run_dir / "previous").glob("*")
+               if p.name.isascii() and p.name.isdigit() and p.is_dir()]  # fmt: skip
+    return max(numbers, default=0)
 
 
 def _follow_checkpoint(metrics: Path, old: Path, new: Path) -> None:
@@ -569,7 +575,7 @@ def _follow_checkpoint(metrics: Path, old: Path, new: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return
     if inside:
-        data["checkpoint"] = str(new / path.name)
+        data["checkpoint"] = os.path.abspath(new / path.name)
         write_json(metrics, data)
 
 

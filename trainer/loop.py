@@ -60,6 +60,7 @@ from trainer.losses import (
     check_metric_names,
     finished_metrics,
     same_val_keys,
+    units_dtype,
     val_keys,
 )
 from trainer.metrics import HostFn, LossTally, Staging, mean_of
@@ -1407,25 +1408,35 @@ class Trainer:
             train_loss, samples = total / n, samples * self.world.size
         return train_loss, samples
 
-    def _weight_stats(self, weights: Tensor) -> dict[str | tuple[str, ...], Tensor]:
+    def _weight_stats(self, weights: Tensor, y: Tensor) -> dict[str | tuple[str, ...], Tensor]:
         """weights/mean, /min, /max of the step's last micro-batch: data-parallel, of its
         global batch (every rank's weights, each without the factor W its backward carries
         for DDP's average: the weights one process would have), and a rank without samples
         takes part with none. The mean in float64: B equal float32 weights average to exactly
-        their value."""
+        their value. Per-token losses: over the tokens, the elements the loss's units count
+        (``y`` the micro-batch's targets; the padding's 0s made them depend on how long a
+        batch was padded: data-parallel, each rank pads its slice to its own longest, and 2
+        ranks logged 1/44 where one process logged 1/48, a probe's); NaN without any."""
         w = weights.detach()
-        if not self.world.distributed:
-            w_min, w_max = torch.aminmax(w)
-            mean = w.mean(dtype=torch.float64)
-            return {"weights/mean": mean, "weights/min": w_min, "weights/max": w_max}
+        units = self.criterion.units(y, units_dtype(w.dtype)) if self.token_losses else None
+        if units is not None:  # (logging steps only: a boolean mask's host sync)
+            w = w[units.reshape(w.shape) > 0]
         w = w.double().flatten() / self.world.size
         if w.numel():
             w_min, w_max = torch.aminmax(w)
         else:  # (metadata: no sync) nothing here: the other ranks' decide
             w_min, w_max = w.new_full((), torch.inf), w.new_full((), -torch.inf)
+        if not self.world.distributed:
+            mean = w.mean() if w.numel() else w.new_full((), torch.nan)
+            if not w.numel():
+                w_min = w_max = mean
+            return {"weights/mean": mean, "weights/min": w_min, "weights/max": w_max}
         total, count = all_reduce_sum(torch.stack([w.sum(), w.new_full((), float(w.numel()))]))
         neg_min, w_max = all_reduce_max(torch.stack([-w_min, w_max]))
-        return {"weights/mean": total / count, "weights/min": -neg_min, "weights/max": w_max}
+        none = count == 0  # (every rank's tokens padding: NaN, not ±Inf)
+        return {"weights/mean": total / count,
+                "weights/min": torch.where(none, torch.nan, -neg_min),
+                "weights/max": torch.where(none, torch.nan, w_max)}  # fmt: skip
 
     def _log_step(self, out: StepOutput, lrs: list[Any], extra: dict[str, Tensor]) -> None:
         train_loss, samples = self._window_loss()
@@ -1440,7 +1451,7 @@ class Trainer:
         values.update(self.staging.take_scalars(out.step))
         values.update(self.objective.reg_scalars())
         if out.weights is not None:
-            values.update(self._weight_stats(out.weights))
+            values.update(self._weight_stats(out.weights, out.batch[1]))
         floats = self.log_scalars(values, out.step)  # host sync: logging steps only
         if self.objective.weighting is not None:  # (a strategy of one's own: its raw weights'
             self.objective.weighting.check_window(out.step)  # flag, read with the step's)

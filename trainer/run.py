@@ -43,6 +43,7 @@ from trainer.checkpoint import (
     rank_rng_state,
     resume_changes,
     select_resume,
+    set_aside_count,
     set_aside_later,
     set_aside_previous,
     set_rng_state,
@@ -615,7 +616,7 @@ def _run(
         if main:  # data-parallel: rank 0 alone writes events, checkpoints and metrics.json
             listed = (monitor, *[m for m in metric_names if m != monitor])
             # (the nth run in its folder: the earlier ones are in previous/1 to n - 1)
-            nth = 1 + sum(1 for _ in (run_dir / "previous").glob("[0-9]*"))
+            nth = 1 + set_aside_count(run_dir)
             start_records = start_summaries(hparams, listed, run_name(run_dir, hparams, nth))
             events = event_dir(run_dir, overrides_text(hparams, ","))
             session = "fresh" if resume_state is None else "none"  # (HPARAMS' session start)
@@ -687,7 +688,7 @@ def _run(
                 name = signal.Signals(trainer.stopped_by).name
                 _write_metrics(run_dir, continued, {
                     "status": "interrupted", "signal": name, "step": trainer.global_step,
-                    "epoch": trainer.epoch, "checkpoint": str(writer.last), "run_id": run_id,
+                    "epoch": trainer.epoch, "checkpoint": _absolute(writer.last), "run_id": run_id,
                     "wall_s": wall_s(), **continued,
                 })  # fmt: skip
                 log.warning(
@@ -726,7 +727,7 @@ def _run(
         "wall_s": wall_s(),
         "status": "completed",
         "run_id": run_id,
-        "checkpoint": str(last),
+        "checkpoint": _absolute(last),
         # the loss it trained, resolved (.hydra/config.yaml keeps ${...} as written): the
         # report refuses to rank val/loss or train/loss across different ones
         "loss": config.get("loss"),
@@ -797,6 +798,13 @@ def _say_later_elsewhere(chosen: Path, step: int, search_dir: Path, ids: tuple[s
                 _display(chosen), step, marked_id(path), _display(path), later,
             )  # fmt: skip
             return
+
+
+def _absolute(path: Path | None) -> str:
+    """A checkpoint's path as ``metrics.json`` names it: absolute (a relative one, of a run
+    folder given relative to the working directory, named another file from elsewhere, and
+    was not followed when the run was set aside: a review's)."""
+    return str(path) if path is None else os.path.abspath(path)
 
 
 def _set_aside_previous(run_dir: Path) -> None:

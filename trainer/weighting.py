@@ -382,11 +382,16 @@ _NAMES = {"HardTopK": "hard_topk"}
 
 
 def _class_count(data: DataModule, strategy: str) -> int:
+    if getattr(data, "train_target_rows", None) is not None:
+        raise ValueError(
+            f"weighting={strategy} weights each sample by its class label: the data module "
+            f"{type(data).__name__}'s training targets are sequences of variable length, not one "
+            "class label per sample; weight their tokens with weighting=per_token, or use "
+            "weighting=uniform or per_sample"
+        )
     if data.num_classes is None or data.train_targets is None:
         missing = (
             "sets no num_classes" if data.num_classes is None else
-            "holds per-sample targets of variable length, not one class label per sample"
-            if getattr(data, "train_target_rows", None) is not None else
             "has no training targets to count (a Dataset needs a .targets attribute of int64 "
             "labels; tensors: TensorSplit's y)"
         )  # fmt: skip
@@ -697,9 +702,11 @@ class PerTokenWeighting(_TableLookup):
         seen = int((counts > 0).sum())
         freq = torch.where(counts > 0, counts.sum() / (seen * counts.clamp_min(1)), 0.0)
         exact = freq.pow(self.power)
-        self.token_weights = exact.float()  # (V,), 0 for unseen tokens
-        self.table = self.token_weights.to(device)
-        self._exact, self._table64 = exact, None  # (float64 losses: the float64 weights)
+        # (refused past float32 and past its largest value summed over a batch's tokens: a
+        # power of 25 gave a table of Inf, trained as NaN, a review's)
+        self._set_table(exact, device, f"weighting=per_token's weights (power {self.power:g})",
+                        self._largest_batch(data))  # fmt: skip
+        self.token_weights = self.table.cpu()  # (V,), 0 for unseen tokens
 
     def _tokens(self, targets: Tensor) -> Tensor:
         """The ids of ``targets`` (N, T) at the positions the loss's units weigh."""

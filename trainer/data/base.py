@@ -596,6 +596,8 @@ def _targets(split: TensorSplit | Dataset, name: str) -> Tensor | list[Tensor] |
     targets = split.y if isinstance(split, TensorSplit) else getattr(split, "targets", None)
     if targets is None:
         return None
+    if isinstance(targets, np.ndarray) and targets.dtype == object:  # (NumPy's ragged)
+        targets = list(targets)
     if isinstance(targets, Tensor) or not isinstance(targets, list | tuple):
         return torch.as_tensor(targets)
     try:
@@ -616,8 +618,8 @@ def _targets(split: TensorSplit | Dataset, name: str) -> Tensor | list[Tensor] |
         kinds = sorted({f"{r.ndim}-d {r.dtype}" for r in rows})
         raise ValueError(
             f"data: the {name} split's {cls}.targets holds per-sample targets of different "
-            f"kinds ({', '.join(kinds)}); variable-length targets are one dtype and one "
-            "number of dimensions, their lengths differing"
+            f"kinds ({', '.join(kinds)}); per-sample targets are of one dtype and one "
+            "number of dimensions (variable-length ones differ in their lengths alone)"
         )
     if _own_collate(split) is None:
         shapes = sorted({tuple(r.shape) for r in rows})[:3]
@@ -986,8 +988,13 @@ class DataModule(abc.ABC):
         if isinstance(split, TensorSplit):
             return TensorSplit(split.x[:n], split.y[:n], split.transform)
         subset = Subset(split, range(n))
-        if hasattr(split, "targets"):
-            subset.targets = torch.as_tensor(split.targets)[:n]  # type: ignore[attr-defined]
+        if hasattr(split, "targets"):  # (a list as a list: variable-length targets, one
+            # tensor per sample, failed in torch.as_tensor, a review's)
+            kept = split.targets
+            subset.targets = (  # type: ignore[attr-defined]
+                kept[:n] if isinstance(kept, list | tuple | Tensor | np.ndarray)
+                else torch.as_tensor(kept)[:n]
+            )  # fmt: skip
         return subset
 
     def _loader(
