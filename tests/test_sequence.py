@@ -1118,6 +1118,10 @@ def test_variable_length_targets_are_a_list_and_per_token_counts_their_tokens(tm
     data.out_dim = 3  # (tags 0 to 4 given)
     with pytest.raises(ConfigError, match=r"the training split's target ids span \[0, 4\]"):
         TokenCrossEntropy().check(data)
+    # data.loader=memory says why it cannot (it blamed augmentation or size, a probe's)
+    with pytest.raises(ValueError, match=r"data.loader=memory: the split is a Dataset whose "
+                       r"collate makes its batches"):  # fmt: skip
+        RaggedTagsWithTargets(kind="longest", batch_size=5, loader="memory").setup(CPU, 0)
     # a subset keeps them as a list (torch.as_tensor failed on it: a review's)
     data = RaggedTagsWithTargets(kind="longest", batch_size=5, num_workers=0, train_subset=7)
     data.setup(CPU, 0)

@@ -1011,8 +1011,13 @@ class DataModule(abc.ABC):
             or (self.loader == "auto" and split.x.nbytes <= self.memory_limit_mb * 2**20)
         )
         if self.loader == "memory" and not in_memory:
+            why = (  # (a collate's Dataset was called "augmented or too large", a probe's)
+                "a Dataset whose collate makes its batches" if _own_collate(split) is not None
+                else f"a {type(split).__name__}, not a TensorSplit (a Dataset: augmented, "
+                "too large, or read sample by sample)"
+            )  # fmt: skip
             raise ValueError(
-                "data.loader=memory: this split is not held as tensors (augmented or too large); "
+                f"data.loader=memory: the split is {why}, which only a DataLoader batches; "
                 "use data.loader=auto or data.loader=dataloader"
             )
         world = getattr(self, "world", SINGLE)
