@@ -406,7 +406,7 @@ def test_the_batch_sampler_on_two_ranks_drops_or_refuses_a_ragged_last_batch() -
     def slices(n: int, rank: int, drop_last: bool) -> list[list[int]]:
         sampler = EpochBatchSampler(n, 2, shuffle=False, drop_last=drop_last,
                                     world=World(rank, 2, rank))  # fmt: skip
-        batches = [[i for _, _, i in batch] for batch in sampler]
+        batches = [[i for _, _, i, _ in batch] for batch in sampler]
         assert len(sampler) == len(batches)
         return batches
 
@@ -495,3 +495,16 @@ def test_a_workers_draws_depend_on_the_batch_alone(monkeypatch) -> None:
         ds = IndexedDataset(Draws(), seed=0)  # the next batch reseeds, and coming back too
         seq = [ds[(0, b, 0)][0].tolist() for b in (0, 1, 0)]
         assert seq[0] == first[0] and seq[1] == batch(number=1)[0] and seq[2] == first[0]
+        # a batch of the same epoch and number in the sampler's next pass (validation's,
+        # epoch 0 each time) is seeded again: the draws of the first pass, not the ones after
+        # them (a persistent worker whose last batch of a pass was the next one's first drew
+        # on, and a resumed run's validations differed, a probe's)
+        ds = IndexedDataset(Draws(), seed=0)
+        passes = [[ds[(0, 0, i, k)][0].tolist() for i in (0, 1, 2)] for k in (1, 2)]
+        assert passes == [first, first]
+    from trainer.data.base import EpochBatchSampler
+
+    sampler = EpochBatchSampler(4, 2, shuffle=False)
+    assert [[item[3] for item in b] for _ in range(2) for b in sampler] == [[1, 1]] * 2 + [
+        [2, 2]
+    ] * 2

@@ -1140,6 +1140,17 @@ def test_variable_length_targets_are_a_list_and_per_token_counts_their_tokens(tm
     with pytest.raises(ValueError, match=r"per_token's weights \(power 60\) must be "
                        r"representable in float32"):  # fmt: skip
         weighting.setup(skewed, CPU)  # type: ignore[arg-type]
+    # a batch sums its tokens' weights: 500**13 fits 4 times in float32, not 4 × 1000 (the
+    # samples were counted, a review's); normalize=none forms no sum and takes it
+    for normalize in ("mean", "none"):
+        weighting = PerTokenWeighting(power=13.0, normalize=normalize)
+        weighting.check_loss(TokenCrossEntropy())
+        if normalize == "none":
+            weighting.setup(skewed, CPU)  # type: ignore[arg-type]
+            assert float(weighting.token_weights[0]) == pytest.approx(500.0**13, rel=1e-6)
+            continue
+        with pytest.raises(ValueError, match=r"summed over a batch \(up to 4000 tokens\)"):
+            weighting.setup(skewed, CPU)  # type: ignore[arg-type]
 
 
 def test_weight_statistics_of_token_losses_are_over_the_tokens(tmp_path) -> None:

@@ -436,10 +436,14 @@ class _TableLookup(Weighting):
         sum over ``samples`` (a batch's at most: :meth:`_largest_batch`) would pass its
         largest value (r / Σr = 0)."""
         _check_float32(values, what)
-        if float(values.max()) * max(samples, 1) > torch.finfo(torch.float32).max:
+        # (normalize=none forms no sum: refused there, a legitimate table was, a review's)
+        if self.normalize != "none" and (
+            float(values.max()) * max(samples, 1) > torch.finfo(torch.float32).max
+        ):
+            units = "tokens" if self.elements else "samples"
             raise ValueError(
                 f"{what}: the largest, {float(values.max()):g}, summed over a batch (up to "
-                f"{samples} samples) would pass float32's largest value, and every normalized "
+                f"{samples} {units}) would pass float32's largest value, and every normalized "
                 "weight would be 0; rescale them (only their ratios matter with normalize=mean "
                 "or sum)"
             )
@@ -665,6 +669,8 @@ class PerTokenWeighting(_TableLookup):
         # the tokens counted are those the loss's units weigh (> 0): its padding, whatever
         # id it is (a loss of one's own padding with 0 had its pads counted, a review's)
         self._units = loss.units
+        super().check_loss(loss)  # (``elements``: a batch's sum is over its tokens; left
+        # unset, the check of the table's sum counted samples, a review's)
 
     def setup(self, data: DataModule, device: torch.device) -> None:
         rows = getattr(data, "train_target_rows", None)

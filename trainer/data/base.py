@@ -170,6 +170,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.seed, self.drop_last, self.world = seed, drop_last, world
         self.global_batch_size = batch_size * world.size
         self.epoch = self.start_batch = 0
+        self.passes = 0  # (iterations so far: a worker seeds each batch of each pass)
         ragged = 0 if drop_last else num_samples % self.global_batch_size
         if world.distributed and 0 < ragged < world.size:
             raise RaggedShardError(
@@ -198,12 +199,17 @@ class EpochBatchSampler(Sampler[list[int]]):
             order = list(range(self.num_samples))
         gbs = self.global_batch_size
         n = batch_count(self.num_samples, gbs, self.drop_last)
+        self.passes += 1
         for i in range(self.start_batch, n):
             start, stop = i * gbs, min((i + 1) * gbs, self.num_samples)
             if self.world.distributed:
                 start, stop = shard(start, stop, self.world)
-            # each index with its batch's (epoch, number): a worker seeds its RNGs from them
-            yield [(self.epoch, i, j) for j in order[start:stop]]  # type: ignore[misc]
+            # each index with its batch's (epoch, number): a worker seeds its RNGs from them;
+            # and the pass, so that a worker seeds a batch of the same number again in the
+            # next pass (validation's, epoch 0 each time: a persistent worker whose last batch
+            # of one pass was the next one's first went on drawing, and a resumed run's
+            # validations, fewer passes into their workers, differed, a probe's)
+            yield [(self.epoch, i, j, self.passes) for j in order[start:stop]]  # type: ignore[misc]
 
 
 def seed_worker(seed: int, rank: int, epoch: int, batch: int) -> None:
@@ -271,21 +277,22 @@ def _worker_context() -> Any:
 class IndexedDataset(Dataset):
     """Wraps a data set so each item also carries its index: ``(x, y, i)``.
 
-    Given ``(epoch, batch, i)`` (:class:`EpochBatchSampler`'s items) in a DataLoader worker, it
-    seeds the worker's RNGs for that batch first (:func:`seed_worker`): random augmentation
-    then depends on (seed, rank, epoch, batch) only, not on which worker took the batch or
-    what it drew before, so a run resumed mid-epoch gets the same crops and flips, and so does
-    a run with another number of workers. (In the main process, ``num_workers=0``, the
-    augmentation draws from the global RNG, which a checkpoint restores.)"""
+    Given ``(epoch, batch, i, pass)`` (:class:`EpochBatchSampler`'s items) in a DataLoader
+    worker, it seeds the worker's RNGs for that batch first (:func:`seed_worker`): random
+    augmentation then depends on (seed, rank, epoch, batch) only, not on which worker took the
+    batch or what it drew before, so a run resumed mid-epoch gets the same crops and flips, and
+    so does a run with another number of workers; each validation, the same ones. (In the main
+    process, ``num_workers=0``, the augmentation draws from the global RNG, which a checkpoint
+    restores.)"""
 
     def __init__(self, dataset: Dataset | TensorSplit, seed: int = 0, rank: int = 0):
         self.dataset, self.seed, self.rank = dataset, seed, rank
-        self._seeded: tuple[int, int] | None = None
+        self._seeded: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, item: int | tuple[int, int, int]) -> tuple[Tensor, Any, int]:
+    def __getitem__(self, item: int | tuple[int, ...]) -> tuple[Tensor, Any, int]:
         i = self._index(item)
         if isinstance(self.dataset, TensorSplit):
             x = self.dataset.x[i]
@@ -299,14 +306,15 @@ class IndexedDataset(Dataset):
             raise
         return self._pair(sample, i)
 
-    def _index(self, item: int | tuple[int, int, int]) -> int:
-        """The sample index of a sampler's item, the worker's RNGs seeded for its batch."""
+    def _index(self, item: int | tuple[int, ...]) -> int:
+        """The sample index of a sampler's item ``(epoch, batch, i, pass)``, the worker's RNGs
+        seeded for its batch (once per batch and pass: the same draws in every pass)."""
         if not isinstance(item, tuple):
             return item
-        epoch, batch, i = item
-        if self._seeded != (epoch, batch) and get_worker_info() is not None:
+        epoch, batch, i, *rest = item
+        if self._seeded != (epoch, batch, *rest) and get_worker_info() is not None:
             seed_worker(self.seed, self.rank, epoch, batch)
-            self._seeded = (epoch, batch)
+            self._seeded = (epoch, batch, *rest)
         return i
 
     def _size(self) -> str:
