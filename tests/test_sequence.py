@@ -1183,6 +1183,32 @@ def test_weight_statistics_of_token_losses_are_over_the_tokens(tmp_path) -> None
     assert all(math.isnan(float(v)) for v in stats.values())
 
 
+class NoDefaultNLL(OwnTokenNLL):
+    """:class:`OwnTokenNLL` with ``units(target, dtype)`` as the contract spells it: no default
+    for the dtype."""
+
+    def units(self, target, dtype):
+        return (target != PAD).to(dtype)
+
+
+def test_units_of_ones_own_without_a_default_dtype_serve_the_per_sample_norms(tmp_path) -> None:
+    """The per-sample norms called ``units(y)`` without the dtype: a loss written to the
+    documented ``units(target, dtype)`` failed at its first measured step with a TypeError (a
+    probe's). They ask with the dtype, as the objective does: the norms are the built-in
+    loss's, which the same tokens give."""
+    common = ["~data", f"+data._target_={__name__}.Tags", "+data.batch_size=8", "~model",
+              f"+model._target_={__name__}.Tagger", "optimizer=sgd", "trainer.max_steps=2",
+              "instrument.per_sample.every_n_steps=1"]  # fmt: skip
+    train(tmp_path / "own", *common, "~loss", f"+loss._target_={__name__}.NoDefaultNLL")
+    train(tmp_path / "built", *common, "loss=token_cross_entropy")
+    own, built = read_scalars(tmp_path / "own"), read_scalars(tmp_path / "built")
+    # (the two losses' own float32 arithmetic: cross-entropy per token, then its reduction,
+    # apart by a few roundings of 48 tokens' terms)
+    pairs = zip(own["per_sample/grad_norm_mean"], built["per_sample/grad_norm_mean"], strict=True)
+    assert [s for s, _ in own["per_sample/grad_norm_mean"]] == [1, 2]
+    assert all(a == pytest.approx(b, rel=48 * 2**-24) for (_, a), (_, b) in pairs)
+
+
 class RaggedTagsWithTargets(RaggedTags):
     def load(self):
         train_split, val = super().load()

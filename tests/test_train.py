@@ -858,6 +858,125 @@ def test_fit_starts_from_no_gradients(tmp_path, caplog) -> None:
     assert all(torch.equal(a, b) for a, b in zip(clean, dirty, strict=True))
 
 
+class FailsOnce(Callback):
+    """Raises once, in ``hook``, at the trainer's micro-batch ``batch`` of the epoch."""
+
+    def __init__(self, hook: str, batch: int) -> None:
+        self.hook, self.batch, self.armed = hook, batch, True
+
+    def _fail(self, trainer, hook: str) -> None:
+        if self.armed and hook == self.hook and trainer.batch_in_epoch == self.batch:
+            self.armed = False
+            raise RuntimeError("a callback's bug")
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        self._fail(trainer, "on_after_backward")
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        self._fail(trainer, "on_before_optimizer_step")
+
+    def on_train_step_end(self, trainer, out) -> None:
+        self._fail(trainer, "on_train_step_end")
+
+
+@pytest.mark.parametrize(
+    ("hook", "batch"),
+    [("on_after_backward", 4), ("on_after_backward", 5), ("on_before_optimizer_step", 5),
+     ("on_train_step_end", 5)],
+)  # fmt: skip
+def test_a_second_fit_after_a_failure_trains_and_logs_as_one_uninterrupted(
+    tmp_path, hook, batch
+) -> None:
+    """From Python, a fit that raised (a callback's error) and is called again: inside an
+    accumulation window it went on from the failing micro-batch, the earlier ones' gradients
+    cleared (other weights), and the window's losses were counted twice (train/loss 0.966 for
+    1.115, a probe's). The window is trained again from its first micro-batch; failing in
+    the optimizer step, before the update, the step is taken back; after it (on_train_step_end)
+    the step is done. Weights, train/loss at every step and the epoch's mean as one run's."""
+    from trainer.run import build_trainer
+
+    def fitted(callbacks) -> tuple[list[torch.Tensor], list[float], dict]:
+        cfg = make_cfg("trainer.max_steps=4", "trainer.accumulate_grad_batches=3",
+                       "logging.every_n_steps=1", "logging.progress=false",
+                       "data.batch_size=64", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+        trainer = build_trainer(cfg, tmp_path / str(len(callbacks)), callbacks, with_logger=False)
+        logged: list[float] = []
+        log_scalars = trainer.log_scalars
+
+        def keep(values, step):
+            floats = log_scalars(values, step)
+            logged.append(floats["train/loss"])
+            return floats
+
+        trainer.log_scalars = keep
+        try:
+            metrics = trainer.fit()
+        except RuntimeError:
+            assert callbacks and not callbacks[0].armed
+            metrics = trainer.fit()
+        assert not callbacks or not callbacks[0].armed  # (it raised)
+        return [p.detach().clone() for p in trainer.model.parameters()], logged, metrics
+
+    weights, logged, metrics = fitted([])
+    again, logged_again, metrics_again = fitted([FailsOnce(hook, batch)])
+    assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
+    if hook == "on_train_step_end":  # (step 2 failed before its log: step 3's is the mean
+        # of both windows' samples, 192 each, since the previous log, as train/loss is)
+        mean = pytest.approx((logged[1] + logged[2]) / 2, rel=2**-22)
+        assert logged_again == [logged[0], mean, logged[3]]
+    else:
+        assert logged_again == logged
+    assert metrics_again["train/loss"] == metrics["train/loss"]
+    assert metrics_again["step"] == metrics["step"] == 4
+
+
+def test_a_second_fit_with_a_longer_run_logs_everything_at_its_new_last_step(tmp_path) -> None:
+    """From Python, max_steps raised after a fit and fit called again: the run's last step
+    (which logs every scalar) was the first fit's, so the new last step had train/loss but
+    not grad_norm/total or lr (a probe's). It is the new one's."""
+    from trainer.run import build_trainer
+
+    cfg = make_cfg("trainer.max_steps=3", "logging.every_n_steps=4", "logging.progress=false",
+                   "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+    trainer = build_trainer(cfg, tmp_path, with_logger=False)
+    seen: dict[int, set[str]] = {}
+    log_scalars = trainer.log_scalars
+
+    def keep(values, step):
+        seen.setdefault(step, set()).update(values)
+        return log_scalars(values, step)
+
+    trainer.log_scalars = keep
+    trainer.fit()
+    trainer.max_steps = 5
+    trainer.fit()
+    assert {"train/loss", "grad_norm/total", "lr"} <= seen[3] and seen[3] == seen[5]
+    assert sorted(seen) == [3, 4, 5]
+
+
+def test_a_trainer_of_ones_own_writes_its_events_when_fit_ends(tmp_path) -> None:
+    """A Trainer built in Python, whose logger nothing closes, held its events in memory after
+    fit (written by close() or after 30 s): a script ending without closing lost every
+    scalar. They are on disk when fit returns, and when it raises."""
+    from trainer.logger import TensorBoardLogger
+    from trainer.run import build_trainer
+
+    cfg = make_cfg("trainer.max_steps=3", "logging.every_n_steps=1", "logging.progress=false",
+                   "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+    for fails in (False, True):
+        run_dir = tmp_path / str(fails)
+        trainer = build_trainer(cfg, run_dir, [FailsOnce("on_train_step_end", 1)] if fails else [],
+                                with_logger=False)  # fmt: skip
+        trainer.logger = TensorBoardLogger(run_dir / "tb")
+        if fails:
+            with pytest.raises(RuntimeError, match="a callback's bug"):
+                trainer.fit()
+        else:
+            trainer.fit()
+        steps = [s for s, _ in read_scalars(run_dir)["train/loss"]]
+        assert steps == ([1] if fails else [1, 2, 3])  # (step 2 failed before its log)
+
+
 def test_a_run_puts_the_process_deterministic_settings_back(tmp_path, monkeypatch) -> None:
     """trainer.deterministic sets process-wide switches; a run() puts them back as it found
     them (a notebook's own warn-only deterministic mode was switched off for good by a run

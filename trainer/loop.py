@@ -466,6 +466,8 @@ class Trainer:
                     "your own: return it from your DataModule's load())"
                 )
         self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
+        #: (global step, batch in epoch) of the last rest point; the step the last update was of
+        self._rest_at, self._updated_at = (0, 0), -1
         #: train/loss since the last log and since the epoch's start, on the device
         self.tally = LossTally(device, self.token_losses)
         self._time_at_log = 0.0
@@ -764,9 +766,24 @@ class Trainer:
                 close = getattr(loader, "close", None)
                 if close is not None:
                     close()
+            # the events, written when the run ends or fails (a Trainer of one's own, which
+            # trainer.run does not close, held them in memory: a script ending without
+            # logger.close() lost every scalar, a probe's)
+            try:
+                if self.logger is not None:
+                    self.logger.flush()
+            except Exception as e:  # noqa: BLE001 (said; the run's own outcome stands)
+                log.error("fit: the events could not be written to %s: %r",
+                          getattr(self.logger, "log_dir", "?"), e)  # fmt: skip
 
     def _fit(self) -> dict[str, float]:
         check_plateau(self.scheduler, self.monitor)  # (before anything starts)
+        # (max_steps or max_epochs changed since: the run's last step, which logs everything,
+        # and the bar's length are the new ones'; they were kept, a probe's)
+        self.total_steps = planned_steps(
+            len(self.train_loader), self.accumulate, self.max_epochs, self.max_steps
+        )
+        self._rest_at = (self.global_step, self.batch_in_epoch)
         opts = self.progress_options
         self.progress = Progress(
             opts.enabled, self.total_steps, bar=opts.bar, every_n_steps=opts.every_n_steps,
@@ -847,6 +864,7 @@ class Trainer:
             if problem:  # (what on_fit_end staged: the run is over, so said, not raised)
                 log.error("%s", problem)
         except BaseException as e:
+            self._back_to_rest()
             with contextlib.suppress(Exception):  # what was measured before the failure,
                 self.staging.defer_staged(self.global_step)  # the failing step's own included
                 self.write_deferred(check=False)
@@ -912,6 +930,21 @@ class Trainer:
         self._modes_base = base  # (kept in this run's checkpoints until it validates: a
         # resume of one of them replayed from its current modes, a review)
 
+    def _back_to_rest(self) -> None:
+        """After a failure inside an accumulation window: a second ``fit`` trains the window
+        again from its first micro-batch (it went on from the failing one, its gradient
+        cleared and the earlier ones' lost, and the window's losses counted twice: other
+        weights than an uninterrupted run's, a probe's). Failing in the optimizer step, before
+        the update, the step is taken back too; after it, the step is done."""
+        step, batch = self._rest_at
+        if self._updated_at == self.global_step and self.global_step == step + 1:
+            self.batch_in_epoch += 1  # (the window's last micro-batch: its step was taken)
+            self._rest_at = (self.global_step, self.batch_in_epoch)
+            self.tally.end_window()
+            return
+        self.global_step, self.batch_in_epoch = step, batch
+        self.tally.discard_window()
+
     def _clear_stale_gradients(self) -> None:
         """Gradients the parameters hold before the first step (a backward by hand, a fit
         that failed mid-step) would add to its own: cleared, and said."""
@@ -964,6 +997,7 @@ class Trainer:
         if ended:
             self.epoch += 1
             self.batch_in_epoch = 0
+            self._rest_at = (self.global_step, 0)
         self._rest_point(at_once=True)  # (after the validation, which read the host anyway)
 
     def _rest_point(self, at_once: bool = False) -> bool:
@@ -1056,6 +1090,9 @@ class Trainer:
             step_now = (i + 1) % self.accumulate == 0 or i == last
             self.train_step(batch, window, step_now)
             self.batch_in_epoch = i + 1
+            if step_now:  # (a rest point's position: where a failed fit is taken back to)
+                self._rest_at = (self.global_step, i + 1)
+                self.tally.end_window()
             if self._done():
                 break
             if step_now and i != last and self._rest_point():  # an epoch's last step's rest
@@ -1327,6 +1364,7 @@ class Trainer:
             conditional_step(self.optimizer, self.skip_step_where)
         else:
             step_optimizer(self.optimizer)  # (optimizer.step(); trainer/update.py)
+        self._updated_at = self.global_step  # (a failure from here on: the step was taken)
         self.objective.updated()
         if self._buffers_before is not None:
             self._put_back_buffers()

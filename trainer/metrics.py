@@ -423,6 +423,10 @@ class LossTally:
         #: rows of a resumed run's first window that an earlier process trained (flattened:
         #: not its samples), left out of the window's samples (samples/s is this process's)
         self._resumed_rows = 0
+        #: micro-batches added since the last optimizer step, and (per-token) their Σu: what
+        #: a fit that failed inside a window leaves, taken out again (:meth:`discard_window`)
+        self._in_window = 0
+        self._window_units: list[Tensor] = []
 
     def add(self, losses: Tensor, units: Tensor | None) -> None:
         """One micro-batch's detached losses (and the loss's unit weights, per-token).
@@ -435,10 +439,35 @@ class LossTally:
             units_sum = units.sum()
             self._units_log += units_sum
             self._units_epoch += units_sum
+            self._window_units.append(units_sum)
         else:
             kept = losses  # no kernel
         self._log.append(kept)
         self._epoch.append(kept)
+        self._in_window += 1
+
+    def end_window(self) -> None:
+        """The optimizer step of the micro-batches added since the last one is taken."""
+        self._in_window = 0
+        self._window_units.clear()
+
+    def discard_window(self) -> None:
+        """Take out the micro-batches added since the last optimizer step (a fit that failed
+        inside its window: a second fit trains the window again, and counted its losses
+        twice, a probe's). Σu is subtracted: exact for whole-number unit weights."""
+        n, self._in_window = self._in_window, 0
+        if n == 0:
+            return
+        added = self._log[-n:] if n <= len(self._log) else []
+        del self._log[len(self._log) - len(added) :]
+        tail = self._epoch[-len(added) :] if added else []
+        if len(tail) == len(added) and all(a is b for a, b in zip(tail, added, strict=True)):
+            del self._epoch[len(self._epoch) - len(tail) :]
+        if self._window_units:
+            units = torch.stack(self._window_units).sum(dtype=self.wide)
+            self._units_log -= units
+            self._units_epoch -= units
+            self._window_units.clear()
 
     def has_log(self) -> bool:
         """Losses were added since the last :meth:`take_log`."""

@@ -122,6 +122,7 @@ from trainer.instrument.swap import (
     swapped,
     tensor_copies,
 )
+from trainer.losses import units_dtype
 from trainer.precision import LOW_PRECISION, sum_dtype
 from trainer.regularizers import Regularizer
 from trainer.rng import Fork, forked_rng
@@ -3426,7 +3427,11 @@ class PerSampleNorms(Callback):
         if weights is None:
             weights = trainer.objective.coefficients(losses, batch.y, trainer.window)
         w = sample_coefficients(weights.detach().float())
-        units = trainer.objective.loss.units(batch.y) if losses.ndim > 1 else None
+        units = (  # (with the dtype, as the objective asks: a units(target, dtype) of one's
+            # own, without a default, failed here, a probe's)
+            trainer.objective.loss.units(batch.y, units_dtype(losses.dtype))
+            if losses.ndim > 1 else None
+        )  # fmt: skip
         if units is not None:  # (per-token losses: which sequences have a target)
             w = torch.stack([w, units.flatten(1).ne(0).any(1).to(w.dtype)], 1)
         self._weighted.append(sq)
