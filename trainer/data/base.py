@@ -369,9 +369,7 @@ class BatchedIndexedDataset(IndexedDataset):
     (torch's DataLoader calls it with a batch's indices, where a dataset has one): the
     wrapped Dataset's is called once per batch (it was never called: a probe's finding)."""
 
-    def __getitems__(
-        self, items: list[int | tuple[int, int, int]]
-    ) -> list[tuple[Tensor, Any, int]]:
+    def __getitems__(self, items: list[int | tuple[int, ...]]) -> list[tuple[Tensor, Any, int]]:
         indices = [self._index(item) for item in items]
         try:
             samples = self.dataset.__getitems__(indices)  # type: ignore[union-attr]
@@ -406,7 +404,7 @@ class CollatedIndexedDataset(BatchedIndexedDataset):
     once."""
 
     def __getitems__(  # type: ignore[override]
-        self, items: list[int | tuple[int, int, int]]
+        self, items: list[int | tuple[int, ...]]
     ) -> tuple[Tensor, Tensor, Tensor]:
         if _batched(self.dataset):
             triples = super().__getitems__(items)
