@@ -930,6 +930,110 @@ def test_a_second_fit_after_a_failure_trains_and_logs_as_one_uninterrupted(
     assert metrics_again["step"] == metrics["step"] == 4
 
 
+@pytest.mark.parametrize(("hook", "batch"), [("on_after_backward", 4),
+                                             ("on_before_optimizer_step", 5)])  # fmt: skip
+def test_a_second_fit_after_a_failure_logs_the_instruments_as_one_uninterrupted(
+    tmp_path, caplog, hook, batch
+) -> None:
+    """The instruments across a fit called again after a failure in step 2's window: what
+    the failed attempt wrote of step 2 was written at step 1 (a duplicate) and the noise
+    scale's average took step 2 in twice (a review's). Every tag at every step as one run's,
+    read with tensorboard's reader (the failed attempt's step 2 replaced); the warning says
+    what the failed forwards left (buffers, random generators)."""
+    from trainer.run import build_trainer
+
+    def fitted(callbacks) -> dict:
+        cfg = make_cfg("trainer.max_steps=4", "trainer.accumulate_grad_batches=3",
+                       "logging.every_n_steps=1", "logging.progress=false",
+                       "data.batch_size=64", "trainer.checkpoint.every_n_steps=0",
+                       "instrument.norms.every_n_steps=1", "instrument.norms.agreement=true",
+                       "instrument.per_sample.every_n_steps=1")  # fmt: skip
+        run_dir = tmp_path / str(len(callbacks))
+        trainer = build_trainer(cfg, run_dir, callbacks)
+        try:
+            trainer.fit()
+        except RuntimeError:
+            trainer.fit()
+        trainer.logger.close()
+        return read_scalars(run_dir)
+
+    once = fitted([])
+    with caplog.at_level(logging.WARNING):
+        again = fitted([FailsOnce(hook, batch)])
+    assert "fit failed inside step 2's window" in caplog.text
+    assert again.keys() == once.keys()
+    if hook == "on_before_optimizer_step":  # (the norms had measured step 2 and kept its
+        # gradient as the previous one: step 2's cosine again is NaN, said, not a wrong one)
+        (step, value), *rest = again.pop("grad_agreement/consecutive")
+        assert step == 2 and math.isnan(value) and rest == once["grad_agreement/consecutive"][1:]
+        assert "previous step's gradients" in caplog.text or "were not kept" in caplog.text
+        once.pop("grad_agreement/consecutive")
+    for tag in once:
+        assert again[tag] == once[tag], tag
+
+
+def test_a_failure_after_a_state_was_loaded_is_taken_back_to_the_loaded_state(tmp_path) -> None:
+    """The step the last update was of was kept across a load_state_dict: a fit of step 4,
+    then step 3's state loaded and step 4 failing before its update, was taken for one whose
+    update was done, and the next fit trained nothing (step 3's weights: a review's)."""
+    import copy
+
+    from trainer.run import build_trainer
+
+    class Keep(Callback):
+        state = None
+
+        def on_rest_point(self, trainer) -> None:
+            if trainer.global_step == 3:
+                Keep.state = copy.deepcopy(trainer.state_dict())
+
+    fails = FailsOnce("on_before_optimizer_step", 11)
+    fails.armed = False
+    cfg = make_cfg("trainer.max_steps=4", "trainer.accumulate_grad_batches=3",
+                   "logging.progress=false", "data.batch_size=64",
+                   "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+    trainer = build_trainer(cfg, tmp_path, [Keep(), fails], with_logger=False)
+    trainer.fit()
+    want = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.load_state_dict(Keep.state)
+    fails.armed = True
+    with pytest.raises(RuntimeError, match="a callback's bug"):
+        trainer.fit()
+    assert (trainer.global_step, trainer.batch_in_epoch) == (3, 9)
+    assert trainer.fit()["step"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(want, trainer.model.parameters(), strict=True))
+
+
+def test_a_plateau_scheduler_steps_once_for_a_validation_whose_hook_failed(tmp_path) -> None:
+    """A fit called again after an on_validation_end that raised validates again: the
+    plateau scheduler stepped again for it (lr halved twice, a review's)."""
+    from trainer.run import build_trainer
+
+    class FailsAtValidation(Callback):
+        armed = True
+
+        def on_validation_end(self, trainer, metrics) -> None:
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("a callback's bug")
+
+    def lrs(callbacks) -> list[float]:
+        cfg = make_cfg("trainer.max_epochs=2", "trainer.max_steps=-1", "data.batch_size=512",
+                       "logging.progress=false", "trainer.checkpoint.every_n_steps=0",
+                       "~scheduler",
+                       "+scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+                       "+scheduler._partial_=true", "+scheduler.mode=max", "+scheduler.patience=0",
+                       "+scheduler.threshold=10.0", "monitor=val/acc")  # fmt: skip
+        trainer = build_trainer(cfg, tmp_path / str(len(callbacks)), callbacks, with_logger=False)
+        try:
+            trainer.fit()
+        except RuntimeError:
+            trainer.fit()
+        return [g["lr"] for g in trainer.optimizer.param_groups]
+
+    assert lrs([FailsAtValidation()]) == lrs([])
+
+
 def test_a_second_fit_with_a_longer_run_logs_everything_at_its_new_last_step(tmp_path) -> None:
     """From Python, max_steps raised after a fit and fit called again: the run's last step
     (which logs every scalar) was the first fit's, so the new last step had train/loss but

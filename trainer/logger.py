@@ -260,6 +260,24 @@ class TensorBoardLogger:
         if time.monotonic() - self._last_flush > self.flush_secs:
             self.flush()
 
+    def restart_at(self, step: int) -> None:
+        """A session start at ``step``: TensorBoard drops the events of this run at ``step``
+        and later written before it (what a failed fit wrote of the steps a fit called again
+        trains again), as it does for a resumed run's ``purge_step``."""
+        from tensorboard.compat.proto.event_pb2 import SessionLog
+
+        self.flush()
+        self.file.write(
+            [
+                _protos().Event(
+                    wall_time=time.time(),
+                    step=step,
+                    session_log=SessionLog(status=SessionLog.START),
+                )
+            ]
+        )
+        self._last_flush = time.monotonic()
+
     def flush(self) -> None:
         """Write everything buffered to the event file."""
         events, self._events = self._events, []

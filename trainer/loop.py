@@ -466,8 +466,11 @@ class Trainer:
                     "your own: return it from your DataModule's load())"
                 )
         self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
-        #: (global step, batch in epoch) of the last rest point; the step the last update was of
+        #: (global step, batch in epoch) of the last rest point; the step the last update was
+        #: of; the first step a failed fit was taken back from (its events are replaced)
         self._rest_at, self._updated_at = (0, 0), -1
+        self._purge_from: int | None = None
+        self._plateau_at = -1  # the step ReduceLROnPlateau was last stepped at
         #: train/loss since the last log and since the epoch's start, on the device
         self.tally = LossTally(device, self.token_losses)
         self._time_at_log = 0.0
@@ -783,7 +786,12 @@ class Trainer:
         self.total_steps = planned_steps(
             len(self.train_loader), self.accumulate, self.max_epochs, self.max_steps
         )
-        self._rest_at = (self.global_step, self.batch_in_epoch)
+        # (a state loaded since: its step's update is not this one's, a review's)
+        self._rest_at, self._updated_at = (self.global_step, self.batch_in_epoch), -1
+        if self._purge_from is not None and self.logger is not None:  # the steps a failed
+            # fit is taken back from are trained again: TensorBoard drops what it wrote of them
+            self.logger.restart_at(self._purge_from)
+        self._purge_from = None
         opts = self.progress_options
         self.progress = Progress(
             opts.enabled, self.total_steps, bar=opts.bar, every_n_steps=opts.every_n_steps,
@@ -864,7 +872,6 @@ class Trainer:
             if problem:  # (what on_fit_end staged: the run is over, so said, not raised)
                 log.error("%s", problem)
         except BaseException as e:
-            self._back_to_rest()
             with contextlib.suppress(Exception):  # what was measured before the failure,
                 self.staging.defer_staged(self.global_step)  # the failing step's own included
                 self.write_deferred(check=False)
@@ -880,6 +887,7 @@ class Trainer:
             with contextlib.suppress(Exception):  # what on_exception staged
                 self.staging.defer_staged(self.global_step)
                 self.staging.flush(self.logger, strict=False)
+            self._back_to_rest()  # (after the writes: at the failing step's number)
             raise
         return self.metrics
 
@@ -942,8 +950,20 @@ class Trainer:
             self._rest_at = (self.global_step, self.batch_in_epoch)
             self.tally.end_window()
             return
+        forwards = self.tally.in_window()
+        if (self.global_step, self.batch_in_epoch) == (step, batch) and not forwards:
+            return
+        if forwards:
+            log.warning(
+                "fit failed inside step %d's window: a fit called again trains it again from "
+                "its first micro-batch, as an uninterrupted run does, but for what its %d "
+                "forward pass(es) changed: buffers (BatchNorm's statistics) and the random "
+                "generators (dropout) are as they left them", step + 1, forwards,
+            )  # fmt: skip
         self.global_step, self.batch_in_epoch = step, batch
         self.tally.discard_window()
+        self.staging.taken_back(step + 1)
+        self._purge_from = step + 1  # (what the failed attempt wrote of it is replaced)
 
     def _clear_stale_gradients(self) -> None:
         """Gradients the parameters hold before the first step (a backward by hand, a fit
@@ -1061,10 +1081,14 @@ class Trainer:
             self.epoch + 1, self.max_epochs, self.global_step, m["train/loss"],
             "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val/")),
         )  # fmt: skip
-        if isinstance(self.scheduler, ReduceLROnPlateau) and self.batch_in_epoch == len(
-            self.train_loader
+        if (
+            isinstance(self.scheduler, ReduceLROnPlateau)
+            and self.batch_in_epoch == len(self.train_loader)
+            and self._plateau_at != self.global_step
         ):  # one step per epoch's validation; not on the extra one of a run that max_steps
             self.scheduler.step(m[self.monitor])  # stops mid-epoch (a longer run has none)
+            self._plateau_at = self.global_step  # (a fit called again after its
+            # on_validation_end failed validates again: stepped twice, a review's)
         self._fire_between("on_validation_end", m)  # (in eval mode, as it was)
         if training:  # a train() override of one's own runs again, with its side effects
             self.model.train()
@@ -1563,6 +1587,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (strict: every key and shape must match)."""
+        self._plateau_at = -1  # (another history: its steps are not this one's)
         for name, obj in (("scheduler", self.scheduler), ("scaler", self.scaler)):
             if (obj is None) != (state[name] is None):  # (first: a scheduler's initial_lr in
                 # the optimizer's groups read as another optimizer's key, a mutation round's)

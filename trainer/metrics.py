@@ -222,6 +222,12 @@ class Staging:
         if self.pending():
             self.defer(self.take_scalars(step), step)
 
+    def taken_back(self, step: int) -> None:
+        """Steps from ``step`` on are trained again (a fit called again after a failure):
+        their tags may be staged again."""
+        if self._taken[0] >= step:
+            self._taken = (-1, set())
+
     def take_scalars(self, step: int) -> dict[str | tuple[str, ...], Tensor | float]:
         """The staged scalars, to be written at ``step``; a tag already taken for ``step``
         (staged in two hooks of it: ``on_train_step_end`` and ``on_validation_end``) is
@@ -445,6 +451,10 @@ class LossTally:
         self._log.append(kept)
         self._epoch.append(kept)
         self._in_window += 1
+
+    def in_window(self) -> int:
+        """Micro-batches added since the last optimizer step."""
+        return self._in_window
 
     def end_window(self) -> None:
         """The optimizer step of the micro-batches added since the last one is taken."""
