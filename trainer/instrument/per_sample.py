@@ -1520,9 +1520,9 @@ class PerSampleNorms(Callback):
         self._mixed: dict[str, list[str]] = {}
         #: the EMAs of the unbiased tr(Σ) and |G|² estimates (McCandlish et al. 2018, app. A)
         self._ema: list[float] | None = None
-        #: the averages before the last step's update, and that step
+        #: the averages before the last step's update, and that step; the step a fit failed at
         self._ema_before: list[float] | None = None
-        self._ema_step = -1
+        self._ema_step = self._failed_at = -1
         self._said_unequal = False  # (the noise scale's NaN for unequal weights: said once)
         self._said_rounded = False  # (its NaN for a low-precision gradient's rounding: once)
         self._roundoff: tuple[tuple[float, float], ...] = ()
@@ -1963,6 +1963,7 @@ class PerSampleNorms(Callback):
             self._mix(f"{name} (BatchNorm with the batch's statistics)")
 
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        self._failed_at = trainer.global_step  # (its statistics, written, may come again)
         self._counting[0] = False
         if trainer.after_backward_callbacks == self._check_unchanged:
             trainer.after_backward_callbacks = None
@@ -4187,11 +4188,11 @@ class PerSampleNorms(Callback):
         ok = uniform and all(math.isfinite(x) for x in estimate)
         if not ok:
             estimate = [math.nan, math.nan]
-        if 0 < step <= self._ema_step:  # the step measured again (a fit called again after
-            # a failure in it): its first measurement's update undone (it was taken in twice,
-            # a review's)
+        if step == self._ema_step == self._failed_at:  # the failed step measured again (a
+            # fit called again after a failure in it): its first measurement's update undone
+            # (it was taken in twice, a review's)
             self._ema = self._ema_before
-        self._ema_before, self._ema_step = self._ema, step if step > 0 else -1
+        self._ema_before, self._ema_step = self._ema, step
         if self._ema is None:
             self._ema = list(estimate)
         elif ok:  # a step without an estimate leaves the averages as they were (they held NaN
@@ -4274,7 +4275,7 @@ class PerSampleNorms(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ema = state["noise_ema"]  # (a checkpoint of an earlier version: a tensor (2,))
         self._ema = None if ema is None else [float(x) for x in ema]
-        self._ema_before, self._ema_step = None, -1
+        self._ema_before, self._ema_step, self._failed_at = None, -1, -1
         # (an earlier version's: None, dimension 0; its reasons, written when only dimension
         # 0 was looked at, are dropped, so a sequence-first call is checked again, as a run
         # started now would: a resumed run kept such units out, coverage 0.44 against 1.0)
