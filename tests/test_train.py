@@ -861,10 +861,12 @@ def test_fit_starts_from_no_gradients(tmp_path, caplog) -> None:
 class FailsOnce(Callback):
     """Raises once, in ``hook``, at the trainer's micro-batch ``batch`` of the epoch."""
 
-    def __init__(self, hook: str, batch: int) -> None:
-        self.hook, self.batch, self.armed = hook, batch, True
+    def __init__(self, hook: str, batch: int, after: FailsOnce | None = None) -> None:
+        self.hook, self.batch, self.armed, self.after = hook, batch, True, after
 
     def _fail(self, trainer, hook: str) -> None:
+        if self.after is not None and self.after.armed:  # (once that one has raised)
+            return
         if self.armed and hook == self.hook and trainer.batch_in_epoch == self.batch:
             self.armed = False
             raise RuntimeError("a callback's bug")
@@ -930,8 +932,20 @@ def test_a_second_fit_after_a_failure_trains_and_logs_as_one_uninterrupted(
     assert metrics_again["step"] == metrics["step"] == 4
 
 
+class StagesOwn(Callback):
+    """Stages tags of its own at the fit's start and after a window's first backward (of 3)."""
+
+    def on_fit_start(self, trainer) -> None:
+        trainer.stage_scalars({"mine/start": 1.0})
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.batch_in_epoch % 3 == 0:
+            trainer.stage_scalars({"mine/mb": float(trainer.batch_in_epoch)})
+
+
 @pytest.mark.parametrize(("hook", "batch"), [("on_after_backward", 4),
-                                             ("on_before_optimizer_step", 5)])  # fmt: skip
+                                             ("on_before_optimizer_step", 5),
+                                             ("on_after_backward", 1)])  # fmt: skip
 def test_a_second_fit_after_a_failure_logs_the_instruments_as_one_uninterrupted(
     tmp_path, caplog, hook, batch
 ) -> None:
@@ -939,7 +953,11 @@ def test_a_second_fit_after_a_failure_logs_the_instruments_as_one_uninterrupted(
     the failed attempt wrote of step 2 was written at step 1 (a duplicate) and the noise
     scale's average took step 2 in twice (a review's). Every tag at every step as one run's,
     read with tensorboard's reader (the failed attempt's step 2 replaced); the warning says
-    what the failed forwards left (buffers, random generators)."""
+    what the failed forwards left (buffers, random generators). What is staged in the failing
+    window is written at the step it makes (it was written at the step before, out of the
+    purge's reach: step 0 after a failure in the first step, a review's). A second failure, in
+    the same step's first micro-batch, leaves the average right (it named the step before as
+    the failed one, a review's)."""
     from trainer.run import build_trainer
 
     def fitted(callbacks) -> dict:
@@ -949,19 +967,31 @@ def test_a_second_fit_after_a_failure_logs_the_instruments_as_one_uninterrupted(
                        "instrument.norms.every_n_steps=1", "instrument.norms.agreement=true",
                        "instrument.per_sample.every_n_steps=1")  # fmt: skip
         run_dir = tmp_path / str(len(callbacks))
-        trainer = build_trainer(cfg, run_dir, callbacks)
-        try:
-            trainer.fit()
-        except RuntimeError:
-            trainer.fit()
+        trainer = build_trainer(cfg, run_dir, [StagesOwn(), *callbacks])
+        for _ in range(3):
+            try:
+                trainer.fit()
+                break
+            except RuntimeError:
+                continue
         trainer.logger.close()
         return read_scalars(run_dir)
 
     once = fitted([])
+    failures = [FailsOnce(hook, batch)]
+    if hook == "on_before_optimizer_step":  # and again, in the retry's first micro-batch
+        failures.append(FailsOnce("on_after_backward", 3, after=failures[0]))
     with caplog.at_level(logging.WARNING):
-        again = fitted([FailsOnce(hook, batch)])
-    assert "fit failed inside step 2's window" in caplog.text
+        again = fitted(failures)
+    assert not any(f.armed for f in failures)
+    assert f"fit failed inside step {1 + batch // 3}'s window" in caplog.text
+    assert not any("staged twice" in r.getMessage() for r in caplog.records)
     assert again.keys() == once.keys()
+    # (a fit called again fires on_fit_start again: what it stages goes with the step that
+    # follows, once, the failed attempt's replaced)
+    failed_step = 1 + batch // 3
+    assert again.pop("mine/start") == [(1, 1.0)] + ([(2, 1.0)] if failed_step == 2 else [])
+    once.pop("mine/start")
     if hook == "on_before_optimizer_step":  # (the norms had measured step 2 and kept its
         # gradient as the previous one: step 2's cosine again is NaN, said, not a wrong one)
         (step, value), *rest = again.pop("grad_agreement/consecutive")
@@ -1013,7 +1043,8 @@ def test_a_plateau_scheduler_steps_once_for_a_validation_whose_hook_failed(tmp_p
         armed = True
 
         def on_validation_end(self, trainer, metrics) -> None:
-            if self.armed:
+            trainer.stage_scalars({"mine/val": 1.0})  # (staged again by the retry: it was
+            if self.armed:  # refused as staged twice, a review's)
                 self.armed = False
                 raise RuntimeError("a callback's bug")
 

@@ -469,6 +469,7 @@ class Trainer:
         #: (global step, batch in epoch) of the last rest point; the step the last update was
         #: of; the first step a failed fit was taken back from (its events are replaced)
         self._rest_at, self._updated_at = (0, 0), -1
+        self._between = False  # at a rest point (after a step, before the next one's window)
         self._purge_from: int | None = None
         self._plateau_at = -1  # the step ReduceLROnPlateau was last stepped at
         #: train/loss since the last log and since the epoch's start, on the device
@@ -788,6 +789,7 @@ class Trainer:
         )
         # (a state loaded since: its step's update is not this one's, a review's)
         self._rest_at, self._updated_at = (self.global_step, self.batch_in_epoch), -1
+        self._between = False  # (what on_fit_start stages goes with the next step)
         if self._purge_from is not None and self.logger is not None:  # the steps a failed
             # fit is taken back from are trained again: TensorBoard drops what it wrote of them
             self.logger.restart_at(self._purge_from)
@@ -872,9 +874,10 @@ class Trainer:
             if problem:  # (what on_fit_end staged: the run is over, so said, not raised)
                 log.error("%s", problem)
         except BaseException as e:
+            failing = self.step_in_progress()
             with contextlib.suppress(Exception):  # what was measured before the failure,
-                self.staging.defer_staged(self.global_step)  # the failing step's own included
-                self.write_deferred(check=False)
+                self.staging.defer_staged(failing)  # the failing step's own included (at its
+                self.write_deferred(check=False)  # number: in a window, the step it makes)
             for hook in self._hooks["on_exception"]:  # every one, also past one that raises;
                 if id(_owner(hook)) in ended:  # the run's own error is the one raised
                     continue
@@ -885,7 +888,7 @@ class Trainer:
                               "raised, is %s)", type(_owner(hook)).__name__,
                               type(inner).__name__, inner, type(e).__name__)  # fmt: skip
             with contextlib.suppress(Exception):  # what on_exception staged
-                self.staging.defer_staged(self.global_step)
+                self.staging.defer_staged(failing)
                 self.staging.flush(self.logger, strict=False)
             self._back_to_rest()  # (after the writes: at the failing step's number)
             raise
@@ -938,6 +941,12 @@ class Trainer:
         self._modes_base = base  # (kept in this run's checkpoints until it validates: a
         # resume of one of them replayed from its current modes, a review)
 
+    def step_in_progress(self) -> int:
+        """The number of the step the run is in: the last one taken at a rest point (its
+        validation, its hooks), else the one being made (its window's micro-batches are what a
+        failure inside it measured)."""
+        return self.global_step if self._between else self._rest_at[0] + 1
+
     def _back_to_rest(self) -> None:
         """After a failure inside an accumulation window: a second ``fit`` trains the window
         again from its first micro-batch (it went on from the failing one, its gradient
@@ -951,6 +960,11 @@ class Trainer:
             self.tally.end_window()
             return
         forwards = self.tally.in_window()
+        if self._between:  # failed at a rest point (validation, its hooks, a checkpoint): a
+            # fit called again goes on from it; what it stages there again is taken (it was
+            # refused as staged twice, a review's), and what the failure wrote there stays
+            self.staging.taken_back(self.global_step)
+            return
         if (self.global_step, self.batch_in_epoch) == (step, batch) and not forwards:
             return
         if forwards:
@@ -1115,7 +1129,7 @@ class Trainer:
             self.train_step(batch, window, step_now)
             self.batch_in_epoch = i + 1
             if step_now:  # (a rest point's position: where a failed fit is taken back to)
-                self._rest_at = (self.global_step, i + 1)
+                self._rest_at, self._between = (self.global_step, i + 1), True
                 self.tally.end_window()
             if self._done():
                 break
@@ -1271,6 +1285,7 @@ class Trainer:
 
     def train_step(self, batch: Batch, window: Window, step_now: bool) -> None:
         """Forward and backward of one micro-batch; the optimizer step when ``step_now``."""
+        self._between = False  # (in a step: step_in_progress)
         self.window = window  # the accumulation window this micro-batch belongs to
         self._follow_trainable()
         self._fire("on_train_batch_start", batch)

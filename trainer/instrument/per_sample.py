@@ -1963,7 +1963,10 @@ class PerSampleNorms(Callback):
             self._mix(f"{name} (BatchNorm with the batch's statistics)")
 
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:
-        self._failed_at = trainer.global_step  # (its statistics, written, may come again)
+        # (its statistics, written, may come again; the step being made, not the last one
+        # taken: a second failure in that step's first micro-batch named the one before, and
+        # the average took the step in twice, a review's)
+        self._failed_at = trainer.step_in_progress()
         self._counting[0] = False
         if trainer.after_backward_callbacks == self._check_unchanged:
             trainer.after_backward_callbacks = None
