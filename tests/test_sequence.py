@@ -1209,6 +1209,47 @@ def test_units_of_ones_own_without_a_default_dtype_serve_the_per_sample_norms(tm
     assert all(a == pytest.approx(b, rel=48 * 2**-24) for (_, a), (_, b) in pairs)
 
 
+class InfAtPad(OwnTokenNLL):
+    """-log(0) at padded positions, from its ``after``-th call on (its units 0 there; the
+    gradient is finite, through ``torch.where``)."""
+
+    after = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, output, target):
+        self.calls += 1
+        ell = F.cross_entropy(output.transpose(1, 2), target.clamp_min(0), reduction="none")
+        if self.calls <= self.after:
+            return torch.where(target == PAD, 0.0, ell)
+        return torch.where(target == PAD, torch.full_like(ell, math.inf), ell)
+
+
+class InfAtPadLater(InfAtPad):
+    after = 1
+
+
+def test_a_loss_not_finite_at_padding_is_named_not_skipped_step_after_step(tmp_path) -> None:
+    """A per-token loss of one's own, Inf where its units are 0 (padding) and right elsewhere:
+    Σuℓ is NaN there, and the guard skipped every step with padding (10 of 12), naming samples
+    whose tokens were all fine, nothing said of padding (a probe's). Refused at its first
+    micro-batch, naming the cause; where it first happens later, the guard names padding."""
+    common = ["~data", f"+data._target_={__name__}.Tags", "+data.batch_size=8", "~model",
+              f"+model._target_={__name__}.Tagger", "optimizer=sgd", "trainer.max_steps=3",
+              "~loss"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"loss InfAtPad is NaN or Inf at positions its units "
+                       r"weigh 0 \(padding"):  # fmt: skip
+        train(tmp_path / "first", *common, f"+loss._target_={__name__}.InfAtPad")
+    from trainer.instrument.nonfinite import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at positions its units "
+                       r"weigh 0 alone \(padding, of training samples \["):  # fmt: skip
+        train(tmp_path / "later", *common, f"+loss._target_={__name__}.InfAtPadLater",
+              "instrument.nonfinite.policy=raise")  # fmt: skip
+
+
 class RaggedTagsWithTargets(RaggedTags):
     def load(self):
         train_split, val = super().load()

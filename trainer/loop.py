@@ -471,6 +471,7 @@ class Trainer:
         self._rest_at, self._updated_at = (0, 0), -1
         self._between = False  # at a rest point (after a step, before the next one's window)
         self._purge_from: int | None = None
+        self._retried: tuple[int, int] | None = None  # (the step taken back, its forwards)
         self._plateau_at = -1  # the step ReduceLROnPlateau was last stepped at
         #: train/loss since the last log and since the epoch's start, on the device
         self.tally = LossTally(device, self.token_losses)
@@ -790,6 +791,14 @@ class Trainer:
         # (a state loaded since: its step's update is not this one's, a review's)
         self._rest_at, self._updated_at = (self.global_step, self.batch_in_epoch), -1
         self._between = False  # (what on_fit_start stages goes with the next step)
+        if self._retried is not None and self._retried[1]:
+            log.warning(
+                "fit: the last fit failed inside step %d's window; this one trains it again from "
+                "its first micro-batch, as an uninterrupted run does, but for what the failed "
+                "attempt's %d forward pass(es) changed: buffers (BatchNorm's statistics) and the "
+                "random generators (dropout) are as they left them", *self._retried,
+            )  # fmt: skip
+        self._retried = None
         if self._purge_from is not None and self.logger is not None:  # the steps a failed
             # fit is taken back from are trained again: TensorBoard drops what it wrote of them
             self.logger.restart_at(self._purge_from)
@@ -838,6 +847,7 @@ class Trainer:
                 with redirect, anomaly:
                     while not self.finished() and self.stopped_by is None:
                         self.run_epoch()
+                self._between = True  # (the end: at the last step taken)
                 pending = self.finished() and self.tally.has_log()  # steps since the last log
                 if self.world.distributed and self.finished():  # (a run resumed finished on
                     # another number of processes: the first rank alone holds what is pending)
@@ -965,15 +975,7 @@ class Trainer:
             # refused as staged twice, a review's), and what the failure wrote there stays
             self.staging.taken_back(self.global_step)
             return
-        if (self.global_step, self.batch_in_epoch) == (step, batch) and not forwards:
-            return
-        if forwards:
-            log.warning(
-                "fit failed inside step %d's window: a fit called again trains it again from "
-                "its first micro-batch, as an uninterrupted run does, but for what its %d "
-                "forward pass(es) changed: buffers (BatchNorm's statistics) and the random "
-                "generators (dropout) are as they left them", step + 1, forwards,
-            )  # fmt: skip
+        self._retried = (step + 1, forwards)  # (said by the fit that trains it again)
         self.global_step, self.batch_in_epoch = step, batch
         self.tally.discard_window()
         self.staging.taken_back(step + 1)
@@ -1022,6 +1024,7 @@ class Trainer:
     def run_epoch(self) -> None:
         """Train one epoch (or up to ``max_steps``, or until a stop signal), then validate."""
         self.train_epoch()
+        self._between = True  # (validation: at the last step taken)
         ended = self.batch_in_epoch == len(self.train_loader)  # ran to the epoch's end
         if self.stopped_by is not None:
             return  # stopped mid-epoch at a rest point: no validation; the position is kept
@@ -1122,6 +1125,7 @@ class Trainer:
         )
         if start == 0:
             self.tally.start_epoch()
+            self._between = False  # (what it stages goes with the step that follows)
             self._fire("on_train_epoch_start", self.epoch)  # (staged: as on_fit_start)
         last = len(windows) - 1
         for i, batch, window in self._with_windows(loader, start, windows):
@@ -1415,7 +1419,13 @@ class Trainer:
             self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
             skipped=self.skip_step, skip_where=self.skip_step_where,
         )  # fmt: skip
-        self._fire("on_train_step_end", out)
+        try:
+            self._fire("on_train_step_end", out)
+        except BaseException:  # the step is taken: its scalars are written before the
+            if should_log:  # failure goes on (they were lost, and the next log averaged
+                with contextlib.suppress(Exception):  # two windows, a review's)
+                    self._log_step(out, lrs, split_norms)
+            raise
         if should_log:
             self._log_step(out, lrs, split_norms)
         elif split_norms or self.staging.pending():  # a callback's own cadence: kept on the

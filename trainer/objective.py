@@ -37,7 +37,7 @@ from torch import Tensor
 
 from trainer.backward import backward_scalar, backward_vector
 from trainer.callbacks import few
-from trainer.distributed import SINGLE, World, all_reduce_sum
+from trainer.distributed import SINGLE, World, all_reduce_max, all_reduce_sum
 from trainer.instrument.norms import minus, total_norm
 from trainer.losses import Loss, loss_name, units_dtype
 from trainer.precision import sum_dtype
@@ -96,6 +96,7 @@ class Objective:
         self.input_penalty = penalties[0] if penalties else None
         self.params = list(params)
         self.world, self.scaler = world, scaler
+        self._padding_checked = False  # (the loss finite where its units are 0: once)
         self.global_batch_size = global_batch_size
         #: the last optimizer step's λR per parameter regularizer, detached
         self.reg_values: list[Tensor] = []
@@ -181,7 +182,28 @@ class Objective:
                 f"loss {loss_name(self.loss)} returned losses {why}; it must return "
                 "floating-point per-sample losses computed from the model's output"
             )
+        if units is not None and not self._padding_checked:
+            self._check_padding(losses, units)
         return units
+
+    def _check_padding(self, losses: Tensor, units: Tensor) -> None:
+        """Once, at the first micro-batch with units: a loss not finite where its units are 0
+        (padding: -log(0) of a padded target in a loss of one's own) makes Σuℓ NaN (0·Inf),
+        and the guard skipped every step with padding, naming samples whose tokens were all
+        fine (a probe's: 10 of 12 steps skipped, train/loss NaN). Refused, naming the cause
+        (host sync: this first step only; data-parallel, agreed, so every rank raises)."""
+        with torch.no_grad():
+            bad = (~torch.isfinite(losses.detach()) & (units == 0)).any().float()
+        if self.world.distributed:
+            bad = all_reduce_max(bad)
+        self._padding_checked = True
+        if bool(bad):  # host sync: the first micro-batch only
+            raise ValueError(
+                f"loss {loss_name(self.loss)} is NaN or Inf at positions its units weigh 0 "
+                "(padding, on this rank or another): the loss's average Σuℓ / Σu, train/loss "
+                "and the non-finite guard read every element, and 0·Inf is NaN; make the loss "
+                "finite (0) where its units are 0, as torch's ignore_index does"
+            )
 
     def scalar_root(
         self, losses: Tensor, units: Tensor | None, y: Tensor, window: Window

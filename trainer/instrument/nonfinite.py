@@ -44,6 +44,7 @@ from torch import Tensor
 
 from trainer.callbacks import READ_EVERY, Callback, Every, StepOutput
 from trainer.distributed import all_reduce_max
+from trainer.losses import units_dtype
 from trainer.update import skips_on_device, takes_found_inf
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class NonfiniteGuard(Callback):
         self.deferred = False
         self._losses: list[Tensor] = []  # the step's micro-batches' losses
         self._indices: list[Tensor] = []  # and their samples' indices in the split
+        self._targets: list[Tensor] = []  # and their targets (per-token losses: the units)
         #: deferred: (step, names, norms) of the checked steps not read yet, the norms as the
         #: fused call returned them (0-d each; stacked at the read, all steps' in one)
         self._pending: list[tuple[int, list[str], list[Tensor]]] = []
@@ -196,6 +198,7 @@ class NonfiniteGuard(Callback):
         if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
             self._losses.append(losses)
             self._indices.append(batch.index)
+            self._targets.append(batch.y)
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         self._in_step = True
@@ -231,6 +234,7 @@ class NonfiniteGuard(Callback):
     def _check(self, trainer: Trainer) -> None:
         losses, self._losses = self._losses, []
         indices, self._indices = self._indices, []
+        targets, self._targets = self._targets, []
         grads: list[Tensor] = []
         if trainer.scaler is None:  # (fp16: overflowing gradients are the GradScaler's)
             grads = [p.grad for p in trainer.params if p.grad is not None]
@@ -264,6 +268,8 @@ class NonfiniteGuard(Callback):
         ).tolist()
         bad = [n for n, fine in zip(names, finite, strict=True) if not fine]
         samples = _samples_of(losses, indices) if LOSS in bad else []
+        if LOSS in bad and _only_where_no_units(losses, targets, trainer):
+            bad = [PADDING if n == LOSS else n for n in bad]
         self._skip(trainer, trainer.global_step, bad or [ELSEWHERE], samples=samples)
         trainer.skip_step = True
 
@@ -521,6 +527,8 @@ UNDERFLOW_SCALE = 2.0**-24
 
 #: the name the step's losses go by among the checked tensors
 LOSS = "\0loss"
+#: the same, non-finite only where the loss's units are 0 (padding)
+PADDING = "\0loss at padding"
 #: the culprit of a step skipped for another rank's values (data-parallel)
 ELSEWHERE = "\0another rank"
 #: deferred: the name of the kept step's skip flag, after its norms
@@ -654,9 +662,35 @@ def _samples_of(losses: list[Tensor], indices: list[Tensor]) -> list[int]:
     return found
 
 
+def _only_where_no_units(losses: list[Tensor], targets: list[Tensor], trainer: Trainer) -> bool:
+    """Whether a per-token loss's non-finite values all sit where its units are 0 (padding),
+    as a loss of one's own computing -log(0) at a padded target makes them (host sync: a
+    failing step only; a probe's: steps skipped, the samples named, nothing said of padding)."""
+    loss = getattr(getattr(trainer, "objective", None), "loss", None)
+    if loss is None or not getattr(loss, "has_units", False) or len(losses) != len(targets):
+        return False
+    seen = False
+    for ell, y in zip(losses, targets, strict=True):
+        units = loss.units(y, units_dtype(ell.dtype))
+        if units is None or units.shape != ell.shape:
+            return False
+        off = ~torch.isfinite(ell.detach())
+        if bool((off & (units != 0)).any()):
+            return False
+        seen = seen or bool(off.any())
+    return seen
+
+
 def _cause(bad: list[str], samples: list[int] | None = None) -> str:
     """What went non-finite, in words (``samples``: whose losses, where known)."""
     parts = []
+    if PADDING in bad:
+        parts.append(
+            "non-finite loss at positions its units weigh 0 alone (padding"
+            + (f", of training samples {samples[:5]}" if samples else "")
+            + "): Σuℓ / Σu, train/loss and this check read every element, and 0·Inf is NaN; "
+            "make the loss finite (0) where its units are 0, as ignore_index does"
+        )
     if ELSEWHERE in bad:
         parts.append("a non-finite loss or gradient on another rank (data-parallel: every rank "
                      "acts on the step together; that rank's log names it)")  # fmt: skip
@@ -666,7 +700,7 @@ def _cause(bad: list[str], samples: list[int] | None = None) -> str:
             more = f" (+{len(samples) - 5})" if len(samples) > 5 else ""
             which = f" of training samples {samples[:5]}{more}, by index in the split"
         parts.append(f"non-finite loss (NaN/Inf in the per-sample losses{which})")
-    grads = [n for n in bad if n not in (LOSS, ELSEWHERE)]
+    grads = [n for n in bad if n not in (LOSS, PADDING, ELSEWHERE)]
     if grads:
         more = f" (and {len(grads) - 1} more)" if len(grads) > 1 else ""
         parts.append(f"non-finite gradient of {grads[0]}{more}")
