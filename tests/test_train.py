@@ -464,7 +464,9 @@ def test_a_failing_run_says_so_and_keeps_its_events(tmp_path) -> None:
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "boom at step 4" in metrics["error"]
     assert (metrics["step"], metrics["epoch"]) == (4, 1)  # how far it got: the second epoch
-    assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == [1, 2, 3]
+    # (step 4 was taken, its update made: its scalars are written before the failure goes on,
+    # as what was measured before a failure is; they were lost until 2026-12-07)
+    assert [s for s, _ in read_scalars(tmp_path)["train/loss"]] == [1, 2, 3, 4]
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
 
 
@@ -1161,7 +1163,7 @@ def test_a_trainer_of_ones_own_writes_its_events_when_fit_ends(tmp_path) -> None
         else:
             trainer.fit()
         steps = [s for s, _ in read_scalars(run_dir)["train/loss"]]
-        assert steps == ([1] if fails else [1, 2, 3])  # (step 2 failed before its log)
+        assert steps == ([1, 2] if fails else [1, 2, 3])  # (step 2's, written before it failed)
 
 
 def test_a_run_puts_the_process_deterministic_settings_back(tmp_path, monkeypatch) -> None:
