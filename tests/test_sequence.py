@@ -1231,6 +1231,19 @@ class InfAtPadLater(InfAtPad):
     after = 1
 
 
+class NaNFirst(OwnTokenNLL):
+    """NaN on every element at its first call, the built-in loss's per-token values after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, output, target):
+        self.calls += 1
+        ell = super().forward(output, target)
+        return ell * math.nan if self.calls == 1 else ell
+
+
 def test_a_loss_not_finite_at_padding_is_named_not_skipped_step_after_step(tmp_path) -> None:
     """A per-token loss of one's own, Inf where its units are 0 (padding) and right elsewhere:
     Σuℓ is NaN there, and the guard skipped every step with padding (10 of 12), naming samples
@@ -1239,9 +1252,19 @@ def test_a_loss_not_finite_at_padding_is_named_not_skipped_step_after_step(tmp_p
     common = ["~data", f"+data._target_={__name__}.Tags", "+data.batch_size=8", "~model",
               f"+model._target_={__name__}.Tagger", "optimizer=sgd", "trainer.max_steps=3",
               "~loss"]  # fmt: skip
-    with pytest.raises(ValueError, match=r"loss InfAtPad is NaN or Inf at positions its units "
-                       r"weigh 0 \(padding"):  # fmt: skip
-        train(tmp_path / "first", *common, f"+loss._target_={__name__}.InfAtPad")
+    from trainer.run import build_trainer
+
+    cfg = make_cfg(*common, f"+loss._target_={__name__}.InfAtPad")
+    trainer = build_trainer(cfg, tmp_path / "first", with_logger=False)
+    for _ in range(2):  # (and again in a fit called again: a second fit trained it, a review's)
+        with pytest.raises(ValueError, match=r"loss InfAtPad is NaN or Inf at positions its "
+                           r"units weigh 0 \(padding"):  # fmt: skip
+            trainer.fit()
+    # a loss NaN on every token of its first step (a model gone NaN) is the guard's: that step
+    # is skipped and the run goes on (it was refused as padding, a review's)
+    metrics = train(tmp_path / "nan", *common, f"+loss._target_={__name__}.NaNFirst",
+                    "instrument.nonfinite.policy=skip")  # fmt: skip
+    assert metrics["step"] == 3 and math.isfinite(metrics["val/loss"])
     from trainer.instrument.nonfinite import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"non-finite loss at positions its units "

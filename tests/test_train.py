@@ -907,7 +907,8 @@ class StagesEach(Callback):
 @pytest.mark.parametrize(
     ("hook", "batch", "step"),
     [("on_train_batch_start", 0, 0), ("on_train_batch_start", 2, 2),
-     ("on_train_epoch_start", 0, 3), ("on_train_step_end", 1, 2)],
+     ("on_train_epoch_start", 0, 3), ("on_train_step_end", 1, 2),
+     ("on_train_step_end", 0, 1)],
 )  # fmt: skip
 def test_a_failure_outside_a_window_is_written_at_its_step_and_trained_on_as_one_run(
     tmp_path, hook, batch, step
@@ -916,11 +917,12 @@ def test_a_failure_outside_a_window_is_written_at_its_step_and_trained_on_as_one
     (reviews): the retry was refused as staging a tag twice (what the failure wrote at the
     step it makes was taken), an epoch's start after the first wrote at the step before, and a
     logging step whose on_train_step_end raised lost its scalars (the next log averaged two
-    windows). Every tag at every step as one run's (3 steps an epoch, 5 in all)."""
+    windows), and one that does not log lost its norms. Every tag at every step as one run's
+    (3 steps an epoch, 5 in all, logging every 2)."""
     from trainer.run import build_trainer
 
     def fitted(callbacks) -> dict:
-        cfg = make_cfg("trainer.max_steps=5", "logging.every_n_steps=1", "data.batch_size=512",
+        cfg = make_cfg("trainer.max_steps=5", "logging.every_n_steps=2", "data.batch_size=512",
                        "logging.progress=false", "trainer.checkpoint.every_n_steps=0",
                        "instrument.norms.every_n_steps=1")  # fmt: skip
         run_dir = tmp_path / str(len(callbacks))

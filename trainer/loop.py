@@ -1421,20 +1421,23 @@ class Trainer:
         )  # fmt: skip
         try:
             self._fire("on_train_step_end", out)
-        except BaseException:  # the step is taken: its scalars are written before the
-            if should_log:  # failure goes on (they were lost, and the next log averaged
-                with contextlib.suppress(Exception):  # two windows, a review's)
-                    self._log_step(out, lrs, split_norms)
-            raise
-        if should_log:
+        except BaseException:  # the step is taken: its scalars are written (or kept for the
+            with contextlib.suppress(Exception):  # failure's write) before the failure goes
+                self._write_step(out, lrs, split_norms)  # on (they were lost, and the next
+            raise  # log averaged two windows, reviews')
+        self._write_step(out, lrs, split_norms)
+        self.objective.end_step()
+        self.progress.update()
+
+    def _write_step(self, out: StepOutput, lrs: list[Any], split_norms: dict[str, Tensor]) -> None:
+        """The step's scalars: logged on a logging step, else kept for the next read."""
+        if out.should_log:
             self._log_step(out, lrs, split_norms)
         elif split_norms or self.staging.pending():  # a callback's own cadence: kept on the
             # device and written at this step with the next logging step's read (no sync here)
             self.staging.defer({**split_norms, **self.staging.take_scalars(out.step)}, out.step)
             if len(self.staging.deferred) >= READ_EVERY:
                 self.write_deferred()
-        self.objective.end_step()
-        self.progress.update()
 
     def _current_buffers(self) -> list[Tensor | None]:
         return [m._buffers.get(n) for m, n in self._buffers]

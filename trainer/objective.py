@@ -192,18 +192,21 @@ class Objective:
         and the guard skipped every step with padding, naming samples whose tokens were all
         fine (a probe's: 10 of 12 steps skipped, train/loss NaN). Refused, naming the cause
         (host sync: this first step only; data-parallel, agreed, so every rank raises)."""
-        with torch.no_grad():
-            bad = (~torch.isfinite(losses.detach()) & (units == 0)).any().float()
+        with torch.no_grad():  # (Inf at padding, every token finite: a loss going NaN
+            # everywhere, a step the guard skips, is not this; refused as it was, a review's)
+            finite, pad = torch.isfinite(losses.detach()), units == 0
+            bad = ((~finite & pad).any() & (finite | pad).all()).float()
         if self.world.distributed:
             bad = all_reduce_max(bad)
-        self._padding_checked = True
-        if bool(bad):  # host sync: the first micro-batch only
+        if bool(bad):  # host sync: the first micro-batch only (and again in a fit called
+            # again: a second fit trained it, a review's)
             raise ValueError(
                 f"loss {loss_name(self.loss)} is NaN or Inf at positions its units weigh 0 "
                 "(padding, on this rank or another): the loss's average Σuℓ / Σu, train/loss "
                 "and the non-finite guard read every element, and 0·Inf is NaN; make the loss "
                 "finite (0) where its units are 0, as torch's ignore_index does"
             )
+        self._padding_checked = True
 
     def scalar_root(
         self, losses: Tensor, units: Tensor | None, y: Tensor, window: Window
