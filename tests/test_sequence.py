@@ -1231,6 +1231,17 @@ class InfAtPadLater(InfAtPad):
     after = 1
 
 
+class NaNTokenFirstInfAtPad(InfAtPad):
+    """Inf at padding on every call, and at its first call NaN at a real token too."""
+
+    def forward(self, output, target):
+        ell = super().forward(output, target)
+        if self.calls == 1:
+            ell = ell.clone()
+            ell[0, 0] = math.nan  # (Tags' first position is never padding)
+        return ell
+
+
 class NaNFirst(OwnTokenNLL):
     """NaN on every element at its first call, the built-in loss's per-token values after."""
 
@@ -1265,6 +1276,11 @@ def test_a_loss_not_finite_at_padding_is_named_not_skipped_step_after_step(tmp_p
     metrics = train(tmp_path / "nan", *common, f"+loss._target_={__name__}.NaNFirst",
                     "instrument.nonfinite.policy=skip")  # fmt: skip
     assert metrics["step"] == 3 and math.isfinite(metrics["val/loss"])
+    # undecided there (a token not finite), the next micro-batch is checked (the check ended
+    # at the first, and a padding-only Inf after it trained, every step skipped: a review's)
+    with pytest.raises(ValueError, match=r"NaNTokenFirstInfAtPad is NaN or Inf at positions"):
+        train(tmp_path / "undecided", *common, "instrument.nonfinite.policy=skip",
+              f"+loss._target_={__name__}.NaNTokenFirstInfAtPad")  # fmt: skip
     from trainer.instrument.nonfinite import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"non-finite loss at positions its units "

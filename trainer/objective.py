@@ -195,11 +195,16 @@ class Objective:
         with torch.no_grad():  # (Inf at padding, every token finite: a loss going NaN
             # everywhere, a step the guard skips, is not this; refused as it was, a review's)
             finite, pad = torch.isfinite(losses.detach()), units == 0
-            bad = ((~finite & pad).any() & (finite | pad).all()).float()
+            tokens_ok = (finite | pad).all()
+            flags = torch.stack([(~finite & pad).any() & tokens_ok, ~tokens_ok]).float()
         if self.world.distributed:
-            bad = all_reduce_max(bad)
-        if bool(bad):  # host sync: the first micro-batch only (and again in a fit called
-            # again: a second fit trained it, a review's)
+            flags = all_reduce_max(flags)
+        bad, undecided = flags.tolist()  # host sync: the first micro-batch (and the next ones
+        # while a token's loss is not finite there: undecided, the guard's steps to skip; a
+        # check that ended there let a padding-only Inf after it train, a review's)
+        if undecided:
+            return
+        if bad:  # (and again in a fit called again: a second fit trained it, a review's)
             raise ValueError(
                 f"loss {loss_name(self.loss)} is NaN or Inf at positions its units weigh 0 "
                 "(padding, on this rank or another): the loss's average Σuℓ / Σu, train/loss "
