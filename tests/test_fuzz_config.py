@@ -231,31 +231,19 @@ def train_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int | 
     return exit_info.value.code
 
 
-def error_lines(text: str) -> str:
-    """``error_text`` less what Python's warnings machinery printed (``path:line: XWarning:
-    message`` and the source line under it): a warning another thread or an object of an
-    earlier test collected meanwhile writes is not the error."""
-    kept, after_warning = [], False
-    for line in text.splitlines():
-        if re.match(r"^\S+:\d+: \w*Warning: ", line):
-            after_warning = True
-            continue
-        if after_warning and line.startswith("  "):
-            continue
-        after_warning = False
-        kept.append(line)
-    return "\n".join(kept)
-
-
 def error_text(output: str) -> str:
-    """The output less Hydra's echo of the overrides and the traceback's frames (source lines
-    such as ``seed_everything(typed.seed, ...)``): a key found in what is left was named by an
-    error message, not quoted back from the command line or the code."""
+    """The output less Hydra's echo of the overrides, the traceback's frames (source lines
+    such as ``seed_everything(typed.seed, ...)``) and Python's warnings (``path:line:
+    XWarning: message`` and the source line under it: one another thread or an object of an
+    earlier test collected meanwhile writes is not the error): a key found in what is left was
+    named by an error message, not quoted back from the command line or the code."""
     kept, in_frames = [], False
     for line in output.splitlines():
         if line.startswith("Error executing job with overrides"):
             continue
-        if line.startswith("Traceback (most recent call last)"):
+        if line.startswith("Traceback (most recent call last)") or re.match(
+            r"^\S+:\d+: \w*Warning: ", line
+        ):
             in_frames = True
             continue
         if in_frames and line.startswith(" "):
@@ -356,8 +344,8 @@ def test_in_process_runs_fail_as_the_cli_does(
     # the same error, word for word, once the run dirs (which differ) are left out, and any
     # warning printed meanwhile (once in six full runs the comparison failed, its text not
     # kept: both outputs are shown whole where they differ)
-    cli_message = error_lines(error_text(cli_err).replace(str(cli_dir), "<run>"))
-    in_message = error_lines(error_text(in_process_err).replace(str(run_dir), "<run>"))
+    cli_message = error_text(cli_err).replace(str(cli_dir), "<run>")
+    in_message = error_text(in_process_err).replace(str(run_dir), "<run>")
     assert cli_message == in_message, (
         f"CLI:\n{cli_err}\n--- in process:\n{in_process_err}")  # fmt: skip
     assert_nothing_trained(cli_dir)
