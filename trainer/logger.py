@@ -97,6 +97,14 @@ def to_host_many(
 
 
 @functools.cache
+def session_start(step: int, wall_time: float) -> Any:
+    """A session-start ``Event`` at ``step``: TensorBoard drops the run's events at ``step``
+    and later written before it (a resumed run's ``purge_step``, a fit trained again)."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    return Event(wall_time=wall_time, step=step, session_log=SessionLog(status=SessionLog.START))
+
+
 def _protos() -> Any:
     """TensorBoard's Event and Summary protos, imported on first use (not at start-up)."""
     from tensorboard.compat.proto.event_pb2 import Event
@@ -151,7 +159,7 @@ class EventFile:
     """
 
     def __init__(self, log_dir: str | Path, purge_step: int | None = None):
-        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.event_pb2 import Event
 
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -160,10 +168,7 @@ class EventFile:
         self._file = open(self.path, "xb")  # noqa: SIM115 (closed by close())
         first = [Event(wall_time=now, file_version="brain.Event:2")]
         if purge_step is not None:  # TensorBoard drops this file's older events at steps >= it
-            first.append(
-                Event(wall_time=now, step=purge_step,
-                      session_log=SessionLog(status=SessionLog.START))
-            )  # fmt: skip
+            first.append(session_start(purge_step, now))
         self.write(first)
 
     def write(self, events: list[Any]) -> None:
@@ -264,18 +269,8 @@ class TensorBoardLogger:
         """A session start at ``step``: TensorBoard drops the events of this run at ``step``
         and later written before it (what a failed fit wrote of the steps a fit called again
         trains again), as it does for a resumed run's ``purge_step``."""
-        from tensorboard.compat.proto.event_pb2 import SessionLog
-
         self.flush()
-        self.file.write(
-            [
-                _protos().Event(
-                    wall_time=time.time(),
-                    step=step,
-                    session_log=SessionLog(status=SessionLog.START),
-                )
-            ]
-        )
+        self.file.write([session_start(step, time.time())])
         self._last_flush = time.monotonic()
 
     def flush(self) -> None:
