@@ -942,12 +942,13 @@ def test_a_failure_outside_a_window_is_written_at_its_step_and_trained_on_as_one
 
 
 @pytest.mark.parametrize(
-    ("hook", "batch"),
-    [("on_after_backward", 4), ("on_after_backward", 5), ("on_before_optimizer_step", 5),
-     ("on_train_step_end", 5)],
+    ("hook", "batch", "precision"),
+    [("on_after_backward", 4, "32"), ("on_after_backward", 5, "32"),
+     ("on_before_optimizer_step", 5, "32"), ("on_train_step_end", 5, "32"),
+     ("on_before_optimizer_step", 5, "16"), ("on_train_step_end", 5, "16")],
 )  # fmt: skip
 def test_a_second_fit_after_a_failure_trains_and_logs_as_one_uninterrupted(
-    tmp_path, hook, batch
+    tmp_path, hook, batch, precision
 ) -> None:
     """From Python, a fit that raised (a callback's error) and is called again: inside an
     accumulation window it went on from the failing micro-batch, the earlier ones' gradients
@@ -955,13 +956,16 @@ def test_a_second_fit_after_a_failure_trains_and_logs_as_one_uninterrupted(
     1.115, a probe's). The window is trained again from its first micro-batch; failing in
     the optimizer step, before the update, the step is taken back; after it (on_train_step_end)
     the step is done, its scalars written. Weights, train/loss at every step and the epoch's
-    mean as one run's."""
+    mean as one run's; with float16's GradScaler, its scale too (a failure after its
+    ``unscale_`` left the optimizer unscaled: the fit called again refused to unscale it, a
+    session's probe)."""
     from trainer.run import build_trainer
 
     def fitted(callbacks) -> tuple[list[torch.Tensor], list[float], dict]:
         cfg = make_cfg("trainer.max_steps=4", "trainer.accumulate_grad_batches=3",
                        "logging.every_n_steps=1", "logging.progress=false",
-                       "data.batch_size=64", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+                       f"trainer.precision={precision}", "data.batch_size=64",
+                       "trainer.checkpoint.every_n_steps=0")  # fmt: skip
         trainer = build_trainer(cfg, tmp_path / str(len(callbacks)), callbacks, with_logger=False)
         logged: list[float] = []
         log_scalars = trainer.log_scalars
@@ -978,10 +982,14 @@ def test_a_second_fit_after_a_failure_trains_and_logs_as_one_uninterrupted(
             assert callbacks and not callbacks[0].armed
             metrics = trainer.fit()
         assert not callbacks or not callbacks[0].armed  # (it raised)
+        assert (trainer.scaler is None) == (precision == "32")
+        if trainer.scaler is not None:
+            metrics = {**metrics, "scale": trainer.scaler.state_dict()}
         return [p.detach().clone() for p in trainer.model.parameters()], logged, metrics
 
     weights, logged, metrics = fitted([])
     again, logged_again, metrics_again = fitted([FailsOnce(hook, batch)])
+    assert metrics_again.get("scale") == metrics.get("scale")
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
     assert logged_again == logged  # (a step whose on_train_step_end raised: logged first)
     assert metrics_again["train/loss"] == metrics["train/loss"]

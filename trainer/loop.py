@@ -977,6 +977,10 @@ class Trainer:
             return
         self._retried = (step + 1, forwards)  # (said by the fit that trains it again)
         self.global_step, self.batch_in_epoch = step, batch
+        if self.scaler is not None:  # the step's unscale_ is taken back with it (its
+            # gradients are cleared): the fit called again refused to unscale them, a probe's;
+            # the scale itself changes only in update(), which had not run
+            self.scaler._per_optimizer_states.pop(id(self.optimizer), None)
         self.tally.discard_window()
         self.staging.taken_back(step + 1)
         self._purge_from = step + 1  # (what the failed attempt wrote of it is replaced)
