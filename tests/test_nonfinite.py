@@ -1726,3 +1726,50 @@ def test_a_non_finite_loss_names_its_samples(tmp_path, accumulate) -> None:
               "~model", "+model._target_=torch.nn.Linear", "+model.in_features=3",
               "+model.out_features=2", "~loss", f"+loss._target_={__name__}.OwnSquaredError",
               f"trainer.accumulate_grad_batches={accumulate}", "trainer.max_epochs=1")  # fmt: skip
+
+
+class FailsAtStep(Callback):
+    """Raises once, in on_before_optimizer_step of ``step`` (after the guard checked it)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.armed = step, True
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        if self.armed and trainer.global_step == self.step:
+            self.armed = False
+            raise RuntimeError("a callback's bug")
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_skipped_step_made_again_by_a_second_fit_is_counted_once(tmp_path, sync) -> None:
+    """A fit called again after a hook failed in a step the guard had skipped: the step made
+    again was counted again (``nonfinite/skipped_steps`` 2 for 1 skipped step, a probe's).
+    The count and every logged value as an uninterrupted run's."""
+    from trainer.run import build_trainer
+
+    def fitted(callbacks) -> tuple[dict, tuple[int, int]]:
+        cfg = make_cfg("trainer.max_steps=5", "logging.every_n_steps=1", "data.batch_size=256",
+                       "logging.progress=false", "trainer.checkpoint.every_n_steps=0",
+                       "instrument.nonfinite.policy=skip",
+                       f"instrument.nonfinite.sync={sync}")  # fmt: skip
+        run_dir = tmp_path / f"{sync}{[cb.step for cb in callbacks]}"
+        trainer = build_trainer(cfg, run_dir, [Poison({2: "grad", 4: "loss"}), *callbacks])
+        try:
+            trainer.fit()
+        except RuntimeError:
+            assert callbacks and not callbacks[0].armed
+            trainer.fit()
+        trainer.logger.close()
+        guard = next(cb for cb in trainer.callbacks if hasattr(cb, "skipped"))
+        return read_scalars(run_dir), (guard.skipped, guard.consecutive)
+
+    once, counts = fitted([])
+    assert counts == (2, 0) and once["nonfinite/skipped_steps"] == [(2, 1.0), (4, 2.0)]
+    for step in (2, 4):
+        again, counts_again = fitted([FailsAtStep(step)])
+        assert counts_again == counts
+        assert again.keys() == once.keys()
+        for tag in once:
+            # (by repr: bit for bit, and a NaN loss equals itself)
+            told, want = ([(s, repr(v)) for s, v in d[tag]] for d in (again, once))
+            assert told == want, (step, tag)

@@ -1015,7 +1015,9 @@ def test_a_second_fit_after_a_failure_logs_the_instruments_as_one_uninterrupted(
 ) -> None:
     """The instruments across a fit called again after a failure in step 2's window: what
     the failed attempt wrote of step 2 was written at step 1 (a duplicate) and the noise
-    scale's average took step 2 in twice (a review's). Every tag at every step as one run's,
+    scale's average took step 2 in twice (a review's), and curvature's probes of step 2 were
+    drawn again from where the failed attempt's left its generator (other values at every
+    measured step on, a probe's). Every tag at every step as one run's,
     read with tensorboard's reader (the failed attempt's step 2 replaced); the warning says
     what the failed forwards left (buffers, random generators). What is staged in the failing
     window is written at the step it makes (it was written at the step before, out of the
@@ -1029,7 +1031,8 @@ def test_a_second_fit_after_a_failure_logs_the_instruments_as_one_uninterrupted(
                        "logging.every_n_steps=1", "logging.progress=false",
                        "data.batch_size=64", "trainer.checkpoint.every_n_steps=0",
                        "instrument.norms.every_n_steps=1", "instrument.norms.agreement=true",
-                       "instrument.per_sample.every_n_steps=1")  # fmt: skip
+                       "instrument.per_sample.every_n_steps=1",
+                       "instrument.curvature.every_n_steps=1")  # fmt: skip
         run_dir = tmp_path / str(len(callbacks))
         trainer = build_trainer(cfg, run_dir, [StagesOwn(), *callbacks])
         for _ in range(3):
@@ -1049,6 +1052,8 @@ def test_a_second_fit_after_a_failure_logs_the_instruments_as_one_uninterrupted(
         again = fitted(failures)
     assert not any(f.armed for f in failures)
     assert f"the last fit failed inside step {1 + batch // 3}'s window" in caplog.text
+    # (a callback of one's own saw the failed attempt's micro-batches: nothing puts it back)
+    assert "callbacks of one's own, whose hooks ran for them (StagesOwn, FailsOnce" in caplog.text
     assert not any("staged twice" in r.getMessage() for r in caplog.records)
     assert again.keys() == once.keys()
     # (a fit called again fires on_fit_start again: what it stages goes with the step that

@@ -792,11 +792,15 @@ class Trainer:
         self._rest_at, self._updated_at = (self.global_step, self.batch_in_epoch), -1
         self._between = False  # (what on_fit_start stages goes with the next step)
         if self._retried is not None and self._retried[1]:
+            own = [type(cb).__name__ for cb in self.callbacks
+                   if not type(cb).__module__.startswith("trainer.")]  # fmt: skip
             log.warning(
                 "fit: the last fit failed inside step %d's window; this one trains it again from "
                 "its first micro-batch, as an uninterrupted run does, but for what the failed "
                 "attempt's %d forward pass(es) changed: buffers (BatchNorm's statistics) and the "
-                "random generators (dropout) are as they left them", *self._retried,
+                "random generators (dropout) are as they left them%s", *self._retried,
+                f", and so are callbacks of one's own, whose hooks ran for them "
+                f"({', '.join(own)})" if own else "",
             )  # fmt: skip
         self._retried = None
         if self._purge_from is not None and self.logger is not None:  # the steps a failed

@@ -345,6 +345,10 @@ class Curvature(Callback):
         self.power_iters, self.tol, self.trace_probes = power_iters, tol, trace_probes
         self.seed = seed
         self._generator: torch.Generator | None = None
+        #: the step last measured and the generator's state before its draws; the step a
+        #: failure was in (a fit called again measures it again from the same state)
+        self._drawn: tuple[int, Tensor] | None = None
+        self._failed_at = -1
         self._batch: Batch | None = None
         self._weights: Tensor | None = None
         self._start: Fork | None = None  # (the random states a due micro-batch began with)
@@ -446,7 +450,11 @@ class Curvature(Callback):
             "device": str(g.device) if g else None,
         }
 
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        self._failed_at = trainer.step_in_progress()  # (inside a window: the step being made)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._drawn, self._failed_at = None, -1
         if state["generator"] is not None:
             self._generator = torch.Generator(device=state["device"])
             self._generator.set_state(state["generator"])
@@ -593,6 +601,13 @@ class Curvature(Callback):
             return [f.view_as(h) for f, h in zip(parts, hv, strict=True)]
 
         gen = self.generator(params[0].device)
+        step = trainer.global_step
+        if self._drawn is not None and self._drawn[0] == step == self._failed_at:
+            # the failed step measured again (a fit called again after a failure in it): its
+            # probes drawn as the first attempt drew them (they were drawn further on: other
+            # values at every measured step from it on, a probe's)
+            gen.set_state(self._drawn[1])
+        self._drawn = (step, gen.get_state())  # (a copy on the host; no device sync)
         eig, products, converged = lanczos(grads, params, gen, self.power_iters, self.tol, product)
         if not converged and not self._warned:
             self._warned = True

@@ -85,6 +85,9 @@ class NonfiniteGuard(Callback):
         self.every = Every(every_n_steps)
         self.skipped = 0
         self.consecutive = 0
+        #: the last step counted as skipped (a fit called again after a failure later in that
+        #: step makes it again: counted once)
+        self._counted_to = -1
         #: the buffers said to be non-finite after a skipped step (each said once), and the
         #: floating-point buffers finite when the run started (on_fit_start)
         self._said_buffers: set[str] = set()
@@ -185,6 +188,7 @@ class NonfiniteGuard(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+        self._counted_to = -1
         kept = state.get("pending", [])
         self._pending = [(int(s), list(n), list(t.unbind())) for s, n, t in kept]
         self._latched = state.get("latched")
@@ -500,8 +504,11 @@ class NonfiniteGuard(Callback):
                 f"step {step}: {cause}; stopped before the optimizer step{later} "
                 "(instrument.nonfinite.policy=skip skips such steps instead)"
             )
-        self.skipped += 1
-        self.consecutive += 1
+        if step > self._counted_to:  # (made again by a fit called again after a later hook
+            # of it failed: it was counted twice, a probe's)
+            self.skipped += 1
+            self.consecutive += 1
+            self._counted_to = step
         value = {"nonfinite/skipped_steps": float(self.skipped)}
         if read_at is None:
             trainer.stage_scalars(value)
