@@ -19,6 +19,7 @@ import torch
 from conftest import ROOT, final_params, in_background, make_cfg, read_scalars, train
 
 from trainer.config import ConfigError, validate
+from trainer.data.base import DataModule
 from trainer.losses import MSE
 
 BYO = ROOT / "examples" / "byo"
@@ -99,6 +100,15 @@ def test_a_missing_import_inside_a_users_module_is_not_taken_for_the_path(tmp_pa
         sys.modules.pop("mymod_x", None)
 
 
+class NoCommon(DataModule):
+    def __init__(self, n: int = 3) -> None:
+        super().__init__()
+        self.n = n
+
+    def load(self):
+        raise AssertionError("never loaded")
+
+
 def test_a_user_key_is_checked_against_the_signature(byo_importable) -> None:
     with pytest.raises(ConfigError, match=r"model\.widht: byo\.nets\.SineNet has no parameter "
                        r"'widht'; its parameters: in_shape, out_dim, width"):  # fmt: skip
@@ -107,6 +117,13 @@ def test_a_user_key_is_checked_against_the_signature(byo_importable) -> None:
     validate(byo_cfg(*BYO_CHOICES, "data.batch_size=8"))
     with pytest.raises(ConfigError, match=r"data\.bach_size: byo\.data\.NoisySine has no "):
         validate(byo_cfg(*BYO_CHOICES, "+data.bach_size=8"))
+    # a data module without **common: the message says to take it (it named the key alone)
+    with pytest.raises(ConfigError, match=r"data\.batch_size: \S*NoCommon has no parameter "
+                       r"'batch_size'; its parameters: n; batch_size is one of every "
+                       r"DataModule's loader keys: a data module of one's own takes \*\*common "
+                       r"and passes it on, super\(\).__init__\(\*\*common\)"):  # fmt: skip
+        validate(byo_cfg(*BYO_CHOICES, f"data._target_={__name__}.NoCommon", "~data.n",
+                         "~data.noise"))  # fmt: skip
     with pytest.raises(ConfigError, match=r"model\._target_: module 'byo\.nets' has no "
                        "'SineNett'; it defines: .*SineNet"):  # fmt: skip
         validate(byo_cfg(*BYO_CHOICES, "model._target_=byo.nets.SineNett"))

@@ -7,12 +7,14 @@ from __future__ import annotations
 import decimal
 import functools
 import json
+import logging
 import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import final_params, read_scalars, train
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
@@ -885,6 +887,52 @@ def test_a_callbacks_hooks_are_checked_when_added_and_named_when_they_raise(tmp_
         train(tmp_path / "raises", *TINY, callbacks=[RaisesInRestPoint()])
     error = json.loads((tmp_path / "raises" / "metrics.json").read_text())["error"]
     assert error == "RuntimeError: my bug (in RaisesInRestPoint.on_rest_point)"
+
+
+class Misspelled(Callback):
+    def on_train_step_ends(self, trainer, out) -> None:
+        pass
+
+
+class LightningNamed(Callback):
+    def on_train_batch_end(self, trainer, outputs, batch, batch_idx) -> None:
+        pass
+
+    def on_flush(self, trainer) -> None:
+        pass
+
+
+class NoHooks(Callback):
+    def log_it(self, trainer) -> None:
+        pass
+
+
+def test_a_hook_misspelled_or_of_another_framework_or_a_class_is_not_silently_ignored(
+    tmp_path, caplog
+) -> None:
+    """A method named as a hook misspelled (``on_train_step_ends``) was never called, the run
+    completing without a word; a callback's class given for an instance was "type is not a
+    Callback (subclass it)", though it is one (a probe's). A near miss is refused naming the
+    hook meant; another ``on_*`` method (a Lightning hook's name, a helper of one's own) and a
+    callback overriding no hook are said; the refusals name the config key."""
+    from trainer.run import build_user_callbacks
+
+    typo = r"on_train_step_ends is no hook, so the loop never calls it; did you mean "
+    with pytest.raises(TypeError, match=rf"callbacks: Misspelled.{typo}on_train_step_end\?"):
+        train(tmp_path / "typo", *TINY, callbacks=[Misspelled()])
+    with pytest.raises(TypeError, match=r"callbacks: NoHooks is a class; give an instance of "
+                       r"it, NoHooks\(...\)"):  # fmt: skip
+        train(tmp_path / "class", *TINY, callbacks=[NoHooks])
+    with caplog.at_level(logging.WARNING, logger="trainer.loop"):
+        train(tmp_path / "lightning", *TINY, callbacks=[LightningNamed(), NoHooks()])
+    said = [r.getMessage() for r in caplog.records]
+    other = "LightningNamed.on_train_batch_end is no hook, so the loop never calls it"
+    assert any(m.startswith(f"callbacks: {other} (the hooks: on_fit_start, ") for m in said)
+    none = "NoHooks overrides none of the hooks (trainer.callbacks.Callback)"
+    assert f"callbacks: {none}, so the loop never calls it" in said
+    node = {"mine": {"_target_": f"{__name__}.Misspelled"}}
+    with pytest.raises(TypeError, match=r"^callbacks\.mine: Misspelled\.on_train_step_ends"):
+        build_user_callbacks(OmegaConf.create({"callbacks": node}))
 
 
 def test_a_model_with_nothing_to_train_is_named_not_the_loss(tmp_path) -> None:

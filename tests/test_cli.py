@@ -161,6 +161,21 @@ def test_only_the_trainers_own_refusals_lose_their_traceback() -> None:
     from trainer.checkpoint import load_checkpoint  # a missing file the trainer names
 
     assert own_refusal(caught(load_checkpoint, ROOT / "no_such_checkpoint.pt"))
+    # a component of one's own refused for its kind (a callback's hook that the loop cannot
+    # call, a Dataset's sample that is no pair): a ContractError, its message the whole story
+    # (they printed the trainer's traceback, a probe's); a TypeError Python raises inside the
+    # trainer (a bug of its own) keeps it
+    from trainer.callbacks import Callback
+    from trainer.data.base import _pair_of
+    from trainer.loop import check_callback
+
+    class Arity(Callback):
+        def on_flush(self) -> None:  # type: ignore[override]
+            pass
+
+    assert own_refusal(caught(check_callback, Arity(), "callbacks.mine"))
+    assert own_refusal(caught(_pair_of, [{"x": 1, "y": 2}], 0))
+    assert not own_refusal(caught(check_callback, None))  # (None has no hooks: Python's)
 
 
 def test_a_refusal_wrapping_an_error_of_ones_own_code_keeps_its_traceback(

@@ -1075,6 +1075,21 @@ def test_variable_length_sequences_batched_by_the_datasets_own_collate(tmp_path,
             train(tmp_path / kind, *common, f"+data.kind={kind}")
 
 
+def test_samples_of_other_shapes_are_named_by_their_own_indices() -> None:
+    """The note on a batch whose samples' shapes differ named the batch's first four indices,
+    of any shape (a probe: none of those named was a bad sample): each shape with its own
+    samples' indices, the commonest first, with how many there are."""
+    from trainer.data.base import _collate_pairs
+
+    shapes = [3, 3, 3, 2, 3, 3, 3, 2, 3]
+    triples = [(torch.zeros(n), torch.tensor(0), 100 + i) for i, n in enumerate(shapes)]
+    with pytest.raises(RuntimeError) as caught:
+        _collate_pairs(triples)
+    (note,) = caught.value.__notes__
+    told = "(3,) at indices 100, 101, 102, 104, … (7 samples); (2,) at indices 103, 107"
+    assert note.startswith(f"(data: the batch's inputs have different shapes, {told}: ")
+
+
 class LongestWithTargets(PaddedToLongest):
     """:class:`PaddedToLongest` with ``targets``: each sample's tags as it is, unpadded (the
     batch's longest decides the padding, so no one padded tensor is them)."""

@@ -8,6 +8,7 @@ run on the CPU; a sweep with failing jobs keeps the others' outputs and exits no
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -302,7 +303,9 @@ def _refuses(cfg):
     _check(False, "trainer.max_epochs", "got -3, must be at least 1")  # (raised by the trainer)
 
 
-def test_a_single_runs_refusal_is_one_line_unless_hydra_full_error(monkeypatch, capsys) -> None:
+def test_a_single_runs_refusal_is_one_line_unless_hydra_full_error(
+    monkeypatch, capsys, caplog
+) -> None:
     """A single run refused by the trainer exits with status 1 and the message on one line;
     with ``HYDRA_FULL_ERROR=1`` the error itself is raised (its traceback shown); in a
     multirun the job returns None (a failed trial) and the sweep goes on."""
@@ -323,7 +326,16 @@ def test_a_single_runs_refusal_is_one_line_unless_hydra_full_error(monkeypatch, 
     with pytest.raises(ConfigError, match="trainer.max_epochs: got -3"):
         sweep.run_job(None)
     monkeypatch.setattr(sweep, "in_multirun", lambda: True)
-    assert sweep.run_job(None) is None
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
+    with caplog.at_level(logging.ERROR, logger="trainer.sweep"):
+        assert sweep.run_job(None) is None
+    # (the message alone: its traceback through OmegaConf's frames was 40 lines, a probe's)
+    (record,) = [r for r in caplog.records if r.name == "trainer.sweep"]
+    assert record.getMessage() == (
+        "job failed, the sweep goes on (its metrics.json says why): ConfigError: "
+        "trainer.max_epochs: got -3, must be at least 1"
+    )
+    assert record.exc_info is None
 
 
 def _joblib(path: Path):

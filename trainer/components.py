@@ -29,6 +29,21 @@ from trainer.config import ConfigError
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_", "_args_"})
 
 
+def _loader_key(group: str, key: str) -> str:
+    """Where ``data.<key>`` is one of every DataModule's loader keys (``batch_size``): the fix,
+    which the message left unsaid (a probe's)."""
+    if group != "data":
+        return ""
+    from trainer.data.base import DataModule
+
+    if key not in inspect.signature(DataModule.__init__).parameters:
+        return ""
+    return (
+        f"; {key} is one of every DataModule's loader keys: a data module of one's own takes "
+        "**common and passes it on, super().__init__(**common) (README, 'Bring your own')"
+    )
+
+
 def resolve_target(group: str, path: Any) -> Any:
     """The object ``path`` (``pkg.module.Name``) names; a :class:`ConfigError` that says why not
     and how to fix it otherwise."""
@@ -166,7 +181,7 @@ def check_component(
         if key not in names:
             raise ConfigError(
                 f"{group}.{key}: {shown} has no parameter {key!r}; its parameters: "
-                f"{', '.join(names) or 'none'}"
+                f"{', '.join(names) or 'none'}{_loader_key(group, key)}"
             )
     if not node.get("_partial_", False):
         provided = set(provided)

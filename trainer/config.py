@@ -27,6 +27,13 @@ class ConfigError(ValueError):
     """A config value is out of range or inconsistent; the message names the key."""
 
 
+class ContractError(TypeError):
+    """A component of one's own (model, data, loss, callback, metric) or a value given to the
+    trainer is not of the kind its contract takes; the message names it and the fix. One of
+    the trainer's refusals: ``scripts/train.py`` prints it without the trainer's traceback
+    (a TypeError that Python raises inside the trainer, a bug, keeps it)."""
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")

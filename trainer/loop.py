@@ -23,6 +23,7 @@ named hooks):
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import itertools
 import logging
@@ -42,6 +43,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from trainer.backward import double_backward_kernels
 from trainer.callbacks import HOOKS, READ_EVERY, Callback, Every, Stateful, StepOutput, few
 from trainer.checkpoint import checkpointable
+from trainer.config import ContractError
 from trainer.data.base import Batch, Loader, batch_count
 from trainer.distributed import (
     SINGLE,
@@ -153,7 +155,7 @@ def _check_stateful(key: str, part: Stateful) -> None:
         try:
             inspect.signature(method).bind(*args)
         except TypeError:
-            raise TypeError(
+            raise ContractError(
                 f"{key} {type(part).__name__}: its {name}{inspect.signature(method)} cannot be "
                 f"called as a checkpoint calls it, {name}({'state' if args else ''}) "
                 "(trainer.callbacks.Stateful: state_dict() returns what a checkpoint keeps, "
@@ -162,15 +164,37 @@ def _check_stateful(key: str, part: Stateful) -> None:
             ) from None
 
 
-def _check_hook(cb: Callback, name: str) -> None:
+def check_callback(cb: Callback, where: str = "callbacks") -> list[str]:
+    """Refuse the hooks ``cb`` overrides that cannot be called as the loop calls them, and a
+    method named as a hook misspelled (``on_train_step_ends`` was never called, unsaid: a
+    probe's); returns its other ``on_*`` methods, which the loop never calls either (said by
+    :meth:`Trainer.add_callbacks`: a helper of one's own may be named so)."""
+    for name in HOOKS:
+        if getattr(type(cb), name) is not getattr(Callback, name):
+            _check_hook(cb, name, where)
+    others = []
+    for name in dir(type(cb)):
+        if not name.startswith("on_") or name in HOOKS:
+            continue
+        close = difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.9)
+        if close:
+            raise ContractError(
+                f"{where}: {type(cb).__name__}.{name} is no hook, so the loop never calls it; "
+                f"did you mean {close[0]}? (the hooks: trainer.callbacks.Callback)"
+            )
+        others.append(name)
+    return others
+
+
+def _check_hook(cb: Callback, name: str, where: str) -> None:
     """Refuse a hook that cannot be called as the loop calls it (``on_train_step_end(self,
     trainer)`` failed at the first step, after training had begun: a probe)."""
     expected = inspect.signature(getattr(Callback, name))
     wanted = f"{name}({', '.join(list(expected.parameters)[1:])})"
     hook = getattr(cb, name)
     if not callable(hook):
-        raise TypeError(f"callbacks: {type(cb).__name__}.{name} is {hook!r}, not a method; "
-                        f"the loop calls {wanted}")  # fmt: skip
+        raise ContractError(f"{where}: {type(cb).__name__}.{name} is {hook!r}, not a method; "
+                            f"the loop calls {wanted}")  # fmt: skip
     try:  # (the callable the loop calls: a functools.wraps wrapper's own signature)
         own = inspect.signature(hook, follow_wrapped=False)
     except ValueError:  # (no signature to read: a builtin; taken as it is)
@@ -178,8 +202,8 @@ def _check_hook(cb: Callback, name: str) -> None:
     try:
         own.bind(*[None] * (len(expected.parameters) - 1))
     except TypeError:
-        raise TypeError(
-            f"callbacks: {type(cb).__name__}.{name}({', '.join(own.parameters)}) "
+        raise ContractError(
+            f"{where}: {type(cb).__name__}.{name}({', '.join(own.parameters)}) "
             f"cannot be called as the loop calls it, {wanted}"
         ) from None
 
@@ -457,7 +481,7 @@ class Trainer:
             missing = [a for a in LOADER_API if not hasattr(loader, a)]
             if missing:  # (a plain DataLoader as val_loader failed after an epoch's training,
                 # "not enough values to unpack": a probe's finding)
-                raise TypeError(
+                raise ContractError(
                     f"Trainer: {role} is a {type(loader).__name__} without "
                     f"{', '.join(missing)}; it takes trainer.data's loaders (InMemoryLoader, "
                     "DeviceLoader: batches of (x, y, index), an epoch's order from "
@@ -492,9 +516,14 @@ class Trainer:
     def add_callbacks(self, *callbacks: Callback) -> None:
         """Append callbacks (after those given to the constructor; before ``fit``)."""
         for cb in callbacks:
+            if isinstance(cb, type):  # (the class: "type is not a Callback", a probe's)
+                raise ContractError(
+                    f"callbacks: {cb.__name__} is a class; give an instance of it, "
+                    f"{cb.__name__}(...)"
+                )
             if not isinstance(cb, Callback):
-                raise TypeError(
-                    f"callbacks: {type(cb).__name__} is not a trainer.callbacks.Callback "
+                raise ContractError(
+                    f"callbacks: a {type(cb).__name__} is not a trainer.callbacks.Callback "
                     "(subclass it and override the hooks it needs)"
                 )
             if any(cb is c for c in self.callbacks):  # (its hooks ran twice a step)
@@ -502,9 +531,17 @@ class Trainer:
                     f"callbacks: the same {type(cb).__name__} instance is given twice; give "
                     "it once (or two instances)"
                 )
-            for name in HOOKS:  # only the hooks it overrides are called
-                if getattr(type(cb), name) is not getattr(Callback, name):
-                    _check_hook(cb, name)
+            others = check_callback(cb)  # (only the hooks it overrides are called)
+            hooks = [n for n in HOOKS if getattr(type(cb), n) is not getattr(Callback, n)]
+            if others:
+                log.warning(
+                    "callbacks: %s.%s %s no hook, so the loop never calls %s (the hooks: %s)",
+                    type(cb).__name__, ", ".join(others), "is" if len(others) == 1 else "are",
+                    "it" if len(others) == 1 else "them", ", ".join(HOOKS),
+                )  # fmt: skip
+            elif not hooks and type(cb).state_dict is Callback.state_dict:
+                log.warning("callbacks: %s overrides none of the hooks (trainer.callbacks."
+                            "Callback), so the loop never calls it", type(cb).__name__)  # fmt: skip
             self.callbacks.append(cb)
             for name in HOOKS:
                 if getattr(type(cb), name) is not getattr(Callback, name):
@@ -1226,7 +1263,7 @@ class Trainer:
             dtype = "dtype" in text or "scalar type" in text or conv or kernel
             if isinstance(e, torch.OutOfMemoryError) or not dtype:
                 raise
-            raise TypeError(
+            raise ContractError(
                 f"the model's first forward failed on the data's inputs ({x.dtype}; the "
                 f"model's parameters: {', '.join(sorted(map(str, weights))) or 'none'}): cast "
                 "them in the data module (x.float(); np.float32 in a tensors file) or in the "
@@ -1242,7 +1279,7 @@ class Trainer:
                 or "out of bounds" in text or "for target" in text
             ):  # fmt: skip
                 raise
-            raise TypeError(
+            raise ContractError(
                 f"the loss ({type(self.criterion).__name__}) failed on the first batch: outputs "
                 f"{getattr(logits, 'dtype', type(logits).__name__)} of shape "
                 f"{tuple(getattr(logits, 'shape', ()))}, targets {y.dtype} of shape "

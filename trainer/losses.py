@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.callbacks import Stateful
-from trainer.config import ConfigError
+from trainer.config import ConfigError, ContractError
 from trainer.metrics import mean_of
 from trainer.precision import wide_dtype
 
@@ -94,7 +94,7 @@ class Loss(Stateful):
         first training step, not after an epoch's training): the built-in metrics take one
         tensor; a model returning a tuple or dict needs a loss overriding ``val_sums``."""
         if not isinstance(output, Tensor) and type(self).val_sums is Loss.val_sums:
-            raise TypeError(
+            raise ContractError(
                 f"the model returned a {type(output).__name__}, not a tensor: "
                 f"{type(self).__name__}'s validation metrics (Loss.val_sums) take the model's "
                 "output as one tensor; return the logits (or predictions) as a tensor, or "
@@ -234,7 +234,7 @@ def check_metric_names(loss: Loss) -> None:
     names = loss.metrics
     what = f"loss {type(loss).__name__}'s metrics"
     if not isinstance(names, tuple | list) or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"{what} must be a tuple (or list) of names; got {names!r}")
+        raise ContractError(f"{what} must be a tuple (or list) of names; got {names!r}")
     bad = [n for n in names if not n.startswith("val/") or n == "val/"]
     if bad:
         raise ValueError(
@@ -254,7 +254,7 @@ def val_keys(loss: Loss, sums: Any, device: torch.device) -> tuple[list[str], fr
     the same order, and a set's order differs between processes)."""
     what = f"loss {type(loss).__name__}'s val_sums"
     if not isinstance(sums, dict):
-        raise TypeError(f"{what} must return a dict of name -> (sum, count); got "
+        raise ContractError(f"{what} must return a dict of name -> (sum, count); got "
                         f"{type(sums).__name__}")  # fmt: skip
     for k, v in sums.items():
         if not isinstance(v, Tensor) or v.shape != (2,):
@@ -302,13 +302,13 @@ def finished_metrics(loss: Loss, pairs: dict[str, tuple[float, float]]) -> tuple
     name = type(loss).__name__
     final = loss.finalize({k: mean_of(s, n) for k, (s, n) in pairs.items()})
     if not isinstance(final, dict):
-        raise TypeError(f"loss {name}'s finalize must return a dict of name -> number; got "
+        raise ContractError(f"loss {name}'s finalize must return a dict of name -> number; got "
                         f"{type(final).__name__}")  # fmt: skip
     real = numbers.Real | decimal.Decimal
     wrong = {k: type(v).__name__ for k, v in final.items()
              if not isinstance(v, real) or isinstance(v, bool)}  # fmt: skip
     if wrong:
-        raise TypeError(
+        raise ContractError(
             f"loss {name}'s finalize must return real numbers (a float, an int, NumPy's; "
             f"metrics.json and HPARAMS take them as floats); got {wrong} (a tensor: float(t))"
         )

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from trainer.backward import backward_scalar, backward_vector
 from trainer.callbacks import few
+from trainer.config import ContractError
 from trainer.distributed import SINGLE, World, all_reduce_max, all_reduce_sum
 from trainer.instrument.norms import minus, total_norm
 from trainer.losses import Loss, loss_name, units_dtype
@@ -89,7 +90,7 @@ class Objective:
         penalties = [r for r in regularizers if isinstance(r, InputGradPenalty)]
         unknown = [r for r in regularizers if not isinstance(r, (Regularizer, InputGradPenalty))]
         if unknown or len(penalties) > 1:
-            raise TypeError(
+            raise ContractError(
                 "regularizers: expected trainer.regularizers.Regularizer instances and at most "
                 f"one InputGradPenalty, got {[type(r).__name__ for r in regularizers]}"
             )

@@ -27,6 +27,7 @@ from torch.autograd import Function
 from torch.autograd.gradcheck import GradcheckError
 
 from trainer.callbacks import Stateful, few
+from trainer.config import ContractError
 from trainer.precision import is_long, long_norm, wide_dtype, widen
 from trainer.rng import forked_rng
 
@@ -636,7 +637,7 @@ class InputGradPenalty(Stateful):
     def prepare(x: Tensor) -> Tensor:
         """The input as a leaf that autograd differentiates with respect to."""
         if not x.is_floating_point():
-            raise TypeError(
+            raise ContractError(
                 f"input_grad_penalty needs floating-point inputs to differentiate, got {x.dtype}"
             )
         return x.detach().requires_grad_(True)

@@ -66,7 +66,7 @@ from trainer.hparams import (
 )
 from trainer.instrument import build_callbacks
 from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir
-from trainer.loop import Callback, Trainer, check_plateau, planned_steps
+from trainer.loop import Callback, Trainer, check_callback, check_plateau, planned_steps
 from trainer.losses import Loss, as_loss
 from trainer.regularizers import InputGradPenalty, Regularizer
 from trainer.report import CONTINUED
@@ -848,6 +848,7 @@ def build_user_callbacks(cfg: DictConfig) -> list[Callback]:
                 f"callbacks.{name}._target_: {node._target_} built a {type(cb).__name__}, not a "
                 "trainer.loop.Callback (subclass it and override the hooks you need)"
             )
+        check_callback(cb, f"callbacks.{name}")  # (refused here: named by its key)
         out.append(cb)
     return out
 

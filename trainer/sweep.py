@@ -244,7 +244,12 @@ def run_job(cfg: DictConfig) -> float | None:
                 print(f"Error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
                 sys.exit(1)
             raise
-        log.exception("job failed, the sweep goes on (its metrics.json says why): %s", e)
+        if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":  # (its message is
+            # all: a bad value's 40 lines of OmegaConf's frames buried it, a probe's)
+            log.error("job failed, the sweep goes on (its metrics.json says why): %s: %s",
+                      type(e).__name__, e)  # fmt: skip
+        else:
+            log.exception("job failed, the sweep goes on (its metrics.json says why): %s", e)
         return None
     value = result[result["monitor"]]
     if not math.isfinite(value) and in_multirun():  # (±Inf too: −Inf would win a minimizing

@@ -36,6 +36,7 @@ from torch.utils.data import (
     get_worker_info,
 )
 
+from trainer.config import ContractError
 from trainer.distributed import SINGLE, World, shard
 from trainer.rng import forked_rng
 
@@ -427,7 +428,7 @@ class CollatedIndexedDataset(BatchedIndexedDataset):
         arrays and lists of numbers made tensors), or an error naming what it returned."""
         name = _collate_name(dataset, indices)
         if not (isinstance(batch, tuple | list) and len(batch) == 2):
-            raise TypeError(
+            raise ContractError(
                 f"{name} returned a {type(batch).__name__}; it returns the batch as an (x, y) "
                 "pair of tensors, B samples each"
             )
@@ -438,7 +439,7 @@ class CollatedIndexedDataset(BatchedIndexedDataset):
                     v = torch.as_tensor(v)
                 except (TypeError, ValueError, RuntimeError) as e:  # (strings, objects,
                     # negative strides: torch's words alone, a review's)
-                    raise TypeError(
+                    raise ContractError(
                         f"{name} returned {what} as a NumPy array of {v.dtype}, shape "
                         f"{v.shape}, which torch.as_tensor refuses ({e}); return tensors (of "
                         "numbers: tokenize text in the collate; np.ascontiguousarray for "
@@ -449,7 +450,7 @@ class CollatedIndexedDataset(BatchedIndexedDataset):
         for what, v in (("x", x), ("y", y)):
             if not isinstance(v, Tensor) or v.ndim == 0 or v.shape[0] != len(indices):
                 got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                raise TypeError(
+                raise ContractError(
                     f"{name} returned {what} of {got}; it must be a tensor whose first "
                     f"dimension holds the batch's {len(indices)} samples"
                 )
@@ -478,16 +479,30 @@ def _collate_pairs(triples: list[tuple[Any, Any, int]]) -> Any:
             parts: list[Any] = [t[k] for t in triples]
             shapes = [tuple(v.shape) if isinstance(v, Tensor | np.ndarray) else None for v in parts]
             if len(set(shapes)) > 1:
+                told = _by_shape(shapes, triples)
                 e.add_note(
-                    f"(data: the batch's {what} have different shapes, "
-                    f"{sorted(set(shapes), key=str)[:4]} at indices "
-                    f"{[t[2] for t in triples][:4]}: samples of variable length are batched by "
-                    "a collate(self, samples) method on the Dataset's class, which takes the "
-                    "batch's (x, y) pairs and returns (x, y) tensors, padding the inputs and "
-                    "the targets with the loss's ignore_index (README, 'Bring your own'))"
+                    f"(data: the batch's {what} have different shapes, {told}: "
+                    "samples of variable length are batched by a collate(self, samples) method "
+                    "on the Dataset's class, which takes the batch's (x, y) pairs and returns "
+                    "(x, y) tensors, padding the inputs and the targets with the loss's "
+                    "ignore_index (README, 'Bring your own'); samples meant to be of one shape "
+                    "are not: see __getitem__ of the indices named)"
                 )
                 break
         raise
+
+
+def _by_shape(shapes: list[Any], triples: list[tuple[Any, Any, int]]) -> str:
+    """Each shape with the indices of its samples (up to 4, and how many), the commonest
+    first (the batch's first indices were named, of any shape: a probe's)."""
+    indices: dict[Any, list[int]] = {}
+    for shape, t in zip(shapes, triples, strict=True):
+        indices.setdefault(shape, []).append(int(t[2]))
+    told = []
+    for shape, at in sorted(indices.items(), key=lambda kv: -len(kv[1]))[:4]:
+        more = f", … ({len(at)} samples)" if len(at) > 4 else ""
+        told.append(f"{shape} at indices {', '.join(map(str, at[:4]))}{more}")
+    return "; ".join(told) + ("; …" if len(indices) > 4 else "")
 
 
 class DeviceLoader:
@@ -647,13 +662,13 @@ def _check_split(split: object, name: str, module: str) -> None:
         return
     what = f"data: {module}.load() returned a {type(split).__name__} as its {name} split"
     if isinstance(split, DataLoader):
-        raise TypeError(
+        raise ContractError(
             f"{what}; load() returns the data sets, and the trainer builds the loaders "
             "(data.batch_size, data.num_workers, its own seeded shuffling): return the "
             "loader's .dataset"
         )
     if isinstance(split, IterableDataset):
-        raise TypeError(
+        raise ContractError(
             f"{what}, an IterableDataset; the trainer batches by sample index (a seeded "
             "permutation per epoch, each process its share of every batch, an exact resume "
             "from the middle of an epoch), which a stream cannot give: return a map-style "
@@ -665,7 +680,7 @@ def _check_split(split: object, name: str, module: str) -> None:
         and len(split) == 2
         and all(isinstance(t, Tensor | np.ndarray) for t in split)
     ):
-        raise TypeError(
+        raise ContractError(
             f"{what}, a tuple of two {type(split[0]).__name__}s; tensors x, y of the whole "
             "split are a TensorSplit: return TensorSplit(x, y) (trainer.data.base)"
         )
@@ -673,7 +688,7 @@ def _check_split(split: object, name: str, module: str) -> None:
     if getattr(type(split), "__getitem__", None) is Dataset.__getitem__:
         missing.append("__getitem__ of its own (torch's Dataset's raises NotImplementedError)")
     if missing:
-        raise TypeError(
+        raise ContractError(
             f"{what}, which has no {' or '.join(missing)}; a split is a TensorSplit (x, y) or "
             "a map-style torch Dataset of (input, target) pairs (__len__ and __getitem__; a "
             "__getitems__ is used for the batches where it has one)"
@@ -758,7 +773,7 @@ def _pair_of(split: Dataset, i: int) -> tuple[Any, Any]:
             if isinstance(sample, dict)
             else "several inputs go into one tensor, and the model's forward splits them"
         )
-        raise TypeError(
+        raise ContractError(
             f"data: a Dataset's samples must be (input, target) pairs; {type(split).__name__}"
             f"[{i}] is {got} ({fix})"
         )
@@ -808,7 +823,7 @@ def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple
         return torch.as_tensor(x), y
     except (TypeError, ValueError, RuntimeError) as e:  # a dict or a tuple of tensors: torch's
         # "Could not infer dtype of dict" named neither the data nor what the trainer takes
-        raise TypeError(
+        raise ContractError(
             f"data: a sample's input must be one tensor (or array, or nested lists of numbers); "
             f"{type(split).__name__}[0]'s is a {type(x).__name__}, which torch.as_tensor "
             f"refuses ({e}). Several inputs per sample (token ids and a mask, features of two "
@@ -897,7 +912,7 @@ class DataModule(abc.ABC):
                 if isinstance(splits, tuple | list)
                 else f"a {type(splits).__name__}"
             )
-            raise TypeError(
+            raise ContractError(
                 f"data: {type(self).__name__}.load() returned {got}; it returns (train, val), "
                 "two splits (with no validation data of its own, split part of the training "
                 "data off)"

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from trainer.callbacks import Callback
+from trainer.config import ContractError
 from trainer.instrument.curvature import (
     Curvature,
     hutchinson,
@@ -86,7 +87,7 @@ def build_callbacks(cfg: InstrumentConfig) -> list[Callback]:
         check_component(group, node, provided=bins)
         callback = build(group, node, provided=bins)
         if not isinstance(callback, Callback):
-            raise TypeError(
+            raise ContractError(
                 f"{group}._target_: {node['_target_']} built a {type(callback).__name__}, not a "
                 "trainer.callbacks.Callback"
             )

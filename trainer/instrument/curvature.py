@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.backward import double_backward_kernels, explain_freed_graph
 from trainer.callbacks import Callback, Every, few
+from trainer.config import ContractError
 from trainer.distributed import all_reduce_sum
 from trainer.instrument.norms import norms_of
 from trainer.instrument.swap import (
@@ -62,7 +63,7 @@ def _integer(key: str, value: Any, least: int) -> int:
             raise TypeError
         number = operator.index(value)
     except TypeError:
-        raise TypeError(f"{key}: got {value!r}, an integer >= {least}") from None
+        raise ContractError(f"{key}: got {value!r}, an integer >= {least}") from None
     if number < least:
         raise ValueError(f"{key}: got {number}, must be >= {least}")
     return number
@@ -337,7 +338,7 @@ class Curvature(Callback):
         power_iters = _integer(key + "power_iters", power_iters, 1)
         trace_probes = _integer(key + "trace_probes", trace_probes, 1)
         if isinstance(tol, bool) or not isinstance(tol, (float, int, numbers.Real)):  # (NumPy's)
-            raise TypeError(f"{key}tol: got {tol!r}, a real number >= 0")
+            raise ContractError(f"{key}tol: got {tol!r}, a real number >= 0")
         tol = float(tol)
         if not 0 <= tol < math.inf:
             raise ValueError(f"{key}tol: got {tol}, must be finite and >= 0")
