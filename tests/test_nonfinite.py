@@ -5,6 +5,7 @@ step reads a tensor back to the host."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import math
@@ -1255,11 +1256,12 @@ def test_a_kept_latch_holds_on_a_run_count_rebuilt_from_the_host() -> None:
 
     guard = NonfiniteGuard(policy="skip", max_consecutive_skips=3, sync="deferred")
     guard._latched = torch.ones(())
-    skips = [float(guard._count(torch.zeros(()))) for _ in range(3)]
+    skips = [float(guard._count(torch.zeros(()), step)) for step in range(1, 4)]
     assert skips == [1.0, 1.0, 1.0]
     fresh = NonfiniteGuard(policy="skip", max_consecutive_skips=3, sync="deferred")
     flags = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]  # 3 in a row latch: skipped from there on
-    assert [float(fresh._count(torch.tensor(f))) for f in flags] == [1, 1, 0, 1, 1, 1, 1]
+    counted = [float(fresh._count(torch.tensor(f), i)) for i, f in enumerate(flags, 1)]
+    assert counted == [1, 1, 0, 1, 1, 1, 1]
 
 
 class BatchLevelLoss(Loss):
@@ -1743,33 +1745,86 @@ class FailsAtStep(Callback):
 @pytest.mark.parametrize("sync", ["step", "deferred"])
 def test_a_skipped_step_made_again_by_a_second_fit_is_counted_once(tmp_path, sync) -> None:
     """A fit called again after a hook failed in a step the guard had skipped: the step made
-    again was counted again (``nonfinite/skipped_steps`` 2 for 1 skipped step, a probe's).
-    The count and every logged value as an uninterrupted run's."""
+    again was counted again (``nonfinite/skipped_steps`` 2 for 1 skipped step, a probe's),
+    and deferred, on the device too: with ``max_consecutive_skips=2`` one skipped step counted
+    twice latched, and every later update was skipped, unsaid (a review's). The counts, the
+    weights and every logged value as an uninterrupted run's; and after a state of an earlier
+    step is loaded, the device's count is the loaded one (it went on from the last step's),
+    and the steps made again stage their tags (the fit that had ended at step 4 refused them
+    as staged twice)."""
     from trainer.run import build_trainer
 
-    def fitted(callbacks) -> tuple[dict, tuple[int, int]]:
-        cfg = make_cfg("trainer.max_steps=5", "logging.every_n_steps=1", "data.batch_size=256",
+    def fitted(callbacks, reload: bool = False) -> tuple[dict, tuple[int, int], list]:
+        cfg = make_cfg("trainer.max_steps=7", "logging.every_n_steps=1", "data.batch_size=256",
                        "logging.progress=false", "trainer.checkpoint.every_n_steps=0",
-                       "instrument.nonfinite.policy=skip",
-                       f"instrument.nonfinite.sync={sync}")  # fmt: skip
-        run_dir = tmp_path / f"{sync}{[cb.step for cb in callbacks]}"
-        trainer = build_trainer(cfg, run_dir, [Poison({2: "grad", 4: "loss"}), *callbacks])
+                       "instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}",
+                       "instrument.nonfinite.max_consecutive_skips=2")  # fmt: skip
+        run_dir = tmp_path / f"{sync}{[cb.step for cb in callbacks]}{reload}"
+        trainer = build_trainer(cfg, run_dir, [Poison({2: "grad", 4: "loss"}), *callbacks],
+                                with_logger=not reload)  # fmt: skip
+        if reload:  # step 4 made (skipped: 1 in a row), then step 3's state loaded (0)
+            kept = KeepsState(3)
+            trainer.add_callbacks(kept)
+            trainer.max_steps = 4
+            trainer.fit()
+            trainer.load_state_dict(kept.state)
+            trainer.max_steps = 7
         try:
             trainer.fit()
         except RuntimeError:
             assert callbacks and not callbacks[0].armed
             trainer.fit()
-        trainer.logger.close()
         guard = next(cb for cb in trainer.callbacks if hasattr(cb, "skipped"))
-        return read_scalars(run_dir), (guard.skipped, guard.consecutive)
+        weights = [p.detach().clone() for p in trainer.model.parameters()]
+        if reload:
+            return {}, (guard.skipped, guard.consecutive), weights
+        trainer.logger.close()
+        return read_scalars(run_dir), (guard.skipped, guard.consecutive), weights
 
-    once, counts = fitted([])
+    once, counts, weights = fitted([])
     assert counts == (2, 0) and once["nonfinite/skipped_steps"] == [(2, 1.0), (4, 2.0)]
     for step in (2, 4):
-        again, counts_again = fitted([FailsAtStep(step)])
+        again, counts_again, weights_again = fitted([FailsAtStep(step)])
         assert counts_again == counts
+        assert all(torch.equal(a, b) for a, b in zip(weights, weights_again, strict=True))
         assert again.keys() == once.keys()
         for tag in once:
             # (by repr: bit for bit, and a NaN loss equals itself)
             told, want = ([(s, repr(v)) for s, v in d[tag]] for d in (again, once))
             assert told == want, (step, tag)
+    _, counts_again, weights_again = fitted([], reload=True)
+    assert counts_again == counts
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_again, strict=True))
+
+
+class KeepsState(Callback):
+    """A deep copy of the trainer's state at the rest point of ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.state = step, None
+
+    def on_rest_point(self, trainer) -> None:
+        if trainer.global_step == self.step:
+            self.state = copy.deepcopy(trainer.state_dict())
+
+
+def test_a_deferred_raise_is_raised_again_by_a_fit_called_again(tmp_path) -> None:
+    """Deferred ``policy=raise``: the read that raised left the latch set, and a fit called
+    again trained nothing, every update skipped, unsaid (a review's). It raises again, naming
+    the step, until a state is loaded."""
+    from trainer.instrument.nonfinite import NonFiniteError
+    from trainer.run import build_trainer
+
+    cfg = make_cfg("trainer.max_steps=6", "logging.every_n_steps=4", "logging.progress=false",
+                   "trainer.checkpoint.every_n_steps=0", "instrument.nonfinite.sync=deferred",
+                   "instrument.nonfinite.policy=raise")  # fmt: skip
+    kept = KeepsState(1)
+    trainer = build_trainer(cfg, tmp_path, [Poison({2: "grad"}), kept], with_logger=False)
+    with pytest.raises(NonFiniteError, match=r"^step 2: non-finite gradient of net\.3\.weight"):
+        trainer.fit()
+    with pytest.raises(NonFiniteError, match=r"^step 2: .* raised by the last fit, whose updates "
+                       r"from that step on were skipped"):  # fmt: skip
+        trainer.fit()
+    trainer.load_state_dict(kept.state)
+    trainer.callbacks[-2].steps = {}  # (Poison: nothing non-finite now)
+    assert trainer.fit()["step"] == 6

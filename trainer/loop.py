@@ -1703,6 +1703,9 @@ class Trainer:
                 f"{len(self.train_loader)} batches (another data set or batch size?)"
             )
         self.tally.load_state_dict(self._tally_state(state))
+        # (the steps after it are made again: their tags may be staged again; a fit that had
+        # ended at a later step refused its last step's tags as staged twice, a review's)
+        self.staging.taken_back(self.global_step + 1)
         self.metrics = dict(state["metrics"])
         self._validated_at = int(state.get("validated_at", _validated_step(state)))
         modes = state.get("train_modes")  # (older checkpoints: derived at fit's start)

@@ -112,6 +112,17 @@ class NonfiniteGuard(Callback):
         self._latched: Tensor | None = None
         #: deferred, policy skip: the skipped steps in a row, counted on the device
         self._run: Tensor | None = None
+        #: deferred, policy skip: (run, latch) before the last counted step, the step, and
+        #: the two pairs of buffers the count alternates between (no copy a step): a step
+        #: counted again (a fit called again after a failure later in it) starts from them
+        self._before: tuple[Tensor, Tensor] | None = None
+        self._counted_at = -1
+        self._buffers: list[tuple[Tensor, Tensor]] = []
+        #: the step a failure was in (on_exception)
+        self._failed_at = -1
+        #: deferred, policy raise: the error a read raised (the latch stays set: a fit called
+        #: again trained nothing, every update skipped, unsaid, a review's)
+        self._stopped: str | None = None
         self._found: Tensor | None = None  # step mode: the check's flag, kept
         #: step mode: whether the kept flag may be set (not read as 0 since the check kernel
         #: last ran on it): zeroed before the next check then only
@@ -119,7 +130,16 @@ class NonfiniteGuard(Callback):
         self._one: Tensor | None = None  # the check's scale of 1
         self._all_names: tuple[tuple[int, int], list[str]] | None = None
 
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        self._failed_at = trainer.step_in_progress()
+
     def on_fit_start(self, trainer: Trainer) -> None:
+        if self._stopped is not None:
+            raise NonFiniteError(
+                f"{self._stopped}; raised by the last fit, whose updates from that step on "
+                "were skipped: a fit called again does not go on from it (load a state or a "
+                "checkpoint of a step before it)"
+            )
         # a resumed run's unread flags come from the checkpoint on the CPU: onto the device,
         # where this run's flags are (they are read together)
         self._pending = [(s, n, [t.to(trainer.device) for t in ts]) for s, n, ts in self._pending]
@@ -192,6 +212,10 @@ class NonfiniteGuard(Callback):
         kept = state.get("pending", [])
         self._pending = [(int(s), list(n), list(t.unbind())) for s, n, t in kept]
         self._latched = state.get("latched")
+        # (the device's count of skips in a row, from the loaded count and latch: it went on
+        # from the last step's, a review's)
+        self._run, self._before, self._buffers, self._counted_at = None, None, [], -1
+        self._failed_at, self._stopped = -1, None
         self._scaler_run = int(state.get("scaler_run", 0))  # (older checkpoints: none)
         at = state.get("scale_at")
         self._scale_at = (int(at[0]), float(at[1])) if at is not None else None
@@ -305,7 +329,7 @@ class NonfiniteGuard(Callback):
         if distributed:
             flag = all_reduce_max(flag)  # every rank skips if any does (its losses are its own)
         if self.policy == "skip":
-            trainer.skip_step_where = self._count(flag)
+            trainer.skip_step_where = self._count(flag, trainer.global_step)
         elif distributed:
             self._latched = flag if self._latched is None else torch.maximum(self._latched, flag)
             trainer.skip_step_where = self._latched
@@ -317,7 +341,7 @@ class NonfiniteGuard(Callback):
         # the agreed flag after the norms: a step skipped for another rank's values counts
         self._pending.append((trainer.global_step, [*names, SKIPPED], [*norms, flag]))
 
-    def _count(self, flag: Tensor) -> Tensor:
+    def _count(self, flag: Tensor, step: int) -> Tensor:
         """Deferred ``policy=skip``: the skipped steps in a row counted on the device too (from
         the host's count at the last read), so that from the step that reaches
         ``max_consecutive_skips`` on, every update is skipped, as step mode stops there (the
@@ -331,9 +355,21 @@ class NonfiniteGuard(Callback):
             # latch kept from before, a resumed run's, starts it at the limit: it holds)
             self._run = torch.full((), float(self.consecutive), device=flag.device)
             self._run.add_(self._latched, alpha=self.max_consecutive)
-        skip = torch.maximum(flag, self._latched)  # (float 1.0 skipped, 0.0 not)
-        torch.addcmul(skip, self._run, skip, out=self._run)  # run = skip · (run + 1)
-        torch.ge(self._run, self.max_consecutive, out=self._latched)
+            spare = (torch.empty_like(self._run), torch.empty_like(self._latched))
+            self._buffers = [(self._run, self._latched), spare]
+            self._before, self._counted_at = None, -1
+        before = (self._run, self._latched)
+        if step == self._counted_at == self._failed_at and self._before is not None:
+            # the failed step counted again (a fit called again after a failure later in
+            # it): from the count before it (counted twice, it latched early: every later
+            # update skipped, unsaid, a review's)
+            before = self._before
+        run, latched = next(b for b in self._buffers if b[0] is not before[0])
+        skip = torch.maximum(flag, before[1])  # (float 1.0 skipped, 0.0 not)
+        torch.addcmul(skip, before[0], skip, out=run)  # run = skip · (run + 1)
+        torch.ge(run, self.max_consecutive, out=latched)
+        self._before, self._counted_at = before, step
+        self._run, self._latched = run, latched
         return skip
 
     def _ones(self, device: torch.device) -> Tensor:
@@ -500,10 +536,13 @@ class NonfiniteGuard(Callback):
         )
         if self.policy == "raise":
             later = _read_later(step, read_at)
-            raise NonFiniteError(
+            message = (
                 f"step {step}: {cause}; stopped before the optimizer step{later} "
                 "(instrument.nonfinite.policy=skip skips such steps instead)"
             )
+            if read_at is not None:  # (deferred: the latch stays, skipping every update)
+                self._stopped = message
+            raise NonFiniteError(message)
         if step > self._counted_to:  # (made again by a fit called again after a later hook
             # of it failed: it was counted twice, a probe's)
             self.skipped += 1
