@@ -1751,3 +1751,37 @@ def test_a_bias_only_norm_under_the_second_derivative_mode_keeps_its_dtype(dtype
             rtol=2 * eps,
             atol=2 * eps * reference.float().abs().max().item(),
         )
+
+
+class KeepsStep2(Callback):
+    """A deep copy of the trainer's state at step 2's rest point."""
+
+    state: dict | None = None
+
+    def on_rest_point(self, trainer) -> None:
+        if trainer.global_step == 2:
+            self.state = copy.deepcopy(trainer.state_dict())
+
+
+def test_a_state_from_before_the_first_measurement_draws_the_probes_afresh(tmp_path) -> None:
+    """A state loaded from before curvature's first measurement (no generator in it) kept the
+    generator drawn from since: step 3 measured again drew other probes (a trace of 0.58 for
+    6.07, a review's). Measured again, step 3's values are the first measurement's."""
+    from conftest import make_cfg
+
+    from trainer.run import build_trainer
+
+    cfg = make_cfg("trainer.max_steps=3", "logging.every_n_steps=1", "logging.progress=false",
+                   "trainer.checkpoint.every_n_steps=0", "instrument.curvature.every_n_steps=3",
+                   "instrument.curvature.power_iters=5", "instrument.curvature.tol=0",
+                   "instrument.curvature.trace_probes=2")  # fmt: skip
+    kept = KeepsStep2()
+    trainer = build_trainer(cfg, tmp_path, [kept])
+    trainer.fit()
+    trainer.load_state_dict(kept.state)
+    trainer.fit()  # (step 3 again: written twice, each time as measured)
+    trainer.logger.close()
+    scalars = read_scalars(tmp_path)
+    for tag in ("curvature/top_eig", "curvature/trace", "curvature/trace_stderr"):
+        (step, first), again = scalars[tag]
+        assert step == 3 and again == (3, first), tag

@@ -456,6 +456,9 @@ class Curvature(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._drawn, self._failed_at = None, -1
+        # (a state from before the first measurement: seeded afresh at the next one; the
+        # generator drawn from since was kept, a review's)
+        self._generator = None
         if state["generator"] is not None:
             self._generator = torch.Generator(device=state["device"])
             self._generator.set_state(state["generator"])
