@@ -996,6 +996,61 @@ def test_a_second_fit_after_a_failure_trains_and_logs_as_one_uninterrupted(
     assert metrics_again["step"] == metrics["step"] == 4
 
 
+@pytest.mark.parametrize("precision", ["32", "16"])
+@pytest.mark.parametrize("where", ["pre", "post"])
+def test_a_step_hook_of_ones_own_that_raises_is_told_before_or_after_the_update(
+    tmp_path, where, precision
+) -> None:
+    """An optimizer step hook of one's own raising at step 2 (of 3 micro-batches): a
+    post-hook's failure comes after the update, and the fit called again took the step again,
+    updating twice (a review's: weights 4.4e-3 off); a pre-hook's comes before it. Weights,
+    the GradScaler's state, train/loss at every step and the learning rates as one
+    uninterrupted run's (cosine: a step done is scheduled once)."""
+    from trainer.run import build_trainer
+
+    def fitted(fails: bool) -> tuple[list[torch.Tensor], list, dict]:
+        cfg = make_cfg("trainer.max_steps=4", "trainer.accumulate_grad_batches=3",
+                       "logging.every_n_steps=1", "logging.progress=false",
+                       f"trainer.precision={precision}", "data.batch_size=64",
+                       "scheduler=cosine", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+        trainer = build_trainer(cfg, tmp_path / f"{fails}", [], with_logger=False)
+        armed = [fails]
+
+        def hook(optimizer, args, kwargs) -> None:
+            if armed[0] and trainer.global_step == 2:
+                armed[0] = False
+                raise RuntimeError("a step hook's bug")
+
+        register = getattr(trainer.optimizer, f"register_step_{where}_hook")
+        register(hook)
+        logged: list = []
+        log_scalars = trainer.log_scalars
+
+        def keep(values, step):
+            floats = log_scalars(values, step)
+            logged.append((step, floats["train/loss"], floats.get("lr")))
+            return floats
+
+        trainer.log_scalars = keep
+        try:
+            metrics = trainer.fit()
+        except RuntimeError:
+            assert fails and not armed[0]
+            metrics = trainer.fit()
+        assert not armed[0]
+        if trainer.scaler is not None:
+            metrics = {**metrics, "scale": trainer.scaler.state_dict()}
+        return [p.detach().clone() for p in trainer.model.parameters()], logged, metrics
+
+    weights, logged, metrics = fitted(False)
+    again, logged_again, metrics_again = fitted(True)
+    assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
+    assert logged_again == logged and [s for s, _, _ in logged] == [1, 2, 3, 4]
+    assert metrics_again["train/loss"] == metrics["train/loss"]
+    assert metrics_again.get("scale") == metrics.get("scale")
+    assert metrics_again["step"] == 4
+
+
 class StagesOwn(Callback):
     """Stages tags of its own at the fit's start and after a window's first backward (of 3)."""
 

@@ -69,7 +69,13 @@ from trainer.metrics import HostFn, LossTally, Staging, mean_of
 from trainer.objective import Objective, Window
 from trainer.precision import sum_dtype
 from trainer.regularizers import InputGradPenalty, Regularizer
-from trainer.update import clear_grads, conditional_step, scaled_step, step_optimizer
+from trainer.update import (
+    clear_grads,
+    conditional_step,
+    scaled_step,
+    step_optimizer,
+    watch_update,
+)
 from trainer.weighting import Weighting
 
 log = logging.getLogger(__name__)
@@ -1443,23 +1449,37 @@ class Trainer:
                 split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
         if self.measure_clipped_norm and grad_norm is not None:  # the norms instrument's
             split_norms["grad_norm/total"] = grad_norm  # cadence: the total with it
-        if self.skip_step:  # parameters and optimizer state stay as they are
-            if scaler is not None:
-                scaler.update()  # closes this step's unscale_ (and lowers the scale on inf)
-        elif scaler is not None:  # (and scaler.update(); trainer/update.py)
-            scaled_step(scaler, self.optimizer, self.skip_step_where)
-        elif self.skip_step_where is not None:  # decided on the device, never read here
-            conditional_step(self.optimizer, self.skip_step_where)
-        else:
-            step_optimizer(self.optimizer)  # (optimizer.step(); trainer/update.py)
+        watch = None if self.skip_step else watch_update(self.optimizer)  # (step hooks only)
+        try:
+            if self.skip_step:  # parameters and optimizer state stay as they are
+                if scaler is not None:
+                    scaler.update()  # closes this step's unscale_ (lowers the scale on inf)
+            elif scaler is not None:  # (and scaler.update(); trainer/update.py)
+                scaled_step(scaler, self.optimizer, self.skip_step_where)
+            elif self.skip_step_where is not None:  # decided on the device, never read here
+                conditional_step(self.optimizer, self.skip_step_where)
+            else:
+                step_optimizer(self.optimizer)  # (optimizer.step(); trainer/update.py)
+        except BaseException:
+            if watch is not None and watch.made:  # a step post-hook (one's own) raised after
+                # the update: the step is done, finished as one (its schedule, its scalars)
+                self._updated_at = self.global_step
+                with contextlib.suppress(Exception):
+                    if scaler is not None:
+                        scaler.update()  # (scaler.step raised before it)
+                    self._after_update()
+                    self._write_step(
+                        StepOutput(self.global_step, self.epoch, batch, losses, weights,
+                                   grad_norm, should_log, skipped=False,
+                                   skip_where=self.skip_step_where),
+                        lrs, split_norms,
+                    )  # fmt: skip
+            raise
+        finally:
+            if watch is not None:
+                watch.remove()
         self._updated_at = self.global_step  # (a failure from here on: the step was taken)
-        self.objective.updated()
-        if self._buffers_before is not None:
-            self._put_back_buffers()
-        self._advance_schedule()  # a skipped step is a step: the schedule goes on
-        clear_grads(self.optimizer)  # (optimizer.zero_grad(set_to_none=True))
-        for p in self._unowned:  # (trainable, not the optimizer's: usually none)
-            p.grad = None
+        self._after_update()
         out = StepOutput(
             self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
             skipped=self.skip_step, skip_where=self.skip_step_where,
@@ -1522,6 +1542,17 @@ class Trainer:
             with torch.no_grad():
                 for b, k in pairs:
                     b.copy_(torch.where(skip, k, b))
+
+    def _after_update(self) -> None:
+        """What follows the optimizer's update: the objective told, buffers a skipped step
+        changed put back, the schedule advanced, the gradients cleared."""
+        self.objective.updated()
+        if self._buffers_before is not None:
+            self._put_back_buffers()
+        self._advance_schedule()  # a skipped step is a step: the schedule goes on
+        clear_grads(self.optimizer)  # (optimizer.zero_grad(set_to_none=True))
+        for p in self._unowned:  # (trainable, not the optimizer's: usually none)
+            p.grad = None
 
     def _advance_schedule(self) -> None:
         if self.scheduler is None or isinstance(self.scheduler, ReduceLROnPlateau):

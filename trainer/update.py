@@ -83,6 +83,37 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer) in PUT_BACK and not _hooked(optimizer)
 
 
+class UpdateWatch:
+    """Whether ``optimizer``'s update was made, told by a step post-hook of the trainer's put
+    first among the optimizer's own (torch runs those, then the global ones): a post-hook of
+    one's own that raises after the update leaves the step done (a fit called again took it
+    again: updated twice, a review's). Removed after the step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.made = False
+        self._handle = optimizer.register_step_post_hook(self._made)
+        hooks = optimizer._optimizer_step_post_hooks
+        others = [(k, h) for k, h in hooks.items() if k != self._handle.id]
+        hooks.clear()  # (first, whatever the dict's kind: an OrderedDict in torch)
+        hooks[self._handle.id] = self._made
+        hooks.update(others)
+
+    def _made(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self.made = True
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def watch_update(optimizer: torch.optim.Optimizer) -> UpdateWatch | None:
+    """An :class:`UpdateWatch` where a step post-hook may run (the optimizer's own or a
+    global one), else None (nothing runs after the update inside ``step``)."""
+    hooks = getattr(optimizer, "_optimizer_step_post_hooks", None)
+    if hooks is None or not (hooks or _optim_module._global_optimizer_post_hooks):
+        return None
+    return UpdateWatch(optimizer)
+
+
 def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     """The optimizer's step skips itself on a ``found_inf`` flag (its fused implementation)."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
