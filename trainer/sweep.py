@@ -232,10 +232,13 @@ def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
     classification, val/mse for regression); in a multirun a failure, or a NaN metric,
     returns None (a failed trial for the Optuna sweeper, which a NaN would stop)."""
+    from trainer.distributed import teardown
     from trainer.run import run
 
     try:
         result = run(cfg)
+        if not in_multirun():  # (a sweep's jobs may share the process: left to its exit)
+            teardown()
     except Exception as e:
         if not in_multirun():
             if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":

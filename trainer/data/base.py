@@ -968,13 +968,15 @@ class DataModule(abc.ABC):
             self.val_loader = self._loader(val, self.eval_batch_size, device, False, seed, False)
         except RaggedShardError as e:  # (validation keeps every sample: no drop_last)
             world = getattr(self, "world", SINGLE)
+            # (a Dataset batched by its own collate is never held as tensors: not offered)
+            memory = "" if _own_collate(val) is not None else (
+                ", or data.loader=memory where the split is held as tensors")  # fmt: skip
             raise ValueError(
                 f"data: the validation split's last global batch ({world.size} x "
                 f"data.eval_batch_size={self.eval_batch_size}) has {e.ragged} sample(s) for "
                 f"{world.size} processes, so a rank would get none, which the DataLoader path "
                 "cannot yield (validation keeps every sample: data.drop_last does not apply to "
-                "it); set another data.eval_batch_size, or data.loader=memory where the split "
-                "is held as tensors"
+                f"it); set another data.eval_batch_size{memory}"
             ) from None
 
     def checked_targets(self) -> tuple[Tensor | None, Tensor | None]:
