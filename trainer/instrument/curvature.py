@@ -605,8 +605,8 @@ class Curvature(Callback):
             return [f.view_as(h) for f, h in zip(parts, hv, strict=True)]
 
         gen = self.generator(params[0].device)
-        step = trainer.global_step
-        if self._drawn is not None and self._drawn[0] == step == self._failed_at:
+        step = getattr(trainer, "global_step", -1)  # (a measurement outside a run: none)
+        if self._drawn is not None and self._drawn[0] == step == self._failed_at >= 0:
             # the failed step measured again (a fit called again after a failure in it): its
             # probes drawn as the first attempt drew them (they were drawn further on: other
             # values at every measured step from it on, a probe's)
