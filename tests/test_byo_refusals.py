@@ -907,6 +907,19 @@ class NoHooks(Callback):
         pass
 
 
+class FlagsNamedAsHooks(Callback):
+    """Attributes named near a hook that are no methods: neither refused nor said."""
+
+    on_fit_ended = False
+
+    @property
+    def on_validation_ended(self) -> bool:
+        return self.on_fit_ended
+
+    def on_fit_end(self, trainer, metrics) -> None:
+        self.on_fit_ended = True
+
+
 def test_a_hook_misspelled_or_of_another_framework_or_a_class_is_not_silently_ignored(
     tmp_path, caplog
 ) -> None:
@@ -923,9 +936,11 @@ def test_a_hook_misspelled_or_of_another_framework_or_a_class_is_not_silently_ig
     with pytest.raises(TypeError, match=r"callbacks: NoHooks is a class; give an instance of "
                        r"it, NoHooks\(...\)"):  # fmt: skip
         train(tmp_path / "class", *TINY, callbacks=[NoHooks])
+    flags = FlagsNamedAsHooks()  # (refused as misspelled hooks, a review's)
     with caplog.at_level(logging.WARNING, logger="trainer.loop"):
-        train(tmp_path / "lightning", *TINY, callbacks=[LightningNamed(), NoHooks()])
+        train(tmp_path / "lightning", *TINY, callbacks=[LightningNamed(), NoHooks(), flags])
     said = [r.getMessage() for r in caplog.records]
+    assert flags.on_validation_ended and not any("FlagsNamedAsHooks" in m for m in said)
     other = "LightningNamed.on_train_batch_end is no hook, so the loop never calls it"
     assert any(m.startswith(f"callbacks: {other} (the hooks: on_fit_start, ") for m in said)
     none = "NoHooks overrides none of the hooks (trainer.callbacks.Callback)"

@@ -176,6 +176,15 @@ def test_only_the_trainers_own_refusals_lose_their_traceback() -> None:
     assert own_refusal(caught(check_callback, Arity(), "callbacks.mine"))
     assert own_refusal(caught(_pair_of, [{"x": 1, "y": 2}], 0))
     assert not own_refusal(caught(check_callback, None))  # (None has no hooks: Python's)
+    # refused in a call one's own code made (a callback staging a string): the traceback
+    # leads to that line (it was lost, a review's)
+    from trainer.metrics import Staging
+
+    def stages_a_string() -> None:
+        Staging().stage({"mine/x": "oops"})  # type: ignore[dict-item]
+
+    staged = caught(stages_a_string)
+    assert isinstance(staged, TypeError) and not own_refusal(staged)
 
 
 def test_a_refusal_wrapping_an_error_of_ones_own_code_keeps_its_traceback(

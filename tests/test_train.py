@@ -996,6 +996,16 @@ def test_a_second_fit_after_a_failure_trains_and_logs_as_one_uninterrupted(
     assert metrics_again["step"] == metrics["step"] == 4
 
 
+class SeesStepEnds(Callback):
+    """The steps whose on_train_step_end it saw."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_step_end(self, trainer, out) -> None:
+        self.steps.append(out.step)
+
+
 @pytest.mark.parametrize("precision", ["32", "16"])
 @pytest.mark.parametrize("where", ["pre", "post"])
 def test_a_step_hook_of_ones_own_that_raises_is_told_before_or_after_the_update(
@@ -1004,16 +1014,19 @@ def test_a_step_hook_of_ones_own_that_raises_is_told_before_or_after_the_update(
     """An optimizer step hook of one's own raising at step 2 (of 3 micro-batches): a
     post-hook's failure comes after the update, and the fit called again took the step again,
     updating twice (a review's: weights 4.4e-3 off); a pre-hook's comes before it. Weights,
-    the GradScaler's state, train/loss at every step and the learning rates as one
-    uninterrupted run's (cosine: a step done is scheduled once)."""
+    the GradScaler's state, every tag at every step (the update ratios of the step a post-hook
+    failed in were missing, its on_train_step_end never fired: a review's) and the
+    learning rates as one uninterrupted run's (cosine: a step done is scheduled once)."""
     from trainer.run import build_trainer
 
-    def fitted(fails: bool) -> tuple[list[torch.Tensor], list, dict]:
+    def fitted(fails: bool) -> tuple[list[torch.Tensor], dict, dict, list[int]]:
         cfg = make_cfg("trainer.max_steps=4", "trainer.accumulate_grad_batches=3",
                        "logging.every_n_steps=1", "logging.progress=false",
                        f"trainer.precision={precision}", "data.batch_size=64",
-                       "scheduler=cosine", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
-        trainer = build_trainer(cfg, tmp_path / f"{fails}", [], with_logger=False)
+                       "scheduler=cosine", "trainer.checkpoint.every_n_steps=0",
+                       "instrument.norms.every_n_steps=1")  # fmt: skip
+        sees = SeesStepEnds()
+        trainer = build_trainer(cfg, tmp_path / f"{fails}", [sees])
         armed = [fails]
 
         def hook(optimizer, args, kwargs) -> None:
@@ -1021,34 +1034,28 @@ def test_a_step_hook_of_ones_own_that_raises_is_told_before_or_after_the_update(
                 armed[0] = False
                 raise RuntimeError("a step hook's bug")
 
-        register = getattr(trainer.optimizer, f"register_step_{where}_hook")
-        register(hook)
-        logged: list = []
-        log_scalars = trainer.log_scalars
-
-        def keep(values, step):
-            floats = log_scalars(values, step)
-            logged.append((step, floats["train/loss"], floats.get("lr")))
-            return floats
-
-        trainer.log_scalars = keep
+        getattr(trainer.optimizer, f"register_step_{where}_hook")(hook)
         try:
             metrics = trainer.fit()
         except RuntimeError:
             assert fails and not armed[0]
             metrics = trainer.fit()
         assert not armed[0]
+        trainer.logger.close()
         if trainer.scaler is not None:
             metrics = {**metrics, "scale": trainer.scaler.state_dict()}
-        return [p.detach().clone() for p in trainer.model.parameters()], logged, metrics
+        weights = [p.detach().clone() for p in trainer.model.parameters()]
+        return weights, read_scalars(tmp_path / f"{fails}"), metrics, sees.steps
 
-    weights, logged, metrics = fitted(False)
-    again, logged_again, metrics_again = fitted(True)
+    weights, scalars, metrics, steps = fitted(False)
+    again, scalars_again, metrics_again, steps_again = fitted(True)
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
-    assert logged_again == logged and [s for s, _, _ in logged] == [1, 2, 3, 4]
+    assert "update_ratio/net.1.weight" in scalars and [s for s, _ in scalars["lr"]] == [1, 2, 3, 4]
+    assert scalars_again == scalars
     assert metrics_again["train/loss"] == metrics["train/loss"]
     assert metrics_again.get("scale") == metrics.get("scale")
     assert metrics_again["step"] == 4
+    assert steps == [1, 2, 3, 4] and steps_again == [1, 2, 3, 4]
 
 
 class StagesOwn(Callback):

@@ -30,6 +30,7 @@ import logging
 import math
 import signal
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -182,6 +183,9 @@ def check_callback(cb: Callback, where: str = "callbacks") -> list[str]:
     for name in dir(type(cb)):
         if not name.startswith("on_") or name in HOOKS:
             continue
+        kind = inspect.getattr_static(type(cb), name, None)
+        if not isinstance(kind, types.FunctionType | staticmethod | classmethod):
+            continue  # (a flag or a property named so: no method, a review's)
         close = difflib.get_close_matches(name, HOOKS, n=1, cutoff=0.9)
         if close:
             raise ContractError(
@@ -1462,18 +1466,14 @@ class Trainer:
                 step_optimizer(self.optimizer)  # (optimizer.step(); trainer/update.py)
         except BaseException:
             if watch is not None and watch.made:  # a step post-hook (one's own) raised after
-                # the update: the step is done, finished as one (its schedule, its scalars)
+                # the update: the step is done, finished as one (its schedule, its end's
+                # hooks, its scalars), then the failure goes on
                 self._updated_at = self.global_step
-                with contextlib.suppress(Exception):
-                    if scaler is not None:
-                        scaler.update()  # (scaler.step raised before it)
-                    self._after_update()
-                    self._write_step(
-                        StepOutput(self.global_step, self.epoch, batch, losses, weights,
-                                   grad_norm, should_log, skipped=False,
-                                   skip_where=self.skip_step_where),
-                        lrs, split_norms,
-                    )  # fmt: skip
+                out = StepOutput(
+                    self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
+                    skip_where=self.skip_step_where,
+                )  # fmt: skip
+                self._end_failed_step(out, lrs, split_norms)
             raise
         finally:
             if watch is not None:
@@ -1542,6 +1542,31 @@ class Trainer:
             with torch.no_grad():
                 for b, k in pairs:
                     b.copy_(torch.where(skip, k, b))
+
+    def _end_failed_step(
+        self, out: StepOutput, lrs: list[Any], split_norms: dict[str, Tensor]
+    ) -> None:
+        """The end of a step whose update was made before a step post-hook raised: what
+        follows the update, every ``on_train_step_end`` (the instruments' update ratios are
+        taken there: they were missing, a review's), the step's scalars. Their own failures
+        are logged; the post-hook's is the one raised."""
+        try:
+            if self.scaler is not None and any(p.grad is not None for p in self.params):
+                self.scaler.update()  # (scaler.step raised before it)
+            self._after_update()
+        except Exception as e:  # noqa: BLE001 (logged: the post-hook's error is raised)
+            log.error("step %d: finishing the update after the optimizer's step hook failed "
+                      "failed too: %r", out.step, e)  # fmt: skip
+        for hook, error in self._fire_each("on_train_step_end", out):
+            log.error("callback %s: on_train_step_end raised at step %d, after the optimizer's "
+                      "step hook failed: %r", type(_owner(hook)).__name__, out.step,
+                      error)  # fmt: skip
+        try:
+            self._write_step(out, lrs, split_norms)
+            self.objective.end_step()
+        except Exception as e:  # noqa: BLE001 (as above)
+            log.error("step %d: its scalars could not be written after the optimizer's step "
+                      "hook failed: %r", out.step, e)  # fmt: skip
 
     def _after_update(self) -> None:
         """What follows the optimizer's update: the objective told, buffers a skipped step

@@ -182,6 +182,14 @@ def own_refusal(error: BaseException) -> bool:
     own_class = type(error).__module__.split(".")[0] == "trainer"
     if not (own_class or isinstance(error, ValueError | FileNotFoundError)):
         return False
+    # a refusal of a call one's own code made (a callback staging a string): the traceback
+    # leads to that line (it was lost, the message naming neither the callback nor the line,
+    # a review's); the outermost frame is the catcher's
+    tb = error.__traceback__.tb_next if error.__traceback__ is not None else None
+    while tb is not None:
+        if _ones_own(tb.tb_frame):
+            return False
+        tb = tb.tb_next
     # a refusal that wraps an error raised in, or through, one's own code (an import of one's
     # module that failed there, or in a library it called: reviews') keeps the traceback
     # that leads there
@@ -228,6 +236,12 @@ def _python_folders() -> tuple[str, ...]:
     return tuple({os.path.realpath(f) for f in folders})
 
 
+def _with_notes(error: BaseException) -> str:
+    """``str(error)`` and its notes (which callback's hook it came from: ``(in
+    MyCallback.on_rest_point)``), as ``metrics.json`` records it."""
+    return f"{error}" + "".join(f" {n}" for n in getattr(error, "__notes__", ()))
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
     classification, val/mse for regression); in a multirun a failure, or a NaN metric,
@@ -244,13 +258,14 @@ def run_job(cfg: DictConfig) -> float | None:
             if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":
                 # the message names the key, the file or the step and what is wrong; Hydra's
                 # traceback of the trainer's own frames printed before it only buried it
-                print(f"Error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+                print(f"Error: {_with_notes(e)}\n(HYDRA_FULL_ERROR=1 shows the traceback)",
+                      file=sys.stderr)  # fmt: skip
                 sys.exit(1)
             raise
         if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":  # (its message is
             # all: a bad value's 40 lines of OmegaConf's frames buried it, a probe's)
             log.error("job failed, the sweep goes on (its metrics.json says why): %s: %s",
-                      type(e).__name__, e)  # fmt: skip
+                      type(e).__name__, _with_notes(e))  # fmt: skip
         else:
             log.exception("job failed, the sweep goes on (its metrics.json says why): %s", e)
         return None
