@@ -8,6 +8,7 @@ from __future__ import annotations
 import builtins
 import collections
 import errno
+import hashlib
 import importlib
 import io
 import json
@@ -299,8 +300,10 @@ def test_runs_of_the_same_overrides_in_one_folder_are_session_groups_of_their_ow
         acc.Reload()
         content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
         names.append(metadata.parse_session_start_info_plugin_data(content).group_name)
-    # (in-process, no Hydra overrides: the folder's name alone)
-    assert names == [tmp_path.name, f"{tmp_path.name}#2", f"{tmp_path.name}#3"]
+    # (in-process, no Hydra overrides: the folder's name alone, and its path's tag)
+    tag = hashlib.sha1(str(tmp_path.resolve()).encode()).hexdigest()[:6]
+    assert names == [f"{tmp_path.name} ({tag})", f"{tmp_path.name}#2 ({tag})",
+                     f"{tmp_path.name}#3 ({tag})"]  # fmt: skip
     # previous/1 deleted: the run at the top goes after the highest, and the next is #4 (the
     # lowest free number, and a count of the folders, gave two runs #3: a review's)
     shutil.rmtree(tmp_path / "previous" / "1")
@@ -310,7 +313,7 @@ def test_runs_of_the_same_overrides_in_one_folder_are_session_groups_of_their_ow
         acc.Reload()
         content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
         assert metadata.parse_session_start_info_plugin_data(content).group_name == (
-            tmp_path.name + want
+            f"{tmp_path.name}{want} ({tag})"
         )
 
 

@@ -47,7 +47,11 @@ def test_single_run_prints_a_summary_and_writes_its_run_dir(background) -> None:
                  "metrics.json", "train.log"):  # fmt: skip
         assert (run_dir / path).is_file(), path
     assert list(event_dir(run_dir).glob("events.out.tfevents.*"))
-    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    # (the overrides it ran with, as .hydra/ says: a report tells an earlier run's from them)
+    assert metrics["overrides"] == ["trainer.device=cpu", "trainer.max_epochs=2"]
+    assert "- trainer.device=cpu" in (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "epoch 2/2" in (run_dir / "train.log").read_text()
 
 

@@ -749,21 +749,24 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
 
     # a dir reused by another sweep, interrupted in its first job: the folders of the first
     # sweep match none of its jobs, which are not started but the first (a review: counted as
-    # the plan's jobs beyond the folders, 3 for 4, and none where it was as large)
+    # the plan's jobs beyond the folders, 3 for 4, and none where it was as large); the first
+    # sweep's folders are left out, said (they were counted as this sweep's: its best taken
+    # from them, its summary failed for their failures, a probe's)
     shutil.rmtree(root / "3")
     make_run(root / "0b", {"status": "interrupted", "signal": "SIGINT", "step": 1},
              ["optimizer.lr=0.3"])  # fmt: skip
     _plan(root, {"_target_": BASIC, "params": None}, ["optimizer.lr=0.3,0.4,0.5,0.6"])
     assert report.main([str(root)]) == 0
-    out = capsys.readouterr().out
-    assert "7 jobs (2 completed, 2 interrupted, 3 not started)" in out
+    out, err = capsys.readouterr()
+    assert "4 jobs (1 interrupted, 3 not started); best: none" in out, out
+    assert "job folders 0, 1, 2 hold runs of none of this sweep's jobs" in err, err
     unstarted = [line.split()[0] for line in out.splitlines() if " not started " in line]
     assert unstarted == ["1", "2", "3"]
     from trainer.sweep import SweepSummary  # (the sweep's own last lines count them alike)
 
     with caplog.at_level("INFO", logger="trainer.sweep"):
         SweepSummary()._summarize(root, stopped=True)
-    assert "5 of 7 jobs did not complete (2 interrupted, 3 not started)" in caplog.text
+    assert "4 of 4 jobs did not complete (1 interrupted, 3 not started)" in caplog.text
     # a job folder killed before Hydra wrote its overrides is that job, missing, not also
     # a job not started
     shutil.rmtree(root / "0b")
@@ -794,3 +797,38 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     assert report.main([str(root)]) == 0
     out = capsys.readouterr().out
     assert "7 jobs (2 completed, 1 interrupted, 1 missing, 3 not started)" in out
+
+
+def test_an_earlier_runs_result_is_not_reported_as_the_jobs_that_wrote_none(
+    tmp_path, capsys, caplog
+) -> None:
+    """A job refused in a reused sweep folder leaves the earlier run's outputs there, and
+    Hydra's .hydra/ is already the refused job's: the report showed the earlier result as
+    the refused job's, completed and best, next to the other overrides, and the sweep said
+    all its jobs completed (a probe's). metrics.json names the overrides it ran with: where
+    they are not the job's, the job is missing, said why. A job continued by a later run in
+    another folder shows the run's latest result, noted as such."""
+    root = tmp_path / "multirun"
+    make_run(root / "0", {**completed(0.9, 0.5, 0.1), "overrides": ["optimizer.lr=0.01"]},
+             ["optimizer.lr=-1"])  # fmt: skip
+    make_run(root / "1", {**completed(0.7, 0.5, 0.1), "overrides": ["optimizer.lr=0.1"]},
+             ["optimizer.lr=0.1"])  # fmt: skip
+    later = tmp_path / "continued"
+    make_run(root / "2", {**completed(0.95, 0.5, 0.1, step=60), "job_dir": str(later),
+                          "overrides": ["trainer.max_steps=60", "trainer.resume=x"]},
+             ["optimizer.lr=0.2"])  # fmt: skip
+    _plan(root, {"_target_": BASIC, "params": None}, ["optimizer.lr=-1,0.1,0.2"])
+    assert report.main([str(root)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.lstrip("* ").split()[0]: line for line in out.splitlines()[1:4]}
+    assert rows["0"].lstrip("* ").split()[1] == "missing" and "optimizer.lr=-1" in rows["0"]
+    assert "its metrics.json is an earlier run's in this folder (optimizer.lr=0.01)" in rows["0"]
+    assert f"continued by {later} (its result, to step 60: the run's latest)" in rows["2"]
+    assert "3 jobs (2 completed, 1 missing); best: job 2 (val/acc 0.95" in out
+    csv_rows = read_csv(root / "summary.csv")
+    assert csv_rows[0]["note"].startswith(f"continued by {later}")
+    from trainer.sweep import SweepSummary
+
+    with caplog.at_level("INFO", logger="trainer.sweep"), pytest.raises(SystemExit):
+        SweepSummary()._summarize(root, stopped=False)
+    assert "job 0 missing: its metrics.json is an earlier run's" in caplog.text

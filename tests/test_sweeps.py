@@ -7,6 +7,7 @@ run on the CPU; a sweep with failing jobs keeps the others' outputs and exits no
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -411,11 +412,18 @@ def test_hparams_leave_out_loading_plumbing_and_spell_booleans_as_typed(tmp_path
     assert "data.loader" not in hp.values and "data.eval_batch_size" not in hp.values
     assert hp.values["instrument.norms.agreement"] is True  # (a bool in TensorBoard's table)
     assert overrides_text(hp, ",") == "instrument.norms.agreement=true,optimizer.lr=0.01"
-    assert run_name(tmp_path / "sweep" / "3", hp) == (
-        "sweep/3 instrument.norms.agreement=true optimizer.lr=0.01"
+    folder = tmp_path / "sweep" / "3"
+    tag = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:6]
+    assert run_name(folder, hp) == (
+        f"sweep/3 instrument.norms.agreement=true optimizer.lr=0.01 ({tag})"
     )
-    assert run_name(tmp_path / "sweep" / "3", hp, 2) == (  # (its second run: #2)
-        "sweep/3#2 instrument.norms.agreement=true optimizer.lr=0.01"
+    assert run_name(folder, hp, 2) == (  # (its second run: #2)
+        f"sweep/3#2 instrument.norms.agreement=true optimizer.lr=0.01 ({tag})"
+    )
+    # two sweeps' jobs alike by these names are told apart by their folders' tags (they made
+    # one session group, the mean of their metrics: a probe's)
+    assert run_name(tmp_path / "a" / "sweep" / "3", hp) != run_name(
+        tmp_path / "b" / "sweep" / "3", hp
     )
     # a folder named with a digit that is not ASCII is a run's own name, not a job's number
     assert run_name(tmp_path / "sweep" / "²", hp).startswith("² ")

@@ -8,6 +8,7 @@ end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import re
@@ -214,13 +215,17 @@ def test_hparams_of_a_sweep_and_a_mixed_logdir(tmp_path) -> None:
     assert differing in overridden  # the picked record's own command line
     assert infos["data.batch_size"]["type"] == "DATA_TYPE_STRING"
     by_name = {g["name"]: g["hparams"] for g in groups}
+
+    def tag(name: str) -> str:  # (the folder's path's: two sweeps' sweep/0 are two groups)
+        return hashlib.sha1(str((tmp_path / name).resolve()).encode()).hexdigest()[:6]
+
+    first = f"sweep/0 trainer.device=cpu optimizer.lr=0.01 trainer.max_steps=2 ({tag('sweep/0')})"
     assert by_name.keys() == {
-        "sweep/0 trainer.device=cpu optimizer.lr=0.01 trainer.max_steps=2",
-        "sweep/1 trainer.device=cpu optimizer.lr=0.1 trainer.max_steps=2",
+        first,
+        f"sweep/1 trainer.device=cpu optimizer.lr=0.1 trainer.max_steps=2 ({tag('sweep/1')})",
         "single trainer.device=cpu trainer.max_steps=2 instrument.per_sample.every_n_steps=2 "
-        "regularizer=l2+orthogonal",
+        f"regularizer=l2+orthogonal ({tag('single')})",
     }  # fmt: skip
     single = next(v for k, v in by_name.items() if k.startswith("single"))
     assert single["regularizer"] == "l2+orthogonal" and single["data.batch_size"] == "64"
-    assert by_name["sweep/0 trainer.device=cpu optimizer.lr=0.01 trainer.max_steps=2"][
-        "optimizer.lr"] == pytest.approx(0.01)  # fmt: skip
+    assert by_name[first]["optimizer.lr"] == pytest.approx(0.01)

@@ -22,6 +22,7 @@ is named after the run: its folder (a sweep's job number) and its overrides.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -165,11 +166,14 @@ def run_name(run_dir: Path, hparams: RunHParams, nth: int = 1) -> str:
     number), ``#nth`` for the nth run in that folder (the earlier ones set aside in
     ``previous/``: TensorBoard averages the sessions of one group, and an earlier run of the
     same overrides made one row with the new one's, the mean of both runs' metrics, a
-    probe's), and the values of the keys it overrides."""
+    probe's), the values of the keys it overrides, and a tag of the folder's path."""
     numbered = run_dir.name.isascii() and run_dir.name.isdigit()  # (as Hydra numbers jobs)
     where = f"{run_dir.parent.name}/{run_dir.name}" if numbered else run_dir.name
     where += f"#{nth}" if nth > 1 else ""
-    return f"{where} {overrides_text(hparams, ' ')}".strip()
+    # the folder's own tag: runs of two folders alike by these names (sweeps `a/sw` and
+    # `b/sw`, their jobs `sw/0`) made one group, the mean of their metrics (a probe's)
+    tag = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:6]
+    return " ".join(part for part in (where, overrides_text(hparams, " "), f"({tag})") if part)
 
 
 def overrides_text(hparams: RunHParams, sep: str) -> str:

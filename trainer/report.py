@@ -79,6 +79,8 @@ class Run:
     loss: dict[str, Any] | None = None
     """The loss the job trained: metrics.json's ``loss`` (resolved), or else the ``loss`` node
     of ``.hydra/config.yaml`` where it holds no interpolation; None where neither tells."""
+    note: str = ""
+    """What the row's numbers are, where not plainly the job's: a later continuation's."""
 
     def value(self, key: str) -> float | None:
         """``metrics[key]`` as a float; None when absent, not a number, or not finite (NaN, or
@@ -209,11 +211,41 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
         run.status = "unreadable"
         run.error = f"metrics.json: expected an object with a 'status' string, got {got}"
         return run
+    job_dir = metrics.get("job_dir")
+    elsewhere = isinstance(job_dir, str) and _other_dir(job_dir, run_dir)
+    ran = metrics.get("overrides")
+    if (
+        isinstance(ran, list)
+        and not elsewhere
+        and (run_dir / ".hydra" / "overrides.yaml").is_file()
+        and [str(o) for o in ran] != run.overrides
+    ):  # Hydra's .hydra/ is this job's, metrics.json an earlier run's: the job was refused
+        # before it took the folder over (which leaves it as it was), or killed before it
+        # wrote; the earlier result was reported as this job's, completed and best (a probe's)
+        run.error = (
+            f"its metrics.json is an earlier run's in this folder ({' '.join(map(str, ran))}"
+            "): this job wrote none (refused before it started, which leaves a used folder "
+            "as it was, or killed); its train.log says why"
+        )
+        return run
+    if elsewhere:  # (a later job continued this run in its own folder: the run's latest)
+        run.note = (
+            f"continued by {job_dir} (its result, to step {metrics.get('step', '?')}: "
+            "the run's latest)"
+        )
     run.metrics, run.status = metrics, metrics["status"]
     run.error = str(metrics.get("error") or "")
     if isinstance(metrics.get("loss"), dict):  # (resolved, as it ran)
         run.loss = metrics["loss"]
     return run
+
+
+def _other_dir(path: str, run_dir: Path) -> bool:
+    """Whether ``path`` names another folder than ``run_dir``."""
+    try:
+        return Path(path).resolve() != run_dir.resolve()
+    except OSError:
+        return True
 
 
 def read_curves(run_dir: Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
@@ -247,13 +279,42 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
         ReportError: see :func:`find_run_dirs`.
     """
     root = Path(root)
-    runs = []
-    for run_dir in find_run_dirs(root):
-        run = load_run(run_dir)
-        if curves:  # (a continued job's: where it continued)
+    runs = [load_run(run_dir) for run_dir in find_run_dirs(root)]
+    earlier = _earlier_sweeps(root, runs)
+    if earlier:
+        print(f"warning: {root}: job folder{'s' if len(earlier) > 1 else ''} "
+              f"{', '.join(r.name for r in earlier)} hold{'' if len(earlier) > 1 else 's'} "
+              "runs of none of this sweep's jobs (multirun.yaml): an earlier sweep's, in the "
+              "same folder; left out", file=sys.stderr)  # fmt: skip
+        runs = [r for r in runs if all(r is not e for e in earlier)]
+    if curves:
+        for run in runs:  # (a continued job's: where it continued)
             run.curves = read_curves(run.path, CURVE_TAGS)
-        runs.append(run)
     return runs
+
+
+def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
+    """The job folders of a reused sweep dir that hold an earlier sweep's runs: Hydra's
+    overrides of none of the jobs this sweep's ``multirun.yaml`` plans (the basic sweeper's
+    split). They were counted as this sweep's: its best taken from them, a fully successful
+    sweep said to have failed for their failures (a probe's). None where the plan does not
+    list its jobs (an Optuna sweep), or for a folder without overrides (killed before Hydra
+    wrote them)."""
+    path = root / "multirun.yaml"
+    if not path.is_file() or is_run_dir(root):
+        return []
+    from omegaconf import OmegaConf
+
+    from trainer.sweep import planned_job_overrides
+
+    try:
+        jobs = planned_job_overrides(OmegaConf.select(OmegaConf.load(path), "hydra"))
+    except Exception:  # noqa: BLE001 (not_started says so)
+        return []
+    if jobs is None:
+        return []
+    planned = {tuple(o) for o in jobs}
+    return [r for r in runs if r.overrides and tuple(r.overrides) not in planned]
 
 
 #: a planned job of an interrupted sweep that has no folder (:func:`not_started`)
@@ -518,12 +579,14 @@ def render_table(ranked: Sequence[Run], metric: str, mode: str, unnamed: int = 0
     (``unnamed``: planned jobs never started that have no row, :func:`not_started`)."""
     best = best_run(ranked, metric)
     cols = columns_for(metric, ranked)
-    header = ["", "job", "status", *cols, "overrides", "error"]
+    noted = any(r.note for r in ranked)
+    header = ["", "job", "status", *cols, "overrides", "error / note" if noted else "error"]
     rows = [header]
     for r in ranked:
         numbers = [format_number(r.metrics.get(c)) for c in cols]
         mark = "*" if r is best else ""
-        rows.append([mark, r.name, r.status, *numbers, " ".join(r.overrides), r.error_line])
+        rows.append([mark, r.name, r.status, *numbers, " ".join(r.overrides),
+                     r.error_line or r.note])  # fmt: skip
     # drop the error column when no job has one
     if not any(row[-1] for row in rows[1:]):
         rows = [row[:-1] for row in rows]
@@ -563,12 +626,12 @@ def write_csv(ranked: Sequence[Run], metric: str, path: Path) -> None:
     cols = columns_for(metric, ranked)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["best", "job", "status", *cols, "overrides", "error", "path"])
+        w.writerow(["best", "job", "status", *cols, "overrides", "error", "path", "note"])
         for r in ranked:
             numbers = ["" if r.metrics.get(c) is None else r.metrics[c] for c in cols]
             where = "" if r.status == NOT_STARTED else str(r.path)  # (no folder)
             w.writerow(["*" if r is best else "", r.name, r.status, *numbers,
-                        " ".join(r.overrides), r.error, where])  # fmt: skip
+                        " ".join(r.overrides), r.error, where, r.note])  # fmt: skip
 
 
 def curve_labels(runs: Sequence[Run]) -> tuple[list[str], list[str]]:

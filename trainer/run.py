@@ -756,9 +756,25 @@ def _write_metrics(run_dir: Path, continued: dict[str, str], metrics: dict[str, 
     """``metrics.json`` in the run dir; a job that continued a run of another dir writes it in
     its own folder too (``continued["job_dir"]``): the run dir's holds the run's latest, which
     a later continuation rewrites, and the job's stays its own result."""
+    overrides = _job_overrides()
+    if overrides is not None:  # (the report tells an earlier run's metrics.json from this one's)
+        metrics = {**metrics, "overrides": overrides}
     write_json(run_dir / "metrics.json", metrics)
     if continued:
         write_json(Path(continued["job_dir"]) / "metrics.json", metrics)
+
+
+def _job_overrides() -> list[str] | None:
+    """The job's command-line overrides as Hydra wrote them (``.hydra/overrides.yaml``); None
+    for a run started from Python. A job refused in a folder holding an earlier run's
+    outputs leaves them, and Hydra's ``.hydra/`` is already the refused job's: a report took
+    the earlier result for the refused job's (``completed``, best, with the other overrides,
+    a probe's), and tells them apart by these now."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return [str(o) for o in HydraConfig.get().overrides.task]
 
 
 def _home_of(checkpoint: Path | None) -> Path | None:
