@@ -74,9 +74,19 @@ def test_parameter_selection_by_pattern_and_rank() -> None:
         "net.3.weight",
         "net.5.weight",
     ]
-    with pytest.raises(ValueError, match=r"regularizer.l2: no parameter matches") as e:
-        Regularizer("l2", 1.0, include=["encoder.*"]).bind(model)
-    assert "2-D" not in str(e.value)
+    # a pattern matching no parameter's name: named, also next to one that matches (a typo
+    # there was ignored, a probe's)
+    for include in (["encoder.*"], ["net.1.weight", "nte.*"]):
+        with pytest.raises(ValueError, match=r"regularizer.l2.include: \['(encoder|nte)\.\*'\] "
+                           r"matches no parameter of the model \(fnmatch patterns on "
+                           r"named_parameters\(\) names: net.1.weight, "):  # fmt: skip
+            Regularizer("l2", 1.0, include=include).bind(model)
+    # matched, left out by min_ndim: said so (it read as no match, a probe's)
+    with pytest.raises(ValueError, match=r"regularizer.l2: no parameter matches .*; net.5.bias "
+                       r"\(1-D\) match, but min_ndim=2 leaves them out \(regularizer.l2."
+                       r"min_ndim=1 takes them\)") as e:  # fmt: skip
+        Regularizer("l2", 1.0, include=["net.5.bias"]).bind(model)
+    assert "2-D weights" not in str(e.value)
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match=r"0.weight \(4-D\) match, but orthogonal is defined"):
         Regularizer("orthogonal", 1.0, include=["0.*"]).bind(conv)  # (a review's: the message
@@ -363,6 +373,24 @@ class LogCosh(Regularizer):
 
     KINDS = {**Regularizer.KINDS, "logcosh": _logcosh}
     GRADS = {**Regularizer.GRADS, "logcosh": torch.tanh}
+
+
+class DetachedLogCosh(Regularizer):
+    """Its function's value is detached from the parameters (computed on their .data)."""
+
+    KINDS = {**Regularizer.KINDS,
+             "logcosh": lambda *ps, coef: coef * sum(torch.log(torch.cosh(p.data)).sum()
+                                                     for p in ps)}  # fmt: skip
+    GRADS = {**Regularizer.GRADS, "logcosh": torch.tanh}
+
+
+def test_a_regularizer_whose_value_is_detached_is_named() -> None:
+    """torch's "element 0 of tensors does not require grad" named neither the regularizer nor
+    the cause (a probe's)."""
+    reg = DetachedLogCosh("logcosh", 0.01).bind(MLP((6,), 3, hidden=[5]))
+    with pytest.raises(ValueError, match=r"regularizer logcosh \(DetachedLogCosh\): its "
+                       r"function's value does not depend on the parameters"):  # fmt: skip
+        reg.check_gradient()
 
 
 def test_a_regularizer_of_ones_own_from_the_config_is_logged_and_checked(tmp_path) -> None:

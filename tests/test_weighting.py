@@ -631,6 +631,30 @@ def test_weights_that_require_grad_or_sit_elsewhere_name_the_weighting(tmp_path,
               "trainer.max_steps=2")  # fmt: skip
 
 
+class _Rounded(Weighting):
+    """Integer (or boolean) raw weights: ℓ / max ℓ rounded, the hardest sample alone."""
+
+    def __init__(self, normalize: str = "mean", kind: str = "long") -> None:
+        super().__init__(normalize=normalize)
+        self.kind = kind
+
+    def raw(self, losses, logits, targets, indices):
+        r = losses / losses.max()
+        return r.long() if self.kind == "long" else r >= 1
+
+
+@pytest.mark.parametrize("kind", ["long", "bool"])
+def test_integer_or_boolean_weights_are_refused(kind) -> None:
+    """They were cast to the losses' dtype: (ℓ/max ℓ).long() trained the hardest sample alone,
+    unsaid, where README says a weight of another dtype is an error (a probe's)."""
+    losses = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    dtype = "torch.int64" if kind == "long" else "torch.bool"
+    with pytest.raises(WeightError, match=rf"_Rounded: raw\(\) returned {dtype} weights; "
+                       r"weights are real numbers \(the losses' are torch.float32\)"):  # fmt: skip
+        _Rounded(kind=kind)(losses, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long),
+                            torch.arange(4))  # fmt: skip
+
+
 @pytest.mark.parametrize("normalize", ["mean", "sum", "none"])
 def test_uniform_weights_of_per_token_losses_are_the_units_or_their_share(normalize) -> None:
     """Uniform's own shortcut for unit weights: u / Σu under ``mean``, u itself under ``sum``

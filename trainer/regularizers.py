@@ -399,6 +399,16 @@ class Regularizer(Stateful):
         self.names, self.params = [], []
         self._frozen = []
         self._zero = torch.zeros((), device=next(model.parameters()).device)
+        every = [n for n, _ in model.named_parameters()]
+        unmatched = [pat for pat in self.include
+                     if not any(fnmatch.fnmatchcase(n, pat) for n in every)]  # fmt: skip
+        if unmatched and not empty_ok:  # (a typo next to a pattern that matches: ignored,
+            # unsaid, a probe's)
+            raise ValueError(
+                f"regularizer.{self.name}.include: {unmatched} "
+                f"match{'es' if len(unmatched) == 1 else ''} no parameter of the model "
+                f"(fnmatch patterns on named_parameters() names: {few(every)})"
+            )
         for n, p in model.named_parameters():
             if (
                 p.ndim >= self.min_ndim
@@ -425,12 +435,20 @@ class Regularizer(Stateful):
                 and any(fnmatch.fnmatchcase(n, pat) for pat in self.include)
                 and not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)
             ]  # fmt: skip
-            why = (
-                f"; {few(kernels)} match, but orthogonal is defined here for 2-D weights "
-                "(matrices) only, not conv kernels"
-                if kernels
-                else ""
-            )
+            thin = [  # (matched, kept out by min_ndim: the message said nothing matched)
+                (n, p.ndim) for n, p in model.named_parameters()
+                if p.ndim < self.min_ndim
+                and any(fnmatch.fnmatchcase(n, pat) for pat in self.include)
+                and not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)
+            ]  # fmt: skip
+            why = ""
+            if kernels:
+                why = (f"; {few(kernels)} match, but orthogonal is defined here for 2-D weights "
+                       "(matrices) only, not conv kernels")  # fmt: skip
+            elif thin:
+                why = (f"; {few([f'{n} ({d}-D)' for n, d in thin])} match, but min_ndim="
+                       f"{self.min_ndim} leaves them out (regularizer.{self.name}.min_ndim="
+                       f"{min(d for _, d in thin)} takes them)")  # fmt: skip
             raise ValueError(
                 f"regularizer.{self.name}: no parameter matches include={self.include}, "
                 f"exclude={self.exclude}, min_ndim={self.min_ndim}{why}"
@@ -563,6 +581,14 @@ class Regularizer(Stateful):
             raise ValueError(
                 f"regularizer {self.name} ({type(self).__name__}): its function returned "
                 f"{shape}, must be a 0-d tensor"
+            )
+        if not value.requires_grad:  # (torch's "element 0 of tensors does not require grad"
+            # named neither the regularizer nor the cause, a probe's)
+            raise ValueError(
+                f"regularizer {self.name} ({type(self).__name__}): its function's value does "
+                "not depend on the parameters (no autograd graph: detached, or computed with "
+                "no_grad or on .data); return the value of a torch.autograd.Function of them "
+                "(Function.apply), whose backward gives GRADS"
             )
         auto = torch.autograd.grad(value, copies, allow_unused=True)
         for name, c, a in zip(names, copies, auto, strict=True):

@@ -308,7 +308,15 @@ class Weighting(Stateful, abc.ABC):
                    "backward; detach them" if r.requires_grad
                    else f"are on {r.device}, the losses on {losses.device}")  # fmt: skip
             raise WeightError(f"weighting {_class_name(self)}: raw() returned weights that {why}")
-        r = r.to(dtype)
+        if not r.is_floating_point():  # (cast, an integer weight rounded: (ℓ/max ℓ).long()
+            # trained the hardest sample alone, unsaid, a probe's)
+            raise WeightError(
+                f"weighting {_class_name(self)}: raw() returned {r.dtype} weights; weights are "
+                f"real numbers (the losses' are {losses.dtype}): return floating-point ones "
+                "(an integer or boolean one is a rounding or a mask: multiply the losses' "
+                "weights by a float mask instead)"
+            )
+        r = r.to(dtype)  # (another floating dtype: the losses')
         if units is None and r.shape != losses.shape:
             raise WeightError(
                 f"weighting {_class_name(self)}: raw() returned weights of shape "
