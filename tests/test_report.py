@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -767,6 +768,20 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     with caplog.at_level("INFO", logger="trainer.sweep"):
         SweepSummary()._summarize(root, stopped=True)
     assert "4 of 4 jobs did not complete (1 interrupted, 3 not started)" in caplog.text
+    # not an earlier sweep's: a folder whose job started after this sweep's plan was written
+    # (a job continued in its own folder by a single run of other overrides: it vanished from
+    # the report, a review's), nor one of the plan's jobs but for trainer.resume (a sweep run
+    # again with resume=auto, interrupted before that job)
+    capsys.readouterr()
+    later = root / "2" / ".hydra" / "overrides.yaml"
+    os.utime(later, (later.stat().st_atime, (root / "multirun.yaml").stat().st_mtime + 1))
+    _plan(root, {"_target_": BASIC, "params": None},
+          ["optimizer.lr=0.1,0.3", "seed=1", "trainer.max_steps=5",
+           "trainer.resume=auto"])  # fmt: skip
+    os.utime(later, (later.stat().st_atime, (root / "multirun.yaml").stat().st_mtime + 1))
+    assert report.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "job folders 0, 0b hold runs" in err and " 1 " not in err and " 2 " not in err, err
     # a job folder killed before Hydra wrote its overrides is that job, missing, not also
     # a job not started
     shutil.rmtree(root / "0b")

@@ -997,35 +997,58 @@ def test_a_second_fit_after_a_failure_trains_and_logs_as_one_uninterrupted(
 
 
 class SeesStepEnds(Callback):
-    """The steps whose on_train_step_end it saw."""
+    """The steps whose on_train_step_end and on_rest_point it saw; ``drops``: it takes the
+    gradients away after each backward and gives them back before the optimizer step (a
+    GradScaler then unscales none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, drops: bool = False) -> None:
         self.steps: list[int] = []
+        self.rests: list[int] = []
+        self.drops, self.kept = drops, []
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if self.drops:
+            self.kept = [p.grad for p in trainer.params]
+            for p in trainer.params:
+                p.grad = None
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        if self.drops:
+            for p, g in zip(trainer.params, self.kept, strict=True):
+                p.grad = g
 
     def on_train_step_end(self, trainer, out) -> None:
         self.steps.append(out.step)
 
+    def on_rest_point(self, trainer) -> None:
+        self.rests.append(trainer.global_step)
 
-@pytest.mark.parametrize("precision", ["32", "16"])
-@pytest.mark.parametrize("where", ["pre", "post"])
+
+@pytest.mark.parametrize(("where", "precision"), [
+    ("pre", "32"), ("post", "32"), ("pre", "16"), ("post", "16"), ("post", "16-dropped"),
+])  # fmt: skip
 def test_a_step_hook_of_ones_own_that_raises_is_told_before_or_after_the_update(
     tmp_path, where, precision
 ) -> None:
-    """An optimizer step hook of one's own raising at step 2 (of 3 micro-batches): a
-    post-hook's failure comes after the update, and the fit called again took the step again,
-    updating twice (a review's: weights 4.4e-3 off); a pre-hook's comes before it. Weights,
-    the GradScaler's state, every tag at every step (the update ratios of the step a post-hook
-    failed in were missing, its on_train_step_end never fired: a review's) and the
-    learning rates as one uninterrupted run's (cosine: a step done is scheduled once)."""
+    """An optimizer step hook of one's own raising at step 2: a post-hook's failure comes
+    after the update, and the fit called again took the step again, updating twice (a
+    review's: weights 4.4e-3 off); a pre-hook's comes before it. Weights, the GradScaler's
+    state, every tag at every step (the update ratios of the step a post-hook failed in were
+    missing, its on_train_step_end never fired: a review's), its rest point (where its
+    periodic checkpoint is written: lost, a review's) and the learning rates as one
+    uninterrupted run's (cosine: a step done is scheduled once; with no gradient at the
+    GradScaler's unscale, its update refused and the schedule was not advanced, a
+    review's)."""
     from trainer.run import build_trainer
 
     def fitted(fails: bool) -> tuple[list[torch.Tensor], dict, dict, list[int]]:
-        cfg = make_cfg("trainer.max_steps=4", "trainer.accumulate_grad_batches=3",
+        accumulate = 1 if precision == "16-dropped" else 3
+        cfg = make_cfg("trainer.max_steps=4", f"trainer.accumulate_grad_batches={accumulate}",
                        "logging.every_n_steps=1", "logging.progress=false",
-                       f"trainer.precision={precision}", "data.batch_size=64",
+                       f"trainer.precision={precision[:2]}", "data.batch_size=64",
                        "scheduler=cosine", "trainer.checkpoint.every_n_steps=0",
                        "instrument.norms.every_n_steps=1")  # fmt: skip
-        sees = SeesStepEnds()
+        sees = SeesStepEnds(drops=precision == "16-dropped")
         trainer = build_trainer(cfg, tmp_path / f"{fails}", [sees])
         armed = [fails]
 
@@ -1045,10 +1068,14 @@ def test_a_step_hook_of_ones_own_that_raises_is_told_before_or_after_the_update(
         if trainer.scaler is not None:
             metrics = {**metrics, "scale": trainer.scaler.state_dict()}
         weights = [p.detach().clone() for p in trainer.model.parameters()]
+        metrics = {**metrics, "rests": sees.rests, "last_epoch": trainer.scheduler.last_epoch}
         return weights, read_scalars(tmp_path / f"{fails}"), metrics, sees.steps
 
     weights, scalars, metrics, steps = fitted(False)
     again, scalars_again, metrics_again, steps_again = fitted(True)
+    # (the rest points, where the periodic checkpoints are written: step 2's was lost)
+    assert metrics_again["rests"] == metrics["rests"] and 2 in metrics["rests"]
+    assert metrics_again["last_epoch"] == metrics["last_epoch"] == 4
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
     assert "update_ratio/net.1.weight" in scalars and [s for s, _ in scalars["lr"]] == [1, 2, 3, 4]
     assert scalars_again == scalars

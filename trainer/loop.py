@@ -506,6 +506,8 @@ class Trainer:
         self._between = False  # at a rest point (after a step, before the next one's window)
         self._purge_from: int | None = None
         self._retried: tuple[int, int] | None = None  # (the step taken back, its forwards)
+        #: a step finished after its optimizer's post-hook failed: its rest point is due
+        self._rest_due = False
         self._plateau_at = -1  # the step ReduceLROnPlateau was last stepped at
         #: train/loss since the last log and since the epoch's start, on the device
         self.tally = LossTally(device, self.token_losses)
@@ -896,6 +898,13 @@ class Trainer:
             self._time_at_log = time.perf_counter()
             try:
                 with redirect, anomaly:
+                    if self._rest_due:  # the rest point of a step the last fit finished after
+                        # its optimizer's post-hook failed (its periodic checkpoint was lost, a
+                        # review's); at an epoch's end, run_epoch validates, then makes it
+                        self._rest_due = False
+                        if self.batch_in_epoch < len(self.train_loader) and not self.finished():
+                            self._between = True
+                            self._rest_point()
                     while not self.finished() and self.stopped_by is None:
                         self.run_epoch()
                 self._between = True  # (the end: at the last step taken)
@@ -1473,7 +1482,7 @@ class Trainer:
                     self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
                     skip_where=self.skip_step_where,
                 )  # fmt: skip
-                self._end_failed_step(out, lrs, split_norms)
+                self._end_failed_step(out, lrs, split_norms, scaler)
             raise
         finally:
             if watch is not None:
@@ -1544,19 +1553,30 @@ class Trainer:
                     b.copy_(torch.where(skip, k, b))
 
     def _end_failed_step(
-        self, out: StepOutput, lrs: list[Any], split_norms: dict[str, Tensor]
+        self,
+        out: StepOutput,
+        lrs: list[Any],
+        split_norms: dict[str, Tensor],
+        scaler: torch.amp.GradScaler | None,
     ) -> None:
         """The end of a step whose update was made before a step post-hook raised: what
         follows the update, every ``on_train_step_end`` (the instruments' update ratios are
-        taken there: they were missing, a review's), the step's scalars. Their own failures
-        are logged; the post-hook's is the one raised."""
+        taken there: they were missing, a review's), the step's scalars; its rest point is
+        made by the fit called again (:attr:`_rest_due`). Their own failures are logged; the
+        post-hook's is the one raised. ``scaler``: the step's (None where it unscaled
+        nothing: a review's, its update() refused, and the schedule was not advanced)."""
+        if scaler is not None:
+            try:
+                scaler.update()  # (scaler.step raised before it)
+            except Exception as e:  # noqa: BLE001 (logged: the post-hook's error is raised)
+                log.error("step %d: the GradScaler's update after the optimizer's step hook "
+                          "failed failed too: %r", out.step, e)  # fmt: skip
         try:
-            if self.scaler is not None and any(p.grad is not None for p in self.params):
-                self.scaler.update()  # (scaler.step raised before it)
             self._after_update()
-        except Exception as e:  # noqa: BLE001 (logged: the post-hook's error is raised)
+        except Exception as e:  # noqa: BLE001 (as above)
             log.error("step %d: finishing the update after the optimizer's step hook failed "
                       "failed too: %r", out.step, e)  # fmt: skip
+        self._rest_due = True
         for hook, error in self._fire_each("on_train_step_end", out):
             log.error("callback %s: on_train_step_end raised at step %d, after the optimizer's "
                       "step hook failed: %r", type(_owner(hook)).__name__, out.step,
@@ -1759,6 +1779,7 @@ class Trainer:
                 f"{len(self.train_loader)} batches (another data set or batch size?)"
             )
         self.tally.load_state_dict(self._tally_state(state))
+        self._rest_due = False
         # (the steps after it are made again: their tags may be staged again; a fit that had
         # ended at a later step refused its last step's tags as staged twice, a review's)
         self.staging.taken_back(self.global_step + 1)

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from trainer.callbacks import LOOP_PREFIXES, LOOP_TAGS
-from trainer.config import ContractError
 from trainer.instrument.histograms import host_histogram
 from trainer.logger import Scalars, to_host_many
 from trainer.precision import LOW_PRECISION, sum_dtype, widen
@@ -54,7 +53,9 @@ def _check_names(tags: Iterable[object], what: str) -> None:
     """Each of ``tags`` a string, none the loop's own."""
     for tag in tags:
         if not isinstance(tag, str):
-            raise ContractError(f"{what}: a tag must be a string (or a tuple of them), got {tag!r}")
+            # (TypeErrors, not the trainer's ContractError: a call one's own code made, whose
+            # traceback, kept, leads to its line)
+            raise TypeError(f"{what}: a tag must be a string (or a tuple of them), got {tag!r}")
         if tag in LOOP_TAGS or tag.startswith(LOOP_PREFIXES):
             raise ValueError(
                 f"{what}: {tag!r} is the trainer's own tag; a staged value would replace the "
@@ -135,7 +136,7 @@ class Staging:
                     )
                 staged[key] = _own(v) if own else v
             elif isinstance(key, tuple) or not isinstance(v, numbers.Real):
-                raise ContractError(
+                raise TypeError(
                     f"stage_scalars: {key!r} staged with a {type(v).__name__}; stage a number "
                     "or a tensor (a tuple of tags: a tensor of their values)"
                 )
@@ -187,7 +188,7 @@ class Staging:
         tags = (tag, f"{tag}_mean", f"{tag}_max", f"{tag}_nonfinite")
         self._check(tag, tags, "stage_histogram")
         if not isinstance(values, Tensor):
-            raise ContractError(f"stage_histogram: {tag!r} staged with a {type(values).__name__}, "
+            raise TypeError(f"stage_histogram: {tag!r} staged with a {type(values).__name__}, "
                             "not a tensor")  # fmt: skip
         if not count_nonfinite:  # (once staged: a refused call leaves the tag counted)
             self._nan_means_none.add(tag)
@@ -199,7 +200,7 @@ class Staging:
         """Queue a 1-D tensor whose scalars ``fn`` computes on the host from its values once
         read (``Trainer.stage_on_host``)."""
         if not isinstance(values, Tensor) or not callable(fn):
-            raise ContractError(
+            raise TypeError(
                 f"stage_on_host: takes a tensor and a function, got a {type(values).__name__} "
                 f"and a {type(fn).__name__}"
             )

@@ -17,6 +17,7 @@ ranked ones. The table goes to stdout; ``summary.csv`` (full precision, full err
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import inspect
 import json
@@ -294,12 +295,14 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
 
 
 def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
-    """The job folders of a reused sweep dir that hold an earlier sweep's runs: Hydra's
-    overrides of none of the jobs this sweep's ``multirun.yaml`` plans (the basic sweeper's
-    split). They were counted as this sweep's: its best taken from them, a fully successful
-    sweep said to have failed for their failures (a probe's). None where the plan does not
-    list its jobs (an Optuna sweep), or for a folder without overrides (killed before Hydra
-    wrote them)."""
+    """The job folders of a reused sweep dir that hold an earlier sweep's runs: started
+    before this sweep (their ``.hydra/`` older than its ``multirun.yaml``), with Hydra's
+    overrides of none of the jobs it plans (the basic sweeper's split; ``trainer.resume``
+    aside: a sweep run again with ``resume=auto`` is of the same jobs). They were counted as
+    this sweep's: its best taken from them, a fully successful sweep said to have failed for
+    their failures (a probe's). A job continued in its own folder since, by a run of other
+    overrides, is newer, and kept (a review's). None where the plan does not list its jobs
+    (an Optuna sweep), or for a folder without overrides (killed before Hydra wrote them)."""
     path = root / "multirun.yaml"
     if not path.is_file() or is_run_dir(root):
         return []
@@ -309,12 +312,25 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
 
     try:
         jobs = planned_job_overrides(OmegaConf.select(OmegaConf.load(path), "hydra"))
+        started = path.stat().st_mtime
     except Exception:  # noqa: BLE001 (not_started says so)
         return []
     if jobs is None:
         return []
-    planned = {tuple(o) for o in jobs}
-    return [r for r in runs if r.overrides and tuple(r.overrides) not in planned]
+
+    def job(overrides: Sequence[str]) -> tuple[str, ...]:
+        return tuple(o for o in overrides if not o.startswith("trainer.resume="))
+
+    planned = {job(o) for o in jobs}
+    earlier = []
+    for r in runs:
+        written = root / r.name / ".hydra" / "overrides.yaml"  # (the job's own folder)
+        if not r.overrides or job(r.overrides) in planned or not written.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            if written.stat().st_mtime < started:
+                earlier.append(r)
+    return earlier
 
 
 #: a planned job of an interrupted sweep that has no folder (:func:`not_started`)

@@ -182,14 +182,6 @@ def own_refusal(error: BaseException) -> bool:
     own_class = type(error).__module__.split(".")[0] == "trainer"
     if not (own_class or isinstance(error, ValueError | FileNotFoundError)):
         return False
-    # a refusal of a call one's own code made (a callback staging a string): the traceback
-    # leads to that line (it was lost, the message naming neither the callback nor the line,
-    # a review's); the outermost frame is the catcher's
-    tb = error.__traceback__.tb_next if error.__traceback__ is not None else None
-    while tb is not None:
-        if _ones_own(tb.tb_frame):
-            return False
-        tb = tb.tb_next
     # a refusal that wraps an error raised in, or through, one's own code (an import of one's
     # module that failed there, or in a library it called: reviews') keeps the traceback
     # that leads there
