@@ -1120,6 +1120,15 @@ def test_load_checkpoint_refuses_a_folder_saying_it_is_one(tmp_path) -> None:
     as a file that does not exist."""
     with pytest.raises(IsADirectoryError, match=rf"checkpoint {tmp_path} is a folder; give a "):
         load_checkpoint(tmp_path)
+    # a run dir given for its last checkpoint: named; and the CLI's one line, no traceback
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(IsADirectoryError) as e:
+        load_checkpoint(tmp_path)
+    assert str(e.value).endswith(f"(.pt): {tmp_path / 'checkpoints' / 'last.pt'}?")
+    from trainer.sweep import own_refusal
+
+    assert own_refusal(e.value)
 
 
 def test_a_stale_last_pt_link_is_replaced_and_last_pt_is_a_hard_link(tmp_path) -> None:

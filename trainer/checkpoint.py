@@ -166,7 +166,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint with ``weights_only=True``; errors name the file and the cause."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"checkpoint {path} is a folder; give a checkpoint file (.pt)")
+        last = path / "checkpoints" / "last.pt"  # (a run dir given for its last checkpoint)
+        hint = f": {last}?" if last.is_file() else ""
+        raise IsADirectoryError(
+            f"checkpoint {path} is a folder; give a checkpoint file (.pt){hint}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:

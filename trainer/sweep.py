@@ -174,13 +174,13 @@ def own_refusal(error: BaseException) -> bool:
     """Whether ``error`` is one of the trainer's own refusals, whose message says what is
     wrong (a config value, a file, a resume, a component refused while it is built, a
     non-finite step): raised by the trainer's code (its innermost frame), a ``ValueError``, a
-    missing file or an exception class of its own. An error raised in one's own code or in
-    torch's keeps its traceback, which is where its cause is."""
+    missing file, a folder for a file, or an exception class of its own. An error raised in
+    one's own code or in torch's keeps its traceback, which is where its cause is."""
     frame = _raised_in(error)
     if frame is None or str(frame.f_globals.get("__name__", "")).split(".")[0] != "trainer":
         return False
     own_class = type(error).__module__.split(".")[0] == "trainer"
-    if not (own_class or isinstance(error, ValueError | FileNotFoundError)):
+    if not (own_class or isinstance(error, ValueError | FileNotFoundError | IsADirectoryError)):
         return False
     # a refusal that wraps an error raised in, or through, one's own code (an import of one's
     # module that failed there, or in a library it called: reviews') keeps the traceback
