@@ -1723,3 +1723,79 @@ def test_the_input_shape_of_collated_data_is_said_only_where_the_samples_vary(ca
         train_split, _ = data.load()
         last = train_split.lengths[-1]
         assert (said in caplog.text) == (varies and last != 6), kind
+
+
+class UnitsOf(OwnTokenNLL):
+    """Its units as ``kind`` says: a boolean or integer mask, float64 ones whatever the
+    dtype asked for, ones requiring grad, or negative ones."""
+
+    def __init__(self, kind: str = "bool") -> None:
+        super().__init__()
+        self.kind = kind
+
+    def units(self, target, dtype=torch.float32):
+        mask = target != PAD
+        if self.kind == "bool":
+            return mask
+        if self.kind == "long":
+            return mask.long()
+        if self.kind == "float64":
+            return mask.double()
+        if self.kind == "grad":
+            return mask.to(dtype).requires_grad_()
+        return -mask.to(dtype)  # negative
+
+
+@pytest.mark.parametrize(("kind", "match"), [
+    ("bool", r"units\(target, dtype=torch.float\w+\) returned torch.bool units"),
+    ("long", r"units\(target, dtype=torch.float\w+\) returned torch.int64 units"),
+    ("float64", r"units\(target, dtype=torch.float32\) returned torch.float64 units"),
+    ("grad", r"units\(target, dtype=torch.float\w+\) returned units that require grad"),
+    ("negative", r"its units\(target, dtype\) are negative or NaN"),
+])  # fmt: skip
+def test_units_of_the_wrong_kind_are_named(tmp_path, kind, match) -> None:
+    """A boolean or integer mask failed in torch.finfo, naming neither the loss nor units();
+    units of another dtype than asked moved the numbers (1e-9); units requiring grad were
+    taken; negative ones trained their tokens by ascent, train/loss a signed mean (a
+    probe's). Each is refused at the first micro-batch, naming the loss and units()."""
+    from trainer.run import build_trainer
+
+    common = ["~data", f"+data._target_={__name__}.Tags", "+data.batch_size=8", "~model",
+              f"+model._target_={__name__}.Tagger", "optimizer=sgd", "trainer.max_steps=2",
+              "trainer.accumulate_grad_batches=2", "~loss",
+              f"+loss._target_={__name__}.UnitsOf", f"+loss.kind={kind}"]  # fmt: skip
+    trainer = build_trainer(make_cfg(*common), tmp_path, with_logger=False)
+    with pytest.raises((TypeError, ValueError), match=r"loss UnitsOf.*" + match):
+        trainer.fit()
+
+
+class StepMSE(Loss):
+    """A per-step regression loss of one's own: targets NaN at padding, units 0 there."""
+
+    task = "regression"
+
+    def forward(self, output, target):
+        valid = ~torch.isnan(target)
+        diff = torch.where(valid, output.squeeze(-1) - target.nan_to_num(), 0.0)
+        return diff.square()
+
+    def units(self, target, dtype=torch.float32):
+        return (~torch.isnan(target)).to(dtype)
+
+
+def test_val_mse_of_a_per_step_regression_loss_counts_the_steps_its_units_count() -> None:
+    """A regression loss with units over padded steps: val/mse summed every element, the
+    padding's NaN targets too, and was NaN at every validation, unsaid (a probe's), though
+    it is the monitored metric. It is the mean over the elements the units count."""
+    g = torch.Generator().manual_seed(0)
+    output = torch.randn(3, 5, 1, generator=g, dtype=torch.float64)
+    target = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    target[0, 3:] = math.nan
+    target[2, 1:] = math.nan
+    loss = StepMSE()
+    total, count = loss.val_sums(output, target)["val/mse"].tolist()
+    valid = ~torch.isnan(target)
+    want = (output.squeeze(-1) - target)[valid].square()
+    assert count == valid.sum().item() == 9
+    assert total == pytest.approx(want.sum().item(), rel=16 * 2**-52)
+    assert loss.finalize({"val/mse": total / count, "val/loss": 0.0})["val/mse"] == total / count

@@ -165,7 +165,14 @@ class Loss(Stateful):
             said = self.check_targets(output, target)
             if said:
                 raise ValueError(said)
-            sums["val/mse"] = torch.stack([squared_error(output, target).sum(), n])
+            if units is not None and units.numel() == target.numel():  # per-element losses
+                # with units (a sequence's steps, padded): over the elements they count (the
+                # padding's NaN targets made val/mse NaN, unsaid, a probe's)
+                counted = units.reshape(target.shape[0], -1) > 0
+                terms = torch.where(counted, squared_elements(output, target), 0.0)
+                sums["val/mse"] = torch.stack([terms.sum(), counted.sum().to(terms.dtype)])
+            else:
+                sums["val/mse"] = torch.stack([squared_error(output, target).sum(), n])
         elif self.task == "sequence":  # val/ppl: exp of val/loss (finalize)
             if output.ndim != target.ndim + 1 or output.shape[:-1] != target.shape:
                 raise ValueError(
@@ -373,6 +380,11 @@ def squared_error(output: Tensor, target: Tensor) -> Tensor:
     a (B,) target (one scalar per sample) is the usual case. Anything else is an error naming
     both shapes, never a broadcast (a (B, 1) - (B,) difference would silently be (B, B)).
     """
+    return squared_elements(output, target).mean(dim=1)
+
+
+def squared_elements(output: Tensor, target: Tensor) -> Tensor:
+    """``(output - target)²`` per target element, (B, K): :func:`squared_error`'s terms."""
     b = target.shape[0]
     if not _comparable(output, target):
         raise ValueError(
@@ -384,7 +396,7 @@ def squared_error(output: Tensor, target: Tensor) -> Tensor:
     # targets to 8 or 11 bits, and float16 overflows beyond a difference of 256)
     dtype = torch.promote_types(output.dtype, torch.float32)
     diff = output.reshape(b, -1).to(dtype) - target.reshape(b, -1).to(dtype)
-    return diff.square().mean(dim=1)
+    return diff.square()
 
 
 def _label_out_of_range(output: Tensor, error: IndexError) -> IndexError:

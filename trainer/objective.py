@@ -131,7 +131,7 @@ class Objective:
         host sync; None for per-sample losses, whose window size is known on the host."""
         # counts in float64 (exact), except where a device has none (MPS)
         exact = sum_dtype(targets[0].device)
-        units = [self.loss.units(y, exact) for y in targets]
+        units = [self._units(y, exact) for y in targets]
         if units[0] is None:
             return None
         total = torch.stack([u.sum() for u in units if u is not None]).sum()
@@ -150,7 +150,7 @@ class Objective:
     # ------------------------------------------------------------------ roots and coefficients
     def check_losses(self, losses: Tensor, y: Tensor) -> Tensor | None:
         """The loss's unit weights for ``y``, after checking the losses' shape (metadata only)."""
-        units = self.loss.units(y, units_dtype(losses.dtype))  # (float64 losses: float64)
+        units = self._units(y, units_dtype(losses.dtype))  # (float64 losses: float64)
         expected = y.shape[:1] if units is None else units.shape
         if losses.shape != expected:  # metadata only, no sync
             raise ValueError(
@@ -197,10 +197,18 @@ class Objective:
             # everywhere, a step the guard skips, is not this; refused as it was, a review's)
             finite, pad = torch.isfinite(losses.detach()), units == 0
             tokens_ok = (finite | pad).all()
-            flags = torch.stack([(~finite & pad).any() & tokens_ok, ~tokens_ok]).float()
+            wrong = ~(units >= 0).all()  # (negative or NaN units: ascent on those tokens, a
+            # signed train/loss; checked here, at the first micro-batch, a probe's)
+            flags = torch.stack([(~finite & pad).any() & tokens_ok, ~tokens_ok, wrong]).float()
         if self.world.distributed:
             flags = all_reduce_max(flags)
-        bad, undecided = flags.tolist()  # host sync: the first micro-batch (and the next ones
+        bad, undecided, wrong_units = flags.tolist()
+        if wrong_units:
+            raise ValueError(
+                f"loss {loss_name(self.loss)}: its units(target, dtype) are negative or NaN "
+                "(on this rank or another); unit weights are counts or shares, >= 0 (a "
+                "negative one trains its tokens by ascent)"
+            )  # host sync: the first micro-batch (and the next ones
         # while a token's loss is not finite there: undecided, the guard's steps to skip; a
         # check that ended there let a padding-only Inf after it train, a review's)
         if undecided:
@@ -246,6 +254,27 @@ class Objective:
             w = torch.ones(key[0], dtype=key[2], device=key[3]) / n
             self._inverse_counts[key] = w
         return w
+
+    def _units(self, y: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """The loss's units of ``y`` in ``dtype``, checked (metadata only, no sync): in that
+        floating dtype and detached, as the contract says (a boolean or integer mask failed in
+        ``torch.finfo``, naming neither the loss nor ``units()``; float32 units of float64
+        losses moved the numbers; units that require grad were taken: a probe's)."""
+        units = self.loss.units(y, dtype)
+        if units is None:
+            return None
+        if not isinstance(units, Tensor) or units.dtype != dtype or units.requires_grad:
+            got = (
+                f"a {type(units).__name__}" if not isinstance(units, Tensor)
+                else "units that require grad" if units.dtype == dtype
+                else f"{units.dtype} units"
+            )  # fmt: skip
+            raise ContractError(
+                f"loss {loss_name(self.loss)}: units(target, dtype={dtype}) returned {got}; it "
+                "returns the unit weights in the dtype it is given, detached from the graph "
+                "(mask.to(dtype))"
+            )
+        return units
 
     def _window_units(self, units: Tensor, window: Window) -> Tensor:
         """U; for a window of one micro-batch Σu computed as the uniform weighting does, so
@@ -300,7 +329,7 @@ class Objective:
     def coefficients(self, losses: Tensor, y: Tensor, window: Window) -> Tensor:
         """Scalar mode: each loss element's coefficient c in the micro-batch's root (× W
         data-parallel), of the losses' shape. (Vector mode's are the weights themselves.)"""
-        units = self.loss.units(y, units_dtype(losses.dtype))
+        units = self._units(y, units_dtype(losses.dtype))
         return self._uniform_coefficients(losses, units, window)
 
     @property
@@ -333,7 +362,7 @@ class Objective:
         them (:attr:`batch_weights`, kept by the caller after its backward), so that a
         weighting keeping state of its own is not called again; without them, the weighting's
         for these losses."""
-        units = self.loss.units(y, units_dtype(losses.dtype))
+        units = self._units(y, units_dtype(losses.dtype))
         if self.weighting is not None:  # normalized over the global batch under DDP
             if weights is None:
                 weights = self.weighting(losses, output, y, index, units)

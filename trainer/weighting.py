@@ -665,7 +665,9 @@ class PerTokenWeighting(_TableLookup):
         if loss.task != "sequence":
             raise ValueError(
                 f"weighting=per_token weights the tokens of a sequence loss; the loss {name} "
-                f"has task {loss.task!r}, not 'sequence' (loss=token_cross_entropy)"
+                f"has task {loss.task!r}, not 'sequence' (loss=token_cross_entropy; a loss of "
+                "one's own over class ids per position sets task = 'sequence': per_token "
+                "counts each class's tokens)"
             )
         if not loss.has_units:  # (a loss of one's own with a per-sequence loss, (B,))
             raise ValueError(
