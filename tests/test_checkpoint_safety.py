@@ -1120,15 +1120,19 @@ def test_load_checkpoint_refuses_a_folder_saying_it_is_one(tmp_path) -> None:
     as a file that does not exist."""
     with pytest.raises(IsADirectoryError, match=rf"checkpoint {tmp_path} is a folder; give a "):
         load_checkpoint(tmp_path)
-    # a run dir given for its last checkpoint: named; and the CLI's one line, no traceback
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
-    with pytest.raises(IsADirectoryError) as e:
-        load_checkpoint(tmp_path)
-    assert str(e.value).endswith(f"(.pt): {tmp_path / 'checkpoints' / 'last.pt'}?")
+    # a run dir or its checkpoints/ given for the run's latest: named (a stopped run's newest
+    # step_*.pt, which has no last.pt); and the CLI's one line, no traceback
     from trainer.sweep import own_refusal
 
-    assert own_refusal(e.value)
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("step_000000002.pt", "step_000000010.pt", "last.pt"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"")
+        for given in (tmp_path, tmp_path / "checkpoints"):
+            with pytest.raises(IsADirectoryError) as e:
+                load_checkpoint(given)
+            want = name  # (the newest so far: last.pt, else the highest step)
+            assert f"(.pt): {tmp_path / 'checkpoints' / want}? (trainer.resume=auto" in str(e.value)
+            assert own_refusal(e.value)
 
 
 def test_a_stale_last_pt_link_is_replaced_and_last_pt_is_a_hard_link(tmp_path) -> None:

@@ -51,6 +51,7 @@ def test_single_run_prints_a_summary_and_writes_its_run_dir(background) -> None:
     assert metrics["status"] == "completed"
     # (the overrides it ran with, as .hydra/ says: a report tells an earlier run's from them)
     assert metrics["overrides"] == ["trainer.device=cpu", "trainer.max_epochs=2"]
+    assert metrics["sweep_id"] is None  # (a single run's)
     assert "- trainer.device=cpu" in (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "epoch 2/2" in (run_dir / "train.log").read_text()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -707,9 +706,12 @@ def test_the_monitor_and_the_metric_are_those_of_the_completed_jobs(tmp_path) ->
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-def _plan(root: Path, sweeper: dict[str, Any], task: list[str]) -> None:
-    """The sweep's multirun.yaml as Hydra writes it (its hydra node: sweeper, overrides)."""
-    hydra = {"mode": "MULTIRUN", "sweeper": sweeper, "overrides": {"task": task}}
+def _plan(root: Path, sweeper: dict[str, Any], task: list[str], subdir: str | None = None) -> None:
+    """The sweep's multirun.yaml as Hydra writes it (its hydra node: sweeper, overrides, and
+    where given the sweep's subdir)."""
+    hydra: dict[str, Any] = {"mode": "MULTIRUN", "sweeper": sweeper, "overrides": {"task": task}}
+    if subdir is not None:
+        hydra["sweep"] = {"subdir": subdir}
     (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
 
 
@@ -768,20 +770,27 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     with caplog.at_level("INFO", logger="trainer.sweep"):
         SweepSummary()._summarize(root, stopped=True)
     assert "4 of 4 jobs did not complete (1 interrupted, 3 not started)" in caplog.text
-    # not an earlier sweep's: a folder whose job started after this sweep's plan was written
-    # (a job continued in its own folder by a single run of other overrides: it vanished from
-    # the report, a review's), nor one of the plan's jobs but for trainer.resume (a sweep run
-    # again with resume=auto, interrupted before that job)
+    # not an earlier sweep's: a folder whose metrics.json a single run wrote (a job continued
+    # in its own folder by hand: it vanished from the report, a review's), one of this
+    # sweep's id, nor one of the plan's jobs but for trainer.resume (a sweep run again with
+    # resume=auto, interrupted before that job); one of another sweep's id is (file dates
+    # decided before: a copy without them reordered them, a review's)
     capsys.readouterr()
-    later = root / "2" / ".hydra" / "overrides.yaml"
-    os.utime(later, (later.stat().st_atime, (root / "multirun.yaml").stat().st_mtime + 1))
     _plan(root, {"_target_": BASIC, "params": None},
-          ["optimizer.lr=0.1,0.3", "seed=1", "trainer.max_steps=5",
-           "trainer.resume=auto"])  # fmt: skip
-    os.utime(later, (later.stat().st_atime, (root / "multirun.yaml").stat().st_mtime + 1))
+          ["optimizer.lr=0.1,0.3,0.5", "seed=1", "trainer.max_steps=5", "trainer.resume=auto"],
+          "${hydra.job.num}")  # fmt: skip
+    (root / ".sweep.json").write_text(json.dumps({"sweep_id": "this"}))
+    for name, recorded in (("2", None), ("0", "this"), ("0b", "another")):
+        metrics = json.loads((root / name / "metrics.json").read_text())
+        (root / name / "metrics.json").write_text(json.dumps({**metrics, "sweep_id": recorded}))
     assert report.main([str(root)]) == 0
     out, err = capsys.readouterr()
-    assert "job folders 0, 0b hold runs" in err and " 1 " not in err and " 2 " not in err, err
+    assert "job folder 0b holds runs of none of this sweep's jobs" in err, err
+    rows = [line.lstrip("* ").split()[:2] for line in out.splitlines()[1:4]]
+    # (folder 1 holds the plan's job 0 by its overrides, folders 0 and 2 are this sweep's by
+    # their records: jobs 1 and 2 by their numbers, none not started, none twice)
+    assert sorted(rows) == [["0", "completed"], ["1", "interrupted"], ["2", "completed"]], out
+    assert "3 jobs (2 completed, 1 interrupted); best: job 0" in out, out
     # a job folder killed before Hydra wrote its overrides is that job, missing, not also
     # a job not started
     shutil.rmtree(root / "0b")

@@ -353,8 +353,13 @@ def test_joblib_sweep_runs_two_jobs_side_by_side_with_labelled_progress(backgrou
     proc, sweep = background
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = jobs(sweep)
+    # (the sweep's id, recorded by each job, in its own process: the report tells an earlier
+    # sweep's job folders in a reused dir by it)
+    sweep_id = json.loads((sweep / ".sweep.json").read_text())["sweep_id"]
+    assert len(sweep_id) == 32
     for i, job in done.items():
         assert status(job)["status"] == "completed"
+        assert status(job)["sweep_id"] == sweep_id
         log = (job / "train.log").read_text()
         # plain lines, labelled with the job, at steps 2 and 4: no bar redraws
         assert f"job {i}: step 2/4" in log and f"job {i}: step 4/4" in log and "\r" not in log

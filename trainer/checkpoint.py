@@ -162,14 +162,27 @@ def checkpointable(state: Any, owner: str, kind: str = "callback") -> Any:
     return state
 
 
+def _newest_in(folder: Path) -> Path | None:
+    """A run's latest checkpoint in ``folder`` (a run dir or its ``checkpoints/``): its
+    ``last.pt``, else its newest ``step_*.pt`` (a run stopped or failed has no last.pt)."""
+    for where in (folder / "checkpoints", folder):
+        if (where / "last.pt").is_file():
+            return where / "last.pt"
+        steps = sorted(where.glob("step_*.pt"))  # (zero-padded: in step order)
+        if steps:
+            return steps[-1]
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; errors name the file and the cause."""
     path = Path(path)
     if path.is_dir():
-        last = path / "checkpoints" / "last.pt"  # (a run dir given for its last checkpoint)
-        hint = f": {last}?" if last.is_file() else ""
+        newest = _newest_in(path)
+        hint = f": {newest}?" if newest is not None else ""
         raise IsADirectoryError(
-            f"checkpoint {path} is a folder; give a checkpoint file (.pt){hint}"
+            f"checkpoint {path} is a folder; give a checkpoint file (.pt){hint} "
+            "(trainer.resume=auto continues the run of its own folder)"
         )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")

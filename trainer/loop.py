@@ -900,9 +900,13 @@ class Trainer:
                 with redirect, anomaly:
                     if self._rest_due:  # the rest point of a step the last fit finished after
                         # its optimizer's post-hook failed (its periodic checkpoint was lost, a
-                        # review's); at an epoch's end, run_epoch validates, then makes it
+                        # review's); after an epoch's or the run's last step, as run_epoch
+                        # makes it: validation, the epoch counted, then the rest point (a
+                        # run's last step had neither, its epoch uncounted: reviews')
                         self._rest_due = False
-                        if self.batch_in_epoch < len(self.train_loader) and not self.finished():
+                        if self.batch_in_epoch == len(self.train_loader) or self._done():
+                            self._after_train_epoch()
+                        else:
                             self._between = True
                             self._rest_point()
                     while not self.finished() and self.stopped_by is None:
@@ -1088,6 +1092,11 @@ class Trainer:
     def run_epoch(self) -> None:
         """Train one epoch (or up to ``max_steps``, or until a stop signal), then validate."""
         self.train_epoch()
+        self._after_train_epoch()
+
+    def _after_train_epoch(self) -> None:
+        """What follows an epoch's training (or the run's last step): its validation, the
+        epoch counted where it ran to its end, the rest point."""
         self._between = True  # (validation: at the last step taken)
         ended = self.batch_in_epoch == len(self.train_loader)  # ran to the epoch's end
         if self.stopped_by is not None:

@@ -17,7 +17,6 @@ ranked ones. The table goes to stdout; ``summary.csv`` (full precision, full err
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import inspect
 import json
@@ -241,6 +240,21 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
     return run
 
 
+#: a file a sweep's start writes into its folder (trainer.sweep.SweepSummary): the sweep's id,
+#: which each of its jobs records in its ``metrics.json`` (``sweep_id``)
+SWEEP_FILE = ".sweep.json"
+
+
+def current_sweep_id(sweep_dir: Path) -> str | None:
+    """The id of the last sweep started in ``sweep_dir`` (:data:`SWEEP_FILE`); None where
+    none was recorded (a sweep started before 2026-12-07, or not a sweep dir)."""
+    try:
+        value = json.loads((sweep_dir / SWEEP_FILE).read_text())["sweep_id"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def _other_dir(path: str, run_dir: Path) -> bool:
     """Whether ``path`` names another folder than ``run_dir``."""
     try:
@@ -294,15 +308,23 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     return runs
 
 
+def _job(overrides: Sequence[str]) -> tuple[str, ...]:
+    """A job's identity: its overrides but ``trainer.resume`` (a sweep run again with
+    ``resume=auto`` runs the same jobs)."""
+    return tuple(o for o in overrides if not o.startswith("trainer.resume="))
+
+
 def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
-    """The job folders of a reused sweep dir that hold an earlier sweep's runs: started
-    before this sweep (their ``.hydra/`` older than its ``multirun.yaml``), with Hydra's
-    overrides of none of the jobs it plans (the basic sweeper's split; ``trainer.resume``
-    aside: a sweep run again with ``resume=auto`` is of the same jobs). They were counted as
-    this sweep's: its best taken from them, a fully successful sweep said to have failed for
-    their failures (a probe's). A job continued in its own folder since, by a run of other
-    overrides, is newer, and kept (a review's). None where the plan does not list its jobs
-    (an Optuna sweep), or for a folder without overrides (killed before Hydra wrote them)."""
+    """The job folders of a reused sweep dir that hold an earlier sweep's runs. They were
+    counted as this sweep's: its best taken from them, a fully successful sweep said to have
+    failed for their failures (a probe's). A folder is one of this sweep's where its
+    overrides are one of its planned jobs' (the basic sweeper's split, :func:`_job`: a
+    ``resume=auto`` re-run not yet at that job); else its ``metrics.json`` tells: the
+    ``sweep_id`` of another sweep than the dir's last (:data:`SWEEP_FILE`) is an earlier
+    sweep's, none (a single run's: a job continued in its own folder by hand) is kept; a
+    folder with neither (written before 2026-12-07, or no result yet) is an earlier sweep's
+    where the plan lists its jobs. (File dates decided before: a copy without them, ``cp -r``,
+    reordered them, a review's.)"""
     path = root / "multirun.yaml"
     if not path.is_file() or is_run_dir(root):
         return []
@@ -312,24 +334,20 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
 
     try:
         jobs = planned_job_overrides(OmegaConf.select(OmegaConf.load(path), "hydra"))
-        started = path.stat().st_mtime
     except Exception:  # noqa: BLE001 (not_started says so)
-        return []
-    if jobs is None:
-        return []
-
-    def job(overrides: Sequence[str]) -> tuple[str, ...]:
-        return tuple(o for o in overrides if not o.startswith("trainer.resume="))
-
-    planned = {job(o) for o in jobs}
+        jobs = None
+    planned = None if jobs is None else {_job(o) for o in jobs}
+    current = current_sweep_id(root)
     earlier = []
     for r in runs:
-        written = root / r.name / ".hydra" / "overrides.yaml"  # (the job's own folder)
-        if not r.overrides or job(r.overrides) in planned or not written.is_file():
+        if planned is not None and r.overrides and _job(r.overrides) in planned:
             continue
-        with contextlib.suppress(OSError):
-            if written.stat().st_mtime < started:
+        if "sweep_id" in r.metrics:
+            recorded = r.metrics["sweep_id"]
+            if recorded is not None and current is not None and recorded != current:
                 earlier.append(r)
+        elif planned is not None and r.overrides:
+            earlier.append(r)
     return earlier
 
 
@@ -365,22 +383,26 @@ def not_started(root: Path, runs: Sequence[Run]) -> tuple[list[Run], int]:
     if jobs is None:
         return [], max(0, (planned or 0) - len(runs))
     started: dict[tuple[str, ...], int] = {}
-    for r in runs:
-        started[tuple(r.overrides)] = started.get(tuple(r.overrides), 0) + 1
+    for r in runs:  # (a job's identity: trainer.resume aside, _job)
+        if r.overrides:
+            started[_job(r.overrides)] = started.get(_job(r.overrides), 0) + 1
     unmatched = []
     for number, overrides in enumerate(jobs):
-        if started.get(tuple(overrides), 0) > 0:
-            started[tuple(overrides)] -= 1
+        if started.get(_job(overrides), 0) > 0:
+            started[_job(overrides)] -= 1
         else:
             unmatched.append((number, overrides))
-    # folders without Hydra's overrides (a job killed before it wrote them): the job its
-    # number names where folders are named by number (Hydra's default subdir), else not
-    # known, so the jobs not started are counted only (a review: with subdir=${seed}, a
-    # folder `1` was taken for job 1)
+    # folders whose overrides name no planned job (a job killed before Hydra wrote them, one
+    # continued in its folder by hand since: a review's, counted twice, run and not started):
+    # the job its number names where folders are named by number (Hydra's default subdir),
+    # else not known, so the jobs not started are counted only (a review: with
+    # subdir=${seed}, a folder `1` was taken for job 1)
+    names = {r.name for r in runs}
     bare = {r.name for r in runs if not r.overrides}
     numbered = subdir_as_written(hydra) == "${hydra.job.num}"
-    rows = [(n, o) for n, o in unmatched if not (numbered and str(n) in bare)]
-    unplaced = len(bare) - (len(unmatched) - len(rows))
+    rows = [(n, o) for n, o in unmatched if not (numbered and str(n) in names)]
+    placed = {str(n) for n, _ in unmatched if numbered and str(n) in bare}
+    unplaced = len(bare) - len(placed)
     if unplaced > 0:
         return [], max(0, len(rows) - unplaced)
     return [Run(str(n), root / str(n), NOT_STARTED, list(o)) for n, o in rows], 0

@@ -757,8 +757,11 @@ def _write_metrics(run_dir: Path, continued: dict[str, str], metrics: dict[str, 
     its own folder too (``continued["job_dir"]``): the run dir's holds the run's latest, which
     a later continuation rewrites, and the job's stays its own result."""
     overrides = _job_overrides()
-    if overrides is not None:  # (the report tells an earlier run's metrics.json from this one's)
-        metrics = {**metrics, "overrides": overrides}
+    if overrides is not None:  # (the report tells an earlier run's metrics.json from this
+        # one's, and an earlier sweep's job folders in a reused sweep dir)
+        from trainer.sweep import job_sweep_id
+
+        metrics = {**metrics, "overrides": overrides, "sweep_id": job_sweep_id()}
     write_json(run_dir / "metrics.json", metrics)
     if continued:
         write_json(Path(continued["job_dir"]) / "metrics.json", metrics)

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import logging
 import math
 import os
 import site
 import sys
 import sysconfig
+import uuid
 from collections import Counter
 from pathlib import Path
 from types import FrameType
@@ -32,7 +34,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainer.report import ReportError, collect_runs, not_started
+from trainer.report import SWEEP_FILE, ReportError, collect_runs, current_sweep_id, not_started
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +236,16 @@ def _with_notes(error: BaseException) -> str:
     return f"{error}" + "".join(f" {n}" for n in getattr(error, "__notes__", ()))
 
 
+def job_sweep_id() -> str | None:
+    """The id of the sweep this job is of (:data:`trainer.report.SWEEP_FILE`), None for a
+    single run or a sweep that recorded none."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not in_multirun():
+        return None
+    return current_sweep_id(Path(HydraConfig.get().sweep.dir))
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
     classification, val/mse for regression); in a multirun a failure, or a NaN metric,
@@ -284,6 +296,16 @@ class SweepSummary(Callback):
         self._ended = False
         atexit.register(self._at_exit, Path(config.hydra.sweep.dir))
         self._planned = planned_jobs(config.hydra)
+        # the sweep's id, which its jobs record (the report tells an earlier sweep's job
+        # folders in a reused dir by it); written before any job starts
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            part = sweep_dir / f"{SWEEP_FILE}.{os.getpid()}.tmp"
+            part.write_text(json.dumps({"sweep_id": uuid.uuid4().hex}))
+            os.replace(part, sweep_dir / SWEEP_FILE)
+        except OSError as e:  # (the sweep runs; the report falls back to the overrides)
+            log.warning("sweep: could not write %s (%s)", sweep_dir / SWEEP_FILE, e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._ended = True
