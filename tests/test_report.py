@@ -770,27 +770,36 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     with caplog.at_level("INFO", logger="trainer.sweep"):
         SweepSummary()._summarize(root, stopped=True)
     assert "4 of 4 jobs did not complete (1 interrupted, 3 not started)" in caplog.text
-    # not an earlier sweep's: a folder whose metrics.json a single run wrote (a job continued
-    # in its own folder by hand: it vanished from the report, a review's), one of this
-    # sweep's id, nor one of the plan's jobs but for trainer.resume (a sweep run again with
-    # resume=auto, interrupted before that job); one of another sweep's id is (file dates
-    # decided before: a copy without them reordered them, a review's)
+    # this sweep's: a folder whose metrics.json records this sweep's id (its job, or one of
+    # them continued in its folder by hand: it vanished from the report, a review's), and the
+    # job its number names but for trainer.resume (a sweep run again with resume=auto,
+    # interrupted before that job); not: one recording another sweep's id (file dates decided
+    # before: a copy without them reordered them, a review's)
     capsys.readouterr()
     _plan(root, {"_target_": BASIC, "params": None},
-          ["optimizer.lr=0.1,0.3,0.5", "seed=1", "trainer.max_steps=5", "trainer.resume=auto"],
+          ["optimizer.lr=0.2,0.1,0.5", "seed=1", "trainer.max_steps=5", "trainer.resume=auto"],
           "${hydra.job.num}")  # fmt: skip
     (root / ".sweep.json").write_text(json.dumps({"sweep_id": "this"}))
-    for name, recorded in (("2", None), ("0", "this"), ("0b", "another")):
+    for name, recorded in (("2", "this"), ("0", "this"), ("0b", "another")):
         metrics = json.loads((root / name / "metrics.json").read_text())
         (root / name / "metrics.json").write_text(json.dumps({**metrics, "sweep_id": recorded}))
     assert report.main([str(root)]) == 0
     out, err = capsys.readouterr()
     assert "job folder 0b holds runs of none of this sweep's jobs" in err, err
     rows = [line.lstrip("* ").split()[:2] for line in out.splitlines()[1:4]]
-    # (folder 1 holds the plan's job 0 by its overrides, folders 0 and 2 are this sweep's by
-    # their records: jobs 1 and 2 by their numbers, none not started, none twice)
+    # (folder 1 is job 1 by its number and overrides, folders 0 and 2 this sweep's by their
+    # records: none not started, none twice)
     assert sorted(rows) == [["0", "completed"], ["1", "interrupted"], ["2", "completed"]], out
     assert "3 jobs (2 completed, 1 interrupted); best: job 0" in out, out
+    # without the sweep's id (a copy that left dotfiles out), a folder recording another
+    # sweep's is told by its number's job: folder 2 is not job 2 (the id decided, and the
+    # overrides' check was never reached, a review's)
+    (root / ".sweep.json").unlink()
+    assert report.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "job folders 0, 2, 0b hold runs" in err, err
+    unstarted = [line.split()[0] for line in out.splitlines() if " not started " in line]
+    assert unstarted == ["0", "2"], out
     # a job folder killed before Hydra wrote its overrides is that job, missing, not also
     # a job not started
     shutil.rmtree(root / "0b")

@@ -493,3 +493,31 @@ def test_the_experiment_lists_the_overridden_keys_first_marked_as_differing() ->
     infos = [(i.name, i.differs) for i in experiment.hparam_infos]
     assert infos == [("b.y", True), ("z", True), ("a.x", False), ("c", False)]
     assert [m.name.tag for m in experiment.metric_infos] == ["val/acc"]
+
+
+def test_a_jobs_sweep_id_is_its_sweep_dirs_from_where_the_sweep_started(
+    tmp_path, monkeypatch
+) -> None:
+    """A sweep's job records its sweep dir's id, the dir taken relative to where the sweep
+    started (with hydra.job.chdir=true every job found none: a review's); a single run in a
+    sweep's job folder (a job continued by hand) records that sweep's, so a later sweep in
+    the dir leaves the folder out; another single run records none."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+
+    import trainer.sweep as sweep
+
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / ".sweep.json").write_text(json.dumps({"sweep_id": "abc"}))
+    elsewhere = tmp_path / "job_cwd"  # (the job's own working dir: chdir)
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for multirun, output, want in ((True, tmp_path / "sw" / "1", "abc"),
+                                   (False, tmp_path / "sw" / "1", "abc"),
+                                   (False, tmp_path / "run", None)):  # fmt: skip
+        hc = SimpleNamespace(runtime=SimpleNamespace(cwd=str(tmp_path), output_dir=str(output)),
+                             sweep=SimpleNamespace(dir="sw"))  # fmt: skip
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda hc=hc: hc))
+        monkeypatch.setattr(sweep, "in_multirun", lambda multirun=multirun: multirun)
+        assert sweep.job_sweep_id() == want, (multirun, output)

@@ -168,9 +168,9 @@ def _newest_in(folder: Path) -> Path | None:
     for where in (folder / "checkpoints", folder):
         if (where / "last.pt").is_file():
             return where / "last.pt"
-        steps = sorted(where.glob("step_*.pt"))  # (zero-padded: in step order)
+        steps = sorted((n, p) for p in where.glob("step_*.pt") if (n := step_of(p)) is not None)
         if steps:
-            return steps[-1]
+            return steps[-1][1]
     return None
 
 

@@ -317,36 +317,50 @@ def _job(overrides: Sequence[str]) -> tuple[str, ...]:
 def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
     """The job folders of a reused sweep dir that hold an earlier sweep's runs. They were
     counted as this sweep's: its best taken from them, a fully successful sweep said to have
-    failed for their failures (a probe's). A folder is one of this sweep's where its
-    overrides are one of its planned jobs' (the basic sweeper's split, :func:`_job`: a
-    ``resume=auto`` re-run not yet at that job); else its ``metrics.json`` tells: the
-    ``sweep_id`` of another sweep than the dir's last (:data:`SWEEP_FILE`) is an earlier
-    sweep's, none (a single run's: a job continued in its own folder by hand) is kept; a
-    folder with neither (written before 2026-12-07, or no result yet) is an earlier sweep's
-    where the plan lists its jobs. (File dates decided before: a copy without them, ``cp -r``,
-    reordered them, a review's.)"""
-    path = root / "multirun.yaml"
-    if not path.is_file() or is_run_dir(root):
-        return []
-    from omegaconf import OmegaConf
-
-    from trainer.sweep import planned_job_overrides
-
-    try:
-        jobs = planned_job_overrides(OmegaConf.select(OmegaConf.load(path), "hydra"))
-    except Exception:  # noqa: BLE001 (not_started says so)
-        jobs = None
-    planned = None if jobs is None else {_job(o) for o in jobs}
+    failed for their failures (a probe's). A folder is this sweep's where its
+    ``metrics.json`` records this sweep's id (:data:`SWEEP_FILE`: its jobs, and a job of it
+    continued by hand in its folder), or else where it is one of the jobs the sweep plans
+    (``multirun.yaml``, the basic sweeper's split): folders named by job number, the job of
+    that number (:func:`_job`: a ``resume=auto`` re-run not yet at a job keeps it; an
+    earlier sweep's folder of another point, whose overrides are a later job's, is not: a
+    review's, counted twice), other folders by their overrides. Where the plan lists no jobs
+    (an Optuna sweep), a folder recording another sweep's id is an earlier one's. A folder
+    with no overrides (killed before Hydra wrote them) is kept."""
     current = current_sweep_id(root)
+    path = root / "multirun.yaml"
+    if is_run_dir(root) or not (path.is_file() or current is not None):
+        return []
+    jobs = hydra = None
+    if path.is_file():
+        from omegaconf import OmegaConf
+
+        from trainer.sweep import planned_job_overrides, subdir_as_written
+
+        try:
+            hydra = OmegaConf.select(OmegaConf.load(path), "hydra")
+            jobs = planned_job_overrides(hydra)
+        except Exception:  # noqa: BLE001 (not_started says so)
+            jobs = None
+    numbered = jobs is not None and subdir_as_written(hydra) == "${hydra.job.num}"
+    planned = None if jobs is None else {_job(o) for o in jobs}
     earlier = []
     for r in runs:
-        if planned is not None and r.overrides and _job(r.overrides) in planned:
+        recorded = r.metrics.get("sweep_id")
+        if current is not None and recorded == current:
             continue
-        if "sweep_id" in r.metrics:
-            recorded = r.metrics["sweep_id"]
-            if recorded is not None and current is not None and recorded != current:
+        if not r.overrides:
+            continue
+        if jobs is None:  # (no plan: its record alone)
+            if isinstance(recorded, str) and current is not None:
                 earlier.append(r)
-        elif planned is not None and r.overrides:
+            continue
+        assert planned is not None
+        if numbered:
+            ours = _numbered(r.name) and int(r.name) < len(jobs) and (
+                _job(r.overrides) == _job(jobs[int(r.name)]))  # fmt: skip
+        else:
+            ours = _job(r.overrides) in planned
+        if not ours:
             earlier.append(r)
     return earlier
 
@@ -382,6 +396,13 @@ def not_started(root: Path, runs: Sequence[Run]) -> tuple[list[Run], int]:
         return [], 0
     if jobs is None:
         return [], max(0, (planned or 0) - len(runs))
+    numbered = subdir_as_written(hydra) == "${hydra.job.num}"
+    if numbered:  # folders named by job number: a job is started where its folder is kept
+        # (:func:`_earlier_sweeps` left out the others; a folder matched by its overrides to
+        # one job and by its number to another hid a job never run, a review's)
+        names = {r.name for r in runs}
+        rows = [(n, o) for n, o in enumerate(jobs) if str(n) not in names]
+        return [Run(str(n), root / str(n), NOT_STARTED, list(o)) for n, o in rows], 0
     started: dict[tuple[str, ...], int] = {}
     for r in runs:  # (a job's identity: trainer.resume aside, _job)
         if r.overrides:
@@ -392,17 +413,11 @@ def not_started(root: Path, runs: Sequence[Run]) -> tuple[list[Run], int]:
             started[_job(overrides)] -= 1
         else:
             unmatched.append((number, overrides))
-    # folders whose overrides name no planned job (a job killed before Hydra wrote them, one
-    # continued in its folder by hand since: a review's, counted twice, run and not started):
-    # the job its number names where folders are named by number (Hydra's default subdir),
-    # else not known, so the jobs not started are counted only (a review: with
-    # subdir=${seed}, a folder `1` was taken for job 1)
-    names = {r.name for r in runs}
-    bare = {r.name for r in runs if not r.overrides}
-    numbered = subdir_as_written(hydra) == "${hydra.job.num}"
-    rows = [(n, o) for n, o in unmatched if not (numbered and str(n) in names)]
-    placed = {str(n) for n, _ in unmatched if numbered and str(n) in bare}
-    unplaced = len(bare) - len(placed)
+    # folders without Hydra's overrides (a job killed before it wrote them): which job they
+    # are is not known where folders are not named by number, so the jobs not started are
+    # counted only (a review: with subdir=${seed}, a folder `1` was taken for job 1)
+    unplaced = len([r for r in runs if not r.overrides])
+    rows = unmatched
     if unplaced > 0:
         return [], max(0, len(rows) - unplaced)
     return [Run(str(n), root / str(n), NOT_STARTED, list(o)) for n, o in rows], 0

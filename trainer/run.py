@@ -429,6 +429,7 @@ def _run(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     before = [0.0]  # a resumed run's wall time until its checkpoint (its earlier processes)
+    ran_as = _job_identity()  # (at the start: a sweep started meanwhile is not its)
 
     def wall_s() -> float:
         """The run's wall time: this process's, plus its earlier processes' until the
@@ -686,7 +687,7 @@ def _run(
         if trainer.stopped_by is not None:
             if main:
                 name = signal.Signals(trainer.stopped_by).name
-                _write_metrics(run_dir, continued, {
+                _write_metrics(run_dir, continued, ran_as, {
                     "status": "interrupted", "signal": name, "step": trainer.global_step,
                     "epoch": trainer.epoch, "checkpoint": _absolute(writer.last), "run_id": run_id,
                     "wall_s": wall_s(), **continued,
@@ -712,7 +713,7 @@ def _run(
         if main:
             with contextlib.suppress(OSError):  # a full disk must not hide the first error
                 if taken or not any((run_dir / n).exists() for n in RUN_OUTPUTS):
-                    _write_metrics(run_dir, continued, failed)
+                    _write_metrics(run_dir, continued, ran_as, failed)
                 else:  # refused before it took the folder over: an earlier run's outputs there
                     # (the one a resume was to continue, or another) stay as they were
                     log.info("%s holds an earlier run's outputs: left as they were (this "
@@ -737,7 +738,7 @@ def _run(
         result["checkpoint_failures"] = writer.failures
     if not main:
         return result
-    _write_metrics(run_dir, continued, result)
+    _write_metrics(run_dir, continued, ran_as, result)
     shown = _display(run_dir)
     shown_metrics = "  ".join(
         f"{k} {result[k]:.4f}" for k in (*trainer.criterion.metrics[::-1], "train/loss")
@@ -752,32 +753,34 @@ def _run(
     return result
 
 
-def _write_metrics(run_dir: Path, continued: dict[str, str], metrics: dict[str, Any]) -> None:
+def _write_metrics(
+    run_dir: Path, continued: dict[str, str], ran_as: dict[str, Any], metrics: dict[str, Any]
+) -> None:
     """``metrics.json`` in the run dir; a job that continued a run of another dir writes it in
     its own folder too (``continued["job_dir"]``): the run dir's holds the run's latest, which
     a later continuation rewrites, and the job's stays its own result."""
-    overrides = _job_overrides()
-    if overrides is not None:  # (the report tells an earlier run's metrics.json from this
-        # one's, and an earlier sweep's job folders in a reused sweep dir)
-        from trainer.sweep import job_sweep_id
-
-        metrics = {**metrics, "overrides": overrides, "sweep_id": job_sweep_id()}
+    metrics = {**metrics, **ran_as}
     write_json(run_dir / "metrics.json", metrics)
     if continued:
         write_json(Path(continued["job_dir"]) / "metrics.json", metrics)
 
 
-def _job_overrides() -> list[str] | None:
-    """The job's command-line overrides as Hydra wrote them (``.hydra/overrides.yaml``); None
-    for a run started from Python. A job refused in a folder holding an earlier run's
-    outputs leaves them, and Hydra's ``.hydra/`` is already the refused job's: a report took
-    the earlier result for the refused job's (``completed``, best, with the other overrides,
-    a probe's), and tells them apart by these now."""
+def _job_identity() -> dict[str, Any]:
+    """What ``metrics.json`` records of the job it is: its command-line overrides as Hydra
+    wrote them (``.hydra/overrides.yaml``) and the id of the sweep it is of
+    (:func:`trainer.sweep.job_sweep_id`); nothing for a run started from Python. A job refused
+    in a folder holding an earlier run's outputs leaves them, and Hydra's ``.hydra/`` is
+    already the refused job's: a report took the earlier result for the refused job's
+    (``completed``, best, with the other overrides, a probe's); and an earlier sweep's job
+    folders in a reused sweep dir were counted as the new sweep's."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return None
-    return [str(o) for o in HydraConfig.get().overrides.task]
+        return {}
+    from trainer.sweep import job_sweep_id
+
+    return {"overrides": [str(o) for o in HydraConfig.get().overrides.task],
+            "sweep_id": job_sweep_id()}  # fmt: skip
 
 
 def _home_of(checkpoint: Path | None) -> Path | None:

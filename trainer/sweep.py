@@ -237,13 +237,16 @@ def _with_notes(error: BaseException) -> str:
 
 
 def job_sweep_id() -> str | None:
-    """The id of the sweep this job is of (:data:`trainer.report.SWEEP_FILE`), None for a
-    single run or a sweep that recorded none."""
+    """The id of the sweep this job is of (:data:`trainer.report.SWEEP_FILE`): a sweep's
+    job, its sweep dir's; a single run in a sweep's job folder (a job continued by hand),
+    that sweep's; else None. The sweep dir as written is relative to where the sweep started
+    (``hydra.runtime.cwd``: with ``hydra.job.chdir=true`` every job found none, a review's)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not in_multirun():
-        return None
-    return current_sweep_id(Path(HydraConfig.get().sweep.dir))
+    hc = HydraConfig.get()
+    if in_multirun():
+        return current_sweep_id(Path(hc.runtime.cwd) / hc.sweep.dir)
+    return current_sweep_id(Path(hc.runtime.cwd, hc.runtime.output_dir).parent)
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -298,7 +301,7 @@ class SweepSummary(Callback):
         self._planned = planned_jobs(config.hydra)
         # the sweep's id, which its jobs record (the report tells an earlier sweep's job
         # folders in a reused dir by it); written before any job starts
-        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir = Path(config.hydra.runtime.cwd) / config.hydra.sweep.dir
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             part = sweep_dir / f"{SWEEP_FILE}.{os.getpid()}.tmp"
