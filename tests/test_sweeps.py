@@ -520,4 +520,4 @@ def test_a_jobs_sweep_id_is_its_sweep_dirs_from_where_the_sweep_started(
                              sweep=SimpleNamespace(dir="sw"))  # fmt: skip
         monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda hc=hc: hc))
         monkeypatch.setattr(sweep, "in_multirun", lambda multirun=multirun: multirun)
-        assert sweep.job_sweep_id() == want, (multirun, output)
+        assert sweep.job_sweep_id(output) == want, (multirun, output)

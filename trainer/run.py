@@ -429,7 +429,6 @@ def _run(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     before = [0.0]  # a resumed run's wall time until its checkpoint (its earlier processes)
-    ran_as = _job_identity()  # (at the start: a sweep started meanwhile is not its)
 
     def wall_s() -> float:
         """The run's wall time: this process's, plus its earlier processes' until the
@@ -447,6 +446,7 @@ def _run(
             )
         run_dir = HydraConfig.get().runtime.output_dir
     run_dir = Path(run_dir)
+    ran_as = _job_identity(run_dir)  # (at the start: a sweep started meanwhile is not its)
     check_writable(run_dir)
     main = distributed.from_env().is_main
     trainer: Trainer | None = None
@@ -765,7 +765,7 @@ def _write_metrics(
         write_json(Path(continued["job_dir"]) / "metrics.json", metrics)
 
 
-def _job_identity() -> dict[str, Any]:
+def _job_identity(run_dir: Path) -> dict[str, Any]:
     """What ``metrics.json`` records of the job it is: its command-line overrides as Hydra
     wrote them (``.hydra/overrides.yaml``) and the id of the sweep it is of
     (:func:`trainer.sweep.job_sweep_id`); nothing for a run started from Python. A job refused
@@ -780,7 +780,7 @@ def _job_identity() -> dict[str, Any]:
     from trainer.sweep import job_sweep_id
 
     return {"overrides": [str(o) for o in HydraConfig.get().overrides.task],
-            "sweep_id": job_sweep_id()}  # fmt: skip
+            "sweep_id": job_sweep_id(run_dir)}  # fmt: skip
 
 
 def _home_of(checkpoint: Path | None) -> Path | None:

@@ -236,17 +236,22 @@ def _with_notes(error: BaseException) -> str:
     return f"{error}" + "".join(f" {n}" for n in getattr(error, "__notes__", ()))
 
 
-def job_sweep_id() -> str | None:
+def job_sweep_id(run_dir: Path) -> str | None:
     """The id of the sweep this job is of (:data:`trainer.report.SWEEP_FILE`): a sweep's
-    job, its sweep dir's; a single run in a sweep's job folder (a job continued by hand),
-    that sweep's; else None. The sweep dir as written is relative to where the sweep started
-    (``hydra.runtime.cwd``: with ``hydra.job.chdir=true`` every job found none, a review's)."""
+    job, its sweep dir's; a single run in a sweep's job folder ``run_dir`` (a job continued
+    by hand), that sweep's; else None. The sweep dir as written is relative to where the
+    sweep started (``hydra.runtime.cwd``: with ``hydra.job.chdir=true`` every job found
+    none, a review's)."""
     from hydra.core.hydra_config import HydraConfig
 
+    if not in_multirun():
+        return current_sweep_id(Path(run_dir).absolute().parent)
     hc = HydraConfig.get()
-    if in_multirun():
-        return current_sweep_id(Path(hc.runtime.cwd) / hc.sweep.dir)
-    return current_sweep_id(Path(hc.runtime.cwd, hc.runtime.output_dir).parent)
+    try:
+        cwd = str(hc.runtime.cwd)
+    except Exception:  # noqa: BLE001 (a config composed by hand has none: where it runs)
+        cwd = os.getcwd()
+    return current_sweep_id(Path(cwd) / hc.sweep.dir)
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -301,7 +306,8 @@ class SweepSummary(Callback):
         self._planned = planned_jobs(config.hydra)
         # the sweep's id, which its jobs record (the report tells an earlier sweep's job
         # folders in a reused dir by it); written before any job starts
-        sweep_dir = Path(config.hydra.runtime.cwd) / config.hydra.sweep.dir
+        cwd = OmegaConf.select(config, "hydra.runtime.cwd", default=None) or os.getcwd()
+        sweep_dir = Path(cwd) / config.hydra.sweep.dir  # (the jobs may chdir: absolute)
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             part = sweep_dir / f"{SWEEP_FILE}.{os.getpid()}.tmp"
