@@ -762,7 +762,7 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     assert report.main([str(root)]) == 0
     out, err = capsys.readouterr()
     assert "4 jobs (1 interrupted, 3 not started); best: none" in out, out
-    assert "job folders 0, 1, 2 hold runs of none of this sweep's jobs" in err, err
+    assert "job folders 0, 1, 2 hold an earlier sweep's runs, left out" in err, err
     unstarted = [line.split()[0] for line in out.splitlines() if " not started " in line]
     assert unstarted == ["1", "2", "3"]
     from trainer.sweep import SweepSummary  # (the sweep's own last lines count them alike)
@@ -785,7 +785,7 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
         (root / name / "metrics.json").write_text(json.dumps({**metrics, "sweep_id": recorded}))
     assert report.main([str(root)]) == 0
     out, err = capsys.readouterr()
-    assert "job folder 0b holds runs of none of this sweep's jobs" in err, err
+    assert "job folder 0b holds an earlier sweep's runs, left out" in err, err
     rows = [line.lstrip("* ").split()[:2] for line in out.splitlines()[1:4]]
     # (folder 1 is job 1 by its number and overrides, folders 0 and 2 this sweep's by their
     # records: none not started, none twice)
@@ -797,7 +797,7 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     (root / ".sweep.json").unlink()
     assert report.main([str(root)]) == 0
     out, err = capsys.readouterr()
-    assert "job folders 0, 2, 0b hold runs" in err, err
+    assert "job folders 0, 2, 0b hold an earlier sweep" in err, err
     unstarted = [line.split()[0] for line in out.splitlines() if " not started " in line]
     assert unstarted == ["0", "2"], out
     # a job folder killed before Hydra wrote its overrides is that job, missing, not also
@@ -865,3 +865,31 @@ def test_an_earlier_runs_result_is_not_reported_as_the_jobs_that_wrote_none(
     with caplog.at_level("INFO", logger="trainer.sweep"), pytest.raises(SystemExit):
         SweepSummary()._summarize(root, stopped=False)
     assert "job 0 missing: its metrics.json is an earlier run's" in caplog.text
+
+
+def test_a_jobs_identity_and_a_refused_run_by_hand_in_its_folder(tmp_path) -> None:
+    """A job is the same job whatever the order of its overrides, the spelling of a value
+    Hydra parses alike (``false``, the sweeper's ``False``) and ``trainer.resume`` (each made
+    a kept job look like an earlier sweep's, a review's). A run by hand refused in a sweep's
+    job folder rewrites its .hydra/ but leaves the job's result: shown as the job's, noted
+    (it was hidden, the job listed as not started, a review's)."""
+    assert report._job(["seed=1", "optimizer.lr=1e-2", "logging.progress=false"]) == (
+        report._job(
+            ["optimizer.lr=0.01", "logging.progress=False", "seed=1", "trainer.resume=auto"]
+        )  # fmt: skip
+    )
+    assert report._job(["optimizer.lr=0.01"]) != report._job(["optimizer.lr=0.02"])
+    root = tmp_path / "sweep"
+    root.mkdir()
+    (root / ".sweep.json").write_text(json.dumps({"sweep_id": "this"}))
+    job = ["optimizer.lr=0.01", "seed=1"]
+    make_run(root / "1", {**completed(0.9, 0.5, 0.1), "overrides": job, "sweep_id": "this"},
+             ["optimizer.lr=-0.01", "seed=1", "trainer.resume=auto"])  # fmt: skip
+    run = report.load_run(root / "1")
+    assert run.status == "completed" and run.overrides == job
+    assert run.note.startswith("its .hydra/ is a later run's, which wrote no result")
+    # the same with an earlier sweep's id: the job's own run (.hydra/) wrote nothing
+    make_run(root / "2", {**completed(0.9, 0.5, 0.1), "overrides": job, "sweep_id": "old"},
+             ["optimizer.lr=-0.01", "seed=1"])  # fmt: skip
+    run = report.load_run(root / "2")
+    assert run.status == "missing" and "its metrics.json is an earlier run's" in run.error

@@ -500,21 +500,26 @@ def test_a_jobs_sweep_id_is_its_sweep_dirs_from_where_the_sweep_started(
 ) -> None:
     """A sweep's job records its sweep dir's id, the dir taken relative to where the sweep
     started (with hydra.job.chdir=true every job found none: a review's); a single run in a
-    sweep's job folder (a job continued by hand) records that sweep's, so a later sweep in
-    the dir leaves the folder out; another single run records none."""
+    sweep's job folder (a job continued by hand) records the id its folder's result records,
+    so a later sweep in the dir leaves the folder out (it took the dir's current id: an
+    earlier sweep's job continued, or a fresh folder, became the current sweep's, a
+    review's); another single run records none."""
     from types import SimpleNamespace
 
     from hydra.core.hydra_config import HydraConfig
 
     import trainer.sweep as sweep
 
-    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "1").mkdir(parents=True)
+    (tmp_path / "sw" / "2").mkdir()
     (tmp_path / "sw" / ".sweep.json").write_text(json.dumps({"sweep_id": "abc"}))
+    (tmp_path / "sw" / "1" / "metrics.json").write_text(json.dumps({"sweep_id": "old"}))
     elsewhere = tmp_path / "job_cwd"  # (the job's own working dir: chdir)
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     for multirun, output, want in ((True, tmp_path / "sw" / "1", "abc"),
-                                   (False, tmp_path / "sw" / "1", "abc"),
+                                   (False, tmp_path / "sw" / "1", "old"),
+                                   (False, tmp_path / "sw" / "2", None),
                                    (False, tmp_path / "run", None)):  # fmt: skip
         hc = SimpleNamespace(runtime=SimpleNamespace(cwd=str(tmp_path), output_dir=str(output)),
                              sweep=SimpleNamespace(dir="sw"))  # fmt: skip

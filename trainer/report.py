@@ -218,16 +218,24 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
         isinstance(ran, list)
         and not elsewhere
         and (run_dir / ".hydra" / "overrides.yaml").is_file()
-        and [str(o) for o in ran] != run.overrides
-    ):  # Hydra's .hydra/ is this job's, metrics.json an earlier run's: the job was refused
-        # before it took the folder over (which leaves it as it was), or killed before it
-        # wrote; the earlier result was reported as this job's, completed and best (a probe's)
-        run.error = (
-            f"its metrics.json is an earlier run's in this folder ({' '.join(map(str, ran))}"
-            "): this job wrote none (refused before it started, which leaves a used folder "
-            "as it was, or killed); its train.log says why"
-        )
-        return run
+        and _job([str(o) for o in ran]) != _job(run.overrides)
+    ):  # Hydra's .hydra/ is a later run's, metrics.json an earlier one's: the later run was
+        # refused before it took the folder over (which leaves it as it was), or killed
+        # before it wrote
+        recorded = metrics.get("sweep_id")
+        if isinstance(recorded, str) and recorded == current_sweep_id(run_dir.parent):
+            # the result is the sweep's job's, a later run by hand refused there (it was
+            # hidden, the job listed as not started, a review's)
+            run.overrides = [str(o) for o in ran]
+            run.note = "its .hydra/ is a later run's, which wrote no result (refused, or killed)"
+        else:  # the earlier result was reported as this job's, completed and best (a probe's)
+            run.error = (
+                f"its metrics.json is an earlier run's in this folder "
+                f"({' '.join(map(str, ran))}): this job wrote none (refused before it "
+                "started, which leaves a used folder as it was, or killed); its train.log "
+                "says why"
+            )
+            return run
     if elsewhere:  # (a later job continued this run in its own folder: the run's latest)
         run.note = (
             f"continued by {job_dir} (its result, to step {metrics.get('step', '?')}: "
@@ -299,8 +307,9 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     if earlier:
         print(f"warning: {root}: job folder{'s' if len(earlier) > 1 else ''} "
               f"{', '.join(r.name for r in earlier)} hold{'' if len(earlier) > 1 else 's'} "
-              "runs of none of this sweep's jobs (multirun.yaml): an earlier sweep's, in the "
-              "same folder; left out", file=sys.stderr)  # fmt: skip
+              "an earlier sweep's runs, left out (a folder is this sweep's where its "
+              f"metrics.json records the sweep's id, {SWEEP_FILE}, or it is the job its "
+              "number names in multirun.yaml)", file=sys.stderr)  # fmt: skip
         runs = [r for r in runs if all(r is not e for e in earlier)]
     if curves:
         for run in runs:  # (a continued job's: where it continued)
@@ -310,8 +319,21 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
 
 def _job(overrides: Sequence[str]) -> tuple[str, ...]:
     """A job's identity: its overrides but ``trainer.resume`` (a sweep run again with
-    ``resume=auto`` runs the same jobs)."""
-    return tuple(o for o in overrides if not o.startswith("trainer.resume="))
+    ``resume=auto`` runs the same jobs), in any order, each value as Hydra parses it (the
+    sweeper writes ``False`` where a command line typed ``false``: a review's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    kept = []
+    for o in overrides:
+        if o.startswith("trainer.resume="):
+            continue
+        try:
+            (parsed,) = parser.parse_overrides([o])
+            kept.append(f"{parsed.get_key_element()}={parsed.value()!r}")
+        except Exception:  # noqa: BLE001 (one Hydra would not parse: as written)
+            kept.append(o)
+    return tuple(sorted(kept))
 
 
 def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:

@@ -239,13 +239,19 @@ def _with_notes(error: BaseException) -> str:
 def job_sweep_id(run_dir: Path) -> str | None:
     """The id of the sweep this job is of (:data:`trainer.report.SWEEP_FILE`): a sweep's
     job, its sweep dir's; a single run in a sweep's job folder ``run_dir`` (a job continued
-    by hand), that sweep's; else None. The sweep dir as written is relative to where the
-    sweep started (``hydra.runtime.cwd``: with ``hydra.job.chdir=true`` every job found
-    none, a review's)."""
+    by hand), the id that folder's result records; else None. The sweep dir as written is
+    relative to where the sweep started (``hydra.runtime.cwd``: with ``hydra.job.chdir=true``
+    every job found none, a review's)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not in_multirun():
-        return current_sweep_id(Path(run_dir).absolute().parent)
+    if not in_multirun():  # (the id its folder's last result records: a fresh folder in a
+        # sweep dir, or an earlier sweep's job continued, is not the current sweep's, a
+        # review's)
+        try:
+            recorded = json.loads((Path(run_dir) / "metrics.json").read_text()).get("sweep_id")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            return None
+        return recorded if isinstance(recorded, str) else None
     hc = HydraConfig.get()
     try:
         cwd = str(hc.runtime.cwd)
