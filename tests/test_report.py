@@ -762,7 +762,7 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     assert report.main([str(root)]) == 0
     out, err = capsys.readouterr()
     assert "4 jobs (1 interrupted, 3 not started); best: none" in out, out
-    assert "job folders 0, 1, 2 hold an earlier sweep's runs, left out" in err, err
+    assert "job folders 0, 1, 2 hold runs that are not this sweep's jobs" in err, err
     unstarted = [line.split()[0] for line in out.splitlines() if " not started " in line]
     assert unstarted == ["1", "2", "3"]
     from trainer.sweep import SweepSummary  # (the sweep's own last lines count them alike)
@@ -785,7 +785,7 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
         (root / name / "metrics.json").write_text(json.dumps({**metrics, "sweep_id": recorded}))
     assert report.main([str(root)]) == 0
     out, err = capsys.readouterr()
-    assert "job folder 0b holds an earlier sweep's runs, left out" in err, err
+    assert "job folder 0b holds runs that are not this sweep's jobs" in err, err
     rows = [line.lstrip("* ").split()[:2] for line in out.splitlines()[1:4]]
     # (folder 1 is job 1 by its number and overrides, folders 0 and 2 this sweep's by their
     # records: none not started, none twice)
@@ -797,7 +797,7 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     (root / ".sweep.json").unlink()
     assert report.main([str(root)]) == 0
     out, err = capsys.readouterr()
-    assert "job folders 0, 2, 0b hold an earlier sweep" in err, err
+    assert "job folders 0, 2, 0b hold runs that are not this sweep's jobs" in err, err
     unstarted = [line.split()[0] for line in out.splitlines() if " not started " in line]
     assert unstarted == ["0", "2"], out
     # a job folder killed before Hydra wrote its overrides is that job, missing, not also

@@ -503,7 +503,8 @@ def test_a_jobs_sweep_id_is_its_sweep_dirs_from_where_the_sweep_started(
     sweep's job folder (a job continued by hand) records the id its folder's result records,
     so a later sweep in the dir leaves the folder out (it took the dir's current id: an
     earlier sweep's job continued, or a fresh folder, became the current sweep's, a
-    review's); another single run records none."""
+    review's); in a job folder with no result (killed before it wrote one), the dir's; a
+    folder not named as a job's, or outside a sweep dir, none."""
     from types import SimpleNamespace
 
     from hydra.core.hydra_config import HydraConfig
@@ -517,9 +518,11 @@ def test_a_jobs_sweep_id_is_its_sweep_dirs_from_where_the_sweep_started(
     elsewhere = tmp_path / "job_cwd"  # (the job's own working dir: chdir)
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    (tmp_path / "sw" / "final").mkdir()
     for multirun, output, want in ((True, tmp_path / "sw" / "1", "abc"),
                                    (False, tmp_path / "sw" / "1", "old"),
-                                   (False, tmp_path / "sw" / "2", None),
+                                   (False, tmp_path / "sw" / "2", "abc"),
+                                   (False, tmp_path / "sw" / "final", None),
                                    (False, tmp_path / "run", None)):  # fmt: skip
         hc = SimpleNamespace(runtime=SimpleNamespace(cwd=str(tmp_path), output_dir=str(output)),
                              sweep=SimpleNamespace(dir="sw"))  # fmt: skip

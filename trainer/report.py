@@ -307,9 +307,10 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     if earlier:
         print(f"warning: {root}: job folder{'s' if len(earlier) > 1 else ''} "
               f"{', '.join(r.name for r in earlier)} hold{'' if len(earlier) > 1 else 's'} "
-              "an earlier sweep's runs, left out (a folder is this sweep's where its "
-              f"metrics.json records the sweep's id, {SWEEP_FILE}, or it is the job its "
-              "number names in multirun.yaml)", file=sys.stderr)  # fmt: skip
+              "runs that are not this sweep's jobs (an earlier sweep's, or runs of their "
+              "own), left out (a folder is this sweep's where its metrics.json records the "
+              f"sweep's id, {SWEEP_FILE}, or it is the job its number names in "
+              "multirun.yaml)", file=sys.stderr)  # fmt: skip
         runs = [r for r in runs if all(r is not e for e in earlier)]
     if curves:
         for run in runs:  # (a continued job's: where it continued)

@@ -250,7 +250,11 @@ def job_sweep_id(run_dir: Path) -> str | None:
         try:
             recorded = json.loads((Path(run_dir) / "metrics.json").read_text()).get("sweep_id")
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            return None
+            # no result there yet: a job of the sweep dir's last sweep killed before it wrote
+            # one, finished by hand (it was left out, listed as not started, a review's)
+            folder = Path(run_dir).absolute()
+            numbered = folder.name.isascii() and folder.name.isdigit()
+            return current_sweep_id(folder.parent) if numbered else None
         return recorded if isinstance(recorded, str) else None
     hc = HydraConfig.get()
     try:
