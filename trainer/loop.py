@@ -1471,6 +1471,10 @@ class Trainer:
                 split_norms["grad_norm/total_clipped"] = grad_norm  # nothing clipped
         if self.measure_clipped_norm and grad_norm is not None:  # the norms instrument's
             split_norms["grad_norm/total"] = grad_norm  # cadence: the total with it
+        out = StepOutput(
+            self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
+            skipped=self.skip_step, skip_where=self.skip_step_where,
+        )  # fmt: skip
         watch = None if self.skip_step else watch_update(self.optimizer)  # (step hooks only)
         try:
             if self.skip_step:  # parameters and optimizer state stay as they are
@@ -1487,10 +1491,6 @@ class Trainer:
                 # the update: the step is done, finished as one (its schedule, its end's
                 # hooks, its scalars), then the failure goes on
                 self._updated_at = self.global_step
-                out = StepOutput(
-                    self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
-                    skip_where=self.skip_step_where,
-                )  # fmt: skip
                 self._end_failed_step(out, lrs, split_norms, scaler)
             raise
         finally:
@@ -1498,10 +1498,6 @@ class Trainer:
                 watch.remove()
         self._updated_at = self.global_step  # (a failure from here on: the step was taken)
         self._after_update()
-        out = StepOutput(
-            self.global_step, self.epoch, batch, losses, weights, grad_norm, should_log,
-            skipped=self.skip_step, skip_where=self.skip_step_where,
-        )  # fmt: skip
         try:
             self._fire("on_train_step_end", out)
         except BaseException:  # the step is taken: its scalars are written (or kept for the

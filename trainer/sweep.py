@@ -318,11 +318,11 @@ class SweepSummary(Callback):
         # folders in a reused dir by it); written before any job starts
         cwd = OmegaConf.select(config, "hydra.runtime.cwd", default=None) or os.getcwd()
         sweep_dir = Path(cwd) / config.hydra.sweep.dir  # (the jobs may chdir: absolute)
+        from trainer.checkpoint import write_json
+
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
-            part = sweep_dir / f"{SWEEP_FILE}.{os.getpid()}.tmp"
-            part.write_text(json.dumps({"sweep_id": uuid.uuid4().hex}))
-            os.replace(part, sweep_dir / SWEEP_FILE)
+            write_json(sweep_dir / SWEEP_FILE, {"sweep_id": uuid.uuid4().hex})  # (atomic)
         except OSError as e:  # (the sweep runs; the report falls back to the overrides)
             log.warning("sweep: could not write %s (%s)", sweep_dir / SWEEP_FILE, e)
 
