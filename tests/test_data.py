@@ -239,6 +239,39 @@ def test_a_resume_between_0_and_more_workers_says_the_draws_differ(caplog) -> No
     assert "data.num_workers 2 -> 0: random draws" in caplog.records[0].getMessage()
 
 
+def test_a_resume_on_another_number_of_processes_says_what_draws_otherwise(caplog) -> None:
+    """Resumed on another number of processes, a run continues up to rounding where nothing
+    is drawn at random; a Dataset's augmentation (seeded by rank and batch) and dropout (one
+    stream on every rank) draw otherwise: a probe's 2-process augmented run resumed on one
+    ended 0.024 away in the weights, unsaid. Said, naming what draws; not on the same number,
+    nor where nothing draws."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from trainer.distributed import World
+    from trainer.run import _warn_world_draws
+
+    loader = DeviceLoader(FailsAt(), batch_size=4, device=CPU, shuffle=False, num_workers=0)
+    plain, dropped = nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
+    two = {"tally_ranks": [{}, {}]}
+    with caplog.at_level("WARNING", logger="trainer.run"):
+        _warn_world_draws(two, SimpleNamespace(train_loader=loader, model=plain, world=World()))
+        _warn_world_draws({}, SimpleNamespace(train_loader=[], model=dropped, world=World()))
+        _warn_world_draws(two, SimpleNamespace(train_loader=[], model=nn.Sequential(
+            nn.Dropout(0.0)), world=World()))  # fmt: skip
+        _warn_world_draws({}, SimpleNamespace(train_loader=loader, model=dropped,
+                                              world=World(0, 2, 0)))  # fmt: skip
+        _warn_world_draws(two, SimpleNamespace(train_loader=[], model=plain,
+                                               world=World(0, 2, 0)))  # fmt: skip
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert "resume: 2 process(es) -> 1: a Dataset's random draws (augmentation" in said[0]
+    assert "dropout" not in said[0]
+    assert said[1].startswith("resume: 1 process(es) -> 2: a Dataset's random draws")
+    assert "and dropout (1: one stream, the same on every rank) draw otherwise" in said[1]
+
+
 @pytest.mark.parametrize(("n", "fraction"), [(10, 0.35), (7, 0.5), (100, 0.2)])
 def test_a_tensors_files_split_is_disjoint_and_whole(tmp_path, n, fraction) -> None:
     """Its own validation split: round(f·N) samples, the rest for training, none in both (a

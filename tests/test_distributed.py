@@ -987,6 +987,31 @@ def test_validation_on_two_processes_uses_the_batchnorm_statistics_rank_0_saves(
         assert logged[key] == pytest.approx(again[key], rel=1e-6, abs=1e-7), key
 
 
+class FreezeBatchNorms(Callback):
+    """Every BatchNorm in eval mode from the start: normalized by its running statistics."""
+
+    def on_fit_start(self, trainer) -> None:
+        for m in trainer.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def test_batchnorms_a_callback_freezes_as_fit_starts_are_not_named_per_rank(tmp_path) -> None:
+    """Data-parallel, the BatchNorm layers that normalize each rank's own part are named as
+    fit starts: those a callback put in eval mode in ``on_fit_start`` were named before it
+    ran (a probe's); the model's others still are."""
+    small = ["model=cnn", "model.batch_norm=true", "model.channels=[4,4]", "model.hidden=8",
+             "data.batch_size=2", "data.train_subset=8", "trainer.max_steps=1",
+             "trainer.checkpoint.every_n_steps=0", "logging.progress=false", "instrument=none",
+             "+callbacks.f._target_=test_distributed.FreezeBatchNorms"]  # fmt: skip
+    ranks = [tmp_path / "r0", tmp_path / "r1"]
+    assert ranks_of(_rank_logged, small, ranks) == [0, 0]
+    for r in ranks:
+        log = (r / f"rank{ranks.index(r)}.log").read_text()
+        assert "own part of the batch" not in log, log
+        assert "2 module(s) are in eval mode" in log, log
+
+
 def test_a_ragged_validation_batch_on_the_dataloader_path_names_eval_batch_size() -> None:
     """Digits' 359 validation samples in global batches of 2 x 179 leave 1 for 2 ranks; the
     error named data.drop_last and data.batch_size, neither of which applies to validation
@@ -1081,16 +1106,18 @@ def test_batchnorm_across_ranks_is_named_or_synchronized(caplog) -> None:
     from torch import nn
 
     from trainer.config import ConfigError
+    from trainer.distributed import warn_batch_norms
     from trainer.run import batchnorm_across_ranks
 
     def model() -> nn.Module:
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    with caplog.at_level("WARNING", logger="trainer.run"):
+    with caplog.at_level("WARNING", logger="trainer"):
         m = model()
         assert batchnorm_across_ranks(m, False, False, cpu) is m and not caplog.records
-        assert batchnorm_across_ranks(m, True, False, cpu) is m
+        assert batchnorm_across_ranks(m, True, False, cpu) is m and not caplog.records  # (the
+        assert warn_batch_norms(m) == ["1"]  # trainer names them as fit starts)
     assert "data-parallel: 1 normalizes each rank's own part" in caplog.text
     assert "trainer.sync_batchnorm=true" in caplog.text
     with pytest.raises(ConfigError, match="SyncBatchNorm runs on CUDA only"):
@@ -1106,9 +1133,9 @@ def test_batchnorm_across_ranks_is_named_or_synchronized(caplog) -> None:
     caplog.clear()
     frozen, batch_stats = model().eval(), model()
     batch_stats[1] = nn.BatchNorm2d(4, track_running_stats=False).eval()
-    with caplog.at_level("WARNING", logger="trainer.run"):
-        assert batchnorm_across_ranks(frozen, True, False, cpu) is frozen and not caplog.records
-        batchnorm_across_ranks(batch_stats, True, False, cpu)
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert warn_batch_norms(frozen) == [] and not caplog.records
+        assert warn_batch_norms(batch_stats) == ["1"]
     assert "data-parallel: 1 normalizes each rank's own part" in caplog.text
     # the model's own SyncBatchNorm off CUDA: named (torch's DDP raised its own error, after a
     # warning suggesting sync_batchnorm); on CUDA it is kept and not warned about
@@ -1117,8 +1144,9 @@ def test_batchnorm_across_ranks_is_named_or_synchronized(caplog) -> None:
     with pytest.raises(ConfigError, match=r"data-parallel on cpu: the model's own SyncBatchNorm "
                        r"layers \(1\) run on CUDA only"):  # fmt: skip
         batchnorm_across_ranks(own, True, False, cpu)
-    with caplog.at_level("WARNING", logger="trainer.run"):
+    with caplog.at_level("WARNING", logger="trainer"):
         assert batchnorm_across_ranks(own, True, False, cuda) is own and not caplog.records
+        assert warn_batch_norms(own) == [] and not caplog.records
     # sync_batchnorm converts frozen ones too (a callback may put them in training mode)
     synced = batchnorm_across_ranks(model().eval(), True, True, cuda)
     assert isinstance(synced[1], nn.SyncBatchNorm) and not synced[1].training

@@ -1270,6 +1270,37 @@ def test_the_curvature_callbacks_probes_come_from_its_own_seeded_stream() -> Non
             torch.testing.assert_close(values["curvature/trace"], (z @ h @ z.T).squeeze())
 
 
+def test_the_curvature_probes_stream_continues_across_a_state_and_not_across_devices(
+    caplog,
+) -> None:
+    """A state saved after one measured step continues the stream where it was (also saved
+    again before the next measurement); a state of another kind of device's generator (a GPU
+    checkpoint resumed on a CPU: its generator could not be made here, and the resume failed,
+    a review's) is drawn afresh from the seed, said."""
+    trainer, batch, _ = least_squares_trainer()
+    first = Curvature(1, power_iters=1, tol=0, trace_probes=1, seed=3)
+    first.measure(trainer, batch)
+    state = first.state_dict()
+    expected = first.measure(trainer, batch)
+    resumed = Curvature(1, power_iters=1, tol=0, trace_probes=1, seed=3)
+    resumed.load_state_dict(state)
+    again = resumed.state_dict()
+    assert again["device"] == state["device"]
+    assert torch.equal(again["generator"], state["generator"])
+    # (bit for bit, NaN for NaN: one probe's standard error is NaN)
+    torch.testing.assert_close(resumed.measure(trainer, batch), expected, rtol=0, atol=0,
+                               equal_nan=True)  # fmt: skip
+    fresh = Curvature(1, power_iters=1, tol=0, trace_probes=1, seed=3).measure(trainer, batch)
+    other = Curvature(1, power_iters=1, tol=0, trace_probes=1, seed=3)
+    other.load_state_dict({"generator": torch.zeros(16, dtype=torch.uint8), "device": "cuda:0"})
+    with caplog.at_level(logging.WARNING, logger="trainer.instrument.curvature"):
+        values = other.measure(trainer, batch)
+    torch.testing.assert_close(values, fresh, rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(values["curvature/trace"], expected["curvature/trace"])  # (drawn
+    # afresh, not on)
+    assert "was on cuda:0, this run measures on cpu" in caplog.text
+
+
 def test_an_unconverged_lanczos_run_is_nan_with_its_product_count() -> None:
     """At the iteration cap without the stopping rule met, the estimate is not presented as
     the eigenvalue (a probe saw 28 % low at 20 products, the default then, on a small MLP):

@@ -97,6 +97,42 @@ def test_fused_null_is_fused_on_a_device_that_runs_it_by_default(monkeypatch, na
     assert not fused(node=OmegaConf.create(own))  # (no fused key: torch's default)
 
 
+class ImplementationFlags(Callback):
+    """Each step's optimizer groups' ``fused`` and ``foreach``, and its step counts' place."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def on_train_step_end(self, trainer, out) -> None:
+        opt = trainer.optimizer
+        steps = {(str(s["step"].device), s["step"].dtype) for s in opt.state.values()
+                 if isinstance(s.get("step"), torch.Tensor)}  # fmt: skip
+        self.seen.append((*((g["fused"], g["foreach"]) for g in opt.param_groups), *steps))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_a_resume_takes_this_runs_optimizer_implementation(tmp_path, monkeypatch, name) -> None:
+    """torch's ``load_state_dict`` takes every key of a saved group but its parameters: a CPU
+    checkpoint resumed on a GPU (where ``fused: null`` is fused) trained unfused, and the
+    guard lost its device-side skip; a GPU checkpoint resumed on a CPU stayed fused (a
+    review's). The CPU stands in for the GPU by ``FUSED_BY_DEFAULT``; a fused step's counts are
+    float32 on the parameters' device, as torch places them by the flags it loads with."""
+    run_module = importlib.import_module("trainer.run")
+    flags = ImplementationFlags()
+    base = [f"optimizer={name}", "trainer.run_id=moved", "trainer.resume=auto",
+            f"trainer.checkpoint.search_dir={tmp_path}", "trainer.checkpoint.every_n_steps=2",
+            "instrument=none"]  # fmt: skip
+    train(tmp_path / "cpu", *base, "trainer.max_steps=2", callbacks=[flags])
+    monkeypatch.setattr(run_module, "FUSED_BY_DEFAULT", ("cpu",))
+    train(tmp_path / "gpu", *base, "trainer.max_steps=4", callbacks=[flags])
+    monkeypatch.setattr(run_module, "FUSED_BY_DEFAULT", ("cuda",))
+    train(tmp_path / "back", *base, "trainer.max_steps=6", callbacks=[flags])
+    unfused, fused = ((None, None),), ((True, None),)  # (one group)
+    if name == "adamw":  # (SGD keeps no step count)
+        unfused, fused = (*unfused, ("cpu", torch.float32)), (*fused, ("cpu", torch.float32))
+    assert flags.seen == [unfused] * 2 + [fused] * 2 + [unfused] * 2
+
+
 # step 1 creates the optimizer's state (read on the host there); 5-6 in a row; 8 the loss
 POISONED = {1: "grad", 5: "grad", 6: "input", 8: "input"}
 

@@ -16,6 +16,7 @@ so each rank backpropagates ``WORLD_SIZE ×`` its own share of it: scalar mode
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import zlib
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,31 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         return
     for b in module.buffers():
         dist.broadcast(b, src=0)
+
+
+def warn_batch_norms(model: torch.nn.Module) -> list[str]:
+    """Name the BatchNorm layers that normalize each rank's own part of the batch (torch's
+    DDP): those in training mode, or without running statistics, as fit starts (after every
+    ``on_fit_start`` and a resume's modes: one a callback freezes there normalizes with its
+    running statistics, the same on every rank, and was named, a probe's). Returns them."""
+    from torch import nn
+
+    names = [n or type(model).__name__ for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, nn.SyncBatchNorm)
+             and (m.training or not m.track_running_stats)]  # fmt: skip
+    if names:
+        log.warning(
+            "data-parallel: %s normalize%s each rank's own part of the batch in training mode "
+            "(torch's DDP), so this run is not one process on the global batch (its gradients "
+            "and running statistics differ); trainer.sync_batchnorm=true (CUDA) normalizes "
+            "over the global batch (a BatchNorm in eval mode as fit starts is not named: its "
+            "running statistics are the same on every rank, until a callback puts it in "
+            "training mode)",
+            ", ".join(names[:5]) + (" …" if len(names) > 5 else ""),
+            "s" if len(names) == 1 else "",
+        )  # fmt: skip
+    return names
 
 
 def shard(start: int, stop: int, world: World) -> tuple[int, int]:

@@ -54,6 +54,7 @@ from trainer.distributed import (
     all_reduce_max,
     all_reduce_sum,
     broadcast_buffers,
+    warn_batch_norms,
 )
 from trainer.instrument.norms import memory_of, needs_care, norms_of, total_norm
 from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
@@ -113,6 +114,27 @@ def _check_arguments(
     for ok, name, got in checks:
         if not ok:
             raise ValueError(f"Trainer: {name}: got {got}")
+
+
+#: an optimizer group's keys that choose torch's implementation, not the update's math
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _own_implementation(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A checkpoint's optimizer state with this run's implementation flags in its groups.
+    torch's ``load_state_dict`` takes every key of a saved group but its parameters: a run
+    resumed on another device kept the checkpoint's (a CPU checkpoint resumed on a GPU trained
+    unfused, and the non-finite guard lost its device-side skip; a GPU one resumed on the CPU
+    stayed fused, a review's). Set before loading, as torch places the ``step`` counts by
+    them (a fused or capturable step's on the parameters' device)."""
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return saved  # (refused by the caller, or by torch, with the reason)
+    mine = optimizer.param_groups
+    return {**saved, "param_groups": [
+        {**g, **{k: own[k] for k in IMPLEMENTATION_KEYS if k in own}} if isinstance(g, dict) else g
+        for g, own in zip(groups, mine, strict=True)
+    ]}  # fmt: skip
 
 
 def check_plateau(scheduler: Any, monitor: str) -> None:
@@ -875,6 +897,8 @@ class Trainer:
             # restores what the others' took, e.g. the signal handlers)
             self._fire("on_fit_start")  # (what it stages: with the first step, at its number)
             self._start_training_modes()
+            if self.world.distributed:  # (the modes the run trains with: on_fit_start's, a
+                warn_batch_norms(self.model)  # resume's)
             self._clear_stale_gradients()
             self._buffers = [
                 (m, n) for m in self.model.modules() for n, b in m._buffers.items()
@@ -1772,7 +1796,7 @@ class Trainer:
                 "factory: README, `optimizer`) and change a group's lr, or freeze its "
                 "parameters, in the callback instead"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(_own_implementation(state["optimizer"], self.optimizer))
         for name, obj in (("scheduler", self.scheduler), ("scaler", self.scaler)):
             if obj is not None:
                 obj.load_state_dict(state[name])

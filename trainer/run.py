@@ -259,6 +259,32 @@ def _warn_worker_draws(saved: dict[str, Any] | None, now: dict[str, Any], traine
         )  # fmt: skip
 
 
+def _warn_world_draws(state: dict[str, Any], trainer: Trainer) -> None:
+    """A resume on another number of processes continues the checkpoint's run up to rounding
+    where nothing is drawn at random; a Dataset's random draws (augmentation) are seeded by
+    rank and batch, and dropout draws one stream on every rank, so both draw otherwise than
+    the checkpoint's run would have (a probe: 0.024 in the weights, unsaid)."""
+    from trainer.data.base import DeviceLoader
+
+    before, now = len(state.get("tally_ranks") or [None]), trainer.world.size
+    if before == now:
+        return
+    what = []
+    if isinstance(trainer.train_loader, DeviceLoader):
+        what.append("a Dataset's random draws (augmentation: seeded by rank and batch)")
+    dropout = [n for n, m in trainer.model.named_modules()
+               if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]  # fmt: skip
+    if dropout:
+        what.append(f"dropout ({', '.join(dropout[:3])}{' …' if len(dropout) > 3 else ''}: "
+                    "one stream, the same on every rank)")  # fmt: skip
+    if what:
+        log.warning(
+            "resume: %d process(es) -> %d: %s draw otherwise than the checkpoint's run would "
+            "have, so this run is not its continuation (up to rounding, it is where nothing "
+            "is drawn at random)", before, now, " and ".join(what),
+        )  # fmt: skip
+
+
 def _display(path: Path | None) -> str:
     if path is None:  # (a stop whose checkpoint could not be written)
         return "none"
@@ -551,6 +577,7 @@ def _run(
         )  # fmt: skip
         if resume_state is not None and main:
             _warn_worker_draws(resume_state.get("config"), resolved, trainer)
+            _warn_world_draws(resume_state, trainer)
         metric_names = (*trainer.criterion.metrics, "train/loss")
         monitor = typed.monitor or trainer.criterion.monitor
         if monitor not in metric_names:
@@ -936,9 +963,8 @@ def batchnorm_across_ranks(
     (torch's DDP): the run is then not one process on the global batch (its 2 x B differed
     from 1 x 2B by 1e-2 in the weights, silently). ``sync`` converts them to SyncBatchNorm
     (the global batch's statistics; torch runs it on CUDA only, and a model without one has
-    nothing to convert); else a warning names those that normalize by the batch now (in
-    training mode, or without running statistics): one frozen in eval mode normalizes with
-    its running statistics, the same on every rank. A model's own SyncBatchNorm off CUDA is
+    nothing to convert); else the trainer names them as fit starts
+    (:func:`trainer.distributed.warn_batch_norms`). A model's own SyncBatchNorm off CUDA is
     refused naming it (torch's DDP raised its own error, after a warning that suggested
     ``sync_batchnorm``: a probe's finding)."""
     if not distributed:
@@ -952,11 +978,9 @@ def batchnorm_across_ranks(
             "DDP refuses them elsewhere); build them as BatchNorm for this run (each rank "
             "then normalizes its own part of the batch) or run on CUDA"
         )
-    norms = [(n or type(model).__name__, m) for n, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and not isinstance(m, nn.SyncBatchNorm)]  # fmt: skip
     # (converted whatever their mode: a callback may put a frozen one in training mode)
-    names = [n for n, m in norms if m.training or not m.track_running_stats]
     if sync and norms:
         if device.type != "cuda":
             raise ConfigError(
@@ -965,17 +989,7 @@ def batchnorm_across_ranks(
                 "of the batch)"
             )
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if names:
-        log.warning(
-            "data-parallel: %s normalize%s each rank's own part of the batch in training mode "
-            "(torch's DDP), so this run is not one process on the global batch (its gradients "
-            "and running statistics differ); trainer.sync_batchnorm=true (CUDA) normalizes "
-            "over the global batch (a BatchNorm in eval mode is not named: its running "
-            "statistics are the same on every rank, until a callback puts it in training mode)",
-            ", ".join(names[:5]) + (" …" if len(names) > 5 else ""),
-            "s" if len(names) == 1 else "",
-        )  # fmt: skip
-    return model
+    return model  # (those left normalizing per rank: named as fit starts, warn_batch_norms)
 
 
 def check_frequency_scaling(model: nn.Module, ranks: int, accumulate: int) -> None:

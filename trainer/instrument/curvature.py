@@ -346,6 +346,7 @@ class Curvature(Callback):
         self.power_iters, self.tol, self.trace_probes = power_iters, tol, trace_probes
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._loaded: tuple[torch.device, Tensor] | None = None  # a checkpoint's, not made yet
         #: the step last measured and the generator's state before its draws; the step a
         #: failure was in (a fit called again measures it again from the same state)
         self._drawn: tuple[int, Tensor] | None = None
@@ -445,6 +446,8 @@ class Curvature(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The probe generator's state (None before the first measurement)."""
+        if self._loaded is not None:  # loaded, not measured with since: kept as it was
+            return {"generator": self._loaded[1], "device": str(self._loaded[0])}
         g = self._generator
         return {
             "generator": None if g is None else g.get_state(),
@@ -459,12 +462,26 @@ class Curvature(Callback):
         # (a state from before the first measurement: seeded afresh at the next one; the
         # generator drawn from since was kept, a review's)
         self._generator = None
+        # (made at the next measurement, on its device: a GPU checkpoint's generator could not
+        # be made on a machine without one, and the resume failed, a review's)
+        self._loaded = None
         if state["generator"] is not None:
-            self._generator = torch.Generator(device=state["device"])
-            self._generator.set_state(state["generator"])
+            self._loaded = (torch.device(state["device"]), state["generator"])
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """The measurement's own generator, seeded once (its stream continues across steps)."""
+        """The measurement's own generator, seeded once (its stream continues across steps,
+        and across a resume on the same kind of device)."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            if loaded[0].type == device.type:
+                self._generator = torch.Generator(device=device)
+                self._generator.set_state(loaded[1])
+            else:  # (one device's generator state means nothing to another's: said)
+                log.warning(
+                    "curvature: the checkpoint's probe generator was on %s, this run measures "
+                    "on %s: its probes are drawn afresh from instrument.curvature.seed, not as "
+                    "the run would have drawn them on", loaded[0], device,
+                )  # fmt: skip
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
