@@ -241,35 +241,49 @@ def test_a_resume_between_0_and_more_workers_says_the_draws_differ(caplog) -> No
 
 def test_a_resume_on_another_number_of_processes_says_what_draws_otherwise(caplog) -> None:
     """Resumed on another number of processes, a run continues up to rounding where nothing
-    is drawn at random; a Dataset's augmentation (seeded by rank and batch) and dropout (one
-    stream on every rank) draw otherwise: a probe's 2-process augmented run resumed on one
-    ended 0.024 away in the weights, unsaid. Said, naming what draws; not on the same number,
-    nor where nothing draws."""
+    is drawn at random; a Dataset's augmentation and dropout (one stream on every rank) draw
+    otherwise: a probe's 2-process augmented run resumed on one ended 0.024 away in the
+    weights, unsaid. Said, naming what draws; not on the same number, nor where nothing draws:
+    a split of tensors on the DataLoader path without a transform or with the built-in
+    normalization, dropout of p = 0 or in eval mode as the checkpoint has it (a review's)."""
     from types import SimpleNamespace
 
     from torch import nn
 
+    from trainer.data.base import ByteNormalize
     from trainer.distributed import World
     from trainer.run import _warn_world_draws
 
-    loader = DeviceLoader(FailsAt(), batch_size=4, device=CPU, shuffle=False, num_workers=0)
+    def loader(dataset) -> DeviceLoader:
+        return DeviceLoader(dataset, batch_size=4, device=CPU, shuffle=False, num_workers=0)
+
+    x, y = torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64)
+    drawing, normalized = loader(FailsAt()), loader(TensorSplit(x, y, ByteNormalize([0.5], [1])))
     plain, dropped = nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
-    two = {"tally_ranks": [{}, {}]}
+    attention = nn.MultiheadAttention(4, 2, dropout=0.1)
+    one, two = World(), World(0, 2, 0)
+
+    def resume(state, train_loader, model, world) -> None:
+        trainer = SimpleNamespace(train_loader=train_loader, model=model, world=world)
+        _warn_world_draws(state, trainer)
+
+    ranks = {"tally_ranks": [{}, {}]}
     with caplog.at_level("WARNING", logger="trainer.run"):
-        _warn_world_draws(two, SimpleNamespace(train_loader=loader, model=plain, world=World()))
-        _warn_world_draws({}, SimpleNamespace(train_loader=[], model=dropped, world=World()))
-        _warn_world_draws(two, SimpleNamespace(train_loader=[], model=nn.Sequential(
-            nn.Dropout(0.0)), world=World()))  # fmt: skip
-        _warn_world_draws({}, SimpleNamespace(train_loader=loader, model=dropped,
-                                              world=World(0, 2, 0)))  # fmt: skip
-        _warn_world_draws(two, SimpleNamespace(train_loader=[], model=plain,
-                                               world=World(0, 2, 0)))  # fmt: skip
+        resume(ranks, drawing, plain, one)  # said
+        resume({}, [], dropped, one)
+        resume(ranks, [], nn.Sequential(nn.Dropout(0.0)), one)
+        resume(ranks, normalized, plain, one)
+        resume(ranks, loader(TensorSplit(x, y)), plain, one)
+        resume({**ranks, "train_modes": {"1": False}}, [], dropped, one)
+        resume({}, drawing, dropped, two)  # said
+        resume(ranks, [], plain, two)
+        resume({}, [], attention, two)  # said
     said = [r.getMessage() for r in caplog.records]
-    assert len(said) == 2, said
-    assert "resume: 2 process(es) -> 1: a Dataset's random draws (augmentation" in said[0]
-    assert "dropout" not in said[0]
+    assert len(said) == 3, said
+    assert "resume: 2 process(es) -> 1: a Dataset's random draws (augmentation) draw" in said[0]
     assert said[1].startswith("resume: 1 process(es) -> 2: a Dataset's random draws")
     assert "and dropout (1: one stream, the same on every rank) draw otherwise" in said[1]
+    assert "-> 2: dropout (MultiheadAttention: one stream" in said[2]
 
 
 @pytest.mark.parametrize(("n", "fraction"), [(10, 0.35), (7, 0.5), (100, 0.2)])

@@ -1298,6 +1298,8 @@ def test_the_curvature_probes_stream_continues_across_a_state_and_not_across_dev
     torch.testing.assert_close(values, fresh, rtol=0, atol=0, equal_nan=True)
     assert not torch.equal(values["curvature/trace"], expected["curvature/trace"])  # (drawn
     # afresh, not on)
+    with pytest.raises(ValueError, match=r"generator state does not fit a cpu generator"):
+        other.load_state_dict({"generator": torch.zeros(16, dtype=torch.uint8), "device": "cpu"})
     assert "was on cuda:0, this run measures on cpu" in caplog.text
 
 

@@ -1171,9 +1171,9 @@ class Trainer:
             return int(agreed.item()) or None  # host sync: an epoch's end
         event = None
         host = agreed.to("cpu", non_blocking=True)
-        if agreed.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
+        if agreed.device.type == "cuda":  # (recorded on the stream of the flag's device: the
+            event = torch.cuda.Event()  # current device may be another, a review's)
+            event.record(torch.cuda.current_stream(agreed.device))
         self._stop_in_flight = (host, event)
         if previous is None:
             return None

@@ -261,19 +261,30 @@ def _warn_worker_draws(saved: dict[str, Any] | None, now: dict[str, Any], traine
 
 def _warn_world_draws(state: dict[str, Any], trainer: Trainer) -> None:
     """A resume on another number of processes continues the checkpoint's run up to rounding
-    where nothing is drawn at random; a Dataset's random draws (augmentation) are seeded by
-    rank and batch, and dropout draws one stream on every rank, so both draw otherwise than
-    the checkpoint's run would have (a probe: 0.024 in the weights, unsaid)."""
-    from trainer.data.base import DeviceLoader
+    where nothing is drawn at random; a Dataset's random draws (augmentation: each rank's
+    batches are others) and dropout (one stream, the same on every rank) draw otherwise than
+    the checkpoint's run would have (a probe: 0.024 in the weights, unsaid). A split held as
+    tensors with no transform, or only the built-in normalization, draws nothing; dropout in
+    eval mode as the checkpoint has it neither."""
+    from trainer.data.base import ByteNormalize, DeviceLoader, TensorSplit
 
     before, now = len(state.get("tally_ranks") or [None]), trainer.world.size
     if before == now:
         return
     what = []
-    if isinstance(trainer.train_loader, DeviceLoader):
-        what.append("a Dataset's random draws (augmentation: seeded by rank and batch)")
-    dropout = [n for n, m in trainer.model.named_modules()
-               if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]  # fmt: skip
+    loader = trainer.train_loader
+    if isinstance(loader, DeviceLoader):
+        data = getattr(loader.loader.dataset, "dataset", None)
+        if not (
+            isinstance(data, TensorSplit)
+            and (data.transform is None or isinstance(data.transform, ByteNormalize))
+        ):
+            what.append("a Dataset's random draws (augmentation)")
+    modes = state.get("train_modes") or {}
+    dropout = [n or type(m).__name__ for n, m in trainer.model.named_modules()
+               if (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+                   or isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+               and modes.get(n, m.training)]  # fmt: skip
     if dropout:
         what.append(f"dropout ({', '.join(dropout[:3])}{' …' if len(dropout) > 3 else ''}: "
                     "one stream, the same on every rank)")  # fmt: skip

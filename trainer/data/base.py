@@ -123,7 +123,8 @@ class InMemoryLoader:
         if self.shuffle:
             order = epoch_order(self.num_samples, self.seed, self.epoch).to(
                 self.device, non_blocking=True
-            )  # (no wait for the device's queue; the CPU tensor is not reused)
+            )  # (from pageable memory CUDA waits for the stream before copying: once an
+            # epoch, before its first batch; the CPU tensor is not reused)
         else:
             order = torch.arange(self.num_samples, device=self.device)
         gbs = self.global_batch_size

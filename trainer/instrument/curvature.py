@@ -129,6 +129,20 @@ def _power_of_two_below(m: Tensor) -> Tensor:
     return torch.where(ok, torch.exp2(torch.floor(torch.log2(torch.where(ok, m, 1)))), 1)
 
 
+def _made(device: torch.device, state: Tensor) -> torch.Generator:
+    """A generator on ``device`` with a checkpoint's ``state``; one that does not fit is
+    refused naming it (torch's error says only the size it expected)."""
+    made = torch.Generator(device=device)
+    try:
+        made.set_state(state)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"curvature: the checkpoint's probe generator state does not fit a {device.type} "
+            f"generator of this torch ({e})"
+        ) from e
+    return made
+
+
 def lanczos(
     grads: Sequence[Tensor],
     params: Sequence[Tensor],
@@ -467,21 +481,23 @@ class Curvature(Callback):
         self._loaded = None
         if state["generator"] is not None:
             self._loaded = (torch.device(state["device"]), state["generator"])
+            if self._loaded[0].type == "cpu":  # (one that does not fit: said at the resume,
+                _made(self._loaded[0], state["generator"])  # not at the next measurement)
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The measurement's own generator, seeded once (its stream continues across steps,
         and across a resume on the same kind of device)."""
-        loaded, self._loaded = self._loaded, None
+        loaded = self._loaded
         if loaded is not None:
-            if loaded[0].type == device.type:
-                self._generator = torch.Generator(device=device)
-                self._generator.set_state(loaded[1])
+            if loaded[0].type == device.type:  # (kept where it fails: a fit called again
+                self._generator = _made(device, loaded[1])  # says it again, a review's)
             else:  # (one device's generator state means nothing to another's: said)
                 log.warning(
                     "curvature: the checkpoint's probe generator was on %s, this run measures "
                     "on %s: its probes are drawn afresh from instrument.curvature.seed, not as "
                     "the run would have drawn them on", loaded[0], device,
                 )  # fmt: skip
+            self._loaded = None
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
