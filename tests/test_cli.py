@@ -119,7 +119,8 @@ def _config_error(path):
 def test_a_config_error_is_one_line_naming_the_key_and_its_run_records_it(background) -> None:
     """A value out of range is a user's error, not the trainer's: the CLI says which key and
     why, in one line without a traceback, exits 1, and the run's metrics.json records it;
-    ``HYDRA_FULL_ERROR=1`` still shows the traceback (Hydra's own switch). So is a value
+    ``HYDRA_FULL_ERROR=1`` still shows the traceback (Hydra's own switch); the run's
+    ``train.log`` holds either. So is a value
     refused while its component is built (a ValueError of the trainer's own: a probe's)."""
     plain, full, built, run_dir = background
     message = "trainer.max_epochs: got -3, must be >= 1"
@@ -132,6 +133,12 @@ def test_a_config_error_is_one_line_naming_the_key_and_its_run_records_it(backgr
     assert metrics["status"] == "failed" and message in metrics["error"], metrics
     assert full.returncode == 1
     assert "Traceback (most recent call last)" in full.stderr and message in full.stderr
+    # the run's log file says why too (it was empty, a probe's): the line, then (the second
+    # run in the folder, HYDRA_FULL_ERROR=1) the traceback
+    logged = (run_dir / "train.log").read_text()
+    assert f"Error: {message}" in logged, logged
+    assert logged.index(f"Error: {message}") < logged.index("Traceback (most recent call last)")
+    assert f"failed: ConfigError: {message}" in logged, logged
 
 
 def _raise(error: Exception) -> None:

@@ -996,20 +996,27 @@ class FreezeBatchNorms(Callback):
                 m.eval()
 
 
-def test_batchnorms_a_callback_freezes_as_fit_starts_are_not_named_per_rank(tmp_path) -> None:
+def test_two_ranks_name_batchnorms_as_fit_starts_and_the_first_alone_shows_progress(
+    tmp_path,
+) -> None:
     """Data-parallel, the BatchNorm layers that normalize each rank's own part are named as
     fit starts: those a callback put in eval mode in ``on_fit_start`` were named before it
-    ran (a probe's); the model's others still are."""
+    ran (a probe's). The progress lines and the epoch's line are the first rank's alone:
+    every rank wrote them, each twice in a log (and on a terminal two bars drew over each
+    other, a probe's)."""
     small = ["model=cnn", "model.batch_norm=true", "model.channels=[4,4]", "model.hidden=8",
              "data.batch_size=2", "data.train_subset=8", "trainer.max_steps=1",
-             "trainer.checkpoint.every_n_steps=0", "logging.progress=false", "instrument=none",
+             "trainer.checkpoint.every_n_steps=0", "logging.progress=true",
+             "logging.progress_every_n_steps=1", "instrument=none",
              "+callbacks.f._target_=test_distributed.FreezeBatchNorms"]  # fmt: skip
     ranks = [tmp_path / "r0", tmp_path / "r1"]
     assert ranks_of(_rank_logged, small, ranks) == [0, 0]
-    for r in ranks:
-        log = (r / f"rank{ranks.index(r)}.log").read_text()
+    logs = [(r / f"rank{i}.log").read_text() for i, r in enumerate(ranks)]
+    for log in logs:
         assert "own part of the batch" not in log, log
         assert "2 module(s) are in eval mode" in log, log
+    assert "step 1/1  epoch 1/20" in logs[0] and "epoch 1/20  step 1  train/loss" in logs[0]
+    assert "step 1/1" not in logs[1] and "epoch 1/20" not in logs[1], logs[1]
 
 
 def test_a_ragged_validation_batch_on_the_dataloader_path_names_eval_batch_size() -> None:

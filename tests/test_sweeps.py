@@ -298,6 +298,44 @@ def test_a_job_without_a_monitored_value_gives_a_sweep_none(monkeypatch, value) 
     assert math.isnan(single) if math.isnan(value) else single == value
 
 
+def test_a_jobs_python_warnings_go_through_logging_and_are_put_back(monkeypatch) -> None:
+    """A ``warnings.warn`` during a job (torch's, a library's, a model's of one's own) went to
+    stderr alone: not into the run's ``train.log``, and through the progress bar (a probe's).
+    During the job warnings are logged (``py.warnings``, to the handlers Hydra configured and
+    above the bar); after it, ``warnings.showwarning`` is what it was, also where it fails."""
+    import importlib
+    import warnings
+
+    import trainer.sweep as sweep
+
+    result = {"monitor": "val/loss", "val/loss": 0.5, "status": "completed"}
+
+    def job(cfg):
+        warnings.warn("a model's own warning", UserWarning, stacklevel=1)
+        if cfg == "fail":
+            raise RuntimeError("a job's failure")
+        return result
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)
+    monkeypatch.setattr(importlib.import_module("trainer.run"), "run", job)
+    monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+    try:
+        with warnings.catch_warnings():  # (which puts showwarning back itself at its end)
+            warnings.simplefilter("always")
+            shown = warnings.showwarning
+            assert sweep.run_job(None) == 0.5
+            assert warnings.showwarning is shown
+            assert sweep.run_job("fail") is None
+            assert warnings.showwarning is shown
+    finally:
+        logging.getLogger().removeHandler(handler)
+    said = [r for r in records if r.name == "py.warnings"]
+    assert len(said) == 2 and "UserWarning: a model's own warning" in said[0].getMessage()
+
+
 def test_a_single_runs_refusal_is_one_line_unless_hydra_full_error(
     monkeypatch, capsys, caplog
 ) -> None:

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import math
 import os
 import socket
 import struct
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 #: (keys: ``str`` or ``tuple[str, ...]``; typed ``Any`` since ``Mapping`` is invariant in its
 #: key, so a plain ``dict[str, Tensor]`` would not match a union key type)
 Scalars = Mapping[Any, Tensor | float | int]
+
+
+def shown(value: float) -> str:
+    """A metric as the epoch and summary lines print it: 4 decimals, and below 0.01 4
+    significant digits (a converged loss of 1e-4 printed as 0.0000, a probe's)."""
+    if math.isfinite(value) and value != 0 and abs(value) < 0.01:
+        return f"{value:.3e}"
+    return f"{value:.4f}"
 
 
 def to_floats(values: Scalars) -> dict[str, float]:

@@ -57,7 +57,7 @@ from trainer.distributed import (
     warn_batch_norms,
 )
 from trainer.instrument.norms import memory_of, needs_care, norms_of, total_norm
-from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger
+from trainer.logger import Progress, ProgressOptions, Scalars, TensorBoardLogger, shown
 from trainer.losses import (
     Loss,
     as_loss,
@@ -879,9 +879,10 @@ class Trainer:
             self.logger.restart_at(self._purge_from)
         self._purge_from = None
         opts = self.progress_options
-        self.progress = Progress(
-            opts.enabled, self.total_steps, bar=opts.bar, every_n_steps=opts.every_n_steps,
-            label=opts.label, initial=self.global_step,
+        self.progress = Progress(  # (the first rank's alone: every rank drew its bar and
+            # wrote its lines, each twice in a log, a probe's)
+            opts.enabled and self.world.rank == 0, self.total_steps, bar=opts.bar,
+            every_n_steps=opts.every_n_steps, label=opts.label, initial=self.global_step,
         )  # fmt: skip
         redirect: contextlib.AbstractContextManager[Any] = self._null
         if self.progress.active:  # log lines go above the bar instead of through it
@@ -1190,11 +1191,12 @@ class Trainer:
         if self.logger is not None:
             self.logger.log_scalars({k: v for k, v in m.items() if k.startswith("val/")},
                                     self.global_step)  # fmt: skip
-        log.info(
-            "%sepoch %d/%d  step %d  train/loss %.4f  %s", self.progress_options.label,
-            self.epoch + 1, self.max_epochs, self.global_step, m["train/loss"],
-            "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("val/")),
-        )  # fmt: skip
+        if self.world.rank == 0:  # (the metrics are every rank's: said once)
+            log.info(
+                "%sepoch %d/%d  step %d  train/loss %s  %s", self.progress_options.label,
+                self.epoch + 1, self.max_epochs, self.global_step, shown(m["train/loss"]),
+                "  ".join(f"{k} {shown(v)}" for k, v in m.items() if k.startswith("val/")),
+            )  # fmt: skip
         if (
             isinstance(self.scheduler, ReduceLROnPlateau)
             and self.batch_in_epoch == len(self.train_loader)

@@ -65,7 +65,7 @@ from trainer.hparams import (
     start_summaries,
 )
 from trainer.instrument import build_callbacks
-from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir
+from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir, shown
 from trainer.loop import Callback, Trainer, check_callback, check_plateau, planned_steps
 from trainer.losses import Loss, as_loss
 from trainer.regularizers import InputGradPenalty, Regularizer
@@ -777,17 +777,18 @@ def _run(
     if not main:
         return result
     _write_metrics(run_dir, continued, ran_as, result)
-    shown = _display(run_dir)
+    folder = _display(run_dir)
     shown_metrics = "  ".join(
-        f"{k} {result[k]:.4f}" for k in (*trainer.criterion.metrics[::-1], "train/loss")
+        f"{k} {shown(result[k])}" for k in (*trainer.criterion.metrics[::-1], "train/loss")
     )
     job = trainer.progress_options.label  # (a sweep's job number: its lines say whose)
     log.info(
-        "%sdone: %s  (%d epochs, %d steps, %.1f s)",
-        job, shown_metrics, result["epoch"], result["step"], result["wall_s"],
+        "%sdone: %s  (%d epoch%s, %d step%s, %.1f s)", job, shown_metrics,
+        result["epoch"], "" if result["epoch"] == 1 else "s",
+        result["step"], "" if result["step"] == 1 else "s", result["wall_s"],
     )  # fmt: skip
-    log.info("%srun dir: %s", job, shown)
-    log.info("%sview it: tensorboard --logdir %s", job, shown)
+    log.info("%srun dir: %s", job, folder)
+    log.info("%sview it: tensorboard --logdir %s", job, folder)
     return result
 
 

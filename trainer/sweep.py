@@ -17,6 +17,7 @@ without the traceback, unless ``HYDRA_FULL_ERROR=1``), and returns its metric, N
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ import site
 import sys
 import sysconfig
 import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 from types import FrameType
@@ -264,6 +266,18 @@ def job_sweep_id(run_dir: Path) -> str | None:
     return current_sweep_id(Path(cwd) / hc.sweep.dir)
 
 
+def _into_log_files(text: str, error: BaseException | None = None) -> None:
+    """A single run's failure, which the console shows (Hydra prints the traceback, or the
+    trainer its ``Error:`` line), written into the run's log file too (Hydra's job log,
+    ``train.log``): the run's folder said nothing of why it failed (a probe's)."""
+    exc_info = (type(error), error, error.__traceback__) if error is not None else None
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, (), exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            with contextlib.suppress(Exception):  # (a full disk: the console has said it)
+                handler.handle(record)
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
     classification, val/mse for regression); in a multirun a failure, or a NaN metric,
@@ -271,6 +285,16 @@ def run_job(cfg: DictConfig) -> float | None:
     from trainer.distributed import teardown
     from trainer.run import run
 
+    before = warnings.showwarning
+    logging.captureWarnings(True)  # (torch's, a library's, one's own warnings.warn: into the
+    try:  # run's log file, and above the bar, not into it, a probe's)
+        return _run_job(cfg, run, teardown)
+    finally:
+        logging.captureWarnings(False)
+        warnings.showwarning = before
+
+
+def _run_job(cfg: DictConfig, run: Any, teardown: Any) -> float | None:
     try:
         result = run(cfg)
         if not in_multirun():  # (a sweep's jobs may share the process: left to its exit)
@@ -282,7 +306,9 @@ def run_job(cfg: DictConfig) -> float | None:
                 # traceback of the trainer's own frames printed before it only buried it
                 print(f"Error: {_with_notes(e)}\n(HYDRA_FULL_ERROR=1 shows the traceback)",
                       file=sys.stderr)  # fmt: skip
+                _into_log_files(f"Error: {_with_notes(e)}")
                 sys.exit(1)
+            _into_log_files(f"failed: {type(e).__name__}: {_with_notes(e)}", e)
             raise
         if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":  # (its message is
             # all: a bad value's 40 lines of OmegaConf's frames buried it, a probe's)
