@@ -806,8 +806,14 @@ def test_a_sweeps_resumed_job_is_reported_where_it_continued(tmp_path, caplog) -
     job = tmp_path / "sweep" / "0"
     job.mkdir(parents=True)  # an earlier attempt in the job's folder, refused: its record
     (job / "metrics.json").write_text('{"status": "failed", "error": "ConfigError: x"}')
+    (tmp_path / "a" / "train.log").write_text("the run's log (Hydra's, under the CLI)\n")
     with caplog.at_level("WARNING", logger="trainer.run"):
         train(job, "trainer.max_steps=6", resume)
+    # the run dir's log says where what follows went (it ended at the break, a probe's)
+    lines = (tmp_path / "a" / "train.log").read_text().splitlines()
+    assert len(lines) == 2 and lines[1].endswith(
+        f"continued from step 3 by the job in {job.resolve()}: its train.log holds what follows"
+    ), lines
     assert "as run" in caplog.text and "trainer.resume=auto finds it as" in caplog.text
     # both metrics.json (the job's and the run dir's) name the job's own folder as job_dir,
     # the README's key: the folder whose result it is, not the run dir it continued in

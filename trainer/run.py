@@ -296,6 +296,18 @@ def _warn_world_draws(state: dict[str, Any], trainer: Trainer) -> None:
         )  # fmt: skip
 
 
+def _point_log_to(home: Path, here: str, step: int) -> None:
+    """A line in the run dir's ``train.log`` naming the job folder a continuation logs in: the
+    run dir's log ended at the break, with nothing to say where the rest went (a probe's)."""
+    log_file = home / "train.log"
+    if not log_file.is_file():
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    with contextlib.suppress(OSError), log_file.open("a") as f:
+        f.write(f"[{stamp}][trainer.run][INFO] - continued from step {step} by the job in "
+                f"{here}: its train.log holds what follows\n")  # fmt: skip
+
+
 def _display(path: Path | None) -> str:
     if path is None:  # (a stop whose checkpoint could not be written)
         return "none"
@@ -627,6 +639,7 @@ def _run(
                     write_json(run_dir / CONTINUED, {"run_dir": str(home.resolve()),
                                                      "job_dir": here})  # fmt: skip
                     continued = {"job_dir": here}  # (in the metrics it writes there)
+                    _point_log_to(home, here, int(resume_state["step"]))
                 elif main:  # continued here: a pointer of an earlier attempt is stale
                     (run_dir / CONTINUED).unlink(missing_ok=True)
                 run_dir = home
