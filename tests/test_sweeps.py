@@ -278,6 +278,8 @@ def test_an_optuna_sweep_whose_every_trial_failed_still_says_which_and_why(backg
     assert "No trials are completed yet" in out
     assert "sweep stopped before its end by the error above: 2 of 2 jobs failed" in out, out[-3000:]
     assert out.count("failed: ConfigError: optimizer.lr: got -") == 2, out[-3000:]
+    for n in (0, 1):  # each job's line says whose (parallel jobs' lines interleave)
+        assert f"job {n}: failed, the sweep goes on" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("value", [math.nan, -math.inf, math.inf])

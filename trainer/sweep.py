@@ -278,6 +278,16 @@ def _into_log_files(text: str, error: BaseException | None = None) -> None:
                 handler.handle(record)
 
 
+def _job_label() -> str:
+    """``job <n>: `` in a multirun (as the job's other lines begin), else nothing."""
+    from trainer.run import _sweep_progress
+
+    try:
+        return str(_sweep_progress().get("label", ""))
+    except Exception:  # noqa: BLE001 (no Hydra config: a job run by hand)
+        return ""
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
     classification, val/mse for regression); in a multirun a failure, or a NaN metric,
@@ -310,12 +320,14 @@ def _run_job(cfg: DictConfig, run: Any, teardown: Any) -> float | None:
                 sys.exit(1)
             _into_log_files(f"failed: {type(e).__name__}: {_with_notes(e)}", e)
             raise
+        job = _job_label() or "job "  # (parallel jobs' lines interleave: whose, a probe's)
         if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":  # (its message is
             # all: a bad value's 40 lines of OmegaConf's frames buried it, a probe's)
-            log.error("job failed, the sweep goes on (its metrics.json says why): %s: %s",
-                      type(e).__name__, _with_notes(e))  # fmt: skip
+            log.error("%sfailed, the sweep goes on (its metrics.json says why): %s: %s",
+                      job, type(e).__name__, _with_notes(e))  # fmt: skip
         else:
-            log.exception("job failed, the sweep goes on (its metrics.json says why): %s", e)
+            log.exception("%sfailed, the sweep goes on (its metrics.json says why): %s",
+                          job, e)  # fmt: skip
         return None
     value = result[result["monitor"]]
     if not math.isfinite(value) and in_multirun():  # (±Inf too: −Inf would win a minimizing
