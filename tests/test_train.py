@@ -522,6 +522,27 @@ def test_progress_bar_only_on_a_terminal(caplog) -> None:
     assert off.getvalue() == ""
 
 
+def test_a_terminal_of_no_width_gets_lines_not_a_bar(caplog) -> None:
+    """A pseudo-terminal nobody sized (0 x 0: ``script`` without a size, some CI runners)
+    showed nothing at all: tqdm drew in 0 columns, and the lines are for non-terminals (a
+    probe's). It gets the lines."""
+    caplog.set_level(logging.INFO, logger="trainer.logger")
+    leader, follower = os.openpty()  # (a new pty's size is 0 x 0)
+    try:
+        with open(follower, "w", closefd=True) as stream:
+            assert stream.isatty() and os.get_terminal_size(stream.fileno()).columns == 0
+            p = Progress(True, total_steps=2, stream=stream, every_n_steps=2)
+            assert not p.active and p.lines
+            for step in (1, 2):
+                p.update()
+                p.show(0, 1, step, {"loss": 0.5})
+            p.close()
+    finally:
+        os.close(leader)
+    lines = [r.getMessage() for r in caplog.records if r.name == "trainer.logger"]
+    assert lines == ["step 2/2  epoch 1/1  loss 0.5"]
+
+
 def test_progress_of_a_resumed_run_starts_at_its_step_on_its_cadence(caplog) -> None:
     """Resumed at step 503 (lines every 500): the first line came at the first logging step
     (510, off the cadence) and the bar counted from 0, ending short of its total."""

@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 Scalars = Mapping[Any, Tensor | float | int]
 
 
+def _has_width(stream: TextIO) -> bool:
+    """Whether a terminal ``stream`` has columns to draw in (unknown: assumed)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):  # (io.UnsupportedOperation is both)
+        return True
+
+
 def shown(value: float) -> str:
     """A metric as the epoch and summary lines print it: 4 decimals, and below 0.01 4
     significant digits (a converged loss of 1e-4 printed as 0.0000, a probe's)."""
@@ -324,7 +332,9 @@ class Progress:
         initial: int = 0,
     ):
         stream = stream if stream is not None else sys.stderr
-        self.active = enabled and bar and stream.isatty()  # the bar is drawn
+        # the bar is drawn: on a terminal with a width (one of 0 columns, a pty nobody sized,
+        # showed neither bar nor lines, a probe's)
+        self.active = enabled and bar and stream.isatty() and _has_width(stream)
         self.lines = enabled and not self.active and every_n_steps > 0
         self.total_steps, self.every, self.label = total_steps, every_n_steps, label
         # a resumed run (``initial``: the steps already taken) keeps the cadence and the count
