@@ -235,15 +235,16 @@ def error_text(output: str) -> str:
     """The output less Hydra's echo of the overrides, the traceback's frames (source lines
     such as ``seed_everything(typed.seed, ...)``) and Python's warnings (``path:line:
     XWarning: message`` and the source line under it: one another thread or an object of an
-    earlier test collected meanwhile writes is not the error): a key found in what is left was
+    earlier test collected meanwhile writes is not the error; as a job logs it too, after the
+    log's ``[time][py.warnings][WARNING] - ``): a key found in what is left was
     named by an error message, not quoted back from the command line or the code."""
     kept, in_frames = [], False
     for line in output.splitlines():
         if line.startswith("Error executing job with overrides"):
             continue
         if line.startswith("Traceback (most recent call last)") or re.match(
-            r"^\S+:\d+: \w*Warning: ", line
-        ):
+            r"^(\[[^]]*\]\[py\.warnings\]\[WARNING\] - )?\S+:\d+: \w*Warning: ", line
+        ):  # (a job logs its warnings: README, train.log)
             in_frames = True
             continue
         if in_frames and line.startswith(" "):

@@ -300,11 +300,14 @@ def test_a_job_without_a_monitored_value_gives_a_sweep_none(monkeypatch, value) 
     assert math.isnan(single) if math.isnan(value) else single == value
 
 
-def test_a_jobs_python_warnings_go_through_logging_and_are_put_back(monkeypatch) -> None:
-    """A ``warnings.warn`` during a job (torch's, a library's, a model's of one's own) went to
-    stderr alone: not into the run's ``train.log``, and through the progress bar (a probe's).
-    During the job warnings are logged (``py.warnings``, to the handlers Hydra configured and
-    above the bar); after it, ``warnings.showwarning`` is what it was, also where it fails."""
+def test_a_jobs_python_warnings_are_logged_once_a_job_unless_recorded(monkeypatch) -> None:
+    """A ``warnings.warn`` during a job (torch's, a library's, a model's own) went to stderr
+    alone: not into the run's ``train.log``, and through the progress bar (a probe's). In a
+    process that shows warnings plainly (the CLI's), a job logs them (``py.warnings``, one
+    line, labelled as the job's lines are), each job once (a sequential sweep's second job
+    showed none of the first's, a review's), and puts Python's way back after, also where it
+    fails; under a recorder (``catch_warnings(record=True)``, ``pytest.warns``) the warning
+    is recorded, as it was, not logged (a review's)."""
     import importlib
     import warnings
 
@@ -321,21 +324,60 @@ def test_a_jobs_python_warnings_go_through_logging_and_are_put_back(monkeypatch)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    logging.getLogger().addHandler(handler)
+    plain: list[warnings.WarningMessage] = []
+
+    def _showwarnmsg_impl(msg) -> None:  # (Python's own, as a plain process has it)
+        plain.append(msg)
+
     monkeypatch.setattr(importlib.import_module("trainer.run"), "run", job)
     monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+    monkeypatch.setattr(sweep, "_job_label", lambda: "job 3: ")
+    logging.getLogger().addHandler(handler)
     try:
-        with warnings.catch_warnings():  # (which puts showwarning back itself at its end)
-            warnings.simplefilter("always")
-            shown = warnings.showwarning
+        with warnings.catch_warnings():
+            monkeypatch.setattr(warnings, "_showwarnmsg_impl", _showwarnmsg_impl)
+            monkeypatch.setattr(warnings, "showwarning", warnings._showwarning_orig)
+            warnings.simplefilter("default")  # (once per place, as Python's default is)
             assert sweep.run_job(None) == 0.5
-            assert warnings.showwarning is shown
             assert sweep.run_job("fail") is None
-            assert warnings.showwarning is shown
+            assert warnings.showwarning is warnings._showwarning_orig
+            warnings.warn("after the jobs", UserWarning, stacklevel=1)  # (Python's way)
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always")
+            assert sweep.run_job(None) == 0.5
     finally:
         logging.getLogger().removeHandler(handler)
-    said = [r for r in records if r.name == "py.warnings"]
-    assert len(said) == 2 and "UserWarning: a model's own warning" in said[0].getMessage()
+    said = [r.getMessage() for r in records if r.name == "py.warnings"]
+    assert len(said) == 2, said  # (each job's, once; none of the recorded one)
+    assert said[0].startswith("job 3: ") and not said[0].endswith("\n"), said
+    assert "UserWarning: a model's own warning" in said[0]
+    assert [str(m.message) for m in plain] == ["after the jobs"]
+    assert [str(m.message) for m in recorded] == ["a model's own warning"]
+
+
+def test_a_ranks_lines_other_than_the_firsts_are_labelled(monkeypatch) -> None:
+    """Every rank writes into the run's one ``train.log``: a rank other than the first labels
+    its lines while its job runs (once a line, whatever the handlers); the first, and a run of
+    one process, do not."""
+    import trainer.sweep as sweep
+
+    seen: list[list[str]] = [[], []]
+    handlers = [logging.Handler(), logging.Handler()]
+    for h, out in zip(handlers, seen, strict=True):
+        h.emit = lambda r, out=out: out.append(r.getMessage())  # type: ignore[method-assign]
+        logging.getLogger().addHandler(h)
+    try:
+        for rank, size in ((1, 2), (0, 2), (0, 1)):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", str(size))
+            with sweep._rank_labelled():
+                logging.getLogger("trainer.test").warning("a line of rank %d", rank)
+        logging.getLogger("trainer.test").warning("after")
+    finally:
+        for h in handlers:
+            logging.getLogger().removeHandler(h)
+    want = ["rank 1: a line of rank 1", "a line of rank 0", "a line of rank 0", "after"]
+    assert seen == [want, want]
 
 
 def test_a_single_runs_refusal_is_one_line_unless_hydra_full_error(

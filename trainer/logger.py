@@ -48,9 +48,11 @@ def _has_width(stream: TextIO) -> bool:
 
 
 def shown(value: float) -> str:
-    """A metric as the epoch and summary lines print it: 4 decimals, and below 0.01 4
-    significant digits (a converged loss of 1e-4 printed as 0.0000, a probe's)."""
-    if math.isfinite(value) and value != 0 and abs(value) < 0.01:
+    """A metric as the epoch and summary lines print it: 4 decimals, and 4 significant digits
+    where those would show less than 0.01 (a converged loss of 1e-4 printed as 0.0000, a
+    probe's) or it reaches a million (a diverged loss printed 31 digits, a review's)."""
+    value = value + 0.0  # (-0.0 as 0.0)
+    if math.isfinite(value) and value != 0 and (abs(round(value, 4)) < 0.01 or abs(value) >= 1e6):
         return f"{value:.3e}"
     return f"{value:.4f}"
 

@@ -298,14 +298,23 @@ def _warn_world_draws(state: dict[str, Any], trainer: Trainer) -> None:
 
 def _point_log_to(home: Path, here: str, step: int) -> None:
     """A line in the run dir's ``train.log`` naming the job folder a continuation logs in: the
-    run dir's log ended at the break, with nothing to say where the rest went (a probe's)."""
+    run dir's log ended at the break, with nothing to say where the rest went (a probe's).
+    Written as the job's log lines are (the format of its log file's handler)."""
     log_file = home / "train.log"
     if not log_file.is_file():
         return
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    with contextlib.suppress(OSError), log_file.open("a") as f:
-        f.write(f"[{stamp}][trainer.run][INFO] - continued from step {step} by the job in "
-                f"{here}: its train.log holds what follows\n")  # fmt: skip
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    with contextlib.suppress(OSError):
+        handler = logging.FileHandler(log_file)
+        if files and files[0].formatter is not None:
+            handler.setFormatter(files[0].formatter)
+        try:
+            handler.handle(log.makeRecord(
+                log.name, logging.INFO, __file__, 0, "continued from step %d by the job in "
+                "%s: its train.log holds what follows", (step, here), None,
+            ))  # fmt: skip
+        finally:
+            handler.close()
 
 
 def _display(path: Path | None) -> str:

@@ -291,17 +291,84 @@ def _job_label() -> str:
 def run_job(cfg: DictConfig) -> float | None:
     """Train (``trainer.run``) and return the monitored metric (``monitor``: val/acc for
     classification, val/mse for regression); in a multirun a failure, or a NaN metric,
-    returns None (a failed trial for the Optuna sweeper, which a NaN would stop)."""
+    returns None (a failed trial for the Optuna sweeper, which a NaN would stop).
+
+    Python warnings during the job (torch's, a library's, a model's own ``warnings.warn``)
+    are logged (``py.warnings``, labelled as the job's lines are): they went to stderr alone,
+    not into the run's ``train.log``, and on a terminal into the bar (a probe's). Each job
+    shows a warning once, as a process does (a sequential sweep's later jobs showed none of
+    an earlier job's). Left as they are where something else shows warnings already (a
+    recorder: ``pytest.warns``, ``catch_warnings(record=True)``; ``logging.captureWarnings``
+    of one's own). Data-parallel, a rank other than the first labels its lines (they share
+    the run's log)."""
     from trainer.distributed import teardown
     from trainer.run import run
 
-    before = warnings.showwarning
-    logging.captureWarnings(True)  # (torch's, a library's, one's own warnings.warn: into the
-    try:  # run's log file, and above the bar, not into it, a probe's)
+    with warnings.catch_warnings(), _rank_labelled():  # (restores what it finds; its start
+        # forgets which warnings were shown, so each job shows its own once)
+        if _warnings_shown_plainly():
+            warnings.showwarning = functools.partial(_log_warning, _job_label())
         return _run_job(cfg, run, teardown)
+
+
+def _warnings_shown_plainly() -> bool:
+    """Whether Python shows warnings its own way now: not recorded (``catch_warnings(
+    record=True)`` replaces the function behind ``showwarning``), not replaced."""
+    impl = getattr(warnings, "_showwarnmsg_impl", None)
+    return (
+        warnings.showwarning is getattr(warnings, "_showwarning_orig", None)
+        and getattr(impl, "__name__", "") == "_showwarnmsg_impl"
+    )
+
+
+def _log_warning(
+    label: str,
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` during a job: the warning as Python words it, logged."""
+    text = warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n")
+    logging.getLogger("py.warnings").warning("%s%s", label, text)
+
+
+class _RankLabel(logging.Filter):
+    """``rank <r>: `` before each of a rank's lines (other than the first's), once a record."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.prefix = f"rank {rank}: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "_rank_labelled", False):
+            record.msg = f"{self.prefix}{record.msg}"
+            record._rank_labelled = True
+        return True
+
+
+@contextlib.contextmanager
+def _rank_labelled() -> Any:
+    """Data-parallel (torchrun's ``RANK``/``WORLD_SIZE``), a rank other than the first labels
+    its log lines: every rank writes into the run's one ``train.log`` (a rank's warnings and
+    its ``Error:`` line were told from the first's by nothing, a review's)."""
+    try:
+        rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        rank, size = 0, 1
+    if size <= 1 or rank == 0:
+        yield
+        return
+    label, handlers = _RankLabel(rank), list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(label)
+    try:
+        yield
     finally:
-        logging.captureWarnings(False)
-        warnings.showwarning = before
+        for handler in handlers:
+            handler.removeFilter(label)
 
 
 def _run_job(cfg: DictConfig, run: Any, teardown: Any) -> float | None:
@@ -318,7 +385,7 @@ def _run_job(cfg: DictConfig, run: Any, teardown: Any) -> float | None:
                       file=sys.stderr)  # fmt: skip
                 _into_log_files(f"Error: {_with_notes(e)}")
                 sys.exit(1)
-            _into_log_files(f"failed: {type(e).__name__}: {_with_notes(e)}", e)
+            _into_log_files("failed, with the traceback below", e)
             raise
         job = _job_label() or "job "  # (parallel jobs' lines interleave: whose, a probe's)
         if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":  # (its message is
