@@ -300,14 +300,15 @@ def test_a_job_without_a_monitored_value_gives_a_sweep_none(monkeypatch, value) 
     assert math.isnan(single) if math.isnan(value) else single == value
 
 
-def test_a_jobs_python_warnings_are_logged_once_a_job_unless_recorded(monkeypatch) -> None:
+def test_a_jobs_python_warnings_are_logged_unless_recorded(monkeypatch) -> None:
     """A ``warnings.warn`` during a job (torch's, a library's, a model's own) went to stderr
     alone: not into the run's ``train.log``, and through the progress bar (a probe's). In a
     process that shows warnings plainly (the CLI's), a job logs them (``py.warnings``, one
-    line, labelled as the job's lines are), each job once (a sequential sweep's second job
-    showed none of the first's, a review's), and puts Python's way back after, also where it
-    fails; under a recorder (``catch_warnings(record=True)``, ``pytest.warns``) the warning
-    is recorded, as it was, not logged (a review's)."""
+    line, labelled as the job's lines are), under Python's filters as they are (a filter a
+    library sets during a job stays: one that was undone showed later jobs what it hid, a
+    review's), and puts Python's way back after, also where it fails; under a recorder
+    (``catch_warnings(record=True)``, ``pytest.warns``) the warning is recorded, as it was,
+    not logged (a review's)."""
     import importlib
     import warnings
 
@@ -316,7 +317,9 @@ def test_a_jobs_python_warnings_are_logged_once_a_job_unless_recorded(monkeypatc
     result = {"monitor": "val/loss", "val/loss": 0.5, "status": "completed"}
 
     def job(cfg):
-        warnings.warn("a model's own warning", UserWarning, stacklevel=1)
+        warnings.filterwarnings("ignore", "a library's noise")  # (as a library's import does)
+        warnings.warn("a library's noise", UserWarning, stacklevel=1)
+        warnings.warn(f"a model's own warning ({cfg})", UserWarning, stacklevel=1)
         if cfg == "fail":
             raise RuntimeError("a job's failure")
         return result
@@ -337,22 +340,24 @@ def test_a_jobs_python_warnings_are_logged_once_a_job_unless_recorded(monkeypatc
         with warnings.catch_warnings():
             monkeypatch.setattr(warnings, "_showwarnmsg_impl", _showwarnmsg_impl)
             monkeypatch.setattr(warnings, "showwarning", warnings._showwarning_orig)
-            warnings.simplefilter("default")  # (once per place, as Python's default is)
-            assert sweep.run_job(None) == 0.5
+            warnings.simplefilter("always")
+            assert sweep.run_job("ok") == 0.5
             assert sweep.run_job("fail") is None
             assert warnings.showwarning is warnings._showwarning_orig
             warnings.warn("after the jobs", UserWarning, stacklevel=1)  # (Python's way)
+            warnings.warn("a library's noise", UserWarning, stacklevel=1)  # (still ignored)
         with warnings.catch_warnings(record=True) as recorded:
             warnings.simplefilter("always")
-            assert sweep.run_job(None) == 0.5
+            assert sweep.run_job("recorded") == 0.5
     finally:
         logging.getLogger().removeHandler(handler)
     said = [r.getMessage() for r in records if r.name == "py.warnings"]
-    assert len(said) == 2, said  # (each job's, once; none of the recorded one)
-    assert said[0].startswith("job 3: ") and not said[0].endswith("\n"), said
-    assert "UserWarning: a model's own warning" in said[0]
+    assert len(said) == 2, said  # (each job's; none of the recorded one, nor the noise)
+    assert all(m.startswith("job 3: ") and "\n" not in m for m in said), said
+    assert "UserWarning: a model's own warning (ok)" in said[0]
+    assert "UserWarning: a model's own warning (fail)" in said[1]
     assert [str(m.message) for m in plain] == ["after the jobs"]
-    assert [str(m.message) for m in recorded] == ["a model's own warning"]
+    assert [str(m.message) for m in recorded] == ["a model's own warning (recorded)"]
 
 
 def test_a_ranks_lines_other_than_the_firsts_are_labelled(monkeypatch) -> None:

@@ -52,7 +52,8 @@ def shown(value: float) -> str:
     where those would show less than 0.01 (a converged loss of 1e-4 printed as 0.0000, a
     probe's) or it reaches a million (a diverged loss printed 31 digits, a review's)."""
     value = value + 0.0  # (-0.0 as 0.0)
-    if math.isfinite(value) and value != 0 and (abs(round(value, 4)) < 0.01 or abs(value) >= 1e6):
+    near = abs(round(value, 4)) if math.isfinite(value) else math.inf
+    if math.isfinite(value) and value != 0 and (near < 0.01 or near >= 1e6):
         return f"{value:.3e}"
     return f"{value:.4f}"
 

@@ -306,8 +306,10 @@ def _point_log_to(home: Path, here: str, step: int) -> None:
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     with contextlib.suppress(OSError):
         handler = logging.FileHandler(log_file)
-        if files and files[0].formatter is not None:
-            handler.setFormatter(files[0].formatter)
+        handler.setFormatter(  # (Hydra's job log format where no file handler has one)
+            files[0].formatter if files and files[0].formatter is not None
+            else logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        )  # fmt: skip
         try:
             handler.handle(log.makeRecord(
                 log.name, logging.INFO, __file__, 0, "continued from step %d by the job in "

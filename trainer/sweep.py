@@ -294,26 +294,34 @@ def run_job(cfg: DictConfig) -> float | None:
     returns None (a failed trial for the Optuna sweeper, which a NaN would stop).
 
     Python warnings during the job (torch's, a library's, a model's own ``warnings.warn``)
-    are logged (``py.warnings``, labelled as the job's lines are): they went to stderr alone,
-    not into the run's ``train.log``, and on a terminal into the bar (a probe's). Each job
-    shows a warning once, as a process does (a sequential sweep's later jobs showed none of
-    an earlier job's). Left as they are where something else shows warnings already (a
-    recorder: ``pytest.warns``, ``catch_warnings(record=True)``; ``logging.captureWarnings``
-    of one's own). Data-parallel, a rank other than the first labels its lines (they share
-    the run's log)."""
+    are logged (``py.warnings``, one line, labelled as the job's lines are): they went to
+    stderr alone, not into the run's ``train.log``, and on a terminal into the bar (a
+    probe's). Python's filters are as they are (once per place and process by default: a
+    sequential sweep's later job does not repeat an earlier one's). Left alone where something
+    else shows warnings already (a recorder: ``pytest.warns``, ``catch_warnings(record=True)``;
+    ``logging.captureWarnings`` of one's own; Python's context-aware warnings, whose recorders
+    this cannot see). Data-parallel, a rank other than the first labels its lines (they
+    share the run's log)."""
     from trainer.distributed import teardown
     from trainer.run import run
 
-    with warnings.catch_warnings(), _rank_labelled():  # (restores what it finds; its start
-        # forgets which warnings were shown, so each job shows its own once)
-        if _warnings_shown_plainly():
-            warnings.showwarning = functools.partial(_log_warning, _job_label())
-        return _run_job(cfg, run, teardown)
+    before = warnings.showwarning
+    if _warnings_shown_plainly():  # (a module global: a launcher running jobs as threads
+        # labels them as the first; the shipped ones run each job in a process of its own)
+        warnings.showwarning = functools.partial(_log_warning, _job_label())
+    try:
+        with _rank_labelled():
+            return _run_job(cfg, run, teardown)
+    finally:
+        warnings.showwarning = before
 
 
 def _warnings_shown_plainly() -> bool:
     """Whether Python shows warnings its own way now: not recorded (``catch_warnings(
-    record=True)`` replaces the function behind ``showwarning``), not replaced."""
+    record=True)`` replaces the function behind ``showwarning``), not replaced, and not in
+    context-aware mode (Python 3.14: its recorders live in a context variable)."""
+    if getattr(sys.flags, "context_aware_warnings", False):
+        return False
     impl = getattr(warnings, "_showwarnmsg_impl", None)
     return (
         warnings.showwarning is getattr(warnings, "_showwarning_orig", None)
@@ -330,8 +338,9 @@ def _log_warning(
     file: Any = None,
     line: str | None = None,
 ) -> None:
-    """``warnings.showwarning`` during a job: the warning as Python words it, logged."""
-    text = warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n")
+    """``warnings.showwarning`` during a job: the warning as Python words it, on one line
+    (its source line left out), logged."""
+    text = warnings.formatwarning(message, category, filename, lineno, line="").rstrip("\n")
     logging.getLogger("py.warnings").warning("%s%s", label, text)
 
 
