@@ -79,19 +79,19 @@ def plain_loss(criterion, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return losses.mean() if units is None else (losses * units).sum() / units.sum()
 
 
-def plain_epochs(t, steps: int, log_dir: Path) -> Iterator[None]:
+def plain_epochs(t, steps: int, writer) -> Iterator[None]:
     """A hand-written loop over the trainer's own model, optimizer, data and loss, logging as
     such a loop does: the step's loss every ``logging.every_n_steps`` steps and the validation
-    metrics after each epoch, to TensorBoard through ``SummaryWriter``; yields per epoch."""
-    from torch.utils.tensorboard import SummaryWriter
-
+    metrics after each epoch, to TensorBoard through ``writer`` (a ``SummaryWriter``, made
+    before the timing as the trainer's logger is), flushed at each epoch's end: its writer
+    thread's work is the plain loop's, not drained in the next loop's timed epoch (a
+    review's); yields per epoch."""
     model, opt, device, criterion = t.model, t.optimizer, t.device, t.criterion
     train, val = t.train_loader, t.val_loader
     x_all, y_all, bs, n = train.x, train.y, train.batch_size, train.num_samples
     transform = train.transform  # (the in-memory vision sets' uint8 → normalized float)
     end = n - n % bs if train.drop_last else n  # (data.drop_last: no ragged last batch)
     every = t.log_every.n
-    writer = SummaryWriter(str(log_dir))
     step, epoch = 0, 0
     while step < steps:
         model.train()
@@ -117,6 +117,7 @@ def plain_epochs(t, steps: int, log_dir: Path) -> Iterator[None]:
         values = {k: float(v[0]) / max(float(v[1]), 1.0) for k, v in sums.items()}
         for k, v in criterion.finalize(values).items():
             writer.add_scalar(k, v, step)
+        writer.flush()
         epoch += 1
         yield
     writer.close()
@@ -166,29 +167,35 @@ def build(overrides: list[str], steps: int, run_dir: Path):
 
 
 def bench_loops(overrides: list[str], steps: int, rounds: int, variants: list[str] = ()) -> dict:
+    from torch.utils.tensorboard import SummaryWriter
+
     names = ["trainer", "plain", *variants]
     times: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(rounds):
+        for r in range(-1, rounds):  # round -1 warms the process up, untimed (the first
+            # loop run paid its first uses: a review's)
+            length = steps if r >= 0 else min(steps, 50)
             # the same seed gives every loop the same initial weights and batch order
-            t = build(overrides, steps, Path(tmp) / f"trainer{r}")
-            p = build(overrides, steps, Path(tmp) / f"plain{r}")
+            t = build(overrides, length, Path(tmp) / f"trainer{r}")
+            p = build(overrides, length, Path(tmp) / f"plain{r}")
             vs = [
-                build([*overrides, *v.split()], steps, Path(tmp) / f"variant{r}_{i}")
+                build([*overrides, *v.split()], length, Path(tmp) / f"variant{r}_{i}")
                 for i, v in enumerate(variants)
             ]
             if not isinstance(t.train_loader, InMemoryLoader):
                 sys.exit("bench compares in-memory data sets only (set data.loader=memory)")
-            loops = [trainer_epochs(t), plain_epochs(p, steps, Path(tmp) / f"plain{r}_tb"),
-                     *map(trainer_epochs, vs)]  # fmt: skip
+            writer = SummaryWriter(str(Path(tmp) / f"plain{r}_tb"))
+            loops = [trainer_epochs(t), plain_epochs(p, length, writer), *map(trainer_epochs, vs)]
             # epoch by epoch, in turn, starting with a different loop each round, so drift in
             # machine speed hits every loop alike
-            shift = r % len(loops)
+            shift = max(r, 0) % len(loops)
             order = list(range(shift, len(loops))) + list(range(shift))
             spent = timed_alternation([loops[k] for k in order], t.device)
+            p.logger.close()
+            if r < 0:
+                continue
             for k, sec in zip(order, spent, strict=True):
                 times[names[k]].append(sec)
-            p.logger.close()
 
     def ratios(a: str, b: str) -> list[float]:
         return [x / y for x, y in zip(times[a], times[b], strict=True)]
@@ -314,8 +321,12 @@ def bench_ops(overrides: list[str], epochs: int, variants: list[str] = ()) -> di
             t = build([*overrides, *(extra or [])], steps, Path(tmp) / f"ops_{len(out)}")
             if t.accumulate != 1:
                 sys.exit("--ops counts runs without gradient accumulation")
-            loop = plain_epochs(t, steps, Path(tmp) / "ops_tb") if extra is None else (
-                trainer_epochs(t))  # fmt: skip
+            if extra is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                loop = plain_epochs(t, steps, SummaryWriter(str(Path(tmp) / "ops_tb")))
+            else:
+                loop = trainer_epochs(t)
             next(loop)  # the first epoch, not counted
             kernels, reads = Count(), Reads()
             with kernels, reads:

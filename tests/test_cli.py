@@ -296,7 +296,9 @@ def test_the_bench_plain_loop_does_the_trainers_work(tmp_path, monkeypatch, data
     assert (t.train_loader.transform is not None) == (data == "mnist")
     for _ in bench.trainer_epochs(t):
         pass
-    for _ in bench.plain_epochs(p, 30, tmp_path / "plain_run" / "tb" / "run"):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for _ in bench.plain_epochs(p, 30, SummaryWriter(str(tmp_path / "plain_run" / "tb" / "run"))):
         pass
     p.logger.close()
     assert t.global_step == 30
@@ -328,22 +330,29 @@ def test_the_bench_builds_each_loop_with_its_overrides_and_the_whole_length(
     bench.bench_loops(common, steps=70, rounds=1, variants=[variant])
     got = {k: (g["lr"], g["weight_decay"]) for k, t in built.items()
            for g in t.optimizer.param_groups}  # fmt: skip
-    assert got == {"trainer0": (0.01, 0.01), "plain0": (0.01, 0.01), "variant0_0": (0.02, 0.5)}
-    for name, t in built.items():  # (AdamW counts its steps per parameter)
-        assert {int(s["step"]) for s in t.optimizer.state.values()} == {70}, name
+    assert got == {"trainer0": (0.01, 0.01), "plain0": (0.01, 0.01), "variant0_0": (0.02, 0.5),
+                   "trainer-1": (0.01, 0.01), "plain-1": (0.01, 0.01),
+                   "variant-1_0": (0.02, 0.5)}  # fmt: skip
+    for name, t in built.items():  # (AdamW counts its steps per parameter; round -1 warms
+        # the process up, 50 steps untimed)
+        want = 50 if "-1" in name else 70
+        assert {int(s["step"]) for s in t.optimizer.state.values()} == {want}, name
 
 
 def test_the_bench_alternates_its_loops_and_takes_medians_of_their_ratios(monkeypatch) -> None:
     """The round-robin and its arithmetic on known times: each round starts with the next loop
-    (trainer, plain, variant), a loop's seconds are its own, the ratios are trainer / plain per
-    round and their median (not the ratio of medians, nor a mean); each loop's seconds are the
-    sum over its epochs, taken in turn."""
+    (trainer, plain, variant), after a warm-up round whose times are not counted; a loop's
+    seconds are its own, the ratios are trainer / plain per round and their median (not the
+    ratio of medians, nor a mean); each loop's seconds are the sum over its epochs, taken in
+    turn."""
     bench = _bench_module()
-    seconds = {"trainer": [2.0, 1.0, 10.0], "plain": [1.0, 2.0, 1.0], "v": [3.0, 2.0, 2.0]}
+    # (round -1, the warm-up: 100 s each, counted nowhere)
+    seconds = {"trainer": [2.0, 1.0, 10.0, 100.0], "plain": [1.0, 2.0, 1.0, 100.0],
+               "v": [3.0, 2.0, 2.0, 100.0]}  # fmt: skip
     firsts = []
 
-    def build(overrides, steps, run_dir):  # trainer0, plain1, variant2_0, ...
-        kind, r = re.fullmatch(r"([a-z]+)(\d+)(?:_\d+)?", run_dir.name).groups()
+    def build(overrides, steps, run_dir):  # trainer-1 (the warm-up), plain1, variant2_0, ...
+        kind, r = re.fullmatch(r"([a-z]+)(-?\d+)(?:_\d+)?", run_dir.name).groups()
         loader = InMemoryLoader.__new__(InMemoryLoader)
         return SimpleNamespace(kind="v" if kind == "variant" else kind, round=int(r),
                                train_loader=loader, device=torch.device("cpu"),
@@ -356,10 +365,10 @@ def test_the_bench_alternates_its_loops_and_takes_medians_of_their_ratios(monkey
     alternation = bench.timed_alternation
     monkeypatch.setattr(bench, "build", build)
     monkeypatch.setattr(bench, "trainer_epochs", lambda t: t)
-    monkeypatch.setattr(bench, "plain_epochs", lambda p, steps, log_dir: p)
+    monkeypatch.setattr(bench, "plain_epochs", lambda p, steps, writer: p)
     monkeypatch.setattr(bench, "timed_alternation", timed)
     result = bench.bench_loops([], steps=30, rounds=3, variants=["v"])
-    assert firsts == ["trainer", "plain", "v"]
+    assert firsts == ["trainer", "trainer", "plain", "v"]
     assert result["ratios"] == [2.0, 0.5, 10.0] and result["ratio_median"] == 2.0
     assert (result["trainer_s"], result["plain_s"]) == (2.0, 1.0)
     assert result["ratio_of_sums"] == 13.0 / 4.0 and result["trainer_steps_per_s"] == 15.0
