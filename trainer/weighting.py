@@ -633,7 +633,9 @@ class HardTopKWeighting(Weighting):
         if self.k >= batch:
             log.warning(
                 "weighting=hard_topk: k=%d keeps every sample of a batch of %d, so it trains as "
-                "weighting=uniform; give k below the batch size, or a fraction",
+                "weighting=uniform does (up to rounding with accumulation: its weights take a "
+                "micro-batch's share of the window in two roundings); give k below the batch "
+                "size, or a fraction",
                 self.k, batch,
             )  # fmt: skip
 
