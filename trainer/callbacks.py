@@ -108,9 +108,11 @@ class Callback:
       rest point is after the epoch's validation. ``trainer.stopped_by`` (set here, the same on
       every rank) says the run stops at this one (a stop signal)
     * ``on_flush(trainer)``: the values measured on steps that did not log are being written
-      (every ``READ_EVERY`` steps, before a checkpoint, at the end, after a failure; a logging
-      step writes them too): a callback keeping unread device values of its own reads and
-      writes them here, so a checkpoint holds none and a failed run loses none
+      (every ``READ_EVERY`` steps, before a checkpoint, at the end, after a failure). A logging
+      step writes the loop's with its own read, and does not call this hook: a callback's
+      own unread values are read at its logging step in ``on_train_step_end``
+      (``trainer.logging_step``), and here, so a checkpoint holds none and a failed run loses
+      none
     * ``on_fit_end(trainer, metrics)``: training over, also when stopped by a signal; every
       callback's runs, also past one that raises (the run then fails with the first error)
     * ``on_exception(trainer, error)``: instead of ``on_fit_end`` when ``fit`` raises (then
