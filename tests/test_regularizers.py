@@ -982,6 +982,52 @@ KinkCurved = elementwise(
 )  # fmt: skip
 
 
+class _Quartic32(torch.autograd.Function):
+    """λ Σ p⁴/4 computed in float32 and returned so, from float64 parameters; backward λ p³
+    (× ``factor``)."""
+
+    factor = 1.0
+
+    @staticmethod
+    def forward(ctx, coef, *params):
+        ctx.coef = coef
+        ctx.save_for_backward(*params)
+        return coef * sum((p.float() ** 4).sum() / 4 for p in params)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, *[(g * ctx.coef * _Quartic32.factor * p**3).to(p.dtype)
+                        for p in ctx.saved_tensors])  # fmt: skip
+
+
+Quartic32 = type("Quartic32", (Regularizer,), {
+    "KINDS": {**Regularizer.KINDS, "q32": lambda *ps, coef: _Quartic32.apply(coef, *ps)},
+    "GRADS": {**Regularizer.GRADS, "q32": lambda p: _Quartic32.factor * p**3},  # (alike: the
+    # differences alone tell a wrong one)
+})  # fmt: skip
+
+
+def test_a_float32_value_on_a_small_model_is_judged_at_float32s_rounding(caplog) -> None:
+    """On 4,096 weights or fewer the element check took every value's rounding for float64's,
+    and an element no difference resolves for a wrong one: a correct Σp⁴/4 computed and
+    returned in float32 was refused, its differences at steps below float32's resolution read
+    as a derivative of 0, and a weight of 0.004 (gradient 5e-8) resolved by none (a probe's;
+    above 4,096 weights it trained, warned). Its rounding is the value's dtype's, and an
+    element nothing resolves is left to the random directions, as above 4,096: accepted,
+    warned that nothing confirms it; a backward 5 % off (GRADS alike) still refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    try:
+        with caplog.at_level("WARNING"):
+            Quartic32("q32", coef=0.1).bind(model).check_gradient()
+        assert "nor does any difference on 0.weight[0, 0]" in caplog.text, caplog.text
+        _Quartic32.factor = 1.05
+        with pytest.raises(ValueError, match=r"disagrees|no difference that resolves"):
+            Quartic32("q32", coef=0.1).bind(model).check_gradient()
+    finally:
+        _Quartic32.factor = 1.0
+
+
 def test_correct_backwards_a_review_found_refused_are_not(caplog) -> None:
     """A third review's false refusals, each a correct backward: a slope between the sides'
     at a weight exactly at a kink (torch's own for a relu/abs mix: only either side's slope
