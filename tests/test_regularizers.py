@@ -393,6 +393,21 @@ def test_a_regularizer_whose_value_is_detached_is_named() -> None:
         reg.check_gradient()
 
 
+def test_a_regularizer_whose_value_is_elsewhere_or_not_finite_is_named() -> None:
+    """A value on another device got torch's "Tensor on device meta is not on the expected
+    device cpu!", and a NaN value a gradcheck failure on NaN differences: neither named the
+    regularizer or the cause (a probe's)."""
+    model = MLP((6,), 3, hidden=[5])
+    elsewhere = elementwise("meta", lambda p: (p * p).to("meta"), lambda p: 2 * p)
+    with pytest.raises(ValueError, match=r"regularizer meta \(meta\): its function's value "
+                       r"is on meta, not on its parameters' cpu"):  # fmt: skip
+        elsewhere("meta", 0.01).bind(model).check_gradient()
+    nan = elementwise("nan", lambda p: p * p * float("nan"), lambda p: 2 * p)
+    with pytest.raises(ValueError, match=r"regularizer nan \(nan\): its function's value is "
+                       r"nan at λ = "):  # fmt: skip
+        nan("nan", 0.01).bind(model).check_gradient()
+
+
 def test_a_regularizer_of_ones_own_from_the_config_is_logged_and_checked(tmp_path) -> None:
     """A user's Regularizer subclass is selected by a config entry with its _target_ (it was
     refused: "expected one of l2, l1, orthogonal, input_grad_penalty", a probe's finding);

@@ -606,6 +606,16 @@ class Regularizer(Stateful):
                 f"regularizer {self.name} ({type(self).__name__}): its function returned "
                 f"{shape}, must be a 0-d tensor"
             )
+        device = copies[0].device if copies else value.device
+        if value.device != device or not torch.isfinite(value):  # (torch's "not on the
+            # expected device", or a gradcheck failing on NaN differences, named neither,
+            # a probe's)
+            what = (f"on {value.device}, not on its parameters' {device}"
+                    if value.device != device else f"{float(value)} at λ = {coef:g}")  # fmt: skip
+            raise ValueError(
+                f"regularizer {self.name} ({type(self).__name__}): its function's value is "
+                f"{what}, checked at the run's parameters (copies in float64)"
+            )
         if not value.requires_grad:  # (torch's "element 0 of tensors does not require grad"
             # named neither the regularizer nor the cause, a probe's)
             raise ValueError(
