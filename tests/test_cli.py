@@ -138,7 +138,8 @@ def test_a_config_error_is_one_line_naming_the_key_and_its_run_records_it(backgr
     logged = (run_dir / "train.log").read_text()
     assert f"Error: {message}" in logged, logged
     assert logged.index(f"Error: {message}") < logged.index("Traceback (most recent call last)")
-    assert f"failed: ConfigError: {message}" in logged, logged
+    assert "failed, with the traceback below" in logged, logged
+    assert f"ConfigError: {message}" in logged.split("Traceback (most recent call last)")[1]
 
 
 def _raise(error: Exception) -> None:

@@ -34,23 +34,17 @@ from trainer.rng import forked_rng
 log = logging.getLogger(__name__)
 
 
-def _kink_tolerant(
-    fn: Callable[..., Tensor], copies: list[Tensor], names: list[str]
-) -> tuple[str, str]:
-    """The first element of ``copies`` (float64) where a difference that resolves ``fn``'s
-    gradient disagrees with its backward, and the first element no difference resolves (""
-    for none). A difference counts where it resolves the element's
-    gradient, its roundoff 4|R|·ε/h within 0.1 % of it (or 1e-6; ε the value's dtype's,
-    2⁻⁵² for float64: a value computed in float32 must be returned so, a probe's), and agrees
-    within that,
+def _kink_tolerant(fn: Callable[..., Tensor], copies: list[Tensor], names: list[str]) -> str:
+    """The first element of ``copies`` (float64) where ``fn``'s backward is not confirmed,
+    "" where it is on every element. A difference counts where it resolves the element's
+    gradient, its roundoff 4|R|·ε/h within 0.1 % of it (or 1e-6; ε the value's dtype's, 2⁻⁵²
+    for float64), and agrees within that,
     1e-3 of the gradient and 1e-9: the central one of step 1e-9 decides where it resolves
     (a one-sided pass overrode it: a forgotten smoothing); else the forward or backward one of
     step 1e-6 (one of them does not reach a kink within 1e-6) confirms, or a central one of
     1e-5, 1e-4 or 1e-3 (a smooth R whose |R| hides a small gradient from the finer steps: a
     correct Σexp(3p) was refused); an element no difference resolves (a huge |R| beside a small
-    gradient, a float32 value's tiny gradient) is neither confirmed nor refuted: the random
-    directions decide (:func:`_directional`), as above 4,096 elements. Two to ten
-    evaluations of R per element (at most 4,096): once,
+    gradient) is not confirmed. Two to ten evaluations of R per element (at most 4,096): once,
     before training, for a regularizer of one's own whose gradcheck failed (0.3 s for an l1 of
     4,096 weights here, about 20 s for an orthogonal one)."""
     work = [c.detach().clone(memory_format=torch.contiguous_format).requires_grad_()
@@ -59,7 +53,6 @@ def _kink_tolerant(
     grads = torch.autograd.grad(value, work, allow_unused=True)
     base = float(value.detach())  # (a float32 value: its own rounding, as _directional's)
     eps = torch.finfo(value.dtype).eps if value.is_floating_point() else 2**-52
-    unresolved = ""
     with torch.no_grad():
         for name, c, g in zip(names, work, grads, strict=True):
             flat, want = c.view(-1), (torch.zeros_like(c) if g is None else g).reshape(-1)
@@ -95,25 +88,21 @@ def _kink_tolerant(
                     lo, hi = sorted([(up - base) / 1e-9, (base - down) / 1e-9])
                     slack = noise + 1e-3 * abs(a) + 1e-9
                     ok = lo - slack <= a <= hi + slack
-                resolved = ok is not None
                 if ok is None:  # (not resolved at 1e-9: a kink's other side, or coarser)
                     up, down = ends(1e-6)
-                    said = [judge((up - base) / 1e-6, 1e-6), judge((base - down) / 1e-6, 1e-6)]
-                    ok, resolved = any(said), any(v is not None for v in said)
+                    sides = [(up - base) / 1e-6, (base - down) / 1e-6]
+                    ok = any(judge(d, 1e-6) for d in sides)
                     for h in (1e-5, 1e-4, 1e-3):
                         if ok:
                             break
                         up, down = ends(h)
-                        verdict = judge((up - down) / (2 * h), h)
-                        ok, resolved = bool(verdict), resolved or verdict is not None
+                        ok = bool(judge((up - down) / (2 * h), h))
                 if not ok:
                     at = list(map(int, torch.unravel_index(torch.tensor(j), c.shape)))
-                    where = (f"{name}{at} (at {old!r}, its backward {a:.6g}; the central "
-                             f"difference of 1e-9 {central:.6g})")  # fmt: skip
-                    if resolved:
-                        return where, ""
-                    unresolved = unresolved or where
-    return "", unresolved
+                    return (f"{name}{at} (at {old!r}, its backward {a:.6g}; the central "
+                            f"difference of 1e-9 {central:.6g}; its value's rounding "
+                            f"{abs(base) * eps:.3g})")  # fmt: skip
+    return ""
 
 
 #: relative agreement of a directional derivative with its finite difference, and the
@@ -510,10 +499,8 @@ class Regularizer(Stateful):
             return self.fn(*ps, coef=1.0)
 
         small = sum(c.numel() for c in copies) <= 4096
-        unconfirmed = ""  # (an element no difference resolves: said where the random
-        if small:  # directions neither confirm the backward, as above 4,096 elements)
-            unconfirmed = self._gradcheck(fn, copies, names)  # (element by element where
-            # it fails)
+        if small:
+            self._gradcheck(fn, copies, names)  # (element by element where it fails)
         # along random directions, at any size (a generator of its own, on the CPU: the
         # run's random states stay as they were)
         kind, what = _directional(fn, copies, torch.Generator().manual_seed(0))
@@ -525,22 +512,17 @@ class Regularizer(Stateful):
                 "other far better than with it): the backward, and GRADS alike, are not the "
                 "gradient of R"
             )
-        if kind == "unresolved" and (not small or unconfirmed):
-            if unconfirmed:
-                what = f"{what}; nor does any difference on {unconfirmed}"
+        if kind == "unresolved" and not small:
             log.warning(
                 "regularizer %s (%s): finite differences of its value along random "
                 "directions neither confirm nor refute its Function's backward (%s: a kink or "
-                "a steep curvature within a step of the parameters, a value too large beside "
-                "its gradient, or one of float32's resolution); trained with its backward "
-                "unconfirmed",
+                "a steep curvature within a step of the parameters, or a value too large beside "
+                "its gradient); trained with its backward unconfirmed",
                 self.name, type(self).__name__, what,
             )  # fmt: skip
 
-    def _gradcheck(self, fn: Callable[..., Tensor], copies: list[Tensor], names: list[str]) -> str:
-        """``torch.autograd.gradcheck`` of R, and element by element where it fails: refused
-        where a difference that resolves an element's gradient disagrees with it; returns the
-        first element no difference resolves ("" where gradcheck passes or all agree)."""
+    def _gradcheck(self, fn: Callable[..., Tensor], copies: list[Tensor], names: list[str]) -> None:
+        """``torch.autograd.gradcheck`` of R, and element by element where it fails."""
         try:
             torch.autograd.gradcheck(fn, tuple(copies))  # (its float64 defaults)
         except GradcheckError as e:
@@ -555,17 +537,17 @@ class Regularizer(Stateful):
             # (Retries at moved parameters, or a 1e-9 gradcheck with a tolerance that
             # grows with |R|, let wrong backwards through or refused correct ones: five
             # reviews.)
-            wrong, unresolved = _kink_tolerant(fn, copies, names)
+            wrong = _kink_tolerant(fn, copies, names)
             if wrong:
                 raise ValueError(
                     f"regularizer {self.name} ({type(self).__name__}): its Function's "
                     f"backward fails torch.autograd.gradcheck ({first}), and on {wrong} "
                     "no difference that resolves the gradient agrees with it (a central "
                     "one of step 1e-9 where it resolves it, else one-sided ones of 1e-6 or "
-                    "central ones of 1e-5 to 1e-3)"
+                    "central ones of 1e-5 to 1e-3; where none resolves it, a value too large "
+                    "beside the gradient or computed in float32, compute R in float64 or "
+                    "leave that parameter out: exclude)"
                 ) from e
-            if unresolved:  # (said with the random directions' verdict where they do not
-                return unresolved  # confirm it either)
             log.warning(
                 "regularizer %s (%s): its Function's backward fails torch.autograd."
                 "gradcheck with its step of 1e-6 (%s), and agrees with a one-sided "
@@ -574,7 +556,6 @@ class Regularizer(Stateful):
                 "|p| at 0) or curves steeply; trained with its backward",
                 self.name, type(self).__name__, first,
             )  # fmt: skip
-        return ""
 
     def _check_value_scales(self, copies: list[Tensor]) -> None:
         """Its value at the run's λ is λ times its value at 1 (``reg/<name>`` logs it: a
