@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import json
 import math
 import re
 
@@ -1113,6 +1114,26 @@ def test_a_non_finite_weight_is_named_as_the_cause(tmp_path, sync, every) -> Non
     named = "net.5.weight" if every == 1 else "net.1.weight (and 5 more)"  # (step 3's NaN
     assert f"; the parameter {named} holds NaN/Inf itself now" in text, text  # update, unchecked)
     assert (unchecked in text) == (every == 2), text
+
+
+@pytest.mark.parametrize(("sync", "every"), [("step", 1), ("deferred", 1), ("step", 3),
+                                           ("deferred", 3)])  # fmt: skip
+def test_skipping_stops_where_the_parameters_themselves_are_not_finite(
+    tmp_path, sync, every
+) -> None:
+    """With the parameters non-finite every later gradient is too: skipping cannot recover.
+    Checking every 3rd step, the steps between updated on with NaN, the streak counted the
+    checked steps only, and the run ended "completed" with NaN weights in last.pt (a probe's).
+    policy=skip stops at the first checked step, naming the parameter and why."""
+    guard = ("instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}",
+             f"instrument.nonfinite.every_n_steps={every}")  # fmt: skip
+    with pytest.raises(NonFiniteError) as raised:
+        train(tmp_path, *COMMON, *guard, callbacks=[InfWeight()])
+    text = str(raised.value)
+    assert text.startswith("step 3: "), text
+    assert "holds NaN/Inf itself now" in text and "skipping cannot recover" in text, text
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed", metrics
 
 
 def test_deferred_mode_names_a_nan_and_an_inf_gradient_as_step_mode_does(tmp_path) -> None:

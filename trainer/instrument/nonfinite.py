@@ -531,15 +531,20 @@ class NonfiniteGuard(Callback):
         """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped
         (``samples``: the training split's samples whose losses were not finite, where
         known)."""
-        cause = (
-            _cause(bad, samples) + _weights_cause(trainer) + _params_cause(trainer, self.every.n)
-        )
-        if self.policy == "raise":
+        params = _params_cause(trainer, self.every.n)
+        cause = _cause(bad, samples) + _weights_cause(trainer) + params
+        if self.policy == "raise" or params:  # (parameters that hold NaN/Inf make every later
+            # step's gradients non-finite: skipping cannot recover, and with every_n_steps > 1
+            # the unchecked steps between went on updating with NaN, the run ending "completed"
+            # on NaN weights, a probe's)
             later = _read_later(step, read_at)
             message = (
                 f"step {step}: {cause}; stopped before the optimizer step{later} "
-                "(instrument.nonfinite.policy=skip skips such steps instead)"
-            )
+                + ("(instrument.nonfinite.policy=skip skips such steps instead)"
+                   if self.policy == "raise" else
+                   "(with the parameters themselves non-finite, skipping cannot recover: "
+                   "every later step's gradients would be non-finite too)")
+            )  # fmt: skip
             if read_at is not None:  # (deferred: the latch stays, skipping every update)
                 self._stopped = message
             raise NonFiniteError(message)
