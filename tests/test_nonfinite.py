@@ -1121,19 +1121,33 @@ def test_a_non_finite_weight_is_named_as_the_cause(tmp_path, sync, every) -> Non
 def test_skipping_stops_where_the_parameters_themselves_are_not_finite(
     tmp_path, sync, every
 ) -> None:
-    """With the parameters non-finite every later gradient is too: skipping cannot recover.
-    Checking every 3rd step, the steps between updated on with NaN, the streak counted the
-    checked steps only, and the run ended "completed" with NaN weights in last.pt (a probe's).
-    policy=skip stops at the first checked step, naming the parameter and why."""
+    """A parameter that holds NaN/Inf with a non-finite gradient stays so whatever is
+    skipped: checking every 3rd step, the steps between updated on with NaN, the streak
+    counted the checked steps only, and the run ended "completed" with NaN weights in last.pt
+    (a probe's). policy=skip stops at the first checked step that finds it, naming it. One
+    non-finite whose gradient is finite (a bias of -inf, its unit dead) is not: a transient
+    NaN loss beside it is skipped and the run completes (a review's)."""
     guard = ("instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}",
              f"instrument.nonfinite.every_n_steps={every}")  # fmt: skip
     with pytest.raises(NonFiniteError) as raised:
-        train(tmp_path, *COMMON, *guard, callbacks=[InfWeight()])
+        train(tmp_path / "spoiled", *COMMON, *guard, callbacks=[InfWeight()])
     text = str(raised.value)
     assert text.startswith("step 3: "), text
-    assert "holds NaN/Inf itself now" in text and "skipping cannot recover" in text, text
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "holds NaN/Inf itself now" in text, text
+    assert "holds NaN/Inf and so does its gradient: skipping steps leaves it" in text, text
+    assert ("updated nothing" in text) is False  # (deferred: the steps between did update)
+    metrics = json.loads((tmp_path / "spoiled" / "metrics.json").read_text())
     assert metrics["status"] == "failed", metrics
+
+    class MaskedUnit(Callback):  # (net.1.bias[0] = -inf: its ReLU unit is dead, its
+        def on_fit_start(self, trainer) -> None:  # gradients 0)
+            with torch.no_grad():
+                trainer.params[1][0] = -math.inf
+
+    metrics = train(tmp_path / "masked", *COMMON, *guard, "optimizer=sgd",
+                    callbacks=[MaskedUnit(), Poison({every: "loss"})])  # fmt: skip
+    assert metrics["status"] == "completed", metrics
+    assert read_scalars(tmp_path / "masked")["nonfinite/skipped_steps"][-1][1] == 1.0
 
 
 def test_deferred_mode_names_a_nan_and_an_inf_gradient_as_step_mode_does(tmp_path) -> None:

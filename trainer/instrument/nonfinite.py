@@ -136,9 +136,8 @@ class NonfiniteGuard(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         if self._stopped is not None:
             raise NonFiniteError(
-                f"{self._stopped}; raised by the last fit, whose updates from that step on "
-                "were skipped: a fit called again does not go on from it (load a state or a "
-                "checkpoint of a step before it)"
+                f"{self._stopped}; raised by the last fit: a fit called again does not go on "
+                "from it (load a state or a checkpoint of a step before it)"
             )
         # a resumed run's unread flags come from the checkpoint on the CPU: onto the device,
         # where this run's flags are (they are read together)
@@ -531,22 +530,34 @@ class NonfiniteGuard(Callback):
         """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped
         (``samples``: the training split's samples whose losses were not finite, where
         known)."""
-        params = _params_cause(trainer, self.every.n)
-        cause = _cause(bad, samples) + _weights_cause(trainer) + params
-        if self.policy == "raise" or params:  # (parameters that hold NaN/Inf make every later
-            # step's gradients non-finite: skipping cannot recover, and with every_n_steps > 1
-            # the unchecked steps between went on updating with NaN, the run ending "completed"
-            # on NaN weights, a probe's)
+        held = _nonfinite_params(trainer)
+        cause = (
+            _cause(bad, samples) + _weights_cause(trainer)
+            + _params_cause(held, self.every.n)
+        )  # fmt: skip
+        # parameters that hold NaN/Inf with a non-finite gradient: a skip leaves them so, and
+        # their gradients stay so (with every_n_steps > 1 the unchecked steps went on updating
+        # with NaN, and the run ended "completed" on NaN weights, a probe's); one whose
+        # gradient is finite (a mask of -inf: its unit's gradients are 0) is not (a review's)
+        spoiled = _with_nonfinite_grads(trainer, held) if self.policy == "skip" else []
+        if self.policy == "raise":
             later = _read_later(step, read_at)
             message = (
                 f"step {step}: {cause}; stopped before the optimizer step{later} "
-                + ("(instrument.nonfinite.policy=skip skips such steps instead)"
-                   if self.policy == "raise" else
-                   "(with the parameters themselves non-finite, skipping cannot recover: "
-                   "every later step's gradients would be non-finite too)")
-            )  # fmt: skip
+                "(instrument.nonfinite.policy=skip skips such steps instead)"
+            )
             if read_at is not None:  # (deferred: the latch stays, skipping every update)
                 self._stopped = message
+            raise NonFiniteError(message)
+        if spoiled:
+            read = (f" (read at step {read_at}, with instrument.nonfinite.sync=deferred)"
+                    if read_at is not None else "")  # fmt: skip
+            message = (
+                f"step {step}: {cause}; stopped{read}: {spoiled[0]}"
+                f"{f' (and {len(spoiled) - 1} more)' if len(spoiled) > 1 else ''} holds "
+                "NaN/Inf and so does its gradient: skipping steps leaves it as it is"
+            )
+            self._stopped = message  # (a fit called again: the parameters are still so)
             raise NonFiniteError(message)
         if step > self._counted_to:  # (made again by a fit called again after a later hook
             # of it failed: it was counted twice, a probe's)
@@ -614,20 +625,39 @@ def _largest_weight(trainer: Trainer) -> str:
     )
 
 
-def _params_cause(trainer: Trainer, every: int = 1) -> str:
-    """The trainable parameters that hold NaN/Inf now, named (a host read: a failing step
-    only): an update never writes one under the guard, so they were written around it (by
-    hand, by a callback, a loaded state) or by an update that overflowed, and every gradient
-    is non-finite from there (a probe's Inf weight was blamed on the first layer's gradient,
-    and never named)."""
+def _nonfinite_params(trainer: Trainer) -> list[str]:
+    """The trainable parameters that hold NaN/Inf now, by name (a host read: a failing step,
+    and a fit's start, only)."""
     named = [(n, p) for n, p in zip(trainer.param_names, trainer.params, strict=True)
              if p.numel() and (p.is_floating_point() or p.is_complex())]  # fmt: skip
     if not named:
-        return ""
+        return []
     device = named[0][1].device
     flags = torch.stack([torch.isfinite(p.detach()).all().to(device) for _, p in named])
-    finite = flags.tolist()  # host sync: one read, on a failing step only
-    bad = [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
+    finite = flags.tolist()  # host sync: one read
+    return [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def _with_nonfinite_grads(trainer: Trainer, names: list[str]) -> list[str]:
+    """Those of the parameters ``names`` whose gradient holds NaN/Inf (a host read: a failing
+    step only)."""
+    if not names:
+        return []
+    by_name = dict(zip(trainer.param_names, trainer.params, strict=True))
+    grads = [(n, g.coalesce().values() if g.is_sparse else g) for n in names
+             if (g := by_name[n].grad) is not None and g.numel()]  # fmt: skip
+    if not grads:
+        return []
+    device = grads[0][1].device
+    flags = torch.stack([torch.isfinite(g).all().to(device) for _, g in grads]).tolist()  # host
+    return [n for (n, _), ok in zip(grads, flags, strict=True) if not ok]  # sync: failing step
+
+
+def _params_cause(bad: list[str], every: int = 1) -> str:
+    """The trainable parameters ``bad`` that hold NaN/Inf now, named: an update never writes
+    one under the guard, so they were written around it (by hand, by a callback, a loaded
+    state) or by an update that overflowed, and every gradient is non-finite from there (a
+    probe's Inf weight was blamed on the first layer's gradient, and never named)."""
     if not bad:
         return ""
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
