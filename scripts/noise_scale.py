@@ -4,7 +4,10 @@ The worked example of docs/instrumentation.md: for each batch size, the digits M
 plain SGD at each learning rate of a grid until the EMA of its training loss reaches the target;
 the fewest steps over the grid is S(B). McCandlish et al. (2018) predict
 S(B) = S_min (1 + B_noise / B): steps halve with each doubling of the batch while B << B_noise and
-stop improving once B >> B_noise. The fit of that curve to the measured S(B) gives B_noise; the
+stop improving once B >> B_noise. The fit of that curve to the measured S(B) gives B_noise (the
+paper's B_crit = E_min / S_min, which B_simple approximates up to the Hessian's effects; the
+steps are counted where a 0.9 EMA of the training loss crosses the target, a lag of about 10
+steps that makes the fit's B_noise about 8 % low here); the
 trainer's own ``per_sample/noise_scale_ema`` (B_simple), read at the step each run reached the
 target, is the estimate the instrument gives without any of these runs.
 
@@ -159,6 +162,13 @@ def main() -> None:
     (args.out / "noise_scale.json").write_text(json.dumps(summary, indent=2))
     print(f"fit: S_min {s_min:.1f} steps, B_noise {b_noise:.1f}; measured B_simple {b_simple:.1f} "
           f"(median of {measured} of {len(bs)} best runs)")  # fmt: skip
+    lrs = {row["lr"] for row in rows}
+    if len(bs) < 3 or len(lrs) == 1:  # (two points fit exactly, and a single, low learning
+        # rate limits the large batches: a reduced run's B_noise of 2.9 beside a measured
+        # B_simple of 47.5 was printed without a word, a review's)
+        print(f"warning: {len(bs)} batch size(s) reached the target, with {len(lrs)} "
+              "learning rate(s): S(B) is the fewest steps over a learning-rate grid, and a fit "
+              "needs 3 or more batch sizes; this B_noise says little")  # fmt: skip
     if not fit_ok:
         print("warning: the fit is not of the predicted form S_min(1 + B_noise/B) with S_min > 0 "
               "and B_noise >= 0 (too few batch sizes, or steps that do not fall with B): its "

@@ -558,3 +558,6 @@ def test_the_noise_scale_study_fits_its_curve_and_reads_the_instrument(backgroun
         assert s_min * (1 + b_noise / b) == pytest.approx(r["steps"], rel=1e-9)
         assert math.isfinite(r["b_simple"])  # the instrument's estimate, read from the run
     assert (out / "noise_scale.png").stat().st_size > 0
+    # (two batch sizes, one learning rate: the fit passes through both, and means little;
+    # printed without a word before, a review's)
+    assert "2 batch size(s) reached the target, with 1 learning rate(s)" in proc.stdout

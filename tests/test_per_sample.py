@@ -6949,6 +6949,15 @@ def test_samples_alike_give_no_snr_or_noise_scale_rather_than_rounding(caplog) -
         assert torch.equal(norms, norms[:1].expand_as(norms)) and norms[0] > 0
     said = [r for r in caplog.records if "cancelled down to that rounding" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    # without SNRs (snr=false) the warning looked their tags up and failed (IndexError, a
+    # review's): the noise scale alone is named
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer.instrument.per_sample"):
+        _, staged = measure(model, x, y, cb=PerSampleNorms(1, loss="both", snr=False))
+    assert not any(t.startswith("grad_snr/") for t in staged)
+    assert math.isnan(staged["per_sample/noise_scale"])
+    said = [r.getMessage() for r in caplog.records if "cancelled down" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("per_sample/noise_scale: NaN"), said
 
 
 @pytest.mark.parametrize("n", [64, 256])

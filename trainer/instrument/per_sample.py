@@ -4170,10 +4170,15 @@ class PerSampleNorms(Callback):
                 # already)
                 estimate = [math.nan, math.nan]
                 rough.append(-1)
-            if rough and not self._said_rounded:
+            # (an SNR's tag only where SNRs are logged: with snr=false the lookup failed,
+            # IndexError, a review's)
+            shown = [
+                "per_sample/noise_scale" if i < 0 else tags[len(NOISE_TAGS) + i]
+                for i in rough if i < 0 or len(NOISE_TAGS) + i < len(tags)
+            ]  # fmt: skip
+            if shown and not self._said_rounded:
                 self._said_rounded = True
-                named = ", ".join(["per_sample/noise_scale" if i < 0 else tags[len(NOISE_TAGS) + i]
-                                   for i in rough][:5])  # fmt: skip
+                named = ", ".join(shown[:5])
                 log.warning(
                     "%s: NaN where the step's gradient, rounded to float16/bfloat16 (the "
                     "parameters' or autocast's), or the float32 sums they are taken from "
