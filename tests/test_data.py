@@ -278,8 +278,10 @@ def test_a_resume_on_another_number_of_processes_says_what_draws_otherwise(caplo
         resume({}, drawing, dropped, two)  # said
         resume(ranks, [], plain, two)
         resume({}, [], attention, two)  # said
+        resume({}, [], nn.Sequential(nn.GRU(4, 4, num_layers=2, dropout=0.1)), two)  # said
     said = [r.getMessage() for r in caplog.records]
-    assert len(said) == 3, said
+    assert len(said) == 4, said
+    assert "-> 2: dropout (0: one stream" in said[3]
     assert "resume: 2 process(es) -> 1: a Dataset's random draws (augmentation) draw" in said[0]
     assert said[1].startswith("resume: 1 process(es) -> 2: a Dataset's random draws")
     assert "and dropout (1: one stream, the same on every rank) draw otherwise" in said[1]

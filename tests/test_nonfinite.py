@@ -1121,12 +1121,12 @@ def test_a_non_finite_weight_is_named_as_the_cause(tmp_path, sync, every) -> Non
 def test_skipping_stops_where_the_parameters_themselves_are_not_finite(
     tmp_path, sync, every
 ) -> None:
-    """A parameter that holds NaN/Inf with a non-finite gradient stays so whatever is
+    """A parameter that holds NaN/Inf it did not hold at the fit's start stays so whatever is
     skipped: checking every 3rd step, the steps between updated on with NaN, the streak
     counted the checked steps only, and the run ended "completed" with NaN weights in last.pt
     (a probe's). policy=skip stops at the first checked step that finds it, naming it. One
-    non-finite whose gradient is finite (a bias of -inf, its unit dead) is not: a transient
-    NaN loss beside it is skipped and the run completes (a review's)."""
+    non-finite from the start (a bias of -inf, its unit dead: a mask) is not: a transient NaN
+    beside it, every gradient NaN or one Inf, is skipped and the run completes (reviews')."""
     guard = ("instrument.nonfinite.policy=skip", f"instrument.nonfinite.sync={sync}",
              f"instrument.nonfinite.every_n_steps={every}")  # fmt: skip
     with pytest.raises(NonFiniteError) as raised:
@@ -1134,7 +1134,7 @@ def test_skipping_stops_where_the_parameters_themselves_are_not_finite(
     text = str(raised.value)
     assert text.startswith("step 3: "), text
     assert "holds NaN/Inf itself now" in text, text
-    assert "holds NaN/Inf and so does its gradient: skipping steps leaves it" in text, text
+    assert "holds NaN/Inf it did not hold when the fit started: skipping steps" in text, text
     assert ("updated nothing" in text) is False  # (deferred: the steps between did update)
     metrics = json.loads((tmp_path / "spoiled" / "metrics.json").read_text())
     assert metrics["status"] == "failed", metrics
@@ -1144,10 +1144,13 @@ def test_skipping_stops_where_the_parameters_themselves_are_not_finite(
             with torch.no_grad():
                 trainer.params[1][0] = -math.inf
 
-    metrics = train(tmp_path / "masked", *COMMON, *guard, "optimizer=sgd",
-                    callbacks=[MaskedUnit(), Poison({every: "loss"})])  # fmt: skip
-    assert metrics["status"] == "completed", metrics
-    assert read_scalars(tmp_path / "masked")["nonfinite/skipped_steps"][-1][1] == 1.0
+    for kind in ("input", "grad"):  # (every gradient NaN; one gradient Inf: the review's
+        # "loss" poison left the gradients finite, and a whole-tensor check passed it)
+        metrics = train(tmp_path / f"masked_{kind}", *COMMON, *guard, "optimizer=sgd",
+                        callbacks=[MaskedUnit(), Poison({every: kind})])  # fmt: skip
+        assert metrics["status"] == "completed", metrics
+        skipped = read_scalars(tmp_path / f"masked_{kind}")["nonfinite/skipped_steps"]
+        assert skipped[-1][1] == 1.0, skipped
 
 
 def test_deferred_mode_names_a_nan_and_an_inf_gradient_as_step_mode_does(tmp_path) -> None:

@@ -592,7 +592,8 @@ class Regularizer(Stateful):
             # expected device", or a gradcheck failing on NaN differences, named neither,
             # a probe's)
             what = (f"on {value.device}, not on its parameters' {device}"
-                    if value.device != device else f"{float(value)} at λ = {coef:g}")  # fmt: skip
+                    if value.device != device
+                    else f"{float(value.detach())} at λ = {coef:g}")  # fmt: skip
             raise ValueError(
                 f"regularizer {self.name} ({type(self).__name__}): its function's value is "
                 f"{what}, checked at the run's parameters (copies in float64)"

@@ -283,7 +283,7 @@ def _warn_world_draws(state: dict[str, Any], trainer: Trainer) -> None:
     modes = state.get("train_modes") or {}
     dropout = [n or type(m).__name__ for n, m in trainer.model.named_modules()
                if (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-                   or isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+                   or isinstance(m, nn.MultiheadAttention | nn.RNNBase) and m.dropout > 0)
                and modes.get(n, m.training)]  # fmt: skip
     if dropout:
         what.append(f"dropout ({', '.join(dropout[:3])}{' …' if len(dropout) > 3 else ''}: "

@@ -273,7 +273,7 @@ def _into_log_files(text: str, error: BaseException | None = None) -> None:
     exc_info = (type(error), error, error.__traceback__) if error is not None else None
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, (), exc_info)
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
             with contextlib.suppress(Exception):  # (a full disk: the console has said it)
                 handler.handle(record)
 

@@ -480,9 +480,10 @@ class Curvature(Callback):
         # be made on a machine without one, and the resume failed, a review's)
         self._loaded = None
         if state["generator"] is not None:
-            self._loaded = (torch.device(state["device"]), state["generator"])
-            if self._loaded[0].type == "cpu":  # (one that does not fit: said at the resume,
-                _made(self._loaded[0], state["generator"])  # not at the next measurement)
+            device = torch.device(state["device"])
+            if device.type == "cpu":  # (one that does not fit: said at the resume, not at
+                _made(device, state["generator"])  # the next measurement; kept unloaded)
+            self._loaded = (device, state["generator"])
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The measurement's own generator, seeded once (its stream continues across steps,

@@ -123,6 +123,9 @@ class NonfiniteGuard(Callback):
         #: deferred, policy raise: the error a read raised (the latch stays set: a fit called
         #: again trained nothing, every update skipped, unsaid, a review's)
         self._stopped: str | None = None
+        #: policy skip: each trainable parameter's count of non-finite elements at the fit's
+        #: first micro-batch (after every on_fit_start), None until then
+        self._held_at_start: dict[str, int] | None = None
         self._found: Tensor | None = None  # step mode: the check's flag, kept
         #: step mode: whether the kept flag may be set (not read as 0 since the check kernel
         #: last ran on it): zeroed before the next check then only
@@ -160,6 +163,7 @@ class NonfiniteGuard(Callback):
         self.deferred = deferred
         if self.policy == "skip":  # a skipped step leaves the buffers as they were too
             trainer.restore_buffers_on_skip = True
+        self._held_at_start = None  # (taken at this fit's first micro-batch)
         if trainer.scaler is not None and self._scale_at is None:  # host read: once, before
             # the first step (a resumed run: the last read before its checkpoint, kept)
             self._scale_at = (trainer.global_step, trainer.scaler.get_scale())
@@ -222,6 +226,8 @@ class NonfiniteGuard(Callback):
     def on_after_backward(
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
     ) -> None:
+        if self._held_at_start is None and self.policy == "skip":  # (once a fit)
+            self._held_at_start = _nonfinite_counts(trainer)
         if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
             self._losses.append(losses)
             self._indices.append(batch.index)
@@ -535,11 +541,14 @@ class NonfiniteGuard(Callback):
             _cause(bad, samples) + _weights_cause(trainer)
             + _params_cause(held, self.every.n)
         )  # fmt: skip
-        # parameters that hold NaN/Inf with a non-finite gradient: a skip leaves them so, and
-        # their gradients stay so (with every_n_steps > 1 the unchecked steps went on updating
-        # with NaN, and the run ended "completed" on NaN weights, a probe's); one whose
-        # gradient is finite (a mask of -inf: its unit's gradients are 0) is not (a review's)
-        spoiled = _with_nonfinite_grads(trainer, held) if self.policy == "skip" else []
+        # parameters that hold more NaN/Inf elements than at the fit's start: a skip leaves
+        # them so (with every_n_steps > 1 the unchecked steps went on updating with NaN, and
+        # the run ended "completed" on NaN weights, a probe's); a mask of -inf the model has
+        # from the start is not counted (it stopped a run beside a transient NaN: reviews')
+        spoiled = []
+        if self.policy == "skip" and held and self._held_at_start is not None:
+            now = _nonfinite_counts(trainer, held)
+            spoiled = [n for n in held if now[n] > self._held_at_start.get(n, 0)]
         if self.policy == "raise":
             later = _read_later(step, read_at)
             message = (
@@ -555,7 +564,7 @@ class NonfiniteGuard(Callback):
             message = (
                 f"step {step}: {cause}; stopped{read}: {spoiled[0]}"
                 f"{f' (and {len(spoiled) - 1} more)' if len(spoiled) > 1 else ''} holds "
-                "NaN/Inf and so does its gradient: skipping steps leaves it as it is"
+                "NaN/Inf it did not hold when the fit started: skipping steps leaves it so"
             )
             self._stopped = message  # (a fit called again: the parameters are still so)
             raise NonFiniteError(message)
@@ -626,8 +635,8 @@ def _largest_weight(trainer: Trainer) -> str:
 
 
 def _nonfinite_params(trainer: Trainer) -> list[str]:
-    """The trainable parameters that hold NaN/Inf now, by name (a host read: a failing step,
-    and a fit's start, only)."""
+    """The trainable parameters that hold NaN/Inf now, by name (a host read: a failing step
+    only)."""
     named = [(n, p) for n, p in zip(trainer.param_names, trainer.params, strict=True)
              if p.numel() and (p.is_floating_point() or p.is_complex())]  # fmt: skip
     if not named:
@@ -638,19 +647,18 @@ def _nonfinite_params(trainer: Trainer) -> list[str]:
     return [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
 
 
-def _with_nonfinite_grads(trainer: Trainer, names: list[str]) -> list[str]:
-    """Those of the parameters ``names`` whose gradient holds NaN/Inf (a host read: a failing
-    step only)."""
-    if not names:
-        return []
-    by_name = dict(zip(trainer.param_names, trainer.params, strict=True))
-    grads = [(n, g.coalesce().values() if g.is_sparse else g) for n in names
-             if (g := by_name[n].grad) is not None and g.numel()]  # fmt: skip
-    if not grads:
-        return []
-    device = grads[0][1].device
-    flags = torch.stack([torch.isfinite(g).all().to(device) for _, g in grads]).tolist()  # host
-    return [n for (n, _), ok in zip(grads, flags, strict=True) if not ok]  # sync: failing step
+def _nonfinite_counts(trainer: Trainer, names: list[str] | None = None) -> dict[str, int]:
+    """Each trainable parameter's (or those of ``names``) count of NaN/Inf elements (a host
+    read: a fit's first micro-batch, with policy skip, and a failing step only)."""
+    wanted = None if names is None else set(names)
+    named = [(n, p) for n, p in zip(trainer.param_names, trainer.params, strict=True)
+             if (wanted is None or n in wanted) and p.numel()
+             and (p.is_floating_point() or p.is_complex())]  # fmt: skip
+    if not named:
+        return {}
+    device = named[0][1].device
+    counts = torch.stack([(~torch.isfinite(p.detach())).sum().to(device) for _, p in named])
+    return dict(zip([n for n, _ in named], counts.tolist(), strict=True))  # host sync: above
 
 
 def _params_cause(bad: list[str], every: int = 1) -> str:
