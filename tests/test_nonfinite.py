@@ -1116,6 +1116,10 @@ def test_a_non_finite_weight_is_named_as_the_cause(tmp_path, sync, every) -> Non
     assert (unchecked in text) == (every == 2), text
 
 
+def final_params_at(run_dir, step: int) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / f"step_{step:09d}.pt")["model"]
+
+
 @pytest.mark.parametrize(("sync", "every"), [("step", 1), ("deferred", 1), ("step", 3),
                                            ("deferred", 3)])  # fmt: skip
 def test_skipping_stops_where_the_parameters_themselves_are_not_finite(
@@ -1134,7 +1138,7 @@ def test_skipping_stops_where_the_parameters_themselves_are_not_finite(
     text = str(raised.value)
     assert text.startswith("step 3: "), text
     assert "holds NaN/Inf itself now" in text, text
-    assert "holds NaN/Inf it did not hold when the fit started: skipping steps" in text, text
+    assert "holds NaN, or Inf it did not hold when the fit started: skipping steps" in text, text
     assert ("updated nothing" in text) is False  # (deferred: the steps between did update)
     metrics = json.loads((tmp_path / "spoiled" / "metrics.json").read_text())
     assert metrics["status"] == "failed", metrics
@@ -1144,6 +1148,15 @@ def test_skipping_stops_where_the_parameters_themselves_are_not_finite(
             with torch.no_grad():
                 trainer.params[1][0] = -math.inf
 
+    if every == 3:  # a checkpoint of an unchecked step holds the NaN: its resume started
+        # with it, and counted from it ended "completed" on NaN weights (a review's)
+        poisoned = [*COMMON, *guard, "trainer.checkpoint.every_n_steps=2"]
+        with pytest.raises(NonFiniteError):
+            train(tmp_path / "first", *poisoned, callbacks=[Poison({1: "input"})])
+        resumed = f"trainer.resume={tmp_path / 'first' / 'checkpoints' / 'step_000000002.pt'}"
+        assert not torch.isfinite(final_params_at(tmp_path / "first", 2)["net.1.weight"]).all()
+        with pytest.raises(NonFiniteError, match=r"^step 3: .*holds NaN, or Inf it did not"):
+            train(tmp_path / "resumed", *poisoned, resumed)
     for kind in ("input", "grad"):  # (every gradient NaN; one gradient Inf: the review's
         # "loss" poison left the gradients finite, and a whole-tensor check passed it)
         metrics = train(tmp_path / f"masked_{kind}", *COMMON, *guard, "optimizer=sgd",

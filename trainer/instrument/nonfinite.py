@@ -123,7 +123,7 @@ class NonfiniteGuard(Callback):
         #: deferred, policy raise: the error a read raised (the latch stays set: a fit called
         #: again trained nothing, every update skipped, unsaid, a review's)
         self._stopped: str | None = None
-        #: policy skip: each trainable parameter's count of non-finite elements at the fit's
+        #: policy skip: each trainable parameter's count of infinite elements at the fit's
         #: first micro-batch (after every on_fit_start), None until then
         self._held_at_start: dict[str, int] | None = None
         self._found: Tensor | None = None  # step mode: the check's flag, kept
@@ -227,7 +227,7 @@ class NonfiniteGuard(Callback):
         self, trainer: Trainer, batch: Batch, losses: Tensor, weights: Tensor | None
     ) -> None:
         if self._held_at_start is None and self.policy == "skip":  # (once a fit)
-            self._held_at_start = _nonfinite_counts(trainer)
+            self._held_at_start = {n: inf for n, (_, inf) in _nonfinite_counts(trainer).items()}
         if self.every.due_next(trainer.global_step):  # the step this micro-batch belongs to
             self._losses.append(losses)
             self._indices.append(batch.index)
@@ -541,14 +541,15 @@ class NonfiniteGuard(Callback):
             _cause(bad, samples) + _weights_cause(trainer)
             + _params_cause(held, self.every.n)
         )  # fmt: skip
-        # parameters that hold more NaN/Inf elements than at the fit's start: a skip leaves
-        # them so (with every_n_steps > 1 the unchecked steps went on updating with NaN, and
-        # the run ended "completed" on NaN weights, a probe's); a mask of -inf the model has
-        # from the start is not counted (it stopped a run beside a transient NaN: reviews')
+        # parameters holding NaN, or more infinite elements than at the fit's start: a skip
+        # leaves them so (with every_n_steps > 1 the unchecked steps went on updating with NaN,
+        # and the run ended "completed" on NaN weights, a probe's; so did a resume of a
+        # checkpoint holding that NaN, a review's); a mask of -inf the model has from the
+        # start is not counted (it stopped a run beside a transient NaN: reviews')
         spoiled = []
-        if self.policy == "skip" and held and self._held_at_start is not None:
-            now = _nonfinite_counts(trainer, held)
-            spoiled = [n for n in held if now[n] > self._held_at_start.get(n, 0)]
+        if self.policy == "skip" and held:
+            now, start = _nonfinite_counts(trainer, held), self._held_at_start or {}
+            spoiled = [n for n in held if now[n][0] or now[n][1] > start.get(n, 0)]
         if self.policy == "raise":
             later = _read_later(step, read_at)
             message = (
@@ -564,7 +565,7 @@ class NonfiniteGuard(Callback):
             message = (
                 f"step {step}: {cause}; stopped{read}: {spoiled[0]}"
                 f"{f' (and {len(spoiled) - 1} more)' if len(spoiled) > 1 else ''} holds "
-                "NaN/Inf it did not hold when the fit started: skipping steps leaves it so"
+                "NaN, or Inf it did not hold when the fit started: skipping steps leaves it so"
             )
             self._stopped = message  # (a fit called again: the parameters are still so)
             raise NonFiniteError(message)
@@ -647,9 +648,12 @@ def _nonfinite_params(trainer: Trainer) -> list[str]:
     return [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
 
 
-def _nonfinite_counts(trainer: Trainer, names: list[str] | None = None) -> dict[str, int]:
-    """Each trainable parameter's (or those of ``names``) count of NaN/Inf elements (a host
-    read: a fit's first micro-batch, with policy skip, and a failing step only)."""
+def _nonfinite_counts(
+    trainer: Trainer, names: list[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Each trainable parameter's (or those of ``names``) counts of NaN and of infinite
+    elements (a host read: a fit's first micro-batch, with policy skip, and a failing step
+    only)."""
     wanted = None if names is None else set(names)
     named = [(n, p) for n, p in zip(trainer.param_names, trainer.params, strict=True)
              if (wanted is None or n in wanted) and p.numel()
@@ -657,8 +661,12 @@ def _nonfinite_counts(trainer: Trainer, names: list[str] | None = None) -> dict[
     if not named:
         return {}
     device = named[0][1].device
-    counts = torch.stack([(~torch.isfinite(p.detach())).sum().to(device) for _, p in named])
-    return dict(zip([n for n, _ in named], counts.tolist(), strict=True))  # host sync: above
+    counts = torch.stack([
+        torch.stack([torch.isnan(p.detach()).sum(), torch.isinf(p.detach()).sum()]).to(device)
+        for _, p in named
+    ])  # fmt: skip
+    pairs = [(int(a), int(b)) for a, b in counts.tolist()]  # host sync: once, as said above
+    return dict(zip([n for n, _ in named], pairs, strict=True))
 
 
 def _params_cause(bad: list[str], every: int = 1) -> str:
