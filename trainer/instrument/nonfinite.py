@@ -536,7 +536,8 @@ class NonfiniteGuard(Callback):
         """Step ``step`` had non-finite ``bad`` values: raise, or count it as skipped
         (``samples``: the training split's samples whose losses were not finite, where
         known)."""
-        held = _nonfinite_params(trainer)
+        counts = _nonfinite_counts(trainer)  # (one host read: a failing step only)
+        held = [n for n, (nan, inf) in counts.items() if nan or inf]
         cause = (
             _cause(bad, samples) + _weights_cause(trainer)
             + _params_cause(held, self.every.n)
@@ -546,10 +547,9 @@ class NonfiniteGuard(Callback):
         # and the run ended "completed" on NaN weights, a probe's; so did a resume of a
         # checkpoint holding that NaN, a review's); a mask of -inf the model has from the
         # start is not counted (it stopped a run beside a transient NaN: reviews')
-        spoiled = []
-        if self.policy == "skip" and held:
-            now, start = _nonfinite_counts(trainer, held), self._held_at_start or {}
-            spoiled = [n for n in held if now[n][0] or now[n][1] > start.get(n, 0)]
+        start = self._held_at_start or {}
+        spoiled = [n for n in held if counts[n][0] or counts[n][1] > start.get(n, 0)]
+        spoiled = spoiled if self.policy == "skip" else []
         if self.policy == "raise":
             later = _read_later(step, read_at)
             message = (
@@ -635,29 +635,11 @@ def _largest_weight(trainer: Trainer) -> str:
     )
 
 
-def _nonfinite_params(trainer: Trainer) -> list[str]:
-    """The trainable parameters that hold NaN/Inf now, by name (a host read: a failing step
-    only)."""
+def _nonfinite_counts(trainer: Trainer) -> dict[str, tuple[int, int]]:
+    """Each trainable parameter's counts of NaN and of infinite elements (a host read: a
+    fit's first micro-batch, with policy skip, and a failing step only)."""
     named = [(n, p) for n, p in zip(trainer.param_names, trainer.params, strict=True)
              if p.numel() and (p.is_floating_point() or p.is_complex())]  # fmt: skip
-    if not named:
-        return []
-    device = named[0][1].device
-    flags = torch.stack([torch.isfinite(p.detach()).all().to(device) for _, p in named])
-    finite = flags.tolist()  # host sync: one read
-    return [n for (n, _), ok in zip(named, finite, strict=True) if not ok]
-
-
-def _nonfinite_counts(
-    trainer: Trainer, names: list[str] | None = None
-) -> dict[str, tuple[int, int]]:
-    """Each trainable parameter's (or those of ``names``) counts of NaN and of infinite
-    elements (a host read: a fit's first micro-batch, with policy skip, and a failing step
-    only)."""
-    wanted = None if names is None else set(names)
-    named = [(n, p) for n, p in zip(trainer.param_names, trainer.params, strict=True)
-             if (wanted is None or n in wanted) and p.numel()
-             and (p.is_floating_point() or p.is_complex())]  # fmt: skip
     if not named:
         return {}
     device = named[0][1].device
