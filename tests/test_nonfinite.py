@@ -1157,6 +1157,21 @@ def test_skipping_stops_where_the_parameters_themselves_are_not_finite(
         assert not torch.isfinite(final_params_at(tmp_path / "first", 2)["net.1.weight"]).all()
         with pytest.raises(NonFiniteError, match=r"^step 3: .*holds NaN, or Inf it did not"):
             train(tmp_path / "resumed", *poisoned, resumed)
+
+    class MaskedLater(Callback):  # (the masked layer frozen, then unfrozen at step 2: not in
+        def on_fit_start(self, trainer) -> None:  # the fit's first count, a review's)
+            with torch.no_grad():
+                trainer.model.net[1].bias[0] = -math.inf
+            trainer.model.net[1].requires_grad_(False)
+
+        def on_train_step_end(self, trainer, out) -> None:
+            if out.step == 2:
+                trainer.model.net[1].requires_grad_(True)
+
+    if every == 1:
+        metrics = train(tmp_path / "unfrozen", *COMMON, *guard, "optimizer=sgd",
+                        callbacks=[MaskedLater(), Poison({5: "input"})])  # fmt: skip
+        assert metrics["status"] == "completed", metrics
     for kind in ("input", "grad"):  # (every gradient NaN; one gradient Inf: the review's
         # "loss" poison left the gradients finite, and a whole-tensor check passed it)
         metrics = train(tmp_path / f"masked_{kind}", *COMMON, *guard, "optimizer=sgd",

@@ -195,8 +195,13 @@ class NonfiniteGuard(Callback):
             )
 
     def on_params_change(self, trainer: Trainer) -> None:
-        """Checks the gradients of the parameters trainable now (a layer unfrozen mid-run)."""
+        """Checks the gradients of the parameters trainable now (a layer unfrozen mid-run);
+        their infinite elements (a mask of -inf) are counted as they are now (a mask of a
+        layer unfrozen mid-run stopped a run beside a transient NaN, a review's)."""
         self._all_names = None
+        if self._held_at_start is not None:  # (host read: where the trainable set changes)
+            for n, (_, inf) in _nonfinite_counts(trainer).items():
+                self._held_at_start.setdefault(n, inf)
 
     def state_dict(self) -> dict[str, object]:
         """The counts, and in deferred mode the flags not read yet (a resumed run reads them)."""
@@ -538,17 +543,17 @@ class NonfiniteGuard(Callback):
         known)."""
         counts = _nonfinite_counts(trainer)  # (one host read: a failing step only)
         held = [n for n, (nan, inf) in counts.items() if nan or inf]
-        cause = (
-            _cause(bad, samples) + _weights_cause(trainer)
-            + _params_cause(held, self.every.n)
-        )  # fmt: skip
         # parameters holding NaN, or more infinite elements than at the fit's start: a skip
         # leaves them so (with every_n_steps > 1 the unchecked steps went on updating with NaN,
         # and the run ended "completed" on NaN weights, a probe's; so did a resume of a
         # checkpoint holding that NaN, a review's); a mask of -inf the model has from the
-        # start is not counted (it stopped a run beside a transient NaN: reviews')
+        # start is not counted (it stopped a run beside a transient NaN: reviews'), nor named
         start = self._held_at_start or {}
         spoiled = [n for n in held if counts[n][0] or counts[n][1] > start.get(n, 0)]
+        cause = (
+            _cause(bad, samples) + _weights_cause(trainer)
+            + _params_cause(held if self.policy == "raise" else spoiled, self.every.n)
+        )  # fmt: skip
         spoiled = spoiled if self.policy == "skip" else []
         if self.policy == "raise":
             later = _read_later(step, read_at)
@@ -557,7 +562,7 @@ class NonfiniteGuard(Callback):
                 "(instrument.nonfinite.policy=skip skips such steps instead)"
             )
             if read_at is not None:  # (deferred: the latch stays, skipping every update)
-                self._stopped = message
+                self._stopped = f"{message}, and every update from that step on was skipped"
             raise NonFiniteError(message)
         if spoiled:
             read = (f" (read at step {read_at}, with instrument.nonfinite.sync=deferred)"
