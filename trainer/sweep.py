@@ -360,12 +360,16 @@ class _RankLabel(logging.Filter):
 
 @contextlib.contextmanager
 def _rank_labelled() -> Any:
-    """Data-parallel (torchrun's ``RANK``/``WORLD_SIZE``), a rank other than the first labels
-    its log lines: every rank writes into the run's one ``train.log`` (a rank's warnings and
-    its ``Error:`` line were told from the first's by nothing, a review's)."""
+    """Data-parallel (the world :func:`trainer.distributed.from_env` finds: torchrun's, or a
+    SLURM job's tasks), a rank other than the first labels its log lines: every rank writes
+    into the run's one ``train.log`` (a rank's warnings and its ``Error:`` line were told from
+    the first's by nothing, a review's)."""
+    from trainer.distributed import from_env
+
     try:
-        rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
+        world = from_env()
+        rank, size = world.rank, world.size
+    except Exception:  # noqa: BLE001 (a malformed environment: the run says so itself)
         rank, size = 0, 1
     if size <= 1 or rank == 0:
         yield
