@@ -2559,6 +2559,37 @@ def test_a_forked_body_leaves_every_generator_where_it_was(raises) -> None:
         np.random.set_state(state[2])
 
 
+def test_a_fork_of_cuda_without_an_index_is_of_the_current_cuda_device(monkeypatch) -> None:
+    """``cuda`` (no index) is where torch puts tensors: the current CUDA device. A fork of it
+    reads and keeps that device's generator, not device 0's (a review's: ``fork_rng`` was given
+    index 0 while the current device was another, and its draws were not undone). CUDA's
+    functions are stand-ins here (no GPU on the suite's machines): what is asked of them is
+    what this checks."""
+    import contextlib
+
+    import torch.random
+
+    from trainer import rng
+
+    read, forked = [], []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(
+        torch.cuda, "get_rng_state", lambda d: read.append(d) or torch.zeros(8, dtype=torch.uint8)
+    )
+
+    @contextlib.contextmanager
+    def fork_rng(devices, device_type):
+        forked.append((list(devices), device_type))
+        yield
+
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    with rng.forked_rng(torch.device("cuda")) as fork:
+        assert not fork.drew()
+    assert forked == [([1], "cuda")]
+    assert read == [torch.device("cuda", 1)] * 2  # (at the fork, and by drew)
+    assert rng.Fork(torch.device("cuda", 0)).device == torch.device("cuda", 0)
+
+
 class StagesAnInstrumentsTag(Callback):
     """Stages ``grad_norm/net.1.weight`` at steps of its own (2 and 7)."""
 

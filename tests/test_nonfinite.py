@@ -1481,6 +1481,39 @@ def test_a_skipped_step_puts_back_the_buffers_its_forward_wrote(
     assert all(torch.isfinite(v).all() for k, v in state.items() if k != "mask")
 
 
+class MovesABufferAt3(NormedNaNAt):
+    """:class:`NormedNaNAt` whose third training forward also puts a buffer of its own on
+    another device (``meta``: the stand-in for CUDA that a CPU has, which as CUDA refuses a
+    CPU tensor of elements beside its own)."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__(in_shape, out_dim)
+        self.register_buffer("side", torch.zeros(3, dtype=torch.long))  # (a counter's kind)
+
+    def forward(self, x):
+        if self.training and self.calls + 1 == self.at:
+            self.side = torch.zeros(3, dtype=torch.long, device="meta")
+        return super().forward(x)
+
+
+def test_a_skipped_step_leaves_a_buffer_its_forward_moved_to_another_device(tmp_path) -> None:
+    """The deferred skip puts buffers back by ``torch.where`` on the device's flag: one a
+    forward put on another device was paired with its copy by shape and dtype alone, and
+    ``torch.where`` of the CUDA flag, a CPU copy and a CUDA buffer raises (a review's reading
+    of the CUDA path; a buffer that was None was kept as a CPU placeholder). Such a buffer is
+    left as the forward made it; the others are put back as ever."""
+    seen = BuffersAroundStep3()
+    train(tmp_path, "~model", f"+model._target_={__name__}.MovesABufferAt3",
+          "trainer.max_steps=4", "instrument.nonfinite.policy=skip", "optimizer=sgd",
+          "instrument.nonfinite.sync=deferred", "logging.every_n_steps=1",
+          callbacks=[seen])  # fmt: skip
+    assert seen.after["side"].device.type == "meta"
+    kept = [n for n in seen.before if n != "side"]
+    assert "norm.running_mean" in kept and "ema" in kept
+    assert all(torch.equal(seen.before[n], seen.after[n]) for n in kept)
+    assert read_scalars(tmp_path)["nonfinite/skipped_steps"][-1][1] == 1.0
+
+
 class NaNGradEveryStep(Callback):
     """A gradient NaN at every step (a sqrt(0) in a backward), the loss finite."""
 

@@ -478,7 +478,7 @@ class Trainer:
         #: (module, name) of each buffer, read anew at each step (a forward may replace a
         #: buffer by a new tensor: an EMA codebook's ``self.ema = self.ema * d + ...``)
         self._buffers: list[tuple[nn.Module, str]] = []
-        self._buffers_before: list[Tensor] | None = None
+        self._buffers_before: list[Tensor | None] | None = None
         self._window_open = False
         self._flushed_at: int | None = None  # the step on_flush last ran at
         #: the step's gradient norms as a callback computed them (share_grad_norms), and the
@@ -1554,26 +1554,30 @@ class Trainer:
         now = self._current_buffers()
         kept = self._buffers_before
         if kept is None or any(
-            b is None or b.shape != k.shape or b.dtype != k.dtype or b.device != k.device
+            b is None or k is None or (b.shape, b.dtype, b.device) != (k.shape, k.dtype, k.device)
             for b, k in zip(now, kept, strict=True)
-        ):
-            self._buffers_before = [
-                b.detach().clone() if b is not None else torch.empty(0) for b in now
-            ]
-        else:
-            torch._foreach_copy_(kept, [b for b in now if b is not None])  # (all here)
+        ):  # (a buffer a forward set to None is kept as None: nothing to put back)
+            self._buffers_before = [b.detach().clone() if b is not None else None for b in now]
+        else:  # (none is None here)
+            torch._foreach_copy_(
+                [k for k in kept if k is not None], [b for b in now if b is not None]
+            )
 
     def _put_back_buffers(self) -> None:
         """The buffers as they were before the step, where it is skipped: on the host's word
         (``skip_step``), or where the device's flag is set (``skip_step_where``: a
         ``torch.where`` per buffer, no host read). Into the module's current buffer (a
-        forward may have put a new tensor there), where its shape and dtype are unchanged."""
+        forward may have put a new tensor there), where its shape, dtype and device are
+        unchanged."""
         before = self._buffers_before
         assert before is not None
         if not self.skip_step and self.skip_step_where is None:
             return
         pairs = [(b, k) for b, k in zip(self._current_buffers(), before, strict=True)
-                 if b is not None and b.shape == k.shape and b.dtype == k.dtype]  # fmt: skip
+                 if b is not None and k is not None and b.shape == k.shape
+                 and b.dtype == k.dtype and b.device == k.device]  # fmt: skip
+        # (a buffer a forward put on another device is left as it is: torch.where cannot mix
+        # a CUDA flag with a CPU tensor of elements, a review's)
         where = self.skip_step_where
         if self.skip_step or where is None:
             torch._foreach_copy_([b for b, _ in pairs], [k for _, k in pairs])

@@ -11,11 +11,20 @@ import numpy as np
 import torch
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` without an index is the current CUDA device (as torch places tensors), not
+    device 0: ``fork_rng`` is given an index, and 0 left the current one's draws undone where
+    ``torch.cuda.set_device`` had chosen another (a review's)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Fork:
     """The random states at one moment, to ask later whether anything drew since."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
+        self.device = _indexed(device)
         self.states = self._now()
 
     def _now(self) -> tuple[Any, ...]:
@@ -53,7 +62,7 @@ def forked_rng(device: torch.device) -> Iterator[Fork]:
     a LayerDrop by ``random.random()``) draws the same numbers in the run's next step as if the
     body had never run. The body gets a :class:`Fork` whose ``drew()`` says whether it drew."""
     fork = Fork(device)
-    accel = device.type != "cpu"
+    device, accel = fork.device, device.type != "cpu"
     try:
         with torch.random.fork_rng(  # (torch's states, on any accelerator type)
             devices=[device.index or 0] if accel else [],
