@@ -832,6 +832,37 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     assert "7 jobs (2 completed, 1 interrupted, 1 missing, 3 not started)" in out
 
 
+@pytest.mark.parametrize("resume", [None, "trainer.resume=auto", "config"])
+def test_an_earlier_sweeps_result_is_not_a_job_a_fresh_sweep_has_yet_to_run(
+    tmp_path, capsys, resume
+) -> None:
+    """A dir reused by a sweep of the same overrides (another `--config-dir`, say),
+    interrupted in its first job: folder 1 holds the earlier sweep's result, recording its id.
+    It was reported as this sweep's job 1, completed and best (a probe's), though this sweep
+    starts its jobs afresh and had not run it: left out, said, and job 1 is not started. A
+    sweep that resumes its jobs (``trainer.resume`` on the command line or in its config)
+    continues that folder's run: the job's, as before."""
+    root = tmp_path / "multirun"
+    task = ["optimizer.lr=0.1,0.2"] + ([resume] if resume and resume != "config" else [])
+    jobs = [[f"optimizer.lr={lr}", *task[1:]] for lr in (0.1, 0.2)]
+    make_run(root / "0", {"status": "interrupted", "signal": "SIGTERM", "step": 1,
+                          "sweep_id": "this"}, jobs[0])  # fmt: skip
+    make_run(root / "1", {**completed(0.9, 0.5, 0.1), "sweep_id": "earlier"}, jobs[1])
+    _plan(root, {"_target_": BASIC, "params": None}, task, "${hydra.job.num}")
+    if resume == "config":
+        plan = yaml.safe_load((root / "multirun.yaml").read_text())
+        (root / "multirun.yaml").write_text(yaml.safe_dump({**plan, "trainer": {"resume": "auto"}}))
+    (root / ".sweep.json").write_text(json.dumps({"sweep_id": "this"}))
+    assert report.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    if resume is None:
+        assert "job folder 1 holds runs that are not this sweep's jobs" in err, err
+        assert "2 jobs (1 interrupted, 1 not started); best: none" in out, out
+    else:
+        assert "not this sweep's" not in err, err
+        assert "2 jobs (1 completed, 1 interrupted); best: job 1" in out, out
+
+
 def test_an_earlier_runs_result_is_not_reported_as_the_jobs_that_wrote_none(
     tmp_path, capsys, caplog
 ) -> None:

@@ -337,13 +337,29 @@ def _job(overrides: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(kept))
 
 
+def _resumes(overrides: Sequence[str]) -> bool:
+    """Whether a job's overrides resume it (``trainer.resume`` given, not null)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in overrides:
+        if o.lstrip("+~").startswith("trainer.resume="):
+            try:
+                (parsed,) = OverridesParser.create().parse_overrides([o])
+            except Exception:  # noqa: BLE001 (one Hydra would not parse: a value all the same)
+                return True
+            return not parsed.is_delete() and parsed.value() is not None
+    return False
+
+
 def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
     """The job folders of a reused sweep dir that hold an earlier sweep's runs. They were
     counted as this sweep's: its best taken from them, a fully successful sweep said to have
     failed for their failures (a probe's). A folder is this sweep's where its
     ``metrics.json`` records this sweep's id (:data:`SWEEP_FILE`: its jobs, and a job of it
     continued by hand in its folder), or else where it is one of the jobs the sweep plans
-    (``multirun.yaml``, the basic sweeper's split): folders named by job number, the job of
+    (``multirun.yaml``, the basic sweeper's split) and either records no sweep's id or the
+    sweep resumes its jobs (``trainer.resume``: one that starts them afresh has yet to run
+    the job whose earlier result the folder holds): folders named by job number, the job of
     that number (:func:`_job`: a ``resume=auto`` re-run not yet at a job keeps it; an
     earlier sweep's folder of another point, whose overrides are a later job's, is not: a
     review's, counted twice), other folders by their overrides. Where the plan lists no jobs
@@ -354,14 +370,17 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
     if is_run_dir(root) or not (path.is_file() or current is not None):
         return []
     jobs = hydra = None
+    resumes = False
     if path.is_file():
         from omegaconf import OmegaConf
 
         from trainer.sweep import planned_job_overrides, subdir_as_written
 
         try:
-            hydra = OmegaConf.select(OmegaConf.load(path), "hydra")
+            config = OmegaConf.load(path)
+            hydra = OmegaConf.select(config, "hydra")
             jobs = planned_job_overrides(hydra)
+            resumes = OmegaConf.select(config, "trainer.resume", default=None) is not None
         except Exception:  # noqa: BLE001 (not_started says so)
             jobs = None
     numbered = jobs is not None and subdir_as_written(hydra) == "${hydra.job.num}"
@@ -372,6 +391,16 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
         if current is not None and recorded == current:
             continue
         if not r.overrides:
+            continue
+        if (
+            isinstance(recorded, str)
+            and current is not None
+            and jobs is not None
+            and not (resumes or any(map(_resumes, jobs)))
+        ):  # another sweep's result, where this one starts its jobs afresh: its job of the
+            # same overrides is still to run (an earlier sweep's result was this one's, best,
+            # a probe's); a sweep that resumes continues it (by its overrides, below)
+            earlier.append(r)
             continue
         if jobs is None:  # (no plan: its record alone)
             if isinstance(recorded, str) and current is not None:
