@@ -739,6 +739,7 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     assert out[3].split()[1:3] == ["not", "started"] and " ".join(plan[2]) in out[3]
     assert " ".join(plan[3]) in out[4]
     assert "4 jobs (1 completed, 1 interrupted, 2 not started)" in out[6]
+    assert out[2].rstrip().endswith("stopped by SIGINT at step 3")  # (its row said nothing)
     csv_rows = read_csv(root / "summary.csv")
     assert [(r["job"], r["status"], r["path"]) for r in csv_rows[2:]] == [
         ("2", "not started", ""), ("3", "not started", "")]  # fmt: skip

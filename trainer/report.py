@@ -243,6 +243,9 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
         )
     run.metrics, run.status = metrics, metrics["status"]
     run.error = str(metrics.get("error") or "")
+    if run.status == "interrupted" and isinstance(metrics.get("signal"), str) and not run.note:
+        # (its row said nothing of why it stopped, a probe's)
+        run.note = f"stopped by {metrics['signal']} at step {metrics.get('step', '?')}"
     if isinstance(metrics.get("loss"), dict):  # (resolved, as it ran)
         run.loss = metrics["loss"]
     return run
