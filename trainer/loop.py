@@ -1567,17 +1567,15 @@ class Trainer:
         """The buffers as they were before the step, where it is skipped: on the host's word
         (``skip_step``), or where the device's flag is set (``skip_step_where``: a
         ``torch.where`` per buffer, no host read). Into the module's current buffer (a
-        forward may have put a new tensor there), where its shape, dtype and device are
-        unchanged."""
+        forward may have put a new tensor there, on another device too), where its shape and
+        dtype are unchanged."""
         before = self._buffers_before
         assert before is not None
         if not self.skip_step and self.skip_step_where is None:
             return
         pairs = [(b, k) for b, k in zip(self._current_buffers(), before, strict=True)
                  if b is not None and k is not None and b.shape == k.shape
-                 and b.dtype == k.dtype and b.device == k.device]  # fmt: skip
-        # (a buffer a forward put on another device is left as it is: torch.where cannot mix
-        # a CUDA flag with a CPU tensor of elements, a review's)
+                 and b.dtype == k.dtype]  # fmt: skip
         where = self.skip_step_where
         if self.skip_step or where is None:
             torch._foreach_copy_([b for b, _ in pairs], [k for _, k in pairs])
@@ -1585,7 +1583,13 @@ class Trainer:
             skip = where.bool()
             with torch.no_grad():
                 for b, k in pairs:
-                    b.copy_(torch.where(skip, k, b))
+                    if b.device != k.device:  # (a forward moved it: torch.where cannot mix a
+                        # CUDA flag with a CPU tensor of elements, a review's; the flag's copy
+                        # to the host waits for the device, for such a buffer alone)
+                        k, s = k.to(b.device), skip.to(b.device)
+                    else:
+                        s = skip
+                    b.copy_(torch.where(s, k, b))
 
     def _end_failed_step(
         self,
