@@ -833,35 +833,53 @@ def test_jobs_an_interrupted_sweep_never_started_are_rows_of_their_own(tmp_path,
     assert "7 jobs (2 completed, 1 interrupted, 1 missing, 3 not started)" in out
 
 
-@pytest.mark.parametrize("resume", [None, "trainer.resume=auto", "config"])
-def test_an_earlier_sweeps_result_is_not_a_job_a_fresh_sweep_has_yet_to_run(
-    tmp_path, capsys, resume
+@pytest.mark.parametrize("resume", [None, "trainer.resume=auto"])
+def test_an_earlier_sweeps_run_of_a_job_is_not_the_jobs_result(
+    tmp_path, capsys, caplog, resume
 ) -> None:
     """A dir reused by a sweep of the same overrides (another `--config-dir`, say),
-    interrupted in its first job: folder 1 holds the earlier sweep's result, recording its id.
-    It was reported as this sweep's job 1, completed and best (a probe's), though this sweep
-    starts its jobs afresh and had not run it: left out, said, and job 1 is not started. A
-    sweep that resumes its jobs (``trainer.resume`` on the command line or in its config)
-    continues that folder's run: the job's, as before."""
+    interrupted in its first job: folder 1 holds the earlier sweep's run of job 1, recording
+    that sweep's id. It was reported as this sweep's job 1, completed and best (a probe's),
+    though this sweep had not run it: a sweep that starts afresh sets it aside, one that
+    resumes continues it only where its config is unchanged (which the report cannot see),
+    and a job refused before it took the folder leaves it. Job 1 is not started, its row
+    noting the earlier run (none of its numbers, nor its curves), the sweep's own last line
+    counting it so."""
     root = tmp_path / "multirun"
-    task = ["optimizer.lr=0.1,0.2"] + ([resume] if resume and resume != "config" else [])
+    task = ["optimizer.lr=0.1,0.2", *([resume] if resume else [])]
     jobs = [[f"optimizer.lr={lr}", *task[1:]] for lr in (0.1, 0.2)]
     make_run(root / "0", {"status": "interrupted", "signal": "SIGTERM", "step": 1,
                           "sweep_id": "this"}, jobs[0])  # fmt: skip
-    make_run(root / "1", {**completed(0.9, 0.5, 0.1), "sweep_id": "earlier"}, jobs[1])
+    make_run(root / "1", {**completed(0.9, 0.5, 0.1), "step": 20, "sweep_id": "earlier"},
+             jobs[1])  # fmt: skip
     _plan(root, {"_target_": BASIC, "params": None}, task, "${hydra.job.num}")
-    if resume == "config":
-        plan = yaml.safe_load((root / "multirun.yaml").read_text())
-        (root / "multirun.yaml").write_text(yaml.safe_dump({**plan, "trainer": {"resume": "auto"}}))
     (root / ".sweep.json").write_text(json.dumps({"sweep_id": "this"}))
     assert report.main([str(root)]) == 0
     out, err = capsys.readouterr()
-    if resume is None:
-        assert "job folder 1 holds runs that are not this sweep's jobs" in err, err
-        assert "2 jobs (1 interrupted, 1 not started); best: none" in out, out
-    else:
-        assert "not this sweep's" not in err, err
-        assert "2 jobs (1 completed, 1 interrupted); best: job 1" in out, out
+    assert "job folder 1 holds an earlier sweep's run of the job" in err, err
+    assert "2 jobs (1 interrupted, 1 not started); best: none" in out, out
+    (row,) = [line for line in out.splitlines() if line.split()[:1] == ["1"]]
+    assert row.split()[1:3] == ["not", "started"] and "0.9" not in row, row
+    assert row.rstrip().endswith(
+        "not run by this sweep: its folder holds an earlier sweep's completed run (step 20)"
+    )
+    csv_row = read_csv(root / "summary.csv")[1]
+    assert (csv_row["job"], csv_row["status"], csv_row["val/acc"]) == ("1", "not started", "")
+    assert csv_row["path"] == str(root / "1")
+    from trainer.sweep import SweepSummary
+
+    with caplog.at_level("INFO", logger="trainer.sweep"):
+        SweepSummary()._summarize(root, stopped=True)
+    assert "2 of 2 jobs did not complete (1 interrupted, 1 not started)" in caplog.text
+    assert "job 1 not started: not run by this sweep: its folder holds" in caplog.text
+
+    # this sweep's run of it (continued, or run afresh): the job's result
+    capsys.readouterr()
+    shutil.rmtree(root / "1")
+    make_run(root / "1", {**completed(0.8, 0.5, 0.1), "sweep_id": "this"}, jobs[1])
+    assert report.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "earlier sweep" not in err and "2 jobs (1 completed, 1 interrupted); best: job 1" in out
 
 
 def test_an_earlier_runs_result_is_not_reported_as_the_jobs_that_wrote_none(

@@ -306,7 +306,14 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     """
     root = Path(root)
     runs = [load_run(run_dir) for run_dir in find_run_dirs(root)]
-    earlier = _earlier_sweeps(root, runs)
+    earlier, of_jobs = _earlier_sweeps(root, runs)
+    if of_jobs:
+        print(f"warning: {root}: job folder{'s' if len(of_jobs) > 1 else ''} "
+              f"{', '.join(r.name for r in of_jobs)} hold{'' if len(of_jobs) > 1 else 's'} "
+              "an earlier sweep's run of the job (its metrics.json records another sweep's "
+              f"id than {SWEEP_FILE}'s), which this sweep has not run: listed as not "
+              "started, noted", file=sys.stderr)  # fmt: skip
+        runs = [_not_run(r) if any(r is o for o in of_jobs) else r for r in runs]
     if earlier:
         print(f"warning: {root}: job folder{'s' if len(earlier) > 1 else ''} "
               f"{', '.join(r.name for r in earlier)} hold{'' if len(earlier) > 1 else 's'} "
@@ -317,8 +324,18 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
         runs = [r for r in runs if all(r is not e for e in earlier)]
     if curves:
         for run in runs:  # (a continued job's: where it continued)
-            run.curves = read_curves(run.path, CURVE_TAGS)
+            if run.status != NOT_STARTED:
+                run.curves = read_curves(run.path, CURVE_TAGS)
     return runs
+
+
+def _not_run(run: Run) -> Run:
+    """The row of a job whose folder holds an earlier sweep's run of it: not started, the
+    earlier run's status and step in its note, none of its numbers in the columns."""
+    step = run.metrics.get("step")
+    return Run(run.name, run.path, NOT_STARTED, run.overrides,
+               note=f"not run by this sweep: its folder holds an earlier sweep's {run.status} "
+                    f"run{'' if step is None else f' (step {step})'}")  # fmt: skip
 
 
 def _job(overrides: Sequence[str]) -> tuple[str, ...]:
@@ -340,70 +357,46 @@ def _job(overrides: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(kept))
 
 
-def _resumes(overrides: Sequence[str]) -> bool:
-    """Whether a job's overrides resume it (``trainer.resume`` given, not null)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    for o in overrides:
-        if o.lstrip("+~").startswith("trainer.resume="):
-            try:
-                (parsed,) = OverridesParser.create().parse_overrides([o])
-            except Exception:  # noqa: BLE001 (one Hydra would not parse: a value all the same)
-                return True
-            return not parsed.is_delete() and parsed.value() is not None
-    return False
-
-
-def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
+def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
     """The job folders of a reused sweep dir that hold an earlier sweep's runs. They were
     counted as this sweep's: its best taken from them, a fully successful sweep said to have
     failed for their failures (a probe's). A folder is this sweep's where its
     ``metrics.json`` records this sweep's id (:data:`SWEEP_FILE`: its jobs, and a job of it
     continued by hand in its folder), or else where it is one of the jobs the sweep plans
-    (``multirun.yaml``, the basic sweeper's split) and either records no sweep's id or the
-    sweep resumes its jobs (``trainer.resume``: one that starts them afresh has yet to run
-    the job whose earlier result the folder holds): folders named by job number, the job of
+    (``multirun.yaml``, the basic sweeper's split): folders named by job number, the job of
     that number (:func:`_job`: a ``resume=auto`` re-run not yet at a job keeps it; an
     earlier sweep's folder of another point, whose overrides are a later job's, is not: a
     review's, counted twice), other folders by their overrides. Where the plan lists no jobs
     (an Optuna sweep), a folder recording another sweep's id is an earlier one's. A folder
-    with no overrides (killed before Hydra wrote them) is kept."""
+    with no overrides (killed before Hydra wrote them) is kept.
+
+    Returns the folders that are not this sweep's jobs, and those that are the folders of
+    its jobs but record another sweep's id (known): an earlier sweep's run of the job, which
+    this sweep has not run (yet, or at all: refused before it took the folder)."""
     current = current_sweep_id(root)
     path = root / "multirun.yaml"
     if is_run_dir(root) or not (path.is_file() or current is not None):
-        return []
+        return [], []
     jobs = hydra = None
-    resumes = False
     if path.is_file():
         from omegaconf import OmegaConf
 
         from trainer.sweep import planned_job_overrides, subdir_as_written
 
         try:
-            config = OmegaConf.load(path)
-            hydra = OmegaConf.select(config, "hydra")
+            hydra = OmegaConf.select(OmegaConf.load(path), "hydra")
             jobs = planned_job_overrides(hydra)
-            resumes = OmegaConf.select(config, "trainer.resume", default=None) is not None
         except Exception:  # noqa: BLE001 (not_started says so)
             jobs = None
     numbered = jobs is not None and subdir_as_written(hydra) == "${hydra.job.num}"
     planned = None if jobs is None else {_job(o) for o in jobs}
-    earlier = []
+    earlier: list[Run] = []
+    of_jobs: list[Run] = []
     for r in runs:
         recorded = r.metrics.get("sweep_id")
         if current is not None and recorded == current:
             continue
         if not r.overrides:
-            continue
-        if (
-            isinstance(recorded, str)
-            and current is not None
-            and jobs is not None
-            and not (resumes or any(map(_resumes, jobs)))
-        ):  # another sweep's result, where this one starts its jobs afresh: its job of the
-            # same overrides is still to run (an earlier sweep's result was this one's, best,
-            # a probe's); a sweep that resumes continues it (by its overrides, below)
-            earlier.append(r)
             continue
         if jobs is None:  # (no plan: its record alone)
             if isinstance(recorded, str) and current is not None:
@@ -417,7 +410,13 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> list[Run]:
             ours = _job(r.overrides) in planned
         if not ours:
             earlier.append(r)
-    return earlier
+        elif isinstance(recorded, str) and current is not None:
+            # the job's folder, holding another sweep's run of it: a job this sweep has not
+            # run (that run was reported as the job's, completed and best, a probe's; a sweep
+            # that resumes continues it only where its config is unchanged, and one that
+            # starts afresh sets it aside)
+            of_jobs.append(r)
+    return earlier, of_jobs
 
 
 #: a planned job of an interrupted sweep that has no folder (:func:`not_started`)
@@ -737,7 +736,8 @@ def write_csv(ranked: Sequence[Run], metric: str, path: Path) -> None:
         w.writerow(["best", "job", "status", *cols, "overrides", "error", "path", "note"])
         for r in ranked:
             numbers = ["" if r.metrics.get(c) is None else r.metrics[c] for c in cols]
-            where = "" if r.status == NOT_STARTED else str(r.path)  # (no folder)
+            # (no folder, but where it holds an earlier sweep's run: noted)
+            where = "" if r.status == NOT_STARTED and not r.note else str(r.path)
             w.writerow(["*" if r is best else "", r.name, r.status, *numbers,
                         " ".join(r.overrides), r.error, where, r.note])  # fmt: skip
 
@@ -893,7 +893,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{'highest' if resolve_mode(args.metric, 'auto') == 'max' else 'lowest'} is "
               "taken as best (--mode max or min to say)", file=sys.stderr)  # fmt: skip
     for r in runs:
-        r.curves = read_curves(r.path, curve_tags(args.metric))
+        if r.status != NOT_STARTED:  # (a folder of an earlier sweep's run: not this job's)
+            r.curves = read_curves(r.path, curve_tags(args.metric))
     root: Path = args.dir
     rows, unnamed = not_started(root, runs)
     ranked = rank_runs([*runs, *rows], args.metric, args.mode)
