@@ -850,8 +850,8 @@ def test_an_earlier_sweeps_run_of_a_job_is_not_the_jobs_result(
     jobs = [[f"optimizer.lr={lr}", *task[1:]] for lr in (0.1, 0.2)]
     make_run(root / "0", {"status": "interrupted", "signal": "SIGTERM", "step": 1,
                           "sweep_id": "this"}, jobs[0])  # fmt: skip
-    make_run(root / "1", {**completed(0.9, 0.5, 0.1), "step": 20, "sweep_id": "earlier"},
-             jobs[1])  # fmt: skip
+    make_run(root / "1", {**completed(0.9125, 0.5, 0.1), "step": 20, "monitor": "val/acc",
+                          "sweep_id": "earlier"}, jobs[1])  # fmt: skip
     _plan(root, {"_target_": BASIC, "params": None}, task, "${hydra.job.num}")
     (root / ".sweep.json").write_text(json.dumps({"sweep_id": "this"}))
     assert report.main([str(root)]) == 0
@@ -859,9 +859,10 @@ def test_an_earlier_sweeps_run_of_a_job_is_not_the_jobs_result(
     assert "job folder 1 holds an earlier sweep's run of the job" in err, err
     assert "2 jobs (1 interrupted, 1 not started); best: none" in out, out
     (row,) = [line for line in out.splitlines() if line.split()[:1] == ["1"]]
-    assert row.split()[1:3] == ["not", "started"] and "0.9" not in row, row
-    assert row.rstrip().endswith(
-        "not run by this sweep: its folder holds an earlier sweep's completed run (step 20)"
+    assert row.split()[1:3] == ["not", "started"] and row.count("0.9125") == 1, row
+    assert row.rstrip().endswith(  # (its result in the note alone: a better one not hidden)
+        "not run by this sweep: its folder holds an earlier sweep's completed run (step 20, "
+        "val/acc 0.9125)"
     )
     csv_row = read_csv(root / "summary.csv")[1]
     assert (csv_row["job"], csv_row["status"], csv_row["val/acc"]) == ("1", "not started", "")
@@ -872,6 +873,9 @@ def test_an_earlier_sweeps_run_of_a_job_is_not_the_jobs_result(
         SweepSummary()._summarize(root, stopped=True)
     assert "2 of 2 jobs did not complete (1 interrupted, 1 not started)" in caplog.text
     assert "job 1 not started: not run by this sweep: its folder holds" in caplog.text
+    assert "job 0 interrupted: stopped by SIGTERM at step 1 (trainer.resume=auto continues it)" in (
+        caplog.text
+    )  # (the row's note is not the line's: its hint was lost, a review's)
 
     # this sweep's run of it (continued, or run afresh): the job's result
     capsys.readouterr()
@@ -880,6 +884,40 @@ def test_an_earlier_sweeps_run_of_a_job_is_not_the_jobs_result(
     assert report.main([str(root)]) == 0
     out, err = capsys.readouterr()
     assert "earlier sweep" not in err and "2 jobs (1 completed, 1 interrupted); best: job 1" in out
+
+
+def test_an_earlier_sweeps_run_of_a_job_this_sweep_ran_elsewhere_is_left_out(
+    tmp_path, capsys, caplog
+) -> None:
+    """Folders named by a value of the job (``hydra.sweep.subdir=lr${optimizer.lr}``) in a dir
+    that holds an earlier sweep's numbered folders of the same jobs: the sweep ran every job
+    in folders of its own, and the earlier ones were listed as its jobs not started besides,
+    the sweep failed (a review's). A job with a folder of this sweep's is that folder; the
+    earlier sweep's are left out; a job with none is not started, noted."""
+    root = tmp_path / "multirun"
+    jobs = [["optimizer.lr=0.1"], ["optimizer.lr=0.2"]]
+    for n, job in enumerate(jobs):
+        make_run(root / str(n), {**completed(0.9, 0.5, 0.1), "sweep_id": "earlier"}, job)
+        make_run(root / f"lr{job[0][-3:]}", {**completed(0.5 + n / 10, 0.5, 0.1),
+                                             "sweep_id": "this"}, job)  # fmt: skip
+    _plan(root, {"_target_": BASIC, "params": None}, ["optimizer.lr=0.1,0.2"],
+          "lr${optimizer.lr}")  # fmt: skip
+    (root / ".sweep.json").write_text(json.dumps({"sweep_id": "this"}))
+    assert report.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "2 jobs (2 completed); best: job lr0.2" in out, out
+    assert "job folders 0, 1 hold runs that are not this sweep's jobs" in err, err
+    from trainer.sweep import SweepSummary
+
+    with caplog.at_level("INFO", logger="trainer.sweep"):
+        SweepSummary()._summarize(root, stopped=False)
+    assert "all 2 jobs completed" in caplog.text, caplog.text
+    # one of them not run by this sweep: the earlier run of it stands for it, noted
+    shutil.rmtree(root / "lr0.2")
+    assert report.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "2 jobs (1 completed, 1 not started); best: job lr0.1" in out, out
+    assert "job folder 1 holds an earlier sweep's run" in err and "job folder 0 holds" in err
 
 
 def test_an_earlier_runs_result_is_not_reported_as_the_jobs_that_wrote_none(

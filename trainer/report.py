@@ -24,6 +24,7 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,11 +332,16 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
 
 def _not_run(run: Run) -> Run:
     """The row of a job whose folder holds an earlier sweep's run of it: not started, the
-    earlier run's status and step in its note, none of its numbers in the columns."""
-    step = run.metrics.get("step")
+    earlier run's status, step and monitored metric in its note (a better result there is
+    not hidden), none of its numbers in the columns."""
+    said = [f"step {run.metrics['step']}"] if "step" in run.metrics else []
+    monitor = run.metrics.get("monitor")
+    if isinstance(monitor, str) and monitor in run.metrics:
+        said.append(f"{monitor} {format_number(run.metrics[monitor])}")
+    detail = f" ({', '.join(said)})" if said else ""
     return Run(run.name, run.path, NOT_STARTED, run.overrides,
                note=f"not run by this sweep: its folder holds an earlier sweep's {run.status} "
-                    f"run{'' if step is None else f' (step {step})'}")  # fmt: skip
+                    f"run{detail}")  # fmt: skip
 
 
 def _job(overrides: Sequence[str]) -> tuple[str, ...]:
@@ -392,6 +398,15 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> tuple[list[Run], list[Ru
     planned = None if jobs is None else {_job(o) for o in jobs}
     earlier: list[Run] = []
     of_jobs: list[Run] = []
+    # (folders not named by number: how many of each job's points have no folder of this
+    # sweep's, which an earlier sweep's run of that job may stand for; one whose job has a
+    # folder of this sweep's is an earlier one's, left out: a successful sweep listed its
+    # jobs twice and failed, a review's)
+    free = Counter(_job(o) for o in jobs or ())
+    for r in runs:
+        recorded = r.metrics.get("sweep_id")
+        if r.overrides and (recorded == current or not isinstance(recorded, str)):
+            free[_job(r.overrides)] -= 1
     for r in runs:
         recorded = r.metrics.get("sweep_id")
         if current is not None and recorded == current:
@@ -408,6 +423,9 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> tuple[list[Run], list[Ru
                 _job(r.overrides) == _job(jobs[int(r.name)]))  # fmt: skip
         else:
             ours = _job(r.overrides) in planned
+        if ours and not numbered and isinstance(recorded, str) and current is not None:
+            ours = free[_job(r.overrides)] > 0
+            free[_job(r.overrides)] -= 1
         if not ours:
             earlier.append(r)
         elif isinstance(recorded, str) and current is not None:

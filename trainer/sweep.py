@@ -487,13 +487,13 @@ class SweepSummary(Callback):
             last = next((ln for ln in reversed(r.error.splitlines()) if ln.strip()), "")
             if not last and r.status == "missing":
                 last = "no metrics.json (it ended before writing one)"
-            elif not last and r.note:  # (not started: its folder holds an earlier sweep's run)
-                last = r.note
             elif not last and r.status == "interrupted":
                 last = (
                     f"stopped by {r.metrics.get('signal', 'a signal')} at step "
                     f"{r.metrics.get('step', '?')} (trainer.resume=auto continues it)"
                 )
+            elif not last and r.note:  # (not started: its folder holds an earlier sweep's run)
+                last = r.note
             log.error("job %s %s: %s", r.name, r.status, last)
         statuses = Counter(r.status for r in failed)
         if unstarted:  # (and the jobs whose folder holds an earlier sweep's run, in failed)
