@@ -190,3 +190,20 @@ def test_events_are_written_once_flush_secs_have_passed_and_kept_until_then(tmp_
     assert len(records(lazy.file.path)) == 2
     eager.close()
     lazy.close()
+
+
+@pytest.mark.parametrize(("value", "want"), [
+    (0.0, "0.0000"), (-0.0, "0.0000"), (0.5, "0.5000"), (0.01, "0.0100"),
+    (0.00999, "0.0100"),  # (4 decimals show it: rounds to 0.01)
+    (0.009949, "9.949e-03"), (1e-4, "1.000e-04"), (-2.5e-5, "-2.500e-05"),
+    (999999.99994, "999999.9999"), (1e6, "1.000e+06"), (-3.2e31, "-3.200e+31"),
+    (math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf"),
+])  # fmt: skip
+def test_a_metric_is_shown_with_what_its_digits_can_say(value, want) -> None:
+    """The epoch and summary lines' numbers: 4 decimals, and 4 significant digits where the
+    decimals would show under 0.01 (a converged loss printed 0.0000, a probe's) or a million
+    and more (a diverged one printed 31 digits, a review's); 0 plain, never -0.0000 (a
+    mutation round found no test of it)."""
+    from trainer.logger import shown
+
+    assert shown(value) == want

@@ -134,6 +134,26 @@ def test_a_resume_takes_this_runs_optimizer_implementation(tmp_path, monkeypatch
     assert flags.seen == [unfused] * 2 + [fused] * 2 + [unfused] * 2
 
 
+def test_a_checkpoints_groups_take_each_implementation_flag_of_this_run() -> None:
+    """Every flag that chooses torch's implementation (``foreach``, ``fused``, ``capturable``,
+    ``differentiable``) is this run's, the update's own values the checkpoint's: a mutation
+    round dropped ``foreach`` or ``capturable`` from the list unnoticed (the resume test above
+    sets none of them; a Trainer built in Python may)."""
+    from trainer.loop import _own_implementation
+
+    p = torch.nn.Parameter(torch.ones(2))
+    mine = torch.optim.AdamW([p], lr=0.5, foreach=False, capturable=False, differentiable=False)
+    saved = {"state": {}, "param_groups": [{
+        "params": [0], "lr": 0.01, "weight_decay": 0.3, "foreach": True, "fused": True,
+        "capturable": True, "differentiable": True,
+    }]}  # fmt: skip
+    (group,) = _own_implementation(saved, mine)["param_groups"]
+    flags = ("foreach", "fused", "capturable", "differentiable")
+    assert {k: group[k] for k in flags} == {k: mine.param_groups[0][k] for k in flags}
+    assert (group["lr"], group["weight_decay"], group["params"]) == (0.01, 0.3, [0])
+    assert saved["param_groups"][0]["foreach"] is True  # (the checkpoint's own left as read)
+
+
 # step 1 creates the optimizer's state (read on the host there); 5-6 in a row; 8 the loss
 POISONED = {1: "grad", 5: "grad", 6: "input", 8: "input"}
 
