@@ -185,6 +185,72 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_exits(tmp_path, sig) ->
         assert read_scalars(run_dir) == read_scalars(ref)
 
 
+class _SignalAt(Callback):
+    """Sends its own process ``sig`` at the end of step ``at``."""
+
+    def __init__(self, sig: int, at: int) -> None:
+        self.sig, self.at = sig, at
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == self.at:
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize("first", [None, signal.SIGTERM], ids=["usr2", "sigterm-first"])
+def test_submitits_signal_stops_the_run_checkpointed_then_submitit_requeues(
+    tmp_path, caplog, first
+) -> None:
+    """Under Hydra's submitit launcher, SLURM sends SIGUSR2 before the time limit (and after
+    SIGTERM at a preemption), and submitit's handler requeues the job and exits: it ran in
+    the middle of a step, so the run was recorded failed (``SystemExit: -1``) with its steps
+    since the last periodic checkpoint lost (and the job requeued to start afresh). The run
+    stops at its next rest point, checkpointed, recorded interrupted, and then hands the job
+    to submitit's own handler (here a real ``submitit`` SignalHandler with a stand-in
+    environment), which requeues it; a resume continues it bit for bit."""
+    import types
+
+    from conftest import read_scalars, train
+    from submitit.core.job_environment import SignalHandler
+
+    requeued: list[int] = []
+    env = types.SimpleNamespace(global_rank=0, _requeue=requeued.append)
+    delayed = types.SimpleNamespace(_timeout_min=60, _timeout_countdown=2, function=object())
+    submitit = SignalHandler(env, types.SimpleNamespace(submitted_pickle=tmp_path / "p"), delayed)
+    previous = signal.signal(signal.SIGUSR2, submitit.checkpoint_and_try_requeue)
+    common = ["trainer.max_steps=8", "trainer.checkpoint.every_n_steps=0", "trainer.run_id=q",
+              f"trainer.checkpoint.search_dir={tmp_path}", "optimizer=sgd"]  # fmt: skip
+    signals = [_SignalAt(first, 3)] if first else []
+    try:
+        with caplog.at_level("WARNING"), pytest.raises(SystemExit) as ended:
+            train(tmp_path / "run", *common,
+                  callbacks=[*signals, _SignalAt(signal.SIGUSR2, 3)])  # fmt: skip
+        assert ended.value.code == -1 and requeued == [2]  # (submitit's exit, its requeue)
+        assert signal.getsignal(signal.SIGUSR2) == submitit.checkpoint_and_try_requeue
+        metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        name = (first or signal.SIGUSR2).name
+        assert (metrics["status"], metrics["signal"], metrics["step"]) == ("interrupted", name, 3)
+        assert load_checkpoint(metrics["checkpoint"])["step"] == 3
+        assert "without trainer.resume=auto the requeued job starts the run afresh" in caplog.text
+        assert (
+            "then submitit requeues the job"
+            if first is None
+            else "SIGUSR2: once the run is checkpointed, submitit requeues"
+        ) in caplog.text
+        assert "Caught signal SIGUSR2" in caplog.text  # (submitit's handler, of its signal)
+        train(tmp_path / "again", *common, "trainer.resume=auto")
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    ref = tmp_path / "ref"
+    train(ref, *common[:-3], "trainer.run_id=ref", f"trainer.checkpoint.search_dir={ref}",
+          "optimizer=sgd")  # fmt: skip
+    assert same_params(
+        tmp_path / "run" / "checkpoints" / "last.pt", ref / "checkpoints" / "last.pt"
+    )
+    assert read_scalars(tmp_path / "run") == read_scalars(ref)
+    # no submitit: SIGUSR2 is not the trainer's (its default, or one's own, handles it)
+    assert signal.getsignal(signal.SIGUSR2) == previous
+
+
 class _CtrlCTwice(Callback):
     """Ctrl-C at step 5, and again while the checkpoint it triggers is being written."""
 

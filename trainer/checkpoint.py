@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -825,32 +826,67 @@ class PeriodicCheckpoints(Callback):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+def submitit_requeue() -> tuple[int, Callable[..., Any]] | None:
+    """The signal submitit sends a job before its time limit or preemption (``USR2``, or
+    ``SUBMITIT_PREEMPT_SIGNAL``: Hydra's submitit launcher asks SLURM for it
+    ``signal_delay_s`` before the end) and submitit's handler of it, which requeues the job
+    (where the callable can be checkpointed: Hydra's launcher's can) and exits; None where
+    this process is no submitit job (that signal's handler is not submitit's)."""
+    sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    if not isinstance(sig, signal.Signals) or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        return None
+    handler = signal.getsignal(sig)
+    owner = getattr(handler, "__self__", None)
+    if not callable(handler) or not type(owner).__module__.startswith("submitit."):
+        return None
+    return int(sig), handler
+
+
 class StopOnSignals(Callback):
     """While ``fit`` runs, SIGTERM, SIGINT and SIGUSR1 ask the run to stop at its next rest
     point (after the current optimizer step; every rank stops at the same one), where
     :class:`PeriodicCheckpoints` writes a checkpoint. A second SIGINT stops at once, except while
     a checkpoint is being written (then the save finishes first). The previous handlers come
-    back when ``fit`` ends or fails. Main thread only (Python delivers signals there)."""
+    back when ``fit`` ends or fails. Main thread only (Python delivers signals there).
+
+    In a submitit job (Hydra's submitit launcher), submitit's signal before the time limit or
+    preemption stops the run too, and ``requeue`` is then submitit's handler of it, for the
+    caller to hand the job to once the run is checkpointed (it ran in the middle of a step: the run
+    failed, its last steps lost, and the job was requeued to start afresh)."""
 
     def __init__(self, writer: CheckpointWriter | None = None, signals=STOP_SIGNALS):
         self.writer, self.signals = writer, tuple(signals)
         self._previous: dict[int, Any] = {}
+        self.requeue: Callable[..., Any] | None = None
 
     def on_fit_start(self, trainer: Any) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        submitit = submitit_requeue()
+        self.requeue = None
 
         def handler(signum: int, frame: Any) -> None:
             name = signal.Signals(signum).name
+            if submitit is not None and signum == submitit[0]:  # (also after another stop
+                # signal: SLURM's preemption sends SIGTERM first)
+                self.requeue = functools.partial(submitit[1], signum, None)
+                if trainer.stop_signal is not None:
+                    log.warning("%s: once the run is checkpointed, submitit requeues the job",
+                                name)  # fmt: skip
+            then = "submitit requeues the job" if self.requeue is not None else "exit"
             if trainer.stop_signal is None:
                 trainer.stop_signal = signum
-                log.warning("%s: finishing the current step, then a checkpoint, then exit", name)
+                log.warning("%s: finishing the current step, then a checkpoint, then %s",
+                            name, then)  # fmt: skip
             elif self.writer is not None and self.writer.saving:
                 log.warning("%s again: a checkpoint is being written; it finishes first", name)
             elif signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C outside a save: stop now
 
-        self._previous = {s: signal.signal(s, handler) for s in self.signals}
+        signals = (*self.signals, *([submitit[0]] if submitit else []))
+        self._previous = {s: signal.signal(s, handler) for s in dict.fromkeys(signals)}
 
     def _restore(self) -> None:
         for s, h in self._previous.items():

@@ -48,6 +48,7 @@ from trainer.checkpoint import (
     set_aside_previous,
     set_rng_state,
     step_of,
+    submitit_requeue,
     write_json,
     write_run_marker,
 )
@@ -329,7 +330,10 @@ def _display(path: Path | None) -> str:
 
 
 class Interrupted(SystemExit):
-    """A run stopped by SIGTERM, SIGINT or SIGUSR1 after checkpointing: exit status 128 + N."""
+    """A run stopped by SIGTERM, SIGINT or SIGUSR1 after checkpointing: exit status 128 + N.
+    ``requeue``: submitit's handler of its signal, which the job is handed to (a requeue)."""
+
+    requeue: Any = None
 
 
 def check_writable(run_dir: Path) -> None:
@@ -527,6 +531,12 @@ def _run(
         # resolved: such a run, with a fixed hydra.run.dir, is found and resumed under its id)
         legacy_id = derive_run_id(resolved)
         resume_state = None
+        if not tc.resume and main and submitit_requeue() is not None:
+            log.warning(
+                "this job runs under submitit, which requeues it at its time limit or a "
+                "preemption (once checkpointed): without trainer.resume=auto the requeued job "
+                "starts the run afresh"
+            )
         if tc.resume:
             # (the legacy id's checkpoints only where the run's own id has none in the same
             # place: the run folder first, then anywhere)
@@ -720,7 +730,8 @@ def _run(
         checkpoints = PeriodicCheckpoints(writer, tc.checkpoint.every_n_steps)
         # every rank checkpoints together (rank 0 writes the files) and stops on a signal (at
         # the same rest point)
-        trainer.add_callbacks(checkpoints, StopOnSignals(writer))
+        stops = StopOnSignals(writer)
+        trainer.add_callbacks(checkpoints, stops)
         if resume_state is not None:
             writer.last = resume_path
         if main:
@@ -758,9 +769,17 @@ def _run(
                     "stopped by %s at step %d; checkpoint %s; continue with trainer.resume=auto",
                     name, trainer.global_step, _display(writer.last),
                 )  # fmt: skip
-            raise Interrupted(128 + trainer.stopped_by)
+            stopped = Interrupted(128 + trainer.stopped_by)
+            stopped.requeue = stops.requeue
+            raise stopped
         last = checkpoints.final
-    except Interrupted:
+    except Interrupted as stopped:
+        if stopped.requeue is not None:  # (checkpointed, metrics.json written: submitit's
+            # handler requeues the job and exits, or raises where it does not requeue; on a
+            # rank other than the first it returns, and the rank exits as stopped)
+            log.warning("handing the job to submitit, which requeues it (trainer.resume=auto "
+                        "continues the run there)")  # fmt: skip
+            stopped.requeue()
         raise
     except BaseException as e:
         failed: dict[str, Any] = {
