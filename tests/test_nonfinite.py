@@ -1985,3 +1985,204 @@ def test_a_deferred_raise_is_raised_again_by_a_fit_called_again(tmp_path) -> Non
     trainer.load_state_dict(kept.state)
     trainer.callbacks[-2].steps = {}  # (Poison: nothing non-finite now)
     assert trainer.fit()["step"] == 6
+
+
+def _refittable(tmp_path, *overrides: str, callbacks=()):
+    """A trainer of the default model built without a logger (a fit may be called again)."""
+    from trainer.run import build_trainer
+
+    cfg = make_cfg("trainer.max_steps=4", "logging.every_n_steps=4", "logging.progress=false",
+                   "trainer.checkpoint.every_n_steps=0", "optimizer=sgd",
+                   *overrides)  # fmt: skip
+    return build_trainer(cfg, tmp_path, list(callbacks), with_logger=False)
+
+
+def test_a_fit_called_again_takes_the_infs_it_starts_with_as_its_own(tmp_path) -> None:
+    """policy=skip tolerates the infinite elements the parameters hold when a fit starts (a
+    mask of -inf): a fit called again counts them at its own start, so a mask set between the
+    fits is not spoiled, and a transient NaN beside it is skipped, the fit completing
+    (compared against the first fit's counts, it stopped: a mutation round's)."""
+    poison = Poison({5: "input"})
+    trainer = _refittable(tmp_path, "instrument.nonfinite.policy=skip",
+                       "instrument.nonfinite.sync=step", callbacks=[poison])  # fmt: skip
+    assert trainer.fit()["step"] == 4
+    with torch.no_grad():  # (net.1.bias[0] = -inf: its ReLU unit is dead, its gradients 0)
+        trainer.model.net[1].bias[0] = -math.inf
+    trainer.max_steps = 6
+    assert trainer.fit()["step"] == 6
+    guard = next(cb for cb in trainer.callbacks if hasattr(cb, "skipped"))
+    assert guard.skipped == 1
+
+
+class InfThenUnfreezes(Callback):
+    """net.1 frozen from the start; after step 2, +Inf into net.5.weight (by hand, around the
+    guard), and net.1 unfrozen."""
+
+    def on_fit_start(self, trainer) -> None:
+        trainer.model.net[1].requires_grad_(False)
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 2:
+            with torch.no_grad():
+                trainer.model.net[5].weight[0, 0] = math.inf
+            trainer.model.net[1].requires_grad_(True)
+
+
+def test_unfreezing_a_layer_keeps_the_start_counts_of_the_others(tmp_path) -> None:
+    """A layer unfrozen mid-run has its infinite elements counted as it joins; the parameters
+    trainable before keep the counts of the fit's start: an Inf written into one of them is
+    still one it did not hold then, and policy=skip stops at the next step (taking their
+    counts again at the unfreezing tolerated the Inf, and skipped on: a mutation round's)."""
+    with pytest.raises(NonFiniteError, match=r"^step 3: .*stopped: net\.5\.weight holds NaN, "
+                       r"or Inf it did not hold when the fit started"):  # fmt: skip
+        train(tmp_path, "trainer.max_steps=5", "optimizer=sgd", "instrument.nonfinite.policy=skip",
+              "instrument.nonfinite.sync=step", callbacks=[InfThenUnfreezes()])  # fmt: skip
+
+
+def test_a_step_mode_raise_does_not_stop_a_fit_called_again(tmp_path) -> None:
+    """Step mode raises before the optimizer step, which is not taken: nothing is left
+    skipping, and a fit called again trains on from the step before (only deferred mode's
+    latch makes a fit called again raise again; step mode's raise did too: a mutation
+    round's)."""
+    poison = Poison({2: "grad"})
+    trainer = _refittable(tmp_path, "instrument.nonfinite.policy=raise",
+                       "instrument.nonfinite.sync=step", callbacks=[poison])  # fmt: skip
+    with pytest.raises(NonFiniteError, match=r"^step 2: non-finite gradient of net\.3\.weight"):
+        trainer.fit()
+    poison.steps = {}
+    assert trainer.fit()["step"] == 4
+
+
+def test_parameters_spoiled_under_skip_are_raised_again_by_a_fit_called_again(tmp_path) -> None:
+    """policy=skip stops where a parameter holds an Inf it did not hold at the fit's start:
+    a fit called again still has it, and raises again, naming the step (it took the Inf as
+    its own start's, tolerated it, and skipped every step: a mutation round's)."""
+    trainer = _refittable(tmp_path, "instrument.nonfinite.policy=skip",
+                       "instrument.nonfinite.sync=step", callbacks=[InfWeight()])  # fmt: skip
+    with pytest.raises(NonFiniteError, match=r"^step 3: .*holds NaN, or Inf it did not hold"):
+        trainer.fit()
+    with pytest.raises(NonFiniteError, match=r"^step 3: .*holds NaN, or Inf it did not hold.*; "
+                       r"raised by the last fit: a fit called again does not go on"):  # fmt: skip
+        trainer.fit()
+
+
+class NaNGradThenNaNBuffer(Callback):
+    """The first fit: a NaN in head.weight's gradient at step 2 (its forward finite). A fit
+    called again: at step 2 (made again, finite), NaN into the BatchNorm's running variance
+    after the backward (by hand: no skip)."""
+
+    def __init__(self) -> None:
+        self.fits = 0
+
+    def on_fit_start(self, trainer) -> None:
+        self.fits += 1
+
+    def on_after_backward(self, trainer, batch, losses, weights) -> None:
+        if trainer.global_step + 1 == 2 and self.fits == 1:
+            trainer.model.head.weight.grad[0, 0] = math.nan
+        elif trainer.global_step + 1 == 2:
+            trainer.model.norm.running_var[0] = math.nan
+
+
+def test_the_skip_that_reaches_the_limit_leaves_no_buffer_check_behind(tmp_path, caplog):
+    """Step mode, ``max_consecutive_skips=1``: the skipped step 2 stops the run before the
+    loop puts its buffers back (checked only after that), and leaves no check pending. A fit
+    called again takes step 2 (finite), and says nothing of buffers: the check left pending
+    named the last fit's step 2 as skipped, with a buffer gone NaN in this fit's step that
+    was taken (a mutation round's)."""
+    cb = NaNGradThenNaNBuffer()
+    trainer = _refittable(tmp_path, "~model", f"+model._target_={__name__}.NormedNaNAt",
+                       "+model.at=1000", "instrument.nonfinite.policy=skip",
+                       "instrument.nonfinite.sync=step",
+                       "instrument.nonfinite.max_consecutive_skips=1", callbacks=[cb])  # fmt: skip
+    with pytest.raises(NonFiniteError, match=r"^step 2: 1 steps in a row skipped"):
+        trainer.fit()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert trainer.fit()["step"] == 4
+    assert not [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert not torch.isfinite(trainer.model.norm.running_var).all()  # (there, unsaid)
+
+
+class NaNRunningVar(Callback):
+    """NaN into the BatchNorm's running variance after step 1 (by hand, outside any step)."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 1:
+            trainer.model.norm.running_var[0] = math.nan
+
+
+def test_a_non_finite_buffer_is_said_once(tmp_path, caplog) -> None:
+    """A buffer that went NaN outside a step is put back NaN by each skip (steps 3 and 5):
+    it is said at the first only (said at each: a mutation round's)."""
+    with caplog.at_level("WARNING"):
+        metrics = train(tmp_path, "~model", f"+model._target_={__name__}.NormedNaNAt",
+                        "+model.at=1000", "trainer.max_steps=6", "optimizer=sgd",
+                        "instrument.nonfinite.policy=skip", "instrument.nonfinite.sync=step",
+                        "logging.every_n_steps=10",
+                        callbacks=[NaNRunningVar(), Poison({3: "input", 5: "input"})])  # fmt: skip
+    assert metrics["status"] == "completed", metrics
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m[:14] for m in messages if " skipped: " in m] == ["step 3 skipped", "step 5 skipped"]
+    said = [m for m in messages if "hold non-finite values" in m]
+    assert len(said) == 1 and said[0].startswith("step 3 skipped, but the model's buffers "
+                                                 "norm.running_var hold"), said  # fmt: skip
+
+
+class MaskedUnit(Callback):
+    """net.1.bias[0] = -inf at the fit's start: its ReLU unit is dead, its gradients 0."""
+
+    def on_fit_start(self, trainer) -> None:
+        with torch.no_grad():
+            trainer.model.net[1].bias[0] = -math.inf
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_skip_beside_a_mask_does_not_name_the_mask(tmp_path, sync, caplog) -> None:
+    """A mask of -inf held from the fit's start is tolerated under policy=skip, and the
+    warning of a step skipped beside it names the loss, not the mask as a parameter holding
+    NaN/Inf itself (a mutation round's)."""
+    with caplog.at_level("WARNING"):
+        metrics = train(tmp_path, "trainer.max_steps=4", "logging.every_n_steps=2",
+                        "optimizer=sgd", "instrument.nonfinite.policy=skip",
+                        f"instrument.nonfinite.sync={sync}",
+                        callbacks=[MaskedUnit(), Poison({3: "input"})])  # fmt: skip
+    assert metrics["status"] == "completed", metrics
+    said = [r.getMessage() for r in caplog.records if " skipped: " in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("step 3 skipped: non-finite loss"), said
+    assert "holds NaN/Inf itself" not in said[0] and "net.1.bias" not in said[0], said
+
+
+class NaNGain(Callback):
+    """NaN into :class:`ComplexGain`'s c after step 2 (by hand, around the guard)."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 2:
+            c = dict(zip(trainer.param_names, trainer.params, strict=True))["c"]
+            with torch.no_grad():
+                c.fill_(complex(math.nan, 0.0))
+
+
+@pytest.mark.parametrize(("policy", "match"), [
+    ("skip", r"^step 3: .*; stopped: c holds NaN, or Inf it did not hold"),
+    ("raise", r"^step 3: .*; the parameter c holds NaN/Inf itself now"),
+])  # fmt: skip
+def test_a_complex_parameter_holding_nan_is_named(tmp_path, policy, match) -> None:
+    """A complex parameter's NaN is counted as a real one's: named as the cause, and with
+    policy=skip the run stops there (complex parameters went uncounted: the skips went on,
+    and the run completed on a NaN parameter: a mutation round's)."""
+    with pytest.raises(NonFiniteError, match=match):
+        train(tmp_path, "trainer.max_steps=5", "~model", f"+model._target_={__name__}.ComplexGain",
+              "optimizer=sgd", f"instrument.nonfinite.policy={policy}",
+              "instrument.nonfinite.sync=step", callbacks=[NaNGain()])  # fmt: skip
+
+
+def test_a_float16_run_stops_at_the_read_whose_streak_reaches_the_limit(tmp_path) -> None:
+    """``max_consecutive_skips=41``, read every 41 steps: at step 41 the streak is 41, the
+    limit, and the scale 2^-25, below float16's smallest subnormal: the run stops there (a
+    streak past the limit only stopped it a read later: a mutation round's)."""
+    with pytest.raises(NonFiniteError, match=r"^steps 1-41: the GradScaler skipped every"):
+        train(tmp_path, "trainer.precision=16", "logging.every_n_steps=41",
+              "trainer.max_steps=45", "optimizer=sgd", "model.hidden=[8]",
+              "instrument.nonfinite.max_consecutive_skips=41",
+              callbacks=[NaNGradEveryStep()])  # fmt: skip
