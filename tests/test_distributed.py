@@ -504,6 +504,45 @@ def test_a_slurm_task_started_by_submitit_finds_its_rank(monkeypatch) -> None:
     assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0
 
 
+def test_a_task_of_submitits_local_executor_finds_its_rank(monkeypatch) -> None:
+    """Hydra's ``submitit_local`` launcher with tasks_per_node=2 (SLURM emulated on one
+    machine): its tasks count in submitit's local variables, not SLURM's, and each ran as a
+    process of its own, the two writing one folder (a probe's). Rank and world are
+    submitit's; a local job of one task stays one process."""
+    pytest.importorskip("submitit")
+    from trainer.distributed import SINGLE, World, from_env
+
+    _submitit_task(monkeypatch, tasks=1, rank=0, local=0, nodes=1, node=0, hosts="gpu07")
+    for key in (
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+        "SLURM_JOB_NUM_NODES",
+        "SLURM_NNODES",
+        "SLURM_NODEID",
+        "SLURM_JOB_NODELIST",
+    ):
+        monkeypatch.delenv(key)  # fmt: skip
+    local = {
+        "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "77", "SUBMITIT_LOCAL_NTASKS": "1",
+        "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0",
+        "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0",
+    }  # fmt: skip
+    for key, value in local.items():
+        monkeypatch.setenv(key, value)
+    assert from_env() is SINGLE and "WORLD_SIZE" not in os.environ
+    monkeypatch.setenv("SUBMITIT_LOCAL_NTASKS", "2")
+    monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", "1")
+    monkeypatch.setenv("SUBMITIT_LOCAL_LOCALID", "1")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT"):  # fmt: skip
+        monkeypatch.setenv(key, "")  # (undone after: from_env exports them)
+        monkeypatch.delenv(key)
+    assert from_env() == World(rank=1, size=2, local_rank=1)
+    assert os.environ["MASTER_ADDR"] and int(os.environ["MASTER_PORT"]) > 0
+
+
 def test_a_slurm_job_of_one_task_stays_one_process(monkeypatch) -> None:
     """A SLURM job of a single task started by submitit (Hydra's submitit launcher with
     tasks_per_node=1) is one process: submitit's environment is not exported (no

@@ -251,6 +251,52 @@ def test_submitits_signal_stops_the_run_checkpointed_then_submitit_requeues(
     assert signal.getsignal(signal.SIGUSR2) == previous
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_job_submitit_does_not_requeue_ends_interrupted(tmp_path, caplog, monkeypatch, rank):
+    """At a time limit past ``max_num_timeout`` submitit's handler does not requeue: it raises
+    its ``UncompletedJobError`` on the first task (and returns on the others). That error was
+    the job's failure, and another task's exit 140 (an ``Interrupted``) left no result, which
+    Hydra's launcher failed the sweep for (a probe, with 2 tasks of submitit's local
+    executor). The run is interrupted, checkpointed, as any stopped run; in a sweep the job
+    returns no value and the task ends without a status of its own."""
+    import types
+
+    from conftest import train
+    from submitit.core.job_environment import SignalHandler
+
+    from trainer import sweep
+    from trainer.run import Interrupted
+
+    env = types.SimpleNamespace(global_rank=rank, _requeue=lambda c: pytest.fail("requeued"))
+    delayed = types.SimpleNamespace(_timeout_min=0, _timeout_countdown=0, function=object())
+    submitit = SignalHandler(env, types.SimpleNamespace(submitted_pickle=tmp_path / "p"), delayed)
+    previous = signal.signal(signal.SIGUSR2, submitit.checkpoint_and_try_requeue)
+    common = ["trainer.max_steps=8", "trainer.checkpoint.every_n_steps=0", "optimizer=sgd"]
+    try:
+        with caplog.at_level("WARNING"), pytest.raises(Interrupted) as ended:
+            train(tmp_path / "run", *common, callbacks=[_SignalAt(signal.SIGUSR2, 3)])
+        assert ended.value.code == 128 + signal.SIGUSR2
+        if rank == 0:
+            assert "submitit did not requeue the job (Job not requeued because: timed-out " in (
+                caplog.text
+            )
+        metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert (metrics["status"], metrics["step"]) == ("interrupted", 3)
+        # a sweep's job: no value, no exit of its own (outside a sweep: the exit, as ever)
+        monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+
+        def run(cfg):
+            raise ended.value
+
+        assert sweep._run_job(None, run, lambda: None) is None
+        assert "interrupted, checkpointed (its metrics.json says so)" in caplog.text
+        monkeypatch.setattr(sweep, "in_multirun", lambda: False)
+        with pytest.raises(Interrupted):
+            sweep._run_job(None, run, lambda: None)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
 class _CtrlCTwice(Callback):
     """Ctrl-C at step 5, and again while the checkpoint it triggers is being written."""
 

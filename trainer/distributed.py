@@ -51,13 +51,28 @@ class World:
 SINGLE = World()
 
 
+def _submitit_tasks() -> int:
+    """The number of tasks of the submitit job this process is one of (1 outside one), as
+    submitit's own environment says: SLURM's, or its local executor's (which SLURM's count
+    alone missed: a local job of 2 tasks ran twice as one process, both writing one folder,
+    a probe's)."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return 1
+    from submitit import JobEnvironment
+
+    try:
+        return int(JobEnvironment().num_tasks)
+    except Exception:  # noqa: BLE001 (an environment submitit does not know: one process)
+        return 1
+
+
 def from_env() -> World:
-    """The world torchrun describes in the environment (one process without it). In a SLURM
-    job of several tasks started by submitit (Hydra's submitit launcher, ``tasks_per_node``
-    > 1), submitit's ``TorchDistributedEnvironment`` first exports the same variables from
-    SLURM's (rank = the task's, master = the job's first host)."""
-    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if "WORLD_SIZE" not in os.environ and slurm_tasks > 1 and os.environ.get("SUBMITIT_EXECUTOR"):
+    """The world torchrun describes in the environment (one process without it). In a job
+    of several tasks started by submitit (Hydra's submitit launcher, ``tasks_per_node`` > 1,
+    on SLURM or submitit's local executor), submitit's ``TorchDistributedEnvironment`` first
+    exports the same variables from its own (rank = the task's, master = the job's first
+    host)."""
+    if "WORLD_SIZE" not in os.environ and _submitit_tasks() > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
         # every task sees all the node's GPUs and takes cuda:LOCAL_RANK (see setup)

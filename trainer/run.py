@@ -779,12 +779,12 @@ def _run(
             # rank other than the first it returns, and the rank exits as stopped)
             log.warning("handing the job to submitit, which requeues it (trainer.resume=auto "
                         "continues the run there)")  # fmt: skip
-            try:
+            try:  # (the first task: it requeues and exits; another returns)
                 stopped.requeue()
-            except Exception as e:  # (submitit's way to end a job it does not requeue)
+            except Exception as e:  # (submitit's way to end a job it does not requeue: the
+                # job ends interrupted, as any stopped run, not failed with submitit's error)
                 log.warning("submitit did not requeue the job (%s); the run is interrupted, "
                             "checkpointed: trainer.resume=auto continues it", e)  # fmt: skip
-                raise
         raise
     except BaseException as e:
         failed: dict[str, Any] = {

@@ -389,6 +389,19 @@ def _run_job(cfg: DictConfig, run: Any, teardown: Any) -> float | None:
         result = run(cfg)
         if not in_multirun():  # (a sweep's jobs may share the process: left to its exit)
             teardown()
+    except SystemExit as e:
+        if getattr(e, "requeue", None) is None or not in_multirun():
+            raise
+        # a submitit job stopped at its time limit or preemption, handed to submitit, which
+        # did not requeue it (or does from another task): the task ends without an exit
+        # status of its own, as submitit's other tasks do (one exiting 140 left no result,
+        # and Hydra's launcher failed the sweep collecting it, a probe's)
+        log.warning(
+            "%sinterrupted, checkpointed (its metrics.json says so); submitit "
+            "requeues the job from its first task, where it does",
+            _job_label() or "job ",
+        )
+        return None
     except Exception as e:
         if not in_multirun():
             if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":
