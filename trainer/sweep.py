@@ -397,8 +397,8 @@ def _run_job(cfg: DictConfig, run: Any, teardown: Any) -> float | None:
         # status of its own, as submitit's other tasks do (one exiting 140 left no result,
         # and Hydra's launcher failed the sweep collecting it, a probe's)
         log.warning(
-            "%sinterrupted, checkpointed (its metrics.json says so); submitit "
-            "requeues the job from its first task, where it does",
+            "%sinterrupted, checkpointed (its metrics.json says so): a requeued job, or "
+            "trainer.resume=auto, continues it",
             _job_label() or "job ",
         )
         return None
