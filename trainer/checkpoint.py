@@ -853,8 +853,8 @@ class StopOnSignals(Callback):
 
     In a submitit job (Hydra's submitit launcher), submitit's signal before the time limit or
     preemption stops the run too, and ``requeue`` is then submitit's handler of it, for the
-    caller to hand the job to once the run is checkpointed (it ran in the middle of a step: the run
-    failed, its last steps lost, and the job was requeued to start afresh)."""
+    caller to hand the job to once the run is checkpointed (it ran in the middle of a step:
+    the run failed, its last steps lost, and the job was requeued to start afresh)."""
 
     def __init__(self, writer: CheckpointWriter | None = None, signals=STOP_SIGNALS):
         self.writer, self.signals = writer, tuple(signals)

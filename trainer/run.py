@@ -776,7 +776,8 @@ def _run(
     except Interrupted as stopped:
         if stopped.requeue is not None:  # (checkpointed, metrics.json written: submitit's
             # handler requeues the job and exits, or raises where it does not requeue; on a
-            # rank other than the first it returns, and the rank exits as stopped)
+            # rank other than the first it returns: the rank ends as stopped, a sweep's task
+            # without an exit status of its own, trainer.sweep._run_job)
             log.warning("handing the job to submitit, which requeues it (trainer.resume=auto "
                         "continues the run there)")  # fmt: skip
             try:  # (the first task: it requeues and exits; another returns)
