@@ -556,6 +556,22 @@ def test_a_slurm_job_of_one_task_stays_one_process(monkeypatch) -> None:
     assert not {"WORLD_SIZE", "RANK", "MASTER_ADDR"} & set(os.environ)
 
 
+def test_torchruns_world_inside_a_submitit_job_is_torchruns(monkeypatch) -> None:
+    """torchrun started inside a SLURM job of several tasks submitit started: the world is
+    torchrun's (its variables set), not submitit's exported over them. (A mutation round's:
+    the ``WORLD_SIZE`` check dropped went unseen.)"""
+    pytest.importorskip("submitit")
+    from trainer.distributed import World, from_env
+
+    _submitit_task(monkeypatch, tasks=8, rank=5, local=1, nodes=2, node=1, hosts="gpu[07-08]")
+    torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}  # fmt: skip
+    for key, value in torchrun.items():
+        monkeypatch.setenv(key, value)
+    assert from_env() == World(rank=1, size=2, local_rank=1)
+    assert {k: os.environ[k] for k in torchrun} == torchrun
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_both_loader_paths_slice_the_same_global_batches_per_rank(drop_last) -> None:
     """Each rank's batches, on either path, from any start batch: its contiguous slice of the

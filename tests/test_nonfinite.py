@@ -1536,6 +1536,39 @@ def test_a_skipped_step_puts_back_a_buffer_its_forward_moved_to_another_device(
     assert read_scalars(tmp_path)["nonfinite/skipped_steps"][-1][1] == 1.0
 
 
+class EmptiesABufferBefore3(NormedNaNAt):
+    """:class:`NormedNaNAt` whose second training forward sets a buffer of its own to None
+    (a cache emptied) and whose third, the NaN one, fills it again."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__(in_shape, out_dim)
+        self.register_buffer("cache", torch.zeros(3))
+
+    def forward(self, x):
+        if self.training and self.calls + 1 == self.at - 1:
+            self.cache = None
+        elif self.training and self.calls + 1 == self.at:
+            self.cache = torch.ones(3)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_skipped_step_leaves_a_buffer_that_was_none_before_it(tmp_path, sync) -> None:
+    """A buffer a forward set to None is kept as None: the skipped step that filled it again
+    has nothing to put back into it (it keeps what that forward put there), the others are
+    put back, and the next step copies it anew. (A mutation round's: the ``None`` checks of
+    the copy and of the put-back dropped, each an error on such a run, went unseen.)"""
+    seen = BuffersAroundStep3()
+    train(tmp_path, "~model", f"+model._target_={__name__}.EmptiesABufferBefore3",
+          "trainer.max_steps=4", "instrument.nonfinite.policy=skip", "optimizer=sgd",
+          f"instrument.nonfinite.sync={sync}", "logging.every_n_steps=1",
+          callbacks=[seen])  # fmt: skip
+    assert "cache" not in seen.before and torch.equal(seen.after["cache"], torch.ones(3))
+    assert "norm.running_mean" in seen.before and "ema" in seen.before
+    assert all(torch.equal(seen.before[n], seen.after[n]) for n in seen.before)
+    assert read_scalars(tmp_path)["nonfinite/skipped_steps"][-1][1] == 1.0
+
+
 class NaNGradEveryStep(Callback):
     """A gradient NaN at every step (a sqrt(0) in a backward), the loss finite."""
 

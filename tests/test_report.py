@@ -920,6 +920,91 @@ def test_an_earlier_sweeps_run_of_a_job_this_sweep_ran_elsewhere_is_left_out(
     assert "job folder 1 holds an earlier sweep's run" in err and "job folder 0 holds" in err
 
 
+def test_two_earlier_sweeps_runs_of_one_job_stand_for_it_once(
+    tmp_path, capsys, caplog, monkeypatch
+) -> None:
+    """Folders named by a value of the job, in a dir holding two earlier sweeps' runs of one
+    job this sweep has not run (and a job with no folder at all): one of them stands for
+    the job, not started, noted, none of its curves read; the other is left out; the sweep's
+    last line counts both jobs not started. (A mutation round's: each earlier run listed as
+    the job, the folder's curves read for its row, and the count of not-started rows without
+    folders overwriting that of those with one, each went unseen.)"""
+    root = tmp_path / "multirun"
+    jobs = [[f"optimizer.lr={lr}"] for lr in (0.1, 0.2, 0.5)]
+    make_run(root / "lr0.1", {"status": "interrupted", "signal": "SIGTERM", "step": 1,
+                              "sweep_id": "this"}, jobs[0])  # fmt: skip
+    for name in ("0", "1"):
+        make_run(root / name, {**completed(0.9, 0.5, 0.1), "sweep_id": "earlier"}, jobs[1])
+    _plan(root, {"_target_": BASIC, "params": None}, ["optimizer.lr=0.1,0.2,0.5"],
+          "lr${optimizer.lr}")  # fmt: skip
+    (root / ".sweep.json").write_text(json.dumps({"sweep_id": "this"}))
+    read, read_curves = [], report.read_curves
+    monkeypatch.setattr(report, "read_curves", lambda d, t: read.append(d) or read_curves(d, t))
+    assert report.main([str(root)]) == 0
+    assert read == [root / "lr0.1"]  # (the earlier runs' curves not plotted as the job's)
+    monkeypatch.undo()
+    out, err = capsys.readouterr()
+    assert "3 jobs (2 not started, 1 interrupted); best: none" in out, out
+    noted = [line for line in out.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert len(noted) == 1 and "not run by this sweep" in noted[0], out
+    assert "holds runs that are not this sweep's jobs" in err, err
+    runs = report.collect_runs(root)
+    (row,) = [r for r in runs if r.name in ("0", "1")]
+    assert row.status == "not started" and row.curves == {}
+    assert runs[[r.name for r in runs].index("lr0.1")].curves  # (this sweep's: read)
+    from trainer.sweep import SweepSummary
+
+    with caplog.at_level("INFO", logger="trainer.sweep"):
+        SweepSummary()._summarize(root, stopped=True)
+    assert "3 of 3 jobs did not complete (1 interrupted, 2 not started)" in caplog.text, caplog.text
+
+
+def test_an_earlier_sweeps_run_of_a_job_whose_own_folder_has_no_result_is_left_out(
+    tmp_path, capsys
+) -> None:
+    """Folders named by a value of the job: this sweep's folder of a job, killed before it
+    wrote metrics.json (no sweep id to read), is the job's, missing; an earlier sweep's run
+    of the same job in another folder is left out, not listed as the job not started too.
+    (A mutation round's: a folder with no recorded id not counted as the job's went
+    unseen.)"""
+    root = tmp_path / "multirun"
+    jobs = [["optimizer.lr=0.1"], ["optimizer.lr=0.2"]]
+    make_run(root / "lr0.1", {**completed(0.7, 0.5, 0.1), "sweep_id": "this"}, jobs[0])
+    make_run(root / "lr0.2", None, jobs[1])
+    make_run(root / "1", {**completed(0.9, 0.5, 0.1), "sweep_id": "earlier"}, jobs[1])
+    _plan(root, {"_target_": BASIC, "params": None}, ["optimizer.lr=0.1,0.2"],
+          "lr${optimizer.lr}")  # fmt: skip
+    (root / ".sweep.json").write_text(json.dumps({"sweep_id": "this"}))
+    assert report.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "2 jobs (1 completed, 1 missing); best: job lr0.1" in out, out
+    assert "job folder 1 holds runs that are not this sweep's jobs" in err, err
+
+
+def test_an_interrupted_run_continued_elsewhere_keeps_its_note(tmp_path, caplog) -> None:
+    """A job's run continued by a later run in another folder, that one interrupted: its row
+    says where it was continued (the run's latest), not only the signal that stopped it. (A
+    mutation round's: the signal's note written over it, and a failed one's note written
+    over its error in the sweep's line, went unseen.)"""
+    later = tmp_path / "continued"
+    make_run(tmp_path / "2", {"status": "interrupted", "signal": "SIGTERM", "step": 30,
+                              "job_dir": str(later),
+                              "overrides": ["trainer.max_steps=60", "trainer.resume=x"]},
+             ["optimizer.lr=0.2"])  # fmt: skip
+    run = report.load_run(tmp_path / "2")
+    assert run.status == "interrupted"
+    assert run.note == f"continued by {later} (its result, to step 30: the run's latest)"
+    # one that failed there: the sweep's line for it is its error, not the note
+    make_run(tmp_path / "3", {"status": "failed", "error": "RuntimeError: boom", "step": 40,
+                              "job_dir": str(later), "overrides": ["trainer.resume=x"]},
+             ["optimizer.lr=0.5"])  # fmt: skip
+    from trainer.sweep import SweepSummary
+
+    with caplog.at_level("INFO", logger="trainer.sweep"):
+        SweepSummary()._summarize(tmp_path, stopped=True)
+    assert "job 3 failed: RuntimeError: boom" in caplog.text, caplog.text
+
+
 def test_an_earlier_runs_result_is_not_reported_as_the_jobs_that_wrote_none(
     tmp_path, capsys, caplog
 ) -> None:

@@ -297,6 +297,123 @@ def test_a_job_submitit_does_not_requeue_ends_interrupted(tmp_path, caplog, monk
         signal.signal(signal.SIGUSR2, previous)
 
 
+def _submitits_handler(tmp_path, sig, requeued):
+    """A real ``submitit`` SignalHandler (a stand-in environment, the first task, requeues
+    left) installed on ``sig``; returns it and the handler it replaced."""
+    import types
+
+    from submitit.core.job_environment import SignalHandler
+
+    env = types.SimpleNamespace(global_rank=0, _requeue=requeued.append)
+    delayed = types.SimpleNamespace(_timeout_min=60, _timeout_countdown=2, function=object())
+    submitit = SignalHandler(env, types.SimpleNamespace(submitted_pickle=tmp_path / "p"), delayed)
+    return submitit, signal.signal(sig, submitit.checkpoint_and_try_requeue)
+
+
+def test_a_sigterm_alone_under_submitit_ends_the_job_without_a_requeue(tmp_path, caplog) -> None:
+    """Under submitit, a stop signal that is not submitit's (``scancel``'s SIGTERM, no
+    SIGUSR2 after it) stops the run checkpointed and exits as ever: the job is not handed to
+    submitit, which would requeue a cancelled job, and its line says "then exit". A run with
+    trainer.resume=auto is not warned that a requeue starts it afresh. (A mutation round's:
+    any stop signal taken for submitit's, the line's "then" read from submitit's presence,
+    the hand-over of a run stopped without submitit's signal, and the warning without its
+    ``not tc.resume``, each went unseen.)"""
+    pytest.importorskip("submitit")
+    from trainer.run import Interrupted
+
+    requeued: list[int] = []
+    submitit, previous = _submitits_handler(tmp_path, signal.SIGUSR2, requeued)
+    try:
+        with caplog.at_level("WARNING"), pytest.raises(Interrupted) as ended:
+            train(tmp_path / "run", "trainer.max_steps=8", "trainer.checkpoint.every_n_steps=0",
+                  "trainer.run_id=t", f"trainer.checkpoint.search_dir={tmp_path}",
+                  "trainer.resume=auto", "optimizer=sgd",
+                  callbacks=[_SignalAt(signal.SIGTERM, 3)])  # fmt: skip
+        assert ended.value.code == 128 + signal.SIGTERM and requeued == []
+        assert signal.getsignal(signal.SIGUSR2) == submitit.checkpoint_and_try_requeue
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["status"], metrics["signal"], metrics["step"]) == ("interrupted", "SIGTERM", 3)
+    assert "SIGTERM: finishing the current step, then a checkpoint, then exit" in caplog.text
+    assert "submitit" not in caplog.text, caplog.text
+
+
+def test_submitits_signal_of_its_environment_is_one_of_the_stop_signals(
+    tmp_path, caplog, monkeypatch
+) -> None:
+    """``SUBMITIT_PREEMPT_SIGNAL`` names submitit's signal; where it is one the run stops on
+    anyway (USR1), its handler is installed once: installed twice, the handler it replaced
+    was read as the trainer's own, and the trainer's stayed on the signal after ``fit``
+    (submitit's lost). The job is handed to submitit with the signal it got. (A mutation
+    round's: both went unseen.)"""
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+    requeued: list[int] = []
+    submitit, previous = _submitits_handler(tmp_path, signal.SIGUSR1, requeued)
+    try:
+        with caplog.at_level("WARNING"), pytest.raises(SystemExit) as ended:
+            train(tmp_path / "run", "trainer.max_steps=8", "trainer.checkpoint.every_n_steps=0",
+                  "optimizer=sgd", callbacks=[_SignalAt(signal.SIGUSR1, 3)])  # fmt: skip
+        assert ended.value.code == -1 and requeued == [2]  # (submitit's exit, its requeue)
+        assert signal.getsignal(signal.SIGUSR1) == submitit.checkpoint_and_try_requeue
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert "SIGUSR1: finishing the current step, then a checkpoint, then submitit requeues" in (
+        caplog.text
+    )
+    assert "Caught signal SIGUSR1" in caplog.text  # (submitit's handler, of that signal)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["status"], metrics["step"]) == ("interrupted", 3)
+
+
+def test_a_handler_of_ones_own_of_sigusr2_is_not_submitits(tmp_path, caplog) -> None:
+    """A handler of SIGUSR2 that is not submitit's (a function of one's own) leaves the run
+    as outside submitit: no warning of a requeue, SIGUSR2 not taken over by the trainer
+    while it runs. (A mutation round's: any callable handler taken for submitit's went
+    unseen.)"""
+    from trainer.checkpoint import submitit_requeue
+
+    seen: list[int] = []
+
+    class Handlers:
+        def usr2(self, signum, frame) -> None:
+            seen.append(signum)
+
+    class During(Callback):
+        def on_train_step_end(self, trainer, out) -> None:
+            self.handler = signal.getsignal(signal.SIGUSR2)
+
+    own = Handlers().usr2
+    during = During()
+    previous = signal.signal(signal.SIGUSR2, own)
+    try:
+        assert submitit_requeue() is None
+        with caplog.at_level("WARNING"):
+            train(tmp_path, "trainer.max_steps=2", callbacks=[during])
+        assert during.handler == own and signal.getsignal(signal.SIGUSR2) == own
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert "submitit" not in caplog.text, caplog.text
+
+
+def test_a_sweeps_job_stopped_without_submitit_still_exits(monkeypatch) -> None:
+    """In a sweep, only a job handed to submitit returns no value: one stopped by a signal
+    outside submitit (Ctrl-C, SIGTERM) exits with its status, which stops the sweep, as
+    ever. (A mutation round's: the sweep went on to its next jobs after a Ctrl-C, unseen.)"""
+    from trainer import sweep
+    from trainer.run import Interrupted
+
+    monkeypatch.setattr(sweep, "in_multirun", lambda: True)
+
+    def run(cfg):
+        raise Interrupted(128 + signal.SIGINT)
+
+    with pytest.raises(Interrupted) as ended:
+        sweep._run_job(None, run, lambda: None)
+    assert ended.value.code == 128 + signal.SIGINT
+
+
 class _CtrlCTwice(Callback):
     """Ctrl-C at step 5, and again while the checkpoint it triggers is being written."""
 
