@@ -34,7 +34,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -1558,10 +1558,8 @@ class Trainer:
             for b, k in zip(now, kept, strict=True)
         ):  # (a buffer a forward set to None is kept as None: nothing to put back)
             self._buffers_before = [b.detach().clone() if b is not None else None for b in now]
-        else:  # (none is None here)
-            torch._foreach_copy_(
-                [k for k in kept if k is not None], [b for b in now if b is not None]
-            )
+        else:  # (none is None here: no list built per step)
+            torch._foreach_copy_(cast(list[Tensor], kept), cast(list[Tensor], now))
 
     def _put_back_buffers(self) -> None:
         """The buffers as they were before the step, where it is skipped: on the host's word

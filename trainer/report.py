@@ -309,15 +309,12 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     runs = [load_run(run_dir) for run_dir in find_run_dirs(root)]
     earlier, of_jobs = _earlier_sweeps(root, runs)
     if of_jobs:
-        print(f"warning: {root}: job folder{'s' if len(of_jobs) > 1 else ''} "
-              f"{', '.join(r.name for r in of_jobs)} hold{'' if len(of_jobs) > 1 else 's'} "
-              "an earlier sweep's run of the job (its metrics.json records another sweep's "
-              f"id than {SWEEP_FILE}'s), which this sweep has not run: listed as not "
-              "started, noted", file=sys.stderr)  # fmt: skip
+        print(f"warning: {root}: {_folders_hold(of_jobs)} an earlier sweep's run of the job "
+              f"(its metrics.json records another sweep's id than {SWEEP_FILE}'s), which this "
+              "sweep has not run: listed as not started, noted", file=sys.stderr)  # fmt: skip
         runs = [_not_run(r) if any(r is o for o in of_jobs) else r for r in runs]
     if earlier:
-        print(f"warning: {root}: job folder{'s' if len(earlier) > 1 else ''} "
-              f"{', '.join(r.name for r in earlier)} hold{'' if len(earlier) > 1 else 's'} "
+        print(f"warning: {root}: {_folders_hold(earlier)} "
               "runs that are not this sweep's jobs (an earlier sweep's, or runs of their "
               "own), left out (a folder is this sweep's where its metrics.json records the "
               f"sweep's id, {SWEEP_FILE}, or it is the job its number names in "
@@ -328,6 +325,13 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
             if run.status != NOT_STARTED:
                 run.curves = read_curves(run.path, CURVE_TAGS)
     return runs
+
+
+def _folders_hold(runs: Sequence[Run]) -> str:
+    """``job folder 2 holds`` / ``job folders 0, 1 hold``."""
+    many = len(runs) > 1
+    names = ", ".join(r.name for r in runs)
+    return f"job folder{'s' if many else ''} {names} hold{'' if many else 's'}"
 
 
 def _not_run(run: Run) -> Run:
@@ -411,6 +415,7 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> tuple[list[Run], list[Ru
         recorded = r.metrics.get("sweep_id")
         if current is not None and recorded == current:
             continue
+        another = current is not None and isinstance(recorded, str)  # (another sweep's id)
         if not r.overrides:
             continue
         if jobs is None:  # (no plan: its record alone)
@@ -423,16 +428,15 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> tuple[list[Run], list[Ru
                 _job(r.overrides) == _job(jobs[int(r.name)]))  # fmt: skip
         else:
             ours = _job(r.overrides) in planned
-        if ours and not numbered and isinstance(recorded, str) and current is not None:
+        if ours and not numbered and another:
             ours = free[_job(r.overrides)] > 0
             free[_job(r.overrides)] -= 1
         if not ours:
             earlier.append(r)
-        elif isinstance(recorded, str) and current is not None:
-            # the job's folder, holding another sweep's run of it: a job this sweep has not
-            # run (that run was reported as the job's, completed and best, a probe's; a sweep
-            # that resumes continues it only where its config is unchanged, and one that
-            # starts afresh sets it aside)
+        elif another:  # the job's folder, holding another sweep's run of it: a job this
+            # sweep has not run (that run was reported as the job's, completed and best, a
+            # probe's; a sweep that resumes continues it only where its config is unchanged,
+            # and one that starts afresh sets it aside)
             of_jobs.append(r)
     return earlier, of_jobs
 
