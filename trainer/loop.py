@@ -1553,13 +1553,21 @@ class Trainer:
         device)."""
         now = self._current_buffers()
         kept = self._buffers_before
-        if kept is None or any(
+        if kept is None or len(kept) != len(now) or any(
             b is None or k is None or (b.shape, b.dtype, b.device) != (k.shape, k.dtype, k.device)
             for b, k in zip(now, kept, strict=True)
         ):  # (a buffer a forward set to None is kept as None: nothing to put back)
             self._buffers_before = [b.detach().clone() if b is not None else None for b in now]
         else:  # (none is None here: no list built per step)
             torch._foreach_copy_(cast(list[Tensor], kept), cast(list[Tensor], now))
+
+    def put_back_buffers(self) -> None:
+        """The model's buffers as they were before this step's first forward, where the step
+        is skipped (:attr:`skip_step`, :attr:`skip_step_where`): for a callback that stops the
+        run in ``on_before_optimizer_step`` at a step it skips, before the loop's own put-back
+        after the update (with :attr:`restore_buffers_on_skip` set; else nothing was kept)."""
+        if self._buffers_before is not None:
+            self._put_back_buffers()
 
     def _put_back_buffers(self) -> None:
         """The buffers as they were before the step, where it is skipped: on the host's word
@@ -1571,6 +1579,8 @@ class Trainer:
         assert before is not None
         if not self.skip_step and self.skip_step_where is None:
             return
+        if len(before) != len(self._buffers):  # (kept by an earlier fit, of other buffers: a
+            return  # fit called again on a model given new ones, mid-window)
         pairs = [(b, k) for b, k in zip(self._current_buffers(), before, strict=True)
                  if b is not None and k is not None and b.shape == k.shape
                  and b.dtype == k.dtype]  # fmt: skip
@@ -1629,8 +1639,7 @@ class Trainer:
         """What follows the optimizer's update: the objective told, buffers a skipped step
         changed put back, the schedule advanced, the gradients cleared."""
         self.objective.updated()
-        if self._buffers_before is not None:
-            self._put_back_buffers()
+        self.put_back_buffers()
         self._advance_schedule()  # a skipped step is a step: the schedule goes on
         clear_grads(self.optimizer)  # (optimizer.zero_grad(set_to_none=True))
         for p in self._unowned:  # (trainable, not the optimizer's: usually none)

@@ -308,8 +308,8 @@ class NonfiniteGuard(Callback):
         samples = _samples_of(losses, indices) if LOSS in bad else []
         if LOSS in bad and _only_where_no_units(losses, targets, trainer):
             bad = [PADDING if n == LOSS else n for n in bad]
+        trainer.skip_step = True  # (before: a skip that stops the run puts buffers back)
         self._skip(trainer, trainer.global_step, bad or [ELSEWHERE], samples=samples)
-        trainer.skip_step = True
 
     def _defer(
         self, trainer: Trainer, grads: list[Tensor], losses: list[Tensor], tensors: list[Tensor]
@@ -573,6 +573,7 @@ class NonfiniteGuard(Callback):
                 "NaN, or Inf it did not hold when the fit started: skipping steps leaves it so"
             )
             self._stopped = message  # (a fit called again: the parameters are still so)
+            self._put_back(trainer)
             raise NonFiniteError(message)
         if step > self._counted_to:  # (made again by a fit called again after a later hook
             # of it failed: it was counted twice, a probe's)
@@ -592,11 +593,21 @@ class NonfiniteGuard(Callback):
             self._buffers_hit(trainer, step, read_at)  # buffers it then restored: a probe)
         if self.consecutive >= self.max_consecutive:
             later = _read_later(step, read_at)
+            self._put_back(trainer)
             raise NonFiniteError(
                 f"step {step}: {self.consecutive} steps in a row skipped for "
                 f"non-finite values (instrument.nonfinite.max_consecutive_skips="
                 f"{self.max_consecutive}); the last: {cause}{later}; {_largest_weight(trainer)}"
             )
+
+    def _put_back(self, trainer: Trainer) -> None:
+        """A skip that stops the run, inside a step: the buffers its forward changed (a NaN
+        batch's BatchNorm statistics) put back first, as the loop does after a skipped step's
+        update (they stayed, unsaid, in the model a fit called again from Python then had, or
+        one's own ``on_exception`` saved). The step is skipped: step mode's ``skip_step``, or
+        deferred, the device's flag of this step (latched by the skips read)."""
+        if self._in_step and trainer.restore_buffers_on_skip:
+            trainer.put_back_buffers()
 
 
 #: a loss scale below float16's smallest subnormal: the scaled backward underflows
