@@ -1250,6 +1250,32 @@ def test_a_plateau_scheduler_steps_once_for_a_validation_whose_hook_failed(tmp_p
     assert lrs([FailsAtValidation()]) == lrs([])
 
 
+def test_a_validation_whose_hook_failed_is_written_once(tmp_path) -> None:
+    """A fit called again after an on_validation_end that raised validates again, at the
+    same step with the same values: val/* were written twice there (two points at step 3,
+    read back by tensorboard's reader). Once now; the next validation's as ever."""
+    from trainer.run import build_trainer
+
+    class FailsOnce(Callback):
+        armed = True
+
+        def on_validation_end(self, trainer, metrics) -> None:
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("a callback's bug")
+
+    cfg = make_cfg("trainer.max_epochs=2", "trainer.max_steps=-1", "data.batch_size=512",
+                   "logging.progress=false", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+    trainer = build_trainer(cfg, tmp_path, [FailsOnce()])
+    with pytest.raises(RuntimeError, match="a callback's bug"):
+        trainer.fit()
+    trainer.fit()
+    trainer.logger.close()
+    scalars = read_scalars(tmp_path)
+    assert [s for s, _ in scalars["val/acc"]] == [3, 6]
+    assert [s for s, _ in scalars["val/loss"]] == [3, 6]
+
+
 def test_a_second_fit_with_a_longer_run_logs_everything_at_its_new_last_step(tmp_path) -> None:
     """From Python, max_steps raised after a fit and fit called again: the run's last step
     (which logs every scalar) was the first fit's, so the new last step had train/loss but

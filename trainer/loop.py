@@ -413,6 +413,7 @@ class Trainer:
         #: stopped
         self.stopped_by: int | None = None
         self._validated_at = -1  # the step of the last validation (checkpointed)
+        self._val_logged: tuple[int, dict[str, Any]] | None = None  # its val/* as written
         #: the length (``T_max``, ``total_steps``) ``trainer.run`` gave the scheduler, by key
         #: (checkpointed: a resumed run builds its scheduler with it again); none by hand
         self.schedule_length: dict[str, int] = {}
@@ -1188,9 +1189,12 @@ class Trainer:
         modes, training = _modes(self.model), self.model.training  # (put back at the end)
         m = self.metrics = self.evaluate()
         self._validated_at = self.global_step
-        if self.logger is not None:
-            self.logger.log_scalars({k: v for k, v in m.items() if k.startswith("val/")},
-                                    self.global_step)  # fmt: skip
+        values = {k: v for k, v in m.items() if k.startswith("val/")}
+        if self.logger is not None and self._val_logged != (self.global_step, values):
+            # (a fit called again after an on_validation_end that raised validates again:
+            # the same values at the same step were written twice, two points in the curve)
+            self.logger.log_scalars(values, self.global_step)
+            self._val_logged = (self.global_step, values)
         if self.world.rank == 0:  # (the metrics are every rank's: said once)
             log.info(
                 "%sepoch %d/%d  step %d  train/loss %s  %s", self.progress_options.label,
@@ -1553,9 +1557,15 @@ class Trainer:
         device)."""
         now = self._current_buffers()
         kept = self._buffers_before
-        if kept is None or len(kept) != len(now) or any(
-            b is None or k is None or (b.shape, b.dtype, b.device) != (k.shape, k.dtype, k.device)
-            for b, k in zip(now, kept, strict=True)
+        if (
+            kept is None
+            or len(kept) != len(now)
+            or any(
+                b is None
+                or k is None
+                or (b.shape, b.dtype, b.device) != (k.shape, k.dtype, k.device)
+                for b, k in zip(now, kept, strict=True)
+            )
         ):  # (a buffer a forward set to None is kept as None: nothing to put back)
             self._buffers_before = [b.detach().clone() if b is not None else None for b in now]
         else:  # (none is None here: no list built per step)
