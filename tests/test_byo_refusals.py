@@ -1867,3 +1867,75 @@ def test_a_parameter_named_like_the_norms_split_gets_a_tag_of_its_own(tmp_path, 
     got = read_scalars(tmp_path)
     assert [s for s, _ in got[f"grad_norm/{name} (parameter)"]] == [1, 2]
     assert [s for s, _ in got[f"grad_norm/{name}"]] == [1, 2]
+
+
+class LabelsOfAnotherLength(Labels):
+    """The Labels split with ``extra`` labels more than inputs (fewer where negative), in the
+    training split or (``where="val"``) the validation one."""
+
+    extra, where = 5, "train"
+
+    def load(self):
+        train, val = super().load()
+        split = train if self.where == "train" else val
+        y = split.y
+        y = torch.cat([y, y[: self.extra]]) if self.extra > 0 else y[: self.extra]
+        split = TensorSplit(split.x, y)
+        return (split, val) if self.where == "train" else (train, split)
+
+
+@pytest.mark.parametrize(("extra", "where", "told"), [
+    (5, "train", "training split whose x has 64 samples and y 69 samples"),
+    (-1, "train", "training split whose x has 64 samples and y 63 samples"),
+    (3, "val", "validation split whose x has 16 samples and y 19 samples"),
+])  # fmt: skip
+def test_a_tensor_split_of_more_or_fewer_labels_than_inputs_is_refused(
+    tmp_path, extra, where, told
+) -> None:
+    """TensorSplit(x, y) with len(y) != len(x): more labels trained on y's first rows,
+    unsaid (the extra ones counted by a class-balanced weighting), fewer failed mid-epoch on
+    an index naming nothing (a probe's). Refused before training, naming both."""
+    cls = type(f"Labels_{where}_{extra}", (LabelsOfAnotherLength,),
+               {"extra": extra, "where": where})  # fmt: skip
+    globals()[cls.__name__] = cls
+    with pytest.raises(TypeError, match=rf"{told}: a TensorSplit holds one target"):
+        train(tmp_path, *labels(cls.__name__))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+class WiderValidation(Labels):
+    """Validation inputs of 5 features where the training ones have 4."""
+
+    def load(self):
+        train, val = super().load()
+        return train, TensorSplit(torch.cat([val.x, val.x[:, :1]], 1), val.y)
+
+
+def test_validation_inputs_of_another_shape_are_said_before_training(tmp_path, caplog) -> None:
+    """A validation split of another input shape failed at the first validation, an epoch's
+    training later, with torch's shape error naming neither split (a probe's). Said at the
+    start (not refused: a convolutional model may be validated at another resolution)."""
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="shapes cannot be"):
+        train(tmp_path, *labels("WiderValidation"))
+    said = [r.getMessage() for r in caplog.records if "validation inputs" in r.getMessage()]
+    assert said == [
+        "data: WiderValidation's validation inputs are of shape (5,) and its training inputs "
+        "(4,) (the first sample of each): a model that takes one input shape fails at the "
+        "first validation, after an epoch's training"
+    ]
+
+
+def test_an_int_label_beside_a_tensor_one_is_named_by_the_collate_note() -> None:
+    """torch's default collation of an int target beside a tensor one raised a TypeError
+    ("only integer tensors of a single element can be converted to an index") without the
+    note naming the shapes and the samples that a RuntimeError of the same mismatch gets (a
+    probe's)."""
+    from trainer.data.base import _collate_pairs
+
+    triples = [(torch.zeros(3), 1, 10), (torch.zeros(3), 0, 11), (torch.zeros(3), 1, 12),
+               (torch.zeros(3), torch.tensor([1, 1]), 13)]  # fmt: skip
+    with pytest.raises(TypeError) as caught:
+        _collate_pairs(triples)
+    (note,) = caught.value.__notes__
+    assert note.startswith("(data: the batch's targets have different shapes, ")
+    assert "a Python int at indices 10, 11, 12; (2,) at indices 13: " in note

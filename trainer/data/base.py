@@ -475,10 +475,12 @@ def _collate_pairs(triples: list[tuple[Any, Any, int]]) -> Any:
     equal size" named neither the data set nor the samples: a probe's)."""
     try:
         return default_collate(triples)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:  # (TypeError: an int target beside a tensor one,
+        # torch's "only integer tensors of a single element can be converted", unexplained)
         for k, what in ((0, "inputs"), (1, "targets")):
             parts: list[Any] = [t[k] for t in triples]
-            shapes = [tuple(v.shape) if isinstance(v, Tensor | np.ndarray) else None for v in parts]
+            shapes = [tuple(v.shape) if isinstance(v, Tensor | np.ndarray)
+                      else f"a Python {type(v).__name__}" for v in parts]  # fmt: skip
             if len(set(shapes)) > 1:
                 told = _by_shape(shapes, triples)
                 e.add_note(
@@ -660,6 +662,15 @@ def _check_split(split: object, name: str, module: str) -> None:
     (A probe's finding: an IterableDataset failed on ``len()`` with Python's own TypeError,
     a DataLoader at ``split[0]``.)"""
     if isinstance(split, TensorSplit):
+        x, y = split.x, split.y
+        if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
+            # (a longer y trained on its first rows, unsaid, its extra labels counted by a
+            # class-balanced weighting; a shorter one failed mid-epoch on an index: a probe's)
+            raise ContractError(
+                f"data: {module}.load() returned a TensorSplit as its {name} split whose x has "
+                f"{_rows(x)} and y {_rows(y)}: a TensorSplit holds one target per input, "
+                "both with the samples along their first dimension"
+            )
         return
     what = f"data: {module}.load() returned a {type(split).__name__} as its {name} split"
     if isinstance(split, DataLoader):
@@ -810,6 +821,10 @@ def _varies(split: TensorSplit | Dataset, first: tuple[int, ...]) -> bool:
     return tuple(torch.as_tensor(_as_batched(split, n - 1)[0]).shape) != first
 
 
+def _rows(t: Tensor) -> str:
+    return f"{t.shape[0]} samples" if t.ndim else "no sample dimension (a 0-d tensor)"
+
+
 def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple[Tensor, Any]:
     """A split's first sample ``(x, y)`` as the model sees it (after a split's transform)."""
     if len(split) == 0:  # type: ignore[arg-type]
@@ -938,11 +953,23 @@ class DataModule(abc.ABC):
             x0, y0 = _first_sample(train)
             _check_targets(train, kept[0], "training", y0)
             _check_targets(val, kept[1], "validation")
-            if self.val_targets is None and len(val):  # type: ignore[arg-type]
-                self.first_val_target = torch.as_tensor(_first_sample(val, "validation")[1])
+            xv, yv = _first_sample(val, "validation") if len(val) else (None, None)  # type: ignore[arg-type]
+            if self.val_targets is None and xv is not None:
+                self.first_val_target = torch.as_tensor(yv)
             varies = (self.input_shape is None and _own_collate(train) is not None
                       and _varies(train, tuple(x0.shape)))  # fmt: skip
         self.first_target = torch.as_tensor(y0)  # (an int label collates to int64, as here)
+        fixed = _own_collate(train) is None and _own_collate(val) is None
+        if fixed and xv is not None and xv.shape != x0.shape:  # (a model that takes one
+            # shape failed at the first validation, an epoch's training later, with torch's
+            # shape error naming neither split: a probe's; not refused: a convolutional model
+            # validated at another resolution than its training crops is research practice)
+            log.warning(
+                "data: %s's validation inputs are of shape %s and its training inputs %s (the "
+                "first sample of each): a model that takes one input shape fails at the first "
+                "validation, after an epoch's training", type(self).__name__,
+                tuple(xv.shape), tuple(x0.shape),
+            )  # fmt: skip
         if self.input_shape is None:
             self.input_shape = tuple(x0.shape)
             if varies:
