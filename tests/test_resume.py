@@ -715,6 +715,34 @@ def test_a_failed_run_resumed_to_completion_shows_success_in_hparams(tmp_path) -
     assert [s for s, _ in after["train/loss"]] == [1, 2, 3, 4, 5]
 
 
+class _SecondCtrlC(Callback):
+    """What a second Ctrl-C does before the first one's rest point: KeyboardInterrupt."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 3:
+            raise KeyboardInterrupt
+
+
+def test_a_run_stopped_by_a_second_ctrl_c_has_no_end_status_in_hparams(tmp_path) -> None:
+    """A second Ctrl-C raises KeyboardInterrupt in the step: metrics.json says interrupted,
+    and HPARAMS said the run failed (STATUS_FAILURE, a probe's). No end status, as any
+    interrupted run (TensorBoard has none for it), until it is resumed."""
+    from conftest import train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from trainer.logger import event_dir
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "trainer.max_steps=5", callbacks=[_SecondCtrlC()])
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+    acc = EventAccumulator(str(event_dir(tmp_path)))
+    acc.Reload()
+    tags = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    assert metadata.SESSION_START_INFO_TAG in tags
+    assert metadata.SESSION_END_INFO_TAG not in tags
+
+
 def test_dropping_the_end_status_keeps_every_other_byte_and_never_stops_a_resume(
     tmp_path, monkeypatch, caplog
 ) -> None:

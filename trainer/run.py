@@ -737,7 +737,7 @@ def _run(
         if main:
             write_run_marker(directory, run_id, run_dir)
             check_free_space(trainer, directory, tc.checkpoint.keep_last)
-        completed = False
+        completed = interrupted = False
         try:  # checkpoints (periodic, at a stop, final) and stop signals: the callbacks above
             try:
                 metrics = trainer.fit()
@@ -752,9 +752,13 @@ def _run(
                     ) from e
                 raise
             completed = trainer.stopped_by is None
+        except KeyboardInterrupt:  # (a second Ctrl-C, before the first's rest point: the
+            interrupted = True  # run is interrupted, as metrics.json says, not failed, a
+            raise  # probe's)
         finally:
             if trainer.logger is not None:
-                if completed or trainer.stopped_by is None:  # an interrupted run goes on later
+                # an interrupted run goes on later: no end status
+                if completed or (trainer.stopped_by is None and not interrupted):
                     trainer.logger.add_summary(end_summary(completed), trainer.global_step)
                 trainer.logger.close()  # flushes the events, also when training failed
         if trainer.stopped_by is not None:
