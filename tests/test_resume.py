@@ -715,6 +715,75 @@ def test_a_failed_run_resumed_to_completion_shows_success_in_hparams(tmp_path) -
     assert [s for s, _ in after["train/loss"]] == [1, 2, 3, 4, 5]
 
 
+class _FailsAtStep8(Callback):
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 8:
+            raise RuntimeError("a crash at step 8")
+
+
+def _raw_steps(directory: Path) -> dict[str, list[int]]:
+    """Each scalar tag's steps in the order TensorBoard reads them: the event files by name,
+    their records in order (no purge applied: what a data server that ignores it shows)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps: dict[str, list[int]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for v in event.summary.value:
+                if not v.tag.startswith("_hparams_/"):
+                    steps.setdefault(v.tag, []).append(event.step)
+    return steps
+
+
+def test_a_resume_takes_the_failed_attempts_events_past_its_checkpoint_out(tmp_path) -> None:
+    """A run checkpointed at step 5 that failed at step 8, resumed (logging every 4 steps
+    now): the failed attempt's steps 6-8 stayed in its event file beside the resumed one's
+    (TensorBoard's default data server ignores the session start's purge: steps 6 and 7 of
+    the failed attempt, 8 twice, a probe's). They are taken out: each tag's steps only go up,
+    and the hparams records stay."""
+    from conftest import train
+
+    from trainer.logger import event_dir
+
+    base = ["trainer.run_id=p", "trainer.checkpoint.every_n_steps=5",
+            f"trainer.checkpoint.search_dir={tmp_path}", "trainer.max_steps=14"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="a crash at step 8"):
+        train(tmp_path / "a", *base, "logging.every_n_steps=1", callbacks=[_FailsAtStep8()])
+    assert _raw_steps(event_dir(tmp_path / "a"))["train/loss"] == list(range(1, 9))
+    metrics = train(tmp_path / "b", *base, "logging.every_n_steps=4", "trainer.resume=auto")
+    assert metrics["status"] == "completed"
+    steps = _raw_steps(event_dir(tmp_path / "a"))
+    assert steps["train/loss"] == [1, 2, 3, 4, 5, 8, 12, 14]
+    assert all(s == sorted(set(s)) for s in steps.values()), steps
+    assert _end_status(tmp_path / "a") == 1  # (api_pb2.STATUS_SUCCESS)
+
+
+def test_restart_at_takes_the_later_events_out_of_every_file(tmp_path) -> None:
+    """A fit called again trains from the rest point its failed attempt is taken back to:
+    the events that attempt wrote at that step and later are taken out of the run's files
+    (a session start alone left them to TensorBoard's default data server), and the new
+    ones go to a new file, which starts with the session start (older TensorBoards)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from trainer.logger import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path)
+    for step in range(1, 6):
+        logger.add_floats({"a": float(step)}, step)
+    logger.restart_at(3)
+    for step in (3, 4):
+        logger.add_floats({"a": 10.0 * step}, step)
+    logger.close()
+    assert _raw_steps(tmp_path) == {"a": [1, 2, 3, 4]}
+    files = sorted(tmp_path.glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    first = list(EventFileLoader(str(files[1])).Load())
+    assert first[0].file_version and first[1].session_log.status == 1 and first[1].step == 3
+    values = [(e.step, float(v.tensor.float_val[0])) for f in files
+              for e in EventFileLoader(str(f)).Load() for v in e.summary.value]  # fmt: skip
+    assert values == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
 class _SecondCtrlC(Callback):
     """What a second Ctrl-C does before the first one's rest point: KeyboardInterrupt."""
 
@@ -1358,7 +1427,7 @@ def test_a_resume_that_trains_longer_shows_its_values_in_hparams(tmp_path) -> No
                         info = metadata.parse_session_start_info_plugin_data(
                             v.metadata.plugin_data.content
                         )
-                        found.append(info.hparams["trainer.max_steps"].string_value)
+                        found.append(info.hparams["trainer.max_steps"].number_value)
         return found
 
     base = ("trainer.run_id=h", "trainer.checkpoint.every_n_steps=2",
@@ -1367,27 +1436,27 @@ def test_a_resume_that_trains_longer_shows_its_values_in_hparams(tmp_path) -> No
     (first,) = event_dir(tmp_path / "a").glob("events.out.tfevents.*")
     first.chmod(0o640)
     train(tmp_path / "b", *base, "trainer.max_steps=2", "trainer.resume=auto")  # (no change)
-    assert starts() == ["2"]
+    assert starts() == [2.0]
     train(tmp_path / "b", *base, "trainer.max_steps=4", "trainer.resume=auto")
-    assert starts() == ["4"]
+    assert starts() == [4.0]
     assert first.stat().st_mode & 0o777 == 0o640
     dies = (*base, "trainer.max_steps=6", "trainer.resume=auto")
     compose_before_forking(*dies)
     p = FORK.Process(target=_dies_at_first_batch, args=(dies, str(tmp_path / "c")))
     p.start()
     assert finish(p) == 3
-    assert starts() == ["6"]
+    assert starts() == [6.0]
     train(tmp_path / "d", *base, "trainer.max_steps=8", "trainer.resume=auto")
-    assert starts() == ["8"]
+    assert starts() == [8.0]
     # the old records' removal failing (or a crash before it): both stay, the first shows;
     # the next resume leaves its own alone (a review: a duplicate of the same values stayed)
     run_module = importlib.import_module("trainer.run")
     with pytest.MonkeyPatch.context() as mp_:
         mp_.setattr(run_module, "replace_start", _raises)
         train(tmp_path / "e", *base, "trainer.max_steps=10", "trainer.resume=auto")
-    assert starts() == ["8", "10"]
+    assert starts() == [8.0, 10.0]
     train(tmp_path / "f", *base, "trainer.max_steps=10", "trainer.resume=auto")
-    assert starts() == ["10"] and len(experiments) == 1
+    assert starts() == [10.0] and len(experiments) == 1
     # earlier files with an experiment record and no session start: one of each after
     hparams = importlib.import_module("trainer.hparams")
     tag = metadata.SESSION_START_INFO_TAG
@@ -1395,7 +1464,7 @@ def test_a_resume_that_trains_longer_shows_its_values_in_hparams(tmp_path) -> No
                      lambda e: any(v.tag == tag for v in e.summary.value))  # fmt: skip
     assert starts() == [] and len(experiments) == 1
     train(tmp_path / "g", *base, "trainer.max_steps=10", "trainer.resume=auto")
-    assert starts() == ["10"] and len(experiments) == 1
+    assert starts() == [10.0] and len(experiments) == 1
 
 
 def _raises(*args, **kwargs):

@@ -120,7 +120,7 @@ def test_scalars_histograms_and_hparams_are_served(served) -> None:
     names = {h["name"] for h in experiment["hparamInfos"]}
     assert {"optimizer.lr", "data.batch_size", "loss.mode", "seed"} <= names
     assert [m["name"]["tag"] for m in experiment["metricInfos"]] == [
-        "val/acc", "val/loss", "train/loss"]  # fmt: skip
+        "val/acc", "val/loss", "train/loss", "val/mse", "val/ppl", "val/token_acc"]  # fmt: skip
     groups = get(url, "/data/plugin/hparams/session_groups", {
         "experimentName": "", "startIndex": 0, "sliceSize": 10,
         "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
@@ -178,7 +178,7 @@ def session_groups(url: str) -> list:
 def test_hparams_of_a_sweep_and_a_mixed_logdir(tmp_path) -> None:
     """Two jobs of an lr sweep and a run that overrides other keys, in one logdir: whichever
     run's experiment record TensorBoard picks lists every key any of them overrides (a
-    superset), marks that run's overridden keys as differing, shows integers as text and the
+    superset), marks that run's overridden keys as differing, shows integers as numbers and the
     regularizers by name, leaves out presentation keys, and names each session group after its
     run."""
     sweep = [("sweep/0", "optimizer.lr=0.01"), ("sweep/1", "optimizer.lr=0.1")]
@@ -201,9 +201,22 @@ def test_hparams_of_a_sweep_and_a_mixed_logdir(tmp_path) -> None:
     try:
         experiment = get(url, "/data/plugin/hparams/experiment", {"experimentName": ""})
         groups = session_groups(url)
+        # what the tab asks when a numeric column is filtered and another sorted (integers as
+        # text refused an interval filter, the whole request failing; and sorted "128" before
+        # "64": a probe's)
+        filtered = get(url, "/data/plugin/hparams/session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 100,
+            "allowedStatuses": ["STATUS_SUCCESS"],
+            "colParams": [
+                {"hparam": "data.batch_size", "filterInterval": {"minValue": 0, "maxValue": 100}},
+                {"hparam": "optimizer.lr", "order": "ORDER_DESC"},
+                {"hparam": "trainer.max_steps", "filterInterval": {"minValue": 2, "maxValue": 2}},
+            ],
+        })["sessionGroups"]  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=30)
+    assert [g["hparams"]["optimizer.lr"] for g in filtered] == pytest.approx([0.1, 0.01, 1e-3])
     infos = {h["name"]: h for h in experiment["hparamInfos"]}
     assert {"optimizer.lr", "instrument.per_sample.every_n_steps", "regularizer",
             "trainer.max_steps", "data.batch_size"} <= infos.keys()  # fmt: skip
@@ -213,7 +226,7 @@ def test_hparams_of_a_sweep_and_a_mixed_logdir(tmp_path) -> None:
                   {"trainer.device", "trainer.max_steps", "instrument.per_sample.every_n_steps",
                    "regularizer"}]  # fmt: skip
     assert differing in overridden  # the picked record's own command line
-    assert infos["data.batch_size"]["type"] == "DATA_TYPE_STRING"
+    assert infos["data.batch_size"]["type"] == "DATA_TYPE_FLOAT64"  # (an integer: a number)
     by_name = {g["name"]: g["hparams"] for g in groups}
 
     def tag(name: str) -> str:  # (the folder's path's: two sweeps' sweep/0 are two groups)
@@ -227,5 +240,5 @@ def test_hparams_of_a_sweep_and_a_mixed_logdir(tmp_path) -> None:
         f"regularizer=l2+orthogonal ({tag('single')})",
     }  # fmt: skip
     single = next(v for k, v in by_name.items() if k.startswith("single"))
-    assert single["regularizer"] == "l2+orthogonal" and single["data.batch_size"] == "64"
+    assert single["regularizer"] == "l2+orthogonal" and single["data.batch_size"] == 64
     assert by_name[first]["optimizer.lr"] == pytest.approx(0.01)

@@ -10,12 +10,18 @@ TensorBoard shows one run's experiment record for a whole logdir (the first it f
 run lists every key it could override, not only the ones it did: the choice of each config
 group and every setting of the composed config that changes what is trained (not
 :data:`NOT_HPARAMS`: presentation, bookkeeping, where files go; a component's ``_target_`` only
-when overridden). A key another run overrides is then a column whichever run's record is
-picked, as long as both chose the same components: the keys of a component the picked run did
-not choose (``model.channels`` of ``model=cnn`` when an ``mlp`` run's record is picked) are
-missing. The keys this run set on the command line (in a sweep: the swept ones) are marked
-``differs``, which the tab shows first and ticks. Integers are shown as text ("64", not
-TensorBoard's "64.000"); the regularizers as their names ("l2+orthogonal"). A session group
+when overridden), and every built-in task's metrics after its own (:data:`TASK_METRICS`: a
+logdir of classification, regression and sequence runs). A key another run overrides is then
+a column whichever run's record is picked, as long as both chose the same components: the
+keys of a component the picked run did not choose (``model.channels`` of ``model=cnn`` when
+an ``mlp`` run's record is picked) are missing, as are the metrics of a loss of one's own that
+another run's record leaves out. The keys this run set on the command line (in a sweep:
+every key of its command line, swept or not) are marked ``differs``, which the tab shows
+first and ticks. A key holds one kind of value in every run, since the tab's filters and
+sorting fail on a column of two (a whole table request refused): numbers (integers too, as
+TensorBoard's float64, exact up to 2⁵³; beyond, as text), booleans, text (lists as JSON); a
+None is left out (an empty cell; its column typed from the config's schema where it
+declares one). The regularizers are shown as their names ("l2+orthogonal"). A session group
 is named after the run: its folder (a sweep's job number) and its overrides.
 """
 
@@ -39,12 +45,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 #: the metrics the HPARAMS tab shows for a classification run, read from the run's scalars
 #: (a run passes its task's own: trainer.losses.Loss.metrics)
 METRICS = ("val/acc", "val/loss", "train/loss")
+#: every built-in task's metrics (trainer.losses.Loss.metrics), listed after a run's own: the
+#: one experiment record TensorBoard picks for a logdir of runs of several tasks listed only
+#: its own task's, and the others' monitored metrics were in no column (a probe's)
+TASK_METRICS = ("val/loss", "train/loss", "val/acc", "val/mse", "val/ppl", "val/token_acc")
+#: integers up to this magnitude are exact as TensorBoard's float64 numbers
+EXACT_INT = 2**53
 #: config groups whose choice is a hyperparameter (when the run was composed by Hydra)
 GROUPS = (
     "experiment", "debug", "data", "model", "optimizer", "scheduler", "loss", "weighting",
     "regularizer", "instrument",
 )  # fmt: skip
-#: values listed for every run, also when a config lacks them (then "none")
+#: values listed for every run, also when a config lacks them (then left out: an empty cell)
 KEY_VALUES = (
     "seed", "loss.mode", "data.batch_size", "optimizer.lr", "optimizer.weight_decay",
 )  # fmt: skip
@@ -56,7 +68,7 @@ NOT_HPARAMS = (
     "data.eval_batch_size",
 )  # fmt: skip
 
-HParamValue = bool | float | str
+HParamValue = bool | int | float | str | None
 
 
 @dataclass
@@ -65,17 +77,21 @@ class RunHParams:
 
     values: dict[str, HParamValue]
     overridden: list[str] = field(default_factory=list)
+    #: the declared kind (bool, float or str) of each key whose value is None, where the
+    #: config's schema declares one (the record's column type: a None is left out of values)
+    kinds: dict[str, type] = field(default_factory=dict)
 
 
 def _value(v: Any) -> HParamValue:
-    """A value TensorBoard can show: bool, float or string (integers, None and containers as
-    text: TensorBoard prints every number with five digits, 64 as "64.000")."""
-    if isinstance(v, bool | float | str):
+    """A value TensorBoard can show, of one kind for a key in every run (the tab's filters and
+    sorting failed on a column of two: an integer as text in one run, a float in another, a
+    None as "none" beside numbers or booleans, a probe's): bool, number (an integer beyond
+    :data:`EXACT_INT` as text, which float64 would round), string, None (left out of the
+    record), containers as JSON text."""
+    if v is None or isinstance(v, bool | float | str):
         return v
     if isinstance(v, int):
-        return str(v)
-    if v is None:
-        return "none"
+        return v if abs(v) <= EXACT_INT else str(v)
     if isinstance(v, DictConfig | ListConfig):
         v = OmegaConf.to_container(v, resolve=True)
     return json.dumps(v, sort_keys=True, default=str)
@@ -131,7 +147,8 @@ def run_hparams(
     assert isinstance(plain, dict)
     values: dict[str, HParamValue] = {}
     for group in GROUPS if choices else ():  # all of them, so every job has the same keys
-        values[group] = _regularizers(cfg) if group == "regularizer" else _value(choices.get(group))
+        chosen = choices.get(group)
+        values[group] = _regularizers(cfg) if group == "regularizer" else str(chosen or "none")
     for key in KEY_VALUES:
         values[key] = _value(OmegaConf.select(cfg, key, default=None))
     for key, v in _leaves(plain):
@@ -144,11 +161,30 @@ def run_hparams(
         if key == "regularizer":
             values[key] = _regularizers(cfg)
         elif key in choices:
-            values[key] = _value(choices[key])
+            values[key] = str(choices[key] or "none")
         else:
             values[key] = _value(OmegaConf.select(cfg, key))
         overridden.append(key)
-    return RunHParams(values, overridden)
+    kinds = {k: kind for k, v in values.items() if v is None and (kind := _declared(cfg, k))}
+    return RunHParams(values, overridden, kinds)
+
+
+def _declared(cfg: DictConfig, key: str) -> type | None:
+    """The kind of value the config's schema declares for ``key`` (``bool | None``: bool),
+    or None (an untyped key of one's own, a key the config lacks)."""
+    from omegaconf.nodes import BooleanNode, EnumNode, FloatNode, IntegerNode, StringNode
+
+    node: Any = cfg
+    try:
+        for part in key.split("."):
+            node = node._get_node(part)
+    except Exception:  # noqa: BLE001 (a key the config lacks, a list's element)
+        return None
+    for classes, kind in (((BooleanNode,), bool), ((FloatNode, IntegerNode), float),
+                          ((StringNode, EnumNode), str)):  # fmt: skip
+        if isinstance(node, classes):
+            return kind
+    return None
 
 
 def hydra_hparams(cfg: DictConfig) -> RunHParams:
@@ -181,7 +217,7 @@ def overrides_text(hparams: RunHParams, sep: str) -> str:
     (booleans as YAML's ``true``/``false``, not Python's ``True``)."""
 
     def shown(v: HParamValue) -> str:
-        return str(v).lower() if isinstance(v, bool) else str(v)
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
     return sep.join(f"{k}={shown(hparams.values[k])}" for k in hparams.overridden)
 
@@ -202,29 +238,35 @@ def start_summaries(
     hparams: RunHParams, metrics: Iterable[str] = METRICS, name: str | None = None
 ) -> list[Any]:
     """The experiment and session-start ``Summary`` protos for ``hparams``; ``metrics``: the
-    run's scalars the HPARAMS tab shows (the task's, the monitored one first); ``name``: the
-    session group's name (default: TensorBoard's hash of the values)."""
+    run's scalars the HPARAMS tab shows (the task's, the monitored one first; then the other
+    built-in tasks' :data:`TASK_METRICS`); ``name``: the session group's name (default:
+    TensorBoard's hash of the values). A key whose value is None is left out of the session
+    (an empty cell), and of the experiment where the schema declares no kind for it."""
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
     from tensorboard.plugins.hparams import summary_v2 as hp
 
-    def dtype(v: HParamValue) -> int:
-        if isinstance(v, bool):
+    def dtype(kind: type) -> int:
+        if kind is bool:
             return api_pb2.DATA_TYPE_BOOL
-        return api_pb2.DATA_TYPE_FLOAT64 if isinstance(v, float) else api_pb2.DATA_TYPE_STRING
+        return api_pb2.DATA_TYPE_FLOAT64 if kind in (int, float) else api_pb2.DATA_TYPE_STRING
 
     values, differs = hparams.values, set(hparams.overridden)
-    order = sorted(values, key=lambda k: (k not in differs, k))  # the overridden ones first
+    kinds = {k: type(v) for k, v in values.items() if v is not None}
+    kinds.update({k: t for k, t in hparams.kinds.items() if values.get(k, 0) is None})
+    order = sorted(kinds, key=lambda k: (k not in differs, k))  # the overridden ones first
+    listed = list(dict.fromkeys([*metrics, *TASK_METRICS]))
     experiment = api_pb2.Experiment(
         hparam_infos=[
-            api_pb2.HParamInfo(name=k, type=dtype(values[k]), differs=k in differs) for k in order
+            api_pb2.HParamInfo(name=k, type=dtype(kinds[k]), differs=k in differs) for k in order
         ],  # fmt: skip
-        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metrics],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in listed],
         time_created_secs=time.time(),
     )
     data = plugin_data_pb2.HParamsPluginData(experiment=experiment)
+    present = {k: v for k, v in values.items() if v is not None}
     return [
         _plugin_summary(metadata.EXPERIMENT_TAG, data),
-        hp.hparams_pb(dict(values), trial_id=name, start_time_secs=time.time()),
+        hp.hparams_pb(present, trial_id=name, start_time_secs=time.time()),
     ]
 
 
@@ -279,24 +321,81 @@ def _rewrite(
         kept = [data[a:b] for a, b in frames if not dropped(data[a + 12 : b - 4])]
         if len(kept) == len(frames):
             continue
-        # (a name without "tfevents": TensorBoard does not read a leftover one)
-        fd, temporary = tempfile.mkstemp(prefix=".rewrite-", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(b"".join(kept) + data[whole:])
-                f.flush()
-                os.fsync(f.fileno())
-            # (mkstemp's file is its owner's alone: a TensorBoard run by another user lost
-            # the earlier steps of a resumed run, a probe)
-            with contextlib.suppress(OSError):  # (a file system without modes)
-                os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        _replace(path, b"".join(kept) + data[whole:])
         changed.append(path)
     return changed
+
+
+def _replace(path: Path, content: bytes) -> None:
+    """Replace the file at ``path`` by ``content`` atomically, its mode kept."""
+    # (a name without "tfevents": TensorBoard does not read a leftover one)
+    fd, temporary = tempfile.mkstemp(prefix=".rewrite-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        # (mkstemp's file is its owner's alone: a TensorBoard run by another user lost the
+        # earlier steps of a resumed run, a probe)
+        with contextlib.suppress(OSError):  # (a file system without modes)
+            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def drop_events_from(directory: Path, step: int, skip: Path | None = None) -> list[Path]:
+    """Take the events at ``step`` and later out of the event files in ``directory`` (but
+    ``skip``), the HPARAMS records kept, each file rewritten atomically with its other records
+    byte for byte; returns the files changed. What a failed or killed attempt wrote past the
+    checkpoint a resume continues from (or past the rest point a fit called again trains
+    from), which the new attempt writes again: TensorBoard's ``SessionLog.START`` purge
+    (written too) was not enough, its default data server (RustBoard) ignoring it and its
+    Python reader ignoring a run's first one, so the failed attempt's points stayed beside
+    the new ones, steps twice and a curve going back (a probe's). Each record's step is read
+    off its bytes (no record decoded); files with no step at or past ``step`` are left as
+    they are."""
+    changed = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        if skip is not None and path.name == skip.name:
+            continue
+        data = path.read_bytes()
+        frames, whole = _frames(data)
+        kept = [
+            (a, b)
+            for a, b in frames
+            if _step_of(data, a + 12) < step or HPARAMS_PREFIX in data[a + 12 : b - 4]
+        ]
+        if len(kept) == len(frames):
+            continue
+        _replace(path, b"".join(data[a:b] for a, b in kept) + data[whole:])
+        changed.append(path)
+    return changed
+
+
+#: the HPARAMS plugin's tags (experiment, session start and end records) begin so
+HPARAMS_PREFIX = b"_hparams_/"
+
+
+def _step_of(data: bytes, pos: int) -> int:
+    """The ``step`` of the serialized ``Event`` at ``pos``: its fields in number order,
+    ``wall_time`` (field 1, a double: tag 0x09, 8 bytes) then ``step`` (field 2, a varint:
+    tag 0x10); absent, 0."""
+    if data[pos : pos + 1] == b"\x09":
+        pos += 9
+    if data[pos : pos + 1] != b"\x10":
+        return 0
+    value, shift = 0, 0
+    while True:
+        pos += 1
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            break
+        shift += 7
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _session_start_values(summary: Any) -> Any:

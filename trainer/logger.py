@@ -286,11 +286,17 @@ class TensorBoardLogger:
             self.flush()
 
     def restart_at(self, step: int) -> None:
-        """A session start at ``step``: TensorBoard drops the events of this run at ``step``
-        and later written before it (what a failed fit wrote of the steps a fit called again
-        trains again), as it does for a resumed run's ``purge_step``."""
+        """The events at ``step`` and later taken out of the run's event files (what a failed
+        fit wrote of the steps a fit called again trains again), as a resume does
+        (:func:`trainer.hparams.drop_events_from`: a session start alone left them in
+        TensorBoard's default data server), and a new file, starting with the session start
+        at ``step`` (older TensorBoards' purge)."""
+        from trainer.hparams import drop_events_from
+
         self.flush()
-        self.file.write([session_start(step, time.time())])
+        self.file.close()
+        drop_events_from(self.log_dir, step)
+        self.file = EventFile(self.log_dir, purge_step=step)
         self._last_flush = time.monotonic()
 
     def flush(self) -> None:

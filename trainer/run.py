@@ -57,6 +57,7 @@ from trainer.config import ConfigError, TrainConfig, validate
 from trainer.data.base import DataModule
 from trainer.hparams import (
     drop_end_status,
+    drop_events_from,
     end_summary,
     hydra_hparams,
     overrides_text,
@@ -699,6 +700,13 @@ def _run(
                 except Exception as e:  # noqa: BLE001 (HPARAMS' status: never stops a resume)
                     log.warning("HPARAMS: the earlier end status in %s stays (%s: %s)",
                                 _display(events), type(e).__name__, e)  # fmt: skip
+                at = int(resume_state["step"])  # (the failed or killed attempt's steps past
+                try:  # the checkpoint: written again, TensorBoard showed both)
+                    drop_events_from(events, at + 1)
+                except Exception as e:  # noqa: BLE001 (never stops a resume)
+                    log.warning("TensorBoard: the earlier attempt's events past step %d in %s "
+                                "stay (%s: %s)", at, _display(events), type(e).__name__,
+                                e)  # fmt: skip
                 try:  # (a resume with other values showed the first process's: a probe)
                     session = start_state(events, start_records)
                 except Exception as e:  # noqa: BLE001 (as above)
