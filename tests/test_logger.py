@@ -207,3 +207,26 @@ def test_a_metric_is_shown_with_what_its_digits_can_say(value, want) -> None:
     from trainer.logger import shown
 
     assert shown(value) == want
+
+
+def test_values_measured_between_logging_steps_keep_the_time_they_were_measured(tmp_path):
+    """Norms every 4 steps, logging every 7, histograms every 5: step 4's norms are kept on
+    the device and written with step 7's read, and had that read's wall time, later than
+    step 5's histograms (TensorBoard's wall-time axis put step 4 after step 5, a probe's).
+    Each event has the time its step's values were kept: along the steps, the wall times
+    never go back."""
+    from conftest import train
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from trainer.logger import event_dir
+
+    train(tmp_path, "trainer.max_steps=14", "logging.every_n_steps=7",
+          "instrument.norms.every_n_steps=4", "instrument.histograms.every_n_steps=5")  # fmt: skip
+    events = [e for path in sorted(event_dir(tmp_path).glob("events.out.tfevents.*"))
+              for e in EventFileLoader(str(path)).Load()
+              if e.summary.value and not e.summary.value[0].tag.startswith("_hparams_/")]  # fmt: skip
+    steps = {e.step for e in events}
+    assert {4, 5, 7, 8, 10, 12, 14} <= steps
+    by_step = sorted(events, key=lambda e: (e.step, e.wall_time))
+    times = [e.wall_time for e in by_step]
+    assert times == sorted(times), [(e.step, e.wall_time) for e in by_step]

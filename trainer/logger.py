@@ -258,15 +258,20 @@ class TensorBoardLogger:
         self.add_floats(floats, step)
         return floats
 
-    def add_floats(self, floats: dict[str, float], step: int) -> None:
-        """Record scalars already on the host, as one event."""
-        event = _protos().Event(wall_time=time.time(), step=step)
+    def add_floats(
+        self, floats: dict[str, float], step: int, wall_time: float | None = None
+    ) -> None:
+        """Record scalars already on the host, as one event (at ``wall_time``: when they were
+        measured, where that was before now)."""
+        event = _protos().Event(wall_time=wall_time or time.time(), step=step)
         add = event.summary.value.add  # filled in place (an Event(summary=...) copies it)
         for t, v in floats.items():
             add(tag=t, simple_value=v)
         self._add_event(event)
 
-    def log_histogram_raw(self, tag: str, h: Any, step: int) -> None:
+    def log_histogram_raw(
+        self, tag: str, h: Any, step: int, wall_time: float | None = None
+    ) -> None:
         """Record a histogram binned elsewhere (``trainer.instrument.histograms.RawHistogram``)."""
         from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
@@ -274,11 +279,12 @@ class TensorBoardLogger:
             min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
             bucket_limit=h.bucket_limits, bucket=h.bucket_counts,
         )  # fmt: skip
-        self.add_summary(Summary(value=[Summary.Value(tag=tag, histo=histo)]), step)
+        self.add_summary(Summary(value=[Summary.Value(tag=tag, histo=histo)]), step, wall_time)
 
-    def add_summary(self, summary: Any, step: int) -> None:
+    def add_summary(self, summary: Any, step: int, wall_time: float | None = None) -> None:
         """Record a ``Summary`` proto (scalars, histograms, plugin data) at ``step``."""
-        self._add_event(_protos().Event(wall_time=time.time(), step=step, summary=summary))
+        when = wall_time or time.time()
+        self._add_event(_protos().Event(wall_time=when, step=step, summary=summary))
 
     def _add_event(self, event: Any) -> None:
         self._events.append(event)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,10 @@ class _Deferred:
     host: list[tuple[str, Tensor, HostFn]] = field(default_factory=list)
     #: histograms staged with count_nonfinite=False (their NaN values stand for no value)
     uncounted: set[str] = field(default_factory=set)
+    #: when the step's values were kept: their events' wall time (a step measured between
+    #: logging steps was written with the time of the read, later than the next step's
+    #: events in TensorBoard's wall-time axis, a probe's)
+    wall_time: float = field(default_factory=time.time)
 
 
 #: a function of a staged tensor's values, read to the host, giving the scalars to write
@@ -328,9 +333,9 @@ class Staging:
         for e, floats, hists in zip(entries, all_floats, binned, strict=True):
             if logger is not None:
                 for tag, h in hists.items():
-                    logger.log_histogram_raw(tag, h, e.step)
+                    logger.log_histogram_raw(tag, h, e.step, e.wall_time)
                 if floats:
-                    logger.add_floats(floats, e.step)
+                    logger.add_floats(floats, e.step, e.wall_time)
         if problems:
             raise ValueError("; ".join(problems[:3]) + (" …" if len(problems) > 3 else ""))
         return all_floats
