@@ -213,8 +213,9 @@ def run_name(run_dir: Path, hparams: RunHParams, nth: int = 1) -> str:
 
 
 def overrides_text(hparams: RunHParams, sep: str) -> str:
-    """The overridden keys as the command line spells them, ``key=value`` joined by ``sep``
-    (booleans as YAML's ``true``/``false``, not Python's ``True``)."""
+    """The overridden keys with their values, ``key=value`` joined by ``sep``: the values as
+    the composed config holds them (``optimizer.lr=1e12`` as ``1000000000000.0``), booleans
+    as YAML's ``true``/``false`` (not Python's ``True``), None as ``null``."""
 
     def shown(v: HParamValue) -> str:
         return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
