@@ -222,9 +222,11 @@ def test_values_measured_between_logging_steps_keep_the_time_they_were_measured(
 
     train(tmp_path, "trainer.max_steps=14", "logging.every_n_steps=7",
           "instrument.norms.every_n_steps=4", "instrument.histograms.every_n_steps=5")  # fmt: skip
-    events = [e for path in sorted(event_dir(tmp_path).glob("events.out.tfevents.*"))
-              for e in EventFileLoader(str(path)).Load()
-              if e.summary.value and not e.summary.value[0].tag.startswith("_hparams_/")]  # fmt: skip
+    files = sorted(event_dir(tmp_path).glob("events.out.tfevents.*"))
+    loaded = [e for path in files for e in EventFileLoader(str(path)).Load()]
+    events = [
+        e for e in loaded if e.summary.value and not e.summary.value[0].tag.startswith("_hparams_/")
+    ]
     steps = {e.step for e in events}
     assert {4, 5, 7, 8, 10, 12, 14} <= steps
     by_step = sorted(events, key=lambda e: (e.step, e.wall_time))

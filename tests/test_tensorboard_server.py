@@ -242,3 +242,45 @@ def test_hparams_of_a_sweep_and_a_mixed_logdir(tmp_path) -> None:
     single = next(v for k, v in by_name.items() if k.startswith("single"))
     assert single["regularizer"] == "l2+orthogonal" and single["data.batch_size"] == 64
     assert by_name[first]["optimizer.lr"] == pytest.approx(0.01)
+
+
+def test_hparams_of_a_logdir_with_a_run_written_before_integers_were_numbers(tmp_path) -> None:
+    """A run whose HPARAMS record was written before 2026-12-07 (integers as text: "64")
+    beside one written now (64, a number), in one logdir (``tensorboard --logdir outputs``):
+    the table sorted or filtered by an integer column answered 500 / 400 (a column of two
+    kinds), the very failure the change meant to end."""
+    from conftest import make_cfg
+    from tensorboard.plugins.hparams import summary_v2 as hp
+
+    from trainer.hparams import end_summary, run_hparams, start_summaries
+    from trainer.logger import TensorBoardLogger
+
+    values = run_hparams(make_cfg("trainer.max_steps=2"))
+    old = {k: (str(v) if isinstance(v, int) and not isinstance(v, bool) else
+               "none" if v is None else v) for k, v in values.values.items()}  # fmt: skip
+    for name, records in (
+        ("old", [start_summaries(values)[0], hp.hparams_pb(old, trial_id="old")]),
+        ("new", start_summaries(values, name="new")),
+    ):
+        logger = TensorBoardLogger(tmp_path / name / "tb" / "run")
+        for s in records:
+            logger.add_summary(s, 0)
+        logger.add_floats({"val/acc": 0.5, "val/loss": 1.0, "train/loss": 1.0}, 2)
+        logger.add_summary(end_summary(True), 2)
+        logger.close()
+
+    def ask(col: dict) -> list:
+        return get(url, "/data/plugin/hparams/session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 100,
+            "allowedStatuses": ["STATUS_SUCCESS"], "colParams": [col],
+        })["sessionGroups"]  # fmt: skip
+
+    server, url = serve(tmp_path, lambda u: len(session_groups(u)) == 2)
+    try:
+        sorted_ = ask({"hparam": "data.batch_size", "order": "ORDER_ASC"})
+        filtered = ask({"hparam": "data.batch_size",
+                        "filterInterval": {"minValue": 0, "maxValue": 100}})  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert len(sorted_) == 2 and len(filtered) == 2

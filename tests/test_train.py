@@ -266,6 +266,27 @@ def test_the_last_step_logs_and_on_flush_runs_once_a_step(tmp_path) -> None:
     assert len(flush.steps) == len(set(flush.steps)) and flush.steps[-1] == 3, flush.steps
 
 
+class FlushFailsAt3(Callback):
+    def on_flush(self, trainer) -> None:
+        if trainer.global_step == 3:
+            raise RuntimeError("on_flush failed at 3")
+
+
+def test_a_callback_whose_on_flush_raises_leaves_the_others_flushed(tmp_path) -> None:
+    """A callback's ``on_flush`` raising at the step-3 checkpoint stopped the hook there:
+    the callbacks after it never flushed, also not on the failure's own flush (at the same
+    step, so skipped), and their unread values were lost (a probe's). Every callback flushes;
+    the run fails with the first error, and what the others staged there is written."""
+    flush = FlushSteps()
+    with pytest.raises(RuntimeError, match="on_flush failed at 3"):
+        train(tmp_path, "trainer.max_steps=6", "logging.every_n_steps=4", "instrument=none",
+              "trainer.checkpoint.every_n_steps=3", callbacks=[FlushFailsAt3(), flush])  # fmt: skip
+    assert flush.steps == [3]
+    assert read_scalars(tmp_path)["u/flushed"] == [(3, 1.0)]
+    status = json.loads((tmp_path / "metrics.json").read_text())
+    assert status["status"] == "failed" and "on_flush failed at 3" in status["error"]
+
+
 def test_same_seed_same_run_and_other_seed_differs(tmp_path) -> None:
     args = ["trainer.max_steps=30", "logging.every_n_steps=1", "optimizer=sgd"]
     train(tmp_path / "a", *args, "seed=3")
@@ -1274,6 +1295,40 @@ def test_a_validation_whose_hook_failed_is_written_once(tmp_path) -> None:
     scalars = read_scalars(tmp_path)
     assert [s for s, _ in scalars["val/acc"]] == [3, 6]
     assert [s for s, _ in scalars["val/loss"]] == [3, 6]
+
+
+def test_a_nan_validation_whose_hook_failed_is_written_once(tmp_path) -> None:
+    """As above, with a NaN val/loss (a NaN output in eval mode): the fit called again
+    validates again at the same step and wrote val/* there a second time, the written values
+    being compared with ``==``, for which NaN is never equal to itself."""
+    from trainer.run import build_trainer
+
+    class FailsOnce(Callback):
+        armed = True
+
+        def on_validation_end(self, trainer, metrics) -> None:
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("a callback's bug")
+
+    def nan_in_eval(module, inputs, out):
+        if not module.training:
+            out = out.clone()
+            out[0, 0] = float("nan")
+            return out
+
+    cfg = make_cfg("trainer.max_epochs=2", "trainer.max_steps=-1", "data.batch_size=512",
+                   "logging.progress=false", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+    trainer = build_trainer(cfg, tmp_path, [FailsOnce()])
+    trainer.model.register_forward_hook(nan_in_eval)
+    with pytest.raises(RuntimeError, match="a callback's bug"):
+        trainer.fit()
+    trainer.fit()
+    trainer.logger.close()
+    scalars = read_scalars(tmp_path)
+    assert math.isnan(scalars["val/loss"][0][1])
+    assert [s for s, _ in scalars["val/loss"]] == [3, 6]
+    assert [s for s, _ in scalars["val/acc"]] == [3, 6]
 
 
 def test_a_second_fit_with_a_longer_run_logs_everything_at_its_new_last_step(tmp_path) -> None:

@@ -29,6 +29,7 @@ import itertools
 import logging
 import math
 import signal
+import struct
 import time
 import types
 import warnings
@@ -266,6 +267,11 @@ def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
 def _put_modes(modes: list[tuple[nn.Module, bool]]) -> None:
     for m, training in modes:
         m.training = training
+
+
+def _bits(v: Any) -> Any:
+    """A metric's value compared by its bits (NaN equal to NaN)."""
+    return struct.pack("<d", v) if isinstance(v, float) else v
 
 
 def _owner(hook: Any) -> Any:
@@ -657,7 +663,12 @@ class Trainer:
         ``norms``: 1-D, theirs first, possibly followed by others; or the same as a list of
         0-d tensors, as ``torch._foreach_norm`` returns them, stacked only if and when asked
         for): later callbacks and the loop's total (``grad_norm/total``, clipping) take them
-        from :meth:`shared_grad_norms` instead of computing them again, as long as no
+        from :meth:`shared_grad_norms` instead of computing them again, so the run clips by
+        them: those of :func:`trainer.instrument.norms.norms_of` are the loop's own, bit for
+        bit (torch's ``_foreach_norm`` but float16/bfloat16 in float32 and, on a CPU, tensors
+        of 2¹² elements or more by rows), and leave the run as it is without the callback
+        (``torch._foreach_norm``'s own differ there in the last bits: a probe's clipped run
+        moved by 1.5e-8), as long as no
         gradient was replaced or changed in place since and no callback of one's own (not the
         trainer's instruments) ran its ``on_before_optimizer_step`` after the one that shared
         them (a write through ``.data`` moves no version counter)."""
@@ -803,7 +814,15 @@ class Trainer:
             self.staging.flush(self.logger)  # host sync: logging steps, checkpoints, the end
             if self._flushed_at != self.global_step:  # (once a step: the end's write and the
                 self._flushed_at = self.global_step  # final checkpoint's are at one step,
-                self._fire("on_flush")  # and a callback staging a tag there was refused)
+                # and a callback staging a tag there was refused); every callback's, also
+                # past one that raises (the failure's flush came at the same step and skipped
+                # the rest, whose unread values were lost: a probe's); the first error raised
+                errors = self._fire_each("on_flush")
+                for hook, error in errors[1:]:
+                    log.error("callback %s: on_flush raised too: %r",
+                              type(_owner(hook)).__name__, error)  # fmt: skip
+                if errors:
+                    raise errors[0][1]
         finally:  # (data-parallel: also where writing failed on this rank alone, as a full
             # disk on rank 0 at a checkpoint, which then goes on to its gather: the others do)
             if check and self.objective.weighting is not None:
@@ -1190,11 +1209,13 @@ class Trainer:
         m = self.metrics = self.evaluate()
         self._validated_at = self.global_step
         values = {k: v for k, v in m.items() if k.startswith("val/")}
-        if self.logger is not None and self._val_logged != (self.global_step, values):
-            # (a fit called again after an on_validation_end that raised validates again:
-            # the same values at the same step were written twice, two points in the curve)
+        # (a fit called again after an on_validation_end that raised validates again: the
+        # same values at the same step were written twice, two points in the curve; NaN
+        # compared as itself, which == does not, a review's)
+        written = (self.global_step, {k: _bits(v) for k, v in values.items()})
+        if self.logger is not None and self._val_logged != written:
             self.logger.log_scalars(values, self.global_step)
-            self._val_logged = (self.global_step, values)
+            self._val_logged = written
         if self.world.rank == 0:  # (the metrics are every rank's: said once)
             log.info(
                 "%sepoch %d/%d  step %d  train/loss %s  %s", self.progress_options.label,
