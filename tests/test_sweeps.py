@@ -654,3 +654,83 @@ def test_a_jobs_sweep_id_is_its_sweep_dirs_from_where_the_sweep_started(
         monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda hc=hc: hc))
         monkeypatch.setattr(sweep, "in_multirun", lambda multirun=multirun: multirun)
         assert sweep.job_sweep_id(output) == want, (multirun, output)
+
+
+def test_migrate_rewrites_an_older_runs_records_by_its_own_config(tmp_path) -> None:
+    """``migrate`` rewrites HPARAMS records written before 2026-12-07 (integers as text, a
+    None as "none") by the run's own config, its ``.hydra/config.yaml`` or its checkpoint's:
+    an integer's text becomes a number, a None is left out (of the experiment record too), a
+    text that is text in the config ("none", "64", ``trainer.precision``'s "32") stays, and
+    group choices stay. A run with neither config is left as written, never guessed. The
+    other records are kept byte for byte, and a second pass changes nothing."""
+    from omegaconf import OmegaConf
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import api_pb2, metadata
+    from test_tensorboard_server import _older_record
+
+    from trainer.hparams import _frames, migrate, run_hparams
+    from trainer.logger import TensorBoardLogger
+
+    cfg = make_cfg("+model.width=64", "+model.tag=none", "+model.name='64'",
+                   "optimizer.fused=null")  # fmt: skip
+    values = run_hparams(cfg, {"model": "mlp", "data": "digits"}).values
+    assert values["model.tag"] == "none" and values["model.name"] == "64"
+    assert values["trainer.precision"] == "32"
+    for name in ("yaml", "checkpoint", "none"):
+        logger = TensorBoardLogger(tmp_path / name / "tb" / "run")
+        for s in _older_record(values):
+            logger.add_summary(s, 0)
+        logger.add_floats({"train/loss": 1.5}, 1)
+        logger.close()
+    (tmp_path / "yaml" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "yaml" / ".hydra" / "config.yaml")
+    (tmp_path / "checkpoint" / "checkpoints").mkdir()
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    torch.save({"config": plain, "step": 1}, tmp_path / "checkpoint" / "checkpoints" / "last.pt")
+    files = {run: next((tmp_path / run).rglob("events.out.tfevents.*"))
+             for run in ("yaml", "checkpoint", "none")}  # fmt: skip
+    before = {run: f.read_bytes() for run, f in files.items()}
+    script = Path(__file__).resolve().parent.parent / "scripts" / "migrate_hparams.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert done.stdout.splitlines() == [
+        f"rewritten: {files['checkpoint']}", f"rewritten: {files['yaml']}",
+        f"left as written (no .hydra/config.yaml or checkpoint of its run): {files['none']}",
+        "2 event file(s) rewritten, 1 left",
+    ]  # fmt: skip
+    assert migrate(tmp_path) == ([], [files["none"]])
+    assert files["none"].read_bytes() == before["none"]
+
+    def records(run: str):
+        found = {}
+        for e in EventFileLoader(str(files[run])).Load():
+            for v in e.summary.value:
+                content = v.metadata.plugin_data.content
+                if v.tag == metadata.SESSION_START_INFO_TAG:
+                    info = metadata.parse_session_start_info_plugin_data(content)
+                    found["start"] = {k: getattr(x, x.WhichOneof("kind"))
+                                      for k, x in info.hparams.items()}  # fmt: skip
+                elif v.tag == metadata.EXPERIMENT_TAG:
+                    infos = metadata.parse_experiment_plugin_data(content).hparam_infos
+                    found["types"] = {i.name: i.type for i in infos}
+        return found
+
+    for run in ("yaml", "checkpoint"):
+        got = records(run)
+        start, types = got["start"], got["types"]
+        assert start["model.width"] == 64.0 and start["data.batch_size"] == 64.0, run
+        assert start["model.tag"] == "none" and start["model.name"] == "64", run
+        assert start["trainer.precision"] == "32" and start["model"] == "mlp", run
+        assert "optimizer.fused" not in start and "optimizer.fused" not in types, run
+        assert types["model.width"] == types["seed"] == api_pb2.DATA_TYPE_FLOAT64, run
+        assert types["model.name"] == types["trainer.precision"] == api_pb2.DATA_TYPE_STRING
+
+        # every record but the experiment and the session start, byte for byte
+        def others(data: bytes) -> list[bytes]:
+            kept = [data[a:b] for a, b in _frames(data)[0]]
+            return [r for r in kept if metadata.SESSION_START_INFO_TAG.encode() not in r
+                    and metadata.EXPERIMENT_TAG.encode() not in r]  # fmt: skip
+
+        now = files[run].read_bytes()
+        assert now != before[run] and others(now) == others(before[run])
+        assert len(others(now)) == 2  # (the file version and train/loss)

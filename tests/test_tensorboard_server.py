@@ -244,30 +244,42 @@ def test_hparams_of_a_sweep_and_a_mixed_logdir(tmp_path) -> None:
     assert by_name[first]["optimizer.lr"] == pytest.approx(0.01)
 
 
+def _older_record(values) -> list:
+    """A run's experiment and session-start records as the code before 2026-12-07 wrote
+    them: integers as text ("64"), a None as "none"."""
+    from trainer.hparams import RunHParams, start_summaries
+
+    old = {k: (str(v) if isinstance(v, int) and not isinstance(v, bool) else
+               "none" if v is None else v) for k, v in values.items()}  # fmt: skip
+    return start_summaries(RunHParams(old), name="old")
+
+
 def test_hparams_of_a_logdir_with_a_run_written_before_integers_were_numbers(tmp_path) -> None:
     """A run whose HPARAMS record was written before 2026-12-07 (integers as text: "64")
     beside one written now (64, a number), in one logdir (``tensorboard --logdir outputs``):
     the table sorted or filtered by an integer column answered 500 / 400 (a column of two
-    kinds), the very failure the change meant to end."""
+    kinds, a review's). ``scripts/migrate_hparams.py`` rewrites the older record:
+    then both sort and filter, the older run's value a number."""
     from conftest import make_cfg
-    from tensorboard.plugins.hparams import summary_v2 as hp
+    from omegaconf import OmegaConf
 
-    from trainer.hparams import end_summary, run_hparams, start_summaries
+    from trainer.hparams import end_summary, migrate, run_hparams, start_summaries
     from trainer.logger import TensorBoardLogger
 
-    values = run_hparams(make_cfg("trainer.max_steps=2"))
-    old = {k: (str(v) if isinstance(v, int) and not isinstance(v, bool) else
-               "none" if v is None else v) for k, v in values.values.items()}  # fmt: skip
-    for name, records in (
-        ("old", [start_summaries(values)[0], hp.hparams_pb(old, trial_id="old")]),
-        ("new", start_summaries(values, name="new")),
-    ):
+    cfg = make_cfg("trainer.max_steps=2")
+    values = run_hparams(cfg)
+    (tmp_path / "old" / ".hydra").mkdir(parents=True)  # (the older run's own config)
+    OmegaConf.save(cfg, tmp_path / "old" / ".hydra" / "config.yaml")
+    for name, records in (("old", _older_record(values.values)),
+                          ("new", start_summaries(values, name="new"))):  # fmt: skip
         logger = TensorBoardLogger(tmp_path / name / "tb" / "run")
         for s in records:
             logger.add_summary(s, 0)
         logger.add_floats({"val/acc": 0.5, "val/loss": 1.0, "train/loss": 1.0}, 2)
         logger.add_summary(end_summary(True), 2)
         logger.close()
+    changed, left = migrate(tmp_path)  # (the older run's file; the newer has no config)
+    assert [p.parts[-4] for p in changed] == ["old"] and [p.parts[-4] for p in left] == ["new"]
 
     def ask(col: dict) -> list:
         return get(url, "/data/plugin/hparams/session_groups", {
@@ -284,3 +296,4 @@ def test_hparams_of_a_logdir_with_a_run_written_before_integers_were_numbers(tmp
         server.terminate()
         server.wait(timeout=30)
     assert len(sorted_) == 2 and len(filtered) == 2
+    assert [g["hparams"]["data.batch_size"] for g in filtered] == [64, 64]

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -468,3 +469,131 @@ def drop_end_status(directory: Path) -> list[Path]:
     tag = metadata.SESSION_END_INFO_TAG
     return _rewrite(directory, (tag.encode(),),
                     lambda event: any(v.tag == tag for v in event.summary.value))  # fmt: skip
+
+
+#: an integer as the older records wrote it: text
+_INT_TEXT = re.compile(r"-?[0-9]+")
+
+
+def migrate(root: Path) -> tuple[list[Path], list[Path]]:
+    """Rewrite the HPARAMS records of the runs under ``root`` written before 2026-12-07, when
+    integers were text ("64") and a None was "none", to the kinds written since (integers as
+    numbers, a None left out: :func:`_value`); returns the files changed, and those left as
+    they are for want of their run's config. A logdir holding runs of both had two kinds of
+    value in a column, and TensorBoard refused the table's sorting and filtering by it (a
+    review's). Each value is decided by the run's own config (:func:`_run_config`), never
+    guessed (text that reads as an integer may be text: ``trainer.precision`` is "32"): a
+    text value whose config value is an integer becomes a number, one whose config value is
+    None is left out (the key also left out of the experiment record, which cannot say its
+    kind). Group choices stay text. Files are rewritten atomically, their other records byte
+    for byte; running it again changes nothing."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    from trainer.logger import tfrecord
+
+    start, experiment = metadata.SESSION_START_INFO_TAG, metadata.EXPERIMENT_TAG
+    changed, left = [], []
+    for path in sorted(Path(root).rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        if HPARAMS_PREFIX not in data or start.encode() not in data:
+            continue
+        config = _run_config(path)
+        if config is None:
+            left.append(path)
+            continue
+        frames, whole = _frames(data)
+        events = {}  # frame index -> (event, its value, its plugin data)
+        for i, (a, b) in enumerate(frames):
+            record = data[a + 12 : b - 4]
+            if HPARAMS_PREFIX not in record:
+                continue
+            event = Event.FromString(record)
+            for v in event.summary.value:
+                if v.tag in (start, experiment):
+                    plugin = plugin_data_pb2.HParamsPluginData.FromString(
+                        v.metadata.plugin_data.content
+                    )
+                    events[i] = (event, v, plugin)
+        numbers: set[str] = set()
+        gone: set[str] = set()
+        for _event, v, plugin in events.values():
+            if v.tag != start:
+                continue
+            hparams = plugin.session_start_info.hparams
+            for key in list(hparams):
+                kind = _migrated_kind(key, hparams[key], config)
+                if kind == "number":
+                    hparams[key].number_value = int(hparams[key].string_value)
+                    numbers.add(key)
+                elif kind == "gone":
+                    del hparams[key]
+                    gone.add(key)
+        if not numbers and not gone:
+            continue
+        for _event, v, plugin in events.values():
+            if v.tag == experiment:
+                infos = [i for i in plugin.experiment.hparam_infos if i.name not in gone]
+                for info in infos:
+                    if info.name in numbers:
+                        info.type = api_pb2.DATA_TYPE_FLOAT64
+                del plugin.experiment.hparam_infos[:]
+                plugin.experiment.hparam_infos.extend(infos)
+            v.metadata.plugin_data.content = plugin.SerializeToString()
+        parts = [
+            tfrecord(events[i][0].SerializeToString()) if i in events else data[a:b]
+            for i, (a, b) in enumerate(frames)
+        ]
+        _replace(path, b"".join(parts) + data[whole:])
+        changed.append(path)
+    return changed, left
+
+
+def _run_config(event_file: Path) -> dict | None:
+    """The config of the run an event file belongs to (the folder holding its ``tb/``): its
+    ``.hydra/config.yaml``, resolved where it can be, else the one its newest checkpoint
+    keeps (a run built in Python, an earlier run set aside in ``previous/``; loaded with
+    ``weights_only=True``, memory-mapped); None where there is neither."""
+    run = next((f.parent for f in event_file.parents if f.name == "tb"), None)
+    if run is None:
+        return None
+    found = run / ".hydra" / "config.yaml"
+    if found.is_file():
+        cfg = OmegaConf.load(found)
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # noqa: BLE001 (a resolver of one's own not registered here)
+            plain = OmegaConf.to_container(cfg, resolve=False)
+        return plain if isinstance(plain, dict) else None
+    import torch
+
+    kept = sorted((run / "checkpoints").glob("step_*.pt"))
+    for path in [run / "checkpoints" / "last.pt", *reversed(kept)]:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 (none there, or one that does not load: the next)
+            continue
+        saved = state.get("config") if isinstance(state, dict) else None
+        if isinstance(saved, dict):
+            return saved
+    return None
+
+
+_ABSENT = object()
+
+
+def _migrated_kind(key: str, value: Any, config: dict) -> str | None:
+    """What an older record's value of ``key`` becomes: "number", "gone" (a None) or None
+    (as it is)."""
+    if value.WhichOneof("kind") != "string_value" or key in GROUPS:
+        return None
+    text = value.string_value
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+    if node is None:
+        return "gone"
+    now = _value(node) if node is not _ABSENT else None
+    if isinstance(now, int) and not isinstance(now, bool) and _INT_TEXT.fullmatch(text):
+        return "number"
+    return None
