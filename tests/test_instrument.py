@@ -2073,12 +2073,12 @@ def test_host_functions_run_for_every_step_read_even_when_a_write_fails() -> Non
     class FailsOnce:
         failed = False
 
-        def add_floats(self, floats, step) -> None:
+        def add_floats(self, floats, step, wall_time=None) -> None:
             if not self.failed:
                 self.failed = True
                 raise OSError("disk full")
 
-        def log_histogram_raw(self, tag, h, step) -> None: ...
+        def log_histogram_raw(self, tag, h, step, wall_time=None) -> None: ...
 
     seen: list[float] = []
     staging = Staging()

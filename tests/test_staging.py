@@ -17,10 +17,10 @@ class Recorder:
         self.scalars: list[tuple[int, str, float]] = []
         self.histograms: list[tuple[int, str, int]] = []
 
-    def add_floats(self, floats, step) -> None:
+    def add_floats(self, floats, step, wall_time=None) -> None:
         self.scalars += [(step, tag, v) for tag, v in floats.items()]
 
-    def log_histogram_raw(self, tag, h, step) -> None:
+    def log_histogram_raw(self, tag, h, step, wall_time=None) -> None:
         self.histograms.append((step, tag, h.num))
 
 
