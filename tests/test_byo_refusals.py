@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -1939,3 +1940,22 @@ def test_an_int_label_beside_a_tensor_one_is_named_by_the_collate_note() -> None
     (note,) = caught.value.__notes__
     assert note.startswith("(data: the batch's targets have different shapes, ")
     assert "a Python int at indices 10, 11, 12; (2,) at indices 13: " in note
+
+
+NO_SAMPLES = "no sample dimension (a 0-d tensor)"
+
+
+@pytest.mark.parametrize(("x", "y", "told"), [
+    (torch.zeros(4, 3), torch.tensor(1), f"x has 4 samples and y {NO_SAMPLES}"),
+    (torch.tensor(0.5), torch.zeros(4), f"x has {NO_SAMPLES} and y 4 samples"),
+])  # fmt: skip
+def test_a_tensor_split_of_a_0d_tensor_is_refused_naming_it(x, y, told) -> None:
+    """A 0-d ``x`` or ``y`` has no samples to count: the check of one target per input read
+    its first dimension, and failed with Python's "tuple index out of range", naming
+    neither the split nor the tensor. Refused as the other mismatches are, naming both."""
+    from trainer.config import ContractError
+    from trainer.data.base import _check_split
+
+    said = rf"Mine\.load\(\) returned a TensorSplit as its training split whose {re.escape(told)}"
+    with pytest.raises(ContractError, match=rf"{said}: a TensorSplit holds one"):
+        _check_split(TensorSplit(x, y), "training", "Mine")

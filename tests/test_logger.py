@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.compat.tensorflow_stub import errors
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
 
+from trainer.callbacks import Callback
 from trainer.instrument.histograms import histograms
 from trainer.logger import TensorBoardLogger, to_floats, to_host_many
 
@@ -232,3 +233,37 @@ def test_values_measured_between_logging_steps_keep_the_time_they_were_measured(
     by_step = sorted(events, key=lambda e: (e.step, e.wall_time))
     times = [e.wall_time for e in by_step]
     assert times == sorted(times), [(e.step, e.wall_time) for e in by_step]
+
+
+class StagesEveryStep(Callback):
+    """A histogram and a scalar of one's own staged at every step."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        trainer.stage_histogram("mine/h", torch.arange(4.0) * out.step)
+        trainer.stage_scalars({"mine/x": float(out.step)})
+
+
+def test_a_staged_histogram_read_later_keeps_the_time_its_step_was_measured(tmp_path):
+    """A histogram of one's own staged at every step, logging every 7: steps 1-6 are read
+    with step 7, and each step's histogram event had the read's wall time while its scalars
+    (``mine/x``, ``mine/h_mean``) had their step's (TensorBoard's wall-time axis put step 1's
+    histogram after step 6's scalars). Both events of a step are written with the same time,
+    the time its values were kept, and those times go up with the steps."""
+    from conftest import train
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from trainer.logger import event_dir
+
+    train(tmp_path, "trainer.max_steps=7", "logging.every_n_steps=7",
+          callbacks=[StagesEveryStep()])  # fmt: skip
+    times: dict[tuple[int, str], float] = {}
+    for path in sorted(event_dir(tmp_path).glob("events.out.tfevents.*")):
+        for e in EventFileLoader(str(path)).Load():
+            for v in e.summary.value:
+                if v.tag in ("mine/h", "mine/x"):
+                    times[e.step, v.tag] = e.wall_time
+    assert sorted(times) == [(s, t) for s in range(1, 8) for t in ("mine/h", "mine/x")]
+    for step in range(1, 8):
+        assert times[step, "mine/h"] == times[step, "mine/x"], step
+    along = [times[s, "mine/x"] for s in range(1, 8)]
+    assert along == sorted(along) and len(set(along)) == 7, along

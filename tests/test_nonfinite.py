@@ -2273,3 +2273,66 @@ class BuffersAroundStep(BuffersAroundStep3):
     def on_train_step_end(self, trainer, out) -> None:
         if out.step == self.step:
             self.after = {n: b.clone() for n, b in trainer.model.named_buffers()}
+
+
+class InfHeadWeight(Callback):
+    """+Inf into head.weight after step 2 (by hand, around the guard)."""
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if out.step == 2:
+            with torch.no_grad():
+                trainer.model.head.weight[0, 0] = math.inf
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_the_stop_for_a_spoiled_parameter_puts_its_steps_buffers_back(tmp_path, sync) -> None:
+    """policy=skip stops at step 3, where a weight holds an Inf it did not hold at the fit's
+    start (set after step 2): the step is skipped and the run stopped inside it, before the
+    loop's put-back, as at the limit of consecutive skips. Step 3's forward changed the
+    BatchNorm statistics and the kept average (finite: the Inf is in the head, after them);
+    they are put back too, every buffer as it was before step 3's forward, in step mode and
+    deferred (each step logging: the flag is read at step 3, inside it)."""
+    seen = BuffersAroundStep3()
+    trainer = _refittable(tmp_path, "~model", f"+model._target_={__name__}.NormedNaNAt",
+                          "+model.at=100", "instrument.nonfinite.policy=skip",
+                          f"instrument.nonfinite.sync={sync}", "logging.every_n_steps=1",
+                          callbacks=[seen, InfHeadWeight()])  # fmt: skip
+    with pytest.raises(NonFiniteError, match=r"^step 3: .*stopped.*: head\.weight holds NaN"):
+        trainer.fit()
+    now = dict(trainer.model.named_buffers())
+    assert "norm.running_mean" in seen.before and "ema" in seen.before
+    assert not torch.equal(seen.before["ema"], torch.zeros(16))  # (steps 1-2 moved it)
+    assert all(torch.equal(seen.before[n], now[n]) for n in seen.before if n != "mask")
+    assert trainer.model.norm.num_batches_tracked.item() == 2
+
+
+class FailsInStep3sSecondMicroBatch(Callback):
+    """Raises at the start of step 3's second micro-batch (accumulating 2), once."""
+
+    calls = 0
+
+    def on_train_batch_start(self, trainer, batch) -> None:
+        self.calls += 1
+        if self.calls == 6:  # (steps 1 and 2: calls 1-4)
+            assert trainer.global_step == 2
+            raise RuntimeError("a callback's bug mid-window")
+
+
+def test_a_fit_called_again_mid_window_on_a_model_given_a_buffer_skips_without_failing(
+    tmp_path,
+) -> None:
+    """Accumulating 2, a fit that failed in step 3's second micro-batch left the buffers'
+    copies of that window (taken before its first micro-batch); a fit called again on a
+    model given a buffer between the fits, whose NaN step is skipped, had one more buffer
+    than those copies: putting them back compared lists of two lengths. It puts nothing
+    back from the earlier fit's copies, and the fit completes."""
+    trainer = _refittable(tmp_path, "~model", f"+model._target_={__name__}.NormedNaNAt",
+                          "+model.at=6", "instrument.nonfinite.policy=skip",
+                          "instrument.nonfinite.sync=step", "trainer.accumulate_grad_batches=2",
+                          callbacks=[FailsInStep3sSecondMicroBatch()])  # fmt: skip
+    with pytest.raises(RuntimeError, match="a callback's bug mid-window"):
+        trainer.fit()
+    trainer.model.head.register_buffer("extra", torch.arange(3.0))
+    assert trainer.fit()["step"] == 4
+    assert torch.equal(trainer.model.head.extra, torch.arange(3.0))
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -1717,3 +1717,46 @@ def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_checkpoint(
         del state["config"]["trainer"]["checkpoint"]["search_dir"]
     assert _differences(whole, resumed) == []
     assert read_scalars(tmp_path / "whole") == read_scalars(tmp_path / "a")
+
+
+def test_drop_events_from_reads_each_records_step_off_its_bytes(tmp_path) -> None:
+    """drop_events_from reads each record's step off its bytes, a varint: steps of one byte
+    and of several (128 on: 2 bytes; 16384 on: 3; 2⁴⁰: 6), step 0 (which protobuf leaves out
+    of the record: absent, 0), a negative one (ten bytes, two's complement) and the file's
+    version record (no step) compared as the steps they are; an HPARAMS record past the
+    step (an end status) kept, the other records kept byte for byte and a partial last one
+    (a killed writer's) after them. A file with nothing at or past the step, or the one
+    ``skip`` names, is left as it is and not counted as changed."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from trainer.hparams import _frames, drop_events_from, end_summary
+    from trainer.logger import TensorBoardLogger
+
+    steps = [-1, 0, 1, 127, 128, 129, 255, 256, 16383, 16384, 20000, 2**40]
+    logger = TensorBoardLogger(tmp_path)
+    for s in steps:
+        logger.add_floats({"a": float(s)}, s)
+    logger.add_summary(end_summary(True), 2**40)
+    logger.close()
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    data = path.read_bytes() + b"\x05\x00\x00"  # (a partial record at the end)
+    frames, _ = _frames(data)
+    assert len(frames) == 1 + len(steps) + 1  # (the version record, the steps', the status)
+    for cut in (1, 128, 129, 256, 16384, 20001, 2**40):
+        path.write_bytes(data)
+        assert drop_events_from(tmp_path, cut) == [path], cut
+        rewritten = path.read_bytes()
+        kept = [s for s in steps if s < cut]
+        # byte for byte: the version record, the steps before the cut, the end status
+        a, b = frames[0][0], frames[len(kept)][1]
+        (c, d) = frames[-1]
+        assert rewritten == data[a:b] + data[c:d] + b"\x05\x00\x00"
+        events = list(EventFileLoader(str(path)).Load())
+        assert events[0].file_version.startswith("brain.Event:")
+        assert [e.step for e in events[1:-1]] == kept, cut
+        assert [v.tensor.float_val[0] for e in events[1:-1] for v in e.summary.value] == kept
+        assert events[-1].summary.value[0].tag.startswith("_hparams_/")
+    path.write_bytes(data)
+    assert drop_events_from(tmp_path, 2**40 + 1) == []  # (nothing past it: left as it is)
+    assert drop_events_from(tmp_path, 1, skip=path) == []
+    assert path.read_bytes() == data

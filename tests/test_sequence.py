@@ -1799,3 +1799,43 @@ def test_val_mse_of_a_per_step_regression_loss_counts_the_steps_its_units_count(
     assert count == valid.sum().item() == 9
     assert total == pytest.approx(want.sum().item(), rel=16 * 2**-52)
     assert loss.finalize({"val/mse": total / count, "val/loss": 0.0})["val/mse"] == total / count
+
+
+class ValidatedByItsOwnCollate(RaggedTags):
+    """Training on tensors padded beforehand (torch's default collation), validation on the
+    same kind of sequences batched by a ``collate`` of its own (padded to each batch's
+    longest): the validation's first sample is 3 tokens, the training's 6."""
+
+    def load(self):
+        train, val = super().load()  # (kind "longest": both PaddedToLongest)
+        x, y = train.x.clone(), train.y.clone()
+        for i, n in enumerate(train.lengths):
+            x[i, n:], y[i, n:] = 0, PAD
+        return TensorSplit(x, y), val
+
+
+@pytest.mark.parametrize("kind", ["longest", "own-val"])
+def test_validation_inputs_of_another_length_batched_by_a_collate_are_not_warned_of(
+    kind, caplog
+) -> None:
+    """The warning of validation inputs of another shape than the training ones (a model
+    that takes one shape fails at the first validation) is for splits batched by torch's
+    default collation alone: a split batched by a ``collate`` of its own pads its variable-
+    length samples (here the validation's first is 3 tokens, the training's 6), which is no
+    sign of a model given the wrong shape. With both splits so (``longest``) or the
+    validation alone (``own-val``: training tensors padded beforehand), nothing is said;
+    ragged samples with no collate of their own are (the control)."""
+    made = {"longest": lambda: RaggedTags(kind="longest", batch_size=5),
+            "own-val": lambda: ValidatedByItsOwnCollate(kind="longest", batch_size=5)}  # fmt: skip
+
+    def said(data) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="trainer.data.base"):
+            data.setup(torch.device("cpu"), 0)
+        return [r.getMessage() for r in caplog.records if "validation inputs" in r.getMessage()]
+
+    data = made[kind]()
+    assert said(data) == []
+    assert data.input_shape == (6,)
+    control = said(RaggedTags(kind="ragged", batch_size=5))
+    assert len(control) == 1 and "are of shape (3,) and its training inputs (6,)" in control[0]

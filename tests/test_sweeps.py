@@ -734,3 +734,64 @@ def test_migrate_rewrites_an_older_runs_records_by_its_own_config(tmp_path) -> N
         now = files[run].read_bytes()
         assert now != before[run] and others(now) == others(before[run])
         assert len(others(now)) == 2  # (the file version and train/loss)
+
+
+def test_integers_at_float64s_edge_and_null_integers_keep_their_kind() -> None:
+    """Integers are numbers up to 2⁵³ in magnitude (float64 holds them exactly: 2⁵³ itself
+    is 9007199254740992.0) and text beyond, on either side of zero (-(2⁵³ + 1) as a number
+    would be rounded to -2⁵³); a None of a key the schema declares an integer
+    (``data.stride`` of ``data=chars``) is typed as a number, the column of every run that
+    sets it; a group this run did not choose is "none" (every job has the same keys); a
+    None override is spelled ``null`` in the event folder's and the group's name, as the
+    command line types it (Python's "None" is no value Hydra reads back)."""
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    from trainer.hparams import overrides_text, run_hparams, start_summaries
+
+    overrides = ["data=chars", "seed=9007199254740992", "+model.low=-9007199254740992",
+                 "+model.lower=-9007199254740993", "optimizer.fused=null"]  # fmt: skip
+    hp = run_hparams(make_cfg(*overrides), {"data": "chars", "model": "mlp"}, overrides)
+    assert hp.values["seed"] == 2**53 and hp.values["model.low"] == -(2**53)
+    assert hp.values["model.lower"] == "-9007199254740993"
+    assert hp.values["data.stride"] is None and hp.kinds["data.stride"] is float
+    assert hp.values["experiment"] == "none" and hp.values["data"] == "chars"
+    assert overrides_text(hp, " ") == (
+        "data=chars seed=9007199254740992 model.low=-9007199254740992 "
+        "model.lower=-9007199254740993 optimizer.fused=null"
+    )
+    experiment_summary, start_summary = start_summaries(hp, ["val/token_acc"], name="run")
+    experiment = metadata.parse_experiment_plugin_data(
+        experiment_summary.value[0].metadata.plugin_data.content)  # fmt: skip
+    types = {i.name: i.type for i in experiment.hparam_infos}
+    assert types["seed"] == types["model.low"] == types["data.stride"] == api_pb2.DATA_TYPE_FLOAT64
+    assert types["model.lower"] == types["experiment"] == api_pb2.DATA_TYPE_STRING
+    start = metadata.parse_session_start_info_plugin_data(
+        start_summary.value[0].metadata.plugin_data.content)  # fmt: skip
+    assert start.hparams["seed"].number_value == 9007199254740992.0
+    assert start.hparams["model.low"].number_value == -9007199254740992.0
+    assert start.hparams["model.lower"].string_value == "-9007199254740993"
+    assert start.hparams["experiment"].string_value == "none"
+    assert "data.stride" not in start.hparams
+
+
+def test_an_optimizer_of_ones_own_without_a_listed_key_leaves_its_cell_empty() -> None:
+    """``optimizer.weight_decay`` is listed for every run; an optimizer of one's own whose
+    config has no such key (``~optimizer +optimizer._target_=...``) gives it None: left out
+    of the session and, with no declared kind (the schema's lookup of a key the config
+    lacks fails, which is no reason to fail the run's records), of the experiment too."""
+    from tensorboard.plugins.hparams import metadata
+
+    from trainer.hparams import run_hparams, start_summaries
+
+    overrides = ["~optimizer", "+optimizer._target_=torch.optim.SGD", "+optimizer.lr=0.1"]
+    hp = run_hparams(make_cfg(*overrides), {"model": "mlp"}, overrides)
+    assert hp.values["optimizer.weight_decay"] is None and hp.values["optimizer.lr"] == 0.1
+    assert "optimizer.weight_decay" not in hp.kinds
+    experiment_summary, start_summary = start_summaries(hp, ["val/acc"], name="run")
+    experiment = metadata.parse_experiment_plugin_data(
+        experiment_summary.value[0].metadata.plugin_data.content)  # fmt: skip
+    assert "optimizer.weight_decay" not in {i.name for i in experiment.hparam_infos}
+    start = metadata.parse_session_start_info_plugin_data(
+        start_summary.value[0].metadata.plugin_data.content)  # fmt: skip
+    assert "optimizer.weight_decay" not in start.hparams
+    assert start.hparams["optimizer.lr"].number_value == 0.1

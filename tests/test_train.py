@@ -1655,3 +1655,36 @@ def test_sweep_progress_draws_bars_under_the_basic_launcher_only(monkeypatch) ->
     hydra = SimpleNamespace(mode=RunMode.RUN, launcher={}, job=SimpleNamespace(num=0))
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hydra))
     assert _sweep_progress() == {}
+
+
+def test_a_validation_repeated_with_other_values_is_written_again(tmp_path) -> None:
+    """A fit called again after an on_validation_end that raised validates again at the
+    same step: the same values are written once, but a model changed between the fits (its
+    weights halved: another loss) gives other values, which are written too, the second
+    point at that step being the values the fit called again returned, not left out for
+    the step's earlier ones."""
+    from trainer.run import build_trainer
+
+    class FailsOnce(Callback):
+        armed = True
+
+        def on_validation_end(self, trainer, metrics) -> None:
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("a callback's bug")
+
+    cfg = make_cfg("trainer.max_epochs=1", "trainer.max_steps=-1", "data.batch_size=512",
+                   "logging.progress=false", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
+    trainer = build_trainer(cfg, tmp_path, [FailsOnce()])
+    with pytest.raises(RuntimeError, match="a callback's bug"):
+        trainer.fit()
+    first = trainer.metrics["val/loss"]
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.mul_(0.5)
+    again = trainer.fit()["val/loss"]
+    trainer.logger.close()
+    points = read_scalars(tmp_path)["val/loss"]
+    assert [s for s, _ in points] == [3, 3]
+    assert [v for _, v in points] == pytest.approx([first, again], rel=1e-6)
+    assert abs(again - first) > 1e-3
