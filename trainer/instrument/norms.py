@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.nn.utils import get_total_norm
 
 from trainer.callbacks import Callback, Every, StepOutput, param_tag
-from trainer.precision import LOW_PRECISION, is_long, long_norm, widen
+from trainer.precision import LOW_PRECISION, by_rows, is_long, long_norms, widen
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
@@ -51,11 +51,15 @@ def norms_of(tensors: list[Tensor], careful: bool | None = None) -> list[Tensor]
         careful = needs_care(tensors)
     if not careful:
         return list(torch._foreach_norm(tensors))
-    if any(is_long(t) for t in tensors):
-        short = iter(norms_of([t for t in tensors if not is_long(t)]))
-        return [long_norm(t) if is_long(t) else next(short) for t in tensors]
     if all(t.dtype in _DENSE_IN_FLOAT32 and t.layout == torch.strided for t in tensors):
-        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+        # (the long ones' rows' norms, level by level, and the rest: one fused call)
+        flats = [by_rows(t) if is_long(t) else t for t in tensors]
+        return list(torch._foreach_norm(flats, 2, dtype=torch.float32))
+    long = [is_long(t) for t in tensors]
+    if any(long):
+        short = iter(norms_of([t for t, x in zip(tensors, long, strict=True) if not x]))
+        rows = iter(long_norms([t for t, x in zip(tensors, long, strict=True) if x]))
+        return [next(rows) if x else next(short) for x in long]
     # (a float64, complex or sparse tensor among them, which dtype= does not take: the
     # float16/bfloat16 ones copied to float32)
     wide = [t.float() if t.dtype in LOW_PRECISION else t for t in tensors]
