@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         left += kept
     for path in changed:
         print(f"rewritten: {path}")
-    for path in left:  # (never guessed: text that reads as an integer may be text)
-        print(f"left as written (no .hydra/config.yaml or checkpoint of its run): {path}")
+    for path, why in left:  # (never guessed: text that reads as an integer may be text)
+        print(f"left as written: {path}: {why}")
     print(f"{len(changed)} event file(s) rewritten, {len(left)} left")
     return 0
 

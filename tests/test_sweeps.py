@@ -695,10 +695,10 @@ def test_migrate_rewrites_an_older_runs_records_by_its_own_config(tmp_path) -> N
                           text=True, check=True)  # fmt: skip
     assert done.stdout.splitlines() == [
         f"rewritten: {files['checkpoint']}", f"rewritten: {files['yaml']}",
-        f"left as written (no .hydra/config.yaml or checkpoint of its run): {files['none']}",
+        f"left as written: {files['none']}: no .hydra/config.yaml; no checkpoint",
         "2 event file(s) rewritten, 1 left",
     ]  # fmt: skip
-    assert migrate(tmp_path) == ([], [files["none"]])
+    assert migrate(tmp_path) == ([], [(files["none"], "no .hydra/config.yaml; no checkpoint")])
     assert files["none"].read_bytes() == before["none"]
 
     def records(run: str):
@@ -795,3 +795,134 @@ def test_an_optimizer_of_ones_own_without_a_listed_key_leaves_its_cell_empty() -
         start_summary.value[0].metadata.plugin_data.content)  # fmt: skip
     assert "optimizer.weight_decay" not in start.hparams
     assert start.hparams["optimizer.lr"].number_value == 0.1
+
+
+MIGRATE = Path(__file__).resolve().parent.parent / "scripts" / "migrate_hparams.py"
+
+
+def _older_run(run: Path, cfg) -> Path:
+    """A run's folder holding an HPARAMS record as the code before 2026-12-07 wrote it
+    (integers as text, None as "none", its own task's metrics) and a scalar; returns its
+    event file."""
+    from test_tensorboard_server import _older_record
+
+    from trainer.hparams import run_hparams
+    from trainer.logger import TensorBoardLogger
+
+    logger = TensorBoardLogger(run / "tb" / "run")
+    for s in _older_record(run_hparams(cfg, {"model": "mlp"}).values):
+        logger.add_summary(s, 0)
+    logger.add_floats({"train/loss": 1.5}, 1)
+    logger.close()
+    return next(run.rglob("events.out.tfevents.*"))
+
+
+def _records(path: Path) -> dict:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata
+
+    found = {}
+    for e in EventFileLoader(str(path)).Load():
+        for v in e.summary.value:
+            content = v.metadata.plugin_data.content
+            if v.tag == metadata.SESSION_START_INFO_TAG:
+                info = metadata.parse_session_start_info_plugin_data(content)
+                found["start"] = {k: x.WhichOneof("kind") for k, x in info.hparams.items()}
+            elif v.tag == metadata.EXPERIMENT_TAG:
+                found["metrics"] = [
+                    m.name.tag for m in metadata.parse_experiment_plugin_data(content).metric_infos
+                ]
+    return found
+
+
+def test_model_hidden_has_one_kind_in_an_mlp_and_a_cnn_run() -> None:
+    """``model.hidden`` is a list for ``model=mlp`` ("[256, 128]", text) and an integer for
+    ``model=cnn`` (128, a number since 2026-12-07): a logdir of both has a column of two
+    kinds, and TensorBoard answers 500 to sorting by it, 400 to filtering (a review's)."""
+    from trainer.hparams import run_hparams
+
+    mlp = run_hparams(make_cfg(), {"model": "mlp"}).values["model.hidden"]
+    cnn = run_hparams(make_cfg("model=cnn"), {"model": "cnn"}).values["model.hidden"]
+    number = (int, float)
+    assert isinstance(mlp, number) == isinstance(cnn, number), (mlp, cnn)
+
+
+def test_migrate_resolves_a_config_with_an_interpolation_it_cannot_resolve(tmp_path) -> None:
+    """A sweep's ``seed=${hydra:job.num}`` is kept as such in ``.hydra/config.yaml``; the
+    migration's resolving then fails and it falls back to the whole config unresolved, so
+    every interpolated integer (``seed``, ``instrument.norms.every_n_steps``, which is
+    ``${logging.every_n_steps}``) stays text, silently (neither rewritten nor listed as
+    left), and the logdir's columns keep two kinds. The checkpoint beside it holds the
+    resolved config."""
+    from omegaconf import OmegaConf
+
+    from trainer.hparams import migrate
+
+    cfg = make_cfg("trainer.max_steps=2")
+    run = tmp_path / "job"
+    event = _older_run(run, cfg)
+    (run / ".hydra").mkdir()
+    text = OmegaConf.to_yaml(cfg).replace("seed: 0\n", "seed: ${hydra:job.num}\n", 1)
+    (run / ".hydra" / "config.yaml").write_text(text)
+    (run / "checkpoints").mkdir()
+    torch.save({"config": OmegaConf.to_container(cfg, resolve=True)},
+               run / "checkpoints" / "last.pt")  # fmt: skip
+    changed, left = migrate(tmp_path)
+    start = _records(event)["start"]
+    assert event in changed
+    assert start["data.batch_size"] == "number_value"
+    assert start["instrument.norms.every_n_steps"] == "number_value"
+    assert start["seed"] == "number_value"
+
+
+def test_a_migrated_record_lists_every_tasks_metrics(tmp_path) -> None:
+    """TensorBoard shows one experiment record for a whole logdir; after the migration an
+    older run's record still lists only its own task's metrics (val/acc, val/loss,
+    train/loss), and where it is the one picked a regression or sequence run's val/mse,
+    val/ppl are in no column (a real server picked a migrated diabetes_mse record: val/acc
+    was in no column), where a newer record lists every built-in task's (TASK_METRICS)."""
+    from omegaconf import OmegaConf
+
+    from trainer.hparams import TASK_METRICS, migrate
+
+    cfg = make_cfg("trainer.max_steps=2")
+    event = _older_run(tmp_path / "old", cfg)
+    (tmp_path / "old" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "old" / ".hydra" / "config.yaml")
+    assert migrate(tmp_path)[0] == [event]
+    assert set(TASK_METRICS) <= set(_records(event)["metrics"])
+
+
+def test_a_checkpoint_that_does_not_load_is_named(tmp_path) -> None:
+    """A run built from Python (no ``.hydra/``) whose checkpoint does not load is listed as
+    having no checkpoint at all ("no .hydra/config.yaml or checkpoint of its run"), the load
+    error swallowed: the message should say which checkpoint did not load."""
+    cfg = make_cfg("trainer.max_steps=2")
+    _older_run(tmp_path / "py", cfg)
+    (tmp_path / "py" / "checkpoints").mkdir()
+    (tmp_path / "py" / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    done = subprocess.run([sys.executable, str(MIGRATE), str(tmp_path)], capture_output=True,
+                          text=True)  # fmt: skip
+    out = done.stdout + done.stderr
+    assert "last.pt" in out, out
+
+
+def test_one_runs_unreadable_config_does_not_stop_the_others(tmp_path) -> None:
+    """A run whose ``.hydra/config.yaml`` does not parse aborts the whole migration with a
+    YAML traceback: the runs after it (in path order) are never migrated, and those before
+    it were rewritten but not reported. Expected: that run named with its error, the others
+    migrated."""
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg("trainer.max_steps=2")
+    events = {}
+    for name in ("a_bad", "b_good"):
+        events[name] = _older_run(tmp_path / name, cfg)
+        (tmp_path / name / ".hydra").mkdir()
+        OmegaConf.save(cfg, tmp_path / name / ".hydra" / "config.yaml")
+    (tmp_path / "a_bad" / ".hydra" / "config.yaml").write_text("a: [unclosed\n")
+    done = subprocess.run([sys.executable, str(MIGRATE), str(tmp_path)], capture_output=True,
+                          text=True)  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr[-600:]
+    assert f"rewritten: {events['b_good']}" in done.stdout
+    assert "a_bad" in done.stdout + done.stderr

@@ -247,12 +247,20 @@ def test_hparams_of_a_sweep_and_a_mixed_logdir(tmp_path) -> None:
 
 def _older_record(values) -> list:
     """A run's experiment and session-start records as the code before 2026-12-07 wrote
-    them: integers as text ("64"), a None as "none"."""
+    them: integers as text ("64"), a None as "none", its own task's metrics alone."""
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
     from trainer.hparams import RunHParams, start_summaries
 
     old = {k: (str(v) if isinstance(v, int) and not isinstance(v, bool) else
                "none" if v is None else v) for k, v in values.items()}  # fmt: skip
-    return start_summaries(RunHParams(old), name="old")
+    records = start_summaries(RunHParams(old), ["val/acc", "val/loss", "train/loss"], "old")
+    for v in records[0].value:
+        if v.tag == metadata.EXPERIMENT_TAG:  # (the task's 3 metrics, as it listed them)
+            data = plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
+            del data.experiment.metric_infos[3:]
+            v.metadata.plugin_data.content = data.SerializeToString()
+    return records
 
 
 def test_hparams_of_a_logdir_with_a_run_written_before_integers_were_numbers(tmp_path) -> None:
@@ -280,7 +288,7 @@ def test_hparams_of_a_logdir_with_a_run_written_before_integers_were_numbers(tmp
         logger.add_summary(end_summary(True), 2)
         logger.close()
     changed, left = migrate(tmp_path)  # (the older run's file; the newer has no config)
-    assert [p.parts[-4] for p in changed] == ["old"] and [p.parts[-4] for p in left] == ["new"]
+    assert [p.parts[-4] for p in changed] == ["old"] and [p.parts[-4] for p, _ in left] == ["new"]
 
     def ask(col: dict) -> list:
         return get(url, "/data/plugin/hparams/session_groups", {

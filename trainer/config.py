@@ -1120,7 +1120,14 @@ def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    schemas: dict[str, dict[str, type]] = {
+    for group, nodes in group_schemas().items():
+        for name, node in nodes.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def group_schemas() -> dict[str, dict[str, type]]:
+    """Each config group's options and their schemas (dataclasses), as registered."""
+    return {
         "data": {
             "digits": DigitsConfig,
             "torchvision": TorchvisionConfig,
@@ -1158,9 +1165,6 @@ def register_configs() -> None:
         },
         "instrument": {"instrument": InstrumentConfig},
     }
-    for group, nodes in schemas.items():
-        for name, node in nodes.items():
-            cs.store(group=f"schema/{group}", name=name, node=node)
 
 
 @functools.cache

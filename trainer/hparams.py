@@ -28,6 +28,8 @@ is named after the run: its folder (a sweep's job number) and its overrides.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -36,6 +38,8 @@ import stat
 import struct
 import tempfile
 import time
+import types
+import typing
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +87,15 @@ class RunHParams:
     kinds: dict[str, type] = field(default_factory=dict)
 
 
-def _value(v: Any) -> HParamValue:
+def _value(v: Any, key: str = "") -> HParamValue:
     """A value TensorBoard can show, of one kind for a key in every run (the tab's filters and
     sorting failed on a column of two: an integer as text in one run, a float in another, a
     None as "none" beside numbers or booleans, a probe's): bool, number (an integer beyond
     :data:`EXACT_INT` as text, which float64 would round), string, None (left out of the
-    record), containers as JSON text."""
+    record), containers as JSON text; a number as JSON text too for a ``key`` that another
+    built-in option of its group declares as a list (:func:`_text_keys`)."""
+    if isinstance(v, int | float) and not isinstance(v, bool) and key in _text_keys():
+        return json.dumps(v)
     if v is None or isinstance(v, bool | float | str):
         return v
     if isinstance(v, int):
@@ -96,6 +103,67 @@ def _value(v: Any) -> HParamValue:
     if isinstance(v, DictConfig | ListConfig):
         v = OmegaConf.to_container(v, resolve=True)
     return json.dumps(v, sort_keys=True, default=str)
+
+
+@functools.cache
+def _text_keys() -> frozenset[str]:
+    """The keys (``group.field``) that one built-in option of a group declares as a list and
+    another as a number (``model.hidden``: an MLP's widths, a CNN's channels): a logdir of
+    both had a column of two kinds (a review's), so their values are text in every run. (A
+    key of one's own, untyped, is written as its value is: one that is a list in one run and
+    a number in another makes such a column.)"""
+    from trainer.config import group_schemas
+
+    kinds: dict[str, set[str]] = {}
+    for group, options in group_schemas().items():
+        for schema in options.values():
+            for name, hint in typing.get_type_hints(schema).items():
+                kinds.setdefault(f"{group}.{name}", set()).add(_kind_of(hint))
+    return frozenset(k for k, found in kinds.items() if {"list", "number"} <= found)
+
+
+def _kind_of(hint: Any) -> str:
+    """A schema field's kind: "list", "number", "bool", "str", "node" (a dataclass) or
+    "other"; an optional one's (``bool | None``: "bool")."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        found = {_kind_of(a) for a in typing.get_args(hint) if a is not type(None)}
+        return found.pop() if len(found) == 1 else "other"
+    if hint in (list, tuple) or typing.get_origin(hint) in (list, tuple):
+        return "list"
+    if hint is bool:
+        return "bool"
+    if hint in (int, float):
+        return "number"
+    if hint is str:
+        return "str"
+    return "node" if dataclasses.is_dataclass(hint) else "other"
+
+
+def _schema_kind(key: str, choices: Mapping[str, Any]) -> type | None:
+    """The kind (bool, float or str) the built-in schema of the run's chosen option declares
+    for ``key`` (``optimizer.fused`` of ``optimizer: sgd``: bool), or None (a key of one's
+    own, a list, an option not built in)."""
+    from trainer.config import group_schemas
+
+    if key in _text_keys():
+        return str
+    group, *rest = key.split(".")
+    options = group_schemas().get(group, {})
+    schema = options.get(str(choices.get(group))) or (
+        next(iter(options.values())) if len(options) == 1 else None)  # fmt: skip
+    for part in rest:
+        if schema is None or not dataclasses.is_dataclass(schema):
+            return None
+        hint = typing.get_type_hints(schema).get(part)
+        if hint is None:
+            return None
+        kind = _kind_of(hint)
+        if kind == "node":
+            found = (a for a in (*typing.get_args(hint), hint) if dataclasses.is_dataclass(a))
+            schema = typing.cast(type, next(found))
+            continue
+        return {"bool": bool, "number": float, "str": str}.get(kind) if part == rest[-1] else None
+    return None
 
 
 def is_hparam(key: str) -> bool:
@@ -151,10 +219,10 @@ def run_hparams(
         chosen = choices.get(group)
         values[group] = _regularizers(cfg) if group == "regularizer" else str(chosen or "none")
     for key in KEY_VALUES:
-        values[key] = _value(OmegaConf.select(cfg, key, default=None))
+        values[key] = _value(OmegaConf.select(cfg, key, default=None), key)
     for key, v in _leaves(plain):
         if is_hparam(key) and key.rsplit(".", 1)[-1] not in ("_target_", "_partial_"):
-            values[key] = _value(v)
+            values[key] = _value(v, key)
     overridden = []
     for key in override_keys(overrides):
         if not is_hparam(key):
@@ -164,7 +232,7 @@ def run_hparams(
         elif key in choices:
             values[key] = str(choices[key] or "none")
         else:
-            values[key] = _value(OmegaConf.select(cfg, key))
+            values[key] = _value(OmegaConf.select(cfg, key), key)
         overridden.append(key)
     kinds = {k: kind for k, v in values.items() if v is None and (kind := _declared(cfg, k))}
     return RunHParams(values, overridden, kinds)
@@ -475,108 +543,150 @@ def drop_end_status(directory: Path) -> list[Path]:
 _INT_TEXT = re.compile(r"-?[0-9]+")
 
 
-def migrate(root: Path) -> tuple[list[Path], list[Path]]:
+def migrate(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Rewrite the HPARAMS records of the runs under ``root`` written before 2026-12-07, when
-    integers were text ("64") and a None was "none", to the kinds written since (integers as
-    numbers, a None left out: :func:`_value`); returns the files changed, and those left as
-    they are for want of their run's config. A logdir holding runs of both had two kinds of
-    value in a column, and TensorBoard refused the table's sorting and filtering by it (a
-    review's). Each value is decided by the run's own config (:func:`_run_config`), never
-    guessed (text that reads as an integer may be text: ``trainer.precision`` is "32"): a
-    text value whose config value is an integer becomes a number, one whose config value is
-    None is left out (the key also left out of the experiment record, which cannot say its
-    kind). Group choices stay text. Files are rewritten atomically, their other records byte
-    for byte; running it again changes nothing."""
+    integers were text ("64"), a None was "none" and a run listed its own task's metrics
+    only, to what is written since (integers as numbers, a None left out: :func:`_value`;
+    every built-in task's metrics, :data:`TASK_METRICS`); returns the files changed, and
+    those left as they are with why. A logdir holding runs of both had two kinds of value in
+    a column, and TensorBoard refused the table's sorting and filtering by it (a review's).
+    Each value is decided by the run's own config (:func:`_run_config`), never guessed (text
+    that reads as an integer may be text: ``trainer.precision`` is "32"): a text value whose
+    config value is an integer becomes a number, one whose config value is None is left out
+    (its column in the experiment record typed by the chosen option's schema, or left out
+    where it declares none). Group choices stay text. A file that cannot be read or
+    rewritten is left, with its error, and the others are migrated. Files are rewritten
+    atomically, their other records byte for byte; running it again changes nothing."""
+    changed: list[Path] = []
+    left: list[tuple[Path, str]] = []
+    for path in sorted(Path(root).rglob("events.out.tfevents.*")):
+        try:
+            why = _migrate_file(path)
+        except Exception as e:  # noqa: BLE001 (named, and the others migrated)
+            why = f"{type(e).__name__}: {e}"
+        if why is None:
+            changed.append(path)
+        elif why:
+            left.append((path, why))
+    return changed, left
+
+
+def _migrate_file(path: Path) -> str | None:
+    """:func:`migrate` of one event file: None where it was rewritten, "" where it needs
+    nothing, else why it is left as it is."""
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
     from trainer.logger import tfrecord
 
     start, experiment = metadata.SESSION_START_INFO_TAG, metadata.EXPERIMENT_TAG
-    changed, left = [], []
-    for path in sorted(Path(root).rglob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        if HPARAMS_PREFIX not in data or start.encode() not in data:
+    data = path.read_bytes()
+    if start.encode() not in data and experiment.encode() not in data:
+        return ""
+    frames, whole = _frames(data)
+    events = {}  # frame index -> (event, its value, its plugin data)
+    for i, (a, b) in enumerate(frames):
+        record = data[a + 12 : b - 4]
+        if HPARAMS_PREFIX not in record:
             continue
-        config = _run_config(path)
-        if config is None:
-            left.append(path)
-            continue
-        frames, whole = _frames(data)
-        events = {}  # frame index -> (event, its value, its plugin data)
-        for i, (a, b) in enumerate(frames):
-            record = data[a + 12 : b - 4]
-            if HPARAMS_PREFIX not in record:
-                continue
-            event = Event.FromString(record)
-            for v in event.summary.value:
-                if v.tag in (start, experiment):
-                    plugin = plugin_data_pb2.HParamsPluginData.FromString(
-                        v.metadata.plugin_data.content
-                    )
-                    events[i] = (event, v, plugin)
-        numbers: set[str] = set()
-        gone: set[str] = set()
-        for _event, v, plugin in events.values():
-            if v.tag != start:
-                continue
-            hparams = plugin.session_start_info.hparams
-            for key in list(hparams):
-                kind = _migrated_kind(key, hparams[key], config)
-                if kind == "number":
-                    hparams[key].number_value = int(hparams[key].string_value)
-                    numbers.add(key)
-                elif kind == "gone":
-                    del hparams[key]
-                    gone.add(key)
-        if not numbers and not gone:
-            continue
-        for _event, v, plugin in events.values():
-            if v.tag == experiment:
-                infos = [i for i in plugin.experiment.hparam_infos if i.name not in gone]
-                for info in infos:
-                    if info.name in numbers:
-                        info.type = api_pb2.DATA_TYPE_FLOAT64
-                del plugin.experiment.hparam_infos[:]
-                plugin.experiment.hparam_infos.extend(infos)
-            v.metadata.plugin_data.content = plugin.SerializeToString()
-        parts = [
-            tfrecord(events[i][0].SerializeToString()) if i in events else data[a:b]
-            for i, (a, b) in enumerate(frames)
-        ]
-        _replace(path, b"".join(parts) + data[whole:])
-        changed.append(path)
-    return changed, left
+        event = Event.FromString(record)
+        for v in event.summary.value:
+            if v.tag in (start, experiment):
+                plugin = plugin_data_pb2.HParamsPluginData.FromString(
+                    v.metadata.plugin_data.content
+                )
+                events[i] = (event, v, plugin)
+    starts = [p.session_start_info.hparams for _, v, p in events.values() if v.tag == start]
+    texts = [k for h in starts for k in h if h[k].WhichOneof("kind") == "string_value"
+             and k not in GROUPS and (h[k].string_value == "none"
+                                      or _INT_TEXT.fullmatch(h[k].string_value))]  # fmt: skip
+    config, why = _run_config(path) if texts else ({}, "")
+    if config is None:
+        return why
+    numbers: set[str] = set()
+    gone: set[str] = set()
+    choices: dict[str, str] = {}
+    for hparams in starts:
+        choices.update({g: hparams[g].string_value for g in GROUPS if g in hparams})
+        for key in list(hparams):
+            kind = _migrated_kind(key, hparams[key], config)
+            if kind == "number":
+                hparams[key].number_value = int(hparams[key].string_value)
+                numbers.add(key)
+            elif kind == "gone":
+                del hparams[key]
+                gone.add(key)
+    missing = False
+    for _event, v, plugin in events.values():
+        if v.tag == experiment:
+            listed = [m.name.tag for m in plugin.experiment.metric_infos]
+            extra = [t for t in TASK_METRICS if t not in listed]
+            missing = missing or bool(extra)
+            plugin.experiment.metric_infos.extend(
+                api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in extra
+            )
+            infos = []
+            for info in plugin.experiment.hparam_infos:
+                if info.name in gone:
+                    declared = _schema_kind(info.name, choices)
+                    if declared is None:
+                        continue
+                    info.type = {bool: api_pb2.DATA_TYPE_BOOL, float: api_pb2.DATA_TYPE_FLOAT64,
+                                 str: api_pb2.DATA_TYPE_STRING}[declared]  # fmt: skip
+                elif info.name in numbers:
+                    info.type = api_pb2.DATA_TYPE_FLOAT64
+                infos.append(info)
+            del plugin.experiment.hparam_infos[:]
+            plugin.experiment.hparam_infos.extend(infos)
+    if not numbers and not gone and not missing:
+        return ""
+    for _event, v, plugin in events.values():
+        v.metadata.plugin_data.content = plugin.SerializeToString()
+    parts = [
+        tfrecord(events[i][0].SerializeToString()) if i in events else data[a:b]
+        for i, (a, b) in enumerate(frames)
+    ]
+    _replace(path, b"".join(parts) + data[whole:])
+    return None
 
 
-def _run_config(event_file: Path) -> dict | None:
-    """The config of the run an event file belongs to (the folder holding its ``tb/``): its
-    ``.hydra/config.yaml``, resolved where it can be, else the one its newest checkpoint
-    keeps (a run built in Python, an earlier run set aside in ``previous/``; loaded with
-    ``weights_only=True``, memory-mapped); None where there is neither."""
-    run = next((f.parent for f in event_file.parents if f.name == "tb"), None)
-    if run is None:
-        return None
-    found = run / ".hydra" / "config.yaml"
-    if found.is_file():
-        cfg = OmegaConf.load(found)
-        try:
-            plain = OmegaConf.to_container(cfg, resolve=True)
-        except Exception:  # noqa: BLE001 (a resolver of one's own not registered here)
-            plain = OmegaConf.to_container(cfg, resolve=False)
-        return plain if isinstance(plain, dict) else None
+def _run_config(event_file: Path) -> tuple[dict | None, str]:
+    """The config of the run an event file belongs to (the folder holding its ``tb/``), and
+    why there is none: its ``.hydra/config.yaml``, resolved, else the resolved one its newest
+    checkpoint that loads keeps (a run built in Python, an earlier run set aside in
+    ``previous/``, a config whose interpolations do not resolve outside its sweep:
+    ``${hydra:job.num}``; loaded with ``weights_only=True``, memory-mapped)."""
     import torch
 
+    run = next((f.parent for f in event_file.parents if f.name == "tb"), None)
+    if run is None:
+        return None, "not in a run's tb/ folder"
+    reasons = []
+    found = run / ".hydra" / "config.yaml"
+    if found.is_file():
+        try:
+            plain = OmegaConf.to_container(OmegaConf.load(found), resolve=True)
+            if isinstance(plain, dict):
+                return plain, ""
+        except Exception as e:  # noqa: BLE001 (a resolver of its sweep's: the checkpoint's)
+            reasons.append(f"{found} does not resolve here ({type(e).__name__}: {e})")
+    else:
+        reasons.append("no .hydra/config.yaml")
     kept = sorted((run / "checkpoints").glob("step_*.pt"))
-    for path in [run / "checkpoints" / "last.pt", *reversed(kept)]:
+    paths = [p for p in [run / "checkpoints" / "last.pt", *reversed(kept)] if p.is_file()]
+    for path in paths:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 (none there, or one that does not load: the next)
+        except Exception as e:  # noqa: BLE001 (the next one; named if none loads)
+            reasons.append(f"{path} does not load ({type(e).__name__}: {str(e)[:200]})")
             continue
         saved = state.get("config") if isinstance(state, dict) else None
         if isinstance(saved, dict):
-            return saved
-    return None
+            return saved, ""
+        reasons.append(f"{path} holds no config")
+    if not paths:
+        reasons.append("no checkpoint")
+    return None, "; ".join(reasons)
 
 
 _ABSENT = object()
@@ -593,7 +703,7 @@ def _migrated_kind(key: str, value: Any, config: dict) -> str | None:
         node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
     if node is None:
         return "gone"
-    now = _value(node) if node is not _ABSENT else None
+    now = _value(node, key) if node is not _ABSENT else None
     if isinstance(now, int) and not isinstance(now, bool) and _INT_TEXT.fullmatch(text):
         return "number"
     return None
