@@ -139,10 +139,13 @@ def _kind_of(hint: Any) -> str:
     return "node" if dataclasses.is_dataclass(hint) else "other"
 
 
-def _schema_kind(key: str, choices: Mapping[str, Any]) -> type | None:
+def _schema_kind(
+    key: str, choices: Mapping[str, Any], config: Mapping[str, Any] | None = None
+) -> type | None:
     """The kind (bool, float or str) the built-in schema of the run's chosen option declares
     for ``key`` (``optimizer.fused`` of ``optimizer: sgd``: bool), or None (a key of one's
-    own, a list, an option not built in)."""
+    own, a list, an option not built in). Without the group's choice (a run built in
+    Python), the option whose ``_target_`` is the one in the run's ``config``."""
     from trainer.config import group_schemas
 
     if key in _text_keys():
@@ -151,6 +154,9 @@ def _schema_kind(key: str, choices: Mapping[str, Any]) -> type | None:
     options = group_schemas().get(group, {})
     schema = options.get(str(choices.get(group))) or (
         next(iter(options.values())) if len(options) == 1 else None)  # fmt: skip
+    target = ((config or {}).get(group) or {}).get("_target_") if schema is None else None
+    if target is not None:  # (the option built with it)
+        schema = next((o for o in options.values() if _default(o, "_target_") == target), None)
     for part in rest:
         if schema is None or not dataclasses.is_dataclass(schema):
             return None
@@ -163,6 +169,14 @@ def _schema_kind(key: str, choices: Mapping[str, Any]) -> type | None:
             schema = typing.cast(type, next(found))
             continue
         return {"bool": bool, "number": float, "str": str}.get(kind) if part == rest[-1] else None
+    return None
+
+
+def _default(schema: type, name: str) -> Any:
+    """A dataclass field's default (None where it has none)."""
+    for f in dataclasses.fields(schema):
+        if f.name == name:
+            return None if f.default is dataclasses.MISSING else f.default
     return None
 
 
@@ -628,7 +642,7 @@ def _migrate_file(path: Path) -> str | None:
             infos = []
             for info in plugin.experiment.hparam_infos:
                 if info.name in gone:
-                    declared = _schema_kind(info.name, choices)
+                    declared = _schema_kind(info.name, choices, config)
                     if declared is None:
                         continue
                     info.type = {bool: api_pb2.DATA_TYPE_BOOL, float: api_pb2.DATA_TYPE_FLOAT64,
@@ -701,8 +715,8 @@ def _migrated_kind(key: str, value: Any, config: dict) -> str | None:
     node: Any = config
     for part in key.split("."):
         node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-    if node is None:
-        return "gone"
+    if node is None or node is _ABSENT and text == "none" and key in KEY_VALUES:
+        return "gone"  # (a listed key the config lacks was "none" too: left out now)
     now = _value(node, key) if node is not _ABSENT else None
     if isinstance(now, int) and not isinstance(now, bool) and _INT_TEXT.fullmatch(text):
         return "number"
