@@ -1271,23 +1271,26 @@ def test_a_plateau_scheduler_steps_once_for_a_validation_whose_hook_failed(tmp_p
     assert lrs([FailsAtValidation()]) == lrs([])
 
 
+class FailsAtValidationOnce(Callback):
+    """Raises in the first ``on_validation_end`` only."""
+
+    armed = True
+
+    def on_validation_end(self, trainer, metrics) -> None:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("a callback's bug")
+
+
 def test_a_validation_whose_hook_failed_is_written_once(tmp_path) -> None:
     """A fit called again after an on_validation_end that raised validates again, at the
     same step with the same values: val/* were written twice there (two points at step 3,
     read back by tensorboard's reader). Once now; the next validation's as ever."""
     from trainer.run import build_trainer
 
-    class FailsOnce(Callback):
-        armed = True
-
-        def on_validation_end(self, trainer, metrics) -> None:
-            if self.armed:
-                self.armed = False
-                raise RuntimeError("a callback's bug")
-
     cfg = make_cfg("trainer.max_epochs=2", "trainer.max_steps=-1", "data.batch_size=512",
                    "logging.progress=false", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
-    trainer = build_trainer(cfg, tmp_path, [FailsOnce()])
+    trainer = build_trainer(cfg, tmp_path, [FailsAtValidationOnce()])
     with pytest.raises(RuntimeError, match="a callback's bug"):
         trainer.fit()
     trainer.fit()
@@ -1303,14 +1306,6 @@ def test_a_nan_validation_whose_hook_failed_is_written_once(tmp_path) -> None:
     being compared with ``==``, for which NaN is never equal to itself."""
     from trainer.run import build_trainer
 
-    class FailsOnce(Callback):
-        armed = True
-
-        def on_validation_end(self, trainer, metrics) -> None:
-            if self.armed:
-                self.armed = False
-                raise RuntimeError("a callback's bug")
-
     def nan_in_eval(module, inputs, out):
         if not module.training:
             out = out.clone()
@@ -1319,7 +1314,7 @@ def test_a_nan_validation_whose_hook_failed_is_written_once(tmp_path) -> None:
 
     cfg = make_cfg("trainer.max_epochs=2", "trainer.max_steps=-1", "data.batch_size=512",
                    "logging.progress=false", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
-    trainer = build_trainer(cfg, tmp_path, [FailsOnce()])
+    trainer = build_trainer(cfg, tmp_path, [FailsAtValidationOnce()])
     trainer.model.register_forward_hook(nan_in_eval)
     with pytest.raises(RuntimeError, match="a callback's bug"):
         trainer.fit()
@@ -1665,17 +1660,9 @@ def test_a_validation_repeated_with_other_values_is_written_again(tmp_path) -> N
     the step's earlier ones."""
     from trainer.run import build_trainer
 
-    class FailsOnce(Callback):
-        armed = True
-
-        def on_validation_end(self, trainer, metrics) -> None:
-            if self.armed:
-                self.armed = False
-                raise RuntimeError("a callback's bug")
-
     cfg = make_cfg("trainer.max_epochs=1", "trainer.max_steps=-1", "data.batch_size=512",
                    "logging.progress=false", "trainer.checkpoint.every_n_steps=0")  # fmt: skip
-    trainer = build_trainer(cfg, tmp_path, [FailsOnce()])
+    trainer = build_trainer(cfg, tmp_path, [FailsAtValidationOnce()])
     with pytest.raises(RuntimeError, match="a callback's bug"):
         trainer.fit()
     first = trainer.metrics["val/loss"]
