@@ -32,10 +32,11 @@ def widen(t: Tensor) -> Tensor:
 #: running sum per SIMD lane (pytorch/pytorch#169237; ``sum`` is cascaded, the norm is not). Its
 #: relative error, measured here, grows with the length: on varied values 1.3e-5 at 2²⁰ elements
 #: and 7e-4 at 2²⁴ (about 1e-6 at 2¹⁷); on equal values, the worst case, 4.6e-5 at 2¹⁶, 7.5e-4 at
-#: 2²⁰, 9.4e-3 at 2²⁴, and 2.4e-6 at most below 2¹². Tensors of LONG elements or more are normed
-#: by :func:`long_norm`: from 2¹² (until 2026-12-07 2¹⁷, which left a 256 × 128 layer's update
-#: ratio under Adam, its update of nearly equal magnitudes, 3.7e-6 off in a probe's run, and
-#: equal values of 2¹⁶ 4.6e-5); about 7 µs more per such tensor than torch's own fused call
+#: 2²⁰, 9.4e-3 at 2²⁴, and 2.9e-6 at most below 2¹² (at 4,080 equal values). Tensors of LONG
+#: elements or more are normed by :func:`long_norm`: from 2¹² (until 2026-12-07 2¹⁷, which left
+#: a 256 × 128 layer's update ratio under Adam, its update of nearly equal magnitudes, 3.7e-6
+#: off in a probe's run, and equal values of 2¹⁶ 4.6e-5); a few µs more per such tensor than
+#: torch's own fused call
 LONG = 1 << 12
 
 #: :func:`long_norm`'s row width: torch's norm of 256 equal values is 2.2e-7 off at most
