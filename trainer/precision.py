@@ -78,11 +78,12 @@ def by_rows(t: Tensor) -> Tensor:
     against 47 µs with each long one normed on its own, torch's own fused call 18 µs).
     float32 for float16/bfloat16."""
     flat, dtype = t.reshape(-1), wide_dtype(t.dtype)
-    while flat.numel() > _ROW:
-        rows = flat.numel() // _ROW
+    while (n := flat.numel()) > _ROW:
+        rows, tail = divmod(n, _ROW)
+        if not tail:  # (no slice where there is no tail: 1 of a call's 6 µs)
+            flat = torch.linalg.vector_norm(flat.view(rows, _ROW), dim=1, dtype=dtype)
+            continue
         parts = torch.linalg.vector_norm(flat[: rows * _ROW].view(rows, _ROW), dim=1, dtype=dtype)
-        if rows * _ROW < flat.numel():
-            rest = torch.linalg.vector_norm(flat[rows * _ROW :], dtype=dtype)
-            parts = torch.cat([parts, rest.reshape(1)])
-        flat = parts
+        rest = torch.linalg.vector_norm(flat[rows * _ROW :], dtype=dtype)
+        flat = torch.cat([parts, rest.reshape(1)])
     return flat
