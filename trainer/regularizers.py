@@ -28,7 +28,7 @@ from torch.autograd.gradcheck import GradcheckError
 
 from trainer.callbacks import Stateful, few
 from trainer.config import ContractError
-from trainer.precision import is_long, long_norm, wide_dtype, widen
+from trainer.precision import by_rows, is_long, long_norm, wide_dtype, widen
 from trainer.rng import forked_rng
 
 log = logging.getLogger(__name__)
@@ -257,9 +257,21 @@ def _l2_grad(p: Tensor) -> Tensor:
     return p  # d(½‖p‖²)/dp
 
 
-def _norm(p: Tensor) -> Tensor:
-    """‖p‖₂ (float32 for float16/bfloat16; by rows where long on a CPU)."""
-    return long_norm(p) if is_long(p) else torch.linalg.vector_norm(p, dtype=wide_dtype(p.dtype))
+def _norms(params: tuple[Tensor, ...]) -> Tensor:
+    """‖p‖₂ of each, stacked (float32 for float16/bfloat16; by rows where long on a CPU): in
+    one fused call where all are dense float32/float16/bfloat16, what is left of the long
+    ones after their rows' norms with the others (the step's L2 on the default MLP, one
+    thread: 20 µs, 22 µs with each long weight normed on its own, 13 µs for torch's own
+    per-tensor norms, which are up to 5e-5 off there; a review's)."""
+    if all(p.dtype in _FLOAT32_NORMED and p.layout == torch.strided for p in params):
+        flats = [by_rows(p) if is_long(p) else p for p in params]
+        return torch.stack(torch._foreach_norm(flats, 2, dtype=torch.float32))
+    return torch.stack([long_norm(p) if is_long(p) else torch.linalg.vector_norm(
+        p, dtype=wide_dtype(p.dtype)) for p in params])  # fmt: skip
+
+
+#: the dtypes whose norms are taken in float32 (float16/bfloat16 widened)
+_FLOAT32_NORMED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _l1_grad(p: Tensor) -> Tensor:
@@ -280,7 +292,7 @@ class _L2(Function):
         ctx.save_for_backward(*params)
         # (float16/bfloat16 parameters' norms in float32: a float16 ‖p‖² is Inf past ‖p‖ = 256;
         # long ones on a CPU by rows: torch's own norm is 1e-5 low at 10⁶ elements there)
-        norms = torch.stack([_norm(p) for p in params])
+        norms = _norms(params)
         return norms.square_().sum().mul_(0.5 * coef)  # 0-d
 
     @staticmethod
