@@ -22,7 +22,6 @@ import urllib.request
 import pytest
 from conftest import BASE, CONFIGS, final_params, train
 
-from trainer.callbacks import Callback
 from trainer.logger import event_dir
 
 PARAM = "net.1.weight"  # the MLP's first Linear weight
@@ -308,17 +307,13 @@ def test_hparams_of_a_logdir_with_a_run_written_before_integers_were_numbers(tmp
     assert [g["hparams"]["data.batch_size"] for g in filtered] == [64, 64]
 
 
-class _FailsAtStep8(Callback):
-    def on_train_step_end(self, trainer, out) -> None:
-        if out.step == 8:
-            raise RuntimeError("a crash at step 8")
-
-
 def test_a_resumed_run_shows_each_step_once(tmp_path) -> None:
     """A run checkpointed at step 5 that failed at step 8, resumed (logging every 4 steps
     now), served by TensorBoard as a user starts it (its default data server, which ignores
     the session start's purge): ``train/loss`` was shown at steps 1-8 and then 12 and 14,
     steps 6 and 7 the failed attempt's (a probe's). Each step once, the resumed run's."""
+    from test_resume import _FailsAtStep8
+
     base = ["trainer.run_id=r", "trainer.checkpoint.every_n_steps=5", "trainer.max_steps=14",
             f"trainer.checkpoint.search_dir={tmp_path}"]  # fmt: skip
     with pytest.raises(RuntimeError, match="a crash at step 8"):

@@ -6,6 +6,8 @@ their values is exact or within float32's rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -62,6 +64,22 @@ def long_norm(t: Tensor) -> Tensor:
     2¹⁹ on (1.1 against 2.2 ms at 2²⁴). A tensor that is not contiguous is copied by the
     reshape. (:func:`long_norms` of one tensor.)"""
     return long_norms([t])[0]
+
+
+#: the dtypes whose norms are taken in float32, in one call with ``dtype=float32``: a float16
+#: gradient of finite values can have a norm past float16's 65504 (Inf, and a clipping
+#: coefficient of 0), a bfloat16 norm keeps 3 significant digits
+NORMED_IN_FLOAT32 = (*LOW_PRECISION, torch.float32)
+
+
+def fused_norms(tensors: Sequence[Tensor]) -> list[Tensor] | None:
+    """Each tensor's 2-norm in one fused ``torch._foreach_norm`` (in float32), the long ones
+    (:func:`is_long`) by rows first (:func:`by_rows`); None where any tensor is not dense
+    float32/float16/bfloat16 (the call's ``dtype=`` takes no other)."""
+    if not all(t.dtype in NORMED_IN_FLOAT32 and t.layout == torch.strided for t in tensors):
+        return None
+    flats = [by_rows(t) if is_long(t) else t for t in tensors]
+    return list(torch._foreach_norm(flats, 2, dtype=torch.float32))
 
 
 def long_norms(tensors: list[Tensor]) -> list[Tensor]:

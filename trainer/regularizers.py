@@ -28,7 +28,7 @@ from torch.autograd.gradcheck import GradcheckError
 
 from trainer.callbacks import Stateful, few
 from trainer.config import ContractError
-from trainer.precision import by_rows, is_long, long_norm, wide_dtype, widen
+from trainer.precision import fused_norms, is_long, long_norm, wide_dtype, widen
 from trainer.rng import forked_rng
 
 log = logging.getLogger(__name__)
@@ -263,15 +263,11 @@ def _norms(params: tuple[Tensor, ...]) -> Tensor:
     ones after their rows' norms with the others (the step's L2 on the default MLP, one
     thread: 20 µs, 22 µs with each long weight normed on its own, 13 µs for torch's own
     per-tensor norms, which are up to 5e-5 off there; a review's)."""
-    if all(p.dtype in _FLOAT32_NORMED and p.layout == torch.strided for p in params):
-        flats = [by_rows(p) if is_long(p) else p for p in params]
-        return torch.stack(torch._foreach_norm(flats, 2, dtype=torch.float32))
+    fused = fused_norms(params)
+    if fused is not None:
+        return torch.stack(fused)
     return torch.stack([long_norm(p) if is_long(p) else torch.linalg.vector_norm(
         p, dtype=wide_dtype(p.dtype)) for p in params])  # fmt: skip
-
-
-#: the dtypes whose norms are taken in float32 (float16/bfloat16 widened)
-_FLOAT32_NORMED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _l1_grad(p: Tensor) -> Tensor:

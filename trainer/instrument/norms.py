@@ -19,18 +19,12 @@ from torch import Tensor
 from torch.nn.utils import get_total_norm
 
 from trainer.callbacks import Callback, Every, StepOutput, param_tag
-from trainer.precision import LOW_PRECISION, by_rows, is_long, long_norms, widen
+from trainer.precision import LOW_PRECISION, fused_norms, is_long, long_norms, widen
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 log = logging.getLogger(__name__)
-
-
-#: LOW_PRECISION tensors are normed in float32: a float16 gradient of finite values can have a
-#: norm past float16's 65504 (Inf, and a clipping coefficient of 0), a bfloat16 norm keeps 3
-#: significant digits; a list of these dtypes alone takes one call with ``dtype=float32``
-_DENSE_IN_FLOAT32 = (*LOW_PRECISION, torch.float32)
 
 
 def needs_care(tensors: Sequence[Tensor]) -> bool:
@@ -51,10 +45,9 @@ def norms_of(tensors: list[Tensor], careful: bool | None = None) -> list[Tensor]
         careful = needs_care(tensors)
     if not careful:
         return list(torch._foreach_norm(tensors))
-    if all(t.dtype in _DENSE_IN_FLOAT32 and t.layout == torch.strided for t in tensors):
-        # (the long ones' rows' norms, level by level, and the rest: one fused call)
-        flats = [by_rows(t) if is_long(t) else t for t in tensors]
-        return list(torch._foreach_norm(flats, 2, dtype=torch.float32))
+    fused = fused_norms(tensors)  # (the long ones' rows' norms first: one fused call)
+    if fused is not None:
+        return fused
     long = [is_long(t) for t in tensors]
     if any(long):
         short = iter(norms_of([t for t, x in zip(tensors, long, strict=True) if not x]))
