@@ -1722,8 +1722,9 @@ def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_checkpoint(
 def test_drop_events_from_reads_each_records_step_off_its_bytes(tmp_path) -> None:
     """drop_events_from reads each record's step off its bytes, a varint: steps of one byte
     and of several (128 on: 2 bytes; 16384 on: 3; 2⁴⁰: 6), step 0 (which protobuf leaves out
-    of the record: absent, 0), a negative one (ten bytes, two's complement) and the file's
-    version record (no step) compared as the steps they are; an HPARAMS record past the
+    of the record: absent, 0) and a negative one (ten bytes, two's complement) compared as
+    the steps they are, the file's version record (no step: read as 0) kept from any step,
+    0 and below too; an HPARAMS record past the
     step (an end status) kept, the other records kept byte for byte and a partial last one
     (a killed writer's) after them. A file with nothing at or past the step, or the one
     ``skip`` names, is left as it is and not counted as changed."""
@@ -1742,7 +1743,8 @@ def test_drop_events_from_reads_each_records_step_off_its_bytes(tmp_path) -> Non
     data = path.read_bytes() + b"\x05\x00\x00"  # (a partial record at the end)
     frames, _ = _frames(data)
     assert len(frames) == 1 + len(steps) + 1  # (the version record, the steps', the status)
-    for cut in (1, 128, 129, 256, 16384, 20001, 2**40):
+    for cut in (-1, 0, 1, 128, 129, 256, 16384, 20001, 2**40):  # (the version record kept
+        # from 0 and below too, though no caller drops from before step 1)
         path.write_bytes(data)
         assert drop_events_from(tmp_path, cut) == [path], cut
         rewritten = path.read_bytes()

@@ -450,7 +450,9 @@ def drop_events_from(directory: Path, step: int, skip: Path | None = None) -> li
         kept = [
             (a, b)
             for a, b in frames
-            if _step_of(data, a + 12) < step or HPARAMS_PREFIX in data[a + 12 : b - 4]
+            if _step_of(data, a + 12) < step
+            or HPARAMS_PREFIX in data[a + 12 : b - 4]
+            or _is_version(data, a + 12)
         ]
         if len(kept) == len(frames):
             continue
@@ -480,6 +482,15 @@ def _step_of(data: bytes, pos: int) -> int:
             break
         shift += 7
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _is_version(data: bytes, pos: int) -> bool:
+    """Whether the serialized ``Event`` at ``pos`` is a file's version record (its first:
+    ``wall_time``, then ``file_version``, field 3, a string: tag 0x1a), which has no step
+    (read as 0) and is kept whatever the step dropped from."""
+    if data[pos : pos + 1] == b"\x09":
+        pos += 9
+    return data[pos : pos + 1] == b"\x1a"
 
 
 def _session_start_values(summary: Any) -> Any:

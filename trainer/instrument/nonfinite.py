@@ -645,9 +645,9 @@ def _largest_weight(trainer: Trainer) -> str:
     if not math.isfinite(largest):  # (named in the cause: _params_cause)
         return "the parameters hold non-finite values"
     return (
-        f"the parameters' largest magnitude is now {largest:.3g} (an update too large, from "
-        "the learning rate say, can leave them finite but so large that every forward "
-        "overflows)"
+        f"the parameters' largest magnitude is now {largest:.3g} (a huge one would say an "
+        "update too large, from the learning rate say, left them finite but so large that "
+        "every forward overflows; a small one points at the data or the loss)"
     )
 
 
