@@ -168,10 +168,13 @@ class Weighting(Stateful, abc.ABC):
                 + (" or per_token" if loss.task == "sequence" else "")
             )
         if self.needs_classes and loss.task != "classification":
+            fits = (
+                " or per_token" if loss.task == "sequence" else "" if elements else " or hard_topk"
+            )
             raise ValueError(
                 f"weighting={_config_name(self)} reads class labels, but the loss "
                 f"{type(loss).__name__} is not a classification loss (task {loss.task}); use "
-                "weighting=uniform or per_sample" + ("" if elements else " or hard_topk")
+                f"weighting=uniform or per_sample{fits}"
             )
 
     @abc.abstractmethod
