@@ -112,6 +112,55 @@ def test_penalty_refuses_inputs_it_cannot_differentiate() -> None:
         pen.value(losses, x)
 
 
+@pytest.mark.parametrize("plain", [False, True])
+def test_penalty_refuses_a_function_whose_backward_is_once_differentiable(tmp_path, plain):
+    """torch does not differentiate a @once_differentiable backward and raises nothing: the
+    penalty's θ-gradient left out every path through it (None for the layer after it, 45 %
+    off for the one before; a run's step 36 % off, a probe's). Refused at the first penalized
+    step, naming the Function, before any update; the same Function with a differentiable
+    backward trains."""
+    from trainer.config import ContractError
+
+    keys = [*STEP, "trainer.max_steps=2", "regularizer=[input_grad_penalty]", "~model",
+            "+model._target_=test_instrument.Squared", f"+model.plain={plain}"]  # fmt: skip
+    if plain:
+        train(tmp_path, *keys)
+        assert all(torch.isfinite(p).all() for p in final_params(tmp_path).values())
+        return
+    with pytest.raises(ContractError, match=r"test_instrument\._Square marks its backward "
+                       r"@once_differentiable.*left out of the penalty's gradient"):  # fmt: skip
+        train(tmp_path, *keys)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_curvature_of_a_loss_whose_backward_has_no_derivative_formula_is_nan(caplog) -> None:
+    """torch raises a RuntimeError (not NotImplementedError, an EmbeddingBag's) for an op whose
+    backward has no derivative formula, CTC's ("derivative for aten::_ctc_loss_backward is not
+    implemented"): the measured step stopped the run (a probe's). NaN, said."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+    x, y = torch.randn(5, 6, 3), torch.randint(1, 4, (5, 2))
+
+    def ctc(output, target):
+        b, t, _ = output.shape
+        lp = output.log_softmax(-1).transpose(0, 1)
+        lengths = torch.full((b,), t), torch.full((b,), target.shape[1])
+        return F.ctc_loss(lp, target, *lengths, reduction="none")
+
+    criterion = as_loss(ctc)
+    trainer = SimpleNamespace(
+        model=model, criterion=criterion, world=SINGLE,
+        objective=Objective(criterion, None, (), list(model.parameters())),
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        values = Curvature(1, power_iters=3, tol=0, trace_probes=1).measure(
+            trainer, Batch(x, y, torch.arange(5))
+        )
+    assert math.isnan(float(values["curvature/top_eig"]))
+    assert math.isnan(float(values["curvature/trace"]))
+    assert "no derivative of its own (derivative for aten::_ctc_loss_backward" in caplog.text
+
+
 class Capture(Callback):
     """The first optimizer step's batch (single micro-batch) and final gradients."""
 

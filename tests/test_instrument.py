@@ -1400,18 +1400,71 @@ class Bagged(nn.Module):
         return self.head(torch.tanh(self.bag((x.flatten(1) * 2).long().clamp(0, 32))))
 
 
+class _Square(torch.autograd.Function):
+    """x², its backward marked ``@once_differentiable`` (as C++/CUDA extensions' often are):
+    torch runs it without a graph, so a backward differentiated again leaves every path
+    through it out, and raises nothing (:class:`_PlainSquare`: the same, differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _PlainSquare(torch.autograd.Function):
+    forward = _Square.forward
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class Squared(nn.Module):
+    """An MLP squaring its hidden units through :class:`_Square` (or, ``plain``, through
+    :class:`_PlainSquare`)."""
+
+    def __init__(self, in_shape, out_dim, plain: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(math.prod(in_shape), 16), nn.Linear(16, out_dim)
+        self.square = (_PlainSquare if plain else _Square).apply
+
+    def forward(self, x):
+        return self.b(self.square(torch.tanh(self.a(x.flatten(1)))))
+
+
+@pytest.mark.parametrize("model", ["Bagged", "Squared", "Squared_plain"])
 def test_curvature_through_an_op_without_a_double_backward_is_nan_not_a_stop(
-    tmp_path, caplog
+    tmp_path, caplog, model
 ) -> None:
     """An EmbeddingBag's backward has no derivative: curvature stopped the run (a review's).
-    NaN is logged for it, said once, and the run trains as without curvature."""
-    model = ["~model", f"+model._target_={__name__}.Bagged", "trainer.max_steps=3"]
+    A Function whose backward is @once_differentiable has none either, and torch raises
+    nothing: every path through it was left out of the products, a probe's estimate of the
+    wrong sign, converged, unsaid. NaN is logged for both, said once (naming the Function),
+    and the run trains as without curvature; the same Function with a differentiable
+    backward is measured (finite)."""
+    name, _, plain = model.partition("_")
+    model = ["~model", f"+model._target_={__name__}.{name}", "trainer.max_steps=3",
+             *(["+model.plain=true"] if plain else [])]  # fmt: skip
     curvature = ["instrument.curvature.every_n_steps=1", "instrument.curvature.power_iters=2"]
     train(tmp_path / "none", *model, "instrument=none")
     with caplog.at_level("WARNING"):
         train(tmp_path / "on", *model, "instrument=none", *curvature)
-    assert caplog.text.count("curvature: NaN, the model's backward has no derivative") == 1
     values = read_scalars(tmp_path / "on")["curvature/top_eig"]
+    if plain:  # (the trace: 2 Lanczos steps do not converge, which is NaN too)
+        assert "curvature: NaN" not in caplog.text
+        trace = read_scalars(tmp_path / "on")["curvature/trace"]
+        assert len(trace) == 3 and all(math.isfinite(v) for _, v in trace)
+        return
+    assert caplog.text.count("curvature: NaN, the model's backward has no derivative") == 1
+    if name == "Squared":
+        assert f"{__name__}._Square marks its backward @once_differentiable" in caplog.text
     assert [s for s, _ in values] == [1, 2, 3] and all(math.isnan(v) for _, v in values)
     for (name, a), b in zip(final_params(tmp_path / "none").items(),
                             final_params(tmp_path / "on").values(), strict=True):  # fmt: skip

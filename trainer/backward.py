@@ -63,6 +63,39 @@ class explain_freed_graph:  # noqa: N801  (used as a context manager, like a fun
         ) from e
 
 
+#: the code of every backward ``torch.autograd.function.once_differentiable`` wraps (one code
+#: object, a closure per function): how a Function whose backward is marked so is recognized
+_ONCE_DIFFERENTIABLE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
+
+def once_differentiable_in(roots: Sequence[Tensor]) -> list[str]:
+    """The custom autograd Functions (``Function`` subclasses, by name, each once, in the order
+    found) in the graph of ``roots`` whose backward is marked ``@once_differentiable``, as
+    C++/CUDA extensions' often are. A backward differentiated again (Hessian-vector products,
+    the input-gradient penalty) needs the derivative of theirs, which torch does not take:
+    their backward runs without a graph, and what it returns is tied to a fresh leaf that
+    raises only when a backward reaches it, which one taken in the parameters never does, so
+    every path through such a Function was silently left out (a curvature estimate of the
+    wrong sign, converged; a penalty's gradient 36 % off: a probe's). A walk of the graph,
+    one visit per node."""
+    found: list[str] = []
+    seen: set[Any] = set()
+    todo = [t.grad_fn for t in roots if t.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)  # (a custom Function's backward node)
+        backward = getattr(cls, "backward", None)
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            if name not in found:
+                found.append(name)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
 def check_weights(losses: Tensor, weights: Tensor) -> None:
     """Raise :class:`WeightError` unless ``weights`` can be passed as ``gradient=`` for ``losses``.
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 from torch.autograd.gradcheck import GradcheckError
 
+from trainer.backward import once_differentiable_in
 from trainer.callbacks import Stateful, few
 from trainer.config import ContractError
 from trainer.precision import fused_norms, is_long, long_norm, wide_dtype, widen
@@ -678,6 +679,8 @@ class InputGradPenalty(Stateful):
         if not coef >= 0:
             raise ValueError(f"regularizer.{name}.coef: got {coef}, must be >= 0")
         self.name, self.coef = name, coef
+        #: the first penalized step's graph was looked at for @once_differentiable Functions
+        self._graph_checked = False
 
     def bind(self, model: nn.Module) -> InputGradPenalty:
         """Nothing to select: the penalty acts on the inputs (for symmetry with Regularizer)."""
@@ -707,6 +710,17 @@ class InputGradPenalty(Stateful):
         """
         if not x.requires_grad:
             raise ValueError("input_grad_penalty: the input does not require grad; use prepare(x)")
+        if not self._graph_checked:  # (a walk of the graph: the first penalized step only)
+            if once := once_differentiable_in([losses]):
+                raise ContractError(
+                    f"input_grad_penalty differentiates the model's backward, but "
+                    f"{', '.join(once)} marks its backward @once_differentiable, which torch "
+                    "does not differentiate: every path through it would be left out of the "
+                    "penalty's gradient, silently (torch raises nothing there); give that "
+                    "Function a backward made of differentiable ops (no @once_differentiable), "
+                    "or remove the penalty"
+                )
+            self._graph_checked = True
         (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True, allow_unused=True)
         if g is None:  # (torch: "appears to not have been used in the graph")
             raise ValueError(

@@ -22,6 +22,7 @@ import logging
 import math
 import numbers
 import operator
+import re
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.backward import double_backward_kernels, explain_freed_graph
+from trainer.backward import double_backward_kernels, explain_freed_graph, once_differentiable_in
 from trainer.callbacks import Callback, Every, few
 from trainer.config import ContractError
 from trainer.distributed import all_reduce_sum
@@ -97,6 +98,15 @@ def hvp(grads: Sequence[Tensor], params: Sequence[Tensor], v: Sequence[Tensor]) 
                 outputs, params, grad_outputs=vectors, retain_graph=True, materialize_grads=True
             )
         )
+
+
+class _NoDerivative(Exception):
+    """An op of the model whose backward has no derivative (torch raises a RuntimeError, or for
+    a @once_differentiable Function nothing): the curvature is NaN, said."""
+
+
+#: torch's error for an op whose backward has no derivative formula
+_NO_DERIVATIVE = re.compile(r"derivative for \S+ is not implemented")
 
 
 def _randn_like(p: Tensor, generator: torch.Generator) -> Tensor:
@@ -528,14 +538,23 @@ class Curvature(Callback):
                 if state is not None:  # (its parameters, the instruments' hooks as they are)
                     _unchanged_structure(trainer.model, state.attributes)
                     state.attributes.put_back(began=True)
-                return self._measure(trainer, batch, weights, start, state)
+                try:
+                    return self._measure(trainer, batch, weights, start, state)
+                except RuntimeError as e:  # (an op of torch's whose backward has none, raised
+                    # by the products: CTC's "derivative for aten::_ctc_loss_backward is not
+                    # implemented", which stopped the run, a probe's)
+                    if _NO_DERIVATIVE.search(str(e)):
+                        raise _NoDerivative(str(e)) from e
+                    raise
             except _NotFrom as e:  # (what it was measured from is not the step's: NaN, said)
                 if str(e) not in self._said:
                     self._said.add(str(e))
                     log.warning("curvature: NaN, %s", e)
                 return self._nan(batch)
-            except NotImplementedError as e:  # an op of the model without a double backward
-                # (an EmbeddingBag's: it stopped the run, a review's): NaN, said once
+            except (NotImplementedError, _NoDerivative) as e:  # an op of the model without
+                # a double backward (an EmbeddingBag's: it stopped the run, a review's; CTC's,
+                # torch's RuntimeError, a probe's; a @once_differentiable Function's, which
+                # torch leaves out silently): NaN, said once
                 if not self._unsupported:
                     self._unsupported = True
                     log.warning(
@@ -603,6 +622,13 @@ class Curvature(Callback):
                 "the measurement's forward made new trainable parameters (a submodule built "
                 "on demand, behind a flag put back to how the step's forward found it): the "
                 "Hessian would leave them out"
+            )
+        if once := once_differentiable_in([objective]):  # (a walk of the graph: a measuring
+            # step's; torch would leave every path through them out of the products, silently:
+            # a probe's estimate of the wrong sign, converged)
+            raise _NoDerivative(
+                f"{', '.join(once)} marks its backward @once_differentiable, which torch does "
+                "not differentiate"
             )
         ddp = trainer.world.distributed
         try:
