@@ -23,7 +23,15 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo  # noqa: F401  (imported once here, not in every child: torch.optim uses it)
-from conftest import ROOT, StopAt, compose_before_forking, make_cfg, read_scalars, train
+from conftest import (
+    ROOT,
+    StopAt,
+    compose_before_forking,
+    final_params,
+    make_cfg,
+    read_scalars,
+    train,
+)
 
 from trainer.checkpoint import load_checkpoint
 from trainer.config import ConfigError
@@ -1762,3 +1770,32 @@ def test_drop_events_from_reads_each_records_step_off_its_bytes(tmp_path) -> Non
     assert drop_events_from(tmp_path, 2**40 + 1) == []  # (nothing past it: left as it is)
     assert drop_events_from(tmp_path, 1, skip=path) == []
     assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("rewritten", [False, True])
+def test_a_resume_refuses_a_per_sample_weights_file_rewritten_since(tmp_path, rewritten):
+    """The checkpoint kept only ``weighting.path``: a file rewritten at the same path (its
+    weights reversed) resumed silently and trained on other weights (a probe's). The weights'
+    digest is kept now: other weights are refused, naming the file, before any step; the same
+    ones resume to the uninterrupted run's parameters, bit for bit."""
+    path = tmp_path / "w.pt"
+    w = torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.1
+    torch.save(w, path)
+    common = ["data=synthetic", "data.num_train=64", "data.num_val=32", "data.batch_size=16",
+              "trainer.max_steps=6", "model.hidden=[8]", "logging.progress=false",
+              "loss.mode=vector", "weighting=per_sample", f"weighting.path={path}"]  # fmt: skip
+    train(tmp_path / "whole", *common)
+    with pytest.raises(SystemExit):
+        train(tmp_path / "a", *common, callbacks=[StopAt(2)])
+    if rewritten:
+        torch.save(w.flip(0), path)
+    resume = ["trainer.resume=auto", f"trainer.checkpoint.search_dir={tmp_path / 'a'}"]
+    if rewritten:
+        said = f"does not fit this run: weighting.path: {path} holds other weights than"
+        with pytest.raises(ValueError, match=said):
+            train(tmp_path / "a", *common, *resume)
+        return
+    train(tmp_path / "a", *common, *resume)
+    for (name, a), b in zip(final_params(tmp_path / "whole").items(),
+                            final_params(tmp_path / "a").values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name

@@ -47,6 +47,7 @@ configs/weighting/.
 from __future__ import annotations
 
 import abc
+import hashlib
 import logging
 import math
 from fractions import Fraction
@@ -525,6 +526,25 @@ class PerSampleWeighting(_TableLookup):
     def __init__(self, path: str, normalize: str = "mean"):
         super().__init__(normalize)
         self.path = Path(path)
+        #: the SHA-256 of the weights read (float64 bytes), kept in a checkpoint
+        self.digest: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The weights' digest: a resume reads the file again, and one rewritten since at the
+        same path resumed silently and trained on other weights (a probe's), the config
+        (``weighting.path``) unchanged."""
+        return {"weights_sha256": self.digest} if self.digest is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse weights other than the checkpoint's (an older checkpoint keeps no digest)."""
+        kept = state.get("weights_sha256")
+        if kept is not None and self.digest is not None and kept != self.digest:
+            raise WeightFileError(
+                f"weighting.path: {self.path} holds other weights than the run being resumed "
+                f"trained with (SHA-256 {self.digest[:12]}… now, {kept[:12]}… in the "
+                "checkpoint): a resume continues that run exactly; put the file back as it "
+                "was, or start a new run"
+            )
 
     def load(self) -> Tensor:
         path = self.path
@@ -584,6 +604,7 @@ class PerSampleWeighting(_TableLookup):
             self._set_table(values, device, f"weights in {self.path}", self._largest_batch(data))
         except ValueError as e:
             raise WeightFileError(f"weighting.path: {e}") from None
+        self.digest = hashlib.sha256(values.contiguous().numpy().tobytes()).hexdigest()
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         return self._table_for(losses)[indices]
