@@ -83,16 +83,15 @@ def once_differentiable_in(roots: Sequence[Tensor]) -> list[str]:
     todo = [t.grad_fn for t in roots if t.grad_fn is not None]
     while todo:
         node = todo.pop()
-        if node is None or node in seen:
+        if node in seen:
             continue
         seen.add(node)
-        cls = getattr(node, "_forward_cls", None)  # (a custom Function's backward node)
-        backward = getattr(cls, "backward", None)
-        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
+        cls: Any = getattr(node, "_forward_cls", None)  # (a custom Function's backward node)
+        if getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE:
             name = f"{cls.__module__}.{cls.__qualname__}"
             if name not in found:
                 found.append(name)
-        todo.extend(fn for fn, _ in node.next_functions)
+        todo.extend(fn for fn, _ in node.next_functions if fn is not None)
     return found
 
 
