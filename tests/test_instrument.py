@@ -899,7 +899,7 @@ def test_a_value_within_float32s_resolution_of_an_edge_is_in_its_written_bucket(
     Binned in float64, in which the limits are written, each count is NumPy's for the same
     values and range. float64 values on a decimal grid (-0.30, -0.29, ..., 0.70) sit on the
     limits themselves, where histc's arithmetic put 6 of 101 one bucket over (a probe's):
-    they are compared with the limits."""
+    they are compared with the limits, as every value is now."""
     x = (torch.linspace(-1, 1, 101) if grid == "linspace"
          else torch.arange(-30, 71, dtype=torch.float64) / 100).to(dtype)  # fmt: skip
     fixed = (-0.5, 0.5) if grid == "linspace" else (-0.25, 0.55)
@@ -908,9 +908,16 @@ def test_a_value_within_float32s_resolution_of_an_edge_is_in_its_written_bucket(
         v = x.double().numpy()
         left, right = {"minmax": (v.min(), v.max()), "fixed": fixed,
                        "symmetric": (-abs(v).max(), abs(v).max())}[policy]  # fmt: skip
-        counts, edges = np.histogram(np.clip(v, left, right), bins=bins, range=(left, right))
+        # each count against the limits written (torch.linspace's: within a few float64
+        # ulps of the range of NumPy's, its second half counted from the right end; values
+        # on a NumPy limit may lie on the other side of the one written, and are counted
+        # where they lie)
+        written = np.array([left, *h.bucket_limits])
+        counts, _ = np.histogram(np.clip(v, left, right), bins=written)
         assert h.bucket_counts == counts.tolist()
-        assert h.bucket_limits == pytest.approx(edges[1:].tolist(), rel=1e-15, abs=1e-15)
+        _, edges = np.histogram(v, bins=bins, range=(left, right))
+        spread = 4 * 2**-52 * (right - left)
+        assert h.bucket_limits == pytest.approx(edges[1:].tolist(), rel=1e-15, abs=spread)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -2514,9 +2521,11 @@ def test_the_widest_float64_range_with_bins_short_of_a_power_of_2_is_numpys(bins
     x = torch.tensor([-big, -0.37 * big, 0.0, 0.21 * big, big], dtype=torch.float64)
     (h,) = histograms([x], bins=bins)
     v = x.numpy() / 4
-    counts, edges = np.histogram(v, bins=bins, range=(v.min(), v.max()))
-    assert h.bucket_counts == counts.tolist()
-    assert h.bucket_limits == pytest.approx((edges[1:] * 4).tolist(), rel=1e-15)
+    counts, _ = np.histogram(v, bins=np.array([-big, *h.bucket_limits]) / 4)
+    assert h.bucket_counts == counts.tolist()  # (against the limits written, scaled)
+    _, edges = np.histogram(v, bins=bins, range=(v.min(), v.max()))
+    spread = 4 * 2**-52 * (v.max() - v.min()) * 4  # (a few float64 ulps of the range)
+    assert h.bucket_limits == pytest.approx((edges[1:] * 4).tolist(), rel=1e-15, abs=spread)
     assert (h.min, h.max, h.num) == (-big, big, 5)
 
 
