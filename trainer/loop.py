@@ -448,9 +448,12 @@ class Trainer:
             self.criterion, weighting, regularizers, self.params, world=world,
             scaler=self.scaler, global_batch_size=lambda: self.train_loader.current_global_size,
         )  # fmt: skip
+        # (DDP inside torch.compile's wrapper too: seen as no DDP, a compiled run with
+        # unused parameters and a regularizer stopped at its first step, a probe's)
+        ddp = getattr(self.forward_model, "_orig_mod", self.forward_model)
         self.objective.reg_after_reduce = bool(
-            isinstance(self.forward_model, torch.nn.parallel.DistributedDataParallel)
-            and self.forward_model.find_unused_parameters
+            isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+            and ddp.find_unused_parameters
         )
         self._output_checked = False  # (the model's output checked against the loss: once)
         #: per-token losses (the loss defines unit weights): train/loss is Σ u ℓ / Σ u
