@@ -2794,3 +2794,56 @@ def test_norms_shared_as_the_loop_takes_them_leave_a_clipped_run_as_it_is(tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = read_scalars(tmp_path / "plain"), read_scalars(tmp_path / "shared")
     assert sa["grad_norm/total"] == sb["grad_norm/total"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0, 1e308, 1.7e308],  # (width finite, width · bins past float64's largest)
+        [1.0, 1.0 + 2**-52],  # (a range of one ulp: torch.linspace's limits repeat)
+        [1.0, 1.0 + 2**-52, 1.0 + 2**-51, 1.0 + 3 * 2**-52],
+        [0.0, 5e-324, 1e-323, 2e-323],  # (subnormal)
+    ],
+    ids=["width_times_bins_past_max", "one_ulp", "three_ulps", "subnormal"],
+)
+def test_float64_counts_where_torch_histogram_cannot_interpolate_are_numpys(values) -> None:
+    """Each value counted as NumPy counts it against the limits written: torch.histogram's
+    interpolation overflows ((x − left)·bins past float64's largest: everything in bucket 1)
+    and its local search, a window of 3 edges, misses repeated limits (a review's): those
+    ranges are compared with the limits."""
+    x = torch.tensor(values, dtype=torch.float64)
+    (h,) = histograms([x], bins=64)
+    v = x.numpy()
+    expected, _ = np.histogram(v, bins=np.array([v.min(), *h.bucket_limits]))
+    assert h.bucket_counts == expected.tolist()
+
+
+def test_every_value_is_counted_against_the_limits_written_over_random_ranges() -> None:
+    """Ranges of every scale (1e-30 to 1e30 wide, symmetric, float32 ends) and values on each
+    limit and on its float64 and float32 neighbours, in float32 and float64: each count is
+    NumPy's against the limits written (``searchsorted``, exact by construction)."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        bins = int(rng.choice([3, 7, 10, 64, 100]))
+        if trial % 3 == 0:
+            lo, hi = sorted(rng.normal(size=2) * 10 ** rng.uniform(-20, 20))
+        elif trial % 3 == 1:
+            a = abs(rng.normal()) * 10 ** rng.uniform(-30, 30)
+            lo, hi = -a, a
+        else:
+            lo, hi = sorted(float(np.float32(v)) for v in rng.normal(size=2))
+        if not lo < hi:
+            continue
+        edges = np.linspace(lo, hi, bins + 1)
+        near = [edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf)]
+        e32 = edges.astype(np.float32)
+        near += [e32, np.nextafter(e32, np.float32(-np.inf)), np.nextafter(e32, np.float32(np.inf))]
+        v = np.concatenate([np.asarray(n, dtype=np.float64) for n in near] + [[lo, hi]])
+        v = v[(v >= lo) & (v <= hi)]
+        for dtype in (torch.float64, torch.float32):
+            x = torch.from_numpy(v).to(dtype)
+            wide = x.double()  # (float32 rounding may leave the range: compared in float64)
+            x = x[(wide >= lo) & (wide <= hi)]
+            (h,) = histograms([x], bins=bins, range_policy="fixed", fixed=(lo, hi))
+            want, _ = np.histogram(x.double().numpy(), bins=np.array([lo, *h.bucket_limits]))
+            assert h.bucket_counts == want.tolist(), (trial, lo, hi, bins, dtype)

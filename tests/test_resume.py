@@ -1799,3 +1799,16 @@ def test_a_resume_refuses_a_per_sample_weights_file_rewritten_since(tmp_path, re
     for (name, a), b in zip(final_params(tmp_path / "whole").items(),
                             final_params(tmp_path / "a").values(), strict=True):  # fmt: skip
         assert torch.equal(a, b), name
+
+
+def test_a_weights_file_saved_off_a_graph_is_read(tmp_path):
+    """A .pt weights file holding a tensor that requires grad (saved off a graph): the digest's
+    ``.numpy()`` raised torch's "Can't call numpy() on Tensor that requires grad" at setup,
+    naming neither the file nor the weighting (a review's); before the digest, a WeightError
+    at the first step ("computed from parameters?"). Its values are read."""
+    path = tmp_path / "w.pt"
+    torch.save(torch.rand(64, generator=torch.Generator().manual_seed(1)).requires_grad_(), path)
+    common = ["data=synthetic", "data.num_train=64", "data.num_val=32", "data.batch_size=16",
+              "trainer.max_steps=2", "model.hidden=[8]", "logging.progress=false",
+              "loss.mode=vector", "weighting=per_sample", f"weighting.path={path}"]  # fmt: skip
+    assert train(tmp_path / "run", *common)["status"] == "completed"

@@ -1840,3 +1840,20 @@ def test_validation_inputs_of_another_length_batched_by_a_collate_are_not_warned
     assert data.input_shape == (6,)
     control = said(RaggedTags(kind="ragged", batch_size=5))
     assert len(control) == 1 and "are of shape (3,) and its training inputs (6,)" in control[0]
+
+
+def test_a_class_label_weighting_refused_for_a_per_sequence_loss_names_what_fits():
+    """A sequence loss of one's own without units (one loss per sequence, (B,)): focal was
+    refused naming per_token, which refuses that loss too, and not hard_topk, which fits (a
+    review's)."""
+    from types import SimpleNamespace
+
+    from trainer.weighting import FocalWeighting, HardTopKWeighting
+
+    loss = SimpleNamespace(task="sequence", has_units=False, units=None)
+    HardTopKWeighting().check_loss(loss)  # (fits)
+    with pytest.raises(ValueError, match="defines no units"):
+        PerTokenWeighting().check_loss(loss)
+    with pytest.raises(ValueError, match="reads class labels") as e:
+        FocalWeighting().check_loss(loss)
+    assert "per_token" not in str(e.value) and "hard_topk" in str(e.value)

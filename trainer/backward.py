@@ -68,31 +68,54 @@ class explain_freed_graph:  # noqa: N801  (used as a context manager, like a fun
 _ONCE_DIFFERENTIABLE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
 
 
-def once_differentiable_in(roots: Sequence[Tensor]) -> list[str]:
-    """The custom autograd Functions (``Function`` subclasses, by name, each once, in the order
-    found) in the graph of ``roots`` whose backward is marked ``@once_differentiable``, as
-    C++/CUDA extensions' often are. A backward differentiated again (Hessian-vector products,
-    the input-gradient penalty) needs the derivative of theirs, which torch does not take:
-    their backward runs without a graph, and what it returns is tied to a fresh leaf that
-    raises only when a backward reaches it, which one taken in the parameters never does, so
-    every path through such a Function was silently left out (a curvature estimate of the
-    wrong sign, converged; a penalty's gradient 36 % off: a probe's). A walk of the graph,
-    one visit per node."""
+def once_differentiable_in(roots: Sequence[Tensor], leaves: Sequence[Tensor]) -> list[str]:
+    """The custom autograd Functions (``Function`` subclasses, by name, each once) in the graph
+    of ``roots`` on a path to one of ``leaves`` (the tensors a backward is taken for) whose
+    backward is marked ``@once_differentiable``, as C++/CUDA extensions' often are (under
+    another decorator too: ``functools.wraps``'s ``__wrapped__`` followed). A backward
+    differentiated again (Hessian-vector products, the input-gradient penalty) needs the
+    derivative of theirs, which torch does not take: their backward runs without a graph, and
+    what it returns is tied to a fresh leaf that raises only when a backward reaches it, which
+    one taken for ``leaves`` never does, so every path through such a Function was silently
+    left out (a curvature estimate of the wrong sign, converged; a penalty's gradient 36 %
+    off: a probe's). One off the paths to ``leaves`` (a straight-through rounding of a
+    weight, for the inputs' gradient) is not run by that backward and not named. A
+    backward that calls a @once_differentiable helper is not seen. One visit per node."""
+    targets = {id(t) for t in leaves}
+    reaches: dict[Any, bool] = {}  # node -> a path from it reaches a leaf (False: unfinished)
     found: list[str] = []
-    seen: set[Any] = set()
-    todo = [t.grad_fn for t in roots if t.grad_fn is not None]
-    while todo:
-        node = todo.pop()
-        if node in seen:
+    todo: list[tuple[Any, bool]] = [(t.grad_fn, False) for t in roots if t.grad_fn is not None]
+    while todo:  # (depth first, each node finished after its inputs: the graph is acyclic)
+        node, inputs_done = todo.pop()
+        if not inputs_done:
+            if node in reaches:
+                continue
+            reaches[node] = False
+            todo.append((node, True))
+            todo.extend((fn, False) for fn, _ in node.next_functions
+                        if fn is not None and fn not in reaches)  # fmt: skip
             continue
-        seen.add(node)
+        variable = getattr(node, "variable", None)  # (a leaf's AccumulateGrad node)
+        reaches[node] = (variable is not None and id(variable) in targets) or any(
+            reaches.get(fn, False) for fn, _ in node.next_functions if fn is not None
+        )
         cls: Any = getattr(node, "_forward_cls", None)  # (a custom Function's backward node)
-        if getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE:
+        if reaches[node] and cls is not None and _once_differentiable(cls.backward):
             name = f"{cls.__module__}.{cls.__qualname__}"
             if name not in found:
                 found.append(name)
-        todo.extend(fn for fn, _ in node.next_functions if fn is not None)
     return found
+
+
+def _once_differentiable(backward: Any) -> bool:
+    """Whether ``backward`` is torch's ``once_differentiable`` wrapper, or wraps one."""
+    for _ in range(100):  # (a chain of decorators; bounded)
+        if backward is None:
+            return False
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
+            return True
+        backward = getattr(backward, "__wrapped__", None)
+    return False
 
 
 def check_weights(losses: Tensor, weights: Tensor) -> None:

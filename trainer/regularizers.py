@@ -711,7 +711,8 @@ class InputGradPenalty(Stateful):
         if not x.requires_grad:
             raise ValueError("input_grad_penalty: the input does not require grad; use prepare(x)")
         if not self._graph_checked:  # (a walk of the graph: the first penalized step only)
-            if once := once_differentiable_in([losses]):
+            if once := once_differentiable_in([losses], [x]):  # (on the input's paths:
+                # one off them, a straight-through rounding of a weight, is first order here)
                 raise ContractError(
                     f"input_grad_penalty differentiates the model's backward, but "
                     f"{', '.join(once)} marks its backward @once_differentiable, which torch "

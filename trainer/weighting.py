@@ -169,9 +169,10 @@ class Weighting(Stateful, abc.ABC):
                 + (" or per_token" if loss.task == "sequence" else "")
             )
         if self.needs_classes and loss.task != "classification":
-            fits = (
-                " or per_token" if loss.task == "sequence" else "" if elements else " or hard_topk"
-            )
+            # (per_token for a sequence loss's tokens; hard_topk for one loss per sample: a
+            # sequence loss of one's own without units takes it, and per_token refuses it)
+            fits = " or per_token" if elements and loss.task == "sequence" else ""
+            fits = fits if elements else " or hard_topk"
             raise ValueError(
                 f"weighting={_config_name(self)} reads class labels, but the loss "
                 f"{type(loss).__name__} is not a classification loss (task {loss.task}); use "
@@ -538,6 +539,12 @@ class PerSampleWeighting(_TableLookup):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse weights other than the checkpoint's (an older checkpoint keeps no digest)."""
         kept = state.get("weights_sha256")
+        if kept is None and self.digest is not None:
+            log.warning(
+                "weighting.path: the checkpoint keeps no digest of the weights its run read "
+                "from %s (written before 2026-12-07): the file is not checked against them",
+                self.path,
+            )
         if kept is not None and self.digest is not None and kept != self.digest:
             raise WeightFileError(
                 f"weighting.path: {self.path} holds other weights than the run being resumed "
@@ -582,7 +589,7 @@ class PerSampleWeighting(_TableLookup):
             raise WeightFileError(
                 f"weighting.path: {path} holds shape {tuple(values.shape)}; expected 1-D (N,)"
             )
-        return values.double()
+        return values.detach().double()  # (a tensor saved off a graph: its values)
 
     def setup(self, data: DataModule, device: torch.device) -> None:
         values = self.load()
@@ -604,7 +611,8 @@ class PerSampleWeighting(_TableLookup):
             self._set_table(values, device, f"weights in {self.path}", self._largest_batch(data))
         except ValueError as e:
             raise WeightFileError(f"weighting.path: {e}") from None
-        self.digest = hashlib.sha256(values.contiguous().numpy().tobytes()).hexdigest()
+        flat = values.detach().cpu().double().contiguous()  # (a subclass's load: any tensor)
+        self.digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 
     def raw(self, losses: Tensor, logits: Tensor, targets: Tensor, indices: Tensor) -> Tensor:
         return self._table_for(losses)[indices]

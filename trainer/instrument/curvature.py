@@ -105,8 +105,11 @@ class _NoDerivative(Exception):
     a @once_differentiable Function nothing): the curvature is NaN, said."""
 
 
-#: torch's error for an op whose backward has no derivative formula
-_NO_DERIVATIVE = re.compile(r"derivative for \S+ is not implemented")
+#: torch's errors for an op whose backward has no derivative formula (one of torch's: CTC's;
+#: a ``torch.library.custom_op`` whose backward calls an op with none, a review's)
+_NO_DERIVATIVE = re.compile(
+    r"derivative for \S+ is not implemented|but no autograd formula was registered"
+)
 
 
 def _randn_like(p: Tensor, generator: torch.Generator) -> Tensor:
@@ -623,7 +626,7 @@ class Curvature(Callback):
                 "on demand, behind a flag put back to how the step's forward found it): the "
                 "Hessian would leave them out"
             )
-        if once := once_differentiable_in([objective]):  # (a walk of the graph: a measuring
+        if once := once_differentiable_in([objective], params):  # (a walk of the graph: a measuring
             # step's; torch would leave every path through them out of the products, silently:
             # a probe's estimate of the wrong sign, converged)
             raise _NoDerivative(

@@ -159,7 +159,7 @@ def histograms(
         xf = x.double() if wide else x.float()
         xb = xf.clamp(left, right) if range_policy == "fixed" else xf  # outside: edge buckets
         limits = _limits(left, right, bins)
-        if wide and xb.device.type == "cpu" and math.isfinite(right - left):
+        if wide and xb.device.type == "cpu" and _interpolates(left, right, bins, limits):
             # each value against the limits written, exactly: torch.histogram's edges are
             # these (torch.linspace's), its interpolated bucket corrected against them; histc's
             # arithmetic alone, (x − left)·bins / (right − left) in float64, put a value within
@@ -167,7 +167,8 @@ def histograms(
             # symmetric range's middle limit, where tiny values lie), float64 values on a
             # limit (probes'). 1.3 against 0.7 ms for 65,536 values on this CPU
             counts_all.append(torch.histogram(xb, bins=bins, range=(left, right)).hist)
-        elif wide:  # (CUDA; a range past float64's largest) compared with the limits, exactly
+        elif wide:  # (CUDA; a range whose interpolation overflows, or a few ulps wide)
+            # compared with the limits, exactly
             inner = torch.tensor(limits[:-1], dtype=torch.float64, device=xb.device)
             at = torch.bucketize(xb, inner, right=True)  # (a value on a limit: the bucket above)
             with _histc_allowed():  # (integer counts: exact in any order, as histc's)
@@ -228,6 +229,24 @@ def _limits(left: float, right: float, bins: int) -> list[float]:
     s = 1.0 if math.isfinite(right - left) else _overflow_scale(bins)
     edges = torch.linspace(left * s, right * s, bins + 1, dtype=torch.float64)[1:]
     return [*(edges[:-1] / s).tolist(), right]
+
+
+def _interpolates(left: float, right: float, bins: int, limits: list[float]) -> bool:
+    """Whether ``torch.histogram`` counts exactly over [``left``, ``right``]: its interpolated
+    bucket, from (x − left)·bins / (right − left) in float64, is corrected against the
+    neighbouring edges only (one bucket either way), so the arithmetic must not overflow
+    (everything was counted in bucket 1 over [0, 1.7e308]) and the buckets must be wide
+    against float64's resolution, their limits apart (a range of a few ulps repeats limits,
+    and values were counted in a bucket of width 0: a review's); else the values are compared
+    with the limits (``torch.bucketize``)."""
+    width = (right - left) / bins
+    return (
+        math.isfinite((right - left) * bins)
+        and width > _F64_TINY
+        and width > 2.0**-40 * max(abs(left), abs(right))
+        and left < limits[0]
+        and all(a < b for a, b in zip(limits, limits[1:], strict=False))
+    )
 
 
 def host_histogram(values: list[float], bins: int = 64) -> RawHistogram:
