@@ -1326,6 +1326,38 @@ def test_a_compiled_model_with_an_unused_parameter_and_a_regularizer_trains_data
         assert torch.equal(a[k], b[k]), k
 
 
+class SquaredOnOneRank(torch.nn.Module):
+    """Squares its hidden units through a @once_differentiable Function on rank 1 only (a
+    custom kernel on one branch of a mixture, say)."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(math.prod(in_shape), 8), torch.nn.Linear(8, out_dim)
+
+    def forward(self, x):
+        from test_instrument import _Square
+
+        h = torch.tanh(self.a(x.flatten(1)))
+        return self.b(_Square.apply(h) if torch.distributed.get_rank() == 1 else h)
+
+
+def test_curvature_with_a_once_differentiable_function_on_one_rank_is_nan_on_every_rank(
+    tmp_path,
+) -> None:
+    """Whether a measured step's graph holds a @once_differentiable Function is decided on
+    each rank, and a rank giving up (NaN) while another went on to the Hessian-vector
+    products' collective would have left that one waiting for good: the ranks agree, and
+    every rank logs NaN for every measured step, and the run ends."""
+    common = ["~model", f"+model._target_={__name__}.SquaredOnOneRank", "trainer.max_steps=2",
+              "logging.progress=false", "trainer.checkpoint.every_n_steps=0", "instrument=none",
+              "logging.every_n_steps=1", "instrument.curvature.every_n_steps=1",
+              "instrument.curvature.power_iters=3", f"data.batch_size={B}"]  # fmt: skip
+    ranks = [tmp_path / "r0", tmp_path / "r1"]
+    assert launch((2, common, ranks)) == [[0, 0]]
+    values = read_scalars(ranks[0])["curvature/trace"]
+    assert [s for s, _ in values] == [1, 2] and all(math.isnan(v) for _, v in values)
+
+
 class TwoExperts(torch.nn.Module):
     """Each sample routed by its first feature to expert ``a`` (> 1), ``b`` (< -1) or neither;
     an expert no sample of the batch needs is not called (a mixture of experts' shortcut), so

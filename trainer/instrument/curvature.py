@@ -626,14 +626,20 @@ class Curvature(Callback):
                 "on demand, behind a flag put back to how the step's forward found it): the "
                 "Hessian would leave them out"
             )
-        if once := once_differentiable_in([objective], params):  # (a walk of the graph: a measuring
-            # step's; torch would leave every path through them out of the products, silently:
-            # a probe's estimate of the wrong sign, converged)
+        ddp = trainer.world.distributed
+        once = once_differentiable_in([objective], params)  # (a walk of the graph: a measuring
+        # step's; torch would leave every path through them out of the products, silently:
+        # a probe's estimate of the wrong sign, converged)
+        if ddp:  # (every rank decides alike: one measuring while another gives up waited in
+            # the products' collective for good); host read: a measured step's
+            flag = torch.tensor([float(bool(once))], device=x.device)
+            if float(all_reduce_sum(flag)) > 0 and not once:
+                raise _NoDerivative("another rank's graph holds a @once_differentiable Function")
+        if once:
             raise _NoDerivative(
                 f"{', '.join(once)} marks its backward @once_differentiable, which torch does "
                 "not differentiate"
             )
-        ddp = trainer.world.distributed
         try:
             taken = torch.autograd.grad(objective, params, create_graph=True, allow_unused=True)
         except RuntimeError as e:
