@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from trainer.callbacks import Callback
 from trainer.config import ConfigError
-from trainer.data.base import TensorSplit
+from trainer.data.base import DataModule, TensorSplit
 from trainer.data.digits import DigitsData
 from trainer.losses import CrossEntropy, Loss
 from trainer.models.mlp import MLP
@@ -1959,3 +1959,184 @@ def test_a_tensor_split_of_a_0d_tensor_is_refused_naming_it(x, y, told) -> None:
     said = rf"Mine\.load\(\) returned a TensorSplit as its training split whose {re.escape(told)}"
     with pytest.raises(ContractError, match=rf"{said}: a TensorSplit holds one"):
         _check_split(TensorSplit(x, y), "training", "Mine")
+
+
+class DictNet(nn.Module):
+    """A classifier with an auxiliary head, returning a dict."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        d = int(torch.tensor(in_shape).prod())
+        self.body, self.head, self.aux = (
+            nn.Linear(d, 16),
+            nn.Linear(16, out_dim),
+            nn.Linear(16, out_dim),
+        )
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x.flatten(1)))
+        return {"logits": self.head(h), "aux": self.aux(h)}
+
+
+class TupleNet(DictNet):
+    def forward(self, x):
+        out = super().forward(x)
+        return out["logits"], out["aux"]
+
+
+class AuxLoss(Loss):
+    """CE of the main head + 0.3 CE of the auxiliary one, per sample; own val_sums."""
+
+    task = "classification"
+
+    @staticmethod
+    def parts(output):
+        return (output["logits"], output["aux"]) if isinstance(output, dict) else output
+
+    def forward(self, output, target):
+        logits, aux = self.parts(output)
+        return (F.cross_entropy(logits, target, reduction="none")
+                + 0.3 * F.cross_entropy(aux, target, reduction="none"))  # fmt: skip
+
+    def val_sums(self, output, target):
+        logits, _ = self.parts(output)
+        n = torch.tensor(float(target.shape[0]), device=target.device)
+        return {
+            "val/loss": torch.stack([self.forward(output, target).sum(), n]),
+            "val/acc": torch.stack([(logits.argmax(1) == target).sum().float(), n]),
+        }
+
+
+@pytest.mark.parametrize("net", ["DictNet", "TupleNet"])
+@pytest.mark.parametrize("weighting", [
+    ["weighting=per_class", "weighting.weights=[1,2,1,1,1,1,1,1,1,1]"],
+    ["weighting=hard_topk"],
+    ["weighting=focal"],
+])  # fmt: skip
+def test_a_weighting_trains_a_model_returning_a_dict_or_tuple(tmp_path, net, weighting) -> None:
+    """per_class and hard_topk never read the output, yet the weighting detached it as one
+    tensor: "'dict' object has no attribute 'detach'" at the first step (a probe's). Each of
+    the output's tensors is detached now, and they train; focal, which reads the output as
+    class logits, is refused naming it (a loss of one's own gives no -log p to read)."""
+    keys = ["~model", f"+model._target_={__name__}.{net}", "~loss", "loss.mode=vector",
+            f"+loss._target_={__name__}.AuxLoss", *weighting, *TINY]  # fmt: skip
+    if weighting == ["weighting=focal"]:
+        kind = "dict" if net == "DictNet" else "tuple"
+        said = f"weighting=focal reads the model's output as class logits .*returned a {kind}"
+        with pytest.raises(ValueError, match=said):
+            train(tmp_path, *keys)
+        return
+    assert train(tmp_path, *keys)["status"] == "completed"
+
+
+class AddsToTheBase(AuxLoss):
+    """Adds a metric to the base class's val/loss (the README's pattern,
+    ``super().val_sums(...)``), its model returning a tuple."""
+
+    task = None
+
+    @property
+    def metrics(self):
+        return ("val/loss", "val/aux_acc")
+
+    def val_losses(self, output, target):
+        return self.forward(output, target)
+
+    def val_sums(self, output, target):
+        sums = Loss.val_sums(self, output, target)  # super() of AuxLoss's
+        _, aux = self.parts(output)
+        n = torch.tensor(float(target.shape[0]), device=target.device)
+        sums["val/aux_acc"] = torch.stack([(aux.argmax(1) == target).sum().float(), n])
+        return sums
+
+
+def test_a_loss_adding_to_the_base_val_sums_for_a_tuple_output_is_told_how(tmp_path) -> None:
+    """An override of val_sums calling the base class's with the model's tuple (the README's
+    pattern of adding a metric) trained an epoch, then stopped on "'tuple' object has no
+    attribute 'dtype'" (a probe's). The base class's says what it takes and how to call it.
+    (Not at the first step: a model may return a tuple in training only, an auxiliary head's,
+    which such a val_sums takes in eval mode.)"""
+    from trainer.config import ContractError
+
+    with pytest.raises(ContractError, match=r"AddsToTheBase: Loss.val_sums \(the base class's\) "
+                       r"takes the model's output as one tensor, and got a tuple"):  # fmt: skip
+        train(tmp_path, "~model", f"+model._target_={__name__}.TupleNet", "~loss",
+              f"+loss._target_={__name__}.AddsToTheBase", "data.batch_size=16",
+              "data.train_subset=64", "trainer.max_epochs=2", "instrument=none")  # fmt: skip
+
+
+class NoInitLoss(Loss):
+    """A loss with no constructor of its own (no keys)."""
+
+    def forward(self, output, target):
+        return F.cross_entropy(output, target, reduction="none")
+
+
+def test_a_loss_without_init_swapped_into_the_preset_names_the_key(tmp_path) -> None:
+    """README: a key a swapped-in _target_ refuses is named (``loss.label_smoothing: ... takes
+    no 'label_smoothing'``). A class without __init__ raises ``NoInitLoss() takes no
+    arguments``, which trainer/components.py:250's pattern does not match: Hydra's
+    ``Error in call to target`` naming no key."""
+    with pytest.raises(ConfigError, match=r"loss\.label_smoothing"):
+        train(tmp_path, f"loss._target_={__name__}.NoInitLoss", *TINY)
+
+
+class NoSuperData(DataModule):
+    """Forgets super().__init__(**common)."""
+
+    def __init__(self, **common) -> None:
+        self.common = common
+
+    def load(self):
+        return DigitsData(batch_size=16).load()
+
+
+def test_a_data_module_not_calling_super_init_is_named(tmp_path) -> None:
+    """AttributeError: 'NoSuperData' object has no attribute 'train_subset' (trainer/data/
+    base.py:939), naming neither the class's __init__ nor the fix."""
+    from trainer.config import ContractError
+
+    with pytest.raises(ContractError, match=r"NoSuperData.__init__ does not call super\(\)"):
+        train(tmp_path, "~data", f"+data._target_={__name__}.NoSuperData", "+data.batch_size=16",
+              *TINY[1:])  # fmt: skip
+
+
+class NoClassesDigits(DigitsData):
+    """Digits with no num_classes: out_dim is the size of one target, 1."""
+
+    def __init__(self, **digits) -> None:
+        super().__init__(**digits)
+
+    @property
+    def num_classes(self):
+        return None
+
+    @num_classes.setter
+    def num_classes(self, value) -> None:
+        pass
+
+
+def test_a_loss_of_ones_own_failing_on_a_dict_output_names_its_entries_and_num_classes(
+    tmp_path,
+) -> None:
+    """trainer/loop.py:1364: 'the loss (AuxLoss) failed on the first batch: outputs dict of
+    shape (), targets torch.int64 of shape (16,) ... torch: Target 2 is out of bounds' (a
+    dict has no shape; its entries' (16, 1) are what is wrong, and the fix, num_classes, which
+    the built-in cross_entropy's refusal names, is not said)."""
+    from trainer.config import ContractError
+
+    with pytest.raises(ContractError) as caught:
+        train(
+            tmp_path,
+            "~data",
+            f"+data._target_={__name__}.NoClassesDigits",
+            "~model",
+            f"+model._target_={__name__}.DictNet",
+            "~loss",
+            f"+loss._target_={__name__}.AuxLoss",
+            "+data.batch_size=16",
+            *TINY[1:],
+        )
+    text = str(caught.value)
+    assert "outputs a dict of {'logits': torch.float32 of shape (16, 1), 'aux': " in text, text
+    assert "set num_classes (or out_dim) in the data module" in text, text

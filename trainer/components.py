@@ -247,15 +247,19 @@ def _refused_key(error: BaseException, node: Any, target: Any) -> str | None:
     cause = error.__cause__
     if not isinstance(cause, TypeError):
         return None
-    found = re.search(r"([\w.<>]+)\(\) got an unexpected keyword argument '(\w+)'", str(cause))
-    if not found or found.group(2) not in node:
-        return None
     if isinstance(target, functools.partial):
         target = target.func
     own = {getattr(target, "__qualname__", ""), getattr(target, "__name__", "")} - {""}
     for c in getattr(target, "__mro__", ()):  # (torch's Module names type(self).__name__)
         own |= {f"{n}.{m}" for n in (c.__qualname__, c.__name__) for m in ("__init__", "__new__")}
-    return found.group(2) if found.group(1) in own else None
+    found = re.search(r"([\w.<>]+)\(\) got an unexpected keyword argument '(\w+)'", str(cause))
+    if found:
+        return found.group(2) if found.group(2) in node and found.group(1) in own else None
+    # a class without an __init__ of its own takes none of the preset's keys: Python says
+    # "GaussNLL() takes no arguments" (Hydra's error named no key, a probe's): the first
+    none = re.search(r"([\w.<>]+)\(\) takes no arguments", str(cause))
+    keys = [k for k in node if isinstance(k, str) and not k.startswith("_")]
+    return keys[0] if none and none.group(1) in own and keys else None
 
 
 def _name(target: Any) -> str:

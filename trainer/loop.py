@@ -313,6 +313,19 @@ LABELS_HINT = {
 }
 
 
+def _output_in_words(output: Any) -> str:
+    """The model's output in words: a tensor's dtype and shape, each of a tuple's, list's or
+    dict's (a dict was "of shape ()", a probe's)."""
+    if isinstance(output, Tensor):
+        return f"{output.dtype} of shape {tuple(output.shape)}"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of ({', '.join(_output_in_words(o) for o in output)})"
+    if isinstance(output, dict):
+        inner = ", ".join(f"{k!r}: {_output_in_words(v)}" for k, v in output.items())
+        return f"a dict of {{{inner}}}"
+    return f"a {type(output).__name__}"
+
+
 def _now(value: Any) -> Any:
     """A learning rate as it is now: a tensor one (capturable Adam's) copied on the device,
     as the scheduler changes it in place before the step's values are read (it was logged a
@@ -1361,12 +1374,18 @@ class Trainer:
                 or "out of bounds" in text or "for target" in text
             ):  # fmt: skip
                 raise
+            classes = (  # (a label past the output's scores, one per sample: the data
+                # module gave no num_classes, and out_dim is the size of one target, a probe's)
+                "; set num_classes (or out_dim) in the data module (without either, out_dim "
+                "is the size of one target: 1 for a class label)"
+                if "out of bounds" in text and self.criterion.task == "classification"
+                else ""
+            )
             raise ContractError(
                 f"the loss ({type(self.criterion).__name__}) failed on the first batch: outputs "
-                f"{getattr(logits, 'dtype', type(logits).__name__)} of shape "
-                f"{tuple(getattr(logits, 'shape', ()))}, targets {y.dtype} of shape "
-                f"{tuple(y.shape)}{LABELS_HINT.get(self.criterion.task or '', '')}. torch: "
-                f"{text.splitlines()[0] if text else type(e).__name__}"
+                f"{_output_in_words(logits)}, targets {y.dtype} of shape "
+                f"{tuple(y.shape)}{LABELS_HINT.get(self.criterion.task or '', '')}{classes}. "
+                f"torch: {text.splitlines()[0] if text else type(e).__name__}"
             ) from e
         said = self.criterion.check_targets(logits, y) if isinstance(logits, Tensor) else None
         if said:  # (in train mode: the eval-mode output validation takes may differ)

@@ -143,6 +143,14 @@ class Loss(Stateful):
         return metric if metric in self.metrics else "val/loss"
 
     def val_sums(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        if not isinstance(output, Tensor):  # (an override calling this one with a tuple or
+            # dict output: an AttributeError on its dtype after an epoch, a probe's)
+            raise ContractError(
+                f"{type(self).__name__}: Loss.val_sums (the base class's) takes the model's "
+                f"output as one tensor, and got a {type(output).__name__}; in your val_sums, "
+                "pass it the part it measures (super().val_sums(output[0], target)) or compute "
+                "the sums from the output's parts"
+            )
         # float32 for float32 and lower (an argmax of float16 scores would tie more often),
         # float64 as it is (a float64 model's metrics in its own precision)
         output = output if output.dtype == torch.float64 else output.float()

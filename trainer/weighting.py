@@ -99,6 +99,19 @@ def _version(t: object) -> int | None:
     return t._version if isinstance(t, Tensor) and not t.is_inference() else None
 
 
+def _detached(output: Any) -> Any:
+    """The model's output detached: a tensor, or each tensor of a tuple, list or dict of them
+    (a model with an auxiliary head; ``logits.detach()`` stopped such a run at its first step
+    under any weighting but uniform, also one reading the targets alone: a probe's)."""
+    if isinstance(output, Tensor):
+        return output.detach()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_detached(o) for o in output)
+    if isinstance(output, dict):
+        return {k: _detached(v) for k, v in output.items()}
+    return output
+
+
 def _class_name(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
@@ -289,7 +302,7 @@ class Weighting(Stateful, abc.ABC):
         own = _own(self)
         inputs = (losses, logits, targets, indices)
         versions = [_version(t) for t in inputs] if own else []
-        r = self.raw(losses.detach(), logits.detach(), targets, indices)
+        r = self.raw(losses.detach(), _detached(logits), targets, indices)
         if own and versions != [_version(t) for t in inputs]:
             # (metadata: a raw() clamping the losses in place changed the train/loss the
             # trainer logs from them, unsaid: a probe's 0.5 for 2.27)
@@ -635,6 +648,12 @@ class FocalWeighting(Weighting):
             # (+ 0.0: a loss of -0.0 or 0.0, a sample certain in float32, gave a weight of
             # -0.0, which clamp_min keeps: weights/min logged -0.0, a probe)
             return torch.expm1(-widen(losses)).neg_().clamp_min_(0.0).add_(0.0).pow_(self.gamma)
+        if not isinstance(logits, Tensor):  # (a loss of one's own: no -log p to read)
+            raise WeightError(
+                f"weighting=focal reads the model's output as class logits (B, K), but the "
+                f"model returned a {type(logits).__name__}; return the logits as a tensor, or "
+                "weight the samples with a weighting of your own reading the part it needs"
+            )
         p = F.softmax(widen(logits), dim=-1).gather(1, targets[:, None]).squeeze(1)  # (B,)
         return (1.0 - p).clamp_min(0.0).add_(0.0).pow_(self.gamma)
 

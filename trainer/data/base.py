@@ -902,6 +902,7 @@ class DataModule(abc.ABC):
         drop_last: bool = False,
         train_subset: int = 0,
     ):
+        self._common_set = True  # (checked by setup: a subclass's __init__ calls this)
         self.batch_size = batch_size
         self.train_subset = train_subset
         self.eval_batch_size = eval_batch_size
@@ -918,6 +919,14 @@ class DataModule(abc.ABC):
     def setup(self, device: torch.device, seed: int, world: World = SINGLE) -> None:
         """Load the splits and build the loaders; data-parallel (``world``), each rank's
         loaders yield its slices of the global batches."""
+        if not vars(self).get("_common_set"):  # (an AttributeError naming train_subset
+            # stopped the run, naming neither, a probe's)
+            raise ContractError(
+                f"data: {type(self).__name__}.__init__ does not call super().__init__(**common):"
+                " the loader keys (batch_size, eval_batch_size, num_workers, drop_last, "
+                "train_subset, ...) are set there; take **common in __init__ and pass it on "
+                "(README, 'Bring your own')"
+            )
         self.world = world
         splits = self.load()
         if isinstance(splits, Iterator):  # (a load() that yields its two splits)
