@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import logging
 import math
 import weakref
@@ -1983,3 +1984,43 @@ def test_curvature_through_a_custom_op_without_a_backward_formula_is_nan(caplog)
             trainer, Batch(x, y, torch.arange(5))
         )
     assert math.isnan(float(values["curvature/top_eig"]))
+
+
+def _passed_through(f):
+    """A decorator that keeps ``__wrapped__`` (functools.wraps), as a profiler's or a logger's."""
+
+    @functools.wraps(f)
+    def inner(*args):
+        return f(*args)
+
+    return inner
+
+
+class _DeepSquare(torch.autograd.Function):
+    """x², its backward @once_differentiable under three decorators."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @_passed_through
+    @_passed_through
+    @torch.amp.custom_bwd(device_type="cpu")
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_each_once_differentiable_function_is_named_once_under_decorators_of_any_depth() -> None:
+    """A Function applied twice on the paths to the leaves is named once, and one whose
+    backward is @once_differentiable under a chain of decorators (each keeping ``__wrapped__``)
+    is found as one under a single decorator is."""
+    from trainer.backward import once_differentiable_in
+
+    w = torch.randn(3, requires_grad=True)
+    y = (_AmpSquare.apply(_AmpSquare.apply(torch.tanh(w))) + _DeepSquare.apply(w)).sum()
+    found = once_differentiable_in([y], [w])
+    assert sorted(found) == [f"{__name__}._AmpSquare", f"{__name__}._DeepSquare"]

@@ -2803,8 +2803,11 @@ def test_norms_shared_as_the_loop_takes_them_leave_a_clipped_run_as_it_is(tmp_pa
         [1.0, 1.0 + 2**-52],  # (a range of one ulp: torch.linspace's limits repeat)
         [1.0, 1.0 + 2**-52, 1.0 + 2**-51, 1.0 + 3 * 2**-52],
         [0.0, 5e-324, 1e-323, 2e-323],  # (subnormal)
+        # (200 subnormal ulps: the limits apart, a bucket's width 3 ulps, below float64's
+        # smallest normal: the interpolation's quotient put values one bucket over)
+        [k * 5e-324 for k in range(201)],
     ],
-    ids=["width_times_bins_past_max", "one_ulp", "three_ulps", "subnormal"],
+    ids=["width_times_bins_past_max", "one_ulp", "three_ulps", "subnormal", "subnormal_apart"],
 )
 def test_float64_counts_where_torch_histogram_cannot_interpolate_are_numpys(values) -> None:
     """Each value counted as NumPy counts it against the limits written: torch.histogram's

@@ -722,3 +722,42 @@ def test_inference_targets_pass_the_weightings_in_place_check() -> None:
     losses = torch.rand(4)
     weights = _Own(at=10)(losses, torch.zeros(4, 3), targets, indices)
     assert weights.shape == (4,) and torch.isfinite(weights).all()
+
+
+def test_per_sample_weights_are_checked_against_the_digest_a_checkpoint_keeps(
+    tmp_path, caplog
+) -> None:
+    """The state keeps the SHA-256 of the weights read (float64 bytes); loaded where the file
+    holds the same weights it is silent, where it holds others (reversed) it refuses, and a
+    state without the digest (a checkpoint from before it) is warned of, not refused. A
+    subclass's ``load`` may return a tensor of a graph: its values are digested."""
+    import hashlib
+    import logging
+
+    path = tmp_path / "w.pt"
+    w = torch.rand(N, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.1
+    torch.save(w, path)
+    saved = PerSampleWeighting(str(path))
+    saved.setup(fake_data(), CPU)
+    state = saved.state_dict()
+    assert state == {"weights_sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest()}
+    same = PerSampleWeighting(str(path))
+    same.setup(fake_data(), CPU)
+    with caplog.at_level(logging.WARNING, logger="trainer.weighting"):
+        same.load_state_dict(state)
+        assert "digest" not in caplog.text
+        same.load_state_dict({})
+    assert f"keeps no digest of the weights its run read from {path}" in caplog.text
+    torch.save(w.flip(0), path)
+    other = PerSampleWeighting(str(path))
+    other.setup(fake_data(), CPU)
+    with pytest.raises(WeightFileError, match=f"{re.escape(str(path))} holds other weights"):
+        other.load_state_dict(state)
+
+    class Computed(PerSampleWeighting):
+        def load(self) -> torch.Tensor:
+            return w.clone().requires_grad_() * 1  # (a tensor off a graph)
+
+    computed = Computed(str(path))
+    computed.setup(fake_data(), CPU)
+    assert computed.state_dict() == state

@@ -606,6 +606,7 @@ class PerSampleWeighting(_TableLookup):
 
     def setup(self, data: DataModule, device: torch.device) -> None:
         values = self.load()
+        values = values.detach() if isinstance(values, Tensor) else values  # (a subclass's)
         n = data.train_loader.num_samples
         if len(values) != n:
             raise WeightFileError(
