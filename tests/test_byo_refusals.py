@@ -2092,11 +2092,12 @@ class NoSuperData(DataModule):
 
 
 def test_a_data_module_not_calling_super_init_is_named(tmp_path) -> None:
-    """AttributeError: 'NoSuperData' object has no attribute 'train_subset' (trainer/data/
-    base.py:939), naming neither the class's __init__ nor the fix."""
+    """AttributeError: 'NoSuperData' object has no attribute 'train_subset' (a probe's),
+    naming neither what is missing nor the fix."""
     from trainer.config import ContractError
 
-    with pytest.raises(ContractError, match=r"NoSuperData.__init__ does not call super\(\)"):
+    said = r"NoSuperData has no batch_size, eval_batch_size, .*super\(\).__init__\(\*\*common\)"
+    with pytest.raises(ContractError, match=said):
         train(tmp_path, "~data", f"+data._target_={__name__}.NoSuperData", "+data.batch_size=16",
               *TINY[1:])  # fmt: skip
 
@@ -2140,3 +2141,64 @@ def test_a_loss_of_ones_own_failing_on_a_dict_output_names_its_entries_and_num_c
     text = str(caught.value)
     assert "outputs a dict of {'logits': torch.float32 of shape (16, 1), 'aux': " in text, text
     assert "set num_classes (or out_dim) in the data module" in text, text
+
+
+# --- review 411: the weighting's _detached and DataModule.setup's super().__init__ check ---
+
+import collections  # noqa: E402
+import dataclasses  # noqa: E402
+
+from trainer.weighting import _detached  # noqa: E402
+
+NamedOut = collections.namedtuple("NamedOut", "logits aux")
+
+
+class ModelOutputLike(collections.OrderedDict):
+    """transformers' ModelOutput: a dict subclass read by attribute too."""
+
+    @property
+    def logits(self):
+        return self["logits"]
+
+
+def test_a_weightings_detached_output_keeps_a_namedtuple_and_a_dict_subclass() -> None:
+    """A model returning a namedtuple (torchvision's GoogLeNet/Inception outputs) reached
+    ``type(output)(generator)``: "NamedOut.__new__() missing 1 required positional argument"
+    at the first step under any weighting but uniform; a dict subclass (transformers'
+    ModelOutput) came back a plain dict, without its attributes."""
+    a = torch.randn(2, 3, requires_grad=True)
+    out = _detached(NamedOut(a, a * 2))
+    assert type(out) is NamedOut and not out.logits.requires_grad
+    mo = _detached(ModelOutputLike(logits=a))
+    assert type(mo) is ModelOutputLike and not mo.logits.requires_grad
+
+
+@dataclasses.dataclass
+class DataclassData(DataModule):
+    """A data module as a dataclass, its loader keys fields of its own (no super().__init__,
+    every attribute DataModule.__init__ sets, set): it set up before 38171bf."""
+
+    n: int = 32
+    batch_size: int = 8
+    eval_batch_size: int = 8
+    loader: str = "auto"
+    memory_limit_mb: int = 4096
+    num_workers: int = 0
+    pin_memory: bool = False
+    drop_last: bool = False
+    train_subset: int = 0
+    num_classes = 2
+
+    def load(self):
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(self.n, 3, generator=g), torch.randint(0, 2, (self.n,), generator=g)
+        return TensorSplit(x, y), TensorSplit(x[:8], y[:8])
+
+
+def test_a_dataclass_data_module_with_every_loader_key_sets_up() -> None:
+    """setup refuses on a marker (_common_set) rather than on what it needs: a data module
+    whose __init__ sets every loader key itself (a dataclass) is refused as not calling
+    super().__init__(**common), though nothing is missing."""
+    data = DataclassData()
+    data.setup(torch.device("cpu"), 0)
+    assert data.train_loader.num_samples == 32

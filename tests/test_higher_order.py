@@ -2024,3 +2024,17 @@ def test_each_once_differentiable_function_is_named_once_under_decorators_of_any
     y = (_AmpSquare.apply(_AmpSquare.apply(torch.tanh(w))) + _DeepSquare.apply(w)).sum()
     found = once_differentiable_in([y], [w])
     assert sorted(found) == [f"{__name__}._AmpSquare", f"{__name__}._DeepSquare"]
+
+
+def test_the_penalty_names_a_once_differentiable_function_before_a_non_leaf_input() -> None:
+    """InputGradPenalty.value takes any x that requires grad; for one with a history (not
+    prepare()'s leaf: an input transformed after prepare, a caller's own), the walk matched
+    the leaves' AccumulateGrad nodes only, found no path to x, and did not name the
+    @once_differentiable Function between x and the losses (a review's): named now."""
+    from trainer.config import ContractError
+
+    w = torch.nn.Parameter(torch.randn(3))
+    x = InputGradPenalty.prepare(torch.randn(4, 3)) * 1.0  # (a non-leaf requiring grad)
+    losses = (_STE.apply(x) * w).sum(1)
+    with pytest.raises(ContractError, match=rf"{__name__}\._STE marks its backward"):
+        InputGradPenalty(coef=1.0).value(losses, x)

@@ -81,7 +81,9 @@ def once_differentiable_in(roots: Sequence[Tensor], leaves: Sequence[Tensor]) ->
     off: a probe's). One off the paths to ``leaves`` (a straight-through rounding of a
     weight, for the inputs' gradient) is not run by that backward and not named. A
     backward that calls a @once_differentiable helper is not seen. One visit per node."""
-    targets = {id(t) for t in leaves}
+    targets = {id(t) for t in leaves if t.grad_fn is None}  # (by their AccumulateGrad nodes)
+    ends = {t.grad_fn for t in leaves if t.grad_fn is not None}  # (a non-leaf: its node; a
+    # penalty's input with a history was not reached, and its Function not named, a review's)
     reaches: dict[Any, bool] = {}  # node -> a path from it reaches a leaf (False: unfinished)
     found: list[str] = []
     todo: list[tuple[Any, bool]] = [(t.grad_fn, False) for t in roots if t.grad_fn is not None]
@@ -95,9 +97,12 @@ def once_differentiable_in(roots: Sequence[Tensor], leaves: Sequence[Tensor]) ->
             todo.extend((fn, False) for fn, _ in node.next_functions
                         if fn is not None and fn not in reaches)  # fmt: skip
             continue
-        variable = getattr(node, "variable", None)  # (a leaf's AccumulateGrad node)
-        reaches[node] = (variable is not None and id(variable) in targets) or any(
-            reaches.get(fn, False) for fn, _ in node.next_functions if fn is not None
+        leaf = type(node).__name__ == "AccumulateGrad"  # (a custom Function's node shows its
+        # ctx's attributes: a ``ctx.variable`` is not a leaf)
+        reaches[node] = (
+            node in ends
+            or (leaf and id(node.variable) in targets)
+            or any(reaches.get(fn, False) for fn, _ in node.next_functions if fn is not None)
         )
         cls: Any = getattr(node, "_forward_cls", None)  # (a custom Function's backward node)
         if reaches[node] and cls is not None and _once_differentiable(cls.backward):

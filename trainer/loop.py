@@ -313,15 +313,21 @@ LABELS_HINT = {
 }
 
 
-def _output_in_words(output: Any) -> str:
+def _output_in_words(output: Any, limit: int = 400) -> str:
     """The model's output in words: a tensor's dtype and shape, each of a tuple's, list's or
-    dict's (a dict was "of shape ()", a probe's)."""
+    dict's (a dict was "of shape ()", a probe's), cut at ``limit`` characters (a cache of 32
+    layers' keys and values made 2,343: a review's)."""
+    words = _in_words(output)
+    return words if len(words) <= limit else words[: limit - 1] + "…"
+
+
+def _in_words(output: Any) -> str:
     if isinstance(output, Tensor):
         return f"{output.dtype} of shape {tuple(output.shape)}"
     if isinstance(output, (tuple, list)):
-        return f"a {type(output).__name__} of ({', '.join(_output_in_words(o) for o in output)})"
+        return f"a {type(output).__name__} of ({', '.join(_in_words(o) for o in output)})"
     if isinstance(output, dict):
-        inner = ", ".join(f"{k!r}: {_output_in_words(v)}" for k, v in output.items())
+        inner = ", ".join(f"{k!r}: {_in_words(v)}" for k, v in output.items())
         return f"a dict of {{{inner}}}"
     return f"a {type(output).__name__}"
 

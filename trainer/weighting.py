@@ -47,6 +47,7 @@ configs/weighting/.
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 import logging
 import math
@@ -92,10 +93,14 @@ def _describe_bad(values: Tensor, what: str) -> str | None:
     return f"{what} must be finite and >= 0; bad at {_shown(values, bad)}"
 
 
-def _version(t: object) -> int | None:
+def _version(t: object) -> Any:
     """A tensor's version counter (None for anything else, and for a tensor made under
     ``torch.inference_mode()``, which has none: reading it raised, naming nothing, a
-    review's)."""
+    review's); of a tuple, list or dict of tensors (a model's output), each one's."""
+    if isinstance(t, (tuple, list)):
+        return tuple(_version(o) for o in t)
+    if isinstance(t, dict):
+        return tuple(_version(o) for o in t.values())
     return t._version if isinstance(t, Tensor) and not t.is_inference() else None
 
 
@@ -105,10 +110,16 @@ def _detached(output: Any) -> Any:
     under any weighting but uniform, also one reading the targets alone: a probe's)."""
     if isinstance(output, Tensor):
         return output.detach()
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # (a namedtuple: GoogLeNet's
+        # outputs in training; built from one generator it failed, a review's)
+        return type(output)(*(_detached(o) for o in output))
     if isinstance(output, (tuple, list)):
         return type(output)(_detached(o) for o in output)
-    if isinstance(output, dict):
-        return {k: _detached(v) for k, v in output.items()}
+    if isinstance(output, dict):  # (a subclass kept: transformers' ModelOutput, read by name)
+        out = copy.copy(output)
+        for k, v in output.items():
+            out[k] = _detached(v)
+        return out
     return output
 
 

@@ -848,6 +848,11 @@ def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple
         ) from e
 
 
+#: what :class:`DataModule`'s ``__init__`` sets: the loader keys every data module has
+LOADER_KEYS = ("batch_size", "eval_batch_size", "loader", "memory_limit_mb", "num_workers",
+               "pin_memory", "drop_last", "train_subset")  # fmt: skip
+
+
 class DataModule(abc.ABC):
     """Loads the splits (:meth:`load`) and builds the loaders (:meth:`setup`).
 
@@ -902,7 +907,6 @@ class DataModule(abc.ABC):
         drop_last: bool = False,
         train_subset: int = 0,
     ):
-        self._common_set = True  # (checked by setup: a subclass's __init__ calls this)
         self.batch_size = batch_size
         self.train_subset = train_subset
         self.eval_batch_size = eval_batch_size
@@ -919,13 +923,13 @@ class DataModule(abc.ABC):
     def setup(self, device: torch.device, seed: int, world: World = SINGLE) -> None:
         """Load the splits and build the loaders; data-parallel (``world``), each rank's
         loaders yield its slices of the global batches."""
-        if not vars(self).get("_common_set"):  # (an AttributeError naming train_subset
-            # stopped the run, naming neither, a probe's)
+        missing = [k for k in LOADER_KEYS if not hasattr(self, k)]
+        if missing:  # (an AttributeError naming train_subset stopped the run, a probe's; a
+            # dataclass setting them itself is fine, a review's)
             raise ContractError(
-                f"data: {type(self).__name__}.__init__ does not call super().__init__(**common):"
-                " the loader keys (batch_size, eval_batch_size, num_workers, drop_last, "
-                "train_subset, ...) are set there; take **common in __init__ and pass it on "
-                "(README, 'Bring your own')"
+                f"data: {type(self).__name__} has no {', '.join(missing)}: the loader keys are "
+                "set by DataModule.__init__; take **common in __init__ and pass it on with "
+                "super().__init__(**common) (README, 'Bring your own')"
             )
         self.world = world
         splits = self.load()
