@@ -2202,3 +2202,17 @@ def test_a_dataclass_data_module_with_every_loader_key_sets_up() -> None:
     data = DataclassData()
     data.setup(torch.device("cpu"), 0)
     assert data.train_loader.num_samples == 32
+
+
+def lbfgs_factory(params, lr: float = 1.0) -> torch.optim.Optimizer:
+    """A parameter-group factory (README's way to give groups) returning LBFGS."""
+    return torch.optim.LBFGS(list(params), lr=lr)
+
+
+def test_a_factory_returning_a_closure_optimizer_is_refused_before_training(tmp_path) -> None:
+    """README: optimizers whose step needs a closure (LBFGS) are refused before training. A
+    class was; a factory's optimizer was not inspected, and the run failed in its first
+    ``optimizer.step()`` with torch's TypeError (a probe's)."""
+    with pytest.raises(ConfigError, match=r"LBFGS.step\(\) needs a closure"):
+        train(tmp_path, "~optimizer", f"+optimizer._target_={__name__}.lbfgs_factory",
+              "+optimizer._partial_=true", "+optimizer.lr=1.0", "trainer.max_steps=2")  # fmt: skip

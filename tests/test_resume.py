@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -1812,3 +1813,58 @@ def test_a_weights_file_saved_off_a_graph_is_read(tmp_path):
               "trainer.max_steps=2", "model.hidden=[8]", "logging.progress=false",
               "loss.mode=vector", "weighting=per_sample", f"weighting.path={path}"]  # fmt: skip
     assert train(tmp_path / "run", *common)["status"] == "completed"
+
+
+class NumpyState(torch.optim.SGD):
+    """SGD keeping a NumPy scalar (a running scale) in each parameter's state."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    st = self.state[p]
+                    st["scale"] = np.float64(st.get("scale", 1.0)) * np.float64(0.99)
+        return super().step()
+
+
+def numpy_lr_groups(params, lr: float = 0.01) -> torch.optim.Optimizer:
+    """A factory computing a group's lr with NumPy (``np.sqrt``): a NumPy scalar in the
+    param groups."""
+    params = list(params)
+    return torch.optim.SGD([{"params": params[:2], "lr": np.sqrt(lr)},
+                            {"params": params[2:], "lr": lr}])  # fmt: skip
+
+
+class FirstStep(Callback):
+    def __init__(self) -> None:
+        self.first: int | None = None
+
+    def on_train_step_end(self, trainer, out) -> None:
+        if self.first is None:
+            self.first = out.step
+
+
+@pytest.mark.parametrize("where", ["NumpyState", "numpy_lr_groups"])
+def test_an_optimizer_whose_state_holds_numpy_values_resumes(tmp_path, caplog, where) -> None:
+    """NumPy values in an optimizer's state (or a group's lr computed with NumPy): each
+    checkpoint was written, then refused by the safe load, which ``resume=auto`` took for
+    corrupt, training the run again from step 1, ``completed`` (a probe's). Converted when
+    written, as a callback's state is, and said: the resume continues at step 4, ending with
+    the uninterrupted run's parameters, bit for bit."""
+    own = ["~optimizer", f"+optimizer._target_={__name__}.{where}", "+optimizer._partial_=true",
+           "+optimizer.lr=0.01", "logging.progress=false", "trainer.run_id=np"]  # fmt: skip
+    train(tmp_path / "whole", *own, "trainer.max_steps=6")
+    resume = ["trainer.resume=auto", f"trainer.checkpoint.search_dir={tmp_path / 'a'}"]
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path / "a", *own, *resume, "trainer.max_steps=3")
+    assert (
+        f"optimizer {where if where == 'NumpyState' else 'SGD'}: its state_dict() holds "
+        "NumPy values" in caplog.text
+    )
+    seen = FirstStep()
+    train(tmp_path / "a", *own, *resume, "trainer.max_steps=6", callbacks=[seen])
+    assert seen.first == 4
+    for (name, a), b in zip(final_params(tmp_path / "whole").items(),
+                            final_params(tmp_path / "a").values(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name

@@ -1036,7 +1036,7 @@ def _check_user_components(typed: TrainConfig) -> None:
         else:
             continue
         if group in CALLED_WITH and target is not None:
-            _check_stepping(group, resolve_target(group, target))
+            check_stepping(group, resolve_target(group, target))
     optimizer = typed.optimizer
     if dataclasses.is_dataclass(optimizer) and not isinstance(optimizer, type):
         optimizer = dataclasses.asdict(optimizer)
@@ -1084,7 +1084,7 @@ def _check_own_regularizer(name: str, node: dict[str, Any]) -> None:
     )
 
 
-def _check_stepping(group: str, target: Any) -> None:
+def check_stepping(group: str, target: Any) -> None:
     """Refuse an optimizer whose ``step`` needs a closure (LBFGS re-evaluates the loss several
     times per step) and a scheduler whose ``step`` needs an argument: the loop calls
     ``optimizer.step()`` and ``scheduler.step()`` (``ReduceLROnPlateau``: with the monitored

@@ -955,6 +955,12 @@ class Trainer:
                 except Exception:  # noqa: BLE001 (a state made on a later step: checked at
                     continue  # each checkpoint)
                 checkpointable(state, type(cb).__name__)
+            checkpointable(
+                self.optimizer.state_dict(), type(self.optimizer).__name__, "optimizer"
+            )  # (its groups now; its state: at each checkpoint)
+            if self.scheduler is not None:
+                checkpointable(self.scheduler.state_dict(), type(self.scheduler).__name__,
+                               "scheduler")  # fmt: skip
             for key, part in self._stateful_parts():  # (the same for a loss, weighting or
                 _check_stateful(key, part)  # regularizer of one's own)
                 try:
@@ -1793,8 +1799,17 @@ class Trainer:
             tally = {"tally_ranks": all_gather_objects(host)}
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            # (NumPy values in an optimizer's state, np.sqrt of a group's lr: each checkpoint
+            # was written, then refused by the safe load, and resume=auto started afresh, a
+            # probe's; as a callback's state: converted, said, or refused when written)
+            "optimizer": checkpointable(
+                self.optimizer.state_dict(), type(self.optimizer).__name__, "optimizer"
+            ),
+            "scheduler": checkpointable(
+                self.scheduler.state_dict(), type(self.scheduler).__name__, "scheduler"
+            )
+            if self.scheduler
+            else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.global_step,
             "epoch": self.epoch,

@@ -53,7 +53,7 @@ from trainer.checkpoint import (
     write_run_marker,
 )
 from trainer.components import build
-from trainer.config import ConfigError, TrainConfig, validate
+from trainer.config import ConfigError, TrainConfig, check_stepping, validate
 from trainer.data.base import DataModule
 from trainer.hparams import (
     drop_end_status,
@@ -1161,6 +1161,9 @@ def build_trainer(
     if trainable is not None:
         set_trainable(model, trainable)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), device)
+    # (a factory's optimizer: its class is known once built; LBFGS from a parameter-group
+    # factory failed at the first step, not refused before it, a probe's)
+    check_stepping("optimizer", type(optimizer))
     tc = typed.trainer
     total_steps = planned_steps(
         len(data.train_loader), tc.accumulate_grad_batches, tc.max_epochs, tc.max_steps
@@ -1168,6 +1171,8 @@ def build_trainer(
     if schedule_length:  # (resumed: the checkpoint run's, one value under each key)
         total_steps = next(iter(schedule_length.values()))
     scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
+    if scheduler is not None:
+        check_stepping("scheduler", type(scheduler))
     weighting: Weighting | None = None
     if typed.loss_mode == "vector":
         weighting = build("weighting", cfg.weighting)
