@@ -134,10 +134,13 @@ def run_length_keys(cfg: DictConfig) -> list[str]:
         parameters = inspect.signature(get_object(cfg._target_)).parameters
     except (TypeError, ValueError):  # (no signature to read: the config is taken as it is)
         return []
-    return [
+    return [  # (a key left null is left to the trainer too: T_max: null reached the
+        # scheduler as None, which failed after the first update, a probe's)
         key
         for key, instead in _LENGTH_KEYS.items()
-        if key in parameters and key not in cfg and not any(k in cfg for k in instead)
+        if key in parameters
+        and cfg.get(key) is None
+        and not any(cfg.get(k) is not None for k in instead)
     ]
 
 
@@ -151,9 +154,11 @@ def build_scheduler(
     takes the list first)."""
     if cfg.get("_target_") is None:
         return None
+    # (a length left null in the file: the partial's None, overridden by the call's keyword)
     kwargs = dict.fromkeys(run_length_keys(cfg), max(total_steps, 1))
     if not cfg.get("schedulers"):
-        return instantiate(cfg)(optimizer, **kwargs)
+        with _scheduler_named(cfg):
+            return instantiate(cfg)(optimizer, **kwargs)
     for i, part in enumerate(cfg.schedulers):  # (before building: Hydra builds them first)
         if not isinstance(part, DictConfig) or "_target_" not in part or not part.get("_partial_"):
             raise ConfigError(
@@ -171,7 +176,39 @@ def build_scheduler(
                 f"scheduler.schedulers[{i}]: {e} (each is called with the optimizer; give it "
                 "_partial_: true and its other keys, its length (T_max, total_steps) included)"
             ) from e
-    return factory(optimizer=optimizer, schedulers=built, **kwargs)
+    with _scheduler_named(cfg):
+        return factory(optimizer=optimizer, schedulers=built, **kwargs)
+
+
+@contextlib.contextmanager
+def _scheduler_named(cfg: DictConfig) -> Iterator[None]:
+    """A scheduler's constructor refusing its file's values, named as the scheduler's key
+    (torch's TypeError or ValueError came with Hydra's traceback, naming no key: a StepLR
+    without step_size, an unknown ReduceLROnPlateau mode, a lambda given as a dotted path;
+    a probe's)."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        text = str(e)
+        own = [k for k in cfg if isinstance(k, str) and not k.startswith("_")]
+        missing = re.findall(r"'(\w+)'", text) if "required positional argument" in text else []
+        if missing:
+            key, fix = missing[0], "set it in the scheduler's file"
+        elif "multiple values for argument 'optimizer'" in text:
+            key, fix = "optimizer", "leave it out: the trainer passes its optimizer"
+        elif "'str' object is not callable" in text:  # (a function given by its path)
+            paths = [k for k in own if isinstance(cfg.get(k), str) and "." in cfg.get(k)]
+            key = paths[0] if paths else "<key>"
+            fix = ("give a function as {_target_: hydra.utils.get_method, path: "
+                   "my.module.fn}, not its dotted path")  # fmt: skip
+        else:
+            named = [k for k in own if re.search(rf"\b{re.escape(k)}\b", text)]
+            key = named[0] if named else "<key>"
+            fix = "check the file's values against the class's arguments"
+        raise ConfigError(
+            f"scheduler.{key}: {cfg.get('_target_')} could not be built from its config "
+            f"({text.strip().splitlines()[0] if text.strip() else type(e).__name__}); {fix}"
+        ) from e
 
 
 #: what a scheduler does past the run's length the trainer set (its length key's)
@@ -640,6 +677,14 @@ def _run(
                 trainer.load_state_dict(resume_state)
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"checkpoint {resume_path} does not fit this run: {e}") from e
+            if trainer.total_steps < trainer.global_step:  # (it "completed" at the step it
+                # was at, validated it again and warned of a schedule stopping short: a probe's)
+                raise ConfigError(
+                    f"resume: {resume_path} is at step {trainer.global_step}, past this run's "
+                    f"last step, {trainer.total_steps} (trainer.max_steps / "
+                    "trainer.max_epochs): nothing would train; resume with the checkpoint's "
+                    "length or more, or start a new run"
+                )
             _check_schedule_length(
                 trainer, resume_path, cfg.scheduler, resume_state.get("schedule_length")
             )

@@ -1,0 +1,108 @@
+"""Scheduler files refused naming their key, a length left null, a resume past the run's
+last step (a probe's findings, 2026-12-07)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_cfg
+
+from trainer.config import ConfigError, validate
+from trainer.run import build_scheduler
+
+PLATEAU = ["~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+           "+scheduler._partial_=true"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (  # (torch's "StepLR.__init__() missing 1 required positional argument: 'step_size'",
+            # with Hydra's traceback, naming no key)
+            ["~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.StepLR",
+             "+scheduler._partial_=true"],
+            r"scheduler.*step_size",
+        ),
+        (  # (the outer scheduler of a SequentialLR: its constructor's TypeError, raw)
+            ["~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.SequentialLR",
+             "+scheduler._partial_=true",
+             "+scheduler.schedulers=[{_target_: torch.optim.lr_scheduler.LinearLR, "
+             "_partial_: true, total_iters: 3}]"],
+            r"scheduler.*milestones",
+        ),
+        (  # (torch's "mode maximum is unknown!", raw)
+            [*PLATEAU, "+scheduler.mode=maximum"],
+            r"scheduler.mode",
+        ),
+        (  # (torch's ValueError from ChainedScheduler's constructor, raw: the loop would
+            # have to call step(metrics) on the part)
+            ["~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.ChainedScheduler",
+             "+scheduler._partial_=true",
+             "+scheduler.schedulers=[{_target_: torch.optim.lr_scheduler.ReduceLROnPlateau, "
+             "_partial_: true, mode: max}]"],
+            r"scheduler.schedulers: .*index 0",
+        ),
+        (  # (LambdaLR's lr_lambda as a dotted path, not through hydra.utils.get_method as
+            # the README says: torch's "'str' object is not callable", raw)
+            ["~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.LambdaLR",
+             "+scheduler._partial_=true", "+scheduler.lr_lambda=math.cos"],
+            r"scheduler.lr_lambda",
+        ),
+        (  # (the argument the trainer passes, set in the file: "got multiple values for
+            # argument 'optimizer'", raw)
+            ["~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.StepLR",
+             "+scheduler._partial_=true", "+scheduler.step_size=2", "+scheduler.optimizer=1"],
+            r"scheduler.optimizer",
+        ),
+    ],
+    ids=["step_without_step_size", "sequential_without_milestones", "plateau_mode_unknown",
+         "plateau_inside_chained", "lambda_as_a_string", "optimizer_key_in_the_file"],
+)  # fmt: skip
+def test_a_scheduler_file_that_cannot_be_built_names_its_key(overrides, match) -> None:
+    """README ("Bring your own"): "a required argument nobody sets is named". With
+    ``_partial_: true`` (which every scheduler file needs) the required-argument check is
+    skipped (trainer/components.py, check_component), and build_scheduler does not wrap the
+    constructor's error: the run fails with Hydra's traceback and torch's message, no key."""
+    cfg = make_cfg(*overrides)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)
+        build_scheduler(cfg.scheduler, opt, total_steps=8)
+
+
+def test_a_scheduler_length_left_null_is_filled_in_or_named_before_training() -> None:
+    """``T_max: null`` in a scheduler file (the natural spelling of "the trainer sets it") is
+    taken as the file's own length (trainer/run.py, run_length_keys: ``key not in cfg`` is
+    False for a null value): CosineAnnealingLR is built with T_max=None, and the run fails at
+    its first scheduler step, after one update, with torch's "unsupported operand type(s) for
+    -: 'int' and 'NoneType'" (metrics.json: failed at step 1), naming no key. Filled in now, as
+    a key left out is."""
+    cfg = make_cfg("~scheduler", "+scheduler._target_=torch.optim.lr_scheduler.CosineAnnealingLR",
+                   "+scheduler._partial_=true", "+scheduler.T_max=null")  # fmt: skip
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    validate(cfg)
+    scheduler = build_scheduler(cfg.scheduler, opt, total_steps=8)
+    assert scheduler.T_max == 8  # (filled in, as for a key left out)
+    opt.step()
+    scheduler.step()  # (raised TypeError here)
+
+
+def test_a_resume_with_max_steps_below_the_checkpoints_step_is_refused(tmp_path, caplog) -> None:
+    """A checkpoint at step 4 resumed with ``trainer.max_steps=2``: the run "completes" at
+    step 4 (metrics.json: completed, step 4, with an extra validation at step 4 written into
+    the run's events), and with scheduler=cosine it warns "this run stops at step 2, before
+    it reaches eta_min" (trainer/run.py, _check_schedule_length: trainer.total_steps, the
+    planned 2, against the checkpoint's T_max 6), a step the run is already past. Expected:
+    refused before anything is written, naming trainer.max_steps and the checkpoint's step."""
+    from conftest import StopAt, train
+
+    common = ("data=synthetic", "data.num_train=200", "data.num_val=40", "data.batch_size=32",
+              "data.shape=[8]", "data.num_classes=3", "model.hidden=[8]", "optimizer=sgd",
+              "trainer.accumulate_grad_batches=3", "trainer.max_epochs=2", "scheduler=cosine",
+              "instrument=none")  # fmt: skip
+    with pytest.raises(SystemExit):
+        train(tmp_path / "a", *common, callbacks=[StopAt(4)])
+    ckpt = tmp_path / "a" / "checkpoints" / "step_000000004.pt"
+    with pytest.raises(ConfigError, match=r"step_000000004.pt is at step 4, past this run's "
+                       r"last step, 2 \(trainer.max_steps"):  # fmt: skip
+        train(tmp_path / "b", *common, "trainer.max_steps=2", f"trainer.resume={ckpt}")
