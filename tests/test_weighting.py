@@ -552,7 +552,8 @@ def test_a_strategy_of_ones_own_with_state_resumes_exactly(tmp_path, caplog) -> 
     del state["objective"]
     torch.save(state, tmp_path / "older.pt")
     with caplog.at_level("WARNING"):
-        train(tmp_path / "older", *common, "trainer.max_steps=4",
+        # (last.pt is step 8's, which the resumed run wrote)
+        train(tmp_path / "older", *common, "trainer.max_steps=9",
               f"trainer.resume={tmp_path / 'older.pt'}")  # fmt: skip
     assert "the checkpoint holds no state for weighting _Ema: it starts fresh" in caplog.text
 
