@@ -113,6 +113,19 @@ def test_penalty_refuses_inputs_it_cannot_differentiate() -> None:
         pen.value(losses, x)
 
 
+def _curvature_of(model, criterion, x, y, caplog) -> dict:
+    """Curvature.measure of ``model`` on one batch (3 Lanczos steps, one probe), through the
+    trainer's interface, its warnings caught."""
+    trainer = SimpleNamespace(
+        model=model, criterion=criterion, world=SINGLE,
+        objective=Objective(criterion, None, (), list(model.parameters())),
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        return Curvature(1, power_iters=3, tol=0, trace_probes=1).measure(
+            trainer, Batch(x, y, torch.arange(x.shape[0]))
+        )
+
+
 @pytest.mark.parametrize("plain", [False, True])
 def test_penalty_refuses_a_function_whose_backward_is_once_differentiable(tmp_path, plain):
     """torch does not differentiate a @once_differentiable backward and raises nothing: the
@@ -148,15 +161,7 @@ def test_curvature_of_a_loss_whose_backward_has_no_derivative_formula_is_nan(cap
         lengths = torch.full((b,), t), torch.full((b,), target.shape[1])
         return F.ctc_loss(lp, target, *lengths, reduction="none")
 
-    criterion = as_loss(ctc)
-    trainer = SimpleNamespace(
-        model=model, criterion=criterion, world=SINGLE,
-        objective=Objective(criterion, None, (), list(model.parameters())),
-    )  # fmt: skip
-    with caplog.at_level(logging.WARNING):
-        values = Curvature(1, power_iters=3, tol=0, trace_probes=1).measure(
-            trainer, Batch(x, y, torch.arange(5))
-        )
+    values = _curvature_of(model, as_loss(ctc), x, y, caplog)
     assert math.isnan(float(values["curvature/top_eig"]))
     assert math.isnan(float(values["curvature/trace"]))
     assert "no derivative of its own (derivative for aten::_ctc_loss_backward" in caplog.text
@@ -1974,15 +1979,7 @@ def test_curvature_through_a_custom_op_without_a_backward_formula_is_nan(caplog)
     model = nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 3))
     model.forward = lambda x: model[2](_square_op(model[1](model[0](x))))  # type: ignore
     x, y = torch.randn(5, 3), torch.randint(0, 3, (5,))
-    criterion = CrossEntropy()
-    trainer = SimpleNamespace(
-        model=model, criterion=criterion, world=SINGLE,
-        objective=Objective(criterion, None, (), list(model.parameters())),
-    )  # fmt: skip
-    with caplog.at_level(logging.WARNING):
-        values = Curvature(1, power_iters=3, tol=0, trace_probes=1).measure(
-            trainer, Batch(x, y, torch.arange(5))
-        )
+    values = _curvature_of(model, CrossEntropy(), x, y, caplog)
     assert math.isnan(float(values["curvature/top_eig"]))
 
 
