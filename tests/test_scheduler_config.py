@@ -106,3 +106,43 @@ def test_a_resume_with_max_steps_below_the_checkpoints_step_is_refused(tmp_path,
     with pytest.raises(ConfigError, match=r"step_000000004.pt is at step 4, past this run's "
                        r"last step, 2 \(trainer.max_steps"):  # fmt: skip
         train(tmp_path / "b", *common, "trainer.max_steps=2", f"trainer.resume={ckpt}")
+
+
+ONE_CYCLE = ["+scheduler._target_=torch.optim.lr_scheduler.OneCycleLR",
+             "+scheduler._partial_=true", "+scheduler.max_lr=0.1"]  # fmt: skip
+CHAINED = ["+scheduler._target_=torch.optim.lr_scheduler.ChainedScheduler",
+           "+scheduler._partial_=true",
+           "+scheduler.schedulers=[{_target_: torch.optim.lr_scheduler.ConstantLR, _partial_: "
+           "true, total_iters: 2}, {_target_: torch.optim.lr_scheduler.OneCycleLR, _partial_: "
+           "true, max_lr: 0.1, total_steps: %d}]"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "short, enough, match",
+    [
+        ([*ONE_CYCLE, "+scheduler.total_steps=5"], [*ONE_CYCLE, "+scheduler.total_steps=14"],
+         r"scheduler.total_steps: OneCycleLR's schedule is 5 steps and this run trains 14"),
+        ([*ONE_CYCLE, "+scheduler.epochs=2", "+scheduler.steps_per_epoch=3"],
+         [*ONE_CYCLE, "+scheduler.epochs=2", "+scheduler.steps_per_epoch=7"],
+         r"scheduler.epochs × scheduler.steps_per_epoch: OneCycleLR's schedule is 6 steps"),
+        ([*CHAINED[:2], CHAINED[2] % 9], [*CHAINED[:2], CHAINED[2] % 14],
+         r"scheduler.schedulers\[1\].total_steps: OneCycleLR's schedule is 9 steps"),
+    ],
+    ids=["total_steps", "epochs_times_steps_per_epoch", "inside_chained"],
+)  # fmt: skip
+def test_a_one_cycle_schedule_of_the_files_own_shorter_than_the_run_is_refused(
+    tmp_path, short, enough, match
+) -> None:
+    """A OneCycleLR whose file sets its own length shorter than the run (14 optimizer steps):
+    the run trained 5 steps and failed at the 6th with torch's "Tried to step 6 times. The
+    specified number of total steps is 5", naming no key (a session's finding). Refused
+    before training now, naming the key; a length of the run's (14 steps) still trains."""
+    from conftest import train
+
+    common = ("data=synthetic", "data.num_train=200", "data.num_val=40", "data.batch_size=32",
+              "data.shape=[8]", "data.num_classes=3", "model.hidden=[8]", "optimizer=sgd",
+              "trainer.max_epochs=2", "instrument=none", "~scheduler")  # fmt: skip
+    with pytest.raises(ConfigError, match=match):
+        train(tmp_path / "short", *common, *short)
+    assert not list((tmp_path / "short").rglob("step_*.pt"))  # (refused before training)
+    train(tmp_path / "enough", *common, *enough)

@@ -245,6 +245,38 @@ def identity_config(cfg: DictConfig, resolved: dict[str, Any] | None = None) -> 
     return cast(dict[str, Any], kept(raw, resolved))
 
 
+def _check_own_schedule_length(
+    cfg: DictConfig, scheduler: torch.optim.lr_scheduler.LRScheduler, total_steps: int
+) -> None:
+    """A ``OneCycleLR`` whose file sets its own length (``total_steps``, or ``epochs`` ×
+    ``steps_per_epoch``) shorter than the run's optimizer steps: torch raises "Tried to step
+    N times" at the step after it, mid-run, having trained (a session's finding: a run of 14
+    steps with ``total_steps: 5`` failed at step 6). Refused before training, naming the key.
+    ``ChainedScheduler`` steps each part at every step: its ``OneCycleLR`` parts are checked
+    too (``SequentialLR`` steps a part only in its segment: not checked)."""
+    parts = [(scheduler, cfg, "scheduler")]
+    if isinstance(scheduler, torch.optim.lr_scheduler.ChainedScheduler):
+        parts = [
+            (part, cfg.schedulers[i], f"scheduler.schedulers[{i}]")
+            for i, part in enumerate(scheduler._schedulers)
+        ]
+    for part, node, name in parts:
+        if not isinstance(part, torch.optim.lr_scheduler.OneCycleLR):
+            continue
+        length = part.total_steps
+        if length >= total_steps:
+            continue
+        own = "total_steps" if node.get("total_steps") is not None else "epochs"
+        keys = f"{name}.total_steps" if own == "total_steps" else (
+            f"{name}.epochs × {name}.steps_per_epoch")  # fmt: skip
+        raise ConfigError(
+            f"{keys}: OneCycleLR's schedule is {length} steps and this run trains "
+            f"{total_steps} optimizer steps; past step {length} OneCycleLR stops the run with "
+            "an error. Leave the length out (the trainer sets it to the run's), set it to at "
+            "least the run's, or shorten the run (trainer.max_epochs / trainer.max_steps)"
+        )
+
+
 def _check_schedule_length(
     trainer: Trainer, checkpoint: Path, cfg: DictConfig, saved: dict[str, int] | None = None
 ) -> None:
@@ -1218,6 +1250,7 @@ def build_trainer(
     scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps)
     if scheduler is not None:
         check_stepping("scheduler", type(scheduler))
+        _check_own_schedule_length(cfg.scheduler, scheduler, total_steps)
     weighting: Weighting | None = None
     if typed.loss_mode == "vector":
         weighting = build("weighting", cfg.weighting)
