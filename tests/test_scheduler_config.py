@@ -146,3 +146,25 @@ def test_a_one_cycle_schedule_of_the_files_own_shorter_than_the_run_is_refused(
         train(tmp_path / "short", *common, *short)
     assert not list((tmp_path / "short").rglob("step_*.pt"))  # (refused before training)
     train(tmp_path / "enough", *common, *enough)
+
+
+def test_a_cosine_schedule_rising_to_eta_min_above_the_learning_rate_is_warned(caplog) -> None:
+    """``scheduler=cosine scheduler.eta_min=0.1`` with ``optimizer.lr=1e-3``: the "decay"
+    raised the learning rate to 0.1 over the run, unsaid (a session's finding). Warned,
+    naming both values; an eta_min below the learning rate is not."""
+    import logging
+
+    from trainer.run import _warn_rising_cosine
+
+    p = torch.nn.Parameter(torch.ones(2))
+    said = {}
+    for eta_min in (0.1, 1e-4):
+        opt = torch.optim.SGD([p], lr=1e-3)
+        cfg = make_cfg("scheduler=cosine", f"scheduler.eta_min={eta_min}")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="trainer.run"):
+            _warn_rising_cosine(build_scheduler(cfg.scheduler, opt, total_steps=8))
+        said[eta_min] = [r.getMessage() for r in caplog.records if "eta_min" in r.getMessage()]
+    assert said[1e-4] == []
+    assert len(said[0.1]) == 1
+    assert said[0.1][0].startswith("scheduler.eta_min (0.1) is above the learning rate (0.001)")

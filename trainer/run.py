@@ -277,6 +277,25 @@ def _check_own_schedule_length(
         )
 
 
+def _warn_rising_cosine(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """A ``CosineAnnealingLR`` whose ``eta_min`` is above a parameter group's learning rate
+    raises that group's rate over the run instead of decaying it (``scheduler=cosine
+    scheduler.eta_min=0.1`` with ``optimizer.lr=1e-3`` trained at rates up to 0.1, unsaid:
+    a session's finding). Warned, naming both values (a deliberate rise is the user's)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        return
+    eta_min = scheduler.eta_min
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        lr = group.get("initial_lr", group.get("lr"))
+        if isinstance(lr, (int, float)) and lr < eta_min:
+            log.warning(
+                "scheduler.eta_min (%g) is above the learning rate (%g%s): the cosine schedule "
+                "raises it to %g over the run instead of decaying it",
+                eta_min, lr, f", parameter group {i}" if len(scheduler.optimizer.param_groups)
+                > 1 else "", eta_min,
+            )  # fmt: skip
+
+
 def _check_schedule_length(
     trainer: Trainer, checkpoint: Path, cfg: DictConfig, saved: dict[str, int] | None = None
 ) -> None:
@@ -1251,6 +1270,7 @@ def build_trainer(
     if scheduler is not None:
         check_stepping("scheduler", type(scheduler))
         _check_own_schedule_length(cfg.scheduler, scheduler, total_steps)
+        _warn_rising_cosine(scheduler)
     weighting: Weighting | None = None
     if typed.loss_mode == "vector":
         weighting = build("weighting", cfg.weighting)
