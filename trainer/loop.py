@@ -456,6 +456,9 @@ class Trainer:
         self.add_callbacks(*callbacks)
         #: every parameter (``named_parameters()``), and which required grad when last seen
         self._all_params = list(model.named_parameters())
+        #: a parameter or module registered anywhere since the model's parameters were last
+        #: read (torch's global registration hooks, while fitting): they are read again
+        self._registered = False
         self._trainable = [p.requires_grad for _, p in self._all_params]
         named = [(n, p) for n, p in self._all_params if p.requires_grad]
         #: trainable parameters and their names (``named_parameters()``), in the same order;
@@ -507,6 +510,7 @@ class Trainer:
         #: (module, name) of each buffer, read anew at each step (a forward may replace a
         #: buffer by a new tensor: an EMA codebook's ``self.ema = self.ema * d + ...``)
         self._buffers: list[tuple[nn.Module, str]] = []
+        self._buffers_due = False  # (the model's modules replaced: the list made again)
         self._buffers_before: list[Tensor | None] | None = None
         self._window_open = False
         self._flushed_at: int | None = None  # the step on_flush last ran at
@@ -877,9 +881,21 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
         """Train until ``max_epochs`` or ``max_steps``; return the final metrics."""
+        # a parameter or module set on a module (a callback's ``model.head = nn.Linear(...)``,
+        # ``setattr`` of a new ``nn.Parameter``): the model's parameters are read again at the
+        # next look (:meth:`_follow_trainable`), not every micro-batch
+        from torch.nn.modules import module as modules
+
+        def registered(*_: Any) -> None:
+            self._registered = True
+
+        watch = (modules.register_module_parameter_registration_hook(registered),
+                 modules.register_module_module_registration_hook(registered))  # fmt: skip
         try:
             return self._fit()
         finally:  # DataLoader workers, which ignore stop signals (trainer.data.base)
+            for handle in watch:
+                handle.remove()
             for loader in (self.train_loader, self.val_loader):
                 close = getattr(loader, "close", None)
                 if close is not None:
@@ -943,10 +959,7 @@ class Trainer:
             if self.world.distributed:  # (the modes the run trains with: on_fit_start's, a
                 warn_batch_norms(self.model)  # resume's)
             self._clear_stale_gradients()
-            self._buffers = [
-                (m, n) for m in self.model.modules() for n, b in m._buffers.items()
-                if b is not None and self.restore_buffers_on_skip
-            ]  # fmt: skip
+            self._buffers = self._buffer_slots()
             for cb in self.callbacks:  # a user's state a checkpoint cannot hold: said now,
                 if type(cb).__module__.startswith("trainer."):  # not at the first one
                     continue
@@ -1412,22 +1425,38 @@ class Trainer:
         unfrozen mid-run (they then fire ``on_params_change``); a layer frozen while its
         gradient of the window exists loses that gradient (it is not updated). One pass over
         the flags: O(parameters). ``fire=False``: the flags restored from a checkpoint, before
-        the run starts (the callbacks build on the trainable parameters then)."""
+        the run starts (the callbacks build on the trainable parameters then).
+
+        A parameter replaced by a new tensor (a callback's ``model.head = nn.Linear(...)``,
+        ``setattr`` of a new ``nn.Parameter``) is followed the same way where the optimizer
+        holds the new tensor (``add_param_group``), and refused where it does not: it got a
+        gradient every step, summed, and was never updated, while the norms, the guard, the
+        clipping and per-sample norms went on measuring the old tensors as complete (a
+        probe's findings). Seen through torch's registration hooks, so the model's parameters
+        are read again only after something was registered."""
+        replaced: list[str] = []
+        if self._registered:
+            self._registered = False
+            replaced = self._follow_replaced()
         flags = [p.requires_grad for _, p in self._all_params]
-        if flags == self._trainable:
+        if flags == self._trainable and not replaced:
             return
-        changed = [n for (n, _), a, b in zip(self._all_params, flags, self._trainable, strict=True)
-                   if a != b]  # fmt: skip
+        changed = replaced or [
+            n for (n, _), a, b in zip(self._all_params, flags, self._trainable, strict=True)
+            if a != b
+        ]  # fmt: skip
         if self.world.distributed:
+            what = "the parameters" if replaced else "requires_grad of"
             raise RuntimeError(
-                f"requires_grad of {changed[:5]} changed at step {self.global_step}: "
+                f"{what} {changed[:5]} changed at step {self.global_step}: "
                 "DistributedDataParallel registers the parameters that require grad when it "
                 "wraps the model and cannot follow a change (unfreeze before the run starts, "
                 "or train the stages as separate runs resumed from each other's weights)"
             )
-        for (_, p), now, before in zip(self._all_params, flags, self._trainable, strict=True):
-            if before and not now:  # frozen with this window's gradient already there: it is
-                p.grad = None  # dropped, not applied unclipped and unchecked (no update)
+        if not replaced:
+            for (_, p), now, before in zip(self._all_params, flags, self._trainable, strict=True):
+                if before and not now:  # frozen with this window's gradient already there: it
+                    p.grad = None  # is dropped, not applied unclipped and unchecked (no update)
         self._trainable = flags
         named = [(n, p) for n, p in self._all_params if p.requires_grad]
         self.param_names[:] = [n for n, _ in named]  # (in place: the lists handed out)
@@ -1438,12 +1467,41 @@ class Trainer:
         self._dtypes_of_params()
         self._not_in_optimizer()
         log.info(
-            "trainable parameters changed at step %d (%s%s): %d tensors now",
-            self.global_step, ", ".join(changed[:5]), " …" if len(changed) > 5 else "",
-            len(self.params),
+            "%s parameters changed at step %d (%s%s): %d tensors now",
+            "the model's" if replaced else "trainable", self.global_step,
+            ", ".join(changed[:5]), " …" if len(changed) > 5 else "", len(self.params),
         )  # fmt: skip
         if fire:
             self._fire("on_params_change")
+
+    def _follow_replaced(self) -> list[str]:
+        """The model's parameters read again after a registration: the names whose tensor is
+        new (replaced or added), :attr:`_all_params` made the model's; refused where a new
+        trainable tensor is not the optimizer's (it would never be updated)."""
+        now = list(self.model.named_parameters())
+        before = {n: id(p) for n, p in self._all_params}
+        if [(n, id(p)) for n, p in now] == list(before.items()):
+            return []
+        known = set(before.values())
+        new = [(n, p) for n, p in now if id(p) not in known]
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        lost = [n for n, p in new if p.requires_grad and id(p) not in held]
+        if lost:
+            raise RuntimeError(
+                f"{', '.join(lost[:5])}{' …' if len(lost) > 5 else ''}: replaced by a new tensor "
+                f"after step {self.global_step} (a module or nn.Parameter set on the model, by a "
+                "callback), which the optimizer does not hold: it would get a gradient every "
+                "step and never be updated. Copy the new values into the existing parameter "
+                "instead (with torch.no_grad(): p.copy_(new)), or give the optimizer the new "
+                "tensor (optimizer.add_param_group; a run with a group of its own cannot be "
+                "resumed), or set requires_grad_(False) on it to keep it fixed"
+            )
+        self._all_params = now
+        self._trainable = [not p.requires_grad for _, p in now]  # (all read again below)
+        # (mid-window, the buffers kept are the old modules': made again at the next window)
+        self._buffers_due = True
+        gone = [n for n, i in before.items() if i not in {id(p) for _, p in now}]
+        return sorted({n for n, _ in new} | set(gone))
 
     def train_step(self, batch: Batch, window: Window, step_now: bool) -> None:
         """Forward and backward of one micro-batch; the optimizer step when ``step_now``."""
@@ -1452,8 +1510,11 @@ class Trainer:
         self._follow_trainable()
         self._fire("on_train_batch_start", batch)
         x, y, index = batch
-        if self._buffers and not self._window_open:  # (the window's first micro-batch)
-            self._keep_buffers()
+        if not self._window_open:  # (the window's first micro-batch)
+            if self._buffers_due:  # (modules replaced since the last window)
+                self._buffers, self._buffers_due = self._buffer_slots(), False
+            if self._buffers:
+                self._keep_buffers()
         self._window_open = not step_now
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -1602,6 +1663,14 @@ class Trainer:
             self.staging.defer({**split_norms, **self.staging.take_scalars(out.step)}, out.step)
             if len(self.staging.deferred) >= READ_EVERY:
                 self.write_deferred()
+
+    def _buffer_slots(self) -> list[tuple[nn.Module, str]]:
+        """The model's buffers a skipped step puts back (with :attr:`restore_buffers_on_skip`;
+        none without), by module and name."""
+        return [
+            (m, n) for m in self.model.modules() for n, b in m._buffers.items()
+            if b is not None and self.restore_buffers_on_skip
+        ]  # fmt: skip
 
     def _current_buffers(self) -> list[Tensor | None]:
         return [m._buffers.get(n) for m, n in self._buffers]
