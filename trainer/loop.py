@@ -465,6 +465,11 @@ class Trainer:
         #: followed as the model's ``requires_grad`` flags change (:meth:`_follow_trainable`)
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        for r in regularizers:  # (given unbound to a Trainer built by hand, one selected
+            if isinstance(r, Regularizer):  # nothing and the run trained without it, its
+                r.bind(model)  # reg/<name> 0, unsaid; and one of one's own went unchecked:
+                if type(r) is not Regularizer:  # a probe's)
+                    r.check_gradient()  # (its backward, once, before training)
         #: the backward roots and each loss element's coefficient in them (trainer/objective.py)
         self.objective = Objective(
             self.criterion, weighting, regularizers, self.params, world=world,

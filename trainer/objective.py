@@ -31,6 +31,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,6 +120,7 @@ class Objective:
         #: (a projection in ``on_before_optimizer_step``) leaves their analytic gradient at
         #: the weights as they are now, not the backward's
         self._reg_at: dict[int, tuple[str, Tensor, int]] | None = None
+        self._reg_coef: list[Any] | None = None
         self._said_moved: set[str] = set()
 
     @property
@@ -429,6 +431,9 @@ class Objective:
         """Σ λR over the regularizers (0-d), added once per optimizer step; None while none
         selects a trainable parameter (every layer it matches frozen: nothing to differentiate)."""
         values = [r.value() for r in self.regularizers]
+        #: each regularizer's λ as the backward took λR (a callback annealing it after the
+        #: backward made grad_norm/reg and /data of the new λ, 2× off: a probe's)
+        self._reg_coef = [r.coef for r in self.regularizers]
         self._reg_at = {id(p): (n, p, p._version) for r in self.regularizers
                         for n, p in zip(r.names, r.params, strict=True)}  # fmt: skip
         for r, v in zip(self.regularizers, values, strict=True):  # (metadata: no sync)
@@ -488,8 +493,16 @@ class Objective:
         logging windows (data-parallel, summed over the ranks: a collective)."""
         reg_grad = self._penalty_grads_summed()
         at, moved = self._reg_at, self._moved_since_backward()
-        for r in self.regularizers:
-            for p, g in zip(r.params, r.grad(), strict=True):
+        for r, then in zip(self.regularizers, self._reg_coef or [None] * len(self.regularizers),
+                           strict=True):  # fmt: skip
+            now = r.coef
+            if then is not None and then is not now:  # (set since the backward: the
+                r.coef = then  # gradient of the λ the step holds)
+            try:
+                grads = r.grad()
+            finally:
+                r.coef = now
+            for p, g in zip(r.params, grads, strict=True):
                 if at is not None and id(p) not in at:  # trainable since the backward took
                     continue  # λR (unfrozen in on_after_backward): none of it is in the step
                 if moved:  # (not the backward's: every part NaN, the totals with them)

@@ -615,8 +615,14 @@ class Regularizer(Stateful):
                 "no_grad or on .data); return the value of a torch.autograd.Function of them "
                 "(Function.apply), whose backward gives GRADS"
             )
-        auto = torch.autograd.grad(value, copies, allow_unused=True)
-        for name, c, a in zip(names, copies, auto, strict=True):
+        auto = torch.autograd.grad(value, copies, allow_unused=True, retain_graph=True)
+        # the backward times the gradient it is given: one returning λ∇R whatever it gets
+        # agreed with GRADS at 1 and with every difference of R, and under a GradScaler
+        # (whose scale is that gradient) trained without the regularizer, grad_norm/reg
+        # reporting it (a probe's)
+        upstream = torch.tensor(3.0, dtype=value.dtype, device=value.device)
+        thrice = torch.autograd.grad(value, copies, upstream, allow_unused=True)
+        for name, c, a, a3 in zip(names, copies, auto, thrice, strict=True):
             a = torch.zeros_like(c) if a is None else a
             b = coef * self.grad_fn(c.detach())
             if not isinstance(b, Tensor) or b.shape != c.shape or b.dtype != c.dtype:
@@ -645,6 +651,16 @@ class Regularizer(Stateful):
                     f"|difference| {float((a - b).abs().max()):.3g}, of a gradient up to "
                     f"{float(b.abs().max()):.3g}): the step would train on one and "
                     "grad_norm/data report the other"
+                )
+            a3 = torch.zeros_like(c) if a3 is None else a3
+            tol = 1e-9 * float((3 * a).abs().max().clamp_min(a3.abs().max()).clamp_min(1e-30))
+            if not torch.allclose(a3, 3 * a, rtol=1e-7, atol=tol):
+                raise ValueError(
+                    f"regularizer {self.name} ({type(self).__name__}): its Function's backward "
+                    f"does not scale with the gradient it is given (on {name}, an incoming "
+                    f"gradient of 3 gave up to {float(a3.abs().max()):.6g} for 3 × "
+                    f"{float(a.abs().max()):.6g}): multiply what it returns by its grad_output "
+                    "(a GradScaler's scale, and the step's backward, reach it there)"
                 )
 
     def value(self) -> Tensor:

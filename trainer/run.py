@@ -70,7 +70,7 @@ from trainer.instrument import build_callbacks
 from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir, shown
 from trainer.loop import Callback, Trainer, check_callback, check_plateau, planned_steps
 from trainer.losses import Loss, as_loss
-from trainer.regularizers import InputGradPenalty, Regularizer
+from trainer.regularizers import InputGradPenalty
 from trainer.report import CONTINUED
 from trainer.sweep import check_direction, in_multirun
 from trainer.weighting import NORMALIZE, Weighting
@@ -1293,9 +1293,6 @@ def build_trainer(
         instantiate(node, name=name).bind(model)
         for name, node in cfg.get("regularizer", {}).items()
     ]
-    for r in regularizers:  # one of one's own: its backward checked once, before training
-        if isinstance(r, Regularizer) and type(r) is not Regularizer:
-            r.check_gradient()
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     forward_model: nn.Module | None = None
