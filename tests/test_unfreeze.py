@@ -454,9 +454,62 @@ def test_a_float16_model_under_a_grad_scaler_is_refused_when_built(tmp_path) -> 
     way out."""
     with pytest.raises(
         ValueError,
-        match=r"trainer.precision=16 with float16 parameters "
-        r"\(fc1.weight, fc1.bias, backbone.weight …\).*trainer.precision=32 or bf16",
+        match=r"trainer.precision=16 with trainable float16 parameters "
+        r"\(fc1.weight, fc1.bias, head.weight …\).*trainer.precision=32 or bf16",
     ):
         train(tmp_path, "~model", f"+model._target_={__name__}.Half", "data=synthetic",
               "data.num_train=64", "data.num_val=16", "trainer.max_steps=1",
               "trainer.precision=16")  # fmt: skip
+
+
+def test_fp16_trains_a_model_whose_frozen_layer_is_float16() -> None:
+    """A frozen float16 layer (a half-precision backbone kept fixed) has no gradient for the
+    GradScaler to unscale: torch's own AMP loop trains such a model under float16 autocast
+    with a GradScaler. The trainer refused it when built, saying the scaler "cannot unscale
+    float16 gradients (torch refuses it at the first step)", of parameters that never get a
+    gradient. Trained here against the same hand-written torch.amp loop, bit for bit."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from trainer.data.base import InMemoryLoader, TensorSplit
+    from trainer.loop import Trainer
+    from trainer.losses import CrossEntropy
+
+    torch.manual_seed(0)
+    split = TensorSplit(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    model[0].half().requires_grad_(False)  # the frozen float16 backbone
+    reference = copy.deepcopy(model)
+    loader = InMemoryLoader(split, 8, torch.device("cpu"), shuffle=False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    trainer = Trainer(model, opt, loader, loader, criterion=CrossEntropy(),
+                      device=torch.device("cpu"), precision="16", max_epochs=1)  # fmt: skip
+    trainer.fit()
+    # torch's own recipe on the same batches (in order, two of 8)
+    ref_opt = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
+    scaler = torch.amp.GradScaler("cpu")
+    for i in range(2):
+        x, y = split.x[8 * i : 8 * i + 8], split.y[8 * i : 8 * i + 8]
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(reference(x), y, reduction="none")
+        scaler.scale(loss @ torch.full((8,), 1 / 8)).backward()
+        scaler.unscale_(ref_opt)
+        scaler.step(ref_opt)
+        scaler.update()
+        ref_opt.zero_grad()
+    assert trainer.global_step == 2
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+    class Unfreezes(Callback):
+        def on_train_step_end(self, trainer, out) -> None:
+            trainer.model[0].requires_grad_(True)
+
+    model[0].requires_grad_(False)
+    again = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), loader, loader,
+                    criterion=CrossEntropy(), device=torch.device("cpu"), precision="16",
+                    max_epochs=1, callbacks=[Unfreezes()])  # fmt: skip
+    with pytest.raises(ValueError, match=r"trainable float16 parameters \(0.weight, 0.bias "
+                       r"made trainable at step 1\)"):  # fmt: skip
+        again.fit()

@@ -313,6 +313,26 @@ LABELS_HINT = {
 }
 
 
+def _check_half_trained(
+    scaler: torch.amp.GradScaler | None, named: Iterator[tuple[str, Tensor]], when: str
+) -> None:
+    """``trainer.precision=16`` with trainable float16 parameters: torch's ``unscale_``
+    refuses their gradients at the first step. Frozen ones get no gradient and are not
+    unscaled (a frozen half-precision backbone under a float32 head was refused, which torch's
+    own AMP loop trains: a probe's); one made trainable mid-run is refused then."""
+    if scaler is None:
+        return
+    half = [n for n, p in named if p.dtype == torch.float16 and p.requires_grad]
+    if half:
+        raise ValueError(
+            f"trainer.precision=16 with trainable float16 parameters ({', '.join(half[:3])}"
+            f"{' …' if len(half) > 3 else ''}{when}): the GradScaler cannot unscale float16 "
+            "gradients (torch refuses it at the first step); keep the model in float32 "
+            "(autocast runs its matmuls in float16), keep those layers frozen, or use "
+            "trainer.precision=32 or bf16 with a float16 model"
+        )
+
+
 def _output_in_words(output: Any, limit: int = 400) -> str:
     """The model's output in words: a tensor's dtype and shape, each of a tuple's, list's or
     dict's (a dict was "of shape ()", a probe's), cut at ``limit`` characters (a cache of 32
@@ -407,15 +427,7 @@ class Trainer:
                          log_every_n_steps)  # fmt: skip
         self.amp_dtype = _AMP_DTYPES[str(precision)]
         self.scaler = torch.amp.GradScaler(device.type) if str(precision) == "16" else None
-        half = [n for n, p in model.named_parameters() if p.dtype == torch.float16]
-        if self.scaler is not None and half:  # (torch's unscale_ refuses them after a step)
-            raise ValueError(
-                f"trainer.precision=16 with float16 parameters ({', '.join(half[:3])}"
-                f"{' …' if len(half) > 3 else ''}): the GradScaler cannot unscale float16 "
-                "gradients (torch refuses it at the first step); keep the model in float32 "
-                "(autocast runs its matmuls in float16), or use trainer.precision=32 or bf16 "
-                "with a float16 model"
-            )
+        _check_half_trained(self.scaler, model.named_parameters(), "")
         floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
         if self.amp_dtype is not None and floats == {torch.float64}:  # (a probe's run logged
             log.warning(  # numbers equal to precision=32's, and said nothing)
@@ -1469,6 +1481,8 @@ class Trainer:
         self.objective.params = list(self.params)
         for r in self.objective.regularizers:  # their patterns select among the trainable
             r.bind(self.model, empty_ok=True)
+        _check_half_trained(self.scaler, zip(self.param_names, self.params, strict=True),
+                            f" made trainable at step {self.global_step}")  # fmt: skip
         self._dtypes_of_params()
         self._not_in_optimizer()
         log.info(
