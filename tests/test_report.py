@@ -197,7 +197,8 @@ def test_failed_missing_and_unreadable_jobs_are_listed_with_the_reason(sweep, ca
     rows = {r["job"]: r for r in read_csv(sweep / "summary.csv")}
     assert rows["2"]["error"] == OOM  # the CSV keeps the whole error
     assert rows["2"]["step"] == "4" and rows["2"]["val/acc"] == ""
-    assert rows["3"]["status"] == "missing" and rows["3"]["error"] == ""
+    assert rows["3"]["status"] == "missing"
+    assert rows["3"]["error"] == "no metrics.json yet: running, or killed before it wrote one"
     assert rows["4"]["status"] == "unreadable" and "metrics.json" in rows["4"]["error"]
 
 

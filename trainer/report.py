@@ -134,6 +134,8 @@ def find_run_dirs(root: Path) -> list[Path]:
         for p in root.iterdir()
         if p.is_dir() and not p.name.startswith(".") and (_numbered(p.name) or is_run_dir(p))
     ]
+    if not jobs and (root / "multirun.yaml").is_file():  # (a sweep whose jobs have not
+        return []  # started yet, SLURM's pending: listed as not started, a probe's)
     if not jobs:
         raise ReportError(
             f"{root}: no run dirs here; expected a run dir (metrics.json, tb/ or .hydra/) or a "
@@ -181,7 +183,8 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
     of a sweep): its own folder holds :data:`CONTINUED`, naming that dir, where its curves
     are (``run.path``), and its own copy of the metrics it wrote there when it ended; without
     that copy (running, or killed) it is missing."""
-    run = Run(name=name or run_dir.name, path=run_dir, status="missing")
+    run = Run(name=name or run_dir.name, path=run_dir, status="missing",
+              error="no metrics.json yet: running, or killed before it wrote one")  # fmt: skip
     run.overrides = read_overrides(run_dir)
     run.loss = read_loss(run_dir)
     path = run_dir / "metrics.json"
@@ -193,7 +196,7 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
             run.status, run.error = "unreadable", f"{CONTINUED}: {type(e).__name__}: {e}"
             return run
         if not path.is_file():
-            run.error = (
+            run.error = (  # (its own words, not the plain folder's)
                 f"it continued in {home}, which no longer exists" if not home.is_dir()
                 else f"it continued in {home} and wrote no result (running, or killed)"
             )  # fmt: skip
@@ -202,6 +205,7 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
             run.path = home
     if not path.is_file():
         return run
+    run.error = ""
     try:
         metrics = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -305,7 +309,10 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     Raises:
         ReportError: see :func:`find_run_dirs`.
     """
-    root = Path(root)
+    # (absolute: ``report.py .`` in a job folder read ``Path('.').parent``, the job folder
+    # again, for the sweep's id, and named the job ""; summary.csv's paths were relative to
+    # where the report ran, leading nowhere from elsewhere: a probe's)
+    root = Path(root).absolute()
     runs = [load_run(run_dir) for run_dir in find_run_dirs(root)]
     earlier, of_jobs = _earlier_sweeps(root, runs)
     if of_jobs:
@@ -323,8 +330,25 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     if curves:
         for run in runs:  # (a continued job's: where it continued)
             if run.status != NOT_STARTED:
-                run.curves = read_curves(run.path, CURVE_TAGS)
+                run.curves = run_curves(run, CURVE_TAGS)
     return runs
+
+
+def run_curves(run: Run, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    """:func:`read_curves` of a job, said where a completed job's end before its last step
+    (which it logs): tensorboard's reader stops at a damaged record as at the end of a file,
+    saying so at DEBUG level only, and a flipped byte showed 9 of 20 points as a run that
+    stopped at step 18 of 40 (a probe's)."""
+    curves = read_curves(run.path, tags)
+    step = run.metrics.get("step")
+    end = max((s for points in curves.values() for s, _ in points), default=None)
+    if run.status == "completed" and isinstance(step, int) and end is not None and end < step:
+        from trainer.logger import event_dir
+
+        print(f"warning: {event_dir(run.path)}: its event files end at step {end}, its "
+              f"metrics.json at step {step}: a damaged or cut event file (its curves are "
+              "shown as far as they could be read)", file=sys.stderr)  # fmt: skip
+    return curves
 
 
 def _folders_hold(runs: Sequence[Run]) -> str:
@@ -847,9 +871,14 @@ def plot_curves(ranked: Sequence[Run], metric: str, path: Path) -> None:
     if common:
         shown = " ".join(common)
         shown = shown if len(shown) <= 2 * MAX_LABEL else shown[: 2 * MAX_LABEL - 1] + "…"
-        fig.suptitle(f"all jobs: {shown}", fontsize="small")
+        # (as written: matplotlib reads text between two $ as math, and an override holding
+        # them stopped the report or showed ${oc.env:X} garbled, a probe's)
+        fig.suptitle(f"all jobs: {shown}", fontsize="small", parse_math=False)
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=2, fontsize="small", frameon=False)
+        legend = fig.legend(handles=handles, loc="lower center", ncol=2, fontsize="small",
+                            frameon=False)  # fmt: skip
+        for text in legend.get_texts():
+            text.set_parse_math(False)
     fig.tight_layout(rect=(0, legend_h / (4.5 + legend_h), 1, 1))  # the bottom strip: legend
     fig.savefig(path, dpi=100)
 
@@ -916,7 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "taken as best (--mode max or min to say)", file=sys.stderr)  # fmt: skip
     for r in runs:
         if r.status != NOT_STARTED:  # (a folder of an earlier sweep's run: not this job's)
-            r.curves = read_curves(r.path, curve_tags(args.metric))
+            r.curves = run_curves(r, curve_tags(args.metric))
     root: Path = args.dir
     rows, unnamed = not_started(root, runs)
     ranked = rank_runs([*runs, *rows], args.metric, args.mode)
