@@ -313,6 +313,24 @@ LABELS_HINT = {
 }
 
 
+def _bound(r: Regularizer, model: nn.Module) -> None:
+    """A regularizer given to the Trainer bound to ``model`` (or to a module of it: its
+    selection is kept, a review's: binding again to the whole model regularized every layer
+    of an L2 bound to the head, unsaid); one given unbound is bound to ``model``."""
+    if r.bound_to is None:
+        r.bind(model)
+        return
+    mine = {id(p) for p in model.parameters()}
+    theirs = [n for n, p in [*zip(r.names, r.params, strict=True), *r._frozen]
+              if id(p) not in mine]  # fmt: skip
+    if theirs:
+        raise ValueError(
+            f"regularizer {r.name} ({type(r).__name__}) is bound to parameters that are not "
+            f"the Trainer's model's ({', '.join(theirs[:3])}{' …' if len(theirs) > 3 else ''}): "
+            "bind it to the model the Trainer trains (or to a module of it), or give it unbound"
+        )
+
+
 def _check_half_trained(
     scaler: torch.amp.GradScaler | None, named: Iterator[tuple[str, Tensor]], when: str
 ) -> None:
@@ -479,7 +497,7 @@ class Trainer:
         self.params = [p for _, p in named]
         for r in regularizers:  # (given unbound to a Trainer built by hand, one selected
             if isinstance(r, Regularizer):  # nothing and the run trained without it, its
-                r.bind(model)  # reg/<name> 0, unsaid; and one of one's own went unchecked:
+                _bound(r, model)  # reg/<name> 0, unsaid; and one of one's own went unchecked:
                 if type(r) is not Regularizer:  # a probe's)
                     r.check_gradient()  # (its backward, once, before training)
         #: the backward roots and each loss element's coefficient in them (trainer/objective.py)
@@ -1480,7 +1498,7 @@ class Trainer:
         self.params[:] = [p for _, p in named]
         self.objective.params = list(self.params)
         for r in self.objective.regularizers:  # their patterns select among the trainable
-            r.bind(self.model, empty_ok=True)
+            r.bind(r.bound_to or self.model, empty_ok=True)  # (of the module it was bound to)
         _check_half_trained(self.scaler, zip(self.param_names, self.params, strict=True),
                             f" made trainable at step {self.global_step}")  # fmt: skip
         self._dtypes_of_params()

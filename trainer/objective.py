@@ -53,6 +53,19 @@ log = logging.getLogger(__name__)
 _DOT_DTYPES = (torch.float32, torch.float64)
 
 
+def _kept(coef: Any) -> Any:
+    """λ as it is now: a tensor's copy (one changed in place is not the value it was)."""
+    return coef.detach().clone() if isinstance(coef, Tensor) else coef
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two λ are equal (a tensor's: a host read, on logging steps only)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        a, b = (torch.as_tensor(t).detach().cpu().double() for t in (a, b))
+        return bool(torch.equal(a, b))
+    return bool(a == b)
+
+
 @dataclass
 class Window:
     """The accumulation window a micro-batch belongs to (its global one, data-parallel)."""
@@ -120,7 +133,8 @@ class Objective:
         #: (a projection in ``on_before_optimizer_step``) leaves their analytic gradient at
         #: the weights as they are now, not the backward's
         self._reg_at: dict[int, tuple[str, Tensor, int]] | None = None
-        self._reg_coef: list[Any] | None = None
+        self._reg_coef: list[tuple[Any, Any]] | None = None
+        self._said_coef: set[str] = set()  # (regularizers whose value() changed λ: warned)
         self._said_moved: set[str] = set()
 
     @property
@@ -430,10 +444,13 @@ class Objective:
     def _regularization(self) -> Tensor | None:
         """Σ λR over the regularizers (0-d), added once per optimizer step; None while none
         selects a trainable parameter (every layer it matches frozen: nothing to differentiate)."""
+        before = [_kept(r.coef) for r in self.regularizers]
         values = [r.value() for r in self.regularizers]
-        #: each regularizer's λ as the backward took λR (a callback annealing it after the
-        #: backward made grad_norm/reg and /data of the new λ, 2× off: a probe's)
-        self._reg_coef = [r.coef for r in self.regularizers]
+        #: each regularizer's λ before and after its value() took λR (a callback annealing
+        #: it after the backward made grad_norm/reg and /data of the new λ, 2× off: a probe's;
+        #: a tensor λ changed in place, or a value() annealing it: a review's)
+        self._reg_coef = [(b, _kept(r.coef)) for b, r in zip(before, self.regularizers,
+                                                             strict=True)]  # fmt: skip
         self._reg_at = {id(p): (n, p, p._version) for r in self.regularizers
                         for n, p in zip(r.names, r.params, strict=True)}  # fmt: skip
         for r, v in zip(self.regularizers, values, strict=True):  # (metadata: no sync)
@@ -493,15 +510,26 @@ class Objective:
         logging windows (data-parallel, summed over the ranks: a collective)."""
         reg_grad = self._penalty_grads_summed()
         at, moved = self._reg_at, self._moved_since_backward()
-        for r, then in zip(self.regularizers, self._reg_coef or [None] * len(self.regularizers),
-                           strict=True):  # fmt: skip
+        coefs = self._reg_coef or [(None, None)] * len(self.regularizers)
+        for r, (then, after) in zip(self.regularizers, coefs, strict=True):
             now = r.coef
-            if then is not None and then is not now:  # (set since the backward: the
-                r.coef = then  # gradient of the λ the step holds)
+            unknown = then is not None and not _same(then, after)  # host read: logging steps
+            if unknown and r.name not in self._said_coef:  # (changed inside value(): which
+                self._said_coef.add(r.name)  # λ it took is not known)
+                log.warning(
+                    "grad_norm/data and grad_norm/reg (and grad_agreement/data_reg): NaN on "
+                    "steps where regularizer %s's value() changes its λ (%s to %s): which λ "
+                    "the step's λR took is not known. Change λ in a callback "
+                    "(on_train_step_end) instead (warned once)", r.name, then, after,
+                )  # fmt: skip
+            if then is not None and not unknown and not _same(then, now):  # (set since the
+                r.coef = then  # backward: the gradient of the λ the step holds)
             try:
                 grads = r.grad()
             finally:
                 r.coef = now
+            if unknown:
+                grads = [torch.full_like(g, math.nan) for g in grads]
             for p, g in zip(r.params, grads, strict=True):
                 if at is not None and id(p) not in at:  # trainable since the backward took
                     continue  # λR (unfrozen in on_after_backward): none of it is in the step

@@ -312,7 +312,7 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     # (absolute: ``report.py .`` in a job folder read ``Path('.').parent``, the job folder
     # again, for the sweep's id, and named the job ""; summary.csv's paths were relative to
     # where the report ran, leading nowhere from elsewhere: a probe's)
-    root = Path(root).absolute()
+    root = Path(os.path.abspath(root))  # (lexically: ``..`` as the shell reads it, a review's)
     runs = [load_run(run_dir) for run_dir in find_run_dirs(root)]
     earlier, of_jobs = _earlier_sweeps(root, runs)
     if of_jobs:

@@ -254,26 +254,33 @@ def _check_own_schedule_length(
     steps with ``total_steps: 5`` failed at step 6). Refused before training, naming the key.
     ``ChainedScheduler`` steps each part at every step: its ``OneCycleLR`` parts are checked
     too (``SequentialLR`` steps a part only in its segment: not checked)."""
-    parts = [(scheduler, cfg, "scheduler")]
+    parts: list[tuple[Any, DictConfig | None, str]] = [(scheduler, cfg, "scheduler")]
     if isinstance(scheduler, torch.optim.lr_scheduler.ChainedScheduler):
+        listed = cfg.get("schedulers")  # (a factory's ChainedScheduler: its file lists none)
         parts = [
-            (part, cfg.schedulers[i], f"scheduler.schedulers[{i}]")
+            (part, listed[i] if listed is not None and i < len(listed) else None,
+             f"scheduler.schedulers[{i}]" if listed is not None else "scheduler")
             for i, part in enumerate(scheduler._schedulers)
-        ]
+        ]  # fmt: skip
     for part, node, name in parts:
         if not isinstance(part, torch.optim.lr_scheduler.OneCycleLR):
             continue
         length = part.total_steps
         if length >= total_steps:
             continue
-        own = "total_steps" if node.get("total_steps") is not None else "epochs"
-        keys = f"{name}.total_steps" if own == "total_steps" else (
-            f"{name}.epochs × {name}.steps_per_epoch")  # fmt: skip
+        fix = "leave the length out (the trainer sets it to the run's)"
+        if node is not None and node.get("total_steps") is not None:
+            keys = f"{name}.total_steps"
+        elif node is not None and node.get("epochs") is not None:
+            keys = f"{name}.epochs × {name}.steps_per_epoch"
+        else:  # (a factory's: its own code's length, named by its target)
+            keys = f"{name}._target_ ({cfg.get('_target_')})"
+            fix = "have the factory take total_steps (the trainer passes the run's length)"
         raise ConfigError(
             f"{keys}: OneCycleLR's schedule is {length} steps and this run trains "
             f"{total_steps} optimizer steps; past step {length} OneCycleLR stops the run with "
-            "an error. Leave the length out (the trainer sets it to the run's), set it to at "
-            "least the run's, or shorten the run (trainer.max_epochs / trainer.max_steps)"
+            f"an error. Either {fix}, set it to at least the run's, or shorten the run "
+            "(trainer.max_epochs / trainer.max_steps)"
         )
 
 
