@@ -489,6 +489,9 @@ class Trainer:
         #: a parameter or module registered anywhere since the model's parameters were last
         #: read (torch's global registration hooks, while fitting): they are read again
         self._registered = False
+        #: ids of the tensors set on the model since the Trainer was built (refused where
+        #: they get a gradient the optimizer does not take: :meth:`_refuse_unheld`)
+        self._new_ids: set[int] = set()
         self._trainable = [p.requires_grad for _, p in self._all_params]
         named = [(n, p) for n, p in self._all_params if p.requires_grad]
         #: trainable parameters and their names (``named_parameters()``), in the same order;
@@ -925,7 +928,11 @@ class Trainer:
             self._registered = True
 
         watch = (modules.register_module_parameter_registration_hook(registered),
-                 modules.register_module_module_registration_hook(registered))  # fmt: skip
+                 modules.register_module_module_registration_hook(registered),
+                 modules.register_module_buffer_registration_hook(registered))  # fmt: skip
+        # (and read again as the fit starts: a module replaced between two fits, or one a
+        # failed fit refused, was followed by no one, a review's)
+        self._registered = True
         try:
             return self._fit()
         finally:  # DataLoader workers, which ignore stop signals (trainer.data.base)
@@ -1452,7 +1459,7 @@ class Trainer:
             log.warning("the first batch's output in training mode: %s", said)
         return logits, losses
 
-    def _follow_trainable(self, fire: bool = True) -> None:
+    def _follow_trainable(self, fire: bool = True, look: bool = False) -> None:
         """Follow a change of the parameters' ``requires_grad`` (gradual unfreezing in a
         callback): before each micro-batch, before its backward and before each optimizer
         step, :attr:`params` and :attr:`param_names` are again the parameters that require
@@ -1462,33 +1469,37 @@ class Trainer:
         the flags: O(parameters). ``fire=False``: the flags restored from a checkpoint, before
         the run starts (the callbacks build on the trainable parameters then).
 
-        A parameter replaced by a new tensor (a callback's ``model.head = nn.Linear(...)``,
-        ``setattr`` of a new ``nn.Parameter``) is followed the same way where the optimizer
-        holds the new tensor (``add_param_group``), and refused where it does not: it got a
-        gradient every step, summed, and was never updated, while the norms, the guard, the
-        clipping and per-sample norms went on measuring the old tensors as complete (a
-        probe's findings). Seen through torch's registration hooks, so the model's parameters
-        are read again only after something was registered."""
-        replaced: list[str] = []
-        if self._registered:
+        The model's parameters themselves are read again after torch's registration hooks saw
+        a module, parameter or buffer set (:meth:`fit`), at each fit's start, and on logging
+        steps (``look``: a parameter deleted or set to None registers nothing): a tensor
+        replaced or added (a callback's ``model.head = nn.Linear(...)``) is followed as an
+        unfrozen one is, and one removed leaves the lists (the norms, the guard, the clipping
+        and per-sample norms measured the old tensors as complete, a probe's findings). A new
+        trainable tensor the optimizer does not hold is refused at the first step it has a
+        gradient (:meth:`_refuse_unheld`)."""
+        structure = None
+        if self._registered or look:
+            structure = self._follow_replaced()
+            if self._registered:  # (modules replaced: the buffers a skip puts back, at the
+                self._buffers_due = True  # next window; the kept ones are the old modules')
             self._registered = False
-            replaced = self._follow_replaced()
         flags = [p.requires_grad for _, p in self._all_params]
-        if flags == self._trainable and not replaced:
+        if structure is None and flags == self._trainable:
             return
-        changed = replaced or [
-            n for (n, _), a, b in zip(self._all_params, flags, self._trainable, strict=True)
-            if a != b
-        ]  # fmt: skip
-        if self.world.distributed:
-            what = "the parameters" if replaced else "requires_grad of"
+        if structure is None:
+            changed = [n for (n, _), a, b in zip(self._all_params, flags, self._trainable,
+                                                 strict=True) if a != b]  # fmt: skip
+        else:
+            changed = structure
+        if self.world.distributed and changed:  # (renamed alone: the same tensors, DDP's)
             raise RuntimeError(
-                f"{what} {changed[:5]} changed at step {self.global_step}: "
-                "DistributedDataParallel registers the parameters that require grad when it "
-                "wraps the model and cannot follow a change (unfreeze before the run starts, "
-                "or train the stages as separate runs resumed from each other's weights)"
+                f"the parameters {changed[:5]} changed (requires_grad, or the tensors) at step "
+                f"{self.global_step}: DistributedDataParallel registers the parameters that "
+                "require grad when it wraps the model and cannot follow a change (unfreeze "
+                "before the run starts, or train the stages as separate runs resumed from "
+                "each other's weights)"
             )
-        if not replaced:
+        if structure is None:
             for (_, p), now, before in zip(self._all_params, flags, self._trainable, strict=True):
                 if before and not now:  # frozen with this window's gradient already there: it
                     p.grad = None  # is dropped, not applied unclipped and unchecked (no update)
@@ -1504,41 +1515,59 @@ class Trainer:
         self._dtypes_of_params()
         self._not_in_optimizer()
         log.info(
-            "%s parameters changed at step %d (%s%s): %d tensors now",
-            "the model's" if replaced else "trainable", self.global_step,
+            "%s at step %d (%s%s): %d trainable tensors now",
+            "the model's parameters changed" if structure else
+            "the model's parameters renamed" if structure is not None else
+            "trainable parameters changed", self.global_step,
             ", ".join(changed[:5]), " …" if len(changed) > 5 else "", len(self.params),
         )  # fmt: skip
         if fire:
             self._fire("on_params_change")
 
-    def _follow_replaced(self) -> list[str]:
-        """The model's parameters read again after a registration: the names whose tensor is
-        new (replaced or added), :attr:`_all_params` made the model's; refused where a new
-        trainable tensor is not the optimizer's (it would never be updated)."""
+    def _follow_replaced(self) -> list[str] | None:
+        """The model's parameters read again: None where they are the same tensors under the
+        same names; else :attr:`_all_params` and :attr:`_trainable` made the model's, and the
+        names of the tensors new, gone or frozen or unfrozen since (by tensor, not by name:
+        [] where they were only renamed, a parametrization registered). A tensor that was
+        trainable and is frozen now or gone from the model loses its gradient of the window
+        (a layer frozen in the hook that swapped a head was updated unclipped, a review's)."""
         now = list(self.model.named_parameters())
-        before = {n: id(p) for n, p in self._all_params}
-        if [(n, id(p)) for n, p in now] == list(before.items()):
-            return []
-        known = set(before.values())
-        new = [(n, p) for n, p in now if id(p) not in known]
-        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        lost = [n for n, p in new if p.requires_grad and id(p) not in held]
+        if len(now) == len(self._all_params) and all(
+            a == b and p is q for (a, p), (b, q) in zip(now, self._all_params, strict=True)
+        ):
+            return None
+        was = {id(p): (n, p, t) for (n, p), t in zip(self._all_params, self._trainable,
+                                                      strict=True)}  # fmt: skip
+        ids = {id(p) for _, p in now}
+        new = [n for n, p in now if id(p) not in was]
+        gone = [n for i, (n, _, _) in was.items() if i not in ids]
+        flipped = [n for n, p in now if id(p) in was and was[id(p)][2] != p.requires_grad]
+        for i, (_, p, trained) in was.items():
+            if trained and (i not in ids or not p.requires_grad):
+                p.grad = None  # (frozen or gone with its gradient there: not applied)
+        self._new_ids.update(id(p) for _, p in now if id(p) not in was)
+        self._all_params = now
+        self._trainable = [p.requires_grad for _, p in now]
+        return sorted({*new, *gone, *flipped})
+
+    def _refuse_unheld(self) -> None:
+        """A tensor set on the model mid-run that the optimizer does not hold, with a gradient
+        at this step: refused before the update (it would get one every step and never be
+        updated, a probe's). Without a gradient (a copy kept on the model that is not in the
+        forward, an EMA's) it is not refused."""
+        lost = [n for n, p in zip(self.param_names, self.params, strict=True)
+                if id(p) in self._new_ids and p.grad is not None
+                and any(p is q for q in self._unowned)]  # fmt: skip
         if lost:
             raise RuntimeError(
-                f"{', '.join(lost[:5])}{' …' if len(lost) > 5 else ''}: replaced by a new tensor "
-                f"after step {self.global_step} (a module or nn.Parameter set on the model, by a "
-                "callback), which the optimizer does not hold: it would get a gradient every "
-                "step and never be updated. Copy the new values into the existing parameter "
-                "instead (with torch.no_grad(): p.copy_(new)), or give the optimizer the new "
-                "tensor (optimizer.add_param_group; a run with a group of its own cannot be "
-                "resumed), or set requires_grad_(False) on it to keep it fixed"
+                f"{', '.join(lost[:5])}{' …' if len(lost) > 5 else ''}: a new tensor set on the "
+                f"model (a module or nn.Parameter, by a callback) has a gradient at step "
+                f"{self.global_step}, and the optimizer does not hold it: it would get one "
+                "every step and never be updated. Copy the new values into the existing "
+                "parameter instead (with torch.no_grad(): p.copy_(new)), or give the optimizer "
+                "the new tensor (optimizer.add_param_group; a run with a group of its own "
+                "cannot be resumed), or set requires_grad_(False) on it to keep it fixed"
             )
-        self._all_params = now
-        self._trainable = [not p.requires_grad for _, p in now]  # (all read again below)
-        # (mid-window, the buffers kept are the old modules': made again at the next window)
-        self._buffers_due = True
-        gone = [n for n, i in before.items() if i not in {id(p) for _, p in now}]
-        return sorted({n for n, _ in new} | set(gone))
 
     def train_step(self, batch: Batch, window: Window, step_now: bool) -> None:
         """Forward and backward of one micro-batch; the optimizer step when ``step_now``."""
@@ -1604,7 +1633,11 @@ class Trainer:
         self.logging_step = should_log = self.should_log(self.global_step)
         self.skip_step = self.measure_clipped_norm = False
         self._grad_norms = self._measured = self.skip_step_where = None
-        self._follow_trainable()  # (a change made in this window's own hooks)
+        # (a change made in this window's own hooks; on logging steps, the model's
+        # parameters read again: a removed one registers nothing)
+        self._follow_trainable(look=should_log)
+        if self._unowned and self._new_ids:  # (usually neither)
+            self._refuse_unheld()
         self._fire_before_step()
         grad_norm = None
         has_reg = self.objective.has_regularizers
@@ -1704,10 +1737,10 @@ class Trainer:
     def _buffer_slots(self) -> list[tuple[nn.Module, str]]:
         """The model's buffers a skipped step puts back (with :attr:`restore_buffers_on_skip`;
         none without), by module and name."""
-        return [
-            (m, n) for m in self.model.modules() for n, b in m._buffers.items()
-            if b is not None and self.restore_buffers_on_skip
-        ]  # fmt: skip
+        if not self.restore_buffers_on_skip:
+            return []
+        return [(m, n) for m in self.model.modules() for n, b in m._buffers.items()
+                if b is not None]  # fmt: skip
 
     def _current_buffers(self) -> list[Tensor | None]:
         return [m._buffers.get(n) for m, n in self._buffers]
@@ -1936,7 +1969,9 @@ class Trainer:
             },
             # which parameters train (gradual unfreezing changes it): restored on resume, so a
             # layer unfrozen before the checkpoint trains after it too
-            "trainable": {n: p.requires_grad for n, p in self._all_params},
+            "trainable": {n: p.requires_grad for n, p in self.model.named_parameters()},
+            # (the model's now: a replacement not yet followed, at a rest point after the
+            # callback that made it, kept the old tensors' flags, a review's)
             # the step of the last validation (a run resumed finished validates its last step
             # unless that is it)
             "validated_at": self._validated_at,
