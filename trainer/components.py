@@ -228,12 +228,16 @@ def build(group: str, node: Any, provided: Mapping[str, Any] | None = None, **kw
         refused = _refused_key(e, node, target)
         if refused is None or refused in accepted_keys(target)[0]:  # (one it takes: the
             raise  # error is from inside its constructor, a review's finding)
-        raise ConfigError(
+        refusal = ConfigError(
             f"{group}.{refused}: {_name(target)} takes no {refused!r} ({e.__cause__}); a key "
             f"of a built-in preset under a _target_ of one's own? give {group} a YAML file of "
             f"its own (README, 'Bring your own'), or replace the node: ~{group} "
             f"+{group}._target_=... +{group}.<key>=..."
-        ) from e
+        )
+        # (its message is the whole story: the TypeError passed through one's own __init__,
+        # a DataModule's super().__init__(**common), which kept Hydra's traceback, a probe's)
+        refusal.whole_story = True  # type: ignore[attr-defined]
+        raise refusal from e
 
 
 def _refused_key(error: BaseException, node: Any, target: Any) -> str | None:

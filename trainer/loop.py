@@ -1733,6 +1733,12 @@ class Trainer:
             self.staging.defer({**split_norms, **self.staging.take_scalars(out.step)}, out.step)
             if len(self.staging.deferred) >= READ_EVERY:
                 self.write_deferred()
+                return
+        if out.step % READ_EVERY == 0:  # (on_flush every READ_EVERY steps at the latest, as
+            # documented, with nothing staged as well: counted in staging steps alone, a run
+            # logging less often flushed at its end only, a probe's; by step number, so a
+            # resumed run and every rank flush where the uninterrupted run does)
+            self.write_deferred()
 
     def _buffer_slots(self) -> list[tuple[nn.Module, str]]:
         """The model's buffers a skipped step puts back (with :attr:`restore_buffers_on_skip`;

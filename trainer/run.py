@@ -27,7 +27,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from trainer import distributed
@@ -53,7 +53,7 @@ from trainer.checkpoint import (
     write_run_marker,
 )
 from trainer.components import build
-from trainer.config import ConfigError, TrainConfig, check_stepping, validate
+from trainer.config import ConfigError, ContractError, TrainConfig, check_stepping, validate
 from trainer.data.base import DataModule
 from trainer.hparams import (
     drop_end_status,
@@ -243,6 +243,28 @@ def identity_config(cfg: DictConfig, resolved: dict[str, Any] | None = None) -> 
         return v
 
     return cast(dict[str, Any], kept(raw, resolved))
+
+
+def _check_loader_keys(node: DictConfig, data: DataModule) -> None:
+    """A loader key the config gives that the built data module does not hold: an
+    ``__init__`` taking it by name (to size something of its own) and passing the rest of
+    ``**common`` on trained with DataModule's default, unsaid (``data.batch_size=16`` ran at
+    64, HParams saying 16: a probe's). Refused, naming the key and both values."""
+    from trainer.data.base import LOADER_KEYS
+
+    for key in LOADER_KEYS:
+        if key not in node or not hasattr(data, key):  # (a missing one: setup names it)
+            continue
+        given, held = node.get(key), getattr(data, key)
+        if isinstance(given, DictConfig | ListConfig):
+            given = OmegaConf.to_container(given, resolve=True)
+        if given != held:
+            raise ContractError(
+                f"data.{key}: the config gives {given!r}, and the built {type(data).__name__} "
+                f"holds {held!r}: its __init__ takes {key} and does not pass it on (pass it to "
+                f"super().__init__({key}={key}, **common); README, 'Bring your own'), or "
+                "changes it (leave the loader keys as the config gives them)"
+            )
 
 
 def _check_own_schedule_length(
@@ -1218,6 +1240,7 @@ def build_trainer(
             f"data._target_: {cfg.data._target_} built a {type(data).__name__}, not a "
             "trainer.data.base.DataModule (subclass it; README, 'Bring your own')"
         )
+    _check_loader_keys(cfg.data, data)
     data.setup(device, typed.seed, world)
     if len(data.train_loader) == 0:
         raise ConfigError(

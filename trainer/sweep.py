@@ -186,6 +186,8 @@ def own_refusal(error: BaseException) -> bool:
     own_class = type(error).__module__.split(".")[0] == "trainer"
     if not (own_class or isinstance(error, ValueError | FileNotFoundError | IsADirectoryError)):
         return False
+    if getattr(error, "whole_story", False):  # (a refusal whose message says it all, though
+        return True  # its cause passed through one's own code: components.build's)
     # a refusal that wraps an error raised in, or through, one's own code (an import of one's
     # module that failed there, or in a library it called: reviews') keeps the traceback
     # that leads there
