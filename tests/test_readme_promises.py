@@ -67,12 +67,14 @@ def test_a_preset_key_refused_by_a_contract_following_data_module_is_a_one_line_
     on to ``super().__init__`` as the contract asks, the TypeError is raised in the user's
     ``__init__`` frame (at the ``super()`` call), so ``own_refusal`` takes the refusal for one
     caused by one's own code and the CLI prints Hydra's 50-line traceback, the message last."""
+    from conftest import make_cfg
+
     from trainer.components import build
     from trainer.sweep import own_refusal
 
-    node = {"_target_": f"{__name__}.ForwardsCommon", "batch_size": 8, "val_fraction": 0.2}
-    with pytest.raises(ConfigError, match=r"data\.val_fraction: \S*ForwardsCommon takes no "
-                       r"'val_fraction'") as refused:  # fmt: skip
+    node = make_cfg(f"data._target_={__name__}.ForwardsCommon").data  # (the digits preset's)
+    with pytest.raises(ConfigError, match=r"data\.(\w+): \S*ForwardsCommon takes no "
+                       r"'\1'") as refused:  # fmt: skip
         build("data", node)
     assert own_refusal(refused.value), "the trainer's refusal keeps a traceback on the CLI"
 

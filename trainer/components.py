@@ -15,6 +15,7 @@ This module imports no torch itself (a user's module may).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -234,10 +235,25 @@ def build(group: str, node: Any, provided: Mapping[str, Any] | None = None, **kw
             f"its own (README, 'Bring your own'), or replace the node: ~{group} "
             f"+{group}._target_=... +{group}.<key>=..."
         )
-        # (its message is the whole story: the TypeError passed through one's own __init__,
-        # a DataModule's super().__init__(**common), which kept Hydra's traceback, a probe's)
-        refusal.whole_story = True  # type: ignore[attr-defined]
+        # (a key of the built-in preset the node was composed from: the message is the whole
+        # story, though the TypeError passed through one's own __init__, a DataModule's
+        # super().__init__(**common), which kept Hydra's traceback, a probe's; a key of one's
+        # own file refused there is one's own bug, whose traceback leads to it, a review's)
+        refusal.whole_story = refused in _preset_keys(node)  # type: ignore[attr-defined]
         raise refusal from e
+
+
+def _preset_keys(node: Any) -> set[str]:
+    """The keys of the built-in preset ``node`` was composed from (its structured config,
+    one of ``trainer.config``'s dataclasses); none for a node of one's own."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(node, DictConfig):
+        return set()
+    kind = OmegaConf.get_type(node)
+    if not (dataclasses.is_dataclass(kind) and kind.__module__ == "trainer.config"):
+        return set()
+    return {f.name for f in dataclasses.fields(kind)}
 
 
 def _refused_key(error: BaseException, node: Any, target: Any) -> str | None:

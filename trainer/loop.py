@@ -866,18 +866,20 @@ class Trainer:
         of small kernels would."""
         self.staging.stage_on_host(values, fn)
 
-    def write_deferred(self, check: bool = True) -> None:
+    def write_deferred(self, check: bool = True, force: bool = False) -> None:
         """Write the scalars and histograms measured on steps that did not log, each at its
         step (one host read): the next logging step does it anyway; a checkpoint and the end
         of the run do it first. Then ``on_flush``: callbacks keeping unread values of their
         own (the guard's flags) write them. ``check``: a weighting of one's own has its raw
         weights' flag read too (a checkpoint keeps no unread flag: a run resumed from it went
         on past a negative weight that the uninterrupted run stopped at; data-parallel: a
-        collective, so not after a failure, which one rank may have alone)."""
+        collective, so not after a failure, which one rank may have alone). ``force``:
+        ``on_flush`` also where it ran at this step (a failure inside the next step's window,
+        whose micro-batches' values a callback kept since: lost, a review's)."""
         try:
             self.staging.flush(self.logger)  # host sync: logging steps, checkpoints, the end
-            if self._flushed_at != self.global_step:  # (once a step: the end's write and the
-                self._flushed_at = self.global_step  # final checkpoint's are at one step,
+            if force or self._flushed_at != self.global_step:  # (once a step: the end's and
+                self._flushed_at = self.global_step  # the final checkpoint's are at one step,
                 # and a callback staging a tag there was refused); every callback's, also
                 # past one that raises (the failure's flush came at the same step and skipped
                 # the rest, whose unread values were lost: a probe's); the first error raised
@@ -1079,7 +1081,9 @@ class Trainer:
             failing = self.step_in_progress()
             with contextlib.suppress(Exception):  # what was measured before the failure,
                 self.staging.defer_staged(failing)  # the failing step's own included (at its
-                self.write_deferred(check=False)  # number: in a window, the step it makes)
+                # (number: in a window, the step it makes; its on_flush also where the last
+                # step's rest point ran one)
+                self.write_deferred(check=False, force=not self._between)
             for hook in self._hooks["on_exception"]:  # every one, also past one that raises;
                 if id(_owner(hook)) in ended:  # the run's own error is the one raised
                     continue
@@ -1249,6 +1253,14 @@ class Trainer:
             log.warning("%s after the last step: the run completes", signal.Signals(stop).name)
             stop = None
         self.stopped_by = stop
+        if self.global_step and self.global_step % READ_EVERY == 0:  # (on_flush every
+            # READ_EVERY steps at the latest, as documented, with nothing staged as well:
+            # counted in staging steps alone, a run logging less often flushed at its end
+            # only, a probe's; by step number, so a resumed run and every rank flush where the
+            # uninterrupted run does; at the rest point, after the step's validation, as a
+            # checkpoint's flush: in the step, the end's flush after the last validation was
+            # taken as done, a review's)
+            self.write_deferred()
         self._fire_between("on_rest_point")
         return self.stopped_by is not None
 
@@ -1508,12 +1520,19 @@ class Trainer:
         self.param_names[:] = [n for n, _ in named]  # (in place: the lists handed out)
         self.params[:] = [p for _, p in named]
         self.objective.params = list(self.params)
+        self._not_in_optimizer()
+        # (a tensor set on the model that the optimizer does not hold, an EMA's copy: not
+        # regularized, which gave it a gradient, and the run was refused, a review's)
+        aside = {id(p) for p in self._unowned if id(p) in self._new_ids}
         for r in self.objective.regularizers:  # their patterns select among the trainable
             r.bind(r.bound_to or self.model, empty_ok=True)  # (of the module it was bound to)
+            if aside:
+                kept = [(n, p) for n, p in zip(r.names, r.params, strict=True)
+                        if id(p) not in aside]  # fmt: skip
+                r.names[:], r.params[:] = [n for n, _ in kept], [p for _, p in kept]
         _check_half_trained(self.scaler, zip(self.param_names, self.params, strict=True),
                             f" made trainable at step {self.global_step}")  # fmt: skip
         self._dtypes_of_params()
-        self._not_in_optimizer()
         log.info(
             "%s at step %d (%s%s): %d trainable tensors now",
             "the model's parameters changed" if structure else
@@ -1555,6 +1574,7 @@ class Trainer:
         at this step: refused before the update (it would get one every step and never be
         updated, a probe's). Without a gradient (a copy kept on the model that is not in the
         forward, an EMA's) it is not refused."""
+        self._not_in_optimizer()  # (the groups now: one added in this step's hooks, a review's)
         lost = [n for n, p in zip(self.param_names, self.params, strict=True)
                 if id(p) in self._new_ids and p.grad is not None
                 and any(p is q for q in self._unowned)]  # fmt: skip
@@ -1639,6 +1659,8 @@ class Trainer:
         if self._unowned and self._new_ids:  # (usually neither)
             self._refuse_unheld()
         self._fire_before_step()
+        if self._registered:  # (a module replaced in those hooks: the total and the clipping
+            self._follow_trainable()  # below cover the model's tensors, a probe's)
         grad_norm = None
         has_reg = self.objective.has_regularizers
         # the lr of this step, each group's (an optimizer of one's own may have none: not
@@ -1733,12 +1755,6 @@ class Trainer:
             self.staging.defer({**split_norms, **self.staging.take_scalars(out.step)}, out.step)
             if len(self.staging.deferred) >= READ_EVERY:
                 self.write_deferred()
-                return
-        if out.step % READ_EVERY == 0:  # (on_flush every READ_EVERY steps at the latest, as
-            # documented, with nothing staged as well: counted in staging steps alone, a run
-            # logging less often flushed at its end only, a probe's; by step number, so a
-            # resumed run and every rank flush where the uninterrupted run does)
-            self.write_deferred()
 
     def _buffer_slots(self) -> list[tuple[nn.Module, str]]:
         """The model's buffers a skipped step puts back (with :attr:`restore_buffers_on_skip`;
@@ -1931,6 +1947,16 @@ class Trainer:
         self._time_at_log = now
 
     # ------------------------------------------------------------------ checkpoint state
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state dict, without the state of tensors no group holds any more (a
+        head a callback replaced and took out of its group: AdamW kept its moments, and torch's
+        ``state_dict`` raised a bare KeyError at every checkpoint, the final one included, a
+        probe's); the optimizer never reads them again."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        for p in [p for p in self.optimizer.state if id(p) not in held]:
+            del self.optimizer.state[p]
+        return self.optimizer.state_dict()
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly as if it had not stopped: the
         model, optimizer, scheduler and GradScaler states, the position (step, epoch, batch in
@@ -1948,7 +1974,7 @@ class Trainer:
             # was written, then refused by the safe load, and resume=auto started afresh, a
             # probe's; as a callback's state: converted, said, or refused when written)
             "optimizer": checkpointable(
-                self.optimizer.state_dict(), type(self.optimizer).__name__, "optimizer"
+                self._optimizer_state(), type(self.optimizer).__name__, "optimizer"
             ),
             "scheduler": checkpointable(
                 self.scheduler.state_dict(), type(self.scheduler).__name__, "scheduler"

@@ -600,11 +600,18 @@ class Curvature(Callback):
             n: (buffers[n] if n in buffers and _alike(buffers[n], b) else b).clone()
             for n, b in model.named_buffers()
         })  # fmt: skip
+        # full precision, but for a model holding float16/bfloat16 parameters trained under
+        # autocast (a frozen float16 backbone under precision=16), which cannot run outside
+        # it: the step's autocast (the run stopped at its first measured step, a probe's)
+        low = trainer.amp_dtype is not None and any(
+            p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()
+        )
         with (
             forked_rng(x.device),  # dropout (or Python's random) must not advance the run's
             # kernels with a double backward, which Hessian-vector products need: attention
             # through the math kernel, cuDNN off for an RNN on CUDA
             double_backward_kernels(model, x.device, hessian=True),
+            trainer._autocast() if low else contextlib.nullcontext(),
         ):
             if start is not None:  # (inside the fork: the run's states come back after)
                 start.rewind()

@@ -156,7 +156,9 @@ class Norms(Callback):
         for kind in ("grad_norm", "param_norm", "update_ratio"):
             self._tags[kind] = tuple(param_tag(kind, n) for n in trainer.param_names)
         self._careful = needs_care(trainer.params)
-        self._before = None  # (between steps: _before_norms is None)
+        # (the kept copy is of the old list: no update ratio at a step whose parameters a
+        # hook replaced after they were measured, a probe's; between steps, none is kept)
+        self._before = self._before_norms = None
 
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         if self.agreement:

@@ -3780,7 +3780,9 @@ class PerSampleNorms(Callback):
                      **{f"model.{n}": t for n, t in _renormed_in_place(model).items()}}  # fmt: skip
             for m in norms:
                 m.training = False
-            with torch.no_grad(), forked_rng(x.device):
+            # (under the step's autocast: a frozen float16 layer under precision=16 could not
+            # run outside it, and every unit was left out, a probe's)
+            with torch.no_grad(), forked_rng(x.device), trainer._autocast():
                 call_with(_Probe(model, then), state, (x,))
         except Exception as e:  # (a model that cannot run on P samples: what it saw counts)
             failed = f"; the forward failed: {type(e).__name__}: {e}"
