@@ -22,6 +22,7 @@ named hooks):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import difflib
 import inspect
@@ -492,6 +493,7 @@ class Trainer:
         #: ids of the tensors set on the model since the Trainer was built (refused where
         #: they get a gradient the optimizer does not take: :meth:`_refuse_unheld`)
         self._new_ids: set[int] = set()
+        self._aside: set[int] = set()  # (of those, the ones the regularizers leave out)
         self._trainable = [p.requires_grad for _, p in self._all_params]
         named = [(n, p) for n, p in self._all_params if p.requires_grad]
         #: trainable parameters and their names (``named_parameters()``), in the same order;
@@ -1521,15 +1523,7 @@ class Trainer:
         self.params[:] = [p for _, p in named]
         self.objective.params = list(self.params)
         self._not_in_optimizer()
-        # (a tensor set on the model that the optimizer does not hold, an EMA's copy: not
-        # regularized, which gave it a gradient, and the run was refused, a review's)
-        aside = {id(p) for p in self._unowned if id(p) in self._new_ids}
-        for r in self.objective.regularizers:  # their patterns select among the trainable
-            r.bind(r.bound_to or self.model, empty_ok=True)  # (of the module it was bound to)
-            if aside:
-                kept = [(n, p) for n, p in zip(r.names, r.params, strict=True)
-                        if id(p) not in aside]  # fmt: skip
-                r.names[:], r.params[:] = [n for n, _ in kept], [p for _, p in kept]
+        self._bind_regularizers()
         _check_half_trained(self.scaler, zip(self.param_names, self.params, strict=True),
                             f" made trainable at step {self.global_step}")  # fmt: skip
         self._dtypes_of_params()
@@ -1569,12 +1563,29 @@ class Trainer:
         self._trainable = [p.requires_grad for _, p in now]
         return sorted({*new, *gone, *flipped})
 
+    def _bind_regularizers(self) -> None:
+        """The regularizers select again among the trainable parameters (their patterns, of
+        the module each was bound to), leaving out a tensor set on the model mid-run that the
+        optimizer does not hold (an EMA's copy: regularized, it got a gradient, and the run was
+        refused, a review's); one the optimizer takes later is selected then."""
+        aside = {id(p) for p in self._unowned if id(p) in self._new_ids}
+        self._aside = aside
+        for r in self.objective.regularizers:
+            r.bind(r.bound_to or self.model, empty_ok=True)
+            if aside:
+                kept = [(n, p) for n, p in zip(r.names, r.params, strict=True)
+                        if id(p) not in aside]  # fmt: skip
+                r.names[:], r.params[:] = [n for n, _ in kept], [p for _, p in kept]
+
     def _refuse_unheld(self) -> None:
         """A tensor set on the model mid-run that the optimizer does not hold, with a gradient
         at this step: refused before the update (it would get one every step and never be
         updated, a probe's). Without a gradient (a copy kept on the model that is not in the
         forward, an EMA's) it is not refused."""
         self._not_in_optimizer()  # (the groups now: one added in this step's hooks, a review's)
+        if {id(p) for p in self._unowned if id(p) in self._new_ids} != self._aside:
+            self._bind_regularizers()  # (one the optimizer took since: regularized from the
+            # next step, as a layer unfrozen is; a review's)
         lost = [n for n, p in zip(self.param_names, self.params, strict=True)
                 if id(p) in self._new_ids and p.grad is not None
                 and any(p is q for q in self._unowned)]  # fmt: skip
@@ -1948,14 +1959,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint state
     def _optimizer_state(self) -> dict[str, Any]:
-        """The optimizer's state dict, without the state of tensors no group holds any more (a
+        """The optimizer's state dict, leaving out the state of tensors no group holds (a
         head a callback replaced and took out of its group: AdamW kept its moments, and torch's
         ``state_dict`` raised a bare KeyError at every checkpoint, the final one included, a
-        probe's); the optimizer never reads them again."""
+        probe's). The optimizer keeps them (a tensor put back in a group later takes them up
+        again: deleting them made a checkpointed run train differently, and a state under a
+        key of its own, not a tensor, went too, a review's); the checkpoint does not, said."""
+        state = self.optimizer.state
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        for p in [p for p in self.optimizer.state if id(p) not in held]:
-            del self.optimizer.state[p]
-        return self.optimizer.state_dict()
+        orphans = [k for k in state if isinstance(k, Tensor) and id(k) not in held]
+        if not orphans:
+            return self.optimizer.state_dict()
+        log.warning(
+            "checkpoint at step %d: the optimizer's state of %d tensor(s) no parameter group "
+            "holds (taken out of its group, a replaced layer's) is not in it: a run resumed "
+            "from it starts their state afresh if they are put back in a group",
+            self.global_step, len(orphans),
+        )  # fmt: skip
+        gone = {id(k) for k in orphans}
+        kept = type(state)(dict) if isinstance(state, collections.defaultdict) else type(state)()
+        kept.update((k, v) for k, v in state.items() if id(k) not in gone)
+        self.optimizer.state = kept
+        try:
+            return self.optimizer.state_dict()
+        finally:
+            self.optimizer.state = state
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly as if it had not stopped: the

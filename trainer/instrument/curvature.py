@@ -603,7 +603,8 @@ class Curvature(Callback):
         # full precision, but for a model holding float16/bfloat16 parameters trained under
         # autocast (a frozen float16 backbone under precision=16), which cannot run outside
         # it: the step's autocast (the run stopped at its first measured step, a probe's)
-        low = trainer.amp_dtype is not None and any(
+        amp = getattr(trainer, "amp_dtype", None)
+        low = amp is not None and any(
             p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()
         )
         with (
@@ -611,7 +612,7 @@ class Curvature(Callback):
             # kernels with a double backward, which Hessian-vector products need: attention
             # through the math kernel, cuDNN off for an RNN on CUDA
             double_backward_kernels(model, x.device, hessian=True),
-            trainer._autocast() if low else contextlib.nullcontext(),
+            torch.autocast(x.device.type, dtype=amp) if low else contextlib.nullcontext(),
         ):
             if start is not None:  # (inside the fork: the run's states come back after)
                 start.rewind()

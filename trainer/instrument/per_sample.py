@@ -3782,7 +3782,10 @@ class PerSampleNorms(Callback):
                 m.training = False
             # (under the step's autocast: a frozen float16 layer under precision=16 could not
             # run outside it, and every unit was left out, a probe's)
-            with torch.no_grad(), forked_rng(x.device), trainer._autocast():
+            amp = getattr(trainer, "amp_dtype", None)
+            again = (torch.autocast(x.device.type, dtype=amp) if amp is not None
+                     else contextlib.nullcontext())  # fmt: skip
+            with torch.no_grad(), forked_rng(x.device), again:
                 call_with(_Probe(model, then), state, (x,))
         except Exception as e:  # (a model that cannot run on P samples: what it saw counts)
             failed = f"; the forward failed: {type(e).__name__}: {e}"
