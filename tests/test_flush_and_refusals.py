@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from conftest import read_scalars, train
-from test_replaced_params import STEPS, Partly  # noqa: F401 (Partly: the model's _target_)
+from test_replaced_params import STEPS, Partly, new_head  # noqa: F401 (Partly: the model's _target_)
 from torch import nn
 
 import trainer.loop
@@ -141,12 +141,7 @@ class ReplaceThenHandOver(Callback):
 
     def on_train_step_end(self, trainer, out) -> None:
         if out.step == 2:
-            model = trainer.model
-            old = {id(p) for p in model.head.parameters()}
-            group = trainer.optimizer.param_groups[0]
-            group["params"] = [p for p in group["params"] if id(p) not in old]
-            torch.manual_seed(123)
-            model.head = nn.Linear(16, model.head.out_features)
+            new_head(trainer, hand_over=False)
 
     def on_train_batch_start(self, trainer, batch) -> None:
         if trainer.global_step + 1 == 3:

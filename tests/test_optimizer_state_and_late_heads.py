@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 from conftest import read_scalars, train
+from test_flush_and_refusals import ReplaceThenHandOver
 from test_replaced_params import STEPS, Partly  # noqa: F401 (Partly: the model's _target_)
-from torch import nn
 
 from trainer.callbacks import Callback
 
@@ -56,24 +56,11 @@ def test_optimizer_state_under_a_non_tensor_key_survives_a_checkpoint(tmp_path) 
     assert a["train/loss"] == b["train/loss"]
 
 
-class ReplaceThenHandOverLater(Callback):
+class ReplaceThenHandOverLater(ReplaceThenHandOver):
     """After step 2 a fresh head set on the model and the old head taken out of the optimizer;
     the new head given to the optimizer in step 3's ``on_train_batch_start`` (the pattern of
     tests/test_flush_and_refusals.py::ReplaceThenHandOver, which trains). At the end: which
     tensors the regularizer covers, and whether the head is trainable and held."""
-
-    def on_train_step_end(self, trainer, out) -> None:
-        if out.step == 2:
-            model = trainer.model
-            old = {id(p) for p in model.head.parameters()}
-            group = trainer.optimizer.param_groups[0]
-            group["params"] = [p for p in group["params"] if id(p) not in old]
-            torch.manual_seed(123)
-            model.head = nn.Linear(16, model.head.out_features)
-
-    def on_train_batch_start(self, trainer, batch) -> None:
-        if trainer.global_step + 1 == 3:
-            trainer.optimizer.add_param_group({"params": list(trainer.model.head.parameters())})
 
     def on_fit_end(self, trainer, metrics) -> None:
         (reg,) = trainer.objective.regularizers

@@ -62,6 +62,20 @@ class Recorder(Callback):
                                   if n in named}  # fmt: skip
 
 
+def new_head(trainer, hand_over: bool = True) -> None:
+    """``model.head`` replaced by a fresh (seeded) ``nn.Linear``, the old head's tensors taken
+    out of the optimizer's first group; with ``hand_over``, the new one added as a group of its
+    own (everything a user can do to have it trained)."""
+    model = trainer.model
+    old = {id(p) for p in model.head.parameters()}
+    group = trainer.optimizer.param_groups[0]
+    group["params"] = [p for p in group["params"] if id(p) not in old]
+    torch.manual_seed(123)
+    model.head = nn.Linear(16, model.head.out_features)
+    if hand_over:
+        trainer.optimizer.add_param_group({"params": list(model.head.parameters())})
+
+
 class ReplaceHead(Recorder):
     """After step 2: ``model.head = nn.Linear(...)`` (a fresh head). With ``optimizer``, the
     old head's tensors are taken out of the optimizer's group and the new ones added as a
@@ -79,15 +93,11 @@ class ReplaceHead(Recorder):
         super().on_train_step_end(trainer, out)
         if out.step != 2:
             return
-        model = trainer.model
         if self.optimizer:
-            old = {id(p) for p in model.head.parameters()}
-            group = trainer.optimizer.param_groups[0]
-            group["params"] = [p for p in group["params"] if id(p) not in old]
-        torch.manual_seed(123)
-        model.head = nn.Linear(16, model.head.out_features)
-        if self.optimizer:
-            trainer.optimizer.add_param_group({"params": list(model.head.parameters())})
+            new_head(trainer)
+        else:  # (the optimizer not told)
+            torch.manual_seed(123)
+            trainer.model.head = nn.Linear(16, trainer.model.head.out_features)
 
 
 class SetNewParameter(Recorder):

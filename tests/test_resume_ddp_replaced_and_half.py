@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import read_scalars, train
-from test_replaced_params import Recorder, total
+from test_replaced_params import Recorder, new_head, total
 from test_unfreeze import CLIP, LR
 from test_unfreeze import STEPS as UNFREEZE
 from torch import nn
@@ -28,13 +28,7 @@ class ReplaceHeadBeforeStep(Recorder):
         super().on_before_optimizer_step(trainer, optimizer)  # (the gradients, the weights)
         if trainer.global_step != 3:
             return
-        model = trainer.model
-        old = {id(p) for p in model.head.parameters()}
-        group = trainer.optimizer.param_groups[0]
-        group["params"] = [p for p in group["params"] if id(p) not in old]
-        torch.manual_seed(123)
-        model.head = nn.Linear(16, model.head.out_features)
-        trainer.optimizer.add_param_group({"params": list(model.head.parameters())})
+        new_head(trainer)
 
 
 def test_a_head_replaced_before_the_step_is_not_in_the_steps_total_or_its_clipping(
