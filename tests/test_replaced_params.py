@@ -227,3 +227,41 @@ def test_a_copy_kept_on_the_model_outside_the_forward_is_not_refused(tmp_path) -
     a, b = final_params(tmp_path / "copy"), final_params(tmp_path / "plain")
     assert sorted(a) == sorted([*b, "ema.weight", "ema.bias"])
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+class ReassignsItsBuffer(nn.Module):
+    """A model whose forward reassigns a buffer (``self.calls = self.calls + 1``), as
+    research code keeping a counter or an EMA does."""
+
+    def __init__(self, in_shape, out_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(math.prod(in_shape), out_dim)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = self.calls + 1
+        return self.fc(x.flatten(1))
+
+
+def test_a_forward_reassigning_its_buffer_does_not_make_every_step_read_the_model(
+    tmp_path, monkeypatch
+) -> None:
+    """torch's buffer registration hook fires for a buffer reassigned in place of the old one
+    too: every micro-batch read the model's parameters again (a review's). Only a new slot
+    counts now: on a run logging every 5 steps of 10, the model is read at the fit's start
+    and on the logging steps alone, and the buffer still counts every forward."""
+    from trainer.loop import Trainer
+
+    reads = []
+    follow = Trainer._follow_replaced
+
+    def counted(self):
+        reads.append(self.global_step)
+        return follow(self)
+
+    monkeypatch.setattr(Trainer, "_follow_replaced", counted)
+    train(tmp_path, "~model", f"+model._target_={__name__}.ReassignsItsBuffer",
+          "data=synthetic", "data.num_train=320", "data.num_val=32", "data.batch_size=32",
+          "optimizer=sgd", "trainer.max_steps=10", "logging.every_n_steps=5",
+          "instrument=none")  # fmt: skip
+    assert reads == [0, 5, 10], reads  # (the fit's start; the logging steps 5 and 10)

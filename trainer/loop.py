@@ -931,9 +931,14 @@ class Trainer:
         def registered(*_: Any) -> None:
             self._registered = True
 
+        def buffer_registered(module: nn.Module, name: str, _: Any) -> None:
+            if name not in module._buffers:  # (a new slot; a forward reassigning one of its
+                self._registered = True  # buffers, self.buf = t, made every micro-batch read
+                # the model's parameters again; the slot is read afresh at a put-back anyway)
+
         watch = (modules.register_module_parameter_registration_hook(registered),
                  modules.register_module_module_registration_hook(registered),
-                 modules.register_module_buffer_registration_hook(registered))  # fmt: skip
+                 modules.register_module_buffer_registration_hook(buffer_registered))  # fmt: skip
         # (and read again as the fit starts: a module replaced between two fits, or one a
         # failed fit refused, was followed by no one, a review's)
         self._registered = True
