@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from matplotlib.figure import Figure
 from test_report import BASIC, completed, make_run
@@ -81,12 +82,16 @@ def test_a_damaged_event_file_is_said_not_read_as_a_shorter_run(tmp_path, capsys
     assert f"warning: {path.parent}: its event files end at step" in err, err
 
 
-def test_a_job_folder_given_as_dot_reads_as_given_by_its_path(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where, given", [("", "."), ("tb", "..")], ids=["dot", "dotdot"])
+def test_a_job_folder_given_relatively_reads_as_given_by_its_path(
+    tmp_path, monkeypatch, where, given
+) -> None:
     """`cd <sweep>/1 && scripts/report.py .`: load_run looked for the sweep's id in
     `Path('.').parent`, which is `.` again (the job folder, not the sweep dir): a job whose
     .hydra/ a later refused run by hand rewrote was shown completed and best given as
     `<sweep>/1`, and as `missing` ("its metrics.json is an earlier run's") given as `.`;
-    its row's job name was empty ("best: job  (val/acc ...)")."""
+    its row's job name was empty ("best: job  (val/acc ...)"). `report.py ..` from its tb/
+    did the same with ``Path.absolute()``, which keeps ``..`` (a review's)."""
     root = tmp_path / "sweep"
     root.mkdir()
     (root / ".sweep.json").write_text(json.dumps({"sweep_id": "s"}))
@@ -99,9 +104,10 @@ def test_a_job_folder_given_as_dot_reads_as_given_by_its_path(tmp_path, monkeypa
     )  # (the refused run's .hydra/)
     (by_path,) = report.collect_runs(job)
     assert (by_path.name, by_path.status) == ("1", "completed")
-    monkeypatch.chdir(job)
-    (by_dot,) = report.collect_runs(Path("."))
-    assert (by_dot.name, by_dot.status, by_dot.error) == ("1", "completed", ""), by_dot
+    monkeypatch.chdir(job / where)
+    (run,) = report.collect_runs(Path(given))
+    assert (run.name, run.status, run.error) == ("1", "completed", ""), run
+    assert run.path == job, run.path
 
 
 def test_a_job_without_metrics_json_is_not_said_to_be_killed_when_it_may_be_running(

@@ -1,21 +1,17 @@
 """A review's findings (2026-12-07) on that day's fixes: regularizers of one's own (a float32
 backward, λ changed in place or inside value(), a selection its user bound), scheduler checks
-(a factory's ChainedScheduler and OneCycleLR), the sweep report (``report.py ..``)."""
+(a factory's ChainedScheduler and OneCycleLR); its report finding is in test_report_edges.py."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_cfg, read_scalars, train
-from test_report import completed, make_run
 from torch import nn
 from torch.autograd import Function
 
-from trainer import report
 from trainer.config import ConfigError
 from trainer.data.base import InMemoryLoader, TensorSplit
 from trainer.loop import Callback, Trainer
@@ -195,25 +191,3 @@ def test_a_hand_built_trainer_keeps_the_selection_of_a_regularizer_bound_by_its_
                 InMemoryLoader(split, 16, CPU, shuffle=False), criterion=CrossEntropy(),
                 device=CPU, max_steps=1,
                 regularizers=[Regularizer("l2", 0.5).bind(other)])  # fmt: skip
-
-
-# -------------------------------------------------------------------- the report (1dca86b)
-def test_a_job_folder_reached_by_dotdot_reads_as_given_by_its_path(tmp_path, monkeypatch):
-    """collect_runs makes its root ``Path.absolute()``, which keeps ``..``: `report.py ..` in
-    a job's subfolder (its tb/) named the job "..", looked for the sweep's id in the
-    lexical parent (the job folder), and showed the job `missing` ("its metrics.json is an
-    earlier run's"): the fault fixed for `.`; its path read `<sweep>/1/tb/..`."""
-    root = tmp_path / "sweep"
-    root.mkdir()
-    (root / ".sweep.json").write_text(json.dumps({"sweep_id": "s"}))
-    job = root / "1"
-    ran = ["optimizer.lr=0.01", "trainer.max_steps=6"]
-    make_run(
-        job,
-        {**completed(0.9, 0.4, 0.2), "overrides": ran, "sweep_id": "s"},
-        ["optimizer.lr=-5", "trainer.max_steps=6"],
-    )  # (a refused later run's .hydra/)
-    monkeypatch.chdir(job / "tb")
-    (run,) = report.collect_runs(Path(".."))
-    assert (run.name, run.status, run.error) == ("1", "completed", ""), run
-    assert run.path == job, run.path
