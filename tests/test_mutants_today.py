@@ -151,25 +151,6 @@ def test_a_regularizer_bound_to_another_models_frozen_layer_is_refused() -> None
                 device=CPU, max_steps=1, regularizers=[reg])  # fmt: skip
 
 
-def test_on_flush_fires_at_the_multiples_of_read_every(tmp_path, monkeypatch) -> None:
-    """on_flush with nothing staged fires "by step number, so a resumed run and every rank
-    flush where the uninterrupted run does": at steps 4 and 8 with READ_EVERY=4 (and at the
-    last step, 10), not at 1, 5, 9 (whose gaps are as short)."""
-    from conftest import train
-    from test_readme_promises import FlushSteps
-
-    import trainer.loop
-
-    monkeypatch.setattr(trainer.loop, "READ_EVERY", 4)
-    cb = FlushSteps()
-    train(
-        tmp_path, "data=synthetic", "data.num_train=80", "data.num_val=16", "data.shape=[4]",
-        "data.batch_size=8", "model.hidden=[4]", "instrument=none", "trainer.max_steps=10",
-        "logging.every_n_steps=100", "trainer.checkpoint.every_n_steps=0", callbacks=[cb],
-    )  # fmt: skip
-    assert cb.steps == [4, 8, 10]
-
-
 class Tracks(nn.Module):
     """fc1, head; once a callback registered the buffer ``seen`` on it, the forward adds its
     input's mean to it in place (an EMA's statistic added mid-run)."""

@@ -22,21 +22,6 @@ from trainer.regularizers import Regularizer
 CPU = torch.device("cpu")
 
 
-class _QuarticForgetsGrad(Function):
-    """λ Σ p⁴/4 whose backward returns λ p³ without multiplying by the incoming gradient
-    (a common slip in a hand-written backward; right only where the upstream gradient is 1)."""
-
-    @staticmethod
-    def forward(ctx, coef, *params):
-        ctx.coef = coef
-        ctx.save_for_backward(*params)
-        return coef * torch.stack([(p**4).sum() / 4 for p in params]).sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (None, *[ctx.coef * p**3 for p in ctx.saved_tensors])  # (no `grad *`)
-
-
 class _Quartic(Function):
     """λ Σ p⁴/4, backward λ p³ · grad, times ``scale`` (2: a wrong backward)."""
 
@@ -51,6 +36,15 @@ class _Quartic(Function):
     @staticmethod
     def backward(ctx, grad):
         return (None, *[grad * ctx.coef * _Quartic.scale * p**3 for p in ctx.saved_tensors])
+
+
+class _QuarticForgetsGrad(_Quartic):
+    """λ Σ p⁴/4 whose backward returns λ p³ without multiplying by the incoming gradient
+    (a common slip in a hand-written backward; right only where the upstream gradient is 1)."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *[ctx.coef * p**3 for p in ctx.saved_tensors])  # (no `grad *`)
 
 
 def _cube(p):

@@ -43,8 +43,9 @@ def test_on_flush_fires_every_read_every_steps_at_the_latest(tmp_path, monkeypat
         "data.batch_size=8", "model.hidden=[4]", "instrument=none", "trainer.max_steps=10",
         "logging.every_n_steps=100", "trainer.checkpoint.every_n_steps=0", callbacks=[cb],
     )  # fmt: skip
-    gaps = [b - a for a, b in zip([0, *cb.steps], cb.steps, strict=False)]
-    assert cb.steps and max(gaps) <= 4, f"on_flush fired at steps {cb.steps} (READ_EVERY=4)"
+    # (by step number, so a resumed run and every rank flush where the uninterrupted run does:
+    # at 4 and 8, not 1, 5, 9, whose gaps are as short; and at the last step)
+    assert cb.steps == [4, 8, 10], f"on_flush fired at steps {cb.steps} (READ_EVERY=4)"
 
 
 class ForwardsCommon(DataModule):
