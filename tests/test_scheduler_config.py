@@ -115,6 +115,12 @@ CHAINED = ["+scheduler._target_=torch.optim.lr_scheduler.ChainedScheduler",
            "+scheduler.schedulers=[{_target_: torch.optim.lr_scheduler.ConstantLR, _partial_: "
            "true, total_iters: 2}, {_target_: torch.optim.lr_scheduler.OneCycleLR, _partial_: "
            "true, max_lr: 0.1, total_steps: %d}]"]  # fmt: skip
+SEQUENTIAL = ["+scheduler._target_=torch.optim.lr_scheduler.SequentialLR",
+              "+scheduler._partial_=true"]  # fmt: skip
+CONSTANT = "{_target_: torch.optim.lr_scheduler.ConstantLR, _partial_: true, total_iters: 2}"
+CYCLE = (
+    "{_target_: torch.optim.lr_scheduler.OneCycleLR, _partial_: true, max_lr: 0.1, total_steps: %d}"
+)
 
 
 @pytest.mark.parametrize(
@@ -126,9 +132,24 @@ CHAINED = ["+scheduler._target_=torch.optim.lr_scheduler.ChainedScheduler",
          [*ONE_CYCLE, "+scheduler.epochs=2", "+scheduler.steps_per_epoch=7"],
          r"scheduler.epochs × scheduler.steps_per_epoch: OneCycleLR's schedule is 6 steps"),
         ([*CHAINED[:2], CHAINED[2] % 9], [*CHAINED[:2], CHAINED[2] % 14],
-         r"scheduler.schedulers\[1\].total_steps: OneCycleLR's schedule is 9 steps"),
+         r"scheduler.schedulers\[1\].total_steps: OneCycleLR's schedule is 9 steps and this "
+         r"run trains 14 optimizer steps; .* Either set it to at least 14, or shorten"),
+        # (a part after the milestone runs from step 4 to the run's 14th; the first to step 7)
+        ([*SEQUENTIAL, f"+scheduler.schedulers=[{CONSTANT}, {CYCLE % 9}]",
+          "+scheduler.milestones=[4]"],
+         [*SEQUENTIAL, f"+scheduler.schedulers=[{CONSTANT}, {CYCLE % 10}]",
+          "+scheduler.milestones=[4]"],
+         r"scheduler.schedulers\[1\].total_steps: OneCycleLR's schedule is 9 steps and its "
+         r"segment of the SequentialLR runs 10 steps of this run's 14 \(from optimizer step 4\)"),
+        ([*SEQUENTIAL, f"+scheduler.schedulers=[{CYCLE % 6}, {CONSTANT}]",
+          "+scheduler.milestones=[8]"],
+         [*SEQUENTIAL, f"+scheduler.schedulers=[{CYCLE % 7}, {CONSTANT}]",
+          "+scheduler.milestones=[8]"],
+         r"scheduler.schedulers\[0\].total_steps: OneCycleLR's schedule is 6 steps and its "
+         r"segment of the SequentialLR runs 7 steps of this run's 14 \(from optimizer step 0\)"),
     ],
-    ids=["total_steps", "epochs_times_steps_per_epoch", "inside_chained"],
+    ids=["total_steps", "epochs_times_steps_per_epoch", "inside_chained", "sequential_after",
+         "sequential_first"],
 )  # fmt: skip
 def test_a_one_cycle_schedule_of_the_files_own_shorter_than_the_run_is_refused(
     tmp_path, short, enough, match

@@ -267,6 +267,9 @@ def _check_loader_keys(node: DictConfig, data: DataModule) -> None:
             )
 
 
+_Sequential = torch.optim.lr_scheduler.SequentialLR
+
+
 def _check_own_schedule_length(
     cfg: DictConfig, scheduler: torch.optim.lr_scheduler.LRScheduler, total_steps: int
 ) -> None:
@@ -275,22 +278,32 @@ def _check_own_schedule_length(
     N times" at the step after it, mid-run, having trained (a session's finding: a run of 14
     steps with ``total_steps: 5`` failed at step 6). Refused before training, naming the key.
     ``ChainedScheduler`` steps each part at every step: its ``OneCycleLR`` parts are checked
-    too (``SequentialLR`` steps a part only in its segment: not checked)."""
-    parts: list[tuple[Any, DictConfig | None, str]] = [(scheduler, cfg, "scheduler")]
-    if isinstance(scheduler, torch.optim.lr_scheduler.ChainedScheduler):
-        listed = cfg.get("schedulers")  # (a factory's ChainedScheduler: its file lists none)
+    too. ``SequentialLR`` steps a part in its segment only, restarting it at its milestone:
+    a part is checked against the steps of its segment the run reaches (a OneCycleLR after
+    the milestone failed mid-run unchecked, a session's "noticed")."""
+    whole = (total_steps, f"this run trains {total_steps} optimizer steps")
+    parts: list[tuple[Any, DictConfig | None, str, tuple[int, str]]] = [
+        (scheduler, cfg, "scheduler", whole)
+    ]
+    if isinstance(scheduler, (torch.optim.lr_scheduler.ChainedScheduler, _Sequential)):
+        listed = cfg.get("schedulers")  # (a factory's scheduler of schedulers: its file lists none)
+        inner = scheduler._schedulers
         parts = [
             (part, listed[i] if listed is not None and i < len(listed) else None,
-             f"scheduler.schedulers[{i}]" if listed is not None else "scheduler")
-            for i, part in enumerate(scheduler._schedulers)
+             f"scheduler.schedulers[{i}]" if listed is not None else "scheduler",
+             _segment(scheduler, i, total_steps) if isinstance(scheduler, _Sequential)
+             else whole)
+            for i, part in enumerate(inner)
         ]  # fmt: skip
-    for part, node, name in parts:
+    for part, node, name, (needed, steps) in parts:
         if not isinstance(part, torch.optim.lr_scheduler.OneCycleLR):
             continue
         length = part.total_steps
-        if length >= total_steps:
+        if length >= needed:
             continue
-        fix = "leave the length out (the trainer sets it to the run's)"
+        fix = "leave the length out (the trainer sets it to the run's) or set it to at least that"
+        if name != "scheduler":  # (a listed part's: the trainer sets no part's length)
+            fix = f"set it to at least {needed}"
         if node is not None and node.get("total_steps") is not None:
             keys = f"{name}.total_steps"
         elif node is not None and node.get("epochs") is not None:
@@ -299,11 +312,23 @@ def _check_own_schedule_length(
             keys = f"{name}._target_ ({cfg.get('_target_')})"
             fix = "have the factory take total_steps (the trainer passes the run's length)"
         raise ConfigError(
-            f"{keys}: OneCycleLR's schedule is {length} steps and this run trains "
-            f"{total_steps} optimizer steps; past step {length} OneCycleLR stops the run with "
-            f"an error. Either {fix}, set it to at least the run's, or shorten the run "
+            f"{keys}: OneCycleLR's schedule is {length} steps and {steps}; past its step "
+            f"{length} OneCycleLR stops the run with an error. Either {fix}, or shorten the run "
             "(trainer.max_epochs / trainer.max_steps)"
         )
+
+
+def _segment(scheduler: _Sequential, i: int, total_steps: int) -> tuple[int, str]:
+    """How many steps ``SequentialLR``'s part ``i`` is stepped over a run of ``total_steps``
+    (torch restarts it at step 0 at its milestone and steps it to the step before the next
+    one; the last to the run's end), and those words for a refusal."""
+    milestones = list(scheduler._milestones)
+    start = milestones[i - 1] if i > 0 else 0
+    end = min(milestones[i] - 1 if i < len(milestones) else total_steps, total_steps)
+    needed = max(end - start, 0)
+    steps = (f"its segment of the SequentialLR runs {needed} steps of this run's {total_steps} "
+             f"(from optimizer step {start})")  # fmt: skip
+    return needed, steps
 
 
 def _warn_rising_cosine(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
