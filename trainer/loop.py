@@ -332,6 +332,22 @@ def _bound(r: Regularizer, model: nn.Module) -> None:
         )
 
 
+def _refuse_lazy(model: nn.Module) -> None:
+    """A model with lazy modules (``nn.LazyLinear``) not yet run: its parameters have no
+    shape until a forward, and the Trainer's first look at them failed in torch's words (a
+    session's "noticed"). ``trainer.run`` runs a config's model once before building the
+    optimizer (:func:`trainer.run.materialize_lazy`); by hand, do what torch's documentation
+    asks: one forward on a batch, then the optimizer and the Trainer."""
+    lazy = [n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise ContractError(
+            f"model: {', '.join(lazy[:3])}{' …' if len(lazy) > 3 else ''} not initialized yet "
+            "(lazy modules, nn.LazyLinear and the like, take their shapes at their first "
+            "forward): run the model once on a batch before building its optimizer and the "
+            "Trainer (torch's dry run; trainer.run does it for a config's model)"
+        )
+
+
 def _check_half_trained(
     scaler: torch.amp.GradScaler | None, named: Iterator[tuple[str, Tensor]], when: str
 ) -> None:
@@ -442,6 +458,7 @@ class Trainer:
         #: the config's ``monitor``)
         self.monitor: str = self.criterion.monitor
         self.device = device
+        _refuse_lazy(model)
         _check_arguments(precision, grad_clip, accumulate_grad_batches, max_epochs, max_steps,
                          log_every_n_steps)  # fmt: skip
         self.amp_dtype = _AMP_DTYPES[str(precision)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import inspect
+import itertools
 import logging
 import os
 import random
@@ -1237,6 +1238,51 @@ def check_frequency_scaling(model: nn.Module, ranks: int, accumulate: int) -> No
         )  # fmt: skip
 
 
+def materialize_lazy(model: nn.Module, data: DataModule, device: torch.device) -> None:
+    """Initialize a model's lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``: shapes taken
+    at the first forward) by torch's dry run: one forward, without gradients, of the first
+    training sample as a batch of one, every module in eval mode (a batch norm's running
+    statistics are not moved by it, dropout draws nothing) and put back in its mode after.
+    Before the optimizer is built (it takes the initialized tensors), on the model's device
+    and dtype. Their initial values draw from the run's random state as a model built
+    whole does (a resumed run's are the checkpoint's). A lazy module the forward does not
+    reach is refused, named."""
+    lazy = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if nn.parameter.is_lazy(t)]  # fmt: skip
+    if not lazy:
+        return
+    x = data.first_input
+    if x is None:  # (a data module whose setup was overridden without the first sample)
+        raise ContractError(
+            f"model: {', '.join(lazy[:3])} are lazy (shapes taken at the first forward) and "
+            f"{type(data).__name__} gives no first training input to run the model on "
+            "(data.first_input: DataModule.setup sets it)"
+        )
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x.unsqueeze(0).to(device))
+    except Exception as e:
+        e.add_note(
+            f"(the trainer's dry run, one forward of {type(data).__name__}'s first training "
+            "sample as a batch of one in eval mode, initializing the lazy modules "
+            f"{', '.join(lazy[:3])}{' …' if len(lazy) > 3 else ''}, raised it)"
+        )
+        raise
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if nn.parameter.is_lazy(t)]  # fmt: skip
+    if left:
+        raise ContractError(
+            f"model: {', '.join(left[:3])}{' …' if len(left) > 3 else ''} still uninitialized "
+            "after one forward of a training batch: a lazy module the forward does not call "
+            "never gets its shape (call it, or give it its sizes)"
+        )
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -1307,6 +1353,7 @@ def build_trainer(
             "buffer is not trained: nn.Parameter, nn.ModuleList, nn.ParameterList)"
         )
     model: nn.Module = built.to(device)
+    materialize_lazy(model, data, device)
     model = batchnorm_across_ranks(model, world.distributed, typed.trainer.sync_batchnorm, device)
     check_frequency_scaling(model, world.size, typed.trainer.accumulate_grad_batches)
     if trainable is not None:

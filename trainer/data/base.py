@@ -888,6 +888,9 @@ class DataModule(abc.ABC):
     #: the first training sample's target, as a tensor (its dtype where ``train_targets`` is
     #: None)
     first_target: Tensor | None = None
+    #: the first training sample's input as the model gets it (after a transform, through a
+    #: collate of one's own), without the batch dimension: what a lazy model's dry run feeds
+    first_input: Tensor | None = None
     #: whether :meth:`setup` took ``out_dim`` as the size of one target (none was set)
     out_dim_inferred: bool = False
     #: the same of the validation split, where ``val_targets`` is None (a Dataset without
@@ -972,6 +975,7 @@ class DataModule(abc.ABC):
             varies = (self.input_shape is None and _own_collate(train) is not None
                       and _varies(train, tuple(x0.shape)))  # fmt: skip
         self.first_target = torch.as_tensor(y0)  # (an int label collates to int64, as here)
+        self.first_input = x0
         fixed = _own_collate(train) is None and _own_collate(val) is None
         if fixed and xv is not None and xv.shape != x0.shape:  # (a model that takes one
             # shape failed at the first validation, an epoch's training later, with torch's
