@@ -624,10 +624,14 @@ def _targets(split: TensorSplit | Dataset, name: str) -> Tensor | list[Tensor] |
         targets = list(targets)
     if isinstance(targets, Tensor) or not isinstance(targets, list | tuple):
         return torch.as_tensor(targets)
-    try:
-        return torch.as_tensor(targets)  # (a list of numbers, or of lists of one length)
-    except (TypeError, ValueError, RuntimeError):
-        pass
+    if not any(isinstance(t, Tensor | np.ndarray) for t in targets):
+        try:
+            return torch.as_tensor(targets)  # (a list of numbers, or of lists of one length)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    # (tensors row by row: torch.as_tensor makes a list of one-element tensors scalars, so
+    # one-token sequences' targets, (1,) each, came out (N,) and a token loss was refused,
+    # blaming the data: a probe's)
     try:
         rows = [torch.as_tensor(t) for t in targets]
     except (TypeError, ValueError, RuntimeError) as e:
