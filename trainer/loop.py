@@ -22,6 +22,7 @@ named hooks):
 
 from __future__ import annotations
 
+import ast
 import collections
 import contextlib
 import difflib
@@ -29,6 +30,7 @@ import inspect
 import itertools
 import logging
 import math
+import re
 import signal
 import struct
 import time
@@ -330,6 +332,20 @@ def _bound(r: Regularizer, model: nn.Module) -> None:
             f"the Trainer's model's ({', '.join(theirs[:3])}{' …' if len(theirs) > 3 else ''}): "
             "bind it to the model the Trainer trains (or to a module of it), or give it unbound"
         )
+
+
+def torch_words(e: BaseException) -> str:
+    """An error's own words, as a check matches them: a compiled forward's (Dynamo runs it on
+    fake tensors first) is the failing operation's error it quotes ("got RuntimeError('...')"),
+    without the source lines it quotes after "from user code:" (``torch.ones(3,
+    dtype=h.dtype)`` in a model's line made a shape error read as a dtype mismatch, and the
+    data was blamed: a probe's)."""
+    text = str(e).split("\nfrom user code:")[0]
+    inner = re.search(r"got \w+\((['\"].*['\"])\)$", text, re.MULTILINE)
+    if inner is not None:
+        with contextlib.suppress(ValueError, SyntaxError):
+            return str(ast.literal_eval(inner.group(1)))
+    return text
 
 
 def _refuse_lazy(model: nn.Module) -> None:
@@ -1455,7 +1471,7 @@ class Trainer:
             # torch's words for a dtype mismatch (conv's: "Input type (double) and bias type
             # (float) should be the same"), not the inputs' dtype alone: a language model's
             # int64 ids fail for other reasons too (a shape, memory), kept as torch raised them
-            text = str(e)
+            text = torch_words(e)
             conv = "Input type (" in text and "should be the same" in text
             kernel = "not implemented for '" in text  # (uint8 into batch_norm, a pooling)
             dtype = "dtype" in text or "scalar type" in text or conv or kernel
@@ -1465,7 +1481,7 @@ class Trainer:
                 f"the model's first forward failed on the data's inputs ({x.dtype}; the "
                 f"model's parameters: {', '.join(sorted(map(str, weights))) or 'none'}): cast "
                 "them in the data module (x.float(); np.float32 in a tensors file) or in the "
-                f"model's forward. torch: {str(e).splitlines()[0]}"
+                f"model's forward. torch: {text.splitlines()[0]}"
             ) from e
         self.criterion.check_output(logits)
         try:

@@ -1411,6 +1411,14 @@ def build_trainer(
                 "trainer.compile: per-sample gradient norms (instrument.per_sample) arm module "
                 "hooks on their steps, which a compiled forward does not call; turn one off"
             )
+        if tc.detect_anomaly and tc.compile_backend != "eager":
+            raise ConfigError(
+                "trainer.detect_anomaly: it names the forward operation whose backward made "
+                f"a NaN, and torch.compile's AOTAutograd backends ({tc.compile_backend}) make "
+                "the whole forward one autograd node (CompiledFunctionBackward, the trainer's "
+                "line for its forward); use trainer.compile_backend=eager (Dynamo without "
+                "AOTAutograd: operations named as uncompiled), or leave compile off"
+            )
         penalty = [r.name for r in regularizers if isinstance(r, InputGradPenalty)]
         if penalty and tc.compile_backend != "eager":
             raise ConfigError(
