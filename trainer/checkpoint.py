@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import filecmp
 import functools
 import hashlib
 import io
@@ -534,7 +535,37 @@ def set_aside_later(directory: Path, step: int) -> list[Path]:
         (directory / "abandoned").mkdir(exist_ok=True)
     for p in later:
         os.replace(p, directory / "abandoned" / p.name)
+    _retire_last(directory)
     return later
+
+
+def _retire_last(directory: Path) -> None:
+    """A resumed run is no completed one: the ``last.pt`` a completed run left (its last
+    step's checkpoint under a second name) would outrank the resumed run's own checkpoints
+    where a run's latest is looked for, and, resumed from an earlier step, be the abandoned
+    stretch's end (a probe's: ``last.pt`` at step 15 beside the resumed run's step 8). Where a
+    step checkpoint is the same file, only the second name goes; a copy (no hard links on the
+    disk) whose step file is gone is moved to ``abandoned/``."""
+    last = directory / "last.pt"
+    if not last.is_file():
+        return
+    steps = [*directory.glob("step_*.pt"), *(directory / "abandoned").glob("step_*.pt")]
+    if any(_same_file(last, p) for p in steps):
+        last.unlink()
+        return
+    (directory / "abandoned").mkdir(exist_ok=True)
+    n = 1 + sum(1 for _ in (directory / "abandoned").glob("last*.pt"))
+    os.replace(last, directory / "abandoned" / ("last.pt" if n == 1 else f"last_{n}.pt"))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file under two names (a hard link), or a copy of it byte for byte."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+        return a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 #: what a run writes into its run dir (Hydra's ``.hydra/`` and log file aside)

@@ -994,6 +994,35 @@ class Trainer:
                 log.error("fit: the events could not be written to %s: %r",
                           getattr(self.logger, "log_dir", "?"), e)  # fmt: skip
 
+    def check_states(self) -> None:
+        """Refuse, before the first step, a state a checkpoint cannot hold (an object of one's
+        own in a callback's, a loss's, a weighting's or a regularizer's ``state_dict()``; the
+        optimizer's groups, the scheduler's), naming whose it is, instead of at the first
+        checkpoint. ``fit`` checks as it starts; ``trainer.run`` before a resume moves any of
+        the run's files (a refused resume set the later checkpoints aside and dropped their
+        events, a probe's)."""
+        for cb in self.callbacks:  # (the trainer's own are checkpointable by construction)
+            if type(cb).__module__.startswith("trainer."):
+                continue
+            try:
+                state = cb.state_dict()
+            except Exception:  # noqa: BLE001 (a state made on a later step: checked at
+                continue  # each checkpoint)
+            checkpointable(state, type(cb).__name__)
+        checkpointable(
+            self.optimizer.state_dict(), type(self.optimizer).__name__, "optimizer"
+        )  # (its groups now; its state: at each checkpoint)
+        if self.scheduler is not None:
+            checkpointable(self.scheduler.state_dict(), type(self.scheduler).__name__,
+                           "scheduler")  # fmt: skip
+        for key, part in self._stateful_parts():  # (the same for a loss, weighting or
+            _check_stateful(key, part)  # regularizer of one's own)
+            try:
+                state = part.state_dict()
+            except Exception:  # noqa: BLE001 (as above)
+                continue
+            checkpointable(state, type(part).__name__, key)
+
     def _fit(self) -> dict[str, float]:
         check_plateau(self.scheduler, self.monitor)  # (before anything starts)
         # (max_steps or max_epochs changed since: the run's last step, which logs everything,
@@ -1044,27 +1073,7 @@ class Trainer:
                 warn_batch_norms(self.model)  # resume's)
             self._clear_stale_gradients()
             self._buffers = self._buffer_slots()
-            for cb in self.callbacks:  # a user's state a checkpoint cannot hold: said now,
-                if type(cb).__module__.startswith("trainer."):  # not at the first one
-                    continue
-                try:
-                    state = cb.state_dict()
-                except Exception:  # noqa: BLE001 (a state made on a later step: checked at
-                    continue  # each checkpoint)
-                checkpointable(state, type(cb).__name__)
-            checkpointable(
-                self.optimizer.state_dict(), type(self.optimizer).__name__, "optimizer"
-            )  # (its groups now; its state: at each checkpoint)
-            if self.scheduler is not None:
-                checkpointable(self.scheduler.state_dict(), type(self.scheduler).__name__,
-                               "scheduler")  # fmt: skip
-            for key, part in self._stateful_parts():  # (the same for a loss, weighting or
-                _check_stateful(key, part)  # regularizer of one's own)
-                try:
-                    state = part.state_dict()
-                except Exception:  # noqa: BLE001 (as above)
-                    continue
-                checkpointable(state, type(part).__name__, key)
+            self.check_states()  # (again: on_fit_start may have made a state)
             self._time_at_log = time.perf_counter()
             try:
                 with redirect, anomaly:

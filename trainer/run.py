@@ -49,6 +49,7 @@ from trainer.checkpoint import (
     set_aside_previous,
     set_rng_state,
     step_of,
+    step_path,
     submitit_requeue,
     write_json,
     write_run_marker,
@@ -503,7 +504,10 @@ def check_free_space(trainer: Trainer, directory: Path, keep_last: int) -> None:
     buffers = sum(b.numel() * b.element_size() for b in trainer.model.buffers())
     # model + optimizer state (Adam keeps two moments per parameter) + slack for the rest
     one = 3 * params + buffers + 2**20
-    free = shutil.disk_usage(directory).free
+    where = directory
+    while not where.exists() and where != where.parent:  # (a folder not made yet: its disk)
+        where = where.parent
+    free = shutil.disk_usage(where).free
     if free < one:
         raise OSError(
             errno.ENOSPC,
@@ -803,6 +807,14 @@ def _run(
             world = distributed.from_env()
             set_rng_state(rank_rng_state(resume_state, world.rank, world.size))
             home = _home_of(resume_path)
+            # what would refuse the run before its first step, before its files are moved (a
+            # resume refused for disk space, or for a callback's state, had set the later
+            # checkpoints aside, dropped their events and recorded its failure over the
+            # completed run's metrics.json: a probe's)
+            trainer.check_states()
+            if main:
+                check_free_space(trainer, (home or run_dir) / "checkpoints",
+                                 tc.checkpoint.keep_last)  # fmt: skip
             if home is not None:  # continue in the run's own dir
                 if main and home.resolve() != run_dir.resolve():  # where this job went (a
                     # sweep's summary and report follow it; its own earlier outputs, of an
@@ -816,6 +828,12 @@ def _run(
                 elif main:  # continued here: a pointer of an earlier attempt is stale
                     (run_dir / CONTINUED).unlink(missing_ok=True)
                 run_dir = home
+                if resume_path.name == "last.pt":  # (it goes, a completed run's: the run
+                    # resumes its step file, the same bytes, as a completed run writes both)
+                    own = step_path(resume_path.parent, int(resume_state["step"]))
+                    if main and not own.exists():  # (that file deleted: last.pt becomes it)
+                        os.replace(resume_path, own)
+                    resume_path = own
                 if main:  # one process moves the files
                     set_aside_later(resume_path.parent, int(resume_state["step"]))
             if main and resume_state.get("run_id") not in (None, run_id):
@@ -895,7 +913,8 @@ def _run(
             writer.last = resume_path
         if main:
             write_run_marker(directory, run_id, run_dir)
-            check_free_space(trainer, directory, tc.checkpoint.keep_last)
+            if resume_state is None:  # (a resumed run's: checked before its files moved)
+                check_free_space(trainer, directory, tc.checkpoint.keep_last)
         completed = interrupted = False
         try:  # checkpoints (periodic, at a stop, final) and stop signals: the callbacks above
             try:
