@@ -298,3 +298,18 @@ def test_lanczos_on_cuda_finds_the_largest_magnitude_eigenvalue(tol) -> None:
     assert eig.device.type == "cuda" and converged
     assert abs(float(eig) - top) <= max(tol, 1e-8) * abs(top)
     assert products == iters if tol == 0 else products < iters
+
+
+def test_a_lazy_model_on_cuda_starts_as_its_sized_twin(tmp_path) -> None:
+    """The dry run initializes a lazy model as it is built, before it moves to the GPU: its
+    initial values draw from the CPU generator, as its sized twin's do when it is built (on
+    the GPU they would draw from the CUDA generator, another start and another dropout
+    stream). The two runs end bit for bit equal."""
+    from conftest import final_params, train
+    from test_lazy_models import COMMON
+
+    train(tmp_path / "lazy", *COMMON, "trainer.device=cuda")
+    train(tmp_path / "sized", *COMMON, "trainer.device=cuda", "+model.lazy=false")
+    lazy, sized = final_params(tmp_path / "lazy"), final_params(tmp_path / "sized")
+    assert all(torch.equal(lazy[k], sized[k]) for k in sized)
+    assert read_scalars(tmp_path / "lazy") == read_scalars(tmp_path / "sized")

@@ -94,7 +94,7 @@ def test_the_dry_run_puts_each_module_back_in_its_mode() -> None:
     model = Net([8], 3)
     model.body[2].eval()
     before = {name: m.training for name, m in model.named_modules()}
-    materialize_lazy(model, SimpleNamespace(first_input=torch.ones(8)), torch.device("cpu"))
+    materialize_lazy(model, SimpleNamespace(first_input=torch.ones(8)))
     assert {name: m.training for name, m in model.named_modules()} == before
     assert model.body[1].weight.shape == (16, 8) and model.body[5].weight.shape == (3, 16)
     assert torch.equal(model.body[2].running_mean, torch.zeros(16))  # (not moved)
@@ -102,7 +102,7 @@ def test_the_dry_run_puts_each_module_back_in_its_mode() -> None:
 
 def test_a_lazy_module_the_forward_never_calls_is_refused_naming_it(tmp_path) -> None:
     with pytest.raises(ContractError, match=r"model: spare.weight, spare.bias still "
-                       r"uninitialized after one forward of a training batch"):  # fmt: skip
+                       r"uninitialized after the trainer's dry run"):  # fmt: skip
         train(tmp_path, *COMMON[:-1], "+model._target_=test_lazy_models.Unreached")
 
 

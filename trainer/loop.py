@@ -348,6 +348,30 @@ def torch_words(e: BaseException) -> str:
     return text
 
 
+def dtype_refusal(e: RuntimeError, x: Tensor, model: nn.Module) -> ContractError | None:
+    """A model's first forward failing for its inputs' dtype (float64 or uint8 inputs for a
+    float32 model), which torch's message names no data for: the refusal naming the inputs'
+    dtype, the parameters' and the fix; None for another error. torch's words for a dtype
+    mismatch (conv's: "Input type (double) and bias type (float) should be the same"), not
+    the inputs' dtype alone: a language model's int64 ids fail for other reasons too (a
+    shape, memory), kept as torch raised them."""
+    # (a lazy model's dtypes are read before its dry run gives them shapes: dtype, not
+    # is_floating_point(), which an uninitialized parameter refuses)
+    weights = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    text = torch_words(e)
+    conv = "Input type (" in text and "should be the same" in text
+    kernel = "not implemented for '" in text  # (uint8 into batch_norm, a pooling)
+    dtype = "dtype" in text or "scalar type" in text or conv or kernel
+    if isinstance(e, torch.OutOfMemoryError) or not dtype:
+        return None
+    return ContractError(
+        f"the model's first forward failed on the data's inputs ({x.dtype}; the model's "
+        f"parameters: {', '.join(sorted(map(str, weights))) or 'none'}): cast them in the data "
+        "module (x.float(); np.float32 in a tensors file) or in the model's forward. torch: "
+        f"{text.splitlines()[0]}"
+    )
+
+
 def _refuse_lazy(model: nn.Module) -> None:
     """A model with lazy modules (``nn.LazyLinear``) not yet run: its parameters have no
     shape until a forward, and the Trainer's first look at them failed in torch's words (a
@@ -1476,22 +1500,10 @@ class Trainer:
         try:
             logits = self.forward_model(x)
         except RuntimeError as e:
-            weights = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
-            # torch's words for a dtype mismatch (conv's: "Input type (double) and bias type
-            # (float) should be the same"), not the inputs' dtype alone: a language model's
-            # int64 ids fail for other reasons too (a shape, memory), kept as torch raised them
-            text = torch_words(e)
-            conv = "Input type (" in text and "should be the same" in text
-            kernel = "not implemented for '" in text  # (uint8 into batch_norm, a pooling)
-            dtype = "dtype" in text or "scalar type" in text or conv or kernel
-            if isinstance(e, torch.OutOfMemoryError) or not dtype:
+            refusal = dtype_refusal(e, x, self.model)
+            if refusal is None:
                 raise
-            raise ContractError(
-                f"the model's first forward failed on the data's inputs ({x.dtype}; the "
-                f"model's parameters: {', '.join(sorted(map(str, weights))) or 'none'}): cast "
-                "them in the data module (x.float(); np.float32 in a tensors file) or in the "
-                f"model's forward. torch: {text.splitlines()[0]}"
-            ) from e
+            raise refusal from e
         self.criterion.check_output(logits)
         try:
             losses = self.criterion(logits, y)

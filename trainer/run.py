@@ -70,7 +70,14 @@ from trainer.hparams import (
 )
 from trainer.instrument import build_callbacks
 from trainer.logger import ProgressOptions, TensorBoardLogger, event_dir, shown
-from trainer.loop import Callback, Trainer, check_callback, check_plateau, planned_steps
+from trainer.loop import (
+    Callback,
+    Trainer,
+    check_callback,
+    check_plateau,
+    dtype_refusal,
+    planned_steps,
+)
 from trainer.losses import Loss, as_loss
 from trainer.regularizers import InputGradPenalty
 from trainer.report import CONTINUED
@@ -270,49 +277,50 @@ def _check_loader_keys(node: DictConfig, data: DataModule) -> None:
 
 
 _Sequential = torch.optim.lr_scheduler.SequentialLR
+_Chained = torch.optim.lr_scheduler.ChainedScheduler
 
 
 def _check_own_schedule_length(
     cfg: DictConfig, scheduler: torch.optim.lr_scheduler.LRScheduler, total_steps: int
 ) -> None:
-    """A ``OneCycleLR`` whose file sets its own length (``total_steps``, or ``epochs`` ×
-    ``steps_per_epoch``) shorter than the run's optimizer steps: torch raises "Tried to step
-    N times" at the step after it, mid-run, having trained (a session's finding: a run of 14
-    steps with ``total_steps: 5`` failed at step 6). Refused before training, naming the key.
-    ``ChainedScheduler`` steps each part at every step: its ``OneCycleLR`` parts are checked
-    too. ``SequentialLR`` steps a part in its segment only, restarting it at its milestone:
-    a part is checked against the steps of its segment the run reaches (a OneCycleLR after
-    the milestone failed mid-run unchecked, a session's "noticed")."""
-    whole = (total_steps, f"this run trains {total_steps} optimizer steps")
-    parts: list[tuple[Any, DictConfig | None, str, tuple[int, str]]] = [
-        (scheduler, cfg, "scheduler", whole)
-    ]
-    if isinstance(scheduler, (torch.optim.lr_scheduler.ChainedScheduler, _Sequential)):
-        listed = cfg.get("schedulers")  # (a factory's scheduler of schedulers: its file lists none)
-        inner = scheduler._schedulers
-        parts = [
-            (part, listed[i] if listed is not None and i < len(listed) else None,
-             f"scheduler.schedulers[{i}]" if listed is not None else "scheduler",
-             _segment(scheduler, i, total_steps) if isinstance(scheduler, _Sequential)
-             else whole)
-            for i, part in enumerate(inner)
-        ]  # fmt: skip
-    for part, node, name, (needed, steps) in parts:
-        if not isinstance(part, torch.optim.lr_scheduler.OneCycleLR):
-            continue
-        length = part.total_steps
+    """A ``OneCycleLR`` whose length (its file's ``total_steps``, or ``epochs`` ×
+    ``steps_per_epoch``; a factory's own) is shorter than the steps it is stepped: torch
+    raises "Tried to step N times" at the step after it, mid-run, having trained (a session's
+    finding: a run of 14 steps with ``total_steps: 5`` failed at step 6). Refused before
+    training, naming the key. Inside a scheduler of schedulers, at any depth: a
+    ``ChainedScheduler`` steps each part at every step of its own; a ``SequentialLR`` steps a
+    part in its segment only, restarting it at its milestone, so a part is checked against the
+    steps of its segment the run reaches (a OneCycleLR after the milestone, or in a factory's
+    ChainedScheduler of a SequentialLR, failed mid-run unchecked: a session's and a review's)."""
+    for cycle, node, name, own, start, end in _cycles(scheduler, cfg, "scheduler", 0, total_steps):
+        needed = max(end - start, 0)
+        length = cycle.total_steps
         if length >= needed:
             continue
-        fix = "leave the length out (the trainer sets it to the run's) or set it to at least that"
-        if name != "scheduler":  # (a listed part's: the trainer sets no part's length)
-            fix = f"set it to at least {needed}"
-        if node is not None and node.get("total_steps") is not None:
+        steps = (
+            f"this run trains {total_steps} optimizer steps" if (start, end) == (0, total_steps)
+            else f"its segment of the SequentialLR runs {needed} steps of this run's "
+            f"{total_steps} (from optimizer step {start})"
+        )  # fmt: skip
+        passed = name == "scheduler" and "total_steps" in run_length_keys(cfg)
+        factory = False
+        if own and node.get("total_steps") is not None:
             keys = f"{name}.total_steps"
-        elif node is not None and node.get("epochs") is not None:
+        elif own and node.get("epochs") is not None:
             keys = f"{name}.epochs × {name}.steps_per_epoch"
         else:  # (a factory's: its own code's length, named by its target)
-            keys = f"{name}._target_ ({cfg.get('_target_')})"
-            fix = "have the factory take total_steps (the trainer passes the run's length)"
+            keys, factory = f"{name}._target_ ({node.get('_target_')})", True
+        if not factory:  # (the file's own length)
+            fix = (
+                "leave the length out (the trainer sets it to the run's) or set it to at least "
+                "that" if name == "scheduler" and needed == total_steps
+                else f"set it to at least {needed}"
+            )  # fmt: skip
+        elif name == "scheduler" and not passed:  # (the trainer would pass it the run's)
+            fix = (f"have the factory take total_steps (the trainer passes the run's length) "
+                   f"and make its OneCycleLR at least {needed} steps")  # fmt: skip
+        else:  # (it takes the run's length, or is a listed part, called with the optimizer)
+            fix = f"make the factory's OneCycleLR at least {needed} steps"
         raise ConfigError(
             f"{keys}: OneCycleLR's schedule is {length} steps and {steps}; past its step "
             f"{length} OneCycleLR stops the run with an error. Either {fix}, or shorten the run "
@@ -320,17 +328,33 @@ def _check_own_schedule_length(
         )
 
 
-def _segment(scheduler: _Sequential, i: int, total_steps: int) -> tuple[int, str]:
-    """How many steps ``SequentialLR``'s part ``i`` is stepped over a run of ``total_steps``
-    (torch restarts it at step 0 at its milestone and steps it to the step before the next
-    one; the last to the run's end), and those words for a refusal."""
-    milestones = list(scheduler._milestones)
-    start = milestones[i - 1] if i > 0 else 0
-    end = min(milestones[i] - 1 if i < len(milestones) else total_steps, total_steps)
-    needed = max(end - start, 0)
-    steps = (f"its segment of the SequentialLR runs {needed} steps of this run's {total_steps} "
-             f"(from optimizer step {start})")  # fmt: skip
-    return needed, steps
+def _cycles(
+    scheduler: Any, node: DictConfig, name: str, start: int, end: int, own: bool = True
+) -> Iterator[tuple[Any, DictConfig, str, bool, int, int]]:
+    """Each ``OneCycleLR`` in ``scheduler``, stepped from run step ``start`` to ``end``, with
+    the nearest config node that builds it (``own``: the node is its own; else a factory's,
+    which builds it inside), that node's key, and the steps it is stepped between. A
+    ``SequentialLR``'s part ``i`` is restarted at its milestone and stepped to the step
+    before the next one (the last to ``end``); a ``ChainedScheduler``'s parts each at every
+    step."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        yield scheduler, node, name, own, start, end
+        return
+    if not isinstance(scheduler, (_Chained, _Sequential)):
+        return
+    listed = node.get("schedulers") if own else None  # (a factory's: its file lists none)
+    milestones = list(getattr(scheduler, "_milestones", ()))
+    for i, part in enumerate(scheduler._schedulers):
+        sub = listed[i] if listed is not None and i < len(listed) else None
+        first, last = start, end
+        if isinstance(scheduler, _Sequential):
+            first = start + (milestones[i - 1] if i > 0 else 0)
+            if i < len(milestones):
+                last = min(start + milestones[i] - 1, end)
+        if isinstance(sub, DictConfig):
+            yield from _cycles(part, sub, f"{name}.schedulers[{i}]", first, last)
+        else:
+            yield from _cycles(part, node, name, first, last, own=False)
 
 
 def _warn_rising_cosine(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
@@ -1257,36 +1281,44 @@ def check_frequency_scaling(model: nn.Module, ranks: int, accumulate: int) -> No
         )  # fmt: skip
 
 
-def materialize_lazy(model: nn.Module, data: DataModule, device: torch.device) -> None:
+def materialize_lazy(model: nn.Module, data: DataModule) -> None:
     """Initialize a model's lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``: shapes taken
     at the first forward) by torch's dry run: one forward, without gradients, of the first
-    training sample as a batch of one, every module in eval mode (a batch norm's running
-    statistics are not moved by it, dropout draws nothing) and put back in its mode after.
-    Before the optimizer is built (it takes the initialized tensors), on the model's device
-    and dtype. Their initial values draw from the run's random state as a model built
-    whole does (a resumed run's are the checkpoint's). A lazy module the forward does not
-    reach is refused, named."""
+    training sample twice over as a batch of two (a batch norm normalizing with the batch's
+    own statistics refuses a batch of one, a review's), every module in eval mode (a batch
+    norm's running statistics are not moved by it, dropout draws nothing) and put back in
+    its mode after. As the model is built, before it is moved to the run's device and before
+    the optimizer is built (it takes the initialized tensors): the initial values draw from
+    the generator, and in the order, a model given its sizes draws from as it is built, where
+    the forward calls the lazy modules in the order they are built (a resumed run's are the
+    checkpoint's). A lazy module the forward does not call in eval mode is refused, named."""
     lazy = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
             if nn.parameter.is_lazy(t)]  # fmt: skip
     if not lazy:
         return
+    named = f"{', '.join(lazy[:3])}{' …' if len(lazy) > 3 else ''}"
     x = data.first_input
     if x is None:  # (a data module whose setup was overridden without the first sample)
         raise ContractError(
-            f"model: {', '.join(lazy[:3])} are lazy (shapes taken at the first forward) and "
+            f"model: {named} are lazy (shapes taken at the first forward) and "
             f"{type(data).__name__} gives no first training input to run the model on "
             "(data.first_input: DataModule.setup sets it)"
         )
+    where = next(itertools.chain(model.parameters(), model.buffers())).device
+    batch = torch.stack([x, x]).to(where)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            model(x.unsqueeze(0).to(device))
+            model(batch)
     except Exception as e:
+        refusal = dtype_refusal(e, batch, model) if isinstance(e, RuntimeError) else None
+        if refusal is not None:
+            raise refusal from e
         e.add_note(
             f"(the trainer's dry run, one forward of {type(data).__name__}'s first training "
-            "sample as a batch of one in eval mode, initializing the lazy modules "
-            f"{', '.join(lazy[:3])}{' …' if len(lazy) > 3 else ''}, raised it)"
+            f"sample twice over as a batch of two in eval mode, initializing the lazy modules "
+            f"{named}, raised it)"
         )
         raise
     finally:
@@ -1297,8 +1329,9 @@ def materialize_lazy(model: nn.Module, data: DataModule, device: torch.device) -
     if left:
         raise ContractError(
             f"model: {', '.join(left[:3])}{' …' if len(left) > 3 else ''} still uninitialized "
-            "after one forward of a training batch: a lazy module the forward does not call "
-            "never gets its shape (call it, or give it its sizes)"
+            "after the trainer's dry run, one forward in eval mode of a training batch: a lazy "
+            "module the forward does not call in eval mode (one called in training only) "
+            "never gets its shape there; give it its sizes (or call it in eval mode too)"
         )
 
 
@@ -1371,8 +1404,8 @@ def build_trainer(
             "of its submodules; a tensor kept as a plain attribute, in a Python list, or as a "
             "buffer is not trained: nn.Parameter, nn.ModuleList, nn.ParameterList)"
         )
+    materialize_lazy(built, data)  # (as built: a model given its sizes draws there)
     model: nn.Module = built.to(device)
-    materialize_lazy(model, data, device)
     model = batchnorm_across_ranks(model, world.distributed, typed.trainer.sync_batchnorm, device)
     check_frequency_scaling(model, world.size, typed.trainer.accumulate_grad_batches)
     if trainable is not None:
