@@ -20,6 +20,7 @@ import shlex
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch import nn
 from trainer import distributed
 from trainer.checkpoint import (
     RUN_OUTPUTS,
+    STOP_SIGNALS,
     CheckpointWriter,
     PeriodicCheckpoints,
     StopOnSignals,
@@ -688,6 +690,7 @@ def _run(
     trainer: Trainer | None = None
     resume_path = None
     taken = False  # run_dir's outputs are this run's: an earlier run's set aside, or its own
+    deferred = _DeferredSignals()  # (from a failure until it is recorded)
     #: a job continuing in another run dir (a resumed checkpoint's) marks the metrics it
     #: writes there with its own folder, which its pointer names (:data:`CONTINUED`)
     continued: dict[str, str] = {}
@@ -956,7 +959,11 @@ def _run(
             completed = trainer.stopped_by is None
         except KeyboardInterrupt:  # (a second Ctrl-C, before the first's rest point: the
             interrupted = True  # run is interrupted, as metrics.json says, not failed, a
-            raise  # probe's)
+            deferred.start()  # probe's)
+            raise
+        except BaseException:
+            deferred.start()  # (the events and metrics.json written before a stop signal)
+            raise
         finally:
             if trainer.logger is not None:
                 # an interrupted run goes on later: no end status
@@ -994,6 +1001,7 @@ def _run(
                             "checkpointed: trainer.resume=auto continues it", e)  # fmt: skip
         raise
     except BaseException as e:
+        deferred.start()  # (a failure before fit: no handler of the trainer's yet)
         failed: dict[str, Any] = {
             "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
             "error": f"{type(e).__name__}: {e}"
@@ -1011,6 +1019,7 @@ def _run(
                     # (the one a resume was to continue, or another) stay as they were
                     log.info("%s holds an earlier run's outputs: left as they were (this "
                              "failure is not recorded there)", _display(run_dir))  # fmt: skip
+        deferred.stop()  # (a stop signal that came meanwhile: raised again now)
         raise
     result: dict[str, Any] = {
         "train/loss": metrics["train/loss"],
@@ -1045,6 +1054,37 @@ def _run(
     log.info("%srun dir: %s", job, folder)
     log.info("%sview it: tensorboard --logdir %s", job, folder)
     return result
+
+
+class _DeferredSignals:
+    """Stop signals (SIGTERM, SIGINT, SIGUSR1) held from a failure until its record is
+    written, then raised again with the handlers that were in place: torchrun sends SIGTERM to
+    every other rank the moment one fails, and rank 0, recording the failure its collective
+    got, was killed inside it (the trainer's stop handlers are put back when ``fit`` fails):
+    no ``metrics.json``, or a temporary file never renamed (a probe's, 1 run in 3). A Python
+    handler that notes the signal, not a blocked mask: a signal with torch's or the default
+    action may be delivered to any thread that does not block it."""
+
+    def __init__(self) -> None:
+        self.noted: list[int] = []
+        self.before: dict[int, Any] = {}
+
+    def start(self) -> None:
+        if self.before or threading.current_thread() is not threading.main_thread():
+            return
+        for number in STOP_SIGNALS:
+            self.before[number] = signal.getsignal(number)
+            signal.signal(number, lambda n, _frame: self.noted.append(n))
+
+    def stop(self) -> None:
+        for number, handler in self.before.items():  # (None: set outside Python, not kept)
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        self.before = {}
+        for number in dict.fromkeys(self.noted):
+            log.warning("%s came while the failure was recorded: raised again now",
+                        signal.Signals(number).name)  # fmt: skip
+            signal.raise_signal(number)
+        self.noted = []
 
 
 def _write_metrics(
