@@ -820,7 +820,8 @@ def test_too_little_free_space_stops_the_run_before_the_first_step(tmp_path, mon
     with pytest.raises(OSError) as info:
         train(tmp_path, *FAST, "trainer.max_steps=4")
     ckpts = tmp_path / "checkpoints"
-    assert seen == [ckpts]
+    assert seen == [tmp_path]  # (checked before checkpoints/ is made: its disk, the run dir's)
+    assert not ckpts.exists()
     assert info.value.errno == errno.ENOSPC
     assert f"{ckpts} has 0.0 MiB free" in str(info.value)
     assert_nothing_trained(tmp_path)

@@ -107,10 +107,11 @@ def test_a_resume_refused_for_a_callbacks_state_leaves_the_run_it_resumes_as_it_
 def test_a_completed_run_resumed_to_train_longer_leaves_no_stale_last_pt(
     tmp_path, step_file
 ) -> None:
-    """``resume=auto`` takes a completed run's ``last.pt`` (its step 15); trained on to step
-    20 and stopped at 18, the run's latest is step 18, not the ``last.pt`` of step 15 that
-    outranked it. The step-15 checkpoint stays (under its step name: where the step file was
-    deleted, ``last.pt`` becomes it), and metrics.json names a checkpoint that exists."""
+    """``resume=auto`` continues a completed run at its step 15 (its step file, or, where
+    that was deleted, its ``last.pt``); trained on to step 20 and stopped at 18, the run's
+    latest is step 18, not the ``last.pt`` of step 15 that outranked it. The step-15
+    checkpoint stays (under its step name: ``last.pt`` becomes it where the step file was
+    deleted), and metrics.json names a checkpoint that exists."""
     base = (*BASE, f"trainer.checkpoint.search_dir={tmp_path}")
     run_dir = tmp_path / "a"
     train(run_dir, *base)

@@ -531,31 +531,36 @@ def set_aside_later(directory: Path, step: int) -> list[Path]:
     from ``step`` replaces that stretch (as TensorBoard's purge_step replaces its events), and
     they must neither be resumed from nor outrank the new ones when old ones are pruned."""
     later = [p for p in directory.glob("step_*.pt") if (step_of(p) or 0) > step]
+    aside = directory / "abandoned"
+    last = directory / "last.pt"
+    names = [p.name for p in later] + (["last.pt"] if last.is_file() else [])
+    n = 1
+    while any((aside / name).exists() for name in names):  # (a stretch abandoned before,
+        n += 1  # from the same step or an earlier one: it stays, this one goes beside it;
+        aside = directory / "abandoned" / str(n)  # it was replaced, a review's)
     if later:
-        (directory / "abandoned").mkdir(exist_ok=True)
+        aside.mkdir(parents=True, exist_ok=True)
     for p in later:
-        os.replace(p, directory / "abandoned" / p.name)
-    _retire_last(directory)
+        os.replace(p, aside / p.name)
+    _retire_last(directory, aside)
     return later
 
 
-def _retire_last(directory: Path) -> None:
+def _retire_last(directory: Path, aside: Path) -> None:
     """A resumed run is no completed one: the ``last.pt`` a completed run left (its last
     step's checkpoint under a second name) would outrank the resumed run's own checkpoints
     where a run's latest is looked for, and, resumed from an earlier step, be the abandoned
     stretch's end (a probe's: ``last.pt`` at step 15 beside the resumed run's step 8). Where a
     step checkpoint is the same file, only the second name goes; a copy (no hard links on the
-    disk) whose step file is gone is moved to ``abandoned/``."""
+    disk) whose step file is gone is moved ``aside``, with the stretch set aside."""
     last = directory / "last.pt"
     if not last.is_file():
         return
-    steps = [*directory.glob("step_*.pt"), *(directory / "abandoned").glob("step_*.pt")]
-    if any(_same_file(last, p) for p in steps):
+    if any(_same_file(last, p) for p in [*directory.glob("step_*.pt"), *aside.glob("step_*.pt")]):
         last.unlink()
         return
-    (directory / "abandoned").mkdir(exist_ok=True)
-    n = 1 + sum(1 for _ in (directory / "abandoned").glob("last*.pt"))
-    os.replace(last, directory / "abandoned" / ("last.pt" if n == 1 else f"last_{n}.pt"))
+    aside.mkdir(parents=True, exist_ok=True)
+    os.replace(last, aside / "last.pt")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -656,11 +661,20 @@ def find_checkpoints(
         if marked not in ids:
             continue
         home, preferred = marker.parent.resolve() == mine, -ids.index(marked)
-        for p in marker.parent.glob("step_*.pt"):
+        steps = sorted(
+            marker.parent.glob("step_*.pt"), key=lambda p: step_of(p) or 0, reverse=True
+        )  # (the newest first: the one a last.pt is)
+        for p in steps:
             step = step_of(p)
             if step is not None:
                 with contextlib.suppress(OSError):
                     found[p.resolve()] = (home, preferred, step, p.stat().st_mtime, p)
+        last = marker.parent / "last.pt"  # (a completed run's; its step file deleted, it is
+        # the run's newest, and resume=auto took an older one, a review's)
+        if last.is_file() and not any(_same_file(last, p) for p in steps):
+            with contextlib.suppress(Exception):  # (one that does not load: not a candidate)
+                step = int(load_checkpoint(last)["step"])
+                found[last.resolve()] = (home, preferred, step, last.stat().st_mtime, last)
     return [t[-1] for t in sorted(found.values(), key=lambda t: t[:4], reverse=True)]
 
 

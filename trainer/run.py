@@ -879,6 +879,12 @@ def _run(
                     resume_state["run_id"], resume_path, resume_state["step"],
                     _display(run_dir),
                 )  # fmt: skip
+        if resume_state is None:  # (before an earlier run in the folder is set aside: a
+            # refused run left it in previous/1, superseded, a review's; a resumed run's are
+            # checked before its files move)
+            trainer.check_states()
+            if main:
+                check_free_space(trainer, run_dir / "checkpoints", tc.checkpoint.keep_last)
         if main and (resume_state is None or _home_of(resume_path) is None):
             _set_aside_previous(run_dir)
         taken = True
@@ -940,8 +946,6 @@ def _run(
             writer.last = resume_path
         if main:
             write_run_marker(directory, run_id, run_dir)
-            if resume_state is None:  # (a resumed run's: checked before its files moved)
-                check_free_space(trainer, directory, tc.checkpoint.keep_last)
         completed = interrupted = False
         try:  # checkpoints (periodic, at a stop, final) and stop signals: the callbacks above
             try:
@@ -987,6 +991,7 @@ def _run(
             raise stopped
         last = checkpoints.final
     except Interrupted as stopped:
+        deferred.stop()  # (none held: a stop is recorded by the trainer's own handlers)
         if stopped.requeue is not None:  # (checkpointed, metrics.json written: submitit's
             # handler requeues the job and exits, or raises where it does not requeue; on a
             # rank other than the first it returns: the rank ends as stopped, a sweep's task
