@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import signal
+import sys
 import tempfile
 import threading
 import zipfile
@@ -672,8 +673,11 @@ def find_checkpoints(
         last = marker.parent / "last.pt"  # (a completed run's; its step file deleted, it is
         # the run's newest, and resume=auto took an older one, a review's)
         if last.is_file() and not any(_same_file(last, p) for p in steps):
-            with contextlib.suppress(Exception):  # (one that does not load: not a candidate)
+            try:
                 step = int(load_checkpoint(last)["step"])
+            except Exception:  # noqa: BLE001 (tried first, and named where it does not load,
+                step = sys.maxsize  # as any checkpoint: it was skipped unsaid, a review's)
+            with contextlib.suppress(OSError):
                 found[last.resolve()] = (home, preferred, step, last.stat().st_mtime, last)
     return [t[-1] for t in sorted(found.values(), key=lambda t: t[:4], reverse=True)]
 
@@ -905,14 +909,23 @@ class StopOnSignals(Callback):
         self.writer, self.signals = writer, tuple(signals)
         self._previous: dict[int, Any] = {}
         self.requeue: Callable[..., Any] | None = None
+        #: the signals the handler took while ``fit`` ran
+        self.received: list[int] = []
+        #: called with them when ``fit`` fails, once the previous handlers are back
+        #: (``trainer.run`` holds stop signals until the failure is recorded: one arriving
+        #: meanwhile killed the run before its metrics.json, and one taken here was never
+        #: acted on, a review's)
+        self.on_failure: Callable[[list[int]], None] | None = None
 
     def on_fit_start(self, trainer: Any) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         submitit = submitit_requeue()
         self.requeue = None
+        self.received = []
 
         def handler(signum: int, frame: Any) -> None:
+            self.received.append(signum)
             name = signal.Signals(signum).name
             if submitit is not None and signum == submitit[0]:  # (also after another stop
                 # signal: SLURM's preemption sends SIGTERM first)
@@ -943,3 +956,5 @@ class StopOnSignals(Callback):
 
     def on_exception(self, trainer: Any, error: BaseException) -> None:
         self._restore()
+        if self.on_failure is not None:
+            self.on_failure(self.received)

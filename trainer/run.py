@@ -941,6 +941,7 @@ def _run(
         # every rank checkpoints together (rank 0 writes the files) and stops on a signal (at
         # the same rest point)
         stops = StopOnSignals(writer)
+        stops.on_failure = deferred.hold
         trainer.add_callbacks(checkpoints, stops)
         if resume_state is not None:
             writer.last = resume_path
@@ -1073,6 +1074,12 @@ class _DeferredSignals:
     def __init__(self) -> None:
         self.noted: list[int] = []
         self.before: dict[int, Any] = {}
+
+    def hold(self, received: list[int]) -> None:
+        """From the failing fit's ``on_exception`` (:class:`StopOnSignals`): held from there,
+        with the signals its handler took meanwhile, raised again once recorded."""
+        self.start()
+        self.noted.extend(received)
 
     def start(self) -> None:
         if self.before or threading.current_thread() is not threading.main_thread():
