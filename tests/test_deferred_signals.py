@@ -1,12 +1,12 @@
 """The deferral of stop signals while a failure is recorded (run.py _DeferredSignals; a
-review's findings, 2026-12-07). The README: "a stop signal arriving while a failure is recorded (the events
-flushed, ``metrics.json`` written) is held until the record is on disk, then raised again".
-The deferral starts in ``trainer.run`` once ``fit`` has raised; the failing ``fit`` has by then
-put the trainer's stop handlers back (``on_exception``) and flushed its events and closed its
-loaders (``fit``'s ``finally``) with the process's own handlers: a SIGTERM there (torchrun's,
-the moment another rank fails) still killed the run before its record; and one arriving
-during the ``on_exception`` hooks, before the stop handlers are put back, was taken as a stop
-request of a run that is failing, and lost."""
+review's findings, 2026-12-07). The README: "a stop signal arriving while a failure is
+recorded ... is held until the record is on disk, then raised again". The deferral started
+in ``trainer.run`` once ``fit`` had raised; the failing ``fit`` had by then put the trainer's
+stop handlers back (``on_exception``) and flushed its events and closed its loaders (``fit``'s
+``finally``) with the process's own handlers: a SIGTERM there (torchrun's, the moment another
+rank fails) still killed the run before its record; and one arriving during the
+``on_exception`` hooks, before the stop handlers were put back, was taken as a stop request
+of a run that is failing, and lost."""
 
 from __future__ import annotations
 
