@@ -2216,3 +2216,25 @@ def test_a_factory_returning_a_closure_optimizer_is_refused_before_training(tmp_
     with pytest.raises(ConfigError, match=r"LBFGS.step\(\) needs a closure"):
         train(tmp_path, "~optimizer", f"+optimizer._target_={__name__}.lbfgs_factory",
               "+optimizer._partial_=true", "+optimizer.lr=1.0", "trainer.max_steps=2")  # fmt: skip
+
+
+class Bag(nn.Module):
+    """A model of token ids (an embedding bag) given float features."""
+
+    def __init__(self, in_shape, out_dim) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(256, out_dim)
+
+    def forward(self, x):
+        return self.emb(x.flatten(1)).mean(1)
+
+
+def test_float_inputs_to_an_embedding_are_named_at_the_first_step(tmp_path) -> None:
+    """torch's words for float indices ("Expected tensor for argument #1 'indices' to have one
+    of the following scalar types: Long, Int; but got torch.FloatTensor") say "scalar type",
+    not "dtype": named as the data's dtype too (a mutation test's)."""
+    with pytest.raises(TypeError, match=r"first forward failed on the data's inputs "
+                       r"\(torch.float32; the model's parameters: torch.float32\).*torch: "
+                       r"Expected tensor for argument #1 'indices'"):  # fmt: skip
+        train(tmp_path, "data=synthetic", "data.shape=[8]", "data.num_classes=3", "~model",
+              f"+model._target_={__name__}.Bag", *TINY)  # fmt: skip

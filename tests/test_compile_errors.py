@@ -86,3 +86,45 @@ def test_detect_anomaly_under_an_aot_compile_is_refused_naming_the_eager_backend
                        r"trainer.compile_backend=eager"):  # fmt: skip
         train(tmp_path / "aot", *nan, "trainer.compile=true", "trainer.compile_backend=aot_eager")
     assert not (tmp_path / "aot" / "checkpoints").exists()  # (refused before training)
+
+
+class ShiftedIds(nn.Module):
+    """Token ids shifted by a buffer of the wrong length (3 offsets for 6 positions): a shape
+    bug of the model's own, on int64 tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.register_buffer("offset", torch.arange(3))
+
+    def forward(self, x):
+        return self.emb(x + self.offset).sum(1)
+
+
+def test_a_compiled_shape_error_on_int64_tensors_is_not_taken_for_a_dtype_mismatch() -> None:
+    """Dynamo's message describes the failing call's fake tensors ("FakeTensor(..., size=(16,
+    6), dtype=torch.int64)") before the error it got: the check reads the quoted error's own
+    words, which name no dtype (a mutation test's: read whole, or with the quote not found
+    where Dynamo's hint follows it on the next line, the broadcast was refused as the data's
+    dtype)."""
+    from trainer.loop import dtype_refusal, torch_words
+
+    model = ShiftedIds()
+    x = torch.randint(0, 5, (16, 6))
+    with pytest.raises(RuntimeError) as raised:
+        torch.compile(model, backend="eager")(x)
+    assert "dtype=torch.int64" in str(raised.value)  # (the premise: Dynamo's words say dtype)
+    assert torch_words(raised.value).startswith("Attempting to broadcast a dimension of length 3")
+    assert dtype_refusal(raised.value, x, model) is None
+
+
+def test_the_source_dynamo_quotes_is_not_read_as_the_errors_words() -> None:
+    """An error with no quoted inner error: its words end where Dynamo's "from user code:"
+    begins, the user's line (``dtype=h.dtype``) not among them."""
+    from trainer.loop import dtype_refusal, torch_words
+
+    e = RuntimeError("Failed running call_function add: size mismatch\n\nfrom user code:\n"
+                     '   File "model.py", line 9, in forward\n'
+                     "    return h + torch.ones(3, dtype=h.dtype)")  # fmt: skip
+    assert torch_words(e).rstrip() == "Failed running call_function add: size mismatch"
+    assert dtype_refusal(e, torch.ones(2, 8), nn.Linear(8, 3)) is None

@@ -215,3 +215,47 @@ def test_float64_inputs_are_refused_naming_the_data_lazy_or_not(tmp_path, lazy) 
               "trainer.max_steps=2", "logging.progress=false", "~model",
               "+model._target_=test_lazy_models.Net",
               f"+model.lazy={str(lazy).lower()}")  # fmt: skip
+
+
+class LazyBuffersOnly(nn.Module):
+    """Linear, a batch norm without affine parameters (its running statistics its only lazy
+    tensors: buffers, no parameter), linear; lazy or sized."""
+
+    def __init__(self, in_shape, out_dim, lazy: bool = True) -> None:
+        super().__init__()
+        self.fc = nn.Linear(math.prod(in_shape), 16)
+        self.norm = (nn.LazyBatchNorm1d(affine=False) if lazy
+                     else nn.BatchNorm1d(16, affine=False))  # fmt: skip
+        self.head = nn.Linear(16, out_dim)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.fc(x.flatten(1)))))
+
+
+def test_a_model_whose_only_lazy_tensors_are_buffers_trains_as_its_sized_twin(tmp_path) -> None:
+    """Lazy buffers (a LazyBatchNorm1d(affine=False)'s running statistics) are initialized by
+    the dry run as lazy parameters are (a mutation test's: looking for lazy parameters alone,
+    the run failed before its first step in torch's "Attempted to use an uninitialized
+    parameter in <method 'numel'>", from the free-space check)."""
+    target = "+model._target_=test_lazy_and_nested_schedules.LazyBuffersOnly"
+    train(tmp_path / "sized", *LAZY_COMMON, target, "+model.lazy=false")
+    train(tmp_path / "lazy", *LAZY_COMMON, target)
+    lazy, sized = final_params(tmp_path / "lazy"), final_params(tmp_path / "sized")
+    for name in sized:
+        assert torch.equal(lazy[name], sized[name]), name
+    assert read_scalars(tmp_path / "lazy") == read_scalars(tmp_path / "sized")
+
+
+def test_a_factorys_total_steps_given_in_its_file_is_named_with_a_fix_that_works(
+    tmp_path,
+) -> None:
+    """A factory taking total_steps, which its file sets (to 14, over the run's): the refusal
+    told it to "take total_steps (the trainer passes the run's length)", which it does (the
+    file's value goes over the run's; a mutation round's). It names the file's key now."""
+    with pytest.raises(ConfigError, match=r"^scheduler.total_steps, given to scheduler._target_ "
+                       rf"\({HERE}.warmup_then_cycle\): OneCycleLR's schedule is 9 steps .* "
+                       r"Either leave scheduler.total_steps out \(the trainer passes the "
+                       r"run's length\) and make the factory's OneCycleLR at least 10 "
+                       r"steps"):  # fmt: skip
+        train(tmp_path, *SCHED_COMMON, f"+scheduler._target_={HERE}.warmup_then_cycle",
+              "+scheduler._partial_=true", "+scheduler.total_steps=14")  # fmt: skip

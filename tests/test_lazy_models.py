@@ -131,3 +131,86 @@ def test_a_trainer_built_by_hand_with_a_lazy_model_not_yet_run_is_refused() -> N
     before = [p.detach().clone() for p in model.parameters()]
     build().fit()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_a_model_without_lazy_modules_is_not_run_before_training() -> None:
+    """The dry run is for lazy modules only: a model given its sizes is not run by it (a data
+    module without a first input trains it; a forward drawing random numbers draws nothing
+    before the first step). A mutation test's: run regardless, it was refused."""
+    from types import SimpleNamespace
+
+    from trainer.run import materialize_lazy
+
+    calls = []
+    model = Net([8], 3, lazy=False)
+    model.register_forward_pre_hook(lambda m, a: calls.append(a))
+    materialize_lazy(model, SimpleNamespace(first_input=None))
+    materialize_lazy(model, SimpleNamespace(first_input=torch.ones(8)))
+    assert calls == []
+
+
+def test_a_lazy_model_with_no_first_input_is_refused_naming_the_data_module() -> None:
+    from types import SimpleNamespace
+
+    from trainer.run import materialize_lazy
+
+    with pytest.raises(ContractError, match=r"^model: body.1.weight, body.1.bias, body.2.weight "
+                       r"… are lazy .* SimpleNamespace gives no first training input"):  # fmt: skip
+        materialize_lazy(Net([8], 3), SimpleNamespace(first_input=None))
+
+
+class FailsAtForward(nn.Module):
+    """A lazy model whose forward has a bug of its own (a reshape to the wrong width)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.LazyLinear(3)
+
+    def forward(self, x):
+        return self.lin(x.reshape(len(x), 5))
+
+
+def test_an_error_in_the_dry_run_says_the_dry_run_raised_it() -> None:
+    """The dry run's forward is the trainer's, before any step: its error carries a note saying
+    so (what ran, on what, in which mode), torch's own message kept (a mutation test's: the
+    note could go unnoticed)."""
+    from types import SimpleNamespace
+
+    from trainer.run import materialize_lazy
+
+    with pytest.raises(RuntimeError, match=r"shape '\[2, 5\]' is invalid") as caught:
+        materialize_lazy(FailsAtForward(), SimpleNamespace(first_input=torch.ones(8)))
+    assert caught.value.__notes__ == [
+        "(the trainer's dry run, one forward of SimpleNamespace's first training sample twice "
+        "over as a batch of two in eval mode, initializing the lazy modules lin.weight, "
+        "lin.bias, raised it)"
+    ]
+
+
+def test_the_dry_run_runs_on_the_device_the_model_was_built_on() -> None:
+    """A model built on another device than the data's first sample (a factory building it on
+    its device; here the meta device, which any CPU runs): the dry run's batch goes to the
+    model, and the lazy parameters are initialized there (a mutation test's: without the move
+    torch raised "Tensor on device meta is not on the expected device cpu")."""
+    from types import SimpleNamespace
+
+    from trainer.run import materialize_lazy
+
+    model = nn.Sequential(nn.Flatten(), nn.LazyLinear(3, device="meta"))
+    materialize_lazy(model, SimpleNamespace(first_input=torch.ones(8)))
+    assert model[1].weight.shape == (3, 8) and model[1].weight.device.type == "meta"
+
+
+def test_a_trainer_built_by_hand_with_one_lazy_parameter_is_refused() -> None:
+    """One lazy parameter (a LazyLinear without bias) is refused as several are."""
+    from trainer.data.synthetic import SyntheticData
+    from trainer.loop import Trainer
+
+    data = SyntheticData(num_train=32, num_val=8, num_classes=3, shape=[8], batch_size=8)
+    data.setup(torch.device("cpu"), 0)
+    model = nn.Sequential(nn.Flatten(), nn.LazyLinear(3, bias=False))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ContractError, match=r"^model: 1.weight not initialized yet"):
+        Trainer(model, optimizer, data.train_loader, data.val_loader,
+                criterion=nn.CrossEntropyLoss(reduction="none"),
+                device=torch.device("cpu"))  # fmt: skip

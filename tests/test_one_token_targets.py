@@ -85,3 +85,28 @@ def test_a_datasets_targets_list_keeps_each_samples_shape(targets, shape) -> Non
     from trainer.data.base import _targets
 
     assert tuple(_targets(Listed(targets), "training").shape) == shape
+
+
+def test_a_datasets_list_of_ints_and_floats_is_one_float_tensor() -> None:
+    """Regression targets as Python numbers, some written as ints (0, 1): one float tensor,
+    as torch.as_tensor makes them (a mutation test's: row by row, the int rows and the float
+    rows were refused as "per-sample targets of different kinds")."""
+    from trainer.data.base import _targets
+
+    targets = _targets(Listed([0, 0.5, 1]), "training")
+    assert torch.equal(targets, torch.tensor([0.0, 0.5, 1.0]))
+
+
+class ListedWithCollate(Listed):
+    def collate(self, samples):  # (of its own: it pads variable-length samples)
+        raise NotImplementedError
+
+
+def test_a_datasets_ragged_lists_of_numbers_are_one_tensor_per_sample() -> None:
+    """Variable-length targets as lists of numbers (torch.as_tensor refuses them whole, with a
+    ValueError): one tensor per sample, for the Dataset's own collate (a mutation test's:
+    that ValueError escaped, "expected sequence of length 2 at dim 1 (got 1)")."""
+    from trainer.data.base import _targets
+
+    rows = _targets(ListedWithCollate([[1, 2], [3]]), "training")
+    assert isinstance(rows, list) and [r.tolist() for r in rows] == [[1, 2], [3]]

@@ -189,3 +189,37 @@ def test_a_cosine_schedule_rising_to_eta_min_above_the_learning_rate_is_warned(c
     assert said[1e-4] == []
     assert len(said[0.1]) == 1
     assert said[0.1][0].startswith("scheduler.eta_min (0.1) is above the learning rate (0.001)")
+
+
+def test_a_sequential_part_whose_milestone_lies_past_the_run_is_checked_against_the_run(
+    tmp_path,
+) -> None:
+    """A SequentialLR's first part runs to the step before its milestone or to the run's end,
+    whichever comes first: a cycle of the run's 14 steps before a milestone at step 20 (never
+    reached) is stepped 14 times, and trains (a mutation test's: its segment counted to the
+    milestone, it was refused as 19 steps long)."""
+    from conftest import train
+
+    common = ("data=synthetic", "data.num_train=200", "data.num_val=40", "data.batch_size=32",
+              "data.shape=[8]", "data.num_classes=3", "model.hidden=[8]", "optimizer=sgd",
+              "trainer.max_epochs=2", "instrument=none", "~scheduler")  # fmt: skip
+    train(tmp_path, *common, *SEQUENTIAL, f"+scheduler.schedulers=[{CYCLE % 14}, {CONSTANT}]",
+          "+scheduler.milestones=[20]")  # fmt: skip
+    assert (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_a_one_cycle_files_own_short_length_is_told_it_may_be_left_out(tmp_path) -> None:
+    """The file's own ``total_steps`` on the outer scheduler: the trainer would set the run's
+    length were it left out, and the refusal says so (a mutation test's: the fix said only
+    "set it to at least 14")."""
+    from conftest import train
+
+    common = ("data=synthetic", "data.num_train=200", "data.num_val=40", "data.batch_size=32",
+              "data.shape=[8]", "data.num_classes=3", "model.hidden=[8]", "optimizer=sgd",
+              "trainer.max_epochs=2", "instrument=none", "~scheduler")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^scheduler.total_steps: OneCycleLR's schedule is 5 "
+                       r"steps and this run trains 14 optimizer steps; past its step 5 OneCycleLR "
+                       r"stops the run with an error. Either leave the length out \(the trainer "
+                       r"sets it to the run's\) or set it to at least that, or shorten "
+                       r"the run"):  # fmt: skip
+        train(tmp_path, *common, *ONE_CYCLE, "+scheduler.total_steps=5")

@@ -318,6 +318,11 @@ def _check_own_schedule_length(
                 "that" if name == "scheduler" and needed == total_steps
                 else f"set it to at least {needed}"
             )  # fmt: skip
+        elif name == "scheduler" and node.get("total_steps") is not None:  # (the file's
+            # value for a factory's keyword, passed over the run's: "take total_steps" misled)
+            keys = f"{name}.total_steps, given to {name}._target_ ({node.get('_target_')})"
+            fix = (f"leave scheduler.total_steps out (the trainer passes the run's length) and "
+                   f"make the factory's OneCycleLR at least {needed} steps")  # fmt: skip
         elif name == "scheduler" and not passed:  # (the trainer would pass it the run's)
             fix = (f"have the factory take total_steps (the trainer passes the run's length) "
                    f"and make its OneCycleLR at least {needed} steps")  # fmt: skip
