@@ -911,11 +911,12 @@ class StopOnSignals(Callback):
         self.requeue: Callable[..., Any] | None = None
         #: the signals the handler took while ``fit`` ran
         self.received: list[int] = []
-        #: called with them when ``fit`` fails, once the previous handlers are back
-        #: (``trainer.run`` holds stop signals until the failure is recorded: one arriving
-        #: meanwhile killed the run before its metrics.json, and one taken here was never
-        #: acted on, a review's)
-        self.on_failure: Callable[[list[int]], None] | None = None
+        #: the signals it handles while ``fit`` runs (submitit's too, in a submitit job)
+        self.installed: tuple[int, ...] = ()
+        #: called when ``fit`` fails, once the previous handlers are back (``trainer.run``
+        #: holds stop signals until the failure is recorded: one arriving meanwhile killed the
+        #: run before its metrics.json, and one taken here was never acted on, a review's)
+        self.on_failure: Callable[[], None] | None = None
 
     def on_fit_start(self, trainer: Any) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -944,17 +945,19 @@ class StopOnSignals(Callback):
                 raise KeyboardInterrupt  # a second Ctrl-C outside a save: stop now
 
         signals = (*self.signals, *([submitit[0]] if submitit else []))
-        self._previous = {s: signal.signal(s, handler) for s in dict.fromkeys(signals)}
+        self.installed = tuple(dict.fromkeys(signals))
+        self._previous = {s: signal.signal(s, handler) for s in self.installed}
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """The handlers from before ``fit`` put back (once; again: nothing)."""
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous = {}
 
     def on_fit_end(self, trainer: Any, metrics: dict[str, float]) -> None:
-        self._restore()
+        self.restore()
 
     def on_exception(self, trainer: Any, error: BaseException) -> None:
-        self._restore()
+        self.restore()
         if self.on_failure is not None:
-            self.on_failure(self.received)
+            self.on_failure()

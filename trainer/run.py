@@ -696,6 +696,7 @@ def _run(
     resume_path = None
     taken = False  # run_dir's outputs are this run's: an earlier run's set aside, or its own
     deferred = _DeferredSignals()  # (from a failure until it is recorded)
+    stops: StopOnSignals | None = None  # (the trainer's stop handlers, once added)
     #: a job continuing in another run dir (a resumed checkpoint's) marks the metrics it
     #: writes there with its own folder, which its pointer names (:data:`CONTINUED`)
     continued: dict[str, str] = {}
@@ -946,7 +947,7 @@ def _run(
         # every rank checkpoints together (rank 0 writes the files) and stops on a signal (at
         # the same rest point)
         stops = StopOnSignals(writer)
-        stops.on_failure = deferred.hold
+        stops.on_failure = lambda: deferred.hold(stops)
         trainer.add_callbacks(checkpoints, stops)
         if resume_state is not None:
             writer.last = resume_path
@@ -969,10 +970,10 @@ def _run(
             completed = trainer.stopped_by is None
         except KeyboardInterrupt:  # (a second Ctrl-C, before the first's rest point: the
             interrupted = True  # run is interrupted, as metrics.json says, not failed, a
-            deferred.start()  # probe's)
+            deferred.hold(stops)  # probe's)
             raise
         except BaseException:
-            deferred.start()  # (the events and metrics.json written before a stop signal)
+            deferred.hold(stops)  # (the events and metrics.json written before a stop signal)
             raise
         finally:
             if trainer.logger is not None:
@@ -1012,25 +1013,11 @@ def _run(
                             "checkpointed: trainer.resume=auto continues it", e)  # fmt: skip
         raise
     except BaseException as e:
-        deferred.start()  # (a failure before fit: no handler of the trainer's yet)
-        failed: dict[str, Any] = {
-            "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-            "error": f"{type(e).__name__}: {e}"
-            + "".join(f" {n}" for n in getattr(e, "__notes__", ())),
-            "wall_s": wall_s(),
-        }
-        if trainer is not None:  # how far it got
-            failed.update(step=trainer.global_step, epoch=trainer.epoch)
-        failed.update(continued)
-        if main:
-            with contextlib.suppress(OSError):  # a full disk must not hide the first error
-                if taken or not any((run_dir / n).exists() for n in RUN_OUTPUTS):
-                    _write_metrics(run_dir, continued, ran_as, failed)
-                else:  # refused before it took the folder over: an earlier run's outputs there
-                    # (the one a resume was to continue, or another) stay as they were
-                    log.info("%s holds an earlier run's outputs: left as they were (this "
-                             "failure is not recorded there)", _display(run_dir))  # fmt: skip
-        deferred.stop()  # (a stop signal that came meanwhile: raised again now)
+        deferred.hold(stops)  # (a failure before fit: no handler of the trainer's yet)
+        try:
+            _record_failure(e, trainer, continued, run_dir, ran_as, main, taken, wall_s())
+        finally:
+            deferred.stop(e)  # (a stop signal taken meanwhile: raised again now)
         raise
     result: dict[str, Any] = {
         "train/loss": metrics["train/loss"],
@@ -1080,28 +1067,71 @@ class _DeferredSignals:
         self.noted: list[int] = []
         self.before: dict[int, Any] = {}
 
-    def hold(self, received: list[int]) -> None:
-        """From the failing fit's ``on_exception`` (:class:`StopOnSignals`): held from there,
-        with the signals its handler took meanwhile, raised again once recorded."""
-        self.start()
-        self.noted.extend(received)
+    def hold(self, stops: StopOnSignals | None) -> None:
+        """Held from a failure on: the trainer's stop handlers put back first (idempotent: a
+        second Ctrl-C in an ``on_exception`` hook skipped theirs, and they stayed installed
+        after the run, a review's), then the signals they took during the fit noted, to be
+        raised again once the failure is recorded (one taken while a failing ``on_fit_end``
+        ran, or the graceful stop's own, was forgotten, a review's), and every signal they
+        handled held (submitit's too)."""
+        if stops is None:
+            self.start(STOP_SIGNALS)
+            return
+        stops.restore()
+        self.start(stops.installed or STOP_SIGNALS)
+        self.noted.extend(stops.received)
 
-    def start(self) -> None:
+    def start(self, signals: Sequence[int]) -> None:
         if self.before or threading.current_thread() is not threading.main_thread():
             return
-        for number in STOP_SIGNALS:
+        for number in dict.fromkeys(signals):
             self.before[number] = signal.getsignal(number)
             signal.signal(number, lambda n, _frame: self.noted.append(n))
 
-    def stop(self) -> None:
+    def stop(self, error: BaseException | None = None) -> None:
+        """The handlers put back, and the signals noted raised again (the run's ``error``
+        logged first, with its traceback: a signal's default action ends the process before
+        anyone else prints it, a review's)."""
         for number, handler in self.before.items():  # (None: set outside Python, not kept)
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         self.before = {}
-        for number in dict.fromkeys(self.noted):
-            log.warning("%s came while the failure was recorded: raised again now",
-                        signal.Signals(number).name)  # fmt: skip
+        noted, self.noted = list(dict.fromkeys(self.noted)), []
+        if noted and error is not None:
+            log.error("the run failed: %s: %s", type(error).__name__, error, exc_info=error)
+        for number in noted:
+            log.warning("%s, taken while the run failed, is raised again now that the failure "
+                        "is recorded", signal.Signals(number).name)  # fmt: skip
             signal.raise_signal(number)
-        self.noted = []
+
+
+def _record_failure(
+    e: BaseException,
+    trainer: Trainer | None,
+    continued: dict[str, str],
+    run_dir: Path,
+    ran_as: dict[str, Any],
+    main: bool,
+    taken: bool,
+    wall: float,
+) -> None:
+    """A failed run's ``metrics.json``: its status, error and how far it got."""
+    failed: dict[str, Any] = {
+        "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+        "error": f"{type(e).__name__}: {e}" + "".join(f" {n}" for n in getattr(e, "__notes__", ())),
+        "wall_s": wall,
+    }
+    if trainer is not None:  # how far it got
+        failed.update(step=trainer.global_step, epoch=trainer.epoch)
+    failed.update(continued)
+    if not main:
+        return
+    with contextlib.suppress(OSError):  # a full disk must not hide the first error
+        if taken or not any((run_dir / n).exists() for n in RUN_OUTPUTS):
+            _write_metrics(run_dir, continued, ran_as, failed)
+        else:  # refused before it took the folder over: an earlier run's outputs there (the
+            # one a resume was to continue, or another) stay as they were
+            log.info("%s holds an earlier run's outputs: left as they were (this failure is "
+                     "not recorded there)", _display(run_dir))  # fmt: skip
 
 
 def _write_metrics(
