@@ -567,6 +567,7 @@ class Trainer:
             self.criterion, weighting, regularizers, self.params, world=world,
             scaler=self.scaler, global_batch_size=lambda: self.train_loader.current_global_size,
         )  # fmt: skip
+        self.objective.model = model
         # (DDP inside torch.compile's wrapper too: seen as no DDP, a compiled run with
         # unused parameters and a regularizer stopped at its first step, a probe's)
         ddp = getattr(self.forward_model, "_orig_mod", self.forward_model)

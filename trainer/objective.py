@@ -27,6 +27,7 @@ double-backward pass on those steps only).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ from trainer.callbacks import few
 from trainer.config import ContractError
 from trainer.distributed import SINGLE, World, all_reduce_max, all_reduce_sum
 from trainer.instrument.norms import minus, total_norm
+from trainer.instrument.swap import buffer_values_kept
 from trainer.losses import Loss, loss_name, units_dtype
 from trainer.precision import sum_dtype
 from trainer.regularizers import InputGradPenalty, Regularizer
@@ -110,6 +112,8 @@ class Objective:
             )
         self.input_penalty = penalties[0] if penalties else None
         self.params = list(params)
+        #: the model (the Trainer's): its buffers kept through the penalty's extra backward
+        self.model: torch.nn.Module | None = None
         self.world, self.scaler = world, scaler
         self._padding_checked = False  # (the loss finite where its units are 0: once)
         self.global_batch_size = global_batch_size
@@ -495,7 +499,13 @@ class Objective:
             # fp16: scaled like the step's backward, so the tangent does not underflow
             root = penalty if self.scaler is None else self.scaler.scale(penalty)
             scale = None if self.scaler is None else self.scaler.scale(torch.ones_like(penalty))
-            grads = torch.autograd.grad(root, self.params, retain_graph=True, allow_unused=True)
+            # (the model's buffers kept: a batch norm inside an activation checkpoint,
+            # recomputed by this extra backward, moved its statistics once more per logging
+            # step, and how often a run logged changed the model, a probe's)
+            kept = contextlib.nullcontext() if self.model is None else buffer_values_kept(
+                self.model)  # fmt: skip
+            with kept:
+                grads = torch.autograd.grad(root, self.params, retain_graph=True, allow_unused=True)
             for p, g in zip(self.params, grads, strict=True):
                 if g is not None:
                     g = g if scale is None else g / scale

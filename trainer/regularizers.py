@@ -744,7 +744,17 @@ class InputGradPenalty(Stateful):
                     "or remove the penalty"
                 )
             self._graph_checked = True
-        (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True, allow_unused=True)
+        try:
+            (g,) = torch.autograd.grad(losses.sum(), x, create_graph=True, allow_unused=True)
+        except RuntimeError as e:
+            if "use_reentrant=True" not in str(e):
+                raise
+            raise RuntimeError(  # (torch's words named neither the penalty nor the fix: the
+                # user's code calls no .grad(), a probe's; curvature's are named so too)
+                "input_grad_penalty: ∇ₓL needs torch.autograd.grad through the model, which "
+                "torch.utils.checkpoint(..., use_reentrant=True) in its forward refuses; pass "
+                "use_reentrant=False there (torch's recommended variant), or remove the penalty"
+            ) from e
         if g is None:  # (torch: "appears to not have been used in the graph")
             raise ValueError(
                 "input_grad_penalty: the loss does not depend on the input through autograd "

@@ -42,6 +42,7 @@ from trainer.instrument.swap import (
     MODULE_TABLES,
     Attributes,
     attributes_kept,
+    buffer_values_kept,
     call_with,
     same_contents,
 )
@@ -536,7 +537,14 @@ class Curvature(Callback):
         began = state.attributes.modules if state is not None else ()
         # (the modules the forward began with too: one replaced since, put back as it began,
         # kept that state for good, and training changed, a review's)
-        with attributes_kept(trainer.model, began), _global_hooks_as(state):
+        # (and the buffers' values: a batch norm inside an activation checkpoint, recomputed
+        # by the products' backwards, moved its running statistics 45 times more over 2
+        # measured steps, a probe's)
+        with (
+            attributes_kept(trainer.model, began),
+            _global_hooks_as(state),
+            buffer_values_kept(trainer.model),
+        ):
             try:
                 if state is not None:  # (its parameters, the instruments' hooks as they are)
                     _unchanged_structure(trainer.model, state.attributes)

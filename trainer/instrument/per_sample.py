@@ -901,7 +901,8 @@ def _moves_other_rows(
                 if swap:
                     first.select(dim, 0).copy_(first.select(dim, 1))
                 fork.rewind()
-                again = _again(module, begun or [], buffers or {}, first, args, kwargs)
+                with torch.no_grad():  # (detached below: no graph, none saved)
+                    again = _again(module, begun or [], buffers or {}, first, args, kwargs)
                 if not isinstance(again, Tensor) or again.shape != output.shape:
                     return None
                 outs.append(again.detach())
@@ -1043,6 +1044,18 @@ def _again(
     set_plain_attributes(begun)
     with swapped(module, {n: b.clone() for n, b in buffers.items()}):
         return module.forward(first, *_copies(args[1:]), **_copies(kwargs))
+
+
+def _saved_as_they_are() -> contextlib.AbstractContextManager[Any]:
+    """Tensors saved for backward kept as themselves (the innermost saved-tensor hooks are
+    the ones autograd uses): a check's runs of a unit again, inside a non-reentrant
+    activation checkpoint's forward, saved tensors its recomputation then did not, and
+    torch's CheckpointError failed the check, every unit left out on every step (a probe's)."""
+    return torch.autograd.graph.saved_tensors_hooks(_itself, _itself)
+
+
+def _itself(t: Any) -> Any:
+    return t
 
 
 def _copies(obj: Any) -> Any:
@@ -1607,6 +1620,8 @@ class PerSampleNorms(Callback):
         self._given: dict[nn.Module, list[tuple[Any, list[int]]]] = {}
         self._first_output: dict[nn.Module, list[tuple[Any, list[int]]]] = {}
         self._hooked: dict[nn.Module, str] = {}
+        #: units whose forward ran with other tensors in their parameters' places
+        self._substituted: set[nn.Module] = set()
         #: a batch's input signature -> (the unit calls, (name, call within the forward), after
         #: which the model mixes the samples; the unit calls its check saw) (:meth:`_check_mixing`)
         self._mixing_checks: dict[Any, tuple[frozenset[Any], frozenset[Any]]] = {}
@@ -1729,6 +1744,9 @@ class PerSampleNorms(Callback):
     def _build_units(self, trainer: Trainer) -> None:
         self.units = []
         self._units_by_param, self._covers, self._kind, self._names = {}, {}, {}, {}
+        #: where each unit's parameters are held (module, key, parameter): a forward run
+        #: with other tensors there (``torch.func.functional_call``) is not of its own
+        self._slots: dict[nn.Module, list[tuple[nn.Module, str, Tensor]]] = {}
         self._mask = self._sizes = None
         names = {id(p): n for n, p in trainer.model.named_parameters()}
         self._param_names = names
@@ -1756,6 +1774,10 @@ class PerSampleNorms(Callback):
             self._covers[m], self._kind[m], self._names[m] = own, kind, name
             for p in own:
                 self._units_by_param.setdefault(id(p), []).append(m)
+            mine = {id(p) for p in own}
+            self._slots[m] = [(sub, key, p) for sub in m.modules()
+                              for key, p in sub._parameters.items()
+                              if p is not None and id(p) in mine]  # fmt: skip
         self._param_by_id = {id(p): p for _, _, own, _ in self.units for p in own}
         #: the units of one's own whose calls' gradients are watched at their parameters
         #: (:meth:`_watch`): generic ones of classes not torch's
@@ -1851,6 +1873,7 @@ class PerSampleNorms(Callback):
         self._given.clear()
         self._first_output.clear()
         self._hooked.clear()
+        self._substituted.clear()
         self._at_entry.clear()
         self._grads_before.clear()
         self._total.clear()
@@ -2074,6 +2097,9 @@ class PerSampleNorms(Callback):
         2026-12-06 the norms of such a model were 2 % off at coverage 1: a review's probe)."""
         if _in_backward():
             return
+        if any(sub._parameters.get(key) is not p for sub, key, p in self._slots[module]):
+            self._substituted.add(module)  # (their per-sample gradients were taken for its
+            # own, whose gradient is 0 there: 5-81 % off at coverage < 1, a probe's)
         self._in_forward[module] = self._in_forward.get(module, 0) + 1
         versions = _versions((inputs, kwargs))
         if self._kind[module] == "closed":  # (torch's layers: tensors in, one tensor out,
@@ -3296,6 +3322,12 @@ class PerSampleNorms(Callback):
                             "until it is known (a unit of one's own at one whose forward "
                             "gives it an output that is not 0)"
                         )
+                if why is None and module in self._substituted:
+                    why = (
+                        "its forward ran with tensors in place of its parameters (torch.func."
+                        "functional_call: a hypernetwork's or a tied transpose's weights): "
+                        "their per-sample gradients are not its parameters'"
+                    )
                 if why is None and call.moved():
                     why = IN_PLACE
                 if why is None and call.hidden[0]:
@@ -3618,9 +3650,11 @@ class PerSampleNorms(Callback):
                     # settled (a size-reading unit measured at coverage 1 so: a probe's)
                 for d in dims:
                     if output.dim() > d and output.shape[d] == p:
-                        moved = _moves_other_rows(
-                            module, args, kwargs, output, fork, again_running, d, begun, buffers
-                        )
+                        with _saved_as_they_are():
+                            moved = _moves_other_rows(
+                                module, args, kwargs, output, fork, again_running, d, begun,
+                                buffers,
+                            )  # fmt: skip
                         if moved is not None:
                             seen.add(_keyed(key, d))
                             inside.append((_keyed(key, d), moved))

@@ -124,6 +124,30 @@ def _generators(values: Any, depth: int = 3) -> list[torch.Generator]:
 
 
 @contextlib.contextmanager
+def buffer_values_kept(model: nn.Module) -> Iterator[None]:
+    """Within: an extra backward (an instrument's, a logging step's) that may run parts of
+    the forward again (an activation checkpoint's recomputation: a batch norm inside moved its
+    running statistics once more per extra backward, so measuring, or how often a run logs,
+    changed the model it validates and saves, a probe's). After: each buffer the model holds
+    has its values back, and is back in its module's table where it was replaced. Written
+    through ``.data``, which moves no version counter: batch norm's kernel updates its running
+    statistics in place without moving theirs, so a moved counter cannot tell which changed,
+    and the backward of the step's own forward may have saved them (a copy that moved it
+    failed that backward). One copy of each buffer is held within, and one foreach copy made
+    after."""
+    held = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+    copies = [b.detach().clone() for _, _, b in held]
+    try:
+        yield
+    finally:
+        if held:
+            torch._foreach_copy_([b.data for _, _, b in held], copies)
+        for m, n, b in held:
+            if m._buffers.get(n) is not b:
+                m._buffers[n] = b
+
+
+@contextlib.contextmanager
 def attributes_kept(module: nn.Module, also: Iterable[nn.Module] = ()) -> Iterator[None]:
     """Within: a forward (and backward) run again by an instrument. After: every module under
     ``module`` has the attributes it had before, by identity (a counter reassigned, a cache
