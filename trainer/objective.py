@@ -42,7 +42,7 @@ from trainer.callbacks import few
 from trainer.config import ContractError
 from trainer.distributed import SINGLE, World, all_reduce_max, all_reduce_sum
 from trainer.instrument.norms import minus, total_norm
-from trainer.instrument.swap import buffer_values_kept
+from trainer.instrument.swap import attributes_kept, buffer_values_kept
 from trainer.losses import Loss, loss_name, units_dtype
 from trainer.precision import sum_dtype
 from trainer.regularizers import InputGradPenalty, Regularizer
@@ -502,8 +502,11 @@ class Objective:
             # (the model's buffers kept: a batch norm inside an activation checkpoint,
             # recomputed by this extra backward, moved its statistics once more per logging
             # step, and how often a run logged changed the model, a probe's)
-            kept = contextlib.nullcontext() if self.model is None else buffer_values_kept(
-                self.model)  # fmt: skip
+            kept = contextlib.ExitStack()
+            if self.model is not None:  # (and its modules' attributes: a tensor of its own
+                # state written in place there moved too, a review's)
+                kept.enter_context(buffer_values_kept(self.model))
+                kept.enter_context(attributes_kept(self.model))
             with kept:
                 grads = torch.autograd.grad(root, self.params, retain_graph=True, allow_unused=True)
             for p, g in zip(self.params, grads, strict=True):

@@ -135,7 +135,10 @@ def buffer_values_kept(model: nn.Module) -> Iterator[None]:
     and the backward of the step's own forward may have saved them (a copy that moved it
     failed that backward). One copy of each buffer is held within, and one foreach copy made
     after."""
-    held = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+    # (one whose elements share memory, an expanded one, cannot be written in place, nor
+    # was it: left as it is; the copy into it stopped the run, a review's)
+    held = [(m, n, b) for m in model.modules() for n, b in m._buffers.items()
+            if b is not None and torch._debug_has_internal_overlap(b) == 0]  # fmt: skip
     copies = [b.detach().clone() for _, _, b in held]
     try:
         yield
