@@ -415,21 +415,32 @@ class Regularizer(Stateful):
         self._frozen = []
         self.bound_to = model
         self._zero = torch.zeros((), device=next(model.parameters()).device)
-        every = [n for n, _ in model.named_parameters()]
-        unmatched = [pat for pat in self.include
-                     if not any(fnmatch.fnmatchcase(n, pat) for n in every)]  # fmt: skip
-        if unmatched and not empty_ok:  # (a typo next to a pattern that matches: ignored,
-            # unsaid, a probe's)
-            raise ValueError(
-                f"regularizer.{self.name}.include: {unmatched} "
-                f"match{'es' if len(unmatched) == 1 else ''} no parameter of the model "
-                f"(fnmatch patterns on named_parameters() names: {few(every)})"
-            )
+        # each parameter under every name it has (a tied weight's second name too: an
+        # exclude naming it matched nothing, and the weight stayed regularized, a probe's)
+        aliases: dict[int, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(n)
+        every = [n for names in aliases.values() for n in names]
+
+        def matches(p: Tensor, patterns: Sequence[str]) -> bool:
+            return any(fnmatch.fnmatchcase(n, pat) for n in aliases[id(p)] for pat in patterns)
+
+        for key, patterns in (("include", self.include), ("exclude", self.exclude)):
+            unmatched = [pat for pat in patterns
+                         if not any(fnmatch.fnmatchcase(n, pat) for n in every)]  # fmt: skip
+            if unmatched and not empty_ok:  # (a typo next to a pattern that matches: ignored,
+                # unsaid, a probe's; in exclude, the parameter meant to be left out stayed
+                # regularized: a weight_norm layer's weight_g, named as the old API named it)
+                raise ValueError(
+                    f"regularizer.{self.name}.{key}: {unmatched} "
+                    f"match{'es' if len(unmatched) == 1 else ''} no parameter of the model "
+                    f"(fnmatch patterns on named_parameters() names: {few(every)})"
+                )
         for n, p in model.named_parameters():
             if (
                 p.ndim >= self.min_ndim
-                and any(fnmatch.fnmatchcase(n, pat) for pat in self.include)
-                and not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)
+                and matches(p, self.include)
+                and not matches(p, self.exclude)
                 and not (self.name == "orthogonal" and p.ndim != 2)
             ):  # (orthogonality is defined here for matrices, not conv kernels)
                 if p.is_complex() and self.name in ("l1", "orthogonal"):  # (written for real
@@ -448,14 +459,12 @@ class Regularizer(Stateful):
             kernels = [  # (the patterns match them: only their dimensions keep them out)
                 f"{n} ({p.ndim}-D)" for n, p in model.named_parameters()
                 if self.name == "orthogonal" and p.ndim > 2
-                and any(fnmatch.fnmatchcase(n, pat) for pat in self.include)
-                and not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)
+                and matches(p, self.include) and not matches(p, self.exclude)
             ]  # fmt: skip
             thin = [  # (matched, kept out by min_ndim: the message said nothing matched)
                 (n, p.ndim) for n, p in model.named_parameters()
                 if p.ndim < self.min_ndim
-                and any(fnmatch.fnmatchcase(n, pat) for pat in self.include)
-                and not any(fnmatch.fnmatchcase(n, pat) for pat in self.exclude)
+                and matches(p, self.include) and not matches(p, self.exclude)
             ]  # fmt: skip
             why = ""
             if kernels:
