@@ -81,7 +81,8 @@ class Stateful:
 class Callback:
     """Base class for callbacks: override any hook; each is called as ``hook(trainer, ...)``.
 
-    Hooks, in the order they fire:
+    Hooks, in the order they fire (and ``check_before_fit(trainer)``, a read-only check
+    that refuses a setting before any file is written or moved):
 
     * ``on_fit_start(trainer)``
     * ``on_train_epoch_start(trainer, epoch)``
@@ -138,6 +139,12 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def check_before_fit(self, trainer: Trainer) -> None:
+        """Refuse a setting (raise, naming it) before anything is written or moved:
+        ``trainer.run`` calls it before a resume sets the later checkpoints aside and drops
+        their events, and before an earlier run in the folder is set aside; ``fit`` again
+        after ``on_fit_start``. Read only: no state changed here."""
 
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...

@@ -1020,12 +1020,19 @@ class Trainer:
                           getattr(self.logger, "log_dir", "?"), e)  # fmt: skip
 
     def check_states(self) -> None:
-        """Refuse, before the first step, a state a checkpoint cannot hold (an object of one's
-        own in a callback's, a loss's, a weighting's or a regularizer's ``state_dict()``; the
-        optimizer's groups, the scheduler's), naming whose it is, instead of at the first
-        checkpoint. ``fit`` checks as it starts; ``trainer.run`` before a resume moves any of
-        the run's files (a refused resume set the later checkpoints aside and dropped their
-        events, a probe's)."""
+        """Refuse, before the first step, what each callback's ``check_before_fit`` refuses
+        and a state a checkpoint cannot hold (an object of one's own in a callback's, a
+        loss's, a weighting's or a regularizer's ``state_dict()``; the optimizer's groups, the
+        scheduler's), naming whose it is, instead of at the first checkpoint. ``fit`` checks
+        as it starts; ``trainer.run`` before a resume moves any of the run's files, or an
+        earlier run in its folder is set aside (a refused resume set the later checkpoints
+        aside and dropped their events, a probe's)."""
+        for cb in self.callbacks:  # (an instrument's settings the model cannot take too:
+            # an instrument.per_sample.units pattern naming no module was refused in its
+            # on_fit_start, after a resume had moved the run's files, a review's)
+            check = getattr(cb, "check_before_fit", None)
+            if check is not None:
+                check(self)
         for cb in self.callbacks:  # (the trainer's own are checkpointable by construction)
             if type(cb).__module__.startswith("trainer."):
                 continue

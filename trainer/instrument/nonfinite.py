@@ -136,17 +136,13 @@ class NonfiniteGuard(Callback):
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:
         self._failed_at = trainer.step_in_progress()
 
-    def on_fit_start(self, trainer: Trainer) -> None:
-        if self._stopped is not None:
-            raise NonFiniteError(
-                f"{self._stopped}; raised by the last fit: a fit called again does not go on "
-                "from it (load a state or a checkpoint of a step before it)"
-            )
-        # a resumed run's unread flags come from the checkpoint on the CPU: onto the device,
-        # where this run's flags are (they are read together)
-        self._pending = [(s, n, [t.to(trainer.device) for t in ts]) for s, n, ts in self._pending]
-        if self._latched is not None:  # (float: the check kernel's flag)
-            self._latched = self._latched.to(trainer.device, torch.float32)
+    def check_before_fit(self, trainer: Trainer) -> None:
+        """``sync=deferred`` with ``precision=16`` and an optimizer that is not fused (before
+        a resume moves the run's files; refused in ``on_fit_start`` alone, it came after)."""
+        self._deferred(trainer)
+
+    def _deferred(self, trainer: Trainer) -> bool:
+        """Whether this fit reads the flags deferred; the refusal above."""
         own = not skips_on_device(trainer.optimizer)  # (its flag is read each step anyway)
         deferred = self.sync == "deferred" or (
             self.sync == "auto" and trainer.device.type != "cpu" and not own
@@ -160,7 +156,21 @@ class NonfiniteGuard(Callback):
                     "fused, so there is no sync to save (use sync=step)"
                 )
             deferred = False
-        self.deferred = deferred
+        return deferred
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if self._stopped is not None:
+            raise NonFiniteError(
+                f"{self._stopped}; raised by the last fit: a fit called again does not go on "
+                "from it (load a state or a checkpoint of a step before it)"
+            )
+        # a resumed run's unread flags come from the checkpoint on the CPU: onto the device,
+        # where this run's flags are (they are read together)
+        self._pending = [(s, n, [t.to(trainer.device) for t in ts]) for s, n, ts in self._pending]
+        if self._latched is not None:  # (float: the check kernel's flag)
+            self._latched = self._latched.to(trainer.device, torch.float32)
+        own = not skips_on_device(trainer.optimizer)  # (its flag is read each step anyway)
+        self.deferred = deferred = self._deferred(trainer)
         if self.policy == "skip":  # a skipped step leaves the buffers as they were too
             trainer.restore_buffers_on_skip = True
         self._held_at_start = None  # (taken at this fit's first micro-batch)

@@ -1667,6 +1667,11 @@ class PerSampleNorms(Callback):
         #: weight-0 sample's unweighted norm)
         self.last: dict[str, Tensor] = {}
 
+    def check_before_fit(self, trainer: Trainer) -> None:
+        """``instrument.per_sample.units`` patterns the model's modules cannot take (before
+        a resume moves the run's files; refused in ``on_fit_start`` alone, they came after)."""
+        self._declared(trainer.model)
+
     def on_fit_start(self, trainer: Trainer) -> None:
         self._drop_rows()
         self._build_units(trainer)
