@@ -9,6 +9,9 @@ from __future__ import annotations
 import pytest
 from conftest import read_scalars, train
 
+from trainer.callbacks import Callback
+from trainer.config import ContractError
+
 BASE = ("trainer.device=cpu", "logging.progress=false", "model.hidden=[16]",
         "data.batch_size=64", "trainer.run_id=x", "trainer.checkpoint.every_n_steps=5",
         "trainer.max_steps=15", "logging.every_n_steps=1")  # fmt: skip
@@ -45,3 +48,27 @@ def test_a_new_run_refused_for_a_per_sample_unit_pattern_leaves_a_used_run_dir_a
         train(tmp_path, *named, "optimizer.lr=0.01", *TYPO)
     assert not (tmp_path / "previous").exists()
     assert _files(tmp_path).keys() == before.keys()
+
+
+class _FlagNamedCheck(Callback):
+    """A callback of one's own (written before check_before_fit existed) with a setting of
+    that name: not a method."""
+
+    def __init__(self) -> None:
+        self.check_before_fit = True  # (its own switch: check the batch before the fit)
+
+    def on_train_step_end(self, trainer, out) -> None:  # noqa: ARG002
+        pass
+
+
+def test_a_callback_attribute_named_check_before_fit_is_no_unexplained_type_error(
+    tmp_path,
+) -> None:
+    """``Trainer.check_states`` calls whatever ``getattr(cb, "check_before_fit")`` is: a
+    callback of one's own holding a flag of that name stopped the run with torch-less
+    "TypeError: 'bool' object is not callable", naming neither the callback nor the name
+    (the hooks' own checks refuse such a flag naming it, or the loop leaves it alone)."""
+    with pytest.raises(ContractError, match=r"^callback _FlagNamedCheck: check_before_fit is a "
+                       r"bool, and the trainer calls check_before_fit\(trainer\) before a fit "
+                       r"\(trainer.callbacks.Callback\): rename that attribute"):  # fmt: skip
+        train(tmp_path, *BASE[:-3], "trainer.max_steps=2", callbacks=[_FlagNamedCheck()])

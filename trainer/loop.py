@@ -1031,8 +1031,19 @@ class Trainer:
             # an instrument.per_sample.units pattern naming no module was refused in its
             # on_fit_start, after a resume had moved the run's files, a review's)
             check = getattr(cb, "check_before_fit", None)
-            if check is not None:
+            if check is None:
+                continue
+            if not callable(check):  # (an attribute of one's own of that name: a flag)
+                raise ContractError(
+                    f"callback {type(cb).__name__}: check_before_fit is a "
+                    f"{type(check).__name__}, and the trainer calls check_before_fit(trainer) "
+                    "before a fit (trainer.callbacks.Callback): rename that attribute"
+                )
+            try:
                 check(self)
+            except Exception as e:
+                e.add_note(f"(callback {type(cb).__name__}'s check_before_fit(trainer))")
+                raise
         for cb in self.callbacks:  # (the trainer's own are checkpointable by construction)
             if type(cb).__module__.startswith("trainer."):
                 continue

@@ -428,13 +428,18 @@ class Regularizer(Stateful):
         for key, patterns in (("include", self.include), ("exclude", self.exclude)):
             unmatched = [pat for pat in patterns
                          if not any(fnmatch.fnmatchcase(n, pat) for n in every)]  # fmt: skip
-            if unmatched and not empty_ok:  # (a typo next to a pattern that matches: ignored,
-                # unsaid, a probe's; in exclude, the parameter meant to be left out stayed
-                # regularized: a weight_norm layer's weight_g, named as the old API named it)
+            if unmatched:  # (a typo next to a pattern that matches: ignored, unsaid, a
+                # probe's; in exclude, the parameter meant to be left out stayed regularized:
+                # a weight_norm layer's weight_g, named as the old API named it. Selected
+                # again mid-run, ``empty_ok``: the names changed, prune's weight_orig, and the
+                # head meant to be left out was regularized from there, a review's)
+                since = (" since the model's parameters changed mid-run (renamed: prune's "
+                         "weight_orig, a parametrization's original; removed)" if empty_ok
+                         else "")  # fmt: skip
                 raise ValueError(
                     f"regularizer.{self.name}.{key}: {unmatched} "
-                    f"match{'es' if len(unmatched) == 1 else ''} no parameter of the model "
-                    f"(fnmatch patterns on named_parameters() names: {few(every)})"
+                    f"match{'es' if len(unmatched) == 1 else ''} no parameter of the model"
+                    f"{since} (fnmatch patterns on named_parameters() names: {few(every)})"
                 )
         for n, p in model.named_parameters():
             if (
