@@ -117,6 +117,19 @@ LAZY_COMMON = ("data=synthetic", "data.num_train=96", "data.num_val=32", "data.b
                "logging.every_n_steps=2", "logging.progress=false", "~model")  # fmt: skip
 
 
+def _trains_as_its_sized_twin(tmp_path, model: str) -> None:
+    """The lazy model ``model`` (of this file) and its sized twin end bit for bit equal: every
+    parameter and buffer, every logged number."""
+    target = f"+model._target_={HERE}.{model}"
+    train(tmp_path / "sized", *LAZY_COMMON, target, "+model.lazy=false")
+    train(tmp_path / "lazy", *LAZY_COMMON, target)
+    lazy, sized = final_params(tmp_path / "lazy"), final_params(tmp_path / "sized")
+    assert lazy.keys() == sized.keys()
+    for name in sized:
+        assert torch.equal(lazy[name], sized[name]), name
+    assert read_scalars(tmp_path / "lazy") == read_scalars(tmp_path / "sized")
+
+
 class BatchStats(nn.Module):
     """Linear, batch norm normalizing with each batch's statistics (no running ones: its
     eval mode normalizes with the batch's too), linear; lazy or sized."""
@@ -141,13 +154,7 @@ def test_a_lazy_model_with_batch_statistics_trains_as_its_sized_twin(tmp_path) -
     """The dry run's batch of one cannot pass a batch norm without running statistics (torch:
     "Expected more than 1 value per channel when training", in eval mode): the lazy model was
     refused while its sized twin trains with batches of 16."""
-    target = "+model._target_=test_lazy_and_nested_schedules.BatchStats"
-    train(tmp_path / "sized", *LAZY_COMMON, target, "+model.lazy=false")
-    train(tmp_path / "lazy", *LAZY_COMMON, target)
-    lazy, sized = final_params(tmp_path / "lazy"), final_params(tmp_path / "sized")
-    for name in lazy:
-        assert torch.equal(lazy[name], sized[name]), name
-    assert read_scalars(tmp_path / "lazy") == read_scalars(tmp_path / "sized")
+    _trains_as_its_sized_twin(tmp_path, "BatchStats")
 
 
 class TrainingOnlyBranch(nn.Module):
@@ -237,13 +244,7 @@ def test_a_model_whose_only_lazy_tensors_are_buffers_trains_as_its_sized_twin(tm
     the dry run as lazy parameters are (a mutation test's: looking for lazy parameters alone,
     the run failed before its first step in torch's "Attempted to use an uninitialized
     parameter in <method 'numel'>", from the free-space check)."""
-    target = "+model._target_=test_lazy_and_nested_schedules.LazyBuffersOnly"
-    train(tmp_path / "sized", *LAZY_COMMON, target, "+model.lazy=false")
-    train(tmp_path / "lazy", *LAZY_COMMON, target)
-    lazy, sized = final_params(tmp_path / "lazy"), final_params(tmp_path / "sized")
-    for name in sized:
-        assert torch.equal(lazy[name], sized[name]), name
-    assert read_scalars(tmp_path / "lazy") == read_scalars(tmp_path / "sized")
+    _trains_as_its_sized_twin(tmp_path, "LazyBuffersOnly")
 
 
 def test_a_factorys_total_steps_given_in_its_file_is_named_with_a_fix_that_works(

@@ -98,8 +98,9 @@ def test_a_datasets_list_of_ints_and_floats_is_one_float_tensor() -> None:
 
 
 class ListedWithCollate(Listed):
-    def collate(self, samples):  # (of its own: it pads variable-length samples)
-        raise NotImplementedError
+    def collate(self, samples):  # (of its own: it pads variable-length samples; a batch of
+        # these lists is not taken here, only that the Dataset has a collate)
+        return torch.utils.data.default_collate(samples)
 
 
 def test_a_datasets_ragged_lists_of_numbers_are_one_tensor_per_sample() -> None:
