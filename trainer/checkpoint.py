@@ -311,6 +311,10 @@ def _without_identityless(config: dict[str, Any]) -> dict[str, Any]:
         node = config.get(section)
         if isinstance(node, dict) and key in node and node[key] is None:
             del node[key]
+    for reg in (config.get("regularizer") or {}).values():
+        if isinstance(reg, dict):  # whether a pattern may match nothing: not what is
+            # computed (added 2026-12-07: a run started before keeps its id)
+            reg.pop("allow_unmatched", None)
     data = config.get("data")
     if (
         isinstance(data, dict)
@@ -326,8 +330,8 @@ def _without_identityless(config: dict[str, Any]) -> dict[str, Any]:
 def derive_run_id(config: dict[str, Any]) -> str:
     """A stable id for a resolved config: 12 hex digits of a hash of everything but the keys
     that do not change the computation (``_NOT_IDENTITY``: resume, run_id, checkpointing,
-    progress output, DDP's unused-parameter search; ``_NOT_IDENTITY_WHILE_NULL``:
-    ``optimizer.foreach`` at its default)."""
+    progress output, DDP's unused-parameter search, a regularizer's ``allow_unmatched``;
+    ``_NOT_IDENTITY_WHILE_NULL``: ``optimizer.foreach`` at its default)."""
     config = _without_identityless(config)
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

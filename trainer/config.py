@@ -597,6 +597,9 @@ class RegularizerConfig:
     exclude: list[str] = field(default_factory=list)
     #: ... and has at least this many dimensions (2 leaves out biases and norm-layer scales)
     min_ndim: int = 2
+    #: a pattern matching no parameter's name is an error unless this is true (a preset
+    #: shared by models that differ); each is then named in a warning
+    allow_unmatched: bool = False
 
 
 @dataclass

@@ -375,6 +375,10 @@ class Regularizer(Stateful):
         exclude: ... none of these ...
         min_ndim: ... and has at least this many dimensions (2 leaves out biases and norm
             layers' scales).
+        allow_unmatched: a pattern matching no parameter's name is an error (a typo) unless
+            this is true (a preset shared by models that differ: ``exclude=["*norm*"]`` on
+            one without norm layers); each such pattern is then named in a warning, each
+            time the trainer selects. An empty selection is an error either way.
     """
 
     KINDS = {"l2": l2, "l1": l1, "orthogonal": orthogonal}
@@ -387,6 +391,7 @@ class Regularizer(Stateful):
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
         min_ndim: int = 2,
+        allow_unmatched: bool = False,
     ):
         if name not in self.KINDS:
             raise ValueError(
@@ -396,6 +401,12 @@ class Regularizer(Stateful):
             raise ValueError(f"regularizer.{name}.coef: got {coef}, must be >= 0")
         self.name, self.coef = name, coef
         self.include, self.exclude, self.min_ndim = list(include), list(exclude), min_ndim
+        if not isinstance(allow_unmatched, bool):  # ("false" from YAML would be true)
+            raise TypeError(
+                f"regularizer.{name}.allow_unmatched: got {allow_unmatched!r}, expected "
+                "true or false"
+            )
+        self.allow_unmatched = allow_unmatched
         self.fn = self.KINDS[name]
         self.grad_fn = self.GRADS[name]
         self.names: list[str] = []
@@ -436,11 +447,17 @@ class Regularizer(Stateful):
                 since = (" since the model's parameters changed mid-run (renamed: prune's "
                          "weight_orig, a parametrization's original; removed)" if empty_ok
                          else "")  # fmt: skip
-                raise ValueError(
+                said = (
                     f"regularizer.{self.name}.{key}: {unmatched} "
                     f"match{'es' if len(unmatched) == 1 else ''} no parameter of the model"
                     f"{since} (fnmatch patterns on named_parameters() names: {few(every)})"
                 )
+                if not self.allow_unmatched:
+                    raise ValueError(
+                        f"{said}; a pattern a shared preset names for other models is "
+                        f"allowed with regularizer.{self.name}.allow_unmatched=true"
+                    )
+                log.warning("%s; allowed: regularizer.%s.allow_unmatched=true", said, self.name)
         for n, p in model.named_parameters():
             if (
                 p.ndim >= self.min_ndim
