@@ -839,17 +839,44 @@ def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple
             x = split.transform(x)
         return x[0], split.y[0]
     x, y = _as_batched(split, 0)
+    cls = type(split).__name__
     try:
-        return torch.as_tensor(x), y
+        torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError) as e:  # a dict or a tuple of tensors: torch's
         # "Could not infer dtype of dict" named neither the data nor what the trainer takes
         raise ContractError(
             f"data: a sample's input must be one tensor (or array, or nested lists of numbers); "
-            f"{type(split).__name__}[0]'s is a {type(x).__name__}, which torch.as_tensor "
+            f"{cls}[0]'s is a {type(x).__name__}, which torch.as_tensor "
             f"refuses ({e}). Several inputs per sample (token ids and a mask, features of two "
             "kinds) go into one tensor, stacked or concatenated in __getitem__, and your "
             "model's forward splits them"
         ) from e
+    try:
+        torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as e:  # (a dict, None or a string: torch's
+        # "Could not infer dtype of dict" at the data's setup, naming neither the data nor the
+        # target, a probe's; the same structure as an input was refused naming them)
+        raise ContractError(
+            f"data: a sample's target must be one tensor (or array, number, or nested lists "
+            f"of numbers); {cls}[0]'s is a {type(y).__name__}, which torch.as_tensor refuses "
+            f"({e}). What a loss needs besides the target (a mask, a weight per element) "
+            "goes into the target's tensor, or comes from the loss itself (ignore_index, "
+            "units(): README, \"Bring your own\")"
+        ) from e
+    for what, v in (("input", x), ("target", y)):
+        if isinstance(v, list | tuple) and not isinstance(_numbers(v), Tensor):
+            # (a list of 0-d tensors passed torch.as_tensor here, but the batches keep it a
+            # list, as _numbers does, collated to a list of batched tensors: the first step
+            # failed in DeviceLoader with "'list' object has no attribute 'to'", a probe's)
+            raise ContractError(
+                f"data: a sample's {what} must be one tensor (or array, number, or nested "
+                f"lists of numbers); {cls}[0]'s is a {type(v).__name__} of {len(v)} holding "
+                f"{', '.join(dict.fromkeys(type(e).__name__ for e in v))}, which the "
+                "batches would keep as it is (the default collate makes it a list of batched "
+                f"tensors): make it one tensor in __getitem__ (torch.stack), or give "
+                f"{cls} a collate of its own"
+            )
+    return torch.as_tensor(x), y
 
 
 #: what :class:`DataModule`'s ``__init__`` sets: the loader keys every data module has
