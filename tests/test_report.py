@@ -1061,7 +1061,9 @@ def test_a_jobs_identity_and_a_refused_run_by_hand_in_its_folder(tmp_path) -> No
              ["optimizer.lr=-0.01", "seed=1", "trainer.resume=auto"])  # fmt: skip
     run = report.load_run(root / "1")
     assert run.status == "completed" and run.overrides == job
-    assert run.note.startswith("its .hydra/ is a later run's, which wrote no result")
+    assert run.note == ("its .hydra/ is a later run's (optimizer.lr=-0.01 seed=1 "
+                        "trainer.resume=auto), which wrote no result (refused, or killed; its "
+                        "train.log is this folder's)")  # fmt: skip
     # the same with an earlier sweep's id: the job's own run (.hydra/) wrote nothing
     make_run(root / "2", {**completed(0.9, 0.5, 0.1), "overrides": job, "sweep_id": "old"},
              ["optimizer.lr=-0.01", "seed=1"])  # fmt: skip

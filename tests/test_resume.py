@@ -1142,6 +1142,9 @@ def test_a_sweeps_resumed_job_is_reported_where_it_continued(tmp_path, caplog) -
     job.mkdir(parents=True)  # an earlier attempt in the job's folder, refused: its record
     (job / "metrics.json").write_text('{"status": "failed", "error": "ConfigError: x"}')
     (tmp_path / "a" / "train.log").write_text("the run's log (Hydra's, under the CLI)\n")
+    started = json.loads((tmp_path / "a" / "metrics.json").read_text())  # (as a sweep's job
+    # records it: the sweep whose job it was is kept, run_sweep_id, which its report reads)
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps({**started, "sweep_id": "s-a"}))
     with caplog.at_level("WARNING", logger="trainer.run"):
         train(job, "trainer.max_steps=6", resume)
     # the run dir's log says where what follows went (it ended at the break, a probe's)
@@ -1155,6 +1158,7 @@ def test_a_sweeps_resumed_job_is_reported_where_it_continued(tmp_path, caplog) -
     for folder in (job, tmp_path / "a"):
         written = json.loads((folder / "metrics.json").read_text())
         assert written["job_dir"] == str(job.resolve()), folder
+        assert written["run_sweep_id"] == "s-a", folder
     pointer = json.loads((job / "continued.json").read_text())  # its pointer names both
     assert pointer == {"run_dir": str((tmp_path / "a").resolve()), "job_dir": str(job.resolve())}
     (run,) = report.collect_runs(tmp_path / "sweep")

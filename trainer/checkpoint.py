@@ -604,12 +604,17 @@ def set_aside_previous(run_dir: Path) -> Path | None:
     found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not found:
         return None
-    # (after the highest: a folder's number is its run's, ``#n`` in TensorBoard's session
-    # groups; the lowest free one, after previous/1 was deleted, gave two runs one group)
-    dest = run_dir / "previous" / str(set_aside_count(run_dir) + 1)
+    # (its own number, ``#n`` in TensorBoard's session groups, where it recorded one and it
+    # is free; else after the highest: the lowest free one, after previous/1 was deleted,
+    # gave two runs one group, and one past the highest left, after the newest previous/<n>
+    # was deleted, gave the run set aside and the new one the same number, a probe's)
+    own = run_number(run_dir)
+    free = own is not None and not (run_dir / "previous" / str(own)).exists()
+    dest = run_dir / "previous" / str(own if free else set_aside_count(run_dir) + 1)
     dest.mkdir(parents=True)
-    for name in found:
-        os.replace(run_dir / name, dest / name)
+    for name in (*found, RUN_NUMBER):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, dest / name)
     marker = dest / "checkpoints" / "run.json"
     if marker.exists():
         os.replace(marker, marker.with_name("superseded.json"))
@@ -622,6 +627,34 @@ def set_aside_count(run_dir: Path) -> int:
     numbers = [int(p.name) for p in (run_dir / "previous").glob("*")
                if p.name.isascii() and p.name.isdigit() and p.is_dir()]  # fmt: skip
     return max(numbers, default=0)
+
+
+#: a run's number in its folder (``#n`` of its HPARAMS session group; the earlier runs in
+#: ``previous/<n>``), written beside its outputs and set aside with them
+RUN_NUMBER = ".run_number"
+
+
+def run_number(run_dir: Path) -> int | None:
+    """The number the run in ``run_dir`` recorded (:data:`RUN_NUMBER`); None where none is (a
+    run from before 2026-12-07, or none) or it does not read as one."""
+    try:
+        text = (run_dir / RUN_NUMBER).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
+
+
+def next_run_number(run_dir: Path) -> int:
+    """A new run's number in ``run_dir``: one past every number a run kept there has had
+    (the folders in ``previous/`` and the numbers they recorded), so that a deleted
+    ``previous/<n>`` is not given again while a run numbered past it is kept."""
+    kept = [run_number(p) for p in (run_dir / "previous").glob("*") if p.is_dir()]
+    return 1 + max([set_aside_count(run_dir), *(n for n in kept if n is not None)])
+
+
+def keep_run_number(run_dir: Path, number: int) -> None:
+    """Record the run's number in its folder (:data:`RUN_NUMBER`)."""
+    _atomic_write(run_dir / RUN_NUMBER, lambda f: f.write(f"{number}\n".encode()))
 
 
 def _follow_checkpoint(metrics: Path, old: Path, new: Path) -> None:

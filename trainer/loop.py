@@ -348,6 +348,10 @@ def torch_words(e: BaseException) -> str:
     return text
 
 
+#: torch's words for an in-place write to a leaf that requires grad (or to a view of one)
+IN_PLACE_ON_LEAF = "leaf Variable that requires grad is being used in an in-place operation"
+
+
 def dtype_refusal(e: RuntimeError, x: Tensor, model: nn.Module) -> ContractError | None:
     """A model's first forward failing for its inputs' dtype (float64 or uint8 inputs for a
     float32 model), which torch's message names no data for: the refusal naming the inputs'
@@ -1519,6 +1523,15 @@ class Trainer:
         try:
             logits = self.forward_model(x)
         except RuntimeError as e:
+            if self.input_penalty is not None and IN_PLACE_ON_LEAF in str(e):
+                raise ContractError(  # (torch's words named neither the penalty nor the
+                    # way out, a probe's)
+                    "input_grad_penalty: the model writes its input in place (torch: "
+                    f"{str(e).splitlines()[0]}); the penalty differentiates the loss with "
+                    "respect to the input, which autograd cannot do past an in-place write to "
+                    "it: write x = x / 16, not x.div_(16), in the model's forward, or turn the "
+                    "penalty off"
+                ) from e
             refusal = dtype_refusal(e, x, self.model)
             if refusal is None:
                 raise

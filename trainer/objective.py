@@ -46,6 +46,7 @@ from trainer.instrument.swap import attributes_kept, buffer_values_kept
 from trainer.losses import Loss, loss_name, units_dtype
 from trainer.precision import sum_dtype
 from trainer.regularizers import InputGradPenalty, Regularizer
+from trainer.rng import forked_rng
 from trainer.weighting import UniformWeighting, Weighting
 
 log = logging.getLogger(__name__)
@@ -507,6 +508,9 @@ class Objective:
                 # state written in place there moved too, a review's)
                 kept.enter_context(buffer_values_kept(self.model))
                 kept.enter_context(attributes_kept(self.model))
+            # (and the random states: a backward hook drawing gradient noise drew again here,
+            # and how often a run logged changed the parameters it trained to, a probe's)
+            kept.enter_context(forked_rng(penalty.device))
             with kept:
                 grads = torch.autograd.grad(root, self.params, retain_graph=True, allow_unused=True)
             for p, g in zip(self.params, grads, strict=True):

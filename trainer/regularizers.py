@@ -364,6 +364,11 @@ def orthogonal(*weights: Tensor, coef: float = 1.0) -> Tensor:
     return _Orthogonal.apply(coef, *weights)
 
 
+#: a λ the checks of a regularizer of one's own use besides 1 and the run's λ (neither 0 nor
+#: 1, where a Function leaving λ out agrees with λ times its GRADS and its value at 1)
+CHECK_COEF = 0.3
+
+
 class Regularizer(Stateful):
     """``coef * R(selected parameters)``.
 
@@ -523,7 +528,10 @@ class Regularizer(Stateful):
         copies = [p.detach().double().clone().requires_grad_() for _, p in named]
         # at λ = 1 (at λ = 0 both sides were 0 and any GRADS passed: a review), and at the
         # run's λ (a backward that ignores it)
-        for coef in dict.fromkeys(c for c in (1.0, float(self.coef)) if c != 0.0):
+        # and at CHECK_COEF, neither 0 nor 1: at a run's λ of 0 (a warm-up's start) or 1,
+        # a Function leaving λ out of its backward or its forward passed, and at λ = 0 trained
+        # on ∇R, or logged R, unsaid (a probe's)
+        for coef in dict.fromkeys(c for c in (1.0, float(self.coef), CHECK_COEF) if c != 0.0):
             self._check_backward(names, copies, coef)
         with torch.no_grad():  # R a function of the parameters (a noisy one was refused as
             # a forward leaving λ out, a probe's)
@@ -602,20 +610,22 @@ class Regularizer(Stateful):
             )  # fmt: skip
 
     def _check_value_scales(self, copies: list[Tensor]) -> None:
-        """Its value at the run's λ is λ times its value at 1 (``reg/<name>`` logs it: a
-        Function leaving λ out of its forward, its backward right, logged R for λR, 100×
-        off at λ = 0.01: a review)."""
-        coef = float(self.coef)
-        if coef in (0.0, 1.0):
-            return
+        """Its value at the run's λ, and at :data:`CHECK_COEF`, is λ times its value at 1
+        (``reg/<name>`` logs it: a Function leaving λ out of its forward, its backward right,
+        logged R for λR, 100× off at λ = 0.01: a review; at λ = 0, R for nothing added, a
+        probe's)."""
         with torch.no_grad():
             value = self.fn(*copies, coef=1.0)
-            one, at = float(value), float(self.fn(*copies, coef=coef))
+            one = float(value)
+            ats = {c: float(self.fn(*copies, coef=c))
+                   for c in dict.fromkeys((float(self.coef), CHECK_COEF)) if c != 1.0}  # fmt: skip
         # (within the value's own rounding: a float32 value, from a Function computing in
         # float32, was refused at 1e-9, a review's)
         rel = max(1e-9, 8 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-9
-        if math.isfinite(one) and not math.isclose(at, coef * one, rel_tol=rel,
-                                                   abs_tol=1e-300):  # fmt: skip
+        for coef, at in ats.items():
+            if not math.isfinite(one) or math.isclose(at, coef * one, rel_tol=rel,
+                                                      abs_tol=1e-300):  # fmt: skip
+                continue
             raise ValueError(
                 f"regularizer {self.name} ({type(self).__name__}): its value at λ = {coef:g} is "
                 f"{at:.6g}, not λ times its value at λ = 1 ({coef * one:.6g}): reg/{self.name} "
@@ -659,7 +669,17 @@ class Regularizer(Stateful):
         thrice = torch.autograd.grad(value, copies, upstream, allow_unused=True)
         for name, c, a, a3 in zip(names, copies, auto, thrice, strict=True):
             a = torch.zeros_like(c) if a is None else a
+            version = c._version
             b = coef * self.grad_fn(c.detach())
+            if c._version != version:  # (right values on these copies; on the live weights,
+                # each logging step, which reads GRADS for grad_norm/reg, replaced them, and
+                # how often a run logged changed what it trained to, a probe's)
+                raise ValueError(
+                    f"regularizer {self.name} ({type(self).__name__}): GRADS[{self.name!r}] "
+                    f"writes its input in place (on {name}); the trainer calls it on the "
+                    "live parameters on logging steps: return a new tensor (torch.tanh(p), "
+                    "not p.tanh_())"
+                )
             if not isinstance(b, Tensor) or b.shape != c.shape or b.dtype != c.dtype:
                 got = (f"{b.dtype} of shape {tuple(b.shape)}" if isinstance(b, Tensor)
                        else type(b).__name__)  # fmt: skip

@@ -110,15 +110,44 @@ def _numbered(name: str) -> bool:
 
 
 def _job_order(path: Path) -> tuple[int, int, str]:
-    # numbered jobs by number (2 before 10), then any other job dirs by name
-    return (0, int(path.name), "") if _numbered(path.name) else (1, 0, path.name)
+    # numbered jobs by number (2 before 10), then any other job dirs by name (a nested one
+    # by its path below the sweep dir)
+    return (0, int(path.name), "") if _numbered(path.name) else (1, 0, str(path))
+
+
+#: how far below a sweep dir a job's folder is looked for (a ``hydra.sweep.subdir`` with a
+#: ``/``: ``lr${optimizer.lr}/seed${seed}``, or ``${hydra.job.override_dirname}`` over a value
+#: such as ``monitor=val/loss``)
+NESTED_DEPTH = 8
+
+
+def _nested_jobs(root: Path, folder: Path, depth: int) -> list[Path]:
+    """The run dirs below ``folder``'s subfolders that are neither numbered job dirs nor run
+    dirs themselves (a job's folder a ``/`` in ``hydra.sweep.subdir`` nests: its jobs, only
+    the sweep dir's direct subfolders looked at, were reported as never started, and the
+    sweep that completed them as failed, a probe's)."""
+    if depth <= 1:
+        return []
+    found: list[Path] = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_dir() or p.name.startswith(".") or p.is_symlink():
+            continue
+        if folder == root and (_numbered(p.name) or is_run_dir(p)):
+            continue  # (a job's folder: what is below it is the job's)
+        if folder != root and is_run_dir(p):
+            found.append(p)
+        else:
+            found += _nested_jobs(root, p, depth - 1)
+    return found
 
 
 def find_run_dirs(root: Path) -> list[Path]:
     """``[root]`` for a run dir; for a sweep dir its job dirs, numerically ordered.
 
     Job dirs are the numbered subdirs (even empty ones: a job killed before writing anything is
-    reported as missing) and any other subdir that is a run dir (a custom ``hydra.sweep.subdir``).
+    reported as missing), any other subdir that is a run dir (a custom ``hydra.sweep.subdir``)
+    and the run dirs further down, :data:`NESTED_DEPTH` levels at most, below subdirs that are
+    neither (a subdir with a ``/``).
 
     Raises:
         ReportError: ``root`` does not exist, is not a directory, or holds no run dirs.
@@ -134,6 +163,7 @@ def find_run_dirs(root: Path) -> list[Path]:
         for p in root.iterdir()
         if p.is_dir() and not p.name.startswith(".") and (_numbered(p.name) or is_run_dir(p))
     ]
+    jobs += _nested_jobs(root, root, NESTED_DEPTH)
     if not jobs and (root / "multirun.yaml").is_file():  # (a sweep whose jobs have not
         return []  # started yet, SLURM's pending: listed as not started, a probe's)
     if not jobs:
@@ -177,12 +207,19 @@ def read_loss(run_dir: Path) -> dict[str, Any] | None:
     return loss
 
 
-def load_run(run_dir: Path, name: str | None = None) -> Run:
+def _name_below(root: Path, run_dir: Path) -> str:
+    """A job's name: its folder's, or its path below the sweep dir (a nested one)."""
+    return run_dir.name if run_dir.parent == root or run_dir == root else (
+        run_dir.relative_to(root).as_posix())  # fmt: skip
+
+
+def load_run(run_dir: Path, name: str | None = None, sweep_dir: Path | None = None) -> Run:
     """The run's status, final metrics and overrides (no curves: see :func:`read_curves`).
     A job that resumed a checkpoint of another run dir continued there (``trainer.resume``
     of a sweep): its own folder holds :data:`CONTINUED`, naming that dir, where its curves
     are (``run.path``), and its own copy of the metrics it wrote there when it ended; without
-    that copy (running, or killed) it is missing."""
+    that copy (running, or killed) it is missing. ``sweep_dir``: the sweep's folder, for its
+    id (default: the run dir's parent)."""
     run = Run(name=name or run_dir.name, path=run_dir, status="missing",
               error="no metrics.json yet: running, or killed before it wrote one")  # fmt: skip
     run.overrides = read_overrides(run_dir)
@@ -228,11 +265,16 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
         # refused before it took the folder over (which leaves it as it was), or killed
         # before it wrote
         recorded = metrics.get("sweep_id")
-        if isinstance(recorded, str) and recorded == current_sweep_id(run_dir.parent):
+        if isinstance(recorded, str) and recorded == current_sweep_id(
+            sweep_dir if sweep_dir is not None else run_dir.parent
+        ):
             # the result is the sweep's job's, a later run by hand refused there (it was
             # hidden, the job listed as not started, a review's)
+            later = " ".join(run.overrides)  # (which job: a sweep's refused in it is
+            # listed as not started, its train.log in this folder, a probe's)
             run.overrides = [str(o) for o in ran]
-            run.note = "its .hydra/ is a later run's, which wrote no result (refused, or killed)"
+            run.note = (f"its .hydra/ is a later run's ({later}), which wrote no result "
+                        "(refused, or killed; its train.log is this folder's)")  # fmt: skip
         else:  # the earlier result was reported as this job's, completed and best (a probe's)
             run.error = (
                 f"its metrics.json is an earlier run's in this folder "
@@ -313,7 +355,8 @@ def collect_runs(root: str | Path, curves: bool = True) -> list[Run]:
     # again, for the sweep's id, and named the job ""; summary.csv's paths were relative to
     # where the report ran, leading nowhere from elsewhere: a probe's)
     root = Path(os.path.abspath(root))  # (lexically: ``..`` as the shell reads it, a review's)
-    runs = [load_run(run_dir) for run_dir in find_run_dirs(root)]
+    runs = [load_run(run_dir, _name_below(root, run_dir), root if run_dir != root else None)
+            for run_dir in find_run_dirs(root)]  # fmt: skip
     earlier, of_jobs = _earlier_sweeps(root, runs)
     if of_jobs:
         print(f"warning: {root}: {_folders_hold(of_jobs)} an earlier sweep's run of the job "
@@ -439,7 +482,12 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> tuple[list[Run], list[Ru
         recorded = r.metrics.get("sweep_id")
         if current is not None and recorded == current:
             continue
-        another = current is not None and isinstance(recorded, str)  # (another sweep's id)
+        # (another sweep's id; not where a later run continued this folder's run from a
+        # folder of its own, which names this one: the sweep ran the job, and the report
+        # shows the continuation's result, noted; it was listed as an earlier sweep's run
+        # never started, a probe's)
+        another = (current is not None and isinstance(recorded, str)
+                   and not _continued_here(r, current))  # fmt: skip
         if not r.overrides:
             continue
         if jobs is None:  # (no plan: its record alone)
@@ -463,6 +511,24 @@ def _earlier_sweeps(root: Path, runs: Sequence[Run]) -> tuple[list[Run], list[Ru
             # and one that starts afresh sets it aside)
             of_jobs.append(r)
     return earlier, of_jobs
+
+
+def _continued_here(run: Run, sweep_id: str) -> bool:
+    """Whether ``run`` is a job of the sweep ``sweep_id`` whose result is a later run's that
+    continued it from a folder of its own: its ``metrics.json`` records that folder
+    (``job_dir``), whose :data:`CONTINUED` names ``run``'s, and the sweep that started the
+    run (``run_sweep_id``: an earlier sweep's run in a reused sweep dir, continued, is not
+    this sweep's job)."""
+    job_dir = run.metrics.get("job_dir")
+    if run.metrics.get("run_sweep_id") != sweep_id:
+        return False
+    if not isinstance(job_dir, str) or not _other_dir(job_dir, run.path):
+        return False
+    try:
+        home = json.loads((Path(job_dir) / CONTINUED).read_text())["run_dir"]
+        return Path(job_dir, home).resolve() == run.path.resolve()
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return False
 
 
 #: a planned job of an interrupted sweep that has no folder (:func:`not_started`)

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import inspect
 import itertools
+import json
 import logging
 import os
 import random
@@ -42,11 +43,13 @@ from trainer.checkpoint import (
     continuable,
     derive_run_id,
     find_checkpoints,
+    keep_run_number,
     marked_id,
+    next_run_number,
     rank_rng_state,
     resume_changes,
+    run_number,
     select_resume,
-    set_aside_count,
     set_aside_later,
     set_aside_previous,
     set_rng_state,
@@ -811,6 +814,8 @@ def _run(
                 f"(loss: {type(trainer.criterion).__name__}, task {trainer.criterion.task})"
             )
         check_direction(monitor)  # (an optimizing sweeper's direction agrees with it)
+        if main:
+            _refuse_another_jobs_folder(run_dir)
         trainer.monitor = monitor
         check_plateau(trainer.scheduler, monitor)
         purge_step = None
@@ -857,6 +862,9 @@ def _run(
                     write_json(run_dir / CONTINUED, {"run_dir": str(home.resolve()),
                                                      "job_dir": here})  # fmt: skip
                     continued = {"job_dir": here}  # (in the metrics it writes there)
+                    started_by = _started_by(home)  # (the sweep whose job the run is: its
+                    if started_by is not None:  # report lists the job as continued)
+                        continued["run_sweep_id"] = started_by
                     _point_log_to(home, here, int(resume_state["step"]))
                 elif main:  # continued here: a pointer of an earlier attempt is stale
                     (run_dir / CONTINUED).unlink(missing_ok=True)
@@ -897,8 +905,11 @@ def _run(
         hparams = hydra_hparams(cfg)  # (the event folder is named after the overridden ones)
         if main:  # data-parallel: rank 0 alone writes events, checkpoints and metrics.json
             listed = (monitor, *[m for m in metric_names if m != monitor])
-            # (the nth run in its folder: the earlier ones are in previous/1 to n - 1)
-            nth = 1 + set_aside_count(run_dir)
+            # (the nth run in its folder: the earlier ones are in previous/<n> below it; a
+            # resumed run keeps the number it recorded)
+            kept = run_number(run_dir) if resume_state is not None else None
+            nth = kept if kept is not None else next_run_number(run_dir)
+            keep_run_number(run_dir, nth)
             start_records = start_summaries(hparams, listed, run_name(run_dir, hparams, nth))
             events = event_dir(run_dir, overrides_text(hparams, ","))
             session = "fresh" if resume_state is None else "none"  # (HPARAMS' session start)
@@ -1132,6 +1143,8 @@ def _record_failure(
             # one a resume was to continue, or another) stay as they were
             log.info("%s holds an earlier run's outputs: left as they were (this failure is "
                      "not recorded there)", _display(run_dir))  # fmt: skip
+            e.add_note(f"(not recorded in {_display(run_dir)}, which holds an earlier run's "
+                       "outputs, left as they were)")  # fmt: skip
 
 
 def _write_metrics(
@@ -1162,6 +1175,54 @@ def _job_identity(run_dir: Path) -> dict[str, Any]:
 
     return {"overrides": [str(o) for o in HydraConfig.get().overrides.task],
             "sweep_id": job_sweep_id(run_dir)}  # fmt: skip
+
+
+def _refuse_another_jobs_folder(run_dir: Path) -> None:
+    """In a multirun, refuse a job whose folder holds the result of another job of the same
+    sweep (another point's overrides): ``hydra.sweep.subdir`` gives both one folder
+    (``lr${optimizer.lr}`` over ``optimizer.lr=... seed=0,1``). The job set the other's
+    outputs aside, unsaid but for a warning, and the sweep's report, which reads each
+    folder's result, listed that job as never started and ranked without it (a probe's).
+    Before anything moves: the other job's outputs stay where they are."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainer.report import _job
+    from trainer.sweep import in_multirun, job_sweep_id, subdir_as_written
+
+    if not in_multirun():
+        return
+    try:
+        there = json.loads((run_dir / "metrics.json").read_text())
+        ran = there.get("overrides")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return
+    hc = HydraConfig.get()
+    mine = [str(o) for o in hc.overrides.task]
+    sweep = job_sweep_id(run_dir)
+    if sweep is None or there.get("sweep_id") != sweep or not isinstance(ran, list):
+        return
+    if _job([str(o) for o in ran]) == _job(mine):
+        return
+    raise ConfigError(
+        f"hydra.sweep.subdir: job {hc.job.num}'s folder {_display(run_dir)} holds the result "
+        f"of another job of this sweep ({' '.join(map(str, ran))}): the subdir "
+        f"({subdir_as_written(hc)}) gives both one folder, and the other job's outputs would "
+        "be set aside, its result no longer the folder's. Make it tell the jobs apart: "
+        "${hydra.job.num} (the default), or every swept key "
+        "(${hydra.job.override_dirname})"
+    )
+
+
+def _started_by(home: Path) -> str | None:
+    """The id of the sweep whose job started the run in ``home``, as its ``metrics.json``
+    records it (``run_sweep_id`` where another job continued it before, else ``sweep_id``);
+    None where none is recorded (a run of its own, or one killed before it wrote a result)."""
+    try:
+        metrics = json.loads((home / "metrics.json").read_text())
+        recorded = metrics.get("run_sweep_id", metrics.get("sweep_id"))
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) else None
 
 
 def _home_of(checkpoint: Path | None) -> Path | None:

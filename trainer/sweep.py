@@ -386,6 +386,21 @@ def _rank_labelled() -> Any:
             handler.removeFilter(label)
 
 
+#: the jobs this process ran whose failure their folder could not record (it holds another
+#: run's outputs), by their overrides (:func:`trainer.report._job`): the summary counts them
+#: as failed, with their error, where the report finds no result of theirs (a launcher that
+#: runs jobs in other processes leaves this empty: they are then counted as not started)
+_failed_here: dict[tuple[str, ...], str] = {}
+
+
+def _job_of(cfg: DictConfig) -> tuple[str, ...]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainer.report import _job
+
+    return _job([str(o) for o in HydraConfig.get().overrides.task])
+
+
 def _run_job(cfg: DictConfig, run: Any, teardown: Any) -> float | None:
     try:
         result = run(cfg)
@@ -416,13 +431,19 @@ def _run_job(cfg: DictConfig, run: Any, teardown: Any) -> float | None:
             _into_log_files("failed, with the traceback below", e)
             raise
         job = _job_label() or "job "  # (parallel jobs' lines interleave: whose, a probe's)
+        # (a failure its folder could not record, which holds another run's outputs: where
+        # it was, said; it is counted as failed by this process's summary, not as a job
+        # never started, the report's word for a job with no result of its own, a probe's)
+        kept = not any(n.startswith("(not recorded in ") for n in getattr(e, "__notes__", ()))
+        where = "its metrics.json says why" if kept else "its folder could not record it"
+        if not kept:
+            _failed_here[_job_of(cfg)] = f"{type(e).__name__}: {_with_notes(e)}"
         if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":  # (its message is
             # all: a bad value's 40 lines of OmegaConf's frames buried it, a probe's)
-            log.error("%sfailed, the sweep goes on (its metrics.json says why): %s: %s",
-                      job, type(e).__name__, _with_notes(e))  # fmt: skip
+            log.error("%sfailed, the sweep goes on (%s): %s: %s",
+                      job, where, type(e).__name__, _with_notes(e))  # fmt: skip
         else:
-            log.exception("%sfailed, the sweep goes on (its metrics.json says why): %s",
-                          job, e)  # fmt: skip
+            log.exception("%sfailed, the sweep goes on (%s): %s", job, where, e)  # fmt: skip
         return None
     value = result[result["monitor"]]
     if not math.isfinite(value) and in_multirun():  # (±Inf too: −Inf would win a minimizing
@@ -445,6 +466,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._ended = False
+        _failed_here.clear()  # (an earlier sweep's, in this process)
         atexit.register(self._at_exit, Path(config.hydra.sweep.dir))
         self._planned = planned_jobs(config.hydra)
         # the sweep's id, which its jobs record (the report tells an earlier sweep's job
@@ -482,6 +504,14 @@ class SweepSummary(Callback):
         # jobs do not hide this sweep's, a review's); where multirun.yaml tells nothing, by
         # count (folders are named by hydra.sweep.subdir, ${hydra.job.num} or one's own)
         rows, count = not_started(sweep_dir, jobs)
+        from trainer.report import _job
+
+        refused = [r for r in rows if _job(r.overrides) in _failed_here]
+        for r in refused:  # (failed in this process, unrecorded in a folder of another run)
+            r.status, r.error = "failed", _failed_here[_job(r.overrides)]
+            r.note = "its folder holds another run's outputs, which it left as they were"
+        failed += refused
+        rows = [r for r in rows if all(r is not f for f in refused)]
         unstarted = len(rows) + count
         if not (sweep_dir / "multirun.yaml").is_file():
             unstarted = max(0, (self._planned or 0) - len(jobs))
@@ -521,7 +551,8 @@ class SweepSummary(Callback):
             + ")"
         )  # (a job stopped by a signal is interrupted, and resumable, not failed)
         message = (
-            f"sweep {ended}: {len(failed) + unstarted} of {len(jobs) + unstarted} jobs {what}; "
+            f"sweep {ended}: {len(failed) + unstarted} of {len(jobs) + len(refused) + unstarted}"
+            f" jobs {what}; "
             f"the others' outputs are in {sweep_dir} (python scripts/report.py {sweep_dir})"
         )
         log.error(message)

@@ -861,7 +861,7 @@ def _first_sample(split: TensorSplit | Dataset, name: str = "training") -> tuple
             f"of numbers); {cls}[0]'s is a {type(y).__name__}, which torch.as_tensor refuses "
             f"({e}). What a loss needs besides the target (a mask, a weight per element) "
             "goes into the target's tensor, or comes from the loss itself (ignore_index, "
-            "units(): README, \"Bring your own\")"
+            'units(): README, "Bring your own")'
         ) from e
     for what, v in (("input", x), ("target", y)):
         if isinstance(v, list | tuple) and not isinstance(_numbers(v), Tensor):
