@@ -181,7 +181,10 @@ def _default(schema: type, name: str) -> Any:
 
 
 def is_hparam(key: str) -> bool:
-    """Whether a config key changes what is trained (not one of :data:`NOT_HPARAMS`)."""
+    """Whether a config key changes what is trained (not one of :data:`NOT_HPARAMS`, nor a
+    regularizer's ``allow_unmatched``, which is not part of a run's identity either)."""
+    if re.fullmatch(r"regularizer\.[^.]+\.allow_unmatched", key):
+        return False
     return not any(key == k or key.startswith(k + ".") for k in NOT_HPARAMS)
 
 

@@ -348,10 +348,6 @@ def torch_words(e: BaseException) -> str:
     return text
 
 
-#: torch's words for an in-place write to a leaf that requires grad (or to a view of one)
-IN_PLACE_ON_LEAF = "leaf Variable that requires grad is being used in an in-place operation"
-
-
 def dtype_refusal(e: RuntimeError, x: Tensor, model: nn.Module) -> ContractError | None:
     """A model's first forward failing for its inputs' dtype (float64 or uint8 inputs for a
     float32 model), which torch's message names no data for: the refusal naming the inputs'
@@ -1523,15 +1519,6 @@ class Trainer:
         try:
             logits = self.forward_model(x)
         except RuntimeError as e:
-            if self.input_penalty is not None and IN_PLACE_ON_LEAF in str(e):
-                raise ContractError(  # (torch's words named neither the penalty nor the
-                    # way out, a probe's)
-                    "input_grad_penalty: the model writes its input in place (torch: "
-                    f"{str(e).splitlines()[0]}); the penalty differentiates the loss with "
-                    "respect to the input, which autograd cannot do past an in-place write to "
-                    "it: write x = x / 16, not x.div_(16), in the model's forward, or turn the "
-                    "penalty off"
-                ) from e
             refusal = dtype_refusal(e, x, self.model)
             if refusal is None:
                 raise
@@ -1706,8 +1693,12 @@ class Trainer:
         self._window_open = not step_now
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        fx = x  # (what the model is given)
         if self.input_penalty is not None:
             x = self.input_penalty.prepare(x)  # a leaf to differentiate the loss with respect to
+            fx = x.clone()  # (the model gets a copy, which a model writing its input in place,
+            # x.div_(16), may write: the leaf itself stopped the step with torch's "a leaf
+            # Variable that requires grad is being used in an in-place operation", a probe's)
         if self.before_forward_callbacks:  # (each once: appended for this micro-batch)
             calls, self.before_forward_callbacks = self.before_forward_callbacks, []
             for call in calls:
@@ -1718,10 +1709,10 @@ class Trainer:
         with self.forward_model.no_sync() if local else self._null:  # type: ignore[operator]
             with self._autocast(), self._double_backward_kernels():
                 if self._output_checked:
-                    logits = self.forward_model(x)  # (B, K) logits, or any output the loss takes
+                    logits = self.forward_model(fx)  # (B, K) logits, or any output the loss takes
                     losses = self.criterion(logits, y)  # (B,), or per token (B, T)
                 else:  # (the first step: not after an epoch's work)
-                    logits, losses = self._first_forward(x, y)
+                    logits, losses = self._first_forward(fx, y)
             self._fire("on_before_backward", batch, losses)
             self._follow_trainable()  # (a change in this micro-batch's hooks: the backward's)
             if self.before_backward_callbacks is not None:  # (once: set for each micro-batch)

@@ -369,6 +369,10 @@ def orthogonal(*weights: Tensor, coef: float = 1.0) -> Tensor:
 CHECK_COEF = 0.3
 
 
+#: the built-in regularizers' gradients (none writes its input)
+_BUILT_IN_GRADS = (_l2_grad, _l1_grad, _orthogonal_grad)
+
+
 class Regularizer(Stateful):
     """``coef * R(selected parameters)``.
 
@@ -412,6 +416,9 @@ class Regularizer(Stateful):
                 "true or false"
             )
         self.allow_unmatched = allow_unmatched
+        #: the patterns that matched a parameter's name when selected before (one that loses
+        #: its match mid-run is refused, allowed or not)
+        self._matched: set[str] = set()
         self.fn = self.KINDS[name]
         self.grad_fn = self.GRADS[name]
         self.names: list[str] = []
@@ -427,10 +434,6 @@ class Regularizer(Stateful):
         are an error naming them; matching only frozen ones (a layer to be unfrozen mid-run)
         select nothing for now: λR is 0 until the trainer selects again (``empty_ok``: after
         the trainable parameters changed, every matched layer frozen)."""
-        self.names, self.params = [], []
-        self._frozen = []
-        self.bound_to = model
-        self._zero = torch.zeros((), device=next(model.parameters()).device)
         # each parameter under every name it has (a tied weight's second name too: an
         # exclude naming it matched nothing, and the weight stayed regularized, a probe's)
         aliases: dict[int, list[str]] = {}
@@ -444,25 +447,41 @@ class Regularizer(Stateful):
         for key, patterns in (("include", self.include), ("exclude", self.exclude)):
             unmatched = [pat for pat in patterns
                          if not any(fnmatch.fnmatchcase(n, pat) for n in every)]  # fmt: skip
-            if unmatched:  # (a typo next to a pattern that matches: ignored, unsaid, a
-                # probe's; in exclude, the parameter meant to be left out stayed regularized:
-                # a weight_norm layer's weight_g, named as the old API named it. Selected
-                # again mid-run, ``empty_ok``: the names changed, prune's weight_orig, and the
-                # head meant to be left out was regularized from there, a review's)
+            # (a typo next to a pattern that matches: ignored, unsaid, a probe's; in exclude,
+            # the parameter meant to be left out stayed regularized: a weight_norm layer's
+            # weight_g, named as the old API named it. Selected again mid-run, ``empty_ok``:
+            # the names changed, prune's weight_orig, and the head meant to be left out was
+            # regularized from there, a review's; a pattern that matched and lost its match
+            # so is refused whatever allow_unmatched says, which is for a shared preset's
+            # pattern naming other models' parameters, a review's)
+            lost = [pat for pat in unmatched if empty_ok and pat in self._matched]
+            if lost or (unmatched and not self.allow_unmatched):
+                named = lost or unmatched
                 since = (" since the model's parameters changed mid-run (renamed: prune's "
                          "weight_orig, a parametrization's original; removed)" if empty_ok
                          else "")  # fmt: skip
-                said = (
-                    f"regularizer.{self.name}.{key}: {unmatched} "
-                    f"match{'es' if len(unmatched) == 1 else ''} no parameter of the model"
+                allowed = ("" if lost else "; a pattern a shared preset names for other "
+                           f"models is allowed with regularizer.{self.name}.allow_unmatched="
+                           "true")  # fmt: skip
+                raise ValueError(
+                    f"regularizer.{self.name}.{key}: {named} "
+                    f"match{'es' if len(named) == 1 else ''} no parameter of the model"
                     f"{since} (fnmatch patterns on named_parameters() names: {few(every)})"
+                    f"{allowed}"
                 )
-                if not self.allow_unmatched:
-                    raise ValueError(
-                        f"{said}; a pattern a shared preset names for other models is "
-                        f"allowed with regularizer.{self.name}.allow_unmatched=true"
-                    )
-                log.warning("%s; allowed: regularizer.%s.allow_unmatched=true", said, self.name)
+            if unmatched:
+                log.warning(
+                    "regularizer.%s.%s: %s match%s no parameter of the model (fnmatch patterns "
+                    "on named_parameters() names: %s); allowed: regularizer.%s.allow_unmatched"
+                    "=true", self.name, key, unmatched, "es" if len(unmatched) == 1 else "",
+                    few(every), self.name,
+                )  # fmt: skip
+            self._matched.update(pat for pat in patterns if pat not in unmatched)
+        # (after the patterns' checks: a refused selection leaves the one before it)
+        self.names, self.params = [], []
+        self._frozen = []
+        self.bound_to = model
+        self._zero = torch.zeros((), device=next(model.parameters()).device)
         for n, p in model.named_parameters():
             if (
                 p.ndim >= self.min_ndim
@@ -620,15 +639,18 @@ class Regularizer(Stateful):
             ats = {c: float(self.fn(*copies, coef=c))
                    for c in dict.fromkeys((float(self.coef), CHECK_COEF)) if c != 1.0}  # fmt: skip
         # (within the value's own rounding: a float32 value, from a Function computing in
-        # float32, was refused at 1e-9, a review's)
-        rel = max(1e-9, 8 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-9
+        # float32, was refused at 1e-9, a review's; and one computed in float32 and returned
+        # in float64, at 0.3, a review's: float32's rounding at least. A λ left out is a
+        # factor of 1/λ off)
+        wide = value.dtype if value.is_floating_point() else torch.float32
+        rel = 8 * max(torch.finfo(wide).eps, torch.finfo(torch.float32).eps)
         for coef, at in ats.items():
             if not math.isfinite(one) or math.isclose(at, coef * one, rel_tol=rel,
                                                       abs_tol=1e-300):  # fmt: skip
                 continue
             raise ValueError(
                 f"regularizer {self.name} ({type(self).__name__}): its value at λ = {coef:g} is "
-                f"{at:.6g}, not λ times its value at λ = 1 ({coef * one:.6g}): reg/{self.name} "
+                f"{at!r}, not λ times its value at λ = 1 ({coef * one!r}): reg/{self.name} "
                 "logs the forward's value, which must include λ as the backward does"
             )
 
@@ -669,11 +691,14 @@ class Regularizer(Stateful):
         thrice = torch.autograd.grad(value, copies, upstream, allow_unused=True)
         for name, c, a, a3 in zip(names, copies, auto, thrice, strict=True):
             a = torch.zeros_like(c) if a is None else a
-            version = c._version
+            version, before = c._version, c.detach().clone()
             b = coef * self.grad_fn(c.detach())
-            if c._version != version:  # (right values on these copies; on the live weights,
-                # each logging step, which reads GRADS for grad_norm/reg, replaced them, and
-                # how often a run logged changed what it trained to, a probe's)
+            if c._version != version or not torch.equal(c, before):  # (right values on these
+                # copies; on the live weights, each logging step, which reads GRADS for
+                # grad_norm/reg, replaced them, a probe's; through .data, whose version counter
+                # is its own, unseen by the first, a review's. One writing a copy of its own
+                # in place, p.float() of a float32 weight, is not seen here: grad() gives it
+                # a copy of the weights)
                 raise ValueError(
                     f"regularizer {self.name} ({type(self).__name__}): GRADS[{self.name!r}] "
                     f"writes its input in place (on {name}); the trainer calls it on the "
@@ -731,7 +756,11 @@ class Regularizer(Stateful):
         """λ ∂R/∂p for each selected parameter, computed analytically (no backward pass); of a
         float16/bfloat16 parameter in float32, rounded once to its dtype as the Function's
         backward does (4W(WᵀW − I) of a float16 W overflowed before λ scaled it)."""
-        return [(self.coef * self.grad_fn(widen(p))).to(p.dtype) for p in self.params]
+        own = self.grad_fn not in _BUILT_IN_GRADS  # (one's own GRADS gets a copy: one
+        # writing its input in place past the check, through p.float() of a float32 weight,
+        # itself, or p.data, doubled the live weights on each logging step, a review's)
+        return [(self.coef * self.grad_fn(widen(p).clone() if own else widen(p))).to(p.dtype)
+                for p in self.params]  # fmt: skip
 
 
 class InputGradPenalty(Stateful):

@@ -99,8 +99,10 @@ class Run:
 
 
 def is_run_dir(path: Path) -> bool:
-    """A run dir holds what a job writes: metrics.json, tb/, or Hydra's .hydra/ (written first)."""
-    return (path / "metrics.json").is_file() or (path / "tb").is_dir() or (path / ".hydra").is_dir()
+    """A run dir holds what a job writes: metrics.json, tb/, Hydra's .hydra/ (written first),
+    or the pointer of a job that continued in another folder (:data:`CONTINUED`)."""
+    return ((path / "metrics.json").is_file() or (path / "tb").is_dir()
+            or (path / ".hydra").is_dir() or (path / CONTINUED).is_file())  # fmt: skip
 
 
 def _numbered(name: str) -> bool:
@@ -130,15 +132,21 @@ def _nested_jobs(root: Path, folder: Path, depth: int) -> list[Path]:
         return []
     found: list[Path] = []
     for p in sorted(folder.iterdir()):
-        if not p.is_dir() or p.name.startswith(".") or p.is_symlink():
+        if not p.is_dir() or p.name.startswith(".") or p.is_symlink() or p.name in _OF_A_RUN:
             continue
-        if folder == root and (_numbered(p.name) or is_run_dir(p)):
+        if folder == root and is_run_dir(p):
             continue  # (a job's folder: what is below it is the job's)
         if folder != root and is_run_dir(p):
             found.append(p)
-        else:
+        else:  # (a numbered one too: ``${seed}/lr${optimizer.lr}`` nests below 0/, 1/; its
+            # jobs were listed as missing, a review's)
             found += _nested_jobs(root, p, depth - 1)
     return found
+
+
+#: folders a run keeps inside its own (never a job's folder of a sweep: a job's set-aside
+#: ``previous/1`` was listed as a job, a review's)
+_OF_A_RUN = ("previous", "abandoned", "tb", "checkpoints")
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -158,12 +166,14 @@ def find_run_dirs(root: Path) -> list[Path]:
         raise ReportError(f"{root}: not a directory; give a sweep dir or a run dir")
     if is_run_dir(root):
         return [root]
+    nested = _nested_jobs(root, root, NESTED_DEPTH)
     jobs = [
         p
         for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and (_numbered(p.name) or is_run_dir(p))
-    ]
-    jobs += _nested_jobs(root, root, NESTED_DEPTH)
+        if p.is_dir() and not p.name.startswith(".") and (is_run_dir(p) or (
+            _numbered(p.name) and not any(n.is_relative_to(p) for n in nested)))
+    ]  # fmt: skip
+    jobs += nested
     if not jobs and (root / "multirun.yaml").is_file():  # (a sweep whose jobs have not
         return []  # started yet, SLURM's pending: listed as not started, a probe's)
     if not jobs:

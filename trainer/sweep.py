@@ -36,7 +36,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainer.report import SWEEP_FILE, ReportError, collect_runs, current_sweep_id, not_started
+from trainer.report import (
+    SWEEP_FILE,
+    ReportError,
+    Run,
+    collect_runs,
+    current_sweep_id,
+    not_started,
+)
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +397,7 @@ def _rank_labelled() -> Any:
 #: run's outputs), by their overrides (:func:`trainer.report._job`): the summary counts them
 #: as failed, with their error, where the report finds no result of theirs (a launcher that
 #: runs jobs in other processes leaves this empty: they are then counted as not started)
-_failed_here: dict[tuple[str, ...], str] = {}
+_failed_here: dict[tuple[str, ...], tuple[int, str]] = {}
 
 
 def _job_of(cfg: DictConfig) -> tuple[str, ...]:
@@ -437,7 +444,10 @@ def _run_job(cfg: DictConfig, run: Any, teardown: Any) -> float | None:
         kept = not any(n.startswith("(not recorded in ") for n in getattr(e, "__notes__", ()))
         where = "its metrics.json says why" if kept else "its folder could not record it"
         if not kept:
-            _failed_here[_job_of(cfg)] = f"{type(e).__name__}: {_with_notes(e)}"
+            from hydra.core.hydra_config import HydraConfig
+
+            number = int(HydraConfig.get().job.num)
+            _failed_here[_job_of(cfg)] = (number, f"{type(e).__name__}: {_with_notes(e)}")
         if own_refusal(e) and os.environ.get("HYDRA_FULL_ERROR") != "1":  # (its message is
             # all: a bad value's 40 lines of OmegaConf's frames buried it, a probe's)
             log.error("%sfailed, the sweep goes on (%s): %s: %s",
@@ -506,10 +516,23 @@ class SweepSummary(Callback):
         rows, count = not_started(sweep_dir, jobs)
         from trainer.report import _job
 
-        refused = [r for r in rows if _job(r.overrides) in _failed_here]
-        for r in refused:  # (failed in this process, unrecorded in a folder of another run)
-            r.status, r.error = "failed", _failed_here[_job(r.overrides)]
+        # (failed in this process, unrecorded in a folder of another run: a job's row, the
+        # plan's, or of the count where the plan lists none, Optuna's; listed as not started,
+        # or missing, though its log line said it failed, a review's)
+        said = dict(_failed_here)
+        for r in failed:  # (its folder's, missing: an earlier sweep's result there)
+            if r.status == "missing" and _job(r.overrides) in said:
+                r.status, r.error = "failed", said.pop(_job(r.overrides))[1]
+        refused = [r for r in rows if _job(r.overrides) in said]
+        for r in refused:
+            r.status, r.error = "failed", said.pop(_job(r.overrides))[1]
             r.note = "its folder holds another run's outputs, which it left as they were"
+        if count:  # (no plan of jobs: those of the count this process saw refused)
+            for key, (number, error) in sorted(said.items(), key=lambda kv: kv[1][0])[:count]:
+                refused.append(Run(str(number), sweep_dir, "failed", list(key), error=error,
+                                   note="its folder holds another run's outputs, which it "
+                                   "left as they were"))  # fmt: skip
+                count -= 1
         failed += refused
         rows = [r for r in rows if all(r is not f for f in refused)]
         unstarted = len(rows) + count
