@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -139,12 +140,23 @@ def _shown(values: Tensor, bad: Tensor) -> str:
     return shown + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
 
 
+@functools.cache
+def _least(dtype: torch.dtype) -> float:
+    """The smallest positive number of ``dtype`` (a subnormal one)."""
+    zero = torch.zeros((), dtype=dtype)
+    return float(torch.nextafter(zero, torch.ones((), dtype=dtype)))
+
+
 def _check_float32(values: Tensor, what: str) -> None:
     """Raise where a weight, finite and >= 0 in float64, is not in float32 (the losses' dtype
     for float32 and bfloat16 models, whose weights are rounded to it): Inf past its largest
     value (the run went NaN), 0 below its smallest (a file of 1e-50: every gradient 0)."""
     f = values.float()
-    bad = (torch.isinf(f) & torch.isfinite(values)) | ((f == 0) & (values > 0))
+    # (a subnormal one too, 1e-40, which the message's range leaves out: its batch's sum was
+    # raised to the smallest normal float32 as an all-zero batch's, and mean weights summed
+    # to 0.034, a probe's)
+    small = (f.abs() < torch.finfo(torch.float32).tiny) & (values > 0)
+    bad = (torch.isinf(f) & torch.isfinite(values)) | small
     if bool(bad.any()):
         raise ValueError(
             f"{what} must be representable in float32, where the losses are weighted (between "
@@ -214,7 +226,7 @@ class Weighting(Stateful, abc.ABC):
     _raw_none: Tensor
     _checked_at = 0  # the step of the last check_window
 
-    def _check_raw(self, r: Tensor) -> None:
+    def _check_raw(self, r: Tensor, total: Tensor | float | None) -> None:
         """The contract of :meth:`raw` (r finite and >= 0) for a strategy of one's own: a
         negative r trained as gradient ascent, silently with ``normalize=none`` (a negative Σr
         clamped to the smallest float made every weight -Inf with ``mean``); a NaN was named as
@@ -223,8 +235,12 @@ class Weighting(Stateful, abc.ABC):
         (:meth:`check_window`), so no step syncs for it."""
         bad = ~(torch.isfinite(r) & (r >= 0))
         # and a sum that overflows (finite weights of 3e38: every w = r / Inf = 0, nothing
-        # trained, unsaid: a probe), where the strategy normalizes
-        over = ~torch.isfinite(r.sum()) if self.normalize != "none" else None
+        # trained, unsaid: a probe), where the strategy normalizes: ``total``, what it divides
+        # by (the sum over every rank's samples, and over a token loss's units: each rank's
+        # own sum, or Σr where Σ r·u overflowed, passed, a probe's)
+        if isinstance(total, float):
+            total = torch.tensor(total, device=r.device)
+        over = None if total is None else ~torch.isfinite(total)
         if self._raw_checked:
             flag = bad.any() if over is None else bad.any() | over
             self._raw_bad = flag if self._raw_bad is None else self._raw_bad | flag
@@ -351,27 +367,38 @@ class Weighting(Stateful, abc.ABC):
                 f"weighting {_class_name(self)}: raw() returned weights of shape "
                 f"{tuple(r.shape)} for losses of shape {tuple(losses.shape)} (one per sample)"
             )
-        if own:  # (the built-ins' are finite and >= 0: tested)
-            self._check_raw(r)
+        raw = r  # (the built-ins' are finite and >= 0: tested; one's own's checked below)
         if units is not None:
             units = units.to(dtype)
             r = self._with_units(r, units)
+        # (an all-zero batch gives w = 0 instead of 0/0: its sum raised to the smallest
+        # float, a subnormal one; to the smallest normal one, positive sums below it were
+        # raised too, and mean weights of 1e-40 summed to 0.034, a probe's)
+        least = _least(r.dtype)
         if self.normalize == "none":
+            if own:
+                self._check_raw(raw, None)
             return r
         if units is not None:  # sums over every element; uniform sum-normalized: w = u
             r_sum, u_sum = r.sum(), units.sum()
             if self.world.distributed:  # over every rank's tokens
                 r_sum, u_sum = all_reduce_sum(torch.stack([r_sum, u_sum.to(r.dtype)]))
-            total = r_sum.clamp_min(torch.finfo(r.dtype).tiny)
+            if own:
+                self._check_raw(raw, r_sum)
+            total = r_sum.clamp_min(least)
             return r * (u_sum / total) if self.normalize == "sum" else r / total
         if self.world.distributed:  # Σr and the sample count over every rank's part
             count = torch.full((), float(r.numel()), dtype=r.dtype, device=r.device)
             r_sum, n = all_reduce_sum(torch.stack([r.sum(), count]))
-            w = r / r_sum.clamp_min(torch.finfo(r.dtype).tiny)
+            if own:
+                self._check_raw(raw, r_sum)
+            w = r / r_sum.clamp_min(least)
             return w * n if self.normalize == "sum" else w
         batch_total = self.batch_total(r)
-        if isinstance(batch_total, Tensor):  # an all-zero batch gives w = 0 instead of 0/0
-            batch_total = batch_total.clamp_min(torch.finfo(r.dtype).tiny)
+        if own:
+            self._check_raw(raw, batch_total)
+        if isinstance(batch_total, Tensor):
+            batch_total = batch_total.clamp_min(least)
         w = r / batch_total
         return w * r.numel() if self.normalize == "sum" else w
 
@@ -395,7 +422,7 @@ class UniformWeighting(Weighting):
             if self.normalize != "mean":
                 return u
             # data-parallel: Σu over every rank's tokens
-            return u / all_reduce_sum(u.sum()).clamp_min(torch.finfo(u.dtype).tiny)
+            return u / all_reduce_sum(u.sum()).clamp_min(_least(u.dtype))
         if self.world.distributed:  # 1 / the global batch's size, which needs the ranks' counts
             return super().__call__(losses, logits, targets, indices)
         # one fill instead of ones / ones.sum(): the same values (tested), one kernel
