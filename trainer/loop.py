@@ -348,6 +348,19 @@ def torch_words(e: BaseException) -> str:
     return text
 
 
+def _named(owner: Any, method: str, *args: Any) -> Any:
+    """``owner.<method>(*args)``; an error raised there by a component of one's own (not of
+    this package) is noted with its class and method (``(in MyCallback.state_dict)``): a
+    callback's failing state_dict was recorded as the trainer's checkpointing callback's, and
+    its load_state_dict's as a checkpoint that does not fit the run (a probe's)."""
+    try:
+        return getattr(owner, method)(*args)
+    except Exception as e:
+        if not type(owner).__module__.startswith("trainer."):
+            e.add_note(f"(in {type(owner).__name__}.{method})")
+        raise
+
+
 def dtype_refusal(e: RuntimeError, x: Tensor, model: nn.Module) -> ContractError | None:
     """A model's first forward failing for its inputs' dtype (float64 or uint8 inputs for a
     float32 model), which torch's message names no data for: the refusal naming the inputs'
@@ -584,6 +597,8 @@ class Trainer:
         self.epoch = 0
         #: micro-batches of the current epoch done: the position in the epoch's data order
         self.batch_in_epoch = 0
+        #: the epoch whose on_train_epoch_start this trainer fired last (None: none yet)
+        self._epoch_begun: int | None = None
         #: whether the optimizer step being taken logs (set before on_before_optimizer_step)
         self.logging_step = False
         #: set by a callback in on_before_optimizer_step to skip this step's update
@@ -704,7 +719,11 @@ class Trainer:
                     type(cb).__name__, ", ".join(others), "is" if len(others) == 1 else "are",
                     "it" if len(others) == 1 else "them", ", ".join(HOOKS),
                 )  # fmt: skip
-            elif not hooks and type(cb).state_dict is Callback.state_dict:
+            elif (
+                not hooks
+                and type(cb).state_dict is Callback.state_dict
+                and type(cb).check_before_fit is Callback.check_before_fit
+            ):  # (one that checks before the run alone is called: told otherwise, a probe's)
                 log.warning("callbacks: %s overrides none of the hooks (trainer.callbacks."
                             "Callback), so the loop never calls it", type(cb).__name__)  # fmt: skip
             self.callbacks.append(cb)
@@ -1436,8 +1455,13 @@ class Trainer:
         )
         if start == 0:
             self.tally.start_epoch()
+        if start == 0 or self._epoch_begun != self.epoch:  # (and in a run resumed mid-epoch,
+            # trainer.batch_in_epoch > 0 saying so: a curriculum setting its epoch's value
+            # there trained the rest of the epoch with its first one, unsaid, a probe's; not
+            # again in a fit called again after a failure, which fired it for this epoch)
             self._between = False  # (what it stages goes with the step that follows)
             self._fire("on_train_epoch_start", self.epoch)  # (staged: as on_fit_start)
+        self._epoch_begun = self.epoch
         last = len(windows) - 1
         for i, batch, window in self._with_windows(loader, start, windows):
             step_now = (i + 1) % self.accumulate == 0 or i == last
@@ -2101,12 +2125,12 @@ class Trainer:
             # by module and class (a callback of one's own named Norms took the built-in
             # instrument's state, or gave it its own: a probe), in order
             "callbacks": [
-                [_qualified(cb), checkpointable(cb.state_dict(), type(cb).__name__)]
+                [_qualified(cb), checkpointable(_named(cb, "state_dict"), type(cb).__name__)]
                 for cb in self.callbacks
             ],  # fmt: skip
             # a loss's, weighting's or regularizer's own state (a running mean of the losses)
             "objective": {
-                k: checkpointable(p.state_dict(), type(p).__name__, k)
+                k: checkpointable(_named(p, "state_dict"), type(p).__name__, k)
                 for k, p in self._stateful_parts()
             },
             # which parameters train (gradual unfreezing changes it): restored on resume, so a
@@ -2211,7 +2235,7 @@ class Trainer:
                     log.warning("the checkpoint holds no state for callback %s: it starts fresh",
                                 type(cb).__name__)  # fmt: skip
                 continue
-            cb.load_state_dict(saved.pop(match)[1])
+            _named(cb, "load_state_dict", saved.pop(match)[1])
         for name, kept in saved:  # (an instrument this resume turned off: as intended)
             if kept and not name.startswith("trainer."):
                 log.warning("the checkpoint's state of callback %s is not taken by any "
@@ -2220,7 +2244,7 @@ class Trainer:
         parts = state.get("objective", {})  # (older checkpoints: none kept)
         for key, part in self._stateful_parts():
             if key in parts:
-                part.load_state_dict(parts[key])
+                _named(part, "load_state_dict", parts[key])
             elif part.state_dict():
                 log.warning("the checkpoint holds no state for %s %s: it starts fresh",
                             key, type(part).__name__)  # fmt: skip

@@ -824,6 +824,9 @@ def _run(
             try:
                 trainer.load_state_dict(resume_state)
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                if any(n.endswith(".load_state_dict)") for n in getattr(e, "__notes__", ())):
+                    raise  # (a component's own load_state_dict: its error, named; it was
+                    # said as a checkpoint that does not fit the run, a probe's)
                 raise ValueError(f"checkpoint {resume_path} does not fit this run: {e}") from e
             if trainer.total_steps < trainer.global_step:  # (it "completed" at the step it
                 # was at, validated it again and warned of a schedule stopping short: a probe's)
