@@ -226,7 +226,7 @@ class Weighting(Stateful, abc.ABC):
     _raw_none: Tensor
     _checked_at = 0  # the step of the last check_window
 
-    def _check_raw(self, r: Tensor, total: Tensor | float | None) -> None:
+    def _check_raw(self, r: Tensor, total: Tensor | float | int | None) -> None:
         """The contract of :meth:`raw` (r finite and >= 0) for a strategy of one's own: a
         negative r trained as gradient ascent, silently with ``normalize=none`` (a negative Σr
         clamped to the smallest float made every weight -Inf with ``mean``); a NaN was named as
@@ -238,9 +238,13 @@ class Weighting(Stateful, abc.ABC):
         # trained, unsaid: a probe), where the strategy normalizes: ``total``, what it divides
         # by (the sum over every rank's samples, and over a token loss's units: each rank's
         # own sum, or Σr where Σ r·u overflowed, passed, a probe's)
-        if isinstance(total, float):
-            total = torch.tensor(total, device=r.device)
-        over = None if total is None else ~torch.isfinite(total)
+        if total is None or isinstance(total, Tensor):
+            over = None if total is None else ~torch.isfinite(total)
+        else:  # (one known on the host, batch_total's: read there, in its own precision; a
+            # tensor made of an int failed in torch's words, of a float64 one above float32's
+            # range refused, a review's, and on a device it would copy from the host)
+            finite = math.isfinite(float(total))
+            over = None if finite else torch.ones((), dtype=torch.bool, device=r.device)
         if self._raw_checked:
             flag = bad.any() if over is None else bad.any() | over
             self._raw_bad = flag if self._raw_bad is None else self._raw_bad | flag
@@ -386,7 +390,10 @@ class Weighting(Stateful, abc.ABC):
             if own:
                 self._check_raw(raw, r_sum)
             total = r_sum.clamp_min(least)
-            return r * (u_sum / total) if self.normalize == "sum" else r / total
+            if self.normalize == "sum":  # (the scale kept finite: of an all-zero batch, Σu /
+                # the least float was Inf, and 0 · Inf NaN on every token, a review's)
+                return r * (u_sum / total).clamp_max(torch.finfo(r.dtype).max)
+            return r / total
         if self.world.distributed:  # Σr and the sample count over every rank's part
             count = torch.full((), float(r.numel()), dtype=r.dtype, device=r.device)
             r_sum, n = all_reduce_sum(torch.stack([r.sum(), count]))
