@@ -348,6 +348,47 @@ def torch_words(e: BaseException) -> str:
     return text
 
 
+#: state entries torch's own optimizers keep element by element, of their tensor's shape (an
+#: optimizer of one's own, or a factored one, Adafactor's, keeps others)
+_ELEMENTWISE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
+                "acc_delta", "sum", "grad_avg", "ax", "prev")  # fmt: skip
+
+
+def _same_names(kept: list[str], now: list[str]) -> bool:
+    """Whether an optimizer group holds the same tensors as when it was saved, by their names
+    in the model; a tensor that is not the model's (a module a callback replaced leaves its
+    old tensors in the optimizer: a review's) on either side is left to the shapes' check."""
+    return len(kept) == len(now) and all(
+        a == b or a.startswith(NOT_THE_MODELS) or b.startswith(NOT_THE_MODELS)
+        for a, b in zip(kept, now, strict=True)
+    )
+
+
+#: how a group's tensor that is not one of the model's parameters is named
+NOT_THE_MODELS = "(not the model's"
+
+
+def _refuse_another_optimizers(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """A scheduler (or a part of a SequentialLR / ChainedScheduler) built on another optimizer
+    than the run's: it set its lr on that one, and the run trained and logged the optimizer's
+    own, unsaid (an optimizer rebuilt in a notebook, the scheduler kept, a probe's)."""
+    if scheduler is None:
+        return
+    parts = [scheduler, *(getattr(scheduler, "_schedulers", None) or ())]
+    for part in parts:
+        theirs = getattr(part, "optimizer", None)
+        if theirs is not None and theirs is not optimizer:
+            raise ContractError(
+                f"scheduler: {type(part).__name__} is built on another optimizer "
+                f"({type(theirs).__name__} at {id(theirs):#x}) than the run's "
+                f"({type(optimizer).__name__} at {id(optimizer):#x}): it would set the "
+                "learning rate of an optimizer the run does not step; build it on the "
+                "optimizer given to the Trainer"
+            )
+        if part is not scheduler:
+            _refuse_another_optimizers(part, optimizer)
+
+
 def _named(owner: Any, method: str, *args: Any) -> Any:
     """``owner.<method>(*args)``; an error raised there by a component of one's own (not of
     this package) is noted with its class and method (``(in MyCallback.state_dict)``): a
@@ -512,6 +553,7 @@ class Trainer:
         self.monitor: str = self.criterion.monitor
         self.device = device
         _refuse_lazy(model)
+        _refuse_another_optimizers(scheduler, optimizer)
         _check_arguments(precision, grad_clip, accumulate_grad_batches, max_epochs, max_steps,
                          log_every_n_steps)  # fmt: skip
         self.amp_dtype = _AMP_DTYPES[str(precision)]
@@ -649,6 +691,7 @@ class Trainer:
         self.before_forward_callbacks: list[Callable[[], None]] = []
         self._dtypes_of_params()
         self._unowned_named: list[str] = []  # (the names last warned of)
+        self._beyond_named: list[str] = []  # (the optimizer's other tensors last warned of)
         self._not_in_optimizer()
         #: what callbacks stage during a step (stage_scalars, stage_histogram)
         self.staging = Staging()
@@ -1513,6 +1556,24 @@ class Trainer:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         outside = [(n, p) for n, p in zip(self.param_names, self.params, strict=True)
                    if id(p) not in held]  # fmt: skip
+        # and the other way: tensors the optimizer updates that are not the model's (a
+        # learnable temperature kept in a loss of one's own): not measured, clipped or
+        # guarded, and grad_norm/total left them out, unsaid (a probe's)
+        model = {id(p) for p in self.model.parameters()}
+        beyond = [f"group {i}: {tuple(p.shape)}" for i, group in
+                  enumerate(self.optimizer.param_groups) for p in group["params"]
+                  if id(p) not in model and p.requires_grad]  # fmt: skip
+        if beyond and beyond != self._beyond_named:
+            log.warning(
+                "%d tensor(s) the optimizer updates are not the model's parameters (%s%s): "
+                "the gradient norms (grad_norm/total and per parameter), the clipping "
+                "(grad_clip), the non-finite guard and the histograms cover the model's "
+                "parameters only and leave them out, and a checkpoint keeps their values only "
+                "where their holder's state_dict does; an nn.Parameter of a module of the "
+                "model is measured, clipped, guarded and kept",
+                len(beyond), ", ".join(beyond[:5]), " …" if len(beyond) > 5 else "",
+            )  # fmt: skip
+        self._beyond_named = beyond
         #: trainable parameters outside the optimizer: their gradients are cleared per step
         self._unowned = [p for _, p in outside]
         names = [n for n, _ in outside]
@@ -2110,6 +2171,9 @@ class Trainer:
             "optimizer": checkpointable(
                 self._optimizer_state(), type(self.optimizer).__name__, "optimizer"
             ),
+            # each group's tensors by name (a resume with the groups built in another order
+            # is refused: they took each other's state, a probe's)
+            "optimizer_names": self._group_names(),
             "scheduler": checkpointable(
                 self.scheduler.state_dict(), type(self.scheduler).__name__, "scheduler"
             )
@@ -2161,6 +2225,35 @@ class Trainer:
         names = {id(m): n for n, m in self.model.named_modules()}
         return {names[id(m)]: t for m, t in base if id(m) in names}
 
+    def _group_names(self) -> list[list[str]]:
+        """Each optimizer group's tensors, by their names in the model (another tensor, by
+        its shape)."""
+        named = {id(p): n for n, p in self.model.named_parameters()}
+        return [[named.get(id(p), f"{NOT_THE_MODELS}, {tuple(p.shape)})") for p in g["params"]]
+                for g in self.optimizer.param_groups]  # fmt: skip
+
+    def _check_state_shapes(self, saved: dict[str, Any]) -> None:
+        """The saved optimizer state's tensors against the shapes of the tensors they go to
+        (torch's load maps them by position)."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        names = [n for g in self._group_names() for n in g]
+        for key, entry in (saved.get("state") or {}).items():
+            if (
+                not isinstance(key, int)
+                or not 0 <= key < len(params)
+                or not isinstance(entry, dict)
+            ):
+                continue
+            for what, t in entry.items():
+                if (what in _ELEMENTWISE and isinstance(t, Tensor)
+                        and t.shape != params[key].shape):  # fmt: skip
+                    raise ValueError(
+                        f"its optimizer state's {what} of shape {tuple(t.shape)} would go to "
+                        f"{names[key]}, of shape {tuple(params[key].shape)}: the groups are "
+                        "not built as they were (reordered, or other tensors in them); build "
+                        "them in the checkpoint's order"
+                    )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (strict: every key and shape must match)."""
         self._plateau_at = -1  # (another history: its steps are not this one's)
@@ -2184,6 +2277,21 @@ class Trainer:
             )
         groups = [len(g["params"]) for g in state["optimizer"].get("param_groups", ())]
         mine = [len(g["params"]) for g in self.optimizer.param_groups]
+        names = self._group_names()
+        kept = state.get("optimizer_names")  # (older checkpoints: none kept)
+        wrong = [i for i, (a, b) in enumerate(zip(kept or (), names, strict=False))
+                 if not _same_names(a, b)]  # fmt: skip
+        if len(groups) == len(mine) and kept is not None and wrong:
+            i = wrong[0]
+            raise ValueError(  # (the groups of one's script reordered between the save and the
+                # resume: each tensor took another's moments and lr, or the first step failed
+                # in torch's words, a probe's)
+                f"its optimizer's group {i} holds {few(kept[i])}, this run's {few(names[i])}: "
+                "the groups are not built as they were (reordered, or other tensors in them); "
+                "build them in the checkpoint's order"
+            )
+        if len(groups) == len(mine):  # (and by shape, a checkpoint keeping no names)
+            self._check_state_shapes(state["optimizer"])
         if len(groups) != len(mine):  # (torch's words: "a different number of parameter
             # groups", and no way out; a probe's callback had split the groups mid-run)
             raise ValueError(
