@@ -2183,6 +2183,9 @@ class Trainer:
             "step": self.global_step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            # the training split's size, whose permutation the epoch's order is (a resume on
+            # a split that grew trained the rest of its epoch on another order, a probe's)
+            "train_samples": self.train_loader.num_samples,
             **tally,
             "metrics": dict(self.metrics),
             "loader": loader_state() if loader_state else None,
@@ -2308,6 +2311,15 @@ class Trainer:
                 obj.load_state_dict(state[name])
         self.global_step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        kept = state.get("train_samples")  # (older checkpoints: none kept)
+        if kept is not None and int(kept) != self.train_loader.num_samples:
+            raise ValueError(
+                f"its training split had {int(kept)} samples, this run's has "
+                f"{self.train_loader.num_samples} (the same config: a data file rewritten at "
+                "its path, a folder that grew): the epochs' order and a resumed epoch's "
+                "position are another split's; start a new run (another trainer.run_id, or no "
+                "trainer.resume)"
+            )
         if not 0 <= self.batch_in_epoch <= len(self.train_loader):
             raise ValueError(
                 f"batch_in_epoch {self.batch_in_epoch} is outside this data's epoch of "

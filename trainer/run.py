@@ -437,6 +437,19 @@ def _warn_worker_draws(saved: dict[str, Any] | None, now: dict[str, Any], traine
             "with more, so this run's differ from the checkpoint run's (the same with any "
             "number > 0 of workers)", before, after,
         )  # fmt: skip
+    # validation with workers: per-batch seeds, so another eval_batch_size draws other
+    # augmentations for the same samples (a resume changing it changed val/* unsaid, a probe's)
+    size = [((d or {}).get("data") or {}).get("eval_batch_size") for d in (saved, now)]
+    if (
+        size[0] != size[1] and isinstance(after, int) and after > 0
+        and isinstance(trainer.val_loader, DeviceLoader)
+    ):  # fmt: skip
+        log.warning(
+            "resume: data.eval_batch_size %s -> %s: with workers, random draws of the "
+            "validation Dataset (augmentation) are seeded per batch, so this run's validation "
+            "draws differ from the checkpoint run's (validation data that draws nothing is "
+            "not affected)", size[0], size[1],
+        )  # fmt: skip
 
 
 def _warn_world_draws(state: dict[str, Any], trainer: Trainer) -> None:

@@ -527,6 +527,7 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.device = device
+        self._dataset_name = type(dataset).__name__
         self.sampler = EpochBatchSampler(
             self.num_samples, batch_size, shuffle, seed, drop_last, world
         )
@@ -598,13 +599,22 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[Batch]:
         non_blocking = self.device.type == "cuda"
         self._epoch_generator_state = self._seed_generator()  # (before the iterator's draw)
-        for i, (x, y, index) in enumerate(self.loader, self.sampler.start_batch):
-            self.current_global_size = self.sampler.global_size(i)
-            yield Batch(
-                x.to(self.device, non_blocking=non_blocking),
-                y.to(self.device, non_blocking=non_blocking),
-                index.to(self.device, non_blocking=non_blocking),
-            )
+        try:
+            for i, (x, y, index) in enumerate(self.loader, self.sampler.start_batch):
+                self.current_global_size = self.sampler.global_size(i)
+                yield Batch(
+                    x.to(self.device, non_blocking=non_blocking),
+                    y.to(self.device, non_blocking=non_blocking),
+                    index.to(self.device, non_blocking=non_blocking),
+                )
+        except RuntimeError as e:  # (torch's words alone, with no data set, a probe's: a
+            # sample's own error is named where it is raised, IndexedDataset)
+            if "exited unexpectedly" in str(e):
+                e.add_note(f"(a worker loading {self._dataset_name} for this loader died: a "
+                           "crash in native code its __getitem__ calls, the memory it was "
+                           "given, or os._exit; data.num_workers=0 loads in this process, "
+                           "where the error shows)")  # fmt: skip
+            raise
 
 
 Loader = InMemoryLoader | DeviceLoader
