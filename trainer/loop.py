@@ -692,6 +692,7 @@ class Trainer:
         self._dtypes_of_params()
         self._unowned_named: list[str] = []  # (the names last warned of)
         self._beyond_named: list[str] = []  # (the optimizer's other tensors last warned of)
+        self._were_model: set[int] = set()  # (the ids of tensors that were the model's)
         self._not_in_optimizer()
         #: what callbacks stage during a step (stage_scalars, stage_histogram)
         self.staging = Staging()
@@ -1560,9 +1561,12 @@ class Trainer:
         # learnable temperature kept in a loss of one's own): not measured, clipped or
         # guarded, and grad_norm/total left them out, unsaid (a probe's)
         model = {id(p) for p in self.model.parameters()}
+        # (not one that was the model's: a layer a callback replaced, left in its group, gets
+        # no gradient and is not updated, a review's)
+        self._were_model |= model
         beyond = [f"group {i}: {tuple(p.shape)}" for i, group in
                   enumerate(self.optimizer.param_groups) for p in group["params"]
-                  if id(p) not in model and p.requires_grad]  # fmt: skip
+                  if id(p) not in self._were_model and p.requires_grad]  # fmt: skip
         if beyond and beyond != self._beyond_named:
             log.warning(
                 "%d tensor(s) the optimizer updates are not the model's parameters (%s%s): "
@@ -2248,7 +2252,7 @@ class Trainer:
             ):
                 continue
             for what, t in entry.items():
-                if (what in _ELEMENTWISE and isinstance(t, Tensor)
+                if (what in _ELEMENTWISE and isinstance(t, Tensor) and t.ndim > 0
                         and t.shape != params[key].shape):  # fmt: skip
                     raise ValueError(
                         f"its optimizer state's {what} of shape {tuple(t.shape)} would go to "
@@ -2293,7 +2297,9 @@ class Trainer:
                 "the groups are not built as they were (reordered, or other tensors in them); "
                 "build them in the checkpoint's order"
             )
-        if len(groups) == len(mine):  # (and by shape, a checkpoint keeping no names)
+        if len(groups) == len(mine) and kept is None:  # (by shape, a checkpoint keeping no
+            # names: for every one, an optimizer of one's own keeping a scalar "sum" could not
+            # resume, a review's)
             self._check_state_shapes(state["optimizer"])
         if len(groups) != len(mine):  # (torch's words: "a different number of parameter
             # groups", and no way out; a probe's callback had split the groups mid-run)
