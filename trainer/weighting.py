@@ -243,7 +243,11 @@ class Weighting(Stateful, abc.ABC):
         else:  # (one known on the host, batch_total's: read there, in its own precision; a
             # tensor made of an int failed in torch's words, of a float64 one above float32's
             # range refused, a review's, and on a device it would copy from the host)
-            finite = math.isfinite(float(total))
+            try:  # (in the weights' dtype, where it divides them: a float32 run's total of
+                # 1.2e39 made every weight 0, unsaid, a mutation round's)
+                finite = abs(float(total)) <= torch.finfo(r.dtype).max
+            except OverflowError:  # (an int past float64's range)
+                finite = False
             over = None if finite else torch.ones((), dtype=torch.bool, device=r.device)
         if self._raw_checked:
             flag = bad.any() if over is None else bad.any() | over
