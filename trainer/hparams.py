@@ -225,16 +225,21 @@ def run_hparams(
     keys (``differs``).
 
     ``choices`` is Hydra's ``hydra.runtime.choices`` (group -> chosen option) and
-    ``overrides`` its ``hydra.overrides.task``; without them (a run built in Python) there are
-    no group choices and nothing is marked as overridden.
+    ``overrides`` its ``hydra.overrides.task``; without them (a run built in Python) the
+    groups' columns are listed empty (the regularizers' names are read off the config) and
+    nothing is marked as overridden.
     """
     choices = dict(choices or {})
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
     values: dict[str, HParamValue] = {}
-    for group in GROUPS if choices else ():  # all of them, so every job has the same keys
-        chosen = choices.get(group)
-        values[group] = _regularizers(cfg) if group == "regularizer" else str(chosen or "none")
+    for group in GROUPS:  # all of them, so every job has the same keys; a run built in
+        # Python has no choices to read: listed, empty, but the regularizers' names, read off
+        # the config (it listed none, and where TensorBoard took its record for a logdir's
+        # columns the command-line runs' choices were in none, a probe's)
+        chosen = choices.get(group) if choices else None
+        values[group] = (_regularizers(cfg) if group == "regularizer"
+                         else str(chosen or "none") if choices else None)  # fmt: skip
     for key in KEY_VALUES:
         values[key] = _value(OmegaConf.select(cfg, key, default=None), key)
     for key, v in _leaves(plain):
@@ -252,6 +257,7 @@ def run_hparams(
             values[key] = _value(OmegaConf.select(cfg, key), key)
         overridden.append(key)
     kinds = {k: kind for k, v in values.items() if v is None and (kind := _declared(cfg, k))}
+    kinds.update({g: str for g in GROUPS if values[g] is None})  # (their columns: text)
     return RunHParams(values, overridden, kinds)
 
 
