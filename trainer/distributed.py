@@ -80,6 +80,13 @@ def from_env() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return SINGLE
+    if "RANK" not in os.environ:  # (torch's KeyError: 'RANK', with a traceback and nothing
+        # recorded, a probe's)
+        raise ValueError(
+            f"WORLD_SIZE={size} is set in the environment but RANK is not: a data-parallel run "
+            'is started by torchrun (README, "Data parallel"), which sets both; unset '
+            "WORLD_SIZE for a single process"
+        )
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 

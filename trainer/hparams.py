@@ -286,7 +286,9 @@ def hydra_hparams(cfg: DictConfig) -> RunHParams:
     if not HydraConfig.initialized():
         return run_hparams(cfg)
     hc = HydraConfig.get()
-    return run_hparams(cfg, hc.runtime.choices, hc.overrides.task)
+    from trainer.sweep import task_overrides
+
+    return run_hparams(cfg, hc.runtime.choices, task_overrides())
 
 
 def run_name(run_dir: Path, hparams: RunHParams, nth: int = 1) -> str:

@@ -86,7 +86,7 @@ from trainer.loop import (
 from trainer.losses import Loss, as_loss
 from trainer.regularizers import InputGradPenalty
 from trainer.report import CONTINUED
-from trainer.sweep import check_direction, in_multirun
+from trainer.sweep import check_direction, in_multirun, task_overrides
 from trainer.weighting import NORMALIZE, Weighting
 
 log = logging.getLogger(__name__)
@@ -513,12 +513,21 @@ def _point_log_to(home: Path, here: str, step: int) -> None:
 
 
 def _display(path: Path | None) -> str:
+    """``path`` as the user can open it: relative to where the run was started (Hydra's
+    ``runtime.cwd``: with ``hydra.job.chdir=true`` the working directory is the run's own,
+    and the run said ``run dir: .``, a probe's), else absolute."""
     if path is None:  # (a stop whose checkpoint could not be written)
         return "none"
+    from hydra.core.hydra_config import HydraConfig
+
+    base = Path.cwd()
+    if HydraConfig.initialized():
+        with contextlib.suppress(Exception):
+            base = Path(HydraConfig.get().runtime.cwd)
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
+        return str(path.resolve().relative_to(base.resolve()))
     except ValueError:
-        return str(path)
+        return str(path.resolve())
 
 
 class Interrupted(SystemExit):
@@ -576,7 +585,7 @@ def refuse_repeated_choices() -> None:
 
     if not HydraConfig.initialized():
         return
-    for o in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+    for o in OverridesParser.create().parse_overrides(task_overrides()):
         value = o.value()
         if o.key_or_group == "regularizer" and isinstance(value, list):
             repeated = sorted({str(v) for v in value if value.count(v) > 1})
@@ -707,7 +716,8 @@ def _run(
     run_dir = Path(run_dir)
     ran_as = _job_identity(run_dir)  # (at the start: a sweep started meanwhile is not its)
     check_writable(run_dir)
-    main = distributed.from_env().is_main
+    _refuse_a_sweeps_folder(run_dir)
+    main = True  # (read in the try below: an environment torchrun did not set is recorded)
     trainer: Trainer | None = None
     resume_path = None
     taken = False  # run_dir's outputs are this run's: an earlier run's set aside, or its own
@@ -717,6 +727,7 @@ def _run(
     #: writes there with its own folder, which its pointer names (:data:`CONTINUED`)
     continued: dict[str, str] = {}
     try:
+        main = distributed.from_env().is_main
         refuse_repeated_choices()
         refuse_shadowed_configs()
         typed = validate(cfg)  # every config error surfaces here, before anything is built
@@ -1189,8 +1200,25 @@ def _job_identity(run_dir: Path) -> dict[str, Any]:
         return {}
     from trainer.sweep import job_sweep_id
 
-    return {"overrides": [str(o) for o in HydraConfig.get().overrides.task],
+    return {"overrides": task_overrides(),
             "sweep_id": job_sweep_id(run_dir)}  # fmt: skip
+
+
+def _refuse_a_sweeps_folder(run_dir: Path) -> None:
+    """A single run given a sweep's folder (``hydra.run.dir=<a sweep dir>``): its outputs
+    made the folder a run dir, and the sweep's report listed that run alone, its jobs left
+    out unsaid (a probe's). Refused before anything is written there."""
+    from trainer.report import SWEEP_FILE
+    from trainer.sweep import in_multirun
+
+    if in_multirun() or not any((run_dir / n).is_file() for n in ("multirun.yaml", SWEEP_FILE)):
+        return
+    raise ConfigError(
+        f"hydra.run.dir: {_display(run_dir)} is a sweep's folder (it holds multirun.yaml or "
+        f"{SWEEP_FILE}): a run's outputs there would hide the sweep's jobs from its report; "
+        "give the run a folder of its own (a job of that sweep is continued from its job "
+        "folder, <sweep dir>/<n>)"
+    )
 
 
 def _refuse_another_jobs_folder(run_dir: Path) -> None:
@@ -1213,7 +1241,7 @@ def _refuse_another_jobs_folder(run_dir: Path) -> None:
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return
     hc = HydraConfig.get()
-    mine = [str(o) for o in hc.overrides.task]
+    mine = task_overrides()
     sweep = job_sweep_id(run_dir)
     if sweep is None or there.get("sweep_id") != sweep or not isinstance(ran, list):
         return

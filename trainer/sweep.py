@@ -174,6 +174,16 @@ def _each_resolved(params: Any) -> dict[str, Any]:
     return out
 
 
+def task_overrides() -> list[str]:
+    """The Hydra job's command-line overrides as written (``hydra.overrides.task``): a
+    ``${...}`` in one left unresolved (read resolved, one naming a missing key stopped a
+    single run with a traceback before anything was recorded, and metrics.json recorded the
+    values for the overrides, a probe's)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return [str(o) for o in _as_written(HydraConfig.get().overrides.task)]
+
+
 def _as_written(node: Any) -> Any:
     """A config node as plain containers, its ``${...}`` left unresolved."""
     if isinstance(node, DictConfig | ListConfig):
@@ -401,11 +411,10 @@ _failed_here: dict[tuple[str, ...], tuple[int, str]] = {}
 
 
 def _job_of(cfg: DictConfig) -> tuple[str, ...]:
-    from hydra.core.hydra_config import HydraConfig
 
     from trainer.report import _job
 
-    return _job([str(o) for o in HydraConfig.get().overrides.task])
+    return _job(task_overrides())
 
 
 def _run_job(cfg: DictConfig, run: Any, teardown: Any) -> float | None:
@@ -573,10 +582,18 @@ class SweepSummary(Callback):
             + ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
             + ")"
         )  # (a job stopped by a signal is interrupted, and resumable, not failed)
+        where = (
+            f"the others' outputs are in {sweep_dir} (python scripts/report.py {sweep_dir})"
+            if jobs or refused
+            else "no job ran (a value Hydra cannot read for its key's type stops a sweep "
+            "before its first job: Hydra checks every point first; fix it and run the sweep "
+            "again)"
+            if stopped
+            else f"no job ran; its plan is in {sweep_dir}"
+        )  # (it said the others' outputs were there, of a sweep that ran none, a probe's)
         message = (
             f"sweep {ended}: {len(failed) + unstarted} of {len(jobs) + len(refused) + unstarted}"
-            f" jobs {what}; "
-            f"the others' outputs are in {sweep_dir} (python scripts/report.py {sweep_dir})"
+            f" jobs {what}; {where}"
         )
         log.error(message)
         if not stopped:  # (status 1; the message is logged above: SystemExit(message)
