@@ -108,8 +108,9 @@ def test_a_sweep_point_of_the_wrong_type_is_said_to_stop_the_sweep_before_any_jo
     assert sorted(p.name for p in sweep.iterdir()) == [".sweep.json", "multirun.yaml"]
     assert proc.stdout.rstrip().endswith(
         "sweep stopped before its end by the error above: 2 of 2 jobs did not complete (2 not "
-        "started); no job ran (a value Hydra cannot read for its key's type stops a sweep "
-        "before its first job: Hydra checks every point first; fix it and run the sweep again)"
+        "started); no job ran: Hydra checks every point before the first job, and the error "
+        "above stopped it (a value of another type than its key's, an unknown choice, ...); "
+        "fix it and run the sweep again"
     ), proc.stdout[-800:]
     assert "Error merging override trainer.max_steps=abc" in proc.stderr
 

@@ -149,6 +149,23 @@ def _nested_jobs(root: Path, folder: Path, depth: int) -> list[Path]:
 _OF_A_RUN = ("previous", "abandoned", "tb", "checkpoints")
 
 
+def sweeps_own_job(folder: Path) -> bool:
+    """Whether the run in a sweep's own folder is that sweep's job (``hydra.sweep.subdir=.``,
+    or an empty ``${hydra.job.override_dirname}``: it was left out, a review's): Hydra wrote
+    its ``.hydra/hydra.yaml`` in a multirun, or its ``metrics.json`` records the sweep's id."""
+    try:
+        text = (folder / ".hydra" / "hydra.yaml").read_text()
+        if re.search(r"^  mode: MULTIRUN$", text, re.MULTILINE):
+            return True
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        recorded = json.loads((folder / "metrics.json").read_text()).get("sweep_id")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+    return isinstance(recorded, str) and recorded == current_sweep_id(folder)
+
+
 def find_run_dirs(root: Path) -> list[Path]:
     """``[root]`` for a run dir; for a sweep dir its job dirs, numerically ordered.
 
@@ -165,13 +182,13 @@ def find_run_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         raise ReportError(f"{root}: not a directory; give a sweep dir or a run dir")
     sweep = (root / "multirun.yaml").is_file() or (root / SWEEP_FILE).is_file()
-    if is_run_dir(root) and not sweep:
+    if is_run_dir(root) and (not sweep or sweeps_own_job(root)):
         return [root]
-    if is_run_dir(root):  # (a run's outputs in a sweep's folder: the sweep's jobs were left
-        # out for it, unsaid, a probe's; the trainer refuses such a run now)
-        print(f"warning: {root}: a run's outputs in the sweep's folder itself (metrics.json, "
-              "tb/ or .hydra/ beside multirun.yaml) are not a job of the sweep: left out",
-              file=sys.stderr)  # fmt: skip
+    if is_run_dir(root):  # (a single run's outputs in a sweep's folder: the sweep's jobs were
+        # left out for it, unsaid, a probe's; the trainer refuses such a run now)
+        print(f"warning: {root}: a single run's outputs in the sweep's folder itself "
+              "(metrics.json, tb/ or .hydra/ beside multirun.yaml) are not a job of the sweep: "
+              "left out", file=sys.stderr)  # fmt: skip
     nested = _nested_jobs(root, root, NESTED_DEPTH)
     jobs = [
         p

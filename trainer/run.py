@@ -1208,10 +1208,16 @@ def _refuse_a_sweeps_folder(run_dir: Path) -> None:
     """A single run given a sweep's folder (``hydra.run.dir=<a sweep dir>``): its outputs
     made the folder a run dir, and the sweep's report listed that run alone, its jobs left
     out unsaid (a probe's). Refused before anything is written there."""
-    from trainer.report import SWEEP_FILE
+    from trainer.report import SWEEP_FILE, current_sweep_id
     from trainer.sweep import in_multirun
 
     if in_multirun() or not any((run_dir / n).is_file() for n in ("multirun.yaml", SWEEP_FILE)):
+        return
+    try:  # (a job of that sweep run in its folder, subdir=., continued by hand: its own)
+        recorded = json.loads((run_dir / "metrics.json").read_text()).get("sweep_id")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and recorded == current_sweep_id(run_dir):
         return
     raise ConfigError(
         f"hydra.run.dir: {_display(run_dir)} is a sweep's folder (it holds multirun.yaml or "

@@ -585,9 +585,9 @@ class SweepSummary(Callback):
         where = (
             f"the others' outputs are in {sweep_dir} (python scripts/report.py {sweep_dir})"
             if jobs or refused
-            else "no job ran (a value Hydra cannot read for its key's type stops a sweep "
-            "before its first job: Hydra checks every point first; fix it and run the sweep "
-            "again)"
+            else "no job ran: Hydra checks every point before the first job, and the error "
+            "above stopped it (a value of another type than its key's, an unknown choice, "
+            "...); fix it and run the sweep again"
             if stopped
             else f"no job ran; its plan is in {sweep_dir}"
         )  # (it said the others' outputs were there, of a sweep that ran none, a probe's)
