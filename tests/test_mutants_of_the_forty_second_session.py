@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_own_regularizer_checks_review import _Square
 from torch import nn
 from torch.nn.utils import prune
 
@@ -51,18 +52,6 @@ def test_an_allowed_pattern_bound_again_to_another_model_is_warned_not_refused(c
     assert [rec.getMessage().split(" (fnmatch")[0] for rec in caplog.records] == [
         "regularizer.l2.exclude: ['1.weight'] matches no parameter of the model"
     ]
-
-
-class _Square(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, coef, *params):
-        ctx.coef = coef
-        ctx.save_for_backward(*params)
-        return coef * sum((p * p).sum() for p in params)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (None, *[g * ctx.coef * 2 * p for p in ctx.saved_tensors])
 
 
 def _clamping_grads(p):

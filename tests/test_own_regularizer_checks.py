@@ -15,8 +15,8 @@ from trainer.models.mlp import MLP
 from trainer.regularizers import Regularizer
 
 
-class _NoCoefBackward(torch.autograd.Function):
-    """λ Σ log cosh(p); its backward forgets λ (returns g · tanh p)."""
+class _LogCosh(torch.autograd.Function):
+    """λ Σ log cosh(p), backward g · λ · tanh p."""
 
     @staticmethod
     def forward(ctx, coef, *params):
@@ -26,10 +26,18 @@ class _NoCoefBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        return (None, *[g * ctx.coef * torch.tanh(p) for p in ctx.saved_tensors])
+
+
+class _NoCoefBackward(_LogCosh):
+    """λ Σ log cosh(p); its backward forgets λ (returns g · tanh p)."""
+
+    @staticmethod
+    def backward(ctx, g):
         return (None, *[g * torch.tanh(p) for p in ctx.saved_tensors])
 
 
-class _NoCoefForward(torch.autograd.Function):
+class _NoCoefForward(_LogCosh):
     """Σ log cosh(p), λ left out of the forward; its backward right (g · λ · tanh p)."""
 
     @staticmethod
@@ -37,10 +45,6 @@ class _NoCoefForward(torch.autograd.Function):
         ctx.coef = coef
         ctx.save_for_backward(*params)
         return sum(torch.log(torch.cosh(p)).sum() for p in params)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (None, *[g * ctx.coef * torch.tanh(p) for p in ctx.saved_tensors])
 
 
 class NoCoefBackward(Regularizer):
@@ -158,18 +162,6 @@ def test_the_penaltys_logging_backward_draws_nothing_from_the_runs_generators(tm
     a, b = final_params(tmp_path / "every1"), final_params(tmp_path / "every3")
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"logging every step vs every third trained other {different}"
-
-
-class _LogCosh(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, coef, *params):
-        ctx.coef = coef
-        ctx.save_for_backward(*params)
-        return coef * sum(torch.log(torch.cosh(p)).sum() for p in params)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (None, *[g * ctx.coef * torch.tanh(p) for p in ctx.saved_tensors])
 
 
 class LogCosh(Regularizer):
