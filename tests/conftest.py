@@ -97,19 +97,39 @@ def _value_only(override: Override) -> bool:
     )
 
 
+#: the most pytest-xdist workers ``-n auto`` (pyproject's addopts) starts: each imports torch
+#: and collects the suite (~10 s of a core, ~1 GiB), so a many-core machine's count of them
+#: would cost more memory than it saves time
+MAX_WORKERS = 8
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per core this process may use (all of them where the system
+    does not say), at most :data:`MAX_WORKERS`."""
+    affinity = getattr(os, "sched_getaffinity", None)  # (Linux's)
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that wait for a background CLI job (:func:`in_background`) run last, in their
     order: the jobs, started with the session, then run alongside the in-process tests instead
-    of being waited for."""
-    items.sort(key=lambda item: hasattr(getattr(item, "function", None), "_background_job"))
+    of being waited for. Under pytest-xdist they run first (their jobs in their own bodies):
+    the longest tests first, the short in-process ones then even out the workers' ends."""
+    items.sort(
+        key=lambda item: (
+            hasattr(getattr(item, "function", None), "_background_job") != _XDIST_WORKER
+        )
+    )
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(request):
     """One intra-op thread for a test, or ``n`` for one marked ``threads(n)``.
 
-    The suite's CLI jobs (:func:`in_background`) and forked runs keep the second of CI's two
-    cores busy: two threads here contended with them for it (the whole suite took 254 s on two
+    The other xdist worker (or, in one process, the suite's CLI jobs, :func:`in_background`)
+    and forked runs keep the second of CI's two cores busy: two threads here contended with
+    them for it (the whole suite took 254 s on two
     threads, 214 s on one, back to back). One thread and two round differently (a review saw
     the same 50-step run end with other weights), so the tests of the bitwise guarantees
     (scalar and uniform vector mode; instruments, curvature and per-sample measuring on and
@@ -135,7 +155,8 @@ def in_background(job: Callable[..., Any]) -> Callable[[Callable[..., Any]], Cal
     use the other, so the suite's wall time is not their sum. Jobs run one at a time, in the
     tests' order. The job must not touch this process's global state (Hydra's, torch's threads):
     whatever needs it stays in the test body. Nothing here depends on timing: a test waits for
-    its own job's result.
+    its own job's result. Under pytest-xdist (pyproject's ``-n auto``) the other worker uses
+    the other core: a worker runs the job in the test's own body, and these tests run first.
     """
 
     def mark(test: Callable[..., Any]) -> Callable[..., Any]:
@@ -216,8 +237,17 @@ def _guarded(job: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             _holding.guard = False
 
 
+#: this process is a pytest-xdist worker: the other worker uses the other core, so a test's
+#: CLI job runs in its own body (each worker collects every test, and a job started for a
+#: test another worker runs would be run twice)
+_XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _background_jobs(request, tmp_path_factory):
+    if _XDIST_WORKER:
+        yield {}
+        return
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_JOB_THREAD)
     futures: dict[str, Future] = {}
     for item in request.session.items:  # the selected tests only, in their order
@@ -231,8 +261,12 @@ def _background_jobs(request, tmp_path_factory):
 
 
 @pytest.fixture
-def background(request, _background_jobs):
+def background(request, _background_jobs, tmp_path_factory):
     """The return value of this test's :func:`in_background` job (waits for it)."""
+    if _XDIST_WORKER:
+        item = request.node
+        params = dict(item.callspec.params) if hasattr(item, "callspec") else {}
+        return item.function._background_job(tmp_path_factory.mktemp("job"), **params)
     return _background_jobs[request.node.nodeid].result()
 
 

@@ -18,12 +18,11 @@ import re
 import runpy
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, in_background
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
@@ -186,8 +185,13 @@ CLI_CASES = ["key-optimizer.lrr", "choice-optimizer=adam", "sweep-lr=1,2", "rang
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    """Bad weight files, a file that is not a checkpoint, and a file in a run dir's way."""
-    d = tmp_path_factory.mktemp("files")
+    return write_files(tmp_path_factory.mktemp("files"))
+
+
+def write_files(d: Path) -> Path:
+    """Bad weight files, a file that is not a checkpoint, and a file in a run dir's way, in
+    ``d`` (made)."""
+    d.mkdir(parents=True, exist_ok=True)
     torch.save(torch.ones(10), d / "short.pt")
     (d / "short.csv").write_text("1\n2\n3\n")
     nan = torch.ones(DIGITS_TRAIN)
@@ -292,48 +296,29 @@ def test_bad_override_fails_before_the_first_step_naming_the_key(
     assert_nothing_trained(run_dir)
 
 
-class CliRuns(threading.Thread):
-    """The CLI cases, one after another in a background thread: each subprocess spends ~4 s
-    importing torch on the core that the in-process cases leave idle."""
-
-    def __init__(self, cases: dict[str, list[str]], files: Path, root: Path):
-        super().__init__(daemon=True)
-        self.cases, self.files, self.root = cases, files, root
-        self.results: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
-
-    def run(self) -> None:
-        for i, (case_id, overrides) in enumerate(self.cases.items()):
-            run_dir = self.root / f"case{i}" / "run"  # not the id: '=' or ',' in a path breaks
-            args = [f"hydra.run.dir={run_dir}", *BASE, *fill(overrides, self.files)]
-            proc = subprocess.run(
-                [sys.executable, str(SCRIPT), *args],
-                cwd=ROOT, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-            self.results[case_id] = (proc, run_dir)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cli_runs(request, files, tmp_path_factory) -> CliRuns:
-    """Start the selected CLI cases as the module starts (autouse), so they overlap the rest."""
-    selected = {
-        item.callspec.params["case_id"]
-        for item in request.session.items
-        if getattr(item, "originalname", "") == "test_in_process_runs_fail_as_the_cli_does"
-    }
-    cases = {p.id: p.values[0] for p in CASES if p.id in selected}
-    runs = CliRuns(cases, files, tmp_path_factory.mktemp("cli"))
-    runs.start()
-    yield runs
-    runs.join()
+def _cli_case(path: Path, case_id: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """A CLI case in a fresh interpreter (a background job: it spends ~4 s importing torch on
+    the core the in-process cases leave idle), with bad files of its own; returns the process,
+    its run dir and the files, which the in-process run then uses too (the messages name
+    them)."""
+    files = write_files(path / "files")
+    run_dir = path / "run"  # (not the id: '=' or ',' in a path breaks)
+    overrides = next(p.values[0] for p in CASES if p.id == case_id)
+    args = [f"hydra.run.dir={run_dir}", *BASE, *fill(overrides, files)]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return proc, run_dir, files
 
 
 @pytest.mark.parametrize("case_id", CLI_CASES)
+@in_background(_cli_case)
 def test_in_process_runs_fail_as_the_cli_does(
-    case_id: str, cli_runs, files: Path, tmp_path: Path, capsys, monkeypatch
+    case_id: str, background, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     overrides, expected = next(p.values for p in CASES if p.id == case_id)
-    cli_runs.join(timeout=600)
-    proc, cli_dir = cli_runs.results[case_id]
+    proc, cli_dir, files = background
     cli_err = proc.stderr
     run_dir = tmp_path / "run"
     code = train_in_process(
