@@ -28,6 +28,7 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.callbacks import Callback
+from trainer.components import build
 from trainer.logger import event_dir
 from trainer.run import run
 
@@ -47,6 +48,20 @@ class StopAtTarget(Callback):
         if self.reached is None and self.ema <= self.target:
             self.reached = out.step
             trainer.max_steps = out.step  # the loop ends after this step
+
+
+#: every run's data: the default (digits), each step a batch of B (the epoch's short last batch
+#: dropped: S(B) at B = 512 counted every third step's 414 samples as 512 until 2026-12-08)
+STUDY = ["trainer.device=cpu", "logging.progress=false", "data.drop_last=true"]
+
+
+def training_split() -> int:
+    """The study's training split's size (its data built as a run builds it)."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=STUDY)
+    data = build("data", cfg.data)
+    data.setup(torch.device("cpu"), cfg.seed)
+    return data.train_loader.num_samples
 
 
 def last_value(run_dir: Path, tag: str, until: int) -> float:
@@ -99,11 +114,17 @@ def best_runs(rows: list[dict]) -> dict[int, dict]:
     return best
 
 
-def refusal(batch_sizes: list[int], lrs: list[float], target: float, max_steps: int) -> str:
+def refusal(
+    batch_sizes: list[int], lrs: list[float], target: float, max_steps: int, train_samples: int
+) -> str:
     """Why the grid cannot make a study ("" when it can), checked before any run trains (a bad
-    value at a later run lost the earlier ones)."""
+    value at a later run lost the earlier ones). ``train_samples``: the training split's."""
     if any(b < 2 for b in batch_sizes):
         return "--batch-sizes: each must be >= 2 (the noise scale needs two samples)"
+    if too_big := [b for b in batch_sizes if b > train_samples]:
+        # (every step of such a run was a batch of the whole split, credited to B, a probe's)
+        return (f"--batch-sizes: {', '.join(map(str, too_big))} larger than the training split "
+                f"({train_samples} samples): no step has such a batch")  # fmt: skip
     if len(set(batch_sizes)) < 2:  # (said after every run had trained, as "raise --max-steps")
         return "--batch-sizes: give at least two different ones (S(B) is fitted to them)"
     if any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
@@ -128,7 +149,7 @@ def main() -> None:
         list(dict.fromkeys(args.batch_sizes)),
         list(dict.fromkeys(args.lrs)),
     )
-    why = refusal(args.batch_sizes, args.lrs, args.target, args.max_steps)
+    why = refusal(args.batch_sizes, args.lrs, args.target, args.max_steps, training_split())
     if why:
         p.error(why)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -136,7 +157,7 @@ def main() -> None:
     for b in args.batch_sizes:
         for lr in args.lrs:
             overrides = [
-                "trainer.device=cpu", "logging.progress=false", f"data.batch_size={b}",
+                *STUDY, f"data.batch_size={b}",
                 "optimizer=sgd", "optimizer.momentum=0", f"optimizer.lr={lr}", "scheduler=none",
                 "trainer.max_epochs=100000", f"trainer.max_steps={args.max_steps}",
                 "instrument=none", "instrument.per_sample.every_n_steps=5",

@@ -438,6 +438,50 @@ def _noise_module():
     return module
 
 
+def _study_runs(monkeypatch, capsys, *argv: str) -> tuple[list, int | str | None, str]:
+    """The noise study's ``main`` on ``argv``, its runs not trained but recorded (their batch
+    size and ``drop_last``): (runs, exit code, stderr). No run reaches the target, so a grid
+    that passes its checks ends with "fewer than two batch sizes reached the target"."""
+    study, runs = _noise_module(), []
+    monkeypatch.setattr(
+        study, "run", lambda cfg, run_dir, callbacks: runs.append(
+            (cfg.data.batch_size, cfg.data.drop_last))
+    )  # fmt: skip
+    monkeypatch.setattr(study, "last_value", lambda run_dir, tag, until: math.nan)
+    monkeypatch.setattr(sys, "argv", ["noise_scale.py", *argv])
+    with pytest.raises(SystemExit) as ended:
+        study.main()
+    return runs, ended.value.code, capsys.readouterr().err
+
+
+def test_the_noise_study_refuses_a_batch_size_past_the_training_split(
+    monkeypatch, capsys, tmp_path
+) -> None:
+    """``--batch-sizes 8 4096`` trained its B = 4096 runs on batches of the whole split (1,438
+    samples) and fitted S(B) to them as B = 4096, without a word (a probe's): refused before
+    any run trains."""
+    runs, code, err = _study_runs(
+        monkeypatch, capsys, "--batch-sizes", "8", "4096", "1439", "1438", "--lrs", "0.4",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    assert runs == [] and code == 2
+    assert ("--batch-sizes: 4096, 1439 larger than the training split (1438 samples): no step "
+            "has such a batch") in err  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_step_of_a_noise_study_run_is_a_batch_of_its_size(monkeypatch, capsys, tmp_path):
+    """B = 512 ended each epoch with a batch of 414 (1,438 = 2·512 + 414), its steps counted
+    as of 512 (a probe's): the study's runs drop an epoch's short last batch. The largest batch
+    the split holds is a study's point."""
+    runs, code, _ = _study_runs(
+        monkeypatch, capsys, "--batch-sizes", "8", "512", "1438", "--lrs", "0.4", "0.8",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == "fewer than two batch sizes reached the target; raise --max-steps"
+    assert runs == [(b, True) for b in (8, 512, 1438) for _ in (0.4, 0.8)]
+
+
 @pytest.mark.parametrize("order", [(16, 32, 64), (32, 16, 64), (64, 32, 16)])
 def test_the_noise_studys_median_leaves_out_runs_measured_before_none(order) -> None:
     """A best run that reached the target before the first measured step has no B_simple
@@ -518,10 +562,12 @@ def test_the_noise_study_trains_each_grid_point_once(tmp_path, monkeypatch) -> N
         ({"target": 0.0}, "--target: must be finite and > 0"),
         ({"target": math.nan}, "--target: must be finite and > 0"),
         ({"max_steps": 0}, "--max-steps: must be >= 1"),
+        ({"batch_sizes": [2, 33]}, "--batch-sizes: 33 larger than the training split (32 samples)"),
     ],
 )
 def test_the_noise_studys_grid_checks(change, why) -> None:
-    grid = {"batch_sizes": [2, 32], "lrs": [0.4], "target": 0.5, "max_steps": 1, **change}
+    grid = {"batch_sizes": [2, 32], "lrs": [0.4], "target": 0.5, "max_steps": 1,
+            "train_samples": 32, **change}  # fmt: skip
     got = _noise_module().refusal(**grid)
     assert got.startswith(why) and (got == "") == (why == "")
 
