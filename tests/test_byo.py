@@ -63,7 +63,14 @@ def test_a_user_package_trains_through_the_cli_with_config_dir(background) -> No
     assert {"val/loss", "val/mse", "train/loss"} <= scalars.keys()
 
 
-def test_a_user_package_that_is_not_importable_says_so_and_where_python_looked(tmp_path) -> None:
+def test_a_user_package_that_is_not_importable_says_so_and_where_python_looked(
+    tmp_path, monkeypatch
+) -> None:
+    # (an earlier test of this process may have imported byo: byo_importable's, README's
+    # snippet in test_docs.py; sys.path is restored after them, sys.modules is not)
+    monkeypatch.delitem(sys.modules, "byo", raising=False)
+    for name in [m for m in sys.modules if m.startswith("byo.")]:
+        monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ConfigError) as e:
         validate(byo_cfg(*BYO_CHOICES))
     message = str(e.value)

@@ -115,6 +115,7 @@ def test_a_trainer_built_by_hand_with_a_lazy_model_not_yet_run_is_refused() -> N
 
     data = SyntheticData(num_train=32, num_val=8, num_classes=3, shape=[8], batch_size=8)
     data.setup(torch.device("cpu"), 0)
+    torch.manual_seed(0)  # (the dry run draws the initial values: not the process's state)
     model = Net([8], 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -128,9 +129,13 @@ def test_a_trainer_built_by_hand_with_a_lazy_model_not_yet_run_is_refused() -> N
                        r"its optimizer and the Trainer"):  # fmt: skip
         build()
     model(torch.ones(2, 8))  # (the dry run; the optimizer holds the same tensors, initialized)
-    before = [p.detach().clone() for p in model.parameters()]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     build().fit()
-    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    # every parameter trained but the first Linear's bias: the batch norm after it takes each
+    # feature's batch mean away, so its gradient is zero but for rounding (it moved, or not,
+    # by the initial values: 15 seeds in 40)
+    assert moved >= set(before) - {"body.1.bias"}, moved
 
 
 def test_a_model_without_lazy_modules_is_not_run_before_training() -> None:
