@@ -139,9 +139,11 @@ def histograms(
         else:
             left, right = lo, hi
         if right <= left:  # a constant tensor: one bucket around its value, ± 0.5 as NumPy
-            # takes it, wider where that is below the value's resolution (float32 1e8 ± 0.5
-            # is 1e8: histc put it in bucket 0, below its written limits)
-            half = max(0.5, abs(left) * 2**-10)
+            # takes it, wider only where a bucket of that range is below the value's
+            # resolution in the dtype it is binned in (float32 1e8 ± 0.5 is 1e8: histc put it
+            # in bucket 0, below its written limits; from 512 on it was widened to ± |v|/1024
+            # whatever the dtype, a probe's: 1000 gave [999.02, 1000.98], not NumPy's range)
+            half = max(0.5, abs(left) * torch.finfo(acc).eps * bins)
             largest = _F64_MAX if x.dtype == torch.float64 else _F32_MAX
             if abs(left) + half <= largest:
                 left, right = left - half, right + half
@@ -307,10 +309,21 @@ class Histograms(Callback):
             raise ValueError(
                 f"instrument.histograms.every_n_steps: got {every_n_steps}, must be >= 1"
             )
+        # (the config's checks, for an instance built in Python: bins=0 failed at the first
+        # histogram step, training begun, in a ZeroDivisionError naming nothing, and a fixed
+        # range of min >= max wrote limits running downwards, every value in one bucket, a
+        # probe's)
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 10_000:
+            raise ValueError(f"instrument.histograms.bins: got {bins!r}, must be in [1, 10000]")
         if range not in HISTOGRAM_RANGES:
             raise ValueError(
                 f"instrument.histograms.range: got {range!r}, must be one of "
                 f"{', '.join(HISTOGRAM_RANGES)}"
+            )
+        if range == "fixed" and not (math.isfinite(min) and math.isfinite(max) and min < max):
+            raise ValueError(
+                f"instrument.histograms.min: got min={min}, max={max}: range=fixed needs "
+                "finite min < max"
             )
         self.every, self.bins = Every(every_n_steps), bins
         self.range_policy, self.fixed = range, (min, max)
