@@ -8,7 +8,11 @@ two kinds of value in such a column, and TensorBoard's HPARAMS tab refuses to so
 the table by it. This rewrites the older runs' records under each folder
 (:func:`trainer.hparams.migrate`: each value decided by the run's own config, its
 ``.hydra/config.yaml`` or its checkpoint's; a run with neither is left as written),
-atomically, every other record kept byte for byte; running it again changes nothing.
+atomically, every other record kept byte for byte; running it again changes nothing. A file a
+process may still be writing (its run has no ``metrics.json`` yet, or wrote it before the file's
+last events: resumed since) is left and listed: replaced under its writer, every event written
+after would be lost. Once no process writes those runs (a run killed never writes its
+metrics), ``--unfinished`` migrates them too.
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("dirs", nargs="*", default=["outputs"], type=Path,
                         help="folders holding runs (default: outputs)")  # fmt: skip
+    parser.add_argument("--unfinished", action="store_true",
+                        help="also the runs a process may still be writing (no metrics.json, "
+                             "or events after it): only once none is running")  # fmt: skip
     args = parser.parse_args(argv)
     for directory in args.dirs:
         if not directory.is_dir():
             parser.error(f"{directory} is not a folder")
     changed, left = [], []
     for directory in args.dirs:
-        done, kept = migrate(directory)
+        done, kept = migrate(directory, unfinished=args.unfinished)
         changed += done
         left += kept
     for path in changed:

@@ -22,7 +22,9 @@ def test_a_histograms_bins_built_in_python_are_refused_naming_the_key(bins) -> N
     for 2.5)."""
     with pytest.raises(ValueError) as refused:
         Histograms(1, bins=bins)
-    assert str(refused.value) == f"instrument.histograms.bins: got {bins!r}, must be in [1, 10000]"
+    assert str(refused.value) == (
+        f"instrument.histograms.bins: got {bins!r}, must be an integer in [1, 10000]"
+    )
 
 
 @pytest.mark.parametrize(("lo", "hi"), [(1.0, -1.0), (0.5, 0.5), (math.nan, 1.0)])
@@ -49,3 +51,27 @@ def test_a_constant_tensors_range_is_numpys_where_half_is_resolved(value) -> Non
     counts, edges = np.histogram(np.full(10, value), bins=64)
     assert h.bucket_limits == edges[1:].tolist()
     assert h.bucket_counts == counts.astype(float).tolist()
+
+
+@pytest.mark.parametrize(("value", "bins"), [(4e13, 64), (-5e13, 64), (2.0**38, 10_000)])
+def test_a_constant_tensors_range_is_numpys_where_its_buckets_are_resolved(value, bins) -> None:
+    """(a review's) The range is widened from NumPy's ± 0.5 wherever |v|·eps·bins > 0.5, that
+    is wherever a bucket of NumPy's range, 1/bins, is under 2|v|·eps: 1 to 4 ulps of v, buckets
+    that float64 resolves. 4e13 (ulp 2⁻⁷ = 0.0078, NumPy's buckets 1/64 = 2 ulps, its limits
+    exact and increasing) was binned over ± 0.5703125, while 2**45 = 3.5e13, of the same ulp,
+    gets NumPy's ± 0.5."""
+    assert 1 / bins >= math.ulp(abs(value) + 0.5)  # NumPy's buckets are resolved in float64
+    counts, edges = np.histogram(np.full(10, value), bins=bins)
+    assert (np.diff(edges) > 0).all()
+    (h,) = histograms([torch.full((10,), value, dtype=torch.float64)], bins=bins)
+    assert h.bucket_limits == edges[1:].tolist()
+    assert h.bucket_counts == counts.astype(float).tolist()
+
+
+def test_a_numpy_integer_bins_is_taken_as_the_function_takes_it() -> None:
+    """(a review's) ``Histograms(1, bins=np.int64(64))`` is refused with "got np.int64(64),
+    must be in [1, 10000]", a message whose value is in the range it names (``histograms()``
+    bins with it as it does with 64, and the check before 2026-12-08 took it)."""
+    (h,) = histograms([torch.arange(4.0)], bins=np.int64(64))
+    assert sum(h.bucket_counts) == 4
+    assert Histograms(1, bins=np.int64(64)).bins == 64

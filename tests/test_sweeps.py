@@ -687,6 +687,7 @@ def test_migrate_rewrites_an_older_runs_records_by_its_own_config(tmp_path) -> N
             logger.add_summary(s, 0)
         logger.add_floats({"train/loss": 1.5}, 1)
         logger.close()
+        (tmp_path / name / "metrics.json").write_text('{"status": "completed"}')  # (ended)
     (tmp_path / "yaml" / ".hydra").mkdir()
     OmegaConf.save(cfg, tmp_path / "yaml" / ".hydra" / "config.yaml")
     (tmp_path / "checkpoint" / "checkpoints").mkdir()
@@ -820,6 +821,7 @@ def _older_run(run: Path, cfg) -> Path:
         logger.add_summary(s, 0)
     logger.add_floats({"train/loss": 1.5}, 1)
     logger.close()
+    (run / "metrics.json").write_text('{"status": "completed"}')  # (ended: its last record)
     return next(run.rglob("events.out.tfevents.*"))
 
 

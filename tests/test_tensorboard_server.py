@@ -286,6 +286,7 @@ def test_hparams_of_a_logdir_with_a_run_written_before_integers_were_numbers(tmp
         logger.add_floats({"val/acc": 0.5, "val/loss": 1.0, "train/loss": 1.0}, 2)
         logger.add_summary(end_summary(True), 2)
         logger.close()
+        (tmp_path / name / "metrics.json").write_text('{"status": "completed"}')  # (ended)
     changed, left = migrate(tmp_path)  # (the older run's file; the newer has no config)
     assert [p.parts[-4] for p in changed] == ["old"] and [p.parts[-4] for p, _ in left] == ["new"]
 

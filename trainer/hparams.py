@@ -579,13 +579,57 @@ def drop_end_status(directory: Path) -> list[Path]:
 _INT_TEXT = re.compile(r"-?[0-9]+")
 
 
-def migrate(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+#: how much later than its run's ``metrics.json`` an event file may have been written and still
+#: be of the process that wrote it (a run's last events and its metrics are written within a
+#: second of each other; a resumed run's file grows for as long as it trains)
+SETTLED_S = 60.0
+
+
+def _unsettled(event_file: Path) -> str:
+    """Why a process may still be writing ``event_file`` ("" where none can): its run has no
+    ``metrics.json`` (a run writes it as it ends), or the file was written after it (a run
+    resumed since). Rewritten under a process that writes it, the file is replaced by a new
+    one while the process goes on writing into the old, gone from the folder: every event
+    from then on lost (a probe's)."""
+    run = next((f.parent for f in event_file.parents if f.name == "tb"), None)
+    if run is None:
+        return ""
+    metrics = run / "metrics.json"
+    if not metrics.is_file():
+        return ("no metrics.json: the run may still be writing this file (or was killed); "
+                "once no process writes it, run again with --unfinished")  # fmt: skip
+    if event_file.stat().st_mtime > metrics.stat().st_mtime + SETTLED_S:
+        return ("written after the run's metrics.json: a resumed run may still be writing "
+                "it; once no process writes it, run again with --unfinished")  # fmt: skip
+    return ""
+
+
+def _event_files(root: Path) -> list[Path]:
+    """The event files under ``root``, through symlinked folders too (TensorBoard follows
+    them: ``rglob`` did not, and such a run was neither rewritten nor listed, a probe's),
+    each real file once."""
+    found: dict[Path, Path] = {}
+    seen: set[Path] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = Path(folder).resolve()
+        if real in seen:  # (a link back up: walked once)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in files:
+            if name.startswith("events.out.tfevents."):
+                found.setdefault((real / name).resolve(), Path(folder) / name)
+    return sorted(found.values())
+
+
+def migrate(root: Path, unfinished: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Rewrite the HPARAMS records of the runs under ``root`` written before 2026-12-07, when
     integers were text ("64"), a None was "none" and a run listed its own task's metrics
     only, to what is written since (integers as numbers, a None left out: :func:`_value`;
     every built-in task's metrics, :data:`TASK_METRICS`); returns the files changed, and
-    those left as they are with why. A logdir holding runs of both had two kinds of value in
-    a column, and TensorBoard refused the table's sorting and filtering by it (a review's).
+    those left as they are with why. A file a process may still be writing is left
+    (:func:`_unsettled`) unless ``unfinished``. A logdir holding runs of both had two kinds of
+    value in a column, and TensorBoard refused the table's sorting and filtering by it (a review's).
     Each value is decided by the run's own config (:func:`_run_config`), never guessed (text
     that reads as an integer may be text: ``trainer.precision`` is "32"): a text value whose
     config value is an integer becomes a number, one whose config value is None is left out
@@ -595,9 +639,9 @@ def migrate(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     atomically, their other records byte for byte; running it again changes nothing."""
     changed: list[Path] = []
     left: list[tuple[Path, str]] = []
-    for path in sorted(Path(root).rglob("events.out.tfevents.*")):
+    for path in _event_files(Path(root)):
         try:
-            why = _migrate_file(path)
+            why = _migrate_file(path, unfinished)
         except Exception as e:  # noqa: BLE001 (named, and the others migrated)
             why = f"{type(e).__name__}: {e}"
         if why is None:
@@ -607,7 +651,7 @@ def migrate(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return changed, left
 
 
-def _migrate_file(path: Path) -> str | None:
+def _migrate_file(path: Path, unfinished: bool = False) -> str | None:
     """:func:`migrate` of one event file: None where it was rewritten, "" where it needs
     nothing, else why it is left as it is."""
     from tensorboard.compat.proto.event_pb2 import Event
@@ -676,6 +720,8 @@ def _migrate_file(path: Path) -> str | None:
             plugin.experiment.hparam_infos.extend(infos)
     if not numbers and not gone and not missing:
         return ""
+    if not unfinished and (busy := _unsettled(path)):
+        return busy
     for _event, v, plugin in events.values():
         v.metadata.plugin_data.content = plugin.SerializeToString()
     parts = [
@@ -702,8 +748,11 @@ def _run_config(event_file: Path) -> tuple[dict | None, str]:
     if found.is_file():
         try:
             plain = OmegaConf.to_container(OmegaConf.load(found), resolve=True)
-            if isinstance(plain, dict):
+            if isinstance(plain, dict) and plain:
                 return plain, ""
+            # (an empty one was taken: every key absent, the run's integers left text and
+            # the file said rewritten, a probe's)
+            reasons.append(f"{found} holds no config (empty, or not a mapping)")
         except Exception as e:  # noqa: BLE001 (a resolver of its sweep's: the checkpoint's)
             reasons.append(f"{found} does not resolve here ({type(e).__name__}: {e})")
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -70,6 +71,15 @@ _F32_MAX = torch.finfo(torch.float32).max
 _F32_TINY = torch.finfo(torch.float32).tiny
 _F64_MAX = torch.finfo(torch.float64).max
 _F64_TINY = torch.finfo(torch.float64).tiny
+
+
+def _ulp(x: float, dtype: torch.dtype) -> float:
+    """The spacing of ``dtype``'s values at ``x`` >= 0 (float64, else float32's)."""
+    if dtype == torch.float64:
+        return math.ulp(x)
+    if x < _F32_TINY:  # (subnormal: float32's least step)
+        return _F32_TINY * torch.finfo(torch.float32).eps
+    return 2.0 ** (math.frexp(min(x, _F32_MAX))[1] - 24)
 
 
 def _overflow_scale(bins: int) -> float:
@@ -143,7 +153,8 @@ def histograms(
             # resolution in the dtype it is binned in (float32 1e8 ± 0.5 is 1e8: histc put it
             # in bucket 0, below its written limits; from 512 on it was widened to ± |v|/1024
             # whatever the dtype, a probe's: 1000 gave [999.02, 1000.98], not NumPy's range)
-            half = max(0.5, abs(left) * torch.finfo(acc).eps * bins)
+            ulp = _ulp(abs(left) + 0.5, acc)  # (one of NumPy's buckets is 1/bins wide)
+            half = 0.5 if 1 / bins >= ulp else ulp * bins
             largest = _F64_MAX if x.dtype == torch.float64 else _F32_MAX
             if abs(left) + half <= largest:
                 left, right = left - half, right + half
@@ -313,8 +324,15 @@ class Histograms(Callback):
         # histogram step, training begun, in a ZeroDivisionError naming nothing, and a fixed
         # range of min >= max wrote limits running downwards, every value in one bucket, a
         # probe's)
-        if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 10_000:
-            raise ValueError(f"instrument.histograms.bins: got {bins!r}, must be in [1, 10000]")
+        try:  # (an integer of any kind, NumPy's too; not a bool)
+            count = None if isinstance(bins, bool) else operator.index(bins)
+        except TypeError:
+            count = None
+        if count is None or not 1 <= count <= 10_000:
+            raise ValueError(
+                f"instrument.histograms.bins: got {bins!r}, must be an integer in [1, 10000]"
+            )
+        bins = count
         if range not in HISTOGRAM_RANGES:
             raise ValueError(
                 f"instrument.histograms.range: got {range!r}, must be one of "
