@@ -66,12 +66,17 @@ def test_migrate_leaves_a_resumed_run_written_after_its_metrics(tmp_path) -> Non
     run = tmp_path / "run"
     event = _older_run(run, cfg)
     _save_config(run, cfg)
-    ended = (run / "metrics.json").stat().st_mtime
-    os.utime(event, (ended + SETTLED_S + 1, ended + SETTLED_S + 1))
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    times = [e.wall_time for e in EventFileLoader(str(event)).Load()]
+    first, last = times[0], times[-1]
+    metrics = run / "metrics.json"
+    os.utime(metrics, (first - 1, first - 1))  # (the file begun after the run's end)
     assert migrate(tmp_path) == ([], [(event, (
         "written after the run's metrics.json: a resumed run may still be writing it; once "
         "no process writes it, run again with --unfinished"))])  # fmt: skip
-    os.utime(event, (ended + SETTLED_S, ended + SETTLED_S))  # (its last events, as it ended)
+    ended = max(first, last - SETTLED_S)  # (its last events within SETTLED_S of its end)
+    os.utime(metrics, (ended, ended))
     assert migrate(tmp_path) == ([event], [])
 
 

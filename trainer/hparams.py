@@ -585,12 +585,15 @@ _INT_TEXT = re.compile(r"-?[0-9]+")
 SETTLED_S = 60.0
 
 
-def _unsettled(event_file: Path) -> str:
-    """Why a process may still be writing ``event_file`` ("" where none can): its run has no
-    ``metrics.json`` (a run writes it as it ends), or the file was written after it (a run
-    resumed since). Rewritten under a process that writes it, the file is replaced by a new
-    one while the process goes on writing into the old, gone from the folder: every event
-    from then on lost (a probe's)."""
+def _unsettled(event_file: Path, first: float, last: float) -> str:
+    """Why a process may still be writing ``event_file`` ("" where none can), whose first and
+    last events were written at wall times ``first`` and ``last``: its run has no
+    ``metrics.json`` (a run writes it as it ends), or the file was begun after it (a process
+    of the run resumed since: each writes a file of its own) or written to after it. Rewritten
+    under a process that writes it, the file is replaced by a new one while the process goes
+    on writing into the old, gone from the folder: every event from then on lost (a probe's).
+    The events' own times, not the file's: a file rewritten since (by an earlier migration, a
+    copy) is not taken for one being written (a review's)."""
     run = next((f.parent for f in event_file.parents if f.name == "tb"), None)
     if run is None:
         return ""
@@ -598,7 +601,8 @@ def _unsettled(event_file: Path) -> str:
     if not metrics.is_file():
         return ("no metrics.json: the run may still be writing this file (or was killed); "
                 "once no process writes it, run again with --unfinished")  # fmt: skip
-    if event_file.stat().st_mtime > metrics.stat().st_mtime + SETTLED_S:
+    ended = metrics.stat().st_mtime
+    if first > ended or last > ended + SETTLED_S:
         return ("written after the run's metrics.json: a resumed run may still be writing "
                 "it; once no process writes it, run again with --unfinished")  # fmt: skip
     return ""
@@ -720,15 +724,20 @@ def _migrate_file(path: Path, unfinished: bool = False) -> str | None:
             plugin.experiment.hparam_infos.extend(infos)
     if not numbers and not gone and not missing:
         return ""
-    if not unfinished and (busy := _unsettled(path)):
-        return busy
+    if not unfinished:
+        times = [Event.FromString(data[a + 12 : b - 4]).wall_time
+                 for a, b in (frames[0], frames[-1])]  # fmt: skip
+        if busy := _unsettled(path, *times):
+            return busy
     for _event, v, plugin in events.values():
         v.metadata.plugin_data.content = plugin.SerializeToString()
     parts = [
         tfrecord(events[i][0].SerializeToString()) if i in events else data[a:b]
         for i, (a, b) in enumerate(frames)
     ]
-    _replace(path, b"".join(parts) + data[whole:])
+    # (a symlinked file's target: the link replaced by a copy left the target as it was, a
+    # review's)
+    _replace(path.resolve(), b"".join(parts) + data[whole:])
     return None
 
 
