@@ -84,18 +84,12 @@ def test_a_file_the_earlier_migration_rewrote_is_not_taken_for_a_resumed_run(
     ended. By the file's mtime, now that rewrite's, the run was taken for one resumed and
     still written -- no process has written it since the run ended; only the migration did:
     its events' own times say so."""
-    import torch
+    from test_migrate_unfinished_and_linked_runs import older_run_with_an_empty_config
 
     import trainer.hparams as hparams
 
-    cfg = make_cfg("trainer.max_steps=2")
     run = tmp_path / "run"
-    event = _older_run(run, cfg)
-    (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text("")
-    (run / "checkpoints").mkdir()
-    torch.save({"config": OmegaConf.to_container(cfg, resolve=True)},
-               run / "checkpoints" / "last.pt")  # fmt: skip
+    event = older_run_with_an_empty_config(run)
     with monkeypatch.context() as m:  # the earlier pass: the empty file taken as {}
         m.setattr(hparams, "_run_config", lambda path: ({}, ""))
         assert hparams.migrate(tmp_path) == ([event], [])

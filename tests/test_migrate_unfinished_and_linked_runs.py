@@ -103,6 +103,19 @@ def test_migrate_finds_a_run_behind_a_symlinked_folder(tmp_path) -> None:
     assert _records(event)["start"]["seed"] == "number_value"
 
 
+def older_run_with_an_empty_config(run: Path) -> Path:
+    """An older run (:func:`_older_run`) whose ``.hydra/config.yaml`` is empty, its config in
+    its checkpoint; returns its event file."""
+    cfg = make_cfg("trainer.max_steps=2")
+    event = _older_run(run, cfg)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("")
+    (run / "checkpoints").mkdir()
+    torch.save({"config": OmegaConf.to_container(cfg, resolve=True)},
+               run / "checkpoints" / "last.pt")  # fmt: skip
+    return event
+
+
 def test_an_empty_hydra_config_is_not_taken_as_the_runs_config(tmp_path) -> None:
     """A run whose ``.hydra/config.yaml`` is empty (a disk that filled up, a copy cut short)
     beside a checkpoint holding its config: the empty file loads as ``{}``, is taken as the
@@ -111,14 +124,7 @@ def test_an_empty_hydra_config_is_not_taken_as_the_runs_config(tmp_path) -> None
     by its checkpoint's config nor listed as left, and a second pass says nothing of it."""
     from trainer.hparams import migrate
 
-    cfg = make_cfg("trainer.max_steps=2")
-    run = tmp_path / "run"
-    event = _older_run(run, cfg)
-    (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text("")
-    (run / "checkpoints").mkdir()
-    torch.save({"config": OmegaConf.to_container(cfg, resolve=True)},
-               run / "checkpoints" / "last.pt")  # fmt: skip
+    event = older_run_with_an_empty_config(tmp_path / "run")
     changed, left = migrate(tmp_path)
     start = _records(event)["start"]
     assert (start["seed"], start["data.batch_size"]) == ("number_value", "number_value") or (
