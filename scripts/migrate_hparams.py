@@ -10,9 +10,9 @@ the table by it. This rewrites the older runs' records under each folder
 ``.hydra/config.yaml`` or its checkpoint's; a run with neither is left as written),
 atomically, every other record kept byte for byte; running it again changes nothing. A file a
 process may still be writing (its run has no ``metrics.json`` yet, or wrote it before the file's
-first or last events, by their own times: resumed since) is left and listed: replaced under its writer, every event written
-after would be lost. Once no process writes those runs (a run killed never writes its
-metrics), ``--unfinished`` migrates them too.
+first or last events, by their own times: resumed since) is left and listed: replaced under its
+writer, every event written after would be lost. Once no process writes those runs (a run
+killed never writes its metrics), ``--unfinished`` migrates them too.
 """
 
 from __future__ import annotations

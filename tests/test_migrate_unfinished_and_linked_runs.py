@@ -103,6 +103,59 @@ def test_migrate_finds_a_run_behind_a_symlinked_folder(tmp_path) -> None:
     assert _records(event)["start"]["seed"] == "number_value"
 
 
+def test_a_migrated_python_built_record_has_the_group_columns_of_a_newer_one(tmp_path) -> None:
+    """A run built from Python before 2026-12-07 listed no config groups (README: "until
+    2026-12-07 it listed none, and where TensorBoard took its record the command-line runs'
+    choices were in no column"); one written now lists them (empty text columns, the
+    regularizers' names read off the config). The migration completes the older record's
+    kinds and metrics but not its columns: where TensorBoard picks the migrated record, the
+    command-line runs' choices (``model``, ``data``, ...) are still in no column, and its
+    ``regularizer`` (``l2``) is missing."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata
+    from test_tensorboard_server import _older_record
+
+    from trainer.hparams import GROUPS, migrate, run_hparams, start_summaries
+    from trainer.logger import TensorBoardLogger
+
+    cfg = make_cfg("trainer.max_steps=2", "regularizer=l2")
+    hp = run_hparams(cfg)  # (built in Python: no choices)
+    older = {k: v for k, v in hp.values.items() if k not in GROUPS}  # (as it was written)
+    run = tmp_path / "py"
+    logger = TensorBoardLogger(run / "tb" / "run")
+    for s in _older_record(older):
+        logger.add_summary(s, 0)
+    logger.close()
+    (run / "metrics.json").write_text('{"status": "completed"}')  # (ended)
+    (run / "checkpoints").mkdir()
+    torch.save({"config": OmegaConf.to_container(cfg, resolve=True)},
+               run / "checkpoints" / "last.pt")  # fmt: skip
+    migrate(tmp_path)
+
+    def columns(summary) -> set:
+        return {i.name for i in metadata.parse_experiment_plugin_data(
+            summary.value[0].metadata.plugin_data.content).hparam_infos}  # fmt: skip
+
+    newer = columns(start_summaries(hp)[0])
+    event = next(run.rglob("events.out.tfevents.*"))
+    migrated = next(columns(e.summary) for e in EventFileLoader(str(event)).Load()
+                    if any(v.tag == metadata.EXPERIMENT_TAG for v in e.summary.value))  # fmt: skip
+    assert set(GROUPS) <= newer
+    assert sorted(newer - migrated) == []
+    records = _records(event)
+    assert records["start"]["regularizer"] == "string_value"
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = next(
+        plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
+        for e in EventFileLoader(str(event)).Load() for v in e.summary.value
+        if v.tag == metadata.SESSION_START_INFO_TAG
+    ).session_start_info.hparams  # fmt: skip
+    assert start["regularizer"].string_value == "l2"  # (as a run written today lists it)
+    assert not (set(GROUPS) - {"regularizer"}) & set(start)  # (None: left out, as today)
+    assert migrate(tmp_path) == ([], [])  # (a second pass changes nothing)
+
+
 def older_run_with_an_empty_config(run: Path) -> Path:
     """An older run (:func:`_older_run`) whose ``.hydra/config.yaml`` is empty, its config in
     its checkpoint; returns its event file."""

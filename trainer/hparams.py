@@ -684,9 +684,17 @@ def _migrate_file(path: Path, unfinished: bool = False) -> str | None:
     texts = [k for h in starts for k in h if h[k].WhichOneof("kind") == "string_value"
              and k not in GROUPS and (h[k].string_value == "none"
                                       or _INT_TEXT.fullmatch(h[k].string_value))]  # fmt: skip
-    config, why = _run_config(path) if texts else ({}, "")
+    # a run built in Python listed no group before 2026-12-07; one written since lists them
+    # all (empty text columns, the regularizers' names read off its config): the migrated
+    # record listed none, and where TensorBoard took it for a logdir's columns the
+    # command-line runs' choices were in none (a probe's)
+    groupless = [h for h in starts if not any(g in h for g in GROUPS)]
+    config, why = _run_config(path) if texts or groupless else ({}, "")
     if config is None:
         return why
+    for hparams in groupless:
+        names = list(config.get("regularizer") or {})
+        hparams["regularizer"].string_value = "+".join(names) if names else "none"
     numbers: set[str] = set()
     gone: set[str] = set()
     choices: dict[str, str] = {}
@@ -709,6 +717,12 @@ def _migrate_file(path: Path, unfinished: bool = False) -> str | None:
             plugin.experiment.metric_infos.extend(
                 api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in extra
             )
+            columns = {info.name for info in plugin.experiment.hparam_infos}
+            if groupless and not columns & set(GROUPS):
+                plugin.experiment.hparam_infos.extend(
+                    api_pb2.HParamInfo(name=g, type=api_pb2.DATA_TYPE_STRING) for g in GROUPS
+                )
+                missing = True
             infos = []
             for info in plugin.experiment.hparam_infos:
                 if info.name in gone:
@@ -722,7 +736,7 @@ def _migrate_file(path: Path, unfinished: bool = False) -> str | None:
                 infos.append(info)
             del plugin.experiment.hparam_infos[:]
             plugin.experiment.hparam_infos.extend(infos)
-    if not numbers and not gone and not missing:
+    if not numbers and not gone and not missing and not groupless:
         return ""
     if not unfinished:
         times = [Event.FromString(data[a + 12 : b - 4]).wall_time
