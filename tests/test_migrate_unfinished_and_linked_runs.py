@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from conftest import make_cfg
 from omegaconf import OmegaConf
-from test_sweeps import _older_run, _records
+from test_sweeps import _older_run, _records, older_python_run
 
 
 def _save_config(run: Path, cfg) -> None:
@@ -113,31 +113,21 @@ def test_a_migrated_python_built_record_has_the_group_columns_of_a_newer_one(tmp
     ``regularizer`` (``l2``) is missing."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.plugins.hparams import metadata
-    from test_tensorboard_server import _older_record
 
     from trainer.hparams import GROUPS, migrate, run_hparams, start_summaries
-    from trainer.logger import TensorBoardLogger
 
     cfg = make_cfg("trainer.max_steps=2", "regularizer=l2")
     hp = run_hparams(cfg)  # (built in Python: no choices)
     older = {k: v for k, v in hp.values.items() if k not in GROUPS}  # (as it was written)
     run = tmp_path / "py"
-    logger = TensorBoardLogger(run / "tb" / "run")
-    for s in _older_record(older):
-        logger.add_summary(s, 0)
-    logger.close()
-    (run / "metrics.json").write_text('{"status": "completed"}')  # (ended)
-    (run / "checkpoints").mkdir()
-    torch.save({"config": OmegaConf.to_container(cfg, resolve=True)},
-               run / "checkpoints" / "last.pt")  # fmt: skip
-    migrate(tmp_path)
+    event = older_python_run(run, cfg, older)
+    assert migrate(tmp_path) == ([event], [])
 
     def columns(summary) -> set:
         return {i.name for i in metadata.parse_experiment_plugin_data(
             summary.value[0].metadata.plugin_data.content).hparam_infos}  # fmt: skip
 
     newer = columns(start_summaries(hp)[0])
-    event = next(run.rglob("events.out.tfevents.*"))
     migrated = next(columns(e.summary) for e in EventFileLoader(str(event)).Load()
                     if any(v.tag == metadata.EXPERIMENT_TAG for v in e.summary.value))  # fmt: skip
     assert set(GROUPS) <= newer

@@ -957,37 +957,47 @@ def test_migrate_leaves_out_a_listed_key_the_runs_config_lacks(tmp_path) -> None
     assert "optimizer.weight_decay" not in _records(event)["start"]
 
 
+def older_python_run(run: Path, cfg, values: dict) -> Path:
+    """A run built in Python before 2026-12-07 (no ``.hydra/``): its HPARAMS records of
+    ``values`` as the code then wrote them, its ``metrics.json`` (ended) and its config in
+    its checkpoint; returns its event file."""
+    from omegaconf import OmegaConf
+    from test_tensorboard_server import _older_record
+
+    from trainer.logger import TensorBoardLogger
+
+    logger = TensorBoardLogger(run / "tb" / "run")
+    for s in _older_record(values):
+        logger.add_summary(s, 0)
+    logger.close()
+    (run / "metrics.json").write_text('{"status": "completed"}')
+    (run / "checkpoints").mkdir()
+    torch.save({"config": OmegaConf.to_container(cfg, resolve=True)},
+               run / "checkpoints" / "last.pt")  # fmt: skip
+    return next(run.rglob("events.out.tfevents.*"))
+
+
 def test_a_migrated_python_built_record_types_its_none_columns_as_a_newer_one(tmp_path) -> None:
     """A run built in Python has no group choices in its record; its newer experiment record
     types ``optimizer.fused`` (None: left out of the session) from the config's schema
     (bool), but the migration looks the kind up by the record's chosen option, finds none,
     and drops the column: where TensorBoard picks that record, the column is missing for
     every run (a review's real runs, /tmp/probe400/logs/old_py_cnn against new_py_cnn)."""
-    from omegaconf import OmegaConf
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.plugins.hparams import metadata
-    from test_tensorboard_server import _older_record
 
     from trainer.hparams import migrate, run_hparams, start_summaries
-    from trainer.logger import TensorBoardLogger
 
     cfg = make_cfg("trainer.max_steps=2")
     run = tmp_path / "py"
-    logger = TensorBoardLogger(run / "tb" / "run")
-    for s in _older_record(run_hparams(cfg).values):  # (no choices: built in Python)
-        logger.add_summary(s, 0)
-    logger.close()
-    (run / "checkpoints").mkdir()
-    torch.save({"config": OmegaConf.to_container(cfg, resolve=True)},
-               run / "checkpoints" / "last.pt")  # fmt: skip
-    migrate(tmp_path)
+    event = older_python_run(run, cfg, run_hparams(cfg).values)  # (no choices)
+    assert migrate(tmp_path) == ([event], [])
 
     def names(summary) -> set:
         return {i.name for i in metadata.parse_experiment_plugin_data(
             summary.value[0].metadata.plugin_data.content).hparam_infos}  # fmt: skip
 
     newer = names(start_summaries(run_hparams(cfg))[0])
-    event = next(run.rglob("events.out.tfevents.*"))
     migrated = next(names(e.summary) for e in EventFileLoader(str(event)).Load()
                     if any(v.tag == metadata.EXPERIMENT_TAG for v in e.summary.value))  # fmt: skip
     assert "optimizer.fused" in newer
