@@ -82,7 +82,7 @@ from trainer.update import (
     step_optimizer,
     watch_update,
 )
-from trainer.weighting import Weighting
+from trainer.weighting import Weighting, check_set_up, prepare
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +493,15 @@ def _qualified(cb: Callback) -> str:
     return f"{type(cb).__module__}.{type(cb).__qualname__}"
 
 
+def _own_copies(args: tuple) -> tuple:
+    """``args`` with each dict copied, for one hook: the run's metrics, of which each callback
+    of ``on_validation_end`` and ``on_fit_end`` gets a copy of its own. The trainer's record
+    was handed on itself: a callback showing ``val/acc`` as a percentage in place changed
+    ``fit``'s result, ``metrics.json``, the checkpoints' metrics and the monitor, while
+    TensorBoard had the validation's value (a probe's)."""
+    return tuple(dict(a) if isinstance(a, dict) else a for a in args)
+
+
 class Trainer:
     """Trains ``model`` on ``train_loader``, validating on ``val_loader`` after each epoch.
 
@@ -617,6 +626,9 @@ class Trainer:
                 _bound(r, model)  # reg/<name> 0, unsaid; and one of one's own went unchecked:
                 if type(r) is not Regularizer:  # a probe's)
                     r.check_gradient()  # (its backward, once, before training)
+        if weighting is not None:  # (as trainer.run prepares it: a Trainer built by hand
+            prepare(weighting, self.criterion, world, "weighting")  # did not, a probe's)
+            check_set_up(weighting)
         #: the backward roots and each loss element's coefficient in them (trainer/objective.py)
         self.objective = Objective(
             self.criterion, weighting, regularizers, self.params, world=world,
@@ -779,13 +791,15 @@ class Trainer:
                 own = type(cb).__module__.startswith("trainer.instrument")
                 self._writes_grads.append(not own)
 
-    def _fire(self, name: str, *args: Any) -> None:
+    def _fire(self, name: str, *args: Any, copies: bool = False) -> None:
+        """Every callback's hook ``name``; ``copies``: each hook gets its own copy of the
+        metrics among ``args`` (:func:`_own_copies`)."""
         staging = self.staging
         outer = staging.stager  # (a hook running this one: validation from a callback)
         for hook in self._hooks[name]:
             staging.stager = hook  # (whose tags it stages: Staging._check_owner)
             try:
-                hook(self, *args)
+                hook(self, *(_own_copies(args) if copies else args))
             except Exception as e:  # (the error recorded named neither: a probe)
                 _note_hook(e, hook, name)
                 raise
@@ -809,7 +823,9 @@ class Trainer:
                 staging.stager = outer
         self._hook_at = len(hooks)
 
-    def _fire_each(self, name: str, *args: Any) -> list[tuple[Any, BaseException]]:
+    def _fire_each(
+        self, name: str, *args: Any, copies: bool = False
+    ) -> list[tuple[Any, BaseException]]:
         """Every callback's hook ``name``, each also when an earlier one raised (the end of a
         run: the final checkpoint is one of them, restoring the signal handlers another);
         returns (hook, error) for those that raised, in order."""
@@ -818,7 +834,7 @@ class Trainer:
         for hook in self._hooks[name]:
             self.staging.stager = hook
             try:
-                hook(self, *args)
+                hook(self, *(_own_copies(args) if copies else args))
             except BaseException as e:  # noqa: BLE001 (raised, or logged, by the caller; a
                 if isinstance(e, Exception):  # Ctrl-C in a slow report too: the final
                     _note_hook(e, hook, name)  # checkpoint)
@@ -827,14 +843,14 @@ class Trainer:
                 self.staging.stager = outer
         return errors
 
-    def _fire_between(self, name: str, *args: Any) -> None:
+    def _fire_between(self, name: str, *args: Any, copies: bool = False) -> None:
         """A hook after an optimizer step and before the next one's window (validation, a rest
         point, the end): what its callbacks stage is written at the last step taken
         (``global_step``), with the next read, not at the next step's number. (What
         ``on_fit_start`` and ``on_train_epoch_start`` stage goes with the step that follows:
         a run resumed at an epoch's end fires them again, and its event files keep what was
         written up to the checkpoint's step.)"""
-        self._fire(name, *args)
+        self._fire(name, *args, copies=copies)
         self.staging.defer_staged(self.global_step)
 
     def should_log(self, step: int) -> bool:
@@ -1142,13 +1158,20 @@ class Trainer:
         if self._retried is not None and self._retried[1]:
             own = [type(cb).__name__ for cb in self.callbacks
                    if not type(cb).__module__.startswith("trainer.")]  # fmt: skip
+            # (and the objective's parts of one's own keeping state: a weighting counting its
+            # calls trained the window again one call further on, unsaid, a probe's)
+            kept = [f"{key} {type(part).__name__}" for key, part in self._stateful_parts()
+                    if type(part).state_dict is not Stateful.state_dict
+                    and not type(part).__module__.startswith("trainer.")]  # fmt: skip
             log.warning(
                 "fit: the last fit failed inside step %d's window; this one trains it again from "
                 "its first micro-batch, as an uninterrupted run does, but for what the failed "
                 "attempt's %d forward pass(es) changed: buffers (BatchNorm's statistics) and the "
-                "random generators (dropout) are as they left them%s", *self._retried,
+                "random generators (dropout) are as they left them%s%s", *self._retried,
                 f", and so are callbacks of one's own, whose hooks ran for them "
                 f"({', '.join(own)})" if own else "",
+                f", and the state of {', '.join(kept)} (the objective's parts of one's own "
+                "that keep state: they ran for them too)" if kept else "",
             )  # fmt: skip
         self._retried = None
         if self._purge_from is not None and self.logger is not None:  # the steps a failed
@@ -1218,7 +1241,7 @@ class Trainer:
             # every on_fit_end, also past one that raises (the final checkpoint is one of
             # them); the run then fails with the first error, and only those that raised get
             # on_exception (instead of on_fit_end, never as well)
-            errors = self._fire_each("on_fit_end", self.metrics)
+            errors = self._fire_each("on_fit_end", self.metrics, copies=True)
             # (those that ran through get no on_exception, whatever fails after)
             ended = {id(cb) for cb in self.callbacks} - {id(_owner(h)) for h, _ in errors}
             if self.world.distributed and self.stopped_by is None:  # (once, at the end: a
@@ -1480,7 +1503,7 @@ class Trainer:
             self.scheduler.step(m[self.monitor])  # stops mid-epoch (a longer run has none)
             self._plateau_at = self.global_step  # (a fit called again after its
             # on_validation_end failed validates again: stepped twice, a review's)
-        self._fire_between("on_validation_end", m)  # (in eval mode, as it was)
+        self._fire_between("on_validation_end", m, copies=True)  # (in eval mode, as it was)
         if training:  # a train() override of one's own runs again, with its side effects
             self.model.train()
         _put_modes(modes)  # each module's as found (a callback's eval() left over undone)

@@ -108,8 +108,11 @@ class Loss(Stateful):
         returns a mean and a log-variance trained a whole epoch, then failed naming loss=mse:
         a probe's); not an error, as validation takes the model's eval-mode output, which may
         differ (a review's false refusal), and fails there with these words if it does not."""
-        if (self.task != "regression" or type(self).val_sums is not Loss.val_sums
-                or "val/mse" not in self.metrics):  # fmt: skip
+        if type(self).val_sums is not Loss.val_sums:
+            return None
+        if self.task == "classification" and "val/acc" in self.metrics:
+            return _val_acc_shapes(self, output, target)
+        if self.task != "regression" or "val/mse" not in self.metrics:
             return None
         return None if _comparable(output, target) else _val_mse_shapes(self, output, target)
 
@@ -167,6 +170,12 @@ class Loss(Stateful):
         # val/loss, its model's output a mean and a log-variance, failed at the first
         # validation computing the val/mse it left out, a review's)
         if self.task == "classification" and "val/acc" in self.metrics:
+            said = _val_acc_shapes(self, output, target)
+            if said:  # (a binary classifier's one logit was argmax 0 for every sample, its
+                # val/acc the share of class 0; a (B, K, H, W) output's correct pixels were
+                # divided by the images; soft labels (B, K) were compared by broadcasting:
+                # a probe's)
+                raise ValueError(said)
             correct = (output.argmax(dim=1) == target).sum().to(output.dtype)
             sums["val/acc"] = torch.stack([_unless_nonfinite(correct, output), n])
         elif self.task == "regression" and "val/mse" in self.metrics:
@@ -284,6 +293,12 @@ def val_keys(loss: Loss, sums: Any, device: torch.device) -> tuple[list[str], fr
                 f"{what} gave {k!r} on {v.device}, the trainer's device is {device}: make its "
                 "tensors on the model output's device"
             )
+        if v.is_complex():  # (torch's "result type ComplexDouble can't be cast", naming
+            raise ValueError(  # neither, after the epoch's training: a probe's)
+                f"{what} gave {k!r} as a {v.dtype} pair: a metric's (sum, count) must be real "
+                "numbers (report a complex quantity's real parts, e.g. its magnitude, as "
+                "metrics of their own)"
+            )
     listed = [k for k in loss.metrics if k in sums]
     return listed + sorted(k for k in sums if k not in listed), frozenset(sums)
 
@@ -378,6 +393,29 @@ def _val_mse_shapes(loss: Loss, output: Tensor, target: Tensor) -> str:
         f"does not match the targets of shape {tuple(target.shape)}; return one output per "
         "target element, or give the loss task = None (val/loss only) or val_sums and metrics "
         "of its own for this output"
+    )
+
+
+def _val_acc_shapes(loss: Loss, output: Tensor, target: Tensor) -> str | None:
+    """Why the base class's ``val/acc`` (the argmax of (B, K) scores against (B,) class
+    indices, K ≥ 2) cannot measure these, and the ways out; None where it can."""
+    b = output.shape[0] if output.ndim else None
+    if (output.ndim == 2 and output.shape[1] >= 2 and target.shape == (b,)
+            and not target.is_complex()):  # fmt: skip
+        return None
+    if output.ndim == 2 and output.shape[1] == 1 or output.ndim == 1:
+        shape = "one score per sample (a binary classifier's logit?), whose argmax is class 0"
+    elif target.shape != (b,):
+        shape = f"targets of shape {tuple(target.shape)}, not one class index per sample"
+    else:
+        shape = "not one row of class scores per sample"
+    return (
+        f"loss {type(loss).__name__} (task classification): val/acc compares the argmax of "
+        f"(B, K) class scores (K ≥ 2) with (B,) class indices, and got outputs of shape "
+        f"{tuple(output.shape)} against targets of shape {tuple(target.shape)}: {shape}; give "
+        "the loss val_sums and metrics of its own for these (a binary classifier: "
+        "(output.squeeze(1) > 0) == target; a segmentation's pixels), or task = None "
+        "(val/loss only)"
     )
 
 

@@ -87,7 +87,7 @@ from trainer.losses import Loss, as_loss
 from trainer.regularizers import InputGradPenalty
 from trainer.report import CONTINUED
 from trainer.sweep import check_direction, in_multirun, task_overrides
-from trainer.weighting import NORMALIZE, Weighting
+from trainer.weighting import Weighting, prepare
 
 log = logging.getLogger(__name__)
 
@@ -1626,21 +1626,8 @@ def build_trainer(
     weighting: Weighting | None = None
     if typed.loss_mode == "vector":
         weighting = build("weighting", cfg.weighting)
-        if not isinstance(weighting, Weighting):
-            raise ConfigError(
-                f"weighting._target_: built a {type(weighting).__name__}, not a "
-                "trainer.weighting.Weighting (subclass it and implement raw())"
-            )
-        if getattr(weighting, "normalize", None) not in NORMALIZE:  # (its own __init__
-            raise ConfigError(  # skipped Weighting's: found at the first step otherwise)
-                f"weighting._target_: {cfg.weighting._target_} has no normalize; its "
-                "__init__ must call super().__init__(normalize=...) (trainer.weighting."
-                "Weighting)"
-            )
-        weighting.check_loss(loss)
+        prepare(weighting, loss, world, f"weighting._target_ ({cfg.weighting._target_})")
         weighting.setup(data, device)  # class counts, per-class lengths, per-sample files
-        weighting.nll_losses = loss.nll  # losses are -log p_y exactly
-        weighting.world = world  # normalized over the global batch
     regularizers = [
         instantiate(node, name=name).bind(model)
         for name, node in cfg.get("regularizer", {}).items()

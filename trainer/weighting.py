@@ -62,6 +62,7 @@ from torch import Tensor
 
 from trainer.backward import WeightError
 from trainer.callbacks import Stateful
+from trainer.config import ConfigError, ContractError
 from trainer.distributed import (
     SINGLE,
     World,
@@ -476,6 +477,43 @@ def _class_count(data: DataModule, strategy: str) -> int:
             "hard_topk"
         )
     return data.num_classes
+
+
+def prepare(weighting: Any, loss: Loss, world: World, where: str) -> None:
+    """Make ``weighting`` ready to weight ``loss``'s losses on ``world`` (before training,
+    from ``trainer.run`` and from every :class:`~trainer.loop.Trainer`): a
+    :class:`Weighting` with a ``normalize``, a loss it can weight (:meth:`Weighting.check_loss`),
+    told whether the losses are -log p_y and which processes share the global batch. A
+    ``Trainer`` built by hand did none of this: data-parallel, each rank normalized its own
+    part while the objective multiplied by the ranks for DDP's average (a step's gradient
+    1.9× the global batch's weighted mean on two ranks, unsaid), and a strategy its per-token
+    loss cannot take failed at the first step in torch's words (a probe's). ``where``: how
+    the errors name it."""
+    if not isinstance(weighting, Weighting):
+        raise ConfigError(
+            f"{where}: got a {type(weighting).__name__}, not a trainer.weighting.Weighting "
+            "(subclass it and implement raw())"
+        )
+    if getattr(weighting, "normalize", None) not in NORMALIZE:  # (its own __init__ skipped
+        raise ConfigError(  # Weighting's: found at the first step otherwise)
+            f"{where}: {type(weighting).__name__} has no normalize; its __init__ must call "
+            "super().__init__(normalize=...) (trainer.weighting.Weighting)"
+        )
+    weighting.check_loss(loss)
+    weighting.nll_losses = loss.nll  # losses are -log p_y exactly
+    weighting.world = world  # normalized over the global batch
+
+
+def check_set_up(weighting: Weighting) -> None:
+    """Refuse a built-in strategy whose table :meth:`Weighting.setup` never read (a
+    ``Trainer`` built by hand: its first step failed with "'ClassBalancedWeighting' object
+    has no attribute 'table'", a probe's)."""
+    if isinstance(weighting, _TableLookup) and not hasattr(weighting, "table"):
+        raise ContractError(
+            f"weighting {type(weighting).__name__} reads its table from the training split in "
+            "setup(data, device), which trainer.run calls and a Trainer built by hand does "
+            "not: call weighting.setup(data_module, device) before building the Trainer"
+        )
 
 
 class _TableLookup(Weighting):
