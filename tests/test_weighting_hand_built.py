@@ -12,21 +12,33 @@ table never read by ``setup``.
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_cfg
 from test_distributed import join_group, ranks_of
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from trainer.callbacks import Callback
+from trainer.config import ContractError
 from trainer.data.base import InMemoryLoader, TensorSplit
+from trainer.distributed import SINGLE
 from trainer.loop import Trainer
 from trainer.losses import CrossEntropy, TokenCrossEntropy
-from trainer.weighting import FocalWeighting, HardTopKWeighting, Weighting
+from trainer.weighting import (
+    FocalWeighting,
+    HardTopKWeighting,
+    PerClassWeighting,
+    PerTokenWeighting,
+    Weighting,
+    prepare,
+)
 
 CPU = torch.device("cpu")
 N, B, K = 16, 4, 3  # two ranks of 4: global batches of 8, two steps
@@ -169,19 +181,18 @@ def test_a_hand_built_trainer_names_a_table_weighting_never_set_up() -> None:
 
     split = TensorSplit(*_data())
     model = _net()
-    from trainer.config import ContractError
-
-    with pytest.raises(
-        ContractError,
-        match=r"^weighting ClassBalancedWeighting reads its table "
-        r"from the training split in setup\(data, device\), which trainer\.run "
-        r"calls and a Trainer built by hand does not: call weighting\.setup",
-    ):
+    with pytest.raises(ContractError) as e:
         Trainer(
             model, torch.optim.SGD(model.parameters(), lr=0.1),
             InMemoryLoader(split, 4, CPU, False), InMemoryLoader(split, 4, CPU, False),
             criterion=CrossEntropy(), device=CPU, weighting=ClassBalancedWeighting(), max_steps=1,
         ).fit()  # fmt: skip
+    assert str(e.value) == (
+        "weighting ClassBalancedWeighting reads its table from the training split in "
+        "setup(data, device), never called: call trainer.weighting.prepare(weighting, loss, "
+        "world, 'weighting') and then weighting.setup(data_module, device) before building the "
+        "Trainer (with that loss and world), as trainer.run does"
+    )
 
 
 class _Curriculum(Weighting):
@@ -251,3 +262,119 @@ def test_a_fit_called_again_after_a_failure_names_a_stateful_weighting_of_ones_o
         "and the state of weighting _Curriculum (the objective's parts of one's own that "
         "keep state: they ran for them too)" in caplog.text
     ), caplog.text
+
+
+class OwnPerClass(PerClassWeighting):
+    """A strategy of one's own built on per_class: its weights read as given, on the losses'
+    device, with no ``table`` (raw() overridden; setup checks and keeps them its own way)."""
+
+    def __init__(self, weights, normalize: str = "mean") -> None:
+        super().__init__(weights, normalize)
+
+    def setup(self, data, device) -> None:
+        self.mine = self.weights.float().to(device)
+
+    def raw(self, losses, logits, targets, indices):
+        return self.mine.to(losses.dtype)[targets]
+
+
+def test_trainer_run_takes_a_table_subclass_of_ones_own_that_keeps_no_table(tmp_path) -> None:
+    """trainer.run calls setup; check_set_up then refused the strategy, telling the user to
+    call the setup trainer.run had just called."""
+    from trainer.run import build_trainer
+
+    cfg = make_cfg("loss.mode=vector", "~weighting",
+                   f"+weighting._target_={__name__}.OwnPerClass",
+                   "+weighting.weights=[1,1,1,1,1,1,1,1,1,1]", "trainer.max_steps=1",
+                   "instrument=none")  # fmt: skip
+    trainer = build_trainer(cfg, tmp_path)
+    assert isinstance(trainer.weighting, OwnPerClass)
+
+
+class _Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.out = nn.Embedding(4, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.e(x)))
+
+
+def _token_data():
+    targets = torch.tensor([[1, 2, 0, 0], [3, 1, 1, 0], [2, 0, 0, 0], [1, 3, 2, 0]])
+    data = SimpleNamespace(out_dim=4, train_targets=targets, train_target_rows=None,
+                           train_loader=SimpleNamespace(global_batch_size=4))  # fmt: skip
+    return targets, data
+
+
+def _hand_built(targets, loss, weighting) -> Trainer:
+    model = _Tagger()
+    split = TensorSplit(targets.clone(), targets)
+    return Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1),
+        InMemoryLoader(split, 4, CPU, False), InMemoryLoader(split, 4, CPU, False),
+        criterion=loss, device=CPU, weighting=weighting, max_steps=1,
+    )  # fmt: skip
+
+
+def test_a_hand_built_per_token_table_read_before_prepare_is_refused() -> None:
+    """The first version's advice for a Trainer built by hand ("call weighting.setup(data_module,
+    device) before building the Trainer") ran setup before the Trainer's check_loss, which
+    tells per_token the loss's units: with TokenCrossEntropy(ignore_index=0) its padding
+    (token 0) was counted (a table of [0.571, 1.0, 1.333, 2.0] for trainer.run's [0, 0.75,
+    1.0, 1.5], a review's). Such a table is refused, naming the order."""
+    targets, data = _token_data()
+    weighting = PerTokenWeighting(power=1.0, normalize="none")
+    weighting.setup(data, CPU)
+    with pytest.raises(ContractError) as e:
+        _hand_built(targets, TokenCrossEntropy(ignore_index=0), weighting)
+    assert str(e.value).startswith(
+        "weighting PerTokenWeighting's table was read in setup for no loss while the "
+        "Trainer's, TokenCrossEntropy, weighs several elements per sample (its units decide "
+        "which the table counts): call trainer.weighting.prepare("
+    ), str(e.value)
+
+
+def test_a_hand_built_per_token_table_prepared_first_counts_the_losss_tokens() -> None:
+    """The order the refusal names (prepare, setup, then the Trainer) gives trainer.run's
+    table: the tokens the loss's units count, its padding (id 0) left out."""
+    targets, data = _token_data()
+    loss = TokenCrossEntropy(ignore_index=0)
+    weighting = PerTokenWeighting(power=1.0, normalize="none")
+    prepare(weighting, loss, SINGLE, "weighting")
+    weighting.setup(data, CPU)
+    _hand_built(targets, loss, weighting)
+    valid = collections.Counter(int(t) for t in targets.flatten() if t != 0)
+    n, seen = sum(valid.values()), len(valid)
+    want = [n / (seen * valid[v]) if valid[v] else 0.0 for v in range(4)]
+    got = weighting.token_weights.tolist()
+    assert got == [float(torch.tensor(v, dtype=torch.float32)) for v in want], (got, want)
+    assert want[0] == 0.0
+
+
+class _CountsChecks(Weighting):
+    """Counts its check_loss calls (one of one's own may warn there, or count)."""
+
+    checks = 0
+
+    def check_loss(self, loss) -> None:
+        type(self).checks += 1
+        super().check_loss(loss)
+
+    def raw(self, losses, logits, targets, indices):
+        return torch.ones_like(losses)
+
+
+def test_trainer_run_checks_the_loss_once(tmp_path) -> None:
+    """trainer.run prepares the weighting before its setup, and its Trainer prepares what it
+    is given: the same loss and world, so check_loss runs once, as its docstring says (a
+    review saw an override's warning twice)."""
+    from trainer.run import build_trainer
+
+    _CountsChecks.checks = 0
+    cfg = make_cfg("loss.mode=vector", "~weighting",
+                   f"+weighting._target_={__name__}._CountsChecks",
+                   "trainer.max_steps=1", "instrument=none")  # fmt: skip
+    build_trainer(cfg, tmp_path)
+    assert _CountsChecks.checks == 1

@@ -66,6 +66,7 @@ from trainer.losses import (
     Loss,
     as_loss,
     check_metric_names,
+    check_pairs,
     finished_metrics,
     same_val_keys,
     units_dtype,
@@ -628,7 +629,7 @@ class Trainer:
                     r.check_gradient()  # (its backward, once, before training)
         if weighting is not None:  # (as trainer.run prepares it: a Trainer built by hand
             prepare(weighting, self.criterion, world, "weighting")  # did not, a probe's)
-            check_set_up(weighting)
+            check_set_up(weighting, self.criterion)
         #: the backward roots and each loss element's coefficient in them (trainer/objective.py)
         self.objective = Objective(
             self.criterion, weighting, regularizers, self.params, world=world,
@@ -2498,6 +2499,8 @@ class Trainer:
                     sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
                 elif batch.keys() != reported:
                     same_val_keys(self.criterion, batch, reported, i)  # (raises: both named)
+                else:
+                    check_pairs(self.criterion, batch, self.device)
                 assert sums is not None
                 sums += torch.stack([batch[k] for k in names])
         except Exception as e:  # data-parallel: said to every rank first (else the others

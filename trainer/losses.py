@@ -169,20 +169,24 @@ class Loss(Stateful):
         # (the task's metric where ``metrics`` lists it: a regression loss listing only
         # val/loss, its model's output a mean and a log-variance, failed at the first
         # validation computing the val/mse it left out, a review's)
+        # (an override calling this one for its val/loss, with outputs the task's metric
+        # cannot take, gets it left out, for a metric of its own of that name: it was
+        # refused, a review's; a listed one it does not report is named at validation)
+        own = type(self).val_sums is not Loss.val_sums
         if self.task == "classification" and "val/acc" in self.metrics:
             said = _val_acc_shapes(self, output, target)
-            if said:  # (a binary classifier's one logit was argmax 0 for every sample, its
-                # val/acc the share of class 0; a (B, K, H, W) output's correct pixels were
-                # divided by the images; soft labels (B, K) were compared by broadcasting:
-                # a probe's)
+            if said is None:
+                sums["val/acc"] = _accuracy(self, output, target)
+            elif not own:  # (a binary classifier's one logit was argmax 0 for every sample,
+                # its val/acc the share of class 0; a (B, K, H, W) output's correct pixels
+                # were divided by the images; soft labels (B, K) were compared by
+                # broadcasting: a probe's)
                 raise ValueError(said)
-            correct = (output.argmax(dim=1) == target).sum().to(output.dtype)
-            sums["val/acc"] = torch.stack([_unless_nonfinite(correct, output), n])
         elif self.task == "regression" and "val/mse" in self.metrics:
-            said = self.check_targets(output, target)
-            if said:
-                raise ValueError(said)
-            if units is not None and units.numel() == target.numel():  # per-element losses
+            if not _comparable(output, target):
+                if not own:
+                    raise ValueError(_val_mse_shapes(self, output, target))
+            elif units is not None and units.numel() == target.numel():  # per-element losses
                 # with units (a sequence's steps, padded): over the elements they count (the
                 # padding's NaN targets made val/mse NaN, unsaid, a probe's)
                 counted = units.reshape(target.shape[0], -1) > 0
@@ -232,6 +236,26 @@ class Loss(Stateful):
         return type(self).units is not Loss.units
 
 
+def _accuracy(loss: Loss, output: Tensor, target: Tensor) -> Tensor:
+    """``val/acc``'s (correct, counted) of (B, K) scores against (B,) class indices, on the
+    device (no host read): the samples whose target is a class index are counted, as a
+    sequence's tokens are (not below 0, not the loss's ``ignore_index``: unlabelled samples
+    were counted as wrong predictions, 0.1875 for 0.375, a review's); NaN where a counted
+    target is one no argmax can equal (K or more, a fraction, NaN: 0.0 was presented as an
+    accuracy, a review's), or a counted row's scores have no finite maximum."""
+    counted = ~(target < 0)  # (a NaN target counted: and said below)
+    ignore = getattr(loss, "ignore_index", None)
+    if isinstance(ignore, int) and not isinstance(ignore, bool):
+        counted = counted & (target != ignore)
+    bad = target >= output.shape[1]
+    if target.is_floating_point():
+        bad = bad | (target != target.floor())  # (NaN != NaN)
+    hits = (output.argmax(dim=1) == target) & counted
+    correct = torch.where((bad & counted).any(), torch.nan, hits.sum().to(output.dtype))
+    correct = _unless_nonfinite(correct, output, counted)
+    return torch.stack([correct, counted.sum().to(output.dtype)])
+
+
 def _unless_nonfinite(correct: Tensor, output: Tensor, counted: Tensor | None = None) -> Tensor:
     """The count of correct predictions, or NaN where a counted output row (the last
     dimension: one sample's or token's scores) has no finite maximum: a NaN (which argmax reads
@@ -276,6 +300,15 @@ def val_keys(loss: Loss, sums: Any, device: torch.device) -> tuple[list[str], fr
     later batch must report (:func:`same_val_keys`). Ordered as :attr:`~Loss.metrics`, then
     the others by name (not as reported: data-parallel, every rank must sum the same names in
     the same order, and a set's order differs between processes)."""
+    check_pairs(loss, sums, device)
+    listed = [k for k in loss.metrics if k in sums]
+    return listed + sorted(k for k in sums if k not in listed), frozenset(sums)
+
+
+def check_pairs(loss: Loss, sums: Any, device: torch.device) -> None:
+    """Refuse a validation batch's :meth:`~Loss.val_sums` other than a dict of (sum, count)
+    real tensors of shape (2,) on ``device``, naming the metric (every batch: a later one's
+    complex pair failed in torch's words, a review's; metadata only, no host read)."""
     what = f"loss {type(loss).__name__}'s val_sums"
     if not isinstance(sums, dict):
         raise ContractError(f"{what} must return a dict of name -> (sum, count); got "
@@ -299,8 +332,6 @@ def val_keys(loss: Loss, sums: Any, device: torch.device) -> tuple[list[str], fr
                 "numbers (report a complex quantity's real parts, e.g. its magnitude, as "
                 "metrics of their own)"
             )
-    listed = [k for k in loss.metrics if k in sums]
-    return listed + sorted(k for k in sums if k not in listed), frozenset(sums)
 
 
 def same_val_keys(loss: Loss, sums: Any, first: frozenset[str], batch: int) -> None:
@@ -456,6 +487,12 @@ def _label_out_of_range(output: Tensor, error: IndexError) -> IndexError:
     )
 
 
+#: the built-in cross-entropy's ``ignore_index``: none a label can take (torch's default,
+#: -100, gave such a sample a loss of 0, trained and averaged over the batch as one, and
+#: counted wrong in val/acc, where -1 or K was refused as outside [0, K): a review's)
+NO_LABEL_IGNORED = torch.iinfo(torch.int64).min
+
+
 class CrossEntropy(Loss):
     """ℓᵢ = −log softmax(outputᵢ)[yᵢ] (with label smoothing ε: the cross-entropy against
     (1 − ε)·onehot(yᵢ) + ε/K). ``val/loss`` is the plain cross-entropy (no smoothing)."""
@@ -472,14 +509,15 @@ class CrossEntropy(Loss):
         # functional, not nn.CrossEntropyLoss: one module call less per step
         try:
             return F.cross_entropy(
-                output, target, reduction="none", label_smoothing=self.label_smoothing
-            )
+                output, target, reduction="none", label_smoothing=self.label_smoothing,
+                ignore_index=NO_LABEL_IGNORED,
+            )  # fmt: skip
         except IndexError as e:  # (on the CPU; CUDA asserts on the device)
             raise _label_out_of_range(output, e) from e
 
     def val_losses(self, output: Tensor, target: Tensor) -> Tensor:
         try:
-            return F.cross_entropy(output, target, reduction="none")
+            return F.cross_entropy(output, target, reduction="none", ignore_index=NO_LABEL_IGNORED)
         except IndexError as e:
             raise _label_out_of_range(output, e) from e
 

@@ -177,6 +177,9 @@ class Weighting(Stateful, abc.ABC):
     world: World = SINGLE
     #: data-parallel: samples in the current global batch, set by the trainer before each call
     global_size: int = 0
+    #: the loss :func:`prepare` made it ready for, and the one a table was read for in setup
+    _prepared_for: Loss | None = None
+    _set_up_for: Any = None  # (_NOT_READ on a table strategy until setup reads its table)
 
     def __init__(self, normalize: str = "mean"):
         if normalize not in NORMALIZE:
@@ -499,26 +502,56 @@ def prepare(weighting: Any, loss: Loss, world: World, where: str) -> None:
             f"{where}: {type(weighting).__name__} has no normalize; its __init__ must call "
             "super().__init__(normalize=...) (trainer.weighting.Weighting)"
         )
+    if weighting._prepared_for is loss and weighting.world is world:
+        return  # (trainer.run's, again by its Trainer: check_loss is called once)
     weighting.check_loss(loss)
     weighting.nll_losses = loss.nll  # losses are -log p_y exactly
     weighting.world = world  # normalized over the global batch
+    weighting._prepared_for = loss
 
 
-def check_set_up(weighting: Weighting) -> None:
+#: what a Trainer built by hand with a table strategy does first, as trainer.run does
+PREPARE_FIRST = (
+    "call trainer.weighting.prepare(weighting, loss, world, 'weighting') and then "
+    "weighting.setup(data_module, device) before building the Trainer (with that loss and "
+    "world), as trainer.run does"
+)
+
+
+def check_set_up(weighting: Weighting, loss: Loss) -> None:
     """Refuse a built-in strategy whose table :meth:`Weighting.setup` never read (a
     ``Trainer`` built by hand: its first step failed with "'ClassBalancedWeighting' object
-    has no attribute 'table'", a probe's)."""
-    if isinstance(weighting, _TableLookup) and not hasattr(weighting, "table"):
+    has no attribute 'table'", a probe's), or read for another loss than the Trainer's (its
+    units decide which tokens the table counts). A subclass of one's own with a ``setup`` of
+    its own is its own (one keeping its weights elsewhere was refused, a review's)."""
+    if not isinstance(weighting, _TableLookup) or type(weighting).setup.__module__ != __name__:
+        return
+    if not hasattr(weighting, "table"):
         raise ContractError(
             f"weighting {type(weighting).__name__} reads its table from the training split in "
-            "setup(data, device), which trainer.run calls and a Trainer built by hand does "
-            "not: call weighting.setup(data_module, device) before building the Trainer"
+            f"setup(data, device), never called: {PREPARE_FIRST}"
         )
+    was = weighting._set_up_for
+    if was is _NOT_READ or was is loss:
+        return
+    if loss.has_units or (was is not None and was.has_units):  # (what it counted differs)
+        raise ContractError(
+            f"weighting {type(weighting).__name__}'s table was read in setup for "
+            f"{'no loss' if was is None else f'another loss ({type(was).__name__})'} while "
+            f"the Trainer's, {type(loss).__name__}, weighs several elements per sample (its "
+            f"units decide which the table counts): {PREPARE_FIRST}"
+        )
+
+
+#: a table strategy's loss before its setup read what the loss weighs
+_NOT_READ = object()
 
 
 class _TableLookup(Weighting):
     """A table of weights on the device, in float32 (float64 for float64 losses, from the
     values as given: taken when the first such losses come)."""
+
+    _set_up_for: Any = _NOT_READ
 
     table: Tensor
     _exact: Tensor | None = None  # (float64, as given; None: a table computed in float32)
@@ -531,9 +564,17 @@ class _TableLookup(Weighting):
             self._table64 = self._exact.to(self.table.device)
         return self._table64
 
+    def _loss_prepared(self) -> None:
+        """Note the loss :func:`prepare` told the strategy of as setup reads the table (None:
+        none; the loss's units decide what it counts: a setup before a Trainer built by hand
+        prepared it counted a per-token loss's padding, a review's): checked by
+        :func:`check_set_up`."""
+        self._set_up_for = self._prepared_for
+
     def _largest_batch(self, data: DataModule) -> int:
         """The most weights one batch sums: the global batch's samples, times each one's
         elements (tokens) for a loss that weights them one by one."""
+        self._loss_prepared()
         n = data.train_loader.global_batch_size
         targets = getattr(data, "train_targets", None)
         rows = getattr(data, "train_target_rows", None)
@@ -867,6 +908,7 @@ class PerTokenWeighting(_TableLookup):
 
     def _tokens(self, targets: Tensor) -> Tensor:
         """The ids of ``targets`` (N, T) at the positions the loss's units weigh."""
+        self._loss_prepared()
         units = self._units(targets, torch.float64) if self._units is not None else None
         valid = (units > 0) if units is not None else (targets >= 0)
         return targets[valid.reshape(targets.shape)].reshape(-1).long()

@@ -726,8 +726,8 @@ class _PlainLookups(torch.overrides.TorchFunctionMode):
     objective's, and the products S·H v of a matrix that is not symmetric (Lanczos
     converged to 0.480 for a top eigenvalue of 0.497, and Hutchinson estimated tr(S·H): a
     probe's); with the second the products came back sparse, which the scaling could not
-    read (NaN, said as an op without a double backward). In modules and functional calls
-    alike."""
+    read (NaN, said as an op without a double backward). In modules, functional calls and
+    the aten op alike."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         flags = _LOOKUP_FLAGS.get(func)
@@ -739,7 +739,13 @@ class _PlainLookups(torch.overrides.TorchFunctionMode):
 
 
 #: lookups' ``scale_grad_by_freq`` and ``sparse`` flags, by position and by name
-_LOOKUP_FLAGS = {torch.nn.functional.embedding: (5, 6), torch.embedding: (3, 4)}
+_LOOKUP_FLAGS = {
+    torch.nn.functional.embedding: (5, 6),
+    torch.embedding: (3, 4),
+    # (the op itself, as decomposed or exported code calls it: its flags were kept, a review's)
+    torch.ops.aten.embedding: (3, 4),
+    torch.ops.aten.embedding.default: (3, 4),
+}
 _LOOKUP_KEYS = frozenset({"scale_grad_by_freq", "sparse"})
 
 

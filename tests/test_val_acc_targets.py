@@ -1,0 +1,167 @@
+"""val/acc's targets (a review of its refusal, 2026-12-08): labels the built-in cross-entropy
+took as ignored, unlabelled samples counted wrong, targets that are not class indices, a
+subclass replacing val/acc after super().val_sums, a complex pair on a later batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.data.base import InMemoryLoader, TensorSplit
+from trainer.loop import Trainer
+from trainer.losses import CrossEntropy, Loss
+
+CPU = torch.device("cpu")
+
+
+def _trainer(model, criterion, train, val, val_batch=16, lr=0.1):
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=lr),
+                   InMemoryLoader(train, 8, CPU, shuffle=True),
+                   InMemoryLoader(val, val_batch, CPU, shuffle=False), criterion=criterion,
+                   device=CPU, max_epochs=1)  # fmt: skip
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    return x, torch.randint(3, (32,), generator=g)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_builtin_cross_entropy_refuses_a_label_of_minus_100_as_it_refuses_minus_1(split):
+    """-1 and 3 (K = 3) are refused ("a class label is outside [0, 3)"); -100, torch's
+    default ignore_index, is taken as a sample of loss 0 counted wrong in val/acc: val/loss
+    0.59 and val/acc 0.1875, presented as complete, for half the samples unlabelled; in
+    training, such a sample's loss 0 was averaged over the batch as one."""
+    x, y = _data()
+    yv = y.clone()
+    yv[::2] = -100
+    torch.manual_seed(0)
+    train, val = (yv, y) if split == "train" else (y, yv)
+    trainer = _trainer(nn.Linear(4, 3), CrossEntropy(), TensorSplit(x, train), TensorSplit(x, val))
+    from trainer.config import ContractError
+
+    # (the first training batch's failure is wrapped, naming the batch's shapes)
+    with pytest.raises(ContractError if split == "train" else IndexError) as e:
+        trainer.fit()
+    assert (
+        "loss=cross_entropy: a class label is outside [0, 3), the classes the model scores "
+        "(torch: Target -100 is out of bounds.)"
+    ) in str(e.value), str(e.value)
+
+
+class _IgnoringCE(Loss):
+    """A classification loss of one's own with unlabelled samples marked ignore_index (the
+    attribute the base class honours for a sequence task's val/token_acc)."""
+
+    task = "classification"
+    ignore_index = -100
+
+    def forward(self, output, target):
+        return F.cross_entropy(output, target, reduction="none", ignore_index=self.ignore_index)
+
+
+def test_val_acc_of_a_loss_with_ignore_index_is_not_the_unlabelled_counted_wrong():
+    """val/acc was 0.1875 where the labelled samples' accuracy is 0.375: each unlabelled one
+    counted as a wrong prediction (the sequence task leaves them out)."""
+    x, y = _data()
+    yv = y.clone()
+    yv[::2] = -100
+    torch.manual_seed(0)
+    trainer = _trainer(nn.Linear(4, 3), _IgnoringCE(), TensorSplit(x, y), TensorSplit(x, yv))
+    metrics = trainer.fit()
+    with torch.no_grad():
+        predicted = trainer.model(x).argmax(1)
+    labelled = yv != -100
+    expected = (predicted[labelled] == yv[labelled]).sum().item() / labelled.sum().item()
+    assert metrics["val/acc"] == expected, (metrics["val/acc"], expected)
+
+
+class _OwnCE(Loss):
+    """A loss of one's own that trains on class indices, validated on other targets."""
+
+    task = "classification"
+
+    def forward(self, output, target):
+        t = target.long().clamp(0, output.shape[1] - 1)
+        return output.logsumexp(1) - output.gather(1, t[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("kind", ["float non-integers", "at least K", "negative"])
+def test_val_acc_against_targets_that_are_not_class_indices_is_not_an_accuracy(kind):
+    """(B, K) scores against (B,) targets that no argmax can equal: val/acc 0.0, presented as
+    an accuracy (the refusal checks the shapes only). NaN now: a target of K or more or a
+    fraction makes the count NaN; negative targets are not class indices, none is counted,
+    and 0 / 0 is NaN."""
+    x, y = _data()
+    yv = {"float non-integers": y.float() + 0.5, "at least K": y + 3, "negative": -y - 1}[kind]
+    torch.manual_seed(0)
+    trainer = _trainer(nn.Linear(4, 3), _OwnCE(), TensorSplit(x, y), TensorSplit(x, yv))
+    metrics = trainer.fit()
+    assert math.isnan(metrics["val/acc"]), metrics
+    assert math.isfinite(metrics["val/loss"]), metrics
+
+
+class _BinaryCE(Loss):
+    task = "classification"
+
+    def forward(self, output, target):
+        return F.binary_cross_entropy_with_logits(output.squeeze(1), target.float(),
+                                                  reduction="none")  # fmt: skip
+
+    def val_sums(self, output, target):
+        """super()'s val/loss, and val/acc of its own (logit > 0 is class 1)."""
+        n = torch.tensor(float(target.shape[0]))
+        correct = ((output.squeeze(1) > 0).long() == target).sum().float()
+        return {**super().val_sums(output, target), "val/acc": torch.stack([correct, n])}
+
+
+def test_a_subclass_replacing_val_acc_after_super_val_sums_is_not_refused():
+    """The refusal's way out ("give the loss val_sums and metrics of its own") taken with
+    super().val_sums for val/loss: refused all the same, after the epoch's training, though
+    the val/acc it reports is its own."""
+    x, _ = _data()
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    trainer = _trainer(nn.Linear(4, 1), _BinaryCE(), TensorSplit(x, y), TensorSplit(x, y), lr=1.0)
+    metrics = trainer.fit()
+    with torch.no_grad():
+        predicted = (trainer.model(x).squeeze(1) > 0).long()
+    assert metrics["val/acc"] == (predicted == y).sum().item() / len(y)
+
+
+class _SometimesComplex(CrossEntropy):
+    @property
+    def metrics(self):
+        return ("val/loss", "val/acc", "val/x")
+
+    def val_sums(self, output, target):
+        s = (output[:, 0].sum().item() - 1000) ** 0.5  # Python: complex where negative
+        return {**super().val_sums(output, target), "val/x": torch.tensor([s, 1])}
+
+
+def test_a_complex_pair_on_a_later_validation_batch_is_refused_naming_the_metric():
+    """The first batch's pair is real, the second's complex: torch's "result type
+    ComplexDouble can't be cast to the desired output type Double", naming neither (val_keys
+    checks the first batch only)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=g), torch.randint(3, (8,), generator=g)
+    xv = x.clone()
+    xv[:4] = 1000.0  # the first batch's output sums to ≥ 1000
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[0, 0] = 1.0
+        model.bias.zero_()
+    trainer = _trainer(model, _SometimesComplex(), TensorSplit(x, y), TensorSplit(xv, y),
+                       val_batch=4, lr=0.0)  # fmt: skip
+    with pytest.raises(ValueError) as e:
+        trainer.fit()
+    assert str(e.value).startswith(
+        "loss _SometimesComplex's val_sums gave 'val/x' as a torch.complex64 pair"
+    ), str(e.value)
