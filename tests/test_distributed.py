@@ -1465,7 +1465,7 @@ def test_an_embedding_scaled_by_its_batchs_counts_is_said_to_differ(caplog) -> N
     one process of one micro-batch, or an embedding without it, says nothing."""
     from torch import nn
 
-    from trainer.run import check_frequency_scaling
+    from trainer.loop import check_frequency_scaling
 
     model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Embedding(5, 3))
     with caplog.at_level("WARNING", logger="trainer.run"):

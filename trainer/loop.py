@@ -142,6 +142,89 @@ def _own_implementation(saved: dict[str, Any], optimizer: torch.optim.Optimizer)
     ]}  # fmt: skip
 
 
+def check_monitor(trainer: Trainer) -> None:
+    """Refuse a ``monitor`` that is none of the run's metrics where a ``ReduceLROnPlateau``
+    steps on it (a Trainer built by hand trained an epoch, then failed with a bare
+    ``KeyError: 'val/accuracy'``, a probe's; ``trainer.run`` refuses any such monitor as it
+    builds the run)."""
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    from trainer.config import ConfigError
+
+    names = (*trainer.criterion.metrics, "train/loss")
+    if isinstance(trainer.scheduler, ReduceLROnPlateau) and trainer.monitor not in names:
+        raise ConfigError(
+            f"monitor: got {trainer.monitor!r}, which the ReduceLROnPlateau scheduler steps on, "
+            f"but this run reports {', '.join(names)} (loss: {type(trainer.criterion).__name__}"
+            f", task {trainer.criterion.task}); set trainer.monitor to one of them"
+        )
+
+
+def check_frequency_scaling(model: nn.Module, ranks: int, accumulate: int) -> None:
+    """An embedding looked up with ``scale_grad_by_freq`` divides its gradient by each
+    index's count in the batch it sees: a rank's part of the global batch, a micro-batch of
+    an accumulation window. Such a run is then not one process on the global batch (a probe:
+    the embedding's gradient norm 46 % off on 2 ranks): said, naming them, by every Trainer
+    (one built by hand said nothing until 2026-12-08, a probe's)."""
+    if ranks <= 1 and accumulate <= 1:
+        return
+    names = [n or type(model).__name__ for n, m in model.named_modules()
+             if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.scale_grad_by_freq]  # fmt: skip
+    if names:
+        split = " and ".join(
+            w for w, on in ((f"each rank's part ({ranks} ranks)", ranks > 1),
+                            (f"each micro-batch ({accumulate} a step)", accumulate > 1)) if on
+        )  # fmt: skip
+        log.warning(
+            "%s: scale_grad_by_freq divides the gradient by each index's count in %s, not in "
+            "the step's whole batch, so this run's gradients are not those of one process on "
+            "one batch (turn scale_grad_by_freq off to have them)",
+            ", ".join(names[:5]) + (" …" if len(names) > 5 else ""), split,
+        )  # fmt: skip
+
+
+def _check_world(
+    world: World, model: nn.Module, forward_model: nn.Module | None, loaders: dict[str, Any]
+) -> None:
+    """Refuse a data-parallel setup whose pieces disagree (a Trainer built by hand):
+    a data-parallel ``world`` without a DistributedDataParallel ``forward_model`` wrapping
+    ``model`` (each rank stepped on its own part's gradient, the replicas drifting apart), a
+    DistributedDataParallel one with a single-process ``world`` (every gradient half the
+    global batch's on two ranks), or loaders sharded for another world (a probe's, each
+    silent until 2026-12-08; ``trainer.run`` builds them from one World)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = getattr(forward_model, "_orig_mod", forward_model)  # (compiled: DDP inside)
+    wrapped = isinstance(ddp, DistributedDataParallel)
+    if world.distributed and not (isinstance(ddp, DistributedDataParallel) and ddp.module is model):
+        given = (
+            "a DistributedDataParallel of another module" if wrapped
+            else f"a {type(forward_model).__name__}" if forward_model is not None
+            else "not given"
+        )  # fmt: skip
+        raise ContractError(
+            f"Trainer: world is data-parallel (rank {world.rank} of {world.size}), and "
+            f"forward_model is {given}: give forward_model=DistributedDataParallel(model) (the "
+            "gradients are averaged over the ranks by it; without it each rank trains on its "
+            "own part)"
+        )
+    if wrapped and not world.distributed:
+        raise ContractError(
+            "Trainer: forward_model is a DistributedDataParallel, and world is a single "
+            "process: give the Trainer the World its loaders and process group share "
+            "(trainer.distributed.World(rank, size, local_rank)); the loss's average and the "
+            "weights are taken over the global batch by it"
+        )
+    for role, loader in loaders.items():
+        theirs = getattr(loader, "world", None)
+        if isinstance(theirs, World) and (theirs.rank, theirs.size) != (world.rank, world.size):
+            raise ContractError(
+                f"Trainer: {role} is sharded for rank {theirs.rank} of {theirs.size}, and the "
+                f"Trainer's world is rank {world.rank} of {world.size}: build the loaders and "
+                "the Trainer with one World"
+            )
+
+
 def check_plateau(scheduler: Any, monitor: str) -> None:
     """A ``ReduceLROnPlateau`` steps on the monitored metric after each validation: its
     ``mode`` must agree with the metric's direction (``mode: min`` on val/acc would cut the
@@ -724,6 +807,15 @@ class Trainer:
                     "device, seed), then data.train_loader and data.val_loader (a Dataset of "
                     "your own: return it from your DataModule's load())"
                 )
+        _check_world(world, model, forward_model,
+                     {"train_loader": train_loader, "val_loader": val_loader})  # fmt: skip
+        if len(train_loader) == 0:  # (its epochs "finished" without a step, train/loss NaN)
+            raise ValueError(
+                f"Trainer: train_loader has no batch ({train_loader.num_samples} samples, "
+                f"batches of {train_loader.global_batch_size}, drop_last="
+                f"{train_loader.drop_last}): nothing would train"
+            )
+        check_frequency_scaling(model, world.size, accumulate_grad_batches)
         self.total_steps = planned_steps(len(train_loader), self.accumulate, max_epochs, max_steps)
         #: (global step, batch in epoch) of the last rest point; the step the last update was
         #: of; the first step a failed fit was taken back from (its events are replaced)
@@ -1147,7 +1239,8 @@ class Trainer:
             checkpointable(state, type(part).__name__, key)
 
     def _fit(self) -> dict[str, float]:
-        check_plateau(self.scheduler, self.monitor)  # (before anything starts)
+        check_monitor(self)  # (before anything starts)
+        check_plateau(self.scheduler, self.monitor)
         # (max_steps or max_epochs changed since: the run's last step, which logs everything,
         # and the bar's length are the new ones'; they were kept, a probe's)
         self.total_steps = planned_steps(

@@ -1457,28 +1457,6 @@ def batchnorm_across_ranks(
     return model  # (those left normalizing per rank: named as fit starts, warn_batch_norms)
 
 
-def check_frequency_scaling(model: nn.Module, ranks: int, accumulate: int) -> None:
-    """An embedding looked up with ``scale_grad_by_freq`` divides its gradient by each
-    index's count in the batch it sees: a rank's part of the global batch, a micro-batch of
-    an accumulation window. Such a run is then not one process on the global batch (a probe:
-    the embedding's gradient norm 46 % off on 2 ranks): said, naming them."""
-    if ranks <= 1 and accumulate <= 1:
-        return
-    names = [n or type(model).__name__ for n, m in model.named_modules()
-             if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.scale_grad_by_freq]  # fmt: skip
-    if names:
-        split = " and ".join(
-            w for w, on in ((f"each rank's part ({ranks} ranks)", ranks > 1),
-                            (f"each micro-batch ({accumulate} a step)", accumulate > 1)) if on
-        )  # fmt: skip
-        log.warning(
-            "%s: scale_grad_by_freq divides the gradient by each index's count in %s, not in "
-            "the step's whole batch, so this run's gradients are not those of one process on "
-            "one batch (turn scale_grad_by_freq off to have them)",
-            ", ".join(names[:5]) + (" …" if len(names) > 5 else ""), split,
-        )  # fmt: skip
-
-
 def materialize_lazy(model: nn.Module, data: DataModule) -> None:
     """Initialize a model's lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``: shapes taken
     at the first forward) by torch's dry run: one forward, without gradients, of the first
@@ -1605,7 +1583,6 @@ def build_trainer(
     materialize_lazy(built, data)  # (as built: a model given its sizes draws there)
     model: nn.Module = built.to(device)
     model = batchnorm_across_ranks(model, world.distributed, typed.trainer.sync_batchnorm, device)
-    check_frequency_scaling(model, world.size, typed.trainer.accumulate_grad_batches)
     if trainable is not None:
         set_trainable(model, trainable)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), device)

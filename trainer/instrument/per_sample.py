@@ -105,6 +105,7 @@ from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
 from torch.overrides import _get_current_function_mode as _current_function_mode
 
 from trainer.callbacks import Callback, Every, Stateful, few
+from trainer.config import ConfigError
 from trainer.distributed import (
     all_gather_cat,
     all_gather_objects,
@@ -1669,7 +1670,18 @@ class PerSampleNorms(Callback):
 
     def check_before_fit(self, trainer: Trainer) -> None:
         """``instrument.per_sample.units`` patterns the model's modules cannot take (before
-        a resume moves the run's files; refused in ``on_fit_start`` alone, they came after)."""
+        a resume moves the run's files; refused in ``on_fit_start`` alone, they came after);
+        and an input-gradient penalty beside them, whose double backward flows through the
+        measured layers and mixes into their norms (refused by the config; a Trainer built by
+        hand logged ‖∇θ(ℓᵢ + penalty)‖-like values as the data loss's, 52 % off, a probe's)."""
+        penalty = getattr(trainer, "input_penalty", None)
+        if penalty is not None:
+            raise ConfigError(
+                f"per-sample gradient norms (PerSampleNorms) read the data loss's gradient "
+                f"flowing through each layer; the regularizer {penalty.name}'s double backward "
+                "(an input-gradient penalty) flows through the same layers and would mix into "
+                "them: use one of the two"
+            )
         self._declared(trainer.model)
 
     def on_fit_start(self, trainer: Trainer) -> None:
