@@ -165,3 +165,52 @@ def test_a_complex_pair_on_a_later_validation_batch_is_refused_naming_the_metric
     assert str(e.value).startswith(
         "loss _SometimesComplex's val_sums gave 'val/x' as a torch.complex64 pair"
     ), str(e.value)
+
+
+class _Wide(_IgnoringCE):
+    """ignore_index 256, which uint8 targets cannot hold (torch wraps it to 0)."""
+
+    ignore_index = 256
+
+    def forward(self, output, target):
+        return F.cross_entropy(output, target.long(), reduction="none")
+
+
+def test_an_ignore_index_the_targets_cannot_hold_leaves_no_class_out() -> None:
+    """uint8 targets against an ignore_index of 256: the comparison wrapped it to 0, and
+    class 0 was left uncounted (a review's); no target can equal it, so every one counts."""
+    x, y = _data()
+    torch.manual_seed(0)
+    trainer = _trainer(
+        nn.Linear(4, 3), _Wide(), TensorSplit(x, y), TensorSplit(x, y.to(torch.uint8))
+    )
+    metrics = trainer.fit()
+    with torch.no_grad():
+        predicted = trainer.model(x).argmax(1)
+    assert metrics["val/acc"] == (predicted == y).sum().item() / len(y)
+
+
+class _ListLater(CrossEntropy):
+    calls = 0
+
+    def val_sums(self, output, target):
+        type(self).calls += 1
+        sums = super().val_sums(output, target)
+        return sums if type(self).calls == 1 else list(sums.values())
+
+
+def test_a_later_validation_batch_that_is_no_dict_is_named() -> None:
+    """A bare AttributeError ('list' object has no attribute 'keys') where the second batch's
+    val_sums returned a list (a review's)."""
+    x, y = _data()
+    torch.manual_seed(0)
+    _ListLater.calls = 0
+    trainer = _trainer(
+        nn.Linear(4, 3), _ListLater(), TensorSplit(x, y), TensorSplit(x, y), val_batch=8
+    )
+    with pytest.raises(ValueError) as e:
+        trainer.fit()
+    assert str(e.value).startswith(
+        "loss _ListLater's val_sums reported list for validation batch 1 and ['val/acc', "
+        "'val/loss'] for the first"
+    ), str(e.value)

@@ -13,6 +13,7 @@ table never read by ``setup``.
 from __future__ import annotations
 
 import collections
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -331,8 +332,9 @@ def test_a_hand_built_per_token_table_read_before_prepare_is_refused() -> None:
         _hand_built(targets, TokenCrossEntropy(ignore_index=0), weighting)
     assert str(e.value).startswith(
         "weighting PerTokenWeighting's table was read in setup for no loss while the "
-        "Trainer's, TokenCrossEntropy, weighs several elements per sample (its units decide "
-        "which the table counts): call trainer.weighting.prepare("
+        "Trainer's, TokenCrossEntropy {'average': 'tokens', 'ignore_index': 0, "
+        "'label_smoothing': 0.0}, weighs several elements per sample (its units decide which "
+        "the table counts): call trainer.weighting.prepare("
     ), str(e.value)
 
 
@@ -378,3 +380,71 @@ def test_trainer_run_checks_the_loss_once(tmp_path) -> None:
                    "trainer.max_steps=1", "instrument=none")  # fmt: skip
     build_trainer(cfg, tmp_path)
     assert _CountsChecks.checks == 1
+
+
+class _StepGrads(Callback):
+    def __init__(self) -> None:
+        self.g: list[list[torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, optimizer) -> None:
+        self.g.append([p.grad.detach().clone() for p in trainer.model.parameters()])
+
+
+def _one_step(loss, weighting, callbacks=()) -> Trainer:
+    model = _net()
+    split = TensorSplit(*_data())
+    return Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.0),
+        InMemoryLoader(split, B, CPU, False), InMemoryLoader(split, B, CPU, False),
+        criterion=loss, device=CPU, weighting=weighting, max_steps=1,
+        log_every_n_steps=1, callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+def test_a_weighting_shared_with_a_later_trainer_keeps_the_first_trainers_loss() -> None:
+    """Trainer 1 trains label-smoothed cross-entropy with focal weights (its losses are not
+    -log p, so focal takes p from the logits). Building Trainer 2 (plain cross-entropy) with
+    the same FocalWeighting sets its nll_losses: Trainer 1's fit then reads p = exp(-loss)
+    off the smoothed losses: other weights, other gradients, unsaid. Either the first
+    Trainer's step is its own: fit prepares the weighting again for its own loss (a review's)."""
+    ref = _StepGrads()
+    _one_step(CrossEntropy(label_smoothing=0.1), FocalWeighting(gamma=2.0), [ref]).fit()
+
+    shared = FocalWeighting(gamma=2.0)
+    got = _StepGrads()
+    first = _one_step(CrossEntropy(label_smoothing=0.1), shared, [got])
+    _one_step(CrossEntropy(), shared)  # the same weighting object, another loss
+    first.fit()  # (prepares it again for its own loss)
+    assert len(got.g) == len(ref.g) == 1
+    for g, r in zip(got.g[0], ref.g[0], strict=True):
+        assert torch.equal(g, r), (
+            f"the first Trainer's gradient is off by {float((g - r).abs().max()):.3g} (max "
+            f"{float(r.abs().max()):.3g}): its focal weights were read with the second "
+            f"Trainer's nll_losses={shared.nll_losses} (its own loss is label-smoothed)"
+        )
+
+
+def test_a_copy_of_a_set_up_per_token_weighting_is_taken_with_the_loss_it_was_read_for() -> None:
+    """The way out of the sharing above, a weighting per Trainer, copied from one prepared and
+    set up (``copy.deepcopy``), was refused: the copy's ``_set_up_for`` is a copy of the loss,
+    not the loss, and ``check_set_up`` compared by identity ("read in setup for another loss
+    (TokenCrossEntropy) while the Trainer's, TokenCrossEntropy, ..."), though the copy's table
+    is the one trainer.run reads for that very loss. A loss built alike is the same loss to it
+    (what setup read of it: its class, units and plain settings)."""
+
+    from test_weighting_hand_built import _hand_built, _token_data
+
+    from trainer.distributed import SINGLE
+    from trainer.losses import TokenCrossEntropy
+    from trainer.weighting import PerTokenWeighting, prepare
+
+    targets, data = _token_data()
+    loss = TokenCrossEntropy(ignore_index=0)
+    weighting = PerTokenWeighting(power=1.0, normalize="none")
+    prepare(weighting, loss, SINGLE, "weighting")
+    weighting.setup(data, CPU)
+    own = copy.deepcopy(weighting)
+    assert torch.equal(own.table, weighting.table)
+    trainer = _hand_built(targets, loss, own)  # (refused: "read ... for another loss")
+    assert trainer.weighting is own
+    assert _hand_built(targets, TokenCrossEntropy(ignore_index=0), own).weighting is own

@@ -1240,6 +1240,11 @@ class Trainer:
 
     def _fit(self) -> dict[str, float]:
         check_monitor(self)  # (before anything starts)
+        if self.objective.weighting is not None:  # (again: one given to another Trainer
+            # since, with another loss or world, was left prepared for that one's, and this
+            # one trained with its settings, unsaid, a review's; a no-op otherwise)
+            prepare(self.objective.weighting, self.criterion, self.world, "weighting")
+            check_set_up(self.objective.weighting, self.criterion)
         check_plateau(self.scheduler, self.monitor)
         # (max_steps or max_epochs changed since: the run's last step, which logs everything,
         # and the bar's length are the new ones'; they were kept, a probe's)
@@ -2590,7 +2595,7 @@ class Trainer:
                 if names is None:
                     names, reported = val_keys(self.criterion, batch, self.device)
                     sums = torch.zeros(len(names), 2, dtype=wide, device=self.device)
-                elif batch.keys() != reported:
+                elif not isinstance(batch, dict) or batch.keys() != reported:
                     same_val_keys(self.criterion, batch, reported, i)  # (raises: both named)
                 else:
                     check_pairs(self.criterion, batch, self.device)

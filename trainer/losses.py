@@ -245,7 +245,7 @@ def _accuracy(loss: Loss, output: Tensor, target: Tensor) -> Tensor:
     accuracy, a review's), or a counted row's scores have no finite maximum."""
     counted = ~(target < 0)  # (a NaN target counted: and said below)
     ignore = getattr(loss, "ignore_index", None)
-    if isinstance(ignore, int) and not isinstance(ignore, bool):
+    if isinstance(ignore, int) and not isinstance(ignore, bool) and _holds(target.dtype, ignore):
         counted = counted & (target != ignore)
     bad = target >= output.shape[1]
     if target.is_floating_point():
@@ -254,6 +254,17 @@ def _accuracy(loss: Loss, output: Tensor, target: Tensor) -> Tensor:
     correct = torch.where((bad & counted).any(), torch.nan, hits.sum().to(output.dtype))
     correct = _unless_nonfinite(correct, output, counted)
     return torch.stack([correct, counted.sum().to(output.dtype)])
+
+
+def _holds(dtype: torch.dtype, value: int) -> bool:
+    """Whether targets of ``dtype`` can hold ``value`` (torch wraps one they cannot: an
+    ``ignore_index`` of 256 compared with uint8 targets left class 0 out, a review's)."""
+    if dtype.is_floating_point:
+        return True
+    if dtype == torch.bool:
+        return value in (0, 1)
+    info = torch.iinfo(dtype)
+    return info.min <= value <= info.max
 
 
 def _unless_nonfinite(correct: Tensor, output: Tensor, counted: Tensor | None = None) -> Tensor:

@@ -179,7 +179,8 @@ class Weighting(Stateful, abc.ABC):
     global_size: int = 0
     #: the loss :func:`prepare` made it ready for, and the one a table was read for in setup
     _prepared_for: Loss | None = None
-    _set_up_for: Any = None  # (_NOT_READ on a table strategy until setup reads its table)
+    #: (:func:`loss_key`; _NOT_READ on a table strategy until setup reads its table)
+    _set_up_for: Any = None
 
     def __init__(self, normalize: str = "mean"):
         if normalize not in NORMALIZE:
@@ -532,15 +533,26 @@ def check_set_up(weighting: Weighting, loss: Loss) -> None:
             f"setup(data, device), never called: {PREPARE_FIRST}"
         )
     was = weighting._set_up_for
-    if was is _NOT_READ or was is loss:
+    if was is _NOT_READ or was == loss_key(loss):
         return
-    if loss.has_units or (was is not None and was.has_units):  # (what it counted differs)
+    if loss.has_units or (was is not None and was[1]):  # (what it counted differs)
+        other = "no loss" if was is None else f"another loss ({was[0]}, {dict(was[2])})"
         raise ContractError(
-            f"weighting {type(weighting).__name__}'s table was read in setup for "
-            f"{'no loss' if was is None else f'another loss ({type(was).__name__})'} while "
-            f"the Trainer's, {type(loss).__name__}, weighs several elements per sample (its "
-            f"units decide which the table counts): {PREPARE_FIRST}"
+            f"weighting {type(weighting).__name__}'s table was read in setup for {other} "
+            f"while the Trainer's, {loss_key(loss)[0]} {dict(loss_key(loss)[2])}, weighs "
+            f"several elements per sample (its units decide which the table counts): "
+            f"{PREPARE_FIRST}"
         )
+
+
+def loss_key(loss: Loss) -> tuple[str, bool, tuple[tuple[str, Any], ...]]:
+    """What a table strategy's setup read of ``loss``: its class, whether it has units, and
+    its plain settings (an ``ignore_index``): a copy of a set-up weighting, or a loss built
+    alike, is the same loss to it (compared by identity, a deep copy's was refused, a
+    review's)."""
+    plain = tuple(sorted((k, v) for k, v in vars(loss).items()
+                         if isinstance(v, bool | int | float | str | type(None))))  # fmt: skip
+    return type(loss).__qualname__, loss.has_units, plain
 
 
 #: a table strategy's loss before its setup read what the loss weighs
@@ -569,7 +581,8 @@ class _TableLookup(Weighting):
         none; the loss's units decide what it counts: a setup before a Trainer built by hand
         prepared it counted a per-token loss's padding, a review's): checked by
         :func:`check_set_up`."""
-        self._set_up_for = self._prepared_for
+        loss = self._prepared_for
+        self._set_up_for = None if loss is None else loss_key(loss)
 
     def _largest_batch(self, data: DataModule) -> int:
         """The most weights one batch sums: the global batch's samples, times each one's
