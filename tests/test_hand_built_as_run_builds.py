@@ -25,7 +25,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from trainer.callbacks import Callback
-from trainer.data.base import InMemoryLoader, TensorSplit
+from trainer.config import ContractError
+from trainer.data.base import DeviceLoader, InMemoryLoader, TensorSplit
+from trainer.distributed import World
 from trainer.instrument.per_sample import PerSampleNorms
 from trainer.loop import Trainer
 from trainer.losses import CrossEntropy
@@ -279,3 +281,73 @@ def test_scale_grad_by_freq_over_micro_batches_is_said_by_hand_too(caplog) -> No
         "(2 a step), not in the step's whole batch, so this run's gradients are not those of "
         "one process on one batch (turn scale_grad_by_freq off to have them)"
     ], said
+
+
+def _device_loader(split: TensorSplit, world: World) -> DeviceLoader:
+    return DeviceLoader(split, B, CPU, False, num_workers=0, pin_memory=False, world=world)
+
+
+def test_device_loaders_sharded_for_another_world_are_refused_like_in_memory_ones() -> None:
+    """README (Data parallel): a hand-built Trainer refuses "loaders sharded for another
+    world". DeviceLoader (what DataModule.setup builds with num_workers > 0) kept its world
+    in its sampler only, so the check (getattr(loader, "world")) passed it: a single-process
+    Trainer trained on rank 0's half of every batch and validated on half the split, its
+    val/* presented as the whole split's, unsaid."""
+    split = TensorSplit(*_data())
+    model = _net()
+    half = World(0, 2, 0)
+    with pytest.raises(ContractError, match="train_loader is sharded for rank 0 of 2"):
+        Trainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.0),
+            _device_loader(split, half), _device_loader(split, half),
+            criterion=CrossEntropy(), device=CPU,
+        ).fit()  # fmt: skip
+
+
+def _one_rank(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
+    """torchrun --nproc_per_node=1 and the README's recipe: World(rank, size, local_rank),
+    the process group joined, forward_model=DistributedDataParallel(model)."""
+    torch.set_num_threads(1)
+    join_group(rank, world, port)  # (RANK=0, WORLD_SIZE=1, as torchrun sets them)
+    store = torch.distributed.FileStore(str(Path(run_dir).parent / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    w = World(rank, world, rank)
+    split = TensorSplit(*_data())
+    model = _net()
+    out: dict = {}
+    try:
+        grads = _Grads()
+        Trainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.0),
+            InMemoryLoader(split, B, CPU, False, world=w),
+            InMemoryLoader(split, B, CPU, False, world=w),
+            criterion=CrossEntropy(), device=CPU, world=w,
+            forward_model=nn.parallel.DistributedDataParallel(model), callbacks=[grads],
+        ).fit()  # fmt: skip
+        out["grads"] = grads.g
+    except Exception as e:  # noqa: BLE001
+        out["refused"] = f"{type(e).__name__}: {e}"
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "out.json").write_text(json.dumps(out))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_in_a_one_process_group_with_its_world_trains(tmp_path) -> None:
+    """A script that always wraps the model in DDP, run by torchrun with one process: the
+    group has one rank, DDP averages over it, the gradients are exactly one process's. The
+    Trainer refused it ("world is a single process: give the Trainer the World its loaders and
+    process group share"), though the World given is the one they share (a review's); it
+    trains, bit for bit one process."""
+    d = tmp_path / "0"
+    assert ranks_of(_one_rank, (), [d]) == [0]
+    out = json.loads((d / "out.json").read_text())
+    assert "refused" not in out, out["refused"]
+    x, y = _data()
+    model = _net()
+    for step, got in enumerate(out["grads"]):
+        model.zero_grad()
+        F.cross_entropy(
+            model(x[step * B : (step + 1) * B]), y[step * B : (step + 1) * B]
+        ).backward()
+        for g, p in zip(got, model.parameters(), strict=True):
+            assert torch.equal(torch.tensor(g, dtype=torch.float64), p.grad), step

@@ -208,7 +208,8 @@ def _check_world(
             "gradients are averaged over the ranks by it; without it each rank trains on its "
             "own part)"
         )
-    if wrapped and not world.distributed:
+    if wrapped and not world.distributed and _group_size(ddp) != 1:  # (a group of one, as
+        # torchrun --nproc_per_node=1 makes it, averages over one rank: exact, a review's)
         raise ContractError(
             "Trainer: forward_model is a DistributedDataParallel, and world is a single "
             "process: give the Trainer the World its loaders and process group share "
@@ -223,6 +224,15 @@ def _check_world(
                 f"Trainer's world is rank {world.rank} of {world.size}: build the loaders and "
                 "the Trainer with one World"
             )
+
+
+def _group_size(ddp: Any) -> int:
+    """The processes a DistributedDataParallel averages over (its process group's size)."""
+    group = getattr(ddp, "process_group", None)
+    try:
+        return int(group.size()) if group is not None else torch.distributed.get_world_size()
+    except (RuntimeError, ValueError, AttributeError):  # (no default group: none to average)
+        return 1
 
 
 def check_plateau(scheduler: Any, monitor: str) -> None:

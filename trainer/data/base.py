@@ -528,6 +528,9 @@ class DeviceLoader:
         self.drop_last = drop_last
         self.device = device
         self._dataset_name = type(dataset).__name__
+        #: the processes the batches are sharded for (as InMemoryLoader's: the Trainer checks
+        #: it against its own, a review's)
+        self.world = world
         self.sampler = EpochBatchSampler(
             self.num_samples, batch_size, shuffle, seed, drop_last, world
         )
