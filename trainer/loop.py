@@ -582,8 +582,9 @@ def _now(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, Tensor) else value
 
 
-def _qualified(cb: Callback) -> str:
-    """A callback's class as a checkpoint names it: ``module.QualifiedName``."""
+def _qualified(cb: Any) -> str:
+    """A callback's (or an objective part's) class as a checkpoint names it:
+    ``module.QualifiedName``."""
     return f"{type(cb).__module__}.{type(cb).__qualname__}"
 
 
@@ -2322,6 +2323,10 @@ class Trainer:
             # the training split's size, whose permutation the epoch's order is (a resume on
             # a split that grew trained the rest of its epoch on another order, a probe's)
             "train_samples": self.train_loader.num_samples,
+            # and what else a position in the epoch means (a hand-built Trainer's loader of
+            # another batch size or seed, or another accumulation, took it silently: samples
+            # trained twice or never, a probe's)
+            "data_order": self._data_order(),
             **tally,
             "metrics": dict(self.metrics),
             "loader": loader_state() if loader_state else None,
@@ -2336,6 +2341,8 @@ class Trainer:
                 k: checkpointable(_named(p, "state_dict"), type(p).__name__, k)
                 for k, p in self._stateful_parts()
             },
+            # their classes (a resume with another weighting took the state by key alone)
+            "objective_classes": {k: _qualified(p) for k, p in self._stateful_parts()},
             # which parameters train (gradual unfreezing changes it): restored on resume, so a
             # layer unfrozen before the checkpoint trains after it too
             "trainable": {n: p.requires_grad for n, p in self.model.named_parameters()},
@@ -2458,6 +2465,19 @@ class Trainer:
                 "position are another split's; start a new run (another trainer.run_id, or no "
                 "trainer.resume)"
             )
+        saved_order, order = state.get("data_order"), self._data_order()  # (older: none)
+        changed = {k: (v, order.get(k)) for k, v in (saved_order or {}).items()
+                   if v is not None and order.get(k) is not None and v != order[k]}  # fmt: skip
+        if changed:
+            raise ValueError(
+                "the checkpoint's position in its epoch (batch "
+                f"{self.batch_in_epoch}) was saved with "
+                + ", ".join(f"{k}={a!r}" for k, (a, _) in changed.items())
+                + ", this run has "
+                + ", ".join(f"{k}={b!r}" for k, (_, b) in changed.items())
+                + ": the rest of the epoch would train other samples (some twice, some never) "
+                "or other windows; resume with the checkpoint's settings, or start a new run"
+            )
         if not 0 <= self.batch_in_epoch <= len(self.train_loader):
             raise ValueError(
                 f"batch_in_epoch {self.batch_in_epoch} is outside this data's epoch of "
@@ -2499,13 +2519,26 @@ class Trainer:
                 log.warning("the checkpoint's state of callback %s is not taken by any "
                             "callback of this run (dropped, or its module or class renamed)",
                             name)  # fmt: skip
-        parts = state.get("objective", {})  # (older checkpoints: none kept)
+        parts = dict(state.get("objective", {}))  # (older checkpoints: none kept)
+        classes = state.get("objective_classes", {})  # (older: none; by key alone)
         for key, part in self._stateful_parts():
             if key in parts:
-                _named(part, "load_state_dict", parts[key])
+                was = classes.get(key)
+                if was is not None and was != _qualified(part) and parts[key]:
+                    raise ValueError(
+                        f"the checkpoint's {key} state is a {was}'s, and this run's {key} is a "
+                        f"{_qualified(part)}: resume with the checkpoint's {key}, or start a new "
+                        "run"
+                    )
+                _named(part, "load_state_dict", parts.pop(key))
             elif part.state_dict():
                 log.warning("the checkpoint holds no state for %s %s: it starts fresh",
                             key, type(part).__name__)  # fmt: skip
+        for key, kept in parts.items():  # (a part this run has not: as callbacks are said)
+            if kept:
+                log.warning("the checkpoint's state of %s %s is not taken by this run, which "
+                            "has no such part: dropped", key,
+                            classes.get(key, "(class not kept)"))  # fmt: skip
 
     def _agree_on_validation(self, names: list[str], failed: Exception | None) -> None:
         """Data-parallel: raise on every rank where a rank's validation failed (the failing
@@ -2532,6 +2565,22 @@ class Trainer:
                 f"names on another rank than {names} on rank {self.world.rank}: every rank must "
                 "report the same names"
             )
+
+    def _data_order(self) -> dict[str, Any]:
+        """What a position in the epoch (``batch_in_epoch``) means: the global batch's size,
+        the order's shuffle and seed, ``drop_last`` and the accumulation's window (None where
+        a loader of one's own keeps no such attribute: not compared). Data-parallel, the
+        global batch: a resume on other processes with the same global batch is the same."""
+        loader = self.train_loader
+        sampler = getattr(loader, "sampler", None)
+
+        def read(name: str) -> Any:
+            value = getattr(loader, name, getattr(sampler, name, None))
+            return value if isinstance(value, bool | int) else None
+
+        return {"global_batch_size": read("global_batch_size"), "shuffle": read("shuffle"),
+                "seed": read("seed"), "drop_last": read("drop_last"),
+                "accumulate_grad_batches": self.accumulate}  # fmt: skip
 
     def _stateful_parts(self) -> list[tuple[str, Stateful]]:
         """The objective's parts that may keep state (:class:`Stateful`), by the key a
