@@ -39,7 +39,7 @@ from torch import Tensor
 
 from trainer.backward import backward_scalar, backward_vector
 from trainer.callbacks import few
-from trainer.config import ContractError
+from trainer.config import ConfigError, ContractError
 from trainer.distributed import SINGLE, World, all_reduce_max, all_reduce_sum
 from trainer.instrument.norms import minus, total_norm
 from trainer.instrument.swap import attributes_kept, buffer_values_kept
@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 #: dtypes whose per-sample root is a dot product (half-precision losses: a product and a sum,
 #: which accumulates in float32)
 _DOT_DTYPES = (torch.float32, torch.float64)
+
+
+def _own_value(r: Regularizer) -> bool:
+    """A regularizer of one's own whose ``value()`` is its own and whose ``grad()`` is not."""
+    return type(r).value is not Regularizer.value and type(r).grad is Regularizer.grad
 
 
 def _kept(coef: Any) -> Any:
@@ -110,6 +115,14 @@ class Objective:
             raise ContractError(
                 "regularizers: expected trainer.regularizers.Regularizer instances and at most "
                 f"one InputGradPenalty, got {[type(r).__name__ for r in regularizers]}"
+            )
+        names = [r.name for r in regularizers]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # (a Trainer built by hand: one reg/<name> value overwrote the other's, and
+            # their states shared one checkpoint key, a probe's)
+            raise ConfigError(
+                f"regularizers: the name(s) {twice} are given to more than one regularizer; "
+                "each logs reg/<name> and keeps its state under it: give each its own name"
             )
         self.input_penalty = penalties[0] if penalties else None
         self.params = list(params)
@@ -528,9 +541,12 @@ class Objective:
         reg_grad = self._penalty_grads_summed()
         at, moved = self._reg_at, self._moved_since_backward()
         coefs = self._reg_coef or [(None, None)] * len(self.regularizers)
-        for r, (then, after) in zip(self.regularizers, coefs, strict=True):
+        values: list[Tensor | None] = list(self.reg_values) or [None] * len(self.regularizers)
+        for r, (then, after), took in zip(self.regularizers, coefs, values, strict=True):
             now = r.coef
             unknown = then is not None and not _same(then, after)  # host read: logging steps
+            if not unknown and took is not None and _own_value(r):
+                unknown = self._other_value(r, then if then is not None else now, took)
             if unknown and r.name not in self._said_coef:  # (changed inside value(): which
                 self._said_coef.add(r.name)  # λ it took is not known)
                 log.warning(
@@ -554,6 +570,28 @@ class Objective:
                     g = torch.full_like(g, math.nan)
                 reg_grad[id(p)] = reg_grad[id(p)] + g if id(p) in reg_grad else g
         return reg_grad
+
+    def _other_value(self, r: Regularizer, coef: Any, took: Tensor) -> bool:
+        """Whether a regularizer whose ``value()`` is its own took another value than
+        ``fn(params, λ)``, which its ``grad()`` differentiates (a warm-up scaling λ inside
+        value() without storing it: grad_norm/reg 4× the step's, grad_norm/data off with it,
+        unsaid, a probe's): then NaN, warned once. One forward of R, on logging steps; within
+        the value's own rounding (another order of the same sums)."""
+        with torch.no_grad():
+            expected = r.fn(*r.params, coef=coef) if r.params else r._zero
+        a, b = float(took), float(expected)  # host read: logging steps
+        eps = torch.finfo(took.dtype if took.is_floating_point() else torch.float32).eps
+        if math.isclose(a, b, rel_tol=8 * eps, abs_tol=0.0) or (math.isnan(a) and math.isnan(b)):
+            return False
+        if r.name not in self._said_coef:
+            self._said_coef.add(r.name)
+            log.warning(
+                "grad_norm/data and grad_norm/reg (and grad_agreement/data_reg): NaN on steps "
+                "where regularizer %s's value() (%s) is not its function at its λ (%s, which "
+                "its grad() differentiates): override grad() to match it, or keep the λ it "
+                "uses in coef (warned once)", r.name, a, b,
+            )  # fmt: skip
+        return True
 
     def updated(self) -> None:
         """The step's update is done (or skipped): what :meth:`reg_grads` compares with the

@@ -563,6 +563,19 @@ class Regularizer(Stateful):
                 "GRADS, the checks of its backward and grad_norm/reg take it"
             )
         self._check_value_scales(copies)
+        # and at a random point: at the run's parameters R may be 0 (a zero-initialized
+        # head, zero biases), where a forward leaving λ out, or a backward off by a factor,
+        # agreed at every λ (a probe's); formulas against each other, no differences: R's
+        # kinks do not matter; a point where R is not finite (a log barrier) is not checked
+        draw = torch.Generator().manual_seed(0)
+        elsewhere = [torch.randn(c.shape, generator=draw, dtype=c.dtype).to(c.device)
+                     .requires_grad_() for c in copies]  # fmt: skip
+        with torch.no_grad():
+            finite = math.isfinite(float(self.fn(*elsewhere, coef=1.0)))
+        if finite:
+            self._check_value_scales(elsewhere)
+            for coef in dict.fromkeys(c for c in (1.0, float(self.coef), CHECK_COEF) if c != 0.0):
+                self._check_backward(names, elsewhere, coef)
 
         def fn(*ps: Tensor) -> Tensor:  # R itself (λ = 1): gradcheck's tolerances are
             # absolute, and λ R's gradient at an l1's λ = 1e-6 passed them whatever the
@@ -596,6 +609,18 @@ class Regularizer(Stateful):
         """``torch.autograd.gradcheck`` of R, and element by element where it fails."""
         try:
             torch.autograd.gradcheck(fn, tuple(copies))  # (its float64 defaults)
+            # (its absolute tolerance, 1e-5, passed any backward of gradients below it: a
+            # LayerScale's γ of 1e-6 whose backward was twice its gradient, a probe's): where
+            # only that tolerance passed it, element by element
+            if not torch.autograd.gradcheck(fn, tuple(copies), atol=0.0, raise_exception=False):
+                wrong = _kink_tolerant(fn, copies, names)
+                if wrong:
+                    raise ValueError(
+                        f"regularizer {self.name} ({type(self).__name__}): its Function's "
+                        "backward passes torch.autograd.gradcheck only by its absolute "
+                        f"tolerance (1e-5), and on {wrong} no difference that resolves the "
+                        "gradient agrees with it"
+                    )
         except GradcheckError as e:
             first = str(e).strip().splitlines()[0]
             # a correct backward fails where R has a kink (or a steep curvature) within
@@ -719,7 +744,7 @@ class Regularizer(Stateful):
                     where = ", ".join(str(int(i)) for i in bad[0])
                     raise ValueError(
                         f"regularizer {self.name} ({type(self).__name__}): {what} is not "
-                        f"finite on {name}[{where}] (value {float(c[tuple(bad[0])]):.6g}, "
+                        f"finite on {name}[{where}] (value {float(c.detach()[tuple(bad[0])]):.6g}, "
                         f"λ = {coef:g})"
                     )
             # float64 roundoff of two computations of the same sums, relative to their size
