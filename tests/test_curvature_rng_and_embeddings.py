@@ -198,3 +198,30 @@ def test_a_functional_lookup_scaling_its_gradient_is_measured_as_the_objectives(
     top = _top(exact_hessian(plain, x, y))
     values = measured(model, x, y, 0, tol=1e-9, power_iters=200, trace_probes=3)
     assert float(values["curvature/top_eig"]) == pytest.approx(top, rel=1e-8)
+
+
+# (a mutation round's, 2026-12-08: the sparse flag passed by position to the lookups whose
+# entries above pass it by keyword or False; each failed with one flag's position dropped)
+SPARSE_BY_POSITION = {
+    "torch.embedding": lambda x, w: torch.embedding(w, x, -1, True, True),
+    "aten.embedding": lambda x, w: torch.ops.aten.embedding(w, x, -1, True, True),
+}
+
+
+@pytest.mark.parametrize("lookup", SPARSE_BY_POSITION)
+def test_a_lookup_given_sparse_by_position_is_measured_as_the_objectives(lookup) -> None:
+    """sparse=True by position: the products came back sparse (NaN, said as an op without a
+    double backward) unless the measurement's lookup takes the plain backward."""
+
+    class Functional(Embedded):
+        def forward(self, x):
+            return self.h(torch.tanh(SPARSE_BY_POSITION[lookup](x, self.e.weight)))
+
+    torch.manual_seed(0)
+    model = Functional().double()
+    x, y = torch.tensor([4, 4, 3, 0, 3, 4]), torch.tensor([1, 0, 2, 4, 3, 1])
+    plain = Embedded().double()
+    plain.load_state_dict(model.state_dict())
+    top = _top(exact_hessian(plain, x, y))
+    values = measured(model, x, y, 0, tol=1e-9, power_iters=200, trace_probes=3)
+    assert float(values["curvature/top_eig"]) == pytest.approx(top, rel=1e-8)

@@ -351,3 +351,101 @@ def test_ddp_in_a_one_process_group_with_its_world_trains(tmp_path) -> None:
         ).backward()
         for g, p in zip(got, model.parameters(), strict=True):
             assert torch.equal(torch.tensor(g, dtype=torch.float64), p.grad), step
+
+
+# (a mutation round's, 2026-12-08: each of these failed with one small change to
+# check_monitor, and passed without)
+
+
+def test_a_plateau_scheduler_may_step_on_train_loss() -> None:
+    """check_monitor takes train/loss, which the run reports too, as a plateau's monitor."""
+    trainer, _ = _small(
+        scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="min")
+    )
+    trainer.monitor = "train/loss"
+    metrics = trainer.fit()
+    assert trainer.global_step == 4 and "train/loss" in metrics, metrics
+
+
+def test_a_monitor_none_of_the_metrics_is_taken_without_a_plateau_scheduler() -> None:
+    """Only a ReduceLROnPlateau steps on the monitor: without one, fit trains (trainer.run
+    refuses such a monitor as it builds; a Trainer built by hand is not refused for it)."""
+    trainer, _ = _small()
+    trainer.monitor = "val/accuracy"
+    trainer.fit()
+    assert trainer.global_step == 4
+
+
+class _CompiledLike(nn.Module):
+    """What torch.compile returns around a module: the module as ``_orig_mod``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = inner
+
+    def forward(self, x):
+        return self._orig_mod(x)
+
+
+def _rank_more(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
+    """As ``_rank``, with ``ddp_other`` (a DistributedDataParallel of another model than the
+    Trainer's), ``loaders_other_rank`` (the loaders sharded for the other rank of the same
+    world) and ``compiled`` (DDP inside a compiled wrapper, as torch.compile gives it)."""
+    from trainer.distributed import World
+
+    torch.set_num_threads(1)
+    join_group(rank, world, port)
+    torch.distributed.init_process_group("gloo")
+    w = World(rank, world, rank)
+    case = overrides[0]
+    split = TensorSplit(*_data())
+    model = _net()
+    ddp = nn.parallel.DistributedDataParallel(_net() if case == "ddp_other" else model)
+    forward_model = _CompiledLike(ddp) if case == "compiled" else ddp
+    lw = World(1 - rank, world, 1 - rank) if case == "loaders_other_rank" else w
+    grads = _Grads()
+    out: dict = {}
+    try:
+        Trainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.0),
+            InMemoryLoader(split, B, CPU, False, world=lw),
+            InMemoryLoader(split, B, CPU, False, world=lw),
+            criterion=CrossEntropy(), device=CPU, world=w,
+            forward_model=forward_model, log_every_n_steps=1, callbacks=[grads],
+        ).fit()  # fmt: skip
+        out["grads"] = grads.g
+    except Exception as e:  # noqa: BLE001
+        out["refused"] = f"{type(e).__name__}: {e}"
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "out.json").write_text(json.dumps(out))
+    torch.distributed.destroy_process_group()
+
+
+MORE_REFUSALS = {
+    "ddp_other": "ContractError: Trainer: world is data-parallel (rank {r} of 2), and "
+    "forward_model is a DistributedDataParallel of another module",
+    "loaders_other_rank": "ContractError: Trainer: train_loader is sharded for rank {o} of 2, "
+    "and the Trainer's world is rank {r} of 2",
+}
+
+
+@pytest.mark.parametrize("case", [*MORE_REFUSALS, "compiled"])
+def test_a_hand_built_data_parallel_trainer_checks_which_module_and_rank(tmp_path, case) -> None:
+    """(a mutation round's, 2026-12-08) DDP wrapping another module than the Trainer's (its
+    model's gradients never averaged) and loaders sharded for the other rank (each rank
+    trained the other's part, validated likewise) are refused; DDP inside a compiled wrapper
+    (``_orig_mod``) is the data-parallel model and trains the global batch's gradient."""
+    dirs = [tmp_path / "0", tmp_path / "1"]
+    assert ranks_of(_rank_more, (case,), dirs) == [0, 0]
+    want = _reference()
+    for r, d in enumerate(dirs):
+        out = json.loads((d / "out.json").read_text())
+        if case in MORE_REFUSALS:
+            assert out.get("refused", "").startswith(MORE_REFUSALS[case].format(r=r, o=1 - r)), out
+            continue
+        assert "refused" not in out, out["refused"]
+        for g_step, w_step in zip(out["grads"], want, strict=True):
+            for g, w in zip(g_step, w_step, strict=True):
+                g = torch.tensor(g, dtype=torch.float64)
+                err = float((g - w).abs().max() / w.abs().max())
+                assert err <= 1e-12, (case, r, err)

@@ -214,3 +214,103 @@ def test_a_later_validation_batch_that_is_no_dict_is_named() -> None:
         "loss _ListLater's val_sums reported list for validation batch 1 and ['val/acc', "
         "'val/loss'] for the first"
     ), str(e.value)
+
+
+# (a mutation round's, 2026-12-08: each of these failed with one small change to
+# _accuracy, _holds, _val_acc_shapes or Loss.val_sums's own branches, and passed without)
+
+
+class _OwnIgnoring(Loss):
+    """Class indices, some of them ``ignore_index`` (of any value): a loss of one's own."""
+
+    task = "classification"
+
+    def __init__(self, ignore_index):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, output, target):
+        t = target.real.long().clamp(0, output.shape[1] - 1)
+        return output.logsumexp(1) - output.gather(1, t[:, None]).squeeze(1)
+
+
+# argmax 0, 1, 2, 0
+_SCORES = torch.tensor([[2.0, 0, 0], [0, 2, 0], [0, 0, 2], [2, 0, 0]])
+
+
+def _acc(loss, output, target) -> list[float]:
+    return loss.val_sums(output, target)["val/acc"].tolist()
+
+
+def test_a_target_of_exactly_k_is_no_class_index() -> None:
+    """K = 3 and a target 3, among class indices: no argmax equals it, NaN (as 4 or more)."""
+    acc = _acc(_OwnIgnoring(-100), _SCORES, torch.tensor([0, 1, 3, 0]))
+    assert math.isnan(acc[0]) and acc[1] == 4.0, acc
+
+
+def test_an_ignore_index_that_is_a_class_leaves_its_hits_out() -> None:
+    """ignore_index 0 (a padding class): the samples labelled 0 are neither counted nor hits,
+    though the model predicts 0 for them: 1 correct of 2 (sample 2 predicts 2, labelled 1)."""
+    assert _acc(_OwnIgnoring(0), _SCORES, torch.tensor([0, 1, 1, 0])) == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+def test_an_ignore_index_of_k_or_more_is_left_out_not_a_bad_target(dtype) -> None:
+    """ignore_index 255 (a segmentation's void label) with K = 3, integer or float targets:
+    the unlabelled sample is left out, not NaN for a target no argmax can equal."""
+    assert _acc(_OwnIgnoring(255), _SCORES, torch.tensor([0, 1, 255, 0], dtype=dtype)) == [
+        3.0, 3.0]  # fmt: skip
+
+
+def test_an_uncounted_sample_s_nonfinite_scores_leave_the_accuracy_finite() -> None:
+    """An unlabelled sample (target -100) whose scores are NaN: left out of val/acc, which
+    the three counted samples' finite scores decide (NaN only where a counted row is)."""
+    scores = _SCORES.clone()
+    scores[2] = float("nan")
+    assert _acc(_OwnIgnoring(-100), scores, torch.tensor([0, 1, -100, 0])) == [3.0, 3.0]
+
+
+def test_a_bool_ignore_index_is_no_class_index() -> None:
+    """ignore_index False is a flag, not class 0: every sample counts."""
+    assert _acc(_OwnIgnoring(False), _SCORES, torch.tensor([0, 1, 1, 0])) == [3.0, 4.0]
+
+
+def test_an_ignore_index_below_what_the_targets_hold_leaves_no_class_out() -> None:
+    """uint8 targets and ignore_index -100, which torch's comparison wraps to 156: class 156
+    (of 157) was left out though no uint8 target can be -100."""
+    scores = torch.zeros(2, 157)
+    scores[0, 156] = scores[1, 3] = 1.0
+    target = torch.tensor([156, 3], dtype=torch.uint8)
+    assert _acc(_OwnIgnoring(-100), scores, target) == [2.0, 2.0]
+
+
+def test_complex_targets_are_refused_by_val_acc_naming_the_shapes() -> None:
+    """(B,) complex targets are no class indices: refused in val/acc's words (not torch's
+    "not implemented for 'ComplexFloat'" from a comparison)."""
+    target = torch.tensor([0, 1, 2, 0], dtype=torch.complex64)
+    with pytest.raises(ValueError, match=r"val/acc compares the argmax of \(B, K\) class"):
+        _OwnIgnoring(-100).val_sums(_SCORES, target)
+
+
+class _MeanAndVariance(Loss):
+    """A regression loss of one's own: output (B, 2), a mean and a log-variance; its
+    val_sums takes super()'s val/loss and reports a val/mse of its own."""
+
+    task = "regression"
+
+    def forward(self, output, target):
+        mean, logvar = output[:, 0], output[:, 1]
+        return 0.5 * (logvar + (target - mean) ** 2 / logvar.exp())
+
+    def val_sums(self, output, target):
+        n = torch.tensor(float(target.shape[0]))
+        mse = ((output[:, 0] - target) ** 2).sum()
+        return {**super().val_sums(output, target), "val/mse": torch.stack([mse, n])}
+
+
+def test_a_regression_subclass_replacing_val_mse_after_super_val_sums_is_not_refused():
+    """As val/acc's: super().val_sums leaves out the val/mse it cannot compute for an
+    override reporting its own (a mean and a log-variance against (B,) targets)."""
+    output = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]])
+    target = torch.tensor([0.0, 2.0, 1.0])
+    assert _MeanAndVariance().val_sums(output, target)["val/mse"].tolist() == [2.0, 3.0]

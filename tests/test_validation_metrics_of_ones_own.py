@@ -230,3 +230,36 @@ def test_a_complex_val_sums_pair_is_refused_naming_the_metric() -> None:
         "loss Complex's val_sums gave 'val/x' as a torch.complex64 pair: a metric's (sum, "
         "count) must be real numbers"
     ), str(e.value)
+
+
+def test_a_callback_changing_its_on_fit_end_metrics_changes_neither_the_run_nor_the_next() -> None:
+    """(a mutation round's, 2026-12-08) on_fit_end gets each callback a copy of its own too:
+    one showing val/acc as a percentage there changed fit()'s result and what the callbacks
+    after it were handed."""
+    from trainer.callbacks import Callback
+    from trainer.losses import CrossEntropy
+
+    class Percent(Callback):
+        def on_fit_end(self, trainer, metrics) -> None:
+            metrics["val/acc"] = 100 * metrics["val/acc"]
+
+    class Seen(Callback):
+        got: float | None = None
+
+        def on_fit_end(self, trainer, metrics) -> None:
+            self.got = metrics["val/acc"]
+
+    g = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.randn(16, 4, generator=g), torch.randint(3, (16,), generator=g))
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    rec, seen = _Recorder(), Seen()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                      InMemoryLoader(split, 4, CPU, shuffle=True),
+                      InMemoryLoader(split, 5, CPU, shuffle=False), criterion=CrossEntropy(),
+                      device=CPU, max_epochs=1, logger=rec,
+                      callbacks=[Percent(), seen])  # fmt: skip
+    metrics = trainer.fit()
+    logged = rec.s["val/acc"][trainer.global_step]
+    assert 0 <= logged <= 1
+    assert metrics["val/acc"] == seen.got == logged, (metrics["val/acc"], seen.got, logged)

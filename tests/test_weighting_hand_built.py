@@ -448,3 +448,176 @@ def test_a_copy_of_a_set_up_per_token_weighting_is_taken_with_the_loss_it_was_re
     trainer = _hand_built(targets, loss, own)  # (refused: "read ... for another loss")
     assert trainer.weighting is own
     assert _hand_built(targets, TokenCrossEntropy(ignore_index=0), own).weighting is own
+
+
+# (a mutation round's, 2026-12-08: each of these failed with one small change to prepare,
+# check_set_up, loss_key or _loss_prepared, and passed without)
+
+
+def test_a_weighting_shared_with_a_later_trainer_trains_with_that_trainers_loss() -> None:
+    """The converse of the test above: Trainer 2 (label-smoothed) built after Trainer 1
+    (plain cross-entropy) with the same FocalWeighting fits with its own loss's settings
+    (nll_losses False: p from the logits), not the first's (p = exp(-loss) of smoothed
+    losses)."""
+    ref = _StepGrads()
+    _one_step(CrossEntropy(label_smoothing=0.1), FocalWeighting(gamma=2.0), [ref]).fit()
+
+    shared = FocalWeighting(gamma=2.0)
+    _one_step(CrossEntropy(), shared)
+    assert shared.nll_losses is True  # (told by the Trainer: plain cross-entropy is -log p)
+    got = _StepGrads()
+    _one_step(CrossEntropy(label_smoothing=0.1), shared, [got]).fit()
+    assert shared.nll_losses is False
+    assert len(got.g) == len(ref.g) == 1
+    for g, r in zip(got.g[0], ref.g[0], strict=True):
+        assert torch.equal(g, r), float((g - r).abs().max())
+
+
+def test_prepare_again_for_the_same_loss_on_another_world_takes_that_world() -> None:
+    """prepare's early return (prepared already) is for the same loss *and* world: the same
+    loss on a data-parallel world is normalized over its global batch."""
+    from trainer.distributed import World
+
+    weighting, loss = FocalWeighting(gamma=2.0), CrossEntropy()
+    prepare(weighting, loss, SINGLE, "weighting")
+    two = World(rank=0, size=2, local_rank=0)
+    prepare(weighting, loss, two, "weighting")
+    assert weighting.world is two
+    prepare(weighting, loss, SINGLE, "weighting")
+    assert weighting.world is SINGLE
+
+
+def test_a_per_class_table_read_before_prepare_or_for_another_setting_is_taken_per_sample() -> None:
+    """check_set_up refuses a table read for another loss only where what it counted differs
+    (a loss with units): a per-class table read before prepare, or for cross-entropy with
+    label smoothing, is the same table for a plain cross-entropy of one loss per sample."""
+    x, y = _data()
+    data = SimpleNamespace(num_classes=K, train_targets=y, train_target_rows=None,
+                           train_loader=SimpleNamespace(global_batch_size=B))  # fmt: skip
+    early = PerClassWeighting([1.0, 2.0, 3.0], normalize="none")
+    early.setup(data, CPU)  # (before prepare: read for no loss)
+    assert _one_step(CrossEntropy(), early).weighting is early
+    other = PerClassWeighting([1.0, 2.0, 3.0], normalize="none")
+    prepare(other, CrossEntropy(label_smoothing=0.1), SINGLE, "weighting")
+    other.setup(data, CPU)
+    assert _one_step(CrossEntropy(), other).weighting is other
+
+
+def test_a_per_token_table_read_for_another_ignore_index_is_refused() -> None:
+    """What setup read of the loss includes its plain settings: a table counted without the
+    padding id 0 (ignore_index 0) is not the table of a loss that ignores id 3."""
+    targets, data = _token_data()
+    weighting = PerTokenWeighting(power=1.0, normalize="none")
+    prepare(weighting, TokenCrossEntropy(ignore_index=0), SINGLE, "weighting")
+    weighting.setup(data, CPU)
+    with pytest.raises(ContractError, match="table was read in setup for another loss"):
+        _hand_built(targets, TokenCrossEntropy(ignore_index=3), weighting)
+
+
+class _Stateless(Weighting):
+    """A weighting of one's own keeping no state (Stateful's state_dict): nothing to name."""
+
+    def raw(self, losses, logits, targets, indices):
+        return 1.0 + losses.detach()
+
+
+def test_a_fit_called_again_after_a_failure_names_no_stateless_weighting(caplog) -> None:
+    """The retry warning names the objective's parts of one's own *that keep state*; one
+    without a state_dict of its own left nothing changed to name."""
+    model = _net()
+    split = TensorSplit(*_data())
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.5),
+        InMemoryLoader(split, B, CPU, False), InMemoryLoader(split, B, CPU, False),
+        criterion=CrossEntropy(), device=CPU, weighting=_Stateless(),
+        accumulate_grad_batches=2, log_every_n_steps=1, callbacks=[_FailOnce(3)],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="a failure inside the window"):
+        trainer.fit()
+    with caplog.at_level("WARNING", logger="trainer"):
+        trainer.fit()
+    assert "the last fit failed inside step" in caplog.text  # (the warning itself)
+    assert "the objective's parts of one's own" not in caplog.text, caplog.text
+
+
+def test_a_per_token_table_read_again_for_another_loss_after_building_is_refused_by_fit() -> None:
+    """The Trainer built (its loss ignoring id 0), the same weighting prepared and set up for
+    another loss (ignoring id 3): fit refuses the table read for that one, as building did."""
+    targets, data = _token_data()
+    loss = TokenCrossEntropy(ignore_index=0)
+    weighting = PerTokenWeighting(power=1.0, normalize="none")
+    prepare(weighting, loss, SINGLE, "weighting")
+    weighting.setup(data, CPU)
+    trainer = _hand_built(targets, loss, weighting)
+    prepare(weighting, TokenCrossEntropy(ignore_index=3), SINGLE, "weighting")
+    weighting.setup(data, CPU)
+    with pytest.raises(ContractError, match="table was read in setup for another loss"):
+        trainer.fit()
+    assert trainer.global_step == 0
+
+
+class _PositionCE(CrossEntropy):
+    """A classification loss over positions (B, T), with units: several elements a sample."""
+
+    def forward(self, output, target):
+        return F.cross_entropy(output[:, :, None].expand(-1, -1, target.shape[1]), target,
+                               reduction="none")  # fmt: skip
+
+    def units(self, target, dtype):
+        return torch.ones(target.shape, dtype=dtype, device=target.device)
+
+
+def test_a_per_class_table_read_for_a_loss_with_units_is_refused_for_one_without() -> None:
+    """A table read for a loss weighing several elements per sample (its units decided what
+    setup counted), given to a Trainer whose loss has one per sample: refused, as the
+    converse is."""
+    x, y = _data()
+    data = SimpleNamespace(num_classes=K, train_targets=y[:, None].expand(-1, 2).contiguous(),
+                           train_target_rows=None,
+                           train_loader=SimpleNamespace(global_batch_size=B))  # fmt: skip
+    weighting = PerClassWeighting([1.0, 2.0, 3.0], normalize="none")
+    prepare(weighting, _PositionCE(), SINGLE, "weighting")
+    weighting.setup(data, CPU)
+    with pytest.raises(ContractError, match="table was read in setup for another loss") as e:
+        _one_step(CrossEntropy(), weighting)
+    # (the side with units named: the Trainer's was said to weigh several, a review's)
+    assert "that one weighs several elements per sample and the Trainer's, CrossEntropy" in str(
+        e.value
+    )
+
+
+def test_a_fit_called_again_after_a_failure_names_no_built_in_part(tmp_path, caplog) -> None:
+    """The parts it names are one's own: a built-in one keeping state (per_sample's digest of
+    its file) is not among them."""
+    from trainer.weighting import PerSampleWeighting
+
+    path = tmp_path / "w.pt"
+    torch.save(torch.ones(N, dtype=torch.float64), path)
+    loss, weighting = CrossEntropy(), PerSampleWeighting(str(path))
+    prepare(weighting, loss, SINGLE, "weighting")
+    weighting.setup(SimpleNamespace(train_loader=SimpleNamespace(num_samples=N,
+                                                                 global_batch_size=B),
+                                    train_targets=None, train_target_rows=None), CPU)  # fmt: skip
+    assert weighting.state_dict()  # (it keeps state)
+    model = _net()
+    split = TensorSplit(*_data())
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.5),
+        InMemoryLoader(split, B, CPU, False), InMemoryLoader(split, B, CPU, False),
+        criterion=loss, device=CPU, weighting=weighting,
+        accumulate_grad_batches=2, log_every_n_steps=1, callbacks=[_FailOnce(3)],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="a failure inside the window"):
+        trainer.fit()
+    with caplog.at_level("WARNING", logger="trainer"):
+        trainer.fit()
+    assert "the last fit failed inside step" in caplog.text
+    assert "the objective's parts of one's own" not in caplog.text, caplog.text
+
+
+def test_a_weighting_the_loss_cannot_take_is_refused_as_the_trainer_is_built() -> None:
+    """(a mutation round's) The Trainer prepares its weighting as it is built, as trainer.run
+    does before it builds anything: refused there, not at fit."""
+    targets, _ = _token_data()
+    with pytest.raises(ValueError, match="weighting=hard_topk ranks whole samples' losses"):
+        _hand_built(targets, TokenCrossEntropy(ignore_index=0), HardTopKWeighting(k=1))

@@ -537,11 +537,15 @@ def check_set_up(weighting: Weighting, loss: Loss) -> None:
         return
     if loss.has_units or (was is not None and was[1]):  # (what it counted differs)
         other = "no loss" if was is None else f"another loss ({was[0]}, {dict(was[2])})"
+        mine = f"{loss_key(loss)[0]} {dict(loss_key(loss)[2])}"
+        units = (  # (whichever side has units: the Trainer's was said to, a review's)
+            f"the Trainer's, {mine}, weighs several elements per sample" if loss.has_units
+            else f"that one weighs several elements per sample and the Trainer's, {mine}, "
+            "does not"
+        )  # fmt: skip
         raise ContractError(
             f"weighting {type(weighting).__name__}'s table was read in setup for {other} "
-            f"while the Trainer's, {loss_key(loss)[0]} {dict(loss_key(loss)[2])}, weighs "
-            f"several elements per sample (its units decide which the table counts): "
-            f"{PREPARE_FIRST}"
+            f"while {units} (its units decide which the table counts): {PREPARE_FIRST}"
         )
 
 
