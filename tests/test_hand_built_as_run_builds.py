@@ -21,10 +21,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_distributed import join_group, ranks_of
+from test_weighting_hand_built import CPU, B, K, N, _data, _Grads, _net
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from trainer.callbacks import Callback
 from trainer.config import ContractError
 from trainer.data.base import DeviceLoader, InMemoryLoader, TensorSplit
 from trainer.distributed import World
@@ -32,29 +32,6 @@ from trainer.instrument.per_sample import PerSampleNorms
 from trainer.loop import Trainer
 from trainer.losses import CrossEntropy
 from trainer.regularizers import InputGradPenalty
-
-CPU = torch.device("cpu")
-N, B, K = 16, 4, 3  # two ranks of 4: global batches of 8, two steps
-
-
-def _data():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(N, 5, generator=g, dtype=torch.float64), torch.randint(K, (N,), generator=g)
-
-
-def _net() -> nn.Sequential:
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, K)).double()
-
-
-class _Grads(Callback):
-    """Each step's final gradients (accumulated, DDP-averaged), before the update."""
-
-    def __init__(self) -> None:
-        self.g: list[list[list]] = []
-
-    def on_before_optimizer_step(self, trainer, optimizer) -> None:
-        self.g.append([p.grad.detach().clone().tolist() for p in trainer.model.parameters()])
 
 
 def _rank(rank: int, world: int, port: int, overrides, run_dir: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_hand_built_trainer import _Recorder
 from torch import nn
 
 from trainer.data.base import InMemoryLoader, TensorSplit
@@ -147,32 +148,6 @@ def test_val_acc_against_soft_labels_is_refused_not_a_broadcast(eval_batch: int)
         f"got outputs of shape ({eval_batch}, 3) against targets of shape ({eval_batch}, 3): "
         f"targets of shape ({eval_batch}, 3), not one class index per sample"
     ) in str(e.value)
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.s: dict[str, dict[int, float]] = {}
-
-    def add_floats(self, floats, step, wall_time=None) -> None:
-        for t, v in floats.items():
-            self.s.setdefault(t, {})[step] = v
-
-    def log_scalars(self, values, step):
-        from trainer.logger import to_floats
-
-        floats = to_floats(values)
-        self.add_floats(floats, step)
-        return floats
-
-    def log_histogram_raw(self, *a, **k) -> None: ...
-
-    def add_summary(self, *a, **k) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def restart_at(self, step) -> None: ...
 
 
 def test_a_callback_changing_its_metrics_argument_does_not_change_what_the_run_reports() -> None:
