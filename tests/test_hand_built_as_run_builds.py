@@ -38,7 +38,10 @@ def _rank(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
     """A hand-built data-parallel Trainer, ``overrides[0]`` saying which piece is not the
     world's: ``no_ddp`` (world given, no DistributedDataParallel wrapper), ``trainer_single``
     (the loaders and DDP data-parallel, the Trainer's world left SINGLE), ``loaders_single``
-    (the loaders unsharded), ``consistent`` (the three alike, as trainer.run builds them)."""
+    (the loaders unsharded), ``consistent`` (the three alike, as trainer.run builds them);
+    ``ddp_other`` (a DistributedDataParallel of another model than the Trainer's),
+    ``loaders_other_rank`` (the loaders sharded for the other rank of the same world) and
+    ``compiled`` (DDP inside a compiled wrapper, as torch.compile gives it)."""
     from trainer.distributed import SINGLE, World
 
     torch.set_num_threads(1)
@@ -48,8 +51,11 @@ def _rank(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
     case = overrides[0]
     split = TensorSplit(*_data())
     model = _net()
-    forward_model = None if case == "no_ddp" else nn.parallel.DistributedDataParallel(model)
-    lw = SINGLE if case == "loaders_single" else w
+    ddp = nn.parallel.DistributedDataParallel(_net() if case == "ddp_other" else model)
+    forward_model = {"no_ddp": None, "compiled": _CompiledLike(ddp)}.get(case, ddp)
+    lw = {"loaders_single": SINGLE, "loaders_other_rank": World(1 - rank, world, 1 - rank)}.get(
+        case, w
+    )
     grads = _Grads()
     out: dict = {}
     try:
@@ -364,40 +370,6 @@ class _CompiledLike(nn.Module):
         return self._orig_mod(x)
 
 
-def _rank_more(rank: int, world: int, port: int, overrides, run_dir: str) -> None:
-    """As ``_rank``, with ``ddp_other`` (a DistributedDataParallel of another model than the
-    Trainer's), ``loaders_other_rank`` (the loaders sharded for the other rank of the same
-    world) and ``compiled`` (DDP inside a compiled wrapper, as torch.compile gives it)."""
-    from trainer.distributed import World
-
-    torch.set_num_threads(1)
-    join_group(rank, world, port)
-    torch.distributed.init_process_group("gloo")
-    w = World(rank, world, rank)
-    case = overrides[0]
-    split = TensorSplit(*_data())
-    model = _net()
-    ddp = nn.parallel.DistributedDataParallel(_net() if case == "ddp_other" else model)
-    forward_model = _CompiledLike(ddp) if case == "compiled" else ddp
-    lw = World(1 - rank, world, 1 - rank) if case == "loaders_other_rank" else w
-    grads = _Grads()
-    out: dict = {}
-    try:
-        Trainer(
-            model, torch.optim.SGD(model.parameters(), lr=0.0),
-            InMemoryLoader(split, B, CPU, False, world=lw),
-            InMemoryLoader(split, B, CPU, False, world=lw),
-            criterion=CrossEntropy(), device=CPU, world=w,
-            forward_model=forward_model, log_every_n_steps=1, callbacks=[grads],
-        ).fit()  # fmt: skip
-        out["grads"] = grads.g
-    except Exception as e:  # noqa: BLE001
-        out["refused"] = f"{type(e).__name__}: {e}"
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "out.json").write_text(json.dumps(out))
-    torch.distributed.destroy_process_group()
-
-
 MORE_REFUSALS = {
     "ddp_other": "ContractError: Trainer: world is data-parallel (rank {r} of 2), and "
     "forward_model is a DistributedDataParallel of another module",
@@ -413,7 +385,7 @@ def test_a_hand_built_data_parallel_trainer_checks_which_module_and_rank(tmp_pat
     trained the other's part, validated likewise) are refused; DDP inside a compiled wrapper
     (``_orig_mod``) is the data-parallel model and trains the global batch's gradient."""
     dirs = [tmp_path / "0", tmp_path / "1"]
-    assert ranks_of(_rank_more, (case,), dirs) == [0, 0]
+    assert ranks_of(_rank, (case,), dirs) == [0, 0]
     want = _reference()
     for r, d in enumerate(dirs):
         out = json.loads((d / "out.json").read_text())

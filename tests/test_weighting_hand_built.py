@@ -292,16 +292,6 @@ def test_trainer_run_takes_a_table_subclass_of_ones_own_that_keeps_no_table(tmp_
     assert isinstance(trainer.weighting, OwnPerClass)
 
 
-class _Tagger(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.e, self.out = nn.Embedding(4, 6), nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.e(x)))
-
-
 def _token_data():
     targets = torch.tensor([[1, 2, 0, 0], [3, 1, 1, 0], [2, 0, 0, 0], [1, 3, 2, 0]])
     data = SimpleNamespace(out_dim=4, train_targets=targets, train_target_rows=None,

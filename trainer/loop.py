@@ -721,15 +721,13 @@ class Trainer:
                 _bound(r, model)  # reg/<name> 0, unsaid; and one of one's own went unchecked:
                 if type(r) is not Regularizer:  # a probe's)
                     r.check_gradient()  # (its backward, once, before training)
-        if weighting is not None:  # (as trainer.run prepares it: a Trainer built by hand
-            prepare(weighting, self.criterion, world, "weighting")  # did not, a probe's)
-            check_set_up(weighting, self.criterion)
         #: the backward roots and each loss element's coefficient in them (trainer/objective.py)
         self.objective = Objective(
             self.criterion, weighting, regularizers, self.params, world=world,
             scaler=self.scaler, global_batch_size=lambda: self.train_loader.current_global_size,
         )  # fmt: skip
         self.objective.model = model
+        self._prepare_weighting()  # (as trainer.run prepares it: one built by hand did not)
         # (DDP inside torch.compile's wrapper too: seen as no DDP, a compiled run with
         # unused parameters and a regularizer stopped at its first step, a probe's)
         ddp = getattr(self.forward_model, "_orig_mod", self.forward_model)
@@ -1251,11 +1249,10 @@ class Trainer:
 
     def _fit(self) -> dict[str, float]:
         check_monitor(self)  # (before anything starts)
-        if self.objective.weighting is not None:  # (again: one given to another Trainer
-            # since, with another loss or world, was left prepared for that one's, and this
-            # one trained with its settings, unsaid, a review's; a no-op otherwise)
-            prepare(self.objective.weighting, self.criterion, self.world, "weighting")
-            check_set_up(self.objective.weighting, self.criterion)
+        # (again: a weighting given to another Trainer since, with another loss or world, was
+        # left prepared for that one's, and this one trained with its settings, unsaid, a
+        # review's; a no-op otherwise)
+        self._prepare_weighting()
         check_plateau(self.scheduler, self.monitor)
         # (max_steps or max_epochs changed since: the run's last step, which logs everything,
         # and the bar's length are the new ones'; they were kept, a probe's)
@@ -2581,6 +2578,16 @@ class Trainer:
         return {"global_batch_size": read("global_batch_size"), "shuffle": read("shuffle"),
                 "seed": read("seed"), "drop_last": read("drop_last"),
                 "accumulate_grad_batches": self.accumulate}  # fmt: skip
+
+    def _prepare_weighting(self) -> None:
+        """The weighting (vector mode) prepared for this Trainer's loss and world, as
+        ``trainer.run`` prepares it (:func:`trainer.weighting.prepare`: data-parallel, a
+        hand-built Trainer's normalized each rank's part alone, a probe's), and its table
+        read for them (:func:`trainer.weighting.check_set_up`)."""
+        weighting = self.objective.weighting
+        if weighting is not None:
+            prepare(weighting, self.criterion, self.world, "weighting")
+            check_set_up(weighting, self.criterion)
 
     def _stateful_parts(self) -> list[tuple[str, Stateful]]:
         """The objective's parts that may keep state (:class:`Stateful`), by the key a
